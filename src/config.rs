@@ -1,0 +1,248 @@
+//! The millrace config file (TOML): which shards form which domain, and where derived
+//! indexes go.
+//!
+//! One file describes a run; every command (`inspect --config`, later `plan`, `serve`)
+//! reads the same one. Relative shard paths are resolved against the config file's own
+//! directory, so a corpus and its config can move together (what `millrace synth`
+//! writes relies on this). The `[plan]` and `[serve]` tables are carried here verbatim
+//! and validated by the modules that own them.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::corpus::{self, DType, Format, RawOptions, Shard};
+
+/// Why a config could not be used; always names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field of the wrong type (the message gives line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// toml's message, which points at the line.
+        message: String,
+    },
+    /// The TOML parsed but a value is not acceptable.
+    #[error("{path}: {field}: {what}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Dotted field path, e.g. `corpus.domain[2].raw.eos`.
+        field: String,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// A shard named by the config failed to open.
+    #[error("domain {domain}: {source}")]
+    Corpus {
+        /// The domain the shard belongs to.
+        domain: String,
+        /// The shard's own error (file and offset).
+        source: corpus::CorpusError,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Shards and domains.
+    pub corpus: CorpusConfig,
+    /// Batch planning: validated by the plan module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<toml::Table>,
+    /// Daemon settings: validated by the serve module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<toml::Table>,
+    /// Directory that relative paths are resolved against (the config file's own).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// Where the config was read from, for messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// `[corpus]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusConfig {
+    /// Where derived indexes (raw-array boundaries) go; never the data itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// The domains, in the order that ids are assigned.
+    #[serde(rename = "domain")]
+    pub domains: Vec<DomainConfig>,
+}
+
+/// `[[corpus.domain]]`: one source of data with its own mixture weight.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    /// Unique name, used by weights and reports.
+    pub name: String,
+    /// Prefixes, directories or globs.
+    pub shards: Vec<PathBuf>,
+    /// Shard format of this domain.
+    #[serde(default)]
+    pub format: Format,
+    /// Required for `format = "raw"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<RawConfig>,
+}
+
+/// `[corpus.domain.raw]`: what a Megatron header would say, for headerless token files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `uint16` or `uint32`.
+    pub dtype: DType,
+    /// The id that ends each document.
+    pub eos: u64,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Config::parse(&text, path, base)
+    }
+
+    /// Parses config text; `source` names it in errors, `base_dir` anchors relative paths.
+    pub fn parse(text: &str, source: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: source.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.base_dir = base_dir.to_path_buf();
+        cfg.source = source.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn invalid(&self, field: String, what: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            field,
+            what: what.into(),
+        }
+    }
+
+    /// Checks what serde cannot: names, uniqueness, and format-specific fields.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.corpus.domains.is_empty() {
+            return Err(self.invalid("corpus.domain".into(), "at least one domain is needed"));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, d) in self.corpus.domains.iter().enumerate() {
+            let f = |name: &str| format!("corpus.domain[{i}].{name}");
+            let ok_name = !d.name.is_empty()
+                && d.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+            if !ok_name {
+                return Err(self.invalid(
+                    f("name"),
+                    format!(
+                        "{:?} must be non-empty ASCII letters, digits, '_', '-' or '.'",
+                        d.name
+                    ),
+                ));
+            }
+            if !seen.insert(d.name.as_str()) {
+                return Err(self.invalid(f("name"), format!("domain {:?} appears twice", d.name)));
+            }
+            if d.shards.is_empty() {
+                return Err(self.invalid(f("shards"), "lists no shard"));
+            }
+            match (d.format, &d.raw) {
+                (Format::Raw, None) => {
+                    return Err(self.invalid(
+                        f("raw"),
+                        "format = \"raw\" needs raw = { dtype = \"uint16\"|\"uint32\", eos = ID }",
+                    ))
+                }
+                (Format::Megatron, Some(_)) => return Err(self.invalid(
+                    f("raw"),
+                    "only format = \"raw\" takes a raw table (Megatron shards carry their dtype)",
+                )),
+                (Format::Raw, Some(r)) => {
+                    if !matches!(r.dtype, DType::Uint16 | DType::Uint32) {
+                        return Err(self.invalid(
+                            f("raw.dtype"),
+                            format!("{} is not a raw token dtype (uint16 or uint32)", r.dtype),
+                        ));
+                    }
+                    let max = if r.dtype == DType::Uint16 {
+                        u64::from(u16::MAX)
+                    } else {
+                        u64::from(u32::MAX)
+                    };
+                    if r.eos > max {
+                        return Err(self.invalid(
+                            f("raw.eos"),
+                            format!("{} does not fit in {}", r.eos, r.dtype),
+                        ));
+                    }
+                }
+                (Format::Megatron, None) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// `p` made absolute against the config's directory.
+    pub fn resolve_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The raw-reader options of domain `d`, if it is a raw domain.
+    pub fn raw_options(&self, d: &DomainConfig) -> Option<RawOptions> {
+        d.raw.as_ref().map(|r| RawOptions {
+            dtype: r.dtype,
+            eos: r.eos,
+            cache_dir: self.corpus.cache_dir.as_ref().map(|c| self.resolve_path(c)),
+        })
+    }
+
+    /// Opens every shard of every domain, in config order.
+    pub fn open_corpus(&self) -> Result<Vec<(String, Vec<Shard>)>, ConfigError> {
+        let mut out = Vec::with_capacity(self.corpus.domains.len());
+        for d in &self.corpus.domains {
+            let wrap = |source| ConfigError::Corpus {
+                domain: d.name.clone(),
+                source,
+            };
+            let raw = self.raw_options(d);
+            let mut shards = Vec::new();
+            for arg in &d.shards {
+                for path in corpus::resolve(&self.resolve_path(arg), d.format).map_err(wrap)? {
+                    shards.push(Shard::open(&path, raw.as_ref()).map_err(wrap)?);
+                }
+            }
+            out.push((d.name.clone(), shards));
+        }
+        Ok(out)
+    }
+}

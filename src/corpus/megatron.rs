@@ -1,0 +1,533 @@
+//! Megatron-LM indexed datasets: the `.idx` + `.bin` pair that megatron-core's
+//! `IndexedDatasetBuilder` writes, read zero-copy from memory maps.
+//!
+//! Layout of `.idx` (all little-endian; see docs/FORMATS.md):
+//!
+//! ```text
+//! 0   9 bytes  magic "MMIDIDX\0\0"
+//! 9   u64      version, always 1
+//! 17  u8       dtype code (1..=8)
+//! 18  u64      S = sequence count
+//! 26  u64      D = document_indices count (documents + 1)
+//! 34  i32[S]   sequence lengths, in tokens
+//!     i64[S]   sequence pointers, byte offsets into .bin
+//!     i64[D]   document_indices: document d is sequences [di[d], di[d+1])
+//!     i8[S]    optional sequence modes (multimodal builds)
+//! ```
+//!
+//! The arrays start at byte 34, so they are not naturally aligned: they are read with
+//! `from_le_bytes` rather than cast. Opening checks only what is O(1) (header, sizes and
+//! the two ends of every array) so that a multi-TB shard opens in microseconds;
+//! [`MegatronShard::validate`] makes the single linear pass over the index that proves
+//! every pointer, and every per-document accessor re-checks the few sequences it touches,
+//! so nothing ever reads outside the mapping even for a shard that was never validated.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::error::{CorpusError, Result};
+use super::tokens::{DType, Tokens};
+use super::{le_i32, le_i64, le_u64, map_file};
+
+/// The 9-byte magic every Megatron `.idx` starts with.
+pub const MAGIC: &[u8; 9] = b"MMIDIDX\x00\x00";
+/// Bytes before the first array.
+pub const HEADER_LEN: usize = 34;
+
+/// One opened Megatron shard: both files mapped, the header decoded, nothing copied.
+#[derive(Debug)]
+pub struct MegatronShard {
+    prefix: PathBuf,
+    idx_path: PathBuf,
+    bin_path: PathBuf,
+    idx: Mmap,
+    bin: Option<Mmap>,
+    bin_len: u64,
+    dtype: DType,
+    sequences: u64,
+    /// Entries of document_indices (documents + 1).
+    doc_index_len: u64,
+    lengths_at: usize,
+    pointers_at: usize,
+    doc_index_at: usize,
+}
+
+impl MegatronShard {
+    /// Opens `<prefix>.idx` and `<prefix>.bin`, with the O(1) checks described above.
+    pub fn open(prefix: &Path) -> Result<MegatronShard> {
+        let idx_path = with_suffix(prefix, "idx");
+        let bin_path = with_suffix(prefix, "bin");
+        let (idx, idx_len) = map_file(&idx_path)?;
+        let idx = idx.ok_or_else(|| {
+            CorpusError::invalid(&idx_path, "truncated index: the file is empty (0 bytes)")
+        })?;
+        let bad = |what: String| CorpusError::invalid(&idx_path, what);
+
+        if idx_len < HEADER_LEN as u64 {
+            if idx[..idx.len().min(9)] != MAGIC[..idx.len().min(9)] {
+                return Err(bad(format!(
+                    "bad magic at byte 0: expected {:?}, found {:?}",
+                    String::from_utf8_lossy(MAGIC),
+                    String::from_utf8_lossy(&idx[..idx.len().min(9)])
+                )));
+            }
+            return Err(bad(format!(
+                "truncated index: {idx_len} bytes, shorter than the {HEADER_LEN}-byte header"
+            )));
+        }
+        if &idx[..9] != MAGIC {
+            return Err(bad(format!(
+                "bad magic at byte 0: expected {:?}, found {:?} (not a Megatron index)",
+                String::from_utf8_lossy(MAGIC),
+                String::from_utf8_lossy(&idx[..9])
+            )));
+        }
+        let version = le_u64(&idx, 9);
+        if version != 1 {
+            return Err(bad(format!(
+                "unsupported index version {version} at byte 9 (only version 1 exists)"
+            )));
+        }
+        let code = idx[17];
+        let dtype = DType::from_megatron_code(code).ok_or_else(|| {
+            bad(format!(
+                "unsupported dtype code {code} at byte 17 (Megatron defines codes 1 to 8)"
+            ))
+        })?;
+        let sequences = le_u64(&idx, 18);
+        let doc_index_len = le_u64(&idx, 26);
+
+        // Sizes in u128 so that a corrupt count cannot overflow the arithmetic.
+        let s = u128::from(sequences);
+        let d = u128::from(doc_index_len);
+        let needed = HEADER_LEN as u128 + 12 * s + 8 * d;
+        let have = u128::from(idx_len);
+        if have < needed {
+            return Err(bad(format!(
+                "truncated index: {idx_len} bytes, but the header's {sequences} sequences and \
+                 {doc_index_len} document boundaries need {needed} bytes"
+            )));
+        }
+        if have != needed && have != needed + s {
+            return Err(bad(format!(
+                "index has {} unexpected trailing bytes after byte {needed} \
+                 (header: {sequences} sequences, {doc_index_len} document boundaries)",
+                have - needed
+            )));
+        }
+        if doc_index_len == 0 {
+            return Err(bad(
+                "document_indices is empty: a valid index holds at least its leading 0".into(),
+            ));
+        }
+        let lengths_at = HEADER_LEN;
+        let pointers_at = lengths_at + 4 * sequences as usize;
+        let doc_index_at = pointers_at + 8 * sequences as usize;
+
+        let (bin, bin_len) = map_file(&bin_path)?;
+        let shard = MegatronShard {
+            prefix: prefix.to_path_buf(),
+            idx_path,
+            bin_path,
+            idx,
+            bin,
+            bin_len,
+            dtype,
+            sequences,
+            doc_index_len,
+            lengths_at,
+            pointers_at,
+            doc_index_at,
+        };
+        shard.check_ends()?;
+        Ok(shard)
+    }
+
+    /// The O(1) consistency checks between the arrays and the `.bin` size.
+    fn check_ends(&self) -> Result<()> {
+        let size = self.dtype.size() as u64;
+        if self.bin_len % size != 0 {
+            return Err(CorpusError::invalid(
+                &self.bin_path,
+                format!(
+                    "bin size {} bytes is not a multiple of the {} item size ({size} bytes)",
+                    self.bin_len, self.dtype
+                ),
+            ));
+        }
+        let first = self.doc_index(0);
+        if first != 0 {
+            return Err(self.bad_idx(format!(
+                "document_indices[0] is {first}, expected 0 (document 0 must start at sequence 0)"
+            )));
+        }
+        if self.documents() == 0 {
+            return Err(self.bad_idx("empty shard: the index holds no documents".into()));
+        }
+        let last = self.doc_index(self.doc_index_len - 1);
+        if last != self.sequences as i64 {
+            return Err(self.bad_idx(format!(
+                "document_indices ends at {last}, expected the sequence count {} \
+                 (document {} does not end where the sequences do)",
+                self.sequences,
+                self.doc_index_len - 2
+            )));
+        }
+        // The bytes the index describes must be exactly the .bin.
+        let described = if self.sequences == 0 {
+            0
+        } else {
+            let first_ptr = self.pointer(0);
+            if first_ptr != 0 {
+                return Err(self.bad_idx(format!(
+                    "sequence 0 pointer is {first_ptr}, expected 0 (byte {})",
+                    self.pointers_at
+                )));
+            }
+            let i = self.sequences - 1;
+            let end = self.sequence_end(i)?;
+            end as u64
+        };
+        if described != self.bin_len {
+            return Err(CorpusError::invalid(
+                &self.bin_path,
+                format!(
+                    "bin is {} bytes but {} describes {described} bytes \
+                     (the last sequence ends at byte {described})",
+                    self.bin_len,
+                    self.idx_path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn bad_idx(&self, what: String) -> CorpusError {
+        CorpusError::invalid(&self.idx_path, what)
+    }
+
+    /// Byte just past sequence `i` in `.bin`, checked for sign and overflow.
+    fn sequence_end(&self, i: u64) -> Result<i128> {
+        let len = self.sequence_length(i);
+        if len < 0 {
+            return Err(self.bad_idx(format!(
+                "sequence {i} has negative length {len} (byte {})",
+                self.lengths_at as u64 + 4 * i
+            )));
+        }
+        let ptr = self.pointer(i);
+        if ptr < 0 {
+            return Err(self.bad_idx(format!(
+                "sequence {i} pointer {ptr} is negative (byte {})",
+                self.pointers_at as u64 + 8 * i
+            )));
+        }
+        Ok(i128::from(ptr) + i128::from(len) * self.dtype.size() as i128)
+    }
+
+    /// The single linear pass over the index: every length is non-negative, every pointer
+    /// follows the previous sequence exactly, and document_indices never decreases.
+    /// Costs one read of the `.idx` (about 20 bytes per document); the `.bin` is not read.
+    pub fn validate(&self) -> Result<()> {
+        let size = self.dtype.size() as i128;
+        let mut expected: i128 = 0;
+        for i in 0..self.sequences {
+            let ptr = self.pointer(i);
+            if i128::from(ptr) != expected {
+                return Err(self.bad_idx(format!(
+                    "sequence {i} pointer is {ptr}, expected {expected} \
+                     (sequences must be contiguous in the bin; pointer at byte {})",
+                    self.pointers_at as u64 + 8 * i
+                )));
+            }
+            let len = self.sequence_length(i);
+            if len < 0 {
+                return Err(self.bad_idx(format!(
+                    "sequence {i} has negative length {len} (byte {})",
+                    self.lengths_at as u64 + 4 * i
+                )));
+            }
+            expected += i128::from(len) * size;
+        }
+        let mut prev = 0i64;
+        for d in 0..self.doc_index_len {
+            let v = self.doc_index(d);
+            if v < prev || v > self.sequences as i64 {
+                return Err(self.bad_idx(format!(
+                    "document {}: document_indices[{d}] is {v} after {prev} \
+                     (must be non-decreasing and at most {}; byte {})",
+                    d.saturating_sub(1),
+                    self.sequences,
+                    self.doc_index_at as u64 + 8 * d
+                )));
+            }
+            prev = v;
+        }
+        Ok(())
+    }
+
+    /// The prefix this shard was opened from (without `.idx`/`.bin`).
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
+    /// Path of the `.idx` file, for messages and fingerprints.
+    pub fn idx_path(&self) -> &Path {
+        &self.idx_path
+    }
+
+    /// Path of the `.bin` file.
+    pub fn bin_path(&self) -> &Path {
+        &self.bin_path
+    }
+
+    /// The raw `.idx` bytes: hashed for the shard's content identity.
+    pub fn idx_bytes(&self) -> &[u8] {
+        &self.idx
+    }
+
+    /// Token dtype of the `.bin`.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of documents (document_indices entries minus one).
+    pub fn documents(&self) -> u64 {
+        self.doc_index_len - 1
+    }
+
+    /// Number of sequences (sentences); equals documents unless the shard was sentence-split.
+    pub fn sequences(&self) -> u64 {
+        self.sequences
+    }
+
+    /// Size of `.bin` in bytes.
+    pub fn bin_len(&self) -> u64 {
+        self.bin_len
+    }
+
+    /// Total tokens: the `.bin` size over the item size (checked equal to what the index describes).
+    pub fn tokens(&self) -> u64 {
+        self.bin_len / self.dtype.size() as u64
+    }
+
+    /// Length in tokens of sequence `i` as stored (may be negative in a corrupt file).
+    /// Panics if `i` is not below [`Self::sequences`]: callers iterate within bounds.
+    pub fn sequence_length(&self, i: u64) -> i32 {
+        le_i32(&self.idx, self.lengths_at + 4 * i as usize)
+    }
+
+    /// Byte pointer of sequence `i` into `.bin`, as stored.
+    pub fn pointer(&self, i: u64) -> i64 {
+        le_i64(&self.idx, self.pointers_at + 8 * i as usize)
+    }
+
+    /// Entry `i` of document_indices, as stored (`i` up to and including [`Self::documents`]).
+    pub fn doc_index(&self, i: u64) -> i64 {
+        le_i64(&self.idx, self.doc_index_at + 8 * i as usize)
+    }
+
+    /// The sequence range `[first, end)` of document `doc`, checked against the index.
+    fn doc_sequences(&self, doc: u64) -> Result<(u64, u64)> {
+        if doc >= self.documents() {
+            return Err(CorpusError::DocOutOfRange {
+                path: self.prefix.clone(),
+                doc,
+                count: self.documents(),
+            });
+        }
+        let a = self.doc_index(doc);
+        let b = self.doc_index(doc + 1);
+        if a < 0 || b < a || b > self.sequences as i64 {
+            return Err(self.bad_idx(format!(
+                "document {doc}: document_indices gives sequences {a}..{b}, \
+                 outside 0..{} or decreasing",
+                self.sequences
+            )));
+        }
+        Ok((a as u64, b as u64))
+    }
+
+    /// Length in tokens of document `doc`: the sum of its sequences' lengths.
+    pub fn doc_len(&self, doc: u64) -> Result<u64> {
+        let (a, b) = self.doc_sequences(doc)?;
+        let mut total = 0u64;
+        for i in a..b {
+            let len = self.sequence_length(i);
+            if len < 0 {
+                return Err(self.bad_idx(format!(
+                    "document {doc}: sequence {i} has negative length {len}"
+                )));
+            }
+            total += len as u64;
+        }
+        Ok(total)
+    }
+
+    /// The tokens of document `doc`, borrowed from the `.bin` mapping.
+    ///
+    /// Checks the document's own sequences (contiguous, inside the `.bin`), so this is
+    /// safe on a shard that was opened but never [`validate`](Self::validate)d.
+    pub fn doc_tokens(&self, doc: u64) -> Result<Tokens<'_>> {
+        let (a, b) = self.doc_sequences(doc)?;
+        let size = self.dtype.size() as i128;
+        if a == b {
+            // A document of zero sequences: valid, and empty.
+            return Tokens::from_bytes(self.dtype, &[])
+                .ok_or_else(|| self.bad_idx(format!("document {doc}: empty")));
+        }
+        let start = self.pointer(a);
+        let mut end = i128::from(start);
+        for i in a..b {
+            if i128::from(self.pointer(i)) != end {
+                return Err(self.bad_idx(format!(
+                    "document {doc}: sequence {i} pointer is {}, expected {end} \
+                     (sequences must be contiguous in the bin)",
+                    self.pointer(i)
+                )));
+            }
+            end = self.sequence_end(i)?;
+        }
+        let start = i128::from(start);
+        if start < 0 || end > i128::from(self.bin_len) || start % size != 0 {
+            return Err(self.bad_idx(format!(
+                "document {doc}: bytes {start}..{end} fall outside the {}-byte bin \
+                 or are not aligned to the {}-byte item size",
+                self.bin_len,
+                self.dtype.size()
+            )));
+        }
+        let bytes = match &self.bin {
+            Some(map) => &map[start as usize..end as usize],
+            None => &[][..],
+        };
+        Tokens::from_bytes(self.dtype, bytes).ok_or_else(|| {
+            self.bad_idx(format!(
+                "document {doc}: bytes {start}..{end} are not aligned for {}",
+                self.dtype
+            ))
+        })
+    }
+}
+
+/// `prefix` + `.ext`, without treating dots inside the prefix as an extension.
+pub fn with_suffix(prefix: &Path, ext: &str) -> PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// Writes a Megatron shard the way megatron-core's builder does (one sequence per
+/// document), through temporary names that are renamed into place only by
+/// [`MegatronWriter::finish`], so an interrupted writer never leaves a shard that opens.
+pub struct MegatronWriter {
+    prefix: PathBuf,
+    bin: BufWriter<File>,
+    bin_tmp: PathBuf,
+    dtype: DType,
+    lengths: Vec<i32>,
+}
+
+impl MegatronWriter {
+    /// Starts a shard at `prefix` with token dtype `dtype` (any dtype with a Megatron code).
+    pub fn create(prefix: &Path, dtype: DType) -> Result<MegatronWriter> {
+        if dtype.megatron_code().is_none() {
+            return Err(CorpusError::invalid(
+                prefix,
+                format!("Megatron has no dtype code for {dtype}; use int32"),
+            ));
+        }
+        let bin_tmp = with_suffix(prefix, "bin.tmp");
+        let file = File::create(&bin_tmp).map_err(|e| CorpusError::io(&bin_tmp, "create", e))?;
+        Ok(MegatronWriter {
+            prefix: prefix.to_path_buf(),
+            bin: BufWriter::with_capacity(8 << 20, file),
+            bin_tmp,
+            dtype,
+            lengths: Vec::new(),
+        })
+    }
+
+    /// Appends one document given as raw little-endian bytes of the writer's dtype.
+    pub fn add_document_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let size = self.dtype.size();
+        let tokens = bytes.len() / size;
+        if bytes.len() % size != 0 || tokens > i32::MAX as usize {
+            return Err(CorpusError::invalid(
+                &self.prefix,
+                format!(
+                    "document {} of {} bytes cannot be stored as {} sequence",
+                    self.lengths.len(),
+                    bytes.len(),
+                    self.dtype
+                ),
+            ));
+        }
+        self.bin
+            .write_all(bytes)
+            .map_err(|e| CorpusError::io(&self.bin_tmp, "write", e))?;
+        self.lengths.push(tokens as i32);
+        Ok(())
+    }
+
+    /// Documents written so far.
+    pub fn documents(&self) -> u64 {
+        self.lengths.len() as u64
+    }
+
+    /// Flushes `.bin`, writes `.idx`, and renames both into place (`.bin` first, so that a
+    /// crash in between leaves an `.idx`-less prefix that no reader accepts).
+    pub fn finish(self) -> Result<PathBuf> {
+        let MegatronWriter {
+            prefix,
+            bin,
+            bin_tmp,
+            dtype,
+            lengths,
+        } = self;
+        let file = bin
+            .into_inner()
+            .map_err(|e| CorpusError::io(&bin_tmp, "flush", e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| CorpusError::io(&bin_tmp, "fsync", e))?;
+        drop(file);
+
+        let idx_tmp = with_suffix(&prefix, "idx.tmp");
+        let n = lengths.len() as u64;
+        let mut out = Vec::with_capacity(HEADER_LEN + lengths.len() * 20 + 16);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&1u64.to_le_bytes());
+        out.push(dtype.megatron_code().unwrap_or(4));
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(&(n + 1).to_le_bytes());
+        for &l in &lengths {
+            out.extend_from_slice(&l.to_le_bytes());
+        }
+        let mut ptr = 0i64;
+        for &l in &lengths {
+            out.extend_from_slice(&ptr.to_le_bytes());
+            ptr += i64::from(l) * dtype.size() as i64;
+        }
+        for d in 0..=n {
+            out.extend_from_slice(&(d as i64).to_le_bytes());
+        }
+        std::fs::write(&idx_tmp, &out).map_err(|e| CorpusError::io(&idx_tmp, "write", e))?;
+        let bin_path = with_suffix(&prefix, "bin");
+        let idx_path = with_suffix(&prefix, "idx");
+        // An old .idx must not pair with the new .bin while we rename.
+        match std::fs::remove_file(&idx_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CorpusError::io(&idx_path, "remove", e)),
+        }
+        std::fs::rename(&bin_tmp, &bin_path)
+            .map_err(|e| CorpusError::io(&bin_path, "rename", e))?;
+        std::fs::rename(&idx_tmp, &idx_path)
+            .map_err(|e| CorpusError::io(&idx_path, "rename", e))?;
+        Ok(prefix)
+    }
+}

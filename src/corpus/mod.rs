@@ -1,0 +1,385 @@
+//! The corpus layer: token shards on disk, mapped and checked, handed out as zero-copy
+//! documents.
+//!
+//! This is the first stop of a token's trip to the GPU. A [`Shard`] is either a
+//! Megatron `.idx`/`.bin` pair ([`megatron`]) or a raw token array ([`raw`]), with an
+//! optional group sidecar ([`groups`]). [`resolve`] turns what a user typed (a prefix, a
+//! directory, a glob) into shard paths, and [`Shard::open`] maps them.
+//!
+//! Shards are assumed immutable while mapped, the contract every mmap-based reader
+//! (Megatron's included) relies on: a file truncated underneath a live mapping makes
+//! later reads fault. Replace shards by writing new files and renaming.
+
+pub mod error;
+pub mod groups;
+pub mod megatron;
+pub mod raw;
+pub mod tokens;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+
+pub use error::{CorpusError, Result};
+pub use groups::{GroupRun, Groups};
+pub use megatron::{MegatronShard, MegatronWriter};
+pub use raw::{RawOptions, RawShard};
+pub use tokens::{DType, Tokens};
+
+#[cfg(target_endian = "big")]
+compile_error!(
+    "millrace reads little-endian token files by mapping them; big-endian hosts are not supported"
+);
+
+/// The on-disk format of a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Megatron `.idx` + `.bin`.
+    #[default]
+    Megatron,
+    /// A flat token array split on an EOS id.
+    Raw,
+}
+
+impl Format {
+    /// The name used in configs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Megatron => "megatron",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// An opened shard of either format, with its groups if a sidecar exists.
+#[derive(Debug)]
+pub struct Shard {
+    body: Body,
+    groups: Option<Groups>,
+    path: PathBuf,
+}
+
+/// The format-specific part of a [`Shard`].
+#[derive(Debug)]
+enum Body {
+    Megatron(MegatronShard),
+    Raw(RawShard),
+}
+
+/// Dispatches a call to whichever reader backs the shard.
+macro_rules! body {
+    ($self:expr, $s:ident => $e:expr) => {
+        match &$self.body {
+            Body::Megatron($s) => $e,
+            Body::Raw($s) => $e,
+        }
+    };
+}
+
+impl Shard {
+    /// Opens the shard at `path` (a Megatron prefix, or a raw file when `raw` is given)
+    /// and its `<prefix>.groups.npy` if there is one.
+    pub fn open(path: &Path, raw: Option<&RawOptions>) -> Result<Shard> {
+        let (body, prefix) = match raw {
+            None => (
+                Body::Megatron(MegatronShard::open(path)?),
+                path.to_path_buf(),
+            ),
+            Some(opts) => (
+                Body::Raw(RawShard::open(path, opts)?),
+                path.with_extension(""),
+            ),
+        };
+        let sidecar = megatron::with_suffix(&prefix, "groups.npy");
+        let mut shard = Shard {
+            body,
+            groups: None,
+            path: path.to_path_buf(),
+        };
+        if sidecar.exists() {
+            shard.groups = Some(Groups::open(&sidecar, shard.documents())?);
+        }
+        Ok(shard)
+    }
+
+    /// The path the shard was opened from (a Megatron prefix or a raw file).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Which reader backs the shard.
+    pub fn format(&self) -> Format {
+        match self.body {
+            Body::Megatron(_) => Format::Megatron,
+            Body::Raw(_) => Format::Raw,
+        }
+    }
+
+    /// The Megatron reader, for callers that need sequence-level access.
+    pub fn as_megatron(&self) -> Option<&MegatronShard> {
+        match &self.body {
+            Body::Megatron(m) => Some(m),
+            Body::Raw(_) => None,
+        }
+    }
+
+    /// The raw reader, for callers that need its cache details.
+    pub fn as_raw(&self) -> Option<&RawShard> {
+        match &self.body {
+            Body::Raw(r) => Some(r),
+            Body::Megatron(_) => None,
+        }
+    }
+
+    /// Token dtype.
+    pub fn dtype(&self) -> DType {
+        body!(self, s => s.dtype())
+    }
+
+    /// Number of documents.
+    pub fn documents(&self) -> u64 {
+        body!(self, s => s.documents())
+    }
+
+    /// Number of sequences (Megatron sentence splitting); documents for raw files.
+    pub fn sequences(&self) -> u64 {
+        match &self.body {
+            Body::Megatron(m) => m.sequences(),
+            Body::Raw(r) => r.documents(),
+        }
+    }
+
+    /// Number of tokens.
+    pub fn tokens(&self) -> u64 {
+        body!(self, s => s.tokens())
+    }
+
+    /// Bytes of token data (the `.bin` or the raw file).
+    pub fn data_bytes(&self) -> u64 {
+        match &self.body {
+            Body::Megatron(m) => m.bin_len(),
+            Body::Raw(r) => r.file_len(),
+        }
+    }
+
+    /// Length of document `doc` in tokens, from the index alone (no token I/O).
+    pub fn doc_len(&self, doc: u64) -> Result<u64> {
+        body!(self, s => s.doc_len(doc))
+    }
+
+    /// The tokens of document `doc`, borrowed from the mapping.
+    pub fn doc_tokens(&self, doc: u64) -> Result<Tokens<'_>> {
+        body!(self, s => s.doc_tokens(doc))
+    }
+
+    /// The group sidecar, if the shard has one.
+    pub fn groups(&self) -> Option<&Groups> {
+        self.groups.as_ref()
+    }
+
+    /// The full linear check of the index (see [`MegatronShard::validate`]).
+    pub fn validate(&self) -> Result<()> {
+        body!(self, s => s.validate())
+    }
+
+    /// A content identity that does not depend on where the data is mounted: the shard's
+    /// file name, its sizes, and a hash of its index (the `.idx`, or for a raw file the
+    /// boundaries). The `.bin` is never hashed: it may be terabytes.
+    pub fn identity(&self) -> Result<ShardIdentity> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let index_hash = match &self.body {
+            Body::Megatron(m) => xxhash_rust::xxh3::xxh3_64(m.idx_bytes()),
+            Body::Raw(r) => {
+                let mut h = xxhash_rust::xxh3::Xxh3::new();
+                for d in 0..r.documents() {
+                    h.update(&r.doc_len(d)?.to_le_bytes());
+                }
+                h.digest()
+            }
+        };
+        Ok(ShardIdentity {
+            name,
+            format: self.format(),
+            dtype: self.dtype(),
+            documents: self.documents(),
+            tokens: self.tokens(),
+            index_hash: format!("{index_hash:016x}"),
+        })
+    }
+}
+
+/// What identifies a shard's content across nodes that mount it at different paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardIdentity {
+    /// File name within its domain.
+    pub name: String,
+    /// Reader.
+    pub format: Format,
+    /// Token dtype.
+    pub dtype: DType,
+    /// Documents.
+    pub documents: u64,
+    /// Tokens.
+    pub tokens: u64,
+    /// xxh3-64 of the index, hex.
+    pub index_hash: String,
+}
+
+/// Expands what a user named into shard paths, sorted within each argument so that the
+/// order (and thus every plan built on it) is the same on every node.
+///
+/// For Megatron, an argument may be a prefix, a `.bin`/`.idx` path, a directory (every
+/// prefix in it with both files) or a glob over any of those. For raw files, a file, a
+/// directory (every regular file in it that is not a cache or sidecar) or a glob.
+pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
+    let text = arg.to_string_lossy();
+    if text.contains(['*', '?', '[']) {
+        let paths = glob::glob(&text).map_err(|e| CorpusError::NotFound {
+            path: arg.to_path_buf(),
+            what: format!("bad glob pattern: {e}"),
+        })?;
+        let mut out = Vec::new();
+        for p in paths {
+            let p = p.map_err(|e| {
+                let path = e.path().to_path_buf();
+                CorpusError::io(path, "glob", e.into())
+            })?;
+            if let Some(s) = shard_of(&p, format) {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        out.sort();
+        if out.is_empty() {
+            return Err(CorpusError::NotFound {
+                path: arg.to_path_buf(),
+                what: format!("the glob matches no {} shard", format.name()),
+            });
+        }
+        return Ok(out);
+    }
+    if arg.is_dir() {
+        let entries = std::fs::read_dir(arg).map_err(|e| CorpusError::io(arg, "read_dir", e))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| CorpusError::io(arg, "read_dir", e))?;
+            if let Some(s) = shard_of(&entry.path(), format) {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        out.sort();
+        if out.is_empty() {
+            return Err(CorpusError::NotFound {
+                path: arg.to_path_buf(),
+                what: format!("the directory holds no {} shard", format.name()),
+            });
+        }
+        return Ok(out);
+    }
+    match format {
+        Format::Megatron => {
+            let prefix = strip_megatron_ext(arg);
+            let idx = megatron::with_suffix(&prefix, "idx");
+            let bin = megatron::with_suffix(&prefix, "bin");
+            match (idx.exists(), bin.exists()) {
+                (true, true) => Ok(vec![prefix]),
+                (false, _) => Err(CorpusError::NotFound {
+                    path: idx,
+                    what:
+                        "no such index file (a Megatron shard needs <prefix>.idx and <prefix>.bin)"
+                            .into(),
+                }),
+                (true, false) => Err(CorpusError::NotFound {
+                    path: bin,
+                    what: "no such data file (the .idx has no .bin beside it)".into(),
+                }),
+            }
+        }
+        Format::Raw => {
+            if arg.is_file() {
+                Ok(vec![arg.to_path_buf()])
+            } else {
+                Err(CorpusError::NotFound {
+                    path: arg.to_path_buf(),
+                    what: "no such token file".into(),
+                })
+            }
+        }
+    }
+}
+
+/// The shard a directory entry or glob match belongs to, if any.
+fn shard_of(p: &Path, format: Format) -> Option<PathBuf> {
+    let name = p.file_name()?.to_string_lossy().into_owned();
+    match format {
+        Format::Megatron => {
+            if !(name.ends_with(".idx") || name.ends_with(".bin")) {
+                return None;
+            }
+            let prefix = strip_megatron_ext(p);
+            (megatron::with_suffix(&prefix, "idx").is_file()
+                && megatron::with_suffix(&prefix, "bin").is_file())
+            .then_some(prefix)
+        }
+        Format::Raw => {
+            let skip = name.ends_with(".groups.npy")
+                || name.ends_with(&format!(".{}", raw::CACHE_EXT))
+                || name.contains(".tmp")
+                || name.starts_with('.');
+            (!skip && p.is_file()).then(|| p.to_path_buf())
+        }
+    }
+}
+
+/// `x.bin` or `x.idx` -> `x`; anything else unchanged.
+fn strip_megatron_ext(p: &Path) -> PathBuf {
+    match p.extension().and_then(|e| e.to_str()) {
+        Some("bin") | Some("idx") => p.with_extension(""),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Maps a whole file read-only; `None` for an empty file, which cannot be mapped.
+pub(crate) fn map_file(path: &Path) -> Result<(Option<Mmap>, u64)> {
+    let file = File::open(path).map_err(|e| CorpusError::io(path, "open", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| CorpusError::io(path, "stat", e))?
+        .len();
+    if len == 0 {
+        return Ok((None, 0));
+    }
+    // SAFETY: the mapping is read-only and shards are immutable while served (see the
+    // module docs); every access below is bounds-checked against `len`.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| CorpusError::io(path, "mmap", e))?;
+    Ok((Some(map), len))
+}
+
+/// Reads a little-endian u64 at byte `at`; callers have checked the bounds.
+pub(crate) fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Reads a little-endian i64 at byte `at`.
+pub(crate) fn le_i64(b: &[u8], at: usize) -> i64 {
+    le_u64(b, at) as i64
+}
+
+/// Reads a little-endian i32 at byte `at`.
+pub(crate) fn le_i32(b: &[u8], at: usize) -> i32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    i32::from_le_bytes(w)
+}

@@ -1,0 +1,389 @@
+//! Raw token arrays: flat little-endian uint16/uint32 files (OLMo- and nanoGPT-style),
+//! with documents delimited by an EOS id.
+//!
+//! Such a file has no index, so the first open scans it once for EOS and writes the
+//! document boundaries to a cache file (next to the data, or in the configured cache
+//! dir). The cache is keyed to the data file's size and mtime plus the dtype and EOS it
+//! was built for, and carries a checksum of its own body; any mismatch rebuilds it.
+//! A document is the tokens up to and including its EOS; tokens after the last EOS form
+//! a final document without one. So the documents, concatenated, are exactly the file.
+
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use memmap2::Mmap;
+
+use super::error::{CorpusError, Result};
+use super::tokens::{DType, Tokens};
+use super::{le_u64, map_file};
+
+/// Magic of the boundary cache file.
+const CACHE_MAGIC: &[u8; 8] = b"MRDOCIX1";
+/// Size of the cache header; the u64 array that follows is 8-byte aligned.
+const CACHE_HEADER: usize = 64;
+/// Extension of cache files.
+pub const CACHE_EXT: &str = "mrdocs";
+
+/// How to read a raw token file: the fields a Megatron header would otherwise give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawOptions {
+    /// uint16 or uint32.
+    pub dtype: DType,
+    /// The id that ends every document.
+    pub eos: u64,
+    /// Where boundary caches go; `None` puts them next to the data file.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Document end offsets (exclusive, in tokens), mapped from the cache or held in memory
+/// when no cache could be written.
+#[derive(Debug)]
+enum DocEnds {
+    Mapped(Mmap, u64),
+    Owned(Vec<u64>),
+}
+
+impl DocEnds {
+    fn len(&self) -> u64 {
+        match self {
+            DocEnds::Mapped(_, n) => *n,
+            DocEnds::Owned(v) => v.len() as u64,
+        }
+    }
+
+    fn get(&self, i: u64) -> u64 {
+        match self {
+            DocEnds::Mapped(map, _) => le_u64(map, CACHE_HEADER + 8 * i as usize),
+            DocEnds::Owned(v) => v[i as usize],
+        }
+    }
+}
+
+/// The identity of a data file's content as far as a cache can tell without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CacheKey {
+    item_size: u32,
+    eos: u64,
+    file_len: u64,
+    mtime_s: i64,
+    mtime_ns: u32,
+}
+
+/// One raw token file, mapped, with its document boundaries.
+#[derive(Debug)]
+pub struct RawShard {
+    path: PathBuf,
+    map: Option<Mmap>,
+    len: u64,
+    dtype: DType,
+    eos: u64,
+    ends: DocEnds,
+    cache_path: PathBuf,
+    cache_rebuilt: bool,
+}
+
+impl RawShard {
+    /// Opens `path`, using or (re)building its boundary cache.
+    pub fn open(path: &Path, opts: &RawOptions) -> Result<RawShard> {
+        if !matches!(opts.dtype, DType::Uint16 | DType::Uint32) {
+            return Err(CorpusError::invalid(
+                path,
+                format!("raw token arrays are uint16 or uint32, not {}", opts.dtype),
+            ));
+        }
+        let max_id = if opts.dtype == DType::Uint16 {
+            u64::from(u16::MAX)
+        } else {
+            u64::from(u32::MAX)
+        };
+        if opts.eos > max_id {
+            return Err(CorpusError::invalid(
+                path,
+                format!("eos id {} does not fit in {}", opts.eos, opts.dtype),
+            ));
+        }
+        let (map, len) = map_file(path)?;
+        let size = opts.dtype.size() as u64;
+        if len % size != 0 {
+            return Err(CorpusError::invalid(
+                path,
+                format!(
+                    "file size {len} bytes is not a multiple of the {} item size ({size} bytes)",
+                    opts.dtype
+                ),
+            ));
+        }
+        let map = match map {
+            Some(m) if len > 0 => m,
+            _ => {
+                return Err(CorpusError::invalid(
+                    path,
+                    "empty shard: the token file holds no tokens",
+                ))
+            }
+        };
+        let meta = std::fs::metadata(path).map_err(|e| CorpusError::io(path, "stat", e))?;
+        let (mtime_s, mtime_ns) = match meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        {
+            Some(d) => (d.as_secs() as i64, d.subsec_nanos()),
+            None => (0, 0),
+        };
+        let key = CacheKey {
+            item_size: size as u32,
+            eos: opts.eos,
+            file_len: len,
+            mtime_s,
+            mtime_ns,
+        };
+        let cache_path = cache_path(path, opts.cache_dir.as_deref())?;
+        let (ends, cache_rebuilt) = match read_cache(&cache_path, &key) {
+            Some(ends) => (ends, false),
+            None => {
+                let ends = scan(&map, opts.dtype, opts.eos);
+                let ends = match write_cache(&cache_path, &key, &ends) {
+                    Ok(()) => match read_cache(&cache_path, &key) {
+                        Some(mapped) => mapped,
+                        None => DocEnds::Owned(ends),
+                    },
+                    Err(e) => {
+                        tracing::warn!(
+                            "{}: cannot write the document boundary cache ({e}); \
+                             keeping it in memory, and the next open scans again",
+                            cache_path.display()
+                        );
+                        DocEnds::Owned(ends)
+                    }
+                };
+                (ends, true)
+            }
+        };
+        Ok(RawShard {
+            path: path.to_path_buf(),
+            map: Some(map),
+            len,
+            dtype: opts.dtype,
+            eos: opts.eos,
+            ends,
+            cache_path,
+            cache_rebuilt,
+        })
+    }
+
+    /// The data file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the boundary cache lives.
+    pub fn cache_path(&self) -> &Path {
+        &self.cache_path
+    }
+
+    /// True when this open had to scan the file (no cache, or a stale one).
+    pub fn cache_rebuilt(&self) -> bool {
+        self.cache_rebuilt
+    }
+
+    /// uint16 or uint32.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The EOS id the boundaries were built for.
+    pub fn eos(&self) -> u64 {
+        self.eos
+    }
+
+    /// Number of documents.
+    pub fn documents(&self) -> u64 {
+        self.ends.len()
+    }
+
+    /// Number of tokens in the file.
+    pub fn tokens(&self) -> u64 {
+        self.len / self.dtype.size() as u64
+    }
+
+    /// File size in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.len
+    }
+
+    /// Token range `[start, end)` of document `doc`.
+    fn doc_range(&self, doc: u64) -> Result<(u64, u64)> {
+        let n = self.documents();
+        if doc >= n {
+            return Err(CorpusError::DocOutOfRange {
+                path: self.path.clone(),
+                doc,
+                count: n,
+            });
+        }
+        let start = if doc == 0 { 0 } else { self.ends.get(doc - 1) };
+        let end = self.ends.get(doc);
+        if start > end || end > self.tokens() {
+            return Err(CorpusError::invalid(
+                &self.cache_path,
+                format!(
+                    "document {doc}: boundary cache gives tokens {start}..{end}, outside the file"
+                ),
+            ));
+        }
+        Ok((start, end))
+    }
+
+    /// Length of document `doc` in tokens (its EOS included).
+    pub fn doc_len(&self, doc: u64) -> Result<u64> {
+        let (a, b) = self.doc_range(doc)?;
+        Ok(b - a)
+    }
+
+    /// The tokens of document `doc`, borrowed from the mapping.
+    pub fn doc_tokens(&self, doc: u64) -> Result<Tokens<'_>> {
+        let (a, b) = self.doc_range(doc)?;
+        let size = self.dtype.size() as u64;
+        let bytes = match &self.map {
+            Some(m) => &m[(a * size) as usize..(b * size) as usize],
+            None => &[][..],
+        };
+        Tokens::from_bytes(self.dtype, bytes).ok_or_else(|| {
+            CorpusError::invalid(&self.path, format!("document {doc}: misaligned mapping"))
+        })
+    }
+
+    /// Re-checks that the boundaries are increasing and end at the file's end: the linear
+    /// pass that a Megatron shard's `validate` makes over its index.
+    pub fn validate(&self) -> Result<()> {
+        let mut prev = 0u64;
+        for d in 0..self.documents() {
+            let end = self.ends.get(d);
+            if end <= prev && d > 0 || end > self.tokens() {
+                return Err(CorpusError::invalid(
+                    &self.cache_path,
+                    format!("document {d}: boundary {end} after {prev} is not increasing or past the end"),
+                ));
+            }
+            prev = end;
+        }
+        if prev != self.tokens() {
+            return Err(CorpusError::invalid(
+                &self.cache_path,
+                format!(
+                    "boundaries end at token {prev}, the file has {}",
+                    self.tokens()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the cache for `data` lives: `<data>.mrdocs`, or in `cache_dir` under a name that
+/// also hashes the absolute path, so two files of the same name never share a cache.
+fn cache_path(data: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> {
+    match cache_dir {
+        None => Ok(super::megatron::with_suffix(data, CACHE_EXT)),
+        Some(dir) => {
+            let abs = std::fs::canonicalize(data)
+                .map_err(|e| CorpusError::io(data, "canonicalize", e))?;
+            let hash = xxhash_rust::xxh3::xxh3_64(abs.as_os_str().as_encoded_bytes());
+            let name = data
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "tokens".into());
+            Ok(dir.join(format!("{name}-{hash:016x}.{CACHE_EXT}")))
+        }
+    }
+}
+
+/// Finds every EOS. Chunks of 64 tokens are tested with a branch-free `any` that the
+/// compiler vectorizes; only chunks with a hit are walked token by token.
+fn scan(map: &[u8], dtype: DType, eos: u64) -> Vec<u64> {
+    fn go<T: Copy + PartialEq + bytemuck::Pod>(tokens: &[T], eos: T) -> Vec<u64> {
+        let mut ends = Vec::new();
+        for (c, chunk) in tokens.chunks(64).enumerate() {
+            if chunk.iter().fold(false, |hit, &t| hit | (t == eos)) {
+                for (i, &t) in chunk.iter().enumerate() {
+                    if t == eos {
+                        ends.push((c * 64 + i + 1) as u64);
+                    }
+                }
+            }
+        }
+        if ends.last().copied() != Some(tokens.len() as u64) {
+            ends.push(tokens.len() as u64);
+        }
+        ends
+    }
+    match dtype {
+        // The mapping is page-aligned and its length a multiple of the item size (both
+        // checked by the caller), so these casts cannot fail; an empty result would
+        // surface as a validation error rather than wrong data.
+        DType::Uint16 => bytemuck::try_cast_slice::<u8, u16>(map)
+            .map(|t| go(t, eos as u16))
+            .unwrap_or_default(),
+        _ => bytemuck::try_cast_slice::<u8, u32>(map)
+            .map(|t| go(t, eos as u32))
+            .unwrap_or_default(),
+    }
+}
+
+/// Maps the cache if it exists and matches `key` and its checksum; `None` means rebuild.
+fn read_cache(path: &Path, key: &CacheKey) -> Option<DocEnds> {
+    let (map, len) = map_file(path).ok()?;
+    let map = map?;
+    if (len as usize) < CACHE_HEADER || &map[..8] != CACHE_MAGIC {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([map[o], map[o + 1], map[o + 2], map[o + 3]]);
+    let stored = CacheKey {
+        item_size: u32_at(12),
+        eos: le_u64(&map, 16),
+        file_len: le_u64(&map, 24),
+        mtime_s: le_u64(&map, 32) as i64,
+        mtime_ns: u32_at(40),
+    };
+    let count = le_u64(&map, 48);
+    if u32_at(8) != 1 || stored != *key || len != CACHE_HEADER as u64 + 8 * count {
+        return None;
+    }
+    let sum = le_u64(&map, 56);
+    if xxhash_rust::xxh3::xxh3_64(&map[CACHE_HEADER..]) != sum {
+        tracing::warn!("{}: checksum mismatch; rebuilding", path.display());
+        return None;
+    }
+    Some(DocEnds::Mapped(map, count))
+}
+
+/// Writes the cache through a temporary name, so a crash never leaves half a cache.
+fn write_cache(path: &Path, key: &CacheKey, ends: &[u64]) -> std::io::Result<()> {
+    let mut body = Vec::with_capacity(CACHE_HEADER + ends.len() * 8);
+    body.extend_from_slice(CACHE_MAGIC);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&key.item_size.to_le_bytes());
+    body.extend_from_slice(&key.eos.to_le_bytes());
+    body.extend_from_slice(&key.file_len.to_le_bytes());
+    body.extend_from_slice(&key.mtime_s.to_le_bytes());
+    body.extend_from_slice(&key.mtime_ns.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&(ends.len() as u64).to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
+    for &e in ends {
+        body.extend_from_slice(&e.to_le_bytes());
+    }
+    let sum = xxhash_rust::xxh3::xxh3_64(&body[CACHE_HEADER..]);
+    body[56..64].copy_from_slice(&sum.to_le_bytes());
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    let tmp = super::megatron::with_suffix(path, &format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &body)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}

@@ -1,0 +1,403 @@
+//! `millrace inspect`: what is in a set of shards, checked end to end.
+//!
+//! The report is built from the indexes alone (document lengths, groups), never from the
+//! token bytes, so it costs one pass over each `.idx` however large the `.bin` is. It is
+//! also the strictest reader: it runs the full linear validation of every shard, so a
+//! corpus that inspects clean is one the daemon will serve.
+
+use std::fmt::Write as _;
+use std::ops::Range;
+
+use serde::Serialize;
+
+use crate::corpus::{Result, Shard};
+
+/// Document-length percentiles (nearest rank) over a set of documents.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LengthStats {
+    /// Shortest document.
+    pub min: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Longest document.
+    pub max: u64,
+    /// Mean length.
+    pub mean: f64,
+}
+
+/// One bucket of the log2 length histogram: documents with `lo <= len < hi`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bucket {
+    /// Inclusive lower bound (0 or a power of two).
+    pub lo: u64,
+    /// Exclusive upper bound.
+    pub hi: u64,
+    /// Documents in the bucket.
+    pub count: u64,
+}
+
+/// Everything `inspect` says about one shard.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardReport {
+    /// Prefix or file, as resolved.
+    pub path: String,
+    /// "megatron" or "raw".
+    pub format: &'static str,
+    /// Token dtype.
+    pub dtype: &'static str,
+    /// Documents.
+    pub documents: u64,
+    /// Sequences (more than documents when the shard was sentence-split).
+    pub sequences: u64,
+    /// Tokens.
+    pub tokens: u64,
+    /// Groups in the sidecar, `None` without one.
+    pub groups: Option<u64>,
+    /// Bytes of token data.
+    pub bytes: u64,
+    /// Length percentiles.
+    pub lengths: LengthStats,
+    /// Non-empty log2 buckets, ascending.
+    pub histogram: Vec<Bucket>,
+}
+
+/// The sum over all shards.
+#[derive(Debug, Clone, Serialize)]
+pub struct TotalReport {
+    /// Number of shards.
+    pub shards: u64,
+    /// Documents.
+    pub documents: u64,
+    /// Sequences.
+    pub sequences: u64,
+    /// Tokens.
+    pub tokens: u64,
+    /// Sum of groups, `None` when no shard has a sidecar.
+    pub groups: Option<u64>,
+    /// Bytes of token data.
+    pub bytes: u64,
+    /// Length percentiles over all documents.
+    pub lengths: LengthStats,
+    /// Histogram over all documents.
+    pub histogram: Vec<Bucket>,
+}
+
+/// The whole `inspect` result; this is also its `--json` schema.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Per shard, in argument order.
+    pub shards: Vec<ShardReport>,
+    /// Totals.
+    pub total: TotalReport,
+}
+
+/// One document as `inspect --doc` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DocDump {
+    /// Shard path.
+    pub shard: String,
+    /// Index across all shards, in argument order.
+    pub index: u64,
+    /// Index within its shard.
+    pub local_index: u64,
+    /// Its group id, if the shard has a sidecar.
+    pub group: Option<u64>,
+    /// Its tokens.
+    pub tokens: Vec<serde_json::Value>,
+}
+
+/// Validates every shard and builds the report. `shards` must be non-empty.
+pub fn inspect(shards: &[Shard]) -> Result<Report> {
+    let mut all: Vec<u64> = Vec::new();
+    let mut reports = Vec::with_capacity(shards.len());
+    for shard in shards {
+        shard.validate()?;
+        let start = all.len();
+        for d in 0..shard.documents() {
+            all.push(shard.doc_len(d)?);
+        }
+        let lens = &mut all[start..];
+        reports.push(ShardReport {
+            path: shard.path().display().to_string(),
+            format: shard.format().name(),
+            dtype: shard.dtype().name(),
+            documents: shard.documents(),
+            sequences: shard.sequences(),
+            tokens: shard.tokens(),
+            groups: shard.groups().map(|g| g.len() as u64),
+            bytes: shard.data_bytes(),
+            histogram: histogram(lens),
+            lengths: length_stats(lens),
+        });
+    }
+    let groups = reports.iter().filter_map(|r| r.groups).reduce(|a, b| a + b);
+    let total = TotalReport {
+        shards: reports.len() as u64,
+        documents: reports.iter().map(|r| r.documents).sum(),
+        sequences: reports.iter().map(|r| r.sequences).sum(),
+        tokens: reports.iter().map(|r| r.tokens).sum(),
+        groups,
+        bytes: reports.iter().map(|r| r.bytes).sum(),
+        histogram: histogram(&all),
+        lengths: length_stats(&mut all),
+    };
+    Ok(Report {
+        shards: reports,
+        total,
+    })
+}
+
+/// Nearest-rank percentiles: pXX is the ceil(XX% * n)-th smallest length. Reorders `lens`.
+pub fn length_stats(lens: &mut [u64]) -> LengthStats {
+    let n = lens.len();
+    if n == 0 {
+        return LengthStats {
+            min: 0,
+            p50: 0,
+            p90: 0,
+            p99: 0,
+            max: 0,
+            mean: 0.0,
+        };
+    }
+    let sum: u128 = lens.iter().map(|&l| u128::from(l)).sum();
+    let min = lens.iter().copied().min().unwrap_or(0);
+    let max = lens.iter().copied().max().unwrap_or(0);
+    let mut pct = |p: usize| {
+        let rank = (p * n).div_ceil(100).max(1);
+        *lens.select_nth_unstable(rank - 1).1
+    };
+    LengthStats {
+        min,
+        p50: pct(50),
+        p90: pct(90),
+        p99: pct(99),
+        max,
+        mean: sum as f64 / n as f64,
+    }
+}
+
+/// Log2 buckets: length 0 in [0, 1), otherwise [2^k, 2^(k+1)).
+pub fn histogram(lens: &[u64]) -> Vec<Bucket> {
+    let mut counts = [0u64; 65];
+    for &l in lens {
+        counts[(64 - l.leading_zeros()) as usize] += 1;
+    }
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &c)| c > 0)
+        .map(|(k, &count)| {
+            let (lo, hi) = if k == 0 {
+                (0, 1)
+            } else {
+                (1u64 << (k - 1), (1u64 << (k - 1)).saturating_mul(2))
+            };
+            Bucket { lo, hi, count }
+        })
+        .collect()
+}
+
+/// Documents `range` of the concatenation of `shards`, with their tokens.
+pub fn dump_documents(shards: &[Shard], range: Range<u64>) -> Result<Vec<DocDump>> {
+    let total: u64 = shards.iter().map(|s| s.documents()).sum();
+    if range.start >= range.end || range.end > total {
+        let path = shards
+            .first()
+            .map(|s| s.path().to_path_buf())
+            .unwrap_or_default();
+        return Err(crate::corpus::CorpusError::invalid(
+            path,
+            format!(
+                "--doc {}..{} is outside the {total} documents of the given shards",
+                range.start, range.end
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut base = 0u64;
+    for shard in shards {
+        let n = shard.documents();
+        let lo = range.start.max(base);
+        let hi = range.end.min(base + n);
+        for global in lo..hi {
+            let local = global - base;
+            out.push(DocDump {
+                shard: shard.path().display().to_string(),
+                index: global,
+                local_index: local,
+                group: shard.groups().and_then(|g| g.group_of(local)),
+                tokens: shard.doc_tokens(local)?.to_json(),
+            });
+        }
+        base += n;
+    }
+    Ok(out)
+}
+
+/// `12345678` -> `12,345,678`, for tables people read.
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The human-readable report: a table of shards, a total line and a length histogram.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let name_w = report
+        .shards
+        .iter()
+        .map(|s| s.path.len())
+        .max()
+        .unwrap_or(5)
+        .clamp(5, 60);
+    let _ = writeln!(
+        out,
+        "{:<name_w$}  {:<7} {:>12} {:>16} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "shard", "dtype", "documents", "tokens", "groups", "p50", "p90", "p99", "max"
+    );
+    let row = |out: &mut String,
+               name: &str,
+               dtype: &str,
+               docs,
+               toks,
+               groups: Option<u64>,
+               l: &LengthStats| {
+        let name = if name.len() > name_w {
+            format!("…{}", &name[name.len() - (name_w - 1)..])
+        } else {
+            name.to_string()
+        };
+        let _ = writeln!(
+            out,
+            "{:<name_w$}  {:<7} {:>12} {:>16} {:>9} {:>8} {:>8} {:>9} {:>9}",
+            name,
+            dtype,
+            thousands(docs),
+            thousands(toks),
+            groups.map(thousands).unwrap_or_else(|| "-".into()),
+            l.p50,
+            l.p90,
+            l.p99,
+            l.max
+        );
+    };
+    for s in &report.shards {
+        row(
+            &mut out,
+            &s.path,
+            s.dtype,
+            s.documents,
+            s.tokens,
+            s.groups,
+            &s.lengths,
+        );
+    }
+    let t = &report.total;
+    let dtypes: std::collections::BTreeSet<&str> = report.shards.iter().map(|s| s.dtype).collect();
+    let dtype = if dtypes.len() == 1 {
+        dtypes.iter().next().copied().unwrap_or("-")
+    } else {
+        "mixed"
+    };
+    let label = format!("total ({} shards)", t.shards);
+    row(
+        &mut out,
+        &label,
+        dtype,
+        t.documents,
+        t.tokens,
+        t.groups,
+        &t.lengths,
+    );
+    let _ = writeln!(
+        out,
+        "\n{} bytes of tokens, mean document {:.1} tokens, {} sequences",
+        thousands(t.bytes),
+        t.lengths.mean,
+        thousands(t.sequences)
+    );
+    let _ = writeln!(
+        out,
+        "\ndocument lengths (tokens, log2 buckets, all shards):"
+    );
+    out.push_str(&render_histogram(&t.histogram, t.documents));
+    out
+}
+
+/// Horizontal bars, one line per bucket, scaled to the largest bucket.
+pub fn render_histogram(buckets: &[Bucket], total: u64) -> String {
+    const WIDTH: u64 = 40;
+    let peak = buckets.iter().map(|b| b.count).max().unwrap_or(1).max(1);
+    let mut out = String::new();
+    for b in buckets {
+        let cells = (b.count * WIDTH * 8).div_ceil(peak);
+        let full = (cells / 8) as usize;
+        let part = (cells % 8) as usize;
+        let mut bar = "█".repeat(full);
+        if part > 0 {
+            bar.push([' ', '▏', '▎', '▍', '▌', '▋', '▊', '▉'][part]);
+        }
+        let _ = writeln!(
+            out,
+            "{:>9} ..{:>9} │{:<40} {:>12} {:>6.2}%",
+            thousands(b.lo),
+            thousands(b.hi),
+            bar,
+            thousands(b.count),
+            100.0 * b.count as f64 / total.max(1) as f64
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut v: Vec<u64> = (1..=100).rev().collect();
+        let s = length_stats(&mut v);
+        assert_eq!((s.min, s.p50, s.p90, s.p99, s.max), (1, 50, 90, 99, 100));
+        let mut one = vec![7];
+        let s = length_stats(&mut one);
+        assert_eq!((s.p50, s.p99), (7, 7));
+    }
+
+    #[test]
+    fn log2_buckets() {
+        let h = histogram(&[0, 1, 2, 3, 4, 1023, 1024]);
+        let got: Vec<(u64, u64, u64)> = h.iter().map(|b| (b.lo, b.hi, b.count)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1, 1),
+                (1, 2, 1),
+                (2, 4, 2),
+                (4, 8, 1),
+                (512, 1024, 1),
+                (1024, 2048, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1234567), "1,234,567");
+    }
+}

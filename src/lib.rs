@@ -1,0 +1,10 @@
+//! millrace: a per-node daemon that feeds tokenized pretraining data to GPU trainers.
+//!
+//! A token travels: [`corpus`] (shards mapped from disk) -> plan (which documents fill
+//! each row of each global batch) -> serve (shared-memory rings to trainer ranks).
+//! This crate is the library behind the `millrace` binary; `main.rs` only parses flags.
+
+pub mod config;
+pub mod corpus;
+pub mod inspect;
+pub mod synth;

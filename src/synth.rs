@@ -1,0 +1,655 @@
+//! `millrace synth`: deterministic synthetic corpora that look like real pretraining
+//! data to a loader, for tests, demos and benchmarks.
+//!
+//! What matters to a loader is the shape of the data, not its meaning: heavy-tailed
+//! document lengths (a lognormal body with a median of a few hundred tokens and a tail of
+//! book-sized documents up to ~1M tokens), a code domain whose files come in repositories
+//! of 1-500 files, and a book domain whose chapters come in books. Groups get a
+//! `.groups.npy` sidecar, exactly as `docs/FORMATS.md` specifies.
+//!
+//! Everything is a pure function of the options: shard `s` of domain `d` draws its
+//! lengths from a generator keyed by (seed, d, s), and document `i` of it draws its
+//! tokens from one keyed by (seed, d, s, i). The thread count changes only the speed,
+//! and any document can be regenerated on its own ([`document_tokens`]) to check a
+//! reader or the daemon against it.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, RngCore, SeedableRng};
+use rand_distr::{Distribution, LogNormal, Pareto};
+use rand_pcg::Pcg64Mcg;
+use serde::Serialize;
+
+use crate::corpus::{megatron::with_suffix, CorpusError, DType, MegatronWriter, Result};
+
+/// Token id that ends every synthetic document (as Megatron's `--append-eod` does).
+pub const EOD: u32 = 2;
+/// Padding id written into the generated config; never appears in the data.
+pub const PAD: u32 = 0;
+/// Smallest id of ordinary tokens: ids below are reserved for specials.
+pub const FIRST_ID: u32 = 3;
+/// Longest synthetic document, in tokens.
+pub const MAX_DOC: u64 = 1 << 20;
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    /// Output directory: one sub-directory per domain, plus `millrace.toml`.
+    pub out: PathBuf,
+    /// Total tokens over all domains (exact).
+    pub tokens: u64,
+    /// Number of domains: web, code, books, wiki, then web2, web3, ...
+    pub domains: usize,
+    /// Vocabulary size; ids are drawn from [3, vocab).
+    pub vocab: u32,
+    /// Token dtype (uint16 or int32, as Megatron's preprocessing would pick).
+    pub dtype: DType,
+    /// Seed of everything.
+    pub seed: u64,
+    /// Upper bound on tokens per shard.
+    pub shard_tokens: u64,
+    /// Writer threads.
+    pub threads: usize,
+    /// Print progress on stderr.
+    pub progress: bool,
+}
+
+/// The length model of a domain.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// Lognormal body (median, sigma) plus a Pareto tail of long documents.
+    Prose { median: f64, sigma: f64, tail: f64 },
+    /// Repositories of 1-500 files.
+    Code,
+    /// Books of 8-64 chapters.
+    Books,
+}
+
+/// A domain of the synthetic corpus.
+#[derive(Debug, Clone, PartialEq)]
+struct DomainSpec {
+    name: String,
+    kind: Kind,
+    share: f64,
+}
+
+fn domain_specs(k: usize) -> Vec<DomainSpec> {
+    let base = [
+        (
+            "web",
+            Kind::Prose {
+                median: 300.0,
+                sigma: 1.1,
+                tail: 0.002,
+            },
+            0.5,
+        ),
+        ("code", Kind::Code, 0.2),
+        ("books", Kind::Books, 0.2),
+        (
+            "wiki",
+            Kind::Prose {
+                median: 600.0,
+                sigma: 0.9,
+                tail: 0.001,
+            },
+            0.1,
+        ),
+    ];
+    (0..k)
+        .map(|i| match base.get(i) {
+            Some(&(name, kind, share)) => DomainSpec {
+                name: name.into(),
+                kind,
+                share,
+            },
+            None => DomainSpec {
+                name: format!("web{}", i - base.len() + 2),
+                kind: Kind::Prose {
+                    median: 250.0 + 50.0 * i as f64,
+                    sigma: 1.0,
+                    tail: 0.002,
+                },
+                share: 0.1,
+            },
+        })
+        .collect()
+}
+
+/// What was written, for the command's output and for tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct SynthSummary {
+    /// Per domain, in config order.
+    pub domains: Vec<DomainSummary>,
+    /// The generated config.
+    pub config: PathBuf,
+    /// Total tokens written.
+    pub tokens: u64,
+    /// Total documents written.
+    pub documents: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// One domain of a [`SynthSummary`].
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainSummary {
+    /// Domain name.
+    pub name: String,
+    /// Shard prefixes, in order.
+    pub shards: Vec<PathBuf>,
+    /// Documents.
+    pub documents: u64,
+    /// Tokens.
+    pub tokens: u64,
+    /// Groups (0 for ungrouped domains).
+    pub groups: u64,
+}
+
+/// One shard to write.
+#[derive(Debug, Clone)]
+struct Job {
+    domain: usize,
+    shard: usize,
+    budget: u64,
+    prefix: PathBuf,
+}
+
+/// Result of one shard.
+#[derive(Debug, Clone)]
+struct Written {
+    domain: usize,
+    shard: usize,
+    prefix: PathBuf,
+    documents: u64,
+    tokens: u64,
+    groups: u64,
+}
+
+/// SplitMix64's finalizer: turns structured keys into independent seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn key(parts: &[u64]) -> u64 {
+    parts
+        .iter()
+        .fold(0x6D69_6C6C_7261_6365, |h, &p| mix(h ^ mix(p)))
+}
+
+/// Regenerates the tokens of one document (its EOD included) without reading any file:
+/// the independent reference that tests compare readers and the daemon against.
+pub fn document_tokens(
+    seed: u64,
+    domain: usize,
+    shard: usize,
+    doc: u64,
+    len: u64,
+    vocab: u32,
+) -> Vec<u32> {
+    let mut out = Vec::with_capacity(len as usize);
+    let mut rng = Pcg64Mcg::seed_from_u64(key(&[seed, domain as u64, shard as u64, doc]));
+    let range = u64::from(vocab - FIRST_ID);
+    for _ in 1..len {
+        let r = rng.next_u32();
+        out.push(FIRST_ID + ((u64::from(r) * range) >> 32) as u32);
+    }
+    if len > 0 {
+        out.push(EOD);
+    }
+    out
+}
+
+/// Fills `buf` with document tokens in the shard dtype; the same values as
+/// [`document_tokens`], written straight into the output buffer.
+fn fill_document(buf: &mut Vec<u8>, dtype: DType, rng: &mut Pcg64Mcg, len: u64, vocab: u32) {
+    let range = u64::from(vocab - FIRST_ID);
+    let size = if dtype == DType::Uint16 { 2 } else { 4 };
+    buf.clear();
+    buf.resize(len as usize * size, 0);
+    let (body, last) = buf.split_at_mut(len.saturating_sub(1) as usize * size);
+    let mut next = || FIRST_ID + ((u64::from(rng.next_u32()) * range) >> 32) as u32;
+    if size == 2 {
+        for c in body.chunks_exact_mut(2) {
+            c.copy_from_slice(&(next() as u16).to_le_bytes());
+        }
+        if !last.is_empty() {
+            last.copy_from_slice(&(EOD as u16).to_le_bytes());
+        }
+    } else {
+        for c in body.chunks_exact_mut(4) {
+            c.copy_from_slice(&(next() as i32).to_le_bytes());
+        }
+        if !last.is_empty() {
+            last.copy_from_slice(&(EOD as i32).to_le_bytes());
+        }
+    }
+}
+
+/// Draws document lengths for one shard, calling `emit(len, group)` until `budget`
+/// tokens are used; the last document is cut to land exactly on the budget.
+fn generate_lengths(
+    kind: Kind,
+    rng: &mut Pcg64Mcg,
+    budget: u64,
+    mut emit: impl FnMut(u64, u64) -> Result<()>,
+) -> Result<u64> {
+    let mut used = 0u64;
+    let mut group = 0u64;
+    let mut take = |len: u64, group: u64, used: &mut u64| -> Result<bool> {
+        let len = len.clamp(2, MAX_DOC).min(budget - *used);
+        emit(len, group)?;
+        *used += len;
+        Ok(*used < budget)
+    };
+    // Distributions with constant, valid parameters cannot fail to build.
+    let tail =
+        Pareto::new(16384.0, 1.1).map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+    match kind {
+        Kind::Prose {
+            median,
+            sigma,
+            tail: p,
+        } => {
+            let body = LogNormal::new(median.ln(), sigma)
+                .map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+            loop {
+                let len = if rng.gen_bool(p) {
+                    tail.sample(rng)
+                } else {
+                    body.sample(rng)
+                };
+                if !take(len as u64, 0, &mut used)? {
+                    break;
+                }
+            }
+        }
+        Kind::Code => {
+            let files =
+                Pareto::new(1.0, 0.8).map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+            let file = LogNormal::new(350f64.ln(), 1.2)
+                .map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+            'repos: loop {
+                let n = (files.sample(rng) as u64).clamp(1, 500);
+                for _ in 0..n {
+                    let len = (file.sample(rng) as u64).min(65536);
+                    if !take(len, group, &mut used)? {
+                        break 'repos;
+                    }
+                }
+                group += 1;
+            }
+        }
+        Kind::Books => {
+            let chapter = LogNormal::new(5000f64.ln(), 0.6)
+                .map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+            'books: loop {
+                let n = rng.gen_range(8..=64u64);
+                let mut book = 0u64;
+                for _ in 0..n {
+                    let len = (chapter.sample(rng) as u64)
+                        .min(MAX_DOC.saturating_sub(book))
+                        .max(2);
+                    book += len;
+                    if !take(len, group, &mut used)? {
+                        break 'books;
+                    }
+                    if book >= MAX_DOC {
+                        break;
+                    }
+                }
+                group += 1;
+            }
+        }
+    }
+    Ok(used)
+}
+
+fn write_shard(
+    opts: &SynthOptions,
+    spec: &DomainSpec,
+    job: &Job,
+    progress: &AtomicU64,
+) -> Result<Written> {
+    let mut lengths_rng = Pcg64Mcg::seed_from_u64(key(&[
+        opts.seed,
+        job.domain as u64,
+        job.shard as u64,
+        u64::MAX,
+    ]));
+    let mut writer = MegatronWriter::create(&job.prefix, opts.dtype)?;
+    let grouped = matches!(spec.kind, Kind::Code | Kind::Books);
+    let mut group_ids: Vec<u64> = Vec::new();
+    let mut buf = Vec::new();
+    let mut doc = 0u64;
+    let mut pending = 0u64;
+    let tokens = generate_lengths(spec.kind, &mut lengths_rng, job.budget, |len, group| {
+        let mut rng =
+            Pcg64Mcg::seed_from_u64(key(&[opts.seed, job.domain as u64, job.shard as u64, doc]));
+        fill_document(&mut buf, opts.dtype, &mut rng, len, opts.vocab);
+        writer.add_document_bytes(&buf)?;
+        if grouped {
+            group_ids.push(((job.shard as u64) << 32) | group);
+        }
+        doc += 1;
+        pending += len;
+        if pending >= 1 << 20 {
+            progress.fetch_add(pending, Ordering::Relaxed);
+            pending = 0;
+        }
+        Ok(())
+    })?;
+    progress.fetch_add(pending, Ordering::Relaxed);
+    let sidecar = with_suffix(&job.prefix, "groups.npy");
+    let groups = if grouped {
+        let tmp = with_suffix(&job.prefix, "groups.npy.tmp");
+        npyz::to_file_1d(&tmp, group_ids.iter().copied())
+            .map_err(|e| CorpusError::io(&tmp, "write", e))?;
+        std::fs::rename(&tmp, &sidecar).map_err(|e| CorpusError::io(&sidecar, "rename", e))?;
+        group_ids.last().map_or(0, |&g| (g & 0xFFFF_FFFF) + 1)
+    } else {
+        match std::fs::remove_file(&sidecar) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CorpusError::io(&sidecar, "remove", e))
+            }
+            _ => 0,
+        }
+    };
+    let documents = writer.documents();
+    writer.finish()?;
+    Ok(Written {
+        domain: job.domain,
+        shard: job.shard,
+        prefix: job.prefix.clone(),
+        documents,
+        tokens,
+        groups,
+    })
+}
+
+/// Writes the corpus and its `millrace.toml`.
+pub fn synth(opts: &SynthOptions) -> Result<SynthSummary> {
+    let started = Instant::now();
+    if opts.domains == 0 || opts.tokens == 0 || opts.shard_tokens == 0 {
+        return Err(CorpusError::invalid(
+            &opts.out,
+            "synth needs at least one domain, one token and one token per shard",
+        ));
+    }
+    if opts.vocab <= FIRST_ID + 1 {
+        return Err(CorpusError::invalid(
+            &opts.out,
+            format!(
+                "vocab {} leaves no ordinary token ids (ids 0-2 are special)",
+                opts.vocab
+            ),
+        ));
+    }
+    match opts.dtype {
+        DType::Uint16 if opts.vocab > 65536 => {
+            return Err(CorpusError::invalid(
+                &opts.out,
+                format!(
+                    "vocab {} does not fit uint16; use --dtype int32",
+                    opts.vocab
+                ),
+            ))
+        }
+        DType::Uint16 | DType::Int32 => {}
+        other => {
+            return Err(CorpusError::invalid(
+                &opts.out,
+                format!("synth writes uint16 or int32 shards, not {other}"),
+            ))
+        }
+    }
+    let specs = domain_specs(opts.domains);
+    let share_sum: f64 = specs.iter().map(|s| s.share).sum();
+    let mut jobs = Vec::new();
+    let mut assigned = 0u64;
+    for (d, spec) in specs.iter().enumerate() {
+        let budget = if d + 1 == specs.len() {
+            opts.tokens - assigned
+        } else {
+            ((opts.tokens as f64 * spec.share / share_sum) as u64).min(opts.tokens - assigned)
+        };
+        assigned += budget;
+        let dir = opts.out.join(&spec.name);
+        std::fs::create_dir_all(&dir).map_err(|e| CorpusError::io(&dir, "create_dir", e))?;
+        let n = budget.div_ceil(opts.shard_tokens).max(1);
+        for s in 0..n {
+            let b = budget / n + u64::from(s < budget % n);
+            if b == 0 {
+                continue;
+            }
+            jobs.push(Job {
+                domain: d,
+                shard: s as usize,
+                budget: b,
+                prefix: dir.join(format!("{}-{:05}", spec.name, s)),
+            });
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let results: Mutex<Vec<Result<Written>>> = Mutex::new(Vec::new());
+    let finished = AtomicUsize::new(0);
+    let threads = opts.threads.max(1).min(jobs.len().max(1));
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else {
+                    finished.fetch_add(1, Ordering::Relaxed);
+                    break;
+                };
+                let r = write_shard(opts, &specs[job.domain], job, &done);
+                let failed = r.is_err();
+                if let Ok(mut v) = results.lock() {
+                    v.push(r);
+                }
+                if failed {
+                    next.store(jobs.len(), Ordering::Relaxed);
+                }
+            });
+        }
+        if opts.progress {
+            report_progress(&done, opts.tokens, started, || {
+                finished.load(Ordering::Relaxed) >= threads
+            });
+        }
+    });
+    let mut written = Vec::new();
+    for r in results.into_inner().unwrap_or_default() {
+        written.push(r?);
+    }
+    written.sort_by_key(|w| (w.domain, w.shard));
+    let domains: Vec<DomainSummary> = specs
+        .iter()
+        .enumerate()
+        .map(|(d, spec)| {
+            let mine: Vec<&Written> = written.iter().filter(|w| w.domain == d).collect();
+            DomainSummary {
+                name: spec.name.clone(),
+                shards: mine.iter().map(|w| w.prefix.clone()).collect(),
+                documents: mine.iter().map(|w| w.documents).sum(),
+                tokens: mine.iter().map(|w| w.tokens).sum(),
+                groups: mine.iter().map(|w| w.groups).sum(),
+            }
+        })
+        .collect();
+    let config = opts.out.join("millrace.toml");
+    let text = config_text(opts, &specs);
+    std::fs::write(&config, text).map_err(|e| CorpusError::io(&config, "write", e))?;
+    Ok(SynthSummary {
+        tokens: domains.iter().map(|d| d.tokens).sum(),
+        documents: domains.iter().map(|d| d.documents).sum(),
+        domains,
+        config,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Prints tokens written and the write rate until `finished()` says the workers are done.
+fn report_progress(done: &AtomicU64, total: u64, started: Instant, finished: impl Fn() -> bool) {
+    let tty = std::io::stderr().is_terminal();
+    let every = if tty {
+        Duration::from_millis(250)
+    } else {
+        Duration::from_secs(10)
+    };
+    let mut last = Instant::now();
+    while !finished() {
+        std::thread::sleep(Duration::from_millis(50));
+        if last.elapsed() < every {
+            continue;
+        }
+        last = Instant::now();
+        let n = done.load(Ordering::Relaxed);
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let line = format!(
+            "synth: {:.2}G of {:.2}G tokens ({:.0}%), {:.0}M tokens/s",
+            n as f64 / 1e9,
+            total as f64 / 1e9,
+            100.0 * n as f64 / total as f64,
+            n as f64 / secs / 1e6
+        );
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+}
+
+/// The ready-to-use config: relative paths, so the corpus directory can move.
+fn config_text(opts: &SynthOptions, specs: &[DomainSpec]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# Written by `millrace synth --tokens {} --domains {} --seed {} --vocab {} --dtype {}`.",
+        opts.tokens, opts.domains, opts.seed, opts.vocab, opts.dtype
+    );
+    let _ = writeln!(t, "# Shard paths are relative to this file. See config/millrace.example.toml for every option.\n");
+    let _ = writeln!(t, "[corpus]");
+    for s in specs {
+        let _ = writeln!(
+            t,
+            "\n[[corpus.domain]]\nname = \"{}\"\nshards = [\"{}\"]",
+            s.name, s.name
+        );
+        if matches!(s.kind, Kind::Code | Kind::Books) {
+            let _ = writeln!(
+                t,
+                "# {}.groups.npy sidecars name each document's {}",
+                s.name,
+                if s.kind == Kind::Code {
+                    "repository"
+                } else {
+                    "book"
+                }
+            );
+        }
+    }
+    let share_sum: f64 = specs.iter().map(|s| s.share).sum();
+    let _ = writeln!(t, "\n[plan]\nseed = {}\nseq_len = 4096\nglobal_batch_rows = 256\npacking = \"best_fit\"\neod_token = {EOD}\npad_token = {PAD}", opts.seed);
+    let weights: Vec<String> = specs
+        .iter()
+        .map(|s| format!("{} = {:.4}", s.name, s.share / share_sum))
+        .collect();
+    let _ = writeln!(
+        t,
+        "\n[[plan.schedule]]\nstep = 0\nweights = {{ {} }}",
+        weights.join(", ")
+    );
+    t
+}
+
+/// Parses counts such as `1e9`, `2.5e8`, `10G`, `500M`, `1_000_000`.
+pub fn parse_count(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().replace('_', "");
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1e3),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1e6),
+        Some('G' | 'g' | 'B' | 'b') => (&t[..t.len() - 1], 1e9),
+        Some('T' | 't') => (&t[..t.len() - 1], 1e12),
+        _ => (t.as_str(), 1.0),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return (mul as u64)
+            .checked_mul(n)
+            .ok_or_else(|| format!("{s:?} is too large"));
+    }
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a count (try 1e9, 500M, 10G)"))?;
+    let v = v * mul;
+    if !(v.is_finite() && v >= 0.0 && v < 1.8e19) || v.fract() != 0.0 {
+        return Err(format!("{s:?} is not a whole, non-negative count"));
+    }
+    Ok(v as u64)
+}
+
+/// Default output dtype for a vocabulary, by Megatron's rule (uint16 below 65,500 ids).
+pub fn default_dtype(vocab: u32) -> DType {
+    if vocab < 65500 {
+        DType::Uint16
+    } else {
+        DType::Int32
+    }
+}
+
+/// The path of `domain`'s shard `shard` under `out`, as [`synth`] names it.
+pub fn shard_prefix(out: &Path, domain: &str, shard: usize) -> PathBuf {
+    out.join(domain).join(format!("{domain}-{shard:05}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_parse() {
+        assert_eq!(parse_count("1e9"), Ok(1_000_000_000));
+        assert_eq!(parse_count("2.5e3"), Ok(2500));
+        assert_eq!(parse_count("10G"), Ok(10_000_000_000));
+        assert_eq!(parse_count("1_000"), Ok(1000));
+        assert!(parse_count("1.5").is_err());
+        assert!(parse_count("-3").is_err());
+        assert!(parse_count("abc").is_err());
+    }
+
+    #[test]
+    fn fill_matches_reference() {
+        for dtype in [DType::Uint16, DType::Int32] {
+            let mut rng = Pcg64Mcg::seed_from_u64(key(&[7, 1, 2, 3]));
+            let mut buf = Vec::new();
+            fill_document(&mut buf, dtype, &mut rng, 100, 50000);
+            let want = document_tokens(7, 1, 2, 3, 100, 50000);
+            let got: Vec<u32> = match dtype {
+                DType::Uint16 => buf
+                    .chunks(2)
+                    .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+                _ => buf
+                    .chunks(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
+                    .collect(),
+            };
+            assert_eq!(got, want);
+            assert_eq!(*got.last().unwrap(), EOD);
+            assert!(got[..99].iter().all(|&t| (FIRST_ID..50000).contains(&t)));
+        }
+    }
+}

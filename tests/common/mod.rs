@@ -1,0 +1,163 @@
+//! Test-side writers, assembled byte by byte from the format descriptions in
+//! docs/FORMATS.md and independent of the code under test (which has its own writer).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// Megatron dtype code and item size for the test writer.
+#[derive(Debug, Clone, Copy)]
+pub struct Code {
+    pub code: u8,
+    pub size: usize,
+}
+
+pub const CODES: [Code; 8] = [
+    Code { code: 1, size: 1 },
+    Code { code: 2, size: 1 },
+    Code { code: 3, size: 2 },
+    Code { code: 4, size: 4 },
+    Code { code: 5, size: 8 },
+    Code { code: 6, size: 8 },
+    Code { code: 7, size: 4 },
+    Code { code: 8, size: 2 },
+];
+
+/// Encodes token values (given as i64) in the dtype of `code`.
+pub fn encode(code: u8, tokens: &[i64]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &t in tokens {
+        match code {
+            1 => out.push(t as u8),
+            2 => out.push(t as i8 as u8),
+            3 => out.extend_from_slice(&(t as i16).to_le_bytes()),
+            4 => out.extend_from_slice(&(t as i32).to_le_bytes()),
+            5 => out.extend_from_slice(&t.to_le_bytes()),
+            6 => out.extend_from_slice(&(t as f64).to_le_bytes()),
+            7 => out.extend_from_slice(&(t as f32).to_le_bytes()),
+            8 => out.extend_from_slice(&(t as u16).to_le_bytes()),
+            _ => panic!("test asked for dtype code {code}"),
+        }
+    }
+    out
+}
+
+/// A document as a list of sequences (sentence splitting), each a list of token values.
+pub type Doc = Vec<Vec<i64>>;
+
+/// The parts of a Megatron index, so tests can corrupt any of them before writing.
+#[derive(Debug, Clone)]
+pub struct Index {
+    pub magic: Vec<u8>,
+    pub version: u64,
+    pub code: u8,
+    pub lengths: Vec<i32>,
+    pub pointers: Vec<i64>,
+    pub doc_indices: Vec<i64>,
+    pub seq_count_override: Option<u64>,
+    pub doc_count_override: Option<u64>,
+}
+
+impl Index {
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut b = self.magic.clone();
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.push(self.code);
+        let s = self.seq_count_override.unwrap_or(self.lengths.len() as u64);
+        let d = self.doc_count_override.unwrap_or(self.doc_indices.len() as u64);
+        b.extend_from_slice(&s.to_le_bytes());
+        b.extend_from_slice(&d.to_le_bytes());
+        for l in &self.lengths {
+            b.extend_from_slice(&l.to_le_bytes());
+        }
+        for p in &self.pointers {
+            b.extend_from_slice(&p.to_le_bytes());
+        }
+        for d in &self.doc_indices {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b
+    }
+}
+
+/// Builds the index and the bin bytes for `docs` in dtype `code`.
+pub fn build(code: Code, docs: &[Doc]) -> (Index, Vec<u8>) {
+    let mut bin = Vec::new();
+    let mut lengths = Vec::new();
+    let mut pointers = Vec::new();
+    let mut doc_indices = vec![0i64];
+    for doc in docs {
+        for seq in doc {
+            pointers.push(bin.len() as i64);
+            lengths.push(seq.len() as i32);
+            bin.extend_from_slice(&encode(code.code, seq));
+        }
+        doc_indices.push(lengths.len() as i64);
+    }
+    let index = Index {
+        magic: b"MMIDIDX\x00\x00".to_vec(),
+        version: 1,
+        code: code.code,
+        lengths,
+        pointers,
+        doc_indices,
+        seq_count_override: None,
+        doc_count_override: None,
+    };
+    (index, bin)
+}
+
+/// Writes `<prefix>.idx` and `<prefix>.bin`.
+pub fn write(prefix: &Path, index: &Index, bin: &[u8]) {
+    std::fs::write(with(prefix, "idx"), index.bytes()).unwrap();
+    std::fs::write(with(prefix, "bin"), bin).unwrap();
+}
+
+/// Writes a valid shard and returns its prefix.
+pub fn write_docs(dir: &Path, name: &str, code: Code, docs: &[Doc]) -> PathBuf {
+    let prefix = dir.join(name);
+    let (index, bin) = build(code, docs);
+    write(&prefix, &index, &bin);
+    prefix
+}
+
+/// `prefix` + "." + `ext`.
+pub fn with(prefix: &Path, ext: &str) -> PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// Writes a 1-D .npy file by hand (format version 1.0) with the given descr ('<u8', ...).
+pub fn write_npy(path: &Path, descr: &str, shape: &str, data: &[u8]) {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    let total = 10 + header.len() + 1;
+    let pad = (64 - total % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Writes `<prefix>.groups.npy` with uint64 ids.
+pub fn write_groups(prefix: &Path, ids: &[u64]) {
+    let data: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    write_npy(&with(prefix, "groups.npy"), "<u8", &format!("({},)", ids.len()), &data);
+}
+
+/// Simple documents: doc i has `lens[i]` tokens with values i*1000 + j (wrapped into u8 range
+/// by the caller's choice of values when needed).
+pub fn simple_docs(lens: &[usize], modulo: i64) -> Vec<Doc> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &n)| vec![(0..n as i64).map(|j| (i as i64 * 1000 + j) % modulo).collect()])
+        .collect()
+}
+
+/// The millrace binary built by cargo for integration tests.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
+}
