@@ -117,9 +117,7 @@ pub fn inspect(shards: &[Shard]) -> Result<Report> {
     for shard in shards {
         shard.validate()?;
         let start = all.len();
-        for d in 0..shard.documents() {
-            all.push(shard.doc_len(d)?);
-        }
+        shard.doc_lengths_into(&mut all)?;
         let lens = &mut all[start..];
         reports.push(ShardReport {
             path: shard.path().display().to_string(),
@@ -181,11 +179,16 @@ pub fn length_stats(lens: &mut [u64]) -> LengthStats {
     }
 }
 
+/// Index of the log2 bucket of a length: 0 for 0, k+1 for [2^k, 2^(k+1)).
+fn bucket_of(len: u64) -> usize {
+    (64 - len.leading_zeros()) as usize
+}
+
 /// Log2 buckets: length 0 in [0, 1), otherwise [2^k, 2^(k+1)).
 pub fn histogram(lens: &[u64]) -> Vec<Bucket> {
     let mut counts = [0u64; 65];
     for &l in lens {
-        counts[(64 - l.leading_zeros()) as usize] += 1;
+        counts[bucket_of(l)] += 1;
     }
     counts
         .iter()
@@ -371,8 +374,7 @@ mod tests {
         let mut v: Vec<u64> = (1..=100).rev().collect();
         let s = length_stats(&mut v);
         assert_eq!((s.min, s.p50, s.p90, s.p99, s.max), (1, 50, 90, 99, 100));
-        let mut one = vec![7];
-        let s = length_stats(&mut one);
+        let s = length_stats(&mut [7]);
         assert_eq!((s.p50, s.p99), (7, 7));
     }
 

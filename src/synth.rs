@@ -595,7 +595,7 @@ pub fn parse_count(s: &str) -> std::result::Result<u64, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a count (try 1e9, 500M, 10G)"))?;
     let v = v * mul;
-    if !(v.is_finite() && v >= 0.0 && v < 1.8e19) || v.fract() != 0.0 {
+    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) || v.fract() != 0.0 {
         return Err(format!("{s:?} is not a whole, non-negative count"));
     }
     Ok(v as u64)

@@ -231,40 +231,116 @@ impl MegatronShard {
     /// The single linear pass over the index: every length is non-negative, every pointer
     /// follows the previous sequence exactly, and document_indices never decreases.
     /// Costs one read of the `.idx` (about 20 bytes per document); the `.bin` is not read.
+    ///
+    /// The pass only accumulates a "something is wrong" flag, which keeps the loop free
+    /// of early exits so it runs at memory speed; a shard that fails is walked again
+    /// slowly to name the first bad sequence or document.
     pub fn validate(&self) -> Result<()> {
+        let size = self.dtype.size() as i64;
+        let lens = &self.idx[self.lengths_at..self.pointers_at];
+        let ptrs = &self.idx[self.pointers_at..self.doc_index_at];
+        let mut expected = 0i64;
+        let mut bad = false;
+        for (l, p) in lens.chunks_exact(4).zip(ptrs.chunks_exact(8)) {
+            let len = i32::from_le_bytes([l[0], l[1], l[2], l[3]]);
+            let ptr = i64::from_le_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
+            bad |= (ptr != expected) | (len < 0);
+            expected = expected.wrapping_add(i64::from(len) * size);
+        }
+        if bad {
+            return Err(self.locate_sequence_error());
+        }
+        let di_end = self.doc_index_at + 8 * self.doc_index_len as usize;
+        let mut prev = 0i64;
+        let max = self.sequences as i64;
+        for c in self.idx[self.doc_index_at..di_end].chunks_exact(8) {
+            let v = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            bad |= (v < prev) | (v > max);
+            prev = v;
+        }
+        if bad {
+            return Err(self.locate_document_error());
+        }
+        Ok(())
+    }
+
+    /// The slow walk that names the first bad sequence once [`Self::validate`] saw one.
+    fn locate_sequence_error(&self) -> CorpusError {
         let size = self.dtype.size() as i128;
         let mut expected: i128 = 0;
         for i in 0..self.sequences {
             let ptr = self.pointer(i);
             if i128::from(ptr) != expected {
-                return Err(self.bad_idx(format!(
+                return self.bad_idx(format!(
                     "sequence {i} pointer is {ptr}, expected {expected} \
                      (sequences must be contiguous in the bin; pointer at byte {})",
                     self.pointers_at as u64 + 8 * i
-                )));
+                ));
             }
             let len = self.sequence_length(i);
             if len < 0 {
-                return Err(self.bad_idx(format!(
+                return self.bad_idx(format!(
                     "sequence {i} has negative length {len} (byte {})",
                     self.lengths_at as u64 + 4 * i
-                )));
+                ));
             }
             expected += i128::from(len) * size;
         }
+        self.bad_idx("sequence lengths and pointers disagree".into())
+    }
+
+    /// The slow walk that names the first bad document_indices entry.
+    fn locate_document_error(&self) -> CorpusError {
         let mut prev = 0i64;
         for d in 0..self.doc_index_len {
             let v = self.doc_index(d);
             if v < prev || v > self.sequences as i64 {
-                return Err(self.bad_idx(format!(
+                return self.bad_idx(format!(
                     "document {}: document_indices[{d}] is {v} after {prev} \
                      (must be non-decreasing and at most {}; byte {})",
                     d.saturating_sub(1),
                     self.sequences,
                     self.doc_index_at as u64 + 8 * d
-                )));
+                ));
             }
             prev = v;
+        }
+        self.bad_idx("document_indices is inconsistent".into())
+    }
+
+    /// Appends every document's length to `out`, in one sequential pass over the index:
+    /// what the planner and `inspect` need, without a per-document call.
+    pub fn doc_lengths_into(&self, out: &mut Vec<u64>) -> Result<()> {
+        let lens = &self.idx[self.lengths_at..self.pointers_at];
+        let di_end = self.doc_index_at + 8 * self.doc_index_len as usize;
+        let di = &self.idx[self.doc_index_at..di_end];
+        out.reserve(self.documents() as usize);
+        let mut prev = 0usize;
+        for (d, c) in di.chunks_exact(8).skip(1).enumerate() {
+            let next = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            let seqs = usize::try_from(next)
+                .ok()
+                .filter(|&n| n >= prev)
+                .and_then(|n| lens.get(prev * 4..n * 4))
+                .ok_or_else(|| {
+                    self.bad_idx(format!(
+                        "document {d}: document_indices gives sequences {prev}..{next}, \
+                         outside 0..{} or decreasing",
+                        self.sequences
+                    ))
+                })?;
+            let mut total = 0u64;
+            let mut negative = false;
+            for l in seqs.chunks_exact(4) {
+                let len = i32::from_le_bytes([l[0], l[1], l[2], l[3]]);
+                negative |= len < 0;
+                total += len as u32 as u64;
+            }
+            if negative {
+                return Err(self.bad_idx(format!("document {d}: a sequence has a negative length")));
+            }
+            out.push(total);
+            prev = next as usize;
         }
         Ok(())
     }

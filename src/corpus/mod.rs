@@ -170,6 +170,11 @@ impl Shard {
         body!(self, s => s.doc_len(doc))
     }
 
+    /// Appends every document's length to `out`, in one pass over the index.
+    pub fn doc_lengths_into(&self, out: &mut Vec<u64>) -> Result<()> {
+        body!(self, s => s.doc_lengths_into(out))
+    }
+
     /// The tokens of document `doc`, borrowed from the mapping.
     pub fn doc_tokens(&self, doc: u64) -> Result<Tokens<'_>> {
         body!(self, s => s.doc_tokens(doc))

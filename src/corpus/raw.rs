@@ -254,6 +254,24 @@ impl RawShard {
         })
     }
 
+    /// Appends every document's length to `out` (see `MegatronShard::doc_lengths_into`).
+    pub fn doc_lengths_into(&self, out: &mut Vec<u64>) -> Result<()> {
+        out.reserve(self.documents() as usize);
+        let mut prev = 0u64;
+        for d in 0..self.documents() {
+            let end = self.ends.get(d);
+            let len = end.checked_sub(prev).ok_or_else(|| {
+                CorpusError::invalid(
+                    &self.cache_path,
+                    format!("document {d}: boundary {end} is before {prev}"),
+                )
+            })?;
+            out.push(len);
+            prev = end;
+        }
+        Ok(())
+    }
+
     /// Re-checks that the boundaries are increasing and end at the file's end: the linear
     /// pass that a Megatron shard's `validate` makes over its index.
     pub fn validate(&self) -> Result<()> {

@@ -1,0 +1,216 @@
+//! `millrace synth`: determinism, exact totals, realistic shapes, and content that an
+//! independent generator ([`synth::document_tokens`]) reproduces.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use millrace::config::Config;
+use millrace::corpus::{DType, Shard};
+use millrace::synth::{self, SynthOptions};
+
+fn opts(out: &Path, tokens: u64, threads: usize) -> SynthOptions {
+    SynthOptions {
+        out: out.to_path_buf(),
+        tokens,
+        domains: 4,
+        vocab: 50304,
+        dtype: DType::Uint16,
+        seed: 11,
+        shard_tokens: 400_000,
+        threads,
+        progress: false,
+    }
+}
+
+/// Every file under `dir` with its bytes, for byte-level comparison of two runs.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn same_seed_same_bytes_whatever_the_thread_count() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    synth::synth(&opts(a.path(), 1_500_000, 1)).unwrap();
+    synth::synth(&opts(b.path(), 1_500_000, 3)).unwrap();
+    let (ta, tb) = (tree(a.path()), tree(b.path()));
+    assert!(ta.len() > 8, "expected several shards, got {:?}", ta.keys());
+    assert_eq!(ta, tb);
+
+    let c = tempfile::tempdir().unwrap();
+    let mut other = opts(c.path(), 1_500_000, 2);
+    other.seed = 12;
+    synth::synth(&other).unwrap();
+    let tc = tree(c.path());
+    assert_ne!(ta.get("web/web-00000.bin"), tc.get("web/web-00000.bin"));
+}
+
+#[test]
+fn totals_are_exact_and_content_matches_the_reference_generator() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = synth::synth(&opts(dir.path(), 2_000_000, 2)).unwrap();
+    assert_eq!(summary.tokens, 2_000_000);
+    let cfg = Config::load(&summary.config).unwrap();
+    let corpus = cfg.open_corpus().unwrap();
+    let names: Vec<&str> = corpus.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["web", "code", "books", "wiki"]);
+    let mut total = 0;
+    for (d, (name, shards)) in corpus.iter().enumerate() {
+        let sum: u64 = shards.iter().map(Shard::tokens).sum();
+        assert_eq!(sum, summary.domains[d].tokens, "domain {name}");
+        total += sum;
+        for (s, shard) in shards.iter().enumerate() {
+            shard.validate().unwrap();
+            assert_eq!(shard.path(), synth::shard_prefix(dir.path(), name, s));
+            // Every 7th document, regenerated independently.
+            for doc in (0..shard.documents()).step_by(7) {
+                let len = shard.doc_len(doc).unwrap();
+                let want = synth::document_tokens(11, d, s, doc, len, 50304);
+                let got = shard.doc_tokens(doc).unwrap();
+                let got: Vec<u32> = (0..got.len())
+                    .map(|i| got.get_i64(i).unwrap() as u32)
+                    .collect();
+                assert_eq!(got, want, "{name} shard {s} doc {doc}");
+                assert_eq!(*got.last().unwrap(), synth::EOD);
+            }
+        }
+    }
+    assert_eq!(total, 2_000_000);
+}
+
+#[test]
+fn shapes_look_like_pretraining_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), 20_000_000, 2);
+    o.shard_tokens = 10_000_000;
+    synth::synth(&o).unwrap();
+    let cfg = Config::load(&dir.path().join("millrace.toml")).unwrap();
+    let corpus = cfg.open_corpus().unwrap();
+    let lens = |shards: &[Shard]| -> Vec<u64> {
+        let mut v: Vec<u64> = shards
+            .iter()
+            .flat_map(|s| (0..s.documents()).map(move |d| s.doc_len(d).unwrap()))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    // web: lognormal body with a median of a few hundred tokens and a long tail.
+    let web = lens(&corpus[0].1);
+    let median = web[web.len() / 2];
+    assert!((150..=600).contains(&median), "web median {median}");
+    assert!(
+        *web.last().unwrap() >= 65_536,
+        "web has no long tail: max {}",
+        web.last().unwrap()
+    );
+    assert!(*web.last().unwrap() <= synth::MAX_DOC);
+
+    // code: every document has a group, repos hold 1..=500 files, groups are contiguous
+    // (the reader rejects anything else).
+    for shard in &corpus[1].1 {
+        let groups = shard.groups().expect("code shards have a sidecar");
+        assert!(groups.len() > 10);
+        assert!(groups.runs().iter().all(|r| (1..=500).contains(&r.docs)));
+        assert_eq!(
+            groups.runs().iter().map(|r| r.docs).sum::<u64>(),
+            shard.documents()
+        );
+        assert!(groups.runs().iter().any(|r| r.docs > 1));
+    }
+    // books: chapters grouped into books of at most ~1M tokens.
+    for shard in &corpus[2].1 {
+        let groups = shard.groups().expect("book shards have a sidecar");
+        for r in groups.runs() {
+            let tokens: u64 = (r.first_doc..r.first_doc + r.docs)
+                .map(|d| shard.doc_len(d).unwrap())
+                .sum();
+            assert!(
+                tokens <= synth::MAX_DOC + 2,
+                "book {} has {tokens} tokens",
+                r.id
+            );
+            assert!(r.docs <= 64);
+        }
+    }
+    // wiki: no groups.
+    assert!(corpus[3].1.iter().all(|s| s.groups().is_none()));
+}
+
+#[test]
+fn int32_for_large_vocabularies_and_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), 200_000, 2);
+    o.vocab = 152_064;
+    o.dtype = synth::default_dtype(o.vocab);
+    assert_eq!(o.dtype, DType::Int32);
+    o.domains = 6;
+    let s = synth::synth(&o).unwrap();
+    assert_eq!(s.domains.len(), 6);
+    assert_eq!(s.domains[4].name, "web2");
+    let cfg = Config::load(&s.config).unwrap();
+    for (_, shards) in cfg.open_corpus().unwrap() {
+        for shard in shards {
+            assert_eq!(shard.dtype(), DType::Int32);
+            let t = shard.doc_tokens(0).unwrap();
+            assert!((0..t.len()).all(|i| (0..152_064).contains(&t.get_i64(i).unwrap())));
+        }
+    }
+
+    let mut bad = opts(dir.path(), 1000, 1);
+    bad.vocab = 100_000;
+    let err = synth::synth(&bad).unwrap_err().to_string();
+    assert!(err.contains("does not fit uint16"), "{err}");
+    bad.vocab = 3;
+    let err = synth::synth(&bad).unwrap_err().to_string();
+    assert!(err.contains("no ordinary token ids"), "{err}");
+}
+
+#[test]
+fn cli_synth_then_inspect_reports_exact_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .args(["synth", "--tokens", "1e6", "--seed", "3", "--json", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["tokens"], 1_000_000);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .args(["inspect", "--json", "--config"])
+        .arg(dir.path().join("millrace.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["total"]["tokens"], 1_000_000);
+    assert_eq!(report["total"]["documents"], summary["documents"]);
+    let groups: u64 = summary["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["groups"].as_u64().unwrap())
+        .sum();
+    assert_eq!(report["total"]["groups"], groups);
+}
