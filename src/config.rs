@@ -229,6 +229,7 @@ impl Config {
     /// Opens every shard of every domain, in config order.
     pub fn open_corpus(&self) -> Result<Vec<(String, Vec<Shard>)>, ConfigError> {
         let mut out = Vec::with_capacity(self.corpus.domains.len());
+        let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
         for d in &self.corpus.domains {
             let wrap = |source| ConfigError::Corpus {
                 domain: d.name.clone(),
@@ -238,6 +239,24 @@ impl Config {
             let mut shards = Vec::new();
             for arg in &d.shards {
                 for path in corpus::resolve(&self.resolve_path(arg), d.format).map_err(wrap)? {
+                    // Identify files, not spellings: `a/../a/x` and `a/x` are one shard.
+                    let key = std::fs::canonicalize(&path)
+                        .or_else(|_| {
+                            std::fs::canonicalize(corpus::megatron::with_suffix(&path, "idx"))
+                        })
+                        .unwrap_or_else(|_| path.clone());
+                    if let Some(first) = seen.insert(key, d.name.clone()) {
+                        return Err(ConfigError::Invalid {
+                            path: self.source.clone(),
+                            field: "corpus.domain.shards".into(),
+                            what: format!(
+                                "shard {} is listed twice (in domain {first} and in domain {}); \
+                                 it would be read twice as often as its weight says",
+                                path.display(),
+                                d.name
+                            ),
+                        });
+                    }
                     shards.push(Shard::open(&path, raw.as_ref()).map_err(wrap)?);
                 }
             }

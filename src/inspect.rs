@@ -261,7 +261,7 @@ pub fn render(report: &Report) -> String {
     let name_w = report
         .shards
         .iter()
-        .map(|s| s.path.len())
+        .map(|s| s.path.chars().count())
         .max()
         .unwrap_or(5)
         .clamp(5, 60);
@@ -277,8 +277,10 @@ pub fn render(report: &Report) -> String {
                toks,
                groups: Option<u64>,
                l: &LengthStats| {
-        let name = if name.len() > name_w {
-            format!("…{}", &name[name.len() - (name_w - 1)..])
+        let chars = name.chars().count();
+        let name = if chars > name_w {
+            let tail: String = name.chars().skip(chars - (name_w - 1)).collect();
+            format!("…{tail}")
         } else {
             name.to_string()
         };

@@ -425,6 +425,7 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary> {
         let dir = opts.out.join(&spec.name);
         std::fs::create_dir_all(&dir).map_err(|e| CorpusError::io(&dir, "create_dir", e))?;
         let n = budget.div_ceil(opts.shard_tokens).max(1);
+        remove_stale_shards(&dir, &spec.name, n)?;
         for s in 0..n {
             let b = budget / n + u64::from(s < budget % n);
             if b == 0 {
@@ -496,6 +497,28 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary> {
         config,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Removes shards of an earlier, larger run in `dir` (`<domain>-NNNNN` with N >= `keep`),
+/// which the generated config's directory entry would otherwise pick up.
+fn remove_stale_shards(dir: &Path, domain: &str, keep: u64) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| CorpusError::io(dir, "read_dir", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| CorpusError::io(dir, "read_dir", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&format!("{domain}-")) else {
+            continue;
+        };
+        let (num, ext) = rest.split_at(rest.find('.').unwrap_or(rest.len()));
+        let ours = matches!(ext, ".bin" | ".idx" | ".groups.npy")
+            && num.len() == 5
+            && num.bytes().all(|b| b.is_ascii_digit());
+        if ours && num.parse::<u64>().is_ok_and(|i| i >= keep) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| CorpusError::io(&path, "remove", e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Prints tokens written and the write rate until `finished()` says the workers are done.

@@ -256,7 +256,7 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
                 let path = e.path().to_path_buf();
                 CorpusError::io(path, "glob", e.into())
             })?;
-            if let Some(s) = shard_of(&p, format) {
+            if let Some(s) = shard_of(&p, format)? {
                 if !out.contains(&s) {
                     out.push(s);
                 }
@@ -276,7 +276,7 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| CorpusError::io(arg, "read_dir", e))?;
-            if let Some(s) = shard_of(&entry.path(), format) {
+            if let Some(s) = shard_of(&entry.path(), format)? {
                 if !out.contains(&s) {
                     out.push(s);
                 }
@@ -323,25 +323,39 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// The shard a directory entry or glob match belongs to, if any.
-fn shard_of(p: &Path, format: Format) -> Option<PathBuf> {
-    let name = p.file_name()?.to_string_lossy().into_owned();
+/// The shard a directory entry or glob match belongs to, if any. A `.bin` without its
+/// `.idx` (or the reverse) is an error, not something to skip: silently leaving a shard
+/// out of a domain would change the mixture without anyone noticing.
+fn shard_of(p: &Path, format: Format) -> Result<Option<PathBuf>> {
+    let Some(name) = p.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(None);
+    };
     match format {
         Format::Megatron => {
-            if !(name.ends_with(".idx") || name.ends_with(".bin")) {
-                return None;
+            if !(name.ends_with(".idx") || name.ends_with(".bin")) || !p.is_file() {
+                return Ok(None);
             }
             let prefix = strip_megatron_ext(p);
-            (megatron::with_suffix(&prefix, "idx").is_file()
-                && megatron::with_suffix(&prefix, "bin").is_file())
-            .then_some(prefix)
+            let idx = megatron::with_suffix(&prefix, "idx");
+            let bin = megatron::with_suffix(&prefix, "bin");
+            match (idx.is_file(), bin.is_file()) {
+                (true, true) => Ok(Some(prefix)),
+                (false, _) => Err(CorpusError::NotFound {
+                    path: idx,
+                    what: format!("{name} has no index beside it (an incomplete copy?)"),
+                }),
+                (true, false) => Err(CorpusError::NotFound {
+                    path: bin,
+                    what: format!("{name} has no data file beside it (an incomplete copy?)"),
+                }),
+            }
         }
         Format::Raw => {
             let skip = name.ends_with(".groups.npy")
                 || name.ends_with(&format!(".{}", raw::CACHE_EXT))
                 || name.contains(".tmp")
                 || name.starts_with('.');
-            (!skip && p.is_file()).then(|| p.to_path_buf())
+            Ok((!skip && p.is_file()).then(|| p.to_path_buf()))
         }
     }
 }
