@@ -7,7 +7,11 @@ use millrace::config::{Config, ConfigError};
 mod common;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
-    Config::parse(text, Path::new("/etc/millrace/test.toml"), Path::new("/data"))
+    Config::parse(
+        text,
+        Path::new("/etc/millrace/test.toml"),
+        Path::new("/data"),
+    )
 }
 
 fn err(text: &str) -> String {
@@ -34,9 +38,15 @@ fn a_valid_config_parses_with_defaults() {
     )
     .unwrap();
     assert_eq!(cfg.corpus.domains.len(), 2);
-    assert_eq!(cfg.corpus.domains[0].format, millrace::corpus::Format::Megatron);
+    assert_eq!(
+        cfg.corpus.domains[0].format,
+        millrace::corpus::Format::Megatron
+    );
     assert_eq!(cfg.resolve_path(Path::new("web")), Path::new("/data/web"));
-    assert_eq!(cfg.resolve_path(Path::new("/abs/other")), Path::new("/abs/other"));
+    assert_eq!(
+        cfg.resolve_path(Path::new("/abs/other")),
+        Path::new("/abs/other")
+    );
     let raw = cfg.raw_options(&cfg.corpus.domains[1]).unwrap();
     assert_eq!(raw.eos, 100257);
     assert_eq!(raw.cache_dir.as_deref(), Some(Path::new("/data/cache")));
@@ -46,7 +56,9 @@ fn a_valid_config_parses_with_defaults() {
 #[test]
 fn mistakes_name_the_file_and_the_field() {
     let head = "[corpus]\n";
-    let e = err(&format!("{head}[[corpus.domain]]\nname = \"web\"\nshards = [\"a\"]\nweight = 3\n"));
+    let e = err(&format!(
+        "{head}[[corpus.domain]]\nname = \"web\"\nshards = [\"a\"]\nweight = 3\n"
+    ));
     assert!(e.contains("test.toml") && e.contains("weight"), "{e}");
     assert!(e.contains("line 5") || e.contains("5 |"), "{e}");
 
@@ -54,37 +66,60 @@ fn mistakes_name_the_file_and_the_field() {
     assert!(e.contains("domain"), "{e}");
 
     let e = err(&format!("{head}domain = []\n"));
-    assert!(e.contains("corpus.domain") && e.contains("at least one"), "{e}");
+    assert!(
+        e.contains("corpus.domain") && e.contains("at least one"),
+        "{e}"
+    );
 
     let dup = "[[corpus.domain]]\nname = \"web\"\nshards = [\"a\"]\n";
     let e = err(&format!("{head}{dup}{dup}"));
-    assert!(e.contains("corpus.domain[1].name") && e.contains("twice"), "{e}");
+    assert!(
+        e.contains("corpus.domain[1].name") && e.contains("twice"),
+        "{e}"
+    );
 
-    let e = err(&format!("{head}[[corpus.domain]]\nname = \"we b\"\nshards = [\"a\"]\n"));
+    let e = err(&format!(
+        "{head}[[corpus.domain]]\nname = \"we b\"\nshards = [\"a\"]\n"
+    ));
     assert!(e.contains("corpus.domain[0].name"), "{e}");
 
-    let e = err(&format!("{head}[[corpus.domain]]\nname = \"w\"\nshards = []\n"));
+    let e = err(&format!(
+        "{head}[[corpus.domain]]\nname = \"w\"\nshards = []\n"
+    ));
     assert!(e.contains("corpus.domain[0].shards"), "{e}");
 
-    let e = err(&format!("{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nformat = \"raw\"\n"));
-    assert!(e.contains("corpus.domain[0].raw") && e.contains("eos"), "{e}");
+    let e = err(&format!(
+        "{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nformat = \"raw\"\n"
+    ));
+    assert!(
+        e.contains("corpus.domain[0].raw") && e.contains("eos"),
+        "{e}"
+    );
 
     let e = err(&format!(
         "{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nraw = {{ dtype = \"uint16\", eos = 1 }}\n"
     ));
-    assert!(e.contains("corpus.domain[0].raw") && e.contains("only format"), "{e}");
+    assert!(
+        e.contains("corpus.domain[0].raw") && e.contains("only format"),
+        "{e}"
+    );
 
     let e = err(&format!(
         "{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nformat = \"raw\"\nraw = {{ dtype = \"uint16\", eos = 70000 }}\n"
     ));
-    assert!(e.contains("corpus.domain[0].raw.eos") && e.contains("70000"), "{e}");
+    assert!(
+        e.contains("corpus.domain[0].raw.eos") && e.contains("70000"),
+        "{e}"
+    );
 
     let e = err(&format!(
         "{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nformat = \"raw\"\nraw = {{ dtype = \"int64\", eos = 1 }}\n"
     ));
     assert!(e.contains("corpus.domain[0].raw.dtype"), "{e}");
 
-    let e = err(&format!("{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nformat = \"parquet\"\n"));
+    let e = err(&format!(
+        "{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nformat = \"parquet\"\n"
+    ));
     assert!(e.contains("parquet"), "{e}");
 }
 
@@ -96,15 +131,28 @@ fn a_shard_listed_twice_is_refused_and_missing_shards_are_named() {
     let text = "[corpus]\n[[corpus.domain]]\nname = \"a\"\nshards = [\"x\"]\n[[corpus.domain]]\nname = \"b\"\nshards = [\"./x.idx\"]\n";
     let path = dir.path().join("m.toml");
     std::fs::write(&path, text).unwrap();
-    let e = Config::load(&path).unwrap().open_corpus().unwrap_err().to_string();
-    assert!(e.contains("listed twice") && e.contains("domain a") && e.contains("domain b"), "{e}");
+    let e = Config::load(&path)
+        .unwrap()
+        .open_corpus()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("listed twice") && e.contains("domain a") && e.contains("domain b"),
+        "{e}"
+    );
 
     let text = "[corpus]\n[[corpus.domain]]\nname = \"a\"\nshards = [\"missing\"]\n";
     std::fs::write(&path, text).unwrap();
-    let e = Config::load(&path).unwrap().open_corpus().unwrap_err().to_string();
+    let e = Config::load(&path)
+        .unwrap()
+        .open_corpus()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("domain a") && e.contains("missing.idx"), "{e}");
 
-    let e = Config::load(&dir.path().join("nope.toml")).unwrap_err().to_string();
+    let e = Config::load(&dir.path().join("nope.toml"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nope.toml") && e.contains("cannot read"), "{e}");
 }
 

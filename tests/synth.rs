@@ -221,10 +221,14 @@ fn rerun_with_fewer_shards_leaves_no_stale_shard_behind() {
     let mut o = opts(dir.path(), 1_000_000, 2);
     o.shard_tokens = 50_000;
     synth::synth(&o).unwrap();
-    assert!(synth::shard_prefix(dir.path(), "web", 9).with_extension("idx").exists());
+    assert!(synth::shard_prefix(dir.path(), "web", 9)
+        .with_extension("idx")
+        .exists());
     o.tokens = 200_000;
     let s = synth::synth(&o).unwrap();
-    assert!(!synth::shard_prefix(dir.path(), "web", 9).with_extension("idx").exists());
+    assert!(!synth::shard_prefix(dir.path(), "web", 9)
+        .with_extension("idx")
+        .exists());
     let cfg = Config::load(&s.config).unwrap();
     let total: u64 = cfg
         .open_corpus()

@@ -309,8 +309,18 @@ impl MegatronShard {
     }
 
     /// Appends every document's length to `out`, in one sequential pass over the index:
-    /// what the planner and `inspect` need, without a per-document call.
+    /// what the planner and `inspect` need, without a per-document call. On error `out`
+    /// is left as it was.
     pub fn doc_lengths_into(&self, out: &mut Vec<u64>) -> Result<()> {
+        let base = out.len();
+        let r = self.push_doc_lengths(out);
+        if r.is_err() {
+            out.truncate(base);
+        }
+        r
+    }
+
+    fn push_doc_lengths(&self, out: &mut Vec<u64>) -> Result<()> {
         let lens = &self.idx[self.lengths_at..self.pointers_at];
         let di_end = self.doc_index_at + 8 * self.doc_index_len as usize;
         let di = &self.idx[self.doc_index_at..di_end];
@@ -318,9 +328,11 @@ impl MegatronShard {
         let mut prev = 0usize;
         for (d, c) in di.chunks_exact(8).skip(1).enumerate() {
             let next = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            // Bounded by the sequence count before any arithmetic: the entry comes from
+            // a file that may not have been validated.
             let seqs = usize::try_from(next)
                 .ok()
-                .filter(|&n| n >= prev)
+                .filter(|&n| n >= prev && n as u64 <= self.sequences)
                 .and_then(|n| lens.get(prev * 4..n * 4))
                 .ok_or_else(|| {
                     self.bad_idx(format!(
@@ -337,7 +349,15 @@ impl MegatronShard {
                 total += len as u32 as u64;
             }
             if negative {
-                return Err(self.bad_idx(format!("document {d}: a sequence has a negative length")));
+                // Name the sequence, as `validate` would.
+                let bad = (prev as u64..next as u64)
+                    .find(|&i| self.sequence_length(i) < 0)
+                    .unwrap_or(prev as u64);
+                return Err(self.bad_idx(format!(
+                    "document {d}: sequence {bad} has negative length {} (byte {})",
+                    self.sequence_length(bad),
+                    self.lengths_at as u64 + 4 * bad
+                )));
             }
             out.push(total);
             prev = next as usize;

@@ -3,8 +3,9 @@
 //!
 //! Such a file has no index, so the first open scans it once for EOS and writes the
 //! document boundaries to a cache file (next to the data, or in the configured cache
-//! dir). The cache is keyed to the data file's size and mtime plus the dtype and EOS it
-//! was built for, and carries a checksum of its own body; any mismatch rebuilds it.
+//! dir). The cache is keyed to the data file's size, mtime and a hash of its first and
+//! last 64 KiB, plus the dtype and EOS it was built for, and carries a checksum of
+//! itself; any mismatch rebuilds it.
 //! A document is the tokens up to and including its EOS; tokens after the last EOS form
 //! a final document without one. So the documents, concatenated, are exactly the file.
 
@@ -20,7 +21,11 @@ use super::{le_u64, map_file};
 /// Magic of the boundary cache file.
 const CACHE_MAGIC: &[u8; 8] = b"MRDOCIX1";
 /// Size of the cache header; the u64 array that follows is 8-byte aligned.
-const CACHE_HEADER: usize = 64;
+const CACHE_HEADER: usize = 72;
+/// Offset of the checksum, which covers every byte of the cache but its own eight.
+const CHECKSUM_AT: usize = 64;
+/// Bytes sampled from each end of the data file for the content key.
+const SAMPLE: usize = 64 << 10;
 /// Extension of cache files.
 pub const CACHE_EXT: &str = "mrdocs";
 
@@ -67,6 +72,8 @@ struct CacheKey {
     file_len: u64,
     mtime_s: i64,
     mtime_ns: u32,
+    /// xxh3 of the first and last 64 KiB: catches a same-size rewrite that kept its mtime.
+    sample: u64,
 }
 
 /// One raw token file, mapped, with its document boundaries.
@@ -137,6 +144,7 @@ impl RawShard {
             file_len: len,
             mtime_s,
             mtime_ns,
+            sample: sample_hash(&map),
         };
         let cache_path = cache_path(path, opts.cache_dir.as_deref())?;
         let (ends, cache_rebuilt) = match read_cache(&cache_path, &key) {
@@ -349,6 +357,24 @@ fn scan(map: &[u8], dtype: DType, eos: u64) -> Vec<u64> {
     }
 }
 
+/// xxh3 of the first and the last [`SAMPLE`] bytes of the data.
+fn sample_hash(data: &[u8]) -> u64 {
+    let head = &data[..data.len().min(SAMPLE)];
+    let tail = &data[data.len().saturating_sub(SAMPLE)..];
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(head);
+    h.update(tail);
+    h.digest()
+}
+
+/// xxh3 of the whole cache file except the checksum field itself.
+fn cache_checksum(bytes: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&bytes[..CHECKSUM_AT]);
+    h.update(&bytes[CHECKSUM_AT + 8..]);
+    h.digest()
+}
+
 /// Maps the cache if it exists and matches `key` and its checksum; `None` means rebuild.
 fn read_cache(path: &Path, key: &CacheKey) -> Option<DocEnds> {
     let (map, len) = map_file(path).ok()?;
@@ -363,13 +389,15 @@ fn read_cache(path: &Path, key: &CacheKey) -> Option<DocEnds> {
         file_len: le_u64(&map, 24),
         mtime_s: le_u64(&map, 32) as i64,
         mtime_ns: u32_at(40),
+        sample: le_u64(&map, 56),
     };
     let count = le_u64(&map, 48);
-    if u32_at(8) != 1 || stored != *key || len != CACHE_HEADER as u64 + 8 * count {
+    // u128: a corrupt count must not wrap the size check.
+    let expected = CACHE_HEADER as u128 + 8 * u128::from(count);
+    if u32_at(8) != 1 || stored != *key || u128::from(len) != expected {
         return None;
     }
-    let sum = le_u64(&map, 56);
-    if xxhash_rust::xxh3::xxh3_64(&map[CACHE_HEADER..]) != sum {
+    if cache_checksum(&map) != le_u64(&map, CHECKSUM_AT) {
         tracing::warn!("{}: checksum mismatch; rebuilding", path.display());
         return None;
     }
@@ -388,12 +416,13 @@ fn write_cache(path: &Path, key: &CacheKey, ends: &[u64]) -> std::io::Result<()>
     body.extend_from_slice(&key.mtime_ns.to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes());
     body.extend_from_slice(&(ends.len() as u64).to_le_bytes());
+    body.extend_from_slice(&key.sample.to_le_bytes());
     body.extend_from_slice(&0u64.to_le_bytes());
     for &e in ends {
         body.extend_from_slice(&e.to_le_bytes());
     }
-    let sum = xxhash_rust::xxh3::xxh3_64(&body[CACHE_HEADER..]);
-    body[56..64].copy_from_slice(&sum.to_le_bytes());
+    let sum = cache_checksum(&body);
+    body[CHECKSUM_AT..CHECKSUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir)?;

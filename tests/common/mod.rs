@@ -63,7 +63,9 @@ impl Index {
         b.extend_from_slice(&self.version.to_le_bytes());
         b.push(self.code);
         let s = self.seq_count_override.unwrap_or(self.lengths.len() as u64);
-        let d = self.doc_count_override.unwrap_or(self.doc_indices.len() as u64);
+        let d = self
+            .doc_count_override
+            .unwrap_or(self.doc_indices.len() as u64);
         b.extend_from_slice(&s.to_le_bytes());
         b.extend_from_slice(&d.to_le_bytes());
         for l in &self.lengths {
@@ -145,7 +147,12 @@ pub fn write_npy(path: &Path, descr: &str, shape: &str, data: &[u8]) {
 /// Writes `<prefix>.groups.npy` with uint64 ids.
 pub fn write_groups(prefix: &Path, ids: &[u64]) {
     let data: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
-    write_npy(&with(prefix, "groups.npy"), "<u8", &format!("({},)", ids.len()), &data);
+    write_npy(
+        &with(prefix, "groups.npy"),
+        "<u8",
+        &format!("({},)", ids.len()),
+        &data,
+    );
 }
 
 /// Simple documents: doc i has `lens[i]` tokens with values i*1000 + j (wrapped into u8 range
@@ -153,7 +160,11 @@ pub fn write_groups(prefix: &Path, ids: &[u64]) {
 pub fn simple_docs(lens: &[usize], modulo: i64) -> Vec<Doc> {
     lens.iter()
         .enumerate()
-        .map(|(i, &n)| vec![(0..n as i64).map(|j| (i as i64 * 1000 + j) % modulo).collect()])
+        .map(|(i, &n)| {
+            vec![(0..n as i64)
+                .map(|j| (i as i64 * 1000 + j) % modulo)
+                .collect()]
+        })
         .collect()
 }
 
