@@ -1,5 +1,6 @@
 //! The `millrace` command line: parse flags, call the library, print. Nothing else.
 
+use std::io::Write;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -133,6 +134,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `millrace inspect ... | head` closing the pipe early is not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -140,7 +143,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// True when `e` is stdout's reader having gone away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn run_inspect(args: InspectArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
     let opened = std::time::Instant::now();
     let mut shards: Vec<Shard> = Vec::new();
     if let Some(path) = &args.config {
@@ -173,22 +185,24 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     if let Some(range) = args.doc {
         let docs = inspect::dump_documents(&shards, range)?;
         if args.json {
-            println!(
+            writeln!(
+                out,
                 "{}",
                 serde_json::to_string(&serde_json::json!({ "documents": docs }))?
-            );
+            )?;
         } else {
             for d in docs {
                 let group = d.group.map(|g| format!(" group {g}")).unwrap_or_default();
-                println!(
+                writeln!(
+                    out,
                     "# document {} ({} #{}{group}, {} tokens)",
                     d.index,
                     d.shard,
                     d.local_index,
                     d.tokens.len()
-                );
+                )?;
                 let ids: Vec<String> = d.tokens.iter().map(|t| t.to_string()).collect();
-                println!("{}", ids.join(" "));
+                writeln!(out, "{}", ids.join(" "))?;
             }
         }
         return Ok(());
@@ -198,20 +212,22 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     let report = inspect::inspect(&shards)?;
     let check_time = checked.elapsed();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print!("{}", inspect::render(&report));
-        println!(
+        write!(out, "{}", inspect::render(&report))?;
+        writeln!(
+            out,
             "\nopened {} shards in {:.1} ms; validated every index and measured every document in {:.1} ms",
             shards.len(),
             open_time.as_secs_f64() * 1e3,
             check_time.as_secs_f64() * 1e3
-        );
+        )?;
     }
     Ok(())
 }
 
 fn run_synth(args: SynthArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
@@ -231,27 +247,29 @@ fn run_synth(args: SynthArgs) -> Result<()> {
     let summary = synth::synth(&opts)
         .with_context(|| format!("writing a synthetic corpus to {}", args.out.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
         return Ok(());
     }
     for d in &summary.domains {
-        println!(
+        writeln!(
+            out,
             "{:<8} {:>4} shards {:>14} documents {:>16} tokens {:>10} groups",
             d.name,
             d.shards.len(),
             inspect::thousands(d.documents),
             inspect::thousands(d.tokens),
             inspect::thousands(d.groups)
-        );
+        )?;
     }
     let bytes = summary.tokens as f64 * opts.dtype.size() as f64;
-    println!(
+    writeln!(
+        out,
         "wrote {} tokens in {} documents in {:.1} s ({:.0} MB/s); config: {}",
         inspect::thousands(summary.tokens),
         inspect::thousands(summary.documents),
         summary.seconds,
         bytes / summary.seconds.max(1e-9) / 1e6,
         summary.config.display()
-    );
+    )?;
     Ok(())
 }

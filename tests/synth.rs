@@ -238,3 +238,26 @@ fn rerun_with_fewer_shards_leaves_no_stale_shard_behind() {
         .sum();
     assert_eq!(total, 200_000);
 }
+
+#[test]
+fn a_reader_that_closes_the_pipe_early_is_not_an_error() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    synth::synth(&opts(dir.path(), 1_000_000, 2)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .args(["inspect", "--json", "--doc", "0..1000", "--config"])
+        .arg(dir.path().join("millrace.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    // stdout is dropped here: the rest of several MB of JSON has nowhere to go.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(head.starts_with(b"{\"documents\""));
+}
