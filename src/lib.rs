@@ -4,6 +4,8 @@
 //! each row of each global batch) -> serve (shared-memory rings to trainer ranks).
 //! This crate is the library behind the `millrace` binary; `main.rs` only parses flags.
 
+#![deny(missing_docs)]
+
 pub mod config;
 pub mod corpus;
 pub mod inspect;

@@ -46,9 +46,9 @@ struct InspectArgs {
     /// Shard format of PATHS.
     #[arg(long, value_enum, default_value = "megatron")]
     format: FormatArg,
-    /// Token dtype of raw files.
-    #[arg(long, default_value = "uint16", value_parser = parse_dtype)]
-    dtype: DType,
+    /// Token dtype of raw files (uint16 or uint32; default uint16).
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
     /// EOS id that ends each document in raw files.
     #[arg(long)]
     eos: Option<u64>,
@@ -162,7 +162,12 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
         }
     }
     let (format, raw) = match args.format {
-        FormatArg::Megatron => (Format::Megatron, None),
+        FormatArg::Megatron => {
+            if args.dtype.is_some() || args.eos.is_some() || args.cache_dir.is_some() {
+                bail!("--dtype, --eos and --cache-dir describe raw token files; add --format raw (Megatron shards carry their own dtype)");
+            }
+            (Format::Megatron, None)
+        }
         FormatArg::Raw => {
             let Some(eos) = args.eos else {
                 bail!("--format raw needs --eos ID (the token that ends each document)");
@@ -170,7 +175,7 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
             (
                 Format::Raw,
                 Some(RawOptions {
-                    dtype: args.dtype,
+                    dtype: args.dtype.unwrap_or(DType::Uint16),
                     eos,
                     cache_dir: args.cache_dir.clone(),
                 }),

@@ -2071,6 +2071,17 @@ fn cli_inspect_raw_needs_eos() {
     assert_eq!(v["total"]["documents"], 2);
     assert_eq!(v["total"]["tokens"], 4);
     assert_eq!(v["shards"][0]["format"], "raw");
+
+    // Raw-only flags on a Megatron inspect are refused rather than ignored.
+    let (_d, prefix) = cli_corpus();
+    let (ok, _, err) = run_cli(&[
+        "inspect".as_ref(),
+        "--dtype".as_ref(),
+        "uint32".as_ref(),
+        prefix.as_os_str(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("add --format raw"), "{err}");
 }
 
 #[test]
