@@ -111,14 +111,23 @@ pub struct DocDump {
 }
 
 /// Validates every shard and builds the report. `shards` must be non-empty.
+///
+/// Memory is bounded by the largest shard's document count (its lengths are read into
+/// one reused buffer), not by the corpus: the statistics are kept as exact
+/// [`LengthCounts`], so a multi-billion-document corpus inspects in bounded space.
 pub fn inspect(shards: &[Shard]) -> Result<Report> {
-    let mut all: Vec<u64> = Vec::new();
+    let mut buf: Vec<u64> = Vec::new();
+    let mut all = LengthCounts::default();
     let mut reports = Vec::with_capacity(shards.len());
     for shard in shards {
         shard.validate()?;
-        let start = all.len();
-        shard.doc_lengths_into(&mut all)?;
-        let lens = &mut all[start..];
+        buf.clear();
+        shard.doc_lengths_into(&mut buf)?;
+        let mut mine = LengthCounts::default();
+        for &l in &buf {
+            mine.add(l);
+        }
+        all.merge(&mine);
         reports.push(ShardReport {
             path: shard.path().display().to_string(),
             format: shard.format().name(),
@@ -128,8 +137,8 @@ pub fn inspect(shards: &[Shard]) -> Result<Report> {
             tokens: shard.tokens(),
             groups: shard.groups().map(|g| g.len() as u64),
             bytes: shard.data_bytes(),
-            histogram: histogram(lens),
-            lengths: length_stats(lens),
+            histogram: mine.histogram(),
+            lengths: mine.stats(),
         });
     }
     let groups = reports.iter().filter_map(|r| r.groups).reduce(|a, b| a + b);
@@ -140,8 +149,8 @@ pub fn inspect(shards: &[Shard]) -> Result<Report> {
         tokens: reports.iter().map(|r| r.tokens).sum(),
         groups,
         bytes: reports.iter().map(|r| r.bytes).sum(),
-        histogram: histogram(&all),
-        lengths: length_stats(&mut all),
+        histogram: all.histogram(),
+        lengths: all.stats(),
     };
     Ok(Report {
         shards: reports,
@@ -149,60 +158,138 @@ pub fn inspect(shards: &[Shard]) -> Result<Report> {
     })
 }
 
-/// Nearest-rank percentiles: pXX is the ceil(XX% * n)-th smallest length. Reorders `lens`.
-pub fn length_stats(lens: &mut [u64]) -> LengthStats {
-    let n = lens.len();
-    if n == 0 {
-        return LengthStats {
-            min: 0,
-            p50: 0,
-            p90: 0,
-            p99: 0,
+/// Lengths below this are counted in a dense table; longer ones are kept as values.
+const DENSE: usize = 1 << 16;
+
+/// Exact document-length statistics in bounded memory: a count per length below 2^16
+/// (512 KiB) plus the rare longer documents themselves. Percentiles come out exact, and
+/// two sets of counts merge by addition, so per-shard and total statistics cost one pass
+/// over the lengths.
+#[derive(Debug, Clone)]
+pub struct LengthCounts {
+    dense: Vec<u64>,
+    long: Vec<u64>,
+    n: u64,
+    sum: u128,
+    min: u64,
+    max: u64,
+}
+
+impl Default for LengthCounts {
+    fn default() -> Self {
+        LengthCounts {
+            dense: vec![0; DENSE],
+            long: Vec::new(),
+            n: 0,
+            sum: 0,
+            min: u64::MAX,
             max: 0,
-            mean: 0.0,
-        };
+        }
     }
-    let sum: u128 = lens.iter().map(|&l| u128::from(l)).sum();
-    let min = lens.iter().copied().min().unwrap_or(0);
-    let max = lens.iter().copied().max().unwrap_or(0);
-    let mut pct = |p: usize| {
-        let rank = (p * n).div_ceil(100).max(1);
-        *lens.select_nth_unstable(rank - 1).1
-    };
-    LengthStats {
-        min,
-        p50: pct(50),
-        p90: pct(90),
-        p99: pct(99),
-        max,
-        mean: sum as f64 / n as f64,
+}
+
+impl LengthCounts {
+    /// Counts one document of `len` tokens.
+    pub fn add(&mut self, len: u64) {
+        match usize::try_from(len)
+            .ok()
+            .and_then(|i| self.dense.get_mut(i))
+        {
+            Some(c) => *c += 1,
+            None => self.long.push(len),
+        }
+        self.n += 1;
+        self.sum += u128::from(len);
+        self.min = self.min.min(len);
+        self.max = self.max.max(len);
+    }
+
+    /// Adds `other`'s documents to these.
+    pub fn merge(&mut self, other: &LengthCounts) {
+        for (a, b) in self.dense.iter_mut().zip(&other.dense) {
+            *a += b;
+        }
+        self.long.extend_from_slice(&other.long);
+        self.n += other.n;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
+    /// Number of documents counted.
+    pub fn len(&self) -> u64 {
+        self.n
+    }
+
+    /// True before the first [`add`](Self::add).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The `rank`-th smallest length (0-based), given the long lengths sorted.
+    fn nth(&self, mut rank: u64, long_sorted: &[u64]) -> u64 {
+        for (len, &c) in self.dense.iter().enumerate() {
+            if rank < c {
+                return len as u64;
+            }
+            rank -= c;
+        }
+        long_sorted.get(rank as usize).copied().unwrap_or(self.max)
+    }
+
+    /// Nearest-rank percentiles: pXX is the ceil(XX% * n)-th smallest length.
+    pub fn stats(&self) -> LengthStats {
+        if self.n == 0 {
+            return LengthStats {
+                min: 0,
+                p50: 0,
+                p90: 0,
+                p99: 0,
+                max: 0,
+                mean: 0.0,
+            };
+        }
+        let mut long = self.long.clone();
+        long.sort_unstable();
+        let pct = |p: u64| self.nth((p * self.n).div_ceil(100).max(1) - 1, &long);
+        LengthStats {
+            min: self.min,
+            p50: pct(50),
+            p90: pct(90),
+            p99: pct(99),
+            max: self.max,
+            mean: self.sum as f64 / self.n as f64,
+        }
+    }
+
+    /// Log2 buckets: length 0 in [0, 1), otherwise [2^k, 2^(k+1)); non-empty ones only.
+    pub fn histogram(&self) -> Vec<Bucket> {
+        let mut counts = [0u64; 65];
+        for (len, &c) in self.dense.iter().enumerate() {
+            counts[bucket_of(len as u64)] += c;
+        }
+        for &l in &self.long {
+            counts[bucket_of(l)] += 1;
+        }
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(k, &count)| {
+                let (lo, hi) = if k == 0 {
+                    (0, 1)
+                } else {
+                    (1u64 << (k - 1), (1u64 << (k - 1)).saturating_mul(2))
+                };
+                Bucket { lo, hi, count }
+            })
+            .collect()
     }
 }
 
 /// Index of the log2 bucket of a length: 0 for 0, k+1 for [2^k, 2^(k+1)).
 fn bucket_of(len: u64) -> usize {
     (64 - len.leading_zeros()) as usize
-}
-
-/// Log2 buckets: length 0 in [0, 1), otherwise [2^k, 2^(k+1)).
-pub fn histogram(lens: &[u64]) -> Vec<Bucket> {
-    let mut counts = [0u64; 65];
-    for &l in lens {
-        counts[bucket_of(l)] += 1;
-    }
-    counts
-        .iter()
-        .enumerate()
-        .filter(|(_, &c)| c > 0)
-        .map(|(k, &count)| {
-            let (lo, hi) = if k == 0 {
-                (0, 1)
-            } else {
-                (1u64 << (k - 1), (1u64 << (k - 1)).saturating_mul(2))
-            };
-            Bucket { lo, hi, count }
-        })
-        .collect()
 }
 
 /// Documents `range` of the concatenation of `shards`, with their tokens.
@@ -371,18 +458,42 @@ pub fn render_histogram(buckets: &[Bucket], total: u64) -> String {
 mod tests {
     use super::*;
 
+    fn counts(lens: &[u64]) -> LengthCounts {
+        let mut c = LengthCounts::default();
+        for &l in lens {
+            c.add(l);
+        }
+        c
+    }
+
     #[test]
     fn nearest_rank_percentiles() {
-        let mut v: Vec<u64> = (1..=100).rev().collect();
-        let s = length_stats(&mut v);
+        let v: Vec<u64> = (1..=100).rev().collect();
+        let s = counts(&v).stats();
         assert_eq!((s.min, s.p50, s.p90, s.p99, s.max), (1, 50, 90, 99, 100));
-        let s = length_stats(&mut [7]);
+        let s = counts(&[7]).stats();
         assert_eq!((s.p50, s.p99), (7, 7));
+        // Long documents (past the dense table) rank correctly among short ones.
+        let s = counts(&[5, 1 << 20, 70_000, 3, 1 << 40]).stats();
+        assert_eq!((s.min, s.p50, s.p90, s.max), (3, 70_000, 1 << 40, 1 << 40));
+        assert_eq!(s.p50, 70_000);
+    }
+
+    #[test]
+    fn merged_counts_equal_counts_of_the_union() {
+        let a = [1u64, 9, 65_535, 65_536, 400];
+        let b = [0u64, 2, 1 << 33];
+        let mut m = counts(&a);
+        m.merge(&counts(&b));
+        let all: Vec<u64> = a.iter().chain(&b).copied().collect();
+        assert_eq!(m.stats(), counts(&all).stats());
+        assert_eq!(m.histogram(), counts(&all).histogram());
+        assert_eq!(m.len(), 8);
     }
 
     #[test]
     fn log2_buckets() {
-        let h = histogram(&[0, 1, 2, 3, 4, 1023, 1024]);
+        let h = counts(&[0, 1, 2, 3, 4, 1023, 1024, 1 << 20]).histogram();
         let got: Vec<(u64, u64, u64)> = h.iter().map(|b| (b.lo, b.hi, b.count)).collect();
         assert_eq!(
             got,
@@ -392,7 +503,8 @@ mod tests {
                 (2, 4, 2),
                 (4, 8, 1),
                 (512, 1024, 1),
-                (1024, 2048, 1)
+                (1024, 2048, 1),
+                (1 << 20, 1 << 21, 1)
             ]
         );
     }
