@@ -234,6 +234,11 @@ fn fill_document(buf: &mut Vec<u8>, dtype: DType, rng: &mut Pcg64Mcg, len: u64, 
     }
 }
 
+/// Distribution parameters here are constants, so a failure is a bug: reported, not panicked.
+fn param<T, E: std::fmt::Display>(r: std::result::Result<T, E>) -> Result<T> {
+    r.map_err(|e| CorpusError::invalid("synth", format!("bad length distribution: {e}")))
+}
+
 /// Draws document lengths for one shard, calling `emit(len, group)` until `budget`
 /// tokens are used; the last document is cut to land exactly on the budget.
 fn generate_lengths(
@@ -250,17 +255,14 @@ fn generate_lengths(
         *used += len;
         Ok(*used < budget)
     };
-    // Distributions with constant, valid parameters cannot fail to build.
-    let tail =
-        Pareto::new(16384.0, 1.1).map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+    let tail = param(Pareto::new(16384.0, 1.1))?;
     match kind {
         Kind::Prose {
             median,
             sigma,
             tail: p,
         } => {
-            let body = LogNormal::new(median.ln(), sigma)
-                .map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+            let body = param(LogNormal::new(median.ln(), sigma))?;
             loop {
                 let len = if rng.gen_bool(p) {
                     tail.sample(rng)
@@ -273,10 +275,8 @@ fn generate_lengths(
             }
         }
         Kind::Code => {
-            let files =
-                Pareto::new(1.0, 0.8).map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
-            let file = LogNormal::new(350f64.ln(), 1.2)
-                .map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+            let files = param(Pareto::new(1.0, 0.8))?;
+            let file = param(LogNormal::new(350f64.ln(), 1.2))?;
             'repos: loop {
                 let n = (files.sample(rng) as u64).clamp(1, 500);
                 for _ in 0..n {
@@ -289,8 +289,7 @@ fn generate_lengths(
             }
         }
         Kind::Books => {
-            let chapter = LogNormal::new(5000f64.ln(), 0.6)
-                .map_err(|e| CorpusError::invalid("synth", e.to_string()))?;
+            let chapter = param(LogNormal::new(5000f64.ln(), 0.6))?;
             'books: loop {
                 let n = rng.gen_range(8..=64u64);
                 let mut book = 0u64;
