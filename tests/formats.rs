@@ -10,7 +10,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::{build, with, write, write_docs, write_groups, write_npy, Code, Doc, Index, CODES};
+use common::{
+    build, dtype_of, value_range, with, write, write_docs, write_groups, write_npy, Code, Doc,
+    Index, CODES,
+};
 use millrace::corpus::{
     resolve, CorpusError, DType, Format, Groups, MegatronShard, MegatronWriter, RawOptions,
     RawShard, Shard, Tokens,
@@ -21,36 +24,6 @@ use millrace::corpus::{
 // ---------------------------------------------------------------------------------------
 
 const U16: Code = CODES[7];
-
-/// The dtype Megatron assigns to `code`, spelled out independently of the code under test.
-fn dtype_of(code: u8) -> DType {
-    match code {
-        1 => DType::Uint8,
-        2 => DType::Int8,
-        3 => DType::Int16,
-        4 => DType::Int32,
-        5 => DType::Int64,
-        6 => DType::Float64,
-        7 => DType::Float32,
-        8 => DType::Uint16,
-        _ => panic!("no dtype code {code}"),
-    }
-}
-
-/// Smallest and largest token values that survive a round trip through `code` exactly.
-fn value_range(code: u8) -> (i64, i64) {
-    match code {
-        1 => (0, 255),
-        2 => (-128, 127),
-        3 => (i64::from(i16::MIN), i64::from(i16::MAX)),
-        4 => (i64::from(i32::MIN), i64::from(i32::MAX)),
-        5 => (i64::MIN, i64::MAX),
-        6 => (-(1 << 53), 1 << 53),
-        7 => (-(1 << 24), 1 << 24),
-        8 => (0, 65535),
-        _ => panic!("no dtype code {code}"),
-    }
-}
 
 fn values(t: &Tokens<'_>) -> Vec<i64> {
     (0..t.len()).map(|i| t.get_i64(i).unwrap()).collect()

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{with, write_docs, write_npy, Doc, CODES};
+use common::{dtype_of, value_range, with, write_docs, write_npy, Doc, CODES};
 use millrace::corpus::{resolve, CorpusError, DType, Format, RawOptions, Shard};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -85,36 +85,6 @@ fn splitmix(x: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// The values a token of `code` can hold and read back exactly (floats: the integers
-/// their mantissa represents).
-fn value_range(code: u8) -> (i64, i64) {
-    match code {
-        1 => (0, 255),
-        2 => (-128, 127),
-        3 => (i64::from(i16::MIN), i64::from(i16::MAX)),
-        4 => (i64::from(i32::MIN), i64::from(i32::MAX)),
-        5 => (i64::MIN, i64::MAX),
-        6 => (-(1 << 53), 1 << 53),
-        7 => (-(1 << 24), 1 << 24),
-        8 => (0, 65535),
-        _ => unreachable!(),
-    }
-}
-
-fn dtype_of(code: u8) -> DType {
-    match code {
-        1 => DType::Uint8,
-        2 => DType::Int8,
-        3 => DType::Int16,
-        4 => DType::Int32,
-        5 => DType::Int64,
-        6 => DType::Float64,
-        7 => DType::Float32,
-        8 => DType::Uint16,
-        _ => unreachable!(),
-    }
 }
 
 /// Token values for one sequence: uniform over the dtype's range, with the two extremes

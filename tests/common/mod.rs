@@ -172,3 +172,35 @@ pub fn simple_docs(lens: &[usize], modulo: i64) -> Vec<Doc> {
 pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
 }
+
+/// The dtype Megatron assigns to `code`, spelled out independently of the code under test.
+pub fn dtype_of(code: u8) -> millrace::corpus::DType {
+    use millrace::corpus::DType;
+    match code {
+        1 => DType::Uint8,
+        2 => DType::Int8,
+        3 => DType::Int16,
+        4 => DType::Int32,
+        5 => DType::Int64,
+        6 => DType::Float64,
+        7 => DType::Float32,
+        8 => DType::Uint16,
+        _ => panic!("no dtype code {code}"),
+    }
+}
+
+/// Smallest and largest token values that survive a round trip through `code` exactly
+/// (floats: the integers their mantissa represents).
+pub fn value_range(code: u8) -> (i64, i64) {
+    match code {
+        1 => (0, 255),
+        2 => (-128, 127),
+        3 => (i64::from(i16::MIN), i64::from(i16::MAX)),
+        4 => (i64::from(i32::MIN), i64::from(i32::MAX)),
+        5 => (i64::MIN, i64::MAX),
+        6 => (-(1 << 53), 1 << 53),
+        7 => (-(1 << 24), 1 << 24),
+        8 => (0, 65535),
+        _ => panic!("no dtype code {code}"),
+    }
+}
