@@ -2076,3 +2076,24 @@ fn raw_cache_rebuilt_after_a_same_size_rewrite_that_kept_its_mtime() {
     assert!(r.cache_rebuilt(), "same size and mtime, different content");
     assert_eq!(raw_docs(&r), vec![vec![1, 1, 0], vec![2, 0]]);
 }
+
+#[test]
+fn identity_follows_content_not_mount_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = common::simple_docs(&[5, 9, 2], 60000);
+    let a = write_docs(&dir.path().join(""), "x", U16, &docs);
+    let other = dir.path().join("mnt2");
+    std::fs::create_dir(&other).unwrap();
+    let b = write_docs(&other, "x", U16, &docs);
+    let ia = Shard::open(&a, None).unwrap().identity().unwrap();
+    let ib = Shard::open(&b, None).unwrap().identity().unwrap();
+    assert_eq!(ia, ib, "same shard mounted at two paths");
+    assert_eq!((ia.documents, ia.tokens, ia.name.as_str()), (3, 16, "x"));
+
+    let c = write_docs(&other, "y", U16, &common::simple_docs(&[5, 9, 3], 60000));
+    let ic = Shard::open(&c, None).unwrap().identity().unwrap();
+    assert_ne!(
+        ia.index_hash, ic.index_hash,
+        "a different index hashes differently"
+    );
+}

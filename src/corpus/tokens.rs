@@ -215,21 +215,6 @@ impl<'a> Tokens<'a> {
         each_variant!(*self, s => bytemuck::cast_slice(s))
     }
 
-    /// A sub-range, in tokens; `None` when the range is out of bounds.
-    pub fn slice(&self, range: std::ops::Range<usize>) -> Option<Tokens<'a>> {
-        Some(match *self {
-            Tokens::Uint8(s) => Tokens::Uint8(s.get(range)?),
-            Tokens::Int8(s) => Tokens::Int8(s.get(range)?),
-            Tokens::Int16(s) => Tokens::Int16(s.get(range)?),
-            Tokens::Int32(s) => Tokens::Int32(s.get(range)?),
-            Tokens::Int64(s) => Tokens::Int64(s.get(range)?),
-            Tokens::Float64(s) => Tokens::Float64(s.get(range)?),
-            Tokens::Float32(s) => Tokens::Float32(s.get(range)?),
-            Tokens::Uint16(s) => Tokens::Uint16(s.get(range)?),
-            Tokens::Uint32(s) => Tokens::Uint32(s.get(range)?),
-        })
-    }
-
     /// The tokens as JSON numbers: integers stay integers, float dtypes stay floats.
     pub fn to_json(&self) -> Vec<serde_json::Value> {
         use serde_json::Value;
