@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{self, DType, Format, RawOptions, Shard};
+use crate::plan::{Bursty, DomainInput, DomainSettings, Grouping, Plan, PlanConfig, Upsample};
+use std::sync::Arc;
 
 /// Why a config could not be used; always names the file and the field.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,14 @@ pub enum ConfigError {
         field: String,
         /// What is wrong with it.
         what: String,
+    },
+    /// The `[plan]` table, or a domain's planning keys, cannot be planned.
+    #[error("{path}: {message}")]
+    Plan {
+        /// The config file.
+        path: PathBuf,
+        /// The plan's message (names the field).
+        message: String,
     },
     /// A shard named by the config failed to open.
     #[error("domain {domain}: {source}")]
@@ -99,6 +109,39 @@ pub struct DomainConfig {
     /// Required for `format = "raw"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw: Option<RawConfig>,
+    /// Repo/book grouping: `{ mode = "off"|"sequence"|"batch", max_share, from_step }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grouping: Option<Grouping>,
+    /// Long-document upsampling: `{ min_tokens, factor }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upsample_long: Option<Upsample>,
+    /// Bursty exposure: `{ period }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bursty: Option<Bursty>,
+    /// Units per packing window for this domain (default `plan.best_fit_window`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+}
+
+impl DomainConfig {
+    /// The domain's planning settings.
+    pub fn settings(&self) -> DomainSettings {
+        DomainSettings {
+            grouping: self.grouping.unwrap_or_default(),
+            upsample_long: self.upsample_long,
+            bursty: self.bursty,
+            window: self.window,
+        }
+    }
+}
+
+/// A plan built from a config, with the shards it reads (the daemon copies tokens from
+/// the same mappings).
+pub struct LoadedPlan {
+    /// The plan.
+    pub plan: Arc<Plan>,
+    /// Shards per domain, in config order.
+    pub shards: Vec<Vec<Arc<Shard>>>,
 }
 
 /// `[corpus.domain.raw]`: what a Megatron header would say, for headerless token files.
@@ -228,15 +271,28 @@ impl Config {
 
     /// Opens every shard of every domain, in config order.
     pub fn open_corpus(&self) -> Result<Vec<(String, Vec<Shard>)>, ConfigError> {
-        let mut out = Vec::with_capacity(self.corpus.domains.len());
+        let opened = par_map(&self.shard_paths()?, |(d, path)| {
+            let domain = &self.corpus.domains[*d];
+            Shard::open(path, self.raw_options(domain).as_ref())
+                .map(|s| (*d, s))
+                .map_err(|source| ConfigError::Corpus {
+                    domain: domain.name.clone(),
+                    source,
+                })
+        });
+        self.group_by_domain(opened)
+    }
+
+    /// Every shard path with its domain index, resolved and sorted, refusing a shard
+    /// listed twice.
+    fn shard_paths(&self) -> Result<Vec<(usize, PathBuf)>, ConfigError> {
+        let mut out = Vec::new();
         let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
-        for d in &self.corpus.domains {
+        for (i, d) in self.corpus.domains.iter().enumerate() {
             let wrap = |source| ConfigError::Corpus {
                 domain: d.name.clone(),
                 source,
             };
-            let raw = self.raw_options(d);
-            let mut shards = Vec::new();
             for arg in &d.shards {
                 for path in corpus::resolve(&self.resolve_path(arg), d.format).map_err(wrap)? {
                     // Identify files, not spellings: `a/../a/x` and `a/x` are one shard.
@@ -257,11 +313,135 @@ impl Config {
                             ),
                         });
                     }
-                    shards.push(Shard::open(&path, raw.as_ref()).map_err(wrap)?);
+                    out.push((i, path));
                 }
             }
-            out.push((d.name.clone(), shards));
         }
         Ok(out)
     }
+
+    /// Regroups per-shard results (in `shard_paths` order) by domain, keeping the first
+    /// error.
+    fn group_by_domain<T>(
+        &self,
+        items: Vec<Result<(usize, T), ConfigError>>,
+    ) -> Result<Vec<(String, Vec<T>)>, ConfigError> {
+        let mut out: Vec<(String, Vec<T>)> = self
+            .corpus
+            .domains
+            .iter()
+            .map(|d| (d.name.clone(), Vec::new()))
+            .collect();
+        for item in items {
+            let (d, t) = item?;
+            out[d].1.push(t);
+        }
+        Ok(out)
+    }
+
+    /// The validated `[plan]` table.
+    pub fn plan_config(&self) -> Result<PlanConfig, ConfigError> {
+        let table = self.plan.clone().ok_or_else(|| {
+            self.invalid(
+                "plan".into(),
+                "no [plan] table (seed, seq_len, global_batch_rows, weights)",
+            )
+        })?;
+        let cfg = PlanConfig::from_table(&table).map_err(|e| ConfigError::Plan {
+            path: self.source.clone(),
+            message: e.to_string(),
+        })?;
+        let settings: Vec<(&str, DomainSettings)> = self
+            .corpus
+            .domains
+            .iter()
+            .map(|d| (d.name.as_str(), d.settings()))
+            .collect();
+        cfg.validate(&settings).map_err(|e| ConfigError::Plan {
+            path: self.source.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(cfg)
+    }
+
+    /// Opens and validates every shard, identifies the corpus by content, and builds the
+    /// plan. This is the I/O edge in front of the pure planner. Shards are opened,
+    /// validated and hashed on all cores; the results are combined in config order, so
+    /// the manifest never depends on which thread finished first.
+    pub fn load_plan(&self) -> Result<LoadedPlan, ConfigError> {
+        let cfg = self.plan_config()?;
+        let opened = par_map(&self.shard_paths()?, |(d, path)| {
+            let domain = &self.corpus.domains[*d];
+            let wrap = |source| ConfigError::Corpus {
+                domain: domain.name.clone(),
+                source,
+            };
+            let shard = Shard::open(path, self.raw_options(domain).as_ref()).map_err(wrap)?;
+            shard.validate().map_err(wrap)?;
+            let id = shard.identity().map_err(wrap)?;
+            Ok((*d, (shard, serde_json::to_string(&id).unwrap_or_default())))
+        });
+        let corpus = self.group_by_domain(opened)?;
+        let mut manifest = xxhash_rust::xxh3::Xxh3::new();
+        let mut inputs = Vec::with_capacity(corpus.len());
+        let mut shards_out = Vec::with_capacity(corpus.len());
+        for ((name, shards), d) in corpus.into_iter().zip(&self.corpus.domains) {
+            manifest.update(name.as_bytes());
+            manifest.update(&[0]);
+            let mut list: Vec<(String, Arc<dyn crate::plan::DocSource>)> = Vec::new();
+            let mut arcs = Vec::with_capacity(shards.len());
+            for (shard, id) in shards {
+                manifest.update(id.as_bytes());
+                manifest.update(&[0]);
+                let shard = Arc::new(shard);
+                list.push((shard.path().display().to_string(), shard.clone()));
+                arcs.push(shard);
+            }
+            inputs.push(DomainInput {
+                name: name.clone(),
+                shards: list,
+                settings: d.settings(),
+            });
+            shards_out.push(arcs);
+        }
+        let plan = Plan::new(&inputs, cfg, manifest.digest128()).map_err(|e| ConfigError::Plan {
+            path: self.source.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(LoadedPlan {
+            plan: Arc::new(plan),
+            shards: shards_out,
+        })
+    }
+}
+
+/// Maps `f` over `items` on all cores, returning results in `items` order.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len())
+        .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut parts: Vec<Vec<(usize, R)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let mut all: Vec<(usize, R)> = parts.drain(..).flatten().collect();
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, r)| r).collect()
 }

@@ -9,4 +9,6 @@
 pub mod config;
 pub mod corpus;
 pub mod inspect;
+pub mod plan;
 pub mod synth;
+pub mod tokenize;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use millrace::config::Config;
 use millrace::corpus::{self, DType, Format, RawOptions, Shard};
-use millrace::{inspect, synth};
+use millrace::{inspect, synth, tokenize};
 
 /// millrace: feeds tokenized pretraining data to GPU trainers.
 #[derive(Parser)]
@@ -26,6 +26,12 @@ enum Command {
     Inspect(InspectArgs),
     /// Write a deterministic synthetic corpus and a config for it.
     Synth(SynthArgs),
+    /// Plan N steps and report mixture, epochs, padding, truncation, groups, duplicates.
+    Plan(PlanArgs),
+    /// List the documents behind every row of one step (for one dp rank).
+    Explain(ExplainArgs),
+    /// Tokenize JSONL text into a Megatron shard, with a groups sidecar when asked.
+    Tokenize(TokenizeArgs),
 }
 
 #[derive(clap::Args)]
@@ -94,6 +100,96 @@ struct SynthArgs {
     json: bool,
 }
 
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// The run's config.
+    #[arg(long)]
+    config: PathBuf,
+    /// Steps to plan.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// First step (reached by recomputation).
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Steps per reported window (default: steps / 10).
+    #[arg(long)]
+    window: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// The run's config.
+    #[arg(long)]
+    config: PathBuf,
+    /// Trainer step.
+    #[arg(long)]
+    step: u64,
+    /// Data-parallel rank (default: all rows).
+    #[arg(long, default_value_t = 0)]
+    dp_rank: u32,
+    /// Data-parallel size.
+    #[arg(long, default_value_t = 1)]
+    dp_size: u32,
+    /// Print JSON (stable, for comparing runs).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct TokenizeArgs {
+    /// JSONL inputs (plain, .gz or .zst), read in this order.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// HuggingFace tokenizer.json.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output prefix: PREFIX.bin, PREFIX.idx (and PREFIX.groups.npy); replaced if present.
+    #[arg(long)]
+    out: PathBuf,
+    /// JSON field holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Id appended to every document (default: the tokenizer's EOS).
+    #[arg(long, conflicts_with_all = ["eos_token", "no_eos"])]
+    eos_id: Option<u32>,
+    /// Token appended to every document, by its text (e.g. "</s>").
+    #[arg(long, conflicts_with = "no_eos")]
+    eos_token: Option<String>,
+    /// Append no EOS.
+    #[arg(long)]
+    no_eos: bool,
+    /// Output dtype (default: uint16 below 65,500 ids, else int32, as Megatron picks).
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+    /// Field whose value groups documents (e.g. repo, book_id); writes PREFIX.groups.npy.
+    #[arg(long)]
+    group_field: Option<String>,
+    /// Field giving the reading order within a group (e.g. path, chapter).
+    #[arg(long, requires = "group_field")]
+    order_field: Option<String>,
+    /// Tokenizer threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Memory for the pipeline and the in-memory group sort, in bytes (e.g. 1G, 256M).
+    #[arg(long, default_value = "1G", value_parser = synth::parse_count)]
+    mem_budget: u64,
+    /// Abort, writing nothing, once more than N lines are bad (default: never).
+    #[arg(long, value_name = "N")]
+    max_bad: Option<u64>,
+    /// Directory for the spill and sort files (default: beside the output).
+    #[arg(long)]
+    tmp_dir: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn parse_range(s: &str) -> Result<Range<u64>, String> {
     let num = |t: &str| {
         t.trim()
@@ -131,6 +227,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => run_inspect(args),
         Command::Synth(args) => run_synth(args),
+        Command::Tokenize(args) => run_tokenize(args),
+        Command::Plan(args) => run_plan(args),
+        Command::Explain(args) => run_explain(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -277,4 +376,134 @@ fn run_synth(args: SynthArgs) -> Result<()> {
         summary.config.display()
     )?;
     Ok(())
+}
+
+fn run_tokenize(args: TokenizeArgs) -> Result<()> {
+    let mut opts = tokenize::TokenizeOptions::new(args.inputs, args.tokenizer, args.out);
+    opts.text_field = args.text_field;
+    opts.eos = match (args.eos_id, args.eos_token, args.no_eos) {
+        (Some(id), _, _) => tokenize::Eos::Id(id),
+        (None, Some(t), _) => tokenize::Eos::Token(t),
+        (None, None, true) => tokenize::Eos::Off,
+        (None, None, false) => tokenize::Eos::Auto,
+    };
+    opts.dtype = args.dtype;
+    opts.group_field = args.group_field;
+    opts.order_field = args.order_field;
+    opts.threads = args.threads.unwrap_or(opts.threads);
+    opts.mem_budget = args.mem_budget;
+    opts.max_bad = args.max_bad;
+    opts.tmp_dir = args.tmp_dir;
+    opts.progress = !args.quiet;
+    let summary = tokenize::tokenize(&opts)
+        .with_context(|| format!("tokenizing into {}", opts.out.display()))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        write!(out, "{}", tokenize::render(&summary))?;
+    }
+    Ok(())
+}
+
+fn run_plan(args: PlanArgs) -> Result<()> {
+    use millrace::plan::report::{render_windows, Tally};
+    let t0 = std::time::Instant::now();
+    let loaded = Config::load(&args.config)?.load_plan()?;
+    let plan = loaded.plan;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = std::time::Instant::now();
+    let mut planner = plan.seek(args.from);
+    let seek_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let window = args.window.unwrap_or((args.steps / 10).max(1)).max(1);
+    let mut tally = Tally::new(&plan);
+    let mut windows = Vec::new();
+    let mut first_ms = 0.0;
+    for i in 0..args.steps {
+        let t2 = std::time::Instant::now();
+        let batch = planner.next_batch();
+        if i == 0 {
+            first_ms = t2.elapsed().as_secs_f64() * 1e3;
+        }
+        tally.add(batch);
+        if (i + 1) % window == 0 || i + 1 == args.steps {
+            windows.push(tally.finish(&planner.epochs()));
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let names = plan.domain_names();
+        let json = serde_json::json!({
+            "fingerprint": format!("{:032x}", plan.fingerprint()),
+            "domains": names,
+            "fill": plan.fill(),
+            "windows": windows,
+            "timings_ms": { "load": load_ms, "seek": seek_ms, "first_batch": first_ms },
+            "memory_kb": rss_kb(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
+    } else {
+        let fills: Vec<String> = plan
+            .domain_names()
+            .iter()
+            .zip(plan.fill())
+            .map(|(n, f)| format!("{n} {:.2}%", 100.0 * f))
+            .collect();
+        writeln!(
+            out,
+            "opened, validated and identified the corpus and built the plan in {load_ms:.1} ms; \
+             reached step {} in {seek_ms:.1} ms; planned its batch in {first_ms:.2} ms",
+            args.from
+        )?;
+        let mem: Vec<String> = rss_kb()
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1} MiB", *v as f64 / 1024.0))
+            .collect();
+        if !mem.is_empty() {
+            writeln!(out, "memory: {}", mem.join(", "))?;
+        }
+        writeln!(out, "row fill used to turn token weights into rows: {}", fills.join(", "))?;
+        write!(out, "{}", render_windows(&windows))?;
+    }
+    Ok(())
+}
+
+fn run_explain(args: ExplainArgs) -> Result<()> {
+    use millrace::plan::report::{explain, render_explain};
+    if args.dp_size == 0 || args.dp_rank >= args.dp_size {
+        bail!(
+            "--dp-rank {} is not below --dp-size {}",
+            args.dp_rank,
+            args.dp_size
+        );
+    }
+    let loaded = Config::load(&args.config)?.load_plan()?;
+    let plan = loaded.plan;
+    let batch = plan.seek(args.step).next_batch();
+    let e = explain(&plan, &batch, args.dp_rank, args.dp_size);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&e)?)?;
+    } else {
+        write!(out, "{}", render_explain(&e))?;
+    }
+    Ok(())
+}
+
+/// This process's resident memory by kind (Linux), to tell the planner's own memory
+/// (anonymous) from mapped shard pages (file).
+fn rss_kb() -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines() {
+            for key in ["VmHWM", "RssAnon", "RssFile"] {
+                if let Some(rest) = line.strip_prefix(key).and_then(|r| r.strip_prefix(':')) {
+                    if let Some(v) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) {
+                        m.insert(key.to_string(), v);
+                    }
+                }
+            }
+        }
+    }
+    m
 }

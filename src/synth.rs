@@ -349,10 +349,7 @@ fn write_shard(
     progress.fetch_add(pending, Ordering::Relaxed);
     let sidecar = with_suffix(&job.prefix, "groups.npy");
     let groups = if grouped {
-        let tmp = with_suffix(&job.prefix, "groups.npy.tmp");
-        npyz::to_file_1d(&tmp, group_ids.iter().copied())
-            .map_err(|e| CorpusError::io(&tmp, "write", e))?;
-        std::fs::rename(&tmp, &sidecar).map_err(|e| CorpusError::io(&sidecar, "rename", e))?;
+        crate::corpus::groups::write(&sidecar, &group_ids)?;
         group_ids.last().map_or(0, |&g| (g & 0xFFFF_FFFF) + 1)
     } else {
         match std::fs::remove_file(&sidecar) {

@@ -7,8 +7,11 @@
 //! ids, O(groups) memory, and the sidecar mapping is dropped afterwards.
 
 use std::collections::HashMap;
-use std::io::Cursor;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufWriter, Cursor};
+use std::path::{Path, PathBuf};
+
+use npyz::WriterBuilder;
 
 use serde::Serialize;
 
@@ -131,4 +134,84 @@ impl Groups {
         let run = self.runs.get(i.checked_sub(1)?)?;
         (doc < run.first_doc + run.docs).then_some(run.id)
     }
+}
+
+/// Streams a sidecar of a known number of ids to `<path>.tmp` and renames it into place
+/// only in [`GroupsWriter::finish`], so writers (`synth`, `tokenize`) never leave a
+/// half-written sidecar under the real name and need not hold every id in memory.
+pub struct GroupsWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    npy: npyz::NpyWriter<u64, BufWriter<File>>,
+    expected: u64,
+    written: u64,
+}
+
+impl GroupsWriter {
+    /// Starts `path` (a `<prefix>.groups.npy`) for exactly `documents` uint64 ids.
+    pub fn create(path: &Path, documents: u64) -> Result<GroupsWriter> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let file = File::create(&tmp).map_err(|e| CorpusError::io(&tmp, "create", e))?;
+        let npy = npyz::WriteOptions::<u64>::new()
+            .default_dtype()
+            .shape(&[documents])
+            .writer(BufWriter::with_capacity(1 << 20, file))
+            .begin_nd()
+            .map_err(|e| CorpusError::io(&tmp, "write", e))?;
+        Ok(GroupsWriter {
+            path: path.to_path_buf(),
+            tmp,
+            npy,
+            expected: documents,
+            written: 0,
+        })
+    }
+
+    /// Appends the group id of the next document.
+    pub fn push(&mut self, id: u64) -> Result<()> {
+        self.written += 1;
+        self.npy
+            .push(&id)
+            .map_err(|e| CorpusError::io(&self.tmp, "write", e))
+    }
+
+    /// The temporary file being written, for callers that clean up after a failure.
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Checks the count, flushes and fsyncs the temporary file, and renames it into place.
+    pub fn finish(self) -> Result<PathBuf> {
+        let GroupsWriter {
+            path,
+            tmp,
+            npy,
+            expected,
+            written,
+        } = self;
+        if written != expected {
+            return Err(CorpusError::invalid(
+                &tmp,
+                format!("groups sidecar got {written} ids for {expected} documents"),
+            ));
+        }
+        npy.finish()
+            .map_err(|e| CorpusError::io(&tmp, "flush", e))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| CorpusError::io(&tmp, "fsync", e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| CorpusError::io(&path, "rename", e))?;
+        Ok(path)
+    }
+}
+
+/// Writes a whole sidecar at once (through a temporary name), for ids already in memory.
+pub fn write(path: &Path, ids: &[u64]) -> Result<PathBuf> {
+    let mut w = GroupsWriter::create(path, ids.len() as u64)?;
+    for &id in ids {
+        w.push(id)?;
+    }
+    w.finish()
 }

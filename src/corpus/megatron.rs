@@ -53,6 +53,9 @@ pub struct MegatronShard {
     lengths_at: usize,
     pointers_at: usize,
     doc_index_at: usize,
+    /// Set by a successful [`MegatronShard::validate`] when every document is exactly one
+    /// sequence (the common case): a document's length is then one read, not three.
+    one_seq_per_doc: std::sync::atomic::AtomicBool,
 }
 
 impl MegatronShard {
@@ -141,6 +144,7 @@ impl MegatronShard {
             lengths_at,
             pointers_at,
             doc_index_at,
+            one_seq_per_doc: std::sync::atomic::AtomicBool::new(false),
         };
         shard.check_ends()?;
         Ok(shard)
@@ -253,14 +257,18 @@ impl MegatronShard {
         let di_end = self.doc_index_at + 8 * self.doc_index_len as usize;
         let mut prev = 0i64;
         let max = self.sequences as i64;
-        for c in self.idx[self.doc_index_at..di_end].chunks_exact(8) {
+        let mut identity = true;
+        for (i, c) in self.idx[self.doc_index_at..di_end].chunks_exact(8).enumerate() {
             let v = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
             bad |= (v < prev) | (v > max);
+            identity &= v == i as i64;
             prev = v;
         }
         if bad {
             return Err(self.locate_document_error());
         }
+        self.one_seq_per_doc
+            .store(identity, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -445,6 +453,25 @@ impl MegatronShard {
             )));
         }
         Ok((a as u64, b as u64))
+    }
+
+    /// Length of document `doc` for a hot loop over a validated shard: one read when every
+    /// document is one sequence, else [`Self::doc_len`]. Out-of-range or corrupt entries
+    /// read as 0 rather than failing (validation has already proven there are none).
+    #[inline]
+    pub fn doc_len_validated(&self, doc: u64) -> u64 {
+        if self
+            .one_seq_per_doc
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && doc < self.sequences
+        {
+            let at = self.lengths_at + 4 * doc as usize;
+            return match self.idx.get(at..at + 4) {
+                Some(b) => i32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(0) as u64,
+                None => 0,
+            };
+        }
+        self.doc_len(doc).unwrap_or(0)
     }
 
     /// Length in tokens of document `doc`: the sum of its sequences' lengths.

@@ -1,0 +1,274 @@
+//! The cursor blob: where a run is, in a few hundred bytes, for the trainer's checkpoint.
+//!
+//! Little-endian, versioned, length-prefixed and checksummed (xxh3-64 over everything
+//! before the checksum). It names the corpus and static plan it belongs to by a 128-bit
+//! fingerprint, and the history it was made under (schedule, skips, reseeds before its
+//! step) by a 64-bit digest, so a blob from another corpus, another config or a rewritten
+//! history is refused instead of silently serving different data. Its size depends only
+//! on the number of domains and reseeds, never on the corpus.
+
+use super::domain::StreamState;
+use super::mix::MixState;
+use super::permute::Reshuffle;
+
+/// First bytes of every blob.
+pub const MAGIC: &[u8; 8] = b"MRCURSOR";
+/// The layout version this build writes and reads.
+pub const VERSION: u16 = 1;
+/// Most entries any list in a blob may hold, so a forged length cannot allocate much.
+const MAX_LIST: usize = 4096;
+
+/// Why a blob was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CursorError {
+    /// Not a millrace cursor at all.
+    #[error("not a millrace cursor (bad magic bytes)")]
+    Magic,
+    /// Written by a different layout version.
+    #[error("cursor layout version {0} is not supported (this build reads {VERSION})")]
+    Version(u16),
+    /// Cut short or padded.
+    #[error("cursor is {got} bytes but says {want}")]
+    Length {
+        /// Bytes given.
+        got: usize,
+        /// Bytes the header claims.
+        want: usize,
+    },
+    /// Damaged in storage or transit.
+    #[error("cursor checksum mismatch (stored {stored:016x}, computed {computed:016x})")]
+    Checksum {
+        /// From the blob.
+        stored: u64,
+        /// Over the bytes.
+        computed: u64,
+    },
+    /// Made for another corpus or static plan config.
+    #[error("cursor belongs to another corpus or plan config (fingerprint {blob:032x}, this plan {ours:032x}): the shards, seq_len, batch size, seed, packing or domain settings differ")]
+    Fingerprint {
+        /// From the blob.
+        blob: u128,
+        /// This plan's.
+        ours: u128,
+    },
+    /// The schedule, skips or reseeds before the blob's step differ from the config's.
+    #[error("cursor at step {step} was made under a different history: the schedule, skips or reseeds before step {step} changed (blob {blob:016x}, config {ours:016x}); only entries at or after step {step} may be edited")]
+    History {
+        /// The blob's step.
+        step: u64,
+        /// From the blob.
+        blob: u64,
+        /// From the config.
+        ours: u64,
+    },
+    /// Structurally wrong in a way the checksum did not catch.
+    #[error("cursor is malformed: {0}")]
+    Malformed(String),
+}
+
+/// Everything a blob holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorData {
+    /// Corpus + static config.
+    pub fingerprint: u128,
+    /// Past schedule/skips/reseeds.
+    pub history: u64,
+    /// Next trainer step.
+    pub step: u64,
+    /// Next plan step (differs from `step` after skips).
+    pub plan_step: u64,
+    /// Mixer state.
+    pub mix: MixState,
+    /// Per-domain stream states, in domain order.
+    pub streams: Vec<StreamState>,
+}
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+struct R<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], CursorError> {
+        let s = self
+            .b
+            .get(self.at..self.at + n)
+            .ok_or_else(|| CursorError::Malformed(format!("truncated at byte {}", self.at)))?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, CursorError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, CursorError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, CursorError> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, CursorError> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn len(&mut self, what: &str) -> Result<usize, CursorError> {
+        let n = self.u16()? as usize;
+        if n > MAX_LIST {
+            return Err(CursorError::Malformed(format!("{what}: {n} entries")));
+        }
+        Ok(n)
+    }
+}
+
+/// Serialises a cursor.
+pub fn encode(c: &CursorData) -> Vec<u8> {
+    let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
+    w.0.extend_from_slice(MAGIC);
+    w.u16(VERSION);
+    w.u16(0); // flags, reserved
+    w.u32(0); // total length, patched below
+    w.u64(c.fingerprint as u64);
+    w.u64((c.fingerprint >> 64) as u64);
+    w.u64(c.history);
+    w.u64(c.step);
+    w.u64(c.plan_step);
+    w.u16(c.streams.len() as u16);
+    for (d, s) in c.streams.iter().enumerate() {
+        w.u64(c.mix.rows.get(d).copied().unwrap_or(0));
+        w.u64(c.mix.deficit.get(d).copied().unwrap_or(0) as u64);
+        w.u32(s.epoch);
+        w.u8(s.grouped as u8);
+        w.u8(s.started as u8);
+        w.u64(s.epoch_seed);
+        w.u64(s.window_start);
+        w.u32(s.next_block);
+        w.u32(s.reseeds);
+        w.u64(s.rows);
+        w.u64(s.tokens);
+        w.u64(s.split_groups);
+        for chain in [&s.pos_chain, &s.block_chain] {
+            w.u16(chain.len() as u16);
+            for r in chain.iter() {
+                w.u64(r.start);
+                w.u64(r.key);
+            }
+        }
+        w.u16(s.pending.len() as u16);
+        for &(b, done) in &s.pending {
+            w.u32(b);
+            w.u32(done);
+        }
+    }
+    let total = (w.0.len() + 8) as u32;
+    w.0[12..16].copy_from_slice(&total.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&w.0);
+    w.u64(sum);
+    w.0
+}
+
+/// Parses and checks a blob's framing (magic, version, length, checksum). Fingerprint and
+/// history are checked by the plan, which knows its own.
+pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
+    if b.len() < 16 || &b[..8] != MAGIC {
+        return Err(CursorError::Magic);
+    }
+    let mut r = R { b, at: 8 };
+    let version = r.u16()?;
+    if version != VERSION {
+        return Err(CursorError::Version(version));
+    }
+    let _flags = r.u16()?;
+    let want = r.u32()? as usize;
+    if want != b.len() || want < 24 {
+        return Err(CursorError::Length { got: b.len(), want });
+    }
+    let body = &b[..want - 8];
+    let mut sb = [0u8; 8];
+    sb.copy_from_slice(&b[want - 8..]);
+    let stored = u64::from_le_bytes(sb);
+    let computed = xxhash_rust::xxh3::xxh3_64(body);
+    if stored != computed {
+        return Err(CursorError::Checksum { stored, computed });
+    }
+    let mut r = R { b: body, at: 16 };
+    let lo = r.u64()? as u128;
+    let hi = r.u64()? as u128;
+    let fingerprint = lo | (hi << 64);
+    let history = r.u64()?;
+    let step = r.u64()?;
+    let plan_step = r.u64()?;
+    let n = r.len("domains")?;
+    let mut mix = MixState::new(n);
+    let mut streams = Vec::with_capacity(n);
+    for d in 0..n {
+        mix.rows[d] = r.u64()?;
+        mix.deficit[d] = r.u64()? as i64;
+        let mut s = StreamState {
+            epoch: r.u32()?,
+            grouped: r.u8()? != 0,
+            started: r.u8()? != 0,
+            epoch_seed: r.u64()?,
+            window_start: r.u64()?,
+            next_block: r.u32()?,
+            reseeds: r.u32()?,
+            rows: r.u64()?,
+            tokens: r.u64()?,
+            split_groups: r.u64()?,
+            ..StreamState::default()
+        };
+        for which in 0..2 {
+            let k = r.len("reshuffles")?;
+            let mut chain = Vec::with_capacity(k);
+            for _ in 0..k {
+                chain.push(Reshuffle {
+                    start: r.u64()?,
+                    key: r.u64()?,
+                });
+            }
+            if which == 0 {
+                s.pos_chain = chain;
+            } else {
+                s.block_chain = chain;
+            }
+        }
+        let k = r.len("pending")?;
+        for _ in 0..k {
+            s.pending.push((r.u32()?, r.u32()?));
+        }
+        streams.push(s);
+    }
+    if r.at != body.len() {
+        return Err(CursorError::Malformed(format!(
+            "{} unexpected bytes after the last domain",
+            body.len() - r.at
+        )));
+    }
+    Ok(CursorData {
+        fingerprint,
+        history,
+        step,
+        plan_step,
+        mix,
+        streams,
+    })
+}

@@ -1,0 +1,287 @@
+//! The mixer: how many rows of each domain fill global step s.
+//!
+//! Weights are token shares on a piecewise-linear schedule. They become row shares
+//! through each domain's fill (real tokens per row), and then exact integer counts by
+//! largest remainder with the error carried from step to step. All bookkeeping is in
+//! fixed point (2^-24 of a row), so every node computes bit-identical counts and the
+//! carried error never drifts.
+
+use super::config::SchedulePoint;
+
+/// Fixed-point units per row.
+pub const TICKS: i64 = 1 << 24;
+
+/// Piecewise-linear token weights over steps, one column per domain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    points: Vec<(u64, Vec<f64>)>,
+}
+
+impl Schedule {
+    /// Builds the schedule from config points; `names` fixes the column order.
+    pub fn new(points: &[SchedulePoint], names: &[&str]) -> Schedule {
+        let points = points
+            .iter()
+            .map(|p| {
+                let w = names
+                    .iter()
+                    .map(|n| p.weights.get(*n).copied().unwrap_or(0.0))
+                    .collect();
+                (p.step, w)
+            })
+            .collect();
+        Schedule { points }
+    }
+
+    /// Token weights in force at `step` (not normalised).
+    pub fn weights(&self, step: u64) -> Vec<f64> {
+        let i = self.points.partition_point(|(s, _)| *s <= step);
+        if i == 0 {
+            return self.points.first().map(|p| p.1.clone()).unwrap_or_default();
+        }
+        let (s0, w0) = &self.points[i - 1];
+        match self.points.get(i) {
+            None => w0.clone(),
+            Some((s1, w1)) => {
+                let t = (step - s0) as f64 / (s1 - s0) as f64;
+                w0.iter().zip(w1).map(|(a, b)| a + (b - a) * t).collect()
+            }
+        }
+    }
+
+    /// Token shares at `step`, summing to 1.
+    pub fn shares(&self, step: u64) -> Vec<f64> {
+        normalise(self.weights(step))
+    }
+
+    /// Steps at which the schedule bends, for history checks.
+    pub fn breakpoints(&self) -> impl Iterator<Item = u64> + '_ {
+        self.points.iter().map(|p| p.0)
+    }
+}
+
+fn normalise(mut w: Vec<f64>) -> Vec<f64> {
+    let t: f64 = w.iter().sum();
+    if t > 0.0 {
+        for x in &mut w {
+            *x /= t;
+        }
+    }
+    w
+}
+
+/// Splits `total` ticks in proportion to `shares` exactly: floors, then one tick each to
+/// the largest remainders (ties to the lower index).
+pub fn apportion(total: i64, shares: &[f64]) -> Vec<i64> {
+    let sum: f64 = shares.iter().sum();
+    if !(sum > 0.0) || total <= 0 {
+        return vec![0; shares.len()];
+    }
+    let raw: Vec<f64> = shares.iter().map(|s| s / sum * total as f64).collect();
+    let mut out: Vec<i64> = raw.iter().map(|r| r.floor() as i64).collect();
+    let mut left = total - out.iter().sum::<i64>();
+    let mut order: Vec<usize> = (0..shares.len()).collect();
+    order.sort_by(|&a, &b| {
+        let fa = raw[a] - out[a] as f64;
+        let fb = raw[b] - out[b] as f64;
+        fb.total_cmp(&fa).then(a.cmp(&b))
+    });
+    let mut k = 0;
+    while left > 0 && !order.is_empty() {
+        out[order[k % order.len()]] += 1;
+        left -= 1;
+        k += 1;
+    }
+    while left < 0 {
+        // Only from float rounding at the extremes: take back from the largest.
+        if let Some(i) = (0..out.len()).max_by_key(|&i| out[i]) {
+            out[i] -= 1;
+        }
+        left += 1;
+    }
+    out
+}
+
+/// The mixer's state: cumulative rows and carried error per domain.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MixState {
+    /// Rows given to each domain so far.
+    pub rows: Vec<u64>,
+    /// Target minus given, in ticks (so `|deficit| < TICKS` means within one row).
+    pub deficit: Vec<i64>,
+}
+
+impl MixState {
+    /// The state before step 0.
+    pub fn new(domains: usize) -> MixState {
+        MixState {
+            rows: vec![0; domains],
+            deficit: vec![0; domains],
+        }
+    }
+}
+
+/// Everything the mixer needs besides its state.
+#[derive(Debug, Clone)]
+pub struct Mixer {
+    /// Token weights.
+    pub schedule: Schedule,
+    /// Real tokens per row, as a fraction of capacity, per domain.
+    pub fill: Vec<f64>,
+    /// Rows per global batch.
+    pub rows: u32,
+    /// Per domain: `(period, phase)` when bursty.
+    pub bursty: Vec<Option<(u32, u32)>>,
+}
+
+impl Mixer {
+    /// Row shares at `step`: token shares divided by fill, normalised.
+    pub fn row_shares(&self, step: u64) -> Vec<f64> {
+        let w = self.schedule.shares(step);
+        normalise(
+            w.iter()
+                .zip(&self.fill)
+                .map(|(w, f)| if *f > 0.0 { w / f } else { 0.0 })
+                .collect(),
+        )
+    }
+
+    /// Nominal ticks per domain at `step` (what each is owed if none were bursty).
+    pub fn nominal(&self, step: u64) -> Vec<i64> {
+        apportion(self.rows as i64 * TICKS, &self.row_shares(step))
+    }
+
+    /// Row counts for `step`, updating `state`. The counts sum to the batch size.
+    pub fn counts(&self, state: &mut MixState, step: u64) -> Vec<u32> {
+        let n = self.fill.len();
+        let g = self.rows as i64;
+        let nominal = self.nominal(step);
+        let mut counts = vec![0u32; n];
+        let mut left = g;
+        // Bursty domains: a whole cycle's rows at the cycle's start, none otherwise.
+        for d in 0..n {
+            let Some((period, phase)) = self.bursty[d] else {
+                continue;
+            };
+            if step % period as u64 == phase as u64 {
+                let mut owed = state.deficit[d];
+                for t in step..step + period as u64 {
+                    owed += if t == step {
+                        nominal[d]
+                    } else {
+                        self.nominal(t)[d]
+                    };
+                }
+                let rows = ((owed + TICKS / 2).div_euclid(TICKS)).clamp(0, left);
+                counts[d] = rows as u32;
+                left -= rows;
+            }
+            state.deficit[d] += nominal[d] - counts[d] as i64 * TICKS;
+        }
+        // Everyone else shares what is left, in proportion to their row shares.
+        let shares = self.row_shares(step);
+        let mut rest: Vec<usize> = (0..n)
+            .filter(|&d| self.bursty[d].is_none() && shares[d] > 0.0)
+            .collect();
+        if rest.is_empty() {
+            // Only bursty domains have weight: they absorb the rest as carried error.
+            rest = (0..n).filter(|&d| shares[d] > 0.0).collect();
+        }
+        if rest.is_empty() {
+            rest = (0..n).collect();
+        }
+        let sub: Vec<f64> = rest.iter().map(|&d| shares[d]).collect();
+        let ticks = apportion(left * TICKS, &sub);
+        let owed: Vec<i64> = rest
+            .iter()
+            .zip(&ticks)
+            .map(|(&d, &t)| state.deficit[d] + t)
+            .collect();
+        let mut give: Vec<i64> = owed.iter().map(|&q| q.div_euclid(TICKS).max(0)).collect();
+        let mut diff = left - give.iter().sum::<i64>();
+        while diff != 0 {
+            // Largest remainder when short, smallest when over; ties to the lower index.
+            let pick = if diff > 0 {
+                (0..rest.len()).max_by(|&a, &b| {
+                    (owed[a] - give[a] * TICKS)
+                        .cmp(&(owed[b] - give[b] * TICKS))
+                        .then(b.cmp(&a))
+                })
+            } else {
+                (0..rest.len()).filter(|&i| give[i] > 0).min_by(|&a, &b| {
+                    (owed[a] - give[a] * TICKS)
+                        .cmp(&(owed[b] - give[b] * TICKS))
+                        .then(a.cmp(&b))
+                })
+            };
+            let Some(i) = pick else { break };
+            give[i] += diff.signum();
+            diff -= diff.signum();
+        }
+        for (i, &d) in rest.iter().enumerate() {
+            counts[d] += give[i] as u32;
+            state.deficit[d] = owed[i] - give[i] * TICKS;
+            if self.bursty[d].is_some() {
+                // A bursty domain absorbing rest rows already had its nominal added.
+                state.deficit[d] -= ticks[i];
+            }
+        }
+        // A domain with no share now keeps its carried error unchanged.
+        for d in 0..n {
+            state.rows[d] += counts[d] as u64;
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn mixer(weights: &[f64], rows: u32) -> Mixer {
+        let names: Vec<String> = (0..weights.len()).map(|i| format!("d{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        let w: BTreeMap<String, f64> = names.iter().cloned().zip(weights.iter().copied()).collect();
+        Mixer {
+            schedule: Schedule::new(&[SchedulePoint { step: 0, weights: w }], &refs),
+            fill: vec![1.0; weights.len()],
+            rows,
+            bursty: vec![None; weights.len()],
+        }
+    }
+
+    #[test]
+    fn apportion_is_exact() {
+        let a = apportion(100, &[1.0, 1.0, 1.0]);
+        assert_eq!(a.iter().sum::<i64>(), 100);
+        assert_eq!(a, vec![34, 33, 33]);
+    }
+
+    #[test]
+    fn constant_weights_stay_within_a_row() {
+        let m = mixer(&[0.5, 0.3, 0.15, 0.05], 7);
+        let mut s = MixState::new(4);
+        for step in 0..1000u64 {
+            let c = m.counts(&mut s, step);
+            assert_eq!(c.iter().sum::<u32>(), 7);
+            for (d, w) in [0.5, 0.3, 0.15, 0.05].iter().enumerate() {
+                let target = w * 7.0 * (step + 1) as f64;
+                assert!((s.rows[d] as f64 - target).abs() <= 1.0, "step {step} d{d}");
+            }
+        }
+    }
+
+    #[test]
+    fn ramp_interpolates() {
+        let names = ["a", "b"];
+        let p = |step, a, b| SchedulePoint {
+            step,
+            weights: [("a".to_string(), a), ("b".to_string(), b)].into_iter().collect(),
+        };
+        let s = Schedule::new(&[p(10, 1.0, 0.0), p(20, 0.0, 1.0)], &names);
+        assert_eq!(s.weights(0), vec![1.0, 0.0]);
+        assert_eq!(s.weights(15), vec![0.5, 0.5]);
+        assert_eq!(s.weights(99), vec![0.0, 1.0]);
+    }
+}

@@ -1,0 +1,609 @@
+//! The plan: which tokens fill every row of every global batch, as a pure function of
+//! the corpus manifest, the plan config and the step.
+//!
+//! Pure by construction: no files, no clocks, no threads. It reads only document lengths
+//! and group runs through [`DocSource`], so property tests drive it with vectors and the
+//! daemon with mapped shards, and both compute the same thing. The flow is
+//! [`permute`] (epoch shuffle) -> [`pack`] (rows of one window) -> `domain` (a domain's
+//! row stream) -> [`mix`] (rows per domain per step) -> [`Planner::next_batch`] (the
+//! global batch, positions shuffled) -> [`GlobalBatch::rank_rows`] (one rank's slice).
+//! [`cursor`] records where a [`Planner`] is.
+
+pub mod config;
+pub mod cursor;
+mod domain;
+pub mod mix;
+pub mod pack;
+pub mod permute;
+pub mod report;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use config::{
+    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, SettingError, Upsample,
+};
+pub use cursor::CursorError;
+pub use domain::{DocSource, DomainInput, MemShard, StreamState, MAX_DEFERRED};
+
+use domain::{DomainData, Geometry, Stream};
+use mix::{MixState, Mixer, Schedule};
+use permute::{derive_key, Permutation};
+
+/// Why a plan could not be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    /// A setting is wrong.
+    #[error(transparent)]
+    Setting(#[from] SettingError),
+    /// A domain cannot be planned as configured.
+    #[error("{0}")]
+    Domain(String),
+}
+
+/// A token range of one document placed in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Segment {
+    /// Shard index within the domain.
+    pub shard: u32,
+    /// Document within the shard.
+    pub doc: u64,
+    /// First token within the document.
+    pub start: u64,
+    /// Tokens.
+    pub len: u32,
+    /// The whole document's length, so cuts are visible.
+    pub doc_len: u64,
+    /// Group id from the sidecar, if any.
+    pub group: Option<u64>,
+}
+
+/// One row of a global batch: up to `seq_len + 1` tokens of one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    /// Domain index.
+    pub domain: u16,
+    /// The domain's epoch this row comes from (0-based).
+    pub epoch: u32,
+    /// Documents in order; padding follows them.
+    pub segments: Vec<Segment>,
+    /// Real tokens.
+    pub tokens: u32,
+    /// Label positions that count towards the loss: predictions inside a document.
+    /// Predictions across a document boundary and into padding are masked.
+    pub loss_tokens: u32,
+}
+
+impl Row {
+    /// Builds a row and counts its loss tokens.
+    pub fn new(domain: u16, epoch: u32, segments: Vec<Segment>, tokens: u32) -> Row {
+        let loss_tokens = segments.iter().map(|s| s.len.saturating_sub(1)).sum();
+        Row {
+            domain,
+            epoch,
+            segments,
+            tokens,
+            loss_tokens,
+        }
+    }
+
+    /// Documents that would fit a row but were cut (start here, continue elsewhere).
+    pub fn truncated(&self, capacity: u32) -> u32 {
+        self.segments
+            .iter()
+            .filter(|s| s.start == 0 && (s.len as u64) < s.doc_len && s.doc_len <= capacity as u64)
+            .count() as u32
+    }
+
+    /// Documents that begin in this row.
+    pub fn docs_started(&self) -> u32 {
+        self.segments.iter().filter(|s| s.start == 0).count() as u32
+    }
+}
+
+/// The rows of one global step, in their final (shuffled) positions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GlobalBatch {
+    /// Trainer step.
+    pub step: u64,
+    /// Step in the unskipped numbering that schedules and skips use.
+    pub plan_step: u64,
+    /// All rows, `global_batch_rows` of them.
+    pub rows: Vec<Row>,
+    /// Rows per domain.
+    pub counts: Vec<u32>,
+}
+
+impl GlobalBatch {
+    /// Rank `r` of `ranks` gets rows `[r*G/R, (r+1)*G/R)`; TP/PP peers call this with the
+    /// same `r` and get the same rows.
+    pub fn rank_rows(&self, r: u32, ranks: u32) -> &[Row] {
+        let (a, b) = rank_range(self.rows.len() as u64, r, ranks);
+        &self.rows[a as usize..b as usize]
+    }
+}
+
+/// The row range of rank `r` of `ranks` in a batch of `g` rows.
+pub fn rank_range(g: u64, r: u32, ranks: u32) -> (u64, u64) {
+    let ranks = ranks.max(1) as u64;
+    let r = (r as u64).min(ranks - 1);
+    (r * g / ranks, (r + 1) * g / ranks)
+}
+
+/// A built plan: immutable, shared by every planner and every thread.
+pub struct Plan {
+    cfg: PlanConfig,
+    domains: Vec<DomainData>,
+    mixer: Mixer,
+    geometry: Geometry,
+    fingerprint: u128,
+    reseeds: Vec<(u64, u64)>,
+    skips: Vec<(u64, u64)>,
+}
+
+impl Plan {
+    /// Builds a plan. `manifest` identifies the corpus content (the caller hashes shard
+    /// identities; the plan never reads files).
+    pub fn new(
+        inputs: &[DomainInput],
+        cfg: PlanConfig,
+        manifest: u128,
+    ) -> Result<Plan, PlanError> {
+        if inputs.is_empty() {
+            return Err(PlanError::Domain("the corpus has no domains".into()));
+        }
+        if inputs.len() > u16::MAX as usize {
+            return Err(PlanError::Domain("more than 65535 domains".into()));
+        }
+        let settings: Vec<(&str, DomainSettings)> = inputs
+            .iter()
+            .map(|d| (d.name.as_str(), d.settings))
+            .collect();
+        cfg.validate(&settings)?;
+        let geometry = Geometry {
+            capacity: cfg.seq_len + 1,
+            packing: cfg.packing,
+        };
+        let mut domains = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            domains.push(DomainData::new(input, &cfg).map_err(PlanError::Domain)?);
+        }
+        let names: Vec<&str> = inputs.iter().map(|d| d.name.as_str()).collect();
+        let schedule = Schedule::new(&cfg.points(), &names);
+        // A domain that is ever weighted must have tokens.
+        for (i, d) in domains.iter().enumerate() {
+            let weighted = cfg
+                .points()
+                .iter()
+                .any(|p| p.weights.get(&d.name).is_some_and(|&w| w > 0.0));
+            if weighted && d.tokens == 0 {
+                return Err(PlanError::Domain(format!(
+                    "domain {} (corpus.domain[{i}]) has weight but no tokens",
+                    d.name
+                )));
+            }
+        }
+        // First windows (and so fills), one thread per domain: they are independent.
+        let firsts: Vec<domain::FirstWindow> = std::thread::scope(|scope| {
+            let handles: Vec<_> = domains
+                .iter()
+                .map(|d| scope.spawn(|| domain::first_window(d, geometry, cfg.seed)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        let fill = firsts.iter().map(|f| f.fill).collect();
+        for (d, f) in domains.iter_mut().zip(firsts) {
+            d.first = Some(f);
+        }
+        let mut phase = 0u32;
+        let bursty = domains
+            .iter()
+            .map(|d| {
+                d.settings.bursty.map(|b| {
+                    let p = phase % b.period;
+                    phase += 1;
+                    (b.period, p)
+                })
+            })
+            .collect();
+        let mixer = Mixer {
+            schedule,
+            fill,
+            rows: cfg.global_batch_rows,
+            bursty,
+        };
+        let fingerprint = fingerprint(&cfg, inputs, manifest);
+        Ok(Plan {
+            reseeds: cfg.reseed.iter().map(|r| (r.step, r.seed)).collect(),
+            skips: cfg.skip.iter().map(|s| (s.steps[0], s.steps[1])).collect(),
+            cfg,
+            domains,
+            mixer,
+            geometry,
+            fingerprint,
+        })
+    }
+
+    /// The validated config.
+    pub fn config(&self) -> &PlanConfig {
+        &self.cfg
+    }
+
+    /// Domain names in index order.
+    pub fn domain_names(&self) -> Vec<&str> {
+        self.domains.iter().map(|d| d.name.as_str()).collect()
+    }
+
+    /// Shard display names of domain `d`.
+    pub fn shard_names(&self, d: usize) -> &[String] {
+        self.domains.get(d).map_or(&[], |d| &d.shard_names)
+    }
+
+    /// Tokens per domain.
+    pub fn domain_tokens(&self) -> Vec<u64> {
+        self.domains.iter().map(|d| d.tokens).collect()
+    }
+
+    /// Estimated fill per domain (real tokens per row over capacity).
+    pub fn fill(&self) -> &[f64] {
+        &self.mixer.fill
+    }
+
+    /// The mixer, for reports of targets.
+    pub fn mixer(&self) -> &Mixer {
+        &self.mixer
+    }
+
+    /// Tokens a row holds (`seq_len + 1`).
+    pub fn capacity(&self) -> u32 {
+        self.geometry.capacity
+    }
+
+    /// Identity of corpus + static config, as cursors carry it.
+    pub fn fingerprint(&self) -> u128 {
+        self.fingerprint
+    }
+
+    /// Per-domain facts for reports.
+    pub fn describe(&self, d: usize) -> std::collections::BTreeMap<&'static str, u64> {
+        self.domains
+            .get(d)
+            .map(domain::describe)
+            .unwrap_or_default()
+    }
+
+    /// The plan step that trainer step `t` reads, skipping configured ranges.
+    pub fn plan_step_of(&self, t: u64) -> u64 {
+        let mut p = t;
+        for &(a, b) in &self.skips {
+            if p >= a {
+                p += b - a + 1;
+            } else {
+                break;
+            }
+        }
+        p
+    }
+
+    fn seed_at(&self, plan_step: u64) -> u64 {
+        self.reseeds
+            .iter()
+            .rev()
+            .find(|r| r.0 <= plan_step)
+            .map_or(self.cfg.seed, |r| r.1)
+    }
+
+    fn group_cap(&self, d: usize) -> u32 {
+        let share = self.domains[d].settings.grouping.max_share;
+        ((share * self.cfg.global_batch_rows as f64).floor() as u32).max(1)
+    }
+
+    /// A digest of everything that shaped steps before `plan_step` besides the static
+    /// config: schedule values, skips and reseeds. Editing the future keeps it.
+    pub fn history(&self, plan_step: u64) -> u64 {
+        let mut words: Vec<u64> = vec![plan_step.min(1)];
+        if plan_step > 0 {
+            let mut at: Vec<u64> = vec![0, plan_step - 1];
+            at.extend(self.mixer.schedule.breakpoints().filter(|&s| s < plan_step));
+            at.sort_unstable();
+            at.dedup();
+            for s in at {
+                words.push(s);
+                words.extend(self.mixer.schedule.shares(s).iter().map(|w| w.to_bits()));
+            }
+        }
+        for &(a, b) in &self.skips {
+            if a < plan_step {
+                words.extend([a, b.min(plan_step)]);
+            }
+        }
+        for &(s, seed) in &self.reseeds {
+            if s < plan_step {
+                words.extend([s, seed]);
+            }
+        }
+        derive_key(&words)
+    }
+
+    /// A planner at step 0.
+    pub fn start(self: &Arc<Self>) -> Planner {
+        Planner {
+            plan: self.clone(),
+            step: 0,
+            plan_step: 0,
+            mix: MixState::new(self.domains.len()),
+            streams: self
+                .domains
+                .iter()
+                .map(|_| Stream::new(StreamState::default()))
+                .collect(),
+        }
+    }
+
+    /// A planner at trainer step `step`, by recomputation from step 0 without building
+    /// rows or reading a token.
+    ///
+    /// The mixer runs first (it needs nothing but the schedule); then each domain replays
+    /// its own share of rows. Domains never interact, so they replay on parallel threads
+    /// and the result is identical to a sequential replay whatever the thread count.
+    pub fn seek(self: &Arc<Self>, step: u64) -> Planner {
+        let mut p = self.start();
+        let target = self.plan_step_of(step);
+        let n = self.domains.len();
+        let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(target as usize); n];
+        for ps in 0..target {
+            let c = self.mixer.counts(&mut p.mix, ps);
+            for (d, &k) in c.iter().enumerate() {
+                counts[d].push(k);
+            }
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .min(n);
+        let streams: Vec<std::sync::Mutex<Option<Stream>>> = p
+            .streams
+            .drain(..)
+            .map(|s| std::sync::Mutex::new(Some(s)))
+            .collect();
+        let replay = |d: usize, stream: &mut Stream| {
+            for (ps, &k) in counts[d].iter().enumerate() {
+                let ps = ps as u64;
+                stream.take(
+                    &self.domains[d],
+                    d as u16,
+                    self.geometry,
+                    k,
+                    ps,
+                    self.seed_at(ps),
+                    &self.reseeds,
+                    self.group_cap(d),
+                    None,
+                );
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let d = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(slot) = streams.get(d) else { break };
+                    let mut guard = match slot.lock() {
+                        Ok(g) => g,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    if let Some(stream) = guard.as_mut() {
+                        replay(d, stream);
+                    }
+                });
+            }
+        });
+        p.streams = streams
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .unwrap_or_else(|| Stream::new(StreamState::default()))
+            })
+            .collect();
+        p.plan_step = target;
+        p.step = step;
+        p
+    }
+
+    /// A planner restored from a cursor blob.
+    pub fn restore(self: &Arc<Self>, blob: &[u8]) -> Result<Planner, CursorError> {
+        let c = cursor::decode(blob)?;
+        if c.fingerprint != self.fingerprint {
+            return Err(CursorError::Fingerprint {
+                blob: c.fingerprint,
+                ours: self.fingerprint,
+            });
+        }
+        let ours = self.history(c.plan_step);
+        if c.history != ours {
+            return Err(CursorError::History {
+                step: c.step,
+                blob: c.history,
+                ours,
+            });
+        }
+        if c.streams.len() != self.domains.len() || c.plan_step != self.plan_step_of(c.step) {
+            return Err(CursorError::Malformed(format!(
+                "{} domains at step {} (plan step {}) do not fit this plan",
+                c.streams.len(),
+                c.step,
+                c.plan_step
+            )));
+        }
+        let mut p = Planner {
+            plan: self.clone(),
+            step: c.step,
+            plan_step: c.plan_step,
+            mix: c.mix,
+            streams: c.streams.into_iter().map(Stream::new).collect(),
+        };
+        // Structural checks that need the packed window.
+        for (d, s) in p.streams.iter_mut().enumerate() {
+            s.check(&self.domains[d], self.geometry)
+                .map_err(|e| CursorError::Malformed(format!("domain {}: {e}", self.domains[d].name)))?;
+        }
+        Ok(p)
+    }
+}
+
+fn fingerprint(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> u128 {
+    // Only what shapes every step: not the schedule, skips or reseeds (the history digest
+    // covers those up to a cursor's step, so the future may be edited).
+    let static_part = serde_json::json!({
+        "seed": cfg.seed,
+        "seq_len": cfg.seq_len,
+        "global_batch_rows": cfg.global_batch_rows,
+        "packing": cfg.packing,
+        "window": cfg.best_fit_window,
+        "domains": inputs.iter().map(|d| serde_json::json!({
+            "name": d.name,
+            "settings": d.settings,
+            "shards": d.shards.len(),
+        })).collect::<Vec<_>>(),
+        "layout": cursor::VERSION,
+    });
+    let mut bytes = manifest.to_le_bytes().to_vec();
+    bytes.extend_from_slice(static_part.to_string().as_bytes());
+    xxhash_rust::xxh3::xxh3_128(&bytes)
+}
+
+/// A position in the run: produces global batches one after another.
+pub struct Planner {
+    plan: Arc<Plan>,
+    step: u64,
+    plan_step: u64,
+    mix: MixState,
+    streams: Vec<Stream>,
+}
+
+impl Planner {
+    /// The next trainer step this planner will produce.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The plan it follows.
+    pub fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    /// Mixer state (cumulative rows and carried error per domain).
+    pub fn mix_state(&self) -> &MixState {
+        &self.mix
+    }
+
+    /// Stream state of domain `d`.
+    pub fn stream(&self, d: usize) -> Option<&StreamState> {
+        self.streams.get(d).map(|s| &s.state)
+    }
+
+    /// Epoch progress per domain (completed epochs plus the fraction of the current one).
+    pub fn epochs(&self) -> Vec<f64> {
+        self.streams
+            .iter()
+            .zip(&self.plan.domains)
+            .map(|(s, d)| domain::epoch_progress(d, &s.state, s.cached_blocks()))
+            .collect()
+    }
+
+    fn is_skipped(&self, p: u64) -> bool {
+        self.plan.skips.iter().any(|&(a, b)| a <= p && p <= b)
+    }
+
+    /// Plans one plan step; returns its per-domain counts.
+    fn advance(&mut self, mut out: Option<&mut Vec<Row>>) -> Vec<u32> {
+        let plan = self.plan.clone();
+        let p = self.plan_step;
+        let counts = plan.mixer.counts(&mut self.mix, p);
+        let seed = plan.seed_at(p);
+        for (d, stream) in self.streams.iter_mut().enumerate() {
+            stream.take(
+                &plan.domains[d],
+                d as u16,
+                plan.geometry,
+                counts[d],
+                p,
+                seed,
+                &plan.reseeds,
+                plan.group_cap(d),
+                out.as_deref_mut(),
+            );
+        }
+        self.plan_step += 1;
+        counts
+    }
+
+    /// The next global batch.
+    pub fn next_batch(&mut self) -> GlobalBatch {
+        while self.is_skipped(self.plan_step) {
+            self.advance(None);
+        }
+        let p = self.plan_step;
+        let mut rows = Vec::with_capacity(self.plan.cfg.global_batch_rows as usize);
+        let counts = self.advance(Some(&mut rows));
+        // Interleave domains across positions (and so across ranks).
+        let perm = Permutation::new(
+            rows.len() as u64,
+            derive_key(&[self.plan.seed_at(p), p, 5]),
+        );
+        let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
+        let rows: Vec<Row> = (0..slots.len() as u64)
+            .filter_map(|j| slots[perm.apply(j) as usize].take())
+            .collect();
+        let step = self.step;
+        self.step += 1;
+        GlobalBatch {
+            step,
+            plan_step: p,
+            rows,
+            counts,
+        }
+    }
+
+    /// Moves past the next global batch without building its rows.
+    pub fn skip_batch(&mut self) {
+        while self.is_skipped(self.plan_step) {
+            self.advance(None);
+        }
+        self.advance(None);
+        self.step += 1;
+    }
+
+    /// The cursor blob for "everything before `step()` has been delivered".
+    pub fn cursor(&self) -> Vec<u8> {
+        cursor::encode(&cursor::CursorData {
+            fingerprint: self.plan.fingerprint,
+            history: self.plan.history(self.plan_step),
+            step: self.step,
+            plan_step: self.plan_step,
+            mix: self.mix.clone(),
+            streams: self.streams.iter().map(|s| s.state.clone()).collect(),
+        })
+    }
+}
+
+/// Lets the planner read a mapped shard (validated before planning).
+impl DocSource for crate::corpus::Shard {
+    fn documents(&self) -> u64 {
+        crate::corpus::Shard::documents(self)
+    }
+    fn tokens(&self) -> u64 {
+        crate::corpus::Shard::tokens(self)
+    }
+    fn doc_len(&self, doc: u64) -> u64 {
+        // Validated shards cannot fail here; 0 keeps an impossible error harmless.
+        self.doc_len_validated(doc)
+    }
+    fn groups(&self) -> Option<&[crate::corpus::GroupRun]> {
+        crate::corpus::Shard::groups(self).map(|g| g.runs())
+    }
+}

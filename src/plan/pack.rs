@@ -1,0 +1,488 @@
+//! Packing one window of units into rows: concatenate-and-chunk, or best-fit-decreasing.
+//!
+//! Pure functions over `(unit, length)` lists. A window is packed on its own, so the
+//! cost of a resume is one window and the result never depends on what came before.
+//! A row holds `seq_len + 1` tokens (`capacity`): inputs are its first `seq_len`, labels
+//! its last `seq_len`.
+
+use super::config::Packing;
+
+/// A contiguous token range of one unit placed in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// Unit index within the epoch's unit space (not the virtual, upsampled index).
+    pub unit: u64,
+    /// First token within the unit.
+    pub start: u64,
+    /// Tokens.
+    pub len: u32,
+}
+
+/// A run of rows that must stay together and in order: a long grouped unit's rows, or a
+/// single row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// First row (index into [`Window::rows`]).
+    pub first_row: u32,
+    /// Rows in the block (at least 1).
+    pub rows: u32,
+}
+
+/// A packed row: a range of [`Window::pieces`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowPieces {
+    /// First piece.
+    pub first: u32,
+    /// Pieces in the row.
+    pub count: u32,
+    /// Real (non-padding) tokens.
+    pub tokens: u32,
+}
+
+/// One packed window: rows made of pieces, and the blocks that the emission order
+/// shuffles.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Window {
+    /// All pieces, row by row.
+    pub pieces: Vec<Piece>,
+    /// Rows in packing order.
+    pub rows: Vec<RowPieces>,
+    /// Blocks, covering `rows` in order.
+    pub blocks: Vec<Block>,
+}
+
+impl Window {
+    /// The pieces of row `r`.
+    pub fn row_pieces(&self, r: u32) -> &[Piece] {
+        match self.rows.get(r as usize) {
+            Some(row) => {
+                let a = row.first as usize;
+                self.pieces.get(a..a + row.count as usize).unwrap_or(&[])
+            }
+            None => &[],
+        }
+    }
+
+    /// Real tokens over all rows.
+    pub fn tokens(&self) -> u64 {
+        self.rows.iter().map(|r| r.tokens as u64).sum()
+    }
+
+    fn push_row(&mut self, pieces: impl IntoIterator<Item = Piece>) -> u32 {
+        let first = self.pieces.len() as u32;
+        let mut tokens = 0u32;
+        for p in pieces {
+            tokens += p.len;
+            self.pieces.push(p);
+        }
+        let count = self.pieces.len() as u32 - first;
+        self.rows.push(RowPieces {
+            first,
+            count,
+            tokens,
+        });
+        self.rows.len() as u32 - 1
+    }
+}
+
+/// Packs `units` (in window order, `(unit, length)`) into rows of `capacity` tokens.
+///
+/// `keep_together` (grouping on) makes each unit longer than a row one block: its full
+/// rows in order, then a row that starts with its remainder and is topped up with short
+/// units. Without it every row is its own block.
+pub fn pack(units: &[(u64, u64)], capacity: u32, packing: Packing, keep_together: bool) -> Window {
+    match packing {
+        Packing::Concat => concat(units, capacity, keep_together),
+        Packing::BestFit => best_fit(units, capacity, keep_together),
+    }
+}
+
+/// Megatron's concatenate-and-chunk. Row k covers stream tokens `[kL, kL + L + 1)` with
+/// `L = capacity - 1`: consecutive rows share one boundary token, so every token is a
+/// label exactly once. The window's last row is padded rather than dropped.
+fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
+    let mut w = Window::default();
+    let step = (capacity as u64).saturating_sub(1).max(1);
+    let total: u64 = units.iter().map(|&(_, l)| l).sum();
+    if total == 0 {
+        return w;
+    }
+    // Walk units alongside row starts.
+    let mut ui = 0usize; // unit containing the row start
+    let mut unit_off = 0u64; // stream offset of units[ui]
+    let mut row_start = 0u64;
+    let mut row_buf: Vec<Piece> = Vec::new();
+    loop {
+        let row_end = (row_start + capacity as u64).min(total);
+        // Advance ui to the unit containing row_start.
+        while ui < units.len() && unit_off + units[ui].1 <= row_start {
+            unit_off += units[ui].1;
+            ui += 1;
+        }
+        row_buf.clear();
+        let (mut j, mut off) = (ui, unit_off);
+        while j < units.len() && off < row_end {
+            let (unit, len) = units[j];
+            let a = row_start.max(off);
+            let b = row_end.min(off + len);
+            if b > a {
+                row_buf.push(Piece {
+                    unit,
+                    start: a - off,
+                    len: (b - a) as u32,
+                });
+            }
+            off += len;
+            j += 1;
+        }
+        w.push_row(row_buf.iter().copied());
+        if row_end >= total || row_start + step >= total.saturating_sub(1).max(1) {
+            break;
+        }
+        row_start += step;
+    }
+    let rows = w.rows.len() as u32;
+    if keep_together {
+        w.blocks.push(Block {
+            first_row: 0,
+            rows,
+        });
+    } else {
+        w.blocks = (0..rows)
+            .map(|r| Block {
+                first_row: r,
+                rows: 1,
+            })
+            .collect();
+    }
+    w
+}
+
+/// Best-fit-decreasing (Ding et al. 2024) with an O(1) "smallest bin that fits" lookup:
+/// a two-level bitset over free capacities and a FIFO of bins per capacity.
+fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
+    let cap = capacity.max(1);
+    let c64 = cap as u64;
+    let mut w = Window::default();
+
+    // Short pieces to pack: (len, unit, start). Bins: pieces + free space.
+    let mut short: Vec<(u32, Piece)> = Vec::new();
+    // Long grouped units: full rows + an opened bin seeded by the remainder.
+    struct LongUnit {
+        unit: u64,
+        full: u64,
+        seed_bin: Option<u32>,
+    }
+    let mut long: Vec<LongUnit> = Vec::new();
+    let mut bins: Vec<Vec<Piece>> = Vec::new();
+    let mut bin_free: Vec<u32> = Vec::new();
+    let mut bin_owned: Vec<bool> = Vec::new();
+    // Rows of full pieces of ungrouped long units, in window order.
+    let mut full_rows: Vec<Piece> = Vec::new();
+
+    for &(unit, len) in units {
+        if len == 0 {
+            continue;
+        }
+        let full = len / c64;
+        let rem = (len % c64) as u32;
+        if full == 0 {
+            short.push((
+                rem,
+                Piece {
+                    unit,
+                    start: 0,
+                    len: rem,
+                },
+            ));
+        } else if keep_together {
+            let seed_bin = (rem > 0).then(|| {
+                bins.push(vec![Piece {
+                    unit,
+                    start: full * c64,
+                    len: rem,
+                }]);
+                bin_free.push(cap - rem);
+                bin_owned.push(true);
+                bins.len() as u32 - 1
+            });
+            long.push(LongUnit {
+                unit,
+                full,
+                seed_bin,
+            });
+        } else {
+            for k in 0..full {
+                full_rows.push(Piece {
+                    unit,
+                    start: k * c64,
+                    len: cap,
+                });
+            }
+            if rem > 0 {
+                short.push((
+                    rem,
+                    Piece {
+                        unit,
+                        start: full * c64,
+                        len: rem,
+                    },
+                ));
+            }
+        }
+    }
+
+    // Counting sort, longest first; stable so ties keep window order.
+    let mut counts = vec![0u32; cap as usize + 1];
+    for &(l, _) in &short {
+        counts[l as usize] += 1;
+    }
+    let mut starts = vec![0u32; cap as usize + 2];
+    // starts[l] = first slot of length l, with lengths descending.
+    let mut acc = 0u32;
+    for l in (0..=cap as usize).rev() {
+        starts[l] = acc;
+        acc += counts[l];
+    }
+    let mut sorted: Vec<Piece> = vec![
+        Piece {
+            unit: 0,
+            start: 0,
+            len: 0
+        };
+        short.len()
+    ];
+    for &(l, p) in &short {
+        let s = &mut starts[l as usize];
+        sorted[*s as usize] = p;
+        *s += 1;
+    }
+
+    let mut free = FreeIndex::new(cap);
+    for (b, &f) in bin_free.iter().enumerate() {
+        if f > 0 {
+            free.push(f, b as u32);
+        }
+    }
+    for p in sorted {
+        let bin = match free.pop_fitting(p.len) {
+            Some((_, b)) => b,
+            None => {
+                bins.push(Vec::new());
+                bin_free.push(cap);
+                bin_owned.push(false);
+                bins.len() as u32 - 1
+            }
+        };
+        let bi = bin as usize;
+        bins[bi].push(p);
+        bin_free[bi] -= p.len;
+        if bin_free[bi] > 0 {
+            free.push(bin_free[bi], bin);
+        }
+    }
+
+    // Rows: long grouped units first (each a block), then ungrouped full rows, then the
+    // plain bins; the emission order is shuffled later, so this order only fixes ids.
+    for lu in &long {
+        let first_row = w.rows.len() as u32;
+        for k in 0..lu.full {
+            w.push_row([Piece {
+                unit: lu.unit,
+                start: k * c64,
+                len: cap,
+            }]);
+        }
+        if let Some(b) = lu.seed_bin {
+            w.push_row(bins[b as usize].iter().copied());
+        }
+        let rows = w.rows.len() as u32 - first_row;
+        w.blocks.push(Block { first_row, rows });
+    }
+    for p in full_rows {
+        let r = w.push_row([p]);
+        w.blocks.push(Block {
+            first_row: r,
+            rows: 1,
+        });
+    }
+    for (b, pieces) in bins.iter().enumerate() {
+        if bin_owned[b] {
+            continue;
+        }
+        let r = w.push_row(pieces.iter().copied());
+        w.blocks.push(Block {
+            first_row: r,
+            rows: 1,
+        });
+    }
+    w
+}
+
+/// Open bins by free capacity: for each capacity a FIFO (intrusive list) of bins, and a
+/// two-level bitset of non-empty capacities so "smallest capacity >= len" is a few word
+/// scans even at seq_len 32768.
+struct FreeIndex {
+    head: Vec<u32>,
+    tail: Vec<u32>,
+    next: Vec<u32>,
+    bits: Vec<u64>,
+    summary: Vec<u64>,
+}
+
+const NIL: u32 = u32::MAX;
+
+impl FreeIndex {
+    fn new(cap: u32) -> FreeIndex {
+        let n = cap as usize + 1;
+        let words = n.div_ceil(64);
+        FreeIndex {
+            head: vec![NIL; n],
+            tail: vec![NIL; n],
+            next: Vec::new(),
+            bits: vec![0; words],
+            summary: vec![0; words.div_ceil(64)],
+        }
+    }
+
+    fn push(&mut self, free: u32, bin: u32) {
+        let f = free as usize;
+        let b = bin as usize;
+        if self.next.len() <= b {
+            self.next.resize(b + 1, NIL);
+        }
+        self.next[b] = NIL;
+        if self.head[f] == NIL {
+            self.head[f] = bin;
+            self.bits[f / 64] |= 1 << (f % 64);
+            self.summary[f / 4096] |= 1 << ((f / 64) % 64);
+        } else {
+            let t = self.tail[f] as usize;
+            self.next[t] = bin;
+        }
+        self.tail[f] = bin;
+    }
+
+    /// Removes and returns the oldest bin with the smallest free capacity >= `len`.
+    fn pop_fitting(&mut self, len: u32) -> Option<(u32, u32)> {
+        let f = self.find(len as usize)?;
+        let bin = self.head[f];
+        let nx = self.next[bin as usize];
+        self.head[f] = nx;
+        if nx == NIL {
+            self.tail[f] = NIL;
+            self.bits[f / 64] &= !(1 << (f % 64));
+            if self.bits[f / 64] == 0 {
+                self.summary[f / 4096] &= !(1 << ((f / 64) % 64));
+            }
+        }
+        Some((f as u32, bin))
+    }
+
+    fn find(&self, from: usize) -> Option<usize> {
+        let mut w = from / 64;
+        if w >= self.bits.len() {
+            return None;
+        }
+        let m = self.bits[w] & (u64::MAX << (from % 64));
+        if m != 0 {
+            return Some(w * 64 + m.trailing_zeros() as usize);
+        }
+        // Next non-empty word via the summary.
+        w += 1;
+        let mut s = w / 64;
+        while s < self.summary.len() {
+            let mask = if s == w / 64 {
+                u64::MAX.checked_shl((w % 64) as u32).unwrap_or(0)
+            } else {
+                u64::MAX
+            };
+            let m = self.summary[s] & mask;
+            if m != 0 {
+                let word = s * 64 + m.trailing_zeros() as usize;
+                let bits = self.bits[word];
+                return Some(word * 64 + bits.trailing_zeros() as usize);
+            }
+            s += 1;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_cover(units: &[(u64, u64)], w: &Window, cap: u32) {
+        let mut covered: Vec<Vec<(u64, u64)>> = vec![Vec::new(); units.len()];
+        for r in 0..w.rows.len() as u32 {
+            let ps = w.row_pieces(r);
+            let t: u32 = ps.iter().map(|p| p.len).sum();
+            assert!(t <= cap);
+            for p in ps {
+                covered[p.unit as usize].push((p.start, p.start + p.len as u64));
+            }
+        }
+        for (i, &(_, len)) in units.iter().enumerate() {
+            let mut c = covered[i].clone();
+            c.sort();
+            let mut at = 0;
+            for (a, b) in c {
+                assert_eq!(a, at, "unit {i}");
+                at = b;
+            }
+            assert_eq!(at, len, "unit {i}");
+        }
+    }
+
+    #[test]
+    fn best_fit_covers_and_never_cuts_short_units() {
+        let units: Vec<(u64, u64)> = (0..500u64)
+            .map(|i| (i, (i * 7919 % 300) + if i % 50 == 0 { 1000 } else { 1 }))
+            .collect();
+        for keep in [false, true] {
+            let w = pack(&units, 257, Packing::BestFit, keep);
+            check_cover(&units, &w, 257);
+            for r in 0..w.rows.len() as u32 {
+                for p in w.row_pieces(r) {
+                    let len = units[p.unit as usize].1;
+                    if len <= 257 {
+                        assert_eq!((p.start, p.len as u64), (0, len));
+                    }
+                }
+            }
+            let blocks: u32 = w.blocks.iter().map(|b| b.rows).sum();
+            assert_eq!(blocks as usize, w.rows.len());
+        }
+    }
+
+    #[test]
+    fn concat_rows_overlap_by_one_token() {
+        let units: Vec<(u64, u64)> = (0..40u64).map(|i| (i, 1 + i * 13 % 97)).collect();
+        let total: u64 = units.iter().map(|u| u.1).sum();
+        let w = pack(&units, 65, Packing::Concat, false);
+        let mut stream = 0u64;
+        for r in 0..w.rows.len() as u32 {
+            let t = w.rows[r as usize].tokens as u64;
+            if r + 1 < w.rows.len() as u32 {
+                assert_eq!(t, 65);
+            }
+            stream += t - 1;
+        }
+        assert_eq!(stream + 1, total);
+    }
+
+    #[test]
+    fn free_index_finds_smallest_fitting() {
+        let mut f = FreeIndex::new(10000);
+        f.push(9000, 1);
+        f.push(70, 2);
+        f.push(70, 3);
+        f.push(5, 4);
+        assert_eq!(f.pop_fitting(6), Some((70, 2)));
+        assert_eq!(f.pop_fitting(6), Some((70, 3)));
+        assert_eq!(f.pop_fitting(6), Some((9000, 1)));
+        assert_eq!(f.pop_fitting(6), None);
+        assert_eq!(f.pop_fitting(5), Some((5, 4)));
+    }
+}

@@ -1,0 +1,337 @@
+//! Quality figures over a stretch of planned batches: realized vs target share, epochs,
+//! padding, truncation, documents per row, distinct groups per batch and duplicates.
+//!
+//! This is what `millrace plan` prints and what property tests assert on, so the
+//! numbers an operator reads are the ones the tests hold to.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use super::{GlobalBatch, Plan};
+
+/// Figures for one domain over a window of steps.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct DomainFigures {
+    /// Domain name.
+    pub name: String,
+    /// Rows planned.
+    pub rows: u64,
+    /// Real tokens.
+    pub tokens: u64,
+    /// Realized share of real tokens.
+    pub token_share: f64,
+    /// Target token share (schedule mean over the window).
+    pub target_share: f64,
+    /// Epoch progress at the window's end.
+    pub epochs: f64,
+}
+
+/// Figures for a window of steps.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct WindowFigures {
+    /// First trainer step.
+    pub first_step: u64,
+    /// Last trainer step.
+    pub last_step: u64,
+    /// Per domain.
+    pub domains: Vec<DomainFigures>,
+    /// Padding tokens over capacity, percent.
+    pub padding_pct: f64,
+    /// Documents that fit a row but were cut, over documents started, percent.
+    pub truncation_pct: f64,
+    /// Documents per row: mean, p50, p99.
+    pub docs_per_row: [f64; 3],
+    /// Distinct groups per batch: mean and max (0 without grouped domains).
+    pub groups_per_batch: [f64; 2],
+    /// Pieces seen more often than allowed within their domain epoch.
+    pub duplicates: u64,
+}
+
+/// Accumulates batches into windows.
+pub struct Tally<'p> {
+    plan: &'p Plan,
+    window: Vec<GlobalBatch>,
+    seen: HashMap<(u16, u32, u32, u64, u64), u32>,
+    duplicates: u64,
+}
+
+impl<'p> Tally<'p> {
+    /// A tally for `plan`.
+    pub fn new(plan: &'p Plan) -> Tally<'p> {
+        Tally {
+            plan,
+            window: Vec::new(),
+            seen: HashMap::new(),
+            duplicates: 0,
+        }
+    }
+
+    /// Adds a batch; duplicates are tracked over everything added.
+    pub fn add(&mut self, batch: GlobalBatch) {
+        for row in &batch.rows {
+            let d = &self.plan.domains[row.domain as usize];
+            for s in &row.segments {
+                let allowed = match d.settings.upsample_long {
+                    Some(u) if s.doc_len > u.min_tokens || s.group.is_some() => u.factor,
+                    _ => 1,
+                };
+                let c = self
+                    .seen
+                    .entry((row.domain, row.epoch, s.shard, s.doc, s.start))
+                    .or_insert(0);
+                *c += 1;
+                if *c > allowed {
+                    self.duplicates += 1;
+                }
+            }
+        }
+        self.window.push(batch);
+    }
+
+    /// Closes the window: its figures, with epochs as of `epochs`.
+    pub fn finish(&mut self, epochs: &[f64]) -> WindowFigures {
+        let batches = std::mem::take(&mut self.window);
+        let plan = self.plan;
+        let cap = plan.capacity() as u64;
+        let n = plan.domains.len();
+        let mut rows = vec![0u64; n];
+        let mut tokens = vec![0u64; n];
+        let mut target = vec![0f64; n];
+        let (mut trunc, mut started) = (0u64, 0u64);
+        let mut per_row: Vec<u32> = Vec::new();
+        let mut groups: Vec<usize> = Vec::new();
+        for b in &batches {
+            for (d, s) in plan.mixer.schedule.shares(b.plan_step).iter().enumerate() {
+                target[d] += s;
+            }
+            let mut distinct = BTreeSet::new();
+            for r in &b.rows {
+                rows[r.domain as usize] += 1;
+                tokens[r.domain as usize] += r.tokens as u64;
+                trunc += r.truncated(plan.capacity()) as u64;
+                started += r.docs_started() as u64;
+                per_row.push(r.segments.len() as u32);
+                for s in &r.segments {
+                    if let Some(g) = s.group {
+                        distinct.insert((r.domain, s.shard, g));
+                    }
+                }
+            }
+            groups.push(distinct.len());
+        }
+        let all_rows: u64 = rows.iter().sum();
+        let all_tokens: u64 = tokens.iter().sum();
+        per_row.sort_unstable();
+        let pct = |q: f64| -> f64 {
+            if per_row.is_empty() {
+                return 0.0;
+            }
+            let i = ((q * per_row.len() as f64).ceil() as usize).clamp(1, per_row.len()) - 1;
+            per_row[i] as f64
+        };
+        let nb = batches.len().max(1) as f64;
+        WindowFigures {
+            first_step: batches.first().map_or(0, |b| b.step),
+            last_step: batches.last().map_or(0, |b| b.step),
+            domains: (0..n)
+                .map(|d| DomainFigures {
+                    name: plan.domains[d].name.clone(),
+                    rows: rows[d],
+                    tokens: tokens[d],
+                    token_share: ratio(tokens[d], all_tokens),
+                    target_share: target[d] / nb,
+                    epochs: epochs.get(d).copied().unwrap_or(0.0),
+                })
+                .collect(),
+            padding_pct: 100.0 * (1.0 - ratio(all_tokens, all_rows * cap)),
+            truncation_pct: 100.0 * ratio(trunc, started),
+            docs_per_row: [
+                per_row.iter().map(|&x| x as f64).sum::<f64>() / per_row.len().max(1) as f64,
+                pct(0.5),
+                pct(0.99),
+            ],
+            groups_per_batch: [
+                groups.iter().sum::<usize>() as f64 / nb,
+                groups.iter().copied().max().unwrap_or(0) as f64,
+            ],
+            duplicates: std::mem::take(&mut self.duplicates),
+        }
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// One row of `millrace explain`: where every token of it comes from.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RowProvenance {
+    /// Position in the global batch.
+    pub row: u64,
+    /// Domain name.
+    pub domain: String,
+    /// The domain's epoch (0-based).
+    pub epoch: u32,
+    /// Real tokens.
+    pub tokens: u32,
+    /// Padding tokens.
+    pub padding: u32,
+    /// Label positions counted by the loss.
+    pub loss_tokens: u32,
+    /// Documents in row order.
+    pub segments: Vec<SegmentProvenance>,
+}
+
+/// One document range of a row.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SegmentProvenance {
+    /// Shard path as configured on this node.
+    pub shard: String,
+    /// Document within the shard.
+    pub doc: u64,
+    /// Token range `[start, end)` within the document.
+    pub start: u64,
+    /// End of the range (exclusive).
+    pub end: u64,
+    /// Document length.
+    pub doc_len: u64,
+    /// Group id, if the shard has groups.
+    pub group: Option<u64>,
+}
+
+/// `millrace explain`'s answer for one step and rank.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Explanation {
+    /// Trainer step.
+    pub step: u64,
+    /// Step in the unskipped numbering.
+    pub plan_step: u64,
+    /// Rank asked about.
+    pub dp_rank: u32,
+    /// Ranks.
+    pub dp_size: u32,
+    /// Rows per domain over the whole global batch.
+    pub counts: Vec<(String, u32)>,
+    /// The rank's rows.
+    pub rows: Vec<RowProvenance>,
+}
+
+/// Builds the provenance of `batch` for rank `r` of `ranks`.
+pub fn explain(plan: &Plan, batch: &GlobalBatch, r: u32, ranks: u32) -> Explanation {
+    let (a, _) = super::rank_range(batch.rows.len() as u64, r, ranks);
+    let names = plan.domain_names();
+    let rows = batch
+        .rank_rows(r, ranks)
+        .iter()
+        .enumerate()
+        .map(|(i, row)| RowProvenance {
+            row: a + i as u64,
+            domain: names
+                .get(row.domain as usize)
+                .map_or_else(String::new, |n| n.to_string()),
+            epoch: row.epoch,
+            tokens: row.tokens,
+            padding: plan.capacity() - row.tokens,
+            loss_tokens: row.loss_tokens,
+            segments: row
+                .segments
+                .iter()
+                .map(|s| SegmentProvenance {
+                    shard: plan
+                        .shard_names(row.domain as usize)
+                        .get(s.shard as usize)
+                        .cloned()
+                        .unwrap_or_default(),
+                    doc: s.doc,
+                    start: s.start,
+                    end: s.start + s.len as u64,
+                    doc_len: s.doc_len,
+                    group: s.group,
+                })
+                .collect(),
+        })
+        .collect();
+    Explanation {
+        step: batch.step,
+        plan_step: batch.plan_step,
+        dp_rank: r,
+        dp_size: ranks,
+        counts: names
+            .iter()
+            .zip(&batch.counts)
+            .map(|(n, &c)| (n.to_string(), c))
+            .collect(),
+        rows,
+    }
+}
+
+/// Human-readable provenance.
+pub fn render_explain(e: &Explanation) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let counts: Vec<String> = e.counts.iter().map(|(n, c)| format!("{n} {c}")).collect();
+    let _ = writeln!(
+        s,
+        "step {} (plan step {}), dp rank {} of {}; global batch rows: {}",
+        e.step,
+        e.plan_step,
+        e.dp_rank,
+        e.dp_size,
+        counts.join(", ")
+    );
+    for r in &e.rows {
+        let _ = writeln!(
+            s,
+            "row {:>5}  {:<12} epoch {:<3} tokens {:>6}  pad {:>6}  loss {:>6}",
+            r.row, r.domain, r.epoch, r.tokens, r.padding, r.loss_tokens
+        );
+        for g in &r.segments {
+            let group = g.group.map(|x| format!("  group {x}")).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "           {} doc {} [{}, {}) of {}{group}",
+                g.shard, g.doc, g.start, g.end, g.doc_len
+            );
+        }
+    }
+    s
+}
+
+/// Human-readable window figures, one block per window.
+pub fn render_windows(windows: &[WindowFigures]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for w in windows {
+        let _ = writeln!(
+            s,
+            "steps {}..={}: padding {:.3}%  truncation {:.3}%  docs/row mean {:.2} p50 {} p99 {}  groups/batch mean {:.1} max {}  duplicates {}",
+            w.first_step,
+            w.last_step,
+            w.padding_pct,
+            w.truncation_pct,
+            w.docs_per_row[0],
+            w.docs_per_row[1],
+            w.docs_per_row[2],
+            w.groups_per_batch[0],
+            w.groups_per_batch[1],
+            w.duplicates
+        );
+        for d in &w.domains {
+            let _ = writeln!(
+                s,
+                "    {:<12} share {:>7.3}% (target {:>7.3}%)  rows {:>8}  epochs {:.4}",
+                d.name,
+                100.0 * d.token_share,
+                100.0 * d.target_share,
+                d.rows,
+                d.epochs
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,1010 @@
+//! `millrace tokenize`, end to end through the real binary (and the library where a test
+//! needs a setting the CLI does not expose): documents decode back to their text, groups
+//! come out contiguous and in order from interleaved input, compressed inputs read the
+//! same, bad lines are counted with their file:line, and no failed or killed run leaves a
+//! shard that opens.
+//!
+//! The tokenizer is a byte-level BPE trained here with the tokenizers crate's own
+//! trainer, so decoding is exact for any UTF-8 text.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use millrace::corpus::{DType, Shard};
+use millrace::tokenize::{self, Eos, TokenizeOptions};
+use serde_json::{json, Value};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    Tokenizer, TokenizerBuilder, TruncationParams,
+};
+
+const EOS: &str = "<|endoftext|>";
+
+/// A small deterministic generator (xorshift), so inputs are the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const WORDS: &[&str] = &[
+    "the",
+    "data",
+    "loader",
+    "feeds",
+    "tokens",
+    "to",
+    "every",
+    "rank",
+    "fn",
+    "main",
+    "let",
+    "mut",
+    "return",
+    "struct",
+    "impl",
+    "self",
+    "café",
+    "naïve",
+    "数据",
+    "加载",
+    "🚀",
+    "Grüße",
+    "a",
+    "of",
+    "and",
+    "in",
+    "x",
+    "{",
+    "}",
+    "(",
+    ")",
+    ";",
+    "=",
+    "\"quoted\"",
+    "back\\slash",
+];
+
+/// A document of `words` words with newlines, tabs and non-ASCII text mixed in.
+fn text(rng: &mut Rng, words: usize) -> String {
+    let mut t = String::new();
+    for i in 0..words {
+        if i > 0 {
+            t.push(match rng.below(12) {
+                0 => '\n',
+                1 => '\t',
+                _ => ' ',
+            });
+        }
+        t.push_str(WORDS[rng.below(WORDS.len() as u64) as usize]);
+    }
+    t
+}
+
+/// Trains a byte-level BPE on generated text and saves it as `tokenizer.json` in `dir`.
+/// With `eos`, `<|endoftext|>` is a special token of it.
+fn train_tokenizer(dir: &Path, eos: bool, truncate_to: Option<usize>) -> PathBuf {
+    let mut rng = Rng(0x5eed);
+    let texts: Vec<String> = (0..400).map(|_| text(&mut rng, 40)).collect();
+    let specials = if eos {
+        vec![AddedToken::from(EOS, true)]
+    } else {
+        vec![]
+    };
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(600)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut tok = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
+    .with_post_processor(Some(ByteLevel::default().trim_offsets(false).into()))
+    .with_decoder(Some(ByteLevel::default().into()))
+    .build()
+    .unwrap();
+    tok.train(&mut trainer, texts.iter()).unwrap();
+    if let Some(n) = truncate_to {
+        tok.with_truncation(Some(TruncationParams {
+            max_length: n,
+            ..Default::default()
+        }))
+        .unwrap();
+    }
+    let path = dir.join("tokenizer.json");
+    tok.save(&path, false).unwrap();
+    path
+}
+
+/// The shared tokenizer (with EOS), trained once per test process.
+fn tokenizer() -> &'static Path {
+    static TOK: OnceLock<PathBuf> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        train_tokenizer(&dir, true, None)
+    })
+}
+
+fn load(path: &Path) -> Tokenizer {
+    Tokenizer::from_file(path).unwrap()
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_millrace"))
+}
+
+/// Runs `millrace tokenize ARGS --tokenizer T --quiet --json` and returns its output.
+fn run(tok: &Path, args: &[&str]) -> Output {
+    bin()
+        .arg("tokenize")
+        .args(args)
+        .arg("--tokenizer")
+        .arg(tok)
+        .args(["--quiet", "--json"])
+        .output()
+        .unwrap()
+}
+
+/// Like [`run`], and the run must succeed; returns the JSON summary.
+fn run_ok(tok: &Path, args: &[&str]) -> Value {
+    let out = run(tok, args);
+    assert!(
+        out.status.success(),
+        "tokenize {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let mut body = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut body, r).unwrap();
+        body.push(b'\n');
+    }
+    write_maybe_compressed(path, &body);
+}
+
+/// Writes `body` plain, or gzip/zstd-compressed by the file's extension.
+fn write_maybe_compressed(path: &Path, body: &[u8]) {
+    let name = path.to_string_lossy();
+    let bytes = if name.ends_with(".gz") {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(body).unwrap();
+        e.finish().unwrap()
+    } else if name.ends_with(".zst") {
+        zstd::encode_all(body, 3).unwrap()
+    } else {
+        body.to_vec()
+    };
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Every document of the shard at `prefix`, decoded; checks each ends with `eos`.
+fn decoded(prefix: &Path, tok: &Tokenizer, eos: Option<u32>) -> Vec<String> {
+    let shard = Shard::open(prefix, None).unwrap();
+    shard.validate().unwrap();
+    (0..shard.documents())
+        .map(|d| {
+            let t = shard.doc_tokens(d).unwrap();
+            let mut ids: Vec<u32> = (0..t.len()).map(|i| t.get_i64(i).unwrap() as u32).collect();
+            if let Some(eos) = eos {
+                assert_eq!(ids.pop(), Some(eos), "document {d} ends with EOS");
+            }
+            tok.decode(&ids, false).unwrap()
+        })
+        .collect()
+}
+
+fn inspect_ok(prefix: &Path) -> Value {
+    let out = bin()
+        .args(["inspect", "--json"])
+        .arg(prefix)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "inspect {}: {}",
+        prefix.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Files in `dir` whose names start with `stem`.
+fn outputs(dir: &Path, stem: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(stem))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn round_trip_across_plain_gzip_and_zstd_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let tok = load(tok_path);
+    let mut rng = Rng(1);
+    let mut texts = Vec::new();
+    let mut files = Vec::new();
+    for (k, name) in ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst"].iter().enumerate() {
+        let rows: Vec<Value> = (0..300)
+            .map(|i| {
+                let n = 1 + rng.below(if i == 0 { 2000 } else { 120 }) as usize;
+                let t = text(&mut rng, n);
+                texts.push(t.clone());
+                json!({"id": format!("{k}-{i}"), "meta": {"nested": [1, 2, {"text": "not me"}]}, "text": t})
+            })
+            .collect();
+        let path = dir.path().join(name);
+        write_jsonl(&path, &rows);
+        files.push(path);
+    }
+    let prefix = dir.path().join("out/web-00000");
+    let mut args: Vec<&str> = files.iter().map(|p| s(p)).collect();
+    args.extend(["--out", s(&prefix)]);
+    let summary = run_ok(tok_path, &args);
+    let eos = tok.token_to_id(EOS).unwrap();
+    assert_eq!(summary["documents"], 900);
+    assert_eq!(summary["bad"]["invalid_json"], 0);
+    assert_eq!(summary["eos"], eos);
+    assert_eq!(summary["dtype"], "uint16");
+    assert_eq!(summary["groups"], Value::Null);
+
+    let docs = decoded(&prefix, &tok, Some(eos));
+    assert_eq!(
+        docs, texts,
+        "every document decodes back to its text, in input order"
+    );
+    let shard = Shard::open(&prefix, None).unwrap();
+    assert_eq!(shard.dtype(), DType::Uint16);
+    assert_eq!(summary["tokens"], shard.tokens());
+    assert!(shard.groups().is_none());
+    let report = inspect_ok(&prefix);
+    assert_eq!(report["total"]["documents"], 900);
+    assert_eq!(
+        outputs(&dir.path().join("out"), "web"),
+        ["web-00000.bin", "web-00000.idx"],
+        "no temporary files are left"
+    );
+
+    // The human-readable summary names the numbers too.
+    let out = bin()
+        .arg("tokenize")
+        .args(&args)
+        .arg("--tokenizer")
+        .arg(tok_path)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("wrote 900 documents"), "{text}");
+    assert!(text.contains("tokens/s"), "{text}");
+}
+
+/// A source file of a repository, or a chapter of a book, for the grouping tests.
+#[derive(Clone)]
+struct Item {
+    group: Option<Value>,
+    order: Option<Value>,
+    text: String,
+}
+
+fn grouped_items() -> Vec<Item> {
+    let mut rng = Rng(7);
+    let mut items = Vec::new();
+    let paths = [
+        "src/lib.rs",
+        "README.md",
+        "src/a/mod.rs",
+        "Cargo.toml",
+        "tests/t.rs",
+    ];
+    for r in 0..12 {
+        for (i, p) in paths.iter().enumerate().take(1 + r % 5) {
+            items.push(Item {
+                group: Some(json!(format!("org/repo-{r:02}"))),
+                order: Some(json!(p)),
+                text: format!("// {r} {i}\n{}", text(&mut rng, 20)),
+            });
+        }
+        // A path that appears twice in one repo: ties keep input order.
+        if r % 4 == 0 {
+            items.push(Item {
+                group: Some(json!(format!("org/repo-{r:02}"))),
+                order: Some(json!("src/lib.rs")),
+                text: format!("duplicate path in {r}: {}", text(&mut rng, 5)),
+            });
+        }
+    }
+    // Documents without a group, and one without an order value.
+    for i in 0..3 {
+        items.push(Item {
+            group: None,
+            order: None,
+            text: format!("loose {i} {}", text(&mut rng, 8)),
+        });
+    }
+    items.push(Item {
+        group: Some(json!("org/repo-03")),
+        order: None,
+        text: "no path".into(),
+    });
+    // Interleave: a deterministic shuffle.
+    for i in (1..items.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        items.swap(i, j);
+    }
+    items
+}
+
+fn rows(items: &[Item], group: &str, order: &str) -> Vec<Value> {
+    items
+        .iter()
+        .map(|it| {
+            let mut o = serde_json::Map::new();
+            o.insert("text".into(), json!(it.text));
+            if let Some(g) = &it.group {
+                o.insert(group.into(), g.clone());
+            }
+            if let Some(v) = &it.order {
+                o.insert(order.into(), v.clone());
+            }
+            Value::Object(o)
+        })
+        .collect()
+}
+
+/// The order the documents must come out in, computed independently of the code under
+/// test: documents without a group first (input order), then groups by key, within a
+/// group missing order values first, then by order value (numbers numerically), then
+/// input order.
+fn expected_order(items: &[Item]) -> Vec<(Option<Value>, String)> {
+    fn rank(v: &Option<Value>) -> (u8, f64, String) {
+        match v {
+            None => (0, 0.0, String::new()),
+            Some(Value::Number(n)) => (1, n.as_f64().unwrap(), String::new()),
+            Some(Value::String(s)) => (2, 0.0, s.clone()),
+            Some(other) => panic!("{other}"),
+        }
+    }
+    let mut idx: Vec<usize> = (0..items.len()).collect();
+    idx.sort_by(|&a, &b| {
+        let (ia, ib) = (&items[a], &items[b]);
+        let ga = ia.group.as_ref().map(|_| rank(&ia.group));
+        let gb = ib.group.as_ref().map(|_| rank(&ib.group));
+        let key_a = (ga.is_some(), if ga.is_none() { a } else { 0 });
+        let key_b = (gb.is_some(), if gb.is_none() { b } else { 0 });
+        key_a
+            .cmp(&key_b)
+            .then_with(|| {
+                let (x, y) = (ga.unwrap_or_default(), gb.unwrap_or_default());
+                x.0.cmp(&y.0)
+                    .then(x.1.total_cmp(&y.1))
+                    .then_with(|| x.2.cmp(&y.2))
+            })
+            .then_with(|| {
+                let (x, y) = (rank(&ia.order), rank(&ib.order));
+                x.0.cmp(&y.0)
+                    .then(x.1.total_cmp(&y.1))
+                    .then_with(|| x.2.cmp(&y.2))
+            })
+            .then(a.cmp(&b))
+    });
+    idx.iter()
+        .map(|&i| (items[i].group.clone(), items[i].text.clone()))
+        .collect()
+}
+
+/// Checks that the shard at `prefix` holds `items` in the expected order, with a sidecar
+/// whose ids are 0, 1, 2, ... in order of appearance, one per group.
+fn check_grouped(prefix: &Path, items: &[Item], tok: &Tokenizer, eos: u32) {
+    let want = expected_order(items);
+    let docs = decoded(prefix, tok, Some(eos));
+    let want_texts: Vec<&str> = want.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(docs, want_texts, "documents in (group, order, input) order");
+
+    let shard = Shard::open(prefix, None).unwrap();
+    let groups = shard.groups().expect("a groups sidecar");
+    let mut next = 0u64;
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for (d, (g, _)) in want.iter().enumerate() {
+        let id = groups.group_of(d as u64).unwrap();
+        match g {
+            None => {
+                assert_eq!(id, next, "document {d} without a group is its own group");
+                next += 1;
+            }
+            Some(g) => {
+                let key = g.to_string();
+                let expect = *seen.entry(key).or_insert_with(|| {
+                    next += 1;
+                    next - 1
+                });
+                assert_eq!(id, expect, "document {d} of group {g}");
+            }
+        }
+    }
+    assert_eq!(groups.len() as u64, next);
+    // The sidecar is little-endian uint64, as docs/FORMATS.md specifies.
+    let raw = std::fs::read(millrace::corpus::megatron::with_suffix(
+        prefix,
+        "groups.npy",
+    ))
+    .unwrap();
+    assert!(String::from_utf8_lossy(&raw[..128.min(raw.len())]).contains("'<u8'"));
+}
+
+#[test]
+fn groups_come_out_contiguous_and_in_reading_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let tok = load(tok_path);
+    let eos = tok.token_to_id(EOS).unwrap();
+    let items = grouped_items();
+    let input = dir.path().join("code.jsonl");
+    write_jsonl(&input, &rows(&items, "repo", "path"));
+
+    // In memory.
+    let a = dir.path().join("a/code");
+    let sa = run_ok(
+        tok_path,
+        &[
+            s(&input),
+            "--out",
+            s(&a),
+            "--group-field",
+            "repo",
+            "--order-field",
+            "path",
+        ],
+    );
+    assert_eq!(sa["sort_runs"], 0);
+    check_grouped(&a, &items, &tok, eos);
+    let report = inspect_ok(&a);
+    assert_eq!(report["total"]["groups"], sa["groups"]);
+
+    // With a tiny memory budget the sort spills runs to disk; the output is identical.
+    let b = dir.path().join("b/code");
+    let sb = run_ok(
+        tok_path,
+        &[
+            s(&input),
+            "--out",
+            s(&b),
+            "--group-field",
+            "repo",
+            "--order-field",
+            "path",
+            "--mem-budget",
+            "1",
+            "--tmp-dir",
+            s(&dir.path().join("spill")),
+        ],
+    );
+    assert!(sb["sort_runs"].as_u64().unwrap() > 1, "{sb}");
+    for ext in ["bin", "idx", "groups.npy"] {
+        let read = |p: &Path| std::fs::read(millrace::corpus::megatron::with_suffix(p, ext));
+        assert_eq!(read(&a).unwrap(), read(&b).unwrap(), "{ext}");
+    }
+    assert!(
+        outputs(&dir.path().join("spill"), "").is_empty(),
+        "spill and sort files are removed"
+    );
+    assert_eq!(outputs(&dir.path().join("b"), "code").len(), 3);
+}
+
+#[test]
+fn numeric_order_fields_sort_numerically() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let tok = load(tok_path);
+    let eos = tok.token_to_id(EOS).unwrap();
+    let mut rng = Rng(3);
+    let mut items = Vec::new();
+    for chapter in [10, 2, 1, 33, 3, 20] {
+        for book in [7, 100, 12] {
+            items.push(Item {
+                group: Some(json!(book)),
+                order: Some(json!(chapter)),
+                text: format!("book {book} chapter {chapter}: {}", text(&mut rng, 10)),
+            });
+        }
+    }
+    let input = dir.path().join("books.jsonl.zst");
+    write_jsonl(&input, &rows(&items, "book_id", "chapter"));
+    let prefix = dir.path().join("books");
+    let summary = run_ok(
+        tok_path,
+        &[
+            s(&input),
+            "--out",
+            s(&prefix),
+            "--group-field",
+            "book_id",
+            "--order-field",
+            "chapter",
+        ],
+    );
+    assert_eq!(summary["groups"], 3);
+    check_grouped(&prefix, &items, &tok, eos);
+    let docs = decoded(&prefix, &tok, Some(eos));
+    assert!(docs[0].starts_with("book 7 chapter 1:"), "{}", docs[0]);
+    assert!(docs[1].starts_with("book 7 chapter 2:"), "{}", docs[1]);
+    assert!(docs[5].starts_with("book 7 chapter 33:"), "{}", docs[5]);
+    assert!(docs[6].starts_with("book 12 chapter 1:"), "{}", docs[6]);
+}
+
+/// A file with one bad line of each kind at known line numbers, plus good ones.
+fn bad_input(dir: &Path, name: &str) -> (PathBuf, usize) {
+    let mut body: Vec<u8> = Vec::new();
+    let mut good = 0;
+    let lines: Vec<Vec<u8>> = vec![
+        br#"{"text": "fine one"}"#.to_vec(),           // 1
+        br#"{"text": "fine two"}"#.to_vec(),           // 2
+        br#"{"text": "unterminated"#.to_vec(),         // 3 invalid_json
+        br#"{"text": "fine three"}"#.to_vec(),         // 4
+        br#"{"content": "no text field"}"#.to_vec(),   // 5 missing_field
+        b"".to_vec(),                                  // 6 blank
+        br#"{"text": 17}"#.to_vec(),                   // 7 wrong_type
+        br#"{"text": ""}"#.to_vec(),                   // 8 empty_text
+        br#"{"text": "fine four"}"#.to_vec(),          // 9
+        b"{\"text\": \"caf\xe9 latin-1\"}".to_vec(),   // 10 non_utf8
+        b"   \t".to_vec(),                             // 11 blank
+        br#"["text", "an array"]"#.to_vec(),           // 12 invalid_json
+        br#"{"text": null}"#.to_vec(),                 // 13 missing_field
+        br#"{"text": "trailing"} x"#.to_vec(),         // 14 invalid_json
+        br#"{"text": "fine \u00e9 five\r"}"#.to_vec(), // 15
+    ];
+    for l in &lines {
+        body.extend_from_slice(l);
+        body.push(b'\n');
+        if l.starts_with(b"{\"text\": \"fine") {
+            good += 1;
+        }
+    }
+    let path = dir.join(name);
+    write_maybe_compressed(&path, &body);
+    (path, good)
+}
+
+#[test]
+fn bad_lines_are_counted_by_kind_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let (a, good_a) = bad_input(dir.path(), "a.jsonl");
+    let (b, good_b) = bad_input(dir.path(), "b.jsonl.gz");
+    let prefix = dir.path().join("out");
+    let summary = run_ok(tok_path, &[s(&a), s(&b), "--out", s(&prefix)]);
+    assert_eq!(summary["documents"], (good_a + good_b) as u64);
+    assert_eq!(summary["lines"], 30);
+    assert_eq!(summary["blank_lines"], 4);
+    let bad = &summary["bad"];
+    assert_eq!(bad["invalid_json"], 6);
+    assert_eq!(bad["missing_field"], 4);
+    assert_eq!(bad["wrong_type"], 2);
+    assert_eq!(bad["empty_text"], 2);
+    assert_eq!(bad["non_utf8"], 2);
+    let first: Vec<(String, u64, String)> = summary["first_bad"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["file"].as_str().unwrap().to_string(),
+                b["line"].as_u64().unwrap(),
+                b["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let fa = s(&a).to_string();
+    let fb = s(&b).to_string();
+    assert_eq!(
+        first,
+        vec![
+            (fa.clone(), 3, "invalid_json".into()),
+            (fa.clone(), 5, "missing_field".into()),
+            (fa.clone(), 7, "wrong_type".into()),
+            (fa.clone(), 8, "empty_text".into()),
+            (fa.clone(), 10, "non_utf8".into()),
+            (fa.clone(), 12, "invalid_json".into()),
+            (fa.clone(), 13, "missing_field".into()),
+            (fa, 14, "invalid_json".into()),
+            (fb.clone(), 3, "invalid_json".into()),
+            (fb, 5, "missing_field".into()),
+        ]
+    );
+    let tok = load(tok_path);
+    let docs = decoded(&prefix, &tok, tok.token_to_id(EOS));
+    assert_eq!(docs[0], "fine one");
+    assert_eq!(docs[4], "fine é five\r");
+
+    // The text summary names them as file:line too.
+    let out = bin()
+        .arg("tokenize")
+        .args([s(&a), "--out", s(&prefix), "--quiet", "--tokenizer"])
+        .arg(tok_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{}:10: non_utf8", s(&a))), "{text}");
+}
+
+#[test]
+fn max_bad_aborts_and_leaves_no_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let (a, _) = bad_input(dir.path(), "a.jsonl");
+    let good = dir.path().join("good.jsonl");
+    write_jsonl(&good, &[json!({"text": "hello"}), json!({"text": "world"})]);
+    let out_dir = dir.path().join("out");
+    let prefix = out_dir.join("web");
+    // A previous good run at the prefix, grouped so that it has a sidecar too.
+    run_ok(
+        tok_path,
+        &[s(&good), "--out", s(&prefix), "--group-field", "repo"],
+    );
+    assert_eq!(outputs(&out_dir, "web").len(), 3);
+
+    for grouped in [false, true] {
+        let mut args = vec![s(&a), "--out", s(&prefix), "--max-bad", "7"];
+        if grouped {
+            args.extend(["--group-field", "repo"]);
+        }
+        let out = run(tok_path, &args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("8 bad input lines, more than --max-bad 7"),
+            "{err}"
+        );
+        assert!(err.contains(&format!("{}:3: invalid_json", s(&a))), "{err}");
+        assert!(
+            err.contains(&format!("{}:14: invalid_json", s(&a))),
+            "{err}"
+        );
+        assert!(
+            outputs(&out_dir, "web").is_empty(),
+            "no outputs, old or temporary: {:?}",
+            outputs(&out_dir, "web")
+        );
+        assert!(Shard::open(&prefix, None).is_err());
+    }
+    // At the threshold the run succeeds.
+    let summary = run_ok(tok_path, &[s(&a), "--out", s(&prefix), "--max-bad", "8"]);
+    assert_eq!(summary["documents"], 5);
+    assert_eq!(outputs(&out_dir, "web"), ["web.bin", "web.idx"]);
+
+    // Nothing but bad lines: no documents, an error, and no outputs.
+    let junk = dir.path().join("junk.jsonl");
+    std::fs::write(&junk, "not json\n{\"text\": \"\"}\n").unwrap();
+    let out = run(tok_path, &[s(&junk), "--out", s(&prefix)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no documents"));
+    assert!(outputs(&out_dir, "web").is_empty());
+}
+
+/// About `mb` MB of JSONL with repo/path fields, for the runs that get killed.
+fn big_input(path: &Path, mb: usize) {
+    let mut rng = Rng(11);
+    let mut body = Vec::with_capacity(mb << 20);
+    let mut i = 0;
+    while body.len() < mb << 20 {
+        let row = json!({"repo": format!("r{}", rng.below(500)), "path": format!("f{i}"), "text": text(&mut rng, 200)});
+        serde_json::to_writer(&mut body, &row).unwrap();
+        body.push(b'\n');
+        i += 1;
+    }
+    std::fs::write(path, body).unwrap();
+}
+
+#[test]
+fn a_killed_run_leaves_no_valid_shard_and_a_rerun_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let input = dir.path().join("big.jsonl");
+    big_input(&input, 24);
+    let small = dir.path().join("small.jsonl");
+    write_jsonl(&small, &[json!({"text": "old output", "repo": "x"})]);
+    let out_dir = dir.path().join("out");
+    let prefix = out_dir.join("code");
+
+    for grouped in [false, true] {
+        // A complete earlier run, which the killed run must not leave looking current.
+        run_ok(tok_path, &[s(&small), "--out", s(&prefix)]);
+        assert!(Shard::open(&prefix, None).is_ok());
+
+        let mut cmd = bin();
+        cmd.arg("tokenize")
+            .arg(&input)
+            .args([
+                "--out",
+                s(&prefix),
+                "--quiet",
+                "--threads",
+                "1",
+                "--tokenizer",
+            ])
+            .arg(tok_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if grouped {
+            cmd.args(["--group-field", "repo", "--order-field", "path"]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        // Kill it once it is well under way: its temporary output is growing.
+        let growing = if grouped {
+            out_dir.join("code.spill.tmp")
+        } else {
+            out_dir.join("code.bin.tmp")
+        };
+        let t0 = Instant::now();
+        loop {
+            let len = std::fs::metadata(&growing).map_or(0, |m| m.len());
+            if len > 256 << 10 {
+                break;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run finished before it could be killed"
+            );
+            assert!(t0.elapsed() < Duration::from_secs(60));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL: no clean-up code runs
+        child.wait().unwrap();
+
+        assert!(
+            Shard::open(&prefix, None).is_err(),
+            "a killed run leaves no shard that opens (grouped: {grouped})"
+        );
+        let out = bin().arg("inspect").arg(&prefix).output().unwrap();
+        assert!(
+            !out.status.success(),
+            "inspect refuses what a killed run left"
+        );
+        assert!(!out_dir.join("code.idx").exists());
+
+        // A rerun (smaller, to keep the test fast) replaces everything.
+        let mut args = vec![s(&small), "--out", s(&prefix)];
+        if grouped {
+            args.extend(["--group-field", "repo"]);
+        }
+        run_ok(tok_path, &args);
+        inspect_ok(&prefix);
+        let want: &[&str] = if grouped {
+            &["code.bin", "code.groups.npy", "code.idx"]
+        } else {
+            &["code.bin", "code.idx"]
+        };
+        assert_eq!(outputs(&out_dir, "code"), want);
+    }
+}
+
+#[test]
+fn thread_count_and_chunking_do_not_change_the_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let items = grouped_items();
+    let mut all = Vec::new();
+    for _ in 0..20 {
+        all.extend(items.iter().cloned());
+    }
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &rows(&all, "repo", "path"));
+    // Big enough for several of the CLI's 4 MiB chunks.
+    let big = dir.path().join("big.jsonl");
+    big_input(&big, 9);
+
+    let read = |p: &Path, ext: &str| {
+        std::fs::read(millrace::corpus::megatron::with_suffix(p, ext)).unwrap()
+    };
+    for grouped in [false, true] {
+        let mut first: Option<Vec<Vec<u8>>> = None;
+        for (threads, chunk) in [(1, 1usize << 20), (3, 1000), (2, 97)] {
+            let prefix = dir.path().join(format!("lib-{grouped}-{threads}"));
+            let mut o = TokenizeOptions::new(vec![input.clone()], tok_path.into(), prefix.clone());
+            o.threads = threads;
+            o.chunk_bytes = chunk;
+            if grouped {
+                o.group_field = Some("repo".into());
+                o.order_field = Some("path".into());
+            }
+            let summary = tokenize::tokenize(&o).unwrap();
+            assert_eq!(summary.documents, all.len() as u64);
+            let mut files = vec![read(&prefix, "bin"), read(&prefix, "idx")];
+            if grouped {
+                files.push(read(&prefix, "groups.npy"));
+            }
+            match &first {
+                None => first = Some(files),
+                Some(f) => assert_eq!(f, &files, "threads {threads}, chunk {chunk}"),
+            }
+        }
+        let mut bytes: Option<Vec<u8>> = None;
+        for threads in ["1", "2"] {
+            let prefix = dir.path().join(format!("cli-{grouped}-{threads}"));
+            let mut args = vec![s(&big), "--out", s(&prefix), "--threads", threads];
+            if grouped {
+                args.extend(["--group-field", "repo", "--order-field", "path"]);
+            }
+            run_ok(tok_path, &args);
+            let mut all = read(&prefix, "bin");
+            all.extend(read(&prefix, "idx"));
+            if grouped {
+                all.extend(read(&prefix, "groups.npy"));
+            }
+            match &bytes {
+                None => bytes = Some(all),
+                Some(b) => assert!(b == &all, "--threads {threads} changed the output"),
+            }
+        }
+    }
+}
+
+#[test]
+fn eos_dtype_and_tokenizer_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let tok = load(tok_path);
+    let eos = tok.token_to_id(EOS).unwrap();
+    let mut rng = Rng(5);
+    let texts: Vec<String> = (0..50).map(|_| text(&mut rng, 300)).collect();
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(
+        &input,
+        &texts.iter().map(|t| json!({"body": t})).collect::<Vec<_>>(),
+    );
+    let p = |n: &str| dir.path().join(n);
+
+    // --text-field, --no-eos, --eos-token, --eos-id, --dtype int32.
+    run_ok(
+        tok_path,
+        &[
+            s(&input),
+            "--out",
+            s(&p("none")),
+            "--text-field",
+            "body",
+            "--no-eos",
+        ],
+    );
+    assert_eq!(decoded(&p("none"), &tok, None), texts);
+    run_ok(
+        tok_path,
+        &[
+            s(&input),
+            "--out",
+            s(&p("named")),
+            "--text-field",
+            "body",
+            "--eos-token",
+            EOS,
+        ],
+    );
+    assert_eq!(decoded(&p("named"), &tok, Some(eos)), texts);
+    run_ok(
+        tok_path,
+        &[
+            s(&input),
+            "--out",
+            s(&p("id")),
+            "--text-field",
+            "body",
+            "--eos-id",
+            "5",
+        ],
+    );
+    assert_eq!(decoded(&p("id"), &tok, Some(5)), texts);
+    let summary = run_ok(
+        tok_path,
+        &[
+            s(&input),
+            "--out",
+            s(&p("wide")),
+            "--text-field",
+            "body",
+            "--dtype",
+            "int32",
+        ],
+    );
+    assert_eq!(summary["dtype"], "int32");
+    assert_eq!(Shard::open(&p("wide"), None).unwrap().dtype(), DType::Int32);
+    assert_eq!(decoded(&p("wide"), &tok, Some(eos)), texts);
+
+    // A dtype too small for the vocabulary is refused before anything is written.
+    let out = run(
+        tok_path,
+        &[
+            s(&input),
+            "--out",
+            s(&p("narrow")),
+            "--text-field",
+            "body",
+            "--dtype",
+            "uint8",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("uint8 cannot hold"));
+    // The wrong text field: every line is bad, nothing is written.
+    let out = run(tok_path, &[s(&input), "--out", s(&p("wrong"))]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no documents"));
+
+    // A tokenizer with no special tokens: no EOS to guess, unless a tokenizer_config.json
+    // beside it names one.
+    let plain_dir = dir.path().join("plain");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let plain = train_tokenizer(&plain_dir, false, None);
+    let out = run(
+        &plain,
+        &[s(&input), "--out", s(&p("x")), "--text-field", "body"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--eos-id"));
+    let plain_tok = load(&plain);
+    let the = plain_tok.token_to_id("the").unwrap();
+    std::fs::write(
+        plain_dir.join("tokenizer_config.json"),
+        json!({"eos_token": {"content": "the"}}).to_string(),
+    )
+    .unwrap();
+    let summary = run_ok(
+        &plain,
+        &[s(&input), "--out", s(&p("x")), "--text-field", "body"],
+    );
+    assert_eq!(summary["eos"], the);
+
+    // A tokenizer.json that truncates (to 8 tokens here) must not cut documents.
+    let trunc_dir = dir.path().join("trunc");
+    std::fs::create_dir_all(&trunc_dir).unwrap();
+    let trunc = train_tokenizer(&trunc_dir, true, Some(8));
+    run_ok(
+        &trunc,
+        &[s(&input), "--out", s(&p("t")), "--text-field", "body"],
+    );
+    let trunc_tok = load(&trunc);
+    assert_eq!(
+        decoded(&p("t"), &trunc_tok, trunc_tok.token_to_id(EOS)),
+        texts
+    );
+
+    // Library: an explicit Eos::Id outside the vocabulary is refused.
+    let mut o = TokenizeOptions::new(vec![input.clone()], tok_path.into(), p("lib"));
+    o.text_field = "body".into();
+    o.eos = Eos::Id(1 << 30);
+    let err = tokenize::tokenize(&o).unwrap_err().to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
