@@ -133,6 +133,9 @@ struct ExplainArgs {
     /// Data-parallel size.
     #[arg(long, default_value_t = 1)]
     dp_size: u32,
+    /// Explain this many consecutive steps (with --json: one JSON object per line).
+    #[arg(long, default_value_t = 1)]
+    count: u64,
     /// Print JSON (stable, for comparing runs).
     #[arg(long)]
     json: bool,
@@ -479,13 +482,16 @@ fn run_explain(args: ExplainArgs) -> Result<()> {
     }
     let loaded = Config::load(&args.config)?.load_plan()?;
     let plan = loaded.plan;
-    let batch = plan.seek(args.step).next_batch();
-    let e = explain(&plan, &batch, args.dp_rank, args.dp_size);
+    let mut planner = plan.seek(args.step);
     let mut out = std::io::stdout().lock();
-    if args.json {
-        writeln!(out, "{}", serde_json::to_string(&e)?)?;
-    } else {
-        write!(out, "{}", render_explain(&e))?;
+    for _ in 0..args.count {
+        let batch = planner.next_batch();
+        let e = explain(&plan, &batch, args.dp_rank, args.dp_size);
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&e)?)?;
+        } else {
+            write!(out, "{}", render_explain(&e))?;
+        }
     }
     Ok(())
 }

@@ -168,3 +168,51 @@ fn a_directory_with_an_orphan_file_is_an_error_not_a_silent_skip() {
         .to_string();
     assert!(e.contains("b.idx") && e.contains("b.bin"), "{e}");
 }
+
+#[test]
+fn the_example_config_parses_and_its_plan_validates() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/millrace.example.toml");
+    let cfg = Config::load(&path).unwrap();
+    let plan = cfg.plan_config().unwrap();
+    assert_eq!(plan.seq_len, 8192);
+    assert_eq!(plan.schedule.len(), 3);
+    let books = &cfg.corpus.domains[2];
+    assert_eq!(books.name, "books_zh");
+    let s = books.settings();
+    assert_eq!(s.grouping.mode, millrace::plan::GroupMode::Batch);
+    assert_eq!(s.grouping.from_step, 120000);
+    assert_eq!(s.upsample_long.map(|u| u.factor), Some(2));
+}
+
+#[test]
+fn plan_mistakes_name_the_field() {
+    let base = r#"
+        [corpus]
+        [[corpus.domain]]
+        name = "web"
+        shards = ["web"]
+        [[corpus.domain]]
+        name = "code"
+        shards = ["code"]
+    "#;
+    let cases = [
+        ("[plan]\nseq_len = 0\nglobal_batch_rows = 8\nweights = { web = 1.0 }", "plan.seq_len"),
+        ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\nweights = { webb = 1.0 }", "plan.weights.webb"),
+        ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\nweights = { web = -1.0 }", "web"),
+        ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\nweights = { web = 0.0 }", "all zero"),
+        ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\nbogus = 1\nweights = { web = 1.0 }", "bogus"),
+        ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\n[[plan.schedule]]\nstep = 5\nweights = { web = 1.0 }\n[[plan.schedule]]\nstep = 5\nweights = { code = 1.0 }", "plan.schedule[1].step"),
+    ];
+    for (plan, want) in cases {
+        let cfg = parse(&format!("{base}\n{plan}")).unwrap();
+        let e = cfg.plan_config().unwrap_err().to_string();
+        assert!(e.contains(want), "{plan:?}: {e}");
+        assert!(e.contains("/etc/millrace/test.toml"), "{e}");
+    }
+    let batch_concat = format!(
+        "{}\n[plan]\nseq_len = 64\nglobal_batch_rows = 8\npacking = \"concat\"\nweights = {{ web = 1.0 }}",
+        base.replace("shards = [\"code\"]", "shards = [\"code\"]\ngrouping = { mode = \"batch\" }")
+    );
+    let e = parse(&batch_concat).unwrap().plan_config().unwrap_err().to_string();
+    assert!(e.contains("corpus.domain[1].grouping.mode"), "{e}");
+}

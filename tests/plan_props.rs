@@ -26,15 +26,15 @@ fn run(n: usize, g: u32, pts: &[(u64, Vec<f64>)], steps: u64) -> Option<(u64, us
 fn mixer_min() {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(3);
     let mut best: Option<(u64, String)> = None;
-    for _ in 0..300000 {
-        let n = rng.gen_range(2..=5usize);
+    for _ in 0..2000000 {
+        let n = rng.gen_range(2..=4usize);
         let g = rng.gen_range(1..=4u32);
         let np = rng.gen_range(1..=3);
         let mut pts = vec![];
         let mut step = 0;
         for k in 0..np {
             if k > 0 { step += rng.gen_range(1..=3); }
-            let mut w: Vec<f64> = (0..n).map(|_| if rng.gen_bool(0.4) {0.0} else {rng.gen_range(1..=9) as f64}).collect();
+            let mut w: Vec<f64> = (0..n).map(|_| if rng.gen_bool(0.4) {0.0} else {rng.gen_range(1..=4) as f64}).collect();
             if w.iter().sum::<f64>() == 0.0 { w[0] = 1.0; }
             pts.push((step, w));
         }

@@ -1008,3 +1008,43 @@ fn eos_dtype_and_tokenizer_settings() {
     let err = tokenize::tokenize(&o).unwrap_err().to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
 }
+
+#[test]
+fn encode_ids_matches_encode_fast_and_a_bom_is_skipped() {
+    let tok = load(tokenizer());
+    let mut rng = Rng(9);
+    let mut texts: Vec<String> = Vec::new();
+    for _ in 0..200 {
+        let n = 1 + rng.below(300) as usize;
+        texts.push(text(&mut rng, n));
+    }
+    texts.push(format!("a{EOS}b {EOS}"));
+    texts.push("  leading and trailing  \n\n".into());
+    texts.push("ünïcödé 😀 \u{0} \u{feff}".into());
+    for t in &texts {
+        let want = tok
+            .encode_fast(t.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let mut got = Vec::new();
+        tokenize::encode_ids(&tok, t, &mut got).unwrap();
+        assert_eq!(got, want, "{t:?}");
+    }
+
+    // A UTF-8 byte-order mark at the start of a file is not a bad line.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bom.jsonl");
+    std::fs::write(
+        &input,
+        b"\xEF\xBB\xBF{\"text\": \"first\"}\n{\"text\": \"second\"}\n",
+    )
+    .unwrap();
+    let prefix = dir.path().join("bom");
+    let summary = run_ok(tokenizer(), &[s(&input), "--out", s(&prefix)]);
+    assert_eq!(summary["documents"], 2, "{summary}");
+    assert_eq!(
+        decoded(&prefix, &tok, tok.token_to_id(EOS)),
+        ["first", "second"]
+    );
+}

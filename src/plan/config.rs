@@ -250,7 +250,7 @@ impl PlanConfig {
         let names: Vec<&str> = domains.iter().map(|(n, _)| *n).collect();
         for (i, p) in points.iter().enumerate() {
             let field = if self.schedule.is_empty() {
-                "plan.weights".to_string()
+                "plan".to_string()
             } else {
                 format!("plan.schedule[{i}]")
             };

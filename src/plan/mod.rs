@@ -289,6 +289,20 @@ impl Plan {
         p
     }
 
+    /// True when every plan step in `[a, b)` is skipped.
+    fn all_skipped(&self, a: u64, b: u64) -> bool {
+        let mut at = a;
+        for &(s, e) in &self.skips {
+            if at >= b {
+                break;
+            }
+            if s <= at && at <= e {
+                at = e + 1;
+            }
+        }
+        at >= b
+    }
+
     fn seed_at(&self, plan_step: u64) -> u64 {
         self.reseeds
             .iter()
@@ -431,12 +445,19 @@ impl Plan {
                 ours,
             });
         }
-        if c.streams.len() != self.domains.len() || c.plan_step != self.plan_step_of(c.step) {
+        // The blob's plan step may trail the step's mapping only by skipped steps (a
+        // skip that starts where the blob stopped, added before the resume).
+        let expected = self.plan_step_of(c.step);
+        if c.streams.len() != self.domains.len()
+            || c.plan_step > expected
+            || !self.all_skipped(c.plan_step, expected)
+        {
             return Err(CursorError::Malformed(format!(
-                "{} domains at step {} (plan step {}) do not fit this plan",
+                "{} domains at step {} (plan step {}) do not fit this plan ({} domains, plan step {expected})",
                 c.streams.len(),
                 c.step,
-                c.plan_step
+                c.plan_step,
+                self.domains.len()
             )));
         }
         let mut p = Planner {

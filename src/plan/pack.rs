@@ -159,26 +159,22 @@ fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
 }
 
 /// Best-fit-decreasing (Ding et al. 2024) with an O(1) "smallest bin that fits" lookup:
-/// a two-level bitset over free capacities and a FIFO of bins per capacity.
+/// a two-level bitset over free capacities and a FIFO of bins per capacity. Bins are
+/// intrusive lists over one piece array, so packing a window allocates a handful of
+/// vectors, not one per row.
 fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
     let cap = capacity.max(1);
     let c64 = cap as u64;
     let mut w = Window::default();
 
-    // Short pieces to pack: (len, unit, start). Bins: pieces + free space.
-    let mut short: Vec<(u32, Piece)> = Vec::new();
-    // Long grouped units: full rows + an opened bin seeded by the remainder.
-    struct LongUnit {
-        unit: u64,
-        full: u64,
-        seed_bin: Option<u32>,
-    }
-    let mut long: Vec<LongUnit> = Vec::new();
-    let mut bins: Vec<Vec<Piece>> = Vec::new();
-    let mut bin_free: Vec<u32> = Vec::new();
-    let mut bin_owned: Vec<bool> = Vec::new();
-    // Rows of full pieces of ungrouped long units, in window order.
+    // Every piece that goes into a bin: short units, remainders of long ones.
+    let mut pieces: Vec<Piece> = Vec::with_capacity(units.len() + units.len() / 8);
+    let mut short: Vec<u32> = Vec::with_capacity(units.len());
+    // Long grouped units: (unit, full rows, seeded bin or NIL).
+    let mut long: Vec<(u64, u64, u32)> = Vec::new();
+    // Full pieces of ungrouped long units, in window order.
     let mut full_rows: Vec<Piece> = Vec::new();
+    let mut bins = Bins::default();
 
     for &(unit, len) in units {
         if len == 0 {
@@ -186,115 +182,90 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
         }
         let full = len / c64;
         let rem = (len % c64) as u32;
-        if full == 0 {
-            short.push((
-                rem,
-                Piece {
-                    unit,
-                    start: 0,
-                    len: rem,
-                },
-            ));
-        } else if keep_together {
-            let seed_bin = (rem > 0).then(|| {
-                bins.push(vec![Piece {
+        if full > 0 && keep_together {
+            let seed = if rem > 0 {
+                pieces.push(Piece {
                     unit,
                     start: full * c64,
                     len: rem,
-                }]);
-                bin_free.push(cap - rem);
-                bin_owned.push(true);
-                bins.len() as u32 - 1
-            });
-            long.push(LongUnit {
-                unit,
-                full,
-                seed_bin,
-            });
-        } else {
-            for k in 0..full {
-                full_rows.push(Piece {
-                    unit,
-                    start: k * c64,
-                    len: cap,
                 });
-            }
-            if rem > 0 {
-                short.push((
-                    rem,
-                    Piece {
-                        unit,
-                        start: full * c64,
-                        len: rem,
-                    },
-                ));
-            }
+                let b = bins.open(cap, true);
+                bins.put(b, pieces.len() as u32 - 1, rem);
+                b
+            } else {
+                NIL
+            };
+            long.push((unit, full, seed));
+            continue;
+        }
+        for k in 0..full {
+            full_rows.push(Piece {
+                unit,
+                start: k * c64,
+                len: cap,
+            });
+        }
+        if rem > 0 {
+            pieces.push(Piece {
+                unit,
+                start: full * c64,
+                len: rem,
+            });
+            short.push(pieces.len() as u32 - 1);
         }
     }
 
-    // Counting sort, longest first; stable so ties keep window order.
-    let mut counts = vec![0u32; cap as usize + 1];
-    for &(l, _) in &short {
-        counts[l as usize] += 1;
-    }
+    // Counting sort of the short pieces, longest first; stable so ties keep window order.
     let mut starts = vec![0u32; cap as usize + 2];
-    // starts[l] = first slot of length l, with lengths descending.
+    for &i in &short {
+        starts[pieces[i as usize].len as usize] += 1;
+    }
     let mut acc = 0u32;
     for l in (0..=cap as usize).rev() {
+        let c = starts[l];
         starts[l] = acc;
-        acc += counts[l];
+        acc += c;
     }
-    let mut sorted: Vec<Piece> = vec![
-        Piece {
-            unit: 0,
-            start: 0,
-            len: 0
-        };
-        short.len()
-    ];
-    for &(l, p) in &short {
-        let s = &mut starts[l as usize];
-        sorted[*s as usize] = p;
+    let mut sorted = vec![0u32; short.len()];
+    for &i in &short {
+        let s = &mut starts[pieces[i as usize].len as usize];
+        sorted[*s as usize] = i;
         *s += 1;
     }
 
     let mut free = FreeIndex::new(cap);
-    for (b, &f) in bin_free.iter().enumerate() {
+    for b in 0..bins.free.len() as u32 {
+        let f = bins.free[b as usize];
         if f > 0 {
-            free.push(f, b as u32);
+            free.push(f, b);
         }
     }
-    for p in sorted {
-        let bin = match free.pop_fitting(p.len) {
+    for i in sorted {
+        let len = pieces[i as usize].len;
+        let b = match free.pop_fitting(len) {
             Some((_, b)) => b,
-            None => {
-                bins.push(Vec::new());
-                bin_free.push(cap);
-                bin_owned.push(false);
-                bins.len() as u32 - 1
-            }
+            None => bins.open(cap, false),
         };
-        let bi = bin as usize;
-        bins[bi].push(p);
-        bin_free[bi] -= p.len;
-        if bin_free[bi] > 0 {
-            free.push(bin_free[bi], bin);
+        bins.put(b, i, len);
+        let f = bins.free[b as usize];
+        if f > 0 {
+            free.push(f, b);
         }
     }
 
     // Rows: long grouped units first (each a block), then ungrouped full rows, then the
     // plain bins; the emission order is shuffled later, so this order only fixes ids.
-    for lu in &long {
+    for &(unit, full, seed) in &long {
         let first_row = w.rows.len() as u32;
-        for k in 0..lu.full {
+        for k in 0..full {
             w.push_row([Piece {
-                unit: lu.unit,
+                unit,
                 start: k * c64,
                 len: cap,
             }]);
         }
-        if let Some(b) = lu.seed_bin {
-            w.push_row(bins[b as usize].iter().copied());
+        if seed != NIL {
+            w.push_row(bins.iter(seed).map(|i| pieces[i as usize]));
         }
         let rows = w.rows.len() as u32 - first_row;
         w.blocks.push(Block { first_row, rows });
@@ -306,17 +277,65 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
             rows: 1,
         });
     }
-    for (b, pieces) in bins.iter().enumerate() {
-        if bin_owned[b] {
+    for b in 0..bins.free.len() as u32 {
+        if bins.owned[b as usize] {
             continue;
         }
-        let r = w.push_row(pieces.iter().copied());
+        let r = w.push_row(bins.iter(b).map(|i| pieces[i as usize]));
         w.blocks.push(Block {
             first_row: r,
             rows: 1,
         });
     }
     w
+}
+
+/// Bins as intrusive lists of piece indices.
+#[derive(Default)]
+struct Bins {
+    head: Vec<u32>,
+    tail: Vec<u32>,
+    free: Vec<u32>,
+    owned: Vec<bool>,
+    next: Vec<u32>,
+}
+
+impl Bins {
+    fn open(&mut self, cap: u32, owned: bool) -> u32 {
+        self.head.push(NIL);
+        self.tail.push(NIL);
+        self.free.push(cap);
+        self.owned.push(owned);
+        self.head.len() as u32 - 1
+    }
+
+    fn put(&mut self, b: u32, piece: u32, len: u32) {
+        let (bi, pi) = (b as usize, piece as usize);
+        if self.next.len() <= pi {
+            self.next.resize(pi + 1, NIL);
+        }
+        self.next[pi] = NIL;
+        if self.head[bi] == NIL {
+            self.head[bi] = piece;
+        } else {
+            let t = self.tail[bi] as usize;
+            self.next[t] = piece;
+        }
+        self.tail[bi] = piece;
+        self.free[bi] -= len;
+    }
+
+    fn iter(&self, b: u32) -> impl Iterator<Item = u32> + '_ {
+        let mut at = self.head[b as usize];
+        std::iter::from_fn(move || {
+            if at == NIL {
+                return None;
+            }
+            let i = at;
+            at = self.next[i as usize];
+            Some(i)
+        })
+    }
 }
 
 /// Open bins by free capacity: for each capacity a FIFO (intrusive list) of bins, and a
