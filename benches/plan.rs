@@ -139,7 +139,9 @@ fn bench_cursor(c: &mut Criterion) {
     g.bench_function("decode", |b| {
         b.iter(|| black_box(millrace::plan::cursor::decode(&blob)))
     });
-    g.bench_function("restore", |b| b.iter(|| black_box(p.restore(&blob).is_ok())));
+    g.bench_function("restore", |b| {
+        b.iter(|| black_box(p.restore(&blob).is_ok()))
+    });
     g.finish();
     eprintln!("cursor blob: {} bytes for 3 domains", blob.len());
 }
@@ -171,5 +173,11 @@ fn bench_corpus(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_permutation, bench_plan, bench_cursor, bench_corpus);
+criterion_group!(
+    benches,
+    bench_permutation,
+    bench_plan,
+    bench_cursor,
+    bench_corpus
+);
 criterion_main!(benches);

@@ -404,10 +404,11 @@ impl Config {
             });
             shards_out.push(arcs);
         }
-        let plan = Plan::new(&inputs, cfg, manifest.digest128()).map_err(|e| ConfigError::Plan {
-            path: self.source.clone(),
-            message: e.to_string(),
-        })?;
+        let plan =
+            Plan::new(&inputs, cfg, manifest.digest128()).map_err(|e| ConfigError::Plan {
+                path: self.source.clone(),
+                message: e.to_string(),
+            })?;
         Ok(LoadedPlan {
             plan: Arc::new(plan),
             shards: shards_out,

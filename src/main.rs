@@ -465,7 +465,11 @@ fn run_plan(args: PlanArgs) -> Result<()> {
         if !mem.is_empty() {
             writeln!(out, "memory: {}", mem.join(", "))?;
         }
-        writeln!(out, "row fill used to turn token weights into rows: {}", fills.join(", "))?;
+        writeln!(
+            out,
+            "row fill used to turn token weights into rows: {}",
+            fills.join(", ")
+        )?;
         write!(out, "{}", render_windows(&windows))?;
     }
     Ok(())

@@ -49,7 +49,7 @@ use crate::corpus::{CorpusError, DType, MegatronWriter, Shard};
 /// How many bad lines are kept with their file:line for the report.
 pub const REPORTED_BAD_LINES: usize = 10;
 /// Default size of the line chunks handed to workers.
-pub const DEFAULT_CHUNK_BYTES: usize = 4 << 20;
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 /// Most sorted runs merged at once; more are merged in several passes.
 const MERGE_FAN_IN: usize = 128;
 /// Special tokens taken as the end of a document when the tokenizer names no EOS itself.
@@ -469,7 +469,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     // The floor is tiny on purpose: tests force the on-disk path with a tiny budget.
     let sort_budget = opts.mem_budget.saturating_sub(pipeline).max(1 << 10) as usize;
 
-    let progress = bar(bytes_in, opts.progress, "tokenizing");
+    let progress = bar(bytes_in, opts.progress, "tokenizing", "starting");
     let grouped = setup.grouped;
     let mut sink = Sink {
         inputs: &opts.inputs,
@@ -497,12 +497,11 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         stats: Stats::default(),
         first_bad: Vec::new(),
         progress: &progress,
-        consumed: Arc::new(AtomicU64::new(0)),
         started,
         last_tick: started,
     };
 
-    let consumed = sink.consumed.clone();
+    let consumed = Arc::new(AtomicU64::new(0));
     let outcome = std::thread::scope(|s| {
         let (work_tx, work_rx) = sync_channel::<Chunk>(threads);
         let (done_tx, done_rx) = sync_channel::<Done>(slots);
@@ -667,7 +666,7 @@ impl Drop for TempFiles {
 }
 
 /// A progress bar on stderr, or a hidden one when asked or when stderr is not a terminal.
-fn bar(len: u64, show: bool, what: &'static str) -> ProgressBar {
+fn bar(len: u64, show: bool, what: &'static str, msg: &'static str) -> ProgressBar {
     if !show || !io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -679,6 +678,8 @@ fn bar(len: u64, show: bool, what: &'static str) -> ProgressBar {
     .progress_chars("=> ");
     pb.set_style(style);
     pb.set_prefix(what);
+    pb.set_message(msg);
+    pb.enable_steady_tick(Duration::from_millis(500));
     pb
 }
 
@@ -868,6 +869,9 @@ struct Chunk {
     seq: u64,
     file: usize,
     first_line: u64,
+    /// Input bytes as stored (compressed) read up to the end of this chunk, over all
+    /// files: the progress bar's position once the chunk is written.
+    stored_end: u64,
     data: Vec<u8>,
 }
 
@@ -969,6 +973,7 @@ fn read_inputs(
                 seq,
                 file,
                 first_line: line,
+                stored_end: consumed.load(Ordering::Relaxed),
                 data: buf,
             };
             if work.send(c).is_err() {
@@ -1001,6 +1006,7 @@ struct Doc {
 struct Done {
     seq: u64,
     file: usize,
+    stored_end: u64,
     lines: u64,
     blank: u64,
     text_bytes: u64,
@@ -1046,6 +1052,7 @@ impl Worker {
         let mut d = Done {
             seq: chunk.seq,
             file: chunk.file,
+            stored_end: chunk.stored_end,
             lines: 0,
             blank: 0,
             text_bytes: chunk.data.len() as u64,
@@ -1499,7 +1506,6 @@ struct Sink<'a> {
     stats: Stats,
     first_bad: Vec<BadLine>,
     progress: &'a ProgressBar,
-    consumed: Arc<AtomicU64>,
     started: Instant,
     last_tick: Instant,
 }
@@ -1589,12 +1595,11 @@ impl Sink<'_> {
             self.stats.documents += 1;
             self.stats.tokens += doc.ntok;
         }
+        self.progress.set_position(d.stored_end);
         let now = Instant::now();
         if now.duration_since(self.last_tick) >= Duration::from_millis(250) {
             self.last_tick = now;
             let secs = now.duration_since(self.started).as_secs_f64().max(1e-9);
-            self.progress
-                .set_position(self.consumed.load(Ordering::Relaxed));
             self.progress.set_message(format!(
                 "{} docs/s, {} tok/s, {:.1} MB/s",
                 si(self.stats.documents as f64 / secs),
@@ -1640,7 +1645,7 @@ fn write_grouped(
 ) -> Result<GroupedWritten> {
     let mut writer = MegatronWriter::create(prefix, dtype)?;
     let mut sidecar = GroupsWriter::create(groups_path, documents)?;
-    let pb = bar(documents, progress, "writing groups");
+    let pb = bar(documents, progress, "writing", "documents in group order");
     let size = dtype.size() as u64;
     let mut buf: Vec<u8> = Vec::new();
     let mut prev: Vec<u8> = Vec::new();

@@ -213,6 +213,10 @@ fn plan_mistakes_name_the_field() {
         "{}\n[plan]\nseq_len = 64\nglobal_batch_rows = 8\npacking = \"concat\"\nweights = {{ web = 1.0 }}",
         base.replace("shards = [\"code\"]", "shards = [\"code\"]\ngrouping = { mode = \"batch\" }")
     );
-    let e = parse(&batch_concat).unwrap().plan_config().unwrap_err().to_string();
+    let e = parse(&batch_concat)
+        .unwrap()
+        .plan_config()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("corpus.domain[1].grouping.mode"), "{e}");
 }

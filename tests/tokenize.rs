@@ -734,7 +734,7 @@ fn a_killed_run_leaves_no_valid_shard_and_a_rerun_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let tok_path = tokenizer();
     let input = dir.path().join("big.jsonl");
-    big_input(&input, 24);
+    big_input(&input, 12);
     let small = dir.path().join("small.jsonl");
     write_jsonl(&small, &[json!({"text": "old output", "repo": "x"})]);
     let out_dir = dir.path().join("out");
@@ -763,18 +763,15 @@ fn a_killed_run_leaves_no_valid_shard_and_a_rerun_succeeds() {
             cmd.args(["--group-field", "repo", "--order-field", "path"]);
         }
         let mut child = cmd.spawn().unwrap();
-        // Kill it once it is well under way: its temporary output is growing.
+        // Kill it once it is under way: its temporary output exists (it is created
+        // before the first chunk is read), plus a moment to fill write buffers.
         let growing = if grouped {
             out_dir.join("code.spill.tmp")
         } else {
             out_dir.join("code.bin.tmp")
         };
         let t0 = Instant::now();
-        loop {
-            let len = std::fs::metadata(&growing).map_or(0, |m| m.len());
-            if len > 256 << 10 {
-                break;
-            }
+        while !growing.exists() {
             assert!(
                 child.try_wait().unwrap().is_none(),
                 "the run finished before it could be killed"
@@ -782,6 +779,11 @@ fn a_killed_run_leaves_no_valid_shard_and_a_rerun_succeeds() {
             assert!(t0.elapsed() < Duration::from_secs(60));
             std::thread::sleep(Duration::from_millis(2));
         }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before it could be killed"
+        );
         child.kill().unwrap(); // SIGKILL: no clean-up code runs
         child.wait().unwrap();
 
@@ -823,9 +825,9 @@ fn thread_count_and_chunking_do_not_change_the_bytes() {
     }
     let input = dir.path().join("in.jsonl");
     write_jsonl(&input, &rows(&all, "repo", "path"));
-    // Big enough for several of the CLI's 4 MiB chunks.
+    // Big enough for several of the CLI's 1 MiB chunks.
     let big = dir.path().join("big.jsonl");
-    big_input(&big, 9);
+    big_input(&big, 5);
 
     let read = |p: &Path, ext: &str| {
         std::fs::read(millrace::corpus::megatron::with_suffix(p, ext)).unwrap()

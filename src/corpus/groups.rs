@@ -177,11 +177,6 @@ impl GroupsWriter {
             .map_err(|e| CorpusError::io(&self.tmp, "write", e))
     }
 
-    /// The temporary file being written, for callers that clean up after a failure.
-    pub fn tmp_path(&self) -> &Path {
-        &self.tmp
-    }
-
     /// Checks the count, flushes and fsyncs the temporary file, and renames it into place.
     pub fn finish(self) -> Result<PathBuf> {
         let GroupsWriter {

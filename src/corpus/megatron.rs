@@ -258,7 +258,10 @@ impl MegatronShard {
         let mut prev = 0i64;
         let max = self.sequences as i64;
         let mut identity = true;
-        for (i, c) in self.idx[self.doc_index_at..di_end].chunks_exact(8).enumerate() {
+        for (i, c) in self.idx[self.doc_index_at..di_end]
+            .chunks_exact(8)
+            .enumerate()
+        {
             let v = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
             bad |= (v < prev) | (v > max);
             identity &= v == i as i64;

@@ -326,7 +326,7 @@ impl PlanConfig {
                 }
             }
             if let Some(w) = d.window {
-                if w < 1 || w > MAX_WINDOW {
+                if !(1..=MAX_WINDOW).contains(&w) {
                     return Err(bad(
                         format!("{field}.window"),
                         format!("{w} is outside 1..={MAX_WINDOW}"),
@@ -361,7 +361,7 @@ pub fn validate_weights(
         }
         total += w;
     }
-    if !(total > 0.0) || !total.is_finite() {
+    if total <= 0.0 || !total.is_finite() {
         return Err(bad(
             format!("{field}.weights"),
             "weights are all zero (or overflow): nothing to sample",

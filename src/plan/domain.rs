@@ -194,7 +194,10 @@ impl DomainData {
     pub(crate) fn unit_docs(&self, kind: UnitKind, u: u64) -> (usize, u64, u64) {
         match kind {
             UnitKind::Doc => {
-                let s = self.doc_prefix.partition_point(|&p| p <= u).saturating_sub(1);
+                let s = self
+                    .doc_prefix
+                    .partition_point(|&p| p <= u)
+                    .saturating_sub(1);
                 (s, u - self.doc_prefix[s], 1)
             }
             UnitKind::Group => {
@@ -224,7 +227,9 @@ impl DomainData {
             UnitKind::Doc => {
                 let (s, doc, _) = self.unit_docs(kind, u);
                 let runs = self.shards[s].groups()?;
-                let i = runs.partition_point(|r| r.first_doc <= doc).checked_sub(1)?;
+                let i = runs
+                    .partition_point(|r| r.first_doc <= doc)
+                    .checked_sub(1)?;
                 runs.get(i).map(|r| r.id)
             }
         }
@@ -330,7 +335,11 @@ impl Stream {
         for &(b, done) in &self.state.pending {
             match w.blocks.get(b as usize) {
                 Some(blk) if done < blk.rows => {}
-                _ => return Err(format!("pending block {b} (+{done} rows) is not in the window")),
+                _ => {
+                    return Err(format!(
+                        "pending block {b} (+{done} rows) is not in the window"
+                    ))
+                }
             }
         }
         Ok(())
@@ -408,7 +417,14 @@ impl Stream {
 
     /// Brings the stream to `step`: opens the first epoch, switches to grouped units when
     /// grouping starts, and applies reseeds that are due.
-    fn prepare(&mut self, d: &DomainData, g: Geometry, step: u64, seed: u64, reseeds: &[(u64, u64)]) {
+    fn prepare(
+        &mut self,
+        d: &DomainData,
+        g: Geometry,
+        step: u64,
+        seed: u64,
+        reseeds: &[(u64, u64)],
+    ) {
         if !self.state.started {
             self.open_epoch(d, step, seed, false);
         } else if !self.state.grouped && d.grouping_active(step) {
@@ -474,7 +490,11 @@ impl Stream {
         }
         self.prepare(d, g, step, seed, reseeds);
         let batch_mode = self.state.grouped && d.settings.grouping.mode == GroupMode::Batch;
-        let limit = if batch_mode { cap.min(n).max(1) } else { u32::MAX };
+        let limit = if batch_mode {
+            cap.min(n).max(1)
+        } else {
+            u32::MAX
+        };
         let span_cap = if batch_mode { cap.max(1) } else { u32::MAX };
         let mut remaining = n;
         let (mut w, mut perm) = self.window(d, g);

@@ -74,7 +74,7 @@ fn normalise(mut w: Vec<f64>) -> Vec<f64> {
 /// the largest remainders (ties to the lower index).
 pub fn apportion(total: i64, shares: &[f64]) -> Vec<i64> {
     let sum: f64 = shares.iter().sum();
-    if !(sum > 0.0) || total <= 0 {
+    if sum.is_nan() || sum <= 0.0 || total <= 0 {
         return vec![0; shares.len()];
     }
     let raw: Vec<f64> = shares.iter().map(|s| s / sum * total as f64).collect();
@@ -227,8 +227,8 @@ impl Mixer {
             }
         }
         // A domain with no share now keeps its carried error unchanged.
-        for d in 0..n {
-            state.rows[d] += counts[d] as u64;
+        for (rows, &c) in state.rows.iter_mut().zip(&counts) {
+            *rows += c as u64;
         }
         counts
     }
@@ -244,7 +244,13 @@ mod tests {
         let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
         let w: BTreeMap<String, f64> = names.iter().cloned().zip(weights.iter().copied()).collect();
         Mixer {
-            schedule: Schedule::new(&[SchedulePoint { step: 0, weights: w }], &refs),
+            schedule: Schedule::new(
+                &[SchedulePoint {
+                    step: 0,
+                    weights: w,
+                }],
+                &refs,
+            ),
             fill: vec![1.0; weights.len()],
             rows,
             bursty: vec![None; weights.len()],
@@ -277,7 +283,9 @@ mod tests {
         let names = ["a", "b"];
         let p = |step, a, b| SchedulePoint {
             step,
-            weights: [("a".to_string(), a), ("b".to_string(), b)].into_iter().collect(),
+            weights: [("a".to_string(), a), ("b".to_string(), b)]
+                .into_iter()
+                .collect(),
         };
         let s = Schedule::new(&[p(10, 1.0, 0.0), p(20, 0.0, 1.0)], &names);
         assert_eq!(s.weights(0), vec![1.0, 0.0]);

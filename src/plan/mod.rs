@@ -145,11 +145,7 @@ pub struct Plan {
 impl Plan {
     /// Builds a plan. `manifest` identifies the corpus content (the caller hashes shard
     /// identities; the plan never reads files).
-    pub fn new(
-        inputs: &[DomainInput],
-        cfg: PlanConfig,
-        manifest: u128,
-    ) -> Result<Plan, PlanError> {
+    pub fn new(inputs: &[DomainInput], cfg: PlanConfig, manifest: u128) -> Result<Plan, PlanError> {
         if inputs.is_empty() {
             return Err(PlanError::Domain("the corpus has no domains".into()));
         }
@@ -325,9 +321,13 @@ impl Plan {
             at.extend(self.mixer.schedule.breakpoints().filter(|&s| s < plan_step));
             at.sort_unstable();
             at.dedup();
+            // Raw weights, not shares: with the weights at the last step before the
+            // cursor and at every bend, the lines in between are fixed; shares alone
+            // miss a ramp whose far end moved along the same line (tests/plan_props.rs,
+            // cursor_history_catches_a_reparametrized_ramp).
             for s in at {
                 words.push(s);
-                words.extend(self.mixer.schedule.shares(s).iter().map(|w| w.to_bits()));
+                words.extend(self.mixer.schedule.weights(s).iter().map(|w| w.to_bits()));
             }
         }
         for &(a, b) in &self.skips {
@@ -460,6 +460,18 @@ impl Plan {
                 self.domains.len()
             )));
         }
+        // A carried error is below one burst cycle's rows in any real run; a larger one
+        // is forged and would make the mixer spin, so it is refused.
+        let bound = (self.cfg.global_batch_rows as i64 + 1) * mix::TICKS * 10_001;
+        if c.mix
+            .deficit
+            .iter()
+            .any(|d| d.unsigned_abs() > bound as u64)
+        {
+            return Err(CursorError::Malformed(
+                "mixer carried error out of range".into(),
+            ));
+        }
         let mut p = Planner {
             plan: self.clone(),
             step: c.step,
@@ -469,8 +481,9 @@ impl Plan {
         };
         // Structural checks that need the packed window.
         for (d, s) in p.streams.iter_mut().enumerate() {
-            s.check(&self.domains[d], self.geometry)
-                .map_err(|e| CursorError::Malformed(format!("domain {}: {e}", self.domains[d].name)))?;
+            s.check(&self.domains[d], self.geometry).map_err(|e| {
+                CursorError::Malformed(format!("domain {}: {e}", self.domains[d].name))
+            })?;
         }
         Ok(p)
     }
@@ -488,7 +501,9 @@ fn fingerprint(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> u128
         "domains": inputs.iter().map(|d| serde_json::json!({
             "name": d.name,
             "settings": d.settings,
-            "shards": d.shards.len(),
+            // Documents and tokens per shard (O(shards)): a blob from a corpus with
+            // other lengths is refused even if the caller's manifest missed it.
+            "shards": d.shards.iter().map(|(_, s)| [s.documents(), s.tokens()]).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "layout": cursor::VERSION,
     });
@@ -572,10 +587,7 @@ impl Planner {
         let mut rows = Vec::with_capacity(self.plan.cfg.global_batch_rows as usize);
         let counts = self.advance(Some(&mut rows));
         // Interleave domains across positions (and so across ranks).
-        let perm = Permutation::new(
-            rows.len() as u64,
-            derive_key(&[self.plan.seed_at(p), p, 5]),
-        );
+        let perm = Permutation::new(rows.len() as u64, derive_key(&[self.plan.seed_at(p), p, 5]));
         let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
         let rows: Vec<Row> = (0..slots.len() as u64)
             .filter_map(|j| slots[perm.apply(j) as usize].take())

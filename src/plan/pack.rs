@@ -143,10 +143,7 @@ fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
     }
     let rows = w.rows.len() as u32;
     if keep_together {
-        w.blocks.push(Block {
-            first_row: 0,
-            rows,
-        });
+        w.blocks.push(Block { first_row: 0, rows });
     } else {
         w.blocks = (0..rows)
             .map(|r| Block {

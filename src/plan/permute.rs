@@ -181,7 +181,10 @@ mod tests {
         let base = Permutation::new(n, 7);
         let chain = [
             Reshuffle { start: 100, key: 9 },
-            Reshuffle { start: 333, key: 11 },
+            Reshuffle {
+                start: 333,
+                key: 11,
+            },
         ];
         let mut seen = vec![false; n as usize];
         for i in 0..n {

@@ -71,14 +71,26 @@ impl<'p> Tally<'p> {
     pub fn add(&mut self, batch: GlobalBatch) {
         for row in &batch.rows {
             let d = &self.plan.domains[row.domain as usize];
-            for s in &row.segments {
+            // In concat rows the first token is the previous row's last (rows overlap by
+            // one token), so a document starting right at a row seam shows up at the
+            // same start twice: key the first segment by its first label token instead.
+            let concat = self.plan.cfg.packing == super::config::Packing::Concat;
+            for (i, s) in row.segments.iter().enumerate() {
                 let allowed = match d.settings.upsample_long {
                     Some(u) if s.doc_len > u.min_tokens || s.group.is_some() => u.factor,
                     _ => 1,
                 };
+                let start = if concat && i == 0 {
+                    if s.len <= 1 {
+                        continue;
+                    }
+                    s.start + 1
+                } else {
+                    s.start
+                };
                 let c = self
                     .seen
-                    .entry((row.domain, row.epoch, s.shard, s.doc, s.start))
+                    .entry((row.domain, row.epoch, s.shard, s.doc, start))
                     .or_insert(0);
                 *c += 1;
                 if *c > allowed {
