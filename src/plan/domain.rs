@@ -527,19 +527,8 @@ impl Stream {
         while remaining > 0 {
             if self.state.next_block as usize >= w.blocks.len() {
                 // Leaving the window: whatever is pending goes now, split if it must.
-                if let Some(&(b, done)) = self.state.pending.first() {
-                    let left = w.blocks[b as usize].rows - done;
-                    let take = left.min(remaining);
-                    if take < left && done == 0 {
-                        self.state.split_groups += 1;
-                    }
-                    self.emit_rows(d, domain, &w, b, done, take, &mut out);
-                    remaining -= take;
-                    if take == left {
-                        self.state.pending.remove(0);
-                    } else {
-                        self.state.pending[0].1 = done + take;
-                    }
+                if !self.state.pending.is_empty() {
+                    remaining -= self.take_oldest_pending(d, domain, &w, remaining, &mut out);
                     continue;
                 }
                 if w.blocks.is_empty() {
@@ -556,19 +545,7 @@ impl Stream {
             }
             if self.state.pending.len() >= MAX_DEFERRED {
                 // Too much passed over: take the oldest now, split if it must.
-                let (b, done) = self.state.pending[0];
-                let left = w.blocks[b as usize].rows - done;
-                let take = left.min(remaining);
-                if take < left && done == 0 {
-                    self.state.split_groups += 1;
-                }
-                self.emit_rows(d, domain, &w, b, done, take, &mut out);
-                remaining -= take;
-                if take == left {
-                    self.state.pending.remove(0);
-                } else {
-                    self.state.pending[0].1 = done + take;
-                }
+                remaining -= self.take_oldest_pending(d, domain, &w, remaining, &mut out);
                 continue;
             }
             let b = chained(&perm, &self.state.block_chain, self.state.next_block as u64) as u32;
@@ -589,6 +566,31 @@ impl Stream {
                 self.state.pending.push((b, take));
             }
         }
+    }
+
+    /// Takes up to `remaining` rows of the oldest pending block, counting a split when
+    /// a group that has not started must be cut. Returns the rows taken.
+    fn take_oldest_pending(
+        &mut self,
+        d: &DomainData,
+        domain: u16,
+        w: &Window,
+        remaining: u32,
+        out: &mut Option<&mut Vec<Row>>,
+    ) -> u32 {
+        let (b, done) = self.state.pending[0];
+        let left = w.blocks[b as usize].rows - done;
+        let take = left.min(remaining);
+        if take < left && done == 0 {
+            self.state.split_groups += 1;
+        }
+        self.emit_rows(d, domain, w, b, done, take, out);
+        if take == left {
+            self.state.pending.remove(0);
+        } else {
+            self.state.pending[0].1 = done + take;
+        }
+        take
     }
 
     #[allow(clippy::too_many_arguments)]
