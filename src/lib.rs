@@ -6,9 +6,13 @@
 
 #![deny(missing_docs)]
 
+pub mod bench;
+pub mod client;
 pub mod config;
 pub mod corpus;
+pub mod demo;
 pub mod inspect;
 pub mod plan;
+pub mod serve;
 pub mod synth;
 pub mod tokenize;

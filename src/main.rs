@@ -32,6 +32,14 @@ enum Command {
     Explain(ExplainArgs),
     /// Tokenize JSONL text into a Megatron shard, with a groups sidecar when asked.
     Tokenize(TokenizeArgs),
+    /// Run the daemon: plan batches and stream them to trainer ranks over shared memory.
+    Serve(millrace::serve::ServeArgs),
+    /// Connect to a daemon as one trainer rank and read every token (a built-in consumer).
+    Consume(millrace::client::ConsumeArgs),
+    /// Synthesize a small corpus, start the daemon, stream to consumers, report, exit.
+    Demo(millrace::demo::DemoArgs),
+    /// Measure delivered tokens/s, latency and CPU cost against this machine's memcpy.
+    Bench(millrace::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -219,20 +227,32 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon reports its life at info level (journald keeps it); tools stay quiet.
+    let default_level = match cli.command {
+        Command::Serve(_) | Command::Demo(_) => "info",
+        _ => "warn",
+    };
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // journald and log files get plain text; a terminal gets colour.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => run_inspect(args),
         Command::Synth(args) => run_synth(args),
         Command::Tokenize(args) => run_tokenize(args),
         Command::Plan(args) => run_plan(args),
         Command::Explain(args) => run_explain(args),
+        Command::Serve(args) => millrace::serve::run_cli(args),
+        Command::Consume(args) => millrace::client::run_consume(args),
+        Command::Demo(args) => millrace::demo::run(args),
+        Command::Bench(args) => millrace::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -182,6 +182,42 @@ fn the_example_config_parses_and_its_plan_validates() {
     assert_eq!(s.grouping.mode, millrace::plan::GroupMode::Batch);
     assert_eq!(s.grouping.from_step, 120000);
     assert_eq!(s.upsample_long.map(|u| u.factor), Some(2));
+    let serve = millrace::serve::ServeConfig::from_config(&cfg).unwrap();
+    assert_eq!(serve.socket, Path::new("/run/millrace/millrace.sock"));
+    assert_eq!((serve.ring_slots, serve.materialize_threads), (4, 2));
+    assert_eq!(serve.token_dtype, "int32");
+}
+
+#[test]
+fn serve_mistakes_name_the_field() {
+    let base = "[corpus]\n[[corpus.domain]]\nname = \"web\"\nshards = [\"web\"]\n";
+    let cases = [
+        ("[serve]\nring_slot = 4", "ring_slot"),
+        ("[serve]\nring_slots = 1", "ring_slots"),
+        ("[serve]\nmaterialize_threads = 0", "materialize_threads"),
+        ("[serve]\nring_slots = \"four\"", "ring_slots"),
+    ];
+    for (extra, field) in cases {
+        let text = format!("{base}{extra}");
+        let cfg = Config::parse(&text, Path::new("/x/run.toml"), Path::new("/x")).unwrap();
+        let err = format!(
+            "{:#}",
+            millrace::serve::ServeConfig::from_config(&cfg).unwrap_err()
+        );
+        assert!(
+            err.contains(field) && err.contains("run.toml"),
+            "{extra}: {err}"
+        );
+    }
+    // Relative socket paths resolve against the config's directory.
+    let cfg = Config::parse(
+        &format!("{base}[serve]\nsocket = \"s.sock\""),
+        Path::new("/x/run.toml"),
+        Path::new("/x"),
+    )
+    .unwrap();
+    let serve = millrace::serve::ServeConfig::from_config(&cfg).unwrap();
+    assert_eq!(serve.socket, Path::new("/x/s.sock"));
 }
 
 #[test]

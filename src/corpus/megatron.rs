@@ -411,7 +411,12 @@ impl MegatronShard {
         self.sequences
     }
 
-    /// Size of `.bin` in bytes.
+    /// The whole mapped `.bin`, so the daemon can hint the kernel about its access pattern.
+    pub fn bin_bytes(&self) -> &[u8] {
+        self.bin.as_deref().unwrap_or(&[])
+    }
+
+    /// Size of the `.bin` in bytes.
     pub fn bin_len(&self) -> u64 {
         self.bin_len
     }
@@ -498,6 +503,24 @@ impl MegatronShard {
     /// Checks the document's own sequences (contiguous, inside the `.bin`), so this is
     /// safe on a shard that was opened but never [`validate`](Self::validate)d.
     pub fn doc_tokens(&self, doc: u64) -> Result<Tokens<'_>> {
+        // The daemon's hot path: once `validate` proved one sequence per document with
+        // contiguous, in-bounds pointers, a document is one pointer and one length.
+        if self
+            .one_seq_per_doc
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && doc < self.sequences
+        {
+            let ptr = self.pointer(doc) as usize;
+            let len = self.sequence_length(doc).max(0) as usize * self.dtype.size();
+            if let Some(t) = self
+                .bin
+                .as_deref()
+                .and_then(|bin| bin.get(ptr..ptr.checked_add(len)?))
+                .and_then(|bytes| Tokens::from_bytes(self.dtype, bytes))
+            {
+                return Ok(t);
+            }
+        }
         let (a, b) = self.doc_sequences(doc)?;
         let size = self.dtype.size() as i128;
         if a == b {

@@ -165,6 +165,14 @@ impl Shard {
         }
     }
 
+    /// The whole mapped token data (`.bin` or raw file): the range page-cache hints cover.
+    pub fn data(&self) -> &[u8] {
+        match &self.body {
+            Body::Megatron(m) => m.bin_bytes(),
+            Body::Raw(r) => r.data(),
+        }
+    }
+
     /// Length of document `doc` in tokens, from the index alone (no token I/O).
     pub fn doc_len(&self, doc: u64) -> Result<u64> {
         body!(self, s => s.doc_len(doc))

@@ -249,6 +249,11 @@ impl RawShard {
         Ok(b - a)
     }
 
+    /// The whole mapped token array (empty for an empty file).
+    pub fn data(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
     /// The tokens of document `doc`, borrowed from the mapping.
     pub fn doc_tokens(&self, doc: u64) -> Result<Tokens<'_>> {
         let (a, b) = self.doc_range(doc)?;

@@ -1,0 +1,881 @@
+"""The trainer side of the millrace wire protocol (docs/PROTOCOL.md, version 1).
+
+A :class:`Client` is one trainer rank's connection to the node's daemon. It speaks the
+frame protocol over a unix stream socket, maps the dp rank's ring (a sealed memfd) read
+only, and hands out :class:`Batch` objects whose arrays are numpy views straight into
+the ring: nothing is copied between the daemon's write and the trainer's read.
+
+Lifetime of a batch
+-------------------
+A ring slot is reused by the daemon once every peer of the dp rank has RELEASEd it, so a
+batch's views are only valid for a while. The client releases a batch once it has handed
+out ``hold`` more batches (``hold=1``: when the next batch is requested). After that its
+attribute accessors raise :class:`StaleBatch`, and any view taken out of it earlier may
+change under you. Keep what you need longer with :meth:`Batch.copy` (or copy to the GPU,
+see :meth:`Batch.to_torch`, which releases only after the copy has completed).
+
+Faults
+------
+When the daemon goes away (socket EOF/reset, refused or missing socket) the client
+reconnects every 0.1 s for up to ``reconnect_timeout`` seconds, with the cursor blob of
+the last batch it handed out, and the stream continues at exactly the next step. Batches
+from the old connection stay readable (their memfd lives while it is mapped).
+
+The client is not thread safe: use it from one thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import mmap
+import os
+import select
+import socket as _socket
+import struct
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+__all__ = [
+    "Client",
+    "Batch",
+    "MicroBatch",
+    "MillraceError",
+    "Refused",
+    "DaemonError",
+    "DaemonGone",
+    "ProtocolError",
+    "StaleBatch",
+    "PROTOCOL_VERSION",
+]
+
+log = logging.getLogger("millrace")
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 65536
+
+HELLO, WELCOME, REFUSED, RELEASE, ERROR, BYE = 1, 2, 3, 4, 5, 6
+_TYPE_NAMES = {1: "HELLO", 2: "WELCOME", 3: "REFUSED", 4: "RELEASE", 5: "ERROR", 6: "BYE"}
+
+_FRAME_HEAD = struct.Struct("<IB")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+# step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens, real_tokens,
+# cursor_len, (4 bytes), publish_ns
+_SLOT_HEAD = struct.Struct("<QQIIIIQQI4xQ")
+# magic, layout version, slots, slot_bytes, slot_offset, first step
+_RING_HEAD = struct.Struct("<8sIIQQQ")
+_RING_MAGIC = b"MRRING01"
+_PUBLISHED_AT = 64
+
+# The arrays of a slot, in the order Batch keeps their views.
+FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "domain",
+          "row_loss_tokens")
+_TOKENS, _LABELS, _LOSS_MASK, _POSITION_IDS, _CU, _DOMAIN, _ROW_LOSS = range(7)
+
+# errnos that mean "the daemon is not there (now)": retried while reconnecting.
+_GONE_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE,
+                errno.ECONNABORTED, errno.ENOTCONN}
+# Refusals that a restarting or settling daemon may answer for a short while.
+_RETRY_REFUSALS = {"busy", "duplicate", "peer_position"}
+# A process restarted right after its predecessor died can reach the daemon before the
+# daemon noticed the death: `duplicate` is retried this long on a first connect.
+_DUPLICATE_GRACE = 3.0
+# How long close() waits for the daemon to acknowledge BYE by closing its side.
+_BYE_WAIT = 5.0
+
+
+class MillraceError(Exception):
+    """Base class of the errors this package raises."""
+
+
+class Refused(MillraceError):
+    """The daemon answered HELLO with REFUSED (docs/PROTOCOL.md section 2)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class DaemonError(MillraceError):
+    """The daemon sent an ERROR frame (it judged this connection broke the protocol)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class DaemonGone(MillraceError, ConnectionError):
+    """The daemon went away and did not come back within ``reconnect_timeout``."""
+
+
+class ProtocolError(MillraceError):
+    """The daemon (or the ring) did something docs/PROTOCOL.md does not allow."""
+
+
+class StaleBatch(MillraceError):
+    """A batch was used after the client released its ring slot (see ``hold``)."""
+
+
+class _Gone(Exception):
+    """Internal: the current connection is dead; reconnect."""
+
+
+# ---------------------------------------------------------------------------- frames
+
+
+def encode_frame(kind: int, payload: bytes = b"") -> bytes:
+    """One frame: u32 len (type + payload), u8 type, payload."""
+    if len(payload) + 1 > MAX_FRAME:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_FRAME - 1}")
+    return _FRAME_HEAD.pack(len(payload) + 1, kind) + payload
+
+
+def _recv_exact(sock, n: int, fds: list | None) -> bytes:
+    """Reads exactly ``n`` bytes; collects passed fds into ``fds`` when given. EOF -> _Gone."""
+    chunks, got = [], 0
+    while got < n:
+        try:
+            if fds is not None:
+                data, new_fds, _flags, _addr = _socket.recv_fds(sock, n - got, 4,
+                                                               _socket.MSG_CMSG_CLOEXEC)
+                fds.extend(new_fds)
+            else:
+                data = sock.recv(n - got)
+        except OSError as e:
+            if isinstance(e, TimeoutError) or e.errno in _GONE_ERRNOS:
+                raise _Gone(f"reading from the daemon: {e}") from e
+            raise
+        if not data:
+            raise _Gone("the daemon closed the connection"
+                        + (f" inside a frame ({got} of {n} bytes)" if got else ""))
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def read_frame(sock, fds: list | None = None) -> tuple[int, bytes]:
+    """Reads one frame; returns (type, payload). Passed fds go to ``fds`` when given."""
+    head = _recv_exact(sock, 4, fds)
+    (length,) = _U32.unpack(head)
+    if length == 0 or length > MAX_FRAME:
+        raise ProtocolError(f"the daemon sent a frame of length {length} (allowed 1..={MAX_FRAME})")
+    body = _recv_exact(sock, length, fds)
+    return body[0], body[1:]
+
+
+def _reason(payload: bytes) -> tuple[str, str]:
+    try:
+        obj = json.loads(payload)
+        return str(obj.get("code", "?")), str(obj.get("message", ""))
+    except (ValueError, AttributeError):
+        return "?", payload.decode("utf-8", "replace")
+
+
+def _send(sock, data: bytes) -> None:
+    try:
+        sock.sendall(data, _socket.MSG_NOSIGNAL)  # EPIPE, never SIGPIPE
+    except OSError as e:
+        if isinstance(e, TimeoutError) or e.errno in _GONE_ERRNOS:
+            raise _Gone(f"writing to the daemon: {e}") from e
+        raise
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+class MicroBatch:
+    """Rows ``[index * micro_batch_rows, (index + 1) * micro_batch_rows)`` of a batch.
+
+    Array attributes are views into the batch (valid as long as it is); ``cu_seqlens`` is
+    rebased to start at 0 (a new, small array) and ``max_seqlen`` / ``loss_tokens`` are
+    those of these rows.
+    """
+
+    __slots__ = ("index", "tokens", "labels", "loss_mask", "position_ids", "cu_seqlens",
+                 "max_seqlen", "domain", "row_loss_tokens", "loss_tokens")
+
+    def __init__(self, index, tokens, labels, loss_mask, position_ids, cu_seqlens, domain,
+                 row_loss_tokens):
+        self.index = index
+        self.tokens = tokens
+        self.labels = labels
+        self.loss_mask = loss_mask
+        self.position_ids = position_ids
+        self.cu_seqlens = cu_seqlens
+        self.max_seqlen = int(np.diff(cu_seqlens).max()) if len(cu_seqlens) > 1 else 0
+        self.domain = domain
+        self.row_loss_tokens = row_loss_tokens
+        self.loss_tokens = int(row_loss_tokens.sum())
+
+    def __repr__(self):
+        return f"MicroBatch(index={self.index}, rows={len(self.tokens)}, loss_tokens={self.loss_tokens})"
+
+
+class Batch:
+    """This rank's slice of one global batch (docs/PROTOCOL.md section 4).
+
+    Arrays (read-only numpy views into the ring, valid until the client releases the
+    batch; see the module docstring):
+
+    - ``tokens``, ``labels`` (``token_dtype``), ``loss_mask`` (uint8), ``position_ids``
+      (int32): shape ``[rows, seq_len]``.
+    - ``cu_seqlens`` (int32, ``[cu_len]``): flash-attention varlen boundaries over the
+      flattened ``rows * seq_len`` inputs; ``max_seqlen`` is its longest span.
+    - ``domain`` (int32, ``[rows]``, index into ``Client.domains``), ``row_loss_tokens``
+      (int32, ``[rows]``).
+
+    Plain values: ``step``, ``plan_step``, ``rows``, ``seq_len``, ``max_seqlen``,
+    ``loss_tokens``, ``real_tokens``, ``publish_ns``, and ``cursor`` (bytes: the cursor
+    blob as of the end of this step; handing it back resumes at ``step + 1``).
+    """
+
+    __slots__ = ("step", "plan_step", "rows", "seq_len", "cu_len", "max_seqlen",
+                 "loss_tokens", "real_tokens", "publish_ns", "cursor", "micro_batch_rows",
+                 "_views", "_client", "_conn_id", "_released", "_fence", "__weakref__")
+
+    def __init__(self, step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
+                 real_tokens, publish_ns, cursor, micro_batch_rows, views, client, conn_id):
+        self.step = step
+        self.plan_step = plan_step
+        self.rows = rows
+        self.seq_len = seq_len
+        self.cu_len = cu_len
+        self.max_seqlen = max_seqlen
+        self.loss_tokens = loss_tokens
+        self.real_tokens = real_tokens
+        self.publish_ns = publish_ns
+        self.cursor = cursor
+        self.micro_batch_rows = micro_batch_rows
+        self._views = views
+        self._client = client
+        self._conn_id = conn_id
+        self._released = False
+        self._fence = None
+
+    def _view(self, i):
+        if self._released:
+            raise StaleBatch(
+                f"batch of step {self.step} was released (the client handed out `hold` more "
+                "batches, or was closed); keep data longer with batch.copy()")
+        return self._views[i]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self._view(_TOKENS)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._view(_LABELS)
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return self._view(_LOSS_MASK)
+
+    @property
+    def position_ids(self) -> np.ndarray:
+        return self._view(_POSITION_IDS)
+
+    @property
+    def cu_seqlens(self) -> np.ndarray:
+        return self._view(_CU)[: self.cu_len]
+
+    @property
+    def domain(self) -> np.ndarray:
+        return self._view(_DOMAIN)
+
+    @property
+    def row_loss_tokens(self) -> np.ndarray:
+        return self._view(_ROW_LOSS)
+
+    @property
+    def released(self) -> bool:
+        """True once the ring slot was handed back (views may change from then on)."""
+        return self._released
+
+    @property
+    def micro_batch_count(self) -> int:
+        return self.rows // self.micro_batch_rows
+
+    def arrays(self) -> dict:
+        """The arrays by name (views)."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+    def micro_batches(self) -> list[MicroBatch]:
+        """The step's rows split in order into ``rows // micro_batch_rows`` micro-batches."""
+        mbr, seq = self.micro_batch_rows, self.seq_len
+        cu = self.cu_seqlens
+        out = []
+        for m in range(self.rows // mbr):
+            r0, r1 = m * mbr, (m + 1) * mbr
+            # Every row contributes its own end to cu_seqlens, so row edges are entries.
+            i0 = int(np.searchsorted(cu, r0 * seq))
+            i1 = int(np.searchsorted(cu, r1 * seq))
+            if cu[i0] != r0 * seq or cu[i1] != r1 * seq:
+                raise ProtocolError(
+                    f"step {self.step}: cu_seqlens has no entry at a row edge "
+                    f"({r0 * seq} or {r1 * seq}); cannot split micro-batches")
+            mcu = cu[i0 : i1 + 1] - cu[i0]
+            out.append(MicroBatch(m, self.tokens[r0:r1], self.labels[r0:r1],
+                                  self.loss_mask[r0:r1], self.position_ids[r0:r1], mcu,
+                                  self.domain[r0:r1], self.row_loss_tokens[r0:r1]))
+        return out
+
+    def copy(self) -> "Batch":
+        """A batch that owns its arrays (valid forever, not tied to the ring)."""
+        views = tuple(np.array(self._view(i)) for i in range(len(self._views)))
+        for v in views:
+            v.flags.writeable = False
+        return Batch(self.step, self.plan_step, self.rows, self.seq_len, self.cu_len,
+                     self.max_seqlen, self.loss_tokens, self.real_tokens, self.publish_ns,
+                     self.cursor, self.micro_batch_rows, views, None, None)
+
+    def to_torch(self, device=None, non_blocking: bool = True):
+        """The batch as torch tensors (see :func:`millrace.torch_adapter.batch_to_torch`).
+
+        ``device=None`` or CPU: zero-copy tensors over the ring (same lifetime as the
+        views). A CUDA device: copies on a side stream; the ring slot is released only
+        after those copies have completed, so the tensors live independently of the ring.
+        """
+        from . import torch_adapter
+
+        return torch_adapter.batch_to_torch(self, device=device, non_blocking=non_blocking)
+
+    def __repr__(self):
+        state = ", released" if self._released else ""
+        return (f"Batch(step={self.step}, plan_step={self.plan_step}, rows={self.rows}, "
+                f"seq_len={self.seq_len}, loss_tokens={self.loss_tokens}{state})")
+
+
+# ---------------------------------------------------------------------------- connection
+
+
+class _Conn:
+    """One live connection: socket, ready eventfd, the mapped ring and its views."""
+
+    _ids = 0
+
+    def __init__(self, sock, ready_fd, mm, welcome):
+        _Conn._ids += 1
+        self.id = _Conn._ids
+        self.sock = sock
+        self.ready_fd = ready_fd
+        self.mm = mm
+        self.welcome = welcome
+        self.gone = False
+        self.gone_reason = ""
+        self.released = 0  # last RELEASE upto sent
+        self.cuda_ptr = None  # address registered with cudaHostRegister, if any
+        self.cuda_tried = False
+        self.slots = int(welcome["slots"])
+        slot_offset = int(welcome["slot_offset"])
+        slot_bytes = int(welcome["slot_bytes"])
+        self.slot_base = [slot_offset + i * slot_bytes for i in range(self.slots)]
+        fields = welcome["fields"]
+        self.views = []
+        for base in self.slot_base:
+            per = []
+            for name in FIELDS:
+                per.append(_field_view(mm, base, name, fields[name]))
+            self.views.append(tuple(per))
+        cur = fields["cursor"]
+        if cur["dtype"] != "uint8" or len(cur["shape"]) != 1:
+            raise ProtocolError(f"WELCOME field `cursor` must be uint8[n], got {cur}")
+        self.cursor_off = int(cur["offset"])
+        self.cursor_cap = int(cur["shape"][0])
+        self.poller = select.poll()
+        self.poller.register(ready_fd, select.POLLIN)
+        self.poller.register(sock.fileno(), select.POLLIN)
+
+    def published(self) -> int:
+        return _U64.unpack_from(self.mm, _PUBLISHED_AT)[0]
+
+    def close_fds(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.ready_fd is not None:
+            try:
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+
+def _field_view(mm, base, name, spec) -> np.ndarray:
+    try:
+        dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+        shape = tuple(int(x) for x in spec["shape"])
+        offset = int(spec["offset"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"WELCOME field `{name}` is malformed: {spec!r} ({e})") from e
+    count = int(np.prod(shape)) if shape else 1
+    end = base + offset + count * dtype.itemsize
+    if end > len(mm):
+        raise ProtocolError(f"WELCOME field `{name}` ends at byte {end}, past the ring "
+                            f"({len(mm)} bytes)")
+    arr = np.frombuffer(mm, dtype=dtype, count=count, offset=base + offset).reshape(shape)
+    assert not arr.flags.writeable
+    return arr
+
+
+# ---------------------------------------------------------------------------- client
+
+
+class Client:
+    """One trainer rank's stream of batches from the node's millrace daemon.
+
+    Parameters
+    ----------
+    socket: path of the daemon's unix socket (``[serve] socket``).
+    dp_rank, dp_size: this rank's data-parallel coordinates; rank ``r`` of ``R`` receives
+        rows ``[rG/R, (r+1)G/R)`` of every global batch of ``G`` rows.
+    job: namespaces rings and dp_size on a daemon shared by several jobs.
+    replica, replicas: this client's name among the peers of its dp rank (tensor /
+        pipeline / context-parallel ranks that must receive identical data) and how many
+        of them connect to this daemon. Peers share one ring.
+    micro_batch_rows, micro_batches: how :meth:`Batch.micro_batches` splits the rows;
+        their product must be ``G / R`` (``micro_batch_rows=None``: the whole slice).
+    cursor: a cursor blob (bytes or hex) to resume from: the first batch is the step after
+        it. ``start_step``: without a cursor, seek to this step.
+    fingerprint: refuse to run unless the daemon's plan fingerprint is this (32 hex).
+    hold: batches stay valid until ``hold`` more were handed out (1 ..= ring slots).
+    reconnect_timeout: seconds to keep retrying (every 0.1 s) when the daemon is missing or
+        went away; 0 disables reconnecting.
+    register_cuda: ``"auto"`` registers the ring with ``cudaHostRegister`` (read-only) when
+        torch is already imported with CUDA initialised at connect, else lazily at the
+        first CUDA :meth:`Batch.to_torch`; ``True`` registers at connect; ``False`` never.
+    handshake_timeout: seconds to wait for WELCOME (a seek without a cursor can take a
+        while on a huge corpus).
+
+    The client connects lazily (on first iteration, :meth:`connect`, ``welcome`` or
+    ``fingerprint``), so :meth:`load_state_dict` can set the resume point first.
+    """
+
+    def __init__(self, socket, dp_rank: int, dp_size: int, job: str = "default",
+                 replica: str = "0", replicas: int = 1, micro_batch_rows: int | None = None,
+                 micro_batches: int = 1, cursor=None, start_step: int | None = None,
+                 fingerprint=None, hold: int = 1, reconnect_timeout: float = 60.0,
+                 register_cuda="auto", handshake_timeout: float = 120.0):
+        if hold < 1:
+            raise ValueError("hold must be at least 1")
+        if register_cuda not in ("auto", True, False):
+            raise ValueError("register_cuda must be 'auto', True or False")
+        self.socket_path = os.fspath(socket)
+        self.dp_rank = int(dp_rank)
+        self.dp_size = int(dp_size)
+        self.job = str(job)
+        self.replica = str(replica)
+        self.replicas = int(replicas)
+        self.micro_batch_rows = None if micro_batch_rows is None else int(micro_batch_rows)
+        self.micro_batches_per_step = int(micro_batches)
+        self.hold = int(hold)
+        self.reconnect_timeout = float(reconnect_timeout)
+        self.register_cuda = register_cuda
+        self.handshake_timeout = float(handshake_timeout)
+        if isinstance(fingerprint, int):
+            fingerprint = f"{fingerprint:032x}"
+        self._want_fingerprint = fingerprint
+        self._resume_cursor = _as_blob(cursor)
+        self._start_step = None if start_step is None else int(start_step)
+        self._next_step = None  # the step the next batch must have (known after WELCOME)
+        self._last_step = None  # step of the last batch handed out
+        self._conn: _Conn | None = None
+        self._welcome = None
+        self._outstanding: deque = deque()
+        self._closed = False
+        self._torch = None  # torch_adapter state (streams), created on demand
+        self.reconnects = 0
+
+    # -- public attributes ------------------------------------------------------------
+
+    @property
+    def welcome(self) -> dict:
+        """The daemon's WELCOME (connects if needed)."""
+        self.connect()
+        return self._welcome
+
+    @property
+    def fingerprint(self) -> str:
+        """The plan fingerprint (hex), from WELCOME."""
+        return self.welcome["fingerprint"]
+
+    @property
+    def domains(self) -> list:
+        return self.welcome["domains"]
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.gone
+
+    # -- connecting ---------------------------------------------------------------------
+
+    def connect(self) -> "Client":
+        """Connects now (normally done lazily). Raises Refused on REFUSED."""
+        if self._closed:
+            raise MillraceError("the client is closed")
+        if self._conn is None:
+            self._open_retrying(initial=self._welcome is None)
+        return self
+
+    def _hello(self) -> dict:
+        h = {"protocol": PROTOCOL_VERSION, "job": self.job, "dp_rank": self.dp_rank,
+             "dp_size": self.dp_size, "replica": self.replica, "replicas": self.replicas,
+             "micro_batches": self.micro_batches_per_step}
+        if self.micro_batch_rows is not None:
+            h["micro_batch_rows"] = self.micro_batch_rows
+        if self._resume_cursor is not None:
+            h["cursor"] = self._resume_cursor.hex()
+        elif self._next_step is not None:
+            h["start_step"] = self._next_step
+        elif self._start_step is not None:
+            h["start_step"] = self._start_step
+        if self._want_fingerprint is not None:
+            h["fingerprint"] = self._want_fingerprint
+        return h
+
+    def _open_retrying(self, initial: bool):
+        t0 = time.monotonic()
+        deadline = t0 + self.reconnect_timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._open()
+                if not initial:
+                    self.reconnects += 1
+                    log.warning("millrace: reconnected to %s at step %d (attempt %d)",
+                                self.socket_path, self._next_step, attempt)
+                return
+            except Refused as e:
+                # A restarting daemon can briefly still see our old connection (duplicate)
+                # or a half-rebuilt ring (peer_position); a busy one may free up.
+                if e.code not in _RETRY_REFUSALS:
+                    raise
+                if initial and e.code == "peer_position":
+                    raise
+                if e.code == "duplicate" and initial \
+                        and time.monotonic() - t0 >= min(_DUPLICATE_GRACE, self.reconnect_timeout):
+                    raise
+                last = e
+            except (_Gone, OSError) as e:
+                if isinstance(e, OSError) and not isinstance(e, TimeoutError) \
+                        and e.errno not in _GONE_ERRNOS:
+                    raise
+                last = e
+            if time.monotonic() >= deadline:
+                if isinstance(last, Refused):
+                    raise last
+                raise DaemonGone(f"no millrace daemon at {self.socket_path} within "
+                                 f"{self.reconnect_timeout:g} s: {last}") from None
+            if attempt == 1:
+                log.warning("millrace: daemon at %s unavailable (%s); retrying for %g s",
+                            self.socket_path, last, self.reconnect_timeout)
+            time.sleep(0.1)
+
+    def _open(self):
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        fds: list = []
+        try:
+            sock.settimeout(self.handshake_timeout)
+            sock.connect(self.socket_path)
+            _send(sock, encode_frame(HELLO, json.dumps(self._hello()).encode()))
+            kind, payload = read_frame(sock, fds)
+            if kind == REFUSED:
+                raise Refused(*_reason(payload))
+            if kind == ERROR:
+                raise DaemonError(*_reason(payload))
+            if kind != WELCOME:
+                raise ProtocolError(f"expected WELCOME, got frame type {kind}")
+            if len(fds) != 2:
+                raise ProtocolError(f"WELCOME carried {len(fds)} fds, expected 2")
+            try:
+                welcome = json.loads(payload)
+            except ValueError as e:
+                raise ProtocolError(f"WELCOME is not JSON: {e}") from e
+            ring_fd, ready_fd = fds
+            try:
+                conn = self._map(sock, ring_fd, ready_fd, welcome)
+            finally:
+                fds.remove(ring_fd)
+                os.close(ring_fd)  # the mapping keeps the memfd alive
+            fds = []  # ready_fd is owned by conn now
+        except BaseException:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            sock.close()
+            raise
+        sock.settimeout(None)
+        self._conn = conn
+        self._welcome = welcome
+        if self._next_step is not None and welcome["start_step"] != self._next_step:
+            self._drop_conn(send_bye=True)
+            raise ProtocolError(f"resumed with the blob of step {self._next_step - 1} but the "
+                                f"daemon starts at step {welcome['start_step']}")
+        if self._next_step is None and self._resume_cursor is None \
+                and self._start_step is not None and welcome["start_step"] != self._start_step:
+            self._drop_conn(send_bye=True)
+            raise ProtocolError(f"asked for start_step {self._start_step} but the daemon "
+                                f"starts at step {welcome['start_step']}")
+        self._next_step = int(welcome["start_step"])
+        if self.register_cuda is True or (self.register_cuda == "auto" and _cuda_ready()):
+            from . import torch_adapter
+
+            torch_adapter.register_ring(self, conn)
+
+    def _map(self, sock, ring_fd, ready_fd, welcome) -> _Conn:
+        try:
+            need = ("protocol", "fingerprint", "start_step", "rows", "seq_len", "slots",
+                    "slot_offset", "slot_bytes", "ring_bytes", "fields", "micro_batch_rows")
+            missing = [k for k in need if k not in welcome]
+            if missing:
+                raise ProtocolError(f"WELCOME lacks {missing}")
+            if welcome["protocol"] != PROTOCOL_VERSION:
+                raise ProtocolError(f"WELCOME speaks protocol {welcome['protocol']}")
+            ring_bytes = int(welcome["ring_bytes"])
+            size = os.fstat(ring_fd).st_size
+            if size < ring_bytes:
+                raise ProtocolError(f"ring memfd has {size} bytes, WELCOME says {ring_bytes}")
+            mm = mmap.mmap(ring_fd, ring_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"WELCOME is malformed: {e}") from e
+        magic, version, slots, slot_bytes, slot_offset, _first = _RING_HEAD.unpack_from(mm, 0)
+        if magic != _RING_MAGIC or version != 1:
+            raise ProtocolError(f"ring header magic {magic!r} version {version}, expected "
+                                f"{_RING_MAGIC!r} version 1")
+        if (slots, slot_bytes, slot_offset) != (welcome["slots"], welcome["slot_bytes"],
+                                                welcome["slot_offset"]):
+            raise ProtocolError(
+                f"ring header (slots {slots}, slot_bytes {slot_bytes}, slot_offset "
+                f"{slot_offset}) disagrees with WELCOME ({welcome['slots']}, "
+                f"{welcome['slot_bytes']}, {welcome['slot_offset']})")
+        if self.hold > slots:
+            raise ValueError(f"hold={self.hold} exceeds the ring's {slots} slots: the "
+                             "client would wait forever")
+        return _Conn(sock, ready_fd, mm, welcome)
+
+    def _drop_conn(self, send_bye: bool):
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # GPU copies still reading the ring must finish before it is unregistered.
+        for b in self._outstanding:
+            if b._conn_id == conn.id:
+                _wait_fence(b)
+        if conn.cuda_ptr is not None:
+            from . import torch_adapter
+
+            torch_adapter.unregister_ring(conn)
+        if send_bye and not conn.gone:
+            # BYE has no reply: the daemon drops its side after it let go of this peer, so
+            # waiting for EOF makes close() + reconnect free of a `duplicate` race.
+            try:
+                conn.sock.sendall(encode_frame(BYE), _socket.MSG_NOSIGNAL)
+                conn.sock.settimeout(_BYE_WAIT)
+                while conn.sock.recv(4096):
+                    pass
+            except OSError:
+                pass
+        conn.close_fds()
+        # The mmap is not closed: batches may still hold views into it. It is unmapped
+        # when the last of them goes.
+        conn.views = None
+        conn.mm = None
+
+    # -- iterating ----------------------------------------------------------------------
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next_batch()
+
+    def next_batch(self, timeout: float | None = None) -> Batch:
+        """The next batch; waits for it (``timeout`` seconds at most: TimeoutError)."""
+        if self._closed:
+            raise MillraceError("the client is closed")
+        while len(self._outstanding) >= self.hold:
+            self._retire(self._outstanding.popleft())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._conn is None:
+                self._open_retrying(initial=self._welcome is None)
+            conn = self._conn
+            try:
+                if conn.gone:
+                    raise _Gone(conn.gone_reason or "the connection failed earlier")
+                self._wait(conn, self._next_step, deadline)
+                return self._take(conn)
+            except _Gone as e:
+                if self.reconnect_timeout <= 0:
+                    self._drop_conn(send_bye=False)
+                    raise DaemonGone(f"millrace daemon at {self.socket_path} went away: {e}") \
+                        from None
+                log.warning("millrace: connection to %s lost (%s); reconnecting from step %d",
+                            self.socket_path, e, self._next_step)
+                conn.gone = True
+                self._drop_conn(send_bye=False)
+
+    def _wait(self, conn: _Conn, step: int, deadline):
+        while conn.published() <= step:
+            if deadline is None:
+                wait_ms = 1000
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no batch for step {step} within the timeout")
+                wait_ms = max(1, min(1000, int(left * 1000)))
+            for fd, ev in conn.poller.poll(wait_ms):
+                if fd == conn.ready_fd:
+                    if ev & select.POLLIN:
+                        os.read(fd, 8)  # resets the (non-semaphore) counter
+                    elif ev & (select.POLLERR | select.POLLNVAL):
+                        raise ProtocolError(f"ready_fd reports poll events {ev:#x}")
+                else:
+                    self._socket_event(conn)
+
+    def _socket_event(self, conn: _Conn):
+        """The socket became readable while streaming: an ERROR frame or the daemon left."""
+        conn.sock.settimeout(10.0)
+        try:
+            kind, payload = read_frame(conn.sock)
+        finally:
+            conn.sock.settimeout(None)
+        if kind == ERROR:
+            code, message = _reason(payload)
+            conn.gone = True
+            raise DaemonError(code, message)
+        raise ProtocolError(f"unexpected {_TYPE_NAMES.get(kind, kind)} frame while streaming")
+
+    def _take(self, conn: _Conn) -> Batch:
+        step = self._next_step
+        slot = step % conn.slots
+        base = conn.slot_base[slot]
+        (s, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens, real_tokens,
+         cursor_len, publish_ns) = _SLOT_HEAD.unpack_from(conn.mm, base)
+        if s != step:
+            raise ProtocolError(f"slot {slot} holds step {s} where step {step} was expected "
+                                f"(published = {conn.published()})")
+        w = conn.welcome
+        if rows != w["rows"] or seq_len != w["seq_len"]:
+            raise ProtocolError(f"step {step}: slot header says rows {rows} seq_len {seq_len}, "
+                                f"WELCOME says {w['rows']} {w['seq_len']}")
+        if cursor_len > conn.cursor_cap or cu_len > len(conn.views[slot][_CU]):
+            raise ProtocolError(f"step {step}: cursor_len {cursor_len} / cu_len {cu_len} exceed "
+                                "their fields")
+        c0 = base + conn.cursor_off
+        cursor = conn.mm[c0 : c0 + cursor_len]
+        batch = Batch(step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
+                      real_tokens, publish_ns, cursor, w["micro_batch_rows"],
+                      conn.views[slot], self, conn.id)
+        self._outstanding.append(batch)
+        self._next_step = step + 1
+        self._last_step = step
+        self._resume_cursor = cursor
+        return batch
+
+    def _retire(self, batch: Batch):
+        """Releases one handed-out batch: waits for its GPU copy, then RELEASE."""
+        _wait_fence(batch)
+        batch._released = True
+        conn = self._conn
+        if conn is None or conn.gone or batch._conn_id != conn.id:
+            return
+        upto = batch.step + 1
+        if upto > conn.released:
+            conn.released = upto
+            try:
+                _send(conn.sock, encode_frame(RELEASE, _U64.pack(upto)))
+            except _Gone as e:
+                conn.gone = True
+                conn.gone_reason = str(e)
+
+    def release_all(self):
+        """Releases every batch handed out (their views become stale)."""
+        while self._outstanding:
+            self._retire(self._outstanding.popleft())
+
+    # -- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Where this stream is: ``{"cursor": bytes | None, "step": int}``.
+
+        ``cursor`` is the blob of the last batch handed out (``step``); a client given it
+        (``cursor=`` or :meth:`load_state_dict`) resumes at ``step + 1``. Before any batch,
+        ``cursor`` is the one this client was started with (or None, then ``step + 1`` is
+        the start step).
+        """
+        if self._last_step is not None:
+            return {"cursor": bytes(self._resume_cursor), "step": self._last_step}
+        nxt = self._next_step if self._next_step is not None else (self._start_step or 0)
+        cur = None if self._resume_cursor is None else bytes(self._resume_cursor)
+        return {"cursor": cur, "step": nxt - 1}
+
+    def load_state_dict(self, state: dict):
+        """Sets the resume point (before the first batch): the step after ``state``."""
+        if self._last_step is not None or self._conn is not None:
+            raise MillraceError("load_state_dict must be called before the client connects")
+        cursor = state.get("cursor")
+        self._resume_cursor = _as_blob(cursor)
+        self._start_step = None if cursor is not None else int(state.get("step", -1)) + 1
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self):
+        """Says BYE and closes the socket and fds. Outstanding batches become stale."""
+        if self._closed:
+            return
+        self._closed = True
+        for b in self._outstanding:
+            _wait_fence(b)
+            b._released = True
+        self._outstanding.clear()
+        self._drop_conn(send_bye=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _wait_fence(batch: Batch):
+    fence = batch._fence
+    if fence is not None:
+        batch._fence = None
+        fence.synchronize()
+
+
+def _as_blob(cursor):
+    if cursor is None:
+        return None
+    if isinstance(cursor, str):
+        return bytes.fromhex(cursor)
+    return bytes(cursor)
+
+
+def _cuda_ready() -> bool:
+    """torch imported by the program with CUDA initialised (so its device is chosen)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    try:
+        return bool(torch.cuda.is_available() and torch.cuda.is_initialized())
+    except Exception:
+        return False

@@ -1,0 +1,377 @@
+"""torch integration (optional: importing this module imports torch).
+
+- :func:`batch_to_torch` (also ``Batch.to_torch``): CPU tensors that alias the ring
+  (zero copy, same lifetime as the numpy views), or CUDA tensors copied on a side stream.
+  For a CUDA copy an event is recorded and the ring slot is released only after that
+  event completed, so the GPU tensors never depend on the ring.
+- Ring registration: the whole ring mapping is registered once per connection with
+  ``cudaHostRegister(ptr, size, cudaHostRegisterReadOnly)`` so that copies are true async
+  DMA from pinned memory. (The mapping is ``PROT_READ``: the default flag 0 fails on it and
+  leaves an error behind that a later kernel launch would report, so the read-only flag is
+  used and any error is cleared.) Any failure logs a warning and copies fall back to
+  pageable memory; it never raises. Unregistered on reconnect and close.
+- :class:`TorchClient`: iterates :class:`TorchBatch` objects on a device, prefetching the
+  copy of the next batch(es) while the trainer computes.
+- :class:`MillraceIterableDataset`: for ``DataLoader(ds, batch_size=None, num_workers=0)``.
+
+Typical use::
+
+    import torch, millrace
+    from millrace.torch_adapter import TorchClient
+
+    torch.cuda.set_device(local_rank)
+    stream = TorchClient(millrace.Client("/run/millrace/millrace.sock", dp_rank, dp_size,
+                                         replica=f"tp{tp_rank}", replicas=tp_size),
+                         device="cuda")
+    if ckpt: stream.load_state_dict(ckpt["data"])
+    for batch in stream:          # TorchBatch: tensors on the GPU
+        loss = model(batch.tokens, batch.position_ids, ...)
+        ...
+        save({"data": stream.state_dict(), ...})
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import warnings
+from collections import deque
+
+import numpy as np
+import torch
+
+from .client import FIELDS, Batch, Client, MillraceError, _as_blob
+
+__all__ = ["TorchBatch", "TorchClient", "MillraceIterableDataset", "batch_to_torch",
+           "register_ring", "unregister_ring"]
+
+log = logging.getLogger("millrace")
+
+CUDA_HOST_REGISTER_READ_ONLY = 8
+_NOT_WRITABLE = "The given NumPy array is not writable"
+
+
+def _from_numpy_all(arrays: dict) -> dict:
+    # The ring is mapped read only, so the views are not writable; torch warns that it
+    # does not support read-only tensors. The tensors are never written (document it to
+    # users: in-place ops on them fault), so silence exactly that warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+class _Fences:
+    """Several CUDA events guarding one batch (to_torch called more than once)."""
+
+    def __init__(self, *events):
+        self.events = list(events)
+
+    def synchronize(self):
+        for e in self.events:
+            e.synchronize()
+
+
+class TorchBatch:
+    """A batch as torch tensors: the same attribute names as :class:`millrace.Batch`.
+
+    On a CUDA device the tensors are the trainer's own (the ring slot is free once the
+    copy completed); on the CPU they alias the ring and share the batch's lifetime.
+    """
+
+    def __init__(self, batch: Batch, tensors: dict, mb_bounds):
+        self.step = batch.step
+        self.plan_step = batch.plan_step
+        self.rows = batch.rows
+        self.seq_len = batch.seq_len
+        self.max_seqlen = batch.max_seqlen
+        self.loss_tokens = batch.loss_tokens
+        self.real_tokens = batch.real_tokens
+        self.cursor = batch.cursor
+        self.micro_batch_rows = batch.micro_batch_rows
+        self.tokens = tensors["tokens"]
+        self.labels = tensors["labels"]
+        self.loss_mask = tensors["loss_mask"]
+        self.position_ids = tensors["position_ids"]
+        self.cu_seqlens = tensors["cu_seqlens"]
+        self.domain = tensors["domain"]
+        self.row_loss_tokens = tensors["row_loss_tokens"]
+        self._mb_bounds = mb_bounds
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in FIELDS}
+        d.update(step=self.step, plan_step=self.plan_step, max_seqlen=self.max_seqlen,
+                 loss_tokens=self.loss_tokens, real_tokens=self.real_tokens)
+        return d
+
+    def micro_batches(self) -> list:
+        """Per micro-batch dicts of tensor views (rows in order), ``cu_seqlens`` rebased."""
+        out = []
+        mbr = self.micro_batch_rows
+        for m, (i0, i1, max_seqlen) in enumerate(self._mb_bounds):
+            r0, r1 = m * mbr, (m + 1) * mbr
+            cu = self.cu_seqlens[i0 : i1 + 1]
+            out.append({
+                "tokens": self.tokens[r0:r1], "labels": self.labels[r0:r1],
+                "loss_mask": self.loss_mask[r0:r1], "position_ids": self.position_ids[r0:r1],
+                "cu_seqlens": cu - cu[0], "max_seqlen": max_seqlen,
+                "domain": self.domain[r0:r1], "row_loss_tokens": self.row_loss_tokens[r0:r1],
+            })
+        return out
+
+    def __repr__(self):
+        return (f"TorchBatch(step={self.step}, rows={self.rows}, seq_len={self.seq_len}, "
+                f"device={self.tokens.device})")
+
+
+def _mb_bounds(batch: Batch):
+    out = []
+    for mb in batch.micro_batches():
+        cu = batch.cu_seqlens
+        i0 = int(np.searchsorted(cu, mb.index * batch.micro_batch_rows * batch.seq_len))
+        out.append((i0, i0 + len(mb.cu_seqlens) - 1, mb.max_seqlen))
+    return out
+
+
+def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True) -> TorchBatch:
+    """Tensors of ``batch`` on ``device`` (see the module docstring)."""
+    arrays = batch.arrays()  # raises StaleBatch when released
+    bounds = _mb_bounds(batch)
+    cpu = _from_numpy_all(arrays)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cpu":
+        return TorchBatch(batch, cpu, bounds)
+    if dev.type != "cuda":
+        # Other accelerators: a plain synchronous copy, so the slot can go right after.
+        return TorchBatch(batch, {k: t.to(dev) for k, t in cpu.items()}, bounds)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    client = batch._client
+    if client is not None and client.register_cuda is not False:
+        conn = client._conn
+        if conn is not None and conn.id == batch._conn_id and not conn.cuda_tried:
+            with torch.cuda.device(dev):
+                register_ring(client, conn)
+    state = _state(client)
+    stream = state.stream(dev)
+    current = torch.cuda.current_stream(dev)
+    with torch.cuda.stream(stream):
+        out = {k: t.to(dev, non_blocking=non_blocking) for k, t in cpu.items()}
+        event = torch.cuda.Event()
+        event.record(stream)
+    current.wait_event(event)
+    for t in out.values():
+        # Allocated on the side stream, used on the current one: tell the allocator.
+        t.record_stream(current)
+    if client is not None:
+        batch._fence = event if batch._fence is None else _Fences(batch._fence, event)
+    return TorchBatch(batch, out, bounds)
+
+
+class _TorchState:
+    def __init__(self):
+        self.streams = {}
+
+    def stream(self, dev):
+        s = self.streams.get(dev)
+        if s is None:
+            s = self.streams[dev] = torch.cuda.Stream(device=dev)
+        return s
+
+
+_DETACHED = _TorchState()
+
+
+def _state(client) -> _TorchState:
+    if client is None:
+        return _DETACHED
+    if client._torch is None:
+        client._torch = _TorchState()
+    return client._torch
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def _clear_cuda_error():
+    """cudaGetLastError on the runtime torch loaded: a failed cudaHostRegister leaves an
+    error that the next kernel-launch check would report as its own."""
+    try:
+        paths = set()
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if "libcudart" in line:
+                    paths.add(line.split()[-1])
+        for p in paths:
+            ctypes.CDLL(p).cudaGetLastError()
+    except Exception:  # best effort
+        pass
+
+
+def register_ring(client, conn) -> bool:
+    """Registers the whole ring mapping of ``conn`` (once); never raises."""
+    if conn.cuda_tried:
+        return conn.cuda_ptr is not None
+    conn.cuda_tried = True
+    try:
+        if not torch.cuda.is_available():
+            return False
+        view = np.frombuffer(conn.mm, dtype=np.uint8)
+        ptr = int(view.__array_interface__["data"][0])
+        size = len(conn.mm)
+        del view
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, CUDA_HOST_REGISTER_READ_ONLY))
+        if err != 0:
+            _clear_cuda_error()
+            log.warning("millrace: cudaHostRegister of the ring (%d bytes, read-only) failed "
+                        "with cudaError %d; copying from pageable memory instead", size, err)
+            return False
+        conn.cuda_ptr = ptr
+        log.info("millrace: ring of %d bytes registered with CUDA (read-only)", size)
+        return True
+    except Exception as e:  # noqa: BLE001 - never crash a trainer over an optimisation
+        _clear_cuda_error()
+        log.warning("millrace: could not register the ring with CUDA (%s); copying from "
+                    "pageable memory instead", e)
+        return False
+
+
+def unregister_ring(conn):
+    """cudaHostUnregister of a registered ring; never raises."""
+    ptr, conn.cuda_ptr = conn.cuda_ptr, None
+    if ptr is None:
+        return
+    try:
+        err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+        if err != 0:
+            _clear_cuda_error()
+            log.warning("millrace: cudaHostUnregister failed with cudaError %d", err)
+    except Exception as e:  # noqa: BLE001
+        log.warning("millrace: cudaHostUnregister failed: %s", e)
+
+
+# ---------------------------------------------------------------------------- iteration
+
+
+class TorchClient:
+    """Iterates :class:`TorchBatch` objects on ``device``, prefetching ``prefetch`` copies.
+
+    ``client`` is a :class:`millrace.Client` (not yet connected) or the keyword arguments
+    of one. Its ``hold`` is raised to ``prefetch + 1``. :meth:`state_dict` describes the
+    last batch returned to you (not the prefetched ones), so a checkpoint resumes exactly.
+    On the CPU (``device="cpu"``) the tensors alias the ring and stay valid until you ask
+    for the next batch.
+    """
+
+    def __init__(self, client=None, device="cuda", prefetch: int = 1, non_blocking=True,
+                 **client_kwargs):
+        if client is None:
+            client = Client(**client_kwargs)
+        elif client_kwargs:
+            raise TypeError("pass either a Client or its keyword arguments")
+        if prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
+        self.client = client
+        client.hold = max(client.hold, prefetch + 1)
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.non_blocking = non_blocking
+        self._queue: deque = deque()
+        self._last = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TorchBatch:
+        while len(self._queue) <= self.prefetch:
+            b = self.client.next_batch()
+            self._queue.append(b.to_torch(self.device, non_blocking=self.non_blocking))
+        tb = self._queue.popleft()
+        self._last = tb
+        return tb
+
+    def state_dict(self) -> dict:
+        if self._last is None:
+            return self.client.state_dict()
+        return {"cursor": bytes(self._last.cursor), "step": self._last.step}
+
+    def load_state_dict(self, state: dict):
+        self.client.load_state_dict(state)
+
+    @property
+    def welcome(self):
+        return self.client.welcome
+
+    def close(self):
+        self._queue.clear()
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MillraceIterableDataset(torch.utils.data.IterableDataset):
+    """An IterableDataset over a millrace stream, for
+    ``DataLoader(ds, batch_size=None, num_workers=0)``.
+
+    Yields dicts: the tensors of :data:`millrace.client.FIELDS` plus ``step``,
+    ``plan_step``, ``max_seqlen``, ``loss_tokens``, ``real_tokens``. With ``copy=False``
+    (default) the CPU tensors alias the ring and are valid until the next item is
+    requested; ``copy=True`` clones them (or set ``device`` to get device copies).
+    ``state_dict`` / ``load_state_dict`` make it resumable (also with torchdata's
+    StatefulDataLoader). The keyword arguments are those of :class:`millrace.Client`.
+    Use one process: with ``num_workers > 1`` every worker would be the same dp rank.
+    """
+
+    def __init__(self, socket, dp_rank: int, dp_size: int, device=None, copy: bool = False,
+                 steps: int | None = None, **client_kwargs):
+        super().__init__()
+        self.socket = socket
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.device = device
+        self.copy = copy
+        self.steps = steps
+        self.client_kwargs = client_kwargs
+        self.client = None
+        self._state = None
+
+    def _make_client(self):
+        if self.client is None:
+            self.client = Client(self.socket, self.dp_rank, self.dp_size, **self.client_kwargs)
+            if self._state is not None:
+                self.client.load_state_dict(self._state)
+        return self.client
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise MillraceError("MillraceIterableDataset is one dp rank's stream: use "
+                                "num_workers=0 (or 1), not several workers")
+        client = self._make_client()
+        n = 0
+        while self.steps is None or n < self.steps:
+            b = client.next_batch()
+            tb = b.to_torch(self.device)
+            d = tb.as_dict()
+            if self.copy and self.device is None:
+                for k in FIELDS:
+                    d[k] = d[k].clone()
+            n += 1
+            yield d
+
+    def state_dict(self) -> dict:
+        if self.client is None:
+            return dict(self._state) if self._state else {"cursor": None, "step": -1}
+        return self.client.state_dict()
+
+    def load_state_dict(self, state: dict):
+        if self.client is not None:
+            raise MillraceError("load_state_dict must come before iterating")
+        self._state = {"cursor": _as_blob(state.get("cursor")), "step": state.get("step", -1)}
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()

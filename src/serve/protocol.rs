@@ -1,0 +1,402 @@
+//! The wire format of docs/PROTOCOL.md: length-prefixed frames, the HELLO a client opens
+//! with, the WELCOME, REFUSED and ERROR replies, and passing fds with SCM_RIGHTS.
+//!
+//! Decoding is a pure function over bytes ([`parse_frame`]) so that a property test can
+//! throw arbitrary input at it; the connection code only feeds it what the socket gave.
+
+use std::os::fd::RawFd;
+
+use serde::Deserialize;
+
+/// Protocol version spoken here.
+pub const VERSION: u32 = 1;
+/// Largest `len` a frame may declare: bounds what one client can make the daemon buffer.
+pub const MAX_FRAME: usize = 65536;
+
+/// Frame type codes.
+pub mod kind {
+    /// Client's opening message (JSON).
+    pub const HELLO: u8 = 1;
+    /// Daemon's acceptance (JSON + fds).
+    pub const WELCOME: u8 = 2;
+    /// Daemon's refusal of a HELLO (JSON).
+    pub const REFUSED: u8 = 3;
+    /// Client is done with every step below a u64.
+    pub const RELEASE: u8 = 4;
+    /// Daemon reports a protocol error before closing (JSON).
+    pub const ERROR: u8 = 5;
+    /// Client says goodbye.
+    pub const BYE: u8 = 6;
+}
+
+/// A decoded client-to-daemon frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// HELLO with its raw JSON payload (parsed by [`Hello::parse`]).
+    Hello(Vec<u8>),
+    /// RELEASE upto.
+    Release(u64),
+    /// BYE.
+    Bye,
+}
+
+/// A violation of the framing rules; the connection is closed with this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// Declared length 0 or above [`MAX_FRAME`].
+    #[error("frame length {0} is outside 1..={MAX_FRAME}")]
+    Length(u64),
+    /// A type this side never accepts.
+    #[error("unknown or unexpected frame type {0}")]
+    Type(u8),
+    /// A payload of the wrong size for its type.
+    #[error("frame type {kind} carries {len} payload bytes, expected {expected}")]
+    Payload {
+        /// Frame type.
+        kind: u8,
+        /// Bytes received.
+        len: usize,
+        /// Bytes expected.
+        expected: usize,
+    },
+}
+
+/// Parses one frame from the front of `buf`: `Ok(None)` when more bytes are needed,
+/// otherwise the frame and how many bytes it used. Never panics, whatever `buf` holds.
+pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    let Some(head) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(ProtocolError::Length(len as u64));
+    }
+    let Some(body) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    let (kind, payload) = (body[0], &body[1..]);
+    let frame = match kind {
+        kind::HELLO => Frame::Hello(payload.to_vec()),
+        kind::RELEASE => {
+            let b: [u8; 8] = payload.try_into().map_err(|_| ProtocolError::Payload {
+                kind,
+                len: payload.len(),
+                expected: 8,
+            })?;
+            Frame::Release(u64::from_le_bytes(b))
+        }
+        kind::BYE if payload.is_empty() => Frame::Bye,
+        kind::BYE => {
+            return Err(ProtocolError::Payload {
+                kind,
+                len: payload.len(),
+                expected: 0,
+            })
+        }
+        other => return Err(ProtocolError::Type(other)),
+    };
+    Ok(Some((frame, 4 + len)))
+}
+
+/// Encodes a frame of `kind` around `payload` (which must fit [`MAX_FRAME`]).
+pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A REFUSED or ERROR payload.
+pub fn reason(code: &str, message: &str) -> Vec<u8> {
+    serde_json::json!({ "code": code, "message": message })
+        .to_string()
+        .into_bytes()
+}
+
+/// A client's HELLO (docs/PROTOCOL.md, section 2).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// Must be [`VERSION`].
+    pub protocol: u32,
+    /// Job id: namespaces rings and dp_size.
+    pub job: String,
+    /// Data-parallel rank.
+    pub dp_rank: u32,
+    /// Data-parallel world size.
+    pub dp_size: u32,
+    /// This client's name among the peers of its dp rank.
+    #[serde(default = "default_replica")]
+    pub replica: String,
+    /// Peers of this dp rank that connect to this daemon.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Rows per micro-batch (default: the whole slice).
+    #[serde(default)]
+    pub micro_batch_rows: Option<u32>,
+    /// Micro-batches per step.
+    #[serde(default = "one")]
+    pub micro_batches: u32,
+    /// Hex cursor blob to resume from.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    /// Step to seek to when there is no cursor.
+    #[serde(default)]
+    pub start_step: Option<u64>,
+    /// Expected plan fingerprint (hex).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+fn default_replica() -> String {
+    "0".into()
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A refusal: a stable code and a message naming the field and the values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// One of the codes in docs/PROTOCOL.md.
+    pub code: &'static str,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code`.
+    pub fn new(code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl Hello {
+    /// Parses and checks a HELLO payload. The version is checked before the fields so
+    /// that a newer client hears "protocol" rather than a field error.
+    pub fn parse(payload: &[u8]) -> Result<Hello, Refusal> {
+        let value: serde_json::Value = serde_json::from_slice(payload)
+            .map_err(|e| Refusal::new("bad_hello", format!("HELLO is not JSON: {e}")))?;
+        match value.get("protocol").and_then(|v| v.as_u64()) {
+            Some(v) if v == VERSION as u64 => {}
+            Some(v) => {
+                return Err(Refusal::new(
+                    "protocol",
+                    format!("protocol {v} is not supported; this daemon speaks {VERSION}"),
+                ))
+            }
+            None => {
+                return Err(Refusal::new(
+                    "bad_hello",
+                    "HELLO field `protocol` is missing or not an integer",
+                ))
+            }
+        }
+        let hello: Hello = serde_json::from_value(value)
+            .map_err(|e| Refusal::new("bad_hello", format!("HELLO: {e}")))?;
+        if hello.job.is_empty() || hello.job.len() > 128 {
+            return Err(Refusal::new(
+                "bad_hello",
+                format!(
+                    "HELLO field `job` must be 1..=128 bytes, got {}",
+                    hello.job.len()
+                ),
+            ));
+        }
+        if hello.replica.len() > 128 {
+            return Err(Refusal::new(
+                "bad_hello",
+                "HELLO field `replica` exceeds 128 bytes",
+            ));
+        }
+        if hello.dp_size == 0 || hello.dp_rank >= hello.dp_size {
+            return Err(Refusal::new(
+                "bad_hello",
+                format!(
+                    "HELLO field `dp_rank` = {} must be below `dp_size` = {}",
+                    hello.dp_rank, hello.dp_size
+                ),
+            ));
+        }
+        if hello.replicas == 0 || hello.micro_batches == 0 || hello.micro_batch_rows == Some(0) {
+            return Err(Refusal::new(
+                "bad_hello",
+                "HELLO fields `replicas`, `micro_batches` and `micro_batch_rows` must be positive",
+            ));
+        }
+        Ok(hello)
+    }
+
+    /// The cursor blob, decoded from hex.
+    pub fn cursor_bytes(&self) -> Result<Option<Vec<u8>>, Refusal> {
+        let Some(hex) = &self.cursor else {
+            return Ok(None);
+        };
+        decode_hex(hex).map(Some).ok_or_else(|| {
+            Refusal::new(
+                "cursor",
+                "HELLO field `cursor` is not an even-length hex string",
+            )
+        })
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Bytes of a hex string; `None` for odd length or a non-hex digit.
+pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|c| {
+            let hi = (c[0] as char).to_digit(16)?;
+            let lo = (c[1] as char).to_digit(16)?;
+            Some((hi * 16 + lo) as u8)
+        })
+        .collect()
+}
+
+/// Sends `bytes` on the stream socket `fd` with `fds` attached to its first byte.
+/// Returns how many bytes went out (the caller writes any rest normally).
+pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer is CMSG_SPACE(fd_bytes) long, so the first header and
+    // its data fit; we write exactly fd_bytes of fd numbers.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), fd_bytes);
+    }
+    // SAFETY: a valid msghdr on a socket fd; MSG_NOSIGNAL turns a dead peer into EPIPE.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = encode(kind::RELEASE, &42u64.to_le_bytes());
+        buf.extend(encode(kind::BYE, &[]));
+        let (f, n) = parse_frame(&buf).unwrap().unwrap();
+        assert_eq!(f, Frame::Release(42));
+        let (f, m) = parse_frame(&buf[n..]).unwrap().unwrap();
+        assert_eq!(f, Frame::Bye);
+        assert_eq!(n + m, buf.len());
+        assert_eq!(parse_frame(&buf[..3]).unwrap(), None);
+        assert_eq!(parse_frame(&buf[..8]).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        assert_eq!(parse_frame(&[0, 0, 0, 0]), Err(ProtocolError::Length(0)));
+        assert_eq!(
+            parse_frame(&u32::MAX.to_le_bytes()),
+            Err(ProtocolError::Length(u32::MAX as u64))
+        );
+        assert_eq!(parse_frame(&encode(9, b"x")), Err(ProtocolError::Type(9)));
+        assert_eq!(
+            parse_frame(&encode(kind::WELCOME, b"{}")),
+            Err(ProtocolError::Type(2))
+        );
+        assert!(matches!(
+            parse_frame(&encode(kind::RELEASE, b"abc")),
+            Err(ProtocolError::Payload { expected: 8, .. })
+        ));
+    }
+
+    #[test]
+    fn hello_checks() {
+        let ok = br#"{"protocol":1,"job":"j","dp_rank":1,"dp_size":2}"#;
+        let h = Hello::parse(ok).unwrap();
+        assert_eq!(
+            (h.replica.as_str(), h.replicas, h.micro_batches),
+            ("0", 1, 1)
+        );
+        let e = Hello::parse(br#"{"protocol":2,"job":"j"}"#).unwrap_err();
+        assert_eq!(e.code, "protocol");
+        let e = Hello::parse(br#"{"protocol":1,"job":"j","dp_rank":2,"dp_size":2}"#).unwrap_err();
+        assert!(e.message.contains("dp_rank"), "{e}");
+        let e = Hello::parse(br#"{"protocol":1,"job":"j","dp_rank":0,"dp_size":2,"dp_sise":3}"#)
+            .unwrap_err();
+        assert!(e.message.contains("dp_sise"), "{e}");
+        assert_eq!(Hello::parse(b"\xff\x00").unwrap_err().code, "bad_hello");
+        assert_eq!(
+            decode_hex(&to_hex(&[0, 1, 254, 255])),
+            Some(vec![0, 1, 254, 255])
+        );
+        assert_eq!(decode_hex("0g"), None);
+        assert_eq!(decode_hex("abc"), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+        /// Whatever arrives, the decoder returns (frame, need-more or error) without
+        /// panicking, never claims more bytes than it was given, and HELLO parsing of
+        /// any payload is equally total.
+        #[test]
+        fn decoder_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut rest = &bytes[..];
+            while let Ok(Some((frame, n))) = parse_frame(rest) {
+                prop_assert!(n > 0 && n <= rest.len());
+                if let Frame::Hello(p) = frame {
+                    let _ = Hello::parse(&p);
+                }
+                rest = &rest[n..];
+            }
+            let _ = Hello::parse(&bytes);
+        }
+
+        /// Frames cut at any point parse as "need more", then whole.
+        #[test]
+        fn split_frames_wait(upto in any::<u64>(), cut in 0usize..13) {
+            let buf = encode(kind::RELEASE, &upto.to_le_bytes());
+            let cut = cut.min(buf.len() - 1);
+            prop_assert_eq!(parse_frame(&buf[..cut]).unwrap(), None);
+            prop_assert_eq!(parse_frame(&buf).unwrap(), Some((Frame::Release(upto), buf.len())));
+        }
+    }
+}

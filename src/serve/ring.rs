@@ -1,0 +1,713 @@
+//! The shared-memory ring of one data-parallel rank, and the materializer that fills its
+//! slots: tokens copied from the mapped shards, labels, loss mask, position ids and
+//! flash-attention `cu_seqlens` built beside them (docs/PROTOCOL.md, section 4).
+//!
+//! A ring is one sealed memfd. The daemon maps it read-write once and pre-faults every
+//! page; clients get a read-only fd to the same pages, so a batch is written once and
+//! read in place by every peer of the rank. Slots are reused, never allocated per batch.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::MmapMut;
+use serde::Serialize;
+
+use crate::corpus::{DType, Shard, Tokens};
+use crate::plan::Row;
+
+/// Bytes before slot 0: the ring header.
+pub const RING_HEADER: u64 = 4096;
+/// Bytes at the start of each slot: the slot header.
+pub const SLOT_HEADER: usize = 256;
+/// Offset of `published` in the ring header.
+const PUBLISHED_AT: usize = 64;
+/// Offset of the ring's first step in the ring header.
+const FIRST_STEP_AT: usize = 32;
+const MAGIC: &[u8; 8] = b"MRRING01";
+const LAYOUT_VERSION: u32 = 1;
+
+/// Why a ring could not be made or a slot could not be filled.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// memfd_create, ftruncate, fcntl, mmap or the read-only reopen failed.
+    #[error("ring memory: {what}: {source}")]
+    Os {
+        /// The call that failed.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The plan handed the materializer something it cannot place (a bug, or a shard
+    /// that changed under the daemon).
+    #[error("materialize step {step}: {message}")]
+    Materialize {
+        /// The step being filled.
+        step: u64,
+        /// What went wrong, naming shard and document.
+        message: String,
+    },
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> RingError {
+    move |source| RingError::Os { what, source }
+}
+
+/// The element type trainers receive tokens in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenType(pub DType);
+
+impl TokenType {
+    /// Chooses the output dtype: `int32`, `int64`, or `shard` (the shards' own dtype,
+    /// which must then be one integer dtype across all domains). Refuses an output that
+    /// cannot hold every id a shard's dtype can store, so no token is ever truncated.
+    pub fn choose(setting: &str, shard_dtypes: &[(String, DType)]) -> Result<TokenType, String> {
+        let out = match setting {
+            "int32" => DType::Int32,
+            "int64" => DType::Int64,
+            "shard" => {
+                let mut it = shard_dtypes.iter();
+                let Some((_, first)) = it.next() else {
+                    return Err("token_dtype = \"shard\" needs at least one shard".into());
+                };
+                if let Some((name, other)) = it.find(|(_, d)| d != first) {
+                    return Err(format!(
+                        "token_dtype = \"shard\" needs one dtype across domains, but {} is {first} \
+                         and {name} is {other}; set token_dtype = \"int32\" or \"int64\"",
+                        shard_dtypes[0].0
+                    ));
+                }
+                *first
+            }
+            other => {
+                return Err(format!(
+                    "token_dtype = {other:?}: expected \"int32\", \"int64\" or \"shard\""
+                ))
+            }
+        };
+        for (name, d) in shard_dtypes {
+            if !fits(*d, out) {
+                return Err(format!(
+                    "domain {name} stores {d} tokens, which do not all fit token_dtype {out}; \
+                     use \"int64\""
+                ));
+            }
+        }
+        Ok(TokenType(out))
+    }
+}
+
+/// True when every value of `from` is representable in `to` (floats never are ids).
+fn fits(from: DType, to: DType) -> bool {
+    use DType::*;
+    let range = |d: DType| -> Option<(i128, i128)> {
+        Some(match d {
+            Uint8 => (0, u8::MAX as i128),
+            Int8 => (i8::MIN as i128, i8::MAX as i128),
+            Int16 => (i16::MIN as i128, i16::MAX as i128),
+            Uint16 => (0, u16::MAX as i128),
+            Int32 => (i32::MIN as i128, i32::MAX as i128),
+            Uint32 => (0, u32::MAX as i128),
+            Int64 => (i64::MIN as i128, i64::MAX as i128),
+            Float32 | Float64 => return None,
+        })
+    };
+    match (range(from), range(to)) {
+        (Some((a, b)), Some((c, d))) => c <= a && b <= d,
+        _ => false,
+    }
+}
+
+/// One array inside a slot, as announced in WELCOME.
+#[derive(Debug, Clone, Serialize)]
+pub struct Field {
+    /// Byte offset from the slot's start (a multiple of 64).
+    pub offset: usize,
+    /// numpy dtype name.
+    pub dtype: &'static str,
+    /// Array shape.
+    pub shape: Vec<u64>,
+    #[serde(skip)]
+    bytes: usize,
+}
+
+/// Where everything sits in a ring: fixed for the ring's life, sent to clients once.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Rows per slot (the rank's share of the global batch).
+    pub rows: u32,
+    /// Input positions per row.
+    pub seq_len: u32,
+    /// Slots in the ring.
+    pub slots: u32,
+    /// Token element type.
+    pub token: TokenType,
+    /// Stride between slots.
+    pub slot_bytes: u64,
+    /// Size of the memfd.
+    pub ring_bytes: u64,
+    /// tokens, labels, loss_mask, position_ids, cu_seqlens, domain, row_loss_tokens,
+    /// cursor, in this (increasing offset) order.
+    pub fields: Vec<(&'static str, Field)>,
+}
+
+const fn align(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+impl Layout {
+    /// Lays out `slots` slots of `rows` rows of `seq_len` positions, with room for a
+    /// cursor blob of `cursor_cap` bytes.
+    pub fn new(rows: u32, seq_len: u32, slots: u32, token: TokenType, cursor_cap: usize) -> Layout {
+        let (r, l) = (rows as u64, seq_len as u64);
+        let spec: [(&'static str, &'static str, usize, Vec<u64>); 8] = [
+            ("tokens", token.0.name(), token.0.size(), vec![r, l]),
+            ("labels", token.0.name(), token.0.size(), vec![r, l]),
+            ("loss_mask", "uint8", 1, vec![r, l]),
+            ("position_ids", "int32", 4, vec![r, l]),
+            ("cu_seqlens", "int32", 4, vec![r * l + 1]),
+            ("domain", "int32", 4, vec![r]),
+            ("row_loss_tokens", "int32", 4, vec![r]),
+            ("cursor", "uint8", 1, vec![cursor_cap as u64]),
+        ];
+        let mut at = SLOT_HEADER;
+        let mut fields = Vec::with_capacity(spec.len());
+        for (name, dtype, size, shape) in spec {
+            let bytes = shape.iter().product::<u64>() as usize * size;
+            fields.push((
+                name,
+                Field {
+                    offset: at,
+                    dtype,
+                    shape,
+                    bytes,
+                },
+            ));
+            at = align(at + bytes, 64);
+        }
+        let slot_bytes = align(at, 4096) as u64;
+        Layout {
+            rows,
+            seq_len,
+            slots,
+            token,
+            slot_bytes,
+            ring_bytes: RING_HEADER + slot_bytes * slots as u64,
+            fields,
+        }
+    }
+
+    /// The fields as the WELCOME JSON object.
+    pub fn fields_json(&self) -> serde_json::Value {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .fields
+            .iter()
+            .map(|(n, f)| (n.to_string(), serde_json::to_value(f).unwrap_or_default()))
+            .collect();
+        serde_json::Value::Object(map)
+    }
+
+    fn cursor_cap(&self) -> usize {
+        self.fields.last().map_or(0, |(_, f)| f.bytes)
+    }
+}
+
+/// A sealed memfd mapped read-write by the daemon, with a read-only fd for clients.
+pub struct Ring {
+    layout: Layout,
+    map: MmapMut,
+    /// `map`'s base address, taken once from `as_mut_ptr` so that slot writes do not
+    /// derive a mutable pointer from a shared borrow.
+    base: *mut u8,
+    /// Read-only reopen of the memfd, handed to every peer.
+    ro: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory owned by the ring. Slots are written through `slot_mut`, whose
+// contract gives each slot to one writer at a time (the hub claims a slot under its lock
+// before handing it to a worker); the header's `published` word is an atomic.
+unsafe impl Sync for Ring {}
+// SAFETY: as above; the raw base pointer is only an address into the owned mapping.
+unsafe impl Send for Ring {}
+
+impl Ring {
+    /// Creates, sizes, pre-faults and seals a ring whose first step is `first_step`.
+    pub fn create(name: &str, layout: Layout, first_step: u64) -> Result<Ring, RingError> {
+        let cname = std::ffi::CString::new(format!("millrace:{name}"))
+            .unwrap_or_else(|_| c"millrace".to_owned());
+        // SAFETY: FFI with a valid C string; the returned fd is checked and owned below.
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(os("memfd_create")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(layout.ring_bytes).map_err(os("ftruncate"))?;
+        // SAFETY: the memfd is private to this process until sealed and shared read-only;
+        // only this mapping writes it.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(os("mmap"))?;
+        // Pre-fault every page now, so no batch ever pays a page fault on a fresh slot.
+        map.fill(0);
+        map[..8].copy_from_slice(MAGIC);
+        map[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
+        map[12..16].copy_from_slice(&layout.slots.to_le_bytes());
+        map[16..24].copy_from_slice(&layout.slot_bytes.to_le_bytes());
+        map[24..32].copy_from_slice(&RING_HEADER.to_le_bytes());
+        map[32..40].copy_from_slice(&first_step.to_le_bytes());
+        map[64..72].copy_from_slice(&first_step.to_le_bytes());
+        seal(&file)?;
+        let ro = reopen_read_only(&file)?;
+        let base = map.as_mut_ptr();
+        Ok(Ring {
+            layout,
+            map,
+            base,
+            ro,
+        })
+    }
+
+    /// The layout clients are told about.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The read-only descriptor to pass to clients.
+    pub fn client_fd(&self) -> &OwnedFd {
+        &self.ro
+    }
+
+    fn header_word(&self, at: usize) -> &AtomicU64 {
+        debug_assert!(at % 8 == 0 && at < RING_HEADER as usize);
+        // SAFETY: an 8-aligned offset inside the header of a page-aligned mapping; header
+        // words the daemon changes are only ever accessed atomically.
+        unsafe { &*(self.base.add(at) as *const AtomicU64) }
+    }
+
+    fn published_word(&self) -> &AtomicU64 {
+        self.header_word(PUBLISHED_AT)
+    }
+
+    /// Moves a ring that has published nothing back to start at `step` (a peer resuming
+    /// from an earlier batch joined before production began). Peers already mapped see
+    /// `published` at or below their own step and keep waiting.
+    pub fn restart_at(&self, step: u64) {
+        self.header_word(FIRST_STEP_AT)
+            .store(step, Ordering::Relaxed);
+        self.publish(step);
+    }
+
+    /// Makes every step `< upto` visible to clients (release ordering: slot contents
+    /// first, then the counter).
+    pub fn publish(&self, upto: u64) {
+        self.published_word().store(upto, Ordering::Release);
+    }
+
+    /// The slot of `step`, writable.
+    ///
+    /// # Safety
+    /// The caller must be the only one touching this slot (the hub's claim), and no
+    /// client may be reading it (it was released by every peer).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slot_mut(&self, step: u64) -> &mut [u8] {
+        let i = step % self.layout.slots as u64;
+        let start = RING_HEADER + i * self.layout.slot_bytes;
+        debug_assert!(start + self.layout.slot_bytes <= self.map.len() as u64);
+        std::slice::from_raw_parts_mut(
+            self.base.add(start as usize),
+            self.layout.slot_bytes as usize,
+        )
+    }
+}
+
+fn seal(file: &File) -> Result<(), RingError> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an fd we own.
+    let rc = unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if rc < 0 {
+        return Err(os("fcntl(F_ADD_SEALS)")(std::io::Error::last_os_error()));
+    }
+    // No new writable mapping or write(2) from now on (Linux >= 5.1); older kernels
+    // still get the read-only fd, which is what keeps clients from writing.
+    // SAFETY: as above.
+    unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE) };
+    // SAFETY: as above.
+    let rc = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SEAL) };
+    if rc < 0 {
+        return Err(os("fcntl(F_SEAL_SEAL)")(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn reopen_read_only(file: &File) -> Result<OwnedFd, RingError> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let ro = std::fs::OpenOptions::new()
+        .read(true)
+        .open(&path)
+        .map_err(os("reopen memfd read-only via /proc/self/fd"))?;
+    Ok(OwnedFd::from(ro))
+}
+
+/// One step's slice for one rank, planned and waiting to be copied.
+pub struct SlotJob {
+    /// Trainer step.
+    pub step: u64,
+    /// Unskipped plan step.
+    pub plan_step: u64,
+    /// The rank's rows.
+    pub rows: Vec<Row>,
+    /// Cursor blob as of the end of the step.
+    pub cursor: Vec<u8>,
+}
+
+/// What the materializer reads: the mapped shards per domain, and the pad token.
+pub struct Source {
+    /// Shards per domain, in plan order.
+    pub shards: Vec<Vec<std::sync::Arc<Shard>>>,
+    /// Token used for padding positions.
+    pub pad_token: u64,
+}
+
+/// Integer element types a slot may hold tokens in.
+trait Out: bytemuck::Pod {
+    fn from_i64(v: i64) -> Self;
+}
+macro_rules! out {
+    ($($t:ty),*) => {$(impl Out for $t { #[inline(always)] fn from_i64(v: i64) -> Self { v as $t } })*};
+}
+out!(u8, i8, i16, u16, i32, u32, i64);
+
+/// Converts `src` into `dst` (same length); the dtype check at start-up guarantees the
+/// values fit.
+fn convert<T: Out>(src: Tokens<'_>, dst: &mut [T]) {
+    macro_rules! go {
+        ($s:expr) => {
+            for (d, &v) in dst.iter_mut().zip($s) {
+                *d = T::from_i64(v as i64);
+            }
+        };
+    }
+    match src {
+        Tokens::Uint8(s) => go!(s),
+        Tokens::Int8(s) => go!(s),
+        Tokens::Int16(s) => go!(s),
+        Tokens::Uint16(s) => go!(s),
+        Tokens::Int32(s) => go!(s),
+        Tokens::Uint32(s) => go!(s),
+        Tokens::Int64(s) => go!(s),
+        Tokens::Float32(s) => go!(s),
+        Tokens::Float64(s) => go!(s),
+    }
+}
+
+/// Splits the slot into its header and its eight arrays (fields are in offset order).
+fn carve<'a>(slot: &'a mut [u8], layout: &Layout) -> (&'a mut [u8], Vec<&'a mut [u8]>) {
+    let (header, mut rest) = slot.split_at_mut(SLOT_HEADER);
+    let mut at = SLOT_HEADER;
+    let mut out = Vec::with_capacity(layout.fields.len());
+    for (_, f) in &layout.fields {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(f.offset - at);
+        let (field, tail) = tail.split_at_mut(f.bytes);
+        out.push(field);
+        rest = tail;
+        at = f.offset + f.bytes;
+    }
+    (header, out)
+}
+
+/// Typed view of a field; offsets are 64-aligned in a page-aligned slot, so the cast
+/// cannot fail for a layout built by [`Layout::new`].
+fn typed<T: bytemuck::Pod>(b: &mut [u8]) -> &mut [T] {
+    bytemuck::cast_slice_mut(b)
+}
+
+/// Fills `slot` with `job` (everything but the ring's `published` word) and returns the
+/// slot's real-token count. `publish_ns` is stamped by the caller just before publishing.
+pub fn fill_slot(
+    slot: &mut [u8],
+    layout: &Layout,
+    job: &SlotJob,
+    src: &Source,
+) -> Result<u64, RingError> {
+    match layout.token.0 {
+        DType::Uint8 => fill_typed::<u8>(slot, layout, job, src),
+        DType::Int8 => fill_typed::<i8>(slot, layout, job, src),
+        DType::Int16 => fill_typed::<i16>(slot, layout, job, src),
+        DType::Uint16 => fill_typed::<u16>(slot, layout, job, src),
+        DType::Int32 => fill_typed::<i32>(slot, layout, job, src),
+        DType::Uint32 => fill_typed::<u32>(slot, layout, job, src),
+        DType::Int64 | DType::Float32 | DType::Float64 => fill_typed::<i64>(slot, layout, job, src),
+    }
+}
+
+fn fill_typed<T: Out>(
+    slot: &mut [u8],
+    layout: &Layout,
+    job: &SlotJob,
+    src: &Source,
+) -> Result<u64, RingError> {
+    let fail = |message: String| RingError::Materialize {
+        step: job.step,
+        message,
+    };
+    let l = layout.seq_len as usize;
+    let cap = l + 1;
+    if job.rows.len() != layout.rows as usize {
+        return Err(fail(format!(
+            "{} rows planned for a {}-row slot",
+            job.rows.len(),
+            layout.rows
+        )));
+    }
+    if job.cursor.len() > layout.cursor_cap() {
+        return Err(fail(format!(
+            "cursor blob of {} bytes exceeds the slot's {}",
+            job.cursor.len(),
+            layout.cursor_cap()
+        )));
+    }
+    let (header, mut f) = carve(slot, layout);
+    let [tokens, labels, mask, pos, cu, domain, row_loss, cursor] = &mut f[..] else {
+        return Err(fail("slot layout has the wrong number of fields".into()));
+    };
+    let tokens: &mut [T] = typed(tokens);
+    let labels: &mut [T] = typed(labels);
+    let pos: &mut [i32] = typed(pos);
+    let cu: &mut [i32] = typed(cu);
+    let domain: &mut [i32] = typed(domain);
+    let row_loss: &mut [i32] = typed(row_loss);
+
+    let pad = T::from_i64(src.pad_token as i64);
+
+    let mut n_cu = 1usize;
+    cu[0] = 0;
+    let mut max_seqlen = 0u32;
+    let mut loss_total = 0u64;
+    let mut real_total = 0u64;
+    for (r, row) in job.rows.iter().enumerate() {
+        let base = r * l;
+        let mut p = 0usize;
+        let mut row_loss_n = 0i32;
+        // Slots are reused: clear the mask, then set the ones each piece earns.
+        mask[base..base + l].fill(0);
+        let shards = src
+            .shards
+            .get(row.domain as usize)
+            .ok_or_else(|| fail(format!("row {r}: domain {} does not exist", row.domain)))?;
+        for s in &row.segments {
+            let shard = shards.get(s.shard as usize).ok_or_else(|| {
+                fail(format!(
+                    "row {r}: domain {} has no shard {}",
+                    row.domain, s.shard
+                ))
+            })?;
+            let doc = shard
+                .doc_tokens(s.doc)
+                .map_err(|e| fail(format!("row {r}: {e}")))?;
+            let n = s.len as usize;
+            if n == 0 {
+                continue;
+            }
+            let (a, b) = (s.start as usize, s.start as usize + n);
+            if b > doc.len() || p + n > cap {
+                return Err(fail(format!(
+                    "row {r}: {} document {} tokens {a}..{b} do not fit (document has {}, \
+                     row position {p} of {cap})",
+                    shard.path().display(),
+                    s.doc,
+                    doc.len()
+                )));
+            }
+            let piece = slice_tokens(doc, a, b);
+            // Inputs this piece covers: [p, min(p+n, l)).
+            let end = (p + n).min(l);
+            // Convert straight into both arrays (no staging row): input position q
+            // holds t[q], label position q-1 holds t[q].
+            if end > p {
+                convert(
+                    slice_tokens(piece, 0, end - p),
+                    &mut tokens[base + p..base + end],
+                );
+            }
+            let (skip, lab) = if p == 0 { (1, 0) } else { (0, p - 1) };
+            let lab_end = (p + n - 1).min(l);
+            if lab_end > lab {
+                convert(
+                    slice_tokens(piece, skip, skip + lab_end - lab),
+                    &mut labels[base + lab..base + lab_end],
+                );
+            }
+            if end > p {
+                for (i, v) in pos[base + p..base + end].iter_mut().enumerate() {
+                    *v = i as i32;
+                }
+                // A label stays inside the piece for inputs p ..= p+n-2.
+                let m_end = (p + n - 1).min(l);
+                mask[base + p..base + m_end].fill(1);
+                row_loss_n += (m_end - p) as i32;
+                cu[n_cu] = (base + end) as i32;
+                n_cu += 1;
+                max_seqlen = max_seqlen.max((end - p) as u32);
+            }
+            p += n;
+        }
+        real_total += p as u64;
+        if p < l {
+            tokens[base + p..base + l].fill(pad);
+        }
+        labels[base + p.saturating_sub(1).min(l)..base + l].fill(pad);
+        if p < l {
+            for (i, v) in pos[base + p..base + l].iter_mut().enumerate() {
+                *v = i as i32;
+            }
+            cu[n_cu] = (base + l) as i32;
+            n_cu += 1;
+            max_seqlen = max_seqlen.max((l - p) as u32);
+        }
+        domain[r] = row.domain as i32;
+        row_loss[r] = row_loss_n;
+        loss_total += row_loss_n as u64;
+    }
+    cursor[..job.cursor.len()].copy_from_slice(&job.cursor);
+    header[0..8].copy_from_slice(&job.step.to_le_bytes());
+    header[8..16].copy_from_slice(&job.plan_step.to_le_bytes());
+    header[16..20].copy_from_slice(&layout.rows.to_le_bytes());
+    header[20..24].copy_from_slice(&layout.seq_len.to_le_bytes());
+    header[24..28].copy_from_slice(&(n_cu as u32).to_le_bytes());
+    header[28..32].copy_from_slice(&max_seqlen.to_le_bytes());
+    header[32..40].copy_from_slice(&loss_total.to_le_bytes());
+    header[40..48].copy_from_slice(&real_total.to_le_bytes());
+    header[48..52].copy_from_slice(&(job.cursor.len() as u32).to_le_bytes());
+    Ok(real_total)
+}
+
+/// Tokens `a..b` of a document (bounds checked by the caller).
+fn slice_tokens(t: Tokens<'_>, a: usize, b: usize) -> Tokens<'_> {
+    match t {
+        Tokens::Uint8(s) => Tokens::Uint8(&s[a..b]),
+        Tokens::Int8(s) => Tokens::Int8(&s[a..b]),
+        Tokens::Int16(s) => Tokens::Int16(&s[a..b]),
+        Tokens::Uint16(s) => Tokens::Uint16(&s[a..b]),
+        Tokens::Int32(s) => Tokens::Int32(&s[a..b]),
+        Tokens::Uint32(s) => Tokens::Uint32(&s[a..b]),
+        Tokens::Int64(s) => Tokens::Int64(&s[a..b]),
+        Tokens::Float32(s) => Tokens::Float32(&s[a..b]),
+        Tokens::Float64(s) => Tokens::Float64(&s[a..b]),
+    }
+}
+
+/// Stamps the slot's publish time (CLOCK_MONOTONIC ns) right before it is published.
+pub fn stamp(slot: &mut [u8]) {
+    slot[56..64].copy_from_slice(&monotonic_ns().to_le_bytes());
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock clients compare `publish_ns` against.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Tells the kernel which pages a planned segment will read, so a cold shard is read
+/// with exact spans ahead of the copy instead of faulting (and reading ahead 8 MiB) on
+/// the hot path.
+pub fn will_need(bytes: &[u8]) {
+    advise(bytes, libc::MADV_WILLNEED);
+}
+
+/// Marks a whole shard mapping as randomly accessed: page faults then read only the
+/// pages they need, and `will_need` supplies the lookahead the plan actually knows.
+pub fn random_access(bytes: &[u8]) {
+    advise(bytes, libc::MADV_RANDOM);
+}
+
+fn advise(bytes: &[u8], advice: libc::c_int) {
+    if bytes.is_empty() {
+        return;
+    }
+    let page = 4096usize;
+    let start = bytes.as_ptr() as usize;
+    let aligned = start & !(page - 1);
+    let len = bytes.len() + (start - aligned);
+    // SAFETY: the range lies within a live mapping (rounded down to its page start);
+    // madvise only changes kernel hints and reports errors we can ignore.
+    unsafe { libc::madvise(aligned as *mut libc::c_void, len, advice) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_fit_rules() {
+        assert!(fits(DType::Uint16, DType::Int32));
+        assert!(!fits(DType::Uint32, DType::Int32));
+        assert!(fits(DType::Uint32, DType::Int64));
+        assert!(!fits(DType::Float32, DType::Int64));
+        let doms = vec![
+            ("a".to_string(), DType::Uint16),
+            ("b".to_string(), DType::Int32),
+        ];
+        assert!(TokenType::choose("shard", &doms)
+            .unwrap_err()
+            .contains("one dtype"));
+        assert_eq!(TokenType::choose("int64", &doms).unwrap().0, DType::Int64);
+        let wide = vec![("c".to_string(), DType::Uint32)];
+        assert!(TokenType::choose("int32", &wide)
+            .unwrap_err()
+            .contains("domain c"));
+    }
+
+    #[test]
+    fn layout_is_aligned_and_ordered() {
+        let l = Layout::new(3, 100, 4, TokenType(DType::Int32), 1000);
+        let mut prev = SLOT_HEADER;
+        for (_, f) in &l.fields {
+            assert_eq!(f.offset % 64, 0);
+            assert!(f.offset >= prev);
+            prev = f.offset + f.bytes;
+        }
+        assert!(prev as u64 <= l.slot_bytes);
+        assert_eq!(l.slot_bytes % 4096, 0);
+        assert_eq!(l.ring_bytes, RING_HEADER + 4 * l.slot_bytes);
+    }
+
+    #[test]
+    fn ring_is_sealed_and_client_fd_is_read_only() {
+        let layout = Layout::new(2, 16, 3, TokenType(DType::Int32), 256);
+        let ring = Ring::create("test", layout, 7).unwrap();
+        let fd = ring.client_fd().as_raw_fd();
+        // SAFETY: fcntl on a live fd.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+        // SAFETY: as above.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        assert_ne!(seals & libc::F_SEAL_GROW, 0);
+        assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+        // A writable shared mapping through the client's fd is refused.
+        // SAFETY: mmap with a null hint; the result is checked and unmapped.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_eq!(p, libc::MAP_FAILED);
+        assert_eq!(ring.published_word().load(Ordering::Acquire), 7);
+    }
+}

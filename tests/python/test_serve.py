@@ -1,0 +1,797 @@
+"""The daemon (`millrace serve`) and the Python client (python/millrace) end to end: real
+processes, real sockets, no mocks.
+
+Every delivered array is compared, token for token, with what the independent reader in
+serve_helpers rebuilds from the .bin/.idx files, the rows `millrace explain` names, and
+the definitions of docs/PROTOCOL.md section 4.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import json
+import mmap
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve_helpers import (
+    Daemon,
+    Expected,
+    Worker,
+    assert_records_equal,
+    cursor_of,
+    import_path_for_package,
+    rec_dtype,
+    record_of_batch,
+    wait_until,
+    write_corpus,
+)
+
+try:
+    import millrace as mr
+except ImportError:  # not pip-installed: use the source tree
+    sys.path.insert(0, import_path_for_package())
+    import millrace as mr
+
+from millrace.client import (  # noqa: E402
+    BYE,
+    ERROR,
+    HELLO,
+    REFUSED,
+    RELEASE,
+    WELCOME,
+    encode_frame,
+    read_frame,
+)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("serve_corpus"))
+
+
+@pytest.fixture(scope="module")
+def expected(millrace, corpus):
+    return Expected(millrace, corpus)
+
+
+@pytest.fixture
+def short_dir():
+    """A short directory for sockets (unix socket paths are limited to 107 bytes)."""
+    d = tempfile.mkdtemp(prefix="mrt", dir="/tmp")
+    yield Path(d)
+    for p in Path(d).iterdir():
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def daemons(millrace, short_dir, tmp_path):
+    """Starts daemons on demand; kills every one (and checks for panics) at the end."""
+    started = []
+
+    def start(config, name="d"):
+        d = Daemon(millrace.path, config, short_dir / f"{name}.sock", tmp_path / f"{name}.log")
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        d.kill()
+    for d in started:
+        d.assert_no_panic()
+
+
+@pytest.fixture
+def workers():
+    """Worker processes; every one is SIGKILLed at the end."""
+    made = []
+
+    def make(tmp, name, **args):
+        w = Worker(tmp, name, **args)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.kill()
+
+
+def client(d: Daemon, dp_rank=0, dp_size=4, **kw) -> "mr.Client":
+    kw.setdefault("reconnect_timeout", 0)
+    kw.setdefault("register_cuda", False)
+    return mr.Client(d.sock, dp_rank, dp_size, **kw)
+
+
+def take(c, n: int) -> np.ndarray:
+    """n batches from a client as records."""
+    rows = None
+    out = None
+    for k in range(n):
+        b = c.next_batch(timeout=60)
+        if out is None:
+            rows = b.rows
+            out = np.zeros(n, rec_dtype(rows))
+        record_of_batch(b, out[k])
+    return out
+
+
+# ---------------------------------------------------------------------------- acceptance
+
+
+def test_eight_client_processes_receive_exactly_the_plan(corpus, expected, daemons, workers,
+                                                         tmp_path):
+    """dp_size 4 x two TP peers each, 1000 steps, every array checked."""
+    d = daemons(corpus)
+    ws = []
+    for r in range(4):
+        for tp in ("tp0", "tp1"):
+            ws.append(workers(tmp_path, f"r{r}{tp}", socket=str(d.sock), dp_rank=r, dp_size=4,
+                              replica=tp, replicas=2, until=1000).start())
+    for w in ws:
+        w.wait(timeout=300)
+    assert d.alive()
+    for r in range(4):
+        want = expected.records(0, 1000, r, 4)
+        a, b = ws[2 * r].records(), ws[2 * r + 1].records()
+        assert_records_equal(a, want, f"rank {r} tp0")
+        assert_records_equal(b, want, f"rank {r} tp1")
+        assert a.tobytes() == b.tobytes(), f"rank {r}: TP peers received different bytes"
+    # The ranks' slices are disjoint parts of each global batch.
+    assert len({ws[2 * r].records()["tokens"][5].tobytes() for r in range(4)}) == 4
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_resume_from_state_dict_continues_exactly(corpus, expected, daemons):
+    d = daemons(corpus)
+    with client(d, 1, 4, job="ref") as ref:
+        reference = take(ref, 60)
+    assert_records_equal(reference, expected.records(0, 60, 1, 4), "reference")
+
+    a = client(d, 1, 4, job="a")
+    assert a.state_dict() == {"cursor": None, "step": -1}
+    first = take(a, 23)
+    state = a.state_dict()
+    a.close()
+    assert state["step"] == 22 and state["cursor"] == cursor_of(first[-1])
+
+    b = client(d, 1, 4, job="a")
+    b.load_state_dict(state)
+    assert b.welcome["start_step"] == 23
+    rest = take(b, 37)
+    b.close()
+    assert_records_equal(np.concatenate([first, rest]), reference, "resumed")
+    # The blobs are a function of the plan position: equal to the uninterrupted run's.
+    assert [cursor_of(x) for x in rest] == [cursor_of(x) for x in reference[23:]]
+
+    # A fresh client given the cursor directly (hex works too), and a seek by step.
+    with client(d, 1, 4, job="c", cursor=state["cursor"].hex()) as c:
+        assert_records_equal(take(c, 5), reference[23:28], "cursor=hex")
+    with client(d, 1, 4, job="e", start_step=40) as e:
+        assert_records_equal(take(e, 5), reference[40:45], "start_step")
+    with client(d, 1, 4, job="f") as f:
+        f.load_state_dict({"cursor": None, "step": 49})
+        assert_records_equal(take(f, 3), reference[50:53], "state without cursor")
+
+
+def test_hold_micro_batches_and_copies(corpus, expected, daemons):
+    d = daemons(corpus)
+    want = expected.records(0, 10, 0, 2)
+    c = client(d, 0, 2, micro_batch_rows=1, micro_batches=4, hold=2)
+    assert c.welcome["micro_batch_rows"] == 1 and c.welcome["rows"] == 4
+    b0 = c.next_batch()
+    keep = b0.copy()
+    b1 = c.next_batch()
+    assert not b0.released  # hold=2: still valid
+    np.testing.assert_array_equal(b0.tokens, want["tokens"][0])
+    b2 = c.next_batch()
+    assert b0.released and not b1.released
+    with pytest.raises(mr.StaleBatch):
+        b0.tokens
+    for b, w in ((b1, want[1]), (b2, want[2])):
+        mbs = b.micro_batches()
+        assert len(mbs) == 4
+        for m, mb in enumerate(mbs):
+            np.testing.assert_array_equal(mb.tokens, w["tokens"][m : m + 1])
+            np.testing.assert_array_equal(mb.labels, w["labels"][m : m + 1])
+            np.testing.assert_array_equal(mb.position_ids, w["position_ids"][m : m + 1])
+            assert mb.loss_tokens == w["row_loss_tokens"][m]
+            assert mb.cu_seqlens[0] == 0 and mb.cu_seqlens[-1] == 64
+            assert mb.max_seqlen == np.diff(mb.cu_seqlens).max()
+        # The micro-batches' boundaries, shifted back, are the step's.
+        joined = np.concatenate([[0]] + [mb.cu_seqlens[1:] + 64 * m for m, mb in enumerate(mbs)])
+        np.testing.assert_array_equal(joined, b.cu_seqlens)
+        assert not b.tokens.flags.writeable
+    c.close()
+    assert b1.released and b2.released
+    np.testing.assert_array_equal(keep.tokens, want["tokens"][0])
+    assert keep.step == 0 and len(keep.cursor) > 0 and not keep.released
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+def test_killed_client_resumes_from_its_blob_while_others_stream(corpus, expected, daemons,
+                                                                 workers, tmp_path):
+    rng = np.random.default_rng(1234)
+    d = daemons(corpus)
+    until = 400
+    ws = [workers(tmp_path, f"r{r}", socket=str(d.sock), dp_rank=r, dp_size=4, until=until,
+                  pace=0.001).start() for r in range(4)]
+    victim = ws[2]
+    kill_at = int(rng.integers(20, 200))
+    wait_until(lambda: victim.count() >= kill_at, 120, f"rank 2 reaching step {kill_at}")
+    victim.kill()
+    died_at = victim.count()
+    assert died_at < until, "the victim finished before it could be killed"
+    # The others are not held up by the dead rank.
+    for w in ws[:2] + ws[3:]:
+        w.wait(timeout=300)
+    assert victim.count() == died_at
+    victim.start(resume=True)
+    victim.wait(timeout=300)
+    for r, w in enumerate(ws):
+        assert_records_equal(w.records(), expected.records(0, until, r, 4), f"rank {r}")
+    assert d.alive()
+
+
+@pytest.mark.parametrize("kill", ["daemon", "client+daemon", "daemon SIGTERM"])
+def test_daemon_sigkill_and_restart_continue_exactly(corpus, expected, daemons, workers,
+                                                     tmp_path, kill):
+    seed = {"daemon": 5, "client+daemon": 6, "daemon SIGTERM": 8}[kill]
+    rng = np.random.default_rng(seed)
+    d = daemons(corpus)
+    until = 300
+    ws = [workers(tmp_path, f"r{r}", socket=str(d.sock), dp_rank=r, dp_size=4,
+                  until=until, pace=0.001).start() for r in range(4)]
+    kill_at = int(rng.integers(20, 200))
+    wait_until(lambda: ws[0].count() >= kill_at and all(w.count() for w in ws), 120,
+               f"a client reaching step {kill_at} (and all streaming)")
+    victim = ws[1] if kill == "client+daemon" else None
+    if kill == "daemon SIGTERM":
+        d.stop()
+        assert d.proc.returncode == 0, d.log_tail()
+        assert not d.sock.exists(), "a clean shutdown leaves no socket behind"
+    else:
+        d.kill()
+    if victim is not None:
+        victim.kill()
+    assert all(w.count() < until for w in ws), "a client finished before the kill"
+    time.sleep(float(rng.uniform(0.0, 1.0)))
+    d.start()
+    if victim is not None:
+        victim.start(resume=True)
+    for w in ws:
+        w.wait(timeout=300)
+    for w in ws:
+        r = w.args["dp_rank"]
+        assert_records_equal(w.records(), expected.records(0, until, r, 4), w.name)
+    reconnects = [w.stderr() for w in ws if w is not victim]
+    assert all("reconnects 0" not in text for text in reconnects), reconnects
+
+
+def test_tp_peers_at_different_steps_survive_a_daemon_restart(corpus, expected, daemons):
+    """TP peers of one dp rank may be a few steps apart when the daemon dies. Whichever
+    reconnects first, the restarted daemon starts the ring at the lowest step once every
+    announced peer has joined, and each peer continues exactly where it stopped."""
+    import threading
+
+    d = daemons(corpus)
+    want = expected.records(0, 12, 0, 4)
+    tp0 = client(d, 0, 4, job="tp", replica="tp0", replicas=2, reconnect_timeout=30)
+    tp1 = client(d, 0, 4, job="tp", replica="tp1", replicas=2, reconnect_timeout=30)
+    got0, got1 = [take(tp0, 3)], [take(tp1, 5)]  # tp0 stopped after step 2, tp1 after 4
+    d.kill()
+    d.start()
+    out, errors = {}, []
+
+    def run(name, c, n):
+        try:
+            out[name] = take(c, n)
+        except Exception as e:  # surfaced below, with the peer's name
+            errors.append((name, e))
+
+    ahead = threading.Thread(target=run, args=("tp1", tp1, 7))
+    behind = threading.Thread(target=run, args=("tp0", tp0, 9))
+    ahead.start()  # the peer ahead reconnects first
+    time.sleep(0.5)
+    behind.start()
+    ahead.join(120)
+    behind.join(120)
+    assert not errors, errors
+    got0.append(out["tp0"])
+    got1.append(out["tp1"])
+    assert_records_equal(np.concatenate(got0), want, "tp0")
+    assert_records_equal(np.concatenate(got1), want, "tp1")
+
+
+def test_a_peer_with_a_corrupt_blob_cannot_join_a_live_ring(corpus, daemons):
+    """The blob of a peer joining a live ring is checked like any other: a flipped byte
+    is refused with `cursor`, and the peer already streaming is not disturbed."""
+    d = daemons(corpus)
+    a = client(d, 1, 4, job="live", replica="a", replicas=1)
+    first = take(a, 4)
+    blob = bytearray(a.state_dict()["cursor"])
+    blob[20] ^= 0xFF
+    with pytest.raises(mr.Refused) as err:
+        take(client(d, 1, 4, job="live", replica="b", replicas=1, cursor=bytes(blob),
+                    reconnect_timeout=2), 1)
+    assert err.value.code == "cursor", err.value
+    assert len(take(a, 3)) == 3 and len(first) == 4
+
+
+# ---------------------------------------------------------------------------- ring
+
+
+def test_ring_fd_is_read_only_sealed_and_laid_out_as_documented(corpus, daemons):
+    d = daemons(corpus)
+    s = _raw(d.sock)
+    s.sendall(_hello(job="layout", dp_rank=2))
+    fds = []
+    kind, payload = read_frame(s, fds)
+    assert kind == WELCOME and len(fds) == 2
+    ring_fd, ready_fd = fds
+    try:
+        w = json.loads(payload)
+        assert w["protocol"] == 1 and w["start_step"] == 0 and w["dp_rank"] == 2
+        assert (w["rows"], w["seq_len"], w["slots"]) == (2, 64, 4)
+        assert w["domains"] == ["web", "code"] and w["token_dtype"] == "int32"
+        assert w["slot_bytes"] % 4096 == 0 and w["slot_offset"] >= 4096
+        assert w["ring_bytes"] >= w["slot_offset"] + w["slots"] * w["slot_bytes"]
+        assert os.fstat(ring_fd).st_size == w["ring_bytes"]
+        for name, f in w["fields"].items():
+            assert f["offset"] % 64 == 0 and f["offset"] >= 256, (name, f)
+        assert w["fields"]["cu_seqlens"]["shape"] == [2 * 64 + 1]
+        # Read-only, sealed, no writable mapping possible.
+        assert fcntl.fcntl(ring_fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        seals = fcntl.fcntl(ring_fd, 1034)  # F_GET_SEALS
+        assert seals & 0x7 == 0x7, f"seals {seals:#x}: want SEAL|SHRINK|GROW"
+        with pytest.raises(OSError):
+            mmap.mmap(ring_fd, w["ring_bytes"], flags=mmap.MAP_SHARED,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        with pytest.raises(OSError):
+            os.write(ring_fd, b"x")
+        assert os.readlink(f"/proc/self/fd/{ready_fd}") == "anon_inode:[eventfd]"
+        ring = mmap.mmap(ring_fd, w["ring_bytes"], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        magic, version, slots, slot_bytes, slot_offset, first = struct.unpack_from(
+            "<8sIIQQQ", ring, 0)
+        assert (magic, version, slots, slot_bytes, slot_offset, first) == (
+            b"MRRING01", 1, 4, w["slot_bytes"], w["slot_offset"], 0)
+        wait_until(lambda: struct.unpack_from("<Q", ring, 64)[0] >= 4, 60, "4 published steps")
+        published = struct.unpack_from("<Q", ring, 64)[0]
+        assert published == 4, "the daemon published past the ring's 4 slots"
+        assert len(os.read(ready_fd, 8)) == 8  # the eventfd was signalled
+        now = time.monotonic_ns()
+        for step in range(4):
+            base = w["slot_offset"] + step * w["slot_bytes"]
+            (st, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens, real_tokens,
+             cursor_len, publish_ns) = struct.unpack_from("<QQIIIIQQI4xQ", ring, base)
+            assert (st, plan_step, rows, seq_len) == (step, step, 2, 64)
+            assert 0 < publish_ns <= now
+            assert 0 < cursor_len <= w["fields"]["cursor"]["shape"][0]
+        # Releasing frees slots for the next steps.
+        s.sendall(encode_frame(RELEASE, struct.pack("<Q", 2)))
+        wait_until(lambda: struct.unpack_from("<Q", ring, 64)[0] >= 6, 60, "steps 4 and 5")
+        assert struct.unpack_from("<Q", ring, base - 3 * w["slot_bytes"])[0] == 4
+        ring.close()
+        s.sendall(encode_frame(BYE))
+        assert _frames_until_eof(s) == []
+    finally:
+        for fd in fds:
+            os.close(fd)
+        s.close()
+
+
+def test_peers_share_a_ring_and_a_slow_rank_stalls_only_itself(corpus, expected, daemons):
+    d = daemons(corpus)
+    want0 = expected.records(0, 12, 0, 4)
+    tp0 = client(d, 0, 4, job="p", replica="tp0", replicas=2)
+    got0 = [take(tp0, 4)]
+    # The ring holds step 0 for the missing peer: no fifth step yet.
+    with pytest.raises(TimeoutError):
+        tp0.next_batch(timeout=1.0)
+    # Another dp rank is not held up by rank 0, which holds its slots and does nothing.
+    with client(d, 1, 4, job="p") as other:
+        assert_records_equal(take(other, 30), expected.records(0, 30, 1, 4), "rank 1")
+    tp1 = client(d, 0, 4, job="p", replica="tp1", replicas=2)
+    got1 = [take(tp1, 6)]
+    got0.append(take(tp0, 2))
+    # tp1 leaves and rejoins with its blob while the ring still holds its next step.
+    state = tp1.state_dict()
+    tp1.close()
+    tp1 = client(d, 0, 4, job="p", replica="tp1", replicas=2)
+    tp1.load_state_dict(state)
+    assert tp1.welcome["start_step"] == 6
+    # One thread drives both peers: neither may run more than the ring ahead of the other.
+    got1.append(take(tp1, 3))
+    got0.append(take(tp0, 6))
+    got1.append(take(tp1, 3))
+    assert_records_equal(np.concatenate(got0), want0, "tp0")
+    assert_records_equal(np.concatenate(got1), want0, "tp1")
+    # A peer asking for a step the live ring no longer holds is refused.
+    e = _refused(client(d, 0, 4, job="p", replica="tp2", replicas=2))
+    assert e.code == "peer_position", e
+    tp0.close()
+    tp1.close()
+
+
+def test_hold_larger_than_the_ring_is_rejected(corpus, daemons):
+    d = daemons(corpus)
+    c = client(d, 0, 4, hold=5)
+    with pytest.raises(ValueError, match="hold"):
+        c.connect()
+    c.close()
+
+
+# ---------------------------------------------------------------------------- garbage
+
+
+def _raw(sock_path, timeout=20.0) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(sock_path))
+    return s
+
+
+def _frames_until_eof(s: socket.socket) -> list:
+    """Reads frames until the daemon closes; returns [(type, payload)]. Closes fds."""
+    frames = []
+    while True:
+        fds = []
+        try:
+            kind, payload = read_frame(s, fds)
+        except mr.client._Gone:
+            return frames
+        finally:
+            for fd in fds:
+                os.close(fd)
+        frames.append((kind, payload))
+
+
+def _hello(**kw) -> bytes:
+    h = {"protocol": 1, "job": "raw", "dp_rank": 0, "dp_size": 4}
+    h.update(kw)
+    return encode_frame(HELLO, json.dumps(h).encode())
+
+
+def _welcomed(sock_path, published_at_least=0, **kw) -> socket.socket:
+    """A raw connection past its WELCOME (optionally until `published` reaches a step)."""
+    s = _raw(sock_path)
+    s.sendall(_hello(**kw))
+    fds = []
+    kind, payload = read_frame(s, fds)
+    try:
+        assert kind == WELCOME, payload
+        if published_at_least:
+            ring = mmap.mmap(fds[0], json.loads(payload)["ring_bytes"], prot=mmap.PROT_READ)
+            wait_until(lambda: struct.unpack_from("<Q", ring, 64)[0] >= published_at_least,
+                       60, "the ring to publish")
+            ring.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return s
+
+
+def test_garbage_closes_only_that_connection(corpus, expected, daemons, tmp_path):
+    cfg = tmp_path / "fast_handshake.toml"
+    cfg.write_text(corpus.read_text() + "handshake_timeout_ms = 1500\n")
+    # Shards resolve against the config's directory.
+    for ext in ("bin", "idx"):
+        for dom in ("web", "code"):
+            os.symlink(corpus.parent / f"{dom}.{ext}", tmp_path / f"{dom}.{ext}")
+    d = daemons(cfg)
+    idle = _raw(d.sock, timeout=30)  # never says HELLO
+    good = client(d, 3, 4, job="good")
+    got = [take(good, 5)]
+    rng = np.random.default_rng(99)
+
+    def attack(data: bytes, expect_type=None, code=None):
+        s = _raw(d.sock)
+        try:
+            s.sendall(data)
+        except OSError:
+            pass  # the daemon may already have closed
+        frames = _frames_until_eof(s)
+        s.close()
+        assert len(frames) <= 1, frames
+        if expect_type is not None:
+            assert frames and frames[0][0] == expect_type, (data[:40], frames)
+            if code is not None:
+                assert json.loads(frames[0][1])["code"] == code, frames
+        assert d.alive()
+        got.append(take(good, 3))  # the well-behaved client keeps streaming
+        return frames
+
+    attack(rng.integers(0, 256, 1000, dtype=np.uint8).tobytes())
+    attack(struct.pack("<I", 1 << 31) + b"\x01" * 16, ERROR, "protocol")
+    attack(struct.pack("<I", 0), ERROR, "protocol")
+    attack(struct.pack("<I", 65537) + b"\x01", ERROR, "protocol")
+    attack(encode_frame(HELLO, b"{not json"), REFUSED, "bad_hello")
+    attack(encode_frame(HELLO, b"[1, 2]"), REFUSED, "bad_hello")
+    f = attack(_hello(dp_sise=4), REFUSED, "bad_hello")
+    assert "dp_sise" in json.loads(f[0][1])["message"]
+    attack(_hello(protocol=2), REFUSED, "protocol")
+    attack(_hello(dp_rank=4), REFUSED, "bad_hello")
+    attack(_hello(replicas=0), REFUSED, "bad_hello")
+    attack(_hello(dp_rank="0"), REFUSED, "bad_hello")
+    attack(encode_frame(RELEASE, struct.pack("<Q", 1)), ERROR)  # RELEASE before HELLO
+    attack(encode_frame(9, b"x"), ERROR)
+    s = _raw(d.sock)  # EOF inside a frame
+    s.sendall(struct.pack("<I", 100) + b"\x01{")
+    s.shutdown(socket.SHUT_WR)
+    assert len(_frames_until_eof(s)) <= 1
+    s.close()
+    # Protocol errors after a WELCOME.
+    for bad in (encode_frame(RELEASE, b"\x01\x02"),           # wrong payload size
+                encode_frame(RELEASE, struct.pack("<Q", 10**9)),  # past published
+                encode_frame(BYE, b"x"),
+                _hello(),                                      # a second HELLO
+                encode_frame(7, b"")):
+        s = _welcomed(d.sock, job="raw2")
+        s.sendall(bad)
+        frames = _frames_until_eof(s)
+        s.close()
+        assert [k for k, _ in frames] == [ERROR], (bad, frames)
+        got.append(take(good, 3))
+    # RELEASE going backwards.
+    s = _welcomed(d.sock, published_at_least=2, job="raw3")
+    s.sendall(encode_frame(RELEASE, struct.pack("<Q", 2)))
+    s.sendall(encode_frame(RELEASE, struct.pack("<Q", 1)))
+    assert [k for k, _ in _frames_until_eof(s)] == [ERROR]
+    s.close()
+    # The idle connection was closed after the handshake timeout (1.5 s).
+    assert [k for k, _ in _frames_until_eof(idle)] in ([ERROR], [])
+    idle.close()
+    got.append(take(good, 3))
+    good.close()
+    got = np.concatenate(got)
+    assert_records_equal(got, expected.records(0, len(got), 3, 4), "the good client")
+    assert d.alive()
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def _refused(c) -> "mr.Refused":
+    with pytest.raises(mr.Refused) as e:
+        c.connect()
+    c.close()
+    return e.value
+
+
+def test_refusals_name_the_problem(corpus, daemons, short_dir, tmp_path):
+    d = daemons(corpus)
+    e = _refused(client(d, 0, 3))
+    assert e.code == "dp_size" and "3" in e.message and "8" in e.message, e
+
+    e = _refused(client(d, 0, 4, micro_batch_rows=3))
+    assert e.code == "layout" and "micro_batch_rows" in e.message, e
+
+    a = client(d, 0, 4, job="j", replica="tp0", replicas=2, micro_batch_rows=2).connect()
+    e = _refused(client(d, 0, 4, job="j", replica="tp1", replicas=2, micro_batch_rows=1,
+                        micro_batches=2))
+    assert e.code == "layout", e
+    e = _refused(client(d, 1, 2, job="j"))
+    assert e.code == "dp_size" and "2" in e.message and "4" in e.message, e
+    e = _refused(client(d, 0, 4, job="j", replica="tp0", replicas=2))
+    assert e.code == "duplicate" and "tp0" in e.message, e
+    first = a.next_batch()
+    blob = first.cursor
+    a.close()
+
+    fp = client(d, 0, 4, job="fp")
+    real = fp.fingerprint
+    fp.close()
+    assert len(real) == 32
+    e = _refused(client(d, 0, 4, fingerprint="0" * 32))
+    assert e.code == "fingerprint" and real in e.message and "0" * 32 in e.message, e
+    with client(d, 0, 4, job="fp2", fingerprint=real) as ok:
+        assert ok.next_batch().step == 0
+
+    corrupt = bytearray(blob)
+    corrupt[len(corrupt) // 2] ^= 0x40
+    e = _refused(client(d, 0, 4, job="k", cursor=bytes(corrupt)))
+    assert e.code == "cursor", e
+    e = _refused(client(d, 0, 4, job="k", cursor=blob[:10]))
+    assert e.code == "cursor", e
+    s = _raw(d.sock)
+    s.sendall(_hello(cursor="zz"))
+    frames = _frames_until_eof(s)
+    s.close()
+    assert frames[0][0] == REFUSED and json.loads(frames[0][1])["code"] == "cursor", frames
+
+    # A blob of another plan (another seed) belongs to another config.
+    other_dir = tmp_path / "other"
+    other_cfg = write_corpus(other_dir, plan_seed=12)
+    d2 = Daemon(d.binary, other_cfg, short_dir / "other.sock", tmp_path / "other.log").start()
+    try:
+        with client(d2, 0, 4) as o:
+            foreign = o.next_batch().cursor
+            assert o.fingerprint != real
+    finally:
+        d2.kill()
+    e = _refused(client(d, 0, 4, job="k", cursor=foreign))
+    assert e.code == "cursor" and "fingerprint" in e.message.lower(), e
+
+    with client(d, 0, 4, job="k", cursor=blob) as ok:
+        assert ok.next_batch().step == 1
+    assert d.alive()
+
+
+def test_client_limit_refuses_busy(corpus, daemons, tmp_path):
+    cfg = tmp_path / "two_clients.toml"
+    cfg.write_text(corpus.read_text() + "max_clients = 2\n")
+    for ext in ("bin", "idx"):
+        for dom in ("web", "code"):
+            os.symlink(corpus.parent / f"{dom}.{ext}", tmp_path / f"{dom}.{ext}")
+    d = daemons(cfg)
+    a = client(d, 0, 4).connect()
+    b = client(d, 1, 4).connect()
+    e = _refused(client(d, 2, 4))
+    assert e.code == "busy", e
+    b.close()
+    with client(d, 2, 4) as c:  # a freed place is taken again
+        assert c.next_batch().step == 0
+    a.close()
+
+
+# ---------------------------------------------------------------------------- resources
+
+
+def _memfd_maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("memfd:" in line for line in f)
+
+
+def test_no_fd_or_shm_leak_over_200_connections(corpus, daemons):
+    d = daemons(corpus)
+    shm_before = sorted(os.listdir("/dev/shm"))
+    daemon_base = d.fd_count()
+    gc.collect()
+    own_base = len(os.listdir("/proc/self/fd"))
+    maps_base = _memfd_maps()
+    for i in range(200):
+        kind = i % 5
+        if kind == 0:  # refused
+            with pytest.raises(mr.Refused):
+                client(d, 0, 3).connect()
+        elif kind == 1:  # a HELLO, then the socket just closes
+            s = _welcomed(d.sock, job=f"abrupt{i}", dp_rank=i % 4)
+            s.close()
+        else:  # stream a little, with TP peers sometimes
+            peers = [client(d, i % 4, 4, job=f"j{i % 3}", replica=f"tp{p}",
+                            replicas=kind - 1) for p in range(kind - 1)]
+            for c in peers:
+                c.connect()
+            for c in peers:
+                c.next_batch(timeout=60)
+            for c in peers:
+                c.close()
+        if i % 50 == 49:
+            gc.collect()
+            assert len(os.listdir("/proc/self/fd")) == own_base, "the client leaks fds"
+    gc.collect()
+    assert _memfd_maps() == maps_base, "the client leaks ring mappings"
+    wait_until(lambda: d.fd_count() == daemon_base, 30,
+               f"the daemon's fds to return to {daemon_base} (now {d.fd_count()})", poll=0.1)
+    assert sorted(os.listdir("/dev/shm")) == shm_before
+    assert d.alive()
+
+
+# ---------------------------------------------------------------------------- torch
+
+
+def test_torch_tensors_dataset_and_resume(corpus, expected, daemons):
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import MillraceIterableDataset, TorchClient
+
+    d = daemons(corpus)
+    want = expected.records(0, 12, 2, 4)
+    with client(d, 2, 4, job="t") as c:
+        b = c.next_batch()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the read-only warning is suppressed
+            tb = b.to_torch()
+        assert tb.tokens.dtype == torch.int32 and tb.tokens.shape == (2, 64)
+        assert tb.tokens.data_ptr() == b.tokens.__array_interface__["data"][0]  # zero copy
+        np.testing.assert_array_equal(tb.tokens.numpy(), want["tokens"][0])
+        np.testing.assert_array_equal(tb.cu_seqlens.numpy(), b.cu_seqlens)
+        mbs = tb.micro_batches()
+        assert len(mbs) == 1 and torch.equal(mbs[0]["cu_seqlens"], tb.cu_seqlens)
+
+    tc = TorchClient(client(d, 2, 4, job="tc"), device="cpu", prefetch=2)
+    steps = [next(tc) for _ in range(5)]
+    assert [t.step for t in steps] == list(range(5))
+    last = steps[-1]
+    np.testing.assert_array_equal(last.labels.numpy(), want["labels"][4])
+    state = tc.state_dict()
+    assert state == {"step": 4, "cursor": last.cursor}  # not the prefetched batches'
+    tc.close()
+
+    ds = MillraceIterableDataset(d.sock, 2, 4, job="tc", register_cuda=False,
+                                 reconnect_timeout=0)
+    ds.load_state_dict(state)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0)
+    seen = []
+    for item in loader:
+        assert item["step"] == 5 + len(seen)
+        np.testing.assert_array_equal(item["tokens"].numpy(), want["tokens"][item["step"]])
+        np.testing.assert_array_equal(item["loss_mask"].numpy(), want["loss_mask"][item["step"]])
+        seen.append(item["step"])
+        if len(seen) == 7:
+            break
+    assert ds.state_dict()["step"] == 11
+    ds.close()
+
+
+def test_torch_cuda_copies_from_registered_ring(corpus, expected, daemons):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from millrace.torch_adapter import TorchClient
+
+    d = daemons(corpus)
+    want = expected.records(0, 20, 0, 4)
+    c = client(d, 0, 4, job="cuda", register_cuda=True)
+    tc = TorchClient(c, device="cuda", prefetch=1)
+    for k in range(20):
+        tb = next(tc)
+        assert tb.tokens.is_cuda and tb.step == k
+        if k == 0:
+            assert c._conn.cuda_ptr is not None, "the ring was not registered"
+        np.testing.assert_array_equal(tb.tokens.cpu().numpy(), want["tokens"][k])
+        np.testing.assert_array_equal(tb.loss_mask.cpu().numpy(), want["loss_mask"][k])
+        np.testing.assert_array_equal(tb.cu_seqlens.cpu().numpy(),
+                                      want["cu_seqlens"][k][: want["cu_len"][k]])
+    conn = c._conn
+    tc.close()
+    assert conn.cuda_ptr is None
+    # No error left behind for later CUDA work.
+    x = torch.ones(1000, device="cuda")
+    assert float((x * 2).sum()) == 2000.0
+    torch.cuda.synchronize()
+
+
+def test_example_train_tiny_checkpoints_and_resumes(corpus, daemons, tmp_path):
+    pytest.importorskip("torch")
+    d = daemons(corpus)
+    example = Path(import_path_for_package()) / "examples" / "train_tiny.py"
+    ckpt = tmp_path / "ckpt.pt"
+    env = dict(os.environ, PYTHONPATH=import_path_for_package())
+
+    def run(steps):
+        p = subprocess.run([sys.executable, str(example), "--socket", str(d.sock), "--steps",
+                            str(steps), "--checkpoint", str(ckpt), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    out = run(4)
+    assert "step 3 " in out and ckpt.exists()
+    out = run(7)
+    assert "resuming after step 3" in out and "step 4 " in out and "step 6 " in out
+    assert "step 3 " not in out

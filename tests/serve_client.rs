@@ -1,0 +1,765 @@
+//! The daemon and the Rust client end to end (issue 4): the real `millrace serve` binary
+//! on a synthetic corpus, read through `millrace::client::Client`, every slot compared
+//! with what the plan says it must hold (docs/PROTOCOL.md section 4, rebuilt here from
+//! the plan's rows and the shards' tokens); resume by cursor, reconnect after a daemon
+//! restart, `millrace consume`, a garbage-sending client, and `millrace demo`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use millrace::client::{to_hex, BatchView, Client, ClientError, Hello};
+use millrace::config::{Config, LoadedPlan};
+use millrace::corpus::DType;
+use millrace::plan::{GlobalBatch, Planner};
+use millrace::synth::{self, SynthOptions};
+
+const SEQ_LEN: u32 = 256;
+const ROWS: u32 = 8; // global batch rows: 2 ranks of 4
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_millrace"))
+}
+
+/// A corpus with its config, in a temp dir that lives as long as this value.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+/// Writes a 2e6-token, 4-domain corpus (grouped code and books, several shards per
+/// domain) and a config with a small geometry and `[serve]` set.
+fn fixture(token_dtype: &str) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    synth::synth(&SynthOptions {
+        out: dir.clone(),
+        tokens: 2_000_000,
+        domains: 4,
+        vocab: 50304,
+        dtype: DType::Uint16,
+        seed: 5,
+        shard_tokens: 300_000,
+        threads: 2,
+        progress: false,
+    })
+    .unwrap();
+    let socket = dir.join("s.sock");
+    let text = std::fs::read_to_string(dir.join("millrace.toml")).unwrap();
+    let mut doc: toml::Table = toml::from_str(&text).unwrap();
+    let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
+    plan.insert("seq_len".into(), toml::Value::Integer(SEQ_LEN.into()));
+    plan.insert(
+        "global_batch_rows".into(),
+        toml::Value::Integer(ROWS.into()),
+    );
+    let mut serve = toml::Table::new();
+    serve.insert(
+        "socket".into(),
+        toml::Value::String(socket.to_str().unwrap().into()),
+    );
+    serve.insert("ring_slots".into(), toml::Value::Integer(4));
+    serve.insert("materialize_threads".into(), toml::Value::Integer(2));
+    // A silent client is closed after 1 s instead of the default 10 s.
+    serve.insert("handshake_timeout_ms".into(), toml::Value::Integer(1000));
+    serve.insert(
+        "token_dtype".into(),
+        toml::Value::String(token_dtype.into()),
+    );
+    doc.insert("serve".into(), toml::Value::Table(serve));
+    let config = dir.join("test.toml");
+    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+    Fixture {
+        _tmp: tmp,
+        dir,
+        config,
+        socket,
+    }
+}
+
+/// A running `millrace serve`, killed and reaped on drop.
+struct Serve {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(f: &Fixture) -> Serve {
+        let log = f.dir.join(format!(
+            "serve-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = bin()
+            .args(["serve", "--config"])
+            .arg(&f.config)
+            .arg("--socket")
+            .arg(&f.socket)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("millrace serve starts");
+        let mut s = Serve {
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("millrace serve exited ({status}):\n{}", s.log_text());
+            }
+            if UnixStream::connect(&f.socket).is_ok() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "millrace serve did not listen:\n{}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One row as PROTOCOL.md section 4 defines it, built from the plan and the shards.
+#[derive(Debug, Clone, PartialEq)]
+struct Expected {
+    tokens: Vec<i64>,
+    labels: Vec<i64>,
+    loss_mask: Vec<u8>,
+    position_ids: Vec<i64>,
+    /// cu_seqlens entries of this row (relative to the row's start), without the leading 0.
+    cu: Vec<i64>,
+    domain: i32,
+    loss_tokens: i32,
+    real: u64,
+}
+
+fn expected_row(loaded: &LoadedPlan, row: &millrace::plan::Row, pad: i64) -> Expected {
+    let n = SEQ_LEN as usize;
+    let mut t: Vec<i64> = Vec::with_capacity(n + 1);
+    let mut piece: Vec<usize> = Vec::with_capacity(n + 1);
+    let mut starts = Vec::new();
+    for (k, s) in row.segments.iter().enumerate() {
+        let shard = &loaded.shards[row.domain as usize][s.shard as usize];
+        let doc = shard.doc_tokens(s.doc).unwrap();
+        starts.push(t.len());
+        for i in s.start..s.start + u64::from(s.len) {
+            t.push(doc.get_i64(i as usize).unwrap());
+            piece.push(k);
+        }
+    }
+    let real = t.len();
+    assert_eq!(real as u32, row.tokens);
+    if real < n + 1 {
+        starts.push(real);
+    }
+    while t.len() < n + 1 {
+        t.push(pad);
+        piece.push(usize::MAX);
+    }
+    let mut position_ids = Vec::with_capacity(n);
+    let mut loss_mask = Vec::with_capacity(n);
+    let mut start = 0usize;
+    for i in 0..n {
+        if i == 0 || piece[i] != piece[i - 1] {
+            start = i;
+        }
+        position_ids.push((i - start) as i64);
+        loss_mask.push(u8::from(piece[i] == piece[i + 1] && piece[i] != usize::MAX));
+    }
+    // Ends of pieces that hold an input (a piece starting at position n is label-only).
+    let mut cu = Vec::new();
+    for (k, &s) in starts.iter().enumerate() {
+        if s >= n {
+            continue;
+        }
+        let end = starts.get(k + 1).copied().unwrap_or(n + 1).min(n);
+        cu.push(end as i64);
+    }
+    Expected {
+        tokens: t[..n].to_vec(),
+        labels: t[1..].to_vec(),
+        loss_mask,
+        position_ids,
+        cu,
+        domain: i32::from(row.domain),
+        loss_tokens: row.loss_tokens as i32,
+        real: real as u64,
+    }
+}
+
+fn load(f: &Fixture) -> LoadedPlan {
+    Config::load(&f.config).unwrap().load_plan().unwrap()
+}
+
+/// Checks one received batch against the plan's global batch for `rank` of `ranks`.
+fn check(
+    loaded: &LoadedPlan,
+    v: &BatchView<'_>,
+    batch: &GlobalBatch,
+    rank: u32,
+    ranks: u32,
+    cursor: &[u8],
+) {
+    let pad = v.pad_token;
+    let rows = batch.rank_rows(rank, ranks);
+    assert_eq!(v.step, batch.step);
+    assert_eq!(v.plan_step, batch.plan_step);
+    assert_eq!(v.rows as usize, rows.len());
+    assert_eq!(v.seq_len, SEQ_LEN);
+    let n = SEQ_LEN as usize;
+    let mut cu = vec![0i64];
+    let mut real = 0u64;
+    let mut loss = 0u64;
+    for (r, row) in rows.iter().enumerate() {
+        let e = expected_row(loaded, row, pad);
+        let span = r * n..(r + 1) * n;
+        let got = |t: &millrace::corpus::Tokens<'_>| -> Vec<i64> {
+            span.clone().map(|i| t.get_i64(i).unwrap()).collect()
+        };
+        let at = format!("step {} rank {rank} row {r}", v.step);
+        assert_eq!(got(&v.tokens), e.tokens, "tokens of {at}");
+        assert_eq!(got(&v.labels), e.labels, "labels of {at}");
+        assert_eq!(
+            &v.loss_mask[span.clone()],
+            &e.loss_mask[..],
+            "loss_mask of {at}"
+        );
+        assert_eq!(got(&v.position_ids), e.position_ids, "position_ids of {at}");
+        assert_eq!(v.domain[r], e.domain, "domain of {at}");
+        assert_eq!(
+            v.row_loss_tokens[r], e.loss_tokens,
+            "row_loss_tokens of {at}"
+        );
+        assert_eq!(
+            u64::from(v.row_real_tokens(r)),
+            e.real,
+            "real tokens of {at}"
+        );
+        cu.extend(e.cu.iter().map(|c| c + (r * n) as i64));
+        real += e.real;
+        loss += e.loss_tokens as u64;
+    }
+    let got_cu: Vec<i64> = v.cu_seqlens.iter().map(|&c| i64::from(c)).collect();
+    assert_eq!(got_cu, cu, "cu_seqlens of step {}", v.step);
+    assert_eq!(v.cu_len as usize, cu.len());
+    let max = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    assert_eq!(
+        i64::from(v.max_seqlen),
+        max,
+        "max_seqlen of step {}",
+        v.step
+    );
+    assert_eq!(v.real_tokens, real, "real_tokens of step {}", v.step);
+    assert_eq!(v.loss_tokens, loss, "loss_tokens of step {}", v.step);
+    assert_eq!(v.cursor, cursor, "cursor of step {}", v.step);
+}
+
+/// The plan's batches and end-of-step cursors for steps `0..steps`.
+fn planned(loaded: &LoadedPlan, steps: u64) -> Vec<(GlobalBatch, Vec<u8>)> {
+    let mut p: Planner = loaded.plan.start();
+    (0..steps)
+        .map(|_| {
+            let b = p.next_batch();
+            (b, p.cursor())
+        })
+        .collect()
+}
+
+fn hello(rank: u32, job: &str) -> Hello {
+    let mut h = Hello::new(rank, 2, ROWS / 2, 1);
+    h.job = job.into();
+    h
+}
+
+fn connect(f: &Fixture, h: &Hello) -> Client {
+    let mut c = Client::connect(&f.socket, h).unwrap_or_else(|e| panic!("connect: {e}"));
+    c.set_timeout(Some(Duration::from_secs(60)));
+    c
+}
+
+#[test]
+fn every_row_equals_the_plan_over_two_ranks() {
+    for dtype in ["int32", "int64", "shard"] {
+        let f = fixture(dtype);
+        let _serve = Serve::start(&f);
+        let loaded = load(&f);
+        let steps = if dtype == "int32" { 200 } else { 40 };
+        let want = planned(&loaded, steps);
+        let mut clients: Vec<Client> = (0..2).map(|r| connect(&f, &hello(r, "rows"))).collect();
+        for (r, c) in clients.iter().enumerate() {
+            let w = c.welcome();
+            assert_eq!(w.start_step, 0);
+            assert_eq!((w.dp_rank, w.dp_size, w.rows), (r as u32, 2, ROWS / 2));
+            assert_eq!(w.seq_len, SEQ_LEN);
+            assert_eq!(w.fingerprint, format!("{:032x}", loaded.plan.fingerprint()));
+            assert_eq!(w.domains, loaded.plan.domain_names());
+            let tokens_dtype = &w.fields["tokens"].dtype;
+            match dtype {
+                "shard" => assert_eq!(tokens_dtype, "uint16"),
+                d => assert_eq!(tokens_dtype, d),
+            }
+        }
+        // The geometry exercises padding, several pieces per row and cut documents.
+        let rows = want.iter().flat_map(|(b, _)| b.rows.iter());
+        let padded = rows.clone().filter(|r| r.tokens <= SEQ_LEN).count();
+        let multi = rows.clone().filter(|r| r.segments.len() > 2).count();
+        eprintln!("{dtype}: {padded} padded rows, {multi} rows of 3+ pieces");
+        assert!(
+            padded > 0 && multi > 0,
+            "{padded} padded rows, {multi} rows of 3+ pieces"
+        );
+        // Interleave the ranks, one step each, as data-parallel trainers would.
+        for (batch, cursor) in &want {
+            for (r, c) in clients.iter_mut().enumerate() {
+                let v = c
+                    .next_batch()
+                    .unwrap_or_else(|e| panic!("step {}: {e}", batch.step));
+                check(&loaded, &v, batch, r as u32, 2, cursor);
+            }
+        }
+    }
+}
+
+#[test]
+fn resume_from_a_cursor_equals_an_uninterrupted_run() {
+    let f = fixture("int32");
+    let _serve = Serve::start(&f);
+    let loaded = load(&f);
+    let want = planned(&loaded, 60);
+    // A first client reads 25 steps and keeps the cursor of the last.
+    let mut c = connect(&f, &hello(1, "resume"));
+    for (batch, cursor) in &want[..25] {
+        let v = c.next_batch().unwrap();
+        check(&loaded, &v, batch, 1, 2, cursor);
+    }
+    let blob = c.last_cursor().unwrap().to_vec();
+    assert_eq!(c.last_step(), Some(24));
+    drop(c);
+    // A new connection with that blob continues at step 25, bit for bit.
+    let mut h = hello(1, "resume");
+    h.cursor = Some(to_hex(&blob));
+    let mut c = connect(&f, &h);
+    assert_eq!(c.welcome().start_step, 25);
+    for (batch, cursor) in &want[25..] {
+        let v = c.next_batch().unwrap();
+        check(&loaded, &v, batch, 1, 2, cursor);
+    }
+    // start_step without a cursor seeks.
+    let mut h = hello(0, "seek");
+    h.start_step = Some(40);
+    let mut c = connect(&f, &h);
+    assert_eq!(c.welcome().start_step, 40);
+    for (batch, cursor) in &want[40..50] {
+        let v = c.next_batch().unwrap();
+        check(&loaded, &v, batch, 0, 2, cursor);
+    }
+}
+
+#[test]
+fn reconnect_after_a_daemon_restart_continues_exactly() {
+    let f = fixture("int32");
+    let mut serve = Serve::start(&f);
+    let loaded = load(&f);
+    let want = planned(&loaded, 40);
+    let mut c = connect(&f, &hello(0, "restart"));
+    // Hold two batches back, so the resume point is the last step handed out,
+    // not the last released one.
+    c.set_hold(2);
+    for (batch, cursor) in &want[..15] {
+        let v = c.next_batch().unwrap();
+        check(&loaded, &v, batch, 0, 2, cursor);
+    }
+    serve.kill();
+    let _ = std::fs::remove_file(&f.socket);
+    let mut serve = Serve::start(&f);
+    let mut reconnects = 0;
+    let mut i = 15;
+    while i < want.len() {
+        match c.next_batch() {
+            Ok(v) => {
+                check(&loaded, &v, &want[i].0, 0, 2, &want[i].1);
+                i += 1;
+            }
+            Err(e) => {
+                assert!(e.is_transient(), "not transient: {e}");
+                c.reconnect(Duration::from_secs(60)).unwrap();
+                reconnects += 1;
+                assert!(reconnects < 3, "reconnected {reconnects} times");
+            }
+        }
+    }
+    assert_eq!(reconnects, 1);
+    assert!(serve.running());
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn consume_reports_the_steps_and_resumes_from_its_cursor_file() {
+    let f = fixture("int32");
+    let _serve = Serve::start(&f);
+    let saved = f.dir.join("cursor.hex");
+    let sock = f.socket.to_str().unwrap();
+    let out = bin()
+        .args([
+            "consume",
+            "--socket",
+            sock,
+            "--dp-rank",
+            "1",
+            "--dp-size",
+            "2",
+        ])
+        .args([
+            "--micro-batch-rows",
+            "2",
+            "--micro-batches",
+            "2",
+            "--steps",
+            "50",
+        ])
+        .args(["--json", "--touch", "--job", "cli", "--save-cursor"])
+        .arg(&saved)
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["steps"], 50);
+    assert_eq!(v["first_step"], 0);
+    assert_eq!(v["last_step"], 49);
+    assert_eq!(v["tokens"], 50 * 4 * u64::from(SEQ_LEN));
+    assert_eq!(v["digest"].as_str().unwrap().len(), 16);
+    let shares: u64 = v["domain_tokens"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(shares, v["real_tokens"].as_u64().unwrap());
+
+    // --config derives the micro-batch rows; --cursor-file resumes after step 49.
+    let out = bin()
+        .args([
+            "consume",
+            "--socket",
+            sock,
+            "--dp-rank",
+            "1",
+            "--dp-size",
+            "2",
+        ])
+        .arg("--config")
+        .arg(&f.config)
+        .args(["--steps", "10", "--json", "--job", "cli", "--cursor-file"])
+        .arg(&saved)
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["first_step"], 50);
+    assert_eq!(v["last_step"], 59);
+
+    // The same 60 steps in one go give the same tokens as the Rust client.
+    let loaded = load(&f);
+    let want = planned(&loaded, 60);
+    let mut c = connect(&f, &hello(1, "cli-check"));
+    let mut d = xxhash_rust::xxh3::Xxh3::new();
+    for (i, (batch, cursor)) in want.iter().enumerate() {
+        let v = c.next_batch().unwrap();
+        check(&loaded, &v, batch, 1, 2, cursor);
+        if i >= 50 {
+            d.update(v.tokens.as_bytes());
+        }
+    }
+    let out2 = bin()
+        .args([
+            "consume",
+            "--socket",
+            sock,
+            "--dp-rank",
+            "1",
+            "--dp-size",
+            "2",
+        ])
+        // No micro-batch flags: the daemon gives the whole slice as one micro-batch.
+        .args(["--steps", "10", "--json", "--job", "cli2"])
+        .args(["--start-step", "50"])
+        .output()
+        .unwrap();
+    let v2 = json(&out2);
+    assert_eq!(v2["digest"], v["digest"]);
+    assert_eq!(
+        v2["digest"].as_str().unwrap(),
+        format!("{:016x}", d.digest())
+    );
+}
+
+/// Sends raw bytes on a fresh connection and reads until the daemon closes it;
+/// returns what it sent back.
+fn garbage(socket: &Path, bytes: &[u8]) -> Vec<u8> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut back = Vec::new();
+    match s.read_to_end(&mut back) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the daemon did not close a connection that sent {bytes:?}: {e}"),
+    }
+    back
+}
+
+/// (type, JSON payload) of the first frame in `b`.
+fn first_frame(b: &[u8]) -> Option<(u8, serde_json::Value)> {
+    let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let body = b.get(4..4 + len)?;
+    Some((body[0], serde_json::from_slice(&body[1..]).ok()?))
+}
+
+#[test]
+fn garbage_is_closed_while_a_good_client_keeps_streaming() {
+    let f = fixture("int32");
+    let _serve = Serve::start(&f);
+    let loaded = load(&f);
+    let want = planned(&loaded, 120);
+    let mut good = connect(&f, &hello(0, "good"));
+    let mut i = 0;
+    let mut step = |good: &mut Client, n: usize| {
+        for _ in 0..n {
+            let v = good.next_batch().unwrap();
+            check(&loaded, &v, &want[i].0, 0, 2, &want[i].1);
+            i += 1;
+        }
+    };
+    step(&mut good, 20);
+    let mut cases: Vec<Vec<u8>> = vec![
+        vec![0, 0, 0, 0],                              // len 0
+        vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],         // len too large
+        vec![2, 0, 0, 0, 99, 0],                       // unknown type
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), // not a frame at all
+        vec![],                                        // silence: no HELLO in time
+    ];
+    // A RELEASE before HELLO, and a HELLO that is not JSON.
+    cases.push(
+        [
+            9u32.to_le_bytes().to_vec(),
+            vec![4],
+            7u64.to_le_bytes().to_vec(),
+        ]
+        .concat(),
+    );
+    cases.push([5u32.to_le_bytes().to_vec(), vec![1], b"{{{{".to_vec()].concat());
+    for (k, bytes) in cases.iter().enumerate() {
+        let t0 = Instant::now();
+        let back = garbage(&f.socket, bytes);
+        eprintln!("case {k} ({:?}): {:?}", t0.elapsed(), first_frame(&back));
+        if let Some((t, v)) = first_frame(&back) {
+            assert!(t == 3 || t == 5, "case {k}: frame type {t} ({v})");
+            assert!(v["code"].is_string(), "case {k}: {v}");
+        }
+        step(&mut good, 10);
+    }
+    // Refusals name the problem and leave the good client alone.
+    let mut bad = hello(0, "good");
+    bad.micro_batch_rows = Some(3);
+    match Client::connect(&f.socket, &bad) {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "layout", "{message}");
+        }
+        Err(e) => panic!("expected a layout refusal, got {e}"),
+        Ok(_) => panic!("expected a layout refusal, got WELCOME"),
+    }
+    match Client::connect(&f.socket, &hello(0, "good")) {
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, "duplicate"),
+        Err(e) => panic!("expected a duplicate refusal, got {e}"),
+        Ok(_) => panic!("expected a duplicate refusal, got WELCOME"),
+    }
+    let mut wrong = hello(1, "fp");
+    wrong.fingerprint = Some("0".repeat(32));
+    assert!(matches!(
+        Client::connect(&f.socket, &wrong),
+        Err(ClientError::Refused { code, .. }) if code == "fingerprint"
+    ));
+    let mut cursor = hello(1, "cur");
+    cursor.cursor = Some("00ff".into());
+    assert!(matches!(
+        Client::connect(&f.socket, &cursor),
+        Err(ClientError::Refused { code, .. }) if code == "cursor"
+    ));
+    step(&mut good, 30);
+}
+
+#[test]
+fn demo_with_the_rust_consumer_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let out = bin()
+        .args([
+            "demo",
+            "--consumer",
+            "rust",
+            "--steps",
+            "30",
+            "--consumers",
+            "2",
+        ])
+        .args(["--tokens", "2e6", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("tokens/s"), "{text}");
+    assert!(
+        text.contains("(equal)"),
+        "delivered mixture differs from the plan:\n{text}"
+    );
+    assert!(text.contains("step 0 (plan step 0)"), "{text}");
+    // The daemon is gone: its socket no longer accepts.
+    assert!(UnixStream::connect(dir.join("millrace.sock")).is_err());
+}
+
+#[test]
+fn replicas_of_a_rank_share_its_ring_and_bad_releases_are_errors() {
+    let f = fixture("int32");
+    let _serve = Serve::start(&f);
+    let loaded = load(&f);
+    let want = planned(&loaded, 30);
+    // Two peers (say TP ranks) of dp rank 1 get the same rows.
+    let peer = |name: &str| {
+        let mut h = hello(1, "tp");
+        h.replica = name.into();
+        h.replicas = 2;
+        connect(&f, &h)
+    };
+    let mut a = peer("a");
+    let mut b = peer("b");
+    for (batch, cursor) in &want {
+        for c in [&mut a, &mut b] {
+            let v = c.next_batch().unwrap();
+            check(&loaded, &v, batch, 1, 2, cursor);
+        }
+    }
+    drop((a, b));
+
+    // RELEASE must not decrease: the daemon answers with an ERROR frame and closes.
+    let mut c = connect(&f, &hello(0, "release"));
+    c.set_hold(3);
+    for (batch, cursor) in &want[..4] {
+        let v = c.next_batch().unwrap();
+        check(&loaded, &v, batch, 0, 2, cursor);
+    }
+    c.send_frame_unchecked(4, &3u64.to_le_bytes()).unwrap();
+    c.send_frame_unchecked(4, &2u64.to_le_bytes()).unwrap();
+    let err = (0..8)
+        .find_map(|_| c.next_batch().err())
+        .expect("a decreasing RELEASE closes the connection");
+    assert!(matches!(&err, ClientError::Daemon { .. }), "{err}");
+    eprintln!("decreasing RELEASE: {err}");
+
+    // RELEASE past `published` is an error too.
+    let mut c = connect(&f, &hello(0, "release2"));
+    let _ = c.next_batch().unwrap();
+    c.send_frame_unchecked(4, &1_000_000u64.to_le_bytes())
+        .unwrap();
+    let err = (0..8)
+        .find_map(|_| c.next_batch().err())
+        .expect("a RELEASE past published closes the connection");
+    assert!(matches!(&err, ClientError::Daemon { .. }), "{err}");
+    eprintln!("RELEASE past published: {err}");
+}
+
+#[test]
+fn bench_runs_end_to_end_on_a_tiny_corpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("bench.json");
+    let out = bin()
+        .args([
+            "bench",
+            "--tokens",
+            "2e6",
+            "--seq-len",
+            "256",
+            "--rows",
+            "2",
+        ])
+        .args([
+            "--steps",
+            "40",
+            "--threads",
+            "1,2",
+            "--repeat",
+            "2",
+            "--quiet",
+        ])
+        .arg("--dir")
+        .arg(tmp.path().join("corpus"))
+        .arg("--json")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("every run delivered the same tokens"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        assert_eq!(r["steps"], 40);
+        assert_eq!(r["tokens"], 2 * 40 * 2 * 256);
+        assert_eq!(r["repeats_tokens_per_s"].as_array().unwrap().len(), 2);
+        assert!(r["payload_gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(v["memcpy_gb_per_s"].as_f64().unwrap() > 0.0);
+}
