@@ -871,9 +871,17 @@ impl Client {
 
     /// Waits for the next step and returns views of its slot. Batches handed out
     /// earlier are released first, except the last [`Client::set_hold`] ones.
+    ///
+    /// RELEASE frames are batched: while the next step is already published, finished
+    /// steps are released only once `(slots - hold) / 2` of them have piled up, so the
+    /// daemon wakes once per few steps instead of every step; before waiting, everything
+    /// finished is released, so a slow producer is never starved by a lazy consumer.
     pub fn next_batch(&mut self) -> Result<BatchView<'_>, ClientError> {
         let upto = self.consumed.saturating_sub(self.hold);
-        self.release(upto)?;
+        let batch = (self.layout.slots.saturating_sub(self.hold) / 2).max(1);
+        if upto >= self.released + batch || self.ring.published() <= self.consumed {
+            self.release(upto)?;
+        }
         let waited = self.wait_published()?;
         let wake_ns = monotonic_ns();
         let step = self.consumed;

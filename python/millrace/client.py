@@ -371,6 +371,7 @@ class _Conn:
         self.gone = False
         self.gone_reason = ""
         self.released = 0  # last RELEASE upto sent
+        self.done = 0  # every step below this is retired (sent or not yet)
         self.cuda_ptr = None  # address registered with cudaHostRegister, if any
         self.cuda_tried = False
         self.slots = int(welcome["slots"])
@@ -706,6 +707,7 @@ class Client:
             raise MillraceError("the client is closed")
         while len(self._outstanding) >= self.hold:
             self._retire(self._outstanding.popleft())
+        self._flush_release(force=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._conn is None:
@@ -785,25 +787,37 @@ class Client:
         return batch
 
     def _retire(self, batch: Batch):
-        """Releases one handed-out batch: waits for its GPU copy, then RELEASE."""
+        """Retires one handed-out batch: waits for its GPU copy, marks it stale, and notes
+        that its slot may go back (sent by :meth:`_flush_release`)."""
         _wait_fence(batch)
         batch._released = True
         conn = self._conn
         if conn is None or conn.gone or batch._conn_id != conn.id:
             return
-        upto = batch.step + 1
-        if upto > conn.released:
-            conn.released = upto
-            try:
-                _send(conn.sock, encode_frame(RELEASE, _U64.pack(upto)))
-            except _Gone as e:
-                conn.gone = True
-                conn.gone_reason = str(e)
+        conn.done = max(conn.done, batch.step + 1)
+
+    def _flush_release(self, force: bool):
+        """Sends RELEASE for every retired step. Batched like the Rust client: while the
+        next step is already published, only once ``(slots - hold) // 2`` retired steps
+        have piled up, so the daemon wakes once per few steps; always before waiting."""
+        conn = self._conn
+        if conn is None or conn.gone or conn.done <= conn.released:
+            return
+        batch = max(1, (conn.slots - self.hold) // 2)
+        if not force and conn.done - conn.released < batch and conn.published() > self._next_step:
+            return
+        conn.released = conn.done
+        try:
+            _send(conn.sock, encode_frame(RELEASE, _U64.pack(conn.done)))
+        except _Gone as e:
+            conn.gone = True
+            conn.gone_reason = str(e)
 
     def release_all(self):
         """Releases every batch handed out (their views become stale)."""
         while self._outstanding:
             self._retire(self._outstanding.popleft())
+        self._flush_release(force=True)
 
     # -- state --------------------------------------------------------------------------
 

@@ -304,145 +304,158 @@ impl Hub {
                 ),
             ));
         }
-        let start_step;
-        let ring;
-        match job.rings.get_mut(&hello.dp_rank) {
-            Some(entry) => {
-                if entry.peers.values().any(|p| p.replica == hello.replica) {
-                    return Err(Refusal::new(
-                        "duplicate",
-                        format!(
-                            "job {:?} dp_rank {} replica {:?} is already connected",
-                            hello.job, hello.dp_rank, hello.replica
-                        ),
-                    ));
-                }
-                if entry.micro != (mbr, hello.micro_batches) || entry.replicas != hello.replicas {
-                    return Err(Refusal::new(
-                        "layout",
-                        format!(
-                            "peers of dp_rank {} use micro_batch_rows {} x micro_batches {} with \
-                             replicas {}; this client asks {mbr} x {} with replicas {}",
-                            hello.dp_rank,
-                            entry.micro.0,
-                            entry.micro.1,
-                            entry.replicas,
-                            hello.micro_batches,
-                            hello.replicas
-                        ),
-                    ));
-                }
-                let step = match &blob {
-                    Some(b) => {
-                        crate::plan::cursor::decode(b)
-                            .map_err(|e| {
-                                Refusal::new("cursor", format!("cursor blob refused: {e}"))
-                            })?
-                            .step
+        // Every refusal below leaves the job as it was; a job this client just created
+        // is removed again, so its dp_size does not bind the next client.
+        let outcome: Result<(u64, Arc<Ring>), Refusal> = 'join: {
+            match job.rings.get_mut(&hello.dp_rank) {
+                Some(entry) => {
+                    if entry.peers.values().any(|p| p.replica == hello.replica) {
+                        break 'join Err(Refusal::new(
+                            "duplicate",
+                            format!(
+                                "job {:?} dp_rank {} replica {:?} is already connected",
+                                hello.job, hello.dp_rank, hello.replica
+                            ),
+                        ));
                     }
-                    None => hello.start_step.unwrap_or(0),
-                };
-                let (lo, hi) = (entry.base(), entry.published);
-                let mut expect = None;
-                if !entry.started() && step < entry.start {
-                    // Nothing is produced until every peer has joined: move the ring back
-                    // to this peer's step; peers already waiting further on are checked
-                    // when the ring reaches them.
+                    if entry.micro != (mbr, hello.micro_batches) || entry.replicas != hello.replicas
+                    {
+                        break 'join Err(Refusal::new(
+                            "layout",
+                            format!(
+                                "peers of dp_rank {} use micro_batch_rows {} x micro_batches {} with \
+                                 replicas {}; this client asks {mbr} x {} with replicas {}",
+                                hello.dp_rank,
+                                entry.micro.0,
+                                entry.micro.1,
+                                entry.replicas,
+                                hello.micro_batches,
+                                hello.replicas
+                            ),
+                        ));
+                    }
+                    let step = match &blob {
+                        Some(b) => {
+                            crate::plan::cursor::decode(b)
+                                .map_err(|e| {
+                                    Refusal::new("cursor", format!("cursor blob refused: {e}"))
+                                })?
+                                .step
+                        }
+                        None => hello.start_step.unwrap_or(0),
+                    };
+                    let (lo, hi) = (entry.base(), entry.published);
+                    let mut expect = None;
+                    if !entry.started() && step < entry.start {
+                        // Nothing is produced until every peer has joined: move the ring back
+                        // to this peer's step; peers already waiting further on are checked
+                        // when the ring reaches them.
+                        let Some(planner) = planner else {
+                            break 'join Err(Refusal::new(
+                                "busy",
+                                "the ring started while this client joined; retry",
+                            ));
+                        };
+                        for p in entry.peers.values_mut() {
+                            if p.expect.is_none() {
+                                p.expect = p.blob.clone().map(|b| (p.released, b));
+                            }
+                        }
+                        let cursor = blob.clone().unwrap_or_else(|| planner.cursor());
+                        entry.planner = planner;
+                        entry.planned.clear();
+                        entry.filled.clear();
+                        entry.start = step;
+                        entry.next_fill = step;
+                        entry.published = step;
+                        entry.cursors = VecDeque::from([(step, cursor)]);
+                        entry.ring.restart_at(step);
+                        info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
+                    } else if step > hi {
+                        // Ahead of the ring (a peer that had consumed more before a restart):
+                        // it waits for the ring to get there, and its blob must match then.
+                        expect = blob.clone().map(|b| (step, b));
+                    } else {
+                        let held = entry.cursors.iter().find(|(s, _)| *s == step);
+                        match held {
+                            Some((_, c)) if step >= lo && blob.as_ref().map_or(true, |b| b == c) => {}
+                            _ => {
+                                break 'join Err(Refusal::new(
+                                    "peer_position",
+                                    format!(
+                                        "the ring of job {:?} dp_rank {} holds steps {lo}..={hi}; this \
+                                         client asks for step {step}{}; peers of one dp rank must \
+                                         resume from the same checkpoint",
+                                        hello.job,
+                                        hello.dp_rank,
+                                        if held.is_some() { " with a different cursor" } else { "" }
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    entry.joined += 1;
+                    entry.peers.insert(peer_id, new_peer(step, expect));
+                    Ok((step, entry.ring.clone()))
+                }
+                None => {
                     let Some(planner) = planner else {
-                        return Err(Refusal::new(
+                        // The ring we saw vanished while we waited for the lock: its peers
+                        // left. Ask the client to retry rather than seek under the lock.
+                        break 'join Err(Refusal::new(
                             "busy",
-                            "the ring started while this client joined; retry",
+                            "the ring was just torn down; retry",
                         ));
                     };
-                    for p in entry.peers.values_mut() {
-                        if p.expect.is_none() {
-                            p.expect = p.blob.clone().map(|b| (p.released, b));
-                        }
-                    }
+                    let layout = Layout::new(
+                        rows,
+                        cfg.seq_len,
+                        self.settings.slots,
+                        self.settings.token,
+                        self.cursor_cap,
+                    );
+                    let step = planner.step();
+                    let r = Ring::create(&format!("{}:{}", hello.job, hello.dp_rank), layout, step)
+                        .map_err(|e| Refusal::new("busy", e.to_string()))?;
+                    let r = Arc::new(r);
+                    let mut peers = HashMap::new();
+                    peers.insert(peer_id, new_peer(step, None));
+                    // The client's own bytes when it brought a blob: a peer resuming from
+                    // the same checkpoint then matches byte for byte.
                     let cursor = blob.clone().unwrap_or_else(|| planner.cursor());
-                    entry.planner = planner;
-                    entry.planned.clear();
-                    entry.filled.clear();
-                    entry.start = step;
-                    entry.next_fill = step;
-                    entry.published = step;
-                    entry.cursors = VecDeque::from([(step, cursor)]);
-                    entry.ring.restart_at(step);
-                    info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
-                } else if step > hi {
-                    // Ahead of the ring (a peer that had consumed more before a restart):
-                    // it waits for the ring to get there, and its blob must match then.
-                    expect = blob.clone().map(|b| (step, b));
-                } else {
-                    let held = entry.cursors.iter().find(|(s, _)| *s == step);
-                    match held {
-                        Some((_, c)) if step >= lo && blob.as_ref().map_or(true, |b| b == c) => {}
-                        _ => {
-                            return Err(Refusal::new(
-                                "peer_position",
-                                format!(
-                                    "the ring of job {:?} dp_rank {} holds steps {lo}..={hi}; this \
-                                     client asks for step {step}{}; peers of one dp rank must \
-                                     resume from the same checkpoint",
-                                    hello.job,
-                                    hello.dp_rank,
-                                    if held.is_some() { " with a different cursor" } else { "" }
-                                ),
-                            ))
-                        }
-                    }
+                    job.rings.insert(
+                        hello.dp_rank,
+                        RingEntry {
+                            ring: r.clone(),
+                            planner,
+                            planned: VecDeque::new(),
+                            next_fill: step,
+                            filled: BTreeMap::new(),
+                            published: step,
+                            cursors: VecDeque::from([(step, cursor)]),
+                            peers,
+                            replicas: hello.replicas,
+                            joined: 1,
+                            start: step,
+                            wait_for_peers: blob.is_some(),
+                            micro: (mbr, hello.micro_batches),
+                            failed: None,
+                        },
+                    );
+                    info!(job = %hello.job, dp_rank = hello.dp_rank, step, bytes = r.layout().ring_bytes, "ring created");
+                    Ok((step, r))
                 }
-                entry.joined += 1;
-                entry.peers.insert(peer_id, new_peer(step, expect));
-                start_step = step;
-                ring = entry.ring.clone();
             }
-            None => {
-                let Some(planner) = planner else {
-                    // The ring we saw vanished while we waited for the lock: its peers
-                    // left. Ask the client to retry rather than seek under the lock.
-                    return Err(Refusal::new("busy", "the ring was just torn down; retry"));
-                };
-                let layout = Layout::new(
-                    rows,
-                    cfg.seq_len,
-                    self.settings.slots,
-                    self.settings.token,
-                    self.cursor_cap,
-                );
-                let step = planner.step();
-                let r = Ring::create(&format!("{}:{}", hello.job, hello.dp_rank), layout, step)
-                    .map_err(|e| Refusal::new("busy", e.to_string()))?;
-                let r = Arc::new(r);
-                let mut peers = HashMap::new();
-                peers.insert(peer_id, new_peer(step, None));
-                // The client's own bytes when it brought a blob: a peer resuming from
-                // the same checkpoint then matches byte for byte.
-                let cursor = blob.clone().unwrap_or_else(|| planner.cursor());
-                job.rings.insert(
-                    hello.dp_rank,
-                    RingEntry {
-                        ring: r.clone(),
-                        planner,
-                        planned: VecDeque::new(),
-                        next_fill: step,
-                        filled: BTreeMap::new(),
-                        published: step,
-                        cursors: VecDeque::from([(step, cursor)]),
-                        peers,
-                        replicas: hello.replicas,
-                        joined: 1,
-                        start: step,
-                        wait_for_peers: blob.is_some(),
-                        micro: (mbr, hello.micro_batches),
-                        failed: None,
-                    },
-                );
-                info!(job = %hello.job, dp_rank = hello.dp_rank, step, bytes = r.layout().ring_bytes, "ring created");
-                start_step = step;
-                ring = r;
+        };
+        let (start_step, ring) = match outcome {
+            Ok(x) => x,
+            Err(r) => {
+                if job.rings.is_empty() {
+                    st.jobs.remove(&hello.job);
+                }
+                return Err(r);
             }
-        }
+        };
         st.clients += 1;
         drop(st);
         self.work.notify_all();
