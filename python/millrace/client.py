@@ -380,6 +380,7 @@ class _Conn:
         self.slot_base = [slot_offset + i * slot_bytes for i in range(self.slots)]
         fields = welcome["fields"]
         self.views = []
+        self.torch_cpu = {}  # per-slot CPU tensors, filled by the torch adapter
         for base in self.slot_base:
             per = []
             for name in FIELDS:
