@@ -264,13 +264,7 @@ fn run_one(
 
     let tokens: u64 = summaries.iter().map(|s| s.tokens).sum();
     let payload: u64 = summaries.iter().map(|s| s.payload_bytes).sum();
-    let first = summaries
-        .iter()
-        .map(|s| s.first_batch_ns)
-        .min()
-        .unwrap_or(0);
-    let last = summaries.iter().map(|s| s.last_batch_ns).max().unwrap_or(0);
-    let secs = last.saturating_sub(first) as f64 / 1e9;
+    let secs = crate::client::span_seconds(&summaries);
     // Each consumer's first batch arrives at the start of the span: not counted.
     let first_share = 1.0 / steps.max(1) as f64;
     let tokens_after = tokens as f64 * (1.0 - first_share);

@@ -22,18 +22,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::corpus::{DType, Tokens};
 
-/// The protocol version this client speaks.
-pub const PROTOCOL: u32 = 1;
-/// Largest `len` of a frame (type + payload), so a corrupt length never allocates much.
-pub const MAX_FRAME_LEN: usize = 65536;
-/// First bytes of a ring, so a wrong fd is caught before anything is trusted.
-pub const RING_MAGIC: &[u8; 8] = b"MRRING01";
-/// Ring layout version this client reads.
-pub const RING_VERSION: u32 = 1;
-/// Byte offset of the `published` counter in the ring header.
-pub const PUBLISHED_OFFSET: usize = 64;
-/// Bytes of a slot's header, which no array may overlap.
-pub const SLOT_HEADER_BYTES: usize = 256;
+// The wire and ring constants are the daemon's own, so the two sides cannot drift.
+pub use crate::serve::protocol::{
+    decode_hex as from_hex, to_hex, MAX_FRAME as MAX_FRAME_LEN, VERSION as PROTOCOL,
+};
+pub use crate::serve::ring::{
+    monotonic_ns, LAYOUT_VERSION as RING_VERSION, MAGIC as RING_MAGIC,
+    PUBLISHED_AT as PUBLISHED_OFFSET, SLOT_HEADER as SLOT_HEADER_BYTES,
+};
 /// How long the handshake (HELLO to WELCOME) may take before the client gives up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -457,42 +453,6 @@ impl Drop for Mapping {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock the daemon stamps `publish_ns` with.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
-}
-
-/// Lowercase hex of `bytes`, the encoding HELLO uses for cursor blobs.
-pub fn to_hex(bytes: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(D[(b >> 4) as usize] as char);
-        s.push(D[(b & 15) as usize] as char);
-    }
-    s
-}
-
-/// Parses hex (either case), `None` when it is not an even run of hex digits.
-pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    if b.len() % 2 != 0 {
-        return None;
-    }
-    let v = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    b.chunks(2)
-        .map(|p| Some(v(p[0])? << 4 | v(p[1])?))
-        .collect()
 }
 
 /// Writes one frame.
@@ -1196,6 +1156,18 @@ impl Latency {
             max_us: v[v.len() - 1] as f64 / 1e3,
         }
     }
+}
+
+/// Seconds from the first consumer's first batch to the last consumer's last: the
+/// wall-clock span that throughput over several consumer processes is measured on.
+pub fn span_seconds(summaries: &[ConsumeSummary]) -> f64 {
+    let first = summaries
+        .iter()
+        .map(|s| s.first_batch_ns)
+        .min()
+        .unwrap_or(0);
+    let last = summaries.iter().map(|s| s.last_batch_ns).max().unwrap_or(0);
+    last.saturating_sub(first) as f64 / 1e9
 }
 
 /// What `millrace consume --json` prints; demo and bench read it back (missing fields

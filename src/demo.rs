@@ -611,13 +611,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     // Throughput over all consumers, first batch to last.
     let tokens: u64 = summaries.iter().map(|s| s.tokens).sum();
-    let first = summaries
-        .iter()
-        .map(|s| s.first_batch_ns)
-        .min()
-        .unwrap_or(0);
-    let last = summaries.iter().map(|s| s.last_batch_ns).max().unwrap_or(0);
-    let secs = last.saturating_sub(first) as f64 / 1e9;
+    let secs = crate::client::span_seconds(&summaries);
     let who = if kind == ConsumerKind::Python {
         "Python client"
     } else {

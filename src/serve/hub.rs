@@ -199,11 +199,6 @@ impl Hub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The plan served.
-    pub fn plan(&self) -> &Arc<Plan> {
-        &self.plan
-    }
-
     /// Admits a client: checks its HELLO against the plan and the job, then joins it to
     /// its dp rank's ring (creating the ring at the client's step if none is live).
     /// Restoring or seeking a planner can take a while, so it happens before the lock.
@@ -334,15 +329,10 @@ impl Hub {
                             ),
                         ));
                     }
-                    let step = match &blob {
-                        Some(b) => {
-                            crate::plan::cursor::decode(b)
-                                .map_err(|e| {
-                                    Refusal::new("cursor", format!("cursor blob refused: {e}"))
-                                })?
-                                .step
-                        }
-                        None => hello.start_step.unwrap_or(0),
+                    // A blob was restored (and so checked) before the lock.
+                    let step = match (&blob, &planner) {
+                        (Some(_), Some(p)) => p.step(),
+                        _ => hello.start_step.unwrap_or(0),
                     };
                     let (lo, hi) = (entry.base(), entry.published);
                     let mut expect = None;
@@ -566,11 +556,6 @@ impl Hub {
     pub fn stop(&self) {
         self.lock().stopping = true;
         self.work.notify_all();
-    }
-
-    /// Connected clients.
-    pub fn clients(&self) -> usize {
-        self.lock().clients
     }
 
     /// One materializer thread: claim a slot, fill it outside the lock, publish in order.

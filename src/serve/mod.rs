@@ -160,11 +160,12 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         ms = t0.elapsed().as_millis() as u64,
         "corpus validated and plan built"
     );
+    let pad_token = loaded.plan.config().pad_token;
     let hub = Arc::new(Hub::new(
         loaded.plan,
         Source {
             shards: loaded.shards,
-            pad_token: cfg_pad(&cfg)?,
+            pad_token,
         },
         HubSettings {
             slots: serve.ring_slots,
@@ -196,10 +197,6 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     }
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
-}
-
-fn cfg_pad(cfg: &Config) -> Result<u64> {
-    Ok(cfg.plan_config()?.pad_token)
 }
 
 /// Binds the socket (refusing to steal one a live daemon is serving), sets its mode, and

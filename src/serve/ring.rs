@@ -21,11 +21,13 @@ pub const RING_HEADER: u64 = 4096;
 /// Bytes at the start of each slot: the slot header.
 pub const SLOT_HEADER: usize = 256;
 /// Offset of `published` in the ring header.
-const PUBLISHED_AT: usize = 64;
+pub const PUBLISHED_AT: usize = 64;
 /// Offset of the ring's first step in the ring header.
 const FIRST_STEP_AT: usize = 32;
-const MAGIC: &[u8; 8] = b"MRRING01";
-const LAYOUT_VERSION: u32 = 1;
+/// First bytes of a ring, so a wrong fd is caught before anything is trusted.
+pub const MAGIC: &[u8; 8] = b"MRRING01";
+/// Ring layout version (PROTOCOL.md section 4).
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Why a ring could not be made or a slot could not be filled.
 #[derive(Debug, thiserror::Error)]
