@@ -1,5 +1,6 @@
 //! Planner benchmarks: the permutation (ns per index), the plan in rows/s for every
-//! packing and grouping mode, and the cursor (encode, decode, restore).
+//! packing and grouping mode, and the cursor (encode, decode, restore, next to the seek
+//! a restore saves).
 //!
 //! Run with `cargo bench --bench plan`. With `MILLRACE_BENCH_CONFIG=<millrace.toml>` it
 //! also times building the plan for that corpus, the first global batch, and a seek to
@@ -86,7 +87,7 @@ fn plan(packing: Packing, mode: GroupMode) -> Arc<Plan> {
 
 fn bench_permutation(c: &mut Criterion) {
     let mut g = c.benchmark_group("permute");
-    for n in [1_000u64, 10_000_000_000] {
+    for n in [1_000u64, 1_000_000, 100_000_000, 10_000_000_000] {
         let p = Permutation::new(n, 42);
         g.throughput(Throughput::Elements(1024));
         g.bench_function(format!("apply_n{n}"), |b| {
@@ -142,6 +143,9 @@ fn bench_cursor(c: &mut Criterion) {
     g.bench_function("restore", |b| {
         b.iter(|| black_box(p.restore(&blob).is_ok()))
     });
+    // What restoring from the blob saves: replaying the plan up to the same step.
+    g.sample_size(10);
+    g.bench_function("seek_51", |b| b.iter(|| black_box(p.seek(51).step())));
     g.finish();
     eprintln!("cursor blob: {} bytes for 3 domains", blob.len());
 }

@@ -296,7 +296,7 @@ impl Layout {
         let end = (w.slots as usize)
             .checked_mul(slot_bytes)
             .and_then(|s| s.checked_add(slot_offset));
-        if end.map_or(true, |e| e > ring_bytes) {
+        if end.is_none_or(|e| e > ring_bytes) {
             return Err(bad(format!(
                 "{} slots of {slot_bytes} bytes at {slot_offset} do not fit ring_bytes {ring_bytes}",
                 w.slots
@@ -337,7 +337,7 @@ impl Layout {
                 .ok_or_else(|| bad(format!("field {name}: size overflows")))?;
             if offset < SLOT_HEADER_BYTES
                 || offset % dtype.size() != 0
-                || offset.checked_add(bytes).map_or(true, |e| e > slot_bytes)
+                || offset.checked_add(bytes).is_none_or(|e| e > slot_bytes)
             {
                 return Err(bad(format!(
                     "field {name}: {bytes} bytes at offset {offset} do not fit a {slot_bytes}-byte slot after its {SLOT_HEADER_BYTES}-byte header (or are unaligned)"
@@ -621,7 +621,12 @@ impl Client {
             .map_err(io_err("setting the socket timeout"))?;
         let payload = serde_json::to_vec(hello)
             .map_err(|e| ClientError::Usage(format!("HELLO does not serialize: {e}")))?;
-        send_frame(&mut sock, frame::HELLO, &payload)?;
+        match send_frame(&mut sock, frame::HELLO, &payload) {
+            // The daemon may have refused the connection (access control) and closed
+            // before reading HELLO: its REFUSED frame is still queued, so read it.
+            Ok(()) | Err(ClientError::Disconnected) => {}
+            Err(e) => return Err(e),
+        }
         let (kind, payload, mut fds) = recv_frame(&sock)?;
         match kind {
             frame::WELCOME => {}

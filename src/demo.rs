@@ -167,6 +167,18 @@ impl Daemon {
 
     /// [`Daemon::start`] with an explicit `millrace` executable.
     pub fn start_with(exe: &Path, config: &Path, socket: &Path, log: &Path) -> Result<Daemon> {
+        Daemon::start_polling(exe, config, socket, log, Duration::from_millis(25))
+    }
+
+    /// [`Daemon::start_with`], polling the socket every `poll`: `millrace bench` times
+    /// startup to the millisecond, where the default 25 ms poll would dominate.
+    pub fn start_polling(
+        exe: &Path,
+        config: &Path,
+        socket: &Path,
+        log: &Path,
+        poll: Duration,
+    ) -> Result<Daemon> {
         // A socket file left by a killed daemon refuses connections: remove it.
         if socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_err() {
             let _ = std::fs::remove_file(socket);
@@ -208,7 +220,7 @@ impl Daemon {
                     d.log_tail()
                 );
             }
-            std::thread::sleep(Duration::from_millis(25));
+            std::thread::sleep(poll);
         }
     }
 

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod corpus;
+pub mod ctl;
 pub mod demo;
 pub mod inspect;
 pub mod plan;

@@ -34,12 +34,20 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Run the daemon: plan batches and stream them to trainer ranks over shared memory.
     Serve(millrace::serve::ServeArgs),
+    /// Check a daemon config as `serve` would (shards, [serve], socket group), then exit.
+    CheckConfig(millrace::serve::CheckArgs),
     /// Connect to a daemon as one trainer rank and read every token (a built-in consumer).
     Consume(millrace::client::ConsumeArgs),
     /// Synthesize a small corpus, start the daemon, stream to consumers, report, exit.
     Demo(millrace::demo::DemoArgs),
     /// Measure delivered tokens/s, latency and CPU cost against this machine's memcpy.
     Bench(millrace::bench::BenchArgs),
+    /// Change a running daemon's mixture, reload its config, or read its change journal.
+    Ctl(millrace::ctl::CtlArgs),
+    /// Print a running daemon's state (clients, rings, mixture); --json for scripts.
+    Status(millrace::ctl::StatusArgs),
+    /// A live terminal view of a running daemon: steps, rates, rings, stalls, mixture.
+    Top(millrace::ctl::TopArgs),
 }
 
 #[derive(clap::Args)]
@@ -234,15 +242,19 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let log = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // journald and log files get plain text; a terminal gets colour.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .init();
+        .with_env_filter(filter);
+    // journald stamps every line itself (JOURNAL_STREAM is set when stderr goes there).
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        log.without_time().init();
+    } else {
+        log.init();
+    }
     let result = match cli.command {
         Command::Inspect(args) => run_inspect(args),
         Command::Synth(args) => run_synth(args),
@@ -250,9 +262,13 @@ fn main() -> ExitCode {
         Command::Plan(args) => run_plan(args),
         Command::Explain(args) => run_explain(args),
         Command::Serve(args) => millrace::serve::run_cli(args),
+        Command::CheckConfig(args) => millrace::serve::check_config(args),
         Command::Consume(args) => millrace::client::run_consume(args),
         Command::Demo(args) => millrace::demo::run(args),
         Command::Bench(args) => millrace::bench::run(args),
+        Command::Ctl(args) => millrace::ctl::run_ctl(args),
+        Command::Status(args) => millrace::ctl::run_status(args),
+        Command::Top(args) => millrace::ctl::run_top(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

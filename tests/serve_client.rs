@@ -4,29 +4,24 @@
 //! the plan's rows and the shards' tokens); resume by cursor, reconnect after a daemon
 //! restart, `millrace consume`, a garbage-sending client, and `millrace demo`.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{bin, Serve};
 use millrace::client::{to_hex, BatchView, Client, ClientError, Hello};
 use millrace::config::{Config, LoadedPlan};
-use millrace::corpus::DType;
 use millrace::plan::{GlobalBatch, Planner};
-use millrace::synth::{self, SynthOptions};
 
 const SEQ_LEN: u32 = 256;
 const ROWS: u32 = 8; // global batch rows: 2 ranks of 4
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_millrace"))
-}
-
 /// A corpus with its config, in a temp dir that lives as long as this value.
 struct Fixture {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
+    corpus: common::Corpus,
     config: PathBuf,
     socket: PathBuf,
 }
@@ -34,119 +29,36 @@ struct Fixture {
 /// Writes a 2e6-token, 4-domain corpus (grouped code and books, several shards per
 /// domain) and a config with a small geometry and `[serve]` set.
 fn fixture(token_dtype: &str) -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("c");
-    synth::synth(&SynthOptions {
-        out: dir.clone(),
-        tokens: 2_000_000,
-        domains: 4,
-        vocab: 50304,
-        dtype: DType::Uint16,
-        seed: 5,
-        shard_tokens: 300_000,
-        threads: 2,
-        progress: false,
-    })
-    .unwrap();
-    let socket = dir.join("s.sock");
-    let text = std::fs::read_to_string(dir.join("millrace.toml")).unwrap();
-    let mut doc: toml::Table = toml::from_str(&text).unwrap();
-    let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
-    plan.insert("seq_len".into(), toml::Value::Integer(SEQ_LEN.into()));
-    plan.insert(
-        "global_batch_rows".into(),
-        toml::Value::Integer(ROWS.into()),
-    );
-    let mut serve = toml::Table::new();
-    serve.insert(
-        "socket".into(),
-        toml::Value::String(socket.to_str().unwrap().into()),
-    );
-    serve.insert("ring_slots".into(), toml::Value::Integer(4));
-    serve.insert("materialize_threads".into(), toml::Value::Integer(2));
+    let corpus = common::corpus(2_000_000, 4, 5, 300_000);
+    let socket = corpus.dir.join("s.sock");
     // A silent client is closed after 1 s instead of the default 10 s.
-    serve.insert("handshake_timeout_ms".into(), toml::Value::Integer(1000));
-    serve.insert(
-        "token_dtype".into(),
-        toml::Value::String(token_dtype.into()),
+    let serve = format!(
+        "socket = {:?}\nring_slots = 4\nmaterialize_threads = 2\nhandshake_timeout_ms = 1000\ntoken_dtype = {token_dtype:?}\n",
+        socket.to_str().unwrap()
     );
-    doc.insert("serve".into(), toml::Value::Table(serve));
-    let config = dir.join("test.toml");
-    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
     Fixture {
-        _tmp: tmp,
-        dir,
-        config,
+        config: common::write_config(&corpus.dir, "test.toml", SEQ_LEN, ROWS, &[&serve]),
         socket,
+        corpus,
     }
 }
 
-/// A running `millrace serve`, killed and reaped on drop.
-struct Serve {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(f: &Fixture) -> Serve {
-        let log = f.dir.join(format!(
+impl Fixture {
+    /// Starts `millrace serve --socket <socket>` (a log of its own per start) and waits
+    /// up to 60 s for the socket to accept.
+    fn serve(&self) -> Serve {
+        let log = self.corpus.dir.join(format!(
             "serve-{}.log",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos()
         ));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = bin()
-            .args(["serve", "--config"])
-            .arg(&f.config)
-            .arg("--socket")
-            .arg(&f.socket)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("millrace serve starts");
-        let mut s = Serve {
-            child: Some(child),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = s.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("millrace serve exited ({status}):\n{}", s.log_text());
-            }
-            if UnixStream::connect(&f.socket).is_ok() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "millrace serve did not listen:\n{}",
-                s.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.kill();
+        let mut s = Serve::spawn(&self.config, &log, |cmd| {
+            cmd.arg("--socket").arg(&self.socket);
+        });
+        s.wait_listening(&self.socket, Duration::from_secs(60));
+        s
     }
 }
 
@@ -312,7 +224,7 @@ fn connect(f: &Fixture, h: &Hello) -> Client {
 fn every_row_equals_the_plan_over_two_ranks() {
     for dtype in ["int32", "int64", "shard"] {
         let f = fixture(dtype);
-        let _serve = Serve::start(&f);
+        let _serve = f.serve();
         let loaded = load(&f);
         let steps = if dtype == "int32" { 200 } else { 40 };
         let want = planned(&loaded, steps);
@@ -354,7 +266,7 @@ fn every_row_equals_the_plan_over_two_ranks() {
 #[test]
 fn resume_from_a_cursor_equals_an_uninterrupted_run() {
     let f = fixture("int32");
-    let _serve = Serve::start(&f);
+    let _serve = f.serve();
     let loaded = load(&f);
     let want = planned(&loaded, 60);
     // A first client reads 25 steps and keeps the cursor of the last.
@@ -389,7 +301,7 @@ fn resume_from_a_cursor_equals_an_uninterrupted_run() {
 #[test]
 fn reconnect_after_a_daemon_restart_continues_exactly() {
     let f = fixture("int32");
-    let mut serve = Serve::start(&f);
+    let mut serve = f.serve();
     let loaded = load(&f);
     let want = planned(&loaded, 40);
     let mut c = connect(&f, &hello(0, "restart"));
@@ -402,7 +314,7 @@ fn reconnect_after_a_daemon_restart_continues_exactly() {
     }
     serve.kill();
     let _ = std::fs::remove_file(&f.socket);
-    let mut serve = Serve::start(&f);
+    let mut serve = f.serve();
     let mut reconnects = 0;
     let mut i = 15;
     while i < want.len() {
@@ -420,7 +332,7 @@ fn reconnect_after_a_daemon_restart_continues_exactly() {
         }
     }
     assert_eq!(reconnects, 1);
-    assert!(serve.running());
+    assert!(serve.alive());
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {
@@ -437,8 +349,8 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 #[test]
 fn consume_reports_the_steps_and_resumes_from_its_cursor_file() {
     let f = fixture("int32");
-    let _serve = Serve::start(&f);
-    let saved = f.dir.join("cursor.hex");
+    let _serve = f.serve();
+    let saved = f.corpus.dir.join("cursor.hex");
     let sock = f.socket.to_str().unwrap();
     let out = bin()
         .args([
@@ -557,7 +469,7 @@ fn first_frame(b: &[u8]) -> Option<(u8, serde_json::Value)> {
 #[test]
 fn garbage_is_closed_while_a_good_client_keeps_streaming() {
     let f = fixture("int32");
-    let _serve = Serve::start(&f);
+    let _serve = f.serve();
     let loaded = load(&f);
     let want = planned(&loaded, 120);
     let mut good = connect(&f, &hello(0, "good"));
@@ -665,7 +577,7 @@ fn demo_with_the_rust_consumer_exits_zero() {
 #[test]
 fn replicas_of_a_rank_share_its_ring_and_bad_releases_are_errors() {
     let f = fixture("int32");
-    let _serve = Serve::start(&f);
+    let _serve = f.serve();
     let loaded = load(&f);
     let want = planned(&loaded, 30);
     // Two peers (say TP ranks) of dp rank 1 get the same rows.

@@ -42,6 +42,7 @@ from .client import (
     Refused,
     StaleBatch,
 )
+from .control import ChangeRefused, Control, forward_change
 
 __version__ = "0.1.0"
 

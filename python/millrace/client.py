@@ -16,8 +16,8 @@ see :meth:`Batch.to_torch`, which releases only after the copy has completed).
 
 Faults
 ------
-When the daemon goes away (socket EOF/reset, refused or missing socket) the client
-reconnects every 0.1 s for up to ``reconnect_timeout`` seconds, with the cursor blob of
+When the daemon goes away (socket EOF/reset, refused or missing socket, or an ERROR
+``shutdown`` from a daemon draining on SIGTERM) the client reconnects every 0.1 s for up to ``reconnect_timeout`` seconds, with the cursor blob of
 the last batch it handed out, and the stream continues at exactly the next step. Batches
 from the old connection stay readable (their memfd lives while it is mapped).
 
@@ -757,6 +757,10 @@ class Client:
         if kind == ERROR:
             code, message = _reason(payload)
             conn.gone = True
+            if code == "shutdown":
+                # A draining daemon (SIGTERM) says so before it closes: it will be back.
+                conn.gone_reason = f"{code}: {message}"
+                raise _Gone(conn.gone_reason)
             raise DaemonError(code, message)
         raise ProtocolError(f"unexpected {_TYPE_NAMES.get(kind, kind)} frame while streaming")
 

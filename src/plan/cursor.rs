@@ -4,17 +4,20 @@
 //! before the checksum). It names the corpus and static plan it belongs to by a 128-bit
 //! fingerprint, and the history it was made under (schedule, skips, reseeds before its
 //! step) by a 64-bit digest, so a blob from another corpus, another config or a rewritten
-//! history is refused instead of silently serving different data. Its size depends only
-//! on the number of domains and reseeds, never on the corpus.
+//! history is refused instead of silently serving different data. Since layout 2 it also
+//! carries the journal of live mixture changes (see [`super::journal`]), so a resume
+//! after a reload reproduces the stream even on a daemon that never saw the reload. Its
+//! size depends only on the number of domains, reseeds and changes, never on the corpus.
 
 use super::domain::StreamState;
+use super::journal::{Change, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"MRCURSOR";
-/// The layout version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The layout version this build writes (it also reads 1, which had no journal).
+pub const VERSION: u16 = 2;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -25,7 +28,7 @@ pub enum CursorError {
     #[error("not a millrace cursor (bad magic bytes)")]
     Magic,
     /// Written by a different layout version.
-    #[error("cursor layout version {0} is not supported (this build reads {VERSION})")]
+    #[error("cursor layout version {0} is not supported (this build reads 1..={VERSION})")]
     Version(u16),
     /// Cut short or padded.
     #[error("cursor is {got} bytes but says {want}")]
@@ -61,13 +64,16 @@ pub enum CursorError {
         /// From the config.
         ours: u64,
     },
+    /// Its journal of live changes disagrees with the daemon's.
+    #[error("cursor was made under a different journal of live mixture changes: {0}")]
+    Journal(String),
     /// Structurally wrong in a way the checksum did not catch.
     #[error("cursor is malformed: {0}")]
     Malformed(String),
 }
 
 /// Everything a blob holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CursorData {
     /// Corpus + static config.
     pub fingerprint: u128,
@@ -81,6 +87,8 @@ pub struct CursorData {
     pub mix: MixState,
     /// Per-domain stream states, in domain order.
     pub streams: Vec<StreamState>,
+    /// Live mixture changes in force, in the order they were accepted.
+    pub journal: Vec<Change>,
 }
 
 struct W(Vec<u8>);
@@ -179,6 +187,17 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
             w.u32(done);
         }
     }
+    w.u16(c.journal.len() as u16);
+    for change in &c.journal {
+        w.u64(change.at);
+        w.u16(change.points.len() as u16);
+        for (step, weights) in &change.points {
+            w.u64(*step);
+            for d in 0..c.streams.len() {
+                w.u64(weights.get(d).copied().unwrap_or(0.0).to_bits());
+            }
+        }
+    }
     let total = (w.0.len() + 8) as u32;
     w.0[12..16].copy_from_slice(&total.to_le_bytes());
     let sum = xxhash_rust::xxh3::xxh3_64(&w.0);
@@ -194,7 +213,7 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     }
     let mut r = R { b, at: 8 };
     let version = r.u16()?;
-    if version != VERSION {
+    if version == 0 || version > VERSION {
         return Err(CursorError::Version(version));
     }
     let _flags = r.u16()?;
@@ -257,6 +276,30 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
         }
         streams.push(s);
     }
+    let mut journal = Vec::new();
+    if version >= 2 {
+        let k = r.len("journal")?;
+        if k > MAX_CHANGES {
+            return Err(CursorError::Malformed(format!("journal: {k} changes")));
+        }
+        for _ in 0..k {
+            let at = r.u64()?;
+            let m = r.len("journal points")?;
+            if m > MAX_POINTS {
+                return Err(CursorError::Malformed(format!("journal: {m} points")));
+            }
+            let mut points = Vec::with_capacity(m);
+            for _ in 0..m {
+                let step = r.u64()?;
+                let mut weights = Vec::with_capacity(n);
+                for _ in 0..n {
+                    weights.push(f64::from_bits(r.u64()?));
+                }
+                points.push((step, weights));
+            }
+            journal.push(Change { at, points });
+        }
+    }
     if r.at != body.len() {
         return Err(CursorError::Malformed(format!(
             "{} unexpected bytes after the last domain",
@@ -270,5 +313,15 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
         plan_step,
         mix,
         streams,
+        journal,
     })
+}
+
+/// Bytes a journal adds to a blob of `domains` domains, so the daemon can refuse a change
+/// that would outgrow the slot's cursor field before accepting it.
+pub fn journal_bytes(journal: &[Change], domains: usize) -> usize {
+    2 + journal
+        .iter()
+        .map(|c| 10 + c.points.len() * (8 + 8 * domains))
+        .sum::<usize>()
 }

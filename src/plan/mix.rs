@@ -11,10 +11,33 @@ use super::config::SchedulePoint;
 /// Fixed-point units per row.
 pub const TICKS: i64 = 1 << 24;
 
-/// Piecewise-linear token weights over steps, one column per domain.
+/// Points of a piecewise-linear curve: `(step, raw weights)`, steps increasing.
+pub type Points = Vec<(u64, Vec<f64>)>;
+
+/// Piecewise-linear token weights over steps, one column per domain: the config's curve,
+/// overlaid by the live changes of the journal (each a curve of its own from its first
+/// step on, cutting off whatever was in force from there).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
-    points: Vec<(u64, Vec<f64>)>,
+    points: Points,
+    /// `(start, curve)` in increasing start order.
+    layers: Vec<(u64, Points)>,
+}
+
+/// The value of a curve at `step`: linear between points, flat outside them.
+fn eval(points: &[(u64, Vec<f64>)], step: u64) -> Vec<f64> {
+    let i = points.partition_point(|(s, _)| *s <= step);
+    if i == 0 {
+        return points.first().map(|p| p.1.clone()).unwrap_or_default();
+    }
+    let (s0, w0) = &points[i - 1];
+    match points.get(i) {
+        None => w0.clone(),
+        Some((s1, w1)) => {
+            let t = (step - s0) as f64 / (s1 - s0) as f64;
+            w0.iter().zip(w1).map(|(a, b)| a + (b - a) * t).collect()
+        }
+    }
 }
 
 impl Schedule {
@@ -30,22 +53,26 @@ impl Schedule {
                 (p.step, w)
             })
             .collect();
-        Schedule { points }
+        Schedule {
+            points,
+            layers: Vec::new(),
+        }
+    }
+
+    /// This schedule with `curve` in force from `start` on (later layers are cut off).
+    pub fn with_layer(&self, start: u64, curve: Points) -> Schedule {
+        let mut s = self.clone();
+        s.layers.retain(|(b, _)| *b < start);
+        s.layers.push((start, curve));
+        s
     }
 
     /// Token weights in force at `step` (not normalised).
     pub fn weights(&self, step: u64) -> Vec<f64> {
-        let i = self.points.partition_point(|(s, _)| *s <= step);
-        if i == 0 {
-            return self.points.first().map(|p| p.1.clone()).unwrap_or_default();
-        }
-        let (s0, w0) = &self.points[i - 1];
-        match self.points.get(i) {
-            None => w0.clone(),
-            Some((s1, w1)) => {
-                let t = (step - s0) as f64 / (s1 - s0) as f64;
-                w0.iter().zip(w1).map(|(a, b)| a + (b - a) * t).collect()
-            }
+        let i = self.layers.partition_point(|(s, _)| *s <= step);
+        match i {
+            0 => eval(&self.points, step),
+            _ => eval(&self.layers[i - 1].1, step),
         }
     }
 
@@ -54,9 +81,68 @@ impl Schedule {
         normalise(self.weights(step))
     }
 
-    /// Steps at which the schedule bends, for history checks.
-    pub fn breakpoints(&self) -> impl Iterator<Item = u64> + '_ {
-        self.points.iter().map(|p| p.0)
+    /// The curve from `from` on as points: its value at `from`, then every knot after.
+    pub fn tail(&self, from: u64) -> Points {
+        let mut out = vec![(from, self.weights(from))];
+        for k in self.knots_before(u64::MAX) {
+            if k > from {
+                out.push((k, self.weights(k)));
+            }
+        }
+        out
+    }
+
+    /// Steps below `end` that, with their values, pin the curve on `[0, end)`: every
+    /// point, and both sides of a layer's jump once the jump itself is before `end`.
+    /// Lines between consecutive knots are then fixed by their ends.
+    pub fn knots_before(&self, end: u64) -> Vec<u64> {
+        let first = self.layers.first().map_or(u64::MAX, |l| l.0);
+        let mut out: Vec<u64> = self
+            .points
+            .iter()
+            .map(|p| p.0)
+            .filter(|&s| s < first && s < end)
+            .collect();
+        for (i, (start, curve)) in self.layers.iter().enumerate() {
+            if *start >= end {
+                break;
+            }
+            let next = self.layers.get(i + 1).map_or(u64::MAX, |l| l.0);
+            out.extend(start.checked_sub(1));
+            out.push(*start);
+            out.extend(
+                curve
+                    .iter()
+                    .map(|p| p.0)
+                    .filter(|&s| s > *start && s < next && s < end),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The first step at which `other` gives different raw weights, if any. Both are
+    /// linear between their knots, so checking the knots finds it: if they agree at one
+    /// knot and differ at the next, they differ from the step after the first on.
+    pub fn first_difference(&self, other: &Schedule) -> Option<u64> {
+        let mut at = vec![0];
+        at.extend(self.knots_before(u64::MAX));
+        at.extend(other.knots_before(u64::MAX));
+        at.sort_unstable();
+        at.dedup();
+        let same = |s: u64| {
+            let (a, b) = (self.weights(s), other.weights(s));
+            a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        let mut agreed: Option<u64> = None;
+        for s in at {
+            if !same(s) {
+                return Some(agreed.map_or(0, |a| a + 1));
+            }
+            agreed = Some(s);
+        }
+        None
     }
 }
 

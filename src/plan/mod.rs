@@ -12,6 +12,7 @@
 pub mod config;
 pub mod cursor;
 mod domain;
+pub mod journal;
 pub mod mix;
 pub mod pack;
 pub mod permute;
@@ -26,6 +27,7 @@ pub use config::{
 };
 pub use cursor::CursorError;
 pub use domain::{DocSource, DomainInput, MemShard, StreamState, MAX_DEFERRED};
+pub use journal::Change;
 
 use domain::{DomainData, Geometry, Stream};
 use mix::{MixState, Mixer, Schedule};
@@ -131,10 +133,15 @@ pub fn rank_range(g: u64, r: u32, ranks: u32) -> (u64, u64) {
     (r * g / ranks, (r + 1) * g / ranks)
 }
 
-/// A built plan: immutable, shared by every planner and every thread.
+/// A built plan: immutable, shared by every planner and every thread. A live change makes
+/// a new `Plan` ([`Plan::with_journal`]) that shares the domains with the old one.
+#[derive(Clone)]
 pub struct Plan {
     cfg: PlanConfig,
-    domains: Vec<DomainData>,
+    domains: Arc<Vec<DomainData>>,
+    /// The config's schedule, before the journal's layers.
+    base: Schedule,
+    journal: Vec<Change>,
     mixer: Mixer,
     geometry: Geometry,
     fingerprint: u128,
@@ -217,7 +224,9 @@ impl Plan {
             reseeds: cfg.reseed.iter().map(|r| (r.step, r.seed)).collect(),
             skips: cfg.skip.iter().map(|s| (s.steps[0], s.steps[1])).collect(),
             cfg,
-            domains,
+            base: mixer.schedule.clone(),
+            journal: Vec::new(),
+            domains: Arc::new(domains),
             mixer,
             geometry,
             fingerprint,
@@ -227,6 +236,107 @@ impl Plan {
     /// The validated config.
     pub fn config(&self) -> &PlanConfig {
         &self.cfg
+    }
+
+    /// Live changes in force, oldest first.
+    pub fn journal(&self) -> &[Change] {
+        &self.journal
+    }
+
+    /// The weights schedule in force: the config's, overlaid by the journal.
+    pub fn schedule(&self) -> &Schedule {
+        &self.mixer.schedule
+    }
+
+    /// This plan under another journal (which must extend or equal this one's where it
+    /// matters: callers check the delivered past). Cheap: the domains are shared.
+    pub fn with_journal(&self, journal: Vec<Change>) -> Result<Plan, PlanError> {
+        if journal.len() > journal::MAX_CHANGES {
+            return Err(PlanError::Domain(format!(
+                "the journal holds {} live changes, at most {} are kept: write the mixture \
+                 into the config and restart",
+                journal.len(),
+                journal::MAX_CHANGES
+            )));
+        }
+        let tokens = self.domain_tokens();
+        let mut schedule = self.base.clone();
+        for change in &journal {
+            change
+                .check(self.domains.len())
+                .map_err(PlanError::Domain)?;
+            for (step, w) in &change.points {
+                if let Some(d) = (0..w.len()).find(|&d| w[d] > 0.0 && tokens[d] == 0) {
+                    return Err(PlanError::Domain(format!(
+                        "domain {} has weight at step {step} but no tokens",
+                        self.domains[d].name
+                    )));
+                }
+            }
+            schedule = schedule.with_layer(change.at, change.points.clone());
+        }
+        let mut p = self.clone();
+        p.mixer.schedule = schedule;
+        p.journal = journal;
+        Ok(p)
+    }
+
+    /// The change "from plan step `at` on, these weights": named domains take the given
+    /// raw weight, the others keep the one in force at `at`. Refused as a whole when a
+    /// name is unknown, a weight negative or not finite, or the result all zero.
+    pub fn weights_change(
+        &self,
+        at: u64,
+        weights: &std::collections::BTreeMap<String, f64>,
+    ) -> Result<Change, SettingError> {
+        let names = self.domain_names();
+        let mut w = self.mixer.schedule.weights(at);
+        for (name, &x) in weights {
+            let Some(d) = names.iter().position(|n| n == name) else {
+                return Err(SettingError {
+                    field: format!("weights.{name}"),
+                    what: format!("no such domain (domains: {})", names.join(", ")),
+                });
+            };
+            if !x.is_finite() || x < 0.0 {
+                return Err(SettingError {
+                    field: format!("weights.{name}"),
+                    what: format!("{x} is not a finite non-negative number"),
+                });
+            }
+            w[d] = x;
+        }
+        let merged: std::collections::BTreeMap<String, f64> = names
+            .iter()
+            .map(|n| n.to_string())
+            .zip(w.iter().copied())
+            .collect();
+        config::validate_weights(&merged, &names, "set_weights")?;
+        Ok(Change {
+            at,
+            points: vec![(at, w)],
+        })
+    }
+
+    /// The change that makes the schedule follow `points` (a whole new config schedule)
+    /// from plan step `at` on.
+    pub fn schedule_change(&self, at: u64, points: &[config::SchedulePoint]) -> Change {
+        let names = self.domain_names();
+        Change {
+            at,
+            points: Schedule::new(points, &names).tail(at),
+        }
+    }
+
+    /// The first plan step at which schedule `new` differs from schedule `old` (both as
+    /// config points), or `None` when they agree everywhere.
+    pub fn points_difference(
+        &self,
+        old: &[config::SchedulePoint],
+        new: &[config::SchedulePoint],
+    ) -> Option<u64> {
+        let names = self.domain_names();
+        Schedule::new(old, &names).first_difference(&Schedule::new(new, &names))
     }
 
     /// Domain names in index order.
@@ -270,6 +380,19 @@ impl Plan {
             .get(d)
             .map(domain::describe)
             .unwrap_or_default()
+    }
+
+    /// The trainer step that reads plan step `p` (or the next one that is not skipped).
+    pub fn trainer_step_of(&self, p: u64) -> u64 {
+        let mut t = p;
+        for &(a, b) in &self.skips {
+            if p > b {
+                t -= b - a + 1;
+            } else if p >= a {
+                t -= p - a;
+            }
+        }
+        t
     }
 
     /// The plan step that trainer step `t` reads, skipping configured ranges.
@@ -318,7 +441,7 @@ impl Plan {
         let mut words: Vec<u64> = vec![plan_step.min(1)];
         if plan_step > 0 {
             let mut at: Vec<u64> = vec![0, plan_step - 1];
-            at.extend(self.mixer.schedule.breakpoints().filter(|&s| s < plan_step));
+            at.extend(self.mixer.schedule.knots_before(plan_step));
             at.sort_unstable();
             at.dedup();
             // Raw weights, not shares: with the weights at the last step before the
@@ -437,6 +560,38 @@ impl Plan {
                 ours: self.fingerprint,
             });
         }
+        match journal::compare(&self.journal, &c.journal) {
+            journal::Order::Same => {}
+            journal::Order::OursAhead => {
+                // Later changes are fine as long as they leave the blob's past alone.
+                let extra = &self.journal[c.journal.len()..];
+                if let Some(ch) = extra.iter().find(|ch| ch.at < c.plan_step) {
+                    return Err(CursorError::Journal(format!(
+                        "this plan carries a change from plan step {} that the blob (at plan \
+                         step {}) does not: it would rewrite batches the blob's run already \
+                         received",
+                        ch.at, c.plan_step
+                    )));
+                }
+            }
+            journal::Order::TheirsAhead => {
+                return Err(CursorError::Journal(format!(
+                    "the blob carries {} live changes, this plan only {}: load the blob's \
+                     journal first",
+                    c.journal.len(),
+                    self.journal.len()
+                )))
+            }
+            journal::Order::Diverged(i) => {
+                return Err(CursorError::Journal(format!(
+                    "change #{} differs (blob: from plan step {}, daemon: from plan step {}); \
+                     the two runs received different changes",
+                    i + 1,
+                    c.journal[i].at,
+                    self.journal[i].at
+                )))
+            }
+        }
         let ours = self.history(c.plan_step);
         if c.history != ours {
             return Err(CursorError::History {
@@ -505,7 +660,8 @@ fn fingerprint(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> u128
             // other lengths is refused even if the caller's manifest missed it.
             "shards": d.shards.iter().map(|(_, s)| [s.documents(), s.tokens()]).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "layout": cursor::VERSION,
+        // Layout 2 only added the journal; blobs of layout 1 still resume.
+        "layout": 1u16,
     });
     let mut bytes = manifest.to_le_bytes().to_vec();
     bytes.extend_from_slice(static_part.to_string().as_bytes());
@@ -532,6 +688,12 @@ impl Planner {
         &self.plan
     }
 
+    /// Follows `plan` from here on. Only sound when `plan` agrees with the current one on
+    /// every step this planner has passed (a live change at or after [`Planner::step`]).
+    pub fn rebase(&mut self, plan: Arc<Plan>) {
+        self.plan = plan;
+    }
+
     /// Mixer state (cumulative rows and carried error per domain).
     pub fn mix_state(&self) -> &MixState {
         &self.mix
@@ -546,7 +708,7 @@ impl Planner {
     pub fn epochs(&self) -> Vec<f64> {
         self.streams
             .iter()
-            .zip(&self.plan.domains)
+            .zip(self.plan.domains.iter())
             .map(|(s, d)| domain::epoch_progress(d, &s.state, s.cached_blocks()))
             .collect()
     }
@@ -620,6 +782,7 @@ impl Planner {
             plan_step: self.plan_step,
             mix: self.mix.clone(),
             streams: self.streams.iter().map(|s| s.state.clone()).collect(),
+            journal: self.plan.journal.clone(),
         })
     }
 }

@@ -6,9 +6,10 @@
 //! it, on a worker that has claimed the slot. A ring advances when its own peers release
 //! slots, so a slow rank stalls nobody else.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
@@ -16,7 +17,9 @@ use super::protocol::{Hello, Refusal};
 use super::ring::{
     fill_slot, random_access, stamp, will_need, Layout, Ring, SlotJob, Source, TokenType,
 };
-use crate::plan::{Plan, Planner};
+use crate::plan::config::SchedulePoint;
+use crate::plan::journal::{self, Order};
+use crate::plan::{cursor, Change, Plan, Planner};
 
 /// Settings the hub needs from `[serve]`.
 #[derive(Debug, Clone)]
@@ -97,7 +100,7 @@ struct RingEntry {
     /// Next step to hand to a worker.
     next_fill: u64,
     /// Filled but not yet published (a later slot finished first), with its cursor.
-    filled: BTreeMap<u64, Vec<u8>>,
+    filled: BTreeMap<u64, (Vec<u8>, Vec<u64>)>,
     /// Every step below this is visible to clients.
     published: u64,
     /// Cursor at the start of each step in [oldest held, published].
@@ -111,6 +114,46 @@ struct RingEntry {
     failed: Option<String>,
     /// Created from a blob: see `started`.
     wait_for_peers: bool,
+    /// Steps a worker is copying now. A step whose plan was replaced by a live change
+    /// stays here until its (discarded) copy ends, so no second worker writes its slot.
+    in_flight: BTreeSet<u64>,
+    /// Bumped when a live change regenerates the ring; copies of older generations are
+    /// dropped when they finish.
+    generation: u64,
+    /// Counters and clocks for status and metrics.
+    stats: RingStats,
+}
+
+/// What `status` and the metrics report about one ring.
+#[derive(Default)]
+struct RingStats {
+    batches_delivered: u64,
+    tokens_per_step: u64,
+    /// Real tokens per domain in the steps this ring published.
+    domain_tokens: Vec<u64>,
+    /// Since when a peer has released every published step (the trainer waits for us).
+    starved_since: Option<Instant>,
+    consumer_wait: Duration,
+    /// Since when every slot has held an unreleased step (we wait for the trainer).
+    full_since: Option<Instant>,
+    producer_wait: Duration,
+}
+
+impl RingStats {
+    fn settle(since: &mut Option<Instant>, total: &mut Duration, now: Instant) {
+        if let Some(t) = since.take() {
+            *total += now.saturating_duration_since(t);
+        }
+    }
+
+    fn waits(&self, now: Instant) -> (f64, f64) {
+        let open =
+            |s: Option<Instant>| s.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        (
+            (self.consumer_wait + open(self.starved_since)).as_secs_f64(),
+            (self.producer_wait + open(self.full_since)).as_secs_f64(),
+        )
+    }
 }
 
 impl RingEntry {
@@ -142,9 +185,50 @@ impl RingEntry {
     /// Whether a worker should fill this ring now. (No refill hysteresis: a consumer
     /// that holds several slots may be waiting for the one free slot.)
     fn claimable(&self, slots: u32) -> bool {
-        self.failed.is_none() && self.started() && !self.peers.is_empty() && self.free(slots) > 0
+        self.failed.is_none()
+            && self.started()
+            && !self.peers.is_empty()
+            && self.free(slots) > 0
+            && !self.in_flight.contains(&self.next_fill)
+    }
+
+    /// Updates the stall clocks after `published` or a peer's release moved.
+    fn clocks(&mut self, slots: u32, now: Instant) {
+        let starved = self.started() && self.peers.values().any(|p| p.released >= self.published);
+        match (starved, self.stats.starved_since.is_some()) {
+            (true, false) => self.stats.starved_since = Some(now),
+            (false, true) => RingStats::settle(
+                &mut self.stats.starved_since,
+                &mut self.stats.consumer_wait,
+                now,
+            ),
+            _ => {}
+        }
+        let full = !self.peers.is_empty() && self.published >= self.base() + slots as u64;
+        match (full, self.stats.full_since.is_some()) {
+            (true, false) => self.stats.full_since = Some(now),
+            (false, true) => RingStats::settle(
+                &mut self.stats.full_since,
+                &mut self.stats.producer_wait,
+                now,
+            ),
+            _ => {}
+        }
+    }
+
+    /// Replans everything not yet published with `planner` (already at `published`).
+    fn regenerate(&mut self, planner: Planner) {
+        self.planner = planner;
+        self.planned.clear();
+        self.filled.clear();
+        self.next_fill = self.published;
+        self.generation += 1;
     }
 }
+
+/// A step handed to a worker: (job, dp rank), the ring, the planned step, and the
+/// ring's generation when it was claimed.
+type Claimed = ((String, u32), Arc<Ring>, SlotJob, u64);
 
 struct Job {
     dp_size: u32,
@@ -152,20 +236,128 @@ struct Job {
 }
 
 struct State {
+    /// The plan in force: the config's, with the journal of live changes.
+    plan: Arc<Plan>,
+    /// Where each journal entry came from, in journal order.
+    sources: Vec<&'static str>,
     jobs: HashMap<String, Job>,
     next_peer: u64,
     clients: usize,
     stopping: bool,
+    /// No new slots are filled; peers finish what is published.
+    draining: bool,
+    /// The highest step any ring ever published: clients may hold anything below it.
+    watermark: u64,
+    reloads: BTreeMap<&'static str, u64>,
+    failed_reloads: BTreeMap<&'static str, u64>,
+}
+
+impl State {
+    /// The first trainer step a change may still shape.
+    fn first_changeable(&self) -> u64 {
+        let live = self
+            .jobs
+            .values()
+            .flat_map(|j| j.rings.values())
+            .map(|e| e.published)
+            .max()
+            .unwrap_or(0);
+        live.max(self.watermark)
+    }
 }
 
 /// Shared by the accept loop, every connection and every materializer thread.
 pub struct Hub {
-    plan: Arc<Plan>,
     source: Source,
     settings: HubSettings,
     cursor_cap: usize,
+    /// Bytes of the cursor field left for the journal.
+    journal_cap: usize,
     state: Mutex<State>,
     work: Condvar,
+    /// Real and padded token positions copied, and documents started and cut, for the
+    /// padding and truncation fractions.
+    fill: Mutex<FillStats>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct FillStats {
+    positions: u64,
+    real: u64,
+    docs: u64,
+    cut: u64,
+}
+
+/// What a live mixture change proposes.
+#[derive(Debug, Clone)]
+pub enum Proposal {
+    /// New raw weights for the named domains; the others keep theirs.
+    Weights(BTreeMap<String, f64>),
+    /// The config file's schedule went from `old` to `new`: the new one applies from
+    /// their first difference on.
+    Schedule {
+        /// The schedule last applied from the file.
+        old: Vec<SchedulePoint>,
+        /// The file's schedule now.
+        new: Vec<SchedulePoint>,
+    },
+}
+
+/// What to do with a change for a step some client may already have received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Late {
+    /// Refuse it, naming the first step that can still change.
+    Refuse,
+    /// Apply it at the first step that can still change.
+    Next,
+}
+
+/// One request to change the mixture, from any of the reload routes.
+#[derive(Debug, Clone)]
+pub struct ChangeRequest {
+    /// The weights or schedule.
+    pub proposal: Proposal,
+    /// Trainer step it takes effect at (weights only; `None` = first changeable).
+    pub at_step: Option<u64>,
+    /// Late policy.
+    pub late: Late,
+    /// Route it came by: file, sighup, ctl, client.
+    pub source: &'static str,
+}
+
+/// An accepted change, for the caller's reply.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The step asked for (or the first changeable one when none was named).
+    pub requested_step: Option<u64>,
+    /// The trainer step it applies from; `None` when it changed nothing.
+    pub applied_step: Option<u64>,
+    /// Whether a late change was moved to the first changeable step.
+    pub moved: bool,
+    /// One line for logs and callers.
+    pub message: String,
+}
+
+/// A refused change: the old weights stay in force.
+#[derive(Debug, Clone)]
+pub struct ChangeError {
+    /// late, invalid or busy.
+    pub code: &'static str,
+    /// What was wrong, naming the field or step.
+    pub message: String,
+    /// With `late`: the first step a change may still shape.
+    pub first_changeable: Option<u64>,
+}
+
+impl ChangeError {
+    /// A refusal for bad input.
+    pub fn invalid(message: impl Into<String>) -> ChangeError {
+        ChangeError {
+            code: "invalid",
+            message: message.into(),
+            first_changeable: None,
+        }
+    }
 }
 
 impl Hub {
@@ -178,20 +370,35 @@ impl Hub {
         }
         let domains = plan.domain_names().len();
         let reseeds = plan.config().reseed.len();
-        let cursor_cap = 1024 + domains * (512 + 32 * reseeds);
+        // Room for a journal of a few dozen typical changes; a change that would not fit
+        // is refused (write the mixture into the config and restart instead).
+        let journal_cap = 16384;
+        let cursor_cap = 1024 + domains * (512 + 32 * reseeds) + journal_cap;
         Hub {
-            plan,
             source,
             settings,
             cursor_cap,
+            journal_cap,
             state: Mutex::new(State {
+                plan,
+                sources: Vec::new(),
                 jobs: HashMap::new(),
                 next_peer: 1,
                 clients: 0,
                 stopping: false,
+                draining: false,
+                watermark: 0,
+                reloads: BTreeMap::new(),
+                failed_reloads: BTreeMap::new(),
             }),
             work: Condvar::new(),
+            fill: Mutex::new(FillStats::default()),
         }
+    }
+
+    /// The plan in force now.
+    pub fn plan(&self) -> Arc<Plan> {
+        self.lock().plan.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -201,9 +408,24 @@ impl Hub {
 
     /// Admits a client: checks its HELLO against the plan and the job, then joins it to
     /// its dp rank's ring (creating the ring at the client's step if none is live).
-    /// Restoring or seeking a planner can take a while, so it happens before the lock.
+    /// Restoring or seeking a planner can take a while, so it happens before the lock; a
+    /// live change landing meanwhile makes the attempt start over.
     pub fn admit(&self, hello: &Hello, pid: Option<i32>) -> Result<Admission, Refusal> {
-        let cfg = self.plan.config();
+        for _ in 0..8 {
+            if let Some(a) = self.try_admit(hello, pid)? {
+                return Ok(a);
+            }
+        }
+        Err(Refusal::new(
+            "busy",
+            "the mixture kept changing while this client joined; retry",
+        ))
+    }
+
+    /// One admission attempt; `Ok(None)` when the plan changed under it.
+    fn try_admit(&self, hello: &Hello, pid: Option<i32>) -> Result<Option<Admission>, Refusal> {
+        let seen = self.plan();
+        let cfg = seen.config();
         let g = cfg.global_batch_rows;
         if g % hello.dp_size != 0 {
             return Err(Refusal::new(
@@ -226,7 +448,7 @@ impl Hub {
                 ),
             ));
         }
-        let fp = format!("{:032x}", self.plan.fingerprint());
+        let fp = format!("{:032x}", seen.fingerprint());
         if let Some(want) = &hello.fingerprint {
             if !want.eq_ignore_ascii_case(&fp) {
                 return Err(Refusal::new(
@@ -236,6 +458,35 @@ impl Hub {
             }
         }
         let blob = hello.cursor_bytes()?;
+        let refuse = |e: String| Refusal::new("cursor", format!("cursor blob refused: {e}"));
+        // A blob that carries changes this daemon has not seen (it restarted, or another
+        // node's daemon took them) brings them along: the plan under them is the one the
+        // blob's run was following.
+        let mut adopt: Option<Arc<Plan>> = None;
+        if let Some(b) = &blob {
+            let c = cursor::decode(b).map_err(|e| refuse(e.to_string()))?;
+            match journal::compare(seen.journal(), &c.journal) {
+                Order::Same | Order::OursAhead => {}
+                Order::TheirsAhead => {
+                    let p = seen
+                        .with_journal(c.journal.clone())
+                        .map_err(|e| refuse(e.to_string()))?;
+                    adopt = Some(Arc::new(p));
+                }
+                Order::Diverged(i) => {
+                    return Err(refuse(format!(
+                        "its journal of live mixture changes disagrees with this daemon's at \
+                         change #{} (blob: from plan step {}, daemon: from plan step {}); the \
+                         blob's run received different changes, and serving it would change \
+                         its data",
+                        i + 1,
+                        c.journal[i].at,
+                        seen.journal()[i].at
+                    )));
+                }
+            }
+        }
+        let plan = adopt.clone().unwrap_or_else(|| seen.clone());
         // Cheap check first: is there a streaming ring this client must join as it is?
         let streaming = {
             let st = self.lock();
@@ -250,11 +501,8 @@ impl Hub {
             None
         } else {
             Some(match &blob {
-                Some(b) => self
-                    .plan
-                    .restore(b)
-                    .map_err(|e| Refusal::new("cursor", format!("cursor blob refused: {e}")))?,
-                None => self.plan.seek(hello.start_step.unwrap_or(0)),
+                Some(b) => plan.restore(b).map_err(|e| refuse(e.to_string()))?,
+                None => plan.seek(hello.start_step.unwrap_or(0)),
             })
         };
         let ready =
@@ -272,8 +520,30 @@ impl Hub {
         };
 
         let mut st = self.lock();
-        if st.stopping {
+        if !Arc::ptr_eq(&st.plan, &seen) {
+            return Ok(None);
+        }
+        if st.stopping || st.draining {
             return Err(Refusal::new("busy", "the daemon is shutting down"));
+        }
+        if let Some(p) = adopt {
+            let fc = st.first_changeable();
+            let fc_p = seen.plan_step_of(fc);
+            let extra = &p.journal()[seen.journal().len()..];
+            if let Some(ch) = extra.iter().find(|c| c.at < fc_p) {
+                return Err(refuse(format!(
+                    "it carries a live change from plan step {} that this daemon does not \
+                     have, but step {fc} (plan step {fc_p}) has already been served to other \
+                     clients without it",
+                    ch.at
+                )));
+            }
+            let n = extra.len();
+            self.install(&mut st, p)
+                .map_err(|e| Refusal::new("busy", format!("adopting the blob's journal: {e}")))?;
+            st.sources.extend(std::iter::repeat_n("cursor", n));
+            *st.reloads.entry("cursor").or_default() += 1;
+            info!(changes = n, job = %hello.job, dp_rank = hello.dp_rank, "adopted live mixture changes from a client's cursor blob");
         }
         if st.clients >= self.settings.max_clients {
             return Err(Refusal::new(
@@ -368,7 +638,7 @@ impl Hub {
                     } else {
                         let held = entry.cursors.iter().find(|(s, _)| *s == step);
                         match held {
-                            Some((_, c)) if step >= lo && blob.as_ref().map_or(true, |b| b == c) => {}
+                            Some((_, c)) if step >= lo && blob.as_ref().is_none_or(|b| b == c) => {}
                             _ => {
                                 break 'join Err(Refusal::new(
                                     "peer_position",
@@ -430,6 +700,12 @@ impl Hub {
                             wait_for_peers: blob.is_some(),
                             micro: (mbr, hello.micro_batches),
                             failed: None,
+                            in_flight: BTreeSet::new(),
+                            generation: 0,
+                            stats: RingStats {
+                                tokens_per_step: rows as u64 * cfg.seq_len as u64,
+                                ..RingStats::default()
+                            },
                         },
                     );
                     info!(job = %hello.job, dp_rank = hello.dp_rank, step, bytes = r.layout().ring_bytes, "ring created");
@@ -449,6 +725,7 @@ impl Hub {
         st.clients += 1;
         drop(st);
         self.work.notify_all();
+        let plan = self.plan();
         let layout = ring.layout();
         let welcome = serde_json::json!({
             "protocol": super::protocol::VERSION,
@@ -463,20 +740,20 @@ impl Hub {
             "token_dtype": layout.token.0.name(),
             "pad_token": cfg.pad_token,
             "eod_token": cfg.eod_token,
-            "domains": self.plan.domain_names(),
+            "domains": plan.domain_names(),
             "slots": layout.slots,
             "slot_offset": super::ring::RING_HEADER,
             "slot_bytes": layout.slot_bytes,
             "ring_bytes": layout.ring_bytes,
             "fields": layout.fields_json(),
         });
-        Ok(Admission {
+        Ok(Some(Admission {
             peer: peer_id,
             welcome,
             ring,
             ready,
             kick,
-        })
+        }))
     }
 
     fn find<'a>(st: &'a mut State, job: &str, dp_rank: u32) -> Option<&'a mut RingEntry> {
@@ -490,6 +767,7 @@ impl Hub {
             return Err("release for a ring that no longer exists".into());
         };
         let published = entry.published;
+        let before = entry.base();
         let Some(p) = entry.peers.get_mut(&peer) else {
             return Err("release from a peer that is not joined".into());
         };
@@ -502,9 +780,13 @@ impl Hub {
         }
         p.released = upto;
         let base = entry.base();
+        if base > before && entry.joined >= entry.replicas {
+            entry.stats.batches_delivered += base - before;
+        }
         while entry.cursors.len() > 1 && entry.cursors.front().is_some_and(|(s, _)| *s < base) {
             entry.cursors.pop_front();
         }
+        entry.clocks(self.settings.slots, Instant::now());
         let wake = entry.claimable(self.settings.slots);
         drop(st);
         if wake {
@@ -552,6 +834,21 @@ impl Hub {
             .or_else(|| e.failed.clone())
     }
 
+    /// Stops filling new slots and refuses new HELLOs; peers may still read and release
+    /// what is published. Returns at once; see [`Hub::drained`].
+    pub fn drain(&self) {
+        self.lock().draining = true;
+    }
+
+    /// Whether every peer has released every published step (or left).
+    pub fn drained(&self) -> bool {
+        let st = self.lock();
+        st.jobs
+            .values()
+            .flat_map(|j| j.rings.values())
+            .all(|e| e.peers.values().all(|p| p.released >= e.published))
+    }
+
     /// Stops the workers; new HELLOs are refused.
     pub fn stop(&self) {
         self.lock().stopping = true;
@@ -561,7 +858,7 @@ impl Hub {
     /// One materializer thread: claim a slot, fill it outside the lock, publish in order.
     pub fn worker(&self) {
         loop {
-            let (key, ring, job) = {
+            let (key, ring, job, generation) = {
                 let mut st = self.lock();
                 let claimed = loop {
                     if st.stopping {
@@ -574,10 +871,36 @@ impl Hub {
                 };
                 claimed
             };
-            // SAFETY: `claim` handed this step to this worker alone, and the step is at
-            // least `slots` ahead of nothing a peer still holds (next_fill < base + slots).
+            // SAFETY: `claim` handed this step to this worker alone (it is in `in_flight`
+            // until we return), and the step is at least `slots` ahead of nothing a peer
+            // still holds (next_fill < base + slots).
             let slot = unsafe { ring.slot_mut(job.step) };
+            let t0 = Instant::now();
             let result = fill_slot(slot, ring.layout(), &job, &self.source);
+            let mut per_domain = vec![0u64; self.source.shards.len()];
+            for row in &job.rows {
+                if let Some(t) = per_domain.get_mut(row.domain as usize) {
+                    *t += row.tokens as u64;
+                }
+            }
+            metrics::histogram!("millrace_materialize_seconds").record(t0.elapsed().as_secs_f64());
+            if let Ok(real) = result {
+                let positions = job.rows.len() as u64 * (ring.layout().seq_len as u64 + 1);
+                let cap = ring.layout().seq_len + 1;
+                let mut f = self.fill.lock().unwrap_or_else(|p| p.into_inner());
+                f.positions += positions;
+                f.real += real;
+                f.docs += job
+                    .rows
+                    .iter()
+                    .map(|r| r.docs_started() as u64)
+                    .sum::<u64>();
+                f.cut += job
+                    .rows
+                    .iter()
+                    .map(|r| r.truncated(cap) as u64)
+                    .sum::<u64>();
+            }
             let mut st = self.lock();
             let Some(entry) = Self::find(&mut st, &key.0, key.1) else {
                 continue;
@@ -585,11 +908,26 @@ impl Hub {
             if !Arc::ptr_eq(&entry.ring, &ring) {
                 continue; // the ring was replaced while we copied
             }
+            entry.in_flight.remove(&job.step);
+            if entry.generation != generation {
+                // A live change replanned this step while we copied: the slot is free
+                // for the fresh copy now.
+                drop(st);
+                self.work.notify_all();
+                continue;
+            }
             match result {
                 Ok(_) => {
-                    entry.filled.insert(job.step, job.cursor);
+                    entry.filled.insert(job.step, (job.cursor, per_domain));
                     let before = entry.published;
-                    while let Some(cursor) = entry.filled.remove(&entry.published) {
+                    while let Some((cursor, dom)) = entry.filled.remove(&entry.published) {
+                        let sums = &mut entry.stats.domain_tokens;
+                        if sums.len() < dom.len() {
+                            sums.resize(dom.len(), 0);
+                        }
+                        for (s, t) in sums.iter_mut().zip(&dom) {
+                            *s += t;
+                        }
                         // SAFETY: the step is filled and not yet visible; only this
                         // thread (holding the lock) touches it now.
                         stamp(unsafe { ring.slot_mut(entry.published) });
@@ -616,6 +954,9 @@ impl Hub {
                         for p in entry.peers.values() {
                             p.ready.signal();
                         }
+                        entry.clocks(self.settings.slots, Instant::now());
+                        let published = entry.published;
+                        st.watermark = st.watermark.max(published);
                     }
                 }
                 Err(e) => {
@@ -631,14 +972,17 @@ impl Hub {
 
     /// Picks a ring with a free slot, plans its next step if needed (issuing page-cache
     /// hints for it and a few beyond), and claims it. Called with the lock held.
-    fn claim(&self, st: &mut State) -> Option<((String, u32), Arc<Ring>, SlotJob)> {
+    fn claim(&self, st: &mut State) -> Option<Claimed> {
+        if st.draining {
+            return None;
+        }
         let slots = self.settings.slots;
         let prefetch = self.settings.prefetch as usize;
         // Serve the ring that is furthest behind first: fair across ranks.
         let mut best: Option<(&String, u32, u64)> = None;
         for (name, job) in st.jobs.iter() {
             for (&r, e) in job.rings.iter() {
-                if e.claimable(slots) && best.map_or(true, |(_, _, s)| e.next_fill - e.base() < s) {
+                if e.claimable(slots) && best.is_none_or(|(_, _, s)| e.next_fill - e.base() < s) {
                     best = Some((name, r, e.next_fill - e.base()));
                 }
             }
@@ -664,7 +1008,279 @@ impl Hub {
             warn!(job = %name, dp_rank = r, "planner at step {} but ring expects {}", job.step, entry.next_fill);
         }
         entry.next_fill = job.step + 1;
-        Some(((name, r), entry.ring.clone(), job))
+        entry.in_flight.insert(job.step);
+        Some(((name, r), entry.ring.clone(), job, entry.generation))
+    }
+
+    /// Puts `plan` in force: every ring's planner is restored from the cursor at its
+    /// published step under the new plan, and everything planned or copied beyond it is
+    /// dropped and done again. All or nothing: a ring that cannot be restored leaves
+    /// every ring as it was. Runs under the lock, so no step is published meanwhile.
+    fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), String> {
+        let mut fresh = Vec::new();
+        for (name, job) in &st.jobs {
+            for (&r, e) in &job.rings {
+                let Some((step, blob)) = e.cursors.back() else {
+                    return Err(format!("job {name:?} dp_rank {r} holds no cursor"));
+                };
+                let p = plan
+                    .restore(blob)
+                    .map_err(|e| format!("job {name:?} dp_rank {r} at step {step}: {e}"))?;
+                fresh.push((name.clone(), r, p));
+            }
+        }
+        for (name, r, p) in fresh {
+            if let Some(e) = Self::find(st, &name, r) {
+                e.regenerate(p);
+            }
+        }
+        st.plan = plan;
+        Ok(())
+    }
+
+    /// Applies a live mixture change, or refuses it as a whole with the old weights still
+    /// in force. Counted per source either way.
+    pub fn change(&self, req: &ChangeRequest) -> Result<Applied, ChangeError> {
+        let mut st = self.lock();
+        let r = self.change_locked(&mut st, req);
+        match &r {
+            Ok(_) => *st.reloads.entry(req.source).or_default() += 1,
+            Err(_) => *st.failed_reloads.entry(req.source).or_default() += 1,
+        }
+        drop(st);
+        self.work.notify_all();
+        r
+    }
+
+    /// Counts a reload that failed before it reached the hub (a malformed file).
+    pub fn reload_failed(&self, source: &'static str) {
+        *self.lock().failed_reloads.entry(source).or_default() += 1;
+    }
+
+    fn change_locked(&self, st: &mut State, req: &ChangeRequest) -> Result<Applied, ChangeError> {
+        if st.draining || st.stopping {
+            // Nothing published after now could carry it: it would be lost on restart.
+            return Err(ChangeError {
+                code: "busy",
+                message: "the daemon is stopping; send the change to the next daemon".into(),
+                first_changeable: None,
+            });
+        }
+        let plan = st.plan.clone();
+        let fc = st.first_changeable();
+        let fc_p = plan.plan_step_of(fc);
+        let (requested, d) = match &req.proposal {
+            Proposal::Weights(_) => {
+                let t = req.at_step.unwrap_or(fc);
+                (t, plan.plan_step_of(t))
+            }
+            Proposal::Schedule { old, new } => match plan.points_difference(old, new) {
+                Some(p) => (plan.trainer_step_of(p), p),
+                None => {
+                    return Ok(Applied {
+                        requested_step: None,
+                        applied_step: None,
+                        moved: false,
+                        message: "the schedule in force already matches; nothing changed".into(),
+                    })
+                }
+            },
+        };
+        let (d, moved) = if d < fc_p {
+            match req.late {
+                Late::Refuse => {
+                    return Err(ChangeError {
+                        code: "late",
+                        message: format!(
+                            "step {requested} may already have been received (steps below \
+                             {fc} are published); the first step that can still change is \
+                             {fc}"
+                        ),
+                        first_changeable: Some(fc),
+                    })
+                }
+                Late::Next => (fc_p, true),
+            }
+        } else {
+            (d, false)
+        };
+        let change: Change = match &req.proposal {
+            Proposal::Weights(w) => plan
+                .weights_change(d, w)
+                .map_err(|e| ChangeError::invalid(e.to_string()))?,
+            Proposal::Schedule { new, .. } => plan.schedule_change(d, new),
+        };
+        let mut journal = plan.journal().to_vec();
+        journal.push(change);
+        let domains = plan.domain_names().len();
+        if cursor::journal_bytes(&journal, domains) > self.journal_cap {
+            return Err(ChangeError::invalid(format!(
+                "the journal of live changes would outgrow the cursor blob ({} changes); \
+                 write the mixture into the config and restart",
+                journal.len()
+            )));
+        }
+        let next = Arc::new(
+            plan.with_journal(journal)
+                .map_err(|e| ChangeError::invalid(e.to_string()))?,
+        );
+        self.install(st, next.clone()).map_err(|m| ChangeError {
+            code: "busy",
+            message: format!("regenerating prefetched batches: {m}"),
+            first_changeable: None,
+        })?;
+        st.sources.push(req.source);
+        let applied = next.trainer_step_of(d);
+        let message = if moved {
+            format!("step {requested} was already published; applied from step {applied}, the first that could still change")
+        } else {
+            format!("applied from step {applied}")
+        };
+        info!(
+            source = req.source,
+            requested,
+            applied,
+            plan_step = d,
+            "live mixture change: {message}"
+        );
+        Ok(Applied {
+            requested_step: Some(requested),
+            applied_step: Some(applied),
+            moved,
+            message,
+        })
+    }
+
+    /// The journal as JOURNAL_ENTRY objects (docs/PROTOCOL.md).
+    pub fn journal_json(&self) -> Vec<serde_json::Value> {
+        let st = self.lock();
+        Self::journal_of(&st)
+    }
+
+    fn journal_of(st: &State) -> Vec<serde_json::Value> {
+        let names = st.plan.domain_names();
+        st.plan
+            .journal()
+            .iter()
+            .zip(st.sources.iter().chain(std::iter::repeat(&"cursor")))
+            .map(|(c, src)| {
+                serde_json::json!({
+                    "at_step": st.plan.trainer_step_of(c.at),
+                    "plan_step": c.at,
+                    "source": src,
+                    "points": c.points.iter().map(|(step, w)| serde_json::json!({
+                        "step": step,
+                        "weights": names.iter().zip(w).map(|(n, x)| (n.to_string(), serde_json::json!(x))).collect::<serde_json::Map<_, _>>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect()
+    }
+
+    /// Everything `status` reports that the hub knows (docs/PROTOCOL.md, STATUS).
+    pub fn status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let (plan, mut out, best, delivered) = {
+            let st = self.lock();
+            let mut jobs: Vec<serde_json::Value> = Vec::new();
+            let mut best: Option<(u64, Vec<u8>, Vec<f64>)> = None;
+            let mut delivered: Vec<u64> = vec![0; st.plan.domain_names().len()];
+            let mut names: Vec<&String> = st.jobs.keys().collect();
+            names.sort();
+            for name in names {
+                let job = &st.jobs[name];
+                let mut ranks: Vec<&u32> = job.rings.keys().collect();
+                ranks.sort();
+                let rings: Vec<serde_json::Value> = ranks
+                    .into_iter()
+                    .map(|r| {
+                        let e = &job.rings[r];
+                        if let Some((step, c)) = e.cursors.back() {
+                            if best.as_ref().is_none_or(|b| *step > b.0) {
+                                best = Some((*step, c.clone(), e.planner.epochs()));
+                            }
+                        }
+                        for (s, t) in delivered.iter_mut().zip(&e.stats.domain_tokens) {
+                            *s += t;
+                        }
+                        let (consumer, producer) = e.stats.waits(now);
+                        let released = e.peers.values().map(|p| p.released).min().unwrap_or(e.published);
+                        let mut peers: Vec<serde_json::Value> = e.peers.values().map(|p| serde_json::json!({
+                            "replica": p.replica, "pid": p.pid, "released_step": p.released,
+                        })).collect();
+                        peers.sort_by(|a, b| a["replica"].as_str().cmp(&b["replica"].as_str()));
+                        serde_json::json!({
+                            "dp_rank": r,
+                            "published_step": e.published,
+                            "released_step": released,
+                            "slots": self.settings.slots,
+                            "occupancy": e.published.saturating_sub(released).min(self.settings.slots as u64),
+                            "peers": peers,
+                            "tokens_delivered": e.stats.batches_delivered * e.stats.tokens_per_step,
+                            "batches_delivered": e.stats.batches_delivered,
+                            "consumer_wait_s": consumer,
+                            "producer_wait_s": producer,
+                        })
+                    })
+                    .collect();
+                jobs.push(serde_json::json!({"job": name, "dp_size": job.dp_size, "rings": rings}));
+            }
+            let out = serde_json::json!({
+                "clients": st.clients,
+                "reloads": st.reloads.values().sum::<u64>(),
+                "failed_reloads": st.failed_reloads.values().sum::<u64>(),
+                "reloads_by_source": st.reloads,
+                "failed_reloads_by_source": st.failed_reloads,
+                "first_changeable_step": st.first_changeable(),
+                "journal": Self::journal_of(&st),
+                "jobs": jobs,
+                "fingerprint": format!("{:032x}", st.plan.fingerprint()),
+            });
+            (st.plan.clone(), out, best, delivered)
+        };
+        // Realized: the share of real tokens each domain got in every slot published so
+        // far. Target: the token shares the schedule asks for at the most advanced
+        // ring's step. Rows and epochs come from that ring's published cursor.
+        let names = plan.domain_names();
+        let (plan_step, rows, epochs) =
+            match best.and_then(|(_, c, ep)| cursor::decode(&c).ok().map(|d| (d, ep))) {
+                Some((d, ep)) => (d.plan_step, d.mix.rows, ep),
+                None => (0, vec![0; names.len()], vec![0.0; names.len()]),
+            };
+        let total: u64 = delivered.iter().sum();
+        let target = plan.schedule().shares(plan_step);
+        let row_target = plan.mixer().row_shares(plan_step);
+        let corpus = plan.domain_tokens();
+        let domains: Vec<serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(|(d, n)| {
+                serde_json::json!({
+                    "name": n,
+                    "target_share": target.get(d).copied().unwrap_or(0.0),
+                    "realized_share": if total > 0 { delivered[d] as f64 / total as f64 } else { 0.0 },
+                    "tokens": delivered[d],
+                    "target_row_share": row_target.get(d).copied().unwrap_or(0.0),
+                    "rows": rows.get(d).copied().unwrap_or(0),
+                    "epochs": epochs.get(d).copied().unwrap_or(0.0),
+                    "corpus_tokens": corpus.get(d).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        let f = *self.fill.lock().unwrap_or_else(|p| p.into_inner());
+        out["domains"] = serde_json::Value::Array(domains);
+        out["plan_step"] = serde_json::json!(plan_step);
+        out["padding_fraction"] = serde_json::json!(if f.positions > 0 {
+            1.0 - f.real as f64 / f.positions as f64
+        } else {
+            0.0
+        });
+        out["truncation_fraction"] = serde_json::json!(if f.docs > 0 {
+            f.cut as f64 / f.docs as f64
+        } else {
+            0.0
+        });
+        out
     }
 
     /// MADV_WILLNEED over exactly the token spans a planned step will copy.

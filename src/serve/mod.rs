@@ -3,20 +3,25 @@
 //!
 //! - [`protocol`]: frames, HELLO/WELCOME, fd passing (docs/PROTOCOL.md).
 //! - [`ring`]: the sealed memfd ring of one dp rank and the slot materializer.
-//! - [`hub`]: jobs, rings, peers, and the materializer threads.
-//! - this file: `[serve]` settings, the socket, one tokio task per connection, signals.
+//! - [`hub`]: jobs, rings, peers, the materializer threads, and live mixture changes.
+//! - [`access`]: the socket's group and the SO_PEERCRED allowlist.
+//! - [`notify`]: systemd's Type=notify handshake and watchdog.
+//! - this file: `[serve]` settings, the socket, one tokio task per connection (trainer or
+//!   control), the reload routes (file watch, SIGHUP, CONTROL), metrics, and the drain.
 //!
 //! The tokio runtime only moves small frames; token copies run on the hub's threads, so a
 //! connection never waits for a copy and a copy never waits for a socket.
 
+pub mod access;
 pub mod hub;
+pub mod notify;
 pub mod protocol;
 pub mod ring;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -25,8 +30,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use hub::{Hub, HubSettings};
-use protocol::{kind, Frame, Hello};
+use crate::plan::config::{PlanConfig, SchedulePoint};
+use hub::{ChangeError, ChangeRequest, Hub, HubSettings, Late, Proposal};
+use notify::Notifier;
+use protocol::{kind, Control, Frame, Hello};
 use ring::{Source, TokenType};
 
 /// Arguments of `millrace serve`.
@@ -68,20 +75,59 @@ pub struct ServeConfig {
     /// How long a new connection has to send its HELLO.
     #[serde(default = "default_handshake")]
     pub handshake_timeout_ms: u64,
-    /// Group that owns the socket (mode 0660); reserved for access control.
+    /// Group that owns the socket (mode 0660), so trainer users in it may connect.
     #[serde(default)]
     pub socket_group: Option<String>,
-    /// uids allowed to connect; reserved for access control.
+    /// uids allowed to connect besides the daemon's own (SO_PEERCRED); with
+    /// `allowed_gids` also unset, anyone who can open the socket may.
     #[serde(default)]
     pub allowed_uids: Option<Vec<u32>>,
-    /// Prometheus listen address; reserved for metrics.
+    /// Primary gids allowed to connect.
+    #[serde(default)]
+    pub allowed_gids: Option<Vec<u32>>,
+    /// Prometheus listen address (`host:port`); no exporter when unset.
     #[serde(default)]
     pub metrics_addr: Option<String>,
-    /// Reload the schedule when the file changes; reserved for hot reload.
+    /// Reload the mixture when the config file changes on disk.
+    #[serde(default = "default_true")]
+    pub watch_config: bool,
+    /// How often the config file is checked.
+    #[serde(default = "default_watch")]
+    pub watch_interval_ms: u64,
+    /// What a file or SIGHUP reload does with a change for a step already published.
     #[serde(default)]
-    pub watch_config: Option<bool>,
+    pub late_changes: LateSetting,
+    /// How long SIGTERM waits for clients to release what they hold.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_ms: u64,
 }
 
+/// `[serve] late_changes`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LateSetting {
+    /// Refuse the change and keep the old weights (the default: nothing moves silently).
+    #[default]
+    Refuse,
+    /// Apply it from the first step that can still change.
+    Next,
+}
+
+impl LateSetting {
+    fn late(self) -> Late {
+        match self {
+            LateSetting::Refuse => Late::Refuse,
+            LateSetting::Next => Late::Next,
+        }
+    }
+}
+
+fn default_watch() -> u64 {
+    1000
+}
+fn default_drain() -> u64 {
+    10_000
+}
 fn default_socket() -> PathBuf {
     PathBuf::from("/run/millrace/millrace.sock")
 }
@@ -131,18 +177,47 @@ impl ServeConfig {
         if s.max_clients == 0 {
             return bad("max_clients", "must be positive");
         }
+        if !(50..=3_600_000).contains(&s.watch_interval_ms) {
+            return bad("watch_interval_ms", "must be 50..=3600000");
+        }
+        if s.drain_timeout_ms > 3_600_000 {
+            return bad("drain_timeout_ms", "must be at most 3600000 (an hour)");
+        }
+        if let Some(a) = &s.metrics_addr {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return bad(
+                    "metrics_addr",
+                    &format!(
+                        "{a:?} is not host:port with a numeric host (e.g. \"127.0.0.1:9464\")"
+                    ),
+                );
+            }
+        }
         Ok(s)
     }
 }
 
-/// Runs `millrace serve` until SIGTERM or SIGINT.
-pub fn run_cli(args: ServeArgs) -> Result<()> {
-    let cfg = Config::load(&args.config)?;
-    let mut serve = ServeConfig::from_config(&cfg)?;
-    if let Some(s) = args.socket {
-        serve.socket = s;
-    }
-    let t0 = std::time::Instant::now();
+/// Arguments of `millrace check-config`.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// The config file to check.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+/// What `millrace serve` loads before it binds: the config, `[serve]`, the validated
+/// shards and plan, and the token type. `check-config` stops here.
+struct Loaded {
+    cfg: Config,
+    serve: ServeConfig,
+    plan: Arc<crate::plan::Plan>,
+    shards: Vec<Vec<Arc<crate::corpus::Shard>>>,
+    token: TokenType,
+}
+
+fn load(config: &Path) -> Result<Loaded> {
+    let cfg = Config::load(config)?;
+    let serve = ServeConfig::from_config(&cfg)?;
     let loaded = cfg.load_plan()?;
     let dtypes: Vec<(String, crate::corpus::DType)> = loaded
         .plan
@@ -153,35 +228,82 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         .collect();
     let token = TokenType::choose(&serve.token_dtype, &dtypes)
         .map_err(|e| anyhow::anyhow!("{}: [serve] token_dtype: {e}", cfg.source.display()))?;
+    if let Some(g) = &serve.socket_group {
+        access::resolve_group(g).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.source.display()))?;
+    }
+    Ok(Loaded {
+        cfg,
+        serve,
+        plan: loaded.plan,
+        shards: loaded.shards,
+        token,
+    })
+}
+
+/// `millrace check-config`: everything `serve` checks before it binds (config, shards,
+/// `[serve]`, the socket group), so a unit's ExecStartPre fails with the reason.
+pub fn check_config(args: CheckArgs) -> Result<()> {
+    let l = load(&args.config)?;
+    let shards: usize = l.shards.iter().map(Vec::len).sum();
+    println!(
+        "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {}",
+        args.config.display(),
+        l.plan.domain_names().len(),
+        shards,
+        l.plan.fingerprint(),
+        l.serve.socket.display(),
+        l.token.0.name()
+    );
+    Ok(())
+}
+
+/// Runs `millrace serve` until SIGTERM or SIGINT.
+pub fn run_cli(args: ServeArgs) -> Result<()> {
+    let notifier = Arc::new(Notifier::from_env());
+    let t0 = std::time::Instant::now();
+    let mut l = load(&args.config)?;
+    if let Some(s) = args.socket {
+        l.serve.socket = s;
+    }
     info!(
-        fingerprint = %format!("{:032x}", loaded.plan.fingerprint()),
-        domains = loaded.plan.domain_names().len(),
-        shards = dtypes.len(),
+        fingerprint = %format!("{:032x}", l.plan.fingerprint()),
+        domains = l.plan.domain_names().len(),
+        shards = l.shards.iter().map(Vec::len).sum::<usize>(),
         ms = t0.elapsed().as_millis() as u64,
         "corpus validated and plan built"
     );
-    let pad_token = loaded.plan.config().pad_token;
+    let pad_token = l.plan.config().pad_token;
+    let serve = l.serve.clone();
     let hub = Arc::new(Hub::new(
-        loaded.plan,
+        l.plan.clone(),
         Source {
-            shards: loaded.shards,
+            shards: l.shards,
             pad_token,
         },
         HubSettings {
             slots: serve.ring_slots,
             prefetch: serve.prefetch_steps,
-            token,
+            token: l.token,
             max_clients: serve.max_clients,
             hints: serve.page_hints,
         },
     ));
+    let daemon = Arc::new(Daemon {
+        hub: hub.clone(),
+        config: args.config.clone(),
+        policy: access::Policy::new(serve.allowed_uids.clone(), serve.allowed_gids.clone()),
+        started: Instant::now(),
+        notifier: notifier.clone(),
+        running: Mutex::new(Running::of(&l.cfg, l.plan.config())),
+        serve,
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("millrace-io")
         .build()
         .context("starting the tokio runtime")?;
-    let workers: Vec<_> = (0..serve.materialize_threads)
+    let workers: Vec<_> = (0..daemon.serve.materialize_threads)
         .map(|i| {
             let hub = hub.clone();
             std::thread::Builder::new()
@@ -190,7 +312,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         })
         .collect::<std::io::Result<_>>()
         .context("starting materializer threads")?;
-    let result = runtime.block_on(serve_socket(hub.clone(), serve));
+    let result = runtime.block_on(serve_socket(daemon.clone()));
     hub.stop();
     for w in workers {
         let _ = w.join();
@@ -199,23 +321,317 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// Binds the socket (refusing to steal one a live daemon is serving), sets its mode, and
-/// accepts until a signal.
-async fn serve_socket(hub: Arc<Hub>, serve: ServeConfig) -> Result<()> {
+/// The running daemon, shared by every connection and the reload routes.
+struct Daemon {
+    hub: Arc<Hub>,
+    config: PathBuf,
+    serve: ServeConfig,
+    policy: access::Policy,
+    started: Instant,
+    notifier: Arc<Notifier>,
+    /// What the config file said when it was last applied.
+    running: Mutex<Running>,
+}
+
+/// The parts of the config file a reload compares against.
+struct Running {
+    /// `[corpus]`, which a reload may not change.
+    corpus: Option<toml::Value>,
+    /// `[plan]` without its weights and schedule, which a reload may not change either.
+    fixed: PlanConfig,
+    /// The file's schedule, the base a reload's first difference is measured from.
+    points: Vec<SchedulePoint>,
+    /// `[serve]`, only to warn that changes there need a restart.
+    serve: Option<toml::Table>,
+    /// Hash of the file's bytes when last applied or refused, for the watcher.
+    seen: Option<u64>,
+}
+
+impl Running {
+    fn of(cfg: &Config, plan: &PlanConfig) -> Running {
+        Running {
+            corpus: toml::Value::try_from(&cfg.corpus).ok(),
+            fixed: fixed_part(plan),
+            points: plan.points(),
+            serve: cfg.serve.clone(),
+            seen: std::fs::read(&cfg.source)
+                .ok()
+                .map(|b| xxhash_rust::xxh3::xxh3_64(&b)),
+        }
+    }
+}
+
+fn fixed_part(p: &PlanConfig) -> PlanConfig {
+    let mut p = p.clone();
+    p.weights = None;
+    p.schedule.clear();
+    p
+}
+
+impl Daemon {
+    /// Re-reads the config file and applies its schedule from its first difference with
+    /// the one last applied. Anything else that changed in `[corpus]` or `[plan]` refuses
+    /// the reload as a whole (it needs a restart); `[serve]` changes are only warned about.
+    fn reload_file(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = std::fs::read(&self.config).ok();
+        running.seen = bytes.as_deref().map(xxhash_rust::xxh3::xxh3_64);
+        let parsed = (|| -> Result<(Config, PlanConfig), String> {
+            let cfg = Config::load(&self.config).map_err(|e| e.to_string())?;
+            let plan = cfg.plan_config().map_err(|e| e.to_string())?;
+            if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
+                return Err(format!(
+                    "{}: [corpus] changed; a reload only changes [plan] weights and schedule \
+                     (restart the daemon to change the corpus)",
+                    self.config.display()
+                ));
+            }
+            if fixed_part(&plan) != running.fixed {
+                return Err(format!(
+                    "{}: [plan] settings other than weights and schedule changed; restart \
+                     the daemon to apply them",
+                    self.config.display()
+                ));
+            }
+            Ok((cfg, plan))
+        })();
+        let (cfg, plan) = match parsed {
+            Ok(x) => x,
+            Err(m) => {
+                self.hub.reload_failed(source);
+                warn!(source, "reload refused, the old weights stay: {m}");
+                return Err(ChangeError {
+                    code: "invalid",
+                    message: m,
+                    first_changeable: None,
+                });
+            }
+        };
+        if cfg.serve != running.serve {
+            warn!(
+                source,
+                "[serve] changed in {}; those settings apply at the next restart",
+                self.config.display()
+            );
+            running.serve = cfg.serve.clone();
+        }
+        let points = plan.points();
+        let r = self.hub.change(&ChangeRequest {
+            proposal: Proposal::Schedule {
+                old: running.points.clone(),
+                new: points.clone(),
+            },
+            at_step: None,
+            late: self.serve.late_changes.late(),
+            source,
+        });
+        match &r {
+            Ok(a) => {
+                running.points = points;
+                info!(source, "reload: {}", a.message);
+            }
+            Err(e) => warn!(
+                source,
+                code = e.code,
+                "reload refused, the old weights stay: {}",
+                e.message
+            ),
+        }
+        r
+    }
+
+    /// The file watcher's check: reloads when the file's bytes changed since they were
+    /// last applied and have stayed the same for one more interval (an editor's partial
+    /// write is not applied).
+    fn watch_tick(&self, pending: &mut Option<u64>) {
+        let Ok(bytes) = std::fs::read(&self.config) else {
+            return; // mid-rename, or gone for a moment: look again next tick
+        };
+        let h = xxhash_rust::xxh3::xxh3_64(&bytes);
+        let seen = self.running.lock().unwrap_or_else(|p| p.into_inner()).seen;
+        if Some(h) == seen {
+            *pending = None;
+            return;
+        }
+        if *pending == Some(h) {
+            *pending = None;
+            info!(config = %self.config.display(), "config file changed; reloading");
+            let _ = self.reload_file("file");
+        } else {
+            *pending = Some(h);
+        }
+    }
+
+    /// Answers one CONTROL payload.
+    fn control(&self, payload: &[u8]) -> serde_json::Value {
+        let req = match protocol::parse_control(payload) {
+            Ok(r) => r,
+            Err((op, message)) => {
+                return serde_json::json!({"ok": false, "op": op, "code": "protocol", "message": message})
+            }
+        };
+        let (op, result) = match req {
+            Control::Status => {
+                return serde_json::json!({"ok": true, "op": "status", "status": self.status()})
+            }
+            Control::Journal => {
+                return serde_json::json!({"ok": true, "op": "journal", "journal": self.hub.journal_json()})
+            }
+            Control::Reload => ("reload", self.reload_file("ctl")),
+            Control::SetWeights {
+                weights,
+                at_step,
+                late_next,
+                source,
+            } => {
+                let r = self.hub.change(&ChangeRequest {
+                    proposal: Proposal::Weights(weights),
+                    at_step,
+                    late: if late_next { Late::Next } else { Late::Refuse },
+                    source,
+                });
+                match &r {
+                    Ok(a) => info!(source, "set_weights: {}", a.message),
+                    Err(e) => warn!(
+                        source,
+                        code = e.code,
+                        "set_weights refused, the old weights stay: {}",
+                        e.message
+                    ),
+                }
+                ("set_weights", r)
+            }
+        };
+        match result {
+            Ok(a) => serde_json::json!({
+                "ok": true,
+                "op": op,
+                "requested_step": a.requested_step,
+                "applied_step": a.applied_step,
+                "moved": a.moved,
+                "journal": self.hub.journal_json(),
+                "message": a.message,
+            }),
+            Err(e) => {
+                let mut v = serde_json::json!({"ok": false, "op": op, "code": e.code, "message": e.message});
+                if let Some(fc) = e.first_changeable {
+                    v["first_changeable_step"] = serde_json::json!(fc);
+                }
+                v
+            }
+        }
+    }
+
+    /// STATUS (docs/PROTOCOL.md): the hub's figures and the process's own.
+    fn status(&self) -> serde_json::Value {
+        let mut s = self.hub.status();
+        s["version"] = serde_json::json!(env!("CARGO_PKG_VERSION"));
+        s["pid"] = serde_json::json!(std::process::id());
+        s["uptime_s"] = serde_json::json!(self.started.elapsed().as_secs_f64());
+        s["config"] = serde_json::json!(self.config.display().to_string());
+        s["socket"] = serde_json::json!(self.serve.socket.display().to_string());
+        s
+    }
+}
+
+/// Publishes the status figures as Prometheus metrics (docs/OPERATIONS.md lists them).
+/// Derived from the same snapshot as `status`, so the two never disagree.
+fn export_metrics(status: &serde_json::Value) {
+    use metrics::{counter, gauge};
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    gauge!("millrace_clients").set(f(&status["clients"]));
+    for (key, name) in [
+        ("reloads_by_source", "millrace_reloads_total"),
+        ("failed_reloads_by_source", "millrace_reload_failures_total"),
+    ] {
+        if let Some(m) = status[key].as_object() {
+            for (source, n) in m {
+                counter!(name, "source" => source.clone()).absolute(u(n));
+            }
+        }
+    }
+    gauge!("millrace_padding_fraction").set(f(&status["padding_fraction"]));
+    gauge!("millrace_truncation_fraction").set(f(&status["truncation_fraction"]));
+    for d in status["domains"].as_array().into_iter().flatten() {
+        let name = d["name"].as_str().unwrap_or("").to_string();
+        gauge!("millrace_domain_target_share", "domain" => name.clone()).set(f(&d["target_share"]));
+        gauge!("millrace_domain_realized_share", "domain" => name.clone())
+            .set(f(&d["realized_share"]));
+        gauge!("millrace_domain_epochs", "domain" => name).set(f(&d["epochs"]));
+    }
+    for j in status["jobs"].as_array().into_iter().flatten() {
+        let job = j["job"].as_str().unwrap_or("").to_string();
+        for r in j["rings"].as_array().into_iter().flatten() {
+            let labels = [
+                ("job", job.clone()),
+                ("dp_rank", u(&r["dp_rank"]).to_string()),
+            ];
+            counter!("millrace_tokens_delivered_total", &labels)
+                .absolute(u(&r["tokens_delivered"]));
+            counter!("millrace_batches_delivered_total", &labels)
+                .absolute(u(&r["batches_delivered"]));
+            gauge!("millrace_step", &labels).set(f(&r["published_step"]));
+            gauge!("millrace_ring_occupancy", &labels).set(f(&r["occupancy"]));
+            gauge!("millrace_ring_slots", &labels).set(f(&r["slots"]));
+            gauge!("millrace_consumer_wait_seconds_total", &labels).set(f(&r["consumer_wait_s"]));
+            gauge!("millrace_producer_wait_seconds_total", &labels).set(f(&r["producer_wait_s"]));
+        }
+    }
+}
+
+/// Binds the socket (refusing to steal one a live daemon is serving), sets its mode and
+/// group, says READY, and serves until SIGTERM/SIGINT; then drains.
+async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let serve = d.serve.clone();
     let path = serve.socket.clone();
-    let listener = bind(&path).await?;
+    // Signal handlers before READY: a reload right after start-up must not kill us.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    if let Some(addr) = &serve.metrics_addr {
+        let addr: std::net::SocketAddr = addr
+            .parse()
+            .with_context(|| format!("[serve] metrics_addr {addr:?}"))?;
+        use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+        // Buckets make the latency a real histogram (quantiles across nodes in PromQL).
+        let buckets = [
+            1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ];
+        PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets_for_metric(
+                Matcher::Full("millrace_materialize_seconds".into()),
+                &buckets,
+            )
+            .with_context(|| "[serve] metrics_addr: histogram buckets")?
+            .install()
+            .with_context(|| format!("starting the metrics exporter on {addr}"))?;
+        // Every series exists from the start, so rate() and alerts see zeros, not gaps.
+        for source in ["file", "sighup", "ctl", "client", "cursor"] {
+            metrics::counter!("millrace_reloads_total", "source" => source).absolute(0);
+            metrics::counter!("millrace_reload_failures_total", "source" => source).absolute(0);
+        }
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    let listener = bind(&path, serve.socket_group.as_deref()).await?;
     info!(socket = %path.display(), threads = serve.materialize_threads, slots = serve.ring_slots, "serving");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("installing the SIGINT handler")?;
+    d.notifier.ready(&format!("serving {}", path.display()));
     let timeout = Duration::from_millis(serve.handshake_timeout_ms);
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    let mut watchdog = d.notifier.watchdog_interval().map(tokio::time::interval);
+    let mut watch = tokio::time::interval(Duration::from_millis(serve.watch_interval_ms));
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending: Option<u64> = None;
+    let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
+    metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let hub = hub.clone();
-                    tokio::spawn(async move { connection(hub, stream, timeout).await });
+                    let (d, shutdown) = (d.clone(), shutdown.clone());
+                    tokio::spawn(async move { connection(d, stream, timeout, shutdown).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: keep serving the clients we have.
@@ -223,16 +639,60 @@ async fn serve_socket(hub: Arc<Hub>, serve: ServeConfig) -> Result<()> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending::<()>().await } } => {
+                // A hub stuck on its lock would stop these pings, and systemd restarts us.
+                let _ = d.hub.plan();
+                d.notifier.watchdog();
+            }
+            _ = watch.tick(), if serve.watch_config => {
+                let d = d.clone();
+                let mut p = pending;
+                pending = tokio::task::spawn_blocking(move || { d.watch_tick(&mut p); p }).await.unwrap_or(None);
+            }
+            _ = metrics_tick.tick(), if serve.metrics_addr.is_some() => {
+                let d = d.clone();
+                let _ = tokio::task::spawn_blocking(move || export_metrics(&d.status())).await;
+            }
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading {}", d.config.display());
+                d.notifier.reloading();
+                let d2 = d.clone();
+                let r = tokio::task::spawn_blocking(move || d2.reload_file("sighup")).await;
+                let line = match r {
+                    Ok(Ok(a)) => format!("reloaded: {}", a.message),
+                    Ok(Err(e)) => format!("reload refused ({}): {}", e.code, e.message),
+                    Err(e) => format!("reload failed: {e}"),
+                };
+                d.notifier.reloaded(&line);
+            }
+            _ = term.recv() => { info!("SIGTERM: draining"); break; }
+            _ = int.recv() => { info!("SIGINT: draining"); break; }
         }
     }
+    d.notifier
+        .stopping("draining: clients finish the slots they hold");
     drop(listener);
     let _ = std::fs::remove_file(&path);
+    d.hub.drain();
+    let deadline = Instant::now() + Duration::from_millis(serve.drain_timeout_ms);
+    while !d.hub.drained() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if d.hub.drained() {
+        info!("drained: every client released what was published");
+    } else {
+        warn!(
+            "drain bound of {} ms reached with slots still held; closing",
+            serve.drain_timeout_ms
+        );
+    }
+    let _ = shutdown_tx.send(true);
+    // Let connections say why they close.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }
 
-async fn bind(path: &Path) -> Result<UnixListener> {
+async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir)
@@ -254,6 +714,9 @@ async fn bind(path: &Path) -> Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    if let Some(g) = group {
+        access::set_socket_group(path, g).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     Ok(listener)
 }
 
@@ -290,9 +753,34 @@ async fn say(stream: &mut UnixStream, kind: u8, code: &str, message: &str) {
     let _ = stream.write_all(&frame).await;
 }
 
-/// One client: HELLO, WELCOME with fds, then RELEASE frames until it leaves.
-async fn connection(hub: Arc<Hub>, mut stream: UnixStream, timeout: Duration) {
-    let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+/// One connection: the access check, then either a trainer (HELLO, WELCOME with fds,
+/// RELEASE frames until it leaves) or a control client (CONTROL requests).
+async fn connection(
+    d: Arc<Daemon>,
+    mut stream: UnixStream,
+    timeout: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let cred = stream.peer_cred().ok();
+    let pid = cred.and_then(|c| c.pid());
+    if !d.policy.open() {
+        let verdict = match cred {
+            Some(c) => d.policy.authorized(c.uid(), c.gid()),
+            None => Err("the peer's credentials (SO_PEERCRED) could not be read".into()),
+        };
+        if let Err(m) = verdict {
+            warn!(?pid, "refused: {m}");
+            say(&mut stream, kind::REFUSED, "access", &m).await;
+            // Linger until the client closes (bounded): closing at once could make its
+            // HELLO write fail before it reads the refusal.
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            return;
+        }
+    }
     let mut buf = Vec::new();
     let hello = match tokio::time::timeout(timeout, read_frame(&mut stream, &mut buf)).await {
         Err(_) => {
@@ -301,9 +789,13 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream, timeout: Duration) {
             return;
         }
         Ok(Ok(Some(Frame::Hello(p)))) => p,
+        Ok(Ok(Some(Frame::Control(p)))) => {
+            control_connection(d, stream, buf, p, shutdown).await;
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Ok(Some(other))) => {
-            let m = format!("expected HELLO first, got {other:?}");
+            let m = format!("expected HELLO or CONTROL first, got {other:?}");
             warn!(?pid, "{m}; closing");
             say(&mut stream, kind::ERROR, "protocol", &m).await;
             return;
@@ -314,6 +806,7 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream, timeout: Duration) {
             return;
         }
     };
+    let hub = d.hub.clone();
     let hello = match Hello::parse(&hello) {
         Ok(h) => h,
         Err(r) => {
@@ -361,6 +854,10 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream, timeout: Duration) {
                 say(&mut stream, kind::ERROR, code, &m).await;
                 break;
             }
+            _ = stopped(&mut shutdown) => {
+                say(&mut stream, kind::ERROR, "shutdown", "the daemon is stopping; resume from your last cursor blob").await;
+                break;
+            }
         };
         match frame {
             Ok(Some(Frame::Release(upto))) => {
@@ -371,8 +868,8 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream, timeout: Duration) {
                 }
             }
             Ok(Some(Frame::Bye)) | Ok(None) => break,
-            Ok(Some(Frame::Hello(_))) => {
-                let m = "a second HELLO on one connection";
+            Ok(Some(Frame::Hello(_))) | Ok(Some(Frame::Control(_))) => {
+                let m = "HELLO or CONTROL on a trainer connection";
                 warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
                 say(&mut stream, kind::ERROR, "protocol", m).await;
                 break;
@@ -386,6 +883,70 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream, timeout: Duration) {
     }
     hub.leave(&job, rank, peer);
     info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, "client left");
+}
+
+/// A control client: one CONTROL_REPLY per CONTROL, in order, until it closes. A request
+/// that is not valid JSON gets an `ok: false` reply; a frame that breaks the framing
+/// closes the connection with ERROR.
+async fn control_connection(
+    d: Arc<Daemon>,
+    mut stream: UnixStream,
+    mut buf: Vec<u8>,
+    first: Vec<u8>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut next = Some(first);
+    loop {
+        let payload = match next.take() {
+            Some(p) => p,
+            None => {
+                let frame = tokio::select! {
+                    f = read_frame(&mut stream, &mut buf) => f,
+                    _ = stopped(&mut shutdown) => return,
+                };
+                match frame {
+                    Ok(Some(Frame::Control(p))) => p,
+                    Ok(Some(Frame::Bye)) | Ok(None) => return,
+                    Ok(Some(other)) => {
+                        let m = format!("expected CONTROL on a control connection, got {other:?}");
+                        say(&mut stream, kind::ERROR, "protocol", &m).await;
+                        return;
+                    }
+                    Err(m) => {
+                        say(&mut stream, kind::ERROR, "protocol", &m).await;
+                        return;
+                    }
+                }
+            }
+        };
+        // Changes restore planners and reloads read files: off the I/O threads.
+        let d2 = d.clone();
+        let reply = match tokio::task::spawn_blocking(move || d2.control(&payload)).await {
+            Ok(r) => r,
+            Err(e) => {
+                serde_json::json!({"ok": false, "op": "", "code": "busy", "message": format!("internal error: {e}")})
+            }
+        };
+        let mut bytes = reply.to_string().into_bytes();
+        if bytes.len() + 1 > protocol::MAX_FRAME {
+            bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": "busy",
+                "message": "the reply exceeds one frame; ask for less (journal)"})
+            .to_string()
+            .into_bytes();
+        }
+        if stream
+            .write_all(&protocol::encode(kind::CONTROL_REPLY, &bytes))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Resolves once the daemon says every connection must close.
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Sends WELCOME with the fds on its first byte, then whatever the first sendmsg did not

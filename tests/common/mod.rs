@@ -1,8 +1,13 @@
 //! Test-side writers, assembled byte by byte from the format descriptions in
-//! docs/FORMATS.md and independent of the code under test (which has its own writer).
+//! docs/FORMATS.md and independent of the code under test (which has its own writer);
+//! and the daemon fixtures the end-to-end tests share: a synthetic corpus, a config with
+//! a small geometry and a `[serve]` table, and a running `millrace serve`.
 #![allow(dead_code)]
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// Megatron dtype code and item size for the test writer.
 #[derive(Debug, Clone, Copy)]
@@ -202,5 +207,204 @@ pub fn value_range(code: u8) -> (i64, i64) {
         7 => (-(1 << 24), 1 << 24),
         8 => (0, 65535),
         _ => panic!("no dtype code {code}"),
+    }
+}
+
+// ------------------------------------------------------------ daemon fixtures
+
+/// A synthetic corpus in `<temp dir>/c`, with the `millrace.toml` synth writes; the temp
+/// dir lives as long as this value.
+pub struct Corpus {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+}
+
+/// Synthesizes `tokens` uint16 tokens (vocabulary 50304) over `domains` domains, shards
+/// of at most `shard_tokens`, into a fresh temp dir.
+pub fn corpus(tokens: u64, domains: usize, seed: u64, shard_tokens: u64) -> Corpus {
+    use millrace::synth::{self, SynthOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    synth::synth(&SynthOptions {
+        out: dir.clone(),
+        tokens,
+        domains,
+        vocab: 50304,
+        dtype: millrace::corpus::DType::Uint16,
+        seed,
+        shard_tokens,
+        threads: 2,
+        progress: false,
+    })
+    .unwrap();
+    Corpus { tmp, dir }
+}
+
+/// The usual `[serve]` lines of a test daemon: `socket`, `ring_slots`,
+/// `materialize_threads`, a 2 s handshake timeout and the config watcher off (so that
+/// only the requests under test change anything).
+pub fn serve_toml(socket: &Path, ring_slots: u64, threads: u64) -> String {
+    format!(
+        "socket = {:?}\nring_slots = {ring_slots}\nmaterialize_threads = {threads}\nhandshake_timeout_ms = 2000\nwatch_config = false\n",
+        socket.to_str().unwrap()
+    )
+}
+
+/// Writes `<dir>/<file>`: the corpus's `millrace.toml` with `[plan]` `seq_len` and
+/// `global_batch_rows` set and a `[serve]` table made of the TOML fragments `serve` (a
+/// key in a later fragment overrides the same key in an earlier one). Returns its path.
+pub fn write_config(dir: &Path, file: &str, seq_len: u32, rows: u32, serve: &[&str]) -> PathBuf {
+    let text = std::fs::read_to_string(dir.join("millrace.toml")).unwrap();
+    let mut doc: toml::Table = toml::from_str(&text).unwrap();
+    let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
+    plan.insert("seq_len".into(), toml::Value::Integer(seq_len.into()));
+    plan.insert(
+        "global_batch_rows".into(),
+        toml::Value::Integer(rows.into()),
+    );
+    let mut table = toml::Table::new();
+    for part in serve {
+        let part: toml::Table =
+            toml::from_str(part).unwrap_or_else(|e| panic!("test [serve] lines {part:?}: {e}"));
+        table.extend(part);
+    }
+    doc.insert("serve".into(), toml::Value::Table(table));
+    let config = dir.join(file);
+    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+    config
+}
+
+/// A running `millrace serve --config <config>` with stdout and stderr in a log file;
+/// killed and reaped on drop, which then fails the test if the log shows a panic.
+pub struct Serve {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Serve {
+    /// Starts the daemon and waits (30 s at most) until `socket` accepts.
+    pub fn start(config: &Path, socket: &Path, log: &Path) -> Serve {
+        let mut s = Serve::spawn(config, log, |_| {});
+        s.wait_listening(socket, Duration::from_secs(30));
+        s
+    }
+
+    /// Starts the daemon without waiting for it; `tweak` adds to its command line
+    /// (arguments after `--config <config>`, environment).
+    pub fn spawn(config: &Path, log: &Path, tweak: impl FnOnce(&mut Command)) -> Serve {
+        let out = std::fs::File::create(log).unwrap();
+        let mut cmd = bin();
+        cmd.args(["serve", "--config"]).arg(config);
+        tweak(&mut cmd);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("millrace serve starts");
+        Serve {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Waits until `socket` accepts; panics with the log if the daemon exits first or
+    /// does not listen within `limit`.
+    pub fn wait_listening(&mut self, socket: &Path, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                panic!("millrace serve exited ({status}):\n{}", self.log_text());
+            }
+            if UnixStream::connect(socket).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "millrace serve did not listen:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> libc::pid_t {
+        self.child.as_ref().unwrap().id() as libc::pid_t
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child, which is not reaped until drop or `kill`.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "kill({sig})");
+    }
+
+    /// The exit status, if the daemon has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().unwrap().try_wait().unwrap()
+    }
+
+    /// Whether the daemon is running (not exited, not killed).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Waits up to `timeout` for the daemon to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Kills and reaps the daemon (once; later calls do nothing).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+        let log = self.log_text();
+        if log.contains("panicked") && !std::thread::panicking() {
+            panic!("the daemon panicked:\n{log}");
+        }
+    }
+}
+
+/// Control requests (docs/PROTOCOL.md) to a test daemon, 20 s at most each; implemented
+/// by the fixtures that know its socket.
+pub trait Control {
+    fn control_socket(&self) -> &Path;
+
+    /// Sends `req` on a control connection of its own and returns the reply.
+    fn req(&self, req: serde_json::Value) -> serde_json::Value {
+        millrace::ctl::request(self.control_socket(), &req, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("control request {req}: {e}"))
+    }
+
+    /// The daemon's STATUS object.
+    fn status(&self) -> serde_json::Value {
+        let r = self.req(millrace::ctl::status_request());
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["op"], "status", "{r}");
+        r["status"].clone()
+    }
+
+    /// The daemon's journal of applied changes.
+    fn journal(&self) -> Vec<serde_json::Value> {
+        let r = self.req(millrace::ctl::journal_request());
+        assert_eq!(r["ok"], true, "{r}");
+        r["journal"].as_array().cloned().unwrap_or_default()
     }
 }

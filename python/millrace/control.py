@@ -1,0 +1,300 @@
+"""The control protocol from Python: ask the node's daemon for its status, change the
+mixture from a given step, reload its config, read its change journal.
+
+A control connection opens the daemon's unix socket and sends CONTROL frames (type 7, a
+JSON object with ``"protocol": 1`` and an ``op``) instead of HELLO; each is answered by one
+CONTROL_REPLY (type 8, a JSON object), in order. :class:`Control` connects on first use
+and keeps the connection for later requests.
+
+Errors
+------
+- :class:`ChangeRefused` (a :class:`~millrace.client.DaemonError`): the daemon answered
+  ``ok: false``: a change for a step some client already received (``code == "late"``,
+  with ``first_changeable_step``), invalid weights (``"invalid"``: an unknown domain, a
+  negative weight, all zero), ``"busy"`` or ``"protocol"``. Nothing was changed.
+- :class:`~millrace.client.Refused`: the daemon refused the connection (REFUSED frame,
+  e.g. this uid is not allowed).
+- :class:`~millrace.client.DaemonError`: the daemon judged a frame malformed (ERROR frame)
+  and closed the connection.
+- :class:`~millrace.client.DaemonGone`: no daemon at the socket, or it closed the
+  connection or did not reply within ``timeout``.
+- ``ValueError``: weights that cannot be sent (NaN or infinite: JSON has no such numbers).
+
+Requests are not retried: after an error the connection is dropped and the next call
+opens a new one, so a change is never sent twice behind the caller's back.
+
+Changing the mixture on every node of a job
+-------------------------------------------
+Every node runs its own daemon, and all of them must apply a change at the same step or
+the nodes' batches diverge. Let rank 0 decide, broadcast the change, have one rank per
+node forward it to that node's daemon, and check that every node applied it at the same
+step (:func:`forward_change` does this; it needs torch.distributed)::
+
+    import torch.distributed as dist
+    from millrace import Control, forward_change
+
+    ctl = Control("/run/millrace/millrace.sock")
+    change = None
+    if dist.get_rank() == 0:
+        # Far enough ahead that no node has handed the step out yet.
+        change = {"weights": {"code": 0.4, "web": 0.5}, "at_step": step + 100}
+    reply = forward_change(ctl, change)   # the same reply on every rank
+    print(reply["applied_step"])
+
+which is, spelled out::
+
+    obj = [change]
+    dist.broadcast_object_list(obj, src=0)
+    reply = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:     # one rank per node
+        reply = ctl.set_weights(**obj[0])              # late="refuse": no silent moves
+    replies = [None] * dist.get_world_size()
+    dist.all_gather_object(replies, reply)
+    steps = {r["applied_step"] for r in replies if r is not None}
+    assert len(steps) == 1, f"nodes applied the change at different steps: {steps}"
+
+Use ``late="refuse"`` (the default) across nodes: with ``late="next"`` each daemon could
+move the change to a different step. Choose ``at_step`` well ahead of what any node has
+prefetched (ring slots + prefetch steps, plus margin): a node that refuses while others
+accept leaves the nodes disagreeing from that step, and only a further change (or a
+restart from a checkpoint) brings them back together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket as _socket
+
+from .client import (
+    ERROR,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    REFUSED,
+    DaemonError,
+    DaemonGone,
+    ProtocolError,
+    Refused,
+    _Gone,
+    _reason,
+    encode_frame,
+    read_frame,
+)
+
+__all__ = ["Control", "ChangeRefused", "forward_change", "CONTROL", "CONTROL_REPLY",
+           "DEFAULT_SOCKET"]
+
+CONTROL, CONTROL_REPLY = 7, 8
+DEFAULT_SOCKET = "/run/millrace/millrace.sock"
+_LATE = ("refuse", "next")
+
+
+class ChangeRefused(DaemonError):
+    """The daemon answered a control request with ``ok: false``; nothing changed.
+
+    ``code`` is ``late``, ``invalid``, ``protocol`` or ``busy``; ``first_changeable_step``
+    is set when ``code == "late"``; ``reply`` is the whole reply.
+    """
+
+    def __init__(self, code: str, message: str, first_changeable_step: int | None = None,
+                 op: str = "", reply: dict | None = None):
+        super().__init__(code, message)
+        self.first_changeable_step = first_changeable_step
+        self.op = op
+        self.reply = reply or {}
+
+    def __str__(self):
+        s = f"{self.code}: {self.message}"
+        if self.first_changeable_step is not None:
+            s += f" (the first step that can still change is {self.first_changeable_step})"
+        return s
+
+
+class Control:
+    """A control connection to one daemon, opened on first use.
+
+    ``timeout`` (seconds) bounds connecting and each reply. Not thread safe: use it from
+    one thread (or one per thread).
+    """
+
+    def __init__(self, socket_path: str | os.PathLike = DEFAULT_SOCKET, timeout: float = 10.0):
+        self.socket_path = os.fspath(socket_path)
+        self.timeout = timeout
+        self._sock = None
+
+    # -------------------------------------------------------------------- requests
+
+    def status(self) -> dict:
+        """The daemon's STATUS object: clients, rings, mixture, journal, counters."""
+        return self.request({"op": "status"})["status"]
+
+    def set_weights(self, weights: dict, at_step: int | None = None,
+                    late: str = "refuse") -> dict:
+        """Changes mixture weights from ``at_step`` on (default: the first step that can
+        still change); domains not named keep theirs. Returns the reply (``applied_step``,
+        ``moved``, ``journal``, ``message``); raises :class:`ChangeRefused` if refused.
+
+        ``late="next"`` applies a change for an already delivered step at the first step
+        that can still change (the reply's ``moved`` is then true) instead of refusing it.
+        """
+        if late not in _LATE:
+            raise ValueError(f"late={late!r}: must be one of {_LATE}")
+        if not isinstance(weights, dict) or not weights:
+            raise ValueError("weights must be a non-empty dict of domain name -> weight")
+        clean = {}
+        for name, w in weights.items():
+            if not isinstance(name, str):
+                raise ValueError(f"domain name {name!r} is not a string")
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                try:
+                    w = float(w)  # numpy scalars
+                except (TypeError, ValueError):
+                    raise ValueError(f"weight of {name!r} is not a number: {w!r}") from None
+            if not math.isfinite(w):
+                raise ValueError(f"weight of {name!r} is {w}: weights must be finite")
+            clean[name] = float(w)
+        # "client" marks the change as the trainer's own in the daemon's journal.
+        req = {"op": "set_weights", "weights": clean, "late": late, "source": "client"}
+        if at_step is not None:
+            if isinstance(at_step, bool) or int(at_step) != at_step or at_step < 0:
+                raise ValueError(f"at_step={at_step!r} must be a non-negative integer")
+            req["at_step"] = int(at_step)
+        return self.request(req)
+
+    def reload(self) -> dict:
+        """Re-reads the daemon's config file (as SIGHUP does); returns the reply
+        (``applied_step`` is None when nothing changed)."""
+        return self.request({"op": "reload"})
+
+    def journal(self) -> list:
+        """The changes in force, oldest first (the journal cursor blobs carry)."""
+        return self.request({"op": "journal"})["journal"]
+
+    def request(self, req: dict) -> dict:
+        """Sends one request (``protocol`` is added) and returns its reply; an ``ok: false``
+        reply raises :class:`ChangeRefused`."""
+        body = dict(req)
+        body.setdefault("protocol", PROTOCOL_VERSION)
+        try:
+            payload = json.dumps(body, allow_nan=False).encode()
+        except ValueError as e:
+            raise ValueError(f"the request cannot be sent as JSON: {e}") from None
+        if len(payload) + 1 > MAX_FRAME:
+            raise ValueError(f"the request is {len(payload) + 1} bytes; a frame holds "
+                             f"at most {MAX_FRAME}")
+        sock = self._connect()
+        try:
+            sock.sendall(encode_frame(CONTROL, payload), _socket.MSG_NOSIGNAL)
+            kind, reply = read_frame(sock)
+        except (_Gone, OSError) as e:
+            self.close()
+            # The daemon may have refused us and closed before reading the request.
+            raise DaemonGone(f"{self.socket_path}: no reply: {e}") from e
+        except ProtocolError:
+            self.close()
+            raise
+        if kind == REFUSED:
+            self.close()
+            raise Refused(*_reason(reply))
+        if kind == ERROR:
+            self.close()
+            raise DaemonError(*_reason(reply))
+        if kind != CONTROL_REPLY:
+            self.close()
+            raise ProtocolError(f"expected CONTROL_REPLY (type {CONTROL_REPLY}), "
+                                f"got frame type {kind}")
+        try:
+            value = json.loads(reply)
+        except ValueError as e:
+            self.close()
+            raise ProtocolError(f"CONTROL_REPLY is not JSON: {e}") from None
+        if not isinstance(value, dict):
+            self.close()
+            raise ProtocolError("CONTROL_REPLY is not a JSON object")
+        if value.get("ok") is not True:
+            fcs = value.get("first_changeable_step")
+            raise ChangeRefused(str(value.get("code", "?")), str(value.get("message", "")),
+                                fcs if isinstance(fcs, int) else None,
+                                str(value.get("op", body.get("op", ""))), value)
+        return value
+
+    # -------------------------------------------------------------------- connection
+
+    def _connect(self):
+        if self._sock is not None:
+            return self._sock
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
+            raise DaemonGone(f"cannot connect to {self.socket_path}: {e}") from e
+        self._sock = sock
+        return sock
+
+    def close(self) -> None:
+        """Closes the connection (the next request opens a new one)."""
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def __enter__(self) -> "Control":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        state = "connected" if self._sock is not None else "not connected"
+        return f"Control({self.socket_path!r}, {state})"
+
+
+def forward_change(control: Control, change: dict | None, src: int = 0, group=None,
+                   forward: bool | None = None) -> dict:
+    """Broadcasts ``change`` (kwargs of :meth:`Control.set_weights`, given on rank ``src``)
+    to every rank, has one rank per node send it to that node's daemon, and returns the
+    reply, the same on every rank. Raises :class:`ChangeRefused` on every rank if any node
+    refused it, and ``RuntimeError`` if nodes applied it at different steps.
+
+    ``forward`` says whether this rank talks to its daemon (default: ``LOCAL_RANK == 0``).
+    Needs torch.distributed, initialised; imported only when called.
+    """
+    import torch.distributed as dist
+
+    obj = [change]
+    dist.broadcast_object_list(obj, src=src, group=group)
+    change = obj[0]
+    if forward is None:
+        forward = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    mine = None
+    if forward:
+        try:
+            mine = {"reply": control.set_weights(**change)}
+        except ChangeRefused as e:
+            mine = {"refused": (e.code, e.message, e.first_changeable_step, e.op, e.reply)}
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            mine = {"error": f"{type(e).__name__}: {e}"}
+    world = dist.get_world_size(group)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    sent = [m for m in everyone if m is not None]
+    for m in sent:
+        if "error" in m:
+            raise RuntimeError(f"a node could not forward the change: {m['error']}")
+    for m in sent:
+        if "refused" in m:
+            raise ChangeRefused(*m["refused"])
+    steps = {m["reply"].get("applied_step") for m in sent}
+    if len(steps) != 1:
+        raise RuntimeError(f"nodes applied the change at different steps: {sorted(steps)}")
+    return sent[0]["reply"]

@@ -1,0 +1,345 @@
+//! Who may use the daemon's unix socket (`[serve] socket_group`, `allowed_uids`,
+//! `allowed_gids`).
+//!
+//! Two gates, both checked by the kernel or the daemon before a single frame is read:
+//!
+//! 1. The file: the socket is created mode 0660 and, with `socket_group` set, chowned to
+//!    that group ([`set_socket_group`]), so only its owner and the group's members can
+//!    open it at all.
+//! 2. The peer: every accepted connection's SO_PEERCRED (uid, primary gid) is checked
+//!    against a [`Policy`]. With neither `allowed_uids` nor `allowed_gids` set, whoever
+//!    passed the file gate is allowed; otherwise only listed uids, uids whose primary gid
+//!    is listed, and the daemon's own uid are. A refused client gets a REFUSED frame with
+//!    code `access` and the [`Policy::authorized`] message, trainers and control clients
+//!    alike.
+//!
+//! [`resolve_group`] is the lookup alone, for `millrace check-config`.
+
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+
+/// Why the socket's group could not be resolved or set; every variant names the
+/// `[serve] socket_group` value (and the socket, for chown), so the operator knows which
+/// setting or file to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The group name is not in the group database (nor a number).
+    #[error("[serve] socket_group {group:?}: no such group")]
+    NoSuchGroup {
+        /// The configured group.
+        group: String,
+    },
+    /// The group name cannot be a C string (empty or holding a NUL byte).
+    #[error("[serve] socket_group {group:?}: not a valid group name ({why})")]
+    BadName {
+        /// The configured group.
+        group: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The group database could not be read (NSS failure, out of memory).
+    #[error("[serve] socket_group {group:?}: looking the group up failed: {source}")]
+    Lookup {
+        /// The configured group.
+        group: String,
+        /// The error getgrnam_r returned.
+        source: std::io::Error,
+    },
+    /// The socket file could not be given to the group (not a member, not root).
+    #[error("chown {} to group {group} (gid {gid}): {source}", path.display())]
+    Chown {
+        /// The socket path.
+        path: PathBuf,
+        /// The configured group.
+        group: String,
+        /// The gid it resolved to.
+        gid: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Which peers may talk to the daemon once they have opened its socket; built from
+/// `[serve] allowed_uids` / `allowed_gids` and checked on every accepted connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// `[serve] allowed_uids`; `None` when the key is absent.
+    pub uids: Option<Vec<u32>>,
+    /// `[serve] allowed_gids` (matched against the peer's primary gid); `None` when absent.
+    pub gids: Option<Vec<u32>>,
+    /// The daemon's effective uid: always allowed, so its operator can never lock
+    /// themselves out of `millrace ctl`.
+    pub daemon_uid: u32,
+}
+
+impl Policy {
+    /// The policy for these config lists, with the daemon's own effective uid allowed.
+    pub fn new(uids: Option<Vec<u32>>, gids: Option<Vec<u32>>) -> Policy {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let daemon_uid = unsafe { libc::geteuid() };
+        Policy {
+            uids,
+            gids,
+            daemon_uid,
+        }
+    }
+
+    /// True when neither list is set: the socket file's mode and group are the only gate.
+    pub fn open(&self) -> bool {
+        self.uids.is_none() && self.gids.is_none()
+    }
+
+    /// Whether a peer with this uid and primary gid (from SO_PEERCRED) may proceed;
+    /// the error is the REFUSED message, naming the peer and the settings to extend.
+    pub fn authorized(&self, uid: u32, gid: u32) -> Result<(), String> {
+        if self.open() || uid == self.daemon_uid {
+            return Ok(());
+        }
+        let listed =
+            |list: &Option<Vec<u32>>, id: u32| list.as_ref().is_some_and(|l| l.contains(&id));
+        if listed(&self.uids, uid) || listed(&self.gids, gid) {
+            return Ok(());
+        }
+        let show = |list: &Option<Vec<u32>>| format!("{:?}", list.as_deref().unwrap_or(&[]));
+        Err(format!(
+            "uid {uid} (gid {gid}) is not in [serve] allowed_uids {} or allowed_gids {}; \
+             the daemon's own uid {} is always allowed",
+            show(&self.uids),
+            show(&self.gids),
+            self.daemon_uid
+        ))
+    }
+}
+
+/// Resolves `[serve] socket_group` (a group name, or a gid written as digits) to a gid,
+/// without touching any file: `millrace check-config` validates with it.
+pub fn resolve_group(group: &str) -> Result<u32, AccessError> {
+    if !group.is_empty() && group.bytes().all(|b| b.is_ascii_digit()) {
+        return group.parse::<u32>().map_err(|_| AccessError::BadName {
+            group: group.to_string(),
+            why: "the gid does not fit in 32 bits",
+        });
+    }
+    if group.is_empty() {
+        return Err(AccessError::BadName {
+            group: String::new(),
+            why: "empty",
+        });
+    }
+    let name = CString::new(group).map_err(|_| AccessError::BadName {
+        group: group.to_string(),
+        why: "contains a NUL byte",
+    })?;
+    // SAFETY: sysconf has no preconditions.
+    let hint = unsafe { libc::sysconf(libc::_SC_GETGR_R_SIZE_MAX) };
+    let mut len = usize::try_from(hint)
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or(1024)
+        .clamp(1024, 1 << 16);
+    // Large groups (many members) need large buffers; past this the database is broken.
+    const MAX_BUF: usize = 64 << 20;
+    loop {
+        let mut buf = vec![0u8; len];
+        // SAFETY: an all-zero `group` is a valid value (null pointers, gid 0).
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `grp`
+        // and `result` are live locals, `buf` holds `len` writable bytes.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast::<libc::c_char>(),
+                len,
+                &mut result,
+            )
+        };
+        match rc {
+            0 if result.is_null() => {
+                return Err(AccessError::NoSuchGroup {
+                    group: group.to_string(),
+                })
+            }
+            0 => return Ok(grp.gr_gid),
+            libc::ERANGE if len < MAX_BUF => len *= 2,
+            // glibc documents these as "not found" too, depending on the NSS backend.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => {
+                return Err(AccessError::NoSuchGroup {
+                    group: group.to_string(),
+                })
+            }
+            e => {
+                return Err(AccessError::Lookup {
+                    group: group.to_string(),
+                    source: std::io::Error::from_raw_os_error(e),
+                })
+            }
+        }
+    }
+}
+
+/// Gives the socket file to `[serve] socket_group` (owner unchanged), so that with mode
+/// 0660 the group's members can connect; returns the gid it resolved to.
+pub fn set_socket_group(path: &Path, group: &str) -> Result<u32, AccessError> {
+    let gid = resolve_group(group)?;
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| AccessError::Chown {
+        path: path.to_path_buf(),
+        group: group.to_string(),
+        gid,
+        source,
+    })?;
+    Ok(gid)
+}
+
+/// The name of the group with this gid, if the group database has one; for messages.
+pub fn group_name(gid: u32) -> Option<String> {
+    let mut len = 1024usize;
+    loop {
+        let mut buf = vec![0u8; len];
+        // SAFETY: an all-zero `group` is a valid value (null pointers, gid 0).
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: `grp` and `result` are live locals, `buf` holds `len` writable bytes.
+        let rc = unsafe {
+            libc::getgrgid_r(
+                gid,
+                &mut grp,
+                buf.as_mut_ptr().cast::<libc::c_char>(),
+                len,
+                &mut result,
+            )
+        };
+        match rc {
+            libc::ERANGE if len < (64 << 20) => len *= 2,
+            0 if !result.is_null() && !grp.gr_name.is_null() => {
+                // SAFETY: getgrgid_r succeeded, so gr_name points at a NUL-terminated
+                // string inside `buf`, which is still alive.
+                let name = unsafe { CStr::from_ptr(grp.gr_name) };
+                return Some(name.to_string_lossy().into_owned());
+            }
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(uids: Option<Vec<u32>>, gids: Option<Vec<u32>>) -> Policy {
+        Policy {
+            uids,
+            gids,
+            daemon_uid: 1000,
+        }
+    }
+
+    #[test]
+    fn an_open_policy_lets_everyone_in() {
+        let p = policy(None, None);
+        assert!(p.open());
+        assert_eq!(p.authorized(65534, 65534), Ok(()));
+        assert_eq!(p.authorized(0, 0), Ok(()));
+        // Any list set, even an empty one, closes it.
+        assert!(!policy(Some(vec![]), None).open());
+        assert!(!policy(None, Some(vec![])).open());
+    }
+
+    #[test]
+    fn listed_uids_and_primary_gids_are_allowed() {
+        let p = policy(Some(vec![4242, 7]), None);
+        assert_eq!(p.authorized(4242, 100), Ok(()));
+        assert_eq!(p.authorized(7, 7), Ok(()));
+        assert!(p.authorized(8, 4242).is_err(), "a gid is not a uid");
+        let p = policy(None, Some(vec![1001]));
+        assert_eq!(p.authorized(5000, 1001), Ok(()));
+        assert!(p.authorized(1001, 5000).is_err(), "a uid is not a gid");
+        let p = policy(Some(vec![1]), Some(vec![2]));
+        assert_eq!(p.authorized(1, 9), Ok(()));
+        assert_eq!(p.authorized(9, 2), Ok(()));
+        assert!(p.authorized(9, 9).is_err());
+    }
+
+    #[test]
+    fn the_daemon_uid_is_always_allowed() {
+        let p = policy(Some(vec![]), Some(vec![]));
+        assert_eq!(p.authorized(1000, 12345), Ok(()));
+        assert!(p.authorized(1001, 1000).is_err());
+        let p = Policy::new(Some(vec![4242]), None);
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(p.daemon_uid, me);
+        assert_eq!(p.authorized(me, 4_000_000), Ok(()));
+    }
+
+    #[test]
+    fn a_refusal_names_the_peer_and_the_settings() {
+        let p = Policy {
+            uids: Some(vec![4242]),
+            gids: None,
+            daemon_uid: 0,
+        };
+        let e = p.authorized(65534, 65534).unwrap_err();
+        assert_eq!(
+            e,
+            "uid 65534 (gid 65534) is not in [serve] allowed_uids [4242] or allowed_gids []; \
+             the daemon's own uid 0 is always allowed"
+        );
+        let e = policy(None, Some(vec![10, 20]))
+            .authorized(3, 4)
+            .unwrap_err();
+        assert!(e.contains("uid 3 (gid 4)"), "{e}");
+        assert!(e.contains("allowed_uids []"), "{e}");
+        assert!(e.contains("allowed_gids [10, 20]"), "{e}");
+        assert!(e.contains("uid 1000 is always allowed"), "{e}");
+    }
+
+    #[test]
+    fn groups_resolve_by_name_and_number() {
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        assert_eq!(resolve_group("0").unwrap(), 0);
+        assert_eq!(resolve_group("4294967295").unwrap(), u32::MAX);
+        assert_eq!(group_name(0).as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn bad_groups_are_named() {
+        let e = resolve_group("millrace-no-such-group").unwrap_err();
+        assert!(matches!(e, AccessError::NoSuchGroup { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "[serve] socket_group \"millrace-no-such-group\": no such group"
+        );
+        for g in ["", "a\0b", "99999999999"] {
+            let e = resolve_group(g).unwrap_err();
+            assert!(matches!(e, AccessError::BadName { .. }), "{g:?}: {e}");
+            assert!(e.to_string().contains("[serve] socket_group"), "{e}");
+        }
+    }
+
+    #[test]
+    fn set_socket_group_chowns_or_names_the_path() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("millrace-access-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Our own primary group is always allowed for chown.
+        // SAFETY: getegid has no preconditions.
+        let mine = unsafe { libc::getegid() };
+        assert_eq!(set_socket_group(&path, &mine.to_string()).unwrap(), mine);
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), mine);
+        let e = set_socket_group(&path, "millrace-no-such-group").unwrap_err();
+        assert!(e.to_string().contains("millrace-no-such-group"), "{e}");
+        let missing = dir.join("missing.sock");
+        let e = set_socket_group(&missing, "0").unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, AccessError::Chown { gid: 0, .. }), "{text}");
+        assert!(
+            text.starts_with(&format!("chown {} to group 0 (gid 0): ", missing.display())),
+            "{text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,361 @@
+//! Access control on the daemon's socket (issue 5 item 6), against the real `millrace
+//! serve` on a synthetic corpus: the socket is mode 0660 and owned by `[serve]
+//! socket_group`; an unknown group stops the daemon with the group named; with
+//! `allowed_uids` / `allowed_gids` set, a peer that is not listed is refused (REFUSED,
+//! code `access`) before any frame is read, trainers and control clients alike, and the
+//! daemon's own uid is always let in.
+//!
+//! The refusal test needs a second identity, so it runs only as root (as uid 65534,
+//! "nobody"); elsewhere it prints a skip line and passes.
+
+mod common;
+
+use std::ffi::CStr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, Serve};
+use millrace::ctl;
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// The unprivileged identity the root-only test connects as.
+const NOBODY: u32 = 65534;
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+fn egid() -> u32 {
+    // SAFETY: getegid has no preconditions.
+    unsafe { libc::getegid() }
+}
+
+/// The primary gid of `uid` from the password database.
+fn primary_gid(uid: u32) -> Option<u32> {
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: an all-zero passwd is a valid value (null pointers).
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are live locals; buf holds buf.len() writable bytes.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(pw.pw_gid)
+}
+
+/// The name of group `gid`, if the group database has one.
+fn group_name(gid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: an all-zero group is a valid value (null pointers).
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: all pointers are live locals; buf holds buf.len() writable bytes.
+    let rc = unsafe {
+        libc::getgrgid_r(
+            gid,
+            &mut gr,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() || gr.gr_name.is_null() {
+        return None;
+    }
+    // SAFETY: on success gr_name points at a NUL-terminated string inside buf.
+    Some(
+        unsafe { CStr::from_ptr(gr.gr_name) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// A corpus and its config, in a temp dir that lives as long as this value.
+struct Fixture {
+    corpus: common::Corpus,
+    config: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+/// A 300k-token, 2-domain corpus; the config is written by [`Fixture::configure`].
+fn fixture() -> Fixture {
+    let corpus = common::corpus(300_000, 2, 6, 200_000);
+    Fixture {
+        config: corpus.dir.join("test.toml"),
+        socket: corpus.dir.join("s.sock"),
+        log: corpus.dir.join("serve.log"),
+        corpus,
+    }
+}
+
+impl Fixture {
+    fn dir(&self) -> &std::path::Path {
+        &self.corpus.dir
+    }
+
+    fn sock(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+
+    /// Writes the config with a `[serve]` table: the socket, a small geometry, and
+    /// `access` (TOML lines: socket_group, allowed_uids, allowed_gids).
+    fn configure(&self, access: &str) {
+        let serve = common::serve_toml(&self.socket, 2, 1);
+        common::write_config(self.dir(), "test.toml", 128, 4, &[&serve, access]);
+    }
+
+    /// Lets other users reach the socket's directory (a tempdir is 0700).
+    fn open_path(&self) {
+        for d in [self.corpus.tmp.path(), self.dir()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+
+    fn socket_meta(&self) -> std::fs::Metadata {
+        std::fs::metadata(&self.socket).unwrap()
+    }
+
+    /// Starts `millrace serve` and waits until the socket accepts.
+    fn serve(&self) -> Serve {
+        Serve::start(&self.config, &self.socket, &self.log)
+    }
+}
+
+/// Waits (a few seconds at most) for the daemon's log to contain `what`.
+fn log_mentions(s: &Serve, what: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if s.log_text().contains(what) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs millrace with `args`, as `ids` = (uid, gid) when given, from the fixture's dir.
+fn millrace_as(f: &Fixture, ids: Option<(u32, u32)>, args: &[&str]) -> Output {
+    let mut cmd = bin();
+    cmd.args(args).current_dir(f.dir()).stdin(Stdio::null());
+    if let Some((uid, gid)) = ids {
+        cmd.uid(uid).gid(gid);
+    }
+    let out = cmd.output().expect("millrace runs");
+    let err = stderr(&out);
+    assert!(
+        !err.contains("panicked"),
+        "millrace {args:?} panicked:\n{err}"
+    );
+    out
+}
+
+fn status_args(f: &Fixture) -> [&str; 4] {
+    ["status", "--socket", f.sock(), "--json"]
+}
+
+fn consume_args(f: &Fixture) -> [&str; 9] {
+    [
+        "consume",
+        "--socket",
+        f.sock(),
+        "--dp-rank",
+        "0",
+        "--dp-size",
+        "1",
+        "--steps",
+        "1",
+    ]
+}
+
+/// `millrace status --json` succeeded and printed the daemon's status object.
+fn assert_status_ok(o: &Output, who: &str) {
+    assert!(
+        o.status.success(),
+        "status as {who} exited {}:\n{}{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    let v: Value = serde_json::from_str(stdout(o).trim())
+        .unwrap_or_else(|e| panic!("status --json as {who}: {e}:\n{}", stdout(o)));
+    assert!(v["pid"].as_u64().is_some(), "{v}");
+}
+
+/// The command failed with a refusal that names the access check and the uid.
+fn assert_refused(o: &Output, what: &str, uid: u32) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "{what} as uid {uid} succeeded:\n{}{err}",
+        stdout(o)
+    );
+    assert!(err.contains("access"), "{what} as uid {uid}: {err}");
+    assert!(
+        err.contains(&format!("uid {uid}")),
+        "{what}: the refusal names the uid: {err}"
+    );
+    assert!(err.contains("allowed_uids"), "{what}: {err}");
+}
+
+fn skip_unless_root(test: &str) -> bool {
+    if euid() == 0 {
+        return false;
+    }
+    println!("skipping {test}: needs root to connect as a second uid");
+    true
+}
+
+#[test]
+fn unauthorized_uid_is_refused() {
+    if skip_unless_root("unauthorized_uid_is_refused") {
+        return;
+    }
+    let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
+    let group = group_name(gid).unwrap_or_else(|| gid.to_string());
+    let nobody = Some((NOBODY, gid));
+    let f = fixture();
+    f.open_path();
+
+    // 1. Not listed: refused, whether it asks for status or for batches.
+    f.configure(&format!(
+        "socket_group = {group:?}\nallowed_uids = [4242]\n"
+    ));
+    let s = f.serve();
+    let meta = f.socket_meta();
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode {:o}", meta.mode());
+    assert_eq!(meta.gid(), gid, "the socket belongs to group {group}");
+    let o = millrace_as(&f, nobody, &status_args(&f));
+    assert_refused(&o, "status", NOBODY);
+    assert!(stdout(&o).trim().is_empty(), "{}", stdout(&o));
+    let o = millrace_as(&f, nobody, &consume_args(&f));
+    assert_refused(&o, "consume", NOBODY);
+    assert!(
+        log_mentions(&s, &NOBODY.to_string()),
+        "the daemon logs the refused uid {NOBODY}:\n{}",
+        s.log_text()
+    );
+    // The daemon's own uid (root here) is not listed either, and is let in.
+    assert_status_ok(&millrace_as(&f, None, &status_args(&f)), "the daemon's uid");
+    drop(s);
+
+    // 2. Listed by uid: let in, for status and for batches.
+    f.configure(&format!(
+        "socket_group = {group:?}\nallowed_uids = [4242, {NOBODY}]\n"
+    ));
+    let s = f.serve();
+    assert_status_ok(&millrace_as(&f, nobody, &status_args(&f)), "uid 65534");
+    let o = millrace_as(&f, nobody, &consume_args(&f));
+    assert!(
+        o.status.success(),
+        "consume as a listed uid exited {}:\n{}{}\ndaemon:\n{}",
+        o.status,
+        stdout(&o),
+        stderr(&o),
+        s.log_text()
+    );
+    drop(s);
+
+    // 3. Listed by primary gid only.
+    f.configure(&format!(
+        "socket_group = {group:?}\nallowed_uids = [4242]\nallowed_gids = [{gid}]\n"
+    ));
+    let s = f.serve();
+    assert_status_ok(&millrace_as(&f, nobody, &status_args(&f)), "gid 65534");
+    drop(s);
+}
+
+#[test]
+fn daemon_uid_is_always_allowed() {
+    let me = euid();
+    let other = me.wrapping_add(4242);
+    let f = fixture();
+    f.configure(&format!(
+        "allowed_uids = [{other}]\nallowed_gids = [{}]\n",
+        egid().wrapping_add(4242)
+    ));
+    let _s = f.serve();
+    assert_status_ok(&millrace_as(&f, None, &status_args(&f)), "the daemon's uid");
+    // The library client too, on a control connection of its own.
+    let r = ctl::request(&f.socket, &ctl::status_request(), TIMEOUT)
+        .unwrap_or_else(|e| panic!("status request: {e}"));
+    assert_eq!(r["ok"], true, "{r}");
+    // And a trainer.
+    let o = millrace_as(&f, None, &consume_args(&f));
+    assert!(
+        o.status.success(),
+        "consume as the daemon's uid exited {}:\n{}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+}
+
+/// Runs `millrace serve` on the fixture and expects it to exit (non-zero) on its own;
+/// returns its log.
+fn serve_fails(f: &Fixture) -> String {
+    let mut s = Serve::spawn(&f.config, &f.log, |_| {});
+    match s.wait_exit(Duration::from_secs(30)) {
+        Some(status) => {
+            let text = s.log_text();
+            assert!(!status.success(), "millrace serve exited 0:\n{text}");
+            assert!(!text.contains("panicked"), "{text}");
+            text
+        }
+        None => panic!("millrace serve kept running:\n{}", s.log_text()),
+    }
+}
+
+#[test]
+fn socket_is_0660_and_its_group_is_checked() {
+    let f = fixture();
+    // No access settings: mode 0660, our group, open to whoever can open the file.
+    f.configure("");
+    let s = f.serve();
+    let meta = f.socket_meta();
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode {:o}", meta.mode());
+    assert_status_ok(&millrace_as(&f, None, &status_args(&f)), "the daemon's uid");
+    drop(s);
+
+    // A group given by number (our own: no privilege needed) owns the socket.
+    let mine = egid();
+    f.configure(&format!("socket_group = \"{mine}\"\n"));
+    let s = f.serve();
+    let meta = f.socket_meta();
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode {:o}", meta.mode());
+    assert_eq!(meta.gid(), mine);
+    drop(s);
+
+    // An unknown group stops the daemon, naming the group and the setting.
+    f.configure("socket_group = \"millrace-no-such-group\"\n");
+    let text = serve_fails(&f);
+    assert!(text.contains("millrace-no-such-group"), "{text}");
+    assert!(text.contains("socket_group"), "{text}");
+    assert!(text.contains("no such group"), "{text}");
+    // It does not leave a socket anyone could use.
+    if f.socket.exists() {
+        assert!(UnixStream::connect(&f.socket).is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! `millrace bench` end to end on a tiny corpus (10^6 tokens): every section of the
+//! report is there and consistent. Timings are not checked, only what is deterministic.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn bench_reports_every_section() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("corpus");
+    let json = tmp.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .args([
+            "bench",
+            "--tokens",
+            "1e6",
+            "--steps",
+            "12",
+            "--threads",
+            "1",
+        ])
+        .args([
+            "--repeat",
+            "1",
+            "--latency-repeat",
+            "1",
+            "--ref-bytes",
+            "1e6",
+        ])
+        .args(["--baseline-steps", "4", "--quiet"])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("the millrace binary runs");
+    assert!(
+        out.status.success(),
+        "millrace bench failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("single-thread memcpy"), "{table}");
+    assert!(table.contains("| cold | 1 | 12 |"), "{table}");
+    assert!(table.contains("| warm | 1 | 12 |"), "{table}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["corpus_tokens"], 1_000_000);
+    assert_eq!(r["same_tokens"], true);
+    let per_run = 12 * 2 * 8 * 4096u64;
+    assert_eq!(r["cold"]["tokens"], per_run);
+    assert_eq!(r["runs"][0]["tokens"], per_run);
+    assert_eq!(r["cold"]["digests"], r["runs"][0]["digests"]);
+    assert!(r["references"]["memcpy_gb_per_s"].as_f64().unwrap() > 0.0);
+    let steps: Vec<u64> = r["latency"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    // Step 0, the cursor the 12-step cold run saved, and the default seek step.
+    assert_eq!(steps, [0, 12, 12]);
+    // The baseline runs where python3 has numpy, and says why not elsewhere.
+    match r["baseline_skipped"].as_str() {
+        Some(why) => assert!(why.contains("numpy") || why.contains("python"), "{why}"),
+        None => {
+            let modes: Vec<&str> = r["baseline"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["mode"].as_str().unwrap())
+                .collect();
+            assert_eq!(modes, ["best", "best", "nanogpt"]);
+            assert_eq!(r["baseline"][1]["tokens"], 4 * 2 * 8 * 4096u64);
+        }
+    }
+}

@@ -1,0 +1,718 @@
+//! The control protocol from the client side (issue 5): `millrace ctl`, `millrace
+//! status` and `millrace top` against a stand-in daemon (what the commands send and how
+//! they report replies), and against the real `millrace serve` on a synthetic corpus
+//! (status shape, a change applied at a future step and visible in the journal and in the
+//! delivered rows, bad changes refused with the old weights in force, late changes
+//! refused or moved with `--late next`, reload).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{bin, Control, Serve};
+use millrace::client::{Client, Hello};
+use millrace::config::{Config, LoadedPlan};
+use millrace::ctl::{self, CONTROL, CONTROL_REPLY};
+use serde_json::{json, Value};
+
+const SEQ_LEN: u32 = 256;
+const ROWS: u32 = 8;
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn run(args: &[&str]) -> Output {
+    let out = bin().args(args).output().expect("millrace runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked"),
+        "millrace {args:?} panicked:\n{err}"
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs and requires success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "millrace {args:?} exited {}:\n{}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Runs and requires failure; returns stderr.
+fn fails(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        !o.status.success(),
+        "millrace {args:?} succeeded:\n{}",
+        stdout(&o)
+    );
+    stderr(&o)
+}
+
+/// `millrace ctl --socket <socket> set-weights <rest>` as arguments.
+fn set_weights_args<'a>(socket: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    [&["ctl", "--socket", socket, "set-weights"], rest].concat()
+}
+
+fn frame(k: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
+    v.push(k);
+    v.extend_from_slice(payload);
+    v
+}
+
+// ------------------------------------------------------------ a stand-in daemon
+
+/// Answers CONTROL frames with `answer(request)` and records every request it saw.
+struct Fake {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    seen: Arc<Mutex<Vec<Value>>>,
+}
+
+fn fake(answer: impl Fn(&Value) -> Value + Send + Sync + 'static) -> Fake {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let answer = Arc::new(answer);
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let (answer, log) = (answer.clone(), log.clone());
+            std::thread::spawn(move || loop {
+                let mut head = [0u8; 4];
+                if s.read_exact(&mut head).is_err() {
+                    return;
+                }
+                let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
+                if s.read_exact(&mut body).is_err() {
+                    return;
+                }
+                assert_eq!(body[0], CONTROL, "a control client opens with CONTROL");
+                let req: Value = serde_json::from_slice(&body[1..]).unwrap();
+                log.lock().unwrap().push(req.clone());
+                let reply = answer(&req);
+                if s.write_all(&frame(CONTROL_REPLY, reply.to_string().as_bytes()))
+                    .is_err()
+                {
+                    return;
+                }
+            });
+        }
+    });
+    Fake {
+        _dir: dir,
+        socket,
+        seen,
+    }
+}
+
+fn sample_status(tokens: u64, step: u64) -> Value {
+    json!({
+        "version": "0.1.0", "pid": 4242, "uptime_s": 12.5,
+        "config": "/etc/millrace/millrace.toml", "socket": "/run/millrace/millrace.sock",
+        "fingerprint": "00112233445566778899aabbccddeeff",
+        "clients": 2, "reloads": 1, "failed_reloads": 3, "first_changeable_step": step + 4,
+        "journal": [],
+        "domains": [
+            {"name": "web", "target_share": 0.6, "realized_share": 0.5, "epochs": 0.1, "tokens": tokens / 2},
+            {"name": "code", "target_share": 0.4, "realized_share": 0.5, "epochs": 0.2, "tokens": tokens / 2}
+        ],
+        "padding_fraction": 0.01, "truncation_fraction": 0.02,
+        "jobs": [{"job": "run-7", "dp_size": 1, "rings": [
+            {"dp_rank": 0, "published_step": step + 2, "released_step": step, "slots": 4,
+             "occupancy": 2, "peers": [{"replica": "0", "pid": 99, "released_step": step}],
+             "tokens_delivered": tokens, "batches_delivered": step,
+             "consumer_wait_s": 0.0, "producer_wait_s": step as f64 / 10.0}
+        ]}]
+    })
+}
+
+fn sock(f: &Fake) -> &str {
+    f.socket.to_str().unwrap()
+}
+
+#[test]
+fn set_weights_sends_the_request_and_reports_the_reply_in_words() {
+    let f = fake(|req| match req["at_step"].as_u64() {
+        Some(5) => json!({"ok": true, "op": "set_weights", "requested_step": 5,
+                          "applied_step": 17, "moved": true, "journal": [],
+                          "message": "moved to the first step no client has"}),
+        Some(6) => json!({"ok": false, "op": "set_weights", "code": "late",
+                          "message": "step 6 was delivered", "first_changeable_step": 17}),
+        _ => json!({"ok": true, "op": "set_weights", "requested_step": req["at_step"],
+                    "applied_step": 100, "moved": false, "journal": [], "message": ""}),
+    });
+    let text = ok(&set_weights_args(
+        sock(&f),
+        &["web=0.5", "code=0.25", "--at-step", "100"],
+    ));
+    assert!(text.contains("applied from step 100"), "{text}");
+    let text = ok(&[
+        "ctl",
+        "set-weights",
+        "web=1",
+        "--at-step",
+        "5",
+        "--late",
+        "next",
+        "--socket",
+        sock(&f),
+    ]);
+    assert!(
+        text.contains("step 5 was already handed out; applied from step 17"),
+        "{text}"
+    );
+    let late = set_weights_args(sock(&f), &["web=1", "--at-step", "6"]);
+    let err = fails(&late);
+    assert!(err.contains("step 6 was delivered"), "{err}");
+    assert!(err.contains("17") && err.contains("late"), "{err}");
+    // --json prints the reply verbatim and still fails on ok:false.
+    let o = run(&[&late[..], &["--json"]].concat());
+    assert!(!o.status.success());
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["first_changeable_step"], 17);
+    let seen = f.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[0],
+        json!({"protocol": 1, "op": "set_weights", "weights": {"web": 0.5, "code": 0.25},
+               "at_step": 100, "late": "refuse"})
+    );
+    assert_eq!(seen[1]["late"], "next");
+    assert_eq!(seen.len(), 4);
+    // Without --at-step no step is sent: the daemon picks the first changeable one.
+    ok(&set_weights_args(sock(&f), &["web=1"]));
+    let last = f.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(last.get("at_step").is_none(), "{last}");
+}
+
+#[test]
+fn bad_weight_arguments_are_refused_before_connecting() {
+    // The socket does not exist: these must fail on the argument, not the connection.
+    for (arg, why) in [
+        ("web", "no '='"),
+        ("web=abc", "not a number"),
+        ("web=NaN", "NaN"),
+        ("web=-0.5", "negative"),
+    ] {
+        let err = fails(&["ctl", "--socket", "/nonexistent/s", "set-weights", arg]);
+        assert!(err.contains(arg) && err.contains(why), "{arg}: {err}");
+        assert!(!err.contains("cannot connect"), "{arg}: {err}");
+    }
+    let err = fails(&[
+        "ctl",
+        "--socket",
+        "/nonexistent/s",
+        "set-weights",
+        "web=1",
+        "web=2",
+    ]);
+    assert!(
+        err.contains("`web`") && err.contains("more than once"),
+        "{err}"
+    );
+    // A missing daemon is reported with its socket.
+    let err = fails(&["status", "--socket", "/nonexistent/millrace.sock"]);
+    assert!(err.contains("/nonexistent/millrace.sock"), "{err}");
+}
+
+#[test]
+fn status_journal_and_top_against_a_stand_in() {
+    let calls = Arc::new(Mutex::new(0u64));
+    let c = calls.clone();
+    let f = fake(move |req| match req["op"].as_str() {
+        Some("status") => {
+            let mut n = c.lock().unwrap();
+            *n += 1;
+            // Each status is 10 steps and 1e6 tokens further on.
+            json!({"ok": true, "op": "status", "status": sample_status(*n * 1_000_000, *n * 10)})
+        }
+        Some("journal") => json!({"ok": true, "op": "journal", "journal": [
+            {"at_step": 30, "plan_step": 30, "source": "ctl",
+             "points": [{"step": 30, "weights": {"web": 1.0}}]}]}),
+        Some("reload") => json!({"ok": true, "op": "reload", "requested_step": null,
+                                  "applied_step": null, "moved": false, "journal": [],
+                                  "message": "the config did not change"}),
+        _ => json!({"ok": false, "op": req["op"], "code": "protocol", "message": "?"}),
+    });
+    // status --json is the STATUS object verbatim.
+    let v: Value =
+        serde_json::from_str(ok(&["status", "--socket", sock(&f), "--json"]).trim()).unwrap();
+    assert_eq!(v, sample_status(1_000_000, 10));
+    let text = ok(&["status", "--socket", sock(&f)]);
+    assert!(
+        text.contains("pid 4242") && text.contains("run-7"),
+        "{text}"
+    );
+    assert!(text.contains("reloads 1 (failed 3)"), "{text}");
+    let text = ok(&["ctl", "--socket", sock(&f), "journal"]);
+    assert!(
+        text.contains("step 30: web=1") && text.contains("ctl"),
+        "{text}"
+    );
+    let j: Value =
+        serde_json::from_str(ok(&["ctl", "--socket", sock(&f), "journal", "--json"]).trim())
+            .unwrap();
+    assert_eq!(j[0]["at_step"], 30);
+    let text = ok(&["ctl", "--socket", sock(&f), "reload"]);
+    assert!(text.contains("nothing changed"), "{text}");
+    // top --once: two statuses an interval apart, one frame, no escapes.
+    let t0 = Instant::now();
+    let text = ok(&[
+        "top",
+        "--socket",
+        sock(&f),
+        "--once",
+        "--interval-ms",
+        "200",
+    ]);
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    assert!(!text.contains('\x1b'), "{text:?}");
+    assert!(text.contains("pid 4242"), "{text}");
+    let ring = text.lines().find(|l| l.starts_with("run-7")).unwrap();
+    // 10 steps between the two statuses, ~0.2 s apart: tens of steps/s, not a dash.
+    assert!(!ring.contains(" - "), "{ring}");
+    assert!(ring.contains("[###...] 2/4"), "{ring}");
+    assert!(text.lines().any(|l| l.starts_with("web")), "{text}");
+    let seen = f.seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|r| r["protocol"] == 1));
+}
+
+// ------------------------------------------------------------ the real daemon
+
+/// A corpus with its config, in a temp dir that lives as long as this value.
+struct Fixture {
+    corpus: common::Corpus,
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+/// A 1e6-token, 4-domain corpus and a config with a small geometry, `[serve]` set and the
+/// config watcher off (so that only the requests under test change anything).
+fn fixture() -> Fixture {
+    let corpus = common::corpus(1_000_000, 4, 5, 300_000);
+    let socket = corpus.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 4, 2);
+    Fixture {
+        config: common::write_config(&corpus.dir, "test.toml", SEQ_LEN, ROWS, &[&serve]),
+        socket,
+        corpus,
+    }
+}
+
+impl Control for Fixture {
+    fn control_socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Fixture {
+    fn sock(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+
+    /// Starts `millrace serve` on this config (log `serve.log` in the corpus dir).
+    fn serve(&self) -> Serve {
+        Serve::start(
+            &self.config,
+            &self.socket,
+            &self.corpus.dir.join("serve.log"),
+        )
+    }
+
+    fn load(&self) -> LoadedPlan {
+        Config::load(&self.config).unwrap().load_plan().unwrap()
+    }
+
+    fn set_weights(&self, weights: Value, at_step: Option<u64>, late: &str) -> Value {
+        let mut req = json!({"protocol": 1, "op": "set_weights", "weights": weights, "late": late});
+        if let Some(s) = at_step {
+            req["at_step"] = json!(s);
+        }
+        self.req(req)
+    }
+
+    fn connect(&self, job: &str) -> Client {
+        let mut h = Hello::new(0, 1, ROWS, 1);
+        h.job = job.into();
+        let mut c = Client::connect(&self.socket, &h).unwrap_or_else(|e| panic!("connect: {e}"));
+        c.set_timeout(Some(TIMEOUT));
+        c
+    }
+}
+
+/// The plan's domain index of every row of steps `0..steps` (no change applied).
+fn planned_domains(loaded: &LoadedPlan, steps: u64) -> Vec<Vec<u16>> {
+    let mut p = loaded.plan.start();
+    (0..steps)
+        .map(|_| {
+            let b = p.next_batch();
+            b.rows.iter().map(|r| r.domain).collect()
+        })
+        .collect()
+}
+
+/// Reads `n` steps; returns (step, domain index of each row) and the last cursor.
+fn read_steps(c: &mut Client, n: u64) -> (Vec<(u64, Vec<u16>)>, Vec<u8>) {
+    let mut out = Vec::new();
+    let mut cursor = Vec::new();
+    for _ in 0..n {
+        let v = c.next_batch().unwrap_or_else(|e| panic!("next_batch: {e}"));
+        out.push((v.step, v.domain.iter().map(|&d| d as u16).collect()));
+        cursor = v.cursor.to_vec();
+    }
+    (out, cursor)
+}
+
+fn is_u64(v: &Value) -> bool {
+    v.as_u64().is_some()
+}
+
+fn is_num(v: &Value) -> bool {
+    v.as_f64().is_some_and(f64::is_finite)
+}
+
+fn check_journal_entry(e: &Value) {
+    assert!(is_u64(&e["at_step"]), "{e}");
+    assert!(is_u64(&e["plan_step"]), "{e}");
+    let source = e["source"].as_str().unwrap_or("");
+    assert!(
+        ["file", "sighup", "ctl", "client", "cursor"].contains(&source),
+        "{e}"
+    );
+    for p in e["points"].as_array().expect("points") {
+        assert!(is_u64(&p["step"]), "{e}");
+        assert!(
+            p["weights"]
+                .as_object()
+                .expect("weights")
+                .values()
+                .all(is_num),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn status_json_has_the_documented_shape() {
+    let f = fixture();
+    let _serve = f.serve();
+    let loaded = f.load();
+    let names = loaded.plan.domain_names();
+    // No job yet: domains are there with zero realized shares.
+    let st = f.status();
+    assert_eq!(st["jobs"].as_array().map(Vec::len), Some(0), "{st}");
+    for d in st["domains"].as_array().unwrap() {
+        assert_eq!(d["realized_share"].as_f64(), Some(0.0), "{d}");
+        assert_eq!(d["tokens"].as_u64(), Some(0), "{d}");
+    }
+    let mut c = f.connect("shape");
+    let _ = read_steps(&mut c, 6);
+    let via_cli: Value =
+        serde_json::from_str(ok(&["status", "--socket", f.sock(), "--json"]).trim()).unwrap();
+    let via_config: Value = serde_json::from_str(
+        ok(&["status", "--config", f.config.to_str().unwrap(), "--json"]).trim(),
+    )
+    .unwrap();
+    for st in [&via_cli, &via_config] {
+        assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
+        assert!(is_u64(&st["pid"]) && is_num(&st["uptime_s"]), "{st}");
+        assert!(st["config"].is_string() && st["socket"].is_string(), "{st}");
+        assert_eq!(
+            st["fingerprint"],
+            format!("{:032x}", loaded.plan.fingerprint())
+        );
+        assert_eq!(st["clients"], 1, "{st}");
+        assert_eq!(
+            (st["reloads"].as_u64(), st["failed_reloads"].as_u64()),
+            (Some(0), Some(0))
+        );
+        // Six steps were handed out, so none of them can change.
+        assert!(st["first_changeable_step"].as_u64().unwrap() >= 6, "{st}");
+        assert_eq!(st["journal"], json!([]));
+        let domains = st["domains"].as_array().unwrap();
+        let got: Vec<&str> = domains
+            .iter()
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, names);
+        let target: f64 = domains
+            .iter()
+            .map(|d| d["target_share"].as_f64().unwrap())
+            .sum();
+        let realized: f64 = domains
+            .iter()
+            .map(|d| d["realized_share"].as_f64().unwrap())
+            .sum();
+        assert!((target - 1.0).abs() < 1e-6, "{target}");
+        assert!((realized - 1.0).abs() < 1e-6, "{realized}");
+        for d in domains {
+            assert!(is_num(&d["epochs"]) && is_u64(&d["tokens"]), "{d}");
+        }
+        assert!(is_num(&st["padding_fraction"]) && is_num(&st["truncation_fraction"]));
+        let jobs = st["jobs"].as_array().unwrap();
+        assert_eq!(jobs.len(), 1, "{st}");
+        assert_eq!(
+            (jobs[0]["job"].as_str(), jobs[0]["dp_size"].as_u64()),
+            (Some("shape"), Some(1))
+        );
+        let ring = &jobs[0]["rings"][0];
+        assert_eq!(ring["dp_rank"], 0);
+        assert_eq!(ring["slots"], 4);
+        assert!(ring["occupancy"].as_u64().unwrap() <= 4, "{ring}");
+        assert!(ring["published_step"].as_u64().unwrap() >= 6, "{ring}");
+        assert!(ring["released_step"].as_u64().unwrap() <= 6, "{ring}");
+        // Delivered = released by the rank (the client batches its RELEASEs).
+        let released = ring["released_step"].as_u64().unwrap();
+        assert!(released >= 1, "{ring}");
+        assert_eq!(ring["batches_delivered"].as_u64(), Some(released), "{ring}");
+        assert_eq!(
+            ring["tokens_delivered"].as_u64(),
+            Some(released * u64::from(ROWS) * u64::from(SEQ_LEN)),
+            "{ring}"
+        );
+        assert!(is_num(&ring["consumer_wait_s"]) && is_num(&ring["producer_wait_s"]));
+        let peer = &ring["peers"][0];
+        assert_eq!(peer["replica"], "0");
+        assert_eq!(peer["pid"].as_u64(), Some(u64::from(std::process::id())));
+    }
+    // The human views name the job.
+    let text = ok(&["status", "--socket", f.sock()]);
+    assert!(text.contains("shape"), "{text}");
+    let text = ok(&[
+        "top",
+        "--socket",
+        f.sock(),
+        "--once",
+        "--interval-ms",
+        "100",
+    ]);
+    assert!(text.lines().any(|l| l.starts_with("shape")), "{text}");
+}
+
+#[test]
+fn a_change_at_a_future_step_is_journaled_and_delivered() {
+    let f = fixture();
+    let _serve = f.serve();
+    let loaded = f.load();
+    let names = loaded.plan.domain_names();
+    let want = planned_domains(&loaded, 20);
+    let mut c = f.connect("future");
+    let (got, _) = read_steps(&mut c, 2);
+    assert_eq!(got[0].1, want[0]);
+    // Every row from step 12 on comes from the first domain.
+    let zero: Vec<String> = names[1..].iter().map(|n| format!("{n}=0")).collect();
+    let first = format!("{}=1", names[0]);
+    let mut rest = vec![first.as_str()];
+    rest.extend(zero.iter().map(String::as_str));
+    rest.extend(["--at-step", "12"]);
+    let text = ok(&set_weights_args(f.sock(), &rest));
+    assert!(text.contains("applied from step 12"), "{text}");
+    let journal = f.journal();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    let e = &journal[0];
+    check_journal_entry(e);
+    assert_eq!(e["at_step"], 12);
+    assert_eq!(e["source"], "ctl");
+    let w = &e["points"][0]["weights"];
+    assert_eq!(w[names[0]].as_f64(), Some(1.0), "{e}");
+    for n in &names[1..] {
+        assert_eq!(w[*n].as_f64(), Some(0.0), "{e}");
+    }
+    let st = f.status();
+    assert_eq!(st["journal"], json!(journal));
+    assert_eq!(st["failed_reloads"], 0);
+    let text = ok(&["ctl", "--socket", f.sock(), "journal"]);
+    assert!(text.contains("12") && text.contains("ctl"), "{text}");
+    // Steps before 12 are the plan's; from 12 on every row is domain 0.
+    let (got, _) = read_steps(&mut c, 18);
+    for (step, domains) in got {
+        if step < 12 {
+            assert_eq!(domains, want[step as usize], "step {step}");
+        } else {
+            assert!(domains.iter().all(|&d| d == 0), "step {step}: {domains:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_changes_are_refused_and_the_old_weights_stay() {
+    let f = fixture();
+    let _serve = f.serve();
+    let loaded = f.load();
+    let names = loaded.plan.domain_names();
+    let want = planned_domains(&loaded, 16);
+    let before = f.journal();
+    let zeros: serde_json::Map<String, Value> =
+        names.iter().map(|n| (n.to_string(), json!(0.0))).collect();
+    let mut refused = 0;
+    for (what, weights) in [
+        ("unknown domain", json!({"no_such_domain": 1.0})),
+        ("negative", json!({names[0]: -0.5})),
+        ("all zero", Value::Object(zeros)),
+    ] {
+        let r = f.set_weights(weights, Some(40), "refuse");
+        assert_eq!(r["ok"], false, "{what}: {r}");
+        assert_eq!(r["code"], "invalid", "{what}: {r}");
+        assert_eq!(r["op"], "set_weights", "{what}: {r}");
+        assert!(
+            !r["message"].as_str().unwrap_or("").is_empty(),
+            "{what}: {r}"
+        );
+        refused += 1;
+        assert_eq!(f.journal(), before, "{what}");
+        assert_eq!(f.status()["failed_reloads"], refused, "{what}");
+    }
+    // The command line shows the daemon's reason and exits non-zero.
+    let err = fails(&set_weights_args(f.sock(), &["no_such_domain=1"]));
+    assert!(
+        err.contains("no_such_domain") && err.contains("invalid"),
+        "{err}"
+    );
+    refused += 1;
+    // NaN is not JSON: the daemon answers ok:false or an ERROR frame, never applies it.
+    let mut s = UnixStream::connect(&f.socket).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let nan = format!(
+        r#"{{"protocol":1,"op":"set_weights","weights":{{"{}":NaN}},"at_step":40}}"#,
+        names[0]
+    );
+    s.write_all(&frame(CONTROL, nan.as_bytes())).unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
+    s.read_exact(&mut body).unwrap();
+    let reply: Value = serde_json::from_slice(&body[1..]).unwrap();
+    match body[0] {
+        CONTROL_REPLY => assert_eq!(reply["ok"], false, "{reply}"),
+        5 => assert_eq!(reply["code"], "protocol", "{reply}"),
+        k => panic!("frame type {k} in reply to NaN: {reply}"),
+    }
+    drop(s);
+    assert_eq!(f.journal(), before);
+    let st = f.status();
+    assert!(st["failed_reloads"].as_u64().unwrap() >= refused, "{st}");
+    assert_eq!(st["reloads"], 0, "{st}");
+    // The stream is the plan's, row for row.
+    let mut c = f.connect("bad");
+    let (got, _) = read_steps(&mut c, 16);
+    for (step, domains) in got {
+        assert_eq!(domains, want[step as usize], "step {step}");
+    }
+}
+
+#[test]
+fn late_changes_are_refused_or_moved_on_request() {
+    let f = fixture();
+    let _serve = f.serve();
+    let loaded = f.load();
+    let names = loaded.plan.domain_names();
+    let mut c = f.connect("late");
+    let _ = read_steps(&mut c, 8);
+    let weights = json!({names[0]: 0.9});
+    let r = f.set_weights(weights.clone(), Some(3), "refuse");
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "late", "{r}");
+    let first = r["first_changeable_step"]
+        .as_u64()
+        .expect("first_changeable_step");
+    assert!(first >= 8, "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains(&first.to_string()),
+        "{r}"
+    );
+    assert_eq!(f.journal(), Vec::<Value>::new());
+    // The command line says the same, and exits non-zero.
+    let arg = format!("{}=0.9", names[0]);
+    let err = fails(&set_weights_args(f.sock(), &[&arg, "--at-step", "3"]));
+    assert!(err.contains("late") && err.contains("--late next"), "{err}");
+    // With --late next it applies at the first step that can still change, and says so.
+    let o = ok(&set_weights_args(
+        f.sock(),
+        &[&arg, "--at-step", "3", "--late", "next", "--json"],
+    ));
+    let r: Value = serde_json::from_str(o.trim()).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["moved"], true, "{r}");
+    assert_eq!(r["requested_step"], 3, "{r}");
+    let applied = r["applied_step"].as_u64().unwrap();
+    assert!(applied >= first, "{r}");
+    let journal = f.journal();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    check_journal_entry(&journal[0]);
+    assert_eq!(journal[0]["at_step"], applied);
+    assert_eq!(r["journal"], json!(journal), "{r}");
+    // The client keeps streaming across the change.
+    let (got, _) = read_steps(&mut c, 8);
+    assert_eq!(got.first().map(|g| g.0), Some(8));
+}
+
+#[test]
+fn reload_rereads_the_config() {
+    let f = fixture();
+    let _serve = f.serve();
+    let loaded = f.load();
+    let names = loaded.plan.domain_names();
+    // Nothing changed on disk: nothing applies.
+    let r = f.req(ctl::reload_request());
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["op"], "reload", "{r}");
+    assert!(r["applied_step"].is_null(), "{r}");
+    assert_eq!(f.journal(), Vec::<Value>::new());
+    // New weights on disk: `millrace ctl reload` applies them.
+    let text = std::fs::read_to_string(&f.config).unwrap();
+    let mut doc: toml::Table = toml::from_str(&text).unwrap();
+    let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
+    plan.remove("schedule");
+    let mut w = toml::Table::new();
+    for (i, n) in names.iter().enumerate() {
+        w.insert(
+            n.to_string(),
+            toml::Value::Float(if i == 0 { 3.0 } else { 1.0 }),
+        );
+    }
+    plan.insert("weights".into(), toml::Value::Table(w));
+    std::fs::write(&f.config, toml::to_string(&doc).unwrap()).unwrap();
+    let text = ok(&["ctl", "--config", f.config.to_str().unwrap(), "reload"]);
+    assert!(text.contains("applied from step"), "{text}");
+    let journal = f.journal();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    check_journal_entry(&journal[0]);
+    let st = f.status();
+    // The no-op reload above may or may not count; this one does.
+    assert!(st["reloads"].as_u64() >= Some(1), "{st}");
+    let shares: Vec<f64> = st["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["target_share"].as_f64().unwrap())
+        .collect();
+    // Target shares are token shares of the new weights 3:1:1:1.
+    assert!((shares[0] - 0.5).abs() < 1e-6, "{shares:?}");
+    // A broken file is refused as a whole, counted, and changes nothing.
+    std::fs::write(&f.config, "[plan\n").unwrap();
+    let r = f.req(ctl::reload_request());
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "invalid", "{r}");
+    assert_eq!(f.journal(), journal);
+    assert_eq!(f.status()["failed_reloads"], 1);
+}

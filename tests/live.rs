@@ -1,0 +1,1100 @@
+//! Live changes against the real `millrace serve` (issue 5, "Done means"): a config file
+//! edit picked up by the watcher and a SIGHUP both apply new weights at a future step and
+//! the delivered rows follow them exactly; broken and late reloads are refused with the
+//! old weights in force (or, with `late_changes = "next"`, moved to the first changeable
+//! step); two daemons given the same change deliver the same bytes; a cursor blob taken
+//! after a change resumes bit for bit on a fresh daemon, which adopts the blob's journal
+//! (and refuses a blob whose journal conflicts with its own); the Prometheus endpoint
+//! agrees with the plan and with `status`.
+//!
+//! Every daemon here serves a 1e6-token, 4-domain synthetic corpus with 8 rows of 256
+//! tokens per step and 4 ring slots, so a client that stops reading stalls its ring a few
+//! steps ahead and "the first changeable step" is easy to reason about.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Control, Corpus, Serve};
+use millrace::client::{Client, ClientError, Hello};
+use millrace::config::{Config, LoadedPlan};
+use millrace::plan::{Change, Plan};
+use serde_json::{json, Value};
+
+const SEQ_LEN: u32 = 256;
+const ROWS: u32 = 8;
+const SLOTS: u64 = 4;
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a reload, a RELEASE or a metrics refresh may take to show.
+const SETTLE: Duration = Duration::from_secs(10);
+
+// ------------------------------------------------------------ fixtures
+
+/// A synthetic corpus in a temp dir; several fixtures (configs, sockets, logs) may share
+/// it.
+fn corpus() -> Rc<Corpus> {
+    Rc::new(common::corpus(1_000_000, 4, 5, 300_000))
+}
+
+/// One daemon's config, socket and log over a shared corpus.
+struct Fixture {
+    /// Keeps the corpus (and its temp dir) alive.
+    _corpus: Rc<Corpus>,
+    config: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+/// A fixture on a fresh corpus; `serve` is extra `[serve]` TOML (overrides the defaults
+/// here: 4 slots, 2 threads, the watcher off).
+fn fixture(serve: &str) -> Fixture {
+    fixture_on(&corpus(), "d", serve)
+}
+
+/// A fixture named `name` (config `name.toml`, socket `name.sock`, log `name.log`) on
+/// `corpus`.
+fn fixture_on(corpus: &Rc<Corpus>, name: &str, serve: &str) -> Fixture {
+    let dir = &corpus.dir;
+    let socket = dir.join(format!("{name}.sock"));
+    let config = common::write_config(
+        dir,
+        &format!("{name}.toml"),
+        SEQ_LEN,
+        ROWS,
+        &[&common::serve_toml(&socket, SLOTS, 2), serve],
+    );
+    Fixture {
+        _corpus: corpus.clone(),
+        config,
+        socket,
+        log: dir.join(format!("{name}.log")),
+    }
+}
+
+impl Control for Fixture {
+    fn control_socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Fixture {
+    /// Starts `millrace serve` on this config.
+    fn serve(&self) -> Serve {
+        Serve::start(&self.config, &self.socket, &self.log)
+    }
+
+    fn load(&self) -> LoadedPlan {
+        Config::load(&self.config)
+            .and_then(|c| c.load_plan())
+            .unwrap_or_else(|e| panic!("{}: {e}", self.config.display()))
+    }
+
+    fn set_weights(&self, weights: &BTreeMap<String, f64>, at_step: u64) -> Value {
+        self.req(
+            json!({"protocol": 1, "op": "set_weights", "weights": weights,
+                        "at_step": at_step, "late": "refuse"}),
+        )
+    }
+
+    fn hello(&self, job: &str) -> Hello {
+        let mut h = Hello::new(0, 1, ROWS, 1);
+        h.job = job.into();
+        h
+    }
+
+    fn connect_with(&self, h: &Hello) -> Result<Client, ClientError> {
+        let mut c = Client::connect(&self.socket, h)?;
+        c.set_timeout(Some(TIMEOUT));
+        Ok(c)
+    }
+
+    fn connect(&self, job: &str) -> Client {
+        self.connect_with(&self.hello(job))
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.socket.display()))
+    }
+
+    /// The config as a TOML table.
+    fn doc(&self) -> toml::Table {
+        toml::from_str(&std::fs::read_to_string(&self.config).unwrap()).unwrap()
+    }
+
+    /// Replaces the config file atomically (write a sibling, rename over), as editors and
+    /// config managers do, so a watcher never sees half a file.
+    fn write_config(&self, text: &str) {
+        let tmp = self.config.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// The config's text with `[plan]` given by this schedule (and no `weights`).
+    fn schedule_text(&self, schedule: toml::Value) -> String {
+        let mut doc = self.doc();
+        let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
+        plan.remove("weights");
+        plan.insert("schedule".into(), schedule);
+        toml::to_string(&doc).unwrap()
+    }
+
+    /// Writes the config with `[plan]` given by this schedule.
+    fn write_schedule(&self, schedule: toml::Value) {
+        self.write_config(&self.schedule_text(schedule));
+    }
+}
+
+/// The schedule "weights `a` until step `f - 1`, `b` from step `f` on": a step change
+/// whose first difference from a constant `a` is exactly `f` (a two-point schedule would
+/// ramp from step 0 on).
+fn step_change(a: &BTreeMap<String, f64>, f: u64, b: &BTreeMap<String, f64>) -> toml::Value {
+    assert!(f >= 2);
+    let point = |step: u64, w: &BTreeMap<String, f64>| {
+        let mut t = toml::Table::new();
+        t.insert("step".into(), toml::Value::Integer(step as i64));
+        let weights: toml::Table = w
+            .iter()
+            .map(|(k, v)| (k.clone(), toml::Value::Float(*v)))
+            .collect();
+        t.insert("weights".into(), toml::Value::Table(weights));
+        toml::Value::Table(t)
+    };
+    toml::Value::Array(vec![point(0, a), point(f - 1, a), point(f, b)])
+}
+
+/// The config's (constant) weights.
+fn base_weights(loaded: &LoadedPlan) -> BTreeMap<String, f64> {
+    let points = loaded.plan.config().points();
+    assert_eq!(
+        points.len(),
+        1,
+        "the synthetic config has one schedule point"
+    );
+    points[0].weights.clone()
+}
+
+/// Weights that favour domain `heavy` strongly and leave the last domain out.
+fn skewed(loaded: &LoadedPlan, heavy: usize) -> BTreeMap<String, f64> {
+    let names = loaded.plan.domain_names();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let w = if i == heavy {
+                8.0
+            } else if i + 1 == names.len() {
+                0.0
+            } else {
+                1.0
+            };
+            (n.to_string(), w)
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------ reading and planning
+
+/// One delivered step.
+struct Step {
+    step: u64,
+    domains: Vec<u16>,
+    tokens: Vec<u8>,
+    cursor: Vec<u8>,
+}
+
+fn read(c: &mut Client, n: u64) -> Vec<Step> {
+    (0..n)
+        .map(|_| {
+            let v = c.next_batch().unwrap_or_else(|e| panic!("next_batch: {e}"));
+            Step {
+                step: v.step,
+                domains: v.domain.iter().map(|&d| d as u16).collect(),
+                tokens: v.tokens.as_bytes().to_vec(),
+                cursor: v.cursor.to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// The domain index of every row of steps `0..steps` under `plan`.
+fn domains_of(plan: &Arc<Plan>, steps: u64) -> Vec<Vec<u16>> {
+    let mut p = plan.start();
+    (0..steps)
+        .map(|_| p.next_batch().rows.iter().map(|r| r.domain).collect())
+        .collect()
+}
+
+/// `plan` with `changes` as its journal.
+fn with_changes(plan: &Arc<Plan>, changes: Vec<Change>) -> Arc<Plan> {
+    Arc::new(plan.with_journal(changes).expect("the journal applies"))
+}
+
+/// Every delivered step's rows are the plan's.
+fn assert_rows_follow(got: &[Step], want: &[Vec<u16>], what: &str) {
+    for s in got {
+        let w = want
+            .get(s.step as usize)
+            .unwrap_or_else(|| panic!("{what}: step {} not planned", s.step));
+        assert_eq!(
+            &s.domains, w,
+            "{what}: step {} delivered domains {:?}, the plan says {:?}",
+            s.step, s.domains, w
+        );
+    }
+}
+
+/// Plans `a` and `b` put different domains somewhere in steps `from..to` (so a test that
+/// tells them apart is not vacuous).
+fn assert_plans_differ(a: &[Vec<u16>], b: &[Vec<u16>], from: u64, to: u64) {
+    assert!(
+        (from..to).any(|s| a[s as usize] != b[s as usize]),
+        "test setup: the old and new weights give the same rows in steps {from}..{to}"
+    );
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Polls `probe` until it returns `Ok`; panics with its last `Err` after `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: not within {limit:?}; last seen: {last}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn count(st: &Value, key: &str) -> u64 {
+    st[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status.{key} is not a count: {st}"))
+}
+
+/// Waits until the daemon has counted `reloads` applied and `failed` refused reloads.
+fn wait_reloads(f: &Fixture, reloads: u64, failed: u64) -> Value {
+    wait_for(
+        &format!("status with reloads = {reloads}, failed_reloads = {failed}"),
+        SETTLE,
+        || {
+            let st = f.status();
+            if count(&st, "reloads") == reloads && count(&st, "failed_reloads") == failed {
+                Ok(st)
+            } else {
+                Err(format!(
+                    "reloads {}, failed_reloads {}, journal {}",
+                    st["reloads"], st["failed_reloads"], st["journal"]
+                ))
+            }
+        },
+    )
+}
+
+/// Waits until the daemon has stopped publishing (every client idle, rings full) and
+/// returns its first changeable step.
+fn settled_first_changeable(f: &Fixture) -> u64 {
+    let mut last = None;
+    let mut since = Instant::now();
+    wait_for("first_changeable_step to settle", SETTLE, || {
+        let now = count(&f.status(), "first_changeable_step");
+        if last != Some(now) {
+            last = Some(now);
+            since = Instant::now();
+        }
+        if since.elapsed() >= Duration::from_millis(300) {
+            Ok(now)
+        } else {
+            Err(format!("first_changeable_step {now}"))
+        }
+    })
+}
+
+/// A journal entry's curve as plan points, columns in `names` order.
+fn entry_points(e: &Value, names: &[&str]) -> Vec<(u64, Vec<f64>)> {
+    e["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("journal entry without points: {e}"))
+        .iter()
+        .map(|p| {
+            let step = p["step"].as_u64().unwrap_or_else(|| panic!("{e}"));
+            let w = names
+                .iter()
+                .map(|n| p["weights"][*n].as_f64().unwrap_or(0.0))
+                .collect();
+            (step, w)
+        })
+        .collect()
+}
+
+/// The journal entry `e` has `source`, starts at `at`, and its curve is `want`'s.
+fn check_entry(e: &Value, source: &str, at: u64, want: &Change, names: &[&str]) {
+    assert_eq!(e["source"], source, "journal entry {e}");
+    assert_eq!(e["at_step"], at, "journal entry {e}");
+    // No skips in these configs: plan steps are trainer steps.
+    assert_eq!(e["plan_step"], at, "journal entry {e}");
+    let got = entry_points(e, names);
+    assert_eq!(
+        got.len(),
+        want.points.len(),
+        "journal entry {e} vs {want:?}"
+    );
+    for ((gs, gw), (ws, ww)) in got.iter().zip(&want.points) {
+        assert_eq!(gs, ws, "journal entry {e} vs {want:?}");
+        for (g, w) in gw.iter().zip(ww) {
+            assert!((g - w).abs() < 1e-12, "journal entry {e} vs {want:?}");
+        }
+    }
+}
+
+// ------------------------------------------------------------ reloads
+
+/// Starts a daemon with `serve`, reads 3 steps, rewrites the config with new weights from
+/// step `at` on, calls `trigger`, and checks the change lands at `at` from `source`.
+fn reload_lands_at_a_future_step(serve: &str, source: &str, trigger: impl Fn(&Serve)) {
+    const AT: u64 = 20;
+    const STEPS: u64 = 40;
+    let f = fixture(serve);
+    let d = f.serve();
+    let old = f.load();
+    let names = old.plan.domain_names();
+    let old_rows = domains_of(&old.plan, STEPS);
+    let mut c = f.connect(source);
+    let early = read(&mut c, 3);
+    assert_rows_follow(&early, &old_rows, "before the reload");
+    let new_weights = skewed(&old, 0);
+    f.write_schedule(step_change(&base_weights(&old), AT, &new_weights));
+    trigger(&d);
+    let st = wait_reloads(&f, 1, 0);
+    let journal = st["journal"].as_array().cloned().unwrap_or_default();
+    assert_eq!(journal.len(), 1, "one change: {journal:?}");
+    let new = f.load();
+    let want_change = old.plan.schedule_change(AT, &new.plan.config().points());
+    check_entry(&journal[0], source, AT, &want_change, &names);
+    assert_eq!(f.journal(), journal, "ctl journal == status journal");
+    // The rows: the old plan's before AT, the new config's plan from AT on (they agree
+    // before AT, so the new config's plan is the whole expected stream).
+    let new_rows = domains_of(&new.plan, STEPS);
+    assert_eq!(old_rows[..AT as usize], new_rows[..AT as usize]);
+    assert_plans_differ(&old_rows, &new_rows, AT, STEPS);
+    let late = read(&mut c, STEPS - 3);
+    assert_eq!(late.last().map(|s| s.step), Some(STEPS - 1));
+    assert_rows_follow(
+        &late,
+        &new_rows,
+        &format!("after a {source} reload at {AT}"),
+    );
+    // The same from the plan with the journaled change.
+    let journaled = domains_of(&with_changes(&old.plan, vec![want_change]), STEPS);
+    assert_eq!(journaled, new_rows);
+}
+
+#[test]
+fn file_watch_reload_applies_at_a_future_step() {
+    reload_lands_at_a_future_step(
+        "watch_config = true\nwatch_interval_ms = 200\n",
+        "file",
+        |_| {},
+    );
+}
+
+#[test]
+fn sighup_reload() {
+    reload_lands_at_a_future_step("watch_config = false\n", "sighup", |d| {
+        d.signal(libc::SIGHUP)
+    });
+}
+
+#[test]
+fn a_broken_config_reload_is_refused_and_old_weights_stay() {
+    const AT: u64 = 24;
+    const STEPS: u64 = 44;
+    let f = fixture("watch_config = false\n");
+    let mut d = f.serve();
+    let old = f.load();
+    let names = old.plan.domain_names();
+    let a = base_weights(&old);
+    let good_text = std::fs::read_to_string(&f.config).unwrap();
+    let old_rows = domains_of(&old.plan, STEPS);
+    let mut c = f.connect("broken");
+    let mut got = read(&mut c, 3);
+    let mut unknown = skewed(&old, 0);
+    unknown.insert("no_such_domain".into(), 1.0);
+    let mut negative = skewed(&old, 0);
+    negative.insert(names[1].to_string(), -1.0);
+    let broken = [
+        ("malformed TOML", format!("{good_text}\n[plan\n")),
+        (
+            "unknown domain",
+            f.schedule_text(step_change(&a, AT, &unknown)),
+        ),
+        (
+            "negative weight",
+            f.schedule_text(step_change(&a, AT, &negative)),
+        ),
+    ];
+    for (i, (what, text)) in broken.iter().enumerate() {
+        f.write_config(text);
+        d.signal(libc::SIGHUP);
+        let st = wait_reloads(&f, 0, i as u64 + 1);
+        assert_eq!(
+            st["journal"],
+            json!([]),
+            "{what}: the journal changed: {st}"
+        );
+        assert!(d.alive(), "{what}: the daemon died:\n{}", d.log_text());
+        // The stream is still the old plan's.
+        got.extend(read(&mut c, 3));
+        assert_rows_follow(&got, &old_rows, &format!("after the refused {what}"));
+    }
+    let log = d.log_text();
+    for (what, needle) in [
+        ("unknown domain", "no_such_domain"),
+        ("negative weight", "-1"),
+    ] {
+        assert!(
+            log.contains(needle),
+            "the log does not name the {what} ({needle}):\n{log}"
+        );
+    }
+    // Fixed: the good change lands, from AT.
+    let new_weights = skewed(&old, 1);
+    f.write_schedule(step_change(&a, AT, &new_weights));
+    d.signal(libc::SIGHUP);
+    let st = wait_reloads(&f, 1, 3);
+    let journal = st["journal"].as_array().cloned().unwrap_or_default();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    let new = f.load();
+    let want_change = old.plan.schedule_change(AT, &new.plan.config().points());
+    check_entry(&journal[0], "sighup", AT, &want_change, &names);
+    let new_rows = domains_of(&new.plan, STEPS);
+    assert_plans_differ(&old_rows, &new_rows, AT, STEPS);
+    let done = got.last().unwrap().step + 1;
+    let rest = read(&mut c, STEPS - done);
+    assert_rows_follow(&rest, &new_rows, "after the fixed reload");
+}
+
+/// Reads 8 steps as job "late" (its ring then stalls a few steps on), waits for the first
+/// changeable step to settle, and writes a step change at `at` (from `old`'s weights to
+/// `skewed(old, 0)`) into the config. Returns the client, the steps read and the first
+/// changeable step.
+fn read_8_then_change_at(f: &Fixture, old: &LoadedPlan, at: u64) -> (Client, Vec<Step>, u64) {
+    let mut c = f.connect("late");
+    let got = read(&mut c, 8);
+    let first = settled_first_changeable(f);
+    assert!(
+        first >= 8,
+        "8 steps were handed out; first_changeable_step {first}"
+    );
+    f.write_schedule(step_change(&base_weights(old), at, &skewed(old, 0)));
+    (c, got, first)
+}
+
+#[test]
+fn a_late_file_change_is_refused() {
+    const LATE: u64 = 2;
+    const STEPS: u64 = 30;
+    let corpus = corpus();
+    // Default late_changes ("refuse"), triggered by SIGHUP.
+    {
+        let f = fixture_on(&corpus, "refuse", "watch_config = false\n");
+        let mut d = f.serve();
+        let old = f.load();
+        let old_rows = domains_of(&old.plan, STEPS);
+        let (mut c, mut got, first) = read_8_then_change_at(&f, &old, LATE);
+        d.signal(libc::SIGHUP);
+        let st = wait_reloads(&f, 0, 1);
+        assert_eq!(st["journal"], json!([]), "{st}");
+        assert!(d.alive(), "the daemon died:\n{}", d.log_text());
+        // The log says why and names the first step that could still change.
+        let log = d.log_text();
+        let names_it = log.lines().any(|l| {
+            let lower = l.to_lowercase();
+            (lower.contains("late") || lower.contains("refus"))
+                && l.split(|ch: char| !ch.is_ascii_digit())
+                    .any(|w| w == first.to_string())
+        });
+        assert!(
+            names_it,
+            "no log line refuses the late change naming first changeable step {first}:\n{log}"
+        );
+        got.extend(read(&mut c, STEPS - 8));
+        assert_rows_follow(&got, &old_rows, "after a refused late change");
+    }
+    // late_changes = "next", triggered by the file watcher: moved to the first
+    // changeable step.
+    {
+        let f = fixture_on(
+            &corpus,
+            "next",
+            "late_changes = \"next\"\nwatch_config = true\nwatch_interval_ms = 200\n",
+        );
+        let d = f.serve();
+        let old = f.load();
+        let names = old.plan.domain_names();
+        let old_rows = domains_of(&old.plan, STEPS);
+        let (mut c, mut got, first) = read_8_then_change_at(&f, &old, LATE);
+        let st = wait_reloads(&f, 1, 0);
+        let journal = st["journal"].as_array().cloned().unwrap_or_default();
+        assert_eq!(journal.len(), 1, "{st}");
+        let new = f.load();
+        let want_change = old.plan.schedule_change(first, &new.plan.config().points());
+        check_entry(&journal[0], "file", first, &want_change, &names);
+        let moved = domains_of(&with_changes(&old.plan, vec![want_change]), STEPS);
+        assert_plans_differ(&old_rows, &moved, first, STEPS);
+        got.extend(read(&mut c, STEPS - 8));
+        assert_rows_follow(
+            &got,
+            &moved,
+            &format!("after a late change moved to {first}"),
+        );
+        drop(d);
+    }
+}
+
+// ------------------------------------------------------------ several daemons
+
+#[test]
+fn two_daemons_stay_identical_across_a_change() {
+    const AT: u64 = 12;
+    const STEPS: u64 = 30;
+    let corpus = corpus();
+    let fs: Vec<Fixture> = ["a", "b", "plain"]
+        .iter()
+        .map(|n| fixture_on(&corpus, n, "watch_config = false\n"))
+        .collect();
+    let daemons: Vec<Serve> = fs.iter().map(Fixture::serve).collect();
+    let loaded = fs[0].load();
+    let mut clients: Vec<Client> = fs.iter().map(|f| f.connect("twin")).collect();
+    let mut got: Vec<Vec<Step>> = clients.iter_mut().map(|c| read(c, 2)).collect();
+    let weights: BTreeMap<String, f64> = loaded
+        .plan
+        .domain_names()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.to_string(), if i == 2 { 0.7 } else { 0.1 }))
+        .collect();
+    for f in &fs[..2] {
+        let r = f.set_weights(&weights, AT);
+        assert_eq!(r["ok"], true, "{}: {r}", f.socket.display());
+        assert_eq!(r["applied_step"], AT, "{r}");
+        assert_eq!(r["moved"], false, "{r}");
+    }
+    assert_eq!(fs[0].journal(), fs[1].journal(), "the two journals differ");
+    assert_eq!(fs[2].journal(), Vec::<Value>::new());
+    for (c, g) in clients.iter_mut().zip(&mut got) {
+        g.extend(read(c, STEPS - 2));
+        assert_eq!(g.last().map(|s| s.step), Some(STEPS - 1));
+    }
+    for (a, b) in got[0].iter().zip(&got[1]) {
+        assert_eq!(a.step, b.step);
+        assert!(
+            a.tokens == b.tokens,
+            "step {}: the two daemons given the same change delivered different tokens",
+            a.step
+        );
+        assert_eq!(a.domains, b.domains, "step {}", a.step);
+        assert_eq!(a.cursor, b.cursor, "step {}: cursors differ", a.step);
+    }
+    for (a, p) in got[0].iter().zip(&got[2]) {
+        if a.step < AT {
+            assert!(
+                a.tokens == p.tokens,
+                "step {} (before the change) differs from the unchanged daemon",
+                a.step
+            );
+        }
+    }
+    assert!(
+        got[0]
+            .iter()
+            .zip(&got[2])
+            .any(|(a, p)| a.step >= AT && a.tokens != p.tokens),
+        "the change at step {AT} changed no delivered token"
+    );
+    drop(daemons);
+}
+
+#[test]
+fn resume_after_a_change_is_exact() {
+    const AT: u64 = 10;
+    const KEEP: u64 = 15;
+    const LAST: u64 = 30;
+    let f = fixture("watch_config = false\n");
+    let loaded = f.load();
+    let names = loaded.plan.domain_names();
+    let weights: BTreeMap<String, f64> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.to_string(), if i == 1 { 0.7 } else { 0.1 }))
+        .collect();
+    // Daemon A: the change at AT, then steps 0..=LAST; keep the blob of step KEEP.
+    let (a_steps, blob, a_journal) = {
+        let a = f.serve();
+        let mut c = f.connect("resume");
+        let mut got = read(&mut c, 2);
+        let r = f.set_weights(&weights, AT);
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["applied_step"], AT, "{r}");
+        got.extend(read(&mut c, LAST + 1 - 2));
+        let journal = f.journal();
+        assert_eq!(journal.len(), 1, "{journal:?}");
+        assert_eq!(journal[0]["source"], "ctl");
+        let blob = got[KEEP as usize].cursor.clone();
+        assert_eq!(got[KEEP as usize].step, KEEP);
+        drop(c);
+        drop(a);
+        (got, blob, journal)
+    };
+    let _ = std::fs::remove_file(&f.socket);
+    // Daemon B: same config, never told of the change; the blob brings it.
+    {
+        let b = f.serve();
+        assert_eq!(f.journal(), Vec::<Value>::new());
+        let mut h = f.hello("resume");
+        h.cursor = Some(hex(&blob));
+        let mut c = f
+            .connect_with(&h)
+            .unwrap_or_else(|e| panic!("resume from the step-{KEEP} blob: {e}\n{}", b.log_text()));
+        assert_eq!(c.welcome().start_step, KEEP + 1);
+        let got = read(&mut c, LAST - KEEP);
+        for (g, want) in got.iter().zip(&a_steps[KEEP as usize + 1..]) {
+            assert_eq!(g.step, want.step);
+            assert_eq!(g.domains, want.domains, "step {}", g.step);
+            assert!(
+                g.tokens == want.tokens,
+                "step {}: the resumed stream differs from daemon A's",
+                g.step
+            );
+            assert_eq!(g.cursor, want.cursor, "step {}: cursor", g.step);
+        }
+        let journal = f.status()["journal"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            journal.len(),
+            1,
+            "B adopted no change from the blob: {journal:?}"
+        );
+        assert_eq!(journal[0]["source"], "cursor", "{journal:?}");
+        assert_eq!(journal[0]["at_step"], AT, "{journal:?}");
+        assert_eq!(journal[0]["points"], a_journal[0]["points"], "{journal:?}");
+        drop(c);
+        drop(b);
+    }
+    let _ = std::fs::remove_file(&f.socket);
+    // Daemon C: a different change at AT first; the blob's journal conflicts.
+    {
+        let c_daemon = f.serve();
+        let other: BTreeMap<String, f64> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), if i == 3 { 0.7 } else { 0.1 }))
+            .collect();
+        let r = f.set_weights(&other, AT);
+        assert_eq!(r["ok"], true, "{r}");
+        let before = f.journal();
+        let mut h = f.hello("resume");
+        h.cursor = Some(hex(&blob));
+        match f.connect_with(&h) {
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(code, "cursor", "{message}");
+                let m = message.to_lowercase();
+                assert!(
+                    m.contains("journal") || m.contains("change"),
+                    "the refusal does not say the journals conflict: {message}"
+                );
+            }
+            Err(e) => panic!("expected REFUSED cursor, got {e}"),
+            Ok(_) => panic!(
+                "a blob whose journal conflicts with the daemon's was accepted:\n{}",
+                c_daemon.log_text()
+            ),
+        }
+        assert_eq!(f.journal(), before, "a refused blob changed the journal");
+    }
+}
+
+// ------------------------------------------------------------ metrics
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// One sample: name, labels, value.
+type Sample = (String, BTreeMap<String, String>, f64);
+
+/// GET /metrics (HTTP/1.0, so the body is plain) and parse the text format.
+fn scrape(addr: &str) -> Result<Vec<Sample>, String> {
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP header end: {text:?}"))?;
+    if !head.starts_with("HTTP/1.") || !head.lines().next().unwrap_or("").contains(" 200") {
+        return Err(format!("not 200: {head}"));
+    }
+    let mut out = Vec::new();
+    for line in body.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| format!("bad line {line:?}"))?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().map_err(|e| format!("{line:?}: {e}"))?,
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let rest = rest
+                    .strip_suffix('}')
+                    .ok_or(format!("bad labels {line:?}"))?;
+                let mut labels = BTreeMap::new();
+                for kv in rest.split(',').filter(|kv| !kv.is_empty()) {
+                    let (k, v) = kv.split_once('=').ok_or(format!("bad label {line:?}"))?;
+                    labels.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+                }
+                (name.to_string(), labels)
+            }
+        };
+        out.push((name, labels, value));
+    }
+    Ok(out)
+}
+
+/// The value of `name` with (at least) these labels, if exposed.
+fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.2)
+}
+
+#[test]
+fn metrics_endpoint_matches_the_plan() {
+    const N: u64 = 40;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let f = fixture(&format!("metrics_addr = {addr:?}\n"));
+    let _d = f.serve();
+    let loaded = f.load();
+    let names = loaded.plan.domain_names();
+    let mut c = f.connect("metrics");
+    let _ = read(&mut c, N);
+    c.release(N).unwrap();
+    // Every step below N released; the ring refills to N + slots and stops.
+    let st = wait_for("the release and refill to show in status", SETTLE, || {
+        let st = f.status();
+        let ring = &st["jobs"][0]["rings"][0];
+        let (p, r) = (
+            ring["published_step"].as_u64(),
+            ring["released_step"].as_u64(),
+        );
+        if r == Some(N) && p == Some(N + SLOTS) {
+            Ok(st)
+        } else {
+            Err(format!("published {p:?}, released {r:?}: {ring}"))
+        }
+    });
+    let published = N + SLOTS;
+    // Offline: every published step's rows. Realized shares are shares of the real
+    // (non-padding) tokens published so far, comparable with the targets, which are
+    // token shares: the schedule's normalized weights at the next step.
+    let mut planner = loaded.plan.start();
+    let mut real = vec![0u64; names.len()];
+    for _ in 0..published {
+        for row in planner.next_batch().rows {
+            real[row.domain as usize] += u64::from(row.tokens);
+        }
+    }
+    let rows = planner.mix_state().rows.clone();
+    assert_eq!(rows.iter().sum::<u64>(), published * u64::from(ROWS));
+    let total: u64 = real.iter().sum();
+    let realized: Vec<f64> = real.iter().map(|&t| t as f64 / total as f64).collect();
+    let target = loaded.plan.schedule().shares(published);
+    let tokens = N * u64::from(ROWS) * u64::from(SEQ_LEN);
+    // Faults reported together at the end, so one does not hide the others.
+    let mut deferred: Vec<String> = Vec::new();
+    // status agrees with the plan.
+    let ring = &st["jobs"][0]["rings"][0];
+    assert_eq!(
+        ring["batches_delivered"], N,
+        "batches counted at RELEASE: {ring}"
+    );
+    assert_eq!(
+        ring["tokens_delivered"], tokens,
+        "tokens counted at RELEASE ({N} steps x {ROWS} rows x {SEQ_LEN}): {ring}"
+    );
+    let domains = st["domains"].as_array().unwrap();
+    for (i, d) in domains.iter().enumerate() {
+        assert_eq!(d["name"], names[i]);
+        let (t, r) = (
+            d["target_share"].as_f64().unwrap(),
+            d["realized_share"].as_f64().unwrap(),
+        );
+        if (t - target[i]).abs() >= 1e-9 {
+            deferred.push(format!(
+                "status target_share of {}: {t}, the schedule's normalized weight is {}",
+                names[i], target[i]
+            ));
+        }
+        assert!(
+            (r - realized[i]).abs() < 1e-9,
+            "status realized_share of {}: {r} vs the plan's {} (real tokens {real:?} after {published} steps)",
+            names[i],
+            realized[i]
+        );
+        assert_eq!(d["tokens"], real[i], "status tokens of {}: {d}", names[i]);
+        if let Some(r) = d.get("rows").and_then(Value::as_u64) {
+            assert_eq!(r, rows[i], "status rows of {}: {d}", names[i]);
+        }
+    }
+    // The endpoint, once refreshed (every second), says the same.
+    let job = [("job", "metrics"), ("dp_rank", "0")];
+    let samples = wait_for("/metrics to agree with the plan", SETTLE, || {
+        let s = scrape(&addr)?;
+        let mut wrong = Vec::new();
+        let mut check = |what: String, got: Option<f64>, want: f64, tol: f64| {
+            if !got.is_some_and(|g| (g - want).abs() <= tol) {
+                wrong.push(format!("{what} = {got:?}, want {want}"));
+            }
+        };
+        check(
+            "millrace_tokens_delivered_total".into(),
+            metric(&s, "millrace_tokens_delivered_total", &job),
+            tokens as f64,
+            0.0,
+        );
+        check(
+            "millrace_batches_delivered_total".into(),
+            metric(&s, "millrace_batches_delivered_total", &job),
+            N as f64,
+            0.0,
+        );
+        check(
+            "millrace_clients".into(),
+            metric(&s, "millrace_clients", &[]),
+            1.0,
+            0.0,
+        );
+        for (i, n) in names.iter().enumerate() {
+            check(
+                format!("millrace_domain_realized_share{{domain={n}}}"),
+                metric(&s, "millrace_domain_realized_share", &[("domain", n)]),
+                realized[i],
+                1e-9,
+            );
+        }
+        if wrong.is_empty() {
+            Ok(s)
+        } else {
+            Err(wrong.join("; "))
+        }
+    });
+    for (i, n) in names.iter().enumerate() {
+        let t = metric(&samples, "millrace_domain_target_share", &[("domain", n)]);
+        if !t.is_some_and(|t| (t - target[i]).abs() < 1e-9) {
+            deferred.push(format!(
+                "millrace_domain_target_share{{domain={n}}} = {t:?}, the schedule's normalized weight is {}",
+                target[i]
+            ));
+        }
+    }
+    let has = |samples: &[Sample], name: &str| samples.iter().any(|(n, _, _)| n == name);
+    let exposed = |samples: &[Sample]| {
+        samples
+            .iter()
+            .map(|s| s.0.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let materialized = metric(&samples, "millrace_materialize_seconds_count", &[]);
+    assert!(
+        materialized.is_some_and(|v| v > 0.0),
+        "millrace_materialize_seconds_count = {materialized:?}"
+    );
+    for name in [
+        "millrace_step",
+        "millrace_ring_occupancy",
+        "millrace_ring_slots",
+        "millrace_consumer_wait_seconds_total",
+        "millrace_producer_wait_seconds_total",
+        "millrace_domain_epochs",
+        "millrace_padding_fraction",
+        "millrace_truncation_fraction",
+    ] {
+        assert!(
+            has(&samples, name),
+            "/metrics lacks {name}; it has: {:?}",
+            exposed(&samples)
+        );
+    }
+    // The reload counters are there before any reload (at 0), so dashboards and alerts
+    // on them work from the start.
+    for name in ["millrace_reloads_total", "millrace_reload_failures_total"] {
+        if !has(&samples, name) {
+            deferred.push(format!(
+                "/metrics lacks {name} before the first reload; it has: {:?}",
+                exposed(&samples)
+            ));
+        }
+    }
+    assert_eq!(
+        metric(&samples, "millrace_ring_slots", &[]),
+        Some(SLOTS as f64),
+        "millrace_ring_slots"
+    );
+    for (i, n) in names.iter().enumerate() {
+        let e = metric(&samples, "millrace_domain_epochs", &[("domain", n)]);
+        let want = domains[i]["epochs"].as_f64().unwrap();
+        assert!(
+            e.is_some_and(|e| e >= 0.0 && (e - want).abs() < 1e-6),
+            "millrace_domain_epochs{{domain={n}}} = {e:?}, status says {want}"
+        );
+    }
+    // One applied and one refused change through the control socket: counted per source.
+    let r = f.set_weights(&skewed(&loaded, 0), N + 2 * SLOTS + 10);
+    assert_eq!(r["ok"], true, "{r}");
+    let mut bad = skewed(&loaded, 0);
+    bad.insert("no_such_domain".into(), 1.0);
+    let r = f.set_weights(&bad, N + 2 * SLOTS + 10);
+    assert_eq!(r["ok"], false, "{r}");
+    let ctl_source = [("source", "ctl")];
+    wait_for(
+        "/metrics to count the ctl change and refusal",
+        SETTLE,
+        || {
+            let s = scrape(&addr)?;
+            let got = (
+                metric(&s, "millrace_reloads_total", &ctl_source),
+                metric(&s, "millrace_reload_failures_total", &ctl_source),
+            );
+            if got == (Some(1.0), Some(1.0)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "(reloads_total, reload_failures_total){{source=ctl}} = {got:?}"
+                ))
+            }
+        },
+    );
+    assert!(
+        deferred.is_empty(),
+        "/metrics and status disagree with the spec:\n{}",
+        deferred.join("\n")
+    );
+    drop(c);
+}
+
+// ------------------------------------------------------------ graceful shutdown
+
+/// Reads until the daemon ends the stream; returns the steps read and the error.
+fn read_to_end(c: &mut Client) -> (Vec<u64>, ClientError) {
+    let mut steps = Vec::new();
+    loop {
+        match c.next_batch() {
+            Ok(v) => steps.push(v.step),
+            Err(e) => return (steps, e),
+        }
+    }
+}
+
+/// SIGTERM with a trainer that keeps reading: the daemon stops filling, the trainer
+/// reads every step already published (contiguous, as planned), releases them, and the
+/// daemon exits 0 as soon as nothing is held, long before the bound; the trainer is
+/// told `shutdown` (which both clients treat as "reconnect").
+#[test]
+fn sigterm_lets_a_reading_client_finish_then_exits() {
+    let f = fixture("drain_timeout_ms = 20000\n");
+    let mut d = f.serve();
+    let want = domains_of(&f.load().plan, 40);
+    let mut c = f.connect("drain");
+    let first = read(&mut c, 3);
+    d.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    let (steps, err) = read_to_end(&mut c);
+    let status = d.wait_exit(Duration::from_secs(15));
+    let took = t0.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after SIGTERM:\n{}",
+        d.log_text()
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the drain waited {took:?} for a client that had read everything (bound 20 s)"
+    );
+    assert!(
+        matches!(&err, ClientError::Daemon { code, .. } if code == "shutdown")
+            || matches!(err, ClientError::Disconnected),
+        "the trainer is told the daemon stops: {err}"
+    );
+    assert!(err.is_transient(), "{err} must make a client reconnect");
+    // Everything published before the signal was still delivered, in order.
+    let all: Vec<u64> = first
+        .iter()
+        .map(|s| s.step)
+        .chain(steps.iter().copied())
+        .collect();
+    assert_eq!(all, (0..all.len() as u64).collect::<Vec<_>>());
+    assert!(
+        all.len() >= 3 && all.len() <= 3 + SLOTS as usize + 1,
+        "{all:?}"
+    );
+    assert_eq!(
+        first.iter().map(|s| s.domains.clone()).collect::<Vec<_>>(),
+        want[..3].to_vec()
+    );
+    assert!(d.log_text().contains("drained"), "{}", d.log_text());
+}
+
+/// SIGTERM with a trainer that holds its slots and stops reading: the daemon waits for
+/// it up to `drain_timeout_ms`, then tells it `shutdown` and exits 0.
+#[test]
+fn sigterm_with_a_stuck_client_exits_at_the_bound() {
+    let f = fixture("drain_timeout_ms = 1500\n");
+    let mut d = f.serve();
+    let mut c = f.connect("stuck");
+    let _ = read(&mut c, 2);
+    d.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    let status = d.wait_exit(Duration::from_secs(20));
+    let took = t0.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after SIGTERM:\n{}",
+        d.log_text()
+    );
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(10),
+        "exited after {took:?}, want about the 1.5 s bound"
+    );
+    assert!(d.log_text().contains("drain bound"), "{}", d.log_text());
+    // The held slots stay readable (the memfd lives while mapped); then the stream ends.
+    let (_, err) = read_to_end(&mut c);
+    assert!(err.is_transient(), "{err}");
+}

@@ -1,0 +1,364 @@
+"""The control protocol from Python (python/millrace/control.py): against a stand-in
+daemon (frames sent, replies and errors mapped to exceptions, the multi-node forwarding
+helper with a stand-in torch.distributed), and against the real `millrace serve` (status,
+a change at a future step visible in the journal and in the delivered rows, bad changes
+refused with the old weights in force, late changes refused or moved).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import types
+from pathlib import Path
+
+import pytest
+
+from serve_helpers import Daemon, import_path_for_package, write_corpus
+
+try:
+    import millrace as mr
+except ImportError:  # not pip-installed: use the source tree
+    sys.path.insert(0, import_path_for_package())
+    import millrace as mr
+
+from millrace.control import CONTROL, CONTROL_REPLY, ChangeRefused, Control, forward_change  # noqa: E402
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack("<IB", len(payload) + 1, kind) + payload
+
+
+@pytest.fixture
+def short_dir():
+    """A short directory for sockets (unix socket paths are limited to 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="mrc", dir="/tmp"))
+    yield d
+    for p in d.iterdir():
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------- stand-in
+
+
+class Fake:
+    """Answers each CONTROL frame with ``answer(request) -> bytes`` (whole frames); an
+    empty answer closes the connection. Records every request."""
+
+    def __init__(self, path: Path, answer):
+        self.path, self.answer, self.seen = path, answer, []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            while True:
+                head = conn.recv(4, socket.MSG_WAITALL)
+                if len(head) < 4:
+                    return
+                (n,) = struct.unpack("<I", head)
+                body = conn.recv(n, socket.MSG_WAITALL)
+                assert body[0] == CONTROL
+                req = json.loads(body[1:])
+                self.seen.append(req)
+                out = self.answer(req)
+                if not out:
+                    return
+                conn.sendall(out)
+
+    def close(self):
+        self.listener.close()
+
+
+def reply(obj) -> bytes:
+    return frame(CONTROL_REPLY, json.dumps(obj).encode())
+
+
+@pytest.fixture
+def fake(short_dir):
+    made = []
+
+    def make(answer):
+        f = Fake(short_dir / f"f{len(made)}.sock", answer)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_requests_and_replies_against_a_stand_in(fake):
+    def answer(req):
+        op = req["op"]
+        if op == "status":
+            return reply({"ok": True, "op": "status", "status": {"pid": 7}})
+        if op == "journal":
+            return reply({"ok": True, "op": "journal", "journal": [{"at_step": 3}]})
+        if op == "reload":
+            return reply({"ok": True, "op": "reload", "applied_step": None,
+                          "requested_step": None, "moved": False, "journal": [],
+                          "message": "nothing changed"})
+        if op == "set_weights" and req.get("at_step") == 1:
+            return reply({"ok": False, "op": "set_weights", "code": "late",
+                          "message": "step 1 was delivered", "first_changeable_step": 9})
+        if op == "set_weights":
+            return reply({"ok": True, "op": "set_weights", "requested_step": req.get("at_step"),
+                          "applied_step": req.get("at_step", 9), "moved": False,
+                          "journal": [], "message": ""})
+        return b""
+
+    f = fake(answer)
+    ctl = Control(f.path, timeout=5)
+    assert "not connected" in repr(ctl)
+    assert ctl.status() == {"pid": 7}
+    assert ctl.journal() == [{"at_step": 3}]
+    assert ctl.reload()["applied_step"] is None
+    r = ctl.set_weights({"web": 0.5, "code": 1}, at_step=100)
+    assert r["applied_step"] == 100
+    with pytest.raises(ChangeRefused) as e:
+        ctl.set_weights({"web": 1.0}, at_step=1)
+    assert (e.value.code, e.value.first_changeable_step, e.value.op) == ("late", 9, "set_weights")
+    assert isinstance(e.value, mr.DaemonError)
+    assert "9" in str(e.value)
+    # A refusal leaves the connection usable: one connection for all of the above.
+    assert ctl.set_weights({"web": 2})["applied_step"] == 9
+    assert f.seen[0] == {"op": "status", "protocol": 1}
+    assert f.seen[3] == {"op": "set_weights", "weights": {"web": 0.5, "code": 1.0},
+                         "late": "refuse", "at_step": 100, "protocol": 1,
+                         "source": "client"}
+    assert "at_step" not in f.seen[-1]
+    ctl.close()
+
+
+def test_bad_arguments_never_reach_the_daemon(fake):
+    f = fake(lambda req: b"")
+    ctl = Control(f.path, timeout=5)
+    for bad in ({"web": float("nan")}, {"web": float("inf")}, {"web": "x"}, {}, {1: 0.5}):
+        with pytest.raises(ValueError):
+            ctl.set_weights(bad)
+    with pytest.raises(ValueError):
+        ctl.set_weights({"web": 1.0}, late="later")
+    with pytest.raises(ValueError):
+        ctl.set_weights({"web": 1.0}, at_step=-1)
+    assert f.seen == []
+
+
+def test_error_frames_and_missing_daemons(fake, short_dir):
+    f = fake(lambda req: {
+        "refuse": frame(3, b'{"code":"uid","message":"uid 1234 is not allowed"}'),
+        "error": frame(5, b'{"code":"protocol","message":"bad"}'),
+        "junk": frame(CONTROL_REPLY, b"[1, 2]"),
+        "other": frame(2, b"{}"),
+    }.get(req["op"], b""))
+    ctl = Control(f.path, timeout=5)
+    with pytest.raises(mr.Refused) as e:
+        ctl.request({"op": "refuse"})
+    assert e.value.code == "uid"
+    with pytest.raises(mr.DaemonError) as e:
+        ctl.request({"op": "error"})
+    assert e.value.code == "protocol" and not isinstance(e.value, ChangeRefused)
+    with pytest.raises(mr.ProtocolError):
+        ctl.request({"op": "junk"})
+    with pytest.raises(mr.ProtocolError):
+        ctl.request({"op": "other"})
+    with pytest.raises(mr.DaemonGone):
+        ctl.request({"op": "close"})
+    with pytest.raises(mr.DaemonGone):
+        Control(short_dir / "nobody.sock").status()
+    # A daemon that never answers: a timeout, reported as gone.
+    quiet = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    quiet.bind(str(short_dir / "quiet.sock"))
+    quiet.listen(1)
+    try:
+        with pytest.raises(mr.DaemonGone):
+            Control(short_dir / "quiet.sock", timeout=0.2).status()
+    finally:
+        quiet.close()
+
+
+def fake_torch(monkeypatch, rank: int, change, gathered: list):
+    """A stand-in torch.distributed for one process playing `rank` of len(gathered)
+    ranks: broadcast hands out `change`; all_gather returns `gathered` with this rank's
+    object put in its place."""
+    dist = types.ModuleType("torch.distributed")
+    dist.broadcast_object_list = lambda obj, src=0, group=None: obj.__setitem__(0, change)
+    dist.get_world_size = lambda group=None: len(gathered)
+
+    def all_gather_object(out, obj, group=None):
+        for i, g in enumerate(gathered):
+            out[i] = obj if i == rank else g
+
+    dist.all_gather_object = all_gather_object
+    torch = types.ModuleType("torch")
+    torch.distributed = dist
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch.distributed", dist)
+
+
+def test_forward_change_agrees_across_nodes(fake, monkeypatch):
+    f = fake(lambda req: reply({"ok": True, "op": "set_weights", "applied_step": req["at_step"],
+                                "requested_step": req["at_step"], "moved": False,
+                                "journal": [], "message": ""}))
+    ctl = Control(f.path, timeout=5)
+    change = {"weights": {"web": 0.7}, "at_step": 500}
+    ok = {"reply": {"applied_step": 500}}
+    # Rank 1 of 3 forwards for its node (LOCAL_RANK 0); rank 0 did for its node, rank 2
+    # shares a node with one of them.
+    fake_torch(monkeypatch, 1, change, [ok, None, None])
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    r = forward_change(ctl, None)
+    assert r["applied_step"] == 500
+    assert f.seen[-1]["weights"] == {"web": 0.7} and f.seen[-1]["at_step"] == 500
+    # A rank that does not forward sends nothing and returns the forwarders' reply.
+    n = len(f.seen)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    fake_torch(monkeypatch, 2, change, [ok, ok, None])
+    assert forward_change(ctl, None) == {"applied_step": 500}
+    assert len(f.seen) == n
+    # Nodes that disagree are an error on every rank.
+    fake_torch(monkeypatch, 2, change, [ok, {"reply": {"applied_step": 501}}, None])
+    with pytest.raises(RuntimeError, match="different steps"):
+        forward_change(ctl, None, forward=False)
+    fake_torch(monkeypatch, 2, change,
+               [ok, {"refused": ("late", "m", 600, "set_weights", {})}, None])
+    with pytest.raises(ChangeRefused) as e:
+        forward_change(ctl, None, forward=False)
+    assert e.value.first_changeable_step == 600
+
+
+def test_imports_without_torch():
+    """numpy-only environments: millrace and millrace.control import with torch absent."""
+    code = ("import sys; sys.modules['torch'] = None; import millrace, millrace.control; "
+            "assert millrace.Control is millrace.control.Control; print('ok')")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = import_path_for_package() + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert mr.Control is Control and mr.ChangeRefused is ChangeRefused
+
+
+# ---------------------------------------------------------------------------- the daemon
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("control_corpus"),
+                        extra_serve="watch_config = false")
+
+
+@pytest.fixture
+def daemon(millrace, corpus, short_dir, tmp_path):
+    d = Daemon(millrace.path, corpus, short_dir / "d.sock", tmp_path / "d.log").start()
+    yield d
+    d.kill()
+    d.assert_no_panic()
+
+
+def trainer(d, job):
+    return mr.Client(d.sock, 0, 1, job=job, reconnect_timeout=0, register_cuda=False)
+
+
+def domains_of(c, n):
+    out = []
+    for _ in range(n):
+        b = c.next_batch(timeout=60)
+        out.append((b.step, [int(x) for x in b.domain]))
+    return out
+
+
+def test_status_from_python(daemon):
+    ctl = Control(daemon.sock)
+    st = ctl.status()
+    assert st["pid"] == daemon.pid
+    assert [d["name"] for d in st["domains"]] == ["web", "code"]
+    assert abs(sum(d["target_share"] for d in st["domains"]) - 1) < 1e-6
+    assert st["journal"] == [] and st["jobs"] == []
+    with trainer(daemon, "py") as c:
+        domains_of(c, 4)
+        st = ctl.status()
+        assert st["clients"] == 1
+        assert st["first_changeable_step"] >= 4
+        ring = st["jobs"][0]["rings"][0]
+        assert ring["peers"][0]["pid"] == os.getpid()
+    assert ctl.journal() == []
+
+
+def test_set_weights_at_a_future_step(daemon):
+    ctl = Control(daemon.sock)
+    with trainer(daemon, "future") as c:
+        before = domains_of(c, 2)
+        r = ctl.set_weights({"web": 0.0, "code": 1.0}, at_step=10)
+        assert r["ok"] is True and r["applied_step"] == 10 and r["moved"] is False
+        journal = ctl.journal()
+        assert len(journal) == 1
+        e = journal[0]
+        assert e["at_step"] == 10 and e["source"] == "client"
+        assert e["points"][0]["weights"]["code"] == 1.0
+        assert e["points"][0]["weights"]["web"] == 0.0
+        assert r["journal"] == journal
+        assert ctl.status()["journal"] == journal
+        after = domains_of(c, 14)
+    assert before[0][0] == 0
+    for step, doms in after:
+        if step >= 10:
+            assert doms == [1] * len(doms), (step, doms)
+
+
+@pytest.mark.parametrize("weights", [{"nope": 1.0}, {"web": -1.0}, {"web": 0.0, "code": 0.0}],
+                         ids=["unknown", "negative", "all-zero"])
+def test_bad_changes_are_refused_and_nothing_changes(daemon, weights):
+    ctl = Control(daemon.sock)
+    failed = ctl.status()["failed_reloads"]
+    with pytest.raises(ChangeRefused) as e:
+        ctl.set_weights(weights, at_step=50)
+    assert e.value.code == "invalid", e.value
+    assert e.value.message
+    assert ctl.journal() == []
+    st = ctl.status()
+    assert st["failed_reloads"] == failed + 1
+    assert st["reloads"] == 0
+    # The connection stays usable after a refusal.
+    assert ctl.status()["pid"] == daemon.pid
+
+
+def test_late_changes_are_refused_or_moved(daemon):
+    ctl = Control(daemon.sock)
+    with trainer(daemon, "late") as c:
+        domains_of(c, 6)
+        with pytest.raises(ChangeRefused) as e:
+            ctl.set_weights({"web": 0.9}, at_step=2)
+        assert e.value.code == "late"
+        first = e.value.first_changeable_step
+        assert first is not None and first >= 6
+        assert ctl.journal() == []
+        r = ctl.set_weights({"web": 0.9}, at_step=2, late="next")
+        assert r["moved"] is True and r["requested_step"] == 2
+        assert r["applied_step"] >= first
+        assert [j["at_step"] for j in ctl.journal()] == [r["applied_step"]]
+        steps = [s for s, _ in domains_of(c, 6)]
+        assert steps == list(range(6, 12))
