@@ -675,9 +675,15 @@ impl Hub {
                         self.cursor_cap,
                     );
                     let step = planner.step();
-                    let r = Ring::create(&format!("{}:{}", hello.job, hello.dp_rank), layout, step)
-                        .map_err(|e| Refusal::new("busy", e.to_string()))?;
-                    let r = Arc::new(r);
+                    let r = match Ring::create(
+                        &format!("{}:{}", hello.job, hello.dp_rank),
+                        layout,
+                        step,
+                    ) {
+                        Ok(r) => Arc::new(r),
+                        // Through the cleanup below, like every other refusal.
+                        Err(e) => break 'join Err(Refusal::new("busy", e.to_string())),
+                    };
                     let mut peers = HashMap::new();
                     peers.insert(peer_id, new_peer(step, None));
                     // The client's own bytes when it brought a blob: a peer resuming from

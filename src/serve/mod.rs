@@ -295,6 +295,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         started: Instant::now(),
         notifier: notifier.clone(),
         running: Mutex::new(Running::of(&l.cfg, l.plan.config())),
+        pending: Mutex::new(None),
         serve,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -331,6 +332,8 @@ struct Daemon {
     notifier: Arc<Notifier>,
     /// What the config file said when it was last applied.
     running: Mutex<Running>,
+    /// The watcher's candidate: a hash seen once, applied if the next tick sees it too.
+    pending: Mutex<Option<u64>>,
 }
 
 /// The parts of the config file a reload compares against.
@@ -443,7 +446,11 @@ impl Daemon {
     /// The file watcher's check: reloads when the file's bytes changed since they were
     /// last applied and have stayed the same for one more interval (an editor's partial
     /// write is not applied).
-    fn watch_tick(&self, pending: &mut Option<u64>) {
+    fn watch_tick(&self) {
+        // One tick at a time: a tick that finds the previous one still reloading skips.
+        let Ok(mut pending) = self.pending.try_lock() else {
+            return;
+        };
         let Ok(bytes) = std::fs::read(&self.config) else {
             return; // mid-rename, or gone for a moment: look again next tick
         };
@@ -623,7 +630,6 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
     let mut watchdog = d.notifier.watchdog_interval().map(tokio::time::interval);
     let mut watch = tokio::time::interval(Duration::from_millis(serve.watch_interval_ms));
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending: Option<u64> = None;
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -645,25 +651,25 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
                 d.notifier.watchdog();
             }
             _ = watch.tick(), if serve.watch_config => {
+                // Off the loop: a reload restores planners, and accepting must go on.
                 let d = d.clone();
-                let mut p = pending;
-                pending = tokio::task::spawn_blocking(move || { d.watch_tick(&mut p); p }).await.unwrap_or(None);
+                tokio::task::spawn_blocking(move || d.watch_tick());
             }
             _ = metrics_tick.tick(), if serve.metrics_addr.is_some() => {
                 let d = d.clone();
-                let _ = tokio::task::spawn_blocking(move || export_metrics(&d.status())).await;
+                tokio::task::spawn_blocking(move || export_metrics(&d.status()));
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", d.config.display());
-                d.notifier.reloading();
-                let d2 = d.clone();
-                let r = tokio::task::spawn_blocking(move || d2.reload_file("sighup")).await;
-                let line = match r {
-                    Ok(Ok(a)) => format!("reloaded: {}", a.message),
-                    Ok(Err(e)) => format!("reload refused ({}): {}", e.code, e.message),
-                    Err(e) => format!("reload failed: {e}"),
-                };
-                d.notifier.reloaded(&line);
+                let d = d.clone();
+                tokio::task::spawn_blocking(move || {
+                    d.notifier.reloading();
+                    let line = match d.reload_file("sighup") {
+                        Ok(a) => format!("reloaded: {}", a.message),
+                        Err(e) => format!("reload refused ({}): {}", e.code, e.message),
+                    };
+                    d.notifier.reloaded(&line);
+                });
             }
             _ = term.recv() => { info!("SIGTERM: draining"); break; }
             _ = int.recv() => { info!("SIGINT: draining"); break; }
