@@ -118,6 +118,17 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.socket.display()))
     }
 
+    /// Waits until the daemon has dropped `job` (its last client left).
+    fn wait_no_job(&self, job: &str) -> Value {
+        wait_for(&format!("job {job} to go"), Duration::from_secs(10), || {
+            let st = self.status();
+            match st["jobs"].as_array() {
+                Some(jobs) if jobs.iter().all(|j| j["job"] != job) => Ok(st),
+                _ => Err(st.to_string()),
+            }
+        })
+    }
+
     /// The config as a TOML table.
     fn doc(&self) -> toml::Table {
         toml::from_str(&std::fs::read_to_string(&self.config).unwrap()).unwrap()
@@ -660,6 +671,23 @@ fn resume_after_a_change_is_exact() {
     {
         let b = f.serve();
         assert_eq!(f.journal(), Vec::<Value>::new());
+        // A client with the blob that is refused for another reason (its replica is
+        // already connected) leaves the daemon's journal alone.
+        {
+            let mut taken = f.hello("resume");
+            taken.replica = "dup".into();
+            let _holder = f.connect_with(&taken).expect("a fresh client joins");
+            let mut dup = f.hello("resume");
+            dup.replica = "dup".into();
+            dup.cursor = Some(hex(&blob));
+            let refused = f.connect_with(&dup).err().map(|e| e.to_string());
+            assert!(
+                refused.is_some(),
+                "a second client as replica dup was admitted"
+            );
+            assert_eq!(f.journal(), Vec::<Value>::new(), "{refused:?}");
+        }
+        let _ = f.wait_no_job("resume");
         let mut h = f.hello("resume");
         h.cursor = Some(hex(&blob));
         let mut c = f

@@ -11,7 +11,8 @@ Errors
 - :class:`ChangeRefused` (a :class:`~millrace.client.DaemonError`): the daemon answered
   ``ok: false``: a change for a step some client already received (``code == "late"``,
   with ``first_changeable_step``), invalid weights (``"invalid"``: an unknown domain, a
-  negative weight, all zero), ``"busy"`` or ``"protocol"``. Nothing was changed.
+  negative weight, all zero), ``"busy"`` or ``"protocol"``. That daemon changed nothing; with
+  :func:`forward_change`, other nodes may have (the message counts them).
 - :class:`~millrace.client.Refused`: the daemon refused the connection (REFUSED frame,
   e.g. this uid is not allowed).
 - :class:`~millrace.client.DaemonError`: the daemon judged a frame malformed (ERROR frame)
@@ -91,7 +92,8 @@ _LATE = ("refuse", "next")
 
 
 class ChangeRefused(DaemonError):
-    """The daemon answered a control request with ``ok: false``; nothing changed.
+    """A daemon answered a control request with ``ok: false``; that daemon changed nothing
+    (from :func:`forward_change`, other nodes may have: the message says).
 
     ``code`` is ``late``, ``invalid``, ``protocol`` or ``busy``; ``first_changeable_step``
     is set when ``code == "late"``; ``reply`` is the whole reply.
@@ -264,7 +266,12 @@ def forward_change(control: Control, change: dict | None, src: int = 0, group=No
     """Broadcasts ``change`` (kwargs of :meth:`Control.set_weights`, given on rank ``src``)
     to every rank, has one rank per node send it to that node's daemon, and returns the
     reply, the same on every rank. Raises :class:`ChangeRefused` on every rank if any node
-    refused it, and ``RuntimeError`` if nodes applied it at different steps.
+    refused it, and ``RuntimeError`` if nodes applied it at different steps. Both mean the
+    nodes may now disagree: the message says how many applied it.
+
+    ``change`` must name ``at_step`` and must not ask for ``late="next"``: otherwise each
+    daemon would pick its own step. ``ValueError`` (on every rank, before anything is
+    sent) says so.
 
     ``forward`` says whether this rank talks to its daemon (default: ``LOCAL_RANK == 0``).
     Needs torch.distributed, initialised; imported only when called.
@@ -274,6 +281,11 @@ def forward_change(control: Control, change: dict | None, src: int = 0, group=No
     obj = [change]
     dist.broadcast_object_list(obj, src=src, group=group)
     change = obj[0]
+    if not isinstance(change, dict) or change.get("at_step") is None:
+        raise ValueError("forward_change needs an explicit at_step, the same on every node")
+    if change.get("late", "refuse") != "refuse":
+        raise ValueError('forward_change takes late="refuse" only: with "next" each node '
+                         "could move the change to a different step")
     if forward is None:
         forward = int(os.environ.get("LOCAL_RANK", "0")) == 0
     mine = None
@@ -291,9 +303,15 @@ def forward_change(control: Control, change: dict | None, src: int = 0, group=No
     for m in sent:
         if "error" in m:
             raise RuntimeError(f"a node could not forward the change: {m['error']}")
+    applied = sum(1 for m in sent if "reply" in m)
     for m in sent:
         if "refused" in m:
-            raise ChangeRefused(*m["refused"])
+            code, message, first, op, reply = m["refused"]
+            if applied:
+                message = (f"{message} ({applied} of {len(sent)} nodes applied the change: "
+                           "the nodes now disagree from its step; send a further change to "
+                           "every node to bring them together)")
+            raise ChangeRefused(code, message, first, op, reply)
     steps = {m["reply"].get("applied_step") for m in sent}
     if len(steps) != 1:
         raise RuntimeError(f"nodes applied the change at different steps: {sorted(steps)}")

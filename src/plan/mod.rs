@@ -400,7 +400,8 @@ impl Plan {
         let mut p = t;
         for &(a, b) in &self.skips {
             if p >= a {
-                p += b - a + 1;
+                // Saturating: a step past u64::MAX is never reached, whatever it maps to.
+                p = p.saturating_add(b - a + 1);
             } else {
                 break;
             }

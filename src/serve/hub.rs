@@ -468,6 +468,15 @@ impl Hub {
             match journal::compare(seen.journal(), &c.journal) {
                 Order::Same | Order::OursAhead => {}
                 Order::TheirsAhead => {
+                    let domains = seen.domain_names().len();
+                    if cursor::journal_bytes(&c.journal, domains) > self.journal_cap {
+                        return Err(refuse(format!(
+                            "its journal of {} live changes is larger than this daemon's cursor \
+                             field allows ({} bytes)",
+                            c.journal.len(),
+                            self.journal_cap
+                        )));
+                    }
                     let p = seen
                         .with_journal(c.journal.clone())
                         .map_err(|e| refuse(e.to_string()))?;
@@ -526,7 +535,9 @@ impl Hub {
         if st.stopping || st.draining {
             return Err(Refusal::new("busy", "the daemon is shutting down"));
         }
-        if let Some(p) = adopt {
+        // A blob's changes are adopted only once every other check has passed (below),
+        // but one that could rewrite what other clients already received is refused now.
+        if let Some(p) = &adopt {
             let fc = st.first_changeable();
             let fc_p = seen.plan_step_of(fc);
             let extra = &p.journal()[seen.journal().len()..];
@@ -538,12 +549,6 @@ impl Hub {
                     ch.at
                 )));
             }
-            let n = extra.len();
-            self.install(&mut st, p)
-                .map_err(|e| Refusal::new("busy", format!("adopting the blob's journal: {e}")))?;
-            st.sources.extend(std::iter::repeat_n("cursor", n));
-            *st.reloads.entry("cursor").or_default() += 1;
-            info!(changes = n, job = %hello.job, dp_rank = hello.dp_rank, "adopted live mixture changes from a client's cursor blob");
         }
         if st.clients >= self.settings.max_clients {
             return Err(Refusal::new(
@@ -719,6 +724,31 @@ impl Hub {
                 }
             }
         };
+        let outcome = match (outcome, adopt) {
+            (Ok(x), Some(p)) => {
+                let n = p.journal().len() - seen.journal().len();
+                // All or nothing: a failed install leaves every ring as it was.
+                match self.install(&mut st, p) {
+                    Ok(()) => {
+                        st.sources.extend(std::iter::repeat_n("cursor", n));
+                        *st.reloads.entry("cursor").or_default() += 1;
+                        info!(changes = n, job = %hello.job, dp_rank = hello.dp_rank, "adopted live mixture changes from a client's cursor blob");
+                        Ok(x)
+                    }
+                    Err(e) => {
+                        Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id);
+                        return Err(Refusal::new(
+                            "busy",
+                            format!("adopting the blob's journal: {e}"),
+                        ));
+                    }
+                }
+            }
+            (o, _) => o,
+        };
+        let Some(job) = st.jobs.get_mut(&hello.job) else {
+            return Err(Refusal::new("busy", "the job was just torn down; retry"));
+        };
         let (start_step, ring) = match outcome {
             Ok(x) => x,
             Err(r) => {
@@ -760,6 +790,24 @@ impl Hub {
             ready,
             kick,
         }))
+    }
+
+    /// Takes back a join that a later step of admission refused.
+    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64) {
+        let Some(j) = st.jobs.get_mut(job) else {
+            return;
+        };
+        if let Some(e) = j.rings.get_mut(&dp_rank) {
+            if e.peers.remove(&peer).is_some() {
+                e.joined = e.joined.saturating_sub(1);
+            }
+            if e.peers.is_empty() {
+                j.rings.remove(&dp_rank);
+            }
+        }
+        if j.rings.is_empty() {
+            st.jobs.remove(job);
+        }
     }
 
     fn find<'a>(st: &'a mut State, job: &str, dp_rank: u32) -> Option<&'a mut RingEntry> {
@@ -1246,7 +1294,8 @@ impl Hub {
         };
         // Realized: the share of real tokens each domain got in every slot published so
         // far. Target: the token shares the schedule asks for at the most advanced
-        // ring's step. Rows and epochs come from that ring's published cursor.
+        // ring's step. Rows come from that ring's published cursor; epochs from its
+        // planner (up to `prefetch_steps` ahead of it).
         let names = plan.domain_names();
         let (plan_step, rows, epochs) =
             match best.and_then(|(_, c, ep)| cursor::decode(&c).ok().map(|d| (d, ep))) {

@@ -209,14 +209,34 @@ pub struct CheckArgs {
 /// shards and plan, and the token type. `check-config` stops here.
 struct Loaded {
     cfg: Config,
+    hash: u64,
     serve: ServeConfig,
     plan: Arc<crate::plan::Plan>,
     shards: Vec<Vec<Arc<crate::corpus::Shard>>>,
     token: TokenType,
 }
 
+/// Reads and parses the config once, returning the hash of exactly the bytes parsed, so
+/// the watcher compares against what was applied and not against a later read.
+fn read_config(path: &Path) -> Result<(Config, u64), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "{}: not UTF-8 at byte {}",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let cfg = Config::parse(&text, path, base).map_err(|e| e.to_string())?;
+    Ok((cfg, xxhash_rust::xxh3::xxh3_64(text.as_bytes())))
+}
+
 fn load(config: &Path) -> Result<Loaded> {
-    let cfg = Config::load(config)?;
+    let (cfg, hash) = read_config(config).map_err(|e| anyhow::anyhow!(e))?;
     let serve = ServeConfig::from_config(&cfg)?;
     let loaded = cfg.load_plan()?;
     let dtypes: Vec<(String, crate::corpus::DType)> = loaded
@@ -233,6 +253,7 @@ fn load(config: &Path) -> Result<Loaded> {
     }
     Ok(Loaded {
         cfg,
+        hash,
         serve,
         plan: loaded.plan,
         shards: loaded.shards,
@@ -294,7 +315,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         policy: access::Policy::new(serve.allowed_uids.clone(), serve.allowed_gids.clone()),
         started: Instant::now(),
         notifier: notifier.clone(),
-        running: Mutex::new(Running::of(&l.cfg, l.plan.config())),
+        running: Mutex::new(Running::of(&l.cfg, l.plan.config(), l.hash)),
         pending: Mutex::new(None),
         serve,
     });
@@ -351,15 +372,13 @@ struct Running {
 }
 
 impl Running {
-    fn of(cfg: &Config, plan: &PlanConfig) -> Running {
+    fn of(cfg: &Config, plan: &PlanConfig, hash: u64) -> Running {
         Running {
             corpus: toml::Value::try_from(&cfg.corpus).ok(),
             fixed: fixed_part(plan),
             points: plan.points(),
             serve: cfg.serve.clone(),
-            seen: std::fs::read(&cfg.source)
-                .ok()
-                .map(|b| xxhash_rust::xxh3::xxh3_64(&b)),
+            seen: Some(hash),
         }
     }
 }
@@ -377,10 +396,10 @@ impl Daemon {
     /// the reload as a whole (it needs a restart); `[serve]` changes are only warned about.
     fn reload_file(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let bytes = std::fs::read(&self.config).ok();
-        running.seen = bytes.as_deref().map(xxhash_rust::xxh3::xxh3_64);
         let parsed = (|| -> Result<(Config, PlanConfig), String> {
-            let cfg = Config::load(&self.config).map_err(|e| e.to_string())?;
+            let (cfg, hash) = read_config(&self.config)?;
+            // Seen, whatever comes of it: the watcher does not retry a refused file.
+            running.seen = Some(hash);
             let plan = cfg.plan_config().map_err(|e| e.to_string())?;
             if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
                 return Err(format!(

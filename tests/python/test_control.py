@@ -248,6 +248,14 @@ def test_forward_change_agrees_across_nodes(fake, monkeypatch):
     with pytest.raises(ChangeRefused) as e:
         forward_change(ctl, None, forward=False)
     assert e.value.first_changeable_step == 600
+    assert "1 of 2 nodes applied" in str(e.value)
+    # Without a common step, or with late="next", nothing is sent anywhere.
+    n = len(f.seen)
+    for bad in ({"weights": {"web": 0.7}}, {"weights": {"web": 0.7}, "at_step": 5, "late": "next"}):
+        fake_torch(monkeypatch, 0, bad, [None])
+        with pytest.raises(ValueError):
+            forward_change(ctl, None)
+    assert len(f.seen) == n
 
 
 def test_imports_without_torch():
