@@ -1051,6 +1051,18 @@ fn read_to_end(c: &mut Client) -> (Vec<u64>, ClientError) {
     }
 }
 
+/// Waits (up to 20 s) for the daemon to exit 0 after SIGTERM; returns the time since `t0`.
+fn exits_cleanly(d: &mut Serve, t0: Instant) -> Duration {
+    let status = d.wait_exit(Duration::from_secs(20));
+    let took = t0.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after SIGTERM:\n{}",
+        d.log_text()
+    );
+    took
+}
+
 /// SIGTERM with a trainer that keeps reading: the daemon stops filling, the trainer
 /// reads every step already published (contiguous, as planned), releases them, and the
 /// daemon exits 0 as soon as nothing is held, long before the bound; the trainer is
@@ -1065,13 +1077,7 @@ fn sigterm_lets_a_reading_client_finish_then_exits() {
     d.signal(libc::SIGTERM);
     let t0 = Instant::now();
     let (steps, err) = read_to_end(&mut c);
-    let status = d.wait_exit(Duration::from_secs(15));
-    let took = t0.elapsed();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?} after SIGTERM:\n{}",
-        d.log_text()
-    );
+    let took = exits_cleanly(&mut d, t0);
     assert!(
         took < Duration::from_secs(10),
         "the drain waited {took:?} for a client that had read everything (bound 20 s)"
@@ -1109,14 +1115,7 @@ fn sigterm_with_a_stuck_client_exits_at_the_bound() {
     let mut c = f.connect("stuck");
     let _ = read(&mut c, 2);
     d.signal(libc::SIGTERM);
-    let t0 = Instant::now();
-    let status = d.wait_exit(Duration::from_secs(20));
-    let took = t0.elapsed();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?} after SIGTERM:\n{}",
-        d.log_text()
-    );
+    let took = exits_cleanly(&mut d, Instant::now());
     assert!(
         took >= Duration::from_millis(1400) && took < Duration::from_secs(10),
         "exited after {took:?}, want about the 1.5 s bound"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -68,3 +69,19 @@ def megatron():
                         f"but could not be downloaded: {e}")
         pytest.skip(f"megatron-core wheel could not be downloaded (offline?); set CI to make "
                     f"this a failure: {e}")
+
+
+@pytest.fixture
+def short_dir():
+    """A short directory for sockets (unix socket paths are limited to 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="mrt", dir="/tmp"))
+    yield d
+    for p in d.iterdir():
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass

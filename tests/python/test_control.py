@@ -13,7 +13,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import types
 from pathlib import Path
@@ -33,22 +32,6 @@ from millrace.control import CONTROL, CONTROL_REPLY, ChangeRefused, Control, for
 
 def frame(kind: int, payload: bytes) -> bytes:
     return struct.pack("<IB", len(payload) + 1, kind) + payload
-
-
-@pytest.fixture
-def short_dir():
-    """A short directory for sockets (unix socket paths are limited to 107 bytes)."""
-    d = Path(tempfile.mkdtemp(prefix="mrc", dir="/tmp"))
-    yield d
-    for p in d.iterdir():
-        try:
-            p.unlink()
-        except OSError:
-            pass
-    try:
-        os.rmdir(d)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------- stand-in

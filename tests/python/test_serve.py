@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,22 +65,6 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(millrace, corpus):
     return Expected(millrace, corpus)
-
-
-@pytest.fixture
-def short_dir():
-    """A short directory for sockets (unix socket paths are limited to 107 bytes)."""
-    d = tempfile.mkdtemp(prefix="mrt", dir="/tmp")
-    yield Path(d)
-    for p in Path(d).iterdir():
-        try:
-            p.unlink()
-        except OSError:
-            pass
-    try:
-        os.rmdir(d)
-    except OSError:
-        pass
 
 
 @pytest.fixture
