@@ -689,12 +689,6 @@ impl Planner {
         &self.plan
     }
 
-    /// Follows `plan` from here on. Only sound when `plan` agrees with the current one on
-    /// every step this planner has passed (a live change at or after [`Planner::step`]).
-    pub fn rebase(&mut self, plan: Arc<Plan>) {
-        self.plan = plan;
-    }
-
     /// Mixer state (cumulative rows and carried error per domain).
     pub fn mix_state(&self) -> &MixState {
         &self.mix
