@@ -330,7 +330,25 @@ class Daemon:
                 self.proc.wait(30)
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """Open fds, leaving out the config file, which the watcher opens for a moment
+        every tick."""
+        n = 0
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue  # closed while we looked
+            n += target != os.path.realpath(self.config)
+        return n
+
+    def steady_fd_count(self, samples: int = 10, gap: float = 0.05) -> int:
+        """The fewest fds seen over a short while: the count with nothing transient open
+        (a probe connection still being closed, a blocking task's file)."""
+        counts = []
+        for _ in range(samples):
+            counts.append(self.fd_count())
+            time.sleep(gap)
+        return min(counts)
 
     def log_tail(self, n: int = 6000) -> str:
         try:
