@@ -882,8 +882,8 @@ fn duration_text(s: Option<f64>) -> String {
     }
 }
 
-/// `1234567` as `1.23M`: rates in a narrow column.
-fn si(v: f64) -> String {
+/// `1234567` as `1.23M`: rates in a narrow column (the top view, tokenize progress).
+pub(crate) fn si(v: f64) -> String {
     let a = v.abs();
     if a >= 1e9 {
         format!("{:.2}G", v / 1e9)

@@ -1602,25 +1602,12 @@ impl Sink<'_> {
             let secs = now.duration_since(self.started).as_secs_f64().max(1e-9);
             self.progress.set_message(format!(
                 "{} docs/s, {} tok/s, {:.1} MB/s",
-                si(self.stats.documents as f64 / secs),
-                si(self.stats.tokens as f64 / secs),
+                crate::ctl::si(self.stats.documents as f64 / secs),
+                crate::ctl::si(self.stats.tokens as f64 / secs),
                 self.stats.text_bytes as f64 / secs / 1e6
             ));
         }
         Ok(())
-    }
-}
-
-/// `1234567.0` -> `1.23M`: short rates for the progress line.
-fn si(v: f64) -> String {
-    if v >= 1e9 {
-        format!("{:.2}G", v / 1e9)
-    } else if v >= 1e6 {
-        format!("{:.2}M", v / 1e6)
-    } else if v >= 1e3 {
-        format!("{:.1}k", v / 1e3)
-    } else {
-        format!("{v:.0}")
     }
 }
 
