@@ -1,0 +1,1 @@
+//! Adversarial tests: admission (see main.rs).

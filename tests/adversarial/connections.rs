@@ -1,0 +1,1 @@
+//! Adversarial tests: connections (see main.rs).
