@@ -201,6 +201,9 @@ struct TokenizeArgs {
     /// Directory for the spill and sort files (default: beside the output).
     #[arg(long)]
     tmp_dir: Option<PathBuf>,
+    /// Skip (as bad, never reading them whole) lines longer than this many bytes (e.g. 8M).
+    #[arg(long, default_value = "8M", value_parser = synth::parse_count)]
+    max_line_bytes: u64,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -433,6 +436,7 @@ fn run_tokenize(args: TokenizeArgs) -> Result<()> {
     opts.mem_budget = args.mem_budget;
     opts.max_bad = args.max_bad;
     opts.tmp_dir = args.tmp_dir;
+    opts.max_line_bytes = args.max_line_bytes;
     opts.progress = !args.quiet;
     let summary = tokenize::tokenize(&opts)
         .with_context(|| format!("tokenizing into {}", opts.out.display()))?;

@@ -34,7 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -50,6 +50,16 @@ use crate::corpus::{CorpusError, DType, MegatronWriter, Shard};
 pub const REPORTED_BAD_LINES: usize = 10;
 /// Default size of the line chunks handed to workers.
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+/// Default longest input line kept (`--max-line-bytes`): far above a long book or source
+/// file, far below what would exhaust memory (the tokenizer needs ~130 bytes per byte).
+pub const DEFAULT_MAX_LINE_BYTES: u64 = 8_000_000;
+/// Lines at least this long encode one at a time through [`EncodeGate`] (up to
+/// `--max-line-bytes` of them together), so that `--threads` large documents never meet
+/// in the tokenizer at once; shorter ones cost at most ~130 MB per thread.
+const GATED_LINE_BYTES: usize = 1 << 20;
+/// The spill offset of a sort record that stands for a dropped row: it writes nothing,
+/// but tells pass 2 that its group existed.
+const DROPPED_ROW: u64 = u64::MAX;
 /// Most sorted runs merged at once; more are merged in several passes.
 const MERGE_FAN_IN: usize = 128;
 /// Special tokens taken as the end of a document when the tokenizer names no EOS itself.
@@ -104,6 +114,9 @@ pub struct TokenizeOptions {
     pub tmp_dir: Option<PathBuf>,
     /// Size of the line chunks handed to workers.
     pub chunk_bytes: usize,
+    /// Longer lines (newline excluded) are skipped as bad without ever being held in
+    /// memory whole, which bounds what one line can cost.
+    pub max_line_bytes: u64,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
 }
@@ -125,6 +138,7 @@ impl TokenizeOptions {
             max_bad: None,
             tmp_dir: None,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             progress: false,
         }
     }
@@ -226,6 +240,8 @@ pub enum BadKind {
     EncodeFailed,
     /// More tokens than a Megatron sequence length (i32) can hold.
     TooLong,
+    /// A line longer than `--max-line-bytes`, skipped unread.
+    LineTooLong,
 }
 
 impl BadKind {
@@ -239,6 +255,7 @@ impl BadKind {
             BadKind::EmptyText => "empty_text",
             BadKind::EncodeFailed => "encode_failed",
             BadKind::TooLong => "too_long",
+            BadKind::LineTooLong => "line_too_long",
         }
     }
 }
@@ -260,6 +277,8 @@ pub struct BadCounts {
     pub encode_failed: u64,
     /// Documents too long for a Megatron sequence.
     pub too_long: u64,
+    /// Lines longer than `--max-line-bytes`.
+    pub line_too_long: u64,
 }
 
 impl BadCounts {
@@ -272,6 +291,7 @@ impl BadCounts {
             BadKind::EmptyText => &mut self.empty_text,
             BadKind::EncodeFailed => &mut self.encode_failed,
             BadKind::TooLong => &mut self.too_long,
+            BadKind::LineTooLong => &mut self.line_too_long,
         };
         *c += 1;
     }
@@ -285,6 +305,7 @@ impl BadCounts {
             + self.empty_text
             + self.encode_failed
             + self.too_long
+            + self.line_too_long
     }
 }
 
@@ -339,6 +360,10 @@ pub struct TokenizeSummary {
     pub tokens: u64,
     /// Groups in the sidecar, when grouping.
     pub groups: Option<u64>,
+    /// Groups whose every row was dropped (empty text, or another bad line whose group
+    /// could be read), so they have no documents and are not in the sidecar; when
+    /// grouping. Reported because otherwise such a group disappears without a word.
+    pub vanished_groups: Option<u64>,
     /// Bad lines by kind.
     pub bad: BadCounts,
     /// The first few bad lines.
@@ -377,17 +402,19 @@ pub fn render(s: &TokenizeSummary) -> String {
     if let (Some(g), Some(path)) = (s.groups, &s.groups_file) {
         let _ = writeln!(
             t,
-            "{} groups in {} ({} sorted runs spilled)",
+            "{} groups in {} ({} sorted runs spilled); {} more had only empty or bad rows \
+             and are not in it",
             thousands(g),
             path.display(),
-            s.sort_runs
+            s.sort_runs,
+            thousands(s.vanished_groups.unwrap_or(0))
         );
     }
     let b = &s.bad;
     let _ = writeln!(
         t,
         "{} lines in {} files, {} blank; bad: {} (invalid_json {}, non_utf8 {}, missing_field {}, \
-         wrong_type {}, empty_text {}, encode_failed {}, too_long {})",
+         wrong_type {}, empty_text {}, encode_failed {}, too_long {}, line_too_long {})",
         thousands(s.lines),
         s.files,
         thousands(s.blank_lines),
@@ -398,7 +425,8 @@ pub fn render(s: &TokenizeSummary) -> String {
         b.wrong_type,
         b.empty_text,
         b.encode_failed,
-        b.too_long
+        b.too_long,
+        b.line_too_long
     );
     for bad in &s.first_bad {
         let _ = writeln!(t, "  {bad}");
@@ -510,14 +538,17 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
             let _ = slot_tx.send(());
         }
         let chunk_bytes = opts.chunk_bytes.max(1);
+        let max_line = usize::try_from(setup.max_line).unwrap_or(usize::MAX);
         let inputs = &opts.inputs;
-        let reader =
-            s.spawn(move || read_inputs(inputs, chunk_bytes, &work_tx, &slot_rx, &consumed));
+        let reader = s.spawn(move || {
+            read_inputs(inputs, chunk_bytes, max_line, &work_tx, &slot_rx, &consumed)
+        });
+        let gate = Arc::new(EncodeGate::new(setup.max_line));
         let work_rx = Arc::new(Mutex::new(work_rx));
         for _ in 0..threads {
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
-            let worker = setup.worker();
+            let worker = setup.worker(&gate);
             s.spawn(move || worker.run(&work_rx, &done_tx));
         }
         drop(done_tx);
@@ -545,6 +576,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         });
     }
     let mut groups = None;
+    let mut vanished_groups = None;
     let mut sort_runs = 0;
     match out {
         Out::Stream(writer) => {
@@ -571,6 +603,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
                 opts.progress,
             )?;
             groups = Some(written.groups);
+            vanished_groups = Some(written.vanished);
             sort_runs = written.runs;
         }
     }
@@ -606,6 +639,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         documents: stats.documents,
         tokens: stats.tokens,
         groups,
+        vanished_groups,
         bad: stats.bad,
         first_bad,
         bytes_in,
@@ -696,6 +730,7 @@ struct Setup {
     group_field: Option<String>,
     order_field: Option<String>,
     grouped: bool,
+    max_line: u64,
 }
 
 impl Setup {
@@ -774,6 +809,11 @@ impl Setup {
                 vocab - 1
             )));
         }
+        if opts.max_line_bytes == 0 {
+            return Err(TokenizeError::Options(
+                "--max-line-bytes 0 would skip every line".into(),
+            ));
+        }
         let grouped = opts.group_field.is_some();
         Ok(Setup {
             tokenizer,
@@ -784,10 +824,11 @@ impl Setup {
             group_field: opts.group_field.clone(),
             order_field: opts.order_field.clone(),
             grouped,
+            max_line: opts.max_line_bytes,
         })
     }
 
-    fn worker(&self) -> Worker {
+    fn worker(&self, gate: &Arc<EncodeGate>) -> Worker {
         Worker {
             tokenizer: self.tokenizer.clone(),
             eos: self.eos,
@@ -797,6 +838,8 @@ impl Setup {
             group_field: self.group_field.clone(),
             order_field: self.order_field.clone(),
             grouped: self.grouped,
+            max_line: self.max_line,
+            gate: gate.clone(),
         }
     }
 }
@@ -872,7 +915,13 @@ struct Chunk {
     /// Input bytes as stored (compressed) read up to the end of this chunk, over all
     /// files: the progress bar's position once the chunk is written.
     stored_end: u64,
+    /// The kept lines, back to back with their newlines.
     data: Vec<u8>,
+    /// Lines longer than the limit, left out of `data`: (index of the line within the
+    /// chunk, its length without the newline), in order.
+    skipped: Vec<(u64, u64)>,
+    /// Bytes of the skipped lines, newlines included (they count as read).
+    skipped_bytes: u64,
 }
 
 /// Counts the bytes read from an input as stored, for the progress bar.
@@ -889,8 +938,9 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Opens an input, decompressing gzip or zstd when its first bytes say so.
-fn open_input(path: &Path, count: &Arc<AtomicU64>) -> Result<Box<dyn Read + Send>> {
+/// Opens an input, decompressing gzip or zstd when its first bytes say so. Buffered, so
+/// that lines are cut from the reader's own buffer without a copy per line.
+fn open_input(path: &Path, count: &Arc<AtomicU64>) -> Result<Box<dyn BufRead + Send>> {
     let file = File::open(path).map_err(io_err(path, "open"))?;
     let mut raw = BufReader::with_capacity(
         1 << 20,
@@ -901,21 +951,144 @@ fn open_input(path: &Path, count: &Arc<AtomicU64>) -> Result<Box<dyn Read + Send
     );
     let head = raw.fill_buf().map_err(io_err(path, "read"))?;
     if head.starts_with(&[0x1f, 0x8b]) {
-        Ok(Box::new(flate2::bufread::MultiGzDecoder::new(raw)))
+        let d = flate2::bufread::MultiGzDecoder::new(raw);
+        Ok(Box::new(BufReader::with_capacity(1 << 20, d)))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         let d = zstd::stream::read::Decoder::with_buffer(raw).map_err(io_err(path, "zstd init"))?;
-        Ok(Box::new(d))
+        Ok(Box::new(BufReader::with_capacity(1 << 20, d)))
     } else {
         Ok(Box::new(raw))
     }
 }
 
-/// The reader thread: every input, in order, cut into chunks of about `chunk` bytes
-/// ending at a newline. Waits for a free slot before each chunk, and stops quietly when
-/// the writer has gone (it has its own error to report).
+/// Cuts one file's bytes, as they arrive, into chunks of whole lines, leaving out lines
+/// longer than the limit as it goes: it holds at most one chunk plus one line of the
+/// limit's length, whatever the input (a 100 MB line costs nothing).
+struct LineCutter {
+    max_line: usize,
+    /// Kept whole lines, then the kept start of the current, unfinished line.
+    buf: Vec<u8>,
+    /// Where the unfinished line starts in `buf`.
+    line_start: usize,
+    /// Bytes seen of the current line once it is known to be too long (none are kept).
+    skipping: Option<u64>,
+    /// Lines finished in this chunk, kept or skipped.
+    lines: u64,
+    skipped: Vec<(u64, u64)>,
+    skipped_bytes: u64,
+}
+
+impl LineCutter {
+    fn new(max_line: usize) -> LineCutter {
+        LineCutter {
+            max_line,
+            buf: Vec::new(),
+            line_start: 0,
+            skipping: None,
+            lines: 0,
+            skipped: Vec::new(),
+            skipped_bytes: 0,
+        }
+    }
+
+    /// Takes lines from `data` until the chunk holds `chunk` bytes of whole lines;
+    /// returns how many bytes of `data` it took.
+    fn feed(&mut self, data: &[u8], chunk: usize) -> usize {
+        let mut at = 0;
+        while at < data.len() && !self.full(chunk) {
+            let rest = &data[at..];
+            let nl = memchr::memchr(b'\n', rest);
+            if let Some(seen) = &mut self.skipping {
+                let n = nl.unwrap_or(rest.len());
+                *seen += n as u64;
+                self.skipped_bytes += n as u64;
+                at += n;
+                if nl.is_some() {
+                    self.skipped_bytes += 1;
+                    at += 1;
+                    let len = *seen;
+                    self.skipping = None;
+                    self.skipped.push((self.lines, len));
+                    self.lines += 1;
+                }
+                continue;
+            }
+            let held = self.buf.len() - self.line_start;
+            let room = self.max_line - held;
+            match nl {
+                Some(i) if i <= room => {
+                    self.buf.extend_from_slice(&rest[..=i]);
+                    self.line_start = self.buf.len();
+                    self.lines += 1;
+                    at += i + 1;
+                }
+                Some(i) => {
+                    self.buf.truncate(self.line_start);
+                    self.skipped.push((self.lines, (held + i) as u64));
+                    self.skipped_bytes += (held + i + 1) as u64;
+                    self.lines += 1;
+                    at += i + 1;
+                }
+                None if rest.len() <= room => {
+                    self.buf.extend_from_slice(rest);
+                    at += rest.len();
+                }
+                None => {
+                    // Too long already, with no end in sight: drop what is held and
+                    // count the rest as it streams past.
+                    self.buf.truncate(self.line_start);
+                    let seen = (held + rest.len()) as u64;
+                    self.skipping = Some(seen);
+                    self.skipped_bytes += seen;
+                    at += rest.len();
+                }
+            }
+        }
+        at
+    }
+
+    /// Whether the chunk should go: enough whole lines, or many skipped ones.
+    fn full(&self, chunk: usize) -> bool {
+        self.line_start >= chunk || self.skipped.len() >= 1024
+    }
+
+    /// Ends the file: an unfinished last line (no newline) is a line too.
+    fn finish(&mut self) {
+        if let Some(len) = self.skipping.take() {
+            self.skipped.push((self.lines, len));
+            self.lines += 1;
+        } else if self.buf.len() > self.line_start {
+            self.line_start = self.buf.len();
+            self.lines += 1;
+        }
+    }
+
+    /// Hands over the finished lines (kept and skipped), keeping the unfinished one;
+    /// returns (data, lines, skipped, skipped bytes).
+    fn take(&mut self) -> (Vec<u8>, u64, Vec<(u64, u64)>, u64) {
+        let carry = self.buf[self.line_start..].to_vec();
+        let mut data = std::mem::replace(&mut self.buf, carry);
+        data.truncate(self.line_start);
+        self.line_start = 0;
+        let lines = std::mem::take(&mut self.lines);
+        let skipped = std::mem::take(&mut self.skipped);
+        let bytes = std::mem::take(&mut self.skipped_bytes);
+        (data, lines, skipped, bytes)
+    }
+
+    /// Whether there is nothing finished to hand over.
+    fn is_empty(&self) -> bool {
+        self.lines == 0
+    }
+}
+
+/// The reader thread: every input, in order, cut into chunks of about `chunk` bytes of
+/// whole lines by a [`LineCutter`]. Waits for a free slot before each chunk, and stops
+/// quietly when the writer has gone (it has its own error to report).
 fn read_inputs(
     inputs: &[PathBuf],
     chunk: usize,
+    max_line: usize,
     work: &SyncSender<Chunk>,
     slots: &Receiver<()>,
     consumed: &Arc<AtomicU64>,
@@ -923,64 +1096,52 @@ fn read_inputs(
     let mut seq = 0u64;
     for (file, path) in inputs.iter().enumerate() {
         let mut reader = open_input(path, consumed)?;
-        let mut carry: Vec<u8> = Vec::new();
-        let mut line = 1u64;
-        let mut offset = 0u64; // decompressed bytes before this chunk
+        let mut cutter = LineCutter::new(max_line);
+        let mut line = 1u64; // first line of the next chunk
+        let mut offset = 0u64; // decompressed bytes read
         loop {
-            let mut buf = std::mem::take(&mut carry);
-            buf.reserve(chunk.saturating_sub(buf.len()) + (64 << 10));
-            let mut searched = 0;
-            let mut cut = None;
-            let mut eof = false;
-            while cut.is_none() {
-                let want = chunk.saturating_sub(buf.len()).max(64 << 10) as u64;
-                let n = (&mut reader)
-                    .take(want)
-                    .read_to_end(&mut buf)
-                    .map_err(|e| TokenizeError::Input {
-                        path: path.clone(),
-                        what: format!(
-                            "cannot read past decompressed byte {} (in or after line {}): {e}",
-                            offset + buf.len() as u64,
-                            line + memchr::memchr_iter(b'\n', &buf).count() as u64
-                        ),
-                    })?;
-                if n == 0 {
-                    eof = true;
-                    break;
-                }
-                if buf.len() >= chunk {
-                    cut = memchr::memrchr(b'\n', &buf[searched..]).map(|i| searched + i + 1);
-                    searched = buf.len();
-                }
-            }
-            if let Some(cut) = cut {
-                carry = buf[cut..].to_vec();
-                buf.truncate(cut);
-            }
-            if buf.is_empty() {
-                break;
-            }
-            let mut lines = memchr::memchr_iter(b'\n', &buf).count() as u64;
-            if buf.last() != Some(&b'\n') {
-                lines += 1;
-            }
-            offset += buf.len() as u64;
-            if slots.recv().is_err() {
-                return Ok(());
-            }
-            let c = Chunk {
-                seq,
-                file,
-                first_line: line,
-                stored_end: consumed.load(Ordering::Relaxed),
-                data: buf,
+            let data = match reader.fill_buf() {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(TokenizeError::Input {
+                    path: path.clone(),
+                    what: format!(
+                        "cannot read past decompressed byte {offset} (in or after line {}): {e}",
+                        line + cutter.lines
+                    ),
+                }),
             };
-            if work.send(c).is_err() {
-                return Ok(());
+            let eof = data.is_empty();
+            if eof {
+                cutter.finish();
+            } else {
+                let n = cutter.feed(data, chunk);
+                reader.consume(n);
+                offset += n as u64;
+                if !cutter.full(chunk) {
+                    continue;
+                }
             }
-            seq += 1;
-            line += lines;
+            if !cutter.is_empty() {
+                let (data, lines, skipped, skipped_bytes) = cutter.take();
+                if slots.recv().is_err() {
+                    return Ok(());
+                }
+                let c = Chunk {
+                    seq,
+                    file,
+                    first_line: line,
+                    stored_end: consumed.load(Ordering::Relaxed),
+                    data,
+                    skipped,
+                    skipped_bytes,
+                };
+                if work.send(c).is_err() {
+                    return Ok(());
+                }
+                seq += 1;
+                line += lines;
+            }
             if eof {
                 break;
             }
@@ -1014,6 +1175,8 @@ struct Done {
     tokens: Vec<u8>,
     docs: Vec<Doc>,
     keys: Vec<u8>,
+    /// Group keys (in `keys`) of rows dropped as bad after their group was read.
+    dropped: Vec<(usize, usize)>,
     bad: Vec<(u64, BadKind, String)>,
     fatal: Option<TokenizeError>,
     /// Scratch for one document's ids, reused across the chunk.
@@ -1030,6 +1193,8 @@ struct Worker {
     group_field: Option<String>,
     order_field: Option<String>,
     grouped: bool,
+    max_line: u64,
+    gate: Arc<EncodeGate>,
 }
 
 impl Worker {
@@ -1055,24 +1220,44 @@ impl Worker {
             stored_end: chunk.stored_end,
             lines: 0,
             blank: 0,
-            text_bytes: chunk.data.len() as u64,
+            text_bytes: chunk.data.len() as u64 + chunk.skipped_bytes,
             tokens: Vec::with_capacity(chunk.data.len() / 2),
             docs: Vec::new(),
             keys: Vec::new(),
+            dropped: Vec::new(),
             bad: Vec::new(),
             fatal: None,
             ids: Vec::new(),
         };
         let data = &chunk.data[..];
+        let mut skipped = chunk.skipped.iter().peekable();
         // A UTF-8 byte-order mark opening a file is not part of its first line.
-        let mut start = if chunk.first_line == 1 && data.starts_with(b"\xEF\xBB\xBF") {
+        let opens_file = chunk.first_line == 1 && skipped.peek().is_none_or(|s| s.0 > 0);
+        let mut start = if opens_file && data.starts_with(b"\xEF\xBB\xBF") {
             3
         } else {
             0
         };
-        while start < data.len() {
-            let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
+        loop {
             let line_no = chunk.first_line + d.lines;
+            // Lines the reader left out come back in their place, so bad lines are
+            // reported in input order.
+            if let Some(&(_, len)) = skipped.next_if(|s| s.0 == d.lines || start >= data.len()) {
+                d.lines += 1;
+                d.bad.push((
+                    line_no,
+                    BadKind::LineTooLong,
+                    format!(
+                        "{len} bytes, more than --max-line-bytes {}; skipped unread",
+                        self.max_line
+                    ),
+                ));
+                continue;
+            }
+            if start >= data.len() {
+                break;
+            }
+            let end = memchr::memchr(b'\n', &data[start..]).map_or(data.len(), |i| start + i);
             d.lines += 1;
             if let Err(fatal) = self.line(&data[start..end], line_no, &mut d) {
                 d.fatal = Some(fatal);
@@ -1115,37 +1300,41 @@ impl Worker {
             }
         };
         let body = match picked.text {
-            Val::Str(s) if s.is_empty() => {
-                bad(
-                    BadKind::EmptyText,
-                    format!("field {:?} is an empty string", self.text_field),
-                );
-                return Ok(());
-            }
-            Val::Str(s) => s,
-            Val::Absent => {
-                bad(
-                    BadKind::MissingField,
-                    format!("no field {:?}", self.text_field),
-                );
-                return Ok(());
-            }
-            Val::Null => {
-                bad(
-                    BadKind::MissingField,
-                    format!("field {:?} is null", self.text_field),
-                );
-                return Ok(());
-            }
-            other => {
-                bad(
-                    BadKind::WrongType,
-                    format!(
-                        "field {:?} is {}; expected a string",
-                        self.text_field,
-                        other.describe()
-                    ),
-                );
+            Val::Str(s) if s.is_empty() => Err((
+                BadKind::EmptyText,
+                format!("field {:?} is an empty string", self.text_field),
+            )),
+            Val::Str(s) => Ok(s),
+            Val::Absent => Err((
+                BadKind::MissingField,
+                format!("no field {:?}", self.text_field),
+            )),
+            Val::Null => Err((
+                BadKind::MissingField,
+                format!("field {:?} is null", self.text_field),
+            )),
+            other => Err((
+                BadKind::WrongType,
+                format!(
+                    "field {:?} is {}; expected a string",
+                    self.text_field,
+                    other.describe()
+                ),
+            )),
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err((kind, what)) => {
+                bad(kind, what);
+                if self.grouped {
+                    // The row's group still counts as seen, so that a group left with
+                    // no rows at all is reported rather than silently gone.
+                    let at = d.keys.len();
+                    match push_key(&mut d.keys, &picked.group) {
+                        Ok(true) => d.dropped.push((at, d.keys.len() - at)),
+                        _ => d.keys.truncate(at),
+                    }
+                }
                 return Ok(());
             }
         };
@@ -1168,8 +1357,9 @@ impl Worker {
                 Ok(true) => {}
                 Ok(false) => d.keys.push(0),
                 Err(what) => {
-                    d.keys.truncate(keys_at);
-                    bad(BadKind::WrongType, format!("field {field:?} is {what}"));
+                    drop_keys(d, keys_at, group);
+                    let what = format!("field {field:?} is {what}");
+                    d.bad.push((line_no, BadKind::WrongType, what));
                     return Ok(());
                 }
             }
@@ -1177,10 +1367,13 @@ impl Worker {
         }
         let mut ids = std::mem::take(&mut d.ids);
         ids.clear();
-        if let Err(e) = encode_ids(&self.tokenizer, body.as_ref(), &mut ids) {
+        let permit = (body.len() >= GATED_LINE_BYTES).then(|| self.gate.enter(body.len() as u64));
+        let encoded = encode_ids(&self.tokenizer, body.as_ref(), &mut ids);
+        drop(permit);
+        if let Err(e) = encoded {
             d.ids = ids;
-            d.keys.truncate(keys_at);
-            bad(BadKind::EncodeFailed, e.to_string());
+            drop_keys(d, keys_at, group);
+            d.bad.push((line_no, BadKind::EncodeFailed, e.to_string()));
             return Ok(());
         }
         let result = self.push_doc(d, &ids, line_no, keys_at, group, order);
@@ -1198,17 +1391,17 @@ impl Worker {
         group: Option<(usize, usize)>,
         order: (usize, usize),
     ) -> Result<()> {
-        let mut bad = |kind: BadKind, what: String| d.bad.push((line_no, kind, what));
         let ntok = ids.len() as u64 + u64::from(self.eos.is_some());
         if ntok > i32::MAX as u64 {
-            d.keys.truncate(keys_at);
-            bad(
+            drop_keys(d, keys_at, group);
+            d.bad.push((
+                line_no,
                 BadKind::TooLong,
                 format!(
                     "{ntok} tokens; a Megatron sequence holds at most {}",
                     i32::MAX
                 ),
-            );
+            ));
             return Ok(());
         }
         let before = d.tokens.len();
@@ -1226,6 +1419,69 @@ impl Worker {
         }
         d.docs.push(Doc { ntok, group, order });
         Ok(())
+    }
+}
+
+/// Forgets a dropped row's keys but keeps its group key, noted in [`Done::dropped`].
+fn drop_keys(d: &mut Done, keys_at: usize, group: Option<(usize, usize)>) {
+    match group {
+        Some((at, n)) => {
+            d.keys.truncate(at + n);
+            d.dropped.push((at, n));
+        }
+        None => d.keys.truncate(keys_at),
+    }
+}
+
+/// Bounds the text being encoded at once in large documents: the tokenizer needs ~130
+/// bytes per byte of a document, so `--threads` documents of `--max-line-bytes` each
+/// together could exhaust the machine. A document enters once the others inside leave
+/// room in the budget; one alone always enters, so nothing waits forever.
+struct EncodeGate {
+    budget: u64,
+    inside: Mutex<u64>,
+    left: Condvar,
+}
+
+/// A document's place in the [`EncodeGate`], given back when dropped.
+struct Permit<'g> {
+    gate: &'g EncodeGate,
+    bytes: u64,
+}
+
+impl EncodeGate {
+    fn new(budget: u64) -> EncodeGate {
+        EncodeGate {
+            budget,
+            inside: Mutex::new(0),
+            left: Condvar::new(),
+        }
+    }
+
+    /// Waits until `bytes` more fit the budget (or nothing else is inside).
+    fn enter(&self, bytes: u64) -> Permit<'_> {
+        // A poisoned lock only means another worker panicked; the count is still right.
+        let mut inside = self.inside.lock().unwrap_or_else(PoisonError::into_inner);
+        while *inside > 0 && *inside + bytes > self.budget {
+            inside = self
+                .left
+                .wait(inside)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *inside += bytes;
+        Permit { gate: self, bytes }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut inside = self
+            .gate
+            .inside
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *inside -= self.bytes;
+        self.gate.left.notify_all();
     }
 }
 
@@ -1595,6 +1851,11 @@ impl Sink<'_> {
             self.stats.documents += 1;
             self.stats.tokens += doc.ntok;
         }
+        if let Out::Grouped { sorter, .. } = &mut self.out {
+            for &(a, n) in &d.dropped {
+                sorter.push(&d.keys[a..a + n], &[], u64::MAX, DROPPED_ROW, 0)?;
+            }
+        }
         self.progress.set_position(d.stored_end);
         let now = Instant::now();
         if now.duration_since(self.last_tick) >= Duration::from_millis(250) {
@@ -1613,6 +1874,7 @@ impl Sink<'_> {
 
 struct GroupedWritten {
     groups: u64,
+    vanished: u64,
     runs: usize,
 }
 
@@ -1635,17 +1897,28 @@ fn write_grouped(
     let pb = bar(documents, progress, "writing", "documents in group order");
     let size = dtype.size() as u64;
     let mut buf: Vec<u8> = Vec::new();
-    let mut prev: Vec<u8> = Vec::new();
-    let mut group = 0u64;
+    // The key of the group being read, and its id once it has a document (a group whose
+    // every row was dropped gets none and is counted as vanished).
+    let mut key: Option<Vec<u8>> = None;
+    let mut id: Option<u64> = None;
+    let mut groups = 0u64;
+    let mut vanished = 0u64;
     let mut n = 0u64;
     let runs = sorter.finish(|g, off, ntok| {
-        if n > 0 && g != prev.as_slice() {
-            group += 1;
+        if key.as_deref() != Some(g) {
+            if key.is_some() && id.is_none() {
+                vanished += 1;
+            }
+            key = Some(g.to_vec());
+            id = None;
         }
-        if n == 0 || g != prev.as_slice() {
-            prev.clear();
-            prev.extend_from_slice(g);
+        if off == DROPPED_ROW {
+            return Ok(());
         }
+        let group = *id.get_or_insert_with(|| {
+            groups += 1;
+            groups - 1
+        });
         let len = (ntok * size) as usize;
         buf.resize(len, 0);
         spill
@@ -1659,11 +1932,15 @@ fn write_grouped(
         }
         Ok(())
     })?;
+    if key.is_some() && id.is_none() {
+        vanished += 1;
+    }
     pb.finish_and_clear();
     sidecar.finish()?;
     writer.finish()?;
     Ok(GroupedWritten {
-        groups: group + 1,
+        groups,
+        vanished,
         runs,
     })
 }

@@ -1050,3 +1050,360 @@ fn encode_ids_matches_encode_fast_and_a_bom_is_skipped() {
         ["first", "second"]
     );
 }
+
+/// A JSONL row of `n` bytes (newline excluded) whose text is `fill` repeated.
+fn row_of(n: usize, fill: char) -> String {
+    let shell = r#"{"text": ""}"#.len();
+    let body: String = std::iter::repeat_n(fill, n - shell).collect();
+    let row = format!(r#"{{"text": "{body}"}}"#);
+    assert_eq!(row.len(), n);
+    row
+}
+
+#[test]
+fn oversize_lines_are_skipped_unread_counted_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let tok = load(tok_path);
+    let mut rng = Rng(21);
+    let texts: Vec<String> = (0..40).map(|_| text(&mut rng, 60)).collect();
+    let good: Vec<String> = texts
+        .iter()
+        .map(|t| json!({ "text": t }).to_string())
+        .collect();
+    // 3 MB lines against a 1 MiB limit: one mid-file, one (without its newline) closing
+    // the file. The gzip copy checks the limit applies to decompressed lines.
+    let huge = row_of(3_000_000, 'x');
+    let mut body = String::new();
+    for (i, g) in good.iter().enumerate() {
+        if i == 7 {
+            body.push_str(&huge);
+            body.push('\n');
+        }
+        body.push_str(g);
+        body.push('\n');
+    }
+    body.push_str(&huge);
+    let plain = dir.path().join("big.jsonl");
+    let gz = dir.path().join("big.jsonl.gz");
+    write_maybe_compressed(&plain, body.as_bytes());
+    write_maybe_compressed(&gz, body.as_bytes());
+    let clean = dir.path().join("clean.jsonl");
+    write_maybe_compressed(&clean, (good.join("\n") + "\n").as_bytes());
+
+    let out_dir = dir.path().join("out");
+    let want = out_dir.join("want");
+    run_ok(tok_path, &[s(&clean), "--out", s(&want)]);
+    let bytes = |p: &Path| {
+        let mut b = std::fs::read(millrace::corpus::megatron::with_suffix(p, "bin")).unwrap();
+        b.extend(std::fs::read(millrace::corpus::megatron::with_suffix(p, "idx")).unwrap());
+        b
+    };
+    for input in [&plain, &gz] {
+        let prefix = out_dir.join("got");
+        let summary = run_ok(
+            tok_path,
+            &[s(input), "--out", s(&prefix), "--max-line-bytes", "1048576"],
+        );
+        assert_eq!(summary["documents"], good.len() as u64, "{summary}");
+        assert_eq!(summary["lines"], good.len() as u64 + 2);
+        assert_eq!(summary["bad"]["line_too_long"], 2);
+        assert_eq!(
+            summary["text_bytes"],
+            body.len() as u64,
+            "skipped bytes count as read"
+        );
+        let first = summary["first_bad"].as_array().unwrap();
+        assert_eq!(first.len(), 2);
+        for (b, line) in first.iter().zip([8, good.len() as u64 + 2]) {
+            assert_eq!(b["file"], s(input));
+            assert_eq!(b["line"], line);
+            assert_eq!(b["kind"], "line_too_long");
+            assert_eq!(
+                b["detail"],
+                "3000000 bytes, more than --max-line-bytes 1048576; skipped unread"
+            );
+        }
+        // The other documents are exactly what a file without the long lines gives.
+        assert!(bytes(&prefix) == bytes(&want), "{}", input.display());
+        assert_eq!(decoded(&prefix, &tok, tok.token_to_id(EOS)), texts);
+        assert_eq!(
+            outputs(&out_dir, "got"),
+            ["got.bin", "got.idx"],
+            "no temporary files are left"
+        );
+    }
+
+    // Library, tiny chunks and several threads, grouped: the same documents.
+    for (threads, chunk) in [(3, 97usize), (1, 1 << 20)] {
+        let prefix = out_dir.join(format!("lib{threads}"));
+        let mut o = TokenizeOptions::new(vec![plain.clone()], tok_path.into(), prefix.clone());
+        o.max_line_bytes = 1 << 20;
+        o.threads = threads;
+        o.chunk_bytes = chunk;
+        let summary = tokenize::tokenize(&o).unwrap();
+        assert_eq!(summary.bad.line_too_long, 2);
+        assert_eq!(summary.first_bad[0].line, 8);
+        assert!(
+            bytes(&prefix) == bytes(&want),
+            "threads {threads}, chunk {chunk}"
+        );
+    }
+
+    // The limit is on bytes without the newline: a line of exactly the limit is kept.
+    let edge = dir.path().join("edge.jsonl");
+    std::fs::write(&edge, format!("{}\n{}\n", row_of(30, 'a'), row_of(31, 'b'))).unwrap();
+    let summary = run_ok(
+        tok_path,
+        &[
+            s(&edge),
+            "--out",
+            s(&out_dir.join("edge")),
+            "--max-line-bytes",
+            "30",
+        ],
+    );
+    assert_eq!(summary["documents"], 1);
+    assert_eq!(summary["first_bad"][0]["line"], 2);
+    assert_eq!(summary["first_bad"][0]["kind"], "line_too_long");
+
+    // A run that fails on them (--max-bad) leaves no output and no temporary file.
+    let prefix = out_dir.join("fail");
+    let out = run(
+        tok_path,
+        &[
+            s(&plain),
+            "--out",
+            s(&prefix),
+            "--max-line-bytes",
+            "1M",
+            "--max-bad",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:8: line_too_long", s(&plain))),
+        "{err}"
+    );
+    assert!(
+        outputs(&out_dir, "fail").is_empty(),
+        "{:?}",
+        outputs(&out_dir, "fail")
+    );
+    let out = run(
+        tok_path,
+        &[s(&plain), "--out", s(&prefix), "--max-line-bytes", "0"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-line-bytes 0"));
+}
+
+#[test]
+fn groups_left_without_rows_are_reported_not_silently_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let tok = load(tok_path);
+    // Group g<k>: every third group has only empty rows, every fifth (not a multiple of
+    // three) only rows with a null or non-string text; the rest keep one good row among
+    // empty ones. Rows without a group are their own groups and never "vanish".
+    let mut rows = Vec::new();
+    let mut kept = 0u64;
+    let mut gone = 0u64;
+    for k in 0..120 {
+        let g = format!("g{k:03}");
+        if k % 3 == 0 {
+            rows.push(json!({"repo": g, "text": ""}));
+            rows.push(json!({"repo": g, "text": ""}));
+            gone += 1;
+        } else if k % 5 == 0 {
+            rows.push(json!({"repo": g, "text": null}));
+            rows.push(json!({"repo": g, "text": 5}));
+            gone += 1;
+        } else {
+            rows.push(json!({"repo": g, "text": ""}));
+            rows.push(json!({"repo": g, "text": format!("doc of {g}")}));
+            kept += 1;
+        }
+    }
+    rows.push(json!({"text": ""}));
+    rows.push(json!({"text": "loose"}));
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &rows);
+    let prefix = dir.path().join("out");
+    let summary = run_ok(
+        tok_path,
+        &[s(&input), "--out", s(&prefix), "--group-field", "repo"],
+    );
+    assert_eq!(summary["groups"], kept + 1, "{summary}");
+    assert_eq!(summary["vanished_groups"], gone, "{summary}");
+    let docs = decoded(&prefix, &tok, tok.token_to_id(EOS));
+    assert_eq!(docs.len() as u64, kept + 1);
+    assert_eq!(docs[0], "loose");
+    assert_eq!(docs[1], "doc of g001");
+
+    // The same through the on-disk sort (a tiny budget spills many runs).
+    let mut o = TokenizeOptions::new(vec![input.clone()], tok_path.into(), dir.path().join("lib"));
+    o.group_field = Some("repo".into());
+    o.mem_budget = 1;
+    let lib = tokenize::tokenize(&o).unwrap();
+    assert!(lib.sort_runs > 1, "{}", lib.sort_runs);
+    assert_eq!(
+        (lib.groups, lib.vanished_groups),
+        (Some(kept + 1), Some(gone))
+    );
+
+    // The report says so in words.
+    let out = bin()
+        .arg("tokenize")
+        .args([
+            s(&input),
+            "--out",
+            s(&prefix),
+            "--group-field",
+            "repo",
+            "--quiet",
+        ])
+        .arg("--tokenizer")
+        .arg(tok_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let groups_file = millrace::corpus::megatron::with_suffix(&prefix, "groups.npy");
+    let line = format!(
+        "{} groups in {} (0 sorted runs spilled); {gone} more had only empty or bad rows \
+         and are not in it\n",
+        kept + 1,
+        groups_file.display()
+    );
+    assert!(text.contains(&line), "{text}");
+}
+
+#[test]
+fn adversarial_lines_are_bad_with_a_reason_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+    // (line, kind, words its detail must contain); every line is bad, one good at the end.
+    let cases: Vec<(String, &str, &str)> = vec![
+        ("17".into(), "invalid_json", "expected a JSON object"),
+        (
+            r#""just a string""#.into(),
+            "invalid_json",
+            "expected a JSON object",
+        ),
+        (
+            "{\"text\": \"a\u{1}b\"}".into(),
+            "invalid_json",
+            "control character",
+        ),
+        (
+            r#"{"text": "\ud800 tail"}"#.into(),
+            "invalid_json",
+            "hex escape",
+        ),
+        (
+            r#"{"text": "x", "repo": 1e400}"#.into(),
+            "invalid_json",
+            "number out of range",
+        ),
+        (
+            format!(r#"{{"text": "x", "repo": {deep}}}"#),
+            "wrong_type",
+            "\"repo\" is an array",
+        ),
+        (
+            format!(r#"{{"text": "x", "skip": {deep}, "repo": ["#),
+            "invalid_json",
+            "EOF",
+        ),
+        (
+            r#"{"text": ["a"], "repo": "r"}"#.into(),
+            "wrong_type",
+            "\"text\" is an array",
+        ),
+        (
+            r#"{"text": {"a": 1}}"#.into(),
+            "wrong_type",
+            "\"text\" is an object",
+        ),
+        (
+            r#"{"text": true}"#.into(),
+            "wrong_type",
+            "\"text\" is a boolean",
+        ),
+        (
+            r#"{"text": "x", "repo": [1]}"#.into(),
+            "wrong_type",
+            "\"repo\" is an array",
+        ),
+        (
+            r#"{"text": "x", "repo": "r", "path": false}"#.into(),
+            "wrong_type",
+            "\"path\" is a boolean",
+        ),
+        (
+            r#"{"txt": "x"}"#.into(),
+            "missing_field",
+            "no field \"text\"",
+        ),
+        (
+            b"{\"text\": \"\xff\"}".iter().map(|&b| b as char).collect(),
+            "non_utf8",
+            "byte 10",
+        ),
+    ];
+    let mut body: Vec<u8> = Vec::new();
+    for (line, _, _) in &cases {
+        // The non-UTF-8 case is built from chars; write its bytes back as bytes.
+        if line.contains('\u{ff}') {
+            body.extend(line.chars().map(|c| c as u32 as u8));
+        } else {
+            body.extend_from_slice(line.as_bytes());
+        }
+        body.push(b'\n');
+    }
+    body.extend_from_slice(br#"{"text": "fine", "repo": "r", "path": 1}"#);
+    let input = dir.path().join("adv.jsonl");
+    std::fs::write(&input, &body).unwrap();
+    let prefix = dir.path().join("adv");
+    let mut o = TokenizeOptions::new(vec![input.clone()], tok_path.into(), prefix);
+    o.group_field = Some("repo".into());
+    o.order_field = Some("path".into());
+    let summary = tokenize::tokenize(&o).unwrap();
+    assert_eq!(summary.documents, 1);
+    assert_eq!(summary.bad.total(), cases.len() as u64);
+    let mut all = summary.first_bad.clone();
+    // Only the first REPORTED_BAD_LINES are listed; the rest are checked by a second
+    // run over the tail of the file.
+    let skip = tokenize::REPORTED_BAD_LINES;
+    let tail = dir.path().join("tail.jsonl");
+    let cut = body
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .nth(skip - 1)
+        .map(|(i, _)| i + 1)
+        .unwrap();
+    std::fs::write(&tail, &body[cut..]).unwrap();
+    o.inputs = vec![tail];
+    o.out = dir.path().join("tail");
+    let rest = tokenize::tokenize(&o).unwrap();
+    all.extend(rest.first_bad.iter().cloned().map(|mut b| {
+        b.line += skip as u64;
+        b
+    }));
+    assert_eq!(all.len(), cases.len());
+    for (i, ((_, kind, words), got)) in cases.iter().zip(&all).enumerate() {
+        assert_eq!(got.line, i as u64 + 1);
+        assert_eq!(got.kind, *kind, "line {}: {}", i + 1, got.detail);
+        assert!(
+            got.detail.contains(words),
+            "line {}: {:?} lacks {words:?}",
+            i + 1,
+            got.detail
+        );
+    }
+}
