@@ -8,7 +8,10 @@
 //! back in input order and writes them. A fixed number of chunk slots bounds what is in
 //! flight, so memory does not grow with the input or behind one slow chunk, and the
 //! output is a pure function of the inputs and options: the thread count changes only
-//! the speed.
+//! the speed. A line longer than `--max-line-bytes` is counted as bad and dropped as it
+//! streams past, never held whole, and large documents enter the tokenizer (which needs
+//! ~130 bytes per byte) only as far as an `EncodeGate` budget allows, so no input can
+//! make a run's memory grow without bound.
 //!
 //! Without grouping, documents stream into the shard in input order. With a group field,
 //! pass 1 appends each document's tokens to a spill file and keeps a small record (group
@@ -961,6 +964,14 @@ fn open_input(path: &Path, count: &Arc<AtomicU64>) -> Result<Box<dyn BufRead + S
     }
 }
 
+/// What a [`LineCutter`] hands over for one chunk (see [`Chunk`] for the fields).
+struct Cut {
+    data: Vec<u8>,
+    lines: u64,
+    skipped: Vec<(u64, u64)>,
+    skipped_bytes: u64,
+}
+
 /// Cuts one file's bytes, as they arrive, into chunks of whole lines, leaving out lines
 /// longer than the limit as it goes: it holds at most one chunk plus one line of the
 /// limit's length, whatever the input (a 100 MB line costs nothing).
@@ -1063,17 +1074,18 @@ impl LineCutter {
         }
     }
 
-    /// Hands over the finished lines (kept and skipped), keeping the unfinished one;
-    /// returns (data, lines, skipped, skipped bytes).
-    fn take(&mut self) -> (Vec<u8>, u64, Vec<(u64, u64)>, u64) {
+    /// Hands over the finished lines (kept and skipped), keeping the unfinished one.
+    fn take(&mut self) -> Cut {
         let carry = self.buf[self.line_start..].to_vec();
         let mut data = std::mem::replace(&mut self.buf, carry);
         data.truncate(self.line_start);
         self.line_start = 0;
-        let lines = std::mem::take(&mut self.lines);
-        let skipped = std::mem::take(&mut self.skipped);
-        let bytes = std::mem::take(&mut self.skipped_bytes);
-        (data, lines, skipped, bytes)
+        Cut {
+            data,
+            lines: std::mem::take(&mut self.lines),
+            skipped: std::mem::take(&mut self.skipped),
+            skipped_bytes: std::mem::take(&mut self.skipped_bytes),
+        }
     }
 
     /// Whether there is nothing finished to hand over.
@@ -1103,13 +1115,15 @@ fn read_inputs(
             let data = match reader.fill_buf() {
                 Ok(d) => d,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(TokenizeError::Input {
-                    path: path.clone(),
-                    what: format!(
+                Err(e) => {
+                    return Err(TokenizeError::Input {
+                        path: path.clone(),
+                        what: format!(
                         "cannot read past decompressed byte {offset} (in or after line {}): {e}",
                         line + cutter.lines
                     ),
-                }),
+                    })
+                }
             };
             let eof = data.is_empty();
             if eof {
@@ -1123,7 +1137,12 @@ fn read_inputs(
                 }
             }
             if !cutter.is_empty() {
-                let (data, lines, skipped, skipped_bytes) = cutter.take();
+                let Cut {
+                    data,
+                    lines,
+                    skipped,
+                    skipped_bytes,
+                } = cutter.take();
                 if slots.recv().is_err() {
                     return Ok(());
                 }
@@ -2209,6 +2228,95 @@ mod tests {
         assert_eq!(ks, want);
         // Integers beyond f64's precision still order exactly.
         assert!(key(Val::Int((1 << 60) + 1)) > key(Val::Int(1 << 60)));
+    }
+
+    /// Feeds `input` to a cutter in `piece`-byte reads, as the reader does, and returns
+    /// its chunks (data, lines, skipped) and the most it ever held.
+    fn cut(input: &[u8], max_line: usize, chunk: usize, piece: usize) -> (Vec<Cut>, usize) {
+        let mut c = LineCutter::new(max_line);
+        let mut out = Vec::new();
+        let mut most = 0;
+        let mut at = 0;
+        while at < input.len() {
+            let end = (at + piece).min(input.len());
+            at += c.feed(&input[at..end], chunk);
+            most = most.max(c.buf.capacity());
+            if c.full(chunk) {
+                out.push(c.take());
+            }
+        }
+        c.finish();
+        if !c.is_empty() {
+            out.push(c.take());
+        }
+        (out, most)
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_never_held() {
+        // 16 MB lines against a 1 MiB limit, read 64 KiB at a time: the cutter never
+        // holds more than about the limit plus a chunk (a buffered line would be 16 MB).
+        let big = vec![b'x'; 16 << 20];
+        let mut input = b"a\n".to_vec();
+        input.extend_from_slice(&big);
+        input.extend_from_slice(b"\nbb\n");
+        input.extend_from_slice(&big);
+        let (chunks, most) = cut(&input, 1 << 20, 64 << 10, 64 << 10);
+        assert!(most <= 4 << 20, "held {most} bytes");
+        let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(data, b"a\nbb\n");
+        let lines: u64 = chunks.iter().map(|c| c.lines).sum();
+        assert_eq!(lines, 4);
+        // Skipped lines keep their place: line 2 and line 4 (the last, with no newline).
+        let mut first = 1;
+        let mut skipped = Vec::new();
+        for c in &chunks {
+            skipped.extend(c.skipped.iter().map(|&(i, len)| (first + i, len)));
+            first += c.lines;
+        }
+        let skipped_bytes: u64 = chunks.iter().map(|c| c.skipped_bytes).sum();
+        assert_eq!(
+            skipped_bytes,
+            2 * (16 << 20) + 1,
+            "the newline of line 2 counts"
+        );
+        assert_eq!(skipped, [(2, 16 << 20), (4, 16 << 20)]);
+
+        // Any read size and chunk size cut the same lines.
+        let text = b"one\ntwo two\n\nthree three three\nfour\nxxxxxxxxxxxx\nlast";
+        for piece in [1, 2, 5, 64] {
+            for chunk in [1, 7, 1000] {
+                let (chunks, _) = cut(text, 11, chunk, piece);
+                let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+                assert_eq!(data, b"one\ntwo two\n\nfour\nlast", "{piece} {chunk}");
+                let lines: u64 = chunks.iter().map(|c| c.lines).sum();
+                assert_eq!(lines, 7);
+            }
+        }
+    }
+
+    #[test]
+    fn the_encode_gate_admits_up_to_its_budget_and_one_alone_always() {
+        let gate = Arc::new(EncodeGate::new(10));
+        let big = gate.enter(25); // over budget, but alone: admitted
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let _p = gate.enter(4);
+                let _ = tx.send(());
+            })
+        };
+        // It waits while the big one is inside...
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(big);
+        // ...and enters once it has left.
+        assert!(rx.recv_timeout(Duration::from_secs(30)).is_ok());
+        waiter.join().unwrap();
+        let a = gate.enter(6);
+        let b = gate.enter(4); // 6 + 4 fits exactly
+        drop((a, b));
+        assert_eq!(*gate.inside.lock().unwrap(), 0);
     }
 
     #[test]
