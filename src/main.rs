@@ -202,7 +202,7 @@ struct TokenizeArgs {
     #[arg(long)]
     tmp_dir: Option<PathBuf>,
     /// Skip (as bad, never reading them whole) lines longer than this many bytes (e.g. 8M).
-    #[arg(long, default_value = "8M", value_parser = synth::parse_count)]
+    #[arg(long, default_value_t = tokenize::DEFAULT_MAX_LINE_BYTES, value_parser = synth::parse_count)]
     max_line_bytes: u64,
     /// No progress bar.
     #[arg(long)]
