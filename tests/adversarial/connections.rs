@@ -117,14 +117,11 @@ fn eventually(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn a_control_flood_past_the_cap_leaves_trainers_streaming() {
-    const CAP: usize = 16;
+    // The defaults (64 control connections, 60 s idle), so that the same config runs
+    // on a daemon from before the cap, which then runs out of fds.
+    const CAP: usize = 64;
     const FLOOD: usize = 200;
-    let f = fixture(
-        4,
-        2,
-        1,
-        &format!("max_control_connections = {CAP}\ncontrol_idle_timeout_ms = 60000\n"),
-    );
+    let f = fixture(4, 2, 1, "");
     // Fewer fds than the flood: before the cap, the flood took them all.
     let s = f.serve_with_fd_limit(128);
     let mut held = Vec::new();
@@ -308,6 +305,13 @@ fn running_out_of_fds_backs_off_and_recovers() {
     stream(&mut t, 10, &s);
     let st = f.status();
     assert_eq!(st["fd_limit"]["soft"], LIMIT, "{}", st["fd_limit"]);
+    let out = common::bin()
+        .args(["status", "--socket"])
+        .arg(&f.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!(" open of {LIMIT} (hard {LIMIT})")), "{text}");
     // Before the fix every failed accept was logged, 20 a second.
     let lines = log_lines(&s, "accept failed");
     assert!(lines <= 6, "{lines} accept warnings:\n{}", s.log_text());
