@@ -1198,7 +1198,9 @@ fn published_steps(socket: &Path, job: &str, ranks: u32) -> Result<Vec<u64>> {
             continue;
         }
         for ring in j["rings"].as_array().into_iter().flatten() {
-            let rank = ring["dp_rank"].as_u64().context("STATUS ring without dp_rank")?;
+            let rank = ring["dp_rank"]
+                .as_u64()
+                .context("STATUS ring without dp_rank")?;
             let step = ring["published_step"]
                 .as_u64()
                 .context("STATUS ring without published_step")?;
@@ -1243,10 +1245,7 @@ fn fairness(
             ),
             ("materialize_threads", toml::Value::Integer(threads.into())),
             ("ring_slots", toml::Value::Integer(SLOTS.into())),
-            (
-                "token_dtype",
-                toml::Value::String(args.token_dtype.clone()),
-            ),
+            ("token_dtype", toml::Value::String(args.token_dtype.clone())),
         ],
         &[
             ("seq_len", toml::Value::Integer(args.seq_len.into())),

@@ -45,7 +45,7 @@ pub fn raise_fd_limit(needed: u64) -> FdLimit {
             was: 0,
         };
     }
-    let (was, hard) = (rl.rlim_cur as u64, rl.rlim_max as u64);
+    let (was, hard): (u64, u64) = (rl.rlim_cur, rl.rlim_max);
     let target = hard.min(RAISE_CAP).max(was);
     let mut soft = was;
     if target > was {

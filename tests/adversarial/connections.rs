@@ -311,7 +311,10 @@ fn running_out_of_fds_backs_off_and_recovers() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!(" open of {LIMIT} (hard {LIMIT})")), "{text}");
+    assert!(
+        text.contains(&format!(" open of {LIMIT} (hard {LIMIT})")),
+        "{text}"
+    );
     // Before the fix every failed accept was logged, 20 a second.
     let lines = log_lines(&s, "accept failed");
     assert!(lines <= 6, "{lines} accept warnings:\n{}", s.log_text());
