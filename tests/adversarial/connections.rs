@@ -483,3 +483,23 @@ fn metrics_of_departed_jobs_disappear() {
     }
     assert!(gone, "departed jobs' series stay:\n{}", scrape(&addr));
 }
+
+#[test]
+fn connection_limits_out_of_range_are_refused_by_name() {
+    let f = fixture(4, 2, 1, "");
+    for (line, field) in [
+        ("max_control_connections = 0", "max_control_connections"),
+        ("control_idle_timeout_ms = 5", "control_idle_timeout_ms"),
+    ] {
+        let serve = common::serve_toml(&f.socket, 2, 1);
+        let config = common::write_config(&f.corpus.dir, "bad.toml", 128, 4, &[&serve, line]);
+        let out = common::bin()
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{line} passed check-config");
+        assert!(err.contains(&format!("[serve] {field}")), "{line}: {err}");
+    }
+}
