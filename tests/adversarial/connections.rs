@@ -127,7 +127,7 @@ fn a_control_flood_past_the_cap_leaves_trainers_streaming() {
     let mut held = Vec::new();
     let (mut served, mut refused) = (0, 0);
     for i in 0..FLOOD {
-        let mut c = match ctl::Connection::open(&f.socket, Duration::from_secs(3)) {
+        let mut c = match ctl::Connection::open(&f.socket, Duration::from_secs(10)) {
             Ok(c) => c,
             Err(e) => panic!("control connection {i}: {e}\n{}", s.log_text()),
         };
@@ -169,10 +169,11 @@ fn a_control_flood_past_the_cap_leaves_trainers_streaming() {
         st["fd_limit"]["open"].as_u64().is_some_and(|n| n < 128),
         "{st}"
     );
-    // One warning per refused connection would be FLOOD - CAP lines.
+    // One warning per refused connection would be FLOOD - CAP lines; throttled, it is
+    // 20 per 10 s window (a slow machine may span three).
     let lines = log_lines(&s, "refused a control connection");
     assert!(
-        lines <= 20,
+        lines <= 60,
         "{lines} warnings for {refused} refusals: {}",
         s.log_text()
     );
@@ -181,17 +182,17 @@ fn a_control_flood_past_the_cap_leaves_trainers_streaming() {
 
 #[test]
 fn an_idle_control_connection_is_closed() {
-    let f = fixture(4, 2, 1, "control_idle_timeout_ms = 300\n");
+    let f = fixture(4, 2, 1, "control_idle_timeout_ms = 1000\n");
     let s = f.serve();
     let mut c = ctl::Connection::open(&f.socket, Duration::from_secs(5)).unwrap();
     let r = c.request(&ctl::status_request()).unwrap();
     assert_eq!(r["ok"], true, "{r}");
     // Requests keep it open: each restarts the idle clock.
     for _ in 0..4 {
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(300));
         c.request(&ctl::status_request()).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(3000));
     match c.request(&ctl::status_request()) {
         Err(CtlError::Daemon { code, message, .. }) => {
             assert_eq!(code, "idle", "{message}");
@@ -267,10 +268,11 @@ fn a_denied_peer_is_closed_at_once_and_logged_sparingly() {
         text.contains("access") && text.contains("uid 65534"),
         "{text:?}"
     );
-    // A burst, then a count of what was suppressed; not one line per connect.
+    // A burst of 20 per 10 s window, then a count of what was suppressed; not one
+    // line per connect.
     let lines = log_lines(&s, "refused: uid 65534");
     assert!(
-        (1..=25).contains(&lines),
+        (1..=60).contains(&lines),
         "{lines} refusal lines for {FLOOD} connects:\n{}",
         s.log_text()
     );
@@ -315,9 +317,10 @@ fn running_out_of_fds_backs_off_and_recovers() {
         text.contains(&format!(" open of {LIMIT} (hard {LIMIT})")),
         "{text}"
     );
-    // Before the fix every failed accept was logged, 20 a second.
+    // Before the fix every failed accept was logged, 20 a second; throttled, it is 5
+    // per 10 s window.
     let lines = log_lines(&s, "accept failed");
-    assert!(lines <= 6, "{lines} accept warnings:\n{}", s.log_text());
+    assert!(lines <= 12, "{lines} accept warnings:\n{}", s.log_text());
 }
 
 #[test]
