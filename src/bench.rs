@@ -16,7 +16,10 @@
 //!    blob the cold run's consumers saved (resume), and from `--seek-step` (seek);
 //! 5. the baseline (`scripts/nanogpt-baseline.py`, embedded): nanoGPT's get_batch over
 //!    numpy memmaps of the same `.bin` files, cold and warm, in its best form and as
-//!    nanoGPT writes it, with the same number of processes, rows and sequence length.
+//!    nanoGPT writes it, with the same number of processes, rows and sequence length;
+//! 6. fairness: `--fairness-ranks` free-running consumers of one job for
+//!    `--fairness-seconds`; the max/min of the steps their rings published (issue 14
+//!    item 9: a ring must not wait while another runs far ahead).
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -99,6 +102,16 @@ pub struct BenchArgs {
     /// half as many).
     #[arg(long)]
     pub baseline_steps: Option<u64>,
+    /// Seconds of the fairness run (0 skips it): `--fairness-ranks` free-running
+    /// consumers of one job, and the max/min of the steps their rings published.
+    #[arg(long, default_value_t = 10.0)]
+    pub fairness_seconds: f64,
+    /// Ranks (dp_size) of the fairness run.
+    #[arg(long, default_value_t = 16)]
+    pub fairness_ranks: u32,
+    /// Run only the fairness figure (no references, streaming, latency or baseline).
+    #[arg(long)]
+    pub fairness_only: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -244,6 +257,28 @@ pub struct BaselineFigures {
     pub repeats_tokens_per_s: Vec<f64>,
 }
 
+/// The fairness run: free-running ranks of one job, each consuming as fast as it can,
+/// so every difference in their progress is the daemon's filling order.
+#[derive(Debug, Clone, Serialize)]
+pub struct FairnessFigures {
+    /// Ranks (rings) of the job.
+    pub ranks: u32,
+    /// Seconds measured (after every rank connected).
+    pub seconds: f64,
+    /// `[serve] materialize_threads`.
+    pub materialize_threads: u32,
+    /// `[serve] ring_slots`.
+    pub ring_slots: u32,
+    /// Steps each ring published in the window, by dp rank.
+    pub steps: Vec<u64>,
+    /// Fewest steps of any ring.
+    pub min_steps: u64,
+    /// Most steps of any ring.
+    pub max_steps: u64,
+    /// max / min (infinite, written as null, when a ring published nothing).
+    pub ratio: f64,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -282,6 +317,8 @@ pub struct BenchReport {
     pub baseline: Vec<BaselineFigures>,
     /// Why the baseline was skipped, if it was.
     pub baseline_skipped: Option<String>,
+    /// The fairness run (absent with `--fairness-seconds 0`).
+    pub fairness: Option<FairnessFigures>,
     /// Whether every millrace run delivered the same tokens.
     pub same_tokens: bool,
     /// Wall seconds of the whole bench.
@@ -1125,7 +1162,156 @@ pub fn render(r: &BenchReport) -> String {
             );
         }
     }
+    if let Some(f) = &r.fairness {
+        s.push('\n');
+        s.push_str(&render_fairness(f));
+    }
     s
+}
+
+/// The fairness figure as a line of text.
+fn render_fairness(f: &FairnessFigures) -> String {
+    format!(
+        "fairness: {} free-running ranks for {:.0} s ({} materialize threads, {} slots): \
+         published steps per ring min {} max {}, max/min {:.2}\nper rank: {:?}\n",
+        f.ranks,
+        f.seconds,
+        f.materialize_threads,
+        f.ring_slots,
+        f.min_steps,
+        f.max_steps,
+        f.ratio,
+        f.steps
+    )
+}
+
+/// Published step of each ring of `job`, by dp rank, from the daemon's STATUS.
+fn published_steps(socket: &Path, job: &str, ranks: u32) -> Result<Vec<u64>> {
+    let r = crate::ctl::request(
+        socket,
+        &crate::ctl::status_request(),
+        Duration::from_secs(30),
+    )?;
+    let mut out = vec![None; ranks as usize];
+    for j in r["status"]["jobs"].as_array().into_iter().flatten() {
+        if j["job"].as_str() != Some(job) {
+            continue;
+        }
+        for ring in j["rings"].as_array().into_iter().flatten() {
+            let rank = ring["dp_rank"]
+                .as_u64()
+                .context("STATUS ring without dp_rank")?;
+            let step = ring["published_step"]
+                .as_u64()
+                .context("STATUS ring without published_step")?;
+            if let Some(slot) = out.get_mut(rank as usize) {
+                *slot = Some(step);
+            }
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(r, s)| s.with_context(|| format!("STATUS lists no ring for {job} rank {r}")))
+        .collect()
+}
+
+/// The fairness run: a daemon, `ranks` in-process consumers of one job that take each
+/// batch as soon as it is published, and the steps each ring published over `seconds`
+/// once all are connected.
+fn fairness(
+    args: &BenchArgs,
+    dir: &Path,
+    base_cfg: &Path,
+    exe: &Path,
+    threads: u32,
+) -> Result<FairnessFigures> {
+    use crate::client::{Client, Hello};
+    use std::sync::atomic::AtomicBool;
+    const JOB: &str = "fairness";
+    const SLOTS: u32 = 4;
+    let ranks = args.fairness_ranks;
+    if ranks == 0 || !(args.fairness_seconds > 0.0 && args.fairness_seconds.is_finite()) {
+        bail!("--fairness-ranks and --fairness-seconds must be positive");
+    }
+    let cfg = dir.join("bench-fairness.toml");
+    let socket = socket_path_in(dir, "bench-fairness.sock");
+    write_config(
+        base_cfg,
+        &cfg,
+        &[
+            (
+                "socket",
+                toml::Value::String(socket.to_string_lossy().to_string()),
+            ),
+            ("materialize_threads", toml::Value::Integer(threads.into())),
+            ("ring_slots", toml::Value::Integer(SLOTS.into())),
+            ("token_dtype", toml::Value::String(args.token_dtype.clone())),
+        ],
+        &[
+            ("seq_len", toml::Value::Integer(args.seq_len.into())),
+            (
+                "global_batch_rows",
+                toml::Value::Integer(i64::from(args.rows) * i64::from(ranks)),
+            ),
+        ],
+    )?;
+    let mut daemon = Daemon::start_polling(
+        exe,
+        &cfg,
+        &socket,
+        &dir.join("serve-fairness.log"),
+        Duration::from_millis(10),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(std::sync::Barrier::new(ranks as usize + 1));
+    let mut consumers = Vec::new();
+    for r in 0..ranks {
+        let mut hello = Hello::whole_slice(r, ranks);
+        hello.job = JOB.into();
+        let mut c = Client::connect(&socket, &hello)
+            .with_context(|| format!("fairness consumer {r} connecting"))?;
+        c.set_timeout(Some(Duration::from_secs(120)));
+        let (stop, start) = (stop.clone(), start.clone());
+        consumers.push(std::thread::spawn(move || -> Result<()> {
+            start.wait();
+            while !stop.load(Ordering::Relaxed) {
+                c.next_batch()
+                    .with_context(|| format!("fairness consumer {r}"))?;
+            }
+            Ok(())
+        }));
+    }
+    start.wait();
+    let before = published_steps(&socket, JOB, ranks);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(args.fairness_seconds));
+    let after = published_steps(&socket, JOB, ranks);
+    let seconds = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for c in consumers {
+        match c.join() {
+            Ok(r) => r?,
+            Err(_) => bail!("a fairness consumer thread panicked"),
+        }
+    }
+    daemon.stop();
+    let steps: Vec<u64> = after?
+        .iter()
+        .zip(before?)
+        .map(|(a, b)| a.saturating_sub(b))
+        .collect();
+    let min_steps = steps.iter().copied().min().unwrap_or(0);
+    let max_steps = steps.iter().copied().max().unwrap_or(0);
+    Ok(FairnessFigures {
+        ranks,
+        seconds,
+        materialize_threads: threads,
+        ring_slots: SLOTS,
+        ratio: max_steps as f64 / min_steps as f64,
+        steps,
+        min_steps,
+        max_steps,
+    })
 }
 
 fn cpu_model() -> String {
@@ -1171,6 +1357,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ));
     }
     let base_cfg = dir.join("millrace.toml");
+    if args.fairness_only {
+        say(&format!(
+            "fairness: {} free-running ranks for {} s",
+            args.fairness_ranks, args.fairness_seconds
+        ));
+        let f = fairness(
+            &args,
+            &dir,
+            &base_cfg,
+            &std::env::current_exe()?,
+            args.threads[0],
+        )?;
+        print!("{}", render_fairness(&f));
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&f)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let files = data_files(&base_cfg)?;
     let corpus_bytes: u64 = files.iter().map(|f| f.bytes).sum();
     let corpus_tokens: u64 = files.iter().map(|f| f.bytes / f.dtype.size() as u64).sum();
@@ -1334,6 +1539,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         baseline.push(b);
     }
 
+    let fairness_figures = if args.fairness_seconds > 0.0 {
+        say(&format!(
+            "fairness: {} free-running ranks for {} s",
+            args.fairness_ranks, args.fairness_seconds
+        ));
+        Some(fairness(&args, &dir, &base_cfg, &ctx.exe, threads0)?)
+    } else {
+        None
+    };
+
     let report = BenchReport {
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu_model: cpu_model(),
@@ -1352,6 +1567,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         latency,
         baseline,
         baseline_skipped,
+        fairness: fairness_figures,
         same_tokens,
         wall_s: wall.elapsed().as_secs_f64(),
     };

@@ -775,6 +775,18 @@ pub fn render_status(st: &Value) -> String {
         num_or_dash(g("failed_reloads")),
         num_or_dash(g("first_changeable_step"))
     );
+    // Daemons before issue 14 do not report these: no line rather than dashes.
+    if let Some(fd) = g("fd_limit") {
+        let _ = writeln!(
+            s,
+            "fds {} open of {} (hard {})  control connections {} of {}",
+            num_or_dash(fd.get("open")),
+            num_or_dash(fd.get("soft")),
+            num_or_dash(fd.get("hard")),
+            num_or_dash(g("control_connections").and_then(|c| c.get("open"))),
+            num_or_dash(g("control_connections").and_then(|c| c.get("max")))
+        );
+    }
     let _ = writeln!(
         s,
         "padding {}  truncation {}",

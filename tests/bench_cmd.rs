@@ -29,6 +29,7 @@ fn bench_reports_every_section() {
             "1e6",
         ])
         .args(["--baseline-steps", "4", "--quiet"])
+        .args(["--fairness-seconds", "1", "--fairness-ranks", "4"])
         .arg("--dir")
         .arg(&dir)
         .arg("--json")
@@ -61,6 +62,13 @@ fn bench_reports_every_section() {
         .collect();
     // Step 0, the cursor the 12-step cold run saved, and the default seek step.
     assert_eq!(steps, [0, 12, 12]);
+    // The fairness run: every ring published steps (their ratio is timing, unchecked).
+    let fair = &r["fairness"];
+    assert_eq!(fair["ranks"], 4, "{fair}");
+    let per_rank = fair["steps"].as_array().unwrap();
+    assert_eq!(per_rank.len(), 4, "{fair}");
+    assert!(fair["max_steps"].as_u64().unwrap() > 0, "{fair}");
+    assert!(table.contains("fairness: 4 free-running ranks"), "{table}");
     // The baseline runs where python3 has numpy, and says why not elsewhere.
     match r["baseline_skipped"].as_str() {
         Some(why) => assert!(why.contains("numpy") || why.contains("python"), "{why}"),

@@ -588,7 +588,12 @@ class Client:
         try:
             sock.settimeout(self.handshake_timeout)
             sock.connect(self.socket_path)
-            _send(sock, encode_frame(HELLO, json.dumps(self._hello()).encode()))
+            try:
+                _send(sock, encode_frame(HELLO, json.dumps(self._hello()).encode()))
+            except _Gone:
+                # A refused peer is closed at once, possibly before our HELLO arrived:
+                # its REFUSED frame is still queued, so read it (EOF raises _Gone).
+                pass
             kind, payload = read_frame(sock, fds)
             if kind == REFUSED:
                 raise Refused(*_reason(payload))

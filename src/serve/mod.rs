@@ -6,6 +6,7 @@
 //! - [`hub`]: jobs, rings, peers, the materializer threads, and live mixture changes.
 //! - [`access`]: the socket's group and the SO_PEERCRED allowlist.
 //! - [`notify`]: systemd's Type=notify handshake and watchdog.
+//! - [`limits`]: the fd limit, the control-connection cap, rate-limited warnings.
 //! - this file: `[serve]` settings, the socket, one tokio task per connection (trainer or
 //!   control), the reload routes (file watch, SIGHUP, CONTROL), metrics, and the drain.
 //!
@@ -14,6 +15,7 @@
 
 pub mod access;
 pub mod hub;
+pub mod limits;
 pub mod notify;
 pub mod protocol;
 pub mod ring;
@@ -75,6 +77,13 @@ pub struct ServeConfig {
     /// How long a new connection has to send its HELLO.
     #[serde(default = "default_handshake")]
     pub handshake_timeout_ms: u64,
+    /// Most control connections (`millrace ctl`, `status`, `top`) open at once; more are
+    /// refused at once (REFUSED `busy`), so they cannot use up the daemon's fds.
+    #[serde(default = "default_max_control")]
+    pub max_control_connections: usize,
+    /// A control connection that sends no request for this long is closed (ERROR `idle`).
+    #[serde(default = "default_control_idle")]
+    pub control_idle_timeout_ms: u64,
     /// Group that owns the socket (mode 0660), so trainer users in it may connect.
     #[serde(default)]
     pub socket_group: Option<String>,
@@ -152,6 +161,12 @@ fn default_max_clients() -> usize {
 fn default_handshake() -> u64 {
     10_000
 }
+fn default_max_control() -> usize {
+    64
+}
+fn default_control_idle() -> u64 {
+    60_000
+}
 
 impl ServeConfig {
     /// Reads `[serve]` from a config (defaults when absent); a relative socket path is
@@ -176,6 +191,12 @@ impl ServeConfig {
         }
         if s.max_clients == 0 {
             return bad("max_clients", "must be positive");
+        }
+        if !(1..=65_536).contains(&s.max_control_connections) {
+            return bad("max_control_connections", "must be 1..=65536");
+        }
+        if !(100..=86_400_000).contains(&s.control_idle_timeout_ms) {
+            return bad("control_idle_timeout_ms", "must be 100..=86400000 (a day)");
         }
         if !(50..=3_600_000).contains(&s.watch_interval_ms) {
             return bad("watch_interval_ms", "must be 50..=3600000");
@@ -295,6 +316,10 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     );
     let pad_token = l.plan.config().pad_token;
     let serve = l.serve.clone();
+    // One fd per connection and two per ring (memfd, eventfd), plus shards and slack.
+    let fd_limit = limits::raise_fd_limit(
+        3 * serve.max_clients as u64 + serve.max_control_connections as u64 + 256,
+    );
     let hub = Arc::new(Hub::new(
         l.plan.clone(),
         Source {
@@ -317,6 +342,10 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         notifier: notifier.clone(),
         running: Mutex::new(Running::of(&l.cfg, l.plan.config(), l.hash)),
         pending: Mutex::new(None),
+        control: limits::ControlSlots::new(serve.max_control_connections),
+        fd_limit,
+        warn_conn: limits::Throttle::new("refused connections", 20, Duration::from_secs(10)),
+        warn_accept: limits::Throttle::new("failed accepts", 5, Duration::from_secs(10)),
         serve,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -355,6 +384,15 @@ struct Daemon {
     running: Mutex<Running>,
     /// The watcher's candidate: a hash seen once, applied if the next tick sees it too.
     pending: Mutex<Option<u64>>,
+    /// Open control connections, against `[serve] max_control_connections`.
+    control: Arc<limits::ControlSlots>,
+    /// RLIMIT_NOFILE after start-up, for `status`.
+    fd_limit: limits::FdLimit,
+    /// Warnings about connections refused or dropped before admission: a peer can
+    /// repeat those at will.
+    warn_conn: limits::Throttle,
+    /// Warnings about failed accepts (EMFILE, ENFILE).
+    warn_accept: limits::Throttle,
 }
 
 /// The parts of the config file a reload compares against.
@@ -556,12 +594,30 @@ impl Daemon {
         s["uptime_s"] = serde_json::json!(self.started.elapsed().as_secs_f64());
         s["config"] = serde_json::json!(self.config.display().to_string());
         s["socket"] = serde_json::json!(self.serve.socket.display().to_string());
+        s["fd_limit"] = serde_json::json!({
+            "soft": self.fd_limit.soft,
+            "hard": self.fd_limit.hard,
+            "at_start": self.fd_limit.was,
+            "open": limits::open_fds(),
+        });
+        s["control_connections"] = serde_json::json!({
+            "open": self.control.open(),
+            "max": self.control.cap(),
+        });
         s
     }
 }
 
+/// Where a reload or change can come from; each has its reload counters from the start.
+const RELOAD_SOURCES: [&str; 5] = ["file", "sighup", "ctl", "client", "cursor"];
+
+/// A counter or gauge not set for this long is dropped from /metrics: every live series
+/// is set each second, so only the series of departed jobs (and rings) age out.
+const METRICS_IDLE: Duration = Duration::from_secs(5);
+
 /// Publishes the status figures as Prometheus metrics (docs/OPERATIONS.md lists them).
-/// Derived from the same snapshot as `status`, so the two never disagree.
+/// Derived from the same snapshot as `status`, so the two never disagree. Every series
+/// that should stay is set on every call: one that is not ages out ([`METRICS_IDLE`]).
 fn export_metrics(status: &serde_json::Value) {
     use metrics::{counter, gauge};
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
@@ -571,11 +627,20 @@ fn export_metrics(status: &serde_json::Value) {
         ("reloads_by_source", "millrace_reloads_total"),
         ("failed_reloads_by_source", "millrace_reload_failures_total"),
     ] {
-        if let Some(m) = status[key].as_object() {
-            for (source, n) in m {
-                counter!(name, "source" => source.clone()).absolute(u(n));
-            }
+        let m = status[key].as_object();
+        let mut sources: std::collections::BTreeSet<String> =
+            RELOAD_SOURCES.iter().map(|s| s.to_string()).collect();
+        sources.extend(m.into_iter().flat_map(|m| m.keys().cloned()));
+        for source in sources {
+            let n = m.and_then(|m| m.get(&source)).map_or(0, u);
+            counter!(name, "source" => source).absolute(n);
         }
+    }
+    if let Some(c) = status["control_connections"]["open"].as_f64() {
+        gauge!("millrace_control_connections").set(c);
+    }
+    if let Some(n) = status["fd_limit"]["open"].as_f64() {
+        gauge!("millrace_open_fds").set(n);
     }
     gauge!("millrace_padding_fraction").set(f(&status["padding_fraction"]));
     gauge!("millrace_truncation_fraction").set(f(&status["truncation_fraction"]));
@@ -621,12 +686,21 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
             .parse()
             .with_context(|| format!("[serve] metrics_addr {addr:?}"))?;
         use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+        use metrics_util::MetricKindMask;
         // Buckets make the latency a real histogram (quantiles across nodes in PromQL).
         let buckets = [
             1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
         ];
         PrometheusBuilder::new()
             .with_http_listener(addr)
+            // Every live counter and gauge is set each second (export_metrics), so one
+            // left alone this long belongs to a job that left: dropping it keeps the
+            // exporter from growing with every job ever seen (2,000 short jobs left
+            // 2,064 series). The latency histogram is process-wide and stays.
+            .idle_timeout(
+                MetricKindMask::COUNTER | MetricKindMask::GAUGE,
+                Some(METRICS_IDLE),
+            )
             .set_buckets_for_metric(
                 Matcher::Full("millrace_materialize_seconds".into()),
                 &buckets,
@@ -635,7 +709,7 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
             .install()
             .with_context(|| format!("starting the metrics exporter on {addr}"))?;
         // Every series exists from the start, so rate() and alerts see zeros, not gaps.
-        for source in ["file", "sighup", "ctl", "client", "cursor"] {
+        for source in RELOAD_SOURCES {
             metrics::counter!("millrace_reloads_total", "source" => source).absolute(0);
             metrics::counter!("millrace_reload_failures_total", "source" => source).absolute(0);
         }
@@ -651,19 +725,43 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flush_tick = tokio::time::interval(Duration::from_secs(10));
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a failed accept: no accepting until then (the pending connection keeps the
+    // listener readable, so retrying at once would spin), and the next pause is longer.
+    let mut paused: Option<tokio::time::Instant> = None;
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if paused.is_none() => match accepted {
                 Ok((stream, _)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
                     let (d, shutdown) = (d.clone(), shutdown.clone());
                     tokio::spawn(async move { connection(d, stream, timeout, shutdown).await });
                 }
                 Err(e) => {
-                    // EMFILE and friends: keep serving the clients we have.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE, ENFILE, ENOBUFS: keep serving the clients we have; accept
+                    // again once connections closed (or the pause ran out).
+                    if let Some(k) = d.warn_accept.allow() {
+                        warn!(
+                            fd_limit = d.fd_limit.soft,
+                            open_fds = ?limits::open_fds(),
+                            "accept failed: {e}; pausing accepts for {} ms{}",
+                            backoff.as_millis(),
+                            limits::suppressed_note(k)
+                        );
+                    }
+                    paused = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             },
+            _ = async { match paused { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending::<()>().await } } => {
+                paused = None;
+            }
+            _ = flush_tick.tick() => {
+                d.warn_conn.flush();
+                d.warn_accept.flush();
+            }
             _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending::<()>().await } } => {
                 // A hub stuck on its lock would stop these pings, and systemd restarts us.
                 let _ = d.hub.plan();
@@ -717,6 +815,11 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
     Ok(())
 }
 
+/// The first pause after a failed accept; each further failure in a row doubles it.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest pause between accepts while they keep failing.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
@@ -724,16 +827,7 @@ async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
                 .with_context(|| format!("creating the socket directory {}", dir.display()))?;
         }
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "{}: another daemon is serving this socket; stop it or choose another [serve] socket",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?;
-    }
+    remove_stale_socket(path).await?;
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
@@ -743,6 +837,54 @@ async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
         access::set_socket_group(path, g).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(listener)
+}
+
+/// Clears the way for binding `path`: nothing there is fine; a stale socket (a socket
+/// file nobody listens on, left by a daemon that died) is removed; anything else (a
+/// regular file, a directory, a symlink, a socket another daemon is serving, one we
+/// cannot probe) is refused with the path named, because `--socket` typos must never
+/// delete a file.
+async fn remove_stale_socket(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => bail!("{}: cannot inspect the socket path: {e}", path.display()),
+    };
+    let ft = meta.file_type();
+    if !ft.is_socket() {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_symlink() {
+            "a symbolic link"
+        } else if ft.is_file() {
+            "a regular file"
+        } else {
+            "not a socket"
+        };
+        bail!(
+            "{}: the socket path exists and is {what}; refusing to remove it (choose another \
+             [serve] socket or --socket, or remove it yourself)",
+            path.display()
+        );
+    }
+    match UnixStream::connect(path).await {
+        Ok(_) => bail!(
+            "{}: another daemon is serving this socket; stop it or choose another [serve] socket",
+            path.display()
+        ),
+        // Nobody listens: a socket left behind by a daemon that did not exit cleanly.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+            info!(socket = %path.display(), "removed a stale socket");
+            Ok(())
+        }
+        Err(e) => bail!(
+            "{}: a socket is there and probing it failed ({e}); refusing to remove it",
+            path.display()
+        ),
+    }
 }
 
 /// Reads frames into `buf` until one is complete.
@@ -794,39 +936,72 @@ async fn connection(
             None => Err("the peer's credentials (SO_PEERCRED) could not be read".into()),
         };
         if let Err(m) = verdict {
-            warn!(?pid, "refused: {m}");
+            if let Some(k) = d.warn_conn.allow() {
+                warn!(?pid, "refused: {m}{}", limits::suppressed_note(k));
+            }
             say(&mut stream, kind::REFUSED, "access", &m).await;
-            // Linger until the client closes (bounded): closing at once could make its
-            // HELLO write fail before it reads the refusal.
+            // Closed at once: lingering for the client (as before) let a denied uid hold
+            // an fd per connect. What it already sent is read away first, so closing does
+            // not reset the connection before it reads the refusal; a client whose HELLO
+            // write fails after this reads the queued REFUSED (src/client.rs, ctl.rs).
             let mut sink = [0u8; 4096];
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-            })
-            .await;
+            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
             return;
         }
     }
     let mut buf = Vec::new();
     let hello = match tokio::time::timeout(timeout, read_frame(&mut stream, &mut buf)).await {
         Err(_) => {
-            warn!(?pid, "no HELLO within {} ms; closing", timeout.as_millis());
+            if let Some(k) = d.warn_conn.allow() {
+                warn!(
+                    ?pid,
+                    "no HELLO within {} ms; closing{}",
+                    timeout.as_millis(),
+                    limits::suppressed_note(k)
+                );
+            }
             say(&mut stream, kind::ERROR, "protocol", "no HELLO in time").await;
             return;
         }
         Ok(Ok(Some(Frame::Hello(p)))) => p,
         Ok(Ok(Some(Frame::Control(p)))) => {
+            let Some(slot) = d.control.take() else {
+                let m = format!(
+                    "{} control connections are open ([serve] max_control_connections); \
+                     close one or try again later",
+                    d.control.cap()
+                );
+                if let Some(k) = d.warn_conn.allow() {
+                    warn!(
+                        ?pid,
+                        "refused a control connection: {m}{}",
+                        limits::suppressed_note(k)
+                    );
+                }
+                say(&mut stream, kind::REFUSED, "busy", &m).await;
+                return;
+            };
             control_connection(d, stream, buf, p, shutdown).await;
+            drop(slot);
             return;
         }
         Ok(Ok(None)) => return,
         Ok(Ok(Some(other))) => {
             let m = format!("expected HELLO or CONTROL first, got {other:?}");
-            warn!(?pid, "{m}; closing");
+            if let Some(k) = d.warn_conn.allow() {
+                warn!(?pid, "{m}; closing{}", limits::suppressed_note(k));
+            }
             say(&mut stream, kind::ERROR, "protocol", &m).await;
             return;
         }
         Ok(Err(m)) => {
-            warn!(?pid, "protocol error before HELLO: {m}; closing");
+            if let Some(k) = d.warn_conn.allow() {
+                warn!(
+                    ?pid,
+                    "protocol error before HELLO: {m}; closing{}",
+                    limits::suppressed_note(k)
+                );
+            }
             say(&mut stream, kind::ERROR, "protocol", &m).await;
             return;
         }
@@ -835,7 +1010,9 @@ async fn connection(
     let hello = match Hello::parse(&hello) {
         Ok(h) => h,
         Err(r) => {
-            warn!(?pid, "refused: {r}");
+            if let Some(k) = d.warn_conn.allow() {
+                warn!(?pid, "refused: {r}{}", limits::suppressed_note(k));
+            }
             say(&mut stream, kind::REFUSED, r.code, &r.message).await;
             return;
         }
@@ -849,7 +1026,9 @@ async fn connection(
     let adm = match admitted {
         Ok(Ok(a)) => a,
         Ok(Err(r)) => {
-            warn!(?pid, job = %hello.job, dp_rank = hello.dp_rank, replica = %hello.replica, "refused: {r}");
+            if let Some(k) = d.warn_conn.allow() {
+                warn!(?pid, job = %hello.job, dp_rank = hello.dp_rank, replica = %hello.replica, "refused: {r}{}", limits::suppressed_note(k));
+            }
             say(&mut stream, kind::REFUSED, r.code, &r.message).await;
             return;
         }
@@ -921,6 +1100,7 @@ async fn control_connection(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut next = Some(first);
+    let idle = Duration::from_millis(d.serve.control_idle_timeout_ms);
     loop {
         let payload = match next.take() {
             Some(p) => p,
@@ -928,6 +1108,16 @@ async fn control_connection(
                 let frame = tokio::select! {
                     f = read_frame(&mut stream, &mut buf) => f,
                     _ = stopped(&mut shutdown) => return,
+                    // An idle control connection holds an fd and a place under the cap:
+                    // 19,985 idle `status` connections once used up the fd limit.
+                    _ = tokio::time::sleep(idle) => {
+                        let m = format!(
+                            "no request for {} ms ([serve] control_idle_timeout_ms); closing",
+                            idle.as_millis()
+                        );
+                        say(&mut stream, kind::ERROR, "idle", &m).await;
+                        return;
+                    }
                 };
                 match frame {
                     Ok(Some(Frame::Control(p))) => p,

@@ -1,0 +1,261 @@
+//! The daemon's guards against running out of file descriptors and flooding its log
+//! (issue 14 item 8): the RLIMIT_NOFILE check at start, the count of open control
+//! connections, and rate-limited warnings for events a peer can repeat at will
+//! (refused connections, handshake failures, failed accepts).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+/// Where RLIMIT_NOFILE stood after start-up; reported in `status` as `fd_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdLimit {
+    /// The soft limit in force (after raising it).
+    pub soft: u64,
+    /// The hard limit (what an unprivileged process may raise the soft one to).
+    pub hard: u64,
+    /// The soft limit the daemon found at start.
+    pub was: u64,
+}
+
+/// The most the soft limit is raised to: a hard limit of "unlimited" or 2^30 must not
+/// turn into a table the kernel refuses (fs.nr_open caps it at 2^20 by default).
+const RAISE_CAP: u64 = 1 << 20;
+
+/// Reads RLIMIT_NOFILE and raises the soft limit to the hard one (capped at 2^20): the
+/// daemon holds one fd per connection plus two per ring, and a distribution's default
+/// soft limit of 1024 is reached by a few hundred ranks. Logs what it found and did, and
+/// warns when the limit is still below `needed`.
+pub fn raise_fd_limit(needed: u64) -> FdLimit {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the live local `rl`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        warn!(
+            "reading RLIMIT_NOFILE failed: {}",
+            std::io::Error::last_os_error()
+        );
+        return FdLimit {
+            soft: 0,
+            hard: 0,
+            was: 0,
+        };
+    }
+    let (was, hard): (u64, u64) = (rl.rlim_cur, rl.rlim_max);
+    let target = hard.min(RAISE_CAP).max(was);
+    let mut soft = was;
+    if target > was {
+        let new = libc::rlimit {
+            rlim_cur: target as libc::rlim_t,
+            rlim_max: rl.rlim_max,
+        };
+        // SAFETY: setrlimit reads the live local `new`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            soft = target;
+            info!(
+                was,
+                now = soft,
+                hard,
+                "raised the open-file limit (RLIMIT_NOFILE)"
+            );
+        } else {
+            warn!(
+                was,
+                hard,
+                "raising RLIMIT_NOFILE failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    } else {
+        info!(soft, hard, "open-file limit (RLIMIT_NOFILE)");
+    }
+    if soft < needed {
+        warn!(
+            soft,
+            needed,
+            "the open-file limit is below what [serve] max_clients and \
+             max_control_connections may need; raise LimitNOFILE= in the unit"
+        );
+    }
+    FdLimit { soft, hard, was }
+}
+
+/// File descriptors the process has open now (entries of /proc/self/fd), for `status`.
+pub fn open_fds() -> Option<u64> {
+    std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count().saturating_sub(1) as u64) // less the directory's own fd
+}
+
+/// Counts open control connections against `[serve] max_control_connections`.
+#[derive(Debug)]
+pub struct ControlSlots {
+    open: AtomicUsize,
+    cap: usize,
+}
+
+/// One admitted control connection; dropping it frees its place.
+#[derive(Debug)]
+pub struct ControlSlot(Arc<ControlSlots>);
+
+impl Drop for ControlSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ControlSlots {
+    /// At most `cap` control connections at once.
+    pub fn new(cap: usize) -> Arc<ControlSlots> {
+        Arc::new(ControlSlots {
+            open: AtomicUsize::new(0),
+            cap,
+        })
+    }
+
+    /// A place for one more control connection, or `None` at the cap.
+    pub fn take(self: &Arc<Self>) -> Option<ControlSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ControlSlot(self.clone()))
+    }
+
+    /// Control connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The configured cap.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+}
+
+/// Lets at most `burst` warnings of one kind through per `window` and counts the rest,
+/// so a peer that repeats a refused request (a connect flood from a denied uid wrote
+/// 333,080 lines in 25 s) costs a bounded number of log lines. The count of suppressed
+/// lines is reported by the next line let through, or by [`Throttle::flush`].
+#[derive(Debug)]
+pub struct Throttle {
+    what: &'static str,
+    burst: u32,
+    window: Duration,
+    state: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    emitted: u32,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// A throttle for warnings about `what` (named in the suppression summary).
+    pub fn new(what: &'static str, burst: u32, window: Duration) -> Throttle {
+        Throttle {
+            what,
+            burst,
+            window,
+            state: Mutex::new(Window {
+                start: Instant::now(),
+                emitted: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Whether this warning may be logged now; `Some(k)` when it may, with `k` lines
+    /// suppressed before it (to be mentioned in it).
+    pub fn allow(&self) -> Option<u64> {
+        let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if now.saturating_duration_since(w.start) >= self.window {
+            w.start = now;
+            w.emitted = 0;
+        }
+        if w.emitted < self.burst {
+            w.emitted += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            None
+        }
+    }
+
+    /// Logs how many lines were suppressed, if any, once their window has passed; called
+    /// periodically so a flood that stops still leaves its count in the log.
+    pub fn flush(&self) {
+        let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if w.suppressed > 0 && w.start.elapsed() >= self.window {
+            let n = std::mem::take(&mut w.suppressed);
+            w.start = Instant::now();
+            w.emitted = 0;
+            drop(w);
+            warn!(
+                suppressed = n,
+                "{n} more warnings about {} suppressed in the last {} s",
+                self.what,
+                self.window.as_secs()
+            );
+        }
+    }
+}
+
+/// Suffix for a throttled line that follows `k` suppressed ones.
+pub fn suppressed_note(k: u64) -> String {
+    if k == 0 {
+        String::new()
+    } else {
+        format!(" ({k} similar warnings suppressed before this one)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_a_burst_through_and_counts_the_rest() {
+        let t = Throttle::new("tests", 3, Duration::from_secs(3600));
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), Some(0));
+        for _ in 0..100 {
+            assert_eq!(t.allow(), None);
+        }
+        // A new window reports what the old one suppressed.
+        t.state.lock().unwrap().start -= Duration::from_secs(3601);
+        assert_eq!(t.allow(), Some(100));
+        assert_eq!(t.allow(), Some(0));
+    }
+
+    #[test]
+    fn control_slots_stop_at_the_cap_and_free_on_drop() {
+        let s = ControlSlots::new(2);
+        let a = s.take().unwrap();
+        let b = s.take().unwrap();
+        assert!(s.take().is_none());
+        assert_eq!(s.open(), 2);
+        drop(a);
+        assert_eq!(s.open(), 1);
+        let _c = s.take().unwrap();
+        drop(b);
+        assert_eq!(s.open(), 1);
+    }
+
+    #[test]
+    fn the_fd_limit_is_read_and_never_lowered() {
+        let l = raise_fd_limit(0);
+        assert!(l.soft >= l.was, "{l:?}");
+        assert!(l.soft <= l.hard, "{l:?}");
+        assert!(open_fds().is_some_and(|n| n > 0));
+    }
+}
