@@ -1321,6 +1321,16 @@ fn check_resume(sc: &Scenario, rng: &mut Pcg64) {
                 sc.name
             );
         }
+        // (b') the same seek in chunks of 1, 3 and 7 plan steps (the daemon's seek goes
+        // in bounded chunks; a chunk edge must change nothing).
+        for chunk in [1, 3, 7] {
+            let never = std::sync::atomic::AtomicBool::new(false);
+            let mut k = plan
+                .seek_chunked(t, chunk, &never)
+                .expect("a seek nobody cancels completes");
+            assert_eq!(k.cursor(), seek_blob, "{}: seek to {t} in chunks of {chunk}", sc.name);
+            assert_eq!(&k.next_batch(), &want[0], "{}: chunked seek to {t}", sc.name);
+        }
         // (c) the seek planner's own blob restores to the same stream.
         let mut c = plan
             .restore(&seek_blob)
@@ -1344,6 +1354,29 @@ fn resume_from_blob_and_seek_continue_bit_for_bit() {
     for sc in scenarios() {
         check_resume(&sc, &mut rng);
     }
+}
+
+/// A seek is cancellable between chunks (the daemon cancels the seek of a client that
+/// left), and one to any step holds bounded memory: before the chunked seek, a seek to
+/// 2^40 allocated 4 TB up front and one to 2^62 panicked with "capacity overflow".
+#[test]
+fn seek_to_any_step_is_bounded_and_cancellable() {
+    use std::sync::atomic::AtomicBool;
+    let sc = &scenarios()[0];
+    let plan = build(&sc.domains, sc.cfg.clone());
+    let cancelled = AtomicBool::new(true);
+    for step in [1u64 << 40, 1 << 62, u64::MAX] {
+        assert!(
+            plan.seek_cancellable(step, &cancelled).is_none(),
+            "a cancelled seek to {step} gives up"
+        );
+    }
+    // Cancelled at once, even a seek that would take years returns; not cancelled, a
+    // short one completes at the step asked for.
+    let never = AtomicBool::new(false);
+    let p = plan.seek_cancellable(5, &never).expect("not cancelled");
+    assert_eq!(p.step(), 5);
+    assert_eq!(p.cursor(), plan.seek(5).cursor());
 }
 
 /// A checkpoint taken just before a range that is skipped later (the loss-spike recovery

@@ -195,6 +195,10 @@ pub const MAX_SEQ_LEN: u32 = 1 << 24;
 pub const MAX_BATCH_ROWS: u32 = 1 << 20;
 /// Largest packing window accepted, in units.
 pub const MAX_WINDOW: u64 = 1 << 24;
+/// The furthest step a run may name (a skip's end, a HELLO's `start_step`, a live
+/// change's `at_step`): 2^32 steps is thousands of times the longest pretraining run,
+/// and seeking there replays every step before it, so nothing further is accepted.
+pub const MAX_STEP: u64 = 1 << 32;
 
 impl PlanConfig {
     /// Parses the `[plan]` table.
@@ -271,6 +275,16 @@ impl PlanConfig {
                 return Err(bad(
                     format!("plan.skip[{i}].steps"),
                     format!("first step {} is after last {}", s.steps[0], s.steps[1]),
+                ));
+            }
+            if s.steps[1] > MAX_STEP {
+                return Err(bad(
+                    format!("plan.skip[{i}].steps"),
+                    format!(
+                        "last step {} is beyond {MAX_STEP}: the first client would replay \
+                         every skipped step",
+                        s.steps[1]
+                    ),
                 ));
             }
             if i > 0 && s.steps[0] <= self.skip[i - 1].steps[1] {

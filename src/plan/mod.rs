@@ -18,6 +18,7 @@ pub mod pack;
 pub mod permute;
 pub mod report;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -32,6 +33,10 @@ pub use journal::Change;
 use domain::{DomainData, Geometry, Stream};
 use mix::{MixState, Mixer, Schedule};
 use permute::{derive_key, Permutation};
+
+/// Plan steps a seek replays per chunk: its mixer counts (4 bytes per domain per step)
+/// are all it holds, so a seek to any step needs at most a few MB.
+pub const SEEK_CHUNK: u64 = 1 << 16;
 
 /// Why a plan could not be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -487,19 +492,40 @@ impl Plan {
     ///
     /// The mixer runs first (it needs nothing but the schedule); then each domain replays
     /// its own share of rows. Domains never interact, so they replay on parallel threads
-    /// and the result is identical to a sequential replay whatever the thread count.
+    /// and the result is identical to a sequential replay whatever the thread count. Both
+    /// go [`SEEK_CHUNK`] plan steps at a time, so memory stays bounded at any step.
     pub fn seek(self: &Arc<Self>, step: u64) -> Planner {
         let mut p = self.start();
+        self.replay(&mut p, step, SEEK_CHUNK, &AtomicBool::new(false));
+        p
+    }
+
+    /// [`Plan::seek`] that gives up (`None`) between chunks once `cancel` is set: the
+    /// daemon sets it when the client that asked has gone, so nobody pays for a seek
+    /// whose result nobody will read.
+    pub fn seek_cancellable(self: &Arc<Self>, step: u64, cancel: &AtomicBool) -> Option<Planner> {
+        self.seek_chunked(step, SEEK_CHUNK, cancel)
+    }
+
+    /// [`Plan::seek_cancellable`] with `chunk` plan steps per chunk (at least 1); the
+    /// result does not depend on `chunk`, which tests check with small ones.
+    pub fn seek_chunked(
+        self: &Arc<Self>,
+        step: u64,
+        chunk: u64,
+        cancel: &AtomicBool,
+    ) -> Option<Planner> {
+        let mut p = self.start();
+        self.replay(&mut p, step, chunk, cancel).then_some(p)
+    }
+
+    /// Moves the fresh planner `p` to trainer step `step`, `chunk` plan steps at a time:
+    /// mixer counts for a chunk (O(domains x chunk) memory), then every domain replays
+    /// them, then the next chunk. Returns false, with `p` part-way, when cancelled.
+    fn replay(&self, p: &mut Planner, step: u64, chunk: u64, cancel: &AtomicBool) -> bool {
         let target = self.plan_step_of(step);
         let n = self.domains.len();
-        let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(target as usize); n];
-        for ps in 0..target {
-            let c = self.mixer.counts(&mut p.mix, ps);
-            for (d, &k) in c.iter().enumerate() {
-                counts[d].push(k);
-            }
-        }
-        let next = std::sync::atomic::AtomicUsize::new(0);
+        let chunk = chunk.max(1);
         let threads = std::thread::available_parallelism()
             .map_or(1, |t| t.get())
             .min(n);
@@ -508,37 +534,58 @@ impl Plan {
             .drain(..)
             .map(|s| std::sync::Mutex::new(Some(s)))
             .collect();
-        let replay = |d: usize, stream: &mut Stream| {
-            for (ps, &k) in counts[d].iter().enumerate() {
-                let ps = ps as u64;
-                stream.take(
-                    &self.domains[d],
-                    d as u16,
-                    self.geometry,
-                    k,
-                    ps,
-                    self.seed_at(ps),
-                    &self.reseeds,
-                    self.group_cap(d),
-                    None,
-                );
+        let cap = chunk.min(target) as usize;
+        let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(cap); n];
+        let mut from = 0u64;
+        let mut done = true;
+        while from < target {
+            if cancel.load(Ordering::Relaxed) {
+                done = false;
+                break;
             }
-        };
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| loop {
-                    let d = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(slot) = streams.get(d) else { break };
-                    let mut guard = match slot.lock() {
-                        Ok(g) => g,
-                        Err(poisoned) => poisoned.into_inner(),
-                    };
-                    if let Some(stream) = guard.as_mut() {
-                        replay(d, stream);
-                    }
-                });
+            let to = target.min(from.saturating_add(chunk));
+            for c in counts.iter_mut() {
+                c.clear();
             }
-        });
+            for ps in from..to {
+                let c = self.mixer.counts(&mut p.mix, ps);
+                for (d, &k) in c.iter().enumerate() {
+                    counts[d].push(k);
+                }
+            }
+            let replay = |d: usize, stream: &mut Stream| {
+                for (ps, &k) in (from..to).zip(&counts[d]) {
+                    stream.take(
+                        &self.domains[d],
+                        d as u16,
+                        self.geometry,
+                        k,
+                        ps,
+                        self.seed_at(ps),
+                        &self.reseeds,
+                        self.group_cap(d),
+                        None,
+                    );
+                }
+            };
+            let next = AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..threads {
+                    scope.spawn(|| loop {
+                        let d = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(slot) = streams.get(d) else { break };
+                        let mut guard = match slot.lock() {
+                            Ok(g) => g,
+                            Err(poisoned) => poisoned.into_inner(),
+                        };
+                        if let Some(stream) = guard.as_mut() {
+                            replay(d, stream);
+                        }
+                    });
+                }
+            });
+            from = to;
+        }
         p.streams = streams
             .into_iter()
             .map(|m| {
@@ -547,9 +594,11 @@ impl Plan {
                     .unwrap_or_else(|| Stream::new(StreamState::default()))
             })
             .collect();
-        p.plan_step = target;
-        p.step = step;
-        p
+        if done {
+            p.plan_step = target;
+            p.step = step;
+        }
+        done
     }
 
     /// A planner restored from a cursor blob.

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,9 @@ pub struct HubSettings {
     pub max_clients: usize,
     /// Issue MADV_WILLNEED for planned spans.
     pub hints: bool,
+    /// Most bytes all rings together may take (`[serve] ring_memory_bytes`): a job whose
+    /// ring would pass it is refused with `memory`.
+    pub ring_budget: u64,
 }
 
 /// An eventfd the daemon writes to when a slot is published.
@@ -410,9 +414,17 @@ impl Hub {
     /// its dp rank's ring (creating the ring at the client's step if none is live).
     /// Restoring or seeking a planner can take a while, so it happens before the lock; a
     /// live change landing meanwhile makes the attempt start over.
-    pub fn admit(&self, hello: &Hello, pid: Option<i32>) -> Result<Admission, Refusal> {
+    ///
+    /// `cancel` is set by the connection when its client hangs up: a seek in progress
+    /// then stops at its next chunk and the attempt is refused with `cancelled`.
+    pub fn admit(
+        &self,
+        hello: &Hello,
+        pid: Option<i32>,
+        cancel: &AtomicBool,
+    ) -> Result<Admission, Refusal> {
         for _ in 0..8 {
-            if let Some(a) = self.try_admit(hello, pid)? {
+            if let Some(a) = self.try_admit(hello, pid, cancel)? {
                 return Ok(a);
             }
         }
@@ -423,7 +435,12 @@ impl Hub {
     }
 
     /// One admission attempt; `Ok(None)` when the plan changed under it.
-    fn try_admit(&self, hello: &Hello, pid: Option<i32>) -> Result<Option<Admission>, Refusal> {
+    fn try_admit(
+        &self,
+        hello: &Hello,
+        pid: Option<i32>,
+        cancel: &AtomicBool,
+    ) -> Result<Option<Admission>, Refusal> {
         let seen = self.plan();
         let cfg = seen.config();
         let g = cfg.global_batch_rows;
@@ -511,7 +528,15 @@ impl Hub {
         } else {
             Some(match &blob {
                 Some(b) => plan.restore(b).map_err(|e| refuse(e.to_string()))?,
-                None => plan.seek(hello.start_step.unwrap_or(0)),
+                None => {
+                    let step = hello.start_step.unwrap_or(0);
+                    plan.seek_cancellable(step, cancel).ok_or_else(|| {
+                        Refusal::new(
+                            "cancelled",
+                            format!("the client left while the daemon sought step {step}"),
+                        )
+                    })?
+                }
             })
         };
         let ready =
@@ -559,6 +584,7 @@ impl Hub {
                 ),
             ));
         }
+        let used = Self::ring_memory(&st);
         let peer_id = st.next_peer;
         st.next_peer += 1;
         let job = st.jobs.entry(hello.job.clone()).or_insert_with(|| Job {
@@ -588,20 +614,47 @@ impl Hub {
                             ),
                         ));
                     }
-                    if entry.micro != (mbr, hello.micro_batches) || entry.replicas != hello.replicas
-                    {
+                    if entry.micro != (mbr, hello.micro_batches) {
                         break 'join Err(Refusal::new(
                             "layout",
                             format!(
-                                "peers of dp_rank {} use micro_batch_rows {} x micro_batches {} with \
-                                 replicas {}; this client asks {mbr} x {} with replicas {}",
+                                "peers of dp_rank {} use micro_batch_rows {} x micro_batches {}; \
+                                 this client asks {mbr} x {}",
                                 hello.dp_rank,
                                 entry.micro.0,
                                 entry.micro.1,
-                                entry.replicas,
                                 hello.micro_batches,
-                                hello.replicas
                             ),
+                        ));
+                    }
+                    // The ring holds data for exactly the peers its first client
+                    // announced: a client that disagrees, or one past that count (another
+                    // job's name, a stray replica), would stall the ring's real peers.
+                    if entry.replicas != hello.replicas
+                        || entry.peers.len() >= entry.replicas as usize
+                    {
+                        let mut names: Vec<&str> =
+                            entry.peers.values().map(|p| p.replica.as_str()).collect();
+                        names.sort_unstable();
+                        break 'join Err(Refusal::new(
+                            "replicas",
+                            if entry.replicas != hello.replicas {
+                                format!(
+                                    "job {:?} dp_rank {} was announced with replicas = {}; this \
+                                     client says {}",
+                                    hello.job, hello.dp_rank, entry.replicas, hello.replicas
+                                )
+                            } else {
+                                format!(
+                                    "job {:?} dp_rank {} declared replicas = {} and all are \
+                                     connected ({}); replica {:?} is one too many",
+                                    hello.job,
+                                    hello.dp_rank,
+                                    entry.replicas,
+                                    names.join(", "),
+                                    hello.replica
+                                )
+                            },
                         ));
                     }
                     // A blob was restored (and so checked) before the lock.
@@ -680,6 +733,20 @@ impl Hub {
                         self.cursor_cap,
                     );
                     let step = planner.step();
+                    if used.saturating_add(layout.ring_bytes) > self.settings.ring_budget {
+                        break 'join Err(Refusal::new(
+                            "memory",
+                            format!(
+                                "a ring for job {:?} dp_rank {} takes {} bytes, and the rings \
+                                 live now take {used} of the {} bytes [serve] \
+                                 ring_memory_bytes allows",
+                                hello.job,
+                                hello.dp_rank,
+                                layout.ring_bytes,
+                                self.settings.ring_budget
+                            ),
+                        ));
+                    }
                     let r = match Ring::create(
                         &format!("{}:{}", hello.job, hello.dp_rank),
                         layout,
@@ -790,6 +857,15 @@ impl Hub {
             ready,
             kick,
         }))
+    }
+
+    /// Bytes of every live ring together, checked against `ring_budget`.
+    fn ring_memory(st: &State) -> u64 {
+        st.jobs
+            .values()
+            .flat_map(|j| j.rings.values())
+            .map(|e| e.ring.layout().ring_bytes)
+            .sum()
     }
 
     /// Takes back a join that a later step of admission refused.
@@ -1281,6 +1357,10 @@ impl Hub {
             }
             let out = serde_json::json!({
                 "clients": st.clients,
+                "ring_memory": {
+                    "used_bytes": Self::ring_memory(&st),
+                    "budget_bytes": self.settings.ring_budget,
+                },
                 "reloads": st.reloads.values().sum::<u64>(),
                 "failed_reloads": st.failed_reloads.values().sum::<u64>(),
                 "reloads_by_source": st.reloads,

@@ -13,6 +13,7 @@
 //! connection never waits for a copy and a copy never waits for a socket.
 
 pub mod access;
+pub mod budget;
 pub mod hub;
 pub mod notify;
 pub mod protocol;
@@ -72,6 +73,10 @@ pub struct ServeConfig {
     /// Most clients at once.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// Most bytes all rings together may take; unset: a quarter of the machine's memory
+    /// or the unit's cgroup limit, whichever is smaller ([`budget::default_ring_budget`]).
+    #[serde(default)]
+    pub ring_memory_bytes: Option<u64>,
     /// How long a new connection has to send its HELLO.
     #[serde(default = "default_handshake")]
     pub handshake_timeout_ms: u64,
@@ -177,6 +182,9 @@ impl ServeConfig {
         if s.max_clients == 0 {
             return bad("max_clients", "must be positive");
         }
+        if s.ring_memory_bytes == Some(0) {
+            return bad("ring_memory_bytes", "must be positive");
+        }
         if !(50..=3_600_000).contains(&s.watch_interval_ms) {
             return bad("watch_interval_ms", "must be 50..=3600000");
         }
@@ -262,9 +270,19 @@ fn load(config: &Path) -> Result<Loaded> {
 }
 
 /// `millrace check-config`: everything `serve` checks before it binds (config, shards,
-/// `[serve]`, the socket group), so a unit's ExecStartPre fails with the reason.
+/// `[serve]`, the socket group, that `metrics_addr` is free), so a unit's ExecStartPre fails with the reason.
 pub fn check_config(args: CheckArgs) -> Result<()> {
     let l = load(&args.config)?;
+    if let Some(addr) = &l.serve.metrics_addr {
+        // `serve` exits when it cannot listen there, so the check tries it too (and lets
+        // go at once).
+        std::net::TcpListener::bind(addr.as_str()).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: [serve] metrics_addr {addr:?}: cannot listen: {e} (`serve` would exit)",
+                args.config.display()
+            )
+        })?;
+    }
     let shards: usize = l.shards.iter().map(Vec::len).sum();
     println!(
         "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {}",
@@ -307,6 +325,9 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
             token: l.token,
             max_clients: serve.max_clients,
             hints: serve.page_hints,
+            ring_budget: serve
+                .ring_memory_bytes
+                .unwrap_or_else(budget::default_ring_budget),
         },
     ));
     let daemon = Arc::new(Daemon {
@@ -771,6 +792,39 @@ async fn read_frame(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option
     }
 }
 
+/// Awaits the admission `task` while watching the client: when it hangs up (or sends
+/// more than a frame's worth before its WELCOME), `cancel` is set, so a seek for a client
+/// that is gone stops at its next chunk. Bytes it sends meanwhile stay in `buf`.
+async fn admit_watching<T>(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    task: tokio::task::JoinHandle<T>,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::pin!(task);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            r = &mut task => return r,
+            ready = stream.readable(), if watching => {
+                let mut chunk = [0u8; 4096];
+                let gone = match ready.and_then(|()| stream.try_read(&mut chunk)) {
+                    Ok(0) => true,
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        buf.len() > protocol::MAX_FRAME + 4
+                    }
+                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                };
+                if gone {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    watching = false;
+                }
+            }
+        }
+    }
+}
+
 /// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
 /// write changes nothing.
 async fn say(stream: &mut UnixStream, kind: u8, code: &str, message: &str) {
@@ -840,12 +894,21 @@ async fn connection(
             return;
         }
     };
-    // Restoring or seeking a planner is CPU work: keep it off the I/O threads.
-    let admitted = {
-        let hub = hub.clone();
-        let hello = hello.clone();
-        tokio::task::spawn_blocking(move || hub.admit(&hello, pid)).await
+    // Restoring or seeking a planner is CPU work: keep it off the I/O threads, and stop
+    // it if the client hangs up meanwhile.
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = {
+        let (hub, hello, cancel) = (hub.clone(), hello.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || hub.admit(&hello, pid, &cancel))
     };
+    let admitted = admit_watching(&mut stream, &mut buf, task, &cancel).await;
+    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Ok(Ok(a)) = &admitted {
+            hub.leave(&hello.job, hello.dp_rank, a.peer);
+        }
+        info!(?pid, job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its seek was cancelled");
+        return;
+    }
     let adm = match admitted {
         Ok(Ok(a)) => a,
         Ok(Err(r)) => {
