@@ -204,7 +204,7 @@ impl PlanConfig {
     /// Parses the `[plan]` table.
     pub fn from_table(table: &toml::Table) -> Result<PlanConfig, SettingError> {
         PlanConfig::deserialize(toml::Value::Table(table.clone()))
-            .map_err(|e| bad("plan", e.to_string().trim().to_string()))
+            .map_err(|e| bad("plan", one_line(&e.to_string())))
     }
 
     /// The schedule as points, with the `weights` shorthand folded in.
@@ -350,6 +350,17 @@ impl PlanConfig {
         }
         Ok(())
     }
+}
+
+/// A multi-line message (toml's put the cause on a line of its own) as one line, so
+/// a log entry carries its cause: lines trimmed and joined with "; ".
+pub fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Checks one set of weights: known domains, finite, non-negative, not all zero. Live
