@@ -455,7 +455,12 @@ pub fn toml_message(e: &toml::de::Error, text: &str) -> String {
         Some(span) => {
             let before = &text.as_bytes()[..span.start.min(text.len())];
             let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-            let column = before.len() - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+            let column = before.len()
+                - before
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |i| i + 1)
+                + 1;
             format!("TOML parse error at line {line}, column {column}: {cause}")
         }
         None => format!("TOML parse error: {cause}"),

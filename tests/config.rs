@@ -283,7 +283,10 @@ fn toml_errors_fit_one_line_with_their_cause() {
         millrace::serve::ServeConfig::from_config(&cfg).unwrap_err()
     );
     assert!(!e.contains('\n'), "{e:?}");
-    assert!(e.contains("ring_slots") && e.contains("invalid type"), "{e}");
+    assert!(
+        e.contains("ring_slots") && e.contains("invalid type"),
+        "{e}"
+    );
     let cfg = parse(&format!("{base}[plan]\nseq_len = \"x\"\n")).unwrap();
     let e = cfg.plan_config().unwrap_err().to_string();
     assert!(!e.contains('\n'), "{e:?}");

@@ -1328,8 +1328,18 @@ fn check_resume(sc: &Scenario, rng: &mut Pcg64) {
             let mut k = plan
                 .seek_chunked(t, chunk, &never)
                 .expect("a seek nobody cancels completes");
-            assert_eq!(k.cursor(), seek_blob, "{}: seek to {t} in chunks of {chunk}", sc.name);
-            assert_eq!(&k.next_batch(), &want[0], "{}: chunked seek to {t}", sc.name);
+            assert_eq!(
+                k.cursor(),
+                seek_blob,
+                "{}: seek to {t} in chunks of {chunk}",
+                sc.name
+            );
+            assert_eq!(
+                &k.next_batch(),
+                &want[0],
+                "{}: chunked seek to {t}",
+                sc.name
+            );
         }
         // (c) the seek planner's own blob restores to the same stream.
         let mut c = plan

@@ -18,7 +18,7 @@ use super::protocol::{Hello, Refusal};
 use super::ring::{
     fill_slot, random_access, stamp, will_need, Layout, Ring, SlotJob, Source, TokenType,
 };
-use crate::plan::config::SchedulePoint;
+use crate::plan::config::{SchedulePoint, MAX_STEP};
 use crate::plan::journal::{self, Order};
 use crate::plan::{cursor, Change, Plan, Planner};
 
@@ -620,10 +620,7 @@ impl Hub {
                             format!(
                                 "peers of dp_rank {} use micro_batch_rows {} x micro_batches {}; \
                                  this client asks {mbr} x {}",
-                                hello.dp_rank,
-                                entry.micro.0,
-                                entry.micro.1,
-                                hello.micro_batches,
+                                hello.dp_rank, entry.micro.0, entry.micro.1, hello.micro_batches,
                             ),
                         ));
                     }
@@ -1202,6 +1199,15 @@ impl Hub {
         let (requested, d) = match &req.proposal {
             Proposal::Weights(_) => {
                 let t = req.at_step.unwrap_or(fc);
+                // A change far past anything published is a typo or an attack (one at
+                // 2^64-1 was accepted before), and would sit in every blob meanwhile.
+                let horizon = fc.saturating_add(MAX_STEP);
+                if t > horizon {
+                    return Err(ChangeError::invalid(format!(
+                        "at_step {t} is more than {MAX_STEP} steps beyond the first \
+                         changeable step {fc}"
+                    )));
+                }
                 (t, plan.plan_step_of(t))
             }
             Proposal::Schedule { old, new } => match plan.points_difference(old, new) {

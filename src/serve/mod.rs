@@ -163,15 +163,16 @@ impl ServeConfig {
     /// resolved against the config file's directory.
     pub fn from_config(cfg: &Config) -> Result<ServeConfig> {
         let table = cfg.serve.clone().unwrap_or_default();
-        let mut s: ServeConfig = toml::Value::Table(table).try_into().map_err(
-            |e: toml::de::Error| {
-                anyhow::anyhow!(
-                    "{}: [serve]: {}",
-                    cfg.source.display(),
-                    crate::plan::config::one_line(&e.to_string())
-                )
-            },
-        )?;
+        let mut s: ServeConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    anyhow::anyhow!(
+                        "{}: [serve]: {}",
+                        cfg.source.display(),
+                        crate::plan::config::one_line(&e.to_string())
+                    )
+                })?;
         s.socket = cfg.resolve_path(&s.socket);
         let bad = |field: &str, what: &str| -> Result<ServeConfig> {
             bail!("{}: [serve] {field}: {what}", cfg.source.display())

@@ -383,7 +383,11 @@ impl Hello {
         for (field, v, max) in [
             ("dp_size", self.dp_size as u64, rows),
             ("micro_batches", self.micro_batches as u64, rows),
-            ("micro_batch_rows", self.micro_batch_rows.unwrap_or(0) as u64, rows),
+            (
+                "micro_batch_rows",
+                self.micro_batch_rows.unwrap_or(0) as u64,
+                rows,
+            ),
             ("replicas", self.replicas as u64, MAX_REPLICAS as u64),
         ] {
             if v > max {
@@ -560,17 +564,28 @@ mod tests {
             assert_eq!(e.code, "limit", "{field}={v}: {e}");
             assert!(e.message.contains(field) && e.message.contains(&v), "{e}");
         }
-        let p = format!(r#"{{"protocol":1,"job":"j","dp_rank":0,"dp_size":1,"start_step":{MAX_STEP}}}"#);
+        let p = format!(
+            r#"{{"protocol":1,"job":"j","dp_rank":0,"dp_size":1,"start_step":{MAX_STEP}}}"#
+        );
         assert!(Hello::parse(p.as_bytes()).is_ok());
         // Names: a newline (log forging) or a space is refused, naming byte and offset.
         let e = Hello::parse(br#"{"protocol":1,"job":"a\nINFO forged","dp_rank":0,"dp_size":1}"#)
             .unwrap_err();
         assert_eq!(e.code, "bad_hello");
-        assert!(e.message.contains("`job`") && e.message.contains("0x0a at offset 1"), "{e}");
-        let e = Hello::parse(br#"{"protocol":1,"job":"j","replica":"x y","dp_rank":0,"dp_size":1}"#)
-            .unwrap_err();
-        assert!(e.message.contains("`replica`") && e.message.contains("0x20"), "{e}");
-        assert!(Hello::parse(br#"{"protocol":1,"job":"run-7.b/tp:0","dp_rank":0,"dp_size":1}"#).is_ok());
+        assert!(
+            e.message.contains("`job`") && e.message.contains("0x0a at offset 1"),
+            "{e}"
+        );
+        let e =
+            Hello::parse(br#"{"protocol":1,"job":"j","replica":"x y","dp_rank":0,"dp_size":1}"#)
+                .unwrap_err();
+        assert!(
+            e.message.contains("`replica`") && e.message.contains("0x20"),
+            "{e}"
+        );
+        assert!(
+            Hello::parse(br#"{"protocol":1,"job":"run-7.b/tp:0","dp_rank":0,"dp_size":1}"#).is_ok()
+        );
         assert_eq!(
             decode_hex(&to_hex(&[0, 1, 254, 255])),
             Some(vec![0, 1, 254, 255])

@@ -104,7 +104,11 @@ fn far_start_steps_are_refused_and_abandoned_seeks_cancelled() {
             message.contains("start_step") && message.contains(&step.to_string()),
             "{message}"
         );
-        assert!(f.daemon.alive(), "the daemon died:\n{}", f.daemon.log_text());
+        assert!(
+            f.daemon.alive(),
+            "the daemon died:\n{}",
+            f.daemon.log_text()
+        );
         stream(&mut good, 2);
     }
     // The furthest step allowed takes far longer to seek than any test waits: a client
@@ -118,9 +122,11 @@ fn far_start_steps_are_refused_and_abandoned_seeks_cancelled() {
         std::thread::sleep(Duration::from_millis(300));
         drop(s);
     }
-    wait_until("both seeks to be cancelled", Duration::from_secs(60), || {
-        f.daemon.log_text().matches("seek was cancelled").count() >= 2
-    });
+    wait_until(
+        "both seeks to be cancelled",
+        Duration::from_secs(60),
+        || f.daemon.log_text().matches("seek was cancelled").count() >= 2,
+    );
     stream(&mut good, 8);
     assert!(f.daemon.alive());
     let st = f.status();
@@ -258,5 +264,35 @@ fn names_that_could_forge_log_lines_are_refused() {
             .any(|l| l.starts_with("INFO millrace: forged") || l.starts_with("WARN forged")),
         "{log}"
     );
+    assert!(f.daemon.alive());
+}
+
+/// Issue 14, item 11: `set_weights` with at_step = 2^64-1 was accepted (and 256 of them
+/// filled the journal). A step more than 2^32 beyond the first changeable one is now
+/// refused as `invalid`, the journal stays as it was, and the consumer streams on.
+#[test]
+fn live_changes_beyond_the_horizon_are_refused() {
+    let mut f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good joins");
+    stream(&mut good, 3);
+    for at in [u64::MAX, 1 << 40] {
+        let r = f.req(json!({"protocol": 1, "op": "set_weights",
+                             "weights": {"web": 1.0}, "at_step": at}));
+        assert_eq!(r["ok"], false, "{r}");
+        assert_eq!(r["code"], "invalid", "{r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("at_step {at}")),
+            "{r}"
+        );
+    }
+    assert!(f.journal().is_empty());
+    let fc = f.status()["first_changeable_step"].as_u64().unwrap();
+    let r = f.req(json!({"protocol": 1, "op": "set_weights",
+                         "weights": {"web": 1.0}, "at_step": fc + 1000}));
+    assert_eq!(r["ok"], true, "{r}");
+    stream(&mut good, 5);
     assert!(f.daemon.alive());
 }
