@@ -2241,6 +2241,7 @@ proptest! {
         plan_step in any::<u64>(),
         streams in prop::collection::vec((stream_state_strategy(), any::<u64>(), any::<i64>()), 0..6),
         changes in prop::collection::vec((any::<u64>(), prop::collection::vec((any::<u64>(), any::<f64>()), 1..4)), 0..4),
+        superseded in prop_oneof![Just(0u64), any::<u64>()],
     ) {
         let n = streams.len();
         // Any bit pattern survives, NaN included: the codec stores bits, checks happen later.
@@ -2264,11 +2265,15 @@ proptest! {
             mix,
             streams: streams.into_iter().map(|s| s.0).collect(),
             journal,
+            superseded,
         };
         let blob = cursor::encode(&x);
         let back = cursor::decode(&blob).unwrap();
         prop_assert_eq!(cursor::encode(&back), blob);
         prop_assert_eq!(back.journal.len(), x.journal.len());
+        prop_assert_eq!(back.superseded, superseded);
+        // Layout 2 while nothing was superseded, so older daemons still read the blob.
+        prop_assert_eq!(blob[8], if superseded > 0 { 3 } else { 2 });
     }
 
     /// Arbitrary bytes never panic and are never accepted.

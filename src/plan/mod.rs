@@ -147,6 +147,8 @@ pub struct Plan {
     /// The config's schedule, before the journal's layers.
     base: Schedule,
     journal: Vec<Change>,
+    /// Changes accepted but dropped from `journal` as superseded ([`journal::append`]).
+    superseded: u64,
     mixer: Mixer,
     geometry: Geometry,
     fingerprint: u128,
@@ -231,6 +233,7 @@ impl Plan {
             cfg,
             base: mixer.schedule.clone(),
             journal: Vec::new(),
+            superseded: 0,
             domains: Arc::new(domains),
             mixer,
             geometry,
@@ -248,6 +251,11 @@ impl Plan {
         &self.journal
     }
 
+    /// How many accepted changes were dropped from the journal as superseded.
+    pub fn superseded(&self) -> u64 {
+        self.superseded
+    }
+
     /// The weights schedule in force: the config's, overlaid by the journal.
     pub fn schedule(&self) -> &Schedule {
         &self.mixer.schedule
@@ -256,6 +264,13 @@ impl Plan {
     /// This plan under another journal (which must extend or equal this one's where it
     /// matters: callers check the delivered past). Cheap: the domains are shared.
     pub fn with_journal(&self, journal: Vec<Change>) -> Result<Plan, PlanError> {
+        self.with_history(journal, 0)
+    }
+
+    /// [`Plan::with_journal`] for a journal that has dropped `superseded` changes (a
+    /// daemon's after [`journal::append`], or a blob's). Only the changes kept count
+    /// toward [`journal::MAX_CHANGES`].
+    pub fn with_history(&self, journal: Vec<Change>, superseded: u64) -> Result<Plan, PlanError> {
         if journal.len() > journal::MAX_CHANGES {
             return Err(PlanError::Domain(format!(
                 "the journal holds {} live changes, at most {} are kept: write the mixture \
@@ -283,6 +298,7 @@ impl Plan {
         let mut p = self.clone();
         p.mixer.schedule = schedule;
         p.journal = journal;
+        p.superseded = superseded;
         Ok(p)
     }
 
@@ -610,11 +626,11 @@ impl Plan {
                 ours: self.fingerprint,
             });
         }
-        match journal::compare(&self.journal, &c.journal) {
+        match journal::compare(&self.journal, self.superseded, &c.journal, c.superseded) {
             journal::Order::Same => {}
             journal::Order::OursAhead => {
                 // Later changes are fine as long as they leave the blob's past alone.
-                let extra = &self.journal[c.journal.len()..];
+                let extra = &self.journal[journal::common_prefix(&self.journal, &c.journal)..];
                 if let Some(ch) = extra.iter().find(|ch| ch.at < c.plan_step) {
                     return Err(CursorError::Journal(format!(
                         "this plan carries a change from plan step {} that the blob (at plan \
@@ -633,13 +649,19 @@ impl Plan {
                 )))
             }
             journal::Order::Diverged(i) => {
+                let at = |j: &[Change]| {
+                    j.get(i)
+                        .map_or("none".to_string(), |c| format!("from plan step {}", c.at))
+                };
                 return Err(CursorError::Journal(format!(
-                    "change #{} differs (blob: from plan step {}, daemon: from plan step {}); \
-                     the two runs received different changes",
+                    "change #{} differs (blob: {}, daemon: {}; {} and {} changes accepted in \
+                     all); the two runs received different changes",
                     i + 1,
-                    c.journal[i].at,
-                    self.journal[i].at
-                )))
+                    at(&c.journal),
+                    at(&self.journal),
+                    c.journal.len() as u64 + c.superseded,
+                    self.journal.len() as u64 + self.superseded,
+                )));
             }
         }
         let ours = self.history(c.plan_step);
@@ -827,6 +849,7 @@ impl Planner {
             mix: self.mix.clone(),
             streams: self.streams.iter().map(|s| s.state.clone()).collect(),
             journal: self.plan.journal.clone(),
+            superseded: self.plan.superseded,
         })
     }
 }

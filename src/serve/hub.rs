@@ -482,7 +482,7 @@ impl Hub {
         let mut adopt: Option<Arc<Plan>> = None;
         if let Some(b) = &blob {
             let c = cursor::decode(b).map_err(|e| refuse(e.to_string()))?;
-            match journal::compare(seen.journal(), &c.journal) {
+            match journal::compare(seen.journal(), seen.superseded(), &c.journal, c.superseded) {
                 Order::Same | Order::OursAhead => {}
                 Order::TheirsAhead => {
                     let domains = seen.domain_names().len();
@@ -495,19 +495,22 @@ impl Hub {
                         )));
                     }
                     let p = seen
-                        .with_journal(c.journal.clone())
+                        .with_history(c.journal.clone(), c.superseded)
                         .map_err(|e| refuse(e.to_string()))?;
                     adopt = Some(Arc::new(p));
                 }
                 Order::Diverged(i) => {
+                    let at = |j: &[Change]| {
+                        j.get(i)
+                            .map_or("none".to_string(), |c| format!("from plan step {}", c.at))
+                    };
                     return Err(refuse(format!(
                         "its journal of live mixture changes disagrees with this daemon's at \
-                         change #{} (blob: from plan step {}, daemon: from plan step {}); the \
-                         blob's run received different changes, and serving it would change \
-                         its data",
+                         change #{} (blob: {}, daemon: {}); the blob's run received different \
+                         changes, and serving it would change its data",
                         i + 1,
-                        c.journal[i].at,
-                        seen.journal()[i].at
+                        at(&c.journal),
+                        at(seen.journal())
                     )));
                 }
             }
@@ -565,7 +568,7 @@ impl Hub {
         if let Some(p) = &adopt {
             let fc = st.first_changeable();
             let fc_p = seen.plan_step_of(fc);
-            let extra = &p.journal()[seen.journal().len()..];
+            let extra = &p.journal()[journal::common_prefix(seen.journal(), p.journal())..];
             if let Some(ch) = extra.iter().find(|c| c.at < fc_p) {
                 return Err(refuse(format!(
                     "it carries a live change from plan step {} that this daemon does not \
@@ -790,10 +793,14 @@ impl Hub {
         };
         let outcome = match (outcome, adopt) {
             (Ok(x), Some(p)) => {
-                let n = p.journal().len() - seen.journal().len();
+                // The blob's journal extends ours, or replaced a tail of ours that one of
+                // its changes superseded.
+                let kept = journal::common_prefix(seen.journal(), p.journal());
+                let n = p.journal().len() - kept;
                 // All or nothing: a failed install leaves every ring as it was.
                 match self.install(&mut st, p) {
                     Ok(()) => {
+                        st.sources.resize(kept, "cursor");
                         st.sources.extend(std::iter::repeat_n("cursor", n));
                         *st.reloads.entry("cursor").or_default() += 1;
                         info!(changes = n, job = %hello.job, dp_rank = hello.dp_rank, "adopted live mixture changes from a client's cursor blob");
@@ -1246,8 +1253,11 @@ impl Hub {
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
             Proposal::Schedule { new, .. } => plan.schedule_change(d, new),
         };
+        // The change drops the entries it supersedes (at its step or later), so repeated
+        // or corrected changes never fill the journal; their count travels in blobs.
         let mut journal = plan.journal().to_vec();
-        journal.push(change);
+        let dropped = journal::append(&mut journal, change);
+        let kept = journal.len() - 1;
         let domains = plan.domain_names().len();
         if cursor::journal_bytes(&journal, domains) > self.journal_cap {
             return Err(ChangeError::invalid(format!(
@@ -1257,7 +1267,7 @@ impl Hub {
             )));
         }
         let next = Arc::new(
-            plan.with_journal(journal)
+            plan.with_history(journal, plan.superseded().saturating_add(dropped))
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
         );
         self.install(st, next.clone()).map_err(|m| ChangeError {
@@ -1265,6 +1275,7 @@ impl Hub {
             message: format!("regenerating prefetched batches: {m}"),
             first_changeable: None,
         })?;
+        st.sources.resize(kept, "cursor");
         st.sources.push(req.source);
         let applied = next.trainer_step_of(d);
         let message = if moved {
@@ -1373,6 +1384,7 @@ impl Hub {
                 "failed_reloads_by_source": st.failed_reloads,
                 "first_changeable_step": st.first_changeable(),
                 "journal": Self::journal_of(&st),
+                "journal_superseded": st.plan.superseded(),
                 "jobs": jobs,
                 "fingerprint": format!("{:032x}", st.plan.fingerprint()),
             });

@@ -20,7 +20,8 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A small corpus, its config and a daemon on it.
 struct Fixture {
-    _corpus: common::Corpus,
+    corpus: common::Corpus,
+    config: PathBuf,
     socket: PathBuf,
     daemon: Serve,
 }
@@ -39,7 +40,8 @@ fn fixture(extra: &str) -> Fixture {
     let config = common::write_config(&corpus.dir, "adm.toml", 128, ROWS, &[&serve, extra]);
     let daemon = Serve::start(&config, &socket, &corpus.tmp.path().join("serve.log"));
     Fixture {
-        _corpus: corpus,
+        corpus,
+        config,
         socket,
         daemon,
     }
@@ -295,4 +297,85 @@ fn live_changes_beyond_the_horizon_are_refused() {
     assert_eq!(r["ok"], true, "{r}");
     stream(&mut good, 5);
     assert!(f.daemon.alive());
+}
+
+/// A control connection's view of another daemon's socket, for the second daemon below.
+struct At<'a>(&'a std::path::Path);
+
+impl Control for At<'_> {
+    fn control_socket(&self) -> &std::path::Path {
+        self.0
+    }
+}
+
+/// Issue 14, item 11: 256 `set_weights` filled the journal and locked out every later
+/// change until restart, though each one cut off the one before. A change now drops the
+/// changes it supersedes (they can shape no step) and only their count is kept: 300
+/// changes at one step leave one entry. Blobs stay compatible both ways: a blob from
+/// before the changes resumes on the daemon, and a blob carrying the count (layout 3)
+/// is adopted by a fresh daemon, which then has the same journal and count.
+#[test]
+fn superseded_changes_never_fill_the_journal() {
+    let f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good joins");
+    stream(&mut good, 2);
+    let early = {
+        let b = good.next_batch().expect("a step");
+        (b.step + 1, b.cursor.to_vec())
+    };
+    let at = f.status()["first_changeable_step"].as_u64().unwrap() + 100;
+    let mut last = 0.0;
+    for i in 0..300 {
+        last = 0.1 + (i % 7) as f64 * 0.1;
+        let r = f.req(json!({"protocol": 1, "op": "set_weights",
+                             "weights": {"web": last, "code": 1.0}, "at_step": at}));
+        assert_eq!(r["ok"], true, "change {i}: {r}");
+    }
+    let journal = f.journal();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    assert_eq!(journal[0]["at_step"], at, "{journal:?}");
+    assert_eq!(
+        journal[0]["points"][0]["weights"]["web"], last,
+        "{journal:?}"
+    );
+    let st = f.status();
+    assert_eq!(st["journal_superseded"], 299, "{st}");
+    // A change at an earlier step drops the later one too.
+    let r = f.req(json!({"protocol": 1, "op": "set_weights",
+                         "weights": {"web": 2.0}, "at_step": at - 50}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(f.journal().len(), 1);
+    assert_eq!(f.status()["journal_superseded"], 300);
+
+    // The blob from before every change resumes here (the daemon's journal is ahead).
+    let mut h = hello("resume");
+    h.cursor = Some(millrace::serve::protocol::to_hex(&early.1));
+    let mut resumed = connect(&f, &h).expect("a blob from before the changes resumes");
+    assert_eq!(resumed.welcome().start_step, early.0);
+    stream(&mut resumed, 3);
+    drop(resumed);
+
+    // Past the change: the blob now carries the journal and the count.
+    let blob = loop {
+        let b = good.next_batch().expect("good streams");
+        if b.step > at {
+            break b.cursor.to_vec();
+        }
+    };
+    assert_eq!(blob[8], 3, "a blob with superseded changes is layout 3");
+    let socket2 = f.corpus.tmp.path().join("s2.sock");
+    let mut second = Serve::spawn(&f.config, &f.corpus.tmp.path().join("serve2.log"), |c| {
+        c.arg("--socket").arg(&socket2);
+    });
+    second.wait_listening(&socket2, Duration::from_secs(30));
+    let mut h = hello("good");
+    h.cursor = Some(millrace::serve::protocol::to_hex(&blob));
+    let mut c = Client::connect(&socket2, &h).expect("a fresh daemon adopts the blob");
+    c.set_timeout(Some(TIMEOUT));
+    stream(&mut c, 3);
+    let st = At(&socket2).status();
+    assert_eq!(st["journal_superseded"], 300, "{st}");
+    assert_eq!(st["journal"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["journal"][0]["source"], "cursor", "{st}");
+    stream(&mut good, 3);
 }
