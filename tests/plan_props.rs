@@ -2269,7 +2269,7 @@ proptest! {
         };
         let blob = cursor::encode(&x);
         let back = cursor::decode(&blob).unwrap();
-        prop_assert_eq!(cursor::encode(&back), blob);
+        prop_assert_eq!(&cursor::encode(&back), &blob);
         prop_assert_eq!(back.journal.len(), x.journal.len());
         prop_assert_eq!(back.superseded, superseded);
         // Layout 2 while nothing was superseded, so older daemons still read the blob.
