@@ -627,34 +627,14 @@ impl Hub {
                             ),
                         ));
                     }
-                    // The ring holds data for exactly the peers its first client
-                    // announced: a client that disagrees, or one past that count (another
-                    // job's name, a stray replica), would stall the ring's real peers.
-                    if entry.replicas != hello.replicas
-                        || entry.peers.len() >= entry.replicas as usize
-                    {
-                        let mut names: Vec<&str> =
-                            entry.peers.values().map(|p| p.replica.as_str()).collect();
-                        names.sort_unstable();
+                    if entry.replicas != hello.replicas {
                         break 'join Err(Refusal::new(
                             "replicas",
-                            if entry.replicas != hello.replicas {
-                                format!(
-                                    "job {:?} dp_rank {} was announced with replicas = {}; this \
-                                     client says {}",
-                                    hello.job, hello.dp_rank, entry.replicas, hello.replicas
-                                )
-                            } else {
-                                format!(
-                                    "job {:?} dp_rank {} declared replicas = {} and all are \
-                                     connected ({}); replica {:?} is one too many",
-                                    hello.job,
-                                    hello.dp_rank,
-                                    entry.replicas,
-                                    names.join(", "),
-                                    hello.replica
-                                )
-                            },
+                            format!(
+                                "job {:?} dp_rank {} was announced with replicas = {}; this \
+                                 client says {}",
+                                hello.job, hello.dp_rank, entry.replicas, hello.replicas
+                            ),
                         ));
                     }
                     // A blob was restored (and so checked) before the lock.
@@ -711,6 +691,27 @@ impl Hub {
                                 ))
                             }
                         }
+                    }
+                    // The ring holds data for exactly the peers its first client
+                    // announced: one past that count (another job's name, a stray
+                    // replica) would stall the real ones. A full ring has started, so
+                    // nothing above changed it for this client.
+                    if entry.peers.len() >= entry.replicas as usize {
+                        let mut names: Vec<&str> =
+                            entry.peers.values().map(|p| p.replica.as_str()).collect();
+                        names.sort_unstable();
+                        break 'join Err(Refusal::new(
+                            "replicas",
+                            format!(
+                                "job {:?} dp_rank {} declared replicas = {} and all are \
+                                 connected ({}); replica {:?} is one too many",
+                                hello.job,
+                                hello.dp_rank,
+                                entry.replicas,
+                                names.join(", "),
+                                hello.replica
+                            ),
+                        ));
                     }
                     entry.joined += 1;
                     entry.peers.insert(peer_id, new_peer(step, expect));
