@@ -277,7 +277,8 @@ fn load(config: &Path) -> Result<Loaded> {
 }
 
 /// `millrace check-config`: everything `serve` checks before it binds (config, shards,
-/// `[serve]`, the socket group, that `metrics_addr` is free), so a unit's ExecStartPre fails with the reason.
+/// `[serve]`, the socket group, that `metrics_addr` is free), so a unit's ExecStartPre
+/// fails with the reason.
 pub fn check_config(args: CheckArgs) -> Result<()> {
     let l = load(&args.config)?;
     if let Some(addr) = &l.serve.metrics_addr {
@@ -913,7 +914,7 @@ async fn connection(
         if let Ok(Ok(a)) = &admitted {
             hub.leave(&hello.job, hello.dp_rank, a.peer);
         }
-        info!(?pid, job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its seek was cancelled");
+        info!(?pid, job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
         return;
     }
     let adm = match admitted {

@@ -365,8 +365,8 @@ impl Hello {
         Ok(hello)
     }
 
-    /// The bounds of docs/PROTOCOL.md ("Limits"): no number a client sends may make the
-    /// daemon allocate or compute in proportion to it beyond these.
+    /// The bounds of docs/PROTOCOL.md (refusal `limit`): no number a client sends may
+    /// make the daemon allocate or compute in proportion to it beyond these.
     fn check_limits(&self) -> Result<(), Refusal> {
         let over = |field: &str, value: u64, max: u64| {
             Refusal::new(

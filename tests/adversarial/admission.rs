@@ -127,7 +127,7 @@ fn far_start_steps_are_refused_and_abandoned_seeks_cancelled() {
     wait_until(
         "both seeks to be cancelled",
         Duration::from_secs(60),
-        || f.daemon.log_text().matches("seek was cancelled").count() >= 2,
+        || f.daemon.log_text().matches("left during admission").count() >= 2,
     );
     stream(&mut good, 8);
     assert!(f.daemon.alive());
