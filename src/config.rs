@@ -27,7 +27,7 @@ pub enum ConfigError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// TOML syntax or a field of the wrong type (the message gives line and column).
+    /// TOML syntax or a field of the wrong type (one line: line, column and cause).
     #[error("{path}: {message}")]
     Parse {
         /// The config file.
@@ -172,7 +172,7 @@ impl Config {
     pub fn parse(text: &str, source: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: source.to_path_buf(),
-            message: e.to_string(),
+            message: toml_message(&e, text),
         })?;
         cfg.base_dir = base_dir.to_path_buf();
         cfg.source = source.to_path_buf();
@@ -445,4 +445,24 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     let mut all: Vec<(usize, R)> = parts.drain(..).flatten().collect();
     all.sort_by_key(|(i, _)| *i);
     all.into_iter().map(|(_, r)| r).collect()
+}
+
+/// toml's error as one line, "line L, column C: cause", so a log line carries the
+/// cause (toml's own rendering draws the source line and puts the cause below it).
+pub fn toml_message(e: &toml::de::Error, text: &str) -> String {
+    let cause = crate::plan::config::one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.len()
+                - before
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |i| i + 1)
+                + 1;
+            format!("TOML parse error at line {line}, column {column}: {cause}")
+        }
+        None => format!("TOML parse error: {cause}"),
+    }
 }

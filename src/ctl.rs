@@ -793,6 +793,19 @@ pub fn render_status(st: &Value) -> String {
         pct_or_dash(g("padding_fraction")),
         pct_or_dash(g("truncation_fraction"))
     );
+    // The rings' share of [serve] ring_memory_bytes: a full budget refuses new jobs.
+    let mib = |k: &str| {
+        g("ring_memory")
+            .and_then(|r| r.get(k))
+            .and_then(Value::as_u64)
+            .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+    };
+    let _ = writeln!(
+        s,
+        "ring memory {} of {}",
+        mib("used_bytes"),
+        mib("budget_bytes")
+    );
     let _ = writeln!(
         s,
         "\ndomain        target  realized      epochs          tokens"
@@ -1174,6 +1187,7 @@ mod tests {
                 {"name": "code", "target_share": 0.4, "realized_share": 0.402, "epochs": 0.02, "tokens": 82000}
             ],
             "padding_fraction": 0.012, "truncation_fraction": 0.03,
+            "ring_memory": {"used_bytes": 150994944, "budget_bytes": 4294967296u64},
             "jobs": [{"job": "default", "dp_size": 2, "rings": [
                 {"dp_rank": 0, "published_step": released + 3, "released_step": released,
                  "slots": 4, "occupancy": 3,
@@ -1271,6 +1285,10 @@ mod tests {
     #[test]
     fn status_text_names_the_rings_and_domains() {
         let text = render_status(&sample_status(1234567, 57, 0.25));
+        assert!(
+            text.contains("ring memory 144.0 MiB of 4096.0 MiB"),
+            "{text}"
+        );
         assert!(text.contains("pid 123"), "{text}");
         assert!(text.contains("first changeable step 57"), "{text}");
         assert!(text.contains("1,234,567"), "{text}");

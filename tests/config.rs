@@ -238,6 +238,9 @@ fn plan_mistakes_name_the_field() {
         ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\nweights = { web = 0.0 }", "all zero"),
         ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\nbogus = 1\nweights = { web = 1.0 }", "bogus"),
         ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\n[[plan.schedule]]\nstep = 5\nweights = { web = 1.0 }\n[[plan.schedule]]\nstep = 5\nweights = { code = 1.0 }", "plan.schedule[1].step"),
+        // A skip so far that the first client would replay it for hours (it aborted the
+        // daemon before the seek was chunked).
+        ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\nweights = { web = 1.0 }\n[[plan.skip]]\nsteps = [0, 1000000000000]", "plan.skip[0].steps"),
     ];
     for (plan, want) in cases {
         let cfg = parse(&format!("{base}\n{plan}")).unwrap();
@@ -255,4 +258,37 @@ fn plan_mistakes_name_the_field() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("corpus.domain[1].grouping.mode"), "{e}");
+}
+
+/// Issue 14, item 11: a TOML parse error put its cause on a continuation line under a
+/// drawing of the source line, so a one-line log entry had no cause. Now it is one line
+/// with the file, the position and the cause, for syntax and type errors alike.
+#[test]
+fn toml_errors_fit_one_line_with_their_cause() {
+    let e = err("[corpus]\nfoo = \n");
+    assert!(!e.contains('\n'), "{e:?}");
+    assert!(
+        e.starts_with("/etc/millrace/test.toml: ")
+            && e.contains("line 2, column 7")
+            && e.contains("invalid string"),
+        "{e}"
+    );
+    let e = err("[corpus]\n[[corpus.domain]]\nname = \"w\"\nshards = [1]\n");
+    assert!(!e.contains('\n'), "{e:?}");
+    assert!(e.contains("line 4") && e.contains("invalid type"), "{e}");
+    let base = "[corpus]\n[[corpus.domain]]\nname = \"web\"\nshards = [\"web\"]\n";
+    let cfg = parse(&format!("{base}[serve]\nring_slots = \"four\"\n")).unwrap();
+    let e = format!(
+        "{:#}",
+        millrace::serve::ServeConfig::from_config(&cfg).unwrap_err()
+    );
+    assert!(!e.contains('\n'), "{e:?}");
+    assert!(
+        e.contains("ring_slots") && e.contains("invalid type"),
+        "{e}"
+    );
+    let cfg = parse(&format!("{base}[plan]\nseq_len = \"x\"\n")).unwrap();
+    let e = cfg.plan_config().unwrap_err().to_string();
+    assert!(!e.contains('\n'), "{e:?}");
+    assert!(e.contains("seq_len") && e.contains("invalid type"), "{e}");
 }

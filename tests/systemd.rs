@@ -296,7 +296,8 @@ fn a_daemon_that_cannot_start_never_says_ready() {
 
 /// ExecStartPre: `millrace check-config` passes a good config and prints what it found,
 /// and fails, naming the file and the fault, on a broken shard, a bad `[serve]` key, an
-/// unknown socket group, and a metrics address that is not host:port.
+/// unknown socket group, a metrics address that is not host:port or is in use, and a
+/// skip beyond the step limit.
 #[test]
 fn check_config_names_the_fault() {
     let f = fixture();
@@ -335,6 +336,34 @@ fn check_config_names_the_fault() {
         assert!(err.contains(want), "{key} = {value}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+
+    // A metrics address another process listens on: `serve` would exit 1, so the
+    // check fails too, naming the address; and a skip so far that the first client's
+    // seek would replay it for hours is refused (it aborted the daemon before the seek
+    // was chunked).
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let skip = "[[plan.skip]]\nsteps = [0, 1000000000000]\n";
+    for (name, text, want) in [
+        (
+            "bad-busy-metrics.toml",
+            base.replace("[serve]\n", &format!("[serve]\nmetrics_addr = {addr:?}\n")),
+            format!("metrics_addr \"{addr}\": cannot listen"),
+        ),
+        (
+            "bad-far-skip.toml",
+            format!("{base}\n{skip}"),
+            "plan.skip[0].steps".to_string(),
+        ),
+    ] {
+        let bad = f.corpus.dir.join(name);
+        std::fs::write(&bad, text).unwrap();
+        let out = check(&bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} passed");
+        assert!(err.contains(&want), "{name}: {err}");
+    }
+    drop(busy);
 
     let idx = break_an_index(&f.corpus.dir);
     let out = check(&f.config);

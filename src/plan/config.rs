@@ -195,12 +195,16 @@ pub const MAX_SEQ_LEN: u32 = 1 << 24;
 pub const MAX_BATCH_ROWS: u32 = 1 << 20;
 /// Largest packing window accepted, in units.
 pub const MAX_WINDOW: u64 = 1 << 24;
+/// The furthest step a run may name (a skip's end, a HELLO's `start_step`, a live
+/// change's `at_step`): 2^32 steps is thousands of times the longest pretraining run,
+/// and seeking there replays every step before it, so nothing further is accepted.
+pub const MAX_STEP: u64 = 1 << 32;
 
 impl PlanConfig {
     /// Parses the `[plan]` table.
     pub fn from_table(table: &toml::Table) -> Result<PlanConfig, SettingError> {
         PlanConfig::deserialize(toml::Value::Table(table.clone()))
-            .map_err(|e| bad("plan", e.to_string().trim().to_string()))
+            .map_err(|e| bad("plan", one_line(&e.to_string())))
     }
 
     /// The schedule as points, with the `weights` shorthand folded in.
@@ -273,6 +277,16 @@ impl PlanConfig {
                     format!("first step {} is after last {}", s.steps[0], s.steps[1]),
                 ));
             }
+            if s.steps[1] > MAX_STEP {
+                return Err(bad(
+                    format!("plan.skip[{i}].steps"),
+                    format!(
+                        "last step {} is beyond {MAX_STEP}: the first client would replay \
+                         every skipped step",
+                        s.steps[1]
+                    ),
+                ));
+            }
             if i > 0 && s.steps[0] <= self.skip[i - 1].steps[1] {
                 return Err(bad(
                     format!("plan.skip[{i}].steps"),
@@ -336,6 +350,17 @@ impl PlanConfig {
         }
         Ok(())
     }
+}
+
+/// A multi-line message (toml's put the cause on a line of its own) as one line, so
+/// a log entry carries its cause: lines trimmed and joined with "; ".
+pub fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Checks one set of weights: known domains, finite, non-negative, not all zero. Live

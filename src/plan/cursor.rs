@@ -16,8 +16,11 @@ use super::permute::Reshuffle;
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"MRCURSOR";
-/// The layout version this build writes (it also reads 1, which had no journal).
-pub const VERSION: u16 = 2;
+/// The newest layout version this build reads and writes. It writes 2 while no live
+/// change has been superseded, and 3, which adds the superseded count after the
+/// journal, once one has, so blobs stay readable by older daemons as long as possible.
+/// It also reads 1, which had no journal.
+pub const VERSION: u16 = 3;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -89,6 +92,9 @@ pub struct CursorData {
     pub streams: Vec<StreamState>,
     /// Live mixture changes in force, in the order they were accepted.
     pub journal: Vec<Change>,
+    /// Changes accepted and then dropped from `journal` as superseded (layout 3; 0 in
+    /// older layouts, which never dropped one).
+    pub superseded: u64,
 }
 
 struct W(Vec<u8>);
@@ -152,7 +158,7 @@ impl R<'_> {
 pub fn encode(c: &CursorData) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
-    w.u16(VERSION);
+    w.u16(if c.superseded > 0 { 3 } else { 2 });
     w.u16(0); // flags, reserved
     w.u32(0); // total length, patched below
     w.u64(c.fingerprint as u64);
@@ -197,6 +203,9 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
                 w.u64(weights.get(d).copied().unwrap_or(0.0).to_bits());
             }
         }
+    }
+    if c.superseded > 0 {
+        w.u64(c.superseded);
     }
     let total = (w.0.len() + 8) as u32;
     w.0[12..16].copy_from_slice(&total.to_le_bytes());
@@ -300,6 +309,7 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
             journal.push(Change { at, points });
         }
     }
+    let superseded = if version >= 3 { r.u64()? } else { 0 };
     if r.at != body.len() {
         return Err(CursorError::Malformed(format!(
             "{} unexpected bytes after the last domain",
@@ -314,14 +324,17 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
         mix,
         streams,
         journal,
+        superseded,
     })
 }
 
-/// Bytes a journal adds to a blob of `domains` domains, so the daemon can refuse a change
-/// that would outgrow the slot's cursor field before accepting it.
+/// Bytes a journal (and its superseded count) adds to a blob of `domains` domains, so
+/// the daemon can refuse a change that would outgrow the slot's cursor field before
+/// accepting it.
 pub fn journal_bytes(journal: &[Change], domains: usize) -> usize {
-    2 + journal
-        .iter()
-        .map(|c| 10 + c.points.len() * (8 + 8 * domains))
-        .sum::<usize>()
+    2 + 8
+        + journal
+            .iter()
+            .map(|c| 10 + c.points.len() * (8 + 8 * domains))
+            .sum::<usize>()
 }

@@ -5,7 +5,8 @@
 //! cursor blob, so a trainer resuming after a reload gets the same stream even from a
 //! daemon that never saw the reload, and two nodes given the same changes plan the same
 //! batches. Changes compare bit for bit: two journals agree when one is a prefix of the
-//! other.
+//! other, or when the newer one dropped a tail of the older that a later change
+//! superseded ([`append`], [`compare`]).
 
 use super::mix::Points;
 
@@ -85,6 +86,43 @@ impl Change {
     }
 }
 
+/// Appends `change`, dropping the changes it supersedes: the longest tail of `journal`
+/// whose entries all start at or after `change.at`. A layer cuts off every layer that
+/// starts at or after its own start, so those entries can no longer shape any step, and
+/// the schedule is the same with or without them. Returns how many were dropped; the
+/// caller adds them to the journal's superseded count, which blobs carry, so that
+/// superseded changes count toward no limit but still order journals ([`compare`]).
+pub fn append(journal: &mut Vec<Change>, change: Change) -> u64 {
+    let keep = journal
+        .iter()
+        .rposition(|c| c.at < change.at)
+        .map_or(0, |i| i + 1);
+    let dropped = (journal.len() - keep) as u64;
+    journal.truncate(keep);
+    journal.push(change);
+    dropped
+}
+
+/// How many leading changes two journals share, bit for bit.
+pub fn common_prefix(a: &[Change], b: &[Change]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x.same(y)).count()
+}
+
+/// Whether `newer` (with `newer_sup` superseded changes) can be `older` (with
+/// `older_sup`) plus later changes that dropped `older`'s tail after their common prefix
+/// of `k` entries: the tail's drops are all counted in `newer_sup`, and the first new
+/// change starts at or before every change of the dropped tail.
+fn descends(newer: &[Change], newer_sup: u64, older: &[Change], older_sup: u64, k: usize) -> bool {
+    let tail = (older.len() - k) as u64;
+    if newer_sup < older_sup.saturating_add(tail) {
+        return false;
+    }
+    k == older.len()
+        || newer
+            .get(k)
+            .is_some_and(|n| older[k..].iter().all(|c| c.at >= n.at))
+}
+
 /// How two journals relate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
@@ -98,16 +136,23 @@ pub enum Order {
     Diverged(usize),
 }
 
-/// Compares two journals by prefix.
-pub fn compare(ours: &[Change], theirs: &[Change]) -> Order {
-    let common = ours.len().min(theirs.len());
-    if let Some(i) = (0..common).find(|&i| !ours[i].same(&theirs[i])) {
-        return Order::Diverged(i);
-    }
-    match ours.len().cmp(&theirs.len()) {
-        std::cmp::Ordering::Equal => Order::Same,
-        std::cmp::Ordering::Greater => Order::OursAhead,
-        std::cmp::Ordering::Less => Order::TheirsAhead,
+/// Compares two journals, each with its count of superseded changes. The one that has
+/// accepted more changes in all (entries plus superseded) is ahead when it extends the
+/// other, or dropped only a tail of it that one of its own changes superseded (see
+/// [`append`]); with nothing superseded this is plain prefix order. Anything else, and
+/// two different journals of the same count, have diverged.
+pub fn compare(ours: &[Change], ours_sup: u64, theirs: &[Change], theirs_sup: u64) -> Order {
+    let k = common_prefix(ours, theirs);
+    let count = |j: &[Change], sup: u64| (j.len() as u64).saturating_add(sup);
+    match count(ours, ours_sup).cmp(&count(theirs, theirs_sup)) {
+        std::cmp::Ordering::Equal if k == ours.len() && k == theirs.len() => Order::Same,
+        std::cmp::Ordering::Greater if descends(ours, ours_sup, theirs, theirs_sup, k) => {
+            Order::OursAhead
+        }
+        std::cmp::Ordering::Less if descends(theirs, theirs_sup, ours, ours_sup, k) => {
+            Order::TheirsAhead
+        }
+        _ => Order::Diverged(k),
     }
 }
 
@@ -126,11 +171,46 @@ mod tests {
     fn prefixes_order_journals() {
         let a = vec![ch(10, 0.5)];
         let b = vec![ch(10, 0.5), ch(20, 0.7)];
-        assert_eq!(compare(&a, &a), Order::Same);
-        assert_eq!(compare(&b, &a), Order::OursAhead);
-        assert_eq!(compare(&a, &b), Order::TheirsAhead);
-        assert_eq!(compare(&[ch(10, 0.25)], &b), Order::Diverged(0));
-        assert_eq!(compare(&[], &[]), Order::Same);
+        assert_eq!(compare(&a, 0, &a, 0), Order::Same);
+        assert_eq!(compare(&b, 0, &a, 0), Order::OursAhead);
+        assert_eq!(compare(&a, 0, &b, 0), Order::TheirsAhead);
+        assert_eq!(compare(&[ch(10, 0.25)], 0, &b, 0), Order::Diverged(0));
+        assert_eq!(compare(&[], 0, &[], 0), Order::Same);
+        // Without superseded changes, a journal whose tail differs has diverged.
+        assert_eq!(compare(&[ch(5, 0.5)], 0, &a, 0), Order::Diverged(0));
+    }
+
+    /// A change drops the tail it supersedes; the journal it makes is ahead of every
+    /// journal it came from, and one that dropped nothing of theirs is not.
+    #[test]
+    fn superseded_changes_are_dropped_and_still_order_journals() {
+        let mut j = vec![ch(10, 0.5), ch(20, 0.7), ch(30, 0.9)];
+        let before = j.clone();
+        assert_eq!(append(&mut j, ch(20, 0.1)), 2);
+        assert_eq!(j, vec![ch(10, 0.5), ch(20, 0.1)]);
+        assert_eq!(compare(&j, 2, &before, 0), Order::OursAhead);
+        assert_eq!(compare(&before, 0, &j, 2), Order::TheirsAhead);
+        // The same change again supersedes the last: the journal stays two long.
+        let mid = j.clone();
+        for _ in 0..1000 {
+            assert_eq!(append(&mut j, ch(20, 0.1)), 1);
+        }
+        assert_eq!(j.len(), 2);
+        assert_eq!(compare(&j, 1002, &mid, 2), Order::OursAhead);
+        // Same entries, same count: same; same count, other entries: diverged.
+        assert_eq!(compare(&mid, 2, &mid, 2), Order::Same);
+        let mut other = before.clone();
+        append(&mut other, ch(20, 0.3));
+        assert_eq!(compare(&other, 2, &mid, 2), Order::Diverged(1));
+        // A later change that starts after the tail it claims to replace is no descent.
+        assert_eq!(
+            compare(&[ch(10, 0.5), ch(40, 0.1)], 2, &before, 0),
+            Order::Diverged(1)
+        );
+        // Dropping is only ever of a tail: an earlier, lower entry stays.
+        let mut k = vec![ch(50, 0.5), ch(5, 0.5)];
+        assert_eq!(append(&mut k, ch(30, 0.2)), 0);
+        assert_eq!(k.len(), 3);
     }
 
     #[test]

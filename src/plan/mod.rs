@@ -18,6 +18,7 @@ pub mod pack;
 pub mod permute;
 pub mod report;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -32,6 +33,10 @@ pub use journal::Change;
 use domain::{DomainData, Geometry, Stream};
 use mix::{MixState, Mixer, Schedule};
 use permute::{derive_key, Permutation};
+
+/// Plan steps a seek replays per chunk: its mixer counts (4 bytes per domain per step)
+/// are all it holds, so a seek to any step needs at most a few MB.
+pub const SEEK_CHUNK: u64 = 1 << 16;
 
 /// Why a plan could not be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -142,6 +147,8 @@ pub struct Plan {
     /// The config's schedule, before the journal's layers.
     base: Schedule,
     journal: Vec<Change>,
+    /// Changes accepted but dropped from `journal` as superseded ([`journal::append`]).
+    superseded: u64,
     mixer: Mixer,
     geometry: Geometry,
     fingerprint: u128,
@@ -226,6 +233,7 @@ impl Plan {
             cfg,
             base: mixer.schedule.clone(),
             journal: Vec::new(),
+            superseded: 0,
             domains: Arc::new(domains),
             mixer,
             geometry,
@@ -243,6 +251,11 @@ impl Plan {
         &self.journal
     }
 
+    /// How many accepted changes were dropped from the journal as superseded.
+    pub fn superseded(&self) -> u64 {
+        self.superseded
+    }
+
     /// The weights schedule in force: the config's, overlaid by the journal.
     pub fn schedule(&self) -> &Schedule {
         &self.mixer.schedule
@@ -251,6 +264,13 @@ impl Plan {
     /// This plan under another journal (which must extend or equal this one's where it
     /// matters: callers check the delivered past). Cheap: the domains are shared.
     pub fn with_journal(&self, journal: Vec<Change>) -> Result<Plan, PlanError> {
+        self.with_history(journal, 0)
+    }
+
+    /// [`Plan::with_journal`] for a journal that has dropped `superseded` changes (a
+    /// daemon's after [`journal::append`], or a blob's). Only the changes kept count
+    /// toward [`journal::MAX_CHANGES`].
+    pub fn with_history(&self, journal: Vec<Change>, superseded: u64) -> Result<Plan, PlanError> {
         if journal.len() > journal::MAX_CHANGES {
             return Err(PlanError::Domain(format!(
                 "the journal holds {} live changes, at most {} are kept: write the mixture \
@@ -278,6 +298,7 @@ impl Plan {
         let mut p = self.clone();
         p.mixer.schedule = schedule;
         p.journal = journal;
+        p.superseded = superseded;
         Ok(p)
     }
 
@@ -487,19 +508,40 @@ impl Plan {
     ///
     /// The mixer runs first (it needs nothing but the schedule); then each domain replays
     /// its own share of rows. Domains never interact, so they replay on parallel threads
-    /// and the result is identical to a sequential replay whatever the thread count.
+    /// and the result is identical to a sequential replay whatever the thread count. Both
+    /// go [`SEEK_CHUNK`] plan steps at a time, so memory stays bounded at any step.
     pub fn seek(self: &Arc<Self>, step: u64) -> Planner {
         let mut p = self.start();
+        self.replay(&mut p, step, SEEK_CHUNK, &AtomicBool::new(false));
+        p
+    }
+
+    /// [`Plan::seek`] that gives up (`None`) between chunks once `cancel` is set: the
+    /// daemon sets it when the client that asked has gone, so nobody pays for a seek
+    /// whose result nobody will read.
+    pub fn seek_cancellable(self: &Arc<Self>, step: u64, cancel: &AtomicBool) -> Option<Planner> {
+        self.seek_chunked(step, SEEK_CHUNK, cancel)
+    }
+
+    /// [`Plan::seek_cancellable`] with `chunk` plan steps per chunk (at least 1); the
+    /// result does not depend on `chunk`, which tests check with small ones.
+    pub fn seek_chunked(
+        self: &Arc<Self>,
+        step: u64,
+        chunk: u64,
+        cancel: &AtomicBool,
+    ) -> Option<Planner> {
+        let mut p = self.start();
+        self.replay(&mut p, step, chunk, cancel).then_some(p)
+    }
+
+    /// Moves the fresh planner `p` to trainer step `step`, `chunk` plan steps at a time:
+    /// mixer counts for a chunk (O(domains x chunk) memory), then every domain replays
+    /// them, then the next chunk. Returns false, with `p` part-way, when cancelled.
+    fn replay(&self, p: &mut Planner, step: u64, chunk: u64, cancel: &AtomicBool) -> bool {
         let target = self.plan_step_of(step);
         let n = self.domains.len();
-        let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(target as usize); n];
-        for ps in 0..target {
-            let c = self.mixer.counts(&mut p.mix, ps);
-            for (d, &k) in c.iter().enumerate() {
-                counts[d].push(k);
-            }
-        }
-        let next = std::sync::atomic::AtomicUsize::new(0);
+        let chunk = chunk.max(1);
         let threads = std::thread::available_parallelism()
             .map_or(1, |t| t.get())
             .min(n);
@@ -508,37 +550,58 @@ impl Plan {
             .drain(..)
             .map(|s| std::sync::Mutex::new(Some(s)))
             .collect();
-        let replay = |d: usize, stream: &mut Stream| {
-            for (ps, &k) in counts[d].iter().enumerate() {
-                let ps = ps as u64;
-                stream.take(
-                    &self.domains[d],
-                    d as u16,
-                    self.geometry,
-                    k,
-                    ps,
-                    self.seed_at(ps),
-                    &self.reseeds,
-                    self.group_cap(d),
-                    None,
-                );
+        let cap = chunk.min(target) as usize;
+        let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(cap); n];
+        let mut from = 0u64;
+        let mut done = true;
+        while from < target {
+            if cancel.load(Ordering::Relaxed) {
+                done = false;
+                break;
             }
-        };
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| loop {
-                    let d = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(slot) = streams.get(d) else { break };
-                    let mut guard = match slot.lock() {
-                        Ok(g) => g,
-                        Err(poisoned) => poisoned.into_inner(),
-                    };
-                    if let Some(stream) = guard.as_mut() {
-                        replay(d, stream);
-                    }
-                });
+            let to = target.min(from.saturating_add(chunk));
+            for c in counts.iter_mut() {
+                c.clear();
             }
-        });
+            for ps in from..to {
+                let c = self.mixer.counts(&mut p.mix, ps);
+                for (d, &k) in c.iter().enumerate() {
+                    counts[d].push(k);
+                }
+            }
+            let replay = |d: usize, stream: &mut Stream| {
+                for (ps, &k) in (from..to).zip(&counts[d]) {
+                    stream.take(
+                        &self.domains[d],
+                        d as u16,
+                        self.geometry,
+                        k,
+                        ps,
+                        self.seed_at(ps),
+                        &self.reseeds,
+                        self.group_cap(d),
+                        None,
+                    );
+                }
+            };
+            let next = AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..threads {
+                    scope.spawn(|| loop {
+                        let d = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(slot) = streams.get(d) else { break };
+                        let mut guard = match slot.lock() {
+                            Ok(g) => g,
+                            Err(poisoned) => poisoned.into_inner(),
+                        };
+                        if let Some(stream) = guard.as_mut() {
+                            replay(d, stream);
+                        }
+                    });
+                }
+            });
+            from = to;
+        }
         p.streams = streams
             .into_iter()
             .map(|m| {
@@ -547,9 +610,11 @@ impl Plan {
                     .unwrap_or_else(|| Stream::new(StreamState::default()))
             })
             .collect();
-        p.plan_step = target;
-        p.step = step;
-        p
+        if done {
+            p.plan_step = target;
+            p.step = step;
+        }
+        done
     }
 
     /// A planner restored from a cursor blob.
@@ -561,11 +626,11 @@ impl Plan {
                 ours: self.fingerprint,
             });
         }
-        match journal::compare(&self.journal, &c.journal) {
+        match journal::compare(&self.journal, self.superseded, &c.journal, c.superseded) {
             journal::Order::Same => {}
             journal::Order::OursAhead => {
                 // Later changes are fine as long as they leave the blob's past alone.
-                let extra = &self.journal[c.journal.len()..];
+                let extra = &self.journal[journal::common_prefix(&self.journal, &c.journal)..];
                 if let Some(ch) = extra.iter().find(|ch| ch.at < c.plan_step) {
                     return Err(CursorError::Journal(format!(
                         "this plan carries a change from plan step {} that the blob (at plan \
@@ -584,13 +649,19 @@ impl Plan {
                 )))
             }
             journal::Order::Diverged(i) => {
+                let at = |j: &[Change]| {
+                    j.get(i)
+                        .map_or("none".to_string(), |c| format!("from plan step {}", c.at))
+                };
                 return Err(CursorError::Journal(format!(
-                    "change #{} differs (blob: from plan step {}, daemon: from plan step {}); \
-                     the two runs received different changes",
+                    "change #{} differs (blob: {}, daemon: {}; {} and {} changes accepted in \
+                     all); the two runs received different changes",
                     i + 1,
-                    c.journal[i].at,
-                    self.journal[i].at
-                )))
+                    at(&c.journal),
+                    at(&self.journal),
+                    c.journal.len() as u64 + c.superseded,
+                    self.journal.len() as u64 + self.superseded,
+                )));
             }
         }
         let ours = self.history(c.plan_step);
@@ -778,6 +849,7 @@ impl Planner {
             mix: self.mix.clone(),
             streams: self.streams.iter().map(|s| s.state.clone()).collect(),
             journal: self.plan.journal.clone(),
+            superseded: self.plan.superseded,
         })
     }
 }

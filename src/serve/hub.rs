@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use super::protocol::{Hello, Refusal};
 use super::ring::{
     fill_slot, random_access, stamp, will_need, Layout, Ring, SlotJob, Source, TokenType,
 };
-use crate::plan::config::SchedulePoint;
+use crate::plan::config::{SchedulePoint, MAX_STEP};
 use crate::plan::journal::{self, Order};
 use crate::plan::{cursor, Change, Plan, Planner};
 
@@ -34,6 +35,9 @@ pub struct HubSettings {
     pub max_clients: usize,
     /// Issue MADV_WILLNEED for planned spans.
     pub hints: bool,
+    /// Most bytes all rings together may take (`[serve] ring_memory_bytes`): a job whose
+    /// ring would pass it is refused with `memory`.
+    pub ring_budget: u64,
 }
 
 /// An eventfd the daemon writes to when a slot is published.
@@ -417,9 +421,17 @@ impl Hub {
     /// its dp rank's ring (creating the ring at the client's step if none is live).
     /// Restoring or seeking a planner can take a while, so it happens before the lock; a
     /// live change landing meanwhile makes the attempt start over.
-    pub fn admit(&self, hello: &Hello, pid: Option<i32>) -> Result<Admission, Refusal> {
+    ///
+    /// `cancel` is set by the connection when its client hangs up: a seek in progress
+    /// then stops at its next chunk and the attempt is refused with `cancelled`.
+    pub fn admit(
+        &self,
+        hello: &Hello,
+        pid: Option<i32>,
+        cancel: &AtomicBool,
+    ) -> Result<Admission, Refusal> {
         for _ in 0..8 {
-            if let Some(a) = self.try_admit(hello, pid)? {
+            if let Some(a) = self.try_admit(hello, pid, cancel)? {
                 return Ok(a);
             }
         }
@@ -430,7 +442,12 @@ impl Hub {
     }
 
     /// One admission attempt; `Ok(None)` when the plan changed under it.
-    fn try_admit(&self, hello: &Hello, pid: Option<i32>) -> Result<Option<Admission>, Refusal> {
+    fn try_admit(
+        &self,
+        hello: &Hello,
+        pid: Option<i32>,
+        cancel: &AtomicBool,
+    ) -> Result<Option<Admission>, Refusal> {
         let seen = self.plan();
         let cfg = seen.config();
         let g = cfg.global_batch_rows;
@@ -472,7 +489,7 @@ impl Hub {
         let mut adopt: Option<Arc<Plan>> = None;
         if let Some(b) = &blob {
             let c = cursor::decode(b).map_err(|e| refuse(e.to_string()))?;
-            match journal::compare(seen.journal(), &c.journal) {
+            match journal::compare(seen.journal(), seen.superseded(), &c.journal, c.superseded) {
                 Order::Same | Order::OursAhead => {}
                 Order::TheirsAhead => {
                     let domains = seen.domain_names().len();
@@ -485,19 +502,22 @@ impl Hub {
                         )));
                     }
                     let p = seen
-                        .with_journal(c.journal.clone())
+                        .with_history(c.journal.clone(), c.superseded)
                         .map_err(|e| refuse(e.to_string()))?;
                     adopt = Some(Arc::new(p));
                 }
                 Order::Diverged(i) => {
+                    let at = |j: &[Change]| {
+                        j.get(i)
+                            .map_or("none".to_string(), |c| format!("from plan step {}", c.at))
+                    };
                     return Err(refuse(format!(
                         "its journal of live mixture changes disagrees with this daemon's at \
-                         change #{} (blob: from plan step {}, daemon: from plan step {}); the \
-                         blob's run received different changes, and serving it would change \
-                         its data",
+                         change #{} (blob: {}, daemon: {}); the blob's run received different \
+                         changes, and serving it would change its data",
                         i + 1,
-                        c.journal[i].at,
-                        seen.journal()[i].at
+                        at(&c.journal),
+                        at(seen.journal())
                     )));
                 }
             }
@@ -518,7 +538,15 @@ impl Hub {
         } else {
             Some(match &blob {
                 Some(b) => plan.restore(b).map_err(|e| refuse(e.to_string()))?,
-                None => plan.seek(hello.start_step.unwrap_or(0)),
+                None => {
+                    let step = hello.start_step.unwrap_or(0);
+                    plan.seek_cancellable(step, cancel).ok_or_else(|| {
+                        Refusal::new(
+                            "cancelled",
+                            format!("the client left while the daemon sought step {step}"),
+                        )
+                    })?
+                }
             })
         };
         let ready =
@@ -547,7 +575,7 @@ impl Hub {
         if let Some(p) = &adopt {
             let fc = st.first_changeable();
             let fc_p = seen.plan_step_of(fc);
-            let extra = &p.journal()[seen.journal().len()..];
+            let extra = &p.journal()[journal::common_prefix(seen.journal(), p.journal())..];
             if let Some(ch) = extra.iter().find(|c| c.at < fc_p) {
                 return Err(refuse(format!(
                     "it carries a live change from plan step {} that this daemon does not \
@@ -566,6 +594,7 @@ impl Hub {
                 ),
             ));
         }
+        let used = Self::ring_memory(&st);
         let peer_id = st.next_peer;
         st.next_peer += 1;
         let job = st.jobs.entry(hello.job.clone()).or_insert_with(|| Job {
@@ -595,19 +624,23 @@ impl Hub {
                             ),
                         ));
                     }
-                    if entry.micro != (mbr, hello.micro_batches) || entry.replicas != hello.replicas
-                    {
+                    if entry.micro != (mbr, hello.micro_batches) {
                         break 'join Err(Refusal::new(
                             "layout",
                             format!(
-                                "peers of dp_rank {} use micro_batch_rows {} x micro_batches {} with \
-                                 replicas {}; this client asks {mbr} x {} with replicas {}",
-                                hello.dp_rank,
-                                entry.micro.0,
-                                entry.micro.1,
-                                entry.replicas,
-                                hello.micro_batches,
-                                hello.replicas
+                                "peers of dp_rank {} use micro_batch_rows {} x micro_batches {}; \
+                                 this client asks {mbr} x {}",
+                                hello.dp_rank, entry.micro.0, entry.micro.1, hello.micro_batches,
+                            ),
+                        ));
+                    }
+                    if entry.replicas != hello.replicas {
+                        break 'join Err(Refusal::new(
+                            "replicas",
+                            format!(
+                                "job {:?} dp_rank {} was announced with replicas = {}; this \
+                                 client says {}",
+                                hello.job, hello.dp_rank, entry.replicas, hello.replicas
                             ),
                         ));
                     }
@@ -666,6 +699,27 @@ impl Hub {
                             }
                         }
                     }
+                    // The ring holds data for exactly the peers its first client
+                    // announced: one past that count (another job's name, a stray
+                    // replica) would stall the real ones. A full ring has started, so
+                    // nothing above changed it for this client.
+                    if entry.peers.len() >= entry.replicas as usize {
+                        let mut names: Vec<&str> =
+                            entry.peers.values().map(|p| p.replica.as_str()).collect();
+                        names.sort_unstable();
+                        break 'join Err(Refusal::new(
+                            "replicas",
+                            format!(
+                                "job {:?} dp_rank {} declared replicas = {} and all are \
+                                 connected ({}); replica {:?} is one too many",
+                                hello.job,
+                                hello.dp_rank,
+                                entry.replicas,
+                                names.join(", "),
+                                hello.replica
+                            ),
+                        ));
+                    }
                     entry.joined += 1;
                     entry.peers.insert(peer_id, new_peer(step, expect));
                     Ok((step, entry.ring.clone()))
@@ -687,6 +741,20 @@ impl Hub {
                         self.cursor_cap,
                     );
                     let step = planner.step();
+                    if used.saturating_add(layout.ring_bytes) > self.settings.ring_budget {
+                        break 'join Err(Refusal::new(
+                            "memory",
+                            format!(
+                                "a ring for job {:?} dp_rank {} takes {} bytes, and the rings \
+                                 live now take {used} of the {} bytes [serve] \
+                                 ring_memory_bytes allows",
+                                hello.job,
+                                hello.dp_rank,
+                                layout.ring_bytes,
+                                self.settings.ring_budget
+                            ),
+                        ));
+                    }
                     let r = match Ring::create(
                         &format!("{}:{}", hello.job, hello.dp_rank),
                         layout,
@@ -733,10 +801,14 @@ impl Hub {
         };
         let outcome = match (outcome, adopt) {
             (Ok(x), Some(p)) => {
-                let n = p.journal().len() - seen.journal().len();
+                // The blob's journal extends ours, or replaced a tail of ours that one of
+                // its changes superseded.
+                let kept = journal::common_prefix(seen.journal(), p.journal());
+                let n = p.journal().len() - kept;
                 // All or nothing: a failed install leaves every ring as it was.
                 match self.install(&mut st, p) {
                     Ok(()) => {
+                        st.sources.resize(kept, "cursor");
                         st.sources.extend(std::iter::repeat_n("cursor", n));
                         *st.reloads.entry("cursor").or_default() += 1;
                         info!(changes = n, job = %hello.job, dp_rank = hello.dp_rank, "adopted live mixture changes from a client's cursor blob");
@@ -797,6 +869,15 @@ impl Hub {
             ready,
             kick,
         }))
+    }
+
+    /// Bytes of every live ring together, checked against `ring_budget`.
+    fn ring_memory(st: &State) -> u64 {
+        st.jobs
+            .values()
+            .flat_map(|j| j.rings.values())
+            .map(|e| e.ring.layout().ring_bytes)
+            .sum()
     }
 
     /// Takes back a join that a later step of admission refused.
@@ -1141,6 +1222,15 @@ impl Hub {
         let (requested, d) = match &req.proposal {
             Proposal::Weights(_) => {
                 let t = req.at_step.unwrap_or(fc);
+                // A change far past anything published is a typo or an attack (one at
+                // 2^64-1 was accepted before), and would sit in every blob meanwhile.
+                let horizon = fc.saturating_add(MAX_STEP);
+                if t > horizon {
+                    return Err(ChangeError::invalid(format!(
+                        "at_step {t} is more than {MAX_STEP} steps beyond the first \
+                         changeable step {fc}"
+                    )));
+                }
                 (t, plan.plan_step_of(t))
             }
             Proposal::Schedule { old, new } => match plan.points_difference(old, new) {
@@ -1179,8 +1269,11 @@ impl Hub {
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
             Proposal::Schedule { new, .. } => plan.schedule_change(d, new),
         };
+        // The change drops the entries it supersedes (at its step or later), so repeated
+        // or corrected changes never fill the journal; their count travels in blobs.
         let mut journal = plan.journal().to_vec();
-        journal.push(change);
+        let dropped = journal::append(&mut journal, change);
+        let kept = journal.len() - 1;
         let domains = plan.domain_names().len();
         if cursor::journal_bytes(&journal, domains) > self.journal_cap {
             return Err(ChangeError::invalid(format!(
@@ -1190,7 +1283,7 @@ impl Hub {
             )));
         }
         let next = Arc::new(
-            plan.with_journal(journal)
+            plan.with_history(journal, plan.superseded().saturating_add(dropped))
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
         );
         self.install(st, next.clone()).map_err(|m| ChangeError {
@@ -1198,6 +1291,7 @@ impl Hub {
             message: format!("regenerating prefetched batches: {m}"),
             first_changeable: None,
         })?;
+        st.sources.resize(kept, "cursor");
         st.sources.push(req.source);
         let applied = next.trainer_step_of(d);
         let message = if moved {
@@ -1296,12 +1390,17 @@ impl Hub {
             }
             let out = serde_json::json!({
                 "clients": st.clients,
+                "ring_memory": {
+                    "used_bytes": Self::ring_memory(&st),
+                    "budget_bytes": self.settings.ring_budget,
+                },
                 "reloads": st.reloads.values().sum::<u64>(),
                 "failed_reloads": st.failed_reloads.values().sum::<u64>(),
                 "reloads_by_source": st.reloads,
                 "failed_reloads_by_source": st.failed_reloads,
                 "first_changeable_step": st.first_changeable(),
                 "journal": Self::journal_of(&st),
+                "journal_superseded": st.plan.superseded(),
                 "jobs": jobs,
                 "fingerprint": format!("{:032x}", st.plan.fingerprint()),
             });

@@ -14,6 +14,7 @@
 //! connection never waits for a copy and a copy never waits for a socket.
 
 pub mod access;
+pub mod budget;
 pub mod hub;
 pub mod limits;
 pub mod notify;
@@ -74,6 +75,10 @@ pub struct ServeConfig {
     /// Most clients at once.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// Most bytes all rings together may take; unset: a quarter of the machine's memory
+    /// or the unit's cgroup limit, whichever is smaller ([`budget::default_ring_budget`]).
+    #[serde(default)]
+    pub ring_memory_bytes: Option<u64>,
     /// How long a new connection has to send its HELLO.
     #[serde(default = "default_handshake")]
     pub handshake_timeout_ms: u64,
@@ -173,9 +178,16 @@ impl ServeConfig {
     /// resolved against the config file's directory.
     pub fn from_config(cfg: &Config) -> Result<ServeConfig> {
         let table = cfg.serve.clone().unwrap_or_default();
-        let mut s: ServeConfig = toml::Value::Table(table)
-            .try_into()
-            .with_context(|| format!("{}: [serve]", cfg.source.display()))?;
+        let mut s: ServeConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    anyhow::anyhow!(
+                        "{}: [serve]: {}",
+                        cfg.source.display(),
+                        crate::plan::config::one_line(&e.to_string())
+                    )
+                })?;
         s.socket = cfg.resolve_path(&s.socket);
         let bad = |field: &str, what: &str| -> Result<ServeConfig> {
             bail!("{}: [serve] {field}: {what}", cfg.source.display())
@@ -197,6 +209,9 @@ impl ServeConfig {
         }
         if !(100..=86_400_000).contains(&s.control_idle_timeout_ms) {
             return bad("control_idle_timeout_ms", "must be 100..=86400000 (a day)");
+        }
+        if s.ring_memory_bytes == Some(0) {
+            return bad("ring_memory_bytes", "must be positive");
         }
         if !(50..=3_600_000).contains(&s.watch_interval_ms) {
             return bad("watch_interval_ms", "must be 50..=3600000");
@@ -283,9 +298,20 @@ fn load(config: &Path) -> Result<Loaded> {
 }
 
 /// `millrace check-config`: everything `serve` checks before it binds (config, shards,
-/// `[serve]`, the socket group), so a unit's ExecStartPre fails with the reason.
+/// `[serve]`, the socket group, that `metrics_addr` is free), so a unit's ExecStartPre
+/// fails with the reason.
 pub fn check_config(args: CheckArgs) -> Result<()> {
     let l = load(&args.config)?;
+    if let Some(addr) = &l.serve.metrics_addr {
+        // `serve` exits when it cannot listen there, so the check tries it too (and lets
+        // go at once).
+        std::net::TcpListener::bind(addr.as_str()).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: [serve] metrics_addr {addr:?}: cannot listen: {e} (`serve` would exit)",
+                args.config.display()
+            )
+        })?;
+    }
     let shards: usize = l.shards.iter().map(Vec::len).sum();
     println!(
         "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {}",
@@ -332,6 +358,9 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
             token: l.token,
             max_clients: serve.max_clients,
             hints: serve.page_hints,
+            ring_budget: serve
+                .ring_memory_bytes
+                .unwrap_or_else(budget::default_ring_budget),
         },
     ));
     let daemon = Arc::new(Daemon {
@@ -913,6 +942,39 @@ async fn read_frame(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option
     }
 }
 
+/// Awaits the admission `task` while watching the client: when it hangs up (or sends
+/// more than a frame's worth before its WELCOME), `cancel` is set, so a seek for a client
+/// that is gone stops at its next chunk. Bytes it sends meanwhile stay in `buf`.
+async fn admit_watching<T>(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    task: tokio::task::JoinHandle<T>,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::pin!(task);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            r = &mut task => return r,
+            ready = stream.readable(), if watching => {
+                let mut chunk = [0u8; 4096];
+                let gone = match ready.and_then(|()| stream.try_read(&mut chunk)) {
+                    Ok(0) => true,
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        buf.len() > protocol::MAX_FRAME + 4
+                    }
+                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                };
+                if gone {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    watching = false;
+                }
+            }
+        }
+    }
+}
+
 /// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
 /// write changes nothing.
 async fn say(stream: &mut UnixStream, kind: u8, code: &str, message: &str) {
@@ -1017,12 +1079,21 @@ async fn connection(
             return;
         }
     };
-    // Restoring or seeking a planner is CPU work: keep it off the I/O threads.
-    let admitted = {
-        let hub = hub.clone();
-        let hello = hello.clone();
-        tokio::task::spawn_blocking(move || hub.admit(&hello, pid)).await
+    // Restoring or seeking a planner is CPU work: keep it off the I/O threads, and stop
+    // it if the client hangs up meanwhile.
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = {
+        let (hub, hello, cancel) = (hub.clone(), hello.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || hub.admit(&hello, pid, &cancel))
     };
+    let admitted = admit_watching(&mut stream, &mut buf, task, &cancel).await;
+    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Ok(Ok(a)) = &admitted {
+            hub.leave(&hello.job, hello.dp_rank, a.peer);
+        }
+        info!(?pid, job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
+        return;
+    }
     let adm = match admitted {
         Ok(Ok(a)) => a,
         Ok(Err(r)) => {

@@ -8,6 +8,8 @@ use std::os::fd::RawFd;
 
 use serde::Deserialize;
 
+use crate::plan::config::{MAX_BATCH_ROWS, MAX_STEP};
+
 /// Protocol version spoken here.
 pub const VERSION: u32 = 1;
 /// Largest `len` a frame may declare: bounds what one client can make the daemon buffer.
@@ -249,6 +251,43 @@ pub struct Hello {
     pub fingerprint: Option<String>,
 }
 
+/// Most peers one dp rank may announce (`replicas`): a node's TP x PP x CP peers.
+pub const MAX_REPLICAS: u32 = 1024;
+/// Longest job or replica name, in bytes.
+pub const MAX_NAME: usize = 128;
+
+/// Whether `b` may appear in a job or replica name: names go into logs, metrics labels
+/// and memfd names, so nothing that could forge a log line or a label (newlines, quotes,
+/// spaces, control bytes) is allowed.
+pub fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-_.:@+=/".contains(&b)
+}
+
+/// Checks a job or replica name: 1..=[`MAX_NAME`] bytes of [`name_byte`]s; the refusal
+/// names the field and the first bad byte.
+fn check_name(field: &str, name: &str) -> Result<(), Refusal> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(Refusal::new(
+            "bad_hello",
+            format!(
+                "HELLO field `{field}` must be 1..={MAX_NAME} bytes, got {}",
+                name.len()
+            ),
+        ));
+    }
+    if let Some(i) = name.bytes().position(|b| !name_byte(b)) {
+        return Err(Refusal::new(
+            "bad_hello",
+            format!(
+                "HELLO field `{field}` has byte 0x{:02x} at offset {i}: names may hold only \
+                 ASCII letters, digits and - _ . : @ + = /",
+                name.as_bytes()[i]
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn default_replica() -> String {
     "0".into()
 }
@@ -305,21 +344,8 @@ impl Hello {
         }
         let hello: Hello = serde_json::from_value(value)
             .map_err(|e| Refusal::new("bad_hello", format!("HELLO: {e}")))?;
-        if hello.job.is_empty() || hello.job.len() > 128 {
-            return Err(Refusal::new(
-                "bad_hello",
-                format!(
-                    "HELLO field `job` must be 1..=128 bytes, got {}",
-                    hello.job.len()
-                ),
-            ));
-        }
-        if hello.replica.len() > 128 {
-            return Err(Refusal::new(
-                "bad_hello",
-                "HELLO field `replica` exceeds 128 bytes",
-            ));
-        }
+        check_name("job", &hello.job)?;
+        check_name("replica", &hello.replica)?;
         if hello.dp_size == 0 || hello.dp_rank >= hello.dp_size {
             return Err(Refusal::new(
                 "bad_hello",
@@ -335,7 +361,40 @@ impl Hello {
                 "HELLO fields `replicas`, `micro_batches` and `micro_batch_rows` must be positive",
             ));
         }
+        hello.check_limits()?;
         Ok(hello)
+    }
+
+    /// The bounds of docs/PROTOCOL.md (refusal `limit`): no number a client sends may
+    /// make the daemon allocate or compute in proportion to it beyond these.
+    fn check_limits(&self) -> Result<(), Refusal> {
+        let over = |field: &str, value: u64, max: u64| {
+            Refusal::new(
+                "limit",
+                format!("HELLO field `{field}` = {value} is above this daemon's limit of {max}"),
+            )
+        };
+        if let Some(s) = self.start_step {
+            if s > MAX_STEP {
+                return Err(over("start_step", s, MAX_STEP));
+            }
+        }
+        let rows = MAX_BATCH_ROWS as u64;
+        for (field, v, max) in [
+            ("dp_size", self.dp_size as u64, rows),
+            ("micro_batches", self.micro_batches as u64, rows),
+            (
+                "micro_batch_rows",
+                self.micro_batch_rows.unwrap_or(0) as u64,
+                rows,
+            ),
+            ("replicas", self.replicas as u64, MAX_REPLICAS as u64),
+        ] {
+            if v > max {
+                return Err(over(field, v, max));
+            }
+        }
+        Ok(())
     }
 
     /// The cursor blob, decoded from hex.
@@ -493,6 +552,40 @@ mod tests {
             .unwrap_err();
         assert!(e.message.contains("dp_sise"), "{e}");
         assert_eq!(Hello::parse(b"\xff\x00").unwrap_err().code, "bad_hello");
+        // Bounds: a far start step or a huge count is refused with `limit`, naming it.
+        for (field, v) in [
+            ("start_step", (1u64 << 40).to_string()),
+            ("start_step", (1u64 << 62).to_string()),
+            ("replicas", "1025".to_string()),
+            ("micro_batches", "4294967295".to_string()),
+        ] {
+            let p = format!(r#"{{"protocol":1,"job":"j","dp_rank":0,"dp_size":1,"{field}":{v}}}"#);
+            let e = Hello::parse(p.as_bytes()).unwrap_err();
+            assert_eq!(e.code, "limit", "{field}={v}: {e}");
+            assert!(e.message.contains(field) && e.message.contains(&v), "{e}");
+        }
+        let p = format!(
+            r#"{{"protocol":1,"job":"j","dp_rank":0,"dp_size":1,"start_step":{MAX_STEP}}}"#
+        );
+        assert!(Hello::parse(p.as_bytes()).is_ok());
+        // Names: a newline (log forging) or a space is refused, naming byte and offset.
+        let e = Hello::parse(br#"{"protocol":1,"job":"a\nINFO forged","dp_rank":0,"dp_size":1}"#)
+            .unwrap_err();
+        assert_eq!(e.code, "bad_hello");
+        assert!(
+            e.message.contains("`job`") && e.message.contains("0x0a at offset 1"),
+            "{e}"
+        );
+        let e =
+            Hello::parse(br#"{"protocol":1,"job":"j","replica":"x y","dp_rank":0,"dp_size":1}"#)
+                .unwrap_err();
+        assert!(
+            e.message.contains("`replica`") && e.message.contains("0x20"),
+            "{e}"
+        );
+        assert!(
+            Hello::parse(br#"{"protocol":1,"job":"run-7.b/tp:0","dp_rank":0,"dp_size":1}"#).is_ok()
+        );
         assert_eq!(
             decode_hex(&to_hex(&[0, 1, 254, 255])),
             Some(vec![0, 1, 254, 255])

@@ -1,1 +1,381 @@
-//! Adversarial tests: admission (see main.rs).
+//! Adversarial tests: admission (see main.rs). Hostile HELLOs and control requests
+//! against a real `millrace serve`: far start steps, a seek abandoned by its client,
+//! another job's ring, the ring-memory budget, forged names, and live changes aimed at
+//! the end of time. Each test keeps a well-behaved consumer streaming and checks that it
+//! still is afterwards.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use millrace::client::{Client, ClientError, Hello};
+use millrace::serve::protocol::{encode, kind};
+use serde_json::json;
+
+use crate::common::{self, Control, Serve};
+
+const ROWS: u32 = 4;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A small corpus, its config and a daemon on it.
+struct Fixture {
+    corpus: common::Corpus,
+    config: PathBuf,
+    socket: PathBuf,
+    daemon: Serve,
+}
+
+impl Control for Fixture {
+    fn control_socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+}
+
+/// A daemon over a 2-domain corpus with `extra` `[serve]` lines.
+fn fixture(extra: &str) -> Fixture {
+    let corpus = common::corpus(300_000, 2, 14, 100_000);
+    let socket = corpus.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 4, 1);
+    let config = common::write_config(&corpus.dir, "adm.toml", 128, ROWS, &[&serve, extra]);
+    let daemon = Serve::start(&config, &socket, &corpus.tmp.path().join("serve.log"));
+    Fixture {
+        corpus,
+        config,
+        socket,
+        daemon,
+    }
+}
+
+fn hello(job: &str) -> Hello {
+    let mut h = Hello::whole_slice(0, 1);
+    h.job = job.into();
+    h
+}
+
+fn connect(f: &Fixture, h: &Hello) -> Result<Client, ClientError> {
+    let mut c = Client::connect(&f.socket, h)?;
+    c.set_timeout(Some(TIMEOUT));
+    Ok(c)
+}
+
+/// The refusal code and message of a HELLO the daemon must refuse.
+fn refused(f: &Fixture, h: &Hello) -> (String, String) {
+    match connect(f, h) {
+        Err(ClientError::Refused { code, message }) => (code, message),
+        Err(e) => panic!("HELLO {h:?}: expected REFUSED, got {e}"),
+        Ok(_) => panic!("HELLO {h:?}: expected REFUSED, got WELCOME"),
+    }
+}
+
+/// Reads `n` more steps from `c` and checks they follow on.
+fn stream(c: &mut Client, n: u64) {
+    for _ in 0..n {
+        let want = c.next_step();
+        let b = c
+            .next_batch()
+            .unwrap_or_else(|e| panic!("step {want}: {e}"));
+        assert_eq!(b.step, want);
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true or `limit` passes.
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 14, item 4: a HELLO with start_step 2^40 made the daemon allocate 4 TB and
+/// abort, one with 2^62 panicked on "capacity overflow", and a client that asked for a
+/// far step and left kept a thread seeking. Now the far steps are refused with `limit`,
+/// an abandoned seek is cancelled (the log says so), and another consumer streams on.
+#[test]
+fn far_start_steps_are_refused_and_abandoned_seeks_cancelled() {
+    let mut f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good consumer joins");
+    stream(&mut good, 5);
+    for step in [1u64 << 40, 1 << 62, u64::MAX] {
+        let mut h = hello("far");
+        h.start_step = Some(step);
+        let (code, message) = refused(&f, &h);
+        assert_eq!(code, "limit", "{message}");
+        assert!(
+            message.contains("start_step") && message.contains(&step.to_string()),
+            "{message}"
+        );
+        assert!(
+            f.daemon.alive(),
+            "the daemon died:\n{}",
+            f.daemon.log_text()
+        );
+        stream(&mut good, 2);
+    }
+    // The furthest step allowed takes far longer to seek than any test waits: a client
+    // asks for it and hangs up. Its seek stops at the next chunk.
+    let h = json!({"protocol": 1, "job": "leaver", "dp_rank": 0, "dp_size": 1,
+                   "start_step": millrace::plan::config::MAX_STEP});
+    for _ in 0..2 {
+        let mut s = UnixStream::connect(&f.socket).unwrap();
+        s.write_all(&encode(kind::HELLO, h.to_string().as_bytes()))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(s);
+    }
+    wait_until(
+        "both seeks to be cancelled",
+        Duration::from_secs(60),
+        || f.daemon.log_text().matches("left during admission").count() >= 2,
+    );
+    stream(&mut good, 8);
+    assert!(f.daemon.alive());
+    let st = f.status();
+    assert!(
+        st["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["job"] != "leaver"),
+        "{st}"
+    );
+}
+
+/// Issue 14, item 6: a HELLO naming another job's dp rank with replica "evil" was
+/// admitted although the job declared replicas = 1, and the victim's ring stalled until
+/// the intruder left. Now a peer past the declared count, or one whose `replicas`
+/// disagrees, is refused with `replicas`, and the victim keeps streaming.
+#[test]
+fn replicas_intrusion_is_refused_and_the_victim_streams_on() {
+    let mut f = fixture("");
+    let mut victim = connect(&f, &hello("victim")).expect("victim joins");
+    stream(&mut victim, 3);
+    // The intruder asks for exactly the step the victim's ring still holds, so only
+    // the peer count can stop it.
+    let st = f.status();
+    let held = st["jobs"][0]["rings"][0]["released_step"].as_u64().unwrap();
+    let mut evil = hello("victim");
+    evil.replica = "evil".into();
+    evil.start_step = Some(held);
+    let (code, message) = refused(&f, &evil);
+    assert_eq!(code, "replicas", "{message}");
+    assert!(
+        message.contains("replicas = 1") && message.contains("\"evil\""),
+        "{message}"
+    );
+    evil.replicas = 2;
+    let (code, message) = refused(&f, &evil);
+    assert_eq!(code, "replicas", "{message}");
+    assert!(message.contains("this client says 2"), "{message}");
+    // The victim did not stall: it reads well past its ring's slots.
+    stream(&mut victim, 12);
+
+    // A ring of two declared peers takes two, not a third.
+    let mut tp = hello("tp");
+    tp.replicas = 2;
+    let peer = |name: &str| {
+        let mut h = tp.clone();
+        h.replica = name.into();
+        h
+    };
+    let mut a = connect(&f, &peer("tp0")).expect("tp0 joins");
+    let mut b = connect(&f, &peer("tp1")).expect("tp1 joins");
+    let (code, message) = refused(&f, &peer("tp2"));
+    assert_eq!(code, "replicas", "{message}");
+    for _ in 0..6 {
+        stream(&mut a, 1);
+        stream(&mut b, 1);
+    }
+    stream(&mut victim, 4);
+    assert!(f.daemon.alive());
+}
+
+/// Issue 14, item 7: every new job pre-faulted a ring with no total bound, so a stream
+/// of HELLOs could exhaust the node. Now `[serve] ring_memory_bytes` caps all rings
+/// together: a job past it is refused with `memory`, the jobs inside keep streaming, the
+/// budget is in `status`, and a ring that goes frees its share.
+#[test]
+fn ring_budget_refuses_jobs_past_it() {
+    // One ring's size, from a daemon with the default budget.
+    let probe = fixture("");
+    let c = connect(&probe, &hello("probe")).expect("probe joins");
+    let ring = c.welcome().ring_bytes;
+    let st = probe.status();
+    assert_eq!(st["ring_memory"]["used_bytes"], ring, "{st}");
+    assert!(
+        st["ring_memory"]["budget_bytes"].as_u64().unwrap() >= ring,
+        "{st}"
+    );
+    drop(c);
+    drop(probe);
+
+    let budget = ring + ring / 2;
+    let mut f = fixture(&format!("ring_memory_bytes = {budget}"));
+    let mut a = connect(&f, &hello("a")).expect("the first job fits");
+    stream(&mut a, 3);
+    let (code, message) = refused(&f, &hello("b"));
+    assert_eq!(code, "memory", "{message}");
+    assert!(
+        message.contains(&ring.to_string())
+            && message.contains(&budget.to_string())
+            && message.contains("ring_memory_bytes"),
+        "{message}"
+    );
+    // Many more are refused just the same, and cost nothing.
+    for i in 0..20 {
+        let (code, _) = refused(&f, &hello(&format!("flood{i}")));
+        assert_eq!(code, "memory");
+    }
+    stream(&mut a, 10);
+    let st = f.status();
+    assert_eq!(st["ring_memory"]["used_bytes"], ring, "{st}");
+    assert_eq!(st["ring_memory"]["budget_bytes"], budget, "{st}");
+    // When `a` leaves, its ring's bytes are free for the next job.
+    drop(a);
+    wait_until("job a to go", Duration::from_secs(10), || {
+        f.status()["ring_memory"]["used_bytes"] == 0
+    });
+    let mut b = connect(&f, &hello("b")).expect("b fits once a has gone");
+    stream(&mut b, 3);
+    assert!(f.daemon.alive());
+}
+
+/// Issue 14, item 11: job and replica names went into logs raw, so a newline forged a
+/// log line. Now names outside a safe charset are refused, naming the byte.
+#[test]
+fn names_that_could_forge_log_lines_are_refused() {
+    let mut f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good joins");
+    for (job, replica) in [
+        ("x\nINFO millrace: forged", "0"),
+        ("ok", "r\r\nWARN forged"),
+        ("sp ace", "0"),
+        ("quote\"", "0"),
+    ] {
+        let mut h = hello(job);
+        h.replica = replica.into();
+        let (code, message) = refused(&f, &h);
+        assert_eq!(code, "bad_hello", "{message}");
+        assert!(message.contains("byte 0x"), "{message}");
+    }
+    stream(&mut good, 3);
+    let log = f.daemon.log_text();
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("INFO millrace: forged") || l.starts_with("WARN forged")),
+        "{log}"
+    );
+    assert!(f.daemon.alive());
+}
+
+/// Issue 14, item 11: `set_weights` with at_step = 2^64-1 was accepted (and 256 of them
+/// filled the journal). A step more than 2^32 beyond the first changeable one is now
+/// refused as `invalid`, the journal stays as it was, and the consumer streams on.
+#[test]
+fn live_changes_beyond_the_horizon_are_refused() {
+    let mut f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good joins");
+    stream(&mut good, 3);
+    for at in [u64::MAX, 1 << 40] {
+        let r = f.req(json!({"protocol": 1, "op": "set_weights",
+                             "weights": {"web": 1.0}, "at_step": at}));
+        assert_eq!(r["ok"], false, "{r}");
+        assert_eq!(r["code"], "invalid", "{r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("at_step {at}")),
+            "{r}"
+        );
+    }
+    assert!(f.journal().is_empty());
+    let fc = f.status()["first_changeable_step"].as_u64().unwrap();
+    let r = f.req(json!({"protocol": 1, "op": "set_weights",
+                         "weights": {"web": 1.0}, "at_step": fc + 1000}));
+    assert_eq!(r["ok"], true, "{r}");
+    stream(&mut good, 5);
+    assert!(f.daemon.alive());
+}
+
+/// A control connection's view of another daemon's socket, for the second daemon below.
+struct At<'a>(&'a std::path::Path);
+
+impl Control for At<'_> {
+    fn control_socket(&self) -> &std::path::Path {
+        self.0
+    }
+}
+
+/// Issue 14, item 11: 256 `set_weights` filled the journal and locked out every later
+/// change until restart, though each one cut off the one before. A change now drops the
+/// changes it supersedes (they can shape no step) and only their count is kept: 300
+/// changes at one step leave one entry. Blobs stay compatible both ways: a blob from
+/// before the changes resumes on the daemon, and a blob carrying the count (layout 3)
+/// is adopted by a fresh daemon, which then has the same journal and count.
+#[test]
+fn superseded_changes_never_fill_the_journal() {
+    let f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good joins");
+    stream(&mut good, 2);
+    let early = {
+        let b = good.next_batch().expect("a step");
+        (b.step + 1, b.cursor.to_vec())
+    };
+    let at = f.status()["first_changeable_step"].as_u64().unwrap() + 100;
+    let mut last = 0.0;
+    for i in 0..300 {
+        last = 0.1 + (i % 7) as f64 * 0.1;
+        let r = f.req(json!({"protocol": 1, "op": "set_weights",
+                             "weights": {"web": last, "code": 1.0}, "at_step": at}));
+        assert_eq!(r["ok"], true, "change {i}: {r}");
+    }
+    let journal = f.journal();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    assert_eq!(journal[0]["at_step"], at, "{journal:?}");
+    assert_eq!(
+        journal[0]["points"][0]["weights"]["web"], last,
+        "{journal:?}"
+    );
+    let st = f.status();
+    assert_eq!(st["journal_superseded"], 299, "{st}");
+    // A change at an earlier step drops the later one too.
+    let r = f.req(json!({"protocol": 1, "op": "set_weights",
+                         "weights": {"web": 2.0}, "at_step": at - 50}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(f.journal().len(), 1);
+    assert_eq!(f.status()["journal_superseded"], 300);
+
+    // The blob from before every change resumes here (the daemon's journal is ahead).
+    let mut h = hello("resume");
+    h.cursor = Some(millrace::serve::protocol::to_hex(&early.1));
+    let mut resumed = connect(&f, &h).expect("a blob from before the changes resumes");
+    assert_eq!(resumed.welcome().start_step, early.0);
+    stream(&mut resumed, 3);
+    drop(resumed);
+
+    // Past the change: the blob now carries the journal and the count.
+    let blob = loop {
+        let b = good.next_batch().expect("good streams");
+        if b.step > at {
+            break b.cursor.to_vec();
+        }
+    };
+    assert_eq!(blob[8], 3, "a blob with superseded changes is layout 3");
+    let socket2 = f.corpus.tmp.path().join("s2.sock");
+    let mut second = Serve::spawn(&f.config, &f.corpus.tmp.path().join("serve2.log"), |c| {
+        c.arg("--socket").arg(&socket2);
+    });
+    second.wait_listening(&socket2, Duration::from_secs(30));
+    let mut h = hello("good");
+    h.cursor = Some(millrace::serve::protocol::to_hex(&blob));
+    let mut c = Client::connect(&socket2, &h).expect("a fresh daemon adopts the blob");
+    c.set_timeout(Some(TIMEOUT));
+    stream(&mut c, 3);
+    let st = At(&socket2).status();
+    assert_eq!(st["journal_superseded"], 300, "{st}");
+    assert_eq!(st["journal"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["journal"][0]["source"], "cursor", "{st}");
+    stream(&mut good, 3);
+}
