@@ -31,8 +31,6 @@ pub const CONTROL: u8 = crate::serve::protocol::kind::CONTROL;
 pub const CONTROL_REPLY: u8 = crate::serve::protocol::kind::CONTROL_REPLY;
 /// Version of the control requests sent here (the `protocol` key).
 pub const PROTOCOL: u64 = 1;
-/// The daemon's default socket (`[serve] socket` when the config names none).
-pub const DEFAULT_SOCKET: &str = "/run/millrace/millrace.sock";
 /// How long the command line waits for a reply unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,22 +39,23 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     /// The socket could not be reached (daemon not running, wrong path, permissions).
-    #[error("cannot connect to {socket}: {source}")]
+    /// The OS error is part of the message and not a `source`, so `{:#}` says it once.
+    #[error("cannot connect to {socket}: {}", connect_reason(error))]
     Connect {
         /// The socket path.
         socket: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    /// Reading or writing the socket failed.
-    #[error("{socket}: {what}: {source}")]
+    /// Reading or writing the socket failed (the OS error is in the message, said once).
+    #[error("{socket}: {what}: {error}")]
     Io {
         /// The socket path.
         socket: PathBuf,
         /// What was being done.
         what: &'static str,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// No (whole) reply within the timeout.
     #[error("{socket}: no reply within {} ms", timeout.as_millis())]
@@ -110,6 +109,38 @@ pub enum CtlError {
     },
 }
 
+/// The OS error of a failed connect, with what it usually means for a millrace socket.
+pub(crate) fn connect_reason(e: &std::io::Error) -> String {
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOENT) => {
+            "no such socket: is the daemon running, and is this its [serve] socket? \
+             (`millrace check-config --config FILE` prints it)"
+        }
+        Some(libc::ECONNREFUSED) => {
+            "connection refused: the socket file is there but no daemon listens on it \
+             (a daemon that was killed leaves it behind)"
+        }
+        Some(libc::EACCES) => {
+            "permission denied: the socket is mode 0660; run as the daemon's user or a \
+             member of its [serve] socket_group"
+        }
+        _ => return e.to_string(),
+    };
+    format!("{hint} ({e})")
+}
+
+/// Parses a number of seconds for the `--timeout`-style flags (fractions allowed).
+pub fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds (e.g. 10 or 0.5)"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(format!("{v} s is outside (0, 86400]"));
+    }
+    Ok(v)
+}
+
 /// One control connection; requests on it are answered in order. Reused by `top` so
 /// a live view costs one connection, not one per redraw.
 pub struct Connection {
@@ -123,9 +154,9 @@ pub struct Connection {
 impl Connection {
     /// Connects to the daemon's socket; `timeout` bounds each later request.
     pub fn open(socket: &Path, timeout: Duration) -> Result<Connection, CtlError> {
-        let stream = UnixStream::connect(socket).map_err(|source| CtlError::Connect {
+        let stream = UnixStream::connect(socket).map_err(|error| CtlError::Connect {
             socket: socket.to_path_buf(),
-            source,
+            error,
         })?;
         Ok(Connection {
             socket: socket.to_path_buf(),
@@ -267,7 +298,7 @@ impl Connection {
         CtlError::Io {
             socket: self.socket.clone(),
             what,
-            source,
+            error: source,
         }
     }
 
@@ -481,15 +512,18 @@ pub fn weights_map(pairs: &[(String, f64)]) -> Result<BTreeMap<String, f64>, Str
 #[derive(clap::Args, Debug, Clone)]
 pub struct Target {
     /// The daemon's socket [default: the config's `[serve] socket`, else
-    /// /run/millrace/millrace.sock].
+    /// $XDG_RUNTIME_DIR/millrace.sock, else /tmp/millrace-UID/millrace.sock].
     #[arg(long, global = true, conflicts_with = "config")]
     pub socket: Option<PathBuf>,
     /// Take the socket from this config file's `[serve] socket`.
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
-    /// Milliseconds to wait for each reply.
-    #[arg(long, global = true, default_value_t = 10_000)]
-    pub timeout_ms: u64,
+    /// Seconds to wait for each reply (every millrace timeout flag is in seconds).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0, value_parser = parse_secs)]
+    pub timeout: f64,
+    /// The old spelling of --timeout, in milliseconds (kept so scripts keep working).
+    #[arg(long, global = true, hide = true, conflicts_with = "timeout")]
+    pub timeout_ms: Option<u64>,
 }
 
 impl Target {
@@ -503,11 +537,14 @@ impl Target {
             let serve = crate::serve::ServeConfig::from_config(&cfg)?;
             return Ok(serve.socket);
         }
-        Ok(PathBuf::from(DEFAULT_SOCKET))
+        Ok(crate::serve::default_socket())
     }
 
     fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms.max(1))
+        match self.timeout_ms {
+            Some(ms) => Duration::from_millis(ms.max(1)),
+            None => Duration::from_secs_f64(self.timeout.max(0.001)),
+        }
     }
 }
 
@@ -662,7 +699,12 @@ pub fn describe_change(reply: &Value) -> String {
         }
     }
     if let Some(m) = reply.get("message").and_then(Value::as_str) {
-        if !m.is_empty() {
+        // The daemon's message often restates the step said above; say it once.
+        let restated = reply
+            .get("applied_step")
+            .and_then(Value::as_u64)
+            .is_some_and(|a| m.contains(&format!("applied from step {a}")));
+        if !m.is_empty() && !restated {
             let _ = writeln!(s, "  {m}");
         }
     }
@@ -1343,7 +1385,7 @@ mod tests {
         assert_eq!(a.target.socket().unwrap(), PathBuf::from("/x"));
         let cli = Cli::try_parse_from(["m", "status"]).unwrap();
         let Cmd::Status(a) = cli.cmd else { panic!() };
-        assert_eq!(a.target.socket().unwrap(), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(a.target.socket().unwrap(), crate::serve::default_socket());
         let cli = Cli::try_parse_from(["m", "top", "--once", "--interval-ms", "200"]).unwrap();
         let Cmd::Top(a) = cli.cmd else { panic!() };
         assert!(a.once && a.interval_ms == 200);
@@ -1376,7 +1418,8 @@ mod tests {
         let t = Target {
             socket: None,
             config: Some(cfg),
-            timeout_ms: 10,
+            timeout: 0.01,
+            timeout_ms: None,
         };
         assert_eq!(t.socket().unwrap(), dir.path().join("run/d.sock"));
     }

@@ -214,6 +214,27 @@ impl PlanConfig {
         }
     }
 
+    /// One warning per weights point that leaves a domain out (it gets weight 0 there),
+    /// because a forgotten or misspelt domain would otherwise drop out of the mixture
+    /// silently; writing `name = 0` says it is meant and silences the warning.
+    pub fn unweighted_warnings(&self, domains: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, p) in self.points().iter().enumerate() {
+            let field = if self.schedule.is_empty() {
+                "plan.weights".to_string()
+            } else {
+                format!("plan.schedule[{i}].weights (step {})", p.step)
+            };
+            for name in domains.iter().filter(|n| !p.weights.contains_key(**n)) {
+                out.push(format!(
+                    "{field} does not name domain `{name}`, so it gets weight 0 there and \
+                     none of its data is read; write `{name} = 0` if that is meant"
+                ));
+            }
+        }
+        out
+    }
+
     /// Checks every field against the domain names it will be used with.
     pub fn validate(&self, domains: &[(&str, DomainSettings)]) -> Result<(), SettingError> {
         if self.seq_len < 1 || self.seq_len > MAX_SEQ_LEN {

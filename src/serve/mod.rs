@@ -51,7 +51,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeConfig {
-    /// Unix socket path.
+    /// Unix socket path (default: [`default_socket`], creatable without root).
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
     /// Slots per dp-rank ring: how many steps a rank may have ready ahead.
@@ -128,8 +128,84 @@ fn default_watch() -> u64 {
 fn default_drain() -> u64 {
     10_000
 }
-fn default_socket() -> PathBuf {
-    PathBuf::from("/run/millrace/millrace.sock")
+/// The socket used when `[serve] socket` is absent: one that an unprivileged user can
+/// create, so a config written by `millrace synth` serves without root. (The systemd
+/// unit's config names `/run/millrace/millrace.sock`, which its RuntimeDirectory makes.)
+pub fn default_socket() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    default_socket_for(std::env::var_os("XDG_RUNTIME_DIR").as_deref(), uid)
+}
+
+/// [`default_socket`] for a given `$XDG_RUNTIME_DIR` and uid: `$XDG_RUNTIME_DIR/millrace.sock`
+/// when it is set to an absolute path (the XDG spec ignores others), else
+/// `/tmp/millrace-UID/millrace.sock`. The Python client's `default_socket()` mirrors it.
+pub fn default_socket_for(xdg_runtime_dir: Option<&std::ffi::OsStr>, uid: u32) -> PathBuf {
+    match xdg_runtime_dir.map(Path::new) {
+        Some(dir) if dir.is_absolute() => dir.join("millrace.sock"),
+        _ => PathBuf::from(format!("/tmp/millrace-{uid}/millrace.sock")),
+    }
+}
+
+/// Why `serve` could not bind `socket` as this user, found without binding it, so that
+/// `check-config` fails exactly where `serve` would: the path is too long for a unix
+/// socket, or its directory cannot be created or written.
+pub fn socket_problem(socket: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    // sun_path holds 108 bytes, one of them the terminating NUL.
+    let len = socket.as_os_str().as_bytes().len();
+    if len > 107 {
+        return Some(format!(
+            "socket path {} is {len} bytes; a unix socket path may have at most 107",
+            socket.display()
+        ));
+    }
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // The nearest directory that exists is where serve must create (or bind) something.
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Some(format!(
+            "cannot create the socket {}: {} is not a directory",
+            socket.display(),
+            existing.display()
+        ));
+    }
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else {
+        return Some(format!("socket path {} contains a NUL byte", socket.display()));
+    };
+    // SAFETY: c is a valid NUL-terminated path; access only reads it.
+    let writable = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+    if writable {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let what = if existing == dir {
+        format!("cannot create the socket {} in {}", socket.display(), dir.display())
+    } else {
+        format!(
+            "cannot create the socket directory {} in {}",
+            dir.display(),
+            existing.display()
+        )
+    };
+    Some(format!(
+        "{what}: uid {uid} may not write there; set [serve] socket (or --socket) to a path \
+         you may create (without it, serve uses {})",
+        default_socket().display()
+    ))
 }
 fn default_slots() -> u32 {
     4
@@ -265,6 +341,12 @@ fn load(config: &Path) -> Result<Loaded> {
 /// `[serve]`, the socket group), so a unit's ExecStartPre fails with the reason.
 pub fn check_config(args: CheckArgs) -> Result<()> {
     let l = load(&args.config)?;
+    if let Some(why) = socket_problem(&l.serve.socket) {
+        bail!("{}: [serve] socket: {why}", args.config.display());
+    }
+    for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
+        eprintln!("warning: {}: {w}", args.config.display());
+    }
     let shards: usize = l.shards.iter().map(Vec::len).sum();
     println!(
         "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {}",
@@ -283,8 +365,18 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     let t0 = std::time::Instant::now();
     let mut l = load(&args.config)?;
+    let from_flag = args.socket.is_some();
     if let Some(s) = args.socket {
         l.serve.socket = s;
+    }
+    if let Some(why) = socket_problem(&l.serve.socket) {
+        if from_flag {
+            bail!("--socket: {why}");
+        }
+        bail!("{}: [serve] socket: {why}", args.config.display());
+    }
+    for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
+        warn!("{}: {w}", args.config.display());
     }
     info!(
         fingerprint = %format!("{:032x}", l.plan.fingerprint()),
