@@ -112,7 +112,8 @@ class ChangeRefused(DaemonError):
 
     def __str__(self):
         s = f"{self.code}: {self.message}"
-        if self.first_changeable_step is not None:
+        said = f"the first step that can still change is {self.first_changeable_step}"
+        if self.first_changeable_step is not None and said not in self.message:
             s += f" (the first step that can still change is {self.first_changeable_step})"
         return s
 

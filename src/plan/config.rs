@@ -171,6 +171,11 @@ pub struct PlanConfig {
     /// Id written into padding.
     #[serde(default)]
     pub pad_token: u64,
+    /// The tokenizer's vocabulary size (the embedding rows a trainer needs), told to
+    /// clients in WELCOME so they need not guess it; not part of the plan's fingerprint,
+    /// and the daemon does not scan the shards against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<u64>,
     /// Constant weights, shorthand for a one-point schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<BTreeMap<String, f64>>,
@@ -254,6 +259,16 @@ impl PlanConfig {
                 "plan.best_fit_window",
                 format!("{} is outside 1..={MAX_WINDOW}", self.best_fit_window),
             ));
+        }
+        if let Some(v) = self.vocab_size {
+            for (field, id) in [("plan.pad_token", Some(self.pad_token)), ("plan.eod_token", self.eod_token)] {
+                if let Some(id) = id.filter(|&id| id >= v) {
+                    return Err(bad(
+                        field,
+                        format!("{id} is not below plan.vocab_size {v}"),
+                    ));
+                }
+            }
         }
         if self.weights.is_some() && !self.schedule.is_empty() {
             return Err(bad(

@@ -776,6 +776,7 @@ impl Hub {
             "token_dtype": layout.token.0.name(),
             "pad_token": cfg.pad_token,
             "eod_token": cfg.eod_token,
+            "vocab_size": cfg.vocab_size,
             "domains": plan.domain_names(),
             "slots": layout.slots,
             "slot_offset": super::ring::RING_HEADER,

@@ -131,6 +131,31 @@ def test_check_config_names_the_default_socket_a_user_can_create(walk):
     assert f"socket /tmp/millrace-{user.uid}/millrace.sock," in out.stdout, out.stdout
 
 
+def test_a_domain_left_out_of_the_weights_is_warned_about(walk):
+    user, config = walk
+    text = config.read_text()
+    assert "# code/code-NNNNN.groups.npy sidecars name each document's repository" in text
+    left_out = config.with_name("left-out.toml")
+    left_out.write_text(text.replace(", wiki = 0.1000", ""))
+    out = user.ok("check-config", "--config", left_out)
+    assert out.stderr == (
+        f"warning: {left_out}: plan.schedule[0].weights (step 0) does not name domain "
+        "`wiki`, so it gets weight 0 there and none of its data is read; write `wiki = 0` "
+        "if that is meant\n")
+    # An explicit 0 says it is meant.
+    left_out.write_text(text.replace("wiki = 0.1000", "wiki = 0"))
+    assert user.ok("check-config", "--config", left_out).stderr == ""
+
+
+def test_a_missing_shard_is_named_once(walk):
+    user, config = walk
+    bad = config.with_name("typo.toml")
+    bad.write_text(config.read_text().replace('shards = ["wiki"]', 'shards = ["wikki"]'))
+    err = user.fail("check-config", "--config", bad)
+    assert err == (f"error: domain wiki: {config.parent}/wikki.idx: no such index file (a "
+                   "Megatron shard needs <prefix>.idx and <prefix>.bin)\n")
+
+
 def test_the_python_client_computes_the_daemons_default_socket(monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
     assert mr.default_socket() == "/run/user/1234/millrace.sock"
@@ -256,6 +281,54 @@ def test_dataloader_checkpoints_resume_with_num_workers(walk, daemon, workers):
         assert torch.equal(d["tokens"], w)
     del loader
     resumed.close()
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "python" / "examples"
+
+
+def run_example(*args, cwd: Path) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = import_path_for_package() + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+def test_train_tiny_runs_on_the_synth_defaults_and_resumes(walk, daemon):
+    """The synth config's 256 x 4096 batches and 50304-token vocabulary (from WELCOME)."""
+    pytest.importorskip("torch")
+    user, _ = walk
+    sock = daemon[1]
+    ckpt = user.home / "tiny.pt"
+    out = run_example(EXAMPLES / "train_tiny.py", "--socket", sock, "--steps", 3,
+                      "--checkpoint", ckpt, "--device", "cpu", cwd=user.home)
+    assert "256 rows x 4096 tokens (training on the first 512), vocab 50304" in out, out
+    assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("step ")] == \
+        ["0", "1", "2"]
+    out = run_example(EXAMPLES / "train_tiny.py", "--socket", sock, "--steps", 5,
+                      "--checkpoint", ckpt, "--device", "cpu", cwd=user.home)
+    assert "resuming after step 2" in out, out
+    assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["3", "4"]
+
+
+def test_train_ddp_runs_under_torchrun_and_resumes_with_another_world_size(walk, daemon):
+    pytest.importorskip("torch")
+    user, _ = walk
+    sock = daemon[1]
+    ckpt = user.home / "ddp.pt"
+    run = ["-m", "torch.distributed.run", "--standalone"]
+    out = run_example(*run, "--nproc-per-node", 2, EXAMPLES / "train_ddp.py", "--socket",
+                      sock, "--steps", 3, "--checkpoint", ckpt, "--change-at", 1,
+                      cwd=user.home)
+    steps = [ln.split()[1] for ln in out.splitlines() if ln.startswith("step ")]
+    assert steps == ["0", "1", "2"], out
+    assert "mixture change applies from step" in out and "saved after step 2" in out, out
+    out = run_example(*run, "--nproc-per-node", 1, EXAMPLES / "train_ddp.py", "--socket",
+                      sock, "--steps", 5, "--checkpoint", ckpt, cwd=user.home)
+    assert "resuming after step 2 with 1 ranks (saved with 2)" in out, out
+    assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["3", "4"]
 
 
 def test_ctl_and_status_take_the_socket_from_the_config(walk, daemon):
