@@ -795,6 +795,21 @@ pub fn fetch_status(conn: &mut Connection) -> anyhow::Result<Value> {
     }
 }
 
+/// The last reload's outcome when it was refused (a refused file edit leaves the old
+/// weights in force, which nobody should have to find in the log); nothing otherwise.
+pub fn last_reload_line(st: &Value) -> Option<String> {
+    let last = st.get("last_reload")?;
+    if last.get("ok").and_then(Value::as_bool) != Some(false) {
+        return None;
+    }
+    let source = last.get("source").and_then(Value::as_str).unwrap_or("?");
+    let code = last.get("code").and_then(Value::as_str).unwrap_or("?");
+    let message = last.get("message").and_then(Value::as_str).unwrap_or("");
+    Some(format!(
+        "LAST RELOAD REFUSED ({source}, {code}): the old weights stay: {message}"
+    ))
+}
+
 /// `millrace status` in words: identity, counters, mixture and rings.
 pub fn render_status(st: &Value) -> String {
     let mut s = String::new();
@@ -817,6 +832,9 @@ pub fn render_status(st: &Value) -> String {
         num_or_dash(g("failed_reloads")),
         num_or_dash(g("first_changeable_step"))
     );
+    if let Some(line) = last_reload_line(st) {
+        let _ = writeln!(s, "{line}");
+    }
     let _ = writeln!(
         s,
         "padding {}  truncation {}",
@@ -992,6 +1010,7 @@ pub fn render(now: &Value, prev: Option<(&Value, f64)>, width: usize) -> String 
         pct_or_dash(g("padding_fraction")),
         pct_or_dash(g("truncation_fraction")),
     ));
+    lines.extend(last_reload_line(now));
     lines.push(String::new());
     let jobs = arr(g("jobs"));
     if jobs.is_empty() {

@@ -179,8 +179,13 @@ pub struct PlanConfig {
     /// Constant weights, shorthand for a one-point schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<BTreeMap<String, f64>>,
-    /// Weight schedule.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Weight schedule; an entry with `ramp = false` is stored as two points (see
+    /// [`schedule_with_steps`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "schedule_with_steps"
+    )]
     pub schedule: Vec<SchedulePoint>,
     /// Skipped step ranges.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -188,6 +193,78 @@ pub struct PlanConfig {
     /// Reseeds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reseed: Vec<Reseed>,
+}
+
+/// A `[[plan.schedule]]` entry as written: a point, and whether the weights ramp into it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrittenPoint {
+    step: u64,
+    weights: BTreeMap<String, f64>,
+    #[serde(default = "ramps")]
+    ramp: bool,
+}
+
+fn ramps() -> bool {
+    true
+}
+
+/// Reads `[[plan.schedule]]`, turning `ramp = false` into a step change: a copy of the
+/// previous point's weights one step before, so they hold until the new weights start.
+/// Written as two points a step change is the same schedule to everything downstream
+/// (the planner, reloads, the journal in cursor blobs), so nothing else needs to know.
+fn schedule_with_steps<'de, D>(d: D) -> Result<Vec<SchedulePoint>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let written = Vec::<WrittenPoint>::deserialize(d)?;
+    let mut out: Vec<SchedulePoint> = Vec::with_capacity(written.len());
+    for (i, p) in written.into_iter().enumerate() {
+        if !p.ramp {
+            let Some(prev) = out.last() else {
+                return Err(D::Error::custom(format!(
+                    "plan.schedule[{i}].ramp = false: the first point has no weights before \
+                     it to hold"
+                )));
+            };
+            if p.step > prev.step.saturating_add(1) {
+                let held = SchedulePoint {
+                    step: p.step - 1,
+                    weights: prev.weights.clone(),
+                };
+                out.push(held);
+            }
+        }
+        out.push(SchedulePoint {
+            step: p.step,
+            weights: p.weights,
+        });
+    }
+    Ok(out)
+}
+
+/// Why a schedule edit reaches back to step `at`, when the cause is a ramp: `at` is the
+/// step after a point whose weights now ramp towards a later point, which surprises
+/// whoever added that later point expecting a change there. `None` for other causes.
+pub fn ramp_note(new: &[SchedulePoint], at: u64) -> Option<String> {
+    let prev = new.iter().rev().find(|p| p.step < at)?;
+    let next = new.iter().find(|p| p.step > at)?;
+    if prev.step.checked_add(1) != Some(at) {
+        return None;
+    }
+    Some(format!(
+        "weights ramp linearly between the points at steps {} and {}, so the point at step \
+         {} changes every step from {at} on; to change them at step {} only, add \
+         `ramp = false` to that [[plan.schedule]] entry (the weights of step {} then hold \
+         until step {})",
+        prev.step,
+        next.step,
+        next.step,
+        next.step,
+        prev.step,
+        next.step - 1
+    ))
 }
 
 fn default_window() -> u64 {

@@ -409,6 +409,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         notifier: notifier.clone(),
         running: Mutex::new(Running::of(&l.cfg, l.plan.config(), l.hash)),
         pending: Mutex::new(None),
+        last_reload: Mutex::new(None),
         serve,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -447,6 +448,9 @@ struct Daemon {
     running: Mutex<Running>,
     /// The watcher's candidate: a hash seen once, applied if the next tick sees it too.
     pending: Mutex<Option<u64>>,
+    /// The outcome of the last reload (file, SIGHUP or ctl), for `status` and `top`: a
+    /// refused file edit must be seen where people look, not only in the log.
+    last_reload: Mutex<Option<serde_json::Value>>,
 }
 
 /// The parts of the config file a reload compares against.
@@ -487,6 +491,21 @@ impl Daemon {
     /// the one last applied. Anything else that changed in `[corpus]` or `[plan]` refuses
     /// the reload as a whole (it needs a restart); `[serve]` changes are only warned about.
     fn reload_file(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
+        let r = self.reload_file_once(source);
+        let unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let outcome = match &r {
+            Ok(a) => serde_json::json!({"source": source, "ok": true, "unix_s": unix_s,
+                                        "message": a.message}),
+            Err(e) => serde_json::json!({"source": source, "ok": false, "unix_s": unix_s,
+                                         "code": e.code, "message": e.message}),
+        };
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+        r
+    }
+
+    fn reload_file_once(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let parsed = (|| -> Result<(Config, PlanConfig), String> {
             let (cfg, hash) = read_config(&self.config)?;
@@ -530,15 +549,27 @@ impl Daemon {
             running.serve = cfg.serve.clone();
         }
         let points = plan.points();
-        let r = self.hub.change(&ChangeRequest {
-            proposal: Proposal::Schedule {
-                old: running.points.clone(),
-                new: points.clone(),
-            },
-            at_step: None,
-            late: self.serve.late_changes.late(),
-            source,
-        });
+        let r = self
+            .hub
+            .change(&ChangeRequest {
+                proposal: Proposal::Schedule {
+                    old: running.points.clone(),
+                    new: points.clone(),
+                },
+                at_step: None,
+                late: self.serve.late_changes.late(),
+                source,
+            })
+            .map_err(|mut e| {
+                // Say why the edit reaches back that far when a ramp is the reason.
+                // (Both are in the schedule's own steps, as its points are.)
+                let at = self.hub.plan().points_difference(&running.points, &points);
+                let note = at.and_then(|p| crate::plan::config::ramp_note(&points, p));
+                if let (Some(note), "late") = (note, e.code) {
+                    e.message = format!("{}; {note}", e.message);
+                }
+                e
+            });
         match &r {
             Ok(a) => {
                 running.points = points;
@@ -648,6 +679,12 @@ impl Daemon {
         s["uptime_s"] = serde_json::json!(self.started.elapsed().as_secs_f64());
         s["config"] = serde_json::json!(self.config.display().to_string());
         s["socket"] = serde_json::json!(self.serve.socket.display().to_string());
+        s["last_reload"] = self
+            .last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(serde_json::Value::Null);
         s
     }
 }

@@ -331,6 +331,44 @@ def test_train_ddp_runs_under_torchrun_and_resumes_with_another_world_size(walk,
     assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["3", "4"]
 
 
+def test_a_refused_schedule_edit_says_why_and_shows_in_status_and_ctl(walk, daemon):
+    """The issue's surprise: one point added at step 300 ramps from step 1, which some
+    client already received. The refusal says so and how to write a step change, and is
+    seen in `status` and `ctl reload`; with `ramp = false` the edit applies at step 300."""
+    user, config = walk
+    original = config.read_text()
+    user.ok("consume", "--config", config, "--dp-rank", 0, "--dp-size", DP_SIZE,
+            "--job", "edit", "--steps", 3, "--json")
+    point = ("\n[[plan.schedule]]\nstep = 300\n"
+             "weights = { web = 0.2, code = 0.2, books = 0.2, wiki = 0.4 }\n")
+    why = ("weights ramp linearly between the points at steps 0 and 300, so the point at "
+           "step 300 changes every step from 1 on; to change them at step 300 only, add "
+           "`ramp = false` to that [[plan.schedule]] entry (the weights of step 0 then hold "
+           "until step 299)")
+    try:
+        config.write_text(original + point)
+
+        def refused():
+            st = json.loads(user.ok("status", "--config", config, "--json").stdout)
+            last = st.get("last_reload") or {}
+            return last if last.get("source") == "file" and not last.get("ok") else None
+
+        wait_until(refused, 30, "the file watcher to refuse the edit")
+        last = refused()
+        assert last["code"] == "late" and why in last["message"], last
+        text = user.ok("status", "--config", config).stdout
+        assert "LAST RELOAD REFUSED (file, late): the old weights stay: " in text, text
+        assert why in text, text
+        err = user.fail("ctl", "--config", config, "reload")
+        assert why in err, err
+
+        config.write_text(original + point.replace("step = 300\n", "step = 300\nramp = false\n"))
+        out = user.ok("ctl", "--config", config, "reload")
+        assert out.stdout.startswith("reload: applied from step 300"), out.stdout
+    finally:
+        config.write_text(original)
+
+
 def test_ctl_and_status_take_the_socket_from_the_config(walk, daemon):
     user, config = walk
     st = json.loads(user.ok("status", "--config", config, "--json").stdout)
