@@ -373,6 +373,10 @@ def test_ctl_and_status_take_the_socket_from_the_config(walk, daemon):
     user, config = walk
     st = json.loads(user.ok("status", "--config", config, "--json").stdout)
     assert st["socket"] == str(daemon[1]), st
+    # Every client has left; what they were given still counts.
+    assert st["clients"] == 0 and st["jobs"] == [], st
+    assert st["plan_step"] > 0 and all(d["tokens"] > 0 for d in st["domains"]), st
+    assert abs(sum(d["realized_share"] for d in st["domains"]) - 1) < 1e-9, st
     out = user.ok("ctl", "--config", config, "--timeout", "5", "set-weights", "web=0.5",
                   "--at-step", 100000)
     assert out.stdout == "set_weights: applied from step 100000\n", out.stdout
