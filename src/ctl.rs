@@ -612,9 +612,12 @@ pub struct TopArgs {
     /// Which daemon.
     #[command(flatten)]
     pub target: Target,
-    /// Milliseconds between redraws (rates are taken over this interval).
-    #[arg(long, default_value_t = 1000)]
-    pub interval_ms: u64,
+    /// Seconds between redraws (rates are taken over this interval).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_secs)]
+    pub interval: f64,
+    /// The old spelling of --interval, in milliseconds (kept so scripts keep working).
+    #[arg(long, hide = true, conflicts_with = "interval")]
+    pub interval_ms: Option<u64>,
     /// Print one frame (two statuses an interval apart, so rates exist) and exit.
     #[arg(long)]
     pub once: bool,
@@ -1142,7 +1145,11 @@ pub fn run_top(args: TopArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let socket = args.target.socket()?;
     let timeout = args.target.timeout();
-    let interval = Duration::from_millis(args.interval_ms.max(50));
+    let interval = match args.interval_ms {
+        Some(ms) => Duration::from_millis(ms),
+        None => Duration::from_secs_f64(args.interval),
+    }
+    .max(Duration::from_millis(50));
     let mut conn = Connection::open(&socket, timeout)?;
     let mut prev = (fetch_status(&mut conn)?, Instant::now());
     if args.once {
@@ -1407,7 +1414,10 @@ mod tests {
         assert_eq!(a.target.socket().unwrap(), crate::serve::default_socket());
         let cli = Cli::try_parse_from(["m", "top", "--once", "--interval-ms", "200"]).unwrap();
         let Cmd::Top(a) = cli.cmd else { panic!() };
-        assert!(a.once && a.interval_ms == 200);
+        assert!(a.once && a.interval_ms == Some(200));
+        let cli = Cli::try_parse_from(["m", "top", "--once", "--interval", "0.2"]).unwrap();
+        let Cmd::Top(a) = cli.cmd else { panic!() };
+        assert!(a.once && a.interval == 0.2 && a.interval_ms.is_none());
         // Bad weights are refused by the parser, naming the argument.
         let e = Cli::try_parse_from(["m", "ctl", "set-weights", "web=-1"])
             .err()

@@ -482,3 +482,72 @@ pub fn validate_weights(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> Result<PlanConfig, SettingError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| bad("toml", e.to_string()))?;
+        PlanConfig::from_table(&table)
+    }
+
+    const HEAD: &str = "seq_len = 8\nglobal_batch_rows = 2\n";
+
+    #[test]
+    fn ramp_false_is_a_step_change_stored_as_two_points() {
+        let p = plan(&format!(
+            "{HEAD}[[schedule]]\nstep = 0\nweights = {{ a = 1, b = 1 }}\n\
+             [[schedule]]\nstep = 300\nramp = false\nweights = {{ a = 3, b = 1 }}\n"
+        ))
+        .unwrap();
+        let steps: Vec<(u64, f64)> = p.points().iter().map(|q| (q.step, q.weights["a"])).collect();
+        assert_eq!(steps, vec![(0, 1.0), (299, 1.0), (300, 3.0)]);
+        // Adjacent points need no copy; the first point has nothing to hold.
+        let p = plan(&format!(
+            "{HEAD}[[schedule]]\nstep = 0\nweights = {{ a = 1 }}\n\
+             [[schedule]]\nstep = 1\nramp = false\nweights = {{ a = 2 }}\n"
+        ))
+        .unwrap();
+        assert_eq!(p.points().len(), 2);
+        let err = plan(&format!(
+            "{HEAD}[[schedule]]\nstep = 5\nramp = false\nweights = {{ a = 1 }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("plan.schedule[0].ramp = false: the first point has no weights"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ramp_note_names_the_ramp_that_reaches_back() {
+        let point = |step, a: f64| SchedulePoint {
+            step,
+            weights: [("a".to_string(), a)].into_iter().collect(),
+        };
+        let new = [point(0, 1.0), point(300, 2.0)];
+        let note = ramp_note(&new, 1).unwrap();
+        assert!(
+            note.starts_with("weights ramp linearly between the points at steps 0 and 300"),
+            "{note}"
+        );
+        assert!(note.contains("add `ramp = false`"), "{note}");
+        // A difference that is not the step after a point is not a ramp's doing.
+        assert_eq!(ramp_note(&new, 150), None);
+        assert_eq!(ramp_note(&[point(0, 1.0)], 1), None);
+    }
+
+    #[test]
+    fn unweighted_domains_are_warned_about() {
+        let p = plan(&format!("{HEAD}weights = {{ a = 1, c = 0 }}\n")).unwrap();
+        let w = p.unweighted_warnings(&["a", "b", "c"]);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].starts_with("plan.weights does not name domain `b`, so it gets weight 0"),
+            "{}",
+            w[0]
+        );
+    }
+}
