@@ -338,12 +338,12 @@ impl PlanConfig {
             ));
         }
         if let Some(v) = self.vocab_size {
-            for (field, id) in [("plan.pad_token", Some(self.pad_token)), ("plan.eod_token", self.eod_token)] {
+            for (field, id) in [
+                ("plan.pad_token", Some(self.pad_token)),
+                ("plan.eod_token", self.eod_token),
+            ] {
                 if let Some(id) = id.filter(|&id| id >= v) {
-                    return Err(bad(
-                        field,
-                        format!("{id} is not below plan.vocab_size {v}"),
-                    ));
+                    return Err(bad(field, format!("{id} is not below plan.vocab_size {v}")));
                 }
             }
         }
@@ -501,7 +501,11 @@ mod tests {
              [[schedule]]\nstep = 300\nramp = false\nweights = {{ a = 3, b = 1 }}\n"
         ))
         .unwrap();
-        let steps: Vec<(u64, f64)> = p.points().iter().map(|q| (q.step, q.weights["a"])).collect();
+        let steps: Vec<(u64, f64)> = p
+            .points()
+            .iter()
+            .map(|q| (q.step, q.weights["a"]))
+            .collect();
         assert_eq!(steps, vec![(0, 1.0), (299, 1.0), (300, 3.0)]);
         // Adjacent points need no copy; the first point has nothing to hold.
         let p = plan(&format!(

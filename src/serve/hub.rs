@@ -251,10 +251,13 @@ struct State {
     reloads: BTreeMap<&'static str, u64>,
     failed_reloads: BTreeMap<&'static str, u64>,
     /// Real tokens per domain of rings whose last peer left, and the most advanced of
-    /// their published cursors (step, blob, epochs): `status` keeps counting what was
-    /// delivered after the clients have gone instead of falling back to zero.
-    retired: (Vec<u64>, Option<(u64, Vec<u8>, Vec<f64>)>),
+    /// their published cursors: `status` keeps counting what was delivered after the
+    /// clients have gone instead of falling back to zero.
+    retired: (Vec<u64>, Option<Published>),
 }
+
+/// A ring's last published cursor for `status`: its step, the blob, the planner's epochs.
+type Published = (u64, Vec<u8>, Vec<f64>);
 
 impl State {
     /// The first trainer step a change may still shape.
@@ -1255,7 +1258,7 @@ impl Hub {
         let (plan, mut out, best, delivered) = {
             let st = self.lock();
             let mut jobs: Vec<serde_json::Value> = Vec::new();
-            let mut best: Option<(u64, Vec<u8>, Vec<f64>)> = st.retired.1.clone();
+            let mut best: Option<Published> = st.retired.1.clone();
             let mut delivered: Vec<u64> = vec![0; st.plan.domain_names().len()];
             for (s, t) in delivered.iter_mut().zip(&st.retired.0) {
                 *s += t;

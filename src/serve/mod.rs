@@ -183,7 +183,10 @@ pub fn socket_problem(socket: &Path) -> Option<String> {
         ));
     }
     let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else {
-        return Some(format!("socket path {} contains a NUL byte", socket.display()));
+        return Some(format!(
+            "socket path {} contains a NUL byte",
+            socket.display()
+        ));
     };
     // SAFETY: c is a valid NUL-terminated path; access only reads it.
     let writable = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
@@ -193,7 +196,11 @@ pub fn socket_problem(socket: &Path) -> Option<String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     let what = if existing == dir {
-        format!("cannot create the socket {} in {}", socket.display(), dir.display())
+        format!(
+            "cannot create the socket {} in {}",
+            socket.display(),
+            dir.display()
+        )
     } else {
         format!(
             "cannot create the socket directory {} in {}",
