@@ -68,8 +68,8 @@ struct InspectArgs {
     /// Shard format of PATHS.
     #[arg(long, value_enum, default_value = "megatron")]
     format: FormatArg,
-    /// Token dtype of raw files (uint16 or uint32; default uint16).
-    #[arg(long, value_parser = parse_dtype)]
+    /// Token dtype of raw files: uint16 or uint32 [default: uint16].
+    #[arg(long, value_parser = parse_raw_dtype)]
     dtype: Option<DType>,
     /// EOS id that ends each document in raw files (`--eos` is the old spelling).
     #[arg(long = "eos-id", alias = "eos")]
@@ -99,8 +99,9 @@ struct SynthArgs {
     /// Vocabulary size.
     #[arg(long, default_value_t = 50304)]
     vocab: u32,
-    /// uint16 or int32 (default: by vocabulary size, as Megatron picks).
-    #[arg(long, value_parser = parse_dtype)]
+    /// Token dtype of the shards: uint16 or int32 [default: uint16 below 65,500 ids,
+    /// else int32, as Megatron picks].
+    #[arg(long, value_parser = parse_megatron_token_dtype)]
     dtype: Option<DType>,
     /// Seed; the corpus is a pure function of it and the other flags.
     #[arg(long, default_value_t = 0)]
@@ -181,7 +182,8 @@ struct TokenizeArgs {
     /// Append no EOS.
     #[arg(long)]
     no_eos: bool,
-    /// Output dtype (default: uint16 below 65,500 ids, else int32, as Megatron picks).
+    /// Token dtype of the shard: uint16 or int32, or another Megatron dtype that holds
+    /// every id [default: uint16 below 65,500 ids, else int32, as Megatron picks].
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
     /// Field whose value groups documents (e.g. repo, book_id); writes PREFIX.groups.npy.
@@ -228,6 +230,24 @@ fn parse_range(s: &str) -> Result<Range<u64>, String> {
             let a = num(s)?;
             Ok(a..a + 1)
         }
+    }
+}
+
+/// Raw token arrays are unsigned: the two widths `Shard::open` reads.
+fn parse_raw_dtype(s: &str) -> Result<DType, String> {
+    match DType::from_name(s) {
+        Some(d @ (DType::Uint16 | DType::Uint32)) => Ok(d),
+        _ => Err(format!("raw token files are uint16 or uint32, not {s:?}")),
+    }
+}
+
+/// What `synth` writes: Megatron's two token dtypes.
+fn parse_megatron_token_dtype(s: &str) -> Result<DType, String> {
+    match DType::from_name(s) {
+        Some(d @ (DType::Uint16 | DType::Int32)) => Ok(d),
+        _ => Err(format!(
+            "Megatron token shards are uint16 or int32 (as Megatron picks by vocabulary), not {s:?}"
+        )),
     }
 }
 

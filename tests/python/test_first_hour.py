@@ -156,6 +156,23 @@ def test_a_missing_shard_is_named_once(walk):
                    "Megatron shard needs <prefix>.idx and <prefix>.bin)\n")
 
 
+def test_the_command_line_spells_things_one_way(walk):
+    user, _ = walk
+    err = user.fail("inspect", "--format", "raw", "--dtype", "int32", "--eos-id", 0, "x.tok")
+    assert 'raw token files are uint16 or uint32, not "int32"' in err, err
+    err = user.fail("synth", "--out", "x", "--dtype", "uint32")
+    assert 'Megatron token shards are uint16 or int32' in err, err
+    help_text = user.ok("explain", "--help").stdout
+    assert "(default: all rows)" not in help_text, help_text
+    for cmd in ("consume", "status", "top"):
+        text = user.ok(cmd, "--help").stdout
+        assert "--socket" in text and "--config" in text, (cmd, text)
+    for cmd in ("ctl", "status", "top"):
+        text = user.ok(cmd, "--help").stdout
+        assert "--timeout <SECS>" in text and "--timeout-ms" not in text, (cmd, text)
+    assert "--interval <SECS>" in user.ok("top", "--help").stdout
+
+
 def test_the_python_client_computes_the_daemons_default_socket(monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
     assert mr.default_socket() == "/run/user/1234/millrace.sock"
