@@ -173,6 +173,16 @@ def test_the_command_line_spells_things_one_way(walk):
     assert "--interval <SECS>" in user.ok("top", "--help").stdout
 
 
+def test_a_late_refusal_names_the_first_changeable_step_once():
+    from millrace.control import ChangeRefused
+
+    said = ChangeRefused("late", "steps below 26 are published; the first step that can "
+                         "still change is 26", 26)
+    assert str(said).count("the first step that can still change is 26") == 1, str(said)
+    unsaid = ChangeRefused("late", "step 3 may already have been received", 26)
+    assert str(unsaid).endswith("(the first step that can still change is 26)"), str(unsaid)
+
+
 def test_the_python_client_computes_the_daemons_default_socket(monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
     assert mr.default_socket() == "/run/user/1234/millrace.sock"
@@ -232,6 +242,10 @@ def test_a_typo_in_the_socket_path_fails_at_once(walk, daemon):
     # The command line says the same, once.
     user, _ = walk
     err = user.fail("status", "--socket", typo)
+    assert err == (f"error: cannot connect to {typo}: no such socket: is the daemon running, "
+                   "and is this its [serve] socket? (`millrace check-config --config FILE` "
+                   "prints it) (No such file or directory (os error 2))\n")
+    err = user.fail("consume", "--socket", typo, "--dp-rank", 0, "--dp-size", DP_SIZE)
     assert err == (f"error: cannot connect to {typo}: no such socket: is the daemon running, "
                    "and is this its [serve] socket? (`millrace check-config --config FILE` "
                    "prints it) (No such file or directory (os error 2))\n")
