@@ -382,6 +382,15 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         }
         bail!("{}: [serve] socket: {why}", args.config.display());
     }
+    // A socket directory this run creates goes when it stops (as root, `/run/millrace`
+    // would otherwise stay behind); one that existed, like systemd's RuntimeDirectory,
+    // stays.
+    let made_dir = l
+        .serve
+        .socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf);
     for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
         warn!("{}: {w}", args.config.display());
     }
@@ -440,6 +449,10 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         let _ = w.join();
     }
     runtime.shutdown_timeout(Duration::from_secs(2));
+    if let Some(dir) = made_dir {
+        // remove_dir removes only an empty directory: nothing else there is touched.
+        let _ = std::fs::remove_dir(dir);
+    }
     result
 }
 

@@ -416,6 +416,23 @@ def test_ctl_and_status_take_the_socket_from_the_config(walk, daemon):
     assert "100000" in out.stdout, out.stdout
 
 
+def test_a_socket_directory_serve_made_goes_with_it(walk):
+    user, config = walk
+    made = user.runtime / "made"  # in a directory of the user's own
+    log = user.home / "made.log"
+    proc = user.popen("serve", "--config", config, "--socket", made / "m.sock", log=log)
+    try:
+        wait_until(lambda: (made / "m.sock").exists() or proc.poll() is not None, 60,
+                   "the socket")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text(errors="replace")
+        assert not made.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 def test_sigterm_stops_the_daemon_and_removes_its_socket(daemon):
     proc, sock, log = daemon
     proc.send_signal(signal.SIGTERM)
