@@ -188,13 +188,27 @@ pub fn socket_problem(socket: &Path) -> Option<String> {
             socket.display()
         ));
     };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    // The /tmp fallback's directory must be this user's: whoever owns it could replace
+    // the socket with their own and read every trainer's requests.
+    if existing == dir && dir == default_socket_for(None, uid).parent().unwrap_or(dir) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if meta.uid() != uid {
+                return Some(format!(
+                    "{} belongs to uid {}, not to uid {uid}; remove it, or set [serve] socket",
+                    dir.display(),
+                    meta.uid()
+                ));
+            }
+        }
+    }
     // SAFETY: c is a valid NUL-terminated path; access only reads it.
     let writable = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
     if writable {
         return None;
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
     let what = if existing == dir {
         format!(
             "cannot create the socket {} in {}",
@@ -525,6 +539,7 @@ impl Daemon {
         r
     }
 
+    /// One reload, as [`Daemon::reload_file`] describes; that wrapper records the outcome.
     fn reload_file_once(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let parsed = (|| -> Result<(Config, PlanConfig), String> {

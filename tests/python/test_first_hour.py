@@ -129,6 +129,16 @@ def test_check_config_names_the_default_socket_a_user_can_create(walk):
     # Without $XDG_RUNTIME_DIR: a directory of the user's own under /tmp.
     out = user.ok("check-config", "--config", config, env={"XDG_RUNTIME_DIR": ""})
     assert f"socket /tmp/millrace-{user.uid}/millrace.sock," in out.stdout, out.stdout
+    # That directory must be the user's own: another's could swap the socket.
+    theirs = Path(f"/tmp/millrace-{user.uid}")
+    if os.geteuid() == 0 and not theirs.exists():
+        theirs.mkdir(mode=0o777)
+        try:
+            err = user.fail("check-config", "--config", config, env={"XDG_RUNTIME_DIR": ""})
+            assert (f"[serve] socket: {theirs} belongs to uid 0, not to uid {user.uid}; "
+                    "remove it, or set [serve] socket") in err, err
+        finally:
+            theirs.rmdir()
 
 
 def test_a_domain_left_out_of_the_weights_is_warned_about(walk):
