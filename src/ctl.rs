@@ -1337,6 +1337,32 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_reload_shows_in_status_and_top() {
+        let mut st = sample_status(1000, 57, 0.25);
+        st["last_reload"] = json!({"source": "file", "ok": false, "code": "late",
+                                   "message": "step 1 may already have been received"});
+        let want = "LAST RELOAD REFUSED (file, late): the old weights stay: step 1 may \
+                    already have been received";
+        assert!(render_status(&st).contains(want), "{}", render_status(&st));
+        assert!(render(&st, None, 100).contains(want));
+        // An accepted (or no) reload adds no line.
+        st["last_reload"] = json!({"source": "ctl", "ok": true, "message": "applied"});
+        assert!(!render_status(&st).contains("LAST RELOAD"));
+        assert!(!render(&st, None, 100).contains("LAST RELOAD"));
+    }
+
+    #[test]
+    fn a_restated_step_is_said_once() {
+        let reply = json!({"ok": true, "op": "set_weights", "applied_step": 51,
+                           "requested_step": 51, "moved": false,
+                           "message": "applied from step 51"});
+        assert_eq!(
+            describe_change(&reply),
+            "set_weights: applied from step 51\n"
+        );
+    }
+
+    #[test]
     fn weight_arguments_are_checked_and_named() {
         assert_eq!(parse_weight("web=0.5"), Ok(("web".into(), 0.5)));
         assert_eq!(parse_weight(" code = 1e-1 "), Ok(("code".into(), 0.1)));
