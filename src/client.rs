@@ -42,12 +42,13 @@ pub use crate::serve::protocol::kind as frame;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached (daemon not running, wrong path, permissions).
-    #[error("cannot connect to {path}: {source}")]
+    /// The OS error is in the message, not a `source`, so `{:#}` says it once.
+    #[error("cannot connect to {path}: {}", crate::ctl::connect_reason(error))]
     Connect {
         /// The socket path.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A system call on the socket, eventfd or memfd failed.
     #[error("{what}: {source}")]
@@ -613,9 +614,9 @@ impl Client {
     /// Connects to the daemon at `socket`, sends `hello`, maps the ring of WELCOME.
     pub fn connect(socket: impl AsRef<Path>, hello: &Hello) -> Result<Client, ClientError> {
         let path = socket.as_ref().to_path_buf();
-        let mut sock = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
+        let mut sock = UnixStream::connect(&path).map_err(|error| ClientError::Connect {
             path: path.clone(),
-            source,
+            error,
         })?;
         sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(io_err("setting the socket timeout"))?;
@@ -1066,9 +1067,10 @@ impl BatchView<'_> {
 /// Arguments of `millrace consume`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConsumeArgs {
-    /// The daemon's socket.
+    /// The daemon's socket [default: --config's `[serve] socket`, else the daemon's
+    /// default, as for `status`, `ctl` and `top`].
     #[arg(long)]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
     /// Data-parallel rank.
     #[arg(long)]
     pub dp_rank: u32,
@@ -1091,7 +1093,7 @@ pub struct ConsumeArgs {
     /// Micro-batches per step.
     #[arg(long, default_value_t = 1)]
     pub micro_batches: u32,
-    /// The run's config, only to derive --micro-batch-rows.
+    /// The run's config: its `[serve] socket` (without --socket) and --micro-batch-rows.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Steps to read.
@@ -1265,6 +1267,18 @@ pub fn read_cursor_file(path: &Path) -> anyhow::Result<String> {
     Ok(to_hex(&bytes))
 }
 
+/// The socket `consume` connects to: `--socket`, else the config's, else the default.
+fn consume_socket(args: &ConsumeArgs) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    if let Some(path) = &args.config {
+        let cfg = crate::config::Config::load(path)?;
+        return Ok(crate::serve::ServeConfig::from_config(&cfg)?.socket);
+    }
+    Ok(crate::serve::default_socket())
+}
+
 /// Streams `args.steps` steps as one trainer rank and summarizes them.
 pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
     let micro_batch_rows = match (args.micro_batch_rows, &args.config) {
@@ -1287,8 +1301,9 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
     if let Some(f) = &args.cursor_file {
         hello.cursor = Some(read_cursor_file(f)?);
     }
-    let mut client = Client::connect(&args.socket, &hello)
-        .with_context(|| format!("connecting to {}", args.socket.display()))?;
+    let socket = consume_socket(args)?;
+    // The error names the socket itself.
+    let mut client = Client::connect(&socket, &hello)?;
     client.set_hold(args.hold);
     if args.timeout > 0.0 {
         client.set_timeout(Some(Duration::from_secs_f64(args.timeout)));

@@ -31,8 +31,6 @@ pub const CONTROL: u8 = crate::serve::protocol::kind::CONTROL;
 pub const CONTROL_REPLY: u8 = crate::serve::protocol::kind::CONTROL_REPLY;
 /// Version of the control requests sent here (the `protocol` key).
 pub const PROTOCOL: u64 = 1;
-/// The daemon's default socket (`[serve] socket` when the config names none).
-pub const DEFAULT_SOCKET: &str = "/run/millrace/millrace.sock";
 /// How long the command line waits for a reply unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,22 +39,23 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     /// The socket could not be reached (daemon not running, wrong path, permissions).
-    #[error("cannot connect to {socket}: {source}")]
+    /// The OS error is part of the message and not a `source`, so `{:#}` says it once.
+    #[error("cannot connect to {socket}: {}", connect_reason(error))]
     Connect {
         /// The socket path.
         socket: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    /// Reading or writing the socket failed.
-    #[error("{socket}: {what}: {source}")]
+    /// Reading or writing the socket failed (the OS error is in the message, said once).
+    #[error("{socket}: {what}: {error}")]
     Io {
         /// The socket path.
         socket: PathBuf,
         /// What was being done.
         what: &'static str,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// No (whole) reply within the timeout.
     #[error("{socket}: no reply within {} ms", timeout.as_millis())]
@@ -110,6 +109,38 @@ pub enum CtlError {
     },
 }
 
+/// The OS error of a failed connect, with what it usually means for a millrace socket.
+pub(crate) fn connect_reason(e: &std::io::Error) -> String {
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOENT) => {
+            "no such socket: is the daemon running, and is this its [serve] socket? \
+             (`millrace check-config --config FILE` prints it)"
+        }
+        Some(libc::ECONNREFUSED) => {
+            "connection refused: the socket file is there but no daemon listens on it \
+             (a daemon that was killed leaves it behind)"
+        }
+        Some(libc::EACCES) => {
+            "permission denied: the socket is mode 0660; run as the daemon's user or a \
+             member of its [serve] socket_group"
+        }
+        _ => return e.to_string(),
+    };
+    format!("{hint} ({e})")
+}
+
+/// Parses a number of seconds for the `--timeout`-style flags (fractions allowed).
+pub fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds (e.g. 10 or 0.5)"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(format!("{v} s is outside (0, 86400]"));
+    }
+    Ok(v)
+}
+
 /// One control connection; requests on it are answered in order. Reused by `top` so
 /// a live view costs one connection, not one per redraw.
 pub struct Connection {
@@ -123,9 +154,9 @@ pub struct Connection {
 impl Connection {
     /// Connects to the daemon's socket; `timeout` bounds each later request.
     pub fn open(socket: &Path, timeout: Duration) -> Result<Connection, CtlError> {
-        let stream = UnixStream::connect(socket).map_err(|source| CtlError::Connect {
+        let stream = UnixStream::connect(socket).map_err(|error| CtlError::Connect {
             socket: socket.to_path_buf(),
-            source,
+            error,
         })?;
         Ok(Connection {
             socket: socket.to_path_buf(),
@@ -267,7 +298,7 @@ impl Connection {
         CtlError::Io {
             socket: self.socket.clone(),
             what,
-            source,
+            error: source,
         }
     }
 
@@ -481,15 +512,18 @@ pub fn weights_map(pairs: &[(String, f64)]) -> Result<BTreeMap<String, f64>, Str
 #[derive(clap::Args, Debug, Clone)]
 pub struct Target {
     /// The daemon's socket [default: the config's `[serve] socket`, else
-    /// /run/millrace/millrace.sock].
+    /// $XDG_RUNTIME_DIR/millrace.sock, else /tmp/millrace-UID/millrace.sock].
     #[arg(long, global = true, conflicts_with = "config")]
     pub socket: Option<PathBuf>,
     /// Take the socket from this config file's `[serve] socket`.
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
-    /// Milliseconds to wait for each reply.
-    #[arg(long, global = true, default_value_t = 10_000)]
-    pub timeout_ms: u64,
+    /// Seconds to wait for each reply (every millrace timeout flag is in seconds).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0, value_parser = parse_secs)]
+    pub timeout: f64,
+    /// The old spelling of --timeout, in milliseconds (kept so scripts keep working).
+    #[arg(long, global = true, hide = true, conflicts_with = "timeout")]
+    pub timeout_ms: Option<u64>,
 }
 
 impl Target {
@@ -503,11 +537,14 @@ impl Target {
             let serve = crate::serve::ServeConfig::from_config(&cfg)?;
             return Ok(serve.socket);
         }
-        Ok(PathBuf::from(DEFAULT_SOCKET))
+        Ok(crate::serve::default_socket())
     }
 
     fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms.max(1))
+        match self.timeout_ms {
+            Some(ms) => Duration::from_millis(ms.max(1)),
+            None => Duration::from_secs_f64(self.timeout.max(0.001)),
+        }
     }
 }
 
@@ -575,9 +612,12 @@ pub struct TopArgs {
     /// Which daemon.
     #[command(flatten)]
     pub target: Target,
-    /// Milliseconds between redraws (rates are taken over this interval).
-    #[arg(long, default_value_t = 1000)]
-    pub interval_ms: u64,
+    /// Seconds between redraws (rates are taken over this interval).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_secs)]
+    pub interval: f64,
+    /// The old spelling of --interval, in milliseconds (kept so scripts keep working).
+    #[arg(long, hide = true, conflicts_with = "interval")]
+    pub interval_ms: Option<u64>,
     /// Print one frame (two statuses an interval apart, so rates exist) and exit.
     #[arg(long)]
     pub once: bool,
@@ -662,7 +702,12 @@ pub fn describe_change(reply: &Value) -> String {
         }
     }
     if let Some(m) = reply.get("message").and_then(Value::as_str) {
-        if !m.is_empty() {
+        // The daemon's message often restates the step said above; say it once.
+        let restated = reply
+            .get("applied_step")
+            .and_then(Value::as_u64)
+            .is_some_and(|a| m.contains(&format!("applied from step {a}")));
+        if !m.is_empty() && !restated {
             let _ = writeln!(s, "  {m}");
         }
     }
@@ -753,6 +798,21 @@ pub fn fetch_status(conn: &mut Connection) -> anyhow::Result<Value> {
     }
 }
 
+/// The last reload's outcome when it was refused (a refused file edit leaves the old
+/// weights in force, which nobody should have to find in the log); nothing otherwise.
+pub fn last_reload_line(st: &Value) -> Option<String> {
+    let last = st.get("last_reload")?;
+    if last.get("ok").and_then(Value::as_bool) != Some(false) {
+        return None;
+    }
+    let source = last.get("source").and_then(Value::as_str).unwrap_or("?");
+    let code = last.get("code").and_then(Value::as_str).unwrap_or("?");
+    let message = last.get("message").and_then(Value::as_str).unwrap_or("");
+    Some(format!(
+        "LAST RELOAD REFUSED ({source}, {code}): the old weights stay: {message}"
+    ))
+}
+
 /// `millrace status` in words: identity, counters, mixture and rings.
 pub fn render_status(st: &Value) -> String {
     let mut s = String::new();
@@ -786,6 +846,9 @@ pub fn render_status(st: &Value) -> String {
             num_or_dash(g("control_connections").and_then(|c| c.get("open"))),
             num_or_dash(g("control_connections").and_then(|c| c.get("max")))
         );
+    }
+    if let Some(line) = last_reload_line(st) {
+        let _ = writeln!(s, "{line}");
     }
     let _ = writeln!(
         s,
@@ -975,6 +1038,7 @@ pub fn render(now: &Value, prev: Option<(&Value, f64)>, width: usize) -> String 
         pct_or_dash(g("padding_fraction")),
         pct_or_dash(g("truncation_fraction")),
     ));
+    lines.extend(last_reload_line(now));
     lines.push(String::new());
     let jobs = arr(g("jobs"));
     if jobs.is_empty() {
@@ -1106,7 +1170,11 @@ pub fn run_top(args: TopArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let socket = args.target.socket()?;
     let timeout = args.target.timeout();
-    let interval = Duration::from_millis(args.interval_ms.max(50));
+    let interval = match args.interval_ms {
+        Some(ms) => Duration::from_millis(ms),
+        None => Duration::from_secs_f64(args.interval),
+    }
+    .max(Duration::from_millis(50));
     let mut conn = Connection::open(&socket, timeout)?;
     let mut prev = (fetch_status(&mut conn)?, Instant::now());
     if args.once {
@@ -1299,6 +1367,32 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_reload_shows_in_status_and_top() {
+        let mut st = sample_status(1000, 57, 0.25);
+        st["last_reload"] = json!({"source": "file", "ok": false, "code": "late",
+                                   "message": "step 1 may already have been received"});
+        let want = "LAST RELOAD REFUSED (file, late): the old weights stay: step 1 may \
+                    already have been received";
+        assert!(render_status(&st).contains(want), "{}", render_status(&st));
+        assert!(render(&st, None, 100).contains(want));
+        // An accepted (or no) reload adds no line.
+        st["last_reload"] = json!({"source": "ctl", "ok": true, "message": "applied"});
+        assert!(!render_status(&st).contains("LAST RELOAD"));
+        assert!(!render(&st, None, 100).contains("LAST RELOAD"));
+    }
+
+    #[test]
+    fn a_restated_step_is_said_once() {
+        let reply = json!({"ok": true, "op": "set_weights", "applied_step": 51,
+                           "requested_step": 51, "moved": false,
+                           "message": "applied from step 51"});
+        assert_eq!(
+            describe_change(&reply),
+            "set_weights: applied from step 51\n"
+        );
+    }
+
+    #[test]
     fn weight_arguments_are_checked_and_named() {
         assert_eq!(parse_weight("web=0.5"), Ok(("web".into(), 0.5)));
         assert_eq!(parse_weight(" code = 1e-1 "), Ok(("code".into(), 0.1)));
@@ -1373,10 +1467,13 @@ mod tests {
         assert_eq!(a.target.socket().unwrap(), PathBuf::from("/x"));
         let cli = Cli::try_parse_from(["m", "status"]).unwrap();
         let Cmd::Status(a) = cli.cmd else { panic!() };
-        assert_eq!(a.target.socket().unwrap(), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(a.target.socket().unwrap(), crate::serve::default_socket());
         let cli = Cli::try_parse_from(["m", "top", "--once", "--interval-ms", "200"]).unwrap();
         let Cmd::Top(a) = cli.cmd else { panic!() };
-        assert!(a.once && a.interval_ms == 200);
+        assert!(a.once && a.interval_ms == Some(200));
+        let cli = Cli::try_parse_from(["m", "top", "--once", "--interval", "0.2"]).unwrap();
+        let Cmd::Top(a) = cli.cmd else { panic!() };
+        assert!(a.once && a.interval == 0.2 && a.interval_ms.is_none());
         // Bad weights are refused by the parser, naming the argument.
         let e = Cli::try_parse_from(["m", "ctl", "set-weights", "web=-1"])
             .err()
@@ -1406,7 +1503,8 @@ mod tests {
         let t = Target {
             socket: None,
             config: Some(cfg),
-            timeout_ms: 10,
+            timeout: 0.01,
+            timeout_ms: None,
         };
         assert_eq!(t.socket().unwrap(), dir.path().join("run/d.sock"));
     }

@@ -20,6 +20,23 @@ use crate::client::ConsumeSummary;
 use crate::config::Config;
 use crate::plan::report::{explain, render_explain, Tally};
 
+/// What the columns of `millrace explain` mean, printed under the demo's provenance: a
+/// first-time reader sees `tokens 4097` with seq_len 4096 and has no way to know why.
+pub fn provenance_legend(seq_len: u32) -> String {
+    format!(
+        "how to read the provenance:\n\
+         \x20 row N      the row's index in the global batch; its domain and that domain's epoch\n\
+         \x20 tokens     real tokens in the row: a row holds seq_len + 1 = {} (the inputs, plus\n\
+         \x20            the label of the last input)\n\
+         \x20 pad        padding tokens filling the rest of the row\n\
+         \x20 loss       positions the loss counts: predictions that stay inside one document\n\
+         \x20 indented   one document piece per line: shard, document index, [a, b) the token\n\
+         \x20            range of the document placed here, of n its length (a piece of a long\n\
+         \x20            document when b - a < n); group: its repository or book\n",
+        u64::from(seq_len) + 1
+    )
+}
+
 /// How long a daemon may take to open its corpus and accept connections.
 pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a daemon may take to exit after SIGTERM before it is killed.
@@ -700,6 +717,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             cfg_path.display()
         )?;
         write!(out, "{}", render_explain(&e))?;
+        write!(out, "{}", provenance_legend(plan.config().seq_len))?;
     }
     match status {
         Some(s) if s.success() => writeln!(out, "\nstopped the daemon (SIGTERM): {s}")?,

@@ -68,11 +68,11 @@ struct InspectArgs {
     /// Shard format of PATHS.
     #[arg(long, value_enum, default_value = "megatron")]
     format: FormatArg,
-    /// Token dtype of raw files (uint16 or uint32; default uint16).
-    #[arg(long, value_parser = parse_dtype)]
+    /// Token dtype of raw files: uint16 or uint32 [default: uint16].
+    #[arg(long, value_parser = parse_raw_dtype)]
     dtype: Option<DType>,
-    /// EOS id that ends each document in raw files.
-    #[arg(long)]
+    /// EOS id that ends each document in raw files (`--eos` is the old spelling).
+    #[arg(long = "eos-id", alias = "eos")]
     eos: Option<u64>,
     /// Where raw files' boundary caches go (default: next to each file).
     #[arg(long)]
@@ -99,8 +99,9 @@ struct SynthArgs {
     /// Vocabulary size.
     #[arg(long, default_value_t = 50304)]
     vocab: u32,
-    /// uint16 or int32 (default: by vocabulary size, as Megatron picks).
-    #[arg(long, value_parser = parse_dtype)]
+    /// Token dtype of the shards: uint16 or int32 [default: uint16 below 65,500 ids,
+    /// else int32, as Megatron picks].
+    #[arg(long, value_parser = parse_megatron_token_dtype)]
     dtype: Option<DType>,
     /// Seed; the corpus is a pure function of it and the other flags.
     #[arg(long, default_value_t = 0)]
@@ -143,7 +144,8 @@ struct ExplainArgs {
     /// Trainer step.
     #[arg(long)]
     step: u64,
-    /// Data-parallel rank (default: all rows).
+    /// Data-parallel rank whose rows to list (rows [rG/R, (r+1)G/R) of G; all rows with
+    /// the default --dp-size 1).
     #[arg(long, default_value_t = 0)]
     dp_rank: u32,
     /// Data-parallel size.
@@ -180,7 +182,8 @@ struct TokenizeArgs {
     /// Append no EOS.
     #[arg(long)]
     no_eos: bool,
-    /// Output dtype (default: uint16 below 65,500 ids, else int32, as Megatron picks).
+    /// Token dtype of the shard: uint16 or int32, or another Megatron dtype that holds
+    /// every id [default: uint16 below 65,500 ids, else int32, as Megatron picks].
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
     /// Field whose value groups documents (e.g. repo, book_id); writes PREFIX.groups.npy.
@@ -233,6 +236,24 @@ fn parse_range(s: &str) -> Result<Range<u64>, String> {
     }
 }
 
+/// Raw token arrays are unsigned: the two widths `Shard::open` reads.
+fn parse_raw_dtype(s: &str) -> Result<DType, String> {
+    match DType::from_name(s) {
+        Some(d @ (DType::Uint16 | DType::Uint32)) => Ok(d),
+        _ => Err(format!("raw token files are uint16 or uint32, not {s:?}")),
+    }
+}
+
+/// What `synth` writes: Megatron's two token dtypes.
+fn parse_megatron_token_dtype(s: &str) -> Result<DType, String> {
+    match DType::from_name(s) {
+        Some(d @ (DType::Uint16 | DType::Int32)) => Ok(d),
+        _ => Err(format!(
+            "Megatron token shards are uint16 or int32 (as Megatron picks by vocabulary), not {s:?}"
+        )),
+    }
+}
+
 fn parse_dtype(s: &str) -> Result<DType, String> {
     DType::from_name(s).ok_or_else(|| format!("unknown dtype {s:?} (uint8, int8, int16, int32, int64, float32, float64, uint16, uint32)"))
 }
@@ -278,10 +299,27 @@ fn main() -> ExitCode {
         // `millrace inspect ... | head` closing the pipe early is not an error.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes joined by ": ", leaving out a cause whose text the message already
+/// ends with: many errors quote their source in their own text, and `{:#}` would then say
+/// "x: no such file: no such file".
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// True when `e` is stdout's reader having gone away.
@@ -305,13 +343,13 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     let (format, raw) = match args.format {
         FormatArg::Megatron => {
             if args.dtype.is_some() || args.eos.is_some() || args.cache_dir.is_some() {
-                bail!("--dtype, --eos and --cache-dir describe raw token files; add --format raw (Megatron shards carry their own dtype)");
+                bail!("--dtype, --eos-id and --cache-dir describe raw token files; add --format raw (Megatron shards carry their own dtype)");
             }
             (Format::Megatron, None)
         }
         FormatArg::Raw => {
             let Some(eos) = args.eos else {
-                bail!("--format raw needs --eos ID (the token that ends each document)");
+                bail!("--format raw needs --eos-id ID (the token that ends each document)");
             };
             (
                 Format::Raw,
@@ -454,6 +492,9 @@ fn run_plan(args: PlanArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let loaded = Config::load(&args.config)?.load_plan()?;
     let plan = loaded.plan;
+    for w in plan.config().unweighted_warnings(&plan.domain_names()) {
+        eprintln!("warning: {}: {w}", args.config.display());
+    }
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = std::time::Instant::now();
     let mut planner = plan.seek(args.from);

@@ -570,6 +570,9 @@ fn demo_with_the_rust_consumer_exits_zero() {
         "delivered mixture differs from the plan:\n{text}"
     );
     assert!(text.contains("step 0 (plan step 0)"), "{text}");
+    // The provenance's columns are explained, with this config's row length.
+    assert!(text.contains("how to read the provenance:"), "{text}");
+    assert!(text.contains("a row holds seq_len + 1 = "), "{text}");
     // The daemon is gone: its socket no longer accepts.
     assert!(UnixStream::connect(dir.join("millrace.sock")).is_err());
 }

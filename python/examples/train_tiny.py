@@ -1,8 +1,12 @@
 """Train a tiny causal transformer from a millrace daemon, with resumable checkpoints.
 
-    millrace serve --config run.toml &
-    python train_tiny.py --socket /run/millrace/millrace.sock --steps 200 \\
-        --checkpoint tiny.pt [--device cuda] [--dp-rank R --dp-size N]
+    millrace synth --out data && millrace serve --config data/millrace.toml &
+    python train_tiny.py --steps 20 --checkpoint tiny.pt [--device cuda] \\
+        [--socket PATH] [--dp-rank R --dp-size N]
+
+The socket defaults to the daemon's own default (``millrace.default_socket()``); the
+vocabulary comes from the daemon (WELCOME's ``vocab_size``, the config's
+``[plan] vocab_size``) unless ``--vocab`` says otherwise.
 
 Run it again with a larger --steps and the same --checkpoint: the model, the optimizer
 and the data stream continue where they stopped (the checkpoint holds the cursor of the
@@ -45,8 +49,12 @@ stop attention at document boundaries::
 With gradient accumulation, ``for mb in tb.micro_batches()`` gives each micro-batch's rows
 with its own rebased ``cu_seqlens`` and ``max_seqlen``.
 
-This example uses a plain PyTorch block-diagonal causal mask built from position_ids
-(exactly what cu_seqlens describes), so it runs on a CPU without flash-attn.
+Attention here is PyTorch's ``scaled_dot_product_attention``, causal, once per packed
+document (the spans ``cu_seqlens`` names): memory grows with the longest document, not
+with ``rows * seq_len`` squared, so the synth config's 256 x 4096 batches fit on a CPU.
+A CPU trains on the first ``--positions`` inputs of each batch (default 512, an eighth
+of one synth row: a 20-step run of the synth defaults then takes well under a minute on
+two busy cores); a GPU on all of them.
 """
 
 from __future__ import annotations
@@ -64,53 +72,89 @@ import millrace
 from millrace.torch_adapter import TorchClient
 
 
+class Block(nn.Module):
+    """A pre-norm transformer block whose attention stays inside each document."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, spans: list) -> torch.Tensor:
+        n, dim = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(n, 3, self.heads, dim // self.heads).unbind(1)
+        # [heads, len, head_dim] per document; each attends causally to itself only.
+        out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                              v[a:b].transpose(0, 1), is_causal=True)
+               .transpose(0, 1) for a, b in spans]
+        x = x + self.proj(torch.cat(out).reshape(n, dim))
+        return x + self.mlp(self.ln2(x))
+
+
 class TinyLM(nn.Module):
-    def __init__(self, vocab: int, dim: int = 64, heads: int = 4, layers: int = 2,
-                 max_pos: int = 4096):
+    def __init__(self, vocab: int, max_pos: int, dim: int = 64, heads: int = 4,
+                 layers: int = 2):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(max_pos, dim)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True,
-                                       norm_first=True)
-            for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
-        self.heads = heads
 
-    def forward(self, tokens, position_ids, doc_mask):
+    def forward(self, tokens, position_ids, spans):
+        """tokens, position_ids: [n] (rows flattened); spans: the documents' [a, b)."""
         x = self.embed(tokens) + self.pos(position_ids)
         for block in self.blocks:
-            x = block(x, src_mask=doc_mask)
+            x = block(x, spans)
         return self.head(self.norm(x))
 
 
-def document_causal_mask(position_ids: torch.Tensor, heads: int) -> torch.Tensor:
-    """[rows*heads, L, L] additive mask: position i attends to j <= i in its own document.
+def document_spans(cu_seqlens: torch.Tensor, positions: int) -> list:
+    """The [a, b) spans of the packed documents (and padding) among the first
+    ``positions`` flattened inputs: consecutive entries of cu_seqlens, which breaks at
+    every row end too, so a span never crosses rows; the last span is cut at
+    ``positions``."""
+    cu = [int(c) for c in cu_seqlens.tolist() if c < positions] + [positions]
+    return [(a, b) for a, b in zip(cu, cu[1:]) if b > a]
 
-    Documents are the runs that position_ids restarts at 0 (the same boundaries as
-    cu_seqlens). A flash-attn varlen kernel would take cu_seqlens instead of this mask.
-    """
-    rows, L = position_ids.shape
-    doc = torch.cumsum((position_ids == 0).int(), dim=1)          # document id per position
-    same = doc[:, :, None] == doc[:, None, :]
-    causal = torch.ones(L, L, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = same & causal
-    mask = torch.zeros(rows, L, L, device=position_ids.device)
-    mask.masked_fill_(~allowed, float("-inf"))
-    return mask.repeat_interleave(heads, dim=0)
+
+def train_step(model, optim, tb, n: int, loss_tokens_total=None):
+    """One optimizer step on the first ``n`` flattened inputs of ``tb`` (rows in order):
+    the cross entropy summed over loss tokens, divided by ``loss_tokens_total`` (default:
+    the loss tokens among those ``n``)."""
+    tokens = tb.tokens.reshape(-1)[:n].long()
+    labels = tb.labels.reshape(-1)[:n].long()
+    mask = tb.loss_mask.reshape(-1)[:n].float()
+    logits = model(tokens, tb.position_ids.reshape(-1)[:n].long(),
+                   document_spans(tb.cu_seqlens, n))
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    total = mask.sum().clamp(min=1) if loss_tokens_total is None else loss_tokens_total
+    loss = (ce * mask).sum() / total
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return loss
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--socket", required=True)
-    ap.add_argument("--steps", type=int, default=100, help="train until this many steps")
+    ap.add_argument("--socket", default=None,
+                    help="the daemon's socket (default: millrace.default_socket())")
+    ap.add_argument("--steps", type=int, default=20, help="train until this many steps")
     ap.add_argument("--checkpoint", default="tiny.pt")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dp-rank", type=int, default=0)
     ap.add_argument("--dp-size", type=int, default=1)
     ap.add_argument("--job", default="train_tiny")
-    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="embedding rows (default: the daemon's [plan] vocab_size)")
+    ap.add_argument("--positions", type=int, default=None,
+                    help="inputs of each batch to train on, rows in order (default: all "
+                         "on CUDA, 512 on a CPU)")
     ap.add_argument("--save-every", type=int, default=10)
     args = ap.parse_args()
 
@@ -124,18 +168,26 @@ def main():
     # step computes; on the CPU its tensors are zero-copy views of the ring.
     stream = TorchClient(client, device=device, prefetch=1 if device.type == "cuda" else 0)
 
-    model = TinyLM(args.vocab).to(device)
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ckpt = None
     if os.path.exists(args.checkpoint):
         ckpt = torch.load(args.checkpoint, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optim.load_state_dict(ckpt["optim"])
-        stream.load_state_dict(ckpt["data"])   # before the first batch
+        stream.load_state_dict(ckpt["data"])   # before connecting: resume after its step
         print(f"resuming after step {ckpt['data']['step']}", flush=True)
 
     w = client.welcome
-    print(f"fingerprint {client.fingerprint}, {w['rows']} rows x {w['seq_len']} tokens, "
-          f"domains {w['domains']}", flush=True)
+    vocab = args.vocab or w.get("vocab_size")
+    if not vocab:
+        raise SystemExit("the daemon's config has no [plan] vocab_size: pass --vocab")
+    every = w["rows"] * w["seq_len"]
+    n = min(every, args.positions or (every if device.type == "cuda" else 512))
+    print(f"fingerprint {client.fingerprint}, {w['rows']} rows x {w['seq_len']} tokens "
+          f"(training on the first {n}), vocab {vocab}, domains {w['domains']}", flush=True)
+
+    model = TinyLM(vocab, max_pos=w["seq_len"]).to(device)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optim"])
 
     def save():
         tmp = args.checkpoint + ".tmp"
@@ -147,20 +199,10 @@ def main():
     last = stream.state_dict()["step"]
     while last + 1 < args.steps:
         tb = next(stream)
-        tokens = tb.tokens.long()
-        labels = tb.labels.long()
-        mask = tb.loss_mask.float()
-        logits = model(tokens, tb.position_ids.long(),
-                       document_causal_mask(tb.position_ids, model.heads))
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
-                             reduction="none")
-        loss = (ce * mask.view(-1)).sum() / mask.sum().clamp(min=1)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
+        loss = train_step(model, optim, tb, n)
         last = tb.step
-        print(f"step {tb.step} loss {loss.item():.4f} (ln V = {math.log(args.vocab):.2f}) "
-              f"loss_tokens {tb.loss_tokens}", flush=True)
+        print(f"step {tb.step} loss {loss.item():.4f} (ln V = {math.log(vocab):.2f}) "
+              f"loss_tokens {int(tb.loss_mask.reshape(-1)[:n].sum())}", flush=True)
         if (tb.step + 1) % args.save_every == 0:
             save()
     save()

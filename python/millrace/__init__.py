@@ -8,7 +8,8 @@ Quick start (numpy only)::
 
     import millrace
 
-    client = millrace.Client("/run/millrace/millrace.sock", dp_rank=rank, dp_size=world,
+    # None: the daemon's default socket (millrace.default_socket()); else [serve] socket.
+    client = millrace.Client(None, dp_rank=rank, dp_size=world,
                              replica=f"tp{tp_rank}", replicas=tp_size)
     if checkpoint:
         client.load_state_dict(checkpoint["data"])     # resume at the step after it
@@ -41,6 +42,7 @@ from .client import (
     ProtocolError,
     Refused,
     StaleBatch,
+    default_socket,
 )
 from .control import ChangeRefused, Control, forward_change
 
@@ -57,6 +59,7 @@ __all__ = [
     "ProtocolError",
     "Refused",
     "StaleBatch",
+    "default_socket",
     "TorchClient",
     "TorchBatch",
     "MillraceIterableDataset",

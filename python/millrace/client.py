@@ -17,9 +17,14 @@ see :meth:`Batch.to_torch`, which releases only after the copy has completed).
 Faults
 ------
 When the daemon goes away (socket EOF/reset, refused or missing socket, or an ERROR
-``shutdown`` from a daemon draining on SIGTERM) the client reconnects every 0.1 s for up to ``reconnect_timeout`` seconds, with the cursor blob of
-the last batch it handed out, and the stream continues at exactly the next step. Batches
-from the old connection stay readable (their memfd lives while it is mapped).
+``shutdown`` from a daemon draining on SIGTERM) the client reconnects every 0.1 s for up
+to ``reconnect_timeout`` seconds, with the cursor blob of the last batch it handed out,
+and the stream continues at exactly the next step. Batches from the old connection stay
+readable (their memfd lives while it is mapped).
+
+Before the first connection has worked, a missing socket (or one nobody listens on) is
+an error at once, not after ``reconnect_timeout``: it is far more often a wrong path than
+a daemon about to appear. Pass ``connect_timeout`` to wait for a daemon that is starting.
 
 The client is not thread safe: use it from one thread.
 """
@@ -51,6 +56,7 @@ __all__ = [
     "ProtocolError",
     "StaleBatch",
     "PROTOCOL_VERSION",
+    "default_socket",
 ]
 
 log = logging.getLogger("millrace")
@@ -80,6 +86,9 @@ _TOKENS, _LABELS, _LOSS_MASK, _POSITION_IDS, _CU, _DOMAIN, _ROW_LOSS = range(7)
 # errnos that mean "the daemon is not there (now)": retried while reconnecting.
 _GONE_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE,
                 errno.ECONNABORTED, errno.ENOTCONN}
+# errnos of connect() that mean nobody serves this path: before a first connection has
+# worked they fail at once (a wrong path), unless connect_timeout says to wait.
+_NO_DAEMON_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED}
 # Refusals that a restarting or settling daemon may answer for a short while.
 _RETRY_REFUSALS = {"busy", "duplicate", "peer_position"}
 # A process restarted right after its predecessor died can reach the daemon before the
@@ -87,6 +96,27 @@ _RETRY_REFUSALS = {"busy", "duplicate", "peer_position"}
 _DUPLICATE_GRACE = 3.0
 # How long close() waits for the daemon to acknowledge BYE by closing its side.
 _BYE_WAIT = 5.0
+
+
+def default_socket() -> str:
+    """The socket ``millrace serve`` binds when its config names none: one an unprivileged
+    user can create. ``$XDG_RUNTIME_DIR/millrace.sock`` when that variable is an absolute
+    path, else ``/tmp/millrace-UID/millrace.sock`` (the daemon's rule, for the same user)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg):
+        return os.path.join(xdg, "millrace.sock")
+    return f"/tmp/millrace-{os.geteuid()}/millrace.sock"
+
+
+def _no_daemon(path: str, e: OSError) -> str:
+    """Why a first connect found no daemon, with the likely cause (cf. `millrace ctl`)."""
+    if e.errno == errno.ENOENT:
+        why = ("no such socket: is the daemon running, and is this its [serve] socket? "
+               "(`millrace check-config --config FILE` prints it)")
+    else:
+        why = ("connection refused: the socket file is there but no daemon listens on it "
+               "(a daemon that was killed leaves it behind)")
+    return f"cannot connect to {path}: {why} ({os.strerror(e.errno)})"
 
 
 class MillraceError(Exception):
@@ -436,7 +466,8 @@ class Client:
 
     Parameters
     ----------
-    socket: path of the daemon's unix socket (``[serve] socket``).
+    socket: path of the daemon's unix socket (``[serve] socket``); None: the daemon's
+        default, :func:`default_socket`.
     dp_rank, dp_size: this rank's data-parallel coordinates; rank ``r`` of ``R`` receives
         rows ``[rG/R, (r+1)G/R)`` of every global batch of ``G`` rows.
     job: namespaces rings and dp_size on a daemon shared by several jobs.
@@ -449,8 +480,11 @@ class Client:
         it. ``start_step``: without a cursor, seek to this step.
     fingerprint: refuse to run unless the daemon's plan fingerprint is this (32 hex).
     hold: batches stay valid until ``hold`` more were handed out (1 ..= ring slots).
-    reconnect_timeout: seconds to keep retrying (every 0.1 s) when the daemon is missing or
-        went away; 0 disables reconnecting.
+    reconnect_timeout: seconds to keep retrying (every 0.1 s) when the daemon went away
+        after a connection had worked; 0 disables reconnecting.
+    connect_timeout: seconds the first connection waits for a daemon that is not there
+        yet (socket missing or refusing); 0 (default): fail at once with
+        :class:`DaemonGone`, since that is usually a wrong path.
     register_cuda: ``"auto"`` registers the ring with ``cudaHostRegister`` (read-only) when
         torch is already imported with CUDA initialised at connect, else lazily at the
         first CUDA :meth:`Batch.to_torch`; ``True`` registers at connect; ``False`` never.
@@ -465,12 +499,13 @@ class Client:
                  replica: str = "0", replicas: int = 1, micro_batch_rows: int | None = None,
                  micro_batches: int = 1, cursor=None, start_step: int | None = None,
                  fingerprint=None, hold: int = 1, reconnect_timeout: float = 60.0,
-                 register_cuda="auto", handshake_timeout: float = 120.0):
+                 register_cuda="auto", handshake_timeout: float = 120.0,
+                 connect_timeout: float = 0.0):
         if hold < 1:
             raise ValueError("hold must be at least 1")
         if register_cuda not in ("auto", True, False):
             raise ValueError("register_cuda must be 'auto', True or False")
-        self.socket_path = os.fspath(socket)
+        self.socket_path = default_socket() if socket is None else os.fspath(socket)
         self.dp_rank = int(dp_rank)
         self.dp_size = int(dp_size)
         self.job = str(job)
@@ -480,6 +515,7 @@ class Client:
         self.micro_batches_per_step = int(micro_batches)
         self.hold = int(hold)
         self.reconnect_timeout = float(reconnect_timeout)
+        self.connect_timeout = float(connect_timeout)
         self.register_cuda = register_cuda
         self.handshake_timeout = float(handshake_timeout)
         if isinstance(fingerprint, int):
@@ -571,6 +607,9 @@ class Client:
                 if isinstance(e, OSError) and not isinstance(e, TimeoutError) \
                         and e.errno not in _GONE_ERRNOS:
                     raise
+                if initial and isinstance(e, OSError) and e.errno in _NO_DAEMON_ERRNOS \
+                        and time.monotonic() >= t0 + self.connect_timeout:
+                    raise DaemonGone(_no_daemon(self.socket_path, e)) from None
                 last = e
             if time.monotonic() >= deadline:
                 if isinstance(last, Refused):

@@ -34,7 +34,7 @@ step (:func:`forward_change` does this; it needs torch.distributed)::
     import torch.distributed as dist
     from millrace import Control, forward_change
 
-    ctl = Control("/run/millrace/millrace.sock")
+    ctl = Control()  # the node's daemon at the default socket, or Control(path)
     change = None
     if dist.get_rank() == 0:
         # Far enough ahead that no node has handed the step out yet.
@@ -77,8 +77,11 @@ from .client import (
     DaemonGone,
     ProtocolError,
     Refused,
+    _NO_DAEMON_ERRNOS,
     _Gone,
+    _no_daemon,
     _reason,
+    default_socket,
     encode_frame,
     read_frame,
 )
@@ -87,7 +90,8 @@ __all__ = ["Control", "ChangeRefused", "forward_change", "CONTROL", "CONTROL_REP
            "DEFAULT_SOCKET"]
 
 CONTROL, CONTROL_REPLY = 7, 8
-DEFAULT_SOCKET = "/run/millrace/millrace.sock"
+# The daemon's default socket for this user (see default_socket), as of import.
+DEFAULT_SOCKET = default_socket()
 _LATE = ("refuse", "next")
 
 
@@ -108,7 +112,8 @@ class ChangeRefused(DaemonError):
 
     def __str__(self):
         s = f"{self.code}: {self.message}"
-        if self.first_changeable_step is not None:
+        said = f"the first step that can still change is {self.first_changeable_step}"
+        if self.first_changeable_step is not None and said not in self.message:
             s += f" (the first step that can still change is {self.first_changeable_step})"
         return s
 
@@ -120,8 +125,8 @@ class Control:
     one thread (or one per thread).
     """
 
-    def __init__(self, socket_path: str | os.PathLike = DEFAULT_SOCKET, timeout: float = 10.0):
-        self.socket_path = os.fspath(socket_path)
+    def __init__(self, socket_path: str | os.PathLike | None = None, timeout: float = 10.0):
+        self.socket_path = default_socket() if socket_path is None else os.fspath(socket_path)
         self.timeout = timeout
         self._sock = None
 
@@ -232,6 +237,8 @@ class Control:
             sock.connect(self.socket_path)
         except OSError as e:
             sock.close()
+            if e.errno in _NO_DAEMON_ERRNOS:
+                raise DaemonGone(_no_daemon(self.socket_path, e)) from e
             raise DaemonGone(f"cannot connect to {self.socket_path}: {e}") from e
         self._sock = sock
         return sock

@@ -12,7 +12,8 @@
   pageable memory; it never raises. Unregistered on reconnect and close.
 - :class:`TorchClient`: iterates :class:`TorchBatch` objects on a device, prefetching the
   copy of the next batch(es) while the trainer computes.
-- :class:`MillraceIterableDataset`: for ``DataLoader(ds, batch_size=None, num_workers=0)``.
+- :class:`MillraceIterableDataset`: for ``DataLoader(ds, batch_size=None, num_workers=0)``
+  (or ``num_workers=1``; then checkpoint ``MillraceIterableDataset.state_of(item)``).
 
 Typical use::
 
@@ -20,7 +21,7 @@ Typical use::
     from millrace.torch_adapter import TorchClient
 
     torch.cuda.set_device(local_rank)
-    stream = TorchClient(millrace.Client("/run/millrace/millrace.sock", dp_rank, dp_size,
+    stream = TorchClient(millrace.Client(socket_path, dp_rank, dp_size,
                                          replica=f"tp{tp_rank}", replicas=tp_size),
                          device="cuda")
     if ckpt: stream.load_state_dict(ckpt["data"])
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
+import multiprocessing.context
 import warnings
 from collections import deque
 
@@ -331,15 +334,24 @@ class TorchClient:
 
 class MillraceIterableDataset(torch.utils.data.IterableDataset):
     """An IterableDataset over a millrace stream, for
-    ``DataLoader(ds, batch_size=None, num_workers=0)``.
+    ``DataLoader(ds, batch_size=None, num_workers=0)`` (or ``num_workers=1``).
 
     Yields dicts: the tensors of :data:`millrace.client.FIELDS` plus ``step``,
-    ``plan_step``, ``max_seqlen``, ``loss_tokens``, ``real_tokens``. With ``copy=False``
-    (default) the CPU tensors alias the ring and are valid until the next item is
-    requested; ``copy=True`` clones them (or set ``device`` to get device copies).
-    ``state_dict`` / ``load_state_dict`` make it resumable (also with torchdata's
-    StatefulDataLoader). The keyword arguments are those of :class:`millrace.Client`.
-    Use one process: with ``num_workers > 1`` every worker would be the same dp rank.
+    ``plan_step``, ``max_seqlen``, ``loss_tokens``, ``real_tokens`` and ``cursor`` (the
+    item's cursor blob, bytes). With ``copy=False`` (default) the CPU tensors alias the
+    ring and are valid until the next item is requested; ``copy=True`` clones them (or
+    set ``device`` to get device copies). The keyword arguments are those of
+    :class:`millrace.Client`.
+
+    Checkpoints: ``state_of(item)`` is the position after ``item``, wherever the item was
+    made; resume with ``load_state_dict`` before iterating. With ``num_workers=0``,
+    ``state_dict()`` is the same for the last item yielded. With ``num_workers=1`` the
+    stream lives in the worker process and runs ahead of what the trainer consumed
+    (DataLoader prefetch), so ``state_dict()`` in the main process refuses loudly
+    instead of returning a position that would silently repeat or skip data: checkpoint
+    ``state_of(last_item)``. (torchdata's StatefulDataLoader calls ``state_dict`` in the
+    worker, per item, and is correct too.) ``num_workers > 1`` is refused: every worker
+    would be the same dp rank.
     """
 
     def __init__(self, socket, dp_rank: int, dp_size: int, device=None, copy: bool = False,
@@ -354,6 +366,24 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
         self.client_kwargs = client_kwargs
         self.client = None
         self._state = None
+        # Set by a DataLoader worker that iterates this dataset: shared memory that the
+        # worker process inherits, so the main process can tell that its own position
+        # is not the stream's.
+        self._in_worker = multiprocessing.RawValue("b", 0)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["client"] = None
+        if multiprocessing.context.get_spawning_popen() is None:
+            # Pickled for something other than starting a worker (copy.deepcopy, a
+            # checkpoint): shared memory only travels to child processes.
+            d["_in_worker"] = None
+        return d
+
+    @staticmethod
+    def state_of(item: dict) -> dict:
+        """The resume point after ``item`` (a dict this dataset yielded)."""
+        return {"cursor": bytes(item["cursor"]), "step": int(item["step"])}
 
     def _make_client(self):
         if self.client is None:
@@ -367,6 +397,8 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
         if info is not None and info.num_workers > 1:
             raise MillraceError("MillraceIterableDataset is one dp rank's stream: use "
                                 "num_workers=0 (or 1), not several workers")
+        if info is not None and self._in_worker is not None:
+            self._in_worker.value = 1
         client = self._make_client()
         n = 0
         while self.steps is None or n < self.steps:
@@ -376,10 +408,17 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
             if self.copy and self.device is None:
                 for k in FIELDS:
                     d[k] = d[k].clone()
+            d["cursor"] = bytes(b.cursor)
             n += 1
             yield d
 
     def state_dict(self) -> dict:
+        if self.client is None and self._in_worker is not None and self._in_worker.value:
+            raise MillraceError(
+                "MillraceIterableDataset.state_dict(): this dataset is being read in a "
+                "DataLoader worker process, which runs ahead of the items you consumed, so "
+                "no position here is right; checkpoint MillraceIterableDataset.state_of(item) "
+                "of the last item you consumed (or use num_workers=0)")
         if self.client is None:
             return dict(self._state) if self._state else {"cursor": None, "step": -1}
         return self.client.state_dict()

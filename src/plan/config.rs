@@ -171,11 +171,21 @@ pub struct PlanConfig {
     /// Id written into padding.
     #[serde(default)]
     pub pad_token: u64,
+    /// The tokenizer's vocabulary size (the embedding rows a trainer needs), told to
+    /// clients in WELCOME so they need not guess it; not part of the plan's fingerprint,
+    /// and the daemon does not scan the shards against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<u64>,
     /// Constant weights, shorthand for a one-point schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<BTreeMap<String, f64>>,
-    /// Weight schedule.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Weight schedule; an entry with `ramp = false` is stored as two points (see
+    /// [`schedule_with_steps`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "schedule_with_steps"
+    )]
     pub schedule: Vec<SchedulePoint>,
     /// Skipped step ranges.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -183,6 +193,78 @@ pub struct PlanConfig {
     /// Reseeds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reseed: Vec<Reseed>,
+}
+
+/// A `[[plan.schedule]]` entry as written: a point, and whether the weights ramp into it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrittenPoint {
+    step: u64,
+    weights: BTreeMap<String, f64>,
+    #[serde(default = "ramps")]
+    ramp: bool,
+}
+
+fn ramps() -> bool {
+    true
+}
+
+/// Reads `[[plan.schedule]]`, turning `ramp = false` into a step change: a copy of the
+/// previous point's weights one step before, so they hold until the new weights start.
+/// Written as two points a step change is the same schedule to everything downstream
+/// (the planner, reloads, the journal in cursor blobs), so nothing else needs to know.
+fn schedule_with_steps<'de, D>(d: D) -> Result<Vec<SchedulePoint>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let written = Vec::<WrittenPoint>::deserialize(d)?;
+    let mut out: Vec<SchedulePoint> = Vec::with_capacity(written.len());
+    for (i, p) in written.into_iter().enumerate() {
+        if !p.ramp {
+            let Some(prev) = out.last() else {
+                return Err(D::Error::custom(format!(
+                    "plan.schedule[{i}].ramp = false: the first point has no weights before \
+                     it to hold"
+                )));
+            };
+            if p.step > prev.step.saturating_add(1) {
+                let held = SchedulePoint {
+                    step: p.step - 1,
+                    weights: prev.weights.clone(),
+                };
+                out.push(held);
+            }
+        }
+        out.push(SchedulePoint {
+            step: p.step,
+            weights: p.weights,
+        });
+    }
+    Ok(out)
+}
+
+/// Why a schedule edit reaches back to step `at`, when the cause is a ramp: `at` is the
+/// step after a point whose weights now ramp towards a later point, which surprises
+/// whoever added that later point expecting a change there. `None` for other causes.
+pub fn ramp_note(new: &[SchedulePoint], at: u64) -> Option<String> {
+    let prev = new.iter().rev().find(|p| p.step < at)?;
+    let next = new.iter().find(|p| p.step > at)?;
+    if prev.step.checked_add(1) != Some(at) {
+        return None;
+    }
+    Some(format!(
+        "weights ramp linearly between the points at steps {} and {}, so the point at step \
+         {} changes every step from {at} on; to change them at step {} only, add \
+         `ramp = false` to that [[plan.schedule]] entry (the weights of step {} then hold \
+         until step {})",
+        prev.step,
+        next.step,
+        next.step,
+        next.step,
+        prev.step,
+        next.step - 1
+    ))
 }
 
 fn default_window() -> u64 {
@@ -218,6 +300,27 @@ impl PlanConfig {
         }
     }
 
+    /// One warning per weights point that leaves a domain out (it gets weight 0 there),
+    /// because a forgotten or misspelt domain would otherwise drop out of the mixture
+    /// silently; writing `name = 0` says it is meant and silences the warning.
+    pub fn unweighted_warnings(&self, domains: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, p) in self.points().iter().enumerate() {
+            let field = if self.schedule.is_empty() {
+                "plan.weights".to_string()
+            } else {
+                format!("plan.schedule[{i}].weights (step {})", p.step)
+            };
+            for name in domains.iter().filter(|n| !p.weights.contains_key(**n)) {
+                out.push(format!(
+                    "{field} does not name domain `{name}`, so it gets weight 0 there and \
+                     none of its data is read; write `{name} = 0` if that is meant"
+                ));
+            }
+        }
+        out
+    }
+
     /// Checks every field against the domain names it will be used with.
     pub fn validate(&self, domains: &[(&str, DomainSettings)]) -> Result<(), SettingError> {
         if self.seq_len < 1 || self.seq_len > MAX_SEQ_LEN {
@@ -237,6 +340,16 @@ impl PlanConfig {
                 "plan.best_fit_window",
                 format!("{} is outside 1..={MAX_WINDOW}", self.best_fit_window),
             ));
+        }
+        if let Some(v) = self.vocab_size {
+            for (field, id) in [
+                ("plan.pad_token", Some(self.pad_token)),
+                ("plan.eod_token", self.eod_token),
+            ] {
+                if let Some(id) = id.filter(|&id| id >= v) {
+                    return Err(bad(field, format!("{id} is not below plan.vocab_size {v}")));
+                }
+            }
         }
         if self.weights.is_some() && !self.schedule.is_empty() {
             return Err(bad(
@@ -393,4 +506,77 @@ pub fn validate_weights(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> Result<PlanConfig, SettingError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| bad("toml", e.to_string()))?;
+        PlanConfig::from_table(&table)
+    }
+
+    const HEAD: &str = "seq_len = 8\nglobal_batch_rows = 2\n";
+
+    #[test]
+    fn ramp_false_is_a_step_change_stored_as_two_points() {
+        let p = plan(&format!(
+            "{HEAD}[[schedule]]\nstep = 0\nweights = {{ a = 1, b = 1 }}\n\
+             [[schedule]]\nstep = 300\nramp = false\nweights = {{ a = 3, b = 1 }}\n"
+        ))
+        .unwrap();
+        let steps: Vec<(u64, f64)> = p
+            .points()
+            .iter()
+            .map(|q| (q.step, q.weights["a"]))
+            .collect();
+        assert_eq!(steps, vec![(0, 1.0), (299, 1.0), (300, 3.0)]);
+        // Adjacent points need no copy; the first point has nothing to hold.
+        let p = plan(&format!(
+            "{HEAD}[[schedule]]\nstep = 0\nweights = {{ a = 1 }}\n\
+             [[schedule]]\nstep = 1\nramp = false\nweights = {{ a = 2 }}\n"
+        ))
+        .unwrap();
+        assert_eq!(p.points().len(), 2);
+        let err = plan(&format!(
+            "{HEAD}[[schedule]]\nstep = 5\nramp = false\nweights = {{ a = 1 }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("plan.schedule[0].ramp = false: the first point has no weights"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ramp_note_names_the_ramp_that_reaches_back() {
+        let point = |step, a: f64| SchedulePoint {
+            step,
+            weights: [("a".to_string(), a)].into_iter().collect(),
+        };
+        let new = [point(0, 1.0), point(300, 2.0)];
+        let note = ramp_note(&new, 1).unwrap();
+        assert!(
+            note.starts_with("weights ramp linearly between the points at steps 0 and 300"),
+            "{note}"
+        );
+        assert!(note.contains("add `ramp = false`"), "{note}");
+        // A difference that is not the step after a point is not a ramp's doing.
+        assert_eq!(ramp_note(&new, 150), None);
+        assert_eq!(ramp_note(&[point(0, 1.0)], 1), None);
+    }
+
+    #[test]
+    fn unweighted_domains_are_warned_about() {
+        let p = plan(&format!("{HEAD}weights = {{ a = 1, c = 0 }}\n")).unwrap();
+        let w = p.unweighted_warnings(&["a", "b", "c"]);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].starts_with("plan.weights does not name domain `b`, so it gets weight 0"),
+            "{}",
+            w[0]
+        );
+    }
 }

@@ -260,7 +260,14 @@ struct State {
     failed_reloads: BTreeMap<&'static str, u64>,
     /// Steps claimed so far: the clock of `RingStats::last_claim`.
     claims: u64,
+    /// Real tokens per domain of rings whose last peer left, and the most advanced of
+    /// their published cursors: `status` keeps counting what was delivered after the
+    /// clients have gone instead of falling back to zero.
+    retired: (Vec<u64>, Option<Published>),
 }
+
+/// A ring's last published cursor for `status`: its step, the blob, the planner's epochs.
+type Published = (u64, Vec<u8>, Vec<f64>);
 
 impl State {
     /// The first trainer step a change may still shape.
@@ -401,6 +408,7 @@ impl Hub {
                 reloads: BTreeMap::new(),
                 failed_reloads: BTreeMap::new(),
                 claims: 0,
+                retired: (Vec::new(), None),
             }),
             work: Condvar::new(),
             fill: Mutex::new(FillStats::default()),
@@ -855,6 +863,7 @@ impl Hub {
             "token_dtype": layout.token.0.name(),
             "pad_token": cfg.pad_token,
             "eod_token": cfg.eod_token,
+            "vocab_size": cfg.vocab_size,
             "domains": plan.domain_names(),
             "slots": layout.slots,
             "slot_offset": super::ring::RING_HEADER,
@@ -957,9 +966,21 @@ impl Hub {
                 published = entry.published,
                 "last peer left; ring dropped"
             );
-            j.rings.remove(&dp_rank);
+            let removed = j.rings.remove(&dp_rank);
             if j.rings.is_empty() {
                 st.jobs.remove(job);
+            }
+            if let Some(e) = removed {
+                let (tokens, best) = &mut st.retired;
+                tokens.resize(tokens.len().max(e.stats.domain_tokens.len()), 0);
+                for (s, t) in tokens.iter_mut().zip(&e.stats.domain_tokens) {
+                    *s += t;
+                }
+                if let Some((step, c)) = e.cursors.back() {
+                    if best.as_ref().is_none_or(|b| *step > b.0) {
+                        *best = Some((*step, c.clone(), e.planner.epochs()));
+                    }
+                }
             }
         }
         drop(st);
@@ -1346,8 +1367,11 @@ impl Hub {
         let (plan, mut out, best, delivered) = {
             let st = self.lock();
             let mut jobs: Vec<serde_json::Value> = Vec::new();
-            let mut best: Option<(u64, Vec<u8>, Vec<f64>)> = None;
+            let mut best: Option<Published> = st.retired.1.clone();
             let mut delivered: Vec<u64> = vec![0; st.plan.domain_names().len()];
+            for (s, t) in delivered.iter_mut().zip(&st.retired.0) {
+                *s += t;
+            }
             let mut names: Vec<&String> = st.jobs.keys().collect();
             names.sort();
             for name in names {

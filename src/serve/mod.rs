@@ -54,7 +54,7 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeConfig {
-    /// Unix socket path.
+    /// Unix socket path (default: [`default_socket`], creatable without root).
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
     /// Slots per dp-rank ring: how many steps a rank may have ready ahead.
@@ -142,8 +142,105 @@ fn default_watch() -> u64 {
 fn default_drain() -> u64 {
     10_000
 }
-fn default_socket() -> PathBuf {
-    PathBuf::from("/run/millrace/millrace.sock")
+/// The socket used when `[serve] socket` is absent: one that an unprivileged user can
+/// create, so a config written by `millrace synth` serves without root. (The systemd
+/// unit's config names `/run/millrace/millrace.sock`, which its RuntimeDirectory makes.)
+pub fn default_socket() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    default_socket_for(std::env::var_os("XDG_RUNTIME_DIR").as_deref(), uid)
+}
+
+/// [`default_socket`] for a given `$XDG_RUNTIME_DIR` and uid: `$XDG_RUNTIME_DIR/millrace.sock`
+/// when it is set to an absolute path (the XDG spec ignores others), else
+/// `/tmp/millrace-UID/millrace.sock`. The Python client's `default_socket()` mirrors it.
+pub fn default_socket_for(xdg_runtime_dir: Option<&std::ffi::OsStr>, uid: u32) -> PathBuf {
+    match xdg_runtime_dir.map(Path::new) {
+        Some(dir) if dir.is_absolute() => dir.join("millrace.sock"),
+        _ => PathBuf::from(format!("/tmp/millrace-{uid}/millrace.sock")),
+    }
+}
+
+/// Why `serve` could not bind `socket` as this user, found without binding it, so that
+/// `check-config` fails exactly where `serve` would: the path is too long for a unix
+/// socket, or its directory cannot be created or written.
+pub fn socket_problem(socket: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    // sun_path holds 108 bytes, one of them the terminating NUL.
+    let len = socket.as_os_str().as_bytes().len();
+    if len > 107 {
+        return Some(format!(
+            "socket path {} is {len} bytes; a unix socket path may have at most 107",
+            socket.display()
+        ));
+    }
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // The nearest directory that exists is where serve must create (or bind) something.
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Some(format!(
+            "cannot create the socket {}: {} is not a directory",
+            socket.display(),
+            existing.display()
+        ));
+    }
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else {
+        return Some(format!(
+            "socket path {} contains a NUL byte",
+            socket.display()
+        ));
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    // The /tmp fallback's directory must be this user's: whoever owns it could replace
+    // the socket with their own and read every trainer's requests.
+    if existing == dir && dir == default_socket_for(None, uid).parent().unwrap_or(dir) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if meta.uid() != uid {
+                return Some(format!(
+                    "{} belongs to uid {}, not to uid {uid}; remove it, or set [serve] socket",
+                    dir.display(),
+                    meta.uid()
+                ));
+            }
+        }
+    }
+    // SAFETY: c is a valid NUL-terminated path; access only reads it.
+    let writable = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+    if writable {
+        return None;
+    }
+    let what = if existing == dir {
+        format!(
+            "cannot create the socket {} in {}",
+            socket.display(),
+            dir.display()
+        )
+    } else {
+        format!(
+            "cannot create the socket directory {} in {}",
+            dir.display(),
+            existing.display()
+        )
+    };
+    Some(format!(
+        "{what}: uid {uid} may not write there; set [serve] socket (or --socket) to a path \
+         you may create (without it, serve uses {})",
+        default_socket().display()
+    ))
 }
 fn default_slots() -> u32 {
     4
@@ -312,6 +409,12 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
             )
         })?;
     }
+    if let Some(why) = socket_problem(&l.serve.socket) {
+        bail!("{}: [serve] socket: {why}", args.config.display());
+    }
+    for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
+        eprintln!("warning: {}: {w}", args.config.display());
+    }
     let shards: usize = l.shards.iter().map(Vec::len).sum();
     println!(
         "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {}",
@@ -330,8 +433,27 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     let t0 = std::time::Instant::now();
     let mut l = load(&args.config)?;
+    let from_flag = args.socket.is_some();
     if let Some(s) = args.socket {
         l.serve.socket = s;
+    }
+    if let Some(why) = socket_problem(&l.serve.socket) {
+        if from_flag {
+            bail!("--socket: {why}");
+        }
+        bail!("{}: [serve] socket: {why}", args.config.display());
+    }
+    // A socket directory this run creates goes when it stops (as root, `/run/millrace`
+    // would otherwise stay behind); one that existed, like systemd's RuntimeDirectory,
+    // stays.
+    let made_dir = l
+        .serve
+        .socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf);
+    for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
+        warn!("{}: {w}", args.config.display());
     }
     info!(
         fingerprint = %format!("{:032x}", l.plan.fingerprint()),
@@ -375,6 +497,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         fd_limit,
         warn_conn: limits::Throttle::new("refused connections", 20, Duration::from_secs(10)),
         warn_accept: limits::Throttle::new("failed accepts", 5, Duration::from_secs(10)),
+        last_reload: Mutex::new(None),
         serve,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -398,6 +521,10 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         let _ = w.join();
     }
     runtime.shutdown_timeout(Duration::from_secs(2));
+    if let Some(dir) = made_dir {
+        // remove_dir removes only an empty directory: nothing else there is touched.
+        let _ = std::fs::remove_dir(dir);
+    }
     result
 }
 
@@ -422,6 +549,9 @@ struct Daemon {
     warn_conn: limits::Throttle,
     /// Warnings about failed accepts (EMFILE, ENFILE).
     warn_accept: limits::Throttle,
+    /// The outcome of the last reload (file, SIGHUP or ctl), for `status` and `top`: a
+    /// refused file edit must be seen where people look, not only in the log.
+    last_reload: Mutex<Option<serde_json::Value>>,
 }
 
 /// The parts of the config file a reload compares against.
@@ -462,6 +592,22 @@ impl Daemon {
     /// the one last applied. Anything else that changed in `[corpus]` or `[plan]` refuses
     /// the reload as a whole (it needs a restart); `[serve]` changes are only warned about.
     fn reload_file(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
+        let r = self.reload_file_once(source);
+        let unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let outcome = match &r {
+            Ok(a) => serde_json::json!({"source": source, "ok": true, "unix_s": unix_s,
+                                        "message": a.message}),
+            Err(e) => serde_json::json!({"source": source, "ok": false, "unix_s": unix_s,
+                                         "code": e.code, "message": e.message}),
+        };
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+        r
+    }
+
+    /// One reload, as [`Daemon::reload_file`] describes; that wrapper records the outcome.
+    fn reload_file_once(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let parsed = (|| -> Result<(Config, PlanConfig), String> {
             let (cfg, hash) = read_config(&self.config)?;
@@ -505,15 +651,27 @@ impl Daemon {
             running.serve = cfg.serve.clone();
         }
         let points = plan.points();
-        let r = self.hub.change(&ChangeRequest {
-            proposal: Proposal::Schedule {
-                old: running.points.clone(),
-                new: points.clone(),
-            },
-            at_step: None,
-            late: self.serve.late_changes.late(),
-            source,
-        });
+        let r = self
+            .hub
+            .change(&ChangeRequest {
+                proposal: Proposal::Schedule {
+                    old: running.points.clone(),
+                    new: points.clone(),
+                },
+                at_step: None,
+                late: self.serve.late_changes.late(),
+                source,
+            })
+            .map_err(|mut e| {
+                // Say why the edit reaches back that far when a ramp is the reason.
+                // (Both are in the schedule's own steps, as its points are.)
+                let at = self.hub.plan().points_difference(&running.points, &points);
+                let note = at.and_then(|p| crate::plan::config::ramp_note(&points, p));
+                if let (Some(note), "late") = (note, e.code) {
+                    e.message = format!("{}; {note}", e.message);
+                }
+                e
+            });
         match &r {
             Ok(a) => {
                 running.points = points;
@@ -633,6 +791,12 @@ impl Daemon {
             "open": self.control.open(),
             "max": self.control.cap(),
         });
+        s["last_reload"] = self
+            .last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(serde_json::Value::Null);
         s
     }
 }

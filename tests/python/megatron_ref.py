@@ -16,7 +16,8 @@ import zipfile
 from pathlib import Path
 
 MEGATRON_CORE_VERSION = "0.16.1"
-DEFAULT_CACHE_DIR = "/tmp/millrace-megatron-wheel"
+# Under target/, with the rest of the build and test debris (cargo clean removes it).
+DEFAULT_CACHE_DIR = str(Path(__file__).resolve().parents[2] / "target" / "megatron-wheel")
 _MODULE_PATH = "megatron/core/datasets/indexed_dataset.py"
 _MODULE_NAME = "millrace_megatron_indexed_dataset"
 

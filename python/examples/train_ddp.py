@@ -1,0 +1,143 @@
+"""Data-parallel training from a millrace daemon under torchrun, resumable at any world size.
+
+    millrace synth --out data && millrace serve --config data/millrace.toml &
+    torchrun --nproc-per-node 2 train_ddp.py --steps 6 --checkpoint ddp.pt
+    torchrun --nproc-per-node 1 train_ddp.py --steps 10 --checkpoint ddp.pt   # resumes
+
+On a CPU the ranks talk over gloo, on GPUs over NCCL. What it shows:
+
+- Each rank's client: ``dp_rank = RANK`` and ``dp_size = WORLD_SIZE`` from torchrun's
+  environment. Rank r of R receives rows [rG/R, (r+1)G/R) of every global batch of G rows,
+  so together the ranks train on exactly the batch a single process would.
+- The loss normalised by the *global* loss-token count: each rank sums its cross entropy
+  over its loss tokens and divides by the loss tokens of all ranks (an all-reduce of
+  ``batch.loss_tokens``-like counts). DDP averages gradients over R ranks, so the loss is
+  multiplied by R: the gradient is then that of ``sum(ce * mask) / global_loss_tokens``,
+  the same at any world size (a per-rank mean would weight a token by its rank's count).
+- Checkpoints hold ONE cursor, rank 0's. A cursor blob is the position of the whole
+  global batch (every rank's rows: the plan is global, a rank only takes its slice), and
+  ranks step in lockstep, so every rank's blob at a step is the same. The example checks
+  that the ranks agree on the step before saving.
+- Resume with a different world size: the blob does not depend on dp_size, so a run
+  saved with 2 ranks resumes with 1 (or 4, any divisor of global_batch_rows) at exactly
+  the next step; the model and optimizer state are the same at any world size.
+- A live mixture change: with ``--change-at STEP --change web=0.7,code=0.1`` rank 0
+  decides the change, ``forward_change`` broadcasts it and has one rank per node send it
+  to its node's daemon, and every rank gets the same reply (the step it applies from).
+  The daemon's change journal travels in the cursor blobs, so a resumed run keeps it.
+
+The model and step are those of train_tiny.py (beside this file): on a CPU each rank
+trains on the first ``--positions`` inputs of its slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import millrace
+from millrace.control import Control, forward_change
+from millrace.torch_adapter import TorchClient
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_tiny import TinyLM, train_step  # noqa: E402
+
+
+def parse_weights(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        name, _, w = part.partition("=")
+        out[name.strip()] = float(w)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--socket", default=None,
+                    help="the node's daemon (default: millrace.default_socket())")
+    ap.add_argument("--steps", type=int, default=10, help="train until this many steps")
+    ap.add_argument("--checkpoint", default="ddp.pt")
+    ap.add_argument("--job", default="train_ddp")
+    ap.add_argument("--positions", type=int, default=512,
+                    help="inputs of each rank's slice to train on (CPU: keep it small)")
+    ap.add_argument("--change-at", type=int, default=None,
+                    help="at this step, change the mixture (for steps well ahead)")
+    ap.add_argument("--change", default="web=0.7,code=0.1,books=0.1,wiki=0.1")
+    args = ap.parse_args()
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)  # before connecting: the ring is registered there
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    torch.manual_seed(0)  # the same initial model on every rank
+
+    client = millrace.Client(args.socket, dp_rank=rank, dp_size=world, job=args.job)
+    stream = TorchClient(client, device=device, prefetch=1 if cuda else 0)
+    ckpt = None
+    if os.path.exists(args.checkpoint):
+        ckpt = torch.load(args.checkpoint, weights_only=False, map_location="cpu")
+        stream.load_state_dict(ckpt["data"])  # every rank: the same, global, position
+        if rank == 0:
+            print(f"resuming after step {ckpt['data']['step']} with {world} ranks "
+                  f"(saved with {ckpt['world']})", flush=True)
+    w = client.welcome
+    model = TinyLM(w["vocab_size"], max_pos=w["seq_len"]).to(device)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optim"])
+    ddp = DDP(model)
+    ctl = Control(client.socket_path)
+    n = min(args.positions, w["rows"] * w["seq_len"])
+
+    last = stream.state_dict()["step"]
+    while last + 1 < args.steps:
+        tb = next(stream)
+        mask = tb.loss_mask.reshape(-1)[:n]
+        tokens = torch.tensor(float(mask.sum()), device=device)
+        dist.all_reduce(tokens)  # the loss tokens of every rank at this step
+        # / global tokens, * world: DDP's gradient mean then gives sum(ce*mask)/global.
+        loss = train_step(ddp, optim, tb, n, loss_tokens_total=tokens.clamp(min=1) / world)
+        last = tb.step
+        shown = loss.detach().clone()
+        dist.all_reduce(shown)  # sum over ranks of sum_r(ce*mask) * world / global
+        if rank == 0:
+            print(f"step {tb.step} loss {shown.item() / world:.4f} "
+                  f"global_loss_tokens {int(tokens)}", flush=True)
+        if args.change_at is not None and tb.step == args.change_at:
+            change = None
+            if rank == 0:
+                # Ahead of what this node's daemon has published (ring slots and
+                # prefetch, for every job it serves), with a margin for the other nodes.
+                first = ctl.status()["first_changeable_step"]
+                change = {"weights": parse_weights(args.change), "at_step": first + 8}
+            reply = forward_change(ctl, change)
+            if rank == 0:
+                print(f"mixture change applies from step {reply['applied_step']}", flush=True)
+
+    steps = [None] * world
+    dist.all_gather_object(steps, last)
+    assert len(set(steps)) == 1, f"ranks stopped at different steps: {steps}"
+    if rank == 0:
+        state = stream.state_dict()
+        tmp = args.checkpoint + ".tmp"
+        torch.save({"model": model.state_dict(), "optim": optim.state_dict(),
+                    "data": state, "world": world}, tmp)
+        os.replace(tmp, args.checkpoint)
+        print(f"saved after step {state['step']}", flush=True)
+    dist.barrier()
+    stream.close()
+    ctl.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
