@@ -9,15 +9,16 @@
 //! after a reload reproduces the stream even on a daemon that never saw the reload. Its
 //! size depends only on the number of domains, reseeds and changes, never on the corpus.
 
-use super::domain::StreamState;
+use super::domain::{StreamState, Tail};
 use super::journal::{Change, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"MRCURSOR";
-/// The layout version this build writes (it also reads 1, which had no journal).
-pub const VERSION: u16 = 2;
+/// The layout version this build writes (it also reads 1, which had no journal, and 2,
+/// which had no tails of batch-grouped windows).
+pub const VERSION: u16 = 3;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -106,6 +107,20 @@ impl W {
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    fn chain(&mut self, chain: &[Reshuffle]) {
+        self.u16(chain.len() as u16);
+        for r in chain {
+            self.u64(r.start);
+            self.u64(r.key);
+        }
+    }
+    fn pending(&mut self, pending: &[(u32, u32)]) {
+        self.u16(pending.len() as u16);
+        for &(b, done) in pending {
+            self.u32(b);
+            self.u32(done);
+        }
+    }
 }
 
 struct R<'a> {
@@ -138,6 +153,25 @@ impl R<'_> {
         let mut a = [0u8; 8];
         a.copy_from_slice(s);
         Ok(u64::from_le_bytes(a))
+    }
+    fn chain(&mut self) -> Result<Vec<Reshuffle>, CursorError> {
+        let k = self.len("reshuffles")?;
+        let mut chain = Vec::with_capacity(k);
+        for _ in 0..k {
+            chain.push(Reshuffle {
+                start: self.u64()?,
+                key: self.u64()?,
+            });
+        }
+        Ok(chain)
+    }
+    fn pending(&mut self) -> Result<Vec<(u32, u32)>, CursorError> {
+        let k = self.len("pending")?;
+        let mut pending = Vec::with_capacity(k);
+        for _ in 0..k {
+            pending.push((self.u32()?, self.u32()?));
+        }
+        Ok(pending)
     }
     fn len(&mut self, what: &str) -> Result<usize, CursorError> {
         let n = self.u16()? as usize;
@@ -174,17 +208,17 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
         w.u64(s.rows);
         w.u64(s.tokens);
         w.u64(s.split_groups);
-        for chain in [&s.pos_chain, &s.block_chain] {
-            w.u16(chain.len() as u16);
-            for r in chain.iter() {
-                w.u64(r.start);
-                w.u64(r.key);
-            }
-        }
-        w.u16(s.pending.len() as u16);
-        for &(b, done) in &s.pending {
-            w.u32(b);
-            w.u32(done);
+        w.chain(&s.pos_chain);
+        w.chain(&s.block_chain);
+        w.pending(&s.pending);
+        w.u16(s.tails.len() as u16);
+        for t in &s.tails {
+            w.u32(t.epoch);
+            w.u8(t.grouped as u8);
+            w.u64(t.epoch_seed);
+            w.u64(t.window_start);
+            w.chain(&t.pos_chain);
+            w.pending(&t.pending);
         }
     }
     w.u16(c.journal.len() as u16);
@@ -255,24 +289,21 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
             split_groups: r.u64()?,
             ..StreamState::default()
         };
-        for which in 0..2 {
-            let k = r.len("reshuffles")?;
-            let mut chain = Vec::with_capacity(k);
+        s.pos_chain = r.chain()?;
+        s.block_chain = r.chain()?;
+        s.pending = r.pending()?;
+        if version >= 3 {
+            let k = r.len("tails")?;
             for _ in 0..k {
-                chain.push(Reshuffle {
-                    start: r.u64()?,
-                    key: r.u64()?,
+                s.tails.push(Tail {
+                    epoch: r.u32()?,
+                    grouped: r.u8()? != 0,
+                    epoch_seed: r.u64()?,
+                    window_start: r.u64()?,
+                    pos_chain: r.chain()?,
+                    pending: r.pending()?,
                 });
             }
-            if which == 0 {
-                s.pos_chain = chain;
-            } else {
-                s.block_chain = chain;
-            }
-        }
-        let k = r.len("pending")?;
-        for _ in 0..k {
-            s.pending.push((r.u32()?, r.u32()?));
         }
         streams.push(s);
     }
