@@ -617,7 +617,8 @@ impl Stream {
 
         // 1. Blocks already spanning batches continue, oldest first (tails, then the
         //    current window), each at most the cap and leaving a row for each one after.
-        // 2. Blocks that waited a step: whole if they fit now, else they start spanning.
+        // 2. Blocks waiting: whole if they fit now; one too large for any batch at this
+        //    step's rows starts spanning when there is room for another span.
         let mut owed = self.spanning() as u32;
         for started in [true, false] {
             for t in 0..=self.state.tails.len() {
@@ -639,13 +640,10 @@ impl Stream {
                         left.min(span_cap).min(remaining.saturating_sub(owed))
                     } else if rows <= remaining && rows <= limit {
                         rows
-                    } else if self.spanning() < max_spans {
-                        if rows <= limit {
-                            self.state.split_groups += 1;
-                        }
+                    } else if rows > limit && self.spanning() < max_spans {
                         rows.min(remaining).min(span_cap)
                     } else {
-                        0 // no room for another spanning block: keeps waiting
+                        0 // keeps waiting: for room in a batch, or for a span to end
                     };
                     self.emit_rows(d, domain, &w, epoch, kind, b, done, take, &mut out);
                     remaining -= take;
