@@ -10,6 +10,9 @@
 //!   one token; best_fit never cuts a unit that fits a row; grouped units keep reading
 //!   order; batch grouping keeps groups in one batch (with the exceptions that really
 //!   exist, asserted precisely); the report's tally agrees with an independent count.
+//! - `batch_grouping_*` (issue 14): every group of a batch-grouped domain in one batch or
+//!   consecutive batches, never above the cap, across epoch ends, checked by
+//!   tests/grouping_check (shared with the CLI test), and `plan`'s figures agree.
 //! - `resume_*`: restoring a blob and `seek` continue the uninterrupted stream bit for bit,
 //!   for every packing x grouping mode with bursty, upsampling, schedules, skips, reseeds.
 //! - `dp_*`: rank slices partition the global batch as [rG/R, (r+1)G/R).
@@ -2281,6 +2284,102 @@ fn eight_domains() -> (Vec<DomSpec>, PlanConfig) {
         .collect();
     cfg.skip = vec![Skip { steps: [15, 17] }];
     (domains, cfg)
+}
+
+/// Rewrites a layout 3 blob without tails as the layout 2 blob an older build wrote: the
+/// same bytes less each domain's (zero) tail count, version 2, new length and checksum.
+fn as_layout_2(blob: &[u8]) -> Vec<u8> {
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]) as usize;
+    assert_eq!(u16_at(blob, 8), 3, "written as layout 3");
+    let mut out = blob[..58].to_vec();
+    let domains = u16_at(blob, 56);
+    let mut at = 58;
+    for _ in 0..domains {
+        let mut end = at + 70;
+        for item in [16, 16, 8] {
+            end += 2 + item * u16_at(blob, end);
+        }
+        out.extend_from_slice(&blob[at..end]);
+        assert_eq!(
+            u16_at(blob, end),
+            0,
+            "a blob with tails has no layout 2 form"
+        );
+        at = end + 2;
+    }
+    out.extend_from_slice(&blob[at..blob.len() - 8]);
+    out[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let total = (out.len() + 8) as u32;
+    out[12..16].copy_from_slice(&total.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
+}
+
+/// Issue 14: layout 3 added batch grouping's tails; a layout 2 blob (no tails) still
+/// decodes and resumes bit for bit where its state has none (FORMATS.md, Cursor blob).
+#[test]
+fn cursor_layout_2_blobs_still_resume() {
+    let (domains, cfg) = eight_domains();
+    let plan = build(&domains, cfg);
+    let mut p = plan.start();
+    let (mut resumed, mut with_tails) = (0, 0);
+    for _ in 0..80 {
+        p.next_batch();
+        let blob = p.cursor();
+        let data = cursor::decode(&blob).unwrap();
+        if data.streams.iter().any(|s| !s.tails.is_empty()) {
+            with_tails += 1;
+            continue;
+        }
+        let old = as_layout_2(&blob);
+        assert_eq!(cursor::decode(&old).unwrap(), data);
+        let mut q = plan.restore(&old).expect("a layout 2 blob resumes");
+        let mut r = p.plan().restore(&blob).unwrap();
+        for _ in 0..5 {
+            assert_eq!(q.next_batch().rows, r.next_batch().rows);
+        }
+        resumed += 1;
+    }
+    assert!(
+        resumed > 40,
+        "{resumed} blobs without tails, {with_tails} with"
+    );
+}
+
+/// Issue 14: a blob taken while spanning groups drain as tails (after window and epoch
+/// ends) restores bit for bit: restore, seek and the uninterrupted planner agree.
+#[test]
+fn resume_with_batch_grouping_tails_is_bit_for_bit() {
+    let mut rng = Pcg64::seed_from_u64(14);
+    let domains = spanning_corpus(&mut rng, 0.25);
+    let mut cfg = base_config(16, 32, Packing::BestFit, 11);
+    cfg.weights = Some(weights_map(&[("code", 0.6), ("web", 0.4)]));
+    cfg.reseed = vec![Reseed { step: 40, seed: 9 }];
+    let plan = build(&domains, cfg);
+    let mut p = plan.start();
+    let all: Vec<GlobalBatch> = (0..310).map(|_| p.next_batch()).collect();
+    let mut p = plan.start();
+    let mut with_tails = 0;
+    for step in 1..300usize {
+        p.next_batch();
+        if p.stream(0).unwrap().tails.is_empty() {
+            continue;
+        }
+        with_tails += 1;
+        if with_tails % 5 != 1 {
+            continue;
+        }
+        let blob = p.cursor();
+        let mut q = plan.restore(&blob).expect("restores");
+        let mut r = plan.seek(step as u64);
+        assert_eq!(r.cursor(), blob, "step {step}: seek reaches the same state");
+        for want in &all[step..step + 8] {
+            assert_eq!(&q.next_batch(), want, "step {step}: restore");
+            assert_eq!(&r.next_batch(), want, "step {step}: seek");
+        }
+    }
+    assert!(with_tails > 20, "{with_tails} steps with tails");
 }
 
 #[test]
