@@ -30,6 +30,7 @@ pub struct EodDomain {
 /// Counts, per domain, the documents that do not end with `eod`. `domains` pairs each
 /// domain's name with its shards in config order.
 pub fn check(domains: &[(String, Vec<Arc<Shard>>)], eod: u64) -> Result<Vec<EodDomain>> {
+    let want = i64::try_from(eod).ok(); // an id past i64 matches no stored token
     let mut out = Vec::with_capacity(domains.len());
     for (name, shards) in domains {
         let mut d = EodDomain {
@@ -43,7 +44,7 @@ pub fn check(domains: &[(String, Vec<Arc<Shard>>)], eod: u64) -> Result<Vec<EodD
                 let tokens = shard.doc_tokens(doc)?;
                 let last = tokens.len().checked_sub(1).and_then(|i| tokens.get_i64(i));
                 d.documents += 1;
-                if last != i64::try_from(eod).ok() || last.is_none() {
+                if last.is_none() || last != want {
                     d.missing += 1;
                     if d.first.is_none() {
                         d.first = Some((shard.path().display().to_string(), doc));

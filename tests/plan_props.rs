@@ -2046,10 +2046,10 @@ const BATCH_CASES: [(u32, f64, u64); 4] =
 /// Batch grouping (item 10 of the brief), on corpora where groups longer than a row are the rule. What
 /// holds (asserted): a group whose rows fit both the cap and its domain's rows of the
 /// step it starts in lands in one batch, except those the stream counts in
-/// `split_groups`; a long group takes exactly ceil(len / capacity) rows; a group takes
-/// more than the cap in one batch only in a step where its domain's packing window
-/// runs out (pending groups are then flushed whole). What does not hold is in
-/// `batch_grouping_spanning_groups_strict` (ignored).
+/// `split_groups`; a long group takes exactly ceil(len / capacity) rows; no group takes
+/// more than the cap in one batch away from window ends. Since issue 14 the cap also
+/// holds at window ends, and groups span consecutive batches: asserted in
+/// `batch_grouping_spanning_groups_strict`.
 #[test]
 fn batch_grouping_keeps_groups_in_one_batch() {
     let mut long = 0;
