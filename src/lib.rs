@@ -12,6 +12,7 @@ pub mod config;
 pub mod corpus;
 pub mod ctl;
 pub mod demo;
+pub mod eod;
 pub mod inspect;
 pub mod plan;
 pub mod serve;

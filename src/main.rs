@@ -491,7 +491,7 @@ fn run_plan(args: PlanArgs) -> Result<()> {
     use millrace::plan::report::{render_windows, Tally};
     let t0 = std::time::Instant::now();
     let loaded = Config::load(&args.config)?.load_plan()?;
-    let plan = loaded.plan;
+    let plan = loaded.plan.clone();
     for w in plan.config().unweighted_warnings(&plan.domain_names()) {
         eprintln!("warning: {}: {w}", args.config.display());
     }
@@ -514,6 +514,19 @@ fn run_plan(args: PlanArgs) -> Result<()> {
             windows.push(tally.finish(&planner.epochs()));
         }
     }
+    // Plan-time check of eod_token (never in the daemon's hot path): see src/eod.rs.
+    let eod = match plan.config().eod_token {
+        Some(e) => {
+            let domains: Vec<(String, Vec<std::sync::Arc<millrace::corpus::Shard>>)> = plan
+                .domain_names()
+                .iter()
+                .map(|n| n.to_string())
+                .zip(loaded.shards.iter().cloned())
+                .collect();
+            Some((e, millrace::eod::check(&domains, e)?))
+        }
+        None => None,
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
         let names = plan.domain_names();
@@ -521,6 +534,7 @@ fn run_plan(args: PlanArgs) -> Result<()> {
             "fingerprint": format!("{:032x}", plan.fingerprint()),
             "domains": names,
             "fill": plan.fill(),
+            "eod": eod.as_ref().map(|(_, r)| r),
             "windows": windows,
             "timings_ms": { "load": load_ms, "seek": seek_ms, "first_batch": first_ms },
             "memory_kb": rss_kb(),
@@ -551,7 +565,20 @@ fn run_plan(args: PlanArgs) -> Result<()> {
             "row fill used to turn token weights into rows: {}",
             fills.join(", ")
         )?;
+        if let Some((e, r)) = &eod {
+            write!(out, "{}", millrace::eod::render(r, *e))?;
+        }
         write!(out, "{}", render_windows(&windows))?;
+    }
+    if let (true, Some((e, r))) = (args.json, &eod) {
+        for d in r.iter().filter(|d| d.missing > 0) {
+            if let Some((shard, doc)) = &d.first {
+                eprintln!(
+                    "warning: domain {}: {} of {} documents do not end with eod_token {e} (first: {shard} document {doc})",
+                    d.domain, d.missing, d.documents
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -7,6 +7,9 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
+mod common;
+mod grouping_check;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_millrace"))
 }
@@ -241,4 +244,185 @@ fn bad_plan_config_names_the_field() {
     ]);
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+/// The synth config with the issue 14 geometry: `code` batch-grouped with max_share 0.25,
+/// 64 rows a batch, code at 60% of the tokens. Written next to the corpus (shard paths are
+/// relative to the config) under `name`.
+fn grouped_config(name: &str) -> String {
+    let text = std::fs::read_to_string(corpus().join("millrace.toml")).unwrap();
+    let mut t = text.replacen(
+        "shards = [\"code\"]",
+        "shards = [\"code\"]\ngrouping = { mode = \"batch\", max_share = 0.25 }",
+        1,
+    );
+    t = t.replacen("global_batch_rows = 256", "global_batch_rows = 64", 1);
+    let at = t.find("weights = {").expect("the synth config has weights");
+    let end = at + t[at..].find('}').unwrap() + 1;
+    t.replace_range(
+        at..end,
+        "weights = { web = 0.2, code = 0.6, books = 0.1, wiki = 0.1 }",
+    );
+    assert_ne!(t, text);
+    let path = corpus().join(name);
+    std::fs::write(&path, t).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Issue 14, item 1, end to end: over 300 steps (about a dozen epochs of `code`),
+/// `millrace explain --json` shows every code group in one batch or consecutive batches
+/// and never above the 16-row cap, and `millrace plan` reports no split and no over-cap
+/// group in any window. Before the fix this corpus showed 5 groups in non-consecutive
+/// batches and 13 (group, batch) pairs over the cap, and `plan` had no such figures.
+#[test]
+fn batch_grouping_holds_across_epoch_ends_and_plan_reports_it() {
+    let cfg = grouped_config("grouped-batch.toml");
+    let text = ok(&[
+        "explain", "--config", &cfg, "--step", "0", "--count", "300", "--json",
+    ]);
+    let mut batches = Vec::new();
+    for line in text.lines() {
+        let e = json(line);
+        let domain_rows = e["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c[0] == "code")
+            .and_then(|c| c[1].as_u64())
+            .expect("code has a count") as u32;
+        let rows = e["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["domain"] == "code")
+            .map(|r| {
+                let groups = r["segments"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|s| {
+                        let g = s["group"].as_u64()?;
+                        Some((s["shard"].as_str()?.to_string(), g))
+                    })
+                    .collect();
+                (r["epoch"].as_u64().unwrap() as u32, groups)
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(rows.len() as u32, domain_rows, "code rows vs its count");
+        batches.push(grouping_check::Batch {
+            step: e["step"].as_u64().unwrap(),
+            domain_rows,
+            rows,
+        });
+    }
+    assert_eq!(batches.len(), 300);
+    let last_epoch = batches
+        .iter()
+        .flat_map(|b| b.rows.iter().map(|r| r.0))
+        .max()
+        .unwrap();
+    assert!(last_epoch >= 3, "code reached epoch {last_epoch} only");
+    let r = grouping_check::check(&batches, 16);
+    assert!(
+        r.over_cap.is_empty(),
+        "{} over the cap, first: {:?}",
+        r.over_cap.len(),
+        r.over_cap.first()
+    );
+    assert!(
+        r.gaps.is_empty(),
+        "{} not in consecutive batches, first: {:?}",
+        r.gaps.len(),
+        r.gaps.first()
+    );
+    assert!(
+        r.spanning > 100,
+        "only {} groups spanned batches",
+        r.spanning
+    );
+    assert_eq!(r.max_rows, 16, "the largest groups take the whole cap");
+    // The plan report checks the same promise per window.
+    let v = json(&ok(&[
+        "plan", "--config", &cfg, "--steps", "300", "--window", "50", "--json",
+    ]));
+    let windows = v["windows"].as_array().expect("windows");
+    assert_eq!(windows.len(), 6);
+    for w in windows {
+        assert_eq!(w["split_groups"].as_u64(), Some(0), "window {w}");
+        assert_eq!(w["capped_groups"].as_u64(), Some(0), "window {w}");
+    }
+    let human = ok(&["plan", "--config", &cfg, "--steps", "20"]);
+    assert!(
+        human.contains("split groups 0") && human.contains("over-cap groups 0"),
+        "{human}"
+    );
+}
+
+/// Issue 14, item 2: with `eod_token` set, `millrace plan` counts per domain the documents
+/// that do not end with it and names the first (a warning), and says so for a domain where
+/// all do; without `eod_token` there is nothing to check. Before the fix `eod_token` was
+/// only echoed in WELCOME and `plan` reported nothing.
+#[test]
+fn plan_counts_documents_without_eod_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let u16 = common::CODES[7];
+    // Documents end with 2 except documents 3 and 7 of `dirty`, and its empty document 8.
+    let doc = |i: i64, end: bool| -> common::Doc {
+        let mut t: Vec<i64> = (0..20 + i).map(|j| 100 + j).collect();
+        if end {
+            t.push(2);
+        }
+        vec![t]
+    };
+    let clean: Vec<common::Doc> = (0..10).map(|i| doc(i, true)).collect();
+    let mut dirty: Vec<common::Doc> = (0..10).map(|i| doc(i, i != 3 && i != 7)).collect();
+    dirty[8] = vec![vec![]];
+    let clean_p = common::write_docs(dir.path(), "clean", u16, &clean);
+    let dirty_p = common::write_docs(dir.path(), "dirty", u16, &dirty);
+    let toml = |eod: &str| {
+        format!(
+            "[corpus]\n[[corpus.domain]]\nname = \"clean\"\nshards = [{:?}]\n\
+             [[corpus.domain]]\nname = \"dirty\"\nshards = [{:?}]\n\
+             [plan]\nseed = 1\nseq_len = 31\nglobal_batch_rows = 4\npacking = \"best_fit\"\n{eod}\
+             weights = {{ clean = 0.5, dirty = 0.5 }}\n",
+            clean_p.to_str().unwrap(),
+            dirty_p.to_str().unwrap()
+        )
+    };
+    let cfg = dir.path().join("eod.toml");
+    std::fs::write(&cfg, toml("eod_token = 2\n")).unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let out = run(&["plan", "--config", cfg_s, "--steps", "2", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&String::from_utf8(out.stdout).unwrap());
+    let eod = v["eod"].as_array().expect("an eod section");
+    assert_eq!(eod.len(), 2);
+    assert_eq!(eod[0]["domain"], "clean");
+    assert_eq!(eod[0]["documents"].as_u64(), Some(10));
+    assert_eq!(eod[0]["missing"].as_u64(), Some(0));
+    assert!(eod[0]["first"].is_null());
+    assert_eq!(eod[1]["domain"], "dirty");
+    assert_eq!(eod[1]["missing"].as_u64(), Some(3), "{}", eod[1]);
+    assert_eq!(eod[1]["first"][0].as_str(), dirty_p.to_str());
+    assert_eq!(eod[1]["first"][1].as_u64(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: domain dirty: 3 of 10 documents do not end with eod_token 2")
+            && err.contains("document 3"),
+        "{err}"
+    );
+    let human = ok(&["plan", "--config", cfg_s, "--steps", "2"]);
+    assert!(
+        human.contains("domain clean: all 10 documents end with eod_token 2")
+            && human.contains("warning: domain dirty: 3 of 10 documents"),
+        "{human}"
+    );
+    // Without eod_token nothing is checked.
+    std::fs::write(&cfg, toml("")).unwrap();
+    let v = json(&ok(&["plan", "--config", cfg_s, "--steps", "2", "--json"]));
+    assert!(v["eod"].is_null(), "{}", v["eod"]);
 }

@@ -165,7 +165,8 @@ pub struct PlanConfig {
     /// Units per packing window (both packings); bounds memory and resume cost.
     #[serde(default = "default_window")]
     pub best_fit_window: u64,
-    /// End-of-document id, for the materializer's checks and masks.
+    /// End-of-document id: `millrace plan` warns about documents that do not end with
+    /// it (src/eod.rs); the planner and the daemon's copy path never read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eod_token: Option<u64>,
     /// Id written into padding.

@@ -9,18 +9,18 @@
 //! after a reload reproduces the stream even on a daemon that never saw the reload. Its
 //! size depends only on the number of domains, reseeds and changes, never on the corpus.
 
-use super::domain::StreamState;
+use super::domain::{StreamState, Tail};
 use super::journal::{Change, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"MRCURSOR";
-/// The newest layout version this build reads and writes. It writes 2 while no live
-/// change has been superseded, and 3, which adds the superseded count after the
-/// journal, once one has, so blobs stay readable by older daemons as long as possible.
-/// It also reads 1, which had no journal.
-pub const VERSION: u16 = 3;
+/// The newest layout version this build reads and writes: 3 adds batch grouping's tails
+/// to each stream, 4 adds the count of superseded live changes after the journal. It
+/// writes 4 only once a change has been superseded, else 3, so blobs stay readable by
+/// older daemons as long as possible. It also reads 1 (no journal) and 2 (no tails).
+pub const VERSION: u16 = 4;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -92,7 +92,7 @@ pub struct CursorData {
     pub streams: Vec<StreamState>,
     /// Live mixture changes in force, in the order they were accepted.
     pub journal: Vec<Change>,
-    /// Changes accepted and then dropped from `journal` as superseded (layout 3; 0 in
+    /// Changes accepted and then dropped from `journal` as superseded (layout 4; 0 in
     /// older layouts, which never dropped one).
     pub superseded: u64,
 }
@@ -111,6 +111,20 @@ impl W {
     }
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn chain(&mut self, chain: &[Reshuffle]) {
+        self.u16(chain.len() as u16);
+        for r in chain {
+            self.u64(r.start);
+            self.u64(r.key);
+        }
+    }
+    fn pending(&mut self, pending: &[(u32, u32)]) {
+        self.u16(pending.len() as u16);
+        for &(b, done) in pending {
+            self.u32(b);
+            self.u32(done);
+        }
     }
 }
 
@@ -145,6 +159,25 @@ impl R<'_> {
         a.copy_from_slice(s);
         Ok(u64::from_le_bytes(a))
     }
+    fn chain(&mut self) -> Result<Vec<Reshuffle>, CursorError> {
+        let k = self.len("reshuffles")?;
+        let mut chain = Vec::with_capacity(k);
+        for _ in 0..k {
+            chain.push(Reshuffle {
+                start: self.u64()?,
+                key: self.u64()?,
+            });
+        }
+        Ok(chain)
+    }
+    fn pending(&mut self) -> Result<Vec<(u32, u32)>, CursorError> {
+        let k = self.len("pending")?;
+        let mut pending = Vec::with_capacity(k);
+        for _ in 0..k {
+            pending.push((self.u32()?, self.u32()?));
+        }
+        Ok(pending)
+    }
     fn len(&mut self, what: &str) -> Result<usize, CursorError> {
         let n = self.u16()? as usize;
         if n > MAX_LIST {
@@ -158,7 +191,7 @@ impl R<'_> {
 pub fn encode(c: &CursorData) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
-    w.u16(if c.superseded > 0 { 3 } else { 2 });
+    w.u16(if c.superseded > 0 { 4 } else { 3 });
     w.u16(0); // flags, reserved
     w.u32(0); // total length, patched below
     w.u64(c.fingerprint as u64);
@@ -180,17 +213,17 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
         w.u64(s.rows);
         w.u64(s.tokens);
         w.u64(s.split_groups);
-        for chain in [&s.pos_chain, &s.block_chain] {
-            w.u16(chain.len() as u16);
-            for r in chain.iter() {
-                w.u64(r.start);
-                w.u64(r.key);
-            }
-        }
-        w.u16(s.pending.len() as u16);
-        for &(b, done) in &s.pending {
-            w.u32(b);
-            w.u32(done);
+        w.chain(&s.pos_chain);
+        w.chain(&s.block_chain);
+        w.pending(&s.pending);
+        w.u16(s.tails.len() as u16);
+        for t in &s.tails {
+            w.u32(t.epoch);
+            w.u8(t.grouped as u8);
+            w.u64(t.epoch_seed);
+            w.u64(t.window_start);
+            w.chain(&t.pos_chain);
+            w.pending(&t.pending);
         }
     }
     w.u16(c.journal.len() as u16);
@@ -264,24 +297,21 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
             split_groups: r.u64()?,
             ..StreamState::default()
         };
-        for which in 0..2 {
-            let k = r.len("reshuffles")?;
-            let mut chain = Vec::with_capacity(k);
+        s.pos_chain = r.chain()?;
+        s.block_chain = r.chain()?;
+        s.pending = r.pending()?;
+        if version >= 3 {
+            let k = r.len("tails")?;
             for _ in 0..k {
-                chain.push(Reshuffle {
-                    start: r.u64()?,
-                    key: r.u64()?,
+                s.tails.push(Tail {
+                    epoch: r.u32()?,
+                    grouped: r.u8()? != 0,
+                    epoch_seed: r.u64()?,
+                    window_start: r.u64()?,
+                    pos_chain: r.chain()?,
+                    pending: r.pending()?,
                 });
             }
-            if which == 0 {
-                s.pos_chain = chain;
-            } else {
-                s.block_chain = chain;
-            }
-        }
-        let k = r.len("pending")?;
-        for _ in 0..k {
-            s.pending.push((r.u32()?, r.u32()?));
         }
         streams.push(s);
     }
@@ -309,7 +339,7 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
             journal.push(Change { at, points });
         }
     }
-    let superseded = if version >= 3 { r.u64()? } else { 0 };
+    let superseded = if version >= 4 { r.u64()? } else { 0 };
     if r.at != body.len() {
         return Err(CursorError::Malformed(format!(
             "{} unexpected bytes after the last domain",

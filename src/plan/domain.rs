@@ -280,8 +280,57 @@ pub struct StreamState {
     pub rows: u64,
     /// Real tokens handed out over the run.
     pub tokens: u64,
-    /// Groups split against the batch rule (too much pending, or a window ended).
+    /// Groups that fit one batch but were spread over consecutive batches (batch
+    /// grouping ran out of rows to fill a batch around them).
     pub split_groups: u64,
+    /// Earlier windows whose batch-grouped blocks are still being handed out, oldest
+    /// first (see [`Tail`]).
+    pub tails: Vec<Tail>,
+}
+
+/// A window whose blocks have all been drawn but some of which still span batches.
+/// Batch grouping keeps handing their rows out in the following steps, at most the cap
+/// per batch and in consecutive batches, while the next window (or epoch) supplies the
+/// rest of the domain's rows. It names its window the way [`StreamState`] does, so a
+/// restore repacks it; tails hold only spanning blocks, so there are at most as many as
+/// the domain has rows in a step (about `1 / max_share` when the cap is 2 rows or more).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tail {
+    /// The window's epoch.
+    pub epoch: u32,
+    /// Whether that epoch shuffled groups.
+    pub grouped: bool,
+    /// Seed in force when that epoch began.
+    pub epoch_seed: u64,
+    /// Reseeds of that epoch's positions, as they were when the window ended.
+    pub pos_chain: Vec<Reshuffle>,
+    /// First position of the window.
+    pub window_start: u64,
+    /// Its blocks still spanning: (block id, rows already taken, > 0).
+    pub pending: Vec<(u32, u32)>,
+}
+
+impl Tail {
+    /// The stream state that packs this window.
+    fn as_state(&self) -> StreamState {
+        StreamState {
+            epoch: self.epoch,
+            grouped: self.grouped,
+            epoch_seed: self.epoch_seed,
+            pos_chain: self.pos_chain.clone(),
+            window_start: self.window_start,
+            started: true,
+            ..StreamState::default()
+        }
+    }
+
+    fn kind(&self) -> UnitKind {
+        if self.grouped {
+            UnitKind::Group
+        } else {
+            UnitKind::Doc
+        }
+    }
 }
 
 /// Most blocks a batch-grouped domain passes over while looking for ones that fit.
@@ -291,6 +340,8 @@ pub const MAX_DEFERRED: usize = 16;
 pub(crate) struct Stream {
     pub(crate) state: StreamState,
     cache: Option<(u64, Arc<Window>, Permutation)>,
+    /// Packed tail windows, by (epoch, window start).
+    tail_cache: Vec<((u32, u64), Arc<Window>)>,
 }
 
 /// Packing constants shared by all streams.
@@ -302,13 +353,20 @@ pub(crate) struct Geometry {
 
 impl Stream {
     pub(crate) fn new(state: StreamState) -> Stream {
-        Stream { state, cache: None }
+        Stream {
+            state,
+            cache: None,
+            tail_cache: Vec::new(),
+        }
     }
 
     /// Checks a restored state against the window it points at, so a forged or stale
     /// blob is refused rather than indexing out of bounds later.
     pub(crate) fn check(&mut self, d: &DomainData, g: Geometry) -> Result<(), String> {
         if !self.state.started {
+            if !self.state.tails.is_empty() {
+                return Err("tails in a stream that has not started".into());
+            }
             return Ok(());
         }
         let n = d.virtual_units(self.kind());
@@ -332,17 +390,64 @@ impl Stream {
         if self.state.pending.len() > MAX_DEFERRED + w.blocks.len() {
             return Err("too many pending blocks".into());
         }
-        for &(b, done) in &self.state.pending {
-            match w.blocks.get(b as usize) {
-                Some(blk) if done < blk.rows => {}
-                _ => {
-                    return Err(format!(
-                        "pending block {b} (+{done} rows) is not in the window"
-                    ))
-                }
+        check_pending(&self.state.pending, &w)?;
+        for t in 0..self.state.tails.len() {
+            let tail = &self.state.tails[t];
+            let n = d.virtual_units(tail.kind());
+            if tail.window_start >= n.max(1) {
+                return Err(format!(
+                    "tail window start {} is past the epoch's {n} units",
+                    tail.window_start
+                ));
             }
+            if tail.grouped && d.units(UnitKind::Group) == 0 {
+                return Err("grouped tail in a domain without groups".into());
+            }
+            if tail.pending.is_empty() {
+                return Err("tail without pending blocks".into());
+            }
+            let tw = self.tail_window(d, g, t);
+            check_pending(&self.state.tails[t].pending, &tw)?;
         }
         Ok(())
+    }
+
+    /// Packs (or fetches) the window of tail `t`.
+    fn tail_window(&mut self, d: &DomainData, g: Geometry, t: usize) -> Arc<Window> {
+        let tail = &self.state.tails[t];
+        let key = (tail.epoch, tail.window_start);
+        if let Some((_, w)) = self.tail_cache.iter().find(|(k, _)| *k == key) {
+            return w.clone();
+        }
+        let w = Arc::new(pack_window(d, &tail.as_state(), tail.kind(), g));
+        self.tail_cache.push((key, w.clone()));
+        w
+    }
+
+    /// Moves the current window's pending blocks into a tail (its blocks are all drawn).
+    fn push_tail(&mut self) {
+        let s = &mut self.state;
+        let tail = Tail {
+            epoch: s.epoch,
+            grouped: s.grouped,
+            epoch_seed: s.epoch_seed,
+            pos_chain: s.pos_chain.clone(),
+            window_start: s.window_start,
+            pending: std::mem::take(&mut s.pending),
+        };
+        if let Some((_, w, _)) = &self.cache {
+            self.tail_cache
+                .push(((tail.epoch, tail.window_start), w.clone()));
+        }
+        self.state.tails.push(tail);
+    }
+
+    /// Drops tails with nothing left, and cached windows no tail names.
+    fn prune_tails(&mut self) {
+        self.state.tails.retain(|t| !t.pending.is_empty());
+        let tails = &self.state.tails;
+        self.tail_cache
+            .retain(|(k, _)| tails.iter().any(|t| (t.epoch, t.window_start) == *k));
     }
 
     /// Blocks in the cached current window, if packed.
@@ -402,7 +507,7 @@ impl Stream {
     fn open_epoch(&mut self, d: &DomainData, step: u64, seed: u64, next_epoch: bool) {
         let s = &mut self.state;
         if next_epoch {
-            s.epoch += 1;
+            s.epoch = s.epoch.saturating_add(1); // a forged cursor may be at the maximum
         }
         s.grouped = d.grouping_active(step);
         s.epoch_seed = seed;
@@ -472,6 +577,14 @@ impl Stream {
     }
 
     /// Takes `n` rows for `step`, appending them to `out` (or only counting them).
+    ///
+    /// In batch grouping a block (a group's rows) goes whole when it fits what is left of
+    /// the domain's rows and the cap; one that fits a batch but not what is left waits
+    /// for the next step (at most [`MAX_DEFERRED`] wait); anything else *spans*: it
+    /// takes at most the cap per step and continues first in every following step until
+    /// done, so its rows land in consecutive batches. Spanning blocks outlive their
+    /// window as [`Tail`]s while the next window fills the rest of the allotment, which
+    /// keeps the mixture exact and the promise at window and epoch ends.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn take(
         &mut self,
@@ -490,46 +603,93 @@ impl Stream {
         }
         self.prepare(d, g, step, seed, reseeds);
         let batch_mode = self.state.grouped && d.settings.grouping.mode == GroupMode::Batch;
+        // `limit`: the most rows a block may have and still go whole into this batch.
         let limit = if batch_mode {
             cap.min(n).max(1)
         } else {
             u32::MAX
         };
         let span_cap = if batch_mode { cap.max(1) } else { u32::MAX };
+        // Most blocks spanning at once: each needs a row in every following step, and
+        // the domain's rows per step move by at most one under constant weights.
+        let max_spans = n.saturating_sub(1).max(1) as usize;
         let mut remaining = n;
-        let (mut w, mut perm) = self.window(d, g);
 
-        // 1. What is pending: a group spanning batches continues (up to its cap), and
-        //    groups passed over earlier go as soon as they fit.
-        let mut i = 0;
-        while i < self.state.pending.len() && remaining > 0 {
-            let (b, done) = self.state.pending[i];
-            let left = w.blocks[b as usize].rows - done;
-            let take = if done > 0 || left > limit {
-                left.min(remaining).min(span_cap)
-            } else if left <= remaining {
-                left
-            } else {
-                0
-            };
-            self.emit_rows(d, domain, &w, b, done, take, &mut out);
-            remaining -= take;
-            if take == left {
-                self.state.pending.remove(i);
-            } else {
-                self.state.pending[i].1 = done + take;
-                i += 1;
+        // 1. Blocks already spanning batches continue, oldest first (tails, then the
+        //    current window), each at most the cap and leaving a row for each one after.
+        // 2. Blocks waiting: whole if they fit now; one too large for any batch at this
+        //    step's rows starts spanning when there is room for another span.
+        let mut owed = self.spanning() as u32;
+        for started in [true, false] {
+            for t in 0..=self.state.tails.len() {
+                if remaining == 0 {
+                    break;
+                }
+                let (w, epoch, kind) = self.source(d, g, t);
+                let mut i = 0;
+                while i < self.pending_of(t).len() && remaining > 0 {
+                    let (b, done) = self.pending_of(t)[i];
+                    if (done > 0) != started {
+                        i += 1;
+                        continue;
+                    }
+                    let rows = w.blocks[b as usize].rows;
+                    let left = rows - done;
+                    let take = if started {
+                        owed -= 1;
+                        left.min(span_cap).min(remaining.saturating_sub(owed))
+                    } else if rows <= remaining && rows <= limit {
+                        rows
+                    } else if rows > limit && self.spanning() < max_spans {
+                        rows.min(remaining).min(span_cap)
+                    } else {
+                        0 // keeps waiting: for room in a batch, or for a span to end
+                    };
+                    self.emit_rows(d, domain, &w, epoch, kind, b, done, take, &mut out);
+                    remaining -= take;
+                    if take == left {
+                        self.pending_of(t).remove(i);
+                    } else {
+                        self.pending_of(t)[i].1 = done + take;
+                        i += 1;
+                    }
+                }
             }
         }
+        self.prune_tails();
 
-        // 2. New blocks in emission order.
+        // 3. New blocks in emission order.
+        let (mut w, mut perm) = self.window(d, g);
         let mut empty_windows = 0u32;
         while remaining > 0 {
             if self.state.next_block as usize >= w.blocks.len() {
-                // Leaving the window: whatever is pending goes now, split if it must.
-                if !self.state.pending.is_empty() {
-                    remaining -= self.take_oldest_pending(d, domain, &w, remaining, &mut out);
+                // A used-up window's waiting blocks start now (past `max_spans` if they
+                // must, counted as split), so only spanning blocks outlive their window
+                // and a small domain's epochs never run ahead of blocks left waiting.
+                let waiting = self.state.pending.iter().position(|p| p.1 == 0);
+                if let Some(i) = waiting {
+                    let b = self.state.pending[i].0;
+                    let rows = w.blocks[b as usize].rows;
+                    let take = if rows <= remaining && rows <= limit {
+                        rows
+                    } else {
+                        if rows <= limit || self.spanning() >= max_spans {
+                            self.state.split_groups += 1;
+                        }
+                        rows.min(remaining).min(span_cap)
+                    };
+                    let (epoch, kind) = (self.state.epoch, self.kind());
+                    self.emit_rows(d, domain, &w, epoch, kind, b, 0, take, &mut out);
+                    remaining -= take;
+                    if take == rows {
+                        self.state.pending.remove(i);
+                    } else {
+                        self.state.pending[i].1 = take;
+                    }
                     continue;
+                }
+                if !self.state.pending.is_empty() {
+                    self.push_tail();
                 }
                 if w.blocks.is_empty() {
                     empty_windows += 1;
@@ -543,24 +703,26 @@ impl Stream {
                 (w, perm) = self.window(d, g);
                 continue;
             }
-            if self.state.pending.len() >= MAX_DEFERRED {
-                // Too much passed over: take the oldest now, split if it must.
-                remaining -= self.take_oldest_pending(d, domain, &w, remaining, &mut out);
-                continue;
-            }
             let b = chained(&perm, &self.state.block_chain, self.state.next_block as u64) as u32;
             self.state.next_block += 1;
             let rows = w.blocks[b as usize].rows;
-            let take = if !batch_mode {
+            let take = if !batch_mode || (rows <= remaining && rows <= limit) {
                 rows.min(remaining)
-            } else if rows <= remaining && rows <= limit {
-                rows
-            } else if rows > limit {
-                rows.min(remaining).min(span_cap)
             } else {
-                0 // fits a batch, not what is left of this one: pass over it
+                let can_wait = self.waiting() < MAX_DEFERRED;
+                if (rows <= limit || self.spanning() >= max_spans) && can_wait {
+                    0 // waits for the next step (or for a spanning block to finish)
+                } else {
+                    // Spans; a block that fits a batch is counted as split, and so is
+                    // one forced to span past `max_spans` (it may miss a batch).
+                    if rows <= limit || self.spanning() >= max_spans {
+                        self.state.split_groups += 1;
+                    }
+                    rows.min(remaining).min(span_cap)
+                }
             };
-            self.emit_rows(d, domain, &w, b, 0, take, &mut out);
+            let (epoch, kind) = (self.state.epoch, self.kind());
+            self.emit_rows(d, domain, &w, epoch, kind, b, 0, take, &mut out);
             remaining -= take;
             if take < rows {
                 self.state.pending.push((b, take));
@@ -568,29 +730,43 @@ impl Stream {
         }
     }
 
-    /// Takes up to `remaining` rows of the oldest pending block, counting a split when
-    /// a group that has not started must be cut. Returns the rows taken.
-    fn take_oldest_pending(
-        &mut self,
-        d: &DomainData,
-        domain: u16,
-        w: &Window,
-        remaining: u32,
-        out: &mut Option<&mut Vec<Row>>,
-    ) -> u32 {
-        let (b, done) = self.state.pending[0];
-        let left = w.blocks[b as usize].rows - done;
-        let take = left.min(remaining);
-        if take < left && done == 0 {
-            self.state.split_groups += 1;
+    /// Window, epoch and unit kind of pending source `t`: a tail, or (at
+    /// `t == tails.len()`) the current window.
+    fn source(&mut self, d: &DomainData, g: Geometry, t: usize) -> (Arc<Window>, u32, UnitKind) {
+        match self.state.tails.get(t) {
+            Some(tail) => {
+                let (epoch, kind) = (tail.epoch, tail.kind());
+                (self.tail_window(d, g, t), epoch, kind)
+            }
+            None => (self.window(d, g).0, self.state.epoch, self.kind()),
         }
-        self.emit_rows(d, domain, w, b, done, take, out);
-        if take == left {
-            self.state.pending.remove(0);
-        } else {
-            self.state.pending[0].1 = done + take;
+    }
+
+    /// Pending blocks of source `t` (see [`Stream::source`]).
+    fn pending_of(&mut self, t: usize) -> &mut Vec<(u32, u32)> {
+        let s = &mut self.state;
+        match s.tails.get_mut(t) {
+            Some(tail) => &mut tail.pending,
+            None => &mut s.pending,
         }
-        take
+    }
+
+    /// Blocks waiting for room (pending, none of their rows taken yet).
+    fn waiting(&self) -> usize {
+        self.all_pending().filter(|p| p.1 == 0).count()
+    }
+
+    /// Blocks spanning batches (pending, some of their rows taken).
+    fn spanning(&self) -> usize {
+        self.all_pending().filter(|p| p.1 > 0).count()
+    }
+
+    fn all_pending(&self) -> impl Iterator<Item = &(u32, u32)> {
+        let s = &self.state;
+        s.tails
+            .iter()
+            .flat_map(|t| t.pending.iter())
+            .chain(s.pending.iter())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -599,6 +775,8 @@ impl Stream {
         d: &DomainData,
         domain: u16,
         w: &Window,
+        epoch: u32,
+        kind: UnitKind,
         b: u32,
         from: u32,
         count: u32,
@@ -606,32 +784,37 @@ impl Stream {
     ) {
         let block = w.blocks[b as usize];
         for r in from..from + count {
-            self.emit(d, domain, w, block.first_row + r, out);
+            let row = block.first_row + r;
+            let tokens = w.rows.get(row as usize).map_or(0, |r| r.tokens);
+            self.state.rows += 1;
+            self.state.tokens += tokens as u64;
+            if let Some(out) = out.as_deref_mut() {
+                out.push(expand_row(
+                    d,
+                    kind,
+                    domain,
+                    epoch,
+                    w.row_pieces(row),
+                    tokens,
+                ));
+            }
         }
     }
+}
 
-    fn emit(
-        &mut self,
-        d: &DomainData,
-        domain: u16,
-        w: &Window,
-        row: u32,
-        out: &mut Option<&mut Vec<Row>>,
-    ) {
-        let tokens = w.rows.get(row as usize).map_or(0, |r| r.tokens);
-        self.state.rows += 1;
-        self.state.tokens += tokens as u64;
-        if let Some(out) = out.as_deref_mut() {
-            out.push(expand_row(
-                d,
-                self.kind(),
-                domain,
-                self.state.epoch,
-                w.row_pieces(row),
-                tokens,
-            ));
+/// Checks that restored pending blocks name blocks of `w` with rows still to take.
+fn check_pending(pending: &[(u32, u32)], w: &Window) -> Result<(), String> {
+    for &(b, done) in pending {
+        match w.blocks.get(b as usize) {
+            Some(blk) if done < blk.rows => {}
+            _ => {
+                return Err(format!(
+                    "pending block {b} (+{done} rows) is not in the window"
+                ))
+            }
         }
     }
+    Ok(())
 }
 
 /// Packs the window the state points at.

@@ -27,7 +27,7 @@ pub use config::{
     Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, SettingError, Upsample,
 };
 pub use cursor::CursorError;
-pub use domain::{DocSource, DomainInput, MemShard, StreamState, MAX_DEFERRED};
+pub use domain::{DocSource, DomainInput, MemShard, StreamState, Tail, MAX_DEFERRED};
 pub use journal::Change;
 
 use domain::{DomainData, Geometry, Stream};

@@ -1,5 +1,6 @@
 //! Quality figures over a stretch of planned batches: realized vs target share, epochs,
-//! padding, truncation, documents per row, distinct groups per batch and duplicates.
+//! padding, truncation, documents per row, distinct groups per batch, duplicates, and
+//! batch-grouped groups that broke their promise (split or over the cap).
 //!
 //! This is what `millrace plan` prints and what property tests assert on, so the
 //! numbers an operator reads are the ones the tests hold to.
@@ -46,6 +47,13 @@ pub struct WindowFigures {
     pub groups_per_batch: [f64; 2],
     /// Pieces seen more often than allowed within their domain epoch.
     pub duplicates: u64,
+    /// Batch-grouped groups with rows in this window that skipped a batch in which
+    /// their domain had rows (not in one batch or consecutive ones); counted from the
+    /// rows themselves, so it checks the planner rather than repeating its counters.
+    pub split_groups: u64,
+    /// (group, batch) pairs of batch-grouped domains with more rows than the cap
+    /// (`max_share` of the global batch).
+    pub capped_groups: u64,
 }
 
 /// Accumulates batches into windows.
@@ -54,6 +62,13 @@ pub struct Tally<'p> {
     window: Vec<GlobalBatch>,
     seen: HashMap<(u16, u32, u32, u64, u64), u32>,
     duplicates: u64,
+    /// Per domain, the batches so far in which it had rows.
+    domain_batches: Vec<u64>,
+    /// Batch-grouped groups (domain, epoch, shard, group): the ordinal (in
+    /// `domain_batches`) of the last batch they had rows in.
+    last_batch: HashMap<(u16, u32, u32, u64), u64>,
+    split_groups: u64,
+    capped_groups: u64,
 }
 
 impl<'p> Tally<'p> {
@@ -64,6 +79,53 @@ impl<'p> Tally<'p> {
             window: Vec::new(),
             seen: HashMap::new(),
             duplicates: 0,
+            domain_batches: vec![0; plan.domains.len()],
+            last_batch: HashMap::new(),
+            split_groups: 0,
+            capped_groups: 0,
+        }
+    }
+
+    /// Checks the batch-grouping promise on one batch: every group of a batch-grouped
+    /// domain in one batch or in consecutive batches of its domain, never more than the
+    /// cap in one. Domains that upsample are left out (a repeated group reappears by
+    /// design).
+    fn check_grouping(&mut self, batch: &GlobalBatch) {
+        let plan = self.plan;
+        for (d, dom) in plan.domains.iter().enumerate() {
+            if batch.counts.get(d).copied().unwrap_or(0) == 0 {
+                continue;
+            }
+            let ord = self.domain_batches[d];
+            self.domain_batches[d] += 1;
+            if dom.settings.grouping.mode != super::config::GroupMode::Batch
+                || !dom.grouping_active(batch.plan_step)
+                || dom.settings.upsample_long.is_some()
+            {
+                continue;
+            }
+            let mut rows: HashMap<(u16, u32, u32, u64), u64> = HashMap::new();
+            for r in batch.rows.iter().filter(|r| r.domain as usize == d) {
+                let keys: BTreeSet<(u32, u64)> = r
+                    .segments
+                    .iter()
+                    .filter_map(|s| s.group.map(|g| (s.shard, g)))
+                    .collect();
+                for (shard, g) in keys {
+                    *rows.entry((r.domain, r.epoch, shard, g)).or_insert(0) += 1;
+                }
+            }
+            let cap = plan.group_cap(d) as u64;
+            for (key, n) in rows {
+                if n > cap {
+                    self.capped_groups += 1;
+                }
+                if let Some(last) = self.last_batch.insert(key, ord) {
+                    if last + 1 < ord {
+                        self.split_groups += 1;
+                    }
+                }
+            }
         }
     }
 
@@ -98,6 +160,7 @@ impl<'p> Tally<'p> {
                 }
             }
         }
+        self.check_grouping(&batch);
         self.window.push(batch);
     }
 
@@ -168,6 +231,8 @@ impl<'p> Tally<'p> {
                 groups.iter().copied().max().unwrap_or(0) as f64,
             ],
             duplicates: std::mem::take(&mut self.duplicates),
+            split_groups: std::mem::take(&mut self.split_groups),
+            capped_groups: std::mem::take(&mut self.capped_groups),
         }
     }
 }
@@ -321,7 +386,7 @@ pub fn render_windows(windows: &[WindowFigures]) -> String {
     for w in windows {
         let _ = writeln!(
             s,
-            "steps {}..={}: padding {:.3}%  truncation {:.3}%  docs/row mean {:.2} p50 {} p99 {}  groups/batch mean {:.1} max {}  duplicates {}",
+            "steps {}..={}: padding {:.3}%  truncation {:.3}%  docs/row mean {:.2} p50 {} p99 {}  groups/batch mean {:.1} max {}  duplicates {}  split groups {}  over-cap groups {}",
             w.first_step,
             w.last_step,
             w.padding_pct,
@@ -331,7 +396,9 @@ pub fn render_windows(windows: &[WindowFigures]) -> String {
             w.docs_per_row[2],
             w.groups_per_batch[0],
             w.groups_per_batch[1],
-            w.duplicates
+            w.duplicates,
+            w.split_groups,
+            w.capped_groups
         );
         for d in &w.domains {
             let _ = writeln!(

@@ -312,7 +312,7 @@ impl Control for At<'_> {
 /// change until restart, though each one cut off the one before. A change now drops the
 /// changes it supersedes (they can shape no step) and only their count is kept: 300
 /// changes at one step leave one entry. Blobs stay compatible both ways: a blob from
-/// before the changes resumes on the daemon, and a blob carrying the count (layout 3)
+/// before the changes resumes on the daemon, and a blob carrying the count (layout 4)
 /// is adopted by a fresh daemon, which then has the same journal and count.
 #[test]
 fn superseded_changes_never_fill_the_journal() {
@@ -362,7 +362,7 @@ fn superseded_changes_never_fill_the_journal() {
             break b.cursor.to_vec();
         }
     };
-    assert_eq!(blob[8], 3, "a blob with superseded changes is layout 3");
+    assert_eq!(blob[8], 4, "a blob with superseded changes is layout 4");
     let socket2 = f.corpus.tmp.path().join("s2.sock");
     let mut second = Serve::spawn(&f.config, &f.corpus.tmp.path().join("serve2.log"), |c| {
         c.arg("--socket").arg(&socket2);
