@@ -57,21 +57,45 @@ pub fn check(domains: &[(String, Vec<Arc<Shard>>)], eod: u64) -> Result<Vec<EodD
     Ok(out)
 }
 
+/// Runs [`check`] over a loaded plan's domains when its config sets `eod_token`, so
+/// `millrace plan` and `check-config` check the same thing; `None` without the key.
+pub fn check_plan(
+    plan: &crate::plan::Plan,
+    shards: &[Vec<Arc<Shard>>],
+) -> Result<Option<(u64, Vec<EodDomain>)>> {
+    let Some(eod) = plan.config().eod_token else {
+        return Ok(None);
+    };
+    let domains: Vec<(String, Vec<Arc<Shard>>)> = plan
+        .domain_names()
+        .iter()
+        .map(|n| n.to_string())
+        .zip(shards.iter().cloned())
+        .collect();
+    Ok(Some((eod, check(&domains, eod)?)))
+}
+
+/// The warning for a domain whose documents lack the token (`None` when all have it):
+/// the count and the first such document, so an operator can look at it.
+pub fn warning(d: &EodDomain, eod: u64) -> Option<String> {
+    let (shard, doc) = d.first.as_ref()?;
+    Some(format!(
+        "warning: domain {}: {} of {} documents do not end with eod_token {eod} (first: {shard} document {doc})",
+        d.domain,
+        crate::inspect::thousands(d.missing),
+        crate::inspect::thousands(d.documents)
+    ))
+}
+
 /// One line per domain for humans: a warning naming the count and the first document
 /// where documents lack the token, a plain count where all have it.
 pub fn render(results: &[EodDomain], eod: u64) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     for d in results {
-        match &d.first {
-            Some((shard, doc)) => {
-                let _ = writeln!(
-                    s,
-                    "warning: domain {}: {} of {} documents do not end with eod_token {eod} (first: {shard} document {doc})",
-                    d.domain,
-                    crate::inspect::thousands(d.missing),
-                    crate::inspect::thousands(d.documents)
-                );
+        match warning(d, eod) {
+            Some(w) => {
+                let _ = writeln!(s, "{w}");
             }
             None => {
                 let _ = writeln!(

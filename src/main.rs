@@ -515,18 +515,7 @@ fn run_plan(args: PlanArgs) -> Result<()> {
         }
     }
     // Plan-time check of eod_token (never in the daemon's hot path): see src/eod.rs.
-    let eod = match plan.config().eod_token {
-        Some(e) => {
-            let domains: Vec<(String, Vec<std::sync::Arc<millrace::corpus::Shard>>)> = plan
-                .domain_names()
-                .iter()
-                .map(|n| n.to_string())
-                .zip(loaded.shards.iter().cloned())
-                .collect();
-            Some((e, millrace::eod::check(&domains, e)?))
-        }
-        None => None,
-    };
+    let eod = millrace::eod::check_plan(&plan, &loaded.shards)?;
     let mut out = std::io::stdout().lock();
     if args.json {
         let names = plan.domain_names();
@@ -571,13 +560,8 @@ fn run_plan(args: PlanArgs) -> Result<()> {
         write!(out, "{}", render_windows(&windows))?;
     }
     if let (true, Some((e, r))) = (args.json, &eod) {
-        for d in r.iter().filter(|d| d.missing > 0) {
-            if let Some((shard, doc)) = &d.first {
-                eprintln!(
-                    "warning: domain {}: {} of {} documents do not end with eod_token {e} (first: {shard} document {doc})",
-                    d.domain, d.missing, d.documents
-                );
-            }
+        for w in r.iter().filter_map(|d| millrace::eod::warning(d, *e)) {
+            eprintln!("{w}");
         }
     }
     Ok(())

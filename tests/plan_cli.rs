@@ -421,6 +421,17 @@ fn plan_counts_documents_without_eod_token() {
             && human.contains("warning: domain dirty: 3 of 10 documents"),
         "{human}"
     );
+    // check-config runs the same check and warns the same way (it still passes: a
+    // document without EOD is a data-quality finding, not a broken config).
+    let check = run(&["check-config", "--config", cfg_s]);
+    let check_err = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        check.status.success()
+            && check_err
+                .contains("warning: domain dirty: 3 of 10 documents do not end with eod_token 2")
+            && !check_err.contains("domain clean"),
+        "{check_err}"
+    );
     // Without eod_token nothing is checked.
     std::fs::write(&cfg, toml("")).unwrap();
     let v = json(&ok(&["plan", "--config", cfg_s, "--steps", "2", "--json"]));

@@ -415,6 +415,11 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
     for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
         eprintln!("warning: {}: {w}", args.config.display());
     }
+    if let Some((eod, results)) = crate::eod::check_plan(&l.plan, &l.shards)? {
+        for w in results.iter().filter_map(|d| crate::eod::warning(d, eod)) {
+            eprintln!("{}: {w}", args.config.display());
+        }
+    }
     let shards: usize = l.shards.iter().map(Vec::len).sum();
     println!(
         "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {}",
