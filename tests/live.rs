@@ -526,14 +526,24 @@ fn a_late_file_change_is_refused() {
         let st = wait_reloads(&f, 0, 1);
         assert_eq!(st["journal"], json!([]), "{st}");
         assert!(d.alive(), "the daemon died:\n{}", d.log_text());
-        // The log says why and names the first step that could still change.
-        let log = d.log_text();
-        let names_it = log.lines().any(|l| {
-            let lower = l.to_lowercase();
-            (lower.contains("late") || lower.contains("refus"))
-                && l.split(|ch: char| !ch.is_ascii_digit())
-                    .any(|w| w == first.to_string())
-        });
+        // The log says why and names the first step that could still change. The hub
+        // counts the refusal (what `wait_reloads` saw) just before the reload path logs
+        // it, so the line may land a moment later: look for it within SETTLE.
+        let names_it_in = |log: &str| {
+            log.lines().any(|l| {
+                let lower = l.to_lowercase();
+                (lower.contains("late") || lower.contains("refus"))
+                    && l.split(|ch: char| !ch.is_ascii_digit())
+                        .any(|w| w == first.to_string())
+            })
+        };
+        let deadline = Instant::now() + SETTLE;
+        let mut log = d.log_text();
+        while !names_it_in(&log) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            log = d.log_text();
+        }
+        let names_it = names_it_in(&log);
         assert!(
             names_it,
             "no log line refuses the late change naming first changeable step {first}:\n{log}"
