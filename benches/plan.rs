@@ -69,6 +69,7 @@ fn config(packing: Packing, seq_len: u32) -> PlanConfig {
         best_fit_window: 16384,
         eod_token: Some(2),
         pad_token: 0,
+        vocab_size: None,
         weights: Some(weights),
         schedule: Vec::new(),
         skip: Vec::new(),

@@ -582,7 +582,7 @@ fn config_text(opts: &SynthOptions, specs: &[DomainSpec]) -> String {
         }
     }
     let share_sum: f64 = specs.iter().map(|s| s.share).sum();
-    let _ = writeln!(t, "\n[plan]\nseed = {}\nseq_len = 4096\nglobal_batch_rows = 256\npacking = \"best_fit\"\neod_token = {EOD}\npad_token = {PAD}", opts.seed);
+    let _ = writeln!(t, "\n[plan]\nseed = {}\nseq_len = 4096\nglobal_batch_rows = 256\npacking = \"best_fit\"\neod_token = {EOD}\npad_token = {PAD}\nvocab_size = {}", opts.seed, opts.vocab);
     let weights: Vec<String> = specs
         .iter()
         .map(|s| format!("{} = {:.4}", s.name, s.share / share_sum))

@@ -174,6 +174,7 @@ fn base_config(seq_len: u32, g: u32, packing: Packing, window: u64) -> PlanConfi
         best_fit_window: window,
         eod_token: None,
         pad_token: 0,
+        vocab_size: None,
         weights: None,
         schedule: Vec::new(),
         skip: Vec::new(),

@@ -171,6 +171,10 @@ pub struct PlanConfig {
     /// Id written into padding.
     #[serde(default)]
     pub pad_token: u64,
+    /// Ids the trainer's embedding accepts (`0..vocab_size`): the materializer fails a
+    /// ring rather than deliver one outside it. Not part of the fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<u64>,
     /// Constant weights, shorthand for a one-point schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<BTreeMap<String, f64>>,
@@ -193,6 +197,8 @@ fn default_window() -> u64 {
 pub const MAX_SEQ_LEN: u32 = 1 << 24;
 /// Largest global batch accepted.
 pub const MAX_BATCH_ROWS: u32 = 1 << 20;
+/// Largest `vocab_size` accepted: ids must fit int32 outputs' positive range.
+pub const MAX_VOCAB: u64 = 1 << 31;
 /// Largest packing window accepted, in units.
 pub const MAX_WINDOW: u64 = 1 << 24;
 
@@ -233,6 +239,22 @@ impl PlanConfig {
                 "plan.best_fit_window",
                 format!("{} is outside 1..={MAX_WINDOW}", self.best_fit_window),
             ));
+        }
+        if let Some(v) = self.vocab_size {
+            if !(1..=MAX_VOCAB).contains(&v) {
+                return Err(bad(
+                    "plan.vocab_size",
+                    format!("{v} is outside 1..={MAX_VOCAB}"),
+                ));
+            }
+            for (field, id) in [("pad_token", Some(self.pad_token)), ("eod_token", self.eod_token)] {
+                if let Some(id) = id.filter(|&id| id >= v) {
+                    return Err(bad(
+                        format!("plan.{field}"),
+                        format!("{id} is not below plan.vocab_size = {v}"),
+                    ));
+                }
+            }
         }
         if self.weights.is_some() && !self.schedule.is_empty() {
             return Err(bad(

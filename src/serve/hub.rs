@@ -278,7 +278,13 @@ pub struct Hub {
     /// Real and padded token positions copied, and documents started and cut, for the
     /// padding and truncation fractions.
     fill: Mutex<FillStats>,
+    /// When the shards were last stat'ed for in-place changes ([`SHARD_CHECK`]).
+    shards_checked: Mutex<Instant>,
 }
+
+/// How often a worker stats every shard for a size or mtime that moved since it was
+/// opened (a shard rewritten in place): about 2 us per file, off the hub lock.
+const SHARD_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Default, Clone, Copy)]
 struct FillStats {
@@ -363,6 +369,13 @@ impl ChangeError {
 impl Hub {
     /// A hub over a built plan and its mapped shards; hints the shards for random access.
     pub fn new(plan: Arc<Plan>, source: Source, settings: HubSettings) -> Hub {
+        // Reads of a shard truncated under the daemon fail the rings that need it
+        // instead of killing the process (corpus::guard).
+        if let Err(e) = crate::corpus::guard::protect(
+            source.shards.iter().flatten().flat_map(|s| s.mappings()),
+        ) {
+            warn!("cannot install the SIGBUS guard ({e}); a shard truncated while served will stop the daemon");
+        }
         if settings.hints {
             for shard in source.shards.iter().flatten() {
                 random_access(shard.data());
@@ -393,6 +406,7 @@ impl Hub {
             }),
             work: Condvar::new(),
             fill: Mutex::new(FillStats::default()),
+            shards_checked: Mutex::new(Instant::now()),
         }
     }
 
@@ -909,17 +923,91 @@ impl Hub {
         self.work.notify_all();
     }
 
+    /// Poisons every shard whose files changed in place since they were opened, at most
+    /// once per [`SHARD_CHECK`] over all workers. The rings that read a poisoned shard
+    /// fail at their next copy from it; nothing else changes.
+    fn check_shards(&self) {
+        {
+            let Ok(mut last) = self.shards_checked.try_lock() else {
+                return; // another worker is checking
+            };
+            if last.elapsed() < SHARD_CHECK {
+                return;
+            }
+            *last = Instant::now();
+        }
+        for shard in self.source.shards.iter().flatten() {
+            if shard.poisoned().is_some() {
+                continue;
+            }
+            if let Some(why) = shard.changed() {
+                error!("{why}; the shard is poisoned: rings that read it stop with ERROR materialize");
+                shard.poison(why);
+            }
+        }
+    }
+
+    /// Fails ring `key` after a guarded read faulted at `addr` outside a slot copy (in
+    /// planning or page-cache hints): poisons the shard that holds `addr`.
+    fn fail_on_fault(&self, st: &mut State, key: &(String, u32), addr: usize) {
+        let shard = self
+            .source
+            .shards
+            .iter()
+            .flatten()
+            .find(|s| {
+                s.mappings().iter().any(|m| {
+                    let a = m.as_ptr() as usize;
+                    (a..a + m.len()).contains(&addr)
+                })
+            });
+        let why = match shard {
+            Some(s) => {
+                let why = format!(
+                    "{}: a read of its index faulted (SIGBUS) while planning: the file shrank \
+                     under the daemon's mapping; the shard is poisoned until restart",
+                    s.path().display()
+                );
+                s.poison(why.clone());
+                why
+            }
+            None => "a guarded read faulted while planning".to_string(),
+        };
+        if let Some(entry) = Self::find(st, &key.0, key.1) {
+            error!(job = %key.0, dp_rank = key.1, "materialize: {why}; this ring stops");
+            entry.failed = Some(format!("materialize: {why}"));
+            for p in entry.peers.values() {
+                p.kick.notify_one();
+            }
+        }
+    }
+
     /// One materializer thread: claim a slot, fill it outside the lock, publish in order.
     pub fn worker(&self) {
         loop {
+            self.check_shards();
             let (key, ring, job, generation) = {
                 let mut st = self.lock();
                 let claimed = loop {
                     if st.stopping {
                         return;
                     }
-                    if let Some(c) = self.claim(&mut st) {
-                        break c;
+                    // Planning reads shard indexes: guarded like the copy.
+                    let g = crate::corpus::guard::enter();
+                    let _ = crate::corpus::guard::take_fault();
+                    let c = self.claim(&mut st);
+                    let fault = crate::corpus::guard::take_fault();
+                    drop(g);
+                    match (c, fault) {
+                        (Some(c), None) => break c,
+                        (Some((key, _, job, _)), Some(addr)) => {
+                            if let Some(e) = Self::find(&mut st, &key.0, key.1) {
+                                e.in_flight.remove(&job.step);
+                            }
+                            self.fail_on_fault(&mut st, &key, addr);
+                            continue;
+                        }
+                        (None, _) => {}
                     }
                     st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
                 };
