@@ -1842,7 +1842,10 @@ fn a_shard_that_is_not_a_regular_file_is_named_as_such() {
     let err = resolve(Path::new("/dev/zero"), Format::Raw).unwrap_err();
     let msg = err.to_string();
     assert!(msg.starts_with("/dev/zero: "), "{msg}");
-    assert!(msg.contains("is a character device, not a regular file"), "{msg}");
+    assert!(
+        msg.contains("is a character device, not a regular file"),
+        "{msg}"
+    );
     assert!(!msg.contains("no such"), "{msg}");
     let err = RawShard::open(Path::new("/dev/zero"), &raw_opts(DType::Uint16, 0, None))
         .unwrap_err()

@@ -117,9 +117,7 @@ fn registered(addr: usize) -> bool {
         return false;
     }
     // SAFETY: published vectors are never freed or mutated.
-    unsafe { &*p }
-        .iter()
-        .any(|&(a, b)| (a..b).contains(&addr))
+    unsafe { &*p }.iter().any(|&(a, b)| (a..b).contains(&addr))
 }
 
 /// The SIGBUS handler (see the module docs). Only async-signal-safe work: thread-local

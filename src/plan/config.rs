@@ -247,7 +247,10 @@ impl PlanConfig {
                     format!("{v} is outside 1..={MAX_VOCAB}"),
                 ));
             }
-            for (field, id) in [("pad_token", Some(self.pad_token)), ("eod_token", self.eod_token)] {
+            for (field, id) in [
+                ("pad_token", Some(self.pad_token)),
+                ("eod_token", self.eod_token),
+            ] {
                 if let Some(id) = id.filter(|&id| id >= v) {
                     return Err(bad(
                         format!("plan.{field}"),

@@ -371,9 +371,9 @@ impl Hub {
     pub fn new(plan: Arc<Plan>, source: Source, settings: HubSettings) -> Hub {
         // Reads of a shard truncated under the daemon fail the rings that need it
         // instead of killing the process (corpus::guard).
-        if let Err(e) = crate::corpus::guard::protect(
-            source.shards.iter().flatten().flat_map(|s| s.mappings()),
-        ) {
+        if let Err(e) =
+            crate::corpus::guard::protect(source.shards.iter().flatten().flat_map(|s| s.mappings()))
+        {
             warn!("cannot install the SIGBUS guard ({e}); a shard truncated while served will stop the daemon");
         }
         if settings.hints {
@@ -941,7 +941,9 @@ impl Hub {
                 continue;
             }
             if let Some(why) = shard.changed() {
-                error!("{why}; the shard is poisoned: rings that read it stop with ERROR materialize");
+                error!(
+                    "{why}; the shard is poisoned: rings that read it stop with ERROR materialize"
+                );
                 shard.poison(why);
             }
         }
@@ -950,17 +952,12 @@ impl Hub {
     /// Fails ring `key` after a guarded read faulted at `addr` outside a slot copy (in
     /// planning or page-cache hints): poisons the shard that holds `addr`.
     fn fail_on_fault(&self, st: &mut State, key: &(String, u32), addr: usize) {
-        let shard = self
-            .source
-            .shards
-            .iter()
-            .flatten()
-            .find(|s| {
-                s.mappings().iter().any(|m| {
-                    let a = m.as_ptr() as usize;
-                    (a..a + m.len()).contains(&addr)
-                })
-            });
+        let shard = self.source.shards.iter().flatten().find(|s| {
+            s.mappings().iter().any(|m| {
+                let a = m.as_ptr() as usize;
+                (a..a + m.len()).contains(&addr)
+            })
+        });
         let why = match shard {
             Some(s) => {
                 let why = format!(

@@ -787,7 +787,9 @@ mod tests {
         let prefix = dir.join("s");
         let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
         for _ in 0..4 {
-            let doc: Vec<u8> = std::iter::repeat_n(id.to_le_bytes(), 4096).flatten().collect();
+            let doc: Vec<u8> = std::iter::repeat_n(id.to_le_bytes(), 4096)
+                .flatten()
+                .collect();
             w.add_document_bytes(&doc).unwrap();
         }
         w.finish().unwrap();
@@ -829,12 +831,19 @@ mod tests {
             .unwrap()
             .set_len(4096)
             .unwrap();
-        let e = fill_slot(slot, &layout, &job, &src).unwrap_err().to_string();
-        assert!(e.contains("s.bin: read at byte 24576 faulted (SIGBUS)"), "{e}");
+        let e = fill_slot(slot, &layout, &job, &src)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s.bin: read at byte 24576 faulted (SIGBUS)"),
+            "{e}"
+        );
         assert!(e.contains("document 3"), "{e}");
         assert!(src.shards[0][0].poisoned().is_some());
         // Poisoned: refused before any read, even of pages that are still there.
-        let e = fill_slot(slot, &layout, &job, &src).unwrap_err().to_string();
+        let e = fill_slot(slot, &layout, &job, &src)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("poisoned shard"), "{e}");
     }
 
@@ -845,7 +854,9 @@ mod tests {
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
         // SAFETY: this test is the ring's only user.
         let slot = unsafe { ring.slot_mut(0) };
-        let e = fill_slot(slot, &layout, &job, &src).unwrap_err().to_string();
+        let e = fill_slot(slot, &layout, &job, &src)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("s document 3 token 0 has id 1000, outside vocab_size 1000"),
             "{e}"
