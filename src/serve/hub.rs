@@ -425,6 +425,25 @@ impl Hub {
     /// Restoring or seeking a planner can take a while, so it happens before the lock; a
     /// live change landing meanwhile makes the attempt start over.
     pub fn admit(&self, hello: &Hello, pid: Option<i32>) -> Result<Admission, Refusal> {
+        // Seeking or restoring a planner reads shard indexes: guarded like the copy.
+        let guard = crate::corpus::guard::enter();
+        let _ = crate::corpus::guard::take_fault();
+        let r = self.admit_unguarded(hello, pid);
+        let fault = crate::corpus::guard::take_fault();
+        drop(guard);
+        match fault {
+            None => r,
+            Some(addr) => {
+                let why = self.poison_at(addr, "while planning this client's start");
+                if let Ok(a) = r {
+                    self.leave(&hello.job, hello.dp_rank, a.peer);
+                }
+                Err(Refusal::new("materialize", why))
+            }
+        }
+    }
+
+    fn admit_unguarded(&self, hello: &Hello, pid: Option<i32>) -> Result<Admission, Refusal> {
         for _ in 0..8 {
             if let Some(a) = self.try_admit(hello, pid)? {
                 return Ok(a);
@@ -949,27 +968,33 @@ impl Hub {
         }
     }
 
-    /// Fails ring `key` after a guarded read faulted at `addr` outside a slot copy (in
-    /// planning or page-cache hints): poisons the shard that holds `addr`.
-    fn fail_on_fault(&self, st: &mut State, key: &(String, u32), addr: usize) {
+    /// Poisons the shard whose mapping holds `addr`, where a guarded read faulted
+    /// `during` something other than a slot copy, and says why.
+    fn poison_at(&self, addr: usize, during: &str) -> String {
         let shard = self.source.shards.iter().flatten().find(|s| {
             s.mappings().iter().any(|m| {
                 let a = m.as_ptr() as usize;
                 (a..a + m.len()).contains(&addr)
             })
         });
-        let why = match shard {
+        match shard {
             Some(s) => {
                 let why = format!(
-                    "{}: a read of its index faulted (SIGBUS) while planning: the file shrank \
+                    "{}: a read of its index faulted (SIGBUS) {during}: the file shrank \
                      under the daemon's mapping; the shard is poisoned until restart",
                     s.path().display()
                 );
                 s.poison(why.clone());
                 why
             }
-            None => "a guarded read faulted while planning".to_string(),
-        };
+            None => format!("a guarded read faulted {during}"),
+        }
+    }
+
+    /// Fails ring `key` after a guarded read faulted at `addr` outside a slot copy (in
+    /// planning or page-cache hints): poisons the shard that holds `addr`.
+    fn fail_on_fault(&self, st: &mut State, key: &(String, u32), addr: usize) {
+        let why = self.poison_at(addr, "while planning");
         if let Some(entry) = Self::find(st, &key.0, key.1) {
             error!(job = %key.0, dp_rank = key.1, "materialize: {why}; this ring stops");
             entry.failed = Some(format!("materialize: {why}"));

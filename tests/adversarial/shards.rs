@@ -126,16 +126,36 @@ fn until_error(c: &mut Client, limit: usize, pace: Duration) -> (String, String)
 /// with `ERROR materialize` naming the shard, and a job on other shards keeps streaming.
 #[test]
 fn a_truncated_shard_fails_only_the_rings_that_read_it() {
+    let (d, mut y) = truncate_under_a_live_daemon("bin");
+    // A new job on the truncated shards is refused service the same way, at once.
+    let mut z = d.connect("z", 0);
+    let (code, message) = until_error(&mut z, 10, Duration::ZERO);
+    assert_eq!(code, "materialize", "{message}");
+    assert!(message.contains("web-0000"), "{message}");
+    stream(&mut y, 50, 1, "y (code) after z");
+}
+
+/// The same for a truncated `.idx`, which the planner reads too (under the hub lock, and
+/// while seeking for a new client): those reads are guarded like the copy.
+#[test]
+fn a_truncated_index_fails_only_the_rings_that_read_it() {
+    truncate_under_a_live_daemon("idx");
+}
+
+/// Starts job x on web and job y on code, truncates every web file ending in `ext` to 0
+/// bytes, and checks x's ERROR, y's stream and the daemon's health. Returns the daemon
+/// and y.
+fn truncate_under_a_live_daemon(ext: &str) -> (Split, Client) {
     let mut d = Split::start(|_| {});
     let mut x = d.connect("x", 0);
     let mut y = d.connect("y", SWITCH + 10);
     stream(&mut x, 20, 0, "x (web)");
     stream(&mut y, 20, 1, "y (code)");
-    let bins = d.web_bins();
-    for b in &bins {
+    let files = shard_files(&d.corpus.dir.join("web"), ext);
+    for f in &files {
         std::fs::OpenOptions::new()
             .write(true)
-            .open(b)
+            .open(f)
             .unwrap()
             .set_len(0)
             .unwrap();
@@ -143,8 +163,7 @@ fn a_truncated_shard_fails_only_the_rings_that_read_it() {
     let (code, message) = until_error(&mut x, 500, Duration::ZERO);
     assert_eq!(code, "materialize", "{message}");
     assert!(
-        bins.iter()
-            .any(|b| message.contains(&*b.file_name().unwrap().to_string_lossy())),
+        files.iter().any(|f| message.contains(&*f.with_extension("").to_string_lossy())),
         "the error names no truncated shard: {message}"
     );
     eprintln!("x got: {code}: {message}");
@@ -153,11 +172,7 @@ fn a_truncated_shard_fails_only_the_rings_that_read_it() {
     assert!(d.serve.alive(), "{}", d.serve.log_text());
     let st = d.status();
     assert!(st["jobs"].as_array().is_some_and(|j| !j.is_empty()), "{st}");
-    // A new job on the truncated shards is refused service the same way, at once.
-    let mut z = d.connect("z", 0);
-    let (code, message) = until_error(&mut z, 10, Duration::ZERO);
-    assert_eq!(code, "materialize", "{message}");
-    assert!(message.contains("web-0000"), "{message}");
+    (d, y)
 }
 
 /// Issue 14, item 5: a shard rewritten in place (same inode, same size, other bytes) was
