@@ -993,11 +993,11 @@ impl Hub {
 
     /// Fails ring `key` after a guarded read faulted at `addr` outside a slot copy (in
     /// planning or page-cache hints): poisons the shard that holds `addr`.
-    fn fail_on_fault(&self, st: &mut State, key: &(String, u32), addr: usize) {
-        let why = self.poison_at(addr, "while planning");
+    fn fail_on_fault(&self, st: &mut State, key: &(String, u32), step: u64, addr: usize) {
+        let why = self.poison_at(addr, &format!("while planning step {step}"));
         if let Some(entry) = Self::find(st, &key.0, key.1) {
             error!(job = %key.0, dp_rank = key.1, "materialize: {why}; this ring stops");
-            entry.failed = Some(format!("materialize: {why}"));
+            entry.failed = Some(why);
             for p in entry.peers.values() {
                 p.kick.notify_one();
             }
@@ -1026,7 +1026,7 @@ impl Hub {
                             if let Some(e) = Self::find(&mut st, &key.0, key.1) {
                                 e.in_flight.remove(&job.step);
                             }
-                            self.fail_on_fault(&mut st, &key, addr);
+                            self.fail_on_fault(&mut st, &key, job.step, addr);
                             continue;
                         }
                         (None, _) => {}
