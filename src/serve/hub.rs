@@ -278,13 +278,18 @@ pub struct Hub {
     /// Real and padded token positions copied, and documents started and cut, for the
     /// padding and truncation fractions.
     fill: Mutex<FillStats>,
-    /// When the shards were last stat'ed for in-place changes ([`SHARD_CHECK`]).
-    shards_checked: Mutex<Instant>,
+    /// When the shards were last stat'ed for in-place changes ([`SHARD_CHECK`]), and the
+    /// shard the next pass starts at.
+    shards_checked: Mutex<(Instant, usize)>,
 }
 
-/// How often a worker stats every shard for a size or mtime that moved since it was
-/// opened (a shard rewritten in place): about 2 us per file, off the hub lock.
+/// How often a worker stats shards for a size or mtime that moved since they were
+/// opened (a shard rewritten in place), off the hub lock.
 const SHARD_CHECK: Duration = Duration::from_secs(1);
+/// The most one pass may spend (a few us a file): a corpus of more shards than fit is
+/// covered round-robin over several passes, so the check never costs a worker more than
+/// 1% of its time.
+const SHARD_CHECK_BUDGET: Duration = Duration::from_millis(10);
 
 #[derive(Default, Clone, Copy)]
 struct FillStats {
@@ -406,7 +411,7 @@ impl Hub {
             }),
             work: Condvar::new(),
             fill: Mutex::new(FillStats::default()),
-            shards_checked: Mutex::new(Instant::now()),
+            shards_checked: Mutex::new((Instant::now(), 0)),
         }
     }
 
@@ -946,26 +951,30 @@ impl Hub {
     /// once per [`SHARD_CHECK`] over all workers. The rings that read a poisoned shard
     /// fail at their next copy from it; nothing else changes.
     fn check_shards(&self) {
-        {
-            let Ok(mut last) = self.shards_checked.try_lock() else {
-                return; // another worker is checking
-            };
-            if last.elapsed() < SHARD_CHECK {
-                return;
-            }
-            *last = Instant::now();
+        let Ok(mut checked) = self.shards_checked.try_lock() else {
+            return; // another worker is checking
+        };
+        if checked.0.elapsed() < SHARD_CHECK {
+            return;
         }
-        for shard in self.source.shards.iter().flatten() {
-            if shard.poisoned().is_some() {
-                continue;
+        let t0 = Instant::now();
+        let all: Vec<&std::sync::Arc<crate::corpus::Shard>> =
+            self.source.shards.iter().flatten().collect();
+        let mut at = checked.1;
+        for _ in 0..all.len() {
+            at = (at + 1) % all.len();
+            let shard = all[at];
+            if shard.poisoned().is_none() {
+                if let Some(why) = shard.changed() {
+                    error!("{why}; the shard is poisoned: rings that read it stop with ERROR materialize");
+                    shard.poison(why);
+                }
             }
-            if let Some(why) = shard.changed() {
-                error!(
-                    "{why}; the shard is poisoned: rings that read it stop with ERROR materialize"
-                );
-                shard.poison(why);
+            if t0.elapsed() > SHARD_CHECK_BUDGET {
+                break;
             }
         }
+        *checked = (Instant::now(), at);
     }
 
     /// Poisons the shard whose mapping holds `addr`, where a guarded read faulted

@@ -163,7 +163,9 @@ fn truncate_under_a_live_daemon(ext: &str) -> (Split, Client) {
     let (code, message) = until_error(&mut x, 500, Duration::ZERO);
     assert_eq!(code, "materialize", "{message}");
     assert!(
-        files.iter().any(|f| message.contains(&*f.with_extension("").to_string_lossy())),
+        files
+            .iter()
+            .any(|f| message.contains(&*f.with_extension("").to_string_lossy())),
         "the error names no truncated shard: {message}"
     );
     eprintln!("x got: {code}: {message}");
