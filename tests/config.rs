@@ -265,19 +265,21 @@ fn vocab_size_is_validated_with_the_ids_it_bounds() {
     let plan = |extra: &str| parse(&format!("{base}{extra}")).unwrap().plan_config();
     assert_eq!(plan("vocab_size = 50304").unwrap().vocab_size, Some(50304));
     assert_eq!(plan("").unwrap().vocab_size, None);
-    for (extra, want) in [
-        ("vocab_size = 0", "plan.vocab_size: 0 is outside 1..="),
+    for (extra, field, want) in [
+        ("vocab_size = 0", "plan.vocab_size", "0 is outside 1..="),
         (
             "vocab_size = 4294967296",
-            "plan.vocab_size: 4294967296 is outside",
+            "plan.vocab_size",
+            "4294967296 is outside",
         ),
         (
             "vocab_size = 2",
-            "plan.eod_token: 2 is not below plan.vocab_size = 2",
+            "plan.eod_token",
+            "2 is not below plan.vocab_size = 2",
         ),
     ] {
         let e = plan(extra).unwrap_err().to_string();
-        assert!(e.contains(want), "{extra}: {e}");
+        assert!(e.contains(field) && e.contains(want), "{extra}: {e}");
     }
     let e = parse(&format!(
         "{}vocab_size = 100",
@@ -288,7 +290,7 @@ fn vocab_size_is_validated_with_the_ids_it_bounds() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("plan.pad_token: 100 is not below plan.vocab_size = 100"),
+        e.contains("plan.pad_token") && e.contains("100 is not below plan.vocab_size = 100"),
         "{e}"
     );
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/millrace.example.toml");
