@@ -507,7 +507,8 @@ fn strip_megatron_ext(p: &Path) -> PathBuf {
 pub(crate) fn map_file(path: &Path) -> Result<(Option<Mmap>, u64)> {
     // Stat before open: opening a FIFO would block, and a device maps as something
     // that is not a token file (/dev/zero reads as endless zeros).
-    let meta = std::fs::metadata(path).map_err(|e| CorpusError::io(path, "stat", e))?;
+    // (A missing file is reported as the open that would have failed.)
+    let meta = std::fs::metadata(path).map_err(|e| CorpusError::io(path, "open", e))?;
     if !meta.is_file() {
         return Err(not_regular(path, &meta));
     }
