@@ -398,33 +398,49 @@ macro_rules! out {
 }
 out!(u8, i8, i16, u16, i32, u32, i64);
 
-/// Converts `src` into `dst` (same length) and returns whether some id was outside
-/// `0..limit` (the dtype check at start-up guarantees the values fit `T`). The range
-/// check rides in the conversion loop: one compare and one OR per token, vectorized with
-/// it, instead of a second pass over the tokens.
-fn convert<T: Out>(src: Tokens<'_>, dst: &mut [T], limit: u64) -> bool {
-    let mut bad = false;
-    macro_rules! go {
-        ($s:expr) => {
+/// Converts `src` into `dst` (same length) and, with `CHECK`, returns whether some id
+/// was outside `0..limit` (the dtype check at start-up guarantees the values fit `T`).
+/// The range check rides in the conversion loop as a running min and max in the stored
+/// type (one `pmin`/`pmax` per vector of tokens, vectorized with the conversion) instead
+/// of a second pass over the tokens; a per-token compare widened to u64 halved the fill's
+/// speed. Without `CHECK` the min and max are dead code and compiled out.
+fn convert<T: Out, const CHECK: bool>(src: Tokens<'_>, dst: &mut [T], limit: u64) -> bool {
+    macro_rules! int {
+        ($s:expr, $t:ty) => {{
+            let (mut lo, mut hi) = (<$t>::MAX, <$t>::MIN);
+            for (d, &v) in dst.iter_mut().zip($s) {
+                *d = T::from_i64(v as i64);
+                if CHECK {
+                    lo = lo.min(v);
+                    hi = hi.max(v);
+                }
+            }
+            CHECK && !$s.is_empty() && ((lo as i64) < 0 || hi as i64 as u64 >= limit)
+        }};
+    }
+    // Float dtypes are never meant for ids: convert and compare token by token.
+    macro_rules! float {
+        ($s:expr) => {{
+            let mut bad = false;
             for (d, &v) in dst.iter_mut().zip($s) {
                 let w = v as i64;
                 *d = T::from_i64(w);
-                bad |= w as u64 >= limit;
+                bad |= CHECK && w as u64 >= limit;
             }
-        };
+            bad
+        }};
     }
     match src {
-        Tokens::Uint8(s) => go!(s),
-        Tokens::Int8(s) => go!(s),
-        Tokens::Int16(s) => go!(s),
-        Tokens::Uint16(s) => go!(s),
-        Tokens::Int32(s) => go!(s),
-        Tokens::Uint32(s) => go!(s),
-        Tokens::Int64(s) => go!(s),
-        Tokens::Float32(s) => go!(s),
-        Tokens::Float64(s) => go!(s),
+        Tokens::Uint8(s) => int!(s, u8),
+        Tokens::Int8(s) => int!(s, i8),
+        Tokens::Int16(s) => int!(s, i16),
+        Tokens::Uint16(s) => int!(s, u16),
+        Tokens::Int32(s) => int!(s, i32),
+        Tokens::Uint32(s) => int!(s, u32),
+        Tokens::Int64(s) => int!(s, i64),
+        Tokens::Float32(s) => float!(s),
+        Tokens::Float64(s) => float!(s),
     }
-    bad
 }
 
 /// The first id of `t` outside `0..limit`, with its index: the slow path that words the
@@ -582,18 +598,24 @@ fn fill_typed<T: Out>(
             let end = (p + n).min(l);
             // Convert straight into both arrays (no staging row): input position q
             // holds t[q], label position q-1 holds t[q].
+            // Every delivered token is a label, except the row's first input (p == 0):
+            // the labels' conversion checks the range, and that one token is checked
+            // alone, so each token is checked once, not twice.
             let mut bad = false;
             if end > p {
-                bad |= convert(
+                convert::<T, false>(
                     slice_tokens(piece, 0, end - p),
                     &mut tokens[base + p..base + end],
                     limit,
                 );
             }
             let (skip, lab) = if p == 0 { (1, 0) } else { (0, p - 1) };
+            if p == 0 {
+                bad |= piece.get_i64(0).is_some_and(|v| v as u64 >= limit);
+            }
             let lab_end = (p + n - 1).min(l);
             if lab_end > lab {
-                bad |= convert(
+                bad |= convert::<T, true>(
                     slice_tokens(piece, skip, skip + lab_end - lab),
                     &mut labels[base + lab..base + lab_end],
                     limit,
@@ -779,16 +801,21 @@ mod tests {
         assert_eq!(l.ring_bytes, RING_HEADER + 4 * l.slot_bytes);
     }
 
-    /// One uint16 Megatron shard of `docs` documents of 4096 tokens (one page of token
-    /// bytes every half document), with ids `id`, and a one-row job reading document 3.
-    fn shard_and_job(dir: &std::path::Path, id: u16) -> (Source, SlotJob, Layout) {
+    /// One uint16 Megatron shard of 4 documents of 4096 tokens (one page of token bytes
+    /// every half document), with ids `id` except token `odd.0` (= `odd.1`), and a one-row
+    /// job reading the first 65 tokens of document 3.
+    fn shard_and_job(
+        dir: &std::path::Path,
+        id: u16,
+        odd: (usize, u16),
+    ) -> (Source, SlotJob, Layout) {
         use crate::corpus::MegatronWriter;
         use crate::plan::Segment;
         let prefix = dir.join("s");
         let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
         for _ in 0..4 {
-            let doc: Vec<u8> = std::iter::repeat_n(id.to_le_bytes(), 4096)
-                .flatten()
+            let doc: Vec<u8> = (0..4096)
+                .flat_map(|i| if i == odd.0 { odd.1 } else { id }.to_le_bytes())
                 .collect();
             w.add_document_bytes(&doc).unwrap();
         }
@@ -820,7 +847,7 @@ mod tests {
     #[test]
     fn a_shard_truncated_under_the_copy_fails_the_fill_and_is_poisoned() {
         let dir = tempfile::tempdir().unwrap();
-        let (src, job, layout) = shard_and_job(dir.path(), 7);
+        let (src, job, layout) = shard_and_job(dir.path(), 7, (0, 7));
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
         // SAFETY: this test is the ring's only user.
         let slot = unsafe { ring.slot_mut(0) };
@@ -850,7 +877,7 @@ mod tests {
     #[test]
     fn ids_outside_the_vocabulary_fail_the_fill_naming_shard_document_and_value() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut src, job, layout) = shard_and_job(dir.path(), 1000);
+        let (mut src, job, layout) = shard_and_job(dir.path(), 1000, (0, 1000));
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
         // SAFETY: this test is the ring's only user.
         let slot = unsafe { ring.slot_mut(0) };
@@ -866,11 +893,25 @@ mod tests {
         // Without a vocabulary, ids still must not be negative.
         src.vocab_size = None;
         assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+        // Each delivered token is checked once: the row's first input alone, every other
+        // one as a label (the last token of a row is only a label).
+        for at in [0usize, 1, 63, 64] {
+            let dir = tempfile::tempdir().unwrap();
+            let (src, job, layout) = shard_and_job(dir.path(), 7, (at, 1000));
+            let ring = Ring::create("t", layout.clone(), 0).unwrap();
+            // SAFETY: this test is the ring's only user.
+            let slot = unsafe { ring.slot_mut(0) };
+            let e = fill_slot(slot, &layout, &job, &src)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("token {at} has id 1000")), "{e}");
+        }
         let ok = Tokens::Int16(&[5, 7, 9]);
         let bad = Tokens::Int16(&[5, -7, 9]);
         let mut out = [0i32; 3];
-        assert!(!convert(ok, &mut out, src.id_limit()));
-        assert!(convert(bad, &mut out, src.id_limit()));
+        assert!(!convert::<i32, true>(ok, &mut out, src.id_limit()));
+        assert!(convert::<i32, true>(bad, &mut out, src.id_limit()));
+        assert!(!convert::<i32, false>(bad, &mut out, src.id_limit()));
         assert_eq!(first_out_of_range(bad, src.id_limit()), Some((1, -7)));
     }
 
