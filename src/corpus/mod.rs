@@ -152,12 +152,12 @@ impl Shard {
         &self.path
     }
 
-    /// Every mapping the shard reads through (`.idx` and `.bin`, or the raw file), for
-    /// [`guard::protect`].
+    /// Every mapping the shard reads through (`.idx` and `.bin`, or the raw file and its
+    /// boundary cache), for [`guard::protect`].
     pub fn mappings(&self) -> Vec<&[u8]> {
         match &self.body {
             Body::Megatron(m) => vec![m.idx_bytes(), m.bin_bytes()],
-            Body::Raw(r) => vec![r.data()],
+            Body::Raw(r) => vec![r.data(), r.cache_bytes()],
         }
     }
 

@@ -685,7 +685,10 @@ fn fill_typed<T: Out>(
 fn describe_fault(shard: &Shard, addr: usize) -> String {
     let files: Vec<std::path::PathBuf> = match shard.as_megatron() {
         Some(m) => vec![m.idx_path().to_path_buf(), m.bin_path().to_path_buf()],
-        None => vec![shard.path().to_path_buf()],
+        None => vec![
+            shard.path().to_path_buf(),
+            format!("{} (its boundary cache)", shard.path().display()).into(),
+        ],
     };
     for (map, file) in shard.mappings().into_iter().zip(files) {
         let start = map.as_ptr() as usize;
