@@ -1454,6 +1454,17 @@ impl Hub {
         } else {
             0.0
         });
+        // Shards that changed under the daemon: no ring reads them until a restart.
+        out["poisoned_shards"] = self
+            .source
+            .shards
+            .iter()
+            .flatten()
+            .filter_map(|s| {
+                let why = s.poisoned()?;
+                Some(serde_json::json!({"shard": s.path().display().to_string(), "reason": why}))
+            })
+            .collect();
         out
     }
 

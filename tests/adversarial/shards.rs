@@ -174,6 +174,20 @@ fn truncate_under_a_live_daemon(ext: &str) -> (Split, Client) {
     assert!(d.serve.alive(), "{}", d.serve.log_text());
     let st = d.status();
     assert!(st["jobs"].as_array().is_some_and(|j| !j.is_empty()), "{st}");
+    let poisoned = st["poisoned_shards"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        poisoned.iter().any(|p| p["shard"]
+            .as_str()
+            .is_some_and(|s| s.contains("web/web-0000"))
+            // The read that faulted, or the periodic stat if it came first.
+            && p["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("SIGBUS") || r.contains("changed size"))),
+        "status names no poisoned web shard: {st}"
+    );
     (d, y)
 }
 
