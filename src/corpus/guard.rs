@@ -39,7 +39,9 @@ static PAGE: AtomicUsize = AtomicUsize::new(4096);
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// Registers `ranges` (shard mappings) as guarded and installs the SIGBUS handler on the
-/// first call. Empty ranges are ignored.
+/// first call. Empty ranges are ignored. Ranges stay registered for the life of the
+/// process (the handler cannot take a lock to see them go), so register only mappings
+/// that live as long: the daemon's shards.
 pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Result<()> {
     let _lock = REGISTER.lock().unwrap_or_else(|p| p.into_inner());
     let old = REGIONS.load(Ordering::Acquire);
