@@ -55,6 +55,7 @@ fn bench(c: &mut Criterion) {
     let source = Source {
         shards: loaded.shards,
         pad_token: plan_cfg.pad_token,
+        vocab_size: plan_cfg.vocab_size,
     };
     let mut g = c.benchmark_group("materialize");
     for (name, dtype) in [("int32", DType::Int32), ("int64", DType::Int64)] {

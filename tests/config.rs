@@ -292,3 +292,44 @@ fn toml_errors_fit_one_line_with_their_cause() {
     assert!(!e.contains('\n'), "{e:?}");
     assert!(e.contains("seq_len") && e.contains("invalid type"), "{e}");
 }
+
+/// Issue 14, item 3: `[plan] vocab_size` is validated, and so are the pad and eod ids
+/// against it (both reach the trainer's embedding).
+#[test]
+fn vocab_size_is_validated_with_the_ids_it_bounds() {
+    let base = "[corpus]\n[[corpus.domain]]\nname = \"web\"\nshards = [\"web\"]\n[plan]\nseq_len = 64\nglobal_batch_rows = 8\nweights = { web = 1.0 }\neod_token = 2\npad_token = 0\n";
+    let plan = |extra: &str| parse(&format!("{base}{extra}")).unwrap().plan_config();
+    assert_eq!(plan("vocab_size = 50304").unwrap().vocab_size, Some(50304));
+    assert_eq!(plan("").unwrap().vocab_size, None);
+    for (extra, field, want) in [
+        ("vocab_size = 0", "plan.vocab_size", "0 is outside 1..="),
+        (
+            "vocab_size = 4294967296",
+            "plan.vocab_size",
+            "4294967296 is outside",
+        ),
+        (
+            "vocab_size = 2",
+            "plan.eod_token",
+            "2 is not below plan.vocab_size = 2",
+        ),
+    ] {
+        let e = plan(extra).unwrap_err().to_string();
+        assert!(e.contains(field) && e.contains(want), "{extra}: {e}");
+    }
+    let e = parse(&format!(
+        "{}vocab_size = 100",
+        base.replace("pad_token = 0", "pad_token = 100")
+    ))
+    .unwrap()
+    .plan_config()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("plan.pad_token") && e.contains("100 is not below plan.vocab_size = 100"),
+        "{e}"
+    );
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/millrace.example.toml");
+    let cfg = Config::load(&example).unwrap();
+    assert_eq!(cfg.plan_config().unwrap().vocab_size, Some(50304));
+}

@@ -1835,6 +1835,37 @@ fn resolve_missing_path() {
     assert!(msg.contains("nope.u16"), "{msg}");
 }
 
+/// Issue 14, item 11: a device or FIFO named as a shard is reported as what it is, not
+/// as missing, and opening one never blocks (a FIFO) or maps a device.
+#[test]
+fn a_shard_that_is_not_a_regular_file_is_named_as_such() {
+    let err = resolve(Path::new("/dev/zero"), Format::Raw).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.starts_with("/dev/zero: "), "{msg}");
+    assert!(
+        msg.contains("is a character device, not a regular file"),
+        "{msg}"
+    );
+    assert!(!msg.contains("no such"), "{msg}");
+    let err = RawShard::open(Path::new("/dev/zero"), &raw_opts(DType::Uint16, 0, None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/dev/zero: is a character device"), "{err}");
+    // A FIFO as a Megatron .bin: refused at once instead of blocking in open(2).
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = write_docs(dir.path(), "s", U16, &[vec![vec![1, 2, 3]]]);
+    let bin = with(&prefix, "bin");
+    std::fs::remove_file(&bin).unwrap();
+    let c = std::ffi::CString::new(bin.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = millrace::corpus::Shard::open(&prefix, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is a FIFO, not a regular file"), "{err}");
+    assert!(err.contains(&bin.display().to_string()), "{err}");
+}
+
 #[test]
 fn resolve_raw_directory_skips_caches_and_sidecars() {
     let dir = tempfile::tempdir().unwrap();

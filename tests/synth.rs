@@ -64,6 +64,8 @@ fn totals_are_exact_and_content_matches_the_reference_generator() {
     let summary = synth::synth(&opts(dir.path(), 2_000_000, 2)).unwrap();
     assert_eq!(summary.tokens, 2_000_000);
     let cfg = Config::load(&summary.config).unwrap();
+    // The config says which ids the trainer accepts, so the daemon checks every token.
+    assert_eq!(cfg.plan_config().unwrap().vocab_size, Some(50304));
     let corpus = cfg.open_corpus().unwrap();
     let names: Vec<&str> = corpus.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["web", "code", "books", "wiki"]);

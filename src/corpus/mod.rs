@@ -6,12 +6,14 @@
 //! optional group sidecar ([`groups`]). [`resolve`] turns what a user typed (a prefix, a
 //! directory, a glob) into shard paths, and [`Shard::open`] maps them.
 //!
-//! Shards are assumed immutable while mapped, the contract every mmap-based reader
-//! (Megatron's included) relies on: a file truncated underneath a live mapping makes
-//! later reads fault. Replace shards by writing new files and renaming.
+//! Shards should be immutable while mapped (replace them by writing new files and
+//! renaming). What happens when one is not: a read past a truncated end is caught by
+//! [`guard`] and poisons the shard ([`Shard::poison`]); [`Shard::changed`] notices a
+//! file whose size or mtime moved since it was opened (docs/OPERATIONS.md).
 
 pub mod error;
 pub mod groups;
+pub mod guard;
 pub mod megatron;
 pub mod raw;
 pub mod tokens;
@@ -60,6 +62,32 @@ pub struct Shard {
     body: Body,
     groups: Option<Groups>,
     path: PathBuf,
+    /// The files behind the mappings as they were when opened, for [`Shard::changed`].
+    stamps: Vec<(PathBuf, FileStamp)>,
+    /// Why the shard must not be read again (it changed or faulted under a mapping).
+    poisoned: std::sync::OnceLock<String>,
+}
+
+/// What identifies one state of a file: which inode, how big, when last written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).map_err(|e| CorpusError::io(path, "stat", e))?;
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
 }
 
 /// The format-specific part of a [`Shard`].
@@ -94,10 +122,24 @@ impl Shard {
             ),
         };
         let sidecar = megatron::with_suffix(&prefix, "groups.npy");
+        let files = match raw {
+            None => vec![
+                megatron::with_suffix(path, "idx"),
+                megatron::with_suffix(path, "bin"),
+            ],
+            Some(_) => vec![path.to_path_buf()],
+        };
+        let mut stamps = Vec::with_capacity(files.len());
+        for f in files {
+            let st = FileStamp::of(&f)?;
+            stamps.push((f, st));
+        }
         let mut shard = Shard {
             body,
             groups: None,
             path: path.to_path_buf(),
+            stamps,
+            poisoned: std::sync::OnceLock::new(),
         };
         if sidecar.exists() {
             shard.groups = Some(Groups::open(&sidecar, shard.documents())?);
@@ -108,6 +150,59 @@ impl Shard {
     /// The path the shard was opened from (a Megatron prefix or a raw file).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Every mapping the shard reads through (`.idx` and `.bin`, or the raw file and its
+    /// boundary cache), for [`guard::protect`].
+    pub fn mappings(&self) -> Vec<&[u8]> {
+        match &self.body {
+            Body::Megatron(m) => vec![m.idx_bytes(), m.bin_bytes()],
+            Body::Raw(r) => vec![r.data(), r.cache_bytes()],
+        }
+    }
+
+    /// Marks the shard as unreadable for the rest of the process's life, with the reason
+    /// (the first reason wins). Its mapping may hold zeros where the file shrank, so
+    /// nothing may serve from it again.
+    pub fn poison(&self, why: String) {
+        let _ = self.poisoned.set(why);
+    }
+
+    /// Why the shard was poisoned, if it was: one atomic load on the copy path.
+    #[inline]
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.get().map(String::as_str)
+    }
+
+    /// Whether a file behind the shard changed in place since it was opened (same inode,
+    /// other size or mtime), and how. A path that now names another inode was replaced
+    /// by a rename, which is the supported way: the mapping keeps the old, intact file.
+    /// A file that cannot be stat'ed (deleted) is not a change either, for the same reason.
+    pub fn changed(&self) -> Option<String> {
+        for (path, was) in &self.stamps {
+            let Ok(now) = FileStamp::of(path) else {
+                continue;
+            };
+            if (now.dev, now.ino) != (was.dev, was.ino) {
+                continue;
+            }
+            if now.size != was.size {
+                return Some(format!(
+                    "{}: changed size under the daemon ({} -> {} bytes)",
+                    path.display(),
+                    was.size,
+                    now.size
+                ));
+            }
+            if now.mtime_ns != was.mtime_ns {
+                return Some(format!(
+                    "{}: modified in place under the daemon (mtime moved by {} ns)",
+                    path.display(),
+                    now.mtime_ns - was.mtime_ns
+                ));
+            }
+        }
+        None
     }
 
     /// Which reader backs the shard.
@@ -329,16 +424,14 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
                 }),
             }
         }
-        Format::Raw => {
-            if arg.is_file() {
-                Ok(vec![arg.to_path_buf()])
-            } else {
-                Err(CorpusError::NotFound {
-                    path: arg.to_path_buf(),
-                    what: "no such token file".into(),
-                })
-            }
-        }
+        Format::Raw => match std::fs::metadata(arg) {
+            Ok(m) if m.is_file() => Ok(vec![arg.to_path_buf()]),
+            Ok(m) => Err(not_regular(arg, &m)),
+            Err(_) => Err(CorpusError::NotFound {
+                path: arg.to_path_buf(),
+                what: "no such token file".into(),
+            }),
+        },
     }
 }
 
@@ -379,6 +472,29 @@ fn shard_of(p: &Path, format: Format) -> Result<Option<PathBuf>> {
     }
 }
 
+/// The error for a path that exists but is not a regular file, saying what it is.
+fn not_regular(path: &Path, meta: &std::fs::Metadata) -> CorpusError {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown file type"
+    };
+    CorpusError::Invalid {
+        path: path.to_path_buf(),
+        what: format!("is {kind}, not a regular file: a shard must be a regular file"),
+    }
+}
+
 /// `x.bin` or `x.idx` -> `x`; anything else unchanged.
 fn strip_megatron_ext(p: &Path) -> PathBuf {
     match p.extension().and_then(|e| e.to_str()) {
@@ -389,6 +505,13 @@ fn strip_megatron_ext(p: &Path) -> PathBuf {
 
 /// Maps a whole file read-only; `None` for an empty file, which cannot be mapped.
 pub(crate) fn map_file(path: &Path) -> Result<(Option<Mmap>, u64)> {
+    // Stat before open: opening a FIFO would block, and a device maps as something
+    // that is not a token file (/dev/zero reads as endless zeros).
+    // (A missing file is reported as the open that would have failed.)
+    let meta = std::fs::metadata(path).map_err(|e| CorpusError::io(path, "open", e))?;
+    if !meta.is_file() {
+        return Err(not_regular(path, &meta));
+    }
     let file = File::open(path).map_err(|e| CorpusError::io(path, "open", e))?;
     let len = file
         .metadata()

@@ -254,6 +254,15 @@ impl RawShard {
         self.map.as_deref().unwrap_or(&[])
     }
 
+    /// The mapped boundary cache, if the boundaries are read from one (empty otherwise):
+    /// a mapping the daemon's SIGBUS guard must cover too.
+    pub fn cache_bytes(&self) -> &[u8] {
+        match &self.ends {
+            DocEnds::Mapped(map, _) => map,
+            DocEnds::Owned(_) => &[],
+        }
+    }
+
     /// The tokens of document `doc`, borrowed from the mapping.
     pub fn doc_tokens(&self, doc: u64) -> Result<Tokens<'_>> {
         let (a, b) = self.doc_range(doc)?;

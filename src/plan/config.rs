@@ -172,9 +172,9 @@ pub struct PlanConfig {
     /// Id written into padding.
     #[serde(default)]
     pub pad_token: u64,
-    /// The tokenizer's vocabulary size (the embedding rows a trainer needs), told to
-    /// clients in WELCOME so they need not guess it; not part of the plan's fingerprint,
-    /// and the daemon does not scan the shards against it.
+    /// The tokenizer's vocabulary (`0..vocab_size` are the ids the trainer's embedding
+    /// accepts): told to clients in WELCOME, and the materializer fails a ring rather than
+    /// deliver an id outside it. Not part of the fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab_size: Option<u64>,
     /// Constant weights, shorthand for a one-point schedule.
@@ -276,6 +276,8 @@ fn default_window() -> u64 {
 pub const MAX_SEQ_LEN: u32 = 1 << 24;
 /// Largest global batch accepted.
 pub const MAX_BATCH_ROWS: u32 = 1 << 20;
+/// Largest `vocab_size` accepted: ids must fit int32 outputs' positive range.
+pub const MAX_VOCAB: u64 = 1 << 31;
 /// Largest packing window accepted, in units.
 pub const MAX_WINDOW: u64 = 1 << 24;
 /// The furthest step a run may name (a skip's end, a HELLO's `start_step`, a live
@@ -343,12 +345,21 @@ impl PlanConfig {
             ));
         }
         if let Some(v) = self.vocab_size {
+            if !(1..=MAX_VOCAB).contains(&v) {
+                return Err(bad(
+                    "plan.vocab_size",
+                    format!("{v} is outside 1..={MAX_VOCAB}"),
+                ));
+            }
             for (field, id) in [
-                ("plan.pad_token", Some(self.pad_token)),
-                ("plan.eod_token", self.eod_token),
+                ("pad_token", Some(self.pad_token)),
+                ("eod_token", self.eod_token),
             ] {
                 if let Some(id) = id.filter(|&id| id >= v) {
-                    return Err(bad(field, format!("{id} is not below plan.vocab_size {v}")));
+                    return Err(bad(
+                        format!("plan.{field}"),
+                        format!("{id} is not below plan.vocab_size = {v}"),
+                    ));
                 }
             }
         }

@@ -295,7 +295,18 @@ pub struct Hub {
     /// Real and padded token positions copied, and documents started and cut, for the
     /// padding and truncation fractions.
     fill: Mutex<FillStats>,
+    /// When the shards were last stat'ed for in-place changes ([`SHARD_CHECK`]), and the
+    /// shard the next pass starts at.
+    shards_checked: Mutex<(Instant, usize)>,
 }
+
+/// How often a worker stats shards for a size or mtime that moved since they were
+/// opened (a shard rewritten in place), off the hub lock.
+const SHARD_CHECK: Duration = Duration::from_secs(1);
+/// The most one pass may spend (a few us a file): a corpus of more shards than fit is
+/// covered round-robin over several passes, so the check never costs a worker more than
+/// 1% of its time.
+const SHARD_CHECK_BUDGET: Duration = Duration::from_millis(10);
 
 #[derive(Default, Clone, Copy)]
 struct FillStats {
@@ -380,6 +391,13 @@ impl ChangeError {
 impl Hub {
     /// A hub over a built plan and its mapped shards; hints the shards for random access.
     pub fn new(plan: Arc<Plan>, source: Source, settings: HubSettings) -> Hub {
+        // Reads of a shard truncated under the daemon fail the rings that need it
+        // instead of killing the process (corpus::guard).
+        if let Err(e) =
+            crate::corpus::guard::protect(source.shards.iter().flatten().flat_map(|s| s.mappings()))
+        {
+            warn!("cannot install the SIGBUS guard ({e}); a shard truncated while served will stop the daemon");
+        }
         if settings.hints {
             for shard in source.shards.iter().flatten() {
                 random_access(shard.data());
@@ -412,6 +430,7 @@ impl Hub {
             }),
             work: Condvar::new(),
             fill: Mutex::new(FillStats::default()),
+            shards_checked: Mutex::new((Instant::now(), 0)),
         }
     }
 
@@ -433,6 +452,30 @@ impl Hub {
     /// `cancel` is set by the connection when its client hangs up: a seek in progress
     /// then stops at its next chunk and the attempt is refused with `cancelled`.
     pub fn admit(
+        &self,
+        hello: &Hello,
+        pid: Option<i32>,
+        cancel: &AtomicBool,
+    ) -> Result<Admission, Refusal> {
+        // Seeking or restoring a planner reads shard indexes: guarded like the copy.
+        let guard = crate::corpus::guard::enter();
+        let _ = crate::corpus::guard::take_fault();
+        let r = self.admit_unguarded(hello, pid, cancel);
+        let fault = crate::corpus::guard::take_fault();
+        drop(guard);
+        match fault {
+            None => r,
+            Some(addr) => {
+                let why = self.poison_at(addr, "while planning this client's start");
+                if let Ok(a) = r {
+                    self.leave(&hello.job, hello.dp_rank, a.peer);
+                }
+                Err(Refusal::new("materialize", why))
+            }
+        }
+    }
+
+    fn admit_unguarded(
         &self,
         hello: &Hello,
         pid: Option<i32>,
@@ -1018,17 +1061,98 @@ impl Hub {
         self.work.notify_all();
     }
 
+    /// Poisons every shard whose files changed in place since they were opened, at most
+    /// once per [`SHARD_CHECK`] over all workers. The rings that read a poisoned shard
+    /// fail at their next copy from it; nothing else changes.
+    fn check_shards(&self) {
+        let Ok(mut checked) = self.shards_checked.try_lock() else {
+            return; // another worker is checking
+        };
+        if checked.0.elapsed() < SHARD_CHECK {
+            return;
+        }
+        let t0 = Instant::now();
+        let all: Vec<&std::sync::Arc<crate::corpus::Shard>> =
+            self.source.shards.iter().flatten().collect();
+        let mut at = checked.1;
+        for _ in 0..all.len() {
+            at = (at + 1) % all.len();
+            let shard = all[at];
+            if shard.poisoned().is_none() {
+                if let Some(why) = shard.changed() {
+                    error!("{why}; the shard is poisoned: rings that read it stop with ERROR materialize");
+                    shard.poison(why);
+                }
+            }
+            if t0.elapsed() > SHARD_CHECK_BUDGET {
+                break;
+            }
+        }
+        *checked = (Instant::now(), at);
+    }
+
+    /// Poisons the shard whose mapping holds `addr`, where a guarded read faulted
+    /// `during` something other than a slot copy, and says why.
+    fn poison_at(&self, addr: usize, during: &str) -> String {
+        let shard = self.source.shards.iter().flatten().find(|s| {
+            s.mappings().iter().any(|m| {
+                let a = m.as_ptr() as usize;
+                (a..a + m.len()).contains(&addr)
+            })
+        });
+        match shard {
+            Some(s) => {
+                let why = format!(
+                    "{}: a read of its index faulted (SIGBUS) {during}: the file shrank \
+                     under the daemon's mapping; the shard is poisoned until restart",
+                    s.path().display()
+                );
+                s.poison(why.clone());
+                why
+            }
+            None => format!("a guarded read faulted {during}"),
+        }
+    }
+
+    /// Fails ring `key` after a guarded read faulted at `addr` outside a slot copy (in
+    /// planning or page-cache hints): poisons the shard that holds `addr`.
+    fn fail_on_fault(&self, st: &mut State, key: &(String, u32), step: u64, addr: usize) {
+        let why = self.poison_at(addr, &format!("while planning step {step}"));
+        if let Some(entry) = Self::find(st, &key.0, key.1) {
+            error!(job = %key.0, dp_rank = key.1, "materialize: {why}; this ring stops");
+            entry.failed = Some(why);
+            for p in entry.peers.values() {
+                p.kick.notify_one();
+            }
+        }
+    }
+
     /// One materializer thread: claim a slot, fill it outside the lock, publish in order.
     pub fn worker(&self) {
         loop {
+            self.check_shards();
             let (key, ring, job, generation) = {
                 let mut st = self.lock();
                 let claimed = loop {
                     if st.stopping {
                         return;
                     }
-                    if let Some(c) = self.claim(&mut st) {
-                        break c;
+                    // Planning reads shard indexes: guarded like the copy.
+                    let g = crate::corpus::guard::enter();
+                    let _ = crate::corpus::guard::take_fault();
+                    let c = self.claim(&mut st);
+                    let fault = crate::corpus::guard::take_fault();
+                    drop(g);
+                    match (c, fault) {
+                        (Some(c), None) => break c,
+                        (Some((key, _, job, _)), Some(addr)) => {
+                            if let Some(e) = Self::find(&mut st, &key.0, key.1) {
+                                e.in_flight.remove(&job.step);
+                            }
+                            self.fail_on_fault(&mut st, &key, job.step, addr);
+                            continue;
+                        }
+                        (None, _) => {}
                     }
                     st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
                 };
@@ -1473,6 +1597,17 @@ impl Hub {
         } else {
             0.0
         });
+        // Shards that changed under the daemon: no ring reads them until a restart.
+        out["poisoned_shards"] = self
+            .source
+            .shards
+            .iter()
+            .flatten()
+            .filter_map(|s| {
+                let why = s.poisoned()?;
+                Some(serde_json::json!({"shard": s.path().display().to_string(), "reason": why}))
+            })
+            .collect();
         out
     }
 

@@ -478,6 +478,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         Source {
             shards: l.shards,
             pad_token,
+            vocab_size: l.plan.config().vocab_size,
         },
         HubSettings {
             slots: serve.ring_slots,

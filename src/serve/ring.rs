@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memmap2::MmapMut;
 use serde::Serialize;
 
-use crate::corpus::{DType, Shard, Tokens};
+use crate::corpus::{guard, DType, Shard, Tokens};
 use crate::plan::Row;
 
 /// Bytes before slot 0: the ring header.
@@ -369,12 +369,24 @@ pub struct SlotJob {
     pub cursor: Vec<u8>,
 }
 
-/// What the materializer reads: the mapped shards per domain, and the pad token.
+/// What the materializer reads: the mapped shards per domain, the pad token and the
+/// vocabulary every delivered id must fall in.
 pub struct Source {
     /// Shards per domain, in plan order.
     pub shards: Vec<Vec<std::sync::Arc<Shard>>>,
     /// Token used for padding positions.
     pub pad_token: u64,
+    /// `[plan] vocab_size`: ids at or above it fail the ring. Without it only negative
+    /// ids do (no tokenizer makes them; a wrong dtype code does).
+    pub vocab_size: Option<u64>,
+}
+
+impl Source {
+    /// The exclusive upper bound on delivered ids, compared as u64 so that a negative
+    /// id (which wraps to >= 2^63) is out of range whatever the vocabulary.
+    fn id_limit(&self) -> u64 {
+        self.vocab_size.unwrap_or(1 << 63)
+    }
 }
 
 /// Integer element types a slot may hold tokens in.
@@ -386,27 +398,58 @@ macro_rules! out {
 }
 out!(u8, i8, i16, u16, i32, u32, i64);
 
-/// Converts `src` into `dst` (same length); the dtype check at start-up guarantees the
-/// values fit.
-fn convert<T: Out>(src: Tokens<'_>, dst: &mut [T]) {
-    macro_rules! go {
-        ($s:expr) => {
+/// Converts `src` into `dst` (same length) and, with `CHECK`, returns whether some id
+/// was outside `0..limit` (the dtype check at start-up guarantees the values fit `T`).
+/// The range check rides in the conversion loop as a running min and max in the stored
+/// type (one `pmin`/`pmax` per vector of tokens, vectorized with the conversion) instead
+/// of a second pass over the tokens; a per-token compare widened to u64 halved the fill's
+/// speed. Without `CHECK` the min and max are dead code and compiled out.
+fn convert<T: Out, const CHECK: bool>(src: Tokens<'_>, dst: &mut [T], limit: u64) -> bool {
+    macro_rules! int {
+        ($s:expr, $t:ty) => {{
+            let (mut lo, mut hi) = (<$t>::MAX, <$t>::MIN);
             for (d, &v) in dst.iter_mut().zip($s) {
                 *d = T::from_i64(v as i64);
+                if CHECK {
+                    lo = lo.min(v);
+                    hi = hi.max(v);
+                }
             }
-        };
+            CHECK && !$s.is_empty() && ((lo as i64) < 0 || hi as i64 as u64 >= limit)
+        }};
+    }
+    // Float dtypes are never meant for ids: convert and compare token by token.
+    macro_rules! float {
+        ($s:expr) => {{
+            let mut bad = false;
+            for (d, &v) in dst.iter_mut().zip($s) {
+                let w = v as i64;
+                *d = T::from_i64(w);
+                bad |= CHECK && w as u64 >= limit;
+            }
+            bad
+        }};
     }
     match src {
-        Tokens::Uint8(s) => go!(s),
-        Tokens::Int8(s) => go!(s),
-        Tokens::Int16(s) => go!(s),
-        Tokens::Uint16(s) => go!(s),
-        Tokens::Int32(s) => go!(s),
-        Tokens::Uint32(s) => go!(s),
-        Tokens::Int64(s) => go!(s),
-        Tokens::Float32(s) => go!(s),
-        Tokens::Float64(s) => go!(s),
+        Tokens::Uint8(s) => int!(s, u8),
+        Tokens::Int8(s) => int!(s, i8),
+        Tokens::Int16(s) => int!(s, i16),
+        Tokens::Uint16(s) => int!(s, u16),
+        Tokens::Int32(s) => int!(s, i32),
+        Tokens::Uint32(s) => int!(s, u32),
+        Tokens::Int64(s) => int!(s, i64),
+        Tokens::Float32(s) => float!(s),
+        Tokens::Float64(s) => float!(s),
     }
+}
+
+/// The first id of `t` outside `0..limit`, with its index: the slow path that words the
+/// error once [`convert`] has found one.
+fn first_out_of_range(t: Tokens<'_>, limit: u64) -> Option<(usize, i64)> {
+    (0..t.len()).find_map(|i| {
+        let v = t.get_i64(i)?;
+        (v as u64 >= limit).then_some((i, v))
+    })
 }
 
 /// Splits the slot into its header and its eight arrays (fields are in offset order).
@@ -432,12 +475,19 @@ fn typed<T: bytemuck::Pod>(b: &mut [u8]) -> &mut [T] {
 
 /// Fills `slot` with `job` (everything but the ring's `published` word) and returns the
 /// slot's real-token count. `publish_ns` is stamped by the caller just before publishing.
+///
+/// Shard reads are guarded ([`crate::corpus::guard`]): a shard truncated under the
+/// daemon, or one already poisoned, fails this fill with an error naming it, and an id
+/// outside the vocabulary fails it naming shard, document and value.
 pub fn fill_slot(
     slot: &mut [u8],
     layout: &Layout,
     job: &SlotJob,
     src: &Source,
 ) -> Result<u64, RingError> {
+    let _guard = guard::enter();
+    // A fault left over from an unguarded read elsewhere is not this fill's.
+    let _ = guard::take_fault();
     match layout.token.0 {
         DType::Uint8 => fill_typed::<u8>(slot, layout, job, src),
         DType::Int8 => fill_typed::<i8>(slot, layout, job, src),
@@ -487,6 +537,7 @@ fn fill_typed<T: Out>(
     let row_loss: &mut [i32] = typed(row_loss);
 
     let pad = T::from_i64(src.pad_token as i64);
+    let limit = src.id_limit();
 
     let mut n_cu = 1usize;
     cu[0] = 0;
@@ -510,9 +561,24 @@ fn fill_typed<T: Out>(
                     row.domain, s.shard
                 ))
             })?;
-            let doc = shard
-                .doc_tokens(s.doc)
-                .map_err(|e| fail(format!("row {r}: {e}")))?;
+            if let Some(why) = shard.poisoned() {
+                return Err(fail(format!(
+                    "row {r}: document {} of a poisoned shard: {why}",
+                    s.doc
+                )));
+            }
+            // A read that faulted (the file shrank under its mapping) saw zeros: poison
+            // the shard so nothing serves those zeros, and fail naming it.
+            let faulted = |addr: usize| {
+                let why = describe_fault(shard, addr);
+                shard.poison(why.clone());
+                fail(format!("row {r}: reading document {}: {why}", s.doc))
+            };
+            let doc = shard.doc_tokens(s.doc);
+            if let Some(addr) = guard::take_fault() {
+                return Err(faulted(addr));
+            }
+            let doc = doc.map_err(|e| fail(format!("row {r}: {e}")))?;
             let n = s.len as usize;
             if n == 0 {
                 continue;
@@ -532,19 +598,44 @@ fn fill_typed<T: Out>(
             let end = (p + n).min(l);
             // Convert straight into both arrays (no staging row): input position q
             // holds t[q], label position q-1 holds t[q].
+            // Every delivered token is a label, except the row's first input (p == 0):
+            // the labels' conversion checks the range, and that one token is checked
+            // alone, so each token is checked once, not twice.
+            let mut bad = false;
             if end > p {
-                convert(
+                convert::<T, false>(
                     slice_tokens(piece, 0, end - p),
                     &mut tokens[base + p..base + end],
+                    limit,
                 );
             }
             let (skip, lab) = if p == 0 { (1, 0) } else { (0, p - 1) };
+            if p == 0 {
+                bad |= piece.get_i64(0).is_some_and(|v| v as u64 >= limit);
+            }
             let lab_end = (p + n - 1).min(l);
             if lab_end > lab {
-                convert(
+                bad |= convert::<T, true>(
                     slice_tokens(piece, skip, skip + lab_end - lab),
                     &mut labels[base + lab..base + lab_end],
+                    limit,
                 );
+            }
+            if let Some(addr) = guard::take_fault() {
+                return Err(faulted(addr));
+            }
+            if bad {
+                let (i, v) = first_out_of_range(piece, limit).unwrap_or((0, -1));
+                let bound = match src.vocab_size {
+                    Some(v) => format!("outside vocab_size {v} (ids 0..{v})"),
+                    None => "negative (token ids never are; is the dtype code right?)".into(),
+                };
+                return Err(fail(format!(
+                    "row {r}: {} document {} token {} has id {v}, {bound}",
+                    shard.path().display(),
+                    s.doc,
+                    a + i
+                )));
             }
             if end > p {
                 for (i, v) in pos[base + p..base + end].iter_mut().enumerate() {
@@ -588,6 +679,34 @@ fn fill_typed<T: Out>(
     header[40..48].copy_from_slice(&real_total.to_le_bytes());
     header[48..52].copy_from_slice(&(job.cursor.len() as u32).to_le_bytes());
     Ok(real_total)
+}
+
+/// Words a guarded read's fault at `addr`: which file of `shard`, at which byte.
+fn describe_fault(shard: &Shard, addr: usize) -> String {
+    let files: Vec<std::path::PathBuf> = match shard.as_megatron() {
+        Some(m) => vec![m.idx_path().to_path_buf(), m.bin_path().to_path_buf()],
+        None => vec![
+            shard.path().to_path_buf(),
+            format!("{} (its boundary cache)", shard.path().display()).into(),
+        ],
+    };
+    for (map, file) in shard.mappings().into_iter().zip(files) {
+        let start = map.as_ptr() as usize;
+        if (start..start + map.len()).contains(&addr) {
+            return format!(
+                "{}: read at byte {} faulted (SIGBUS): the file shrank under the daemon's \
+                 mapping (truncated or rewritten in place?); the shard is poisoned until \
+                 restart",
+                file.display(),
+                addr - start
+            );
+        }
+    }
+    format!(
+        "{}: a read faulted (SIGBUS) at an address outside its mappings; the shard is \
+         poisoned until restart",
+        shard.path().display()
+    )
 }
 
 /// Tokens `a..b` of a document (bounds checked by the caller).
@@ -683,6 +802,120 @@ mod tests {
         assert!(prev as u64 <= l.slot_bytes);
         assert_eq!(l.slot_bytes % 4096, 0);
         assert_eq!(l.ring_bytes, RING_HEADER + 4 * l.slot_bytes);
+    }
+
+    /// One uint16 Megatron shard of 4 documents of 4096 tokens (one page of token bytes
+    /// every half document), with ids `id` except token `odd.0` (= `odd.1`), and a one-row
+    /// job reading the first 65 tokens of document 3.
+    fn shard_and_job(
+        dir: &std::path::Path,
+        id: u16,
+        odd: (usize, u16),
+    ) -> (Source, SlotJob, Layout) {
+        use crate::corpus::MegatronWriter;
+        use crate::plan::Segment;
+        let prefix = dir.join("s");
+        let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
+        for _ in 0..4 {
+            let doc: Vec<u8> = (0..4096)
+                .flat_map(|i| if i == odd.0 { odd.1 } else { id }.to_le_bytes())
+                .collect();
+            w.add_document_bytes(&doc).unwrap();
+        }
+        w.finish().unwrap();
+        let shard = std::sync::Arc::new(Shard::open(&prefix, None).unwrap());
+        crate::corpus::guard::protect(shard.mappings()).unwrap();
+        let seg = Segment {
+            shard: 0,
+            doc: 3,
+            start: 0,
+            len: 65,
+            doc_len: 4096,
+            group: None,
+        };
+        let job = SlotJob {
+            step: 0,
+            plan_step: 0,
+            rows: vec![Row::new(0, 0, vec![seg], 65)],
+            cursor: vec![],
+        };
+        let src = Source {
+            shards: vec![vec![shard]],
+            pad_token: 0,
+            vocab_size: Some(1000),
+        };
+        (src, job, Layout::new(1, 64, 1, TokenType(DType::Int32), 64))
+    }
+
+    #[test]
+    fn a_shard_truncated_under_the_copy_fails_the_fill_and_is_poisoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, job, layout) = shard_and_job(dir.path(), 7, (0, 7));
+        let ring = Ring::create("t", layout.clone(), 0).unwrap();
+        // SAFETY: this test is the ring's only user.
+        let slot = unsafe { ring.slot_mut(0) };
+        assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("s.bin"))
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let e = fill_slot(slot, &layout, &job, &src)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s.bin: read at byte 24576 faulted (SIGBUS)"),
+            "{e}"
+        );
+        assert!(e.contains("document 3"), "{e}");
+        assert!(src.shards[0][0].poisoned().is_some());
+        // Poisoned: refused before any read, even of pages that are still there.
+        let e = fill_slot(slot, &layout, &job, &src)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("poisoned shard"), "{e}");
+    }
+
+    #[test]
+    fn ids_outside_the_vocabulary_fail_the_fill_naming_shard_document_and_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut src, job, layout) = shard_and_job(dir.path(), 1000, (0, 1000));
+        let ring = Ring::create("t", layout.clone(), 0).unwrap();
+        // SAFETY: this test is the ring's only user.
+        let slot = unsafe { ring.slot_mut(0) };
+        let e = fill_slot(slot, &layout, &job, &src)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s document 3 token 0 has id 1000, outside vocab_size 1000"),
+            "{e}"
+        );
+        src.vocab_size = Some(1001);
+        assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+        // Without a vocabulary, ids still must not be negative.
+        src.vocab_size = None;
+        assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+        // Each delivered token is checked once: the row's first input alone, every other
+        // one as a label (the last token of a row is only a label).
+        for at in [0usize, 1, 63, 64] {
+            let dir = tempfile::tempdir().unwrap();
+            let (src, job, layout) = shard_and_job(dir.path(), 7, (at, 1000));
+            let ring = Ring::create("t", layout.clone(), 0).unwrap();
+            // SAFETY: this test is the ring's only user.
+            let slot = unsafe { ring.slot_mut(0) };
+            let e = fill_slot(slot, &layout, &job, &src)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("token {at} has id 1000")), "{e}");
+        }
+        let ok = Tokens::Int16(&[5, 7, 9]);
+        let bad = Tokens::Int16(&[5, -7, 9]);
+        let mut out = [0i32; 3];
+        assert!(!convert::<i32, true>(ok, &mut out, src.id_limit()));
+        assert!(convert::<i32, true>(bad, &mut out, src.id_limit()));
+        assert!(!convert::<i32, false>(bad, &mut out, src.id_limit()));
+        assert_eq!(first_out_of_range(bad, src.id_limit()), Some((1, -7)));
     }
 
     #[test]

@@ -626,6 +626,25 @@ def test_refusals_name_the_problem(corpus, daemons, short_dir, tmp_path):
     assert d.alive()
 
 
+def test_an_out_of_vocabulary_id_reaches_python_as_the_daemons_error(daemons, tmp_path):
+    """Issue 14, item 3: ids at or above `[plan] vocab_size` stop the ring with ERROR
+    materialize; the client raises DaemonError carrying the daemon's code and message
+    unchanged (shard, document and value), instead of handing the ids to the trainer."""
+    cfg = write_corpus(tmp_path / "vocab")  # ids 3..30000
+    cfg.write_text(cfg.read_text().replace("eod_token = 2", "eod_token = 2\nvocab_size = 1000"))
+    d = daemons(cfg)
+    with pytest.raises(mr.DaemonError) as e:
+        with client(d, 0, 4) as c:
+            for _ in range(10):
+                c.next_batch(timeout=60)
+    assert e.value.code == "materialize", e.value
+    m = e.value.message
+    assert "outside vocab_size 1000" in m and " document " in m and "has id " in m, m
+    assert str(tmp_path / "vocab") in m, m
+    assert str(e.value) == f"materialize: {m}"
+    assert d.alive()
+
+
 def test_client_limit_refuses_busy(corpus, daemons, tmp_path):
     cfg = tmp_path / "two_clients.toml"
     cfg.write_text(corpus.read_text() + "max_clients = 2\n")

@@ -1,0 +1,211 @@
+//! Guarded reads of mapped shards: a SIGBUS raised while a thread reads a shard mapping
+//! (the file was truncated under the daemon) becomes an error of that read instead of
+//! the death of the process (issue 14, item 5; docs/DESIGN.md, "Shards that change
+//! under the daemon").
+//!
+//! How: [`protect`] registers the address ranges of the shard mappings and installs a
+//! SA_SIGINFO SIGBUS handler. A reader marks the code that touches those mappings with
+//! [`enter`] (a thread-local depth counter). When a guarded thread faults inside a
+//! registered range, the handler maps an anonymous zero page over the faulting page with
+//! MAP_FIXED (so the instruction retries and reads zeros), records the address in a
+//! thread-local, and returns. The reader polls [`take_fault`] after each read, throws the
+//! zeros away and fails with an error naming the shard. Any other SIGBUS (no guard, an
+//! address outside every shard, or one sent with kill) restores the previous disposition
+//! and recurs, so real bugs still crash as before.
+//!
+//! The happy path costs two thread-local writes per guarded region and one thread-local
+//! read per check: no syscall, no copy.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+thread_local! {
+    /// How many guarded regions this thread is inside.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// The first faulting address of a guarded read not yet taken (0: none).
+    static FAULT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Registered mapping ranges `[start, end)`. Readers (the handler) load the pointer; a
+/// writer publishes a new vector and leaks the old one, so the handler never reads freed
+/// memory. A daemon registers once, so the leak is one vector.
+static REGIONS: AtomicPtr<Vec<(usize, usize)>> = AtomicPtr::new(std::ptr::null_mut());
+/// Serializes writers of `REGIONS` and the handler installation.
+static REGISTER: Mutex<()> = Mutex::new(());
+/// The system page size, read once before the handler is installed.
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
+/// The disposition SIGBUS had before ours, restored for faults that are not ours.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+/// Registers `ranges` (shard mappings) as guarded and installs the SIGBUS handler on the
+/// first call. Empty ranges are ignored. Ranges stay registered for the life of the
+/// process (the handler cannot take a lock to see them go), so register only mappings
+/// that live as long: the daemon's shards.
+pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Result<()> {
+    let _lock = REGISTER.lock().unwrap_or_else(|p| p.into_inner());
+    let old = REGIONS.load(Ordering::Acquire);
+    // SAFETY: a published vector is never freed (see REGIONS), so the pointer is valid.
+    let mut next: Vec<(usize, usize)> = if old.is_null() {
+        Vec::new()
+    } else {
+        unsafe { (*old).clone() }
+    };
+    next.extend(
+        ranges
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.len())),
+    );
+    REGIONS.store(Box::into_raw(Box::new(next)), Ordering::Release);
+    if PREVIOUS.get().is_some() {
+        return Ok(());
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 {
+        PAGE.store(page as usize, Ordering::Relaxed);
+    }
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; sigaction
+    // writes the previous disposition into `prev`, which we own.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigbus as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        libc::sigemptyset(&mut act.sa_mask);
+        let mut prev: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGBUS, &act, &mut prev) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let _ = PREVIOUS.set(prev);
+    }
+    Ok(())
+}
+
+/// Marks the calling thread as reading guarded mappings until the value is dropped.
+#[must_use = "the guard ends when this value is dropped"]
+pub struct Guarded {
+    /// Thread-bound: the depth counter is per thread.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+/// Starts a guarded region on this thread (regions nest).
+pub fn enter() -> Guarded {
+    DEPTH.with(|d| d.set(d.get() + 1));
+    Guarded {
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+/// The address of the first guarded read that faulted on this thread since the last
+/// call, if any; clears it.
+#[inline]
+pub fn take_fault() -> Option<usize> {
+    let a = FAULT.with(|f| f.replace(0));
+    (a != 0).then_some(a)
+}
+
+/// Whether `addr` lies in a registered mapping. Async-signal-safe: one atomic load and
+/// reads of a vector that is never freed.
+fn registered(addr: usize) -> bool {
+    let p = REGIONS.load(Ordering::Acquire);
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: published vectors are never freed or mutated.
+    unsafe { &*p }.iter().any(|&(a, b)| (a..b).contains(&addr))
+}
+
+/// The SIGBUS handler (see the module docs). Only async-signal-safe work: thread-local
+/// cells without destructors, atomics, mmap and sigaction.
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
+    let guarded = DEPTH.try_with(|d| d.get() > 0).unwrap_or(false);
+    // si_code > 0: raised by the kernel for a memory access (not kill or sigqueue).
+    if guarded && code > 0 && registered(addr) {
+        let page = PAGE.load(Ordering::Relaxed);
+        let base = addr & !(page - 1);
+        // SAFETY: replaces one page of a registered read-only shard mapping with zeros;
+        // no Rust reference assumes its contents beyond the guarded read, whose result
+        // the reader discards when it sees the recorded fault.
+        let p = unsafe {
+            libc::mmap(
+                base as *mut libc::c_void,
+                page,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            let _ = FAULT.try_with(|f| {
+                if f.get() == 0 {
+                    f.set(addr)
+                }
+            });
+            return;
+        }
+    }
+    // Not ours: put back what was there and let the signal take its course. A memory
+    // fault recurs when the instruction retries; a sent signal is raised again and
+    // delivered once this handler returns.
+    // SAFETY: sigaction and raise are async-signal-safe; `prev` was stored before this
+    // handler could run.
+    unsafe {
+        match PREVIOUS.get() {
+            Some(prev) => libc::sigaction(sig, prev, std::ptr::null_mut()),
+            None => {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut())
+            }
+        };
+        if code <= 0 {
+            libc::raise(sig);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_truncated_mapping_faults_into_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard.bin");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![7u8; 64 * 1024]).unwrap();
+        drop(f);
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a private test file; the test truncates it on purpose.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        protect([&map[..]]).unwrap();
+        {
+            let _g = enter();
+            assert_eq!(map[40000], 7);
+            assert_eq!(take_fault(), None);
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let _g = enter();
+        let v = std::hint::black_box(&map[..])[40000];
+        let fault = take_fault().expect("the read past the new end faulted");
+        assert_eq!(v, 0);
+        assert_eq!(fault, map.as_ptr() as usize + 40000);
+        assert_eq!(take_fault(), None);
+    }
+}
