@@ -472,12 +472,17 @@ fn shard_of(p: &Path, format: Format) -> Result<Option<PathBuf>> {
     }
 }
 
-/// The error for a path that exists but is not a regular file, saying what it is.
-fn not_regular(path: &Path, meta: &std::fs::Metadata) -> CorpusError {
+/// What kind of file `t` is, as an error message says it ("a directory", "a FIFO"...):
+/// shared by the shard opener and the daemon's socket-path check, so a user who points
+/// either at the wrong thing is told what is there.
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    let kind = if t.is_dir() {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
         "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
     } else if t.is_char_device() {
         "a character device"
     } else if t.is_block_device() {
@@ -488,7 +493,12 @@ fn not_regular(path: &Path, meta: &std::fs::Metadata) -> CorpusError {
         "a socket"
     } else {
         "of an unknown file type"
-    };
+    }
+}
+
+/// The error for a path that exists but is not a regular file, saying what it is.
+fn not_regular(path: &Path, meta: &std::fs::Metadata) -> CorpusError {
+    let kind = file_kind(&meta.file_type());
     CorpusError::Invalid {
         path: path.to_path_buf(),
         what: format!("is {kind}, not a regular file: a shard must be a regular file"),

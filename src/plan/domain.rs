@@ -673,10 +673,7 @@ impl Stream {
                     let take = if rows <= remaining && rows <= limit {
                         rows
                     } else {
-                        if rows <= limit || self.spanning() >= max_spans {
-                            self.state.split_groups += 1;
-                        }
-                        rows.min(remaining).min(span_cap)
+                        self.start_span(rows, remaining, span_cap, limit, max_spans)
                     };
                     let (epoch, kind) = (self.state.epoch, self.kind());
                     self.emit_rows(d, domain, &w, epoch, kind, b, 0, take, &mut out);
@@ -713,12 +710,7 @@ impl Stream {
                 if (rows <= limit || self.spanning() >= max_spans) && can_wait {
                     0 // waits for the next step (or for a spanning block to finish)
                 } else {
-                    // Spans; a block that fits a batch is counted as split, and so is
-                    // one forced to span past `max_spans` (it may miss a batch).
-                    if rows <= limit || self.spanning() >= max_spans {
-                        self.state.split_groups += 1;
-                    }
-                    rows.min(remaining).min(span_cap)
+                    self.start_span(rows, remaining, span_cap, limit, max_spans)
                 }
             };
             let (epoch, kind) = (self.state.epoch, self.kind());
@@ -749,6 +741,23 @@ impl Stream {
             Some(tail) => &mut tail.pending,
             None => &mut s.pending,
         }
+    }
+
+    /// Rows a block of `rows` that cannot go whole takes now: it starts spanning batches,
+    /// at most `span_cap` a batch. A block that fits a batch (`rows <= limit`) is counted
+    /// as split, and so is one forced to span past `max_spans` (it may miss a batch).
+    fn start_span(
+        &mut self,
+        rows: u32,
+        remaining: u32,
+        span_cap: u32,
+        limit: u32,
+        max_spans: usize,
+    ) -> u32 {
+        if rows <= limit || self.spanning() >= max_spans {
+            self.state.split_groups += 1;
+        }
+        rows.min(remaining).min(span_cap)
     }
 
     /// Blocks waiting for room (pending, none of their rows taken yet).

@@ -1052,15 +1052,7 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
     };
     let ft = meta.file_type();
     if !ft.is_socket() {
-        let what = if ft.is_dir() {
-            "a directory"
-        } else if ft.is_symlink() {
-            "a symbolic link"
-        } else if ft.is_file() {
-            "a regular file"
-        } else {
-            "not a socket"
-        };
+        let what = crate::corpus::file_kind(&ft);
         bail!(
             "{}: the socket path exists and is {what}; refusing to remove it (choose another \
              [serve] socket or --socket, or remove it yourself)",
