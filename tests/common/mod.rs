@@ -408,3 +408,21 @@ pub trait Control {
         r["journal"].as_array().cloned().unwrap_or_default()
     }
 }
+
+/// Whether a root-only test must skip here: never as root; as anyone else it panics when
+/// `CI` is set (CI runs as root, so a skip there means a test that silently never ran),
+/// and otherwise says why on stderr and returns true.
+pub fn skip_unless_root(test: &str, why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root ({why}) and CI is set, where tests run as root: running as uid \
+         {euid} would skip it silently"
+    );
+    eprintln!("skipping {test} as uid {euid}: needs root ({why}); set CI to make this a failure");
+    true
+}
