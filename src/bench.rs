@@ -33,7 +33,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::client::{ConsumeSummary, Latency};
-use crate::demo::{
+use crate::util::harness::{
     collect_summary, cpu_seconds, ensure_corpus, socket_path_in, spawn_rust_consumer, write_config,
     ChildGuard, Daemon,
 };
@@ -1046,7 +1046,7 @@ pub fn render(r: &BenchReport) -> String {
         r.cpu_model,
         r.loadavg,
         r.corpus.display(),
-        crate::inspect::thousands(r.corpus_tokens),
+        crate::util::thousands(r.corpus_tokens),
         r.corpus_bytes as f64 / 1e9,
         if r.corpus_write_s > 0.0 {
             format!(", written in {:.2} s", r.corpus_write_s)
@@ -1352,7 +1352,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         corpus_write_s = t.elapsed().as_secs_f64();
         say(&format!(
             "wrote a {} token corpus to {} in {corpus_write_s:.1} s",
-            crate::inspect::thousands(args.tokens),
+            crate::util::thousands(args.tokens),
             dir.display(),
         ));
     }

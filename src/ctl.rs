@@ -885,7 +885,7 @@ pub fn render_status(st: &Value) -> String {
                 .map_or("-".into(), |e| format!("{e:.4}")),
             d.get("tokens")
                 .and_then(Value::as_u64)
-                .map_or("-".into(), crate::inspect::thousands)
+                .map_or("-".into(), crate::util::thousands)
         );
     }
     let jobs = arr(g("jobs"));
@@ -925,7 +925,7 @@ pub fn render_status(st: &Value) -> String {
                 ),
                 r.get("tokens_delivered")
                     .and_then(Value::as_u64)
-                    .map_or("-".into(), crate::inspect::thousands),
+                    .map_or("-".into(), crate::util::thousands),
                 r.get("consumer_wait_s")
                     .and_then(Value::as_f64)
                     .unwrap_or(0.0),
@@ -967,20 +967,6 @@ fn duration_text(s: Option<f64>) -> String {
         60..=3599 => format!("{}m{:02}s", t / 60, t % 60),
         3600..=86399 => format!("{}h{:02}m", t / 3600, (t % 3600) / 60),
         _ => format!("{}d{:02}h", t / 86400, (t % 86400) / 3600),
-    }
-}
-
-/// `1234567` as `1.23M`: rates in a narrow column (the top view, tokenize progress).
-pub(crate) fn si(v: f64) -> String {
-    let a = v.abs();
-    if a >= 1e9 {
-        format!("{:.2}G", v / 1e9)
-    } else if a >= 1e6 {
-        format!("{:.2}M", v / 1e6)
-    } else if a >= 1e3 {
-        format!("{:.1}k", v / 1e3)
-    } else {
-        format!("{v:.1}")
     }
 }
 
@@ -1081,7 +1067,7 @@ pub fn render(now: &Value, prev: Option<(&Value, f64)>, width: usize) -> String 
                 job,
                 num_or_dash(r.get("dp_rank")),
                 num_or_dash(r.get("released_step").or(r.get("published_step"))),
-                opt(rate("tokens_delivered"), &si),
+                opt(rate("tokens_delivered"), &crate::util::si),
                 opt(rate("released_step"), &|v| format!("{v:.2}")),
                 ring,
                 opt(rate("consumer_wait_s"), &|v| format!("{v:.3}")),

@@ -82,8 +82,8 @@ pub fn warning(d: &EodDomain, eod: u64) -> Option<String> {
     Some(format!(
         "warning: domain {}: {} of {} documents do not end with eod_token {eod} (first: {shard} document {doc})",
         d.domain,
-        crate::inspect::thousands(d.missing),
-        crate::inspect::thousands(d.documents)
+        crate::util::thousands(d.missing),
+        crate::util::thousands(d.documents)
     ))
 }
 
@@ -102,7 +102,7 @@ pub fn render(results: &[EodDomain], eod: u64) -> String {
                     s,
                     "domain {}: all {} documents end with eod_token {eod}",
                     d.domain,
-                    crate::inspect::thousands(d.documents)
+                    crate::util::thousands(d.documents)
                 );
             }
         }

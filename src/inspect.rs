@@ -11,6 +11,7 @@ use std::ops::Range;
 use serde::Serialize;
 
 use crate::corpus::{Result, Shard};
+use crate::util::thousands;
 
 /// Document-length percentiles (nearest rank) over a set of documents.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -329,19 +330,6 @@ pub fn dump_documents(shards: &[Shard], range: Range<u64>) -> Result<Vec<DocDump
     Ok(out)
 }
 
-/// `12345678` -> `12,345,678`, for tables people read.
-pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// The human-readable report: a table of shards, a total line and a length histogram.
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
@@ -507,13 +495,5 @@ mod tests {
                 (1 << 20, 1 << 21, 1)
             ]
         );
-    }
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1234567), "1,234,567");
     }
 }

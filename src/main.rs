@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use millrace::config::Config;
 use millrace::corpus::{self, DType, Format, RawOptions, Shard};
-use millrace::{inspect, synth, tokenize};
+use millrace::{inspect, synth, tokenize, util};
 
 /// millrace: feeds tokenized pretraining data to GPU trainers.
 #[derive(Parser)]
@@ -422,7 +422,7 @@ fn run_synth(args: SynthArgs) -> Result<()> {
         vocab: args.vocab,
         dtype: args
             .dtype
-            .unwrap_or_else(|| synth::default_dtype(args.vocab)),
+            .unwrap_or_else(|| util::default_dtype(args.vocab)),
         seed: args.seed,
         shard_tokens: args.shard_tokens,
         threads,
@@ -440,17 +440,17 @@ fn run_synth(args: SynthArgs) -> Result<()> {
             "{:<8} {:>4} shards {:>14} documents {:>16} tokens {:>10} groups",
             d.name,
             d.shards.len(),
-            inspect::thousands(d.documents),
-            inspect::thousands(d.tokens),
-            inspect::thousands(d.groups)
+            util::thousands(d.documents),
+            util::thousands(d.tokens),
+            util::thousands(d.groups)
         )?;
     }
     let bytes = summary.tokens as f64 * opts.dtype.size() as f64;
     writeln!(
         out,
         "wrote {} tokens in {} documents in {:.1} s ({:.0} MB/s); config: {}",
-        inspect::thousands(summary.tokens),
-        inspect::thousands(summary.documents),
+        util::thousands(summary.tokens),
+        util::thousands(summary.documents),
         summary.seconds,
         bytes / summary.seconds.max(1e-9) / 1e6,
         summary.config.display()

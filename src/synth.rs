@@ -26,6 +26,7 @@ use rand_pcg::Pcg64Mcg;
 use serde::Serialize;
 
 use crate::corpus::{megatron::with_suffix, CorpusError, DType, MegatronWriter, Result};
+use crate::plan::permute::splitmix64;
 
 /// Token id that ends every synthetic document (as Megatron's `--append-eod` does).
 pub const EOD: u32 = 2;
@@ -171,18 +172,13 @@ struct Written {
     groups: u64,
 }
 
-/// SplitMix64's finalizer: turns structured keys into independent seeds.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
+/// A document's seed from its structured key (seed, domain, shard, document). Unlike
+/// the plan's `derive_key`, both rounds are full SplitMix64 steps; written corpora are
+/// pinned by this exact chain, so it must not be "unified" with the plan's.
 fn key(parts: &[u64]) -> u64 {
     parts
         .iter()
-        .fold(0x6D69_6C6C_7261_6365, |h, &p| mix(h ^ mix(p)))
+        .fold(0x6D69_6C6C_7261_6365, |h, &p| splitmix64(h ^ splitmix64(p)))
 }
 
 /// Regenerates the tokens of one document (its EOD included) without reading any file:
@@ -621,15 +617,6 @@ pub fn parse_count(s: &str) -> std::result::Result<u64, String> {
     Ok(v as u64)
 }
 
-/// Default output dtype for a vocabulary, by Megatron's rule (uint16 below 65,500 ids).
-pub fn default_dtype(vocab: u32) -> DType {
-    if vocab < 65500 {
-        DType::Uint16
-    } else {
-        DType::Int32
-    }
-}
-
 /// The path of `domain`'s shard `shard` under `out`, as [`synth`] names it.
 pub fn shard_prefix(out: &Path, domain: &str, shard: usize) -> PathBuf {
     out.join(domain).join(format!("{domain}-{shard:05}"))
@@ -638,6 +625,13 @@ pub fn shard_prefix(out: &Path, domain: &str, shard: usize) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Document seeds are pinned (every synth corpus depends on them): the value the
+    /// chain gave before it shared the plan's [`splitmix64`].
+    #[test]
+    fn document_key_is_pinned() {
+        assert_eq!(key(&[1, 2, 3, 4]), 0x5e8b_d0d4_de36_3548);
+    }
 
     #[test]
     fn counts_parse() {

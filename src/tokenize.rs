@@ -391,7 +391,7 @@ pub struct TokenizeSummary {
 
 /// The human-readable summary.
 pub fn render(s: &TokenizeSummary) -> String {
-    use crate::inspect::thousands;
+    use crate::util::thousands;
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -799,7 +799,7 @@ impl Setup {
         };
         let dtype = opts
             .dtype
-            .unwrap_or_else(|| crate::synth::default_dtype(vocab.min(u64::from(u32::MAX)) as u32));
+            .unwrap_or_else(|| crate::util::default_dtype(vocab.min(u64::from(u32::MAX)) as u32));
         let max = max_id(dtype).ok_or_else(|| {
             TokenizeError::Options(format!(
                 "--dtype {dtype} cannot hold token ids in a Megatron shard \
@@ -1882,8 +1882,8 @@ impl Sink<'_> {
             let secs = now.duration_since(self.started).as_secs_f64().max(1e-9);
             self.progress.set_message(format!(
                 "{} docs/s, {} tok/s, {:.1} MB/s",
-                crate::ctl::si(self.stats.documents as f64 / secs),
-                crate::ctl::si(self.stats.tokens as f64 / secs),
+                crate::util::si(self.stats.documents as f64 / secs),
+                crate::util::si(self.stats.tokens as f64 / secs),
                 self.stats.text_bytes as f64 / secs / 1e6
             ));
         }

@@ -6,7 +6,8 @@
 //! daemon's own uid is always let in.
 //!
 //! The refusal test needs a second identity, so it runs only as root (as uid 65534,
-//! "nobody"); elsewhere it prints a skip line and passes.
+//! "nobody"); as anyone else it fails when `CI` is set (CI runs as root) and otherwise
+//! skips with a line on stderr.
 
 mod common;
 
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, Serve};
+use common::{bin, skip_unless_root, Serve};
 use millrace::ctl;
 use serde_json::Value;
 
@@ -220,17 +221,9 @@ fn assert_refused(o: &Output, what: &str, uid: u32) {
     assert!(err.contains("allowed_uids"), "{what}: {err}");
 }
 
-fn skip_unless_root(test: &str) -> bool {
-    if euid() == 0 {
-        return false;
-    }
-    println!("skipping {test}: needs root to connect as a second uid");
-    true
-}
-
 #[test]
 fn unauthorized_uid_is_refused() {
-    if skip_unless_root("unauthorized_uid_is_refused") {
+    if skip_unless_root("unauthorized_uid_is_refused", "it connects as a second uid") {
         return;
     }
     let gid = primary_gid(NOBODY).unwrap_or(NOBODY);

@@ -1284,6 +1284,23 @@ fn check_resume(sc: &Scenario, rng: &mut Pcg64) {
     const STEPS: u64 = 130;
     const AHEAD: u64 = 5;
     let plan = build(&sc.domains, sc.cfg.clone());
+    let pools: Vec<rayon::ThreadPool> = [1, 3]
+        .iter()
+        .map(|&n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .expect("a thread pool")
+        })
+        .collect();
+    // The plan itself (first windows are found in parallel) is the same on one thread.
+    let single = pools[0].install(|| build(&sc.domains, sc.cfg.clone()));
+    assert_eq!(
+        single.start().next_batch(),
+        plan.start().next_batch(),
+        "{}: plan built on one thread",
+        sc.name
+    );
     let mut p = plan.start();
     let mut blobs = Vec::new();
     let mut batches = Vec::new();
@@ -1358,6 +1375,18 @@ fn check_resume(sc: &Scenario, rng: &mut Pcg64) {
                 &want[0],
                 "{}: chunked seek to {t}",
                 sc.name
+            );
+        }
+        // (b'') the same seek on 1 and 3 worker threads: domains replay in parallel, and
+        // the thread count must change nothing.
+        for pool in &pools {
+            let k = pool.install(|| plan.seek(t));
+            assert_eq!(
+                k.cursor(),
+                seek_blob,
+                "{}: seek to {t} on {} threads",
+                sc.name,
+                pool.current_num_threads()
             );
         }
         // (c) the seek planner's own blob restores to the same stream.

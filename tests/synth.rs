@@ -156,7 +156,7 @@ fn int32_for_large_vocabularies_and_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(dir.path(), 200_000, 2);
     o.vocab = 152_064;
-    o.dtype = synth::default_dtype(o.vocab);
+    o.dtype = millrace::util::default_dtype(o.vocab);
     assert_eq!(o.dtype, DType::Int32);
     o.domains = 6;
     let s = synth::synth(&o).unwrap();

@@ -18,9 +18,10 @@ pub mod pack;
 pub mod permute;
 pub mod report;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 pub use config::{
@@ -194,17 +195,12 @@ impl Plan {
                 )));
             }
         }
-        // First windows (and so fills), one thread per domain: they are independent.
-        let firsts: Vec<domain::FirstWindow> = std::thread::scope(|scope| {
-            let handles: Vec<_> = domains
-                .iter()
-                .map(|d| scope.spawn(|| domain::first_window(d, geometry, cfg.seed)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
-        });
+        // First windows (and so fills), in parallel across domains: they are independent,
+        // and collect keeps domain order, so the result does not depend on thread count.
+        let firsts: Vec<domain::FirstWindow> = domains
+            .par_iter()
+            .map(|d| domain::first_window(d, geometry, cfg.seed))
+            .collect();
         let fill = firsts.iter().map(|f| f.fill).collect();
         for (d, f) in domains.iter_mut().zip(firsts) {
             d.first = Some(f);
@@ -542,14 +538,6 @@ impl Plan {
         let target = self.plan_step_of(step);
         let n = self.domains.len();
         let chunk = chunk.max(1);
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |t| t.get())
-            .min(n);
-        let streams: Vec<std::sync::Mutex<Option<Stream>>> = p
-            .streams
-            .drain(..)
-            .map(|s| std::sync::Mutex::new(Some(s)))
-            .collect();
         let cap = chunk.min(target) as usize;
         let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(cap); n];
         let mut from = 0u64;
@@ -584,32 +572,14 @@ impl Plan {
                     );
                 }
             };
-            let next = AtomicUsize::new(0);
-            std::thread::scope(|scope| {
-                for _ in 0..threads {
-                    scope.spawn(|| loop {
-                        let d = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(slot) = streams.get(d) else { break };
-                        let mut guard = match slot.lock() {
-                            Ok(g) => g,
-                            Err(poisoned) => poisoned.into_inner(),
-                        };
-                        if let Some(stream) = guard.as_mut() {
-                            replay(d, stream);
-                        }
-                    });
-                }
-            });
+            // Each domain's stream is touched by exactly one task, so the outcome is the
+            // sequential replay's whatever rayon's thread count.
+            p.streams
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(d, stream)| replay(d, stream));
             from = to;
         }
-        p.streams = streams
-            .into_iter()
-            .map(|m| {
-                m.into_inner()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .unwrap_or_else(|| Stream::new(StreamState::default()))
-            })
-            .collect();
         if done {
             p.plan_step = target;
             p.step = step;

@@ -220,11 +220,10 @@ fn become_thread(uid: u32, gid: u32) {
 
 #[test]
 fn a_denied_peer_is_closed_at_once_and_logged_sparingly() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!(
-            "skipping: needs root to connect as a second uid (the daemon's own is always allowed)"
-        );
+    if common::skip_unless_root(
+        "a_denied_peer_is_closed_at_once_and_logged_sparingly",
+        "it connects as a second uid; the daemon's own is always allowed",
+    ) {
         return;
     }
     const NOBODY: u32 = 65534;

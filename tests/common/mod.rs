@@ -6,8 +6,10 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use millrace::util::harness::ChildGuard;
 
 /// Megatron dtype code and item size for the test writer.
 #[derive(Debug, Clone, Copy)]
@@ -277,7 +279,8 @@ pub fn write_config(dir: &Path, file: &str, seq_len: u32, rows: u32, serve: &[&s
 /// A running `millrace serve --config <config>` with stdout and stderr in a log file;
 /// killed and reaped on drop, which then fails the test if the log shows a panic.
 pub struct Serve {
-    child: Option<Child>,
+    /// The library's kill-on-drop guard, the one `millrace demo` and `bench` use.
+    guard: ChildGuard,
     log: PathBuf,
 }
 
@@ -303,7 +306,7 @@ impl Serve {
             .spawn()
             .expect("millrace serve starts");
         Serve {
-            child: Some(child),
+            guard: ChildGuard::new(child, "millrace serve"),
             log: log.to_path_buf(),
         }
     }
@@ -333,7 +336,10 @@ impl Serve {
     }
 
     pub fn pid(&self) -> libc::pid_t {
-        self.child.as_ref().unwrap().id() as libc::pid_t
+        let id = self.guard.id();
+        // 0 would make kill(2) signal our whole process group.
+        assert_ne!(id, 0, "the daemon was already reaped");
+        id as libc::pid_t
     }
 
     pub fn signal(&self, sig: libc::c_int) {
@@ -343,12 +349,12 @@ impl Serve {
 
     /// The exit status, if the daemon has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().unwrap().try_wait().unwrap()
+        self.guard.try_wait().unwrap()
     }
 
     /// Whether the daemon is running (not exited, not killed).
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        matches!(self.guard.try_wait(), Ok(None))
     }
 
     /// Waits up to `timeout` for the daemon to exit.
@@ -365,10 +371,7 @@ impl Serve {
 
     /// Kills and reaps the daemon (once; later calls do nothing).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.guard.kill();
     }
 }
 
@@ -407,4 +410,22 @@ pub trait Control {
         assert_eq!(r["ok"], true, "{r}");
         r["journal"].as_array().cloned().unwrap_or_default()
     }
+}
+
+/// Whether a root-only test must skip here: never as root; as anyone else it panics when
+/// `CI` is set (CI runs as root, so a skip there means a test that silently never ran),
+/// and otherwise says why on stderr and returns true.
+pub fn skip_unless_root(test: &str, why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root ({why}) and CI is set, where tests run as root: running as uid \
+         {euid} would skip it silently"
+    );
+    eprintln!("skipping {test} as uid {euid}: needs root ({why}); set CI to make this a failure");
+    true
 }
