@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -21,21 +21,22 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{DType, Tokens};
+use crate::wire;
 
 // The wire and ring constants are the daemon's own, so the two sides cannot drift.
-pub use crate::serve::protocol::{
-    decode_hex as from_hex, to_hex, MAX_FRAME as MAX_FRAME_LEN, VERSION as PROTOCOL,
-};
 pub use crate::serve::ring::{
     monotonic_ns, LAYOUT_VERSION as RING_VERSION, MAGIC as RING_MAGIC,
     PUBLISHED_AT as PUBLISHED_OFFSET, SLOT_HEADER as SLOT_HEADER_BYTES,
+};
+pub use crate::wire::{
+    decode_hex as from_hex, to_hex, MAX_FRAME as MAX_FRAME_LEN, VERSION as PROTOCOL,
 };
 /// How long the handshake (HELLO to WELCOME) may take before the client gives up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Frame type codes (PROTOCOL.md section 1): the daemon's own table, so the two sides
 /// cannot drift apart.
-pub use crate::serve::protocol::kind as frame;
+pub use crate::wire::kind as frame;
 
 /// Why the client could not connect or stream; typed so callers can tell a refusal
 /// (fix the request) from a vanished daemon (reconnect) from a malformed reply (bug).
@@ -458,16 +459,8 @@ impl Drop for Mapping {
 
 /// Writes one frame.
 fn send_frame(sock: &mut UnixStream, kind: u8, payload: &[u8]) -> Result<(), ClientError> {
-    let len = payload.len() + 1;
-    if len > MAX_FRAME_LEN {
-        return Err(ClientError::Usage(format!(
-            "frame of {len} bytes exceeds {MAX_FRAME_LEN}"
-        )));
-    }
-    let mut buf = Vec::with_capacity(4 + len);
-    buf.extend_from_slice(&(len as u32).to_le_bytes());
-    buf.push(kind);
-    buf.extend_from_slice(payload);
+    let buf = wire::frame::encode_checked(kind, payload)
+        .map_err(|e| ClientError::Usage(format!("cannot send frame type {kind}: {e}")))?;
     sock.write_all(&buf).map_err(|e| match e.kind() {
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
             ClientError::Disconnected
@@ -479,64 +472,14 @@ fn send_frame(sock: &mut UnixStream, kind: u8, payload: &[u8]) -> Result<(), Cli
     })
 }
 
-/// One `recvmsg`, collecting any SCM_RIGHTS fds into `fds`; returns the bytes read.
-fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // Room for 16 descriptors, 8-aligned as cmsghdr needs.
-    let mut cbuf = [0u64; 16];
-    // SAFETY: a zeroed msghdr is a valid empty one; we fill in the buffers below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    let n = loop {
-        // SAFETY: msg points at live buffers of the sizes it states.
-        let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if r >= 0 {
-            break r as usize;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c);
-                let header = data as usize - c as usize;
-                let count = ((*c).cmsg_len as usize).saturating_sub(header)
-                    / std::mem::size_of::<libc::c_int>();
-                for i in 0..count {
-                    let raw = std::ptr::read_unaligned((data as *const libc::c_int).add(i));
-                    fds.push(OwnedFd::from_raw_fd(raw));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(std::io::Error::other(
-            "control data truncated (more descriptors than expected)",
-        ));
-    }
-    Ok(n)
-}
-
 /// Reads one whole frame with `recvmsg`; returns (type, payload, fds that came with it).
 fn recv_frame(sock: &UnixStream) -> Result<(u8, Vec<u8>, Vec<OwnedFd>), ClientError> {
     let fd = sock.as_raw_fd();
     let mut fds = Vec::new();
-    let fill = |buf: &mut [u8], fds: &mut Vec<OwnedFd>| -> Result<(), ClientError> {
+    let fill = |buf: &mut [u8], _inside: bool| -> Result<(), ClientError> {
         let mut have = 0;
         while have < buf.len() {
-            match recv_with_fds(fd, &mut buf[have..], fds) {
+            match wire::frame::recv_with_fds(fd, &mut buf[have..], &mut fds) {
                 Ok(0) => return Err(ClientError::Disconnected),
                 Ok(n) => have += n,
                 Err(e)
@@ -562,32 +505,13 @@ fn recv_frame(sock: &UnixStream) -> Result<(u8, Vec<u8>, Vec<OwnedFd>), ClientEr
         }
         Ok(())
     };
-    let mut head = [0u8; 4];
-    fill(&mut head, &mut fds)?;
-    let len = u32::from_le_bytes(head) as usize;
-    if len == 0 || len > MAX_FRAME_LEN {
-        return Err(ClientError::Protocol(format!(
-            "frame length {len} is outside 1..={MAX_FRAME_LEN}"
-        )));
-    }
-    let mut body = vec![0u8; len];
-    fill(&mut body, &mut fds)?;
-    let kind = body[0];
-    body.remove(0);
-    Ok((kind, body, fds))
-}
-
-/// `{code, message}` of REFUSED and ERROR frames.
-#[derive(Deserialize)]
-struct CodeMessage {
-    code: String,
-    #[serde(default)]
-    message: String,
+    let (kind, payload) = wire::frame::read_with(fill, |e| ClientError::Protocol(e.to_string()))?;
+    Ok((kind, payload, fds))
 }
 
 fn code_message(payload: &[u8], what: &str) -> Result<(String, String), ClientError> {
-    serde_json::from_slice::<CodeMessage>(payload)
-        .map(|c| (c.code, c.message))
+    wire::Reason::decode(payload)
+        .map(|r| (r.code, r.message))
         .map_err(|e| ClientError::Protocol(format!("{what} payload is not {{code, message}}: {e}")))
 }
 
@@ -1524,41 +1448,10 @@ mod tests {
     // A fake daemon: enough of the protocol to hand the client malformed rings and
     // frames, which the real daemon never sends.
 
+    use crate::wire::frame::{encode, read_from, send_with_fds};
     use std::io::Read as _;
+    use std::os::fd::FromRawFd;
     use std::os::unix::net::UnixListener;
-
-    fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) {
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        let bytes = std::mem::size_of_val(fds);
-        let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
-        let mut cbuf = vec![0u64; space.div_ceil(8)];
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
-            assert_eq!(
-                libc::sendmsg(sock.as_raw_fd(), &msg, 0),
-                data.len() as isize
-            );
-        }
-    }
-
-    fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
-        let mut b = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
-        b.push(kind);
-        b.extend_from_slice(payload);
-        b
-    }
 
     /// A memfd holding `ring`, sized `len`.
     fn memfd(ring: &[u8], len: usize) -> OwnedFd {
@@ -1605,12 +1498,9 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut head = [0u8; 4];
-            s.read_exact(&mut head).unwrap();
-            let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
-            s.read_exact(&mut body).unwrap();
-            assert_eq!(body[0], frame::HELLO);
-            let hello: Hello = serde_json::from_slice(&body[1..]).unwrap();
+            let (kind, payload) = read_from(&mut s).unwrap();
+            assert_eq!(kind, frame::HELLO);
+            let hello: Hello = serde_json::from_slice(&payload).unwrap();
             assert_eq!(hello.dp_size, 1);
             script(&mut s);
             // Stay connected until the client leaves.
@@ -1631,7 +1521,9 @@ mod tests {
             let fd = memfd(&ring, len);
             let ev = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
             let payload = serde_json::to_vec(&w).unwrap();
-            send_with_fds(s, &encode(frame::WELCOME, &payload), &[fd.as_raw_fd(), ev]);
+            let bytes = encode(frame::WELCOME, &payload);
+            let sent = send_with_fds(s.as_raw_fd(), &bytes, &[fd.as_raw_fd(), ev]).unwrap();
+            assert_eq!(sent, bytes.len());
             unsafe { libc::close(ev) };
         }
     }

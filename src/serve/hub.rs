@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::protocol::{Hello, Refusal};
 use super::ring::{
     fill_slot, random_access, stamp, will_need, Layout, Ring, SlotJob, Source, TokenType,
 };
 use crate::plan::config::{SchedulePoint, MAX_STEP};
 use crate::plan::journal::{self, Order};
 use crate::plan::{cursor, Change, Plan, Planner};
+use crate::wire::protocol::{Hello, Refusal};
 
 /// Settings the hub needs from `[serve]`.
 #[derive(Debug, Clone)]
@@ -894,7 +894,7 @@ impl Hub {
         let plan = self.plan();
         let layout = ring.layout();
         let welcome = serde_json::json!({
-            "protocol": super::protocol::VERSION,
+            "protocol": crate::wire::VERSION,
             "fingerprint": fp,
             "start_step": start_step,
             "dp_rank": hello.dp_rank,

@@ -18,7 +18,6 @@ pub mod budget;
 pub mod hub;
 pub mod limits;
 pub mod notify;
-pub mod protocol;
 pub mod ring;
 
 use std::os::fd::AsRawFd;
@@ -34,9 +33,10 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::plan::config::{PlanConfig, SchedulePoint};
+use crate::wire::frame::{self, kind, Frame};
+use crate::wire::protocol::{self, Control, Hello};
 use hub::{ChangeError, ChangeRequest, Hub, HubSettings, Late, Proposal};
 use notify::Notifier;
-use protocol::{kind, Control, Frame, Hello};
 use ring::{Source, TokenType};
 
 /// Arguments of `millrace serve`.
@@ -1081,7 +1081,7 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
 /// Reads frames into `buf` until one is complete.
 async fn read_frame(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
     loop {
-        match protocol::parse_frame(buf) {
+        match frame::parse_frame(buf) {
             Ok(Some((frame, n))) => {
                 buf.drain(..n);
                 return Ok(Some(frame));
@@ -1124,7 +1124,7 @@ async fn admit_watching<T>(
                     Ok(0) => true,
                     Ok(n) => {
                         buf.extend_from_slice(&chunk[..n]);
-                        buf.len() > protocol::MAX_FRAME + 4
+                        buf.len() > frame::MAX_FRAME + frame::HEADER
                     }
                     Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
                 };
@@ -1140,8 +1140,8 @@ async fn admit_watching<T>(
 /// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
 /// write changes nothing.
 async fn say(stream: &mut UnixStream, kind: u8, code: &str, message: &str) {
-    let frame = protocol::encode(kind, &protocol::reason(code, message));
-    let _ = stream.write_all(&frame).await;
+    let bytes = frame::encode(kind, &protocol::reason(code, message));
+    let _ = stream.write_all(&bytes).await;
 }
 
 /// One connection: the access check, then either a trainer (HELLO, WELCOME with fds,
@@ -1272,7 +1272,7 @@ async fn connection(
         }
     };
     let (job, rank, peer) = (hello.job.clone(), hello.dp_rank, adm.peer);
-    let welcome = protocol::encode(kind::WELCOME, adm.welcome.to_string().as_bytes());
+    let welcome = frame::encode(kind::WELCOME, adm.welcome.to_string().as_bytes());
     let fds = [adm.ring.client_fd().as_raw_fd(), adm.ready.fd().as_raw_fd()];
     if let Err(e) = send_welcome(&mut stream, &welcome, &fds).await {
         warn!(?pid, "sending WELCOME failed: {e}");
@@ -1376,14 +1376,14 @@ async fn control_connection(
             }
         };
         let mut bytes = reply.to_string().into_bytes();
-        if bytes.len() + 1 > protocol::MAX_FRAME {
+        if bytes.len() + 1 > frame::MAX_FRAME {
             bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": "busy",
                 "message": "the reply exceeds one frame; ask for less (journal)"})
             .to_string()
             .into_bytes();
         }
         if stream
-            .write_all(&protocol::encode(kind::CONTROL_REPLY, &bytes))
+            .write_all(&frame::encode(kind::CONTROL_REPLY, &bytes))
             .await
             .is_err()
         {
@@ -1403,7 +1403,7 @@ async fn send_welcome(stream: &mut UnixStream, frame: &[u8], fds: &[i32]) -> std
     let sent = loop {
         stream.writable().await?;
         match stream.try_io(tokio::io::Interest::WRITABLE, || {
-            protocol::send_with_fds(stream.as_raw_fd(), frame, fds)
+            frame::send_with_fds(stream.as_raw_fd(), frame, fds)
         }) {
             Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

@@ -1,126 +1,42 @@
-//! The wire format of docs/PROTOCOL.md: length-prefixed frames, the HELLO a client opens
-//! with, the WELCOME, REFUSED and ERROR replies, and passing fds with SCM_RIGHTS.
+//! The messages of docs/PROTOCOL.md that frames carry: the protocol version, the HELLO a
+//! client opens with, the REFUSED and ERROR reasons, CONTROL requests, and the hex of
+//! cursor blobs. The frames themselves are [`super::frame`]'s.
 //!
-//! Decoding is a pure function over bytes ([`parse_frame`]) so that a property test can
-//! throw arbitrary input at it; the connection code only feeds it what the socket gave.
+//! Parsing is total over arbitrary bytes so that a property test can throw anything at
+//! it; the connection code only feeds it what a frame carried.
 
-use std::os::fd::RawFd;
-
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::plan::config::{MAX_BATCH_ROWS, MAX_STEP};
 
-/// Protocol version spoken here.
+/// Protocol version spoken here: by the daemon, the Rust client and `millrace ctl`
+/// alike (the `protocol` key of HELLO, WELCOME and CONTROL).
 pub const VERSION: u32 = 1;
-/// Largest `len` a frame may declare: bounds what one client can make the daemon buffer.
-pub const MAX_FRAME: usize = 65536;
-
-/// Frame type codes.
-pub mod kind {
-    /// Client's opening message (JSON).
-    pub const HELLO: u8 = 1;
-    /// Daemon's acceptance (JSON + fds).
-    pub const WELCOME: u8 = 2;
-    /// Daemon's refusal of a HELLO (JSON).
-    pub const REFUSED: u8 = 3;
-    /// Client is done with every step below a u64.
-    pub const RELEASE: u8 = 4;
-    /// Daemon reports a protocol error before closing (JSON).
-    pub const ERROR: u8 = 5;
-    /// Client says goodbye.
-    pub const BYE: u8 = 6;
-    /// A control request (JSON), sent instead of HELLO and then any number of times.
-    pub const CONTROL: u8 = 7;
-    /// The daemon's answer to one CONTROL (JSON).
-    pub const CONTROL_REPLY: u8 = 8;
+/// The `{code, message}` payload of REFUSED and ERROR frames, both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reason {
+    /// A stable code from docs/PROTOCOL.md.
+    pub code: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
 }
 
-/// A decoded client-to-daemon frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
-    /// HELLO with its raw JSON payload (parsed by [`Hello::parse`]).
-    Hello(Vec<u8>),
-    /// RELEASE upto.
-    Release(u64),
-    /// BYE.
-    Bye,
-    /// CONTROL with its raw JSON payload.
-    Control(Vec<u8>),
-}
-
-/// A violation of the framing rules; the connection is closed with this message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProtocolError {
-    /// Declared length 0 or above [`MAX_FRAME`].
-    #[error("frame length {0} is outside 1..={MAX_FRAME}")]
-    Length(u64),
-    /// A type this side never accepts.
-    #[error("unknown or unexpected frame type {0}")]
-    Type(u8),
-    /// A payload of the wrong size for its type.
-    #[error("frame type {kind} carries {len} payload bytes, expected {expected}")]
-    Payload {
-        /// Frame type.
-        kind: u8,
-        /// Bytes received.
-        len: usize,
-        /// Bytes expected.
-        expected: usize,
-    },
-}
-
-/// Parses one frame from the front of `buf`: `Ok(None)` when more bytes are needed,
-/// otherwise the frame and how many bytes it used. Never panics, whatever `buf` holds.
-pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
-    let Some(head) = buf.get(..4) else {
-        return Ok(None);
-    };
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return Err(ProtocolError::Length(len as u64));
+impl Reason {
+    /// Decodes a REFUSED or ERROR payload.
+    pub fn decode(payload: &[u8]) -> Result<Reason, serde_json::Error> {
+        serde_json::from_slice(payload)
     }
-    let Some(body) = buf.get(4..4 + len) else {
-        return Ok(None);
-    };
-    let (kind, payload) = (body[0], &body[1..]);
-    let frame = match kind {
-        kind::HELLO => Frame::Hello(payload.to_vec()),
-        kind::CONTROL => Frame::Control(payload.to_vec()),
-        kind::RELEASE => {
-            let b: [u8; 8] = payload.try_into().map_err(|_| ProtocolError::Payload {
-                kind,
-                len: payload.len(),
-                expected: 8,
-            })?;
-            Frame::Release(u64::from_le_bytes(b))
-        }
-        kind::BYE if payload.is_empty() => Frame::Bye,
-        kind::BYE => {
-            return Err(ProtocolError::Payload {
-                kind,
-                len: payload.len(),
-                expected: 0,
-            })
-        }
-        other => return Err(ProtocolError::Type(other)),
-    };
-    Ok(Some((frame, 4 + len)))
-}
-
-/// Encodes a frame of `kind` around `payload` (which must fit [`MAX_FRAME`]).
-pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + payload.len());
-    out.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
-    out.push(kind);
-    out.extend_from_slice(payload);
-    out
 }
 
 /// A REFUSED or ERROR payload.
 pub fn reason(code: &str, message: &str) -> Vec<u8> {
-    serde_json::json!({ "code": code, "message": message })
-        .to_string()
-        .into_bytes()
+    let r = Reason {
+        code: code.into(),
+        message: message.into(),
+    };
+    // A struct of two strings always serializes.
+    serde_json::to_vec(&r).unwrap_or_default()
 }
 
 /// One decoded control request (docs/PROTOCOL.md, control connections).
@@ -161,7 +77,7 @@ struct RawControl {
 }
 
 /// Parses a CONTROL payload; the error is `(op as far as known, message)`. Total over
-/// arbitrary bytes, like [`parse_frame`].
+/// arbitrary bytes, like [`crate::wire::frame::parse_frame`].
 pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
     let raw: RawControl = serde_json::from_slice(payload).map_err(|e| {
         (
@@ -436,76 +352,11 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Sends `bytes` on the stream socket `fd` with `fds` attached to its first byte.
-/// Returns how many bytes went out (the caller writes any rest normally).
-pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
-    let fd_bytes = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
-    let mut control = vec![0u8; space];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
-    // SAFETY: the control buffer is CMSG_SPACE(fd_bytes) long, so the first header and
-    // its data fit; we write exactly fd_bytes of fd numbers.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), fd_bytes);
-    }
-    // SAFETY: a valid msghdr on a socket fd; MSG_NOSIGNAL turns a dead peer into EPIPE.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::frame::{parse_frame, Frame};
     use proptest::prelude::*;
-
-    #[test]
-    fn frames_round_trip() {
-        let mut buf = encode(kind::RELEASE, &42u64.to_le_bytes());
-        buf.extend(encode(kind::BYE, &[]));
-        let (f, n) = parse_frame(&buf).unwrap().unwrap();
-        assert_eq!(f, Frame::Release(42));
-        let (f, m) = parse_frame(&buf[n..]).unwrap().unwrap();
-        assert_eq!(f, Frame::Bye);
-        assert_eq!(n + m, buf.len());
-        assert_eq!(parse_frame(&buf[..3]).unwrap(), None);
-        assert_eq!(parse_frame(&buf[..8]).unwrap(), None);
-    }
-
-    #[test]
-    fn bad_frames_are_named() {
-        assert_eq!(parse_frame(&[0, 0, 0, 0]), Err(ProtocolError::Length(0)));
-        assert_eq!(
-            parse_frame(&u32::MAX.to_le_bytes()),
-            Err(ProtocolError::Length(u32::MAX as u64))
-        );
-        assert_eq!(parse_frame(&encode(9, b"x")), Err(ProtocolError::Type(9)));
-        assert_eq!(
-            parse_frame(&encode(kind::WELCOME, b"{}")),
-            Err(ProtocolError::Type(2))
-        );
-        assert!(matches!(
-            parse_frame(&encode(kind::RELEASE, b"abc")),
-            Err(ProtocolError::Payload { expected: 8, .. })
-        ));
-    }
 
     #[test]
     fn control_requests() {
@@ -623,13 +474,5 @@ mod tests {
             let _ = parse_control(req.to_string().as_bytes());
         }
 
-        /// Frames cut at any point parse as "need more", then whole.
-        #[test]
-        fn split_frames_wait(upto in any::<u64>(), cut in 0usize..13) {
-            let buf = encode(kind::RELEASE, &upto.to_le_bytes());
-            let cut = cut.min(buf.len() - 1);
-            prop_assert_eq!(parse_frame(&buf[..cut]).unwrap(), None);
-            prop_assert_eq!(parse_frame(&buf).unwrap(), Some((Frame::Release(upto), buf.len())));
-        }
     }
 }

@@ -1,0 +1,11 @@
+//! The only source of the protocol's bytes (docs/PROTOCOL.md): the frame codec with fd
+//! passing ([`frame`]) and the messages frames carry, with the protocol version
+//! ([`protocol`]). The daemon, the Rust client, `millrace ctl` and the tests all encode
+//! and decode through here, so a change to the wire is made once and both sides move
+//! together.
+
+pub mod frame;
+pub mod protocol;
+
+pub use frame::{kind, MAX_FRAME};
+pub use protocol::{decode_hex, to_hex, Hello, Reason, Refusal, VERSION};
