@@ -29,7 +29,7 @@ pub use crate::serve::ring::{
     PUBLISHED_AT as PUBLISHED_OFFSET, SLOT_HEADER as SLOT_HEADER_BYTES,
 };
 pub use crate::wire::{
-    decode_hex as from_hex, to_hex, MAX_FRAME as MAX_FRAME_LEN, VERSION as PROTOCOL,
+    decode_hex as from_hex, to_hex, Hello, MAX_FRAME as MAX_FRAME_LEN, VERSION as PROTOCOL,
 };
 /// How long the handshake (HELLO to WELCOME) may take before the client gives up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,67 +114,6 @@ impl ClientError {
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
-}
-
-/// The HELLO request (PROTOCOL.md section 2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Hello {
-    /// Protocol version, [`PROTOCOL`].
-    pub protocol: u32,
-    /// Job name: namespaces rings and dp_size.
-    pub job: String,
-    /// Data-parallel rank.
-    pub dp_rank: u32,
-    /// Data-parallel size.
-    pub dp_size: u32,
-    /// This client's name among the peers of its dp rank.
-    pub replica: String,
-    /// How many peers of this dp rank connect to this daemon.
-    pub replicas: u32,
-    /// Rows per micro-batch (`None`: not sent, and the daemon takes the whole slice).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub micro_batch_rows: Option<u32>,
-    /// Micro-batches per step.
-    pub micro_batches: u32,
-    /// Hex of a cursor blob to resume from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cursor: Option<String>,
-    /// Step to seek to when no cursor is given.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_step: Option<u64>,
-    /// Refuse unless the daemon's plan fingerprint is this (32 hex digits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
-}
-
-impl Hello {
-    /// A HELLO for job "default", replica "0" of 1, starting at step 0, with
-    /// `micro_batches` micro-batches of `micro_batch_rows` rows.
-    pub fn new(dp_rank: u32, dp_size: u32, micro_batch_rows: u32, micro_batches: u32) -> Hello {
-        Hello {
-            micro_batch_rows: Some(micro_batch_rows),
-            micro_batches,
-            ..Hello::whole_slice(dp_rank, dp_size)
-        }
-    }
-
-    /// A HELLO that leaves the micro-batch split to the daemon (one micro-batch of the
-    /// rank's whole slice of `global_batch_rows / dp_size` rows).
-    pub fn whole_slice(dp_rank: u32, dp_size: u32) -> Hello {
-        Hello {
-            protocol: PROTOCOL,
-            job: "default".into(),
-            dp_rank,
-            dp_size,
-            replica: "0".into(),
-            replicas: 1,
-            micro_batch_rows: None,
-            micro_batches: 1,
-            cursor: None,
-            start_step: None,
-            fingerprint: None,
-        }
-    }
 }
 
 /// One array of a slot as WELCOME describes it.

@@ -132,8 +132,10 @@ pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
     }
 }
 
-/// A client's HELLO (docs/PROTOCOL.md, section 2).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// A client's HELLO (docs/PROTOCOL.md, section 2): what the Rust client sends and the
+/// daemon parses, one type so the two cannot drift. Optional fields the client leaves
+/// out are not sent; the daemon fills in their defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
     /// Must be [`VERSION`].
@@ -150,20 +152,20 @@ pub struct Hello {
     /// Peers of this dp rank that connect to this daemon.
     #[serde(default = "one")]
     pub replicas: u32,
-    /// Rows per micro-batch (default: the whole slice).
-    #[serde(default)]
+    /// Rows per micro-batch (`None`: not sent, and the daemon takes the whole slice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub micro_batch_rows: Option<u32>,
     /// Micro-batches per step.
     #[serde(default = "one")]
     pub micro_batches: u32,
     /// Hex cursor blob to resume from.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
     /// Step to seek to when there is no cursor.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_step: Option<u64>,
-    /// Expected plan fingerprint (hex).
-    #[serde(default)]
+    /// Refuse unless the daemon's plan fingerprint is this (32 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
 }
 
@@ -238,6 +240,34 @@ impl std::fmt::Display for Refusal {
 }
 
 impl Hello {
+    /// A HELLO for job "default", replica "0" of 1, starting at step 0, with
+    /// `micro_batches` micro-batches of `micro_batch_rows` rows.
+    pub fn new(dp_rank: u32, dp_size: u32, micro_batch_rows: u32, micro_batches: u32) -> Hello {
+        Hello {
+            micro_batch_rows: Some(micro_batch_rows),
+            micro_batches,
+            ..Hello::whole_slice(dp_rank, dp_size)
+        }
+    }
+
+    /// A HELLO that leaves the micro-batch split to the daemon (one micro-batch of the
+    /// rank's whole slice of `global_batch_rows / dp_size` rows).
+    pub fn whole_slice(dp_rank: u32, dp_size: u32) -> Hello {
+        Hello {
+            protocol: VERSION,
+            job: "default".into(),
+            dp_rank,
+            dp_size,
+            replica: default_replica(),
+            replicas: 1,
+            micro_batch_rows: None,
+            micro_batches: 1,
+            cursor: None,
+            start_step: None,
+            fingerprint: None,
+        }
+    }
+
     /// Parses and checks a HELLO payload. The version is checked before the fields so
     /// that a newer client hears "protocol" rather than a field error.
     pub fn parse(payload: &[u8]) -> Result<Hello, Refusal> {
@@ -357,6 +387,43 @@ mod tests {
     use super::*;
     use crate::wire::frame::{parse_frame, Frame};
     use proptest::prelude::*;
+
+    /// The bytes the client sends are those it sent before the two HELLO types became
+    /// one, and the daemon parses them back to the same value.
+    #[test]
+    fn hello_bytes_are_fixed_and_round_trip() {
+        let h = Hello::new(1, 2, 4, 2);
+        let bytes = serde_json::to_vec(&h).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            r#"{"protocol":1,"job":"default","dp_rank":1,"dp_size":2,"replica":"0","replicas":1,"micro_batch_rows":4,"micro_batches":2}"#
+        );
+        assert_eq!(Hello::parse(&bytes), Ok(h));
+        let mut w = Hello::whole_slice(0, 1);
+        w.cursor = Some(to_hex(b"\x01"));
+        w.start_step = Some(9);
+        w.fingerprint = Some("ab".into());
+        let bytes = serde_json::to_vec(&w).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            r#"{"protocol":1,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"ab"}"#
+        );
+        assert_eq!(Hello::parse(&bytes), Ok(w));
+    }
+
+    /// REFUSED and ERROR payloads: the daemon's bytes, and what clients read back.
+    #[test]
+    fn reasons_encode_and_decode() {
+        let bytes = reason("busy", "a \"quoted\" job");
+        assert_eq!(bytes, br#"{"code":"busy","message":"a \"quoted\" job"}"#);
+        let r = Reason::decode(&bytes).unwrap();
+        assert_eq!(
+            (r.code.as_str(), r.message.as_str()),
+            ("busy", "a \"quoted\" job")
+        );
+        assert_eq!(Reason::decode(br#"{"code":"x"}"#).unwrap().message, "");
+        assert!(Reason::decode(b"[1]").is_err());
+    }
 
     #[test]
     fn control_requests() {
