@@ -29,7 +29,8 @@ pub use crate::serve::ring::{
     PUBLISHED_AT as PUBLISHED_OFFSET, SLOT_HEADER as SLOT_HEADER_BYTES,
 };
 pub use crate::wire::{
-    decode_hex as from_hex, to_hex, Hello, MAX_FRAME as MAX_FRAME_LEN, VERSION as PROTOCOL,
+    decode_hex as from_hex, to_hex, FieldSpec, Hello, Welcome, MAX_FRAME as MAX_FRAME_LEN,
+    VERSION as PROTOCOL,
 };
 /// How long the handshake (HELLO to WELCOME) may take before the client gives up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,59 +115,6 @@ impl ClientError {
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
-}
-
-/// One array of a slot as WELCOME describes it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FieldSpec {
-    /// Offset from the slot's start.
-    pub offset: u64,
-    /// numpy-style dtype name.
-    pub dtype: String,
-    /// Array shape.
-    pub shape: Vec<u64>,
-}
-
-/// The WELCOME reply (PROTOCOL.md section 3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Welcome {
-    /// Protocol version.
-    pub protocol: u32,
-    /// Plan fingerprint (32 hex digits).
-    pub fingerprint: String,
-    /// The first step this client will receive.
-    pub start_step: u64,
-    /// Data-parallel rank.
-    pub dp_rank: u32,
-    /// Data-parallel size.
-    pub dp_size: u32,
-    /// Rows per step for this rank.
-    pub rows: u32,
-    /// Inputs per row.
-    pub seq_len: u32,
-    /// Rows per micro-batch.
-    pub micro_batch_rows: u32,
-    /// Micro-batches per step.
-    pub micro_batches: u32,
-    /// dtype of tokens and labels.
-    pub token_dtype: String,
-    /// Padding id.
-    pub pad_token: i64,
-    /// End-of-document id, if the plan has one.
-    #[serde(default)]
-    pub eod_token: Option<i64>,
-    /// Domain names, indexed by the slots' `domain` array.
-    pub domains: Vec<String>,
-    /// Slots in the ring.
-    pub slots: u32,
-    /// Byte offset of slot 0.
-    pub slot_offset: u64,
-    /// Stride between slots.
-    pub slot_bytes: u64,
-    /// Size of the memfd.
-    pub ring_bytes: u64,
-    /// Arrays inside a slot.
-    pub fields: BTreeMap<String, FieldSpec>,
 }
 
 /// A validated array location: byte offset in the slot, dtype and element count.
@@ -1337,6 +1285,7 @@ mod tests {
             slot_bytes: 4096,
             ring_bytes: 3 * 4096,
             fields,
+            vocab_size: None,
         }
     }
 

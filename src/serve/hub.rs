@@ -20,7 +20,7 @@ use super::ring::{
 use crate::plan::config::{SchedulePoint, MAX_STEP};
 use crate::plan::journal::{self, Order};
 use crate::plan::{cursor, Change, Plan, Planner};
-use crate::wire::protocol::{Hello, Refusal};
+use crate::wire::protocol::{Hello, Refusal, Welcome};
 
 /// Settings the hub needs from `[serve]`.
 #[derive(Debug, Clone)]
@@ -71,8 +71,8 @@ impl EventFd {
 pub struct Admission {
     /// Identifies the peer in later calls.
     pub peer: u64,
-    /// WELCOME JSON.
-    pub welcome: serde_json::Value,
+    /// The WELCOME reply.
+    pub welcome: Welcome,
     /// The ring (kept alive while its fd is sent).
     pub ring: Arc<Ring>,
     /// The peer's ready eventfd.
@@ -893,27 +893,28 @@ impl Hub {
         self.work.notify_all();
         let plan = self.plan();
         let layout = ring.layout();
-        let welcome = serde_json::json!({
-            "protocol": crate::wire::VERSION,
-            "fingerprint": fp,
-            "start_step": start_step,
-            "dp_rank": hello.dp_rank,
-            "dp_size": hello.dp_size,
-            "rows": rows,
-            "seq_len": cfg.seq_len,
-            "micro_batch_rows": mbr,
-            "micro_batches": hello.micro_batches,
-            "token_dtype": layout.token.0.name(),
-            "pad_token": cfg.pad_token,
-            "eod_token": cfg.eod_token,
-            "vocab_size": cfg.vocab_size,
-            "domains": plan.domain_names(),
-            "slots": layout.slots,
-            "slot_offset": super::ring::RING_HEADER,
-            "slot_bytes": layout.slot_bytes,
-            "ring_bytes": layout.ring_bytes,
-            "fields": layout.fields_json(),
-        });
+        let welcome = Welcome {
+            protocol: crate::wire::VERSION,
+            fingerprint: fp,
+            start_step,
+            dp_rank: hello.dp_rank,
+            dp_size: hello.dp_size,
+            rows,
+            seq_len: cfg.seq_len,
+            micro_batch_rows: mbr,
+            micro_batches: hello.micro_batches,
+            token_dtype: layout.token.0.name().to_string(),
+            // Ids go to the trainer as signed integers, as the ring writes padding.
+            pad_token: cfg.pad_token as i64,
+            eod_token: cfg.eod_token.map(|t| t as i64),
+            vocab_size: cfg.vocab_size,
+            domains: plan.domain_names().iter().map(|d| d.to_string()).collect(),
+            slots: layout.slots,
+            slot_offset: super::ring::RING_HEADER,
+            slot_bytes: layout.slot_bytes,
+            ring_bytes: layout.ring_bytes,
+            fields: layout.field_specs(),
+        };
         Ok(Some(Admission {
             peer: peer_id,
             welcome,

@@ -1272,14 +1272,24 @@ async fn connection(
         }
     };
     let (job, rank, peer) = (hello.job.clone(), hello.dp_rank, adm.peer);
-    let welcome = frame::encode(kind::WELCOME, adm.welcome.to_string().as_bytes());
+    // A struct of strings and integers always serializes; should it not, the peer
+    // leaves as on a failed send.
+    let welcome = match serde_json::to_vec(&adm.welcome) {
+        Ok(bytes) => frame::encode(kind::WELCOME, &bytes),
+        Err(e) => {
+            error!(?pid, "encoding WELCOME failed: {e}");
+            hub.leave(&job, rank, peer);
+            say(&mut stream, kind::REFUSED, "busy", "internal error").await;
+            return;
+        }
+    };
     let fds = [adm.ring.client_fd().as_raw_fd(), adm.ready.fd().as_raw_fd()];
     if let Err(e) = send_welcome(&mut stream, &welcome, &fds).await {
         warn!(?pid, "sending WELCOME failed: {e}");
         hub.leave(&job, rank, peer);
         return;
     }
-    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, step = %adm.welcome["start_step"], "client joined");
+    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, step = adm.welcome.start_step, "client joined");
     let kick = adm.kick.clone();
     drop(adm);
     loop {

@@ -6,15 +6,16 @@
 //! page; clients get a read-only fd to the same pages, so a batch is written once and
 //! read in place by every peer of the rank. Slots are reused, never allocated per batch.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
-use serde::Serialize;
 
 use crate::corpus::{guard, DType, Shard, Tokens};
 use crate::plan::Row;
+use crate::wire::FieldSpec;
 
 /// Bytes before slot 0: the ring header.
 pub const RING_HEADER: u64 = 4096;
@@ -121,7 +122,7 @@ fn fits(from: DType, to: DType) -> bool {
 }
 
 /// One array inside a slot, as announced in WELCOME.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Field {
     /// Byte offset from the slot's start (a multiple of 64).
     pub offset: usize,
@@ -129,7 +130,6 @@ pub struct Field {
     pub dtype: &'static str,
     /// Array shape.
     pub shape: Vec<u64>,
-    #[serde(skip)]
     bytes: usize,
 }
 
@@ -199,14 +199,19 @@ impl Layout {
         }
     }
 
-    /// The fields as the WELCOME JSON object.
-    pub fn fields_json(&self) -> serde_json::Value {
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .fields
+    /// The fields as WELCOME announces them.
+    pub fn field_specs(&self) -> BTreeMap<String, FieldSpec> {
+        self.fields
             .iter()
-            .map(|(n, f)| (n.to_string(), serde_json::to_value(f).unwrap_or_default()))
-            .collect();
-        serde_json::Value::Object(map)
+            .map(|(n, f)| {
+                let spec = FieldSpec {
+                    dtype: f.dtype.to_string(),
+                    offset: f.offset as u64,
+                    shape: f.shape.clone(),
+                };
+                (n.to_string(), spec)
+            })
+            .collect()
     }
 
     fn cursor_cap(&self) -> usize {

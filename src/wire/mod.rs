@@ -8,4 +8,4 @@ pub mod frame;
 pub mod protocol;
 
 pub use frame::{kind, MAX_FRAME};
-pub use protocol::{decode_hex, to_hex, Hello, Reason, Refusal, VERSION};
+pub use protocol::{decode_hex, to_hex, FieldSpec, Hello, Reason, Refusal, Welcome, VERSION};

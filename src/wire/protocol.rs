@@ -169,6 +169,65 @@ pub struct Hello {
     pub fingerprint: Option<String>,
 }
 
+/// One array of a slot as WELCOME describes it. Fields are in the order the daemon
+/// has always sent them (alphabetical), so the WELCOME bytes did not change when this
+/// type replaced a JSON literal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldSpec {
+    /// numpy-style dtype name.
+    pub dtype: String,
+    /// Offset from the slot's start.
+    pub offset: u64,
+    /// Array shape.
+    pub shape: Vec<u64>,
+}
+
+/// The WELCOME reply (docs/PROTOCOL.md, section 3): built by the daemon, checked by the
+/// Rust client. Fields are alphabetical, the order the daemon's JSON always had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Domain names, indexed by the slots' `domain` array.
+    pub domains: Vec<String>,
+    /// Data-parallel rank.
+    pub dp_rank: u32,
+    /// Data-parallel size.
+    pub dp_size: u32,
+    /// End-of-document id, if the plan has one.
+    #[serde(default)]
+    pub eod_token: Option<i64>,
+    /// Arrays inside a slot, by name.
+    pub fields: std::collections::BTreeMap<String, FieldSpec>,
+    /// Plan fingerprint (32 hex digits).
+    pub fingerprint: String,
+    /// Rows per micro-batch.
+    pub micro_batch_rows: u32,
+    /// Micro-batches per step.
+    pub micro_batches: u32,
+    /// Padding id.
+    pub pad_token: i64,
+    /// Protocol version, [`VERSION`].
+    pub protocol: u32,
+    /// Size of the memfd.
+    pub ring_bytes: u64,
+    /// Rows per step for this rank.
+    pub rows: u32,
+    /// Inputs per row.
+    pub seq_len: u32,
+    /// Stride between slots.
+    pub slot_bytes: u64,
+    /// Byte offset of slot 0.
+    pub slot_offset: u64,
+    /// Slots in the ring.
+    pub slots: u32,
+    /// The first step this client will receive.
+    pub start_step: u64,
+    /// dtype of tokens and labels.
+    pub token_dtype: String,
+    /// The tokenizer's vocabulary size, if the plan names one.
+    #[serde(default)]
+    pub vocab_size: Option<u64>,
+}
+
 /// Most peers one dp rank may announce (`replicas`): a node's TP x PP x CP peers.
 pub const MAX_REPLICAS: u32 = 1024;
 /// Longest job or replica name, in bytes.
