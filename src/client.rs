@@ -24,10 +24,13 @@ use crate::corpus::{DType, Tokens};
 use crate::wire;
 
 // The wire and ring constants are the daemon's own, so the two sides cannot drift.
-pub use crate::serve::ring::{
-    monotonic_ns, LAYOUT_VERSION as RING_VERSION, MAGIC as RING_MAGIC,
-    PUBLISHED_AT as PUBLISHED_OFFSET, SLOT_HEADER as SLOT_HEADER_BYTES,
+pub use crate::serve::ring::monotonic_ns;
+use crate::wire::ring::{ring_at, slot_at};
+pub use crate::wire::ring::{
+    LAYOUT_VERSION as RING_VERSION, MAGIC as RING_MAGIC, SLOT_HEADER as SLOT_HEADER_BYTES,
 };
+/// Offset of `published` in the ring header (the wire's own).
+pub const PUBLISHED_OFFSET: usize = ring_at::PUBLISHED;
 pub use crate::wire::{
     decode_hex as from_hex, to_hex, FieldSpec, Hello, Welcome, MAX_FRAME as MAX_FRAME_LEN,
     VERSION as PROTOCOL,
@@ -665,36 +668,36 @@ impl Client {
         let l = &self.layout;
         let base = l.slot_offset + ((step % l.slots) as usize) * l.slot_bytes;
         let r = &self.ring;
-        let slot_step = r.u64_at(base);
+        let slot_step = r.u64_at(base + slot_at::STEP);
         if slot_step != step {
             return Err(ClientError::Ring(format!(
                 "slot {} holds step {slot_step}, expected {step}",
                 step % l.slots
             )));
         }
-        let rows = r.u32_at(base + 16) as usize;
-        let seq_len = r.u32_at(base + 20) as usize;
+        let rows = r.u32_at(base + slot_at::ROWS) as usize;
+        let seq_len = r.u32_at(base + slot_at::SEQ_LEN) as usize;
         if rows != l.rows || seq_len != l.seq_len {
             return Err(ClientError::Ring(format!(
                 "step {step}: slot says {rows} rows of {seq_len}, WELCOME {} of {}",
                 l.rows, l.seq_len
             )));
         }
-        let cu_len = r.u32_at(base + 24) as usize;
+        let cu_len = r.u32_at(base + slot_at::CU_LEN) as usize;
         if cu_len == 0 || cu_len > l.cu_seqlens.len {
             return Err(ClientError::Ring(format!(
                 "step {step}: cu_len {cu_len} outside 1..={}",
                 l.cu_seqlens.len
             )));
         }
-        let cursor_len = r.u32_at(base + 48) as usize;
+        let cursor_len = r.u32_at(base + slot_at::CURSOR_LEN) as usize;
         if cursor_len > l.cursor.len {
             return Err(ClientError::Ring(format!(
                 "step {step}: cursor_len {cursor_len} exceeds the field's {} bytes",
                 l.cursor.len
             )));
         }
-        let publish_ns = r.u64_at(base + 56);
+        let publish_ns = r.u64_at(base + slot_at::PUBLISH_NS);
         let at = |f: &Field| r.bytes(base + f.offset, f.bytes());
         let tokens_of = |f: &Field| {
             Tokens::from_bytes(f.dtype, at(f))
@@ -709,13 +712,13 @@ impl Client {
         self.last_cursor.extend_from_slice(cursor);
         let view = BatchView {
             step,
-            plan_step: r.u64_at(base + 8),
+            plan_step: r.u64_at(base + slot_at::PLAN_STEP),
             rows: rows as u32,
             seq_len: seq_len as u32,
             cu_len: cu_len as u32,
-            max_seqlen: r.u32_at(base + 28),
-            loss_tokens: r.u64_at(base + 32),
-            real_tokens: r.u64_at(base + 40),
+            max_seqlen: r.u32_at(base + slot_at::MAX_SEQLEN),
+            loss_tokens: r.u64_at(base + slot_at::LOSS_TOKENS),
+            real_tokens: r.u64_at(base + slot_at::REAL_TOKENS),
             publish_ns,
             wake_latency_ns: waited.then(|| wake_ns.saturating_sub(publish_ns)),
             pad_token: self.welcome.pad_token,
@@ -768,16 +771,16 @@ impl Client {
 }
 
 fn check_ring_header(ring: &Mapping, l: &Layout) -> Result<(), ClientError> {
-    let magic = ring.bytes(0, 8);
+    let magic = ring.bytes(ring_at::MAGIC, RING_MAGIC.len());
     if magic != RING_MAGIC {
         return Err(ClientError::Ring(format!(
             "magic {magic:02x?}, expected {RING_MAGIC:?}"
         )));
     }
-    let version = ring.u32_at(8);
-    let slots = ring.u32_at(12);
-    let slot_bytes = ring.u64_at(16);
-    let slot_offset = ring.u64_at(24);
+    let version = ring.u32_at(ring_at::VERSION);
+    let slots = ring.u32_at(ring_at::SLOTS);
+    let slot_bytes = ring.u64_at(ring_at::SLOT_BYTES);
+    let slot_offset = ring.u64_at(ring_at::SLOT_OFFSET);
     if version != RING_VERSION
         || u64::from(slots) != l.slots
         || slot_bytes != l.slot_bytes as u64
@@ -1337,6 +1340,7 @@ mod tests {
     // frames, which the real daemon never sends.
 
     use crate::wire::frame::{encode, read_from, send_with_fds};
+    use crate::wire::ring::{put_u32, put_u64};
     use std::io::Read as _;
     use std::os::fd::FromRawFd;
     use std::os::unix::net::UnixListener;
@@ -1355,17 +1359,18 @@ mod tests {
     fn ring(step: u64, published: u64) -> Vec<u8> {
         let mut r = vec![0u8; 3 * 4096];
         r[..8].copy_from_slice(RING_MAGIC);
-        r[8..12].copy_from_slice(&1u32.to_le_bytes());
-        r[12..16].copy_from_slice(&2u32.to_le_bytes());
-        r[16..24].copy_from_slice(&4096u64.to_le_bytes());
-        r[24..32].copy_from_slice(&4096u64.to_le_bytes());
-        r[64..72].copy_from_slice(&published.to_le_bytes());
+        put_u32(&mut r, ring_at::VERSION, 1);
+        put_u32(&mut r, ring_at::SLOTS, 2);
+        put_u64(&mut r, ring_at::SLOT_BYTES, 4096);
+        put_u64(&mut r, ring_at::SLOT_OFFSET, 4096);
+        put_u64(&mut r, ring_at::PUBLISHED, published);
         let s = 4096;
-        r[s..s + 8].copy_from_slice(&step.to_le_bytes());
-        r[s + 16..s + 20].copy_from_slice(&2u32.to_le_bytes());
-        r[s + 20..s + 24].copy_from_slice(&8u32.to_le_bytes());
-        r[s + 24..s + 28].copy_from_slice(&3u32.to_le_bytes()); // cu_len
-        r[s + 48..s + 52].copy_from_slice(&4u32.to_le_bytes()); // cursor_len
+        let slot = &mut r[s..];
+        put_u64(slot, slot_at::STEP, step);
+        put_u32(slot, slot_at::ROWS, 2);
+        put_u32(slot, slot_at::SEQ_LEN, 8);
+        put_u32(slot, slot_at::CU_LEN, 3);
+        put_u32(slot, slot_at::CURSOR_LEN, 4);
         for i in 0..16u32 {
             let o = s + 256 + 4 * i as usize;
             r[o..o + 4].copy_from_slice(&(i + 100).to_le_bytes());
@@ -1465,11 +1470,11 @@ mod tests {
             Err(ClientError::Ring(_))
         ));
         let mut big_cu = ring(0, 1);
-        big_cu[4096 + 24..4096 + 28].copy_from_slice(&1000u32.to_le_bytes());
+        put_u32(&mut big_cu[4096..], slot_at::CU_LEN, 1000);
         let r = connect_fake(welcome_with(big_cu, 3 * 4096, |_| {}));
         assert!(matches!(r.unwrap().next_batch(), Err(ClientError::Ring(_))));
         let mut big_cursor = ring(0, 1);
-        big_cursor[4096 + 48..4096 + 52].copy_from_slice(&u32::MAX.to_le_bytes());
+        put_u32(&mut big_cursor[4096..], slot_at::CURSOR_LEN, u32::MAX);
         let r = connect_fake(welcome_with(big_cursor, 3 * 4096, |_| {}));
         assert!(matches!(r.unwrap().next_batch(), Err(ClientError::Ring(_))));
     }

@@ -910,7 +910,7 @@ impl Hub {
             vocab_size: cfg.vocab_size,
             domains: plan.domain_names().iter().map(|d| d.to_string()).collect(),
             slots: layout.slots,
-            slot_offset: super::ring::RING_HEADER,
+            slot_offset: crate::wire::ring::RING_HEADER,
             slot_bytes: layout.slot_bytes,
             ring_bytes: layout.ring_bytes,
             fields: layout.field_specs(),
