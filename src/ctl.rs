@@ -1545,18 +1545,18 @@ mod tests {
             for s in listener.incoming() {
                 let Ok(mut s) = s else { return };
                 let answer = answer.clone();
-                std::thread::spawn(move || loop {
-                    let Ok((k, payload)) = frame::read_from(&mut s) else {
-                        break;
-                    };
-                    let out = answer(k, &payload);
-                    // Close after ERROR, REFUSED and malformed frames.
-                    let last = out.len() < 5
-                        || [kind::ERROR, kind::REFUSED].contains(&out[4])
-                        || u32::from_le_bytes([out[0], out[1], out[2], out[3]]) as usize
-                            != out.len() - 4;
-                    if out.is_empty() || s.write_all(&out).is_err() || last {
-                        break;
+                std::thread::spawn(move || {
+                    while let Ok((k, payload)) = frame::read_from(&mut s) {
+                        let out = answer(k, &payload);
+                        // Close after ERROR, REFUSED and malformed frames.
+                        let last = !matches!(
+                            frame::split(&out),
+                            Ok(Some((k, _, n))) if n == out.len()
+                                && ![kind::ERROR, kind::REFUSED].contains(&k)
+                        );
+                        if out.is_empty() || s.write_all(&out).is_err() || last {
+                            break;
+                        }
                     }
                 });
             }

@@ -80,9 +80,12 @@ pub fn body_len(head: [u8; HEADER]) -> Result<usize, ProtocolError> {
     Ok(len)
 }
 
+/// One frame of any type, borrowed from a buffer: (type, payload, bytes used).
+pub type Split<'a> = (u8, &'a [u8], usize);
+
 /// Splits one frame of any type off the front of `buf`: `Ok(None)` when more bytes are
-/// needed, otherwise (type, payload, bytes used). Never panics, whatever `buf` holds.
-pub fn split(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, ProtocolError> {
+/// needed, otherwise the frame. Never panics, whatever `buf` holds.
+pub fn split(buf: &[u8]) -> Result<Option<Split<'_>>, ProtocolError> {
     let Some(head) = buf.get(..HEADER) else {
         return Ok(None);
     };
