@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{DType, Tokens};
-use crate::wire;
+use crate::wire::{self, Code};
 
 // The wire and ring constants are the daemon's own, so the two sides cannot drift.
 pub use crate::serve::ring::monotonic_ns;
@@ -109,8 +109,12 @@ impl ClientError {
                     | std::io::ErrorKind::UnexpectedEof
             ),
             // `duplicate`: the daemon has not yet noticed our previous connection died.
-            ClientError::Refused { code, .. } => code == "busy" || code == "duplicate",
-            ClientError::Daemon { code, .. } => code == "shutdown" || code == "busy",
+            ClientError::Refused { code, .. } => [Code::Busy, Code::Duplicate]
+                .iter()
+                .any(|c| c == &code.as_str()),
+            ClientError::Daemon { code, .. } => [Code::Shutdown, Code::Busy]
+                .iter()
+                .any(|c| c == &code.as_str()),
             _ => false,
         }
     }

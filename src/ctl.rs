@@ -386,7 +386,7 @@ impl std::fmt::Display for Rejection {
         }
         if let Some(s) = self.first_changeable_step {
             write!(f, " (the first step that can still change is {s}")?;
-            if self.code == "late" {
+            if wire::Code::Late == self.code.as_str() {
                 write!(f, "; --late next applies it there")?;
             }
             write!(f, ")")?;

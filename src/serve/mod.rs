@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::plan::config::{PlanConfig, SchedulePoint};
 use crate::wire::frame::{self, kind, Frame};
-use crate::wire::protocol::{self, Control, Hello};
+use crate::wire::protocol::{self, Code, Control, Hello};
 use hub::{ChangeError, ChangeRequest, Hub, HubSettings, Late, Proposal};
 use notify::Notifier;
 use ring::{Source, TokenType};
@@ -642,7 +642,7 @@ impl Daemon {
                 self.hub.reload_failed(source);
                 warn!(source, "reload refused, the old weights stay: {m}");
                 return Err(ChangeError {
-                    code: "invalid",
+                    code: Code::Invalid,
                     message: m,
                     first_changeable: None,
                 });
@@ -673,7 +673,7 @@ impl Daemon {
                 // (Both are in the schedule's own steps, as its points are.)
                 let at = self.hub.plan().points_difference(&running.points, &points);
                 let note = at.and_then(|p| crate::plan::config::ramp_note(&points, p));
-                if let (Some(note), "late") = (note, e.code) {
+                if let (Some(note), Code::Late) = (note, e.code) {
                     e.message = format!("{}; {note}", e.message);
                 }
                 e
@@ -685,7 +685,7 @@ impl Daemon {
             }
             Err(e) => warn!(
                 source,
-                code = e.code,
+                code = e.code.as_str(),
                 "reload refused, the old weights stay: {}",
                 e.message
             ),
@@ -724,7 +724,7 @@ impl Daemon {
         let req = match protocol::parse_control(payload) {
             Ok(r) => r,
             Err((op, message)) => {
-                return serde_json::json!({"ok": false, "op": op, "code": "protocol", "message": message})
+                return serde_json::json!({"ok": false, "op": op, "code": Code::Protocol, "message": message})
             }
         };
         let (op, result) = match req {
@@ -751,7 +751,7 @@ impl Daemon {
                     Ok(a) => info!(source, "set_weights: {}", a.message),
                     Err(e) => warn!(
                         source,
-                        code = e.code,
+                        code = e.code.as_str(),
                         "set_weights refused, the old weights stay: {}",
                         e.message
                     ),
@@ -1139,7 +1139,7 @@ async fn admit_watching<T>(
 
 /// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
 /// write changes nothing.
-async fn say(stream: &mut UnixStream, kind: u8, code: &str, message: &str) {
+async fn say(stream: &mut UnixStream, kind: u8, code: Code, message: &str) {
     let bytes = frame::encode(kind, &protocol::reason(code, message));
     let _ = stream.write_all(&bytes).await;
 }
@@ -1163,7 +1163,7 @@ async fn connection(
             if let Some(k) = d.warn_conn.allow() {
                 warn!(?pid, "refused: {m}{}", limits::suppressed_note(k));
             }
-            say(&mut stream, kind::REFUSED, "access", &m).await;
+            say(&mut stream, kind::REFUSED, Code::Access, &m).await;
             // Closed at once: lingering for the client (as before) let a denied uid hold
             // an fd per connect. What it already sent is read away first, so closing does
             // not reset the connection before it reads the refusal; a client whose HELLO
@@ -1184,7 +1184,7 @@ async fn connection(
                     limits::suppressed_note(k)
                 );
             }
-            say(&mut stream, kind::ERROR, "protocol", "no HELLO in time").await;
+            say(&mut stream, kind::ERROR, Code::Protocol, "no HELLO in time").await;
             return;
         }
         Ok(Ok(Some(Frame::Hello(p)))) => p,
@@ -1202,7 +1202,7 @@ async fn connection(
                         limits::suppressed_note(k)
                     );
                 }
-                say(&mut stream, kind::REFUSED, "busy", &m).await;
+                say(&mut stream, kind::REFUSED, Code::Busy, &m).await;
                 return;
             };
             control_connection(d, stream, buf, p, shutdown).await;
@@ -1215,7 +1215,7 @@ async fn connection(
             if let Some(k) = d.warn_conn.allow() {
                 warn!(?pid, "{m}; closing{}", limits::suppressed_note(k));
             }
-            say(&mut stream, kind::ERROR, "protocol", &m).await;
+            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
         }
         Ok(Err(m)) => {
@@ -1226,7 +1226,7 @@ async fn connection(
                     limits::suppressed_note(k)
                 );
             }
-            say(&mut stream, kind::ERROR, "protocol", &m).await;
+            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
         }
     };
@@ -1267,7 +1267,7 @@ async fn connection(
         }
         Err(e) => {
             error!(?pid, "admission failed: {e}");
-            say(&mut stream, kind::REFUSED, "busy", "internal error").await;
+            say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
             return;
         }
     };
@@ -1279,7 +1279,7 @@ async fn connection(
         Err(e) => {
             error!(?pid, "encoding WELCOME failed: {e}");
             hub.leave(&job, rank, peer);
-            say(&mut stream, kind::REFUSED, "busy", "internal error").await;
+            say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
             return;
         }
     };
@@ -1297,12 +1297,12 @@ async fn connection(
             f = read_frame(&mut stream, &mut buf) => f,
             _ = kick.notified() => {
                 let m = hub.failure(&job, rank, peer).unwrap_or_else(|| "the ring stopped".into());
-                let code = if m.contains("checkpoint") { "peer_position" } else { "materialize" };
+                let code = if m.contains("checkpoint") { Code::PeerPosition } else { Code::Materialize };
                 say(&mut stream, kind::ERROR, code, &m).await;
                 break;
             }
             _ = stopped(&mut shutdown) => {
-                say(&mut stream, kind::ERROR, "shutdown", "the daemon is stopping; resume from your last cursor blob").await;
+                say(&mut stream, kind::ERROR, Code::Shutdown, "the daemon is stopping; resume from your last cursor blob").await;
                 break;
             }
         };
@@ -1310,7 +1310,7 @@ async fn connection(
             Ok(Some(Frame::Release(upto))) => {
                 if let Err(m) = hub.release(&job, rank, peer, upto) {
                     warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                    say(&mut stream, kind::ERROR, "protocol", &m).await;
+                    say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                     break;
                 }
             }
@@ -1318,12 +1318,12 @@ async fn connection(
             Ok(Some(Frame::Hello(_))) | Ok(Some(Frame::Control(_))) => {
                 let m = "HELLO or CONTROL on a trainer connection";
                 warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                say(&mut stream, kind::ERROR, "protocol", m).await;
+                say(&mut stream, kind::ERROR, Code::Protocol, m).await;
                 break;
             }
             Err(m) => {
                 warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                say(&mut stream, kind::ERROR, "protocol", &m).await;
+                say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                 break;
             }
         }
@@ -1358,7 +1358,7 @@ async fn control_connection(
                             "no request for {} ms ([serve] control_idle_timeout_ms); closing",
                             idle.as_millis()
                         );
-                        say(&mut stream, kind::ERROR, "idle", &m).await;
+                        say(&mut stream, kind::ERROR, Code::Idle, &m).await;
                         return;
                     }
                 };
@@ -1367,11 +1367,11 @@ async fn control_connection(
                     Ok(Some(Frame::Bye)) | Ok(None) => return,
                     Ok(Some(other)) => {
                         let m = format!("expected CONTROL on a control connection, got {other:?}");
-                        say(&mut stream, kind::ERROR, "protocol", &m).await;
+                        say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                         return;
                     }
                     Err(m) => {
-                        say(&mut stream, kind::ERROR, "protocol", &m).await;
+                        say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                         return;
                     }
                 }
@@ -1382,12 +1382,12 @@ async fn control_connection(
         let reply = match tokio::task::spawn_blocking(move || d2.control(&payload)).await {
             Ok(r) => r,
             Err(e) => {
-                serde_json::json!({"ok": false, "op": "", "code": "busy", "message": format!("internal error: {e}")})
+                serde_json::json!({"ok": false, "op": "", "code": Code::Busy, "message": format!("internal error: {e}")})
             }
         };
         let mut bytes = reply.to_string().into_bytes();
         if bytes.len() + 1 > frame::MAX_FRAME {
-            bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": "busy",
+            bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": Code::Busy,
                 "message": "the reply exceeds one frame; ask for less (journal)"})
             .to_string()
             .into_bytes();

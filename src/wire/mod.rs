@@ -9,7 +9,7 @@ pub mod protocol;
 pub mod ring;
 
 pub use frame::{kind, MAX_FRAME};
-pub use protocol::{decode_hex, to_hex, FieldSpec, Hello, Reason, Refusal, Welcome, VERSION};
+pub use protocol::{decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, Welcome, VERSION};
 
 #[cfg(test)]
 mod tests {

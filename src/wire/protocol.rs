@@ -12,6 +12,92 @@ use crate::plan::config::{MAX_BATCH_ROWS, MAX_STEP};
 /// Protocol version spoken here: by the daemon, the Rust client and `millrace ctl`
 /// alike (the `protocol` key of HELLO, WELCOME and CONTROL).
 pub const VERSION: u32 = 1;
+/// The stable codes of REFUSED and ERROR frames and of refused CONTROL replies
+/// (docs/PROTOCOL.md sections 2 and 7): one enum, so the daemon can only send a code the
+/// page lists, and it serializes to exactly those strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    /// `protocol`: the request breaks the protocol (framing, version, JSON).
+    Protocol,
+    /// `bad_hello`: a HELLO field is missing, mistyped or out of range.
+    BadHello,
+    /// `limit`: a number past the daemon's bounds.
+    Limit,
+    /// `replicas`: a peer past the declared `replicas`, or disagreeing with it.
+    Replicas,
+    /// `memory`: the ring would exceed `[serve] ring_memory_bytes`.
+    Memory,
+    /// `cancelled`: the client left while its start step was sought (only logged).
+    Cancelled,
+    /// `dp_size`: `dp_size` does not divide the batch or differs from the job's.
+    DpSize,
+    /// `layout`: the micro-batch split does not match the rank's rows or its peers.
+    Layout,
+    /// `duplicate`: the same (job, dp_rank, replica) is connected.
+    Duplicate,
+    /// `fingerprint`: the plan fingerprint is not the daemon's.
+    Fingerprint,
+    /// `access`: the peer's uid/gid is not allowed.
+    Access,
+    /// `cursor`: the cursor blob does not decode or belongs elsewhere.
+    Cursor,
+    /// `peer_position`: the live ring does not hold the client's step or blob.
+    PeerPosition,
+    /// `materialize`: a shard faulted while the client's batches were made.
+    Materialize,
+    /// `busy`: retry later: draining, full, racing a change, or an internal error.
+    Busy,
+    /// `shutdown`: the daemon is stopping.
+    Shutdown,
+    /// `idle`: the client sent nothing for too long.
+    Idle,
+    /// `late`: a live change names a step that can no longer change.
+    Late,
+    /// `invalid`: a live change or config is not valid.
+    Invalid,
+}
+
+impl Code {
+    /// The code as it stands on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Protocol => "protocol",
+            Code::BadHello => "bad_hello",
+            Code::Limit => "limit",
+            Code::Replicas => "replicas",
+            Code::Memory => "memory",
+            Code::Cancelled => "cancelled",
+            Code::DpSize => "dp_size",
+            Code::Layout => "layout",
+            Code::Duplicate => "duplicate",
+            Code::Fingerprint => "fingerprint",
+            Code::Access => "access",
+            Code::Cursor => "cursor",
+            Code::PeerPosition => "peer_position",
+            Code::Materialize => "materialize",
+            Code::Busy => "busy",
+            Code::Shutdown => "shutdown",
+            Code::Idle => "idle",
+            Code::Late => "late",
+            Code::Invalid => "invalid",
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lets tests and logs compare a code with its wire string.
+impl PartialEq<&str> for Code {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// The `{code, message}` payload of REFUSED and ERROR frames, both ways.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reason {
@@ -30,9 +116,9 @@ impl Reason {
 }
 
 /// A REFUSED or ERROR payload.
-pub fn reason(code: &str, message: &str) -> Vec<u8> {
+pub fn reason(code: Code, message: &str) -> Vec<u8> {
     let r = Reason {
-        code: code.into(),
+        code: code.as_str().into(),
         message: message.into(),
     };
     // A struct of two strings always serializes.
@@ -245,7 +331,7 @@ pub fn name_byte(b: u8) -> bool {
 fn check_name(field: &str, name: &str) -> Result<(), Refusal> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(Refusal::new(
-            "bad_hello",
+            Code::BadHello,
             format!(
                 "HELLO field `{field}` must be 1..={MAX_NAME} bytes, got {}",
                 name.len()
@@ -254,7 +340,7 @@ fn check_name(field: &str, name: &str) -> Result<(), Refusal> {
     }
     if let Some(i) = name.bytes().position(|b| !name_byte(b)) {
         return Err(Refusal::new(
-            "bad_hello",
+            Code::BadHello,
             format!(
                 "HELLO field `{field}` has byte 0x{:02x} at offset {i}: names may hold only \
                  ASCII letters, digits and - _ . : @ + = /",
@@ -277,14 +363,14 @@ fn one() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     /// One of the codes in docs/PROTOCOL.md.
-    pub code: &'static str,
+    pub code: Code,
     /// Human-readable detail.
     pub message: String,
 }
 
 impl Refusal {
     /// A refusal with `code`.
-    pub fn new(code: &'static str, message: impl Into<String>) -> Refusal {
+    pub fn new(code: Code, message: impl Into<String>) -> Refusal {
         Refusal {
             code,
             message: message.into(),
@@ -331,29 +417,29 @@ impl Hello {
     /// that a newer client hears "protocol" rather than a field error.
     pub fn parse(payload: &[u8]) -> Result<Hello, Refusal> {
         let value: serde_json::Value = serde_json::from_slice(payload)
-            .map_err(|e| Refusal::new("bad_hello", format!("HELLO is not JSON: {e}")))?;
+            .map_err(|e| Refusal::new(Code::BadHello, format!("HELLO is not JSON: {e}")))?;
         match value.get("protocol").and_then(|v| v.as_u64()) {
             Some(v) if v == VERSION as u64 => {}
             Some(v) => {
                 return Err(Refusal::new(
-                    "protocol",
+                    Code::Protocol,
                     format!("protocol {v} is not supported; this daemon speaks {VERSION}"),
                 ))
             }
             None => {
                 return Err(Refusal::new(
-                    "bad_hello",
+                    Code::BadHello,
                     "HELLO field `protocol` is missing or not an integer",
                 ))
             }
         }
         let hello: Hello = serde_json::from_value(value)
-            .map_err(|e| Refusal::new("bad_hello", format!("HELLO: {e}")))?;
+            .map_err(|e| Refusal::new(Code::BadHello, format!("HELLO: {e}")))?;
         check_name("job", &hello.job)?;
         check_name("replica", &hello.replica)?;
         if hello.dp_size == 0 || hello.dp_rank >= hello.dp_size {
             return Err(Refusal::new(
-                "bad_hello",
+                Code::BadHello,
                 format!(
                     "HELLO field `dp_rank` = {} must be below `dp_size` = {}",
                     hello.dp_rank, hello.dp_size
@@ -362,7 +448,7 @@ impl Hello {
         }
         if hello.replicas == 0 || hello.micro_batches == 0 || hello.micro_batch_rows == Some(0) {
             return Err(Refusal::new(
-                "bad_hello",
+                Code::BadHello,
                 "HELLO fields `replicas`, `micro_batches` and `micro_batch_rows` must be positive",
             ));
         }
@@ -375,7 +461,7 @@ impl Hello {
     fn check_limits(&self) -> Result<(), Refusal> {
         let over = |field: &str, value: u64, max: u64| {
             Refusal::new(
-                "limit",
+                Code::Limit,
                 format!("HELLO field `{field}` = {value} is above this daemon's limit of {max}"),
             )
         };
@@ -409,7 +495,7 @@ impl Hello {
         };
         decode_hex(hex).map(Some).ok_or_else(|| {
             Refusal::new(
-                "cursor",
+                Code::Cursor,
                 "HELLO field `cursor` is not an even-length hex string",
             )
         })
@@ -470,10 +556,56 @@ mod tests {
         assert_eq!(Hello::parse(&bytes), Ok(w));
     }
 
+    /// Every code serializes to the string PROTOCOL.md lists, and reads back.
+    #[test]
+    fn codes_are_their_protocol_strings() {
+        for (code, s) in [
+            (Code::BadHello, "bad_hello"),
+            (Code::DpSize, "dp_size"),
+            (Code::PeerPosition, "peer_position"),
+            (Code::Late, "late"),
+        ] {
+            assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{s}\""));
+            assert_eq!(code.as_str(), s);
+            assert_eq!(
+                serde_json::from_str::<Code>(&format!("\"{s}\"")).unwrap(),
+                code
+            );
+        }
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        for code in [
+            Code::Protocol,
+            Code::BadHello,
+            Code::Limit,
+            Code::Replicas,
+            Code::Memory,
+            Code::Cancelled,
+            Code::DpSize,
+            Code::Layout,
+            Code::Duplicate,
+            Code::Fingerprint,
+            Code::Access,
+            Code::Cursor,
+            Code::PeerPosition,
+            Code::Materialize,
+            Code::Busy,
+            Code::Shutdown,
+            Code::Idle,
+            Code::Late,
+            Code::Invalid,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+            assert!(
+                doc.contains(&format!("`{code}`")),
+                "PROTOCOL.md does not list {code}"
+            );
+        }
+    }
+
     /// REFUSED and ERROR payloads: the daemon's bytes, and what clients read back.
     #[test]
     fn reasons_encode_and_decode() {
-        let bytes = reason("busy", "a \"quoted\" job");
+        let bytes = reason(Code::Busy, "a \"quoted\" job");
         assert_eq!(bytes, br#"{"code":"busy","message":"a \"quoted\" job"}"#);
         let r = Reason::decode(&bytes).unwrap();
         assert_eq!(
