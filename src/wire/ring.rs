@@ -39,30 +39,31 @@ pub struct RingHeader {
     pub published: u64,
 }
 
-/// The start of every slot (all integers little-endian).
+/// The start of every slot (all integers little-endian); the client's `BatchView`
+/// carries these values decoded.
 #[repr(C)]
 pub struct SlotHeader {
-    /// Trainer step held.
+    /// Offset 0: the trainer step this slot holds.
     pub step: u64,
-    /// The unskipped plan step.
+    /// Offset 8: that step's unskipped plan step.
     pub plan_step: u64,
-    /// Rows in the slot.
+    /// Offset 16: rows written.
     pub rows: u32,
-    /// Inputs per row.
+    /// Offset 20: inputs per row.
     pub seq_len: u32,
-    /// Entries of `cu_seqlens` in use.
+    /// Offset 24: entries of `cu_seqlens` in use, the leading 0 included.
     pub cu_len: u32,
-    /// Longest span of `cu_seqlens`.
+    /// Offset 28: the longest entry-to-entry span of `cu_seqlens`.
     pub max_seqlen: u32,
-    /// Ones in `loss_mask`.
+    /// Offset 32: ones in `loss_mask`.
     pub loss_tokens: u64,
-    /// Non-padding tokens.
+    /// Offset 40: non-padding tokens over the rows.
     pub real_tokens: u64,
-    /// Bytes of the cursor blob.
+    /// Offset 48: bytes of the cursor blob in the `cursor` field.
     pub cursor_len: u32,
-    /// Unused; zero.
+    /// Offset 52: unused; zero.
     pub reserved: u32,
-    /// CLOCK_MONOTONIC ns of publication.
+    /// Offset 56: CLOCK_MONOTONIC ns when the daemon published the slot.
     pub publish_ns: u64,
 }
 
