@@ -33,8 +33,9 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::plan::config::{PlanConfig, SchedulePoint};
+use crate::wire::control::{self, Control};
 use crate::wire::frame::{self, kind, Frame};
-use crate::wire::protocol::{self, Code, Control, Hello};
+use crate::wire::protocol::{self, Code, Hello};
 use hub::{ChangeError, ChangeRequest, Hub, HubSettings, Late, Proposal};
 use notify::Notifier;
 use ring::{Source, TokenType};
@@ -721,7 +722,7 @@ impl Daemon {
 
     /// Answers one CONTROL payload.
     fn control(&self, payload: &[u8]) -> serde_json::Value {
-        let req = match protocol::parse_control(payload) {
+        let req = match control::parse_control(payload) {
             Ok(r) => r,
             Err((op, message)) => {
                 return serde_json::json!({"ok": false, "op": op, "code": Code::Protocol, "message": message})

@@ -1,9 +1,10 @@
 //! The only source of the protocol's bytes (docs/PROTOCOL.md): the frame codec with fd
-//! passing ([`frame`]), the messages frames carry, with the protocol version
-//! ([`protocol`]), and the headers of the shared-memory ring ([`ring`]). The daemon, the Rust client, `millrace ctl` and the tests all encode
-//! and decode through here, so a change to the wire is made once and both sides move
-//! together.
+//! passing ([`frame`]), the messages frames carry and the protocol version
+//! ([`protocol`], [`control`]), and the headers of the shared-memory ring ([`ring`]).
+//! The daemon, the Rust client, `millrace ctl` and the tests all encode and decode
+//! through here, so a change to the wire is made once and both sides move together.
 
+pub mod control;
 pub mod frame;
 pub mod protocol;
 pub mod ring;
