@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -21,21 +21,26 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{DType, Tokens};
+use crate::wire::{self, Code};
 
 // The wire and ring constants are the daemon's own, so the two sides cannot drift.
-pub use crate::serve::protocol::{
-    decode_hex as from_hex, to_hex, MAX_FRAME as MAX_FRAME_LEN, VERSION as PROTOCOL,
+pub use crate::serve::ring::monotonic_ns;
+use crate::wire::ring::{ring_at, slot_at};
+pub use crate::wire::ring::{
+    LAYOUT_VERSION as RING_VERSION, MAGIC as RING_MAGIC, SLOT_HEADER as SLOT_HEADER_BYTES,
 };
-pub use crate::serve::ring::{
-    monotonic_ns, LAYOUT_VERSION as RING_VERSION, MAGIC as RING_MAGIC,
-    PUBLISHED_AT as PUBLISHED_OFFSET, SLOT_HEADER as SLOT_HEADER_BYTES,
+/// Offset of `published` in the ring header (the wire's own).
+pub const PUBLISHED_OFFSET: usize = ring_at::PUBLISHED;
+pub use crate::wire::{
+    decode_hex as from_hex, to_hex, FieldSpec, Hello, Welcome, MAX_FRAME as MAX_FRAME_LEN,
+    VERSION as PROTOCOL,
 };
 /// How long the handshake (HELLO to WELCOME) may take before the client gives up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Frame type codes (PROTOCOL.md section 1): the daemon's own table, so the two sides
 /// cannot drift apart.
-pub use crate::serve::protocol::kind as frame;
+pub use crate::wire::kind as frame;
 
 /// Why the client could not connect or stream; typed so callers can tell a refusal
 /// (fix the request) from a vanished daemon (reconnect) from a malformed reply (bug).
@@ -104,8 +109,12 @@ impl ClientError {
                     | std::io::ErrorKind::UnexpectedEof
             ),
             // `duplicate`: the daemon has not yet noticed our previous connection died.
-            ClientError::Refused { code, .. } => code == "busy" || code == "duplicate",
-            ClientError::Daemon { code, .. } => code == "shutdown" || code == "busy",
+            ClientError::Refused { code, .. } => [Code::Busy, Code::Duplicate]
+                .iter()
+                .any(|c| c == &code.as_str()),
+            ClientError::Daemon { code, .. } => [Code::Shutdown, Code::Busy]
+                .iter()
+                .any(|c| c == &code.as_str()),
             _ => false,
         }
     }
@@ -113,120 +122,6 @@ impl ClientError {
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
-}
-
-/// The HELLO request (PROTOCOL.md section 2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Hello {
-    /// Protocol version, [`PROTOCOL`].
-    pub protocol: u32,
-    /// Job name: namespaces rings and dp_size.
-    pub job: String,
-    /// Data-parallel rank.
-    pub dp_rank: u32,
-    /// Data-parallel size.
-    pub dp_size: u32,
-    /// This client's name among the peers of its dp rank.
-    pub replica: String,
-    /// How many peers of this dp rank connect to this daemon.
-    pub replicas: u32,
-    /// Rows per micro-batch (`None`: not sent, and the daemon takes the whole slice).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub micro_batch_rows: Option<u32>,
-    /// Micro-batches per step.
-    pub micro_batches: u32,
-    /// Hex of a cursor blob to resume from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cursor: Option<String>,
-    /// Step to seek to when no cursor is given.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_step: Option<u64>,
-    /// Refuse unless the daemon's plan fingerprint is this (32 hex digits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
-}
-
-impl Hello {
-    /// A HELLO for job "default", replica "0" of 1, starting at step 0, with
-    /// `micro_batches` micro-batches of `micro_batch_rows` rows.
-    pub fn new(dp_rank: u32, dp_size: u32, micro_batch_rows: u32, micro_batches: u32) -> Hello {
-        Hello {
-            micro_batch_rows: Some(micro_batch_rows),
-            micro_batches,
-            ..Hello::whole_slice(dp_rank, dp_size)
-        }
-    }
-
-    /// A HELLO that leaves the micro-batch split to the daemon (one micro-batch of the
-    /// rank's whole slice of `global_batch_rows / dp_size` rows).
-    pub fn whole_slice(dp_rank: u32, dp_size: u32) -> Hello {
-        Hello {
-            protocol: PROTOCOL,
-            job: "default".into(),
-            dp_rank,
-            dp_size,
-            replica: "0".into(),
-            replicas: 1,
-            micro_batch_rows: None,
-            micro_batches: 1,
-            cursor: None,
-            start_step: None,
-            fingerprint: None,
-        }
-    }
-}
-
-/// One array of a slot as WELCOME describes it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FieldSpec {
-    /// Offset from the slot's start.
-    pub offset: u64,
-    /// numpy-style dtype name.
-    pub dtype: String,
-    /// Array shape.
-    pub shape: Vec<u64>,
-}
-
-/// The WELCOME reply (PROTOCOL.md section 3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Welcome {
-    /// Protocol version.
-    pub protocol: u32,
-    /// Plan fingerprint (32 hex digits).
-    pub fingerprint: String,
-    /// The first step this client will receive.
-    pub start_step: u64,
-    /// Data-parallel rank.
-    pub dp_rank: u32,
-    /// Data-parallel size.
-    pub dp_size: u32,
-    /// Rows per step for this rank.
-    pub rows: u32,
-    /// Inputs per row.
-    pub seq_len: u32,
-    /// Rows per micro-batch.
-    pub micro_batch_rows: u32,
-    /// Micro-batches per step.
-    pub micro_batches: u32,
-    /// dtype of tokens and labels.
-    pub token_dtype: String,
-    /// Padding id.
-    pub pad_token: i64,
-    /// End-of-document id, if the plan has one.
-    #[serde(default)]
-    pub eod_token: Option<i64>,
-    /// Domain names, indexed by the slots' `domain` array.
-    pub domains: Vec<String>,
-    /// Slots in the ring.
-    pub slots: u32,
-    /// Byte offset of slot 0.
-    pub slot_offset: u64,
-    /// Stride between slots.
-    pub slot_bytes: u64,
-    /// Size of the memfd.
-    pub ring_bytes: u64,
-    /// Arrays inside a slot.
-    pub fields: BTreeMap<String, FieldSpec>,
 }
 
 /// A validated array location: byte offset in the slot, dtype and element count.
@@ -458,16 +353,8 @@ impl Drop for Mapping {
 
 /// Writes one frame.
 fn send_frame(sock: &mut UnixStream, kind: u8, payload: &[u8]) -> Result<(), ClientError> {
-    let len = payload.len() + 1;
-    if len > MAX_FRAME_LEN {
-        return Err(ClientError::Usage(format!(
-            "frame of {len} bytes exceeds {MAX_FRAME_LEN}"
-        )));
-    }
-    let mut buf = Vec::with_capacity(4 + len);
-    buf.extend_from_slice(&(len as u32).to_le_bytes());
-    buf.push(kind);
-    buf.extend_from_slice(payload);
+    let buf = wire::frame::encode_checked(kind, payload)
+        .map_err(|e| ClientError::Usage(format!("cannot send frame type {kind}: {e}")))?;
     sock.write_all(&buf).map_err(|e| match e.kind() {
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
             ClientError::Disconnected
@@ -479,64 +366,14 @@ fn send_frame(sock: &mut UnixStream, kind: u8, payload: &[u8]) -> Result<(), Cli
     })
 }
 
-/// One `recvmsg`, collecting any SCM_RIGHTS fds into `fds`; returns the bytes read.
-fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // Room for 16 descriptors, 8-aligned as cmsghdr needs.
-    let mut cbuf = [0u64; 16];
-    // SAFETY: a zeroed msghdr is a valid empty one; we fill in the buffers below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    let n = loop {
-        // SAFETY: msg points at live buffers of the sizes it states.
-        let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if r >= 0 {
-            break r as usize;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c);
-                let header = data as usize - c as usize;
-                let count = ((*c).cmsg_len as usize).saturating_sub(header)
-                    / std::mem::size_of::<libc::c_int>();
-                for i in 0..count {
-                    let raw = std::ptr::read_unaligned((data as *const libc::c_int).add(i));
-                    fds.push(OwnedFd::from_raw_fd(raw));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(std::io::Error::other(
-            "control data truncated (more descriptors than expected)",
-        ));
-    }
-    Ok(n)
-}
-
 /// Reads one whole frame with `recvmsg`; returns (type, payload, fds that came with it).
 fn recv_frame(sock: &UnixStream) -> Result<(u8, Vec<u8>, Vec<OwnedFd>), ClientError> {
     let fd = sock.as_raw_fd();
     let mut fds = Vec::new();
-    let fill = |buf: &mut [u8], fds: &mut Vec<OwnedFd>| -> Result<(), ClientError> {
+    let fill = |buf: &mut [u8], _inside: bool| -> Result<(), ClientError> {
         let mut have = 0;
         while have < buf.len() {
-            match recv_with_fds(fd, &mut buf[have..], fds) {
+            match wire::frame::recv_with_fds(fd, &mut buf[have..], &mut fds) {
                 Ok(0) => return Err(ClientError::Disconnected),
                 Ok(n) => have += n,
                 Err(e)
@@ -562,32 +399,13 @@ fn recv_frame(sock: &UnixStream) -> Result<(u8, Vec<u8>, Vec<OwnedFd>), ClientEr
         }
         Ok(())
     };
-    let mut head = [0u8; 4];
-    fill(&mut head, &mut fds)?;
-    let len = u32::from_le_bytes(head) as usize;
-    if len == 0 || len > MAX_FRAME_LEN {
-        return Err(ClientError::Protocol(format!(
-            "frame length {len} is outside 1..={MAX_FRAME_LEN}"
-        )));
-    }
-    let mut body = vec![0u8; len];
-    fill(&mut body, &mut fds)?;
-    let kind = body[0];
-    body.remove(0);
-    Ok((kind, body, fds))
-}
-
-/// `{code, message}` of REFUSED and ERROR frames.
-#[derive(Deserialize)]
-struct CodeMessage {
-    code: String,
-    #[serde(default)]
-    message: String,
+    let (kind, payload) = wire::frame::read_with(fill, |e| ClientError::Protocol(e.to_string()))?;
+    Ok((kind, payload, fds))
 }
 
 fn code_message(payload: &[u8], what: &str) -> Result<(String, String), ClientError> {
-    serde_json::from_slice::<CodeMessage>(payload)
-        .map(|c| (c.code, c.message))
+    wire::Reason::decode(payload)
+        .map(|r| (r.code, r.message))
         .map_err(|e| ClientError::Protocol(format!("{what} payload is not {{code, message}}: {e}")))
 }
 
@@ -854,36 +672,36 @@ impl Client {
         let l = &self.layout;
         let base = l.slot_offset + ((step % l.slots) as usize) * l.slot_bytes;
         let r = &self.ring;
-        let slot_step = r.u64_at(base);
+        let slot_step = r.u64_at(base + slot_at::STEP);
         if slot_step != step {
             return Err(ClientError::Ring(format!(
                 "slot {} holds step {slot_step}, expected {step}",
                 step % l.slots
             )));
         }
-        let rows = r.u32_at(base + 16) as usize;
-        let seq_len = r.u32_at(base + 20) as usize;
+        let rows = r.u32_at(base + slot_at::ROWS) as usize;
+        let seq_len = r.u32_at(base + slot_at::SEQ_LEN) as usize;
         if rows != l.rows || seq_len != l.seq_len {
             return Err(ClientError::Ring(format!(
                 "step {step}: slot says {rows} rows of {seq_len}, WELCOME {} of {}",
                 l.rows, l.seq_len
             )));
         }
-        let cu_len = r.u32_at(base + 24) as usize;
+        let cu_len = r.u32_at(base + slot_at::CU_LEN) as usize;
         if cu_len == 0 || cu_len > l.cu_seqlens.len {
             return Err(ClientError::Ring(format!(
                 "step {step}: cu_len {cu_len} outside 1..={}",
                 l.cu_seqlens.len
             )));
         }
-        let cursor_len = r.u32_at(base + 48) as usize;
+        let cursor_len = r.u32_at(base + slot_at::CURSOR_LEN) as usize;
         if cursor_len > l.cursor.len {
             return Err(ClientError::Ring(format!(
                 "step {step}: cursor_len {cursor_len} exceeds the field's {} bytes",
                 l.cursor.len
             )));
         }
-        let publish_ns = r.u64_at(base + 56);
+        let publish_ns = r.u64_at(base + slot_at::PUBLISH_NS);
         let at = |f: &Field| r.bytes(base + f.offset, f.bytes());
         let tokens_of = |f: &Field| {
             Tokens::from_bytes(f.dtype, at(f))
@@ -898,13 +716,13 @@ impl Client {
         self.last_cursor.extend_from_slice(cursor);
         let view = BatchView {
             step,
-            plan_step: r.u64_at(base + 8),
+            plan_step: r.u64_at(base + slot_at::PLAN_STEP),
             rows: rows as u32,
             seq_len: seq_len as u32,
             cu_len: cu_len as u32,
-            max_seqlen: r.u32_at(base + 28),
-            loss_tokens: r.u64_at(base + 32),
-            real_tokens: r.u64_at(base + 40),
+            max_seqlen: r.u32_at(base + slot_at::MAX_SEQLEN),
+            loss_tokens: r.u64_at(base + slot_at::LOSS_TOKENS),
+            real_tokens: r.u64_at(base + slot_at::REAL_TOKENS),
             publish_ns,
             wake_latency_ns: waited.then(|| wake_ns.saturating_sub(publish_ns)),
             pad_token: self.welcome.pad_token,
@@ -957,16 +775,16 @@ impl Client {
 }
 
 fn check_ring_header(ring: &Mapping, l: &Layout) -> Result<(), ClientError> {
-    let magic = ring.bytes(0, 8);
+    let magic = ring.bytes(ring_at::MAGIC, RING_MAGIC.len());
     if magic != RING_MAGIC {
         return Err(ClientError::Ring(format!(
             "magic {magic:02x?}, expected {RING_MAGIC:?}"
         )));
     }
-    let version = ring.u32_at(8);
-    let slots = ring.u32_at(12);
-    let slot_bytes = ring.u64_at(16);
-    let slot_offset = ring.u64_at(24);
+    let version = ring.u32_at(ring_at::VERSION);
+    let slots = ring.u32_at(ring_at::SLOTS);
+    let slot_bytes = ring.u64_at(ring_at::SLOT_BYTES);
+    let slot_offset = ring.u64_at(ring_at::SLOT_OFFSET);
     if version != RING_VERSION
         || u64::from(slots) != l.slots
         || slot_bytes != l.slot_bytes as u64
@@ -1474,6 +1292,7 @@ mod tests {
             slot_bytes: 4096,
             ring_bytes: 3 * 4096,
             fields,
+            vocab_size: None,
         }
     }
 
@@ -1524,41 +1343,11 @@ mod tests {
     // A fake daemon: enough of the protocol to hand the client malformed rings and
     // frames, which the real daemon never sends.
 
+    use crate::wire::frame::{encode, read_from, send_with_fds};
+    use crate::wire::ring::{put_u32, put_u64};
     use std::io::Read as _;
+    use std::os::fd::FromRawFd;
     use std::os::unix::net::UnixListener;
-
-    fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) {
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        let bytes = std::mem::size_of_val(fds);
-        let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
-        let mut cbuf = vec![0u64; space.div_ceil(8)];
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
-            assert_eq!(
-                libc::sendmsg(sock.as_raw_fd(), &msg, 0),
-                data.len() as isize
-            );
-        }
-    }
-
-    fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
-        let mut b = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
-        b.push(kind);
-        b.extend_from_slice(payload);
-        b
-    }
 
     /// A memfd holding `ring`, sized `len`.
     fn memfd(ring: &[u8], len: usize) -> OwnedFd {
@@ -1574,17 +1363,18 @@ mod tests {
     fn ring(step: u64, published: u64) -> Vec<u8> {
         let mut r = vec![0u8; 3 * 4096];
         r[..8].copy_from_slice(RING_MAGIC);
-        r[8..12].copy_from_slice(&1u32.to_le_bytes());
-        r[12..16].copy_from_slice(&2u32.to_le_bytes());
-        r[16..24].copy_from_slice(&4096u64.to_le_bytes());
-        r[24..32].copy_from_slice(&4096u64.to_le_bytes());
-        r[64..72].copy_from_slice(&published.to_le_bytes());
+        put_u32(&mut r, ring_at::VERSION, 1);
+        put_u32(&mut r, ring_at::SLOTS, 2);
+        put_u64(&mut r, ring_at::SLOT_BYTES, 4096);
+        put_u64(&mut r, ring_at::SLOT_OFFSET, 4096);
+        put_u64(&mut r, ring_at::PUBLISHED, published);
         let s = 4096;
-        r[s..s + 8].copy_from_slice(&step.to_le_bytes());
-        r[s + 16..s + 20].copy_from_slice(&2u32.to_le_bytes());
-        r[s + 20..s + 24].copy_from_slice(&8u32.to_le_bytes());
-        r[s + 24..s + 28].copy_from_slice(&3u32.to_le_bytes()); // cu_len
-        r[s + 48..s + 52].copy_from_slice(&4u32.to_le_bytes()); // cursor_len
+        let slot = &mut r[s..];
+        put_u64(slot, slot_at::STEP, step);
+        put_u32(slot, slot_at::ROWS, 2);
+        put_u32(slot, slot_at::SEQ_LEN, 8);
+        put_u32(slot, slot_at::CU_LEN, 3);
+        put_u32(slot, slot_at::CURSOR_LEN, 4);
         for i in 0..16u32 {
             let o = s + 256 + 4 * i as usize;
             r[o..o + 4].copy_from_slice(&(i + 100).to_le_bytes());
@@ -1605,12 +1395,9 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut head = [0u8; 4];
-            s.read_exact(&mut head).unwrap();
-            let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
-            s.read_exact(&mut body).unwrap();
-            assert_eq!(body[0], frame::HELLO);
-            let hello: Hello = serde_json::from_slice(&body[1..]).unwrap();
+            let (kind, payload) = read_from(&mut s).unwrap();
+            assert_eq!(kind, frame::HELLO);
+            let hello: Hello = serde_json::from_slice(&payload).unwrap();
             assert_eq!(hello.dp_size, 1);
             script(&mut s);
             // Stay connected until the client leaves.
@@ -1631,7 +1418,9 @@ mod tests {
             let fd = memfd(&ring, len);
             let ev = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
             let payload = serde_json::to_vec(&w).unwrap();
-            send_with_fds(s, &encode(frame::WELCOME, &payload), &[fd.as_raw_fd(), ev]);
+            let bytes = encode(frame::WELCOME, &payload);
+            let sent = send_with_fds(s.as_raw_fd(), &bytes, &[fd.as_raw_fd(), ev]).unwrap();
+            assert_eq!(sent, bytes.len());
             unsafe { libc::close(ev) };
         }
     }
@@ -1685,11 +1474,11 @@ mod tests {
             Err(ClientError::Ring(_))
         ));
         let mut big_cu = ring(0, 1);
-        big_cu[4096 + 24..4096 + 28].copy_from_slice(&1000u32.to_le_bytes());
+        put_u32(&mut big_cu[4096..], slot_at::CU_LEN, 1000);
         let r = connect_fake(welcome_with(big_cu, 3 * 4096, |_| {}));
         assert!(matches!(r.unwrap().next_batch(), Err(ClientError::Ring(_))));
         let mut big_cursor = ring(0, 1);
-        big_cursor[4096 + 48..4096 + 52].copy_from_slice(&u32::MAX.to_le_bytes());
+        put_u32(&mut big_cursor[4096..], slot_at::CURSOR_LEN, u32::MAX);
         let r = connect_fake(welcome_with(big_cursor, 3 * 4096, |_| {}));
         assert!(matches!(r.unwrap().next_batch(), Err(ClientError::Ring(_))));
     }

@@ -23,14 +23,14 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde_json::{json, Value};
 
-use crate::serve::protocol::{kind, MAX_FRAME};
+use crate::wire::{self, frame, kind, MAX_FRAME};
 
 /// Frame type of a control request (the daemon's own constant).
-pub const CONTROL: u8 = crate::serve::protocol::kind::CONTROL;
+pub const CONTROL: u8 = kind::CONTROL;
 /// Frame type of the daemon's answer to one CONTROL frame.
-pub const CONTROL_REPLY: u8 = crate::serve::protocol::kind::CONTROL_REPLY;
-/// Version of the control requests sent here (the `protocol` key).
-pub const PROTOCOL: u64 = 1;
+pub const CONTROL_REPLY: u8 = kind::CONTROL_REPLY;
+/// Version of the control requests sent here (the `protocol` key): the daemon's own.
+pub const PROTOCOL: u32 = wire::VERSION;
 /// How long the command line waits for a reply unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -247,16 +247,14 @@ impl Connection {
 
     /// Reads one whole frame before `deadline`: (type, payload).
     fn read_frame(&mut self, deadline: Instant) -> Result<(u8, Vec<u8>), CtlError> {
-        let mut head = [0u8; 4];
-        self.fill(&mut head, deadline, false)?;
-        let len = u32::from_le_bytes(head) as usize;
-        if len == 0 || len > MAX_FRAME {
-            return Err(self.protocol(format!("frame length {len} is outside 1..={MAX_FRAME}")));
-        }
-        let mut body = vec![0u8; len];
-        self.fill(&mut body, deadline, true)?;
-        let payload = body.split_off(1);
-        Ok((body[0], payload))
+        let socket = self.socket.clone();
+        frame::read_with(
+            |buf, inside| self.fill(buf, deadline, inside),
+            |e| CtlError::Protocol {
+                socket,
+                message: e.to_string(),
+            },
+        )
     }
 
     fn fill(&mut self, buf: &mut [u8], deadline: Instant, inside: bool) -> Result<(), CtlError> {
@@ -330,31 +328,19 @@ pub fn encode_request(req: &Value) -> Result<Vec<u8>, String> {
         return Err("a control request must be a JSON object".into());
     }
     let payload = serde_json::to_vec(req).map_err(|e| format!("not serializable: {e}"))?;
-    let len = payload.len() + 1;
-    if len > MAX_FRAME {
-        return Err(format!(
-            "the request is {len} bytes; a frame holds at most {MAX_FRAME}"
-        ));
-    }
-    let mut out = Vec::with_capacity(4 + len);
-    out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.push(CONTROL);
-    out.extend_from_slice(&payload);
-    Ok(out)
+    frame::encode_checked(CONTROL, &payload).map_err(|_| {
+        format!(
+            "the request is {} bytes; a frame holds at most {MAX_FRAME}",
+            payload.len() + 1
+        )
+    })
 }
 
+/// The `{code, message}` of a REFUSED or ERROR frame; a payload that is not one is
+/// shown whole rather than lost.
 fn code_message(payload: &[u8]) -> (String, String) {
-    match serde_json::from_slice::<Value>(payload) {
-        Ok(v) => (
-            v.get("code")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string(),
-            v.get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-        ),
+    match wire::Reason::decode(payload) {
+        Ok(r) => (r.code, r.message),
         Err(_) => ("?".into(), String::from_utf8_lossy(payload).into_owned()),
     }
 }
@@ -400,7 +386,7 @@ impl std::fmt::Display for Rejection {
         }
         if let Some(s) = self.first_changeable_step {
             write!(f, " (the first step that can still change is {s}")?;
-            if self.code == "late" {
+            if wire::Code::Late == self.code.as_str() {
                 write!(f, "; --late next applies it there")?;
             }
             write!(f, ")")?;
@@ -1545,23 +1531,18 @@ mod tests {
             for s in listener.incoming() {
                 let Ok(mut s) = s else { return };
                 let answer = answer.clone();
-                std::thread::spawn(move || loop {
-                    let mut head = [0u8; 4];
-                    if s.read_exact(&mut head).is_err() {
-                        break;
-                    }
-                    let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
-                    if s.read_exact(&mut body).is_err() {
-                        break;
-                    }
-                    let out = answer(body[0], &body[1..]);
-                    // Close after ERROR, REFUSED and malformed frames.
-                    let last = out.len() < 5
-                        || [kind::ERROR, kind::REFUSED].contains(&out[4])
-                        || u32::from_le_bytes([out[0], out[1], out[2], out[3]]) as usize
-                            != out.len() - 4;
-                    if out.is_empty() || s.write_all(&out).is_err() || last {
-                        break;
+                std::thread::spawn(move || {
+                    while let Ok((k, payload)) = frame::read_from(&mut s) {
+                        let out = answer(k, &payload);
+                        // Close after ERROR, REFUSED and malformed frames.
+                        let last = !matches!(
+                            frame::split(&out),
+                            Ok(Some((k, _, n))) if n == out.len()
+                                && ![kind::ERROR, kind::REFUSED].contains(&k)
+                        );
+                        if out.is_empty() || s.write_all(&out).is_err() || last {
+                            break;
+                        }
                     }
                 });
             }
@@ -1569,12 +1550,7 @@ mod tests {
         (dir, path)
     }
 
-    fn frame(k: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
-        v.push(k);
-        v.extend_from_slice(payload);
-        v
-    }
+    use crate::wire::frame::encode as frame;
 
     #[test]
     fn requests_and_replies_over_a_socket() {

@@ -19,3 +19,4 @@ pub mod serve;
 pub mod synth;
 pub mod tokenize;
 pub mod util;
+pub mod wire;

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -18,6 +18,7 @@ use common::{bin, Control, Serve};
 use millrace::client::{Client, Hello};
 use millrace::config::{Config, LoadedPlan};
 use millrace::ctl::{self, CONTROL, CONTROL_REPLY};
+use millrace::wire::frame::{encode as frame, read_from};
 use serde_json::{json, Value};
 
 const SEQ_LEN: u32 = 256;
@@ -71,13 +72,6 @@ fn set_weights_args<'a>(socket: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
     [&["ctl", "--socket", socket, "set-weights"], rest].concat()
 }
 
-fn frame(k: u8, payload: &[u8]) -> Vec<u8> {
-    let mut v = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
-    v.push(k);
-    v.extend_from_slice(payload);
-    v
-}
-
 // ------------------------------------------------------------ a stand-in daemon
 
 /// Answers CONTROL frames with `answer(request)` and records every request it saw.
@@ -99,16 +93,11 @@ fn fake(answer: impl Fn(&Value) -> Value + Send + Sync + 'static) -> Fake {
             let Ok(mut s) = s else { return };
             let (answer, log) = (answer.clone(), log.clone());
             std::thread::spawn(move || loop {
-                let mut head = [0u8; 4];
-                if s.read_exact(&mut head).is_err() {
+                let Ok((k, payload)) = read_from(&mut s) else {
                     return;
-                }
-                let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
-                if s.read_exact(&mut body).is_err() {
-                    return;
-                }
-                assert_eq!(body[0], CONTROL, "a control client opens with CONTROL");
-                let req: Value = serde_json::from_slice(&body[1..]).unwrap();
+                };
+                assert_eq!(k, CONTROL, "a control client opens with CONTROL");
+                let req: Value = serde_json::from_slice(&payload).unwrap();
                 log.lock().unwrap().push(req.clone());
                 let reply = answer(&req);
                 if s.write_all(&frame(CONTROL_REPLY, reply.to_string().as_bytes()))
@@ -597,12 +586,9 @@ fn bad_changes_are_refused_and_the_old_weights_stay() {
         names[0]
     );
     s.write_all(&frame(CONTROL, nan.as_bytes())).unwrap();
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).unwrap();
-    let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
-    s.read_exact(&mut body).unwrap();
-    let reply: Value = serde_json::from_slice(&body[1..]).unwrap();
-    match body[0] {
+    let (k, payload) = read_from(&mut s).unwrap();
+    let reply: Value = serde_json::from_slice(&payload).unwrap();
+    match k {
         CONTROL_REPLY => assert_eq!(reply["ok"], false, "{reply}"),
         5 => assert_eq!(reply["code"], "protocol", "{reply}"),
         k => panic!("frame type {k} in reply to NaN: {reply}"),

@@ -24,6 +24,7 @@ use common::{Control, Corpus, Serve};
 use millrace::client::{Client, ClientError, Hello};
 use millrace::config::{Config, LoadedPlan};
 use millrace::plan::{Change, Plan};
+use millrace::wire::to_hex as hex;
 use serde_json::{json, Value};
 
 const SEQ_LEN: u32 = 256;
@@ -263,10 +264,6 @@ fn assert_plans_differ(a: &[Vec<u16>], b: &[Vec<u16>], from: u64, to: u64) {
         (from..to).any(|s| a[s as usize] != b[s as usize]),
         "test setup: the old and new weights give the same rows in steps {from}..{to}"
     );
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Polls `probe` until it returns `Ok`; panics with its last `Err` after `limit`.

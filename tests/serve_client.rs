@@ -475,9 +475,8 @@ fn garbage(socket: &Path, bytes: &[u8]) -> Vec<u8> {
 
 /// (type, JSON payload) of the first frame in `b`.
 fn first_frame(b: &[u8]) -> Option<(u8, serde_json::Value)> {
-    let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
-    let body = b.get(4..4 + len)?;
-    Some((body[0], serde_json::from_slice(&body[1..]).ok()?))
+    let (kind, payload, _) = millrace::wire::frame::split(b).ok()??;
+    Some((kind, serde_json::from_slice(payload).ok()?))
 }
 
 #[test]

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::protocol::{Hello, Refusal};
 use super::ring::{
     fill_slot, random_access, stamp, will_need, Layout, Ring, SlotJob, Source, TokenType,
 };
 use crate::plan::config::{SchedulePoint, MAX_STEP};
 use crate::plan::journal::{self, Order};
 use crate::plan::{cursor, Change, Plan, Planner};
+use crate::wire::protocol::{Code, Hello, Refusal, Welcome};
 
 /// Settings the hub needs from `[serve]`.
 #[derive(Debug, Clone)]
@@ -71,8 +71,8 @@ impl EventFd {
 pub struct Admission {
     /// Identifies the peer in later calls.
     pub peer: u64,
-    /// WELCOME JSON.
-    pub welcome: serde_json::Value,
+    /// The WELCOME reply.
+    pub welcome: Welcome,
     /// The ring (kept alive while its fd is sent).
     pub ring: Arc<Ring>,
     /// The peer's ready eventfd.
@@ -370,7 +370,7 @@ pub struct Applied {
 #[derive(Debug, Clone)]
 pub struct ChangeError {
     /// late, invalid or busy.
-    pub code: &'static str,
+    pub code: Code,
     /// What was wrong, naming the field or step.
     pub message: String,
     /// With `late`: the first step a change may still shape.
@@ -381,7 +381,7 @@ impl ChangeError {
     /// A refusal for bad input.
     pub fn invalid(message: impl Into<String>) -> ChangeError {
         ChangeError {
-            code: "invalid",
+            code: Code::Invalid,
             message: message.into(),
             first_changeable: None,
         }
@@ -470,7 +470,7 @@ impl Hub {
                 if let Ok(a) = r {
                     self.leave(&hello.job, hello.dp_rank, a.peer);
                 }
-                Err(Refusal::new("materialize", why))
+                Err(Refusal::new(Code::Materialize, why))
             }
         }
     }
@@ -487,7 +487,7 @@ impl Hub {
             }
         }
         Err(Refusal::new(
-            "busy",
+            Code::Busy,
             "the mixture kept changing while this client joined; retry",
         ))
     }
@@ -504,7 +504,7 @@ impl Hub {
         let g = cfg.global_batch_rows;
         if g % hello.dp_size != 0 {
             return Err(Refusal::new(
-                "dp_size",
+                Code::DpSize,
                 format!(
                     "dp_size {} does not divide global_batch_rows {g}",
                     hello.dp_size
@@ -515,7 +515,7 @@ impl Hub {
         let mbr = hello.micro_batch_rows.unwrap_or(rows / hello.micro_batches);
         if (mbr as u64) * (hello.micro_batches as u64) != rows as u64 {
             return Err(Refusal::new(
-                "layout",
+                Code::Layout,
                 format!(
                     "micro_batch_rows {mbr} x micro_batches {} != {rows} rows per dp rank \
                      (global_batch_rows {g} / dp_size {})",
@@ -527,13 +527,13 @@ impl Hub {
         if let Some(want) = &hello.fingerprint {
             if !want.eq_ignore_ascii_case(&fp) {
                 return Err(Refusal::new(
-                    "fingerprint",
+                    Code::Fingerprint,
                     format!("client expects plan fingerprint {want}, this daemon serves {fp}"),
                 ));
             }
         }
         let blob = hello.cursor_bytes()?;
-        let refuse = |e: String| Refusal::new("cursor", format!("cursor blob refused: {e}"));
+        let refuse = |e: String| Refusal::new(Code::Cursor, format!("cursor blob refused: {e}"));
         // A blob that carries changes this daemon has not seen (it restarted, or another
         // node's daemon took them) brings them along: the plan under them is the one the
         // blob's run was following.
@@ -593,15 +593,16 @@ impl Hub {
                     let step = hello.start_step.unwrap_or(0);
                     plan.seek_cancellable(step, cancel).ok_or_else(|| {
                         Refusal::new(
-                            "cancelled",
+                            Code::Cancelled,
                             format!("the client left while the daemon sought step {step}"),
                         )
                     })?
                 }
             })
         };
-        let ready =
-            Arc::new(EventFd::new().map_err(|e| Refusal::new("busy", format!("eventfd: {e}")))?);
+        let ready = Arc::new(
+            EventFd::new().map_err(|e| Refusal::new(Code::Busy, format!("eventfd: {e}")))?,
+        );
         let kick = Arc::new(tokio::sync::Notify::new());
         let new_peer = |step: u64, expect: Option<(u64, Vec<u8>)>| Peer {
             replica: hello.replica.clone(),
@@ -619,7 +620,7 @@ impl Hub {
             return Ok(None);
         }
         if st.stopping || st.draining {
-            return Err(Refusal::new("busy", "the daemon is shutting down"));
+            return Err(Refusal::new(Code::Busy, "the daemon is shutting down"));
         }
         // A blob's changes are adopted only once every other check has passed (below),
         // but one that could rewrite what other clients already received is refused now.
@@ -638,7 +639,7 @@ impl Hub {
         }
         if st.clients >= self.settings.max_clients {
             return Err(Refusal::new(
-                "busy",
+                Code::Busy,
                 format!(
                     "the daemon serves its limit of {} clients",
                     self.settings.max_clients
@@ -654,7 +655,7 @@ impl Hub {
         });
         if job.dp_size != hello.dp_size {
             return Err(Refusal::new(
-                "dp_size",
+                Code::DpSize,
                 format!(
                     "job {:?} runs with dp_size {}, this client says {}",
                     hello.job, job.dp_size, hello.dp_size
@@ -668,7 +669,7 @@ impl Hub {
                 Some(entry) => {
                     if entry.peers.values().any(|p| p.replica == hello.replica) {
                         break 'join Err(Refusal::new(
-                            "duplicate",
+                            Code::Duplicate,
                             format!(
                                 "job {:?} dp_rank {} replica {:?} is already connected",
                                 hello.job, hello.dp_rank, hello.replica
@@ -677,7 +678,7 @@ impl Hub {
                     }
                     if entry.micro != (mbr, hello.micro_batches) {
                         break 'join Err(Refusal::new(
-                            "layout",
+                            Code::Layout,
                             format!(
                                 "peers of dp_rank {} use micro_batch_rows {} x micro_batches {}; \
                                  this client asks {mbr} x {}",
@@ -687,7 +688,7 @@ impl Hub {
                     }
                     if entry.replicas != hello.replicas {
                         break 'join Err(Refusal::new(
-                            "replicas",
+                            Code::Replicas,
                             format!(
                                 "job {:?} dp_rank {} was announced with replicas = {}; this \
                                  client says {}",
@@ -708,7 +709,7 @@ impl Hub {
                         // when the ring reaches them.
                         let Some(planner) = planner else {
                             break 'join Err(Refusal::new(
-                                "busy",
+                                Code::Busy,
                                 "the ring started while this client joined; retry",
                             ));
                         };
@@ -737,7 +738,7 @@ impl Hub {
                             Some((_, c)) if step >= lo && blob.as_ref().is_none_or(|b| b == c) => {}
                             _ => {
                                 break 'join Err(Refusal::new(
-                                    "peer_position",
+                                    Code::PeerPosition,
                                     format!(
                                         "the ring of job {:?} dp_rank {} holds steps {lo}..={hi}; this \
                                          client asks for step {step}{}; peers of one dp rank must \
@@ -759,7 +760,7 @@ impl Hub {
                             entry.peers.values().map(|p| p.replica.as_str()).collect();
                         names.sort_unstable();
                         break 'join Err(Refusal::new(
-                            "replicas",
+                            Code::Replicas,
                             format!(
                                 "job {:?} dp_rank {} declared replicas = {} and all are \
                                  connected ({}); replica {:?} is one too many",
@@ -780,7 +781,7 @@ impl Hub {
                         // The ring we saw vanished while we waited for the lock: its peers
                         // left. Ask the client to retry rather than seek under the lock.
                         break 'join Err(Refusal::new(
-                            "busy",
+                            Code::Busy,
                             "the ring was just torn down; retry",
                         ));
                     };
@@ -794,7 +795,7 @@ impl Hub {
                     let step = planner.step();
                     if used.saturating_add(layout.ring_bytes) > self.settings.ring_budget {
                         break 'join Err(Refusal::new(
-                            "memory",
+                            Code::Memory,
                             format!(
                                 "a ring for job {:?} dp_rank {} takes {} bytes, and the rings \
                                  live now take {used} of the {} bytes [serve] \
@@ -813,7 +814,7 @@ impl Hub {
                     ) {
                         Ok(r) => Arc::new(r),
                         // Through the cleanup below, like every other refusal.
-                        Err(e) => break 'join Err(Refusal::new("busy", e.to_string())),
+                        Err(e) => break 'join Err(Refusal::new(Code::Busy, e.to_string())),
                     };
                     let mut peers = HashMap::new();
                     peers.insert(peer_id, new_peer(step, None));
@@ -868,7 +869,7 @@ impl Hub {
                     Err(e) => {
                         Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id);
                         return Err(Refusal::new(
-                            "busy",
+                            Code::Busy,
                             format!("adopting the blob's journal: {e}"),
                         ));
                     }
@@ -877,7 +878,10 @@ impl Hub {
             (o, _) => o,
         };
         let Some(job) = st.jobs.get_mut(&hello.job) else {
-            return Err(Refusal::new("busy", "the job was just torn down; retry"));
+            return Err(Refusal::new(
+                Code::Busy,
+                "the job was just torn down; retry",
+            ));
         };
         let (start_step, ring) = match outcome {
             Ok(x) => x,
@@ -893,27 +897,28 @@ impl Hub {
         self.work.notify_all();
         let plan = self.plan();
         let layout = ring.layout();
-        let welcome = serde_json::json!({
-            "protocol": super::protocol::VERSION,
-            "fingerprint": fp,
-            "start_step": start_step,
-            "dp_rank": hello.dp_rank,
-            "dp_size": hello.dp_size,
-            "rows": rows,
-            "seq_len": cfg.seq_len,
-            "micro_batch_rows": mbr,
-            "micro_batches": hello.micro_batches,
-            "token_dtype": layout.token.0.name(),
-            "pad_token": cfg.pad_token,
-            "eod_token": cfg.eod_token,
-            "vocab_size": cfg.vocab_size,
-            "domains": plan.domain_names(),
-            "slots": layout.slots,
-            "slot_offset": super::ring::RING_HEADER,
-            "slot_bytes": layout.slot_bytes,
-            "ring_bytes": layout.ring_bytes,
-            "fields": layout.fields_json(),
-        });
+        let welcome = Welcome {
+            protocol: crate::wire::VERSION,
+            fingerprint: fp,
+            start_step,
+            dp_rank: hello.dp_rank,
+            dp_size: hello.dp_size,
+            rows,
+            seq_len: cfg.seq_len,
+            micro_batch_rows: mbr,
+            micro_batches: hello.micro_batches,
+            token_dtype: layout.token.0.name().to_string(),
+            // Ids go to the trainer as signed integers, as the ring writes padding.
+            pad_token: cfg.pad_token as i64,
+            eod_token: cfg.eod_token.map(|t| t as i64),
+            vocab_size: cfg.vocab_size,
+            domains: plan.domain_names().iter().map(|d| d.to_string()).collect(),
+            slots: layout.slots,
+            slot_offset: crate::wire::ring::RING_HEADER,
+            slot_bytes: layout.slot_bytes,
+            ring_bytes: layout.ring_bytes,
+            fields: layout.field_specs(),
+        };
         Ok(Some(Admission {
             peer: peer_id,
             welcome,
@@ -1356,7 +1361,7 @@ impl Hub {
         if st.draining || st.stopping {
             // Nothing published after now could carry it: it would be lost on restart.
             return Err(ChangeError {
-                code: "busy",
+                code: Code::Busy,
                 message: "the daemon is stopping; send the change to the next daemon".into(),
                 first_changeable: None,
             });
@@ -1394,7 +1399,7 @@ impl Hub {
             match req.late {
                 Late::Refuse => {
                     return Err(ChangeError {
-                        code: "late",
+                        code: Code::Late,
                         message: format!(
                             "step {requested} may already have been received (steps below \
                              {fc} are published); the first step that can still change is \
@@ -1432,7 +1437,7 @@ impl Hub {
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
         );
         self.install(st, next.clone()).map_err(|m| ChangeError {
-            code: "busy",
+            code: Code::Busy,
             message: format!("regenerating prefetched batches: {m}"),
             first_changeable: None,
         })?;

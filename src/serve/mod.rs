@@ -18,7 +18,6 @@ pub mod budget;
 pub mod hub;
 pub mod limits;
 pub mod notify;
-pub mod protocol;
 pub mod ring;
 
 use std::os::fd::AsRawFd;
@@ -34,9 +33,11 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::plan::config::{PlanConfig, SchedulePoint};
+use crate::wire::control::{self, Control};
+use crate::wire::frame::{self, kind, Frame};
+use crate::wire::protocol::{self, Code, Hello};
 use hub::{ChangeError, ChangeRequest, Hub, HubSettings, Late, Proposal};
 use notify::Notifier;
-use protocol::{kind, Control, Frame, Hello};
 use ring::{Source, TokenType};
 
 /// Arguments of `millrace serve`.
@@ -642,7 +643,7 @@ impl Daemon {
                 self.hub.reload_failed(source);
                 warn!(source, "reload refused, the old weights stay: {m}");
                 return Err(ChangeError {
-                    code: "invalid",
+                    code: Code::Invalid,
                     message: m,
                     first_changeable: None,
                 });
@@ -673,7 +674,7 @@ impl Daemon {
                 // (Both are in the schedule's own steps, as its points are.)
                 let at = self.hub.plan().points_difference(&running.points, &points);
                 let note = at.and_then(|p| crate::plan::config::ramp_note(&points, p));
-                if let (Some(note), "late") = (note, e.code) {
+                if let (Some(note), Code::Late) = (note, e.code) {
                     e.message = format!("{}; {note}", e.message);
                 }
                 e
@@ -685,7 +686,7 @@ impl Daemon {
             }
             Err(e) => warn!(
                 source,
-                code = e.code,
+                code = e.code.as_str(),
                 "reload refused, the old weights stay: {}",
                 e.message
             ),
@@ -721,10 +722,10 @@ impl Daemon {
 
     /// Answers one CONTROL payload.
     fn control(&self, payload: &[u8]) -> serde_json::Value {
-        let req = match protocol::parse_control(payload) {
+        let req = match control::parse_control(payload) {
             Ok(r) => r,
             Err((op, message)) => {
-                return serde_json::json!({"ok": false, "op": op, "code": "protocol", "message": message})
+                return serde_json::json!({"ok": false, "op": op, "code": Code::Protocol, "message": message})
             }
         };
         let (op, result) = match req {
@@ -751,7 +752,7 @@ impl Daemon {
                     Ok(a) => info!(source, "set_weights: {}", a.message),
                     Err(e) => warn!(
                         source,
-                        code = e.code,
+                        code = e.code.as_str(),
                         "set_weights refused, the old weights stay: {}",
                         e.message
                     ),
@@ -1081,7 +1082,7 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
 /// Reads frames into `buf` until one is complete.
 async fn read_frame(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
     loop {
-        match protocol::parse_frame(buf) {
+        match frame::parse_frame(buf) {
             Ok(Some((frame, n))) => {
                 buf.drain(..n);
                 return Ok(Some(frame));
@@ -1124,7 +1125,7 @@ async fn admit_watching<T>(
                     Ok(0) => true,
                     Ok(n) => {
                         buf.extend_from_slice(&chunk[..n]);
-                        buf.len() > protocol::MAX_FRAME + 4
+                        buf.len() > frame::MAX_FRAME + frame::HEADER
                     }
                     Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
                 };
@@ -1139,9 +1140,9 @@ async fn admit_watching<T>(
 
 /// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
 /// write changes nothing.
-async fn say(stream: &mut UnixStream, kind: u8, code: &str, message: &str) {
-    let frame = protocol::encode(kind, &protocol::reason(code, message));
-    let _ = stream.write_all(&frame).await;
+async fn say(stream: &mut UnixStream, kind: u8, code: Code, message: &str) {
+    let bytes = frame::encode(kind, &protocol::reason(code, message));
+    let _ = stream.write_all(&bytes).await;
 }
 
 /// One connection: the access check, then either a trainer (HELLO, WELCOME with fds,
@@ -1163,7 +1164,7 @@ async fn connection(
             if let Some(k) = d.warn_conn.allow() {
                 warn!(?pid, "refused: {m}{}", limits::suppressed_note(k));
             }
-            say(&mut stream, kind::REFUSED, "access", &m).await;
+            say(&mut stream, kind::REFUSED, Code::Access, &m).await;
             // Closed at once: lingering for the client (as before) let a denied uid hold
             // an fd per connect. What it already sent is read away first, so closing does
             // not reset the connection before it reads the refusal; a client whose HELLO
@@ -1184,7 +1185,7 @@ async fn connection(
                     limits::suppressed_note(k)
                 );
             }
-            say(&mut stream, kind::ERROR, "protocol", "no HELLO in time").await;
+            say(&mut stream, kind::ERROR, Code::Protocol, "no HELLO in time").await;
             return;
         }
         Ok(Ok(Some(Frame::Hello(p)))) => p,
@@ -1202,7 +1203,7 @@ async fn connection(
                         limits::suppressed_note(k)
                     );
                 }
-                say(&mut stream, kind::REFUSED, "busy", &m).await;
+                say(&mut stream, kind::REFUSED, Code::Busy, &m).await;
                 return;
             };
             control_connection(d, stream, buf, p, shutdown).await;
@@ -1215,7 +1216,7 @@ async fn connection(
             if let Some(k) = d.warn_conn.allow() {
                 warn!(?pid, "{m}; closing{}", limits::suppressed_note(k));
             }
-            say(&mut stream, kind::ERROR, "protocol", &m).await;
+            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
         }
         Ok(Err(m)) => {
@@ -1226,7 +1227,7 @@ async fn connection(
                     limits::suppressed_note(k)
                 );
             }
-            say(&mut stream, kind::ERROR, "protocol", &m).await;
+            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
         }
     };
@@ -1267,19 +1268,29 @@ async fn connection(
         }
         Err(e) => {
             error!(?pid, "admission failed: {e}");
-            say(&mut stream, kind::REFUSED, "busy", "internal error").await;
+            say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
             return;
         }
     };
     let (job, rank, peer) = (hello.job.clone(), hello.dp_rank, adm.peer);
-    let welcome = protocol::encode(kind::WELCOME, adm.welcome.to_string().as_bytes());
+    // A struct of strings and integers always serializes; should it not, the peer
+    // leaves as on a failed send.
+    let welcome = match serde_json::to_vec(&adm.welcome) {
+        Ok(bytes) => frame::encode(kind::WELCOME, &bytes),
+        Err(e) => {
+            error!(?pid, "encoding WELCOME failed: {e}");
+            hub.leave(&job, rank, peer);
+            say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
+            return;
+        }
+    };
     let fds = [adm.ring.client_fd().as_raw_fd(), adm.ready.fd().as_raw_fd()];
     if let Err(e) = send_welcome(&mut stream, &welcome, &fds).await {
         warn!(?pid, "sending WELCOME failed: {e}");
         hub.leave(&job, rank, peer);
         return;
     }
-    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, step = %adm.welcome["start_step"], "client joined");
+    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, step = adm.welcome.start_step, "client joined");
     let kick = adm.kick.clone();
     drop(adm);
     loop {
@@ -1287,12 +1298,12 @@ async fn connection(
             f = read_frame(&mut stream, &mut buf) => f,
             _ = kick.notified() => {
                 let m = hub.failure(&job, rank, peer).unwrap_or_else(|| "the ring stopped".into());
-                let code = if m.contains("checkpoint") { "peer_position" } else { "materialize" };
+                let code = if m.contains("checkpoint") { Code::PeerPosition } else { Code::Materialize };
                 say(&mut stream, kind::ERROR, code, &m).await;
                 break;
             }
             _ = stopped(&mut shutdown) => {
-                say(&mut stream, kind::ERROR, "shutdown", "the daemon is stopping; resume from your last cursor blob").await;
+                say(&mut stream, kind::ERROR, Code::Shutdown, "the daemon is stopping; resume from your last cursor blob").await;
                 break;
             }
         };
@@ -1300,7 +1311,7 @@ async fn connection(
             Ok(Some(Frame::Release(upto))) => {
                 if let Err(m) = hub.release(&job, rank, peer, upto) {
                     warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                    say(&mut stream, kind::ERROR, "protocol", &m).await;
+                    say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                     break;
                 }
             }
@@ -1308,12 +1319,12 @@ async fn connection(
             Ok(Some(Frame::Hello(_))) | Ok(Some(Frame::Control(_))) => {
                 let m = "HELLO or CONTROL on a trainer connection";
                 warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                say(&mut stream, kind::ERROR, "protocol", m).await;
+                say(&mut stream, kind::ERROR, Code::Protocol, m).await;
                 break;
             }
             Err(m) => {
                 warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                say(&mut stream, kind::ERROR, "protocol", &m).await;
+                say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                 break;
             }
         }
@@ -1348,7 +1359,7 @@ async fn control_connection(
                             "no request for {} ms ([serve] control_idle_timeout_ms); closing",
                             idle.as_millis()
                         );
-                        say(&mut stream, kind::ERROR, "idle", &m).await;
+                        say(&mut stream, kind::ERROR, Code::Idle, &m).await;
                         return;
                     }
                 };
@@ -1357,11 +1368,11 @@ async fn control_connection(
                     Ok(Some(Frame::Bye)) | Ok(None) => return,
                     Ok(Some(other)) => {
                         let m = format!("expected CONTROL on a control connection, got {other:?}");
-                        say(&mut stream, kind::ERROR, "protocol", &m).await;
+                        say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                         return;
                     }
                     Err(m) => {
-                        say(&mut stream, kind::ERROR, "protocol", &m).await;
+                        say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                         return;
                     }
                 }
@@ -1372,18 +1383,18 @@ async fn control_connection(
         let reply = match tokio::task::spawn_blocking(move || d2.control(&payload)).await {
             Ok(r) => r,
             Err(e) => {
-                serde_json::json!({"ok": false, "op": "", "code": "busy", "message": format!("internal error: {e}")})
+                serde_json::json!({"ok": false, "op": "", "code": Code::Busy, "message": format!("internal error: {e}")})
             }
         };
         let mut bytes = reply.to_string().into_bytes();
-        if bytes.len() + 1 > protocol::MAX_FRAME {
-            bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": "busy",
+        if bytes.len() + 1 > frame::MAX_FRAME {
+            bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": Code::Busy,
                 "message": "the reply exceeds one frame; ask for less (journal)"})
             .to_string()
             .into_bytes();
         }
         if stream
-            .write_all(&protocol::encode(kind::CONTROL_REPLY, &bytes))
+            .write_all(&frame::encode(kind::CONTROL_REPLY, &bytes))
             .await
             .is_err()
         {
@@ -1403,7 +1414,7 @@ async fn send_welcome(stream: &mut UnixStream, frame: &[u8], fds: &[i32]) -> std
     let sent = loop {
         stream.writable().await?;
         match stream.try_io(tokio::io::Interest::WRITABLE, || {
-            protocol::send_with_fds(stream.as_raw_fd(), frame, fds)
+            frame::send_with_fds(stream.as_raw_fd(), frame, fds)
         }) {
             Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

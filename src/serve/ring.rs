@@ -6,28 +6,19 @@
 //! page; clients get a read-only fd to the same pages, so a batch is written once and
 //! read in place by every peer of the rank. Slots are reused, never allocated per batch.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
-use serde::Serialize;
 
 use crate::corpus::{guard, DType, Shard, Tokens};
 use crate::plan::Row;
-
-/// Bytes before slot 0: the ring header.
-pub const RING_HEADER: u64 = 4096;
-/// Bytes at the start of each slot: the slot header.
-pub const SLOT_HEADER: usize = 256;
-/// Offset of `published` in the ring header.
-pub const PUBLISHED_AT: usize = 64;
-/// Offset of the ring's first step in the ring header.
-const FIRST_STEP_AT: usize = 32;
-/// First bytes of a ring, so a wrong fd is caught before anything is trusted.
-pub const MAGIC: &[u8; 8] = b"MRRING01";
-/// Ring layout version (PROTOCOL.md section 4).
-pub const LAYOUT_VERSION: u32 = 1;
+use crate::wire::ring::{
+    put_u32, put_u64, ring_at, slot_at, LAYOUT_VERSION, MAGIC, RING_HEADER, SLOT_HEADER,
+};
+use crate::wire::FieldSpec;
 
 /// Why a ring could not be made or a slot could not be filled.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +112,7 @@ fn fits(from: DType, to: DType) -> bool {
 }
 
 /// One array inside a slot, as announced in WELCOME.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Field {
     /// Byte offset from the slot's start (a multiple of 64).
     pub offset: usize,
@@ -129,7 +120,6 @@ pub struct Field {
     pub dtype: &'static str,
     /// Array shape.
     pub shape: Vec<u64>,
-    #[serde(skip)]
     bytes: usize,
 }
 
@@ -199,14 +189,19 @@ impl Layout {
         }
     }
 
-    /// The fields as the WELCOME JSON object.
-    pub fn fields_json(&self) -> serde_json::Value {
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .fields
+    /// The fields as WELCOME announces them.
+    pub fn field_specs(&self) -> BTreeMap<String, FieldSpec> {
+        self.fields
             .iter()
-            .map(|(n, f)| (n.to_string(), serde_json::to_value(f).unwrap_or_default()))
-            .collect();
-        serde_json::Value::Object(map)
+            .map(|(n, f)| {
+                let spec = FieldSpec {
+                    dtype: f.dtype.to_string(),
+                    offset: f.offset as u64,
+                    shape: f.shape.clone(),
+                };
+                (n.to_string(), spec)
+            })
+            .collect()
     }
 
     fn cursor_cap(&self) -> usize {
@@ -252,13 +247,13 @@ impl Ring {
         let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(os("mmap"))?;
         // Pre-fault every page now, so no batch ever pays a page fault on a fresh slot.
         map.fill(0);
-        map[..8].copy_from_slice(MAGIC);
-        map[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
-        map[12..16].copy_from_slice(&layout.slots.to_le_bytes());
-        map[16..24].copy_from_slice(&layout.slot_bytes.to_le_bytes());
-        map[24..32].copy_from_slice(&RING_HEADER.to_le_bytes());
-        map[32..40].copy_from_slice(&first_step.to_le_bytes());
-        map[64..72].copy_from_slice(&first_step.to_le_bytes());
+        map[ring_at::MAGIC..ring_at::MAGIC + MAGIC.len()].copy_from_slice(MAGIC);
+        put_u32(&mut map, ring_at::VERSION, LAYOUT_VERSION);
+        put_u32(&mut map, ring_at::SLOTS, layout.slots);
+        put_u64(&mut map, ring_at::SLOT_BYTES, layout.slot_bytes);
+        put_u64(&mut map, ring_at::SLOT_OFFSET, RING_HEADER);
+        put_u64(&mut map, ring_at::FIRST_STEP, first_step);
+        put_u64(&mut map, ring_at::PUBLISHED, first_step);
         seal(&file)?;
         let ro = reopen_read_only(&file)?;
         let base = map.as_mut_ptr();
@@ -288,14 +283,14 @@ impl Ring {
     }
 
     fn published_word(&self) -> &AtomicU64 {
-        self.header_word(PUBLISHED_AT)
+        self.header_word(ring_at::PUBLISHED)
     }
 
     /// Moves a ring that has published nothing back to start at `step` (a peer resuming
     /// from an earlier batch joined before production began). Peers already mapped see
     /// `published` at or below their own step and keep waiting.
     pub fn restart_at(&self, step: u64) {
-        self.header_word(FIRST_STEP_AT)
+        self.header_word(ring_at::FIRST_STEP)
             .store(step, Ordering::Relaxed);
         self.publish(step);
     }
@@ -669,15 +664,15 @@ fn fill_typed<T: Out>(
         loss_total += row_loss_n as u64;
     }
     cursor[..job.cursor.len()].copy_from_slice(&job.cursor);
-    header[0..8].copy_from_slice(&job.step.to_le_bytes());
-    header[8..16].copy_from_slice(&job.plan_step.to_le_bytes());
-    header[16..20].copy_from_slice(&layout.rows.to_le_bytes());
-    header[20..24].copy_from_slice(&layout.seq_len.to_le_bytes());
-    header[24..28].copy_from_slice(&(n_cu as u32).to_le_bytes());
-    header[28..32].copy_from_slice(&max_seqlen.to_le_bytes());
-    header[32..40].copy_from_slice(&loss_total.to_le_bytes());
-    header[40..48].copy_from_slice(&real_total.to_le_bytes());
-    header[48..52].copy_from_slice(&(job.cursor.len() as u32).to_le_bytes());
+    put_u64(header, slot_at::STEP, job.step);
+    put_u64(header, slot_at::PLAN_STEP, job.plan_step);
+    put_u32(header, slot_at::ROWS, layout.rows);
+    put_u32(header, slot_at::SEQ_LEN, layout.seq_len);
+    put_u32(header, slot_at::CU_LEN, n_cu as u32);
+    put_u32(header, slot_at::MAX_SEQLEN, max_seqlen);
+    put_u64(header, slot_at::LOSS_TOKENS, loss_total);
+    put_u64(header, slot_at::REAL_TOKENS, real_total);
+    put_u32(header, slot_at::CURSOR_LEN, job.cursor.len() as u32);
     Ok(real_total)
 }
 
@@ -726,7 +721,7 @@ fn slice_tokens(t: Tokens<'_>, a: usize, b: usize) -> Tokens<'_> {
 
 /// Stamps the slot's publish time (CLOCK_MONOTONIC ns) right before it is published.
 pub fn stamp(slot: &mut [u8]) {
-    slot[56..64].copy_from_slice(&monotonic_ns().to_le_bytes());
+    put_u64(slot, slot_at::PUBLISH_NS, monotonic_ns());
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock clients compare `publish_ns` against.

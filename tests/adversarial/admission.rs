@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use millrace::client::{Client, ClientError, Hello};
-use millrace::serve::protocol::{encode, kind};
+use millrace::wire::frame::{encode, kind};
 use serde_json::json;
 
 use crate::common::{self, Control, Serve};
@@ -349,7 +349,7 @@ fn superseded_changes_never_fill_the_journal() {
 
     // The blob from before every change resumes here (the daemon's journal is ahead).
     let mut h = hello("resume");
-    h.cursor = Some(millrace::serve::protocol::to_hex(&early.1));
+    h.cursor = Some(millrace::wire::to_hex(&early.1));
     let mut resumed = connect(&f, &h).expect("a blob from before the changes resumes");
     assert_eq!(resumed.welcome().start_step, early.0);
     stream(&mut resumed, 3);
@@ -369,7 +369,7 @@ fn superseded_changes_never_fill_the_journal() {
     });
     second.wait_listening(&socket2, Duration::from_secs(30));
     let mut h = hello("good");
-    h.cursor = Some(millrace::serve::protocol::to_hex(&blob));
+    h.cursor = Some(millrace::wire::to_hex(&blob));
     let mut c = Client::connect(&socket2, &h).expect("a fresh daemon adopts the blob");
     c.set_timeout(Some(TIMEOUT));
     stream(&mut c, 3);

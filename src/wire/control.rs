@@ -1,0 +1,146 @@
+//! CONTROL requests (docs/PROTOCOL.md section 7) as the daemon parses them: the ops,
+//! their fields and the checks that refuse a malformed request with a message. Parsing
+//! is total over arbitrary bytes, like the frame decoder.
+
+use serde::Deserialize;
+
+use super::VERSION;
+
+/// One decoded control request (docs/PROTOCOL.md, control connections).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// The daemon's status.
+    Status,
+    /// The journal of live changes.
+    Journal,
+    /// Re-read the config file, as SIGHUP does.
+    Reload,
+    /// Change mixture weights from a step on.
+    SetWeights {
+        /// Raw weights of the named domains.
+        weights: std::collections::BTreeMap<String, f64>,
+        /// Trainer step; `None` = the first that can still change.
+        at_step: Option<u64>,
+        /// Move a late change to the first changeable step instead of refusing it.
+        late_next: bool,
+        /// "ctl" or "client" (the trainer itself), for the journal.
+        source: &'static str,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    protocol: u32,
+    op: String,
+    #[serde(default)]
+    weights: Option<std::collections::BTreeMap<String, f64>>,
+    #[serde(default)]
+    at_step: Option<u64>,
+    #[serde(default)]
+    late: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// Parses a CONTROL payload; the error is `(op as far as known, message)`. Total over
+/// arbitrary bytes, like [`super::frame::parse_frame`].
+pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
+    let raw: RawControl = serde_json::from_slice(payload).map_err(|e| {
+        (
+            String::new(),
+            format!("CONTROL is not a valid request: {e}"),
+        )
+    })?;
+    let op = raw.op.clone();
+    let fail = |m: String| Err((op.clone(), m));
+    if raw.protocol != VERSION {
+        return fail(format!(
+            "protocol {} is not spoken here (this daemon speaks {VERSION})",
+            raw.protocol
+        ));
+    }
+    let extra = raw.weights.is_some() || raw.at_step.is_some() || raw.late.is_some();
+    match raw.op.as_str() {
+        "status" | "journal" | "reload" if extra => {
+            fail(format!("op {op:?} takes no weights, at_step or late"))
+        }
+        "status" => Ok(Control::Status),
+        "journal" => Ok(Control::Journal),
+        "reload" => Ok(Control::Reload),
+        "set_weights" => {
+            let Some(weights) = raw.weights else {
+                return fail("set_weights needs \"weights\": {domain: weight}".into());
+            };
+            let late_next = match raw.late.as_deref() {
+                None | Some("refuse") => false,
+                Some("next") => true,
+                Some(other) => {
+                    return fail(format!("late {other:?} is not \"refuse\" or \"next\""))
+                }
+            };
+            let source = match raw.source.as_deref() {
+                None | Some("ctl") => "ctl",
+                Some("client") => "client",
+                Some(other) => {
+                    return fail(format!("source {other:?} is not \"ctl\" or \"client\""))
+                }
+            };
+            Ok(Control::SetWeights {
+                weights,
+                at_step: raw.at_step,
+                late_next,
+                source,
+            })
+        }
+        other => fail(format!(
+            "unknown op {other:?} (status, set_weights, reload, journal)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn control_requests() {
+        let p = |s: &str| parse_control(s.as_bytes());
+        assert_eq!(p(r#"{"protocol":1,"op":"status"}"#), Ok(Control::Status));
+        assert_eq!(
+            p(r#"{"protocol":1,"op":"set_weights","weights":{"a":1.5},"at_step":7,"late":"next"}"#),
+            Ok(Control::SetWeights {
+                weights: [("a".to_string(), 1.5)].into(),
+                at_step: Some(7),
+                late_next: true,
+                source: "ctl"
+            })
+        );
+        assert!(p(r#"{"protocol":2,"op":"status"}"#)
+            .unwrap_err()
+            .1
+            .contains("protocol 2"));
+        assert!(p(r#"{"protocol":1,"op":"set_weights"}"#)
+            .unwrap_err()
+            .1
+            .contains("weights"));
+        assert!(p(r#"{"protocol":1,"op":"set_weights","weights":{"a":NaN}}"#).is_err());
+        assert!(p(r#"{"protocol":1,"op":"frob"}"#)
+            .unwrap_err()
+            .1
+            .contains("frob"));
+        assert!(p(r#"{"protocol":1,"op":"status","late":"next"}"#).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+        /// Control requests built from arbitrary JSON values parse or are refused with a
+        /// message, never a panic.
+        #[test]
+        fn control_parser_is_total(op in "[a-z_]{0,12}", at in any::<u64>(), w in any::<f64>(), late in "[a-z]{0,6}") {
+            let req = serde_json::json!({"protocol": 1, "op": op, "weights": {"a": w}, "at_step": at, "late": late});
+            let _ = parse_control(req.to_string().as_bytes());
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The only source of the protocol's bytes (docs/PROTOCOL.md): the frame codec with fd
+//! passing ([`frame`]), the messages frames carry and the protocol version
+//! ([`protocol`], [`control`]), and the headers of the shared-memory ring ([`ring`]).
+//! The daemon, the Rust client, `millrace ctl` and the tests all encode and decode
+//! through here, so a change to the wire is made once and both sides move together.
+
+pub mod control;
+pub mod frame;
+pub mod protocol;
+pub mod ring;
+
+pub use frame::{kind, MAX_FRAME};
+pub use protocol::{decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, Welcome, VERSION};
+
+#[cfg(test)]
+mod tests {
+    use super::ring::{ring_at, slot_at, MAGIC};
+    use super::*;
+
+    /// A Python `struct` format for little-endian words at `(offset, width)`, with `x`
+    /// padding for the gaps: what the Python client must use to read those bytes.
+    fn py_format(words: &[(usize, usize)]) -> String {
+        let mut out = String::from("<");
+        let mut at = 0;
+        for &(offset, width) in words {
+            if offset > at {
+                out += &format!("{}x", offset - at);
+            }
+            out += match width {
+                4 => "I",
+                8 => "Q",
+                _ => unreachable!("only u32 and u64 words"),
+            };
+            at = offset + width;
+        }
+        out
+    }
+
+    /// The Python client (python/millrace) keeps its own copy of the wire's constants and
+    /// struct formats; this holds it to the Rust definitions, so a change here that is
+    /// not made there fails the build's tests instead of a trainer.
+    #[test]
+    fn python_client_agrees_with_the_wire() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/millrace");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("python client");
+        let (client, control) = (read("client.py"), read("control.py"));
+        let slot = py_format(&[
+            (slot_at::STEP, 8),
+            (slot_at::PLAN_STEP, 8),
+            (slot_at::ROWS, 4),
+            (slot_at::SEQ_LEN, 4),
+            (slot_at::CU_LEN, 4),
+            (slot_at::MAX_SEQLEN, 4),
+            (slot_at::LOSS_TOKENS, 8),
+            (slot_at::REAL_TOKENS, 8),
+            (slot_at::CURSOR_LEN, 4),
+            (slot_at::PUBLISH_NS, 8),
+        ]);
+        // The ring format opens with the 8-byte magic ("8s"), then the words after it.
+        let ring = py_format(&[
+            (ring_at::VERSION - 8, 4),
+            (ring_at::SLOTS - 8, 4),
+            (ring_at::SLOT_BYTES - 8, 8),
+            (ring_at::SLOT_OFFSET - 8, 8),
+            (ring_at::FIRST_STEP - 8, 8),
+        ])
+        .replacen('<', "<8s", 1);
+        assert_eq!(ring_at::MAGIC, 0);
+        let magic = String::from_utf8_lossy(MAGIC);
+        for want in [
+            format!("PROTOCOL_VERSION = {VERSION}\n"),
+            format!("MAX_FRAME = {MAX_FRAME}\n"),
+            format!(
+                "HELLO, WELCOME, REFUSED, RELEASE, ERROR, BYE = {}, {}, {}, {}, {}, {}\n",
+                kind::HELLO,
+                kind::WELCOME,
+                kind::REFUSED,
+                kind::RELEASE,
+                kind::ERROR,
+                kind::BYE
+            ),
+            format!("_SLOT_HEAD = struct.Struct(\"{slot}\")\n"),
+            format!("_RING_HEAD = struct.Struct(\"{ring}\")\n"),
+            format!("_RING_MAGIC = b\"{magic}\"\n"),
+            format!("_PUBLISHED_AT = {}\n", ring_at::PUBLISHED),
+        ] {
+            assert!(
+                client.contains(&want),
+                "python/millrace/client.py lacks {want:?}"
+            );
+        }
+        let want = format!(
+            "CONTROL, CONTROL_REPLY = {}, {}\n",
+            kind::CONTROL,
+            kind::CONTROL_REPLY
+        );
+        assert!(control.contains(&want), "control.py lacks {want:?}");
+    }
+}

@@ -1,0 +1,137 @@
+//! The byte layout of the shared-memory ring (docs/PROTOCOL.md section 4): the ring
+//! header and the slot header, as `#[repr(C)]` types whose field offsets are the one
+//! definition the daemon writes at and the Rust client reads at.
+//!
+//! The types describe the bytes; nobody builds them. The ring is shared memory that
+//! peers read while the daemon writes, so both sides move single little-endian words at
+//! the offsets below (with atomics where the protocol says so) rather than copying whole
+//! structs. Compile-time assertions pin every offset to the table in PROTOCOL.md.
+
+use std::mem::offset_of;
+
+/// Bytes before slot 0: the ring header, padded to a page.
+pub const RING_HEADER: u64 = 4096;
+/// Bytes at the start of each slot: the slot header, padded for the arrays' alignment.
+pub const SLOT_HEADER: usize = 256;
+/// First bytes of a ring, so a wrong fd is caught before anything is trusted.
+pub const MAGIC: &[u8; 8] = b"MRRING01";
+/// Ring layout version (PROTOCOL.md section 4).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The start of the ring header (all integers little-endian).
+#[repr(C)]
+pub struct RingHeader {
+    /// [`MAGIC`].
+    pub magic: [u8; 8],
+    /// [`LAYOUT_VERSION`].
+    pub version: u32,
+    /// Slots in the ring.
+    pub slots: u32,
+    /// Stride between slots.
+    pub slot_bytes: u64,
+    /// Byte offset of slot 0 ([`RING_HEADER`]).
+    pub slot_offset: u64,
+    /// The ring's first step.
+    pub first_step: u64,
+    /// Unused; zero.
+    pub reserved: [u64; 3],
+    /// Every step below this is ready; written atomically with release ordering.
+    pub published: u64,
+}
+
+/// The start of every slot (all integers little-endian); the client's `BatchView`
+/// carries these values decoded.
+#[repr(C)]
+pub struct SlotHeader {
+    /// Offset 0: the trainer step this slot holds.
+    pub step: u64,
+    /// Offset 8: that step's unskipped plan step.
+    pub plan_step: u64,
+    /// Offset 16: rows written.
+    pub rows: u32,
+    /// Offset 20: inputs per row.
+    pub seq_len: u32,
+    /// Offset 24: entries of `cu_seqlens` in use, the leading 0 included.
+    pub cu_len: u32,
+    /// Offset 28: the longest entry-to-entry span of `cu_seqlens`.
+    pub max_seqlen: u32,
+    /// Offset 32: ones in `loss_mask`.
+    pub loss_tokens: u64,
+    /// Offset 40: non-padding tokens over the rows.
+    pub real_tokens: u64,
+    /// Offset 48: bytes of the cursor blob in the `cursor` field.
+    pub cursor_len: u32,
+    /// Offset 52: unused; zero.
+    pub reserved: u32,
+    /// Offset 56: CLOCK_MONOTONIC ns when the daemon published the slot.
+    pub publish_ns: u64,
+}
+
+/// Byte offsets in the ring header.
+pub mod ring_at {
+    use super::*;
+    /// `magic`.
+    pub const MAGIC: usize = offset_of!(RingHeader, magic);
+    /// `version`.
+    pub const VERSION: usize = offset_of!(RingHeader, version);
+    /// `slots`.
+    pub const SLOTS: usize = offset_of!(RingHeader, slots);
+    /// `slot_bytes`.
+    pub const SLOT_BYTES: usize = offset_of!(RingHeader, slot_bytes);
+    /// `slot_offset`.
+    pub const SLOT_OFFSET: usize = offset_of!(RingHeader, slot_offset);
+    /// `first_step`.
+    pub const FIRST_STEP: usize = offset_of!(RingHeader, first_step);
+    /// `published`.
+    pub const PUBLISHED: usize = offset_of!(RingHeader, published);
+}
+
+/// Byte offsets in a slot header.
+pub mod slot_at {
+    use super::*;
+    /// `step`.
+    pub const STEP: usize = offset_of!(SlotHeader, step);
+    /// `plan_step`.
+    pub const PLAN_STEP: usize = offset_of!(SlotHeader, plan_step);
+    /// `rows`.
+    pub const ROWS: usize = offset_of!(SlotHeader, rows);
+    /// `seq_len`.
+    pub const SEQ_LEN: usize = offset_of!(SlotHeader, seq_len);
+    /// `cu_len`.
+    pub const CU_LEN: usize = offset_of!(SlotHeader, cu_len);
+    /// `max_seqlen`.
+    pub const MAX_SEQLEN: usize = offset_of!(SlotHeader, max_seqlen);
+    /// `loss_tokens`.
+    pub const LOSS_TOKENS: usize = offset_of!(SlotHeader, loss_tokens);
+    /// `real_tokens`.
+    pub const REAL_TOKENS: usize = offset_of!(SlotHeader, real_tokens);
+    /// `cursor_len`.
+    pub const CURSOR_LEN: usize = offset_of!(SlotHeader, cursor_len);
+    /// `publish_ns`.
+    pub const PUBLISH_NS: usize = offset_of!(SlotHeader, publish_ns);
+}
+
+// The tables of PROTOCOL.md section 4, checked at compile time: reordering a field above
+// would change the wire, so it must fail to build.
+const _: () = {
+    assert!(ring_at::MAGIC == 0 && ring_at::VERSION == 8 && ring_at::SLOTS == 12);
+    assert!(ring_at::SLOT_BYTES == 16 && ring_at::SLOT_OFFSET == 24);
+    assert!(ring_at::FIRST_STEP == 32 && ring_at::PUBLISHED == 64);
+    assert!(std::mem::size_of::<RingHeader>() <= RING_HEADER as usize);
+    assert!(slot_at::STEP == 0 && slot_at::PLAN_STEP == 8 && slot_at::ROWS == 16);
+    assert!(slot_at::SEQ_LEN == 20 && slot_at::CU_LEN == 24 && slot_at::MAX_SEQLEN == 28);
+    assert!(slot_at::LOSS_TOKENS == 32 && slot_at::REAL_TOKENS == 40);
+    assert!(slot_at::CURSOR_LEN == 48 && slot_at::PUBLISH_NS == 56);
+    assert!(std::mem::size_of::<SlotHeader>() <= SLOT_HEADER);
+};
+
+/// Writes `v` little-endian at `at` of a header the daemon owns (`at` from [`ring_at`]
+/// or [`slot_at`], inside the header by the assertions above).
+pub fn put_u32(header: &mut [u8], at: usize, v: u32) {
+    header[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Writes `v` little-endian at `at`, as [`put_u32`].
+pub fn put_u64(header: &mut [u8], at: usize, v: u64) {
+    header[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
