@@ -595,6 +595,14 @@ fn fixed_part(p: &PlanConfig) -> PlanConfig {
 }
 
 impl Daemon {
+    /// Logs a warning about a connection refused or dropped before admission, through
+    /// the throttle: a peer can repeat those at will, and the log must not grow with it.
+    fn warn_peer(&self, pid: Option<i32>, what: std::fmt::Arguments<'_>) {
+        if let Some(k) = self.warn_conn.allow() {
+            warn!(?pid, "{what}{}", limits::suppressed_note(k));
+        }
+    }
+
     /// Re-reads the config file and applies its schedule from its first difference with
     /// the one last applied. Anything else that changed in `[corpus]` or `[plan]` refuses
     /// the reload as a whole (it needs a restart); `[serve]` changes are only warned about.
@@ -1161,9 +1169,7 @@ async fn connection(
             None => Err("the peer's credentials (SO_PEERCRED) could not be read".into()),
         };
         if let Err(m) = verdict {
-            if let Some(k) = d.warn_conn.allow() {
-                warn!(?pid, "refused: {m}{}", limits::suppressed_note(k));
-            }
+            d.warn_peer(pid, format_args!("refused: {m}"));
             say(&mut stream, kind::REFUSED, Code::Access, &m).await;
             // Closed at once: lingering for the client (as before) let a denied uid hold
             // an fd per connect. What it already sent is read away first, so closing does
@@ -1177,14 +1183,10 @@ async fn connection(
     let mut buf = Vec::new();
     let hello = match tokio::time::timeout(timeout, read_frame(&mut stream, &mut buf)).await {
         Err(_) => {
-            if let Some(k) = d.warn_conn.allow() {
-                warn!(
-                    ?pid,
-                    "no HELLO within {} ms; closing{}",
-                    timeout.as_millis(),
-                    limits::suppressed_note(k)
-                );
-            }
+            d.warn_peer(
+                pid,
+                format_args!("no HELLO within {} ms; closing", timeout.as_millis()),
+            );
             say(&mut stream, kind::ERROR, Code::Protocol, "no HELLO in time").await;
             return;
         }
@@ -1196,13 +1198,7 @@ async fn connection(
                      close one or try again later",
                     d.control.cap()
                 );
-                if let Some(k) = d.warn_conn.allow() {
-                    warn!(
-                        ?pid,
-                        "refused a control connection: {m}{}",
-                        limits::suppressed_note(k)
-                    );
-                }
+                d.warn_peer(pid, format_args!("refused a control connection: {m}"));
                 say(&mut stream, kind::REFUSED, Code::Busy, &m).await;
                 return;
             };
@@ -1213,20 +1209,15 @@ async fn connection(
         Ok(Ok(None)) => return,
         Ok(Ok(Some(other))) => {
             let m = format!("expected HELLO or CONTROL first, got {other:?}");
-            if let Some(k) = d.warn_conn.allow() {
-                warn!(?pid, "{m}; closing{}", limits::suppressed_note(k));
-            }
+            d.warn_peer(pid, format_args!("{m}; closing"));
             say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
         }
         Ok(Err(m)) => {
-            if let Some(k) = d.warn_conn.allow() {
-                warn!(
-                    ?pid,
-                    "protocol error before HELLO: {m}; closing{}",
-                    limits::suppressed_note(k)
-                );
-            }
+            d.warn_peer(
+                pid,
+                format_args!("protocol error before HELLO: {m}; closing"),
+            );
             say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
         }
@@ -1235,9 +1226,7 @@ async fn connection(
     let hello = match Hello::parse(&hello) {
         Ok(h) => h,
         Err(r) => {
-            if let Some(k) = d.warn_conn.allow() {
-                warn!(?pid, "refused: {r}{}", limits::suppressed_note(k));
-            }
+            d.warn_peer(pid, format_args!("refused: {r}"));
             say(&mut stream, kind::REFUSED, r.code, &r.message).await;
             return;
         }
