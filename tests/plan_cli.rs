@@ -421,9 +421,16 @@ fn plan_counts_documents_without_eod_token() {
             && human.contains("warning: domain dirty: 3 of 10 documents"),
         "{human}"
     );
-    // check-config runs the same check and warns the same way (it still passes: a
-    // document without EOD is a data-quality finding, not a broken config).
-    let check = run(&["check-config", "--config", cfg_s]);
+    // check-config --check-eod runs the same check and warns the same way (it still
+    // passes: a document without EOD is a data-quality finding, not a broken config);
+    // plain check-config (the unit's ExecStartPre) reads no tokens.
+    let plain = run(&["check-config", "--config", cfg_s]);
+    assert!(
+        plain.status.success() && !String::from_utf8_lossy(&plain.stderr).contains("eod_token"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let check = run(&["check-config", "--config", cfg_s, "--check-eod"]);
     let check_err = String::from_utf8_lossy(&check.stderr);
     assert!(
         check.status.success()
