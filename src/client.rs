@@ -428,10 +428,32 @@ pub struct Client {
     last_cursor: Vec<u8>,
 }
 
+/// How long [`Client::connect`] waits out a `duplicate` refusal: a process restarted
+/// right after its predecessor died (or a test that drops a client and reconnects) can
+/// reach the daemon before it has seen the old connection close. Same as the Python
+/// client's `_DUPLICATE_GRACE`.
+pub const DUPLICATE_GRACE: Duration = Duration::from_secs(3);
+
 impl Client {
-    /// Connects to the daemon at `socket`, sends `hello`, maps the ring of WELCOME.
+    /// Connects to the daemon at `socket`, sends `hello`, maps the ring of WELCOME. A
+    /// `duplicate` refusal is retried every 20 ms for [`DUPLICATE_GRACE`].
     pub fn connect(socket: impl AsRef<Path>, hello: &Hello) -> Result<Client, ClientError> {
-        let path = socket.as_ref().to_path_buf();
+        let deadline = Instant::now() + DUPLICATE_GRACE;
+        loop {
+            match Client::connect_once(socket.as_ref(), hello) {
+                Err(ClientError::Refused { code, .. })
+                    if code == "duplicate" && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One connection attempt: HELLO, then WELCOME (mapping the ring) or the refusal.
+    fn connect_once(socket: &Path, hello: &Hello) -> Result<Client, ClientError> {
+        let path = socket.to_path_buf();
         let mut sock = UnixStream::connect(&path).map_err(|error| ClientError::Connect {
             path: path.clone(),
             error,

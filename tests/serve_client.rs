@@ -214,22 +214,8 @@ fn hello(rank: u32, job: &str) -> Hello {
     h
 }
 
-/// Connects, waiting out a `duplicate` refusal for a few seconds: a test that drops a
-/// client and reconnects as the same replica can reach the daemon before it has seen the
-/// old connection close (the Python client has the same grace).
 fn connect(f: &Fixture, h: &Hello) -> Client {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut c = loop {
-        match Client::connect(&f.socket, h) {
-            Ok(c) => break c,
-            Err(ClientError::Refused { code, .. })
-                if code == "duplicate" && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("connect: {e}"),
-        }
-    };
+    let mut c = Client::connect(&f.socket, h).unwrap_or_else(|e| panic!("connect: {e}"));
     c.set_timeout(Some(Duration::from_secs(60)));
     c
 }
