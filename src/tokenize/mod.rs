@@ -1,0 +1,891 @@
+//! `millrace tokenize`: turns JSONL text into a Megatron `.bin`/`.idx` shard with a
+//! HuggingFace `tokenizer.json`, plus the `.groups.npy` sidecar that repo/book grouping
+//! needs (which Megatron's own preprocessing cannot write).
+//!
+//! The pipeline is bounded everywhere. One reader thread decompresses the inputs (plain,
+//! gzip or zstd, recognised by their magic bytes) and cuts them into chunks of whole
+//! lines; worker threads parse and tokenize chunks; the calling thread puts the results
+//! back in input order and writes them. A fixed number of chunk slots bounds what is in
+//! flight, so memory does not grow with the input or behind one slow chunk, and the
+//! output is a pure function of the inputs and options: the thread count changes only
+//! the speed. A line longer than `--max-line-bytes` is counted as bad and dropped as it
+//! streams past, never held whole, and large documents enter the tokenizer (which needs
+//! ~130 bytes per byte) only as far as an `EncodeGate` budget allows, so no input can
+//! make a run's memory grow without bound.
+//!
+//! Without grouping, documents stream into the shard in input order. With a group field,
+//! pass 1 appends each document's tokens to a spill file and keeps a small record (group
+//! key, order key, input position, spill offset, length); records are sorted in memory up
+//! to a budget, in sorted runs on disk past it, then merged, and pass 2 copies the spans
+//! from the spill file into the shard in sorted order while writing the sidecar. Groups
+//! therefore come out contiguous, ordered by their key (documents without a group first,
+//! each its own group), and within a group by the order field, ties by input order.
+//!
+//! Outputs are trustworthy: old outputs at the prefix are removed before writing starts,
+//! everything is written under temporary names, and the `.idx` (which makes a shard
+//! openable) is the very last rename. An interrupted run leaves nothing that opens, a
+//! failed run leaves nothing at all, and a rerun replaces everything.
+//!
+//! The files follow a document through the run: this one holds the options, the summary
+//! and the driver; `setup` the tokenizer, EOS and dtype; `input` files -> chunks of
+//! lines; `pipeline` chunk -> tokens and keys; `sink` results -> shard or spill file;
+//! `sort` the external sort of group records.
+
+use std::borrow::Cow;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizer, Tokenizer};
+
+use crate::corpus::groups::GroupsWriter;
+use crate::corpus::megatron::with_suffix;
+use crate::corpus::{CorpusError, DType, MegatronWriter, Shard};
+
+mod input;
+mod pipeline;
+mod setup;
+mod sink;
+mod sort;
+
+use input::*;
+pub use pipeline::encode_ids;
+use pipeline::*;
+use setup::*;
+use sink::*;
+use sort::*;
+
+/// How many bad lines are kept with their file:line for the report.
+pub const REPORTED_BAD_LINES: usize = 10;
+/// Default size of the line chunks handed to workers.
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+/// Default longest input line kept (`--max-line-bytes`): far above a long book or source
+/// file, far below what would exhaust memory (the tokenizer needs ~130 bytes per byte).
+pub const DEFAULT_MAX_LINE_BYTES: u64 = 8_000_000;
+/// Lines at least this long encode one at a time through [`EncodeGate`] (up to
+/// `--max-line-bytes` of them together), so that `--threads` large documents never meet
+/// in the tokenizer at once; shorter ones cost at most ~130 MB per thread.
+const GATED_LINE_BYTES: usize = 1 << 20;
+/// The spill offset of a sort record that stands for a dropped row: it writes nothing,
+/// but tells pass 2 that its group existed.
+const DROPPED_ROW: u64 = u64::MAX;
+/// Most sorted runs merged at once; more are merged in several passes.
+const MERGE_FAN_IN: usize = 128;
+/// Special tokens taken as the end of a document when the tokenizer names no EOS itself.
+const EOS_CANDIDATES: &[&str] = &[
+    "<|endoftext|>",
+    "</s>",
+    "<|end_of_text|>",
+    "<eos>",
+    "<|eos|>",
+];
+
+/// Which token ends each document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Eos {
+    /// The tokenizer's own EOS: `eos_token` of a `tokenizer_config.json` beside the
+    /// tokenizer, else the first of the usual EOS spellings among its special tokens.
+    Auto,
+    /// This id.
+    Id(u32),
+    /// The id of this token.
+    Token(String),
+    /// No EOS is appended.
+    Off,
+}
+
+/// What to tokenize and how; [`TokenizeOptions::new`] gives the CLI defaults.
+#[derive(Debug, Clone)]
+pub struct TokenizeOptions {
+    /// JSONL inputs, read in this order (plain, gzip or zstd).
+    pub inputs: Vec<PathBuf>,
+    /// A HuggingFace `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// Output prefix: `<out>.bin`, `<out>.idx` and, when grouping, `<out>.groups.npy`.
+    pub out: PathBuf,
+    /// The JSON field holding the document text.
+    pub text_field: String,
+    /// Which token to append to every document.
+    pub eos: Eos,
+    /// Output dtype; by default uint16 below 65,500 ids, else int32 (Megatron's rule).
+    pub dtype: Option<DType>,
+    /// Field whose value groups documents (a repository, a book id).
+    pub group_field: Option<String>,
+    /// Field whose value orders documents within a group (a path, a chapter number).
+    pub order_field: Option<String>,
+    /// Tokenizer threads.
+    pub threads: usize,
+    /// Memory for the pipeline and the in-memory part of the group sort, in bytes.
+    pub mem_budget: u64,
+    /// Abort (writing nothing) once more than this many lines are bad; `None`: never.
+    pub max_bad: Option<u64>,
+    /// Where the spill and sort files go (default: beside the output).
+    pub tmp_dir: Option<PathBuf>,
+    /// Size of the line chunks handed to workers.
+    pub chunk_bytes: usize,
+    /// Longer lines (newline excluded) are skipped as bad without ever being held in
+    /// memory whole, which bounds what one line can cost.
+    pub max_line_bytes: u64,
+    /// Draw a progress bar on stderr (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl TokenizeOptions {
+    /// Options with the CLI defaults: field `text`, the tokenizer's EOS, all cores, 1 GB.
+    pub fn new(inputs: Vec<PathBuf>, tokenizer: PathBuf, out: PathBuf) -> TokenizeOptions {
+        TokenizeOptions {
+            inputs,
+            tokenizer,
+            out,
+            text_field: "text".into(),
+            eos: Eos::Auto,
+            dtype: None,
+            group_field: None,
+            order_field: None,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            mem_budget: 1_000_000_000,
+            max_bad: None,
+            tmp_dir: None,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            progress: false,
+        }
+    }
+}
+
+/// Why a tokenize run failed; every variant names the file (and line or byte) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    /// An OS-level failure on a file.
+    #[error("{path}: {op}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An input that cannot be read to the end (a truncated or corrupt compressed file).
+    #[error("{path}: {what}")]
+    Input {
+        /// The input file.
+        path: PathBuf,
+        /// What went wrong, and where.
+        what: String,
+    },
+    /// The tokenizer file cannot be loaded or used as asked.
+    #[error("{path}: {what}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Options that contradict each other or the tokenizer.
+    #[error("{0}")]
+    Options(String),
+    /// A token id that the output dtype cannot hold.
+    #[error("{path}:{line}: token id {id} does not fit the output dtype {dtype}")]
+    TokenRange {
+        /// The input file.
+        path: PathBuf,
+        /// The line (1-based).
+        line: u64,
+        /// The id.
+        id: u32,
+        /// The output dtype.
+        dtype: DType,
+    },
+    /// More bad lines than `--max-bad` allows.
+    #[error(
+        "{bad} bad input lines, more than --max-bad {max}; nothing was written. First bad lines:\n  {}",
+        first.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("\n  ")
+    )]
+    TooManyBad {
+        /// Bad lines seen when the run stopped.
+        bad: u64,
+        /// The threshold.
+        max: u64,
+        /// The first few, with file:line.
+        first: Vec<BadLine>,
+    },
+    /// Every line was blank or bad: a shard needs at least one document.
+    #[error("no documents: {lines} input lines, {bad} of them bad; nothing was written")]
+    Empty {
+        /// Lines read.
+        lines: u64,
+        /// Bad lines among them.
+        bad: u64,
+    },
+    /// Writing or re-checking the shard failed.
+    #[error(transparent)]
+    Corpus(#[from] CorpusError),
+}
+
+/// Wraps an I/O error with its file and operation.
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> TokenizeError {
+    let path = path.to_path_buf();
+    move |source| TokenizeError::Io { path, op, source }
+}
+
+/// Result alias for this module.
+pub type Result<T, E = TokenizeError> = std::result::Result<T, E>;
+
+/// Why an input line was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadKind {
+    /// Not a JSON object.
+    InvalidJson,
+    /// Not valid UTF-8.
+    NonUtf8,
+    /// The text field is absent or null.
+    MissingField,
+    /// The text field is not a string, or the group/order field not a string or number.
+    WrongType,
+    /// The text is the empty string.
+    EmptyText,
+    /// The tokenizer refused the text.
+    EncodeFailed,
+    /// More tokens than a Megatron sequence length (i32) can hold.
+    TooLong,
+    /// A line longer than `--max-line-bytes`, skipped unread.
+    LineTooLong,
+}
+
+impl BadKind {
+    /// The name used in reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BadKind::InvalidJson => "invalid_json",
+            BadKind::NonUtf8 => "non_utf8",
+            BadKind::MissingField => "missing_field",
+            BadKind::WrongType => "wrong_type",
+            BadKind::EmptyText => "empty_text",
+            BadKind::EncodeFailed => "encode_failed",
+            BadKind::TooLong => "too_long",
+            BadKind::LineTooLong => "line_too_long",
+        }
+    }
+}
+
+/// Bad lines by kind, for the summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BadCounts {
+    /// Lines that are not a JSON object.
+    pub invalid_json: u64,
+    /// Lines that are not UTF-8.
+    pub non_utf8: u64,
+    /// Lines without the text field (or with null).
+    pub missing_field: u64,
+    /// Lines whose fields have the wrong JSON type.
+    pub wrong_type: u64,
+    /// Lines whose text is empty.
+    pub empty_text: u64,
+    /// Lines the tokenizer failed on.
+    pub encode_failed: u64,
+    /// Documents too long for a Megatron sequence.
+    pub too_long: u64,
+    /// Lines longer than `--max-line-bytes`.
+    pub line_too_long: u64,
+}
+
+impl BadCounts {
+    fn add(&mut self, kind: BadKind) {
+        let c = match kind {
+            BadKind::InvalidJson => &mut self.invalid_json,
+            BadKind::NonUtf8 => &mut self.non_utf8,
+            BadKind::MissingField => &mut self.missing_field,
+            BadKind::WrongType => &mut self.wrong_type,
+            BadKind::EmptyText => &mut self.empty_text,
+            BadKind::EncodeFailed => &mut self.encode_failed,
+            BadKind::TooLong => &mut self.too_long,
+            BadKind::LineTooLong => &mut self.line_too_long,
+        };
+        *c += 1;
+    }
+
+    /// All bad lines.
+    pub fn total(&self) -> u64 {
+        self.invalid_json
+            + self.non_utf8
+            + self.missing_field
+            + self.wrong_type
+            + self.empty_text
+            + self.encode_failed
+            + self.too_long
+            + self.line_too_long
+    }
+}
+
+/// One reported bad line: where it is and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BadLine {
+    /// The input file, as given.
+    pub file: PathBuf,
+    /// 1-based line number within the (decompressed) file.
+    pub line: u64,
+    /// [`BadKind::name`].
+    pub kind: &'static str,
+    /// Details (the parser's message, the field, the byte).
+    pub detail: String,
+}
+
+impl fmt::Display for BadLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.kind,
+            self.detail
+        )
+    }
+}
+
+/// What a run did, printed at the end (and as JSON with `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizeSummary {
+    /// The output prefix.
+    pub prefix: PathBuf,
+    /// The sidecar, when grouping.
+    pub groups_file: Option<PathBuf>,
+    /// Output token dtype.
+    pub dtype: DType,
+    /// One more than the largest token id of the tokenizer.
+    pub vocab: u64,
+    /// The id appended to every document, if any.
+    pub eos: Option<u32>,
+    /// Input files.
+    pub files: usize,
+    /// Input lines (blank and bad included).
+    pub lines: u64,
+    /// Whitespace-only lines, skipped without counting as bad.
+    pub blank_lines: u64,
+    /// Documents written.
+    pub documents: u64,
+    /// Tokens written (EOS included).
+    pub tokens: u64,
+    /// Groups in the sidecar, when grouping.
+    pub groups: Option<u64>,
+    /// Groups whose every row was dropped (empty text, or another bad line whose group
+    /// could be read), so they have no documents and are not in the sidecar; when
+    /// grouping. Reported because otherwise such a group disappears without a word.
+    pub vanished_groups: Option<u64>,
+    /// Bad lines by kind.
+    pub bad: BadCounts,
+    /// The first few bad lines.
+    pub first_bad: Vec<BadLine>,
+    /// Bytes of the input files as stored (compressed size for .gz/.zst).
+    pub bytes_in: u64,
+    /// Bytes of JSONL after decompression.
+    pub text_bytes: u64,
+    /// Wall-clock seconds, start to the last rename.
+    pub seconds: f64,
+    /// Decompressed JSONL megabytes (10^6) per second.
+    pub mb_per_s: f64,
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+    /// Documents per second.
+    pub docs_per_s: f64,
+    /// Tokenizer threads used.
+    pub threads: usize,
+    /// Sorted runs the group sort spilled to disk (0: it fit in memory).
+    pub sort_runs: usize,
+}
+
+/// The human-readable summary.
+pub fn render(s: &TokenizeSummary) -> String {
+    use crate::util::thousands;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "wrote {} documents, {} tokens ({}, eos {}) to {}.bin/.idx",
+        thousands(s.documents),
+        thousands(s.tokens),
+        s.dtype,
+        s.eos.map_or("none".to_string(), |e| e.to_string()),
+        s.prefix.display()
+    );
+    if let (Some(g), Some(path)) = (s.groups, &s.groups_file) {
+        let _ = writeln!(
+            t,
+            "{} groups in {} ({} sorted runs spilled); {} more had only empty or bad rows \
+             and are not in it",
+            thousands(g),
+            path.display(),
+            s.sort_runs,
+            thousands(s.vanished_groups.unwrap_or(0))
+        );
+    }
+    let b = &s.bad;
+    let _ = writeln!(
+        t,
+        "{} lines in {} files, {} blank; bad: {} (invalid_json {}, non_utf8 {}, missing_field {}, \
+         wrong_type {}, empty_text {}, encode_failed {}, too_long {}, line_too_long {})",
+        thousands(s.lines),
+        s.files,
+        thousands(s.blank_lines),
+        thousands(b.total()),
+        b.invalid_json,
+        b.non_utf8,
+        b.missing_field,
+        b.wrong_type,
+        b.empty_text,
+        b.encode_failed,
+        b.too_long,
+        b.line_too_long
+    );
+    for bad in &s.first_bad {
+        let _ = writeln!(t, "  {bad}");
+    }
+    let _ = writeln!(
+        t,
+        "read {:.1} MB ({:.1} MB of JSONL) in {:.1} s: {:.1} MB/s, {} tokens/s, {} docs/s, {} threads",
+        s.bytes_in as f64 / 1e6,
+        s.text_bytes as f64 / 1e6,
+        s.seconds,
+        s.mb_per_s,
+        thousands(s.tokens_per_s as u64),
+        thousands(s.docs_per_s as u64),
+        s.threads
+    );
+    t
+}
+
+/// Tokenizes `opts.inputs` into the shard at `opts.out`; see the module docs.
+pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
+    let started = Instant::now();
+    let setup = Setup::new(opts)?;
+    let threads = opts.threads.max(1);
+    let bytes_in = check_inputs(&opts.inputs)?;
+
+    let out_dir = match opts.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&out_dir).map_err(io_err(&out_dir, "create_dir"))?;
+    let stem = opts
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| {
+            TokenizeError::Options(format!(
+                "--out {} has no file name to use as the shard prefix",
+                opts.out.display()
+            ))
+        })?;
+    let tmp_dir = opts.tmp_dir.clone().unwrap_or_else(|| out_dir.clone());
+    std::fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir, "create_dir"))?;
+
+    // Old outputs go first, the .idx before the rest, so that from here on the prefix
+    // never opens until this run's final rename.
+    let idx_path = with_suffix(&opts.out, "idx");
+    let bin_path = with_suffix(&opts.out, "bin");
+    let groups_path = with_suffix(&opts.out, "groups.npy");
+    for p in [&idx_path, &bin_path, &groups_path] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(p, "remove")(e)),
+        }
+    }
+    remove_stale_runs(&tmp_dir, &stem)?;
+    let spill_path = tmp_dir.join(format!("{stem}.spill.tmp"));
+    let _guard = TempFiles(vec![
+        with_suffix(&opts.out, "bin.tmp"),
+        with_suffix(&opts.out, "idx.tmp"),
+        with_suffix(&opts.out, "groups.npy.tmp"),
+        spill_path.clone(),
+    ]);
+
+    // Pipeline memory: each slot holds a chunk of text and its tokens (about as large).
+    let slots = 2 * threads + 2;
+    let pipeline = (slots * opts.chunk_bytes * 3) as u64;
+    // The floor is tiny on purpose: tests force the on-disk path with a tiny budget.
+    let sort_budget = opts.mem_budget.saturating_sub(pipeline).max(1 << 10) as usize;
+
+    let progress = bar(bytes_in, opts.progress, "tokenizing", "starting");
+    let grouped = setup.grouped;
+    let mut sink = Sink {
+        inputs: &opts.inputs,
+        dtype: setup.dtype,
+        max_bad: opts.max_bad,
+        out: if grouped {
+            Out::Grouped {
+                spill: BufWriter::with_capacity(
+                    8 << 20,
+                    File::options()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&spill_path)
+                        .map_err(io_err(&spill_path, "create"))?,
+                ),
+                spill_path: spill_path.clone(),
+                spill_at: 0,
+                sorter: Sorter::new(sort_budget, tmp_dir.clone(), stem.clone()),
+            }
+        } else {
+            Out::Stream(MegatronWriter::create(&opts.out, setup.dtype)?)
+        },
+        stats: Stats::default(),
+        first_bad: Vec::new(),
+        progress: &progress,
+        started,
+        last_tick: started,
+    };
+
+    let consumed = Arc::new(AtomicU64::new(0));
+    let outcome = std::thread::scope(|s| {
+        let (work_tx, work_rx) = sync_channel::<Chunk>(threads);
+        let (done_tx, done_rx) = sync_channel::<Done>(slots);
+        let (slot_tx, slot_rx) = sync_channel::<()>(slots);
+        for _ in 0..slots {
+            let _ = slot_tx.send(());
+        }
+        let chunk_bytes = opts.chunk_bytes.max(1);
+        let max_line = usize::try_from(setup.max_line).unwrap_or(usize::MAX);
+        let inputs = &opts.inputs;
+        let reader = s.spawn(move || {
+            read_inputs(inputs, chunk_bytes, max_line, &work_tx, &slot_rx, &consumed)
+        });
+        let gate = Arc::new(EncodeGate::new(setup.max_line));
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        for _ in 0..threads {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            let worker = setup.worker(&gate);
+            s.spawn(move || worker.run(&work_rx, &done_tx));
+        }
+        drop(done_tx);
+        drop(work_rx);
+        let written = collect(done_rx, slot_tx, &mut sink);
+        let read = match reader.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        written.and(read)
+    });
+    progress.finish_and_clear();
+    outcome?;
+
+    let Sink {
+        out,
+        stats,
+        first_bad,
+        ..
+    } = sink;
+    if stats.documents == 0 {
+        return Err(TokenizeError::Empty {
+            lines: stats.lines,
+            bad: stats.bad.total(),
+        });
+    }
+    let mut groups = None;
+    let mut vanished_groups = None;
+    let mut sort_runs = 0;
+    match out {
+        Out::Stream(writer) => {
+            writer.finish()?;
+        }
+        Out::Grouped {
+            spill,
+            sorter,
+            spill_at,
+            ..
+        } => {
+            let spill = spill
+                .into_inner()
+                .map_err(|e| io_err(&spill_path, "flush")(e.into_error()))?;
+            debug_assert_eq!(spill_at, stats.tokens * setup.dtype.size() as u64);
+            let written = write_grouped(
+                &opts.out,
+                &groups_path,
+                setup.dtype,
+                stats.documents,
+                &spill,
+                &spill_path,
+                sorter,
+                opts.progress,
+            )?;
+            groups = Some(written.groups);
+            vanished_groups = Some(written.vanished);
+            sort_runs = written.runs;
+        }
+    }
+    drop(_guard);
+
+    // The strictest reader re-checks what was written: the shard and its sidecar open,
+    // and the index passes the full validation `millrace inspect` runs.
+    let shard = Shard::open(&opts.out, None)?;
+    shard.validate()?;
+    if shard.documents() != stats.documents || shard.tokens() != stats.tokens {
+        return Err(TokenizeError::Corpus(CorpusError::invalid(
+            &idx_path,
+            format!(
+                "re-opened shard holds {} documents and {} tokens, but {} and {} were written",
+                shard.documents(),
+                shard.tokens(),
+                stats.documents,
+                stats.tokens
+            ),
+        )));
+    }
+
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(TokenizeSummary {
+        prefix: opts.out.clone(),
+        groups_file: grouped.then_some(groups_path),
+        dtype: setup.dtype,
+        vocab: setup.vocab,
+        eos: setup.eos,
+        files: opts.inputs.len(),
+        lines: stats.lines,
+        blank_lines: stats.blank,
+        documents: stats.documents,
+        tokens: stats.tokens,
+        groups,
+        vanished_groups,
+        bad: stats.bad,
+        first_bad,
+        bytes_in,
+        text_bytes: stats.text_bytes,
+        seconds,
+        mb_per_s: stats.text_bytes as f64 / seconds / 1e6,
+        tokens_per_s: stats.tokens as f64 / seconds,
+        docs_per_s: stats.documents as f64 / seconds,
+        threads,
+        sort_runs,
+    })
+}
+
+/// Sum of the input sizes; fails before anything is touched if an input is missing.
+fn check_inputs(inputs: &[PathBuf]) -> Result<u64> {
+    if inputs.is_empty() {
+        return Err(TokenizeError::Options("no input files".into()));
+    }
+    let mut total = 0;
+    for p in inputs {
+        let meta = std::fs::metadata(p).map_err(io_err(p, "stat"))?;
+        if !meta.is_file() {
+            return Err(TokenizeError::Input {
+                path: p.clone(),
+                what: "not a regular file".into(),
+            });
+        }
+        total += meta.len();
+    }
+    Ok(total)
+}
+
+/// Removes sort runs that a killed run with the same prefix left in `dir`.
+fn remove_stale_runs(dir: &Path, stem: &str) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(io_err(dir, "read_dir"))?;
+    let start = format!("{stem}.sort-");
+    for e in entries {
+        let e = e.map_err(io_err(dir, "read_dir"))?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&start) && name.ends_with(".tmp") {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(io_err(&p, "remove"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes temporary files when a run ends, however it ends (renamed ones are gone).
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A progress bar on stderr, or a hidden one when asked or when stderr is not a terminal.
+fn bar(len: u64, show: bool, what: &'static str, msg: &'static str) -> ProgressBar {
+    if !show || !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr_with_hz(4));
+    let style = ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] [{bar:30}] {percent:>3}% {msg} (eta {eta})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_prefix(what);
+    pb.set_message(msg);
+    pb.enable_steady_tick(Duration::from_millis(500));
+    pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_numbers_numerically_then_strings() {
+        let key = |v: Val<'_>| {
+            let mut k = Vec::new();
+            push_key(&mut k, &v).unwrap();
+            k
+        };
+        let mut ks = [
+            key(Val::Str("a".into())),
+            key(Val::Int(10)),
+            key(Val::Float(2.5)),
+            key(Val::Int(-3)),
+            key(Val::Int(2)),
+            key(Val::Str("B".into())),
+        ];
+        ks.sort();
+        let want = [
+            key(Val::Int(-3)),
+            key(Val::Int(2)),
+            key(Val::Float(2.5)),
+            key(Val::Int(10)),
+            key(Val::Str("B".into())),
+            key(Val::Str("a".into())),
+        ];
+        assert_eq!(ks, want);
+        // Integers beyond f64's precision still order exactly.
+        assert!(key(Val::Int((1 << 60) + 1)) > key(Val::Int(1 << 60)));
+    }
+
+    /// Feeds `input` to a cutter in `piece`-byte reads, as the reader does, and returns
+    /// its chunks (data, lines, skipped) and the most it ever held.
+    fn cut(input: &[u8], max_line: usize, chunk: usize, piece: usize) -> (Vec<Cut>, usize) {
+        let mut c = LineCutter::new(max_line);
+        let mut out = Vec::new();
+        let mut most = 0;
+        let mut at = 0;
+        while at < input.len() {
+            let end = (at + piece).min(input.len());
+            at += c.feed(&input[at..end], chunk);
+            most = most.max(c.buf.capacity());
+            if c.full(chunk) {
+                out.push(c.take());
+            }
+        }
+        c.finish();
+        if !c.is_empty() {
+            out.push(c.take());
+        }
+        (out, most)
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_never_held() {
+        // 16 MB lines against a 1 MiB limit, read 64 KiB at a time: the cutter never
+        // holds more than about the limit plus a chunk (a buffered line would be 16 MB).
+        let big = vec![b'x'; 16 << 20];
+        let mut input = b"a\n".to_vec();
+        input.extend_from_slice(&big);
+        input.extend_from_slice(b"\nbb\n");
+        input.extend_from_slice(&big);
+        let (chunks, most) = cut(&input, 1 << 20, 64 << 10, 64 << 10);
+        assert!(most <= 4 << 20, "held {most} bytes");
+        let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(data, b"a\nbb\n");
+        let lines: u64 = chunks.iter().map(|c| c.lines).sum();
+        assert_eq!(lines, 4);
+        // Skipped lines keep their place: line 2 and line 4 (the last, with no newline).
+        let mut first = 1;
+        let mut skipped = Vec::new();
+        for c in &chunks {
+            skipped.extend(c.skipped.iter().map(|&(i, len)| (first + i, len)));
+            first += c.lines;
+        }
+        let skipped_bytes: u64 = chunks.iter().map(|c| c.skipped_bytes).sum();
+        assert_eq!(
+            skipped_bytes,
+            2 * (16 << 20) + 1,
+            "the newline of line 2 counts"
+        );
+        assert_eq!(skipped, [(2, 16 << 20), (4, 16 << 20)]);
+
+        // Any read size and chunk size cut the same lines.
+        let text = b"one\ntwo two\n\nthree three three\nfour\nxxxxxxxxxxxx\nlast";
+        for piece in [1, 2, 5, 64] {
+            for chunk in [1, 7, 1000] {
+                let (chunks, _) = cut(text, 11, chunk, piece);
+                let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+                assert_eq!(data, b"one\ntwo two\n\nfour\nlast", "{piece} {chunk}");
+                let lines: u64 = chunks.iter().map(|c| c.lines).sum();
+                assert_eq!(lines, 7);
+            }
+        }
+    }
+
+    #[test]
+    fn the_encode_gate_admits_up_to_its_budget_and_one_alone_always() {
+        let gate = Arc::new(EncodeGate::new(10));
+        let big = gate.enter(25); // over budget, but alone: admitted
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let _p = gate.enter(4);
+                let _ = tx.send(());
+            })
+        };
+        // It waits while the big one is inside...
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(big);
+        // ...and enters once it has left.
+        assert!(rx.recv_timeout(Duration::from_secs(30)).is_ok());
+        waiter.join().unwrap();
+        let a = gate.enter(6);
+        let b = gate.enter(4); // 6 + 4 fits exactly
+        drop((a, b));
+        assert_eq!(*gate.inside.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn sorter_merges_runs_in_order() {
+        let dir = std::env::temp_dir().join(format!("millrace-sort-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Sorter::new(4096, dir.clone(), "t".into());
+        let n = 2000u64;
+        for seq in 0..n {
+            let g = format!("g{}", (seq * 7919) % 37);
+            s.push(g.as_bytes(), &[0], seq, seq, 1).unwrap();
+        }
+        assert!(s.runs.len() > 1);
+        let mut got = Vec::new();
+        let runs = s
+            .finish(|g, off, _| {
+                got.push((g.to_vec(), off));
+                Ok(())
+            })
+            .unwrap();
+        assert!(runs > 1);
+        let mut want: Vec<(Vec<u8>, u64)> = (0..n)
+            .map(|seq| (format!("g{}", (seq * 7919) % 37).into_bytes(), seq))
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(left, 0, "run files are removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,221 @@
+//! tokenize, Writing: results back in input order, into the shard or the spill file.
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------
+// Writing: results back in input order, into the shard or the spill file.
+
+#[derive(Default)]
+pub(super) struct Stats {
+    pub(super) lines: u64,
+    pub(super) blank: u64,
+    pub(super) text_bytes: u64,
+    pub(super) documents: u64,
+    pub(super) tokens: u64,
+    pub(super) bad: BadCounts,
+}
+
+pub(super) enum Out {
+    Stream(MegatronWriter),
+    Grouped {
+        spill: BufWriter<File>,
+        spill_path: PathBuf,
+        spill_at: u64,
+        sorter: Sorter,
+    },
+}
+
+pub(super) struct Sink<'a> {
+    pub(super) inputs: &'a [PathBuf],
+    pub(super) dtype: DType,
+    pub(super) max_bad: Option<u64>,
+    pub(super) out: Out,
+    pub(super) stats: Stats,
+    pub(super) first_bad: Vec<BadLine>,
+    pub(super) progress: &'a ProgressBar,
+    pub(super) started: Instant,
+    pub(super) last_tick: Instant,
+}
+
+/// Receives processed chunks, puts them back in input order and writes them, returning a
+/// slot to the reader for each one written.
+pub(super) fn collect(
+    done: Receiver<Done>,
+    slots: SyncSender<()>,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
+    let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+    let mut next = 0u64;
+    for d in done.iter() {
+        pending.insert(d.seq, d);
+        while let Some(d) = pending.remove(&next) {
+            sink.take(d)?;
+            next += 1;
+            let _ = slots.send(());
+        }
+    }
+    Ok(())
+}
+
+impl Sink<'_> {
+    pub(super) fn take(&mut self, d: Done) -> Result<()> {
+        let path = &self.inputs[d.file];
+        if let Some(mut fatal) = d.fatal {
+            if let TokenizeError::TokenRange { path: p, .. } = &mut fatal {
+                *p = path.clone();
+            }
+            return Err(fatal);
+        }
+        self.stats.lines += d.lines;
+        self.stats.blank += d.blank;
+        self.stats.text_bytes += d.text_bytes;
+        for (line, kind, detail) in d.bad {
+            self.stats.bad.add(kind);
+            if self.first_bad.len() < REPORTED_BAD_LINES {
+                self.first_bad.push(BadLine {
+                    file: path.clone(),
+                    line,
+                    kind: kind.name(),
+                    detail,
+                });
+            }
+        }
+        if let Some(max) = self.max_bad {
+            let bad = self.stats.bad.total();
+            if bad > max {
+                return Err(TokenizeError::TooManyBad {
+                    bad,
+                    max,
+                    first: self.first_bad.clone(),
+                });
+            }
+        }
+        let size = self.dtype.size() as u64;
+        let mut at = 0usize;
+        for doc in &d.docs {
+            let len = (doc.ntok * size) as usize;
+            let bytes = &d.tokens[at..at + len];
+            at += len;
+            match &mut self.out {
+                Out::Stream(w) => w.add_document_bytes(bytes)?,
+                Out::Grouped {
+                    spill,
+                    spill_path,
+                    spill_at,
+                    sorter,
+                } => {
+                    spill
+                        .write_all(bytes)
+                        .map_err(io_err(spill_path, "write"))?;
+                    let seq = self.stats.documents;
+                    let own;
+                    let g: &[u8] = match doc.group {
+                        Some((a, n)) => &d.keys[a..a + n],
+                        None => {
+                            let mut k = [0u8; 9];
+                            k[1..].copy_from_slice(&seq.to_be_bytes());
+                            own = k;
+                            &own
+                        }
+                    };
+                    let (oa, on) = doc.order;
+                    sorter.push(g, &d.keys[oa..oa + on], seq, *spill_at, doc.ntok)?;
+                    *spill_at += len as u64;
+                }
+            }
+            self.stats.documents += 1;
+            self.stats.tokens += doc.ntok;
+        }
+        if let Out::Grouped { sorter, .. } = &mut self.out {
+            for &(a, n) in &d.dropped {
+                sorter.push(&d.keys[a..a + n], &[], u64::MAX, DROPPED_ROW, 0)?;
+            }
+        }
+        self.progress.set_position(d.stored_end);
+        let now = Instant::now();
+        if now.duration_since(self.last_tick) >= Duration::from_millis(250) {
+            self.last_tick = now;
+            let secs = now.duration_since(self.started).as_secs_f64().max(1e-9);
+            self.progress.set_message(format!(
+                "{} docs/s, {} tok/s, {:.1} MB/s",
+                crate::util::si(self.stats.documents as f64 / secs),
+                crate::util::si(self.stats.tokens as f64 / secs),
+                self.stats.text_bytes as f64 / secs / 1e6
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub(super) struct GroupedWritten {
+    pub(super) groups: u64,
+    pub(super) vanished: u64,
+    pub(super) runs: usize,
+}
+
+/// Pass 2: documents in (group, order, input position) order from the spill file into the
+/// shard, and the sidecar alongside; the sidecar is renamed before the shard, whose
+/// `.idx` is the last file to appear.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_grouped(
+    prefix: &Path,
+    groups_path: &Path,
+    dtype: DType,
+    documents: u64,
+    spill: &File,
+    spill_path: &Path,
+    sorter: Sorter,
+    progress: bool,
+) -> Result<GroupedWritten> {
+    let mut writer = MegatronWriter::create(prefix, dtype)?;
+    let mut sidecar = GroupsWriter::create(groups_path, documents)?;
+    let pb = bar(documents, progress, "writing", "documents in group order");
+    let size = dtype.size() as u64;
+    let mut buf: Vec<u8> = Vec::new();
+    // The key of the group being read, and its id once it has a document (a group whose
+    // every row was dropped gets none and is counted as vanished).
+    let mut key: Option<Vec<u8>> = None;
+    let mut id: Option<u64> = None;
+    let mut groups = 0u64;
+    let mut vanished = 0u64;
+    let mut n = 0u64;
+    let runs = sorter.finish(|g, off, ntok| {
+        if key.as_deref() != Some(g) {
+            if key.is_some() && id.is_none() {
+                vanished += 1;
+            }
+            key = Some(g.to_vec());
+            id = None;
+        }
+        if off == DROPPED_ROW {
+            return Ok(());
+        }
+        let group = *id.get_or_insert_with(|| {
+            groups += 1;
+            groups - 1
+        });
+        let len = (ntok * size) as usize;
+        buf.resize(len, 0);
+        spill
+            .read_exact_at(&mut buf, off)
+            .map_err(io_err(spill_path, "read"))?;
+        writer.add_document_bytes(&buf)?;
+        sidecar.push(group)?;
+        n += 1;
+        if n % 4096 == 0 {
+            pb.set_position(n);
+        }
+        Ok(())
+    })?;
+    if key.is_some() && id.is_none() {
+        vanished += 1;
+    }
+    pb.finish_and_clear();
+    sidecar.finish()?;
+    writer.finish()?;
+    Ok(GroupedWritten {
+        groups,
+        vanished,
+        runs,
+    })
+}
