@@ -36,6 +36,7 @@ use crate::plan::config::{PlanConfig, SchedulePoint};
 use crate::wire::control::{self, Control};
 use crate::wire::frame::{self, kind, Frame};
 use crate::wire::protocol::{self, Code, Hello};
+use crate::wire::status::{ControlConnections, FdLimitStatus, ReloadOutcome, Status};
 use hub::{ChangeError, ChangeRequest, Hub, HubSettings, Late, Proposal};
 use notify::Notifier;
 use ring::{Source, TokenType};
@@ -568,7 +569,7 @@ struct Daemon {
     warn_accept: limits::Throttle,
     /// The outcome of the last reload (file, SIGHUP or ctl), for `status` and `top`: a
     /// refused file edit must be seen where people look, not only in the log.
-    last_reload: Mutex<Option<serde_json::Value>>,
+    last_reload: Mutex<Option<ReloadOutcome>>,
 }
 
 /// The parts of the config file a reload compares against.
@@ -622,10 +623,20 @@ impl Daemon {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let outcome = match &r {
-            Ok(a) => serde_json::json!({"source": source, "ok": true, "unix_s": unix_s,
-                                        "message": a.message}),
-            Err(e) => serde_json::json!({"source": source, "ok": false, "unix_s": unix_s,
-                                         "code": e.code, "message": e.message}),
+            Ok(a) => ReloadOutcome {
+                source: source.to_string(),
+                ok: true,
+                unix_s,
+                code: None,
+                message: a.message.clone(),
+            },
+            Err(e) => ReloadOutcome {
+                source: source.to_string(),
+                ok: false,
+                unix_s,
+                code: Some(e.code.as_str().to_string()),
+                message: e.message.clone(),
+            },
         };
         *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
         r
@@ -751,7 +762,7 @@ impl Daemon {
                 return serde_json::json!({"ok": true, "op": "status", "status": self.status()})
             }
             Control::Journal => {
-                return serde_json::json!({"ok": true, "op": "journal", "journal": self.hub.journal_json()})
+                return serde_json::json!({"ok": true, "op": "journal", "journal": self.hub.journal()})
             }
             Control::Reload => ("reload", self.reload_file("ctl")),
             Control::SetWeights {
@@ -785,7 +796,7 @@ impl Daemon {
                 "requested_step": a.requested_step,
                 "applied_step": a.applied_step,
                 "moved": a.moved,
-                "journal": self.hub.journal_json(),
+                "journal": self.hub.journal(),
                 "message": a.message,
             }),
             Err(e) => {
@@ -799,29 +810,28 @@ impl Daemon {
     }
 
     /// STATUS (docs/PROTOCOL.md): the hub's figures and the process's own.
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> Status {
         let mut s = self.hub.status();
-        s["version"] = serde_json::json!(env!("CARGO_PKG_VERSION"));
-        s["pid"] = serde_json::json!(std::process::id());
-        s["uptime_s"] = serde_json::json!(self.started.elapsed().as_secs_f64());
-        s["config"] = serde_json::json!(self.config.display().to_string());
-        s["socket"] = serde_json::json!(self.serve.socket.display().to_string());
-        s["fd_limit"] = serde_json::json!({
-            "soft": self.fd_limit.soft,
-            "hard": self.fd_limit.hard,
-            "at_start": self.fd_limit.was,
-            "open": limits::open_fds(),
-        });
-        s["control_connections"] = serde_json::json!({
-            "open": self.control.open(),
-            "max": self.control.cap(),
-        });
-        s["last_reload"] = self
+        s.version = env!("CARGO_PKG_VERSION").to_string();
+        s.pid = std::process::id();
+        s.uptime_s = self.started.elapsed().as_secs_f64();
+        s.config = self.config.display().to_string();
+        s.socket = self.serve.socket.display().to_string();
+        s.fd_limit = FdLimitStatus {
+            soft: self.fd_limit.soft,
+            hard: self.fd_limit.hard,
+            at_start: self.fd_limit.was,
+            open: limits::open_fds(),
+        };
+        s.control_connections = ControlConnections {
+            open: self.control.open() as u64,
+            max: self.control.cap() as u64,
+        };
+        s.last_reload = self
             .last_reload
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or(serde_json::Value::Null);
+            .clone();
         s
     }
 }
@@ -836,55 +846,45 @@ const METRICS_IDLE: Duration = Duration::from_secs(5);
 /// Publishes the status figures as Prometheus metrics (docs/OPERATIONS.md lists them).
 /// Derived from the same snapshot as `status`, so the two never disagree. Every series
 /// that should stay is set on every call: one that is not ages out ([`METRICS_IDLE`]).
-fn export_metrics(status: &serde_json::Value) {
+fn export_metrics(status: &Status) {
     use metrics::{counter, gauge};
-    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-    gauge!("millrace_clients").set(f(&status["clients"]));
-    for (key, name) in [
-        ("reloads_by_source", "millrace_reloads_total"),
-        ("failed_reloads_by_source", "millrace_reload_failures_total"),
+    gauge!("millrace_clients").set(status.clients as f64);
+    for (m, name) in [
+        (&status.reloads_by_source, "millrace_reloads_total"),
+        (
+            &status.failed_reloads_by_source,
+            "millrace_reload_failures_total",
+        ),
     ] {
-        let m = status[key].as_object();
-        let mut sources: std::collections::BTreeSet<String> =
-            RELOAD_SOURCES.iter().map(|s| s.to_string()).collect();
-        sources.extend(m.into_iter().flat_map(|m| m.keys().cloned()));
+        let mut sources: std::collections::BTreeSet<&str> = RELOAD_SOURCES.into_iter().collect();
+        sources.extend(m.keys().map(String::as_str));
         for source in sources {
-            let n = m.and_then(|m| m.get(&source)).map_or(0, u);
-            counter!(name, "source" => source).absolute(n);
+            let n = m.get(source).copied().unwrap_or(0);
+            counter!(name, "source" => source.to_string()).absolute(n);
         }
     }
-    if let Some(c) = status["control_connections"]["open"].as_f64() {
-        gauge!("millrace_control_connections").set(c);
+    gauge!("millrace_control_connections").set(status.control_connections.open as f64);
+    if let Some(n) = status.fd_limit.open {
+        gauge!("millrace_open_fds").set(n as f64);
     }
-    if let Some(n) = status["fd_limit"]["open"].as_f64() {
-        gauge!("millrace_open_fds").set(n);
+    gauge!("millrace_padding_fraction").set(status.padding_fraction);
+    gauge!("millrace_truncation_fraction").set(status.truncation_fraction);
+    for d in &status.domains {
+        let name = d.name.clone();
+        gauge!("millrace_domain_target_share", "domain" => name.clone()).set(d.target_share);
+        gauge!("millrace_domain_realized_share", "domain" => name.clone()).set(d.realized_share);
+        gauge!("millrace_domain_epochs", "domain" => name).set(d.epochs);
     }
-    gauge!("millrace_padding_fraction").set(f(&status["padding_fraction"]));
-    gauge!("millrace_truncation_fraction").set(f(&status["truncation_fraction"]));
-    for d in status["domains"].as_array().into_iter().flatten() {
-        let name = d["name"].as_str().unwrap_or("").to_string();
-        gauge!("millrace_domain_target_share", "domain" => name.clone()).set(f(&d["target_share"]));
-        gauge!("millrace_domain_realized_share", "domain" => name.clone())
-            .set(f(&d["realized_share"]));
-        gauge!("millrace_domain_epochs", "domain" => name).set(f(&d["epochs"]));
-    }
-    for j in status["jobs"].as_array().into_iter().flatten() {
-        let job = j["job"].as_str().unwrap_or("").to_string();
-        for r in j["rings"].as_array().into_iter().flatten() {
-            let labels = [
-                ("job", job.clone()),
-                ("dp_rank", u(&r["dp_rank"]).to_string()),
-            ];
-            counter!("millrace_tokens_delivered_total", &labels)
-                .absolute(u(&r["tokens_delivered"]));
-            counter!("millrace_batches_delivered_total", &labels)
-                .absolute(u(&r["batches_delivered"]));
-            gauge!("millrace_step", &labels).set(f(&r["published_step"]));
-            gauge!("millrace_ring_occupancy", &labels).set(f(&r["occupancy"]));
-            gauge!("millrace_ring_slots", &labels).set(f(&r["slots"]));
-            gauge!("millrace_consumer_wait_seconds_total", &labels).set(f(&r["consumer_wait_s"]));
-            gauge!("millrace_producer_wait_seconds_total", &labels).set(f(&r["producer_wait_s"]));
+    for j in &status.jobs {
+        for r in &j.rings {
+            let labels = [("job", j.job.clone()), ("dp_rank", r.dp_rank.to_string())];
+            counter!("millrace_tokens_delivered_total", &labels).absolute(r.tokens_delivered);
+            counter!("millrace_batches_delivered_total", &labels).absolute(r.batches_delivered);
+            gauge!("millrace_step", &labels).set(r.published_step as f64);
+            gauge!("millrace_ring_occupancy", &labels).set(r.occupancy as f64);
+            gauge!("millrace_ring_slots", &labels).set(r.slots as f64);
+            gauge!("millrace_consumer_wait_seconds_total", &labels).set(r.consumer_wait_s);
+            gauge!("millrace_producer_wait_seconds_total", &labels).set(r.producer_wait_s);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The only source of the protocol's bytes (docs/PROTOCOL.md): the frame codec with fd
 //! passing ([`frame`]), the messages frames carry and the protocol version
-//! ([`protocol`], [`control`]), and the headers of the shared-memory ring ([`ring`]).
+//! ([`protocol`], [`control`], [`status`]), and the headers of the shared-memory ring ([`ring`]).
 //! The daemon, the Rust client, `millrace ctl` and the tests all encode and decode
 //! through here, so a change to the wire is made once and both sides move together.
 
@@ -8,6 +8,7 @@ pub mod control;
 pub mod frame;
 pub mod protocol;
 pub mod ring;
+pub mod status;
 
 pub use frame::{kind, MAX_FRAME};
 pub use protocol::{decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, Welcome, VERSION};
