@@ -2,21 +2,22 @@
 //!
 //! A token travels: [`corpus`] (shards mapped from disk) -> plan (which documents fill
 //! each row of each global batch) -> serve (shared-memory rings to trainer ranks).
-//! This crate is the library behind the `millrace` binary; `main.rs` only parses flags.
+//! This crate is the library behind the `millrace` binary, whose commands (src/cli) are
+//! thin layers over it; nothing here is command-only.
 
 #![deny(missing_docs)]
 
-pub mod bench;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod corpus;
-pub mod ctl;
-pub mod demo;
 pub mod eod;
-pub mod inspect;
 pub mod plan;
 pub mod serve;
 pub mod synth;
 pub mod tokenize;
 pub mod util;
 pub mod wire;
+
+/// The old name of [`control`], for the library's own code until it says `control`.
+pub(crate) use self::control as ctl;

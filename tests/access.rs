@@ -20,7 +20,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{bin, skip_unless_root, Serve};
-use millrace::ctl;
+use millrace::control as ctl;
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(20);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::{bin, Control, Serve};
 use millrace::client::{Client, Hello};
 use millrace::config::{Config, LoadedPlan};
-use millrace::ctl::{self, CONTROL, CONTROL_REPLY};
+use millrace::control::{self, CONTROL, CONTROL_REPLY};
 use millrace::wire::frame::{encode as frame, read_from};
 use serde_json::{json, Value};
 
@@ -659,7 +659,7 @@ fn reload_rereads_the_config() {
     let loaded = f.load();
     let names = loaded.plan.domain_names();
     // Nothing changed on disk: nothing applies.
-    let r = f.req(ctl::reload_request());
+    let r = f.req(control::reload_request());
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["op"], "reload", "{r}");
     assert!(r["applied_step"].is_null(), "{r}");
@@ -696,7 +696,7 @@ fn reload_rereads_the_config() {
     assert!((shares[0] - 0.5).abs() < 1e-6, "{shares:?}");
     // A broken file is refused as a whole, counted, and changes nothing.
     std::fs::write(&f.config, "[plan\n").unwrap();
-    let r = f.req(ctl::reload_request());
+    let r = f.req(control::reload_request());
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(r["code"], "invalid", "{r}");
     assert_eq!(f.journal(), journal);

@@ -5,7 +5,7 @@
 //! the plan's target, and the provenance of one step. It never leaves a child behind:
 //! the daemon and consumers are killed on drop, whatever the error.
 //!
-//! The child-process helpers it shares with `millrace bench` live in [`crate::util::harness`].
+//! The child-process helpers it shares with `millrace bench` live in [`millrace::util::harness`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::client::ConsumeSummary;
-use crate::config::Config;
-use crate::plan::report::{explain, render_explain, Tally};
-use crate::util::harness::{
+use millrace::client::ConsumeSummary;
+use millrace::config::Config;
+use millrace::plan::report::{explain, render_explain, Tally};
+use millrace::util::harness::{
     collect_summary, ensure_corpus, socket_path_in, spawn_rust_consumer, write_config, ChildGuard,
     Daemon,
 };
@@ -70,7 +70,7 @@ pub struct DemoArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub consumer: ConsumerKind,
     /// Tokens of the synthetic corpus, when one has to be written.
-    #[arg(long, default_value = "5e7", value_parser = crate::synth::parse_count)]
+    #[arg(long, default_value = "5e7", value_parser = millrace::synth::parse_count)]
     pub tokens: u64,
 }
 
@@ -196,7 +196,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         writeln!(
             out,
             "wrote a {} token synthetic corpus to {} in {:.1} s",
-            crate::util::thousands(args.tokens),
+            millrace::util::thousands(args.tokens),
             dir.display(),
             t0.elapsed().as_secs_f64()
         )?;
@@ -272,7 +272,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     // Throughput over all consumers, first batch to last.
     let tokens: u64 = summaries.iter().map(|s| s.tokens).sum();
-    let secs = crate::client::span_seconds(&summaries);
+    let secs = millrace::client::span_seconds(&summaries);
     let who = if kind == ConsumerKind::Python {
         "Python client"
     } else {
@@ -284,7 +284,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
          {} tokens in {secs:.2} s = {:.3e} tokens/s",
         args.steps,
         plan.config().seq_len,
-        crate::util::thousands(tokens),
+        millrace::util::thousands(tokens),
         if secs > 0.0 {
             tokens as f64 / secs
         } else {
@@ -336,8 +336,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     writeln!(
         out,
         "    delivered {} real tokens; the plan says {}{}",
-        crate::util::thousands(total),
-        crate::util::thousands(planned),
+        millrace::util::thousands(total),
+        millrace::util::thousands(planned),
         if total == planned { " (equal)" } else { "" }
     )?;
 

@@ -6,12 +6,161 @@
 //! corpus that inspects clean is one the daemon will serve.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::ops::Range;
+use std::path::PathBuf;
 
+use anyhow::bail;
 use serde::Serialize;
 
-use crate::corpus::{Result, Shard};
-use crate::util::thousands;
+use millrace::config::Config;
+use millrace::corpus::{self, DType, Format, RawOptions, Result, Shard};
+use millrace::util::thousands;
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Megatron prefixes (or .bin/.idx paths), raw token files, directories or globs.
+    #[arg(required_unless_present = "config")]
+    paths: Vec<PathBuf>,
+    /// Inspect every domain of this config instead of (or besides) PATHS.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Print the tokens of document N, or of documents N..M (M exclusive), counted
+    /// across all shards in argument order.
+    #[arg(long, value_name = "N|N..M", value_parser = parse_range)]
+    doc: Option<Range<u64>>,
+    /// Shard format of PATHS.
+    #[arg(long, value_enum, default_value = "megatron")]
+    format: FormatArg,
+    /// Token dtype of raw files: uint16 or uint32 [default: uint16].
+    #[arg(long, value_parser = parse_raw_dtype)]
+    dtype: Option<DType>,
+    /// EOS id that ends each document in raw files (`--eos` is the old spelling).
+    #[arg(long = "eos-id", alias = "eos")]
+    eos: Option<u64>,
+    /// Where raw files' boundary caches go (default: next to each file).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Megatron,
+    Raw,
+}
+
+fn parse_range(s: &str) -> Result<Range<u64>, String> {
+    let num = |t: &str| {
+        t.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{t:?} is not a document index"))
+    };
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let (a, b) = (num(a)?, num(b)?);
+            if a >= b {
+                return Err(format!("empty range {a}..{b} (the end is exclusive)"));
+            }
+            Ok(a..b)
+        }
+        None => {
+            let a = num(s)?;
+            Ok(a..a + 1)
+        }
+    }
+}
+
+/// Raw token arrays are unsigned: the two widths `Shard::open` reads.
+fn parse_raw_dtype(s: &str) -> Result<DType, String> {
+    match DType::from_name(s) {
+        Some(d @ (DType::Uint16 | DType::Uint32)) => Ok(d),
+        _ => Err(format!("raw token files are uint16 or uint32, not {s:?}")),
+    }
+}
+
+/// Runs `millrace inspect`.
+pub fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let opened = std::time::Instant::now();
+    let mut shards: Vec<Shard> = Vec::new();
+    if let Some(path) = &args.config {
+        let cfg = Config::load(path)?;
+        for (_, domain) in cfg.open_corpus()? {
+            shards.extend(domain);
+        }
+    }
+    let (format, raw) = match args.format {
+        FormatArg::Megatron => {
+            if args.dtype.is_some() || args.eos.is_some() || args.cache_dir.is_some() {
+                bail!("--dtype, --eos-id and --cache-dir describe raw token files; add --format raw (Megatron shards carry their own dtype)");
+            }
+            (Format::Megatron, None)
+        }
+        FormatArg::Raw => {
+            let Some(eos) = args.eos else {
+                bail!("--format raw needs --eos-id ID (the token that ends each document)");
+            };
+            (
+                Format::Raw,
+                Some(RawOptions {
+                    dtype: args.dtype.unwrap_or(DType::Uint16),
+                    eos,
+                    cache_dir: args.cache_dir.clone(),
+                }),
+            )
+        }
+    };
+    for arg in &args.paths {
+        for path in corpus::resolve(arg, format)? {
+            shards.push(Shard::open(&path, raw.as_ref())?);
+        }
+    }
+    if let Some(range) = args.doc {
+        let docs = dump_documents(&shards, range)?;
+        if args.json {
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&serde_json::json!({ "documents": docs }))?
+            )?;
+        } else {
+            for d in docs {
+                let group = d.group.map(|g| format!(" group {g}")).unwrap_or_default();
+                writeln!(
+                    out,
+                    "# document {} ({} #{}{group}, {} tokens)",
+                    d.index,
+                    d.shard,
+                    d.local_index,
+                    d.tokens.len()
+                )?;
+                let ids: Vec<String> = d.tokens.iter().map(|t| t.to_string()).collect();
+                writeln!(out, "{}", ids.join(" "))?;
+            }
+        }
+        return Ok(());
+    }
+    let open_time = opened.elapsed();
+    let checked = std::time::Instant::now();
+    let report = inspect(&shards)?;
+    let check_time = checked.elapsed();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        write!(out, "{}", render(&report))?;
+        writeln!(
+            out,
+            "\nopened {} shards in {:.1} ms; validated every index and measured every document in {:.1} ms",
+            shards.len(),
+            open_time.as_secs_f64() * 1e3,
+            check_time.as_secs_f64() * 1e3
+        )?;
+    }
+    Ok(())
+}
 
 /// Document-length percentiles (nearest rank) over a set of documents.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -217,16 +366,6 @@ impl LengthCounts {
         self.max = self.max.max(other.max);
     }
 
-    /// Number of documents counted.
-    pub fn len(&self) -> u64 {
-        self.n
-    }
-
-    /// True before the first [`add`](Self::add).
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-
     /// The `rank`-th smallest length (0-based), given the long lengths sorted.
     fn nth(&self, mut rank: u64, long_sorted: &[u64]) -> u64 {
         for (len, &c) in self.dense.iter().enumerate() {
@@ -301,7 +440,7 @@ pub fn dump_documents(shards: &[Shard], range: Range<u64>) -> Result<Vec<DocDump
             .first()
             .map(|s| s.path().to_path_buf())
             .unwrap_or_default();
-        return Err(crate::corpus::CorpusError::invalid(
+        return Err(corpus::CorpusError::invalid(
             path,
             format!(
                 "--doc {}..{} is outside the {total} documents of the given shards",
@@ -476,7 +615,7 @@ mod tests {
         let all: Vec<u64> = a.iter().chain(&b).copied().collect();
         assert_eq!(m.stats(), counts(&all).stats());
         assert_eq!(m.histogram(), counts(&all).histogram());
-        assert_eq!(m.len(), 8);
+        assert_eq!(m.n, 8);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::common::{self, Control, Serve};
 use millrace::client::{Client, Hello};
-use millrace::ctl::{self, CtlError};
+use millrace::control::{self as ctl, CtlError};
 
 /// A small corpus, its config path, socket and daemon log.
 struct Fixture {

@@ -392,13 +392,13 @@ pub trait Control {
 
     /// Sends `req` on a control connection of its own and returns the reply.
     fn req(&self, req: serde_json::Value) -> serde_json::Value {
-        millrace::ctl::request(self.control_socket(), &req, Duration::from_secs(20))
+        millrace::control::request(self.control_socket(), &req, Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("control request {req}: {e}"))
     }
 
     /// The daemon's STATUS object.
     fn status(&self) -> serde_json::Value {
-        let r = self.req(millrace::ctl::status_request());
+        let r = self.req(millrace::control::status_request());
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["op"], "status", "{r}");
         r["status"].clone()
@@ -406,7 +406,7 @@ pub trait Control {
 
     /// The daemon's journal of applied changes.
     fn journal(&self) -> Vec<serde_json::Value> {
-        let r = self.req(millrace::ctl::journal_request());
+        let r = self.req(millrace::control::journal_request());
         assert_eq!(r["ok"], true, "{r}");
         r["journal"].as_array().cloned().unwrap_or_default()
     }

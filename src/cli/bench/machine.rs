@@ -1,0 +1,320 @@
+//! What `millrace bench` measures of the machine and of a process, outside millrace: the
+//! memcpy and disk/page-cache references, page-cache eviction and residency, and the
+//! daemon's memory, faults and reads from /proc.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use super::report::References;
+
+/// Best-of-`reps` single-thread copy of a `bytes` buffer, in GB/s.
+pub fn memcpy_gb_per_s(bytes: usize, reps: usize) -> f64 {
+    let src: Vec<u8> = (0..bytes).map(|i| (i * 31 % 251) as u8).collect();
+    let mut dst = vec![0u8; bytes];
+    dst.copy_from_slice(&src); // fault the pages in before timing
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    bytes as f64 / best.max(1e-12) / 1e9
+}
+
+/// CLOCK_MONOTONIC in ns: the clock the consumers and the baseline stamp batches with.
+pub(super) fn now_ns() -> u64 {
+    millrace::serve::ring::monotonic_ns()
+}
+
+/// Every shard-like file (.bin, .idx, .npy) under `dir`.
+pub(super) fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let is_shard = p
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| matches!(x, "bin" | "idx" | "npy"));
+            if is_shard {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// One file of token data, as the baseline memmaps it.
+#[derive(Debug, Clone)]
+pub(super) struct DataFile {
+    pub(super) path: PathBuf,
+    /// Where the tokens start (0 for a Megatron .bin, the header for .npy).
+    pub(super) offset: u64,
+    pub(super) bytes: u64,
+    pub(super) dtype: millrace::corpus::DType,
+}
+
+/// The token-data files of the corpus a config names (opened and closed again).
+pub(super) fn data_files(cfg_path: &Path) -> Result<Vec<DataFile>> {
+    let cfg = millrace::config::Config::load(cfg_path)?;
+    let mut out = Vec::new();
+    for (_, shards) in cfg.open_corpus()? {
+        for s in shards {
+            let bytes = s.data_bytes();
+            let (path, offset) = match (s.as_megatron(), s.as_raw()) {
+                (Some(m), _) => (m.bin_path().to_path_buf(), 0),
+                (None, Some(r)) => (r.path().to_path_buf(), r.file_len().saturating_sub(bytes)),
+                (None, None) => continue,
+            };
+            out.push(DataFile {
+                path,
+                offset,
+                bytes,
+                dtype: s.dtype(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Writes back and drops `files` from the page cache (`fdatasync` first: dirty pages
+/// are not dropped).
+pub(super) fn evict(files: &[PathBuf]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    for p in files {
+        let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        f.sync_data()
+            .with_context(|| format!("fdatasync {}", p.display()))?;
+        // SAFETY: a valid open descriptor; fadvise only changes caching.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            bail!(
+                "posix_fadvise(DONTNEED) on {} failed: errno {rc}",
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `sync; echo 3 > /proc/sys/vm/drop_caches`; false when not permitted.
+pub(super) fn drop_caches() -> bool {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+}
+
+/// Share of the pages of `files` resident in the page cache (mincore).
+pub(super) fn resident_fraction(files: &[PathBuf]) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let (mut resident, mut total) = (0u64, 0u64);
+    for p in files {
+        let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        let len = f.metadata()?.len() as usize;
+        if len == 0 {
+            continue;
+        }
+        // SAFETY: read-only mapping that is never dereferenced (mincore only).
+        let map = unsafe { memmap2::Mmap::map(&f) }
+            .with_context(|| format!("mapping {}", p.display()))?;
+        let pages = len.div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the mapping covers `len` bytes and `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            bail!(
+                "mincore on {}: {}",
+                p.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        resident += vec.iter().filter(|&&b| b & 1 == 1).count() as u64;
+        total += pages as u64;
+    }
+    Ok(if total == 0 {
+        0.0
+    } else {
+        resident as f64 / total as f64
+    })
+}
+
+/// Sums a byte range as u64 words: one thread reading every byte once.
+pub(super) fn sum_words(bytes: &[u8]) -> u64 {
+    let mut acc = [0u64; 4];
+    let mut chunks = bytes.chunks_exact(32);
+    for c in &mut chunks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&c[8 * k..8 * k + 8]);
+            *a = a.wrapping_add(u64::from_le_bytes(w));
+        }
+    }
+    let tail: u64 = chunks.remainder().iter().map(|&b| u64::from(b)).sum();
+    acc.iter().fold(tail, |x, y| x.wrapping_add(*y))
+}
+
+/// The disk and page-cache references over the first `limit` bytes of the data files.
+pub(super) fn references(files: &[DataFile], limit: u64, memcpy: f64) -> Result<References> {
+    let mut chosen: Vec<(PathBuf, u64)> = Vec::new();
+    let mut left = limit.max(1 << 20);
+    for f in files {
+        if left == 0 {
+            break;
+        }
+        let n = f.bytes.min(left);
+        chosen.push((f.path.clone(), n));
+        left -= n;
+    }
+    let paths: Vec<PathBuf> = chosen.iter().map(|(p, _)| p.clone()).collect();
+    evict(&paths)?;
+    let resident = resident_fraction(&paths)?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut total = 0u64;
+    let t = Instant::now();
+    for (p, n) in &chosen {
+        let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        let mut left = *n;
+        while left > 0 {
+            let want = (left as usize).min(buf.len());
+            let got = f
+                .read(&mut buf[..want])
+                .with_context(|| format!("reading {}", p.display()))?;
+            if got == 0 {
+                break;
+            }
+            left -= got as u64;
+            total += got as u64;
+        }
+    }
+    let disk = total as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9;
+    // Page-cache reads through mappings: first touch (faults) and a second pass.
+    let mut maps = Vec::new();
+    for (p, n) in &chosen {
+        let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        // SAFETY: read-only mapping of a file nobody truncates during the bench.
+        let m = unsafe { memmap2::MmapOptions::new().len(*n as usize).map(&f) }
+            .with_context(|| format!("mapping {}", p.display()))?;
+        maps.push(m);
+    }
+    let mut sink = 0u64;
+    let t = Instant::now();
+    for m in &maps {
+        sink = sink.wrapping_add(sum_words(m));
+    }
+    let first = total as f64 / t.elapsed().as_secs_f64().max(1e-9) / 1e9;
+    let mut best = f64::MAX;
+    for _ in 0..2 {
+        let t = Instant::now();
+        for m in &maps {
+            sink = sink.wrapping_add(sum_words(m));
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    Ok(References {
+        memcpy_gb_per_s: memcpy,
+        read_bytes: total,
+        disk_cold_read_gb_per_s: disk,
+        resident_after_evict: resident,
+        mmap_first_touch_gb_per_s: first,
+        mmap_read_gb_per_s: total as f64 / best.max(1e-9) / 1e9,
+    })
+}
+
+/// Reads every file under `dir` once so the shards are in the page cache; returns bytes.
+pub(super) fn warm(dir: &Path) -> Result<u64> {
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 22];
+    for p in shard_files(dir)? {
+        let mut f = std::fs::File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+    }
+    Ok(total)
+}
+
+/// A field of /proc/PID/status in bytes (`VmHWM`, `RssAnon`, ...).
+pub(super) fn status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// (minor, major) page faults of process `pid` so far (/proc/PID/stat fields 10 and 12).
+pub(super) fn page_faults(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): field 10 is index 7, field 12 index 9.
+    Some((f.get(7)?.parse().ok()?, f.get(9)?.parse().ok()?))
+}
+
+/// `read_bytes` of /proc/PID/io: bytes the process caused to be read from storage.
+pub(super) fn io_read_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The CPU model name from /proc/cpuinfo, for the report.
+pub(super) fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sum_words_reads_every_byte() {
+        let v: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let words: u64 = v
+            .chunks(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                u64::from_le_bytes(w)
+            })
+            .fold(0u64, u64::wrapping_add);
+        // 1000 = 31 x 32 + 8: the 8-byte tail is summed per byte.
+        let tail: u64 = v[992..].iter().map(|&b| u64::from(b)).sum();
+        let head = words.wrapping_sub(u64::from_le_bytes(v[992..1000].try_into().unwrap()));
+        assert_eq!(sum_words(&v), head.wrapping_add(tail));
+    }
+
+    #[test]
+    fn own_status_and_io() {
+        let pid = std::process::id();
+        assert!(status_bytes(pid, "VmHWM").is_some_and(|b| b > 0));
+        assert_eq!(status_bytes(pid, "NoSuchField"), None);
+        // /proc/PID/io needs the same user; present for our own process.
+        assert!(io_read_bytes(pid).is_some());
+        assert!(page_faults(pid).is_some_and(|(minor, _)| minor > 0));
+    }
+}

@@ -1,0 +1,406 @@
+//! The figures `millrace bench` reports (its JSON) and their rendering as markdown tables.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use millrace::client::Latency;
+
+/// One streaming run of millrace (one daemon, C consumers).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunFigures {
+    /// "cold" or "warm".
+    pub cache: String,
+    /// `[serve] materialize_threads`.
+    pub materialize_threads: u32,
+    /// Steps each consumer read.
+    pub steps: u64,
+    /// Consumers.
+    pub consumers: u32,
+    /// Input tokens delivered over all consumers.
+    pub tokens: u64,
+    /// Payload bytes delivered (tokens + labels + loss_mask + position_ids).
+    pub payload_bytes: u64,
+    /// Daemon spawn to its socket accepting connections (corpus opened, plan built).
+    pub daemon_start_s: f64,
+    /// Consumers spawned to every consumer holding its first batch.
+    pub connect_to_first_batch_s: f64,
+    /// Daemon spawn to every consumer holding its first batch.
+    pub time_to_first_batch_s: f64,
+    /// First batch (any consumer) to last batch (any consumer).
+    pub seconds: f64,
+    /// Delivered tokens per second (each consumer's first batch excluded).
+    pub tokens_per_s: f64,
+    /// Delivered payload GB/s (10^9 bytes).
+    pub payload_gb_per_s: f64,
+    /// payload_gb_per_s / single-thread memcpy GB/s.
+    pub ratio_to_memcpy: f64,
+    /// Shard bytes behind the delivered tokens per second (tokens/s x source dtype size).
+    pub source_gb_per_s: f64,
+    /// source_gb_per_s / the page-cache mmap read GB/s (warm) or cold disk read GB/s (cold).
+    pub source_ratio_to_read: f64,
+    /// Bytes the daemon read from storage (/proc/PID/io read_bytes).
+    pub daemon_read_bytes: u64,
+    /// Publish-to-wake latency pooled over the consumers.
+    pub wake_latency: Latency,
+    /// Daemon utime + stime while streaming.
+    pub daemon_cpu_seconds: f64,
+    /// Daemon CPU seconds per 10^9 delivered tokens.
+    pub daemon_cpu_s_per_1e9_tokens: f64,
+    /// Daemon CPU per 10^9 tokens / the time one memcpy of their payload takes.
+    pub daemon_cpu_ratio_to_memcpy: f64,
+    /// Daemon CPU seconds per delivered payload GB.
+    pub daemon_cpu_s_per_gb: f64,
+    /// Consumer processes' CPU seconds (whole process lives) per 10^9 tokens.
+    pub consumer_cpu_s_per_1e9_tokens: f64,
+    /// Daemon peak RSS (VmHWM), bytes: includes the shard pages it touched (file-backed).
+    pub daemon_vmhwm_bytes: u64,
+    /// Daemon anonymous RSS at the end of the run, bytes (its own memory).
+    pub daemon_rss_anon_bytes: u64,
+    /// Daemon file-backed RSS at the end (mapped shard and index pages, reclaimable).
+    pub daemon_rss_file_bytes: u64,
+    /// Daemon shared-memory RSS at the end (the rings).
+    pub daemon_rss_shmem_bytes: u64,
+    /// Daemon minor page faults over its life (first touches of mapped shard pages).
+    pub daemon_minor_faults: u64,
+    /// Daemon major page faults (a fault that waited for the disk).
+    pub daemon_major_faults: u64,
+    /// Every consumer's digest of its tokens, equal across runs.
+    pub digests: Vec<String>,
+    /// tokens/s of every repetition, in run order (the figures above are the median's).
+    pub repeats_tokens_per_s: Vec<f64>,
+}
+
+/// One latency test (fresh daemon per try, shards warm).
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyFigures {
+    /// "step 0", "resume from cursor blob", "seek".
+    pub what: String,
+    /// The step the consumers start at.
+    pub step: u64,
+    /// Consumers spawned to every consumer holding its first batch, median of the tries.
+    pub connect_to_first_batch_s: f64,
+    /// Every try.
+    pub tries_s: Vec<f64>,
+    /// Over the same figure from step 0.
+    pub ratio_to_step0: f64,
+}
+
+/// The physical references, measured in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct References {
+    /// Best single-thread memcpy bandwidth, GB/s (10^9 bytes copied per second).
+    pub memcpy_gb_per_s: f64,
+    /// Bytes of shard files the two read references cover.
+    pub read_bytes: u64,
+    /// Sequential `read(2)` of those files just evicted from the page cache, GB/s.
+    pub disk_cold_read_gb_per_s: f64,
+    /// Share of those files' pages still resident after eviction (should be ~0).
+    pub resident_after_evict: f64,
+    /// One thread reading them through a fresh mapping (page faults included), GB/s.
+    pub mmap_first_touch_gb_per_s: f64,
+    /// One thread reading them again through the same mapping, GB/s (the reference).
+    pub mmap_read_gb_per_s: f64,
+}
+
+/// One baseline run (all processes together).
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineFigures {
+    /// "best" or "nanogpt".
+    pub mode: String,
+    /// "cold" or "warm".
+    pub cache: String,
+    /// Processes.
+    pub processes: u32,
+    /// Steps per process.
+    pub steps: u64,
+    /// Tokens of x produced over all processes.
+    pub tokens: u64,
+    /// Spawn to every process's interpreter having imported numpy.
+    pub import_s: f64,
+    /// Spawn to every process holding its first batch.
+    pub time_to_first_batch_s: f64,
+    /// First batch (any process) to last batch (any process).
+    pub seconds: f64,
+    /// Tokens per second (each process's first batch excluded).
+    pub tokens_per_s: f64,
+    /// tokens_per_s / millrace's (same cache state, first thread count).
+    pub ratio_to_millrace: f64,
+    /// CPU seconds of all processes per 10^9 tokens (whole process lives).
+    pub cpu_s_per_1e9_tokens: f64,
+    /// CPU seconds after the first batch per 10^9 tokens after it: the steady cost a
+    /// trainer pays in its own process.
+    pub steady_cpu_s_per_1e9_tokens: f64,
+    /// Largest peak RSS (VmHWM) of one process, bytes (includes touched file pages).
+    pub vmhwm_bytes: u64,
+    /// Largest anonymous RSS of one process at its end, bytes.
+    pub rss_anon_bytes: u64,
+    /// Minor page faults over all processes.
+    pub minor_faults: u64,
+    /// Major page faults over all processes.
+    pub major_faults: u64,
+    /// tokens/s of every repetition.
+    pub repeats_tokens_per_s: Vec<f64>,
+}
+
+/// The fairness run: free-running ranks of one job, each consuming as fast as it can,
+/// so every difference in their progress is the daemon's filling order.
+#[derive(Debug, Clone, Serialize)]
+pub struct FairnessFigures {
+    /// Ranks (rings) of the job.
+    pub ranks: u32,
+    /// Seconds measured (after every rank connected).
+    pub seconds: f64,
+    /// `[serve] materialize_threads`.
+    pub materialize_threads: u32,
+    /// `[serve] ring_slots`.
+    pub ring_slots: u32,
+    /// Steps each ring published in the window, by dp rank.
+    pub steps: Vec<u64>,
+    /// Fewest steps of any ring.
+    pub min_steps: u64,
+    /// Most steps of any ring.
+    pub max_steps: u64,
+    /// max / min (infinite, written as null, when a ring published nothing).
+    pub ratio: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Cores this process may use.
+    pub cpus: usize,
+    /// CPU model (/proc/cpuinfo).
+    pub cpu_model: String,
+    /// Load average when the run started.
+    pub loadavg: String,
+    /// Corpus directory.
+    pub corpus: PathBuf,
+    /// Tokens in the corpus.
+    pub corpus_tokens: u64,
+    /// Bytes of token data (.bin) in the corpus.
+    pub corpus_bytes: u64,
+    /// Seconds spent writing the corpus in this run (0 when reused).
+    pub corpus_write_s: f64,
+    /// Inputs per row.
+    pub seq_len: u32,
+    /// Rows per consumer per step.
+    pub rows: u32,
+    /// Token dtype delivered.
+    pub token_dtype: String,
+    /// Single-thread memcpy GB/s (also in `references`; kept at the top level for
+    /// readers of the issue-4 report).
+    pub memcpy_gb_per_s: f64,
+    /// The physical references.
+    pub references: References,
+    /// The cold run (absent with --no-cold).
+    pub cold: Option<RunFigures>,
+    /// One warm entry per thread count.
+    pub runs: Vec<RunFigures>,
+    /// Latency tests.
+    pub latency: Vec<LatencyFigures>,
+    /// Baseline runs (empty when skipped).
+    pub baseline: Vec<BaselineFigures>,
+    /// Why the baseline was skipped, if it was.
+    pub baseline_skipped: Option<String>,
+    /// The fairness run (absent with `--fairness-seconds 0`).
+    pub fairness: Option<FairnessFigures>,
+    /// Whether every millrace run delivered the same tokens.
+    pub same_tokens: bool,
+    /// Wall seconds of the whole bench.
+    pub wall_s: f64,
+}
+
+/// The median element of `v` by `key` (the upper one of an even count).
+pub(super) fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let n = v.len();
+    (n > 0).then(|| v.swap_remove(n / 2))
+}
+
+/// "min-max" of the repetitions, "-" for one.
+pub(super) fn range(v: &[f64]) -> String {
+    if v.len() < 2 {
+        return "-".into();
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    format!("{lo:.2e}-{hi:.2e}")
+}
+
+pub(super) fn mb(b: u64) -> String {
+    format!("{:.0} MB", b as f64 / 1e6)
+}
+
+pub(super) fn ms(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+/// Renders the report as markdown tables.
+pub fn render(r: &BenchReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let f = &r.references;
+    let _ = writeln!(
+        s,
+        "{} cpus ({}), load {}; corpus {} ({} tokens, {:.2} GB of tokens{}); {} rows x {} per consumer per step, {}",
+        r.cpus,
+        r.cpu_model,
+        r.loadavg,
+        r.corpus.display(),
+        millrace::util::thousands(r.corpus_tokens),
+        r.corpus_bytes as f64 / 1e9,
+        if r.corpus_write_s > 0.0 {
+            format!(", written in {:.2} s", r.corpus_write_s)
+        } else {
+            String::new()
+        },
+        r.rows,
+        r.seq_len,
+        r.token_dtype
+    );
+    let _ = writeln!(s, "\nreferences (same run):");
+    let _ = writeln!(s, "| reference | GB/s |");
+    let _ = writeln!(s, "| --- | --- |");
+    let _ = writeln!(s, "| single-thread memcpy | {:.2} |", f.memcpy_gb_per_s);
+    let _ = writeln!(
+        s,
+        "| cold sequential read of {:.2} GB of shards ({:.1}% resident after evict) | {:.2} |",
+        f.read_bytes as f64 / 1e9,
+        100.0 * f.resident_after_evict,
+        f.disk_cold_read_gb_per_s
+    );
+    let _ = writeln!(
+        s,
+        "| page-cache read through mmap (first touch / again) | {:.2} / {:.2} |",
+        f.mmap_first_touch_gb_per_s, f.mmap_read_gb_per_s
+    );
+    let _ = writeln!(s, "\nmillrace streaming (consumers read every byte):");
+    let _ = writeln!(
+        s,
+        "| cache | threads | steps | daemon start | first batch | tokens/s (median) | min-max | payload GB/s | / memcpy | source GB/s | / read ref | disk read | wake p50/p99 us | daemon CPU s per 1e9 tok | / memcpy time | consumer CPU s per 1e9 | daemon VmHWM | RssAnon | RssFile | RssShmem | faults minor/major |"
+    );
+    let _ = writeln!(s, "|{}", " --- |".repeat(21));
+    for x in r.cold.iter().chain(&r.runs) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.3e} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.0}/{:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {}/{} |",
+            x.cache,
+            x.materialize_threads,
+            x.steps,
+            ms(x.daemon_start_s),
+            ms(x.time_to_first_batch_s),
+            x.tokens_per_s,
+            range(&x.repeats_tokens_per_s),
+            x.payload_gb_per_s,
+            x.ratio_to_memcpy,
+            x.source_gb_per_s,
+            x.source_ratio_to_read,
+            mb(x.daemon_read_bytes),
+            x.wake_latency.p50_us,
+            x.wake_latency.p99_us,
+            x.daemon_cpu_s_per_1e9_tokens,
+            x.daemon_cpu_ratio_to_memcpy,
+            x.consumer_cpu_s_per_1e9_tokens,
+            mb(x.daemon_vmhwm_bytes),
+            mb(x.daemon_rss_anon_bytes),
+            mb(x.daemon_rss_file_bytes),
+            mb(x.daemon_rss_shmem_bytes),
+            x.daemon_minor_faults,
+            x.daemon_major_faults
+        );
+    }
+    if !r.latency.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nconnect to first batch, fresh daemon, shards warm (consumer spawn included):"
+        );
+        let _ = writeln!(s, "| start | step | median | tries | / step 0 |");
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
+        for l in &r.latency {
+            let tries: Vec<String> = l.tries_s.iter().map(|t| ms(*t)).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.2} |",
+                l.what,
+                l.step,
+                ms(l.connect_to_first_batch_s),
+                tries.join(", "),
+                l.ratio_to_step0
+            );
+        }
+    }
+    if let Some(why) = &r.baseline_skipped {
+        let _ = writeln!(s, "\nbaseline skipped: {why}");
+    } else if !r.baseline.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nbaseline: nanoGPT get_batch over numpy memmaps of the same .bin files ({} processes):",
+            r.baseline.first().map_or(0, |b| b.processes)
+        );
+        let _ = writeln!(
+            s,
+            "| form | cache | steps | numpy imported | first batch | tokens/s (median) | min-max | / millrace | CPU s per 1e9 tok (all / steady) | VmHWM | RssAnon | faults minor/major |"
+        );
+        let _ = writeln!(s, "|{}", " --- |".repeat(12));
+        for b in &r.baseline {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {:.3e} | {} | {:.3} | {:.2} / {:.2} | {} | {} | {}/{} |",
+                b.mode,
+                b.cache,
+                b.steps,
+                ms(b.import_s),
+                ms(b.time_to_first_batch_s),
+                b.tokens_per_s,
+                range(&b.repeats_tokens_per_s),
+                b.ratio_to_millrace,
+                b.cpu_s_per_1e9_tokens,
+                b.steady_cpu_s_per_1e9_tokens,
+                mb(b.vmhwm_bytes),
+                mb(b.rss_anon_bytes),
+                b.minor_faults,
+                b.major_faults
+            );
+        }
+    }
+    if let Some(f) = &r.fairness {
+        s.push('\n');
+        s.push_str(&render_fairness(f));
+    }
+    s
+}
+
+/// The fairness figure as a line of text.
+pub(super) fn render_fairness(f: &FairnessFigures) -> String {
+    format!(
+        "fairness: {} free-running ranks for {:.0} s ({} materialize threads, {} slots): \
+         published steps per ring min {} max {}, max/min {:.2}\nper rank: {:?}\n",
+        f.ranks,
+        f.seconds,
+        f.materialize_threads,
+        f.ring_slots,
+        f.min_steps,
+        f.max_steps,
+        f.ratio,
+        f.steps
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_range() {
+        let m = median_by(vec![3.0, 1.0, 2.0], |x| *x);
+        assert_eq!(m, Some(2.0));
+        assert_eq!(median_by(Vec::<f64>::new(), |x| *x), None);
+        assert_eq!(range(&[1.0]), "-");
+        assert_eq!(range(&[2e8, 1e8]), "1.00e8-2.00e8");
+    }
+}

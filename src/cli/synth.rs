@@ -1,0 +1,99 @@
+//! `millrace synth`: write a deterministic synthetic corpus and a config for it.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use millrace::corpus::DType;
+use millrace::{synth, util};
+
+#[derive(clap::Args)]
+pub struct SynthArgs {
+    /// Output directory (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Total tokens, e.g. 1e9, 500M, 10G.
+    #[arg(long, default_value = "1e8", value_parser = synth::parse_count)]
+    tokens: u64,
+    /// Number of domains: web, code (repo groups), books (book groups), wiki, web2, ...
+    #[arg(long, default_value_t = 4)]
+    domains: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 50304)]
+    vocab: u32,
+    /// Token dtype of the shards: uint16 or int32 [default: uint16 below 65,500 ids,
+    /// else int32, as Megatron picks].
+    #[arg(long, value_parser = parse_megatron_token_dtype)]
+    dtype: Option<DType>,
+    /// Seed; the corpus is a pure function of it and the other flags.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Upper bound on tokens per shard.
+    #[arg(long, default_value = "2.5e8", value_parser = synth::parse_count)]
+    shard_tokens: u64,
+    /// Writer threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `synth` writes: Megatron's two token dtypes.
+fn parse_megatron_token_dtype(s: &str) -> Result<DType, String> {
+    match DType::from_name(s) {
+        Some(d @ (DType::Uint16 | DType::Int32)) => Ok(d),
+        _ => Err(format!(
+            "Megatron token shards are uint16 or int32 (as Megatron picks by vocabulary), not {s:?}"
+        )),
+    }
+}
+
+pub fn run_synth(args: SynthArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let opts = synth::SynthOptions {
+        out: args.out.clone(),
+        tokens: args.tokens,
+        domains: args.domains,
+        vocab: args.vocab,
+        dtype: args
+            .dtype
+            .unwrap_or_else(|| util::default_dtype(args.vocab)),
+        seed: args.seed,
+        shard_tokens: args.shard_tokens,
+        threads,
+        progress: !args.json,
+    };
+    let summary = synth::synth(&opts)
+        .with_context(|| format!("writing a synthetic corpus to {}", args.out.display()))?;
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
+        return Ok(());
+    }
+    for d in &summary.domains {
+        writeln!(
+            out,
+            "{:<8} {:>4} shards {:>14} documents {:>16} tokens {:>10} groups",
+            d.name,
+            d.shards.len(),
+            util::thousands(d.documents),
+            util::thousands(d.tokens),
+            util::thousands(d.groups)
+        )?;
+    }
+    let bytes = summary.tokens as f64 * opts.dtype.size() as f64;
+    writeln!(
+        out,
+        "wrote {} tokens in {} documents in {:.1} s ({:.0} MB/s); config: {}",
+        util::thousands(summary.tokens),
+        util::thousands(summary.documents),
+        summary.seconds,
+        bytes / summary.seconds.max(1e-9) / 1e6,
+        summary.config.display()
+    )?;
+    Ok(())
+}
