@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 
 use millrace::util::harness::{socket_path_in, write_config, Daemon};
+use millrace::wire::status::Status;
 
 use super::report::FairnessFigures;
 use super::BenchArgs;
@@ -20,21 +22,17 @@ pub(super) fn published_steps(socket: &Path, job: &str, ranks: u32) -> Result<Ve
         &millrace::control::status_request(),
         Duration::from_secs(30),
     )?;
+    let status = Status::deserialize(&r["status"])
+        .with_context(|| format!("{}: the daemon's STATUS does not read", socket.display()))?;
     let mut out = vec![None; ranks as usize];
-    for j in r["status"]["jobs"].as_array().into_iter().flatten() {
-        if j["job"].as_str() != Some(job) {
-            continue;
-        }
-        for ring in j["rings"].as_array().into_iter().flatten() {
-            let rank = ring["dp_rank"]
-                .as_u64()
-                .context("STATUS ring without dp_rank")?;
-            let step = ring["published_step"]
-                .as_u64()
-                .context("STATUS ring without published_step")?;
-            if let Some(slot) = out.get_mut(rank as usize) {
-                *slot = Some(step);
-            }
+    for ring in status
+        .jobs
+        .iter()
+        .filter(|j| j.job == job)
+        .flat_map(|j| &j.rings)
+    {
+        if let Some(slot) = out.get_mut(ring.dp_rank as usize) {
+            *slot = Some(ring.published_step);
         }
     }
     out.into_iter()

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use millrace::wire::status::{JournalEntry, JournalPoint};
+
 /// The reply to `set_weights` or `reload`, in words.
 pub fn describe_change(reply: &Value) -> String {
     let mut s = String::new();
@@ -43,7 +45,7 @@ pub fn describe_change(reply: &Value) -> String {
 }
 
 /// The change journal as a table, oldest first.
-pub fn render_journal(entries: &[Value]) -> String {
+pub fn render_journal(entries: &[JournalEntry]) -> String {
     if entries.is_empty() {
         return "no changes: the config's schedule is in force\n".into();
     }
@@ -52,37 +54,31 @@ pub fn render_journal(entries: &[Value]) -> String {
         "at step", "plan step", "source"
     );
     for e in entries {
-        let points: Vec<String> = e
-            .get("points")
-            .and_then(Value::as_array)
-            .map(|ps| ps.iter().map(point_text).collect())
-            .unwrap_or_default();
+        let points: Vec<String> = e.points.iter().map(point_text).collect();
         let _ = writeln!(
             s,
             "{:>10} {:>10}  {:<7} {}",
-            num_or_dash(e.get("at_step")),
-            num_or_dash(e.get("plan_step")),
-            e.get("source").and_then(Value::as_str).unwrap_or("-"),
+            e.at_step,
+            e.plan_step,
+            if e.source.is_empty() { "-" } else { &e.source },
             points.join("; ")
         );
     }
     s
 }
 
-pub(super) fn point_text(p: &Value) -> String {
+/// One schedule point as `step N: name=w name=w`, names in order.
+pub(super) fn point_text(p: &JournalPoint) -> String {
     let weights = p
-        .get("weights")
-        .and_then(Value::as_object)
-        .map(|w| {
-            w.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_f64().map_or("?".into(), trim_float)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
-    format!("step {}: {weights}", num_or_dash(p.get("step")))
+        .weights
+        .iter()
+        .map(|(k, v)| format!("{k}={}", trim_float(*v)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("step {}: {weights}", p.step)
 }
 
+/// At most four decimals, trailing zeros dropped: `0.5`, `1`, `0.3333`.
 pub(super) fn trim_float(f: f64) -> String {
     let s = format!("{f:.4}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
@@ -90,13 +86,6 @@ pub(super) fn trim_float(f: f64) -> String {
         "0".into()
     } else {
         s.into()
-    }
-}
-
-pub(super) fn num_or_dash(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::Number(n)) => n.to_string(),
-        _ => "-".into(),
     }
 }
 
@@ -132,8 +121,20 @@ mod tests {
             t.contains("nothing changed") && t.contains("no change"),
             "{t}"
         );
-        let j = render_journal(&[json!({"at_step": 7, "plan_step": 7, "source": "file",
-                                         "points": [{"step": 7, "weights": {"web": 1.0}}]})]);
+        let entry = serde_json::from_value(json!({"at_step": 7, "plan_step": 7, "source": "file",
+                                                  "points": [{"step": 7, "weights": {"web": 1.0}}]}))
+        .unwrap();
+        let j = render_journal(&[entry]);
         assert!(j.contains("file") && j.contains("step 7: web=1"), "{j}");
+        // The exact layout: right-aligned steps, the source padded, points in name order.
+        let entry = serde_json::from_value(json!({"at_step": 40, "plan_step": 41, "source": "ctl",
+            "points": [{"step": 41, "weights": {"web": 0.5, "code": 0.33333}},
+                       {"step": 90, "weights": {"web": 0.0}}]}))
+        .unwrap();
+        assert_eq!(
+            render_journal(&[entry]),
+            "   at step  plan step  source  points\n        40         41  ctl     \
+             step 41: code=0.3333 web=0.5; step 90: web=0\n"
+        );
     }
 }

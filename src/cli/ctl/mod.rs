@@ -15,12 +15,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use serde::Deserialize;
 use serde_json::Value;
 
 use millrace::control::{
     journal_request, reload_request, request, set_weights_request, Late, Rejection,
 };
+use millrace::wire::status::JournalEntry;
 
 use journal::{describe_change, render_journal};
 
@@ -231,12 +233,13 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
             if a.json {
                 writeln!(out, "{}", reply.get("journal").unwrap_or(&Value::Null))?;
             } else {
-                let empty = Vec::new();
-                let entries = reply
-                    .get("journal")
-                    .and_then(Value::as_array)
-                    .unwrap_or(&empty);
-                write!(out, "{}", render_journal(entries))?;
+                let entries = match reply.get("journal") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(j) => Vec::<JournalEntry>::deserialize(j).with_context(|| {
+                        format!("{}: the daemon's journal does not read", socket.display())
+                    })?,
+                };
+                write!(out, "{}", render_journal(&entries))?;
             }
             Ok(())
         }

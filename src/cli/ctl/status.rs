@@ -3,13 +3,17 @@
 
 use std::fmt::Write as _;
 use std::io::Write;
+use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use serde::Deserialize;
 use serde_json::Value;
 
 use millrace::control::{status_request, Connection};
+use millrace::util::thousands;
+use millrace::wire::status::Status;
 
-use super::journal::{num_or_dash, render_journal};
+use super::journal::render_journal;
 use super::{fail_on_rejection, StatusArgs};
 
 /// Runs `millrace status`.
@@ -18,14 +22,17 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
     let status = fetch_status(&mut Connection::open(&socket, args.target.timeout())?)?;
     let mut out = std::io::stdout().lock();
     if args.json {
+        // Verbatim: a script reads what the daemon wrote, fields this release does not
+        // know included.
         writeln!(out, "{status}")?;
     } else {
-        write!(out, "{}", render_status(&status))?;
+        write!(out, "{}", render_status(&read_status(&status, &socket)?))?;
     }
     Ok(())
 }
 
-/// Asks for STATUS on `conn`; an `ok: false` reply is an error here.
+/// Asks for STATUS on `conn`: the `status` object as the daemon wrote it. An `ok: false`
+/// reply is an error here.
 pub fn fetch_status(conn: &mut Connection) -> anyhow::Result<Value> {
     let reply = conn.request(&status_request())?;
     fail_on_rejection(&reply)?;
@@ -38,53 +45,56 @@ pub fn fetch_status(conn: &mut Connection) -> anyhow::Result<Value> {
     }
 }
 
+/// The daemon's STATUS object read into the typed [`Status`] that `status` and `top`
+/// show. A field it lacks (a daemon one release apart) takes its default; a field of the
+/// wrong type is an error that names the socket.
+pub fn read_status(status: &Value, socket: &Path) -> anyhow::Result<Status> {
+    Status::deserialize(status)
+        .with_context(|| format!("{}: the daemon's STATUS does not read", socket.display()))
+}
+
 /// The last reload's outcome when it was refused (a refused file edit leaves the old
 /// weights in force, which nobody should have to find in the log); nothing otherwise.
-pub fn last_reload_line(st: &Value) -> Option<String> {
-    let last = st.get("last_reload")?;
-    if last.get("ok").and_then(Value::as_bool) != Some(false) {
-        return None;
-    }
-    let source = last.get("source").and_then(Value::as_str).unwrap_or("?");
-    let code = last.get("code").and_then(Value::as_str).unwrap_or("?");
-    let message = last.get("message").and_then(Value::as_str).unwrap_or("");
+pub fn last_reload_line(st: &Status) -> Option<String> {
+    let last = st.last_reload.as_ref().filter(|l| !l.ok)?;
+    let source = or(&last.source, "?");
+    let code = last.code.as_deref().unwrap_or("?");
+    let message = &last.message;
     Some(format!(
         "LAST RELOAD REFUSED ({source}, {code}): the old weights stay: {message}"
     ))
 }
 
 /// `millrace status` in words: identity, counters, mixture and rings.
-pub fn render_status(st: &Value) -> String {
+pub fn render_status(st: &Status) -> String {
     let mut s = String::new();
-    let g = |k: &str| st.get(k);
     let _ = writeln!(
         s,
         "millrace {} pid {} up {}",
-        str_or_dash(g("version")),
-        num_or_dash(g("pid")),
-        duration_text(g("uptime_s").and_then(Value::as_f64))
+        or(&st.version, "-"),
+        st.pid,
+        duration_text(st.uptime_s)
     );
-    let _ = writeln!(s, "config       {}", str_or_dash(g("config")));
-    let _ = writeln!(s, "socket       {}", str_or_dash(g("socket")));
-    let _ = writeln!(s, "fingerprint  {}", str_or_dash(g("fingerprint")));
+    let _ = writeln!(s, "config       {}", or(&st.config, "-"));
+    let _ = writeln!(s, "socket       {}", or(&st.socket, "-"));
+    let _ = writeln!(s, "fingerprint  {}", or(&st.fingerprint, "-"));
     let _ = writeln!(
         s,
         "clients {}  reloads {} (failed {})  first changeable step {}",
-        num_or_dash(g("clients")),
-        num_or_dash(g("reloads")),
-        num_or_dash(g("failed_reloads")),
-        num_or_dash(g("first_changeable_step"))
+        st.clients, st.reloads, st.failed_reloads, st.first_changeable_step
     );
-    // Daemons before issue 14 do not report these: no line rather than dashes.
-    if let Some(fd) = g("fd_limit") {
+    // Daemons before issue 14 do not report these (every field reads as its default):
+    // no line rather than zeros.
+    if st.fd_limit != Default::default() {
+        let fd = &st.fd_limit;
         let _ = writeln!(
             s,
             "fds {} open of {} (hard {})  control connections {} of {}",
-            num_or_dash(fd.get("open")),
-            num_or_dash(fd.get("soft")),
-            num_or_dash(fd.get("hard")),
-            num_or_dash(g("control_connections").and_then(|c| c.get("open"))),
-            num_or_dash(g("control_connections").and_then(|c| c.get("max")))
+            fd.open.map_or("-".into(), |n| n.to_string()),
+            fd.soft,
+            fd.hard,
+            st.control_connections.open,
+            st.control_connections.max
         );
     }
     if let Some(line) = last_reload_line(st) {
@@ -93,43 +103,33 @@ pub fn render_status(st: &Value) -> String {
     let _ = writeln!(
         s,
         "padding {}  truncation {}",
-        pct_or_dash(g("padding_fraction")),
-        pct_or_dash(g("truncation_fraction"))
+        pct(st.padding_fraction),
+        pct(st.truncation_fraction)
     );
     // The rings' share of [serve] ring_memory_bytes: a full budget refuses new jobs.
-    let mib = |k: &str| {
-        g("ring_memory")
-            .and_then(|r| r.get(k))
-            .and_then(Value::as_u64)
-            .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
-    };
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
     let _ = writeln!(
         s,
         "ring memory {} of {}",
-        mib("used_bytes"),
-        mib("budget_bytes")
+        mib(st.ring_memory.used_bytes),
+        mib(st.ring_memory.budget_bytes)
     );
     let _ = writeln!(
         s,
         "\ndomain        target  realized      epochs          tokens"
     );
-    for d in arr(g("domains")) {
+    for d in &st.domains {
         let _ = writeln!(
             s,
             "{:<12} {:>7} {:>9} {:>11} {:>15}",
-            str_or_dash(d.get("name")),
-            pct_or_dash(d.get("target_share")),
-            pct_or_dash(d.get("realized_share")),
-            d.get("epochs")
-                .and_then(Value::as_f64)
-                .map_or("-".into(), |e| format!("{e:.4}")),
-            d.get("tokens")
-                .and_then(Value::as_u64)
-                .map_or("-".into(), millrace::util::thousands)
+            or(&d.name, "-"),
+            pct(d.target_share),
+            pct(d.realized_share),
+            format!("{:.4}", d.epochs),
+            thousands(d.tokens)
         );
     }
-    let jobs = arr(g("jobs"));
-    if jobs.is_empty() {
+    if st.jobs.is_empty() {
         let _ = writeln!(s, "\nno job is connected");
     } else {
         let _ = writeln!(
@@ -138,69 +138,61 @@ pub fn render_status(st: &Value) -> String {
             "job", "rank", "published", "released", "ring", "tokens", "cons.wait", "prod.wait"
         );
     }
-    for j in jobs {
-        for r in arr(j.get("rings")) {
-            let peers: Vec<String> = arr(r.get("peers"))
+    for j in &st.jobs {
+        for r in &j.rings {
+            let peers: Vec<String> = r
+                .peers
                 .iter()
                 .map(|p| {
                     format!(
                         "{}(pid {}, released {})",
-                        str_or_dash(p.get("replica")),
-                        num_or_dash(p.get("pid")),
-                        num_or_dash(p.get("released_step"))
+                        or(&p.replica, "-"),
+                        p.pid.map_or("-".into(), |n| n.to_string()),
+                        p.released_step
                     )
                 })
                 .collect();
             let _ = writeln!(
                 s,
                 "{:<16} {:>4} {:>9} {:>9} {:>5} {:>15} {:>8.2}s {:>8.2}s  {}",
-                str_or_dash(j.get("job")),
-                num_or_dash(r.get("dp_rank")),
-                num_or_dash(r.get("published_step")),
-                num_or_dash(r.get("released_step")),
-                format!(
-                    "{}/{}",
-                    num_or_dash(r.get("occupancy")),
-                    num_or_dash(r.get("slots"))
-                ),
-                r.get("tokens_delivered")
-                    .and_then(Value::as_u64)
-                    .map_or("-".into(), millrace::util::thousands),
-                r.get("consumer_wait_s")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0),
-                r.get("producer_wait_s")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0),
+                or(&j.job, "-"),
+                r.dp_rank,
+                r.published_step,
+                r.released_step,
+                format!("{}/{}", r.occupancy, r.slots),
+                thousands(r.tokens_delivered),
+                r.consumer_wait_s,
+                r.producer_wait_s,
                 peers.join(", ")
             );
         }
     }
-    let journal = arr(g("journal"));
-    if !journal.is_empty() {
+    if !st.journal.is_empty() {
         let _ = writeln!(s, "\nchanges in force:");
-        s.push_str(&render_journal(journal));
+        s.push_str(&render_journal(&st.journal));
     }
     s
 }
 
-pub(super) fn arr(v: Option<&Value>) -> &[Value] {
-    v.and_then(Value::as_array).map_or(&[], |a| a.as_slice())
+/// `text`, or `missing` when it is empty (a field the daemon did not send).
+pub(super) fn or<'a>(text: &'a str, missing: &'a str) -> &'a str {
+    if text.is_empty() {
+        missing
+    } else {
+        text
+    }
 }
 
-pub(super) fn str_or_dash(v: Option<&Value>) -> String {
-    v.and_then(Value::as_str).unwrap_or("-").to_string()
+/// A fraction as a percentage with one decimal.
+pub(super) fn pct(f: f64) -> String {
+    format!("{:.1}%", 100.0 * f)
 }
 
-pub(super) fn pct_or_dash(v: Option<&Value>) -> String {
-    v.and_then(Value::as_f64)
-        .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f))
-}
-
-pub(super) fn duration_text(s: Option<f64>) -> String {
-    let Some(s) = s.filter(|s| s.is_finite() && *s >= 0.0) else {
+/// Seconds as `12.3s`, `4m05s`, `1h02m` or `2d03h`; `-` for what is not a duration.
+pub(super) fn duration_text(s: f64) -> String {
+    if !(s.is_finite() && s >= 0.0) {
         return "-".into();
-    };
+    }
     let t = s as u64;
     match t {
         0..=59 => format!("{s:.1}s"),
@@ -214,11 +206,13 @@ pub(super) fn duration_text(s: Option<f64>) -> String {
 pub(super) mod tests {
     use super::super::top::render;
     use super::*;
+    use millrace::wire::status::{FdLimitStatus, ReloadOutcome};
     use serde_json::json;
 
-    /// A STATUS as a daemon with two rings and two domains writes it.
-    pub(in crate::cli::ctl) fn sample_status(tokens: u64, released: u64, cwait: f64) -> Value {
-        json!({
+    /// A STATUS as a daemon with two rings and two domains writes it, read as `status`
+    /// and `top` read it.
+    pub(in crate::cli::ctl) fn sample_status(tokens: u64, released: u64, cwait: f64) -> Status {
+        let v = json!({
             "version": "0.1.0", "pid": 123, "uptime_s": 3725.0,
             "config": "/etc/millrace/millrace.toml", "socket": "/run/millrace/millrace.sock",
             "fingerprint": "0123456789abcdef0123456789abcdef",
@@ -241,7 +235,8 @@ pub(super) mod tests {
                  "peers": [], "tokens_delivered": 5, "batches_delivered": 8,
                  "consumer_wait_s": 0.0, "producer_wait_s": 0.0}
             ]}]
-        })
+        });
+        read_status(&v, Path::new("sample.sock")).unwrap()
     }
 
     #[test]
@@ -258,20 +253,93 @@ pub(super) mod tests {
         assert!(text.contains("web"), "{text}");
         assert!(text.contains("60.0%"), "{text}");
         assert!(text.contains("changes in force"), "{text}");
+        // A daemon that reports no fd figures gets no fd line (not a line of zeros).
+        assert!(!text.contains("fds "), "{text}");
+    }
+
+    /// `status` and `top` print, character for character, what they printed when they
+    /// read STATUS by string key (golden/*.txt were written by that code from this same
+    /// STATUS): reading it through the typed struct changed no output.
+    #[test]
+    fn status_and_top_text_are_pinned() {
+        let mut st = sample_status(1234567, 57, 0.25);
+        st.fd_limit = FdLimitStatus {
+            at_start: 1024,
+            hard: 524288,
+            open: Some(17),
+            soft: 524288,
+        };
+        st.control_connections.max = 64;
+        st.control_connections.open = 1;
+        st.last_reload = Some(ReloadOutcome {
+            source: "file".into(),
+            ok: false,
+            code: Some("late".into()),
+            message: "m".into(),
+            unix_s: 0,
+        });
+        assert_eq!(render_status(&st), include_str!("golden/status.txt"));
+        let prev = sample_status(1_000_000, 50, 0.25);
+        assert_eq!(
+            render(&st, Some((&prev, 2.0)), 120),
+            include_str!("golden/top.txt")
+        );
+        assert_eq!(
+            render(&st, None, 80),
+            include_str!("golden/top-first-frame.txt")
+        );
+    }
+
+    /// Missing fields read as defaults (a daemon one release apart); a field of the wrong
+    /// type is refused with the socket named, instead of being shown as something else.
+    #[test]
+    fn status_reads_typed_and_names_the_socket_when_it_cannot() {
+        let old = read_status(&json!({"pid": 9, "jobs": []}), Path::new("a.sock")).unwrap();
+        assert_eq!((old.pid, old.fd_limit.hard), (9, 0));
+        let text = render_status(&old);
+        assert!(
+            text.contains("pid 9") && text.contains("no job is connected"),
+            "{text}"
+        );
+        assert!(text.contains("config       -"), "{text}");
+        for odd in [
+            json!({"jobs": "x"}),
+            json!({"pid": "x"}),
+            json!({"domains": [1]}),
+        ] {
+            let e = read_status(&odd, Path::new("/run/d.sock")).unwrap_err();
+            let text = format!("{e:#}");
+            assert!(
+                text.contains("/run/d.sock") && text.contains("STATUS"),
+                "{text}"
+            );
+        }
     }
 
     #[test]
     fn a_refused_reload_shows_in_status_and_top() {
         let mut st = sample_status(1000, 57, 0.25);
-        st["last_reload"] = json!({"source": "file", "ok": false, "code": "late",
-                                   "message": "step 1 may already have been received"});
+        st.last_reload = Some(ReloadOutcome {
+            source: "file".into(),
+            ok: false,
+            code: Some("late".into()),
+            message: "step 1 may already have been received".into(),
+            unix_s: 0,
+        });
         let want = "LAST RELOAD REFUSED (file, late): the old weights stay: step 1 may \
                     already have been received";
         assert!(render_status(&st).contains(want), "{}", render_status(&st));
         assert!(render(&st, None, 100).contains(want));
         // An accepted (or no) reload adds no line.
-        st["last_reload"] = json!({"source": "ctl", "ok": true, "message": "applied"});
+        st.last_reload = Some(ReloadOutcome {
+            source: "ctl".into(),
+            ok: true,
+            message: "applied".into(),
+            ..ReloadOutcome::default()
+        });
         assert!(!render_status(&st).contains("LAST RELOAD"));
         assert!(!render(&st, None, 100).contains("LAST RELOAD"));
+        st.last_reload = None;
+        assert!(!render_status(&st).contains("LAST RELOAD"));
     }
 }

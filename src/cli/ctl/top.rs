@@ -4,12 +4,11 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use millrace::control::Connection;
+use millrace::wire::status::{RingStatus, Status};
 
-use super::journal::{num_or_dash, point_text};
-use super::status::{arr, duration_text, fetch_status, last_reload_line, pct_or_dash, str_or_dash};
+use super::journal::point_text;
+use super::status::{duration_text, fetch_status, last_reload_line, or, pct, read_status};
 use super::TopArgs;
 
 /// `[###.....]`: `frac` of `width` cells filled (clamped to 0..=1).
@@ -39,37 +38,34 @@ pub(super) fn bar_with_mark(frac: f64, mark: f64, width: usize) -> String {
 }
 
 /// One frame of `millrace top`, from the latest STATUS (`now`) and, for rates, the
-/// previous one and the seconds between them. Pure, so it is tested on sample JSON; a
-/// missing field shows as `-`, a counter that went backwards (a new ring, a restarted
-/// daemon) shows no rate. Lines are cut to `width` characters.
-pub fn render(now: &Value, prev: Option<(&Value, f64)>, width: usize) -> String {
+/// previous one and the seconds between them. Pure, so it is tested on sample statuses;
+/// a counter that went backwards (a new ring, a restarted daemon) shows no rate. Lines
+/// are cut to `width` characters.
+pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> String {
     let width = width.max(40);
-    let g = |k: &str| now.get(k);
-    // Rates only between two statuses of one daemon process.
-    let prev = prev.filter(|(p, dt)| {
-        *dt > 0.0 && dt.is_finite() && p.get("pid") == now.get("pid") && now.get("pid").is_some()
-    });
+    // Rates only between two statuses of one daemon process (pid 0: none reported).
+    let prev =
+        prev.filter(|(p, dt)| *dt > 0.0 && dt.is_finite() && p.pid == now.pid && now.pid != 0);
     let mut lines: Vec<String> = Vec::new();
     lines.push(format!(
         "millrace {}  pid {}  up {}  fingerprint {}",
-        str_or_dash(g("version")),
-        num_or_dash(g("pid")),
-        duration_text(g("uptime_s").and_then(Value::as_f64)),
-        str_or_dash(g("fingerprint")),
+        or(&now.version, "-"),
+        now.pid,
+        duration_text(now.uptime_s),
+        or(&now.fingerprint, "-"),
     ));
     lines.push(format!(
         "clients {}  reloads {} (failed {})  first changeable step {}  padding {}  truncation {}",
-        num_or_dash(g("clients")),
-        num_or_dash(g("reloads")),
-        num_or_dash(g("failed_reloads")),
-        num_or_dash(g("first_changeable_step")),
-        pct_or_dash(g("padding_fraction")),
-        pct_or_dash(g("truncation_fraction")),
+        now.clients,
+        now.reloads,
+        now.failed_reloads,
+        now.first_changeable_step,
+        pct(now.padding_fraction),
+        pct(now.truncation_fraction),
     ));
     lines.extend(last_reload_line(now));
     lines.push(String::new());
-    let jobs = arr(g("jobs"));
-    if jobs.is_empty() {
+    if now.jobs.is_empty() {
         lines.push("no job is connected".into());
     } else {
         lines.push(format!(
@@ -77,58 +73,54 @@ pub fn render(now: &Value, prev: Option<(&Value, f64)>, width: usize) -> String 
             "job", "rank", "step", "tokens/s", "steps/s", "ring", "cons.wait", "prod.wait", "peers"
         ));
     }
-    for j in jobs {
-        let job = str_or_dash(j.get("job"));
-        for r in arr(j.get("rings")) {
-            let rank = r.get("dp_rank").and_then(Value::as_u64);
+    for j in &now.jobs {
+        let job = or(&j.job, "-");
+        for r in &j.rings {
             let before = prev.and_then(|(p, dt)| {
-                arr(p.get("jobs"))
+                p.jobs
                     .iter()
-                    .filter(|pj| pj.get("job").and_then(Value::as_str) == Some(job.as_str()))
-                    .flat_map(|pj| arr(pj.get("rings")))
-                    .find(|pr| pr.get("dp_rank").and_then(Value::as_u64) == rank && rank.is_some())
+                    .filter(|pj| pj.job == j.job)
+                    .flat_map(|pj| &pj.rings)
+                    .find(|pr| pr.dp_rank == r.dp_rank)
                     .map(|pr| (pr, dt))
             });
-            let rate = |key: &str| -> Option<f64> {
+            let rate = |field: fn(&RingStatus) -> f64| -> Option<f64> {
                 let (pr, dt) = before?;
-                let a = pr.get(key).and_then(Value::as_f64)?;
-                let b = r.get(key).and_then(Value::as_f64)?;
+                let (a, b) = (field(pr), field(r));
                 (b >= a).then(|| (b - a) / dt)
             };
-            let occ = r.get("occupancy").and_then(Value::as_f64);
-            let slots = r.get("slots").and_then(Value::as_f64);
-            let ring = match (occ, slots) {
-                (Some(o), Some(s)) if s > 0.0 => {
-                    format!("{} {}/{}", bar(o / s, 6), o as u64, s as u64)
-                }
-                _ => "-".into(),
+            let ring = if r.slots > 0 {
+                let (o, s) = (r.occupancy, r.slots);
+                format!("{} {o}/{s}", bar(o as f64 / f64::from(s), 6))
+            } else {
+                "-".into()
             };
             let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".into(), f);
             lines.push(format!(
                 "{:<9} {:>4} {:>8} {:>8} {:>7} {:<12} {:>9} {:>9} {:>5}",
                 job,
-                num_or_dash(r.get("dp_rank")),
-                num_or_dash(r.get("released_step").or(r.get("published_step"))),
-                opt(rate("tokens_delivered"), &millrace::util::si),
-                opt(rate("released_step"), &|v| format!("{v:.2}")),
+                r.dp_rank,
+                r.released_step,
+                opt(rate(|r| r.tokens_delivered as f64), &millrace::util::si),
+                opt(rate(|r| r.released_step as f64), &|v| format!("{v:.2}")),
                 ring,
-                opt(rate("consumer_wait_s"), &|v| format!("{v:.3}")),
-                opt(rate("producer_wait_s"), &|v| format!("{v:.3}")),
-                arr(r.get("peers")).len(),
+                opt(rate(|r| r.consumer_wait_s), &|v| format!("{v:.3}")),
+                opt(rate(|r| r.producer_wait_s), &|v| format!("{v:.3}")),
+                r.peers.len(),
             ));
         }
     }
-    if !jobs.is_empty() {
+    if !now.jobs.is_empty() {
         lines.push(
             "waits: s/s trainers waited for data (cons) / the daemon for a free slot (prod)".into(),
         );
     }
-    let domains = arr(g("domains"));
-    if !domains.is_empty() {
+    if !now.domains.is_empty() {
         lines.push(String::new());
-        let name_w = domains
+        let name_w = now
+            .domains
             .iter()
-            .map(|d| str_or_dash(d.get("name")).chars().count())
+            .map(|d| or(&d.name, "-").chars().count())
             .max()
             .unwrap_or(1)
             .clamp(6, 20);
@@ -140,28 +132,24 @@ pub fn render(now: &Value, prev: Option<(&Value, f64)>, width: usize) -> String 
             "token shares",
             bw = bar_w + 2
         ));
-        for d in domains {
-            let realized = d.get("realized_share").and_then(Value::as_f64);
-            let target = d.get("target_share").and_then(Value::as_f64);
+        for d in &now.domains {
             lines.push(format!(
-                "{:<name_w$} {}  {:>6} of {:>6}  epochs {}",
-                str_or_dash(d.get("name")),
-                bar_with_mark(realized.unwrap_or(0.0), target.unwrap_or(f64::NAN), bar_w),
-                pct_or_dash(d.get("realized_share")),
-                pct_or_dash(d.get("target_share")),
-                d.get("epochs")
-                    .and_then(Value::as_f64)
-                    .map_or("-".into(), |e| format!("{e:.4}")),
+                "{:<name_w$} {}  {:>6} of {:>6}  epochs {:.4}",
+                or(&d.name, "-"),
+                bar_with_mark(d.realized_share, d.target_share, bar_w),
+                pct(d.realized_share),
+                pct(d.target_share),
+                d.epochs,
             ));
         }
     }
-    if let Some(last) = arr(g("journal")).last() {
+    if let Some(last) = now.journal.last() {
         lines.push(String::new());
         lines.push(format!(
             "last change: from step {} ({}) {}",
-            num_or_dash(last.get("at_step")),
-            str_or_dash(last.get("source")),
-            arr(last.get("points"))
+            last.at_step,
+            or(&last.source, "-"),
+            last.points
                 .iter()
                 .map(point_text)
                 .collect::<Vec<_>>()
@@ -175,6 +163,11 @@ pub fn render(now: &Value, prev: Option<(&Value, f64)>, width: usize) -> String 
         out.push('\n');
     }
     out
+}
+
+/// One STATUS on `conn`, typed.
+fn fetch(conn: &mut Connection) -> anyhow::Result<Status> {
+    read_status(&fetch_status(conn)?, conn.socket())
 }
 
 /// Columns of the terminal on stdout, else `$COLUMNS`, else 100.
@@ -204,10 +197,10 @@ pub fn run_top(args: TopArgs) -> anyhow::Result<()> {
     }
     .max(Duration::from_millis(50));
     let mut conn = Connection::open(&socket, timeout)?;
-    let mut prev = (fetch_status(&mut conn)?, Instant::now());
+    let mut prev = (fetch(&mut conn)?, Instant::now());
     if args.once {
         std::thread::sleep(interval);
-        let now = fetch_status(&mut conn)?;
+        let now = fetch(&mut conn)?;
         let dt = prev.1.elapsed().as_secs_f64();
         let frame = render(&now, Some((&prev.0, dt)), terminal_width());
         std::io::stdout().lock().write_all(frame.as_bytes())?;
@@ -233,11 +226,11 @@ pub fn run_top(args: TopArgs) -> anyhow::Result<()> {
     loop {
         std::thread::sleep(interval);
         let got = match conn.as_mut() {
-            Some(c) => fetch_status(c),
+            Some(c) => fetch(c),
             None => Connection::open(&socket, timeout)
                 .map_err(anyhow::Error::from)
                 .and_then(|mut c| {
-                    let st = fetch_status(&mut c);
+                    let st = fetch(&mut c);
                     conn = Some(c);
                     st
                 }),
@@ -315,7 +308,7 @@ mod tests {
         assert!(!ring0.contains("M "), "{ring0}");
         assert!(ring0.contains(" - "), "{ring0}");
         let mut other = sample_status(1, 1, 0.0);
-        other["pid"] = json!(999);
+        other.pid = 999;
         let text = render(&now, Some((&other, 1.0)), 100);
         assert!(text
             .lines()
@@ -327,19 +320,22 @@ mod tests {
         assert!(ring0.contains(" - "), "{ring0}");
     }
 
+    /// Fields a daemon did not send (read as defaults) and values out of range (a share
+    /// above 1, an empty ring, a tiny width) still draw a frame.
     #[test]
-    fn render_tolerates_missing_and_odd_fields() {
+    fn render_tolerates_missing_fields_and_odd_values() {
         for v in [
             json!({}),
-            json!({"jobs": "x", "domains": [1, {"name": 3}], "journal": [{}]}),
-            json!({"jobs": [{"rings": [{"slots": 0, "occupancy": 1}]}], "pid": "x"}),
+            json!({"domains": [{}], "journal": [{}]}),
+            json!({"jobs": [{"rings": [{"slots": 0, "occupancy": 1}]}]}),
             json!({"domains": [{"name": "web", "realized_share": 7.0, "target_share": -1.0}]}),
         ] {
-            let text = render(&v, Some((&v, 0.0)), 10);
+            let st = read_status(&v, std::path::Path::new("t.sock")).unwrap();
+            let text = render(&st, Some((&st, 0.0)), 10);
             assert!(text.contains("millrace"), "{text}");
-            let _ = render_status(&v);
+            assert!(render_status(&st).contains("millrace"));
         }
-        let text = render(&json!({"jobs": []}), None, 80);
+        let text = render(&Status::default(), None, 80);
         assert!(text.contains("no job is connected"));
     }
 
