@@ -29,8 +29,6 @@ pub const CONTROL: u8 = kind::CONTROL;
 pub const CONTROL_REPLY: u8 = kind::CONTROL_REPLY;
 /// Version of the control requests sent here (the `protocol` key): the daemon's own.
 pub const PROTOCOL: u32 = wire::VERSION;
-/// How long the command line waits for a reply unless told otherwise.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a control request got no reply; always names the socket, so an operator with
 /// several daemons knows which one failed.

@@ -206,27 +206,14 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
     match args.command {
         CtlCommand::SetWeights(a) => {
             let weights = weights_map(&a.weights).map_err(anyhow::Error::msg)?;
-            let reply = request(
-                &socket,
-                &set_weights_request(&weights, a.at_step, a.late),
-                timeout,
-            )?;
-            if a.json {
-                writeln!(out, "{reply}")?;
-            } else if Rejection::of(&reply).is_none() {
-                write!(out, "{}", describe_change(&reply))?;
-            }
-            fail_on_rejection(&reply)
+            let req = set_weights_request(&weights, a.at_step, a.late);
+            show_change(&mut out, &request(&socket, &req, timeout)?, a.json)
         }
-        CtlCommand::Reload(a) => {
-            let reply = request(&socket, &reload_request(), timeout)?;
-            if a.json {
-                writeln!(out, "{reply}")?;
-            } else if Rejection::of(&reply).is_none() {
-                write!(out, "{}", describe_change(&reply))?;
-            }
-            fail_on_rejection(&reply)
-        }
+        CtlCommand::Reload(a) => show_change(
+            &mut out,
+            &request(&socket, &reload_request(), timeout)?,
+            a.json,
+        ),
         CtlCommand::Journal(a) => {
             let reply = request(&socket, &journal_request(), timeout)?;
             fail_on_rejection(&reply)?;
@@ -246,6 +233,18 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Prints the reply to `set-weights` or `reload` (as JSON, or in words unless refused);
+/// a refusal is the command's error.
+fn show_change(out: &mut impl Write, reply: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{reply}")?;
+    } else if Rejection::of(reply).is_none() {
+        write!(out, "{}", describe_change(reply))?;
+    }
+    fail_on_rejection(reply)
+}
+
+/// The daemon's `ok: false` reply as an error; nothing for an accepted one.
 fn fail_on_rejection(reply: &Value) -> anyhow::Result<()> {
     match Rejection::of(reply) {
         Some(r) => bail!("{r}"),

@@ -239,6 +239,17 @@ pub(super) mod tests {
         read_status(&v, Path::new("sample.sock")).unwrap()
     }
 
+    /// A config file edit the daemon refused as late.
+    fn refused_file_edit(message: &str) -> ReloadOutcome {
+        ReloadOutcome {
+            source: "file".into(),
+            ok: false,
+            code: Some("late".into()),
+            message: message.into(),
+            unix_s: 0,
+        }
+    }
+
     #[test]
     fn status_text_names_the_rings_and_domains() {
         let text = render_status(&sample_status(1234567, 57, 0.25));
@@ -271,13 +282,7 @@ pub(super) mod tests {
         };
         st.control_connections.max = 64;
         st.control_connections.open = 1;
-        st.last_reload = Some(ReloadOutcome {
-            source: "file".into(),
-            ok: false,
-            code: Some("late".into()),
-            message: "m".into(),
-            unix_s: 0,
-        });
+        st.last_reload = Some(refused_file_edit("m"));
         assert_eq!(render_status(&st), include_str!("golden/status.txt"));
         let prev = sample_status(1_000_000, 50, 0.25);
         assert_eq!(
@@ -319,13 +324,7 @@ pub(super) mod tests {
     #[test]
     fn a_refused_reload_shows_in_status_and_top() {
         let mut st = sample_status(1000, 57, 0.25);
-        st.last_reload = Some(ReloadOutcome {
-            source: "file".into(),
-            ok: false,
-            code: Some("late".into()),
-            message: "step 1 may already have been received".into(),
-            unix_s: 0,
-        });
+        st.last_reload = Some(refused_file_edit("step 1 may already have been received"));
         let want = "LAST RELOAD REFUSED (file, late): the old weights stay: step 1 may \
                     already have been received";
         assert!(render_status(&st).contains(want), "{}", render_status(&st));
