@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod plan;
 pub mod serve;
 pub mod synth;
+pub mod sys;
 pub mod tokenize;
 pub mod util;
 pub mod wire;
