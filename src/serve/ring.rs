@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
 
@@ -217,6 +217,34 @@ pub struct Ring {
     shm: Shm,
     /// Read-only reopen of the memfd, handed to every peer.
     ro: OwnedFd,
+    /// Per slot: whether a [`SlotMut`] of it is alive (see [`Ring::claim`]).
+    busy: Box<[AtomicBool]>,
+}
+
+/// A slot held by one writer (the hub's worker filling it, or the publisher stamping
+/// it): its bytes, writable; the slot is free again when this is dropped.
+pub struct SlotMut<'a> {
+    bytes: &'a mut [u8],
+    busy: &'a AtomicBool,
+}
+
+impl std::ops::Deref for SlotMut<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl std::ops::DerefMut for SlotMut<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.bytes
+    }
+}
+
+impl Drop for SlotMut<'_> {
+    fn drop(&mut self) {
+        self.busy.store(false, Ordering::Release);
+    }
 }
 
 impl Ring {
@@ -242,7 +270,13 @@ impl Ring {
         .map_err(os("mmap"))?;
         seal(&file)?;
         let ro = reopen_read_only(&file)?;
-        Ok(Ring { layout, shm, ro })
+        let busy = (0..layout.slots).map(|_| AtomicBool::new(false)).collect();
+        Ok(Ring {
+            layout,
+            shm,
+            ro,
+            busy,
+        })
     }
 
     /// The layout clients are told about.
@@ -275,11 +309,41 @@ impl Ring {
         self.published_word().store(upto, Ordering::Release);
     }
 
-    /// The slot of `step`, writable.
+    /// The slot of `step`, writable, held until the returned value is dropped. A slot
+    /// already held (a second writer: a hub bug) is an error, never a second reference.
+    ///
+    /// Which slot may be written is the hub's call: one released by every peer (clients
+    /// read a slot only between its publication and their release of it).
+    pub fn claim(&self, step: u64) -> Result<SlotMut<'_>, RingError> {
+        let i = (step % self.layout.slots as u64) as usize;
+        let busy = &self.busy[i];
+        if busy.swap(true, Ordering::Acquire) {
+            return Err(RingError::Materialize {
+                step,
+                message: format!("slot {i} is already being written"),
+            });
+        }
+        let start = RING_HEADER as usize + i * self.layout.slot_bytes as usize;
+        // SAFETY: `busy[i]` was false and is now set by us, so no other `SlotMut` of this
+        // slot lives in this process until ours drops; the ring hands out no other
+        // reference into its slots (its atomics are header words before RING_HEADER,
+        // and its `Shm` is private).
+        let bytes = unsafe { self.shm.bytes_mut(start, self.layout.slot_bytes as usize) };
+        Ok(SlotMut { bytes, busy })
+    }
+
+    /// Stamps the publish time into the slot of `step` (filled, about to be published).
+    pub fn stamp(&self, step: u64) -> Result<(), RingError> {
+        stamp(&mut self.claim(step)?);
+        Ok(())
+    }
+
+    /// The slot of `step`, writable, without a claim: what the hub used before
+    /// [`Ring::claim`]. Goes at merge, once the hub claims (src/sys.rs's report).
     ///
     /// # Safety
-    /// The caller must be the only one touching this slot (the hub's claim), and no
-    /// client may be reading it (it was released by every peer).
+    /// The caller must be the only one touching this slot, and no client may be reading
+    /// it (it was released by every peer).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slot_mut(&self, step: u64) -> &mut [u8] {
         let i = step % self.layout.slots as u64;
@@ -781,7 +845,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (src, job, layout) = shard_and_job(dir.path(), 7, (0, 7));
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
-        let slot = only_slot(&ring);
+        let slot = &mut ring.claim(0).unwrap();
         assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
         std::fs::OpenOptions::new()
             .write(true)
@@ -810,7 +874,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut src, job, layout) = shard_and_job(dir.path(), 1000, (0, 1000));
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
-        let slot = only_slot(&ring);
+        let slot = &mut ring.claim(0).unwrap();
         let e = fill_slot(slot, &layout, &job, &src)
             .unwrap_err()
             .to_string();
@@ -829,7 +893,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (src, job, layout) = shard_and_job(dir.path(), 7, (at, 1000));
             let ring = Ring::create("t", layout.clone(), 0).unwrap();
-            let slot = only_slot(&ring);
+            let slot = &mut ring.claim(0).unwrap();
             let e = fill_slot(slot, &layout, &job, &src)
                 .unwrap_err()
                 .to_string();
@@ -844,10 +908,24 @@ mod tests {
         assert_eq!(first_out_of_range(bad, src.id_limit()), Some((1, -7)));
     }
 
-    /// Slot 0 of a ring this test alone uses.
-    fn only_slot(ring: &Ring) -> &mut [u8] {
-        // SAFETY: the calling test is the ring's only user and holds one slot at a time.
-        unsafe { ring.slot_mut(0) }
+    #[test]
+    fn a_slot_has_one_writer_at_a_time() {
+        let layout = Layout::new(1, 16, 2, TokenType(DType::Int32), 64);
+        let ring = Ring::create("t", layout.clone(), 0).unwrap();
+        let mut a = ring.claim(4).unwrap();
+        let e = ring.claim(6).err().expect("slot 0 is held").to_string();
+        assert!(e.contains("step 6: slot 0 is already being written"), "{e}");
+        assert!(ring.stamp(2).is_err());
+        let b = ring.claim(5).unwrap();
+        assert_eq!(a.len(), layout.slot_bytes as usize);
+        assert_eq!(b.len(), layout.slot_bytes as usize);
+        a[..8].copy_from_slice(&9u64.to_le_bytes());
+        drop(a);
+        ring.stamp(0).unwrap();
+        let view = Shm::read_only(ring.client_fd(), layout.ring_bytes as usize).unwrap();
+        let slot0 = RING_HEADER as usize;
+        assert_eq!(view.bytes(slot0, 8), 9u64.to_le_bytes());
+        assert_ne!(view.bytes(slot0 + slot_at::PUBLISH_NS, 8), [0; 8]);
     }
 
     #[test]
