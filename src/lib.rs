@@ -15,9 +15,7 @@ pub mod eod;
 pub mod plan;
 pub mod serve;
 pub mod synth;
+pub mod sys;
 pub mod tokenize;
 pub mod util;
 pub mod wire;
-
-/// The old name of [`control`], for the library's own code until it says `control`.
-pub(crate) use self::control as ctl;

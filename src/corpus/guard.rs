@@ -44,13 +44,7 @@ static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 /// that live as long: the daemon's shards.
 pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Result<()> {
     let _lock = REGISTER.lock().unwrap_or_else(|p| p.into_inner());
-    let old = REGIONS.load(Ordering::Acquire);
-    // SAFETY: a published vector is never freed (see REGIONS), so the pointer is valid.
-    let mut next: Vec<(usize, usize)> = if old.is_null() {
-        Vec::new()
-    } else {
-        unsafe { (*old).clone() }
-    };
+    let mut next = regions().to_vec();
     next.extend(
         ranges
             .into_iter()
@@ -61,13 +55,10 @@ pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Resul
     if PREVIOUS.get().is_some() {
         return Ok(());
     }
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if page > 0 {
-        PAGE.store(page as usize, Ordering::Relaxed);
-    }
-    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; sigaction
-    // writes the previous disposition into `prev`, which we own.
+    PAGE.store(crate::sys::page_size(), Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler is
+    // an `extern "C"` fn of the SA_SIGINFO signature that does only async-signal-safe
+    // work; sigaction writes the previous disposition into `prev`, which we own.
     unsafe {
         let mut act: libc::sigaction = std::mem::zeroed();
         act.sa_sigaction = on_sigbus as *const () as usize;
@@ -111,55 +102,57 @@ pub fn take_fault() -> Option<usize> {
     (a != 0).then_some(a)
 }
 
-/// Whether `addr` lies in a registered mapping. Async-signal-safe: one atomic load and
-/// reads of a vector that is never freed.
-fn registered(addr: usize) -> bool {
+/// The registered ranges. Async-signal-safe: one atomic load.
+fn regions() -> &'static [(usize, usize)] {
     let p = REGIONS.load(Ordering::Acquire);
     if p.is_null() {
-        return false;
+        return &[];
     }
-    // SAFETY: published vectors are never freed or mutated.
-    unsafe { &*p }.iter().any(|&(a, b)| (a..b).contains(&addr))
+    // SAFETY: `p` came from `Box::into_raw` in `protect` and published vectors are never
+    // freed or mutated (see REGIONS), so it is valid for the life of the process.
+    unsafe { &*p }
+}
+
+/// Whether `addr` lies in a registered mapping.
+fn registered(addr: usize) -> bool {
+    regions().iter().any(|&(a, b)| (a..b).contains(&addr))
 }
 
 /// The SIGBUS handler (see the module docs). Only async-signal-safe work: thread-local
 /// cells without destructors, atomics, mmap and sigaction.
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
-    let guarded = DEPTH.try_with(|d| d.get() > 0).unwrap_or(false);
-    // si_code > 0: raised by the kernel for a memory access (not kill or sigqueue).
-    if guarded && code > 0 && registered(addr) {
-        let page = PAGE.load(Ordering::Relaxed);
-        let base = addr & !(page - 1);
-        // SAFETY: replaces one page of a registered read-only shard mapping with zeros;
-        // no Rust reference assumes its contents beyond the guarded read, whose result
-        // the reader discards when it sees the recorded fault.
-        let p = unsafe {
-            libc::mmap(
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler. The MAP_FIXED
+    // mapping replaces one page of a registered read-only shard mapping with zeros: no
+    // Rust reference assumes its contents beyond the guarded read, whose result the
+    // reader discards when it sees the recorded fault. sigaction and raise are
+    // async-signal-safe, and `PREVIOUS` was stored before this handler could run.
+    unsafe {
+        let (addr, code) = ((*info).si_addr() as usize, (*info).si_code);
+        let guarded = DEPTH.try_with(|d| d.get() > 0).unwrap_or(false);
+        // si_code > 0: raised by the kernel for a memory access (not kill or sigqueue).
+        if guarded && code > 0 && registered(addr) {
+            let page = PAGE.load(Ordering::Relaxed);
+            let base = addr & !(page - 1);
+            let p = libc::mmap(
                 base as *mut libc::c_void,
                 page,
                 libc::PROT_READ,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                 -1,
                 0,
-            )
-        };
-        if p != libc::MAP_FAILED {
-            let _ = FAULT.try_with(|f| {
-                if f.get() == 0 {
-                    f.set(addr)
-                }
-            });
-            return;
+            );
+            if p != libc::MAP_FAILED {
+                let _ = FAULT.try_with(|f| {
+                    if f.get() == 0 {
+                        f.set(addr)
+                    }
+                });
+                return;
+            }
         }
-    }
-    // Not ours: put back what was there and let the signal take its course. A memory
-    // fault recurs when the instruction retries; a sent signal is raised again and
-    // delivered once this handler returns.
-    // SAFETY: sigaction and raise are async-signal-safe; `prev` was stored before this
-    // handler could run.
-    unsafe {
+        // Not ours: put back what was there and let the signal take its course. A memory
+        // fault recurs when the instruction retries; a sent signal is raised again and
+        // delivered once this handler returns.
         match PREVIOUS.get() {
             Some(prev) => libc::sigaction(sig, prev, std::ptr::null_mut()),
             None => {
@@ -187,8 +180,7 @@ mod tests {
         f.write_all(&vec![7u8; 64 * 1024]).unwrap();
         drop(f);
         let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: a private test file; the test truncates it on purpose.
-        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let map = crate::sys::map_file(&file, None).unwrap();
         protect([&map[..]]).unwrap();
         {
             let _g = enter();

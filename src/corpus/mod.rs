@@ -530,9 +530,9 @@ pub(crate) fn map_file(path: &Path) -> Result<(Option<Mmap>, u64)> {
     if len == 0 {
         return Ok((None, 0));
     }
-    // SAFETY: the mapping is read-only and shards are immutable while served (see the
-    // module docs); every access below is bounds-checked against `len`.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| CorpusError::io(path, "mmap", e))?;
+    // Shards are immutable while served (see the module docs); every access is
+    // bounds-checked against `len`.
+    let map = crate::sys::map_file(&file, None).map_err(|e| CorpusError::io(path, "mmap", e))?;
     Ok((Some(map), len))
 }
 

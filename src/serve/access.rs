@@ -15,7 +15,7 @@
 //!
 //! [`resolve_group`] is the lookup alone, for `millrace check-config`.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 /// Why the socket's group could not be resolved or set; every variant names the
@@ -75,8 +75,7 @@ pub struct Policy {
 impl Policy {
     /// The policy for these config lists, with the daemon's own effective uid allowed.
     pub fn new(uids: Option<Vec<u32>>, gids: Option<Vec<u32>>) -> Policy {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let daemon_uid = unsafe { libc::geteuid() };
+        let daemon_uid = crate::sys::euid();
         Policy {
             uids,
             gids,
@@ -130,52 +129,26 @@ pub fn resolve_group(group: &str) -> Result<u32, AccessError> {
         group: group.to_string(),
         why: "contains a NUL byte",
     })?;
-    // SAFETY: sysconf has no preconditions.
-    let hint = unsafe { libc::sysconf(libc::_SC_GETGR_R_SIZE_MAX) };
-    let mut len = usize::try_from(hint)
-        .ok()
-        .filter(|&n| n > 0)
-        .unwrap_or(1024)
-        .clamp(1024, 1 << 16);
-    // Large groups (many members) need large buffers; past this the database is broken.
-    const MAX_BUF: usize = 64 << 20;
-    loop {
-        let mut buf = vec![0u8; len];
-        // SAFETY: an all-zero `group` is a valid value (null pointers, gid 0).
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `grp`
-        // and `result` are live locals, `buf` holds `len` writable bytes.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                name.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr().cast::<libc::c_char>(),
-                len,
-                &mut result,
-            )
-        };
-        match rc {
-            0 if result.is_null() => {
-                return Err(AccessError::NoSuchGroup {
-                    group: group.to_string(),
-                })
-            }
-            0 => return Ok(grp.gr_gid),
-            libc::ERANGE if len < MAX_BUF => len *= 2,
-            // glibc documents these as "not found" too, depending on the NSS backend.
-            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => {
-                return Err(AccessError::NoSuchGroup {
-                    group: group.to_string(),
-                })
-            }
-            e => {
-                return Err(AccessError::Lookup {
-                    group: group.to_string(),
-                    source: std::io::Error::from_raw_os_error(e),
-                })
-            }
+    match crate::sys::group_by_name(&name) {
+        Ok(Some(g)) => Ok(g.gid),
+        // glibc reports "not found" with these too, depending on the NSS backend.
+        Ok(None) => Err(AccessError::NoSuchGroup {
+            group: group.to_string(),
+        }),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM)
+            ) =>
+        {
+            Err(AccessError::NoSuchGroup {
+                group: group.to_string(),
+            })
         }
+        Err(source) => Err(AccessError::Lookup {
+            group: group.to_string(),
+            source,
+        }),
     }
 }
 
@@ -194,33 +167,11 @@ pub fn set_socket_group(path: &Path, group: &str) -> Result<u32, AccessError> {
 
 /// The name of the group with this gid, if the group database has one; for messages.
 pub fn group_name(gid: u32) -> Option<String> {
-    let mut len = 1024usize;
-    loop {
-        let mut buf = vec![0u8; len];
-        // SAFETY: an all-zero `group` is a valid value (null pointers, gid 0).
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: `grp` and `result` are live locals, `buf` holds `len` writable bytes.
-        let rc = unsafe {
-            libc::getgrgid_r(
-                gid,
-                &mut grp,
-                buf.as_mut_ptr().cast::<libc::c_char>(),
-                len,
-                &mut result,
-            )
-        };
-        match rc {
-            libc::ERANGE if len < (64 << 20) => len *= 2,
-            0 if !result.is_null() && !grp.gr_name.is_null() => {
-                // SAFETY: getgrgid_r succeeded, so gr_name points at a NUL-terminated
-                // string inside `buf`, which is still alive.
-                let name = unsafe { CStr::from_ptr(grp.gr_name) };
-                return Some(name.to_string_lossy().into_owned());
-            }
-            _ => return None,
-        }
-    }
+    crate::sys::group_by_gid(gid)
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .filter(|n| !n.is_empty())
 }
 
 #[cfg(test)]
@@ -267,8 +218,7 @@ mod tests {
         assert_eq!(p.authorized(1000, 12345), Ok(()));
         assert!(p.authorized(1001, 1000).is_err());
         let p = Policy::new(Some(vec![4242]), None);
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = crate::sys::euid();
         assert_eq!(p.daemon_uid, me);
         assert_eq!(p.authorized(me, 4_000_000), Ok(()));
     }
@@ -326,8 +276,7 @@ mod tests {
         let path = dir.join("s.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         // Our own primary group is always allowed for chown.
-        // SAFETY: getegid has no preconditions.
-        let mine = unsafe { libc::getegid() };
+        let mine = crate::sys::egid();
         assert_eq!(set_socket_group(&path, &mine.to_string()).unwrap(), mine);
         assert_eq!(std::fs::metadata(&path).unwrap().gid(), mine);
         let e = set_socket_group(&path, "millrace-no-such-group").unwrap_err();

@@ -29,46 +29,31 @@ const RAISE_CAP: u64 = 1 << 20;
 /// soft limit of 1024 is reached by a few hundred ranks. Logs what it found and did, and
 /// warns when the limit is still below `needed`.
 pub fn raise_fd_limit(needed: u64) -> FdLimit {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the live local `rl`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
-        warn!(
-            "reading RLIMIT_NOFILE failed: {}",
-            std::io::Error::last_os_error()
-        );
-        return FdLimit {
-            soft: 0,
-            hard: 0,
-            was: 0,
-        };
-    }
-    let (was, hard): (u64, u64) = (rl.rlim_cur, rl.rlim_max);
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let rl = getrlimit(Resource::Nofile);
+    // `None` is RLIM_INFINITY.
+    let (was, hard) = (
+        rl.current.unwrap_or(u64::MAX),
+        rl.maximum.unwrap_or(u64::MAX),
+    );
     let target = hard.min(RAISE_CAP).max(was);
     let mut soft = was;
     if target > was {
-        let new = libc::rlimit {
-            rlim_cur: target as libc::rlim_t,
-            rlim_max: rl.rlim_max,
+        let new = Rlimit {
+            current: Some(target),
+            maximum: rl.maximum,
         };
-        // SAFETY: setrlimit reads the live local `new`.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            soft = target;
-            info!(
-                was,
-                now = soft,
-                hard,
-                "raised the open-file limit (RLIMIT_NOFILE)"
-            );
-        } else {
-            warn!(
-                was,
-                hard,
-                "raising RLIMIT_NOFILE failed: {}",
-                std::io::Error::last_os_error()
-            );
+        match setrlimit(Resource::Nofile, new) {
+            Ok(()) => {
+                soft = target;
+                info!(
+                    was,
+                    now = soft,
+                    hard,
+                    "raised the open-file limit (RLIMIT_NOFILE)"
+                );
+            }
+            Err(e) => warn!(was, hard, "raising RLIMIT_NOFILE failed: {e}"),
         }
     } else {
         info!(soft, hard, "open-file limit (RLIMIT_NOFILE)");

@@ -8,13 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use memmap2::MmapMut;
+use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
 
 use crate::corpus::{guard, DType, Shard, Tokens};
 use crate::plan::Row;
+use crate::sys::{advise, Advice, Shm};
 use crate::wire::ring::{
     put_u32, put_u64, ring_at, slot_at, LAYOUT_VERSION, MAGIC, RING_HEADER, SLOT_HEADER,
 };
@@ -212,56 +213,69 @@ impl Layout {
 /// A sealed memfd mapped read-write by the daemon, with a read-only fd for clients.
 pub struct Ring {
     layout: Layout,
-    map: MmapMut,
-    /// `map`'s base address, taken once from `as_mut_ptr` so that slot writes do not
-    /// derive a mutable pointer from a shared borrow.
-    base: *mut u8,
+    /// The mapping: header words go through its atomics, slots through `slot_mut`.
+    shm: Shm,
     /// Read-only reopen of the memfd, handed to every peer.
     ro: OwnedFd,
+    /// Per slot: whether a [`SlotMut`] of it is alive (see [`Ring::claim`]).
+    busy: Box<[AtomicBool]>,
 }
 
-// SAFETY: the mapping is plain shared memory owned by the ring. Slots are written through `slot_mut`, whose
-// contract gives each slot to one writer at a time (the hub claims a slot under its lock
-// before handing it to a worker); the header's `published` word is an atomic.
-unsafe impl Sync for Ring {}
-// SAFETY: as above; the raw base pointer is only an address into the owned mapping.
-unsafe impl Send for Ring {}
+/// A slot held by one writer (the hub's worker filling it, or the publisher stamping
+/// it): its bytes, writable; the slot is free again when this is dropped.
+pub struct SlotMut<'a> {
+    bytes: &'a mut [u8],
+    busy: &'a AtomicBool,
+}
+
+impl std::ops::Deref for SlotMut<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl std::ops::DerefMut for SlotMut<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.bytes
+    }
+}
+
+impl Drop for SlotMut<'_> {
+    fn drop(&mut self) {
+        self.busy.store(false, Ordering::Release);
+    }
+}
 
 impl Ring {
     /// Creates, sizes, pre-faults and seals a ring whose first step is `first_step`.
     pub fn create(name: &str, layout: Layout, first_step: u64) -> Result<Ring, RingError> {
         let cname = std::ffi::CString::new(format!("millrace:{name}"))
             .unwrap_or_else(|_| c"millrace".to_owned());
-        // SAFETY: FFI with a valid C string; the returned fd is checked and owned below.
-        let fd = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if fd < 0 {
-            return Err(os("memfd_create")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let fd = memfd_create(&cname, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(|e| os("memfd_create")(e.into()))?;
+        let file = File::from(fd);
         file.set_len(layout.ring_bytes).map_err(os("ftruncate"))?;
-        // SAFETY: the memfd is private to this process until sealed and shared read-only;
-        // only this mapping writes it.
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(os("mmap"))?;
-        // Pre-fault every page now, so no batch ever pays a page fault on a fresh slot.
-        map.fill(0);
-        map[ring_at::MAGIC..ring_at::MAGIC + MAGIC.len()].copy_from_slice(MAGIC);
-        put_u32(&mut map, ring_at::VERSION, LAYOUT_VERSION);
-        put_u32(&mut map, ring_at::SLOTS, layout.slots);
-        put_u64(&mut map, ring_at::SLOT_BYTES, layout.slot_bytes);
-        put_u64(&mut map, ring_at::SLOT_OFFSET, RING_HEADER);
-        put_u64(&mut map, ring_at::FIRST_STEP, first_step);
-        put_u64(&mut map, ring_at::PUBLISHED, first_step);
+        let shm = Shm::create(&file, |map| {
+            // Pre-fault every page now, so no batch ever pays a page fault on a fresh slot.
+            map.fill(0);
+            map[ring_at::MAGIC..ring_at::MAGIC + MAGIC.len()].copy_from_slice(MAGIC);
+            put_u32(map, ring_at::VERSION, LAYOUT_VERSION);
+            put_u32(map, ring_at::SLOTS, layout.slots);
+            put_u64(map, ring_at::SLOT_BYTES, layout.slot_bytes);
+            put_u64(map, ring_at::SLOT_OFFSET, RING_HEADER);
+            put_u64(map, ring_at::FIRST_STEP, first_step);
+            put_u64(map, ring_at::PUBLISHED, first_step);
+        })
+        .map_err(os("mmap"))?;
         seal(&file)?;
         let ro = reopen_read_only(&file)?;
-        let base = map.as_mut_ptr();
+        let busy = (0..layout.slots).map(|_| AtomicBool::new(false)).collect();
         Ok(Ring {
             layout,
-            map,
-            base,
+            shm,
             ro,
+            busy,
         })
     }
 
@@ -275,22 +289,16 @@ impl Ring {
         &self.ro
     }
 
-    fn header_word(&self, at: usize) -> &AtomicU64 {
-        debug_assert!(at % 8 == 0 && at < RING_HEADER as usize);
-        // SAFETY: an 8-aligned offset inside the header of a page-aligned mapping; header
-        // words the daemon changes are only ever accessed atomically.
-        unsafe { &*(self.base.add(at) as *const AtomicU64) }
-    }
-
     fn published_word(&self) -> &AtomicU64 {
-        self.header_word(ring_at::PUBLISHED)
+        self.shm.atomic_u64(ring_at::PUBLISHED)
     }
 
     /// Moves a ring that has published nothing back to start at `step` (a peer resuming
     /// from an earlier batch joined before production began). Peers already mapped see
     /// `published` at or below their own step and keep waiting.
     pub fn restart_at(&self, step: u64) {
-        self.header_word(ring_at::FIRST_STEP)
+        self.shm
+            .atomic_u64(ring_at::FIRST_STEP)
             .store(step, Ordering::Relaxed);
         self.publish(step);
     }
@@ -301,46 +309,57 @@ impl Ring {
         self.published_word().store(upto, Ordering::Release);
     }
 
-    /// The slot of `step`, writable.
+    /// The slot of `step`, writable, held until the returned value is dropped. A slot
+    /// already held (a second writer: a hub bug) is an error, never a second reference.
+    ///
+    /// Which slot may be written is the hub's call: one released by every peer (clients
+    /// read a slot only between its publication and their release of it).
+    pub fn claim(&self, step: u64) -> Result<SlotMut<'_>, RingError> {
+        let i = (step % self.layout.slots as u64) as usize;
+        let busy = &self.busy[i];
+        if busy.swap(true, Ordering::Acquire) {
+            return Err(RingError::Materialize {
+                step,
+                message: format!("slot {i} is already being written"),
+            });
+        }
+        let start = RING_HEADER as usize + i * self.layout.slot_bytes as usize;
+        // SAFETY: `busy[i]` was false and is now set by us, so no other `SlotMut` of this
+        // slot lives in this process until ours drops; the ring hands out no other
+        // reference into its slots (its atomics are header words before RING_HEADER,
+        // and its `Shm` is private).
+        let bytes = unsafe { self.shm.bytes_mut(start, self.layout.slot_bytes as usize) };
+        Ok(SlotMut { bytes, busy })
+    }
+
+    /// Stamps the publish time into the slot of `step` (filled, about to be published).
+    pub fn stamp(&self, step: u64) -> Result<(), RingError> {
+        stamp(&mut self.claim(step)?);
+        Ok(())
+    }
+
+    /// The slot of `step`, writable, without a claim: what the hub used before
+    /// [`Ring::claim`]. Goes at merge, once the hub claims (src/sys.rs's report).
     ///
     /// # Safety
-    /// The caller must be the only one touching this slot (the hub's claim), and no
-    /// client may be reading it (it was released by every peer).
+    /// The caller must be the only one touching this slot, and no client may be reading
+    /// it (it was released by every peer).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slot_mut(&self, step: u64) -> &mut [u8] {
         let i = step % self.layout.slots as u64;
         let start = RING_HEADER + i * self.layout.slot_bytes;
-        debug_assert!(start + self.layout.slot_bytes <= self.map.len() as u64);
-        std::slice::from_raw_parts_mut(
-            self.base.add(start as usize),
-            self.layout.slot_bytes as usize,
-        )
+        self.shm
+            .bytes_mut(start as usize, self.layout.slot_bytes as usize)
     }
 }
 
 fn seal(file: &File) -> Result<(), RingError> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on an fd we own.
-    let rc = unsafe {
-        libc::fcntl(
-            fd,
-            libc::F_ADD_SEALS,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-        )
-    };
-    if rc < 0 {
-        return Err(os("fcntl(F_ADD_SEALS)")(std::io::Error::last_os_error()));
-    }
+    fcntl_add_seals(file, SealFlags::SHRINK | SealFlags::GROW)
+        .map_err(|e| os("fcntl(F_ADD_SEALS)")(e.into()))?;
     // No new writable mapping or write(2) from now on (Linux >= 5.1); older kernels
     // still get the read-only fd, which is what keeps clients from writing.
-    // SAFETY: as above.
-    unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE) };
-    // SAFETY: as above.
-    let rc = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SEAL) };
-    if rc < 0 {
-        return Err(os("fcntl(F_SEAL_SEAL)")(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    let _ = fcntl_add_seals(file, SealFlags::FUTURE_WRITE);
+    fcntl_add_seals(file, SealFlags::SEAL).map_err(|e| os("fcntl(F_SEAL_SEAL)")(e.into()))
 }
 
 fn reopen_read_only(file: &File) -> Result<OwnedFd, RingError> {
@@ -725,40 +744,19 @@ pub fn stamp(slot: &mut [u8]) {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock clients compare `publish_ns` against.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::sys::monotonic_ns;
 
 /// Tells the kernel which pages a planned segment will read, so a cold shard is read
 /// with exact spans ahead of the copy instead of faulting (and reading ahead 8 MiB) on
 /// the hot path.
 pub fn will_need(bytes: &[u8]) {
-    advise(bytes, libc::MADV_WILLNEED);
+    advise(bytes, Advice::WillNeed);
 }
 
 /// Marks a whole shard mapping as randomly accessed: page faults then read only the
 /// pages they need, and `will_need` supplies the lookahead the plan actually knows.
 pub fn random_access(bytes: &[u8]) {
-    advise(bytes, libc::MADV_RANDOM);
-}
-
-fn advise(bytes: &[u8], advice: libc::c_int) {
-    if bytes.is_empty() {
-        return;
-    }
-    let page = 4096usize;
-    let start = bytes.as_ptr() as usize;
-    let aligned = start & !(page - 1);
-    let len = bytes.len() + (start - aligned);
-    // SAFETY: the range lies within a live mapping (rounded down to its page start);
-    // madvise only changes kernel hints and reports errors we can ignore.
-    unsafe { libc::madvise(aligned as *mut libc::c_void, len, advice) };
+    advise(bytes, Advice::Random);
 }
 
 #[cfg(test)]
@@ -847,8 +845,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (src, job, layout) = shard_and_job(dir.path(), 7, (0, 7));
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
-        // SAFETY: this test is the ring's only user.
-        let slot = unsafe { ring.slot_mut(0) };
+        let slot = &mut ring.claim(0).unwrap();
         assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
         std::fs::OpenOptions::new()
             .write(true)
@@ -877,8 +874,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut src, job, layout) = shard_and_job(dir.path(), 1000, (0, 1000));
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
-        // SAFETY: this test is the ring's only user.
-        let slot = unsafe { ring.slot_mut(0) };
+        let slot = &mut ring.claim(0).unwrap();
         let e = fill_slot(slot, &layout, &job, &src)
             .unwrap_err()
             .to_string();
@@ -897,8 +893,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (src, job, layout) = shard_and_job(dir.path(), 7, (at, 1000));
             let ring = Ring::create("t", layout.clone(), 0).unwrap();
-            // SAFETY: this test is the ring's only user.
-            let slot = unsafe { ring.slot_mut(0) };
+            let slot = &mut ring.claim(0).unwrap();
             let e = fill_slot(slot, &layout, &job, &src)
                 .unwrap_err()
                 .to_string();
@@ -914,30 +909,50 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_has_one_writer_at_a_time() {
+        let layout = Layout::new(1, 16, 2, TokenType(DType::Int32), 64);
+        let ring = Ring::create("t", layout.clone(), 0).unwrap();
+        let mut a = ring.claim(4).unwrap();
+        let e = ring.claim(6).err().expect("slot 0 is held").to_string();
+        assert!(e.contains("step 6: slot 0 is already being written"), "{e}");
+        assert!(ring.stamp(2).is_err());
+        let b = ring.claim(5).unwrap();
+        assert_eq!(a.len(), layout.slot_bytes as usize);
+        assert_eq!(b.len(), layout.slot_bytes as usize);
+        a[..8].copy_from_slice(&9u64.to_le_bytes());
+        drop(a);
+        ring.stamp(0).unwrap();
+        let view = Shm::read_only(ring.client_fd(), layout.ring_bytes as usize).unwrap();
+        let slot0 = RING_HEADER as usize;
+        assert_eq!(view.bytes(slot0, 8), 9u64.to_le_bytes());
+        assert_ne!(view.bytes(slot0 + slot_at::PUBLISH_NS, 8), [0; 8]);
+    }
+
+    #[test]
     fn ring_is_sealed_and_client_fd_is_read_only() {
         let layout = Layout::new(2, 16, 3, TokenType(DType::Int32), 256);
         let ring = Ring::create("test", layout, 7).unwrap();
-        let fd = ring.client_fd().as_raw_fd();
-        // SAFETY: fcntl on a live fd.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
-        // SAFETY: as above.
-        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
-        assert_ne!(seals & libc::F_SEAL_GROW, 0);
-        assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+        let fd = ring.client_fd();
+        let flags = rustix::fs::fcntl_getfl(fd).unwrap();
+        assert_eq!(
+            flags & rustix::fs::OFlags::RWMODE,
+            rustix::fs::OFlags::RDONLY
+        );
+        let seals = rustix::fs::fcntl_get_seals(fd).unwrap();
+        assert!(seals.contains(SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL));
         // A writable shared mapping through the client's fd is refused.
-        // SAFETY: mmap with a null hint; the result is checked and unmapped.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_eq!(p, libc::MAP_FAILED);
+        let e = memmap2::MmapOptions::new()
+            .len(4096)
+            .map_raw(fd)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
         assert_eq!(ring.published_word().load(Ordering::Acquire), 7);
+        // The header a client checks is what `create` wrote.
+        let view = Shm::read_only(fd, RING_HEADER as usize).unwrap();
+        assert_eq!(view.bytes(ring_at::MAGIC, MAGIC.len()), MAGIC);
+        assert_eq!(
+            view.atomic_u64(ring_at::FIRST_STEP).load(Ordering::Relaxed),
+            7
+        );
     }
 }

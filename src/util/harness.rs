@@ -78,10 +78,11 @@ impl ChildGuard {
         if let Ok(Some(s)) = c.try_wait() {
             return Some(s);
         }
-        if let Ok(pid) = libc::pid_t::try_from(c.id()) {
-            // SAFETY: signals our own child, which has not been reaped yet.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
+        // Our own child, not reaped yet, so the pid is still its.
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&c),
+            rustix::process::Signal::TERM,
+        );
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(s)) = c.try_wait() {
@@ -221,8 +222,7 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     // Fields 14 and 15 of stat(5) are utime and stime; `rest` starts at field 3.
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tck = rustix::param::clock_ticks_per_second();
     let tck = if tck > 0 { tck as f64 } else { 100.0 };
     Some((utime + stime) as f64 / tck)
 }

@@ -8,8 +8,14 @@
 //! length rules exist in one place. Decoding is a pure function over bytes so that a
 //! property test can throw arbitrary input at it.
 
-use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+};
 
 /// Bytes of the length prefix in front of every frame.
 pub const HEADER: usize = 4;
@@ -179,90 +185,60 @@ pub fn write_to(w: &mut impl Write, kind: u8, payload: &[u8]) -> std::io::Result
     w.write_all(&frame)
 }
 
-/// Sends `bytes` on the stream socket `fd` with `fds` attached to its first byte.
-/// Returns how many bytes went out (the caller writes any rest normally).
-pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
-    let fd_bytes = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
-    let mut control = vec![0u8; space];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
-    // SAFETY: the control buffer is CMSG_SPACE(fd_bytes) long, so the first header and
-    // its data fit; we write exactly fd_bytes of fd numbers.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), fd_bytes);
+/// Sends `bytes` on the stream socket `sock` with `fds` attached to its first byte
+/// (SCM_RIGHTS), without blocking and without SIGPIPE. Returns how many bytes went out
+/// (the caller writes any rest normally).
+pub fn send_fds(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<usize> {
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(std::io::Error::other("no room for the descriptors"));
     }
-    // SAFETY: a valid msghdr on a socket fd; MSG_NOSIGNAL turns a dead peer into EPIPE.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    let iov = [IoSlice::new(bytes)];
+    let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+    Ok(sendmsg(sock, &iov, &mut control, flags)?)
 }
 
-/// One `recvmsg` on the stream socket `fd`, collecting any SCM_RIGHTS fds into `fds`
-/// (close-on-exec); returns the bytes read. `EINTR` is retried here.
-pub fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+/// [`send_fds`] for callers that hold raw descriptors: the daemon's WELCOME path until it
+/// passes borrowed ones. Goes at merge.
+pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
+    // SAFETY: the caller passes descriptors it keeps open for the duration of the call
+    // (the connection's socket, the ring's memfd and the peer's eventfd it owns).
+    let (sock, fds) = unsafe {
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|&f| BorrowedFd::borrow_raw(f)).collect();
+        (BorrowedFd::borrow_raw(fd), fds)
     };
-    // Room for 16 descriptors, 8-aligned as cmsghdr needs.
-    let mut cbuf = [0u64; 16];
-    // SAFETY: a zeroed msghdr is a valid empty one; we fill in the buffers below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    let n = loop {
-        // SAFETY: msg points at live buffers of the sizes it states.
-        let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if r >= 0 {
-            break r as usize;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+    send_fds(sock, bytes, &fds)
+}
+
+/// One `recvmsg` on the stream socket `sock`, collecting any SCM_RIGHTS fds into `fds`
+/// (close-on-exec); returns the bytes read. `EINTR` is retried here; more descriptors
+/// than fit (16) is an error.
+pub fn recv_with_fds(
+    sock: impl AsFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<usize> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(16))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg(&sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r?,
         }
     };
-    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c);
-                let header = data as usize - c as usize;
-                let count = ((*c).cmsg_len as usize).saturating_sub(header)
-                    / std::mem::size_of::<libc::c_int>();
-                for i in 0..count {
-                    let raw = std::ptr::read_unaligned((data as *const libc::c_int).add(i));
-                    fds.push(OwnedFd::from_raw_fd(raw));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(got) = m {
+            fds.extend(got);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
         return Err(std::io::Error::other(
             "control data truncated (more descriptors than expected)",
         ));
     }
-    Ok(n)
+    Ok(msg.bytes)
 }
 
 #[cfg(test)]
@@ -331,6 +307,32 @@ mod tests {
         let e = read_from(&mut &[0u8, 0, 0, 0][..]).unwrap_err();
         assert!(e.to_string().contains("frame length 0"), "{e}");
         assert!(write_to(&mut Vec::new(), kind::CONTROL, &vec![0; MAX_FRAME]).is_err());
+    }
+
+    /// Descriptors ride on the first byte and arrive close-on-exec; more than the
+    /// receiver has room for is an error, not a silent loss.
+    #[test]
+    fn fds_travel_with_the_bytes() {
+        use std::os::fd::AsFd;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let bytes = encode(kind::BYE, &[]);
+        assert_eq!(
+            send_fds(&a, &bytes, &[f.as_fd(), b.as_fd()]).unwrap(),
+            bytes.len()
+        );
+        let (mut buf, mut fds) = ([0u8; 16], Vec::new());
+        assert_eq!(recv_with_fds(&b, &mut buf, &mut fds).unwrap(), bytes.len());
+        assert_eq!(&buf[..bytes.len()], &bytes[..]);
+        assert_eq!(fds.len(), 2);
+        for fd in &fds {
+            let flags = rustix::io::fcntl_getfd(fd).unwrap();
+            assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+        }
+        let many = vec![f.as_fd(); 40];
+        send_fds(&a, &bytes, &many).unwrap();
+        let e = recv_with_fds(&b, &mut buf, &mut fds).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
     }
 
     proptest! {

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use super::report::References;
 
@@ -90,57 +90,37 @@ pub(super) fn data_files(cfg_path: &Path) -> Result<Vec<DataFile>> {
 /// Writes back and drops `files` from the page cache (`fdatasync` first: dirty pages
 /// are not dropped).
 pub(super) fn evict(files: &[PathBuf]) -> Result<()> {
-    use std::os::fd::AsRawFd;
     for p in files {
         let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
         f.sync_data()
             .with_context(|| format!("fdatasync {}", p.display()))?;
-        // SAFETY: a valid open descriptor; fadvise only changes caching.
-        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        if rc != 0 {
-            bail!(
-                "posix_fadvise(DONTNEED) on {} failed: errno {rc}",
-                p.display()
-            );
-        }
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+            .with_context(|| format!("posix_fadvise(DONTNEED) on {}", p.display()))?;
     }
     Ok(())
 }
 
 /// `sync; echo 3 > /proc/sys/vm/drop_caches`; false when not permitted.
 pub(super) fn drop_caches() -> bool {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
+    rustix::fs::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
 }
 
 /// Share of the pages of `files` resident in the page cache (mincore).
 pub(super) fn resident_fraction(files: &[PathBuf]) -> Result<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let (mut resident, mut total) = (0u64, 0u64);
     for p in files {
         let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-        let len = f.metadata()?.len() as usize;
-        if len == 0 {
+        if f.metadata()?.len() == 0 {
             continue;
         }
-        // SAFETY: read-only mapping that is never dereferenced (mincore only).
-        let map = unsafe { memmap2::Mmap::map(&f) }
+        // Never read: mincore only.
+        let map = millrace::sys::map_file(&f, None)
             .with_context(|| format!("mapping {}", p.display()))?;
-        let pages = len.div_ceil(page);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: the mapping covers `len` bytes and `vec` has one byte per page.
-        let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
-        if rc != 0 {
-            bail!(
-                "mincore on {}: {}",
-                p.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        resident += vec.iter().filter(|&&b| b & 1 == 1).count() as u64;
-        total += pages as u64;
+        let (r, t) = millrace::sys::resident_pages(&map)
+            .with_context(|| format!("mincore on {}", p.display()))?;
+        resident += r;
+        total += t;
     }
     Ok(if total == 0 {
         0.0
@@ -202,8 +182,8 @@ pub(super) fn references(files: &[DataFile], limit: u64, memcpy: f64) -> Result<
     let mut maps = Vec::new();
     for (p, n) in &chosen {
         let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-        // SAFETY: read-only mapping of a file nobody truncates during the bench.
-        let m = unsafe { memmap2::MmapOptions::new().len(*n as usize).map(&f) }
+        // Nobody truncates these files during the bench.
+        let m = millrace::sys::map_file(&f, Some(*n as usize))
             .with_context(|| format!("mapping {}", p.display()))?;
         maps.push(m);
     }

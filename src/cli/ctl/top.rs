@@ -172,11 +172,8 @@ fn fetch(conn: &mut Connection) -> anyhow::Result<Status> {
 
 /// Columns of the terminal on stdout, else `$COLUMNS`, else 100.
 pub(super) fn terminal_width() -> usize {
-    // SAFETY: TIOCGWINSZ writes a winsize into the struct we pass; nothing else.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
-    if ok && ws.ws_col > 0 {
-        return ws.ws_col as usize;
+    if let Some(cols) = millrace::sys::terminal_columns() {
+        return cols;
     }
     std::env::var("COLUMNS")
         .ok()

@@ -1,0 +1,445 @@
+//! One trainer rank's connection: the socket (HELLO, WELCOME with its fds, RELEASE,
+//! BYE), the ready eventfd it sleeps on, and the mapped ring it hands out steps from.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags};
+
+use super::batch::BatchView;
+use super::layout::{check_ring_header, Field, Layout, RingView};
+use super::{frame, io_err, monotonic_ns, to_hex, ClientError, Hello, Welcome, HANDSHAKE_TIMEOUT};
+use crate::corpus::Tokens;
+use crate::sys::EventFd;
+use crate::wire::{self, ring::slot_at};
+
+/// Writes one frame.
+fn send_frame(sock: &mut UnixStream, kind: u8, payload: &[u8]) -> Result<(), ClientError> {
+    let buf = wire::frame::encode_checked(kind, payload)
+        .map_err(|e| ClientError::Usage(format!("cannot send frame type {kind}: {e}")))?;
+    sock.write_all(&buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+            ClientError::Disconnected
+        }
+        _ => ClientError::Io {
+            what: "sending a frame",
+            source: e,
+        },
+    })
+}
+
+/// Reads one whole frame with `recvmsg`; returns (type, payload, fds that came with it).
+fn recv_frame(sock: &UnixStream) -> Result<(u8, Vec<u8>, Vec<OwnedFd>), ClientError> {
+    let mut fds = Vec::new();
+    let fill = |buf: &mut [u8], _inside: bool| -> Result<(), ClientError> {
+        let mut have = 0;
+        while have < buf.len() {
+            match wire::frame::recv_with_fds(sock, &mut buf[have..], &mut fds) {
+                Ok(0) => return Err(ClientError::Disconnected),
+                Ok(n) => have += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ClientError::Timeout(
+                        "waiting for a frame from the daemon".into(),
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(ClientError::Disconnected)
+                }
+                Err(e) => {
+                    return Err(ClientError::Io {
+                        what: "receiving a frame",
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(())
+    };
+    let (kind, payload) = wire::frame::read_with(fill, |e| ClientError::Protocol(e.to_string()))?;
+    Ok((kind, payload, fds))
+}
+
+fn code_message(payload: &[u8], what: &str) -> Result<(String, String), ClientError> {
+    wire::Reason::decode(payload)
+        .map(|r| (r.code, r.message))
+        .map_err(|e| ClientError::Protocol(format!("{what} payload is not {{code, message}}: {e}")))
+}
+
+/// The connection of one trainer rank: socket, eventfd and the mapped ring.
+pub struct Client {
+    path: PathBuf,
+    hello: Hello,
+    welcome: Welcome,
+    layout: Layout,
+    sock: UnixStream,
+    ready: EventFd,
+    ring: RingView,
+    /// Next step to hand out.
+    consumed: u64,
+    /// Every step below this has been released.
+    released: u64,
+    hold: u64,
+    timeout: Option<Duration>,
+    last_step: Option<u64>,
+    last_cursor: Vec<u8>,
+}
+
+/// How long [`Client::connect`] waits out a `duplicate` refusal: a process restarted
+/// right after its predecessor died (or a test that drops a client and reconnects) can
+/// reach the daemon before it has seen the old connection close. Same as the Python
+/// client's `_DUPLICATE_GRACE`.
+pub const DUPLICATE_GRACE: Duration = Duration::from_secs(3);
+
+impl Client {
+    /// Connects to the daemon at `socket`, sends `hello`, maps the ring of WELCOME. A
+    /// `duplicate` refusal is retried every 20 ms for [`DUPLICATE_GRACE`].
+    pub fn connect(socket: impl AsRef<Path>, hello: &Hello) -> Result<Client, ClientError> {
+        let deadline = Instant::now() + DUPLICATE_GRACE;
+        loop {
+            match Client::connect_once(socket.as_ref(), hello) {
+                Err(ClientError::Refused { code, .. })
+                    if code == "duplicate" && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One connection attempt: HELLO, then WELCOME (mapping the ring) or the refusal.
+    fn connect_once(socket: &Path, hello: &Hello) -> Result<Client, ClientError> {
+        let path = socket.to_path_buf();
+        let mut sock = UnixStream::connect(&path).map_err(|error| ClientError::Connect {
+            path: path.clone(),
+            error,
+        })?;
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(io_err("setting the socket timeout"))?;
+        let payload = serde_json::to_vec(hello)
+            .map_err(|e| ClientError::Usage(format!("HELLO does not serialize: {e}")))?;
+        match send_frame(&mut sock, frame::HELLO, &payload) {
+            // The daemon may have refused the connection (access control) and closed
+            // before reading HELLO: its REFUSED frame is still queued, so read it.
+            Ok(()) | Err(ClientError::Disconnected) => {}
+            Err(e) => return Err(e),
+        }
+        let (kind, payload, mut fds) = recv_frame(&sock)?;
+        match kind {
+            frame::WELCOME => {}
+            frame::REFUSED => {
+                let (code, message) = code_message(&payload, "REFUSED")?;
+                return Err(ClientError::Refused { code, message });
+            }
+            frame::ERROR => {
+                let (code, message) = code_message(&payload, "ERROR")?;
+                return Err(ClientError::Daemon { code, message });
+            }
+            k => {
+                return Err(ClientError::Protocol(format!(
+                    "expected WELCOME, REFUSED or ERROR, got frame type {k}"
+                )))
+            }
+        }
+        let welcome: Welcome = serde_json::from_slice(&payload)
+            .map_err(|e| ClientError::Protocol(format!("WELCOME is not valid: {e}")))?;
+        if fds.len() != 2 {
+            return Err(ClientError::Protocol(format!(
+                "WELCOME came with {} file descriptors, expected 2 [ring_fd, ready_fd]",
+                fds.len()
+            )));
+        }
+        let ready = EventFd::from_fd(fds.pop().ok_or(ClientError::Disconnected)?);
+        let ring_fd = fds.pop().ok_or(ClientError::Disconnected)?;
+        let layout = Layout::from_welcome(&welcome)?;
+        let ring = RingView::map(&ring_fd, layout.ring_bytes)?;
+        drop(ring_fd); // the mapping keeps the memfd alive
+        check_ring_header(&ring, &layout)?;
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io_err("setting the socket timeout"))?;
+        let start = welcome.start_step;
+        Ok(Client {
+            path,
+            hello: hello.clone(),
+            welcome,
+            layout,
+            sock,
+            ready,
+            ring,
+            consumed: start,
+            released: start,
+            hold: 0,
+            timeout: None,
+            last_step: None,
+            last_cursor: Vec::new(),
+        })
+    }
+
+    /// What the daemon announced.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The HELLO this client sent (reconnects send it again with a cursor).
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// The next step [`Client::next_batch`] will return.
+    pub fn next_step(&self) -> u64 {
+        self.consumed
+    }
+
+    /// The last step handed out, if any.
+    pub fn last_step(&self) -> Option<u64> {
+        self.last_step
+    }
+
+    /// Cursor blob as of the end of the last step handed out: what a checkpoint saves
+    /// and what [`Client::reconnect`] resumes from.
+    pub fn last_cursor(&self) -> Option<&[u8]> {
+        self.last_step.map(|_| self.last_cursor.as_slice())
+    }
+
+    /// Keep the last `n` batches unreleased when the next one is requested (for a
+    /// trainer whose GPU copies finish later); 0 releases each batch on the next call.
+    pub fn set_hold(&mut self, n: u64) {
+        self.hold = n.min(self.layout.slots.saturating_sub(1));
+    }
+
+    /// How long [`Client::next_batch`] may wait for one batch (`None`: forever).
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.timeout = t;
+    }
+
+    /// Tells the daemon every step below `upto` is done with (cumulative).
+    pub fn release(&mut self, upto: u64) -> Result<(), ClientError> {
+        if upto <= self.released {
+            return Ok(());
+        }
+        if upto > self.consumed {
+            return Err(ClientError::Usage(format!(
+                "release({upto}) passes the steps received (next step {})",
+                self.consumed
+            )));
+        }
+        self.send(frame::RELEASE, &upto.to_le_bytes())?;
+        self.released = upto;
+        Ok(())
+    }
+
+    /// Sends a frame; when the daemon has closed the connection, reports the ERROR
+    /// frame it left behind (if any) rather than a bare broken pipe.
+    fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ClientError> {
+        match send_frame(&mut self.sock, kind, payload) {
+            Err(ClientError::Disconnected) => Err(self.socket_event()),
+            r => r,
+        }
+    }
+
+    /// Sends any frame as is, bypassing this client's checks: for tests of how the
+    /// daemon handles protocol violations (a decreasing RELEASE, say).
+    pub fn send_frame_unchecked(&mut self, kind: u8, payload: &[u8]) -> Result<(), ClientError> {
+        send_frame(&mut self.sock, kind, payload)
+    }
+
+    /// Says goodbye (the daemon frees this client's hold on the ring).
+    pub fn bye(mut self) -> Result<(), ClientError> {
+        send_frame(&mut self.sock, frame::BYE, &[])
+    }
+
+    /// The daemon's event on the socket: an ERROR frame or the connection gone.
+    fn socket_event(&mut self) -> ClientError {
+        match recv_frame(&self.sock) {
+            Ok((frame::ERROR, payload, _)) => match code_message(&payload, "ERROR") {
+                Ok((code, message)) => ClientError::Daemon { code, message },
+                Err(e) => e,
+            },
+            Ok((k, _, _)) => {
+                ClientError::Protocol(format!("unexpected frame type {k} while streaming"))
+            }
+            Err(e) => e,
+        }
+    }
+
+    /// Waits until step `consumed` is published; returns whether it had to wait.
+    fn wait_published(&mut self) -> Result<bool, ClientError> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        let mut waited = false;
+        loop {
+            if self.ring.published() > self.consumed {
+                return Ok(waited);
+            }
+            waited = true;
+            let wait = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ClientError::Timeout(format!(
+                            "step {} was not published within {:?}",
+                            self.consumed,
+                            self.timeout.unwrap_or_default()
+                        )));
+                    }
+                    left.as_millis().clamp(1, 1000) as i64
+                }
+                None => 1000,
+            };
+            let wait = rustix::time::Timespec {
+                tv_sec: wait / 1000,
+                tv_nsec: wait % 1000 * 1_000_000,
+            };
+            let mut p = [
+                PollFd::new(&self.ready, PollFlags::IN),
+                PollFd::new(&self.sock, PollFlags::IN),
+            ];
+            match poll(&mut p, Some(&wait)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(io_err("poll")(e.into())),
+            }
+            let (ready, sock) = (p[0].revents(), p[1].revents());
+            if !sock.is_empty() {
+                return Err(self.socket_event());
+            }
+            if ready.contains(PollFlags::IN) {
+                self.ready
+                    .drain()
+                    .map_err(io_err("reading the ready eventfd"))?;
+            } else if !ready.is_empty() {
+                return Err(ClientError::Protocol(format!(
+                    "ready_fd reports poll events {:#x}",
+                    ready.bits()
+                )));
+            }
+        }
+    }
+
+    /// Waits for the next step and returns views of its slot. Batches handed out
+    /// earlier are released first, except the last [`Client::set_hold`] ones.
+    ///
+    /// RELEASE frames are batched: while the next step is already published, finished
+    /// steps are released only once `(slots - hold) / 2` of them have piled up, so the
+    /// daemon wakes once per few steps instead of every step; before waiting, everything
+    /// finished is released, so a slow producer is never starved by a lazy consumer.
+    pub fn next_batch(&mut self) -> Result<BatchView<'_>, ClientError> {
+        let upto = self.consumed.saturating_sub(self.hold);
+        let batch = (self.layout.slots.saturating_sub(self.hold) / 2).max(1);
+        if upto >= self.released + batch || self.ring.published() <= self.consumed {
+            self.release(upto)?;
+        }
+        let waited = self.wait_published()?;
+        let wake_ns = monotonic_ns();
+        let step = self.consumed;
+        let l = &self.layout;
+        let base = l.slot_offset + ((step % l.slots) as usize) * l.slot_bytes;
+        let r = &self.ring;
+        let slot_step = r.u64_at(base + slot_at::STEP);
+        if slot_step != step {
+            return Err(ClientError::Ring(format!(
+                "slot {} holds step {slot_step}, expected {step}",
+                step % l.slots
+            )));
+        }
+        let rows = r.u32_at(base + slot_at::ROWS) as usize;
+        let seq_len = r.u32_at(base + slot_at::SEQ_LEN) as usize;
+        if rows != l.rows || seq_len != l.seq_len {
+            return Err(ClientError::Ring(format!(
+                "step {step}: slot says {rows} rows of {seq_len}, WELCOME {} of {}",
+                l.rows, l.seq_len
+            )));
+        }
+        let cu_len = r.u32_at(base + slot_at::CU_LEN) as usize;
+        if cu_len == 0 || cu_len > l.cu_seqlens.len {
+            return Err(ClientError::Ring(format!(
+                "step {step}: cu_len {cu_len} outside 1..={}",
+                l.cu_seqlens.len
+            )));
+        }
+        let cursor_len = r.u32_at(base + slot_at::CURSOR_LEN) as usize;
+        if cursor_len > l.cursor.len {
+            return Err(ClientError::Ring(format!(
+                "step {step}: cursor_len {cursor_len} exceeds the field's {} bytes",
+                l.cursor.len
+            )));
+        }
+        let publish_ns = r.u64_at(base + slot_at::PUBLISH_NS);
+        let at = |f: &Field| r.bytes(base + f.offset, f.bytes());
+        let tokens_of = |f: &Field| {
+            Tokens::from_bytes(f.dtype, at(f))
+                .ok_or_else(|| ClientError::Ring(format!("step {step}: misaligned array")))
+        };
+        let i32s = |f: &Field| {
+            bytemuck::try_cast_slice::<u8, i32>(at(f))
+                .map_err(|e| ClientError::Ring(format!("step {step}: int32 array: {e}")))
+        };
+        let cursor = &at(&l.cursor)[..cursor_len];
+        self.last_cursor.clear();
+        self.last_cursor.extend_from_slice(cursor);
+        let view = BatchView {
+            step,
+            plan_step: r.u64_at(base + slot_at::PLAN_STEP),
+            rows: rows as u32,
+            seq_len: seq_len as u32,
+            cu_len: cu_len as u32,
+            max_seqlen: r.u32_at(base + slot_at::MAX_SEQLEN),
+            loss_tokens: r.u64_at(base + slot_at::LOSS_TOKENS),
+            real_tokens: r.u64_at(base + slot_at::REAL_TOKENS),
+            publish_ns,
+            wake_latency_ns: waited.then(|| wake_ns.saturating_sub(publish_ns)),
+            pad_token: self.welcome.pad_token,
+            tokens: tokens_of(&l.tokens)?,
+            labels: tokens_of(&l.labels)?,
+            loss_mask: at(&l.loss_mask),
+            position_ids: tokens_of(&l.position_ids)?,
+            cu_seqlens: &i32s(&l.cu_seqlens)?[..cu_len],
+            domain: i32s(&l.domain)?,
+            row_loss_tokens: i32s(&l.row_loss_tokens)?,
+            cursor,
+        };
+        self.last_step = Some(step);
+        self.consumed = step + 1;
+        Ok(view)
+    }
+
+    /// Reconnects after the daemon went away, resuming after the last step handed out
+    /// (or where this client started, if none was), retrying until `timeout`.
+    pub fn reconnect(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        let mut hello = self.hello.clone();
+        if self.last_step.is_some() {
+            hello.cursor = Some(to_hex(&self.last_cursor));
+            hello.start_step = None;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut fresh = loop {
+            match Client::connect(&self.path, &hello) {
+                Ok(c) => break c,
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if fresh.welcome.start_step != self.consumed {
+            return Err(ClientError::Protocol(format!(
+                "reconnected at step {} but the next step is {}",
+                fresh.welcome.start_step, self.consumed
+            )));
+        }
+        fresh.hold = self.hold;
+        fresh.timeout = self.timeout;
+        fresh.last_step = self.last_step;
+        fresh.last_cursor = std::mem::take(&mut self.last_cursor);
+        fresh.hello = self.hello.clone();
+        *self = fresh;
+        Ok(())
+    }
+}

@@ -1,0 +1,368 @@
+//! `millrace consume`: one process standing in for a trainer rank, streaming steps and
+//! summarizing throughput, latency and the realized mixture (what `demo` and `bench`
+//! run several of).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use super::{from_hex, monotonic_ns, to_hex, Client, Hello};
+use crate::corpus::Tokens;
+
+/// Arguments of `millrace consume`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConsumeArgs {
+    /// The daemon's socket [default: --config's `[serve] socket`, else the daemon's
+    /// default, as for `status`, `ctl` and `top`].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Data-parallel rank.
+    #[arg(long)]
+    pub dp_rank: u32,
+    /// Data-parallel size.
+    #[arg(long)]
+    pub dp_size: u32,
+    /// Job name.
+    #[arg(long, default_value = "default")]
+    pub job: String,
+    /// This client's name among its dp rank's peers.
+    #[arg(long, default_value = "0")]
+    pub replica: String,
+    /// Peers of this dp rank on this node.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// Rows per micro-batch (default: global_batch_rows / dp_size / micro_batches from
+    /// --config, or without --config the daemon's default, the whole slice).
+    #[arg(long)]
+    pub micro_batch_rows: Option<u32>,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    pub micro_batches: u32,
+    /// The run's config: its `[serve] socket` (without --socket) and --micro-batch-rows.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Steps to read.
+    #[arg(long, default_value_t = 100)]
+    pub steps: u64,
+    /// Resume from the cursor in this file (hex text, or the raw blob).
+    #[arg(long)]
+    pub cursor_file: Option<PathBuf>,
+    /// Seek to this step (without a cursor).
+    #[arg(long)]
+    pub start_step: Option<u64>,
+    /// Refuse unless the daemon's plan fingerprint is this.
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the last step's cursor (hex) here at the end.
+    #[arg(long)]
+    pub save_cursor: Option<PathBuf>,
+    /// When the daemon goes away, reconnect with the last cursor for up to SECS.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    pub reconnect_timeout: f64,
+    /// Also read labels, loss_mask and position_ids (every payload byte), as a
+    /// trainer's host-to-device copy would.
+    #[arg(long)]
+    pub touch: bool,
+    /// Batches kept unreleased while the next is read.
+    #[arg(long, default_value_t = 0)]
+    pub hold: u64,
+    /// Give up when one batch takes longer than SECS.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Print `{"progress": STEPS}` lines on stderr a few times a second (for `bench`).
+    #[arg(long, hide = true)]
+    pub progress: bool,
+}
+
+/// Percentiles of publish-to-wake latency.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    /// Batches the client had to wait for (the others were already published).
+    pub samples: u64,
+    /// Median, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+    /// Maximum, microseconds.
+    pub max_us: f64,
+}
+
+impl Latency {
+    /// Summarizes nanosecond samples (sorted in place).
+    pub fn from_ns(v: &mut [u64]) -> Latency {
+        if v.is_empty() {
+            return Latency::default();
+        }
+        v.sort_unstable();
+        let q = |p: f64| {
+            let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i] as f64 / 1e3
+        };
+        Latency {
+            samples: v.len() as u64,
+            p50_us: q(0.5),
+            p99_us: q(0.99),
+            max_us: v[v.len() - 1] as f64 / 1e3,
+        }
+    }
+}
+
+/// Seconds from the first consumer's first batch to the last consumer's last: the
+/// wall-clock span that throughput over several consumer processes is measured on.
+pub fn span_seconds(summaries: &[ConsumeSummary]) -> f64 {
+    let first = summaries
+        .iter()
+        .map(|s| s.first_batch_ns)
+        .min()
+        .unwrap_or(0);
+    let last = summaries.iter().map(|s| s.last_batch_ns).max().unwrap_or(0);
+    last.saturating_sub(first) as f64 / 1e9
+}
+
+/// What `millrace consume --json` prints; demo and bench read it back (missing fields
+/// default, so the Python consumer of `millrace demo` may print a subset).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ConsumeSummary {
+    /// dp rank.
+    pub dp_rank: u32,
+    /// Plan fingerprint.
+    pub fingerprint: String,
+    /// First step received.
+    pub first_step: u64,
+    /// Last step received.
+    pub last_step: u64,
+    /// Steps received.
+    pub steps: u64,
+    /// Input positions received (rows * seq_len per step).
+    pub tokens: u64,
+    /// Non-padding tokens (each row holds seq_len + 1).
+    pub real_tokens: u64,
+    /// Loss tokens.
+    pub loss_tokens: u64,
+    /// Bytes of tokens + labels + loss_mask + position_ids received.
+    pub payload_bytes: u64,
+    /// Seconds from the first batch to the last.
+    pub seconds: f64,
+    /// Tokens per second over that span (the first batch excluded).
+    pub tokens_per_s: f64,
+    /// `CLOCK_MONOTONIC` ns at the first batch, to combine several consumers.
+    pub first_batch_ns: u64,
+    /// `CLOCK_MONOTONIC` ns at the last batch.
+    pub last_batch_ns: u64,
+    /// Publish-to-wake latency.
+    pub wake_latency: Latency,
+    /// Raw latency samples in ns, so several consumers' percentiles can be pooled.
+    #[serde(default)]
+    pub wake_latency_ns: Vec<u64>,
+    /// Wrapping sum of every value read (tokens, and with --touch every array).
+    pub checksum: i64,
+    /// xxh3-64 of all token bytes, in step order.
+    pub digest: String,
+    /// Real tokens per domain name (for the realized mixture).
+    pub domain_tokens: BTreeMap<String, u64>,
+    /// Reconnects after the daemon went away.
+    pub reconnects: u64,
+    /// This consumer process's CPU time (user + system) at the end.
+    pub cpu_seconds: f64,
+}
+
+fn sum_tokens(t: &Tokens<'_>) -> i64 {
+    fn s<T: Copy + Into<i64>>(v: &[T]) -> i64 {
+        v.iter().fold(0i64, |a, &x| a.wrapping_add(x.into()))
+    }
+    match *t {
+        Tokens::Uint8(v) => s(v),
+        Tokens::Int8(v) => s(v),
+        Tokens::Int16(v) => s(v),
+        Tokens::Int32(v) => s(v),
+        Tokens::Int64(v) => s(v),
+        Tokens::Uint16(v) => s(v),
+        Tokens::Uint32(v) => s(v),
+        Tokens::Float32(v) => v.iter().fold(0i64, |a, &x| a.wrapping_add(x as i64)),
+        Tokens::Float64(v) => v.iter().fold(0i64, |a, &x| a.wrapping_add(x as i64)),
+    }
+}
+
+/// CPU time (user + system) of this process so far, in seconds.
+pub use crate::sys::process_cpu_seconds;
+
+/// Reads a cursor file: hex text, or the raw blob.
+pub fn read_cursor_file(path: &Path) -> anyhow::Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading cursor file {}", path.display()))?;
+    if let Ok(text) = std::str::from_utf8(&bytes) {
+        let t = text.trim();
+        if !t.is_empty() && from_hex(t).is_some() {
+            return Ok(t.to_ascii_lowercase());
+        }
+    }
+    Ok(to_hex(&bytes))
+}
+
+/// The socket `consume` connects to: `--socket`, else the config's, else the default.
+fn consume_socket(args: &ConsumeArgs) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    if let Some(path) = &args.config {
+        let cfg = crate::config::Config::load(path)?;
+        return Ok(crate::serve::ServeConfig::from_config(&cfg)?.socket);
+    }
+    Ok(crate::serve::default_socket())
+}
+
+/// Streams `args.steps` steps as one trainer rank and summarizes them.
+pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
+    let micro_batch_rows = match (args.micro_batch_rows, &args.config) {
+        (Some(m), _) => Some(m),
+        (None, Some(cfg)) => {
+            let plan = crate::config::Config::load(cfg)?.plan_config()?;
+            let per_rank = plan.global_batch_rows / args.dp_size.max(1);
+            Some(per_rank / args.micro_batches.max(1))
+        }
+        (None, None) => None,
+    };
+    let mut hello = Hello::whole_slice(args.dp_rank, args.dp_size);
+    hello.micro_batch_rows = micro_batch_rows;
+    hello.micro_batches = args.micro_batches;
+    hello.job = args.job.clone();
+    hello.replica = args.replica.clone();
+    hello.replicas = args.replicas;
+    hello.start_step = args.start_step;
+    hello.fingerprint = args.fingerprint.clone();
+    if let Some(f) = &args.cursor_file {
+        hello.cursor = Some(read_cursor_file(f)?);
+    }
+    let socket = consume_socket(args)?;
+    // The error names the socket itself.
+    let mut client = Client::connect(&socket, &hello)?;
+    client.set_hold(args.hold);
+    if args.timeout > 0.0 {
+        client.set_timeout(Some(Duration::from_secs_f64(args.timeout)));
+    }
+    let domains = client.welcome().domains.clone();
+    let mut s = ConsumeSummary {
+        dp_rank: args.dp_rank,
+        fingerprint: client.welcome().fingerprint.clone(),
+        first_step: client.next_step(),
+        ..ConsumeSummary::default()
+    };
+    let mut digest = xxhash_rust::xxh3::Xxh3::new();
+    let mut domain_tokens = vec![0u64; domains.len()];
+    let mut first_tokens = 0u64;
+    let mut received = 0u64;
+    let mut last_progress = 0u64;
+    while received < args.steps {
+        let b = match client.next_batch() {
+            Ok(b) => b,
+            Err(e) if e.is_transient() && args.reconnect_timeout > 0.0 => {
+                tracing::warn!("{e}; reconnecting");
+                client
+                    .reconnect(Duration::from_secs_f64(args.reconnect_timeout))
+                    .context("reconnecting")?;
+                s.reconnects += 1;
+                continue;
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("reading step {}", client.next_step()))
+                )
+            }
+        };
+        let now = monotonic_ns();
+        if received == 0 {
+            s.first_batch_ns = now;
+            s.first_step = b.step;
+            first_tokens = u64::from(b.rows) * u64::from(b.seq_len);
+        }
+        s.last_batch_ns = now;
+        s.last_step = b.step;
+        s.steps += 1;
+        s.tokens += b.tokens.len() as u64;
+        s.real_tokens += b.real_tokens;
+        s.loss_tokens += b.loss_tokens;
+        s.payload_bytes += b.payload_bytes();
+        digest.update(b.tokens.as_bytes());
+        s.checksum = s.checksum.wrapping_add(sum_tokens(&b.tokens));
+        if args.touch {
+            s.checksum = s
+                .checksum
+                .wrapping_add(sum_tokens(&b.labels))
+                .wrapping_add(sum_tokens(&b.position_ids))
+                .wrapping_add(sum_tokens(&Tokens::Uint8(b.loss_mask)));
+        }
+        if let Some(ns) = b.wake_latency_ns {
+            s.wake_latency_ns.push(ns);
+        }
+        for (r, &d) in b.domain.iter().enumerate() {
+            if let Some(slot) = usize::try_from(d)
+                .ok()
+                .and_then(|d| domain_tokens.get_mut(d))
+            {
+                *slot += u64::from(b.row_real_tokens(r));
+            }
+        }
+        received += 1;
+        if args.progress && now.saturating_sub(last_progress) > 200_000_000 {
+            last_progress = now;
+            eprintln!("{{\"progress\": {received}}}");
+        }
+    }
+    client.release(client.next_step()).ok();
+    s.seconds = s.last_batch_ns.saturating_sub(s.first_batch_ns) as f64 / 1e9;
+    s.tokens_per_s = if s.seconds > 0.0 {
+        (s.tokens - first_tokens) as f64 / s.seconds
+    } else {
+        0.0
+    };
+    s.wake_latency = Latency::from_ns(&mut s.wake_latency_ns.clone());
+    s.digest = format!("{:016x}", digest.digest());
+    s.cpu_seconds = process_cpu_seconds();
+    s.domain_tokens = domains.into_iter().zip(domain_tokens).collect();
+    if let Some(path) = &args.save_cursor {
+        let blob = client
+            .last_cursor()
+            .context("no step was read, so there is no cursor to save")?;
+        std::fs::write(path, format!("{}\n", to_hex(blob)))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    client.bye().ok();
+    Ok(s)
+}
+
+/// Runs `millrace consume`.
+pub fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let mut s = consume(&args)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&s)?)?;
+    } else {
+        s.wake_latency_ns.clear();
+        writeln!(
+            out,
+            "dp rank {}: steps {}..={} ({} steps), {} tokens in {:.3} s = {:.3e} tokens/s; \
+             wake latency p50 {:.1} us p99 {:.1} us ({} waits); digest {}; checksum {}",
+            s.dp_rank,
+            s.first_step,
+            s.last_step,
+            s.steps,
+            s.tokens,
+            s.seconds,
+            s.tokens_per_s,
+            s.wake_latency.p50_us,
+            s.wake_latency.p99_us,
+            s.wake_latency.samples,
+            s.digest,
+            s.checksum
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! The client against fake daemons: well-formed and malformed WELCOMEs, rings and
+//! frames (which the real daemon never sends), and the pure helpers.
+
+use super::layout::Layout;
+use super::*;
+
+#[test]
+fn hex_round_trips() {
+    let b = [0u8, 1, 0xab, 0xff];
+    assert_eq!(to_hex(&b), "0001abff");
+    assert_eq!(from_hex("0001ABff"), Some(b.to_vec()));
+    assert_eq!(from_hex("0"), None);
+    assert_eq!(from_hex("zz"), None);
+}
+
+fn welcome() -> Welcome {
+    let f = |offset, dtype: &str, shape: Vec<u64>| FieldSpec {
+        offset,
+        dtype: dtype.into(),
+        shape,
+    };
+    let mut fields = BTreeMap::new();
+    fields.insert("tokens".into(), f(256, "int32", vec![2, 8]));
+    fields.insert("labels".into(), f(320, "int32", vec![2, 8]));
+    fields.insert("loss_mask".into(), f(384, "uint8", vec![2, 8]));
+    fields.insert("position_ids".into(), f(448, "int32", vec![2, 8]));
+    fields.insert("cu_seqlens".into(), f(512, "int32", vec![17]));
+    fields.insert("domain".into(), f(640, "int32", vec![2]));
+    fields.insert("row_loss_tokens".into(), f(704, "int32", vec![2]));
+    fields.insert("cursor".into(), f(768, "uint8", vec![256]));
+    Welcome {
+        protocol: 1,
+        fingerprint: "0".repeat(32),
+        start_step: 0,
+        dp_rank: 0,
+        dp_size: 1,
+        rows: 2,
+        seq_len: 8,
+        micro_batch_rows: 2,
+        micro_batches: 1,
+        token_dtype: "int32".into(),
+        pad_token: 0,
+        eod_token: Some(2),
+        domains: vec!["a".into()],
+        slots: 2,
+        slot_offset: 4096,
+        slot_bytes: 4096,
+        ring_bytes: 3 * 4096,
+        fields,
+        vocab_size: None,
+    }
+}
+
+#[test]
+fn a_good_layout_validates() {
+    let l = Layout::from_welcome(&welcome()).unwrap();
+    assert_eq!(l.tokens.len, 16);
+    assert_eq!(l.cursor.len, 256);
+}
+
+#[test]
+fn malformed_welcomes_are_errors_not_panics() {
+    type Edit = Box<dyn Fn(&mut Welcome)>;
+    let cases: Vec<Edit> = vec![
+        Box::new(|w| w.slots = 0),
+        Box::new(|w| w.ring_bytes = 4096),
+        Box::new(|w| w.slot_bytes = u64::MAX),
+        Box::new(|w| w.slot_offset = 8),
+        Box::new(|w| w.fields.get_mut("tokens").unwrap().offset = 4090),
+        Box::new(|w| w.fields.get_mut("tokens").unwrap().offset = 0),
+        Box::new(|w| w.fields.get_mut("tokens").unwrap().offset = 258),
+        Box::new(|w| w.fields.get_mut("tokens").unwrap().shape = vec![u64::MAX, 4]),
+        Box::new(|w| w.fields.get_mut("labels").unwrap().dtype = "complex".into()),
+        Box::new(|w| w.fields.get_mut("domain").unwrap().shape = vec![3]),
+        Box::new(|w| w.fields.get_mut("cu_seqlens").unwrap().dtype = "int64".into()),
+        Box::new(|w| {
+            w.fields.remove("cursor");
+        }),
+        Box::new(|w| w.protocol = 2),
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let mut w = welcome();
+        c(&mut w);
+        assert!(Layout::from_welcome(&w).is_err(), "case {i} was accepted");
+    }
+}
+
+#[test]
+fn latency_percentiles() {
+    let mut v: Vec<u64> = (1..=100).map(|x| x * 1000).collect();
+    let l = Latency::from_ns(&mut v);
+    assert_eq!(l.samples, 100);
+    assert_eq!(l.p50_us, 50.0);
+    assert_eq!(l.p99_us, 99.0);
+    assert_eq!(Latency::from_ns(&mut []), Latency::default());
+}
+
+// A fake daemon: enough of the protocol to hand the client malformed rings and
+// frames, which the real daemon never sends.
+
+use crate::sys::EventFd;
+use crate::wire::frame::{encode, read_from, send_fds};
+use crate::wire::ring::{put_u32, put_u64, ring_at, slot_at};
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A memfd holding `ring`, sized `len`.
+fn memfd(ring: &[u8], len: usize) -> OwnedFd {
+    let fd = rustix::fs::memfd_create(c"test-ring", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    let mut f = std::fs::File::from(fd);
+    f.write_all(ring).unwrap();
+    f.set_len(len as u64).unwrap();
+    OwnedFd::from(f)
+}
+
+/// A ring that matches `welcome()`, with step `step` in slot 0 and `published`.
+fn ring(step: u64, published: u64) -> Vec<u8> {
+    let mut r = vec![0u8; 3 * 4096];
+    r[..8].copy_from_slice(RING_MAGIC);
+    put_u32(&mut r, ring_at::VERSION, 1);
+    put_u32(&mut r, ring_at::SLOTS, 2);
+    put_u64(&mut r, ring_at::SLOT_BYTES, 4096);
+    put_u64(&mut r, ring_at::SLOT_OFFSET, 4096);
+    put_u64(&mut r, ring_at::PUBLISHED, published);
+    let s = 4096;
+    let slot = &mut r[s..];
+    put_u64(slot, slot_at::STEP, step);
+    put_u32(slot, slot_at::ROWS, 2);
+    put_u32(slot, slot_at::SEQ_LEN, 8);
+    put_u32(slot, slot_at::CU_LEN, 3);
+    put_u32(slot, slot_at::CURSOR_LEN, 4);
+    for i in 0..16u32 {
+        let o = s + 256 + 4 * i as usize;
+        r[o..o + 4].copy_from_slice(&(i + 100).to_le_bytes());
+    }
+    for (i, v) in [0i32, 8, 16].iter().enumerate() {
+        let o = s + 512 + 4 * i;
+        r[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    r[s + 768..s + 772].copy_from_slice(b"CURS");
+    r
+}
+
+/// Serves one connection: reads HELLO, then runs `script` on the stream; returns the
+/// socket path (the temp dir lives as long as the returned guard).
+fn fake(script: impl FnOnce(&mut UnixStream) + Send + 'static) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let (kind, payload) = read_from(&mut s).unwrap();
+        assert_eq!(kind, frame::HELLO);
+        let hello: Hello = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(hello.dp_size, 1);
+        script(&mut s);
+        // Stay connected until the client leaves.
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    (dir, path)
+}
+
+fn welcome_with(
+    ring: Vec<u8>,
+    len: usize,
+    edit: fn(&mut Welcome),
+) -> impl FnOnce(&mut UnixStream) + Send {
+    move |s: &mut UnixStream| {
+        let mut w = welcome();
+        edit(&mut w);
+        let fd = memfd(&ring, len);
+        let ev = EventFd::new().unwrap();
+        let payload = serde_json::to_vec(&w).unwrap();
+        let bytes = encode(frame::WELCOME, &payload);
+        let sent = send_fds(&*s, &bytes, &[fd.as_fd(), ev.as_fd()]).unwrap();
+        assert_eq!(sent, bytes.len());
+    }
+}
+
+fn connect_fake(
+    script: impl FnOnce(&mut UnixStream) + Send + 'static,
+) -> Result<Client, ClientError> {
+    let (_dir, path) = fake(script);
+    Client::connect(&path, &Hello::new(0, 1, 2, 1))
+}
+
+#[test]
+fn reads_a_well_formed_slot_and_times_out_waiting_for_the_next() {
+    let mut c = connect_fake(welcome_with(ring(0, 1), 3 * 4096, |_| {})).unwrap();
+    c.set_timeout(Some(Duration::from_millis(50)));
+    let b = c.next_batch().unwrap();
+    assert_eq!(b.step, 0);
+    assert_eq!(b.tokens.get_i64(0), Some(100));
+    assert_eq!(b.tokens.get_i64(15), Some(115));
+    assert_eq!(b.cu_seqlens, &[0, 8, 16]);
+    assert_eq!(b.cursor, b"CURS");
+    assert_eq!(b.payload_bytes(), 16 * 4 * 3 + 16);
+    assert_eq!(c.last_cursor(), Some(&b"CURS"[..]));
+    assert!(matches!(c.next_batch(), Err(ClientError::Timeout(_))));
+    assert!(matches!(c.release(5), Err(ClientError::Usage(_))));
+}
+
+#[test]
+fn malformed_rings_are_errors_not_faults() {
+    let short = connect_fake(welcome_with(ring(0, 1), 4096, |_| {}));
+    assert!(
+        matches!(short, Err(ClientError::Ring(_))),
+        "{:?}",
+        short.err()
+    );
+    let mut bad_magic = ring(0, 1);
+    bad_magic[0] = b'X';
+    let r = connect_fake(welcome_with(bad_magic, 3 * 4096, |_| {}));
+    assert!(matches!(r, Err(ClientError::Ring(_))));
+    let r = connect_fake(welcome_with(ring(0, 1), 3 * 4096, |w| w.slots = 1));
+    assert!(matches!(r, Err(ClientError::Ring(_))));
+    // WELCOME claims more than the memfd holds: mapping it would fault on access.
+    let r = connect_fake(welcome_with(ring(0, 1), 3 * 4096, |w| {
+        w.ring_bytes = 1 << 40
+    }));
+    assert!(matches!(r, Err(ClientError::Ring(_))));
+
+    let wrong_step = connect_fake(welcome_with(ring(7, 1), 3 * 4096, |_| {}));
+    assert!(matches!(
+        wrong_step.unwrap().next_batch(),
+        Err(ClientError::Ring(_))
+    ));
+    let mut big_cu = ring(0, 1);
+    put_u32(&mut big_cu[4096..], slot_at::CU_LEN, 1000);
+    let r = connect_fake(welcome_with(big_cu, 3 * 4096, |_| {}));
+    assert!(matches!(r.unwrap().next_batch(), Err(ClientError::Ring(_))));
+    let mut big_cursor = ring(0, 1);
+    put_u32(&mut big_cursor[4096..], slot_at::CURSOR_LEN, u32::MAX);
+    let r = connect_fake(welcome_with(big_cursor, 3 * 4096, |_| {}));
+    assert!(matches!(r.unwrap().next_batch(), Err(ClientError::Ring(_))));
+}
+
+#[test]
+fn malformed_frames_are_errors() {
+    let r = connect_fake(|s| {
+        s.write_all(&encode(
+            frame::REFUSED,
+            br#"{"code":"layout","message":"m"}"#,
+        ))
+        .unwrap()
+    });
+    assert!(matches!(r, Err(ClientError::Refused { code, .. }) if code == "layout"));
+    let r = connect_fake(|s| s.write_all(&[0, 0, 0, 0]).unwrap());
+    assert!(matches!(r, Err(ClientError::Protocol(_))));
+    let r = connect_fake(|s| s.write_all(&[0xff, 0xff, 0xff, 0x7f, 2]).unwrap());
+    assert!(matches!(r, Err(ClientError::Protocol(_))));
+    let r = connect_fake(|s| s.write_all(&encode(frame::WELCOME, b"not json")).unwrap());
+    assert!(matches!(r, Err(ClientError::Protocol(_))));
+    let r = connect_fake(|s| s.write_all(&encode(9, b"")).unwrap());
+    assert!(matches!(r, Err(ClientError::Protocol(_))));
+    // WELCOME without its fds.
+    let r = connect_fake(|s| {
+        let w = serde_json::to_vec(&welcome()).unwrap();
+        s.write_all(&encode(frame::WELCOME, &w)).unwrap()
+    });
+    assert!(matches!(r, Err(ClientError::Protocol(_))));
+    // Hung up mid-frame, and right after HELLO.
+    let r = connect_fake(|s| {
+        s.write_all(&[10, 0, 0, 0, 2]).unwrap();
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+    });
+    assert!(matches!(r, Err(ClientError::Disconnected)));
+    let r = connect_fake(|s| s.shutdown(std::net::Shutdown::Both).unwrap());
+    assert!(matches!(r, Err(ClientError::Disconnected)));
+}
+
+#[test]
+fn an_error_frame_while_waiting_is_reported() {
+    let mut c = connect_fake(|s| {
+        welcome_with(ring(0, 0), 3 * 4096, |_| {})(s);
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(&encode(
+            frame::ERROR,
+            br#"{"code":"shutdown","message":"bye"}"#,
+        ))
+        .unwrap();
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+    })
+    .unwrap();
+    c.set_timeout(Some(Duration::from_secs(30)));
+    let e = c.next_batch().err();
+    assert!(
+        matches!(&e, Some(ClientError::Daemon { code, .. }) if code == "shutdown"),
+        "{e:?}"
+    );
+    assert!(e.is_some_and(|e| e.is_transient()));
+}

@@ -1,0 +1,397 @@
+//! The system layer: the few OS facilities millrace needs that neither std nor rustix
+//! offers safely, each `unsafe` justified once, here (docs/DESIGN.md, "One system
+//! layer"). Everything else goes through rustix directly at its call site.
+//!
+//! - [`Shm`]: the ring's shared memory, written by the daemon ([`crate::serve::ring`])
+//!   and read by the Rust client ([`crate::client`]). Its three accessors (an atomic word,
+//!   a shared byte range, an exclusive byte range) are where the ring's `unsafe` lives.
+//! - [`map_file`]: read-only mappings of shards and bench files.
+//! - [`advise`] and [`resident_pages`]: page-cache hints and residency (madvise, mincore).
+//! - [`group_by_name`] and [`group_by_gid`]: the group database (getgrnam_r, getgrgid_r),
+//!   which rustix does not wrap.
+//! - [`EventFd`]: the per-peer wake-up the daemon signals and the client drains.
+//! - small safe helpers ([`euid`], [`monotonic_ns`], ...) so callers need no libc.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
+
+use memmap2::{Mmap, MmapOptions, MmapRaw};
+
+/// A shared mapping of a ring memfd: read-write in the daemon, read-only in a client.
+///
+/// The memory may change under the process at any time (the other side of the ring
+/// writes it), so no accessor hands out a reference the compiler could assume stable
+/// beyond what the ring protocol guarantees: header words the daemon changes are read
+/// and written atomically ([`Shm::atomic_u64`]), a slot is written only by the one
+/// thread that claimed it ([`Shm::bytes_mut`]) and read only once published
+/// ([`Shm::bytes`]).
+pub struct Shm {
+    map: MmapRaw,
+    /// False for a client's read-only view, which [`Shm::bytes_mut`] refuses.
+    writable: bool,
+}
+
+impl Shm {
+    /// Maps all of `file` read-write and shared, and lets `init` fill it before any other
+    /// reference to the mapping exists (the daemon writes the ring header and pre-faults
+    /// every page this way).
+    pub fn create(file: &File, init: impl FnOnce(&mut [u8])) -> io::Result<Shm> {
+        let map = MmapRaw::map_raw(file)?;
+        // SAFETY: the mapping was made just above and is `map.len()` bytes long; nothing
+        // else in this process can name it yet, so this is its only reference.
+        init(unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr(), map.len()) });
+        Ok(Shm {
+            map,
+            writable: true,
+        })
+    }
+
+    /// Maps the first `len` bytes of `fd` read-only and shared (a client's view of a
+    /// ring). The caller checks `len` against the file's size: touching a page past the
+    /// end of the file raises SIGBUS.
+    pub fn read_only(fd: &OwnedFd, len: usize) -> io::Result<Shm> {
+        let map = MmapOptions::new().len(len).map_raw_read_only(fd)?;
+        Ok(Shm {
+            map,
+            writable: false,
+        })
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether nothing is mapped (never, for a ring).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    fn check(&self, at: usize, len: usize) {
+        assert!(
+            at.checked_add(len).is_some_and(|end| end <= self.map.len()),
+            "shared memory access {at}+{len} outside a {}-byte mapping",
+            self.map.len()
+        );
+    }
+
+    /// The 8-byte word at `at` (8-aligned, inside the mapping; panics otherwise, as the
+    /// offsets are the wire's constants), as an atomic: how `published` and the other
+    /// header words both sides touch are read and written.
+    pub fn atomic_u64(&self, at: usize) -> &AtomicU64 {
+        self.check(at, 8);
+        assert!(at % 8 == 0, "atomic word at unaligned offset {at}");
+        // SAFETY: in bounds (checked above) of a page-aligned mapping, so 8-aligned; the
+        // mapping lives as long as `self`; every access to this word on both sides of
+        // the ring is atomic, so the `AtomicU64` view does not race with plain accesses.
+        unsafe { &*(self.map.as_ptr().add(at) as *const AtomicU64) }
+    }
+
+    /// `len` bytes at `at` (panics outside the mapping; callers validated the layout).
+    /// Another process may write these bytes; the ring protocol makes the reader look
+    /// only at slots published to it and not yet released, which the daemon leaves alone.
+    pub fn bytes(&self, at: usize, len: usize) -> &[u8] {
+        self.check(at, len);
+        // SAFETY: in bounds (checked above) and mapped for the life of `self`. Within
+        // this process a range is written only through `bytes_mut`, whose caller
+        // guarantees no other reference to it lives meanwhile.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(at), len) }
+    }
+
+    /// `len` bytes at `at`, writable (panics outside the mapping or on a read-only one).
+    ///
+    /// # Safety
+    /// The caller must hold the range exclusively for the life of the slice: no other
+    /// reference into it (from `bytes`, `bytes_mut` or an atomic word) may exist in this
+    /// process meanwhile. The ring gives each slot to one writer at a time and clients
+    /// read it only after it is published (docs/PROTOCOL.md, section 4).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, at: usize, len: usize) -> &mut [u8] {
+        self.check(at, len);
+        assert!(self.writable, "writing a read-only shared mapping");
+        std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(at), len)
+    }
+}
+
+/// Maps `file` read-only (its first `len` bytes, or all of it). Shards are immutable
+/// while served; one truncated anyway raises SIGBUS on the next read of a lost page,
+/// which [`crate::corpus::guard`] turns into an error of that read.
+pub fn map_file(file: &File, len: Option<usize>) -> io::Result<Mmap> {
+    let mut opts = MmapOptions::new();
+    if let Some(n) = len {
+        opts.len(n);
+    }
+    // SAFETY: a read-only view; no Rust code writes through it. Its contents change under
+    // a reader only if the file is modified or shrunk while mapped: shards are not (they
+    // are immutable while served, docs/OPERATIONS.md), and a shrink is handled by the
+    // guard.
+    unsafe { opts.map(file) }
+}
+
+/// A page-cache hint for [`advise`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// MADV_WILLNEED: read these pages ahead now.
+    WillNeed,
+    /// MADV_RANDOM: fault only the pages touched, no read-ahead.
+    Random,
+}
+
+/// `[start, end)` of `bytes` widened to whole pages: what madvise and mincore take.
+fn page_span(bytes: &[u8]) -> (usize, usize) {
+    let page = page_size();
+    let start = bytes.as_ptr() as usize;
+    let aligned = start & !(page - 1);
+    (aligned, bytes.len() + (start - aligned))
+}
+
+/// Gives the kernel a hint about the pages of `bytes` (part of a live file mapping);
+/// errors are ignored, as a hint that fails changes nothing.
+pub fn advise(bytes: &[u8], advice: Advice) {
+    if bytes.is_empty() {
+        return;
+    }
+    let (start, len) = page_span(bytes);
+    let advice = match advice {
+        Advice::WillNeed => rustix::mm::Advice::WillNeed,
+        Advice::Random => rustix::mm::Advice::Random,
+    };
+    // SAFETY: the range is the pages of a live mapping (`bytes` borrows it), rounded
+    // down to its first page; WILLNEED and RANDOM change kernel hints only, never the
+    // contents or the mapping.
+    let _ = unsafe { rustix::mm::madvise(start as *mut _, len, advice) };
+}
+
+/// How many of the pages of `bytes` (a live file mapping) are in the page cache, out of
+/// how many (mincore); for `millrace bench`'s cold/warm reports.
+pub fn resident_pages(bytes: &[u8]) -> io::Result<(u64, u64)> {
+    if bytes.is_empty() {
+        return Ok((0, 0));
+    }
+    let (start, len) = page_span(bytes);
+    let mut vec = vec![0u8; len.div_ceil(page_size())];
+    // SAFETY: the range is the pages of a live mapping (`bytes` borrows it) and `vec`
+    // holds one byte per page of it, which is all mincore writes.
+    if unsafe { libc::mincore(start as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let resident = vec.iter().filter(|&&b| b & 1 == 1).count() as u64;
+    Ok((resident, vec.len() as u64))
+}
+
+/// One entry of the group database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// The group id.
+    pub gid: u32,
+    /// The group name.
+    pub name: String,
+}
+
+/// Which group to look up.
+#[derive(Clone, Copy)]
+enum GroupKey<'a> {
+    Name(&'a CStr),
+    Gid(u32),
+}
+
+/// The group named `name` (`Ok(None)`: no such group). The error is the lookup's errno;
+/// glibc reports "not found" as ENOENT, ESRCH, EBADF or EPERM with some NSS backends,
+/// which the caller may treat as `None`.
+pub fn group_by_name(name: &CStr) -> io::Result<Option<Group>> {
+    group(GroupKey::Name(name))
+}
+
+/// The group with id `gid` (`Ok(None)`: none in the database).
+pub fn group_by_gid(gid: u32) -> io::Result<Option<Group>> {
+    group(GroupKey::Gid(gid))
+}
+
+fn group(key: GroupKey<'_>) -> io::Result<Option<Group>> {
+    // Large groups (many members) need large buffers; past this the database is broken.
+    const MAX_BUF: usize = 64 << 20;
+    let mut len = 1024usize;
+    loop {
+        let mut buf = vec![0u8; len];
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: an all-zero `group` is a valid value (null pointers, gid 0). Every
+        // pointer passed is valid for the call: `name` is NUL-terminated, `grp` and
+        // `result` are live locals, `buf` holds `len` writable bytes. On success with a
+        // non-null `result`, `gr_name` points at a NUL-terminated string inside `buf`,
+        // which is alive while it is copied out.
+        let (rc, entry) = unsafe {
+            let mut grp: libc::group = std::mem::zeroed();
+            let out = buf.as_mut_ptr().cast::<libc::c_char>();
+            let rc = match key {
+                GroupKey::Name(name) => {
+                    libc::getgrnam_r(name.as_ptr(), &mut grp, out, len, &mut result)
+                }
+                GroupKey::Gid(gid) => libc::getgrgid_r(gid, &mut grp, out, len, &mut result),
+            };
+            let entry = (rc == 0 && !result.is_null()).then(|| Group {
+                gid: grp.gr_gid,
+                name: if grp.gr_name.is_null() {
+                    String::new()
+                } else {
+                    CStr::from_ptr(grp.gr_name).to_string_lossy().into_owned()
+                },
+            });
+            (rc, entry)
+        };
+        match rc {
+            0 => return Ok(entry),
+            libc::ERANGE if len < MAX_BUF => len *= 2,
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// An eventfd: the daemon signals a peer's when a slot is published, the client polls
+/// and drains it (docs/PROTOCOL.md, section 3).
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// A fresh non-blocking, close-on-exec eventfd with counter 0.
+    pub fn new() -> io::Result<EventFd> {
+        use rustix::event::{eventfd, EventfdFlags};
+        Ok(EventFd(eventfd(
+            0,
+            EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK,
+        )?))
+    }
+
+    /// Wraps an eventfd received from the daemon.
+    pub fn from_fd(fd: OwnedFd) -> EventFd {
+        EventFd(fd)
+    }
+
+    /// Adds one to the counter. EAGAIN (the counter saturated) means a wake-up is already
+    /// pending, so errors are ignored.
+    pub fn signal(&self) {
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+
+    /// Resets the counter after a wake-up; nothing pending (EAGAIN) or a signal (EINTR)
+    /// is not an error.
+    pub fn drain(&self) -> io::Result<()> {
+        let mut b = [0u8; 8];
+        match rustix::io::read(&self.0, &mut b) {
+            Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The descriptor, to pass to a client or to poll.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.0
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// The effective uid of this process.
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// The effective gid of this process.
+pub fn egid() -> u32 {
+    rustix::process::getegid().as_raw()
+}
+
+/// The system page size.
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the daemon stamps `publish_ns` with and
+/// clients compare it against.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// CPU time (user + system) this process has used, in seconds.
+pub fn process_cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
+/// Columns of the terminal on stdout, if stdout is one.
+pub fn terminal_columns() -> Option<usize> {
+    let ws = rustix::termios::tcgetwinsize(std::io::stdout()).ok()?;
+    (ws.ws_col > 0).then_some(ws.ws_col as usize)
+}
+
+/// Whether this process may create entries in (write and search) directory `dir`.
+pub fn can_write_dir(dir: &std::path::Path) -> bool {
+    use rustix::fs::Access;
+    rustix::fs::access(dir, Access::WRITE_OK | Access::EXEC_OK).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_resolve_both_ways_and_unknown_ones_are_none() {
+        let me = egid();
+        let by_gid = group_by_gid(me).unwrap();
+        if let Some(g) = by_gid {
+            assert_eq!(g.gid, me);
+            let name = std::ffi::CString::new(g.name.clone()).unwrap();
+            assert_eq!(group_by_name(&name).unwrap(), Some(g));
+        }
+        match group_by_name(c"millrace-no-such-group") {
+            Ok(None) => {}
+            Err(e) => assert!(
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM)
+                ),
+                "{e}"
+            ),
+            Ok(Some(g)) => panic!("found {g:?}"),
+        }
+    }
+
+    #[test]
+    fn shared_memory_is_seen_through_both_mappings() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(8192).unwrap();
+        let shm = Shm::create(&file, |b| b[..4].copy_from_slice(b"ring")).unwrap();
+        let ro = Shm::read_only(&OwnedFd::from(file.try_clone().unwrap()), 8192).unwrap();
+        assert_eq!(ro.bytes(0, 4), b"ring");
+        shm.atomic_u64(64)
+            .store(42, std::sync::atomic::Ordering::Release);
+        assert_eq!(
+            ro.atomic_u64(64).load(std::sync::atomic::Ordering::Acquire),
+            42
+        );
+        assert_eq!(ro.len(), 8192);
+        let ro = std::panic::AssertUnwindSafe(&ro);
+        assert!(std::panic::catch_unwind(|| ro.bytes(8190, 4).len()).is_err());
+        assert!(std::panic::catch_unwind(|| ro.atomic_u64(12).as_ptr() as usize).is_err());
+        // SAFETY: nothing else references the range; the call must refuse before writing.
+        assert!(std::panic::catch_unwind(|| unsafe { ro.bytes_mut(0, 8) }.len()).is_err());
+    }
+
+    #[test]
+    fn eventfd_signals_and_drains() {
+        let ev = EventFd::new().unwrap();
+        ev.drain().unwrap();
+        ev.signal();
+        ev.signal();
+        let mut b = [0u8; 8];
+        rustix::io::read(ev.fd(), &mut b).unwrap();
+        assert_eq!(u64::from_ne_bytes(b), 2);
+        ev.drain().unwrap();
+    }
+}
