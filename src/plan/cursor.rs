@@ -9,10 +9,10 @@
 //! after a reload reproduces the stream even on a daemon that never saw the reload. Its
 //! size depends only on the number of domains, reseeds and changes, never on the corpus.
 
-use super::domain::{StreamState, Tail};
 use super::journal::{Change, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
+use super::stream::{StreamState, Tail};
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"MRCURSOR";
