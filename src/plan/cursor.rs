@@ -25,7 +25,7 @@ pub const VERSION: u16 = 4;
 const MAX_LIST: usize = 4096;
 
 /// Why a blob was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CursorError {
     /// Not a millrace cursor at all.
     #[error("not a millrace cursor (bad magic bytes)")]
@@ -67,12 +67,65 @@ pub enum CursorError {
         /// From the config.
         ours: u64,
     },
-    /// Its journal of live changes disagrees with the daemon's.
-    #[error("cursor was made under a different journal of live mixture changes: {0}")]
-    Journal(String),
+    /// The blob carries live changes this plan lacks ([`super::Plan::restore`] does not
+    /// adopt them; [`super::Plan::resume`] does).
+    #[error("cursor was made under a different journal of live mixture changes: the blob carries {blob} live changes, this plan only {ours}: load the blob's journal first")]
+    JournalBehind {
+        /// Changes the blob's journal holds.
+        blob: usize,
+        /// Changes this plan's journal holds.
+        ours: usize,
+    },
+    /// This plan carries a change the blob lacks that starts before the blob's step, so
+    /// it would rewrite batches the blob's run already received.
+    #[error("cursor was made under a different journal of live mixture changes: this plan carries a change from plan step {at} that the blob (at plan step {plan_step}) does not: it would rewrite batches the blob's run already received")]
+    JournalRewrites {
+        /// First plan step of the offending change.
+        at: u64,
+        /// The blob's plan step.
+        plan_step: u64,
+    },
+    /// The journals disagree: neither extends the other, so the runs received different
+    /// changes.
+    #[error("its journal of live mixture changes disagrees with this daemon's at change #{change} (blob: {}, daemon: {}); the blob's run received different changes, and serving it would change its data", from_step(*.blob_at), from_step(*.ours_at))]
+    JournalDiverged {
+        /// The first change that differs, counted from 1.
+        change: usize,
+        /// Where the blob's change #`change` starts (`None`: the blob has none).
+        blob_at: Option<u64>,
+        /// Where this plan's change #`change` starts (`None`: the plan has none).
+        ours_at: Option<u64>,
+    },
+    /// Adopting the blob's journal would outgrow the daemon's cursor field.
+    #[error("its journal of {changes} live changes is larger than this daemon's cursor field allows ({cap} bytes)")]
+    JournalTooLarge {
+        /// Changes the blob's journal holds.
+        changes: usize,
+        /// The journal bytes the caller allows.
+        cap: usize,
+    },
+    /// The blob's journal does not apply to this plan.
+    #[error(transparent)]
+    JournalInvalid(super::PlanError),
+    /// The blob carries a change this daemon lacks that starts before a step the daemon
+    /// has already served to other clients without it.
+    #[error("it carries a live change from plan step {at} that this daemon does not have, but step {step} (plan step {plan_step}) has already been served to other clients without it")]
+    Served {
+        /// First plan step of the blob's change.
+        at: u64,
+        /// The first trainer step the daemon may still change.
+        step: u64,
+        /// Its plan step.
+        plan_step: u64,
+    },
     /// Structurally wrong in a way the checksum did not catch.
     #[error("cursor is malformed: {0}")]
     Malformed(String),
+}
+
+/// "from plan step N", or "none" for a change one journal does not have.
+fn from_step(at: Option<u64>) -> String {
+    at.map_or("none".to_string(), |at| format!("from plan step {at}"))
 }
 
 /// Everything a blob holds.

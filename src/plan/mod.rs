@@ -35,6 +35,7 @@ pub use cursor::CursorError;
 pub use domain::{DocSource, DomainInput, MemShard};
 pub use journal::Change;
 pub use planner::Planner;
+pub use resume::Resumed;
 pub use stream::{StreamState, Tail, MAX_DEFERRED};
 
 use domain::{DomainData, Geometry};

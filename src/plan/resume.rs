@@ -1,61 +1,160 @@
 //! Resuming from a cursor blob: decoding it once and checking it against this plan
 //! (fingerprint, journal, history, structure) before a planner continues from it.
+//!
+//! [`Plan::resume`] is what a daemon admitting a client calls: it also adopts a blob's
+//! newer journal. [`Plan::restore`] is the strict form for a plan whose journal already
+//! covers the blob's (a reload re-restoring its rings, tests). Both decode once and share
+//! [`Plan::check_cursor`], so each journal rule is written once.
 
 use std::sync::Arc;
 
-use super::cursor::{self, CursorError};
-use super::journal::{self, Change};
+use super::cursor::{self, CursorData, CursorError};
+use super::journal::{self, Change, Order};
 use super::mix;
 use super::planner::Planner;
 use super::stream::Stream;
 use super::Plan;
 
+/// A cursor blob checked against a plan and turned into a planner: what
+/// [`Plan::resume`] gives the daemon's admission.
+pub struct Resumed {
+    /// The plan the blob's run follows: the plan `resume` was called on, or (when
+    /// `adopted`) that plan with the blob's longer journal in force.
+    pub plan: Arc<Plan>,
+    /// A planner at the blob's position under `plan`; `planner.step()` is the blob's step.
+    pub planner: Planner,
+    /// Whether `plan` took the blob's journal: the blob carried live changes the plan
+    /// `resume` was called on did not have. The caller installs `plan` to keep them.
+    pub adopted: bool,
+    /// Entries of `plan`'s journal shared with the plan `resume` was called on.
+    shared: usize,
+}
+
+impl Resumed {
+    /// The live changes adopted from the blob, oldest first (empty unless `adopted`).
+    pub fn adopted_changes(&self) -> &[Change] {
+        if self.adopted {
+            &self.plan.journal[self.shared..]
+        } else {
+            &[]
+        }
+    }
+
+    /// Refuses ([`CursorError::Served`]) an adopted change that starts before trainer
+    /// step `first_changeable`, the first step the daemon has not yet served to anyone:
+    /// adopting it would rewrite batches other clients already received. The daemon
+    /// calls this under the lock that orders its steps, since the answer moves with them.
+    pub fn check_served(&self, first_changeable: u64) -> Result<(), CursorError> {
+        let plan_step = self.plan.plan_step_of(first_changeable);
+        match self.adopted_changes().iter().find(|c| c.at < plan_step) {
+            Some(c) => Err(CursorError::Served {
+                at: c.at,
+                step: first_changeable,
+                plan_step,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Plan {
-    /// A planner restored from a cursor blob.
-    pub fn restore(self: &Arc<Self>, blob: &[u8]) -> Result<Planner, CursorError> {
+    /// Decodes and checks a client's cursor blob, once, and gives the planner that
+    /// resumes it. The contract the daemon relies on:
+    ///
+    /// - A blob that does not decode, belongs to another corpus or static config
+    ///   ([`CursorError::Fingerprint`]), another history ([`CursorError::History`]) or is
+    ///   structurally wrong for this plan is refused, as by [`Plan::restore`].
+    /// - Journals: when this plan's journal equals or extends the blob's, the blob
+    ///   resumes under this plan (`adopted == false`), unless an extra change of ours
+    ///   starts before the blob's step ([`CursorError::JournalRewrites`]). When the blob's
+    ///   extends ours, the blob's journal is adopted: `plan` is this plan with it in force
+    ///   and `adopted == true`, provided its encoding fits `journal_cap` bytes
+    ///   ([`cursor::journal_bytes`]; else [`CursorError::JournalTooLarge`]) and it applies
+    ///   to this plan (else [`CursorError::JournalInvalid`]). Journals that diverged are
+    ///   refused ([`CursorError::JournalDiverged`]).
+    /// - Nothing is installed: the caller decides, after its own checks, whether to put
+    ///   `plan` in force, and calls [`Resumed::check_served`] first when it does.
+    ///
+    /// The error's text is what a client is told after "cursor blob refused: ".
+    pub fn resume(
+        self: &Arc<Self>,
+        blob: &[u8],
+        journal_cap: usize,
+    ) -> Result<Resumed, CursorError> {
         let c = cursor::decode(blob)?;
+        self.check_fingerprint(&c)?;
+        let mut plan = self.clone();
+        if journal::compare(&self.journal, self.superseded, &c.journal, c.superseded)
+            == Order::TheirsAhead
+        {
+            if cursor::journal_bytes(&c.journal, self.domains.len()) > journal_cap {
+                return Err(CursorError::JournalTooLarge {
+                    changes: c.journal.len(),
+                    cap: journal_cap,
+                });
+            }
+            let adopted = self
+                .with_history(c.journal.clone(), c.superseded)
+                .map_err(CursorError::JournalInvalid)?;
+            plan = Arc::new(adopted);
+        }
+        let adopted = !Arc::ptr_eq(&plan, self);
+        let shared = journal::common_prefix(&self.journal, &plan.journal);
+        let planner = plan.check_cursor(c)?;
+        Ok(Resumed {
+            plan,
+            planner,
+            adopted,
+            shared,
+        })
+    }
+
+    /// A planner restored from a cursor blob under this plan as it is: a blob whose
+    /// journal is ahead of this plan's is refused ([`CursorError::JournalBehind`]), not
+    /// adopted (see [`Plan::resume`]).
+    pub fn restore(self: &Arc<Self>, blob: &[u8]) -> Result<Planner, CursorError> {
+        self.check_cursor(cursor::decode(blob)?)
+    }
+
+    /// Refuses a blob made for another corpus or static config.
+    fn check_fingerprint(&self, c: &CursorData) -> Result<(), CursorError> {
         if c.fingerprint != self.fingerprint {
             return Err(CursorError::Fingerprint {
                 blob: c.fingerprint,
                 ours: self.fingerprint,
             });
         }
+        Ok(())
+    }
+
+    /// Every check of a decoded blob against this plan (fingerprint, journal, history,
+    /// structure), and the planner it gives.
+    fn check_cursor(self: &Arc<Self>, c: CursorData) -> Result<Planner, CursorError> {
+        self.check_fingerprint(&c)?;
         match journal::compare(&self.journal, self.superseded, &c.journal, c.superseded) {
-            journal::Order::Same => {}
-            journal::Order::OursAhead => {
+            Order::Same => {}
+            Order::OursAhead => {
                 // Later changes are fine as long as they leave the blob's past alone.
                 let extra = &self.journal[journal::common_prefix(&self.journal, &c.journal)..];
                 if let Some(ch) = extra.iter().find(|ch| ch.at < c.plan_step) {
-                    return Err(CursorError::Journal(format!(
-                        "this plan carries a change from plan step {} that the blob (at plan \
-                         step {}) does not: it would rewrite batches the blob's run already \
-                         received",
-                        ch.at, c.plan_step
-                    )));
+                    return Err(CursorError::JournalRewrites {
+                        at: ch.at,
+                        plan_step: c.plan_step,
+                    });
                 }
             }
-            journal::Order::TheirsAhead => {
-                return Err(CursorError::Journal(format!(
-                    "the blob carries {} live changes, this plan only {}: load the blob's \
-                     journal first",
-                    c.journal.len(),
-                    self.journal.len()
-                )))
+            Order::TheirsAhead => {
+                return Err(CursorError::JournalBehind {
+                    blob: c.journal.len(),
+                    ours: self.journal.len(),
+                })
             }
-            journal::Order::Diverged(i) => {
-                let at = |j: &[Change]| {
-                    j.get(i)
-                        .map_or("none".to_string(), |c| format!("from plan step {}", c.at))
-                };
-                return Err(CursorError::Journal(format!(
-                    "change #{} differs (blob: {}, daemon: {}; {} and {} changes accepted in \
-                     all); the two runs received different changes",
-                    i + 1,
-                    at(&c.journal),
-                    at(&self.journal),
-                    c.journal.len() as u64 + c.superseded,
-                    self.journal.len() as u64 + self.superseded,
-                )));
+            Order::Diverged(i) => {
+                return Err(CursorError::JournalDiverged {
+                    change: i + 1,
+                    blob_at: c.journal.get(i).map(|ch| ch.at),
+                    ours_at: self.journal.get(i).map(|ch| ch.at),
+                })
             }
         }
         let ours = self.history(c.plan_step);
@@ -107,5 +206,200 @@ impl Plan {
             })?;
         }
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::plan::{DocSource, DomainInput, DomainSettings, MemShard, PlanConfig};
+
+    /// Two small domains under `weights` (TOML inline table) and `seed`.
+    fn plan_with(weights: &str, seed: u64) -> Arc<Plan> {
+        let text =
+            format!("seq_len = 15\nglobal_batch_rows = 4\nseed = {seed}\nweights = {weights}");
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let cfg = PlanConfig::from_table(&table).unwrap();
+        let inputs: Vec<DomainInput> = ["a", "b"]
+            .iter()
+            .map(|n| DomainInput {
+                name: n.to_string(),
+                shards: vec![(
+                    format!("{n}/0"),
+                    Arc::new(MemShard {
+                        lengths: (1..300u32).map(|i| i * 7 % 23 + 1).collect(),
+                        groups: None,
+                    }) as Arc<dyn DocSource>,
+                )],
+                settings: DomainSettings::default(),
+            })
+            .collect();
+        Arc::new(Plan::new(&inputs, cfg, 1).unwrap())
+    }
+
+    fn plan() -> Arc<Plan> {
+        plan_with("{ a = 1.0, b = 1.0 }", 7)
+    }
+
+    /// `plan` with one live change: from plan step `at`, domain a weighs `a`.
+    fn changed(plan: &Arc<Plan>, at: u64, a: f64) -> Arc<Plan> {
+        let w = BTreeMap::from([("a".to_string(), a)]);
+        let change = plan.weights_change(at, &w).unwrap();
+        Arc::new(plan.with_journal(vec![change]).unwrap())
+    }
+
+    fn blob_at(plan: &Arc<Plan>, step: u64) -> Vec<u8> {
+        plan.seek(step).cursor()
+    }
+
+    fn err(r: Result<Resumed, CursorError>) -> CursorError {
+        match r {
+            Ok(_) => panic!("the blob was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_blob_under_the_same_journal_resumes_as_restore_does() {
+        let plan = plan();
+        let blob = blob_at(&plan, 9);
+        let mut r = plan.resume(&blob, 0).unwrap();
+        assert!(!r.adopted && Arc::ptr_eq(&r.plan, &plan));
+        assert!(r.adopted_changes().is_empty());
+        assert!(r.check_served(0).is_ok());
+        assert_eq!(r.planner.step(), 9);
+        let mut q = plan.restore(&blob).unwrap();
+        for _ in 0..5 {
+            assert_eq!(r.planner.next_batch(), q.next_batch());
+        }
+    }
+
+    #[test]
+    fn a_newer_journal_in_the_blob_is_adopted() {
+        let fresh = plan();
+        let ahead = changed(&fresh, 10, 3.0);
+        let mut run = ahead.seek(20);
+        let blob = run.cursor();
+        let mut r = fresh.resume(&blob, 1 << 14).unwrap();
+        assert!(r.adopted);
+        assert_eq!(r.plan.journal(), ahead.journal());
+        assert_eq!(r.adopted_changes(), ahead.journal());
+        assert_eq!(r.plan.fingerprint(), fresh.fingerprint());
+        for _ in 0..5 {
+            assert_eq!(r.planner.next_batch(), run.next_batch());
+        }
+        // Step 10 unserved: the change may still land; served: adopting it is refused.
+        assert!(r.check_served(10).is_ok());
+        let e = r.check_served(11).unwrap_err();
+        assert_eq!(
+            e,
+            CursorError::Served {
+                at: 10,
+                step: 11,
+                plan_step: 11
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "it carries a live change from plan step 10 that this daemon does not have, but \
+             step 11 (plan step 11) has already been served to other clients without it"
+        );
+        // Restore does not adopt.
+        assert_eq!(
+            fresh.restore(&blob).err(),
+            Some(CursorError::JournalBehind { blob: 1, ours: 0 })
+        );
+    }
+
+    #[test]
+    fn a_journal_too_large_for_the_cap_is_refused() {
+        let fresh = plan();
+        let blob = blob_at(&changed(&fresh, 10, 3.0), 20);
+        let e = err(fresh.resume(&blob, 8));
+        assert_eq!(e, CursorError::JournalTooLarge { changes: 1, cap: 8 });
+        assert_eq!(
+            e.to_string(),
+            "its journal of 1 live changes is larger than this daemon's cursor field allows \
+             (8 bytes)"
+        );
+    }
+
+    #[test]
+    fn diverged_journals_are_refused() {
+        let fresh = plan();
+        let blob = blob_at(&changed(&fresh, 10, 3.0), 20);
+        let other = changed(&fresh, 12, 0.5);
+        let e = err(other.resume(&blob, 1 << 14));
+        assert_eq!(
+            e,
+            CursorError::JournalDiverged {
+                change: 1,
+                blob_at: Some(10),
+                ours_at: Some(12)
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "its journal of live mixture changes disagrees with this daemon's at change #1 \
+             (blob: from plan step 10, daemon: from plan step 12); the blob's run received \
+             different changes, and serving it would change its data"
+        );
+    }
+
+    #[test]
+    fn a_change_of_ours_before_the_blob_step_is_refused() {
+        let fresh = plan();
+        let blob = blob_at(&fresh, 20);
+        let e = err(changed(&fresh, 10, 3.0).resume(&blob, 1 << 14));
+        assert_eq!(
+            e,
+            CursorError::JournalRewrites {
+                at: 10,
+                plan_step: 20
+            }
+        );
+        // One after the blob's step leaves its past alone.
+        let r = changed(&fresh, 25, 3.0).resume(&blob, 1 << 14).unwrap();
+        assert!(!r.adopted);
+    }
+
+    #[test]
+    fn a_journal_that_does_not_apply_is_refused() {
+        let fresh = plan();
+        let blob = blob_at(&changed(&fresh, 10, 3.0), 20);
+        let mut c = cursor::decode(&blob).unwrap();
+        c.journal[0].points[0].1[0] = f64::NAN;
+        let e = err(fresh.resume(&cursor::encode(&c), 1 << 14));
+        assert!(matches!(e, CursorError::JournalInvalid(_)), "{e:?}");
+        assert!(e.to_string().contains("finite"), "{e}");
+    }
+
+    #[test]
+    fn other_configs_histories_and_bytes_are_refused() {
+        let plan = plan();
+        let blob = blob_at(&plan, 9);
+        let other_seed = plan_with("{ a = 1.0, b = 1.0 }", 8);
+        assert!(matches!(
+            err(other_seed.resume(&blob, 1 << 14)),
+            CursorError::Fingerprint { .. }
+        ));
+        let other_weights = plan_with("{ a = 1.0, b = 2.0 }", 7);
+        assert!(matches!(
+            err(other_weights.resume(&blob, 1 << 14)),
+            CursorError::History { step: 9, .. }
+        ));
+        assert!(matches!(
+            err(plan.resume(&blob[..blob.len() - 1], 1 << 14)),
+            CursorError::Length { .. }
+        ));
+        let mut flipped = blob.clone();
+        flipped[40] ^= 1;
+        assert!(matches!(
+            err(plan.resume(&flipped, 1 << 14)),
+            CursorError::Checksum { .. }
+        ));
+        assert_eq!(err(plan.resume(b"not a cursor", 0)), CursorError::Magic);
     }
 }
