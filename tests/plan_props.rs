@@ -3029,7 +3029,7 @@ fn plan_error(toml_text: &str, domains: &[DomSpec]) -> String {
     match Plan::new(&inputs(domains), cfg, 1) {
         Ok(_) => "ok".into(),
         Err(PlanError::Setting(e)) => format!("setting|{}|{e}", e.field),
-        Err(PlanError::Domain(m)) => format!("domain|{m}"),
+        Err(e) => format!("domain|{e}"),
     }
 }
 
@@ -3167,8 +3167,8 @@ fn config_errors_name_the_field() {
     });
     let cfg = PlanConfig::from_table(&toml::from_str(&ok).unwrap()).unwrap();
     match Plan::new(&no_groups, cfg, 1) {
-        Err(PlanError::Domain(m)) => {
-            assert!(m.contains("code") && m.contains("code/shard0"), "{m}")
+        Err(PlanError::NoSidecar { domain, shard, .. }) => {
+            assert_eq!((domain.as_str(), shard.as_str()), ("code", "code/shard0"))
         }
         other => panic!("grouping without groups: {:?}", other.err()),
     }

@@ -118,9 +118,57 @@ pub enum CursorError {
         /// Its plan step.
         plan_step: u64,
     },
-    /// Structurally wrong in a way the checksum did not catch.
-    #[error("cursor is malformed: {0}")]
-    Malformed(String),
+    /// Ends before a field it needs.
+    #[error("cursor is malformed: truncated at byte {at}")]
+    Truncated {
+        /// Offset of the field that does not fit.
+        at: usize,
+    },
+    /// A list longer than any this build writes (a forged length).
+    #[error("cursor is malformed: {what}: {n} {unit}")]
+    TooMany {
+        /// Which list.
+        what: &'static str,
+        /// Its length.
+        n: usize,
+        /// What it counts.
+        unit: &'static str,
+    },
+    /// Bytes left over after the last field.
+    #[error("cursor is malformed: {bytes} unexpected bytes after the last domain")]
+    Trailing {
+        /// How many.
+        bytes: usize,
+    },
+    /// Its domain count or steps do not fit this plan.
+    #[error("cursor is malformed: {domains} domains at step {step} (plan step {plan_step}) do not fit this plan ({ours} domains, plan step {expected})")]
+    Shape {
+        /// Domains in the blob.
+        domains: usize,
+        /// The blob's trainer step.
+        step: u64,
+        /// The blob's plan step.
+        plan_step: u64,
+        /// Domains in this plan.
+        ours: usize,
+        /// The plan step this plan maps the blob's step to.
+        expected: u64,
+    },
+    /// A mixer's carried error larger than any real run makes (it would make the mixer
+    /// spin).
+    #[error("cursor is malformed: mixer carried error out of range")]
+    Deficit {
+        /// Index of the first domain out of range.
+        domain: usize,
+    },
+    /// A domain's stream state does not fit the window it points at.
+    #[error("cursor is malformed: domain {domain}: {source}")]
+    Stream {
+        /// The domain's name.
+        domain: String,
+        /// What is wrong with it.
+        source: super::stream::StreamError,
+    },
 }
 
 /// "from plan step N", or "none" for a change one journal does not have.
@@ -191,7 +239,7 @@ impl R<'_> {
         let s = self
             .b
             .get(self.at..self.at + n)
-            .ok_or_else(|| CursorError::Malformed(format!("truncated at byte {}", self.at)))?;
+            .ok_or(CursorError::Truncated { at: self.at })?;
         self.at += n;
         Ok(s)
     }
@@ -231,10 +279,14 @@ impl R<'_> {
         }
         Ok(pending)
     }
-    fn len(&mut self, what: &str) -> Result<usize, CursorError> {
+    fn len(&mut self, what: &'static str) -> Result<usize, CursorError> {
         let n = self.u16()? as usize;
         if n > MAX_LIST {
-            return Err(CursorError::Malformed(format!("{what}: {n} entries")));
+            return Err(CursorError::TooMany {
+                what,
+                n,
+                unit: "entries",
+            });
         }
         Ok(n)
     }
@@ -372,13 +424,21 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     if version >= 2 {
         let k = r.len("journal")?;
         if k > MAX_CHANGES {
-            return Err(CursorError::Malformed(format!("journal: {k} changes")));
+            return Err(CursorError::TooMany {
+                what: "journal",
+                n: k,
+                unit: "changes",
+            });
         }
         for _ in 0..k {
             let at = r.u64()?;
             let m = r.len("journal points")?;
             if m > MAX_POINTS {
-                return Err(CursorError::Malformed(format!("journal: {m} points")));
+                return Err(CursorError::TooMany {
+                    what: "journal",
+                    n: m,
+                    unit: "points",
+                });
             }
             let mut points = Vec::with_capacity(m);
             for _ in 0..m {
@@ -394,10 +454,9 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     }
     let superseded = if version >= 4 { r.u64()? } else { 0 };
     if r.at != body.len() {
-        return Err(CursorError::Malformed(format!(
-            "{} unexpected bytes after the last domain",
-            body.len() - r.at
-        )));
+        return Err(CursorError::Trailing {
+            bytes: body.len() - r.at,
+        });
     }
     Ok(CursorData {
         fingerprint,

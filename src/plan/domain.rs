@@ -16,7 +16,7 @@ use super::config::{DomainSettings, GroupMode, PlanConfig};
 use super::pack::{self, Piece, Window};
 use super::permute::{chained, derive_key, Permutation};
 use super::stream::StreamState;
-use super::{Row, Segment};
+use super::{PlanError, Row, Segment};
 
 /// Where a domain's document lengths and groups come from: a mapped shard in the daemon,
 /// a plain vector in property tests. The plan reads nothing else.
@@ -95,7 +95,7 @@ pub(crate) enum UnitKind {
 impl DomainData {
     /// Indexes a domain: O(shards) unless upsampling asks for the long-unit list, which
     /// is one pass over the document lengths.
-    pub(crate) fn new(input: &DomainInput, cfg: &PlanConfig) -> Result<DomainData, String> {
+    pub(crate) fn new(input: &DomainInput, cfg: &PlanConfig) -> Result<DomainData, PlanError> {
         let mut doc_prefix = vec![0u64];
         let mut group_prefix = Some(vec![0u64]);
         let mut tokens = 0u64;
@@ -108,10 +108,11 @@ impl DomainData {
                 }
                 (None, _) => {
                     if input.settings.grouping.mode != GroupMode::Off {
-                        return Err(format!(
-                            "domain {}: grouping is {:?} but shard {name} has no .groups.npy sidecar",
-                            input.name, input.settings.grouping.mode
-                        ));
+                        return Err(PlanError::NoSidecar {
+                            domain: input.name.clone(),
+                            shard: name.clone(),
+                            mode: input.settings.grouping.mode,
+                        });
                     }
                     group_prefix = None;
                 }

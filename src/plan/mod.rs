@@ -33,10 +33,10 @@ pub use config::{
 };
 pub use cursor::CursorError;
 pub use domain::{DocSource, DomainInput, MemShard};
-pub use journal::Change;
+pub use journal::{Change, ChangeError};
 pub use planner::Planner;
 pub use resume::Resumed;
-pub use stream::{StreamState, Tail, MAX_DEFERRED};
+pub use stream::{StreamError, StreamState, Tail, MAX_DEFERRED};
 
 use domain::{DomainData, Geometry};
 use mix::{Mixer, Schedule};
@@ -52,9 +52,52 @@ pub enum PlanError {
     /// A setting is wrong.
     #[error(transparent)]
     Setting(#[from] SettingError),
-    /// A domain cannot be planned as configured.
-    #[error("{0}")]
-    Domain(String),
+    /// The corpus has no domains.
+    #[error("the corpus has no domains")]
+    NoDomains,
+    /// More domains than a row's domain index holds.
+    #[error("more than 65535 domains")]
+    TooManyDomains {
+        /// Domains in the corpus.
+        domains: usize,
+    },
+    /// A grouped domain with a shard that has no group sidecar.
+    #[error("domain {domain}: grouping is {mode:?} but shard {shard} has no .groups.npy sidecar")]
+    NoSidecar {
+        /// The domain's name.
+        domain: String,
+        /// The shard's display name.
+        shard: String,
+        /// The grouping configured.
+        mode: GroupMode,
+    },
+    /// A domain that the config weights but that holds no tokens.
+    #[error("domain {domain} (corpus.domain[{index}]) has weight but no tokens")]
+    NoTokens {
+        /// The domain's name.
+        domain: String,
+        /// Its index in the corpus.
+        index: usize,
+    },
+    /// A live change that weights a domain that holds no tokens.
+    #[error("domain {domain} has weight at step {step} but no tokens")]
+    NoTokensAt {
+        /// The domain's name.
+        domain: String,
+        /// The change point's plan step.
+        step: u64,
+    },
+    /// More live changes than a journal keeps.
+    #[error("the journal holds {changes} live changes, at most {max} are kept: write the mixture into the config and restart")]
+    JournalFull {
+        /// Changes offered.
+        changes: usize,
+        /// [`journal::MAX_CHANGES`].
+        max: usize,
+    },
+    /// A live change that does not fit the plan.
+    #[error(transparent)]
+    Change(#[from] journal::ChangeError),
 }
 
 /// A token range of one document placed in a row.
@@ -169,10 +212,12 @@ impl Plan {
     /// identities; the plan never reads files).
     pub fn new(inputs: &[DomainInput], cfg: PlanConfig, manifest: u128) -> Result<Plan, PlanError> {
         if inputs.is_empty() {
-            return Err(PlanError::Domain("the corpus has no domains".into()));
+            return Err(PlanError::NoDomains);
         }
         if inputs.len() > u16::MAX as usize {
-            return Err(PlanError::Domain("more than 65535 domains".into()));
+            return Err(PlanError::TooManyDomains {
+                domains: inputs.len(),
+            });
         }
         let settings: Vec<(&str, DomainSettings)> = inputs
             .iter()
@@ -185,7 +230,7 @@ impl Plan {
         };
         let mut domains = Vec::with_capacity(inputs.len());
         for input in inputs {
-            domains.push(DomainData::new(input, &cfg).map_err(PlanError::Domain)?);
+            domains.push(DomainData::new(input, &cfg)?);
         }
         let names: Vec<&str> = inputs.iter().map(|d| d.name.as_str()).collect();
         let schedule = Schedule::new(&cfg.points(), &names);
@@ -196,10 +241,10 @@ impl Plan {
                 .iter()
                 .any(|p| p.weights.get(&d.name).is_some_and(|&w| w > 0.0));
             if weighted && d.tokens == 0 {
-                return Err(PlanError::Domain(format!(
-                    "domain {} (corpus.domain[{i}]) has weight but no tokens",
-                    d.name
-                )));
+                return Err(PlanError::NoTokens {
+                    domain: d.name.clone(),
+                    index: i,
+                });
             }
         }
         // First windows (and so fills), in parallel across domains: they are independent,
@@ -275,25 +320,21 @@ impl Plan {
     /// toward [`journal::MAX_CHANGES`].
     pub fn with_history(&self, journal: Vec<Change>, superseded: u64) -> Result<Plan, PlanError> {
         if journal.len() > journal::MAX_CHANGES {
-            return Err(PlanError::Domain(format!(
-                "the journal holds {} live changes, at most {} are kept: write the mixture \
-                 into the config and restart",
-                journal.len(),
-                journal::MAX_CHANGES
-            )));
+            return Err(PlanError::JournalFull {
+                changes: journal.len(),
+                max: journal::MAX_CHANGES,
+            });
         }
         let tokens = self.domain_tokens();
         let mut schedule = self.base.clone();
         for change in &journal {
-            change
-                .check(self.domains.len())
-                .map_err(PlanError::Domain)?;
+            change.check(self.domains.len())?;
             for (step, w) in &change.points {
                 if let Some(d) = (0..w.len()).find(|&d| w[d] > 0.0 && tokens[d] == 0) {
-                    return Err(PlanError::Domain(format!(
-                        "domain {} has weight at step {step} but no tokens",
-                        self.domains[d].name
-                    )));
+                    return Err(PlanError::NoTokensAt {
+                        domain: self.domains[d].name.clone(),
+                        step: *step,
+                    });
                 }
             }
             schedule = schedule.with_layer(change.at, change.points.clone());

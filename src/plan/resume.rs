@@ -172,25 +172,24 @@ impl Plan {
             || c.plan_step > expected
             || !self.all_skipped(c.plan_step, expected)
         {
-            return Err(CursorError::Malformed(format!(
-                "{} domains at step {} (plan step {}) do not fit this plan ({} domains, plan step {expected})",
-                c.streams.len(),
-                c.step,
-                c.plan_step,
-                self.domains.len()
-            )));
+            return Err(CursorError::Shape {
+                domains: c.streams.len(),
+                step: c.step,
+                plan_step: c.plan_step,
+                ours: self.domains.len(),
+                expected,
+            });
         }
         // A carried error is below one burst cycle's rows in any real run; a larger one
         // is forged and would make the mixer spin, so it is refused.
         let bound = (self.cfg.global_batch_rows as i64 + 1) * mix::TICKS * 10_001;
-        if c.mix
+        if let Some(domain) = c
+            .mix
             .deficit
             .iter()
-            .any(|d| d.unsigned_abs() > bound as u64)
+            .position(|d| d.unsigned_abs() > bound as u64)
         {
-            return Err(CursorError::Malformed(
-                "mixer carried error out of range".into(),
-            ));
+            return Err(CursorError::Deficit { domain });
         }
         let mut p = Planner {
             plan: self.clone(),
@@ -201,9 +200,11 @@ impl Plan {
         };
         // Structural checks that need the packed window.
         for (d, s) in p.streams.iter_mut().enumerate() {
-            s.check(&self.domains[d], self.geometry).map_err(|e| {
-                CursorError::Malformed(format!("domain {}: {e}", self.domains[d].name))
-            })?;
+            s.check(&self.domains[d], self.geometry)
+                .map_err(|source| CursorError::Stream {
+                    domain: self.domains[d].name.clone(),
+                    source,
+                })?;
         }
         Ok(p)
     }
@@ -214,7 +215,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::plan::{DocSource, DomainInput, DomainSettings, MemShard, PlanConfig};
+    use crate::plan::{DocSource, DomainInput, DomainSettings, MemShard, PlanConfig, StreamError};
 
     /// Two small domains under `weights` (TOML inline table) and `seed`.
     fn plan_with(weights: &str, seed: u64) -> Arc<Plan> {
@@ -401,5 +402,42 @@ mod tests {
             CursorError::Checksum { .. }
         ));
         assert_eq!(err(plan.resume(b"not a cursor", 0)), CursorError::Magic);
+    }
+
+    #[test]
+    fn structural_faults_are_typed_and_name_the_domain() {
+        let plan = plan();
+        let mut c = cursor::decode(&blob_at(&plan, 9)).unwrap();
+        c.streams[1].window_start = u64::MAX;
+        let e = err(plan.resume(&cursor::encode(&c), 0));
+        assert_eq!(
+            e,
+            CursorError::Stream {
+                domain: "b".into(),
+                source: StreamError::WindowPastEpoch {
+                    start: u64::MAX,
+                    units: 299
+                }
+            }
+        );
+        assert!(e
+            .to_string()
+            .starts_with("cursor is malformed: domain b: window start"));
+        let mut c = cursor::decode(&blob_at(&plan, 9)).unwrap();
+        c.streams.pop();
+        assert!(matches!(
+            err(plan.resume(&cursor::encode(&c), 0)),
+            CursorError::Shape {
+                domains: 1,
+                ours: 2,
+                ..
+            }
+        ));
+        let mut c = cursor::decode(&blob_at(&plan, 9)).unwrap();
+        c.mix.deficit[1] = i64::MAX;
+        assert_eq!(
+            err(plan.resume(&cursor::encode(&c), 0)),
+            CursorError::Deficit { domain: 1 }
+        );
     }
 }

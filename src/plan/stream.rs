@@ -93,6 +93,61 @@ impl Tail {
     }
 }
 
+/// Why a restored stream state does not fit the domain it claims to be of.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// Tails recorded before the stream's first epoch opened.
+    #[error("tails in a stream that has not started")]
+    TailsBeforeStart,
+    /// The current window starts past the end of the epoch.
+    #[error("window start {start} is past the epoch's {units} units")]
+    WindowPastEpoch {
+        /// The window's first position.
+        start: u64,
+        /// Positions in the epoch.
+        units: u64,
+    },
+    /// A grouped epoch in a domain that has no groups.
+    #[error("grouped epoch in a domain without groups")]
+    GroupedWithoutGroups,
+    /// The next block is past the end of the window.
+    #[error("block {block} of a window with {blocks}")]
+    BlockPastWindow {
+        /// The next block.
+        block: u32,
+        /// Blocks in the window.
+        blocks: usize,
+    },
+    /// More pending blocks than a window and the deferral limit allow.
+    #[error("too many pending blocks")]
+    TooManyPending {
+        /// How many the state holds.
+        pending: usize,
+    },
+    /// A tail's window starts past the end of its epoch.
+    #[error("tail window start {start} is past the epoch's {units} units")]
+    TailPastEpoch {
+        /// The tail window's first position.
+        start: u64,
+        /// Positions in its epoch.
+        units: u64,
+    },
+    /// A grouped tail in a domain that has no groups.
+    #[error("grouped tail in a domain without groups")]
+    GroupedTailWithoutGroups,
+    /// A tail with nothing left to hand out (tails are dropped when empty).
+    #[error("tail without pending blocks")]
+    EmptyTail,
+    /// A pending block that is not in its window, or has no rows left.
+    #[error("pending block {block} (+{done} rows) is not in the window")]
+    PendingNotInWindow {
+        /// The block id.
+        block: u32,
+        /// Rows the state says were taken.
+        done: u32,
+    },
+}
+
 /// Most blocks a batch-grouped domain passes over while looking for ones that fit.
 pub const MAX_DEFERRED: usize = 16;
 
@@ -115,49 +170,50 @@ impl Stream {
 
     /// Checks a restored state against the window it points at, so a forged or stale
     /// blob is refused rather than indexing out of bounds later.
-    pub(crate) fn check(&mut self, d: &DomainData, g: Geometry) -> Result<(), String> {
+    pub(crate) fn check(&mut self, d: &DomainData, g: Geometry) -> Result<(), StreamError> {
         if !self.state.started {
             if !self.state.tails.is_empty() {
-                return Err("tails in a stream that has not started".into());
+                return Err(StreamError::TailsBeforeStart);
             }
             return Ok(());
         }
         let n = d.virtual_units(self.kind());
         if self.state.window_start >= n.max(1) {
-            return Err(format!(
-                "window start {} is past the epoch's {n} units",
-                self.state.window_start
-            ));
+            return Err(StreamError::WindowPastEpoch {
+                start: self.state.window_start,
+                units: n,
+            });
         }
         if self.state.grouped && d.units(UnitKind::Group) == 0 {
-            return Err("grouped epoch in a domain without groups".into());
+            return Err(StreamError::GroupedWithoutGroups);
         }
         let (w, _) = self.window(d, g);
         if self.state.next_block as usize > w.blocks.len() {
-            return Err(format!(
-                "block {} of a window with {}",
-                self.state.next_block,
-                w.blocks.len()
-            ));
+            return Err(StreamError::BlockPastWindow {
+                block: self.state.next_block,
+                blocks: w.blocks.len(),
+            });
         }
         if self.state.pending.len() > MAX_DEFERRED + w.blocks.len() {
-            return Err("too many pending blocks".into());
+            return Err(StreamError::TooManyPending {
+                pending: self.state.pending.len(),
+            });
         }
         check_pending(&self.state.pending, &w)?;
         for t in 0..self.state.tails.len() {
             let tail = &self.state.tails[t];
             let n = d.virtual_units(tail.kind());
             if tail.window_start >= n.max(1) {
-                return Err(format!(
-                    "tail window start {} is past the epoch's {n} units",
-                    tail.window_start
-                ));
+                return Err(StreamError::TailPastEpoch {
+                    start: tail.window_start,
+                    units: n,
+                });
             }
             if tail.grouped && d.units(UnitKind::Group) == 0 {
-                return Err("grouped tail in a domain without groups".into());
+                return Err(StreamError::GroupedTailWithoutGroups);
             }
             if tail.pending.is_empty() {
-                return Err("tail without pending blocks".into());
+                return Err(StreamError::EmptyTail);
             }
             let tw = self.tail_window(d, g, t);
             check_pending(&self.state.tails[t].pending, &tw)?;
@@ -565,15 +621,11 @@ impl Stream {
 }
 
 /// Checks that restored pending blocks name blocks of `w` with rows still to take.
-fn check_pending(pending: &[(u32, u32)], w: &Window) -> Result<(), String> {
-    for &(b, done) in pending {
-        match w.blocks.get(b as usize) {
+fn check_pending(pending: &[(u32, u32)], w: &Window) -> Result<(), StreamError> {
+    for &(block, done) in pending {
+        match w.blocks.get(block as usize) {
             Some(blk) if done < blk.rows => {}
-            _ => {
-                return Err(format!(
-                    "pending block {b} (+{done} rows) is not in the window"
-                ))
-            }
+            _ => return Err(StreamError::PendingNotInWindow { block, done }),
         }
     }
     Ok(())
