@@ -16,11 +16,12 @@ use super::stream::{StreamState, Tail};
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"MRCURSOR";
-/// The newest layout version this build reads and writes: 3 adds batch grouping's tails
-/// to each stream, 4 adds the count of superseded live changes after the journal. It
-/// writes 4 only once a change has been superseded, else 3, so blobs stay readable by
-/// older daemons as long as possible. It also reads 1 (no journal) and 2 (no tails).
-pub const VERSION: u16 = 4;
+/// The newest layout version this build reads and writes. 2 added the journal, 3 batch
+/// grouping's tails to each stream, 4 the count of superseded live changes after the
+/// journal (written only when nonzero, else 3), 5 the binary fingerprint (the count is
+/// always written). This build writes 5, and reads 1-4 with their JSON-text fingerprint
+/// ([`Fingerprint::LegacyJson`]) so old checkpoints resume.
+pub const VERSION: u16 = 5;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -176,11 +177,31 @@ fn from_step(at: Option<u64>) -> String {
     at.map_or("none".to_string(), |at| format!("from plan step {at}"))
 }
 
+/// A blob's fingerprint, with the scheme its layout says it was computed by: the plan
+/// compares it with its own fingerprint of the same scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fingerprint {
+    /// Layout 5 on: the hash of the canonical binary encoding (`plan/fingerprint.rs`).
+    Binary(u128),
+    /// Layouts 1-4: the hash of JSON text; encoding one writes layout 3 or 4, as the
+    /// builds that wrote them did.
+    LegacyJson(u128),
+}
+
+impl Fingerprint {
+    /// The 128-bit value, whatever its scheme.
+    pub fn value(self) -> u128 {
+        match self {
+            Fingerprint::Binary(v) | Fingerprint::LegacyJson(v) => v,
+        }
+    }
+}
+
 /// Everything a blob holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CursorData {
     /// Corpus + static config.
-    pub fingerprint: u128,
+    pub fingerprint: Fingerprint,
     /// Past schedule/skips/reseeds.
     pub history: u64,
     /// Next trainer step.
@@ -193,8 +214,8 @@ pub struct CursorData {
     pub streams: Vec<StreamState>,
     /// Live mixture changes in force, in the order they were accepted.
     pub journal: Vec<Change>,
-    /// Changes accepted and then dropped from `journal` as superseded (layout 4; 0 in
-    /// older layouts, which never dropped one).
+    /// Changes accepted and then dropped from `journal` as superseded (layouts 4 and
+    /// 5; 0 in older layouts, which never dropped one).
     pub superseded: u64,
 }
 
@@ -296,11 +317,17 @@ impl R<'_> {
 pub fn encode(c: &CursorData) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
-    w.u16(if c.superseded > 0 { 4 } else { 3 });
+    let version: u16 = match c.fingerprint {
+        Fingerprint::Binary(_) => 5,
+        Fingerprint::LegacyJson(_) if c.superseded > 0 => 4,
+        Fingerprint::LegacyJson(_) => 3,
+    };
+    w.u16(version);
     w.u16(0); // flags, reserved
     w.u32(0); // total length, patched below
-    w.u64(c.fingerprint as u64);
-    w.u64((c.fingerprint >> 64) as u64);
+    let fingerprint = c.fingerprint.value();
+    w.u64(fingerprint as u64);
+    w.u64((fingerprint >> 64) as u64);
     w.u64(c.history);
     w.u64(c.step);
     w.u64(c.plan_step);
@@ -342,7 +369,7 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
             }
         }
     }
-    if c.superseded > 0 {
+    if version >= 4 {
         w.u64(c.superseded);
     }
     let total = (w.0.len() + 8) as u32;
@@ -379,7 +406,10 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     let mut r = R { b: body, at: 16 };
     let lo = r.u64()? as u128;
     let hi = r.u64()? as u128;
-    let fingerprint = lo | (hi << 64);
+    let fingerprint = match lo | (hi << 64) {
+        v if version >= 5 => Fingerprint::Binary(v),
+        v => Fingerprint::LegacyJson(v),
+    };
     let history = r.u64()?;
     let step = r.u64()?;
     let plan_step = r.u64()?;

@@ -203,6 +203,8 @@ pub struct Plan {
     mixer: Mixer,
     geometry: Geometry,
     fingerprint: u128,
+    /// The fingerprint blobs of layouts 1-4 carry.
+    legacy_fingerprint: u128,
     reseeds: Vec<(u64, u64)>,
     skips: Vec<(u64, u64)>,
 }
@@ -275,6 +277,7 @@ impl Plan {
             bursty,
         };
         let fingerprint = fingerprint::fingerprint(&cfg, inputs, manifest);
+        let legacy_fingerprint = fingerprint::legacy_json_fingerprint(&cfg, inputs, manifest);
         Ok(Plan {
             reseeds: cfg.reseed.iter().map(|r| (r.step, r.seed)).collect(),
             skips: cfg.skip.iter().map(|s| (s.steps[0], s.steps[1])).collect(),
@@ -286,6 +289,7 @@ impl Plan {
             mixer,
             geometry,
             fingerprint,
+            legacy_fingerprint,
         })
     }
 
@@ -434,9 +438,16 @@ impl Plan {
         self.geometry.capacity
     }
 
-    /// Identity of corpus + static config, as cursors carry it.
+    /// Identity of corpus + static config, as cursors (layout 5 on), WELCOME and status
+    /// carry it.
     pub fn fingerprint(&self) -> u128 {
         self.fingerprint
+    }
+
+    /// The same identity as blobs of layouts 1-4 carry it (a hash of JSON text), so old
+    /// checkpoints resume and tools can name what an old blob was made for.
+    pub fn legacy_fingerprint(&self) -> u128 {
+        self.legacy_fingerprint
     }
 
     /// Per-domain facts for reports.

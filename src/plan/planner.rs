@@ -220,7 +220,7 @@ impl Planner {
     /// The cursor blob for "everything before `step()` has been delivered".
     pub fn cursor(&self) -> Vec<u8> {
         cursor::encode(&cursor::CursorData {
-            fingerprint: self.plan.fingerprint,
+            fingerprint: cursor::Fingerprint::Binary(self.plan.fingerprint),
             history: self.plan.history(self.plan_step),
             step: self.step,
             plan_step: self.plan_step,

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::cursor::{self, CursorData, CursorError};
+use super::cursor::{self, CursorData, CursorError, Fingerprint};
 use super::journal::{self, Change, Order};
 use super::mix;
 use super::planner::Planner;
@@ -118,11 +118,12 @@ impl Plan {
 
     /// Refuses a blob made for another corpus or static config.
     fn check_fingerprint(&self, c: &CursorData) -> Result<(), CursorError> {
-        if c.fingerprint != self.fingerprint {
-            return Err(CursorError::Fingerprint {
-                blob: c.fingerprint,
-                ours: self.fingerprint,
-            });
+        let (blob, ours) = match c.fingerprint {
+            Fingerprint::Binary(blob) => (blob, self.fingerprint),
+            Fingerprint::LegacyJson(blob) => (blob, self.legacy_fingerprint),
+        };
+        if blob != ours {
+            return Err(CursorError::Fingerprint { blob, ours });
         }
         Ok(())
     }
@@ -439,5 +440,82 @@ mod tests {
             err(plan.resume(&cursor::encode(&c), 0)),
             CursorError::Deficit { domain: 1 }
         );
+    }
+
+    /// Blobs written by the build before layout 5, by this module's `plan()`: a layout 3
+    /// blob at step 9, and a layout 4 blob at step 20 under one live change from plan step
+    /// 10 (a = 3.0) with 2 changes superseded.
+    const OLD_LAYOUT_3: &[&str] = &[
+        "4d52435552534f5203000000e00000000340f9f63ef1e49755349ede56e4cb360377a3f056024fb0",
+        "09000000000000000900000000000000020012000000000000000000000000000000000000000001",
+        "07000000000000000000000000000000120000000000000012000000000000002001000000000000",
+        "00000000000000000000000000000000120000000000000000000000000000000000000000010700",
+        "00000000000000000000000000001200000000000000120000000000000020010000000000000000",
+        "00000000000000000000000000000000e7f449e15b8af7b7",
+    ];
+    const OLD_LAYOUT_4: &[&str] = &[
+        "4d52435552534f52040000000a0100000340f9f63ef1e49755349ede56e4cb36a09e3f3e175c55f7",
+        "14000000000000001400000000000000020032000000000000000000000000000000000000000001",
+        "07000000000000000000000000000000320000000000000032000000000000002003000000000000",
+        "000000000000000000000000000000001e0000000000000000000000000000000000000000010700",
+        "00000000000000000000000000001e000000000000001e00000000000000e0010000000000000000",
+        "000000000000000000000000000001000a0000000000000001000a00000000000000000000000000",
+        "0840000000000000f03f02000000000000001761214464edc465",
+    ];
+
+    fn unhex(lines: &[&str]) -> Vec<u8> {
+        let s = lines.concat();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Checkpoints taken before the binary fingerprint still resume, bit for bit, checked
+    /// against the legacy JSON fingerprint; the blobs a planner writes now are layout 5.
+    #[test]
+    fn blobs_of_layouts_3_and_4_still_resume() {
+        let fresh = plan();
+        let old = unhex(OLD_LAYOUT_3);
+        let c = cursor::decode(&old).unwrap();
+        assert_eq!(
+            c.fingerprint,
+            Fingerprint::LegacyJson(fresh.legacy_fingerprint())
+        );
+        assert_ne!(fresh.legacy_fingerprint(), fresh.fingerprint());
+        let mut r = fresh.resume(&old, 0).unwrap();
+        let mut want = fresh.seek(9);
+        let now = want.cursor();
+        assert_eq!(u16::from_le_bytes([now[8], now[9]]), cursor::VERSION);
+        assert_eq!(
+            cursor::decode(&now).unwrap().fingerprint,
+            Fingerprint::Binary(fresh.fingerprint())
+        );
+        assert_eq!(r.planner.step(), 9);
+        for _ in 0..5 {
+            assert_eq!(r.planner.next_batch(), want.next_batch());
+        }
+        // A legacy blob made for another config is refused, naming the legacy values.
+        let other = plan_with("{ a = 1.0, b = 1.0 }", 8);
+        assert_eq!(
+            err(other.resume(&old, 0)),
+            CursorError::Fingerprint {
+                blob: fresh.legacy_fingerprint(),
+                ours: other.legacy_fingerprint()
+            }
+        );
+        // Layout 4: the journal and its superseded count are adopted from the blob.
+        let old = unhex(OLD_LAYOUT_4);
+        let mut r = fresh.resume(&old, 1 << 14).unwrap();
+        assert!(r.adopted);
+        assert_eq!(r.plan.superseded(), 2);
+        assert_eq!(r.adopted_changes().len(), 1);
+        let ahead = changed(&fresh, 10, 3.0);
+        let mut want = ahead.seek(20);
+        for _ in 0..5 {
+            assert_eq!(r.planner.next_batch(), want.next_batch());
+        }
+        // Encoding a decoded old blob writes the same bytes again.
+        assert_eq!(cursor::encode(&cursor::decode(&old).unwrap()), old);
     }
 }
