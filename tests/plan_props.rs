@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use millrace::corpus::GroupRun;
 use millrace::plan::config::{Reseed, SchedulePoint, Skip};
-use millrace::plan::cursor::{self, CursorData};
+use millrace::plan::cursor::{self, CursorData, Fingerprint};
 use millrace::plan::mix::{MixState, Mixer, Schedule, TICKS};
 use millrace::plan::permute::{chained, Permutation, Reshuffle};
 use millrace::plan::report::Tally;
@@ -2391,6 +2391,8 @@ fn as_layout_2(blob: &[u8]) -> Vec<u8> {
 
 /// Issue 14: layout 3 added batch grouping's tails; a layout 2 blob (no tails) still
 /// decodes and resumes bit for bit where its state has none (FORMATS.md, Cursor blob).
+/// Layout 2 blobs carry the legacy JSON fingerprint (issue 18), so the blob is first
+/// written as the layout 3 blob of that build.
 #[test]
 fn cursor_layout_2_blobs_still_resume() {
     let (domains, cfg) = eight_domains();
@@ -2400,12 +2402,13 @@ fn cursor_layout_2_blobs_still_resume() {
     for _ in 0..80 {
         p.next_batch();
         let blob = p.cursor();
-        let data = cursor::decode(&blob).unwrap();
+        let mut data = cursor::decode(&blob).unwrap();
         if data.streams.iter().any(|s| !s.tails.is_empty()) {
             with_tails += 1;
             continue;
         }
-        let old = as_layout_2(&blob);
+        data.fingerprint = Fingerprint::LegacyJson(plan.legacy_fingerprint());
+        let old = as_layout_2(&cursor::encode(&data));
         assert_eq!(cursor::decode(&old).unwrap(), data);
         let mut q = plan.restore(&old).expect("a layout 2 blob resumes");
         let mut r = p.plan().restore(&blob).unwrap();
@@ -2469,7 +2472,7 @@ fn cursor_is_small_and_round_trips() {
         assert_eq!(cursor::encode(&data), blob, "encode(decode(b)) == b");
         assert_eq!(cursor::decode(&cursor::encode(&data)).unwrap(), data);
         assert_eq!(data.step, p.step());
-        assert_eq!(data.fingerprint, plan.fingerprint());
+        assert_eq!(data.fingerprint, Fingerprint::Binary(plan.fingerprint()));
         p.next_batch();
     }
     eprintln!("largest 8-domain blob: {largest} bytes");
@@ -2547,6 +2550,7 @@ proptest! {
         streams in prop::collection::vec((stream_state_strategy(), any::<u64>(), any::<i64>()), 0..6),
         changes in prop::collection::vec((any::<u64>(), prop::collection::vec((any::<u64>(), any::<f64>()), 1..4)), 0..4),
         superseded in prop_oneof![Just(0u64), any::<u64>()],
+        legacy in any::<bool>(),
     ) {
         let n = streams.len();
         // Any bit pattern survives, NaN included: the codec stores bits, checks happen later.
@@ -2562,6 +2566,11 @@ proptest! {
             mix.rows[d] = *r;
             mix.deficit[d] = *def;
         }
+        let fingerprint = if legacy {
+            Fingerprint::LegacyJson(fingerprint)
+        } else {
+            Fingerprint::Binary(fingerprint)
+        };
         let x = CursorData {
             fingerprint,
             history,
@@ -2577,8 +2586,15 @@ proptest! {
         prop_assert_eq!(&cursor::encode(&back), &blob);
         prop_assert_eq!(back.journal.len(), x.journal.len());
         prop_assert_eq!(back.superseded, superseded);
-        // Layout 3 while nothing was superseded, so daemons without the count still read it.
-        prop_assert_eq!(blob[8], if superseded > 0 { 4 } else { 3 });
+        prop_assert_eq!(back.fingerprint, fingerprint);
+        // Layout 5 for the binary fingerprint; a legacy one writes the layout its builds
+        // wrote (3 while nothing was superseded, else 4).
+        let layout = match (legacy, superseded > 0) {
+            (false, _) => 5,
+            (true, true) => 4,
+            (true, false) => 3,
+        };
+        prop_assert_eq!(blob[8], layout);
     }
 
     /// Arbitrary bytes never panic and are never accepted.
@@ -3029,7 +3045,7 @@ fn plan_error(toml_text: &str, domains: &[DomSpec]) -> String {
     match Plan::new(&inputs(domains), cfg, 1) {
         Ok(_) => "ok".into(),
         Err(PlanError::Setting(e)) => format!("setting|{}|{e}", e.field),
-        Err(PlanError::Domain(m)) => format!("domain|{m}"),
+        Err(e) => format!("domain|{e}"),
     }
 }
 
@@ -3167,8 +3183,8 @@ fn config_errors_name_the_field() {
     });
     let cfg = PlanConfig::from_table(&toml::from_str(&ok).unwrap()).unwrap();
     match Plan::new(&no_groups, cfg, 1) {
-        Err(PlanError::Domain(m)) => {
-            assert!(m.contains("code") && m.contains("code/shard0"), "{m}")
+        Err(PlanError::NoSidecar { domain, shard, .. }) => {
+            assert_eq!((domain.as_str(), shard.as_str()), ("code", "code/shard0"))
         }
         other => panic!("grouping without groups: {:?}", other.err()),
     }

@@ -9,23 +9,24 @@
 //! after a reload reproduces the stream even on a daemon that never saw the reload. Its
 //! size depends only on the number of domains, reseeds and changes, never on the corpus.
 
-use super::domain::{StreamState, Tail};
 use super::journal::{Change, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
+use super::stream::{StreamState, Tail};
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"MRCURSOR";
-/// The newest layout version this build reads and writes: 3 adds batch grouping's tails
-/// to each stream, 4 adds the count of superseded live changes after the journal. It
-/// writes 4 only once a change has been superseded, else 3, so blobs stay readable by
-/// older daemons as long as possible. It also reads 1 (no journal) and 2 (no tails).
-pub const VERSION: u16 = 4;
+/// The newest layout version this build reads and writes. 2 added the journal, 3 batch
+/// grouping's tails to each stream, 4 the count of superseded live changes after the
+/// journal (written only when nonzero, else 3), 5 the binary fingerprint (the count is
+/// always written). This build writes 5, and reads 1-4 with their JSON-text fingerprint
+/// ([`Fingerprint::LegacyJson`]) so old checkpoints resume.
+pub const VERSION: u16 = 5;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
 /// Why a blob was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CursorError {
     /// Not a millrace cursor at all.
     #[error("not a millrace cursor (bad magic bytes)")]
@@ -67,19 +68,140 @@ pub enum CursorError {
         /// From the config.
         ours: u64,
     },
-    /// Its journal of live changes disagrees with the daemon's.
-    #[error("cursor was made under a different journal of live mixture changes: {0}")]
-    Journal(String),
-    /// Structurally wrong in a way the checksum did not catch.
-    #[error("cursor is malformed: {0}")]
-    Malformed(String),
+    /// The blob carries live changes this plan lacks ([`super::Plan::restore`] does not
+    /// adopt them; [`super::Plan::resume`] does).
+    #[error("cursor was made under a different journal of live mixture changes: the blob carries {blob} live changes, this plan only {ours}: load the blob's journal first")]
+    JournalBehind {
+        /// Changes the blob's journal holds.
+        blob: usize,
+        /// Changes this plan's journal holds.
+        ours: usize,
+    },
+    /// This plan carries a change the blob lacks that starts before the blob's step, so
+    /// it would rewrite batches the blob's run already received.
+    #[error("cursor was made under a different journal of live mixture changes: this plan carries a change from plan step {at} that the blob (at plan step {plan_step}) does not: it would rewrite batches the blob's run already received")]
+    JournalRewrites {
+        /// First plan step of the offending change.
+        at: u64,
+        /// The blob's plan step.
+        plan_step: u64,
+    },
+    /// The journals disagree: neither extends the other, so the runs received different
+    /// changes.
+    #[error("its journal of live mixture changes disagrees with this daemon's at change #{change} (blob: {}, daemon: {}); the blob's run received different changes, and serving it would change its data", from_step(*.blob_at), from_step(*.ours_at))]
+    JournalDiverged {
+        /// The first change that differs, counted from 1.
+        change: usize,
+        /// Where the blob's change #`change` starts (`None`: the blob has none).
+        blob_at: Option<u64>,
+        /// Where this plan's change #`change` starts (`None`: the plan has none).
+        ours_at: Option<u64>,
+    },
+    /// Adopting the blob's journal would outgrow the daemon's cursor field.
+    #[error("its journal of {changes} live changes is larger than this daemon's cursor field allows ({cap} bytes)")]
+    JournalTooLarge {
+        /// Changes the blob's journal holds.
+        changes: usize,
+        /// The journal bytes the caller allows.
+        cap: usize,
+    },
+    /// The blob's journal does not apply to this plan.
+    #[error(transparent)]
+    JournalInvalid(super::PlanError),
+    /// The blob carries a change this daemon lacks that starts before a step the daemon
+    /// has already served to other clients without it.
+    #[error("it carries a live change from plan step {at} that this daemon does not have, but step {step} (plan step {plan_step}) has already been served to other clients without it")]
+    Served {
+        /// First plan step of the blob's change.
+        at: u64,
+        /// The first trainer step the daemon may still change.
+        step: u64,
+        /// Its plan step.
+        plan_step: u64,
+    },
+    /// Ends before a field it needs.
+    #[error("cursor is malformed: truncated at byte {at}")]
+    Truncated {
+        /// Offset of the field that does not fit.
+        at: usize,
+    },
+    /// A list longer than any this build writes (a forged length).
+    #[error("cursor is malformed: {what}: {n} {unit}")]
+    TooMany {
+        /// Which list.
+        what: &'static str,
+        /// Its length.
+        n: usize,
+        /// What it counts.
+        unit: &'static str,
+    },
+    /// Bytes left over after the last field.
+    #[error("cursor is malformed: {bytes} unexpected bytes after the last domain")]
+    Trailing {
+        /// How many.
+        bytes: usize,
+    },
+    /// Its domain count or steps do not fit this plan.
+    #[error("cursor is malformed: {domains} domains at step {step} (plan step {plan_step}) do not fit this plan ({ours} domains, plan step {expected})")]
+    Shape {
+        /// Domains in the blob.
+        domains: usize,
+        /// The blob's trainer step.
+        step: u64,
+        /// The blob's plan step.
+        plan_step: u64,
+        /// Domains in this plan.
+        ours: usize,
+        /// The plan step this plan maps the blob's step to.
+        expected: u64,
+    },
+    /// A mixer's carried error larger than any real run makes (it would make the mixer
+    /// spin).
+    #[error("cursor is malformed: mixer carried error out of range")]
+    Deficit {
+        /// Index of the first domain out of range.
+        domain: usize,
+    },
+    /// A domain's stream state does not fit the window it points at.
+    #[error("cursor is malformed: domain {domain}: {source}")]
+    Stream {
+        /// The domain's name.
+        domain: String,
+        /// What is wrong with it.
+        source: super::stream::StreamError,
+    },
+}
+
+/// "from plan step N", or "none" for a change one journal does not have.
+fn from_step(at: Option<u64>) -> String {
+    at.map_or("none".to_string(), |at| format!("from plan step {at}"))
+}
+
+/// A blob's fingerprint, with the scheme its layout says it was computed by: the plan
+/// compares it with its own fingerprint of the same scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fingerprint {
+    /// Layout 5 on: the hash of the canonical binary encoding (`plan/fingerprint.rs`).
+    Binary(u128),
+    /// Layouts 1-4: the hash of JSON text; encoding one writes layout 3 or 4, as the
+    /// builds that wrote them did.
+    LegacyJson(u128),
+}
+
+impl Fingerprint {
+    /// The 128-bit value, whatever its scheme.
+    pub fn value(self) -> u128 {
+        match self {
+            Fingerprint::Binary(v) | Fingerprint::LegacyJson(v) => v,
+        }
+    }
 }
 
 /// Everything a blob holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CursorData {
     /// Corpus + static config.
-    pub fingerprint: u128,
+    pub fingerprint: Fingerprint,
     /// Past schedule/skips/reseeds.
     pub history: u64,
     /// Next trainer step.
@@ -92,8 +214,8 @@ pub struct CursorData {
     pub streams: Vec<StreamState>,
     /// Live mixture changes in force, in the order they were accepted.
     pub journal: Vec<Change>,
-    /// Changes accepted and then dropped from `journal` as superseded (layout 4; 0 in
-    /// older layouts, which never dropped one).
+    /// Changes accepted and then dropped from `journal` as superseded (layouts 4 and
+    /// 5; 0 in older layouts, which never dropped one).
     pub superseded: u64,
 }
 
@@ -138,7 +260,7 @@ impl R<'_> {
         let s = self
             .b
             .get(self.at..self.at + n)
-            .ok_or_else(|| CursorError::Malformed(format!("truncated at byte {}", self.at)))?;
+            .ok_or(CursorError::Truncated { at: self.at })?;
         self.at += n;
         Ok(s)
     }
@@ -178,10 +300,14 @@ impl R<'_> {
         }
         Ok(pending)
     }
-    fn len(&mut self, what: &str) -> Result<usize, CursorError> {
+    fn len(&mut self, what: &'static str) -> Result<usize, CursorError> {
         let n = self.u16()? as usize;
         if n > MAX_LIST {
-            return Err(CursorError::Malformed(format!("{what}: {n} entries")));
+            return Err(CursorError::TooMany {
+                what,
+                n,
+                unit: "entries",
+            });
         }
         Ok(n)
     }
@@ -191,11 +317,17 @@ impl R<'_> {
 pub fn encode(c: &CursorData) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
-    w.u16(if c.superseded > 0 { 4 } else { 3 });
+    let version: u16 = match c.fingerprint {
+        Fingerprint::Binary(_) => 5,
+        Fingerprint::LegacyJson(_) if c.superseded > 0 => 4,
+        Fingerprint::LegacyJson(_) => 3,
+    };
+    w.u16(version);
     w.u16(0); // flags, reserved
     w.u32(0); // total length, patched below
-    w.u64(c.fingerprint as u64);
-    w.u64((c.fingerprint >> 64) as u64);
+    let fingerprint = c.fingerprint.value();
+    w.u64(fingerprint as u64);
+    w.u64((fingerprint >> 64) as u64);
     w.u64(c.history);
     w.u64(c.step);
     w.u64(c.plan_step);
@@ -237,7 +369,7 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
             }
         }
     }
-    if c.superseded > 0 {
+    if version >= 4 {
         w.u64(c.superseded);
     }
     let total = (w.0.len() + 8) as u32;
@@ -274,7 +406,10 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     let mut r = R { b: body, at: 16 };
     let lo = r.u64()? as u128;
     let hi = r.u64()? as u128;
-    let fingerprint = lo | (hi << 64);
+    let fingerprint = match lo | (hi << 64) {
+        v if version >= 5 => Fingerprint::Binary(v),
+        v => Fingerprint::LegacyJson(v),
+    };
     let history = r.u64()?;
     let step = r.u64()?;
     let plan_step = r.u64()?;
@@ -319,13 +454,21 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     if version >= 2 {
         let k = r.len("journal")?;
         if k > MAX_CHANGES {
-            return Err(CursorError::Malformed(format!("journal: {k} changes")));
+            return Err(CursorError::TooMany {
+                what: "journal",
+                n: k,
+                unit: "changes",
+            });
         }
         for _ in 0..k {
             let at = r.u64()?;
             let m = r.len("journal points")?;
             if m > MAX_POINTS {
-                return Err(CursorError::Malformed(format!("journal: {m} points")));
+                return Err(CursorError::TooMany {
+                    what: "journal",
+                    n: m,
+                    unit: "points",
+                });
             }
             let mut points = Vec::with_capacity(m);
             for _ in 0..m {
@@ -341,10 +484,9 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     }
     let superseded = if version >= 4 { r.u64()? } else { 0 };
     if r.at != body.len() {
-        return Err(CursorError::Malformed(format!(
-            "{} unexpected bytes after the last domain",
-            body.len() - r.at
-        )));
+        return Err(CursorError::Trailing {
+            bytes: body.len() - r.at,
+        });
     }
     Ok(CursorData {
         fingerprint,

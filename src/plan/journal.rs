@@ -39,51 +39,101 @@ impl Change {
             })
     }
 
-    /// Structural checks against a plan of `domains` domains; the message names the fault.
-    pub fn check(&self, domains: usize) -> Result<(), String> {
+    /// Structural checks against a plan of `domains` domains; the error names the fault.
+    pub fn check(&self, domains: usize) -> Result<(), ChangeError> {
+        let at = self.at;
         if self.points.is_empty() || self.points.len() > MAX_POINTS {
-            return Err(format!(
-                "change at plan step {} has {} points (1..={MAX_POINTS} allowed)",
-                self.at,
-                self.points.len()
-            ));
+            return Err(ChangeError::Points {
+                at,
+                points: self.points.len(),
+            });
         }
-        if self.points[0].0 != self.at {
-            return Err(format!(
-                "change at plan step {} starts its curve at step {}",
-                self.at, self.points[0].0
-            ));
+        if self.points[0].0 != at {
+            return Err(ChangeError::CurveStart {
+                at,
+                start: self.points[0].0,
+            });
         }
         for (i, (step, w)) in self.points.iter().enumerate() {
-            if i > 0 && *step <= self.points[i - 1].0 {
-                return Err(format!(
-                    "change at plan step {}: point steps must increase ({step} follows {})",
-                    self.at,
-                    self.points[i - 1].0
-                ));
+            let step = *step;
+            if i > 0 && step <= self.points[i - 1].0 {
+                return Err(ChangeError::Unordered {
+                    at,
+                    step,
+                    previous: self.points[i - 1].0,
+                });
             }
             if w.len() != domains {
-                return Err(format!(
-                    "change at plan step {}: {} weights for {domains} domains",
-                    self.at,
-                    w.len()
-                ));
+                return Err(ChangeError::Weights {
+                    at,
+                    weights: w.len(),
+                    domains,
+                });
             }
             if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
-                return Err(format!(
-                    "change at plan step {}: weights must be finite and non-negative",
-                    self.at
-                ));
+                return Err(ChangeError::NotFinite { at });
             }
             if w.iter().sum::<f64>() <= 0.0 {
-                return Err(format!(
-                    "change at plan step {}: the weights at step {step} are all zero",
-                    self.at
-                ));
+                return Err(ChangeError::AllZero { at, step });
             }
         }
         Ok(())
     }
+}
+
+/// Why a change cannot apply to a plan: each names the change by its first plan step.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    /// No points, or more than [`MAX_POINTS`].
+    #[error("change at plan step {at} has {points} points (1..={MAX_POINTS} allowed)")]
+    Points {
+        /// The change's first plan step.
+        at: u64,
+        /// Points it holds.
+        points: usize,
+    },
+    /// The curve does not start where the change does.
+    #[error("change at plan step {at} starts its curve at step {start}")]
+    CurveStart {
+        /// The change's first plan step.
+        at: u64,
+        /// The first point's step.
+        start: u64,
+    },
+    /// Point steps that do not increase.
+    #[error("change at plan step {at}: point steps must increase ({step} follows {previous})")]
+    Unordered {
+        /// The change's first plan step.
+        at: u64,
+        /// The point out of order.
+        step: u64,
+        /// The point before it.
+        previous: u64,
+    },
+    /// Not one weight per domain.
+    #[error("change at plan step {at}: {weights} weights for {domains} domains")]
+    Weights {
+        /// The change's first plan step.
+        at: u64,
+        /// Weights a point holds.
+        weights: usize,
+        /// Domains in the plan.
+        domains: usize,
+    },
+    /// A negative, infinite or NaN weight.
+    #[error("change at plan step {at}: weights must be finite and non-negative")]
+    NotFinite {
+        /// The change's first plan step.
+        at: u64,
+    },
+    /// Every weight of a point zero.
+    #[error("change at plan step {at}: the weights at step {step} are all zero")]
+    AllZero {
+        /// The change's first plan step.
+        at: u64,
+        /// The point's step.
+        step: u64,
+    },
 }
 
 /// Appends `change`, dropping the changes it supersedes: the longest tail of `journal`
@@ -216,14 +266,38 @@ mod tests {
     #[test]
     fn checks_name_the_fault() {
         assert!(ch(5, 0.5).check(2).is_ok());
-        assert!(ch(5, 0.5).check(3).unwrap_err().contains("3 domains"));
+        let e = ch(5, 0.5).check(3).unwrap_err();
+        assert_eq!(
+            e,
+            ChangeError::Weights {
+                at: 5,
+                weights: 2,
+                domains: 3
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "change at plan step 5: 2 weights for 3 domains"
+        );
         let mut c = ch(5, f64::NAN);
-        assert!(c.check(2).unwrap_err().contains("finite"));
+        assert_eq!(c.check(2), Err(ChangeError::NotFinite { at: 5 }));
         c = ch(5, 0.0);
         c.points[0].1[1] = 0.0;
-        assert!(c.check(2).unwrap_err().contains("all zero"));
+        assert_eq!(c.check(2), Err(ChangeError::AllZero { at: 5, step: 5 }));
         c = ch(5, 1.0);
         c.points[0].0 = 6;
-        assert!(c.check(2).unwrap_err().contains("starts its curve"));
+        assert_eq!(c.check(2), Err(ChangeError::CurveStart { at: 5, start: 6 }));
+        c = ch(5, 1.0);
+        c.points.push((5, vec![1.0, 1.0]));
+        assert_eq!(
+            c.check(2),
+            Err(ChangeError::Unordered {
+                at: 5,
+                step: 5,
+                previous: 5
+            })
+        );
+        c.points.clear();
+        assert_eq!(c.check(2), Err(ChangeError::Points { at: 5, points: 0 }));
     }
 }

@@ -5,20 +5,24 @@
 //! and group runs through [`DocSource`], so property tests drive it with vectors and the
 //! daemon with mapped shards, and both compute the same thing. The flow is
 //! [`permute`] (epoch shuffle) -> [`pack`] (rows of one window) -> `domain` (a domain's
-//! row stream) -> [`mix`] (rows per domain per step) -> [`Planner::next_batch`] (the
-//! global batch, positions shuffled) -> [`GlobalBatch::rank_rows`] (one rank's slice).
-//! [`cursor`] records where a [`Planner`] is.
+//! windows) -> `stream` (a domain's row stream) -> [`mix`] (rows per domain per step) ->
+//! [`Planner::next_batch`] (the global batch, positions shuffled) ->
+//! [`GlobalBatch::rank_rows`] (one rank's slice). [`cursor`] records where a [`Planner`]
+//! is; `resume` checks a blob against the plan and `fingerprint` names what it is for.
 
 pub mod config;
 pub mod cursor;
 mod domain;
+mod fingerprint;
 pub mod journal;
 pub mod mix;
 pub mod pack;
 pub mod permute;
+mod planner;
 pub mod report;
+mod resume;
+mod stream;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -28,12 +32,15 @@ pub use config::{
     Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, SettingError, Upsample,
 };
 pub use cursor::CursorError;
-pub use domain::{DocSource, DomainInput, MemShard, StreamState, Tail, MAX_DEFERRED};
-pub use journal::Change;
+pub use domain::{DocSource, DomainInput, MemShard};
+pub use journal::{Change, ChangeError};
+pub use planner::Planner;
+pub use resume::Resumed;
+pub use stream::{StreamError, StreamState, Tail, MAX_DEFERRED};
 
-use domain::{DomainData, Geometry, Stream};
-use mix::{MixState, Mixer, Schedule};
-use permute::{derive_key, Permutation};
+use domain::{DomainData, Geometry};
+use mix::{Mixer, Schedule};
+use permute::derive_key;
 
 /// Plan steps a seek replays per chunk: its mixer counts (4 bytes per domain per step)
 /// are all it holds, so a seek to any step needs at most a few MB.
@@ -45,9 +52,52 @@ pub enum PlanError {
     /// A setting is wrong.
     #[error(transparent)]
     Setting(#[from] SettingError),
-    /// A domain cannot be planned as configured.
-    #[error("{0}")]
-    Domain(String),
+    /// The corpus has no domains.
+    #[error("the corpus has no domains")]
+    NoDomains,
+    /// More domains than a row's domain index holds.
+    #[error("more than 65535 domains")]
+    TooManyDomains {
+        /// Domains in the corpus.
+        domains: usize,
+    },
+    /// A grouped domain with a shard that has no group sidecar.
+    #[error("domain {domain}: grouping is {mode:?} but shard {shard} has no .groups.npy sidecar")]
+    NoSidecar {
+        /// The domain's name.
+        domain: String,
+        /// The shard's display name.
+        shard: String,
+        /// The grouping configured.
+        mode: GroupMode,
+    },
+    /// A domain that the config weights but that holds no tokens.
+    #[error("domain {domain} (corpus.domain[{index}]) has weight but no tokens")]
+    NoTokens {
+        /// The domain's name.
+        domain: String,
+        /// Its index in the corpus.
+        index: usize,
+    },
+    /// A live change that weights a domain that holds no tokens.
+    #[error("domain {domain} has weight at step {step} but no tokens")]
+    NoTokensAt {
+        /// The domain's name.
+        domain: String,
+        /// The change point's plan step.
+        step: u64,
+    },
+    /// More live changes than a journal keeps.
+    #[error("the journal holds {changes} live changes, at most {max} are kept: write the mixture into the config and restart")]
+    JournalFull {
+        /// Changes offered.
+        changes: usize,
+        /// [`journal::MAX_CHANGES`].
+        max: usize,
+    },
+    /// A live change that does not fit the plan.
+    #[error(transparent)]
+    Change(#[from] journal::ChangeError),
 }
 
 /// A token range of one document placed in a row.
@@ -153,6 +203,8 @@ pub struct Plan {
     mixer: Mixer,
     geometry: Geometry,
     fingerprint: u128,
+    /// The fingerprint blobs of layouts 1-4 carry.
+    legacy_fingerprint: u128,
     reseeds: Vec<(u64, u64)>,
     skips: Vec<(u64, u64)>,
 }
@@ -162,10 +214,12 @@ impl Plan {
     /// identities; the plan never reads files).
     pub fn new(inputs: &[DomainInput], cfg: PlanConfig, manifest: u128) -> Result<Plan, PlanError> {
         if inputs.is_empty() {
-            return Err(PlanError::Domain("the corpus has no domains".into()));
+            return Err(PlanError::NoDomains);
         }
         if inputs.len() > u16::MAX as usize {
-            return Err(PlanError::Domain("more than 65535 domains".into()));
+            return Err(PlanError::TooManyDomains {
+                domains: inputs.len(),
+            });
         }
         let settings: Vec<(&str, DomainSettings)> = inputs
             .iter()
@@ -178,7 +232,7 @@ impl Plan {
         };
         let mut domains = Vec::with_capacity(inputs.len());
         for input in inputs {
-            domains.push(DomainData::new(input, &cfg).map_err(PlanError::Domain)?);
+            domains.push(DomainData::new(input, &cfg)?);
         }
         let names: Vec<&str> = inputs.iter().map(|d| d.name.as_str()).collect();
         let schedule = Schedule::new(&cfg.points(), &names);
@@ -189,10 +243,10 @@ impl Plan {
                 .iter()
                 .any(|p| p.weights.get(&d.name).is_some_and(|&w| w > 0.0));
             if weighted && d.tokens == 0 {
-                return Err(PlanError::Domain(format!(
-                    "domain {} (corpus.domain[{i}]) has weight but no tokens",
-                    d.name
-                )));
+                return Err(PlanError::NoTokens {
+                    domain: d.name.clone(),
+                    index: i,
+                });
             }
         }
         // First windows (and so fills), in parallel across domains: they are independent,
@@ -222,7 +276,8 @@ impl Plan {
             rows: cfg.global_batch_rows,
             bursty,
         };
-        let fingerprint = fingerprint(&cfg, inputs, manifest);
+        let fingerprint = fingerprint::fingerprint(&cfg, inputs, manifest);
+        let legacy_fingerprint = fingerprint::legacy_json_fingerprint(&cfg, inputs, manifest);
         Ok(Plan {
             reseeds: cfg.reseed.iter().map(|r| (r.step, r.seed)).collect(),
             skips: cfg.skip.iter().map(|s| (s.steps[0], s.steps[1])).collect(),
@@ -234,6 +289,7 @@ impl Plan {
             mixer,
             geometry,
             fingerprint,
+            legacy_fingerprint,
         })
     }
 
@@ -268,25 +324,21 @@ impl Plan {
     /// toward [`journal::MAX_CHANGES`].
     pub fn with_history(&self, journal: Vec<Change>, superseded: u64) -> Result<Plan, PlanError> {
         if journal.len() > journal::MAX_CHANGES {
-            return Err(PlanError::Domain(format!(
-                "the journal holds {} live changes, at most {} are kept: write the mixture \
-                 into the config and restart",
-                journal.len(),
-                journal::MAX_CHANGES
-            )));
+            return Err(PlanError::JournalFull {
+                changes: journal.len(),
+                max: journal::MAX_CHANGES,
+            });
         }
         let tokens = self.domain_tokens();
         let mut schedule = self.base.clone();
         for change in &journal {
-            change
-                .check(self.domains.len())
-                .map_err(PlanError::Domain)?;
+            change.check(self.domains.len())?;
             for (step, w) in &change.points {
                 if let Some(d) = (0..w.len()).find(|&d| w[d] > 0.0 && tokens[d] == 0) {
-                    return Err(PlanError::Domain(format!(
-                        "domain {} has weight at step {step} but no tokens",
-                        self.domains[d].name
-                    )));
+                    return Err(PlanError::NoTokensAt {
+                        domain: self.domains[d].name.clone(),
+                        step: *step,
+                    });
                 }
             }
             schedule = schedule.with_layer(change.at, change.points.clone());
@@ -386,9 +438,16 @@ impl Plan {
         self.geometry.capacity
     }
 
-    /// Identity of corpus + static config, as cursors carry it.
+    /// Identity of corpus + static config, as cursors (layout 5 on), WELCOME and status
+    /// carry it.
     pub fn fingerprint(&self) -> u128 {
         self.fingerprint
+    }
+
+    /// The same identity as blobs of layouts 1-4 carry it (a hash of JSON text), so old
+    /// checkpoints resume and tools can name what an old blob was made for.
+    pub fn legacy_fingerprint(&self) -> u128 {
+        self.legacy_fingerprint
     }
 
     /// Per-domain facts for reports.
@@ -482,345 +541,6 @@ impl Plan {
             }
         }
         derive_key(&words)
-    }
-
-    /// A planner at step 0.
-    pub fn start(self: &Arc<Self>) -> Planner {
-        Planner {
-            plan: self.clone(),
-            step: 0,
-            plan_step: 0,
-            mix: MixState::new(self.domains.len()),
-            streams: self
-                .domains
-                .iter()
-                .map(|_| Stream::new(StreamState::default()))
-                .collect(),
-        }
-    }
-
-    /// A planner at trainer step `step`, by recomputation from step 0 without building
-    /// rows or reading a token.
-    ///
-    /// The mixer runs first (it needs nothing but the schedule); then each domain replays
-    /// its own share of rows. Domains never interact, so they replay on parallel threads
-    /// and the result is identical to a sequential replay whatever the thread count. Both
-    /// go [`SEEK_CHUNK`] plan steps at a time, so memory stays bounded at any step.
-    pub fn seek(self: &Arc<Self>, step: u64) -> Planner {
-        let mut p = self.start();
-        self.replay(&mut p, step, SEEK_CHUNK, &AtomicBool::new(false));
-        p
-    }
-
-    /// [`Plan::seek`] that gives up (`None`) between chunks once `cancel` is set: the
-    /// daemon sets it when the client that asked has gone, so nobody pays for a seek
-    /// whose result nobody will read.
-    pub fn seek_cancellable(self: &Arc<Self>, step: u64, cancel: &AtomicBool) -> Option<Planner> {
-        self.seek_chunked(step, SEEK_CHUNK, cancel)
-    }
-
-    /// [`Plan::seek_cancellable`] with `chunk` plan steps per chunk (at least 1); the
-    /// result does not depend on `chunk`, which tests check with small ones.
-    pub fn seek_chunked(
-        self: &Arc<Self>,
-        step: u64,
-        chunk: u64,
-        cancel: &AtomicBool,
-    ) -> Option<Planner> {
-        let mut p = self.start();
-        self.replay(&mut p, step, chunk, cancel).then_some(p)
-    }
-
-    /// Moves the fresh planner `p` to trainer step `step`, `chunk` plan steps at a time:
-    /// mixer counts for a chunk (O(domains x chunk) memory), then every domain replays
-    /// them, then the next chunk. Returns false, with `p` part-way, when cancelled.
-    fn replay(&self, p: &mut Planner, step: u64, chunk: u64, cancel: &AtomicBool) -> bool {
-        let target = self.plan_step_of(step);
-        let n = self.domains.len();
-        let chunk = chunk.max(1);
-        let cap = chunk.min(target) as usize;
-        let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(cap); n];
-        let mut from = 0u64;
-        let mut done = true;
-        while from < target {
-            if cancel.load(Ordering::Relaxed) {
-                done = false;
-                break;
-            }
-            let to = target.min(from.saturating_add(chunk));
-            for c in counts.iter_mut() {
-                c.clear();
-            }
-            for ps in from..to {
-                let c = self.mixer.counts(&mut p.mix, ps);
-                for (d, &k) in c.iter().enumerate() {
-                    counts[d].push(k);
-                }
-            }
-            let replay = |d: usize, stream: &mut Stream| {
-                for (ps, &k) in (from..to).zip(&counts[d]) {
-                    stream.take(
-                        &self.domains[d],
-                        d as u16,
-                        self.geometry,
-                        k,
-                        ps,
-                        self.seed_at(ps),
-                        &self.reseeds,
-                        self.group_cap(d),
-                        None,
-                    );
-                }
-            };
-            // Each domain's stream is touched by exactly one task, so the outcome is the
-            // sequential replay's whatever rayon's thread count.
-            p.streams
-                .par_iter_mut()
-                .enumerate()
-                .for_each(|(d, stream)| replay(d, stream));
-            from = to;
-        }
-        if done {
-            p.plan_step = target;
-            p.step = step;
-        }
-        done
-    }
-
-    /// A planner restored from a cursor blob.
-    pub fn restore(self: &Arc<Self>, blob: &[u8]) -> Result<Planner, CursorError> {
-        let c = cursor::decode(blob)?;
-        if c.fingerprint != self.fingerprint {
-            return Err(CursorError::Fingerprint {
-                blob: c.fingerprint,
-                ours: self.fingerprint,
-            });
-        }
-        match journal::compare(&self.journal, self.superseded, &c.journal, c.superseded) {
-            journal::Order::Same => {}
-            journal::Order::OursAhead => {
-                // Later changes are fine as long as they leave the blob's past alone.
-                let extra = &self.journal[journal::common_prefix(&self.journal, &c.journal)..];
-                if let Some(ch) = extra.iter().find(|ch| ch.at < c.plan_step) {
-                    return Err(CursorError::Journal(format!(
-                        "this plan carries a change from plan step {} that the blob (at plan \
-                         step {}) does not: it would rewrite batches the blob's run already \
-                         received",
-                        ch.at, c.plan_step
-                    )));
-                }
-            }
-            journal::Order::TheirsAhead => {
-                return Err(CursorError::Journal(format!(
-                    "the blob carries {} live changes, this plan only {}: load the blob's \
-                     journal first",
-                    c.journal.len(),
-                    self.journal.len()
-                )))
-            }
-            journal::Order::Diverged(i) => {
-                let at = |j: &[Change]| {
-                    j.get(i)
-                        .map_or("none".to_string(), |c| format!("from plan step {}", c.at))
-                };
-                return Err(CursorError::Journal(format!(
-                    "change #{} differs (blob: {}, daemon: {}; {} and {} changes accepted in \
-                     all); the two runs received different changes",
-                    i + 1,
-                    at(&c.journal),
-                    at(&self.journal),
-                    c.journal.len() as u64 + c.superseded,
-                    self.journal.len() as u64 + self.superseded,
-                )));
-            }
-        }
-        let ours = self.history(c.plan_step);
-        if c.history != ours {
-            return Err(CursorError::History {
-                step: c.step,
-                blob: c.history,
-                ours,
-            });
-        }
-        // The blob's plan step may trail the step's mapping only by skipped steps (a
-        // skip that starts where the blob stopped, added before the resume).
-        let expected = self.plan_step_of(c.step);
-        if c.streams.len() != self.domains.len()
-            || c.plan_step > expected
-            || !self.all_skipped(c.plan_step, expected)
-        {
-            return Err(CursorError::Malformed(format!(
-                "{} domains at step {} (plan step {}) do not fit this plan ({} domains, plan step {expected})",
-                c.streams.len(),
-                c.step,
-                c.plan_step,
-                self.domains.len()
-            )));
-        }
-        // A carried error is below one burst cycle's rows in any real run; a larger one
-        // is forged and would make the mixer spin, so it is refused.
-        let bound = (self.cfg.global_batch_rows as i64 + 1) * mix::TICKS * 10_001;
-        if c.mix
-            .deficit
-            .iter()
-            .any(|d| d.unsigned_abs() > bound as u64)
-        {
-            return Err(CursorError::Malformed(
-                "mixer carried error out of range".into(),
-            ));
-        }
-        let mut p = Planner {
-            plan: self.clone(),
-            step: c.step,
-            plan_step: c.plan_step,
-            mix: c.mix,
-            streams: c.streams.into_iter().map(Stream::new).collect(),
-        };
-        // Structural checks that need the packed window.
-        for (d, s) in p.streams.iter_mut().enumerate() {
-            s.check(&self.domains[d], self.geometry).map_err(|e| {
-                CursorError::Malformed(format!("domain {}: {e}", self.domains[d].name))
-            })?;
-        }
-        Ok(p)
-    }
-}
-
-fn fingerprint(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> u128 {
-    // Only what shapes every step: not the schedule, skips or reseeds (the history digest
-    // covers those up to a cursor's step, so the future may be edited).
-    let static_part = serde_json::json!({
-        "seed": cfg.seed,
-        "seq_len": cfg.seq_len,
-        "global_batch_rows": cfg.global_batch_rows,
-        "packing": cfg.packing,
-        "window": cfg.best_fit_window,
-        "domains": inputs.iter().map(|d| serde_json::json!({
-            "name": d.name,
-            "settings": d.settings,
-            // Documents and tokens per shard (O(shards)): a blob from a corpus with
-            // other lengths is refused even if the caller's manifest missed it.
-            "shards": d.shards.iter().map(|(_, s)| [s.documents(), s.tokens()]).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        // Layout 2 only added the journal; blobs of layout 1 still resume.
-        "layout": 1u16,
-    });
-    let mut bytes = manifest.to_le_bytes().to_vec();
-    bytes.extend_from_slice(static_part.to_string().as_bytes());
-    xxhash_rust::xxh3::xxh3_128(&bytes)
-}
-
-/// A position in the run: produces global batches one after another.
-pub struct Planner {
-    plan: Arc<Plan>,
-    step: u64,
-    plan_step: u64,
-    mix: MixState,
-    streams: Vec<Stream>,
-}
-
-impl Planner {
-    /// The next trainer step this planner will produce.
-    pub fn step(&self) -> u64 {
-        self.step
-    }
-
-    /// The plan it follows.
-    pub fn plan(&self) -> &Arc<Plan> {
-        &self.plan
-    }
-
-    /// Mixer state (cumulative rows and carried error per domain).
-    pub fn mix_state(&self) -> &MixState {
-        &self.mix
-    }
-
-    /// Stream state of domain `d`.
-    pub fn stream(&self, d: usize) -> Option<&StreamState> {
-        self.streams.get(d).map(|s| &s.state)
-    }
-
-    /// Epoch progress per domain (completed epochs plus the fraction of the current one).
-    pub fn epochs(&self) -> Vec<f64> {
-        self.streams
-            .iter()
-            .zip(self.plan.domains.iter())
-            .map(|(s, d)| domain::epoch_progress(d, &s.state, s.cached_blocks()))
-            .collect()
-    }
-
-    fn is_skipped(&self, p: u64) -> bool {
-        self.plan.skips.iter().any(|&(a, b)| a <= p && p <= b)
-    }
-
-    /// Plans one plan step; returns its per-domain counts.
-    fn advance(&mut self, mut out: Option<&mut Vec<Row>>) -> Vec<u32> {
-        let plan = self.plan.clone();
-        let p = self.plan_step;
-        let counts = plan.mixer.counts(&mut self.mix, p);
-        let seed = plan.seed_at(p);
-        for (d, stream) in self.streams.iter_mut().enumerate() {
-            stream.take(
-                &plan.domains[d],
-                d as u16,
-                plan.geometry,
-                counts[d],
-                p,
-                seed,
-                &plan.reseeds,
-                plan.group_cap(d),
-                out.as_deref_mut(),
-            );
-        }
-        self.plan_step += 1;
-        counts
-    }
-
-    /// The next global batch.
-    pub fn next_batch(&mut self) -> GlobalBatch {
-        while self.is_skipped(self.plan_step) {
-            self.advance(None);
-        }
-        let p = self.plan_step;
-        let mut rows = Vec::with_capacity(self.plan.cfg.global_batch_rows as usize);
-        let counts = self.advance(Some(&mut rows));
-        // Interleave domains across positions (and so across ranks).
-        let perm = Permutation::new(rows.len() as u64, derive_key(&[self.plan.seed_at(p), p, 5]));
-        let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
-        let rows: Vec<Row> = (0..slots.len() as u64)
-            .filter_map(|j| slots[perm.apply(j) as usize].take())
-            .collect();
-        let step = self.step;
-        self.step += 1;
-        GlobalBatch {
-            step,
-            plan_step: p,
-            rows,
-            counts,
-        }
-    }
-
-    /// Moves past the next global batch without building its rows.
-    pub fn skip_batch(&mut self) {
-        while self.is_skipped(self.plan_step) {
-            self.advance(None);
-        }
-        self.advance(None);
-        self.step += 1;
-    }
-
-    /// The cursor blob for "everything before `step()` has been delivered".
-    pub fn cursor(&self) -> Vec<u8> {
-        cursor::encode(&cursor::CursorData {
-            fingerprint: self.plan.fingerprint,
-            history: self.plan.history(self.plan_step),
-            step: self.step,
-            plan_step: self.plan_step,
-            mix: self.mix.clone(),
-            streams: self.streams.iter().map(|s| s.state.clone()).collect(),
-            journal: self.plan.journal.clone(),
-            superseded: self.plan.superseded,
-        })
     }
 }
 

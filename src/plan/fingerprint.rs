@@ -1,0 +1,326 @@
+//! The plan fingerprint: a 128-bit identity of the corpus and the static plan config,
+//! which every cursor blob carries so that a blob is never resumed on data it was not
+//! made for.
+//!
+//! It covers only what shapes every step: the manifest (the caller's hash of shard
+//! identities), seed, `seq_len`, `global_batch_rows`, packing, the packing window, and
+//! per domain its name, every planning setting and each shard's documents and tokens.
+//! Not the schedule, skips or reseeds: the history digest covers those up to a cursor's
+//! step, so the future may be edited.
+//!
+//! Since cursor layout 5 it is xxh3-128 of an explicit binary encoding
+//! ([`fingerprint`]), so no serializer setting can change what a blob means. Blobs of
+//! layouts 1-4 carry [`legacy_json_fingerprint`] and still resume. docs/FORMATS.md has
+//! the encoding byte by byte.
+
+use super::config::{Bursty, DomainSettings, GroupMode, Grouping, Packing, Upsample};
+use super::{DomainInput, PlanConfig};
+
+/// Version of the binary encoding, its first byte: a new way of encoding the same facts
+/// gets a new number (and a new cursor layout).
+const SCHEME: u8 = 1;
+
+/// The fingerprint of cursor layouts 5 and on: xxh3-128 of [`encode`].
+pub(super) fn fingerprint(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(&encode(cfg, inputs, manifest))
+}
+
+/// The canonical encoding: little-endian integers, floats as their IEEE-754 bits,
+/// strings and lists prefixed by a u32 count, optional fields and enums as a tag byte.
+/// Settings structs are destructured whole, so a field added to them fails to compile
+/// here until it is encoded (with a new [`SCHEME`]).
+fn encode(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 + inputs.len() * 64);
+    b.push(SCHEME);
+    b.extend_from_slice(&manifest.to_le_bytes());
+    b.extend_from_slice(&cfg.seed.to_le_bytes());
+    b.extend_from_slice(&cfg.seq_len.to_le_bytes());
+    b.extend_from_slice(&cfg.global_batch_rows.to_le_bytes());
+    b.push(match cfg.packing {
+        Packing::Concat => 0,
+        Packing::BestFit => 1,
+    });
+    b.extend_from_slice(&cfg.best_fit_window.to_le_bytes());
+    b.extend_from_slice(&(inputs.len() as u32).to_le_bytes());
+    for d in inputs {
+        b.extend_from_slice(&(d.name.len() as u32).to_le_bytes());
+        b.extend_from_slice(d.name.as_bytes());
+        let DomainSettings {
+            grouping,
+            upsample_long,
+            bursty,
+            window,
+        } = d.settings;
+        let Grouping {
+            mode,
+            max_share,
+            from_step,
+        } = grouping;
+        b.push(match mode {
+            GroupMode::Off => 0,
+            GroupMode::Sequence => 1,
+            GroupMode::Batch => 2,
+        });
+        b.extend_from_slice(&max_share.to_bits().to_le_bytes());
+        b.extend_from_slice(&from_step.to_le_bytes());
+        match upsample_long {
+            None => b.push(0),
+            Some(Upsample { min_tokens, factor }) => {
+                b.push(1);
+                b.extend_from_slice(&min_tokens.to_le_bytes());
+                b.extend_from_slice(&factor.to_le_bytes());
+            }
+        }
+        match bursty {
+            None => b.push(0),
+            Some(Bursty { period }) => {
+                b.push(1);
+                b.extend_from_slice(&period.to_le_bytes());
+            }
+        }
+        match window {
+            None => b.push(0),
+            Some(w) => {
+                b.push(1);
+                b.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        b.extend_from_slice(&(d.shards.len() as u32).to_le_bytes());
+        for (_, s) in &d.shards {
+            b.extend_from_slice(&s.documents().to_le_bytes());
+            b.extend_from_slice(&s.tokens().to_le_bytes());
+        }
+    }
+    b
+}
+
+/// The fingerprint cursor layouts 1-4 carry: xxh3-128 of the manifest and
+/// `serde_json::json!` text of the same facts. It exists only so that checkpoints written
+/// before layout 5 still resume; its value depends on serde_json's map ordering and
+/// number formatting, which is why new blobs no longer use it. Do not change it: a test
+/// pins its value.
+pub(super) fn legacy_json_fingerprint(
+    cfg: &PlanConfig,
+    inputs: &[DomainInput],
+    manifest: u128,
+) -> u128 {
+    let static_part = serde_json::json!({
+        "seed": cfg.seed,
+        "seq_len": cfg.seq_len,
+        "global_batch_rows": cfg.global_batch_rows,
+        "packing": cfg.packing,
+        "window": cfg.best_fit_window,
+        "domains": inputs.iter().map(|d| serde_json::json!({
+            "name": d.name,
+            "settings": d.settings,
+            "shards": d.shards.iter().map(|(_, s)| [s.documents(), s.tokens()]).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "layout": 1u16,
+    });
+    let mut bytes = manifest.to_le_bytes().to_vec();
+    bytes.extend_from_slice(static_part.to_string().as_bytes());
+    xxhash_rust::xxh3::xxh3_128(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::plan::{Bursty, DocSource, DomainSettings, GroupMode, Grouping, MemShard, Upsample};
+
+    /// A fixed config and corpus that set every input the fingerprint reads.
+    fn fixed() -> (PlanConfig, Vec<DomainInput>) {
+        let text = "seed = 1234\nseq_len = 127\nglobal_batch_rows = 16\npacking = \"concat\"\n\
+                    best_fit_window = 512\nweights = { code = 1.0, web = 3.0 }";
+        let cfg = PlanConfig::from_table(&toml::from_str(text).unwrap()).unwrap();
+        let shard = |lengths: Vec<u32>| {
+            Arc::new(MemShard {
+                lengths,
+                groups: None,
+            }) as Arc<dyn DocSource>
+        };
+        let code = DomainSettings {
+            grouping: Grouping {
+                mode: GroupMode::Batch,
+                max_share: 0.3,
+                from_step: 100,
+            },
+            upsample_long: Some(Upsample {
+                min_tokens: 50,
+                factor: 3,
+            }),
+            bursty: Some(Bursty { period: 4 }),
+            window: Some(64),
+        };
+        let inputs = vec![
+            DomainInput {
+                name: "web".into(),
+                shards: vec![
+                    ("web/0".into(), shard(vec![5, 7, 11])),
+                    ("web/1".into(), shard(vec![13; 40])),
+                ],
+                settings: DomainSettings::default(),
+            },
+            DomainInput {
+                name: "code".into(),
+                shards: vec![("code/0".into(), shard(vec![100, 2, 3, 60]))],
+                settings: code,
+            },
+        ];
+        (cfg, inputs)
+    }
+
+    /// A named edit of one input.
+    type Edit<T> = (&'static str, fn(&mut T));
+
+    const MANIFEST: u128 = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
+
+    /// The value the JSON fingerprint had before the binary one replaced it (computed by
+    /// the code of layout 1-4 builds): blobs written then carry it. If this fails,
+    /// something changed the JSON text (serde_json's `preserve_order` turned on by any
+    /// crate in the tree, a renamed or added settings field) and every old checkpoint
+    /// would be refused.
+    #[test]
+    fn legacy_json_fingerprint_is_pinned() {
+        let (cfg, inputs) = fixed();
+        assert_eq!(
+            format!("{:032x}", legacy_json_fingerprint(&cfg, &inputs, MANIFEST)),
+            "b059c319a076b010411f4a50893a2fb4"
+        );
+    }
+
+    /// The binary encoding is a format: any change to it changes every fingerprint and
+    /// refuses every blob of layout 5. Change it only with a new scheme byte and layout.
+    #[test]
+    fn binary_fingerprint_is_pinned() {
+        let (cfg, inputs) = fixed();
+        assert_eq!(
+            format!("{:032x}", fingerprint(&cfg, &inputs, MANIFEST)),
+            "5fb7e661858ec78f28c3c0fb26eb1eab"
+        );
+    }
+
+    /// The encoding byte by byte, as docs/FORMATS.md describes it, for one domain with
+    /// default settings and one shard.
+    #[test]
+    fn the_encoding_is_the_documented_one() {
+        let (mut cfg, mut inputs) = fixed();
+        cfg.packing = Packing::BestFit;
+        inputs.truncate(1);
+        inputs[0].shards.truncate(1);
+        let mut want = vec![1u8]; // scheme
+        want.extend_from_slice(&MANIFEST.to_le_bytes());
+        want.extend_from_slice(&1234u64.to_le_bytes()); // seed
+        want.extend_from_slice(&127u32.to_le_bytes()); // seq_len
+        want.extend_from_slice(&16u32.to_le_bytes()); // global_batch_rows
+        want.push(1); // best_fit
+        want.extend_from_slice(&512u64.to_le_bytes()); // window
+        want.extend_from_slice(&1u32.to_le_bytes()); // domains
+        want.extend_from_slice(&3u32.to_le_bytes());
+        want.extend_from_slice(b"web");
+        want.push(0); // grouping off
+        want.extend_from_slice(&0.25f64.to_bits().to_le_bytes()); // max_share
+        want.extend_from_slice(&0u64.to_le_bytes()); // from_step
+        want.extend_from_slice(&[0, 0, 0]); // no upsample_long, bursty, window
+        want.extend_from_slice(&1u32.to_le_bytes()); // shards
+        want.extend_from_slice(&3u64.to_le_bytes()); // documents
+        want.extend_from_slice(&23u64.to_le_bytes()); // tokens
+        assert_eq!(encode(&cfg, &inputs, MANIFEST), want);
+    }
+
+    /// Every input the fingerprint covers moves it; what it leaves to the history digest
+    /// (schedule, skips, reseeds) and shard display names do not.
+    #[test]
+    fn every_static_input_moves_the_fingerprint() {
+        let (cfg, inputs) = fixed();
+        let base = fingerprint(&cfg, &inputs, MANIFEST);
+        let mut seen = vec![base];
+        let mut differs = |what: &str, cfg: &PlanConfig, inputs: &[DomainInput], m: u128| {
+            let f = fingerprint(cfg, inputs, m);
+            assert!(!seen.contains(&f), "{what} did not move the fingerprint");
+            seen.push(f);
+        };
+        differs("manifest", &cfg, &inputs, MANIFEST + 1);
+        let edits: Vec<Edit<PlanConfig>> = vec![
+            ("seed", |c| c.seed += 1),
+            ("seq_len", |c| c.seq_len += 1),
+            ("global_batch_rows", |c| c.global_batch_rows += 1),
+            ("packing", |c| c.packing = crate::plan::Packing::BestFit),
+            ("window", |c| c.best_fit_window += 1),
+        ];
+        for (what, edit) in edits {
+            let mut c = cfg.clone();
+            edit(&mut c);
+            differs(what, &c, &inputs, MANIFEST);
+        }
+        let settings: Vec<Edit<DomainSettings>> = vec![
+            ("mode", |s| s.grouping.mode = GroupMode::Sequence),
+            ("max_share", |s| s.grouping.max_share = 0.31),
+            ("from_step", |s| s.grouping.from_step = 101),
+            ("upsample", |s| s.upsample_long = None),
+            ("min_tokens", |s| {
+                s.upsample_long = Some(Upsample {
+                    min_tokens: 51,
+                    factor: 3,
+                })
+            }),
+            ("factor", |s| {
+                s.upsample_long = Some(Upsample {
+                    min_tokens: 50,
+                    factor: 4,
+                })
+            }),
+            ("bursty", |s| s.bursty = None),
+            ("period", |s| s.bursty = Some(Bursty { period: 5 })),
+            ("domain window", |s| s.window = None),
+            ("domain window value", |s| s.window = Some(65)),
+        ];
+        for (what, edit) in settings {
+            let mut i = inputs.clone();
+            edit(&mut i[1].settings);
+            differs(what, &cfg, &i, MANIFEST);
+        }
+        let mut i = inputs.clone();
+        i[0].name = "web2".into();
+        differs("name", &cfg, &i, MANIFEST);
+        let mut i = inputs.clone();
+        i[0].shards.pop();
+        differs("shard count", &cfg, &i, MANIFEST);
+        // Lengths that keep documents and tokens per shard keep the fingerprint (the
+        // manifest names content); other counts move it.
+        let mut i = inputs.clone();
+        i[0].shards[0].1 = Arc::new(MemShard {
+            lengths: vec![5, 8, 10],
+            groups: None,
+        });
+        assert_eq!(fingerprint(&cfg, &i, MANIFEST), base);
+        i[0].shards[0].1 = Arc::new(MemShard {
+            lengths: vec![5, 8, 11],
+            groups: None,
+        });
+        differs("shard tokens", &cfg, &i, MANIFEST);
+        i[0].shards[0].1 = Arc::new(MemShard {
+            lengths: vec![5, 8, 10, 0],
+            groups: None,
+        });
+        differs("shard documents", &cfg, &i, MANIFEST);
+        // Not covered: the schedule and display names.
+        let mut c = cfg.clone();
+        c.weights = None;
+        c.reseed.clear();
+        let mut i = inputs.clone();
+        i[0].shards[0].0 = "/elsewhere/web/0".into();
+        assert_eq!(fingerprint(&c, &i, MANIFEST), base);
+    }
+
+    /// Names are length-prefixed: moving a byte from one name to the next moves it.
+    #[test]
+    fn names_cannot_run_together() {
+        let (cfg, mut inputs) = fixed();
+        let a = fingerprint(&cfg, &inputs, MANIFEST);
+        inputs[0].name = "webc".into();
+        inputs[1].name = "ode".into();
+        assert_ne!(fingerprint(&cfg, &inputs, MANIFEST), a);
+    }
+}

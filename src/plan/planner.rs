@@ -1,0 +1,233 @@
+//! A position in the run: the [`Planner`] that produces global batches one after
+//! another, and the ways to get one (from step 0, or by seeking to any step without
+//! building rows). Restoring one from a cursor blob is in `resume`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::cursor;
+use super::mix::MixState;
+use super::permute::{derive_key, Permutation};
+use super::stream::{self, Stream, StreamState};
+use super::{GlobalBatch, Plan, Row, SEEK_CHUNK};
+
+impl Plan {
+    /// A planner at step 0.
+    pub fn start(self: &Arc<Self>) -> Planner {
+        Planner {
+            plan: self.clone(),
+            step: 0,
+            plan_step: 0,
+            mix: MixState::new(self.domains.len()),
+            streams: self
+                .domains
+                .iter()
+                .map(|_| Stream::new(StreamState::default()))
+                .collect(),
+        }
+    }
+
+    /// A planner at trainer step `step`, by recomputation from step 0 without building
+    /// rows or reading a token.
+    ///
+    /// The mixer runs first (it needs nothing but the schedule); then each domain replays
+    /// its own share of rows. Domains never interact, so they replay on parallel threads
+    /// and the result is identical to a sequential replay whatever the thread count. Both
+    /// go [`SEEK_CHUNK`] plan steps at a time, so memory stays bounded at any step.
+    pub fn seek(self: &Arc<Self>, step: u64) -> Planner {
+        let mut p = self.start();
+        self.replay(&mut p, step, SEEK_CHUNK, &AtomicBool::new(false));
+        p
+    }
+
+    /// [`Plan::seek`] that gives up (`None`) between chunks once `cancel` is set: the
+    /// daemon sets it when the client that asked has gone, so nobody pays for a seek
+    /// whose result nobody will read.
+    pub fn seek_cancellable(self: &Arc<Self>, step: u64, cancel: &AtomicBool) -> Option<Planner> {
+        self.seek_chunked(step, SEEK_CHUNK, cancel)
+    }
+
+    /// [`Plan::seek_cancellable`] with `chunk` plan steps per chunk (at least 1); the
+    /// result does not depend on `chunk`, which tests check with small ones.
+    pub fn seek_chunked(
+        self: &Arc<Self>,
+        step: u64,
+        chunk: u64,
+        cancel: &AtomicBool,
+    ) -> Option<Planner> {
+        let mut p = self.start();
+        self.replay(&mut p, step, chunk, cancel).then_some(p)
+    }
+
+    /// Moves the fresh planner `p` to trainer step `step`, `chunk` plan steps at a time:
+    /// mixer counts for a chunk (O(domains x chunk) memory), then every domain replays
+    /// them, then the next chunk. Returns false, with `p` part-way, when cancelled.
+    fn replay(&self, p: &mut Planner, step: u64, chunk: u64, cancel: &AtomicBool) -> bool {
+        let target = self.plan_step_of(step);
+        let n = self.domains.len();
+        let chunk = chunk.max(1);
+        let cap = chunk.min(target) as usize;
+        let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(cap); n];
+        let mut from = 0u64;
+        let mut done = true;
+        while from < target {
+            if cancel.load(Ordering::Relaxed) {
+                done = false;
+                break;
+            }
+            let to = target.min(from.saturating_add(chunk));
+            for c in counts.iter_mut() {
+                c.clear();
+            }
+            for ps in from..to {
+                let c = self.mixer.counts(&mut p.mix, ps);
+                for (d, &k) in c.iter().enumerate() {
+                    counts[d].push(k);
+                }
+            }
+            let replay = |d: usize, stream: &mut Stream| {
+                for (ps, &k) in (from..to).zip(&counts[d]) {
+                    stream.take(
+                        &self.domains[d],
+                        d as u16,
+                        self.geometry,
+                        k,
+                        ps,
+                        self.seed_at(ps),
+                        &self.reseeds,
+                        self.group_cap(d),
+                        None,
+                    );
+                }
+            };
+            // Each domain's stream is touched by exactly one task, so the outcome is the
+            // sequential replay's whatever rayon's thread count.
+            p.streams
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(d, stream)| replay(d, stream));
+            from = to;
+        }
+        if done {
+            p.plan_step = target;
+            p.step = step;
+        }
+        done
+    }
+}
+
+/// A position in the run: produces global batches one after another.
+pub struct Planner {
+    pub(super) plan: Arc<Plan>,
+    pub(super) step: u64,
+    pub(super) plan_step: u64,
+    pub(super) mix: MixState,
+    pub(super) streams: Vec<Stream>,
+}
+
+impl Planner {
+    /// The next trainer step this planner will produce.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The plan it follows.
+    pub fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    /// Mixer state (cumulative rows and carried error per domain).
+    pub fn mix_state(&self) -> &MixState {
+        &self.mix
+    }
+
+    /// Stream state of domain `d`.
+    pub fn stream(&self, d: usize) -> Option<&StreamState> {
+        self.streams.get(d).map(|s| &s.state)
+    }
+
+    /// Epoch progress per domain (completed epochs plus the fraction of the current one).
+    pub fn epochs(&self) -> Vec<f64> {
+        self.streams
+            .iter()
+            .zip(self.plan.domains.iter())
+            .map(|(s, d)| stream::epoch_progress(d, &s.state, s.cached_blocks()))
+            .collect()
+    }
+
+    fn is_skipped(&self, p: u64) -> bool {
+        self.plan.skips.iter().any(|&(a, b)| a <= p && p <= b)
+    }
+
+    /// Plans one plan step; returns its per-domain counts.
+    fn advance(&mut self, mut out: Option<&mut Vec<Row>>) -> Vec<u32> {
+        let plan = self.plan.clone();
+        let p = self.plan_step;
+        let counts = plan.mixer.counts(&mut self.mix, p);
+        let seed = plan.seed_at(p);
+        for (d, stream) in self.streams.iter_mut().enumerate() {
+            stream.take(
+                &plan.domains[d],
+                d as u16,
+                plan.geometry,
+                counts[d],
+                p,
+                seed,
+                &plan.reseeds,
+                plan.group_cap(d),
+                out.as_deref_mut(),
+            );
+        }
+        self.plan_step += 1;
+        counts
+    }
+
+    /// The next global batch.
+    pub fn next_batch(&mut self) -> GlobalBatch {
+        while self.is_skipped(self.plan_step) {
+            self.advance(None);
+        }
+        let p = self.plan_step;
+        let mut rows = Vec::with_capacity(self.plan.cfg.global_batch_rows as usize);
+        let counts = self.advance(Some(&mut rows));
+        // Interleave domains across positions (and so across ranks).
+        let perm = Permutation::new(rows.len() as u64, derive_key(&[self.plan.seed_at(p), p, 5]));
+        let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
+        let rows: Vec<Row> = (0..slots.len() as u64)
+            .filter_map(|j| slots[perm.apply(j) as usize].take())
+            .collect();
+        let step = self.step;
+        self.step += 1;
+        GlobalBatch {
+            step,
+            plan_step: p,
+            rows,
+            counts,
+        }
+    }
+
+    /// Moves past the next global batch without building its rows.
+    pub fn skip_batch(&mut self) {
+        while self.is_skipped(self.plan_step) {
+            self.advance(None);
+        }
+        self.advance(None);
+        self.step += 1;
+    }
+
+    /// The cursor blob for "everything before `step()` has been delivered".
+    pub fn cursor(&self) -> Vec<u8> {
+        cursor::encode(&cursor::CursorData {
+            fingerprint: cursor::Fingerprint::Binary(self.plan.fingerprint),
+            history: self.plan.history(self.plan_step),
+            step: self.step,
+            plan_step: self.plan_step,
+            mix: self.mix.clone(),
+            streams: self.streams.iter().map(|s| s.state.clone()).collect(),
+            journal: self.plan.journal.clone(),
+            superseded: self.plan.superseded,
+        })
+    }
+}

@@ -1,0 +1,521 @@
+//! Resuming from a cursor blob: decoding it once and checking it against this plan
+//! (fingerprint, journal, history, structure) before a planner continues from it.
+//!
+//! [`Plan::resume`] is what a daemon admitting a client calls: it also adopts a blob's
+//! newer journal. [`Plan::restore`] is the strict form for a plan whose journal already
+//! covers the blob's (a reload re-restoring its rings, tests). Both decode once and share
+//! [`Plan::check_cursor`], so each journal rule is written once.
+
+use std::sync::Arc;
+
+use super::cursor::{self, CursorData, CursorError, Fingerprint};
+use super::journal::{self, Change, Order};
+use super::mix;
+use super::planner::Planner;
+use super::stream::Stream;
+use super::Plan;
+
+/// A cursor blob checked against a plan and turned into a planner: what
+/// [`Plan::resume`] gives the daemon's admission.
+pub struct Resumed {
+    /// The plan the blob's run follows: the plan `resume` was called on, or (when
+    /// `adopted`) that plan with the blob's longer journal in force.
+    pub plan: Arc<Plan>,
+    /// A planner at the blob's position under `plan`; `planner.step()` is the blob's step.
+    pub planner: Planner,
+    /// Whether `plan` took the blob's journal: the blob carried live changes the plan
+    /// `resume` was called on did not have. The caller installs `plan` to keep them.
+    pub adopted: bool,
+    /// Entries of `plan`'s journal shared with the plan `resume` was called on.
+    shared: usize,
+}
+
+impl Resumed {
+    /// The live changes adopted from the blob, oldest first (empty unless `adopted`).
+    pub fn adopted_changes(&self) -> &[Change] {
+        if self.adopted {
+            &self.plan.journal[self.shared..]
+        } else {
+            &[]
+        }
+    }
+
+    /// Refuses ([`CursorError::Served`]) an adopted change that starts before trainer
+    /// step `first_changeable`, the first step the daemon has not yet served to anyone:
+    /// adopting it would rewrite batches other clients already received. The daemon
+    /// calls this under the lock that orders its steps, since the answer moves with them.
+    pub fn check_served(&self, first_changeable: u64) -> Result<(), CursorError> {
+        let plan_step = self.plan.plan_step_of(first_changeable);
+        match self.adopted_changes().iter().find(|c| c.at < plan_step) {
+            Some(c) => Err(CursorError::Served {
+                at: c.at,
+                step: first_changeable,
+                plan_step,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Plan {
+    /// Decodes and checks a client's cursor blob, once, and gives the planner that
+    /// resumes it. The contract the daemon relies on:
+    ///
+    /// - A blob that does not decode, belongs to another corpus or static config
+    ///   ([`CursorError::Fingerprint`]), another history ([`CursorError::History`]) or is
+    ///   structurally wrong for this plan is refused, as by [`Plan::restore`].
+    /// - Journals: when this plan's journal equals or extends the blob's, the blob
+    ///   resumes under this plan (`adopted == false`), unless an extra change of ours
+    ///   starts before the blob's step ([`CursorError::JournalRewrites`]). When the blob's
+    ///   extends ours, the blob's journal is adopted: `plan` is this plan with it in force
+    ///   and `adopted == true`, provided its encoding fits `journal_cap` bytes
+    ///   ([`cursor::journal_bytes`]; else [`CursorError::JournalTooLarge`]) and it applies
+    ///   to this plan (else [`CursorError::JournalInvalid`]). Journals that diverged are
+    ///   refused ([`CursorError::JournalDiverged`]).
+    /// - Nothing is installed: the caller decides, after its own checks, whether to put
+    ///   `plan` in force, and calls [`Resumed::check_served`] first when it does.
+    ///
+    /// The error's text is what a client is told after "cursor blob refused: ".
+    pub fn resume(
+        self: &Arc<Self>,
+        blob: &[u8],
+        journal_cap: usize,
+    ) -> Result<Resumed, CursorError> {
+        let c = cursor::decode(blob)?;
+        self.check_fingerprint(&c)?;
+        let mut plan = self.clone();
+        if journal::compare(&self.journal, self.superseded, &c.journal, c.superseded)
+            == Order::TheirsAhead
+        {
+            if cursor::journal_bytes(&c.journal, self.domains.len()) > journal_cap {
+                return Err(CursorError::JournalTooLarge {
+                    changes: c.journal.len(),
+                    cap: journal_cap,
+                });
+            }
+            let adopted = self
+                .with_history(c.journal.clone(), c.superseded)
+                .map_err(CursorError::JournalInvalid)?;
+            plan = Arc::new(adopted);
+        }
+        let adopted = !Arc::ptr_eq(&plan, self);
+        let shared = journal::common_prefix(&self.journal, &plan.journal);
+        let planner = plan.check_cursor(c)?;
+        Ok(Resumed {
+            plan,
+            planner,
+            adopted,
+            shared,
+        })
+    }
+
+    /// A planner restored from a cursor blob under this plan as it is: a blob whose
+    /// journal is ahead of this plan's is refused ([`CursorError::JournalBehind`]), not
+    /// adopted (see [`Plan::resume`]).
+    pub fn restore(self: &Arc<Self>, blob: &[u8]) -> Result<Planner, CursorError> {
+        self.check_cursor(cursor::decode(blob)?)
+    }
+
+    /// Refuses a blob made for another corpus or static config.
+    fn check_fingerprint(&self, c: &CursorData) -> Result<(), CursorError> {
+        let (blob, ours) = match c.fingerprint {
+            Fingerprint::Binary(blob) => (blob, self.fingerprint),
+            Fingerprint::LegacyJson(blob) => (blob, self.legacy_fingerprint),
+        };
+        if blob != ours {
+            return Err(CursorError::Fingerprint { blob, ours });
+        }
+        Ok(())
+    }
+
+    /// Every check of a decoded blob against this plan (fingerprint, journal, history,
+    /// structure), and the planner it gives.
+    fn check_cursor(self: &Arc<Self>, c: CursorData) -> Result<Planner, CursorError> {
+        self.check_fingerprint(&c)?;
+        match journal::compare(&self.journal, self.superseded, &c.journal, c.superseded) {
+            Order::Same => {}
+            Order::OursAhead => {
+                // Later changes are fine as long as they leave the blob's past alone.
+                let extra = &self.journal[journal::common_prefix(&self.journal, &c.journal)..];
+                if let Some(ch) = extra.iter().find(|ch| ch.at < c.plan_step) {
+                    return Err(CursorError::JournalRewrites {
+                        at: ch.at,
+                        plan_step: c.plan_step,
+                    });
+                }
+            }
+            Order::TheirsAhead => {
+                return Err(CursorError::JournalBehind {
+                    blob: c.journal.len(),
+                    ours: self.journal.len(),
+                })
+            }
+            Order::Diverged(i) => {
+                return Err(CursorError::JournalDiverged {
+                    change: i + 1,
+                    blob_at: c.journal.get(i).map(|ch| ch.at),
+                    ours_at: self.journal.get(i).map(|ch| ch.at),
+                })
+            }
+        }
+        let ours = self.history(c.plan_step);
+        if c.history != ours {
+            return Err(CursorError::History {
+                step: c.step,
+                blob: c.history,
+                ours,
+            });
+        }
+        // The blob's plan step may trail the step's mapping only by skipped steps (a
+        // skip that starts where the blob stopped, added before the resume).
+        let expected = self.plan_step_of(c.step);
+        if c.streams.len() != self.domains.len()
+            || c.plan_step > expected
+            || !self.all_skipped(c.plan_step, expected)
+        {
+            return Err(CursorError::Shape {
+                domains: c.streams.len(),
+                step: c.step,
+                plan_step: c.plan_step,
+                ours: self.domains.len(),
+                expected,
+            });
+        }
+        // A carried error is below one burst cycle's rows in any real run; a larger one
+        // is forged and would make the mixer spin, so it is refused.
+        let bound = (self.cfg.global_batch_rows as i64 + 1) * mix::TICKS * 10_001;
+        if let Some(domain) = c
+            .mix
+            .deficit
+            .iter()
+            .position(|d| d.unsigned_abs() > bound as u64)
+        {
+            return Err(CursorError::Deficit { domain });
+        }
+        let mut p = Planner {
+            plan: self.clone(),
+            step: c.step,
+            plan_step: c.plan_step,
+            mix: c.mix,
+            streams: c.streams.into_iter().map(Stream::new).collect(),
+        };
+        // Structural checks that need the packed window.
+        for (d, s) in p.streams.iter_mut().enumerate() {
+            s.check(&self.domains[d], self.geometry)
+                .map_err(|source| CursorError::Stream {
+                    domain: self.domains[d].name.clone(),
+                    source,
+                })?;
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::plan::{DocSource, DomainInput, DomainSettings, MemShard, PlanConfig, StreamError};
+
+    /// Two small domains under `weights` (TOML inline table) and `seed`.
+    fn plan_with(weights: &str, seed: u64) -> Arc<Plan> {
+        let text =
+            format!("seq_len = 15\nglobal_batch_rows = 4\nseed = {seed}\nweights = {weights}");
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let cfg = PlanConfig::from_table(&table).unwrap();
+        let inputs: Vec<DomainInput> = ["a", "b"]
+            .iter()
+            .map(|n| DomainInput {
+                name: n.to_string(),
+                shards: vec![(
+                    format!("{n}/0"),
+                    Arc::new(MemShard {
+                        lengths: (1..300u32).map(|i| i * 7 % 23 + 1).collect(),
+                        groups: None,
+                    }) as Arc<dyn DocSource>,
+                )],
+                settings: DomainSettings::default(),
+            })
+            .collect();
+        Arc::new(Plan::new(&inputs, cfg, 1).unwrap())
+    }
+
+    fn plan() -> Arc<Plan> {
+        plan_with("{ a = 1.0, b = 1.0 }", 7)
+    }
+
+    /// `plan` with one live change: from plan step `at`, domain a weighs `a`.
+    fn changed(plan: &Arc<Plan>, at: u64, a: f64) -> Arc<Plan> {
+        let w = BTreeMap::from([("a".to_string(), a)]);
+        let change = plan.weights_change(at, &w).unwrap();
+        Arc::new(plan.with_journal(vec![change]).unwrap())
+    }
+
+    fn blob_at(plan: &Arc<Plan>, step: u64) -> Vec<u8> {
+        plan.seek(step).cursor()
+    }
+
+    fn err(r: Result<Resumed, CursorError>) -> CursorError {
+        match r {
+            Ok(_) => panic!("the blob was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_blob_under_the_same_journal_resumes_as_restore_does() {
+        let plan = plan();
+        let blob = blob_at(&plan, 9);
+        let mut r = plan.resume(&blob, 0).unwrap();
+        assert!(!r.adopted && Arc::ptr_eq(&r.plan, &plan));
+        assert!(r.adopted_changes().is_empty());
+        assert!(r.check_served(0).is_ok());
+        assert_eq!(r.planner.step(), 9);
+        let mut q = plan.restore(&blob).unwrap();
+        for _ in 0..5 {
+            assert_eq!(r.planner.next_batch(), q.next_batch());
+        }
+    }
+
+    #[test]
+    fn a_newer_journal_in_the_blob_is_adopted() {
+        let fresh = plan();
+        let ahead = changed(&fresh, 10, 3.0);
+        let mut run = ahead.seek(20);
+        let blob = run.cursor();
+        let mut r = fresh.resume(&blob, 1 << 14).unwrap();
+        assert!(r.adopted);
+        assert_eq!(r.plan.journal(), ahead.journal());
+        assert_eq!(r.adopted_changes(), ahead.journal());
+        assert_eq!(r.plan.fingerprint(), fresh.fingerprint());
+        for _ in 0..5 {
+            assert_eq!(r.planner.next_batch(), run.next_batch());
+        }
+        // Step 10 unserved: the change may still land; served: adopting it is refused.
+        assert!(r.check_served(10).is_ok());
+        let e = r.check_served(11).unwrap_err();
+        assert_eq!(
+            e,
+            CursorError::Served {
+                at: 10,
+                step: 11,
+                plan_step: 11
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "it carries a live change from plan step 10 that this daemon does not have, but \
+             step 11 (plan step 11) has already been served to other clients without it"
+        );
+        // Restore does not adopt.
+        assert_eq!(
+            fresh.restore(&blob).err(),
+            Some(CursorError::JournalBehind { blob: 1, ours: 0 })
+        );
+    }
+
+    #[test]
+    fn a_journal_too_large_for_the_cap_is_refused() {
+        let fresh = plan();
+        let blob = blob_at(&changed(&fresh, 10, 3.0), 20);
+        let e = err(fresh.resume(&blob, 8));
+        assert_eq!(e, CursorError::JournalTooLarge { changes: 1, cap: 8 });
+        assert_eq!(
+            e.to_string(),
+            "its journal of 1 live changes is larger than this daemon's cursor field allows \
+             (8 bytes)"
+        );
+    }
+
+    #[test]
+    fn diverged_journals_are_refused() {
+        let fresh = plan();
+        let blob = blob_at(&changed(&fresh, 10, 3.0), 20);
+        let other = changed(&fresh, 12, 0.5);
+        let e = err(other.resume(&blob, 1 << 14));
+        assert_eq!(
+            e,
+            CursorError::JournalDiverged {
+                change: 1,
+                blob_at: Some(10),
+                ours_at: Some(12)
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "its journal of live mixture changes disagrees with this daemon's at change #1 \
+             (blob: from plan step 10, daemon: from plan step 12); the blob's run received \
+             different changes, and serving it would change its data"
+        );
+    }
+
+    #[test]
+    fn a_change_of_ours_before_the_blob_step_is_refused() {
+        let fresh = plan();
+        let blob = blob_at(&fresh, 20);
+        let e = err(changed(&fresh, 10, 3.0).resume(&blob, 1 << 14));
+        assert_eq!(
+            e,
+            CursorError::JournalRewrites {
+                at: 10,
+                plan_step: 20
+            }
+        );
+        // One after the blob's step leaves its past alone.
+        let r = changed(&fresh, 25, 3.0).resume(&blob, 1 << 14).unwrap();
+        assert!(!r.adopted);
+    }
+
+    #[test]
+    fn a_journal_that_does_not_apply_is_refused() {
+        let fresh = plan();
+        let blob = blob_at(&changed(&fresh, 10, 3.0), 20);
+        let mut c = cursor::decode(&blob).unwrap();
+        c.journal[0].points[0].1[0] = f64::NAN;
+        let e = err(fresh.resume(&cursor::encode(&c), 1 << 14));
+        assert!(matches!(e, CursorError::JournalInvalid(_)), "{e:?}");
+        assert!(e.to_string().contains("finite"), "{e}");
+    }
+
+    #[test]
+    fn other_configs_histories_and_bytes_are_refused() {
+        let plan = plan();
+        let blob = blob_at(&plan, 9);
+        let other_seed = plan_with("{ a = 1.0, b = 1.0 }", 8);
+        assert!(matches!(
+            err(other_seed.resume(&blob, 1 << 14)),
+            CursorError::Fingerprint { .. }
+        ));
+        let other_weights = plan_with("{ a = 1.0, b = 2.0 }", 7);
+        assert!(matches!(
+            err(other_weights.resume(&blob, 1 << 14)),
+            CursorError::History { step: 9, .. }
+        ));
+        assert!(matches!(
+            err(plan.resume(&blob[..blob.len() - 1], 1 << 14)),
+            CursorError::Length { .. }
+        ));
+        let mut flipped = blob.clone();
+        flipped[40] ^= 1;
+        assert!(matches!(
+            err(plan.resume(&flipped, 1 << 14)),
+            CursorError::Checksum { .. }
+        ));
+        assert_eq!(err(plan.resume(b"not a cursor", 0)), CursorError::Magic);
+    }
+
+    #[test]
+    fn structural_faults_are_typed_and_name_the_domain() {
+        let plan = plan();
+        let mut c = cursor::decode(&blob_at(&plan, 9)).unwrap();
+        c.streams[1].window_start = u64::MAX;
+        let e = err(plan.resume(&cursor::encode(&c), 0));
+        assert_eq!(
+            e,
+            CursorError::Stream {
+                domain: "b".into(),
+                source: StreamError::WindowPastEpoch {
+                    start: u64::MAX,
+                    units: 299
+                }
+            }
+        );
+        assert!(e
+            .to_string()
+            .starts_with("cursor is malformed: domain b: window start"));
+        let mut c = cursor::decode(&blob_at(&plan, 9)).unwrap();
+        c.streams.pop();
+        assert!(matches!(
+            err(plan.resume(&cursor::encode(&c), 0)),
+            CursorError::Shape {
+                domains: 1,
+                ours: 2,
+                ..
+            }
+        ));
+        let mut c = cursor::decode(&blob_at(&plan, 9)).unwrap();
+        c.mix.deficit[1] = i64::MAX;
+        assert_eq!(
+            err(plan.resume(&cursor::encode(&c), 0)),
+            CursorError::Deficit { domain: 1 }
+        );
+    }
+
+    /// Blobs written by the build before layout 5, by this module's `plan()`: a layout 3
+    /// blob at step 9, and a layout 4 blob at step 20 under one live change from plan step
+    /// 10 (a = 3.0) with 2 changes superseded.
+    const OLD_LAYOUT_3: &[&str] = &[
+        "4d52435552534f5203000000e00000000340f9f63ef1e49755349ede56e4cb360377a3f056024fb0",
+        "09000000000000000900000000000000020012000000000000000000000000000000000000000001",
+        "07000000000000000000000000000000120000000000000012000000000000002001000000000000",
+        "00000000000000000000000000000000120000000000000000000000000000000000000000010700",
+        "00000000000000000000000000001200000000000000120000000000000020010000000000000000",
+        "00000000000000000000000000000000e7f449e15b8af7b7",
+    ];
+    const OLD_LAYOUT_4: &[&str] = &[
+        "4d52435552534f52040000000a0100000340f9f63ef1e49755349ede56e4cb36a09e3f3e175c55f7",
+        "14000000000000001400000000000000020032000000000000000000000000000000000000000001",
+        "07000000000000000000000000000000320000000000000032000000000000002003000000000000",
+        "000000000000000000000000000000001e0000000000000000000000000000000000000000010700",
+        "00000000000000000000000000001e000000000000001e00000000000000e0010000000000000000",
+        "000000000000000000000000000001000a0000000000000001000a00000000000000000000000000",
+        "0840000000000000f03f02000000000000001761214464edc465",
+    ];
+
+    fn unhex(lines: &[&str]) -> Vec<u8> {
+        let s = lines.concat();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Checkpoints taken before the binary fingerprint still resume, bit for bit, checked
+    /// against the legacy JSON fingerprint; the blobs a planner writes now are layout 5.
+    #[test]
+    fn blobs_of_layouts_3_and_4_still_resume() {
+        let fresh = plan();
+        let old = unhex(OLD_LAYOUT_3);
+        let c = cursor::decode(&old).unwrap();
+        assert_eq!(
+            c.fingerprint,
+            Fingerprint::LegacyJson(fresh.legacy_fingerprint())
+        );
+        assert_ne!(fresh.legacy_fingerprint(), fresh.fingerprint());
+        let mut r = fresh.resume(&old, 0).unwrap();
+        let mut want = fresh.seek(9);
+        let now = want.cursor();
+        assert_eq!(u16::from_le_bytes([now[8], now[9]]), cursor::VERSION);
+        assert_eq!(
+            cursor::decode(&now).unwrap().fingerprint,
+            Fingerprint::Binary(fresh.fingerprint())
+        );
+        assert_eq!(r.planner.step(), 9);
+        for _ in 0..5 {
+            assert_eq!(r.planner.next_batch(), want.next_batch());
+        }
+        // A legacy blob made for another config is refused, naming the legacy values.
+        let other = plan_with("{ a = 1.0, b = 1.0 }", 8);
+        assert_eq!(
+            err(other.resume(&old, 0)),
+            CursorError::Fingerprint {
+                blob: fresh.legacy_fingerprint(),
+                ours: other.legacy_fingerprint()
+            }
+        );
+        // Layout 4: the journal and its superseded count are adopted from the blob.
+        let old = unhex(OLD_LAYOUT_4);
+        let mut r = fresh.resume(&old, 1 << 14).unwrap();
+        assert!(r.adopted);
+        assert_eq!(r.plan.superseded(), 2);
+        assert_eq!(r.adopted_changes().len(), 1);
+        let ahead = changed(&fresh, 10, 3.0);
+        let mut want = ahead.seek(20);
+        for _ in 0..5 {
+            assert_eq!(r.planner.next_batch(), want.next_batch());
+        }
+        // Encoding a decoded old blob writes the same bytes again.
+        assert_eq!(cursor::encode(&cursor::decode(&old).unwrap()), old);
+    }
+}

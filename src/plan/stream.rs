@@ -1,0 +1,652 @@
+//! A domain's row stream in motion: the state a cursor records ([`StreamState`], its
+//! [`Tail`]s) and the [`Stream`] that hands out a step's worth of rows at a time from the
+//! packed windows that state points at, including batch grouping's waiting and spanning
+//! blocks. What never changes during a run lives in `domain`.
+
+use std::sync::Arc;
+
+use super::config::GroupMode;
+use super::domain::{expand_row, pack_window, DomainData, Geometry, UnitKind};
+use super::pack::Window;
+use super::permute::{chained, derive_key, Permutation, Reshuffle};
+use super::Row;
+
+/// The changing part of a domain's stream; what the cursor records.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamState {
+    /// Epochs started so far, minus one (the current epoch).
+    pub epoch: u32,
+    /// Whether the current epoch shuffles groups rather than documents.
+    pub grouped: bool,
+    /// Seed in force when the current epoch began.
+    pub epoch_seed: u64,
+    /// Reseeds of the current epoch's remaining positions.
+    pub pos_chain: Vec<Reshuffle>,
+    /// First position of the current window.
+    pub window_start: u64,
+    /// Next emission index within the current window.
+    pub next_block: u32,
+    /// Reseeds of the current window's emission order.
+    pub block_chain: Vec<Reshuffle>,
+    /// Blocks of the current window begun or passed over, in order: (block id, rows
+    /// already taken). A long group continues here in the next step; in batch grouping a
+    /// group that did not fit what was left of a batch waits here for the next.
+    pub pending: Vec<(u32, u32)>,
+    /// Reseeds already applied.
+    pub reseeds: u32,
+    /// Whether the stream has started (the first epoch is opened lazily).
+    pub started: bool,
+    /// Rows handed out over the run.
+    pub rows: u64,
+    /// Real tokens handed out over the run.
+    pub tokens: u64,
+    /// Groups that fit one batch but were spread over consecutive batches (batch
+    /// grouping ran out of rows to fill a batch around them).
+    pub split_groups: u64,
+    /// Earlier windows whose batch-grouped blocks are still being handed out, oldest
+    /// first (see [`Tail`]).
+    pub tails: Vec<Tail>,
+}
+
+/// A window whose blocks have all been drawn but some of which still span batches.
+/// Batch grouping keeps handing their rows out in the following steps, at most the cap
+/// per batch and in consecutive batches, while the next window (or epoch) supplies the
+/// rest of the domain's rows. It names its window the way [`StreamState`] does, so a
+/// restore repacks it; tails hold only spanning blocks, so there are at most as many as
+/// the domain has rows in a step (about `1 / max_share` when the cap is 2 rows or more).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tail {
+    /// The window's epoch.
+    pub epoch: u32,
+    /// Whether that epoch shuffled groups.
+    pub grouped: bool,
+    /// Seed in force when that epoch began.
+    pub epoch_seed: u64,
+    /// Reseeds of that epoch's positions, as they were when the window ended.
+    pub pos_chain: Vec<Reshuffle>,
+    /// First position of the window.
+    pub window_start: u64,
+    /// Its blocks still spanning: (block id, rows already taken, > 0).
+    pub pending: Vec<(u32, u32)>,
+}
+
+impl Tail {
+    /// The stream state that packs this window.
+    fn as_state(&self) -> StreamState {
+        StreamState {
+            epoch: self.epoch,
+            grouped: self.grouped,
+            epoch_seed: self.epoch_seed,
+            pos_chain: self.pos_chain.clone(),
+            window_start: self.window_start,
+            started: true,
+            ..StreamState::default()
+        }
+    }
+
+    fn kind(&self) -> UnitKind {
+        if self.grouped {
+            UnitKind::Group
+        } else {
+            UnitKind::Doc
+        }
+    }
+}
+
+/// Why a restored stream state does not fit the domain it claims to be of.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// Tails recorded before the stream's first epoch opened.
+    #[error("tails in a stream that has not started")]
+    TailsBeforeStart,
+    /// The current window starts past the end of the epoch.
+    #[error("window start {start} is past the epoch's {units} units")]
+    WindowPastEpoch {
+        /// The window's first position.
+        start: u64,
+        /// Positions in the epoch.
+        units: u64,
+    },
+    /// A grouped epoch in a domain that has no groups.
+    #[error("grouped epoch in a domain without groups")]
+    GroupedWithoutGroups,
+    /// The next block is past the end of the window.
+    #[error("block {block} of a window with {blocks}")]
+    BlockPastWindow {
+        /// The next block.
+        block: u32,
+        /// Blocks in the window.
+        blocks: usize,
+    },
+    /// More pending blocks than a window and the deferral limit allow.
+    #[error("too many pending blocks")]
+    TooManyPending {
+        /// How many the state holds.
+        pending: usize,
+    },
+    /// A tail's window starts past the end of its epoch.
+    #[error("tail window start {start} is past the epoch's {units} units")]
+    TailPastEpoch {
+        /// The tail window's first position.
+        start: u64,
+        /// Positions in its epoch.
+        units: u64,
+    },
+    /// A grouped tail in a domain that has no groups.
+    #[error("grouped tail in a domain without groups")]
+    GroupedTailWithoutGroups,
+    /// A tail with nothing left to hand out (tails are dropped when empty).
+    #[error("tail without pending blocks")]
+    EmptyTail,
+    /// A pending block that is not in its window, or has no rows left.
+    #[error("pending block {block} (+{done} rows) is not in the window")]
+    PendingNotInWindow {
+        /// The block id.
+        block: u32,
+        /// Rows the state says were taken.
+        done: u32,
+    },
+}
+
+/// Most blocks a batch-grouped domain passes over while looking for ones that fit.
+pub const MAX_DEFERRED: usize = 16;
+
+/// A domain's stream: state plus the window cache.
+pub(crate) struct Stream {
+    pub(crate) state: StreamState,
+    cache: Option<(u64, Arc<Window>, Permutation)>,
+    /// Packed tail windows, by (epoch, window start).
+    tail_cache: Vec<((u32, u64), Arc<Window>)>,
+}
+
+impl Stream {
+    pub(crate) fn new(state: StreamState) -> Stream {
+        Stream {
+            state,
+            cache: None,
+            tail_cache: Vec::new(),
+        }
+    }
+
+    /// Checks a restored state against the window it points at, so a forged or stale
+    /// blob is refused rather than indexing out of bounds later.
+    pub(crate) fn check(&mut self, d: &DomainData, g: Geometry) -> Result<(), StreamError> {
+        if !self.state.started {
+            if !self.state.tails.is_empty() {
+                return Err(StreamError::TailsBeforeStart);
+            }
+            return Ok(());
+        }
+        let n = d.virtual_units(self.kind());
+        if self.state.window_start >= n.max(1) {
+            return Err(StreamError::WindowPastEpoch {
+                start: self.state.window_start,
+                units: n,
+            });
+        }
+        if self.state.grouped && d.units(UnitKind::Group) == 0 {
+            return Err(StreamError::GroupedWithoutGroups);
+        }
+        let (w, _) = self.window(d, g);
+        if self.state.next_block as usize > w.blocks.len() {
+            return Err(StreamError::BlockPastWindow {
+                block: self.state.next_block,
+                blocks: w.blocks.len(),
+            });
+        }
+        if self.state.pending.len() > MAX_DEFERRED + w.blocks.len() {
+            return Err(StreamError::TooManyPending {
+                pending: self.state.pending.len(),
+            });
+        }
+        check_pending(&self.state.pending, &w)?;
+        for t in 0..self.state.tails.len() {
+            let tail = &self.state.tails[t];
+            let n = d.virtual_units(tail.kind());
+            if tail.window_start >= n.max(1) {
+                return Err(StreamError::TailPastEpoch {
+                    start: tail.window_start,
+                    units: n,
+                });
+            }
+            if tail.grouped && d.units(UnitKind::Group) == 0 {
+                return Err(StreamError::GroupedTailWithoutGroups);
+            }
+            if tail.pending.is_empty() {
+                return Err(StreamError::EmptyTail);
+            }
+            let tw = self.tail_window(d, g, t);
+            check_pending(&self.state.tails[t].pending, &tw)?;
+        }
+        Ok(())
+    }
+
+    /// Packs (or fetches) the window of tail `t`.
+    fn tail_window(&mut self, d: &DomainData, g: Geometry, t: usize) -> Arc<Window> {
+        let tail = &self.state.tails[t];
+        let key = (tail.epoch, tail.window_start);
+        if let Some((_, w)) = self.tail_cache.iter().find(|(k, _)| *k == key) {
+            return w.clone();
+        }
+        let w = Arc::new(pack_window(d, &tail.as_state(), tail.kind(), g));
+        self.tail_cache.push((key, w.clone()));
+        w
+    }
+
+    /// Moves the current window's pending blocks into a tail (its blocks are all drawn).
+    fn push_tail(&mut self) {
+        let s = &mut self.state;
+        let tail = Tail {
+            epoch: s.epoch,
+            grouped: s.grouped,
+            epoch_seed: s.epoch_seed,
+            pos_chain: s.pos_chain.clone(),
+            window_start: s.window_start,
+            pending: std::mem::take(&mut s.pending),
+        };
+        if let Some((_, w, _)) = &self.cache {
+            self.tail_cache
+                .push(((tail.epoch, tail.window_start), w.clone()));
+        }
+        self.state.tails.push(tail);
+    }
+
+    /// Drops tails with nothing left, and cached windows no tail names.
+    fn prune_tails(&mut self) {
+        self.state.tails.retain(|t| !t.pending.is_empty());
+        let tails = &self.state.tails;
+        self.tail_cache
+            .retain(|(k, _)| tails.iter().any(|t| (t.epoch, t.window_start) == *k));
+    }
+
+    /// Blocks in the cached current window, if packed.
+    pub(crate) fn cached_blocks(&self) -> Option<usize> {
+        match &self.cache {
+            Some((ws, w, _)) if *ws == self.state.window_start => Some(w.blocks.len()),
+            _ => None,
+        }
+    }
+
+    fn kind(&self) -> UnitKind {
+        if self.state.grouped {
+            UnitKind::Group
+        } else {
+            UnitKind::Doc
+        }
+    }
+
+    fn window_end(&self, d: &DomainData) -> u64 {
+        let n = d.virtual_units(self.kind());
+        (self.state.window_start + d.window).min(n)
+    }
+
+    /// Packs (or fetches) the current window and its emission permutation.
+    fn window(&mut self, d: &DomainData, g: Geometry) -> (Arc<Window>, Permutation) {
+        if let Some((ws, w, p)) = &self.cache {
+            if *ws == self.state.window_start {
+                return (w.clone(), p.clone());
+            }
+        }
+        let s = &self.state;
+        let reuse = d.first.as_ref().filter(|f| {
+            s.epoch == 0
+                && s.window_start == 0
+                && s.pos_chain.is_empty()
+                && s.epoch_seed == f.seed
+                && s.grouped == f.grouped
+        });
+        let w = match reuse {
+            Some(f) => f.window.clone(),
+            None => Arc::new(pack_window(d, &self.state, self.kind(), g)),
+        };
+        let p = Permutation::new(
+            w.blocks.len() as u64,
+            derive_key(&[
+                self.state.epoch_seed,
+                d.key,
+                self.state.epoch as u64,
+                self.state.window_start,
+                2,
+            ]),
+        );
+        self.cache = Some((self.state.window_start, w.clone(), p.clone()));
+        (w, p)
+    }
+
+    fn open_epoch(&mut self, d: &DomainData, step: u64, seed: u64, next_epoch: bool) {
+        let s = &mut self.state;
+        if next_epoch {
+            s.epoch = s.epoch.saturating_add(1); // a forged cursor may be at the maximum
+        }
+        s.grouped = d.grouping_active(step);
+        s.epoch_seed = seed;
+        s.pos_chain.clear();
+        s.window_start = 0;
+        s.next_block = 0;
+        s.block_chain.clear();
+        s.pending.clear();
+        s.started = true;
+        self.cache = None;
+    }
+
+    /// Brings the stream to `step`: opens the first epoch, switches to grouped units when
+    /// grouping starts, and applies reseeds that are due.
+    fn prepare(
+        &mut self,
+        d: &DomainData,
+        g: Geometry,
+        step: u64,
+        seed: u64,
+        reseeds: &[(u64, u64)],
+    ) {
+        if !self.state.started {
+            self.open_epoch(d, step, seed, false);
+        } else if !self.state.grouped && d.grouping_active(step) {
+            self.open_epoch(d, step, seed, true);
+        }
+        while (self.state.reseeds as usize) < reseeds.len() {
+            let (rstep, rseed) = reseeds[self.state.reseeds as usize];
+            if rstep > step {
+                break;
+            }
+            let (w, _) = self.window(d, g);
+            let end = self.window_end(d);
+            let s = &mut self.state;
+            let e = s.epoch as u64;
+            s.pos_chain.push(Reshuffle {
+                start: end,
+                key: derive_key(&[rseed, d.key, e, s.reseeds as u64, 3]),
+            });
+            if (s.next_block as usize) < w.blocks.len() {
+                s.block_chain.push(Reshuffle {
+                    start: s.next_block as u64,
+                    key: derive_key(&[rseed, d.key, e, s.window_start, s.reseeds as u64, 4]),
+                });
+            }
+            s.reseeds += 1;
+        }
+    }
+
+    /// Advances to the next window (or epoch) when the current one is used up.
+    /// Returns false when the domain has no units at all.
+    fn advance_window(&mut self, d: &DomainData, step: u64, seed: u64) -> bool {
+        let end = self.window_end(d);
+        let n = d.virtual_units(self.kind());
+        if n == 0 {
+            return false;
+        }
+        if end >= n {
+            self.open_epoch(d, step, seed, true);
+        } else {
+            self.state.window_start = end;
+            self.state.next_block = 0;
+            self.state.block_chain.clear();
+        }
+        true
+    }
+
+    /// Takes `n` rows for `step`, appending them to `out` (or only counting them).
+    ///
+    /// In batch grouping a block (a group's rows) goes whole when it fits what is left of
+    /// the domain's rows and the cap; one that fits a batch but not what is left waits
+    /// for the next step (at most [`MAX_DEFERRED`] wait); anything else *spans*: it
+    /// takes at most the cap per step and continues first in every following step until
+    /// done, so its rows land in consecutive batches. Spanning blocks outlive their
+    /// window as [`Tail`]s while the next window fills the rest of the allotment, which
+    /// keeps the mixture exact and the promise at window and epoch ends.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn take(
+        &mut self,
+        d: &DomainData,
+        domain: u16,
+        g: Geometry,
+        n: u32,
+        step: u64,
+        seed: u64,
+        reseeds: &[(u64, u64)],
+        cap: u32,
+        mut out: Option<&mut Vec<Row>>,
+    ) {
+        if n == 0 {
+            return;
+        }
+        self.prepare(d, g, step, seed, reseeds);
+        let batch_mode = self.state.grouped && d.settings.grouping.mode == GroupMode::Batch;
+        // `limit`: the most rows a block may have and still go whole into this batch.
+        let limit = if batch_mode {
+            cap.min(n).max(1)
+        } else {
+            u32::MAX
+        };
+        let span_cap = if batch_mode { cap.max(1) } else { u32::MAX };
+        // Most blocks spanning at once: each needs a row in every following step, and
+        // the domain's rows per step move by at most one under constant weights.
+        let max_spans = n.saturating_sub(1).max(1) as usize;
+        let mut remaining = n;
+
+        // 1. Blocks already spanning batches continue, oldest first (tails, then the
+        //    current window), each at most the cap and leaving a row for each one after.
+        // 2. Blocks waiting: whole if they fit now; one too large for any batch at this
+        //    step's rows starts spanning when there is room for another span.
+        let mut owed = self.spanning() as u32;
+        for started in [true, false] {
+            for t in 0..=self.state.tails.len() {
+                if remaining == 0 {
+                    break;
+                }
+                let (w, epoch, kind) = self.source(d, g, t);
+                let mut i = 0;
+                while i < self.pending_of(t).len() && remaining > 0 {
+                    let (b, done) = self.pending_of(t)[i];
+                    if (done > 0) != started {
+                        i += 1;
+                        continue;
+                    }
+                    let rows = w.blocks[b as usize].rows;
+                    let left = rows - done;
+                    let take = if started {
+                        owed -= 1;
+                        left.min(span_cap).min(remaining.saturating_sub(owed))
+                    } else if rows <= remaining && rows <= limit {
+                        rows
+                    } else if rows > limit && self.spanning() < max_spans {
+                        rows.min(remaining).min(span_cap)
+                    } else {
+                        0 // keeps waiting: for room in a batch, or for a span to end
+                    };
+                    self.emit_rows(d, domain, &w, epoch, kind, b, done, take, &mut out);
+                    remaining -= take;
+                    if take == left {
+                        self.pending_of(t).remove(i);
+                    } else {
+                        self.pending_of(t)[i].1 = done + take;
+                        i += 1;
+                    }
+                }
+            }
+        }
+        self.prune_tails();
+
+        // 3. New blocks in emission order.
+        let (mut w, mut perm) = self.window(d, g);
+        let mut empty_windows = 0u32;
+        while remaining > 0 {
+            if self.state.next_block as usize >= w.blocks.len() {
+                // A used-up window's waiting blocks start now (past `max_spans` if they
+                // must, counted as split), so only spanning blocks outlive their window
+                // and a small domain's epochs never run ahead of blocks left waiting.
+                let waiting = self.state.pending.iter().position(|p| p.1 == 0);
+                if let Some(i) = waiting {
+                    let b = self.state.pending[i].0;
+                    let rows = w.blocks[b as usize].rows;
+                    let take = if rows <= remaining && rows <= limit {
+                        rows
+                    } else {
+                        self.start_span(rows, remaining, span_cap, limit, max_spans)
+                    };
+                    let (epoch, kind) = (self.state.epoch, self.kind());
+                    self.emit_rows(d, domain, &w, epoch, kind, b, 0, take, &mut out);
+                    remaining -= take;
+                    if take == rows {
+                        self.state.pending.remove(i);
+                    } else {
+                        self.state.pending[i].1 = take;
+                    }
+                    continue;
+                }
+                if !self.state.pending.is_empty() {
+                    self.push_tail();
+                }
+                if w.blocks.is_empty() {
+                    empty_windows += 1;
+                    if empty_windows > 1_000_000 {
+                        return; // only empty documents: nothing to give
+                    }
+                }
+                if !self.advance_window(d, step, seed) {
+                    return;
+                }
+                (w, perm) = self.window(d, g);
+                continue;
+            }
+            let b = chained(&perm, &self.state.block_chain, self.state.next_block as u64) as u32;
+            self.state.next_block += 1;
+            let rows = w.blocks[b as usize].rows;
+            let take = if !batch_mode || (rows <= remaining && rows <= limit) {
+                rows.min(remaining)
+            } else {
+                let can_wait = self.waiting() < MAX_DEFERRED;
+                if (rows <= limit || self.spanning() >= max_spans) && can_wait {
+                    0 // waits for the next step (or for a spanning block to finish)
+                } else {
+                    self.start_span(rows, remaining, span_cap, limit, max_spans)
+                }
+            };
+            let (epoch, kind) = (self.state.epoch, self.kind());
+            self.emit_rows(d, domain, &w, epoch, kind, b, 0, take, &mut out);
+            remaining -= take;
+            if take < rows {
+                self.state.pending.push((b, take));
+            }
+        }
+    }
+
+    /// Window, epoch and unit kind of pending source `t`: a tail, or (at
+    /// `t == tails.len()`) the current window.
+    fn source(&mut self, d: &DomainData, g: Geometry, t: usize) -> (Arc<Window>, u32, UnitKind) {
+        match self.state.tails.get(t) {
+            Some(tail) => {
+                let (epoch, kind) = (tail.epoch, tail.kind());
+                (self.tail_window(d, g, t), epoch, kind)
+            }
+            None => (self.window(d, g).0, self.state.epoch, self.kind()),
+        }
+    }
+
+    /// Pending blocks of source `t` (see [`Stream::source`]).
+    fn pending_of(&mut self, t: usize) -> &mut Vec<(u32, u32)> {
+        let s = &mut self.state;
+        match s.tails.get_mut(t) {
+            Some(tail) => &mut tail.pending,
+            None => &mut s.pending,
+        }
+    }
+
+    /// Rows a block of `rows` that cannot go whole takes now: it starts spanning batches,
+    /// at most `span_cap` a batch. A block that fits a batch (`rows <= limit`) is counted
+    /// as split, and so is one forced to span past `max_spans` (it may miss a batch).
+    fn start_span(
+        &mut self,
+        rows: u32,
+        remaining: u32,
+        span_cap: u32,
+        limit: u32,
+        max_spans: usize,
+    ) -> u32 {
+        if rows <= limit || self.spanning() >= max_spans {
+            self.state.split_groups += 1;
+        }
+        rows.min(remaining).min(span_cap)
+    }
+
+    /// Blocks waiting for room (pending, none of their rows taken yet).
+    fn waiting(&self) -> usize {
+        self.all_pending().filter(|p| p.1 == 0).count()
+    }
+
+    /// Blocks spanning batches (pending, some of their rows taken).
+    fn spanning(&self) -> usize {
+        self.all_pending().filter(|p| p.1 > 0).count()
+    }
+
+    fn all_pending(&self) -> impl Iterator<Item = &(u32, u32)> {
+        let s = &self.state;
+        s.tails
+            .iter()
+            .flat_map(|t| t.pending.iter())
+            .chain(s.pending.iter())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit_rows(
+        &mut self,
+        d: &DomainData,
+        domain: u16,
+        w: &Window,
+        epoch: u32,
+        kind: UnitKind,
+        b: u32,
+        from: u32,
+        count: u32,
+        out: &mut Option<&mut Vec<Row>>,
+    ) {
+        let block = w.blocks[b as usize];
+        for r in from..from + count {
+            let row = block.first_row + r;
+            let tokens = w.rows.get(row as usize).map_or(0, |r| r.tokens);
+            self.state.rows += 1;
+            self.state.tokens += tokens as u64;
+            if let Some(out) = out.as_deref_mut() {
+                out.push(expand_row(
+                    d,
+                    kind,
+                    domain,
+                    epoch,
+                    w.row_pieces(row),
+                    tokens,
+                ));
+            }
+        }
+    }
+}
+
+/// Checks that restored pending blocks name blocks of `w` with rows still to take.
+fn check_pending(pending: &[(u32, u32)], w: &Window) -> Result<(), StreamError> {
+    for &(block, done) in pending {
+        match w.blocks.get(block as usize) {
+            Some(blk) if done < blk.rows => {}
+            _ => return Err(StreamError::PendingNotInWindow { block, done }),
+        }
+    }
+    Ok(())
+}
+
+/// Epoch progress of a stream: completed epochs plus the fraction of the current one
+/// (window start plus the share of the window's blocks already handed out).
+pub(crate) fn epoch_progress(d: &DomainData, s: &StreamState, blocks: Option<usize>) -> f64 {
+    if !s.started {
+        return 0.0;
+    }
+    let kind = if s.grouped {
+        UnitKind::Group
+    } else {
+        UnitKind::Doc
+    };
+    let n = d.virtual_units(kind).max(1);
+    let end = (s.window_start + d.window).min(n);
+    let within = match blocks {
+        Some(b) if b > 0 => (s.next_block as f64 / b as f64).min(1.0),
+        _ => 0.0,
+    };
+    s.epoch as f64 + (s.window_start as f64 + within * (end - s.window_start) as f64) / n as f64
+}
