@@ -363,7 +363,7 @@ fn superseded_changes_never_fill_the_journal() {
             break b.cursor.to_vec();
         }
     };
-    assert_eq!(blob[8], 4, "a blob with superseded changes is layout 4");
+    assert_eq!(blob[8], 5, "a blob with superseded changes is layout 5");
     let socket2 = f.corpus.tmp.path().join("s2.sock");
     let mut second = Serve::spawn(&f.config, &f.corpus.tmp.path().join("serve2.log"), |c| {
         c.arg("--socket").arg(&socket2);
