@@ -520,10 +520,10 @@ impl Target {
         }
         if let Some(path) = &self.config {
             let cfg = crate::config::Config::load(path)?;
-            let serve = crate::serve::ServeConfig::from_config(&cfg)?;
+            let serve = crate::config::serve::ServeConfig::from_config(&cfg)?;
             return Ok(serve.socket);
         }
-        Ok(crate::serve::default_socket())
+        Ok(crate::config::serve::default_socket())
     }
 
     fn timeout(&self) -> Duration {
@@ -1439,7 +1439,10 @@ mod tests {
         assert_eq!(a.target.socket().unwrap(), PathBuf::from("/x"));
         let cli = Cli::try_parse_from(["m", "status"]).unwrap();
         let Cmd::Status(a) = cli.cmd else { panic!() };
-        assert_eq!(a.target.socket().unwrap(), crate::serve::default_socket());
+        assert_eq!(
+            a.target.socket().unwrap(),
+            crate::config::serve::default_socket()
+        );
         let cli = Cli::try_parse_from(["m", "top", "--once", "--interval-ms", "200"]).unwrap();
         let Cmd::Top(a) = cli.cmd else { panic!() };
         assert!(a.once && a.interval_ms == Some(200));

@@ -179,10 +179,10 @@ fn the_example_config_parses_and_its_plan_validates() {
     let books = &cfg.corpus.domains[2];
     assert_eq!(books.name, "books_zh");
     let s = books.settings();
-    assert_eq!(s.grouping.mode, millrace::plan::GroupMode::Batch);
+    assert_eq!(s.grouping.mode, millrace::config::plan::GroupMode::Batch);
     assert_eq!(s.grouping.from_step, 120000);
     assert_eq!(s.upsample_long.map(|u| u.factor), Some(2));
-    let serve = millrace::serve::ServeConfig::from_config(&cfg).unwrap();
+    let serve = millrace::config::serve::ServeConfig::from_config(&cfg).unwrap();
     assert_eq!(serve.socket, Path::new("/run/millrace/millrace.sock"));
     assert_eq!((serve.ring_slots, serve.materialize_threads), (4, 2));
     assert_eq!(serve.token_dtype, "int32");
@@ -202,7 +202,7 @@ fn serve_mistakes_name_the_field() {
         let cfg = Config::parse(&text, Path::new("/x/run.toml"), Path::new("/x")).unwrap();
         let err = format!(
             "{:#}",
-            millrace::serve::ServeConfig::from_config(&cfg).unwrap_err()
+            millrace::config::serve::ServeConfig::from_config(&cfg).unwrap_err()
         );
         assert!(
             err.contains(field) && err.contains("run.toml"),
@@ -216,7 +216,7 @@ fn serve_mistakes_name_the_field() {
         Path::new("/x"),
     )
     .unwrap();
-    let serve = millrace::serve::ServeConfig::from_config(&cfg).unwrap();
+    let serve = millrace::config::serve::ServeConfig::from_config(&cfg).unwrap();
     assert_eq!(serve.socket, Path::new("/x/s.sock"));
 }
 
@@ -280,7 +280,7 @@ fn toml_errors_fit_one_line_with_their_cause() {
     let cfg = parse(&format!("{base}[serve]\nring_slots = \"four\"\n")).unwrap();
     let e = format!(
         "{:#}",
-        millrace::serve::ServeConfig::from_config(&cfg).unwrap_err()
+        millrace::config::serve::ServeConfig::from_config(&cfg).unwrap_err()
     );
     assert!(!e.contains('\n'), "{e:?}");
     assert!(

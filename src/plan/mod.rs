@@ -9,7 +9,6 @@
 //! global batch, positions shuffled) -> [`GlobalBatch::rank_rows`] (one rank's slice).
 //! [`cursor`] records where a [`Planner`] is.
 
-pub mod config;
 pub mod cursor;
 mod domain;
 pub mod journal;
@@ -24,8 +23,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::Serialize;
 
-pub use config::{
-    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, SettingError, Upsample,
+use crate::config::plan::{
+    validate_weights, DomainSettings, PlanConfig, SchedulePoint, SettingError,
 };
 pub use cursor::CursorError;
 pub use domain::{DocSource, DomainInput, MemShard, StreamState, Tail, MAX_DEFERRED};
@@ -328,7 +327,7 @@ impl Plan {
             .map(|n| n.to_string())
             .zip(w.iter().copied())
             .collect();
-        config::validate_weights(&merged, &names, "set_weights")?;
+        validate_weights(&merged, &names, "set_weights")?;
         Ok(Change {
             at,
             points: vec![(at, w)],
@@ -337,7 +336,7 @@ impl Plan {
 
     /// The change that makes the schedule follow `points` (a whole new config schedule)
     /// from plan step `at` on.
-    pub fn schedule_change(&self, at: u64, points: &[config::SchedulePoint]) -> Change {
+    pub fn schedule_change(&self, at: u64, points: &[SchedulePoint]) -> Change {
         let names = self.domain_names();
         Change {
             at,
@@ -347,11 +346,7 @@ impl Plan {
 
     /// The first plan step at which schedule `new` differs from schedule `old` (both as
     /// config points), or `None` when they agree everywhere.
-    pub fn points_difference(
-        &self,
-        old: &[config::SchedulePoint],
-        new: &[config::SchedulePoint],
-    ) -> Option<u64> {
+    pub fn points_difference(&self, old: &[SchedulePoint], new: &[SchedulePoint]) -> Option<u64> {
         let names = self.domain_names();
         Schedule::new(old, &names).first_difference(&Schedule::new(new, &names))
     }

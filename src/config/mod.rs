@@ -7,13 +7,17 @@
 //! writes relies on this). The `[plan]` and `[serve]` tables are carried here verbatim
 //! and validated by the modules that own them.
 
+pub mod plan;
+pub mod serve;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{self, DType, Format, RawOptions, Shard};
-use crate::plan::{Bursty, DomainInput, DomainSettings, Grouping, Plan, PlanConfig, Upsample};
+use crate::plan::{DomainInput, Plan};
+use plan::{Bursty, DomainSettings, Grouping, PlanConfig, Upsample};
 use std::sync::Arc;
 
 /// Why a config could not be used; always names the file and the field.
@@ -426,7 +430,7 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> 
 /// toml's error as one line, "line L, column C: cause", so a log line carries the
 /// cause (toml's own rendering draws the source line and puts the cause below it).
 pub fn toml_message(e: &toml::de::Error, text: &str) -> String {
-    let cause = crate::plan::config::one_line(e.message());
+    let cause = plan::one_line(e.message());
     match e.span() {
         Some(span) => {
             let before = &text.as_bytes()[..span.start.min(text.len())];
