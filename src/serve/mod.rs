@@ -1,14 +1,18 @@
 //! The daemon (`millrace serve`): loads the plan, binds the unix socket, admits trainer
 //! ranks and streams their slices of every global batch through shared-memory rings.
 //!
-//! - [`protocol`]: frames, HELLO/WELCOME, fd passing (docs/PROTOCOL.md).
+//! - `load`: what serve reads and checks before it binds; `check-config` stops there.
+//! - `connections`: the socket, the accept loop, one task per trainer or control client.
+//! - `reload`: live changes from the config file (watcher, SIGHUP) and CONTROL requests.
 //! - [`ring`]: the sealed memfd ring of one dp rank and the slot materializer.
 //! - [`hub`]: jobs, rings, peers, the materializer threads, and live mixture changes.
 //! - [`access`]: the socket's group and the SO_PEERCRED allowlist.
 //! - [`notify`]: systemd's Type=notify handshake and watchdog.
 //! - [`limits`]: the fd limit, the control-connection cap, rate-limited warnings.
-//! - this file: `[serve]` settings, the socket, one tokio task per connection (trainer or
-//!   control), the reload routes (file watch, SIGHUP, CONTROL), metrics, and the drain.
+//! - this file: start-up (threads, runtime, metrics exporter), the daemon's shared state,
+//!   its signals and ticks, and the drain at shutdown.
+//!
+//! The `[serve]` table itself is [`crate::config::serve`]; the wire is [`crate::wire`].
 //!
 //! The tokio runtime only moves small frames; token copies run on the hub's threads, so a
 //! connection never waits for a copy and a copy never waits for a socket.
@@ -20,25 +24,24 @@ pub mod limits;
 pub mod notify;
 pub mod ring;
 
-use std::os::fd::AsRawFd;
+mod connections;
+mod load;
+mod reload;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::config::plan::{PlanConfig, SchedulePoint};
-use crate::config::serve::{socket_problem, LateSetting, ServeConfig};
-use crate::config::Config;
-use crate::wire::control::{self, Control};
-use crate::wire::frame::{self, kind, Frame};
-use crate::wire::protocol::{self, Code, Hello};
-use hub::{ChangeError, ChangeRequest, Hub, HubSettings, Late, Proposal};
+use crate::config::serve::{socket_problem, ServeConfig};
+use hub::{Hub, HubSettings};
+use load::load;
+pub use load::{check_config, CheckArgs};
 use notify::Notifier;
-use ring::{Source, TokenType};
+use reload::{Running, RELOAD_SOURCES};
+use ring::Source;
 
 /// Arguments of `millrace serve`.
 #[derive(clap::Args, Debug)]
@@ -49,128 +52,6 @@ pub struct ServeArgs {
     /// Listen here instead of `[serve] socket`.
     #[arg(long)]
     pub socket: Option<PathBuf>,
-}
-
-impl LateSetting {
-    fn late(self) -> Late {
-        match self {
-            LateSetting::Refuse => Late::Refuse,
-            LateSetting::Next => Late::Next,
-        }
-    }
-}
-
-/// Arguments of `millrace check-config`.
-#[derive(clap::Args, Debug)]
-pub struct CheckArgs {
-    /// The config file to check.
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Also read each document's last token and warn where it is not `eod_token`, as
-    /// `millrace plan` does. Off by default: it touches one page of `.bin` per document,
-    /// which the unit's ExecStartPre must not pay at every start on a large corpus.
-    #[arg(long)]
-    pub check_eod: bool,
-}
-
-/// What `millrace serve` loads before it binds: the config, `[serve]`, the validated
-/// shards and plan, and the token type. `check-config` stops here.
-struct Loaded {
-    cfg: Config,
-    hash: u64,
-    serve: ServeConfig,
-    plan: Arc<crate::plan::Plan>,
-    shards: Vec<Vec<Arc<crate::corpus::Shard>>>,
-    token: TokenType,
-}
-
-/// Reads and parses the config once, returning the hash of exactly the bytes parsed, so
-/// the watcher compares against what was applied and not against a later read.
-fn read_config(path: &Path) -> Result<(Config, u64), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        format!(
-            "{}: not UTF-8 at byte {}",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
-    let base = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let cfg = Config::parse(&text, path, base).map_err(|e| e.to_string())?;
-    Ok((cfg, xxhash_rust::xxh3::xxh3_64(text.as_bytes())))
-}
-
-fn load(config: &Path) -> Result<Loaded> {
-    let (cfg, hash) = read_config(config).map_err(|e| anyhow::anyhow!(e))?;
-    let serve = ServeConfig::from_config(&cfg)?;
-    let loaded = cfg.load_plan()?;
-    let dtypes: Vec<(String, crate::corpus::DType)> = loaded
-        .plan
-        .domain_names()
-        .iter()
-        .zip(&loaded.shards)
-        .flat_map(|(n, shards)| shards.iter().map(move |s| (n.to_string(), s.dtype())))
-        .collect();
-    let token = TokenType::choose(&serve.token_dtype, &dtypes)
-        .map_err(|e| anyhow::anyhow!("{}: [serve] token_dtype: {e}", cfg.source.display()))?;
-    if let Some(g) = &serve.socket_group {
-        access::resolve_group(g).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.source.display()))?;
-    }
-    Ok(Loaded {
-        cfg,
-        hash,
-        serve,
-        plan: loaded.plan,
-        shards: loaded.shards,
-        token,
-    })
-}
-
-/// `millrace check-config`: everything `serve` checks before it binds (config, shards,
-/// `[serve]`, the socket group, that `metrics_addr` is free), so a unit's ExecStartPre
-/// fails with the reason.
-pub fn check_config(args: CheckArgs) -> Result<()> {
-    let l = load(&args.config)?;
-    if let Some(addr) = &l.serve.metrics_addr {
-        // `serve` exits when it cannot listen there, so the check tries it too (and lets
-        // go at once).
-        std::net::TcpListener::bind(addr.as_str()).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: [serve] metrics_addr {addr:?}: cannot listen: {e} (`serve` would exit)",
-                args.config.display()
-            )
-        })?;
-    }
-    if let Some(why) = socket_problem(&l.serve.socket) {
-        bail!("{}: [serve] socket: {why}", args.config.display());
-    }
-    for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
-        eprintln!("warning: {}: {w}", args.config.display());
-    }
-    let eod = if args.check_eod {
-        crate::eod::check_plan(&l.plan, &l.shards)?
-    } else {
-        None
-    };
-    if let Some((eod, results)) = eod {
-        for w in results.iter().filter_map(|d| crate::eod::warning(d, eod)) {
-            eprintln!("{}: {w}", args.config.display());
-        }
-    }
-    let shards: usize = l.shards.iter().map(Vec::len).sum();
-    println!(
-        "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {}",
-        args.config.display(),
-        l.plan.domain_names().len(),
-        shards,
-        l.plan.fingerprint(),
-        l.serve.socket.display(),
-        l.token.0.name()
-    );
-    Ok(())
 }
 
 /// Runs `millrace serve` until SIGTERM or SIGINT.
@@ -273,7 +154,6 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     }
     result
 }
-
 /// The running daemon, shared by every connection and the reload routes.
 struct Daemon {
     hub: Arc<Hub>,
@@ -300,233 +180,7 @@ struct Daemon {
     last_reload: Mutex<Option<serde_json::Value>>,
 }
 
-/// The parts of the config file a reload compares against.
-struct Running {
-    /// `[corpus]`, which a reload may not change.
-    corpus: Option<toml::Value>,
-    /// `[plan]` without its weights and schedule, which a reload may not change either.
-    fixed: PlanConfig,
-    /// The file's schedule, the base a reload's first difference is measured from.
-    points: Vec<SchedulePoint>,
-    /// `[serve]`, only to warn that changes there need a restart.
-    serve: Option<toml::Table>,
-    /// Hash of the file's bytes when last applied or refused, for the watcher.
-    seen: Option<u64>,
-}
-
-impl Running {
-    fn of(cfg: &Config, plan: &PlanConfig, hash: u64) -> Running {
-        Running {
-            corpus: toml::Value::try_from(&cfg.corpus).ok(),
-            fixed: fixed_part(plan),
-            points: plan.points(),
-            serve: cfg.serve.clone(),
-            seen: Some(hash),
-        }
-    }
-}
-
-fn fixed_part(p: &PlanConfig) -> PlanConfig {
-    let mut p = p.clone();
-    p.weights = None;
-    p.schedule.clear();
-    p
-}
-
 impl Daemon {
-    /// Logs a warning about a connection refused or dropped before admission, through
-    /// the throttle: a peer can repeat those at will, and the log must not grow with it.
-    fn warn_peer(&self, pid: Option<i32>, what: std::fmt::Arguments<'_>) {
-        if let Some(k) = self.warn_conn.allow() {
-            warn!(?pid, "{what}{}", limits::suppressed_note(k));
-        }
-    }
-
-    /// Re-reads the config file and applies its schedule from its first difference with
-    /// the one last applied. Anything else that changed in `[corpus]` or `[plan]` refuses
-    /// the reload as a whole (it needs a restart); `[serve]` changes are only warned about.
-    fn reload_file(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
-        let r = self.reload_file_once(source);
-        let unix_s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let outcome = match &r {
-            Ok(a) => serde_json::json!({"source": source, "ok": true, "unix_s": unix_s,
-                                        "message": a.message}),
-            Err(e) => serde_json::json!({"source": source, "ok": false, "unix_s": unix_s,
-                                         "code": e.code, "message": e.message}),
-        };
-        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
-        r
-    }
-
-    /// One reload, as [`Daemon::reload_file`] describes; that wrapper records the outcome.
-    fn reload_file_once(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let parsed = (|| -> Result<(Config, PlanConfig), String> {
-            let (cfg, hash) = read_config(&self.config)?;
-            // Seen, whatever comes of it: the watcher does not retry a refused file.
-            running.seen = Some(hash);
-            let plan = cfg.plan_config().map_err(|e| e.to_string())?;
-            if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
-                return Err(format!(
-                    "{}: [corpus] changed; a reload only changes [plan] weights and schedule \
-                     (restart the daemon to change the corpus)",
-                    self.config.display()
-                ));
-            }
-            if fixed_part(&plan) != running.fixed {
-                return Err(format!(
-                    "{}: [plan] settings other than weights and schedule changed; restart \
-                     the daemon to apply them",
-                    self.config.display()
-                ));
-            }
-            Ok((cfg, plan))
-        })();
-        let (cfg, plan) = match parsed {
-            Ok(x) => x,
-            Err(m) => {
-                self.hub.reload_failed(source);
-                warn!(source, "reload refused, the old weights stay: {m}");
-                return Err(ChangeError {
-                    code: Code::Invalid,
-                    message: m,
-                    first_changeable: None,
-                });
-            }
-        };
-        if cfg.serve != running.serve {
-            warn!(
-                source,
-                "[serve] changed in {}; those settings apply at the next restart",
-                self.config.display()
-            );
-            running.serve = cfg.serve.clone();
-        }
-        let points = plan.points();
-        let r = self
-            .hub
-            .change(&ChangeRequest {
-                proposal: Proposal::Schedule {
-                    old: running.points.clone(),
-                    new: points.clone(),
-                },
-                at_step: None,
-                late: self.serve.late_changes.late(),
-                source,
-            })
-            .map_err(|mut e| {
-                // Say why the edit reaches back that far when a ramp is the reason.
-                // (Both are in the schedule's own steps, as its points are.)
-                let at = self.hub.plan().points_difference(&running.points, &points);
-                let note = at.and_then(|p| crate::config::plan::ramp_note(&points, p));
-                if let (Some(note), Code::Late) = (note, e.code) {
-                    e.message = format!("{}; {note}", e.message);
-                }
-                e
-            });
-        match &r {
-            Ok(a) => {
-                running.points = points;
-                info!(source, "reload: {}", a.message);
-            }
-            Err(e) => warn!(
-                source,
-                code = e.code.as_str(),
-                "reload refused, the old weights stay: {}",
-                e.message
-            ),
-        }
-        r
-    }
-
-    /// The file watcher's check: reloads when the file's bytes changed since they were
-    /// last applied and have stayed the same for one more interval (an editor's partial
-    /// write is not applied).
-    fn watch_tick(&self) {
-        // One tick at a time: a tick that finds the previous one still reloading skips.
-        let Ok(mut pending) = self.pending.try_lock() else {
-            return;
-        };
-        let Ok(bytes) = std::fs::read(&self.config) else {
-            return; // mid-rename, or gone for a moment: look again next tick
-        };
-        let h = xxhash_rust::xxh3::xxh3_64(&bytes);
-        let seen = self.running.lock().unwrap_or_else(|p| p.into_inner()).seen;
-        if Some(h) == seen {
-            *pending = None;
-            return;
-        }
-        if *pending == Some(h) {
-            *pending = None;
-            info!(config = %self.config.display(), "config file changed; reloading");
-            let _ = self.reload_file("file");
-        } else {
-            *pending = Some(h);
-        }
-    }
-
-    /// Answers one CONTROL payload.
-    fn control(&self, payload: &[u8]) -> serde_json::Value {
-        let req = match control::parse_control(payload) {
-            Ok(r) => r,
-            Err((op, message)) => {
-                return serde_json::json!({"ok": false, "op": op, "code": Code::Protocol, "message": message})
-            }
-        };
-        let (op, result) = match req {
-            Control::Status => {
-                return serde_json::json!({"ok": true, "op": "status", "status": self.status()})
-            }
-            Control::Journal => {
-                return serde_json::json!({"ok": true, "op": "journal", "journal": self.hub.journal_json()})
-            }
-            Control::Reload => ("reload", self.reload_file("ctl")),
-            Control::SetWeights {
-                weights,
-                at_step,
-                late_next,
-                source,
-            } => {
-                let r = self.hub.change(&ChangeRequest {
-                    proposal: Proposal::Weights(weights),
-                    at_step,
-                    late: if late_next { Late::Next } else { Late::Refuse },
-                    source,
-                });
-                match &r {
-                    Ok(a) => info!(source, "set_weights: {}", a.message),
-                    Err(e) => warn!(
-                        source,
-                        code = e.code.as_str(),
-                        "set_weights refused, the old weights stay: {}",
-                        e.message
-                    ),
-                }
-                ("set_weights", r)
-            }
-        };
-        match result {
-            Ok(a) => serde_json::json!({
-                "ok": true,
-                "op": op,
-                "requested_step": a.requested_step,
-                "applied_step": a.applied_step,
-                "moved": a.moved,
-                "journal": self.hub.journal_json(),
-                "message": a.message,
-            }),
-            Err(e) => {
-                let mut v = serde_json::json!({"ok": false, "op": op, "code": e.code, "message": e.message});
-                if let Some(fc) = e.first_changeable {
-                    v["first_changeable_step"] = serde_json::json!(fc);
-                }
-                v
-            }
-        }
-    }
-
     /// STATUS (docs/PROTOCOL.md): the hub's figures and the process's own.
     fn status(&self) -> serde_json::Value {
         let mut s = self.hub.status();
@@ -554,9 +208,6 @@ impl Daemon {
         s
     }
 }
-
-/// Where a reload or change can come from; each has its reload counters from the start.
-const RELOAD_SOURCES: [&str; 5] = ["file", "sighup", "ctl", "client", "cursor"];
 
 /// A counter or gauge not set for this long is dropped from /metrics: every live series
 /// is set each second, so only the series of departed jobs (and rings) age out.
@@ -617,7 +268,6 @@ fn export_metrics(status: &serde_json::Value) {
         }
     }
 }
-
 /// Binds the socket (refusing to steal one a live daemon is serving), sets its mode and
 /// group, says READY, and serves until SIGTERM/SIGINT; then drains.
 async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
@@ -662,7 +312,7 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
         }
         info!(%addr, "metrics at http://{addr}/metrics");
     }
-    let listener = bind(&path, serve.socket_group.as_deref()).await?;
+    let listener = connections::bind(&path, serve.socket_group.as_deref()).await?;
     info!(socket = %path.display(), threads = serve.materialize_threads, slots = serve.ring_slots, "serving");
     d.notifier.ready(&format!("serving {}", path.display()));
     let timeout = Duration::from_millis(serve.handshake_timeout_ms);
@@ -672,71 +322,36 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut flush_tick = tokio::time::interval(Duration::from_secs(10));
-    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // After a failed accept: no accepting until then (the pending connection keeps the
-    // listener readable, so retrying at once would spin), and the next pause is longer.
-    let mut paused: Option<tokio::time::Instant> = None;
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    loop {
-        tokio::select! {
-            accepted = listener.accept(), if paused.is_none() => match accepted {
-                Ok((stream, _)) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
-                    let (d, shutdown) = (d.clone(), shutdown.clone());
-                    tokio::spawn(async move { connection(d, stream, timeout, shutdown).await });
+    {
+        // Accepting runs beside the signals and ticks, in this task; leaving the loop
+        // drops it, and with it its borrow of the listener, before the drain.
+        let accepting = connections::accept_loop(d.clone(), &listener, timeout, shutdown);
+        tokio::pin!(accepting);
+        loop {
+            tokio::select! {
+                never = &mut accepting => match never {},
+                _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending::<()>().await } } => {
+                    // A hub stuck on its lock would stop these pings, and systemd restarts us.
+                    let _ = d.hub.plan();
+                    d.notifier.watchdog();
                 }
-                Err(e) => {
-                    // EMFILE, ENFILE, ENOBUFS: keep serving the clients we have; accept
-                    // again once connections closed (or the pause ran out).
-                    if let Some(k) = d.warn_accept.allow() {
-                        warn!(
-                            fd_limit = d.fd_limit.soft,
-                            open_fds = ?limits::open_fds(),
-                            "accept failed: {e}; pausing accepts for {} ms{}",
-                            backoff.as_millis(),
-                            limits::suppressed_note(k)
-                        );
-                    }
-                    paused = Some(tokio::time::Instant::now() + backoff);
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                _ = watch.tick(), if serve.watch_config => {
+                    // Off the loop: a reload restores planners, and accepting must go on.
+                    let d = d.clone();
+                    tokio::task::spawn_blocking(move || d.watch_tick());
                 }
-            },
-            _ = async { match paused { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending::<()>().await } } => {
-                paused = None;
+                _ = metrics_tick.tick(), if serve.metrics_addr.is_some() => {
+                    let d = d.clone();
+                    tokio::task::spawn_blocking(move || export_metrics(&d.status()));
+                }
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading {}", d.config.display());
+                    let d = d.clone();
+                    tokio::task::spawn_blocking(move || d.sighup());
+                }
+                _ = term.recv() => { info!("SIGTERM: draining"); break; }
+                _ = int.recv() => { info!("SIGINT: draining"); break; }
             }
-            _ = flush_tick.tick() => {
-                d.warn_conn.flush();
-                d.warn_accept.flush();
-            }
-            _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending::<()>().await } } => {
-                // A hub stuck on its lock would stop these pings, and systemd restarts us.
-                let _ = d.hub.plan();
-                d.notifier.watchdog();
-            }
-            _ = watch.tick(), if serve.watch_config => {
-                // Off the loop: a reload restores planners, and accepting must go on.
-                let d = d.clone();
-                tokio::task::spawn_blocking(move || d.watch_tick());
-            }
-            _ = metrics_tick.tick(), if serve.metrics_addr.is_some() => {
-                let d = d.clone();
-                tokio::task::spawn_blocking(move || export_metrics(&d.status()));
-            }
-            _ = hup.recv() => {
-                info!("SIGHUP: reloading {}", d.config.display());
-                let d = d.clone();
-                tokio::task::spawn_blocking(move || {
-                    d.notifier.reloading();
-                    let line = match d.reload_file("sighup") {
-                        Ok(a) => format!("reloaded: {}", a.message),
-                        Err(e) => format!("reload refused ({}): {}", e.code, e.message),
-                    };
-                    d.notifier.reloaded(&line);
-                });
-            }
-            _ = term.recv() => { info!("SIGTERM: draining"); break; }
-            _ = int.recv() => { info!("SIGINT: draining"); break; }
         }
     }
     d.notifier
@@ -760,394 +375,4 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
     // Let connections say why they close.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
-}
-
-/// The first pause after a failed accept; each further failure in a row doubles it.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-/// The longest pause between accepts while they keep failing.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the socket directory {}", dir.display()))?;
-        }
-    }
-    remove_stale_socket(path).await?;
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod 0660 {}", path.display()))?;
-    if let Some(g) = group {
-        access::set_socket_group(path, g).map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    Ok(listener)
-}
-
-/// Clears the way for binding `path`: nothing there is fine; a stale socket (a socket
-/// file nobody listens on, left by a daemon that died) is removed; anything else (a
-/// regular file, a directory, a symlink, a socket another daemon is serving, one we
-/// cannot probe) is refused with the path named, because `--socket` typos must never
-/// delete a file.
-async fn remove_stale_socket(path: &Path) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => bail!("{}: cannot inspect the socket path: {e}", path.display()),
-    };
-    let ft = meta.file_type();
-    if !ft.is_socket() {
-        let what = crate::corpus::file_kind(&ft);
-        bail!(
-            "{}: the socket path exists and is {what}; refusing to remove it (choose another \
-             [serve] socket or --socket, or remove it yourself)",
-            path.display()
-        );
-    }
-    match UnixStream::connect(path).await {
-        Ok(_) => bail!(
-            "{}: another daemon is serving this socket; stop it or choose another [serve] socket",
-            path.display()
-        ),
-        // Nobody listens: a socket left behind by a daemon that did not exit cleanly.
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale socket {}", path.display()))?;
-            info!(socket = %path.display(), "removed a stale socket");
-            Ok(())
-        }
-        Err(e) => bail!(
-            "{}: a socket is there and probing it failed ({e}); refusing to remove it",
-            path.display()
-        ),
-    }
-}
-
-/// Reads frames into `buf` until one is complete.
-async fn read_frame(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
-    loop {
-        match frame::parse_frame(buf) {
-            Ok(Some((frame, n))) => {
-                buf.drain(..n);
-                return Ok(Some(frame));
-            }
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) if buf.is_empty() => return Ok(None),
-            Ok(0) => {
-                return Err(format!(
-                    "connection closed inside a frame ({} bytes pending)",
-                    buf.len()
-                ))
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-}
-
-/// Awaits the admission `task` while watching the client: when it hangs up (or sends
-/// more than a frame's worth before its WELCOME), `cancel` is set, so a seek for a client
-/// that is gone stops at its next chunk. Bytes it sends meanwhile stay in `buf`.
-async fn admit_watching<T>(
-    stream: &mut UnixStream,
-    buf: &mut Vec<u8>,
-    task: tokio::task::JoinHandle<T>,
-    cancel: &std::sync::atomic::AtomicBool,
-) -> Result<T, tokio::task::JoinError> {
-    tokio::pin!(task);
-    let mut watching = true;
-    loop {
-        tokio::select! {
-            r = &mut task => return r,
-            ready = stream.readable(), if watching => {
-                let mut chunk = [0u8; 4096];
-                let gone = match ready.and_then(|()| stream.try_read(&mut chunk)) {
-                    Ok(0) => true,
-                    Ok(n) => {
-                        buf.extend_from_slice(&chunk[..n]);
-                        buf.len() > frame::MAX_FRAME + frame::HEADER
-                    }
-                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-                };
-                if gone {
-                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-                    watching = false;
-                }
-            }
-        }
-    }
-}
-
-/// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
-/// write changes nothing.
-async fn say(stream: &mut UnixStream, kind: u8, code: Code, message: &str) {
-    let bytes = frame::encode(kind, &protocol::reason(code, message));
-    let _ = stream.write_all(&bytes).await;
-}
-
-/// One connection: the access check, then either a trainer (HELLO, WELCOME with fds,
-/// RELEASE frames until it leaves) or a control client (CONTROL requests).
-async fn connection(
-    d: Arc<Daemon>,
-    mut stream: UnixStream,
-    timeout: Duration,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let cred = stream.peer_cred().ok();
-    let pid = cred.and_then(|c| c.pid());
-    if !d.policy.open() {
-        let verdict = match cred {
-            Some(c) => d.policy.authorized(c.uid(), c.gid()),
-            None => Err("the peer's credentials (SO_PEERCRED) could not be read".into()),
-        };
-        if let Err(m) = verdict {
-            d.warn_peer(pid, format_args!("refused: {m}"));
-            say(&mut stream, kind::REFUSED, Code::Access, &m).await;
-            // Closed at once: lingering for the client (as before) let a denied uid hold
-            // an fd per connect. What it already sent is read away first, so closing does
-            // not reset the connection before it reads the refusal; a client whose HELLO
-            // write fails after this reads the queued REFUSED (src/client.rs, ctl.rs).
-            let mut sink = [0u8; 4096];
-            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
-            return;
-        }
-    }
-    let mut buf = Vec::new();
-    let hello = match tokio::time::timeout(timeout, read_frame(&mut stream, &mut buf)).await {
-        Err(_) => {
-            d.warn_peer(
-                pid,
-                format_args!("no HELLO within {} ms; closing", timeout.as_millis()),
-            );
-            say(&mut stream, kind::ERROR, Code::Protocol, "no HELLO in time").await;
-            return;
-        }
-        Ok(Ok(Some(Frame::Hello(p)))) => p,
-        Ok(Ok(Some(Frame::Control(p)))) => {
-            let Some(slot) = d.control.take() else {
-                let m = format!(
-                    "{} control connections are open ([serve] max_control_connections); \
-                     close one or try again later",
-                    d.control.cap()
-                );
-                d.warn_peer(pid, format_args!("refused a control connection: {m}"));
-                say(&mut stream, kind::REFUSED, Code::Busy, &m).await;
-                return;
-            };
-            control_connection(d, stream, buf, p, shutdown).await;
-            drop(slot);
-            return;
-        }
-        Ok(Ok(None)) => return,
-        Ok(Ok(Some(other))) => {
-            let m = format!("expected HELLO or CONTROL first, got {other:?}");
-            d.warn_peer(pid, format_args!("{m}; closing"));
-            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
-            return;
-        }
-        Ok(Err(m)) => {
-            d.warn_peer(
-                pid,
-                format_args!("protocol error before HELLO: {m}; closing"),
-            );
-            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
-            return;
-        }
-    };
-    let hub = d.hub.clone();
-    let hello = match Hello::parse(&hello) {
-        Ok(h) => h,
-        Err(r) => {
-            d.warn_peer(pid, format_args!("refused: {r}"));
-            say(&mut stream, kind::REFUSED, r.code, &r.message).await;
-            return;
-        }
-    };
-    // Restoring or seeking a planner is CPU work: keep it off the I/O threads, and stop
-    // it if the client hangs up meanwhile.
-    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let task = {
-        let (hub, hello, cancel) = (hub.clone(), hello.clone(), cancel.clone());
-        tokio::task::spawn_blocking(move || hub.admit(&hello, pid, &cancel))
-    };
-    let admitted = admit_watching(&mut stream, &mut buf, task, &cancel).await;
-    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Ok(Ok(a)) = &admitted {
-            hub.leave(&hello.job, hello.dp_rank, a.peer);
-        }
-        info!(?pid, job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
-        return;
-    }
-    let adm = match admitted {
-        Ok(Ok(a)) => a,
-        Ok(Err(r)) => {
-            if let Some(k) = d.warn_conn.allow() {
-                warn!(?pid, job = %hello.job, dp_rank = hello.dp_rank, replica = %hello.replica, "refused: {r}{}", limits::suppressed_note(k));
-            }
-            say(&mut stream, kind::REFUSED, r.code, &r.message).await;
-            return;
-        }
-        Err(e) => {
-            error!(?pid, "admission failed: {e}");
-            say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
-            return;
-        }
-    };
-    let (job, rank, peer) = (hello.job.clone(), hello.dp_rank, adm.peer);
-    // A struct of strings and integers always serializes; should it not, the peer
-    // leaves as on a failed send.
-    let welcome = match serde_json::to_vec(&adm.welcome) {
-        Ok(bytes) => frame::encode(kind::WELCOME, &bytes),
-        Err(e) => {
-            error!(?pid, "encoding WELCOME failed: {e}");
-            hub.leave(&job, rank, peer);
-            say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
-            return;
-        }
-    };
-    let fds = [adm.ring.client_fd().as_raw_fd(), adm.ready.fd().as_raw_fd()];
-    if let Err(e) = send_welcome(&mut stream, &welcome, &fds).await {
-        warn!(?pid, "sending WELCOME failed: {e}");
-        hub.leave(&job, rank, peer);
-        return;
-    }
-    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, step = adm.welcome.start_step, "client joined");
-    let kick = adm.kick.clone();
-    drop(adm);
-    loop {
-        let frame = tokio::select! {
-            f = read_frame(&mut stream, &mut buf) => f,
-            _ = kick.notified() => {
-                let m = hub.failure(&job, rank, peer).unwrap_or_else(|| "the ring stopped".into());
-                let code = if m.contains("checkpoint") { Code::PeerPosition } else { Code::Materialize };
-                say(&mut stream, kind::ERROR, code, &m).await;
-                break;
-            }
-            _ = stopped(&mut shutdown) => {
-                say(&mut stream, kind::ERROR, Code::Shutdown, "the daemon is stopping; resume from your last cursor blob").await;
-                break;
-            }
-        };
-        match frame {
-            Ok(Some(Frame::Release(upto))) => {
-                if let Err(m) = hub.release(&job, rank, peer, upto) {
-                    warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                    say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
-                    break;
-                }
-            }
-            Ok(Some(Frame::Bye)) | Ok(None) => break,
-            Ok(Some(Frame::Hello(_))) | Ok(Some(Frame::Control(_))) => {
-                let m = "HELLO or CONTROL on a trainer connection";
-                warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                say(&mut stream, kind::ERROR, Code::Protocol, m).await;
-                break;
-            }
-            Err(m) => {
-                warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
-                break;
-            }
-        }
-    }
-    hub.leave(&job, rank, peer);
-    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, "client left");
-}
-
-/// A control client: one CONTROL_REPLY per CONTROL, in order, until it closes. A request
-/// that is not valid JSON gets an `ok: false` reply; a frame that breaks the framing
-/// closes the connection with ERROR.
-async fn control_connection(
-    d: Arc<Daemon>,
-    mut stream: UnixStream,
-    mut buf: Vec<u8>,
-    first: Vec<u8>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut next = Some(first);
-    let idle = Duration::from_millis(d.serve.control_idle_timeout_ms);
-    loop {
-        let payload = match next.take() {
-            Some(p) => p,
-            None => {
-                let frame = tokio::select! {
-                    f = read_frame(&mut stream, &mut buf) => f,
-                    _ = stopped(&mut shutdown) => return,
-                    // An idle control connection holds an fd and a place under the cap:
-                    // 19,985 idle `status` connections once used up the fd limit.
-                    _ = tokio::time::sleep(idle) => {
-                        let m = format!(
-                            "no request for {} ms ([serve] control_idle_timeout_ms); closing",
-                            idle.as_millis()
-                        );
-                        say(&mut stream, kind::ERROR, Code::Idle, &m).await;
-                        return;
-                    }
-                };
-                match frame {
-                    Ok(Some(Frame::Control(p))) => p,
-                    Ok(Some(Frame::Bye)) | Ok(None) => return,
-                    Ok(Some(other)) => {
-                        let m = format!("expected CONTROL on a control connection, got {other:?}");
-                        say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
-                        return;
-                    }
-                    Err(m) => {
-                        say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
-                        return;
-                    }
-                }
-            }
-        };
-        // Changes restore planners and reloads read files: off the I/O threads.
-        let d2 = d.clone();
-        let reply = match tokio::task::spawn_blocking(move || d2.control(&payload)).await {
-            Ok(r) => r,
-            Err(e) => {
-                serde_json::json!({"ok": false, "op": "", "code": Code::Busy, "message": format!("internal error: {e}")})
-            }
-        };
-        let mut bytes = reply.to_string().into_bytes();
-        if bytes.len() + 1 > frame::MAX_FRAME {
-            bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": Code::Busy,
-                "message": "the reply exceeds one frame; ask for less (journal)"})
-            .to_string()
-            .into_bytes();
-        }
-        if stream
-            .write_all(&frame::encode(kind::CONTROL_REPLY, &bytes))
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
-}
-
-/// Resolves once the daemon says every connection must close.
-async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
-/// Sends WELCOME with the fds on its first byte, then whatever the first sendmsg did not
-/// take.
-async fn send_welcome(stream: &mut UnixStream, frame: &[u8], fds: &[i32]) -> std::io::Result<()> {
-    let sent = loop {
-        stream.writable().await?;
-        match stream.try_io(tokio::io::Interest::WRITABLE, || {
-            frame::send_with_fds(stream.as_raw_fd(), frame, fds)
-        }) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    };
-    stream.write_all(&frame[sent..]).await
 }
