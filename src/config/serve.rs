@@ -6,10 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use super::Config;
+use super::{Config, ConfigError};
 
 /// The `[serve]` table (docs/OPERATIONS.md lists every key).
 #[derive(Debug, Clone, Deserialize)]
@@ -225,21 +224,22 @@ fn default_control_idle() -> u64 {
 impl ServeConfig {
     /// Reads `[serve]` from a config (defaults when absent); a relative socket path is
     /// resolved against the config file's directory.
-    pub fn from_config(cfg: &Config) -> Result<ServeConfig> {
+    pub fn from_config(cfg: &Config) -> Result<ServeConfig, ConfigError> {
         let table = cfg.serve.clone().unwrap_or_default();
         let mut s: ServeConfig =
             toml::Value::Table(table)
                 .try_into()
-                .map_err(|e: toml::de::Error| {
-                    anyhow::anyhow!(
-                        "{}: [serve]: {}",
-                        cfg.source.display(),
-                        super::plan::one_line(&e.to_string())
-                    )
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: cfg.source.clone(),
+                    message: format!("[serve]: {}", super::plan::one_line(&e.to_string())),
                 })?;
         s.socket = cfg.resolve_path(&s.socket);
-        let bad = |field: &str, what: &str| -> Result<ServeConfig> {
-            bail!("{}: [serve] {field}: {what}", cfg.source.display())
+        let bad = |field: &str, what: &str| -> Result<ServeConfig, ConfigError> {
+            Err(ConfigError::Invalid {
+                path: cfg.source.clone(),
+                field: format!("[serve] {field}"),
+                what: what.to_string(),
+            })
         };
         if !(2..=1024).contains(&s.ring_slots) {
             return bad("ring_slots", "must be 2..=1024");

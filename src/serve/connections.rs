@@ -133,28 +133,40 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
     }
 }
 
-/// Reads frames into `buf` until one is complete.
-async fn read_frame(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
+/// Why no frame could be read: the connection is closed with this message (ERROR
+/// `protocol`).
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// The bytes break the framing rules.
+    #[error(transparent)]
+    Frame(#[from] frame::ProtocolError),
+    /// The peer closed the connection with part of a frame sent.
+    #[error("connection closed inside a frame ({pending} bytes pending)")]
+    Truncated {
+        /// Bytes of the unfinished frame.
+        pending: usize,
+    },
+    /// The socket failed.
+    #[error("read: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads frames into `buf` until one is complete; `None` when the peer closed between
+/// frames.
+async fn read_frame(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Frame>, ReadError> {
     loop {
-        match frame::parse_frame(buf) {
-            Ok(Some((frame, n))) => {
-                buf.drain(..n);
-                return Ok(Some(frame));
-            }
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
+        if let Some((frame, n)) = frame::parse_frame(buf)? {
+            buf.drain(..n);
+            return Ok(Some(frame));
         }
         let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) if buf.is_empty() => return Ok(None),
-            Ok(0) => {
-                return Err(format!(
-                    "connection closed inside a frame ({} bytes pending)",
-                    buf.len()
-                ))
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("read: {e}")),
+        match stream.read(&mut chunk).await? {
+            0 if buf.is_empty() => return Ok(None),
+            0 => return Err(ReadError::Truncated { pending: buf.len() }),
+            n => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }
@@ -264,7 +276,7 @@ async fn connection(
                 pid,
                 format_args!("protocol error before HELLO: {m}; closing"),
             );
-            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
+            say(&mut stream, kind::ERROR, Code::Protocol, &m.to_string()).await;
             return;
         }
     };
@@ -359,7 +371,7 @@ async fn connection(
             }
             Err(m) => {
                 warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
+                say(&mut stream, kind::ERROR, Code::Protocol, &m.to_string()).await;
                 break;
             }
         }
@@ -407,7 +419,7 @@ async fn control_connection(
                         return;
                     }
                     Err(m) => {
-                        say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
+                        say(&mut stream, kind::ERROR, Code::Protocol, &m.to_string()).await;
                         return;
                     }
                 }

@@ -36,28 +36,9 @@ pub(super) struct Loaded {
     pub(super) token: TokenType,
 }
 
-/// Reads and parses the config once, returning the hash of exactly the bytes parsed, so
-/// the watcher compares against what was applied and not against a later read.
-pub(super) fn read_config(path: &Path) -> Result<(Config, u64), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        format!(
-            "{}: not UTF-8 at byte {}",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
-    let base = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let cfg = Config::parse(&text, path, base).map_err(|e| e.to_string())?;
-    Ok((cfg, xxhash_rust::xxh3::xxh3_64(text.as_bytes())))
-}
-
 /// Reads and checks everything `serve` needs before it binds.
 pub(super) fn load(config: &Path) -> Result<Loaded> {
-    let (cfg, hash) = read_config(config).map_err(|e| anyhow::anyhow!(e))?;
+    let (cfg, hash) = Config::load_hashed(config)?;
     let serve = ServeConfig::from_config(&cfg)?;
     let loaded = cfg.load_plan()?;
     let dtypes: Vec<(String, crate::corpus::DType)> = loaded

@@ -3,14 +3,15 @@
 //! are answered here too. Only `[plan]` weights and schedule change live: any other
 //! change to `[corpus]` or `[plan]` refuses the reload as a whole.
 
+use std::path::PathBuf;
+
 use tracing::{info, warn};
 
 use super::hub::{self, ChangeError, ChangeRequest, Late, Proposal};
-use super::load::read_config;
 use super::Daemon;
 use crate::config::plan::{PlanConfig, SchedulePoint};
 use crate::config::serve::LateSetting;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::wire::control::{self, Control};
 use crate::wire::protocol::Code;
 
@@ -53,6 +54,29 @@ impl Running {
     }
 }
 
+/// Why a reload was refused before anything was applied (the file's own errors, or a
+/// change that needs a restart); it reaches the client as an `invalid` ChangeError.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// The file cannot be read, parsed or planned.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `[corpus]` changed.
+    #[error(
+        "{}: [corpus] changed; a reload only changes [plan] weights and schedule \
+         (restart the daemon to change the corpus)",
+        .0.display()
+    )]
+    Corpus(PathBuf),
+    /// `[plan]` changed beyond weights and schedule.
+    #[error(
+        "{}: [plan] settings other than weights and schedule changed; restart the daemon \
+         to apply them",
+        .0.display()
+    )]
+    Fixed(PathBuf),
+}
+
 /// `[plan]` without its weights and schedule: what a reload may not change.
 fn fixed_part(p: &PlanConfig) -> PlanConfig {
     let mut p = p.clone();
@@ -83,35 +107,14 @@ impl Daemon {
     /// One reload, as [`Daemon::reload_file`] describes; that wrapper records the outcome.
     fn reload_file_once(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let parsed = (|| -> Result<(Config, PlanConfig), String> {
-            let (cfg, hash) = read_config(&self.config)?;
-            // Seen, whatever comes of it: the watcher does not retry a refused file.
-            running.seen = Some(hash);
-            let plan = cfg.plan_config().map_err(|e| e.to_string())?;
-            if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
-                return Err(format!(
-                    "{}: [corpus] changed; a reload only changes [plan] weights and schedule \
-                     (restart the daemon to change the corpus)",
-                    self.config.display()
-                ));
-            }
-            if fixed_part(&plan) != running.fixed {
-                return Err(format!(
-                    "{}: [plan] settings other than weights and schedule changed; restart \
-                     the daemon to apply them",
-                    self.config.display()
-                ));
-            }
-            Ok((cfg, plan))
-        })();
-        let (cfg, plan) = match parsed {
+        let (cfg, plan) = match self.read_for_reload(&mut running) {
             Ok(x) => x,
             Err(m) => {
                 self.hub.reload_failed(source);
                 warn!(source, "reload refused, the old weights stay: {m}");
                 return Err(ChangeError {
                     code: Code::Invalid,
-                    message: m,
+                    message: m.to_string(),
                     first_changeable: None,
                 });
             }
@@ -159,6 +162,22 @@ impl Daemon {
             ),
         }
         r
+    }
+
+    /// Reads the config file for a reload and checks that only what a reload may change
+    /// did. The file counts as seen whatever comes of it: the watcher does not retry a
+    /// refused file.
+    fn read_for_reload(&self, running: &mut Running) -> Result<(Config, PlanConfig), Refused> {
+        let (cfg, hash) = Config::load_hashed(&self.config)?;
+        running.seen = Some(hash);
+        let plan = cfg.plan_config()?;
+        if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
+            return Err(Refused::Corpus(self.config.clone()));
+        }
+        if fixed_part(&plan) != running.fixed {
+            return Err(Refused::Fixed(self.config.clone()));
+        }
+        Ok((cfg, plan))
     }
 
     /// The file watcher's check: reloads when the file's bytes changed since they were
