@@ -154,6 +154,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     }
     result
 }
+
 /// The running daemon, shared by every connection and the reload routes.
 struct Daemon {
     hub: Arc<Hub>,
@@ -268,6 +269,7 @@ fn export_metrics(status: &serde_json::Value) {
         }
     }
 }
+
 /// Binds the socket (refusing to steal one a live daemon is serving), sets its mode and
 /// group, says READY, and serves until SIGTERM/SIGINT; then drains.
 async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
