@@ -480,3 +480,52 @@ impl Daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `read_frame` makes of `sent`, written on a real socket pair whose writing
+    /// end is then closed.
+    fn read_after(sent: &[u8]) -> Result<Option<Frame>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+            theirs.write_all(sent).await.unwrap();
+            drop(theirs);
+            let mut buf = Vec::new();
+            read_frame(&mut ours, &mut buf)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// The ERROR `protocol` text a peer reads is the same as when these errors were
+    /// strings: the typed error changed no byte on the wire.
+    #[test]
+    fn read_errors_say_what_they_said_as_strings() {
+        assert_eq!(read_after(&[]), Ok(None));
+        assert_eq!(
+            read_after(&frame::encode(kind::BYE, &[])),
+            Ok(Some(Frame::Bye))
+        );
+        assert_eq!(
+            read_after(&[0, 0, 0, 0]),
+            Err(format!(
+                "frame length 0 is outside 1..={}",
+                frame::MAX_FRAME
+            ))
+        );
+        assert_eq!(
+            read_after(&[2, 0, 0, 0, 99, 0]),
+            Err("unknown or unexpected frame type 99".to_string())
+        );
+        assert_eq!(
+            read_after(&[9, 0, 0, 0, kind::RELEASE]),
+            Err("connection closed inside a frame (5 bytes pending)".to_string())
+        );
+    }
+}
