@@ -11,11 +11,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use millrace::config::plan::{DomainSettings, GroupMode, Grouping, Packing, PlanConfig};
 use millrace::corpus::GroupRun;
-use millrace::plan::{
-    permute::Permutation, DomainInput, DomainSettings, GroupMode, Grouping, MemShard, Packing,
-    Plan, PlanConfig,
-};
+use millrace::plan::{permute::Permutation, DomainInput, MemShard, Plan};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal};
 

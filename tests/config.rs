@@ -178,11 +178,11 @@ fn the_example_config_parses_and_its_plan_validates() {
     assert_eq!(plan.schedule.len(), 3);
     let books = &cfg.corpus.domains[2];
     assert_eq!(books.name, "books_zh");
-    let s = books.settings();
-    assert_eq!(s.grouping.mode, millrace::plan::GroupMode::Batch);
+    let s = books.settings;
+    assert_eq!(s.grouping.mode, millrace::config::plan::GroupMode::Batch);
     assert_eq!(s.grouping.from_step, 120000);
     assert_eq!(s.upsample_long.map(|u| u.factor), Some(2));
-    let serve = millrace::serve::ServeConfig::from_config(&cfg).unwrap();
+    let serve = millrace::config::serve::ServeConfig::from_config(&cfg).unwrap();
     assert_eq!(serve.socket, Path::new("/run/millrace/millrace.sock"));
     assert_eq!((serve.ring_slots, serve.materialize_threads), (4, 2));
     assert_eq!(serve.token_dtype, "int32");
@@ -202,7 +202,7 @@ fn serve_mistakes_name_the_field() {
         let cfg = Config::parse(&text, Path::new("/x/run.toml"), Path::new("/x")).unwrap();
         let err = format!(
             "{:#}",
-            millrace::serve::ServeConfig::from_config(&cfg).unwrap_err()
+            millrace::config::serve::ServeConfig::from_config(&cfg).unwrap_err()
         );
         assert!(
             err.contains(field) && err.contains("run.toml"),
@@ -216,7 +216,7 @@ fn serve_mistakes_name_the_field() {
         Path::new("/x"),
     )
     .unwrap();
-    let serve = millrace::serve::ServeConfig::from_config(&cfg).unwrap();
+    let serve = millrace::config::serve::ServeConfig::from_config(&cfg).unwrap();
     assert_eq!(serve.socket, Path::new("/x/s.sock"));
 }
 
@@ -280,7 +280,7 @@ fn toml_errors_fit_one_line_with_their_cause() {
     let cfg = parse(&format!("{base}[serve]\nring_slots = \"four\"\n")).unwrap();
     let e = format!(
         "{:#}",
-        millrace::serve::ServeConfig::from_config(&cfg).unwrap_err()
+        millrace::config::serve::ServeConfig::from_config(&cfg).unwrap_err()
     );
     assert!(!e.contains('\n'), "{e:?}");
     assert!(
@@ -332,4 +332,69 @@ fn vocab_size_is_validated_with_the_ids_it_bounds() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/millrace.example.toml");
     let cfg = Config::load(&example).unwrap();
     assert_eq!(cfg.plan_config().unwrap().vocab_size, Some(50304));
+}
+
+/// Issue 18: a domain's planning keys are declared once, in `DomainSettings`, and read
+/// from the domain's own table; a mistake in one still names its line and column (serde's
+/// `flatten` would have moved every such error to the `[[corpus.domain]]` header).
+#[test]
+fn domain_planning_keys_are_read_into_settings_and_mistakes_keep_their_line() {
+    let head = "[corpus]\n[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\n";
+    let cfg = parse(&format!(
+        "{head}grouping = {{ mode = \"sequence\", from_step = 7 }}\nupsample_long = {{ min_tokens = 3, factor = 2 }}\nbursty = {{ period = 4 }}\nwindow = 9\n"
+    ))
+    .unwrap();
+    let s = cfg.corpus.domains[0].settings;
+    assert_eq!(s.grouping.mode, millrace::config::plan::GroupMode::Sequence);
+    assert_eq!((s.grouping.from_step, s.grouping.max_share), (7, 0.25));
+    assert_eq!(
+        s.upsample_long.map(|u| (u.min_tokens, u.factor)),
+        Some((3, 2))
+    );
+    assert_eq!((s.bursty.map(|b| b.period), s.window), (Some(4), Some(9)));
+    let plain = parse(head).unwrap().corpus.domains[0].settings;
+    assert_eq!(plain, millrace::config::plan::DomainSettings::default());
+
+    for (extra, want) in [
+        (
+            "window = \"x\"",
+            "line 5, column 10: invalid type: string \"x\", expected u64",
+        ),
+        (
+            "grouping = { mode = \"bogus\" }",
+            "line 5, column 21: unknown variant `bogus`",
+        ),
+        (
+            "upsample_long = { min_tokens = 5 }",
+            "line 5, column 17: missing field `factor`",
+        ),
+        (
+            "bursty = 4",
+            "line 5, column 10: invalid type: integer `4`, expected struct Bursty",
+        ),
+        (
+            "weight = 3",
+            "line 5, column 1: unknown field `weight`, expected one of `name`, `shards`, \
+             `format`, `raw`, `grouping`, `upsample_long`, `bursty`, `window`",
+        ),
+    ] {
+        let e = err(&format!("{head}{extra}\n"));
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    let e = err("[corpus]\n[[corpus.domain]]\nshards = [\"a\"]\n");
+    assert!(e.contains("line 2, column 1: missing field `name`"), "{e}");
+}
+
+/// A config that is not UTF-8 is refused with the offset of the first bad byte (the
+/// daemon's reload said so; `Config::load` said only "stream did not contain valid
+/// UTF-8"). Both now read the file the same way.
+#[test]
+fn a_config_that_is_not_utf8_names_the_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, b"[corpus]\n# caf\xe9\n").unwrap();
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(e.contains("bad.toml: not UTF-8 at byte 14"), "{e}");
+    let e = Config::load_hashed(&path).unwrap_err().to_string();
+    assert!(e.contains("bad.toml: not UTF-8 at byte 14"), "{e}");
 }

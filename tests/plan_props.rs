@@ -27,15 +27,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use millrace::config::plan::{
+    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, Reseed, SchedulePoint, Skip,
+    Upsample,
+};
 use millrace::corpus::GroupRun;
-use millrace::plan::config::{Reseed, SchedulePoint, Skip};
 use millrace::plan::cursor::{self, CursorData, Fingerprint};
 use millrace::plan::mix::{MixState, Mixer, Schedule, TICKS};
 use millrace::plan::permute::{chained, Permutation, Reshuffle};
 use millrace::plan::report::Tally;
 use millrace::plan::{
-    Bursty, CursorError, DocSource, DomainInput, DomainSettings, GlobalBatch, GroupMode, Grouping,
-    MemShard, Packing, Plan, PlanConfig, PlanError, Row, StreamState, Tail, Upsample,
+    CursorError, DocSource, DomainInput, GlobalBatch, MemShard, Plan, PlanError, Row, StreamState,
+    Tail,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed, TestRunner};

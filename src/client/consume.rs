@@ -214,9 +214,9 @@ fn consume_socket(args: &ConsumeArgs) -> anyhow::Result<PathBuf> {
     }
     if let Some(path) = &args.config {
         let cfg = crate::config::Config::load(path)?;
-        return Ok(crate::serve::ServeConfig::from_config(&cfg)?.socket);
+        return Ok(crate::config::serve::ServeConfig::from_config(&cfg)?.socket);
     }
-    Ok(crate::serve::default_socket())
+    Ok(crate::config::serve::default_socket())
 }
 
 /// Streams `args.steps` steps as one trainer rank and summarizes them.

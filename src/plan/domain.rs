@@ -12,11 +12,11 @@ use std::sync::Arc;
 
 use crate::corpus::GroupRun;
 
-use super::config::{DomainSettings, GroupMode, PlanConfig};
 use super::pack::{self, Piece, Window};
 use super::permute::{chained, derive_key, Permutation};
 use super::stream::StreamState;
 use super::{PlanError, Row, Segment};
+use crate::config::plan::{DomainSettings, GroupMode, PlanConfig};
 
 /// Where a domain's document lengths and groups come from: a mapped shard in the daemon,
 /// a plain vector in property tests. The plan reads nothing else.
@@ -258,7 +258,7 @@ impl DomainData {
 #[derive(Clone, Copy)]
 pub(crate) struct Geometry {
     pub capacity: u32,
-    pub packing: super::config::Packing,
+    pub packing: crate::config::plan::Packing,
 }
 
 /// Packs the window the state points at.

@@ -13,8 +13,8 @@
 //! layouts 1-4 carry [`legacy_json_fingerprint`] and still resume. docs/FORMATS.md has
 //! the encoding byte by byte.
 
-use super::config::{Bursty, DomainSettings, GroupMode, Grouping, Packing, Upsample};
 use super::{DomainInput, PlanConfig};
+use crate::config::plan::{Bursty, DomainSettings, GroupMode, Grouping, Packing, Upsample};
 
 /// Version of the binary encoding, its first byte: a new way of encoding the same facts
 /// gets a new number (and a new cursor layout).
@@ -127,7 +127,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::plan::{Bursty, DocSource, DomainSettings, GroupMode, Grouping, MemShard, Upsample};
+    use crate::config::plan::{Bursty, DomainSettings, GroupMode, Grouping, Packing, Upsample};
+    use crate::plan::{DocSource, MemShard};
 
     /// A fixed config and corpus that set every input the fingerprint reads.
     fn fixed() -> (PlanConfig, Vec<DomainInput>) {
@@ -246,7 +247,7 @@ mod tests {
             ("seed", |c| c.seed += 1),
             ("seq_len", |c| c.seq_len += 1),
             ("global_batch_rows", |c| c.global_batch_rows += 1),
-            ("packing", |c| c.packing = crate::plan::Packing::BestFit),
+            ("packing", |c| c.packing = Packing::BestFit),
             ("window", |c| c.best_fit_window += 1),
         ];
         for (what, edit) in edits {

@@ -6,7 +6,7 @@
 //! fixed point (2^-24 of a row), so every node computes bit-identical counts and the
 //! carried error never drifts.
 
-use super::config::SchedulePoint;
+use crate::config::plan::SchedulePoint;
 
 /// Fixed-point units per row.
 pub const TICKS: i64 = 1 << 24;

@@ -10,7 +10,6 @@
 //! [`GlobalBatch::rank_rows`] (one rank's slice). [`cursor`] records where a [`Planner`]
 //! is; `resume` checks a blob against the plan and `fingerprint` names what it is for.
 
-pub mod config;
 pub mod cursor;
 mod domain;
 mod fingerprint;
@@ -28,8 +27,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::Serialize;
 
-pub use config::{
-    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, SettingError, Upsample,
+use crate::config::plan::{
+    validate_weights, DomainSettings, GroupMode, PlanConfig, SchedulePoint, SettingError,
 };
 pub use cursor::CursorError;
 pub use domain::{DocSource, DomainInput, MemShard};
@@ -380,7 +379,7 @@ impl Plan {
             .map(|n| n.to_string())
             .zip(w.iter().copied())
             .collect();
-        config::validate_weights(&merged, &names, "set_weights")?;
+        validate_weights(&merged, &names, "set_weights")?;
         Ok(Change {
             at,
             points: vec![(at, w)],
@@ -389,7 +388,7 @@ impl Plan {
 
     /// The change that makes the schedule follow `points` (a whole new config schedule)
     /// from plan step `at` on.
-    pub fn schedule_change(&self, at: u64, points: &[config::SchedulePoint]) -> Change {
+    pub fn schedule_change(&self, at: u64, points: &[SchedulePoint]) -> Change {
         let names = self.domain_names();
         Change {
             at,
@@ -399,11 +398,7 @@ impl Plan {
 
     /// The first plan step at which schedule `new` differs from schedule `old` (both as
     /// config points), or `None` when they agree everywhere.
-    pub fn points_difference(
-        &self,
-        old: &[config::SchedulePoint],
-        new: &[config::SchedulePoint],
-    ) -> Option<u64> {
+    pub fn points_difference(&self, old: &[SchedulePoint], new: &[SchedulePoint]) -> Option<u64> {
         let names = self.domain_names();
         Schedule::new(old, &names).first_difference(&Schedule::new(new, &names))
     }

@@ -5,7 +5,7 @@
 //! A row holds `seq_len + 1` tokens (`capacity`): inputs are its first `seq_len`, labels
 //! its last `seq_len`.
 
-use super::config::Packing;
+use crate::config::plan::Packing;
 
 /// A contiguous token range of one unit placed in a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

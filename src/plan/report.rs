@@ -98,7 +98,7 @@ impl<'p> Tally<'p> {
             }
             let ord = self.domain_batches[d];
             self.domain_batches[d] += 1;
-            if dom.settings.grouping.mode != super::config::GroupMode::Batch
+            if dom.settings.grouping.mode != crate::config::plan::GroupMode::Batch
                 || !dom.grouping_active(batch.plan_step)
                 || dom.settings.upsample_long.is_some()
             {
@@ -136,7 +136,7 @@ impl<'p> Tally<'p> {
             // In concat rows the first token is the previous row's last (rows overlap by
             // one token), so a document starting right at a row seam shows up at the
             // same start twice: key the first segment by its first label token instead.
-            let concat = self.plan.cfg.packing == super::config::Packing::Concat;
+            let concat = self.plan.cfg.packing == crate::config::plan::Packing::Concat;
             for (i, s) in row.segments.iter().enumerate() {
                 let allowed = match d.settings.upsample_long {
                     Some(u) if s.doc_len > u.min_tokens || s.group.is_some() => u.factor,

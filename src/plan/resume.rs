@@ -216,7 +216,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::plan::{DocSource, DomainInput, DomainSettings, MemShard, PlanConfig, StreamError};
+    use crate::config::plan::{DomainSettings, PlanConfig};
+    use crate::plan::{DocSource, DomainInput, MemShard, StreamError};
 
     /// Two small domains under `weights` (TOML inline table) and `seed`.
     fn plan_with(weights: &str, seed: u64) -> Arc<Plan> {

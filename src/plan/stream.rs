@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
-use super::config::GroupMode;
 use super::domain::{expand_row, pack_window, DomainData, Geometry, UnitKind};
 use super::pack::Window;
 use super::permute::{chained, derive_key, Permutation, Reshuffle};
 use super::Row;
+use crate::config::plan::GroupMode;
 
 /// The changing part of a domain's stream; what the cursor records.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 use super::ring::{
     fill_slot, random_access, stamp, will_need, Layout, Ring, SlotJob, Source, TokenType,
 };
-use crate::plan::config::{SchedulePoint, MAX_STEP};
+use crate::config::plan::{SchedulePoint, MAX_STEP};
 use crate::plan::journal::{self, Order};
 use crate::plan::{cursor, Change, Plan, Planner};
 use crate::wire::protocol::{Code, Hello, Refusal, Welcome};

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::config::{MAX_BATCH_ROWS, MAX_STEP};
+use crate::config::plan::{MAX_BATCH_ROWS, MAX_STEP};
 
 /// Protocol version spoken here: by the daemon, the Rust client and `millrace ctl`
 /// alike (the `protocol` key of HELLO, WELCOME and CONTROL).

@@ -109,10 +109,10 @@ impl Target {
         }
         if let Some(path) = &self.config {
             let cfg = millrace::config::Config::load(path)?;
-            let serve = millrace::serve::ServeConfig::from_config(&cfg)?;
+            let serve = millrace::config::serve::ServeConfig::from_config(&cfg)?;
             return Ok(serve.socket);
         }
-        Ok(millrace::serve::default_socket())
+        Ok(millrace::config::serve::default_socket())
     }
 
     fn timeout(&self) -> Duration {
@@ -334,7 +334,7 @@ mod tests {
         let Cmd::Status(a) = cli.cmd else { panic!() };
         assert_eq!(
             a.target.socket().unwrap(),
-            millrace::serve::default_socket()
+            millrace::config::serve::default_socket()
         );
         let cli = Cli::try_parse_from(["m", "top", "--once", "--interval-ms", "200"]).unwrap();
         let Cmd::Top(a) = cli.cmd else { panic!() };

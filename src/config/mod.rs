@@ -1,11 +1,17 @@
-//! The millrace config file (TOML): which shards form which domain, and where derived
-//! indexes go.
+//! The millrace config file (TOML), every table of it: this file reads the file and
+//! holds `[corpus]` (which shards form which domain, and where derived indexes go);
+//! [`plan`] holds `[plan]` and a domain's planning keys (pure data and checks: the
+//! planner depends on it); [`serve`] holds `[serve]`.
 //!
-//! One file describes a run; every command (`inspect --config`, later `plan`, `serve`)
-//! reads the same one. Relative shard paths are resolved against the config file's own
+//! One file describes a run; every command (`inspect --config`, `plan`, `serve`) reads
+//! the same one. Relative shard paths are resolved against the config file's own
 //! directory, so a corpus and its config can move together (what `millrace synth`
-//! writes relies on this). The `[plan]` and `[serve]` tables are carried here verbatim
-//! and validated by the modules that own them.
+//! writes relies on this). The `[plan]` and `[serve]` tables are kept as TOML until
+//! [`Config::plan_config`] and [`serve::ServeConfig::from_config`] read them, so a
+//! command that needs only the corpus is not refused for a mistake in the others.
+
+pub mod plan;
+pub mod serve;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,7 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{self, DType, Format, RawOptions, Shard};
-use crate::plan::{Bursty, DomainInput, DomainSettings, Grouping, Plan, PlanConfig, Upsample};
+use crate::plan::{DomainInput, Plan};
+use plan::{DomainSettings, PlanConfig};
 use std::sync::Arc;
 
 /// Why a config could not be used; always names the file and the field.
@@ -26,6 +33,14 @@ pub enum ConfigError {
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The file is not UTF-8, so it cannot be TOML.
+    #[error("{path}: not UTF-8 at byte {byte}")]
+    NotUtf8 {
+        /// The config file.
+        path: PathBuf,
+        /// Offset of the first byte that is not valid UTF-8.
+        byte: usize,
     },
     /// TOML syntax or a field of the wrong type (one line: line, column and cause).
     #[error("{path}: {message}")]
@@ -69,10 +84,10 @@ pub enum ConfigError {
 pub struct Config {
     /// Shards and domains.
     pub corpus: CorpusConfig,
-    /// Batch planning: validated by the plan module.
+    /// Batch planning, read by [`Config::plan_config`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<toml::Table>,
-    /// Daemon settings: validated by the serve module.
+    /// Daemon settings, read by [`serve::ServeConfig::from_config`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serve: Option<toml::Table>,
     /// Directory that relative paths are resolved against (the config file's own).
@@ -96,42 +111,115 @@ pub struct CorpusConfig {
 }
 
 /// `[[corpus.domain]]`: one source of data with its own mixture weight.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// Its planning keys sit in the same table as its shards but belong to the planner, so
+/// they are declared once, in [`DomainSettings`], and read into it by the hand-written
+/// `Deserialize` below: serde's `flatten` would do the same but lose the line and
+/// column of every mistake in them, and the list of keys an unknown one is refused with.
+#[derive(Debug, Clone, Serialize)]
 pub struct DomainConfig {
     /// Unique name, used by weights and reports.
     pub name: String,
     /// Prefixes, directories or globs.
     pub shards: Vec<PathBuf>,
     /// Shard format of this domain.
-    #[serde(default)]
     pub format: Format,
     /// Required for `format = "raw"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub raw: Option<RawConfig>,
-    /// Repo/book grouping: `{ mode = "off"|"sequence"|"batch", max_share, from_step }`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grouping: Option<Grouping>,
-    /// Long-document upsampling: `{ min_tokens, factor }`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upsample_long: Option<Upsample>,
-    /// Bursty exposure: `{ period }`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bursty: Option<Bursty>,
-    /// Units per packing window for this domain (default `plan.best_fit_window`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window: Option<u64>,
+    /// `grouping`, `upsample_long`, `bursty` and `window`, validated by the plan.
+    #[serde(flatten)]
+    pub settings: DomainSettings,
 }
 
-impl DomainConfig {
-    /// The domain's planning settings.
-    pub fn settings(&self) -> DomainSettings {
-        DomainSettings {
-            grouping: self.grouping.unwrap_or_default(),
-            upsample_long: self.upsample_long,
-            bursty: self.bursty,
-            window: self.window,
+/// The keys of a `[[corpus.domain]]` table, in the order error messages list them.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum DomainKey {
+    Name,
+    Shards,
+    Format,
+    Raw,
+    Grouping,
+    UpsampleLong,
+    Bursty,
+    Window,
+}
+
+impl<'de> Deserialize<'de> for DomainConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const KEYS: &[&str] = &[
+            "name",
+            "shards",
+            "format",
+            "raw",
+            "grouping",
+            "upsample_long",
+            "bursty",
+            "window",
+        ];
+        d.deserialize_struct("DomainConfig", KEYS, DomainVisitor)
+    }
+}
+
+/// Reads a domain table key by key, each value straight from the TOML deserializer, so
+/// a mistake is reported at its own line and column, as a derived impl would.
+struct DomainVisitor;
+
+impl<'de> serde::de::Visitor<'de> for DomainVisitor {
+    type Value = DomainConfig;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("struct DomainConfig")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<DomainConfig, A::Error> {
+        use serde::de::Error;
+        // TOML itself refuses a key given twice, before serde sees the table.
+        let (mut name, mut shards, mut format, mut raw) = (None, None, None, None);
+        let mut settings = DomainSettings::default();
+        while let Some(key) = map.next_key()? {
+            match key {
+                DomainKey::Name => name = Some(map.next_value()?),
+                DomainKey::Shards => shards = Some(map.next_value()?),
+                DomainKey::Format => format = Some(map.next_value()?),
+                DomainKey::Raw => raw = map.next_value()?,
+                DomainKey::Grouping => settings.grouping = map.next_value()?,
+                DomainKey::UpsampleLong => settings.upsample_long = map.next_value()?,
+                DomainKey::Bursty => settings.bursty = map.next_value()?,
+                DomainKey::Window => settings.window = map.next_value()?,
+            }
         }
+        Ok(DomainConfig {
+            name: name.ok_or_else(|| A::Error::missing_field("name"))?,
+            shards: shards.ok_or_else(|| A::Error::missing_field("shards"))?,
+            format: format.unwrap_or_default(),
+            raw,
+            settings,
+        })
+    }
+
+    /// A domain written as an array, values in key order: serde's derived impl accepts
+    /// that, so the same files still parse.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<DomainConfig, A::Error> {
+        use serde::de::Error;
+        let expected = &"struct DomainConfig with 8 elements";
+        Ok(DomainConfig {
+            name: seq
+                .next_element()?
+                .ok_or_else(|| A::Error::invalid_length(0, expected))?,
+            shards: seq
+                .next_element()?
+                .ok_or_else(|| A::Error::invalid_length(1, expected))?,
+            format: seq.next_element()?.unwrap_or_default(),
+            raw: seq.next_element()?.flatten(),
+            settings: DomainSettings {
+                grouping: seq.next_element()?.unwrap_or_default(),
+                upsample_long: seq.next_element()?.flatten(),
+                bursty: seq.next_element()?.flatten(),
+                window: seq.next_element()?.flatten(),
+            },
+        })
     }
 }
 
@@ -157,15 +245,26 @@ pub struct RawConfig {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        Config::load_hashed(path).map(|(cfg, _)| cfg)
+    }
+
+    /// As [`Config::load`], with the hash of exactly the bytes parsed: the daemon's
+    /// watcher compares the file against what was applied, not against a later read.
+    pub fn load_hashed(path: &Path) -> Result<(Config, u64), ConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| ConfigError::NotUtf8 {
+            path: path.to_path_buf(),
+            byte: e.utf8_error().valid_up_to(),
         })?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        Config::parse(&text, path, base)
+        let cfg = Config::parse(&text, path, base)?;
+        Ok((cfg, xxhash_rust::xxh3::xxh3_64(text.as_bytes())))
     }
 
     /// Parses config text; `source` names it in errors, `base_dir` anchors relative paths.
@@ -355,7 +454,7 @@ impl Config {
             .corpus
             .domains
             .iter()
-            .map(|d| (d.name.as_str(), d.settings()))
+            .map(|d| (d.name.as_str(), d.settings))
             .collect();
         cfg.validate(&settings).map_err(|e| ConfigError::Plan {
             path: self.source.clone(),
@@ -400,7 +499,7 @@ impl Config {
             inputs.push(DomainInput {
                 name: name.clone(),
                 shards: list,
-                settings: d.settings(),
+                settings: d.settings,
             });
             shards_out.push(arcs);
         }
@@ -426,7 +525,7 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> 
 /// toml's error as one line, "line L, column C: cause", so a log line carries the
 /// cause (toml's own rendering draws the source line and puts the cause below it).
 pub fn toml_message(e: &toml::de::Error, text: &str) -> String {
-    let cause = crate::plan::config::one_line(e.message());
+    let cause = plan::one_line(e.message());
     match e.span() {
         Some(span) => {
             let before = &text.as_bytes()[..span.start.min(text.len())];

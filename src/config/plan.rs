@@ -3,6 +3,9 @@
 //!
 //! Every check names the field it rejects, because a config is usually edited by hand
 //! minutes before a thousand GPUs start on it.
+//!
+//! Pure data and checks, no I/O: the planner (`src/plan`) depends on this file, and on
+//! nothing else of the config module.
 
 use std::collections::BTreeMap;
 

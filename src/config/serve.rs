@@ -1,0 +1,280 @@
+//! The `[serve]` table: the daemon's settings, their defaults and checks, and where its
+//! socket goes when none is named (docs/OPERATIONS.md lists every key).
+//!
+//! Pure settings: `serve` reads them at start-up, `ctl` and the clients read the socket
+//! path from them, and `check-config` checks the socket path before `serve` binds it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{Config, ConfigError};
+
+/// The `[serve]` table (docs/OPERATIONS.md lists every key).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Unix socket path (default: [`default_socket`], creatable without root).
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Slots per dp-rank ring: how many steps a rank may have ready ahead.
+    #[serde(default = "default_slots")]
+    pub ring_slots: u32,
+    /// Threads copying tokens into slots.
+    #[serde(default = "default_threads")]
+    pub materialize_threads: usize,
+    /// `int32`, `int64` or `shard`.
+    #[serde(default = "default_dtype")]
+    pub token_dtype: String,
+    /// Steps planned ahead of the copies, with their page-cache hints issued.
+    #[serde(default = "default_prefetch")]
+    pub prefetch_steps: u32,
+    /// Hint the kernel (MADV_RANDOM on shards, MADV_WILLNEED on planned spans).
+    #[serde(default = "default_true")]
+    pub page_hints: bool,
+    /// Most clients at once.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Most bytes all rings together may take; unset: a quarter of the machine's memory
+    /// or the unit's cgroup limit, whichever is smaller ([`crate::serve::budget::default_ring_budget`]).
+    #[serde(default)]
+    pub ring_memory_bytes: Option<u64>,
+    /// How long a new connection has to send its HELLO.
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout_ms: u64,
+    /// Most control connections (`millrace ctl`, `status`, `top`) open at once; more are
+    /// refused at once (REFUSED `busy`), so they cannot use up the daemon's fds.
+    #[serde(default = "default_max_control")]
+    pub max_control_connections: usize,
+    /// A control connection that sends no request for this long is closed (ERROR `idle`).
+    #[serde(default = "default_control_idle")]
+    pub control_idle_timeout_ms: u64,
+    /// Group that owns the socket (mode 0660), so trainer users in it may connect.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// uids allowed to connect besides the daemon's own (SO_PEERCRED); with
+    /// `allowed_gids` also unset, anyone who can open the socket may.
+    #[serde(default)]
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Primary gids allowed to connect.
+    #[serde(default)]
+    pub allowed_gids: Option<Vec<u32>>,
+    /// Prometheus listen address (`host:port`); no exporter when unset.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    /// Reload the mixture when the config file changes on disk.
+    #[serde(default = "default_true")]
+    pub watch_config: bool,
+    /// How often the config file is checked.
+    #[serde(default = "default_watch")]
+    pub watch_interval_ms: u64,
+    /// What a file or SIGHUP reload does with a change for a step already published.
+    #[serde(default)]
+    pub late_changes: LateSetting,
+    /// How long SIGTERM waits for clients to release what they hold.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_ms: u64,
+}
+
+/// `[serve] late_changes`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LateSetting {
+    /// Refuse the change and keep the old weights (the default: nothing moves silently).
+    #[default]
+    Refuse,
+    /// Apply it from the first step that can still change.
+    Next,
+}
+
+fn default_watch() -> u64 {
+    1000
+}
+fn default_drain() -> u64 {
+    10_000
+}
+/// The socket used when `[serve] socket` is absent: one that an unprivileged user can
+/// create, so a config written by `millrace synth` serves without root. (The systemd
+/// unit's config names `/run/millrace/millrace.sock`, which its RuntimeDirectory makes.)
+pub fn default_socket() -> PathBuf {
+    let uid = crate::sys::euid();
+    default_socket_for(std::env::var_os("XDG_RUNTIME_DIR").as_deref(), uid)
+}
+
+/// [`default_socket`] for a given `$XDG_RUNTIME_DIR` and uid: `$XDG_RUNTIME_DIR/millrace.sock`
+/// when it is set to an absolute path (the XDG spec ignores others), else
+/// `/tmp/millrace-UID/millrace.sock`. The Python client's `default_socket()` mirrors it.
+pub fn default_socket_for(xdg_runtime_dir: Option<&std::ffi::OsStr>, uid: u32) -> PathBuf {
+    match xdg_runtime_dir.map(Path::new) {
+        Some(dir) if dir.is_absolute() => dir.join("millrace.sock"),
+        _ => PathBuf::from(format!("/tmp/millrace-{uid}/millrace.sock")),
+    }
+}
+
+/// Why `serve` could not bind `socket` as this user, found without binding it, so that
+/// `check-config` fails exactly where `serve` would: the path is too long for a unix
+/// socket, or its directory cannot be created or written.
+pub fn socket_problem(socket: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    // sun_path holds 108 bytes, one of them the terminating NUL.
+    let len = socket.as_os_str().as_bytes().len();
+    if len > 107 {
+        return Some(format!(
+            "socket path {} is {len} bytes; a unix socket path may have at most 107",
+            socket.display()
+        ));
+    }
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    // The nearest directory that exists is where serve must create (or bind) something.
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Some(format!(
+            "cannot create the socket {}: {} is not a directory",
+            socket.display(),
+            existing.display()
+        ));
+    }
+    if existing.as_os_str().as_bytes().contains(&0) {
+        return Some(format!(
+            "socket path {} contains a NUL byte",
+            socket.display()
+        ));
+    }
+    let uid = crate::sys::euid();
+    // The /tmp fallback's directory must be this user's: whoever owns it could replace
+    // the socket with their own and read every trainer's requests.
+    if existing == dir && dir == default_socket_for(None, uid).parent().unwrap_or(dir) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if meta.uid() != uid {
+                return Some(format!(
+                    "{} belongs to uid {}, not to uid {uid}; remove it, or set [serve] socket",
+                    dir.display(),
+                    meta.uid()
+                ));
+            }
+        }
+    }
+    let writable = crate::sys::can_write_dir(existing);
+    if writable {
+        return None;
+    }
+    let what = if existing == dir {
+        format!(
+            "cannot create the socket {} in {}",
+            socket.display(),
+            dir.display()
+        )
+    } else {
+        format!(
+            "cannot create the socket directory {} in {}",
+            dir.display(),
+            existing.display()
+        )
+    };
+    Some(format!(
+        "{what}: uid {uid} may not write there; set [serve] socket (or --socket) to a path \
+         you may create (without it, serve uses {})",
+        default_socket().display()
+    ))
+}
+fn default_slots() -> u32 {
+    4
+}
+fn default_threads() -> usize {
+    2
+}
+fn default_dtype() -> String {
+    "int32".into()
+}
+fn default_prefetch() -> u32 {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_clients() -> usize {
+    512
+}
+fn default_handshake() -> u64 {
+    10_000
+}
+fn default_max_control() -> usize {
+    64
+}
+fn default_control_idle() -> u64 {
+    60_000
+}
+
+impl ServeConfig {
+    /// Reads `[serve]` from a config (defaults when absent); a relative socket path is
+    /// resolved against the config file's directory.
+    pub fn from_config(cfg: &Config) -> Result<ServeConfig, ConfigError> {
+        let table = cfg.serve.clone().unwrap_or_default();
+        let mut s: ServeConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: cfg.source.clone(),
+                    message: format!("[serve]: {}", super::plan::one_line(&e.to_string())),
+                })?;
+        s.socket = cfg.resolve_path(&s.socket);
+        let bad = |field: &str, what: &str| -> Result<ServeConfig, ConfigError> {
+            Err(ConfigError::Invalid {
+                path: cfg.source.clone(),
+                field: format!("[serve] {field}"),
+                what: what.to_string(),
+            })
+        };
+        if !(2..=1024).contains(&s.ring_slots) {
+            return bad("ring_slots", "must be 2..=1024");
+        }
+        if !(1..=256).contains(&s.materialize_threads) {
+            return bad("materialize_threads", "must be 1..=256");
+        }
+        if s.prefetch_steps > 1024 {
+            return bad("prefetch_steps", "must be at most 1024");
+        }
+        if s.max_clients == 0 {
+            return bad("max_clients", "must be positive");
+        }
+        if !(1..=65_536).contains(&s.max_control_connections) {
+            return bad("max_control_connections", "must be 1..=65536");
+        }
+        if !(100..=86_400_000).contains(&s.control_idle_timeout_ms) {
+            return bad("control_idle_timeout_ms", "must be 100..=86400000 (a day)");
+        }
+        if s.ring_memory_bytes == Some(0) {
+            return bad("ring_memory_bytes", "must be positive");
+        }
+        if !(50..=3_600_000).contains(&s.watch_interval_ms) {
+            return bad("watch_interval_ms", "must be 50..=3600000");
+        }
+        if s.drain_timeout_ms > 3_600_000 {
+            return bad("drain_timeout_ms", "must be at most 3600000 (an hour)");
+        }
+        if let Some(a) = &s.metrics_addr {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return bad(
+                    "metrics_addr",
+                    &format!(
+                        "{a:?} is not host:port with a numeric host (e.g. \"127.0.0.1:9464\")"
+                    ),
+                );
+            }
+        }
+        Ok(s)
+    }
+}

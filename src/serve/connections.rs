@@ -1,0 +1,529 @@
+//! Connections: the socket (bind, a stale socket cleared), the accept loop, and one task
+//! per connection, a trainer (HELLO, WELCOME with fds, RELEASE frames until it leaves) or
+//! a control client (CONTROL requests, one reply each).
+//!
+//! Everything here only moves small frames: admission runs on the blocking pool and
+//! token copies on the hub's threads, so no socket waits for a copy.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{error, info, warn};
+
+use super::{access, limits, Daemon};
+use crate::wire::frame::{self, kind, Frame};
+use crate::wire::protocol::{self, Code, Hello};
+
+/// Accepts connections, one task each, until the daemon drops this future (it never
+/// ends by itself). A failed accept (EMFILE, ENFILE) pauses accepting with a growing
+/// backoff instead of ending it, so the clients already served keep their data.
+pub(super) async fn accept_loop(
+    d: Arc<Daemon>,
+    listener: &UnixListener,
+    timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::convert::Infallible {
+    let mut flush_tick = tokio::time::interval(Duration::from_secs(10));
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a failed accept: no accepting until then (the pending connection keeps the
+    // listener readable, so retrying at once would spin), and the next pause is longer.
+    let mut paused: Option<tokio::time::Instant> = None;
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            accepted = listener.accept(), if paused.is_none() => match accepted {
+                Ok((stream, _)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    let (d, shutdown) = (d.clone(), shutdown.clone());
+                    tokio::spawn(async move { connection(d, stream, timeout, shutdown).await });
+                }
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS: keep serving the clients we have; accept
+                    // again once connections closed (or the pause ran out).
+                    if let Some(k) = d.warn_accept.allow() {
+                        warn!(
+                            fd_limit = d.fd_limit.soft,
+                            open_fds = ?limits::open_fds(),
+                            "accept failed: {e}; pausing accepts for {} ms{}",
+                            backoff.as_millis(),
+                            limits::suppressed_note(k)
+                        );
+                    }
+                    paused = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            },
+            _ = async { match paused { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending::<()>().await } } => {
+                paused = None;
+            }
+            _ = flush_tick.tick() => {
+                d.warn_conn.flush();
+                d.warn_accept.flush();
+            }
+        }
+    }
+}
+
+/// The first pause after a failed accept; each further failure in a row doubles it.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest pause between accepts while they keep failing.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+        }
+    }
+    remove_stale_socket(path).await?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    if let Some(g) = group {
+        access::set_socket_group(path, g).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(listener)
+}
+
+/// Clears the way for binding `path`: nothing there is fine; a stale socket (a socket
+/// file nobody listens on, left by a daemon that died) is removed; anything else (a
+/// regular file, a directory, a symlink, a socket another daemon is serving, one we
+/// cannot probe) is refused with the path named, because `--socket` typos must never
+/// delete a file.
+async fn remove_stale_socket(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => bail!("{}: cannot inspect the socket path: {e}", path.display()),
+    };
+    let ft = meta.file_type();
+    if !ft.is_socket() {
+        let what = crate::corpus::file_kind(&ft);
+        bail!(
+            "{}: the socket path exists and is {what}; refusing to remove it (choose another \
+             [serve] socket or --socket, or remove it yourself)",
+            path.display()
+        );
+    }
+    match UnixStream::connect(path).await {
+        Ok(_) => bail!(
+            "{}: another daemon is serving this socket; stop it or choose another [serve] socket",
+            path.display()
+        ),
+        // Nobody listens: a socket left behind by a daemon that did not exit cleanly.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+            info!(socket = %path.display(), "removed a stale socket");
+            Ok(())
+        }
+        Err(e) => bail!(
+            "{}: a socket is there and probing it failed ({e}); refusing to remove it",
+            path.display()
+        ),
+    }
+}
+
+/// Why no frame could be read: the connection is closed with this message (ERROR
+/// `protocol`).
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// The bytes break the framing rules.
+    #[error(transparent)]
+    Frame(#[from] frame::ProtocolError),
+    /// The peer closed the connection with part of a frame sent.
+    #[error("connection closed inside a frame ({pending} bytes pending)")]
+    Truncated {
+        /// Bytes of the unfinished frame.
+        pending: usize,
+    },
+    /// The socket failed.
+    #[error("read: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads frames into `buf` until one is complete; `None` when the peer closed between
+/// frames.
+async fn read_frame(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Frame>, ReadError> {
+    loop {
+        if let Some((frame, n)) = frame::parse_frame(buf)? {
+            buf.drain(..n);
+            return Ok(Some(frame));
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await? {
+            0 if buf.is_empty() => return Ok(None),
+            0 => return Err(ReadError::Truncated { pending: buf.len() }),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Awaits the admission `task` while watching the client: when it hangs up (or sends
+/// more than a frame's worth before its WELCOME), `cancel` is set, so a seek for a client
+/// that is gone stops at its next chunk. Bytes it sends meanwhile stay in `buf`.
+async fn admit_watching<T>(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    task: tokio::task::JoinHandle<T>,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::pin!(task);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            r = &mut task => return r,
+            ready = stream.readable(), if watching => {
+                let mut chunk = [0u8; 4096];
+                let gone = match ready.and_then(|()| stream.try_read(&mut chunk)) {
+                    Ok(0) => true,
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        buf.len() > frame::MAX_FRAME + frame::HEADER
+                    }
+                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                };
+                if gone {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    watching = false;
+                }
+            }
+        }
+    }
+}
+
+/// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
+/// write changes nothing.
+async fn say(stream: &mut UnixStream, kind: u8, code: Code, message: &str) {
+    let bytes = frame::encode(kind, &protocol::reason(code, message));
+    let _ = stream.write_all(&bytes).await;
+}
+
+/// One connection: the access check, then either a trainer (HELLO, WELCOME with fds,
+/// RELEASE frames until it leaves) or a control client (CONTROL requests).
+async fn connection(
+    d: Arc<Daemon>,
+    mut stream: UnixStream,
+    timeout: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let cred = stream.peer_cred().ok();
+    let pid = cred.and_then(|c| c.pid());
+    if !d.policy.open() {
+        let verdict = match cred {
+            Some(c) => d.policy.authorized(c.uid(), c.gid()),
+            None => Err("the peer's credentials (SO_PEERCRED) could not be read".into()),
+        };
+        if let Err(m) = verdict {
+            d.warn_peer(pid, format_args!("refused: {m}"));
+            say(&mut stream, kind::REFUSED, Code::Access, &m).await;
+            // Closed at once: lingering for the client (as before) let a denied uid hold
+            // an fd per connect. What it already sent is read away first, so closing does
+            // not reset the connection before it reads the refusal; a client whose HELLO
+            // write fails after this reads the queued REFUSED (src/client.rs, ctl.rs).
+            let mut sink = [0u8; 4096];
+            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+            return;
+        }
+    }
+    let mut buf = Vec::new();
+    let hello = match tokio::time::timeout(timeout, read_frame(&mut stream, &mut buf)).await {
+        Err(_) => {
+            d.warn_peer(
+                pid,
+                format_args!("no HELLO within {} ms; closing", timeout.as_millis()),
+            );
+            say(&mut stream, kind::ERROR, Code::Protocol, "no HELLO in time").await;
+            return;
+        }
+        Ok(Ok(Some(Frame::Hello(p)))) => p,
+        Ok(Ok(Some(Frame::Control(p)))) => {
+            let Some(slot) = d.control.take() else {
+                let m = format!(
+                    "{} control connections are open ([serve] max_control_connections); \
+                     close one or try again later",
+                    d.control.cap()
+                );
+                d.warn_peer(pid, format_args!("refused a control connection: {m}"));
+                say(&mut stream, kind::REFUSED, Code::Busy, &m).await;
+                return;
+            };
+            control_connection(d, stream, buf, p, shutdown).await;
+            drop(slot);
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(other))) => {
+            let m = format!("expected HELLO or CONTROL first, got {other:?}");
+            d.warn_peer(pid, format_args!("{m}; closing"));
+            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
+            return;
+        }
+        Ok(Err(m)) => {
+            d.warn_peer(
+                pid,
+                format_args!("protocol error before HELLO: {m}; closing"),
+            );
+            say(&mut stream, kind::ERROR, Code::Protocol, &m.to_string()).await;
+            return;
+        }
+    };
+    let hub = d.hub.clone();
+    let hello = match Hello::parse(&hello) {
+        Ok(h) => h,
+        Err(r) => {
+            d.warn_peer(pid, format_args!("refused: {r}"));
+            say(&mut stream, kind::REFUSED, r.code, &r.message).await;
+            return;
+        }
+    };
+    // Restoring or seeking a planner is CPU work: keep it off the I/O threads, and stop
+    // it if the client hangs up meanwhile.
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = {
+        let (hub, hello, cancel) = (hub.clone(), hello.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || hub.admit(&hello, pid, &cancel))
+    };
+    let admitted = admit_watching(&mut stream, &mut buf, task, &cancel).await;
+    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Ok(Ok(a)) = &admitted {
+            hub.leave(&hello.job, hello.dp_rank, a.peer);
+        }
+        info!(?pid, job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
+        return;
+    }
+    let adm = match admitted {
+        Ok(Ok(a)) => a,
+        Ok(Err(r)) => {
+            if let Some(k) = d.warn_conn.allow() {
+                warn!(?pid, job = %hello.job, dp_rank = hello.dp_rank, replica = %hello.replica, "refused: {r}{}", limits::suppressed_note(k));
+            }
+            say(&mut stream, kind::REFUSED, r.code, &r.message).await;
+            return;
+        }
+        Err(e) => {
+            error!(?pid, "admission failed: {e}");
+            say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
+            return;
+        }
+    };
+    let (job, rank, peer) = (hello.job.clone(), hello.dp_rank, adm.peer);
+    // A struct of strings and integers always serializes; should it not, the peer
+    // leaves as on a failed send.
+    let welcome = match serde_json::to_vec(&adm.welcome) {
+        Ok(bytes) => frame::encode(kind::WELCOME, &bytes),
+        Err(e) => {
+            error!(?pid, "encoding WELCOME failed: {e}");
+            hub.leave(&job, rank, peer);
+            say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
+            return;
+        }
+    };
+    let fds = [adm.ring.client_fd().as_fd(), adm.ready.fd().as_fd()];
+    if let Err(e) = send_welcome(&mut stream, &welcome, &fds).await {
+        warn!(?pid, "sending WELCOME failed: {e}");
+        hub.leave(&job, rank, peer);
+        return;
+    }
+    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, step = adm.welcome.start_step, "client joined");
+    let kick = adm.kick.clone();
+    drop(adm);
+    loop {
+        let frame = tokio::select! {
+            f = read_frame(&mut stream, &mut buf) => f,
+            _ = kick.notified() => {
+                let m = hub.failure(&job, rank, peer).unwrap_or_else(|| "the ring stopped".into());
+                let code = if m.contains("checkpoint") { Code::PeerPosition } else { Code::Materialize };
+                say(&mut stream, kind::ERROR, code, &m).await;
+                break;
+            }
+            _ = stopped(&mut shutdown) => {
+                say(&mut stream, kind::ERROR, Code::Shutdown, "the daemon is stopping; resume from your last cursor blob").await;
+                break;
+            }
+        };
+        match frame {
+            Ok(Some(Frame::Release(upto))) => {
+                if let Err(m) = hub.release(&job, rank, peer, upto) {
+                    warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
+                    say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
+                    break;
+                }
+            }
+            Ok(Some(Frame::Bye)) | Ok(None) => break,
+            Ok(Some(Frame::Hello(_))) | Ok(Some(Frame::Control(_))) => {
+                let m = "HELLO or CONTROL on a trainer connection";
+                warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
+                say(&mut stream, kind::ERROR, Code::Protocol, m).await;
+                break;
+            }
+            Err(m) => {
+                warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
+                say(&mut stream, kind::ERROR, Code::Protocol, &m.to_string()).await;
+                break;
+            }
+        }
+    }
+    hub.leave(&job, rank, peer);
+    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, "client left");
+}
+
+/// A control client: one CONTROL_REPLY per CONTROL, in order, until it closes. A request
+/// that is not valid JSON gets an `ok: false` reply; a frame that breaks the framing
+/// closes the connection with ERROR.
+async fn control_connection(
+    d: Arc<Daemon>,
+    mut stream: UnixStream,
+    mut buf: Vec<u8>,
+    first: Vec<u8>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut next = Some(first);
+    let idle = Duration::from_millis(d.serve.control_idle_timeout_ms);
+    loop {
+        let payload = match next.take() {
+            Some(p) => p,
+            None => {
+                let frame = tokio::select! {
+                    f = read_frame(&mut stream, &mut buf) => f,
+                    _ = stopped(&mut shutdown) => return,
+                    // An idle control connection holds an fd and a place under the cap:
+                    // 19,985 idle `status` connections once used up the fd limit.
+                    _ = tokio::time::sleep(idle) => {
+                        let m = format!(
+                            "no request for {} ms ([serve] control_idle_timeout_ms); closing",
+                            idle.as_millis()
+                        );
+                        say(&mut stream, kind::ERROR, Code::Idle, &m).await;
+                        return;
+                    }
+                };
+                match frame {
+                    Ok(Some(Frame::Control(p))) => p,
+                    Ok(Some(Frame::Bye)) | Ok(None) => return,
+                    Ok(Some(other)) => {
+                        let m = format!("expected CONTROL on a control connection, got {other:?}");
+                        say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
+                        return;
+                    }
+                    Err(m) => {
+                        say(&mut stream, kind::ERROR, Code::Protocol, &m.to_string()).await;
+                        return;
+                    }
+                }
+            }
+        };
+        // Changes restore planners and reloads read files: off the I/O threads.
+        let d2 = d.clone();
+        let reply = match tokio::task::spawn_blocking(move || d2.control(&payload)).await {
+            Ok(r) => r,
+            Err(e) => {
+                serde_json::json!({"ok": false, "op": "", "code": Code::Busy, "message": format!("internal error: {e}")})
+            }
+        };
+        let mut bytes = reply.to_string().into_bytes();
+        if bytes.len() + 1 > frame::MAX_FRAME {
+            bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": Code::Busy,
+                "message": "the reply exceeds one frame; ask for less (journal)"})
+            .to_string()
+            .into_bytes();
+        }
+        if stream
+            .write_all(&frame::encode(kind::CONTROL_REPLY, &bytes))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Resolves once the daemon says every connection must close.
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Sends WELCOME with the fds on its first byte, then whatever the first sendmsg did not
+/// take.
+async fn send_welcome(
+    stream: &mut UnixStream,
+    frame: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<()> {
+    let sent = loop {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            frame::send_fds(&*stream, frame, fds)
+        }) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    stream.write_all(&frame[sent..]).await
+}
+
+impl Daemon {
+    /// Logs a warning about a connection refused or dropped before admission, through
+    /// the throttle: a peer can repeat those at will, and the log must not grow with it.
+    fn warn_peer(&self, pid: Option<i32>, what: std::fmt::Arguments<'_>) {
+        if let Some(k) = self.warn_conn.allow() {
+            warn!(?pid, "{what}{}", limits::suppressed_note(k));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `read_frame` makes of `sent`, written on a real socket pair whose writing
+    /// end is then closed.
+    fn read_after(sent: &[u8]) -> Result<Option<Frame>, ReadError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+            theirs.write_all(sent).await.unwrap();
+            drop(theirs);
+            let mut buf = Vec::new();
+            read_frame(&mut ours, &mut buf).await
+        })
+    }
+
+    /// The ERROR `protocol` text a peer reads is the same as when these errors were
+    /// strings: the typed error changed no byte on the wire.
+    #[test]
+    fn read_errors_say_what_they_said_as_strings() {
+        assert_eq!(read_after(&[]).unwrap(), None);
+        let bye = frame::encode(kind::BYE, &[]);
+        assert_eq!(read_after(&bye).unwrap(), Some(Frame::Bye));
+        let error = |sent: &[u8]| read_after(sent).unwrap_err().to_string();
+        assert_eq!(
+            error(&[0, 0, 0, 0]),
+            format!("frame length 0 is outside 1..={}", frame::MAX_FRAME)
+        );
+        assert_eq!(
+            error(&[2, 0, 0, 0, 99, 0]),
+            "unknown or unexpected frame type 99"
+        );
+        assert_eq!(
+            error(&[9, 0, 0, 0, kind::RELEASE]),
+            "connection closed inside a frame (5 bytes pending)"
+        );
+    }
+}

@@ -1,0 +1,290 @@
+//! Live changes from the config file: the watcher, SIGHUP and `ctl reload` re-read it and
+//! apply its schedule; CONTROL requests (`set_weights`, `reload`, `status`, `journal`)
+//! are answered here too. Only `[plan]` weights and schedule change live: any other
+//! change to `[corpus]` or `[plan]` refuses the reload as a whole.
+
+use std::path::PathBuf;
+
+use tracing::{info, warn};
+
+use super::hub::{self, ChangeError, ChangeRequest, Late, Proposal};
+use super::Daemon;
+use crate::config::plan::{PlanConfig, SchedulePoint};
+use crate::config::serve::LateSetting;
+use crate::config::{Config, ConfigError};
+use crate::wire::control::{self, Control};
+use crate::wire::protocol::Code;
+use crate::wire::status::ReloadOutcome;
+
+/// Where a reload or change can come from; each has its reload counters from the start.
+pub(super) const RELOAD_SOURCES: [&str; 5] = ["file", "sighup", "ctl", "client", "cursor"];
+
+/// What a file or SIGHUP reload does with a late change, as `[serve] late_changes` says.
+impl LateSetting {
+    fn late(self) -> Late {
+        match self {
+            LateSetting::Refuse => Late::Refuse,
+            LateSetting::Next => Late::Next,
+        }
+    }
+}
+
+/// The parts of the config file a reload compares against.
+pub(super) struct Running {
+    /// `[corpus]`, which a reload may not change.
+    corpus: Option<toml::Value>,
+    /// `[plan]` without its weights and schedule, which a reload may not change either.
+    fixed: PlanConfig,
+    /// The file's schedule, the base a reload's first difference is measured from.
+    points: Vec<SchedulePoint>,
+    /// `[serve]`, only to warn that changes there need a restart.
+    serve: Option<toml::Table>,
+    /// Hash of the file's bytes when last applied or refused, for the watcher.
+    seen: Option<u64>,
+}
+
+impl Running {
+    pub(super) fn of(cfg: &Config, plan: &PlanConfig, hash: u64) -> Running {
+        Running {
+            corpus: toml::Value::try_from(&cfg.corpus).ok(),
+            fixed: fixed_part(plan),
+            points: plan.points(),
+            serve: cfg.serve.clone(),
+            seen: Some(hash),
+        }
+    }
+}
+
+/// Why a reload was refused before anything was applied (the file's own errors, or a
+/// change that needs a restart); it reaches the client as an `invalid` ChangeError.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// The file cannot be read, parsed or planned.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `[corpus]` changed.
+    #[error(
+        "{}: [corpus] changed; a reload only changes [plan] weights and schedule \
+         (restart the daemon to change the corpus)",
+        .0.display()
+    )]
+    Corpus(PathBuf),
+    /// `[plan]` changed beyond weights and schedule.
+    #[error(
+        "{}: [plan] settings other than weights and schedule changed; restart the daemon \
+         to apply them",
+        .0.display()
+    )]
+    Fixed(PathBuf),
+}
+
+/// `[plan]` without its weights and schedule: what a reload may not change.
+fn fixed_part(p: &PlanConfig) -> PlanConfig {
+    let mut p = p.clone();
+    p.weights = None;
+    p.schedule.clear();
+    p
+}
+
+impl Daemon {
+    /// Re-reads the config file and applies its schedule from its first difference with
+    /// the one last applied. Anything else that changed in `[corpus]` or `[plan]` refuses
+    /// the reload as a whole (it needs a restart); `[serve]` changes are only warned about.
+    fn reload_file(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
+        let r = self.reload_file_once(source);
+        let unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let outcome = match &r {
+            Ok(a) => ReloadOutcome {
+                source: source.to_string(),
+                ok: true,
+                unix_s,
+                code: None,
+                message: a.message.clone(),
+            },
+            Err(e) => ReloadOutcome {
+                source: source.to_string(),
+                ok: false,
+                unix_s,
+                code: Some(e.code.as_str().to_string()),
+                message: e.message.clone(),
+            },
+        };
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+        r
+    }
+
+    /// One reload, as [`Daemon::reload_file`] describes; that wrapper records the outcome.
+    fn reload_file_once(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let (cfg, plan) = match self.read_for_reload(&mut running) {
+            Ok(x) => x,
+            Err(m) => {
+                self.hub.reload_failed(source);
+                warn!(source, "reload refused, the old weights stay: {m}");
+                return Err(ChangeError {
+                    code: Code::Invalid,
+                    message: m.to_string(),
+                    first_changeable: None,
+                });
+            }
+        };
+        if cfg.serve != running.serve {
+            warn!(
+                source,
+                "[serve] changed in {}; those settings apply at the next restart",
+                self.config.display()
+            );
+            running.serve = cfg.serve.clone();
+        }
+        let points = plan.points();
+        let r = self
+            .hub
+            .change(&ChangeRequest {
+                proposal: Proposal::Schedule {
+                    old: running.points.clone(),
+                    new: points.clone(),
+                },
+                at_step: None,
+                late: self.serve.late_changes.late(),
+                source,
+            })
+            .map_err(|mut e| {
+                // Say why the edit reaches back that far when a ramp is the reason.
+                // (Both are in the schedule's own steps, as its points are.)
+                let at = self.hub.plan().points_difference(&running.points, &points);
+                let note = at.and_then(|p| crate::config::plan::ramp_note(&points, p));
+                if let (Some(note), Code::Late) = (note, e.code) {
+                    e.message = format!("{}; {note}", e.message);
+                }
+                e
+            });
+        match &r {
+            Ok(a) => {
+                running.points = points;
+                info!(source, "reload: {}", a.message);
+            }
+            Err(e) => warn!(
+                source,
+                code = e.code.as_str(),
+                "reload refused, the old weights stay: {}",
+                e.message
+            ),
+        }
+        r
+    }
+
+    /// Reads the config file for a reload and checks that only what a reload may change
+    /// did. The file counts as seen whatever comes of it: the watcher does not retry a
+    /// refused file.
+    fn read_for_reload(&self, running: &mut Running) -> Result<(Config, PlanConfig), Refused> {
+        let (cfg, hash) = Config::load_hashed(&self.config)?;
+        running.seen = Some(hash);
+        let plan = cfg.plan_config()?;
+        if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
+            return Err(Refused::Corpus(self.config.clone()));
+        }
+        if fixed_part(&plan) != running.fixed {
+            return Err(Refused::Fixed(self.config.clone()));
+        }
+        Ok((cfg, plan))
+    }
+
+    /// The file watcher's check: reloads when the file's bytes changed since they were
+    /// last applied and have stayed the same for one more interval (an editor's partial
+    /// write is not applied).
+    pub(super) fn watch_tick(&self) {
+        // One tick at a time: a tick that finds the previous one still reloading skips.
+        let Ok(mut pending) = self.pending.try_lock() else {
+            return;
+        };
+        let Ok(bytes) = std::fs::read(&self.config) else {
+            return; // mid-rename, or gone for a moment: look again next tick
+        };
+        let h = xxhash_rust::xxh3::xxh3_64(&bytes);
+        let seen = self.running.lock().unwrap_or_else(|p| p.into_inner()).seen;
+        if Some(h) == seen {
+            *pending = None;
+            return;
+        }
+        if *pending == Some(h) {
+            *pending = None;
+            info!(config = %self.config.display(), "config file changed; reloading");
+            let _ = self.reload_file("file");
+        } else {
+            *pending = Some(h);
+        }
+    }
+
+    /// Answers one CONTROL payload.
+    pub(super) fn control(&self, payload: &[u8]) -> serde_json::Value {
+        let req = match control::parse_control(payload) {
+            Ok(r) => r,
+            Err((op, message)) => {
+                return serde_json::json!({"ok": false, "op": op, "code": Code::Protocol, "message": message})
+            }
+        };
+        let (op, result) = match req {
+            Control::Status => {
+                return serde_json::json!({"ok": true, "op": "status", "status": self.status()})
+            }
+            Control::Journal => {
+                return serde_json::json!({"ok": true, "op": "journal", "journal": self.hub.journal()})
+            }
+            Control::Reload => ("reload", self.reload_file("ctl")),
+            Control::SetWeights {
+                weights,
+                at_step,
+                late_next,
+                source,
+            } => {
+                let r = self.hub.change(&ChangeRequest {
+                    proposal: Proposal::Weights(weights),
+                    at_step,
+                    late: if late_next { Late::Next } else { Late::Refuse },
+                    source,
+                });
+                match &r {
+                    Ok(a) => info!(source, "set_weights: {}", a.message),
+                    Err(e) => warn!(
+                        source,
+                        code = e.code.as_str(),
+                        "set_weights refused, the old weights stay: {}",
+                        e.message
+                    ),
+                }
+                ("set_weights", r)
+            }
+        };
+        match result {
+            Ok(a) => serde_json::json!({
+                "ok": true,
+                "op": op,
+                "requested_step": a.requested_step,
+                "applied_step": a.applied_step,
+                "moved": a.moved,
+                "journal": self.hub.journal(),
+                "message": a.message,
+            }),
+            Err(e) => {
+                let mut v = serde_json::json!({"ok": false, "op": op, "code": e.code, "message": e.message});
+                if let Some(fc) = e.first_changeable {
+                    v["first_changeable_step"] = serde_json::json!(fc);
+                }
+                v
+            }
+        }
+    }
+
+    /// SIGHUP: reloads the file, telling systemd (RELOADING=1, then READY=1 with the
+    /// outcome) so `systemctl reload` waits for it and shows it.
+    pub(super) fn sighup(&self) {
+        self.notifier.reloading();
+        let line = match self.reload_file("sighup") {
+            Ok(a) => format!("reloaded: {}", a.message),
+            Err(e) => format!("reload refused ({}): {}", e.code, e.message),
+        };
+        self.notifier.reloaded(&line);
+    }
+}
