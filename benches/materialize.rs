@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use millrace::config::Config;
 use millrace::corpus::DType;
-use millrace::serve::ring::{fill_slot, Layout, Ring, SlotJob, Source, TokenType};
+use millrace::serve::fill::{fill_slot, SlotJob, Source};
+use millrace::serve::ring::{Layout, Ring, TokenType};
 use millrace::synth::{synth, SynthOptions};
 
 fn corpus() -> PathBuf {

@@ -7,16 +7,14 @@
 //! slots, so a slow rank stalls nobody else.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::ring::{
-    fill_slot, random_access, stamp, will_need, Layout, Ring, SlotJob, Source, TokenType,
-};
+use super::fill::{fill_slot, random_access, will_need, SlotJob, Source};
+use super::ring::{Layout, Ring, TokenType};
 use crate::config::plan::{SchedulePoint, MAX_STEP};
 use crate::plan::journal::{self, Order};
 use crate::plan::{cursor, Change, Plan, Planner};
@@ -44,32 +42,7 @@ pub struct HubSettings {
     pub ring_budget: u64,
 }
 
-/// An eventfd the daemon writes to when a slot is published.
-pub struct EventFd(OwnedFd);
-
-impl EventFd {
-    fn new() -> std::io::Result<EventFd> {
-        // SAFETY: plain syscall; the result is checked and owned.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd nobody else owns.
-        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn signal(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer; EAGAIN (counter saturated) means the
-        // client already has a wake-up pending, so errors are ignored.
-        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr() as *const libc::c_void, 8) };
-    }
-
-    /// The descriptor to pass to the client.
-    pub fn fd(&self) -> &OwnedFd {
-        &self.0
-    }
-}
+pub use crate::sys::EventFd;
 
 /// What a successful HELLO gets: the reply, the fds to pass, and the peer's handle.
 pub struct Admission {
@@ -1167,12 +1140,13 @@ impl Hub {
                 };
                 claimed
             };
-            // SAFETY: `claim` handed this step to this worker alone (it is in `in_flight`
-            // until we return), and the step is at least `slots` ahead of nothing a peer
-            // still holds (next_fill < base + slots).
-            let slot = unsafe { ring.slot_mut(job.step) };
+            // `claim` handed this step to this worker alone (it is in `in_flight` until we
+            // return), and the step is at least `slots` ahead of nothing a peer still
+            // holds (next_fill < base + slots); the ring refuses a second writer anyway.
             let t0 = Instant::now();
-            let result = fill_slot(slot, ring.layout(), &job, &self.source);
+            let result = ring
+                .claim(job.step)
+                .and_then(|mut slot| fill_slot(&mut slot, ring.layout(), &job, &self.source));
             let mut per_domain = vec![0u64; self.source.shards.len()];
             for row in &job.rows {
                 if let Some(t) = per_domain.get_mut(row.domain as usize) {
@@ -1224,9 +1198,10 @@ impl Hub {
                         for (s, t) in sums.iter_mut().zip(&dom) {
                             *s += t;
                         }
-                        // SAFETY: the step is filled and not yet visible; only this
-                        // thread (holding the lock) touches it now.
-                        stamp(unsafe { ring.slot_mut(entry.published) });
+                        // The step is filled and not yet visible: no worker holds it.
+                        if let Err(e) = ring.stamp(entry.published) {
+                            error!(job = %key.0, dp_rank = key.1, "{e}");
+                        }
                         entry.published += 1;
                         let at = entry.published;
                         for p in entry.peers.values_mut() {

@@ -19,6 +19,7 @@
 
 pub mod access;
 pub mod budget;
+pub mod fill;
 pub mod hub;
 pub mod limits;
 pub mod notify;
@@ -37,12 +38,12 @@ use tracing::{info, warn};
 
 use crate::config::serve::{socket_problem, ServeConfig};
 use crate::wire::status::{ControlConnections, FdLimitStatus, ReloadOutcome, Status};
+use fill::Source;
 use hub::{Hub, HubSettings};
 use load::load;
 pub use load::{check_config, CheckArgs};
 use notify::Notifier;
 use reload::{Running, RELOAD_SOURCES};
-use ring::Source;
 
 /// Arguments of `millrace serve`.
 #[derive(clap::Args, Debug)]
