@@ -377,14 +377,6 @@ fn slice_tokens(t: Tokens<'_>, a: usize, b: usize) -> Tokens<'_> {
     }
 }
 
-/// Stamps the slot's publish time (CLOCK_MONOTONIC ns) right before it is published.
-pub fn stamp(slot: &mut [u8]) {
-    put_u64(slot, slot_at::PUBLISH_NS, monotonic_ns());
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock clients compare `publish_ns` against.
-pub use crate::sys::monotonic_ns;
-
 /// Tells the kernel which pages a planned segment will read, so a cold shard is read
 /// with exact spans ahead of the copy instead of faulting (and reading ahead 8 MiB) on
 /// the hot path.

@@ -27,7 +27,7 @@ pub fn memcpy_gb_per_s(bytes: usize, reps: usize) -> f64 {
 
 /// CLOCK_MONOTONIC in ns: the clock the consumers and the baseline stamp batches with.
 pub(super) fn now_ns() -> u64 {
-    millrace::serve::ring::monotonic_ns()
+    millrace::sys::monotonic_ns()
 }
 
 /// Every shard-like file (.bin, .idx, .npy) under `dir`.
