@@ -72,9 +72,8 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| {
                     let job = &jobs[i % jobs.len()];
                     i += 1;
-                    // SAFETY: this benchmark is the ring's only user.
-                    let slot = unsafe { ring.slot_mut(job.step) };
-                    black_box(fill_slot(slot, &layout, job, &source).expect("fill"))
+                    let mut slot = ring.claim(job.step).expect("claim");
+                    black_box(fill_slot(&mut slot, &layout, job, &source).expect("fill"))
                 })
             },
         );
