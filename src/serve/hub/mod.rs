@@ -1,0 +1,393 @@
+//! The daemon's shared state: jobs, one ring per (job, dp rank), the peers reading each
+//! ring, and the materializer threads that plan, prefetch and fill slots.
+//!
+//! Everything mutable sits behind one mutex that is held only for bookkeeping and for
+//! planning a step (a millisecond at most); copying tokens into a slot happens outside
+//! it, on a worker that has claimed the slot. A ring advances when its own peers release
+//! slots, so a slow rank stalls nobody else.
+//!
+//! This file holds that state (the hub, its jobs, rings and peers); the rooms around it
+//! act on it: `admission` (HELLO to joined peer, and leaving), `schedule` (the workers
+//! that plan and copy), `live` (mixture changes) and `status` (what STATUS reports).
+
+mod admission;
+mod live;
+mod schedule;
+mod status;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::ring::{random_access, Ring, SlotJob, Source, TokenType};
+use crate::plan::{Plan, Planner};
+use crate::wire::protocol::Welcome;
+
+pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
+
+/// Settings the hub needs from `[serve]`.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// Slots per ring.
+    pub slots: u32,
+    /// Planned steps kept ahead of the copies, with page-cache hints issued.
+    pub prefetch: u32,
+    /// Token element type.
+    pub token: TokenType,
+    /// Most clients connected at once.
+    pub max_clients: usize,
+    /// Issue MADV_WILLNEED for planned spans.
+    pub hints: bool,
+    /// Most bytes all rings together may take (`[serve] ring_memory_bytes`): a job whose
+    /// ring would pass it is refused with `memory`.
+    pub ring_budget: u64,
+}
+
+/// An eventfd the daemon writes to when a slot is published.
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    fn new() -> std::io::Result<EventFd> {
+        // SAFETY: plain syscall; the result is checked and owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn signal(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer; EAGAIN (counter saturated) means the
+        // client already has a wake-up pending, so errors are ignored.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr() as *const libc::c_void, 8) };
+    }
+
+    /// The descriptor to pass to the client.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.0
+    }
+}
+
+/// What a successful HELLO gets: the reply, the fds to pass, and the peer's handle.
+pub struct Admission {
+    /// Identifies the peer in later calls.
+    pub peer: u64,
+    /// The WELCOME reply.
+    pub welcome: Welcome,
+    /// The ring (kept alive while its fd is sent).
+    pub ring: Arc<Ring>,
+    /// The peer's ready eventfd.
+    pub ready: Arc<EventFd>,
+    /// Fired when the peer's ring fails, so its connection can say why and close.
+    pub kick: Arc<tokio::sync::Notify>,
+}
+
+struct Peer {
+    replica: String,
+    released: u64,
+    ready: Arc<EventFd>,
+    kick: Arc<tokio::sync::Notify>,
+    pid: Option<i32>,
+    /// A peer that joined ahead of the ring: its step and blob, checked against the
+    /// ring's own cursor when the ring gets there.
+    expect: Option<(u64, Vec<u8>)>,
+    /// Why this peer is being disconnected.
+    error: Option<String>,
+    /// The blob it resumed from, if any.
+    blob: Option<Vec<u8>>,
+}
+
+struct RingEntry {
+    ring: Arc<Ring>,
+    planner: Planner,
+    /// Planned, hinted, not yet claimed.
+    planned: VecDeque<SlotJob>,
+    /// Next step to hand to a worker.
+    next_fill: u64,
+    /// Filled but not yet published (a later slot finished first), with its cursor.
+    filled: BTreeMap<u64, (Vec<u8>, Vec<u64>)>,
+    /// Every step below this is visible to clients.
+    published: u64,
+    /// Cursor at the start of each step in [oldest held, published].
+    cursors: VecDeque<(u64, Vec<u8>)>,
+    peers: HashMap<u64, Peer>,
+    replicas: u32,
+    joined: u32,
+    /// The step the ring starts at (moves back while peers are still joining).
+    start: u64,
+    micro: (u32, u32),
+    failed: Option<String>,
+    /// Created from a blob: see `started`.
+    wait_for_peers: bool,
+    /// Steps a worker is copying now. A step whose plan was replaced by a live change
+    /// stays here until its (discarded) copy ends, so no second worker writes its slot.
+    in_flight: BTreeSet<u64>,
+    /// Bumped when a live change regenerates the ring; copies of older generations are
+    /// dropped when they finish.
+    generation: u64,
+    /// Counters and clocks for status and metrics.
+    stats: RingStats,
+}
+
+/// What `status` and the metrics report about one ring.
+#[derive(Default)]
+struct RingStats {
+    batches_delivered: u64,
+    tokens_per_step: u64,
+    /// Real tokens per domain in the steps this ring published.
+    domain_tokens: Vec<u64>,
+    /// Since when a peer has released every published step (the trainer waits for us).
+    starved_since: Option<Instant>,
+    consumer_wait: Duration,
+    /// Since when every slot has held an unreleased step (we wait for the trainer).
+    full_since: Option<Instant>,
+    producer_wait: Duration,
+    /// The hub's claim counter when a worker last claimed a step of this ring: among
+    /// equally empty rings the one served longest ago goes first (round-robin), so no
+    /// ring waits while its neighbours run ahead (issue 14 item 9).
+    last_claim: u64,
+}
+
+impl RingStats {
+    fn settle(since: &mut Option<Instant>, total: &mut Duration, now: Instant) {
+        if let Some(t) = since.take() {
+            *total += now.saturating_duration_since(t);
+        }
+    }
+
+    fn waits(&self, now: Instant) -> (f64, f64) {
+        let open =
+            |s: Option<Instant>| s.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        (
+            (self.consumer_wait + open(self.starved_since)).as_secs_f64(),
+            (self.producer_wait + open(self.full_since)).as_secs_f64(),
+        )
+    }
+}
+
+impl RingEntry {
+    /// Whether workers may fill the ring. A ring resumed from a blob waits until every
+    /// announced peer has joined: TP peers may have consumed different numbers of steps
+    /// before a daemon restart, and the ring must start at the lowest. A fresh ring (no
+    /// blob) starts at once, holding its first step for the peers still to come.
+    fn started(&self) -> bool {
+        self.joined >= self.replicas || !self.wait_for_peers
+    }
+
+    /// The oldest step some peer (present or still expected) may read.
+    fn base(&self) -> u64 {
+        if self.joined < self.replicas {
+            return self.start;
+        }
+        self.peers
+            .values()
+            .map(|p| p.released)
+            .min()
+            .unwrap_or(self.published)
+    }
+
+    /// Slots a worker may fill now.
+    fn free(&self, slots: u32) -> u64 {
+        (self.base() + slots as u64).saturating_sub(self.next_fill)
+    }
+
+    /// Whether a worker should fill this ring now. (No refill hysteresis: a consumer
+    /// that holds several slots may be waiting for the one free slot.)
+    fn claimable(&self, slots: u32) -> bool {
+        self.failed.is_none()
+            && self.started()
+            && !self.peers.is_empty()
+            && self.free(slots) > 0
+            && !self.in_flight.contains(&self.next_fill)
+    }
+
+    /// Updates the stall clocks after `published` or a peer's release moved.
+    fn clocks(&mut self, slots: u32, now: Instant) {
+        let starved = self.started() && self.peers.values().any(|p| p.released >= self.published);
+        match (starved, self.stats.starved_since.is_some()) {
+            (true, false) => self.stats.starved_since = Some(now),
+            (false, true) => RingStats::settle(
+                &mut self.stats.starved_since,
+                &mut self.stats.consumer_wait,
+                now,
+            ),
+            _ => {}
+        }
+        let full = !self.peers.is_empty() && self.published >= self.base() + slots as u64;
+        match (full, self.stats.full_since.is_some()) {
+            (true, false) => self.stats.full_since = Some(now),
+            (false, true) => RingStats::settle(
+                &mut self.stats.full_since,
+                &mut self.stats.producer_wait,
+                now,
+            ),
+            _ => {}
+        }
+    }
+
+    /// Replans everything not yet published with `planner` (already at `published`).
+    fn regenerate(&mut self, planner: Planner) {
+        self.planner = planner;
+        self.planned.clear();
+        self.filled.clear();
+        self.next_fill = self.published;
+        self.generation += 1;
+    }
+}
+
+/// A step handed to a worker: (job, dp rank), the ring, the planned step, and the
+/// ring's generation when it was claimed.
+type Claimed = ((String, u32), Arc<Ring>, SlotJob, u64);
+
+struct Job {
+    dp_size: u32,
+    rings: HashMap<u32, RingEntry>,
+}
+
+struct State {
+    /// The plan in force: the config's, with the journal of live changes.
+    plan: Arc<Plan>,
+    /// Where each journal entry came from, in journal order.
+    sources: Vec<&'static str>,
+    jobs: HashMap<String, Job>,
+    next_peer: u64,
+    clients: usize,
+    stopping: bool,
+    /// No new slots are filled; peers finish what is published.
+    draining: bool,
+    /// The highest step any ring ever published: clients may hold anything below it.
+    watermark: u64,
+    reloads: BTreeMap<&'static str, u64>,
+    failed_reloads: BTreeMap<&'static str, u64>,
+    /// Steps claimed so far: the clock of `RingStats::last_claim`.
+    claims: u64,
+    /// Real tokens per domain of rings whose last peer left, and the most advanced of
+    /// their published cursors: `status` keeps counting what was delivered after the
+    /// clients have gone instead of falling back to zero.
+    retired: (Vec<u64>, Option<Published>),
+}
+
+/// A ring's last published cursor for `status`: its step, the blob, the planner's epochs.
+type Published = (u64, Vec<u8>, Vec<f64>);
+
+impl State {
+    /// The first trainer step a change may still shape.
+    fn first_changeable(&self) -> u64 {
+        let live = self
+            .jobs
+            .values()
+            .flat_map(|j| j.rings.values())
+            .map(|e| e.published)
+            .max()
+            .unwrap_or(0);
+        live.max(self.watermark)
+    }
+}
+
+/// Shared by the accept loop, every connection and every materializer thread.
+pub struct Hub {
+    source: Source,
+    settings: HubSettings,
+    cursor_cap: usize,
+    /// Bytes of the cursor field left for the journal.
+    journal_cap: usize,
+    state: Mutex<State>,
+    work: Condvar,
+    /// Real and padded token positions copied, and documents started and cut, for the
+    /// padding and truncation fractions.
+    fill: Mutex<FillStats>,
+    /// When the shards were last stat'ed for in-place changes ([`SHARD_CHECK`]), and the
+    /// shard the next pass starts at.
+    shards_checked: Mutex<(Instant, usize)>,
+}
+
+/// How often a worker stats shards for a size or mtime that moved since they were
+/// opened (a shard rewritten in place), off the hub lock.
+const SHARD_CHECK: Duration = Duration::from_secs(1);
+/// The most one pass may spend (a few us a file): a corpus of more shards than fit is
+/// covered round-robin over several passes, so the check never costs a worker more than
+/// 1% of its time.
+const SHARD_CHECK_BUDGET: Duration = Duration::from_millis(10);
+
+#[derive(Default, Clone, Copy)]
+struct FillStats {
+    positions: u64,
+    real: u64,
+    docs: u64,
+    cut: u64,
+}
+
+impl Hub {
+    /// A hub over a built plan and its mapped shards; hints the shards for random access.
+    pub fn new(plan: Arc<Plan>, source: Source, settings: HubSettings) -> Hub {
+        // Reads of a shard truncated under the daemon fail the rings that need it
+        // instead of killing the process (corpus::guard).
+        if let Err(e) =
+            crate::corpus::guard::protect(source.shards.iter().flatten().flat_map(|s| s.mappings()))
+        {
+            warn!("cannot install the SIGBUS guard ({e}); a shard truncated while served will stop the daemon");
+        }
+        if settings.hints {
+            for shard in source.shards.iter().flatten() {
+                random_access(shard.data());
+            }
+        }
+        let domains = plan.domain_names().len();
+        let reseeds = plan.config().reseed.len();
+        // Room for a journal of a few dozen typical changes; a change that would not fit
+        // is refused (write the mixture into the config and restart instead).
+        let journal_cap = 16384;
+        let cursor_cap = 1024 + domains * (512 + 32 * reseeds) + journal_cap;
+        Hub {
+            source,
+            settings,
+            cursor_cap,
+            journal_cap,
+            state: Mutex::new(State {
+                plan,
+                sources: Vec::new(),
+                jobs: HashMap::new(),
+                next_peer: 1,
+                clients: 0,
+                stopping: false,
+                draining: false,
+                watermark: 0,
+                reloads: BTreeMap::new(),
+                failed_reloads: BTreeMap::new(),
+                claims: 0,
+                retired: (Vec::new(), None),
+            }),
+            work: Condvar::new(),
+            fill: Mutex::new(FillStats::default()),
+            shards_checked: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// The plan in force now.
+    pub fn plan(&self) -> Arc<Plan> {
+        self.lock().plan.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker that panicked mid-update would be a bug; keep serving the rest.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of every live ring together, checked against `ring_budget`.
+    fn ring_memory(st: &State) -> u64 {
+        st.jobs
+            .values()
+            .flat_map(|j| j.rings.values())
+            .map(|e| e.ring.layout().ring_bytes)
+            .sum()
+    }
+
+    fn find<'a>(st: &'a mut State, job: &str, dp_rank: u32) -> Option<&'a mut RingEntry> {
+        st.jobs.get_mut(job)?.rings.get_mut(&dp_rank)
+    }
+}
