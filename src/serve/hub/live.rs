@@ -9,7 +9,7 @@ use tracing::info;
 use super::{Hub, State};
 use crate::plan::config::{SchedulePoint, MAX_STEP};
 use crate::plan::journal;
-use crate::plan::{cursor, Change, Plan};
+use crate::plan::{cursor, Change, CursorError, Plan};
 use crate::wire::protocol::Code;
 
 /// What a live mixture change proposes.
@@ -73,6 +73,23 @@ pub struct ChangeError {
     pub first_changeable: Option<u64>,
 }
 
+/// Why a new plan could not be put in force: a ring's cursor does not restore under it.
+/// Nothing changed; the caller refuses the change with `busy`.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum InstallError {
+    /// A ring without a cursor (every ring holds at least its start's).
+    #[error("job {job:?} dp_rank {dp_rank} holds no cursor")]
+    NoCursor { job: String, dp_rank: u32 },
+    /// A ring's published cursor does not restore under the new plan.
+    #[error("job {job:?} dp_rank {dp_rank} at step {step}: {source}")]
+    Restore {
+        job: String,
+        dp_rank: u32,
+        step: u64,
+        source: CursorError,
+    },
+}
+
 impl ChangeError {
     /// A refusal for bad input.
     pub fn invalid(message: impl Into<String>) -> ChangeError {
@@ -89,16 +106,24 @@ impl Hub {
     /// published step under the new plan, and everything planned or copied beyond it is
     /// dropped and done again. All or nothing: a ring that cannot be restored leaves
     /// every ring as it was. Runs under the lock, so no step is published meanwhile.
-    pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), String> {
+    pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), InstallError> {
         let mut fresh = Vec::new();
         for (name, job) in &st.jobs {
             for (&r, e) in &job.rings {
-                let Some((step, blob)) = e.cursors.back() else {
-                    return Err(format!("job {name:?} dp_rank {r} holds no cursor"));
+                let Some(c) = e.cursors.back() else {
+                    return Err(InstallError::NoCursor {
+                        job: name.clone(),
+                        dp_rank: r,
+                    });
                 };
                 let p = plan
-                    .restore(blob)
-                    .map_err(|e| format!("job {name:?} dp_rank {r} at step {step}: {e}"))?;
+                    .restore(&c.blob)
+                    .map_err(|source| InstallError::Restore {
+                        job: name.clone(),
+                        dp_rank: r,
+                        step: c.step,
+                        source,
+                    })?;
                 fresh.push((name.clone(), r, p));
             }
         }
@@ -209,9 +234,9 @@ impl Hub {
             plan.with_history(journal, plan.superseded().saturating_add(dropped))
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
         );
-        self.install(st, next.clone()).map_err(|m| ChangeError {
+        self.install(st, next.clone()).map_err(|e| ChangeError {
             code: Code::Busy,
-            message: format!("regenerating prefetched batches: {m}"),
+            message: format!("regenerating prefetched batches: {e}"),
             first_changeable: None,
         })?;
         st.sources.resize(kept, "cursor");

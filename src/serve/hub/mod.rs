@@ -7,11 +7,14 @@
 //! slots, so a slow rank stalls nobody else.
 //!
 //! This file holds that state (the hub, its jobs, rings and peers); the rooms around it
-//! act on it: `admission` (HELLO to joined peer, and leaving), `schedule` (the workers
-//! that plan and copy), `live` (mixture changes) and `status` (what STATUS reports).
+//! act on it: `phase` (a ring's lifecycle), `admission` (HELLO to joined peer), `peers`
+//! (release, failure, leave, drain), `schedule` (the workers that plan and copy), `live`
+//! (mixture changes) and `status` (what STATUS reports).
 
 mod admission;
 mod live;
+mod peers;
+mod phase;
 mod schedule;
 mod status;
 
@@ -27,6 +30,9 @@ use crate::plan::{Plan, Planner};
 use crate::wire::protocol::Welcome;
 
 pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
+pub use peers::ReleaseError;
+pub use phase::Failure;
+use phase::Phase;
 
 /// Settings the hub needs from `[serve]`.
 #[derive(Debug, Clone)]
@@ -87,6 +93,7 @@ pub struct Admission {
     pub kick: Arc<tokio::sync::Notify>,
 }
 
+/// A client joined to a ring.
 struct Peer {
     replica: String,
     released: u64,
@@ -96,36 +103,76 @@ struct Peer {
     /// A peer that joined ahead of the ring: its step and blob, checked against the
     /// ring's own cursor when the ring gets there.
     expect: Option<(u64, Vec<u8>)>,
-    /// Why this peer is being disconnected.
-    error: Option<String>,
+    /// Why this peer is being disconnected, when it is its own fault (its resume point).
+    error: Option<Failure>,
     /// The blob it resumed from, if any.
     blob: Option<Vec<u8>>,
 }
 
+/// What a cursor blob records that `status` reports, kept beside the blob when it is
+/// made so that nothing decodes a blob to report it.
+#[derive(Debug, Clone)]
+struct Mark {
+    /// The next plan step.
+    plan_step: u64,
+    /// Rows given to each domain so far.
+    rows: Vec<u64>,
+}
+
+impl Mark {
+    /// The mark of `planner`'s cursor now, for a planner just sought or restored (the
+    /// workers take theirs from the batch they planned).
+    fn of(planner: &Planner) -> Mark {
+        Mark {
+            plan_step: planner.plan().plan_step_of(planner.step()),
+            rows: planner.mix_state().rows.clone(),
+        }
+    }
+}
+
+/// A cursor a ring holds: the blob for "every step before `step` was delivered".
+struct Cursor {
+    step: u64,
+    blob: Vec<u8>,
+    mark: Mark,
+}
+
+/// A step copied but not yet published (a later slot finished first).
+struct Filled {
+    /// The cursor after the step.
+    blob: Vec<u8>,
+    mark: Mark,
+    /// Real tokens per domain in the step.
+    tokens: Vec<u64>,
+}
+
+/// One (job, dp rank)'s ring, its peers and its planner; [`Phase`] says where it is in
+/// its life.
 struct RingEntry {
     ring: Arc<Ring>,
     planner: Planner,
-    /// Planned, hinted, not yet claimed.
-    planned: VecDeque<SlotJob>,
+    /// Planned, hinted, not yet claimed, with the mark of the cursor after each.
+    planned: VecDeque<(SlotJob, Mark)>,
     /// Next step to hand to a worker.
     next_fill: u64,
-    /// Filled but not yet published (a later slot finished first), with its cursor.
-    filled: BTreeMap<u64, (Vec<u8>, Vec<u64>)>,
+    /// Filled but not yet published, by step.
+    filled: BTreeMap<u64, Filled>,
     /// Every step below this is visible to clients.
     published: u64,
     /// Cursor at the start of each step in [oldest held, published].
-    cursors: VecDeque<(u64, Vec<u8>)>,
+    cursors: VecDeque<Cursor>,
     peers: HashMap<u64, Peer>,
     replicas: u32,
+    /// Peers that ever joined (a peer that leaves is not taken back).
     joined: u32,
     /// The step the ring starts at (moves back while peers are still joining).
     start: u64,
     micro: (u32, u32),
-    failed: Option<String>,
-    /// Created from a blob: see `started`.
-    wait_for_peers: bool,
-    /// Steps a worker is copying now. A step whose plan was replaced by a live change
-    /// stays here until its (discarded) copy ends, so no second worker writes its slot.
+    /// Created from a blob: it joins its announced peers before it streams.
+    resumed: bool,
+    phase: Phase,
+    /// Steps a worker is copying now under the plan in force (stale copies of a
+    /// replaced plan are in [`Phase::Regenerating`]).
     in_flight: BTreeSet<u64>,
     /// Bumped when a live change regenerates the ring; copies of older generations are
     /// dropped when they finish.
@@ -170,79 +217,17 @@ impl RingStats {
     }
 }
 
-impl RingEntry {
-    /// Whether workers may fill the ring. A ring resumed from a blob waits until every
-    /// announced peer has joined: TP peers may have consumed different numbers of steps
-    /// before a daemon restart, and the ring must start at the lowest. A fresh ring (no
-    /// blob) starts at once, holding its first step for the peers still to come.
-    fn started(&self) -> bool {
-        self.joined >= self.replicas || !self.wait_for_peers
-    }
-
-    /// The oldest step some peer (present or still expected) may read.
-    fn base(&self) -> u64 {
-        if self.joined < self.replicas {
-            return self.start;
-        }
-        self.peers
-            .values()
-            .map(|p| p.released)
-            .min()
-            .unwrap_or(self.published)
-    }
-
-    /// Slots a worker may fill now.
-    fn free(&self, slots: u32) -> u64 {
-        (self.base() + slots as u64).saturating_sub(self.next_fill)
-    }
-
-    /// Whether a worker should fill this ring now. (No refill hysteresis: a consumer
-    /// that holds several slots may be waiting for the one free slot.)
-    fn claimable(&self, slots: u32) -> bool {
-        self.failed.is_none()
-            && self.started()
-            && !self.peers.is_empty()
-            && self.free(slots) > 0
-            && !self.in_flight.contains(&self.next_fill)
-    }
-
-    /// Updates the stall clocks after `published` or a peer's release moved.
-    fn clocks(&mut self, slots: u32, now: Instant) {
-        let starved = self.started() && self.peers.values().any(|p| p.released >= self.published);
-        match (starved, self.stats.starved_since.is_some()) {
-            (true, false) => self.stats.starved_since = Some(now),
-            (false, true) => RingStats::settle(
-                &mut self.stats.starved_since,
-                &mut self.stats.consumer_wait,
-                now,
-            ),
-            _ => {}
-        }
-        let full = !self.peers.is_empty() && self.published >= self.base() + slots as u64;
-        match (full, self.stats.full_since.is_some()) {
-            (true, false) => self.stats.full_since = Some(now),
-            (false, true) => RingStats::settle(
-                &mut self.stats.full_since,
-                &mut self.stats.producer_wait,
-                now,
-            ),
-            _ => {}
-        }
-    }
-
-    /// Replans everything not yet published with `planner` (already at `published`).
-    fn regenerate(&mut self, planner: Planner) {
-        self.planner = planner;
-        self.planned.clear();
-        self.filled.clear();
-        self.next_fill = self.published;
-        self.generation += 1;
-    }
+/// A step handed to a worker.
+struct Claimed {
+    /// (job, dp rank).
+    key: (String, u32),
+    ring: Arc<Ring>,
+    job: SlotJob,
+    /// The mark of `job.cursor`.
+    mark: Mark,
+    /// The ring's generation when it was claimed.
+    generation: u64,
 }
-
-/// A step handed to a worker: (job, dp rank), the ring, the planned step, and the
-/// ring's generation when it was claimed.
-type Claimed = ((String, u32), Arc<Ring>, SlotJob, u64);
 
 struct Job {
     dp_size: u32,
@@ -272,8 +257,8 @@ struct State {
     retired: (Vec<u64>, Option<Published>),
 }
 
-/// A ring's last published cursor for `status`: its step, the blob, the planner's epochs.
-type Published = (u64, Vec<u8>, Vec<f64>);
+/// A ring's last published cursor for `status`: its step, its mark, the planner's epochs.
+type Published = (u64, Mark, Vec<f64>);
 
 impl State {
     /// The first trainer step a change may still shape.

@@ -7,8 +7,12 @@ use std::time::Instant;
 
 use tracing::{error, warn};
 
-use super::{Claimed, Hub, State, SHARD_CHECK, SHARD_CHECK_BUDGET};
+use super::phase::Copy;
+use super::{
+    Claimed, Cursor, Failure, Filled, Hub, Mark, RingEntry, State, SHARD_CHECK, SHARD_CHECK_BUDGET,
+};
 use crate::serve::ring::{fill_slot, stamp, will_need, SlotJob};
+use crate::wire::protocol::Code;
 
 impl Hub {
     /// Poisons every shard whose files changed in place since they were opened, at most
@@ -70,10 +74,7 @@ impl Hub {
         let why = self.poison_at(addr, &format!("while planning step {step}"));
         if let Some(entry) = Self::find(st, &key.0, key.1) {
             error!(job = %key.0, dp_rank = key.1, "materialize: {why}; this ring stops");
-            entry.failed = Some(why);
-            for p in entry.peers.values() {
-                p.kick.notify_one();
-            }
+            entry.fail(Failure::new(Code::Materialize, why));
         }
     }
 
@@ -81,7 +82,13 @@ impl Hub {
     pub fn worker(&self) {
         loop {
             self.check_shards();
-            let (key, ring, job, generation) = {
+            let Claimed {
+                key,
+                ring,
+                job,
+                mark,
+                generation,
+            } = {
                 let mut st = self.lock();
                 let claimed = loop {
                     if st.stopping {
@@ -95,11 +102,11 @@ impl Hub {
                     drop(g);
                     match (c, fault) {
                         (Some(c), None) => break c,
-                        (Some((key, _, job, _)), Some(addr)) => {
-                            if let Some(e) = Self::find(&mut st, &key.0, key.1) {
-                                e.in_flight.remove(&job.step);
+                        (Some(c), Some(addr)) => {
+                            if let Some(e) = Self::find(&mut st, &c.key.0, c.key.1) {
+                                e.copy_ended(c.job.step, c.generation);
                             }
-                            self.fail_on_fault(&mut st, &key, job.step, addr);
+                            self.fail_on_fault(&mut st, &c.key, c.job.step, addr);
                             continue;
                         }
                         (None, _) => {}
@@ -145,8 +152,7 @@ impl Hub {
             if !Arc::ptr_eq(&entry.ring, &ring) {
                 continue; // the ring was replaced while we copied
             }
-            entry.in_flight.remove(&job.step);
-            if entry.generation != generation {
+            if entry.copy_ended(job.step, generation) == Copy::Stale {
                 // A live change replanned this step while we copied: the slot is free
                 // for the fresh copy now.
                 drop(st);
@@ -155,42 +161,15 @@ impl Hub {
             }
             match result {
                 Ok(_) => {
-                    entry.filled.insert(job.step, (job.cursor, per_domain));
-                    let before = entry.published;
-                    while let Some((cursor, dom)) = entry.filled.remove(&entry.published) {
-                        let sums = &mut entry.stats.domain_tokens;
-                        if sums.len() < dom.len() {
-                            sums.resize(dom.len(), 0);
-                        }
-                        for (s, t) in sums.iter_mut().zip(&dom) {
-                            *s += t;
-                        }
-                        // SAFETY: the step is filled and not yet visible; only this
-                        // thread (holding the lock) touches it now.
-                        stamp(unsafe { ring.slot_mut(entry.published) });
-                        entry.published += 1;
-                        let at = entry.published;
-                        for p in entry.peers.values_mut() {
-                            if let Some((s, b)) = p.expect.take_if(|(s, _)| *s == at) {
-                                if b != cursor {
-                                    let m = format!(
-                                        "this client resumed at step {s} with a cursor its \
-                                         peers' stream does not reach; peers of one dp rank \
-                                         must resume from the same checkpoint"
-                                    );
-                                    warn!(job = %key.0, dp_rank = key.1, replica = %p.replica, "{m}");
-                                    p.error = Some(m);
-                                    p.kick.notify_one();
-                                }
-                            }
-                        }
-                        entry.cursors.push_back((at, cursor));
-                    }
-                    if entry.published != before {
-                        ring.publish(entry.published);
-                        for p in entry.peers.values() {
-                            p.ready.signal();
-                        }
+                    entry.filled.insert(
+                        job.step,
+                        Filled {
+                            blob: job.cursor,
+                            mark,
+                            tokens: per_domain,
+                        },
+                    );
+                    if entry.publish_in_order(&key) {
                         entry.clocks(self.settings.slots, Instant::now());
                         let published = entry.published;
                         st.watermark = st.watermark.max(published);
@@ -198,10 +177,7 @@ impl Hub {
                 }
                 Err(e) => {
                     error!(job = %key.0, dp_rank = key.1, "{e}; this ring stops");
-                    entry.failed = Some(e.to_string());
-                    for p in entry.peers.values() {
-                        p.kick.notify_one();
-                    }
+                    entry.fail(Failure::new(Code::Materialize, e.to_string()));
                 }
             }
         }
@@ -241,20 +217,32 @@ impl Hub {
             if self.settings.hints {
                 self.hint(&rows);
             }
-            entry.planned.push_back(SlotJob {
+            // The planner is past the batch now: its cursor, and the mark of that
+            // cursor, say where the step after it starts.
+            let mark = Mark {
+                plan_step: batch.plan_step + 1,
+                rows: entry.planner.mix_state().rows.clone(),
+            };
+            let job = SlotJob {
                 step: batch.step,
                 plan_step: batch.plan_step,
                 rows,
                 cursor: entry.planner.cursor(),
-            });
+            };
+            entry.planned.push_back((job, mark));
         }
-        let job = entry.planned.pop_front()?;
+        let (job, mark) = entry.planned.pop_front()?;
         if job.step != entry.next_fill {
             warn!(job = %name, dp_rank = r, "planner at step {} but ring expects {}", job.step, entry.next_fill);
         }
-        entry.next_fill = job.step + 1;
-        entry.in_flight.insert(job.step);
-        Some(((name, r), entry.ring.clone(), job, entry.generation))
+        entry.claim_step(job.step);
+        Some(Claimed {
+            key: (name, r),
+            ring: entry.ring.clone(),
+            job,
+            mark,
+            generation: entry.generation,
+        })
     }
 
     /// MADV_WILLNEED over exactly the token spans a planned step will copy.
@@ -276,5 +264,55 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+impl RingEntry {
+    /// Publishes every filled step that is next in order (a later slot may finish first)
+    /// and wakes the peers; a peer that joined ahead is checked when the ring reaches its
+    /// step. Returns whether anything was published.
+    fn publish_in_order(&mut self, key: &(String, u32)) -> bool {
+        let before = self.published;
+        while let Some(f) = self.filled.remove(&self.published) {
+            let sums = &mut self.stats.domain_tokens;
+            if sums.len() < f.tokens.len() {
+                sums.resize(f.tokens.len(), 0);
+            }
+            for (s, t) in sums.iter_mut().zip(&f.tokens) {
+                *s += t;
+            }
+            // SAFETY: the step is filled and not yet visible; only this thread (holding
+            // the hub lock) touches it now.
+            stamp(unsafe { self.ring.slot_mut(self.published) });
+            self.published += 1;
+            let at = self.published;
+            for p in self.peers.values_mut() {
+                if let Some((s, b)) = p.expect.take_if(|(s, _)| *s == at) {
+                    if b != f.blob {
+                        let m = format!(
+                            "this client resumed at step {s} with a cursor its peers' stream \
+                             does not reach; peers of one dp rank must resume from the same \
+                             checkpoint"
+                        );
+                        warn!(job = %key.0, dp_rank = key.1, replica = %p.replica, "{m}");
+                        p.error = Some(Failure::new(Code::PeerPosition, m));
+                        p.kick.notify_one();
+                    }
+                }
+            }
+            self.cursors.push_back(Cursor {
+                step: at,
+                blob: f.blob,
+                mark: f.mark,
+            });
+        }
+        if self.published == before {
+            return false;
+        }
+        self.ring.publish(self.published);
+        for p in self.peers.values() {
+            p.ready.signal();
+        }
+        true
     }
 }

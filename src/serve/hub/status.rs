@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::{Hub, Published, State};
-use crate::plan::cursor;
+use super::{Hub, Published, RingEntry, State};
 use crate::wire::status::{
     DomainStatus, JobStatus, JournalEntry, JournalPoint, PeerStatus, PoisonedShard, RingMemory,
     RingStatus, Status,
@@ -66,11 +65,7 @@ impl Hub {
                     .into_iter()
                     .map(|r| {
                         let e = &job.rings[r];
-                        if let Some((step, c)) = e.cursors.back() {
-                            if best.as_ref().is_none_or(|b| *step > b.0) {
-                                best = Some((*step, c.clone(), e.planner.epochs()));
-                            }
-                        }
+                        e.keep_furthest(&mut best);
                         for (s, t) in delivered.iter_mut().zip(&e.stats.domain_tokens) {
                             *s += t;
                         }
@@ -141,11 +136,10 @@ impl Hub {
         // ring's step. Rows come from that ring's published cursor; epochs from its
         // planner (up to `prefetch_steps` ahead of it).
         let names = plan.domain_names();
-        let (plan_step, rows, epochs) =
-            match best.and_then(|(_, c, ep)| cursor::decode(&c).ok().map(|d| (d, ep))) {
-                Some((d, ep)) => (d.plan_step, d.mix.rows, ep),
-                None => (0, vec![0; names.len()], vec![0.0; names.len()]),
-            };
+        let (plan_step, rows, epochs) = match best {
+            Some((_, mark, ep)) => (mark.plan_step, mark.rows, ep),
+            None => (0, vec![0; names.len()], vec![0.0; names.len()]),
+        };
         let total: u64 = delivered.iter().sum();
         let target = plan.schedule().shares(plan_step);
         let row_target = plan.mixer().row_shares(plan_step);
@@ -195,5 +189,17 @@ impl Hub {
             })
             .collect();
         out
+    }
+}
+
+impl RingEntry {
+    /// Replaces `best` with this ring's last published cursor when that is further on:
+    /// `status` reports the mixture at the most advanced ring.
+    pub(super) fn keep_furthest(&self, best: &mut Option<Published>) {
+        if let Some(c) = self.cursors.back() {
+            if best.as_ref().is_none_or(|b| c.step > b.0) {
+                *best = Some((c.step, c.mark.clone(), self.planner.epochs()));
+            }
+        }
     }
 }

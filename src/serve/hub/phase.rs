@@ -1,0 +1,271 @@
+//! The ring lifecycle: a ring waits for the peers it was announced with (joining),
+//! streams, replans after a live change (regenerating) or stops (failed). Each change of
+//! phase is a method of [`RingEntry`] that says when it may happen; the rest of the hub
+//! asks the phase instead of reading loose flags.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Cursor, Peer, RingEntry, RingStats};
+use crate::plan::Planner;
+use crate::serve::ring::Ring;
+use crate::wire::protocol::Code;
+
+/// Why a peer is disconnected: the ERROR code its connection sends and the detail,
+/// chosen where the failure happens (not guessed from the message later).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// `materialize` when the ring stopped, `peer_position` when the peer's own resume
+    /// point turned out wrong.
+    pub code: Code,
+    /// What happened, naming the shard, step or checkpoint.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with `code`.
+    pub fn new(code: Code, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where a ring is in its life.
+pub(super) enum Phase {
+    /// Resumed from a blob and waiting for the rest of the peers its first client
+    /// announced: TP peers may have consumed different numbers of steps before a daemon
+    /// restart, so nothing is produced until all have joined, and a peer that resumes
+    /// earlier moves the ring back to its step ([`RingEntry::move_back`]).
+    Joining,
+    /// Workers fill it. A fresh ring (no blob) streams at once, holding its first step
+    /// for the peers still to come.
+    Streaming,
+    /// A live change replanned everything past `published` while workers were copying
+    /// steps of the older plan: those copies (`stale`) are discarded when they end, and
+    /// until then no fresh copy may write their slots. Workers fill the other steps.
+    Regenerating {
+        /// Steps whose stale copy is still running.
+        stale: BTreeSet<u64>,
+    },
+    /// A copy or a planning read failed: nothing more is filled, and every peer is told
+    /// why when it is kicked.
+    Failed(Failure),
+}
+
+/// How a worker's copy ended, as far as its ring is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Copy {
+    /// Of the plan in force: publish it (or report its error).
+    Current,
+    /// Of a plan a live change replaced meanwhile: discard it.
+    Stale,
+}
+
+impl RingEntry {
+    /// A ring that starts at `cursor`, with no peer yet: [`RingEntry::join`] its first.
+    /// A ring resumed from a blob joins its announced peers before it streams; any other
+    /// ring streams at once.
+    pub(super) fn new(
+        ring: Arc<Ring>,
+        planner: Planner,
+        cursor: Cursor,
+        replicas: u32,
+        micro: (u32, u32),
+        resumed: bool,
+        tokens_per_step: u64,
+    ) -> RingEntry {
+        let step = cursor.step;
+        RingEntry {
+            ring,
+            planner,
+            planned: VecDeque::new(),
+            next_fill: step,
+            filled: BTreeMap::new(),
+            published: step,
+            cursors: VecDeque::from([cursor]),
+            peers: HashMap::new(),
+            replicas,
+            joined: 0,
+            start: step,
+            micro,
+            resumed,
+            phase: if resumed {
+                Phase::Joining
+            } else {
+                Phase::Streaming
+            },
+            in_flight: BTreeSet::new(),
+            generation: 0,
+            stats: RingStats {
+                tokens_per_step,
+                ..RingStats::default()
+            },
+        }
+    }
+
+    /// Whether the ring has left [`Phase::Joining`]: its start step is fixed.
+    pub(super) fn started(&self) -> bool {
+        !matches!(self.phase, Phase::Joining)
+    }
+
+    /// Why the ring stopped, if it did.
+    pub(super) fn failure(&self) -> Option<&Failure> {
+        match &self.phase {
+            Phase::Failed(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Whether a worker should fill this ring now. (No refill hysteresis: a consumer
+    /// that holds several slots may be waiting for the one free slot.)
+    pub(super) fn claimable(&self, slots: u32) -> bool {
+        let slot_free = |step: &u64| {
+            !self.in_flight.contains(step)
+                && match &self.phase {
+                    Phase::Streaming => true,
+                    Phase::Regenerating { stale } => !stale.contains(step),
+                    Phase::Joining | Phase::Failed(_) => false,
+                }
+        };
+        !self.peers.is_empty() && self.free(slots) > 0 && slot_free(&self.next_fill)
+    }
+
+    /// Joins peer `id` (its checks passed). The last announced peer of a joining ring
+    /// starts it.
+    pub(super) fn join(&mut self, id: u64, peer: Peer) {
+        self.peers.insert(id, peer);
+        self.joined += 1;
+        if matches!(self.phase, Phase::Joining) && self.joined >= self.replicas {
+            self.phase = Phase::Streaming;
+        }
+    }
+
+    /// Takes back a join that a later step of admission refused (under the same lock, so
+    /// nothing was filled meanwhile): a resumed ring that this join started waits again.
+    /// Returns whether the peer was there.
+    pub(super) fn unjoin(&mut self, id: u64) -> bool {
+        if self.peers.remove(&id).is_none() {
+            return false;
+        }
+        self.joined = self.joined.saturating_sub(1);
+        if self.resumed && self.joined < self.replicas && matches!(self.phase, Phase::Streaming) {
+            self.phase = Phase::Joining;
+        }
+        true
+    }
+
+    /// Moves a joining ring back to `cursor`, the start of a peer that resumes earlier
+    /// than the peers already waiting; those are checked when the ring reaches their
+    /// steps. Only while joining: a streaming ring may already have published.
+    pub(super) fn move_back(&mut self, planner: Planner, cursor: Cursor) {
+        debug_assert!(matches!(self.phase, Phase::Joining));
+        for p in self.peers.values_mut() {
+            if p.expect.is_none() {
+                p.expect = p.blob.clone().map(|b| (p.released, b));
+            }
+        }
+        let step = cursor.step;
+        self.planner = planner;
+        self.planned.clear();
+        self.filled.clear();
+        self.start = step;
+        self.next_fill = step;
+        self.published = step;
+        self.cursors = VecDeque::from([cursor]);
+        self.ring.restart_at(step);
+    }
+
+    /// Stops the ring for good (a later failure replaces the reason) and kicks its peers.
+    pub(super) fn fail(&mut self, failure: Failure) {
+        self.phase = Phase::Failed(failure);
+        for p in self.peers.values() {
+            p.kick.notify_one();
+        }
+    }
+
+    /// Replans everything not yet published with `planner` (already at `published`).
+    /// Copies running now become stale: a streaming ring regenerates until they end; a
+    /// joining ring has none, and a failed ring stays failed.
+    pub(super) fn regenerate(&mut self, planner: Planner) {
+        self.planner = planner;
+        self.planned.clear();
+        self.filled.clear();
+        self.next_fill = self.published;
+        self.generation += 1;
+        let running = std::mem::take(&mut self.in_flight);
+        match &mut self.phase {
+            Phase::Streaming if !running.is_empty() => {
+                self.phase = Phase::Regenerating { stale: running }
+            }
+            Phase::Regenerating { stale } => stale.extend(running),
+            Phase::Streaming | Phase::Joining | Phase::Failed(_) => {}
+        }
+    }
+
+    /// Hands step `step` to a worker.
+    pub(super) fn claim_step(&mut self, step: u64) {
+        self.next_fill = step + 1;
+        self.in_flight.insert(step);
+    }
+
+    /// Records that a worker's copy of `step`, claimed at `generation`, ended; a
+    /// regenerating ring whose last stale copy this was streams again.
+    pub(super) fn copy_ended(&mut self, step: u64, generation: u64) -> Copy {
+        if generation == self.generation {
+            self.in_flight.remove(&step);
+            return Copy::Current;
+        }
+        if let Phase::Regenerating { stale } = &mut self.phase {
+            stale.remove(&step);
+            if stale.is_empty() {
+                self.phase = Phase::Streaming;
+            }
+        }
+        Copy::Stale
+    }
+
+    /// The oldest step some peer (present or still expected) may read.
+    pub(super) fn base(&self) -> u64 {
+        if self.joined < self.replicas {
+            return self.start;
+        }
+        self.peers
+            .values()
+            .map(|p| p.released)
+            .min()
+            .unwrap_or(self.published)
+    }
+
+    /// Slots a worker may fill now.
+    pub(super) fn free(&self, slots: u32) -> u64 {
+        (self.base() + slots as u64).saturating_sub(self.next_fill)
+    }
+
+    /// Updates the stall clocks after `published` or a peer's release moved.
+    pub(super) fn clocks(&mut self, slots: u32, now: Instant) {
+        let starved = self.started() && self.peers.values().any(|p| p.released >= self.published);
+        match (starved, self.stats.starved_since.is_some()) {
+            (true, false) => self.stats.starved_since = Some(now),
+            (false, true) => RingStats::settle(
+                &mut self.stats.starved_since,
+                &mut self.stats.consumer_wait,
+                now,
+            ),
+            _ => {}
+        }
+        let full = !self.peers.is_empty() && self.published >= self.base() + slots as u64;
+        match (full, self.stats.full_since.is_some()) {
+            (true, false) => self.stats.full_since = Some(now),
+            (false, true) => RingStats::settle(
+                &mut self.stats.full_since,
+                &mut self.stats.producer_wait,
+                now,
+            ),
+            _ => {}
+        }
+    }
+}
