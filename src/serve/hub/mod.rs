@@ -207,6 +207,16 @@ impl RingStats {
         }
     }
 
+    /// Opens clock `since` when its condition `on` starts, and adds the time to `total`
+    /// when it ends.
+    fn track(on: bool, since: &mut Option<Instant>, total: &mut Duration, now: Instant) {
+        match (on, since.is_some()) {
+            (true, false) => *since = Some(now),
+            (false, true) => RingStats::settle(since, total, now),
+            _ => {}
+        }
+    }
+
     fn waits(&self, now: Instant) -> (f64, f64) {
         let open =
             |s: Option<Instant>| s.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));

@@ -58,7 +58,7 @@ pub(super) enum Phase {
 
 /// How a worker's copy ended, as far as its ring is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Copy {
+pub(super) enum Copied {
     /// Of the plan in force: publish it (or report its error).
     Current,
     /// Of a plan a live change replaced meanwhile: discard it.
@@ -214,10 +214,10 @@ impl RingEntry {
 
     /// Records that a worker's copy of `step`, claimed at `generation`, ended; a
     /// regenerating ring whose last stale copy this was streams again.
-    pub(super) fn copy_ended(&mut self, step: u64, generation: u64) -> Copy {
+    pub(super) fn copy_ended(&mut self, step: u64, generation: u64) -> Copied {
         if generation == self.generation {
             self.in_flight.remove(&step);
-            return Copy::Current;
+            return Copied::Current;
         }
         if let Phase::Regenerating { stale } = &mut self.phase {
             stale.remove(&step);
@@ -225,7 +225,7 @@ impl RingEntry {
                 self.phase = Phase::Streaming;
             }
         }
-        Copy::Stale
+        Copied::Stale
     }
 
     /// The oldest step some peer (present or still expected) may read.
@@ -248,24 +248,9 @@ impl RingEntry {
     /// Updates the stall clocks after `published` or a peer's release moved.
     pub(super) fn clocks(&mut self, slots: u32, now: Instant) {
         let starved = self.started() && self.peers.values().any(|p| p.released >= self.published);
-        match (starved, self.stats.starved_since.is_some()) {
-            (true, false) => self.stats.starved_since = Some(now),
-            (false, true) => RingStats::settle(
-                &mut self.stats.starved_since,
-                &mut self.stats.consumer_wait,
-                now,
-            ),
-            _ => {}
-        }
         let full = !self.peers.is_empty() && self.published >= self.base() + slots as u64;
-        match (full, self.stats.full_since.is_some()) {
-            (true, false) => self.stats.full_since = Some(now),
-            (false, true) => RingStats::settle(
-                &mut self.stats.full_since,
-                &mut self.stats.producer_wait,
-                now,
-            ),
-            _ => {}
-        }
+        let s = &mut self.stats;
+        RingStats::track(starved, &mut s.starved_since, &mut s.consumer_wait, now);
+        RingStats::track(full, &mut s.full_since, &mut s.producer_wait, now);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tracing::{error, warn};
 
-use super::phase::Copy;
+use super::phase::Copied;
 use super::{
     Claimed, Cursor, Failure, Filled, Hub, Mark, RingEntry, State, SHARD_CHECK, SHARD_CHECK_BUDGET,
 };
@@ -152,7 +152,7 @@ impl Hub {
             if !Arc::ptr_eq(&entry.ring, &ring) {
                 continue; // the ring was replaced while we copied
             }
-            if entry.copy_ended(job.step, generation) == Copy::Stale {
+            if entry.copy_ended(job.step, generation) == Copied::Stale {
                 // A live change replanned this step while we copied: the slot is free
                 // for the fresh copy now.
                 drop(st);
