@@ -254,3 +254,133 @@ impl RingEntry {
         RingStats::track(full, &mut s.full_since, &mut s.producer_wait, now);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::DType;
+    use crate::plan::config::PlanConfig;
+    use crate::plan::{DocSource, DomainInput, MemShard, Plan};
+    use crate::serve::hub::{EventFd, Mark};
+    use crate::serve::ring::{Layout, TokenType};
+
+    const ROWS: u32 = 2;
+    const SEQ_LEN: u32 = 16;
+
+    /// A plan over one in-memory domain of 64 short documents.
+    fn plan() -> Arc<Plan> {
+        let shard: Arc<dyn DocSource> = Arc::new(MemShard {
+            lengths: vec![10; 64],
+            groups: None,
+        });
+        let input = DomainInput {
+            name: "a".into(),
+            shards: vec![("a/0".into(), shard)],
+            settings: Default::default(),
+        };
+        let cfg = PlanConfig {
+            seed: 0,
+            seq_len: SEQ_LEN,
+            global_batch_rows: ROWS,
+            packing: Default::default(),
+            best_fit_window: 64,
+            eod_token: None,
+            pad_token: 0,
+            vocab_size: None,
+            weights: Some([("a".to_string(), 1.0)].into()),
+            schedule: Vec::new(),
+            skip: Vec::new(),
+            reseed: Vec::new(),
+        };
+        Arc::new(Plan::new(&[input], cfg, 1).expect("a one-domain plan builds"))
+    }
+
+    /// A real ring (memfd) at step 0 for `replicas` peers, resumed from a blob or not.
+    fn entry(replicas: u32, resumed: bool) -> RingEntry {
+        let planner = plan().seek(0);
+        let layout = Layout::new(ROWS, SEQ_LEN, 4, TokenType(DType::Int32), 4096);
+        let ring = Arc::new(Ring::create("phase-test", layout, 0).expect("memfd ring"));
+        let cursor = Cursor {
+            step: 0,
+            blob: planner.cursor(),
+            mark: Mark::of(&planner),
+        };
+        RingEntry::new(ring, planner, cursor, replicas, (ROWS, 1), resumed, 32)
+    }
+
+    fn peer(name: &str) -> Peer {
+        Peer {
+            replica: name.into(),
+            released: 0,
+            ready: Arc::new(EventFd::new().expect("eventfd")),
+            kick: Arc::new(tokio::sync::Notify::new()),
+            pid: None,
+            expect: None,
+            error: None,
+            blob: None,
+        }
+    }
+
+    #[test]
+    fn a_resumed_ring_streams_only_once_every_announced_peer_joined() {
+        let mut e = entry(2, true);
+        e.join(1, peer("tp0"));
+        assert!(matches!(e.phase, Phase::Joining));
+        assert!(!e.claimable(4), "a joining ring must not be filled");
+        e.join(2, peer("tp1"));
+        assert!(matches!(e.phase, Phase::Streaming));
+        assert!(e.claimable(4));
+        // A join taken back (a later admission step refused) makes it wait again.
+        assert!(e.unjoin(2));
+        assert!(matches!(e.phase, Phase::Joining));
+        assert!(!e.unjoin(2), "the peer is gone already");
+    }
+
+    #[test]
+    fn a_fresh_ring_streams_at_once_and_holds_its_start_for_missing_peers() {
+        let mut e = entry(2, false);
+        e.join(1, peer("tp0"));
+        assert!(matches!(e.phase, Phase::Streaming));
+        assert!(e.claimable(4));
+        assert_eq!(e.base(), 0, "step 0 stays for the peer still to come");
+    }
+
+    #[test]
+    fn a_live_change_makes_running_copies_stale_and_their_slots_wait_for_them() {
+        let mut e = entry(1, false);
+        e.join(1, peer("p"));
+        e.claim_step(0);
+        e.claim_step(1);
+        let old = e.generation;
+        e.regenerate(plan().seek(0));
+        assert!(matches!(&e.phase, Phase::Regenerating { stale } if stale.len() == 2));
+        assert_eq!(e.next_fill, 0);
+        assert!(!e.claimable(4), "step 0's stale copy still writes its slot");
+        assert_eq!(e.copy_ended(0, old), Copied::Stale);
+        assert!(e.claimable(4), "step 0's slot is free for the fresh copy");
+        e.claim_step(0);
+        assert!(!e.claimable(4), "step 1's stale copy still runs");
+        assert_eq!(e.copy_ended(1, old), Copied::Stale);
+        assert!(matches!(e.phase, Phase::Streaming));
+        assert_eq!(e.copy_ended(0, e.generation), Copied::Current);
+        assert!(e.in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_failed_ring_stays_failed_says_why_and_is_never_filled() {
+        let mut e = entry(1, false);
+        e.join(1, peer("p"));
+        e.claim_step(0);
+        e.fail(Failure::new(Code::Materialize, "shard x faulted"));
+        assert!(!e.claimable(4));
+        e.regenerate(plan().seek(0));
+        let f = e.failure().expect("still failed after a live change");
+        assert_eq!(
+            (f.code, f.message.as_str()),
+            (Code::Materialize, "shard x faulted")
+        );
+        assert!(!e.claimable(4));
+        // The copy that was running when the change landed is discarded.
+        assert_eq!(e.copy_ended(0, 0), Copied::Stale);
+    }
+}
