@@ -175,38 +175,38 @@ impl Hub {
     /// and its planner restored. Everything a blob is checked against, in one place.
     fn resume(seen: &Arc<Plan>, blob: &[u8], journal_cap: usize) -> Result<Resumed, Refusal> {
         let c = cursor::decode(blob).map_err(|e| refuse_cursor(e.to_string()))?;
-        let plan =
-            match journal::compare(seen.journal(), seen.superseded(), &c.journal, c.superseded) {
-                Order::Same | Order::OursAhead => seen.clone(),
-                Order::TheirsAhead => {
-                    let domains = seen.domain_names().len();
-                    if cursor::journal_bytes(&c.journal, domains) > journal_cap {
-                        return Err(refuse_cursor(format!(
-                            "its journal of {} live changes is larger than this daemon's cursor \
-                         field allows ({journal_cap} bytes)",
-                            c.journal.len(),
-                        )));
-                    }
-                    let p = seen
-                        .with_history(c.journal.clone(), c.superseded)
-                        .map_err(|e| refuse_cursor(e.to_string()))?;
-                    Arc::new(p)
-                }
-                Order::Diverged(i) => {
-                    let at = |j: &[Change]| {
-                        j.get(i)
-                            .map_or("none".to_string(), |c| format!("from plan step {}", c.at))
-                    };
+        let order = journal::compare(seen.journal(), seen.superseded(), &c.journal, c.superseded);
+        let plan = match order {
+            Order::Same | Order::OursAhead => seen.clone(),
+            Order::TheirsAhead => {
+                let domains = seen.domain_names().len();
+                if cursor::journal_bytes(&c.journal, domains) > journal_cap {
                     return Err(refuse_cursor(format!(
-                        "its journal of live mixture changes disagrees with this daemon's at \
-                     change #{} (blob: {}, daemon: {}); the blob's run received different \
-                     changes, and serving it would change its data",
-                        i + 1,
-                        at(&c.journal),
-                        at(seen.journal())
+                        "its journal of {} live changes is larger than this daemon's cursor \
+                         field allows ({journal_cap} bytes)",
+                        c.journal.len(),
                     )));
                 }
-            };
+                let p = seen
+                    .with_history(c.journal.clone(), c.superseded)
+                    .map_err(|e| refuse_cursor(e.to_string()))?;
+                Arc::new(p)
+            }
+            Order::Diverged(i) => {
+                let at = |j: &[Change]| {
+                    j.get(i)
+                        .map_or("none".to_string(), |c| format!("from plan step {}", c.at))
+                };
+                return Err(refuse_cursor(format!(
+                    "its journal of live mixture changes disagrees with this daemon's at \
+                     change #{} (blob: {}, daemon: {}); the blob's run received different \
+                     changes, and serving it would change its data",
+                    i + 1,
+                    at(&c.journal),
+                    at(seen.journal())
+                )));
+            }
+        };
         let planner = plan
             .restore(blob)
             .map_err(|e| refuse_cursor(e.to_string()))?;

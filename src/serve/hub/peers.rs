@@ -147,3 +147,31 @@ pub enum ReleaseError {
         published: u64,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ReleaseError;
+
+    /// The ERROR `protocol` messages a bad RELEASE gets are the ones the daemon sent when
+    /// they were strings (same bytes on the wire).
+    #[test]
+    fn release_errors_read_as_before() {
+        let e = ReleaseError::OutOfRange {
+            upto: 9,
+            released: 2,
+            published: 5,
+        };
+        assert_eq!(
+            e.to_string(),
+            "RELEASE upto 9 is outside 2..=5 (it may not go back or pass the published steps)"
+        );
+        assert_eq!(
+            ReleaseError::NoRing.to_string(),
+            "release for a ring that no longer exists"
+        );
+        assert_eq!(
+            ReleaseError::NotJoined.to_string(),
+            "release from a peer that is not joined"
+        );
+    }
+}
