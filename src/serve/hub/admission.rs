@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::{Admission, Cursor, EventFd, Hub, Job, Mark, Peer, RingEntry, State};
+use super::{Admission, Cursor, EventFd, Hub, Job, Mark, Peer, RingEntry, Standing, State};
 use crate::plan::journal::{self, Order};
 use crate::plan::{cursor, Change, Plan, Planner};
 use crate::serve::ring::{Layout, Ring};
@@ -331,7 +331,7 @@ impl Hub {
             joiner.blob.is_some(),
             joiner.shape.rows as u64 * seq_len as u64,
         );
-        entry.join(peer_id, joiner.peer(step, None));
+        entry.join(peer_id, joiner.peer(step, Standing::Reading));
         job.rings.insert(hello.dp_rank, entry);
         info!(job = %hello.job, dp_rank = hello.dp_rank, step, bytes = r.layout().ring_bytes, "ring created");
         Ok((step, r))
@@ -487,16 +487,15 @@ struct Joiner<'a> {
 }
 
 impl Joiner<'_> {
-    /// The peer it becomes at `step`; `expect` when it is ahead of its ring.
-    fn peer(&self, step: u64, expect: Option<(u64, Vec<u8>)>) -> Peer {
+    /// The peer it becomes at `step`, with its standing against the ring.
+    fn peer(&self, step: u64, standing: Standing) -> Peer {
         Peer {
             replica: self.hello.replica.clone(),
             released: step,
             ready: self.ready.clone(),
             kick: self.kick.clone(),
             pid: self.pid,
-            expect,
-            error: None,
+            standing,
             blob: self.blob.clone(),
         }
     }
@@ -562,7 +561,7 @@ impl Joiner<'_> {
             _ => hello.start_step.unwrap_or(0),
         };
         let (lo, hi) = (entry.base(), entry.published);
-        let mut expect = None;
+        let mut standing = Standing::Reading;
         if !entry.started() && step < entry.start {
             // Nothing is produced until every peer has joined: move the ring back to
             // this peer's step; peers already waiting further on are checked when the
@@ -579,7 +578,12 @@ impl Joiner<'_> {
         } else if step > hi {
             // Ahead of the ring (a peer that had consumed more before a restart): it
             // waits for the ring to get there, and its blob must match then.
-            expect = self.blob.clone().map(|b| (step, b));
+            if let Some(blob) = &self.blob {
+                standing = Standing::Ahead {
+                    step,
+                    blob: blob.clone(),
+                };
+            }
         } else {
             let held = entry.cursors.iter().find(|c| c.step == step);
             match held {
@@ -622,7 +626,7 @@ impl Joiner<'_> {
                 ),
             ));
         }
-        entry.join(peer_id, self.peer(step, expect));
+        entry.join(peer_id, self.peer(step, standing));
         Ok((step, entry.ring.clone()))
     }
 }

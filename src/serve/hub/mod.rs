@@ -32,7 +32,7 @@ use crate::wire::protocol::Welcome;
 pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
 pub use peers::ReleaseError;
 pub use phase::Failure;
-use phase::Phase;
+use phase::{Phase, Standing};
 
 /// Settings the hub needs from `[serve]`.
 #[derive(Debug, Clone)]
@@ -100,11 +100,8 @@ struct Peer {
     ready: Arc<EventFd>,
     kick: Arc<tokio::sync::Notify>,
     pid: Option<i32>,
-    /// A peer that joined ahead of the ring: its step and blob, checked against the
-    /// ring's own cursor when the ring gets there.
-    expect: Option<(u64, Vec<u8>)>,
-    /// Why this peer is being disconnected, when it is its own fault (its resume point).
-    error: Option<Failure>,
+    /// Where it stands against its ring's stream.
+    standing: Standing,
     /// The blob it resumed from, if any.
     blob: Option<Vec<u8>>,
 }

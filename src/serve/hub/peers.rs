@@ -96,8 +96,9 @@ impl Hub {
             .and_then(|e| {
                 e.peers
                     .get(&peer)
-                    .and_then(|p| p.error.clone())
-                    .or_else(|| e.failure().cloned())
+                    .and_then(|p| p.failure())
+                    .or_else(|| e.failure())
+                    .cloned()
             })
             .unwrap_or_else(|| Failure::new(Code::Materialize, "the ring stopped"))
     }

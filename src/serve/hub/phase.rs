@@ -56,6 +56,60 @@ pub(super) enum Phase {
     Failed(Failure),
 }
 
+/// Where a peer stands against its ring's stream.
+pub(super) enum Standing {
+    /// It reads the steps as the ring publishes them.
+    Reading,
+    /// It joined ahead of the ring (it had consumed more before a daemon restart), or
+    /// the ring moved back below it: when the ring publishes up to `step`, the ring's
+    /// cursor there must be `blob`.
+    Ahead {
+        /// The step it starts at.
+        step: u64,
+        /// The blob it resumed from.
+        blob: Vec<u8>,
+    },
+    /// The ring reached its step with another cursor: it is kicked with this failure.
+    Misplaced(Failure),
+}
+
+impl Peer {
+    /// The ring published up to `at` with `cursor` there: a peer waiting for that step
+    /// reads on when its blob matches, and is misplaced (the failure returned, to log
+    /// and kick) when it does not.
+    pub(super) fn reach(&mut self, at: u64, cursor: &[u8]) -> Option<&Failure> {
+        let Standing::Ahead { step, blob } = &self.standing else {
+            return None;
+        };
+        if *step != at {
+            return None;
+        }
+        if blob == cursor {
+            self.standing = Standing::Reading;
+            return None;
+        }
+        self.standing = Standing::Misplaced(Failure::new(
+            Code::PeerPosition,
+            format!(
+                "this client resumed at step {step} with a cursor its peers' stream does not \
+                 reach; peers of one dp rank must resume from the same checkpoint"
+            ),
+        ));
+        match &self.standing {
+            Standing::Misplaced(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Why this peer is disconnected, when it is its own fault (its resume point).
+    pub(super) fn failure(&self) -> Option<&Failure> {
+        match &self.standing {
+            Standing::Misplaced(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
 /// How a worker's copy ended, as far as its ring is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Copied {
@@ -164,8 +218,11 @@ impl RingEntry {
     pub(super) fn move_back(&mut self, planner: Planner, cursor: Cursor) {
         debug_assert!(matches!(self.phase, Phase::Joining));
         for p in self.peers.values_mut() {
-            if p.expect.is_none() {
-                p.expect = p.blob.clone().map(|b| (p.released, b));
+            if let (Standing::Reading, Some(blob)) = (&p.standing, &p.blob) {
+                p.standing = Standing::Ahead {
+                    step: p.released,
+                    blob: blob.clone(),
+                };
             }
         }
         let step = cursor.step;
@@ -315,8 +372,7 @@ mod tests {
             ready: Arc::new(EventFd::new().expect("eventfd")),
             kick: Arc::new(tokio::sync::Notify::new()),
             pid: None,
-            expect: None,
-            error: None,
+            standing: Standing::Reading,
             blob: None,
         }
     }
@@ -382,5 +438,47 @@ mod tests {
         assert!(!e.claimable(4));
         // The copy that was running when the change landed is discarded.
         assert_eq!(e.copy_ended(0, 0), Copied::Stale);
+    }
+
+    #[test]
+    fn a_peer_ahead_reads_on_at_its_step_only_with_the_rings_cursor_there() {
+        let ahead = |blob: &[u8]| Standing::Ahead {
+            step: 5,
+            blob: blob.to_vec(),
+        };
+        let mut p = peer("tp1");
+        p.standing = ahead(b"same");
+        assert!(p.reach(4, b"other").is_none(), "not its step yet");
+        assert!(p.reach(5, b"same").is_none());
+        assert!(matches!(p.standing, Standing::Reading));
+        assert!(p.failure().is_none());
+        p.standing = ahead(b"mine");
+        let f = p.reach(5, b"theirs").expect("misplaced").clone();
+        assert_eq!(f.code, Code::PeerPosition);
+        assert!(f.message.contains("step 5"), "{}", f.message);
+        assert_eq!(p.failure(), Some(&f));
+    }
+
+    #[test]
+    fn moving_a_joining_ring_back_puts_its_resumed_peers_ahead() {
+        let mut e = entry(3, true);
+        let mut p = peer("tp0");
+        p.released = 7;
+        p.blob = Some(b"tp0 blob".to_vec());
+        e.join(1, p);
+        e.join(2, peer("tp1")); // no blob: nothing to check it against
+        let planner = plan().seek(2);
+        let cursor = Cursor {
+            step: 2,
+            blob: planner.cursor(),
+            mark: Mark::of(&planner),
+        };
+        e.move_back(planner, cursor);
+        assert_eq!((e.start, e.published, e.next_fill), (2, 2, 2));
+        assert!(
+            matches!(&e.peers[&1].standing, Standing::Ahead { step: 7, blob } if blob == b"tp0 blob")
+        );
+        assert!(matches!(e.peers[&2].standing, Standing::Reading));
+        assert!(matches!(e.phase, Phase::Joining));
     }
 }

@@ -287,17 +287,9 @@ impl RingEntry {
             self.published += 1;
             let at = self.published;
             for p in self.peers.values_mut() {
-                if let Some((s, b)) = p.expect.take_if(|(s, _)| *s == at) {
-                    if b != f.blob {
-                        let m = format!(
-                            "this client resumed at step {s} with a cursor its peers' stream \
-                             does not reach; peers of one dp rank must resume from the same \
-                             checkpoint"
-                        );
-                        warn!(job = %key.0, dp_rank = key.1, replica = %p.replica, "{m}");
-                        p.error = Some(Failure::new(Code::PeerPosition, m));
-                        p.kick.notify_one();
-                    }
+                if let Some(why) = p.reach(at, &f.blob).map(|w| w.to_string()) {
+                    warn!(job = %key.0, dp_rank = key.1, replica = %p.replica, "{why}");
+                    p.kick.notify_one();
                 }
             }
             self.cursors.push_back(Cursor {
