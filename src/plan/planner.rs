@@ -133,6 +133,12 @@ impl Planner {
         self.step
     }
 
+    /// The unskipped plan step it will plan next: the one its cursor blob records, which
+    /// trails the step's mapping when the blob was taken just before a skipped range.
+    pub fn plan_step(&self) -> u64 {
+        self.plan_step
+    }
+
     /// The plan it follows.
     pub fn plan(&self) -> &Arc<Plan> {
         &self.plan

@@ -344,9 +344,8 @@ async fn connection(
         let frame = tokio::select! {
             f = read_frame(&mut stream, &mut buf) => f,
             _ = kick.notified() => {
-                let m = hub.failure(&job, rank, peer).unwrap_or_else(|| "the ring stopped".into());
-                let code = if m.contains("checkpoint") { Code::PeerPosition } else { Code::Materialize };
-                say(&mut stream, kind::ERROR, code, &m).await;
+                let f = hub.failure(&job, rank, peer);
+                say(&mut stream, kind::ERROR, f.code, &f.message).await;
                 break;
             }
             _ = stopped(&mut shutdown) => {
@@ -356,9 +355,9 @@ async fn connection(
         };
         match frame {
             Ok(Some(Frame::Release(upto))) => {
-                if let Err(m) = hub.release(&job, rank, peer, upto) {
-                    warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
-                    say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
+                if let Err(e) = hub.release(&job, rank, peer, upto) {
+                    warn!(?pid, job = %job, dp_rank = rank, "protocol error: {e}; closing");
+                    say(&mut stream, kind::ERROR, Code::Protocol, &e.to_string()).await;
                     break;
                 }
             }

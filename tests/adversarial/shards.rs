@@ -240,3 +240,32 @@ fn an_out_of_vocabulary_id_fails_the_ring_naming_shard_document_and_value() {
     assert!(message.contains("outside vocab_size 50304"), "{message}");
     stream(&mut y, 50, 1, "y (code)");
 }
+
+/// Issue 18, item 2: the connection chose the ERROR code by the failure's text, and any
+/// message that mentioned "checkpoint" went out as `peer_position`. A corpus kept under a
+/// `checkpoints/` folder turned every bad shard into a resume-point error. The code is now
+/// chosen where the failure happens: a bad shard is `materialize` wherever it lives.
+#[test]
+fn a_bad_shard_under_a_checkpoints_folder_is_still_materialize() {
+    let d = Split::start(|dir| {
+        std::fs::rename(dir.join("web"), dir.join("checkpoints")).unwrap();
+        let cfg = dir.join("millrace.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        assert!(text.contains("shards = [\"web\"]"), "{text}");
+        std::fs::write(
+            &cfg,
+            text.replace("shards = [\"web\"]", "shards = [\"checkpoints\"]"),
+        )
+        .unwrap();
+        for idx in shard_files(&dir.join("checkpoints"), "idx") {
+            let mut b = std::fs::read(&idx).unwrap();
+            assert_eq!(b[17], 8, "synth writes uint16");
+            b[17] = 3;
+            std::fs::write(&idx, b).unwrap();
+        }
+    });
+    let mut x = d.connect("x", 0);
+    let (code, message) = until_error(&mut x, 10, Duration::ZERO);
+    assert!(message.contains("checkpoints/web-0000"), "{message}");
+    assert_eq!(code, "materialize", "{message}");
+}

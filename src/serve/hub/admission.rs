@@ -1,0 +1,577 @@
+//! Admission: a HELLO becomes a joined peer in named steps. The HELLO is checked against
+//! the plan ([`Shape`]); a blob is resumed (decoded, its journal compared, its planner
+//! restored) or the start step sought, off the lock; then under the lock the rank's ring
+//! is joined ([`Joiner::join`]) or created, a blob's live changes are adopted, and the
+//! client gets its WELCOME.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use tracing::info;
+
+use super::{Admission, Cursor, EventFd, Hub, Job, Mark, Peer, RingEntry, Standing, State};
+use crate::plan::journal;
+use crate::plan::{Plan, Planner, Resumed};
+use crate::serve::ring::{Layout, Ring};
+use crate::wire::protocol::{Code, Hello, Refusal, Welcome};
+
+impl Hub {
+    /// Admits a client: checks its HELLO against the plan and the job, then joins it to
+    /// its dp rank's ring (creating the ring at the client's step if none is live).
+    /// Restoring or seeking a planner can take a while, so it happens before the lock; a
+    /// live change landing meanwhile makes the attempt start over.
+    ///
+    /// `cancel` is set by the connection when its client hangs up: a seek in progress
+    /// then stops at its next chunk and the attempt is refused with `cancelled`.
+    pub fn admit(
+        &self,
+        hello: &Hello,
+        pid: Option<i32>,
+        cancel: &AtomicBool,
+    ) -> Result<Admission, Refusal> {
+        // Seeking or restoring a planner reads shard indexes: guarded like the copy.
+        let guard = crate::corpus::guard::enter();
+        let _ = crate::corpus::guard::take_fault();
+        let r = self.admit_unguarded(hello, pid, cancel);
+        let fault = crate::corpus::guard::take_fault();
+        drop(guard);
+        match fault {
+            None => r,
+            Some(addr) => {
+                let why = self.poison_at(addr, "while planning this client's start");
+                if let Ok(a) = r {
+                    self.leave(&hello.job, hello.dp_rank, a.peer);
+                }
+                Err(Refusal::new(Code::Materialize, why))
+            }
+        }
+    }
+
+    fn admit_unguarded(
+        &self,
+        hello: &Hello,
+        pid: Option<i32>,
+        cancel: &AtomicBool,
+    ) -> Result<Admission, Refusal> {
+        for _ in 0..8 {
+            if let Some(a) = self.try_admit(hello, pid, cancel)? {
+                return Ok(a);
+            }
+        }
+        Err(Refusal::new(
+            Code::Busy,
+            "the mixture kept changing while this client joined; retry",
+        ))
+    }
+
+    /// One admission attempt; `Ok(None)` when the plan changed under it. The steps: check
+    /// the HELLO against the plan, restore the blob's resume point (or seek the start
+    /// step), then under the lock join the rank's ring or create it, adopt the blob's
+    /// live changes, and welcome the client.
+    fn try_admit(
+        &self,
+        hello: &Hello,
+        pid: Option<i32>,
+        cancel: &AtomicBool,
+    ) -> Result<Option<Admission>, Refusal> {
+        let seen = self.plan();
+        let shape = Shape::check(&seen, hello)?;
+        let blob = hello.cursor_bytes()?;
+        // A blob that carries changes this daemon has not seen (it restarted, or another
+        // node's daemon took them) brings them along: the plan under them is the one the
+        // blob's run was following.
+        // Decoding and checking the blob is the plan's (`Plan::resume`), once.
+        let resumed = match &blob {
+            Some(b) => Some(
+                seen.resume(b, self.journal_cap)
+                    .map_err(|e| refuse_cursor(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let sought = match resumed {
+            Some(_) => None,
+            None => self.seek_unless_streaming(&seen, hello, cancel)?,
+        };
+        let joiner = Joiner {
+            hello,
+            shape: &shape,
+            pid,
+            ready: Arc::new(
+                EventFd::new().map_err(|e| Refusal::new(Code::Busy, format!("eventfd: {e}")))?,
+            ),
+            kick: Arc::new(tokio::sync::Notify::new()),
+            blob,
+        };
+
+        let mut st = self.lock();
+        if !Arc::ptr_eq(&st.plan, &seen) {
+            return Ok(None);
+        }
+        self.check_room(&st, resumed.as_ref())?;
+        let adopt = resumed
+            .as_ref()
+            .filter(|r| r.adopted)
+            .map(|r| r.plan.clone());
+        let planner = resumed.map(|r| r.planner).or(sought);
+        let used = Self::ring_memory(&st);
+        let peer_id = st.next_peer;
+        st.next_peer += 1;
+        let job = st.jobs.entry(hello.job.clone()).or_insert_with(|| Job {
+            dp_size: hello.dp_size,
+            rings: HashMap::new(),
+        });
+        if job.dp_size != hello.dp_size {
+            return Err(Refusal::new(
+                Code::DpSize,
+                format!(
+                    "job {:?} runs with dp_size {}, this client says {}",
+                    hello.job, job.dp_size, hello.dp_size
+                ),
+            ));
+        }
+        // Every refusal below leaves the job as it was; a job this client just created
+        // is removed again, so its dp_size does not bind the next client.
+        let outcome = match job.rings.get_mut(&hello.dp_rank) {
+            Some(entry) => joiner.join(entry, peer_id, planner),
+            None => self.create_ring(job, &joiner, peer_id, planner, used),
+        };
+        let outcome = match (outcome, adopt) {
+            (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello) {
+                Ok(()) => Ok(x),
+                Err(r) => {
+                    Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id);
+                    return Err(r);
+                }
+            },
+            (o, _) => o,
+        };
+        let Some(job) = st.jobs.get_mut(&hello.job) else {
+            return Err(Refusal::new(
+                Code::Busy,
+                "the job was just torn down; retry",
+            ));
+        };
+        let (start_step, ring) = match outcome {
+            Ok(x) => x,
+            Err(r) => {
+                if job.rings.is_empty() {
+                    st.jobs.remove(&hello.job);
+                }
+                return Err(r);
+            }
+        };
+        st.clients += 1;
+        drop(st);
+        self.work.notify_all();
+        let welcome = self.welcome(&seen, &joiner, start_step, &ring);
+        Ok(Some(Admission {
+            peer: peer_id,
+            welcome,
+            ring,
+            ready: joiner.ready,
+            kick: joiner.kick,
+        }))
+    }
+
+    /// The planner at the start step of a client without a blob, sought before the lock.
+    /// `None` when the rank's ring is streaming: the client must join it as it is, and a
+    /// seek is only worth its cost when a ring will start from it.
+    fn seek_unless_streaming(
+        &self,
+        plan: &Arc<Plan>,
+        hello: &Hello,
+        cancel: &AtomicBool,
+    ) -> Result<Option<Planner>, Refusal> {
+        let streaming = {
+            let st = self.lock();
+            st.jobs
+                .get(&hello.job)
+                .and_then(|j| j.rings.get(&hello.dp_rank))
+                .is_some_and(|e| e.started())
+        };
+        if streaming {
+            return Ok(None);
+        }
+        let step = hello.start_step.unwrap_or(0);
+        plan.seek_cancellable(step, cancel)
+            .map(Some)
+            .ok_or_else(|| {
+                Refusal::new(
+                    Code::Cancelled,
+                    format!("the client left while the daemon sought step {step}"),
+                )
+            })
+    }
+
+    /// Whether the daemon takes one more client now: it is not stopping, has room, and
+    /// the blob's changes (if `resumed` adopts any) could not rewrite what other clients
+    /// already received. A blob's changes are adopted only once every other check has
+    /// passed, but one like that is refused before anything else.
+    fn check_room(&self, st: &State, resumed: Option<&Resumed>) -> Result<(), Refusal> {
+        if st.stopping || st.draining {
+            return Err(Refusal::new(Code::Busy, "the daemon is shutting down"));
+        }
+        if let Some(r) = resumed {
+            r.check_served(st.first_changeable())
+                .map_err(|e| refuse_cursor(e.to_string()))?;
+        }
+        if st.clients >= self.settings.max_clients {
+            return Err(Refusal::new(
+                Code::Busy,
+                format!(
+                    "the daemon serves its limit of {} clients",
+                    self.settings.max_clients
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates the rank's ring at the client's start, within the ring memory budget
+    /// (`used` bytes are taken by the rings live now).
+    fn create_ring(
+        &self,
+        job: &mut Job,
+        joiner: &Joiner,
+        peer_id: u64,
+        planner: Option<Planner>,
+        used: u64,
+    ) -> Result<(u64, Arc<Ring>), Refusal> {
+        let hello = joiner.hello;
+        let Some(planner) = planner else {
+            // The ring we saw vanished while we waited for the lock: its peers left.
+            // Ask the client to retry rather than seek under the lock.
+            return Err(Refusal::new(
+                Code::Busy,
+                "the ring was just torn down; retry",
+            ));
+        };
+        let seq_len = joiner.shape.seq_len;
+        let layout = Layout::new(
+            joiner.shape.rows,
+            seq_len,
+            self.settings.slots,
+            self.settings.token,
+            self.cursor_cap,
+        );
+        let step = planner.step();
+        if used.saturating_add(layout.ring_bytes) > self.settings.ring_budget {
+            return Err(Refusal::new(
+                Code::Memory,
+                format!(
+                    "a ring for job {:?} dp_rank {} takes {} bytes, and the rings \
+                     live now take {used} of the {} bytes [serve] \
+                     ring_memory_bytes allows",
+                    hello.job, hello.dp_rank, layout.ring_bytes, self.settings.ring_budget
+                ),
+            ));
+        }
+        let r = match Ring::create(&format!("{}:{}", hello.job, hello.dp_rank), layout, step) {
+            Ok(r) => Arc::new(r),
+            Err(e) => return Err(Refusal::new(Code::Busy, e.to_string())),
+        };
+        // The client's own bytes when it brought a blob: a peer resuming from the same
+        // checkpoint then matches byte for byte.
+        let cursor = joiner.cursor(&planner);
+        let mut entry = RingEntry::new(
+            r.clone(),
+            planner,
+            cursor,
+            hello.replicas,
+            (joiner.shape.mbr, hello.micro_batches),
+            joiner.blob.is_some(),
+            joiner.shape.rows as u64 * seq_len as u64,
+        );
+        entry.join(peer_id, joiner.peer(step, Standing::Reading));
+        job.rings.insert(hello.dp_rank, entry);
+        info!(job = %hello.job, dp_rank = hello.dp_rank, step, bytes = r.layout().ring_bytes, "ring created");
+        Ok((step, r))
+    }
+
+    /// Puts the plan a client's blob brought in force. Its journal extends ours, or
+    /// replaced a tail of ours that one of its changes superseded. All or nothing: a
+    /// failed install leaves every ring as it was.
+    fn adopt(
+        &self,
+        st: &mut State,
+        seen: &Plan,
+        plan: Arc<Plan>,
+        hello: &Hello,
+    ) -> Result<(), Refusal> {
+        let kept = journal::common_prefix(seen.journal(), plan.journal());
+        let n = plan.journal().len() - kept;
+        self.install(st, plan)
+            .map_err(|e| Refusal::new(Code::Busy, format!("adopting the blob's journal: {e}")))?;
+        st.sources.resize(kept, "cursor");
+        st.sources.extend(std::iter::repeat_n("cursor", n));
+        *st.reloads.entry("cursor").or_default() += 1;
+        info!(changes = n, job = %hello.job, dp_rank = hello.dp_rank, "adopted live mixture changes from a client's cursor blob");
+        Ok(())
+    }
+
+    /// The WELCOME for a client that starts at `start_step` of `ring`; `seen` is the
+    /// plan its HELLO was checked against (a blob's changes may have replaced it since).
+    fn welcome(&self, seen: &Plan, joiner: &Joiner, start_step: u64, ring: &Ring) -> Welcome {
+        let (hello, shape) = (joiner.hello, joiner.shape);
+        let plan = self.plan();
+        let cfg = seen.config();
+        let layout = ring.layout();
+        Welcome {
+            protocol: crate::wire::VERSION,
+            fingerprint: shape.fingerprint.clone(),
+            start_step,
+            dp_rank: hello.dp_rank,
+            dp_size: hello.dp_size,
+            rows: shape.rows,
+            seq_len: cfg.seq_len,
+            micro_batch_rows: shape.mbr,
+            micro_batches: hello.micro_batches,
+            token_dtype: layout.token.0.name().to_string(),
+            // Ids go to the trainer as signed integers, as the ring writes padding.
+            pad_token: cfg.pad_token as i64,
+            eod_token: cfg.eod_token.map(|t| t as i64),
+            vocab_size: cfg.vocab_size,
+            domains: plan.domain_names().iter().map(|d| d.to_string()).collect(),
+            slots: layout.slots,
+            slot_offset: crate::wire::ring::RING_HEADER,
+            slot_bytes: layout.slot_bytes,
+            ring_bytes: layout.ring_bytes,
+            fields: layout.field_specs(),
+        }
+    }
+
+    /// Takes back a join that a later step of admission refused.
+    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64) {
+        let Some(j) = st.jobs.get_mut(job) else {
+            return;
+        };
+        if let Some(e) = j.rings.get_mut(&dp_rank) {
+            e.unjoin(peer);
+            if e.peers.is_empty() {
+                j.rings.remove(&dp_rank);
+            }
+        }
+        if j.rings.is_empty() {
+            st.jobs.remove(job);
+        }
+    }
+}
+
+/// What a HELLO asks of the plan, once checked against it.
+struct Shape {
+    /// Rows per step of one dp rank.
+    rows: u32,
+    /// Rows per micro-batch.
+    mbr: u32,
+    seq_len: u32,
+    /// The plan's fingerprint as WELCOME spells it.
+    fingerprint: String,
+}
+
+impl Shape {
+    /// Checks the HELLO's batch split and fingerprint against `plan`.
+    fn check(plan: &Plan, hello: &Hello) -> Result<Shape, Refusal> {
+        let cfg = plan.config();
+        let g = cfg.global_batch_rows;
+        if g % hello.dp_size != 0 {
+            return Err(Refusal::new(
+                Code::DpSize,
+                format!(
+                    "dp_size {} does not divide global_batch_rows {g}",
+                    hello.dp_size
+                ),
+            ));
+        }
+        let rows = g / hello.dp_size;
+        let mbr = hello.micro_batch_rows.unwrap_or(rows / hello.micro_batches);
+        if (mbr as u64) * (hello.micro_batches as u64) != rows as u64 {
+            return Err(Refusal::new(
+                Code::Layout,
+                format!(
+                    "micro_batch_rows {mbr} x micro_batches {} != {rows} rows per dp rank \
+                     (global_batch_rows {g} / dp_size {})",
+                    hello.micro_batches, hello.dp_size
+                ),
+            ));
+        }
+        let fingerprint = format!("{:032x}", plan.fingerprint());
+        if let Some(want) = &hello.fingerprint {
+            if !want.eq_ignore_ascii_case(&fingerprint) {
+                return Err(Refusal::new(
+                    Code::Fingerprint,
+                    format!(
+                        "client expects plan fingerprint {want}, this daemon serves {fingerprint}"
+                    ),
+                ));
+            }
+        }
+        Ok(Shape {
+            rows,
+            mbr,
+            seq_len: cfg.seq_len,
+            fingerprint,
+        })
+    }
+}
+
+/// A `cursor` refusal.
+fn refuse_cursor(e: String) -> Refusal {
+    Refusal::new(Code::Cursor, format!("cursor blob refused: {e}"))
+}
+
+/// A client on its way in, with what was prepared for it before the lock.
+struct Joiner<'a> {
+    hello: &'a Hello,
+    shape: &'a Shape,
+    pid: Option<i32>,
+    ready: Arc<EventFd>,
+    kick: Arc<tokio::sync::Notify>,
+    /// The blob it resumes from.
+    blob: Option<Vec<u8>>,
+}
+
+impl Joiner<'_> {
+    /// The peer it becomes at `step`, with its standing against the ring.
+    fn peer(&self, step: u64, standing: Standing) -> Peer {
+        Peer {
+            replica: self.hello.replica.clone(),
+            released: step,
+            ready: self.ready.clone(),
+            kick: self.kick.clone(),
+            pid: self.pid,
+            standing,
+            blob: self.blob.clone(),
+        }
+    }
+
+    /// The cursor a ring starts from for this client: its own bytes when it brought a
+    /// blob, so a peer resuming from the same checkpoint matches byte for byte.
+    fn cursor(&self, planner: &Planner) -> Cursor {
+        Cursor {
+            step: planner.step(),
+            blob: self.blob.clone().unwrap_or_else(|| planner.cursor()),
+            mark: Mark::of(planner),
+        }
+    }
+
+    /// Joins the rank's live ring as one more of its announced peers, at the ring's
+    /// position: before a joining ring's start moves the ring back; ahead of the ring
+    /// waits for it (its blob is checked when the ring gets there); otherwise its step
+    /// and blob must be one the ring holds. `planner` is the client's own, restored or
+    /// sought before the lock (`None`: none was needed).
+    fn join(
+        &self,
+        entry: &mut RingEntry,
+        peer_id: u64,
+        planner: Option<Planner>,
+    ) -> Result<(u64, Arc<Ring>), Refusal> {
+        let hello = self.hello;
+        if entry.peers.values().any(|p| p.replica == hello.replica) {
+            return Err(Refusal::new(
+                Code::Duplicate,
+                format!(
+                    "job {:?} dp_rank {} replica {:?} is already connected",
+                    hello.job, hello.dp_rank, hello.replica
+                ),
+            ));
+        }
+        if entry.micro != (self.shape.mbr, hello.micro_batches) {
+            return Err(Refusal::new(
+                Code::Layout,
+                format!(
+                    "peers of dp_rank {} use micro_batch_rows {} x micro_batches {}; \
+                     this client asks {} x {}",
+                    hello.dp_rank,
+                    entry.micro.0,
+                    entry.micro.1,
+                    self.shape.mbr,
+                    hello.micro_batches,
+                ),
+            ));
+        }
+        if entry.replicas != hello.replicas {
+            return Err(Refusal::new(
+                Code::Replicas,
+                format!(
+                    "job {:?} dp_rank {} was announced with replicas = {}; this \
+                     client says {}",
+                    hello.job, hello.dp_rank, entry.replicas, hello.replicas
+                ),
+            ));
+        }
+        // A blob was restored (and so checked) before the lock.
+        let step = match (&self.blob, &planner) {
+            (Some(_), Some(p)) => p.step(),
+            _ => hello.start_step.unwrap_or(0),
+        };
+        let (lo, hi) = (entry.base(), entry.published);
+        let mut standing = Standing::Reading;
+        if !entry.started() && step < entry.start {
+            // Nothing is produced until every peer has joined: move the ring back to
+            // this peer's step; peers already waiting further on are checked when the
+            // ring reaches them.
+            let Some(planner) = planner else {
+                return Err(Refusal::new(
+                    Code::Busy,
+                    "the ring started while this client joined; retry",
+                ));
+            };
+            let cursor = self.cursor(&planner);
+            entry.move_back(planner, cursor);
+            info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
+        } else if step > hi {
+            // Ahead of the ring (a peer that had consumed more before a restart): it
+            // waits for the ring to get there, and its blob must match then.
+            if let Some(blob) = &self.blob {
+                standing = Standing::Ahead {
+                    step,
+                    blob: blob.clone(),
+                };
+            }
+        } else {
+            let held = entry.cursors.iter().find(|c| c.step == step);
+            match held {
+                Some(c) if step >= lo && self.blob.as_ref().is_none_or(|b| *b == c.blob) => {}
+                _ => {
+                    return Err(Refusal::new(
+                        Code::PeerPosition,
+                        format!(
+                            "the ring of job {:?} dp_rank {} holds steps {lo}..={hi}; this \
+                             client asks for step {step}{}; peers of one dp rank must \
+                             resume from the same checkpoint",
+                            hello.job,
+                            hello.dp_rank,
+                            if held.is_some() {
+                                " with a different cursor"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ))
+                }
+            }
+        }
+        // The ring holds data for exactly the peers its first client announced: one
+        // past that count (another job's name, a stray replica) would stall the real
+        // ones. A full ring has started, so nothing above changed it for this client.
+        if entry.peers.len() >= entry.replicas as usize {
+            let mut names: Vec<&str> = entry.peers.values().map(|p| p.replica.as_str()).collect();
+            names.sort_unstable();
+            return Err(Refusal::new(
+                Code::Replicas,
+                format!(
+                    "job {:?} dp_rank {} declared replicas = {} and all are \
+                     connected ({}); replica {:?} is one too many",
+                    hello.job,
+                    hello.dp_rank,
+                    entry.replicas,
+                    names.join(", "),
+                    hello.replica
+                ),
+            ));
+        }
+        entry.join(peer_id, self.peer(step, standing));
+        Ok((step, entry.ring.clone()))
+    }
+}

@@ -1,0 +1,264 @@
+//! Live mixture changes: a request from any reload route becomes a journal entry, and
+//! the new plan is installed into every ring at its published step, all or nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tracing::info;
+
+use super::{Hub, State};
+use crate::config::plan::{SchedulePoint, MAX_STEP};
+use crate::plan::journal;
+use crate::plan::{cursor, Change, CursorError, Plan};
+use crate::wire::protocol::Code;
+
+/// What a live mixture change proposes.
+#[derive(Debug, Clone)]
+pub enum Proposal {
+    /// New raw weights for the named domains; the others keep theirs.
+    Weights(BTreeMap<String, f64>),
+    /// The config file's schedule went from `old` to `new`: the new one applies from
+    /// their first difference on.
+    Schedule {
+        /// The schedule last applied from the file.
+        old: Vec<SchedulePoint>,
+        /// The file's schedule now.
+        new: Vec<SchedulePoint>,
+    },
+}
+
+/// What to do with a change for a step some client may already have received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Late {
+    /// Refuse it, naming the first step that can still change.
+    Refuse,
+    /// Apply it at the first step that can still change.
+    Next,
+}
+
+/// One request to change the mixture, from any of the reload routes.
+#[derive(Debug, Clone)]
+pub struct ChangeRequest {
+    /// The weights or schedule.
+    pub proposal: Proposal,
+    /// Trainer step it takes effect at (weights only; `None` = first changeable).
+    pub at_step: Option<u64>,
+    /// Late policy.
+    pub late: Late,
+    /// Route it came by: file, sighup, ctl, client.
+    pub source: &'static str,
+}
+
+/// An accepted change, for the caller's reply.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The step asked for (or the first changeable one when none was named).
+    pub requested_step: Option<u64>,
+    /// The trainer step it applies from; `None` when it changed nothing.
+    pub applied_step: Option<u64>,
+    /// Whether a late change was moved to the first changeable step.
+    pub moved: bool,
+    /// One line for logs and callers.
+    pub message: String,
+}
+
+/// A refused change: the old weights stay in force.
+#[derive(Debug, Clone)]
+pub struct ChangeError {
+    /// late, invalid or busy.
+    pub code: Code,
+    /// What was wrong, naming the field or step.
+    pub message: String,
+    /// With `late`: the first step a change may still shape.
+    pub first_changeable: Option<u64>,
+}
+
+/// Why a new plan could not be put in force: a ring's cursor does not restore under it.
+/// Nothing changed; the caller refuses the change with `busy`.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum InstallError {
+    /// A ring without a cursor (every ring holds at least its start's).
+    #[error("job {job:?} dp_rank {dp_rank} holds no cursor")]
+    NoCursor { job: String, dp_rank: u32 },
+    /// A ring's published cursor does not restore under the new plan.
+    #[error("job {job:?} dp_rank {dp_rank} at step {step}: {source}")]
+    Restore {
+        job: String,
+        dp_rank: u32,
+        step: u64,
+        source: CursorError,
+    },
+}
+
+impl ChangeError {
+    /// A refusal for bad input.
+    pub fn invalid(message: impl Into<String>) -> ChangeError {
+        ChangeError {
+            code: Code::Invalid,
+            message: message.into(),
+            first_changeable: None,
+        }
+    }
+}
+
+impl Hub {
+    /// Puts `plan` in force: every ring's planner is restored from the cursor at its
+    /// published step under the new plan, and everything planned or copied beyond it is
+    /// dropped and done again. All or nothing: a ring that cannot be restored leaves
+    /// every ring as it was. Runs under the lock, so no step is published meanwhile.
+    pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), InstallError> {
+        let mut fresh = Vec::new();
+        for (name, job) in &st.jobs {
+            for (&r, e) in &job.rings {
+                let Some(c) = e.cursors.back() else {
+                    return Err(InstallError::NoCursor {
+                        job: name.clone(),
+                        dp_rank: r,
+                    });
+                };
+                let p = plan
+                    .restore(&c.blob)
+                    .map_err(|source| InstallError::Restore {
+                        job: name.clone(),
+                        dp_rank: r,
+                        step: c.step,
+                        source,
+                    })?;
+                fresh.push((name.clone(), r, p));
+            }
+        }
+        for (name, r, p) in fresh {
+            if let Some(e) = Self::find(st, &name, r) {
+                e.regenerate(p);
+            }
+        }
+        st.plan = plan;
+        Ok(())
+    }
+
+    /// Applies a live mixture change, or refuses it as a whole with the old weights still
+    /// in force. Counted per source either way.
+    pub fn change(&self, req: &ChangeRequest) -> Result<Applied, ChangeError> {
+        let mut st = self.lock();
+        let r = self.change_locked(&mut st, req);
+        match &r {
+            Ok(_) => *st.reloads.entry(req.source).or_default() += 1,
+            Err(_) => *st.failed_reloads.entry(req.source).or_default() += 1,
+        }
+        drop(st);
+        self.work.notify_all();
+        r
+    }
+
+    /// Counts a reload that failed before it reached the hub (a malformed file).
+    pub fn reload_failed(&self, source: &'static str) {
+        *self.lock().failed_reloads.entry(source).or_default() += 1;
+    }
+
+    fn change_locked(&self, st: &mut State, req: &ChangeRequest) -> Result<Applied, ChangeError> {
+        if st.draining || st.stopping {
+            // Nothing published after now could carry it: it would be lost on restart.
+            return Err(ChangeError {
+                code: Code::Busy,
+                message: "the daemon is stopping; send the change to the next daemon".into(),
+                first_changeable: None,
+            });
+        }
+        let plan = st.plan.clone();
+        let fc = st.first_changeable();
+        let fc_p = plan.plan_step_of(fc);
+        let (requested, d) = match &req.proposal {
+            Proposal::Weights(_) => {
+                let t = req.at_step.unwrap_or(fc);
+                // A change far past anything published is a typo or an attack (one at
+                // 2^64-1 was accepted before), and would sit in every blob meanwhile.
+                let horizon = fc.saturating_add(MAX_STEP);
+                if t > horizon {
+                    return Err(ChangeError::invalid(format!(
+                        "at_step {t} is more than {MAX_STEP} steps beyond the first \
+                         changeable step {fc}"
+                    )));
+                }
+                (t, plan.plan_step_of(t))
+            }
+            Proposal::Schedule { old, new } => match plan.points_difference(old, new) {
+                Some(p) => (plan.trainer_step_of(p), p),
+                None => {
+                    return Ok(Applied {
+                        requested_step: None,
+                        applied_step: None,
+                        moved: false,
+                        message: "the schedule in force already matches; nothing changed".into(),
+                    })
+                }
+            },
+        };
+        let (d, moved) = if d < fc_p {
+            match req.late {
+                Late::Refuse => {
+                    return Err(ChangeError {
+                        code: Code::Late,
+                        message: format!(
+                            "step {requested} may already have been received (steps below \
+                             {fc} are published); the first step that can still change is \
+                             {fc}"
+                        ),
+                        first_changeable: Some(fc),
+                    })
+                }
+                Late::Next => (fc_p, true),
+            }
+        } else {
+            (d, false)
+        };
+        let change: Change = match &req.proposal {
+            Proposal::Weights(w) => plan
+                .weights_change(d, w)
+                .map_err(|e| ChangeError::invalid(e.to_string()))?,
+            Proposal::Schedule { new, .. } => plan.schedule_change(d, new),
+        };
+        // The change drops the entries it supersedes (at its step or later), so repeated
+        // or corrected changes never fill the journal; their count travels in blobs.
+        let mut journal = plan.journal().to_vec();
+        let dropped = journal::append(&mut journal, change);
+        let kept = journal.len() - 1;
+        let domains = plan.domain_names().len();
+        if cursor::journal_bytes(&journal, domains) > self.journal_cap {
+            return Err(ChangeError::invalid(format!(
+                "the journal of live changes would outgrow the cursor blob ({} changes); \
+                 write the mixture into the config and restart",
+                journal.len()
+            )));
+        }
+        let next = Arc::new(
+            plan.with_history(journal, plan.superseded().saturating_add(dropped))
+                .map_err(|e| ChangeError::invalid(e.to_string()))?,
+        );
+        self.install(st, next.clone()).map_err(|e| ChangeError {
+            code: Code::Busy,
+            message: format!("regenerating prefetched batches: {e}"),
+            first_changeable: None,
+        })?;
+        st.sources.resize(kept, "cursor");
+        st.sources.push(req.source);
+        let applied = next.trainer_step_of(d);
+        let message = if moved {
+            format!("step {requested} was already published; applied from step {applied}, the first that could still change")
+        } else {
+            format!("applied from step {applied}")
+        };
+        info!(
+            source = req.source,
+            requested,
+            applied,
+            plan_step = d,
+            "live mixture change: {message}"
+        );
+        Ok(Applied {
+            requested_step: Some(requested),
+            applied_step: Some(applied),
+            moved,
+            message,
+        })
+    }
+}

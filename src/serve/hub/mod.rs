@@ -1,0 +1,360 @@
+//! The daemon's shared state: jobs, one ring per (job, dp rank), the peers reading each
+//! ring, and the materializer threads that plan, prefetch and fill slots.
+//!
+//! Everything mutable sits behind one mutex that is held only for bookkeeping and for
+//! planning a step (a millisecond at most); copying tokens into a slot happens outside
+//! it, on a worker that has claimed the slot. A ring advances when its own peers release
+//! slots, so a slow rank stalls nobody else.
+//!
+//! This file holds that state (the hub, its jobs, rings and peers); the rooms around it
+//! act on it: `phase` (a ring's lifecycle), `admission` (HELLO to joined peer), `peers`
+//! (release, failure, leave, drain), `schedule` (the workers that plan and copy), `live`
+//! (mixture changes) and `status` (what STATUS reports).
+
+mod admission;
+mod live;
+mod peers;
+mod phase;
+mod schedule;
+mod status;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::fill::{random_access, SlotJob, Source};
+use super::ring::{Ring, TokenType};
+use crate::plan::{Plan, Planner};
+use crate::wire::protocol::Welcome;
+
+pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
+pub use peers::ReleaseError;
+pub use phase::Failure;
+use phase::{Phase, Standing};
+
+/// Settings the hub needs from `[serve]`.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// Slots per ring.
+    pub slots: u32,
+    /// Planned steps kept ahead of the copies, with page-cache hints issued.
+    pub prefetch: u32,
+    /// Token element type.
+    pub token: TokenType,
+    /// Most clients connected at once.
+    pub max_clients: usize,
+    /// Issue MADV_WILLNEED for planned spans.
+    pub hints: bool,
+    /// Most bytes all rings together may take (`[serve] ring_memory_bytes`): a job whose
+    /// ring would pass it is refused with `memory`.
+    pub ring_budget: u64,
+}
+
+pub use crate::sys::EventFd;
+
+/// What a successful HELLO gets: the reply, the fds to pass, and the peer's handle.
+pub struct Admission {
+    /// Identifies the peer in later calls.
+    pub peer: u64,
+    /// The WELCOME reply.
+    pub welcome: Welcome,
+    /// The ring (kept alive while its fd is sent).
+    pub ring: Arc<Ring>,
+    /// The peer's ready eventfd.
+    pub ready: Arc<EventFd>,
+    /// Fired when the peer's ring fails, so its connection can say why and close.
+    pub kick: Arc<tokio::sync::Notify>,
+}
+
+/// A client joined to a ring.
+struct Peer {
+    replica: String,
+    released: u64,
+    ready: Arc<EventFd>,
+    kick: Arc<tokio::sync::Notify>,
+    pid: Option<i32>,
+    /// Where it stands against its ring's stream.
+    standing: Standing,
+    /// The blob it resumed from, if any.
+    blob: Option<Vec<u8>>,
+}
+
+/// What a cursor blob records that `status` reports, kept beside the blob when it is
+/// made so that nothing decodes a blob to report it.
+#[derive(Debug, Clone)]
+struct Mark {
+    /// The next plan step.
+    plan_step: u64,
+    /// Rows given to each domain so far.
+    rows: Vec<u64>,
+}
+
+impl Mark {
+    /// The mark of `planner`'s cursor now, for a planner just sought or restored (the
+    /// workers take theirs from the batch they planned).
+    fn of(planner: &Planner) -> Mark {
+        Mark {
+            plan_step: planner.plan_step(),
+            rows: planner.mix_state().rows.clone(),
+        }
+    }
+}
+
+/// A cursor a ring holds: the blob for "every step before `step` was delivered".
+struct Cursor {
+    step: u64,
+    blob: Vec<u8>,
+    mark: Mark,
+}
+
+/// A step copied but not yet published (a later slot finished first).
+struct Filled {
+    /// The cursor after the step.
+    blob: Vec<u8>,
+    mark: Mark,
+    /// Real tokens per domain in the step.
+    tokens: Vec<u64>,
+}
+
+/// One (job, dp rank)'s ring, its peers and its planner; [`Phase`] says where it is in
+/// its life.
+struct RingEntry {
+    ring: Arc<Ring>,
+    planner: Planner,
+    /// Planned, hinted, not yet claimed, with the mark of the cursor after each.
+    planned: VecDeque<(SlotJob, Mark)>,
+    /// Next step to hand to a worker.
+    next_fill: u64,
+    /// Filled but not yet published, by step.
+    filled: BTreeMap<u64, Filled>,
+    /// Every step below this is visible to clients.
+    published: u64,
+    /// Cursor at the start of each step in [oldest held, published].
+    cursors: VecDeque<Cursor>,
+    peers: HashMap<u64, Peer>,
+    replicas: u32,
+    /// Peers that ever joined (a peer that leaves is not taken back).
+    joined: u32,
+    /// The step the ring starts at (moves back while peers are still joining).
+    start: u64,
+    micro: (u32, u32),
+    /// Created from a blob: it joins its announced peers before it streams.
+    resumed: bool,
+    phase: Phase,
+    /// Steps a worker is copying now under the plan in force (stale copies of a
+    /// replaced plan are in [`Phase::Regenerating`]).
+    in_flight: BTreeSet<u64>,
+    /// Bumped when a live change regenerates the ring; copies of older generations are
+    /// dropped when they finish.
+    generation: u64,
+    /// Counters and clocks for status and metrics.
+    stats: RingStats,
+}
+
+/// What `status` and the metrics report about one ring.
+#[derive(Default)]
+struct RingStats {
+    batches_delivered: u64,
+    tokens_per_step: u64,
+    /// Real tokens per domain in the steps this ring published.
+    domain_tokens: Vec<u64>,
+    /// Since when a peer has released every published step (the trainer waits for us).
+    starved_since: Option<Instant>,
+    consumer_wait: Duration,
+    /// Since when every slot has held an unreleased step (we wait for the trainer).
+    full_since: Option<Instant>,
+    producer_wait: Duration,
+    /// The hub's claim counter when a worker last claimed a step of this ring: among
+    /// equally empty rings the one served longest ago goes first (round-robin), so no
+    /// ring waits while its neighbours run ahead (issue 14 item 9).
+    last_claim: u64,
+}
+
+impl RingStats {
+    fn settle(since: &mut Option<Instant>, total: &mut Duration, now: Instant) {
+        if let Some(t) = since.take() {
+            *total += now.saturating_duration_since(t);
+        }
+    }
+
+    /// Opens clock `since` when its condition `on` starts, and adds the time to `total`
+    /// when it ends.
+    fn track(on: bool, since: &mut Option<Instant>, total: &mut Duration, now: Instant) {
+        match (on, since.is_some()) {
+            (true, false) => *since = Some(now),
+            (false, true) => RingStats::settle(since, total, now),
+            _ => {}
+        }
+    }
+
+    fn waits(&self, now: Instant) -> (f64, f64) {
+        let open =
+            |s: Option<Instant>| s.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        (
+            (self.consumer_wait + open(self.starved_since)).as_secs_f64(),
+            (self.producer_wait + open(self.full_since)).as_secs_f64(),
+        )
+    }
+}
+
+/// A step handed to a worker.
+struct Claimed {
+    /// (job, dp rank).
+    key: (String, u32),
+    ring: Arc<Ring>,
+    job: SlotJob,
+    /// The mark of `job.cursor`.
+    mark: Mark,
+    /// The ring's generation when it was claimed.
+    generation: u64,
+}
+
+struct Job {
+    dp_size: u32,
+    rings: HashMap<u32, RingEntry>,
+}
+
+struct State {
+    /// The plan in force: the config's, with the journal of live changes.
+    plan: Arc<Plan>,
+    /// Where each journal entry came from, in journal order.
+    sources: Vec<&'static str>,
+    jobs: HashMap<String, Job>,
+    next_peer: u64,
+    clients: usize,
+    stopping: bool,
+    /// No new slots are filled; peers finish what is published.
+    draining: bool,
+    /// The highest step any ring ever published: clients may hold anything below it.
+    watermark: u64,
+    reloads: BTreeMap<&'static str, u64>,
+    failed_reloads: BTreeMap<&'static str, u64>,
+    /// Steps claimed so far: the clock of `RingStats::last_claim`.
+    claims: u64,
+    /// Real tokens per domain of rings whose last peer left, and the most advanced of
+    /// their published cursors: `status` keeps counting what was delivered after the
+    /// clients have gone instead of falling back to zero.
+    retired: (Vec<u64>, Option<Published>),
+}
+
+/// A ring's last published cursor for `status`: its step, its mark, the planner's epochs.
+type Published = (u64, Mark, Vec<f64>);
+
+impl State {
+    /// The first trainer step a change may still shape.
+    fn first_changeable(&self) -> u64 {
+        let live = self
+            .jobs
+            .values()
+            .flat_map(|j| j.rings.values())
+            .map(|e| e.published)
+            .max()
+            .unwrap_or(0);
+        live.max(self.watermark)
+    }
+}
+
+/// Shared by the accept loop, every connection and every materializer thread.
+pub struct Hub {
+    source: Source,
+    settings: HubSettings,
+    cursor_cap: usize,
+    /// Bytes of the cursor field left for the journal.
+    journal_cap: usize,
+    state: Mutex<State>,
+    work: Condvar,
+    /// Real and padded token positions copied, and documents started and cut, for the
+    /// padding and truncation fractions.
+    fill: Mutex<FillStats>,
+    /// When the shards were last stat'ed for in-place changes ([`SHARD_CHECK`]), and the
+    /// shard the next pass starts at.
+    shards_checked: Mutex<(Instant, usize)>,
+}
+
+/// How often a worker stats shards for a size or mtime that moved since they were
+/// opened (a shard rewritten in place), off the hub lock.
+const SHARD_CHECK: Duration = Duration::from_secs(1);
+/// The most one pass may spend (a few us a file): a corpus of more shards than fit is
+/// covered round-robin over several passes, so the check never costs a worker more than
+/// 1% of its time.
+const SHARD_CHECK_BUDGET: Duration = Duration::from_millis(10);
+
+#[derive(Default, Clone, Copy)]
+struct FillStats {
+    positions: u64,
+    real: u64,
+    docs: u64,
+    cut: u64,
+}
+
+impl Hub {
+    /// A hub over a built plan and its mapped shards; hints the shards for random access.
+    pub fn new(plan: Arc<Plan>, source: Source, settings: HubSettings) -> Hub {
+        // Reads of a shard truncated under the daemon fail the rings that need it
+        // instead of killing the process (corpus::guard).
+        if let Err(e) =
+            crate::corpus::guard::protect(source.shards.iter().flatten().flat_map(|s| s.mappings()))
+        {
+            warn!("cannot install the SIGBUS guard ({e}); a shard truncated while served will stop the daemon");
+        }
+        if settings.hints {
+            for shard in source.shards.iter().flatten() {
+                random_access(shard.data());
+            }
+        }
+        let domains = plan.domain_names().len();
+        let reseeds = plan.config().reseed.len();
+        // Room for a journal of a few dozen typical changes; a change that would not fit
+        // is refused (write the mixture into the config and restart instead).
+        let journal_cap = 16384;
+        let cursor_cap = 1024 + domains * (512 + 32 * reseeds) + journal_cap;
+        Hub {
+            source,
+            settings,
+            cursor_cap,
+            journal_cap,
+            state: Mutex::new(State {
+                plan,
+                sources: Vec::new(),
+                jobs: HashMap::new(),
+                next_peer: 1,
+                clients: 0,
+                stopping: false,
+                draining: false,
+                watermark: 0,
+                reloads: BTreeMap::new(),
+                failed_reloads: BTreeMap::new(),
+                claims: 0,
+                retired: (Vec::new(), None),
+            }),
+            work: Condvar::new(),
+            fill: Mutex::new(FillStats::default()),
+            shards_checked: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// The plan in force now.
+    pub fn plan(&self) -> Arc<Plan> {
+        self.lock().plan.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker that panicked mid-update would be a bug; keep serving the rest.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of every live ring together, checked against `ring_budget`.
+    fn ring_memory(st: &State) -> u64 {
+        st.jobs
+            .values()
+            .flat_map(|j| j.rings.values())
+            .map(|e| e.ring.layout().ring_bytes)
+            .sum()
+    }
+
+    fn find<'a>(st: &'a mut State, job: &str, dp_rank: u32) -> Option<&'a mut RingEntry> {
+        st.jobs.get_mut(job)?.rings.get_mut(&dp_rank)
+    }
+}

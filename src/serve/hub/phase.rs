@@ -1,0 +1,484 @@
+//! The ring lifecycle: a ring waits for the peers it was announced with (joining),
+//! streams, replans after a live change (regenerating) or stops (failed). Each change of
+//! phase is a method of [`RingEntry`] that says when it may happen; the rest of the hub
+//! asks the phase instead of reading loose flags.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Cursor, Peer, RingEntry, RingStats};
+use crate::plan::Planner;
+use crate::serve::ring::Ring;
+use crate::wire::protocol::Code;
+
+/// Why a peer is disconnected: the ERROR code its connection sends and the detail,
+/// chosen where the failure happens (not guessed from the message later).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// `materialize` when the ring stopped, `peer_position` when the peer's own resume
+    /// point turned out wrong.
+    pub code: Code,
+    /// What happened, naming the shard, step or checkpoint.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with `code`.
+    pub fn new(code: Code, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where a ring is in its life.
+pub(super) enum Phase {
+    /// Resumed from a blob and waiting for the rest of the peers its first client
+    /// announced: TP peers may have consumed different numbers of steps before a daemon
+    /// restart, so nothing is produced until all have joined, and a peer that resumes
+    /// earlier moves the ring back to its step ([`RingEntry::move_back`]).
+    Joining,
+    /// Workers fill it. A fresh ring (no blob) streams at once, holding its first step
+    /// for the peers still to come.
+    Streaming,
+    /// A live change replanned everything past `published` while workers were copying
+    /// steps of the older plan: those copies (`stale`) are discarded when they end, and
+    /// until then no fresh copy may write their slots. Workers fill the other steps.
+    Regenerating {
+        /// Steps whose stale copy is still running.
+        stale: BTreeSet<u64>,
+    },
+    /// A copy or a planning read failed: nothing more is filled, and every peer is told
+    /// why when it is kicked.
+    Failed(Failure),
+}
+
+/// Where a peer stands against its ring's stream.
+pub(super) enum Standing {
+    /// It reads the steps as the ring publishes them.
+    Reading,
+    /// It joined ahead of the ring (it had consumed more before a daemon restart), or
+    /// the ring moved back below it: when the ring publishes up to `step`, the ring's
+    /// cursor there must be `blob`.
+    Ahead {
+        /// The step it starts at.
+        step: u64,
+        /// The blob it resumed from.
+        blob: Vec<u8>,
+    },
+    /// The ring reached its step with another cursor: it is kicked with this failure.
+    Misplaced(Failure),
+}
+
+impl Peer {
+    /// The ring published up to `at` with `cursor` there: a peer waiting for that step
+    /// reads on when its blob matches, and is misplaced (the failure returned, to log
+    /// and kick) when it does not.
+    pub(super) fn reach(&mut self, at: u64, cursor: &[u8]) -> Option<&Failure> {
+        let Standing::Ahead { step, blob } = &self.standing else {
+            return None;
+        };
+        if *step != at {
+            return None;
+        }
+        if blob == cursor {
+            self.standing = Standing::Reading;
+            return None;
+        }
+        self.standing = Standing::Misplaced(Failure::new(
+            Code::PeerPosition,
+            format!(
+                "this client resumed at step {step} with a cursor its peers' stream does not \
+                 reach; peers of one dp rank must resume from the same checkpoint"
+            ),
+        ));
+        match &self.standing {
+            Standing::Misplaced(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Why this peer is disconnected, when it is its own fault (its resume point).
+    pub(super) fn failure(&self) -> Option<&Failure> {
+        match &self.standing {
+            Standing::Misplaced(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// How a worker's copy ended, as far as its ring is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Copied {
+    /// Of the plan in force: publish it (or report its error).
+    Current,
+    /// Of a plan a live change replaced meanwhile: discard it.
+    Stale,
+}
+
+impl RingEntry {
+    /// A ring that starts at `cursor`, with no peer yet: [`RingEntry::join`] its first.
+    /// A ring resumed from a blob joins its announced peers before it streams; any other
+    /// ring streams at once.
+    pub(super) fn new(
+        ring: Arc<Ring>,
+        planner: Planner,
+        cursor: Cursor,
+        replicas: u32,
+        micro: (u32, u32),
+        resumed: bool,
+        tokens_per_step: u64,
+    ) -> RingEntry {
+        let step = cursor.step;
+        RingEntry {
+            ring,
+            planner,
+            planned: VecDeque::new(),
+            next_fill: step,
+            filled: BTreeMap::new(),
+            published: step,
+            cursors: VecDeque::from([cursor]),
+            peers: HashMap::new(),
+            replicas,
+            joined: 0,
+            start: step,
+            micro,
+            resumed,
+            phase: if resumed {
+                Phase::Joining
+            } else {
+                Phase::Streaming
+            },
+            in_flight: BTreeSet::new(),
+            generation: 0,
+            stats: RingStats {
+                tokens_per_step,
+                ..RingStats::default()
+            },
+        }
+    }
+
+    /// Whether the ring has left [`Phase::Joining`]: its start step is fixed.
+    pub(super) fn started(&self) -> bool {
+        !matches!(self.phase, Phase::Joining)
+    }
+
+    /// Why the ring stopped, if it did.
+    pub(super) fn failure(&self) -> Option<&Failure> {
+        match &self.phase {
+            Phase::Failed(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Whether a worker should fill this ring now. (No refill hysteresis: a consumer
+    /// that holds several slots may be waiting for the one free slot.)
+    pub(super) fn claimable(&self, slots: u32) -> bool {
+        let slot_free = |step: &u64| {
+            !self.in_flight.contains(step)
+                && match &self.phase {
+                    Phase::Streaming => true,
+                    Phase::Regenerating { stale } => !stale.contains(step),
+                    Phase::Joining | Phase::Failed(_) => false,
+                }
+        };
+        !self.peers.is_empty() && self.free(slots) > 0 && slot_free(&self.next_fill)
+    }
+
+    /// Joins peer `id` (its checks passed). The last announced peer of a joining ring
+    /// starts it.
+    pub(super) fn join(&mut self, id: u64, peer: Peer) {
+        self.peers.insert(id, peer);
+        self.joined += 1;
+        if matches!(self.phase, Phase::Joining) && self.joined >= self.replicas {
+            self.phase = Phase::Streaming;
+        }
+    }
+
+    /// Takes back a join that a later step of admission refused (under the same lock, so
+    /// nothing was filled meanwhile): a resumed ring that this join started waits again.
+    /// Returns whether the peer was there.
+    pub(super) fn unjoin(&mut self, id: u64) -> bool {
+        if self.peers.remove(&id).is_none() {
+            return false;
+        }
+        self.joined = self.joined.saturating_sub(1);
+        if self.resumed && self.joined < self.replicas && matches!(self.phase, Phase::Streaming) {
+            self.phase = Phase::Joining;
+        }
+        true
+    }
+
+    /// Moves a joining ring back to `cursor`, the start of a peer that resumes earlier
+    /// than the peers already waiting; those are checked when the ring reaches their
+    /// steps. Only while joining: a streaming ring may already have published.
+    pub(super) fn move_back(&mut self, planner: Planner, cursor: Cursor) {
+        debug_assert!(matches!(self.phase, Phase::Joining));
+        for p in self.peers.values_mut() {
+            if let (Standing::Reading, Some(blob)) = (&p.standing, &p.blob) {
+                p.standing = Standing::Ahead {
+                    step: p.released,
+                    blob: blob.clone(),
+                };
+            }
+        }
+        let step = cursor.step;
+        self.planner = planner;
+        self.planned.clear();
+        self.filled.clear();
+        self.start = step;
+        self.next_fill = step;
+        self.published = step;
+        self.cursors = VecDeque::from([cursor]);
+        self.ring.restart_at(step);
+    }
+
+    /// Stops the ring for good (a later failure replaces the reason) and kicks its peers.
+    pub(super) fn fail(&mut self, failure: Failure) {
+        self.phase = Phase::Failed(failure);
+        for p in self.peers.values() {
+            p.kick.notify_one();
+        }
+    }
+
+    /// Replans everything not yet published with `planner` (already at `published`).
+    /// Copies running now become stale: a streaming ring regenerates until they end; a
+    /// joining ring has none, and a failed ring stays failed.
+    pub(super) fn regenerate(&mut self, planner: Planner) {
+        self.planner = planner;
+        self.planned.clear();
+        self.filled.clear();
+        self.next_fill = self.published;
+        self.generation += 1;
+        let running = std::mem::take(&mut self.in_flight);
+        match &mut self.phase {
+            Phase::Streaming if !running.is_empty() => {
+                self.phase = Phase::Regenerating { stale: running }
+            }
+            Phase::Regenerating { stale } => stale.extend(running),
+            Phase::Streaming | Phase::Joining | Phase::Failed(_) => {}
+        }
+    }
+
+    /// Hands step `step` to a worker.
+    pub(super) fn claim_step(&mut self, step: u64) {
+        self.next_fill = step + 1;
+        self.in_flight.insert(step);
+    }
+
+    /// Records that a worker's copy of `step`, claimed at `generation`, ended; a
+    /// regenerating ring whose last stale copy this was streams again.
+    pub(super) fn copy_ended(&mut self, step: u64, generation: u64) -> Copied {
+        if generation == self.generation {
+            self.in_flight.remove(&step);
+            return Copied::Current;
+        }
+        if let Phase::Regenerating { stale } = &mut self.phase {
+            stale.remove(&step);
+            if stale.is_empty() {
+                self.phase = Phase::Streaming;
+            }
+        }
+        Copied::Stale
+    }
+
+    /// The oldest step some peer (present or still expected) may read.
+    pub(super) fn base(&self) -> u64 {
+        if self.joined < self.replicas {
+            return self.start;
+        }
+        self.peers
+            .values()
+            .map(|p| p.released)
+            .min()
+            .unwrap_or(self.published)
+    }
+
+    /// Slots a worker may fill now.
+    pub(super) fn free(&self, slots: u32) -> u64 {
+        (self.base() + slots as u64).saturating_sub(self.next_fill)
+    }
+
+    /// Updates the stall clocks after `published` or a peer's release moved.
+    pub(super) fn clocks(&mut self, slots: u32, now: Instant) {
+        let starved = self.started() && self.peers.values().any(|p| p.released >= self.published);
+        let full = !self.peers.is_empty() && self.published >= self.base() + slots as u64;
+        let s = &mut self.stats;
+        RingStats::track(starved, &mut s.starved_since, &mut s.consumer_wait, now);
+        RingStats::track(full, &mut s.full_since, &mut s.producer_wait, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::plan::PlanConfig;
+    use crate::corpus::DType;
+    use crate::plan::{DocSource, DomainInput, MemShard, Plan};
+    use crate::serve::hub::{EventFd, Mark};
+    use crate::serve::ring::{Layout, TokenType};
+
+    const ROWS: u32 = 2;
+    const SEQ_LEN: u32 = 16;
+
+    /// A plan over one in-memory domain of 64 short documents.
+    fn plan() -> Arc<Plan> {
+        let shard: Arc<dyn DocSource> = Arc::new(MemShard {
+            lengths: vec![10; 64],
+            groups: None,
+        });
+        let input = DomainInput {
+            name: "a".into(),
+            shards: vec![("a/0".into(), shard)],
+            settings: Default::default(),
+        };
+        let cfg = PlanConfig {
+            seed: 0,
+            seq_len: SEQ_LEN,
+            global_batch_rows: ROWS,
+            packing: Default::default(),
+            best_fit_window: 64,
+            eod_token: None,
+            pad_token: 0,
+            vocab_size: None,
+            weights: Some([("a".to_string(), 1.0)].into()),
+            schedule: Vec::new(),
+            skip: Vec::new(),
+            reseed: Vec::new(),
+        };
+        Arc::new(Plan::new(&[input], cfg, 1).expect("a one-domain plan builds"))
+    }
+
+    /// A real ring (memfd) at step 0 for `replicas` peers, resumed from a blob or not.
+    fn entry(replicas: u32, resumed: bool) -> RingEntry {
+        let planner = plan().seek(0);
+        let layout = Layout::new(ROWS, SEQ_LEN, 4, TokenType(DType::Int32), 4096);
+        let ring = Arc::new(Ring::create("phase-test", layout, 0).expect("memfd ring"));
+        let cursor = Cursor {
+            step: 0,
+            blob: planner.cursor(),
+            mark: Mark::of(&planner),
+        };
+        RingEntry::new(ring, planner, cursor, replicas, (ROWS, 1), resumed, 32)
+    }
+
+    fn peer(name: &str) -> Peer {
+        Peer {
+            replica: name.into(),
+            released: 0,
+            ready: Arc::new(EventFd::new().expect("eventfd")),
+            kick: Arc::new(tokio::sync::Notify::new()),
+            pid: None,
+            standing: Standing::Reading,
+            blob: None,
+        }
+    }
+
+    #[test]
+    fn a_resumed_ring_streams_only_once_every_announced_peer_joined() {
+        let mut e = entry(2, true);
+        e.join(1, peer("tp0"));
+        assert!(matches!(e.phase, Phase::Joining));
+        assert!(!e.claimable(4), "a joining ring must not be filled");
+        e.join(2, peer("tp1"));
+        assert!(matches!(e.phase, Phase::Streaming));
+        assert!(e.claimable(4));
+        // A join taken back (a later admission step refused) makes it wait again.
+        assert!(e.unjoin(2));
+        assert!(matches!(e.phase, Phase::Joining));
+        assert!(!e.unjoin(2), "the peer is gone already");
+    }
+
+    #[test]
+    fn a_fresh_ring_streams_at_once_and_holds_its_start_for_missing_peers() {
+        let mut e = entry(2, false);
+        e.join(1, peer("tp0"));
+        assert!(matches!(e.phase, Phase::Streaming));
+        assert!(e.claimable(4));
+        assert_eq!(e.base(), 0, "step 0 stays for the peer still to come");
+    }
+
+    #[test]
+    fn a_live_change_makes_running_copies_stale_and_their_slots_wait_for_them() {
+        let mut e = entry(1, false);
+        e.join(1, peer("p"));
+        e.claim_step(0);
+        e.claim_step(1);
+        let old = e.generation;
+        e.regenerate(plan().seek(0));
+        assert!(matches!(&e.phase, Phase::Regenerating { stale } if stale.len() == 2));
+        assert_eq!(e.next_fill, 0);
+        assert!(!e.claimable(4), "step 0's stale copy still writes its slot");
+        assert_eq!(e.copy_ended(0, old), Copied::Stale);
+        assert!(e.claimable(4), "step 0's slot is free for the fresh copy");
+        e.claim_step(0);
+        assert!(!e.claimable(4), "step 1's stale copy still runs");
+        assert_eq!(e.copy_ended(1, old), Copied::Stale);
+        assert!(matches!(e.phase, Phase::Streaming));
+        assert_eq!(e.copy_ended(0, e.generation), Copied::Current);
+        assert!(e.in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_failed_ring_stays_failed_says_why_and_is_never_filled() {
+        let mut e = entry(1, false);
+        e.join(1, peer("p"));
+        e.claim_step(0);
+        e.fail(Failure::new(Code::Materialize, "shard x faulted"));
+        assert!(!e.claimable(4));
+        e.regenerate(plan().seek(0));
+        let f = e.failure().expect("still failed after a live change");
+        assert_eq!(
+            (f.code, f.message.as_str()),
+            (Code::Materialize, "shard x faulted")
+        );
+        assert!(!e.claimable(4));
+        // The copy that was running when the change landed is discarded.
+        assert_eq!(e.copy_ended(0, 0), Copied::Stale);
+    }
+
+    #[test]
+    fn a_peer_ahead_reads_on_at_its_step_only_with_the_rings_cursor_there() {
+        let ahead = |blob: &[u8]| Standing::Ahead {
+            step: 5,
+            blob: blob.to_vec(),
+        };
+        let mut p = peer("tp1");
+        p.standing = ahead(b"same");
+        assert!(p.reach(4, b"other").is_none(), "not its step yet");
+        assert!(p.reach(5, b"same").is_none());
+        assert!(matches!(p.standing, Standing::Reading));
+        assert!(p.failure().is_none());
+        p.standing = ahead(b"mine");
+        let f = p.reach(5, b"theirs").expect("misplaced").clone();
+        assert_eq!(f.code, Code::PeerPosition);
+        assert!(f.message.contains("step 5"), "{}", f.message);
+        assert_eq!(p.failure(), Some(&f));
+    }
+
+    #[test]
+    fn moving_a_joining_ring_back_puts_its_resumed_peers_ahead() {
+        let mut e = entry(3, true);
+        let mut p = peer("tp0");
+        p.released = 7;
+        p.blob = Some(b"tp0 blob".to_vec());
+        e.join(1, p);
+        e.join(2, peer("tp1")); // no blob: nothing to check it against
+        let planner = plan().seek(2);
+        let cursor = Cursor {
+            step: 2,
+            blob: planner.cursor(),
+            mark: Mark::of(&planner),
+        };
+        e.move_back(planner, cursor);
+        assert_eq!((e.start, e.published, e.next_fill), (2, 2, 2));
+        assert!(
+            matches!(&e.peers[&1].standing, Standing::Ahead { step: 7, blob } if blob == b"tp0 blob")
+        );
+        assert!(matches!(e.peers[&2].standing, Standing::Reading));
+        assert!(matches!(e.phase, Phase::Joining));
+    }
+}

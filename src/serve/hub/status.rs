@@ -1,0 +1,205 @@
+//! Status: what the hub reports about its rings, peers, mixture and journal for STATUS,
+//! `millrace status` and the metrics exporter.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::{Hub, Published, RingEntry, State};
+use crate::wire::status::{
+    DomainStatus, JobStatus, JournalEntry, JournalPoint, PeerStatus, PoisonedShard, RingMemory,
+    RingStatus, Status,
+};
+
+impl Hub {
+    /// The journal as JOURNAL_ENTRY objects (docs/PROTOCOL.md).
+    pub fn journal(&self) -> Vec<JournalEntry> {
+        let st = self.lock();
+        Self::journal_of(&st)
+    }
+
+    fn journal_of(st: &State) -> Vec<JournalEntry> {
+        let names = st.plan.domain_names();
+        st.plan
+            .journal()
+            .iter()
+            .zip(st.sources.iter().chain(std::iter::repeat(&"cursor")))
+            .map(|(c, src)| JournalEntry {
+                at_step: st.plan.trainer_step_of(c.at),
+                plan_step: c.at,
+                source: src.to_string(),
+                points: c
+                    .points
+                    .iter()
+                    .map(|(step, w)| JournalPoint {
+                        step: *step,
+                        weights: names
+                            .iter()
+                            .map(|n| n.to_string())
+                            .zip(w.iter().copied())
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Everything `status` reports that the hub knows (docs/PROTOCOL.md, STATUS); the
+    /// daemon adds the process's own fields.
+    pub fn status(&self) -> Status {
+        let now = Instant::now();
+        let (plan, mut out, best, delivered) = {
+            let st = self.lock();
+            let mut jobs: Vec<JobStatus> = Vec::new();
+            let mut best: Option<Published> = st.retired.1.clone();
+            let mut delivered: Vec<u64> = vec![0; st.plan.domain_names().len()];
+            for (s, t) in delivered.iter_mut().zip(&st.retired.0) {
+                *s += t;
+            }
+            let mut names: Vec<&String> = st.jobs.keys().collect();
+            names.sort();
+            for name in names {
+                let job = &st.jobs[name];
+                let mut ranks: Vec<&u32> = job.rings.keys().collect();
+                ranks.sort();
+                let rings: Vec<RingStatus> = ranks
+                    .into_iter()
+                    .map(|r| {
+                        let e = &job.rings[r];
+                        e.keep_furthest(&mut best);
+                        for (s, t) in delivered.iter_mut().zip(&e.stats.domain_tokens) {
+                            *s += t;
+                        }
+                        let (consumer, producer) = e.stats.waits(now);
+                        let released = e
+                            .peers
+                            .values()
+                            .map(|p| p.released)
+                            .min()
+                            .unwrap_or(e.published);
+                        let mut peers: Vec<PeerStatus> = e
+                            .peers
+                            .values()
+                            .map(|p| PeerStatus {
+                                replica: p.replica.clone(),
+                                pid: p.pid,
+                                released_step: p.released,
+                            })
+                            .collect();
+                        peers.sort_by(|a, b| a.replica.cmp(&b.replica));
+                        RingStatus {
+                            dp_rank: *r,
+                            published_step: e.published,
+                            released_step: released,
+                            slots: self.settings.slots,
+                            occupancy: e
+                                .published
+                                .saturating_sub(released)
+                                .min(self.settings.slots as u64),
+                            peers,
+                            tokens_delivered: e.stats.batches_delivered * e.stats.tokens_per_step,
+                            batches_delivered: e.stats.batches_delivered,
+                            consumer_wait_s: consumer,
+                            producer_wait_s: producer,
+                        }
+                    })
+                    .collect();
+                jobs.push(JobStatus {
+                    job: name.clone(),
+                    dp_size: job.dp_size,
+                    rings,
+                });
+            }
+            let by_source = |m: &BTreeMap<&'static str, u64>| -> BTreeMap<String, u64> {
+                m.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+            };
+            let out = Status {
+                clients: st.clients as u64,
+                ring_memory: RingMemory {
+                    used_bytes: Self::ring_memory(&st),
+                    budget_bytes: self.settings.ring_budget,
+                },
+                reloads: st.reloads.values().sum::<u64>(),
+                failed_reloads: st.failed_reloads.values().sum::<u64>(),
+                reloads_by_source: by_source(&st.reloads),
+                failed_reloads_by_source: by_source(&st.failed_reloads),
+                first_changeable_step: st.first_changeable(),
+                journal: Self::journal_of(&st),
+                journal_superseded: st.plan.superseded(),
+                jobs,
+                fingerprint: format!("{:032x}", st.plan.fingerprint()),
+                ..Status::default()
+            };
+            (st.plan.clone(), out, best, delivered)
+        };
+        // Realized: the share of real tokens each domain got in every slot published so
+        // far. Target: the token shares the schedule asks for at the most advanced
+        // ring's step. Rows come from that ring's published cursor; epochs from its
+        // planner (up to `prefetch_steps` ahead of it).
+        let names = plan.domain_names();
+        let (plan_step, rows, epochs) = match best {
+            Some((_, mark, ep)) => (mark.plan_step, mark.rows, ep),
+            None => (0, vec![0; names.len()], vec![0.0; names.len()]),
+        };
+        let total: u64 = delivered.iter().sum();
+        let target = plan.schedule().shares(plan_step);
+        let row_target = plan.mixer().row_shares(plan_step);
+        let corpus = plan.domain_tokens();
+        out.domains = names
+            .iter()
+            .enumerate()
+            .map(|(d, n)| DomainStatus {
+                name: n.to_string(),
+                target_share: target.get(d).copied().unwrap_or(0.0),
+                realized_share: if total > 0 {
+                    delivered[d] as f64 / total as f64
+                } else {
+                    0.0
+                },
+                tokens: delivered[d],
+                target_row_share: row_target.get(d).copied().unwrap_or(0.0),
+                rows: rows.get(d).copied().unwrap_or(0),
+                epochs: epochs.get(d).copied().unwrap_or(0.0),
+                corpus_tokens: corpus.get(d).copied().unwrap_or(0),
+            })
+            .collect();
+        let f = *self.fill.lock().unwrap_or_else(|p| p.into_inner());
+        out.plan_step = plan_step;
+        out.padding_fraction = if f.positions > 0 {
+            1.0 - f.real as f64 / f.positions as f64
+        } else {
+            0.0
+        };
+        out.truncation_fraction = if f.docs > 0 {
+            f.cut as f64 / f.docs as f64
+        } else {
+            0.0
+        };
+        // Shards that changed under the daemon: no ring reads them until a restart.
+        out.poisoned_shards = self
+            .source
+            .shards
+            .iter()
+            .flatten()
+            .filter_map(|s| {
+                let why = s.poisoned()?;
+                Some(PoisonedShard {
+                    shard: s.path().display().to_string(),
+                    reason: why.to_string(),
+                })
+            })
+            .collect();
+        out
+    }
+}
+
+impl RingEntry {
+    /// Replaces `best` with this ring's last published cursor when that is further on:
+    /// `status` reports the mixture at the most advanced ring.
+    pub(super) fn keep_furthest(&self, best: &mut Option<Published>) {
+        if let Some(c) = self.cursors.back() {
+            if best.as_ref().is_none_or(|b| c.step > b.0) {
+                *best = Some((c.step, c.mark.clone(), self.planner.epochs()));
+            }
+        }
+    }
+}
