@@ -90,7 +90,7 @@ impl Policy {
 
     /// Whether a peer with this uid and primary gid (from SO_PEERCRED) may proceed;
     /// the error is the REFUSED message, naming the peer and the settings to extend.
-    pub fn authorized(&self, uid: u32, gid: u32) -> Result<(), String> {
+    pub fn authorized(&self, uid: u32, gid: u32) -> Result<(), Denied> {
         if self.open() || uid == self.daemon_uid {
             return Ok(());
         }
@@ -99,15 +99,40 @@ impl Policy {
         if listed(&self.uids, uid) || listed(&self.gids, gid) {
             return Ok(());
         }
-        let show = |list: &Option<Vec<u32>>| format!("{:?}", list.as_deref().unwrap_or(&[]));
-        Err(format!(
-            "uid {uid} (gid {gid}) is not in [serve] allowed_uids {} or allowed_gids {}; \
-             the daemon's own uid {} is always allowed",
-            show(&self.uids),
-            show(&self.gids),
-            self.daemon_uid
-        ))
+        Err(Denied::NotListed {
+            uid,
+            gid,
+            uids: self.uids.clone().unwrap_or_default(),
+            gids: self.gids.clone().unwrap_or_default(),
+            daemon_uid: self.daemon_uid,
+        })
     }
+}
+
+/// Why a peer may not use the socket: the REFUSED message, naming the peer and the
+/// settings to extend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// Neither its uid nor its primary gid is listed.
+    #[error(
+        "uid {uid} (gid {gid}) is not in [serve] allowed_uids {uids:?} or allowed_gids \
+         {gids:?}; the daemon's own uid {daemon_uid} is always allowed"
+    )]
+    NotListed {
+        /// The peer's uid.
+        uid: u32,
+        /// The peer's primary gid.
+        gid: u32,
+        /// `[serve] allowed_uids`.
+        uids: Vec<u32>,
+        /// `[serve] allowed_gids`.
+        gids: Vec<u32>,
+        /// The daemon's own uid, always allowed.
+        daemon_uid: u32,
+    },
+    /// SO_PEERCRED failed, so the peer cannot be checked against the lists.
+    #[error("the peer's credentials (SO_PEERCRED) could not be read")]
+    NoCredentials,
 }
 
 /// Resolves `[serve] socket_group` (a group name, or a gid written as digits) to a gid,
@@ -230,7 +255,7 @@ mod tests {
             gids: None,
             daemon_uid: 0,
         };
-        let e = p.authorized(65534, 65534).unwrap_err();
+        let e = p.authorized(65534, 65534).unwrap_err().to_string();
         assert_eq!(
             e,
             "uid 65534 (gid 65534) is not in [serve] allowed_uids [4242] or allowed_gids []; \
@@ -238,7 +263,8 @@ mod tests {
         );
         let e = policy(None, Some(vec![10, 20]))
             .authorized(3, 4)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("uid 3 (gid 4)"), "{e}");
         assert!(e.contains("allowed_uids []"), "{e}");
         assert!(e.contains("allowed_gids [10, 20]"), "{e}");

@@ -224,11 +224,11 @@ async fn connection(
     if !d.policy.open() {
         let verdict = match cred {
             Some(c) => d.policy.authorized(c.uid(), c.gid()),
-            None => Err("the peer's credentials (SO_PEERCRED) could not be read".into()),
+            None => Err(access::Denied::NoCredentials),
         };
-        if let Err(m) = verdict {
-            d.warn_peer(pid, format_args!("refused: {m}"));
-            say(&mut stream, kind::REFUSED, Code::Access, &m).await;
+        if let Err(e) = verdict {
+            d.warn_peer(pid, format_args!("refused: {e}"));
+            say(&mut stream, kind::REFUSED, Code::Access, &e.to_string()).await;
             // Closed at once: lingering for the client (as before) let a denied uid hold
             // an fd per connect. What it already sent is read away first, so closing does
             // not reset the connection before it reads the refusal; a client whose HELLO

@@ -10,7 +10,7 @@
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::net::{
     recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
@@ -197,18 +197,6 @@ pub fn send_fds(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::i
     let iov = [IoSlice::new(bytes)];
     let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
     Ok(sendmsg(sock, &iov, &mut control, flags)?)
-}
-
-/// [`send_fds`] for callers that hold raw descriptors: the daemon's WELCOME path until it
-/// passes borrowed ones. Goes at merge.
-pub fn send_with_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
-    // SAFETY: the caller passes descriptors it keeps open for the duration of the call
-    // (the connection's socket, the ring's memfd and the peer's eventfd it owns).
-    let (sock, fds) = unsafe {
-        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|&f| BorrowedFd::borrow_raw(f)).collect();
-        (BorrowedFd::borrow_raw(fd), fds)
-    };
-    send_fds(sock, bytes, &fds)
 }
 
 /// One `recvmsg` on the stream socket `sock`, collecting any SCM_RIGHTS fds into `fds`
