@@ -232,7 +232,7 @@ async fn connection(
             // Closed at once: lingering for the client (as before) let a denied uid hold
             // an fd per connect. What it already sent is read away first, so closing does
             // not reset the connection before it reads the refusal; a client whose HELLO
-            // write fails after this reads the queued REFUSED (src/client.rs, ctl.rs).
+            // write fails after this reads the queued REFUSED (src/client/, src/control.rs).
             let mut sink = [0u8; 4096];
             while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
             return;
