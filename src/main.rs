@@ -112,6 +112,13 @@ struct SynthArgs {
     /// Writer threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// A scale-test corpus: real .idx files over sparse .bin files that read as zeros.
+    #[arg(long)]
+    sparse: bool,
+    /// With --sparse, multiply every document length by this (e.g. 100 keeps a 1e13-token
+    /// corpus near 1e8 documents).
+    #[arg(long, default_value_t = 1, requires = "sparse")]
+    length_scale: u64,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -428,8 +435,16 @@ fn run_synth(args: SynthArgs) -> Result<()> {
         threads,
         progress: !args.json,
     };
-    let summary = synth::synth(&opts)
-        .with_context(|| format!("writing a synthetic corpus to {}", args.out.display()))?;
+    let summary = if args.sparse {
+        let sparse = synth::Sparse {
+            length_scale: args.length_scale,
+        };
+        synth::synth_sparse(&opts, sparse)
+    } else {
+        synth::synth(&opts)
+    };
+    let summary =
+        summary.with_context(|| format!("writing a synthetic corpus to {}", args.out.display()))?;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
         return Ok(());
