@@ -26,10 +26,15 @@
 //! openable) is the very last rename. An interrupted run leaves nothing that opens, a
 //! failed run leaves nothing at all, and a rerun replaces everything.
 //!
+//! At corpus scale (`--shard-tokens`, `--num-shards N --shard-index i`) a run writes many
+//! shards `<out>-<run>-<k>` and a manifest, and `--merge` lists the shards of all runs;
+//! see `shards` for who writes what.
+//!
 //! The files follow a document through the run: this one holds the options, the summary
 //! and the driver; `setup` the tokenizer, EOS and dtype; `input` files -> chunks of
-//! lines; `pipeline` chunk -> tokens and keys; `sink` results -> shard or spill file;
-//! `sort` the external sort of group records.
+//! lines; `pipeline` chunk -> tokens and keys; `sink` results -> shards or spill file;
+//! `sort` the external sort of group records; `shards` the run's share and the shard
+//! cutting; `manifest` the manifests and `--merge`.
 
 use std::borrow::Cow;
 use std::cmp::Ordering as CmpOrdering;
@@ -55,15 +60,21 @@ use crate::corpus::megatron::with_suffix;
 use crate::corpus::{CorpusError, DType, MegatronWriter, Shard};
 
 mod input;
+mod manifest;
 mod pipeline;
 mod setup;
+mod shards;
 mod sink;
 mod sort;
 
 use input::*;
+use manifest::write_manifest;
+pub use manifest::{merge, read_manifest, Manifest, MANIFEST_FORMAT};
 pub use pipeline::encode_ids;
 use pipeline::*;
 use setup::*;
+use shards::*;
+pub use shards::{run_manifest_path, shard_prefix, OutputShard};
 use sink::*;
 use sort::*;
 
@@ -140,6 +151,14 @@ pub struct TokenizeOptions {
     pub max_line_bytes: u64,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
+    /// Cut the output into shards `<out>-<run>-<k>` of about this many tokens (closed
+    /// at the next document or group boundary); `None`: one shard at `<out>`, unless
+    /// `num_shards` > 1.
+    pub shard_tokens: Option<u64>,
+    /// Runs that share this job (`--num-shards`); each writes its share, see `shards`.
+    pub num_shards: u64,
+    /// Which of them this is (`--shard-index`), from 0.
+    pub shard_index: u64,
 }
 
 impl TokenizeOptions {
@@ -161,7 +180,15 @@ impl TokenizeOptions {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             progress: false,
+            shard_tokens: None,
+            num_shards: 1,
+            shard_index: 0,
         }
+    }
+
+    /// Whether the output is shards `<out>-<run>-<k>` with a manifest, not `<out>` itself.
+    pub fn sharded(&self) -> bool {
+        self.shard_tokens.is_some() || self.num_shards > 1
     }
 }
 
@@ -405,6 +432,14 @@ pub struct TokenizeSummary {
     pub threads: usize,
     /// Sorted runs the group sort spilled to disk (0: it fit in memory).
     pub sort_runs: usize,
+    /// Every shard written, in order (one, at `prefix`, unless sharded).
+    pub shards: Vec<OutputShard>,
+    /// This run's index and the number of runs of the job.
+    pub run: [u64; 2],
+    /// Documents read but left to the other runs of the job (grouped jobs read every input).
+    pub other_runs_documents: u64,
+    /// The run's manifest, when sharded.
+    pub manifest: Option<PathBuf>,
 }
 
 /// The human-readable summary.
@@ -420,13 +455,14 @@ pub fn render(s: &TokenizeSummary) -> String {
         s.eos.map_or("none".to_string(), |e| e.to_string()),
         s.prefix.display()
     );
-    if let (Some(g), Some(path)) = (s.groups, &s.groups_file) {
+    if let Some(g) = s.groups {
+        let path = s.groups_file.as_ref();
         let _ = writeln!(
             t,
             "{} groups in {} ({} sorted runs spilled); {} more had only empty or bad rows \
              and are not in it",
             thousands(g),
-            path.display(),
+            path.map_or("the shards' sidecars".into(), |p| p.display().to_string()),
             s.sort_runs,
             thousands(s.vanished_groups.unwrap_or(0))
         );
@@ -452,6 +488,16 @@ pub fn render(s: &TokenizeSummary) -> String {
     for bad in &s.first_bad {
         let _ = writeln!(t, "  {bad}");
     }
+    if let Some(m) = &s.manifest {
+        let [run, runs] = s.run;
+        let _ = writeln!(
+            t,
+            "run {run} of {runs}: {} shards, listed in {}; {} documents left to the other runs",
+            s.shards.len(),
+            m.display(),
+            thousands(s.other_runs_documents)
+        );
+    }
     let _ = writeln!(
         t,
         "read {:.1} MB ({:.1} MB of JSONL) in {:.1} s: {:.1} MB/s, {} tokens/s, {} docs/s, {} threads",
@@ -468,10 +514,44 @@ pub fn render(s: &TokenizeSummary) -> String {
 
 /// Tokenizes `opts.inputs` into the shard at `opts.out`; see the module docs.
 pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
+    let result = run(opts);
+    if result.is_err() && opts.sharded() {
+        // A failed run leaves nothing, not even the shards it had finished.
+        let _ = remove_run_outputs(&opts.out, opts.shard_index);
+    }
+    result
+}
+
+fn run(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let started = Instant::now();
     let setup = Setup::new(opts)?;
     let threads = opts.threads.max(1);
-    let bytes_in = check_inputs(&opts.inputs)?;
+    check_inputs(&opts.inputs)?;
+    if opts.shard_index >= opts.num_shards {
+        return Err(TokenizeError::Options(format!(
+            "--shard-index {} is not one of the --num-shards {} runs (0..{})",
+            opts.shard_index, opts.num_shards, opts.num_shards
+        )));
+    }
+    if opts.shard_tokens == Some(0) {
+        return Err(TokenizeError::Options(
+            "--shard-tokens 0 would make a shard of every document; give a size".into(),
+        ));
+    }
+    let share = Share {
+        count: opts.num_shards,
+        index: opts.shard_index,
+    };
+    // An ungrouped run reads only its own files; a grouped one reads them all.
+    let inputs: Vec<PathBuf> = if setup.grouped {
+        opts.inputs.clone()
+    } else {
+        let mine = opts.inputs.iter().enumerate();
+        mine.filter(|(j, _)| share.owns_file(*j))
+            .map(|(_, p)| p.clone())
+            .collect()
+    };
+    let bytes_in = check_inputs_size(&inputs)?;
 
     let out_dir = match opts.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -493,16 +573,30 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
 
     // Old outputs go first, the .idx before the rest, so that from here on the prefix
     // never opens until this run's final rename.
-    let idx_path = with_suffix(&opts.out, "idx");
-    let bin_path = with_suffix(&opts.out, "bin");
     let groups_path = with_suffix(&opts.out, "groups.npy");
-    for p in [&idx_path, &bin_path, &groups_path] {
-        match std::fs::remove_file(p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(p, "remove")(e)),
+    let layout = if opts.sharded() {
+        remove_run_outputs(&opts.out, opts.shard_index)?;
+        Layout::Sharded {
+            out: opts.out.clone(),
+            run: opts.shard_index,
+            limit: opts.shard_tokens.unwrap_or(u64::MAX).max(1),
         }
-    }
+    } else {
+        for ext in ["idx", "bin", "groups.npy"] {
+            let p = with_suffix(&opts.out, ext);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&p, "remove")(e)),
+            }
+        }
+        Layout::Single(opts.out.clone())
+    };
+    // Runs of one job may share a directory: their scratch names must differ.
+    let stem = match &layout {
+        Layout::Single(_) => stem,
+        Layout::Sharded { run, .. } => format!("{stem}-{run:05}"),
+    };
     remove_stale_runs(&tmp_dir, &stem)?;
     let spill_path = tmp_dir.join(format!("{stem}.spill.tmp"));
     let _guard = TempFiles(vec![
@@ -521,7 +615,8 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let progress = bar(bytes_in, opts.progress, "tokenizing", "starting");
     let grouped = setup.grouped;
     let mut sink = Sink {
-        inputs: &opts.inputs,
+        inputs: &inputs,
+        share: (setup.grouped && share.count > 1).then_some(share),
         dtype: setup.dtype,
         max_bad: opts.max_bad,
         out: if grouped {
@@ -541,7 +636,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
                 sorter: Sorter::new(sort_budget, tmp_dir.clone(), stem.clone()),
             }
         } else {
-            Out::Stream(MegatronWriter::create(&opts.out, setup.dtype)?)
+            Out::Stream(ShardWriter::new(layout.clone(), setup.dtype, None))
         },
         stats: Stats::default(),
         first_bad: Vec::new(),
@@ -560,7 +655,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         }
         let chunk_bytes = opts.chunk_bytes.max(1);
         let max_line = usize::try_from(setup.max_line).unwrap_or(usize::MAX);
-        let inputs = &opts.inputs;
+        let inputs = &inputs;
         let reader = s.spawn(move || {
             read_inputs(inputs, chunk_bytes, max_line, &work_tx, &slot_rx, &consumed)
         });
@@ -569,7 +664,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         for _ in 0..threads {
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
-            let worker = setup.worker(&gate);
+            let worker = setup.worker(&gate, sink.share);
             s.spawn(move || worker.run(&work_rx, &done_tx));
         }
         drop(done_tx);
@@ -590,7 +685,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         first_bad,
         ..
     } = sink;
-    if stats.documents == 0 {
+    if stats.documents == 0 && !opts.sharded() {
         return Err(TokenizeError::Empty {
             lines: stats.lines,
             bad: stats.bad.total(),
@@ -599,10 +694,8 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let mut groups = None;
     let mut vanished_groups = None;
     let mut sort_runs = 0;
-    match out {
-        Out::Stream(writer) => {
-            writer.finish()?;
-        }
+    let shards = match out {
+        Out::Stream(writer) => writer.finish()?,
         Out::Grouped {
             spill,
             sorter,
@@ -613,9 +706,9 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
                 .into_inner()
                 .map_err(|e| io_err(&spill_path, "flush")(e.into_error()))?;
             debug_assert_eq!(spill_at, stats.tokens * setup.dtype.size() as u64);
+            let writer = ShardWriter::new(layout.clone(), setup.dtype, Some(stats.documents));
             let written = write_grouped(
-                &opts.out,
-                &groups_path,
+                writer,
                 setup.dtype,
                 stats.documents,
                 &spill,
@@ -626,35 +719,81 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
             groups = Some(written.groups);
             vanished_groups = Some(written.vanished);
             sort_runs = written.runs;
+            written.shards
         }
-    }
+    };
     drop(_guard);
 
-    // The strictest reader re-checks what was written: the shard and its sidecar open,
-    // and the index passes the full validation `millrace inspect` runs.
-    let shard = Shard::open(&opts.out, None)?;
-    shard.validate()?;
-    if shard.documents() != stats.documents || shard.tokens() != stats.tokens {
+    // The strictest reader re-checks what was written: each shard and its sidecar open,
+    // and each index passes the full validation `millrace inspect` runs.
+    let (mut documents, mut tokens) = (0, 0);
+    for s in &shards {
+        let shard = Shard::open(&s.prefix, None)?;
+        shard.validate()?;
+        if shard.documents() != s.documents || shard.tokens() != s.tokens {
+            return Err(TokenizeError::Corpus(CorpusError::invalid(
+                with_suffix(&s.prefix, "idx"),
+                format!(
+                    "re-opened shard holds {} documents and {} tokens, but {} and {} were written",
+                    shard.documents(),
+                    shard.tokens(),
+                    s.documents,
+                    s.tokens
+                ),
+            )));
+        }
+        documents += s.documents;
+        tokens += s.tokens;
+    }
+    if (documents, tokens) != (stats.documents, stats.tokens) {
         return Err(TokenizeError::Corpus(CorpusError::invalid(
-            &idx_path,
+            &opts.out,
             format!(
-                "re-opened shard holds {} documents and {} tokens, but {} and {} were written",
-                shard.documents(),
-                shard.tokens(),
-                stats.documents,
-                stats.tokens
+                "the shards hold {documents} documents and {tokens} tokens, but {} and {} were read",
+                stats.documents, stats.tokens
             ),
         )));
     }
+    let manifest = match &layout {
+        Layout::Single(_) => None,
+        Layout::Sharded { run, .. } => {
+            let path = run_manifest_path(&opts.out, *run);
+            let m = Manifest {
+                format: MANIFEST_FORMAT.into(),
+                run: Some(*run),
+                runs: opts.num_shards,
+                tokenizer: opts.tokenizer.clone(),
+                tokenizer_xxh3: format!("{:016x}", setup.tokenizer_hash),
+                text_field: opts.text_field.clone(),
+                group_field: opts.group_field.clone(),
+                order_field: opts.order_field.clone(),
+                dtype: setup.dtype,
+                eos: setup.eos,
+                shard_tokens: opts.shard_tokens,
+                inputs: opts.inputs.len() as u64,
+                documents,
+                tokens,
+                shards: shards
+                    .iter()
+                    .map(|s| OutputShard {
+                        prefix: s.prefix.file_name().map(PathBuf::from).unwrap_or_default(),
+                        ..s.clone()
+                    })
+                    .collect(),
+            };
+            write_manifest(&path, &m)?;
+            Some(path)
+        }
+    };
 
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     Ok(TokenizeSummary {
         prefix: opts.out.clone(),
-        groups_file: grouped.then_some(groups_path),
+        groups_file: (grouped && !opts.sharded()).then_some(groups_path),
         dtype: setup.dtype,
         vocab: setup.vocab,
         eos: setup.eos,
-        files: opts.inputs.len(),
+        files: inputs.len(),
         lines: stats.lines,
         blank_lines: stats.blank,
         documents: stats.documents,
@@ -671,14 +810,23 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         docs_per_s: stats.documents as f64 / seconds,
         threads,
         sort_runs,
+        shards,
+        run: [opts.shard_index, opts.num_shards],
+        other_runs_documents: stats.elsewhere,
+        manifest,
     })
 }
 
-/// Sum of the input sizes; fails before anything is touched if an input is missing.
-fn check_inputs(inputs: &[PathBuf]) -> Result<u64> {
+/// Fails before anything is touched if an input is missing.
+fn check_inputs(inputs: &[PathBuf]) -> Result<()> {
     if inputs.is_empty() {
         return Err(TokenizeError::Options("no input files".into()));
     }
+    check_inputs_size(inputs).map(drop)
+}
+
+/// Sum of the input sizes; each must be a regular file.
+fn check_inputs_size(inputs: &[PathBuf]) -> Result<u64> {
     let mut total = 0;
     for p in inputs {
         let meta = std::fs::metadata(p).map_err(io_err(p, "stat"))?;

@@ -30,6 +30,8 @@ pub(super) struct Done {
     /// Group keys (in `keys`) of rows dropped as bad after their group was read.
     pub(super) dropped: Vec<(usize, usize)>,
     pub(super) bad: Vec<(u64, BadKind, String)>,
+    /// Documents that belong to other runs of the job, skipped before tokenizing.
+    pub(super) elsewhere: u64,
     pub(super) fatal: Option<TokenizeError>,
     /// Scratch for one document's ids, reused across the chunk.
     pub(super) ids: Vec<u32>,
@@ -47,6 +49,8 @@ pub(super) struct Worker {
     pub(super) grouped: bool,
     pub(super) max_line: u64,
     pub(super) gate: Arc<EncodeGate>,
+    /// This run's share of a grouped job of several runs.
+    pub(super) share: Option<Share>,
 }
 
 impl Worker {
@@ -78,6 +82,7 @@ impl Worker {
             keys: Vec::new(),
             dropped: Vec::new(),
             bad: Vec::new(),
+            elsewhere: 0,
             fatal: None,
             ids: Vec::new(),
         };
@@ -216,6 +221,17 @@ impl Worker {
                 }
             }
             order = (at, d.keys.len() - at);
+            if let Some(share) = self.share {
+                let mine = match group {
+                    Some((a, n)) => share.owns_group(&d.keys[a..a + n]),
+                    None => share.owns_line(d.file, line_no),
+                };
+                if !mine {
+                    d.keys.truncate(keys_at);
+                    d.elsewhere += 1;
+                    return Ok(());
+                }
+            }
         }
         let mut ids = std::mem::take(&mut d.ids);
         ids.clear();
