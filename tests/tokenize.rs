@@ -1758,4 +1758,23 @@ fn merge_refuses_unfinished_or_mismatched_runs_and_bad_shares_are_refused() {
     );
     let zero = job("0", &["--shard-tokens", "0"]);
     assert!(String::from_utf8_lossy(&zero.stderr).contains("--shard-tokens 0"));
+
+    // A run that fails after finishing some shards leaves none of them, and no manifest:
+    // 20 good rows cut into 50-token shards, then a bad line past --max-bad 0.
+    let tail = dir.path().join("tail.jsonl");
+    std::fs::write(&tail, b"{not json\n").unwrap();
+    assert!(!outputs(dir.path(), "job-00000").is_empty());
+    let mut a = vec![
+        s(&input),
+        s(&tail),
+        "--out",
+        s(&out),
+        "--shard-tokens",
+        "50",
+    ];
+    a.extend(["--max-bad", "0", "--threads", "1"]);
+    let failed = run(tok_path, &a);
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("more than --max-bad 0"));
+    assert_eq!(outputs(dir.path(), "job-00000"), Vec::<String>::new());
 }

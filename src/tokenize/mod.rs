@@ -514,15 +514,6 @@ pub fn render(s: &TokenizeSummary) -> String {
 
 /// Tokenizes `opts.inputs` into the shard at `opts.out`; see the module docs.
 pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
-    let result = run(opts);
-    if result.is_err() && opts.sharded() {
-        // A failed run leaves nothing, not even the shards it had finished.
-        let _ = remove_run_outputs(&opts.out, opts.shard_index);
-    }
-    result
-}
-
-fn run(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let started = Instant::now();
     let setup = Setup::new(opts)?;
     let threads = opts.threads.max(1);
@@ -574,8 +565,10 @@ fn run(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     // Old outputs go first, the .idx before the rest, so that from here on the prefix
     // never opens until this run's final rename.
     let groups_path = with_suffix(&opts.out, "groups.npy");
+    // A failed sharded run leaves nothing, not even the shards it had finished.
+    let mut run_outputs = None;
     let layout = if opts.sharded() {
-        remove_run_outputs(&opts.out, opts.shard_index)?;
+        run_outputs = Some(RunOutputs::clear(&opts.out, opts.shard_index)?);
         Layout::Sharded {
             out: opts.out.clone(),
             run: opts.shard_index,
@@ -782,6 +775,7 @@ fn run(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
                     .collect(),
             };
             write_manifest(&path, &m)?;
+            run_outputs.take().map(RunOutputs::keep);
             Some(path)
         }
     };

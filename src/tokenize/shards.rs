@@ -229,9 +229,41 @@ impl Drop for ShardWriter {
     }
 }
 
+/// The outputs of one run of a sharded job, removed on drop unless the run kept them.
+pub(super) struct RunOutputs {
+    out: PathBuf,
+    run: u64,
+    keep: bool,
+}
+
+impl RunOutputs {
+    /// Removes what an earlier run `run` of `out` left, before this run writes anew.
+    pub(super) fn clear(out: &Path, run: u64) -> Result<RunOutputs> {
+        remove_run_outputs(out, run)?;
+        Ok(RunOutputs {
+            out: out.to_path_buf(),
+            run,
+            keep: false,
+        })
+    }
+
+    /// The run finished (its manifest is written): its outputs stay.
+    pub(super) fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for RunOutputs {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = remove_run_outputs(&self.out, self.run);
+        }
+    }
+}
+
 /// Removes what an earlier run `run` of `out` wrote (its manifest first, then every
 /// `.idx`, so nothing of it opens, then the rest), before this run writes anew.
-pub(super) fn remove_run_outputs(out: &Path, run: u64) -> Result<()> {
+fn remove_run_outputs(out: &Path, run: u64) -> Result<()> {
     let manifest = run_manifest_path(out, run);
     match std::fs::remove_file(&manifest) {
         Ok(()) => {}
