@@ -334,6 +334,10 @@ mod tests {
             owners.iter().flatten().copied().collect::<Vec<_>>(),
             [3, 2, 1, 2, 2, 2]
         );
+        let line_owner =
+            |file, line| (0..4).find(|&index| Share { count: 4, index }.owns_line(file, line));
+        let owners: Vec<u64> = (0..6).filter_map(|line| line_owner(1, line)).collect();
+        assert_eq!(owners, [1, 2, 3, 3, 1, 2]);
     }
 
     #[test]
