@@ -775,7 +775,9 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
                     .collect(),
             };
             write_manifest(&path, &m)?;
-            run_outputs.take().map(RunOutputs::keep);
+            if let Some(outputs) = run_outputs.take() {
+                outputs.keep();
+            }
             Some(path)
         }
     };
