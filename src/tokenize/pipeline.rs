@@ -598,3 +598,61 @@ impl<'de> Visitor<'de> for Pick<'_> {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_numbers_numerically_then_strings() {
+        let key = |v: Val<'_>| {
+            let mut k = Vec::new();
+            push_key(&mut k, &v).unwrap();
+            k
+        };
+        let mut ks = [
+            key(Val::Str("a".into())),
+            key(Val::Int(10)),
+            key(Val::Float(2.5)),
+            key(Val::Int(-3)),
+            key(Val::Int(2)),
+            key(Val::Str("B".into())),
+        ];
+        ks.sort();
+        let want = [
+            key(Val::Int(-3)),
+            key(Val::Int(2)),
+            key(Val::Float(2.5)),
+            key(Val::Int(10)),
+            key(Val::Str("B".into())),
+            key(Val::Str("a".into())),
+        ];
+        assert_eq!(ks, want);
+        // Integers beyond f64's precision still order exactly.
+        assert!(key(Val::Int((1 << 60) + 1)) > key(Val::Int(1 << 60)));
+    }
+
+    #[test]
+    fn the_encode_gate_admits_up_to_its_budget_and_one_alone_always() {
+        let gate = Arc::new(EncodeGate::new(10));
+        let big = gate.enter(25); // over budget, but alone: admitted
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let _p = gate.enter(4);
+                let _ = tx.send(());
+            })
+        };
+        // It waits while the big one is inside...
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(big);
+        // ...and enters once it has left.
+        assert!(rx.recv_timeout(Duration::from_secs(30)).is_ok());
+        waiter.join().unwrap();
+        let a = gate.enter(6);
+        let b = gate.enter(4); // 6 + 4 fits exactly
+        drop((a, b));
+        assert_eq!(*gate.inside.lock().unwrap(), 0);
+    }
+}
