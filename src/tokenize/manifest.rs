@@ -63,6 +63,37 @@ impl Manifest {
     }
 }
 
+/// The manifest of a finished run: its settings and its shards, named relative to it.
+pub(super) fn run_manifest(
+    opts: &TokenizeOptions,
+    setup: &Setup,
+    shards: &[OutputShard],
+) -> Manifest {
+    Manifest {
+        format: MANIFEST_FORMAT.into(),
+        run: Some(opts.shard_index),
+        runs: opts.num_shards,
+        tokenizer: opts.tokenizer.clone(),
+        tokenizer_xxh3: format!("{:016x}", setup.tokenizer_hash),
+        text_field: opts.text_field.clone(),
+        group_field: opts.group_field.clone(),
+        order_field: opts.order_field.clone(),
+        dtype: setup.dtype,
+        eos: setup.eos,
+        shard_tokens: opts.shard_tokens,
+        inputs: opts.inputs.len() as u64,
+        documents: shards.iter().map(|s| s.documents).sum(),
+        tokens: shards.iter().map(|s| s.tokens).sum(),
+        shards: shards
+            .iter()
+            .map(|s| OutputShard {
+                prefix: s.prefix.file_name().map(PathBuf::from).unwrap_or_default(),
+                ..s.clone()
+            })
+            .collect(),
+    }
+}
+
 /// Writes `m` to `path` through a temporary name, so a reader sees all of it or none.
 pub(super) fn write_manifest(path: &Path, m: &Manifest) -> Result<()> {
     let tmp = with_suffix(path, "tmp");

@@ -70,8 +70,8 @@ mod sink;
 mod sort;
 
 use input::*;
-use manifest::write_manifest;
 pub use manifest::{merge, read_manifest, Manifest, MANIFEST_FORMAT};
+use manifest::{run_manifest, write_manifest};
 pub use pipeline::encode_ids;
 use pipeline::*;
 pub use report::*;
@@ -411,62 +411,12 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
 
     // The strictest reader re-checks what was written: each shard and its sidecar open,
     // and each index passes the full validation `millrace inspect` runs.
-    let (mut documents, mut tokens) = (0, 0);
-    for s in &shards {
-        let shard = Shard::open(&s.prefix, None)?;
-        shard.validate()?;
-        if shard.documents() != s.documents || shard.tokens() != s.tokens {
-            return Err(TokenizeError::Corpus(CorpusError::invalid(
-                with_suffix(&s.prefix, "idx"),
-                format!(
-                    "re-opened shard holds {} documents and {} tokens, but {} and {} were written",
-                    shard.documents(),
-                    shard.tokens(),
-                    s.documents,
-                    s.tokens
-                ),
-            )));
-        }
-        documents += s.documents;
-        tokens += s.tokens;
-    }
-    if (documents, tokens) != (stats.documents, stats.tokens) {
-        return Err(TokenizeError::Corpus(CorpusError::invalid(
-            &opts.out,
-            format!(
-                "the shards hold {documents} documents and {tokens} tokens, but {} and {} were read",
-                stats.documents, stats.tokens
-            ),
-        )));
-    }
+    recheck(&shards, &opts.out, stats.documents, stats.tokens)?;
     let manifest = match &layout {
         Layout::Single(_) => None,
         Layout::Sharded { run, .. } => {
             let path = run_manifest_path(&opts.out, *run);
-            let m = Manifest {
-                format: MANIFEST_FORMAT.into(),
-                run: Some(*run),
-                runs: opts.num_shards,
-                tokenizer: opts.tokenizer.clone(),
-                tokenizer_xxh3: format!("{:016x}", setup.tokenizer_hash),
-                text_field: opts.text_field.clone(),
-                group_field: opts.group_field.clone(),
-                order_field: opts.order_field.clone(),
-                dtype: setup.dtype,
-                eos: setup.eos,
-                shard_tokens: opts.shard_tokens,
-                inputs: opts.inputs.len() as u64,
-                documents,
-                tokens,
-                shards: shards
-                    .iter()
-                    .map(|s| OutputShard {
-                        prefix: s.prefix.file_name().map(PathBuf::from).unwrap_or_default(),
-                        ..s.clone()
-                    })
-                    .collect(),
-            };
-            write_manifest(&path, &m)?;
+            write_manifest(&path, &run_manifest(opts, &setup, &shards))?;
             if let Some(outputs) = run_outputs.take() {
                 outputs.keep();
             }

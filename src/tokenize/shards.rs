@@ -229,6 +229,46 @@ impl Drop for ShardWriter {
     }
 }
 
+/// The strictest reader re-checks what was written: each shard and its sidecar open,
+/// each index passes the full validation `millrace inspect` runs, and the shards hold
+/// the `documents` and `tokens` that were read.
+pub(super) fn recheck(
+    shards: &[OutputShard],
+    out: &Path,
+    documents: u64,
+    tokens: u64,
+) -> Result<()> {
+    let (mut docs, mut toks) = (0, 0);
+    for s in shards {
+        let shard = Shard::open(&s.prefix, None)?;
+        shard.validate()?;
+        if shard.documents() != s.documents || shard.tokens() != s.tokens {
+            return Err(TokenizeError::Corpus(CorpusError::invalid(
+                with_suffix(&s.prefix, "idx"),
+                format!(
+                    "re-opened shard holds {} documents and {} tokens, but {} and {} were written",
+                    shard.documents(),
+                    shard.tokens(),
+                    s.documents,
+                    s.tokens
+                ),
+            )));
+        }
+        docs += s.documents;
+        toks += s.tokens;
+    }
+    if (docs, toks) != (documents, tokens) {
+        return Err(TokenizeError::Corpus(CorpusError::invalid(
+            out,
+            format!(
+                "the shards hold {docs} documents and {toks} tokens, but {documents} and \
+                 {tokens} were read"
+            ),
+        )));
+    }
+    Ok(())
+}
+
 /// The outputs of one run of a sharded job, removed on drop unless the run kept them.
 pub(super) struct RunOutputs {
     out: PathBuf,
