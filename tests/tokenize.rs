@@ -7,6 +7,8 @@
 //! The tokenizer is a byte-level BPE trained here with the tokenizers crate's own
 //! trainer, so decoding is exact for any UTF-8 text.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -1603,13 +1605,16 @@ fn four_runs_write_the_documents_of_one_run_and_no_group_spans_shards() {
         .map(|s| format!("{:?}", s.prefix.display().to_string()))
         .collect();
     let cfg = dir.path().join("millrace.toml");
+    let socket = dir.path().join("d.sock");
     std::fs::write(
         &cfg,
         format!(
             "[corpus]\n[[corpus.domain]]\nname = \"code\"\nshards = [{}]\n\n[plan]\nseed = 1\n\
              seq_len = 64\nglobal_batch_rows = 4\npacking = \"best_fit\"\neod_token = {eos}\n\
-             pad_token = 0\n\n[[plan.schedule]]\nstep = 0\nweights = {{ code = 1.0 }}\n",
-            shards.join(", ")
+             pad_token = 0\n\n[[plan.schedule]]\nstep = 0\nweights = {{ code = 1.0 }}\n\n\
+             [serve]\n{}",
+            shards.join(", "),
+            common::serve_toml(&socket, 8, 1)
         ),
     )
     .unwrap();
@@ -1623,6 +1628,29 @@ fn four_runs_write_the_documents_of_one_run_and_no_group_spans_shards() {
         assert!(o.status.success(), "{args:?}: {err}");
         assert!(!err.contains("warning"), "{args:?}: {err}");
     }
+    // ... and serves: a trainer rank reads three steps of 4 rows of 64 tokens.
+    let _serve = common::Serve::start(&cfg, &socket, &dir.path().join("serve.log"));
+    let o = bin()
+        .args([
+            "consume",
+            "--socket",
+            s(&socket),
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            "1",
+        ])
+        .args(["--steps", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "consume: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["steps"], 3);
+    assert_eq!(v["tokens"], 3 * 4 * 64);
 }
 
 #[test]
