@@ -478,13 +478,17 @@ fn run_synth(args: SynthArgs) -> Result<()> {
         )?;
     }
     let bytes = summary.tokens as f64 * opts.dtype.size() as f64;
+    let rate = if args.sparse {
+        "sparse .bin files, tokens not written".to_string()
+    } else {
+        format!("{:.0} MB/s", bytes / summary.seconds.max(1e-9) / 1e6)
+    };
     writeln!(
         out,
-        "wrote {} tokens in {} documents in {:.1} s ({:.0} MB/s); config: {}",
+        "wrote {} tokens in {} documents in {:.1} s ({rate}); config: {}",
         util::thousands(summary.tokens),
         util::thousands(summary.documents),
         summary.seconds,
-        bytes / summary.seconds.max(1e-9) / 1e6,
         summary.config.display()
     )?;
     Ok(())
