@@ -503,27 +503,7 @@ fn run_tokenize(args: TokenizeArgs) -> Result<()> {
             writeln!(out, "{}", serde_json::to_string_pretty(&m)?)?;
             return Ok(());
         }
-        let dir = args.out.parent().unwrap_or(std::path::Path::new(""));
-        let name = args.out.file_name().unwrap_or_default().to_string_lossy();
-        let shards: Vec<String> = m
-            .shards
-            .iter()
-            .map(|s| format!("{:?}", dir.join(&s.prefix).display().to_string()))
-            .collect();
-        writeln!(
-            out,
-            "# {} runs, {} shards, {} documents, {} tokens; listed in {}",
-            m.runs,
-            m.shards.len(),
-            util::thousands(m.documents),
-            util::thousands(m.tokens),
-            millrace::corpus::megatron::with_suffix(&args.out, "manifest.json").display()
-        )?;
-        writeln!(
-            out,
-            "[[corpus.domain]]\nname = \"{name}\"\nshards = [{}]",
-            shards.join(", ")
-        )?;
+        write!(out, "{}", tokenize::render_merge(&m, &args.out))?;
         return Ok(());
     }
     let tokenizer = args.tokenizer.unwrap_or_default();

@@ -1773,6 +1773,18 @@ fn merge_refuses_unfinished_or_mismatched_runs_and_bad_shares_are_refused() {
     assert!(job("1", &[]).status.success());
     let (ok, err) = merge("2");
     assert!(ok, "{err}");
+    let text = bin()
+        .args(["tokenize", "--merge", "--num-shards", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    // One input file: run 1 of 2 has none, and writes no shard.
+    let entry = format!(
+        "name = \"job\"\nshards = [{:?}]\n",
+        s(&out.with_file_name("job-00000-00000"))
+    );
+    assert!(text.contains(&entry), "{text}");
     // A manifest from a job of another size does not merge as this one.
     let (ok, err) = merge("3");
     assert!(!ok && err.contains("expected run 0 of 3"), "{err}");

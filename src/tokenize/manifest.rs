@@ -200,3 +200,26 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
     write_manifest(&with_suffix(out, "manifest.json"), &all)?;
     Ok(all)
 }
+
+/// What `tokenize --merge` prints: totals, and a `[[corpus.domain]]` entry listing every
+/// shard of the job at `out` (named as `out` was given), ready for a config.
+pub fn render_merge(m: &Manifest, out: &Path) -> String {
+    use crate::util::thousands;
+    let dir = out.parent().unwrap_or(Path::new(""));
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    let shards: Vec<String> = m
+        .shards
+        .iter()
+        .map(|s| format!("{:?}", dir.join(&s.prefix).display().to_string()))
+        .collect();
+    format!(
+        "# {} runs, {} shards, {} documents, {} tokens; listed in {}\n\
+         [[corpus.domain]]\nname = \"{name}\"\nshards = [{}]\n",
+        m.runs,
+        m.shards.len(),
+        thousands(m.documents),
+        thousands(m.tokens),
+        with_suffix(out, "manifest.json").display(),
+        shards.join(", ")
+    )
+}

@@ -70,7 +70,7 @@ mod sink;
 mod sort;
 
 use input::*;
-pub use manifest::{merge, read_manifest, Manifest, MANIFEST_FORMAT};
+pub use manifest::{merge, read_manifest, render_merge, Manifest, MANIFEST_FORMAT};
 use manifest::{run_manifest, write_manifest};
 pub use pipeline::encode_ids;
 use pipeline::*;
