@@ -249,12 +249,19 @@ pub fn render(s: &TokenizeSummary) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "wrote {} documents, {} tokens ({}, eos {}) to {}.bin/.idx",
+        "wrote {} documents, {} tokens ({}, eos {}) to {}",
         thousands(s.documents),
         thousands(s.tokens),
         s.dtype,
         s.eos.map_or("none".to_string(), |e| e.to_string()),
-        s.prefix.display()
+        match s.manifest {
+            None => format!("{}.bin/.idx", s.prefix.display()),
+            Some(_) => format!(
+                "{} shards {}-*",
+                s.shards.len(),
+                shard_prefix_stem(&s.prefix, s.run[0]).display()
+            ),
+        }
     );
     if let Some(g) = s.groups {
         let path = s.groups_file.as_ref();

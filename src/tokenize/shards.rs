@@ -84,7 +84,8 @@ pub fn run_manifest_path(out: &Path, run: u64) -> PathBuf {
     with_suffix(&shard_prefix_stem(out, run), "manifest.json")
 }
 
-fn shard_prefix_stem(out: &Path, run: u64) -> PathBuf {
+/// `<out>-<run>`: what every file of run `run` starts with.
+pub(super) fn shard_prefix_stem(out: &Path, run: u64) -> PathBuf {
     let mut s = out.as_os_str().to_owned();
     s.push(format!("-{run:05}"));
     PathBuf::from(s)
