@@ -360,3 +360,36 @@ fn sparse_at_scale_1_indexes_exactly_the_dense_corpus() {
     let err = synth::synth_sparse(&sparse_opts, synth::Sparse { length_scale: 0 }).unwrap_err();
     assert!(err.to_string().contains("--length-scale 0"), "{err}");
 }
+
+#[test]
+fn sparse_documents_mix_with_written_ones_and_read_as_zeros() {
+    use millrace::corpus::MegatronWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("mixed");
+    let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
+    let le = |t: &[u16]| t.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    w.add_document_bytes(&le(&[7, 8, 9])).unwrap();
+    w.add_sparse_document(5).unwrap();
+    w.add_document_bytes(&le(&[4, 2])).unwrap();
+    w.add_sparse_document(4).unwrap(); // a trailing hole: the length still counts
+    assert!(w.add_sparse_document(1 << 31).is_err());
+    w.finish().unwrap();
+    let shard = Shard::open(&prefix, None).unwrap();
+    shard.validate().unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.path().join("mixed.bin"))
+            .unwrap()
+            .len(),
+        14 * 2
+    );
+    let doc = |d: u64| {
+        let t = shard.doc_tokens(d).unwrap();
+        (0..t.len())
+            .map(|i| t.get_i64(i).unwrap())
+            .collect::<Vec<i64>>()
+    };
+    assert_eq!(doc(0), [7, 8, 9]);
+    assert_eq!(doc(1), [0; 5]);
+    assert_eq!(doc(2), [4, 2]);
+    assert_eq!(doc(3), [0; 4]);
+}
