@@ -131,10 +131,7 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
             "--num-shards must be at least 1".into(),
         ));
     }
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = out_dir(out);
     let mut merged: Option<(PathBuf, Manifest)> = None;
     for run in 0..runs {
         let path = run_manifest_path(out, run);

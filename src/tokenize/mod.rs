@@ -201,6 +201,15 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> TokenizeEr
     move |source| TokenizeError::Io { path, op, source }
 }
 
+/// The directory of an output prefix (`.` for a bare name): where the shards, the
+/// manifests and, by default, the scratch files go.
+fn out_dir(out: &Path) -> PathBuf {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Result alias for this module.
 pub type Result<T, E = TokenizeError> = std::result::Result<T, E>;
 
@@ -236,10 +245,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     };
     let bytes_in = check_inputs_size(&inputs)?;
 
-    let out_dir = match opts.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let out_dir = out_dir(&opts.out);
     std::fs::create_dir_all(&out_dir).map_err(io_err(&out_dir, "create_dir"))?;
     let stem = opts
         .out

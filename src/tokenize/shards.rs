@@ -311,10 +311,7 @@ fn remove_run_outputs(out: &Path, run: u64) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&manifest, "remove")(e)),
     }
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = out_dir(out);
     let Some(stem) = out.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Ok(());
     };
