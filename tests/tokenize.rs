@@ -1575,6 +1575,31 @@ fn four_runs_write_the_documents_of_one_run_and_no_group_spans_shards() {
     got.sort();
     assert_eq!(got, want, "the same multiset of documents as one run");
 
+    // What run 2 writes depends on nothing but the inputs and options: one thread and a
+    // sort spilled to disk write the same bytes.
+    let files = |stem: &str| -> Vec<(String, Vec<u8>)> {
+        let names = outputs(dir.path(), stem);
+        names
+            .into_iter()
+            .map(|n| (n.clone(), std::fs::read(dir.path().join(&n)).unwrap()))
+            .collect()
+    };
+    let before = files("job-00002");
+    let mut args = ins.clone();
+    args.extend(["--out", s(&out), "--num-shards", "4", "--shard-index", "2"]);
+    args.extend(group);
+    args.extend([
+        "--shard-tokens",
+        "400",
+        "--threads",
+        "1",
+        "--mem-budget",
+        "1",
+    ]);
+    let again = run_ok(tok_path, &args);
+    assert!(again["sort_runs"].as_u64().unwrap() > 1, "{again}");
+    assert_eq!(files("job-00002"), before);
+
     // --merge lists every shard; a config over them plans, checks and inspects.
     let merge = bin()
         .args([
