@@ -290,12 +290,12 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     };
     remove_stale_runs(&tmp_dir, &stem)?;
     let spill_path = tmp_dir.join(format!("{stem}.spill.tmp"));
-    let _guard = TempFiles(vec![
-        with_suffix(&opts.out, "bin.tmp"),
-        with_suffix(&opts.out, "idx.tmp"),
-        with_suffix(&opts.out, "groups.npy.tmp"),
-        spill_path.clone(),
-    ]);
+    // (A sharded run's shard writer removes its own temporary files.)
+    let mut temp = vec![spill_path.clone()];
+    if let Layout::Single(out) = &layout {
+        temp.extend(["bin.tmp", "idx.tmp", "groups.npy.tmp"].map(|e| with_suffix(out, e)));
+    }
+    let _guard = TempFiles(temp);
 
     // Pipeline memory: each slot holds a chunk of text and its tokens (about as large).
     let slots = 2 * threads + 2;
