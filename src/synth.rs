@@ -12,6 +12,11 @@
 //! tokens from one keyed by (seed, d, s, i). The thread count changes only the speed,
 //! and any document can be regenerated on its own ([`document_tokens`]) to check a
 //! reader or the daemon against it.
+//!
+//! [`synth_sparse`] writes the same shapes at 10^12-10^13 tokens for scale tests: the
+//! `.idx` and `.groups.npy` files are real, the `.bin` files are sparse (sized, never
+//! written, reading as zeros), and every length is multiplied by a scale so that such a
+//! corpus holds ~10^8 documents in a few GB of disk.
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -58,6 +63,14 @@ pub struct SynthOptions {
     pub threads: usize,
     /// Print progress on stderr.
     pub progress: bool,
+}
+
+/// What [`synth_sparse`] changes: tokens are never written, and lengths are scaled.
+#[derive(Debug, Clone, Copy)]
+pub struct Sparse {
+    /// Every drawn document length (and the length caps) is multiplied by this, so a
+    /// 10^13-token corpus keeps ~10^8 documents and a `.idx` of a few GB.
+    pub length_scale: u64,
 }
 
 /// The length model of a domain.
@@ -161,6 +174,22 @@ struct Job {
     prefix: PathBuf,
 }
 
+/// How shards are written: token contents, or a sparse `.bin` with scaled lengths.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Dense,
+    Sparse(Sparse),
+}
+
+impl Mode {
+    fn length_scale(self) -> u64 {
+        match self {
+            Mode::Dense => 1,
+            Mode::Sparse(s) => s.length_scale,
+        }
+    }
+}
+
 /// Result of one shard.
 #[derive(Debug, Clone)]
 struct Written {
@@ -236,17 +265,20 @@ fn param<T, E: std::fmt::Display>(r: std::result::Result<T, E>) -> Result<T> {
 }
 
 /// Draws document lengths for one shard, calling `emit(len, group)` until `budget`
-/// tokens are used; the last document is cut to land exactly on the budget.
+/// tokens are used; the last document is cut to land exactly on the budget. Each length
+/// (and the [`MAX_DOC`] cap) is multiplied by `scale`; 1 gives the pinned corpora.
 fn generate_lengths(
     kind: Kind,
     rng: &mut Pcg64Mcg,
     budget: u64,
+    scale: u64,
     mut emit: impl FnMut(u64, u64) -> Result<()>,
 ) -> Result<u64> {
     let mut used = 0u64;
     let mut group = 0u64;
+    let cap = MAX_DOC.saturating_mul(scale).min(i32::MAX as u64);
     let mut take = |len: u64, group: u64, used: &mut u64| -> Result<bool> {
-        let len = len.clamp(2, MAX_DOC).min(budget - *used);
+        let len = len.saturating_mul(scale).clamp(2, cap).min(budget - *used);
         emit(len, group)?;
         *used += len;
         Ok(*used < budget)
@@ -310,6 +342,7 @@ fn generate_lengths(
 
 fn write_shard(
     opts: &SynthOptions,
+    mode: Mode,
     spec: &DomainSpec,
     job: &Job,
     progress: &AtomicU64,
@@ -326,22 +359,37 @@ fn write_shard(
     let mut buf = Vec::new();
     let mut doc = 0u64;
     let mut pending = 0u64;
-    let tokens = generate_lengths(spec.kind, &mut lengths_rng, job.budget, |len, group| {
-        let mut rng =
-            Pcg64Mcg::seed_from_u64(key(&[opts.seed, job.domain as u64, job.shard as u64, doc]));
-        fill_document(&mut buf, opts.dtype, &mut rng, len, opts.vocab);
-        writer.add_document_bytes(&buf)?;
-        if grouped {
-            group_ids.push(((job.shard as u64) << 32) | group);
-        }
-        doc += 1;
-        pending += len;
-        if pending >= 1 << 20 {
-            progress.fetch_add(pending, Ordering::Relaxed);
-            pending = 0;
-        }
-        Ok(())
-    })?;
+    let scale = mode.length_scale();
+    let tokens = generate_lengths(
+        spec.kind,
+        &mut lengths_rng,
+        job.budget,
+        scale,
+        |len, group| {
+            if let Mode::Sparse(_) = mode {
+                writer.add_sparse_document(len)?;
+            } else {
+                let mut rng = Pcg64Mcg::seed_from_u64(key(&[
+                    opts.seed,
+                    job.domain as u64,
+                    job.shard as u64,
+                    doc,
+                ]));
+                fill_document(&mut buf, opts.dtype, &mut rng, len, opts.vocab);
+                writer.add_document_bytes(&buf)?;
+            }
+            if grouped {
+                group_ids.push(((job.shard as u64) << 32) | group);
+            }
+            doc += 1;
+            pending += len;
+            if pending >= 1 << 20 {
+                progress.fetch_add(pending, Ordering::Relaxed);
+                pending = 0;
+            }
+            Ok(())
+        },
+    )?;
     progress.fetch_add(pending, Ordering::Relaxed);
     let sidecar = with_suffix(&job.prefix, "groups.npy");
     let groups = if grouped {
@@ -369,6 +417,22 @@ fn write_shard(
 
 /// Writes the corpus and its `millrace.toml`.
 pub fn synth(opts: &SynthOptions) -> Result<SynthSummary> {
+    write(opts, Mode::Dense)
+}
+
+/// Writes a scale-test corpus: real `.idx` and `.groups.npy` files over sparse `.bin`
+/// files whose tokens read as zeros (see the module docs), and its `millrace.toml`.
+pub fn synth_sparse(opts: &SynthOptions, sparse: Sparse) -> Result<SynthSummary> {
+    if sparse.length_scale == 0 {
+        return Err(CorpusError::invalid(
+            &opts.out,
+            "--length-scale 0 would make every document empty",
+        ));
+    }
+    write(opts, Mode::Sparse(sparse))
+}
+
+fn write(opts: &SynthOptions, mode: Mode) -> Result<SynthSummary> {
     let started = Instant::now();
     if opts.domains == 0 || opts.tokens == 0 || opts.shard_tokens == 0 {
         return Err(CorpusError::invalid(
@@ -444,7 +508,7 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary> {
                     finished.fetch_add(1, Ordering::Relaxed);
                     break;
                 };
-                let r = write_shard(opts, &specs[job.domain], job, &done);
+                let r = write_shard(opts, mode, &specs[job.domain], job, &done);
                 let failed = r.is_err();
                 if let Ok(mut v) = results.lock() {
                     v.push(r);
@@ -480,7 +544,7 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary> {
         })
         .collect();
     let config = opts.out.join("millrace.toml");
-    let text = config_text(opts, &specs);
+    let text = config_text(opts, mode, &specs);
     std::fs::write(&config, text).map_err(|e| CorpusError::io(&config, "write", e))?;
     Ok(SynthSummary {
         tokens: domains.iter().map(|d| d.tokens).sum(),
@@ -549,11 +613,15 @@ fn report_progress(done: &AtomicU64, total: u64, started: Instant, finished: imp
 }
 
 /// The ready-to-use config: relative paths, so the corpus directory can move.
-fn config_text(opts: &SynthOptions, specs: &[DomainSpec]) -> String {
+fn config_text(opts: &SynthOptions, mode: Mode, specs: &[DomainSpec]) -> String {
     let mut t = String::new();
+    let sparse = match mode {
+        Mode::Dense => String::new(),
+        Mode::Sparse(s) => format!(" --sparse --length-scale {}", s.length_scale),
+    };
     let _ = writeln!(
         t,
-        "# Written by `millrace synth --tokens {} --domains {} --seed {} --vocab {} --dtype {}`.",
+        "# Written by `millrace synth --tokens {} --domains {} --seed {} --vocab {} --dtype {}{sparse}`.",
         opts.tokens, opts.domains, opts.seed, opts.vocab, opts.dtype
     );
     let _ = writeln!(t, "# Shard paths are relative to this file. See config/millrace.example.toml for every option.\n");
@@ -579,7 +647,13 @@ fn config_text(opts: &SynthOptions, specs: &[DomainSpec]) -> String {
         }
     }
     let share_sum: f64 = specs.iter().map(|s| s.share).sum();
-    let _ = writeln!(t, "\n[plan]\nseed = {}\nseq_len = 4096\nglobal_batch_rows = 256\npacking = \"best_fit\"\neod_token = {EOD}\npad_token = {PAD}\nvocab_size = {}", opts.seed, opts.vocab);
+    // Sparse tokens read as zeros, so no document ends with EOD: the config names none
+    // (an eod_token would make `millrace plan` read and warn about every document).
+    let eod = match mode {
+        Mode::Dense => format!("eod_token = {EOD}\n"),
+        Mode::Sparse(_) => "# eod_token: none, the sparse .bin files read as zeros\n".into(),
+    };
+    let _ = writeln!(t, "\n[plan]\nseed = {}\nseq_len = 4096\nglobal_batch_rows = 256\npacking = \"best_fit\"\n{eod}pad_token = {PAD}\nvocab_size = {}", opts.seed, opts.vocab);
     let weights: Vec<String> = specs
         .iter()
         .map(|s| format!("{} = {:.4}", s.name, s.share / share_sum))

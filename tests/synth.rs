@@ -263,3 +263,133 @@ fn a_reader_that_closes_the_pipe_early_is_not_an_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(head.starts_with(b"{\"documents\""));
 }
+
+/// Runs the real binary and returns its stdout, failing with its stderr.
+fn millrace_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "millrace {args:?}: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_sparse_corpus_has_real_indexes_over_unallocated_bins_and_plans() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sparse");
+    let o = out.to_str().unwrap();
+    let args = [
+        "synth",
+        "--sparse",
+        "--length-scale",
+        "20",
+        "--tokens",
+        "2e9",
+        "--shard-tokens",
+        "1e8",
+        "--seed",
+        "5",
+        "--json",
+        "--out",
+        o,
+    ];
+    let summary: serde_json::Value = serde_json::from_str(&millrace_ok(&args)).unwrap();
+    assert_eq!(summary["tokens"], 2_000_000_000u64);
+    let docs = summary["documents"].as_u64().unwrap();
+    // ~17k tokens a document at scale 20 (~870 unscaled): about 10^5, not 2.3 * 10^6.
+    assert!((50_000..300_000).contains(&docs), "{docs} documents");
+
+    // Every .bin has its full apparent size and (nearly) no blocks; the .idx is real.
+    let (mut apparent, mut allocated, mut bins) = (0u64, 0u64, 0u64);
+    let cfg = Config::load(&out.join("millrace.toml")).unwrap();
+    for (_, shards) in cfg.open_corpus().unwrap() {
+        for shard in &shards {
+            shard.validate().unwrap();
+            let meta = std::fs::metadata(shard.path().with_extension("bin")).unwrap();
+            assert_eq!(meta.len(), shard.tokens() * 2, "{}", shard.path().display());
+            apparent += meta.len();
+            allocated += meta.blocks() * 512;
+            bins += 1;
+            let last = shard.doc_tokens(shard.documents() - 1).unwrap();
+            assert!((0..last.len()).all(|i| last.get_i64(i) == Some(0)));
+        }
+    }
+    assert_eq!(apparent, 4_000_000_000);
+    assert!(bins >= 20, "{bins} shards");
+    assert!(
+        allocated <= bins * 8192,
+        "{allocated} bytes allocated for {apparent} apparent"
+    );
+
+    // The tools that read a config take it as it is.
+    let cfg_path = out.join("millrace.toml");
+    let c = cfg_path.to_str().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&millrace_ok(&["inspect", "--json", "--config", c])).unwrap();
+    assert_eq!(report["total"]["tokens"], 2_000_000_000u64);
+    assert_eq!(report["total"]["documents"], docs);
+    assert!(millrace_ok(&["check-config", "--config", c]).contains(": ok:"));
+    let plan: serde_json::Value = serde_json::from_str(&millrace_ok(&[
+        "plan", "--config", c, "--steps", "4", "--json",
+    ]))
+    .unwrap();
+    assert!(plan.is_object(), "{plan}");
+}
+
+#[test]
+fn sparse_at_scale_1_indexes_exactly_the_dense_corpus() {
+    let (dense, sparse) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = synth::synth(&opts(dense.path(), 1_500_000, 2)).unwrap();
+    let sparse_opts = opts(sparse.path(), 1_500_000, 3);
+    let b = synth::synth_sparse(&sparse_opts, synth::Sparse { length_scale: 1 }).unwrap();
+    assert_eq!(a.documents, b.documents);
+    let (ta, tb) = (tree(dense.path()), tree(sparse.path()));
+    let names = |t: &BTreeMap<String, Vec<u8>>| t.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&ta), names(&tb));
+    for (name, bytes) in &ta {
+        if name.ends_with(".idx") || name.ends_with(".groups.npy") {
+            assert_eq!(bytes, &tb[name], "{name}");
+        } else if name.ends_with(".bin") {
+            assert_eq!(bytes.len(), tb[name].len(), "{name}");
+            assert!(tb[name].iter().all(|&b| b == 0), "{name} reads as zeros");
+        }
+    }
+    let err = synth::synth_sparse(&sparse_opts, synth::Sparse { length_scale: 0 }).unwrap_err();
+    assert!(err.to_string().contains("--length-scale 0"), "{err}");
+}
+
+#[test]
+fn sparse_documents_mix_with_written_ones_and_read_as_zeros() {
+    use millrace::corpus::MegatronWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("mixed");
+    let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
+    let le = |t: &[u16]| t.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    w.add_document_bytes(&le(&[7, 8, 9])).unwrap();
+    w.add_sparse_document(5).unwrap();
+    w.add_document_bytes(&le(&[4, 2])).unwrap();
+    w.add_sparse_document(4).unwrap(); // a trailing hole: the length still counts
+    assert!(w.add_sparse_document(1 << 31).is_err());
+    w.finish().unwrap();
+    let shard = Shard::open(&prefix, None).unwrap();
+    shard.validate().unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.path().join("mixed.bin"))
+            .unwrap()
+            .len(),
+        14 * 2
+    );
+    let doc = |d: u64| {
+        let t = shard.doc_tokens(d).unwrap();
+        (0..t.len())
+            .map(|i| t.get_i64(i).unwrap())
+            .collect::<Vec<i64>>()
+    };
+    assert_eq!(doc(0), [7, 8, 9]);
+    assert_eq!(doc(1), [0; 5]);
+    assert_eq!(doc(2), [4, 2]);
+    assert_eq!(doc(3), [0; 4]);
+}

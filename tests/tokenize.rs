@@ -7,6 +7,8 @@
 //! The tokenizer is a byte-level BPE trained here with the tokenizers crate's own
 //! trainer, so decoding is exact for any UTF-8 text.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -1406,4 +1408,438 @@ fn adversarial_lines_are_bad_with_a_reason_never_a_panic() {
             got.detail
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Corpus scale: many runs (--num-shards/--shard-index), many shards (--shard-tokens),
+// manifests and --merge.
+
+/// Every document of the shard at `prefix` as token ids (EOS included), with its
+/// sidecar group id when there is one.
+fn shard_docs(prefix: &Path) -> Vec<(Vec<u32>, Option<u64>)> {
+    let shard = Shard::open(prefix, None).unwrap();
+    shard.validate().unwrap();
+    (0..shard.documents())
+        .map(|d| {
+            let t = shard.doc_tokens(d).unwrap();
+            let ids = (0..t.len()).map(|i| t.get_i64(i).unwrap() as u32).collect();
+            (ids, shard.groups().map(|g| g.group_of(d).unwrap()))
+        })
+        .collect()
+}
+
+/// Starts `runs` tokenize processes at once (run i of `runs`), waits for all, and
+/// returns their summaries in run order.
+fn run_job(tok: &Path, inputs: &[PathBuf], out: &Path, runs: u64, extra: &[&str]) -> Vec<Value> {
+    let children: Vec<_> = (0..runs)
+        .map(|i| {
+            bin()
+                .arg("tokenize")
+                .args(inputs)
+                .arg("--tokenizer")
+                .arg(tok)
+                .arg("--out")
+                .arg(out)
+                .args([
+                    "--num-shards",
+                    &runs.to_string(),
+                    "--shard-index",
+                    &i.to_string(),
+                ])
+                .args(extra)
+                .args(["--quiet", "--json", "--threads", "2"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "run failed: {err}");
+            serde_json::from_slice(&out.stdout).unwrap()
+        })
+        .collect()
+}
+
+/// Repositories of 1-4 files and some loose documents, interleaved, as rows with
+/// `repo`/`path` fields; returns the rows and each text's repository.
+fn repo_rows(repos: usize) -> (Vec<Value>, HashMap<String, Option<String>>) {
+    let mut rng = Rng(0xfeed);
+    let mut items = Vec::new();
+    for r in 0..repos {
+        for f in 0..1 + r % 4 {
+            let t = format!("// repo {r} file {f}\n{}", text(&mut rng, 10 + f * 7));
+            items.push((Some(format!("org/r{r:03}")), Some(format!("src/{f}.rs")), t));
+        }
+    }
+    for i in 0..9 {
+        items.push((None, None, format!("loose {i} {}", text(&mut rng, 6))));
+    }
+    for i in (1..items.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        items.swap(i, j);
+    }
+    let group_of = items
+        .iter()
+        .map(|(g, _, t)| (t.clone(), g.clone()))
+        .collect();
+    let rows = items
+        .into_iter()
+        .map(|(g, p, t)| match (g, p) {
+            (Some(g), Some(p)) => json!({"text": t, "repo": g, "path": p}),
+            _ => json!({"text": t}),
+        })
+        .collect();
+    (rows, group_of)
+}
+
+#[test]
+fn four_runs_write_the_documents_of_one_run_and_no_group_spans_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let tok = load(tok_path);
+    let eos = tok.token_to_id(EOS).unwrap();
+    let (rows, group_of) = repo_rows(80);
+    let inputs: Vec<PathBuf> = ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let p = dir.path().join(name);
+            let part: Vec<Value> = rows.iter().skip(i).step_by(3).cloned().collect();
+            write_jsonl(&p, &part);
+            p
+        })
+        .collect();
+    let ins: Vec<&str> = inputs.iter().map(|p| s(p)).collect();
+    let group = ["--group-field", "repo", "--order-field", "path"];
+
+    // One run, one shard: the reference.
+    let one = dir.path().join("one");
+    let mut args = ins.clone();
+    args.extend(["--out", s(&one)]);
+    args.extend(group);
+    run_ok(tok_path, &args);
+    let mut want: Vec<Vec<u32>> = shard_docs(&one).into_iter().map(|(t, _)| t).collect();
+
+    // Four concurrent runs, shards of ~400 tokens.
+    let out = dir.path().join("job");
+    let mut extra = group.to_vec();
+    extra.extend(["--shard-tokens", "400"]);
+    let summaries = run_job(tok_path, &inputs, &out, 4, &extra);
+    let mut got = Vec::new();
+    let mut shard_of_group: HashMap<String, PathBuf> = HashMap::new();
+    let mut left_to_others = 0;
+    for (i, summary) in summaries.iter().enumerate() {
+        assert_eq!(summary["run"], json!([i, 4]));
+        left_to_others += summary["other_runs_documents"].as_u64().unwrap();
+        let manifest =
+            tokenize::read_manifest(&tokenize::run_manifest_path(&out, i as u64)).unwrap();
+        assert_eq!(
+            manifest.shards.len(),
+            summary["shards"].as_array().unwrap().len()
+        );
+        for (k, s) in manifest.shards.iter().enumerate() {
+            let prefix = tokenize::shard_prefix(&out, i as u64, k);
+            assert_eq!(dir.path().join(&s.prefix), prefix);
+            // Within a shard, a sidecar id stands for exactly one repository.
+            let mut id_to_group: HashMap<u64, Option<String>> = HashMap::new();
+            for (ids, id) in shard_docs(&prefix) {
+                let text = tok.decode(&ids[..ids.len() - 1], false).unwrap();
+                assert_eq!(ids.last(), Some(&eos));
+                let g = group_of[&text].clone();
+                let id = id.expect("a sidecar");
+                assert_eq!(id_to_group.entry(id).or_insert_with(|| g.clone()), &g);
+                if let Some(g) = g {
+                    let first = shard_of_group.entry(g.clone()).or_insert(prefix.clone());
+                    assert_eq!(first, &prefix, "group {g} spans shards");
+                }
+                got.push(ids);
+            }
+        }
+    }
+    assert_eq!(shard_of_group.len(), 80, "every repository was written");
+    assert!(
+        shard_of_group
+            .values()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 4
+    );
+    // Each run read every document and kept its share: the others' add up to 3 runs.
+    assert_eq!(left_to_others, 3 * want.len() as u64);
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "the same multiset of documents as one run");
+
+    // What run 2 writes depends on nothing but the inputs and options: one thread and a
+    // sort spilled to disk write the same bytes.
+    let files = |stem: &str| -> Vec<(String, Vec<u8>)> {
+        let names = outputs(dir.path(), stem);
+        names
+            .into_iter()
+            .map(|n| (n.clone(), std::fs::read(dir.path().join(&n)).unwrap()))
+            .collect()
+    };
+    let before = files("job-00002");
+    let mut args = ins.clone();
+    args.extend(["--out", s(&out), "--num-shards", "4", "--shard-index", "2"]);
+    args.extend(group);
+    args.extend([
+        "--shard-tokens",
+        "400",
+        "--threads",
+        "1",
+        "--mem-budget",
+        "1",
+    ]);
+    let again = run_ok(tok_path, &args);
+    assert!(again["sort_runs"].as_u64().unwrap() > 1, "{again}");
+    assert_eq!(files("job-00002"), before);
+
+    // --merge lists every shard; a config over them plans, checks and inspects.
+    let merge = bin()
+        .args([
+            "tokenize",
+            "--merge",
+            "--num-shards",
+            "4",
+            "--json",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        merge.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merge.stderr)
+    );
+    let merged: tokenize::Manifest = serde_json::from_slice(&merge.stdout).unwrap();
+    assert_eq!(merged.documents, want.len() as u64);
+    assert_eq!(
+        merged,
+        tokenize::read_manifest(&dir.path().join("job.manifest.json")).unwrap()
+    );
+    let shards: Vec<String> = merged
+        .shards
+        .iter()
+        .map(|s| format!("{:?}", s.prefix.display().to_string()))
+        .collect();
+    let cfg = dir.path().join("millrace.toml");
+    let socket = dir.path().join("d.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[corpus]\n[[corpus.domain]]\nname = \"code\"\nshards = [{}]\n\n[plan]\nseed = 1\n\
+             seq_len = 64\nglobal_batch_rows = 4\npacking = \"best_fit\"\neod_token = {eos}\n\
+             pad_token = 0\n\n[[plan.schedule]]\nstep = 0\nweights = {{ code = 1.0 }}\n\n\
+             [serve]\n{}",
+            shards.join(", "),
+            common::serve_toml(&socket, 8, 1)
+        ),
+    )
+    .unwrap();
+    for args in [
+        vec!["plan", "--steps", "3", "--config", s(&cfg)],
+        vec!["check-config", "--config", s(&cfg)],
+        vec!["inspect", "--json", "--config", s(&cfg)],
+    ] {
+        let o = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {err}");
+        assert!(!err.contains("warning"), "{args:?}: {err}");
+    }
+    // ... and serves: a trainer rank reads three steps of 4 rows of 64 tokens.
+    let _serve = common::Serve::start(&cfg, &socket, &dir.path().join("serve.log"));
+    let o = bin()
+        .args([
+            "consume",
+            "--socket",
+            s(&socket),
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            "1",
+        ])
+        .args(["--steps", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "consume: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["steps"], 3);
+    assert_eq!(v["tokens"], 3 * 4 * 64);
+}
+
+#[test]
+fn ungrouped_runs_split_the_files_and_reruns_replace_their_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let mut rng = Rng(99);
+    let inputs: Vec<PathBuf> = (0..5)
+        .map(|f| {
+            let p = dir.path().join(format!("part-{f}.jsonl"));
+            let rows: Vec<Value> = (0..30)
+                .map(|i| json!({"text": format!("{f}/{i} {}", text(&mut rng, 12))}))
+                .collect();
+            write_jsonl(&p, &rows);
+            p
+        })
+        .collect();
+    let ins: Vec<&str> = inputs.iter().map(|p| s(p)).collect();
+    let one = dir.path().join("one");
+    let mut args = ins.clone();
+    args.extend(["--out", s(&one)]);
+    run_ok(tok_path, &args);
+    let mut want: Vec<Vec<u32>> = shard_docs(&one).into_iter().map(|(t, _)| t).collect();
+
+    let out = dir.path().join("web");
+    let summaries = run_job(tok_path, &inputs, &out, 4, &["--shard-tokens", "500"]);
+    let mut got = Vec::new();
+    for (i, summary) in summaries.iter().enumerate() {
+        // Run i reads files i, i+4, ...: run 0 two files, the others one.
+        assert_eq!(summary["files"], if i == 0 { 2 } else { 1 });
+        assert_eq!(summary["other_runs_documents"], 0);
+        for s in summary["shards"].as_array().unwrap() {
+            let prefix = PathBuf::from(s["prefix"].as_str().unwrap());
+            let docs = shard_docs(&prefix);
+            assert_eq!(docs.len() as u64, s["documents"].as_u64().unwrap());
+            got.extend(docs.into_iter().map(|(t, _)| t));
+        }
+    }
+    assert!(summaries[0]["shards"].as_array().unwrap().len() > 1);
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+
+    // A rerun of run 1 (other threads) writes the same bytes and removes what it wrote
+    // before that it no longer writes.
+    let before: Vec<(String, Vec<u8>)> = outputs(dir.path(), "web-00001")
+        .into_iter()
+        .map(|n| (n.clone(), std::fs::read(dir.path().join(&n)).unwrap()))
+        .collect();
+    let stale = dir.path().join("web-00001-00099.idx");
+    std::fs::write(&stale, b"old").unwrap();
+    let mut args = ins.clone();
+    args.extend(["--out", s(&out), "--num-shards", "4", "--shard-index", "1"]);
+    args.extend(["--shard-tokens", "500", "--threads", "1"]);
+    run_ok(tok_path, &args);
+    let after: Vec<(String, Vec<u8>)> = outputs(dir.path(), "web-00001")
+        .into_iter()
+        .map(|n| (n.clone(), std::fs::read(dir.path().join(&n)).unwrap()))
+        .collect();
+    assert_eq!(before, after);
+
+    // More runs than files: a run with nothing to do succeeds with an empty manifest.
+    let mut args = ins.clone();
+    args.extend(["--out", s(&out), "--num-shards", "8", "--shard-index", "6"]);
+    let idle = run_ok(tok_path, &args);
+    assert_eq!(idle["documents"], 0);
+    assert_eq!(idle["shards"], json!([]));
+}
+
+#[test]
+fn merge_refuses_unfinished_or_mismatched_runs_and_bad_shares_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let input = dir.path().join("in.jsonl");
+    let mut rng = Rng(5);
+    let rows: Vec<Value> = (0..20)
+        .map(|_| json!({"text": text(&mut rng, 9)}))
+        .collect();
+    write_jsonl(&input, &rows);
+    let out = dir.path().join("job");
+    let merge = |runs: &str| {
+        let o = bin()
+            .args(["tokenize", "--merge", "--num-shards", runs, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let job = |i: &str, extra: &[&str]| {
+        let mut a = vec![
+            s(&input),
+            "--out",
+            s(&out),
+            "--num-shards",
+            "2",
+            "--shard-index",
+            i,
+        ];
+        a.extend(extra);
+        run(tok_path, &a)
+    };
+    assert!(job("0", &[]).status.success());
+    let (ok, err) = merge("2");
+    assert!(!ok);
+    assert!(
+        err.contains("job-00001.manifest.json") && err.contains("run 1 of 2 has not finished"),
+        "{err}"
+    );
+    // Run 1 with another dtype: not the same job.
+    assert!(job("1", &["--dtype", "int32"]).status.success());
+    let (ok, err) = merge("2");
+    assert!(!ok);
+    assert!(
+        err.contains("dtype is int32") && err.contains("job-00000.manifest.json"),
+        "{err}"
+    );
+    assert!(job("1", &[]).status.success());
+    let (ok, err) = merge("2");
+    assert!(ok, "{err}");
+    let text = bin()
+        .args(["tokenize", "--merge", "--num-shards", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    // One input file: run 1 of 2 has none, and writes no shard.
+    let entry = format!(
+        "name = \"job\"\nshards = [{:?}]\n",
+        s(&out.with_file_name("job-00000-00000"))
+    );
+    assert!(text.contains(&entry), "{text}");
+    // A manifest from a job of another size does not merge as this one.
+    let (ok, err) = merge("3");
+    assert!(!ok && err.contains("expected run 0 of 3"), "{err}");
+
+    let bad = job("2", &[]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--shard-index 2 is not one of the --num-shards 2 runs"),
+        "{err}"
+    );
+    let zero = job("0", &["--shard-tokens", "0"]);
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("--shard-tokens 0"));
+
+    // A run that fails after finishing some shards leaves none of them, and no manifest:
+    // 20 good rows cut into 50-token shards, then a bad line past --max-bad 0.
+    let tail = dir.path().join("tail.jsonl");
+    std::fs::write(&tail, b"{not json\n").unwrap();
+    assert!(!outputs(dir.path(), "job-00000").is_empty());
+    let mut a = vec![
+        s(&input),
+        s(&tail),
+        "--out",
+        s(&out),
+        "--shard-tokens",
+        "50",
+    ];
+    a.extend(["--max-bad", "0", "--threads", "1"]);
+    let failed = run(tok_path, &a);
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("more than --max-bad 0"));
+    assert_eq!(outputs(dir.path(), "job-00000"), Vec::<String>::new());
 }

@@ -35,6 +35,13 @@ pub struct SynthArgs {
     /// Writer threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// A scale-test corpus: real .idx files over sparse .bin files that read as zeros.
+    #[arg(long)]
+    sparse: bool,
+    /// With --sparse, multiply every document length by this (e.g. 100 keeps a 1e13-token
+    /// corpus near 1e8 documents).
+    #[arg(long, default_value_t = 1, requires = "sparse")]
+    length_scale: u64,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -68,8 +75,16 @@ pub fn run_synth(args: SynthArgs) -> Result<()> {
         threads,
         progress: !args.json,
     };
-    let summary = synth::synth(&opts)
-        .with_context(|| format!("writing a synthetic corpus to {}", args.out.display()))?;
+    let summary = if args.sparse {
+        let sparse = synth::Sparse {
+            length_scale: args.length_scale,
+        };
+        synth::synth_sparse(&opts, sparse)
+    } else {
+        synth::synth(&opts)
+    };
+    let summary =
+        summary.with_context(|| format!("writing a synthetic corpus to {}", args.out.display()))?;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
         return Ok(());
@@ -86,13 +101,17 @@ pub fn run_synth(args: SynthArgs) -> Result<()> {
         )?;
     }
     let bytes = summary.tokens as f64 * opts.dtype.size() as f64;
+    let rate = if args.sparse {
+        "sparse .bin files, tokens not written".to_string()
+    } else {
+        format!("{:.0} MB/s", bytes / summary.seconds.max(1e-9) / 1e6)
+    };
     writeln!(
         out,
-        "wrote {} tokens in {} documents in {:.1} s ({:.0} MB/s); config: {}",
+        "wrote {} tokens in {} documents in {:.1} s ({rate}); config: {}",
         util::thousands(summary.tokens),
         util::thousands(summary.documents),
         summary.seconds,
-        bytes / summary.seconds.max(1e-9) / 1e6,
         summary.config.display()
     )?;
     Ok(())

@@ -10,15 +10,32 @@ use millrace::{synth, tokenize};
 
 #[derive(clap::Args)]
 pub struct TokenizeArgs {
-    /// JSONL inputs (plain, .gz or .zst), read in this order.
-    #[arg(required = true)]
+    /// JSONL inputs (plain, .gz or .zst), read in this order (every run of a job must be
+    /// given the same list).
+    #[arg(required_unless_present = "merge")]
     inputs: Vec<PathBuf>,
     /// HuggingFace tokenizer.json.
-    #[arg(long)]
-    tokenizer: PathBuf,
+    #[arg(long, required_unless_present = "merge")]
+    tokenizer: Option<PathBuf>,
     /// Output prefix: PREFIX.bin, PREFIX.idx (and PREFIX.groups.npy); replaced if present.
+    /// With --shard-tokens or --num-shards: shards PREFIX-RUN-K and PREFIX-RUN.manifest.json.
     #[arg(long)]
     out: PathBuf,
+    /// Cut the output into shards of about this many tokens (e.g. 1e9), each closed at the
+    /// next document, or the next group with --group-field.
+    #[arg(long, value_parser = synth::parse_count)]
+    shard_tokens: Option<u64>,
+    /// Runs sharing this job (e.g. a Slurm array); each writes its share: input files
+    /// i, i+N, ..., or with --group-field the groups whose key hashes to i.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    num_shards: u64,
+    /// Which of the --num-shards runs this is, from 0.
+    #[arg(long, default_value_t = 0)]
+    shard_index: u64,
+    /// Check that all --num-shards runs of PREFIX finished with the same settings, write
+    /// PREFIX.manifest.json and print the shards for a config; tokenizes nothing.
+    #[arg(long, conflicts_with_all = ["inputs", "shard_index", "shard_tokens"])]
+    merge: bool,
     /// JSON field holding the text.
     #[arg(long, default_value = "text")]
     text_field: String,
@@ -69,7 +86,22 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 pub fn run_tokenize(args: TokenizeArgs) -> Result<()> {
-    let mut opts = tokenize::TokenizeOptions::new(args.inputs, args.tokenizer, args.out);
+    if args.merge {
+        let m = tokenize::merge(&args.out, args.num_shards)
+            .with_context(|| format!("merging the runs of {}", args.out.display()))?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&m)?)?;
+            return Ok(());
+        }
+        write!(out, "{}", tokenize::render_merge(&m, &args.out))?;
+        return Ok(());
+    }
+    let tokenizer = args.tokenizer.unwrap_or_default();
+    let mut opts = tokenize::TokenizeOptions::new(args.inputs, tokenizer, args.out);
+    opts.shard_tokens = args.shard_tokens;
+    opts.num_shards = args.num_shards;
+    opts.shard_index = args.shard_index;
     opts.text_field = args.text_field;
     opts.eos = match (args.eos_id, args.eos_token, args.no_eos) {
         (Some(id), _, _) => tokenize::Eos::Id(id),

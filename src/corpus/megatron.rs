@@ -23,7 +23,7 @@
 //! so nothing ever reads outside the mapping even for a shard that was never validated.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -579,6 +579,8 @@ pub struct MegatronWriter {
     bin_tmp: PathBuf,
     dtype: DType,
     lengths: Vec<i32>,
+    /// Bytes of sparse documents not yet skipped over in `.bin`.
+    hole: u64,
 }
 
 impl MegatronWriter {
@@ -598,6 +600,7 @@ impl MegatronWriter {
             bin_tmp,
             dtype,
             lengths: Vec::new(),
+            hole: 0,
         })
     }
 
@@ -616,10 +619,34 @@ impl MegatronWriter {
                 ),
             ));
         }
+        if self.hole > 0 {
+            let hole = i64::try_from(std::mem::take(&mut self.hole)).unwrap_or(i64::MAX);
+            self.bin
+                .seek(std::io::SeekFrom::Current(hole))
+                .map_err(|e| CorpusError::io(&self.bin_tmp, "seek", e))?;
+        }
         self.bin
             .write_all(bytes)
             .map_err(|e| CorpusError::io(&self.bin_tmp, "write", e))?;
         self.lengths.push(tokens as i32);
+        Ok(())
+    }
+
+    /// Appends a document of `tokens` tokens that is never written: `.bin` gets a hole
+    /// that reads as zeros and takes no disk, so a scale-test corpus (`synth --sparse`)
+    /// has a real index over 10^13 tokens in a few GB.
+    pub fn add_sparse_document(&mut self, tokens: u64) -> Result<()> {
+        let len = i32::try_from(tokens).map_err(|_| {
+            CorpusError::invalid(
+                &self.prefix,
+                format!(
+                    "document {} of {tokens} tokens cannot be stored as a Megatron sequence",
+                    self.lengths.len()
+                ),
+            )
+        })?;
+        self.hole += tokens * self.dtype.size() as u64;
+        self.lengths.push(len);
         Ok(())
     }
 
@@ -637,10 +664,19 @@ impl MegatronWriter {
             bin_tmp,
             dtype,
             lengths,
+            hole,
         } = self;
-        let file = bin
+        let mut file = bin
             .into_inner()
             .map_err(|e| CorpusError::io(&bin_tmp, "flush", e.into_error()))?;
+        if hole > 0 {
+            // Trailing sparse documents: the length says where `.bin` ends.
+            let end = file
+                .stream_position()
+                .map_err(|e| CorpusError::io(&bin_tmp, "seek", e))?;
+            file.set_len(end + hole)
+                .map_err(|e| CorpusError::io(&bin_tmp, "set_len", e))?;
+        }
         file.sync_all()
             .map_err(|e| CorpusError::io(&bin_tmp, "fsync", e))?;
         drop(file);

@@ -263,3 +263,73 @@ pub(super) fn read_inputs(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` to a cutter in `piece`-byte reads, as the reader does, and returns
+    /// its chunks (data, lines, skipped) and the most it ever held.
+    fn cut(input: &[u8], max_line: usize, chunk: usize, piece: usize) -> (Vec<Cut>, usize) {
+        let mut c = LineCutter::new(max_line);
+        let mut out = Vec::new();
+        let mut most = 0;
+        let mut at = 0;
+        while at < input.len() {
+            let end = (at + piece).min(input.len());
+            at += c.feed(&input[at..end], chunk);
+            most = most.max(c.buf.capacity());
+            if c.full(chunk) {
+                out.push(c.take());
+            }
+        }
+        c.finish();
+        if !c.is_empty() {
+            out.push(c.take());
+        }
+        (out, most)
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_never_held() {
+        // 16 MB lines against a 1 MiB limit, read 64 KiB at a time: the cutter never
+        // holds more than about the limit plus a chunk (a buffered line would be 16 MB).
+        let big = vec![b'x'; 16 << 20];
+        let mut input = b"a\n".to_vec();
+        input.extend_from_slice(&big);
+        input.extend_from_slice(b"\nbb\n");
+        input.extend_from_slice(&big);
+        let (chunks, most) = cut(&input, 1 << 20, 64 << 10, 64 << 10);
+        assert!(most <= 4 << 20, "held {most} bytes");
+        let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(data, b"a\nbb\n");
+        let lines: u64 = chunks.iter().map(|c| c.lines).sum();
+        assert_eq!(lines, 4);
+        // Skipped lines keep their place: line 2 and line 4 (the last, with no newline).
+        let mut first = 1;
+        let mut skipped = Vec::new();
+        for c in &chunks {
+            skipped.extend(c.skipped.iter().map(|&(i, len)| (first + i, len)));
+            first += c.lines;
+        }
+        let skipped_bytes: u64 = chunks.iter().map(|c| c.skipped_bytes).sum();
+        assert_eq!(
+            skipped_bytes,
+            2 * (16 << 20) + 1,
+            "the newline of line 2 counts"
+        );
+        assert_eq!(skipped, [(2, 16 << 20), (4, 16 << 20)]);
+
+        // Any read size and chunk size cut the same lines.
+        let text = b"one\ntwo two\n\nthree three three\nfour\nxxxxxxxxxxxx\nlast";
+        for piece in [1, 2, 5, 64] {
+            for chunk in [1, 7, 1000] {
+                let (chunks, _) = cut(text, 11, chunk, piece);
+                let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+                assert_eq!(data, b"one\ntwo two\n\nfour\nlast", "{piece} {chunk}");
+                let lines: u64 = chunks.iter().map(|c| c.lines).sum();
+                assert_eq!(lines, 7);
+            }
+        }
+    }
+}

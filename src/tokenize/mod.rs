@@ -26,10 +26,16 @@
 //! openable) is the very last rename. An interrupted run leaves nothing that opens, a
 //! failed run leaves nothing at all, and a rerun replaces everything.
 //!
+//! At corpus scale (`--shard-tokens`, `--num-shards N --shard-index i`) a run writes many
+//! shards `<out>-<run>-<k>` and a manifest, and `--merge` lists the shards of all runs;
+//! see `shards` for who writes what.
+//!
 //! The files follow a document through the run: this one holds the options, the summary
 //! and the driver; `setup` the tokenizer, EOS and dtype; `input` files -> chunks of
-//! lines; `pipeline` chunk -> tokens and keys; `sink` results -> shard or spill file;
-//! `sort` the external sort of group records.
+//! lines; `pipeline` chunk -> tokens and keys; `sink` results -> shards or spill file;
+//! `sort` the external sort of group records; `shards` the run's share and the shard
+//! cutting; `manifest` the manifests and `--merge`; `report` the errors and the summary.
+//! Each file's unit tests sit beside what they test.
 
 use std::borrow::Cow;
 use std::cmp::Ordering as CmpOrdering;
@@ -55,15 +61,23 @@ use crate::corpus::megatron::with_suffix;
 use crate::corpus::{CorpusError, DType, MegatronWriter, Shard};
 
 mod input;
+mod manifest;
 mod pipeline;
+mod report;
 mod setup;
+mod shards;
 mod sink;
 mod sort;
 
 use input::*;
+pub use manifest::{merge, read_manifest, render_merge, Manifest, MANIFEST_FORMAT};
+use manifest::{run_manifest, write_manifest};
 pub use pipeline::encode_ids;
 use pipeline::*;
+pub use report::*;
 use setup::*;
+use shards::*;
+pub use shards::{run_manifest_path, shard_prefix, OutputShard};
 use sink::*;
 use sort::*;
 
@@ -140,6 +154,14 @@ pub struct TokenizeOptions {
     pub max_line_bytes: u64,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
+    /// Cut the output into shards `<out>-<run>-<k>` of about this many tokens (closed
+    /// at the next document or group boundary); `None`: one shard at `<out>`, unless
+    /// `num_shards` > 1.
+    pub shard_tokens: Option<u64>,
+    /// Runs that share this job (`--num-shards`); each writes its share, see `shards`.
+    pub num_shards: u64,
+    /// Which of them this is (`--shard-index`), from 0.
+    pub shard_index: u64,
 }
 
 impl TokenizeOptions {
@@ -161,78 +183,16 @@ impl TokenizeOptions {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             progress: false,
+            shard_tokens: None,
+            num_shards: 1,
+            shard_index: 0,
         }
     }
-}
 
-/// Why a tokenize run failed; every variant names the file (and line or byte) at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenizeError {
-    /// An OS-level failure on a file.
-    #[error("{path}: {op}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What was being done.
-        op: &'static str,
-        /// The OS error.
-        source: io::Error,
-    },
-    /// An input that cannot be read to the end (a truncated or corrupt compressed file).
-    #[error("{path}: {what}")]
-    Input {
-        /// The input file.
-        path: PathBuf,
-        /// What went wrong, and where.
-        what: String,
-    },
-    /// The tokenizer file cannot be loaded or used as asked.
-    #[error("{path}: {what}")]
-    Tokenizer {
-        /// The tokenizer file.
-        path: PathBuf,
-        /// What is wrong.
-        what: String,
-    },
-    /// Options that contradict each other or the tokenizer.
-    #[error("{0}")]
-    Options(String),
-    /// A token id that the output dtype cannot hold.
-    #[error("{path}:{line}: token id {id} does not fit the output dtype {dtype}")]
-    TokenRange {
-        /// The input file.
-        path: PathBuf,
-        /// The line (1-based).
-        line: u64,
-        /// The id.
-        id: u32,
-        /// The output dtype.
-        dtype: DType,
-    },
-    /// More bad lines than `--max-bad` allows.
-    #[error(
-        "{bad} bad input lines, more than --max-bad {max}; nothing was written. First bad lines:\n  {}",
-        first.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("\n  ")
-    )]
-    TooManyBad {
-        /// Bad lines seen when the run stopped.
-        bad: u64,
-        /// The threshold.
-        max: u64,
-        /// The first few, with file:line.
-        first: Vec<BadLine>,
-    },
-    /// Every line was blank or bad: a shard needs at least one document.
-    #[error("no documents: {lines} input lines, {bad} of them bad; nothing was written")]
-    Empty {
-        /// Lines read.
-        lines: u64,
-        /// Bad lines among them.
-        bad: u64,
-    },
-    /// Writing or re-checking the shard failed.
-    #[error(transparent)]
-    Corpus(#[from] CorpusError),
+    /// Whether the output is shards `<out>-<run>-<k>` with a manifest, not `<out>` itself.
+    pub fn sharded(&self) -> bool {
+        self.shard_tokens.is_some() || self.num_shards > 1
+    }
 }
 
 /// Wraps an I/O error with its file and operation.
@@ -241,242 +201,51 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> TokenizeEr
     move |source| TokenizeError::Io { path, op, source }
 }
 
+/// The directory of an output prefix (`.` for a bare name): where the shards, the
+/// manifests and, by default, the scratch files go.
+fn out_dir(out: &Path) -> PathBuf {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Result alias for this module.
 pub type Result<T, E = TokenizeError> = std::result::Result<T, E>;
-
-/// Why an input line was skipped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BadKind {
-    /// Not a JSON object.
-    InvalidJson,
-    /// Not valid UTF-8.
-    NonUtf8,
-    /// The text field is absent or null.
-    MissingField,
-    /// The text field is not a string, or the group/order field not a string or number.
-    WrongType,
-    /// The text is the empty string.
-    EmptyText,
-    /// The tokenizer refused the text.
-    EncodeFailed,
-    /// More tokens than a Megatron sequence length (i32) can hold.
-    TooLong,
-    /// A line longer than `--max-line-bytes`, skipped unread.
-    LineTooLong,
-}
-
-impl BadKind {
-    /// The name used in reports and JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            BadKind::InvalidJson => "invalid_json",
-            BadKind::NonUtf8 => "non_utf8",
-            BadKind::MissingField => "missing_field",
-            BadKind::WrongType => "wrong_type",
-            BadKind::EmptyText => "empty_text",
-            BadKind::EncodeFailed => "encode_failed",
-            BadKind::TooLong => "too_long",
-            BadKind::LineTooLong => "line_too_long",
-        }
-    }
-}
-
-/// Bad lines by kind, for the summary.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct BadCounts {
-    /// Lines that are not a JSON object.
-    pub invalid_json: u64,
-    /// Lines that are not UTF-8.
-    pub non_utf8: u64,
-    /// Lines without the text field (or with null).
-    pub missing_field: u64,
-    /// Lines whose fields have the wrong JSON type.
-    pub wrong_type: u64,
-    /// Lines whose text is empty.
-    pub empty_text: u64,
-    /// Lines the tokenizer failed on.
-    pub encode_failed: u64,
-    /// Documents too long for a Megatron sequence.
-    pub too_long: u64,
-    /// Lines longer than `--max-line-bytes`.
-    pub line_too_long: u64,
-}
-
-impl BadCounts {
-    fn add(&mut self, kind: BadKind) {
-        let c = match kind {
-            BadKind::InvalidJson => &mut self.invalid_json,
-            BadKind::NonUtf8 => &mut self.non_utf8,
-            BadKind::MissingField => &mut self.missing_field,
-            BadKind::WrongType => &mut self.wrong_type,
-            BadKind::EmptyText => &mut self.empty_text,
-            BadKind::EncodeFailed => &mut self.encode_failed,
-            BadKind::TooLong => &mut self.too_long,
-            BadKind::LineTooLong => &mut self.line_too_long,
-        };
-        *c += 1;
-    }
-
-    /// All bad lines.
-    pub fn total(&self) -> u64 {
-        self.invalid_json
-            + self.non_utf8
-            + self.missing_field
-            + self.wrong_type
-            + self.empty_text
-            + self.encode_failed
-            + self.too_long
-            + self.line_too_long
-    }
-}
-
-/// One reported bad line: where it is and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BadLine {
-    /// The input file, as given.
-    pub file: PathBuf,
-    /// 1-based line number within the (decompressed) file.
-    pub line: u64,
-    /// [`BadKind::name`].
-    pub kind: &'static str,
-    /// Details (the parser's message, the field, the byte).
-    pub detail: String,
-}
-
-impl fmt::Display for BadLine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}: {}: {}",
-            self.file.display(),
-            self.line,
-            self.kind,
-            self.detail
-        )
-    }
-}
-
-/// What a run did, printed at the end (and as JSON with `--json`).
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenizeSummary {
-    /// The output prefix.
-    pub prefix: PathBuf,
-    /// The sidecar, when grouping.
-    pub groups_file: Option<PathBuf>,
-    /// Output token dtype.
-    pub dtype: DType,
-    /// One more than the largest token id of the tokenizer.
-    pub vocab: u64,
-    /// The id appended to every document, if any.
-    pub eos: Option<u32>,
-    /// Input files.
-    pub files: usize,
-    /// Input lines (blank and bad included).
-    pub lines: u64,
-    /// Whitespace-only lines, skipped without counting as bad.
-    pub blank_lines: u64,
-    /// Documents written.
-    pub documents: u64,
-    /// Tokens written (EOS included).
-    pub tokens: u64,
-    /// Groups in the sidecar, when grouping.
-    pub groups: Option<u64>,
-    /// Groups whose every row was dropped (empty text, or another bad line whose group
-    /// could be read), so they have no documents and are not in the sidecar; when
-    /// grouping. Reported because otherwise such a group disappears without a word.
-    pub vanished_groups: Option<u64>,
-    /// Bad lines by kind.
-    pub bad: BadCounts,
-    /// The first few bad lines.
-    pub first_bad: Vec<BadLine>,
-    /// Bytes of the input files as stored (compressed size for .gz/.zst).
-    pub bytes_in: u64,
-    /// Bytes of JSONL after decompression.
-    pub text_bytes: u64,
-    /// Wall-clock seconds, start to the last rename.
-    pub seconds: f64,
-    /// Decompressed JSONL megabytes (10^6) per second.
-    pub mb_per_s: f64,
-    /// Tokens per second.
-    pub tokens_per_s: f64,
-    /// Documents per second.
-    pub docs_per_s: f64,
-    /// Tokenizer threads used.
-    pub threads: usize,
-    /// Sorted runs the group sort spilled to disk (0: it fit in memory).
-    pub sort_runs: usize,
-}
-
-/// The human-readable summary.
-pub fn render(s: &TokenizeSummary) -> String {
-    use crate::util::thousands;
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "wrote {} documents, {} tokens ({}, eos {}) to {}.bin/.idx",
-        thousands(s.documents),
-        thousands(s.tokens),
-        s.dtype,
-        s.eos.map_or("none".to_string(), |e| e.to_string()),
-        s.prefix.display()
-    );
-    if let (Some(g), Some(path)) = (s.groups, &s.groups_file) {
-        let _ = writeln!(
-            t,
-            "{} groups in {} ({} sorted runs spilled); {} more had only empty or bad rows \
-             and are not in it",
-            thousands(g),
-            path.display(),
-            s.sort_runs,
-            thousands(s.vanished_groups.unwrap_or(0))
-        );
-    }
-    let b = &s.bad;
-    let _ = writeln!(
-        t,
-        "{} lines in {} files, {} blank; bad: {} (invalid_json {}, non_utf8 {}, missing_field {}, \
-         wrong_type {}, empty_text {}, encode_failed {}, too_long {}, line_too_long {})",
-        thousands(s.lines),
-        s.files,
-        thousands(s.blank_lines),
-        thousands(b.total()),
-        b.invalid_json,
-        b.non_utf8,
-        b.missing_field,
-        b.wrong_type,
-        b.empty_text,
-        b.encode_failed,
-        b.too_long,
-        b.line_too_long
-    );
-    for bad in &s.first_bad {
-        let _ = writeln!(t, "  {bad}");
-    }
-    let _ = writeln!(
-        t,
-        "read {:.1} MB ({:.1} MB of JSONL) in {:.1} s: {:.1} MB/s, {} tokens/s, {} docs/s, {} threads",
-        s.bytes_in as f64 / 1e6,
-        s.text_bytes as f64 / 1e6,
-        s.seconds,
-        s.mb_per_s,
-        thousands(s.tokens_per_s as u64),
-        thousands(s.docs_per_s as u64),
-        s.threads
-    );
-    t
-}
 
 /// Tokenizes `opts.inputs` into the shard at `opts.out`; see the module docs.
 pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let started = Instant::now();
     let setup = Setup::new(opts)?;
     let threads = opts.threads.max(1);
-    let bytes_in = check_inputs(&opts.inputs)?;
-
-    let out_dir = match opts.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+    check_inputs(&opts.inputs)?;
+    if opts.shard_index >= opts.num_shards {
+        return Err(TokenizeError::Options(format!(
+            "--shard-index {} is not one of the --num-shards {} runs (0..{})",
+            opts.shard_index, opts.num_shards, opts.num_shards
+        )));
+    }
+    if opts.shard_tokens == Some(0) {
+        return Err(TokenizeError::Options(
+            "--shard-tokens 0 would make a shard of every document; give a size".into(),
+        ));
+    }
+    let share = Share {
+        count: opts.num_shards,
+        index: opts.shard_index,
     };
+    // An ungrouped run reads only its own files; a grouped one reads them all.
+    let inputs: Vec<PathBuf> = if setup.grouped {
+        opts.inputs.clone()
+    } else {
+        let mine = opts.inputs.iter().enumerate();
+        mine.filter(|(j, _)| share.owns_file(*j))
+            .map(|(_, p)| p.clone())
+            .collect()
+    };
+    let bytes_in = check_inputs_size(&inputs)?;
+
+    let out_dir = out_dir(&opts.out);
     std::fs::create_dir_all(&out_dir).map_err(io_err(&out_dir, "create_dir"))?;
     let stem = opts
         .out
@@ -493,24 +262,40 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
 
     // Old outputs go first, the .idx before the rest, so that from here on the prefix
     // never opens until this run's final rename.
-    let idx_path = with_suffix(&opts.out, "idx");
-    let bin_path = with_suffix(&opts.out, "bin");
     let groups_path = with_suffix(&opts.out, "groups.npy");
-    for p in [&idx_path, &bin_path, &groups_path] {
-        match std::fs::remove_file(p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(p, "remove")(e)),
+    // A failed sharded run leaves nothing, not even the shards it had finished.
+    let mut run_outputs = None;
+    let layout = if opts.sharded() {
+        run_outputs = Some(RunOutputs::clear(&opts.out, opts.shard_index)?);
+        Layout::Sharded {
+            out: opts.out.clone(),
+            run: opts.shard_index,
+            limit: opts.shard_tokens.unwrap_or(u64::MAX).max(1),
         }
-    }
+    } else {
+        for ext in ["idx", "bin", "groups.npy"] {
+            let p = with_suffix(&opts.out, ext);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&p, "remove")(e)),
+            }
+        }
+        Layout::Single(opts.out.clone())
+    };
+    // Runs of one job may share a directory: their scratch names must differ.
+    let stem = match &layout {
+        Layout::Single(_) => stem,
+        Layout::Sharded { run, .. } => format!("{stem}-{run:05}"),
+    };
     remove_stale_runs(&tmp_dir, &stem)?;
     let spill_path = tmp_dir.join(format!("{stem}.spill.tmp"));
-    let _guard = TempFiles(vec![
-        with_suffix(&opts.out, "bin.tmp"),
-        with_suffix(&opts.out, "idx.tmp"),
-        with_suffix(&opts.out, "groups.npy.tmp"),
-        spill_path.clone(),
-    ]);
+    // (A sharded run's shard writer removes its own temporary files.)
+    let mut temp = vec![spill_path.clone()];
+    if let Layout::Single(out) = &layout {
+        temp.extend(["bin.tmp", "idx.tmp", "groups.npy.tmp"].map(|e| with_suffix(out, e)));
+    }
+    let _guard = TempFiles(temp);
 
     // Pipeline memory: each slot holds a chunk of text and its tokens (about as large).
     let slots = 2 * threads + 2;
@@ -521,7 +306,8 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let progress = bar(bytes_in, opts.progress, "tokenizing", "starting");
     let grouped = setup.grouped;
     let mut sink = Sink {
-        inputs: &opts.inputs,
+        inputs: &inputs,
+        share: (setup.grouped && share.count > 1).then_some(share),
         dtype: setup.dtype,
         max_bad: opts.max_bad,
         out: if grouped {
@@ -541,7 +327,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
                 sorter: Sorter::new(sort_budget, tmp_dir.clone(), stem.clone()),
             }
         } else {
-            Out::Stream(MegatronWriter::create(&opts.out, setup.dtype)?)
+            Out::Stream(ShardWriter::new(layout.clone(), setup.dtype, None))
         },
         stats: Stats::default(),
         first_bad: Vec::new(),
@@ -560,7 +346,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         }
         let chunk_bytes = opts.chunk_bytes.max(1);
         let max_line = usize::try_from(setup.max_line).unwrap_or(usize::MAX);
-        let inputs = &opts.inputs;
+        let inputs = &inputs;
         let reader = s.spawn(move || {
             read_inputs(inputs, chunk_bytes, max_line, &work_tx, &slot_rx, &consumed)
         });
@@ -569,7 +355,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         for _ in 0..threads {
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
-            let worker = setup.worker(&gate);
+            let worker = setup.worker(&gate, sink.share);
             s.spawn(move || worker.run(&work_rx, &done_tx));
         }
         drop(done_tx);
@@ -590,7 +376,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         first_bad,
         ..
     } = sink;
-    if stats.documents == 0 {
+    if stats.documents == 0 && !opts.sharded() {
         return Err(TokenizeError::Empty {
             lines: stats.lines,
             bad: stats.bad.total(),
@@ -599,10 +385,8 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let mut groups = None;
     let mut vanished_groups = None;
     let mut sort_runs = 0;
-    match out {
-        Out::Stream(writer) => {
-            writer.finish()?;
-        }
+    let shards = match out {
+        Out::Stream(writer) => writer.finish()?,
         Out::Grouped {
             spill,
             sorter,
@@ -613,9 +397,9 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
                 .into_inner()
                 .map_err(|e| io_err(&spill_path, "flush")(e.into_error()))?;
             debug_assert_eq!(spill_at, stats.tokens * setup.dtype.size() as u64);
+            let writer = ShardWriter::new(layout.clone(), setup.dtype, Some(stats.documents));
             let written = write_grouped(
-                &opts.out,
-                &groups_path,
+                writer,
                 setup.dtype,
                 stats.documents,
                 &spill,
@@ -626,35 +410,34 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
             groups = Some(written.groups);
             vanished_groups = Some(written.vanished);
             sort_runs = written.runs;
+            written.shards
         }
-    }
+    };
     drop(_guard);
 
-    // The strictest reader re-checks what was written: the shard and its sidecar open,
-    // and the index passes the full validation `millrace inspect` runs.
-    let shard = Shard::open(&opts.out, None)?;
-    shard.validate()?;
-    if shard.documents() != stats.documents || shard.tokens() != stats.tokens {
-        return Err(TokenizeError::Corpus(CorpusError::invalid(
-            &idx_path,
-            format!(
-                "re-opened shard holds {} documents and {} tokens, but {} and {} were written",
-                shard.documents(),
-                shard.tokens(),
-                stats.documents,
-                stats.tokens
-            ),
-        )));
-    }
+    // The strictest reader re-checks what was written: each shard and its sidecar open,
+    // and each index passes the full validation `millrace inspect` runs.
+    recheck(&shards, &opts.out, stats.documents, stats.tokens)?;
+    let manifest = match &layout {
+        Layout::Single(_) => None,
+        Layout::Sharded { run, .. } => {
+            let path = run_manifest_path(&opts.out, *run);
+            write_manifest(&path, &run_manifest(opts, &setup, &shards))?;
+            if let Some(outputs) = run_outputs.take() {
+                outputs.keep();
+            }
+            Some(path)
+        }
+    };
 
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     Ok(TokenizeSummary {
         prefix: opts.out.clone(),
-        groups_file: grouped.then_some(groups_path),
+        groups_file: (grouped && !opts.sharded()).then_some(groups_path),
         dtype: setup.dtype,
         vocab: setup.vocab,
         eos: setup.eos,
-        files: opts.inputs.len(),
+        files: inputs.len(),
         lines: stats.lines,
         blank_lines: stats.blank,
         documents: stats.documents,
@@ -671,14 +454,23 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         docs_per_s: stats.documents as f64 / seconds,
         threads,
         sort_runs,
+        shards,
+        run: [opts.shard_index, opts.num_shards],
+        other_runs_documents: stats.elsewhere,
+        manifest,
     })
 }
 
-/// Sum of the input sizes; fails before anything is touched if an input is missing.
-fn check_inputs(inputs: &[PathBuf]) -> Result<u64> {
+/// Fails before anything is touched if an input is missing.
+fn check_inputs(inputs: &[PathBuf]) -> Result<()> {
     if inputs.is_empty() {
         return Err(TokenizeError::Options("no input files".into()));
     }
+    check_inputs_size(inputs).map(drop)
+}
+
+/// Sum of the input sizes; each must be a regular file.
+fn check_inputs_size(inputs: &[PathBuf]) -> Result<u64> {
     let mut total = 0;
     for p in inputs {
         let meta = std::fs::metadata(p).map_err(io_err(p, "stat"))?;
@@ -736,156 +528,4 @@ fn bar(len: u64, show: bool, what: &'static str, msg: &'static str) -> ProgressB
     pb.set_message(msg);
     pb.enable_steady_tick(Duration::from_millis(500));
     pb
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_sort_numbers_numerically_then_strings() {
-        let key = |v: Val<'_>| {
-            let mut k = Vec::new();
-            push_key(&mut k, &v).unwrap();
-            k
-        };
-        let mut ks = [
-            key(Val::Str("a".into())),
-            key(Val::Int(10)),
-            key(Val::Float(2.5)),
-            key(Val::Int(-3)),
-            key(Val::Int(2)),
-            key(Val::Str("B".into())),
-        ];
-        ks.sort();
-        let want = [
-            key(Val::Int(-3)),
-            key(Val::Int(2)),
-            key(Val::Float(2.5)),
-            key(Val::Int(10)),
-            key(Val::Str("B".into())),
-            key(Val::Str("a".into())),
-        ];
-        assert_eq!(ks, want);
-        // Integers beyond f64's precision still order exactly.
-        assert!(key(Val::Int((1 << 60) + 1)) > key(Val::Int(1 << 60)));
-    }
-
-    /// Feeds `input` to a cutter in `piece`-byte reads, as the reader does, and returns
-    /// its chunks (data, lines, skipped) and the most it ever held.
-    fn cut(input: &[u8], max_line: usize, chunk: usize, piece: usize) -> (Vec<Cut>, usize) {
-        let mut c = LineCutter::new(max_line);
-        let mut out = Vec::new();
-        let mut most = 0;
-        let mut at = 0;
-        while at < input.len() {
-            let end = (at + piece).min(input.len());
-            at += c.feed(&input[at..end], chunk);
-            most = most.max(c.buf.capacity());
-            if c.full(chunk) {
-                out.push(c.take());
-            }
-        }
-        c.finish();
-        if !c.is_empty() {
-            out.push(c.take());
-        }
-        (out, most)
-    }
-
-    #[test]
-    fn a_line_past_the_limit_is_never_held() {
-        // 16 MB lines against a 1 MiB limit, read 64 KiB at a time: the cutter never
-        // holds more than about the limit plus a chunk (a buffered line would be 16 MB).
-        let big = vec![b'x'; 16 << 20];
-        let mut input = b"a\n".to_vec();
-        input.extend_from_slice(&big);
-        input.extend_from_slice(b"\nbb\n");
-        input.extend_from_slice(&big);
-        let (chunks, most) = cut(&input, 1 << 20, 64 << 10, 64 << 10);
-        assert!(most <= 4 << 20, "held {most} bytes");
-        let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
-        assert_eq!(data, b"a\nbb\n");
-        let lines: u64 = chunks.iter().map(|c| c.lines).sum();
-        assert_eq!(lines, 4);
-        // Skipped lines keep their place: line 2 and line 4 (the last, with no newline).
-        let mut first = 1;
-        let mut skipped = Vec::new();
-        for c in &chunks {
-            skipped.extend(c.skipped.iter().map(|&(i, len)| (first + i, len)));
-            first += c.lines;
-        }
-        let skipped_bytes: u64 = chunks.iter().map(|c| c.skipped_bytes).sum();
-        assert_eq!(
-            skipped_bytes,
-            2 * (16 << 20) + 1,
-            "the newline of line 2 counts"
-        );
-        assert_eq!(skipped, [(2, 16 << 20), (4, 16 << 20)]);
-
-        // Any read size and chunk size cut the same lines.
-        let text = b"one\ntwo two\n\nthree three three\nfour\nxxxxxxxxxxxx\nlast";
-        for piece in [1, 2, 5, 64] {
-            for chunk in [1, 7, 1000] {
-                let (chunks, _) = cut(text, 11, chunk, piece);
-                let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
-                assert_eq!(data, b"one\ntwo two\n\nfour\nlast", "{piece} {chunk}");
-                let lines: u64 = chunks.iter().map(|c| c.lines).sum();
-                assert_eq!(lines, 7);
-            }
-        }
-    }
-
-    #[test]
-    fn the_encode_gate_admits_up_to_its_budget_and_one_alone_always() {
-        let gate = Arc::new(EncodeGate::new(10));
-        let big = gate.enter(25); // over budget, but alone: admitted
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiter = {
-            let gate = gate.clone();
-            std::thread::spawn(move || {
-                let _p = gate.enter(4);
-                let _ = tx.send(());
-            })
-        };
-        // It waits while the big one is inside...
-        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
-        drop(big);
-        // ...and enters once it has left.
-        assert!(rx.recv_timeout(Duration::from_secs(30)).is_ok());
-        waiter.join().unwrap();
-        let a = gate.enter(6);
-        let b = gate.enter(4); // 6 + 4 fits exactly
-        drop((a, b));
-        assert_eq!(*gate.inside.lock().unwrap(), 0);
-    }
-
-    #[test]
-    fn sorter_merges_runs_in_order() {
-        let dir = std::env::temp_dir().join(format!("millrace-sort-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut s = Sorter::new(4096, dir.clone(), "t".into());
-        let n = 2000u64;
-        for seq in 0..n {
-            let g = format!("g{}", (seq * 7919) % 37);
-            s.push(g.as_bytes(), &[0], seq, seq, 1).unwrap();
-        }
-        assert!(s.runs.len() > 1);
-        let mut got = Vec::new();
-        let runs = s
-            .finish(|g, off, _| {
-                got.push((g.to_vec(), off));
-                Ok(())
-            })
-            .unwrap();
-        assert!(runs > 1);
-        let mut want: Vec<(Vec<u8>, u64)> = (0..n)
-            .map(|seq| (format!("g{}", (seq * 7919) % 37).into_bytes(), seq))
-            .collect();
-        want.sort();
-        assert_eq!(got, want);
-        let left = std::fs::read_dir(&dir).unwrap().count();
-        assert_eq!(left, 0, "run files are removed");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

@@ -30,6 +30,8 @@ pub(super) struct Done {
     /// Group keys (in `keys`) of rows dropped as bad after their group was read.
     pub(super) dropped: Vec<(usize, usize)>,
     pub(super) bad: Vec<(u64, BadKind, String)>,
+    /// Documents that belong to other runs of the job, skipped before tokenizing.
+    pub(super) elsewhere: u64,
     pub(super) fatal: Option<TokenizeError>,
     /// Scratch for one document's ids, reused across the chunk.
     pub(super) ids: Vec<u32>,
@@ -47,6 +49,8 @@ pub(super) struct Worker {
     pub(super) grouped: bool,
     pub(super) max_line: u64,
     pub(super) gate: Arc<EncodeGate>,
+    /// This run's share of a grouped job of several runs.
+    pub(super) share: Option<Share>,
 }
 
 impl Worker {
@@ -78,6 +82,7 @@ impl Worker {
             keys: Vec::new(),
             dropped: Vec::new(),
             bad: Vec::new(),
+            elsewhere: 0,
             fatal: None,
             ids: Vec::new(),
         };
@@ -216,6 +221,17 @@ impl Worker {
                 }
             }
             order = (at, d.keys.len() - at);
+            if let Some(share) = self.share {
+                let mine = match group {
+                    Some((a, n)) => share.owns_group(&d.keys[a..a + n]),
+                    None => share.owns_line(d.file, line_no),
+                };
+                if !mine {
+                    d.keys.truncate(keys_at);
+                    d.elsewhere += 1;
+                    return Ok(());
+                }
+            }
         }
         let mut ids = std::mem::take(&mut d.ids);
         ids.clear();
@@ -580,5 +596,63 @@ impl<'de> Visitor<'de> for Pick<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_numbers_numerically_then_strings() {
+        let key = |v: Val<'_>| {
+            let mut k = Vec::new();
+            push_key(&mut k, &v).unwrap();
+            k
+        };
+        let mut ks = [
+            key(Val::Str("a".into())),
+            key(Val::Int(10)),
+            key(Val::Float(2.5)),
+            key(Val::Int(-3)),
+            key(Val::Int(2)),
+            key(Val::Str("B".into())),
+        ];
+        ks.sort();
+        let want = [
+            key(Val::Int(-3)),
+            key(Val::Int(2)),
+            key(Val::Float(2.5)),
+            key(Val::Int(10)),
+            key(Val::Str("B".into())),
+            key(Val::Str("a".into())),
+        ];
+        assert_eq!(ks, want);
+        // Integers beyond f64's precision still order exactly.
+        assert!(key(Val::Int((1 << 60) + 1)) > key(Val::Int(1 << 60)));
+    }
+
+    #[test]
+    fn the_encode_gate_admits_up_to_its_budget_and_one_alone_always() {
+        let gate = Arc::new(EncodeGate::new(10));
+        let big = gate.enter(25); // over budget, but alone: admitted
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let _p = gate.enter(4);
+                let _ = tx.send(());
+            })
+        };
+        // It waits while the big one is inside...
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(big);
+        // ...and enters once it has left.
+        assert!(rx.recv_timeout(Duration::from_secs(30)).is_ok());
+        waiter.join().unwrap();
+        let a = gate.enter(6);
+        let b = gate.enter(4); // 6 + 4 fits exactly
+        drop((a, b));
+        assert_eq!(*gate.inside.lock().unwrap(), 0);
     }
 }

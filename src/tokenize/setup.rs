@@ -11,6 +11,8 @@ pub(super) struct Setup {
     pub(super) eos: Option<u32>,
     pub(super) dtype: DType,
     pub(super) vocab: u64,
+    /// xxh3-64 of the tokenizer file, for the manifest.
+    pub(super) tokenizer_hash: u64,
     pub(super) text_field: String,
     pub(super) group_field: Option<String>,
     pub(super) order_field: Option<String>,
@@ -44,7 +46,9 @@ impl Setup {
             path: path.clone(),
             what,
         };
-        let mut tokenizer = Tokenizer::from_file(path)
+        let bytes = std::fs::read(path).map_err(io_err(path, "read"))?;
+        let tokenizer_hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+        let mut tokenizer = Tokenizer::from_bytes(&bytes)
             .map_err(|e| tok_err(format!("cannot load a HuggingFace tokenizer.json: {e}")))?;
         // A tokenizer.json may carry truncation (e.g. to 512) or padding meant for
         // fine-tuning; either would silently change documents here.
@@ -105,6 +109,7 @@ impl Setup {
             eos,
             dtype,
             vocab,
+            tokenizer_hash,
             text_field: opts.text_field.clone(),
             group_field: opts.group_field.clone(),
             order_field: opts.order_field.clone(),
@@ -113,7 +118,7 @@ impl Setup {
         })
     }
 
-    pub(super) fn worker(&self, gate: &Arc<EncodeGate>) -> Worker {
+    pub(super) fn worker(&self, gate: &Arc<EncodeGate>, share: Option<Share>) -> Worker {
         Worker {
             tokenizer: self.tokenizer.clone(),
             eos: self.eos,
@@ -125,6 +130,7 @@ impl Setup {
             grouped: self.grouped,
             max_line: self.max_line,
             gate: gate.clone(),
+            share,
         }
     }
 }

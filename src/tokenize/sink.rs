@@ -13,10 +13,12 @@ pub(super) struct Stats {
     pub(super) documents: u64,
     pub(super) tokens: u64,
     pub(super) bad: BadCounts,
+    /// Documents left to the other runs of the job.
+    pub(super) elsewhere: u64,
 }
 
 pub(super) enum Out {
-    Stream(MegatronWriter),
+    Stream(ShardWriter),
     Grouped {
         spill: BufWriter<File>,
         spill_path: PathBuf,
@@ -27,6 +29,9 @@ pub(super) enum Out {
 
 pub(super) struct Sink<'a> {
     pub(super) inputs: &'a [PathBuf],
+    /// This run's share of a grouped job of several runs: bad lines and groups of
+    /// dropped rows that belong to other runs are theirs to count.
+    pub(super) share: Option<Share>,
     pub(super) dtype: DType,
     pub(super) max_bad: Option<u64>,
     pub(super) out: Out,
@@ -69,7 +74,13 @@ impl Sink<'_> {
         self.stats.lines += d.lines;
         self.stats.blank += d.blank;
         self.stats.text_bytes += d.text_bytes;
+        self.stats.elsewhere += d.elsewhere;
+        let share = self.share;
+        let theirs = |line: u64| share.is_some_and(|s| !s.owns_line(d.file, line));
         for (line, kind, detail) in d.bad {
+            if theirs(line) {
+                continue;
+            }
             self.stats.bad.add(kind);
             if self.first_bad.len() < REPORTED_BAD_LINES {
                 self.first_bad.push(BadLine {
@@ -97,7 +108,10 @@ impl Sink<'_> {
             let bytes = &d.tokens[at..at + len];
             at += len;
             match &mut self.out {
-                Out::Stream(w) => w.add_document_bytes(bytes)?,
+                Out::Stream(w) => {
+                    w.boundary(0)?;
+                    w.add(bytes, None)?;
+                }
                 Out::Grouped {
                     spill,
                     spill_path,
@@ -128,7 +142,11 @@ impl Sink<'_> {
         }
         if let Out::Grouped { sorter, .. } = &mut self.out {
             for &(a, n) in &d.dropped {
-                sorter.push(&d.keys[a..a + n], &[], u64::MAX, DROPPED_ROW, 0)?;
+                let key = &d.keys[a..a + n];
+                if share.is_some_and(|s| !s.owns_group(key)) {
+                    continue;
+                }
+                sorter.push(key, &[], u64::MAX, DROPPED_ROW, 0)?;
             }
         }
         self.progress.set_position(d.stored_end);
@@ -151,15 +169,14 @@ pub(super) struct GroupedWritten {
     pub(super) groups: u64,
     pub(super) vanished: u64,
     pub(super) runs: usize,
+    pub(super) shards: Vec<OutputShard>,
 }
 
 /// Pass 2: documents in (group, order, input position) order from the spill file into the
-/// shard, and the sidecar alongside; the sidecar is renamed before the shard, whose
-/// `.idx` is the last file to appear.
-#[allow(clippy::too_many_arguments)]
+/// shards, with their sidecars; a shard ends only between groups. Each sidecar is renamed
+/// before its shard, whose `.idx` is the last file to appear.
 pub(super) fn write_grouped(
-    prefix: &Path,
-    groups_path: &Path,
+    mut writer: ShardWriter,
     dtype: DType,
     documents: u64,
     spill: &File,
@@ -167,8 +184,6 @@ pub(super) fn write_grouped(
     sorter: Sorter,
     progress: bool,
 ) -> Result<GroupedWritten> {
-    let mut writer = MegatronWriter::create(prefix, dtype)?;
-    let mut sidecar = GroupsWriter::create(groups_path, documents)?;
     let pb = bar(documents, progress, "writing", "documents in group order");
     let size = dtype.size() as u64;
     let mut buf: Vec<u8> = Vec::new();
@@ -190,17 +205,20 @@ pub(super) fn write_grouped(
         if off == DROPPED_ROW {
             return Ok(());
         }
-        let group = *id.get_or_insert_with(|| {
-            groups += 1;
-            groups - 1
-        });
+        let group = match id {
+            Some(g) => g,
+            None => {
+                writer.boundary(groups)?;
+                groups += 1;
+                *id.insert(groups - 1)
+            }
+        };
         let len = (ntok * size) as usize;
         buf.resize(len, 0);
         spill
             .read_exact_at(&mut buf, off)
             .map_err(io_err(spill_path, "read"))?;
-        writer.add_document_bytes(&buf)?;
-        sidecar.push(group)?;
+        writer.add(&buf, Some(group))?;
         n += 1;
         if n % 4096 == 0 {
             pb.set_position(n);
@@ -211,11 +229,10 @@ pub(super) fn write_grouped(
         vanished += 1;
     }
     pb.finish_and_clear();
-    sidecar.finish()?;
-    writer.finish()?;
     Ok(GroupedWritten {
         groups,
         vanished,
         runs,
+        shards: writer.finish()?,
     })
 }

@@ -237,3 +237,37 @@ pub(super) fn merge(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sorter_merges_runs_in_order() {
+        let dir = std::env::temp_dir().join(format!("millrace-sort-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Sorter::new(4096, dir.clone(), "t".into());
+        let n = 2000u64;
+        for seq in 0..n {
+            let g = format!("g{}", (seq * 7919) % 37);
+            s.push(g.as_bytes(), &[0], seq, seq, 1).unwrap();
+        }
+        assert!(s.runs.len() > 1);
+        let mut got = Vec::new();
+        let runs = s
+            .finish(|g, off, _| {
+                got.push((g.to_vec(), off));
+                Ok(())
+            })
+            .unwrap();
+        assert!(runs > 1);
+        let mut want: Vec<(Vec<u8>, u64)> = (0..n)
+            .map(|seq| (format!("g{}", (seq * 7919) % 37).into_bytes(), seq))
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(left, 0, "run files are removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

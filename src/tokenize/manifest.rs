@@ -1,0 +1,222 @@
+//! tokenize, Manifests: what each run of a sharded job wrote, and `tokenize --merge`,
+//! which checks that every run finished with the same settings and lists all shards.
+//!
+//! A run's manifest (`<out>-<run>.manifest.json`) is the last file it writes, so its
+//! presence means the run finished; the merged one (`<out>.manifest.json`) lists every
+//! shard of the job for a config. The format is in docs/FORMATS.md.
+
+use super::*;
+
+/// The `format` value of a manifest; bumped if its meaning changes.
+pub const MANIFEST_FORMAT: &str = "millrace-tokenize-manifest/1";
+
+/// What a run (or, merged, a whole job) wrote, with the settings that must agree across
+/// the runs of one job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// This run's index; `None` in the merged manifest.
+    pub run: Option<u64>,
+    /// Runs in the job (`--num-shards`).
+    pub runs: u64,
+    /// The tokenizer file, as given (runs on other machines may name it otherwise).
+    pub tokenizer: PathBuf,
+    /// xxh3-64 of the tokenizer file's bytes, hex: what runs of one job must agree on.
+    pub tokenizer_xxh3: String,
+    /// The text field.
+    pub text_field: String,
+    /// The group field, if any.
+    pub group_field: Option<String>,
+    /// The order field, if any.
+    pub order_field: Option<String>,
+    /// Output dtype.
+    pub dtype: DType,
+    /// The id appended to every document, if any.
+    pub eos: Option<u32>,
+    /// `--shard-tokens`, if given.
+    pub shard_tokens: Option<u64>,
+    /// Input files of the whole job (every run is given the same list).
+    pub inputs: u64,
+    /// Documents over all shards listed.
+    pub documents: u64,
+    /// Tokens over all shards listed.
+    pub tokens: u64,
+    /// The shards, in order; prefixes relative to the manifest's directory.
+    pub shards: Vec<OutputShard>,
+}
+
+impl Manifest {
+    /// The settings that must agree between the runs of one job, by name.
+    fn settings(&self) -> [(&'static str, String); 9] {
+        [
+            ("runs", self.runs.to_string()),
+            ("inputs", self.inputs.to_string()),
+            ("tokenizer_xxh3", self.tokenizer_xxh3.clone()),
+            ("text_field", self.text_field.clone()),
+            ("group_field", format!("{:?}", self.group_field)),
+            ("order_field", format!("{:?}", self.order_field)),
+            ("dtype", self.dtype.to_string()),
+            ("eos", format!("{:?}", self.eos)),
+            ("shard_tokens", format!("{:?}", self.shard_tokens)),
+        ]
+    }
+}
+
+/// The manifest of a finished run: its settings and its shards, named relative to it.
+pub(super) fn run_manifest(
+    opts: &TokenizeOptions,
+    setup: &Setup,
+    shards: &[OutputShard],
+) -> Manifest {
+    Manifest {
+        format: MANIFEST_FORMAT.into(),
+        run: Some(opts.shard_index),
+        runs: opts.num_shards,
+        tokenizer: opts.tokenizer.clone(),
+        tokenizer_xxh3: format!("{:016x}", setup.tokenizer_hash),
+        text_field: opts.text_field.clone(),
+        group_field: opts.group_field.clone(),
+        order_field: opts.order_field.clone(),
+        dtype: setup.dtype,
+        eos: setup.eos,
+        shard_tokens: opts.shard_tokens,
+        inputs: opts.inputs.len() as u64,
+        documents: shards.iter().map(|s| s.documents).sum(),
+        tokens: shards.iter().map(|s| s.tokens).sum(),
+        shards: shards
+            .iter()
+            .map(|s| OutputShard {
+                prefix: s.prefix.file_name().map(PathBuf::from).unwrap_or_default(),
+                ..s.clone()
+            })
+            .collect(),
+    }
+}
+
+/// Writes `m` to `path` through a temporary name, so a reader sees all of it or none.
+pub(super) fn write_manifest(path: &Path, m: &Manifest) -> Result<()> {
+    let tmp = with_suffix(path, "tmp");
+    let text = serde_json::to_string_pretty(m)
+        .map_err(|e| TokenizeError::Options(format!("cannot encode {}: {e}", path.display())))?;
+    std::fs::write(&tmp, text + "\n").map_err(io_err(&tmp, "write"))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path, "rename"))
+}
+
+/// Reads a manifest, naming the file in every error.
+pub fn read_manifest(path: &Path) -> Result<Manifest> {
+    let text = std::fs::read(path).map_err(io_err(path, "read"))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| TokenizeError::Input {
+        path: path.to_path_buf(),
+        what: format!("not a tokenize manifest: {e}"),
+    })?;
+    if m.format != MANIFEST_FORMAT {
+        return Err(TokenizeError::Input {
+            path: path.to_path_buf(),
+            what: format!(
+                "format {:?}; this millrace reads {MANIFEST_FORMAT:?}",
+                m.format
+            ),
+        });
+    }
+    Ok(m)
+}
+
+/// Checks the manifests of runs 0..`runs` of the job at `out` (all present, same
+/// settings, every shard's `.idx` in place) and writes `<out>.manifest.json` listing
+/// every shard, run by run. Returns the merged manifest.
+pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
+    if runs == 0 {
+        return Err(TokenizeError::Options(
+            "--num-shards must be at least 1".into(),
+        ));
+    }
+    let dir = out_dir(out);
+    let mut merged: Option<(PathBuf, Manifest)> = None;
+    for run in 0..runs {
+        let path = run_manifest_path(out, run);
+        if !path.exists() {
+            return Err(TokenizeError::Input {
+                path,
+                what: format!("missing: run {run} of {runs} has not finished (or never ran)"),
+            });
+        }
+        let m = read_manifest(&path)?;
+        if m.run != Some(run) || m.runs != runs {
+            return Err(TokenizeError::Input {
+                path,
+                what: format!(
+                    "written by run {:?} of {}, expected run {run} of {runs}",
+                    m.run, m.runs
+                ),
+            });
+        }
+        for s in &m.shards {
+            let idx = with_suffix(&dir.join(&s.prefix), "idx");
+            if !idx.exists() {
+                return Err(TokenizeError::Input {
+                    path: path.clone(),
+                    what: format!(
+                        "lists shard {} but {} is missing",
+                        s.prefix.display(),
+                        idx.display()
+                    ),
+                });
+            }
+        }
+        match &mut merged {
+            None => merged = Some((path, m)),
+            Some((first, all)) => {
+                for ((name, a), (_, b)) in all.settings().iter().zip(m.settings()) {
+                    if *a != b {
+                        return Err(TokenizeError::Input {
+                            path,
+                            what: format!(
+                                "{name} is {b}, but {} says {a}: runs of one job must share their settings",
+                                first.display()
+                            ),
+                        });
+                    }
+                }
+                all.documents += m.documents;
+                all.tokens += m.tokens;
+                all.shards.extend(m.shards);
+            }
+        }
+    }
+    let Some((_, mut all)) = merged else {
+        return Err(TokenizeError::Options("no runs to merge".into()));
+    };
+    if all.shards.is_empty() {
+        return Err(TokenizeError::Options(format!(
+            "none of the {runs} runs of {} wrote a shard: no documents",
+            out.display()
+        )));
+    }
+    all.run = None;
+    write_manifest(&with_suffix(out, "manifest.json"), &all)?;
+    Ok(all)
+}
+
+/// What `tokenize --merge` prints: totals, and a `[[corpus.domain]]` entry listing every
+/// shard of the job at `out` (named as `out` was given), ready for a config.
+pub fn render_merge(m: &Manifest, out: &Path) -> String {
+    use crate::util::thousands;
+    let dir = out.parent().unwrap_or(Path::new(""));
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    let shards: Vec<String> = m
+        .shards
+        .iter()
+        .map(|s| format!("{:?}", dir.join(&s.prefix).display().to_string()))
+        .collect();
+    format!(
+        "# {} runs, {} shards, {} documents, {} tokens; listed in {}\n\
+         [[corpus.domain]]\nname = \"{name}\"\nshards = [{}]\n",
+        m.runs,
+        m.shards.len(),
+        thousands(m.documents),
+        thousands(m.tokens),
+        with_suffix(out, "manifest.json").display(),
+        shards.join(", ")
+    )
+}

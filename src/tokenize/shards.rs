@@ -1,0 +1,390 @@
+//! tokenize, Output shards: which inputs and documents belong to run i of N, how a run's
+//! output is cut into shards of a size and named, and the writer that does the cutting.
+//!
+//! A corpus of 10^12 tokens is tokenized by many runs at once (a Slurm array, a Ray or
+//! Kubernetes job, xargs), each writing many shards. What run i writes must be a pure
+//! function of the inputs and options, never of timing or threads, so:
+//! - without a group field, run i takes input files i, i+N, i+2N, ... (in the order
+//!   given), and reads no other file;
+//! - with a group field, every run reads every file, and a document belongs to run
+//!   `xxh3(group key) mod N`, so a group never spans runs; a document without a group
+//!   (each its own group) and a bad line belong to `xxh3(file index, line) mod N`.
+//!
+//! Within a run, a shard is closed once it holds `--shard-tokens` tokens, at the next
+//! document (ungrouped) or the next group boundary (grouped), so a group never spans
+//! shards either: a group larger than the limit makes one larger shard.
+
+use super::*;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Run `index` of `count` runs that share one tokenize job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Share {
+    pub(super) count: u64,
+    pub(super) index: u64,
+}
+
+impl Share {
+    /// Whether this run takes input file `file` of an ungrouped job.
+    pub(super) fn owns_file(&self, file: usize) -> bool {
+        file as u64 % self.count == self.index
+    }
+
+    /// Whether this run takes the group whose encoded key is `key`.
+    pub(super) fn owns_group(&self, key: &[u8]) -> bool {
+        xxh3_64(key) % self.count == self.index
+    }
+
+    /// Whether this run takes line `line` of input `file` (an ungrouped document of a
+    /// grouped job, or a bad line, so that bad lines are counted by exactly one run).
+    pub(super) fn owns_line(&self, file: usize, line: u64) -> bool {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&(file as u64).to_le_bytes());
+        k[8..].copy_from_slice(&line.to_le_bytes());
+        xxh3_64(&k) % self.count == self.index
+    }
+}
+
+/// Where a run's output goes.
+#[derive(Debug, Clone)]
+pub(super) enum Layout {
+    /// One shard at the `--out` prefix itself (no `--shard-tokens`, one run).
+    Single(PathBuf),
+    /// Shards `<out>-<run>-<k>` (five digits each), cut after `limit` tokens.
+    Sharded { out: PathBuf, run: u64, limit: u64 },
+}
+
+impl Layout {
+    /// The prefix of output shard `k`.
+    pub(super) fn prefix(&self, k: usize) -> PathBuf {
+        match self {
+            Layout::Single(p) => p.clone(),
+            Layout::Sharded { out, run, .. } => shard_prefix(out, *run, k),
+        }
+    }
+
+    fn limit(&self) -> u64 {
+        match self {
+            Layout::Single(_) => u64::MAX,
+            Layout::Sharded { limit, .. } => *limit,
+        }
+    }
+}
+
+/// `<out>-<run>-<k>`: the prefix of shard `k` written by run `run`.
+pub fn shard_prefix(out: &Path, run: u64, k: usize) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(format!("-{run:05}-{k:05}"));
+    PathBuf::from(s)
+}
+
+/// `<out>-<run>.manifest.json`: what run `run` wrote, the last file it writes.
+pub fn run_manifest_path(out: &Path, run: u64) -> PathBuf {
+    with_suffix(&shard_prefix_stem(out, run), "manifest.json")
+}
+
+/// `<out>-<run>`: what every file of run `run` starts with.
+pub(super) fn shard_prefix_stem(out: &Path, run: u64) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(format!("-{run:05}"));
+    PathBuf::from(s)
+}
+
+/// One output shard of a run, for the summary and the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputShard {
+    /// The shard prefix (`.bin`, `.idx`, and `.groups.npy` when grouped).
+    pub prefix: PathBuf,
+    /// Documents in it.
+    pub documents: u64,
+    /// Tokens in it (EOS included).
+    pub tokens: u64,
+    /// Groups in its sidecar, when grouping.
+    pub groups: Option<u64>,
+}
+
+/// The group ids of the shard being written: streamed to a sidecar whose length is known
+/// up front (one output), or held until the shard is cut (its length is known then).
+enum Sidecar {
+    None,
+    Stream(GroupsWriter),
+    Held(Vec<u64>),
+}
+
+/// Writes documents into the shards of a [`Layout`], cutting a new shard at a boundary
+/// once the current one is full; an unfinished shard's temporary files go on drop.
+pub(super) struct ShardWriter {
+    layout: Layout,
+    dtype: DType,
+    /// Documents of the whole output when one grouped shard is written (the sidecar is
+    /// then streamed); `None` otherwise.
+    grouped: Option<u64>,
+    cur: Option<(MegatronWriter, Sidecar, OutputShard)>,
+    /// The first global group id of the current shard (ids restart at 0 per sidecar).
+    group_base: u64,
+    done: Vec<OutputShard>,
+}
+
+impl ShardWriter {
+    /// `grouped`: `Some(total documents)` when a sidecar is written.
+    pub(super) fn new(layout: Layout, dtype: DType, grouped: Option<u64>) -> ShardWriter {
+        ShardWriter {
+            layout,
+            dtype,
+            grouped,
+            cur: None,
+            group_base: 0,
+            done: Vec::new(),
+        }
+    }
+
+    /// A place where a shard may end (before a document, or before a group); ends the
+    /// current shard if it is full. `next_group` is the global id of the group to come.
+    pub(super) fn boundary(&mut self, next_group: u64) -> Result<()> {
+        if self
+            .cur
+            .as_ref()
+            .is_some_and(|c| c.2.tokens >= self.layout.limit())
+        {
+            self.close()?;
+        }
+        if self.cur.is_none() {
+            self.group_base = next_group;
+        }
+        Ok(())
+    }
+
+    /// Appends one document (raw bytes of the dtype), of global group `group` if grouped.
+    pub(super) fn add(&mut self, bytes: &[u8], group: Option<u64>) -> Result<()> {
+        if self.cur.is_none() {
+            let prefix = self.layout.prefix(self.done.len());
+            let writer = MegatronWriter::create(&prefix, self.dtype)?;
+            let groups = with_suffix(&prefix, "groups.npy");
+            let sidecar = match (self.grouped, &self.layout) {
+                (None, _) => Sidecar::None,
+                (Some(n), Layout::Single(_)) => Sidecar::Stream(GroupsWriter::create(&groups, n)?),
+                (Some(_), Layout::Sharded { .. }) => Sidecar::Held(Vec::new()),
+            };
+            let shard = OutputShard {
+                prefix,
+                documents: 0,
+                tokens: 0,
+                groups: self.grouped.map(|_| 0),
+            };
+            self.cur = Some((writer, sidecar, shard));
+        }
+        let Some((writer, sidecar, shard)) = self.cur.as_mut() else {
+            return Ok(());
+        };
+        writer.add_document_bytes(bytes)?;
+        if let Some(g) = group {
+            let local = g - self.group_base;
+            match sidecar {
+                Sidecar::None => {}
+                Sidecar::Stream(w) => w.push(local)?,
+                Sidecar::Held(ids) => ids.push(local),
+            }
+            shard.groups = Some(local + 1);
+        }
+        shard.documents += 1;
+        shard.tokens += (bytes.len() / self.dtype.size()) as u64;
+        Ok(())
+    }
+
+    /// Renames the current shard into place: the sidecar first, the `.idx` last.
+    fn close(&mut self) -> Result<()> {
+        let Some((writer, sidecar, shard)) = self.cur.take() else {
+            return Ok(());
+        };
+        let groups = with_suffix(&shard.prefix, "groups.npy");
+        match sidecar {
+            Sidecar::None => {}
+            Sidecar::Stream(w) => {
+                w.finish()?;
+            }
+            Sidecar::Held(ids) => {
+                crate::corpus::groups::write(&groups, &ids)?;
+            }
+        }
+        writer.finish()?;
+        self.done.push(shard);
+        Ok(())
+    }
+
+    /// Closes the last shard and returns every shard written, in order.
+    pub(super) fn finish(mut self) -> Result<Vec<OutputShard>> {
+        self.close()?;
+        Ok(std::mem::take(&mut self.done))
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if let Some((writer, _, shard)) = self.cur.take() {
+            drop(writer);
+            for ext in ["bin.tmp", "idx.tmp", "groups.npy.tmp"] {
+                let _ = std::fs::remove_file(with_suffix(&shard.prefix, ext));
+            }
+        }
+    }
+}
+
+/// The strictest reader re-checks what was written: each shard and its sidecar open,
+/// each index passes the full validation `millrace inspect` runs, and the shards hold
+/// the `documents` and `tokens` that were read.
+pub(super) fn recheck(
+    shards: &[OutputShard],
+    out: &Path,
+    documents: u64,
+    tokens: u64,
+) -> Result<()> {
+    let (mut docs, mut toks) = (0, 0);
+    for s in shards {
+        let shard = Shard::open(&s.prefix, None)?;
+        shard.validate()?;
+        if shard.documents() != s.documents || shard.tokens() != s.tokens {
+            return Err(TokenizeError::Corpus(CorpusError::invalid(
+                with_suffix(&s.prefix, "idx"),
+                format!(
+                    "re-opened shard holds {} documents and {} tokens, but {} and {} were written",
+                    shard.documents(),
+                    shard.tokens(),
+                    s.documents,
+                    s.tokens
+                ),
+            )));
+        }
+        docs += s.documents;
+        toks += s.tokens;
+    }
+    if (docs, toks) != (documents, tokens) {
+        return Err(TokenizeError::Corpus(CorpusError::invalid(
+            out,
+            format!(
+                "the shards hold {docs} documents and {toks} tokens, but {documents} and \
+                 {tokens} were read"
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// The outputs of one run of a sharded job, removed on drop unless the run kept them.
+pub(super) struct RunOutputs {
+    out: PathBuf,
+    run: u64,
+    keep: bool,
+}
+
+impl RunOutputs {
+    /// Removes what an earlier run `run` of `out` left, before this run writes anew.
+    pub(super) fn clear(out: &Path, run: u64) -> Result<RunOutputs> {
+        remove_run_outputs(out, run)?;
+        Ok(RunOutputs {
+            out: out.to_path_buf(),
+            run,
+            keep: false,
+        })
+    }
+
+    /// The run finished (its manifest is written): its outputs stay.
+    pub(super) fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for RunOutputs {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = remove_run_outputs(&self.out, self.run);
+        }
+    }
+}
+
+/// Removes what an earlier run `run` of `out` wrote (its manifest first, then every
+/// `.idx`, so nothing of it opens, then the rest), before this run writes anew.
+fn remove_run_outputs(out: &Path, run: u64) -> Result<()> {
+    let manifest = run_manifest_path(out, run);
+    match std::fs::remove_file(&manifest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&manifest, "remove")(e)),
+    }
+    let dir = out_dir(out);
+    let Some(stem) = out.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(());
+    };
+    let start = format!("{stem}-{run:05}-");
+    let mut ours = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(io_err(&dir, "read_dir"))? {
+        let e = e.map_err(io_err(&dir, "read_dir"))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&start) else {
+            continue;
+        };
+        let (num, ext) = rest.split_at(rest.find('.').unwrap_or(rest.len()));
+        let known = [
+            ".bin",
+            ".idx",
+            ".groups.npy",
+            ".bin.tmp",
+            ".idx.tmp",
+            ".groups.npy.tmp",
+        ];
+        if num.len() == 5 && num.bytes().all(|b| b.is_ascii_digit()) && known.contains(&ext) {
+            ours.push((ext != ".idx", e.path()));
+        }
+    }
+    ours.sort();
+    for (_, p) in ours {
+        std::fs::remove_file(&p).map_err(io_err(&p, "remove"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_group_and_line_has_exactly_one_owner() {
+        for count in [1u64, 2, 3, 7] {
+            let runs: Vec<Share> = (0..count).map(|index| Share { count, index }).collect();
+            for g in 0..200u32 {
+                let key = format!("repo-{g}");
+                let owners = runs.iter().filter(|r| r.owns_group(key.as_bytes())).count();
+                assert_eq!(owners, 1, "group {key} of {count} runs");
+                let owners = runs.iter().filter(|r| r.owns_line(3, g.into())).count();
+                assert_eq!(owners, 1);
+                let owners = runs.iter().filter(|r| r.owns_file(g as usize)).count();
+                assert_eq!(owners, 1);
+            }
+        }
+        // Pinned: the owner of a group must not change between releases, or runs of
+        // one job built by two versions would write a group twice.
+        let owner = |key: &[u8]| (0..4).find(|&index| Share { count: 4, index }.owns_group(key));
+        let owners: Vec<Option<u64>> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|r| owner(format!("\x02org/{r}").as_bytes()))
+            .collect();
+        assert_eq!(
+            owners.iter().flatten().copied().collect::<Vec<_>>(),
+            [3, 2, 1, 2, 2, 2]
+        );
+        let line_owner =
+            |file, line| (0..4).find(|&index| Share { count: 4, index }.owns_line(file, line));
+        let owners: Vec<u64> = (0..6).filter_map(|line| line_owner(1, line)).collect();
+        assert_eq!(owners, [1, 2, 3, 3, 1, 2]);
+    }
+
+    #[test]
+    fn shard_names() {
+        let out = Path::new("/d/web.v2");
+        assert_eq!(shard_prefix(out, 3, 12), Path::new("/d/web.v2-00003-00012"));
+        assert_eq!(
+            run_manifest_path(out, 3),
+            Path::new("/d/web.v2-00003.manifest.json")
+        );
+    }
+}
