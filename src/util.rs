@@ -1,5 +1,5 @@
 //! Small helpers that several commands (and the tests) share: number formatting for
-//! tables people read, the default token dtype, and the child-process harness. They
+//! tables people read, the count parser every size flag uses (`1e9`, `10G`), the default token dtype, and the child-process harness. They
 //! used to live in whichever module first needed them (inspect, ctl, synth, demo), so
 //! every other user reached into an unrelated command for them; here they have one home
 //! that depends on nothing but the corpus types.
@@ -44,6 +44,31 @@ pub fn default_dtype(vocab: u32) -> DType {
     }
 }
 
+/// Parses counts such as `1e9`, `2.5e8`, `10G`, `500M`, `1_000_000`.
+pub fn parse_count(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().replace('_', "");
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1e3),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1e6),
+        Some('G' | 'g' | 'B' | 'b') => (&t[..t.len() - 1], 1e9),
+        Some('T' | 't') => (&t[..t.len() - 1], 1e12),
+        _ => (t.as_str(), 1.0),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return (mul as u64)
+            .checked_mul(n)
+            .ok_or_else(|| format!("{s:?} is too large"));
+    }
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a count (try 1e9, 500M, 10G)"))?;
+    let v = v * mul;
+    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) || v.fract() != 0.0 {
+        return Err(format!("{s:?} is not a whole, non-negative count"));
+    }
+    Ok(v as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +93,16 @@ mod tests {
     fn megatron_dtype_rule() {
         assert_eq!(default_dtype(50304), DType::Uint16);
         assert_eq!(default_dtype(65500), DType::Int32);
+    }
+
+    #[test]
+    fn counts_parse() {
+        assert_eq!(parse_count("1e9"), Ok(1_000_000_000));
+        assert_eq!(parse_count("2.5e3"), Ok(2500));
+        assert_eq!(parse_count("10G"), Ok(10_000_000_000));
+        assert_eq!(parse_count("1_000"), Ok(1000));
+        assert!(parse_count("1.5").is_err());
+        assert!(parse_count("-3").is_err());
+        assert!(parse_count("abc").is_err());
     }
 }

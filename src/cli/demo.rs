@@ -70,7 +70,7 @@ pub struct DemoArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub consumer: ConsumerKind,
     /// Tokens of the synthetic corpus, when one has to be written.
-    #[arg(long, default_value = "5e7", value_parser = millrace::synth::parse_count)]
+    #[arg(long, default_value = "5e7", value_parser = millrace::util::parse_count)]
     pub tokens: u64,
 }
 

@@ -14,7 +14,7 @@ pub struct SynthArgs {
     #[arg(long)]
     out: PathBuf,
     /// Total tokens, e.g. 1e9, 500M, 10G.
-    #[arg(long, default_value = "1e8", value_parser = synth::parse_count)]
+    #[arg(long, default_value = "1e8", value_parser = millrace::util::parse_count)]
     tokens: u64,
     /// Number of domains: web, code (repo groups), books (book groups), wiki, web2, ...
     #[arg(long, default_value_t = 4)]
@@ -30,7 +30,7 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Upper bound on tokens per shard.
-    #[arg(long, default_value = "2.5e8", value_parser = synth::parse_count)]
+    #[arg(long, default_value = "2.5e8", value_parser = millrace::util::parse_count)]
     shard_tokens: u64,
     /// Writer threads (default: all cores).
     #[arg(long)]

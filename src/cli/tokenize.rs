@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use millrace::corpus::DType;
-use millrace::{synth, tokenize};
+use millrace::tokenize;
 
 #[derive(clap::Args)]
 pub struct TokenizeArgs {
@@ -23,7 +23,7 @@ pub struct TokenizeArgs {
     out: PathBuf,
     /// Cut the output into shards of about this many tokens (e.g. 1e9), each closed at the
     /// next document, or the next group with --group-field.
-    #[arg(long, value_parser = synth::parse_count)]
+    #[arg(long, value_parser = millrace::util::parse_count)]
     shard_tokens: Option<u64>,
     /// Runs sharing this job (e.g. a Slurm array); each writes its share: input files
     /// i, i+N, ..., or with --group-field the groups whose key hashes to i.
@@ -62,7 +62,7 @@ pub struct TokenizeArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Memory for the pipeline and the in-memory group sort, in bytes (e.g. 1G, 256M).
-    #[arg(long, default_value = "1G", value_parser = synth::parse_count)]
+    #[arg(long, default_value = "1G", value_parser = millrace::util::parse_count)]
     mem_budget: u64,
     /// Abort, writing nothing, once more than N lines are bad (default: never).
     #[arg(long, value_name = "N")]
@@ -71,7 +71,7 @@ pub struct TokenizeArgs {
     #[arg(long)]
     tmp_dir: Option<PathBuf>,
     /// Skip (as bad, never reading them whole) lines longer than this many bytes (e.g. 8M).
-    #[arg(long, default_value_t = tokenize::DEFAULT_MAX_LINE_BYTES, value_parser = synth::parse_count)]
+    #[arg(long, default_value_t = tokenize::DEFAULT_MAX_LINE_BYTES, value_parser = millrace::util::parse_count)]
     max_line_bytes: u64,
     /// No progress bar.
     #[arg(long)]

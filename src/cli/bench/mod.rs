@@ -55,7 +55,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Tokens of the synthetic corpus, when one has to be written.
-    #[arg(long, default_value = "2e8", value_parser = millrace::synth::parse_count)]
+    #[arg(long, default_value = "2e8", value_parser = millrace::util::parse_count)]
     pub tokens: u64,
     /// Inputs per row.
     #[arg(long, default_value_t = 4096)]
@@ -93,7 +93,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub latency_repeat: u32,
     /// Bytes of shard files the disk and mmap references read.
-    #[arg(long, default_value = "1e9", value_parser = millrace::synth::parse_count)]
+    #[arg(long, default_value = "1e9", value_parser = millrace::util::parse_count)]
     pub ref_bytes: u64,
     /// Skip the Python baseline.
     #[arg(long)]

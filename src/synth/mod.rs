@@ -18,7 +18,6 @@
 //! written, reading as zeros), and every length is multiplied by a scale so that such a
 //! corpus holds ~10^8 documents in a few GB of disk.
 
-use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,6 +31,8 @@ use serde::Serialize;
 
 use crate::corpus::{megatron::with_suffix, CorpusError, DType, MegatronWriter, Result};
 use crate::plan::permute::splitmix64;
+
+mod config;
 
 /// Token id that ends every synthetic document (as Megatron's `--append-eod` does).
 pub const EOD: u32 = 2;
@@ -544,7 +545,7 @@ fn write(opts: &SynthOptions, mode: Mode) -> Result<SynthSummary> {
         })
         .collect();
     let config = opts.out.join("millrace.toml");
-    let text = config_text(opts, mode, &specs);
+    let text = config::config_text(opts, mode, &specs);
     std::fs::write(&config, text).map_err(|e| CorpusError::io(&config, "write", e))?;
     Ok(SynthSummary {
         tokens: domains.iter().map(|d| d.tokens).sum(),
@@ -612,85 +613,6 @@ fn report_progress(done: &AtomicU64, total: u64, started: Instant, finished: imp
     }
 }
 
-/// The ready-to-use config: relative paths, so the corpus directory can move.
-fn config_text(opts: &SynthOptions, mode: Mode, specs: &[DomainSpec]) -> String {
-    let mut t = String::new();
-    let sparse = match mode {
-        Mode::Dense => String::new(),
-        Mode::Sparse(s) => format!(" --sparse --length-scale {}", s.length_scale),
-    };
-    let _ = writeln!(
-        t,
-        "# Written by `millrace synth --tokens {} --domains {} --seed {} --vocab {} --dtype {}{sparse}`.",
-        opts.tokens, opts.domains, opts.seed, opts.vocab, opts.dtype
-    );
-    let _ = writeln!(t, "# Shard paths are relative to this file. See config/millrace.example.toml for every option.\n");
-    let _ = writeln!(t, "[corpus]");
-    for s in specs {
-        let _ = writeln!(
-            t,
-            "\n[[corpus.domain]]\nname = \"{}\"\nshards = [\"{}\"]",
-            s.name, s.name
-        );
-        if matches!(s.kind, Kind::Code | Kind::Books) {
-            let _ = writeln!(
-                t,
-                "# {}/{}-NNNNN.groups.npy sidecars name each document's {}",
-                s.name,
-                s.name,
-                if s.kind == Kind::Code {
-                    "repository"
-                } else {
-                    "book"
-                }
-            );
-        }
-    }
-    let share_sum: f64 = specs.iter().map(|s| s.share).sum();
-    // Sparse tokens read as zeros, so no document ends with EOD: the config names none
-    // (an eod_token would make `millrace plan` read and warn about every document).
-    let eod = match mode {
-        Mode::Dense => format!("eod_token = {EOD}\n"),
-        Mode::Sparse(_) => "# eod_token: none, the sparse .bin files read as zeros\n".into(),
-    };
-    let _ = writeln!(t, "\n[plan]\nseed = {}\nseq_len = 4096\nglobal_batch_rows = 256\npacking = \"best_fit\"\n{eod}pad_token = {PAD}\nvocab_size = {}", opts.seed, opts.vocab);
-    let weights: Vec<String> = specs
-        .iter()
-        .map(|s| format!("{} = {:.4}", s.name, s.share / share_sum))
-        .collect();
-    let _ = writeln!(
-        t,
-        "\n[[plan.schedule]]\nstep = 0\nweights = {{ {} }}",
-        weights.join(", ")
-    );
-    t
-}
-
-/// Parses counts such as `1e9`, `2.5e8`, `10G`, `500M`, `1_000_000`.
-pub fn parse_count(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim().replace('_', "");
-    let (num, mul) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1e3),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1e6),
-        Some('G' | 'g' | 'B' | 'b') => (&t[..t.len() - 1], 1e9),
-        Some('T' | 't') => (&t[..t.len() - 1], 1e12),
-        _ => (t.as_str(), 1.0),
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return (mul as u64)
-            .checked_mul(n)
-            .ok_or_else(|| format!("{s:?} is too large"));
-    }
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a count (try 1e9, 500M, 10G)"))?;
-    let v = v * mul;
-    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) || v.fract() != 0.0 {
-        return Err(format!("{s:?} is not a whole, non-negative count"));
-    }
-    Ok(v as u64)
-}
-
 /// The path of `domain`'s shard `shard` under `out`, as [`synth`] names it.
 pub fn shard_prefix(out: &Path, domain: &str, shard: usize) -> PathBuf {
     out.join(domain).join(format!("{domain}-{shard:05}"))
@@ -705,17 +627,6 @@ mod tests {
     #[test]
     fn document_key_is_pinned() {
         assert_eq!(key(&[1, 2, 3, 4]), 0x5e8b_d0d4_de36_3548);
-    }
-
-    #[test]
-    fn counts_parse() {
-        assert_eq!(parse_count("1e9"), Ok(1_000_000_000));
-        assert_eq!(parse_count("2.5e3"), Ok(2500));
-        assert_eq!(parse_count("10G"), Ok(10_000_000_000));
-        assert_eq!(parse_count("1_000"), Ok(1000));
-        assert!(parse_count("1.5").is_err());
-        assert!(parse_count("-3").is_err());
-        assert!(parse_count("abc").is_err());
     }
 
     #[test]
