@@ -463,23 +463,31 @@ impl MegatronShard {
         Ok((a as u64, b as u64))
     }
 
-    /// Length of document `doc` for a hot loop over a validated shard: one read when every
-    /// document is one sequence, else [`Self::doc_len`]. Out-of-range or corrupt entries
-    /// read as 0 rather than failing (validation has already proven there are none).
+    /// Length of document `doc` for the planner's hot loop: one read once
+    /// [`Self::validate`] proved every document is one contiguous sequence, else
+    /// [`Self::doc_len_checked`] (a shard not validated yet: the daemon validates in the
+    /// background after READY, docs/DESIGN.md).
     #[inline]
-    pub fn doc_len_validated(&self, doc: u64) -> u64 {
+    pub fn doc_len_validated(&self, doc: u64) -> Result<u64> {
         if self
             .one_seq_per_doc
             .load(std::sync::atomic::Ordering::Relaxed)
             && doc < self.sequences
         {
             let at = self.lengths_at + 4 * doc as usize;
-            return match self.idx.get(at..at + 4) {
-                Some(b) => i32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(0) as u64,
-                None => 0,
-            };
+            if let Some(b) = self.idx.get(at..at + 4) {
+                return Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(0) as u64);
+            }
         }
-        self.doc_len(doc).unwrap_or(0)
+        self.doc_len_checked(doc)
+    }
+
+    /// Length in tokens of document `doc`, checked as a read of its tokens would be: its
+    /// sequences are contiguous and inside the `.bin`. So a length from a shard that was
+    /// never validated is never more than the tokens that exist.
+    pub fn doc_len_checked(&self, doc: u64) -> Result<u64> {
+        let (start, end) = self.doc_bytes(doc)?;
+        Ok(((end - start) / self.dtype.size() as i128) as u64)
     }
 
     /// Length in tokens of document `doc`: the sum of its sequences' lengths.
@@ -496,6 +504,40 @@ impl MegatronShard {
             total += len as u64;
         }
         Ok(total)
+    }
+
+    /// The byte range `[start, end)` of document `doc` in the `.bin`, checked: its
+    /// sequences are contiguous, inside the `.bin` and aligned to the item size. Touches
+    /// only the document's own index entries, never the `.bin`.
+    fn doc_bytes(&self, doc: u64) -> Result<(i128, i128)> {
+        let (a, b) = self.doc_sequences(doc)?;
+        if a == b {
+            // A document of zero sequences: valid, and empty.
+            return Ok((0, 0));
+        }
+        let size = self.dtype.size() as i128;
+        let start = self.pointer(a);
+        let mut end = i128::from(start);
+        for i in a..b {
+            if i128::from(self.pointer(i)) != end {
+                return Err(self.bad_idx(format!(
+                    "document {doc}: sequence {i} pointer is {}, expected {end} \
+                     (sequences must be contiguous in the bin)",
+                    self.pointer(i)
+                )));
+            }
+            end = self.sequence_end(i)?;
+        }
+        let start = i128::from(start);
+        if start < 0 || end > i128::from(self.bin_len) || start % size != 0 {
+            return Err(self.bad_idx(format!(
+                "document {doc}: bytes {start}..{end} fall outside the {}-byte bin \
+                 or are not aligned to the {}-byte item size",
+                self.bin_len,
+                self.dtype.size()
+            )));
+        }
+        Ok((start, end))
     }
 
     /// The tokens of document `doc`, borrowed from the `.bin` mapping.
@@ -521,37 +563,10 @@ impl MegatronShard {
                 return Ok(t);
             }
         }
-        let (a, b) = self.doc_sequences(doc)?;
-        let size = self.dtype.size() as i128;
-        if a == b {
-            // A document of zero sequences: valid, and empty.
-            return Tokens::from_bytes(self.dtype, &[])
-                .ok_or_else(|| self.bad_idx(format!("document {doc}: empty")));
-        }
-        let start = self.pointer(a);
-        let mut end = i128::from(start);
-        for i in a..b {
-            if i128::from(self.pointer(i)) != end {
-                return Err(self.bad_idx(format!(
-                    "document {doc}: sequence {i} pointer is {}, expected {end} \
-                     (sequences must be contiguous in the bin)",
-                    self.pointer(i)
-                )));
-            }
-            end = self.sequence_end(i)?;
-        }
-        let start = i128::from(start);
-        if start < 0 || end > i128::from(self.bin_len) || start % size != 0 {
-            return Err(self.bad_idx(format!(
-                "document {doc}: bytes {start}..{end} fall outside the {}-byte bin \
-                 or are not aligned to the {}-byte item size",
-                self.bin_len,
-                self.dtype.size()
-            )));
-        }
+        let (start, end) = self.doc_bytes(doc)?;
         let bytes = match &self.bin {
-            Some(map) => &map[start as usize..end as usize],
-            None => &[][..],
+            Some(map) if end > start => &map[start as usize..end as usize],
+            _ => &[][..],
         };
         Tokens::from_bytes(self.dtype, bytes).ok_or_else(|| {
             self.bad_idx(format!(
