@@ -95,8 +95,9 @@ impl IdentityCache {
     /// created, identities are computed at every start, as before the cache existed.
     pub fn new(dir: Option<&Path>) -> IdentityCache {
         let base = dir.map(Path::to_path_buf).or_else(default_dir);
-        let dir = base.map(|b| b.join("identity")).filter(|d| {
-            match std::fs::create_dir_all(d) {
+        let dir = base
+            .map(|b| b.join("identity"))
+            .filter(|d| match std::fs::create_dir_all(d) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(
@@ -106,8 +107,7 @@ impl IdentityCache {
                     );
                     false
                 }
-            }
-        });
+            });
         IdentityCache { dir }
     }
 
@@ -146,7 +146,10 @@ impl IdentityCache {
             Err(e) => return Err(Miss::Unreadable(format!("{}: {e}", path.display()))),
         };
         let entry: Entry = serde_json::from_slice(&text).map_err(|e| {
-            Miss::Unreadable(format!("{}: not an identity cache entry: {e}", path.display()))
+            Miss::Unreadable(format!(
+                "{}: not an identity cache entry: {e}",
+                path.display()
+            ))
         })?;
         if entry.format != FORMAT || entry.version != VERSION {
             return Err(Miss::Unreadable(format!(
@@ -202,7 +205,11 @@ impl IdentityCache {
 
 /// `$XDG_CACHE_HOME/millrace`, else `$HOME/.cache/millrace`.
 fn default_dir() -> Option<PathBuf> {
-    let nonempty = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from);
+    let nonempty = |v: &str| {
+        std::env::var_os(v)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    };
     nonempty("XDG_CACHE_HOME")
         .or_else(|| nonempty("HOME").map(|h| h.join(".cache")))
         .map(|c| c.join("millrace"))
@@ -217,7 +224,11 @@ fn shard_name(shard: &Shard) -> String {
 }
 
 fn keys(shard: &Shard) -> Vec<FileKey> {
-    shard.stamps.iter().map(|(p, s)| FileKey::of(p, s)).collect()
+    shard
+        .stamps
+        .iter()
+        .map(|(p, s)| FileKey::of(p, s))
+        .collect()
 }
 
 /// The bytes the identity hashes: the `.idx`, or a raw shard's token file (its boundaries

@@ -283,21 +283,32 @@ impl MegatronShard {
             let ptr = self.pointer(i);
             if i128::from(ptr) != expected {
                 return self.bad_idx(format!(
-                    "sequence {i} pointer is {ptr}, expected {expected} \
+                    "{}sequence {i} pointer is {ptr}, expected {expected} \
                      (sequences must be contiguous in the bin; pointer at byte {})",
+                    self.document_of(i),
                     self.pointers_at as u64 + 8 * i
                 ));
             }
             let len = self.sequence_length(i);
             if len < 0 {
                 return self.bad_idx(format!(
-                    "sequence {i} has negative length {len} (byte {})",
+                    "{}sequence {i} has negative length {len} (byte {})",
+                    self.document_of(i),
                     self.lengths_at as u64 + 4 * i
                 ));
             }
             expected += i128::from(len) * size;
         }
         self.bad_idx("sequence lengths and pointers disagree".into())
+    }
+
+    /// "document d: " for the document that holds sequence `i`, when document_indices
+    /// says (an error message names the document an operator can look up); else "".
+    fn document_of(&self, i: u64) -> String {
+        let i = i as i64;
+        (0..self.documents())
+            .find(|&d| self.doc_index(d) <= i && i < self.doc_index(d + 1))
+            .map_or(String::new(), |d| format!("document {d}: "))
     }
 
     /// The slow walk that names the first bad document_indices entry.
