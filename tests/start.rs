@@ -239,3 +239,42 @@ fn a_corrupt_shard_starts_and_fails_its_first_read_naming_shard_and_document() {
     h.job = "y".into();
     Client::connect(&socket, &h).unwrap_or_else(|e| panic!("{e}\n{}", serve.log_text()));
 }
+
+/// What the planner reads from a shard that passed open() but not validation: every
+/// length is checked as a read of the document would be, a bad one reads as 0 (never
+/// more than the tokens that exist, never a panic) and poisons the shard naming the
+/// document.
+#[test]
+fn the_planner_never_reads_an_unvalidated_index_out_of_bounds() {
+    use millrace::plan::DocSource;
+    let code = common::CODES[3]; // int32
+    let docs: Vec<common::Doc> = (0..8)
+        .map(|d| vec![vec![d; 3 + d as usize], vec![1; 2]])
+        .collect();
+    let corruptions: [(&str, fn(&mut common::Index)); 4] = [
+        ("pointer past the end", |i| i.pointers[5] = 10_000),
+        ("negative length", |i| i.lengths[6] = -4),
+        ("decreasing document_indices", |i| i.doc_indices[3] = 1),
+        ("misaligned pointer", |i| i.pointers[8] += 1),
+    ];
+    for (what, corrupt) in corruptions {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("s");
+        let (mut index, bin) = common::build(code, &docs);
+        corrupt(&mut index);
+        common::write(&prefix, &index, &bin);
+        let shard = Shard::open(&prefix, None).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(shard.validate().is_err(), "{what}");
+        let total: u64 = (0..shard.documents())
+            .map(|d| DocSource::doc_len(&shard, d))
+            .inspect(|&l| assert!(l <= shard.tokens(), "{what}: length {l}"))
+            .sum();
+        let why = shard
+            .poisoned()
+            .unwrap_or_else(|| panic!("{what}: not poisoned (lengths sum to {total})"));
+        assert!(
+            why.contains("s.idx") && why.contains("document "),
+            "{what}: {why}"
+        );
+    }
+}

@@ -537,7 +537,14 @@ impl MegatronShard {
                     self.pointer(i)
                 )));
             }
-            end = self.sequence_end(i)?;
+            // Its message names the sequence; the reader of a document wants the document.
+            end = self.sequence_end(i).map_err(|e| match e {
+                CorpusError::Invalid { path, what } => CorpusError::Invalid {
+                    path,
+                    what: format!("document {doc}: {what}"),
+                },
+                e => e,
+            })?;
         }
         let start = i128::from(start);
         if start < 0 || end > i128::from(self.bin_len) || start % size != 0 {
