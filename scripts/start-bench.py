@@ -3,9 +3,9 @@
 
 Usage: scripts/start-bench.py CONFIG REPS NAME=BINARY [NAME=BINARY ...]
 
-For each binary, in alternation, REPS times: `millrace plan --steps 1` (spawn to exit),
-and `millrace serve` spawn to first batch (the socket polled every 0.5 ms, then
-`millrace consume --steps 1`). "warm": corpus files in the page cache; "cold": every
+For each binary, in alternation, REPS times: `millrace serve` spawn to accepting (the
+socket polled every 0.5 ms) and to first batch (then `millrace consume --steps 1`).
+(`millrace plan` is not timed: its EOD check reads a page of `.bin` per document.) "warm": corpus files in the page cache; "cold": every
 .idx/.bin/.npy of the corpus evicted first with posix_fadvise(DONTNEED) (this corpus
 only, not the whole page cache). Prints medians and min-max in ms.
 """
@@ -26,13 +26,6 @@ def evict(root):
                 os.fdatasync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.close(fd)
-
-
-def plan_time(binary, config):
-    t0 = time.perf_counter()
-    subprocess.run([binary, "plan", "--config", config, "--steps", "1"],
-                   check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
 
 
 def serve_time(binary, config, sock):
@@ -70,14 +63,12 @@ def main():
     root = os.path.dirname(os.path.abspath(config))
     res = {}
     for mode in ("warm", "cold"):
+        if mode == "warm":
+            for _, b in bins:
+                serve_time(b, config, sock)  # page the indexes in, write the cache
         for _ in range(reps):
             for name, b in bins:
-                r = res.setdefault((mode, name), {"plan": [], "listen": [], "first": []})
-                if mode == "cold":
-                    evict(root)
-                else:
-                    plan_time(b, config)  # page everything in
-                r["plan"].append(plan_time(b, config))
+                r = res.setdefault((mode, name), {"listen": [], "first": []})
                 if mode == "cold":
                     evict(root)
                 listen, first = serve_time(b, config, sock)
@@ -85,7 +76,7 @@ def main():
                 r["first"].append(first)
     for (mode, name), r in res.items():
         cells = []
-        for k in ("plan", "listen", "first"):
+        for k in ("listen", "first"):
             v = [x * 1000 for x in r[k]]
             cells.append(f"{k} {statistics.median(v):.0f} ms ({min(v):.0f}-{max(v):.0f})")
         print(f"{mode:5} {name:8} " + " | ".join(cells))

@@ -490,7 +490,35 @@ impl MegatronShard {
                 return Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(0) as u64);
             }
         }
-        self.doc_len_checked(doc)
+        match self.one_sequence_len(doc) {
+            Some(len) => Ok(len),
+            None => self.doc_len_checked(doc),
+        }
+    }
+
+    /// The length of document `doc` when it is exactly sequence `doc` (the common layout),
+    /// with the checks of [`Self::doc_len_checked`] in their cheapest form (no error to
+    /// build): its two document_indices entries are `doc` and `doc + 1`, and its bytes are
+    /// aligned and inside the `.bin`. `None` sends the caller to the general check, which
+    /// names what is wrong.
+    #[inline]
+    fn one_sequence_len(&self, doc: u64) -> Option<u64> {
+        if self.sequences != self.documents() || doc >= self.sequences {
+            return None;
+        }
+        let d = doc as usize;
+        let di = self.idx.get(self.doc_index_at + 8 * d..self.doc_index_at + 8 * d + 16)?;
+        let first = i64::from_le_bytes(di[..8].try_into().ok()?);
+        let end = i64::from_le_bytes(di[8..].try_into().ok()?);
+        if first != doc as i64 || end != doc as i64 + 1 {
+            return None;
+        }
+        let len = self.sequence_length(doc);
+        let ptr = self.pointer(doc);
+        let size = self.dtype.size() as u64;
+        let (len, ptr) = (u64::try_from(len).ok()?, u64::try_from(ptr).ok()?);
+        let stop = ptr.checked_add(len.checked_mul(size)?)?;
+        (stop <= self.bin_len && ptr % size == 0).then_some(len)
     }
 
     /// Length in tokens of document `doc`, checked as a read of its tokens would be: its
