@@ -32,8 +32,10 @@ pub struct IdentityCache {
     dir: Option<PathBuf>,
 }
 
-/// One file behind a shard as an entry records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One file behind a shard as an entry records it. Only the stamps are compared (see
+/// [`FileKey::same_file_state`]): `path` is for people reading the entry, and differs
+/// when a start resolves the shard from another working directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct FileKey {
     path: PathBuf,
     dev: u64,
@@ -54,6 +56,17 @@ impl FileKey {
             mtime_ns: s.mtime_ns.to_string(),
             ctime_ns: s.ctime_ns.to_string(),
         }
+    }
+
+    /// Same device, inode, size, mtime and ctime.
+    fn same_file_state(&self, o: &FileKey) -> bool {
+        (
+            self.dev,
+            self.ino,
+            self.size,
+            &self.mtime_ns,
+            &self.ctime_ns,
+        ) == (o.dev, o.ino, o.size, &o.mtime_ns, &o.ctime_ns)
     }
 }
 
@@ -159,7 +172,14 @@ impl IdentityCache {
                 entry.version
             )));
         }
-        if entry.files != keys(shard) || entry.identity.name != shard_name(shard) {
+        let now = keys(shard);
+        let same = entry.files.len() == now.len()
+            && entry
+                .files
+                .iter()
+                .zip(&now)
+                .all(|(a, b)| a.same_file_state(b));
+        if !same || entry.identity.name != shard_name(shard) {
             return Err(Miss::Stale);
         }
         match sample_with(shard, &entry.sample.offsets) {

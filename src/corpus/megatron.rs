@@ -507,7 +507,9 @@ impl MegatronShard {
             return None;
         }
         let d = doc as usize;
-        let di = self.idx.get(self.doc_index_at + 8 * d..self.doc_index_at + 8 * d + 16)?;
+        let di = self
+            .idx
+            .get(self.doc_index_at + 8 * d..self.doc_index_at + 8 * d + 16)?;
         let first = i64::from_le_bytes(di[..8].try_into().ok()?);
         let end = i64::from_le_bytes(di[8..].try_into().ok()?);
         if first != doc as i64 || end != doc as i64 + 1 {
