@@ -251,7 +251,8 @@ fn the_planner_never_reads_an_unvalidated_index_out_of_bounds() {
     let docs: Vec<common::Doc> = (0..8)
         .map(|d| vec![vec![d; 3 + d as usize], vec![1; 2]])
         .collect();
-    let corruptions: [(&str, fn(&mut common::Index)); 4] = [
+    type Corrupt = fn(&mut common::Index);
+    let corruptions: [(&str, Corrupt); 4] = [
         ("pointer past the end", |i| i.pointers[5] = 10_000),
         ("negative length", |i| i.lengths[6] = -4),
         ("decreasing document_indices", |i| i.doc_indices[3] = 1),
