@@ -198,6 +198,22 @@ fn corrupt_first_shard(dir: &Path) -> PathBuf {
     idx
 }
 
+/// Reads as job "x" from step 0 until the daemon sends an ERROR (2,000 steps at most)
+/// and returns its code and message.
+fn first_error(serve: &common::Serve, socket: &Path) -> (String, String) {
+    let mut h = Hello::new(0, 1, 4, 1);
+    h.job = "x".into();
+    let mut c = Client::connect(socket, &h).unwrap_or_else(|e| panic!("{e}\n{}", serve.log_text()));
+    c.set_timeout(Some(Duration::from_secs(20)));
+    (0..2000)
+        .find_map(|_| match c.next_batch() {
+            Ok(_) => None,
+            Err(ClientError::Daemon { code, message }) => Some((code, message)),
+            Err(e) => panic!("expected an ERROR frame, got {e}"),
+        })
+        .expect("an ERROR within 2000 steps")
+}
+
 #[test]
 fn check_config_still_refuses_a_corrupt_shard() {
     let (corpus, config, _) = fixture();
@@ -219,21 +235,21 @@ fn a_corrupt_shard_starts_and_fails_its_first_read_naming_shard_and_document() {
     let idx = corrupt_first_shard(&corpus.dir);
     let socket = corpus.dir.join("d.sock");
     let serve = common::Serve::start(&config, &socket, &corpus.dir.join("d.log"));
-    let mut h = Hello::new(0, 1, 4, 1);
-    h.job = "x".into();
-    let mut c =
-        Client::connect(&socket, &h).unwrap_or_else(|e| panic!("{e}\n{}", serve.log_text()));
-    c.set_timeout(Some(Duration::from_secs(20)));
-    let (code, message) = (0..2000)
-        .find_map(|_| match c.next_batch() {
-            Ok(_) => None,
-            Err(ClientError::Daemon { code, message }) => Some((code, message)),
-            Err(e) => panic!("expected an ERROR frame, got {e}"),
-        })
-        .expect("an ERROR within 2000 steps");
+    let (code, message) = first_error(&serve, &socket);
     assert_eq!(code, "materialize", "{message}");
     assert!(message.contains(idx.to_str().unwrap()), "{message}");
     assert!(message.contains("document "), "{message}");
+    // The background validation counts it, and the log names it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !serve.log_text().contains("corrupt=1") {
+        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        serve.log_text().contains("the shard is poisoned"),
+        "{}",
+        serve.log_text()
+    );
     // The daemon is still up and serving: a new job connects.
     let mut h = Hello::new(0, 1, 4, 1);
     h.job = "y".into();
@@ -278,4 +294,47 @@ fn the_planner_never_reads_an_unvalidated_index_out_of_bounds() {
             "{what}: {why}"
         );
     }
+}
+
+/// What only the full pass sees (documents whose bytes overlap: each is in bounds on its
+/// own) is found by the daemon's background validation after READY, which poisons the
+/// shard: the rings that read it stop naming it.
+#[test]
+fn the_background_validation_poisons_what_only_the_full_pass_sees() {
+    let (corpus, config, _) = fixture();
+    let prefix = first_prefix(&corpus.dir);
+    let idx = common::with(&prefix, "idx");
+    let mut bytes = std::fs::read(&idx).unwrap();
+    let n = u64::from_le_bytes(bytes[18..26].try_into().unwrap()) as usize;
+    let pointers_at = 34 + 4 * n;
+    // Document 2 starts where document 1 does (and is no longer than it).
+    let len =
+        |b: &[u8], i: usize| i32::from_le_bytes(b[34 + 4 * i..38 + 4 * i].try_into().unwrap());
+    let i = (2..n - 1)
+        .find(|&i| len(&bytes, i) <= len(&bytes, i - 1))
+        .unwrap();
+    let prev = bytes[pointers_at + 8 * (i - 1)..pointers_at + 8 * i].to_vec();
+    bytes[pointers_at + 8 * i..pointers_at + 8 * i + 8].copy_from_slice(&prev);
+    std::fs::write(&idx, &bytes).unwrap();
+    let s = Shard::open(&prefix, None).unwrap();
+    assert!(
+        s.doc_tokens(i as u64).is_ok(),
+        "each document is in bounds on its own"
+    );
+    assert!(s.validate().is_err());
+    drop(s);
+
+    let socket = corpus.dir.join("d.sock");
+    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("d.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !serve
+        .log_text()
+        .contains("found by the background validation")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, message) = first_error(&serve, &socket);
+    assert!(message.contains(idx.to_str().unwrap()), "{message}");
+    assert!(message.contains("poisoned"), "{message}");
 }

@@ -290,7 +290,11 @@ impl Shard {
             Body::Raw(r) => r.doc_len(doc),
         };
         len.unwrap_or_else(|e| {
-            self.poison(format!("{e} (found while planning; the shard is poisoned)"));
+            let why = format!("{e} (found while planning; the shard is poisoned)");
+            if self.poisoned.set(why.clone()).is_ok() {
+                // Once per shard: the rings that read it will say it again, by name.
+                tracing::error!("{why}");
+            }
             0
         })
     }

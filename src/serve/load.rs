@@ -131,6 +131,10 @@ pub(super) fn validate_in_background(
             let t0 = std::time::Instant::now();
             let mut bad = 0usize;
             for shard in &shards {
+                if shard.poisoned().is_some() {
+                    bad += 1; // already found (while planning) and logged
+                    continue;
+                }
                 if let Some(why) = validate_one(shard) {
                     error!(
                         "{why}; the shard is poisoned: rings that read it stop with \
@@ -152,9 +156,6 @@ pub(super) fn validate_in_background(
 /// Why `shard` must not be served, if its full validation fails (or faults: the file
 /// shrank under the mapping), guarded as every daemon read of a mapping is.
 fn validate_one(shard: &Shard) -> Option<String> {
-    if shard.poisoned().is_some() {
-        return None;
-    }
     let guard = crate::corpus::guard::enter();
     let _ = crate::corpus::guard::take_fault();
     let checked = shard.validate();
