@@ -338,3 +338,34 @@ fn the_background_validation_poisons_what_only_the_full_pass_sees() {
     assert!(message.contains(idx.to_str().unwrap()), "{message}");
     assert!(message.contains("poisoned"), "{message}");
 }
+
+/// A raw file's documents depend on the EOS id it is split on: the same bytes read with
+/// another EOS are another corpus, and must not get the cached identity.
+#[test]
+fn a_raw_file_read_with_another_eos_is_recomputed() {
+    use millrace::corpus::{DType, RawOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.u16");
+    let tokens: Vec<u8> = [5u16, 1, 7, 2, 9, 9, 1, 3, 2, 4, 1]
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    std::fs::write(&file, tokens).unwrap();
+    let cache = IdentityCache::new(Some(&dir.path().join("cache")));
+    let open = |eos| {
+        let opts = RawOptions {
+            dtype: DType::Uint16,
+            eos,
+            cache_dir: Some(dir.path().join("cache")),
+        };
+        Shard::open(&file, Some(&opts)).unwrap()
+    };
+    let one = open(1);
+    let id1 = cache.identity(&one).unwrap();
+    assert_eq!(cache.lookup(&one), Ok(id1.clone()));
+    let two = open(2);
+    assert_eq!(cache.lookup(&two), Err(Miss::Stale));
+    let id2 = cache.identity(&two).unwrap();
+    assert_eq!(id2, two.identity().unwrap());
+    assert_ne!(id2.index_hash, id1.index_hash);
+}

@@ -84,6 +84,9 @@ struct Sample {
 struct Entry {
     format: String,
     version: u32,
+    /// How the shard is read, where that changes its documents: a raw file's dtype and
+    /// EOS id (the same bytes split on another id are another corpus); empty for Megatron.
+    reader: String,
     files: Vec<FileKey>,
     sample: Sample,
     identity: ShardIdentity,
@@ -122,11 +125,6 @@ impl IdentityCache {
                 }
             });
         IdentityCache { dir }
-    }
-
-    /// No cache: every identity is computed (for `check-config`-style full checks and tests).
-    pub fn disabled() -> IdentityCache {
-        IdentityCache { dir: None }
     }
 
     /// The directory entries are written to, if any.
@@ -179,7 +177,16 @@ impl IdentityCache {
                 .iter()
                 .zip(&now)
                 .all(|(a, b)| a.same_file_state(b));
-        if !same || entry.identity.name != shard_name(shard) {
+        let id = &entry.identity;
+        let shape = (&id.name, id.format, id.dtype, id.documents, id.tokens);
+        let now_shape = (
+            &shard_name(shard),
+            shard.format(),
+            shard.dtype(),
+            shard.documents(),
+            shard.tokens(),
+        );
+        if !same || entry.reader != reader(shard) || shape != now_shape {
             return Err(Miss::Stale);
         }
         match sample_with(shard, &entry.sample.offsets) {
@@ -197,6 +204,7 @@ impl IdentityCache {
         let entry = Entry {
             format: FORMAT.into(),
             version: VERSION,
+            reader: reader(shard),
             files: keys(shard),
             sample: sample(shard),
             identity: id.clone(),
@@ -241,6 +249,14 @@ fn shard_name(shard: &Shard) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// The entry's `reader` for `shard`.
+fn reader(shard: &Shard) -> String {
+    match shard.as_raw() {
+        Some(r) => format!("raw {} eos {}", r.dtype(), r.eos()),
+        None => String::new(),
+    }
 }
 
 fn keys(shard: &Shard) -> Vec<FileKey> {
