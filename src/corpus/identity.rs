@@ -209,7 +209,10 @@ impl IdentityCache {
             sample: sample(shard),
             identity: id.clone(),
         };
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        // Unique per process and call: a shard listed twice is stored by two threads.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
         let written = serde_json::to_vec(&entry)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::write(&tmp, bytes))
