@@ -4,7 +4,8 @@
 //! This is the first stop of a token's trip to the GPU. A [`Shard`] is either a
 //! Megatron `.idx`/`.bin` pair ([`megatron`]) or a raw token array ([`raw`]), with an
 //! optional group sidecar ([`groups`]). [`resolve`] turns what a user typed (a prefix, a
-//! directory, a glob) into shard paths, and [`Shard::open`] maps them.
+//! directory, a glob) into shard paths, and [`Shard::open`] maps them. [`writer`] writes
+//! Megatron shards; [`identity`] remembers each shard's content identity between starts.
 //!
 //! Shards should be immutable while mapped (replace them by writing new files and
 //! renaming). What happens when one is not: a read past a truncated end is caught by
@@ -18,6 +19,7 @@ pub mod identity;
 pub mod megatron;
 pub mod raw;
 pub mod tokens;
+pub mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
