@@ -463,12 +463,35 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Opens and validates every shard, identifies the corpus by content, and builds the
-    /// plan. This is the I/O edge in front of the pure planner. Shards are opened,
-    /// validated and hashed on all cores; the results are combined in config order, so
-    /// the manifest never depends on which thread finished first.
+    /// Opens every shard, identifies the corpus by content, and builds the plan: what
+    /// `serve`, `plan` and `explain` do at start. Time and memory grow with shards, not
+    /// documents: each shard gets its O(1) open checks and an identity from the cache
+    /// ([`corpus::IdentityCache`]); the full pass over each index is left to
+    /// [`Self::load_plan_validated`] (`check-config`) and to the daemon's background check,
+    /// while every read re-checks the document it reads (docs/DESIGN.md).
     pub fn load_plan(&self) -> Result<LoadedPlan, ConfigError> {
+        self.load_plan_with(false)
+    }
+
+    /// [`Self::load_plan`] with the full linear validation of every index and identities
+    /// computed in full (and written to the cache, so the next start finds them): what
+    /// `check-config` runs, so a corrupt shard is reported before a start.
+    pub fn load_plan_validated(&self) -> Result<LoadedPlan, ConfigError> {
+        self.load_plan_with(true)
+    }
+
+    /// The identity cache this config uses: `[corpus] cache_dir`, else the per-user one.
+    pub fn identity_cache(&self) -> corpus::IdentityCache {
+        let dir = self.corpus.cache_dir.as_ref().map(|c| self.resolve_path(c));
+        corpus::IdentityCache::new(dir.as_deref())
+    }
+
+    /// This is the I/O edge in front of the pure planner. Shards are opened (and, when
+    /// `validate`, checked in full) on all cores; the results are combined in config
+    /// order, so the manifest never depends on which thread finished first.
+    fn load_plan_with(&self, validate: bool) -> Result<LoadedPlan, ConfigError> {
         let cfg = self.plan_config()?;
+        let cache = self.identity_cache();
         let opened = par_map(&self.shard_paths()?, |(d, path)| {
             let domain = &self.corpus.domains[*d];
             let wrap = |source| ConfigError::Corpus {
@@ -476,8 +499,14 @@ impl Config {
                 source,
             };
             let shard = Shard::open(path, self.raw_options(domain).as_ref()).map_err(wrap)?;
-            shard.validate().map_err(wrap)?;
-            let id = shard.identity().map_err(wrap)?;
+            let id = if validate {
+                shard.validate().map_err(wrap)?;
+                let id = shard.identity().map_err(wrap)?;
+                cache.store(&shard, &id);
+                id
+            } else {
+                cache.identity(&shard).map_err(wrap)?
+            };
             Ok((*d, (shard, serde_json::to_string(&id).unwrap_or_default())))
         });
         let corpus = self.group_by_domain(opened)?;

@@ -22,8 +22,6 @@
 //! every pointer, and every per-document accessor re-checks the few sequences it touches,
 //! so nothing ever reads outside the mapping even for a shard that was never validated.
 
-use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -31,6 +29,8 @@ use memmap2::Mmap;
 use super::error::{CorpusError, Result};
 use super::tokens::{DType, Tokens};
 use super::{le_i32, le_i64, le_u64, map_file};
+
+pub use super::writer::MegatronWriter;
 
 /// The 9-byte magic every Megatron `.idx` starts with.
 pub const MAGIC: &[u8; 9] = b"MMIDIDX\x00\x00";
@@ -283,21 +283,32 @@ impl MegatronShard {
             let ptr = self.pointer(i);
             if i128::from(ptr) != expected {
                 return self.bad_idx(format!(
-                    "sequence {i} pointer is {ptr}, expected {expected} \
+                    "{}sequence {i} pointer is {ptr}, expected {expected} \
                      (sequences must be contiguous in the bin; pointer at byte {})",
+                    self.document_of(i),
                     self.pointers_at as u64 + 8 * i
                 ));
             }
             let len = self.sequence_length(i);
             if len < 0 {
                 return self.bad_idx(format!(
-                    "sequence {i} has negative length {len} (byte {})",
+                    "{}sequence {i} has negative length {len} (byte {})",
+                    self.document_of(i),
                     self.lengths_at as u64 + 4 * i
                 ));
             }
             expected += i128::from(len) * size;
         }
         self.bad_idx("sequence lengths and pointers disagree".into())
+    }
+
+    /// "document d: " for the document that holds sequence `i`, when document_indices
+    /// says (an error message names the document an operator can look up); else "".
+    fn document_of(&self, i: u64) -> String {
+        let i = i as i64;
+        (0..self.documents())
+            .find(|&d| self.doc_index(d) <= i && i < self.doc_index(d + 1))
+            .map_or(String::new(), |d| format!("document {d}: "))
     }
 
     /// The slow walk that names the first bad document_indices entry.
@@ -463,23 +474,61 @@ impl MegatronShard {
         Ok((a as u64, b as u64))
     }
 
-    /// Length of document `doc` for a hot loop over a validated shard: one read when every
-    /// document is one sequence, else [`Self::doc_len`]. Out-of-range or corrupt entries
-    /// read as 0 rather than failing (validation has already proven there are none).
+    /// Length of document `doc` for the planner's hot loop: one read once
+    /// [`Self::validate`] proved every document is one contiguous sequence, else
+    /// [`Self::doc_len_checked`] (a shard not validated yet: the daemon validates in the
+    /// background after READY, docs/DESIGN.md).
     #[inline]
-    pub fn doc_len_validated(&self, doc: u64) -> u64 {
+    pub fn doc_len_validated(&self, doc: u64) -> Result<u64> {
         if self
             .one_seq_per_doc
             .load(std::sync::atomic::Ordering::Relaxed)
             && doc < self.sequences
         {
             let at = self.lengths_at + 4 * doc as usize;
-            return match self.idx.get(at..at + 4) {
-                Some(b) => i32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(0) as u64,
-                None => 0,
-            };
+            if let Some(b) = self.idx.get(at..at + 4) {
+                return Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(0) as u64);
+            }
         }
-        self.doc_len(doc).unwrap_or(0)
+        match self.one_sequence_len(doc) {
+            Some(len) => Ok(len),
+            None => self.doc_len_checked(doc),
+        }
+    }
+
+    /// The length of document `doc` when it is exactly sequence `doc` (the common layout),
+    /// with the checks of [`Self::doc_len_checked`] in their cheapest form (no error to
+    /// build): its two document_indices entries are `doc` and `doc + 1`, and its bytes are
+    /// aligned and inside the `.bin`. `None` sends the caller to the general check, which
+    /// names what is wrong.
+    #[inline]
+    fn one_sequence_len(&self, doc: u64) -> Option<u64> {
+        if self.sequences != self.documents() || doc >= self.sequences {
+            return None;
+        }
+        let d = doc as usize;
+        let di = self
+            .idx
+            .get(self.doc_index_at + 8 * d..self.doc_index_at + 8 * d + 16)?;
+        let first = i64::from_le_bytes(di[..8].try_into().ok()?);
+        let end = i64::from_le_bytes(di[8..].try_into().ok()?);
+        if first != doc as i64 || end != doc as i64 + 1 {
+            return None;
+        }
+        let len = self.sequence_length(doc);
+        let ptr = self.pointer(doc);
+        let size = self.dtype.size() as u64;
+        let (len, ptr) = (u64::try_from(len).ok()?, u64::try_from(ptr).ok()?);
+        let stop = ptr.checked_add(len.checked_mul(size)?)?;
+        (stop <= self.bin_len && ptr % size == 0).then_some(len)
+    }
+
+    /// Length in tokens of document `doc`, checked as a read of its tokens would be: its
+    /// sequences are contiguous and inside the `.bin`. So a length from a shard that was
+    /// never validated is never more than the tokens that exist.
+    pub fn doc_len_checked(&self, doc: u64) -> Result<u64> {
+        let (start, end) = self.doc_bytes(doc)?;
+        Ok(((end - start) / self.dtype.size() as i128) as u64)
     }
 
     /// Length in tokens of document `doc`: the sum of its sequences' lengths.
@@ -496,6 +545,47 @@ impl MegatronShard {
             total += len as u64;
         }
         Ok(total)
+    }
+
+    /// The byte range `[start, end)` of document `doc` in the `.bin`, checked: its
+    /// sequences are contiguous, inside the `.bin` and aligned to the item size. Touches
+    /// only the document's own index entries, never the `.bin`.
+    fn doc_bytes(&self, doc: u64) -> Result<(i128, i128)> {
+        let (a, b) = self.doc_sequences(doc)?;
+        if a == b {
+            // A document of zero sequences: valid, and empty.
+            return Ok((0, 0));
+        }
+        let size = self.dtype.size() as i128;
+        let start = self.pointer(a);
+        let mut end = i128::from(start);
+        for i in a..b {
+            if i128::from(self.pointer(i)) != end {
+                return Err(self.bad_idx(format!(
+                    "document {doc}: sequence {i} pointer is {}, expected {end} \
+                     (sequences must be contiguous in the bin)",
+                    self.pointer(i)
+                )));
+            }
+            // Its message names the sequence; the reader of a document wants the document.
+            end = self.sequence_end(i).map_err(|e| match e {
+                CorpusError::Invalid { path, what } => CorpusError::Invalid {
+                    path,
+                    what: format!("document {doc}: {what}"),
+                },
+                e => e,
+            })?;
+        }
+        let start = i128::from(start);
+        if start < 0 || end > i128::from(self.bin_len) || start % size != 0 {
+            return Err(self.bad_idx(format!(
+                "document {doc}: bytes {start}..{end} fall outside the {}-byte bin \
+                 or are not aligned to the {}-byte item size",
+                self.bin_len,
+                self.dtype.size()
+            )));
+        }
+        Ok((start, end))
     }
 
     /// The tokens of document `doc`, borrowed from the `.bin` mapping.
@@ -521,37 +611,10 @@ impl MegatronShard {
                 return Ok(t);
             }
         }
-        let (a, b) = self.doc_sequences(doc)?;
-        let size = self.dtype.size() as i128;
-        if a == b {
-            // A document of zero sequences: valid, and empty.
-            return Tokens::from_bytes(self.dtype, &[])
-                .ok_or_else(|| self.bad_idx(format!("document {doc}: empty")));
-        }
-        let start = self.pointer(a);
-        let mut end = i128::from(start);
-        for i in a..b {
-            if i128::from(self.pointer(i)) != end {
-                return Err(self.bad_idx(format!(
-                    "document {doc}: sequence {i} pointer is {}, expected {end} \
-                     (sequences must be contiguous in the bin)",
-                    self.pointer(i)
-                )));
-            }
-            end = self.sequence_end(i)?;
-        }
-        let start = i128::from(start);
-        if start < 0 || end > i128::from(self.bin_len) || start % size != 0 {
-            return Err(self.bad_idx(format!(
-                "document {doc}: bytes {start}..{end} fall outside the {}-byte bin \
-                 or are not aligned to the {}-byte item size",
-                self.bin_len,
-                self.dtype.size()
-            )));
-        }
+        let (start, end) = self.doc_bytes(doc)?;
         let bytes = match &self.bin {
-            Some(map) => &map[start as usize..end as usize],
-            None => &[][..],
+            Some(map) if end > start => &map[start as usize..end as usize],
+            _ => &[][..],
         };
         Tokens::from_bytes(self.dtype, bytes).ok_or_else(|| {
             self.bad_idx(format!(
@@ -568,151 +631,4 @@ pub fn with_suffix(prefix: &Path, ext: &str) -> PathBuf {
     s.push(".");
     s.push(ext);
     PathBuf::from(s)
-}
-
-/// Writes a Megatron shard the way megatron-core's builder does (one sequence per
-/// document), through temporary names that are renamed into place only by
-/// [`MegatronWriter::finish`], so an interrupted writer never leaves a shard that opens.
-pub struct MegatronWriter {
-    prefix: PathBuf,
-    bin: BufWriter<File>,
-    bin_tmp: PathBuf,
-    dtype: DType,
-    lengths: Vec<i32>,
-    /// Bytes of sparse documents not yet skipped over in `.bin`.
-    hole: u64,
-}
-
-impl MegatronWriter {
-    /// Starts a shard at `prefix` with token dtype `dtype` (any dtype with a Megatron code).
-    pub fn create(prefix: &Path, dtype: DType) -> Result<MegatronWriter> {
-        if dtype.megatron_code().is_none() {
-            return Err(CorpusError::invalid(
-                prefix,
-                format!("Megatron has no dtype code for {dtype}; use int32"),
-            ));
-        }
-        let bin_tmp = with_suffix(prefix, "bin.tmp");
-        let file = File::create(&bin_tmp).map_err(|e| CorpusError::io(&bin_tmp, "create", e))?;
-        Ok(MegatronWriter {
-            prefix: prefix.to_path_buf(),
-            bin: BufWriter::with_capacity(8 << 20, file),
-            bin_tmp,
-            dtype,
-            lengths: Vec::new(),
-            hole: 0,
-        })
-    }
-
-    /// Appends one document given as raw little-endian bytes of the writer's dtype.
-    pub fn add_document_bytes(&mut self, bytes: &[u8]) -> Result<()> {
-        let size = self.dtype.size();
-        let tokens = bytes.len() / size;
-        if bytes.len() % size != 0 || tokens > i32::MAX as usize {
-            return Err(CorpusError::invalid(
-                &self.prefix,
-                format!(
-                    "document {} of {} bytes cannot be stored as {} sequence",
-                    self.lengths.len(),
-                    bytes.len(),
-                    self.dtype
-                ),
-            ));
-        }
-        if self.hole > 0 {
-            let hole = i64::try_from(std::mem::take(&mut self.hole)).unwrap_or(i64::MAX);
-            self.bin
-                .seek(std::io::SeekFrom::Current(hole))
-                .map_err(|e| CorpusError::io(&self.bin_tmp, "seek", e))?;
-        }
-        self.bin
-            .write_all(bytes)
-            .map_err(|e| CorpusError::io(&self.bin_tmp, "write", e))?;
-        self.lengths.push(tokens as i32);
-        Ok(())
-    }
-
-    /// Appends a document of `tokens` tokens that is never written: `.bin` gets a hole
-    /// that reads as zeros and takes no disk, so a scale-test corpus (`synth --sparse`)
-    /// has a real index over 10^13 tokens in a few GB.
-    pub fn add_sparse_document(&mut self, tokens: u64) -> Result<()> {
-        let len = i32::try_from(tokens).map_err(|_| {
-            CorpusError::invalid(
-                &self.prefix,
-                format!(
-                    "document {} of {tokens} tokens cannot be stored as a Megatron sequence",
-                    self.lengths.len()
-                ),
-            )
-        })?;
-        self.hole += tokens * self.dtype.size() as u64;
-        self.lengths.push(len);
-        Ok(())
-    }
-
-    /// Documents written so far.
-    pub fn documents(&self) -> u64 {
-        self.lengths.len() as u64
-    }
-
-    /// Flushes `.bin`, writes `.idx`, and renames both into place (`.bin` first, so that a
-    /// crash in between leaves an `.idx`-less prefix that no reader accepts).
-    pub fn finish(self) -> Result<PathBuf> {
-        let MegatronWriter {
-            prefix,
-            bin,
-            bin_tmp,
-            dtype,
-            lengths,
-            hole,
-        } = self;
-        let mut file = bin
-            .into_inner()
-            .map_err(|e| CorpusError::io(&bin_tmp, "flush", e.into_error()))?;
-        if hole > 0 {
-            // Trailing sparse documents: the length says where `.bin` ends.
-            let end = file
-                .stream_position()
-                .map_err(|e| CorpusError::io(&bin_tmp, "seek", e))?;
-            file.set_len(end + hole)
-                .map_err(|e| CorpusError::io(&bin_tmp, "set_len", e))?;
-        }
-        file.sync_all()
-            .map_err(|e| CorpusError::io(&bin_tmp, "fsync", e))?;
-        drop(file);
-
-        let idx_tmp = with_suffix(&prefix, "idx.tmp");
-        let n = lengths.len() as u64;
-        let mut out = Vec::with_capacity(HEADER_LEN + lengths.len() * 20 + 16);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&1u64.to_le_bytes());
-        out.push(dtype.megatron_code().unwrap_or(4));
-        out.extend_from_slice(&n.to_le_bytes());
-        out.extend_from_slice(&(n + 1).to_le_bytes());
-        for &l in &lengths {
-            out.extend_from_slice(&l.to_le_bytes());
-        }
-        let mut ptr = 0i64;
-        for &l in &lengths {
-            out.extend_from_slice(&ptr.to_le_bytes());
-            ptr += i64::from(l) * dtype.size() as i64;
-        }
-        for d in 0..=n {
-            out.extend_from_slice(&(d as i64).to_le_bytes());
-        }
-        std::fs::write(&idx_tmp, &out).map_err(|e| CorpusError::io(&idx_tmp, "write", e))?;
-        let bin_path = with_suffix(&prefix, "bin");
-        let idx_path = with_suffix(&prefix, "idx");
-        // An old .idx must not pair with the new .bin while we rename.
-        match std::fs::remove_file(&idx_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(CorpusError::io(&idx_path, "remove", e)),
-        }
-        std::fs::rename(&bin_tmp, &bin_path)
-            .map_err(|e| CorpusError::io(&bin_path, "rename", e))?;
-        std::fs::rename(&idx_tmp, &idx_path)
-            .map_err(|e| CorpusError::io(&idx_path, "rename", e))?;
-        Ok(prefix)
-    }
 }

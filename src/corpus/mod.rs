@@ -4,7 +4,8 @@
 //! This is the first stop of a token's trip to the GPU. A [`Shard`] is either a
 //! Megatron `.idx`/`.bin` pair ([`megatron`]) or a raw token array ([`raw`]), with an
 //! optional group sidecar ([`groups`]). [`resolve`] turns what a user typed (a prefix, a
-//! directory, a glob) into shard paths, and [`Shard::open`] maps them.
+//! directory, a glob) into shard paths, and [`Shard::open`] maps them. [`writer`] writes
+//! Megatron shards; [`identity`] remembers each shard's content identity between starts.
 //!
 //! Shards should be immutable while mapped (replace them by writing new files and
 //! renaming). What happens when one is not: a read past a truncated end is caught by
@@ -14,9 +15,11 @@
 pub mod error;
 pub mod groups;
 pub mod guard;
+pub mod identity;
 pub mod megatron;
 pub mod raw;
 pub mod tokens;
+pub mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{CorpusError, Result};
 pub use groups::{GroupRun, Groups};
+pub use identity::IdentityCache;
 pub use megatron::{MegatronShard, MegatronWriter};
 pub use raw::{RawOptions, RawShard};
 pub use tokens::{DType, Tokens};
@@ -68,13 +72,15 @@ pub struct Shard {
     poisoned: std::sync::OnceLock<String>,
 }
 
-/// What identifies one state of a file: which inode, how big, when last written.
+/// What identifies one state of a file: which inode, how big, when last written (and,
+/// for the identity cache, when its inode last changed: a write cannot set that back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileStamp {
     dev: u64,
     ino: u64,
     size: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl FileStamp {
@@ -86,6 +92,7 @@ impl FileStamp {
             ino: m.ino(),
             size: m.size(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         })
     }
 }
@@ -273,15 +280,25 @@ impl Shard {
         body!(self, s => s.doc_len(doc))
     }
 
-    /// Length of document `doc` in a planner's hot loop, for a validated shard: the
-    /// fastest read the format allows, and 0 instead of an error that validation has
-    /// already ruled out.
+    /// Length of document `doc` in a planner's hot loop: the fastest read the format
+    /// allows, checked as a read of the document's tokens is (the shard may not have been
+    /// validated yet: the daemon validates after READY). A document that fails the check
+    /// reads as 0 and poisons the shard with the reason, naming the document, so every
+    /// ring that reads the shard fails with it instead of serving a corrupt plan.
     #[inline]
     pub fn doc_len_validated(&self, doc: u64) -> u64 {
-        match &self.body {
+        let len = match &self.body {
             Body::Megatron(m) => m.doc_len_validated(doc),
-            Body::Raw(r) => r.doc_len(doc).unwrap_or(0),
-        }
+            Body::Raw(r) => r.doc_len(doc),
+        };
+        len.unwrap_or_else(|e| {
+            let why = format!("{e} (found while planning; the shard is poisoned)");
+            if self.poisoned.set(why.clone()).is_ok() {
+                // Once per shard: the rings that read it will say it again, by name.
+                tracing::error!("{why}");
+            }
+            0
+        })
     }
 
     /// Appends every document's length to `out`, in one pass over the index.

@@ -1,6 +1,8 @@
 //! What `millrace serve` loads and checks before it binds: the config, `[serve]`, the
-//! validated shards and plan, the token type, the socket group. `check-config` runs the
-//! same steps and stops there, so a unit's ExecStartPre fails where `serve` would.
+//! shards and plan, the token type, the socket group. `check-config` runs the same steps,
+//! validates every shard in full and stops there, so a unit's ExecStartPre fails where
+//! `serve` would; `serve` validates in the background after READY
+//! ([`validate_in_background`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use super::access;
 use super::ring::TokenType;
 use crate::config::serve::{socket_problem, ServeConfig};
 use crate::config::Config;
+use crate::corpus::Shard;
+use tracing::{error, info};
 
 /// Arguments of `millrace check-config`.
 #[derive(clap::Args, Debug)]
@@ -36,11 +40,17 @@ pub(super) struct Loaded {
     pub(super) token: TokenType,
 }
 
-/// Reads and checks everything `serve` needs before it binds.
-pub(super) fn load(config: &Path) -> Result<Loaded> {
+/// Reads and checks everything `serve` needs before it binds. `validate` adds the full
+/// pass over every index (`check-config`); `serve` leaves it to the background check
+/// after READY, so that its start grows with shards, not documents.
+pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
     let (cfg, hash) = Config::load_hashed(config)?;
     let serve = ServeConfig::from_config(&cfg)?;
-    let loaded = cfg.load_plan()?;
+    let loaded = if validate {
+        cfg.load_plan_validated()?
+    } else {
+        cfg.load_plan()?
+    };
     let dtypes: Vec<(String, crate::corpus::DType)> = loaded
         .plan
         .domain_names()
@@ -67,7 +77,7 @@ pub(super) fn load(config: &Path) -> Result<Loaded> {
 /// `[serve]`, the socket group, that `metrics_addr` is free), so a unit's ExecStartPre
 /// fails with the reason.
 pub fn check_config(args: CheckArgs) -> Result<()> {
-    let l = load(&args.config)?;
+    let l = load(&args.config, true)?;
     if let Some(addr) = &l.serve.metrics_addr {
         // `serve` exits when it cannot listen there, so the check tries it too (and lets
         // go at once).
@@ -105,4 +115,59 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
         l.token.0.name()
     );
     Ok(())
+}
+
+/// Validates every shard in full (the linear pass `check-config` makes) on one thread of
+/// its own, started after READY so that the first batch never waits for it. A shard that
+/// fails is poisoned like one that changed under the daemon: rings that read it stop
+/// with ERROR materialize naming it, the others keep serving. A shard that passes gets
+/// the planner's and copier's fast paths (one read per document instead of a check).
+pub(super) fn validate_in_background(
+    shards: Vec<Arc<Shard>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("millrace-validate".into())
+        .spawn(move || {
+            let t0 = std::time::Instant::now();
+            let mut bad = 0usize;
+            for shard in &shards {
+                if shard.poisoned().is_some() {
+                    bad += 1; // already found (while planning) and logged
+                    continue;
+                }
+                if let Some(why) = validate_one(shard) {
+                    error!(
+                        "{why}; the shard is poisoned: rings that read it stop with \
+                         ERROR materialize"
+                    );
+                    shard.poison(why);
+                    bad += 1;
+                }
+            }
+            info!(
+                shards = shards.len(),
+                corrupt = bad,
+                ms = t0.elapsed().as_millis() as u64,
+                "background validation of the shards done"
+            );
+        })
+}
+
+/// Why `shard` must not be served, if its full validation fails (or faults: the file
+/// shrank under the mapping), guarded as every daemon read of a mapping is.
+fn validate_one(shard: &Shard) -> Option<String> {
+    let guard = crate::corpus::guard::enter();
+    let _ = crate::corpus::guard::take_fault();
+    let checked = shard.validate();
+    let fault = crate::corpus::guard::take_fault();
+    drop(guard);
+    match (fault, checked) {
+        (Some(_), _) => Some(format!(
+            "{}: a read of its index faulted (SIGBUS) during the background validation: \
+             the file shrank under the daemon's mapping",
+            shard.path().display()
+        )),
+        (None, Err(e)) => Some(format!("{e} (found by the background validation)")),
+        (None, Ok(())) => None,
+    }
 }

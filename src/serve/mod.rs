@@ -60,7 +60,7 @@ pub struct ServeArgs {
 pub fn run_cli(args: ServeArgs) -> Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     let t0 = std::time::Instant::now();
-    let mut l = load(&args.config)?;
+    let mut l = load(&args.config, false)?;
     let from_flag = args.socket.is_some();
     if let Some(s) = args.socket {
         l.serve.socket = s;
@@ -88,8 +88,10 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         domains = l.plan.domain_names().len(),
         shards = l.shards.iter().map(Vec::len).sum::<usize>(),
         ms = t0.elapsed().as_millis() as u64,
-        "corpus validated and plan built"
+        "corpus opened and plan built"
     );
+    // Checked in full after READY, on a thread of its own (load::validate_in_background).
+    let unchecked: Vec<Arc<crate::corpus::Shard>> = l.shards.iter().flatten().cloned().collect();
     let pad_token = l.plan.config().pad_token;
     let serve = l.serve.clone();
     // One fd per connection and two per ring (memfd, eventfd), plus shards and slack.
@@ -144,7 +146,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         })
         .collect::<std::io::Result<_>>()
         .context("starting materializer threads")?;
-    let result = runtime.block_on(serve_socket(daemon.clone()));
+    let result = runtime.block_on(serve_socket(daemon.clone(), unchecked));
     hub.stop();
     for w in workers {
         let _ = w.join();
@@ -263,7 +265,7 @@ fn export_metrics(status: &Status) {
 
 /// Binds the socket (refusing to steal one a live daemon is serving), sets its mode and
 /// group, says READY, and serves until SIGTERM/SIGINT; then drains.
-async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
+async fn serve_socket(d: Arc<Daemon>, unchecked: Vec<Arc<crate::corpus::Shard>>) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let serve = d.serve.clone();
     let path = serve.socket.clone();
@@ -308,6 +310,10 @@ async fn serve_socket(d: Arc<Daemon>) -> Result<()> {
     let listener = connections::bind(&path, serve.socket_group.as_deref()).await?;
     info!(socket = %path.display(), threads = serve.materialize_threads, slots = serve.ring_slots, "serving");
     d.notifier.ready(&format!("serving {}", path.display()));
+    if let Err(e) = load::validate_in_background(unchecked) {
+        // Serving stays safe without it: every read checks the document it reads.
+        warn!("cannot start the background shard validation: {e}");
+    }
     let timeout = Duration::from_millis(serve.handshake_timeout_ms);
     let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let mut watchdog = d.notifier.watchdog_interval().map(tokio::time::interval);

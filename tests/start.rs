@@ -1,0 +1,371 @@
+//! Start in time proportional to shards (issue 16, item 1): the identity cache gives the
+//! identity a full hash would, and is not trusted once a file behind the shard moved or
+//! the cache file is not ours; a corrupt shard that passes the O(1) open checks is no
+//! longer refused at start, but at its first read, naming the shard and the document,
+//! while `check-config` still refuses it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use millrace::client::{Client, ClientError, Hello};
+use millrace::config::Config;
+use millrace::corpus::identity::Miss;
+use millrace::corpus::{IdentityCache, Shard};
+
+/// A small corpus with a config whose `[corpus] cache_dir` is `<tmp>/cache`.
+fn fixture() -> (common::Corpus, PathBuf, PathBuf) {
+    let corpus = common::corpus(200_000, 2, 7, 50_000);
+    let cache = corpus.tmp.path().join("cache");
+    let socket = corpus.dir.join("d.sock");
+    let config = common::write_config(
+        &corpus.dir,
+        "d.toml",
+        64,
+        4,
+        &[&common::serve_toml(&socket, 4, 2)],
+    );
+    let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let table = doc.get_mut("corpus").unwrap().as_table_mut().unwrap();
+    table.insert("cache_dir".into(), cache.to_str().unwrap().into());
+    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+    (corpus, config, cache)
+}
+
+/// Every shard of the config, opened.
+fn shards(config: &Path) -> Vec<Shard> {
+    let cfg = Config::load(config).unwrap();
+    cfg.open_corpus()
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, s)| s)
+        .collect()
+}
+
+/// The first shard's prefix (`web`, sorted).
+fn first_prefix(dir: &Path) -> PathBuf {
+    let mut idx: Vec<PathBuf> = std::fs::read_dir(dir.join("web"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .collect();
+    idx.sort();
+    idx[0].with_extension("")
+}
+
+#[test]
+fn a_cache_hit_gives_the_manifest_and_fingerprints_of_a_cold_computation() {
+    let (_corpus, config, cache) = fixture();
+    let cfg = Config::load(&config).unwrap();
+    // Cold: the full pass and full hashes, as before the cache existed.
+    let cold = cfg.load_plan_validated().unwrap();
+    let cached = IdentityCache::new(Some(&cache));
+    for s in shards(&config) {
+        let hit = cached.lookup(&s);
+        assert_eq!(hit, Ok(s.identity().unwrap()), "{}", s.path().display());
+    }
+    // Warm, twice (the second start reads only entries).
+    for _ in 0..2 {
+        let warm = cfg.load_plan().unwrap();
+        assert_eq!(warm.plan.fingerprint(), cold.plan.fingerprint());
+        assert_eq!(
+            warm.plan.legacy_fingerprint(),
+            cold.plan.legacy_fingerprint()
+        );
+    }
+    // A start that finds no entries computes and writes them: the same again.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let fresh = cfg.load_plan().unwrap();
+    assert_eq!(fresh.plan.fingerprint(), cold.plan.fingerprint());
+    assert!(std::fs::read_dir(cache.join("identity")).unwrap().count() >= 2);
+}
+
+#[test]
+fn a_touched_index_is_recomputed_not_trusted() {
+    let (corpus, config, cache) = fixture();
+    Config::load(&config).unwrap().load_plan().unwrap();
+    let prefix = first_prefix(&corpus.dir);
+    let idx = common::with(&prefix, "idx");
+    let cache = IdentityCache::new(Some(&cache));
+    let before = Shard::open(&prefix, None).unwrap();
+    let id = cache.lookup(&before).expect("the start wrote an entry");
+    drop(before);
+
+    // Same size and content, another mtime: stale.
+    let f = std::fs::File::options().write(true).open(&idx).unwrap();
+    f.set_modified(SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    drop(f);
+    let s = Shard::open(&prefix, None).unwrap();
+    assert_eq!(cache.lookup(&s), Err(Miss::Stale));
+    assert_eq!(
+        cache.identity(&s).unwrap(),
+        id,
+        "same content, same identity"
+    );
+    assert_eq!(
+        cache.lookup(&s),
+        Ok(id.clone()),
+        "rewritten for the new stamps"
+    );
+    drop(s);
+
+    // Same size and mtime, one length changed (a valid shard still): the ctime moved, so
+    // the entry is stale and the new content gets its own identity.
+    let mtime = std::fs::metadata(&idx).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&idx).unwrap();
+    let (a, b) = (34, 38); // lengths[0] and lengths[1] swap: same total, other index
+    let (la, lb) = (bytes[a..a + 4].to_vec(), bytes[b..b + 4].to_vec());
+    assert_ne!(la, lb, "the test needs two documents of different lengths");
+    bytes[a..a + 4].copy_from_slice(&lb);
+    bytes[b..b + 4].copy_from_slice(&la);
+    // Sequence 1 now starts where the new length 0 ends.
+    let pointers_at = 34 + 4 * u64::from_le_bytes(bytes[18..26].try_into().unwrap()) as usize;
+    let p1 = i64::from(i32::from_le_bytes(lb.try_into().unwrap())) * 2;
+    bytes[pointers_at + 8..pointers_at + 16].copy_from_slice(&p1.to_le_bytes());
+    std::fs::write(&idx, &bytes).unwrap();
+    let f = std::fs::File::options().write(true).open(&idx).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let s = Shard::open(&prefix, None).unwrap();
+    s.validate().unwrap();
+    assert_eq!(cache.lookup(&s), Err(Miss::Stale));
+    let changed = cache.identity(&s).unwrap();
+    assert_ne!(changed, id);
+    assert_eq!(changed, s.identity().unwrap());
+}
+
+#[test]
+fn a_corrupt_or_foreign_cache_file_is_ignored_and_rewritten() {
+    let (corpus, config, cache_dir) = fixture();
+    let cfg = Config::load(&config).unwrap();
+    let cold = cfg.load_plan().unwrap().plan.fingerprint();
+    let cache = IdentityCache::new(Some(&cache_dir));
+    let s = Shard::open(&first_prefix(&corpus.dir), None).unwrap();
+    let entry = cache.entry_path(&s).unwrap();
+    let good = s.identity().unwrap();
+    for junk in [
+        &b"\x00\xffnot json"[..],
+        br#"{"format":"someone-else","version":1}"#,
+        br#"{"format":"millrace-identity-cache","version":99,"files":[],"sample":{"offsets":[],"hash":""},"identity":{"name":"x","format":"raw","dtype":"uint8","documents":1,"tokens":1,"index_hash":"0"}}"#,
+        b"",
+    ] {
+        std::fs::write(&entry, junk).unwrap();
+        assert!(
+            matches!(cache.lookup(&s), Err(Miss::Unreadable(_))),
+            "{:?}",
+            String::from_utf8_lossy(junk)
+        );
+        assert_eq!(cfg.load_plan().unwrap().plan.fingerprint(), cold);
+        assert_eq!(cache.lookup(&s), Ok(good.clone()), "rewritten");
+    }
+}
+
+#[test]
+fn an_unwritable_cache_dir_only_costs_the_full_hash() {
+    let (corpus, config, _) = fixture();
+    let cold = Config::load(&config).unwrap().load_plan().unwrap();
+    // A cache_dir under a regular file cannot be created.
+    let blocker = corpus.tmp.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let cache = IdentityCache::new(Some(&blocker.join("cache")));
+    assert!(cache.dir().is_none());
+    let s = Shard::open(&first_prefix(&corpus.dir), None).unwrap();
+    assert_eq!(cache.identity(&s).unwrap(), s.identity().unwrap());
+    assert_eq!(cache.lookup(&s), Err(Miss::Absent));
+    assert!(cold.plan.fingerprint() != 0);
+}
+
+/// Moves the pointer of every `web` document but the first and the last of the first
+/// shard past the end of its `.bin`: the O(1) open checks (first pointer, last end, sizes)
+/// pass, the full validation and a read of any of those documents fail.
+fn corrupt_first_shard(dir: &Path) -> PathBuf {
+    let prefix = first_prefix(dir);
+    let idx = common::with(&prefix, "idx");
+    let mut bytes = std::fs::read(&idx).unwrap();
+    let n = u64::from_le_bytes(bytes[18..26].try_into().unwrap()) as usize;
+    let bin_len = std::fs::metadata(common::with(&prefix, "bin"))
+        .unwrap()
+        .len() as i64;
+    let pointers_at = 34 + 4 * n;
+    for i in 1..n - 1 {
+        let at = pointers_at + 8 * i;
+        bytes[at..at + 8].copy_from_slice(&bin_len.to_le_bytes());
+    }
+    std::fs::write(&idx, &bytes).unwrap();
+    Shard::open(&prefix, None).expect("the corruption passes open()");
+    idx
+}
+
+/// Reads as job "x" from step 0 until the daemon sends an ERROR (2,000 steps at most)
+/// and returns its code and message.
+fn first_error(serve: &common::Serve, socket: &Path) -> (String, String) {
+    let mut h = Hello::new(0, 1, 4, 1);
+    h.job = "x".into();
+    let mut c = Client::connect(socket, &h).unwrap_or_else(|e| panic!("{e}\n{}", serve.log_text()));
+    c.set_timeout(Some(Duration::from_secs(20)));
+    (0..2000)
+        .find_map(|_| match c.next_batch() {
+            Ok(_) => None,
+            Err(ClientError::Daemon { code, message }) => Some((code, message)),
+            Err(e) => panic!("expected an ERROR frame, got {e}"),
+        })
+        .expect("an ERROR within 2000 steps")
+}
+
+#[test]
+fn check_config_still_refuses_a_corrupt_shard() {
+    let (corpus, config, _) = fixture();
+    let idx = corrupt_first_shard(&corpus.dir);
+    let out = common::bin()
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(idx.to_str().unwrap()), "{err}");
+    assert!(err.contains("document 1: sequence 1 pointer is"), "{err}");
+}
+
+#[test]
+fn a_corrupt_shard_starts_and_fails_its_first_read_naming_shard_and_document() {
+    let (corpus, config, _) = fixture();
+    let idx = corrupt_first_shard(&corpus.dir);
+    let socket = corpus.dir.join("d.sock");
+    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("d.log"));
+    let (code, message) = first_error(&serve, &socket);
+    assert_eq!(code, "materialize", "{message}");
+    assert!(message.contains(idx.to_str().unwrap()), "{message}");
+    assert!(message.contains("document "), "{message}");
+    // The background validation counts it, and the log names it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !serve.log_text().contains("corrupt=1") {
+        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        serve.log_text().contains("the shard is poisoned"),
+        "{}",
+        serve.log_text()
+    );
+    // The daemon is still up and serving: a new job connects.
+    let mut h = Hello::new(0, 1, 4, 1);
+    h.job = "y".into();
+    Client::connect(&socket, &h).unwrap_or_else(|e| panic!("{e}\n{}", serve.log_text()));
+}
+
+/// What the planner reads from a shard that passed open() but not validation: every
+/// length is checked as a read of the document would be, a bad one reads as 0 (never
+/// more than the tokens that exist, never a panic) and poisons the shard naming the
+/// document.
+#[test]
+fn the_planner_never_reads_an_unvalidated_index_out_of_bounds() {
+    use millrace::plan::DocSource;
+    let code = common::CODES[3]; // int32
+    let docs: Vec<common::Doc> = (0..8)
+        .map(|d| vec![vec![d; 3 + d as usize], vec![1; 2]])
+        .collect();
+    type Corrupt = fn(&mut common::Index);
+    let corruptions: [(&str, Corrupt); 4] = [
+        ("pointer past the end", |i| i.pointers[5] = 10_000),
+        ("negative length", |i| i.lengths[6] = -4),
+        ("decreasing document_indices", |i| i.doc_indices[3] = 1),
+        ("misaligned pointer", |i| i.pointers[8] += 1),
+    ];
+    for (what, corrupt) in corruptions {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("s");
+        let (mut index, bin) = common::build(code, &docs);
+        corrupt(&mut index);
+        common::write(&prefix, &index, &bin);
+        let shard = Shard::open(&prefix, None).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(shard.validate().is_err(), "{what}");
+        let total: u64 = (0..shard.documents())
+            .map(|d| DocSource::doc_len(&shard, d))
+            .inspect(|&l| assert!(l <= shard.tokens(), "{what}: length {l}"))
+            .sum();
+        let why = shard
+            .poisoned()
+            .unwrap_or_else(|| panic!("{what}: not poisoned (lengths sum to {total})"));
+        assert!(
+            why.contains("s.idx") && why.contains("document "),
+            "{what}: {why}"
+        );
+    }
+}
+
+/// What only the full pass sees (documents whose bytes overlap: each is in bounds on its
+/// own) is found by the daemon's background validation after READY, which poisons the
+/// shard: the rings that read it stop naming it.
+#[test]
+fn the_background_validation_poisons_what_only_the_full_pass_sees() {
+    let (corpus, config, _) = fixture();
+    let prefix = first_prefix(&corpus.dir);
+    let idx = common::with(&prefix, "idx");
+    let mut bytes = std::fs::read(&idx).unwrap();
+    let n = u64::from_le_bytes(bytes[18..26].try_into().unwrap()) as usize;
+    let pointers_at = 34 + 4 * n;
+    // Document 2 starts where document 1 does (and is no longer than it).
+    let len =
+        |b: &[u8], i: usize| i32::from_le_bytes(b[34 + 4 * i..38 + 4 * i].try_into().unwrap());
+    let i = (2..n - 1)
+        .find(|&i| len(&bytes, i) <= len(&bytes, i - 1))
+        .unwrap();
+    let prev = bytes[pointers_at + 8 * (i - 1)..pointers_at + 8 * i].to_vec();
+    bytes[pointers_at + 8 * i..pointers_at + 8 * i + 8].copy_from_slice(&prev);
+    std::fs::write(&idx, &bytes).unwrap();
+    let s = Shard::open(&prefix, None).unwrap();
+    assert!(
+        s.doc_tokens(i as u64).is_ok(),
+        "each document is in bounds on its own"
+    );
+    assert!(s.validate().is_err());
+    drop(s);
+
+    let socket = corpus.dir.join("d.sock");
+    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("d.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !serve
+        .log_text()
+        .contains("found by the background validation")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, message) = first_error(&serve, &socket);
+    assert!(message.contains(idx.to_str().unwrap()), "{message}");
+    assert!(message.contains("poisoned"), "{message}");
+}
+
+/// A raw file's documents depend on the EOS id it is split on: the same bytes read with
+/// another EOS are another corpus, and must not get the cached identity.
+#[test]
+fn a_raw_file_read_with_another_eos_is_recomputed() {
+    use millrace::corpus::{DType, RawOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.u16");
+    let tokens: Vec<u8> = [5u16, 1, 7, 2, 9, 9, 1, 3, 2, 4, 1]
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    std::fs::write(&file, tokens).unwrap();
+    let cache = IdentityCache::new(Some(&dir.path().join("cache")));
+    let open = |eos| {
+        let opts = RawOptions {
+            dtype: DType::Uint16,
+            eos,
+            cache_dir: Some(dir.path().join("cache")),
+        };
+        Shard::open(&file, Some(&opts)).unwrap()
+    };
+    let one = open(1);
+    let id1 = cache.identity(&one).unwrap();
+    assert_eq!(cache.lookup(&one), Ok(id1.clone()));
+    let two = open(2);
+    assert_eq!(cache.lookup(&two), Err(Miss::Stale));
+    let id2 = cache.identity(&two).unwrap();
+    assert_eq!(id2, two.identity().unwrap());
+    assert_ne!(id2.index_hash, id1.index_hash);
+}
