@@ -229,6 +229,30 @@ fn check_config_still_refuses_a_corrupt_shard() {
     assert!(err.contains("document 1: sequence 1 pointer is"), "{err}");
 }
 
+/// `plan` and `explain` read the same unvalidated index the daemon does: a corrupt
+/// document they counted as empty must fail the command, naming the shard, instead of
+/// showing a plan the daemon cannot serve.
+#[test]
+fn plan_and_explain_refuse_a_corrupt_shard_naming_it() {
+    let (corpus, config, _) = fixture();
+    let idx = corrupt_first_shard(&corpus.dir);
+    for args in [
+        vec!["plan", "--steps", "50"],
+        vec!["explain", "--step", "0", "--count", "50"],
+    ] {
+        let out = common::bin()
+            .args(&args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains(idx.to_str().unwrap()), "{args:?}: {err}");
+        assert!(err.contains("check-config"), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn a_corrupt_shard_starts_and_fails_its_first_read_naming_shard_and_document() {
     let (corpus, config, _) = fixture();

@@ -77,6 +77,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             windows.push(tally.finish(&planner.epochs()));
         }
     }
+    refuse_poisoned(&loaded.shards)?;
     // Plan-time check of eod_token (never in the daemon's hot path): see src/eod.rs.
     let eod = millrace::eod::check_plan(&plan, &loaded.shards)?;
     let mut out = std::io::stdout().lock();
@@ -101,7 +102,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             .collect();
         writeln!(
             out,
-            "opened, validated and identified the corpus and built the plan in {load_ms:.1} ms; \
+            "opened and identified the corpus and built the plan in {load_ms:.1} ms; \
              reached step {} in {seek_ms:.1} ms; planned its batch in {first_ms:.2} ms",
             args.from
         )?;
@@ -140,16 +141,32 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
         );
     }
     let loaded = Config::load(&args.config)?.load_plan()?;
-    let plan = loaded.plan;
+    let plan = loaded.plan.clone();
     let mut planner = plan.seek(args.step);
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count {
         let batch = planner.next_batch();
+        refuse_poisoned(&loaded.shards)?;
         let e = explain(&plan, &batch, args.dp_rank, args.dp_size);
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&e)?)?;
         } else {
             write!(out, "{}", render_explain(&e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Fails when planning found a corrupt document: the planner reads an index it was not
+/// told is valid (start no longer validates in full), counts a bad document as empty and
+/// poisons its shard, so a plan over it would show rows the daemon cannot serve.
+fn refuse_poisoned(shards: &[Vec<std::sync::Arc<millrace::corpus::Shard>>]) -> Result<()> {
+    for s in shards.iter().flatten() {
+        if let Some(why) = s.poisoned() {
+            bail!(
+                "{} is corrupt: {why}; `millrace check-config` validates every shard",
+                s.path().display()
+            );
         }
     }
     Ok(())
