@@ -11,7 +11,7 @@
 //! checkpoints it would have held.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tracing::warn;
 
@@ -65,10 +65,13 @@ impl CheckpointDir {
         let path = self.path(key);
         // Written aside and renamed, so a reader never sees half a blob (and one that
         // did would refuse it by its checksum).
+        // Unique per writer: the daemon seeks for several clients at once.
+        static WRITES: AtomicU64 = AtomicU64::new(0);
         let tmp = self.dir.join(format!(
-            ".{}.{}.tmp",
+            ".{}.{}.{}.tmp",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("ckpt"),
-            std::process::id()
+            std::process::id(),
+            WRITES.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&tmp, blob)?;
         std::fs::rename(&tmp, &path).inspect_err(|_| {
