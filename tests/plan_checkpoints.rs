@@ -11,8 +11,8 @@ use serde_json::Value;
 
 mod common;
 
-/// Global batch rows: 1024 makes a checkpoint every 128 plan steps
-/// (`plan::CHECKPOINT_ROWS` / rows), so a seek to step 300 leaves two.
+/// Global batch rows: 1024 makes a checkpoint every 64 plan steps
+/// (`plan::CHECKPOINT_ROWS` / rows), so a seek to step 300 leaves four.
 const ROWS: u32 = 1024;
 const STEP: &str = "300";
 
@@ -107,7 +107,7 @@ fn plan_and_explain_seek_from_checkpoints_as_the_replay_does() {
         checkpoints(&root)
     );
 
-    // Cold: the seek replays from step 0 and leaves a checkpoint at plan steps 128, 256.
+    // Cold: the seek replays from step 0 and leaves a checkpoint at plan steps 64 ... 256.
     let (cold, err) = plan_windows(&xdg, &cfg, &[]);
     assert_eq!(cold, plain, "cold checkpointed seek");
     assert!(!err.contains("warning"), "{err}");
@@ -116,7 +116,16 @@ fn plan_and_explain_seek_from_checkpoints_as_the_replay_does() {
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy()[..16].to_string())
         .collect();
-    assert_eq!(names, ["0000000000000080", "0000000000000100"], "{files:?}");
+    assert_eq!(
+        names,
+        [
+            "0000000000000040",
+            "0000000000000080",
+            "00000000000000c0",
+            "0000000000000100"
+        ],
+        "{files:?}"
+    );
 
     // Warm: from the checkpoint at 256, for `plan` and `explain` alike.
     let (warm, err) = plan_windows(&xdg, &cfg, &[]);
@@ -153,7 +162,7 @@ fn checkpoints_go_to_the_configured_cache_dir_and_an_unwritable_one_warns_once()
     let (plain, _) = plan_windows(&xdg, &cfg, &["--no-checkpoints"]);
     let (v, _) = plan_windows(&xdg, &cfg, &[]);
     assert_eq!(v, plain);
-    assert_eq!(checkpoints(&cache).len(), 2);
+    assert_eq!(checkpoints(&cache).len(), 4);
     assert!(checkpoints(&xdg.join("millrace")).is_empty());
 
     // A cache_dir that is a file cannot hold checkpoints: one warning, same batches.
@@ -203,7 +212,7 @@ fn the_daemon_seeks_from_checkpoints_to_the_same_state() {
     };
     assert_eq!(first_cursor("cold"), want, "cold seek in the daemon");
     let files = checkpoints(&cache);
-    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files.len(), 4, "{files:?}");
     assert_eq!(first_cursor("warm"), want, "warm seek in the daemon");
     for f in &files {
         std::fs::write(f, b"MILLRACE not a checkpoint").unwrap();

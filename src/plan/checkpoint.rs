@@ -23,8 +23,9 @@ use super::planner::Planner;
 use super::{Plan, SEEK_CHUNK};
 
 /// Rows a seek replays at most between two checkpoints (rounded to a power of two of
-/// plan steps): about 0.1 s of replay on the 2-core bench machine (docs/BENCHMARKS.md).
-pub const CHECKPOINT_ROWS: u64 = 1 << 17;
+/// plan steps): 256 steps of 256 rows, about 50 ms of replay on the quiet 2-core bench
+/// machine (docs/BENCHMARKS.md).
+pub const CHECKPOINT_ROWS: u64 = 1 << 16;
 
 /// Stored checkpoints a seek tries before it falls back to replaying from step 0, so a
 /// cache full of refused entries cannot make a seek slower than the plain replay by
