@@ -1540,6 +1540,12 @@ impl Counted {
     fn loads(&self) -> usize {
         self.loads.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Fails `what` if any checkpoint was refused: every one a seek wrote is valid.
+    fn assert_none_refused(&self, what: &str) {
+        let r = self.inner.refusals();
+        assert!(r.is_empty(), "{what}: valid checkpoints refused: {r:?}");
+    }
 }
 
 impl Checkpoints for Counted {
@@ -1629,12 +1635,7 @@ fn seek_checkpoints_equal_replay_in_every_scenario() {
             "{}: no seek started from a checkpoint",
             sc.name
         );
-        assert!(
-            store.inner.refusals().is_empty(),
-            "{}: valid checkpoints refused: {:?}",
-            sc.name,
-            store.inner.refusals()
-        );
+        store.assert_none_refused(sc.name);
         // A checkpoint lies at every multiple of `every` up to the farthest seek.
         let held: BTreeSet<u64> = store.inner.list().iter().map(|k| k.plan_step).collect();
         let far = plan.plan_step_of(STEPS);
@@ -1698,12 +1699,7 @@ fn seek_checkpoints_survive_live_changes_skips_and_reseeds() {
         }
         // Only the run without a journal may meet checkpoints it cannot take (the
         // journal's, at steps before its change): those are skipped, never reported.
-        assert!(
-            store.inner.refusals().is_empty(),
-            "{}: {:?}",
-            sc.name,
-            store.inner.refusals()
-        );
+        store.assert_none_refused(sc.name);
     }
 }
 
