@@ -7,7 +7,8 @@
 //! (fingerprint, journal, history digest of schedules/skips/reseeds before its step,
 //! structure): one made before a live change, a new skip or reseed that rewrites its
 //! past, for another corpus, or corrupted on disk is refused, and the seek falls back
-//! to an earlier one or to step 0. The plain replay ([`Plan::seek`]) stays the
+//! to an earlier one or to step 0. Its name carries the history a little further (the
+//! bursty lookahead, `Plan::lookahead`), which the cursor's own digest does not cover. The plain replay ([`Plan::seek`]) stays the
 //! reference, and tests/plan_props.rs checks the two agree bit for bit.
 //!
 //! Pure like the rest of the plan: where checkpoints live is the [`Checkpoints`]
@@ -33,13 +34,14 @@ pub const CHECKPOINT_ROWS: u64 = 1 << 16;
 pub const MAX_TRIES: usize = 8;
 
 /// Names a checkpoint: the plan step it holds the planner at, plus the digests a seek
-/// filters on before it reads a blob (the plan's history before that step, and its
-/// journal of live changes).
+/// filters on before it reads a blob (the plan's history before that step and the
+/// bursty lookahead after it, and its journal of live changes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CheckpointKey {
     /// Plan steps replayed before the checkpoint.
     pub plan_step: u64,
-    /// [`Plan::history`] at `plan_step`.
+    /// [`Plan::history`] at `plan_step` plus the longest bursty period: what shaped
+    /// the planner's state at `plan_step`.
     pub history: u64,
     /// [`Plan::journal_digest`] of the plan that wrote it.
     pub journal: u64,
@@ -83,11 +85,27 @@ impl Plan {
         derive_key(&words)
     }
 
+    /// Plan steps past a checkpoint whose weights its state already depends on: a
+    /// bursty domain takes a whole cycle's rows at the cycle's first step, computed from
+    /// the weights of the cycle's later steps. So a checkpoint at `p` is named by the
+    /// history up to `p` plus this, and one whose plan changed weights in
+    /// `[p, p + lookahead)` is not a candidate (a cursor's own history, which covers
+    /// steps before `p` only, would let it through).
+    fn lookahead(&self) -> u64 {
+        self.mixer
+            .bursty
+            .iter()
+            .flatten()
+            .map(|&(period, _)| period as u64)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The key a checkpoint at plan step `plan_step` of this plan is stored under.
     pub(super) fn checkpoint_key(&self, plan_step: u64) -> CheckpointKey {
         CheckpointKey {
             plan_step,
-            history: self.history(plan_step),
+            history: self.history(plan_step.saturating_add(self.lookahead())),
             journal: self.journal_digest(),
         }
     }
@@ -132,7 +150,8 @@ impl Plan {
 
     /// The planner of the nearest checkpoint at or before plan step `target` that
     /// restores under this plan, trying at most [`MAX_TRIES`]. Candidates are those
-    /// whose name carries this plan's history at their step (others cannot restore);
+    /// whose name carries this plan's history up to their step plus the lookahead
+    /// (the plan that wrote them planned every step before them as this one does);
     /// at one step, one written under this plan's journal goes first.
     fn nearest_checkpoint(
         self: &Arc<Self>,
@@ -148,7 +167,7 @@ impl Plan {
             .filter(|k| {
                 *histories
                     .entry(k.plan_step)
-                    .or_insert_with(|| self.history(k.plan_step))
+                    .or_insert_with(|| self.checkpoint_key(k.plan_step).history)
                     == k.history
             })
             .collect();
