@@ -13,6 +13,7 @@ pub mod control;
 pub mod corpus;
 pub mod eod;
 pub mod plan;
+pub mod plan_cache;
 pub mod serve;
 pub mod synth;
 pub mod sys;

@@ -15,6 +15,9 @@
 //!   tests/grouping_check (shared with the CLI test), and `plan`'s figures agree.
 //! - `resume_*`: restoring a blob and `seek` continue the uninterrupted stream bit for bit,
 //!   for every packing x grouping mode with bursty, upsampling, schedules, skips, reseeds.
+//! - `seek_checkpoints_*` (issue 16): a seek from stored planner checkpoints equals the
+//!   plain replay bit for bit, under schedules, live-change journals, new skips and
+//!   reseeds, across epoch ends; corrupt, forged and foreign checkpoints are refused.
 //! - `dp_*`: rank slices partition the global batch as [rG/R, (r+1)G/R).
 //! - `mixture_*`: cumulative rows within one row of target (sum of nominal ticks, and an
 //!   independently computed schedule integral); bursty domains back within one row at
@@ -37,8 +40,8 @@ use millrace::plan::mix::{MixState, Mixer, Schedule, TICKS};
 use millrace::plan::permute::{chained, Permutation, Reshuffle};
 use millrace::plan::report::Tally;
 use millrace::plan::{
-    CursorError, DocSource, DomainInput, GlobalBatch, MemShard, Plan, PlanError, Row, StreamState,
-    Tail,
+    CheckpointKey, Checkpoints, CursorError, DocSource, DomainInput, GlobalBatch, MemCheckpoints,
+    MemShard, Plan, PlanError, Row, StreamState, Tail, MAX_TRIES,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed, TestRunner};
@@ -1519,6 +1522,282 @@ fn resume_reseed_changes_only_the_future() {
     for t in 30..60 {
         assert_eq!(a[t].counts, b[t].counts);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 4b. Seeking from checkpoints (issue 16)
+// ---------------------------------------------------------------------------------------
+
+/// A [`MemCheckpoints`] that counts the blobs a seek read, so a test knows the
+/// checkpoint path was taken and not only the replay from step 0.
+#[derive(Default)]
+struct Counted {
+    inner: MemCheckpoints,
+    loads: std::sync::atomic::AtomicUsize,
+}
+
+impl Counted {
+    fn loads(&self) -> usize {
+        self.loads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Fails `what` if any checkpoint was refused: every one a seek wrote is valid.
+    fn assert_none_refused(&self, what: &str) {
+        let r = self.inner.refusals();
+        assert!(r.is_empty(), "{what}: valid checkpoints refused: {r:?}");
+    }
+}
+
+impl Checkpoints for Counted {
+    fn list(&self) -> Vec<CheckpointKey> {
+        self.inner.list()
+    }
+    fn has(&self, key: &CheckpointKey) -> bool {
+        self.inner.has(key)
+    }
+    fn load(&self, key: &CheckpointKey) -> Option<Vec<u8>> {
+        self.loads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.load(key)
+    }
+    fn store(&self, key: &CheckpointKey, blob: &[u8]) {
+        self.inner.store(key, blob)
+    }
+    fn refused(&self, key: &CheckpointKey, why: &str) {
+        self.inner.refused(key, why)
+    }
+}
+
+/// Seeks `plan` to `t` through `store` (a checkpoint every `every` plan steps, chunks
+/// of `chunk`) and checks it against the plain replay: the same cursor blob and the same
+/// next `ahead` batches.
+fn check_checkpointed_seek(
+    what: &str,
+    plan: &Arc<Plan>,
+    store: &dyn Checkpoints,
+    t: u64,
+    every: u64,
+    chunk: u64,
+    ahead: usize,
+) {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let mut got = plan
+        .seek_checkpointed(t, chunk, every, store, &never)
+        .expect("a seek nobody cancels completes");
+    let mut want = plan.seek(t);
+    assert_eq!(got.step(), t, "{what}: step");
+    assert_eq!(
+        got.cursor(),
+        want.cursor(),
+        "{what}: seek to {t} (checkpoint every {every}, chunk {chunk}) left another state"
+    );
+    for j in 0..ahead {
+        assert_eq!(
+            got.next_batch(),
+            want.next_batch(),
+            "{what}: seek to {t}, batch {j} after it differs"
+        );
+    }
+}
+
+/// Seek from checkpoints equals the plain replay, bit for bit, in every scenario
+/// (packing x grouping, bursty, upsampling, schedules, skips, reseeds) at random steps
+/// taken in random order (so seeks go forward past the last checkpoint and back before
+/// it), with random checkpoint intervals and chunk sizes, across epoch ends.
+#[test]
+fn seek_checkpoints_equal_replay_in_every_scenario() {
+    const STEPS: u64 = 150;
+    let mut rng = Pcg64::seed_from_u64(160);
+    for sc in scenarios() {
+        let plan = build(&sc.domains, sc.cfg.clone());
+        // Far enough that domains wrap their epochs (and so their tails) in between.
+        assert!(
+            plan.seek(STEPS).epochs().iter().any(|&e| e > 2.0),
+            "{}: no domain passes an epoch end within {STEPS} steps",
+            sc.name
+        );
+        let store = Counted::default();
+        let every = [1, 2, 3, 5, 8, 13][rng.gen_range(0..6)];
+        let mut picks: Vec<u64> = (0..25).map(|_| rng.gen_range(0..STEPS)).collect();
+        picks.extend([0, STEPS, every, every + 1, 2 * every - 1]);
+        for s in &sc.cfg.skip {
+            picks.extend([
+                plan.trainer_step_of(s.steps[0]),
+                plan.trainer_step_of(s.steps[1] + 1),
+            ]);
+        }
+        for t in picks {
+            let chunk = [1, 3, 64][rng.gen_range(0..3)];
+            check_checkpointed_seek(sc.name, &plan, &store, t, every, chunk, 2);
+        }
+        assert!(
+            store.loads() > 0,
+            "{}: no seek started from a checkpoint",
+            sc.name
+        );
+        store.assert_none_refused(sc.name);
+        // A checkpoint lies at every multiple of `every` up to the farthest seek.
+        let held: BTreeSet<u64> = store.inner.list().iter().map(|k| k.plan_step).collect();
+        let far = plan.plan_step_of(STEPS);
+        assert!(
+            (1..=far / every).all(|i| held.contains(&(i * every))),
+            "{}: checkpoints {held:?} miss a multiple of {every} up to {far}",
+            sc.name
+        );
+    }
+}
+
+/// Checkpoints written under one history stay correct under another: a live change
+/// (and a second on top), a newly added skip and a newly added reseed each leave the
+/// checkpoints before them usable and make those after them invisible, and a plan
+/// without the journal does not take the journal's checkpoints. Every seek equals the
+/// plain replay under its own plan. With a checkpoint exactly at a change's step, this
+/// failed before checkpoint names covered the bursty lookahead (a bursty domain's cycle
+/// that began before the change had taken rows under the old weights).
+#[test]
+fn seek_checkpoints_survive_live_changes_skips_and_reseeds() {
+    const STEPS: u64 = 140;
+    let mut rng = Pcg64::seed_from_u64(161);
+    let all = scenarios();
+    // Every 5: checkpoints fall exactly on the changes (50, 90) and the new skip (100).
+    for (sc, every) in [(&all[1], 5), (&all[2], 5), (&all[5], 5), (&all[2], 4)] {
+        let base = build(&sc.domains, sc.cfg.clone());
+        let names = base.domain_names();
+        let store = Counted::default();
+        check_checkpointed_seek(sc.name, &base, &store, STEPS, every, 7, 1);
+        let w = BTreeMap::from([(names[0].to_string(), 5.0)]);
+        let first = base.weights_change(50, &w).expect("a valid change");
+        let changed = Arc::new(base.with_journal(vec![first.clone()]).unwrap());
+        let w2 = BTreeMap::from([(names[1].to_string(), 0.25)]);
+        let second = changed.weights_change(90, &w2).expect("a valid change");
+        let twice = Arc::new(base.with_journal(vec![first, second]).unwrap());
+        let mut skipped = sc.cfg.clone();
+        skipped.skip.push(Skip { steps: [100, 103] });
+        skipped.skip.insert(0, Skip { steps: [1, 1] });
+        let mut reseeded = sc.cfg.clone();
+        reseeded.reseed.push(Reseed {
+            step: 33,
+            seed: 4242,
+        });
+        reseeded.reseed.sort_by_key(|r| r.step);
+        let variants = [
+            ("live change", changed),
+            ("two live changes", twice),
+            ("no journal again", base.clone()),
+            ("new skips", build(&sc.domains, skipped)),
+            ("new reseed", build(&sc.domains, reseeded)),
+        ];
+        for (what, plan) in &variants {
+            let before = store.loads();
+            for _ in 0..8 {
+                let t = rng.gen_range(0..STEPS);
+                let what = format!("{} / {what}", sc.name);
+                check_checkpointed_seek(&what, plan, &store, t, every, 7, 1);
+            }
+            assert!(
+                store.loads() > before,
+                "{} / {what}: the checkpoints before the edit were not used",
+                sc.name
+            );
+        }
+        // Only the run without a journal may meet checkpoints it cannot take (the
+        // journal's, at steps before its change): those are skipped, never reported.
+        store.assert_none_refused(sc.name);
+    }
+}
+
+/// A corrupt, forged or foreign checkpoint is refused and reported, and the seek falls
+/// back to an earlier one or to step 0: never a wrong batch, never an error. More bad
+/// entries than a seek tries make it replay from step 0.
+#[test]
+fn seek_checkpoints_ignore_corrupt_forged_and_foreign_entries() {
+    let sc = &scenarios()[0];
+    let plan = build(&sc.domains, sc.cfg.clone());
+    let every = 3;
+    // Foreign: the same corpus under another seed has the same history digests (no
+    // schedule, skips or reseeds) but another fingerprint.
+    let mut other = sc.cfg.clone();
+    other.seed += 1;
+    let foreign = build(&sc.domains, other);
+    let store = MemCheckpoints::new();
+    check_checkpointed_seek("foreign", &foreign, &store, 60, every, 64, 1);
+    check_checkpointed_seek("foreign", &plan, &store, 45, every, 64, 2);
+    let refusals = store.refusals();
+    assert!(
+        !refusals.is_empty(),
+        "the foreign checkpoints were not tried"
+    );
+    assert!(
+        refusals
+            .iter()
+            .all(|(_, why)| why.contains("another corpus or plan config")),
+        "{refusals:?}"
+    );
+    assert!(refusals.len() <= MAX_TRIES, "{refusals:?}");
+
+    // Corrupt: one byte flipped in each blob, at a different place each time.
+    let store = MemCheckpoints::new();
+    check_checkpointed_seek("fill", &plan, &store, 60, every, 64, 0);
+    for (i, (key, mut blob)) in store.blobs().into_iter().enumerate() {
+        let at = (i * 37) % blob.len();
+        blob[at] ^= 0x5a;
+        store.put(key, blob);
+    }
+    check_checkpointed_seek("corrupt", &plan, &store, 59, every, 64, 2);
+    assert_eq!(store.refusals().len(), MAX_TRIES, "{:?}", store.refusals());
+    // The seek replayed from step 0 and rewrote nothing it found in place; the next
+    // seek still refuses the corrupt entries it tries and is still right.
+    check_checkpointed_seek("corrupt again", &plan, &store, 30, every, 64, 2);
+
+    // Forged: a valid blob filed under another step, and one under a key whose digests
+    // match but whose body is another step's.
+    let store = MemCheckpoints::new();
+    check_checkpointed_seek("fill", &plan, &store, 30, every, 64, 0);
+    let blobs = store.blobs();
+    let (k6, b6) = blobs
+        .iter()
+        .find(|(k, _)| k.plan_step == 6)
+        .expect("a checkpoint at plan step 6");
+    let late = CheckpointKey {
+        plan_step: 27,
+        ..*blobs
+            .keys()
+            .find(|k| k.plan_step == 27)
+            .expect("a checkpoint at plan step 27")
+    };
+    store.put(late, b6.clone());
+    // A blob that decodes but is not a cursor at all under a plausible name.
+    store.put(
+        CheckpointKey {
+            plan_step: 24,
+            ..*k6
+        },
+        b"MILLRACE-garbage".to_vec(),
+    );
+    check_checkpointed_seek("forged", &plan, &store, 29, every, 64, 2);
+    let why: Vec<String> = store.refusals().into_iter().map(|(_, w)| w).collect();
+    assert!(
+        why.iter().any(|w| w.contains("holds plan step 6, not 27")),
+        "{why:?}"
+    );
+}
+
+/// A cancelled checkpointed seek gives up, like the plain one, and leaves behind only
+/// valid checkpoints.
+#[test]
+fn seek_checkpoints_cancel_between_chunks() {
+    use std::sync::atomic::AtomicBool;
+    let sc = &scenarios()[3];
+    let plan = build(&sc.domains, sc.cfg.clone());
+    let store = MemCheckpoints::new();
+    let cancelled = AtomicBool::new(true);
+    for step in [1u64 << 40, u64::MAX] {
+        assert!(plan
+            .seek_checkpointed(step, 5, 2, &store, &cancelled)
+            .is_none());
+    }
+    check_checkpointed_seek("after cancel", &plan, &store, 70, 2, 5, 2);
+    assert!(store.refusals().is_empty());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,10 +3,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
 use millrace::config::Config;
+use millrace::plan::{Plan, Planner};
+use millrace::plan_cache::CheckpointDir;
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -16,9 +20,12 @@ pub struct PlanArgs {
     /// Steps to plan.
     #[arg(long, default_value_t = 1000)]
     steps: u64,
-    /// First step (reached by recomputation).
+    /// First step (reached by recomputation, from the nearest stored plan checkpoint).
     #[arg(long, default_value_t = 0)]
     from: u64,
+    /// Replay from step 0, neither reading nor writing plan checkpoints.
+    #[arg(long)]
+    no_checkpoints: bool,
     /// Steps per reported window (default: steps / 10).
     #[arg(long)]
     window: Option<u64>,
@@ -32,9 +39,12 @@ pub struct ExplainArgs {
     /// The run's config.
     #[arg(long)]
     config: PathBuf,
-    /// Trainer step.
+    /// Trainer step (reached from the nearest stored plan checkpoint).
     #[arg(long)]
     step: u64,
+    /// Replay from step 0, neither reading nor writing plan checkpoints.
+    #[arg(long)]
+    no_checkpoints: bool,
     /// Data-parallel rank whose rows to list (rows [rG/R, (r+1)G/R) of G; all rows with
     /// the default --dp-size 1).
     #[arg(long, default_value_t = 0)]
@@ -53,14 +63,15 @@ pub struct ExplainArgs {
 pub fn run_plan(args: PlanArgs) -> Result<()> {
     use millrace::plan::report::{render_windows, Tally};
     let t0 = std::time::Instant::now();
-    let loaded = Config::load(&args.config)?.load_plan()?;
+    let config = Config::load(&args.config)?;
+    let loaded = config.load_plan()?;
     let plan = loaded.plan.clone();
     for w in plan.config().unweighted_warnings(&plan.domain_names()) {
         eprintln!("warning: {}: {w}", args.config.display());
     }
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = std::time::Instant::now();
-    let mut planner = plan.seek(args.from);
+    let mut planner = seek(&config, &plan, args.from, args.no_checkpoints);
     let seek_ms = t1.elapsed().as_secs_f64() * 1e3;
     let window = args.window.unwrap_or((args.steps / 10).max(1)).max(1);
     let mut tally = Tally::new(&plan);
@@ -140,9 +151,10 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
             args.dp_size
         );
     }
-    let loaded = Config::load(&args.config)?.load_plan()?;
+    let config = Config::load(&args.config)?;
+    let loaded = config.load_plan()?;
     let plan = loaded.plan.clone();
-    let mut planner = plan.seek(args.step);
+    let mut planner = seek(&config, &plan, args.step, args.no_checkpoints);
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count {
         let batch = planner.next_batch();
@@ -170,6 +182,19 @@ fn refuse_poisoned(shards: &[Vec<std::sync::Arc<millrace::corpus::Shard>>]) -> R
         }
     }
     Ok(())
+}
+
+/// The planner at trainer step `step`: from the nearest plan checkpoint in the config's
+/// cache (leaving new ones behind), or by the plain replay from step 0 with `plain` or
+/// when there is no cache directory. The daemon's seeks take the same path.
+fn seek(config: &Config, plan: &Arc<Plan>, step: u64, plain: bool) -> Planner {
+    let store = (!plain)
+        .then(|| CheckpointDir::for_config(config, plan))
+        .flatten();
+    let never = AtomicBool::new(false);
+    store
+        .and_then(|s| plan.seek_with(step, &s, &never))
+        .unwrap_or_else(|| plan.seek(step))
 }
 
 /// This process's resident memory by kind (Linux), to tell the planner's own memory

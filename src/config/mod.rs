@@ -102,7 +102,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorpusConfig {
-    /// Where derived indexes (raw-array boundaries) go; never the data itself.
+    /// Where derived data goes (raw-array boundaries, shard identities, plan
+    /// checkpoints); never the corpus itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
     /// The domains, in the order that ids are assigned.

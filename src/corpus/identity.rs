@@ -110,7 +110,7 @@ impl IdentityCache {
     /// (`$XDG_CACHE_HOME/millrace`, else `~/.cache/millrace`). When no directory can be
     /// created, identities are computed at every start, as before the cache existed.
     pub fn new(dir: Option<&Path>) -> IdentityCache {
-        let base = dir.map(Path::to_path_buf).or_else(default_dir);
+        let base = dir.map(Path::to_path_buf).or_else(default_cache_root);
         let dir = base
             .map(|b| b.join("identity"))
             .filter(|d| match std::fs::create_dir_all(d) {
@@ -234,16 +234,26 @@ impl IdentityCache {
     }
 }
 
-/// `$XDG_CACHE_HOME/millrace`, else `$HOME/.cache/millrace`.
-fn default_dir() -> Option<PathBuf> {
-    let nonempty = |v: &str| {
+/// The cache directory used when the config names none: systemd's `$CACHE_DIRECTORY`
+/// (the unit's `CacheDirectory=`), else `$XDG_CACHE_HOME/millrace`, else
+/// `$HOME/.cache/millrace` (absolute paths only). Shard identities and plan checkpoints
+/// both live under it.
+pub fn default_cache_root() -> Option<PathBuf> {
+    let absolute = |v: &str| {
         std::env::var_os(v)
-            .filter(|s| !s.is_empty())
             .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
     };
-    nonempty("XDG_CACHE_HOME")
-        .or_else(|| nonempty("HOME").map(|h| h.join(".cache")))
-        .map(|c| c.join("millrace"))
+    // systemd may list several, colon-separated; the first is the unit's own.
+    let systemd = std::env::var_os("CACHE_DIRECTORY").and_then(|v| {
+        let first = v.to_string_lossy().split(':').next()?.to_string();
+        Some(PathBuf::from(first)).filter(|p| p.is_absolute())
+    });
+    systemd.or_else(|| {
+        absolute("XDG_CACHE_HOME")
+            .or_else(|| absolute("HOME").map(|h| h.join(".cache")))
+            .map(|c| c.join("millrace"))
+    })
 }
 
 fn shard_name(shard: &Shard) -> String {

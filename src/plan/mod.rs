@@ -8,8 +8,10 @@
 //! windows) -> `stream` (a domain's row stream) -> [`mix`] (rows per domain per step) ->
 //! [`Planner::next_batch`] (the global batch, positions shuffled) ->
 //! [`GlobalBatch::rank_rows`] (one rank's slice). [`cursor`] records where a [`Planner`]
-//! is; `resume` checks a blob against the plan and `fingerprint` names what it is for.
+//! is; `resume` checks a blob against the plan and `fingerprint` names what it is for;
+//! `checkpoint` lets a seek start from a stored planner instead of step 0.
 
+mod checkpoint;
 pub mod cursor;
 mod domain;
 mod fingerprint;
@@ -30,6 +32,7 @@ use serde::Serialize;
 use crate::config::plan::{
     validate_weights, DomainSettings, GroupMode, PlanConfig, SchedulePoint, SettingError,
 };
+pub use checkpoint::{CheckpointKey, Checkpoints, MemCheckpoints, CHECKPOINT_ROWS, MAX_TRIES};
 pub use cursor::CursorError;
 pub use domain::{DocSource, DomainInput, MemShard};
 pub use journal::{Change, ChangeError};

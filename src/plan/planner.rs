@@ -1,12 +1,14 @@
 //! A position in the run: the [`Planner`] that produces global batches one after
 //! another, and the ways to get one (from step 0, or by seeking to any step without
-//! building rows). Restoring one from a cursor blob is in `resume`.
+//! building rows). Restoring one from a cursor blob is in `resume`; seeking from a
+//! stored checkpoint instead of step 0 is in `checkpoint`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::checkpoint::Checkpoints;
 use super::cursor;
 use super::mix::MixState;
 use super::permute::{derive_key, Permutation};
@@ -38,7 +40,7 @@ impl Plan {
     /// go [`SEEK_CHUNK`] plan steps at a time, so memory stays bounded at any step.
     pub fn seek(self: &Arc<Self>, step: u64) -> Planner {
         let mut p = self.start();
-        self.replay(&mut p, step, SEEK_CHUNK, &AtomicBool::new(false));
+        self.replay(&mut p, step, SEEK_CHUNK, None, &AtomicBool::new(false));
         p
     }
 
@@ -58,26 +60,39 @@ impl Plan {
         cancel: &AtomicBool,
     ) -> Option<Planner> {
         let mut p = self.start();
-        self.replay(&mut p, step, chunk, cancel).then_some(p)
+        self.replay(&mut p, step, chunk, None, cancel).then_some(p)
     }
 
-    /// Moves the fresh planner `p` to trainer step `step`, `chunk` plan steps at a time:
-    /// mixer counts for a chunk (O(domains x chunk) memory), then every domain replays
-    /// them, then the next chunk. Returns false, with `p` part-way, when cancelled.
-    fn replay(&self, p: &mut Planner, step: u64, chunk: u64, cancel: &AtomicBool) -> bool {
+    /// Moves planner `p` (at or before trainer step `step`'s plan step) to `step`,
+    /// `chunk` plan steps at a time: mixer counts for a chunk (O(domains x chunk)
+    /// memory), then every domain replays them, then the next chunk. With `keep`, chunks
+    /// also end at every multiple of its interval, where the planner is offered to the
+    /// store as a checkpoint. Returns false, with `p` part-way, when cancelled.
+    pub(super) fn replay(
+        &self,
+        p: &mut Planner,
+        step: u64,
+        chunk: u64,
+        keep: Option<(u64, &dyn Checkpoints)>,
+        cancel: &AtomicBool,
+    ) -> bool {
         let target = self.plan_step_of(step);
         let n = self.domains.len();
         let chunk = chunk.max(1);
-        let cap = chunk.min(target) as usize;
+        let mut from = p.plan_step;
+        let cap = chunk.min(target.saturating_sub(from)) as usize;
         let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(cap); n];
-        let mut from = 0u64;
         let mut done = true;
         while from < target {
             if cancel.load(Ordering::Relaxed) {
                 done = false;
                 break;
             }
-            let to = target.min(from.saturating_add(chunk));
+            let mut to = target.min(from.saturating_add(chunk));
+            if let Some((every, _)) = keep {
+                let every = every.max(1);
+                to = to.min((from / every).saturating_add(1).saturating_mul(every));
+            }
             for c in counts.iter_mut() {
                 c.clear();
             }
@@ -109,6 +124,15 @@ impl Plan {
                 .enumerate()
                 .for_each(|(d, stream)| replay(d, stream));
             from = to;
+            p.plan_step = to;
+            if let Some((every, store)) = keep {
+                if to % every.max(1) == 0 {
+                    let key = self.checkpoint_key(to);
+                    if !store.has(&key) {
+                        store.store(&key, &self.checkpoint_blob(p));
+                    }
+                }
+            }
         }
         if done {
             p.plan_step = target;
@@ -225,10 +249,15 @@ impl Planner {
 
     /// The cursor blob for "everything before `step()` has been delivered".
     pub fn cursor(&self) -> Vec<u8> {
+        self.blob(self.step)
+    }
+
+    /// The cursor blob of this planner's state recorded as trainer step `step`.
+    pub(super) fn blob(&self, step: u64) -> Vec<u8> {
         cursor::encode(&cursor::CursorData {
             fingerprint: cursor::Fingerprint::Binary(self.plan.fingerprint),
             history: self.plan.history(self.plan_step),
-            step: self.step,
+            step,
             plan_step: self.plan_step,
             mix: self.mix.clone(),
             streams: self.streams.iter().map(|s| s.state.clone()).collect(),

@@ -114,6 +114,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
             ring_budget: serve
                 .ring_memory_bytes
                 .unwrap_or_else(budget::default_ring_budget),
+            checkpoints: crate::plan_cache::cache_root(&l.cfg),
         },
     ));
     let daemon = Arc::new(Daemon {

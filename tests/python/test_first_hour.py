@@ -48,6 +48,10 @@ class User:
         self.runtime = home / "run"
         self.runtime.mkdir(mode=0o700)
         self.chown(self.runtime)
+        # And a cache directory of the user's own, as a home has (shard identities and
+        # plan checkpoints go there).
+        (home / ".cache").mkdir(mode=0o700)
+        self.chown(home / ".cache")
         self.env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
                     "XDG_RUNTIME_DIR": str(self.runtime)}
 

@@ -194,14 +194,22 @@ impl Hub {
             return Ok(None);
         }
         let step = hello.start_step.unwrap_or(0);
-        plan.seek_cancellable(step, cancel)
-            .map(Some)
-            .ok_or_else(|| {
-                Refusal::new(
-                    Code::Cancelled,
-                    format!("the client left while the daemon sought step {step}"),
-                )
-            })
+        // From the nearest plan checkpoint when the daemon has a cache directory (the
+        // same path as `plan --from`); the result is the plain replay's either way.
+        let sought = match &self.settings.checkpoints {
+            Some(root) => plan.seek_with(
+                step,
+                &crate::plan_cache::CheckpointDir::new(root, plan),
+                cancel,
+            ),
+            None => plan.seek_cancellable(step, cancel),
+        };
+        sought.map(Some).ok_or_else(|| {
+            Refusal::new(
+                Code::Cancelled,
+                format!("the client left while the daemon sought step {step}"),
+            )
+        })
     }
 
     /// Whether the daemon takes one more client now: it is not stopping, has room, and

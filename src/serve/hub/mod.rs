@@ -50,6 +50,9 @@ pub struct HubSettings {
     /// Most bytes all rings together may take (`[serve] ring_memory_bytes`): a job whose
     /// ring would pass it is refused with `memory`.
     pub ring_budget: u64,
+    /// Cache root for plan checkpoints (`crate::plan_cache`), so a client's
+    /// `start_step` seek starts from the nearest one; `None`: seeks replay from step 0.
+    pub checkpoints: Option<std::path::PathBuf>,
 }
 
 pub use crate::sys::EventFd;

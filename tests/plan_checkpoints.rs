@@ -1,0 +1,228 @@
+//! Plan checkpoints on disk end to end (issue 16, "seek in bounded time"): `millrace plan
+//! --from` and `millrace explain --step` seek from the checkpoints an earlier seek left
+//! in the cache directory and print exactly what the plain replay (`--no-checkpoints`)
+//! prints; a corrupt checkpoint file is ignored with a warning and replaced. A daemon
+//! seeking for a client's `start_step` takes the same path and hands out the same state.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+mod common;
+
+/// Global batch rows: 1024 makes a checkpoint every 64 plan steps
+/// (`plan::CHECKPOINT_ROWS` / rows), so a seek to step 300 leaves four.
+const ROWS: u32 = 1024;
+const STEP: &str = "300";
+
+/// Runs the binary with the per-user cache pointed at `xdg`, so no test writes to the
+/// real one.
+fn run(xdg: &Path, args: &[&str]) -> Output {
+    common::bin()
+        .env("XDG_CACHE_HOME", xdg)
+        .env_remove("MILLRACE_LOG")
+        .args(args)
+        .output()
+        .expect("the millrace binary runs")
+}
+
+fn ok(xdg: &Path, args: &[&str]) -> (Value, String) {
+    let out = run(xdg, args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "millrace {args:?} failed: {err}");
+    let text = String::from_utf8(out.stdout).expect("utf-8 output");
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (v, err)
+}
+
+/// `plan --from 300 --steps 4` in JSON without its timings and memory (which vary).
+fn plan_windows(xdg: &Path, config: &str, extra: &[&str]) -> (Value, String) {
+    let mut args = vec![
+        "plan", "--config", config, "--from", STEP, "--steps", "4", "--window", "1", "--json",
+    ];
+    args.extend(extra);
+    let (mut v, err) = ok(xdg, &args);
+    let o = v.as_object_mut().expect("a JSON object");
+    o.remove("timings_ms");
+    o.remove("memory_kb");
+    (v, err)
+}
+
+fn explain(xdg: &Path, config: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["explain", "--config", config, "--step", STEP, "--json"];
+    args.extend(extra);
+    ok(xdg, &args).0
+}
+
+/// The checkpoint files under `root`, sorted.
+fn checkpoints(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(fps) = std::fs::read_dir(root.join("plan-checkpoints")) else {
+        return out;
+    };
+    for fp in fps.flatten() {
+        for f in std::fs::read_dir(fp.path()).unwrap().flatten() {
+            out.push(f.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The corpus's config with `seq_len` 32, [`ROWS`] rows and, with `cache`, `[corpus]
+/// cache_dir` set.
+fn config(dir: &Path, file: &str, cache: Option<&Path>) -> String {
+    config_serving(dir, file, cache, &[])
+}
+
+/// [`config`] with `[serve]` lines.
+fn config_serving(dir: &Path, file: &str, cache: Option<&Path>, serve: &[&str]) -> String {
+    let path = common::write_config(dir, file, 32, ROWS, serve);
+    if let Some(cache) = cache {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut doc: toml::Table = toml::from_str(&text).unwrap();
+        let corpus = doc.get_mut("corpus").unwrap().as_table_mut().unwrap();
+        corpus.insert(
+            "cache_dir".into(),
+            toml::Value::String(cache.to_str().unwrap().into()),
+        );
+        std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    }
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn plan_and_explain_seek_from_checkpoints_as_the_replay_does() {
+    let c = common::corpus(2_000_000, 3, 16, 1_000_000);
+    let xdg = c.tmp.path().join("xdg");
+    let cfg = config(&c.dir, "ck.toml", None);
+    let root = xdg.join("millrace");
+
+    let (plain, _) = plan_windows(&xdg, &cfg, &["--no-checkpoints"]);
+    let plain_explain = explain(&xdg, &cfg, &["--no-checkpoints"]);
+    assert!(
+        checkpoints(&root).is_empty(),
+        "--no-checkpoints wrote {:?}",
+        checkpoints(&root)
+    );
+
+    // Cold: the seek replays from step 0 and leaves a checkpoint at plan steps 64 ... 256.
+    let (cold, err) = plan_windows(&xdg, &cfg, &[]);
+    assert_eq!(cold, plain, "cold checkpointed seek");
+    assert!(!err.contains("warning"), "{err}");
+    let files = checkpoints(&root);
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy()[..16].to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "0000000000000040",
+            "0000000000000080",
+            "00000000000000c0",
+            "0000000000000100"
+        ],
+        "{files:?}"
+    );
+
+    // Warm: from the checkpoint at 256, for `plan` and `explain` alike.
+    let (warm, err) = plan_windows(&xdg, &cfg, &[]);
+    assert_eq!(warm, plain, "warm checkpointed seek");
+    assert!(!err.contains("warning"), "{err}");
+    assert_eq!(explain(&xdg, &cfg, &[]), plain_explain);
+
+    // Corrupt files are ignored with a warning naming them, removed, and rewritten by
+    // the seek that replays past them.
+    for f in &files {
+        let mut b = std::fs::read(f).unwrap();
+        let n = b.len();
+        b[n / 2] ^= 0xff;
+        std::fs::write(f, b).unwrap();
+    }
+    let (after, err) = plan_windows(&xdg, &cfg, &[]);
+    assert_eq!(after, plain, "seek over corrupt checkpoints");
+    assert!(
+        err.contains("ignoring plan checkpoint") && err.contains("checksum"),
+        "{err}"
+    );
+    assert_eq!(checkpoints(&root), files, "the corrupt files are replaced");
+    let (again, err) = plan_windows(&xdg, &cfg, &[]);
+    assert_eq!(again, plain);
+    assert!(!err.contains("warning"), "{err}");
+}
+
+#[test]
+fn checkpoints_go_to_the_configured_cache_dir_and_an_unwritable_one_warns_once() {
+    let c = common::corpus(2_000_000, 2, 17, 1_000_000);
+    let xdg = c.tmp.path().join("xdg");
+    let cache = c.tmp.path().join("cache");
+    let cfg = config(&c.dir, "ck.toml", Some(&cache));
+    let (plain, _) = plan_windows(&xdg, &cfg, &["--no-checkpoints"]);
+    let (v, _) = plan_windows(&xdg, &cfg, &[]);
+    assert_eq!(v, plain);
+    assert_eq!(checkpoints(&cache).len(), 4);
+    assert!(checkpoints(&xdg.join("millrace")).is_empty());
+
+    // A cache_dir that is a file cannot hold checkpoints: one warning, same batches.
+    let blocked = c.tmp.path().join("blocked");
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let cfg = config(&c.dir, "blocked.toml", Some(&blocked));
+    let (v, err) = plan_windows(&xdg, &cfg, &[]);
+    assert_eq!(v, plain);
+    assert_eq!(
+        err.matches("cannot write plan checkpoints").count(),
+        1,
+        "{err}"
+    );
+}
+
+/// The daemon's seek for a client's `start_step` leaves checkpoints in `[corpus]
+/// cache_dir` and starts the next one from them, and the state it hands out (the cursor
+/// of the first batch, which records the whole planner) is the plain replay's, cold,
+/// warm and over corrupt checkpoints.
+#[test]
+fn the_daemon_seeks_from_checkpoints_to_the_same_state() {
+    use millrace::client::{Client, Hello};
+    let c = common::corpus(2_000_000, 3, 18, 1_000_000);
+    let cache = c.tmp.path().join("cache");
+    let socket = c.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 2, 1);
+    let cfg = config_serving(&c.dir, "serve.toml", Some(&cache), &[&serve]);
+    let plan = millrace::config::Config::load(Path::new(&cfg))
+        .and_then(|c| c.load_plan())
+        .expect("the test config plans")
+        .plan;
+    let mut want = plan.seek(300);
+    want.next_batch();
+    let want = want.cursor();
+    let log = c.dir.join("serve.log");
+    let serve = common::Serve::start(Path::new(&cfg), &socket, &log);
+    let first_cursor = |job: &str| {
+        let mut h = Hello::whole_slice(0, 1);
+        h.job = job.into();
+        h.start_step = Some(300);
+        let mut client = Client::connect(&socket, &h).unwrap_or_else(|e| panic!("connect: {e}"));
+        client.set_timeout(Some(std::time::Duration::from_secs(60)));
+        assert_eq!(client.welcome().start_step, 300);
+        let step = client.next_batch().expect("a first batch").step;
+        assert_eq!(step, 300);
+        client.last_cursor().expect("a cursor").to_vec()
+    };
+    assert_eq!(first_cursor("cold"), want, "cold seek in the daemon");
+    let files = checkpoints(&cache);
+    assert_eq!(files.len(), 4, "{files:?}");
+    assert_eq!(first_cursor("warm"), want, "warm seek in the daemon");
+    for f in &files {
+        std::fs::write(f, b"MILLRACE not a checkpoint").unwrap();
+    }
+    assert_eq!(
+        first_cursor("corrupt"),
+        want,
+        "seek over corrupt checkpoints"
+    );
+    let text = serve.log_text();
+    assert!(text.contains("ignoring plan checkpoint"), "{text}");
+    drop(serve);
+}
