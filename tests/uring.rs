@@ -7,12 +7,11 @@
 
 use std::path::{Path, PathBuf};
 
-use millrace::corpus::{DType, Shard};
 use millrace::corpus::MegatronWriter;
+use millrace::corpus::{DType, Shard};
 use millrace::plan::Segment;
 use millrace::serve::uring::{
-    data_path, segment_span, PreadReader, ReadError, Span, SpanReader, UringOptions,
-    UringReader,
+    data_path, segment_span, PreadReader, ReadError, Span, SpanReader, UringOptions, UringReader,
 };
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -107,8 +106,14 @@ fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
     for round in 0..4 {
         let (spans, expect) = plan(&shards, 64, &mut rng);
         let n = expect.len();
-        assert!(fill(|d| pread.read(&spans, d), n) == expect, "pread, round {round}");
-        assert!(fill(|d| best.read(&spans, d), n) == expect, "best reader, round {round}");
+        assert!(
+            fill(|d| pread.read(&spans, d), n) == expect,
+            "pread, round {round}"
+        );
+        assert!(
+            fill(|d| best.read(&spans, d), n) == expect,
+            "best reader, round {round}"
+        );
     }
     // Small reads and a shallow queue: spans split into many pieces, slots reused.
     let small = UringOptions {
@@ -122,18 +127,29 @@ fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
     assert!(matches!(best, SpanReader::Uring(_)));
     for round in 0..4 {
         let (spans, expect) = plan(&shards, 64, &mut rng);
-        assert!(fill(|d| uring.read(&spans, d), expect.len()) == expect, "buffered, round {round}");
+        assert!(
+            fill(|d| uring.read(&spans, d), expect.len()) == expect,
+            "buffered, round {round}"
+        );
     }
     for opts in [
-        UringOptions { direct: true, ..UringOptions::default() },
-        UringOptions { direct: true, ..small },
+        UringOptions {
+            direct: true,
+            ..UringOptions::default()
+        },
+        UringOptions {
+            direct: true,
+            ..small
+        },
     ] {
         let mut direct = match UringReader::open(&paths, opts) {
             Ok(r) => r,
             // tmpfs and some overlay filesystems refuse O_DIRECT.
-            Err(ReadError::Open { direct: true, ref source, .. })
-                if source.raw_os_error() == Some(libc::EINVAL) =>
-            {
+            Err(ReadError::Open {
+                direct: true,
+                ref source,
+                ..
+            }) if source.raw_os_error() == Some(libc::EINVAL) => {
                 eprintln!("skipping O_DIRECT: the temp filesystem refuses it");
                 return;
             }
@@ -141,7 +157,10 @@ fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
         };
         for round in 0..4 {
             let (spans, expect) = plan(&shards, 64, &mut rng);
-            assert!(fill(|d| direct.read(&spans, d), expect.len()) == expect, "direct {opts:?}, round {round}");
+            assert!(
+                fill(|d| direct.read(&spans, d), expect.len()) == expect,
+                "direct {opts:?}, round {round}"
+            );
         }
         // A whole file from byte 0, block-aligned at both ends, into an aligned place of
         // the destination: the read goes straight in, with no bounce.
@@ -149,7 +168,12 @@ fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
         let blocks = whole.len() / 4096 * 4096;
         let mut dst = vec![0u8; blocks + 8192];
         let at = dst.as_ptr().align_offset(4096);
-        let span = Span { file: 0, offset: 0, len: blocks as u64, dst: at as u64 };
+        let span = Span {
+            file: 0,
+            offset: 0,
+            len: blocks as u64,
+            dst: at as u64,
+        };
         direct.read(&[span], &mut dst).unwrap();
         assert!(dst[at..at + blocks] == whole[..blocks]);
     }
@@ -164,8 +188,18 @@ fn a_span_past_the_end_of_its_file_is_a_truncated_shard_naming_file_and_bytes() 
     let len = std::fs::metadata(&paths[0]).unwrap().len();
     // Spans planned against the shard as it was; then the file loses its last 100 bytes.
     let spans = [
-        Span { file: 0, offset: 0, len: 64, dst: 0 },
-        Span { file: 0, offset: len - 300, len: 300, dst: 64 },
+        Span {
+            file: 0,
+            offset: 0,
+            len: 64,
+            dst: 0,
+        },
+        Span {
+            file: 0,
+            offset: len - 300,
+            len: 300,
+            dst: 64,
+        },
     ];
     let mut readers: Vec<(&str, SpanReader)> = vec![(
         "pread",
@@ -173,22 +207,45 @@ fn a_span_past_the_end_of_its_file_is_a_truncated_shard_naming_file_and_bytes() 
     )];
     if let Some(r) = uring_or_skip(&paths, UringOptions::default()) {
         readers.push(("uring", SpanReader::Uring(r)));
-        let direct = UringOptions { direct: true, ..UringOptions::default() };
+        let direct = UringOptions {
+            direct: true,
+            ..UringOptions::default()
+        };
         if let Ok(r) = UringReader::open(&paths, direct) {
             readers.push(("direct", SpanReader::Uring(r)));
         }
     }
-    std::fs::OpenOptions::new().write(true).open(&paths[0]).unwrap().set_len(len - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[0])
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
     for (name, r) in &mut readers {
         let mut dst = vec![0u8; 364];
         let e = r.read(&spans, &mut dst).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, ReadError::Truncated { file_len, .. } if file_len == len - 100), "{name}: {msg}");
-        assert!(msg.contains(&paths[0].display().to_string()), "{name}: {msg}");
-        assert!(msg.contains(&format!("{}..{len}", len - 300)), "{name}: {msg}");
-        assert!(msg.contains(&format!("ends at byte {}", len - 100)), "{name}: {msg}");
+        assert!(
+            matches!(e, ReadError::Truncated { file_len, .. } if file_len == len - 100),
+            "{name}: {msg}"
+        );
+        assert!(
+            msg.contains(&paths[0].display().to_string()),
+            "{name}: {msg}"
+        );
+        assert!(
+            msg.contains(&format!("{}..{len}", len - 300)),
+            "{name}: {msg}"
+        );
+        assert!(
+            msg.contains(&format!("ends at byte {}", len - 100)),
+            "{name}: {msg}"
+        );
         // The first span was read in full before the error.
-        assert!(dst[..64] == std::fs::read(&paths[0]).unwrap()[..64], "{name}");
+        assert!(
+            dst[..64] == std::fs::read(&paths[0]).unwrap()[..64],
+            "{name}"
+        );
     }
 }
 
@@ -198,18 +255,56 @@ fn spans_outside_the_files_or_the_destination_fail_before_any_read() {
     let mut rng = Pcg64::seed_from_u64(4);
     let shards = shards(dir.path(), 1, &mut rng);
     let paths = paths(&shards);
-    let mut readers = vec![SpanReader::Pread(PreadReader::open(&paths).unwrap(), String::new())];
+    let mut readers = vec![SpanReader::Pread(
+        PreadReader::open(&paths).unwrap(),
+        String::new(),
+    )];
     if let Some(r) = uring_or_skip(&paths, UringOptions::default()) {
         readers.push(SpanReader::Uring(r));
     }
     for r in &mut readers {
         let mut dst = vec![0u8; 100];
-        let e = r.read(&[Span { file: 1, offset: 0, len: 10, dst: 0 }], &mut dst).unwrap_err();
-        assert!(e.to_string().contains("file index outside the 1 registered"), "{e}");
-        let e = r.read(&[Span { file: 0, offset: 0, len: 10, dst: 95 }], &mut dst).unwrap_err();
-        assert!(e.to_string().contains("past the 100-byte destination"), "{e}");
         let e = r
-            .read(&[Span { file: 0, offset: u64::MAX, len: 10, dst: 0 }], &mut dst)
+            .read(
+                &[Span {
+                    file: 1,
+                    offset: 0,
+                    len: 10,
+                    dst: 0,
+                }],
+                &mut dst,
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("file index outside the 1 registered"),
+            "{e}"
+        );
+        let e = r
+            .read(
+                &[Span {
+                    file: 0,
+                    offset: 0,
+                    len: 10,
+                    dst: 95,
+                }],
+                &mut dst,
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("past the 100-byte destination"),
+            "{e}"
+        );
+        let e = r
+            .read(
+                &[Span {
+                    file: 0,
+                    offset: u64::MAX,
+                    len: 10,
+                    dst: 0,
+                }],
+                &mut dst,
+            )
             .unwrap_err();
         assert!(e.to_string().contains("overflows"), "{e}");
         assert!(dst.iter().all(|&b| b == 0));
