@@ -18,7 +18,7 @@
 //! checked byte for byte against pread's.
 //!
 //!     cargo bench --bench uring -- --tokens 1e9 --dir /work/bench-corpora/c9 [--bytes 1e9]
-//!         [--repeat 3] [--cold-repeat 1] [--prefetch 4] [--depth 64]
+//!         [--repeat 3] [--cold-repeat 1] [--prefetch 4] [--depth 256]
 //!
 //! The corpus is synthesized into `--dir` (as `millrace bench` does) when it holds no
 //! `millrace.toml`. Results go to docs/BENCHMARKS.md ("Reads straight into the ring").
@@ -55,7 +55,7 @@ fn args() -> Result<Args> {
         repeat: 3,
         cold_repeat: 1,
         prefetch: 4,
-        depth: 64,
+        depth: UringOptions::default().depth,
         methods: METHODS.iter().map(|m| m.to_string()).collect(),
     };
     let mut it = std::env::args().skip(1);
