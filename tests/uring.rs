@@ -206,13 +206,13 @@ fn a_span_past_the_end_of_its_file_is_a_truncated_shard_naming_file_and_bytes() 
         SpanReader::Pread(PreadReader::open(&paths).unwrap(), String::new()),
     )];
     if let Some(r) = uring_or_skip(&paths, UringOptions::default()) {
-        readers.push(("uring", SpanReader::Uring(r)));
+        readers.push(("uring", SpanReader::Uring(Box::new(r))));
         let direct = UringOptions {
             direct: true,
             ..UringOptions::default()
         };
         if let Ok(r) = UringReader::open(&paths, direct) {
-            readers.push(("direct", SpanReader::Uring(r)));
+            readers.push(("direct", SpanReader::Uring(Box::new(r))));
         }
     }
     std::fs::OpenOptions::new()
@@ -260,7 +260,7 @@ fn spans_outside_the_files_or_the_destination_fail_before_any_read() {
         String::new(),
     )];
     if let Some(r) = uring_or_skip(&paths, UringOptions::default()) {
-        readers.push(SpanReader::Uring(r));
+        readers.push(SpanReader::Uring(Box::new(r)));
     }
     for r in &mut readers {
         let mut dst = vec![0u8; 100];

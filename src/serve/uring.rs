@@ -674,7 +674,7 @@ impl UringReader {
 #[derive(Debug)]
 pub enum SpanReader {
     /// io_uring READs.
-    Uring(UringReader),
+    Uring(Box<UringReader>),
     /// `pread`, with why io_uring could not be used.
     Pread(PreadReader, String),
 }
@@ -683,7 +683,7 @@ impl SpanReader {
     /// io_uring if it can be set up, else `pread` (with the reason, for the log).
     pub fn open(paths: &[PathBuf], opts: UringOptions) -> Result<SpanReader, ReadError> {
         match UringReader::open(paths, opts) {
-            Ok(r) => Ok(SpanReader::Uring(r)),
+            Ok(r) => Ok(SpanReader::Uring(Box::new(r))),
             Err(e) if e.is_unavailable() => {
                 tracing::warn!("{e}; reading spans with pread");
                 Ok(SpanReader::Pread(PreadReader::open(paths)?, e.to_string()))
