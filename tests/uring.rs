@@ -68,8 +68,13 @@ fn plan(shards: &[Shard], pieces: usize, rng: &mut Pcg64) -> (Vec<Span>, Vec<u8>
     (spans, expect)
 }
 
-fn paths(shards: &[Shard]) -> Vec<PathBuf> {
-    shards.iter().map(|s| data_path(s).to_path_buf()).collect()
+/// A temporary directory of `count` random shards, and their token files.
+fn setup(seed: u64, count: usize) -> (tempfile::TempDir, Pcg64, Vec<Shard>, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Pcg64::seed_from_u64(seed);
+    let shards = shards(dir.path(), count, &mut rng);
+    let paths = shards.iter().map(|s| data_path(s).to_path_buf()).collect();
+    (dir, rng, shards, paths)
 }
 
 /// Reads into a buffer pre-filled like the reference's gaps, so untouched bytes match.
@@ -97,10 +102,7 @@ fn uring_or_skip(paths: &[PathBuf], opts: UringOptions) -> Option<UringReader> {
 
 #[test]
 fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Pcg64::seed_from_u64(15);
-    let shards = shards(dir.path(), 3, &mut rng);
-    let paths = paths(&shards);
+    let (_dir, mut rng, shards, paths) = setup(15, 3);
     let mut pread = PreadReader::open(&paths).unwrap();
     let mut best = SpanReader::open(&paths, UringOptions::default()).unwrap();
     for round in 0..4 {
@@ -181,10 +183,7 @@ fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
 
 #[test]
 fn a_span_past_the_end_of_its_file_is_a_truncated_shard_naming_file_and_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Pcg64::seed_from_u64(3);
-    let shards = shards(dir.path(), 1, &mut rng);
-    let paths = paths(&shards);
+    let (_dir, _, _, paths) = setup(3, 1);
     let len = std::fs::metadata(&paths[0]).unwrap().len();
     // Spans planned against the shard as it was; then the file loses its last 100 bytes.
     let spans = [
@@ -251,10 +250,7 @@ fn a_span_past_the_end_of_its_file_is_a_truncated_shard_naming_file_and_bytes() 
 
 #[test]
 fn spans_outside_the_files_or_the_destination_fail_before_any_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Pcg64::seed_from_u64(4);
-    let shards = shards(dir.path(), 1, &mut rng);
-    let paths = paths(&shards);
+    let (dir, _, _, paths) = setup(4, 1);
     let mut readers = vec![SpanReader::Pread(
         PreadReader::open(&paths).unwrap(),
         String::new(),

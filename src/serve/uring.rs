@@ -446,11 +446,6 @@ impl UringReader {
         })
     }
 
-    /// The options in force (depth and read size after clamping).
-    pub fn options(&self) -> UringOptions {
-        self.opts
-    }
-
     /// Splits the spans into the reads to submit.
     fn ops(&self, spans: &[Span], dst: &[u8]) -> Vec<Op> {
         let max = self.opts.max_op_bytes as u64;
