@@ -82,8 +82,9 @@ pub struct UringOptions {
 
 impl Default for UringOptions {
     fn default() -> Self {
-        // Depth 256 read cold spans of a 10^9-token corpus 1.14x faster than 64 did
-        // (docs/BENCHMARKS.md); 128 KiB pieces keep O_DIRECT's bounce buffers at 34 MiB.
+        // Cold short spans want many reads in flight: at depth 64 buffered reads ran at
+        // 0.80x the mmap+WILLNEED copy, at 256 at 0.96-1.14x (docs/BENCHMARKS.md). 128 KiB
+        // pieces keep O_DIRECT's 256 bounce buffers at 34 MiB.
         UringOptions {
             depth: 256,
             max_op_bytes: 128 << 10,
