@@ -3,7 +3,8 @@
 //! mmap copy does, for random spans of random documents; truncated shards and bad spans
 //! fail with errors naming the file and the bytes. Where the kernel refuses io_uring
 //! (old kernel, seccomp, `io_uring_disabled`), the io_uring checks assert the refusal is
-//! the typed "unavailable" error and that `SpanReader` falls back to pread, and print why.
+//! the typed "unavailable" error and that `SpanReader` falls back to pread, and print why;
+//! a seccomp filter on one test thread makes that refusal happen on every machine.
 
 use std::path::{Path, PathBuf};
 
@@ -307,4 +308,79 @@ fn spans_outside_the_files_or_the_destination_fail_before_any_read() {
     }
     let e = PreadReader::open(&[dir.path().join("missing.bin")]).unwrap_err();
     assert!(e.to_string().contains("missing.bin: open"), "{e}");
+}
+
+/// Makes `io_uring_setup` fail with `errno` in the calling thread only (a seccomp
+/// filter, as a container runtime installs one); false if the kernel refuses the filter.
+fn refuse_io_uring_in_this_thread(errno: i32) -> bool {
+    const LD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS: the syscall number at offset 0
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    let mut filter = [
+        libc::sock_filter {
+            code: LD_NR,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: JEQ,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: RET,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | errno as u32,
+        },
+        libc::sock_filter {
+            code: RET,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: plain prctl calls; the filter program outlives the call that copies it.
+    unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) == 0
+    }
+}
+
+#[test]
+fn where_seccomp_refuses_io_uring_the_reader_says_so_and_falls_back_to_pread() {
+    let (_dir, mut rng, shards, paths) = setup(5, 2);
+    let (spans, expect) = plan(&shards, 32, &mut rng);
+    for errno in [libc::ENOSYS, libc::EPERM] {
+        let (paths, spans, expect) = (paths.clone(), spans.clone(), expect.clone());
+        // A thread of its own: the filter stays with the thread that installed it.
+        std::thread::spawn(move || {
+            if !refuse_io_uring_in_this_thread(errno) {
+                eprintln!("skipping: the kernel refused a seccomp filter");
+                return;
+            }
+            let e = UringReader::open(&paths, UringOptions::default()).unwrap_err();
+            assert!(e.is_unavailable(), "{e}");
+            let why = e.to_string();
+            assert!(
+                why.starts_with("io_uring is unavailable: io_uring_setup: "),
+                "{why}"
+            );
+            assert!(
+                why.contains(&std::io::Error::from_raw_os_error(errno).to_string()),
+                "{why}"
+            );
+            let mut r = SpanReader::open(&paths, UringOptions::default()).unwrap();
+            assert!(matches!(r, SpanReader::Pread(_, ref w) if *w == why));
+            assert!(fill(|d| r.read(&spans, d), expect.len()) == expect);
+        })
+        .join()
+        .unwrap();
+    }
 }
