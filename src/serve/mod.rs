@@ -24,6 +24,7 @@ pub mod hub;
 pub mod limits;
 pub mod notify;
 pub mod ring;
+pub mod uring;
 
 mod connections;
 mod load;

@@ -1,0 +1,698 @@
+//! Reading planned token spans straight from shard files into a destination buffer (a
+//! compact slot) with io_uring READs, and the `pread` reader the daemon falls back to
+//! where io_uring is unavailable (issue 15 item 4).
+//!
+//! A span is a byte range of a shard's token file and the offset where it lands in the
+//! destination; one planned step is a list of them. With compact slots the bytes land
+//! unchanged, so a READ can fill the slot with no page faults in the daemon and no
+//! mapping of the shard's pages. [`UringReader`] registers the shard files once, splits
+//! the spans into reads of at most `max_op_bytes`, keeps at most `depth` of them in
+//! flight, and submits them in batches. With `direct` it reads through `O_DIRECT`
+//! descriptors (no page cache, for cold multi-TB corpora): a read whose file offset,
+//! length and destination address are all aligned as the file's filesystem requires
+//! (`statx` `STATX_DIOALIGN`, else [`DIRECT_ALIGN`]) goes straight into the
+//! destination; any other goes through an aligned bounce buffer and is copied out.
+//! Buffered descriptors are advised `POSIX_FADV_RANDOM`: the spans are all the plan
+//! needs, so readahead around them would only read bytes nobody asked for.
+//!
+//! Every failure names the file and the byte range; a read that ends early is the
+//! truncated-shard error it is, never zeros in a slot. docs/DESIGN.md ("Page cache")
+//! has the measurement that decides which reader fills slots by default.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use io_uring::{opcode, types, IoUring, Probe};
+
+use crate::corpus::Shard;
+use crate::plan::Segment;
+
+/// Alignment of `O_DIRECT` reads where the filesystem does not report its own (before
+/// Linux 6.1): the largest logical block size of common devices, right on every disk.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// The largest `O_DIRECT` alignment a filesystem may ask for and still be used; bounce
+/// buffers are sized for it.
+const MAX_ALIGN: usize = 1 << 16;
+
+/// The `O_DIRECT` alignment of `f` (offsets, lengths and buffer addresses): what the
+/// filesystem reports, so a 512-byte-sector disk reads 512-byte blocks around a short
+/// span instead of 4 KiB pages.
+fn direct_align(f: &File) -> usize {
+    use rustix::fs::{statx, AtFlags, StatxFlags};
+    match statx(f, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
+        Ok(st) if st.stx_mask & StatxFlags::DIOALIGN.bits() != 0 => {
+            let a = (st.stx_dio_offset_align as usize).max(st.stx_dio_mem_align as usize);
+            if a.is_power_of_two() && a <= MAX_ALIGN {
+                a
+            } else {
+                DIRECT_ALIGN
+            }
+        }
+        _ => DIRECT_ALIGN,
+    }
+}
+
+/// One byte range of a registered file and where it lands in the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Index of the file in the list the reader was opened with.
+    pub file: u32,
+    /// First byte in the file.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// First byte in the destination.
+    pub dst: u64,
+}
+
+/// How a [`UringReader`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UringOptions {
+    /// Most reads in flight at once (the submission queue's size).
+    pub depth: u32,
+    /// Longest single read; longer spans are split so one document cannot serialize a step.
+    pub max_op_bytes: u32,
+    /// Read through `O_DIRECT` descriptors, bypassing the page cache.
+    pub direct: bool,
+}
+
+impl Default for UringOptions {
+    fn default() -> Self {
+        // Cold short spans want many reads in flight: at depth 64 buffered reads ran at
+        // 0.80x the mmap+WILLNEED copy, at 256 at 0.96-1.14x (docs/BENCHMARKS.md). 128 KiB
+        // pieces keep O_DIRECT's 256 bounce buffers at 34 MiB.
+        UringOptions {
+            depth: 256,
+            max_op_bytes: 128 << 10,
+            direct: false,
+        }
+    }
+}
+
+/// Why spans could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// io_uring cannot be used here (old kernel, seccomp, `io_uring_disabled`); the
+    /// caller should fall back to [`PreadReader`] or the mmap copy.
+    #[error("io_uring is unavailable: {what}: {source}")]
+    Unavailable {
+        /// Which step of the setup failed.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A shard file could not be opened.
+    #[error("{}: open{}: {source}", path.display(), if *direct { " with O_DIRECT" } else { "" })]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Whether it was the `O_DIRECT` descriptor.
+        direct: bool,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A read failed.
+    #[error("{}: read of bytes {offset}..{end}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// First byte of the failed read.
+        offset: u64,
+        /// One past its last byte.
+        end: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file ended before a planned span did: the shard was truncated.
+    #[error(
+        "{}: truncated: bytes {offset}..{end} were planned but the file now ends at byte {file_len}",
+        path.display()
+    )]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// First byte of the read that came up short.
+        offset: u64,
+        /// One past the last byte it needed.
+        end: u64,
+        /// The file's length now (`u64::MAX` when even `fstat` failed).
+        file_len: u64,
+    },
+    /// A span names no registered file or does not fit the destination.
+    #[error("span {index} {span:?}: {what}")]
+    BadSpan {
+        /// Its position in the list.
+        index: usize,
+        /// The span.
+        span: Span,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The ring itself failed (registering files, entering the kernel).
+    #[error("io_uring: {what}: {source}")]
+    Ring {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl ReadError {
+    /// Whether the error means "io_uring is not available here", the one a caller
+    /// answers by falling back rather than failing.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ReadError::Unavailable { .. })
+    }
+}
+
+/// The byte range of `seg` in `shard`'s token file, landing at `dst`: what a compact
+/// slot reads for one planned segment. `None` for an empty segment.
+pub fn segment_span(
+    shard: &Shard,
+    file: u32,
+    seg: &Segment,
+    dst: u64,
+) -> crate::corpus::Result<Option<Span>> {
+    if seg.len == 0 {
+        return Ok(None);
+    }
+    let tokens = shard.doc_tokens(seg.doc)?;
+    let size = tokens.dtype().size() as u64;
+    // Both borrow the same mapping of the whole file, so the pointer difference is the
+    // document's byte offset in it.
+    let doc_at = tokens.as_bytes().as_ptr() as u64 - shard.data().as_ptr() as u64;
+    let end = seg.start.saturating_add(seg.len as u64);
+    if end > tokens.len() as u64 {
+        return Err(crate::corpus::CorpusError::invalid(
+            shard.path(),
+            format!(
+                "document {}: tokens {}..{end} planned, the document has {}",
+                seg.doc,
+                seg.start,
+                tokens.len()
+            ),
+        ));
+    }
+    Ok(Some(Span {
+        file,
+        offset: doc_at + seg.start * size,
+        len: seg.len as u64 * size,
+        dst,
+    }))
+}
+
+/// The token file a shard's spans are read from (`.bin`, or the raw file).
+pub fn data_path(shard: &Shard) -> &Path {
+    match (shard.as_megatron(), shard.as_raw()) {
+        (Some(m), _) => m.bin_path(),
+        (None, Some(r)) => r.path(),
+        (None, None) => shard.path(),
+    }
+}
+
+/// Checks every span against the files and the destination before any read starts, so a
+/// bad plan fails whole instead of half-filling a slot.
+fn check_spans(spans: &[Span], files: usize, dst_len: usize) -> Result<(), ReadError> {
+    for (index, s) in spans.iter().enumerate() {
+        let bad = |what: String| ReadError::BadSpan {
+            index,
+            span: *s,
+            what,
+        };
+        if s.file as usize >= files {
+            return Err(bad(format!("file index outside the {files} registered")));
+        }
+        if s.offset.checked_add(s.len).is_none() {
+            return Err(bad("file range overflows".into()));
+        }
+        match s.dst.checked_add(s.len) {
+            Some(e) if e <= dst_len as u64 => {}
+            _ => return Err(bad(format!("ends past the {dst_len}-byte destination"))),
+        }
+    }
+    Ok(())
+}
+
+/// The file's current length for a [`ReadError::Truncated`].
+fn file_len(f: &File) -> u64 {
+    f.metadata().map(|m| m.len()).unwrap_or(u64::MAX)
+}
+
+/// One shard file as the readers hold it.
+#[derive(Debug)]
+struct SpanFile {
+    path: PathBuf,
+    file: File,
+    direct: Option<File>,
+    /// `O_DIRECT` alignment (direct mode only).
+    align: usize,
+}
+
+fn open_files(paths: &[PathBuf], direct: bool) -> Result<Vec<SpanFile>, ReadError> {
+    paths
+        .iter()
+        .map(|p| {
+            let open = |flags: i32| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(flags)
+                    .open(p)
+                    .map_err(|source| ReadError::Open {
+                        path: p.clone(),
+                        direct: flags != 0,
+                        source,
+                    })
+            };
+            let file = open(0)?;
+            // The reads are exactly the planned spans, so the kernel's readahead would
+            // only read bytes nobody asked for (a cold random read of one page would read
+            // four). Advice only; a filesystem that ignores it is still read correctly.
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Random);
+            let direct = if direct {
+                Some(open(libc::O_DIRECT)?)
+            } else {
+                None
+            };
+            Ok(SpanFile {
+                path: p.clone(),
+                file,
+                align: direct.as_ref().map_or(DIRECT_ALIGN, direct_align),
+                direct,
+            })
+        })
+        .collect()
+}
+
+/// Reads spans with `pread`: the fallback where io_uring is unavailable, and the
+/// reference the benchmark compares io_uring with.
+#[derive(Debug)]
+pub struct PreadReader {
+    files: Vec<SpanFile>,
+}
+
+impl PreadReader {
+    /// Opens `paths` (span `file` indexes this list).
+    pub fn open(paths: &[PathBuf]) -> Result<PreadReader, ReadError> {
+        Ok(PreadReader {
+            files: open_files(paths, false)?,
+        })
+    }
+
+    /// Fills `dst` from `spans`, one `pread` loop per span.
+    pub fn read(&mut self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
+        check_spans(spans, self.files.len(), dst.len())?;
+        for s in spans {
+            let f = &self.files[s.file as usize];
+            let out = &mut dst[s.dst as usize..(s.dst + s.len) as usize];
+            let mut done = 0usize;
+            while done < out.len() {
+                let at = s.offset + done as u64;
+                match f.file.read_at(&mut out[done..], at) {
+                    Ok(0) => {
+                        return Err(ReadError::Truncated {
+                            path: f.path.clone(),
+                            offset: s.offset,
+                            end: s.offset + s.len,
+                            file_len: file_len(&f.file),
+                        })
+                    }
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(source) => {
+                        return Err(ReadError::Read {
+                            path: f.path.clone(),
+                            offset: s.offset,
+                            end: s.offset + s.len,
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One read in flight: a piece of one span.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    /// Registered file index (the `O_DIRECT` descriptors follow the buffered ones).
+    fixed: u32,
+    file: u32,
+    /// Next file byte to read, and bytes still to read.
+    at: u64,
+    left: u32,
+    /// Where the bytes go: the destination offset, or (bounced) the position in the
+    /// slot's bounce buffer.
+    to: usize,
+    /// Bounced: the piece's destination offset, and how many bytes of the bounce buffer
+    /// to skip (the alignment padding before the piece) and to copy.
+    bounce: Option<(usize, usize, usize)>,
+    /// The piece's file range, for errors.
+    first: u64,
+    end: u64,
+}
+
+/// Reads spans with io_uring: see the file comment.
+pub struct UringReader {
+    ring: IoUring,
+    files: Vec<SpanFile>,
+    opts: UringOptions,
+    /// `depth` aligned bounce buffers of `bounce_len` bytes (direct mode only), starting
+    /// `bounce_at` bytes into `bounce_mem`.
+    bounce_mem: Vec<u8>,
+    bounce_at: usize,
+    bounce_len: usize,
+}
+
+impl std::fmt::Debug for UringReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringReader")
+            .field("files", &self.files)
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UringReader {
+    /// Sets up a ring of `opts.depth` entries and registers `paths` (span `file` indexes
+    /// this list). [`ReadError::Unavailable`] when the kernel refuses io_uring or lacks
+    /// `IORING_OP_READ` (before 5.6).
+    pub fn open(paths: &[PathBuf], opts: UringOptions) -> Result<UringReader, ReadError> {
+        let opts = UringOptions {
+            depth: opts.depth.clamp(1, 4096),
+            max_op_bytes: (opts.max_op_bytes.clamp(DIRECT_ALIGN as u32, 1 << 30)
+                / DIRECT_ALIGN as u32)
+                * DIRECT_ALIGN as u32,
+            ..opts
+        };
+        let ring = IoUring::new(opts.depth).map_err(|source| ReadError::Unavailable {
+            what: "io_uring_setup",
+            source,
+        })?;
+        let mut probe = Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|source| ReadError::Unavailable {
+                what: "probing the kernel's opcodes",
+                source,
+            })?;
+        if !probe.is_supported(opcode::Read::CODE) {
+            return Err(ReadError::Unavailable {
+                what: "IORING_OP_READ",
+                source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            });
+        }
+        let files = open_files(paths, opts.direct)?;
+        let fds: Vec<i32> = files
+            .iter()
+            .map(|f| f.file.as_raw_fd())
+            .chain(
+                files
+                    .iter()
+                    .filter_map(|f| f.direct.as_ref().map(|d| d.as_raw_fd())),
+            )
+            .collect();
+        if !fds.is_empty() {
+            ring.submitter()
+                .register_files(&fds)
+                .map_err(|source| ReadError::Ring {
+                    what: "registering the shard files",
+                    source,
+                })?;
+        }
+        // A bounced piece spans at most max_op_bytes plus one block of padding each side.
+        let bounce_len = if opts.direct {
+            let align = files.iter().map(|f| f.align).max().unwrap_or(DIRECT_ALIGN);
+            (opts.max_op_bytes as usize + 2 * align).next_multiple_of(align)
+        } else {
+            0
+        };
+        // The memory starts on a MAX_ALIGN boundary and bounce_len is a multiple of every
+        // file's alignment (all powers of two), so each bounce buffer starts aligned.
+        let bounce_mem = vec![0u8; bounce_len * opts.depth as usize + MAX_ALIGN];
+        let bounce_at = bounce_mem.as_ptr().align_offset(MAX_ALIGN);
+        Ok(UringReader {
+            ring,
+            files,
+            opts,
+            bounce_mem,
+            bounce_at,
+            bounce_len,
+        })
+    }
+
+    /// Splits the spans into the reads to submit.
+    fn ops(&self, spans: &[Span], dst: &[u8]) -> Vec<Op> {
+        let max = self.opts.max_op_bytes as u64;
+        let n = self.files.len() as u32;
+        let mut out = Vec::new();
+        for s in spans {
+            let mut done = 0u64;
+            while done < s.len {
+                let len = (s.len - done).min(max);
+                let (first, to) = (s.offset + done, (s.dst + done) as usize);
+                done += len;
+                let end = first + len;
+                if !self.opts.direct {
+                    out.push(Op {
+                        fixed: s.file,
+                        file: s.file,
+                        at: first,
+                        left: len as u32,
+                        to,
+                        bounce: None,
+                        first,
+                        end,
+                    });
+                    continue;
+                }
+                let a = self.files[s.file as usize].align as u64;
+                let aligned = first % a == 0
+                    && len % a == 0
+                    && (dst.as_ptr() as usize + to) % a as usize == 0;
+                let start = first / a * a;
+                let stop = end.div_ceil(a) * a;
+                out.push(Op {
+                    fixed: n + s.file,
+                    file: s.file,
+                    at: start,
+                    left: (stop - start) as u32,
+                    to: if aligned { to } else { 0 },
+                    bounce: (!aligned).then_some((to, (first - start) as usize, len as usize)),
+                    first,
+                    end,
+                });
+            }
+        }
+        out
+    }
+
+    /// Fills `dst` from `spans`. Spans should not overlap in `dst` (which bytes win is
+    /// then unspecified). On an error every read already submitted has completed before
+    /// this returns, so nothing writes into `dst` afterwards.
+    pub fn read(&mut self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
+        check_spans(spans, self.files.len(), dst.len())?;
+        let ops = self.ops(spans, dst);
+        let depth = self.opts.depth as usize;
+        let mut slots: Vec<Option<Op>> = vec![None; depth];
+        let mut free: Vec<usize> = (0..depth).rev().collect();
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut failed: Option<ReadError> = None;
+        loop {
+            while failed.is_none() && next < ops.len() {
+                let Some(k) = free.pop() else { break };
+                next += 1;
+                match self.push(k, &ops[next - 1], dst) {
+                    Ok(()) => {
+                        slots[k] = Some(ops[next - 1]);
+                        in_flight += 1;
+                    }
+                    Err(e) => {
+                        free.push(k);
+                        failed = Some(e);
+                    }
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                    ) => {}
+                // Only a broken ring fails a wait (EBADF, EFAULT, EINVAL): the kernel
+                // then holds no usable request of ours to complete.
+                Err(source) => {
+                    return Err(ReadError::Ring {
+                        what: "io_uring_enter",
+                        source,
+                    })
+                }
+            }
+            let done: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (k, res) in done {
+                let k = k as usize;
+                let Some(mut op) = slots.get_mut(k).and_then(Option::take) else {
+                    continue;
+                };
+                match self.complete(k, &mut op, res, dst) {
+                    Ok(true) => {
+                        free.push(k);
+                        in_flight -= 1;
+                    }
+                    Ok(false) if failed.is_none() => {
+                        // A short read that made progress: read the rest in the same slot
+                        // (a bounced piece keeps its bounce buffer).
+                        match self.push(k, &op, dst) {
+                            Ok(()) => slots[k] = Some(op),
+                            Err(e) => {
+                                free.push(k);
+                                in_flight -= 1;
+                                failed = Some(e);
+                            }
+                        }
+                    }
+                    Ok(false) => {
+                        free.push(k);
+                        in_flight -= 1;
+                    }
+                    Err(e) => {
+                        free.push(k);
+                        in_flight -= 1;
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues the read of `op` in slot `k` (submitted by the next `submit_and_wait`).
+    fn push(&mut self, k: usize, op: &Op, dst: &mut [u8]) -> Result<(), ReadError> {
+        let buf = match op.bounce {
+            // In range: `ops` built `to` and `left` from a checked span or a bounce slot.
+            None => dst[op.to..].as_mut_ptr(),
+            Some(_) => {
+                let at = self.bounce_at + k * self.bounce_len + op.to;
+                self.bounce_mem[at..].as_mut_ptr()
+            }
+        };
+        let sqe = opcode::Read::new(types::Fixed(op.fixed), buf, op.left)
+            .offset(op.at)
+            .build()
+            .user_data(k as u64);
+        loop {
+            // SAFETY: `buf..buf + left` lies inside `dst` or this slot's bounce buffer;
+            // `read` holds both borrowed until every submitted read has completed, and no
+            // two reads in flight share bytes (spans are checked, bounce slots are per k).
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return Ok(());
+            }
+            // The queue is full of entries not yet handed to the kernel: hand them over.
+            self.ring.submit().map_err(|source| ReadError::Ring {
+                what: "io_uring_enter",
+                source,
+            })?;
+        }
+    }
+
+    /// Accounts a completion; `Ok(true)` when the piece is done, `Ok(false)` when the rest
+    /// must be read.
+    fn complete(
+        &mut self,
+        k: usize,
+        op: &mut Op,
+        res: i32,
+        dst: &mut [u8],
+    ) -> Result<bool, ReadError> {
+        let f = &self.files[op.file as usize];
+        if res < 0 {
+            return Err(ReadError::Read {
+                path: f.path.clone(),
+                offset: op.first,
+                end: op.end,
+                source: io::Error::from_raw_os_error(-res),
+            });
+        }
+        let got = res as u32;
+        op.at += got as u64;
+        op.left -= got.min(op.left);
+        op.to += got as usize;
+        let truncated = || ReadError::Truncated {
+            path: f.path.clone(),
+            offset: op.first,
+            end: op.end,
+            file_len: file_len(&f.file),
+        };
+        match op.bounce {
+            None if op.left == 0 => Ok(true),
+            // Zero bytes: end of file. A direct read that stops off a block boundary
+            // also hit the end of the file.
+            None if got == 0 || (self.opts.direct && got as usize % f.align != 0) => {
+                Err(truncated())
+            }
+            None => Ok(false),
+            Some((to, skip, len)) => {
+                // The aligned read may run past the end of the file; only the piece's
+                // own bytes must be there.
+                if op.to >= skip + len {
+                    let b = self.bounce_at + k * self.bounce_len;
+                    dst[to..to + len].copy_from_slice(&self.bounce_mem[b + skip..b + skip + len]);
+                    Ok(true)
+                } else if got == 0 || got as usize % f.align != 0 || op.left == 0 {
+                    Err(truncated())
+                } else {
+                    Ok(false)
+                }
+            }
+        }
+    }
+}
+
+/// A span reader: io_uring where the kernel allows it, `pread` where it does not.
+#[derive(Debug)]
+pub enum SpanReader {
+    /// io_uring READs.
+    Uring(Box<UringReader>),
+    /// `pread`, with why io_uring could not be used.
+    Pread(PreadReader, String),
+}
+
+impl SpanReader {
+    /// io_uring if it can be set up, else `pread` (with the reason, for the log).
+    pub fn open(paths: &[PathBuf], opts: UringOptions) -> Result<SpanReader, ReadError> {
+        match UringReader::open(paths, opts) {
+            Ok(r) => Ok(SpanReader::Uring(Box::new(r))),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!("{e}; reading spans with pread");
+                Ok(SpanReader::Pread(PreadReader::open(paths)?, e.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fills `dst` from `spans`.
+    pub fn read(&mut self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
+        match self {
+            SpanReader::Uring(r) => r.read(spans, dst),
+            SpanReader::Pread(r, _) => r.read(spans, dst),
+        }
+    }
+}
