@@ -11,7 +11,10 @@ pub mod ring;
 pub mod status;
 
 pub use frame::{kind, MAX_FRAME};
-pub use protocol::{decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, Welcome, VERSION};
+pub use protocol::{
+    decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, SlotLayout, Welcome,
+    TRAINER_VERSION, VERSION,
+};
 
 #[cfg(test)]
 mod tests {
@@ -69,7 +72,8 @@ mod tests {
         assert_eq!(ring_at::MAGIC, 0);
         let magic = String::from_utf8_lossy(MAGIC);
         for want in [
-            format!("PROTOCOL_VERSION = {VERSION}\n"),
+            format!("PROTOCOL_VERSION = {TRAINER_VERSION}\n"),
+            format!("CONTROL_VERSION = {VERSION}\n"),
             format!("MAX_FRAME = {MAX_FRAME}\n"),
             format!(
                 "HELLO, WELCOME, REFUSED, RELEASE, ERROR, BYE = {}, {}, {}, {}, {}, {}\n",
@@ -96,5 +100,9 @@ mod tests {
             kind::CONTROL_REPLY
         );
         assert!(control.contains(&want), "control.py lacks {want:?}");
+        assert!(
+            control.contains("body.setdefault(\"protocol\", CONTROL_VERSION)"),
+            "control.py must send CONTROL_VERSION"
+        );
     }
 }
