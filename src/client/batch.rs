@@ -149,7 +149,10 @@ impl BatchView<'_> {
                 tokens: derive::ids(tokens),
                 labels: derive::ids(labels),
                 loss_mask: loss_mask.to_vec(),
-                position_ids: derive::ids(position_ids).iter().map(|&v| v as i32).collect(),
+                position_ids: derive::ids(position_ids)
+                    .iter()
+                    .map(|&v| v as i32)
+                    .collect(),
                 cu_seqlens: cu_seqlens.to_vec(),
             },
             SlotArrays::Compact {

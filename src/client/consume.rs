@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::{from_hex, monotonic_ns, to_hex, Client, Hello};
 use super::batch::sum_tokens;
+use super::{from_hex, monotonic_ns, to_hex, Client, Hello};
 use crate::corpus::Tokens;
 
 /// Arguments of `millrace consume`.
@@ -174,7 +174,6 @@ pub struct ConsumeSummary {
     /// This consumer process's CPU time (user + system) at the end.
     pub cpu_seconds: f64,
 }
-
 
 /// CPU time (user + system) of this process so far, in seconds.
 pub use crate::sys::process_cpu_seconds;

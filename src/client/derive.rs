@@ -50,7 +50,11 @@ pub(super) fn from_compact(
     for r in 0..rows {
         let row = all.get(r * w..(r + 1) * w).unwrap_or(&[]);
         let real = real.get(r).map_or(0, |&v| v.clamp(0, w as i32) as usize);
-        let bit = |j: usize| starts.get(r * sb + j / 8).is_some_and(|b| b >> (j % 8) & 1 == 1);
+        let bit = |j: usize| {
+            starts
+                .get(r * sb + j / 8)
+                .is_some_and(|b| b >> (j % 8) & 1 == 1)
+        };
         let start = |j: usize| j == 0 || j == real || bit(j);
         let mut first = 0usize;
         for i in 0..l {

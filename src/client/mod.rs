@@ -29,12 +29,12 @@ mod layout;
 mod tests;
 
 pub use batch::{BatchView, SlotArrays};
-pub use derive::Expanded;
 pub use connection::{Client, DUPLICATE_GRACE};
 pub use consume::{
     consume, process_cpu_seconds, read_cursor_file, run_consume, span_seconds, ConsumeArgs,
     ConsumeSummary, Latency,
 };
+pub use derive::Expanded;
 
 // The wire and ring constants are the daemon's own, so the two sides cannot drift.
 pub use crate::sys::monotonic_ns;

@@ -317,7 +317,13 @@ fn compact_rows_derive_the_expanded_arrays() {
     let e = derive::from_compact(Tokens::Int32(&ids), &starts, &[9, 4], 2, 8);
     assert_eq!(e.tokens[..8], [10, 11, 12, 20, 30, 31, 32, 33]);
     assert_eq!(e.labels[..8], [11, 12, 20, 30, 31, 32, 33, 34]);
-    assert_eq!(e.position_ids, [0, 1, 2, 0, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]);
-    assert_eq!(e.loss_mask, [1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        e.position_ids,
+        [0, 1, 2, 0, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]
+    );
+    assert_eq!(
+        e.loss_mask,
+        [1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    );
     assert_eq!(e.cu_seqlens, [0, 3, 4, 8, 12, 16]);
 }

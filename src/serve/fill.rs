@@ -181,7 +181,9 @@ pub fn fill_slot(
                 DType::Uint16 => $fill::<u16>(slot, layout, job, src),
                 DType::Int32 => $fill::<i32>(slot, layout, job, src),
                 DType::Uint32 => $fill::<u32>(slot, layout, job, src),
-                DType::Int64 | DType::Float32 | DType::Float64 => $fill::<i64>(slot, layout, job, src),
+                DType::Int64 | DType::Float32 | DType::Float64 => {
+                    $fill::<i64>(slot, layout, job, src)
+                }
             }
         };
     }
@@ -335,7 +337,11 @@ fn write_header(header: &mut [u8], layout: &Layout, job: &SlotJob, sums: &Sums) 
 }
 
 /// Checks a job against the slot it goes to: its row count and cursor size.
-fn check_job(layout: &Layout, job: &SlotJob, fail: &dyn Fn(String) -> RingError) -> Result<(), RingError> {
+fn check_job(
+    layout: &Layout,
+    job: &SlotJob,
+    fail: &dyn Fn(String) -> RingError,
+) -> Result<(), RingError> {
     if job.rows.len() != layout.rows as usize {
         return Err(fail(format!(
             "{} rows planned for a {}-row slot",
@@ -443,7 +449,11 @@ fn fill_compact<T: Out>(
         message,
     };
     check_job(layout, job, &fail)?;
-    let (l, cap, sb) = (layout.seq_len as usize, layout.seq_len as usize + 1, layout.starts_bytes);
+    let (l, cap, sb) = (
+        layout.seq_len as usize,
+        layout.seq_len as usize + 1,
+        layout.starts_bytes,
+    );
     let (header, mut f) = carve(slot, layout);
     let [rows, starts, row_real, domain, row_loss, cursor] = &mut f[..] else {
         return Err(fail("slot layout has the wrong number of fields".into()));

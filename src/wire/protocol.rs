@@ -577,12 +577,20 @@ mod tests {
         // A version-1 client (whose slots would be read as garbage) hears which to use.
         let e = Hello::parse(br#"{"protocol":1,"job":"j"}"#).unwrap_err();
         assert_eq!(e.code, "protocol");
-        assert!(e.message.contains("protocol 1") && e.message.contains("speaks protocol 2"), "{e}");
-        let e = Hello::parse(br#"{"protocol":2,"job":"j","dp_rank":0,"dp_size":1,"slot_layout":"dense"}"#)
-            .unwrap_err();
+        assert!(
+            e.message.contains("protocol 1") && e.message.contains("speaks protocol 2"),
+            "{e}"
+        );
+        let e = Hello::parse(
+            br#"{"protocol":2,"job":"j","dp_rank":0,"dp_size":1,"slot_layout":"dense"}"#,
+        )
+        .unwrap_err();
         assert!(e.code == "bad_hello" && e.message.contains("dense"), "{e}");
         let p = br#"{"protocol":2,"job":"j","dp_rank":0,"dp_size":1,"slot_layout":"expanded"}"#;
-        assert_eq!(Hello::parse(p).unwrap().slot_layout, Some(SlotLayout::Expanded));
+        assert_eq!(
+            Hello::parse(p).unwrap().slot_layout,
+            Some(SlotLayout::Expanded)
+        );
         let e = Hello::parse(br#"{"protocol":2,"job":"j","dp_rank":2,"dp_size":2}"#).unwrap_err();
         assert!(e.message.contains("dp_rank"), "{e}");
         let e = Hello::parse(br#"{"protocol":2,"job":"j","dp_rank":0,"dp_size":2,"dp_sise":3}"#)
