@@ -333,14 +333,15 @@ def test_a_peer_with_a_corrupt_blob_cannot_join_a_live_ring(corpus, daemons):
 def test_ring_fd_is_read_only_sealed_and_laid_out_as_documented(corpus, daemons):
     d = daemons(corpus)
     s = _raw(d.sock)
-    s.sendall(_hello(job="layout", dp_rank=2))
+    s.sendall(_hello(job="layout", dp_rank=2, slot_layout="expanded"))
     fds = []
     kind, payload = read_frame(s, fds)
     assert kind == WELCOME and len(fds) == 2
     ring_fd, ready_fd = fds
     try:
         w = json.loads(payload)
-        assert w["protocol"] == 1 and w["start_step"] == 0 and w["dp_rank"] == 2
+        assert w["protocol"] == 2 and w["start_step"] == 0 and w["dp_rank"] == 2
+        assert w["slot_layout"] == "expanded"
         assert (w["rows"], w["seq_len"], w["slots"]) == (2, 64, 4)
         assert w["domains"] == ["web", "code"] and w["token_dtype"] == "int32"
         assert w["slot_bytes"] % 4096 == 0 and w["slot_offset"] >= 4096
@@ -456,7 +457,7 @@ def _frames_until_eof(s: socket.socket) -> list:
 
 
 def _hello(**kw) -> bytes:
-    h = {"protocol": 1, "job": "raw", "dp_rank": 0, "dp_size": 4}
+    h = {"protocol": mr.PROTOCOL_VERSION, "job": "raw", "dp_rank": 0, "dp_size": 4}
     h.update(kw)
     return encode_frame(HELLO, json.dumps(h).encode())
 
@@ -518,7 +519,10 @@ def test_garbage_closes_only_that_connection(corpus, expected, daemons, tmp_path
     attack(encode_frame(HELLO, b"[1, 2]"), REFUSED, "bad_hello")
     f = attack(_hello(dp_sise=4), REFUSED, "bad_hello")
     assert "dp_sise" in json.loads(f[0][1])["message"]
-    attack(_hello(protocol=2), REFUSED, "protocol")
+    # A client of protocol 1 (before compact slots) hears which version to use.
+    f = attack(_hello(protocol=1), REFUSED, "protocol")
+    assert "speaks protocol 2" in json.loads(f[0][1])["message"]
+    attack(_hello(protocol=3), REFUSED, "protocol")
     attack(_hello(dp_rank=4), REFUSED, "bad_hello")
     attack(_hello(replicas=0), REFUSED, "bad_hello")
     attack(_hello(dp_rank="0"), REFUSED, "bad_hello")
