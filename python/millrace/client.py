@@ -91,6 +91,7 @@ SLOT_FIELDS = {
     "compact": ("rows", "doc_starts", "row_real_tokens", "domain", "row_loss_tokens"),
 }
 SLOT_LAYOUTS = tuple(SLOT_FIELDS)
+_INDEX = {k: {n: i for i, n in enumerate(v)} for k, v in SLOT_FIELDS.items()}
 
 # errnos that mean "the daemon is not there (now)": retried while reconnecting.
 _GONE_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE,
@@ -325,7 +326,7 @@ class Batch:
         self.cursor = cursor
         self.micro_batch_rows = micro_batch_rows
         self.slot_layout = slot_layout
-        self._views = dict(zip(SLOT_FIELDS[slot_layout], views))
+        self._views = views  # the slot's views (one tuple per slot, in SLOT_FIELDS order)
         self._derived = None
         self._client = client
         self._conn_id = conn_id
@@ -337,14 +338,14 @@ class Batch:
             raise StaleBatch(
                 f"batch of step {self.step} was released (the client handed out `hold` more "
                 "batches, or was closed); keep data longer with batch.copy()")
-        return self._views[name]
+        return self._views[_INDEX[self.slot_layout][name]]
 
     def _derive(self, name):
         """A compact slot's derived array, computed (all three at once) on first access."""
         self._view("rows")  # stale check
         if self._derived is None:
-            self._derived = derive_compact(self._views["rows"], self._views["doc_starts"],
-                                           self._views["row_real_tokens"], self.seq_len)
+            self._derived = derive_compact(self._view("rows"), self._view("doc_starts"),
+                                           self._view("row_real_tokens"), self.seq_len)
         return self._derived[name]
 
     @property
