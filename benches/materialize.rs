@@ -63,17 +63,18 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("materialize");
     let seq = plan_cfg.seq_len;
     let mut i = 0usize;
-    let mut fill = |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, layout: &Layout, src: &Source| {
-        let ring = Ring::create("bench", layout.clone(), 0).expect("ring");
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                let job = &jobs[i % jobs.len()];
-                i += 1;
-                let mut slot = ring.claim(job.step).expect("claim");
-                black_box(fill_slot(&mut slot, layout, job, src).expect("fill"))
-            })
-        });
-    };
+    let mut fill =
+        |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, layout: &Layout, src: &Source| {
+            let ring = Ring::create("bench", layout.clone(), 0).expect("ring");
+            g.bench_function(name, |b| {
+                b.iter(|| {
+                    let job = &jobs[i % jobs.len()];
+                    i += 1;
+                    let mut slot = ring.claim(job.step).expect("claim");
+                    black_box(fill_slot(&mut slot, layout, job, src).expect("fill"))
+                })
+            });
+        };
     let memcpy = |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, bytes: u64| {
         let src = vec![1u8; bytes as usize];
         let mut dst = vec![0u8; bytes as usize];
@@ -90,21 +91,36 @@ fn bench(c: &mut Criterion) {
     let tokens = rows as u64 * (seq as u64 + 1) * token.0.size() as u64;
     let payload = tokens + (rows as usize * compact.starts_bytes) as u64;
     g.throughput(Throughput::Bytes(payload));
-    fill(&mut g, format!("fill_slot_compact_{}_{rows}x{seq}", token.0), &compact, &source);
+    fill(
+        &mut g,
+        format!("fill_slot_compact_{}_{rows}x{seq}", token.0),
+        &compact,
+        &source,
+    );
     let unchecked = Source {
         shards: source.shards.clone(),
         pad_token: source.pad_token,
         vocab_size: None,
     };
     // uint16 ids cannot be negative: without a vocabulary below 2^16 there is no check.
-    fill(&mut g, format!("fill_slot_compact_{}_no_vocab_check", token.0), &compact, &unchecked);
+    fill(
+        &mut g,
+        format!("fill_slot_compact_{}_no_vocab_check", token.0),
+        &compact,
+        &unchecked,
+    );
     memcpy(&mut g, "memcpy_reference_compact".into(), payload);
     for (name, dtype) in [("int32", DType::Int32), ("int64", DType::Int64)] {
         let layout = Layout::new(rows, seq, 2, TokenType(dtype), 16384);
         // tokens + labels + loss_mask + position_ids: what a trainer copies to the GPU.
         let payload = rows as u64 * seq as u64 * (2 * dtype.size() as u64 + 1 + 4);
         g.throughput(Throughput::Bytes(payload));
-        fill(&mut g, format!("fill_slot_{name}_{rows}x{seq}"), &layout, &source);
+        fill(
+            &mut g,
+            format!("fill_slot_{name}_{rows}x{seq}"),
+            &layout,
+            &source,
+        );
         memcpy(&mut g, format!("memcpy_reference_{name}"), payload);
     }
     g.finish();

@@ -186,6 +186,15 @@ def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True) -> Torc
     if dev.type != "cuda":
         # Other accelerators: a plain synchronous copy, so the slot can go right after.
         return TorchBatch(batch, {k: t.to(dev) for k, t in cpu.items()}, bounds)
+    dev, stream = _cuda_stream(batch, dev)
+    with torch.cuda.stream(stream):
+        out = {k: t.to(dev, non_blocking=non_blocking) for k, t in cpu.items()}
+    return _fenced(batch, dev, stream, out, bounds)
+
+
+def _cuda_stream(batch: Batch, dev):
+    """The device (with its index) and the client's side stream on it, the ring
+    registered with CUDA first when the client allows it."""
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     client = batch._client
@@ -194,18 +203,20 @@ def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True) -> Torc
         if conn is not None and conn.id == batch._conn_id and not conn.cuda_tried:
             with torch.cuda.device(dev):
                 register_ring(client, conn)
-    state = _state(client)
-    stream = state.stream(dev)
+    return dev, _state(client).stream(dev)
+
+
+def _fenced(batch: Batch, dev, stream, out: dict, bounds) -> TorchBatch:
+    """Makes the current stream wait for the side stream's copies of ``out`` and fences
+    the batch on them, so its slot is released only once they completed."""
+    event = torch.cuda.Event()
+    event.record(stream)
     current = torch.cuda.current_stream(dev)
-    with torch.cuda.stream(stream):
-        out = {k: t.to(dev, non_blocking=non_blocking) for k, t in cpu.items()}
-        event = torch.cuda.Event()
-        event.record(stream)
     current.wait_event(event)
     for t in out.values():
         # Allocated on the side stream, used on the current one: tell the allocator.
         t.record_stream(current)
-    if client is not None:
+    if batch._client is not None:
         batch._fence = event if batch._fence is None else _Fences(batch._fence, event)
     return TorchBatch(batch, out, bounds)
 
@@ -294,29 +305,12 @@ def _compact_to_cuda(batch: Batch, dev, non_blocking: bool) -> TorchBatch:
     Unmeasured: no GPU was available where this was written; the CPU path is tested.
     """
     batch._view("rows")  # raises StaleBatch when released
-    if dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    client = batch._client
-    if client is not None and client.register_cuda is not False:
-        conn = client._conn
-        if conn is not None and conn.id == batch._conn_id and not conn.cuda_tried:
-            with torch.cuda.device(dev):
-                register_ring(client, conn)
+    dev, stream = _cuda_stream(batch, dev)
     host, layout = _slot_bytes(batch)
-    state = _state(client)
-    stream = state.stream(dev)
-    current = torch.cuda.current_stream(dev)
     with torch.cuda.stream(stream):
         buf = host.to(dev, non_blocking=non_blocking)
         out = derive_tensors(buf, layout, batch.rows, batch.seq_len, batch.cu_len)
-        event = torch.cuda.Event()
-        event.record(stream)
-    current.wait_event(event)
-    for t in out.values():
-        t.record_stream(current)
-    if client is not None:
-        batch._fence = event if batch._fence is None else _Fences(batch._fence, event)
-    return TorchBatch(batch, out, _mb_bounds(batch))
+    return _fenced(batch, dev, stream, out, _mb_bounds(batch))
 
 
 class _TorchState:

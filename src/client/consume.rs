@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::batch::sum_tokens;
-use super::{from_hex, monotonic_ns, to_hex, Client, Hello};
+use super::{from_hex, monotonic_ns, to_hex, Client, Hello, SlotLayout};
 use crate::corpus::Tokens;
 
 /// Arguments of `millrace consume`.
@@ -77,9 +77,21 @@ pub struct ConsumeArgs {
     /// Give up when one batch takes longer than SECS.
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub timeout: f64,
+    /// The slot layout to ask for (`compact` or `expanded`) [default: the daemon's,
+    /// compact]; `--touch` then reads the derived arrays or the ready ones.
+    #[arg(long, value_parser = parse_layout)]
+    pub slot_layout: Option<SlotLayout>,
     /// Print `{"progress": STEPS}` lines on stderr a few times a second (for `bench`).
     #[arg(long, hide = true)]
     pub progress: bool,
+}
+
+fn parse_layout(s: &str) -> Result<SlotLayout, String> {
+    match s {
+        "compact" => Ok(SlotLayout::Compact),
+        "expanded" => Ok(SlotLayout::Expanded),
+        other => Err(format!("{other:?}: expected \"compact\" or \"expanded\"")),
+    }
 }
 
 /// Percentiles of publish-to-wake latency.
@@ -215,6 +227,7 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
         (None, None) => None,
     };
     let mut hello = Hello::whole_slice(args.dp_rank, args.dp_size);
+    hello.slot_layout = args.slot_layout;
     hello.micro_batch_rows = micro_batch_rows;
     hello.micro_batches = args.micro_batches;
     hello.job = args.job.clone();

@@ -56,16 +56,54 @@ trait Out: bytemuck::Pod + Ord {
     const HI: i64;
     fn from_i64(v: i64) -> Self;
     fn to_i64(self) -> i64;
+    /// Whether some id of `ids` is outside `0..limit`.
+    fn any_outside(ids: &[Self], limit: u64) -> bool;
 }
 macro_rules! out {
-    ($($t:ty),*) => {$(impl Out for $t {
+    ($($t:ident),*) => {$(impl Out for $t {
         const LO: i64 = <$t>::MIN as i64;
         const HI: i64 = <$t>::MAX as i64;
         #[inline(always)] fn from_i64(v: i64) -> Self { v as $t }
         #[inline(always)] fn to_i64(self) -> i64 { self as i64 }
+        fn any_outside(ids: &[Self], limit: u64) -> bool {
+            out_of_bounds!($t, ids, limit)
+        }
     })*};
 }
+// Unsigned ids cannot be negative, so only `id > limit - 1` matters: an OR of saturating
+// differences (one `psubusw` per 8 ids on plain x86-64, where an unsigned 16-bit max
+// needs SSE4.1). Signed ones take the min and the max.
+macro_rules! out_of_bounds {
+    (u8, $ids:expr, $limit:expr) => {
+        unsigned_outside::<u8>($ids, $limit, |a, b| a.saturating_sub(b))
+    };
+    (u16, $ids:expr, $limit:expr) => {
+        unsigned_outside::<u16>($ids, $limit, |a, b| a.saturating_sub(b))
+    };
+    (u32, $ids:expr, $limit:expr) => {
+        unsigned_outside::<u32>($ids, $limit, |a, b| a.saturating_sub(b))
+    };
+    ($t:ty, $ids:expr, $limit:expr) => {
+        min_max($ids).is_some_and(|(lo, hi)| lo.to_i64() < 0 || hi.to_i64() as u64 >= $limit)
+    };
+}
 out!(u8, i8, i16, u16, i32, u32, i64);
+
+/// [`Out::any_outside`] for an unsigned `T` (`sub` is its saturating subtraction).
+fn unsigned_outside<T: Out + std::ops::BitOr<Output = T>>(
+    ids: &[T],
+    limit: u64,
+    sub: impl Fn(T, T) -> T,
+) -> bool {
+    if limit > T::HI as u64 {
+        return false;
+    }
+    let Some(max) = limit.checked_sub(1) else {
+        return !ids.is_empty();
+    };
+    let (max, zero) = (T::from_i64(max as i64), T::from_i64(0));
+    ids.iter().fold(zero, |acc, &v| acc | sub(v, max)) != zero
+}
 
 /// Whether some id a `T` can hold is outside `0..limit`: if not, a span copied in `T`
 /// needs no check at all (uint16 shards with a vocabulary of 65536 or more, or none).
@@ -74,12 +112,19 @@ fn needs_check<T: Out>(limit: u64) -> bool {
 }
 
 /// Whether some id of `ids` (already copied into the slot, so in cache) is outside
-/// `0..limit`: a running min and max, vectorized, instead of a compare per token.
+/// `0..limit` ([`Out::any_outside`]).
 fn out_of_range<T: Out>(ids: &[T], limit: u64) -> bool {
-    let (Some(&lo), Some(&hi)) = (ids.iter().min(), ids.iter().max()) else {
-        return false;
-    };
-    lo.to_i64() < 0 || hi.to_i64() as u64 >= limit
+    T::any_outside(ids, limit)
+}
+
+/// Both bounds of `ids` in one fold, which vectorizes (`Iterator::min` and `max` did
+/// not: 2x slower).
+fn min_max<T: Out>(ids: &[T]) -> Option<(T, T)> {
+    let first = *ids.first()?;
+    Some(
+        ids.iter()
+            .fold((first, first), |(lo, hi), &v| (lo.min(v), hi.max(v))),
+    )
 }
 
 /// Converts `src` into `dst` (same length) and, with `CHECK`, returns whether some id
@@ -199,10 +244,7 @@ fn fill_typed<T: Out>(
     job: &SlotJob,
     src: &Source,
 ) -> Result<u64, RingError> {
-    let fail = |message: String| RingError::Materialize {
-        step: job.step,
-        message,
-    };
+    let fail = fail_at(job.step);
     let l = layout.seq_len as usize;
     let cap = l + 1;
     check_job(layout, job, &fail)?;
@@ -336,6 +378,11 @@ fn write_header(header: &mut [u8], layout: &Layout, job: &SlotJob, sums: &Sums) 
     put_u32(header, slot_at::CURSOR_LEN, job.cursor.len() as u32);
 }
 
+/// The error of a fill of `step` that failed for `message`.
+fn fail_at(step: u64) -> impl Fn(String) -> RingError {
+    move |message| RingError::Materialize { step, message }
+}
+
 /// Checks a job against the slot it goes to: its row count and cursor size.
 fn check_job(
     layout: &Layout,
@@ -444,10 +491,7 @@ fn fill_compact<T: Out>(
     job: &SlotJob,
     src: &Source,
 ) -> Result<u64, RingError> {
-    let fail = |message: String| RingError::Materialize {
-        step: job.step,
-        message,
-    };
+    let fail = fail_at(job.step);
     check_job(layout, job, &fail)?;
     let (l, cap, sb) = (
         layout.seq_len as usize,
@@ -686,6 +730,32 @@ mod tests {
                 .to_string();
             assert!(e.contains(&format!("token {at} has id 1000")), "{e}");
         }
+        // The same in compact slots, whose uint16 spans are copied as bytes and then
+        // checked (vocab 1000 < 2^16), the last token (label only) included.
+        for at in [0usize, 1, 63, 64] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut src, job, _) = shard_and_job(dir.path(), 7, (at, 1000));
+            let layout = Layout::compact(1, 64, 1, src.compact_token(), 64);
+            assert_eq!(layout.token.0, DType::Uint16);
+            let ring = Ring::create("t", layout.clone(), 0).unwrap();
+            let slot = &mut ring.claim(0).unwrap();
+            let e = fill_slot(slot, &layout, &job, &src)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("token {at} has id 1000, outside vocab_size 1000")),
+                "{e}"
+            );
+            // A vocabulary of 2^16 or none: no uint16 id can be outside it.
+            for vocab in [Some(65536), None] {
+                src.vocab_size = vocab;
+                assert!(!needs_check::<u16>(src.id_limit()));
+                assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+            }
+            let rows: &[u16] = bytemuck::cast_slice(&slot[layout.fields[0].1.offset..][..130]);
+            assert_eq!((rows[at], rows[(at + 1) % 65]), (1000, 7));
+        }
+        assert!(needs_check::<u16>(1000) && needs_check::<i16>(1 << 20));
         let ok = Tokens::Int16(&[5, 7, 9]);
         let bad = Tokens::Int16(&[5, -7, 9]);
         let mut out = [0i32; 3];

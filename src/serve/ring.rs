@@ -224,11 +224,16 @@ impl Layout {
             ("loss_mask", "uint8", 1, vec![r, l]),
             ("position_ids", "int32", 4, vec![r, l]),
             ("cu_seqlens", "int32", 4, vec![r * l + 1]),
-            ("domain", "int32", 4, vec![r]),
-            ("row_loss_tokens", "int32", 4, vec![r]),
-            ("cursor", "uint8", 1, vec![cursor_cap as u64]),
         ];
-        Layout::place(rows, seq_len, slots, token, SlotLayout::Expanded, spec)
+        Layout::place(
+            rows,
+            seq_len,
+            slots,
+            token,
+            SlotLayout::Expanded,
+            spec,
+            cursor_cap,
+        )
     }
 
     /// Lays out `slots` compact slots: per row the `seq_len + 1` tokens, a bitmap of
@@ -247,11 +252,16 @@ impl Layout {
             ("rows", token.0.name(), token.0.size(), vec![r, l + 1]),
             ("doc_starts", "uint8", 1, vec![r, starts]),
             ("row_real_tokens", "int32", 4, vec![r]),
-            ("domain", "int32", 4, vec![r]),
-            ("row_loss_tokens", "int32", 4, vec![r]),
-            ("cursor", "uint8", 1, vec![cursor_cap as u64]),
         ];
-        Layout::place(rows, seq_len, slots, token, SlotLayout::Compact, spec)
+        Layout::place(
+            rows,
+            seq_len,
+            slots,
+            token,
+            SlotLayout::Compact,
+            spec,
+            cursor_cap,
+        )
     }
 
     /// The layout of `kind`.
@@ -269,15 +279,24 @@ impl Layout {
         }
     }
 
-    /// Places `spec`'s arrays after the slot header, each 64-aligned, slots page-aligned.
+    /// Places the layout's own arrays (`spec`) and then those both layouts end with
+    /// (domain, row_loss_tokens, cursor) after the slot header, each 64-aligned, slots
+    /// page-aligned.
     fn place(
         rows: u32,
         seq_len: u32,
         slots: u32,
         token: TokenType,
         kind: SlotLayout,
-        spec: Vec<(&'static str, &'static str, usize, Vec<u64>)>,
+        mut spec: Vec<(&'static str, &'static str, usize, Vec<u64>)>,
+        cursor_cap: usize,
     ) -> Layout {
+        let r = rows as u64;
+        spec.extend([
+            ("domain", "int32", 4, vec![r]),
+            ("row_loss_tokens", "int32", 4, vec![r]),
+            ("cursor", "uint8", 1, vec![cursor_cap as u64]),
+        ]);
         let mut at = SLOT_HEADER;
         let mut fields = Vec::with_capacity(spec.len());
         for (name, dtype, size, shape) in spec {
