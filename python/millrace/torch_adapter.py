@@ -62,16 +62,16 @@ def _from_numpy_all(arrays: dict) -> dict:
     # users: in-place ops on them fault), so silence exactly that warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return {k: _tensor(v) for k, v in arrays.items()}
 
 
-def _rows_tensor(rows: np.ndarray):
-    """A compact slot's rows as a tensor: zero copy where torch has the dtype (uint16
-    since torch 2.3), else widened to int32 (a copy)."""
+def _tensor(v: np.ndarray):
+    """``torch.from_numpy``, zero copy; an id dtype this torch lacks (uint16 before
+    torch 2.3) is widened to int32 instead (a copy)."""
     try:
-        return _from_numpy_all({"rows": rows})["rows"]
+        return torch.from_numpy(v)
     except TypeError:
-        return torch.from_numpy(rows.astype(np.int32))
+        return torch.from_numpy(v.astype(np.int32))
 
 
 def _cpu_tensors(batch: Batch, arrays: dict) -> dict:
@@ -86,11 +86,11 @@ def _cpu_tensors(batch: Batch, arrays: dict) -> dict:
     full = conn.torch_cpu.get(key)
     if full is None:
         views = dict(zip(SLOT_FIELDS[batch.slot_layout], batch._views))
-        views.pop("rows", None)  # per step: see _rows_tensor
+        views.pop("rows", None)  # per step: a widened copy must not be cached
         full = conn.torch_cpu[key] = _from_numpy_all(views)
     if batch.slot_layout == "compact":
         # tokens and labels alias the ring's rows; the derived arrays are the batch's own.
-        rows = _rows_tensor(batch._view("rows"))
+        rows = _from_numpy_all({"rows": batch._view("rows")})["rows"]
         return {"tokens": rows[:, :-1], "labels": rows[:, 1:],
                 "loss_mask": torch.from_numpy(arrays["loss_mask"]),
                 "position_ids": torch.from_numpy(arrays["position_ids"]),
