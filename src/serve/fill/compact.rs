@@ -12,8 +12,8 @@ use super::{
 /// Fills a compact slot: per row the tokens of its pieces, one after the other, then
 /// padding; a bit per piece start; the real-token count. When the slot's dtype is the
 /// shard's, each piece is one `copy_from_slice` of its bytes (a memcpy), and its ids
-/// are checked only when the dtype can hold one outside the vocabulary, by a min/max
-/// pass over the copied span while it is in cache.
+/// are checked only when the dtype can hold one outside the vocabulary, by one pass
+/// over the copied span while it is in cache ([`out_of_range`]).
 pub(super) fn fill_compact<T: Out>(
     slot: &mut [u8],
     layout: &Layout,
