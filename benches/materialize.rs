@@ -1,6 +1,8 @@
-//! Materializer benchmark: filling one rank's slot from mapped shards (tokens, labels,
-//! loss mask, position ids, cu_seqlens), in GB/s of slot payload, next to a plain memcpy
-//! of the same payload size measured in the same run.
+//! Materializer benchmark: filling one rank's slot from mapped shards, next to a plain
+//! memcpy of the same bytes measured in the same run. Compact slots (the default: the
+//! rows' uint16 tokens copied span by span, with and without the vocabulary check) and
+//! expanded ones (tokens, labels, loss mask, position ids, cu_seqlens, as int32 and
+//! int64), in GB/s of what each slot carries for the trainer.
 //!
 //! Run with `cargo bench --bench materialize`. The corpus is synthesized once into
 //! `target/bench-materialize` (2e7 tokens, page cache warm after the first pass).
@@ -59,32 +61,67 @@ fn bench(c: &mut Criterion) {
         vocab_size: plan_cfg.vocab_size,
     };
     let mut g = c.benchmark_group("materialize");
-    for (name, dtype) in [("int32", DType::Int32), ("int64", DType::Int64)] {
-        let layout = Layout::new(rows, plan_cfg.seq_len, 2, TokenType(dtype), 16384);
-        let ring = Ring::create("bench", layout.clone(), 0).expect("ring");
-        // tokens + labels + loss_mask + position_ids: what a trainer copies to the GPU.
-        let payload = rows as u64 * plan_cfg.seq_len as u64 * (2 * dtype.size() as u64 + 1 + 4);
-        g.throughput(Throughput::Bytes(payload));
-        let mut i = 0usize;
-        g.bench_function(
-            format!("fill_slot_{name}_{rows}x{}", plan_cfg.seq_len),
-            |b| {
+    let seq = plan_cfg.seq_len;
+    let mut i = 0usize;
+    let mut fill =
+        |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, layout: &Layout, src: &Source| {
+            let ring = Ring::create("bench", layout.clone(), 0).expect("ring");
+            g.bench_function(name, |b| {
                 b.iter(|| {
                     let job = &jobs[i % jobs.len()];
                     i += 1;
                     let mut slot = ring.claim(job.step).expect("claim");
-                    black_box(fill_slot(&mut slot, &layout, job, &source).expect("fill"))
+                    black_box(fill_slot(&mut slot, layout, job, src).expect("fill"))
                 })
-            },
-        );
-        let src = vec![1u8; payload as usize];
-        let mut dst = vec![0u8; payload as usize];
-        g.bench_function(format!("memcpy_reference_{name}"), |b| {
+            });
+        };
+    let memcpy = |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, bytes: u64| {
+        let src = vec![1u8; bytes as usize];
+        let mut dst = vec![0u8; bytes as usize];
+        g.bench_function(name, |b| {
             b.iter(|| {
                 dst.copy_from_slice(black_box(&src));
                 black_box(&dst);
             })
         });
+    };
+    // Compact: rows x (seq + 1) uint16 tokens plus a bit per token of document starts.
+    let token = source.compact_token();
+    let compact = Layout::compact(rows, seq, 2, token, 16384);
+    let tokens = rows as u64 * (seq as u64 + 1) * token.0.size() as u64;
+    let payload = tokens + (rows as usize * compact.starts_bytes) as u64;
+    g.throughput(Throughput::Bytes(payload));
+    fill(
+        &mut g,
+        format!("fill_slot_compact_{}_{rows}x{seq}", token.0),
+        &compact,
+        &source,
+    );
+    let unchecked = Source {
+        shards: source.shards.clone(),
+        pad_token: source.pad_token,
+        vocab_size: None,
+    };
+    // uint16 ids cannot be negative: without a vocabulary below 2^16 there is no check.
+    fill(
+        &mut g,
+        format!("fill_slot_compact_{}_no_vocab_check", token.0),
+        &compact,
+        &unchecked,
+    );
+    memcpy(&mut g, "memcpy_reference_compact".into(), payload);
+    for (name, dtype) in [("int32", DType::Int32), ("int64", DType::Int64)] {
+        let layout = Layout::new(rows, seq, 2, TokenType(dtype), 16384);
+        // tokens + labels + loss_mask + position_ids: what a trainer copies to the GPU.
+        let payload = rows as u64 * seq as u64 * (2 * dtype.size() as u64 + 1 + 4);
+        g.throughput(Throughput::Bytes(payload));
+        fill(
+            &mut g,
+            format!("fill_slot_{name}_{rows}x{seq}"),
+            &layout,
+            &source,
+        );
+        memcpy(&mut g, format!("memcpy_reference_{name}"), payload);
     }
     g.finish();
 }

@@ -223,7 +223,7 @@ fn read(c: &mut Client, n: u64) -> Vec<Step> {
             Step {
                 step: v.step,
                 domains: v.domain.iter().map(|&d| d as u16).collect(),
-                tokens: v.tokens.as_bytes().to_vec(),
+                tokens: v.token_bytes().to_vec(),
                 cursor: v.cursor.to_vec(),
             }
         })

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{bin, Serve};
-use millrace::client::{to_hex, BatchView, Client, ClientError, Hello};
+use millrace::client::{to_hex, BatchView, Client, ClientError, Hello, SlotLayout};
 use millrace::config::{Config, LoadedPlan};
 use millrace::plan::{GlobalBatch, Planner};
 
@@ -153,21 +153,25 @@ fn check(
     let mut cu = vec![0i64];
     let mut real = 0u64;
     let mut loss = 0u64;
+    // Copied from an expanded slot, derived from a compact one: either way the arrays
+    // PROTOCOL.md section 4 defines.
+    let x = v.expanded();
     for (r, row) in rows.iter().enumerate() {
         let e = expected_row(loaded, row, pad);
         let span = r * n..(r + 1) * n;
-        let got = |t: &millrace::corpus::Tokens<'_>| -> Vec<i64> {
-            span.clone().map(|i| t.get_i64(i).unwrap()).collect()
-        };
         let at = format!("step {} rank {rank} row {r}", v.step);
-        assert_eq!(got(&v.tokens), e.tokens, "tokens of {at}");
-        assert_eq!(got(&v.labels), e.labels, "labels of {at}");
+        assert_eq!(x.tokens[span.clone()], e.tokens, "tokens of {at}");
+        assert_eq!(x.labels[span.clone()], e.labels, "labels of {at}");
         assert_eq!(
-            &v.loss_mask[span.clone()],
+            &x.loss_mask[span.clone()],
             &e.loss_mask[..],
             "loss_mask of {at}"
         );
-        assert_eq!(got(&v.position_ids), e.position_ids, "position_ids of {at}");
+        let pos: Vec<i64> = x.position_ids[span.clone()]
+            .iter()
+            .map(|&p| p.into())
+            .collect();
+        assert_eq!(pos, e.position_ids, "position_ids of {at}");
         assert_eq!(v.domain[r], e.domain, "domain of {at}");
         assert_eq!(
             v.row_loss_tokens[r], e.loss_tokens,
@@ -182,7 +186,7 @@ fn check(
         real += e.real;
         loss += e.loss_tokens as u64;
     }
-    let got_cu: Vec<i64> = v.cu_seqlens.iter().map(|&c| i64::from(c)).collect();
+    let got_cu: Vec<i64> = x.cu_seqlens.iter().map(|&c| i64::from(c)).collect();
     assert_eq!(got_cu, cu, "cu_seqlens of step {}", v.step);
     assert_eq!(v.cu_len as usize, cu.len());
     let max = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
@@ -222,13 +226,26 @@ fn connect(f: &Fixture, h: &Hello) -> Client {
 
 #[test]
 fn every_row_equals_the_plan_over_two_ranks() {
-    for dtype in ["int32", "int64", "shard"] {
+    // (token_dtype, slot layout): compact slots carry the shards' uint16 whatever
+    // token_dtype says (it is the expanded layout's setting).
+    for (dtype, layout) in [
+        ("int32", SlotLayout::Compact),
+        ("int32", SlotLayout::Expanded),
+        ("int64", SlotLayout::Expanded),
+        ("shard", SlotLayout::Expanded),
+    ] {
         let f = fixture(dtype);
         let _serve = f.serve();
         let loaded = load(&f);
         let steps = if dtype == "int32" { 200 } else { 40 };
         let want = planned(&loaded, steps);
-        let mut clients: Vec<Client> = (0..2).map(|r| connect(&f, &hello(r, "rows"))).collect();
+        let mut clients: Vec<Client> = (0..2)
+            .map(|r| {
+                let mut h = hello(r, "rows");
+                h.slot_layout = Some(layout);
+                connect(&f, &h)
+            })
+            .collect();
         for (r, c) in clients.iter().enumerate() {
             let w = c.welcome();
             assert_eq!(w.start_step, 0);
@@ -236,11 +253,16 @@ fn every_row_equals_the_plan_over_two_ranks() {
             assert_eq!(w.seq_len, SEQ_LEN);
             assert_eq!(w.fingerprint, format!("{:032x}", loaded.plan.fingerprint()));
             assert_eq!(w.domains, loaded.plan.domain_names());
-            let tokens_dtype = &w.fields["tokens"].dtype;
-            match dtype {
-                "shard" => assert_eq!(tokens_dtype, "uint16"),
-                d => assert_eq!(tokens_dtype, d),
-            }
+            assert_eq!(w.slot_layout, layout);
+            let compact = layout == SlotLayout::Compact;
+            let field = if compact { "rows" } else { "tokens" };
+            let want = if compact || dtype == "shard" {
+                "uint16"
+            } else {
+                dtype
+            };
+            assert_eq!(w.fields[field].dtype, want);
+            assert_eq!(w.token_dtype, want);
         }
         // The geometry exercises padding, several pieces per row and cut documents.
         let rows = want.iter().flat_map(|(b, _)| b.rows.iter());
@@ -261,6 +283,82 @@ fn every_row_equals_the_plan_over_two_ranks() {
             }
         }
     }
+}
+
+/// The same steps read compact and expanded from one daemon (two jobs): every derived
+/// array, `max_seqlen` and every count equal the expanded slot's, and the compact slot
+/// is the smaller. A HELLO of protocol 1 (a client from before compact slots) is
+/// refused with `protocol`, naming the version to use, not served garbage.
+#[test]
+fn compact_slots_derive_exactly_the_expanded_arrays_and_old_clients_are_refused() {
+    let f = fixture("int32");
+    let _serve = f.serve();
+    let open = |job: &str, layout| {
+        let mut h = hello(0, job);
+        h.slot_layout = Some(layout);
+        connect(&f, &h)
+    };
+    let mut compact = open("c", SlotLayout::Compact);
+    let mut expanded = open("e", SlotLayout::Expanded);
+    assert!(compact.welcome().slot_bytes < expanded.welcome().slot_bytes);
+    for step in 0..120 {
+        let c = compact.next_batch().unwrap();
+        let e = expanded.next_batch().unwrap();
+        assert_eq!(c.step, step);
+        assert_eq!(c.expanded(), e.expanded(), "step {step}");
+        let head = |v: &BatchView<'_>| {
+            (
+                v.step,
+                v.plan_step,
+                v.cu_len,
+                v.max_seqlen,
+                v.loss_tokens,
+                v.real_tokens,
+            )
+        };
+        assert_eq!(head(&c), head(&e), "step {step}");
+        assert_eq!(
+            (c.domain, c.row_loss_tokens, c.cursor),
+            (e.domain, e.row_loss_tokens, e.cursor)
+        );
+        assert_eq!(c.inputs_sum(), e.inputs_sum());
+        for r in 0..c.rows as usize {
+            assert_eq!(
+                c.row_real_tokens(r),
+                e.row_real_tokens(r),
+                "step {step} row {r}"
+            );
+        }
+        assert!(c.payload_bytes() * 4 < e.payload_bytes());
+    }
+    // A peer that asks the other layout of a live ring is refused (`layout`).
+    let mut h = hello(0, "c");
+    h.replica = "1".into();
+    h.slot_layout = Some(SlotLayout::Expanded);
+    match Client::connect(&f.socket, &h) {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "layout", "{message}");
+            assert!(
+                message.contains("compact") && message.contains("expanded"),
+                "{message}"
+            );
+        }
+        Err(e) => panic!("expected REFUSED layout, got {e}"),
+        Ok(_) => panic!("expected REFUSED layout, got a WELCOME"),
+    }
+    let old = br#"{"protocol":1,"job":"old","dp_rank":0,"dp_size":2}"#;
+    let mut bytes = ((old.len() + 1) as u32).to_le_bytes().to_vec();
+    bytes.push(1); // HELLO
+    bytes.extend_from_slice(old);
+    let reply = garbage(&f.socket, &bytes);
+    let (kind, body) = first_frame(&reply).expect("a REFUSED frame");
+    assert_eq!(kind, 3, "REFUSED");
+    assert_eq!(body["code"], "protocol", "{body}");
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("protocol 1") && msg.contains("speaks protocol 2"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -418,7 +516,7 @@ fn consume_reports_the_steps_and_resumes_from_its_cursor_file() {
         let v = c.next_batch().unwrap();
         check(&loaded, &v, batch, 1, 2, cursor);
         if i >= 50 {
-            d.update(v.tokens.as_bytes());
+            d.update(v.token_bytes());
         }
     }
     let out2 = bin()

@@ -56,12 +56,14 @@ __all__ = [
     "ProtocolError",
     "StaleBatch",
     "PROTOCOL_VERSION",
+    "SLOT_LAYOUTS",
     "default_socket",
+    "derive_compact",
 ]
 
 log = logging.getLogger("millrace")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 65536
 
 HELLO, WELCOME, REFUSED, RELEASE, ERROR, BYE = 1, 2, 3, 4, 5, 6
@@ -78,10 +80,18 @@ _RING_HEAD = struct.Struct("<8sIIQQQ")
 _RING_MAGIC = b"MRRING01"
 _PUBLISHED_AT = 64
 
-# The arrays of a slot, in the order Batch keeps their views.
+# The arrays a Batch hands out (views of an expanded slot; of a compact one, tokens and
+# labels are views, the rest derived on first access).
 FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "domain",
           "row_loss_tokens")
-_TOKENS, _LABELS, _LOSS_MASK, _POSITION_IDS, _CU, _DOMAIN, _ROW_LOSS = range(7)
+# What each slot layout stores (docs/PROTOCOL.md section 4), in the order Batch keeps
+# their views; the cursor follows in both.
+SLOT_FIELDS = {
+    "expanded": FIELDS,
+    "compact": ("rows", "doc_starts", "row_real_tokens", "domain", "row_loss_tokens"),
+}
+SLOT_LAYOUTS = tuple(SLOT_FIELDS)
+_INDEX = {k: {n: i for i, n in enumerate(v)} for k, v in SLOT_FIELDS.items()}
 
 # errnos that mean "the daemon is not there (now)": retried while reconnecting.
 _GONE_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE,
@@ -248,6 +258,30 @@ class MicroBatch:
         return f"MicroBatch(index={self.index}, rows={len(self.tokens)}, loss_tokens={self.loss_tokens})"
 
 
+def derive_compact(rows: np.ndarray, doc_starts: np.ndarray, row_real: np.ndarray,
+                   seq_len: int) -> dict:
+    """``position_ids`` (int32), ``loss_mask`` (uint8) and ``cu_seqlens`` (int32) of a
+    compact slot (docs/PROTOCOL.md section 4), vectorized: a piece starts where a bit of
+    ``doc_starts`` is set, at position 0, and where padding starts (``row_real``)."""
+    n_rows, width = rows.shape[0], seq_len + 1
+    idx = np.arange(width)
+    real = np.clip(row_real.astype(np.int64), 0, width)[:, None]
+    start = np.unpackbits(doc_starts, axis=1, count=width, bitorder="little").astype(bool)
+    start |= idx == real
+    start[:, 0] = True
+    first = np.maximum.accumulate(np.where(start, idx, 0), axis=1)
+    position_ids = (idx[:seq_len] - first[:, :seq_len]).astype(np.int32)
+    loss_mask = ((idx[1:] < real) & ~start[:, 1:]).astype(np.uint8)
+    # Ends of the pieces that hold an input: the next piece's start inside the row, and
+    # the row's end (a piece starting at seq_len holds only a label).
+    ends = np.empty((n_rows, seq_len), dtype=bool)
+    ends[:, :-1] = start[:, 1:seq_len]
+    ends[:, -1] = True
+    flat = (np.arange(n_rows, dtype=np.int64)[:, None] * seq_len + idx[1:])[ends]
+    cu_seqlens = np.concatenate([[0], flat]).astype(np.int32)
+    return {"position_ids": position_ids, "loss_mask": loss_mask, "cu_seqlens": cu_seqlens}
+
+
 class Batch:
     """This rank's slice of one global batch (docs/PROTOCOL.md section 4).
 
@@ -261,6 +295,12 @@ class Batch:
     - ``domain`` (int32, ``[rows]``, index into ``Client.domains``), ``row_loss_tokens``
       (int32, ``[rows]``).
 
+    A compact slot (the default ``slot_layout``) stores each row's ``seq_len + 1``
+    tokens, the document starts and the real-token counts: ``tokens`` and ``labels`` are
+    then views of those rows (``rows[:, :-1]``, ``rows[:, 1:]``), and ``loss_mask``,
+    ``position_ids`` and ``cu_seqlens`` are computed on first access (new arrays, which
+    live as long as the batch object). ``max_seqlen`` is the slot header's.
+
     Plain values: ``step``, ``plan_step``, ``rows``, ``seq_len``, ``max_seqlen``,
     ``loss_tokens``, ``real_tokens``, ``publish_ns``, and ``cursor`` (bytes: the cursor
     blob as of the end of this step; handing it back resumes at ``step + 1``).
@@ -268,10 +308,12 @@ class Batch:
 
     __slots__ = ("step", "plan_step", "rows", "seq_len", "cu_len", "max_seqlen",
                  "loss_tokens", "real_tokens", "publish_ns", "cursor", "micro_batch_rows",
-                 "_views", "_client", "_conn_id", "_released", "_fence", "__weakref__")
+                 "slot_layout", "_views", "_derived", "_client", "_conn_id", "_released",
+                 "_fence", "__weakref__")
 
     def __init__(self, step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
-                 real_tokens, publish_ns, cursor, micro_batch_rows, views, client, conn_id):
+                 real_tokens, publish_ns, cursor, micro_batch_rows, views, client, conn_id,
+                 slot_layout="expanded"):
         self.step = step
         self.plan_step = plan_step
         self.rows = rows
@@ -283,46 +325,73 @@ class Batch:
         self.publish_ns = publish_ns
         self.cursor = cursor
         self.micro_batch_rows = micro_batch_rows
-        self._views = views
+        self.slot_layout = slot_layout
+        self._views = views  # the slot's views (one tuple per slot, in SLOT_FIELDS order)
+        self._derived = None
         self._client = client
         self._conn_id = conn_id
         self._released = False
         self._fence = None
 
-    def _view(self, i):
+    def _view(self, name):
         if self._released:
             raise StaleBatch(
                 f"batch of step {self.step} was released (the client handed out `hold` more "
                 "batches, or was closed); keep data longer with batch.copy()")
-        return self._views[i]
+        return self._views[_INDEX[self.slot_layout][name]]
+
+    def _derive(self, name):
+        """A compact slot's derived array, computed (all three at once) on first access."""
+        self._view("rows")  # stale check
+        if self._derived is None:
+            self._derived = derive_compact(self._view("rows"), self._view("doc_starts"),
+                                           self._view("row_real_tokens"), self.seq_len)
+        return self._derived[name]
 
     @property
     def tokens(self) -> np.ndarray:
-        return self._view(_TOKENS)
+        if self.slot_layout == "compact":
+            return self._view("rows")[:, :-1]
+        return self._view("tokens")
 
     @property
     def labels(self) -> np.ndarray:
-        return self._view(_LABELS)
+        if self.slot_layout == "compact":
+            return self._view("rows")[:, 1:]
+        return self._view("labels")
 
     @property
     def loss_mask(self) -> np.ndarray:
-        return self._view(_LOSS_MASK)
+        if self.slot_layout == "compact":
+            return self._derive("loss_mask")
+        return self._view("loss_mask")
 
     @property
     def position_ids(self) -> np.ndarray:
-        return self._view(_POSITION_IDS)
+        if self.slot_layout == "compact":
+            return self._derive("position_ids")
+        return self._view("position_ids")
 
     @property
     def cu_seqlens(self) -> np.ndarray:
-        return self._view(_CU)[: self.cu_len]
+        if self.slot_layout == "compact":
+            return self._derive("cu_seqlens")
+        return self._view("cu_seqlens")[: self.cu_len]
 
     @property
     def domain(self) -> np.ndarray:
-        return self._view(_DOMAIN)
+        return self._view("domain")
 
     @property
     def row_loss_tokens(self) -> np.ndarray:
-        return self._view(_ROW_LOSS)
+        return self._view("row_loss_tokens")
+
+    @property
+    def row_real_tokens(self) -> np.ndarray | None:
+        """Real (non-padding) tokens per row, out of ``seq_len + 1`` (compact slots)."""
+        if self.slot_layout == "compact":
+            return self._view("row_real_tokens")
+        return None
 
     @property
     def released(self) -> bool:
@@ -359,12 +428,12 @@ class Batch:
 
     def copy(self) -> "Batch":
         """A batch that owns its arrays (valid forever, not tied to the ring)."""
-        views = tuple(np.array(self._view(i)) for i in range(len(self._views)))
+        views = tuple(np.array(self._view(n)) for n in SLOT_FIELDS[self.slot_layout])
         for v in views:
             v.flags.writeable = False
         return Batch(self.step, self.plan_step, self.rows, self.seq_len, self.cu_len,
                      self.max_seqlen, self.loss_tokens, self.real_tokens, self.publish_ns,
-                     self.cursor, self.micro_batch_rows, views, None, None)
+                     self.cursor, self.micro_batch_rows, views, None, None, self.slot_layout)
 
     def to_torch(self, device=None, non_blocking: bool = True):
         """The batch as torch tensors (see :func:`millrace.torch_adapter.batch_to_torch`).
@@ -409,13 +478,23 @@ class _Conn:
         slot_bytes = int(welcome["slot_bytes"])
         self.slot_base = [slot_offset + i * slot_bytes for i in range(self.slots)]
         fields = welcome["fields"]
+        self.layout = welcome.get("slot_layout")
+        if self.layout not in SLOT_FIELDS:
+            raise ProtocolError(f"WELCOME slot_layout {self.layout!r} is not one of "
+                                f"{SLOT_LAYOUTS}")
         self.views = []
         self.torch_cpu = {}  # per-slot CPU tensors, filled by the torch adapter
         for base in self.slot_base:
             per = []
-            for name in FIELDS:
+            for name in SLOT_FIELDS[self.layout]:
+                if name not in fields:
+                    raise ProtocolError(f"WELCOME lacks field `{name}` of a {self.layout} slot")
                 per.append(_field_view(mm, base, name, fields[name]))
             self.views.append(tuple(per))
+        rows, seq_len = int(welcome["rows"]), int(welcome["seq_len"])
+        # The most cu_seqlens entries a slot may use (compact ones derive it).
+        self.cu_cap = (rows * seq_len + 1 if self.layout == "compact"
+                       else len(self.views[0][FIELDS.index("cu_seqlens")]))
         cur = fields["cursor"]
         if cur["dtype"] != "uint8" or len(cur["shape"]) != 1:
             raise ProtocolError(f"WELCOME field `cursor` must be uint8[n], got {cur}")
@@ -490,6 +569,10 @@ class Client:
         first CUDA :meth:`Batch.to_torch`; ``True`` registers at connect; ``False`` never.
     handshake_timeout: seconds to wait for WELCOME (a seek without a cursor can take a
         while on a huge corpus).
+    slot_layout: ``"compact"`` (the daemon's default when None: tokens in the shards'
+        dtype and document starts; the client derives labels, positions, mask and
+        cu_seqlens) or ``"expanded"`` (every array ready in the ring). Peers of one dp
+        rank share a ring, so they must agree (else REFUSED ``layout``).
 
     The client connects lazily (on first iteration, :meth:`connect`, ``welcome`` or
     ``fingerprint``), so :meth:`load_state_dict` can set the resume point first.
@@ -500,11 +583,14 @@ class Client:
                  micro_batches: int = 1, cursor=None, start_step: int | None = None,
                  fingerprint=None, hold: int = 1, reconnect_timeout: float = 60.0,
                  register_cuda="auto", handshake_timeout: float = 120.0,
-                 connect_timeout: float = 0.0):
+                 connect_timeout: float = 0.0, slot_layout: str | None = None):
         if hold < 1:
             raise ValueError("hold must be at least 1")
         if register_cuda not in ("auto", True, False):
             raise ValueError("register_cuda must be 'auto', True or False")
+        if slot_layout is not None and slot_layout not in SLOT_LAYOUTS:
+            raise ValueError(f"slot_layout must be one of {SLOT_LAYOUTS} or None")
+        self.slot_layout = slot_layout
         self.socket_path = default_socket() if socket is None else os.fspath(socket)
         self.dp_rank = int(dp_rank)
         self.dp_size = int(dp_size)
@@ -577,6 +663,8 @@ class Client:
             h["start_step"] = self._start_step
         if self._want_fingerprint is not None:
             h["fingerprint"] = self._want_fingerprint
+        if self.slot_layout is not None:
+            h["slot_layout"] = self.slot_layout
         return h
 
     def _open_retrying(self, initial: bool):
@@ -821,14 +909,14 @@ class Client:
         if rows != w["rows"] or seq_len != w["seq_len"]:
             raise ProtocolError(f"step {step}: slot header says rows {rows} seq_len {seq_len}, "
                                 f"WELCOME says {w['rows']} {w['seq_len']}")
-        if cursor_len > conn.cursor_cap or cu_len > len(conn.views[slot][_CU]):
+        if cursor_len > conn.cursor_cap or cu_len > conn.cu_cap:
             raise ProtocolError(f"step {step}: cursor_len {cursor_len} / cu_len {cu_len} exceed "
                                 "their fields")
         c0 = base + conn.cursor_off
         cursor = conn.mm[c0 : c0 + cursor_len]
         batch = Batch(step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
                       real_tokens, publish_ns, cursor, w["micro_batch_rows"],
-                      conn.views[slot], self, conn.id)
+                      conn.views[slot], self, conn.id, conn.layout)
         self._outstanding.append(batch)
         self._next_step = step + 1
         self._last_step = step

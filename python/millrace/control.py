@@ -71,7 +71,6 @@ import socket as _socket
 from .client import (
     ERROR,
     MAX_FRAME,
-    PROTOCOL_VERSION,
     REFUSED,
     DaemonError,
     DaemonGone,
@@ -90,6 +89,8 @@ __all__ = ["Control", "ChangeRefused", "forward_change", "CONTROL", "CONTROL_REP
            "DEFAULT_SOCKET"]
 
 CONTROL, CONTROL_REPLY = 7, 8
+# The control protocol's version: unchanged by compact slots (HELLO speaks 2).
+CONTROL_VERSION = 1
 # The daemon's default socket for this user (see default_socket), as of import.
 DEFAULT_SOCKET = default_socket()
 _LATE = ("refuse", "next")
@@ -182,7 +183,7 @@ class Control:
         """Sends one request (``protocol`` is added) and returns its reply; an ``ok: false``
         reply raises :class:`ChangeRefused`."""
         body = dict(req)
-        body.setdefault("protocol", PROTOCOL_VERSION)
+        body.setdefault("protocol", CONTROL_VERSION)
         try:
             payload = json.dumps(body, allow_nan=False).encode()
         except ValueError as e:

@@ -2,6 +2,8 @@
 
 - :func:`batch_to_torch` (also ``Batch.to_torch``): CPU tensors that alias the ring
   (zero copy, same lifetime as the numpy views), or CUDA tensors copied on a side stream.
+  A compact slot goes to CUDA as ONE copy of its contiguous bytes, then device ops
+  derive labels, positions, mask and cu_seqlens (unmeasured: written without a GPU).
   For a CUDA copy an event is recorded and the ring slot is released only after that
   event completed, so the GPU tensors never depend on the ring.
 - Ring registration: the whole ring mapping is registered once per connection with
@@ -43,7 +45,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from .client import FIELDS, Batch, Client, MillraceError, _as_blob
+from .client import FIELDS, SLOT_FIELDS, Batch, Client, MillraceError, _as_blob
 
 __all__ = ["TorchBatch", "TorchClient", "MillraceIterableDataset", "batch_to_torch",
            "register_ring", "unregister_ring"]
@@ -60,7 +62,16 @@ def _from_numpy_all(arrays: dict) -> dict:
     # users: in-place ops on them fault), so silence exactly that warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return {k: _tensor(v) for k, v in arrays.items()}
+
+
+def _tensor(v: np.ndarray):
+    """``torch.from_numpy``, zero copy; an id dtype this torch lacks (uint16 before
+    torch 2.3) is widened to int32 instead (a copy)."""
+    try:
+        return torch.from_numpy(v)
+    except TypeError:
+        return torch.from_numpy(v.astype(np.int32))
 
 
 def _cpu_tensors(batch: Batch, arrays: dict) -> dict:
@@ -71,11 +82,21 @@ def _cpu_tensors(batch: Batch, arrays: dict) -> dict:
     conn = client._conn if client is not None else None
     if conn is None or conn.id != batch._conn_id:
         return _from_numpy_all(arrays)
-    key = id(batch._views)
+    key = id(batch._views)  # one tuple per slot of the connection
     full = conn.torch_cpu.get(key)
     if full is None:
-        full = conn.torch_cpu[key] = _from_numpy_all(dict(zip(FIELDS, batch._views)))
-    cpu = dict(full)
+        views = dict(zip(SLOT_FIELDS[batch.slot_layout], batch._views))
+        views.pop("rows", None)  # per step: a widened copy must not be cached
+        full = conn.torch_cpu[key] = _from_numpy_all(views)
+    if batch.slot_layout == "compact":
+        # tokens and labels alias the ring's rows; the derived arrays are the batch's own.
+        rows = _from_numpy_all({"rows": batch._view("rows")})["rows"]
+        return {"tokens": rows[:, :-1], "labels": rows[:, 1:],
+                "loss_mask": torch.from_numpy(arrays["loss_mask"]),
+                "position_ids": torch.from_numpy(arrays["position_ids"]),
+                "cu_seqlens": torch.from_numpy(arrays["cu_seqlens"]),
+                "domain": full["domain"], "row_loss_tokens": full["row_loss_tokens"]}
+    cpu = {k: full[k] for k in FIELDS}
     cpu["cu_seqlens"] = full["cu_seqlens"][: batch.cu_len]
     return cpu
 
@@ -154,15 +175,26 @@ def _mb_bounds(batch: Batch):
 
 def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True) -> TorchBatch:
     """Tensors of ``batch`` on ``device`` (see the module docstring)."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda" and batch.slot_layout == "compact" and torch.cuda.is_available():
+        return _compact_to_cuda(batch, dev, non_blocking)
     arrays = batch.arrays()  # raises StaleBatch when released
     bounds = _mb_bounds(batch)
     cpu = _cpu_tensors(batch, arrays)
-    dev = torch.device("cpu") if device is None else torch.device(device)
     if dev.type == "cpu":
         return TorchBatch(batch, cpu, bounds)
     if dev.type != "cuda":
         # Other accelerators: a plain synchronous copy, so the slot can go right after.
         return TorchBatch(batch, {k: t.to(dev) for k, t in cpu.items()}, bounds)
+    dev, stream = _cuda_stream(batch, dev)
+    with torch.cuda.stream(stream):
+        out = {k: t.to(dev, non_blocking=non_blocking) for k, t in cpu.items()}
+    return _fenced(batch, dev, stream, out, bounds)
+
+
+def _cuda_stream(batch: Batch, dev):
+    """The device (with its index) and the client's side stream on it, the ring
+    registered with CUDA first when the client allows it."""
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     client = batch._client
@@ -171,20 +203,114 @@ def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True) -> Torc
         if conn is not None and conn.id == batch._conn_id and not conn.cuda_tried:
             with torch.cuda.device(dev):
                 register_ring(client, conn)
-    state = _state(client)
-    stream = state.stream(dev)
+    return dev, _state(client).stream(dev)
+
+
+def _fenced(batch: Batch, dev, stream, out: dict, bounds) -> TorchBatch:
+    """Makes the current stream wait for the side stream's copies of ``out`` and fences
+    the batch on them, so its slot is released only once they completed."""
+    event = torch.cuda.Event()
+    event.record(stream)
     current = torch.cuda.current_stream(dev)
-    with torch.cuda.stream(stream):
-        out = {k: t.to(dev, non_blocking=non_blocking) for k, t in cpu.items()}
-        event = torch.cuda.Event()
-        event.record(stream)
     current.wait_event(event)
     for t in out.values():
         # Allocated on the side stream, used on the current one: tell the allocator.
         t.record_stream(current)
-    if client is not None:
+    if batch._client is not None:
         batch._fence = event if batch._fence is None else _Fences(batch._fence, event)
     return TorchBatch(batch, out, bounds)
+
+
+def _slot_bytes(batch: Batch):
+    """The compact slot's arrays as one contiguous uint8 CPU tensor over the ring (rows
+    through row_loss_tokens), with each array's (offset into it, dtype, shape)."""
+    conn = batch._client._conn if batch._client is not None else None
+    if conn is None or conn.id != batch._conn_id:
+        # A copied batch: its arrays are separate; pack them (one host buffer, one copy).
+        views = [np.ascontiguousarray(v) for v in batch._views]
+        parts, at, layout = [], 0, {}
+        for name, v in zip(SLOT_FIELDS["compact"], views):
+            layout[name] = (at, v.dtype, v.shape)
+            pad = -v.nbytes % 64  # keep every array aligned, as in the slot
+            parts += [v.view(np.uint8).ravel(), np.zeros(pad, np.uint8)]
+            at += v.nbytes + pad
+        return torch.from_numpy(np.concatenate(parts)), layout
+    fields = conn.welcome["fields"]
+    names = SLOT_FIELDS["compact"]
+    lo = min(int(fields[n]["offset"]) for n in names)
+    layout, hi = {}, lo
+    for n, v in zip(names, batch._views):
+        off = int(fields[n]["offset"])
+        layout[n] = (off - lo, v.dtype, v.shape)
+        hi = max(hi, off + v.nbytes)
+    base = conn.slot_base[batch.step % conn.slots]
+    host = np.frombuffer(conn.mm, dtype=np.uint8, count=hi - lo, offset=base + lo)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
+        return torch.from_numpy(host), layout
+
+
+_TORCH_INT = {np.dtype("uint8"): torch.uint8, np.dtype("int8"): torch.int8,
+              np.dtype("int16"): torch.int16, np.dtype("uint16"): torch.int16,
+              np.dtype("int32"): torch.int32, np.dtype("uint32"): torch.int32,
+              np.dtype("int64"): torch.int64}
+
+
+def derive_tensors(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dict:
+    """The batch's tensors from a compact slot's bytes ``buf`` (uint8, on any device),
+    with device ops only: no host round trip and no size-dependent op (``cu_len`` is the
+    slot header's), so on CUDA nothing synchronises. ``layout`` maps each stored array to
+    (byte offset in ``buf``, numpy dtype, shape)."""
+    dev, width = buf.device, seq + 1
+
+    def field(name):
+        at, dtype, shape = layout[name]
+        n = int(np.prod(shape)) * dtype.itemsize
+        t = buf[at : at + n].view(_TORCH_INT[dtype]).reshape(shape)
+        if dtype == np.dtype("uint16"):
+            t = t.to(torch.int32) & 0xFFFF
+        elif dtype == np.dtype("uint32"):
+            t = t.to(torch.int64) & 0xFFFFFFFF
+        return t
+
+    rows = field("rows")
+    real = field("row_real_tokens").to(torch.int64).clamp(0, width)[:, None]
+    shifts = torch.arange(8, device=dev, dtype=torch.uint8)
+    bits = (field("doc_starts").unsqueeze(-1) >> shifts) & 1
+    idx = torch.arange(width, device=dev)
+    start = bits.reshape(n_rows, -1)[:, :width].bool() | (idx == real)
+    start[:, 0] = True
+    first = torch.cummax(torch.where(start, idx, 0), dim=1).values
+    position_ids = (idx[:seq] - first[:, :seq]).to(torch.int32)
+    loss_mask = ((idx[1:] < real) & ~start[:, 1:]).to(torch.uint8)
+    ends = torch.ones((n_rows, seq), dtype=torch.bool, device=dev)
+    ends[:, :-1] = start[:, 1:seq]
+    flat = (torch.arange(n_rows, device=dev)[:, None] * seq + idx[1:]).reshape(-1)
+    e = ends.reshape(-1)
+    # Scatter each end to its rank (a boolean index would sync on its size).
+    rank = torch.cumsum(e, 0)
+    cu = torch.zeros(cu_len, dtype=torch.int64, device=dev)
+    cu.scatter_(0, torch.where(e, rank, 0), torch.where(e, flat, 0))
+    return {"tokens": rows[:, :-1], "labels": rows[:, 1:], "loss_mask": loss_mask,
+            "position_ids": position_ids, "cu_seqlens": cu.to(torch.int32),
+            "domain": field("domain"), "row_loss_tokens": field("row_loss_tokens")}
+
+
+def _compact_to_cuda(batch: Batch, dev, non_blocking: bool) -> TorchBatch:
+    """A compact slot on a CUDA device: ONE host-to-device copy of the slot's contiguous
+    bytes (from the registered ring when registration worked), then device ops build
+    labels, positions, mask and cu_seqlens (int32) on the side stream. ``max_seqlen`` and
+    ``cu_len`` come from the slot header, so nothing waits on the device.
+
+    Unmeasured: no GPU was available where this was written; the CPU path is tested.
+    """
+    batch._view("rows")  # raises StaleBatch when released
+    dev, stream = _cuda_stream(batch, dev)
+    host, layout = _slot_bytes(batch)
+    with torch.cuda.stream(stream):
+        buf = host.to(dev, non_blocking=non_blocking)
+        out = derive_tensors(buf, layout, batch.rows, batch.seq_len, batch.cu_len)
+    return _fenced(batch, dev, stream, out, _mb_bounds(batch))
 
 
 class _TorchState:

@@ -1,7 +1,37 @@
 //! One step's data as the client hands it out: views borrowed from the mapped slot,
-//! valid until the next call on the client.
+//! valid until the next call on the client. A compact slot carries only the rows of
+//! tokens and the document starts; [`BatchView::expanded`] derives the rest.
 
+use super::derive::{self, Expanded};
 use crate::corpus::Tokens;
+
+/// The arrays of one slot, as its layout (WELCOME `slot_layout`) has them.
+#[derive(Debug, Clone, Copy)]
+pub enum SlotArrays<'a> {
+    /// Ready arrays.
+    Expanded {
+        /// `[rows, seq_len]` inputs.
+        tokens: Tokens<'a>,
+        /// `[rows, seq_len]` next tokens.
+        labels: Tokens<'a>,
+        /// `[rows, seq_len]` 0/1.
+        loss_mask: &'a [u8],
+        /// `[rows, seq_len]` positions within document pieces.
+        position_ids: Tokens<'a>,
+        /// The `cu_len` entries in use.
+        cu_seqlens: &'a [i32],
+    },
+    /// Only what cannot be derived.
+    Compact {
+        /// `[rows, seq_len + 1]` tokens: inputs are `[:, :-1]`, labels `[:, 1:]`.
+        rows: Tokens<'a>,
+        /// `[rows, ceil((seq_len + 1) / 8)]`: bit `j % 8` of byte `j / 8` is set where a
+        /// document piece starts at position `j` of the row.
+        doc_starts: &'a [u8],
+        /// Real (non-padding) tokens per row, out of `seq_len + 1`.
+        row_real_tokens: &'a [i32],
+    },
+}
 
 /// One step's data, borrowed from the mapped slot until the next call on the client.
 #[derive(Debug, Clone, Copy)]
@@ -28,16 +58,8 @@ pub struct BatchView<'a> {
     pub wake_latency_ns: Option<u64>,
     /// The padding id from WELCOME, for [`BatchView::row_real_tokens`].
     pub pad_token: i64,
-    /// `[rows, seq_len]` inputs.
-    pub tokens: Tokens<'a>,
-    /// `[rows, seq_len]` next tokens.
-    pub labels: Tokens<'a>,
-    /// `[rows, seq_len]` 0/1.
-    pub loss_mask: &'a [u8],
-    /// `[rows, seq_len]` positions within document pieces.
-    pub position_ids: Tokens<'a>,
-    /// The `cu_len` entries in use.
-    pub cu_seqlens: &'a [i32],
+    /// The layout's arrays.
+    pub arrays: SlotArrays<'a>,
     /// Domain index per row.
     pub domain: &'a [i32],
     /// Loss tokens per row.
@@ -46,37 +68,135 @@ pub struct BatchView<'a> {
     pub cursor: &'a [u8],
 }
 
+/// The sum of `t`'s ids, wrapping: a cheap checksum that reads every token.
+pub fn sum_tokens(t: &Tokens<'_>) -> i64 {
+    fn s<T: Copy + Into<i64>>(v: &[T]) -> i64 {
+        v.iter().fold(0i64, |a, &x| a.wrapping_add(x.into()))
+    }
+    match t {
+        Tokens::Uint8(v) => s(v),
+        Tokens::Int8(v) => s(v),
+        Tokens::Int16(v) => s(v),
+        Tokens::Uint16(v) => s(v),
+        Tokens::Int32(v) => s(v),
+        Tokens::Uint32(v) => s(v),
+        Tokens::Int64(v) => s(v),
+        Tokens::Float32(v) => v.iter().fold(0i64, |a, &x| a.wrapping_add(x as i64)),
+        Tokens::Float64(v) => v.iter().fold(0i64, |a, &x| a.wrapping_add(x as i64)),
+    }
+}
+
 impl BatchView<'_> {
-    /// Bytes of tokens + labels + loss_mask + position_ids: what a trainer copies.
+    /// Bytes of the slot's arrays a trainer copies (tokens, labels, mask and positions
+    /// when expanded; the rows, the starts and the real counts when compact).
     pub fn payload_bytes(&self) -> u64 {
-        (self.tokens.as_bytes().len()
-            + self.labels.as_bytes().len()
-            + self.loss_mask.len()
-            + self.position_ids.as_bytes().len()) as u64
+        (match self.arrays {
+            SlotArrays::Expanded {
+                tokens,
+                labels,
+                loss_mask,
+                position_ids,
+                ..
+            } => {
+                tokens.as_bytes().len()
+                    + labels.as_bytes().len()
+                    + loss_mask.len()
+                    + position_ids.as_bytes().len()
+            }
+            SlotArrays::Compact {
+                rows,
+                doc_starts,
+                row_real_tokens,
+            } => rows.as_bytes().len() + doc_starts.len() + 4 * row_real_tokens.len(),
+        }) as u64
     }
 
-    /// Real (non-padding) tokens of row `r`, out of `seq_len + 1`: the trailing run of
-    /// padding is found from the end (padding holds `pad_token` and no loss flows into
-    /// it), so only a one-token document piece equal to `pad_token` would be miscounted.
+    /// The token bytes of the slot (inputs when expanded, the rows when compact): what
+    /// `millrace consume` digests, so two runs of one layout can be compared.
+    pub fn token_bytes(&self) -> &[u8] {
+        match self.arrays {
+            SlotArrays::Expanded { tokens, .. } => tokens.as_bytes(),
+            SlotArrays::Compact { rows, .. } => rows.as_bytes(),
+        }
+    }
+
+    /// The wrapping sum of the inputs' ids (`rows * seq_len` tokens).
+    pub fn inputs_sum(&self) -> i64 {
+        match self.arrays {
+            SlotArrays::Expanded { tokens, .. } => sum_tokens(&tokens),
+            SlotArrays::Compact { rows, .. } => {
+                // Every row's last token is a label only.
+                let w = self.seq_len as usize + 1;
+                (0..self.rows as usize).fold(sum_tokens(&rows), |a, r| {
+                    a.wrapping_sub(rows.get_i64(r * w + w - 1).unwrap_or(0))
+                })
+            }
+        }
+    }
+
+    /// The expanded arrays of this step, owned: copied from an expanded slot, derived
+    /// from a compact one (PROTOCOL.md section 4 gives the rules).
+    pub fn expanded(&self) -> Expanded {
+        let (rows, l) = (self.rows as usize, self.seq_len as usize);
+        match self.arrays {
+            SlotArrays::Expanded {
+                tokens,
+                labels,
+                loss_mask,
+                position_ids,
+                cu_seqlens,
+            } => Expanded {
+                tokens: derive::ids(tokens),
+                labels: derive::ids(labels),
+                loss_mask: loss_mask.to_vec(),
+                position_ids: derive::ids(position_ids)
+                    .iter()
+                    .map(|&v| v as i32)
+                    .collect(),
+                cu_seqlens: cu_seqlens.to_vec(),
+            },
+            SlotArrays::Compact {
+                rows: ids,
+                doc_starts,
+                row_real_tokens,
+            } => derive::from_compact(ids, doc_starts, row_real_tokens, rows, l),
+        }
+    }
+
+    /// Real (non-padding) tokens of row `r`, out of `seq_len + 1`. A compact slot says;
+    /// in an expanded one the trailing run of padding is found from the end (padding
+    /// holds `pad_token` and no loss flows into it), so only a one-token document piece
+    /// equal to `pad_token` would be miscounted.
     pub fn row_real_tokens(&self, r: usize) -> u32 {
         let n = self.seq_len as usize;
         if r >= self.rows as usize {
             return 0;
         }
+        let (tokens, labels, loss_mask) = match self.arrays {
+            SlotArrays::Compact {
+                row_real_tokens, ..
+            } => return row_real_tokens.get(r).map_or(0, |&v| v.max(0) as u32),
+            SlotArrays::Expanded {
+                tokens,
+                labels,
+                loss_mask,
+                ..
+            } => (tokens, labels, loss_mask),
+        };
         let base = r * n;
         // t[j] for j in 0..=n: tokens[base + j] for j < n, labels[base + n - 1] for j == n.
         let t = |j: usize| {
             if j < n {
-                self.tokens.get_i64(base + j)
+                tokens.get_i64(base + j)
             } else {
-                self.labels.get_i64(base + n - 1)
+                labels.get_i64(base + n - 1)
             }
         };
         let mut real = n + 1;
         while real > 0 {
             let j = real - 1;
             let is_pad = t(j) == Some(self.pad_token)
-                && (j == 0 || self.loss_mask.get(base + j - 1).copied() == Some(0));
+                && (j == 0 || loss_mask.get(base + j - 1).copied() == Some(0));
             if !is_pad {
                 break;
             }

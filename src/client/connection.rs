@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
 
-use super::batch::BatchView;
-use super::layout::{check_ring_header, Field, Layout, RingView};
+use super::batch::{BatchView, SlotArrays};
+use super::layout::{check_ring_header, Arrays, Field, Layout, RingView};
 use super::{frame, io_err, monotonic_ns, to_hex, ClientError, Hello, Welcome, HANDSHAKE_TIMEOUT};
 use crate::corpus::Tokens;
 use crate::sys::EventFd;
@@ -358,10 +358,13 @@ impl Client {
             )));
         }
         let cu_len = r.u32_at(base + slot_at::CU_LEN) as usize;
-        if cu_len == 0 || cu_len > l.cu_seqlens.len {
+        let cu_cap = match &l.arrays {
+            Arrays::Expanded { cu_seqlens, .. } => cu_seqlens.len,
+            Arrays::Compact { .. } => l.rows * l.seq_len + 1,
+        };
+        if cu_len == 0 || cu_len > cu_cap {
             return Err(ClientError::Ring(format!(
-                "step {step}: cu_len {cu_len} outside 1..={}",
-                l.cu_seqlens.len
+                "step {step}: cu_len {cu_len} outside 1..={cu_cap}"
             )));
         }
         let cursor_len = r.u32_at(base + slot_at::CURSOR_LEN) as usize;
@@ -396,11 +399,31 @@ impl Client {
             publish_ns,
             wake_latency_ns: waited.then(|| wake_ns.saturating_sub(publish_ns)),
             pad_token: self.welcome.pad_token,
-            tokens: tokens_of(&l.tokens)?,
-            labels: tokens_of(&l.labels)?,
-            loss_mask: at(&l.loss_mask),
-            position_ids: tokens_of(&l.position_ids)?,
-            cu_seqlens: &i32s(&l.cu_seqlens)?[..cu_len],
+            arrays: match &l.arrays {
+                Arrays::Expanded {
+                    tokens,
+                    labels,
+                    loss_mask,
+                    position_ids,
+                    cu_seqlens,
+                } => SlotArrays::Expanded {
+                    tokens: tokens_of(tokens)?,
+                    labels: tokens_of(labels)?,
+                    loss_mask: at(loss_mask),
+                    position_ids: tokens_of(position_ids)?,
+                    cu_seqlens: &i32s(cu_seqlens)?[..cu_len],
+                },
+                Arrays::Compact {
+                    rows,
+                    doc_starts,
+                    row_real_tokens,
+                    ..
+                } => SlotArrays::Compact {
+                    rows: tokens_of(rows)?,
+                    doc_starts: at(doc_starts),
+                    row_real_tokens: i32s(row_real_tokens)?,
+                },
+            },
             domain: i32s(&l.domain)?,
             row_loss_tokens: i32s(&l.row_loss_tokens)?,
             cursor,

@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::{from_hex, monotonic_ns, to_hex, Client, Hello};
+use super::batch::sum_tokens;
+use super::{from_hex, monotonic_ns, to_hex, Client, Hello, SlotLayout};
 use crate::corpus::Tokens;
 
 /// Arguments of `millrace consume`.
@@ -76,9 +77,21 @@ pub struct ConsumeArgs {
     /// Give up when one batch takes longer than SECS.
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub timeout: f64,
+    /// The slot layout to ask for (`compact` or `expanded`) [default: the daemon's,
+    /// compact]; `--touch` then reads the derived arrays or the ready ones.
+    #[arg(long, value_parser = parse_layout)]
+    pub slot_layout: Option<SlotLayout>,
     /// Print `{"progress": STEPS}` lines on stderr a few times a second (for `bench`).
     #[arg(long, hide = true)]
     pub progress: bool,
+}
+
+fn parse_layout(s: &str) -> Result<SlotLayout, String> {
+    match s {
+        "compact" => Ok(SlotLayout::Compact),
+        "expanded" => Ok(SlotLayout::Expanded),
+        other => Err(format!("{other:?}: expected \"compact\" or \"expanded\"")),
+    }
 }
 
 /// Percentiles of publish-to-wake latency.
@@ -174,23 +187,6 @@ pub struct ConsumeSummary {
     pub cpu_seconds: f64,
 }
 
-fn sum_tokens(t: &Tokens<'_>) -> i64 {
-    fn s<T: Copy + Into<i64>>(v: &[T]) -> i64 {
-        v.iter().fold(0i64, |a, &x| a.wrapping_add(x.into()))
-    }
-    match *t {
-        Tokens::Uint8(v) => s(v),
-        Tokens::Int8(v) => s(v),
-        Tokens::Int16(v) => s(v),
-        Tokens::Int32(v) => s(v),
-        Tokens::Int64(v) => s(v),
-        Tokens::Uint16(v) => s(v),
-        Tokens::Uint32(v) => s(v),
-        Tokens::Float32(v) => v.iter().fold(0i64, |a, &x| a.wrapping_add(x as i64)),
-        Tokens::Float64(v) => v.iter().fold(0i64, |a, &x| a.wrapping_add(x as i64)),
-    }
-}
-
 /// CPU time (user + system) of this process so far, in seconds.
 pub use crate::sys::process_cpu_seconds;
 
@@ -231,6 +227,7 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
         (None, None) => None,
     };
     let mut hello = Hello::whole_slice(args.dp_rank, args.dp_size);
+    hello.slot_layout = args.slot_layout;
     hello.micro_batch_rows = micro_batch_rows;
     hello.micro_batches = args.micro_batches;
     hello.job = args.job.clone();
@@ -286,18 +283,21 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
         s.last_batch_ns = now;
         s.last_step = b.step;
         s.steps += 1;
-        s.tokens += b.tokens.len() as u64;
+        s.tokens += u64::from(b.rows) * u64::from(b.seq_len);
         s.real_tokens += b.real_tokens;
         s.loss_tokens += b.loss_tokens;
         s.payload_bytes += b.payload_bytes();
-        digest.update(b.tokens.as_bytes());
-        s.checksum = s.checksum.wrapping_add(sum_tokens(&b.tokens));
+        digest.update(b.token_bytes());
+        s.checksum = s.checksum.wrapping_add(b.inputs_sum());
         if args.touch {
+            // Every array a trainer reads, derived where the slot is compact.
+            let e = b.expanded();
+            let sum = |v: &[i64]| v.iter().fold(0i64, |a, &x| a.wrapping_add(x));
             s.checksum = s
                 .checksum
-                .wrapping_add(sum_tokens(&b.labels))
-                .wrapping_add(sum_tokens(&b.position_ids))
-                .wrapping_add(sum_tokens(&Tokens::Uint8(b.loss_mask)));
+                .wrapping_add(sum(&e.labels))
+                .wrapping_add(sum_tokens(&Tokens::Int32(&e.position_ids)))
+                .wrapping_add(sum_tokens(&Tokens::Uint8(&e.loss_mask)));
         }
         if let Some(ns) = b.wake_latency_ns {
             s.wake_latency_ns.push(ns);

@@ -1,6 +1,6 @@
 //! WELCOME turned into checked numbers, and the mapped ring checked against them: every
 //! offset the client later reads at is validated here once, so reading a slot cannot
-//! go out of bounds whatever the daemon sent.
+//! go out of bounds whatever the daemon sent. Both slot layouts (compact, expanded).
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
@@ -12,6 +12,7 @@ use super::{
 use crate::corpus::DType;
 use crate::sys::Shm;
 use crate::wire::ring::ring_at;
+use crate::wire::SlotLayout;
 
 /// A validated array location: byte offset in the slot, dtype and element count.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +28,25 @@ impl Field {
     }
 }
 
+/// The arrays that differ between the two slot layouts (docs/PROTOCOL.md section 4).
+#[derive(Debug, Clone)]
+pub(super) enum Arrays {
+    /// Ready arrays; `cu_seqlens` has room for the most entries a slot can use.
+    Expanded {
+        tokens: Field,
+        labels: Field,
+        loss_mask: Field,
+        position_ids: Field,
+        cu_seqlens: Field,
+    },
+    /// `rows` is `[rows, seq_len + 1]`, `doc_starts` `[rows, starts_bytes]`.
+    Compact {
+        rows: Field,
+        doc_starts: Field,
+        row_real_tokens: Field,
+    },
+}
+
 /// WELCOME turned into checked numbers.
 #[derive(Debug, Clone)]
 pub(super) struct Layout {
@@ -36,11 +56,7 @@ pub(super) struct Layout {
     pub(super) ring_bytes: usize,
     pub(super) rows: usize,
     pub(super) seq_len: usize,
-    pub(super) tokens: Field,
-    pub(super) labels: Field,
-    pub(super) loss_mask: Field,
-    pub(super) position_ids: Field,
-    pub(super) cu_seqlens: Field,
+    pub(super) arrays: Arrays,
     pub(super) domain: Field,
     pub(super) row_loss_tokens: Field,
     pub(super) cursor: Field,
@@ -132,26 +148,46 @@ impl Layout {
         };
         use DType::*;
         let ints = [Uint8, Int8, Int16, Uint16, Int32, Uint32, Int64];
-        let layout = Layout {
+        let arrays = match w.slot_layout {
+            SlotLayout::Expanded => {
+                let cu_seqlens = field("cu_seqlens", None, &[Int32])?;
+                if cu_seqlens.len == 0 {
+                    return Err(bad("cu_seqlens has no room".into()));
+                }
+                Arrays::Expanded {
+                    tokens: field("tokens", Some(cells), &ints)?,
+                    labels: field("labels", Some(cells), &ints)?,
+                    loss_mask: field("loss_mask", Some(cells), &[Uint8])?,
+                    position_ids: field("position_ids", Some(cells), &ints)?,
+                    cu_seqlens,
+                }
+            }
+            SlotLayout::Compact => {
+                let width = seq_len + 1;
+                let starts_bytes = width.div_ceil(8);
+                let total = |per: usize| {
+                    rows.checked_mul(per)
+                        .ok_or_else(|| bad("rows * (seq_len + 1) overflows".into()))
+                };
+                Arrays::Compact {
+                    rows: field("rows", Some(total(width)?), &ints)?,
+                    doc_starts: field("doc_starts", Some(total(starts_bytes)?), &[Uint8])?,
+                    row_real_tokens: field("row_real_tokens", Some(rows), &[Int32])?,
+                }
+            }
+        };
+        Ok(Layout {
             slots: u64::from(w.slots),
             slot_offset,
             slot_bytes,
             ring_bytes,
             rows,
             seq_len,
-            tokens: field("tokens", Some(cells), &ints)?,
-            labels: field("labels", Some(cells), &ints)?,
-            loss_mask: field("loss_mask", Some(cells), &[Uint8])?,
-            position_ids: field("position_ids", Some(cells), &ints)?,
-            cu_seqlens: field("cu_seqlens", None, &[Int32])?,
+            arrays,
             domain: field("domain", Some(rows), &[Int32])?,
             row_loss_tokens: field("row_loss_tokens", Some(rows), &[Int32])?,
             cursor: field("cursor", None, &[Uint8])?,
-        };
-        if layout.cu_seqlens.len == 0 {
-            return Err(bad("cu_seqlens has no room".into()));
-        }
-        Ok(layout)
+        })
     }
 }
 

@@ -11,7 +11,8 @@
 //!
 //! The files, in the order a batch meets them: [`connection`] (the socket, HELLO and
 //! WELCOME, waiting and stepping), `layout` (WELCOME's numbers checked against each
-//! other and the mapped ring), [`batch`] (the borrowed view of one step) and
+//! other and the mapped ring), [`batch`] (the borrowed view of one step), [`derive`]
+//! (a compact slot's labels, positions, mask and `cu_seqlens`, computed) and
 //! [`consume`] (`millrace consume`: a rank that streams and measures).
 
 use std::path::PathBuf;
@@ -22,16 +23,18 @@ use crate::wire::Code;
 mod batch;
 mod connection;
 mod consume;
+mod derive;
 mod layout;
 #[cfg(test)]
 mod tests;
 
-pub use batch::BatchView;
+pub use batch::{BatchView, SlotArrays};
 pub use connection::{Client, DUPLICATE_GRACE};
 pub use consume::{
     consume, process_cpu_seconds, read_cursor_file, run_consume, span_seconds, ConsumeArgs,
     ConsumeSummary, Latency,
 };
+pub use derive::Expanded;
 
 // The wire and ring constants are the daemon's own, so the two sides cannot drift.
 pub use crate::sys::monotonic_ns;
@@ -42,8 +45,8 @@ pub use crate::wire::ring::{
 /// Offset of `published` in the ring header (the wire's own).
 pub const PUBLISHED_OFFSET: usize = ring_at::PUBLISHED;
 pub use crate::wire::{
-    decode_hex as from_hex, to_hex, FieldSpec, Hello, Welcome, MAX_FRAME as MAX_FRAME_LEN,
-    VERSION as PROTOCOL,
+    decode_hex as from_hex, to_hex, FieldSpec, Hello, SlotLayout, Welcome,
+    MAX_FRAME as MAX_FRAME_LEN, TRAINER_VERSION as PROTOCOL,
 };
 /// How long the handshake (HELLO to WELCOME) may take before the client gives up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);

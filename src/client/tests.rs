@@ -1,8 +1,9 @@
 //! The client against fake daemons: well-formed and malformed WELCOMEs, rings and
 //! frames (which the real daemon never sends), and the pure helpers.
 
-use super::layout::Layout;
+use super::layout::{self, Layout};
 use super::*;
+use crate::corpus::Tokens;
 
 #[test]
 fn hex_round_trips() {
@@ -29,7 +30,7 @@ fn welcome() -> Welcome {
     fields.insert("row_loss_tokens".into(), f(704, "int32", vec![2]));
     fields.insert("cursor".into(), f(768, "uint8", vec![256]));
     Welcome {
-        protocol: 1,
+        protocol: PROTOCOL,
         fingerprint: "0".repeat(32),
         start_step: 0,
         dp_rank: 0,
@@ -45,6 +46,7 @@ fn welcome() -> Welcome {
         slots: 2,
         slot_offset: 4096,
         slot_bytes: 4096,
+        slot_layout: SlotLayout::Expanded,
         ring_bytes: 3 * 4096,
         fields,
         vocab_size: None,
@@ -54,8 +56,13 @@ fn welcome() -> Welcome {
 #[test]
 fn a_good_layout_validates() {
     let l = Layout::from_welcome(&welcome()).unwrap();
-    assert_eq!(l.tokens.len, 16);
+    assert!(matches!(l.arrays, layout::Arrays::Expanded { tokens, .. } if tokens.len == 16));
     assert_eq!(l.cursor.len, 256);
+    // The same fields announced as compact are refused: a compact slot has `rows`.
+    let mut w = welcome();
+    w.slot_layout = SlotLayout::Compact;
+    let e = Layout::from_welcome(&w).unwrap_err().to_string();
+    assert!(e.contains("no field \"rows\""), "{e}");
 }
 
 #[test]
@@ -76,7 +83,7 @@ fn malformed_welcomes_are_errors_not_panics() {
         Box::new(|w| {
             w.fields.remove("cursor");
         }),
-        Box::new(|w| w.protocol = 2),
+        Box::new(|w| w.protocol = 1),
     ];
     for (i, c) in cases.iter().enumerate() {
         let mut w = welcome();
@@ -195,9 +202,9 @@ fn reads_a_well_formed_slot_and_times_out_waiting_for_the_next() {
     c.set_timeout(Some(Duration::from_millis(50)));
     let b = c.next_batch().unwrap();
     assert_eq!(b.step, 0);
-    assert_eq!(b.tokens.get_i64(0), Some(100));
-    assert_eq!(b.tokens.get_i64(15), Some(115));
-    assert_eq!(b.cu_seqlens, &[0, 8, 16]);
+    let e = b.expanded();
+    assert_eq!((e.tokens[0], e.tokens[15]), (100, 115));
+    assert_eq!(e.cu_seqlens, [0, 8, 16]);
     assert_eq!(b.cursor, b"CURS");
     assert_eq!(b.payload_bytes(), 16 * 4 * 3 + 16);
     assert_eq!(c.last_cursor(), Some(&b"CURS"[..]));
@@ -294,4 +301,29 @@ fn an_error_frame_while_waiting_is_reported() {
         "{e:?}"
     );
     assert!(e.is_some_and(|e| e.is_transient()));
+}
+
+/// The derivations of a compact slot, on a hand-made one: two rows of 8 inputs (9
+/// tokens); row 0 holds a 3-token piece, a 1-token piece, a 5-token piece running into
+/// the label-only position; row 1 a 4-token piece, then padding (pad 0).
+#[test]
+fn compact_rows_derive_the_expanded_arrays() {
+    let ids: Vec<i32> = vec![
+        10, 11, 12, 20, 30, 31, 32, 33, 34, //
+        40, 41, 42, 43, 0, 0, 0, 0, 0,
+    ];
+    // Starts at 0, 3, 4 (row 0); 0 (row 1); padding's start comes from the count.
+    let starts = [0b0001_1001u8, 0, 0b0000_0001, 0];
+    let e = derive::from_compact(Tokens::Int32(&ids), &starts, &[9, 4], 2, 8);
+    assert_eq!(e.tokens[..8], [10, 11, 12, 20, 30, 31, 32, 33]);
+    assert_eq!(e.labels[..8], [11, 12, 20, 30, 31, 32, 33, 34]);
+    assert_eq!(
+        e.position_ids,
+        [0, 1, 2, 0, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]
+    );
+    assert_eq!(
+        e.loss_mask,
+        [1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(e.cu_seqlens, [0, 3, 4, 8, 12, 16]);
 }

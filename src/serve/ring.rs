@@ -18,7 +18,7 @@ use crate::sys::Shm;
 use crate::wire::ring::{
     put_u32, put_u64, ring_at, slot_at, LAYOUT_VERSION, MAGIC, RING_HEADER, SLOT_HEADER,
 };
-use crate::wire::FieldSpec;
+use crate::wire::{FieldSpec, SlotLayout};
 
 /// Why a ring could not be made or a slot could not be filled.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +151,27 @@ fn fits(from: DType, to: DType) -> bool {
     }
 }
 
+impl TokenType {
+    /// The dtype compact slots carry tokens in: the shards' own when every shard has the
+    /// same integer dtype (so filling a slot copies spans, no per-token conversion),
+    /// else the narrowest of uint16, int32 and int64 that holds every shard's ids
+    /// exactly. Float shards are refused at start-up by `token_dtype`; should one get
+    /// here it is served as int64, as the expanded layout does.
+    pub fn compact(shard_dtypes: impl IntoIterator<Item = DType>) -> TokenType {
+        let all: Vec<DType> = shard_dtypes.into_iter().collect();
+        if let Some(&first) = all.first() {
+            if all.iter().all(|&d| d == first) && fits(first, DType::Int64) {
+                return TokenType(first);
+            }
+        }
+        let out = [DType::Uint16, DType::Int32]
+            .into_iter()
+            .find(|&to| all.iter().all(|&d| fits(d, to)))
+            .unwrap_or(DType::Int64);
+        TokenType(out)
+    }
+}
+
 /// One array inside a slot, as announced in WELCOME.
 #[derive(Debug, Clone)]
 pub struct Field {
@@ -174,12 +195,17 @@ pub struct Layout {
     pub slots: u32,
     /// Token element type.
     pub token: TokenType,
+    /// Which arrays the slots hold.
+    pub kind: SlotLayout,
+    /// Bytes per row of the compact layout's `doc_starts` bitmap (0 when expanded).
+    pub starts_bytes: usize,
     /// Stride between slots.
     pub slot_bytes: u64,
     /// Size of the memfd.
     pub ring_bytes: u64,
-    /// tokens, labels, loss_mask, position_ids, cu_seqlens, domain, row_loss_tokens,
-    /// cursor, in this (increasing offset) order.
+    /// Expanded: tokens, labels, loss_mask, position_ids, cu_seqlens, domain,
+    /// row_loss_tokens, cursor. Compact: rows, doc_starts, row_real_tokens, domain,
+    /// row_loss_tokens, cursor. In this (increasing offset) order, the cursor last.
     pub fields: Vec<(&'static str, Field)>,
 }
 
@@ -188,20 +214,89 @@ const fn align(x: usize, a: usize) -> usize {
 }
 
 impl Layout {
-    /// Lays out `slots` slots of `rows` rows of `seq_len` positions, with room for a
-    /// cursor blob of `cursor_cap` bytes.
+    /// Lays out `slots` expanded slots of `rows` rows of `seq_len` positions, with room
+    /// for a cursor blob of `cursor_cap` bytes.
     pub fn new(rows: u32, seq_len: u32, slots: u32, token: TokenType, cursor_cap: usize) -> Layout {
         let (r, l) = (rows as u64, seq_len as u64);
-        let spec: [(&'static str, &'static str, usize, Vec<u64>); 8] = [
+        let spec = vec![
             ("tokens", token.0.name(), token.0.size(), vec![r, l]),
             ("labels", token.0.name(), token.0.size(), vec![r, l]),
             ("loss_mask", "uint8", 1, vec![r, l]),
             ("position_ids", "int32", 4, vec![r, l]),
             ("cu_seqlens", "int32", 4, vec![r * l + 1]),
+        ];
+        Layout::place(
+            rows,
+            seq_len,
+            slots,
+            token,
+            SlotLayout::Expanded,
+            spec,
+            cursor_cap,
+        )
+    }
+
+    /// Lays out `slots` compact slots: per row the `seq_len + 1` tokens, a bitmap of
+    /// where document pieces start (one bit per token, so it holds any number of
+    /// documents exactly), and the real-token count; nothing a client can derive.
+    pub fn compact(
+        rows: u32,
+        seq_len: u32,
+        slots: u32,
+        token: TokenType,
+        cursor_cap: usize,
+    ) -> Layout {
+        let (r, l) = (rows as u64, seq_len as u64);
+        let starts = (l + 1).div_ceil(8);
+        let spec = vec![
+            ("rows", token.0.name(), token.0.size(), vec![r, l + 1]),
+            ("doc_starts", "uint8", 1, vec![r, starts]),
+            ("row_real_tokens", "int32", 4, vec![r]),
+        ];
+        Layout::place(
+            rows,
+            seq_len,
+            slots,
+            token,
+            SlotLayout::Compact,
+            spec,
+            cursor_cap,
+        )
+    }
+
+    /// The layout of `kind`.
+    pub fn of(
+        kind: SlotLayout,
+        rows: u32,
+        seq_len: u32,
+        slots: u32,
+        token: TokenType,
+        cursor_cap: usize,
+    ) -> Layout {
+        match kind {
+            SlotLayout::Compact => Layout::compact(rows, seq_len, slots, token, cursor_cap),
+            SlotLayout::Expanded => Layout::new(rows, seq_len, slots, token, cursor_cap),
+        }
+    }
+
+    /// Places the layout's own arrays (`spec`) and then those both layouts end with
+    /// (domain, row_loss_tokens, cursor) after the slot header, each 64-aligned, slots
+    /// page-aligned.
+    fn place(
+        rows: u32,
+        seq_len: u32,
+        slots: u32,
+        token: TokenType,
+        kind: SlotLayout,
+        mut spec: Vec<(&'static str, &'static str, usize, Vec<u64>)>,
+        cursor_cap: usize,
+    ) -> Layout {
+        let r = rows as u64;
+        spec.extend([
             ("domain", "int32", 4, vec![r]),
             ("row_loss_tokens", "int32", 4, vec![r]),
             ("cursor", "uint8", 1, vec![cursor_cap as u64]),
-        ];
+        ]);
         let mut at = SLOT_HEADER;
         let mut fields = Vec::with_capacity(spec.len());
         for (name, dtype, size, shape) in spec {
@@ -223,6 +318,11 @@ impl Layout {
             seq_len,
             slots,
             token,
+            kind,
+            starts_bytes: match kind {
+                SlotLayout::Compact => (seq_len as usize + 1).div_ceil(8),
+                SlotLayout::Expanded => 0,
+            },
             slot_bytes,
             ring_bytes: RING_HEADER + slot_bytes * slots as u64,
             fields,
@@ -429,16 +529,39 @@ mod tests {
 
     #[test]
     fn layout_is_aligned_and_ordered() {
-        let l = Layout::new(3, 100, 4, TokenType(DType::Int32), 1000);
-        let mut prev = SLOT_HEADER;
-        for (_, f) in &l.fields {
-            assert_eq!(f.offset % 64, 0);
-            assert!(f.offset >= prev);
-            prev = f.offset + f.bytes;
+        for kind in [SlotLayout::Expanded, SlotLayout::Compact] {
+            let l = Layout::of(kind, 3, 100, 4, TokenType(DType::Int32), 1000);
+            let mut prev = SLOT_HEADER;
+            for (_, f) in &l.fields {
+                assert_eq!(f.offset % 64, 0);
+                assert!(f.offset >= prev);
+                prev = f.offset + f.bytes;
+            }
+            assert!(prev as u64 <= l.slot_bytes);
+            assert_eq!(l.slot_bytes % 4096, 0);
+            assert_eq!(l.ring_bytes, RING_HEADER + 4 * l.slot_bytes);
+            assert_eq!(l.fields.last().map(|f| f.0), Some("cursor"));
         }
-        assert!(prev as u64 <= l.slot_bytes);
-        assert_eq!(l.slot_bytes % 4096, 0);
-        assert_eq!(l.ring_bytes, RING_HEADER + 4 * l.slot_bytes);
+        // 8 rows of 4096: the compact slot carries 2 bytes per token (uint16) plus one bit
+        // of boundaries, against 13 (int32 tokens and labels, positions, mask).
+        let c = Layout::compact(8, 4096, 1, TokenType(DType::Uint16), 0);
+        let e = Layout::new(8, 4096, 1, TokenType(DType::Int32), 0);
+        let data = |l: &Layout| -> usize { l.fields.iter().map(|f| f.1.bytes).sum() };
+        assert_eq!(data(&c), 8 * 4097 * 2 + 8 * 513 + 3 * 8 * 4);
+        assert!(data(&e) > 6 * data(&c), "{} vs {}", data(&e), data(&c));
+    }
+
+    #[test]
+    fn compact_dtype_is_the_shards_own_or_the_narrowest_exact_one() {
+        use DType::*;
+        assert_eq!(TokenType::compact([Uint16, Uint16]).0, Uint16);
+        assert_eq!(TokenType::compact([Uint8, Uint8]).0, Uint8);
+        assert_eq!(TokenType::compact([Int32]).0, Int32);
+        assert_eq!(TokenType::compact([Uint8, Uint16]).0, Uint16);
+        assert_eq!(TokenType::compact([Uint16, Int32]).0, Int32);
+        assert_eq!(TokenType::compact([Int16, Uint16]).0, Int32);
+        assert_eq!(TokenType::compact([Uint16, Uint32]).0, Int64);
+        assert_eq!(TokenType::compact([Float32]).0, Int64);
     }
 
     #[test]

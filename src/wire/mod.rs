@@ -11,7 +11,10 @@ pub mod ring;
 pub mod status;
 
 pub use frame::{kind, MAX_FRAME};
-pub use protocol::{decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, Welcome, VERSION};
+pub use protocol::{
+    decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, SlotLayout, Welcome,
+    TRAINER_VERSION, VERSION,
+};
 
 #[cfg(test)]
 mod tests {
@@ -39,12 +42,39 @@ mod tests {
 
     /// The Python client (python/millrace) keeps its own copy of the wire's constants and
     /// struct formats; this holds it to the Rust definitions, so a change here that is
-    /// not made there fails the build's tests instead of a trainer.
+    /// not made there fails the build's tests instead of a trainer. That includes both
+    /// protocol versions (HELLO's and CONTROL's) and each slot layout's field names.
     #[test]
     fn python_client_agrees_with_the_wire() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/millrace");
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("python client");
         let (client, control) = (read("client.py"), read("control.py"));
+        // The arrays each layout stores, as the daemon lays them out (cursor last).
+        use crate::serve::ring::{Layout, TokenType};
+        for (kind, py) in [
+            ("expanded", "FIELDS"),
+            ("compact", "SLOT_FIELDS[\"compact\"]"),
+        ] {
+            let layout = match kind {
+                "compact" => Layout::compact(1, 8, 1, TokenType(crate::corpus::DType::Uint16), 8),
+                _ => Layout::new(1, 8, 1, TokenType(crate::corpus::DType::Int32), 8),
+            };
+            let names: Vec<String> = layout.fields[..layout.fields.len() - 1]
+                .iter()
+                .map(|(n, _)| format!("\"{n}\""))
+                .collect();
+            let want = format!("\"{kind}\": ");
+            assert!(client.contains(&want), "client.py has no {kind} layout");
+            let tuple = format!("({})", names.join(", "));
+            assert!(
+                client
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .contains(&tuple),
+                "client.py's {py} is not {tuple}"
+            );
+        }
         let slot = py_format(&[
             (slot_at::STEP, 8),
             (slot_at::PLAN_STEP, 8),
@@ -69,7 +99,7 @@ mod tests {
         assert_eq!(ring_at::MAGIC, 0);
         let magic = String::from_utf8_lossy(MAGIC);
         for want in [
-            format!("PROTOCOL_VERSION = {VERSION}\n"),
+            format!("PROTOCOL_VERSION = {TRAINER_VERSION}\n"),
             format!("MAX_FRAME = {MAX_FRAME}\n"),
             format!(
                 "HELLO, WELCOME, REFUSED, RELEASE, ERROR, BYE = {}, {}, {}, {}, {}, {}\n",
@@ -96,5 +126,11 @@ mod tests {
             kind::CONTROL_REPLY
         );
         assert!(control.contains(&want), "control.py lacks {want:?}");
+        let want = format!("CONTROL_VERSION = {VERSION}\n");
+        assert!(control.contains(&want), "control.py lacks {want:?}");
+        assert!(
+            control.contains("body.setdefault(\"protocol\", CONTROL_VERSION)"),
+            "control.py must send CONTROL_VERSION"
+        );
     }
 }

@@ -10,9 +10,39 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::plan::{MAX_BATCH_ROWS, MAX_STEP};
 
-/// Protocol version spoken here: by the daemon, the Rust client and `millrace ctl`
-/// alike (the `protocol` key of HELLO, WELCOME and CONTROL).
+/// Version of the control protocol (the `protocol` key of CONTROL requests), spoken by
+/// the daemon, `millrace ctl` and `millrace.Control` alike. Control requests did not
+/// change with compact slots, so it stays 1.
 pub const VERSION: u32 = 1;
+/// Version of the trainer protocol (the `protocol` key of HELLO and WELCOME). 2 since
+/// slots come in two layouts ([`SlotLayout`]): a version-1 client would read a compact
+/// slot as garbage, so it is refused (`protocol`) and told to upgrade.
+pub const TRAINER_VERSION: u32 = 2;
+
+/// What a slot holds (docs/PROTOCOL.md section 4), chosen per ring by the HELLO that
+/// creates it: compact (the default) carries only what cannot be derived and lets the
+/// client derive the rest; expanded carries ready arrays for consumers that want them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotLayout {
+    /// Per row the `seq_len + 1` tokens in the shards' dtype, a bitmap of document
+    /// starts, the real-token count; domain and loss-token count per row; the cursor.
+    #[default]
+    Compact,
+    /// tokens, labels, loss_mask, position_ids, cu_seqlens, domain, row_loss_tokens,
+    /// cursor: everything ready to hand to a model.
+    Expanded,
+}
+
+impl SlotLayout {
+    /// The name on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotLayout::Compact => "compact",
+            SlotLayout::Expanded => "expanded",
+        }
+    }
+}
 /// The stable codes of REFUSED and ERROR frames and of refused CONTROL replies
 /// (docs/PROTOCOL.md sections 2 and 7): one enum, so the daemon can only send a code the
 /// page lists, and it serializes to exactly those strings.
@@ -132,7 +162,7 @@ pub fn reason(code: Code, message: &str) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
-    /// Must be [`VERSION`].
+    /// Must be [`TRAINER_VERSION`].
     pub protocol: u32,
     /// Job id: namespaces rings and dp_size.
     pub job: String,
@@ -161,6 +191,10 @@ pub struct Hello {
     /// Refuse unless the daemon's plan fingerprint is this (32 hex digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The slot layout of the ring this client creates (`None`: compact); a peer of a
+    /// live ring must ask for the ring's layout or leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_layout: Option<SlotLayout>,
 }
 
 /// One array of a slot as WELCOME describes it. Fields are in the order the daemon
@@ -199,7 +233,7 @@ pub struct Welcome {
     pub micro_batches: u32,
     /// Padding id.
     pub pad_token: i64,
-    /// Protocol version, [`VERSION`].
+    /// Protocol version, [`TRAINER_VERSION`].
     pub protocol: u32,
     /// Size of the memfd.
     pub ring_bytes: u64,
@@ -209,6 +243,8 @@ pub struct Welcome {
     pub seq_len: u32,
     /// Stride between slots.
     pub slot_bytes: u64,
+    /// What the slots hold, and so which `fields` there are.
+    pub slot_layout: SlotLayout,
     /// Byte offset of slot 0.
     pub slot_offset: u64,
     /// Slots in the ring.
@@ -307,7 +343,7 @@ impl Hello {
     /// rank's whole slice of `global_batch_rows / dp_size` rows).
     pub fn whole_slice(dp_rank: u32, dp_size: u32) -> Hello {
         Hello {
-            protocol: VERSION,
+            protocol: TRAINER_VERSION,
             job: "default".into(),
             dp_rank,
             dp_size,
@@ -318,6 +354,7 @@ impl Hello {
             cursor: None,
             start_step: None,
             fingerprint: None,
+            slot_layout: None,
         }
     }
 
@@ -327,11 +364,15 @@ impl Hello {
         let value: serde_json::Value = serde_json::from_slice(payload)
             .map_err(|e| Refusal::new(Code::BadHello, format!("HELLO is not JSON: {e}")))?;
         match value.get("protocol").and_then(|v| v.as_u64()) {
-            Some(v) if v == VERSION as u64 => {}
+            Some(v) if v == TRAINER_VERSION as u64 => {}
             Some(v) => {
                 return Err(Refusal::new(
                     Code::Protocol,
-                    format!("protocol {v} is not supported; this daemon speaks {VERSION}"),
+                    format!(
+                        "HELLO protocol {v} is not supported: this daemon speaks protocol \
+                         {TRAINER_VERSION} (compact slots); use a client of the same millrace \
+                         release, which sends {TRAINER_VERSION}"
+                    ),
                 ))
             }
             None => {
@@ -450,7 +491,7 @@ mod tests {
         let bytes = serde_json::to_vec(&h).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&bytes),
-            r#"{"protocol":1,"job":"default","dp_rank":1,"dp_size":2,"replica":"0","replicas":1,"micro_batch_rows":4,"micro_batches":2}"#
+            r#"{"protocol":2,"job":"default","dp_rank":1,"dp_size":2,"replica":"0","replicas":1,"micro_batch_rows":4,"micro_batches":2}"#
         );
         assert_eq!(Hello::parse(&bytes), Ok(h));
         let mut w = Hello::whole_slice(0, 1);
@@ -460,7 +501,7 @@ mod tests {
         let bytes = serde_json::to_vec(&w).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&bytes),
-            r#"{"protocol":1,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"ab"}"#
+            r#"{"protocol":2,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"ab"}"#
         );
         assert_eq!(Hello::parse(&bytes), Ok(w));
     }
@@ -527,17 +568,32 @@ mod tests {
 
     #[test]
     fn hello_checks() {
-        let ok = br#"{"protocol":1,"job":"j","dp_rank":1,"dp_size":2}"#;
+        let ok = br#"{"protocol":2,"job":"j","dp_rank":1,"dp_size":2}"#;
         let h = Hello::parse(ok).unwrap();
         assert_eq!(
             (h.replica.as_str(), h.replicas, h.micro_batches),
             ("0", 1, 1)
         );
-        let e = Hello::parse(br#"{"protocol":2,"job":"j"}"#).unwrap_err();
+        // A version-1 client (whose slots would be read as garbage) hears which to use.
+        let e = Hello::parse(br#"{"protocol":1,"job":"j"}"#).unwrap_err();
         assert_eq!(e.code, "protocol");
-        let e = Hello::parse(br#"{"protocol":1,"job":"j","dp_rank":2,"dp_size":2}"#).unwrap_err();
+        assert!(
+            e.message.contains("protocol 1") && e.message.contains("speaks protocol 2"),
+            "{e}"
+        );
+        let e = Hello::parse(
+            br#"{"protocol":2,"job":"j","dp_rank":0,"dp_size":1,"slot_layout":"dense"}"#,
+        )
+        .unwrap_err();
+        assert!(e.code == "bad_hello" && e.message.contains("dense"), "{e}");
+        let p = br#"{"protocol":2,"job":"j","dp_rank":0,"dp_size":1,"slot_layout":"expanded"}"#;
+        assert_eq!(
+            Hello::parse(p).unwrap().slot_layout,
+            Some(SlotLayout::Expanded)
+        );
+        let e = Hello::parse(br#"{"protocol":2,"job":"j","dp_rank":2,"dp_size":2}"#).unwrap_err();
         assert!(e.message.contains("dp_rank"), "{e}");
-        let e = Hello::parse(br#"{"protocol":1,"job":"j","dp_rank":0,"dp_size":2,"dp_sise":3}"#)
+        let e = Hello::parse(br#"{"protocol":2,"job":"j","dp_rank":0,"dp_size":2,"dp_sise":3}"#)
             .unwrap_err();
         assert!(e.message.contains("dp_sise"), "{e}");
         assert_eq!(Hello::parse(b"\xff\x00").unwrap_err().code, "bad_hello");
@@ -548,17 +604,17 @@ mod tests {
             ("replicas", "1025".to_string()),
             ("micro_batches", "4294967295".to_string()),
         ] {
-            let p = format!(r#"{{"protocol":1,"job":"j","dp_rank":0,"dp_size":1,"{field}":{v}}}"#);
+            let p = format!(r#"{{"protocol":2,"job":"j","dp_rank":0,"dp_size":1,"{field}":{v}}}"#);
             let e = Hello::parse(p.as_bytes()).unwrap_err();
             assert_eq!(e.code, "limit", "{field}={v}: {e}");
             assert!(e.message.contains(field) && e.message.contains(&v), "{e}");
         }
         let p = format!(
-            r#"{{"protocol":1,"job":"j","dp_rank":0,"dp_size":1,"start_step":{MAX_STEP}}}"#
+            r#"{{"protocol":2,"job":"j","dp_rank":0,"dp_size":1,"start_step":{MAX_STEP}}}"#
         );
         assert!(Hello::parse(p.as_bytes()).is_ok());
         // Names: a newline (log forging) or a space is refused, naming byte and offset.
-        let e = Hello::parse(br#"{"protocol":1,"job":"a\nINFO forged","dp_rank":0,"dp_size":1}"#)
+        let e = Hello::parse(br#"{"protocol":2,"job":"a\nINFO forged","dp_rank":0,"dp_size":1}"#)
             .unwrap_err();
         assert_eq!(e.code, "bad_hello");
         assert!(
@@ -566,14 +622,14 @@ mod tests {
             "{e}"
         );
         let e =
-            Hello::parse(br#"{"protocol":1,"job":"j","replica":"x y","dp_rank":0,"dp_size":1}"#)
+            Hello::parse(br#"{"protocol":2,"job":"j","replica":"x y","dp_rank":0,"dp_size":1}"#)
                 .unwrap_err();
         assert!(
             e.message.contains("`replica`") && e.message.contains("0x20"),
             "{e}"
         );
         assert!(
-            Hello::parse(br#"{"protocol":1,"job":"run-7.b/tp:0","dp_rank":0,"dp_size":1}"#).is_ok()
+            Hello::parse(br#"{"protocol":2,"job":"run-7.b/tp:0","dp_rank":0,"dp_size":1}"#).is_ok()
         );
         assert_eq!(
             decode_hex(&to_hex(&[0, 1, 254, 255])),

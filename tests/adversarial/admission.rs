@@ -115,7 +115,7 @@ fn far_start_steps_are_refused_and_abandoned_seeks_cancelled() {
     }
     // The furthest step allowed takes far longer to seek than any test waits: a client
     // asks for it and hangs up. Its seek stops at the next chunk.
-    let h = json!({"protocol": 1, "job": "leaver", "dp_rank": 0, "dp_size": 1,
+    let h = json!({"protocol": millrace::wire::TRAINER_VERSION, "job": "leaver", "dp_rank": 0, "dp_size": 1,
                    "start_step": millrace::config::plan::MAX_STEP});
     for _ in 0..2 {
         let mut s = UnixStream::connect(&f.socket).unwrap();

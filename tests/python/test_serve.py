@@ -333,14 +333,15 @@ def test_a_peer_with_a_corrupt_blob_cannot_join_a_live_ring(corpus, daemons):
 def test_ring_fd_is_read_only_sealed_and_laid_out_as_documented(corpus, daemons):
     d = daemons(corpus)
     s = _raw(d.sock)
-    s.sendall(_hello(job="layout", dp_rank=2))
+    s.sendall(_hello(job="layout", dp_rank=2, slot_layout="expanded"))
     fds = []
     kind, payload = read_frame(s, fds)
     assert kind == WELCOME and len(fds) == 2
     ring_fd, ready_fd = fds
     try:
         w = json.loads(payload)
-        assert w["protocol"] == 1 and w["start_step"] == 0 and w["dp_rank"] == 2
+        assert w["protocol"] == 2 and w["start_step"] == 0 and w["dp_rank"] == 2
+        assert w["slot_layout"] == "expanded"
         assert (w["rows"], w["seq_len"], w["slots"]) == (2, 64, 4)
         assert w["domains"] == ["web", "code"] and w["token_dtype"] == "int32"
         assert w["slot_bytes"] % 4096 == 0 and w["slot_offset"] >= 4096
@@ -456,7 +457,7 @@ def _frames_until_eof(s: socket.socket) -> list:
 
 
 def _hello(**kw) -> bytes:
-    h = {"protocol": 1, "job": "raw", "dp_rank": 0, "dp_size": 4}
+    h = {"protocol": mr.PROTOCOL_VERSION, "job": "raw", "dp_rank": 0, "dp_size": 4}
     h.update(kw)
     return encode_frame(HELLO, json.dumps(h).encode())
 
@@ -518,7 +519,10 @@ def test_garbage_closes_only_that_connection(corpus, expected, daemons, tmp_path
     attack(encode_frame(HELLO, b"[1, 2]"), REFUSED, "bad_hello")
     f = attack(_hello(dp_sise=4), REFUSED, "bad_hello")
     assert "dp_sise" in json.loads(f[0][1])["message"]
-    attack(_hello(protocol=2), REFUSED, "protocol")
+    # A client of protocol 1 (before compact slots) hears which version to use.
+    f = attack(_hello(protocol=1), REFUSED, "protocol")
+    assert "speaks protocol 2" in json.loads(f[0][1])["message"]
+    attack(_hello(protocol=3), REFUSED, "protocol")
     attack(_hello(dp_rank=4), REFUSED, "bad_hello")
     attack(_hello(replicas=0), REFUSED, "bad_hello")
     attack(_hello(dp_rank="0"), REFUSED, "bad_hello")
@@ -705,6 +709,77 @@ def test_no_fd_or_shm_leak_over_200_connections(corpus, daemons):
     assert d.alive()
 
 
+# ---------------------------------------------------------------------------- layouts
+
+
+FIELDS_ALL = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "domain",
+              "row_loss_tokens")
+
+
+def test_compact_slots_derive_exactly_the_expanded_arrays(corpus, expected, daemons):
+    """The same steps read compact (the default) and expanded: tokens and labels are views
+    of the rows, and every derived array equals the expanded slot's (numpy; torch on the
+    CPU when it is importable)."""
+    d = daemons(corpus)
+    want = expected.records(0, 40, 1, 4)
+    with client(d, 1, 4, job="cmp-c") as c, \
+            client(d, 1, 4, job="cmp-e", slot_layout="expanded") as e:
+        assert c.welcome["slot_layout"] == "compact" and e.welcome["slot_layout"] == "expanded"
+        assert c.welcome["token_dtype"] == "uint16"  # the shards' own dtype
+        assert c.welcome["slot_bytes"] < e.welcome["slot_bytes"]
+        for k in range(40):
+            bc, be = c.next_batch(timeout=60), e.next_batch(timeout=60)
+            assert bc.step == be.step == k
+            rows = bc._view("rows")
+            assert bc.tokens.base is not None and np.shares_memory(bc.tokens, rows)
+            assert np.shares_memory(bc.labels, rows)
+            for name in FIELDS_ALL:
+                np.testing.assert_array_equal(getattr(bc, name), getattr(be, name),
+                                              err_msg=f"step {k} {name}")
+            assert bc.cu_seqlens.dtype == np.int32 and bc.position_ids.dtype == np.int32
+            assert bc.max_seqlen == be.max_seqlen == int(np.diff(bc.cu_seqlens).max())
+            assert (bc.loss_tokens, bc.real_tokens) == (be.loss_tokens, be.real_tokens)
+            assert int(bc.row_real_tokens.sum()) == bc.real_tokens
+            assert bytes(bc.cursor) == bytes(be.cursor)
+            np.testing.assert_array_equal(bc.tokens, want["tokens"][k])
+            for mc, me in zip(bc.micro_batches(), be.micro_batches()):
+                np.testing.assert_array_equal(mc.cu_seqlens, me.cu_seqlens)
+            kept = bc.copy()
+            np.testing.assert_array_equal(kept.position_ids, be.position_ids)
+            try:
+                import torch
+            except ImportError:
+                continue
+            from millrace.torch_adapter import _slot_bytes, derive_tensors
+
+            tc, te = bc.to_torch(), be.to_torch()
+            # The device ops of the CUDA path, run on the CPU over the slot's bytes.
+            host, layout = _slot_bytes(bc)
+            dev = derive_tensors(host, layout, bc.rows, bc.seq_len, bc.cu_len)
+            for name in FIELDS_ALL:
+                want_t = getattr(te, name).long()
+                assert torch.equal(getattr(tc, name).long(), want_t), name
+                assert torch.equal(dev[name].long(), want_t), name
+        # A peer asking the other layout of a live ring is refused.
+        with pytest.raises(mr.Refused) as r:
+            client(d, 1, 4, job="cmp-c", replica="x", slot_layout="expanded").connect()
+        assert r.value.code == "layout"
+
+
+def test_derive_compact_on_a_hand_made_slot():
+    """Two rows of 8 inputs: pieces of 3, 1 and 5 tokens (the last runs into the
+    label-only position), then a 4-token piece and padding."""
+    rows = np.array([[10, 11, 12, 20, 30, 31, 32, 33, 34],
+                     [40, 41, 42, 43, 0, 0, 0, 0, 0]], dtype=np.uint16)
+    starts = np.array([[0b00011001, 0], [0b00000001, 0]], dtype=np.uint8)
+    got = mr.client.derive_compact(rows, starts, np.array([9, 4], dtype=np.int32), 8)
+    np.testing.assert_array_equal(got["position_ids"].ravel(),
+                                  [0, 1, 2, 0, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3])
+    np.testing.assert_array_equal(got["loss_mask"].ravel(),
+                                  [1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(got["cu_seqlens"], [0, 3, 4, 8, 12, 16])
+
+
 # ---------------------------------------------------------------------------- torch
 
 
@@ -714,7 +789,8 @@ def test_torch_tensors_dataset_and_resume(corpus, expected, daemons):
 
     d = daemons(corpus)
     want = expected.records(0, 12, 2, 4)
-    with client(d, 2, 4, job="t") as c:
+    # Expanded slots: int32 arrays, each a zero-copy tensor over the ring.
+    with client(d, 2, 4, job="t", slot_layout="expanded") as c:
         b = c.next_batch()
         import warnings
 

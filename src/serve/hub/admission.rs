@@ -14,7 +14,7 @@ use super::{Admission, Cursor, EventFd, Hub, Job, Mark, Peer, RingEntry, Standin
 use crate::plan::journal;
 use crate::plan::{Plan, Planner, Resumed};
 use crate::serve::ring::{Layout, Ring};
-use crate::wire::protocol::{Code, Hello, Refusal, Welcome};
+use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, Welcome};
 
 impl Hub {
     /// Admits a client: checks its HELLO against the plan and the job, then joins it to
@@ -256,11 +256,17 @@ impl Hub {
             ));
         };
         let seq_len = joiner.shape.seq_len;
-        let layout = Layout::new(
+        let kind = hello.slot_layout.unwrap_or_default();
+        let token = match kind {
+            SlotLayout::Compact => self.source.compact_token(),
+            SlotLayout::Expanded => self.settings.token,
+        };
+        let layout = Layout::of(
+            kind,
             joiner.shape.rows,
             seq_len,
             self.settings.slots,
-            self.settings.token,
+            token,
             self.cursor_cap,
         );
         let step = planner.step();
@@ -326,7 +332,7 @@ impl Hub {
         let cfg = seen.config();
         let layout = ring.layout();
         Welcome {
-            protocol: crate::wire::VERSION,
+            protocol: crate::wire::TRAINER_VERSION,
             fingerprint: shape.fingerprint.clone(),
             start_step,
             dp_rank: hello.dp_rank,
@@ -344,6 +350,7 @@ impl Hub {
             slots: layout.slots,
             slot_offset: crate::wire::ring::RING_HEADER,
             slot_bytes: layout.slot_bytes,
+            slot_layout: layout.kind,
             ring_bytes: layout.ring_bytes,
             fields: layout.field_specs(),
         }
@@ -495,6 +502,18 @@ impl Joiner<'_> {
                     entry.micro.1,
                     self.shape.mbr,
                     hello.micro_batches,
+                ),
+            ));
+        }
+        let kind = entry.ring.layout().kind;
+        if hello.slot_layout.is_some_and(|k| k != kind) {
+            return Err(Refusal::new(
+                Code::Layout,
+                format!(
+                    "peers of dp_rank {} read {} slots; this client asks slot_layout {}",
+                    hello.dp_rank,
+                    kind.as_str(),
+                    hello.slot_layout.unwrap_or_default().as_str()
                 ),
             ));
         }

@@ -1,14 +1,19 @@
-//! The materializer: fills one ring slot with one step's rows, tokens copied from the
-//! mapped shards and labels, loss mask, position ids and flash-attention `cu_seqlens`
-//! built beside them (docs/PROTOCOL.md, section 4), plus the page-cache hints that keep
-//! the copy from faulting. The slot's arrays and offsets are [`super::ring::Layout`]'s.
+//! The materializer: fills one ring slot with one step's rows (docs/PROTOCOL.md, section
+//! 4). A compact slot gets each row's tokens copied span by span from the mapped shards
+//! and a bit per document start; an expanded one gets tokens, labels, loss mask,
+//! position ids and flash-attention `cu_seqlens` built beside them. Plus the page-cache
+//! hints that keep the copy from faulting. Offsets are [`super::ring::Layout`]'s.
 
 use crate::corpus::{guard, DType, Shard, Tokens};
-use crate::plan::Row;
+use crate::plan::{Row, Segment};
 use crate::sys::{advise, Advice};
 use crate::wire::ring::{put_u32, put_u64, slot_at, SLOT_HEADER};
+use crate::wire::SlotLayout;
 
-use super::ring::{Layout, RingError};
+use super::ring::{Layout, RingError, TokenType};
+
+mod compact;
+use compact::fill_compact;
 
 /// One step's slice for one rank, planned and waiting to be copied.
 pub struct SlotJob {
@@ -40,16 +45,90 @@ impl Source {
     fn id_limit(&self) -> u64 {
         self.vocab_size.unwrap_or(1 << 63)
     }
+
+    /// The dtype compact slots carry these shards' tokens in ([`TokenType::compact`]).
+    pub fn compact_token(&self) -> TokenType {
+        TokenType::compact(self.shards.iter().flatten().map(|s| s.dtype()))
+    }
 }
 
 /// Integer element types a slot may hold tokens in.
-trait Out: bytemuck::Pod {
+trait Out: bytemuck::Pod + Ord {
+    /// The type's smallest and largest values, as i64 (for the vocabulary check).
+    const LO: i64;
+    const HI: i64;
     fn from_i64(v: i64) -> Self;
+    fn to_i64(self) -> i64;
+    /// Whether some id of `ids` is outside `0..limit`.
+    fn any_outside(ids: &[Self], limit: u64) -> bool;
 }
 macro_rules! out {
-    ($($t:ty),*) => {$(impl Out for $t { #[inline(always)] fn from_i64(v: i64) -> Self { v as $t } })*};
+    ($($t:ident),*) => {$(impl Out for $t {
+        const LO: i64 = <$t>::MIN as i64;
+        const HI: i64 = <$t>::MAX as i64;
+        #[inline(always)] fn from_i64(v: i64) -> Self { v as $t }
+        #[inline(always)] fn to_i64(self) -> i64 { self as i64 }
+        fn any_outside(ids: &[Self], limit: u64) -> bool {
+            out_of_bounds!($t, ids, limit)
+        }
+    })*};
+}
+// Unsigned ids cannot be negative, so only `id > limit - 1` matters: an OR of saturating
+// differences (one `psubusw` per 8 ids on plain x86-64, where an unsigned 16-bit max
+// needs SSE4.1). Signed ones take the min and the max.
+macro_rules! out_of_bounds {
+    (u8, $ids:expr, $limit:expr) => {
+        unsigned_outside::<u8>($ids, $limit, |a, b| a.saturating_sub(b))
+    };
+    (u16, $ids:expr, $limit:expr) => {
+        unsigned_outside::<u16>($ids, $limit, |a, b| a.saturating_sub(b))
+    };
+    (u32, $ids:expr, $limit:expr) => {
+        unsigned_outside::<u32>($ids, $limit, |a, b| a.saturating_sub(b))
+    };
+    ($t:ty, $ids:expr, $limit:expr) => {
+        min_max($ids).is_some_and(|(lo, hi)| lo.to_i64() < 0 || hi.to_i64() as u64 >= $limit)
+    };
 }
 out!(u8, i8, i16, u16, i32, u32, i64);
+
+/// [`Out::any_outside`] for an unsigned `T` (`sub` is its saturating subtraction).
+fn unsigned_outside<T: Out + std::ops::BitOr<Output = T>>(
+    ids: &[T],
+    limit: u64,
+    sub: impl Fn(T, T) -> T,
+) -> bool {
+    if limit > T::HI as u64 {
+        return false;
+    }
+    let Some(max) = limit.checked_sub(1) else {
+        return !ids.is_empty();
+    };
+    let (max, zero) = (T::from_i64(max as i64), T::from_i64(0));
+    ids.iter().fold(zero, |acc, &v| acc | sub(v, max)) != zero
+}
+
+/// Whether some id a `T` can hold is outside `0..limit`: if not, a span copied in `T`
+/// needs no check at all (uint16 shards with a vocabulary of 65536 or more, or none).
+fn needs_check<T: Out>(limit: u64) -> bool {
+    T::LO < 0 || (T::HI as u64) >= limit
+}
+
+/// Whether some id of `ids` (already copied into the slot, so in cache) is outside
+/// `0..limit` ([`Out::any_outside`]).
+fn out_of_range<T: Out>(ids: &[T], limit: u64) -> bool {
+    T::any_outside(ids, limit)
+}
+
+/// Both bounds of `ids` in one fold, which vectorizes (`Iterator::min` and `max` did
+/// not: 2x slower).
+fn min_max<T: Out>(ids: &[T]) -> Option<(T, T)> {
+    let first = *ids.first()?;
+    Some(
+        ids.iter()
+            .fold((first, first), |(lo, hi), &v| (lo.min(v), hi.max(v))),
+    )
+}
 
 /// Converts `src` into `dst` (same length) and, with `CHECK`, returns whether some id
 /// was outside `0..limit` (the dtype check at start-up guarantees the values fit `T`).
@@ -141,14 +220,24 @@ pub fn fill_slot(
     let _guard = guard::enter();
     // A fault left over from an unguarded read elsewhere is not this fill's.
     let _ = guard::take_fault();
-    match layout.token.0 {
-        DType::Uint8 => fill_typed::<u8>(slot, layout, job, src),
-        DType::Int8 => fill_typed::<i8>(slot, layout, job, src),
-        DType::Int16 => fill_typed::<i16>(slot, layout, job, src),
-        DType::Uint16 => fill_typed::<u16>(slot, layout, job, src),
-        DType::Int32 => fill_typed::<i32>(slot, layout, job, src),
-        DType::Uint32 => fill_typed::<u32>(slot, layout, job, src),
-        DType::Int64 | DType::Float32 | DType::Float64 => fill_typed::<i64>(slot, layout, job, src),
+    macro_rules! by_dtype {
+        ($fill:ident) => {
+            match layout.token.0 {
+                DType::Uint8 => $fill::<u8>(slot, layout, job, src),
+                DType::Int8 => $fill::<i8>(slot, layout, job, src),
+                DType::Int16 => $fill::<i16>(slot, layout, job, src),
+                DType::Uint16 => $fill::<u16>(slot, layout, job, src),
+                DType::Int32 => $fill::<i32>(slot, layout, job, src),
+                DType::Uint32 => $fill::<u32>(slot, layout, job, src),
+                DType::Int64 | DType::Float32 | DType::Float64 => {
+                    $fill::<i64>(slot, layout, job, src)
+                }
+            }
+        };
+    }
+    match layout.kind {
+        SlotLayout::Compact => by_dtype!(fill_compact),
+        SlotLayout::Expanded => by_dtype!(fill_typed),
     }
 }
 
@@ -158,26 +247,10 @@ fn fill_typed<T: Out>(
     job: &SlotJob,
     src: &Source,
 ) -> Result<u64, RingError> {
-    let fail = |message: String| RingError::Materialize {
-        step: job.step,
-        message,
-    };
+    let fail = fail_at(job.step);
     let l = layout.seq_len as usize;
     let cap = l + 1;
-    if job.rows.len() != layout.rows as usize {
-        return Err(fail(format!(
-            "{} rows planned for a {}-row slot",
-            job.rows.len(),
-            layout.rows
-        )));
-    }
-    if job.cursor.len() > layout.cursor_cap() {
-        return Err(fail(format!(
-            "cursor blob of {} bytes exceeds the slot's {}",
-            job.cursor.len(),
-            layout.cursor_cap()
-        )));
-    }
+    check_job(layout, job, &fail)?;
     let (header, mut f) = carve(slot, layout);
     let [tokens, labels, mask, pos, cu, domain, row_loss, cursor] = &mut f[..] else {
         return Err(fail("slot layout has the wrong number of fields".into()));
@@ -208,45 +281,10 @@ fn fill_typed<T: Out>(
             .get(row.domain as usize)
             .ok_or_else(|| fail(format!("row {r}: domain {} does not exist", row.domain)))?;
         for s in &row.segments {
-            let shard = shards.get(s.shard as usize).ok_or_else(|| {
-                fail(format!(
-                    "row {r}: domain {} has no shard {}",
-                    row.domain, s.shard
-                ))
-            })?;
-            if let Some(why) = shard.poisoned() {
-                return Err(fail(format!(
-                    "row {r}: document {} of a poisoned shard: {why}",
-                    s.doc
-                )));
-            }
-            // A read that faulted (the file shrank under its mapping) saw zeros: poison
-            // the shard so nothing serves those zeros, and fail naming it.
-            let faulted = |addr: usize| {
-                let why = describe_fault(shard, addr);
-                shard.poison(why.clone());
-                fail(format!("row {r}: reading document {}: {why}", s.doc))
-            };
-            let doc = shard.doc_tokens(s.doc);
-            if let Some(addr) = guard::take_fault() {
-                return Err(faulted(addr));
-            }
-            let doc = doc.map_err(|e| fail(format!("row {r}: {e}")))?;
             let n = s.len as usize;
-            if n == 0 {
+            let Some((shard, piece)) = read_piece(shards, row.domain, r, s, p, cap, &fail)? else {
                 continue;
-            }
-            let (a, b) = (s.start as usize, s.start as usize + n);
-            if b > doc.len() || p + n > cap {
-                return Err(fail(format!(
-                    "row {r}: {} document {} tokens {a}..{b} do not fit (document has {}, \
-                     row position {p} of {cap})",
-                    shard.path().display(),
-                    s.doc,
-                    doc.len()
-                )));
-            }
-            let piece = slice_tokens(doc, a, b);
+            };
             // Inputs this piece covers: [p, min(p+n, l)).
             let end = (p + n).min(l);
             // Convert straight into both arrays (no staging row): input position q
@@ -275,20 +313,10 @@ fn fill_typed<T: Out>(
                 );
             }
             if let Some(addr) = guard::take_fault() {
-                return Err(faulted(addr));
+                return Err(faulted(shard, r, s.doc, addr, &fail));
             }
             if bad {
-                let (i, v) = first_out_of_range(piece, limit).unwrap_or((0, -1));
-                let bound = match src.vocab_size {
-                    Some(v) => format!("outside vocab_size {v} (ids 0..{v})"),
-                    None => "negative (token ids never are; is the dtype code right?)".into(),
-                };
-                return Err(fail(format!(
-                    "row {r}: {} document {} token {} has id {v}, {bound}",
-                    shard.path().display(),
-                    s.doc,
-                    a + i
-                )));
+                return Err(fail(bad_token(src, shard, r, s, piece)));
             }
             if end > p {
                 for (i, v) in pos[base + p..base + end].iter_mut().enumerate() {
@@ -322,16 +350,137 @@ fn fill_typed<T: Out>(
         loss_total += row_loss_n as u64;
     }
     cursor[..job.cursor.len()].copy_from_slice(&job.cursor);
+    let sums = Sums {
+        cu_len: n_cu as u32,
+        max_seqlen,
+        loss: loss_total,
+        real: real_total,
+    };
+    write_header(header, layout, job, &sums);
+    Ok(real_total)
+}
+
+/// The slot header's counts, which both layouts carry (clients take `max_seqlen` from
+/// here, never from a device sync).
+struct Sums {
+    cu_len: u32,
+    max_seqlen: u32,
+    loss: u64,
+    real: u64,
+}
+
+fn write_header(header: &mut [u8], layout: &Layout, job: &SlotJob, sums: &Sums) {
     put_u64(header, slot_at::STEP, job.step);
     put_u64(header, slot_at::PLAN_STEP, job.plan_step);
     put_u32(header, slot_at::ROWS, layout.rows);
     put_u32(header, slot_at::SEQ_LEN, layout.seq_len);
-    put_u32(header, slot_at::CU_LEN, n_cu as u32);
-    put_u32(header, slot_at::MAX_SEQLEN, max_seqlen);
-    put_u64(header, slot_at::LOSS_TOKENS, loss_total);
-    put_u64(header, slot_at::REAL_TOKENS, real_total);
+    put_u32(header, slot_at::CU_LEN, sums.cu_len);
+    put_u32(header, slot_at::MAX_SEQLEN, sums.max_seqlen);
+    put_u64(header, slot_at::LOSS_TOKENS, sums.loss);
+    put_u64(header, slot_at::REAL_TOKENS, sums.real);
     put_u32(header, slot_at::CURSOR_LEN, job.cursor.len() as u32);
-    Ok(real_total)
+}
+
+/// The error of a fill of `step` that failed for `message`.
+fn fail_at(step: u64) -> impl Fn(String) -> RingError {
+    move |message| RingError::Materialize { step, message }
+}
+
+/// Checks a job against the slot it goes to: its row count and cursor size.
+fn check_job(
+    layout: &Layout,
+    job: &SlotJob,
+    fail: &dyn Fn(String) -> RingError,
+) -> Result<(), RingError> {
+    if job.rows.len() != layout.rows as usize {
+        return Err(fail(format!(
+            "{} rows planned for a {}-row slot",
+            job.rows.len(),
+            layout.rows
+        )));
+    }
+    if job.cursor.len() > layout.cursor_cap() {
+        return Err(fail(format!(
+            "cursor blob of {} bytes exceeds the slot's {}",
+            job.cursor.len(),
+            layout.cursor_cap()
+        )));
+    }
+    Ok(())
+}
+
+/// Tokens `start..start+len` of a segment's document, after the guards: the shard
+/// exists and is not poisoned, the read did not fault (else the shard is poisoned and
+/// the fill fails naming it), the span lies in the document and fits the row from
+/// position `p` of `cap`. `None` for an empty segment.
+fn read_piece<'s>(
+    shards: &'s [std::sync::Arc<Shard>],
+    domain: u16,
+    r: usize,
+    s: &Segment,
+    p: usize,
+    cap: usize,
+    fail: &dyn Fn(String) -> RingError,
+) -> Result<Option<(&'s Shard, Tokens<'s>)>, RingError> {
+    let shard = shards
+        .get(s.shard as usize)
+        .ok_or_else(|| fail(format!("row {r}: domain {domain} has no shard {}", s.shard)))?;
+    if let Some(why) = shard.poisoned() {
+        return Err(fail(format!(
+            "row {r}: document {} of a poisoned shard: {why}",
+            s.doc
+        )));
+    }
+    let doc = shard.doc_tokens(s.doc);
+    if let Some(addr) = guard::take_fault() {
+        return Err(faulted(shard, r, s.doc, addr, fail));
+    }
+    let doc = doc.map_err(|e| fail(format!("row {r}: {e}")))?;
+    let n = s.len as usize;
+    if n == 0 {
+        return Ok(None);
+    }
+    let (a, b) = (s.start as usize, s.start as usize + n);
+    if b > doc.len() || p + n > cap {
+        return Err(fail(format!(
+            "row {r}: {} document {} tokens {a}..{b} do not fit (document has {}, \
+             row position {p} of {cap})",
+            shard.path().display(),
+            s.doc,
+            doc.len()
+        )));
+    }
+    Ok(Some((shard, slice_tokens(doc, a, b))))
+}
+
+/// A read of `shard` that faulted (the file shrank under its mapping) saw zeros: the
+/// shard is poisoned so nothing serves those zeros, and the fill fails naming it.
+fn faulted(
+    shard: &Shard,
+    r: usize,
+    doc: u64,
+    addr: usize,
+    fail: &dyn Fn(String) -> RingError,
+) -> RingError {
+    let why = describe_fault(shard, addr);
+    shard.poison(why.clone());
+    fail(format!("row {r}: reading document {doc}: {why}"))
+}
+
+/// The error for a piece holding an id outside the vocabulary: the slow path that finds
+/// and names the first one once a check has seen it.
+fn bad_token(src: &Source, shard: &Shard, r: usize, s: &Segment, piece: Tokens<'_>) -> String {
+    let (i, v) = first_out_of_range(piece, src.id_limit()).unwrap_or((0, -1));
+    let bound = match src.vocab_size {
+        Some(v) => format!("outside vocab_size {v} (ids 0..{v})"),
+        None => "negative (token ids never are; is the dtype code right?)".into(),
+    };
+    format!(
+        "row {r}: {} document {} token {} has id {v}, {bound}",
+        shard.path().display(),
+        s.doc,
+        s.start as usize + i
+    )
 }
 
 /// Words a guarded read's fault at `addr`: which file of `shard`, at which byte.
@@ -393,7 +542,7 @@ pub fn random_access(bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::ring::{Ring, TokenType};
+    use crate::serve::ring::Ring;
 
     /// One uint16 Megatron shard of 4 documents of 4096 tokens (one page of token bytes
     /// every half document), with ids `id` except token `odd.0` (= `odd.1`), and a one-row
@@ -497,6 +646,32 @@ mod tests {
                 .to_string();
             assert!(e.contains(&format!("token {at} has id 1000")), "{e}");
         }
+        // The same in compact slots, whose uint16 spans are copied as bytes and then
+        // checked (vocab 1000 < 2^16), the last token (label only) included.
+        for at in [0usize, 1, 63, 64] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut src, job, _) = shard_and_job(dir.path(), 7, (at, 1000));
+            let layout = Layout::compact(1, 64, 1, src.compact_token(), 64);
+            assert_eq!(layout.token.0, DType::Uint16);
+            let ring = Ring::create("t", layout.clone(), 0).unwrap();
+            let slot = &mut ring.claim(0).unwrap();
+            let e = fill_slot(slot, &layout, &job, &src)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("token {at} has id 1000, outside vocab_size 1000")),
+                "{e}"
+            );
+            // A vocabulary of 2^16 or none: no uint16 id can be outside it.
+            for vocab in [Some(65536), None] {
+                src.vocab_size = vocab;
+                assert!(!needs_check::<u16>(src.id_limit()));
+                assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+            }
+            let rows: &[u16] = bytemuck::cast_slice(&slot[layout.fields[0].1.offset..][..130]);
+            assert_eq!((rows[at], rows[(at + 1) % 65]), (1000, 7));
+        }
+        assert!(needs_check::<u16>(1000) && needs_check::<i16>(1 << 20));
         let ok = Tokens::Int16(&[5, 7, 9]);
         let bad = Tokens::Int16(&[5, -7, 9]);
         let mut out = [0i32; 3];
