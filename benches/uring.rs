@@ -70,7 +70,7 @@ fn args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().with_context(|| format!("{k} needs a value"));
-        let count = |s: String| millrace::synth::parse_count(&s).map_err(anyhow::Error::msg);
+        let count = |s: String| millrace::util::parse_count(&s).map_err(anyhow::Error::msg);
         match k.as_str() {
             "--dir" => a.dir = Some(PathBuf::from(v()?)),
             "--tokens" => a.tokens = count(v()?)?,
