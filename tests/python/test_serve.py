@@ -866,7 +866,8 @@ def test_example_train_tiny_checkpoints_and_resumes(corpus, daemons, tmp_path):
 
     def run(steps):
         p = subprocess.run([sys.executable, str(example), "--socket", str(d.sock), "--steps",
-                            str(steps), "--checkpoint", str(ckpt), "--device", "cpu"],
+                            str(steps), "--checkpoint", str(ckpt), "--device", "cpu",
+                            "--vocab", "30001"],  # ids 3..30000; the config names no vocab_size
                            capture_output=True, text=True, timeout=300, env=env)
         assert p.returncode == 0, p.stdout + p.stderr
         return p.stdout
