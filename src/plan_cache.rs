@@ -4,7 +4,8 @@
 //!
 //! One directory per plan fingerprint, `<root>/plan-checkpoints/<fingerprint>/`, one
 //! small file per checkpoint named by its [`CheckpointKey`]. The root is `[corpus]
-//! cache_dir` when set, else the per-user cache directory (`$XDG_CACHE_HOME/millrace` or
+//! cache_dir` when set, else [`crate::corpus::identity::default_cache_root`] (systemd's
+//! `$CACHE_DIRECTORY`, `$XDG_CACHE_HOME/millrace` or
 //! `~/.cache/millrace`). Nothing here can make a seek fail or change its result: every
 //! blob is checked by [`Plan::restore`] before use, an entry that is refused is dropped
 //! with a warning, and a directory that cannot be written costs one warning and the
