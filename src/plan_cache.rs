@@ -26,11 +26,22 @@ const MAX_BLOB: u64 = 64 << 20;
 /// File name suffix of a checkpoint.
 const SUFFIX: &str = ".ckpt";
 
+/// Most checkpoint files kept per plan fingerprint: 2^16 of a few hundred bytes each,
+/// which at one per 2^16 rows covers 2^32 rows (beyond any run). The bound is what keeps
+/// a client's `start_step` (up to `MAX_STEP`) from turning its seek into millions of
+/// files; past it a seek still works, it only stops leaving checkpoints behind.
+pub const MAX_CHECKPOINTS: u64 = 1 << 16;
+
 /// Checkpoints of one plan kept in files (see the module comment).
 pub struct CheckpointDir {
     dir: PathBuf,
-    /// Set once a write failed and was reported, so a read-only cache warns once.
+    /// Set once a write failed (or the cap was reached) and was reported, so a
+    /// read-only or full cache warns once.
     warned: AtomicBool,
+    /// Files it may hold ([`MAX_CHECKPOINTS`]).
+    cap: u64,
+    /// Files it holds, counted from the directory at the first store.
+    held: std::sync::OnceLock<AtomicU64>,
 }
 
 impl CheckpointDir {
@@ -41,6 +52,8 @@ impl CheckpointDir {
                 .join("plan-checkpoints")
                 .join(format!("{:032x}", plan.fingerprint())),
             warned: AtomicBool::new(false),
+            cap: MAX_CHECKPOINTS,
+            held: std::sync::OnceLock::new(),
         }
     }
 
@@ -144,12 +157,31 @@ impl Checkpoints for CheckpointDir {
     }
 
     fn store(&self, key: &CheckpointKey, blob: &[u8]) {
-        if let Err(e) = self.write(key, blob) {
+        let held = self
+            .held
+            .get_or_init(|| AtomicU64::new(self.list().len() as u64));
+        if held.load(Ordering::Relaxed) >= self.cap {
             if !self.warned.swap(true, Ordering::Relaxed) {
                 warn!(
-                    "cannot write plan checkpoints to {}: {e}; seeks replay from step 0",
-                    self.dir.display()
+                    "{} holds {} plan checkpoints, its limit; no more are written (remove \
+                     the directory to start over)",
+                    self.dir.display(),
+                    self.cap
                 );
+            }
+            return;
+        }
+        match self.write(key, blob) {
+            Ok(()) => {
+                held.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "cannot write plan checkpoints to {}: {e}; seeks replay from step 0",
+                        self.dir.display()
+                    );
+                }
             }
         }
     }
@@ -160,13 +192,54 @@ impl Checkpoints for CheckpointDir {
             "ignoring plan checkpoint {}: {why}; removed (the seek replays from an earlier one)",
             path.display()
         );
-        let _ = std::fs::remove_file(&path);
+        if std::fs::remove_file(&path).is_ok() {
+            if let Some(held) = self.held.get() {
+                let _ = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store stops writing at its cap (a client's far `start_step` must not fill the
+    /// disk with checkpoints), counting what the directory held before it started.
+    #[test]
+    fn a_store_writes_no_more_than_its_cap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("fp");
+        let store = |cap| CheckpointDir {
+            dir: dir.clone(),
+            warned: AtomicBool::new(false),
+            cap,
+            held: std::sync::OnceLock::new(),
+        };
+        let key = |plan_step| CheckpointKey {
+            plan_step,
+            history: 1,
+            journal: 2,
+        };
+        let a = store(3);
+        for s in 0..10 {
+            a.store(&key(s), b"blob");
+        }
+        assert_eq!(a.list().len(), 3);
+        // A later process counts the files already there.
+        let b = store(4);
+        for s in 10..20 {
+            b.store(&key(s), b"blob");
+        }
+        assert_eq!(b.list().len(), 4);
+        // A refused entry frees its place.
+        b.refused(&key(0), "test");
+        b.store(&key(30), b"blob");
+        assert!(b.has(&key(30)));
+        assert_eq!(b.list().len(), 4);
+    }
 
     #[test]
     fn names_round_trip_and_strangers_are_ignored() {
