@@ -180,6 +180,22 @@ pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
 }
 
+/// Runs `millrace check-config --config config`, which must fail, and returns its stderr.
+pub fn check_config_refusal(config: &Path) -> String {
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(config)
+        .output()
+        .expect("running millrace check-config");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "check-config passed {}: {err}",
+        config.display()
+    );
+    err
+}
+
 /// The dtype Megatron assigns to `code`, spelled out independently of the code under test.
 pub fn dtype_of(code: u8) -> millrace::corpus::DType {
     use millrace::corpus::DType;
