@@ -134,6 +134,30 @@ impl BatchView<'_> {
         }
     }
 
+    /// The wrapping sum of every value the slot stores besides the inputs (labels,
+    /// positions and mask when expanded; the document starts and real counts when
+    /// compact, whose rows [`BatchView::inputs_sum`] already read whole): with it, a
+    /// consumer has read every byte a trainer copies, in place. Deriving a compact
+    /// slot's arrays is the trainer's (device ops, or numpy on first access), not this.
+    pub fn stored_sum(&self) -> i64 {
+        match self.arrays {
+            SlotArrays::Expanded {
+                labels,
+                loss_mask,
+                position_ids,
+                ..
+            } => sum_tokens(&labels)
+                .wrapping_add(sum_tokens(&position_ids))
+                .wrapping_add(sum_tokens(&Tokens::Uint8(loss_mask))),
+            SlotArrays::Compact {
+                doc_starts,
+                row_real_tokens,
+                ..
+            } => sum_tokens(&Tokens::Uint8(doc_starts))
+                .wrapping_add(sum_tokens(&Tokens::Int32(row_real_tokens))),
+        }
+    }
+
     /// The expanded arrays of this step, owned: copied from an expanded slot, derived
     /// from a compact one (PROTOCOL.md section 4 gives the rules).
     pub fn expanded(&self) -> Expanded {

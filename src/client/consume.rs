@@ -10,9 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::batch::sum_tokens;
 use super::{from_hex, monotonic_ns, to_hex, Client, Hello, SlotLayout};
-use crate::corpus::Tokens;
 
 /// Arguments of `millrace consume`.
 #[derive(clap::Args, Debug, Clone)]
@@ -67,8 +65,9 @@ pub struct ConsumeArgs {
     /// When the daemon goes away, reconnect with the last cursor for up to SECS.
     #[arg(long, value_name = "SECS", default_value_t = 0.0)]
     pub reconnect_timeout: f64,
-    /// Also read labels, loss_mask and position_ids (every payload byte), as a
-    /// trainer's host-to-device copy would.
+    /// Also read every other byte the slot stores (labels, loss_mask, position_ids when
+    /// expanded; document starts and real counts when compact), in place, as a trainer's
+    /// host-to-device copy would.
     #[arg(long)]
     pub touch: bool,
     /// Batches kept unreleased while the next is read.
@@ -78,7 +77,8 @@ pub struct ConsumeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub timeout: f64,
     /// The slot layout to ask for (`compact` or `expanded`) [default: the daemon's,
-    /// compact]; `--touch` then reads the derived arrays or the ready ones.
+    /// compact]; `--touch` reads what the layout stores (deriving a compact slot's
+    /// arrays is the trainer's, on its device).
     #[arg(long, value_parser = parse_layout)]
     pub slot_layout: Option<SlotLayout>,
     /// Print `{"progress": STEPS}` lines on stderr a few times a second (for `bench`).
@@ -290,14 +290,8 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
         digest.update(b.token_bytes());
         s.checksum = s.checksum.wrapping_add(b.inputs_sum());
         if args.touch {
-            // Every array a trainer reads, derived where the slot is compact.
-            let e = b.expanded();
-            let sum = |v: &[i64]| v.iter().fold(0i64, |a, &x| a.wrapping_add(x));
-            s.checksum = s
-                .checksum
-                .wrapping_add(sum(&e.labels))
-                .wrapping_add(sum_tokens(&Tokens::Int32(&e.position_ids)))
-                .wrapping_add(sum_tokens(&Tokens::Uint8(&e.loss_mask)));
+            // Every byte the slot stores, read in place: what a trainer's one copy reads.
+            s.checksum = s.checksum.wrapping_add(b.stored_sum());
         }
         if let Some(ns) = b.wake_latency_ns {
             s.wake_latency_ns.push(ns);
