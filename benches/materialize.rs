@@ -11,9 +11,10 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use millrace::config::serve::Reader;
 use millrace::config::Config;
 use millrace::corpus::DType;
-use millrace::serve::fill::{fill_slot, SlotJob, Source};
+use millrace::serve::fill::{fill_slot, Readers, SlotJob, Source};
 use millrace::serve::ring::{Layout, Ring, TokenType};
 use millrace::synth::{synth, SynthOptions};
 
@@ -59,6 +60,7 @@ fn bench(c: &mut Criterion) {
         shards: loaded.shards,
         pad_token: plan_cfg.pad_token,
         vocab_size: plan_cfg.vocab_size,
+        readers: Readers::copy(Reader::MmapWillneed),
     };
     let mut g = c.benchmark_group("materialize");
     let seq = plan_cfg.seq_len;
@@ -101,6 +103,7 @@ fn bench(c: &mut Criterion) {
         shards: source.shards.clone(),
         pad_token: source.pad_token,
         vocab_size: None,
+        readers: Readers::copy(Reader::MmapWillneed),
     };
     // uint16 ids cannot be negative: without a vocabulary below 2^16 there is no check.
     fill(

@@ -29,9 +29,14 @@ pub struct ServeConfig {
     /// Steps planned ahead of the copies, with their page-cache hints issued.
     #[serde(default = "default_prefetch")]
     pub prefetch_steps: u32,
-    /// Hint the kernel (MADV_RANDOM on shards, MADV_WILLNEED on planned spans).
+    /// Hint the kernel (MADV_RANDOM on shards, MADV_WILLNEED on planned spans) when the
+    /// slots are filled by the mmap copy with hints ([`Reader::MmapWillneed`]); `false`
+    /// makes that reader plain `mmap`. The other readers never hint.
     #[serde(default = "default_true")]
     pub page_hints: bool,
+    /// How compact slots read the shards' token bytes (docs/OPERATIONS.md, "Readers").
+    #[serde(default)]
+    pub reader: Reader,
     /// Most clients at once.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
@@ -85,6 +90,37 @@ pub enum LateSetting {
     Refuse,
     /// Apply it from the first step that can still change.
     Next,
+}
+
+/// `[serve] reader`: how a compact slot whose dtype is the shards' gets their bytes.
+/// Expanded slots and dtype conversions always copy from the mappings; so does every
+/// reader where io_uring is unavailable (the daemon logs why, once, at start).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reader {
+    /// Copy from plain mappings: the kernel's readahead, no hints.
+    Mmap,
+    /// Copy from mappings advised MADV_RANDOM, with MADV_WILLNEED over each planned
+    /// step's spans `prefetch_steps` ahead.
+    #[default]
+    MmapWillneed,
+    /// io_uring READs through the page cache, straight into the slot.
+    Uring,
+    /// io_uring READs with O_DIRECT (no page cache), straight into the slot where the
+    /// span is aligned, else through aligned bounce buffers.
+    UringDirect,
+}
+
+impl Reader {
+    /// The name the config uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reader::Mmap => "mmap",
+            Reader::MmapWillneed => "mmap-willneed",
+            Reader::Uring => "uring",
+            Reader::UringDirect => "uring-direct",
+        }
+    }
 }
 
 fn default_watch() -> u64 {

@@ -99,19 +99,22 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     let fd_limit = limits::raise_fd_limit(
         3 * serve.max_clients as u64 + serve.max_control_connections as u64 + 256,
     );
+    let readers = fill::Readers::open(serve.reader, &l.shards);
+    let hints = readers.page_hints(serve.page_hints);
     let hub = Arc::new(Hub::new(
         l.plan.clone(),
         Source {
             shards: l.shards,
             pad_token,
             vocab_size: l.plan.config().vocab_size,
+            readers,
         },
         HubSettings {
             slots: serve.ring_slots,
             prefetch: serve.prefetch_steps,
             token: l.token,
             max_clients: serve.max_clients,
-            hints: serve.page_hints,
+            hints,
             ring_budget: serve
                 .ring_memory_bytes
                 .unwrap_or_else(budget::default_ring_budget),

@@ -168,6 +168,16 @@ impl ReadError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, ReadError::Unavailable { .. })
     }
+
+    /// The file the error is about, when it is about one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ReadError::Open { path, .. }
+            | ReadError::Read { path, .. }
+            | ReadError::Truncated { path, .. } => Some(path),
+            _ => None,
+        }
+    }
 }
 
 /// The byte range of `seg` in `shard`'s token file, landing at `dst`: what a compact

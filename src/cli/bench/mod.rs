@@ -78,6 +78,9 @@ pub struct BenchArgs {
     /// Token dtype the daemon delivers.
     #[arg(long, default_value = "int32")]
     pub token_dtype: String,
+    /// `[serve] reader` of the daemons the bench starts (default: the daemon's default).
+    #[arg(long)]
+    pub reader: Option<String>,
     /// Skip the cold run (the warm runs then read the whole corpus once first).
     #[arg(long)]
     pub no_cold: bool,

@@ -94,6 +94,9 @@ impl Ctx<'_> {
                 ("global_batch_rows", toml::Value::Integer(global)),
             ],
         )?;
+        if let Some(r) = &self.args.reader {
+            write_config(&cfg, &cfg, &[("reader", r.as_str().into())], &[])?;
+        }
         Ok((cfg, socket))
     }
 

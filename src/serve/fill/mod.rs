@@ -13,7 +13,9 @@ use crate::wire::SlotLayout;
 use super::ring::{Layout, RingError, TokenType};
 
 mod compact;
+mod read;
 use compact::fill_compact;
+pub use read::Readers;
 
 /// One step's slice for one rank, planned and waiting to be copied.
 pub struct SlotJob {
@@ -37,6 +39,8 @@ pub struct Source {
     /// `[plan] vocab_size`: ids at or above it fail the ring. Without it only negative
     /// ids do (no tokenizer makes them; a wrong dtype code does).
     pub vocab_size: Option<u64>,
+    /// How compact slots of the shards' dtype are read (`[serve] reader`).
+    pub readers: Readers,
 }
 
 impl Source {
@@ -542,6 +546,7 @@ pub fn random_access(bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::serve::Reader;
     use crate::serve::ring::Ring;
 
     /// One uint16 Megatron shard of 4 documents of 4096 tokens (one page of token bytes
@@ -583,6 +588,7 @@ mod tests {
             shards: vec![vec![shard]],
             pad_token: 0,
             vocab_size: Some(1000),
+            readers: Readers::copy(Reader::MmapWillneed),
         };
         (src, job, Layout::new(1, 64, 1, TokenType(DType::Int32), 64))
     }

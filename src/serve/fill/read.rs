@@ -1,0 +1,173 @@
+//! Which reader fills compact slots (`[serve] reader`), and the io_uring readers the
+//! materializer threads share: one per thread at a time, kept in a pool so each thread
+//! reuses a ring whose shard files are already registered. The io_uring readers
+//! themselves are src/serve/uring.rs; docs/DESIGN.md ("Page cache") says why each exists.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+
+use crate::config::serve::Reader;
+use crate::corpus::Shard;
+use crate::serve::uring::{data_path, ReadError, Span, UringOptions, UringReader};
+
+/// The reader compact slots use, resolved at start, and the io_uring readers not in use.
+pub struct Readers {
+    /// What fills slots: [`Reader::Uring`] or [`Reader::UringDirect`] read with io_uring;
+    /// the mmap readers copy from the mappings.
+    reader: Reader,
+    /// Why the configured reader could not be used, if it could not.
+    fallback: Option<String>,
+    /// Token files, every domain's shards in plan order.
+    paths: Vec<std::path::PathBuf>,
+    /// Index in `paths` of each domain's first shard.
+    first: Vec<u32>,
+    /// Readers not in use by a fill.
+    pool: Mutex<Vec<UringReader>>,
+}
+
+impl std::fmt::Debug for Readers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readers")
+            .field("reader", &self.reader)
+            .field("fallback", &self.fallback)
+            .field("files", &self.paths.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Readers {
+    /// The mmap copy, nothing opened: for fills that never read with io_uring.
+    pub fn copy(reader: Reader) -> Readers {
+        let reader = match reader {
+            Reader::Uring | Reader::UringDirect => Reader::MmapWillneed,
+            r => r,
+        };
+        Readers {
+            reader,
+            fallback: None,
+            paths: Vec::new(),
+            first: Vec::new(),
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Resolves `reader` for these shards: an io_uring reader is set up once here, so a
+    /// kernel that refuses io_uring (old, seccomp, `io_uring_disabled`) or a filesystem
+    /// that refuses O_DIRECT is found at start and logged once. io_uring unavailable: the
+    /// mmap copy with hints; O_DIRECT refused: buffered io_uring.
+    pub fn open(reader: Reader, shards: &[Vec<Arc<Shard>>]) -> Readers {
+        if !matches!(reader, Reader::Uring | Reader::UringDirect) {
+            return Readers::copy(reader);
+        }
+        let mut first = Vec::with_capacity(shards.len());
+        let mut paths = Vec::new();
+        for domain in shards {
+            first.push(paths.len() as u32);
+            paths.extend(domain.iter().map(|s| data_path(s).to_path_buf()));
+        }
+        let mut readers = Readers {
+            reader,
+            fallback: None,
+            paths,
+            first,
+            pool: Mutex::new(Vec::new()),
+        };
+        let mut tried = reader;
+        loop {
+            match UringReader::open(&readers.paths, options(tried)) {
+                Ok(r) => {
+                    readers.reader = tried;
+                    readers.pool_mut().push(r);
+                    break;
+                }
+                Err(e) if tried == Reader::UringDirect && !e.is_unavailable() => {
+                    readers.fell_back(reader, Reader::Uring, &e);
+                    tried = Reader::Uring;
+                }
+                Err(e) => {
+                    readers.fell_back(reader, Reader::MmapWillneed, &e);
+                    readers.reader = Reader::MmapWillneed;
+                    break;
+                }
+            }
+        }
+        if readers.fallback.is_none() {
+            info!(reader = reader.as_str(), "compact slots read with io_uring");
+        }
+        readers
+    }
+
+    fn fell_back(&mut self, configured: Reader, to: Reader, e: &ReadError) {
+        let why = format!(
+            "[serve] reader = {:?} cannot be used ({e}); using {:?}",
+            configured.as_str(),
+            to.as_str()
+        );
+        warn!("{why}");
+        self.fallback = Some(why);
+    }
+
+    fn pool_mut(&mut self) -> &mut Vec<UringReader> {
+        self.pool.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reader in use (the configured one, or its fallback).
+    pub fn reader(&self) -> Reader {
+        self.reader
+    }
+
+    /// Why the configured reader is not the one in use, if it is not.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
+    /// Whether the shards get page-cache hints (MADV_RANDOM, MADV_WILLNEED): only for
+    /// the mmap copy with hints, and `page_hints` (`[serve] page_hints`) allows them. A
+    /// reader that does not read through the mappings must not hint: WILLNEED would read
+    /// every span twice under O_DIRECT.
+    pub fn page_hints(&self, page_hints: bool) -> bool {
+        page_hints && self.reader == Reader::MmapWillneed
+    }
+
+    /// Whether compact slots of the shards' dtype are read with io_uring.
+    pub(super) fn uring(&self) -> bool {
+        matches!(self.reader, Reader::Uring | Reader::UringDirect)
+    }
+
+    /// The index in the registered files of `domain`'s shard `shard`.
+    pub(super) fn file(&self, domain: u16, shard: u32) -> u32 {
+        self.first.get(domain as usize).copied().unwrap_or(u32::MAX) + shard
+    }
+
+    /// The token file registered as `file`.
+    pub(super) fn path(&self, file: u32) -> Option<&Path> {
+        self.paths.get(file as usize).map(|p| p.as_path())
+    }
+
+    /// Fills `dst` from `spans` with a reader of the pool (a new one when all are in
+    /// use by other threads), and puts it back.
+    pub(super) fn read(&self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
+        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut r = match pooled {
+            Some(r) => r,
+            None => UringReader::open(&self.paths, options(self.reader))?,
+        };
+        let result = r.read(spans, dst);
+        // A ring the kernel failed to enter is dropped; any other error left it idle.
+        if !matches!(result, Err(ReadError::Ring { .. })) {
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+        }
+        result
+    }
+}
+
+/// The io_uring options of `reader`: the defaults the standalone benchmark chose
+/// (docs/BENCHMARKS.md, "Reads straight into the ring"), direct or not.
+fn options(reader: Reader) -> UringOptions {
+    UringOptions {
+        direct: reader == Reader::UringDirect,
+        ..UringOptions::default()
+    }
+}
