@@ -552,7 +552,7 @@ mod tests {
     /// One uint16 Megatron shard of 4 documents of 4096 tokens (one page of token bytes
     /// every half document), with ids `id` except token `odd.0` (= `odd.1`), and a one-row
     /// job reading the first 65 tokens of document 3.
-    fn shard_and_job(
+    pub(super) fn shard_and_job(
         dir: &std::path::Path,
         id: u16,
         odd: (usize, u16),

@@ -171,3 +171,79 @@ fn options(reader: Reader) -> UringOptions {
         ..UringOptions::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::fill::{fill_slot, tests::shard_and_job};
+    use crate::serve::ring::{Layout, Ring};
+
+    /// Compact slots filled by each io_uring reader equal the mmap copy's byte for byte;
+    /// a shard truncated under them fails the fill naming the file and the bytes, and is
+    /// poisoned so the next fill is refused before reading.
+    #[test]
+    fn uring_fills_equal_the_copy_and_a_truncated_shard_is_named_and_poisoned() {
+        for reader in [Reader::Uring, Reader::UringDirect] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut src, job, _) = shard_and_job(dir.path(), 7, (10, 9));
+            let layout = Layout::compact(1, 64, 1, src.compact_token(), 64);
+            let ring = Ring::create("t", layout.clone(), 0).unwrap();
+            let slot = &mut ring.claim(0).unwrap();
+            assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+            let copied = slot.to_vec();
+            src.readers = Readers::open(reader, &src.shards);
+            if let Some(why) = src.readers.fallback() {
+                // The kernel refuses io_uring here: the copy fills instead (checked above).
+                eprintln!("{why}");
+                assert!(!src.readers.uring());
+                continue;
+            }
+            assert_eq!(src.readers.reader(), reader);
+            assert!(!src.readers.page_hints(true));
+            // Dirty the rows, so only the reader can make them equal again.
+            let rows = &layout.fields[0].1;
+            slot[rows.offset..rows.offset + rows.bytes].fill(0xee);
+            assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+            assert!(slot[..] == copied[..], "{reader:?} differs from the copy");
+            // Ids are checked after the read as after the copy, the row's last one too.
+            let bad_dir = tempfile::tempdir().unwrap();
+            let (mut bad, bad_job, _) = shard_and_job(bad_dir.path(), 7, (64, 1000));
+            bad.readers = Readers::open(reader, &bad.shards);
+            let e = fill_slot(slot, &layout, &bad_job, &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("token 64 has id 1000, outside vocab_size 1000"), "{e}");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("s.bin"))
+                .unwrap()
+                .set_len(4096)
+                .unwrap();
+            let e = fill_slot(slot, &layout, &job, &src)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("row 0: document 3: reading with io_uring: ")
+                    && e.contains(
+                        "s.bin: truncated: bytes 24576..24706 were planned but the file now \
+                         ends at byte 4096"
+                    ),
+                "{reader:?}: {e}"
+            );
+            assert!(src.shards[0][0].poisoned().is_some());
+            let e = fill_slot(slot, &layout, &job, &src)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("poisoned shard"), "{e}");
+        }
+    }
+
+    /// The mmap readers open nothing and hint only as `mmap-willneed`.
+    #[test]
+    fn mmap_readers_hint_only_when_asked() {
+        let r = Readers::open(Reader::Mmap, &[]);
+        assert!(!r.uring() && !r.page_hints(true));
+        let r = Readers::open(Reader::MmapWillneed, &[]);
+        assert!(!r.uring() && r.page_hints(true) && !r.page_hints(false));
+    }
+}
