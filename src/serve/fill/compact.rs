@@ -80,8 +80,8 @@ pub(super) fn fill_compact<T: Out>(
             let bad = if piece.dtype() == layout.token.0 && uring {
                 let file = src.readers.file(row.domain, s.shard);
                 let at = ((r * cap + p) * size) as u64;
-                if let Some(span) = segment_span(shard, file, s, at)
-                    .map_err(|e| fail(format!("row {r}: {e}")))?
+                if let Some(span) =
+                    segment_span(shard, file, s, at).map_err(|e| fail(format!("row {r}: {e}")))?
                 {
                     queued.push(Queued {
                         span,

@@ -212,7 +212,10 @@ mod tests {
             let e = fill_slot(slot, &layout, &bad_job, &bad)
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("token 64 has id 1000, outside vocab_size 1000"), "{e}");
+            assert!(
+                e.contains("token 64 has id 1000, outside vocab_size 1000"),
+                "{e}"
+            );
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(dir.path().join("s.bin"))
