@@ -98,11 +98,15 @@ pub enum LateSetting {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reader {
+    /// Chosen at start by the corpus's size against the memory the page cache can count
+    /// on: `mmap` when it fits, `uring-direct` when it does not (docs/DESIGN.md, "Page
+    /// cache", has the measurements).
+    #[default]
+    Auto,
     /// Copy from plain mappings: the kernel's readahead, no hints.
     Mmap,
     /// Copy from mappings advised MADV_RANDOM, with MADV_WILLNEED over each planned
     /// step's spans `prefetch_steps` ahead.
-    #[default]
     MmapWillneed,
     /// io_uring READs through the page cache, straight into the slot.
     Uring,
@@ -115,6 +119,7 @@ impl Reader {
     /// The name the config uses.
     pub fn as_str(self) -> &'static str {
         match self {
+            Reader::Auto => "auto",
             Reader::Mmap => "mmap",
             Reader::MmapWillneed => "mmap-willneed",
             Reader::Uring => "uring",

@@ -42,6 +42,7 @@ impl Readers {
     pub fn copy(reader: Reader) -> Readers {
         let reader = match reader {
             Reader::Uring | Reader::UringDirect => Reader::MmapWillneed,
+            Reader::Auto => Reader::Mmap,
             r => r,
         };
         Readers {
@@ -58,6 +59,21 @@ impl Readers {
     /// that refuses O_DIRECT is found at start and logged once. io_uring unavailable: the
     /// mmap copy with hints; O_DIRECT refused: buffered io_uring.
     pub fn open(reader: Reader, shards: &[Vec<Arc<Shard>>]) -> Readers {
+        let reader = match reader {
+            Reader::Auto => {
+                let corpus: u64 = shards.iter().flatten().map(|s| s.data().len() as u64).sum();
+                let memory = crate::serve::budget::memory_limit();
+                let chosen = auto(corpus, memory);
+                info!(
+                    corpus_bytes = corpus,
+                    memory_bytes = memory,
+                    "[serve] reader = \"auto\": {}",
+                    chosen.as_str()
+                );
+                chosen
+            }
+            r => r,
+        };
         if !matches!(reader, Reader::Uring | Reader::UringDirect) {
             return Readers::copy(reader);
         }
@@ -163,6 +179,19 @@ impl Readers {
     }
 }
 
+/// What `reader = "auto"` reads a corpus of `corpus` token bytes with, on a machine
+/// (or unit) of `memory` bytes: the copy from plain mappings when the corpus fits in half
+/// of it (the trainers and the rings need the rest), O_DIRECT io_uring when it does not,
+/// and the copy when the memory is unknown. Warm, and cold when a run reads most of the
+/// corpus, plain mappings cost the least; cold on a corpus the page cache cannot hold,
+/// O_DIRECT reads the fewest bytes on the least CPU (docs/DESIGN.md, "Page cache").
+pub fn auto(corpus: u64, memory: Option<u64>) -> Reader {
+    match memory {
+        Some(m) if corpus > m / 2 => Reader::UringDirect,
+        _ => Reader::Mmap,
+    }
+}
+
 /// The io_uring options of `reader`: the defaults the standalone benchmark chose
 /// (docs/BENCHMARKS.md, "Reads straight into the ring"), direct or not.
 fn options(reader: Reader) -> UringOptions {
@@ -239,6 +268,19 @@ mod tests {
                 .to_string();
             assert!(e.contains("poisoned shard"), "{e}");
         }
+    }
+
+    /// `auto`: plain mappings while the corpus fits half the memory, O_DIRECT beyond.
+    #[test]
+    fn auto_reads_a_corpus_that_fits_from_mappings_and_a_larger_one_directly() {
+        let gib = 1u64 << 30;
+        assert_eq!(auto(2 * gib, Some(24 * gib)), Reader::Mmap);
+        assert_eq!(auto(12 * gib, Some(24 * gib)), Reader::Mmap);
+        assert_eq!(auto(12 * gib + 1, Some(24 * gib)), Reader::UringDirect);
+        assert_eq!(auto(1 << 42, None), Reader::Mmap);
+        let r = Readers::open(Reader::Auto, &[]);
+        assert_eq!(r.reader(), Reader::Mmap);
+        assert!(!r.page_hints(true));
     }
 
     /// The mmap readers open nothing and hint only as `mmap-willneed`.
