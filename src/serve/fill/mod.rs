@@ -600,26 +600,35 @@ mod tests {
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
         let slot = &mut ring.claim(0).unwrap();
         assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+        let first = truncate_and_fill(dir.path(), slot, &layout, &job, &src);
+        assert!(
+            first.contains("s.bin: read at byte 24576 faulted (SIGBUS)"),
+            "{first}"
+        );
+        assert!(first.contains("document 3"), "{first}");
+    }
+
+    /// Truncates `dir`'s shard to one page under `src` and fills `job` into `slot`
+    /// again: the fill must fail and poison the shard, so that the next fill is refused
+    /// before any read (even of pages that are still there). Returns the first error.
+    pub(super) fn truncate_and_fill(
+        dir: &std::path::Path,
+        slot: &mut [u8],
+        layout: &Layout,
+        job: &SlotJob,
+        src: &Source,
+    ) -> String {
         std::fs::OpenOptions::new()
             .write(true)
-            .open(dir.path().join("s.bin"))
+            .open(dir.join("s.bin"))
             .unwrap()
             .set_len(4096)
             .unwrap();
-        let e = fill_slot(slot, &layout, &job, &src)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("s.bin: read at byte 24576 faulted (SIGBUS)"),
-            "{e}"
-        );
-        assert!(e.contains("document 3"), "{e}");
-        assert!(src.shards[0][0].poisoned().is_some());
-        // Poisoned: refused before any read, even of pages that are still there.
-        let e = fill_slot(slot, &layout, &job, &src)
-            .unwrap_err()
-            .to_string();
+        let first = fill_slot(slot, layout, job, src).unwrap_err().to_string();
+        assert!(src.shards[0][0].poisoned().is_some(), "{first}");
+        let e = fill_slot(slot, layout, job, src).unwrap_err().to_string();
         assert!(e.contains("poisoned shard"), "{e}");
+        first
     }
 
     #[test]
