@@ -4,7 +4,7 @@
 //! themselves are src/serve/uring.rs; docs/DESIGN.md ("Page cache") says why each exists.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tracing::{info, warn};
 
@@ -23,8 +23,21 @@ pub struct Readers {
     paths: Vec<std::path::PathBuf>,
     /// Index in `paths` of each domain's first shard.
     first: Vec<u32>,
-    /// Readers not in use by a fill.
-    pool: Mutex<Vec<UringReader>>,
+    /// Readers not in use by a fill, and how many exist.
+    pool: Mutex<Pool>,
+    /// Signalled when a reader goes back to the pool (or is dropped).
+    returned: Condvar,
+}
+
+/// The io_uring readers of a [`Readers`].
+#[derive(Default)]
+struct Pool {
+    idle: Vec<UringReader>,
+    /// Readers that exist, idle or in use.
+    live: usize,
+    /// Opening one more failed (RLIMIT_MEMLOCK before Linux 5.12, fds): fills wait for
+    /// an idle reader instead.
+    full: bool,
 }
 
 impl std::fmt::Debug for Readers {
@@ -50,7 +63,8 @@ impl Readers {
             fallback: None,
             paths: Vec::new(),
             first: Vec::new(),
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::default(),
+            returned: Condvar::new(),
         }
     }
 
@@ -88,14 +102,17 @@ impl Readers {
             fallback: None,
             paths,
             first,
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::default(),
+            returned: Condvar::new(),
         };
         let mut tried = reader;
         loop {
             match UringReader::open(&readers.paths, options(tried)) {
                 Ok(r) => {
                     readers.reader = tried;
-                    readers.pool_mut().push(r);
+                    let pool = readers.pool.get_mut().unwrap_or_else(|p| p.into_inner());
+                    pool.idle.push(r);
+                    pool.live = 1;
                     break;
                 }
                 Err(e) if tried == Reader::UringDirect && !e.is_unavailable() => {
@@ -125,10 +142,6 @@ impl Readers {
         self.fallback = Some(why);
     }
 
-    fn pool_mut(&mut self) -> &mut Vec<UringReader> {
-        self.pool.get_mut().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The reader in use (the configured one, or its fallback).
     pub fn reader(&self) -> Reader {
         self.reader
@@ -154,7 +167,9 @@ impl Readers {
 
     /// The index in the registered files of `domain`'s shard `shard`.
     pub(super) fn file(&self, domain: u16, shard: u32) -> u32 {
-        self.first.get(domain as usize).copied().unwrap_or(u32::MAX) + shard
+        self.first
+            .get(domain as usize)
+            .map_or(u32::MAX, |&f| f.saturating_add(shard))
     }
 
     /// The token file registered as `file`.
@@ -165,17 +180,60 @@ impl Readers {
     /// Fills `dst` from `spans` with a reader of the pool (a new one when all are in
     /// use by other threads), and puts it back.
     pub(super) fn read(&self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut r = match pooled {
-            Some(r) => r,
-            None => UringReader::open(&self.paths, options(self.reader))?,
-        };
+        let mut r = self.take()?;
         let result = r.read(spans, dst);
         // A ring the kernel failed to enter is dropped; any other error left it idle.
-        if !matches!(result, Err(ReadError::Ring { .. })) {
-            self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(r);
-        }
+        self.give(r, !matches!(result, Err(ReadError::Ring { .. })));
         result
+    }
+
+    /// Returns a reader taken with [`Readers::take`] (or drops it), waking a waiter.
+    fn give(&self, r: UringReader, keep: bool) {
+        let mut pool = self.lock();
+        if keep {
+            pool.idle.push(r);
+        } else {
+            pool.live -= 1;
+        }
+        drop(pool);
+        self.returned.notify_one();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle reader, a new one, or (when no more can be opened) the next one returned.
+    fn take(&self) -> Result<UringReader, ReadError> {
+        let mut pool = self.lock();
+        loop {
+            if let Some(r) = pool.idle.pop() {
+                return Ok(r);
+            }
+            if !pool.full || pool.live == 0 {
+                drop(pool);
+                let opened = UringReader::open(&self.paths, options(self.reader));
+                pool = self.lock();
+                match opened {
+                    Ok(r) => {
+                        pool.live += 1;
+                        return Ok(r);
+                    }
+                    Err(e) if pool.live == 0 => return Err(e),
+                    Err(e) => {
+                        if !pool.full {
+                            warn!(
+                                "{e}: the materializer threads share {} io_uring readers",
+                                pool.live
+                            );
+                        }
+                        pool.full = true;
+                        continue;
+                    }
+                }
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -258,6 +316,38 @@ mod tests {
                 "{reader:?}: {e}"
             );
         }
+    }
+
+    /// When no more readers can be opened (here: the shard file is gone, so only the
+    /// descriptors opened at start read it), fills wait for one to come back instead
+    /// of failing.
+    #[test]
+    fn fills_share_the_readers_when_no_more_can_be_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _, _) = shard_and_job(dir.path(), 7, (0, 7));
+        let readers = Readers::open(Reader::Uring, &src.shards);
+        if let Some(why) = readers.fallback() {
+            eprintln!("{why}");
+            return;
+        }
+        std::fs::remove_file(dir.path().join("s.bin")).unwrap();
+        let held = readers.take().unwrap();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| readers.take().map(|r| readers.give(r, true)));
+            let t0 = std::time::Instant::now();
+            while !readers.lock().full {
+                assert!(t0.elapsed().as_secs() < 30, "the second fill never waited");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            readers.give(held, true);
+            waiter.join().unwrap().unwrap();
+        });
+        assert_eq!(readers.lock().live, 1);
+        // With none left at all, a fill fails naming the file it could not open.
+        let r = readers.take().unwrap();
+        readers.give(r, false);
+        let e = readers.take().unwrap_err().to_string();
+        assert!(e.contains("s.bin: open"), "{e}");
     }
 
     /// `auto`: plain mappings while the corpus fits half the memory, O_DIRECT beyond.
