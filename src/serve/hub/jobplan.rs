@@ -152,11 +152,7 @@ impl JobPlan {
         let Some(passed) = passed else {
             return;
         };
-        while self
-            .batches
-            .front()
-            .is_some_and(|b| b.batch.step < passed)
-        {
+        while self.batches.front().is_some_and(|b| b.batch.step < passed) {
             self.batches.pop_front();
         }
     }

@@ -122,7 +122,7 @@ mod tests {
 
     /// Two domains, one of them bursty, so the key's lookahead is not zero.
     fn plan() -> Arc<Plan> {
-        let input = |name: &str, len: u64, bursty: bool| {
+        let input = |name: &str, len: u32, bursty: bool| {
             let shard: Arc<dyn DocSource> = Arc::new(MemShard {
                 lengths: vec![len; 300],
                 groups: None,

@@ -32,9 +32,9 @@ use tracing::warn;
 use super::fill::{random_access, SlotJob, Source};
 use super::ring::{Ring, TokenType};
 use crate::plan::{Plan, Planner};
+use crate::wire::protocol::Welcome;
 use jobplan::{JobPlan, Own, Planned};
 use keeper::Keeper;
-use crate::wire::protocol::Welcome;
 
 pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
 pub use peers::ReleaseError;

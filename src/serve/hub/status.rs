@@ -209,7 +209,11 @@ impl RingEntry {
     /// Replaces `best` with this ring's last published cursor when that is further on:
     /// `status` reports the mixture at the most advanced ring, with the epochs of the
     /// planner that planned it (its own, else its job's `job_planner`).
-    pub(super) fn keep_furthest(&self, job_planner: Option<&Planner>, best: &mut Option<Published>) {
+    pub(super) fn keep_furthest(
+        &self,
+        job_planner: Option<&Planner>,
+        best: &mut Option<Published>,
+    ) {
         if let Some(c) = self.cursors.back() {
             if best.as_ref().is_none_or(|b| c.step > b.0) {
                 let planner = self.own.as_ref().map(|o| &o.planner).or(job_planner);
