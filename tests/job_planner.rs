@@ -112,6 +112,20 @@ impl Fixture {
         }
     }
 
+    /// The output of `millrace <cmd> --config <config> <args>`, which must succeed.
+    fn millrace(&self, cmd: &str, args: &[&str]) -> Vec<u8> {
+        let out = common::bin()
+            .env("XDG_CACHE_HOME", self.corpus.tmp.path())
+            .args([cmd, "--config"])
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "millrace {cmd} {args:?}: {err}");
+        out.stdout
+    }
+
     /// `millrace explain` of steps `from..from + count` for `rank`: per step, the
     /// rank's rows as the token ids they hold (read from the shards).
     fn explained(
@@ -121,27 +135,25 @@ impl Fixture {
         count: u64,
         rank: u32,
     ) -> Vec<Vec<Vec<i64>>> {
-        let out = common::bin()
-            .env("XDG_CACHE_HOME", self.corpus.tmp.path())
-            .args(["explain", "--config"])
-            .arg(&self.config)
-            .args(["--step", &from.to_string(), "--count", &count.to_string()])
-            .args([
+        let [from, count, rank, ranks] =
+            [from, count, rank.into(), RANKS.into()].map(|n: u64| n.to_string());
+        let out = self.millrace(
+            "explain",
+            &[
+                "--step",
+                &from,
+                "--count",
+                &count,
                 "--dp-rank",
-                &rank.to_string(),
+                &rank,
                 "--dp-size",
-                &RANKS.to_string(),
-            ])
-            .args(["--json", "--no-checkpoints"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+                &ranks,
+                "--json",
+                "--no-checkpoints",
+            ],
         );
         let names = loaded.plan.domain_names();
-        String::from_utf8(out.stdout)
+        String::from_utf8(out)
             .unwrap()
             .lines()
             .map(|line| {
@@ -326,9 +338,9 @@ fn one_rank_resumes_from_an_old_blob_while_the_others_stream() {
     drop(clients);
 }
 
-/// A weight change while 4 ranks stream applies at the same step for all of them: every
-/// rank reads its slice of one global batch at each step (the same cursor), the steps
-/// before the change are the config's, and the steps from it on follow the new weights.
+/// A weight change while 4 ranks stream applies at the same step for all of them: the
+/// steps before the change are the config's, and from it on every rank reads its slice
+/// of the global batch the changed plan makes (with the same cursor).
 #[test]
 fn a_live_weight_change_applies_to_every_rank_at_one_step() {
     const K: u64 = 80;
@@ -379,12 +391,6 @@ fn a_live_weight_change_applies_to_every_rank_at_one_step() {
     for _ in AT..K {
         batches.push(p.next_batch());
         after.push(p.cursor());
-    }
-    // Published after the change, the cursors of earlier steps carry its journal too:
-    // every rank got the same ones.
-    for g in got.values() {
-        let at = |g: &[Got]| g.iter().map(|x| x.cursor.clone()).collect::<Vec<_>>();
-        assert_eq!(at(g), at(&got[&0]));
     }
     let mut old = loaded.plan.seek(AT);
     assert!(
@@ -504,20 +510,9 @@ fn plan_from_restores_a_checkpoint_the_daemon_wrote_while_serving() {
         std::fs::remove_file(p).unwrap();
     }
     let plan = |extra: &[&str]| -> serde_json::Value {
-        let out = common::bin()
-            .env("XDG_CACHE_HOME", f.corpus.tmp.path())
-            .args(["plan", "--config"])
-            .arg(&f.config)
-            .args(["--from", "250", "--steps", "3", "--window", "1", "--json"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut args = vec!["--from", "250", "--steps", "3", "--window", "1", "--json"];
+        args.extend(extra);
+        let mut v: serde_json::Value = serde_json::from_slice(&f.millrace("plan", &args)).unwrap();
         let o = v.as_object_mut().unwrap();
         o.remove("timings_ms");
         o.remove("memory_kb");
