@@ -260,3 +260,87 @@ impl Job {
         Ok(planned)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::hub::phase::tests::{entry, peer, plan};
+
+    /// Job `dp` ranks, each with a fresh ring at step 0 and one peer.
+    fn job(dp: u32) -> Job {
+        let mut job = Job::new(dp);
+        for r in 0..dp {
+            let mut e = entry(1, false);
+            e.join(1, peer("p"));
+            job.rings.insert(r, e);
+        }
+        job
+    }
+
+    /// Rank `r` takes its next step (as a worker's claim does).
+    fn take(job: &mut Job, r: u32, plan: &Arc<Plan>) -> Arc<Planned> {
+        let p = job
+            .take(
+                r,
+                Take {
+                    plan,
+                    prefetch: 4,
+                    keep: keep(4, 4),
+                    hint: &|_| {},
+                    planned: &mut |_, _| {},
+                },
+            )
+            .expect("the step is planned");
+        if let Some(e) = job.rings.get_mut(&r) {
+            e.claim_step(p.batch.step);
+        }
+        p
+    }
+
+    #[test]
+    fn ranks_in_step_share_each_batch_and_it_leaves_once_all_passed_it() {
+        let plan = plan();
+        let mut job = job(2);
+        let mut want = plan.start();
+        for _ in 0..50 {
+            let b = want.next_batch();
+            let (p0, p1) = (take(&mut job, 0, &plan), take(&mut job, 1, &plan));
+            assert!(Arc::ptr_eq(&p0, &p1), "planned once for both ranks");
+            assert_eq!((&p0.batch, &p0.blob), (&b, &want.cursor()));
+            assert!(job.plan.held() <= 5, "{} held", job.plan.held());
+        }
+        // Steps 0..50 and the 4 beyond that prefetch hinted.
+        assert_eq!((job.plan.planned, job.plan.private), (54, 0));
+    }
+
+    #[test]
+    fn a_stalled_rank_costs_at_most_keep_batches_and_then_plans_on_its_own() {
+        let plan = plan();
+        let mut job = job(2);
+        let mut want = plan.start();
+        let first = want.next_batch();
+        assert_eq!(take(&mut job, 0, &plan).batch, first);
+        assert_eq!(take(&mut job, 1, &plan).batch, first);
+        assert!(
+            job.rings[&1].own.is_none(),
+            "rank 1 reads the job's batches"
+        );
+        for _ in 1..200 {
+            let p = take(&mut job, 0, &plan);
+            assert_eq!(p.batch, want.next_batch());
+            assert!(job.plan.held() <= keep(4, 4));
+        }
+        assert_eq!(job.plan.held(), keep(4, 4), "rank 1 may still need them");
+        assert_eq!(job.plan.private, 0);
+        // Rank 1 stalled at step 1, far behind the window: it plans on its own, from
+        // the cursor of the step it last took.
+        let mut want = plan.start();
+        want.skip_batch();
+        for _ in 0..10 {
+            assert_eq!(take(&mut job, 1, &plan).batch, want.next_batch());
+        }
+        assert!(job.rings[&1].own.is_some());
+        assert_eq!(job.plan.private, 14, "10 steps and the 4 prefetched");
+        assert_eq!(job.plan.held(), keep(4, 4));
+    }
+}

@@ -324,7 +324,7 @@ impl RingEntry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::config::plan::PlanConfig;
     use crate::corpus::DType;
@@ -336,7 +336,7 @@ mod tests {
     const SEQ_LEN: u32 = 16;
 
     /// A plan over one in-memory domain of 64 short documents.
-    fn plan() -> Arc<Plan> {
+    pub(in crate::serve::hub) fn plan() -> Arc<Plan> {
         let shard: Arc<dyn DocSource> = Arc::new(MemShard {
             lengths: vec![10; 64],
             groups: None,
@@ -364,7 +364,7 @@ mod tests {
     }
 
     /// A real ring (memfd) at step 0 for `replicas` peers, resumed from a blob or not.
-    fn entry(replicas: u32, resumed: bool) -> RingEntry {
+    pub(in crate::serve::hub) fn entry(replicas: u32, resumed: bool) -> RingEntry {
         let planner = plan().seek(0);
         let layout = Layout::new(ROWS, SEQ_LEN, 4, TokenType(DType::Int32), 4096);
         let ring = Arc::new(Ring::create("phase-test", layout, 0).expect("memfd ring"));
@@ -376,7 +376,7 @@ mod tests {
         RingEntry::new(ring, planner, cursor, replicas, (ROWS, 1), resumed, 32)
     }
 
-    fn peer(name: &str) -> Peer {
+    pub(in crate::serve::hub) fn peer(name: &str) -> Peer {
         Peer {
             replica: name.into(),
             released: 0,
