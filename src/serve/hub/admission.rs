@@ -4,7 +4,6 @@
 //! is joined ([`Joiner::join`]) or created, a blob's live changes are adopted, and the
 //! client gets its WELCOME.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -117,10 +116,10 @@ impl Hub {
         let used = Self::ring_memory(&st);
         let peer_id = st.next_peer;
         st.next_peer += 1;
-        let job = st.jobs.entry(hello.job.clone()).or_insert_with(|| Job {
-            dp_size: hello.dp_size,
-            rings: HashMap::new(),
-        });
+        let job = st
+            .jobs
+            .entry(hello.job.clone())
+            .or_insert_with(|| Job::new(hello.dp_size));
         if job.dp_size != hello.dp_size {
             return Err(Refusal::new(
                 Code::DpSize,

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::{Hub, State};
+use super::jobplan::JOB_LAG;
+use super::{Hub, RingEntry, State};
 use crate::config::plan::{SchedulePoint, MAX_STEP};
 use crate::plan::journal;
-use crate::plan::{cursor, Change, CursorError, Plan};
+use crate::plan::{cursor, Change, CursorError, Plan, Planner};
 use crate::wire::protocol::Code;
 
 /// What a live mixture change proposes.
@@ -102,34 +103,61 @@ impl ChangeError {
 }
 
 impl Hub {
-    /// Puts `plan` in force: every ring's planner is restored from the cursor at its
-    /// published step under the new plan, and everything planned or copied beyond it is
-    /// dropped and done again. All or nothing: a ring that cannot be restored leaves
-    /// every ring as it was. Runs under the lock, so no step is published meanwhile.
+    /// Puts `plan` in force: each job's planner is restored under the new plan from the
+    /// cursor of its least advanced streaming ring, every ring within [`JOB_LAG`] steps
+    /// of it reads the job's batches again from its published step, and any other ring
+    /// gets a private planner restored from its own published cursor; everything planned
+    /// or copied beyond a ring's published step is dropped and done again. All or
+    /// nothing: a cursor that cannot be restored leaves every ring as it was. Runs under
+    /// the lock, so no step is published meanwhile.
     pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), InstallError> {
         let mut fresh = Vec::new();
         for (name, job) in &st.jobs {
-            for (&r, e) in &job.rings {
+            let restore = |r: u32| -> Result<Planner, InstallError> {
+                let e = &job.rings[&r];
                 let Some(c) = e.cursors.back() else {
                     return Err(InstallError::NoCursor {
                         job: name.clone(),
                         dp_rank: r,
                     });
                 };
-                let p = plan
-                    .restore(&c.blob)
+                plan.restore(&c.blob)
                     .map_err(|source| InstallError::Restore {
                         job: name.clone(),
                         dp_rank: r,
                         step: c.step,
                         source,
-                    })?;
-                fresh.push((name.clone(), r, p));
+                    })
+            };
+            // Rings that will be filled again read the job's batches, from the least
+            // advanced one's step on, when they are close enough to it.
+            let follows = |e: &RingEntry| e.started() && e.failure().is_none();
+            let lead = job
+                .rings
+                .iter()
+                .filter(|(_, e)| follows(e))
+                .min_by_key(|(&r, e)| (e.published, r))
+                .map(|(&r, e)| (r, e.published));
+            let job_planner = lead.map(|(r, _)| restore(r)).transpose()?;
+            let mut rings = Vec::new();
+            for (&r, e) in &job.rings {
+                let reads_job = lead.is_some_and(|(_, low)| {
+                    follows(e) && e.published.saturating_sub(low) <= JOB_LAG
+                });
+                let own = if reads_job { None } else { Some(restore(r)?) };
+                rings.push((r, own));
             }
+            fresh.push((name.clone(), job_planner, rings));
         }
-        for (name, r, p) in fresh {
-            if let Some(e) = Self::find(st, &name, r) {
-                e.regenerate(p);
+        for (name, job_planner, rings) in fresh {
+            let Some(job) = st.jobs.get_mut(&name) else {
+                continue;
+            };
+            job.plan.reset(job_planner, Default::default());
+            for (r, own) in rings {
+                if let Some(e) = job.rings.get_mut(&r) {
+                    e.regenerate_with(own);
+                }
             }
         }
         st.plan = plan;

@@ -1,5 +1,7 @@
 //! The daemon's shared state: jobs, one ring per (job, dp rank), the peers reading each
-//! ring, and the materializer threads that plan, prefetch and fill slots.
+//! ring, and the materializer threads that plan, prefetch and fill slots. Each global
+//! batch is planned once per job and its rows handed to every dp rank's ring
+//! (`jobplan`).
 //!
 //! Everything mutable sits behind one mutex that is held only for bookkeeping and for
 //! planning a step (a millisecond at most); copying tokens into a slot happens outside
@@ -8,10 +10,13 @@
 //!
 //! This file holds that state (the hub, its jobs, rings and peers); the rooms around it
 //! act on it: `phase` (a ring's lifecycle), `admission` (HELLO to joined peer), `peers`
-//! (release, failure, leave, drain), `schedule` (the workers that plan and copy), `live`
-//! (mixture changes) and `status` (what STATUS reports).
+//! (release, failure, leave, drain), `schedule` (the workers that plan and copy),
+//! `jobplan` (one planner per job), `keeper` (plan checkpoints written as the daemon
+//! serves), `live` (mixture changes) and `status` (what STATUS reports).
 
 mod admission;
+mod jobplan;
+mod keeper;
 mod live;
 mod peers;
 mod phase;
@@ -28,6 +33,8 @@ use super::fill::{random_access, SlotJob, Source};
 use super::ring::{Ring, TokenType};
 use crate::plan::{Plan, Planner};
 use crate::wire::protocol::Welcome;
+use jobplan::{JobPlan, Own, Planned};
+use keeper::Keeper;
 
 pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
 pub use peers::ReleaseError;
@@ -51,7 +58,9 @@ pub struct HubSettings {
     /// ring would pass it is refused with `memory`.
     pub ring_budget: u64,
     /// Cache root for plan checkpoints (`crate::plan_cache`), so a client's
-    /// `start_step` seek starts from the nearest one; `None`: seeks replay from step 0.
+    /// `start_step` seek starts from the nearest one, and where the job planners leave
+    /// one every [`Plan::checkpoint_every`] plan steps as they serve; `None`: seeks
+    /// replay from step 0.
     pub checkpoints: Option<std::path::PathBuf>,
 }
 
@@ -121,13 +130,18 @@ struct Filled {
     tokens: Vec<u64>,
 }
 
-/// One (job, dp rank)'s ring, its peers and its planner; [`Phase`] says where it is in
-/// its life.
+/// One (job, dp rank)'s ring and its peers; [`Phase`] says where it is in its life.
+/// It reads its job's planned batches, or plans its own while it is outside the job's
+/// window (`jobplan`).
 struct RingEntry {
     ring: Arc<Ring>,
-    planner: Planner,
-    /// Planned, hinted, not yet claimed, with the mark of the cursor after each.
-    planned: VecDeque<(SlotJob, Mark)>,
+    /// Its private planner, while it does not read the job's batches.
+    own: Option<Own>,
+    /// Steps below this had page-cache hints issued for this rank's rows.
+    hinted: u64,
+    /// The batch of step `next_fill - 1`, when a worker took it since the ring last
+    /// started over: its blob is the cursor at `next_fill`.
+    taken: Option<Arc<Planned>>,
     /// Next step to hand to a worker.
     next_fill: u64,
     /// Filled but not yet published, by step.
@@ -217,6 +231,19 @@ struct Claimed {
 struct Job {
     dp_size: u32,
     rings: HashMap<u32, RingEntry>,
+    /// The job's planner and the batches it planned, read by every ring inside its
+    /// window.
+    plan: JobPlan,
+}
+
+impl Job {
+    fn new(dp_size: u32) -> Job {
+        Job {
+            dp_size,
+            rings: HashMap::new(),
+            plan: JobPlan::default(),
+        }
+    }
 }
 
 struct State {
@@ -271,6 +298,8 @@ pub struct Hub {
     /// Real and padded token positions copied, and documents started and cut, for the
     /// padding and truncation fractions.
     fill: Mutex<FillStats>,
+    /// Writes the job planners' checkpoints, off the copy path.
+    keeper: Keeper,
     /// When the shards were last stat'ed for in-place changes ([`SHARD_CHECK`]), and the
     /// shard the next pass starts at.
     shards_checked: Mutex<(Instant, usize)>,
@@ -313,6 +342,7 @@ impl Hub {
         // is refused (write the mixture into the config and restart instead).
         let journal_cap = 16384;
         let cursor_cap = 1024 + domains * (512 + 32 * reseeds) + journal_cap;
+        let keeper = Keeper::start(settings.checkpoints.clone());
         Hub {
             source,
             settings,
@@ -334,6 +364,7 @@ impl Hub {
             }),
             work: Condvar::new(),
             fill: Mutex::new(FillStats::default()),
+            keeper,
             shards_checked: Mutex::new((Instant::now(), 0)),
         }
     }

@@ -53,7 +53,8 @@ impl Hub {
 
     /// Removes a peer; drops its ring when it was the last one.
     pub fn leave(&self, job: &str, dp_rank: u32, peer: u64) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         st.clients = st.clients.saturating_sub(1);
         let Some(j) = st.jobs.get_mut(job) else {
             return;
@@ -72,19 +73,19 @@ impl Hub {
                 "last peer left; ring dropped"
             );
             let removed = j.rings.remove(&dp_rank);
-            if j.rings.is_empty() {
-                st.jobs.remove(job);
-            }
             if let Some(e) = removed {
                 let (tokens, best) = &mut st.retired;
                 tokens.resize(tokens.len().max(e.stats.domain_tokens.len()), 0);
                 for (s, t) in tokens.iter_mut().zip(&e.stats.domain_tokens) {
                     *s += t;
                 }
-                e.keep_furthest(best);
+                e.keep_furthest(j.plan.planner(), best);
+            }
+            if j.rings.is_empty() {
+                st.jobs.remove(job);
             }
         }
-        drop(st);
+        drop(guard);
         self.work.notify_all();
     }
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Cursor, Peer, RingEntry, RingStats};
+use super::{Cursor, Own, Peer, RingEntry, RingStats};
 use crate::plan::Planner;
 use crate::serve::ring::Ring;
 use crate::wire::protocol::Code;
@@ -122,7 +122,8 @@ pub(super) enum Copied {
 impl RingEntry {
     /// A ring that starts at `cursor`, with no peer yet: [`RingEntry::join`] its first.
     /// A ring resumed from a blob joins its announced peers before it streams; any other
-    /// ring streams at once.
+    /// ring streams at once. `planner` (at `cursor`) is its own until it joins its job's
+    /// window.
     pub(super) fn new(
         ring: Arc<Ring>,
         planner: Planner,
@@ -135,8 +136,9 @@ impl RingEntry {
         let step = cursor.step;
         RingEntry {
             ring,
-            planner,
-            planned: VecDeque::new(),
+            own: Some(Own::new(planner)),
+            hinted: step,
+            taken: None,
             next_fill: step,
             filled: BTreeMap::new(),
             published: step,
@@ -226,8 +228,9 @@ impl RingEntry {
             }
         }
         let step = cursor.step;
-        self.planner = planner;
-        self.planned.clear();
+        self.own = Some(Own::new(planner));
+        self.taken = None;
+        self.hinted = step;
         self.filled.clear();
         self.start = step;
         self.next_fill = step;
@@ -247,9 +250,17 @@ impl RingEntry {
     /// Replans everything not yet published with `planner` (already at `published`).
     /// Copies running now become stale: a streaming ring regenerates until they end; a
     /// joining ring has none, and a failed ring stays failed.
+    #[cfg(test)]
     pub(super) fn regenerate(&mut self, planner: Planner) {
-        self.planner = planner;
-        self.planned.clear();
+        self.regenerate_with(Some(planner));
+    }
+
+    /// [`RingEntry::regenerate`] with a private planner, or (`None`) reading the job's
+    /// new window from `published` on.
+    pub(super) fn regenerate_with(&mut self, planner: Option<Planner>) {
+        self.own = planner.map(Own::new);
+        self.taken = None;
+        self.hinted = self.published;
         self.filled.clear();
         self.next_fill = self.published;
         self.generation += 1;
@@ -313,7 +324,7 @@ impl RingEntry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::config::plan::PlanConfig;
     use crate::corpus::DType;
@@ -325,7 +336,7 @@ mod tests {
     const SEQ_LEN: u32 = 16;
 
     /// A plan over one in-memory domain of 64 short documents.
-    fn plan() -> Arc<Plan> {
+    pub(in crate::serve::hub) fn plan() -> Arc<Plan> {
         let shard: Arc<dyn DocSource> = Arc::new(MemShard {
             lengths: vec![10; 64],
             groups: None,
@@ -353,7 +364,7 @@ mod tests {
     }
 
     /// A real ring (memfd) at step 0 for `replicas` peers, resumed from a blob or not.
-    fn entry(replicas: u32, resumed: bool) -> RingEntry {
+    pub(in crate::serve::hub) fn entry(replicas: u32, resumed: bool) -> RingEntry {
         let planner = plan().seek(0);
         let layout = Layout::new(ROWS, SEQ_LEN, 4, TokenType(DType::Int32), 4096);
         let ring = Arc::new(Ring::create("phase-test", layout, 0).expect("memfd ring"));
@@ -365,7 +376,7 @@ mod tests {
         RingEntry::new(ring, planner, cursor, replicas, (ROWS, 1), resumed, 32)
     }
 
-    fn peer(name: &str) -> Peer {
+    pub(in crate::serve::hub) fn peer(name: &str) -> Peer {
         Peer {
             replica: name.into(),
             released: 0,

@@ -7,10 +7,13 @@ use std::time::Instant;
 
 use tracing::{error, warn};
 
+use super::jobplan::{keep, Take};
 use super::phase::Copied;
 use super::{
-    Claimed, Cursor, Failure, Filled, Hub, Mark, RingEntry, State, SHARD_CHECK, SHARD_CHECK_BUDGET,
+    Claimed, Cursor, Failure, Filled, Hub, Planned, RingEntry, State, SHARD_CHECK,
+    SHARD_CHECK_BUDGET,
 };
+use crate::plan::{Planner, Row};
 use crate::serve::fill::{fill_slot, will_need, SlotJob};
 use crate::wire::protocol::Code;
 
@@ -184,14 +187,27 @@ impl Hub {
         }
     }
 
-    /// Picks a ring with a free slot, plans its next step if needed (issuing page-cache
-    /// hints for it and a few beyond), and claims it. Called with the lock held.
+    /// Picks a ring with a free slot, takes its next step from its job's plan (issuing
+    /// page-cache hints for it and a few beyond), and claims it. Called with the lock
+    /// held. A ring whose step cannot be planned stops, and the next ring is tried.
     fn claim(&self, st: &mut State) -> Option<Claimed> {
         if st.draining {
             return None;
         }
+        // Each failed try stops a ring, which is then not picked again.
+        let rings: usize = st.jobs.values().map(|j| j.rings.len()).sum();
+        for _ in 0..=rings {
+            let (name, r) = self.pick(st)?;
+            if let Some(c) = self.claim_ring(st, name, r) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// The ring a worker should fill next, if any may be filled.
+    fn pick(&self, st: &State) -> Option<(String, u32)> {
         let slots = self.settings.slots;
-        let prefetch = self.settings.prefetch as usize;
         // Serve the emptiest ring first (fewest steps filled or in flight ahead of what
         // its peers hold), and among equally empty rings the one claimed longest ago.
         // Without that tie-break free-running consumers keep their rings empty, and the
@@ -206,42 +222,60 @@ impl Hub {
                 }
             }
         }
-        let (name, r) = best.map(|(n, r, _)| (n.clone(), r))?;
-        let dp_size = st.jobs.get(&name)?.dp_size;
+        best.map(|(n, r, _)| (n.clone(), r))
+    }
+
+    /// Claims the next step of ring `r` of job `name`; `None` when it could not be
+    /// planned (the ring stopped).
+    fn claim_ring(&self, st: &mut State, name: String, r: u32) -> Option<Claimed> {
+        let slots = self.settings.slots;
         st.claims += 1;
         let clock = st.claims;
-        let entry = Self::find(st, &name, r)?;
-        entry.stats.last_claim = clock;
-        while entry.planned.len() <= prefetch {
-            let batch = entry.planner.next_batch();
-            let rows = batch.rank_rows(r, dp_size).to_vec();
+        let plan = st.plan.clone();
+        let job = st.jobs.get_mut(&name)?;
+        let dp_size = job.dp_size;
+        let hint = |rows: &[Row]| {
             if self.settings.hints {
-                self.hint(&rows);
+                self.hint(rows);
             }
-            // The planner is past the batch now: its cursor, and the mark of that
-            // cursor, say where the step after it starts.
-            let mark = Mark {
-                plan_step: batch.plan_step + 1,
-                rows: entry.planner.mix_state().rows.clone(),
-            };
-            let job = SlotJob {
-                step: batch.step,
-                plan_step: batch.plan_step,
-                rows,
-                cursor: entry.planner.cursor(),
-            };
-            entry.planned.push_back((job, mark));
-        }
-        let (job, mark) = entry.planned.pop_front()?;
-        if job.step != entry.next_fill {
-            warn!(job = %name, dp_rank = r, "planner at step {} but ring expects {}", job.step, entry.next_fill);
-        }
-        entry.claim_step(job.step);
+        };
+        // The job's planner passing a checkpoint step offers its state (the blob is the
+        // slot's, encoded anyway); the disk write happens on the keeper's thread.
+        let mut offer =
+            |p: &Planner, b: &Planned| self.keeper.offer(p.plan(), p.plan_step(), &b.blob);
+        let taken = job.take(
+            r,
+            Take {
+                plan: &plan,
+                prefetch: u64::from(self.settings.prefetch),
+                keep: keep(slots, self.settings.prefetch),
+                hint: &hint,
+                planned: &mut offer,
+            },
+        );
+        let entry = job.rings.get_mut(&r)?;
+        entry.stats.last_claim = clock;
+        let planned = match taken {
+            Ok(p) => p,
+            Err(why) => {
+                error!(job = %name, dp_rank = r, "materialize: {why}; this ring stops");
+                entry.fail(Failure::new(Code::Materialize, why));
+                return None;
+            }
+        };
+        let step = planned.batch.step;
+        let job = SlotJob {
+            step,
+            plan_step: planned.batch.plan_step,
+            rows: planned.batch.rank_rows(r, dp_size).to_vec(),
+            cursor: planned.blob.clone(),
+        };
+        entry.claim_step(step);
         Some(Claimed {
             key: (name, r),
             ring: entry.ring.clone(),
             job,
-            mark,
+            mark: planned.mark.clone(),
             generation: entry.generation,
         })
     }
