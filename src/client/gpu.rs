@@ -149,7 +149,7 @@ pub struct DeviceFigures {
     pub copy_gb_per_s_p50: f64,
     /// From `next_batch` returning to the copy's event observed complete.
     pub ready_to_device: Latency,
-    /// Copies read back and compared with the slot (`--verify`).
+    /// Copies read back and compared with the slot (`--verify-device`).
     pub verified: u64,
 }
 
