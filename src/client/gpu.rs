@@ -527,11 +527,6 @@ impl DeviceSink {
         Ok(sink)
     }
 
-    /// The device.
-    pub fn gpu(&self) -> &Gpu {
-        &self.gpu
-    }
-
     /// Reads every later copy back and compares it with the slot (or stops doing so).
     pub fn set_verify(&mut self, on: bool) {
         self.verify = on;
@@ -617,6 +612,16 @@ impl DeviceSink {
             f.copy_gb_per_s_p50 = if m > 0.0 { 1e-9 / m } else { 0.0 };
         }
         f
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for DeviceSink {
+    fn drop(&mut self) {
+        // Copies still in flight read the ring: let them finish before `reg` unpins it.
+        if let Err(e) = self.gpu.synchronize() {
+            tracing::warn!("waiting for the last copies: {e}");
+        }
     }
 }
 
