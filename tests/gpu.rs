@@ -219,6 +219,7 @@ fn copy_bytes_hold_every_array_of_the_slot_at_its_offset() {
 
 // ---------------------------------------------------------------- with a GPU only
 
+#[cfg(feature = "cuda")]
 #[test]
 fn device_bytes_equal_the_slot_bytes() {
     if !gpu_here("device_bytes_equal_the_slot_bytes") {
