@@ -191,6 +191,7 @@ mod imp {
         }
     }
 
+    /// Maps a driver error to [`GpuError::Driver`] saying what was being done.
     pub(super) fn drv(what: &'static str) -> impl FnOnce(DriverError) -> GpuError {
         move |e| GpuError::Driver {
             what,
