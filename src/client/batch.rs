@@ -66,6 +66,10 @@ pub struct BatchView<'a> {
     pub row_loss_tokens: &'a [i32],
     /// The cursor blob as of the end of this step.
     pub cursor: &'a [u8],
+    /// Every array of the slot but the cursor, as the one contiguous byte range they lie
+    /// in (from the lowest offset in WELCOME `fields` to the end of the last): what a
+    /// trainer's one host-to-device copy moves (src/client/gpu.rs).
+    pub copy_bytes: &'a [u8],
 }
 
 /// The sum of `t`'s ids, wrapping: a cheap checksum that reads every token.

@@ -73,6 +73,34 @@ fn code_message(payload: &[u8], what: &str) -> Result<(String, String), ClientEr
         .map_err(|e| ClientError::Protocol(format!("{what} payload is not {{code, message}}: {e}")))
 }
 
+/// The part of a slot one host-to-device copy moves: from the lowest offset of its
+/// arrays to the end of the last, the cursor left out (the trainer keeps it on the host).
+/// Every field was checked to fit the slot, so the range does too.
+fn copy_span(l: &Layout) -> (usize, usize) {
+    let mut fields = vec![l.domain, l.row_loss_tokens];
+    match &l.arrays {
+        Arrays::Expanded {
+            tokens,
+            labels,
+            loss_mask,
+            position_ids,
+            cu_seqlens,
+        } => fields.extend([*tokens, *labels, *loss_mask, *position_ids, *cu_seqlens]),
+        Arrays::Compact {
+            rows,
+            doc_starts,
+            row_real_tokens,
+        } => fields.extend([*rows, *doc_starts, *row_real_tokens]),
+    }
+    let lo = fields.iter().map(|f| f.offset).min().unwrap_or(0);
+    let hi = fields
+        .iter()
+        .map(|f| f.offset + f.bytes())
+        .max()
+        .unwrap_or(0);
+    (lo, hi)
+}
+
 /// The connection of one trainer rank: socket, eventfd and the mapped ring.
 pub struct Client {
     path: PathBuf,
@@ -82,6 +110,8 @@ pub struct Client {
     sock: UnixStream,
     ready: EventFd,
     ring: RingView,
+    /// Offsets in a slot of [`BatchView::copy_bytes`]: start and end.
+    copy_span: (usize, usize),
     /// Next step to hand out.
     consumed: u64,
     /// Every step below this has been released.
@@ -166,6 +196,7 @@ impl Client {
         sock.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(io_err("setting the socket timeout"))?;
         let start = welcome.start_step;
+        let copy_span = copy_span(&layout);
         Ok(Client {
             path,
             hello: hello.clone(),
@@ -174,6 +205,7 @@ impl Client {
             sock,
             ready,
             ring,
+            copy_span,
             consumed: start,
             released: start,
             hold: 0,
@@ -186,6 +218,19 @@ impl Client {
     /// What the daemon announced.
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
+    }
+
+    /// The whole ring mapping, read-only: what a GPU consumer registers with the CUDA
+    /// driver once per connection (src/client/gpu.rs), so that every slot's copy is a
+    /// DMA from pinned memory.
+    pub fn ring_bytes(&self) -> &[u8] {
+        self.ring.bytes(0, self.layout.ring_bytes)
+    }
+
+    /// Bytes of every step's [`BatchView::copy_bytes`]: what a GPU consumer's device
+    /// buffers hold.
+    pub fn copy_len(&self) -> usize {
+        self.copy_span.1 - self.copy_span.0
     }
 
     /// The HELLO this client sent (reconnects send it again with a cursor).
@@ -427,6 +472,7 @@ impl Client {
             domain: i32s(&l.domain)?,
             row_loss_tokens: i32s(&l.row_loss_tokens)?,
             cursor,
+            copy_bytes: r.bytes(base + self.copy_span.0, self.copy_span.1 - self.copy_span.0),
         };
         self.last_step = Some(step);
         self.consumed = step + 1;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use super::gpu::{Device, DeviceFigures, DeviceSink, Gpu};
 use super::{from_hex, monotonic_ns, to_hex, Client, Hello, SlotLayout};
 
 /// Arguments of `millrace consume`.
@@ -81,6 +82,16 @@ pub struct ConsumeArgs {
     /// arrays is the trainer's, on its device).
     #[arg(long, value_parser = parse_layout)]
     pub slot_layout: Option<SlotLayout>,
+    /// Where each batch goes: `cpu` reads it in place in the ring; `cuda:N` copies each
+    /// slot to device N (one host-to-device copy per step from the ring, registered
+    /// read-only with the CUDA driver; the slot is released once the copy completed) and
+    /// reports GB/s and ready->device latency. `cuda:N` needs libcuda at run time.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    /// With `--device cuda:N`: read every copy back and compare it with the slot (slow;
+    /// for checks, not measurements).
+    #[arg(long)]
+    pub verify_device: bool,
     /// Print `{"progress": STEPS}` lines on stderr a few times a second (for `bench`).
     #[arg(long, hide = true)]
     pub progress: bool,
@@ -92,6 +103,10 @@ fn parse_layout(s: &str) -> Result<SlotLayout, String> {
         "expanded" => Ok(SlotLayout::Expanded),
         other => Err(format!("{other:?}: expected \"compact\" or \"expanded\"")),
     }
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse()
 }
 
 /// Percentiles of publish-to-wake latency.
@@ -185,6 +200,9 @@ pub struct ConsumeSummary {
     pub reconnects: u64,
     /// This consumer process's CPU time (user + system) at the end.
     pub cpu_seconds: f64,
+    /// With `--device cuda:N`: the copies to the device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceFigures>,
 }
 
 /// CPU time (user + system) of this process so far, in seconds.
@@ -238,10 +256,27 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
     if let Some(f) = &args.cursor_file {
         hello.cursor = Some(read_cursor_file(f)?);
     }
+    // The device before the daemon: without CUDA, say so before taking a ring.
+    let gpu = match args.device {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(Gpu::open(n).with_context(|| format!("--device {}", args.device))?),
+    };
     let socket = consume_socket(args)?;
     // The error names the socket itself.
     let mut client = Client::connect(&socket, &hello)?;
     client.set_hold(args.hold);
+    // Copies in flight: the held steps and the newest; each slot stays unreleased until
+    // its copy completed.
+    let keep = args
+        .hold
+        .min(u64::from(client.welcome().slots).saturating_sub(1)) as usize;
+    let mut sink = match gpu {
+        Some(gpu) => Some(
+            DeviceSink::new(gpu, &client, keep + 1, args.verify_device)
+                .with_context(|| format!("--device {}", args.device))?,
+        ),
+        None => None,
+    };
     if args.timeout > 0.0 {
         client.set_timeout(Some(Duration::from_secs_f64(args.timeout)));
     }
@@ -262,9 +297,16 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
             Ok(b) => b,
             Err(e) if e.is_transient() && args.reconnect_timeout > 0.0 => {
                 tracing::warn!("{e}; reconnecting");
+                // The registration goes before the mapping it pins does.
+                if let Some(sink) = &mut sink {
+                    sink.unregister().context("finishing the copies")?;
+                }
                 client
                     .reconnect(Duration::from_secs_f64(args.reconnect_timeout))
                     .context("reconnecting")?;
+                if let Some(sink) = &mut sink {
+                    sink.register(&client);
+                }
                 s.reconnects += 1;
                 continue;
             }
@@ -275,6 +317,13 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
             }
         };
         let now = monotonic_ns();
+        if let Some(sink) = &mut sink {
+            // Copy first, and wait for all but the held copies: ready->device is then the
+            // copy alone, and the steps the next call releases are on the device.
+            sink.submit(&b, now)
+                .and_then(|()| sink.retire(keep))
+                .with_context(|| format!("copying step {} to {}", b.step, args.device))?;
+        }
         if received == 0 {
             s.first_batch_ns = now;
             s.first_step = b.step;
@@ -309,6 +358,11 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
             last_progress = now;
             eprintln!("{{\"progress\": {received}}}");
         }
+    }
+    if let Some(mut sink) = sink.take() {
+        sink.retire(0).context("finishing the copies")?;
+        s.device = Some(sink.figures());
+        // Dropped here: the ring is unregistered before `bye` unmaps it.
     }
     client.release(client.next_step()).ok();
     s.seconds = s.last_batch_ns.saturating_sub(s.first_batch_ns) as f64 / 1e9;
@@ -357,6 +411,22 @@ pub fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
             s.digest,
             s.checksum
         )?;
+        if let Some(d) = &s.device {
+            let pinning = d.pinning.as_ref().map_or("?".into(), |p| p.to_string());
+            writeln!(
+                out,
+                "{}: ring {pinning} in {:.2} ms; {} copies of {} bytes, p50 {:.2} GB/s; \
+                 ready->device p50 {:.1} us p99 {:.1} us; {} read back and equal",
+                d.device,
+                d.register_s * 1e3,
+                d.copies,
+                d.bytes / d.copies.max(1),
+                d.copy_gb_per_s_p50,
+                d.ready_to_device.p50_us,
+                d.ready_to_device.p99_us,
+                d.verified
+            )?;
+        }
     }
     Ok(())
 }

@@ -12,8 +12,9 @@
 //! The files, in the order a batch meets them: [`connection`] (the socket, HELLO and
 //! WELCOME, waiting and stepping), `layout` (WELCOME's numbers checked against each
 //! other and the mapped ring), [`batch`] (the borrowed view of one step), [`derive`]
-//! (a compact slot's labels, positions, mask and `cu_seqlens`, computed) and
-//! [`consume`] (`millrace consume`: a rank that streams and measures).
+//! (a compact slot's labels, positions, mask and `cu_seqlens`, computed),
+//! [`consume`] (`millrace consume`: a rank that streams and measures) and [`gpu`] (each
+//! slot copied to a CUDA device, `consume --device cuda:N`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,6 +25,7 @@ mod batch;
 mod connection;
 mod consume;
 mod derive;
+pub mod gpu;
 mod layout;
 #[cfg(test)]
 mod tests;

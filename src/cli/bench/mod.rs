@@ -20,9 +20,14 @@
 //! 6. fairness: `--fairness-ranks` free-running consumers of one job for
 //!    `--fairness-seconds`; the max/min of the steps their rings published (issue 14
 //!    item 9: a ring must not wait while another runs far ahead).
+//!
+//! `--gpu` runs only the GPU figures instead ([`gpu`]: host-to-device rates from the
+//! registered ring against pinned and pageable memory, and the consumer's cost per step
+//! when it copies every slot to the device); without CUDA it says why and exits 0.
 
 mod baseline;
 mod fairness;
+mod gpu;
 mod machine;
 mod report;
 mod runner;
@@ -118,6 +123,17 @@ pub struct BenchArgs {
     /// Run only the fairness figure (no references, streaming, latency or baseline).
     #[arg(long)]
     pub fairness_only: bool,
+    /// Run only the GPU figures (module `gpu`): H2D GB/s from the registered ring, a
+    /// pinned and a pageable buffer, and the consumer's cost per step copying every slot
+    /// to the device. Without CUDA it prints why and exits 0.
+    #[arg(long)]
+    pub gpu: bool,
+    /// The CUDA device ordinal of `--gpu`.
+    #[arg(long, default_value_t = 0)]
+    pub gpu_device: u32,
+    /// Timed steps of the `--gpu` per-step run (after 10 untimed ones).
+    #[arg(long, default_value_t = 1000)]
+    pub gpu_steps: u64,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -126,11 +142,22 @@ pub struct BenchArgs {
     pub quiet: bool,
 }
 
+/// The corpus directory: `--dir`, else one per `--tokens` under $TMPDIR.
+fn corpus_dir(args: &BenchArgs) -> PathBuf {
+    args.dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("millrace-bench-{}", args.tokens)))
+}
+
 /// Runs `millrace bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let wall = Instant::now();
     if args.consumers == 0 || args.rows == 0 || args.seq_len == 0 || args.threads.is_empty() {
         bail!("--consumers, --rows, --seq-len and --threads must be positive");
+    }
+    if args.gpu {
+        // Before the corpus is written: without CUDA this says why and returns at once.
+        return gpu::run_gpu(&args);
     }
     let show = !args.quiet && std::io::stderr().is_terminal();
     let say = |m: &str| {
@@ -138,10 +165,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             eprintln!("{m}");
         }
     };
-    let dir = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("millrace-bench-{}", args.tokens)));
+    let dir = corpus_dir(&args);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let loadavg = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))

@@ -1,0 +1,311 @@
+//! The client's GPU path (issue 15 item 5) against a real daemon on a real socket.
+//!
+//! Everywhere (CI has no GPU and no libcuda): `consume --device cuda:0` fails with a clear
+//! message and no panic, and the same daemon then serves `--device cpu` as before;
+//! `bench --gpu` says why it skips and exits 0 without writing a corpus; bad device
+//! names are refused; the one range a GPU consumer copies per step
+//! (`BatchView::copy_bytes`) holds every array of the slot at its WELCOME offset.
+//! With libcuda and a device (the device machine, `scripts/device-run`): the bytes on
+//! the device equal the slot's, through the library, `consume --device` and `bench --gpu`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{bin, Serve};
+use millrace::client::gpu::{driver_present, Gpu};
+use millrace::client::{Client, Hello, SlotLayout};
+
+const SEQ_LEN: u32 = 512;
+const ROWS: u32 = 4;
+
+/// A corpus, a config for one rank and a running daemon.
+struct Fixture {
+    corpus: common::Corpus,
+    socket: PathBuf,
+    _serve: Serve,
+}
+
+fn fixture() -> Fixture {
+    let corpus = common::corpus(400_000, 2, 7, 200_000);
+    let socket = corpus.dir.join("s.sock");
+    let config = common::write_config(
+        &corpus.dir,
+        "gpu.toml",
+        SEQ_LEN,
+        ROWS,
+        &[&common::serve_toml(&socket, 4, 1)],
+    );
+    let serve = Serve::start(&config, &socket, &corpus.dir.join("serve.log"));
+    Fixture {
+        corpus,
+        socket,
+        _serve: serve,
+    }
+}
+
+/// `millrace consume` as rank 0 of 1 on `socket`, with `extra` arguments.
+fn consume(socket: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["consume", "--dp-rank", "0", "--dp-size", "1", "--socket"])
+        .arg(socket)
+        .args(extra)
+        .output()
+        .expect("millrace consume runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Whether this machine can run the GPU half (libcuda and device 0); says so when not.
+fn gpu_here(test: &str) -> bool {
+    match Gpu::open(0) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("{test}: skipped, no CUDA device here ({e})");
+            false
+        }
+    }
+}
+
+/// What `Gpu::open` says on a machine without the driver (or a build without CUDA).
+fn no_cuda_reason() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "CUDA driver library not found (libcuda.so)"
+    } else {
+        "this millrace was built without the `cuda` feature"
+    }
+}
+
+#[test]
+fn consume_on_cuda_without_the_driver_fails_clearly_and_cpu_still_streams() {
+    if driver_present() {
+        eprintln!("skipped: libcuda is present here (the GPU tests below cover it)");
+        return;
+    }
+    let f = fixture();
+    let out = consume(&f.socket, &["--steps", "3", "--device", "cuda:0"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!("error: --device cuda:0: {}\n", no_cuda_reason())
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // The daemon is unharmed and `--device cpu` is today's consumer: same tokens as
+    // without the flag.
+    let digest = |extra: &[&str]| {
+        let out = consume(&f.socket, &[&["--steps", "3", "--json"], extra].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["steps"], 3, "{v}");
+        assert!(v.get("device").is_none(), "{v}");
+        v["digest"].as_str().unwrap().to_string()
+    };
+    assert_eq!(digest(&["--device", "cpu"]), digest(&[]));
+}
+
+#[test]
+fn bench_gpu_skips_without_cuda_before_writing_anything() {
+    if driver_present() {
+        eprintln!("skipped: libcuda is present here (bench_gpu_on_a_device covers it)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("corpus");
+    let json = tmp.path().join("gpu.json");
+    let out = bin()
+        .args(["bench", "--gpu", "--dir"])
+        .arg(&dir)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let why = format!("cuda:0: {}", no_cuda_reason());
+    assert_eq!(text(&out.stdout), format!("bench --gpu skipped: {why}\n"));
+    assert!(!dir.exists(), "bench --gpu wrote a corpus it could not use");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["skipped"], why.as_str());
+}
+
+#[test]
+fn consume_refuses_device_names_that_are_not_cpu_or_cuda_n() {
+    for (bad, says) in [
+        ("cuda:x", "\"x\" is not a device ordinal"),
+        ("tpu:0", "expected \"cpu\" or \"cuda:N\""),
+        ("cuda:", "\"\" is not a device ordinal"),
+    ] {
+        // No daemon needed: the flag is refused before anything connects.
+        let out = consume(Path::new("/nonexistent/s.sock"), &["--device", bad]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '{bad}' for '--device <DEVICE>'")),
+            "{err}"
+        );
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+}
+
+/// Every array of a slot but the cursor, at its WELCOME offset inside `copy_bytes`: what
+/// one host-to-device copy moves is exactly the slot's data, in both layouts.
+#[test]
+fn copy_bytes_hold_every_array_of_the_slot_at_its_offset() {
+    let f = fixture();
+    for layout in [SlotLayout::Compact, SlotLayout::Expanded] {
+        let mut hello = Hello::whole_slice(0, 1);
+        hello.slot_layout = Some(layout);
+        hello.job = format!("{layout:?}");
+        let mut c = Client::connect(&f.socket, &hello).unwrap();
+        let w = c.welcome().clone();
+        let arrays: Vec<_> = w.fields.iter().filter(|(n, _)| *n != "cursor").collect();
+        let lo = arrays.iter().map(|(_, s)| s.offset).min().unwrap() as usize;
+        let len = c.copy_len();
+        let ring = c.ring_bytes().len();
+        assert_eq!(ring as u64, w.ring_bytes);
+        for _ in 0..3 {
+            let b = c.next_batch().unwrap();
+            assert_eq!(b.copy_bytes.len(), len, "{layout:?}");
+            let at = |name: &str| {
+                let off = w.fields[name].offset as usize - lo;
+                &b.copy_bytes[off..]
+            };
+            let starts = |v: &[u8], name: &str| {
+                assert_eq!(&at(name)[..v.len()], v, "{layout:?} step {} {name}", b.step);
+            };
+            starts(bytemuck::cast_slice(b.domain), "domain");
+            starts(bytemuck::cast_slice(b.row_loss_tokens), "row_loss_tokens");
+            match b.arrays {
+                millrace::client::SlotArrays::Compact {
+                    rows,
+                    doc_starts,
+                    row_real_tokens,
+                } => {
+                    starts(rows.as_bytes(), "rows");
+                    starts(doc_starts, "doc_starts");
+                    starts(bytemuck::cast_slice(row_real_tokens), "row_real_tokens");
+                }
+                millrace::client::SlotArrays::Expanded {
+                    tokens,
+                    labels,
+                    loss_mask,
+                    position_ids,
+                    cu_seqlens,
+                } => {
+                    starts(tokens.as_bytes(), "tokens");
+                    starts(labels.as_bytes(), "labels");
+                    starts(loss_mask, "loss_mask");
+                    starts(position_ids.as_bytes(), "position_ids");
+                    starts(bytemuck::cast_slice(cu_seqlens), "cu_seqlens");
+                }
+            }
+            // The copy ends where the last array ends: the cursor is not in it.
+            let end = arrays
+                .iter()
+                .map(|(_, s)| {
+                    let size = millrace::corpus::DType::from_name(&s.dtype).unwrap().size();
+                    s.offset as usize + size * s.shape.iter().product::<u64>() as usize
+                })
+                .max()
+                .unwrap();
+            assert_eq!(lo + len, end, "{layout:?}");
+        }
+        c.bye().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- with a GPU only
+
+#[cfg(feature = "cuda")]
+#[test]
+fn device_bytes_equal_the_slot_bytes() {
+    if !gpu_here("device_bytes_equal_the_slot_bytes") {
+        return;
+    }
+    use millrace::client::gpu::{DeviceSink, Pinning, RingRegistration};
+    let f = fixture();
+    let mut c = Client::connect(&f.socket, &Hello::whole_slice(0, 1)).unwrap();
+    // By hand: one copy of a slot, read back.
+    let gpu = Gpu::open(0).unwrap();
+    let reg = RingRegistration::register(&gpu, c.ring_bytes());
+    assert_eq!(
+        reg.pinning(),
+        &Pinning::ReadOnly,
+        "the read-only flag failed"
+    );
+    let mut dev = gpu.alloc(c.copy_len()).unwrap();
+    let b = c.next_batch().unwrap();
+    gpu.copy_async(b.copy_bytes, &mut dev).unwrap();
+    assert_eq!(
+        gpu.read_back(&dev, b.copy_bytes.len()).unwrap(),
+        b.copy_bytes
+    );
+    drop(reg);
+    // Through the sink, two copies in flight, every one read back and compared.
+    c.set_hold(1);
+    let mut sink = DeviceSink::new(gpu, &c, 2, true).unwrap();
+    for _ in 0..20 {
+        let b = c.next_batch().unwrap();
+        sink.submit(&b, millrace::client::monotonic_ns()).unwrap();
+        sink.retire(1).unwrap();
+    }
+    sink.retire(0).unwrap();
+    let fig = sink.figures();
+    assert_eq!((fig.copies, fig.verified), (20, 20), "{fig:?}");
+    assert_eq!(fig.pinning, Some(Pinning::ReadOnly));
+    drop(sink);
+    c.bye().unwrap();
+}
+
+#[test]
+fn consume_on_a_device_reads_back_every_step_and_matches_cpu() {
+    if !gpu_here("consume_on_a_device_reads_back_every_step_and_matches_cpu") {
+        return;
+    }
+    let f = fixture();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = consume(&f.socket, &[&["--steps", "40", "--json"], extra].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let gpu = run(&["--device", "cuda:0", "--verify-device", "--hold", "1"]);
+    let cpu = run(&[]);
+    assert_eq!(gpu["digest"], cpu["digest"]);
+    assert_eq!(gpu["device"]["copies"], 40, "{gpu}");
+    assert_eq!(gpu["device"]["verified"], 40, "{gpu}");
+    assert_eq!(gpu["device"]["pinning"], "read_only", "{gpu}");
+    let _ = &f.corpus;
+}
+
+#[test]
+fn bench_gpu_on_a_device() {
+    if !gpu_here("bench_gpu_on_a_device") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("gpu.json");
+    let out = bin()
+        .args([
+            "bench",
+            "--gpu",
+            "--tokens",
+            "2e7",
+            "--gpu-steps",
+            "50",
+            "--dir",
+        ])
+        .arg(tmp.path().join("corpus"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["pinning"], "read_only", "{v}");
+    assert!(!v["sweep"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["step"]["verified"], 8, "{v}");
+    assert_eq!(v["step"]["steps"], 50, "{v}");
+}
