@@ -2690,6 +2690,9 @@ fn cursor_layout_2_blobs_still_resume() {
             continue;
         }
         data.fingerprint = Fingerprint::LegacyJson(plan.legacy_fingerprint());
+        // Layouts before 6 carry the history up to their step only.
+        data.lookahead = false;
+        data.history = plan.history(data.plan_step);
         let old = as_layout_2(&cursor::encode(&data));
         assert_eq!(cursor::decode(&old).unwrap(), data);
         let mut q = plan.restore(&old).expect("a layout 2 blob resumes");
@@ -2856,6 +2859,7 @@ proptest! {
         let x = CursorData {
             fingerprint,
             history,
+            lookahead: !legacy,
             step,
             plan_step,
             mix,
@@ -2869,10 +2873,10 @@ proptest! {
         prop_assert_eq!(back.journal.len(), x.journal.len());
         prop_assert_eq!(back.superseded, superseded);
         prop_assert_eq!(back.fingerprint, fingerprint);
-        // Layout 5 for the binary fingerprint; a legacy one writes the layout its builds
+        // Layout 6 for the binary fingerprint; a legacy one writes the layout its builds
         // wrote (3 while nothing was superseded, else 4).
         let layout = match (legacy, superseded > 0) {
-            (false, _) => 5,
+            (false, _) => 6,
             (true, true) => 4,
             (true, false) => 3,
         };

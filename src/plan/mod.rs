@@ -513,10 +513,19 @@ impl Plan {
     /// A digest of everything that shaped steps before `plan_step` besides the static
     /// config: schedule values, skips and reseeds. Editing the future keeps it.
     pub fn history(&self, plan_step: u64) -> u64 {
+        self.history_span(plan_step, plan_step)
+    }
+
+    /// [`Plan::history`] with the schedule's values covered up to `weights_end` (at
+    /// least `plan_step`): a bursty cycle begun before `plan_step` took its rows from
+    /// the weights of its later steps, while skips and reseeds shape only the steps
+    /// they fall on.
+    pub(super) fn history_span(&self, plan_step: u64, weights_end: u64) -> u64 {
+        let end = weights_end.max(plan_step);
         let mut words: Vec<u64> = vec![plan_step.min(1)];
-        if plan_step > 0 {
-            let mut at: Vec<u64> = vec![0, plan_step - 1];
-            at.extend(self.mixer.schedule.knots_before(plan_step));
+        if end > 0 {
+            let mut at: Vec<u64> = vec![0, end - 1];
+            at.extend(self.mixer.schedule.knots_before(end));
             at.sort_unstable();
             at.dedup();
             // Raw weights, not shares: with the weights at the last step before the

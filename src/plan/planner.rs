@@ -256,7 +256,8 @@ impl Planner {
     pub(super) fn blob(&self, step: u64) -> Vec<u8> {
         cursor::encode(&cursor::CursorData {
             fingerprint: cursor::Fingerprint::Binary(self.plan.fingerprint),
-            history: self.plan.history(self.plan_step),
+            history: self.plan.cursor_history(self.plan_step),
+            lookahead: true,
             step,
             plan_step: self.plan_step,
             mix: self.mix.clone(),
