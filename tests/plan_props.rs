@@ -190,6 +190,7 @@ fn base_config(seq_len: u32, g: u32, packing: Packing, window: u64) -> PlanConfi
         schedule: Vec::new(),
         skip: Vec::new(),
         reseed: Vec::new(),
+        stage: Vec::new(),
     }
 }
 
@@ -1889,6 +1890,7 @@ fn mixture_walk(
         fill: fill.to_vec(),
         rows: g,
         bursty: vec![None; n],
+        stages: Vec::new(),
     };
     let mut st = MixState::new(n);
     let mut nominal = vec![0i64; n];
@@ -2119,6 +2121,7 @@ fn bursty_walk(
         fill: vec![1.0; n],
         rows: g,
         bursty: b,
+        stages: Vec::new(),
     };
     let mut st = MixState::new(n);
     let mut counts = Vec::new();
@@ -2800,6 +2803,7 @@ fn stream_state_strategy() -> impl Strategy<Value = StreamState> {
                     pos_chain: t.3,
                     window_start: t.4,
                     pending: t.5,
+                    carry: Vec::new(),
                 }),
             0..3,
         ),
@@ -2819,6 +2823,7 @@ fn stream_state_strategy() -> impl Strategy<Value = StreamState> {
             tokens: c.1,
             split_groups: c.2,
             tails,
+            ..StreamState::default()
         })
 }
 
@@ -2955,6 +2960,7 @@ fn cursor_forged_state_never_panics() {
                     pos_chain: Vec::new(),
                     window_start: big(&mut rng),
                     pending: vec![(big(&mut rng) as u32, big(&mut rng) as u32)],
+                    carry: Vec::new(),
                 }),
                 12 => {
                     let t = Tail {

@@ -12,6 +12,7 @@
 use super::journal::{Change, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
+use super::stage::CarryLevel;
 use super::stream::{StreamState, Tail};
 
 /// First bytes of every blob.
@@ -20,7 +21,8 @@ pub const MAGIC: &[u8; 8] = b"MRCURSOR";
 /// grouping's tails to each stream, 4 the count of superseded live changes after the
 /// journal (written only when nonzero, else 3), 5 the binary fingerprint (the count is
 /// always written), 6 a history digest that reaches the bursty lookahead past the
-/// blob's step ([`CursorData::lookahead`]). This build writes 6, reads 5 as before and
+/// blob's step ([`CursorData::lookahead`]) and each stream's stage, dropped tokens and
+/// carry levels (stage switches, `plan/stage.rs`), for its tails too. This build writes 6, reads 5 as before and
 /// 1-4 with their JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old checkpoints
 /// resume.
 pub const VERSION: u16 = 6;
@@ -255,6 +257,15 @@ impl W {
             self.u32(done);
         }
     }
+    fn carry(&mut self, carry: &[CarryLevel]) {
+        self.u16(carry.len() as u16);
+        for c in carry {
+            self.u32(c.stage);
+            self.u32(c.next_block);
+            self.chain(&c.block_chain);
+            self.pending(&c.pending);
+        }
+    }
 }
 
 struct R<'a> {
@@ -306,6 +317,19 @@ impl R<'_> {
             pending.push((self.u32()?, self.u32()?));
         }
         Ok(pending)
+    }
+    fn carry(&mut self) -> Result<Vec<CarryLevel>, CursorError> {
+        let k = self.len("carry levels")?;
+        let mut carry = Vec::with_capacity(k);
+        for _ in 0..k {
+            carry.push(CarryLevel {
+                stage: self.u32()?,
+                next_block: self.u32()?,
+                block_chain: self.chain()?,
+                pending: self.pending()?,
+            });
+        }
+        Ok(carry)
     }
     fn len(&mut self, what: &'static str) -> Result<usize, CursorError> {
         let n = self.u16()? as usize;
@@ -364,6 +388,14 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
             w.u64(t.window_start);
             w.chain(&t.pos_chain);
             w.pending(&t.pending);
+            if version >= 6 {
+                w.carry(&t.carry);
+            }
+        }
+        if version >= 6 {
+            w.u32(s.stage);
+            w.u64(s.dropped);
+            w.carry(&s.carry);
         }
     }
     w.u16(c.journal.len() as u16);
@@ -453,8 +485,14 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
                     window_start: r.u64()?,
                     pos_chain: r.chain()?,
                     pending: r.pending()?,
+                    carry: if version >= 6 { r.carry()? } else { Vec::new() },
                 });
             }
+        }
+        if version >= 6 {
+            s.stage = r.u32()?;
+            s.dropped = r.u64()?;
+            s.carry = r.carry()?;
         }
         streams.push(s);
     }

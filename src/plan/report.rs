@@ -115,7 +115,7 @@ impl<'p> Tally<'p> {
                     *rows.entry((r.domain, r.epoch, shard, g)).or_insert(0) += 1;
                 }
             }
-            let cap = plan.group_cap(d) as u64;
+            let cap = plan.group_cap(d, plan.stage_at(batch.plan_step)) as u64;
             for (key, n) in rows {
                 if n > cap {
                     self.capped_groups += 1;

@@ -191,7 +191,7 @@ impl Plan {
         }
         // A carried error is below one burst cycle's rows in any real run; a larger one
         // is forged and would make the mixer spin, so it is refused.
-        let bound = (self.cfg.global_batch_rows as i64 + 1) * mix::TICKS * 10_001;
+        let bound = (self.largest_shape().1 as i64 + 1) * mix::TICKS * 10_001;
         if let Some(domain) = c
             .mix
             .deficit
@@ -208,8 +208,9 @@ impl Plan {
             streams: c.streams.into_iter().map(Stream::new).collect(),
         };
         // Structural checks that need the packed window.
+        let stage_now = self.stage_at(c.plan_step);
         for (d, s) in p.streams.iter_mut().enumerate() {
-            s.check(&self.domains[d], self.geometry)
+            s.check(&self.domains[d], &self.geometries, stage_now)
                 .map_err(|source| CursorError::Stream {
                     domain: self.domains[d].name.clone(),
                     source,

@@ -348,6 +348,7 @@ mod tests {
             schedule: Vec::new(),
             skip: Vec::new(),
             reseed: Vec::new(),
+            stage: Vec::new(),
         };
         Arc::new(Plan::new(&[input], cfg, 1).expect("a one-domain plan builds"))
     }
