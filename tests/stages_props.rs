@@ -3,9 +3,9 @@
 //! to keep tokens per step about constant) over small corpora with every grouping mode.
 //!
 //! - Within each epoch every token appears once; what is missing from an epoch in
-//!   progress at the switch is exactly what the streams counted as `dropped` (units
-//!   partly emitted before the switch, docs/DESIGN.md "Stages"), and nothing is missing
-//!   from any other epoch.
+//!   progress at the switch is exactly what the streams counted as `dropped` (rows of
+//!   batch-grouped groups still spanning batches in an earlier window, docs/DESIGN.md
+//!   "Stages"), and nothing is missing from any other epoch.
 //! - Every batch has its stage's rows and row length, and the mixture stays within one
 //!   row of target, in rows of the stage in force, at every step.
 //! - A blob taken at any step, either side of the switch (the step before it
@@ -143,7 +143,14 @@ fn inputs(doms: &[Dom]) -> Vec<DomainInput> {
 
 /// A two-stage config: `short` tokens x `rows` rows, then from `switch` on `long`
 /// tokens x `long_rows` rows (an anneal mixture at the same step).
-fn config(short: u32, rows: u32, window: u64, switch: u64, long: u32, long_rows: u32) -> PlanConfig {
+fn config(
+    short: u32,
+    rows: u32,
+    window: u64,
+    switch: u64,
+    long: u32,
+    long_rows: u32,
+) -> PlanConfig {
     let point = |step, web: f64| SchedulePoint {
         step,
         weights: BTreeMap::from([
@@ -193,13 +200,7 @@ fn run(plan: &Arc<Plan>, steps: u64) -> (Vec<GlobalBatch>, Vec<Vec<u8>>) {
 
 /// Every property above, for one plan with its switch at plan step `switch`. Returns
 /// the tokens dropped at the switch and the domains that carried units across it.
-fn check(
-    doms: &[Dom],
-    plan: &Arc<Plan>,
-    switch: u64,
-    steps: u64,
-    probes: &[u64],
-) -> (u64, usize) {
+fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]) -> (u64, usize) {
     let (batches, blobs) = run(plan, steps);
     let n = doms.len();
     // Shapes and mixture.
@@ -211,7 +212,12 @@ fn check(
         assert_eq!((seq, g), (stage.seq_len, stage.rows), "step {}", b.step);
         assert_eq!(b.rows.len(), g as usize, "step {}", b.step);
         for r in &b.rows {
-            assert!(r.tokens <= seq + 1, "step {}: a row of {}", b.step, r.tokens);
+            assert!(
+                r.tokens <= seq + 1,
+                "step {}: a row of {}",
+                b.step,
+                r.tokens
+            );
             let sum: u32 = r.segments.iter().map(|s| s.len).sum();
             assert_eq!(sum, r.tokens);
         }
@@ -255,11 +261,19 @@ fn check(
         let mut missing = 0u64;
         for epoch in 0..open {
             let mut emitted = 0u64;
-            for ranges in seen.get(&(d as u16, epoch)).into_iter().flat_map(|m| m.values()) {
+            for ranges in seen
+                .get(&(d as u16, epoch))
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
                 let mut r = ranges.clone();
                 r.sort_unstable();
                 for w in r.windows(2) {
-                    assert!(w[0].1 <= w[1].0, "{}: epoch {epoch} repeats tokens {w:?}", dom.name);
+                    assert!(
+                        w[0].1 <= w[1].0,
+                        "{}: epoch {epoch} repeats tokens {w:?}",
+                        dom.name
+                    );
                 }
                 emitted += r.iter().map(|(a, b)| b - a).sum::<u64>();
             }
@@ -278,7 +292,10 @@ fn check(
     let carried = (0..n)
         .filter(|&d| after.stream(d).is_some_and(|s| !s.carry.is_empty()))
         .count();
-    let dropped = (0..n).filter_map(|d| end.stream(d)).map(|s| s.dropped).sum();
+    let dropped = (0..n)
+        .filter_map(|d| end.stream(d))
+        .map(|s| s.dropped)
+        .sum();
     // Resume from blobs either side of the switch, and seek.
     let every = 4;
     let store = MemCheckpoints::new();
@@ -339,8 +356,8 @@ fn a_4096_to_32768_switch() {
     assert_eq!(plan.shape_at(6), (32768, 1));
     assert_eq!(plan.largest_shape(), (32768, 8));
     let (dropped, carried) = check(&doms, &plan, 6, 80, &[0, 5, 6, 7, 20]);
-    // The switch did meet windows in progress: units were carried, and some dropped.
-    assert!(carried > 0 && dropped > 0, "carried {carried}, dropped {dropped}");
+    // The switch did meet windows in progress: units were carried.
+    assert!(carried > 0, "carried {carried}, dropped {dropped}");
 }
 
 /// A stage is history: added by a config edit at or after a blob's step it is the
@@ -357,7 +374,9 @@ fn a_stage_added_later_keeps_blobs_before_it() {
     assert_eq!(flat.fingerprint(), staged.fingerprint());
     for t in [0, 5, 12] {
         let blob = flat.seek(t).cursor();
-        let mut r = staged.restore(&blob).expect("a blob before the stage resumes");
+        let mut r = staged
+            .restore(&blob)
+            .expect("a blob before the stage resumes");
         let mut s = staged.seek(t);
         for _ in 0..(16 - t) {
             assert_eq!(r.next_batch(), s.next_batch(), "from {t}");
@@ -365,7 +384,10 @@ fn a_stage_added_later_keeps_blobs_before_it() {
     }
     let blob = flat.seek(13).cursor();
     assert!(
-        matches!(staged.restore(&blob), Err(CursorError::History { step: 13, .. })),
+        matches!(
+            staged.restore(&blob),
+            Err(CursorError::History { step: 13, .. })
+        ),
         "a stage before the blob's step was accepted"
     );
 }

@@ -693,9 +693,18 @@ mod tests {
             .check_servable()
             .is_ok());
         for (text, field) in [
-            ("step = 0\nseq_len = 8\nglobal_batch_rows = 2", "plan.stage[0].step"),
-            ("step = 5\nseq_len = 0\nglobal_batch_rows = 2", "plan.stage[0].seq_len"),
-            ("step = 5\nseq_len = 8\nglobal_batch_rows = 0", "plan.stage[0].global_batch_rows"),
+            (
+                "step = 0\nseq_len = 8\nglobal_batch_rows = 2",
+                "plan.stage[0].step",
+            ),
+            (
+                "step = 5\nseq_len = 0\nglobal_batch_rows = 2",
+                "plan.stage[0].seq_len",
+            ),
+            (
+                "step = 5\nseq_len = 8\nglobal_batch_rows = 0",
+                "plan.stage[0].global_batch_rows",
+            ),
             (
                 "step = 5\nseq_len = 8\nglobal_batch_rows = 2\nbest_fit_window = 0",
                 "plan.stage[0].best_fit_window",

@@ -85,12 +85,48 @@ impl Window {
     }
 }
 
+/// A token range of a unit to pack: `(unit, length)` for a whole unit, or `(unit,
+/// first token, length)` for the part of one that a stage switch carried
+/// (`plan/stage.rs`). Pieces name tokens from the unit's start either way.
+pub trait Span: Copy {
+    /// The unit.
+    fn unit(self) -> u64;
+    /// Its first token in the range.
+    fn base(self) -> u64;
+    /// Tokens in the range.
+    fn len(self) -> u64;
+}
+
+impl Span for (u64, u64) {
+    fn unit(self) -> u64 {
+        self.0
+    }
+    fn base(self) -> u64 {
+        0
+    }
+    fn len(self) -> u64 {
+        self.1
+    }
+}
+
+impl Span for (u64, u64, u64) {
+    fn unit(self) -> u64 {
+        self.0
+    }
+    fn base(self) -> u64 {
+        self.1
+    }
+    fn len(self) -> u64 {
+        self.2
+    }
+}
+
 /// Packs `units` (in window order, `(unit, length)`) into rows of `capacity` tokens.
 ///
 /// `keep_together` (grouping on) makes each unit longer than a row one block: its full
 /// rows in order, then a row that starts with its remainder and is topped up with short
 /// units. Without it every row is its own block.
-pub fn pack(units: &[(u64, u64)], capacity: u32, packing: Packing, keep_together: bool) -> Window {
+pub fn pack<S: Span>(units: &[S], capacity: u32, packing: Packing, keep_together: bool) -> Window {
     match packing {
         Packing::Concat => concat(units, capacity, keep_together),
         Packing::BestFit => best_fit(units, capacity, keep_together),
@@ -100,10 +136,10 @@ pub fn pack(units: &[(u64, u64)], capacity: u32, packing: Packing, keep_together
 /// Megatron's concatenate-and-chunk. Row k covers stream tokens `[kL, kL + L + 1)` with
 /// `L = capacity - 1`: consecutive rows share one boundary token, so every token is a
 /// label exactly once. The window's last row is padded rather than dropped.
-fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
+fn concat<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window {
     let mut w = Window::default();
     let step = (capacity as u64).saturating_sub(1).max(1);
-    let total: u64 = units.iter().map(|&(_, l)| l).sum();
+    let total: u64 = units.iter().map(|s| s.len()).sum();
     if total == 0 {
         return w;
     }
@@ -115,20 +151,20 @@ fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
     loop {
         let row_end = (row_start + capacity as u64).min(total);
         // Advance ui to the unit containing row_start.
-        while ui < units.len() && unit_off + units[ui].1 <= row_start {
-            unit_off += units[ui].1;
+        while ui < units.len() && unit_off + units[ui].len() <= row_start {
+            unit_off += units[ui].len();
             ui += 1;
         }
         row_buf.clear();
         let (mut j, mut off) = (ui, unit_off);
         while j < units.len() && off < row_end {
-            let (unit, len) = units[j];
+            let (unit, base, len) = (units[j].unit(), units[j].base(), units[j].len());
             let a = row_start.max(off);
             let b = row_end.min(off + len);
             if b > a {
                 row_buf.push(Piece {
                     unit,
-                    start: a - off,
+                    start: base + a - off,
                     len: (b - a) as u32,
                 });
             }
@@ -159,7 +195,7 @@ fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
 /// a two-level bitset over free capacities and a FIFO of bins per capacity. Bins are
 /// intrusive lists over one piece array, so packing a window allocates a handful of
 /// vectors, not one per row.
-fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
+fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window {
     let cap = capacity.max(1);
     let c64 = cap as u64;
     let mut w = Window::default();
@@ -167,13 +203,14 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
     // Every piece that goes into a bin: short units, remainders of long ones.
     let mut pieces: Vec<Piece> = Vec::with_capacity(units.len() + units.len() / 8);
     let mut short: Vec<u32> = Vec::with_capacity(units.len());
-    // Long grouped units: (unit, full rows, seeded bin or NIL).
-    let mut long: Vec<(u64, u64, u32)> = Vec::new();
+    // Long grouped units: (unit, first token, full rows, seeded bin or NIL).
+    let mut long: Vec<(u64, u64, u64, u32)> = Vec::new();
     // Full pieces of ungrouped long units, in window order.
     let mut full_rows: Vec<Piece> = Vec::new();
     let mut bins = Bins::default();
 
-    for &(unit, len) in units {
+    for s in units {
+        let (unit, base, len) = (s.unit(), s.base(), s.len());
         if len == 0 {
             continue;
         }
@@ -183,7 +220,7 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
             let seed = if rem > 0 {
                 pieces.push(Piece {
                     unit,
-                    start: full * c64,
+                    start: base + full * c64,
                     len: rem,
                 });
                 let b = bins.open(cap, true);
@@ -192,20 +229,20 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
             } else {
                 NIL
             };
-            long.push((unit, full, seed));
+            long.push((unit, base, full, seed));
             continue;
         }
         for k in 0..full {
             full_rows.push(Piece {
                 unit,
-                start: k * c64,
+                start: base + k * c64,
                 len: cap,
             });
         }
         if rem > 0 {
             pieces.push(Piece {
                 unit,
-                start: full * c64,
+                start: base + full * c64,
                 len: rem,
             });
             short.push(pieces.len() as u32 - 1);
@@ -252,12 +289,12 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
 
     // Rows: long grouped units first (each a block), then ungrouped full rows, then the
     // plain bins; the emission order is shuffled later, so this order only fixes ids.
-    for &(unit, full, seed) in &long {
+    for &(unit, base, full, seed) in &long {
         let first_row = w.rows.len() as u32;
         for k in 0..full {
             w.push_row([Piece {
                 unit,
-                start: k * c64,
+                start: base + k * c64,
                 len: cap,
             }]);
         }

@@ -4,19 +4,19 @@
 //!
 //! The switch never restarts an epoch. A stream switches lazily, at its first take at or
 //! after the stage's step (a domain without rows in between switches when it next has
-//! some, possibly across several stages at once). At the switch:
+//! some, possibly across several stages at once). At the switch, whatever the current
+//! window had not emitted is *carried*: units none of whose rows went out, and the
+//! token ranges of partly emitted ones (the rows of a long document not yet handed
+//! out, the rest of a group in reading order), in window order, are packed again at the
+//! new shape and emitted before the epoch continues with the next window (cut at the new
+//! stage's window size). Only batch grouping's *tails* (spanning groups of earlier
+//! windows) are not carried: their remaining rows are dropped and counted in the
+//! stream's `dropped` tokens, the one truncation a switch makes.
 //!
-//! - units (documents, or whole groups) of the current window none of whose tokens were
-//!   emitted are *carried*: packed again, in window order, at the new shape, and emitted
-//!   before the epoch continues with the next window (at the new stage's window size);
-//! - a unit partly emitted (a long document some of whose rows were handed out, or a
-//!   batch-grouped group still spanning batches) is not continued: the rest of it is
-//!   dropped and counted in the stream's `dropped` tokens (documented truncation);
-//! - batch grouping's tails (earlier windows' spanning blocks) are dropped the same way.
-//!
-//! So no unit repeats within an epoch across the switch, and the carried state is small:
-//! per switch the cursor records which blocks of the window had been emitted
-//! ([`CarryLevel`]), and a resume repacks the window at each shape it went through.
+//! So within an epoch no token repeats across the switch and none is lost besides
+//! `dropped`, and the carried state is small: per switch the cursor records which blocks
+//! of the window had been emitted ([`CarryLevel`]), and a resume repacks the window at
+//! each shape it went through.
 
 use serde::Serialize;
 
@@ -134,13 +134,7 @@ pub(crate) fn origin(s: &StreamState) -> u32 {
 /// Key of the emission order of a window packed at carry depth `depth` (0: the window as
 /// first packed, keyed as it always was) and stage `stage`.
 pub(crate) fn emission_key(d: &DomainData, s: &StreamState, depth: usize, stage: u32) -> u64 {
-    let mut words = vec![
-        s.epoch_seed,
-        d.key,
-        s.epoch as u64,
-        s.window_start,
-        2,
-    ];
+    let mut words = vec![s.epoch_seed, d.key, s.epoch as u64, s.window_start, 2];
     if depth > 0 {
         words.extend([depth as u64, stage as u64]);
     }
@@ -159,53 +153,75 @@ pub(crate) fn pack_current(
     if s.carry.is_empty() {
         return pack_window(d, s, kind, g);
     }
-    let units = carried(d, s, kind, geo).map_or_else(|_| Vec::new(), |c| c.0);
+    let units = carried(d, s, kind, geo).unwrap_or_default();
     pack::pack(&units, g.capacity, g.packing, kind == UnitKind::Group)
 }
 
-/// The units of the current window that no switch touched, in window order, and the
-/// tokens the last switch dropped (the rest of units it found partly emitted). Errors
-/// name a carry level that does not fit its window (a forged or stale cursor).
+/// What the current window still holds after its switches, in window order: `(unit,
+/// first token, tokens)`, a whole unit when none of it was emitted before a switch,
+/// else each range of it no emitted row held. Errors name a carry level that does not
+/// fit its window (a forged or stale cursor).
 pub(crate) fn carried(
     d: &DomainData,
     s: &StreamState,
     kind: UnitKind,
     geo: &[Geometry],
-) -> Result<(Vec<(u64, u64)>, u64), StreamError> {
+) -> Result<Vec<(u64, u64, u64)>, StreamError> {
     let len = d.window_len(geometry(geo, origin(s)));
-    let mut units = window_units(d, s, kind, len);
-    let mut dropped = 0;
+    let mut units: Vec<(u64, u64, u64)> = window_units(d, s, kind, len)
+        .into_iter()
+        .map(|(u, l)| (u, 0, l))
+        .collect();
     for (depth, level) in s.carry.iter().enumerate() {
         let g = geometry(geo, level.stage);
         // Labelled by position: packing depends on lengths and order only, and a unit
         // upsampled twice into one window stays two units.
-        let labelled: Vec<(u64, u64)> = units
+        let labelled: Vec<(u64, u64, u64)> = units
             .iter()
             .enumerate()
-            .map(|(i, &(_, l))| (i as u64, l))
+            .map(|(i, &(_, base, l))| (i as u64, base, l))
             .collect();
         let w = pack::pack(&labelled, g.capacity, g.packing, kind == UnitKind::Group);
-        let emitted = emitted_tokens(&w, level, emission_key(d, s, depth, level.stage))?;
-        dropped = 0;
+        let mut emitted = emitted_ranges(&w, level, emission_key(d, s, depth, level.stage))?;
         let mut kept = Vec::with_capacity(units.len());
-        for (i, &(unit, l)) in units.iter().enumerate() {
-            match emitted[i] {
-                None => kept.push((unit, l)),
-                Some(t) => dropped += l.saturating_sub(t),
+        for (i, &(unit, base, l)) in units.iter().enumerate() {
+            let ranges = emitted.get_mut(i).map(std::mem::take).unwrap_or_default();
+            let mut at = base;
+            for (a, b) in merged(ranges) {
+                if a > at {
+                    kept.push((unit, at, a - at));
+                }
+                at = at.max(b);
+            }
+            if base + l > at {
+                kept.push((unit, at, base + l - at));
             }
         }
         units = kept;
     }
-    Ok((units, dropped))
+    Ok(units)
 }
 
-/// Per position of window `w` packed at `level`'s stage: `None` when none of its tokens
-/// was emitted before the switch, else how many were.
-fn emitted_tokens(
+/// Ranges sorted and overlaps merged (concat rows share a boundary token).
+fn merged(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    r.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(r.len());
+    for (a, b) in r {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Per position of window `w` packed at `level`'s stage: the token ranges of it that
+/// rows emitted before the switch held.
+fn emitted_ranges(
     w: &Window,
     level: &CarryLevel,
     key: u64,
-) -> Result<Vec<Option<u64>>, StreamError> {
+) -> Result<Vec<Vec<(u64, u64)>>, StreamError> {
     let blocks = w.blocks.len();
     if level.next_block as usize > blocks {
         return Err(StreamError::BlockPastWindow {
@@ -220,7 +236,7 @@ fn emitted_tokens(
     }
     super::stream::check_pending(&level.pending, w)?;
     let units = w.pieces.iter().map(|p| p.unit + 1).max().unwrap_or(0) as usize;
-    let mut out: Vec<Option<u64>> = vec![None; units];
+    let mut out: Vec<Vec<(u64, u64)>> = vec![Vec::new(); units];
     let perm = Permutation::new(blocks as u64, key);
     for i in 0..level.next_block as u64 {
         let b = chained(&perm, &level.block_chain, i) as u32;
@@ -231,8 +247,7 @@ fn emitted_tokens(
         };
         for r in block.first_row..block.first_row + rows {
             for p in w.row_pieces(r) {
-                let e = out[p.unit as usize].get_or_insert(0);
-                *e += p.len as u64;
+                out[p.unit as usize].push((p.start, p.start + p.len as u64));
             }
         }
     }

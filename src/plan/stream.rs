@@ -52,7 +52,8 @@ pub struct StreamState {
     /// The stage switches the current window went through, oldest first: its units
     /// not emitted before them are what it still holds.
     pub carry: Vec<CarryLevel>,
-    /// Tokens dropped at stage switches: the rest of units partly emitted before one.
+    /// Tokens dropped at stage switches: rows of batch-grouped groups still spanning
+    /// batches in an earlier window (a tail) when the switch came.
     pub dropped: u64,
 }
 
@@ -348,8 +349,8 @@ impl Stream {
     }
 
     /// Moves the stream to stage `to` (see `plan/stage.rs`): tails' remaining rows are
-    /// dropped, and the current window is recorded as a carry level, so what it had not
-    /// emitted is packed again at the new shape.
+    /// dropped, and the current window is recorded as a carry level, so whatever it had
+    /// not emitted is packed again at the new shape.
     fn switch_stage(&mut self, d: &DomainData, g: &[Geometry], to: u32) {
         let mut dropped = 0u64;
         for t in 0..self.state.tails.len() {
@@ -375,12 +376,8 @@ impl Stream {
         });
         s.stage = to;
         s.next_block = 0;
+        s.dropped += dropped;
         self.cache = None;
-        let kind = self.kind();
-        if let Ok((_, d_window)) = stage::carried(d, &self.state, kind, g) {
-            dropped += d_window;
-        }
-        self.state.dropped += dropped;
     }
 
     fn open_epoch(&mut self, d: &DomainData, step: u64, seed: u64, next_epoch: bool) {
