@@ -142,14 +142,14 @@ fn inputs(doms: &[Dom]) -> Vec<DomainInput> {
 }
 
 /// A two-stage config: `short` tokens x `rows` rows, then from `switch` on `long`
-/// tokens x `long_rows` rows (an anneal mixture at the same step).
+/// tokens x `long_rows` rows (an anneal mixture at the same step), chaining long groups
+/// there when `chain`.
 fn config(
     short: u32,
     rows: u32,
     window: u64,
-    switch: u64,
-    long: u32,
-    long_rows: u32,
+    (switch, long, long_rows): (u64, u32, u32),
+    chain: bool,
 ) -> PlanConfig {
     let point = |step, web: f64| SchedulePoint {
         step,
@@ -177,6 +177,7 @@ fn config(
             seq_len: long,
             global_batch_rows: long_rows,
             best_fit_window: Some(window / 2 + 1),
+            chain_groups: chain,
         }],
     }
 }
@@ -329,7 +330,7 @@ fn pt(cases: u32, seed: u64) -> PtConfig {
 }
 
 proptest! {
-    #![proptest_config(pt(12, 0x57a6e))]
+    #![proptest_config(pt(16, 0x57a6e))]
 
     /// 64 x 64 rows, then 512 x 8 rows, over random corpora, windows and switch steps.
     #[test]
@@ -338,9 +339,10 @@ proptest! {
         window in prop_oneof![Just(8u64), Just(24), Just(64)],
         switch in 3u64..25,
         extra in prop::collection::vec(0u64..60, 3),
+        chain in any::<bool>(),
     ) {
         let doms = corpus(corpus_seed, 60, 64, 512);
-        let plan = build(&doms, config(64, 64, window, switch, 512, 8));
+        let plan = build(&doms, config(64, 64, window, (switch, 512, 8), chain));
         let mut probes = vec![0, switch - 1, switch, switch + 1];
         probes.extend(extra);
         check(&doms, &plan, switch, 60, &probes);
@@ -351,7 +353,7 @@ proptest! {
 #[test]
 fn a_4096_to_32768_switch() {
     let doms = corpus(3, 8, 4096, 32768);
-    let plan = build(&doms, config(4096, 8, 16, 6, 32768, 1));
+    let plan = build(&doms, config(4096, 8, 16, (6, 32768, 1), true));
     assert_eq!(plan.shape_at(5), (4096, 8));
     assert_eq!(plan.shape_at(6), (32768, 1));
     assert_eq!(plan.largest_shape(), (32768, 8));
@@ -366,7 +368,7 @@ fn a_4096_to_32768_switch() {
 #[test]
 fn a_stage_added_later_keeps_blobs_before_it() {
     let doms = corpus(5, 60, 64, 512);
-    let staged = config(64, 64, 24, 12, 512, 8);
+    let staged = config(64, 64, 24, (12, 512, 8), false);
     let mut flat = staged.clone();
     flat.stage.clear();
     let flat = build(&doms, flat);

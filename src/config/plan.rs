@@ -165,6 +165,12 @@ pub struct Stage {
     /// Units per packing window from `step` on (default: the previous stage's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_fit_window: Option<u64>,
+    /// In `sequence`-grouped domains (best_fit), chain units longer than a row: a
+    /// window's long groups run on in one stream of full rows, a book's end and the next
+    /// one's start sharing a row, instead of each ending in a row topped up with short
+    /// units (which pads where a domain has few: books at 131072 tokens).
+    #[serde(default)]
+    pub chain_groups: bool,
 }
 
 /// Most `[[plan.stage]]` entries: a recipe has two or three; each costs a packed window

@@ -252,6 +252,11 @@ impl DomainData {
         self.settings.window.unwrap_or(g.window)
     }
 
+    /// Whether this domain chains its long groups at geometry `g` (sequence grouping).
+    pub(crate) fn chains(&self, g: Geometry) -> bool {
+        g.chain && self.settings.grouping.mode == GroupMode::Sequence
+    }
+
     pub(crate) fn grouping_active(&self, step: u64) -> bool {
         self.settings.grouping.mode != GroupMode::Off && step >= self.settings.grouping.from_step
     }
@@ -264,12 +269,20 @@ pub(crate) struct Geometry {
     pub packing: crate::config::plan::Packing,
     /// The stage's `best_fit_window` (a domain's own `window` overrides it).
     pub window: u64,
+    /// The stage's `chain_groups`.
+    pub chain: bool,
 }
 
 /// Packs the window the state points at, at geometry `g` (whose window size cuts it).
 pub(crate) fn pack_window(d: &DomainData, s: &StreamState, kind: UnitKind, g: Geometry) -> Window {
     let units = window_units(d, s, kind, d.window_len(g));
-    pack::pack(&units, g.capacity, g.packing, kind == UnitKind::Group)
+    pack::pack_with(
+        &units,
+        g.capacity,
+        g.packing,
+        kind == UnitKind::Group,
+        d.chains(g),
+    )
 }
 
 /// `(unit, length)` of the `len` positions from the state's window start, in window

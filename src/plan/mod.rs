@@ -239,6 +239,7 @@ impl Plan {
                 capacity: s.seq_len + 1,
                 packing: cfg.packing,
                 window: s.window,
+                chain: s.chain_groups,
             })
             .collect();
         let geometry = geometries[0];

@@ -127,9 +127,24 @@ impl Span for (u64, u64, u64) {
 /// rows in order, then a row that starts with its remainder and is topped up with short
 /// units. Without it every row is its own block.
 pub fn pack<S: Span>(units: &[S], capacity: u32, packing: Packing, keep_together: bool) -> Window {
+    pack_with(units, capacity, packing, keep_together, false)
+}
+
+/// [`pack`], with `chain` (best_fit, grouping on; a stage's `chain_groups`): units longer
+/// than half a row are concatenated in window order into one block of full rows (one
+/// unit's end and the next one's start share a row), whose last row is topped up with
+/// shorter units. A domain whose units are nearly all that long (books at 131072 tokens)
+/// then pads one row per window instead of about one per unit.
+pub fn pack_with<S: Span>(
+    units: &[S],
+    capacity: u32,
+    packing: Packing,
+    keep_together: bool,
+    chain: bool,
+) -> Window {
     match packing {
         Packing::Concat => concat(units, capacity, keep_together),
-        Packing::BestFit => best_fit(units, capacity, keep_together),
+        Packing::BestFit => best_fit(units, capacity, keep_together, chain && keep_together),
     }
 }
 
@@ -195,7 +210,7 @@ fn concat<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window {
 /// a two-level bitset over free capacities and a FIFO of bins per capacity. Bins are
 /// intrusive lists over one piece array, so packing a window allocates a handful of
 /// vectors, not one per row.
-fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window {
+fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool, chain: bool) -> Window {
     let cap = capacity.max(1);
     let c64 = cap as u64;
     let mut w = Window::default();
@@ -207,6 +222,8 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window 
     let mut long: Vec<(u64, u64, u64, u32)> = Vec::new();
     // Full pieces of ungrouped long units, in window order.
     let mut full_rows: Vec<Piece> = Vec::new();
+    // With `chain`: units over half a row, (unit, first token, tokens), in window order.
+    let mut chained: Vec<(u64, u64, u64)> = Vec::new();
     let mut bins = Bins::default();
 
     for s in units {
@@ -216,6 +233,12 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window 
         }
         let full = len / c64;
         let rem = (len % c64) as u32;
+        // Two units over half a row never share one, so unless short units fill the
+        // gap each pads its row: chained, they fill rows back to back.
+        if chain && len * 2 > c64 {
+            chained.push((unit, base, len));
+            continue;
+        }
         if full > 0 && keep_together {
             let seed = if rem > 0 {
                 pieces.push(Piece {
@@ -247,6 +270,37 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window 
             });
             short.push(pieces.len() as u32 - 1);
         }
+    }
+
+    // The chain: full rows cut from the long units in window order; its partial last
+    // row seeds a bin that short units top up.
+    let mut chain_rows: Vec<Vec<Piece>> = Vec::new();
+    let mut chain_seed = NIL;
+    let mut row: Vec<Piece> = Vec::new();
+    let mut fill = 0u64;
+    for &(unit, base, len) in &chained {
+        let mut off = 0;
+        while off < len {
+            let take = (len - off).min(c64 - fill);
+            row.push(Piece {
+                unit,
+                start: base + off,
+                len: take as u32,
+            });
+            (off, fill) = (off + take, fill + take);
+            if fill == c64 {
+                chain_rows.push(std::mem::take(&mut row));
+                fill = 0;
+            }
+        }
+    }
+    if !row.is_empty() {
+        let b = bins.open(cap, true);
+        for p in row {
+            pieces.push(p);
+            bins.put(b, pieces.len() as u32 - 1, p.len);
+        }
+        chain_seed = b;
     }
 
     // Counting sort of the short pieces, longest first; stable so ties keep window order.
@@ -287,8 +341,20 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window 
         }
     }
 
-    // Rows: long grouped units first (each a block), then ungrouped full rows, then the
-    // plain bins; the emission order is shuffled later, so this order only fixes ids.
+    // Rows: the chain (one block), long grouped units (each a block), then ungrouped
+    // full rows, then the plain bins; the emission order is shuffled later, so this
+    // order only fixes ids.
+    if !chain_rows.is_empty() || chain_seed != NIL {
+        let first_row = w.rows.len() as u32;
+        for r in chain_rows {
+            w.push_row(r);
+        }
+        if chain_seed != NIL {
+            w.push_row(bins.iter(chain_seed).map(|i| pieces[i as usize]));
+        }
+        let rows = w.rows.len() as u32 - first_row;
+        w.blocks.push(Block { first_row, rows });
+    }
     for &(unit, base, full, seed) in &long {
         let first_row = w.rows.len() as u32;
         for k in 0..full {
@@ -507,6 +573,31 @@ mod tests {
             let blocks: u32 = w.blocks.iter().map(|b| b.rows).sum();
             assert_eq!(blocks as usize, w.rows.len());
         }
+    }
+
+    #[test]
+    fn chained_long_units_fill_rows_and_cover() {
+        // Long units only (books at a long context): without the chain each pads its
+        // last row; chained, only the window's last row is partial. Units over half a
+        // row but shorter than one are chained too (two never share a row).
+        let units: Vec<(u64, u64)> = (0..40u64).map(|i| (i, 130 + i * 37 % 300)).collect();
+        let plain = pack(&units, 257, Packing::BestFit, true);
+        let chained = pack_with(&units, 257, Packing::BestFit, true, true);
+        check_cover(&units, &chained, 257);
+        let partial = |w: &Window| w.rows.iter().filter(|r| r.tokens < 257).count();
+        assert!(partial(&plain) > 20, "{}", partial(&plain));
+        assert_eq!(partial(&chained), 1);
+        assert_eq!(chained.blocks.len(), 1);
+        // Short units still top up the chain's last row, then fill bins of their own.
+        let mut mixed = units.clone();
+        mixed.extend((40..400u64).map(|i| (i, 1 + i % 50)));
+        let w = pack_with(&mixed, 257, Packing::BestFit, true, true);
+        check_cover(&mixed, &w, 257);
+        // Ranges with a first token keep it in their pieces.
+        let spans = [(7u64, 100u64, 600u64), (8, 0, 10)];
+        let w = pack_with(&spans, 257, Packing::BestFit, true, true);
+        let first = w.row_pieces(0)[0];
+        assert_eq!((first.unit, first.start, first.len), (7, 100, 257));
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct Shape {
     pub rows: u32,
     /// Units per packing window (domains with their own `window` keep it).
     pub window: u64,
+    /// Whether `sequence`-grouped domains chain their long groups
+    /// ([`crate::plan::pack::pack_with`]).
+    pub chain_groups: bool,
 }
 
 /// The stages of a config, the first being `[plan]`'s own shape from step 0.
@@ -47,6 +50,7 @@ pub(crate) fn shapes(cfg: &PlanConfig) -> Vec<Shape> {
         seq_len: cfg.seq_len,
         rows: cfg.global_batch_rows,
         window: cfg.best_fit_window,
+        chain_groups: false,
     }];
     for st in &cfg.stage {
         let window = st
@@ -57,6 +61,7 @@ pub(crate) fn shapes(cfg: &PlanConfig) -> Vec<Shape> {
             seq_len: st.seq_len,
             rows: st.global_batch_rows,
             window,
+            chain_groups: st.chain_groups,
         });
     }
     out
@@ -115,6 +120,7 @@ impl Plan {
         let mut words = Vec::new();
         for s in self.shapes.iter().skip(1).filter(|s| s.step < end) {
             words.extend([u64::MAX, s.step, s.seq_len as u64, s.rows as u64, s.window]);
+            words.push(s.chain_groups as u64);
         }
         words
     }
@@ -154,7 +160,13 @@ pub(crate) fn pack_current(
         return pack_window(d, s, kind, g);
     }
     let units = carried(d, s, kind, geo).unwrap_or_default();
-    pack::pack(&units, g.capacity, g.packing, kind == UnitKind::Group)
+    pack::pack_with(
+        &units,
+        g.capacity,
+        g.packing,
+        kind == UnitKind::Group,
+        d.chains(g),
+    )
 }
 
 /// What the current window still holds after its switches, in window order: `(unit,
@@ -181,7 +193,13 @@ pub(crate) fn carried(
             .enumerate()
             .map(|(i, &(_, base, l))| (i as u64, base, l))
             .collect();
-        let w = pack::pack(&labelled, g.capacity, g.packing, kind == UnitKind::Group);
+        let w = pack::pack_with(
+            &labelled,
+            g.capacity,
+            g.packing,
+            kind == UnitKind::Group,
+            d.chains(g),
+        );
         let mut emitted = emitted_ranges(&w, level, emission_key(d, s, depth, level.stage))?;
         let mut kept = Vec::with_capacity(units.len());
         for (i, &(unit, base, l)) in units.iter().enumerate() {
