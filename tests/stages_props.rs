@@ -22,7 +22,9 @@ use millrace::config::plan::{
     DomainSettings, GroupMode, Grouping, Packing, PlanConfig, SchedulePoint, Stage,
 };
 use millrace::corpus::GroupRun;
+use millrace::plan::cursor;
 use millrace::plan::mix::TICKS;
+use millrace::plan::report::{explain, Tally};
 use millrace::plan::{
     CursorError, DocSource, DomainInput, GlobalBatch, MemCheckpoints, MemShard, Plan,
 };
@@ -301,6 +303,10 @@ fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]
     let every = 4;
     let store = MemCheckpoints::new();
     let never = AtomicBool::new(false);
+    for blob in &blobs {
+        let data = cursor::decode(blob).expect("a blob decodes");
+        assert_eq!(&cursor::encode(&data), blob, "encode(decode(b)) == b");
+    }
     for &t in probes {
         let t = t.min(steps - 3);
         let mut r = plan.restore(&blobs[t as usize]).expect("the blob resumes");
@@ -392,4 +398,89 @@ fn a_stage_added_later_keeps_blobs_before_it() {
         ),
         "a stage before the blob's step was accepted"
     );
+}
+
+/// `millrace plan`'s figures and `explain` across a switch: each window reports its
+/// stage and shape, padding against that shape's rows, and the tokens dropped at the
+/// switch; explain names the step's stage and pads rows to its seq_len.
+#[test]
+fn reports_name_the_stage_and_its_shape() {
+    let doms = corpus(9, 60, 64, 512);
+    let plan = build(&doms, config(64, 64, 24, (10, 512, 8), false));
+    let mut p = plan.start();
+    let mut tally = Tally::new(&plan);
+    let mut windows = Vec::new();
+    let mut real = [0u64; 2];
+    for step in 0..20u64 {
+        let b = p.next_batch();
+        let stage = usize::from(step >= 10);
+        real[stage] += b.rows.iter().map(|r| r.tokens as u64).sum::<u64>();
+        let e = explain(&plan, &b, 1, 2);
+        assert_eq!(e.stage as usize, stage);
+        assert_eq!((e.seq_len, e.global_batch_rows), plan.shape_at(b.plan_step));
+        for r in &e.rows {
+            assert_eq!(r.tokens + r.padding, e.seq_len + 1);
+        }
+        tally.add(b);
+        if step == 9 || step == 19 {
+            windows.push(tally.finish_at(&p));
+        }
+    }
+    let dropped: u64 = (0..doms.len())
+        .filter_map(|d| p.stream(d))
+        .map(|s| s.dropped)
+        .sum();
+    for (i, w) in windows.iter().enumerate() {
+        assert_eq!(w.stage as usize, i);
+        let shape = plan.stages()[i];
+        assert_eq!((w.seq_len, w.rows_per_batch), (shape.seq_len, shape.rows));
+        let capacity = 10 * shape.rows as u64 * (shape.seq_len as u64 + 1);
+        let padding = 100.0 * (1.0 - real[i] as f64 / capacity as f64);
+        assert!(
+            (w.padding_pct - padding).abs() < 1e-9,
+            "{} vs {padding}",
+            w.padding_pct
+        );
+        let per_row: f64 = w.by_length.iter().map(|b| b.tokens_per_row).sum();
+        let rows = 10.0 * shape.rows as f64;
+        assert!((per_row - real[i] as f64 / rows).abs() < 1e-6);
+        assert!((0.0..=100.0).contains(&w.single_group_rows_pct));
+    }
+    assert_eq!(windows[0].dropped_tokens, 0);
+    assert_eq!(windows[1].dropped_tokens, dropped);
+}
+
+/// config/millrace.example.toml's two-stage recipe (commented out while the daemon
+/// does not serve stages) parses, validates, and is a stage at the anneal's first step.
+#[test]
+fn the_example_two_stage_recipe_parses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/millrace.example.toml");
+    let text = std::fs::read_to_string(path).expect("the example config");
+    let start = text
+        .find("# BEGIN two-stage recipe")
+        .expect("the recipe's start");
+    let end = text
+        .find("# END two-stage recipe")
+        .expect("the recipe's end");
+    let block: String = text[start..end]
+        .lines()
+        .skip(1)
+        .map(|l| l.trim_start_matches('#').trim_start())
+        .map(|l| l.replace("[[plan.stage]]", "[[stage]]") + "\n")
+        .collect();
+    let table: toml::Table =
+        format!("seq_len = 8192\nglobal_batch_rows = 512\nweights = {{ a = 1 }}\n{block}")
+            .parse()
+            .expect("the recipe is TOML");
+    let cfg = PlanConfig::from_table(&table).expect("the recipe is a [plan] table");
+    cfg.validate(&[("a", DomainSettings::default())])
+        .expect("the recipe validates");
+    let st = cfg.stage[0];
+    assert_eq!(
+        (st.step, st.seq_len, st.global_batch_rows),
+        (200000, 65536, 64)
+    );
+    assert!(st.chain_groups);
+    // The anneal ramp of the example's schedule starts at the same step.
+    assert!(text.contains("step = 200000                  # start of a stage-2 anneal ramp"));
 }
