@@ -201,6 +201,9 @@ fn run(plan: &Arc<Plan>, steps: u64) -> (Vec<GlobalBatch>, Vec<Vec<u8>>) {
     (batches, blobs)
 }
 
+/// Token ranges emitted per (shard, document).
+type Ranges = HashMap<(u32, u64), Vec<(u64, u64)>>;
+
 /// Every property above, for one plan with its switch at plan step `switch`. Returns
 /// the tokens dropped at the switch and the domains that carried units across it.
 fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]) -> (u64, usize) {
@@ -237,7 +240,7 @@ fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]
         }
     }
     // Coverage: token ranges per (domain, epoch, shard, doc), never overlapping.
-    let mut seen: HashMap<(u16, u32), HashMap<(u32, u64), Vec<(u64, u64)>>> = HashMap::new();
+    let mut seen: HashMap<(u16, u32), Ranges> = HashMap::new();
     for b in &batches {
         for r in &b.rows {
             let e = seen.entry((r.domain, r.epoch)).or_default();

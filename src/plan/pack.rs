@@ -94,7 +94,7 @@ pub trait Span: Copy {
     /// Its first token in the range.
     fn base(self) -> u64;
     /// Tokens in the range.
-    fn len(self) -> u64;
+    fn tokens(self) -> u64;
 }
 
 impl Span for (u64, u64) {
@@ -104,7 +104,7 @@ impl Span for (u64, u64) {
     fn base(self) -> u64 {
         0
     }
-    fn len(self) -> u64 {
+    fn tokens(self) -> u64 {
         self.1
     }
 }
@@ -116,7 +116,7 @@ impl Span for (u64, u64, u64) {
     fn base(self) -> u64 {
         self.1
     }
-    fn len(self) -> u64 {
+    fn tokens(self) -> u64 {
         self.2
     }
 }
@@ -154,7 +154,7 @@ pub fn pack_with<S: Span>(
 fn concat<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window {
     let mut w = Window::default();
     let step = (capacity as u64).saturating_sub(1).max(1);
-    let total: u64 = units.iter().map(|s| s.len()).sum();
+    let total: u64 = units.iter().map(|s| s.tokens()).sum();
     if total == 0 {
         return w;
     }
@@ -166,14 +166,14 @@ fn concat<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window {
     loop {
         let row_end = (row_start + capacity as u64).min(total);
         // Advance ui to the unit containing row_start.
-        while ui < units.len() && unit_off + units[ui].len() <= row_start {
-            unit_off += units[ui].len();
+        while ui < units.len() && unit_off + units[ui].tokens() <= row_start {
+            unit_off += units[ui].tokens();
             ui += 1;
         }
         row_buf.clear();
         let (mut j, mut off) = (ui, unit_off);
         while j < units.len() && off < row_end {
-            let (unit, base, len) = (units[j].unit(), units[j].base(), units[j].len());
+            let (unit, base, len) = (units[j].unit(), units[j].base(), units[j].tokens());
             let a = row_start.max(off);
             let b = row_end.min(off + len);
             if b > a {
@@ -227,7 +227,7 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool, chain: boo
     let mut bins = Bins::default();
 
     for s in units {
-        let (unit, base, len) = (s.unit(), s.base(), s.len());
+        let (unit, base, len) = (s.unit(), s.base(), s.tokens());
         if len == 0 {
             continue;
         }

@@ -169,6 +169,9 @@ pub enum StreamError {
     },
 }
 
+/// Names a packed current window: (window start, stage, carry depth).
+type WindowKey = (u64, u32, usize);
+
 /// Most blocks a batch-grouped domain passes over while looking for ones that fit.
 pub const MAX_DEFERRED: usize = 16;
 
@@ -176,7 +179,7 @@ pub const MAX_DEFERRED: usize = 16;
 pub(crate) struct Stream {
     pub(crate) state: StreamState,
     /// The current window, keyed by (window start, stage, carry depth).
-    cache: Option<((u64, u32, usize), Arc<Window>, Permutation)>,
+    cache: Option<(WindowKey, Arc<Window>, Permutation)>,
     /// Packed tail windows, by (epoch, window start).
     tail_cache: Vec<((u32, u64), Arc<Window>)>,
 }
@@ -313,7 +316,7 @@ impl Stream {
         (self.state.window_start + len).min(n)
     }
 
-    fn cache_key(&self) -> (u64, u32, usize) {
+    fn cache_key(&self) -> WindowKey {
         let s = &self.state;
         (s.window_start, s.stage, s.carry.len())
     }
