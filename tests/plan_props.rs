@@ -40,8 +40,8 @@ use millrace::plan::mix::{MixState, Mixer, Schedule, TICKS};
 use millrace::plan::permute::{chained, Permutation, Reshuffle};
 use millrace::plan::report::Tally;
 use millrace::plan::{
-    CheckpointKey, Checkpoints, CursorError, DocSource, DomainInput, GlobalBatch, MemCheckpoints,
-    MemShard, Plan, PlanError, Row, StreamState, Tail, MAX_TRIES,
+    CarryLevel, CheckpointKey, Checkpoints, CursorError, DocSource, DomainInput, GlobalBatch,
+    MemCheckpoints, MemShard, Plan, PlanError, Row, StreamState, Tail, MAX_TRIES,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed, TestRunner};
@@ -2807,8 +2807,27 @@ fn stream_state_strategy() -> impl Strategy<Value = StreamState> {
                 }),
             0..3,
         ),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            prop::collection::vec(
+                (
+                    any::<u32>(),
+                    any::<u32>(),
+                    chain.clone(),
+                    prop::collection::vec((any::<u32>(), any::<u32>()), 0..3),
+                )
+                    .prop_map(|l| CarryLevel {
+                        stage: l.0,
+                        next_block: l.1,
+                        block_chain: l.2,
+                        pending: l.3,
+                    }),
+                0..3,
+            ),
+        ),
     )
-        .prop_map(|(a, b, c, tails)| StreamState {
+        .prop_map(|(a, b, c, tails, stage)| StreamState {
             epoch: a.0,
             grouped: a.1,
             epoch_seed: a.2,
@@ -2823,7 +2842,9 @@ fn stream_state_strategy() -> impl Strategy<Value = StreamState> {
             tokens: c.1,
             split_groups: c.2,
             tails,
-            ..StreamState::default()
+            stage: stage.0,
+            dropped: stage.1,
+            carry: stage.2,
         })
 }
 
@@ -2878,6 +2899,10 @@ proptest! {
         prop_assert_eq!(back.journal.len(), x.journal.len());
         prop_assert_eq!(back.superseded, superseded);
         prop_assert_eq!(back.fingerprint, fingerprint);
+        if !legacy {
+            // Layout 6 keeps every field, stage switches' carry levels included.
+            prop_assert_eq!(&back.streams, &x.streams);
+        }
         // Layout 6 for the binary fingerprint; a legacy one writes the layout its builds
         // wrote (3 while nothing was superseded, else 4).
         let layout = match (legacy, superseded > 0) {
