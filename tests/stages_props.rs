@@ -550,3 +550,59 @@ fn forged_stage_state_is_refused() {
     c.streams[d].carry[0].stage = 1;
     assert!(plan.restore(&cursor::encode(&c)).is_err());
 }
+
+/// `[plan]` text with HEAD's shape, parsed.
+fn parse_plan(text: &str) -> Result<PlanConfig, millrace::config::plan::SettingError> {
+    PlanConfig::from_table(&text.parse::<toml::Table>().expect("TOML"))
+}
+
+const HEAD: &str = "seq_len = 8\nglobal_batch_rows = 2\n";
+
+/// `[[plan.stage]]` mistakes name their field; the daemon's check refuses stages with
+/// a message naming plan.stage (plan and explain accept them).
+#[test]
+fn stages_are_checked_and_refused_for_serving() {
+    let two = format!(
+        "{HEAD}weights = {{ a = 1 }}\n[[stage]]\nstep = 100\nseq_len = 64\n\
+         global_batch_rows = 1\n"
+    );
+    let p = parse_plan(&two).unwrap();
+    assert_eq!(p.stage.len(), 1);
+    assert!(p.validate(&[("a", DomainSettings::default())]).is_ok());
+    let e = p.check_servable().unwrap_err();
+    assert_eq!(e.field, "plan.stage");
+    assert!(e.what.contains("not yet served by the daemon"), "{e}");
+    assert!(parse_plan(&format!("{HEAD}weights = {{ a = 1 }}\n"))
+        .unwrap()
+        .check_servable()
+        .is_ok());
+    for (text, field) in [
+        (
+            "step = 0\nseq_len = 8\nglobal_batch_rows = 2",
+            "plan.stage[0].step",
+        ),
+        (
+            "step = 5\nseq_len = 0\nglobal_batch_rows = 2",
+            "plan.stage[0].seq_len",
+        ),
+        (
+            "step = 5\nseq_len = 8\nglobal_batch_rows = 0",
+            "plan.stage[0].global_batch_rows",
+        ),
+        (
+            "step = 5\nseq_len = 8\nglobal_batch_rows = 2\nbest_fit_window = 0",
+            "plan.stage[0].best_fit_window",
+        ),
+    ] {
+        let p = parse_plan(&format!("{HEAD}weights = {{ a = 1 }}\n[[stage]]\n{text}\n")).unwrap();
+        let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
+        assert_eq!(e.field, field, "{text}");
+    }
+    let p = parse_plan(&format!(
+        "{two}[[stage]]\nstep = 100\nseq_len = 8\nglobal_batch_rows = 2\n"
+    ))
+    .unwrap();
+    let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
+    assert_eq!(e.field, "plan.stage[1].step");
+    assert!(e.what.contains("steps must increase"), "{e}");
+}

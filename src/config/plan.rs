@@ -683,53 +683,6 @@ mod tests {
     }
 
     #[test]
-    fn stages_are_checked_and_refused_for_serving() {
-        let two = format!(
-            "{HEAD}weights = {{ a = 1 }}\n[[stage]]\nstep = 100\nseq_len = 64\n\
-             global_batch_rows = 1\n"
-        );
-        let p = plan(&two).unwrap();
-        assert_eq!(p.stage.len(), 1);
-        assert!(p.validate(&[("a", DomainSettings::default())]).is_ok());
-        let e = p.check_servable().unwrap_err();
-        assert_eq!(e.field, "plan.stage");
-        assert!(e.what.contains("not yet served by the daemon"), "{e}");
-        assert!(plan(&format!("{HEAD}weights = {{ a = 1 }}\n"))
-            .unwrap()
-            .check_servable()
-            .is_ok());
-        for (text, field) in [
-            (
-                "step = 0\nseq_len = 8\nglobal_batch_rows = 2",
-                "plan.stage[0].step",
-            ),
-            (
-                "step = 5\nseq_len = 0\nglobal_batch_rows = 2",
-                "plan.stage[0].seq_len",
-            ),
-            (
-                "step = 5\nseq_len = 8\nglobal_batch_rows = 0",
-                "plan.stage[0].global_batch_rows",
-            ),
-            (
-                "step = 5\nseq_len = 8\nglobal_batch_rows = 2\nbest_fit_window = 0",
-                "plan.stage[0].best_fit_window",
-            ),
-        ] {
-            let p = plan(&format!("{HEAD}weights = {{ a = 1 }}\n[[stage]]\n{text}\n")).unwrap();
-            let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
-            assert_eq!(e.field, field, "{text}");
-        }
-        let p = plan(&format!(
-            "{two}[[stage]]\nstep = 100\nseq_len = 8\nglobal_batch_rows = 2\n"
-        ))
-        .unwrap();
-        let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
-        assert_eq!(e.field, "plan.stage[1].step");
-        assert!(e.what.contains("steps must increase"), "{e}");
-    }
-
-    #[test]
     fn unweighted_domains_are_warned_about() {
         let p = plan(&format!("{HEAD}weights = {{ a = 1, c = 0 }}\n")).unwrap();
         let w = p.unweighted_warnings(&["a", "b", "c"]);

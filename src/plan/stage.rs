@@ -23,7 +23,7 @@ use serde::Serialize;
 use super::domain::{pack_window, window_units, DomainData, Geometry, UnitKind};
 use super::pack::{self, Window};
 use super::permute::{chained, derive_key, Permutation, Reshuffle};
-use super::stream::{StreamError, StreamState, MAX_DEFERRED};
+use super::stream::{Stream, StreamError, StreamState, MAX_DEFERRED};
 use super::Plan;
 use crate::config::plan::PlanConfig;
 
@@ -292,4 +292,38 @@ pub(crate) fn check(
         prev = Some(level);
     }
     carried(d, s, kind, geo).map(|_| ())
+}
+
+impl Stream {
+    /// Moves the stream to stage `to` (see `plan/stage.rs`): tails' remaining rows are
+    /// dropped, and the current window is recorded as a carry level, so whatever it had
+    /// not emitted is packed again at the new shape.
+    pub(super) fn switch_stage(&mut self, d: &DomainData, g: &[Geometry], to: u32) {
+        let mut dropped = 0u64;
+        for t in 0..self.state.tails.len() {
+            let w = self.tail_window(d, g, t);
+            for &(b, done) in &self.state.tails[t].pending {
+                if let Some(blk) = w.blocks.get(b as usize) {
+                    let rows = blk.first_row + done..blk.first_row + blk.rows;
+                    dropped += rows
+                        .filter_map(|r| w.rows.get(r as usize))
+                        .map(|r| r.tokens as u64)
+                        .sum::<u64>();
+                }
+            }
+        }
+        self.state.tails.clear();
+        self.tail_cache.clear();
+        let s = &mut self.state;
+        s.carry.push(CarryLevel {
+            stage: s.stage,
+            next_block: s.next_block,
+            block_chain: std::mem::take(&mut s.block_chain),
+            pending: std::mem::take(&mut s.pending),
+        });
+        s.stage = to;
+        s.next_block = 0;
+        s.dropped += dropped;
+        self.cache = None;
+    }
 }

@@ -179,9 +179,9 @@ pub const MAX_DEFERRED: usize = 16;
 pub(crate) struct Stream {
     pub(crate) state: StreamState,
     /// The current window, keyed by (window start, stage, carry depth).
-    cache: Option<(WindowKey, Arc<Window>, Permutation)>,
+    pub(super) cache: Option<(WindowKey, Arc<Window>, Permutation)>,
     /// Packed tail windows, by (epoch, window start).
-    tail_cache: Vec<((u32, u64), Arc<Window>)>,
+    pub(super) tail_cache: Vec<((u32, u64), Arc<Window>)>,
 }
 
 impl Stream {
@@ -253,7 +253,7 @@ impl Stream {
     }
 
     /// Packs (or fetches) the window of tail `t`.
-    fn tail_window(&mut self, d: &DomainData, g: &[Geometry], t: usize) -> Arc<Window> {
+    pub(super) fn tail_window(&mut self, d: &DomainData, g: &[Geometry], t: usize) -> Arc<Window> {
         let tail = &self.state.tails[t];
         let key = (tail.epoch, tail.window_start);
         if let Some((_, w)) = self.tail_cache.iter().find(|(k, _)| *k == key) {
@@ -349,38 +349,6 @@ impl Stream {
         );
         self.cache = Some((key, w.clone(), p.clone()));
         (w, p)
-    }
-
-    /// Moves the stream to stage `to` (see `plan/stage.rs`): tails' remaining rows are
-    /// dropped, and the current window is recorded as a carry level, so whatever it had
-    /// not emitted is packed again at the new shape.
-    fn switch_stage(&mut self, d: &DomainData, g: &[Geometry], to: u32) {
-        let mut dropped = 0u64;
-        for t in 0..self.state.tails.len() {
-            let w = self.tail_window(d, g, t);
-            for &(b, done) in &self.state.tails[t].pending {
-                if let Some(blk) = w.blocks.get(b as usize) {
-                    let rows = blk.first_row + done..blk.first_row + blk.rows;
-                    dropped += rows
-                        .filter_map(|r| w.rows.get(r as usize))
-                        .map(|r| r.tokens as u64)
-                        .sum::<u64>();
-                }
-            }
-        }
-        self.state.tails.clear();
-        self.tail_cache.clear();
-        let s = &mut self.state;
-        s.carry.push(CarryLevel {
-            stage: s.stage,
-            next_block: s.next_block,
-            block_chain: std::mem::take(&mut s.block_chain),
-            pending: std::mem::take(&mut s.pending),
-        });
-        s.stage = to;
-        s.next_block = 0;
-        s.dropped += dropped;
-        self.cache = None;
     }
 
     fn open_epoch(&mut self, d: &DomainData, step: u64, seed: u64, next_epoch: bool) {
