@@ -14,13 +14,11 @@
 //! - A stage added by a config edit at or after a blob's step keeps the blob; one
 //!   before it is refused as a rewrite of its past.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use millrace::config::plan::{
-    DomainSettings, GroupMode, Grouping, Packing, PlanConfig, SchedulePoint, Stage,
-};
+use millrace::config::plan::{DomainSettings, GroupMode, Grouping, Packing, PlanConfig};
 use millrace::corpus::GroupRun;
 use millrace::plan::cursor;
 use millrace::plan::mix::TICKS;
@@ -172,35 +170,25 @@ fn staged(
     chain: bool,
     packing: Packing,
 ) -> PlanConfig {
-    let point = |step, web: f64| SchedulePoint {
-        step,
-        weights: BTreeMap::from([
-            ("web".to_string(), web),
-            ("code".to_string(), 0.3),
-            ("books".to_string(), 0.2),
-        ]),
+    let packing = match packing {
+        Packing::Concat => "concat",
+        Packing::BestFit => "best_fit",
     };
-    PlanConfig {
-        seed: 11,
-        seq_len: short,
-        global_batch_rows: rows,
-        packing,
-        best_fit_window: window,
-        eod_token: None,
-        pad_token: 0,
-        vocab_size: None,
-        weights: None,
-        schedule: vec![point(0, 0.5), point(switch - 1, 0.5), point(switch, 0.2)],
-        skip: Vec::new(),
-        reseed: Vec::new(),
-        stage: vec![Stage {
-            step: switch,
-            seq_len: long,
-            global_batch_rows: long_rows,
-            best_fit_window: Some(window / 2 + 1),
-            chain_groups: chain,
-        }],
-    }
+    let point = |step, web: f64| {
+        format!(
+            "[[schedule]]\nstep = {step}\nweights = {{ web = {web}, code = 0.3, books = 0.2 }}\n"
+        )
+    };
+    let text = format!(
+        "seed = 11\nseq_len = {short}\nglobal_batch_rows = {rows}\npacking = \"{packing}\"\n\
+         best_fit_window = {window}\n{}{}{}[[stage]]\nstep = {switch}\nseq_len = {long}\n\
+         global_batch_rows = {long_rows}\nbest_fit_window = {}\nchain_groups = {chain}\n",
+        point(0, 0.5),
+        point(switch - 1, 0.5),
+        point(switch, 0.2),
+        window / 2 + 1,
+    );
+    parse_plan(&text).expect("a two-stage [plan]")
 }
 
 fn build(doms: &[Dom], cfg: PlanConfig) -> Arc<Plan> {

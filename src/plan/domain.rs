@@ -275,14 +275,19 @@ pub(crate) struct Geometry {
 
 /// Packs the window the state points at, at geometry `g` (whose window size cuts it).
 pub(crate) fn pack_window(d: &DomainData, s: &StreamState, kind: UnitKind, g: Geometry) -> Window {
-    let units = window_units(d, s, kind, d.window_len(g));
-    pack::pack_with(
-        &units,
-        g.capacity,
-        g.packing,
-        kind == UnitKind::Group,
-        d.chains(g),
-    )
+    pack_units(d, &window_units(d, s, kind, d.window_len(g)), kind, g)
+}
+
+/// Packs `units` of domain `d` at geometry `g`: grouped units kept together, chained
+/// when the stage asks and the domain's grouping is `sequence`.
+pub(crate) fn pack_units<S: pack::Span>(
+    d: &DomainData,
+    units: &[S],
+    kind: UnitKind,
+    g: Geometry,
+) -> Window {
+    let keep_together = kind == UnitKind::Group;
+    pack::pack_with(units, g.capacity, g.packing, keep_together, d.chains(g))
 }
 
 /// `(unit, length)` of the `len` positions from the state's window start, in window

@@ -234,9 +234,14 @@ mod tests {
             format!("seq_len = 15\nglobal_batch_rows = 4\nseed = {seed}\nweights = {weights}");
         let table: toml::Table = toml::from_str(&text).unwrap();
         let cfg = PlanConfig::from_table(&table).unwrap();
-        let inputs: Vec<DomainInput> = ["a", "b"]
+        Arc::new(Plan::new(&two_domains(DomainSettings::default()), cfg, 1).unwrap())
+    }
+
+    /// Domains a and b over the same small shard; b with `b` settings.
+    fn two_domains(b: DomainSettings) -> Vec<DomainInput> {
+        [("a", DomainSettings::default()), ("b", b)]
             .iter()
-            .map(|n| DomainInput {
+            .map(|(n, settings)| DomainInput {
                 name: n.to_string(),
                 shards: vec![(
                     format!("{n}/0"),
@@ -245,10 +250,9 @@ mod tests {
                         groups: None,
                     }) as Arc<dyn DocSource>,
                 )],
-                settings: DomainSettings::default(),
+                settings: *settings,
             })
-            .collect();
-        Arc::new(Plan::new(&inputs, cfg, 1).unwrap())
+            .collect()
     }
 
     fn plan() -> Arc<Plan> {
@@ -461,21 +465,7 @@ mod tests {
             bursty: Some(crate::config::plan::Bursty { period: 4 }),
             ..DomainSettings::default()
         };
-        let inputs: Vec<DomainInput> = [("a", DomainSettings::default()), ("b", bursty)]
-            .iter()
-            .map(|(n, settings)| DomainInput {
-                name: n.to_string(),
-                shards: vec![(
-                    format!("{n}/0"),
-                    Arc::new(MemShard {
-                        lengths: (1..300u32).map(|i| i * 7 % 23 + 1).collect(),
-                        groups: None,
-                    }) as Arc<dyn DocSource>,
-                )],
-                settings: *settings,
-            })
-            .collect();
-        Arc::new(Plan::new(&inputs, cfg, 1).unwrap())
+        Arc::new(Plan::new(&two_domains(bursty), cfg, 1).unwrap())
     }
 
     /// A blob at plan step 6 sits inside the bursty cycle that began at step 4, whose

@@ -20,8 +20,8 @@
 
 use serde::Serialize;
 
-use super::domain::{pack_window, window_units, DomainData, Geometry, UnitKind};
-use super::pack::{self, Window};
+use super::domain::{pack_units, pack_window, window_units, DomainData, Geometry, UnitKind};
+use super::pack::Window;
 use super::permute::{chained, derive_key, Permutation, Reshuffle};
 use super::stream::{Stream, StreamError, StreamState, MAX_DEFERRED};
 use super::Plan;
@@ -159,14 +159,7 @@ pub(crate) fn pack_current(
     if s.carry.is_empty() {
         return pack_window(d, s, kind, g);
     }
-    let units = carried(d, s, kind, geo).unwrap_or_default();
-    pack::pack_with(
-        &units,
-        g.capacity,
-        g.packing,
-        kind == UnitKind::Group,
-        d.chains(g),
-    )
+    pack_units(d, &carried(d, s, kind, geo).unwrap_or_default(), kind, g)
 }
 
 /// What the current window still holds after its switches, in window order: `(unit,
@@ -193,13 +186,7 @@ pub(crate) fn carried(
             .enumerate()
             .map(|(i, &(_, base, l))| (i as u64, base, l))
             .collect();
-        let w = pack::pack_with(
-            &labelled,
-            g.capacity,
-            g.packing,
-            kind == UnitKind::Group,
-            d.chains(g),
-        );
+        let w = pack_units(d, &labelled, kind, g);
         let mut emitted = emitted_ranges(&w, level, emission_key(d, s, depth, level.stage))?;
         let mut kept = Vec::with_capacity(units.len());
         for (i, &(unit, base, l)) in units.iter().enumerate() {
