@@ -302,14 +302,18 @@ impl Stream {
         self.state.tails.clear();
         self.tail_cache.clear();
         let s = &mut self.state;
-        s.carry.push(CarryLevel {
-            stage: s.stage,
-            next_block: s.next_block,
-            block_chain: std::mem::take(&mut s.block_chain),
-            pending: std::mem::take(&mut s.pending),
-        });
+        if s.next_block > 0 || !s.pending.is_empty() || !s.carry.is_empty() {
+            s.carry.push(CarryLevel {
+                stage: s.stage,
+                next_block: s.next_block,
+                block_chain: std::mem::take(&mut s.block_chain),
+                pending: std::mem::take(&mut s.pending),
+            });
+            s.next_block = 0;
+        }
+        // Else nothing of the window went out: it is simply cut and packed at the new
+        // stage, as if it had opened there.
         s.stage = to;
-        s.next_block = 0;
         s.dropped += dropped;
         self.cache = None;
     }
