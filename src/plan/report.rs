@@ -443,16 +443,16 @@ pub fn render_explain(e: &Explanation) -> String {
     let counts: Vec<String> = e.counts.iter().map(|(n, c)| format!("{n} {c}")).collect();
     let _ = writeln!(
         s,
-        "step {} (plan step {}, stage {}: {} rows of {} tokens), dp rank {} of {}; global \
-         batch rows: {}",
+        "step {} (plan step {}), dp rank {} of {}; global batch rows: {}; stage {}: {} rows \
+         of {} tokens",
         e.step,
         e.plan_step,
-        e.stage,
-        e.global_batch_rows,
-        e.seq_len,
         e.dp_rank,
         e.dp_size,
-        counts.join(", ")
+        counts.join(", "),
+        e.stage,
+        e.global_batch_rows,
+        e.seq_len
     );
     for r in &e.rows {
         let _ = writeln!(
