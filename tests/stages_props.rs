@@ -10,7 +10,9 @@
 //!   row of target, in rows of the stage in force, at every step.
 //! - A blob taken at any step, either side of the switch (the step before it
 //!   included), resumes equal to the uninterrupted stream; seek (plain and from
-//!   checkpoints) equals the replay.
+//!   checkpoints) equals the replay. Cases add concat packing, a bursty domain, a
+//!   reseed next to the switch and a third stage soon after it (a window meeting two
+//!   switches).
 //! - A stage added by a config edit at or after a blob's step keeps the blob; one
 //!   before it is refused as a rewrite of its past.
 
@@ -18,7 +20,9 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use millrace::config::plan::{DomainSettings, GroupMode, Grouping, Packing, PlanConfig};
+use millrace::config::plan::{
+    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, Reseed, Stage,
+};
 use millrace::corpus::GroupRun;
 use millrace::plan::cursor;
 use millrace::plan::mix::TICKS;
@@ -221,7 +225,12 @@ fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]
     let mut target = vec![0i64; n];
     for b in &batches {
         let (seq, g) = plan.shape_at(b.plan_step);
-        let stage = plan.stages()[usize::from(b.plan_step >= switch)];
+        let stage = plan
+            .stages()
+            .iter()
+            .rev()
+            .find(|s| s.step <= b.plan_step)
+            .unwrap();
         assert_eq!((seq, g), (stage.seq_len, stage.rows), "step {}", b.step);
         assert_eq!(b.rows.len(), g as usize, "step {}", b.step);
         for r in &b.rows {
@@ -235,6 +244,9 @@ fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]
             assert_eq!(sum, r.tokens);
         }
         for (d, t) in plan.mixer().nominal(b.plan_step).iter().enumerate() {
+            if doms.iter().any(|d| d.settings.bursty.is_some()) {
+                break; // a burst takes a cycle's rows at once, the others make room
+            }
             target[d] += t;
             rows[d] += b.counts[d] as i64;
             let off = (target[d] - rows[d] * TICKS).abs();
@@ -271,7 +283,10 @@ fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]
             }
         }
     }
-    let at_switch = plan.seek(plan.trainer_step_of(switch));
+    let at_switches: Vec<_> = plan.stages()[1..]
+        .iter()
+        .map(|s| plan.seek(plan.trainer_step_of(s.step)))
+        .collect();
     for (d, dom) in doms.iter().enumerate() {
         let state = end.stream(d).expect("a stream per domain");
         let open = state
@@ -281,8 +296,11 @@ fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]
             .chain([state.epoch])
             .min()
             .unwrap_or(0);
-        let s = at_switch.stream(d).expect("a stream per domain");
-        let switched: Vec<u32> = s.tails.iter().map(|t| t.epoch).chain([s.epoch]).collect();
+        let switched: Vec<u32> = at_switches
+            .iter()
+            .filter_map(|p| p.stream(d))
+            .flat_map(|s| s.tails.iter().map(|t| t.epoch).chain([s.epoch]))
+            .collect();
         let mut missing = 0u64;
         for epoch in 0..open {
             let mut emitted = 0u64;
@@ -370,13 +388,35 @@ proptest! {
         extra in prop::collection::vec(0u64..60, 3),
         chain in any::<bool>(),
         concat in prop::bool::weighted(0.25),
+        bursty in prop::bool::weighted(0.3),
+        reseed in prop::option::weighted(0.4, -2i64..=2),
+        third in prop::option::weighted(0.4, 1u64..8),
     ) {
         let mut doms = corpus(corpus_seed, 60, 64, 512);
         let packing = if concat { Packing::Concat } else { Packing::BestFit };
         if concat {
             doms[2].settings.grouping.mode = GroupMode::Sequence; // batch needs best_fit
         }
-        let plan = build(&doms, staged(64, 64, window, (switch, 512, 8), chain, packing));
+        if bursty {
+            doms[0].settings.bursty = Some(Bursty { period: 3 });
+        }
+        let mut cfg = staged(64, 64, window, (switch, 512, 8), chain, packing);
+        if let Some(r) = reseed {
+            // A reseed just before, at or after the switch reshuffles what is carried.
+            let step = (switch as i64 + r).max(1) as u64;
+            cfg.reseed.push(Reseed { step, seed: 99 });
+        }
+        if let Some(k) = third {
+            // Back to shorter rows soon after: a window can meet two switches.
+            cfg.stage.push(Stage {
+                step: switch + k,
+                seq_len: 128,
+                global_batch_rows: 32,
+                best_fit_window: None,
+                chain_groups: !chain,
+            });
+        }
+        let plan = build(&doms, cfg);
         let mut probes = vec![0, switch - 1, switch, switch + 1];
         probes.extend(extra);
         check(&doms, &plan, switch, 60, &probes);
