@@ -72,6 +72,7 @@ fn config(packing: Packing, seq_len: u32) -> PlanConfig {
         schedule: Vec::new(),
         skip: Vec::new(),
         reseed: Vec::new(),
+        stage: Vec::new(),
     }
 }
 

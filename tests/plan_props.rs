@@ -40,8 +40,8 @@ use millrace::plan::mix::{MixState, Mixer, Schedule, TICKS};
 use millrace::plan::permute::{chained, Permutation, Reshuffle};
 use millrace::plan::report::Tally;
 use millrace::plan::{
-    CheckpointKey, Checkpoints, CursorError, DocSource, DomainInput, GlobalBatch, MemCheckpoints,
-    MemShard, Plan, PlanError, Row, StreamState, Tail, MAX_TRIES,
+    CarryLevel, CheckpointKey, Checkpoints, CursorError, DocSource, DomainInput, GlobalBatch,
+    MemCheckpoints, MemShard, Plan, PlanError, Row, StreamState, Tail, MAX_TRIES,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed, TestRunner};
@@ -190,6 +190,7 @@ fn base_config(seq_len: u32, g: u32, packing: Packing, window: u64) -> PlanConfi
         schedule: Vec::new(),
         skip: Vec::new(),
         reseed: Vec::new(),
+        stage: Vec::new(),
     }
 }
 
@@ -1889,6 +1890,7 @@ fn mixture_walk(
         fill: fill.to_vec(),
         rows: g,
         bursty: vec![None; n],
+        stages: Vec::new(),
     };
     let mut st = MixState::new(n);
     let mut nominal = vec![0i64; n];
@@ -2119,6 +2121,7 @@ fn bursty_walk(
         fill: vec![1.0; n],
         rows: g,
         bursty: b,
+        stages: Vec::new(),
     };
     let mut st = MixState::new(n);
     let mut counts = Vec::new();
@@ -2690,6 +2693,9 @@ fn cursor_layout_2_blobs_still_resume() {
             continue;
         }
         data.fingerprint = Fingerprint::LegacyJson(plan.legacy_fingerprint());
+        // Layouts before 6 carry the history up to their step only.
+        data.lookahead = false;
+        data.history = plan.history(data.plan_step);
         let old = as_layout_2(&cursor::encode(&data));
         assert_eq!(cursor::decode(&old).unwrap(), data);
         let mut q = plan.restore(&old).expect("a layout 2 blob resumes");
@@ -2797,11 +2803,31 @@ fn stream_state_strategy() -> impl Strategy<Value = StreamState> {
                     pos_chain: t.3,
                     window_start: t.4,
                     pending: t.5,
+                    carry: Vec::new(),
                 }),
             0..3,
         ),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            prop::collection::vec(
+                (
+                    any::<u32>(),
+                    any::<u32>(),
+                    chain.clone(),
+                    prop::collection::vec((any::<u32>(), any::<u32>()), 0..3),
+                )
+                    .prop_map(|l| CarryLevel {
+                        stage: l.0,
+                        next_block: l.1,
+                        block_chain: l.2,
+                        pending: l.3,
+                    }),
+                0..3,
+            ),
+        ),
     )
-        .prop_map(|(a, b, c, tails)| StreamState {
+        .prop_map(|(a, b, c, tails, stage)| StreamState {
             epoch: a.0,
             grouped: a.1,
             epoch_seed: a.2,
@@ -2816,6 +2842,9 @@ fn stream_state_strategy() -> impl Strategy<Value = StreamState> {
             tokens: c.1,
             split_groups: c.2,
             tails,
+            stage: stage.0,
+            dropped: stage.1,
+            carry: stage.2,
         })
 }
 
@@ -2856,6 +2885,7 @@ proptest! {
         let x = CursorData {
             fingerprint,
             history,
+            lookahead: !legacy,
             step,
             plan_step,
             mix,
@@ -2869,10 +2899,14 @@ proptest! {
         prop_assert_eq!(back.journal.len(), x.journal.len());
         prop_assert_eq!(back.superseded, superseded);
         prop_assert_eq!(back.fingerprint, fingerprint);
-        // Layout 5 for the binary fingerprint; a legacy one writes the layout its builds
+        if !legacy {
+            // Layout 6 keeps every field, stage switches' carry levels included.
+            prop_assert_eq!(&back.streams, &x.streams);
+        }
+        // Layout 6 for the binary fingerprint; a legacy one writes the layout its builds
         // wrote (3 while nothing was superseded, else 4).
         let layout = match (legacy, superseded > 0) {
-            (false, _) => 5,
+            (false, _) => 6,
             (true, true) => 4,
             (true, false) => 3,
         };
@@ -2951,6 +2985,7 @@ fn cursor_forged_state_never_panics() {
                     pos_chain: Vec::new(),
                     window_start: big(&mut rng),
                     pending: vec![(big(&mut rng) as u32, big(&mut rng) as u32)],
+                    carry: Vec::new(),
                 }),
                 12 => {
                     let t = Tail {

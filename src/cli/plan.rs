@@ -77,15 +77,21 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
     let mut tally = Tally::new(&plan);
     let mut windows = Vec::new();
     let mut first_ms = 0.0;
+    let mut in_window = 0u64;
     for i in 0..args.steps {
         let t2 = std::time::Instant::now();
         let batch = planner.next_batch();
         if i == 0 {
             first_ms = t2.elapsed().as_secs_f64() * 1e3;
         }
+        let stage = plan.stage_at(batch.plan_step);
         tally.add(batch);
-        if (i + 1) % window == 0 || i + 1 == args.steps {
-            windows.push(tally.finish(&planner.epochs()));
+        in_window += 1;
+        // Windows also end at a stage switch, so each reports one shape.
+        let next_stage = plan.stage_at(plan.plan_step_of(planner.step()));
+        if in_window == window || i + 1 == args.steps || next_stage != stage {
+            windows.push(tally.finish_at(&planner));
+            in_window = 0;
         }
     }
     refuse_poisoned(&loaded.shards)?;
@@ -98,6 +104,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             "fingerprint": format!("{:032x}", plan.fingerprint()),
             "domains": names,
             "fill": plan.fill(),
+            "stages": plan.stages(),
             "eod": eod.as_ref().map(|(_, r)| r),
             "windows": windows,
             "timings_ms": { "load": load_ms, "seek": seek_ms, "first_batch": first_ms },
@@ -129,6 +136,19 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             "row fill used to turn token weights into rows: {}",
             fills.join(", ")
         )?;
+        if plan.stages().len() > 1 {
+            let stages: Vec<String> = plan
+                .stages()
+                .iter()
+                .map(|s| {
+                    format!(
+                        "from step {}: {} rows of {} tokens",
+                        s.step, s.rows, s.seq_len
+                    )
+                })
+                .collect();
+            writeln!(out, "stages: {}", stages.join("; "))?;
+        }
         if let Some((e, r)) = &eod {
             write!(out, "{}", millrace::eod::render(r, *e))?;
         }

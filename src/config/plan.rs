@@ -151,6 +151,32 @@ pub struct Reseed {
     pub seed: u64,
 }
 
+/// `[[plan.stage]]`: from plan step `step` on, rows have another shape (a long-context
+/// stage). Each domain's epoch continues across the switch (docs/DESIGN.md, "Stages").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    /// First plan step (unskipped numbering, as schedules use) with the new shape.
+    pub step: u64,
+    /// Tokens a row trains on from `step` on.
+    pub seq_len: u32,
+    /// Rows per global batch from `step` on.
+    pub global_batch_rows: u32,
+    /// Units per packing window from `step` on (default: the previous stage's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_fit_window: Option<u64>,
+    /// In `sequence`-grouped domains (best_fit), chain units longer than a row: a
+    /// window's long groups run on in one stream of full rows, a book's end and the next
+    /// one's start sharing a row, instead of each ending in a row topped up with short
+    /// units (which pads where a domain has few: books at 131072 tokens).
+    #[serde(default)]
+    pub chain_groups: bool,
+}
+
+/// Most `[[plan.stage]]` entries: a recipe has two or three; each costs a packed window
+/// per domain at plan build and a few words in every cursor.
+pub const MAX_STAGES: usize = 16;
+
 /// `[plan]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,6 +223,10 @@ pub struct PlanConfig {
     /// Reseeds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reseed: Vec<Reseed>,
+    /// Stages after the first (which is `seq_len`, `global_batch_rows` and
+    /// `best_fit_window` above, from step 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage: Vec<Stage>,
 }
 
 /// A `[[plan.schedule]]` entry as written: a point, and whether the weights ramp into it.
@@ -430,6 +460,7 @@ impl PlanConfig {
                 ));
             }
         }
+        self.validate_stages()?;
         for (i, (name, d)) in domains.iter().enumerate() {
             let field = format!("corpus.domain[{i}]");
             let g = &d.grouping;
@@ -475,6 +506,74 @@ impl PlanConfig {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl PlanConfig {
+    /// Checks `[[plan.stage]]`: steps after 0 and increasing, shapes in range.
+    fn validate_stages(&self) -> Result<(), SettingError> {
+        if self.stage.len() > MAX_STAGES {
+            return Err(bad(
+                "plan.stage",
+                format!("{} stages, at most {MAX_STAGES}", self.stage.len()),
+            ));
+        }
+        let mut prev = 0u64;
+        for (i, st) in self.stage.iter().enumerate() {
+            let field = format!("plan.stage[{i}]");
+            if st.step <= prev {
+                let what = if i == 0 {
+                    "must be after step 0 (the first stage is [plan] itself)".to_string()
+                } else {
+                    format!("steps must increase: {} follows {prev}", st.step)
+                };
+                return Err(bad(format!("{field}.step"), what));
+            }
+            if st.step > MAX_STEP {
+                return Err(bad(
+                    format!("{field}.step"),
+                    format!("{} is beyond {MAX_STEP}", st.step),
+                ));
+            }
+            prev = st.step;
+            if st.seq_len < 1 || st.seq_len > MAX_SEQ_LEN {
+                return Err(bad(
+                    format!("{field}.seq_len"),
+                    format!("{} is outside 1..={MAX_SEQ_LEN}", st.seq_len),
+                ));
+            }
+            if st.global_batch_rows < 1 || st.global_batch_rows > MAX_BATCH_ROWS {
+                return Err(bad(
+                    format!("{field}.global_batch_rows"),
+                    format!("{} is outside 1..={MAX_BATCH_ROWS}", st.global_batch_rows),
+                ));
+            }
+            if let Some(w) = st.best_fit_window.filter(|w| !(1..=MAX_WINDOW).contains(w)) {
+                return Err(bad(
+                    format!("{field}.best_fit_window"),
+                    format!("{w} is outside 1..={MAX_WINDOW}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses what `millrace plan` and `explain` handle but the daemon does not serve
+    /// yet: stages (the rings and WELCOME have one shape per run). Called on `serve`'s
+    /// path only, so a recipe can be planned and inspected before it is served.
+    pub fn check_servable(&self) -> Result<(), SettingError> {
+        if let Some(st) = self.stage.first() {
+            return Err(bad(
+                "plan.stage",
+                format!(
+                    "[[plan.stage]] (a shape change at step {}) is not yet served by the \
+                     daemon: `millrace plan` and `millrace explain` show it; remove the \
+                     stages to serve this config",
+                    st.step
+                ),
+            ));
         }
         Ok(())
     }

@@ -91,7 +91,7 @@ impl Plan {
     /// history up to `p` plus this, and one whose plan changed weights in
     /// `[p, p + lookahead)` is not a candidate (a cursor's own history, which covers
     /// steps before `p` only, would let it through).
-    fn lookahead(&self) -> u64 {
+    pub(super) fn lookahead(&self) -> u64 {
         self.mixer
             .bursty
             .iter()
@@ -101,8 +101,38 @@ impl Plan {
             .unwrap_or(0)
     }
 
-    /// The key a checkpoint at plan step `plan_step` of this plan is stored under.
-    pub(super) fn checkpoint_key(&self, plan_step: u64) -> CheckpointKey {
+    /// The history digest a cursor at `plan_step` carries (layout 6 on): everything
+    /// that shaped the steps before it, up to [`Plan::first_safe_change`], so that
+    /// bursty cycles it had begun are covered to their end.
+    pub fn cursor_history(&self, plan_step: u64) -> u64 {
+        self.history_span(plan_step, self.first_safe_change(plan_step))
+    }
+
+    /// The first plan step a change may start at once every step before `first` has been
+    /// served: `first`, or later when a bursty cycle begun before `first` reaches past it
+    /// (that cycle's rows were computed from its later steps' weights, so a change inside
+    /// it would rewrite a served step). A live change moved here, not to `first`, keeps
+    /// the served past and the resumed stream equal.
+    pub fn first_safe_change(&self, first: u64) -> u64 {
+        let mut at = first;
+        for &(period, phase) in self.mixer.bursty.iter().flatten() {
+            let (period, phase) = (period as u64, phase as u64);
+            if first == 0 || first <= phase {
+                continue;
+            }
+            // The last cycle start before `first`: a served step.
+            let last = first - 1;
+            let start = last - (last + period - phase) % period;
+            if start >= phase {
+                at = at.max(start + period);
+            }
+        }
+        at
+    }
+
+    /// The key a checkpoint at plan step `plan_step` of this plan is stored under: public
+    /// so the daemon stores what its job planners pass under the name a seek looks up.
+    pub fn checkpoint_key(&self, plan_step: u64) -> CheckpointKey {
         CheckpointKey {
             plan_step,
             history: self.history(plan_step.saturating_add(self.lookahead())),

@@ -12,6 +12,7 @@
 use super::journal::{Change, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
+use super::stage::CarryLevel;
 use super::stream::{StreamState, Tail};
 
 /// First bytes of every blob.
@@ -19,9 +20,12 @@ pub const MAGIC: &[u8; 8] = b"MRCURSOR";
 /// The newest layout version this build reads and writes. 2 added the journal, 3 batch
 /// grouping's tails to each stream, 4 the count of superseded live changes after the
 /// journal (written only when nonzero, else 3), 5 the binary fingerprint (the count is
-/// always written). This build writes 5, and reads 1-4 with their JSON-text fingerprint
-/// ([`Fingerprint::LegacyJson`]) so old checkpoints resume.
-pub const VERSION: u16 = 5;
+/// always written), 6 a history digest that reaches the bursty lookahead past the
+/// blob's step ([`CursorData::lookahead`]) and each stream's stage, dropped tokens and
+/// carry levels (stage switches, `plan/stage.rs`), for its tails too. This build writes 6, reads 5 as before and
+/// 1-4 with their JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old checkpoints
+/// resume.
+pub const VERSION: u16 = 6;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -59,7 +63,7 @@ pub enum CursorError {
         ours: u128,
     },
     /// The schedule, skips or reseeds before the blob's step differ from the config's.
-    #[error("cursor at step {step} was made under a different history: the schedule, skips or reseeds before step {step} changed (blob {blob:016x}, config {ours:016x}); only entries at or after step {step} may be edited")]
+    #[error("cursor at step {step} was made under a different history: the schedule, skips or reseeds before step {step} (or inside a bursty cycle begun before it) changed (blob {blob:016x}, config {ours:016x}); only entries at or after step {step} (past that cycle) may be edited")]
     History {
         /// The blob's step.
         step: u64,
@@ -202,8 +206,13 @@ impl Fingerprint {
 pub struct CursorData {
     /// Corpus + static config.
     pub fingerprint: Fingerprint,
-    /// Past schedule/skips/reseeds.
+    /// Past schedule/skips/reseeds: [`super::Plan::history`] at `plan_step`, or (when
+    /// `lookahead`) at `plan_step` plus the bursty lookahead.
     pub history: u64,
+    /// Whether `history` reaches past `plan_step` by the plan's bursty lookahead (layout
+    /// 6 on): a bursty domain's cycle begun before the blob took its rows from weights of
+    /// steps after it, so an edit there rewrites the blob's past too.
+    pub lookahead: bool,
     /// Next trainer step.
     pub step: u64,
     /// Next plan step (differs from `step` after skips).
@@ -246,6 +255,15 @@ impl W {
         for &(b, done) in pending {
             self.u32(b);
             self.u32(done);
+        }
+    }
+    fn carry(&mut self, carry: &[CarryLevel]) {
+        self.u16(carry.len() as u16);
+        for c in carry {
+            self.u32(c.stage);
+            self.u32(c.next_block);
+            self.chain(&c.block_chain);
+            self.pending(&c.pending);
         }
     }
 }
@@ -300,6 +318,19 @@ impl R<'_> {
         }
         Ok(pending)
     }
+    fn carry(&mut self) -> Result<Vec<CarryLevel>, CursorError> {
+        let k = self.len("carry levels")?;
+        let mut carry = Vec::with_capacity(k);
+        for _ in 0..k {
+            carry.push(CarryLevel {
+                stage: self.u32()?,
+                next_block: self.u32()?,
+                block_chain: self.chain()?,
+                pending: self.pending()?,
+            });
+        }
+        Ok(carry)
+    }
     fn len(&mut self, what: &'static str) -> Result<usize, CursorError> {
         let n = self.u16()? as usize;
         if n > MAX_LIST {
@@ -318,6 +349,7 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
     let version: u16 = match c.fingerprint {
+        Fingerprint::Binary(_) if c.lookahead => 6,
         Fingerprint::Binary(_) => 5,
         Fingerprint::LegacyJson(_) if c.superseded > 0 => 4,
         Fingerprint::LegacyJson(_) => 3,
@@ -356,6 +388,14 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
             w.u64(t.window_start);
             w.chain(&t.pos_chain);
             w.pending(&t.pending);
+            if version >= 6 {
+                w.carry(&t.carry);
+            }
+        }
+        if version >= 6 {
+            w.u32(s.stage);
+            w.u64(s.dropped);
+            w.carry(&s.carry);
         }
     }
     w.u16(c.journal.len() as u16);
@@ -445,8 +485,14 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
                     window_start: r.u64()?,
                     pos_chain: r.chain()?,
                     pending: r.pending()?,
+                    carry: if version >= 6 { r.carry()? } else { Vec::new() },
                 });
             }
+        }
+        if version >= 6 {
+            s.stage = r.u32()?;
+            s.dropped = r.u64()?;
+            s.carry = r.carry()?;
         }
         streams.push(s);
     }
@@ -491,6 +537,7 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     Ok(CursorData {
         fingerprint,
         history,
+        lookahead: version >= 6,
         step,
         plan_step,
         mix,

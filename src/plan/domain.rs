@@ -16,7 +16,7 @@ use super::pack::{self, Piece, Window};
 use super::permute::{chained, derive_key, Permutation};
 use super::stream::StreamState;
 use super::{PlanError, Row, Segment};
-use crate::config::plan::{DomainSettings, GroupMode, PlanConfig};
+use crate::config::plan::{DomainSettings, GroupMode};
 
 /// Where a domain's document lengths and groups come from: a mapped shard in the daemon,
 /// a plain vector in property tests. The plan reads nothing else.
@@ -76,7 +76,6 @@ pub struct DomainData {
     doc_prefix: Vec<u64>,
     group_prefix: Option<Vec<u64>>,
     pub(crate) settings: DomainSettings,
-    pub(crate) window: u64,
     /// Long units (by kind: documents, groups) repeated by upsampling, ascending.
     long_docs: Vec<u64>,
     long_groups: Vec<u64>,
@@ -95,7 +94,7 @@ pub(crate) enum UnitKind {
 impl DomainData {
     /// Indexes a domain: O(shards) unless upsampling asks for the long-unit list, which
     /// is one pass over the document lengths.
-    pub(crate) fn new(input: &DomainInput, cfg: &PlanConfig) -> Result<DomainData, PlanError> {
+    pub(crate) fn new(input: &DomainInput) -> Result<DomainData, PlanError> {
         let mut doc_prefix = vec![0u64];
         let mut group_prefix = Some(vec![0u64]);
         let mut tokens = 0u64;
@@ -128,7 +127,6 @@ impl DomainData {
             doc_prefix,
             group_prefix,
             settings: input.settings,
-            window: input.settings.window.unwrap_or(cfg.best_fit_window),
             long_docs: Vec::new(),
             long_groups: Vec::new(),
             tokens,
@@ -249,26 +247,63 @@ impl DomainData {
         self.shards[shard].doc_len(doc)
     }
 
+    /// Units per window at geometry `g`: the domain's own `window`, else the stage's.
+    pub(crate) fn window_len(&self, g: Geometry) -> u64 {
+        self.settings.window.unwrap_or(g.window)
+    }
+
+    /// Whether this domain chains its long groups at geometry `g` (sequence grouping).
+    pub(crate) fn chains(&self, g: Geometry) -> bool {
+        g.chain && self.settings.grouping.mode == GroupMode::Sequence
+    }
+
     pub(crate) fn grouping_active(&self, step: u64) -> bool {
         self.settings.grouping.mode != GroupMode::Off && step >= self.settings.grouping.from_step
     }
 }
 
-/// Packing constants shared by all streams.
+/// Packing constants of one stage, shared by all streams.
 #[derive(Clone, Copy)]
 pub(crate) struct Geometry {
     pub capacity: u32,
     pub packing: crate::config::plan::Packing,
+    /// The stage's `best_fit_window` (a domain's own `window` overrides it).
+    pub window: u64,
+    /// The stage's `chain_groups`.
+    pub chain: bool,
 }
 
-/// Packs the window the state points at.
+/// Packs the window the state points at, at geometry `g` (whose window size cuts it).
 pub(crate) fn pack_window(d: &DomainData, s: &StreamState, kind: UnitKind, g: Geometry) -> Window {
+    pack_units(d, &window_units(d, s, kind, d.window_len(g)), kind, g)
+}
+
+/// Packs `units` of domain `d` at geometry `g`: grouped units kept together, chained
+/// when the stage asks and the domain's grouping is `sequence`.
+pub(crate) fn pack_units<S: pack::Span>(
+    d: &DomainData,
+    units: &[S],
+    kind: UnitKind,
+    g: Geometry,
+) -> Window {
+    let keep_together = kind == UnitKind::Group;
+    pack::pack_with(units, g.capacity, g.packing, keep_together, d.chains(g))
+}
+
+/// `(unit, length)` of the `len` positions from the state's window start, in window
+/// order (fewer at the epoch's end).
+pub(crate) fn window_units(
+    d: &DomainData,
+    s: &StreamState,
+    kind: UnitKind,
+    len: u64,
+) -> Vec<(u64, u64)> {
     let n = d.virtual_units(kind);
     let perm = Permutation::new(
         n,
         derive_key(&[s.epoch_seed, d.key, s.epoch as u64, s.grouped as u64, 1]),
     );
-    let end = (s.window_start + d.window).min(n);
+    let end = (s.window_start + len).min(n);
     // Two passes: first every unit id (compute-bound), then every length. The length
     // loop's iterations are independent random reads, so the CPU keeps many cache misses
     // in flight instead of one per permutation step.
@@ -278,7 +313,7 @@ pub(crate) fn pack_window(d: &DomainData, s: &StreamState, kind: UnitKind, g: Ge
     for (u, len) in units.iter_mut() {
         *len = d.unit_len(kind, *u);
     }
-    pack::pack(&units, g.capacity, g.packing, kind == UnitKind::Group)
+    units
 }
 
 /// Turns a row's unit-level pieces into document segments with provenance.

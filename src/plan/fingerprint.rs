@@ -5,8 +5,9 @@
 //! It covers only what shapes every step: the manifest (the caller's hash of shard
 //! identities), seed, `seq_len`, `global_batch_rows`, packing, the packing window, and
 //! per domain its name, every planning setting and each shard's documents and tokens.
-//! Not the schedule, skips or reseeds: the history digest covers those up to a cursor's
-//! step, so the future may be edited.
+//! Not the schedule, stages (`[plan]`'s own shape is stage 0 and is covered), skips or
+//! reseeds: the history digest covers those up to a cursor's step, so the future may be
+//! edited.
 //!
 //! Since cursor layout 5 it is xxh3-128 of an explicit binary encoding
 //! ([`fingerprint`]), so no serializer setting can change what a blob means. Blobs of

@@ -207,40 +207,70 @@ impl MixState {
     }
 }
 
+/// Rows per batch and fill from a later stage's first step on (`plan/stage.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageMix {
+    /// First plan step of the stage.
+    pub step: u64,
+    /// Rows per global batch in the stage.
+    pub rows: u32,
+    /// Real tokens per row over capacity, per domain, at the stage's shape.
+    pub fill: Vec<f64>,
+}
+
 /// Everything the mixer needs besides its state.
 #[derive(Debug, Clone)]
 pub struct Mixer {
     /// Token weights.
     pub schedule: Schedule,
-    /// Real tokens per row, as a fraction of capacity, per domain.
+    /// Real tokens per row, as a fraction of capacity, per domain (first stage).
     pub fill: Vec<f64>,
-    /// Rows per global batch.
+    /// Rows per global batch (first stage).
     pub rows: u32,
     /// Per domain: `(period, phase)` when bursty.
     pub bursty: Vec<Option<(u32, u32)>>,
+    /// Later stages, in step order: the mixer counts in rows of the stage in force.
+    pub stages: Vec<StageMix>,
 }
 
 impl Mixer {
+    /// The later stage in force at `step`, if any.
+    fn stage(&self, step: u64) -> Option<&StageMix> {
+        let i = self.stages.partition_point(|s| s.step <= step);
+        i.checked_sub(1).map(|i| &self.stages[i])
+    }
+
+    /// Rows per global batch at `step`.
+    pub fn rows_at(&self, step: u64) -> u32 {
+        self.stage(step).map_or(self.rows, |s| s.rows)
+    }
+
+    /// Fill per domain at `step`.
+    pub fn fill_at(&self, step: u64) -> &[f64] {
+        self.stage(step).map_or(&self.fill, |s| &s.fill)
+    }
+
     /// Row shares at `step`: token shares divided by fill, normalised.
     pub fn row_shares(&self, step: u64) -> Vec<f64> {
         let w = self.schedule.shares(step);
         normalise(
             w.iter()
-                .zip(&self.fill)
+                .zip(self.fill_at(step))
                 .map(|(w, f)| if *f > 0.0 { w / f } else { 0.0 })
                 .collect(),
         )
     }
 
-    /// Nominal ticks per domain at `step` (what each is owed if none were bursty).
+    /// Nominal ticks per domain at `step` (what each is owed if none were bursty), in
+    /// rows of the stage in force.
     pub fn nominal(&self, step: u64) -> Vec<i64> {
-        apportion(self.rows as i64 * TICKS, &self.row_shares(step))
+        apportion(self.rows_at(step) as i64 * TICKS, &self.row_shares(step))
     }
 
     /// Row counts for `step`, updating `state`. The counts sum to the batch size.
     pub fn counts(&self, state: &mut MixState, step: u64) -> Vec<u32> {
         let n = self.fill.len();
-        let g = self.rows as i64;
+        let g = self.rows_at(step) as i64;
         let nominal = self.nominal(step);
         let mut counts = vec![0u32; n];
         let mut left = g;
@@ -340,6 +370,7 @@ mod tests {
             fill: vec![1.0; weights.len()],
             rows,
             bursty: vec![None; weights.len()],
+            stages: Vec::new(),
         }
     }
 

@@ -22,6 +22,7 @@ pub mod permute;
 mod planner;
 pub mod report;
 mod resume;
+mod stage;
 mod stream;
 
 use std::sync::Arc;
@@ -38,10 +39,11 @@ pub use domain::{DocSource, DomainInput, MemShard};
 pub use journal::{Change, ChangeError};
 pub use planner::Planner;
 pub use resume::Resumed;
+pub use stage::{CarryLevel, Shape};
 pub use stream::{StreamError, StreamState, Tail, MAX_DEFERRED};
 
 use domain::{DomainData, Geometry};
-use mix::{Mixer, Schedule};
+use mix::{Mixer, Schedule, StageMix};
 use permute::derive_key;
 
 /// Plan steps a seek replays per chunk: its mixer counts (4 bytes per domain per step)
@@ -203,7 +205,9 @@ pub struct Plan {
     /// Changes accepted but dropped from `journal` as superseded ([`journal::append`]).
     superseded: u64,
     mixer: Mixer,
-    geometry: Geometry,
+    /// Per stage: packing constants, and the shape they come from.
+    geometries: Vec<Geometry>,
+    shapes: Vec<Shape>,
     fingerprint: u128,
     /// The fingerprint blobs of layouts 1-4 carry.
     legacy_fingerprint: u128,
@@ -228,13 +232,20 @@ impl Plan {
             .map(|d| (d.name.as_str(), d.settings))
             .collect();
         cfg.validate(&settings)?;
-        let geometry = Geometry {
-            capacity: cfg.seq_len + 1,
-            packing: cfg.packing,
-        };
+        let shapes = stage::shapes(&cfg);
+        let geometries: Vec<Geometry> = shapes
+            .iter()
+            .map(|s| Geometry {
+                capacity: s.seq_len + 1,
+                packing: cfg.packing,
+                window: s.window,
+                chain: s.chain_groups,
+            })
+            .collect();
+        let geometry = geometries[0];
         let mut domains = Vec::with_capacity(inputs.len());
         for input in inputs {
-            domains.push(DomainData::new(input, &cfg)?);
+            domains.push(DomainData::new(input)?);
         }
         let names: Vec<&str> = inputs.iter().map(|d| d.name.as_str()).collect();
         let schedule = Schedule::new(&cfg.points(), &names);
@@ -261,6 +272,21 @@ impl Plan {
         for (d, f) in domains.iter_mut().zip(firsts) {
             d.first = Some(f);
         }
+        // Later stages' fills, from the same first window packed at their shape: the
+        // mixer counts in rows of the stage in force.
+        let stages = shapes
+            .iter()
+            .zip(&geometries)
+            .skip(1)
+            .map(|(s, &g)| StageMix {
+                step: s.step,
+                rows: s.rows,
+                fill: domains
+                    .par_iter()
+                    .map(|d| domain::first_window(d, g, cfg.seed).fill)
+                    .collect(),
+            })
+            .collect();
         let mut phase = 0u32;
         let bursty = domains
             .iter()
@@ -277,6 +303,7 @@ impl Plan {
             fill,
             rows: cfg.global_batch_rows,
             bursty,
+            stages,
         };
         let fingerprint = fingerprint::fingerprint(&cfg, inputs, manifest);
         let legacy_fingerprint = fingerprint::legacy_json_fingerprint(&cfg, inputs, manifest);
@@ -289,7 +316,8 @@ impl Plan {
             superseded: 0,
             domains: Arc::new(domains),
             mixer,
-            geometry,
+            geometries,
+            shapes,
             fingerprint,
             legacy_fingerprint,
         })
@@ -431,9 +459,14 @@ impl Plan {
         &self.mixer
     }
 
-    /// Tokens a row holds (`seq_len + 1`).
+    /// Tokens a row holds (`seq_len + 1`) in the first stage.
     pub fn capacity(&self) -> u32 {
-        self.geometry.capacity
+        self.geometries[0].capacity
+    }
+
+    /// Tokens a row holds at plan step `plan_step` (its stage's `seq_len + 1`).
+    pub fn capacity_at(&self, plan_step: u64) -> u32 {
+        self.shape_at(plan_step).0 + 1
     }
 
     /// Identity of corpus + static config, as cursors (layout 5 on), WELCOME and status
@@ -505,18 +538,28 @@ impl Plan {
             .map_or(self.cfg.seed, |r| r.1)
     }
 
-    fn group_cap(&self, d: usize) -> u32 {
+    /// Most rows of one group in a batch of stage `stage` (batch grouping).
+    fn group_cap(&self, d: usize, stage: u32) -> u32 {
         let share = self.domains[d].settings.grouping.max_share;
-        ((share * self.cfg.global_batch_rows as f64).floor() as u32).max(1)
+        ((share * self.shape(stage).rows as f64).floor() as u32).max(1)
     }
 
     /// A digest of everything that shaped steps before `plan_step` besides the static
     /// config: schedule values, skips and reseeds. Editing the future keeps it.
     pub fn history(&self, plan_step: u64) -> u64 {
+        self.history_span(plan_step, plan_step)
+    }
+
+    /// [`Plan::history`] with the schedule's values covered up to `weights_end` (at
+    /// least `plan_step`): a bursty cycle begun before `plan_step` took its rows from
+    /// the weights of its later steps, while skips and reseeds shape only the steps
+    /// they fall on.
+    pub(super) fn history_span(&self, plan_step: u64, weights_end: u64) -> u64 {
+        let end = weights_end.max(plan_step);
         let mut words: Vec<u64> = vec![plan_step.min(1)];
-        if plan_step > 0 {
-            let mut at: Vec<u64> = vec![0, plan_step - 1];
-            at.extend(self.mixer.schedule.knots_before(plan_step));
+        if end > 0 {
+            let mut at: Vec<u64> = vec![0, end - 1];
+            at.extend(self.mixer.schedule.knots_before(end));
             at.sort_unstable();
             at.dedup();
             // Raw weights, not shares: with the weights at the last step before the
@@ -528,6 +571,9 @@ impl Plan {
                 words.extend(self.mixer.schedule.weights(s).iter().map(|w| w.to_bits()));
             }
         }
+        // Stages shape rows from their step on and the mixer's counts of bursty cycles
+        // reaching them, like weights.
+        words.extend(self.stage_words(end));
         for &(a, b) in &self.skips {
             if a < plan_step {
                 words.extend([a, b.min(plan_step)]);

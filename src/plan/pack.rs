@@ -85,25 +85,76 @@ impl Window {
     }
 }
 
+/// A token range of a unit to pack: `(unit, length)` for a whole unit, or `(unit,
+/// first token, length)` for the part of one that a stage switch carried
+/// (`plan/stage.rs`). Pieces name tokens from the unit's start either way.
+pub trait Span: Copy {
+    /// The unit.
+    fn unit(self) -> u64;
+    /// Its first token in the range.
+    fn base(self) -> u64;
+    /// Tokens in the range.
+    fn tokens(self) -> u64;
+}
+
+impl Span for (u64, u64) {
+    fn unit(self) -> u64 {
+        self.0
+    }
+    fn base(self) -> u64 {
+        0
+    }
+    fn tokens(self) -> u64 {
+        self.1
+    }
+}
+
+impl Span for (u64, u64, u64) {
+    fn unit(self) -> u64 {
+        self.0
+    }
+    fn base(self) -> u64 {
+        self.1
+    }
+    fn tokens(self) -> u64 {
+        self.2
+    }
+}
+
 /// Packs `units` (in window order, `(unit, length)`) into rows of `capacity` tokens.
 ///
 /// `keep_together` (grouping on) makes each unit longer than a row one block: its full
 /// rows in order, then a row that starts with its remainder and is topped up with short
 /// units. Without it every row is its own block.
-pub fn pack(units: &[(u64, u64)], capacity: u32, packing: Packing, keep_together: bool) -> Window {
+pub fn pack<S: Span>(units: &[S], capacity: u32, packing: Packing, keep_together: bool) -> Window {
+    pack_with(units, capacity, packing, keep_together, false)
+}
+
+/// [`pack`], with `chain` (best_fit, grouping on; a stage's `chain_groups`): units longer
+/// than half a row are concatenated in window order into one block of full rows (one
+/// unit's end and the next one's start share a row), whose last row is topped up with
+/// shorter units. A domain whose units are nearly all that long (books at 131072 tokens)
+/// then pads one row per window instead of about one per unit.
+pub fn pack_with<S: Span>(
+    units: &[S],
+    capacity: u32,
+    packing: Packing,
+    keep_together: bool,
+    chain: bool,
+) -> Window {
     match packing {
         Packing::Concat => concat(units, capacity, keep_together),
-        Packing::BestFit => best_fit(units, capacity, keep_together),
+        Packing::BestFit => best_fit(units, capacity, keep_together, chain && keep_together),
     }
 }
 
 /// Megatron's concatenate-and-chunk. Row k covers stream tokens `[kL, kL + L + 1)` with
 /// `L = capacity - 1`: consecutive rows share one boundary token, so every token is a
 /// label exactly once. The window's last row is padded rather than dropped.
-fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
+fn concat<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window {
     let mut w = Window::default();
     let step = (capacity as u64).saturating_sub(1).max(1);
-    let total: u64 = units.iter().map(|&(_, l)| l).sum();
+    let total: u64 = units.iter().map(|s| s.tokens()).sum();
     if total == 0 {
         return w;
     }
@@ -115,20 +166,20 @@ fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
     loop {
         let row_end = (row_start + capacity as u64).min(total);
         // Advance ui to the unit containing row_start.
-        while ui < units.len() && unit_off + units[ui].1 <= row_start {
-            unit_off += units[ui].1;
+        while ui < units.len() && unit_off + units[ui].tokens() <= row_start {
+            unit_off += units[ui].tokens();
             ui += 1;
         }
         row_buf.clear();
         let (mut j, mut off) = (ui, unit_off);
         while j < units.len() && off < row_end {
-            let (unit, len) = units[j];
+            let (unit, base, len) = (units[j].unit(), units[j].base(), units[j].tokens());
             let a = row_start.max(off);
             let b = row_end.min(off + len);
             if b > a {
                 row_buf.push(Piece {
                     unit,
-                    start: a - off,
+                    start: base + a - off,
                     len: (b - a) as u32,
                 });
             }
@@ -159,7 +210,7 @@ fn concat(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
 /// a two-level bitset over free capacities and a FIFO of bins per capacity. Bins are
 /// intrusive lists over one piece array, so packing a window allocates a handful of
 /// vectors, not one per row.
-fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window {
+fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool, chain: bool) -> Window {
     let cap = capacity.max(1);
     let c64 = cap as u64;
     let mut w = Window::default();
@@ -167,23 +218,32 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
     // Every piece that goes into a bin: short units, remainders of long ones.
     let mut pieces: Vec<Piece> = Vec::with_capacity(units.len() + units.len() / 8);
     let mut short: Vec<u32> = Vec::with_capacity(units.len());
-    // Long grouped units: (unit, full rows, seeded bin or NIL).
-    let mut long: Vec<(u64, u64, u32)> = Vec::new();
+    // Long grouped units: (unit, first token, full rows, seeded bin or NIL).
+    let mut long: Vec<(u64, u64, u64, u32)> = Vec::new();
     // Full pieces of ungrouped long units, in window order.
     let mut full_rows: Vec<Piece> = Vec::new();
+    // With `chain`: units over half a row, (unit, first token, tokens), in window order.
+    let mut chained: Vec<(u64, u64, u64)> = Vec::new();
     let mut bins = Bins::default();
 
-    for &(unit, len) in units {
+    for s in units {
+        let (unit, base, len) = (s.unit(), s.base(), s.tokens());
         if len == 0 {
             continue;
         }
         let full = len / c64;
         let rem = (len % c64) as u32;
+        // Two units over half a row never share one, so unless short units fill the
+        // gap each pads its row: chained, they fill rows back to back.
+        if chain && len * 2 > c64 {
+            chained.push((unit, base, len));
+            continue;
+        }
         if full > 0 && keep_together {
             let seed = if rem > 0 {
                 pieces.push(Piece {
                     unit,
-                    start: full * c64,
+                    start: base + full * c64,
                     len: rem,
                 });
                 let b = bins.open(cap, true);
@@ -192,24 +252,55 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
             } else {
                 NIL
             };
-            long.push((unit, full, seed));
+            long.push((unit, base, full, seed));
             continue;
         }
         for k in 0..full {
             full_rows.push(Piece {
                 unit,
-                start: k * c64,
+                start: base + k * c64,
                 len: cap,
             });
         }
         if rem > 0 {
             pieces.push(Piece {
                 unit,
-                start: full * c64,
+                start: base + full * c64,
                 len: rem,
             });
             short.push(pieces.len() as u32 - 1);
         }
+    }
+
+    // The chain: full rows cut from the long units in window order; its partial last
+    // row seeds a bin that short units top up.
+    let mut chain_rows: Vec<Vec<Piece>> = Vec::new();
+    let mut chain_seed = NIL;
+    let mut row: Vec<Piece> = Vec::new();
+    let mut fill = 0u64;
+    for &(unit, base, len) in &chained {
+        let mut off = 0;
+        while off < len {
+            let take = (len - off).min(c64 - fill);
+            row.push(Piece {
+                unit,
+                start: base + off,
+                len: take as u32,
+            });
+            (off, fill) = (off + take, fill + take);
+            if fill == c64 {
+                chain_rows.push(std::mem::take(&mut row));
+                fill = 0;
+            }
+        }
+    }
+    if !row.is_empty() {
+        let b = bins.open(cap, true);
+        for p in row {
+            pieces.push(p);
+            bins.put(b, pieces.len() as u32 - 1, p.len);
+        }
+        chain_seed = b;
     }
 
     // Counting sort of the short pieces, longest first; stable so ties keep window order.
@@ -250,14 +341,26 @@ fn best_fit(units: &[(u64, u64)], capacity: u32, keep_together: bool) -> Window 
         }
     }
 
-    // Rows: long grouped units first (each a block), then ungrouped full rows, then the
-    // plain bins; the emission order is shuffled later, so this order only fixes ids.
-    for &(unit, full, seed) in &long {
+    // Rows: the chain (one block), long grouped units (each a block), then ungrouped
+    // full rows, then the plain bins; the emission order is shuffled later, so this
+    // order only fixes ids.
+    if !chain_rows.is_empty() || chain_seed != NIL {
+        let first_row = w.rows.len() as u32;
+        for r in chain_rows {
+            w.push_row(r);
+        }
+        if chain_seed != NIL {
+            w.push_row(bins.iter(chain_seed).map(|i| pieces[i as usize]));
+        }
+        let rows = w.rows.len() as u32 - first_row;
+        w.blocks.push(Block { first_row, rows });
+    }
+    for &(unit, base, full, seed) in &long {
         let first_row = w.rows.len() as u32;
         for k in 0..full {
             w.push_row([Piece {
                 unit,
-                start: k * c64,
+                start: base + k * c64,
                 len: cap,
             }]);
         }
@@ -470,6 +573,31 @@ mod tests {
             let blocks: u32 = w.blocks.iter().map(|b| b.rows).sum();
             assert_eq!(blocks as usize, w.rows.len());
         }
+    }
+
+    #[test]
+    fn chained_long_units_fill_rows_and_cover() {
+        // Long units only (books at a long context): without the chain each pads its
+        // last row; chained, only the window's last row is partial. Units over half a
+        // row but shorter than one are chained too (two never share a row).
+        let units: Vec<(u64, u64)> = (0..40u64).map(|i| (i, 130 + i * 37 % 300)).collect();
+        let plain = pack(&units, 257, Packing::BestFit, true);
+        let chained = pack_with(&units, 257, Packing::BestFit, true, true);
+        check_cover(&units, &chained, 257);
+        let partial = |w: &Window| w.rows.iter().filter(|r| r.tokens < 257).count();
+        assert!(partial(&plain) > 20, "{}", partial(&plain));
+        assert_eq!(partial(&chained), 1);
+        assert_eq!(chained.blocks.len(), 1);
+        // Short units still top up the chain's last row, then fill bins of their own.
+        let mut mixed = units.clone();
+        mixed.extend((40..400u64).map(|i| (i, 1 + i % 50)));
+        let w = pack_with(&mixed, 257, Packing::BestFit, true, true);
+        check_cover(&mixed, &w, 257);
+        // Ranges with a first token keep it in their pieces.
+        let spans = [(7u64, 100u64, 600u64), (8, 0, 10)];
+        let w = pack_with(&spans, 257, Packing::BestFit, true, true);
+        let first = w.row_pieces(0)[0];
+        assert_eq!((first.unit, first.start, first.len), (7, 100, 257));
     }
 
     #[test]

@@ -104,15 +104,17 @@ impl Plan {
             }
             let replay = |d: usize, stream: &mut Stream| {
                 for (ps, &k) in (from..to).zip(&counts[d]) {
+                    let stage = self.stage_at(ps);
                     stream.take(
                         &self.domains[d],
                         d as u16,
-                        self.geometry,
+                        &self.geometries,
+                        stage,
                         k,
                         ps,
                         self.seed_at(ps),
                         &self.reseeds,
-                        self.group_cap(d),
+                        self.group_cap(d, stage),
                         None,
                     );
                 }
@@ -183,7 +185,9 @@ impl Planner {
         self.streams
             .iter()
             .zip(self.plan.domains.iter())
-            .map(|(s, d)| stream::epoch_progress(d, &s.state, s.cached_blocks()))
+            .map(|(s, d)| {
+                stream::epoch_progress(d, &s.state, s.cached_blocks(), &self.plan.geometries)
+            })
             .collect()
     }
 
@@ -197,16 +201,18 @@ impl Planner {
         let p = self.plan_step;
         let counts = plan.mixer.counts(&mut self.mix, p);
         let seed = plan.seed_at(p);
+        let stage = plan.stage_at(p);
         for (d, stream) in self.streams.iter_mut().enumerate() {
             stream.take(
                 &plan.domains[d],
                 d as u16,
-                plan.geometry,
+                &plan.geometries,
+                stage,
                 counts[d],
                 p,
                 seed,
                 &plan.reseeds,
-                plan.group_cap(d),
+                plan.group_cap(d, stage),
                 out.as_deref_mut(),
             );
         }
@@ -220,7 +226,7 @@ impl Planner {
             self.advance(None);
         }
         let p = self.plan_step;
-        let mut rows = Vec::with_capacity(self.plan.cfg.global_batch_rows as usize);
+        let mut rows = Vec::with_capacity(self.plan.shape_at(p).1 as usize);
         let counts = self.advance(Some(&mut rows));
         // Interleave domains across positions (and so across ranks).
         let perm = Permutation::new(rows.len() as u64, derive_key(&[self.plan.seed_at(p), p, 5]));
@@ -256,7 +262,8 @@ impl Planner {
     pub(super) fn blob(&self, step: u64) -> Vec<u8> {
         cursor::encode(&cursor::CursorData {
             fingerprint: cursor::Fingerprint::Binary(self.plan.fingerprint),
-            history: self.plan.history(self.plan_step),
+            history: self.plan.cursor_history(self.plan_step),
+            lookahead: true,
             step,
             plan_step: self.plan_step,
             mix: self.mix.clone(),

@@ -9,7 +9,23 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 
-use super::{GlobalBatch, Plan};
+use super::{GlobalBatch, Plan, Planner};
+
+/// Upper ends of the document-length buckets in [`WindowFigures::by_length`]: the
+/// buckets a long-context recipe is judged by (documents longer than 8192 tokens are the
+/// ones a long stage upsamples and groups).
+pub const LENGTH_BUCKETS: [u64; 4] = [1024, 8192, 32768, u64::MAX];
+
+/// Documents and tokens per row from documents of one length bucket.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LengthBucket {
+    /// Documents in the bucket are at most this long (`u64::MAX`: no bound).
+    pub max_doc_len: u64,
+    /// Document pieces per row.
+    pub docs_per_row: f64,
+    /// Tokens per row.
+    pub tokens_per_row: f64,
+}
 
 /// Figures for one domain over a window of steps.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -35,6 +51,19 @@ pub struct WindowFigures {
     pub first_step: u64,
     /// Last trainer step.
     pub last_step: u64,
+    /// The stage of the last step (`millrace plan` ends a window at each switch).
+    pub stage: u32,
+    /// Its `seq_len`.
+    pub seq_len: u32,
+    /// Its rows per global batch.
+    pub rows_per_batch: u32,
+    /// Tokens dropped at stage switches in the window (the rest of units partly
+    /// emitted before a switch; `plan/stage.rs`).
+    pub dropped_tokens: u64,
+    /// Per document-length bucket ([`LENGTH_BUCKETS`]): documents and tokens per row.
+    pub by_length: Vec<LengthBucket>,
+    /// Rows of grouped domains that hold one group only, percent of those rows.
+    pub single_group_rows_pct: f64,
     /// Per domain.
     pub domains: Vec<DomainFigures>,
     /// Padding tokens over capacity, percent.
@@ -69,6 +98,8 @@ pub struct Tally<'p> {
     last_batch: HashMap<(u16, u32, u32, u64), u64>,
     split_groups: u64,
     capped_groups: u64,
+    /// Tokens dropped at switches, over all domains, when the last window closed.
+    dropped: u64,
 }
 
 impl<'p> Tally<'p> {
@@ -83,6 +114,7 @@ impl<'p> Tally<'p> {
             last_batch: HashMap::new(),
             split_groups: 0,
             capped_groups: 0,
+            dropped: 0,
         }
     }
 
@@ -115,7 +147,7 @@ impl<'p> Tally<'p> {
                     *rows.entry((r.domain, r.epoch, shard, g)).or_insert(0) += 1;
                 }
             }
-            let cap = plan.group_cap(d) as u64;
+            let cap = plan.group_cap(d, plan.stage_at(batch.plan_step)) as u64;
             for (key, n) in rows {
                 if n > cap {
                     self.capped_groups += 1;
@@ -164,12 +196,27 @@ impl<'p> Tally<'p> {
         self.window.push(batch);
     }
 
+    /// Closes the window at `planner` (the planner that produced its batches): its
+    /// figures, with the planner's epochs and the tokens its switches dropped.
+    pub fn finish_at(&mut self, planner: &Planner) -> WindowFigures {
+        let mut w = self.finish(&planner.epochs());
+        let dropped: u64 = (0..self.plan.domains.len())
+            .filter_map(|d| planner.stream(d))
+            .map(|s| s.dropped)
+            .sum();
+        w.dropped_tokens = dropped.saturating_sub(self.dropped);
+        self.dropped = dropped;
+        w
+    }
+
     /// Closes the window: its figures, with epochs as of `epochs`.
     pub fn finish(&mut self, epochs: &[f64]) -> WindowFigures {
         let batches = std::mem::take(&mut self.window);
         let plan = self.plan;
-        let cap = plan.capacity() as u64;
         let n = plan.domains.len();
+        let mut capacity = 0u64;
+        let mut by_length = [(0u64, 0u64); LENGTH_BUCKETS.len()];
+        let (mut grouped_rows, mut single) = (0u64, 0u64);
         let mut rows = vec![0u64; n];
         let mut tokens = vec![0u64; n];
         let mut target = vec![0f64; n];
@@ -181,16 +228,29 @@ impl<'p> Tally<'p> {
                 target[d] += s;
             }
             let mut distinct = BTreeSet::new();
+            let cap = plan.capacity_at(b.plan_step);
             for r in &b.rows {
                 rows[r.domain as usize] += 1;
                 tokens[r.domain as usize] += r.tokens as u64;
-                trunc += r.truncated(plan.capacity()) as u64;
+                capacity += cap as u64;
+                trunc += r.truncated(cap) as u64;
                 started += r.docs_started() as u64;
                 per_row.push(r.segments.len() as u32);
                 for s in &r.segments {
                     if let Some(g) = s.group {
                         distinct.insert((r.domain, s.shard, g));
                     }
+                    let i = LENGTH_BUCKETS.partition_point(|&m| m < s.doc_len);
+                    let bucket = &mut by_length[i.min(LENGTH_BUCKETS.len() - 1)];
+                    bucket.0 += 1;
+                    bucket.1 += s.len as u64;
+                }
+                let grouping = plan.domains[r.domain as usize].settings.grouping.mode;
+                if grouping != crate::config::plan::GroupMode::Off {
+                    grouped_rows += 1;
+                    let groups: BTreeSet<(u32, Option<u64>)> =
+                        r.segments.iter().map(|s| (s.shard, s.group)).collect();
+                    single += u64::from(groups.len() == 1);
                 }
             }
             groups.push(distinct.len());
@@ -206,9 +266,27 @@ impl<'p> Tally<'p> {
             per_row[i] as f64
         };
         let nb = batches.len().max(1) as f64;
+        let last_plan_step = batches.last().map_or(0, |b| b.plan_step);
+        let stage = plan.stage_at(last_plan_step);
+        let shape = plan.shape(stage);
+        let per = all_rows.max(1) as f64;
         WindowFigures {
             first_step: batches.first().map_or(0, |b| b.step),
             last_step: batches.last().map_or(0, |b| b.step),
+            stage,
+            seq_len: shape.seq_len,
+            rows_per_batch: shape.rows,
+            dropped_tokens: 0,
+            by_length: LENGTH_BUCKETS
+                .iter()
+                .zip(by_length)
+                .map(|(&max_doc_len, (docs, toks))| LengthBucket {
+                    max_doc_len,
+                    docs_per_row: docs as f64 / per,
+                    tokens_per_row: toks as f64 / per,
+                })
+                .collect(),
+            single_group_rows_pct: 100.0 * ratio(single, grouped_rows),
             domains: (0..n)
                 .map(|d| DomainFigures {
                     name: plan.domains[d].name.clone(),
@@ -219,7 +297,7 @@ impl<'p> Tally<'p> {
                     epochs: epochs.get(d).copied().unwrap_or(0.0),
                 })
                 .collect(),
-            padding_pct: 100.0 * (1.0 - ratio(all_tokens, all_rows * cap)),
+            padding_pct: 100.0 * (1.0 - ratio(all_tokens, capacity)),
             truncation_pct: 100.0 * ratio(trunc, started),
             docs_per_row: [
                 per_row.iter().map(|&x| x as f64).sum::<f64>() / per_row.len().max(1) as f64,
@@ -288,6 +366,12 @@ pub struct Explanation {
     pub step: u64,
     /// Step in the unskipped numbering.
     pub plan_step: u64,
+    /// The step's stage, and its shape.
+    pub stage: u32,
+    /// Tokens a row trains on in that stage.
+    pub seq_len: u32,
+    /// Rows per global batch in that stage.
+    pub global_batch_rows: u32,
     /// Rank asked about.
     pub dp_rank: u32,
     /// Ranks.
@@ -302,6 +386,8 @@ pub struct Explanation {
 pub fn explain(plan: &Plan, batch: &GlobalBatch, r: u32, ranks: u32) -> Explanation {
     let (a, _) = super::rank_range(batch.rows.len() as u64, r, ranks);
     let names = plan.domain_names();
+    let stage = plan.stage_at(batch.plan_step);
+    let shape = plan.shape(stage);
     let rows = batch
         .rank_rows(r, ranks)
         .iter()
@@ -313,7 +399,7 @@ pub fn explain(plan: &Plan, batch: &GlobalBatch, r: u32, ranks: u32) -> Explanat
                 .map_or_else(String::new, |n| n.to_string()),
             epoch: row.epoch,
             tokens: row.tokens,
-            padding: plan.capacity() - row.tokens,
+            padding: (shape.seq_len + 1).saturating_sub(row.tokens),
             loss_tokens: row.loss_tokens,
             segments: row
                 .segments
@@ -336,6 +422,9 @@ pub fn explain(plan: &Plan, batch: &GlobalBatch, r: u32, ranks: u32) -> Explanat
     Explanation {
         step: batch.step,
         plan_step: batch.plan_step,
+        stage,
+        seq_len: shape.seq_len,
+        global_batch_rows: shape.rows,
         dp_rank: r,
         dp_size: ranks,
         counts: names
@@ -354,12 +443,16 @@ pub fn render_explain(e: &Explanation) -> String {
     let counts: Vec<String> = e.counts.iter().map(|(n, c)| format!("{n} {c}")).collect();
     let _ = writeln!(
         s,
-        "step {} (plan step {}), dp rank {} of {}; global batch rows: {}",
+        "step {} (plan step {}), dp rank {} of {}; global batch rows: {}; stage {}: {} rows \
+         of {} tokens",
         e.step,
         e.plan_step,
         e.dp_rank,
         e.dp_size,
-        counts.join(", ")
+        counts.join(", "),
+        e.stage,
+        e.global_batch_rows,
+        e.seq_len
     );
     for r in &e.rows {
         let _ = writeln!(
@@ -384,6 +477,20 @@ pub fn render_windows(windows: &[WindowFigures]) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     for w in windows {
+        let buckets: Vec<String> = w
+            .by_length
+            .iter()
+            .map(|b| {
+                let label = match b.max_doc_len {
+                    u64::MAX => "longer".to_string(),
+                    m => format!("<={m}"),
+                };
+                format!(
+                    "{label} {:.2} docs {:.0} tokens",
+                    b.docs_per_row, b.tokens_per_row
+                )
+            })
+            .collect();
         let _ = writeln!(
             s,
             "steps {}..={}: padding {:.3}%  truncation {:.3}%  docs/row mean {:.2} p50 {} p99 {}  groups/batch mean {:.1} max {}  duplicates {}  split groups {}  over-cap groups {}",
@@ -399,6 +506,17 @@ pub fn render_windows(windows: &[WindowFigures]) -> String {
             w.duplicates,
             w.split_groups,
             w.capped_groups
+        );
+        let _ = writeln!(
+            s,
+            "    stage {} ({} rows of {} tokens)  dropped at the switch {} tokens  \
+             single-group rows {:.1}%\n    per row by document length: {}",
+            w.stage,
+            w.rows_per_batch,
+            w.seq_len,
+            w.dropped_tokens,
+            w.single_group_rows_pct,
+            buckets.join(", ")
         );
         for d in &w.domains {
             let _ = writeln!(

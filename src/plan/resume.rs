@@ -46,7 +46,8 @@ impl Resumed {
     /// calls this under the lock that orders its steps, since the answer moves with them.
     pub fn check_served(&self, first_changeable: u64) -> Result<(), CursorError> {
         let plan_step = self.plan.plan_step_of(first_changeable);
-        match self.adopted_changes().iter().find(|c| c.at < plan_step) {
+        let safe = self.plan.first_safe_change(plan_step);
+        match self.adopted_changes().iter().find(|c| c.at < safe) {
             Some(c) => Err(CursorError::Served {
                 at: c.at,
                 step: first_changeable,
@@ -158,7 +159,14 @@ impl Plan {
                 })
             }
         }
-        let ours = self.history(c.plan_step);
+        // Layout 6 on: the digest reaches the bursty lookahead, so an edit inside a cycle
+        // the blob's run had begun is refused too (layouts before 6 are checked as
+        // they were written).
+        let ours = if c.lookahead {
+            self.cursor_history(c.plan_step)
+        } else {
+            self.history(c.plan_step)
+        };
         if c.history != ours {
             return Err(CursorError::History {
                 step: c.step,
@@ -183,7 +191,7 @@ impl Plan {
         }
         // A carried error is below one burst cycle's rows in any real run; a larger one
         // is forged and would make the mixer spin, so it is refused.
-        let bound = (self.cfg.global_batch_rows as i64 + 1) * mix::TICKS * 10_001;
+        let bound = (self.largest_shape().1 as i64 + 1) * mix::TICKS * 10_001;
         if let Some(domain) = c
             .mix
             .deficit
@@ -200,8 +208,9 @@ impl Plan {
             streams: c.streams.into_iter().map(Stream::new).collect(),
         };
         // Structural checks that need the packed window.
+        let stage_now = self.stage_at(c.plan_step);
         for (d, s) in p.streams.iter_mut().enumerate() {
-            s.check(&self.domains[d], self.geometry)
+            s.check(&self.domains[d], &self.geometries, stage_now)
                 .map_err(|source| CursorError::Stream {
                     domain: self.domains[d].name.clone(),
                     source,
@@ -225,9 +234,14 @@ mod tests {
             format!("seq_len = 15\nglobal_batch_rows = 4\nseed = {seed}\nweights = {weights}");
         let table: toml::Table = toml::from_str(&text).unwrap();
         let cfg = PlanConfig::from_table(&table).unwrap();
-        let inputs: Vec<DomainInput> = ["a", "b"]
+        Arc::new(Plan::new(&two_domains(DomainSettings::default()), cfg, 1).unwrap())
+    }
+
+    /// Domains a and b over the same small shard; b with `b` settings.
+    fn two_domains(b: DomainSettings) -> Vec<DomainInput> {
+        [("a", DomainSettings::default()), ("b", b)]
             .iter()
-            .map(|n| DomainInput {
+            .map(|(n, settings)| DomainInput {
                 name: n.to_string(),
                 shards: vec![(
                     format!("{n}/0"),
@@ -236,10 +250,9 @@ mod tests {
                         groups: None,
                     }) as Arc<dyn DocSource>,
                 )],
-                settings: DomainSettings::default(),
+                settings: *settings,
             })
-            .collect();
-        Arc::new(Plan::new(&inputs, cfg, 1).unwrap())
+            .collect()
     }
 
     fn plan() -> Arc<Plan> {
@@ -441,6 +454,83 @@ mod tests {
             err(plan.resume(&cursor::encode(&c), 0)),
             CursorError::Deficit { domain: 1 }
         );
+    }
+
+    /// `plan()`'s corpus, 16 rows a batch, with domain b bursty (period 4: cycles start at 0, 4, 8, ...)
+    /// under `schedule` (TOML `[[schedule]]` entries).
+    fn bursty_plan(schedule: &str) -> Arc<Plan> {
+        let text = format!("seq_len = 15\nglobal_batch_rows = 16\nseed = 7\n{schedule}");
+        let cfg = PlanConfig::from_table(&toml::from_str(&text).unwrap()).unwrap();
+        let bursty = DomainSettings {
+            bursty: Some(crate::config::plan::Bursty { period: 4 }),
+            ..DomainSettings::default()
+        };
+        Arc::new(Plan::new(&two_domains(bursty), cfg, 1).unwrap())
+    }
+
+    /// A blob at plan step 6 sits inside the bursty cycle that began at step 4, whose
+    /// rows were computed from the weights of steps 4-7. An edit at step 7 (in the config
+    /// or by a live change) rewrites step 4: the blob is refused. Before layout 6 the
+    /// history covered steps before 6 only and both were accepted, resuming a stream that
+    /// was neither the old run's nor the new plan's.
+    #[test]
+    fn an_edit_inside_a_bursty_cycle_the_blob_began_is_refused() {
+        const FLAT: &str = "[[schedule]]\nstep = 0\nweights = { a = 3.0, b = 1.0 }\n";
+        let at = |step: u64| {
+            format!(
+                "{FLAT}[[schedule]]\nstep = {step}\nramp = false\n\
+                 weights = {{ a = 9.0, b = 1.0 }}\n"
+            )
+        };
+        let old = bursty_plan(FLAT);
+        let blob = blob_at(&old, 6);
+        let edited = bursty_plan(&at(7));
+        // The edit does change what step 4 planned.
+        assert_ne!(edited.seek(6).mix_state(), old.seek(6).mix_state());
+        assert!(
+            matches!(
+                edited.restore(&blob),
+                Err(CursorError::History { step: 6, .. })
+            ),
+            "a config edit inside the blob's bursty cycle was accepted"
+        );
+        let live = changed(&old, 7, 9.0);
+        assert!(
+            matches!(
+                err(live.resume(&blob, 1 << 14)),
+                CursorError::History { step: 6, .. }
+            ),
+            "a live change inside the blob's bursty cycle was accepted"
+        );
+        // Past the cycle's end the edit is the blob's future.
+        let later = bursty_plan(&at(8));
+        let mut r = later.restore(&blob).unwrap();
+        let mut want = later.seek(6);
+        for _ in 0..6 {
+            assert_eq!(r.next_batch(), want.next_batch());
+        }
+        // The first step a change may take once steps before 6 are served is the
+        // cycle's end; a blob adopting a change inside it is refused as served.
+        assert_eq!(old.first_safe_change(6), 8);
+        assert_eq!(old.first_safe_change(4), 4);
+        assert_eq!(old.first_safe_change(0), 0);
+        let ahead = changed(&old, 7, 9.0);
+        let r = old.resume(&blob_at(&ahead, 9), 1 << 14).unwrap();
+        assert!(r.adopted);
+        assert!(matches!(
+            r.check_served(6),
+            Err(CursorError::Served { at: 7, .. })
+        ));
+        assert!(r.check_served(4).is_ok());
+        // A layout 5 blob (history up to its step only) still resumes as it always did.
+        let mut c = cursor::decode(&blob).unwrap();
+        c.lookahead = false;
+        c.history = old.history(6);
+        let five = cursor::encode(&c);
+        assert_eq!(u16::from_le_bytes([five[8], five[9]]), 5);
+        let mut r = old.restore(&five).unwrap();
+        let mut want = old.seek(6);
+        assert_eq!(r.next_batch(), want.next_batch());
     }
 
     /// Blobs written by the build before layout 5, by this module's `plan()`: a layout 3

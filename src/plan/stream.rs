@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use super::domain::{expand_row, pack_window, DomainData, Geometry, UnitKind};
+use super::domain::{expand_row, DomainData, Geometry, UnitKind};
 use super::pack::Window;
 use super::permute::{chained, derive_key, Permutation, Reshuffle};
+use super::stage::{self, geometry, CarryLevel};
 use super::Row;
 use crate::config::plan::GroupMode;
 
@@ -46,6 +47,14 @@ pub struct StreamState {
     /// Earlier windows whose batch-grouped blocks are still being handed out, oldest
     /// first (see [`Tail`]).
     pub tails: Vec<Tail>,
+    /// The stage whose shape the current window is packed at (`plan/stage.rs`).
+    pub stage: u32,
+    /// The stage switches the current window went through, oldest first: its units
+    /// not emitted before them are what it still holds.
+    pub carry: Vec<CarryLevel>,
+    /// Tokens dropped at stage switches: rows of batch-grouped groups still spanning
+    /// batches in an earlier window (a tail) when the switch came.
+    pub dropped: u64,
 }
 
 /// A window whose blocks have all been drawn but some of which still span batches.
@@ -68,11 +77,13 @@ pub struct Tail {
     pub window_start: u64,
     /// Its blocks still spanning: (block id, rows already taken, > 0).
     pub pending: Vec<(u32, u32)>,
+    /// The stage switches the window went through (tails are in the stream's stage).
+    pub carry: Vec<CarryLevel>,
 }
 
 impl Tail {
-    /// The stream state that packs this window.
-    fn as_state(&self) -> StreamState {
+    /// The stream state that packs this window (at `stage`, the stream's).
+    fn as_state(&self, stage: u32) -> StreamState {
         StreamState {
             epoch: self.epoch,
             grouped: self.grouped,
@@ -80,6 +91,8 @@ impl Tail {
             pos_chain: self.pos_chain.clone(),
             window_start: self.window_start,
             started: true,
+            stage,
+            carry: self.carry.clone(),
             ..StreamState::default()
         }
     }
@@ -146,7 +159,18 @@ pub enum StreamError {
         /// Rows the state says were taken.
         done: u32,
     },
+    /// A stage out of order, or past the stage of the step the stream resumes at.
+    #[error("stage {stage} is out of order or not reached yet (the plan has {stages})")]
+    Stage {
+        /// The stage named.
+        stage: u32,
+        /// Stages in the plan.
+        stages: usize,
+    },
 }
+
+/// Names a packed current window: (window start, stage, carry depth).
+type WindowKey = (u64, u32, usize);
 
 /// Most blocks a batch-grouped domain passes over while looking for ones that fit.
 pub const MAX_DEFERRED: usize = 16;
@@ -154,9 +178,10 @@ pub const MAX_DEFERRED: usize = 16;
 /// A domain's stream: state plus the window cache.
 pub(crate) struct Stream {
     pub(crate) state: StreamState,
-    cache: Option<(u64, Arc<Window>, Permutation)>,
+    /// The current window, keyed by (window start, stage, carry depth).
+    pub(super) cache: Option<(WindowKey, Arc<Window>, Permutation)>,
     /// Packed tail windows, by (epoch, window start).
-    tail_cache: Vec<((u32, u64), Arc<Window>)>,
+    pub(super) tail_cache: Vec<((u32, u64), Arc<Window>)>,
 }
 
 impl Stream {
@@ -170,7 +195,12 @@ impl Stream {
 
     /// Checks a restored state against the window it points at, so a forged or stale
     /// blob is refused rather than indexing out of bounds later.
-    pub(crate) fn check(&mut self, d: &DomainData, g: Geometry) -> Result<(), StreamError> {
+    pub(crate) fn check(
+        &mut self,
+        d: &DomainData,
+        g: &[Geometry],
+        stage_now: u32,
+    ) -> Result<(), StreamError> {
         if !self.state.started {
             if !self.state.tails.is_empty() {
                 return Err(StreamError::TailsBeforeStart);
@@ -187,6 +217,7 @@ impl Stream {
         if self.state.grouped && d.units(UnitKind::Group) == 0 {
             return Err(StreamError::GroupedWithoutGroups);
         }
+        stage::check(d, &self.state, self.kind(), g, stage_now)?;
         let (w, _) = self.window(d, g);
         if self.state.next_block as usize > w.blocks.len() {
             return Err(StreamError::BlockPastWindow {
@@ -222,13 +253,14 @@ impl Stream {
     }
 
     /// Packs (or fetches) the window of tail `t`.
-    fn tail_window(&mut self, d: &DomainData, g: Geometry, t: usize) -> Arc<Window> {
+    pub(super) fn tail_window(&mut self, d: &DomainData, g: &[Geometry], t: usize) -> Arc<Window> {
         let tail = &self.state.tails[t];
         let key = (tail.epoch, tail.window_start);
         if let Some((_, w)) = self.tail_cache.iter().find(|(k, _)| *k == key) {
             return w.clone();
         }
-        let w = Arc::new(pack_window(d, &tail.as_state(), tail.kind(), g));
+        let state = tail.as_state(self.state.stage);
+        let w = Arc::new(stage::pack_current(d, &state, tail.kind(), g));
         self.tail_cache.push((key, w.clone()));
         w
     }
@@ -243,6 +275,7 @@ impl Stream {
             pos_chain: s.pos_chain.clone(),
             window_start: s.window_start,
             pending: std::mem::take(&mut s.pending),
+            carry: s.carry.clone(),
         };
         if let Some((_, w, _)) = &self.cache {
             self.tail_cache
@@ -262,7 +295,7 @@ impl Stream {
     /// Blocks in the cached current window, if packed.
     pub(crate) fn cached_blocks(&self) -> Option<usize> {
         match &self.cache {
-            Some((ws, w, _)) if *ws == self.state.window_start => Some(w.blocks.len()),
+            Some((k, w, _)) if *k == self.cache_key() => Some(w.blocks.len()),
             _ => None,
         }
     }
@@ -275,15 +308,24 @@ impl Stream {
         }
     }
 
-    fn window_end(&self, d: &DomainData) -> u64 {
+    /// End of the current window: its start plus the window size of the stage that
+    /// first cut it (a carried window keeps its units' range).
+    fn window_end(&self, d: &DomainData, g: &[Geometry]) -> u64 {
         let n = d.virtual_units(self.kind());
-        (self.state.window_start + d.window).min(n)
+        let len = d.window_len(geometry(g, stage::origin(&self.state)));
+        (self.state.window_start + len).min(n)
+    }
+
+    fn cache_key(&self) -> WindowKey {
+        let s = &self.state;
+        (s.window_start, s.stage, s.carry.len())
     }
 
     /// Packs (or fetches) the current window and its emission permutation.
-    fn window(&mut self, d: &DomainData, g: Geometry) -> (Arc<Window>, Permutation) {
-        if let Some((ws, w, p)) = &self.cache {
-            if *ws == self.state.window_start {
+    fn window(&mut self, d: &DomainData, g: &[Geometry]) -> (Arc<Window>, Permutation) {
+        let key = self.cache_key();
+        if let Some((k, w, p)) = &self.cache {
+            if *k == key {
                 return (w.clone(), p.clone());
             }
         }
@@ -294,22 +336,18 @@ impl Stream {
                 && s.pos_chain.is_empty()
                 && s.epoch_seed == f.seed
                 && s.grouped == f.grouped
+                && s.stage == 0
+                && s.carry.is_empty()
         });
         let w = match reuse {
             Some(f) => f.window.clone(),
-            None => Arc::new(pack_window(d, &self.state, self.kind(), g)),
+            None => Arc::new(stage::pack_current(d, &self.state, self.kind(), g)),
         };
         let p = Permutation::new(
             w.blocks.len() as u64,
-            derive_key(&[
-                self.state.epoch_seed,
-                d.key,
-                self.state.epoch as u64,
-                self.state.window_start,
-                2,
-            ]),
+            stage::emission_key(d, s, s.carry.len(), s.stage),
         );
-        self.cache = Some((self.state.window_start, w.clone(), p.clone()));
+        self.cache = Some((key, w.clone(), p.clone()));
         (w, p)
     }
 
@@ -325,23 +363,31 @@ impl Stream {
         s.next_block = 0;
         s.block_chain.clear();
         s.pending.clear();
+        s.carry.clear();
         s.started = true;
         self.cache = None;
     }
 
-    /// Brings the stream to `step`: opens the first epoch, switches to grouped units when
-    /// grouping starts, and applies reseeds that are due.
+    /// Brings the stream to `step` of stage `stage`: opens the first epoch, switches
+    /// stage, switches to grouped units when grouping starts, and applies reseeds that
+    /// are due.
+    #[allow(clippy::too_many_arguments)]
     fn prepare(
         &mut self,
         d: &DomainData,
-        g: Geometry,
+        g: &[Geometry],
+        stage: u32,
         step: u64,
         seed: u64,
         reseeds: &[(u64, u64)],
     ) {
         if !self.state.started {
+            self.state.stage = stage;
             self.open_epoch(d, step, seed, false);
-        } else if !self.state.grouped && d.grouping_active(step) {
+        } else if self.state.stage != stage {
+            self.switch_stage(d, g, stage);
+        }
+        if !self.state.grouped && d.grouping_active(step) {
             self.open_epoch(d, step, seed, true);
         }
         while (self.state.reseeds as usize) < reseeds.len() {
@@ -350,7 +396,7 @@ impl Stream {
                 break;
             }
             let (w, _) = self.window(d, g);
-            let end = self.window_end(d);
+            let end = self.window_end(d, g);
             let s = &mut self.state;
             let e = s.epoch as u64;
             s.pos_chain.push(Reshuffle {
@@ -369,8 +415,8 @@ impl Stream {
 
     /// Advances to the next window (or epoch) when the current one is used up.
     /// Returns false when the domain has no units at all.
-    fn advance_window(&mut self, d: &DomainData, step: u64, seed: u64) -> bool {
-        let end = self.window_end(d);
+    fn advance_window(&mut self, d: &DomainData, g: &[Geometry], step: u64, seed: u64) -> bool {
+        let end = self.window_end(d, g);
         let n = d.virtual_units(self.kind());
         if n == 0 {
             return false;
@@ -381,6 +427,7 @@ impl Stream {
             self.state.window_start = end;
             self.state.next_block = 0;
             self.state.block_chain.clear();
+            self.state.carry.clear();
         }
         true
     }
@@ -399,7 +446,8 @@ impl Stream {
         &mut self,
         d: &DomainData,
         domain: u16,
-        g: Geometry,
+        g: &[Geometry],
+        stage: u32,
         n: u32,
         step: u64,
         seed: u64,
@@ -410,7 +458,7 @@ impl Stream {
         if n == 0 {
             return;
         }
-        self.prepare(d, g, step, seed, reseeds);
+        self.prepare(d, g, stage, step, seed, reseeds);
         let batch_mode = self.state.grouped && d.settings.grouping.mode == GroupMode::Batch;
         // `limit`: the most rows a block may have and still go whole into this batch.
         let limit = if batch_mode {
@@ -503,7 +551,7 @@ impl Stream {
                         return; // only empty documents: nothing to give
                     }
                 }
-                if !self.advance_window(d, step, seed) {
+                if !self.advance_window(d, g, step, seed) {
                     return;
                 }
                 (w, perm) = self.window(d, g);
@@ -533,7 +581,7 @@ impl Stream {
 
     /// Window, epoch and unit kind of pending source `t`: a tail, or (at
     /// `t == tails.len()`) the current window.
-    fn source(&mut self, d: &DomainData, g: Geometry, t: usize) -> (Arc<Window>, u32, UnitKind) {
+    fn source(&mut self, d: &DomainData, g: &[Geometry], t: usize) -> (Arc<Window>, u32, UnitKind) {
         match self.state.tails.get(t) {
             Some(tail) => {
                 let (epoch, kind) = (tail.epoch, tail.kind());
@@ -621,7 +669,7 @@ impl Stream {
 }
 
 /// Checks that restored pending blocks name blocks of `w` with rows still to take.
-fn check_pending(pending: &[(u32, u32)], w: &Window) -> Result<(), StreamError> {
+pub(super) fn check_pending(pending: &[(u32, u32)], w: &Window) -> Result<(), StreamError> {
     for &(block, done) in pending {
         match w.blocks.get(block as usize) {
             Some(blk) if done < blk.rows => {}
@@ -633,7 +681,12 @@ fn check_pending(pending: &[(u32, u32)], w: &Window) -> Result<(), StreamError> 
 
 /// Epoch progress of a stream: completed epochs plus the fraction of the current one
 /// (window start plus the share of the window's blocks already handed out).
-pub(crate) fn epoch_progress(d: &DomainData, s: &StreamState, blocks: Option<usize>) -> f64 {
+pub(crate) fn epoch_progress(
+    d: &DomainData,
+    s: &StreamState,
+    blocks: Option<usize>,
+    g: &[Geometry],
+) -> f64 {
     if !s.started {
         return 0.0;
     }
@@ -643,7 +696,7 @@ pub(crate) fn epoch_progress(d: &DomainData, s: &StreamState, blocks: Option<usi
         UnitKind::Doc
     };
     let n = d.virtual_units(kind).max(1);
-    let end = (s.window_start + d.window).min(n);
+    let end = (s.window_start + d.window_len(geometry(g, stage::origin(s)))).min(n);
     let within = match blocks {
         Some(b) if b > 0 => (s.next_block as f64 / b as f64).min(1.0),
         _ => 0.0,

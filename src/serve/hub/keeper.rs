@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use crate::plan::{CheckpointKey, Checkpoints, Plan};
+use crate::plan::{Checkpoints, Plan};
 use crate::plan_cache::CheckpointDir;
 
 /// Offers waiting for the writer at most: one is made every few hundred steps, so a
@@ -85,29 +85,10 @@ fn write_offers(root: &std::path::Path, rx: Receiver<Offer>) {
         let Some((_, store)) = &dir else {
             continue;
         };
-        let key = checkpoint_key(&o.plan, o.plan_step);
+        let key = o.plan.checkpoint_key(o.plan_step);
         if !store.has(&key) {
             store.store(&key, &o.blob);
         }
-    }
-}
-
-/// The key a seek looks a checkpoint at `plan_step` of `plan` up by: the plan's history
-/// up to the step plus its longest bursty period, and its journal digest.
-/// (The plan names its own the same way; tests check the two agree.)
-pub(super) fn checkpoint_key(plan: &Plan, plan_step: u64) -> CheckpointKey {
-    let lookahead = plan
-        .mixer()
-        .bursty
-        .iter()
-        .flatten()
-        .map(|&(period, _)| u64::from(period))
-        .max()
-        .unwrap_or(0);
-    CheckpointKey {
-        plan_step,
-        history: plan.history(plan_step.saturating_add(lookahead)),
-        journal: plan.journal_digest(),
     }
 }
 
@@ -150,6 +131,7 @@ mod tests {
             schedule: Vec::new(),
             skip: Vec::new(),
             reseed: Vec::new(),
+            stage: Vec::new(),
         };
         let inputs = [input("a", 10, false), input("b", 23, true)];
         Arc::new(Plan::new(&inputs, cfg, 1).expect("a two-domain plan builds"))
@@ -171,7 +153,7 @@ mod tests {
         while p.step() < 40 {
             p.next_batch();
             if p.plan_step() % every == 0 {
-                served.insert(checkpoint_key(&plan, p.plan_step()), p.cursor());
+                served.insert(plan.checkpoint_key(p.plan_step()), p.cursor());
             }
         }
         assert_eq!(served, stored);

@@ -221,20 +221,29 @@ impl Hub {
                 }
             },
         };
-        let (d, moved) = if d < fc_p {
+        // A bursty domain's cycle begun before `fc` was planned from its later steps'
+        // weights: a change inside it would rewrite a published step.
+        let safe = plan.first_safe_change(fc_p);
+        let (d, moved) = if d < safe {
+            let first = plan.trainer_step_of(safe);
             match req.late {
                 Late::Refuse => {
                     return Err(ChangeError {
                         code: Code::Late,
                         message: format!(
                             "step {requested} may already have been received (steps below \
-                             {fc} are published); the first step that can still change is \
-                             {fc}"
+                             {fc} are published{}); the first step that can still change is \
+                             {first}",
+                            if first > fc {
+                                ", and a bursty domain's cycle begun before it runs to this step"
+                            } else {
+                                ""
+                            }
                         ),
-                        first_changeable: Some(fc),
+                        first_changeable: Some(first),
                     })
                 }
-                Late::Next => (fc_p, true),
+                Late::Next => (safe, true),
             }
         } else {
             (d, false)

@@ -359,6 +359,7 @@ pub(super) mod tests {
             schedule: Vec::new(),
             skip: Vec::new(),
             reseed: Vec::new(),
+            stage: Vec::new(),
         };
         Arc::new(Plan::new(&[input], cfg, 1).expect("a one-domain plan builds"))
     }

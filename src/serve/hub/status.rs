@@ -124,7 +124,12 @@ impl Hub {
                 failed_reloads: st.failed_reloads.values().sum::<u64>(),
                 reloads_by_source: by_source(&st.reloads),
                 failed_reloads_by_source: by_source(&st.failed_reloads),
-                first_changeable_step: st.first_changeable(),
+                // The step a change can start at: past the published steps and past a
+                // bursty cycle begun before them (what `set-weights` would move to).
+                first_changeable_step: st.plan.trainer_step_of(
+                    st.plan
+                        .first_safe_change(st.plan.plan_step_of(st.first_changeable())),
+                ),
                 journal: Self::journal_of(&st),
                 journal_superseded: st.plan.superseded(),
                 jobs,

@@ -1,0 +1,636 @@
+//! Property tests of stages (`[[plan.stage]]`, issue 17): a stream switching from short
+//! rows to long ones (64 -> 512 tokens here, 4096 -> 32768 in the fixed case, rows cut
+//! to keep tokens per step about constant) over small corpora with every grouping mode.
+//!
+//! - Within each epoch every token appears once; what is missing from an epoch in
+//!   progress at the switch is exactly what the streams counted as `dropped` (rows of
+//!   batch-grouped groups still spanning batches in an earlier window, docs/DESIGN.md
+//!   "Stages"), and nothing is missing from any other epoch.
+//! - Every batch has its stage's rows and row length, and the mixture stays within one
+//!   row of target, in rows of the stage in force, at every step.
+//! - A blob taken at any step, either side of the switch (the step before it
+//!   included), resumes equal to the uninterrupted stream; seek (plain and from
+//!   checkpoints) equals the replay. Cases add concat packing, a bursty domain, a
+//!   reseed next to the switch and a third stage soon after it (a window meeting two
+//!   switches).
+//! - A stage added by a config edit at or after a blob's step keeps the blob; one
+//!   before it is refused as a rewrite of its past.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use millrace::config::plan::{
+    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, Reseed, Stage,
+};
+use millrace::corpus::GroupRun;
+use millrace::plan::cursor;
+use millrace::plan::mix::TICKS;
+use millrace::plan::report::{explain, Tally};
+use millrace::plan::{
+    CursorError, DocSource, DomainInput, GlobalBatch, MemCheckpoints, MemShard, Plan,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+
+/// One domain: shards of (document lengths, group run sizes), and its settings.
+struct Dom {
+    name: &'static str,
+    shards: Vec<(Vec<u32>, Vec<u64>)>,
+    settings: DomainSettings,
+}
+
+impl Dom {
+    fn tokens(&self) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|s| s.0.iter())
+            .map(|&l| l as u64)
+            .sum()
+    }
+}
+
+/// Lengths around a row of `short` tokens: short documents, some longer than a short
+/// row, a few longer than a long row `long`.
+fn lengths(rng: &mut Pcg64, n: usize, short: u32, long: u32) -> Vec<u32> {
+    (0..n)
+        .map(|_| match rng.gen_range(0..20) {
+            0 => 0,
+            1..=4 => rng.gen_range(short..long),
+            5 => rng.gen_range(long..2 * long),
+            _ => rng.gen_range(1..short),
+        })
+        .collect()
+}
+
+fn runs(rng: &mut Pcg64, docs: usize) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut left = docs as u64;
+    while left > 0 {
+        let k = rng.gen_range(1..=5).min(left);
+        out.push(k);
+        left -= k;
+    }
+    out
+}
+
+/// Three domains: documents one by one, `sequence` groups, `batch` groups.
+fn corpus(seed: u64, docs: usize, short: u32, long: u32) -> Vec<Dom> {
+    let mut rng = Pcg64::seed_from_u64(seed);
+    let grouped = |mode| DomainSettings {
+        grouping: Grouping {
+            mode,
+            ..Grouping::default()
+        },
+        ..DomainSettings::default()
+    };
+    let shard = |rng: &mut Pcg64| {
+        let l = lengths(rng, docs, short, long);
+        let r = runs(rng, docs);
+        (l, r)
+    };
+    vec![
+        Dom {
+            name: "web",
+            shards: vec![shard(&mut rng)],
+            settings: DomainSettings::default(),
+        },
+        Dom {
+            name: "code",
+            shards: vec![shard(&mut rng), shard(&mut rng)],
+            settings: grouped(GroupMode::Sequence),
+        },
+        Dom {
+            name: "books",
+            shards: vec![shard(&mut rng)],
+            settings: grouped(GroupMode::Batch),
+        },
+    ]
+}
+
+fn inputs(doms: &[Dom]) -> Vec<DomainInput> {
+    doms.iter()
+        .map(|d| DomainInput {
+            name: d.name.to_string(),
+            shards: d
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, (lengths, sizes))| {
+                    let mut first = 0;
+                    let groups = sizes
+                        .iter()
+                        .enumerate()
+                        .map(|(id, &docs)| {
+                            let run = GroupRun {
+                                id: id as u64,
+                                first_doc: first,
+                                docs,
+                            };
+                            first += docs;
+                            run
+                        })
+                        .collect();
+                    let src: Arc<dyn DocSource> = Arc::new(MemShard {
+                        lengths: lengths.clone(),
+                        groups: Some(groups),
+                    });
+                    (format!("{}/{i}", d.name), src)
+                })
+                .collect(),
+            settings: d.settings,
+        })
+        .collect()
+}
+
+/// A two-stage config: `short` tokens x `rows` rows, then from `switch` on `long`
+/// tokens x `long_rows` rows (an anneal mixture at the same step), chaining long groups
+/// there when `chain`.
+fn config(
+    short: u32,
+    rows: u32,
+    window: u64,
+    (switch, long, long_rows): (u64, u32, u32),
+    chain: bool,
+) -> PlanConfig {
+    staged(
+        short,
+        rows,
+        window,
+        (switch, long, long_rows),
+        chain,
+        Packing::BestFit,
+    )
+}
+
+/// [`config`] with another packing.
+fn staged(
+    short: u32,
+    rows: u32,
+    window: u64,
+    (switch, long, long_rows): (u64, u32, u32),
+    chain: bool,
+    packing: Packing,
+) -> PlanConfig {
+    let packing = match packing {
+        Packing::Concat => "concat",
+        Packing::BestFit => "best_fit",
+    };
+    let point = |step, web: f64| {
+        format!(
+            "[[schedule]]\nstep = {step}\nweights = {{ web = {web}, code = 0.3, books = 0.2 }}\n"
+        )
+    };
+    let text = format!(
+        "seed = 11\nseq_len = {short}\nglobal_batch_rows = {rows}\npacking = \"{packing}\"\n\
+         best_fit_window = {window}\n{}{}{}[[stage]]\nstep = {switch}\nseq_len = {long}\n\
+         global_batch_rows = {long_rows}\nbest_fit_window = {}\nchain_groups = {chain}\n",
+        point(0, 0.5),
+        point(switch - 1, 0.5),
+        point(switch, 0.2),
+        window / 2 + 1,
+    );
+    parse_plan(&text).expect("a two-stage [plan]")
+}
+
+fn build(doms: &[Dom], cfg: PlanConfig) -> Arc<Plan> {
+    Arc::new(Plan::new(&inputs(doms), cfg, 7).expect("the plan builds"))
+}
+
+/// The uninterrupted stream of `steps` batches, and the cursor before each.
+fn run(plan: &Arc<Plan>, steps: u64) -> (Vec<GlobalBatch>, Vec<Vec<u8>>) {
+    let mut p = plan.start();
+    let mut batches = Vec::new();
+    let mut blobs = Vec::new();
+    for _ in 0..steps {
+        blobs.push(p.cursor());
+        batches.push(p.next_batch());
+    }
+    blobs.push(p.cursor());
+    (batches, blobs)
+}
+
+/// Token ranges emitted per (shard, document).
+type Ranges = HashMap<(u32, u64), Vec<(u64, u64)>>;
+
+/// Every property above, for one plan with its switch at plan step `switch`. Returns
+/// the tokens dropped at the switch and the domains that carried units across it.
+fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]) -> (u64, usize) {
+    let (batches, blobs) = run(plan, steps);
+    let n = doms.len();
+    // Shapes and mixture.
+    let mut rows = vec![0i64; n];
+    let mut target = vec![0i64; n];
+    for b in &batches {
+        let (seq, g) = plan.shape_at(b.plan_step);
+        let stage = plan
+            .stages()
+            .iter()
+            .rev()
+            .find(|s| s.step <= b.plan_step)
+            .unwrap();
+        assert_eq!((seq, g), (stage.seq_len, stage.rows), "step {}", b.step);
+        assert_eq!(b.rows.len(), g as usize, "step {}", b.step);
+        for r in &b.rows {
+            assert!(
+                r.tokens <= seq + 1,
+                "step {}: a row of {}",
+                b.step,
+                r.tokens
+            );
+            let sum: u32 = r.segments.iter().map(|s| s.len).sum();
+            assert_eq!(sum, r.tokens);
+        }
+        for (d, t) in plan.mixer().nominal(b.plan_step).iter().enumerate() {
+            if doms.iter().any(|d| d.settings.bursty.is_some()) {
+                break; // a burst takes a cycle's rows at once, the others make room
+            }
+            target[d] += t;
+            rows[d] += b.counts[d] as i64;
+            let off = (target[d] - rows[d] * TICKS).abs();
+            assert!(
+                off <= TICKS,
+                "step {}: domain {d} is {:.3} rows off target",
+                b.step,
+                off as f64 / TICKS as f64
+            );
+        }
+    }
+    let end = plan.seek(steps);
+    let after = plan.seek(plan.trainer_step_of(switch) + 1);
+    let carried = (0..n)
+        .filter(|&d| after.stream(d).is_some_and(|s| !s.carry.is_empty()))
+        .count();
+    let dropped = (0..n)
+        .filter_map(|d| end.stream(d))
+        .map(|s| s.dropped)
+        .sum();
+    resumes(plan, &batches, &blobs, steps, probes);
+    if plan.config().packing == Packing::Concat {
+        return (dropped, carried); // rows share a token at seams: coverage is best_fit's
+    }
+    // Coverage: token ranges per (domain, epoch, shard, doc), never overlapping.
+    let mut seen: HashMap<(u16, u32), Ranges> = HashMap::new();
+    for b in &batches {
+        for r in &b.rows {
+            let e = seen.entry((r.domain, r.epoch)).or_default();
+            for s in &r.segments {
+                e.entry((s.shard, s.doc))
+                    .or_default()
+                    .push((s.start, s.start + s.len as u64));
+            }
+        }
+    }
+    let at_switches: Vec<_> = plan.stages()[1..]
+        .iter()
+        .map(|s| plan.seek(plan.trainer_step_of(s.step)))
+        .collect();
+    for (d, dom) in doms.iter().enumerate() {
+        let state = end.stream(d).expect("a stream per domain");
+        let open = state
+            .tails
+            .iter()
+            .map(|t| t.epoch)
+            .chain([state.epoch])
+            .min()
+            .unwrap_or(0);
+        let switched: Vec<u32> = at_switches
+            .iter()
+            .filter_map(|p| p.stream(d))
+            .flat_map(|s| s.tails.iter().map(|t| t.epoch).chain([s.epoch]))
+            .collect();
+        let mut missing = 0u64;
+        for epoch in 0..open {
+            let mut emitted = 0u64;
+            for ranges in seen
+                .get(&(d as u16, epoch))
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                let mut r = ranges.clone();
+                r.sort_unstable();
+                for w in r.windows(2) {
+                    assert!(
+                        w[0].1 <= w[1].0,
+                        "{}: epoch {epoch} repeats tokens {w:?}",
+                        dom.name
+                    );
+                }
+                emitted += r.iter().map(|(a, b)| b - a).sum::<u64>();
+            }
+            let gap = dom.tokens() - emitted;
+            if !switched.contains(&epoch) {
+                assert_eq!(gap, 0, "{}: epoch {epoch} misses tokens", dom.name);
+            }
+            missing += gap;
+        }
+        if switched.iter().all(|&e| e < open) {
+            assert_eq!(missing, state.dropped, "{}: dropped tokens", dom.name);
+        }
+        assert!(open > 1, "{}: too few epochs to check", dom.name);
+    }
+    (dropped, carried)
+}
+
+/// Resume from blobs either side of the switch, and seek, equal the uninterrupted run.
+fn resumes(
+    plan: &Arc<Plan>,
+    batches: &[GlobalBatch],
+    blobs: &[Vec<u8>],
+    steps: u64,
+    probes: &[u64],
+) {
+    let every = 4;
+    let store = MemCheckpoints::new();
+    let never = AtomicBool::new(false);
+    for blob in blobs {
+        let data = cursor::decode(blob).expect("a blob decodes");
+        assert_eq!(&cursor::encode(&data), blob, "encode(decode(b)) == b");
+    }
+    for &t in probes {
+        let t = t.min(steps - 3);
+        let mut r = plan.restore(&blobs[t as usize]).expect("the blob resumes");
+        let mut s = plan.seek(t);
+        assert_eq!(s.cursor(), blobs[t as usize], "seek({t}) cursor");
+        let mut c = plan
+            .seek_checkpointed(t, 3, every, &store, &never)
+            .expect("not cancelled");
+        for (i, want) in batches[t as usize..t as usize + 3].iter().enumerate() {
+            assert_eq!(&r.next_batch(), want, "resumed at {t}, +{i}");
+            assert_eq!(&s.next_batch(), want, "seek({t}), +{i}");
+            assert_eq!(&c.next_batch(), want, "checkpointed seek({t}), +{i}");
+        }
+    }
+}
+
+fn pt(cases: u32, seed: u64) -> PtConfig {
+    PtConfig {
+        cases,
+        failure_persistence: None,
+        rng_algorithm: RngAlgorithm::ChaCha,
+        rng_seed: RngSeed::Fixed(seed),
+        max_shrink_iters: 64,
+        ..PtConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(pt(16, 0x57a6e))]
+
+    /// 64 x 64 rows, then 512 x 8 rows, over random corpora, windows and switch steps.
+    #[test]
+    fn a_switch_keeps_epochs_mixture_and_resume(
+        corpus_seed in any::<u64>(),
+        window in prop_oneof![Just(8u64), Just(24), Just(64)],
+        switch in 3u64..25,
+        extra in prop::collection::vec(0u64..60, 3),
+        chain in any::<bool>(),
+        concat in prop::bool::weighted(0.25),
+        bursty in prop::bool::weighted(0.3),
+        reseed in prop::option::weighted(0.4, -2i64..=2),
+        third in prop::option::weighted(0.4, 1u64..8),
+    ) {
+        let mut doms = corpus(corpus_seed, 60, 64, 512);
+        let packing = if concat { Packing::Concat } else { Packing::BestFit };
+        if concat {
+            doms[2].settings.grouping.mode = GroupMode::Sequence; // batch needs best_fit
+        }
+        if bursty {
+            doms[0].settings.bursty = Some(Bursty { period: 3 });
+        }
+        let mut cfg = staged(64, 64, window, (switch, 512, 8), chain, packing);
+        if let Some(r) = reseed {
+            // A reseed just before, at or after the switch reshuffles what is carried.
+            let step = (switch as i64 + r).max(1) as u64;
+            cfg.reseed.push(Reseed { step, seed: 99 });
+        }
+        if let Some(k) = third {
+            // Back to shorter rows soon after: a window can meet two switches.
+            cfg.stage.push(Stage {
+                step: switch + k,
+                seq_len: 128,
+                global_batch_rows: 32,
+                best_fit_window: None,
+                chain_groups: !chain,
+            });
+        }
+        let plan = build(&doms, cfg);
+        let mut probes = vec![0, switch - 1, switch, switch + 1];
+        probes.extend(extra);
+        check(&doms, &plan, switch, 60, &probes);
+    }
+}
+
+/// The issue's shape: 4096-token rows, then 32768 from step 6 with rows cut 8 -> 1.
+#[test]
+fn a_4096_to_32768_switch() {
+    let doms = corpus(3, 8, 4096, 32768);
+    let plan = build(&doms, config(4096, 8, 16, (6, 32768, 1), true));
+    assert_eq!(plan.shape_at(5), (4096, 8));
+    assert_eq!(plan.shape_at(6), (32768, 1));
+    assert_eq!(plan.largest_shape(), (32768, 8));
+    let (dropped, carried) = check(&doms, &plan, 6, 80, &[0, 5, 6, 7, 20]);
+    // The switch did meet windows in progress: units were carried.
+    assert!(carried > 0, "carried {carried}, dropped {dropped}");
+}
+
+/// A stage is history: added by a config edit at or after a blob's step it is the
+/// blob's future (the blob resumes, equal to the edited plan's replay); before it, it
+/// rewrites the blob's past and the blob is refused.
+#[test]
+fn a_stage_added_later_keeps_blobs_before_it() {
+    let doms = corpus(5, 60, 64, 512);
+    let staged = config(64, 64, 24, (12, 512, 8), false);
+    let mut flat = staged.clone();
+    flat.stage.clear();
+    let flat = build(&doms, flat);
+    let staged = build(&doms, staged);
+    assert_eq!(flat.fingerprint(), staged.fingerprint());
+    for t in [0, 5, 12] {
+        let blob = flat.seek(t).cursor();
+        let mut r = staged
+            .restore(&blob)
+            .expect("a blob before the stage resumes");
+        let mut s = staged.seek(t);
+        for _ in 0..(16 - t) {
+            assert_eq!(r.next_batch(), s.next_batch(), "from {t}");
+        }
+    }
+    let blob = flat.seek(13).cursor();
+    assert!(
+        matches!(
+            staged.restore(&blob),
+            Err(CursorError::History { step: 13, .. })
+        ),
+        "a stage before the blob's step was accepted"
+    );
+}
+
+/// `millrace plan`'s figures and `explain` across a switch: each window reports its
+/// stage and shape, padding against that shape's rows, and the tokens dropped at the
+/// switch; explain names the step's stage and pads rows to its seq_len.
+#[test]
+fn reports_name_the_stage_and_its_shape() {
+    let doms = corpus(9, 60, 64, 512);
+    let plan = build(&doms, config(64, 64, 24, (10, 512, 8), false));
+    let mut p = plan.start();
+    let mut tally = Tally::new(&plan);
+    let mut windows = Vec::new();
+    let mut real = [0u64; 2];
+    for step in 0..20u64 {
+        let b = p.next_batch();
+        let stage = usize::from(step >= 10);
+        real[stage] += b.rows.iter().map(|r| r.tokens as u64).sum::<u64>();
+        let e = explain(&plan, &b, 1, 2);
+        assert_eq!(e.stage as usize, stage);
+        assert_eq!((e.seq_len, e.global_batch_rows), plan.shape_at(b.plan_step));
+        for r in &e.rows {
+            assert_eq!(r.tokens + r.padding, e.seq_len + 1);
+        }
+        tally.add(b);
+        if step == 9 || step == 19 {
+            windows.push(tally.finish_at(&p));
+        }
+    }
+    let dropped: u64 = (0..doms.len())
+        .filter_map(|d| p.stream(d))
+        .map(|s| s.dropped)
+        .sum();
+    for (i, w) in windows.iter().enumerate() {
+        assert_eq!(w.stage as usize, i);
+        let shape = plan.stages()[i];
+        assert_eq!((w.seq_len, w.rows_per_batch), (shape.seq_len, shape.rows));
+        let capacity = 10 * shape.rows as u64 * (shape.seq_len as u64 + 1);
+        let padding = 100.0 * (1.0 - real[i] as f64 / capacity as f64);
+        assert!(
+            (w.padding_pct - padding).abs() < 1e-9,
+            "{} vs {padding}",
+            w.padding_pct
+        );
+        let per_row: f64 = w.by_length.iter().map(|b| b.tokens_per_row).sum();
+        let rows = 10.0 * shape.rows as f64;
+        assert!((per_row - real[i] as f64 / rows).abs() < 1e-6);
+        assert!((0.0..=100.0).contains(&w.single_group_rows_pct));
+    }
+    assert_eq!(windows[0].dropped_tokens, 0);
+    assert_eq!(windows[1].dropped_tokens, dropped);
+}
+
+/// config/millrace.example.toml's two-stage recipe (commented out while the daemon
+/// does not serve stages) parses, validates, and is a stage at the anneal's first step.
+#[test]
+fn the_example_two_stage_recipe_parses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/millrace.example.toml");
+    let text = std::fs::read_to_string(path).expect("the example config");
+    let start = text
+        .find("# BEGIN two-stage recipe")
+        .expect("the recipe's start");
+    let end = text
+        .find("# END two-stage recipe")
+        .expect("the recipe's end");
+    let block: String = text[start..end]
+        .lines()
+        .skip(1)
+        .map(|l| l.trim_start_matches('#').trim_start())
+        .map(|l| l.replace("[[plan.stage]]", "[[stage]]") + "\n")
+        .collect();
+    let table: toml::Table =
+        format!("seq_len = 8192\nglobal_batch_rows = 512\nweights = {{ a = 1 }}\n{block}")
+            .parse()
+            .expect("the recipe is TOML");
+    let cfg = PlanConfig::from_table(&table).expect("the recipe is a [plan] table");
+    cfg.validate(&[("a", DomainSettings::default())])
+        .expect("the recipe validates");
+    let st = cfg.stage[0];
+    assert_eq!(
+        (st.step, st.seq_len, st.global_batch_rows),
+        (200000, 65536, 64)
+    );
+    assert!(st.chain_groups);
+    // The anneal ramp of the example's schedule starts at the same step.
+    assert!(text.contains("step = 200000                  # start of a stage-2 anneal ramp"));
+}
+
+/// A forged or stale stage state is refused, naming the domain, never served: a stage
+/// not reached at the blob's step, and a carry level past its window's blocks.
+#[test]
+fn forged_stage_state_is_refused() {
+    let doms = corpus(5, 60, 64, 512);
+    let plan = build(&doms, config(64, 64, 24, (12, 512, 8), false));
+    let before = cursor::decode(&plan.seek(5).cursor()).unwrap();
+    let mut c = before.clone();
+    c.streams[0].stage = 1;
+    assert!(matches!(
+        plan.restore(&cursor::encode(&c)),
+        Err(CursorError::Stream { .. })
+    ));
+    let after = cursor::decode(&plan.seek(14).cursor()).unwrap();
+    let d = (0..doms.len())
+        .find(|&d| !after.streams[d].carry.is_empty())
+        .expect("a domain carried units across the switch");
+    let mut c = after.clone();
+    c.streams[d].carry[0].next_block = u32::MAX;
+    let e = plan.restore(&cursor::encode(&c)).err().expect("refused");
+    assert!(e.to_string().contains(doms[d].name), "{e}");
+    let mut c = after;
+    c.streams[d].carry[0].stage = 1;
+    assert!(plan.restore(&cursor::encode(&c)).is_err());
+}
+
+/// `[plan]` text with HEAD's shape, parsed.
+fn parse_plan(text: &str) -> Result<PlanConfig, millrace::config::plan::SettingError> {
+    PlanConfig::from_table(&text.parse::<toml::Table>().expect("TOML"))
+}
+
+const HEAD: &str = "seq_len = 8\nglobal_batch_rows = 2\n";
+
+/// `[[plan.stage]]` mistakes name their field; the daemon's check refuses stages with
+/// a message naming plan.stage (plan and explain accept them).
+#[test]
+fn stages_are_checked_and_refused_for_serving() {
+    let two = format!(
+        "{HEAD}weights = {{ a = 1 }}\n[[stage]]\nstep = 100\nseq_len = 64\n\
+         global_batch_rows = 1\n"
+    );
+    let p = parse_plan(&two).unwrap();
+    assert_eq!(p.stage.len(), 1);
+    assert!(p.validate(&[("a", DomainSettings::default())]).is_ok());
+    let e = p.check_servable().unwrap_err();
+    assert_eq!(e.field, "plan.stage");
+    assert!(e.what.contains("not yet served by the daemon"), "{e}");
+    assert!(parse_plan(&format!("{HEAD}weights = {{ a = 1 }}\n"))
+        .unwrap()
+        .check_servable()
+        .is_ok());
+    for (text, field) in [
+        (
+            "step = 0\nseq_len = 8\nglobal_batch_rows = 2",
+            "plan.stage[0].step",
+        ),
+        (
+            "step = 5\nseq_len = 0\nglobal_batch_rows = 2",
+            "plan.stage[0].seq_len",
+        ),
+        (
+            "step = 5\nseq_len = 8\nglobal_batch_rows = 0",
+            "plan.stage[0].global_batch_rows",
+        ),
+        (
+            "step = 5\nseq_len = 8\nglobal_batch_rows = 2\nbest_fit_window = 0",
+            "plan.stage[0].best_fit_window",
+        ),
+    ] {
+        let p = parse_plan(&format!("{HEAD}weights = {{ a = 1 }}\n[[stage]]\n{text}\n")).unwrap();
+        let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
+        assert_eq!(e.field, field, "{text}");
+    }
+    let p = parse_plan(&format!(
+        "{two}[[stage]]\nstep = 100\nseq_len = 8\nglobal_batch_rows = 2\n"
+    ))
+    .unwrap();
+    let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
+    assert_eq!(e.field, "plan.stage[1].step");
+    assert!(e.what.contains("steps must increase"), "{e}");
+}
