@@ -68,6 +68,9 @@ pub struct Shard {
     path: PathBuf,
     /// The files behind the mappings as they were when opened, for [`Shard::changed`].
     stamps: Vec<(PathBuf, FileStamp)>,
+    /// The group sidecar and its state when opened, if the shard has one: what the
+    /// identity cache keys the shard's cached group runs by.
+    sidecar: Option<(PathBuf, FileStamp)>,
     /// Why the shard must not be read again (it changed or faulted under a mapping).
     poisoned: std::sync::OnceLock<String>,
 }
@@ -116,8 +119,19 @@ macro_rules! body {
 
 impl Shard {
     /// Opens the shard at `path` (a Megatron prefix, or a raw file when `raw` is given)
-    /// and its `<prefix>.groups.npy` if there is one.
+    /// and its `<prefix>.groups.npy` if there is one, read in full (8 bytes per document;
+    /// [`IdentityCache::open`] takes the runs from its cache instead).
     pub fn open(path: &Path, raw: Option<&RawOptions>) -> Result<Shard> {
+        let mut shard = Shard::open_without_groups(path, raw)?;
+        if let Some((sidecar, _)) = &shard.sidecar {
+            shard.groups = Some(Groups::open(sidecar, shard.documents())?);
+        }
+        Ok(shard)
+    }
+
+    /// [`Shard::open`] up to the sidecar, which is only stat'ed: the caller attaches its
+    /// groups ([`Shard::attach_groups`]), from the sidecar or from a cache.
+    pub(crate) fn open_without_groups(path: &Path, raw: Option<&RawOptions>) -> Result<Shard> {
         let (body, prefix) = match raw {
             None => (
                 Body::Megatron(MegatronShard::open(path)?),
@@ -141,17 +155,21 @@ impl Shard {
             let st = FileStamp::of(&f)?;
             stamps.push((f, st));
         }
-        let mut shard = Shard {
+        // A sidecar that cannot be stat'ed is no sidecar, as `Path::exists` says.
+        let sidecar = FileStamp::of(&sidecar).ok().map(|st| (sidecar, st));
+        Ok(Shard {
             body,
             groups: None,
             path: path.to_path_buf(),
             stamps,
+            sidecar,
             poisoned: std::sync::OnceLock::new(),
-        };
-        if sidecar.exists() {
-            shard.groups = Some(Groups::open(&sidecar, shard.documents())?);
-        }
-        Ok(shard)
+        })
+    }
+
+    /// Gives an opened shard its groups (read from its sidecar or a cache of it).
+    pub(crate) fn attach_groups(&mut self, groups: Groups) {
+        self.groups = Some(groups);
     }
 
     /// The path the shard was opened from (a Megatron prefix or a raw file).
