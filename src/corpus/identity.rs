@@ -15,6 +15,7 @@
 //! the entry, 16 bytes per group), trusted on the same terms for the sidecar, so that
 //! a start reads O(groups) bytes instead of the sidecar's 8 bytes per document.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,10 @@ const MIDDLE_PAGES: u64 = 4;
 #[derive(Debug, Clone)]
 pub struct IdentityCache {
     dir: Option<PathBuf>,
+    /// Canonical form of each shard directory seen: a start names thousands of shards
+    /// in a few directories, and canonicalizing costs a readlink and a stat per path
+    /// component.
+    dirs: std::sync::Arc<std::sync::Mutex<HashMap<PathBuf, PathBuf>>>,
 }
 
 /// One file behind a shard as an entry records it. Only the stamps are compared (see
@@ -145,7 +150,10 @@ impl IdentityCache {
                     false
                 }
             });
-        IdentityCache { dir }
+        IdentityCache {
+            dir,
+            dirs: Default::default(),
+        }
     }
 
     /// The directory entries are written to, if any.
@@ -290,9 +298,31 @@ impl IdentityCache {
     pub fn entry_path(&self, shard: &Shard) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         let (first, _) = shard.stamps.first()?;
-        let abs = std::fs::canonicalize(first).ok()?;
+        let abs = self.absolute(first)?;
         let hash = xxhash_rust::xxh3::xxh3_64(abs.as_os_str().as_encoded_bytes());
         Some(dir.join(format!("{}-{hash:016x}.json", shard_name(shard))))
+    }
+}
+
+impl IdentityCache {
+    /// `path` in its canonical directory (resolved once per directory). The file name
+    /// itself is not resolved: a shard reached through a link to its `.idx` gets an entry
+    /// of its own, which costs one more entry, never a wrong one.
+    fn absolute(&self, path: &Path) -> Option<PathBuf> {
+        let name = path.file_name()?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // A poisoned lock only means another thread panicked mid-insert: the map is
+        // still a valid memo.
+        let mut dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = dirs.get(parent) {
+            return Some(c.join(name));
+        }
+        let c = std::fs::canonicalize(parent).ok()?;
+        dirs.insert(parent.to_path_buf(), c.clone());
+        Some(c.join(name))
     }
 }
 
