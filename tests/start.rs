@@ -559,3 +559,53 @@ fn a_damaged_runs_file_is_ignored_and_rewritten() {
         assert_eq!(std::fs::read(&runs).unwrap(), good, "{what}: rewritten");
     }
 }
+
+/// A shard that passed the full validation (the daemon's background pass, or
+/// `check-config`) has that recorded in its entry, and the next start takes the fast
+/// paths at once; an entry that no longer describes the files records nothing.
+#[test]
+fn a_passed_validation_is_recorded_and_trusted_by_the_next_start() {
+    let (corpus, config, cache) = fixture();
+    let cfg = Config::load(&config).unwrap();
+    let layouts = || -> Vec<Option<bool>> {
+        let loaded = cfg.load_plan().unwrap();
+        loaded
+            .shards
+            .iter()
+            .flatten()
+            .map(|s| s.validated_layout())
+            .collect()
+    };
+    assert!(
+        layouts().iter().all(Option::is_none),
+        "nothing validated yet"
+    );
+
+    let socket = corpus.dir.join("d.sock");
+    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("d.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !serve
+        .log_text()
+        .contains("background validation of the shards done")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(serve);
+    let after = layouts();
+    assert!(after.iter().all(|l| *l == Some(true)), "{after:?}");
+
+    // A touched index: its entry is stale, so its validation is not taken.
+    let idx = common::with(&first_prefix(&corpus.dir), "idx");
+    let f = std::fs::File::options().write(true).open(&idx).unwrap();
+    f.set_modified(SystemTime::now() + Duration::from_secs(60))
+        .unwrap();
+    drop(f);
+    let touched = layouts();
+    assert_eq!(touched.iter().filter(|l| l.is_none()).count(), 1);
+
+    // check-config records it too.
+    std::fs::remove_dir_all(&cache).unwrap();
+    cfg.load_plan_validated().unwrap();
+    assert!(layouts().iter().all(|l| *l == Some(true)));
+}

@@ -103,6 +103,11 @@ struct Entry {
     /// runs were cached have none, and get them at the next start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     groups: Option<GroupsKey>,
+    /// Set once these files passed the full validation (`check-config`, or the daemon's
+    /// background pass): whether every document is one sequence. A start that trusts
+    /// the entry turns the index's fast paths on at once instead of after its own pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    one_seq_per_doc: Option<bool>,
 }
 
 /// Which sidecar state an entry's runs file was read from.
@@ -187,7 +192,12 @@ impl IdentityCache {
             Err(m) => Err(m),
         };
         let id = match id {
-            Ok(id) => id,
+            Ok(id) => {
+                if let Some(one_seq) = entry.as_ref().ok().and_then(|e| e.one_seq_per_doc) {
+                    shard.assume_validated(one_seq);
+                }
+                id
+            }
             Err(miss) => {
                 warn_unreadable(&miss);
                 stale = true;
@@ -251,15 +261,34 @@ impl IdentityCache {
         }
     }
 
+    /// Records in `shard`'s entry that it passed the full validation (the daemon's
+    /// background pass), if the entry still describes its files, so that the next start
+    /// takes the fast paths at once. Nothing happens otherwise: it is only a hint.
+    pub fn record_validated(&self, shard: &Shard) {
+        let Some(path) = self.entry_path(shard) else {
+            return;
+        };
+        let Ok(entry) = read_entry(&path) else {
+            return;
+        };
+        let layout = shard.validated_layout();
+        if layout.is_some() && entry.one_seq_per_doc != layout {
+            if let Ok(id) = check_identity(&entry, shard) {
+                // Rewritten whole: its runs file is rewritten too when the shard has
+                // groups, and the entry keeps vouching for it.
+                self.store_at(&path, shard, &id);
+            }
+        }
+    }
+
     fn store_at(&self, path: &Path, shard: &Shard, id: &ShardIdentity) {
         let groups = match (shard.groups(), &shard.sidecar) {
             (Some(g), Some((sidecar, stamp))) => {
                 let bytes = g.encode();
                 let sum = Groups::encoded_sum(&bytes).unwrap_or_default();
                 let runs = runs_path(path);
-                let sampled = super::map_file(sidecar)
-                    .ok()
-                    .map(|(map, _)| sample_of(map.as_deref().unwrap_or(&[]), sidecar));
+                let offsets = sample_offsets(stamp.size, sidecar);
+                let sampled = sample_file(sidecar, stamp, &offsets);
                 match (write_atomically(&runs, &bytes), sampled) {
                     (Ok(()), Some(sample)) => Some(GroupsKey {
                         file: FileKey::of(sidecar, stamp),
@@ -284,6 +313,7 @@ impl IdentityCache {
             sample: sample_of(index_bytes(shard), shard.path()),
             identity: id.clone(),
             groups,
+            one_seq_per_doc: shard.validated_layout(),
         };
         let written = serde_json::to_vec(&entry)
             .map_err(std::io::Error::other)
@@ -426,12 +456,10 @@ fn cached_groups(entry: &Entry, at: &Path, shard: &Shard) -> std::result::Result
     if !key.file.same_file_state(&FileKey::of(sidecar, stamp)) {
         return Err(Miss::Stale);
     }
-    let (map, _) = super::map_file(sidecar).map_err(|e| Miss::Unreadable(e.to_string()))?;
-    match sample_with(map.as_deref().unwrap_or(&[]), &key.sample.offsets) {
+    match sample_file(sidecar, stamp, &key.sample.offsets) {
         Some(s) if s == key.sample => {}
         _ => return Err(Miss::SampleChanged),
     }
-    drop(map);
     let runs = runs_path(at);
     let bytes = std::fs::read(&runs).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Miss::Absent,
@@ -503,11 +531,20 @@ fn index_bytes(shard: &Shard) -> &[u8] {
     }
 }
 
-/// A fresh sample of `bytes` (the file at `path`): the first and last pages and
-/// [`MIDDLE_PAGES`] between, at offsets that depend on the file's name and size so that
-/// files do not all share them.
+/// A fresh sample of `bytes` (the file at `path`).
 fn sample_of(bytes: &[u8], path: &Path) -> Sample {
-    let len = bytes.len() as u64;
+    let offsets = sample_offsets(bytes.len() as u64, path);
+    // Offsets come from the file's own size, so they are in bounds.
+    sample_with(bytes, &offsets).unwrap_or(Sample {
+        offsets,
+        hash: String::new(),
+    })
+}
+
+/// The pages a fresh sample of a `len`-byte file at `path` reads: the first and last
+/// pages and [`MIDDLE_PAGES`] between, at offsets that depend on the file's name and size
+/// so that files do not all share them.
+fn sample_offsets(len: u64, path: &Path) -> Vec<u64> {
     let pages = len.div_ceil(PAGE);
     let mut offsets = vec![0];
     let seed = xxhash_rust::xxh3::xxh3_64(format!("{}:{len}", file_name(path)).as_bytes());
@@ -522,10 +559,29 @@ fn sample_of(bytes: &[u8], path: &Path) -> Sample {
     }
     offsets.sort_unstable();
     offsets.dedup();
-    // Offsets come from the file's own size, so they are in bounds.
-    sample_with(bytes, &offsets).unwrap_or(Sample {
-        offsets,
-        hash: String::new(),
+    offsets
+}
+
+/// The sample at `offsets` of the file at `path`, read with `pread` (a file the start
+/// does not otherwise map: no mapping to set up and tear down), or `None` when the path
+/// no longer names the file `stamp` describes or an offset lies outside it.
+fn sample_file(path: &Path, stamp: &FileStamp, offsets: &[u64]) -> Option<Sample> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let file = std::fs::File::open(path).ok()?;
+    let m = file.metadata().ok()?;
+    if (m.dev(), m.ino(), m.size()) != (stamp.dev, stamp.ino, stamp.size) {
+        return None;
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut page = vec![0u8; PAGE as usize];
+    for &at in offsets {
+        let n = stamp.size.checked_sub(at)?.min(PAGE) as usize;
+        file.read_exact_at(&mut page[..n], at).ok()?;
+        h.update(&page[..n]);
+    }
+    Some(Sample {
+        offsets: offsets.to_vec(),
+        hash: format!("{:016x}", h.digest()),
     })
 }
 
@@ -583,6 +639,34 @@ mod tests {
         let fresh = cache.identity(&s).unwrap();
         assert_eq!(fresh, s.identity().unwrap());
         assert_ne!(fresh.index_hash, id.index_hash);
+    }
+
+    /// The sidecar is sampled with `pread`, the index through its mapping: the same
+    /// bytes give the same sample, and a path that names another file gives none.
+    #[test]
+    fn a_sample_read_from_the_file_equals_one_read_from_its_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Shard::open(&shard(dir.path(), 5000), None).unwrap();
+        let (idx, stamp) = &s.stamps[0];
+        let bytes = s.as_megatron().unwrap().idx_bytes();
+        let want = sample_of(bytes, s.path());
+        assert!(
+            *want.offsets.last().unwrap() + PAGE > bytes.len() as u64,
+            "a cut page"
+        );
+        assert_eq!(
+            sample_file(idx, stamp, &sample_offsets(stamp.size, s.path())),
+            Some(want.clone())
+        );
+        assert_eq!(sample_file(idx, stamp, &[stamp.size + 1]), None);
+        let other = dir.path().join("other");
+        std::fs::copy(idx, &other).unwrap();
+        std::fs::rename(&other, idx).unwrap();
+        assert_eq!(
+            sample_file(idx, stamp, &want.offsets),
+            None,
+            "another inode"
+        );
     }
 
     #[test]

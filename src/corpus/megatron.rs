@@ -275,6 +275,21 @@ impl MegatronShard {
         Ok(())
     }
 
+    /// Whether a [`Self::validate`] (or a trusted record of one) proved every document to
+    /// be exactly one sequence: the fast paths are on.
+    pub(crate) fn one_seq_per_doc(&self) -> bool {
+        self.one_seq_per_doc
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the fast paths on as [`Self::validate`] would, on the word of the identity
+    /// cache that this very file passed it with one sequence per document. They stay
+    /// bounds-checked: a wrong word costs wrong lengths, never a read out of bounds.
+    pub(crate) fn assume_one_seq_per_doc(&self) {
+        self.one_seq_per_doc
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The slow walk that names the first bad sequence once [`Self::validate`] saw one.
     fn locate_sequence_error(&self) -> CorpusError {
         let size = self.dtype.size() as i128;

@@ -73,6 +73,9 @@ pub struct Shard {
     sidecar: Option<(PathBuf, FileStamp)>,
     /// Why the shard must not be read again (it changed or faulted under a mapping).
     poisoned: std::sync::OnceLock<String>,
+    /// Set once the full validation passed (or the identity cache vouches that it did
+    /// for these very files): what the cache records so the next start knows it.
+    validated: std::sync::atomic::AtomicBool,
 }
 
 /// What identifies one state of a file: which inode, how big, when last written (and,
@@ -164,6 +167,7 @@ impl Shard {
             stamps,
             sidecar,
             poisoned: std::sync::OnceLock::new(),
+            validated: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -336,7 +340,29 @@ impl Shard {
 
     /// The full linear check of the index (see [`MegatronShard::validate`]).
     pub fn validate(&self) -> Result<()> {
-        body!(self, s => s.validate())
+        body!(self, s => s.validate())?;
+        self.validated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// What a passed [`Shard::validate`] proved (for the identity cache, and to show that
+    /// a start took the fast paths from it): `Some(true)` when every document is one
+    /// sequence (the fast paths), `None` before it passed.
+    pub fn validated_layout(&self) -> Option<bool> {
+        let passed = self.validated.load(std::sync::atomic::Ordering::Relaxed);
+        passed.then(|| self.as_megatron().is_some_and(|m| m.one_seq_per_doc()))
+    }
+
+    /// Takes a validation the identity cache recorded for these very files as passed,
+    /// with the fast paths `one_seq_per_doc` allows (see
+    /// [`MegatronShard::assume_one_seq_per_doc`]).
+    pub(crate) fn assume_validated(&self, one_seq_per_doc: bool) {
+        if let (true, Some(m)) = (one_seq_per_doc, self.as_megatron()) {
+            m.assume_one_seq_per_doc();
+        }
+        self.validated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A content identity that does not depend on where the data is mounted: the shard's
