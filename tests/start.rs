@@ -45,7 +45,12 @@ fn shards(config: &Path) -> Vec<Shard> {
 
 /// The first shard's prefix (`web`, sorted).
 fn first_prefix(dir: &Path) -> PathBuf {
-    let mut idx: Vec<PathBuf> = std::fs::read_dir(dir.join("web"))
+    first_prefix_of(dir, "web")
+}
+
+/// The first shard of `domain` (sorted).
+fn first_prefix_of(dir: &Path, domain: &str) -> PathBuf {
+    let mut idx: Vec<PathBuf> = std::fs::read_dir(dir.join(domain))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "idx"))
@@ -317,6 +322,18 @@ fn the_planner_never_reads_an_unvalidated_index_out_of_bounds() {
 /// What only the full pass sees (documents whose bytes overlap: each is in bounds on its
 /// own) is found by the daemon's background validation after READY, which poisons the
 /// shard: the rings that read it stop naming it.
+/// A daemon on the fixture's socket `d.sock`, once its log says `line` (20 s at most).
+fn serve_until_logged(corpus: &common::Corpus, config: &Path, line: &str) -> common::Serve {
+    let socket = corpus.dir.join("d.sock");
+    let serve = common::Serve::start(config, &socket, &corpus.dir.join("d.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !serve.log_text().contains(line) {
+        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serve
+}
+
 #[test]
 fn the_background_validation_poisons_what_only_the_full_pass_sees() {
     let (corpus, config, _) = fixture();
@@ -343,15 +360,7 @@ fn the_background_validation_poisons_what_only_the_full_pass_sees() {
     drop(s);
 
     let socket = corpus.dir.join("d.sock");
-    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("d.log"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !serve
-        .log_text()
-        .contains("found by the background validation")
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let serve = serve_until_logged(&corpus, &config, "found by the background validation");
     let (_, message) = first_error(&serve, &socket);
     assert!(message.contains(idx.to_str().unwrap()), "{message}");
     assert!(message.contains("poisoned"), "{message}");
@@ -392,13 +401,7 @@ fn a_raw_file_read_with_another_eos_is_recomputed() {
 
 /// The first `code` shard (grouped: synth writes a sidecar beside it).
 fn first_code_prefix(dir: &Path) -> PathBuf {
-    let mut idx: Vec<PathBuf> = std::fs::read_dir(dir.join("code"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
-        .collect();
-    idx.sort();
-    idx[0].with_extension("")
+    first_prefix_of(dir, "code")
 }
 
 /// The group runs a start (`Config::load_plan`) gave the shard at `prefix`.
@@ -581,17 +584,11 @@ fn a_passed_validation_is_recorded_and_trusted_by_the_next_start() {
         "nothing validated yet"
     );
 
-    let socket = corpus.dir.join("d.sock");
-    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("d.log"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !serve
-        .log_text()
-        .contains("background validation of the shards done")
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(serve);
+    drop(serve_until_logged(
+        &corpus,
+        &config,
+        "background validation of the shards done",
+    ));
     let after = layouts();
     assert!(after.iter().all(|l| *l == Some(true)), "{after:?}");
 
