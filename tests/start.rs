@@ -591,6 +591,11 @@ fn a_passed_validation_is_recorded_and_trusted_by_the_next_start() {
     ));
     let after = layouts();
     assert!(after.iter().all(|l| *l == Some(true)), "{after:?}");
+    // The next daemon trusts the record instead of reading every index again.
+    let again = serve_until_logged(&corpus, &config, "background validation of the shards done");
+    let want = format!("corrupt=0 trusted={}", after.len());
+    assert!(again.log_text().contains(&want), "{}", again.log_text());
+    drop(again);
 
     // A touched index: its entry is stale, so its validation is not taken.
     let idx = common::with(&first_prefix(&corpus.dir), "idx");
