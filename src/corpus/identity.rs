@@ -332,9 +332,7 @@ impl IdentityCache {
         let hash = xxhash_rust::xxh3::xxh3_64(abs.as_os_str().as_encoded_bytes());
         Some(dir.join(format!("{}-{hash:016x}.json", shard_name(shard))))
     }
-}
 
-impl IdentityCache {
     /// `path` in its canonical directory (resolved once per directory). The file name
     /// itself is not resolved: a shard reached through a link to its `.idx` gets an entry
     /// of its own, which costs one more entry, never a wrong one.
