@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use millrace::client::{Client, ClientError, Hello};
 use millrace::config::Config;
 use millrace::corpus::identity::Miss;
-use millrace::corpus::{IdentityCache, Shard};
+use millrace::corpus::{GroupRun, IdentityCache, Shard};
 
 /// A small corpus with a config whose `[corpus] cache_dir` is `<tmp>/cache`.
 fn fixture() -> (common::Corpus, PathBuf, PathBuf) {
@@ -45,7 +45,12 @@ fn shards(config: &Path) -> Vec<Shard> {
 
 /// The first shard's prefix (`web`, sorted).
 fn first_prefix(dir: &Path) -> PathBuf {
-    let mut idx: Vec<PathBuf> = std::fs::read_dir(dir.join("web"))
+    first_prefix_of(dir, "web")
+}
+
+/// The first shard of `domain` (sorted).
+fn first_prefix_of(dir: &Path, domain: &str) -> PathBuf {
+    let mut idx: Vec<PathBuf> = std::fs::read_dir(dir.join(domain))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "idx"))
@@ -317,6 +322,18 @@ fn the_planner_never_reads_an_unvalidated_index_out_of_bounds() {
 /// What only the full pass sees (documents whose bytes overlap: each is in bounds on its
 /// own) is found by the daemon's background validation after READY, which poisons the
 /// shard: the rings that read it stop naming it.
+/// A daemon on the fixture's socket `d.sock`, once its log says `line` (20 s at most).
+fn serve_until_logged(corpus: &common::Corpus, config: &Path, line: &str) -> common::Serve {
+    let socket = corpus.dir.join("d.sock");
+    let serve = common::Serve::start(config, &socket, &corpus.dir.join("d.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !serve.log_text().contains(line) {
+        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serve
+}
+
 #[test]
 fn the_background_validation_poisons_what_only_the_full_pass_sees() {
     let (corpus, config, _) = fixture();
@@ -343,15 +360,7 @@ fn the_background_validation_poisons_what_only_the_full_pass_sees() {
     drop(s);
 
     let socket = corpus.dir.join("d.sock");
-    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("d.log"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !serve
-        .log_text()
-        .contains("found by the background validation")
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", serve.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let serve = serve_until_logged(&corpus, &config, "found by the background validation");
     let (_, message) = first_error(&serve, &socket);
     assert!(message.contains(idx.to_str().unwrap()), "{message}");
     assert!(message.contains("poisoned"), "{message}");
@@ -386,4 +395,219 @@ fn a_raw_file_read_with_another_eos_is_recomputed() {
     let id2 = cache.identity(&two).unwrap();
     assert_eq!(id2, two.identity().unwrap());
     assert_ne!(id2.index_hash, id1.index_hash);
+}
+
+// ------------------------------------------------------------ cached group runs
+
+/// The first `code` shard (grouped: synth writes a sidecar beside it).
+fn first_code_prefix(dir: &Path) -> PathBuf {
+    first_prefix_of(dir, "code")
+}
+
+/// The group runs a start (`Config::load_plan`) gave the shard at `prefix`.
+fn started_runs(config: &Path, prefix: &Path) -> Vec<GroupRun> {
+    let loaded = Config::load(config).unwrap().load_plan().unwrap();
+    let shard = loaded
+        .shards
+        .iter()
+        .flatten()
+        .find(|s| s.path() == prefix)
+        .expect("the shard is in the config");
+    shard.groups().expect("a grouped shard").runs().to_vec()
+}
+
+/// The identity cache entry of `shard`, as JSON.
+fn entry_json(cache: &IdentityCache, shard: &Shard) -> (PathBuf, serde_json::Value) {
+    let path = cache.entry_path(shard).unwrap();
+    let json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    (path, json)
+}
+
+/// A runs file as docs/FORMATS.md describes it, and its checksum in hex.
+fn runs_file(runs: &[GroupRun]) -> (Vec<u8>, String) {
+    let mut out = b"MRRUNS01".to_vec();
+    out.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+    for r in runs {
+        out.extend_from_slice(&r.id.to_le_bytes());
+        out.extend_from_slice(&r.docs.to_le_bytes());
+    }
+    let sum = xxhash_rust::xxh3::xxh3_64(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    (out, format!("{sum:016x}"))
+}
+
+/// Rewrites the sidecar of `prefix` in place with the first run's id changed to `id`
+/// (same size, still contiguous), puts its mtime back, and returns the new runs.
+fn rewrite_first_group_id(prefix: &Path, id: u64) -> Vec<GroupRun> {
+    let sidecar = common::with(prefix, "groups.npy");
+    let mtime = std::fs::metadata(&sidecar).unwrap().modified().unwrap();
+    let mut runs = Shard::open(prefix, None)
+        .unwrap()
+        .groups()
+        .unwrap()
+        .runs()
+        .to_vec();
+    runs[0].id = id;
+    let ids: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| std::iter::repeat_n(r.id, r.docs as usize))
+        .collect();
+    let before = std::fs::metadata(&sidecar).unwrap().len();
+    common::write_groups(prefix, &ids);
+    assert_eq!(std::fs::metadata(&sidecar).unwrap().len(), before);
+    let f = std::fs::File::options().write(true).open(&sidecar).unwrap();
+    f.set_modified(mtime).unwrap();
+    runs
+}
+
+/// A start takes a grouped shard's runs from the cache (16 bytes per group), not from its
+/// sidecar (8 bytes per document): a forged runs file that the entry vouches for is what
+/// the plan gets. Before the runs were cached every start read the sidecar in full.
+#[test]
+fn a_start_takes_group_runs_from_the_cache_not_the_sidecar() {
+    let (corpus, config, cache_dir) = fixture();
+    let prefix = first_code_prefix(&corpus.dir);
+    let sidecar_runs = Shard::open(&prefix, None)
+        .unwrap()
+        .groups()
+        .unwrap()
+        .runs()
+        .to_vec();
+    assert_eq!(started_runs(&config, &prefix), sidecar_runs, "cache miss");
+    let cache = IdentityCache::new(Some(&cache_dir));
+    let s = Shard::open(&prefix, None).unwrap();
+    let cached = cache.lookup_groups(&s).expect("the start cached the runs");
+    assert_eq!(cached.runs(), &sidecar_runs[..]);
+    assert_eq!(started_runs(&config, &prefix), sidecar_runs, "cache hit");
+
+    // Forge the runs (other ids, same documents) and have the entry vouch for them.
+    let forged: Vec<GroupRun> = sidecar_runs
+        .iter()
+        .map(|r| GroupRun {
+            id: r.id + 1_000_000,
+            ..*r
+        })
+        .collect();
+    let (bytes, sum) = runs_file(&forged);
+    let (entry, mut json) = entry_json(&cache, &s);
+    std::fs::write(entry.with_extension("runs"), bytes).unwrap();
+    json["groups"]["runs_sum"] = sum.into();
+    std::fs::write(&entry, serde_json::to_vec(&json).unwrap()).unwrap();
+    assert_eq!(started_runs(&config, &prefix), forged);
+}
+
+/// A sidecar rewritten in place with its size and mtime kept: the ctime moved, so the
+/// cached runs are stale and the start reads the sidecar again. Where the ctime would
+/// not move either (forged here), the sampled pages catch a change on one of them.
+#[test]
+fn a_sidecar_rewritten_with_its_mtime_put_back_is_read_again() {
+    let (corpus, config, cache_dir) = fixture();
+    let prefix = first_code_prefix(&corpus.dir);
+    Config::load(&config).unwrap().load_plan().unwrap();
+    let cache = IdentityCache::new(Some(&cache_dir));
+
+    let changed = rewrite_first_group_id(&prefix, 987_654_321);
+    let s = Shard::open(&prefix, None).unwrap();
+    assert_eq!(cache.lookup_groups(&s), Err(Miss::Stale));
+    assert!(cache.lookup(&s).is_ok(), "the index did not change");
+    assert_eq!(started_runs(&config, &prefix), changed);
+    let s = Shard::open(&prefix, None).unwrap();
+    assert_eq!(cache.lookup_groups(&s).unwrap().runs(), &changed[..]);
+
+    // Again, and forge the entry's sidecar stamps to the new file's, as a filesystem
+    // that kept mtime and ctime would: the first page (sampled) holds the changed id.
+    let again = rewrite_first_group_id(&prefix, 123_456_789);
+    let s = Shard::open(&prefix, None).unwrap();
+    let (entry, mut json) = entry_json(&cache, &s);
+    let m = std::fs::metadata(common::with(&prefix, "groups.npy")).unwrap();
+    let ns = |s: i64, n: i64| (i128::from(s) * 1_000_000_000 + i128::from(n)).to_string();
+    {
+        use std::os::unix::fs::MetadataExt;
+        let file = &mut json["groups"]["file"];
+        file["dev"] = m.dev().into();
+        file["ino"] = m.ino().into();
+        file["size"] = m.size().into();
+        file["mtime_ns"] = ns(m.mtime(), m.mtime_nsec()).into();
+        file["ctime_ns"] = ns(m.ctime(), m.ctime_nsec()).into();
+    }
+    std::fs::write(&entry, serde_json::to_vec(&json).unwrap()).unwrap();
+    assert_eq!(cache.lookup_groups(&s), Err(Miss::SampleChanged));
+    assert_eq!(started_runs(&config, &prefix), again);
+}
+
+/// A runs file that is cut short, corrupt or missing is read as a miss: the sidecar is
+/// read again and the runs file rewritten.
+#[test]
+fn a_damaged_runs_file_is_ignored_and_rewritten() {
+    let (corpus, config, cache_dir) = fixture();
+    let prefix = first_code_prefix(&corpus.dir);
+    let want = started_runs(&config, &prefix);
+    let cache = IdentityCache::new(Some(&cache_dir));
+    let s = Shard::open(&prefix, None).unwrap();
+    let runs = cache.entry_path(&s).unwrap().with_extension("runs");
+    let good = std::fs::read(&runs).unwrap();
+    let mut flipped = good.clone();
+    flipped[20] ^= 1;
+    for (what, bytes) in [
+        ("cut short", Some(good[..good.len() - 3].to_vec())),
+        ("a flipped bit", Some(flipped)),
+        ("missing", None),
+    ] {
+        match bytes {
+            Some(b) => std::fs::write(&runs, b).unwrap(),
+            None => std::fs::remove_file(&runs).unwrap(),
+        }
+        assert!(cache.lookup_groups(&s).is_err(), "{what}");
+        assert_eq!(started_runs(&config, &prefix), want, "{what}");
+        assert_eq!(std::fs::read(&runs).unwrap(), good, "{what}: rewritten");
+    }
+}
+
+/// A shard that passed the full validation (the daemon's background pass, or
+/// `check-config`) has that recorded in its entry, and the next start takes the fast
+/// paths at once; an entry that no longer describes the files records nothing.
+#[test]
+fn a_passed_validation_is_recorded_and_trusted_by_the_next_start() {
+    let (corpus, config, cache) = fixture();
+    let cfg = Config::load(&config).unwrap();
+    let layouts = || -> Vec<Option<bool>> {
+        let loaded = cfg.load_plan().unwrap();
+        loaded
+            .shards
+            .iter()
+            .flatten()
+            .map(|s| s.validated_layout())
+            .collect()
+    };
+    assert!(
+        layouts().iter().all(Option::is_none),
+        "nothing validated yet"
+    );
+
+    drop(serve_until_logged(
+        &corpus,
+        &config,
+        "background validation of the shards done",
+    ));
+    let after = layouts();
+    assert!(after.iter().all(|l| *l == Some(true)), "{after:?}");
+    // The next daemon trusts the record instead of reading every index again.
+    let again = serve_until_logged(&corpus, &config, "background validation of the shards done");
+    let want = format!("corrupt=0 trusted={}", after.len());
+    assert!(again.log_text().contains(&want), "{}", again.log_text());
+    drop(again);
+
+    // A touched index: its entry is stale, so its validation is not taken.
+    let idx = common::with(&first_prefix(&corpus.dir), "idx");
+    let f = std::fs::File::options().write(true).open(&idx).unwrap();
+    f.set_modified(SystemTime::now() + Duration::from_secs(60))
+        .unwrap();
+    drop(f);
+    let touched = layouts();
+    assert_eq!(touched.iter().filter(|l| l.is_none()).count(), 1);
+
+    // check-config records it too.
+    std::fs::remove_dir_all(&cache).unwrap();
+    cfg.load_plan_validated().unwrap();
+    assert!(layouts().iter().all(|l| *l == Some(true)));
 }

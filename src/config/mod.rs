@@ -499,15 +499,9 @@ impl Config {
                 domain: domain.name.clone(),
                 source,
             };
-            let shard = Shard::open(path, self.raw_options(domain).as_ref()).map_err(wrap)?;
-            let id = if validate {
-                shard.validate().map_err(wrap)?;
-                let id = shard.identity().map_err(wrap)?;
-                cache.store(&shard, &id);
-                id
-            } else {
-                cache.identity(&shard).map_err(wrap)?
-            };
+            let (shard, id) = cache
+                .open(path, self.raw_options(domain).as_ref(), validate)
+                .map_err(wrap)?;
             Ok((*d, (shard, serde_json::to_string(&id).unwrap_or_default())))
         });
         let corpus = self.group_by_domain(opened)?;

@@ -18,6 +18,9 @@ use serde::Serialize;
 use super::error::{CorpusError, Result};
 use super::map_file;
 
+/// What a group runs file ([`Groups::encode`]) starts with; the digit is its version.
+const RUNS_MAGIC: &[u8; 8] = b"MRRUNS01";
+
 /// A maximal run of documents sharing one group id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct GroupRun {
@@ -109,6 +112,69 @@ impl Groups {
                     });
                 }
             }
+        }
+        Ok(Groups { runs })
+    }
+
+    /// The runs as the identity cache keeps them (docs/FORMATS.md, "Identity cache"):
+    /// [`RUNS_MAGIC`], the number of runs, each run's id and document count, and an
+    /// xxh3-64 of all of that, as little-endian u64s. 16 bytes per group, so a start
+    /// reads O(groups) instead of the sidecar's 8 bytes per document.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + 16 * self.runs.len());
+        out.extend_from_slice(RUNS_MAGIC);
+        out.extend_from_slice(&(self.runs.len() as u64).to_le_bytes());
+        for r in &self.runs {
+            out.extend_from_slice(&r.id.to_le_bytes());
+            out.extend_from_slice(&r.docs.to_le_bytes());
+        }
+        let sum = xxhash_rust::xxh3::xxh3_64(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    /// The checksum that ends [`Groups::encode`]'s bytes, which an identity cache entry
+    /// records to pair itself with its runs file.
+    pub(crate) fn encoded_sum(bytes: &[u8]) -> Option<u64> {
+        let at = bytes.len().checked_sub(8)?;
+        Some(super::le_u64(bytes, at))
+    }
+
+    /// Reads [`Groups::encode`]'s bytes back for a shard of `documents` documents, or
+    /// says why they are not that: the cache is checked before it is trusted, so a
+    /// truncated, corrupt or foreign file costs a read of the sidecar, never a wrong plan.
+    pub(crate) fn decode(bytes: &[u8], documents: u64) -> std::result::Result<Groups, String> {
+        if bytes.len() < 24 || &bytes[..8] != RUNS_MAGIC {
+            return Err(format!("not a group runs file ({} bytes)", bytes.len()));
+        }
+        let n = super::le_u64(bytes, 8);
+        let want = n.checked_mul(16).and_then(|b| b.checked_add(24));
+        if want != Some(bytes.len() as u64) {
+            return Err(format!("{} bytes for {n} runs", bytes.len()));
+        }
+        let body = &bytes[..bytes.len() - 8];
+        let sum = Groups::encoded_sum(bytes).unwrap_or_default();
+        if xxhash_rust::xxh3::xxh3_64(body) != sum {
+            return Err("checksum mismatch".into());
+        }
+        let mut runs = Vec::with_capacity(n as usize);
+        let mut first_doc = 0u64;
+        for pair in body[16..].chunks_exact(16) {
+            let (id, docs) = (super::le_u64(pair, 0), super::le_u64(pair, 8));
+            if docs == 0 {
+                return Err(format!("group {id} has no documents"));
+            }
+            runs.push(GroupRun {
+                id,
+                first_doc,
+                docs,
+            });
+            first_doc = first_doc.saturating_add(docs);
+        }
+        if first_doc != documents {
+            return Err(format!(
+                "the runs cover {first_doc} documents, the shard has {documents}"
+            ));
         }
         Ok(Groups { runs })
     }

@@ -10,12 +10,17 @@
 //! means computing the identity as before and writing the entry again: the cache can make
 //! a start faster, never different. The value is exactly [`Shard::identity`]'s, so every
 //! manifest and plan fingerprint stays what it was.
+//!
+//! A shard with a group sidecar also gets its group runs cached (a `.runs` file beside
+//! the entry, 16 bytes per group), trusted on the same terms for the sidecar, so that
+//! a start reads O(groups) bytes instead of the sidecar's 8 bytes per document.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{FileStamp, Result, Shard, ShardIdentity};
+use super::{FileStamp, Groups, RawOptions, Result, Shard, ShardIdentity};
 
 /// What an entry's `format` field must say: a JSON file that is not ours is ignored.
 const FORMAT: &str = "millrace-identity-cache";
@@ -30,6 +35,10 @@ const MIDDLE_PAGES: u64 = 4;
 #[derive(Debug, Clone)]
 pub struct IdentityCache {
     dir: Option<PathBuf>,
+    /// Canonical form of each shard directory seen: a start names thousands of shards
+    /// in a few directories, and canonicalizing costs a readlink and a stat per path
+    /// component.
+    dirs: std::sync::Arc<std::sync::Mutex<HashMap<PathBuf, PathBuf>>>,
 }
 
 /// One file behind a shard as an entry records it. Only the stamps are compared (see
@@ -90,6 +99,28 @@ struct Entry {
     files: Vec<FileKey>,
     sample: Sample,
     identity: ShardIdentity,
+    /// The shard's cached group runs, when it has a sidecar (entries written before the
+    /// runs were cached have none, and get them at the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    groups: Option<GroupsKey>,
+    /// Set once these files passed the full validation (`check-config`, or the daemon's
+    /// background pass): whether every document is one sequence. A start that trusts
+    /// the entry turns the index's fast paths on at once instead of after its own pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    one_seq_per_doc: Option<bool>,
+}
+
+/// Which sidecar state an entry's runs file was read from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GroupsKey {
+    /// The `.groups.npy` when its runs were read.
+    file: FileKey,
+    /// Sampled pages of the sidecar, as [`Entry::sample`] samples the index.
+    sample: Sample,
+    /// Groups in the runs file.
+    runs: u64,
+    /// The checksum that ends the runs file (hex): pairs the entry with its runs file.
+    runs_sum: String,
 }
 
 /// Why a cached entry was not used, for the log and the tests.
@@ -124,12 +155,74 @@ impl IdentityCache {
                     false
                 }
             });
-        IdentityCache { dir }
+        IdentityCache {
+            dir,
+            dirs: Default::default(),
+        }
     }
 
     /// The directory entries are written to, if any.
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
+    }
+
+    /// Opens the shard at `path` and takes its identity and groups from its entry where
+    /// the entry still describes the files behind it: what a start does per shard, a few
+    /// `stat`s and pages plus O(groups) bytes of runs. What the entry cannot vouch for is
+    /// computed as [`Shard::open`] and [`Shard::identity`] would, and the entry rewritten.
+    /// `full` (`check-config`) validates the index in full and computes everything.
+    pub fn open(
+        &self,
+        path: &Path,
+        raw: Option<&RawOptions>,
+        full: bool,
+    ) -> Result<(Shard, ShardIdentity)> {
+        let mut shard = Shard::open_without_groups(path, raw)?;
+        if full {
+            shard.validate()?;
+        }
+        let at = self.entry_path(&shard);
+        let entry = match (&at, full) {
+            (Some(at), false) => read_entry(at),
+            _ => Err(Miss::Absent),
+        };
+        let mut stale = false;
+        let id = match entry.as_ref().map_err(Miss::clone) {
+            Ok(e) => check_identity(e, &shard),
+            Err(m) => Err(m),
+        };
+        let id = match id {
+            Ok(id) => {
+                if let Some(one_seq) = entry.as_ref().ok().and_then(|e| e.one_seq_per_doc) {
+                    shard.assume_validated(one_seq);
+                }
+                id
+            }
+            Err(miss) => {
+                warn_unreadable(&miss);
+                stale = true;
+                shard.identity()?
+            }
+        };
+        if let Some((sidecar, _)) = shard.sidecar.clone() {
+            let cached = match (&entry, &at) {
+                (Ok(e), Some(at)) => cached_groups(e, at, &shard),
+                _ => Err(Miss::Absent),
+            };
+            let groups = match cached {
+                Ok(g) => g,
+                Err(miss) => {
+                    warn_unreadable(&miss);
+                    stale = true;
+                    Groups::open(&sidecar, shard.documents())?
+                }
+            };
+            shard.attach_groups(groups);
+        }
+        if let (true, Some(at)) = (stale, at) {
+            self.store_at(&at, &shard, &id);
+        }
+        Ok((shard, id))
     }
 
     /// The identity of `shard`: from its entry when the entry still describes the shard's
@@ -138,9 +231,7 @@ impl IdentityCache {
         match self.lookup(shard) {
             Ok(id) => Ok(id),
             Err(miss) => {
-                if let Miss::Unreadable(why) = &miss {
-                    tracing::warn!("identity cache: {why}; recomputing and rewriting it");
-                }
+                warn_unreadable(&miss);
                 let id = shard.identity()?;
                 self.store(shard, &id);
                 Ok(id)
@@ -151,74 +242,83 @@ impl IdentityCache {
     /// The cached identity of `shard`, or why there is none that can be trusted.
     pub fn lookup(&self, shard: &Shard) -> std::result::Result<ShardIdentity, Miss> {
         let path = self.entry_path(shard).ok_or(Miss::Absent)?;
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Miss::Absent),
-            Err(e) => return Err(Miss::Unreadable(format!("{}: {e}", path.display()))),
-        };
-        let entry: Entry = serde_json::from_slice(&text).map_err(|e| {
-            Miss::Unreadable(format!(
-                "{}: not an identity cache entry: {e}",
-                path.display()
-            ))
-        })?;
-        if entry.format != FORMAT || entry.version != VERSION {
-            return Err(Miss::Unreadable(format!(
-                "{}: format {:?} version {}, expected {FORMAT:?} version {VERSION}",
-                path.display(),
-                entry.format,
-                entry.version
-            )));
-        }
-        let now = keys(shard);
-        let same = entry.files.len() == now.len()
-            && entry
-                .files
-                .iter()
-                .zip(&now)
-                .all(|(a, b)| a.same_file_state(b));
-        let id = &entry.identity;
-        let shape = (&id.name, id.format, id.dtype, id.documents, id.tokens);
-        let now_shape = (
-            &shard_name(shard),
-            shard.format(),
-            shard.dtype(),
-            shard.documents(),
-            shard.tokens(),
-        );
-        if !same || entry.reader != reader(shard) || shape != now_shape {
-            return Err(Miss::Stale);
-        }
-        match sample_with(shard, &entry.sample.offsets) {
-            Some(s) if s == entry.sample => Ok(entry.identity),
-            _ => Err(Miss::SampleChanged),
+        check_identity(&read_entry(&path)?, shard)
+    }
+
+    /// The cached group runs of `shard` (opened with its sidecar), or why there are none
+    /// that can be trusted.
+    pub fn lookup_groups(&self, shard: &Shard) -> std::result::Result<Groups, Miss> {
+        let path = self.entry_path(shard).ok_or(Miss::Absent)?;
+        cached_groups(&read_entry(&path)?, &path, shard)
+    }
+
+    /// Writes `shard`'s entry, and its runs file when it has groups (each through a
+    /// temporary name and a rename, the runs first, so a reader never sees half of one).
+    /// A failure to write only costs the next start a full hash: logged, not returned.
+    pub fn store(&self, shard: &Shard, id: &ShardIdentity) {
+        if let Some(path) = self.entry_path(shard) {
+            self.store_at(&path, shard, id);
         }
     }
 
-    /// Writes `shard`'s entry (tmp file + rename, so a reader never sees half of one).
-    /// A failure to write only costs the next start a full hash: logged, not returned.
-    pub fn store(&self, shard: &Shard, id: &ShardIdentity) {
+    /// Records in `shard`'s entry that it passed the full validation (the daemon's
+    /// background pass), if the entry still describes its files, so that the next start
+    /// takes the fast paths at once. Nothing happens otherwise: it is only a hint.
+    pub fn record_validated(&self, shard: &Shard) {
         let Some(path) = self.entry_path(shard) else {
             return;
+        };
+        let Ok(entry) = read_entry(&path) else {
+            return;
+        };
+        let layout = shard.validated_layout();
+        if layout.is_some() && entry.one_seq_per_doc != layout {
+            if let Ok(id) = check_identity(&entry, shard) {
+                // Rewritten whole: its runs file is rewritten too when the shard has
+                // groups, and the entry keeps vouching for it.
+                self.store_at(&path, shard, &id);
+            }
+        }
+    }
+
+    fn store_at(&self, path: &Path, shard: &Shard, id: &ShardIdentity) {
+        let groups = match (shard.groups(), &shard.sidecar) {
+            (Some(g), Some((sidecar, stamp))) => {
+                let bytes = g.encode();
+                let sum = Groups::encoded_sum(&bytes).unwrap_or_default();
+                let runs = runs_path(path);
+                let offsets = sample_offsets(stamp.size, sidecar);
+                let sampled = sample_file(sidecar, stamp, &offsets);
+                match (write_atomically(&runs, &bytes), sampled) {
+                    (Ok(()), Some(sample)) => Some(GroupsKey {
+                        file: FileKey::of(sidecar, stamp),
+                        sample,
+                        runs: g.len() as u64,
+                        runs_sum: format!("{sum:016x}"),
+                    }),
+                    (Err(e), _) => {
+                        tracing::warn!("{}: cannot write the group runs: {e}", runs.display());
+                        None
+                    }
+                    (Ok(()), None) => None,
+                }
+            }
+            _ => None,
         };
         let entry = Entry {
             format: FORMAT.into(),
             version: VERSION,
             reader: reader(shard),
             files: keys(shard),
-            sample: sample(shard),
+            sample: sample_of(index_bytes(shard), shard.path()),
             identity: id.clone(),
+            groups,
+            one_seq_per_doc: shard.validated_layout(),
         };
-        // Unique per process and call: a shard listed twice is stored by two threads.
-        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
         let written = serde_json::to_vec(&entry)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|bytes| write_atomically(path, &bytes));
         if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
             tracing::warn!("{}: cannot write the identity cache: {e}", path.display());
         }
     }
@@ -228,9 +328,29 @@ impl IdentityCache {
     pub fn entry_path(&self, shard: &Shard) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         let (first, _) = shard.stamps.first()?;
-        let abs = std::fs::canonicalize(first).ok()?;
+        let abs = self.absolute(first)?;
         let hash = xxhash_rust::xxh3::xxh3_64(abs.as_os_str().as_encoded_bytes());
         Some(dir.join(format!("{}-{hash:016x}.json", shard_name(shard))))
+    }
+
+    /// `path` in its canonical directory (resolved once per directory). The file name
+    /// itself is not resolved: a shard reached through a link to its `.idx` gets an entry
+    /// of its own, which costs one more entry, never a wrong one.
+    fn absolute(&self, path: &Path) -> Option<PathBuf> {
+        let name = path.file_name()?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // A poisoned lock only means another thread panicked mid-insert: the map is
+        // still a valid memo.
+        let mut dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = dirs.get(parent) {
+            return Some(c.join(name));
+        }
+        let c = std::fs::canonicalize(parent).ok()?;
+        dirs.insert(parent.to_path_buf(), c.clone());
+        Some(c.join(name))
     }
 }
 
@@ -257,11 +377,131 @@ pub fn default_cache_root() -> Option<PathBuf> {
 }
 
 fn shard_name(shard: &Shard) -> String {
-    shard
-        .path()
-        .file_name()
+    file_name(shard.path())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// Logs an entry that exists but cannot be used (the others are ordinary misses).
+fn warn_unreadable(miss: &Miss) {
+    if let Miss::Unreadable(why) = miss {
+        tracing::warn!("identity cache: {why}; recomputing and rewriting it");
+    }
+}
+
+/// The entry at `path`, if it is one of ours, of this version.
+fn read_entry(path: &Path) -> std::result::Result<Entry, Miss> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Miss::Absent),
+        Err(e) => return Err(Miss::Unreadable(format!("{}: {e}", path.display()))),
+    };
+    let entry: Entry = serde_json::from_slice(&text).map_err(|e| {
+        Miss::Unreadable(format!(
+            "{}: not an identity cache entry: {e}",
+            path.display()
+        ))
+    })?;
+    if entry.format != FORMAT || entry.version != VERSION {
+        return Err(Miss::Unreadable(format!(
+            "{}: format {:?} version {}, expected {FORMAT:?} version {VERSION}",
+            path.display(),
+            entry.format,
+            entry.version
+        )));
+    }
+    Ok(entry)
+}
+
+/// The entry's identity, if the files behind `shard` are still the ones it was computed
+/// from (stamps, reader, shape and sampled index pages).
+fn check_identity(entry: &Entry, shard: &Shard) -> std::result::Result<ShardIdentity, Miss> {
+    let now = keys(shard);
+    let same = entry.files.len() == now.len()
+        && entry
+            .files
+            .iter()
+            .zip(&now)
+            .all(|(a, b)| a.same_file_state(b));
+    let id = &entry.identity;
+    let shape = (&id.name, id.format, id.dtype, id.documents, id.tokens);
+    let now_shape = (
+        &shard_name(shard),
+        shard.format(),
+        shard.dtype(),
+        shard.documents(),
+        shard.tokens(),
+    );
+    if !same || entry.reader != reader(shard) || shape != now_shape {
+        return Err(Miss::Stale);
+    }
+    match sample_with(index_bytes(shard), &entry.sample.offsets) {
+        Some(s) if s == entry.sample => Ok(entry.identity.clone()),
+        _ => Err(Miss::SampleChanged),
+    }
+}
+
+/// The entry's group runs (from the runs file beside it at `at`), if `shard`'s sidecar
+/// is still the one they were read from: same stamps and sampled pages, as for the index.
+fn cached_groups(entry: &Entry, at: &Path, shard: &Shard) -> std::result::Result<Groups, Miss> {
+    let (Some(key), Some((sidecar, stamp))) = (&entry.groups, &shard.sidecar) else {
+        return Err(Miss::Absent);
+    };
+    if !key.file.same_file_state(&FileKey::of(sidecar, stamp)) {
+        return Err(Miss::Stale);
+    }
+    match sample_file(sidecar, stamp, &key.sample.offsets) {
+        Some(s) if s == key.sample => {}
+        _ => return Err(Miss::SampleChanged),
+    }
+    let runs = runs_path(at);
+    let bytes = std::fs::read(&runs).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Miss::Absent,
+        _ => Miss::Unreadable(format!("{}: {e}", runs.display())),
+    })?;
+    let sum = Groups::encoded_sum(&bytes).map(|s| format!("{s:016x}"));
+    if sum.as_deref() != Some(key.runs_sum.as_str()) {
+        // Another start's write of another sidecar state: ordinary, not worth a warning.
+        return Err(Miss::Stale);
+    }
+    let groups = Groups::decode(&bytes, shard.documents())
+        .map_err(|why| Miss::Unreadable(format!("{}: {why}", runs.display())))?;
+    if groups.len() as u64 != key.runs {
+        return Err(Miss::Unreadable(format!(
+            "{}: {} runs, its entry says {}",
+            runs.display(),
+            groups.len(),
+            key.runs
+        )));
+    }
+    Ok(groups)
+}
+
+/// The runs file beside the entry at `entry`.
+fn runs_path(entry: &Path) -> PathBuf {
+    entry.with_extension("runs")
+}
+
+/// Writes `bytes` to `path` through a temporary name unique per process and call (a
+/// shard listed twice is stored by two threads) and a rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ext = path.extension().map(|e| e.to_string_lossy().into_owned());
+    let tmp = path.with_extension(format!(
+        "{}.tmp.{}.{n}",
+        ext.unwrap_or_default(),
+        std::process::id()
+    ));
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// The entry's `reader` for `shard`.
@@ -289,13 +529,23 @@ fn index_bytes(shard: &Shard) -> &[u8] {
     }
 }
 
-/// A fresh sample: the first and last pages and [`MIDDLE_PAGES`] between, at offsets
-/// that depend on the shard's name and size so that shards do not all share them.
-fn sample(shard: &Shard) -> Sample {
-    let len = index_bytes(shard).len() as u64;
+/// A fresh sample of `bytes` (the file at `path`).
+fn sample_of(bytes: &[u8], path: &Path) -> Sample {
+    let offsets = sample_offsets(bytes.len() as u64, path);
+    // Offsets come from the file's own size, so they are in bounds.
+    sample_with(bytes, &offsets).unwrap_or(Sample {
+        offsets,
+        hash: String::new(),
+    })
+}
+
+/// The pages a fresh sample of a `len`-byte file at `path` reads: the first and last
+/// pages and [`MIDDLE_PAGES`] between, at offsets that depend on the file's name and size
+/// so that files do not all share them.
+fn sample_offsets(len: u64, path: &Path) -> Vec<u64> {
     let pages = len.div_ceil(PAGE);
     let mut offsets = vec![0];
-    let seed = xxhash_rust::xxh3::xxh3_64(format!("{}:{len}", shard_name(shard)).as_bytes());
+    let seed = xxhash_rust::xxh3::xxh3_64(format!("{}:{len}", file_name(path)).as_bytes());
     for i in 0..MIDDLE_PAGES {
         if pages > 2 {
             let mixed = seed.rotate_left(16 * i as u32) ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -307,16 +557,34 @@ fn sample(shard: &Shard) -> Sample {
     }
     offsets.sort_unstable();
     offsets.dedup();
-    // Offsets come from the file's own size, so they are in bounds.
-    sample_with(shard, &offsets).unwrap_or(Sample {
-        offsets,
-        hash: String::new(),
+    offsets
+}
+
+/// The sample at `offsets` of the file at `path`, read with `pread` (a file the start
+/// does not otherwise map: no mapping to set up and tear down), or `None` when the path
+/// no longer names the file `stamp` describes or an offset lies outside it.
+fn sample_file(path: &Path, stamp: &FileStamp, offsets: &[u64]) -> Option<Sample> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let file = std::fs::File::open(path).ok()?;
+    let m = file.metadata().ok()?;
+    if (m.dev(), m.ino(), m.size()) != (stamp.dev, stamp.ino, stamp.size) {
+        return None;
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut page = vec![0u8; PAGE as usize];
+    for &at in offsets {
+        let n = stamp.size.checked_sub(at)?.min(PAGE) as usize;
+        file.read_exact_at(&mut page[..n], at).ok()?;
+        h.update(&page[..n]);
+    }
+    Some(Sample {
+        offsets: offsets.to_vec(),
+        hash: format!("{:016x}", h.digest()),
     })
 }
 
-/// The sample at `offsets`, or `None` when one lies outside the index (a stale entry).
-fn sample_with(shard: &Shard, offsets: &[u64]) -> Option<Sample> {
-    let bytes = index_bytes(shard);
+/// The sample of `bytes` at `offsets`, or `None` when one lies outside (a stale entry).
+fn sample_with(bytes: &[u8], offsets: &[u64]) -> Option<Sample> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for &at in offsets {
         let at = usize::try_from(at).ok()?;
@@ -371,15 +639,43 @@ mod tests {
         assert_ne!(fresh.index_hash, id.index_hash);
     }
 
+    /// The sidecar is sampled with `pread`, the index through its mapping: the same
+    /// bytes give the same sample, and a path that names another file gives none.
+    #[test]
+    fn a_sample_read_from_the_file_equals_one_read_from_its_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Shard::open(&shard(dir.path(), 5000), None).unwrap();
+        let (idx, stamp) = &s.stamps[0];
+        let bytes = s.as_megatron().unwrap().idx_bytes();
+        let want = sample_of(bytes, s.path());
+        assert!(
+            *want.offsets.last().unwrap() + PAGE > bytes.len() as u64,
+            "a cut page"
+        );
+        assert_eq!(
+            sample_file(idx, stamp, &sample_offsets(stamp.size, s.path())),
+            Some(want.clone())
+        );
+        assert_eq!(sample_file(idx, stamp, &[stamp.size + 1]), None);
+        let other = dir.path().join("other");
+        std::fs::copy(idx, &other).unwrap();
+        std::fs::rename(&other, idx).unwrap();
+        assert_eq!(
+            sample_file(idx, stamp, &want.offsets),
+            None,
+            "another inode"
+        );
+    }
+
     #[test]
     fn a_sample_covers_the_first_and_last_pages_in_bounds() {
         let dir = tempfile::tempdir().unwrap();
         let s = Shard::open(&shard(dir.path(), 5000), None).unwrap();
         let len = s.as_megatron().unwrap().idx_bytes().len() as u64;
-        let got = sample(&s);
+        let got = sample_of(index_bytes(&s), s.path());
         assert_eq!(got.offsets.first(), Some(&0));
         assert_eq!(got.offsets.last(), Some(&((len.div_ceil(PAGE) - 1) * PAGE)));
         assert!(got.offsets.len() >= 3 && got.offsets.iter().all(|&o| o < len));
-        assert!(sample_with(&s, &[len + 1]).is_none());
+        assert!(sample_with(index_bytes(&s), &[len + 1]).is_none());
     }
 }

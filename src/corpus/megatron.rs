@@ -67,6 +67,12 @@ impl MegatronShard {
         let idx = idx.ok_or_else(|| {
             CorpusError::invalid(&idx_path, "truncated index: the file is empty (0 bytes)")
         })?;
+        // Before the first touch: a start reads a few places of each index (header, ends,
+        // sampled pages, one window's lengths), and without this hint each first touch of
+        // a cold index reads the read-ahead window around it (8 MiB on some VMs: the whole
+        // 2.2 GB index set of a 10^13-token corpus). The full pass asks for read-ahead
+        // itself (see `validate`).
+        crate::sys::advise(&idx, crate::sys::Advice::Random);
         let bad = |what: String| CorpusError::invalid(&idx_path, what);
 
         if idx_len < HEADER_LEN as u64 {
@@ -240,6 +246,8 @@ impl MegatronShard {
     /// of early exits so it runs at memory speed; a shard that fails is walked again
     /// slowly to name the first bad sequence or document.
     pub fn validate(&self) -> Result<()> {
+        // One sequential pass: read the whole index ahead (the mapping is MADV_RANDOM).
+        crate::sys::advise(&self.idx, crate::sys::Advice::WillNeed);
         let size = self.dtype.size() as i64;
         let lens = &self.idx[self.lengths_at..self.pointers_at];
         let ptrs = &self.idx[self.pointers_at..self.doc_index_at];
@@ -273,6 +281,21 @@ impl MegatronShard {
         self.one_seq_per_doc
             .store(identity, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether a [`Self::validate`] (or a trusted record of one) proved every document to
+    /// be exactly one sequence: the fast paths are on.
+    pub(crate) fn one_seq_per_doc(&self) -> bool {
+        self.one_seq_per_doc
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the fast paths on as [`Self::validate`] would, on the word of the identity
+    /// cache that this very file passed it with one sequence per document. They stay
+    /// bounds-checked: a wrong word costs wrong lengths, never a read out of bounds.
+    pub(crate) fn assume_one_seq_per_doc(&self) {
+        self.one_seq_per_doc
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The slow walk that names the first bad sequence once [`Self::validate`] saw one.

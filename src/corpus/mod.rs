@@ -68,8 +68,14 @@ pub struct Shard {
     path: PathBuf,
     /// The files behind the mappings as they were when opened, for [`Shard::changed`].
     stamps: Vec<(PathBuf, FileStamp)>,
+    /// The group sidecar and its state when opened, if the shard has one: what the
+    /// identity cache keys the shard's cached group runs by.
+    sidecar: Option<(PathBuf, FileStamp)>,
     /// Why the shard must not be read again (it changed or faulted under a mapping).
     poisoned: std::sync::OnceLock<String>,
+    /// Set once the full validation passed (or the identity cache vouches that it did
+    /// for these very files): what the cache records so the next start knows it.
+    validated: std::sync::atomic::AtomicBool,
 }
 
 /// What identifies one state of a file: which inode, how big, when last written (and,
@@ -116,8 +122,19 @@ macro_rules! body {
 
 impl Shard {
     /// Opens the shard at `path` (a Megatron prefix, or a raw file when `raw` is given)
-    /// and its `<prefix>.groups.npy` if there is one.
+    /// and its `<prefix>.groups.npy` if there is one, read in full (8 bytes per document;
+    /// [`IdentityCache::open`] takes the runs from its cache instead).
     pub fn open(path: &Path, raw: Option<&RawOptions>) -> Result<Shard> {
+        let mut shard = Shard::open_without_groups(path, raw)?;
+        if let Some((sidecar, _)) = &shard.sidecar {
+            shard.groups = Some(Groups::open(sidecar, shard.documents())?);
+        }
+        Ok(shard)
+    }
+
+    /// [`Shard::open`] up to the sidecar, which is only stat'ed: the caller attaches its
+    /// groups ([`Shard::attach_groups`]), from the sidecar or from a cache.
+    pub(crate) fn open_without_groups(path: &Path, raw: Option<&RawOptions>) -> Result<Shard> {
         let (body, prefix) = match raw {
             None => (
                 Body::Megatron(MegatronShard::open(path)?),
@@ -141,17 +158,22 @@ impl Shard {
             let st = FileStamp::of(&f)?;
             stamps.push((f, st));
         }
-        let mut shard = Shard {
+        // A sidecar that cannot be stat'ed is no sidecar, as `Path::exists` says.
+        let sidecar = FileStamp::of(&sidecar).ok().map(|st| (sidecar, st));
+        Ok(Shard {
             body,
             groups: None,
             path: path.to_path_buf(),
             stamps,
+            sidecar,
             poisoned: std::sync::OnceLock::new(),
-        };
-        if sidecar.exists() {
-            shard.groups = Some(Groups::open(&sidecar, shard.documents())?);
-        }
-        Ok(shard)
+            validated: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Gives an opened shard its groups (read from its sidecar or a cache of it).
+    pub(crate) fn attach_groups(&mut self, groups: Groups) {
+        self.groups = Some(groups);
     }
 
     /// The path the shard was opened from (a Megatron prefix or a raw file).
@@ -318,7 +340,29 @@ impl Shard {
 
     /// The full linear check of the index (see [`MegatronShard::validate`]).
     pub fn validate(&self) -> Result<()> {
-        body!(self, s => s.validate())
+        body!(self, s => s.validate())?;
+        self.validated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// What a passed [`Shard::validate`] proved (for the identity cache, and to show that
+    /// a start took the fast paths from it): `Some(true)` when every document is one
+    /// sequence (the fast paths), `None` before it passed.
+    pub fn validated_layout(&self) -> Option<bool> {
+        let passed = self.validated.load(std::sync::atomic::Ordering::Relaxed);
+        passed.then(|| self.as_megatron().is_some_and(|m| m.one_seq_per_doc()))
+    }
+
+    /// Takes a validation the identity cache recorded for these very files as passed,
+    /// with the fast paths `one_seq_per_doc` allows (see
+    /// [`MegatronShard::assume_one_seq_per_doc`]).
+    pub(crate) fn assume_validated(&self, one_seq_per_doc: bool) {
+        if let (true, Some(m)) = (one_seq_per_doc, self.as_megatron()) {
+            m.assume_one_seq_per_doc();
+        }
+        self.validated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A content identity that does not depend on where the data is mounted: the shard's
@@ -376,51 +420,60 @@ pub struct ShardIdentity {
 /// directory (every regular file in it that is not a cache or sidecar) or a glob.
 pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
     let text = arg.to_string_lossy();
+    // Sets, not lists: a domain of thousands of shards lists each prefix twice (`.idx`
+    // and `.bin`), and a linear `contains` made resolving quadratic in shards.
     if text.contains(['*', '?', '[']) {
         let paths = glob::glob(&text).map_err(|e| CorpusError::NotFound {
             path: arg.to_path_buf(),
             what: format!("bad glob pattern: {e}"),
         })?;
-        let mut out = Vec::new();
+        let mut out = std::collections::BTreeSet::new();
         for p in paths {
             let p = p.map_err(|e| {
                 let path = e.path().to_path_buf();
                 CorpusError::io(path, "glob", e.into())
             })?;
-            if let Some(s) = shard_of(&p, format)? {
-                if !out.contains(&s) {
-                    out.push(s);
-                }
+            let is_file = |q: &Path| q.is_file();
+            if let Some(s) = shard_of(&p, format, &out, is_file)? {
+                out.insert(s);
             }
         }
-        out.sort();
         if out.is_empty() {
             return Err(CorpusError::NotFound {
                 path: arg.to_path_buf(),
                 what: format!("the glob matches no {} shard", format.name()),
             });
         }
-        return Ok(out);
+        return Ok(out.into_iter().collect());
     }
     if arg.is_dir() {
         let entries = std::fs::read_dir(arg).map_err(|e| CorpusError::io(arg, "read_dir", e))?;
-        let mut out = Vec::new();
+        // The listing says which entries are regular files (no stat per file); only a
+        // symbolic link is stat'ed, to see what it points to.
+        let mut files = std::collections::BTreeSet::new();
         for entry in entries {
             let entry = entry.map_err(|e| CorpusError::io(arg, "read_dir", e))?;
-            if let Some(s) = shard_of(&entry.path(), format)? {
-                if !out.contains(&s) {
-                    out.push(s);
-                }
+            let kind = entry
+                .file_type()
+                .map_err(|e| CorpusError::io(entry.path(), "stat", e))?;
+            let path = entry.path();
+            if kind.is_file() || (kind.is_symlink() && path.is_file()) {
+                files.insert(path);
             }
         }
-        out.sort();
+        let mut out = std::collections::BTreeSet::new();
+        for p in &files {
+            if let Some(s) = shard_of(p, format, &out, |q| files.contains(q))? {
+                out.insert(s);
+            }
+        }
         if out.is_empty() {
             return Err(CorpusError::NotFound {
                 path: arg.to_path_buf(),
                 what: format!("the directory holds no {} shard", format.name()),
             });
         }
-        return Ok(out);
+        return Ok(out.into_iter().collect());
     }
     match format {
         Format::Megatron => {
@@ -452,22 +505,33 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// The shard a directory entry or glob match belongs to, if any. A `.bin` without its
-/// `.idx` (or the reverse) is an error, not something to skip: silently leaving a shard
-/// out of a domain would change the mixture without anyone noticing.
-fn shard_of(p: &Path, format: Format) -> Result<Option<PathBuf>> {
+/// The shard a directory entry or glob match belongs to, if it is not in `found` yet.
+/// `is_file` says whether a path is a regular file (a stat, or a lookup in a listing). A
+/// `.bin` without its `.idx` (or the reverse) is an error, not something to skip:
+/// silently leaving a shard out of a domain would change the mixture without anyone
+/// noticing.
+fn shard_of(
+    p: &Path,
+    format: Format,
+    found: &std::collections::BTreeSet<PathBuf>,
+    is_file: impl Fn(&Path) -> bool,
+) -> Result<Option<PathBuf>> {
     let Some(name) = p.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Ok(None);
     };
     match format {
         Format::Megatron => {
-            if !(name.ends_with(".idx") || name.ends_with(".bin")) || !p.is_file() {
+            if !(name.ends_with(".idx") || name.ends_with(".bin")) {
                 return Ok(None);
             }
             let prefix = strip_megatron_ext(p);
+            // The pair was checked when its other file was seen.
+            if found.contains(&prefix) || !is_file(p) {
+                return Ok(None);
+            }
             let idx = megatron::with_suffix(&prefix, "idx");
             let bin = megatron::with_suffix(&prefix, "bin");
-            match (idx.is_file(), bin.is_file()) {
+            match (is_file(&idx), is_file(&bin)) {
                 (true, true) => Ok(Some(prefix)),
                 (false, _) => Err(CorpusError::NotFound {
                     path: idx,
@@ -484,7 +548,7 @@ fn shard_of(p: &Path, format: Format) -> Result<Option<PathBuf>> {
                 || name.ends_with(&format!(".{}", raw::CACHE_EXT))
                 || name.contains(".tmp")
                 || name.starts_with('.');
-            Ok((!skip && p.is_file()).then(|| p.to_path_buf()))
+            Ok((!skip && !found.contains(p) && is_file(p)).then(|| p.to_path_buf()))
         }
     }
 }
@@ -570,4 +634,43 @@ pub(crate) fn le_i32(b: &[u8], at: usize) -> i32 {
     let mut w = [0u8; 4];
     w.copy_from_slice(&b[at..at + 4]);
     i32::from_le_bytes(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory listing answers "is it a regular file" without a stat, except for
+    /// links, which are followed: a linked shard resolves, a link to a directory named
+    /// like an index is no index.
+    #[test]
+    fn a_directory_of_links_resolves_like_one_of_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (real, dir) = (tmp.path().join("real"), tmp.path().join("d"));
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = MegatronWriter::create(&real.join("a"), DType::Uint16).unwrap();
+        w.add_document_bytes(&[1, 0, 2, 0]).unwrap();
+        w.finish().unwrap();
+        for ext in ["idx", "bin"] {
+            let name = format!("a.{ext}");
+            std::os::unix::fs::symlink(real.join(&name), dir.join(&name)).unwrap();
+        }
+        std::fs::write(dir.join("b.bin"), b"").unwrap();
+        std::fs::create_dir(real.join("b.idx")).unwrap();
+        std::os::unix::fs::symlink(real.join("b.idx"), dir.join("b.idx")).unwrap();
+        match resolve(&dir, Format::Megatron) {
+            Err(CorpusError::NotFound { path, what }) => {
+                assert_eq!(path, dir.join("b.idx"));
+                assert!(what.contains("no index beside it"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(dir.join("b.bin")).unwrap();
+        assert_eq!(
+            resolve(&dir, Format::Megatron).unwrap(),
+            vec![dir.join("a")]
+        );
+        Shard::open(&dir.join("a"), None).unwrap();
+    }
 }

@@ -120,36 +120,66 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
     Ok(())
 }
 
+/// The shards the background pass validates, and the identity cache it records passes in.
+pub(super) struct Unchecked {
+    shards: Vec<Arc<Shard>>,
+    cache: crate::corpus::IdentityCache,
+}
+
+impl Unchecked {
+    /// Every shard of `l`, with its config's identity cache.
+    pub(super) fn of(l: &Loaded) -> Unchecked {
+        Unchecked {
+            shards: l.shards.iter().flatten().cloned().collect(),
+            cache: l.cfg.identity_cache(),
+        }
+    }
+}
+
 /// Validates every shard in full (the linear pass `check-config` makes) on one thread of
 /// its own, started after READY so that the first batch never waits for it. A shard that
 /// fails is poisoned like one that changed under the daemon: rings that read it stop
 /// with ERROR materialize naming it, the others keep serving. A shard that passes gets
-/// the planner's and copier's fast paths (one read per document instead of a check).
+/// the planner's and copier's fast paths (one read per document instead of a check),
+/// and its identity cache entry records the pass, so that the next start takes those
+/// paths from its first window on and does not validate it again (a shard whose entry
+/// no longer describes its files is validated again).
 pub(super) fn validate_in_background(
-    shards: Vec<Arc<Shard>>,
+    Unchecked { shards, cache }: Unchecked,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("millrace-validate".into())
         .spawn(move || {
             let t0 = std::time::Instant::now();
-            let mut bad = 0usize;
+            let (mut bad, mut trusted) = (0usize, 0usize);
             for shard in &shards {
                 if shard.poisoned().is_some() {
                     bad += 1; // already found (while planning) and logged
                     continue;
                 }
-                if let Some(why) = validate_one(shard) {
-                    error!(
-                        "{why}; the shard is poisoned: rings that read it stop with \
-                         ERROR materialize"
-                    );
-                    shard.poison(why);
-                    bad += 1;
+                if shard.validated_layout().is_some() {
+                    // Its identity cache entry says these very files (same inode, size,
+                    // mtime, ctime and sampled pages) passed this pass before: reading
+                    // gigabytes of index again at every start would find what it found.
+                    trusted += 1;
+                    continue;
+                }
+                match validate_one(shard) {
+                    Some(why) => {
+                        error!(
+                            "{why}; the shard is poisoned: rings that read it stop with \
+                             ERROR materialize"
+                        );
+                        shard.poison(why);
+                        bad += 1;
+                    }
+                    None => cache.record_validated(shard),
                 }
             }
             info!(
                 shards = shards.len(),
                 corrupt = bad,
+                trusted,
                 ms = t0.elapsed().as_millis() as u64,
                 "background validation of the shards done"
             );

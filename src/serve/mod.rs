@@ -92,7 +92,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         "corpus opened and plan built"
     );
     // Checked in full after READY, on a thread of its own (load::validate_in_background).
-    let unchecked: Vec<Arc<crate::corpus::Shard>> = l.shards.iter().flatten().cloned().collect();
+    let unchecked = load::Unchecked::of(&l);
     let pad_token = l.plan.config().pad_token;
     let serve = l.serve.clone();
     // One fd per connection and two per ring (memfd, eventfd), plus shards and slack.
@@ -270,7 +270,7 @@ fn export_metrics(status: &Status) {
 
 /// Binds the socket (refusing to steal one a live daemon is serving), sets its mode and
 /// group, says READY, and serves until SIGTERM/SIGINT; then drains.
-async fn serve_socket(d: Arc<Daemon>, unchecked: Vec<Arc<crate::corpus::Shard>>) -> Result<()> {
+async fn serve_socket(d: Arc<Daemon>, unchecked: load::Unchecked) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let serve = d.serve.clone();
     let path = serve.socket.clone();

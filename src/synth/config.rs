@@ -6,6 +6,10 @@ use std::fmt::Write as _;
 
 use super::{DomainSpec, Kind, Mode, SynthOptions, EOD, PAD};
 
+/// The planner's default `best_fit_window` (units per packing window, config::plan),
+/// which a length-scaled corpus divides by its scale.
+pub(super) const PLANNER_WINDOW: u64 = 65536;
+
 /// The ready-to-use config: relative paths, so the corpus directory can move.
 pub(super) fn config_text(opts: &SynthOptions, mode: Mode, specs: &[DomainSpec]) -> String {
     let mut t = String::new();
@@ -48,6 +52,18 @@ pub(super) fn config_text(opts: &SynthOptions, mode: Mode, specs: &[DomainSpec])
         Mode::Sparse(_) => "# eod_token: none, the sparse .bin files read as zeros\n".into(),
     };
     let _ = writeln!(t, "\n[plan]\nseed = {}\nseq_len = 4096\nglobal_batch_rows = 256\npacking = \"best_fit\"\n{eod}pad_token = {PAD}\nvocab_size = {}", opts.seed, opts.vocab);
+    let scale = mode.length_scale();
+    if scale > 1 {
+        // The planner packs windows of a number of units, so documents `scale` times
+        // longer make every window `scale` times the tokens, rows and memory: the corpus
+        // stands in for one of `scale` times more documents of the usual lengths, whose
+        // windows hold the tokens of the default window.
+        let _ = writeln!(
+            t,
+            "# windows of the tokens {PLANNER_WINDOW} documents of unscaled length hold\nbest_fit_window = {}",
+            (PLANNER_WINDOW / scale).max(1)
+        );
+    }
     let weights: Vec<String> = specs
         .iter()
         .map(|s| format!("{} = {:.4}", s.name, s.share / share_sum))

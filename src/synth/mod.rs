@@ -622,6 +622,46 @@ pub fn shard_prefix(out: &Path, domain: &str, shard: usize) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// A length-scaled corpus's config divides the planner's default window by the
+    /// scale, so its windows hold the tokens an unscaled corpus's do.
+    #[test]
+    fn a_length_scaled_config_scales_the_window_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = |out: &Path| SynthOptions {
+            out: out.to_path_buf(),
+            tokens: 400_000,
+            domains: 2,
+            vocab: 50304,
+            dtype: DType::Uint16,
+            seed: 0,
+            shard_tokens: 200_000,
+            threads: 1,
+            progress: false,
+        };
+        let window = |out: &Path| {
+            let cfg = crate::config::Config::load(&out.join("millrace.toml")).unwrap();
+            cfg.plan_config().unwrap().best_fit_window
+        };
+        let dense = dir.path().join("dense");
+        synth(&opts(&dense)).unwrap();
+        assert_eq!(
+            window(&dense),
+            config::PLANNER_WINDOW,
+            "the planner's default"
+        );
+        for (scale, want) in [(1, config::PLANNER_WINDOW), (100, 655), (1 << 20, 1)] {
+            let out = dir.path().join(format!("s{scale}"));
+            synth_sparse(
+                &opts(&out),
+                Sparse {
+                    length_scale: scale,
+                },
+            )
+            .unwrap();
+            assert_eq!(window(&out), want, "--length-scale {scale}");
+        }
+    }
+
     /// Document seeds are pinned (every synth corpus depends on them): the value the
     /// chain gave before it shared the plan's [`splitmix64`].
     #[test]
