@@ -518,8 +518,8 @@ fn reports_name_the_stage_and_its_shape() {
     assert_eq!(windows[1].dropped_tokens, dropped);
 }
 
-/// config/millrace.example.toml's two-stage recipe (commented out while the daemon
-/// does not serve stages) parses, validates, and is a stage at the anneal's first step.
+/// config/millrace.example.toml's two-stage recipe parses, validates, and is a stage at
+/// the anneal's first step.
 #[test]
 fn the_example_two_stage_recipe_parses() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/millrace.example.toml");
