@@ -8,12 +8,14 @@
 
 mod common;
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{bin, Serve};
 use millrace::client::{BatchView, Client, ClientError, Hello, SlotArrays, SlotLayout};
 use millrace::corpus::Shard;
+use millrace::wire::{frame, kind};
 
 /// The plan step the long stage starts at.
 const S: u64 = 6;
@@ -214,22 +216,20 @@ fn two_ranks_of_two_peers_get_the_new_shape_at_the_switch_and_resume_either_side
         }
     }
 
-    // A client that does not read per-slot shapes is refused, naming the stage.
-    let old = Hello {
-        stages: false,
-        ..hello("old", 0, "0", 1)
-    };
-    match Client::connect(&f.socket, &old) {
-        Err(ClientError::Refused { code, message }) => {
-            assert_eq!(code, "protocol", "{message}");
-            assert!(
-                message.contains(&format!("at plan step {S}")) && message.contains("stages"),
-                "{message}"
-            );
-        }
-        Err(e) => panic!("expected a protocol refusal, got {e}"),
-        Ok(_) => panic!("a client without `stages` was served a staged plan"),
-    }
+    // A client that does not read per-slot shapes (a HELLO without `stages`, as every
+    // client before stages sent) is refused, naming the switch.
+    let old = serde_json::to_vec(&hello("old", 0, "0", 1)).unwrap();
+    assert!(!String::from_utf8_lossy(&old).contains("stages"));
+    let mut sock = UnixStream::connect(&f.socket).unwrap();
+    frame::write_to(&mut sock, kind::HELLO, &old).unwrap();
+    let (k, body) = frame::read_from(&mut sock).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((k, body["code"].as_str()), (kind::REFUSED, Some("protocol")), "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("at plan step {S}")) && message.contains("stages: true"),
+        "{message}"
+    );
     serve.kill();
 }
 

@@ -154,7 +154,13 @@ impl Client {
         })?;
         sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(io_err("setting the socket timeout"))?;
-        let payload = serde_json::to_vec(hello)
+        // This client reads each slot at its stage's layout (`Layout::at`), so it may
+        // be served a plan with stages.
+        let hello = Hello {
+            stages: true,
+            ..hello.clone()
+        };
+        let payload = serde_json::to_vec(&hello)
             .map_err(|e| ClientError::Usage(format!("HELLO does not serialize: {e}")))?;
         match send_frame(&mut sock, frame::HELLO, &payload) {
             // The daemon may have refused the connection (access control) and closed

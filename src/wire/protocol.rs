@@ -198,6 +198,7 @@ pub struct Hello {
     /// The client reads each slot's shape from its header and WELCOME `stages`, so it
     /// may be served a plan whose shape changes at a step (`[[plan.stage]]`); a client
     /// that does not say so is refused such a plan (`protocol`) rather than misread it.
+    /// The Rust [`crate::client::Client`] reads slots so and always sends `true`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stages: bool,
 }
@@ -381,7 +382,7 @@ impl Hello {
             start_step: None,
             fingerprint: None,
             slot_layout: None,
-            stages: true,
+            stages: false,
         }
     }
 
