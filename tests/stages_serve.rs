@@ -37,8 +37,7 @@ fn fixture() -> Fixture {
     let corpus = common::corpus(600_000, 3, 3, 200_000);
     let socket = corpus.dir.join("s.sock");
     let serve = common::serve_toml(&socket, 4, 2);
-    let config =
-        common::write_config(&corpus.dir, "stages.toml", BEFORE.1, BEFORE.0, &[&serve]);
+    let config = common::write_config(&corpus.dir, "stages.toml", BEFORE.1, BEFORE.0, &[&serve]);
     let mut text = std::fs::read_to_string(&config).unwrap();
     text += &format!(
         "\n[[plan.stage]]\nstep = {S}\nseq_len = {}\nglobal_batch_rows = {}\n",
@@ -115,7 +114,11 @@ fn explained(config: &Path, rank: u32) -> Vec<(u64, u32, Vec<Vec<i64>>)> {
         .args(["--dp-rank", &rank.to_string(), "--dp-size", &DP.to_string()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut shards: std::collections::HashMap<String, Shard> = Default::default();
     let mut steps = Vec::new();
     for line in String::from_utf8(out.stdout).unwrap().lines() {
@@ -192,7 +195,10 @@ fn two_ranks_of_two_peers_get_the_new_shape_at_the_switch_and_resume_either_side
         let got = &by_rank[r as usize];
         for (g, (step, seq, rows)) in got.iter().zip(&want) {
             assert_eq!((g.step, g.seq_len), (*step, *seq));
-            assert_eq!(&g.tokens, rows, "rank {r} step {step}: tokens differ from explain");
+            assert_eq!(
+                &g.tokens, rows,
+                "rank {r} step {step}: tokens differ from explain"
+            );
         }
     }
 
@@ -224,7 +230,11 @@ fn two_ranks_of_two_peers_get_the_new_shape_at_the_switch_and_resume_either_side
     frame::write_to(&mut sock, kind::HELLO, &old).unwrap();
     let (k, body) = frame::read_from(&mut sock).unwrap();
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!((k, body["code"].as_str()), (kind::REFUSED, Some("protocol")), "{body}");
+    assert_eq!(
+        (k, body["code"].as_str()),
+        (kind::REFUSED, Some("protocol")),
+        "{body}"
+    );
     let message = body["message"].as_str().unwrap();
     assert!(
         message.contains(&format!("at plan step {S}")) && message.contains("stages: true"),

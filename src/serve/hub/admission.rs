@@ -263,13 +263,7 @@ impl Hub {
         let shapes: Vec<(u64, u32, u32)> = (joiner.shape.stages.iter())
             .map(|s| (s.step, s.rows, s.seq_len))
             .collect();
-        let layout = Layout::staged(
-            kind,
-            &shapes,
-            self.settings.slots,
-            token,
-            self.cursor_cap,
-        );
+        let layout = Layout::staged(kind, &shapes, self.settings.slots, token, self.cursor_cap);
         let step = planner.step();
         if used.saturating_add(layout.ring_bytes) > self.settings.ring_budget {
             return Err(Refusal::new(
