@@ -12,9 +12,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{bin, Serve};
+use common::Serve;
 use millrace::client::{BatchView, Client, ClientError, Hello, SlotArrays, SlotLayout};
-use millrace::corpus::Shard;
 use millrace::wire::{frame, kind};
 
 /// The plan step the long stage starts at.
@@ -104,45 +103,14 @@ fn stream(socket: &Path, hello: &Hello, n: u64) -> Vec<Got> {
     out
 }
 
-/// `millrace explain` for `rank`'s slice of steps `0..STEPS`, each row as its tokens
-/// read from the shards the explanation names, padded to `seq_len + 1`.
-fn explained(config: &Path, rank: u32) -> Vec<(u64, u32, Vec<Vec<i64>>)> {
-    let out = bin()
-        .args(["explain", "--config"])
-        .arg(config)
-        .args(["--step", "0", "--count", &STEPS.to_string(), "--json"])
-        .args(["--dp-rank", &rank.to_string(), "--dp-size", &DP.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut shards: std::collections::HashMap<String, Shard> = Default::default();
-    let mut steps = Vec::new();
-    for line in String::from_utf8(out.stdout).unwrap().lines() {
-        let s: serde_json::Value = serde_json::from_str(line).unwrap();
-        let seq_len = s["seq_len"].as_u64().unwrap() as u32;
-        let mut rows = Vec::new();
-        for row in s["rows"].as_array().unwrap() {
-            let mut t = Vec::new();
-            for g in row["segments"].as_array().unwrap() {
-                let name = g["shard"].as_str().unwrap().to_string();
-                let shard = shards
-                    .entry(name.clone())
-                    .or_insert_with(|| Shard::open(Path::new(&name), None).unwrap());
-                let doc = shard.doc_tokens(g["doc"].as_u64().unwrap()).unwrap();
-                for i in g["start"].as_u64().unwrap()..g["end"].as_u64().unwrap() {
-                    t.push(doc.get_i64(i as usize).unwrap());
-                }
-            }
-            t.resize(seq_len as usize + 1, 0); // pad_token = 0 in the synthetic config
-            rows.push(t);
-        }
-        steps.push((s["step"].as_u64().unwrap(), seq_len, rows));
+impl Fixture {
+    /// A running daemon on the fixture's config, accepting on its socket.
+    fn serve(&self) -> Serve {
+        let log = self.corpus.dir.join("serve.log");
+        let mut serve = Serve::spawn(&self.config, &log, |_| {});
+        serve.wait_listening(&self.socket, Duration::from_secs(60));
+        serve
     }
-    steps
 }
 
 /// A HELLO of `rank` of the job `job`, peer `replica` of `replicas`.
@@ -158,9 +126,7 @@ fn hello(job: &str, rank: u32, replica: &str, replicas: u32) -> Hello {
 #[test]
 fn two_ranks_of_two_peers_get_the_new_shape_at_the_switch_and_resume_either_side() {
     let f = fixture();
-    let log = f.corpus.dir.join("serve.log");
-    let mut serve = Serve::spawn(&f.config, &log, |_| {});
-    serve.wait_listening(&f.socket, Duration::from_secs(60));
+    let mut serve = f.serve();
 
     // 2 dp ranks x 2 TP peers, each its own thread: one ring per rank, read by both.
     let peers: Vec<(u32, String, std::thread::JoinHandle<Vec<Got>>)> = (0..DP)
@@ -191,10 +157,12 @@ fn two_ranks_of_two_peers_get_the_new_shape_at_the_switch_and_resume_either_side
         }
     }
     for r in 0..DP {
-        let want = explained(&f.config, r);
+        // pad_token = 0 in the synthetic config.
+        let want = common::explained_rows(&f.config, 0, STEPS, (r, DP), 0);
         let got = &by_rank[r as usize];
-        for (g, (step, seq, rows)) in got.iter().zip(&want) {
-            assert_eq!((g.step, g.seq_len), (*step, *seq));
+        assert_eq!(want.len(), got.len());
+        for (g, (step, rows)) in got.iter().zip(&want) {
+            assert_eq!(g.step, *step);
             assert_eq!(
                 &g.tokens, rows,
                 "rank {r} step {step}: tokens differ from explain"
@@ -248,9 +216,7 @@ fn two_ranks_of_two_peers_get_the_new_shape_at_the_switch_and_resume_either_side
 #[test]
 fn a_dp_size_that_does_not_divide_a_later_stage_is_refused() {
     let f = fixture();
-    let log = f.corpus.dir.join("serve.log");
-    let mut serve = Serve::spawn(&f.config, &log, |_| {});
-    serve.wait_listening(&f.socket, Duration::from_secs(60));
+    let mut serve = f.serve();
     // 8 divides 16 (the first stage's rows) but not 4.
     match Client::connect(&f.socket, &Hello::whole_slice(0, 8)) {
         Err(ClientError::Refused { code, message }) => {

@@ -550,7 +550,8 @@ class _Stage:
         self.cu_cap = (self.rows * self.seq_len + 1 if layout == "compact"
                        else len(self.views[0][FIELDS.index("cu_seqlens")]))
         cur = fields.get("cursor")
-        if not isinstance(cur, dict) or cur.get("dtype") != "uint8" or len(cur.get("shape", ())) != 1:
+        if (not isinstance(cur, dict) or cur.get("dtype") != "uint8"
+                or len(cur.get("shape", ())) != 1):
             raise ProtocolError(f"WELCOME field `cursor` must be uint8[n], got {cur}")
         self.cursor_off = int(cur["offset"])
         self.cursor_cap = int(cur["shape"][0])
