@@ -96,3 +96,32 @@ def test_batches_change_shape_at_the_switch_and_state_dicts_resume(millrace, sta
             again = take(c, STEPS - k - 1)
         for a, b in zip(again, ref[k + 1 :]):
             assert a[:3] == b[:3] and np.array_equal(a[3], b[3]), f"resumed after {k}"
+
+
+def test_torch_client_yields_the_new_shape_at_the_switch(millrace, staged):
+    """TorchClient (CPU; with prefetch, so batches of both stages are in flight at
+    once) yields tensors of the new shape at exactly step S, equal to explain, and
+    the compact slot's device derivation reads each stage at its own offsets."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import TorchClient, _slot_bytes, derive_tensors
+
+    d, config = staged
+    want = explained_rows(millrace, config, 0)
+    tc = TorchClient(mr.Client(d.sock, 0, DP, job="torch", reconnect_timeout=0,
+                               register_cuda=False), device="cpu", prefetch=2)
+    for step in range(STEPS):
+        tb = next(tc)
+        g, l = BEFORE if step < S else AFTER
+        assert tb.step == step and tuple(tb.tokens.shape) == (g // DP, l), step
+        rows = np.stack(want[step][1])
+        np.testing.assert_array_equal(tb.tokens.numpy(), rows[:, :-1])
+        np.testing.assert_array_equal(tb.labels.numpy(), rows[:, 1:])
+    tc.close()
+    with mr.Client(d.sock, 0, DP, job="torch-dev", reconnect_timeout=0,
+                   register_cuda=False) as c:
+        for step in range(STEPS):
+            b = c.next_batch(timeout=60)
+            host, layout = _slot_bytes(b)
+            dev = derive_tensors(host, layout, b.rows, b.seq_len, b.cu_len)
+            np.testing.assert_array_equal(dev["tokens"].long().numpy(), b.tokens)
+            np.testing.assert_array_equal(dev["position_ids"].numpy(), b.position_ids)
