@@ -600,6 +600,37 @@ mod tests {
         assert!(data(&e) > 6 * data(&c), "{} vs {}", data(&e), data(&c));
     }
 
+    /// A ring for stages has the largest stage's slot stride, and each stage keeps the
+    /// offsets of its own shape, found by plan step.
+    #[test]
+    fn a_staged_layout_is_sized_for_the_largest_stage() {
+        for kind in [SlotLayout::Expanded, SlotLayout::Compact] {
+            let t = TokenType(DType::Uint16);
+            let shapes = [(0, 8, 512), (100, 1, 8192), (200, 2, 256)];
+            let l = Layout::staged(kind, &shapes, 3, t, 512);
+            let own: Vec<Layout> = shapes
+                .iter()
+                .map(|&(_, r, q)| Layout::of(kind, r, q, 3, t, 512))
+                .collect();
+            let most = own.iter().map(|o| o.slot_bytes).max().unwrap();
+            assert!(own.iter().any(|o| o.slot_bytes < most));
+            for ((step, at), o) in l.stages().zip(&own) {
+                assert_eq!((at.rows, at.seq_len), (o.rows, o.seq_len));
+                assert_eq!(at.field_specs(), o.field_specs());
+                assert_eq!(at.slot_bytes, most);
+                assert_eq!(at.ring_bytes, RING_HEADER + 3 * most);
+                assert!(std::ptr::eq(l.at(step), at));
+            }
+            assert_eq!(l.at(99).seq_len, 512);
+            assert_eq!(l.at(150).seq_len, 8192);
+            assert_eq!(l.at(u64::MAX).seq_len, 256);
+            // One stage: exactly the plain layout.
+            let one = Layout::staged(kind, &shapes[..1], 3, t, 512);
+            assert_eq!(one.slot_bytes, own[0].slot_bytes);
+            assert!(one.later.is_empty());
+        }
+    }
+
     #[test]
     fn compact_dtype_is_the_shards_own_or_the_narrowest_exact_one() {
         use DType::*;
