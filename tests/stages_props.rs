@@ -518,8 +518,8 @@ fn reports_name_the_stage_and_its_shape() {
     assert_eq!(windows[1].dropped_tokens, dropped);
 }
 
-/// config/millrace.example.toml's two-stage recipe (commented out while the daemon
-/// does not serve stages) parses, validates, and is a stage at the anneal's first step.
+/// config/millrace.example.toml's two-stage recipe parses, validates, and is a stage at
+/// the anneal's first step.
 #[test]
 fn the_example_two_stage_recipe_parses() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/millrace.example.toml");
@@ -586,10 +586,10 @@ fn parse_plan(text: &str) -> Result<PlanConfig, millrace::config::plan::SettingE
 
 const HEAD: &str = "seq_len = 8\nglobal_batch_rows = 2\n";
 
-/// `[[plan.stage]]` mistakes name their field; the daemon's check refuses stages with
-/// a message naming plan.stage (plan and explain accept them).
+/// `[[plan.stage]]` mistakes name their field (the daemon serves stages:
+/// tests/stages_serve.rs).
 #[test]
-fn stages_are_checked_and_refused_for_serving() {
+fn stages_are_checked() {
     let two = format!(
         "{HEAD}weights = {{ a = 1 }}\n[[stage]]\nstep = 100\nseq_len = 64\n\
          global_batch_rows = 1\n"
@@ -597,13 +597,6 @@ fn stages_are_checked_and_refused_for_serving() {
     let p = parse_plan(&two).unwrap();
     assert_eq!(p.stage.len(), 1);
     assert!(p.validate(&[("a", DomainSettings::default())]).is_ok());
-    let e = p.check_servable().unwrap_err();
-    assert_eq!(e.field, "plan.stage");
-    assert!(e.what.contains("not yet served by the daemon"), "{e}");
-    assert!(parse_plan(&format!("{HEAD}weights = {{ a = 1 }}\n"))
-        .unwrap()
-        .check_servable()
-        .is_ok());
     for (text, field) in [
         (
             "step = 0\nseq_len = 8\nglobal_batch_rows = 2",

@@ -26,6 +26,19 @@ On a CPU the ranks talk over gloo, on GPUs over NCCL. What it shows:
   to its node's daemon, and every rank gets the same reply (the step it applies from).
   The daemon's change journal travels in the cursor blobs, so a resumed run keeps it.
 
+- Context parallelism (``--cp N``): the N CP ranks of a sequence are *peers* of one dp
+  rank, like TP peers: ``dp_rank = RANK // N``, ``dp_size = WORLD_SIZE // N``,
+  ``replica = "cp<i>"``, ``replicas = N``. They read the same ring (one copy of the rows
+  on the node) and each takes its chunk of every row: positions ``[i L/N, (i+1) L/N)``
+  (Megatron balances causal attention with 2N chunks instead, i and 2N-1-i). The chunks
+  of all CP ranks of all dp ranks are the global batch exactly once, so the loss is
+  normalised as above over all WORLD_SIZE ranks. The chunk's document boundaries come
+  from its position ids (0 where a document or padding starts). This example's model
+  attends within the chunk only; a real CP model exchanges keys and values in its group.
+- Stages (``[[plan.stage]]``): a batch's ``rows`` and ``seq_len`` change at the switch
+  step on the same connection; the model's position table is sized for the longest stage
+  from WELCOME ``stages``, and every per-step size comes from the batch itself.
+
 The model and step are those of train_tiny.py (beside this file): on a CPU each rank
 trains on the first ``--positions`` inputs of its slice.
 """
@@ -35,6 +48,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -56,6 +70,25 @@ def parse_weights(text: str) -> dict:
     return out
 
 
+def cp_chunk(tb, cp_rank: int, cp: int):
+    """Context-parallel rank ``cp_rank`` of ``cp``'s chunk of every row of ``tb``:
+    positions ``[i L/cp, (i+1) L/cp)`` of tokens, labels, loss mask and position ids, and
+    ``cu_seqlens`` over the flattened chunk (a piece starts where its position id is 0
+    and at every row's start)."""
+    if cp == 1:
+        return tb
+    seq = tb.tokens.shape[1]
+    a, b = cp_rank * seq // cp, (cp_rank + 1) * seq // cp
+    part = {k: getattr(tb, k)[:, a:b] for k in ("tokens", "labels", "loss_mask",
+                                                 "position_ids")}
+    pos = part["position_ids"].reshape(-1)
+    idx = torch.arange(pos.numel(), device=pos.device)
+    start = (pos == 0) | (idx % (b - a) == 0)
+    end = torch.tensor([pos.numel()], device=pos.device)
+    return SimpleNamespace(**part, cu_seqlens=torch.cat([idx[start], end]).int(),
+                           step=tb.step)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--socket", default=None,
@@ -68,6 +101,8 @@ def main():
     ap.add_argument("--change-at", type=int, default=None,
                     help="at this step, change the mixture (for steps well ahead)")
     ap.add_argument("--change", default="web=0.7,code=0.1,books=0.1,wiki=0.1")
+    ap.add_argument("--cp", type=int, default=1,
+                    help="context-parallel ranks per sequence (peers of one dp rank)")
     args = ap.parse_args()
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -79,7 +114,12 @@ def main():
     dist.init_process_group("nccl" if cuda else "gloo")
     torch.manual_seed(0)  # the same initial model on every rank
 
-    client = millrace.Client(args.socket, dp_rank=rank, dp_size=world, job=args.job)
+    if world % args.cp:
+        raise SystemExit(f"--cp {args.cp} does not divide WORLD_SIZE {world}")
+    cp_rank = rank % args.cp
+    # CP ranks of one sequence are peers of one dp rank: one ring, each takes its chunk.
+    client = millrace.Client(args.socket, dp_rank=rank // args.cp, dp_size=world // args.cp,
+                             job=args.job, replica=f"cp{cp_rank}", replicas=args.cp)
     stream = TorchClient(client, device=device, prefetch=1 if cuda else 0)
     ckpt = None
     if os.path.exists(args.checkpoint):
@@ -89,18 +129,20 @@ def main():
             print(f"resuming after step {ckpt['data']['step']} with {world} ranks "
                   f"(saved with {ckpt['world']})", flush=True)
     w = client.welcome
-    model = TinyLM(w["vocab_size"], max_pos=w["seq_len"]).to(device)
+    # Sized for the longest stage: a long-context stage's rows arrive on this connection.
+    longest = max(st["seq_len"] for st in w.get("stages") or [w])
+    model = TinyLM(w["vocab_size"], max_pos=longest).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optim"])
     ddp = DDP(model)
     ctl = Control(client.socket_path)
-    n = min(args.positions, w["rows"] * w["seq_len"])
 
     last = stream.state_dict()["step"]
     while last + 1 < args.steps:
-        tb = next(stream)
+        tb = cp_chunk(next(stream), cp_rank, args.cp)
+        n = min(args.positions, tb.tokens.numel())  # per step: stages change the shape
         mask = tb.loss_mask.reshape(-1)[:n]
         tokens = torch.tensor(float(mask.sum()), device=device)
         dist.all_reduce(tokens)  # the loss tokens of every rank at this step

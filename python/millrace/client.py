@@ -31,6 +31,7 @@ The client is not thread safe: use it from one thread.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import logging
@@ -477,35 +478,39 @@ class _Conn:
         slot_offset = int(welcome["slot_offset"])
         slot_bytes = int(welcome["slot_bytes"])
         self.slot_base = [slot_offset + i * slot_bytes for i in range(self.slots)]
-        fields = welcome["fields"]
         self.layout = welcome.get("slot_layout")
         if self.layout not in SLOT_FIELDS:
             raise ProtocolError(f"WELCOME slot_layout {self.layout!r} is not one of "
                                 f"{SLOT_LAYOUTS}")
-        self.views = []
         self.torch_cpu = {}  # per-slot CPU tensors, filled by the torch adapter
-        for base in self.slot_base:
-            per = []
-            for name in SLOT_FIELDS[self.layout]:
-                if name not in fields:
-                    raise ProtocolError(f"WELCOME lacks field `{name}` of a {self.layout} slot")
-                per.append(_field_view(mm, base, name, fields[name]))
-            self.views.append(tuple(per))
-        rows, seq_len = int(welcome["rows"]), int(welcome["seq_len"])
-        # The most cu_seqlens entries a slot may use (compact ones derive it).
-        self.cu_cap = (rows * seq_len + 1 if self.layout == "compact"
-                       else len(self.views[0][FIELDS.index("cu_seqlens")]))
-        cur = fields["cursor"]
-        if cur["dtype"] != "uint8" or len(cur["shape"]) != 1:
-            raise ProtocolError(f"WELCOME field `cursor` must be uint8[n], got {cur}")
-        self.cursor_off = int(cur["offset"])
-        self.cursor_cap = int(cur["shape"][0])
+        # One entry per stage of the plan (docs/PROTOCOL.md section 3, `stages`): the
+        # first is WELCOME's top-level shape; a slot is read at the stage its header's
+        # plan_step is in, so the shape changes at the switch with no reconnect.
+        first = {k: welcome[k] for k in ("rows", "seq_len", "micro_batch_rows", "fields")}
+        stages = welcome.get("stages") or [dict(first, step=0)]
+        if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
+            raise ProtocolError(f"WELCOME stages is malformed: {stages!r}")
+        self.stages = [_Stage(mm, self.slot_base, self.layout, dict(first, step=0))]
+        for st in stages[1:]:
+            try:
+                step = int(st["step"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ProtocolError(f"WELCOME stage {st!r} has no step ({e})") from e
+            if step <= self.stages[-1].step:
+                raise ProtocolError(f"WELCOME stages are not in step order at step {step}")
+            self.stages.append(_Stage(mm, self.slot_base, self.layout, st))
+        self.stage_steps = [st.step for st in self.stages]
+        self.views = self.stages[0].views
         self.poller = select.poll()
         self.poller.register(ready_fd, select.POLLIN)
         self.poller.register(sock.fileno(), select.POLLIN)
 
     def published(self) -> int:
         return _U64.unpack_from(self.mm, _PUBLISHED_AT)[0]
+
+    def stage_at(self, plan_step: int) -> "_Stage":
+        """The stage plan step ``plan_step`` is in."""
+        return self.stages[bisect.bisect_right(self.stage_steps, plan_step) - 1]
 
     def close_fds(self):
         try:
@@ -518,6 +523,38 @@ class _Conn:
             except OSError:
                 pass
             self.ready_fd = None
+
+
+class _Stage:
+    """One stage of the plan as the ring lays it out: its shape and, per slot, the views
+    of a slot of that shape (the fields of WELCOME or of its `stages` entry)."""
+
+    def __init__(self, mm, slot_base, layout, spec):
+        try:
+            self.step = int(spec["step"])
+            self.rows, self.seq_len = int(spec["rows"]), int(spec["seq_len"])
+            self.micro_batch_rows = int(spec["micro_batch_rows"])
+            fields = spec["fields"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"WELCOME stage {spec!r} is malformed ({e})") from e
+        self.fields = fields
+        self.views = []
+        for base in slot_base:
+            per = []
+            for name in SLOT_FIELDS[layout]:
+                if name not in fields:
+                    raise ProtocolError(f"WELCOME lacks field `{name}` of a {layout} slot")
+                per.append(_field_view(mm, base, name, fields[name]))
+            self.views.append(tuple(per))
+        # The most cu_seqlens entries a slot may use (compact ones derive it).
+        self.cu_cap = (self.rows * self.seq_len + 1 if layout == "compact"
+                       else len(self.views[0][FIELDS.index("cu_seqlens")]))
+        cur = fields.get("cursor")
+        if (not isinstance(cur, dict) or cur.get("dtype") != "uint8"
+                or len(cur.get("shape", ())) != 1):
+            raise ProtocolError(f"WELCOME field `cursor` must be uint8[n], got {cur}")
+        self.cursor_off = int(cur["offset"])
+        self.cursor_cap = int(cur["shape"][0])
 
 
 def _field_view(mm, base, name, spec) -> np.ndarray:
@@ -652,7 +689,10 @@ class Client:
     def _hello(self) -> dict:
         h = {"protocol": PROTOCOL_VERSION, "job": self.job, "dp_rank": self.dp_rank,
              "dp_size": self.dp_size, "replica": self.replica, "replicas": self.replicas,
-             "micro_batches": self.micro_batches_per_step}
+             "micro_batches": self.micro_batches_per_step,
+             # This client reads each slot's shape from its header: a plan with stages
+             # ([[plan.stage]]) may be served to it.
+             "stages": True}
         if self.micro_batch_rows is not None:
             h["micro_batch_rows"] = self.micro_batch_rows
         if self._resume_cursor is not None:
@@ -823,7 +863,7 @@ class Client:
         conn.close_fds()
         # The mmap is not closed: batches may still hold views into it. It is unmapped
         # when the last of them goes.
-        conn.views = None
+        conn.views = conn.stages = None
         conn.mm = None
 
     # -- iterating ----------------------------------------------------------------------
@@ -905,18 +945,19 @@ class Client:
         if s != step:
             raise ProtocolError(f"slot {slot} holds step {s} where step {step} was expected "
                                 f"(published = {conn.published()})")
-        w = conn.welcome
-        if rows != w["rows"] or seq_len != w["seq_len"]:
-            raise ProtocolError(f"step {step}: slot header says rows {rows} seq_len {seq_len}, "
-                                f"WELCOME says {w['rows']} {w['seq_len']}")
-        if cursor_len > conn.cursor_cap or cu_len > conn.cu_cap:
+        st = conn.stage_at(plan_step)
+        if rows != st.rows or seq_len != st.seq_len:
+            raise ProtocolError(f"step {step} (plan step {plan_step}): slot header says rows "
+                                f"{rows} seq_len {seq_len}, WELCOME says {st.rows} "
+                                f"{st.seq_len}")
+        if cursor_len > st.cursor_cap or cu_len > st.cu_cap:
             raise ProtocolError(f"step {step}: cursor_len {cursor_len} / cu_len {cu_len} exceed "
                                 "their fields")
-        c0 = base + conn.cursor_off
+        c0 = base + st.cursor_off
         cursor = conn.mm[c0 : c0 + cursor_len]
         batch = Batch(step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
-                      real_tokens, publish_ns, cursor, w["micro_batch_rows"],
-                      conn.views[slot], self, conn.id, conn.layout)
+                      real_tokens, publish_ns, cursor, st.micro_batch_rows,
+                      st.views[slot], self, conn.id, conn.layout)
         self._outstanding.append(batch)
         self._next_step = step + 1
         self._last_step = step

@@ -110,8 +110,8 @@ pub struct Client {
     sock: UnixStream,
     ready: EventFd,
     ring: RingView,
-    /// Offsets in a slot of [`BatchView::copy_bytes`]: start and end.
-    copy_span: (usize, usize),
+    /// Bytes of the longest [`BatchView::copy_bytes`] over the plan's stages.
+    copy_len: usize,
     /// Next step to hand out.
     consumed: u64,
     /// Every step below this has been released.
@@ -154,7 +154,13 @@ impl Client {
         })?;
         sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(io_err("setting the socket timeout"))?;
-        let payload = serde_json::to_vec(hello)
+        // This client reads each slot at its stage's layout (`Layout::at`), so it may
+        // be served a plan with stages.
+        let hello = Hello {
+            stages: true,
+            ..hello.clone()
+        };
+        let payload = serde_json::to_vec(&hello)
             .map_err(|e| ClientError::Usage(format!("HELLO does not serialize: {e}")))?;
         match send_frame(&mut sock, frame::HELLO, &payload) {
             // The daemon may have refused the connection (access control) and closed
@@ -196,7 +202,14 @@ impl Client {
         sock.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(io_err("setting the socket timeout"))?;
         let start = welcome.start_step;
-        let copy_span = copy_span(&layout);
+        let copy_len = std::iter::once(&layout)
+            .chain(layout.later.iter().map(|(_, l)| l))
+            .map(|l| {
+                let (lo, hi) = copy_span(l);
+                hi - lo
+            })
+            .max()
+            .unwrap_or(0);
         Ok(Client {
             path,
             hello: hello.clone(),
@@ -205,7 +218,7 @@ impl Client {
             sock,
             ready,
             ring,
-            copy_span,
+            copy_len,
             consumed: start,
             released: start,
             hold: 0,
@@ -227,10 +240,10 @@ impl Client {
         self.ring.bytes(0, self.layout.ring_bytes)
     }
 
-    /// Bytes of every step's [`BatchView::copy_bytes`]: what a GPU consumer's device
-    /// buffers hold.
+    /// Bytes of the longest step's [`BatchView::copy_bytes`] (every step's for a plan
+    /// of one shape): what a GPU consumer's device buffers hold.
     pub fn copy_len(&self) -> usize {
-        self.copy_span.1 - self.copy_span.0
+        self.copy_len
     }
 
     /// The HELLO this client sent (reconnects send it again with a cursor).
@@ -394,11 +407,16 @@ impl Client {
                 step % l.slots
             )));
         }
+        // A plan with stages changes shape at a plan step: the slot is read at its own
+        // stage's layout, which the header must agree with.
+        let plan_step = r.u64_at(base + slot_at::PLAN_STEP);
+        let l = l.at(plan_step);
         let rows = r.u32_at(base + slot_at::ROWS) as usize;
         let seq_len = r.u32_at(base + slot_at::SEQ_LEN) as usize;
         if rows != l.rows || seq_len != l.seq_len {
             return Err(ClientError::Ring(format!(
-                "step {step}: slot says {rows} rows of {seq_len}, WELCOME {} of {}",
+                "step {step} (plan step {plan_step}): slot says {rows} rows of {seq_len}, \
+                 WELCOME {} of {}",
                 l.rows, l.seq_len
             )));
         }
@@ -420,6 +438,7 @@ impl Client {
             )));
         }
         let publish_ns = r.u64_at(base + slot_at::PUBLISH_NS);
+        let span = copy_span(l);
         let at = |f: &Field| r.bytes(base + f.offset, f.bytes());
         let tokens_of = |f: &Field| {
             Tokens::from_bytes(f.dtype, at(f))
@@ -434,7 +453,7 @@ impl Client {
         self.last_cursor.extend_from_slice(cursor);
         let view = BatchView {
             step,
-            plan_step: r.u64_at(base + slot_at::PLAN_STEP),
+            plan_step,
             rows: rows as u32,
             seq_len: seq_len as u32,
             cu_len: cu_len as u32,
@@ -472,7 +491,7 @@ impl Client {
             domain: i32s(&l.domain)?,
             row_loss_tokens: i32s(&l.row_loss_tokens)?,
             cursor,
-            copy_bytes: r.bytes(base + self.copy_span.0, self.copy_span.1 - self.copy_span.0),
+            copy_bytes: r.bytes(base + span.0, span.1 - span.0),
         };
         self.last_step = Some(step);
         self.consumed = step + 1;

@@ -60,6 +60,10 @@ pub(super) struct Layout {
     pub(super) domain: Field,
     pub(super) row_loss_tokens: Field,
     pub(super) cursor: Field,
+    /// The later stages (WELCOME `stages` after the first): first plan step and the
+    /// layout of a slot of that stage, read by the slot header's `plan_step`
+    /// ([`Layout::at`]). Empty for a plan of one shape.
+    pub(super) later: Vec<(u64, Layout)>,
 }
 
 fn usize_of(v: u64, what: &str) -> Result<usize, ClientError> {
@@ -67,7 +71,53 @@ fn usize_of(v: u64, what: &str) -> Result<usize, ClientError> {
 }
 
 impl Layout {
+    /// The layout of the stage plan step `plan_step` is in.
+    pub(super) fn at(&self, plan_step: u64) -> &Layout {
+        self.later
+            .iter()
+            .rev()
+            .find(|(step, _)| *step <= plan_step)
+            .map_or(self, |(_, l)| l)
+    }
+
+    /// WELCOME's first stage (its top-level fields) and each later stage of `stages`,
+    /// every one checked to fit a slot.
     pub(super) fn from_welcome(w: &Welcome) -> Result<Layout, ClientError> {
+        let mut first = Layout::one_stage(w)?;
+        let mut prev = 0u64;
+        for (i, st) in w.stages.iter().enumerate() {
+            let same = st.rows == w.rows && st.seq_len == w.seq_len && st.fields == w.fields;
+            if i == 0 {
+                if st.step != 0 || !same {
+                    return Err(ClientError::Protocol(format!(
+                        "WELCOME: stage 0 (step {}, {} rows of {}) is not the top-level shape",
+                        st.step, st.rows, st.seq_len
+                    )));
+                }
+                continue;
+            }
+            if st.step <= prev {
+                return Err(ClientError::Protocol(format!(
+                    "WELCOME: stage {i} starts at plan step {}, not after {prev}",
+                    st.step
+                )));
+            }
+            prev = st.step;
+            let staged = Welcome {
+                rows: st.rows,
+                seq_len: st.seq_len,
+                micro_batch_rows: st.micro_batch_rows,
+                fields: st.fields.clone(),
+                stages: Vec::new(),
+                ..w.clone()
+            };
+            first.later.push((st.step, Layout::one_stage(&staged)?));
+        }
+        Ok(first)
+    }
+
+    /// The layout of a slot of WELCOME's top-level shape.
+    fn one_stage(w: &Welcome) -> Result<Layout, ClientError> {
         let bad = |m: String| ClientError::Protocol(format!("WELCOME: {m}"));
         if w.protocol != PROTOCOL {
             return Err(bad(format!(
@@ -187,6 +237,7 @@ impl Layout {
             domain: field("domain", Some(rows), &[Int32])?,
             row_loss_tokens: field("row_loss_tokens", Some(rows), &[Int32])?,
             cursor: field("cursor", None, &[Uint8])?,
+            later: Vec::new(),
         })
     }
 }

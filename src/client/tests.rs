@@ -50,7 +50,67 @@ fn welcome() -> Welcome {
         ring_bytes: 3 * 4096,
         fields,
         vocab_size: None,
+        stages: Vec::new(),
     }
+}
+
+/// A later stage is read at its own offsets by plan step, and a stage whose arrays do
+/// not fit the slot, or that does not start after the one before, is refused.
+#[test]
+fn later_stages_are_checked_and_found_by_plan_step() {
+    let w = welcome();
+    let first = crate::wire::StageSpec {
+        fields: w.fields.clone(),
+        micro_batch_rows: 2,
+        rows: 2,
+        seq_len: 8,
+        step: 0,
+    };
+    let mut later = first.clone();
+    later.step = 5;
+    later.rows = 1;
+    later.seq_len = 16;
+    later.micro_batch_rows = 1;
+    for (name, shape) in [
+        ("tokens", vec![1, 16]),
+        ("labels", vec![1, 16]),
+        ("loss_mask", vec![1, 16]),
+        ("position_ids", vec![1, 16]),
+        ("domain", vec![1]),
+        ("row_loss_tokens", vec![1]),
+    ] {
+        if let Some(f) = later.fields.get_mut(name) {
+            f.shape = shape;
+        }
+    }
+    let staged = Welcome {
+        stages: vec![first.clone(), later.clone()],
+        ..w.clone()
+    };
+    let l = Layout::from_welcome(&staged).unwrap();
+    assert_eq!((l.at(4).rows, l.at(4).seq_len), (2, 8));
+    assert_eq!((l.at(5).rows, l.at(5).seq_len), (1, 16));
+    assert_eq!(l.at(u64::MAX).rows, 1);
+    let mut past = later.clone();
+    if let Some(f) = past.fields.get_mut("cursor") {
+        f.offset = 4000;
+    }
+    let e = Layout::from_welcome(&Welcome {
+        stages: vec![first.clone(), past],
+        ..w.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("field cursor"), "{e}");
+    let mut early = later;
+    early.step = 0;
+    let e = Layout::from_welcome(&Welcome {
+        stages: vec![first, early],
+        ..w
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("stage 1 starts at plan step 0"), "{e}");
 }
 
 #[test]

@@ -559,24 +559,6 @@ impl PlanConfig {
         }
         Ok(())
     }
-
-    /// Refuses what `millrace plan` and `explain` handle but the daemon does not serve
-    /// yet: stages (the rings and WELCOME have one shape per run). Called on `serve`'s
-    /// path only, so a recipe can be planned and inspected before it is served.
-    pub fn check_servable(&self) -> Result<(), SettingError> {
-        if let Some(st) = self.stage.first() {
-            return Err(bad(
-                "plan.stage",
-                format!(
-                    "[[plan.stage]] (a shape change at step {}) is not yet served by the \
-                     daemon: `millrace plan` and `millrace explain` show it; remove the \
-                     stages to serve this config",
-                    st.step
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// A multi-line message (toml's put the cause on a line of its own) as one line, so

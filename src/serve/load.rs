@@ -46,9 +46,6 @@ pub(super) struct Loaded {
 pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
     let (cfg, hash) = Config::load_hashed(config)?;
     let serve = ServeConfig::from_config(&cfg)?;
-    cfg.plan_config()?
-        .check_servable()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.source.display()))?;
     let loaded = if validate {
         cfg.load_plan_validated()?
     } else {

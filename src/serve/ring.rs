@@ -207,6 +207,11 @@ pub struct Layout {
     /// row_loss_tokens, cursor. Compact: rows, doc_starts, row_real_tokens, domain,
     /// row_loss_tokens, cursor. In this (increasing offset) order, the cursor last.
     pub fields: Vec<(&'static str, Field)>,
+    /// The later stages of the plan (`[[plan.stage]]`): their first plan step and their
+    /// layout, with this one's `slot_bytes` (the largest over all stages), so one ring
+    /// serves the whole run and a step is written at its own stage's shape
+    /// ([`Layout::at`]). Empty for a plan of one shape.
+    pub later: Vec<(u64, Layout)>,
 }
 
 const fn align(x: usize, a: usize) -> usize {
@@ -326,7 +331,51 @@ impl Layout {
             slot_bytes,
             ring_bytes: RING_HEADER + slot_bytes * slots as u64,
             fields,
+            later: Vec::new(),
         }
+    }
+
+    /// Lays out a ring for every stage: `shapes` are `(first plan step, rows,
+    /// seq_len)`, the first at step 0. Each stage keeps the offsets of its own shape
+    /// ([`Layout::of`]); the slot stride is the largest stage's, so the ring never
+    /// changes size and a client reads any slot by its header (docs/PROTOCOL.md
+    /// section 4, "Stages").
+    pub fn staged(
+        kind: SlotLayout,
+        shapes: &[(u64, u32, u32)],
+        slots: u32,
+        token: TokenType,
+        cursor_cap: usize,
+    ) -> Layout {
+        let mut all: Vec<(u64, Layout)> = shapes
+            .iter()
+            .map(|&(step, rows, seq)| (step, Layout::of(kind, rows, seq, slots, token, cursor_cap)))
+            .collect();
+        if all.is_empty() {
+            all.push((0, Layout::of(kind, 1, 1, slots, token, cursor_cap)));
+        }
+        let slot_bytes = all.iter().map(|(_, l)| l.slot_bytes).max().unwrap_or(0);
+        for (_, l) in &mut all {
+            l.slot_bytes = slot_bytes;
+            l.ring_bytes = RING_HEADER + slot_bytes * slots as u64;
+        }
+        let mut first = all.remove(0).1;
+        first.later = all;
+        first
+    }
+
+    /// The layout of the stage plan step `plan_step` is in.
+    pub fn at(&self, plan_step: u64) -> &Layout {
+        self.later
+            .iter()
+            .rev()
+            .find(|(step, _)| *step <= plan_step)
+            .map_or(self, |(_, l)| l)
+    }
+
+    /// Every stage's `(first plan step, layout)`, first to last.
+    pub fn stages(&self) -> impl Iterator<Item = (u64, &Layout)> {
+        std::iter::once((0, self)).chain(self.later.iter().map(|(s, l)| (*s, l)))
     }
 
     /// The fields as WELCOME announces them.
@@ -549,6 +598,37 @@ mod tests {
         let data = |l: &Layout| -> usize { l.fields.iter().map(|f| f.1.bytes).sum() };
         assert_eq!(data(&c), 8 * 4097 * 2 + 8 * 513 + 3 * 8 * 4);
         assert!(data(&e) > 6 * data(&c), "{} vs {}", data(&e), data(&c));
+    }
+
+    /// A ring for stages has the largest stage's slot stride, and each stage keeps the
+    /// offsets of its own shape, found by plan step.
+    #[test]
+    fn a_staged_layout_is_sized_for_the_largest_stage() {
+        for kind in [SlotLayout::Expanded, SlotLayout::Compact] {
+            let t = TokenType(DType::Uint16);
+            let shapes = [(0, 8, 512), (100, 1, 8192), (200, 2, 256)];
+            let l = Layout::staged(kind, &shapes, 3, t, 512);
+            let own: Vec<Layout> = shapes
+                .iter()
+                .map(|&(_, r, q)| Layout::of(kind, r, q, 3, t, 512))
+                .collect();
+            let most = own.iter().map(|o| o.slot_bytes).max().unwrap();
+            assert!(own.iter().any(|o| o.slot_bytes < most));
+            for ((step, at), o) in l.stages().zip(&own) {
+                assert_eq!((at.rows, at.seq_len), (o.rows, o.seq_len));
+                assert_eq!(at.field_specs(), o.field_specs());
+                assert_eq!(at.slot_bytes, most);
+                assert_eq!(at.ring_bytes, RING_HEADER + 3 * most);
+                assert!(std::ptr::eq(l.at(step), at));
+            }
+            assert_eq!(l.at(99).seq_len, 512);
+            assert_eq!(l.at(150).seq_len, 8192);
+            assert_eq!(l.at(u64::MAX).seq_len, 256);
+            // One stage: exactly the plain layout.
+            let one = Layout::staged(kind, &shapes[..1], 3, t, 512);
+            assert_eq!(one.slot_bytes, own[0].slot_bytes);
+            assert!(one.later.is_empty());
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod status;
 
 pub use frame::{kind, MAX_FRAME};
 pub use protocol::{
-    decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, SlotLayout, Welcome,
+    decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, SlotLayout, StageSpec, Welcome,
     TRAINER_VERSION, VERSION,
 };
 

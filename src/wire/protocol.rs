@@ -195,6 +195,29 @@ pub struct Hello {
     /// live ring must ask for the ring's layout or leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_layout: Option<SlotLayout>,
+    /// The client reads each slot's shape from its header and WELCOME `stages`, so it
+    /// may be served a plan whose shape changes at a step (`[[plan.stage]]`); a client
+    /// that does not say so is refused such a plan (`protocol`) rather than misread it.
+    /// The Rust [`crate::client::Client`] reads slots so and always sends `true`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stages: bool,
+}
+
+/// One stage of the plan as WELCOME describes it (docs/PROTOCOL.md section 3): from
+/// plan step `step` on, a slot holds `rows` rows of `seq_len` at these `fields`, so a
+/// client can size its buffers ahead and read any slot by its header's `plan_step`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageSpec {
+    /// Arrays inside a slot of this stage, by name.
+    pub fields: std::collections::BTreeMap<String, FieldSpec>,
+    /// Rows per micro-batch in this stage (`rows / micro_batches`).
+    pub micro_batch_rows: u32,
+    /// Rows per step for this rank.
+    pub rows: u32,
+    /// Inputs per row.
+    pub seq_len: u32,
+    /// First plan step of the stage (0 for the first).
+    pub step: u64,
 }
 
 /// One array of a slot as WELCOME describes it. Fields are in the order the daemon
@@ -249,6 +272,10 @@ pub struct Welcome {
     pub slot_offset: u64,
     /// Slots in the ring.
     pub slots: u32,
+    /// The plan's stages, first to last (one for a plan of one shape); the top-level
+    /// `rows`, `seq_len`, `micro_batch_rows` and `fields` are the first stage's.
+    #[serde(default)]
+    pub stages: Vec<StageSpec>,
     /// The first step this client will receive.
     pub start_step: u64,
     /// dtype of tokens and labels.
@@ -355,6 +382,7 @@ impl Hello {
             start_step: None,
             fingerprint: None,
             slot_layout: None,
+            stages: false,
         }
     }
 

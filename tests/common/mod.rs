@@ -445,3 +445,58 @@ pub fn skip_unless_root(test: &str, why: &str) -> bool {
     eprintln!("skipping {test} as uid {euid}: needs root ({why}); set CI to make this a failure");
     true
 }
+
+/// `millrace explain --json` for steps `start..start + count` of rank `rank.0` of
+/// `rank.1`: per step its number and its rows, each the tokens the explanation's
+/// segments name, read from the shards through `Shard` and padded with `pad` to the
+/// step's own `seq_len + 1` (so stages of different shapes read alike).
+pub fn explained_rows(
+    config: &Path,
+    start: u64,
+    count: u64,
+    rank: (u32, u32),
+    pad: i64,
+) -> Vec<(u64, Vec<Vec<i64>>)> {
+    let out = bin()
+        .args(["explain", "--config"])
+        .arg(config)
+        .args(["--step", &start.to_string(), "--count", &count.to_string()])
+        .args([
+            "--dp-rank",
+            &rank.0.to_string(),
+            "--dp-size",
+            &rank.1.to_string(),
+        ])
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut shards: std::collections::HashMap<String, millrace::corpus::Shard> = Default::default();
+    let mut steps = Vec::new();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let s: serde_json::Value = serde_json::from_str(line).unwrap();
+        let width = s["seq_len"].as_u64().unwrap() as usize + 1;
+        let mut rows = Vec::new();
+        for row in s["rows"].as_array().unwrap() {
+            let mut t = Vec::with_capacity(width);
+            for g in row["segments"].as_array().unwrap() {
+                let name = g["shard"].as_str().unwrap();
+                let shard = shards.entry(name.to_string()).or_insert_with(|| {
+                    millrace::corpus::Shard::open(Path::new(name), None).unwrap()
+                });
+                let doc = shard.doc_tokens(g["doc"].as_u64().unwrap()).unwrap();
+                for i in g["start"].as_u64().unwrap()..g["end"].as_u64().unwrap() {
+                    t.push(doc.get_i64(i as usize).unwrap());
+                }
+            }
+            t.resize(width, pad);
+            rows.push(t);
+        }
+        steps.push((s["step"].as_u64().unwrap(), rows));
+    }
+    steps
+}

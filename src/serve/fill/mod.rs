@@ -221,6 +221,8 @@ pub fn fill_slot(
     job: &SlotJob,
     src: &Source,
 ) -> Result<u64, RingError> {
+    // A step is written at its own stage's shape, in a slot sized for the largest.
+    let layout = layout.at(job.plan_step);
     let _guard = guard::enter();
     // A fault left over from an unguarded read elsewhere is not this fill's.
     let _ = guard::take_fault();

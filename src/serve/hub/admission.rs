@@ -13,7 +13,7 @@ use super::{Admission, Cursor, EventFd, Hub, Job, Mark, Peer, RingEntry, Standin
 use crate::plan::journal;
 use crate::plan::{Plan, Planner, Resumed};
 use crate::serve::ring::{Layout, Ring};
-use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, Welcome};
+use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, StageSpec, Welcome};
 
 impl Hub {
     /// Admits a client: checks its HELLO against the plan and the job, then joins it to
@@ -260,14 +260,10 @@ impl Hub {
             SlotLayout::Compact => self.source.compact_token(),
             SlotLayout::Expanded => self.settings.token,
         };
-        let layout = Layout::of(
-            kind,
-            joiner.shape.rows,
-            seq_len,
-            self.settings.slots,
-            token,
-            self.cursor_cap,
-        );
+        let shapes: Vec<(u64, u32, u32)> = (joiner.shape.stages.iter())
+            .map(|s| (s.step, s.rows, s.seq_len))
+            .collect();
+        let layout = Layout::staged(kind, &shapes, self.settings.slots, token, self.cursor_cap);
         let step = planner.step();
         if used.saturating_add(layout.ring_bytes) > self.settings.ring_budget {
             return Err(Refusal::new(
@@ -352,6 +348,15 @@ impl Hub {
             slot_layout: layout.kind,
             ring_bytes: layout.ring_bytes,
             fields: layout.field_specs(),
+            stages: (shape.stages.iter().zip(layout.stages()))
+                .map(|(s, (_, l))| StageSpec {
+                    fields: l.field_specs(),
+                    micro_batch_rows: s.mbr,
+                    rows: s.rows,
+                    seq_len: s.seq_len,
+                    step: s.step,
+                })
+                .collect(),
         }
     }
 
@@ -379,35 +384,75 @@ struct Shape {
     /// Rows per micro-batch.
     mbr: u32,
     seq_len: u32,
+    /// Every stage's shape for this rank, first to last (the first is the above).
+    stages: Vec<StageShape>,
     /// The plan's fingerprint as WELCOME spells it.
     fingerprint: String,
+}
+
+/// One stage's shape for one dp rank.
+#[derive(Clone, Copy)]
+struct StageShape {
+    /// First plan step.
+    step: u64,
+    /// Rows per step of the rank.
+    rows: u32,
+    /// Rows per micro-batch.
+    mbr: u32,
+    seq_len: u32,
 }
 
 impl Shape {
     /// Checks the HELLO's batch split and fingerprint against `plan`.
     fn check(plan: &Plan, hello: &Hello) -> Result<Shape, Refusal> {
-        let cfg = plan.config();
-        let g = cfg.global_batch_rows;
-        if g % hello.dp_size != 0 {
+        let stages = plan.stages();
+        if stages.len() > 1 && !hello.stages {
             return Err(Refusal::new(
-                Code::DpSize,
+                Code::Protocol,
                 format!(
-                    "dp_size {} does not divide global_batch_rows {g}",
-                    hello.dp_size
+                    "this daemon's plan changes the batch shape at plan step {} \
+                     ([[plan.stage]]), and this client does not read per-slot shapes: \
+                     use a client of this millrace release (its HELLO says `stages: true`)",
+                    stages[1].step
                 ),
             ));
         }
-        let rows = g / hello.dp_size;
-        let mbr = hello.micro_batch_rows.unwrap_or(rows / hello.micro_batches);
-        if (mbr as u64) * (hello.micro_batches as u64) != rows as u64 {
-            return Err(Refusal::new(
-                Code::Layout,
-                format!(
-                    "micro_batch_rows {mbr} x micro_batches {} != {rows} rows per dp rank \
-                     (global_batch_rows {g} / dp_size {})",
-                    hello.micro_batches, hello.dp_size
-                ),
-            ));
+        let mut per_stage = Vec::with_capacity(stages.len());
+        for (i, st) in stages.iter().enumerate() {
+            let g = st.rows;
+            let which = match i {
+                0 => "global_batch_rows".to_string(),
+                _ => format!("global_batch_rows of the stage at plan step {}", st.step),
+            };
+            if g % hello.dp_size != 0 {
+                return Err(Refusal::new(
+                    Code::DpSize,
+                    format!("dp_size {} does not divide {which} {g}", hello.dp_size),
+                ));
+            }
+            let rows = g / hello.dp_size;
+            // The HELLO's micro_batch_rows is the first stage's; later stages keep the
+            // number of micro-batches, so each must split evenly.
+            let mbr = match (i, hello.micro_batch_rows) {
+                (0, Some(m)) => m,
+                _ => rows / hello.micro_batches,
+            };
+            if (mbr as u64) * (hello.micro_batches as u64) != rows as u64 {
+                return Err(Refusal::new(
+                    Code::Layout,
+                    format!(
+                        "micro_batch_rows {mbr} x micro_batches {} != {rows} rows per dp rank \
+                         ({which} {g} / dp_size {})",
+                        hello.micro_batches, hello.dp_size
+                    ),
+                ));
+            }
+            per_stage.push(StageShape {
+                step: st.step,
+                rows,
+                mbr,
+                seq_len: st.seq_len,
+            });
         }
         let fingerprint = format!("{:032x}", plan.fingerprint());
         if let Some(want) = &hello.fingerprint {
@@ -420,10 +465,12 @@ impl Shape {
                 ));
             }
         }
+        let first = per_stage[0];
         Ok(Shape {
-            rows,
-            mbr,
-            seq_len: cfg.seq_len,
+            rows: first.rows,
+            mbr: first.mbr,
+            seq_len: first.seq_len,
+            stages: per_stage,
             fingerprint,
         })
     }

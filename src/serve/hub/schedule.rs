@@ -133,8 +133,8 @@ impl Hub {
             }
             metrics::histogram!("millrace_materialize_seconds").record(t0.elapsed().as_secs_f64());
             if let Ok(real) = result {
-                let positions = job.rows.len() as u64 * (ring.layout().seq_len as u64 + 1);
-                let cap = ring.layout().seq_len + 1;
+                let cap = ring.layout().at(job.plan_step).seq_len + 1;
+                let positions = job.rows.len() as u64 * cap as u64;
                 let mut f = self.fill.lock().unwrap_or_else(|p| p.into_inner());
                 f.positions += positions;
                 f.real += real;

@@ -1,0 +1,127 @@
+"""The Python client across a stage switch (issue 17): a real `millrace serve` whose plan
+changes shape at plan step S (`[[plan.stage]]`: 8 rows of 64 tokens, then 2 rows of 256),
+read with numpy only. Each rank gets the new shape at exactly step S on one connection,
+the tokens `millrace explain` gives for its slice on both sides, and a `state_dict` taken
+either side of the switch (the step just before it included) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from serve_helpers import PAD, Daemon, IndexedShard, explain, import_path_for_package, write_corpus
+
+try:
+    import millrace as mr
+except ImportError:  # not pip-installed: use the source tree
+    sys.path.insert(0, import_path_for_package())
+    import millrace as mr
+
+S = 5  # the plan step the long stage starts at
+STEPS = 10
+DP = 2
+BEFORE, AFTER = (8, 64), (2, 256)  # (global rows, seq_len)
+
+
+@pytest.fixture
+def staged(millrace, short_dir, tmp_path):
+    """A daemon serving the two-stage config; yields (daemon, config)."""
+    config = write_corpus(tmp_path / "c")
+    config.write_text(config.read_text() + f"""
+[[plan.stage]]
+step = {S}
+seq_len = {AFTER[1]}
+global_batch_rows = {AFTER[0]}
+""")
+    d = Daemon(millrace.path, config, short_dir / "st.sock", tmp_path / "st.log").start()
+    yield d, config
+    d.kill()
+    d.assert_no_panic()
+
+
+def explained_rows(millrace, config, rank):
+    """Per step of rank's slice: (seq_len, [row tokens, seq_len + 1 each]) from explain
+    and the shards, read with numpy."""
+    shards, out = {}, []
+    for s in explain(millrace, config, 0, STEPS, rank, DP):
+        rows = []
+        for row in s["rows"]:
+            parts = []
+            for g in row["segments"]:
+                sh = shards.setdefault(g["shard"], IndexedShard(config.parent / g["shard"]))
+                parts.append(sh.doc(g["doc"])[g["start"] : g["end"]].astype(np.int64))
+            t = np.concatenate(parts)
+            rows.append(np.concatenate([t, np.full(s["seq_len"] + 1 - len(t), PAD)]))
+        out.append((s["seq_len"], rows))
+    return out
+
+
+def take(c, n):
+    """n batches as (step, rows, seq_len, [rows, seq_len + 1] tokens) plus the state."""
+    got = []
+    for _ in range(n):
+        b = c.next_batch(timeout=60)
+        full = np.concatenate([b.tokens, b.labels[:, -1:]], axis=1).astype(np.int64)
+        assert np.array_equal(full[:, 1:], b.labels)
+        got.append((b.step, b.rows, b.seq_len, full, c.state_dict()))
+    return got
+
+
+def test_batches_change_shape_at_the_switch_and_state_dicts_resume(millrace, staged):
+    d, config = staged
+    streams = {}
+    for rank in range(DP):
+        with mr.Client(d.sock, rank, DP, job="run", reconnect_timeout=0,
+                       register_cuda=False) as c:
+            got = take(c, STEPS)
+            assert c.reconnects == 0
+            assert [st["step"] for st in c.welcome["stages"]] == [0, S]
+        want = explained_rows(millrace, config, rank)
+        for (step, rows, seq_len, tokens, _), (want_seq, want_rows) in zip(got, want):
+            g, l = BEFORE if step < S else AFTER
+            assert (rows, seq_len) == (g // DP, l) == (len(want_rows), want_seq), step
+            assert np.array_equal(tokens, np.stack(want_rows)), f"rank {rank} step {step}"
+        streams[rank] = got
+
+    # Resume rank 1 from the state taken after S - 2, S - 1 (the step just before the
+    # switch) and S + 1: the rest of the stream is the uninterrupted one.
+    ref = streams[1]
+    for k in (S - 2, S - 1, S + 1):
+        with mr.Client(d.sock, 1, DP, job=f"resume{k}", reconnect_timeout=0,
+                       register_cuda=False) as c:
+            c.load_state_dict(ref[k][4])
+            again = take(c, STEPS - k - 1)
+        for a, b in zip(again, ref[k + 1 :]):
+            assert a[:3] == b[:3] and np.array_equal(a[3], b[3]), f"resumed after {k}"
+
+
+def test_torch_client_yields_the_new_shape_at_the_switch(millrace, staged):
+    """TorchClient (CPU; with prefetch, so batches of both stages are in flight at
+    once) yields tensors of the new shape at exactly step S, equal to explain, and
+    the compact slot's device derivation reads each stage at its own offsets."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import TorchClient, _slot_bytes, derive_tensors
+
+    d, config = staged
+    want = explained_rows(millrace, config, 0)
+    tc = TorchClient(mr.Client(d.sock, 0, DP, job="torch", reconnect_timeout=0,
+                               register_cuda=False), device="cpu", prefetch=2)
+    for step in range(STEPS):
+        tb = next(tc)
+        g, l = BEFORE if step < S else AFTER
+        assert tb.step == step and tuple(tb.tokens.shape) == (g // DP, l), step
+        rows = np.stack(want[step][1])
+        np.testing.assert_array_equal(tb.tokens.numpy(), rows[:, :-1])
+        np.testing.assert_array_equal(tb.labels.numpy(), rows[:, 1:])
+    tc.close()
+    with mr.Client(d.sock, 0, DP, job="torch-dev", reconnect_timeout=0,
+                   register_cuda=False) as c:
+        for step in range(STEPS):
+            b = c.next_batch(timeout=60)
+            host, layout = _slot_bytes(b)
+            dev = derive_tensors(host, layout, b.rows, b.seq_len, b.cu_len)
+            np.testing.assert_array_equal(dev["tokens"].long().numpy(), b.tokens)
+            np.testing.assert_array_equal(dev["position_ids"].numpy(), b.position_ids)
