@@ -33,6 +33,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_to(AFTER)
+}
+
+/// The fixture with the long stage at `after` (rows per global batch, seq_len).
+fn fixture_to(after: (u32, u32)) -> Fixture {
     let corpus = common::corpus(600_000, 3, 3, 200_000);
     let socket = corpus.dir.join("s.sock");
     let serve = common::serve_toml(&socket, 4, 2);
@@ -40,7 +45,7 @@ fn fixture() -> Fixture {
     let mut text = std::fs::read_to_string(&config).unwrap();
     text += &format!(
         "\n[[plan.stage]]\nstep = {S}\nseq_len = {}\nglobal_batch_rows = {}\n",
-        AFTER.1, AFTER.0
+        after.1, after.0
     );
     std::fs::write(&config, text).unwrap();
     Fixture {
@@ -229,5 +234,40 @@ fn a_dp_size_that_does_not_divide_a_later_stage_is_refused() {
         Err(e) => panic!("expected a dp_size refusal, got {e}"),
         Ok(_) => panic!("dp_size 8 was served a stage of 4 rows"),
     }
+    serve.kill();
+}
+
+impl common::Control for Fixture {
+    fn control_socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+/// `status` counts each delivered step's token positions at that step's own stage
+/// (rows of the rank x seq_len), not at the first stage's shape: here the long stage
+/// has twice the tokens per step, so the two counts differ.
+#[test]
+fn status_counts_delivered_tokens_at_each_steps_stage() {
+    use common::Control;
+    const LONG: (u32, u32) = (4, 512);
+    let f = fixture_to(LONG);
+    let mut serve = f.serve();
+    let mut c = Client::connect(&f.socket, &hello("count", 0, "0", 1)).unwrap();
+    c.set_timeout(Some(Duration::from_secs(60)));
+    for _ in 0..STEPS {
+        c.next_batch().unwrap();
+    }
+    let st = f.status();
+    let ring = &st["jobs"][0]["rings"][0];
+    let delivered = ring["batches_delivered"].as_u64().unwrap();
+    assert!(delivered > S, "steps on both sides of the switch: {ring}");
+    let want: u64 = (0..delivered)
+        .map(|s| {
+            let (rows, seq) = if s < S { BEFORE } else { LONG };
+            u64::from(rows / DP) * u64::from(seq)
+        })
+        .sum();
+    assert_eq!(ring["tokens_delivered"].as_u64(), Some(want), "{ring}");
+    drop(c);
     serve.kill();
 }

@@ -254,7 +254,6 @@ impl Hub {
                 "the ring was just torn down; retry",
             ));
         };
-        let seq_len = joiner.shape.seq_len;
         let kind = hello.slot_layout.unwrap_or_default();
         let token = match kind {
             SlotLayout::Compact => self.source.compact_token(),
@@ -290,7 +289,6 @@ impl Hub {
             hello.replicas,
             (joiner.shape.mbr, hello.micro_batches),
             joiner.blob.is_some(),
-            joiner.shape.rows as u64 * seq_len as u64,
         );
         entry.join(peer_id, joiner.peer(step, Standing::Reading));
         job.rings.insert(hello.dp_rank, entry);
@@ -383,7 +381,6 @@ struct Shape {
     rows: u32,
     /// Rows per micro-batch.
     mbr: u32,
-    seq_len: u32,
     /// Every stage's shape for this rank, first to last (the first is the above).
     stages: Vec<StageShape>,
     /// The plan's fingerprint as WELCOME spells it.
@@ -469,7 +466,6 @@ impl Shape {
         Ok(Shape {
             rows: first.rows,
             mbr: first.mbr,
-            seq_len: first.seq_len,
             stages: per_stage,
             fingerprint,
         })

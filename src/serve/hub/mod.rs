@@ -174,7 +174,8 @@ struct RingEntry {
 #[derive(Default)]
 struct RingStats {
     batches_delivered: u64,
-    tokens_per_step: u64,
+    /// Token positions (`rows x seq_len` of each step's own stage) of the steps delivered.
+    tokens_delivered: u64,
     /// Real tokens per domain in the steps this ring published.
     domain_tokens: Vec<u64>,
     /// Since when a peer has released every published step (the trainer waits for us).

@@ -19,6 +19,7 @@ impl Hub {
         upto: u64,
     ) -> Result<(), ReleaseError> {
         let mut st = self.lock();
+        let plan = st.plan.clone();
         let Some(entry) = Self::find(&mut st, job, dp_rank) else {
             return Err(ReleaseError::NoRing);
         };
@@ -38,6 +39,14 @@ impl Hub {
         let base = entry.base();
         if base > before && entry.joined >= entry.replicas {
             entry.stats.batches_delivered += base - before;
+            // Each step at its own stage's shape (at most a ring's slots per release).
+            let layout = entry.ring.layout();
+            entry.stats.tokens_delivered += (before..base)
+                .map(|s| {
+                    let l = layout.at(plan.plan_step_of(s));
+                    u64::from(l.rows) * u64::from(l.seq_len)
+                })
+                .sum::<u64>();
         }
         while entry.cursors.len() > 1 && entry.cursors.front().is_some_and(|c| c.step < base) {
             entry.cursors.pop_front();

@@ -131,7 +131,6 @@ impl RingEntry {
         replicas: u32,
         micro: (u32, u32),
         resumed: bool,
-        tokens_per_step: u64,
     ) -> RingEntry {
         let step = cursor.step;
         RingEntry {
@@ -156,10 +155,7 @@ impl RingEntry {
             },
             in_flight: BTreeSet::new(),
             generation: 0,
-            stats: RingStats {
-                tokens_per_step,
-                ..RingStats::default()
-            },
+            stats: RingStats::default(),
         }
     }
 
@@ -374,7 +370,7 @@ pub(super) mod tests {
             blob: planner.cursor(),
             mark: Mark::of(&planner),
         };
-        RingEntry::new(ring, planner, cursor, replicas, (ROWS, 1), resumed, 32)
+        RingEntry::new(ring, planner, cursor, replicas, (ROWS, 1), resumed)
     }
 
     pub(in crate::serve::hub) fn peer(name: &str) -> Peer {

@@ -97,7 +97,7 @@ impl Hub {
                                 .saturating_sub(released)
                                 .min(self.settings.slots as u64),
                             peers,
-                            tokens_delivered: e.stats.batches_delivered * e.stats.tokens_per_step,
+                            tokens_delivered: e.stats.tokens_delivered,
                             batches_delivered: e.stats.batches_delivered,
                             consumer_wait_s: consumer,
                             producer_wait_s: producer,
