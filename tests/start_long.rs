@@ -24,6 +24,9 @@ fn plan_table(seed: u64, window: u64) -> String {
     )
 }
 
+/// A domain's shards as a test hands them to the planner.
+type Shards = Vec<(String, Arc<dyn DocSource>)>;
+
 fn batches(plan: Plan, steps: u64) -> Vec<GlobalBatch> {
     let plan = Arc::new(plan);
     let mut p = plan.start();
@@ -73,9 +76,7 @@ fn listed_long_units_plan_what_a_scan_plans() {
                     groups: Some(runs(&mut rng, docs)),
                 };
                 let t = min_tokens + u64::from(other_threshold);
-                let long = LongUnits::scan(t, docs, shard.groups.as_deref(), |d| {
-                    shard.doc_len(d)
-                });
+                let long = LongUnits::scan(t, docs, shard.groups.as_deref(), |d| shard.doc_len(d));
                 let shard = Arc::new(shard);
                 a.push((format!("{name}/{s}"), shard.clone() as Arc<dyn DocSource>));
                 let with: Arc<dyn DocSource> = Arc::new(Listed {
@@ -100,7 +101,7 @@ fn listed_long_units_plan_what_a_scan_plans() {
             plan_table(case, rng.gen_range(2..64))
         );
         let cfg = Config::parse(&text, Path::new("case.toml"), Path::new("/")).unwrap();
-        let build = |shards: &[(&str, Vec<(String, Arc<dyn DocSource>)>)]| {
+        let build = |shards: &[(&str, Shards)]| {
             let inputs: Vec<DomainInput> = shards
                 .iter()
                 .zip(&cfg.corpus.domains)
@@ -198,7 +199,9 @@ fn an_upsampling_start_takes_the_cached_lists_and_plans_what_a_scan_plans() {
     let mut listed = 0;
     for s in cold.shards.iter().flatten() {
         let id = s.identity().unwrap();
-        let hit = cache.lookup_long(s, &id, 1000).expect("the start listed it");
+        let hit = cache
+            .lookup_long(s, &id, 1000)
+            .expect("the start listed it");
         assert_eq!(hit, LongUnits::of_shard(s, 1000));
         assert_eq!(cache.lookup_long(s, &id, 999), Err(Miss::Absent));
         listed += hit.docs.len() + hit.groups.map_or(0, |g| g.len());

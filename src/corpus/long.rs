@@ -52,7 +52,8 @@ impl LongUnits {
     ) -> LongUnits {
         let docs = (0..documents).filter(|&d| len(d) > min_tokens).collect();
         let groups = runs.map(|runs| {
-            let group_len = |r: &GroupRun| (r.first_doc..r.first_doc + r.docs).map(&len).sum::<u64>();
+            let group_len =
+                |r: &GroupRun| (r.first_doc..r.first_doc + r.docs).map(&len).sum::<u64>();
             (0..runs.len() as u64)
                 .filter(|&g| group_len(&runs[g as usize]) > min_tokens)
                 .collect()
