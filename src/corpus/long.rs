@@ -91,9 +91,10 @@ impl LongUnits {
         out
     }
 
-    /// Reads [`LongUnits::encode`]'s bytes back, if they were written for `key`, or says
-    /// why not: a truncated, corrupt or foreign file costs a scan, never a wrong plan.
-    fn decode(bytes: &[u8], key: &[u64; KEY_WORDS]) -> Result<LongUnits, String> {
+    /// Reads [`LongUnits::encode`]'s bytes back: `None` when they were written for
+    /// another key (another state of the shard, an ordinary miss), an error saying why
+    /// when they are not such a file. Either costs a scan, never a wrong plan.
+    fn decode(bytes: &[u8], key: &[u64; KEY_WORDS]) -> Result<Option<LongUnits>, String> {
         let head = 8 + 8 * (KEY_WORDS + 2);
         if bytes.len() < head + 8 || &bytes[..8] != MAGIC {
             return Err(format!("not a long-unit list ({} bytes)", bytes.len()));
@@ -104,8 +105,7 @@ impl LongUnits {
             return Err("checksum mismatch".into());
         }
         if (0..KEY_WORDS).any(|i| word(i) != key[i]) {
-            // Written for another state of the shard or another threshold: ordinary.
-            return Err(String::new());
+            return Ok(None);
         }
         let (nd, ng) = (word(KEY_WORDS), word(KEY_WORDS + 1));
         let want = nd.checked_add(ng).and_then(|n| n.checked_mul(8));
@@ -125,11 +125,11 @@ impl LongUnits {
         if !fits(&docs, documents) || !fits(&groups, runs) {
             return Err("a list is not ascending within the shard".into());
         }
-        Ok(LongUnits {
+        Ok(Some(LongUnits {
             min_tokens: key[0],
             docs,
             groups: (runs != NO_RUNS).then_some(groups),
-        })
+        }))
     }
 }
 
@@ -175,10 +175,11 @@ pub(super) fn lookup(
         std::io::ErrorKind::NotFound => Miss::Absent,
         _ => Miss::Unreadable(format!("{}: {e}", path.display())),
     })?;
-    LongUnits::decode(&bytes, &key(shard, id, min_tokens)).map_err(|why| match why.is_empty() {
-        true => Miss::Stale,
-        false => Miss::Unreadable(format!("{}: {why}", path.display())),
-    })
+    match LongUnits::decode(&bytes, &key(shard, id, min_tokens)) {
+        Ok(Some(long)) => Ok(long),
+        Ok(None) => Err(Miss::Stale),
+        Err(why) => Err(Miss::Unreadable(format!("{}: {why}", path.display()))),
+    }
 }
 
 /// The list of `shard` for `min_tokens`: cached beside the entry at `entry` (if any),
