@@ -611,3 +611,33 @@ fn a_passed_validation_is_recorded_and_trusted_by_the_next_start() {
     cfg.load_plan_validated().unwrap();
     assert!(layouts().iter().all(|l| *l == Some(true)));
 }
+
+/// Shard paths are told apart by file, not spelling, with each directory canonicalized
+/// once: a shard reached through a linked directory, a `..` or a linked index is the
+/// same shard, refused when listed twice; a copy is another shard.
+#[test]
+fn a_shard_listed_twice_under_another_spelling_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("d");
+    std::fs::create_dir_all(&d).unwrap();
+    let x = common::write_docs(&d, "x", common::CODES[7], &common::simple_docs(&[3, 4], 9));
+    std::os::unix::fs::symlink(&d, tmp.path().join("link")).unwrap();
+    for ext in ["idx", "bin"] {
+        std::os::unix::fs::symlink(common::with(&x, ext), d.join(format!("y.{ext}"))).unwrap();
+        std::fs::copy(common::with(&x, ext), d.join(format!("z.{ext}"))).unwrap();
+    }
+    let listing = |other: &str| {
+        let text = format!(
+            "[corpus]\n[[corpus.domain]]\nname = \"a\"\nshards = [\"d/x\"]\n\
+             [[corpus.domain]]\nname = \"b\"\nshards = [{other:?}]\n"
+        );
+        let path = tmp.path().join("m.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).unwrap().open_corpus().map(|_| ())
+    };
+    for twice in ["link/x", "d/../d/x.bin", "d/y"] {
+        let e = listing(twice).unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{twice}: {e}");
+    }
+    listing("d/z").unwrap();
+}

@@ -388,6 +388,7 @@ impl Config {
     fn shard_paths(&self) -> Result<Vec<(usize, PathBuf)>, ConfigError> {
         let mut out = Vec::new();
         let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
+        let mut dirs = std::collections::HashMap::new();
         for (i, d) in self.corpus.domains.iter().enumerate() {
             let wrap = |source| ConfigError::Corpus {
                 domain: d.name.clone(),
@@ -396,11 +397,11 @@ impl Config {
             for arg in &d.shards {
                 for path in corpus::resolve(&self.resolve_path(arg), d.format).map_err(wrap)? {
                     // Identify files, not spellings: `a/../a/x` and `a/x` are one shard.
-                    let key = std::fs::canonicalize(&path)
-                        .or_else(|_| {
-                            std::fs::canonicalize(corpus::megatron::with_suffix(&path, "idx"))
-                        })
-                        .unwrap_or_else(|_| path.clone());
+                    let file = match d.format {
+                        Format::Megatron => corpus::megatron::with_suffix(&path, "idx"),
+                        Format::Raw => path.clone(),
+                    };
+                    let key = canonical_file(&file, &mut dirs).unwrap_or_else(|| path.clone());
                     if let Some(first) = seen.insert(key, d.name.clone()) {
                         return Err(ConfigError::Invalid {
                             path: self.source.clone(),
@@ -502,7 +503,12 @@ impl Config {
             let (shard, id) = cache
                 .open(path, self.raw_options(domain).as_ref(), validate)
                 .map_err(wrap)?;
-            Ok((*d, (shard, serde_json::to_string(&id).unwrap_or_default())))
+            // Listed here, on all cores, from the cache when it has them: the planner
+            // would otherwise read every length of the domain at each start.
+            let long = (domain.settings.upsample_long)
+                .map(|u| cache.long_units(&shard, &id, u.min_tokens));
+            let id = serde_json::to_string(&id).unwrap_or_default();
+            Ok((*d, (shard, id, long)))
         });
         let corpus = self.group_by_domain(opened)?;
         let mut manifest = xxhash_rust::xxh3::Xxh3::new();
@@ -513,11 +519,18 @@ impl Config {
             manifest.update(&[0]);
             let mut list: Vec<(String, Arc<dyn crate::plan::DocSource>)> = Vec::new();
             let mut arcs = Vec::with_capacity(shards.len());
-            for (shard, id) in shards {
+            for (shard, id, long) in shards {
                 manifest.update(id.as_bytes());
                 manifest.update(&[0]);
                 let shard = Arc::new(shard);
-                list.push((shard.path().display().to_string(), shard.clone()));
+                let source: Arc<dyn crate::plan::DocSource> = match long {
+                    Some(long) => Arc::new(corpus::Listed {
+                        source: shard.clone(),
+                        long,
+                    }),
+                    None => shard.clone(),
+                };
+                list.push((shard.path().display().to_string(), source));
                 arcs.push(shard);
             }
             inputs.push(DomainInput {
@@ -536,6 +549,19 @@ impl Config {
             plan: Arc::new(plan),
             shards: shards_out,
         })
+    }
+}
+
+/// `file`'s canonical path, its directory canonicalized once per directory
+/// ([`corpus::identity::in_canonical_dir`]); only a file that is itself a symbolic link
+/// (one `readlink` tells) is canonicalized whole.
+fn canonical_file(
+    file: &Path,
+    dirs: &mut std::collections::HashMap<PathBuf, PathBuf>,
+) -> Option<PathBuf> {
+    match std::fs::read_link(file) {
+        Ok(_) => std::fs::canonicalize(file).ok(),
+        Err(_) => corpus::identity::in_canonical_dir(file, dirs),
     }
 }
 

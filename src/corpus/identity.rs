@@ -13,14 +13,15 @@
 //!
 //! A shard with a group sidecar also gets its group runs cached (a `.runs` file beside
 //! the entry, 16 bytes per group), trusted on the same terms for the sidecar, so that
-//! a start reads O(groups) bytes instead of the sidecar's 8 bytes per document.
+//! a start reads O(groups) bytes instead of the sidecar's 8 bytes per document; a domain
+//! that upsamples gets each shard's long units listed beside the entry ([`super::long`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{FileStamp, Groups, RawOptions, Result, Shard, ShardIdentity};
+use super::{FileStamp, Groups, LongUnits, RawOptions, Result, Shard, ShardIdentity};
 
 /// What an entry's `format` field must say: a JSON file that is not ours is ignored.
 const FORMAT: &str = "millrace-identity-cache";
@@ -252,6 +253,25 @@ impl IdentityCache {
         cached_groups(&read_entry(&path)?, &path, shard)
     }
 
+    /// The units of `shard` (as [`Self::open`] opened it, with identity `id`) longer than
+    /// `min_tokens`, for `upsample_long`: from the list file beside its entry when that
+    /// was written for this state of the shard, else one pass over the lengths, written
+    /// back ([`super::long`]).
+    pub fn long_units(&self, shard: &Shard, id: &ShardIdentity, min_tokens: u64) -> LongUnits {
+        super::long::cached(self.entry_path(shard).as_deref(), shard, id, min_tokens)
+    }
+
+    /// The cached long units of `shard` for `min_tokens`, or why there are none that fit.
+    pub fn lookup_long(
+        &self,
+        shard: &Shard,
+        id: &ShardIdentity,
+        min_tokens: u64,
+    ) -> std::result::Result<LongUnits, Miss> {
+        let path = self.entry_path(shard).ok_or(Miss::Absent)?;
+        super::long::lookup(&path, shard, id, min_tokens)
+    }
+
     /// Writes `shard`'s entry, and its runs file when it has groups (each through a
     /// temporary name and a rename, the runs first, so a reader never sees half of one).
     /// A failure to write only costs the next start a full hash: logged, not returned.
@@ -337,21 +357,28 @@ impl IdentityCache {
     /// itself is not resolved: a shard reached through a link to its `.idx` gets an entry
     /// of its own, which costs one more entry, never a wrong one.
     fn absolute(&self, path: &Path) -> Option<PathBuf> {
-        let name = path.file_name()?;
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
         // A poisoned lock only means another thread panicked mid-insert: the map is
         // still a valid memo.
         let mut dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = dirs.get(parent) {
-            return Some(c.join(name));
-        }
-        let c = std::fs::canonicalize(parent).ok()?;
-        dirs.insert(parent.to_path_buf(), c.clone());
-        Some(c.join(name))
+        in_canonical_dir(path, &mut dirs)
     }
+}
+
+/// `path` with its directory canonicalized, once per directory (`dirs` remembers them):
+/// a start names thousands of shards in a few directories, and canonicalizing costs a
+/// syscall per path component. The file name itself is not resolved.
+pub fn in_canonical_dir(path: &Path, dirs: &mut HashMap<PathBuf, PathBuf>) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Some(c) = dirs.get(parent) {
+        return Some(c.join(name));
+    }
+    let c = std::fs::canonicalize(parent).ok()?;
+    dirs.insert(parent.to_path_buf(), c.clone());
+    Some(c.join(name))
 }
 
 /// The cache directory used when the config names none: systemd's `$CACHE_DIRECTORY`
@@ -488,7 +515,7 @@ fn runs_path(entry: &Path) -> PathBuf {
 
 /// Writes `bytes` to `path` through a temporary name unique per process and call (a
 /// shard listed twice is stored by two threads) and a rename.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let ext = path.extension().map(|e| e.to_string_lossy().into_owned());

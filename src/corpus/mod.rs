@@ -5,7 +5,8 @@
 //! Megatron `.idx`/`.bin` pair ([`megatron`]) or a raw token array ([`raw`]), with an
 //! optional group sidecar ([`groups`]). [`resolve`] turns what a user typed (a prefix, a
 //! directory, a glob) into shard paths, and [`Shard::open`] maps them. [`writer`] writes
-//! Megatron shards; [`identity`] remembers each shard's content identity between starts.
+//! Megatron shards; [`identity`] remembers each shard's content identity between starts,
+//! and [`long`] the long units that upsampling repeats.
 //!
 //! Shards should be immutable while mapped (replace them by writing new files and
 //! renaming). What happens when one is not: a read past a truncated end is caught by
@@ -16,6 +17,7 @@ pub mod error;
 pub mod groups;
 pub mod guard;
 pub mod identity;
+pub mod long;
 pub mod megatron;
 pub mod raw;
 pub mod tokens;
@@ -30,6 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use error::{CorpusError, Result};
 pub use groups::{GroupRun, Groups};
 pub use identity::IdentityCache;
+pub use long::{Listed, LongUnits};
 pub use megatron::{MegatronShard, MegatronWriter};
 pub use raw::{RawOptions, RawShard};
 pub use tokens::{DType, Tokens};

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::corpus::GroupRun;
+use crate::corpus::{GroupRun, Listed};
 
 use super::pack::{self, Piece, Window};
 use super::permute::{chained, derive_key, Permutation};
@@ -29,6 +29,41 @@ pub trait DocSource: Send + Sync {
     fn doc_len(&self, doc: u64) -> u64;
     /// Group runs in document order, when the shard has a sidecar.
     fn groups(&self) -> Option<&[GroupRun]>;
+    /// Documents longer than `min_tokens`, ascending, when the source has them listed
+    /// already (the identity cache keeps the list per shard); `None` makes the planner
+    /// read every length, which is what `upsample_long` cost at every start before.
+    fn long_docs(&self, _min_tokens: u64) -> Option<&[u64]> {
+        None
+    }
+    /// Groups (indexes into [`DocSource::groups`]) longer than `min_tokens`, ascending,
+    /// when listed already; `None` makes the planner sum every group's lengths.
+    fn long_groups(&self, _min_tokens: u64) -> Option<&[u64]> {
+        None
+    }
+}
+
+/// A shard with its long units listed (see [`Listed`]): the planner takes the lists
+/// where their threshold is the domain's, and reads everything else from the shard.
+impl<S: DocSource + ?Sized> DocSource for Listed<Arc<S>> {
+    fn documents(&self) -> u64 {
+        self.source.documents()
+    }
+    fn tokens(&self) -> u64 {
+        self.source.tokens()
+    }
+    fn doc_len(&self, doc: u64) -> u64 {
+        self.source.doc_len(doc)
+    }
+    fn groups(&self) -> Option<&[GroupRun]> {
+        self.source.groups()
+    }
+    fn long_docs(&self, min_tokens: u64) -> Option<&[u64]> {
+        (min_tokens == self.long.min_tokens).then_some(self.long.docs.as_slice())
+    }
+    fn long_groups(&self, min_tokens: u64) -> Option<&[u64]> {
+        let groups = self.long.groups.as_deref()?;
+        (min_tokens == self.long.min_tokens).then_some(groups)
+    }
 }
 
 /// A shard held in memory: document lengths and optional groups. Used by tests and by
@@ -92,8 +127,9 @@ pub(crate) enum UnitKind {
 }
 
 impl DomainData {
-    /// Indexes a domain: O(shards) unless upsampling asks for the long-unit list, which
-    /// is one pass over the document lengths.
+    /// Indexes a domain: O(shards), plus O(long units) when upsampling asks for the
+    /// long-unit lists and the shards have them listed ([`DocSource::long_docs`]); a
+    /// shard that has not is one pass over its lengths.
     pub(crate) fn new(input: &DomainInput) -> Result<DomainData, PlanError> {
         let mut doc_prefix = vec![0u64];
         let mut group_prefix = Some(vec![0u64]);
@@ -132,22 +168,38 @@ impl DomainData {
             tokens,
             first: None,
         };
-        let threshold = input.settings.upsample_long.map(|u| u.min_tokens);
-        if let Some(t) = threshold {
-            let n = data.units(UnitKind::Doc);
-            data.long_docs = (0..n)
-                .filter(|&u| data.unit_len(UnitKind::Doc, u) > t)
-                .collect();
-        }
-        if let (Some(t), true) = (threshold, data.group_prefix.is_some()) {
-            if input.settings.grouping.mode != GroupMode::Off {
-                let n = data.units(UnitKind::Group);
-                data.long_groups = (0..n)
-                    .filter(|&g| data.unit_len(UnitKind::Group, g) > t)
-                    .collect();
+        if let Some(t) = input.settings.upsample_long.map(|u| u.min_tokens) {
+            data.long_docs = data.list_long(UnitKind::Doc, t);
+            let grouped = data.group_prefix.is_some();
+            if grouped && input.settings.grouping.mode != GroupMode::Off {
+                data.long_groups = data.list_long(UnitKind::Group, t);
             }
         }
         Ok(data)
+    }
+
+    /// The domain's units of a kind longer than `t` tokens, ascending: each shard's own
+    /// list where it has one that fits (ascending, in range), else a pass over its units.
+    fn list_long(&self, kind: UnitKind, t: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (s, shard) in self.shards.iter().enumerate() {
+            let (prefix, listed) = match kind {
+                UnitKind::Doc => (&self.doc_prefix, shard.long_docs(t)),
+                UnitKind::Group => match &self.group_prefix {
+                    Some(gp) => (gp, shard.long_groups(t)),
+                    None => return out,
+                },
+            };
+            let (first, end) = (prefix[s], prefix[s + 1]);
+            let fits = |l: &[u64]| {
+                l.windows(2).all(|w| w[0] < w[1]) && l.last().is_none_or(|&u| u < end - first)
+            };
+            match listed.filter(|l| fits(l)) {
+                Some(l) => out.extend(l.iter().map(|&u| first + u)),
+                None => out.extend((first..end).filter(|&u| self.unit_len(kind, u) > t)),
+            }
+        }
+        out
     }
 
     /// Units of a kind.
