@@ -46,46 +46,7 @@ fn encode(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> Vec<u8> {
     for d in inputs {
         b.extend_from_slice(&(d.name.len() as u32).to_le_bytes());
         b.extend_from_slice(d.name.as_bytes());
-        let DomainSettings {
-            grouping,
-            upsample_long,
-            bursty,
-            window,
-        } = d.settings;
-        let Grouping {
-            mode,
-            max_share,
-            from_step,
-        } = grouping;
-        b.push(match mode {
-            GroupMode::Off => 0,
-            GroupMode::Sequence => 1,
-            GroupMode::Batch => 2,
-        });
-        b.extend_from_slice(&max_share.to_bits().to_le_bytes());
-        b.extend_from_slice(&from_step.to_le_bytes());
-        match upsample_long {
-            None => b.push(0),
-            Some(Upsample { min_tokens, factor }) => {
-                b.push(1);
-                b.extend_from_slice(&min_tokens.to_le_bytes());
-                b.extend_from_slice(&factor.to_le_bytes());
-            }
-        }
-        match bursty {
-            None => b.push(0),
-            Some(Bursty { period }) => {
-                b.push(1);
-                b.extend_from_slice(&period.to_le_bytes());
-            }
-        }
-        match window {
-            None => b.push(0),
-            Some(w) => {
-                b.push(1);
-                b.extend_from_slice(&w.to_le_bytes());
-            }
-        }
+        encode_settings(&mut b, d.settings);
         b.extend_from_slice(&(d.shards.len() as u32).to_le_bytes());
         for (_, s) in &d.shards {
             b.extend_from_slice(&s.documents().to_le_bytes());
@@ -93,6 +54,144 @@ fn encode(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> Vec<u8> {
         }
     }
     b
+}
+
+/// A domain's planning settings in the canonical encoding. Destructured whole, so a field
+/// added to them fails to compile here until it is encoded.
+fn encode_settings(b: &mut Vec<u8>, settings: DomainSettings) {
+    let DomainSettings {
+        grouping,
+        upsample_long,
+        bursty,
+        window,
+    } = settings;
+    let Grouping {
+        mode,
+        max_share,
+        from_step,
+    } = grouping;
+    b.push(match mode {
+        GroupMode::Off => 0,
+        GroupMode::Sequence => 1,
+        GroupMode::Batch => 2,
+    });
+    b.extend_from_slice(&max_share.to_bits().to_le_bytes());
+    b.extend_from_slice(&from_step.to_le_bytes());
+    match upsample_long {
+        None => b.push(0),
+        Some(Upsample { min_tokens, factor }) => {
+            b.push(1);
+            b.extend_from_slice(&min_tokens.to_le_bytes());
+            b.extend_from_slice(&factor.to_le_bytes());
+        }
+    }
+    match bursty {
+        None => b.push(0),
+        Some(Bursty { period }) => {
+            b.push(1);
+            b.extend_from_slice(&period.to_le_bytes());
+        }
+    }
+    match window {
+        None => b.push(0),
+        Some(w) => {
+            b.push(1);
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+/// Scheme byte of the plan-wide settings fingerprint that cursor layout 7 carries.
+const SETTINGS_SCHEME: u8 = 2;
+
+/// The plan-wide fingerprint of cursor layout 7: only what no corpus change may alter
+/// (seed, `seq_len`, `global_batch_rows`, packing and its window). The domains are
+/// identified one by one ([`DomainIdentity`]), so adding one keeps earlier blobs valid.
+pub(super) fn settings_fingerprint(cfg: &PlanConfig) -> u128 {
+    let mut b = vec![SETTINGS_SCHEME];
+    b.extend_from_slice(&cfg.seed.to_le_bytes());
+    b.extend_from_slice(&cfg.seq_len.to_le_bytes());
+    b.extend_from_slice(&cfg.global_batch_rows.to_le_bytes());
+    b.push(match cfg.packing {
+        Packing::Concat => 0,
+        Packing::BestFit => 1,
+    });
+    b.extend_from_slice(&cfg.best_fit_window.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_128(&b)
+}
+
+/// Shards a domain may have for a blob to carry a tag of each (4 bytes a shard), so a
+/// refusal can name the shard that changed; larger domains are named as a whole.
+pub(super) const TAGGED_SHARDS: usize = 16;
+
+/// One domain's identity for cursor layout 7: its name, settings and bursty phase (the
+/// header) and a 128-bit leaf per shard (documents, tokens, content identity). A blob
+/// records the identity of the shards it knew, so a resume tells an unchanged domain, a
+/// domain with shards appended, and one whose shards changed apart.
+#[derive(Debug, Clone)]
+pub(super) struct DomainIdentity {
+    header: Vec<u8>,
+    leaves: Vec<u128>,
+}
+
+impl DomainIdentity {
+    /// The identity of `input`, whose bursty phase is `phase`, with `content[k]` the
+    /// caller's content identity of shard k (0 where the caller has none).
+    pub(super) fn new(input: &DomainInput, phase: Option<u32>, content: &[u128]) -> Self {
+        let mut header = vec![SETTINGS_SCHEME];
+        header.extend_from_slice(&(input.name.len() as u32).to_le_bytes());
+        header.extend_from_slice(input.name.as_bytes());
+        encode_settings(&mut header, input.settings);
+        match phase {
+            None => header.push(0),
+            Some(p) => {
+                header.push(1);
+                header.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+        let leaves = input
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(k, (_, s))| {
+                let mut b = Vec::with_capacity(32);
+                b.extend_from_slice(&s.documents().to_le_bytes());
+                b.extend_from_slice(&s.tokens().to_le_bytes());
+                b.extend_from_slice(&content.get(k).copied().unwrap_or(0).to_le_bytes());
+                xxhash_rust::xxh3::xxh3_128(&b)
+            })
+            .collect();
+        DomainIdentity { header, leaves }
+    }
+
+    /// Shards the domain has.
+    pub(super) fn shards(&self) -> usize {
+        self.leaves.len()
+    }
+
+    /// The identity of the domain's first `k` shards (all of them for `k >= shards`).
+    pub(super) fn prefix(&self, k: usize) -> u128 {
+        let k = k.min(self.leaves.len());
+        let mut b = self.header.clone();
+        b.extend_from_slice(&(k as u32).to_le_bytes());
+        for leaf in &self.leaves[..k] {
+            b.extend_from_slice(&leaf.to_le_bytes());
+        }
+        xxhash_rust::xxh3::xxh3_128(&b)
+    }
+
+    /// Per-shard tags a blob carries (empty above [`TAGGED_SHARDS`] shards).
+    pub(super) fn tags(&self) -> Vec<u32> {
+        self.tags_of(self.leaves.len())
+    }
+
+    /// The tags of the first `k` shards, as a blob that knew `k` shards carries them.
+    pub(super) fn tags_of(&self, k: usize) -> Vec<u32> {
+        if k > TAGGED_SHARDS {
+            return Vec::new();
+        }
+        self.leaves.iter().take(k).map(|&l| l as u32).collect()
+    }
 }
 
 /// The fingerprint cursor layouts 1-4 carry: xxh3-128 of the manifest and
