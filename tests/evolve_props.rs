@@ -301,6 +301,29 @@ fn a_changed_domain_is_refused_naming_it() {
             .starts_with("domain b: shard b/0 (#0) changed"),
         "{e}"
     );
+    // A shard appended to a running domain (an increment goes in as a domain of its
+    // own, docs/DESIGN.md "Corpus evolution").
+    let mut more = doms.clone();
+    more[0].shards.push(vec![5; 10]);
+    let e = refusal(
+        &plan_with(&more, 3, 4, &w, &[vec![11, 12, 13, 14], vec![21]]),
+        &blob,
+    );
+    assert!(
+        e.to_string().starts_with(
+            "domain a: the config lists 4 shards, the blob knew 3: shards added to a running \
+             domain (from a/3) are not supported; add them as a new domain"
+        ),
+        "{e}"
+    );
+    // The blob's records fit what the daemon's cursor field is told of.
+    let c = cursor::decode(&blob).unwrap();
+    let records: usize = c
+        .domains
+        .iter()
+        .map(|d| 2 + d.name.len() + 22 + 4 * d.tags.len())
+        .sum();
+    assert_eq!(ours.cursor_domain_bytes(), records);
     // A shard removed.
     let mut fewer = doms.clone();
     fewer[0].shards.pop();

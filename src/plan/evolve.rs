@@ -33,6 +33,15 @@ impl Plan {
             .collect()
     }
 
+    /// Bytes the domain records add to a layout 7 blob: the daemon's cursor field must
+    /// hold them besides the stream states (names are the config's, of any length).
+    pub fn cursor_domain_bytes(&self) -> usize {
+        self.domain_records()
+            .iter()
+            .map(|r| 2 + r.name.len() + 4 + 16 + 2 + 4 * r.tags.len())
+            .sum()
+    }
+
     /// Maps a layout 7 blob's domains onto this plan's by name and checks them: each
     /// blob domain exists here with the identity the blob recorded, each new one has
     /// weight 0 before the blob's step, and a journal of live changes (whose weights
