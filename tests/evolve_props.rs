@@ -376,3 +376,49 @@ fn a_changed_domain_is_refused_naming_it() {
     let names: Vec<&str> = c.domains.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
 }
+
+/// An increment of shards enters as a domain of its own from step S (the semantics
+/// docs/DESIGN.md "Corpus evolution" decides): over many epochs of both, every unit of
+/// each appears exactly once per completed epoch, the old domain's epochs straddling S
+/// included, and the increment has no row before S.
+#[test]
+fn an_increment_covers_each_unit_once_per_epoch() {
+    let old = dom("a", 2, 12, 1);
+    let mut inc = dom("a-2", 1, 12, 7);
+    inc.shards[0].truncate(9);
+    let b = dom("b", 1, 40, 5);
+    for s in [1u64, 7, 23] {
+        let p = plan(
+            &[old.clone(), b.clone(), inc.clone()],
+            5,
+            3,
+            &schedule(&[
+                (0, &[("a", 1.0), ("b", 1.0), ("a-2", 0.0)]),
+                (s, &[("a", 1.0), ("b", 1.0), ("a-2", 0.5)]),
+            ]),
+        );
+        let (got, first) = streams(&mut p.start(), 300);
+        assert!(first["a-2"] >= s, "a-2 at {}, S = {s}", first["a-2"]);
+        for (name, d) in [("a", &old), ("a-2", &inc)] {
+            let units: usize = d.shards.iter().map(Vec::len).sum();
+            let mut epochs: BTreeMap<u32, Vec<(u32, u64)>> = BTreeMap::new();
+            for (epoch, segs) in &got[name] {
+                for g in segs.iter().filter(|g| g.start == 0) {
+                    epochs.entry(*epoch).or_default().push((g.shard, g.doc));
+                }
+            }
+            let last = *epochs.keys().last().unwrap();
+            assert!(last >= 2, "{name}: only {last} epochs");
+            for (epoch, mut seen) in epochs.into_iter().filter(|(e, _)| *e < last) {
+                seen.sort_unstable();
+                let n = seen.len();
+                seen.dedup();
+                assert_eq!(
+                    (n, seen.len()),
+                    (units, units),
+                    "{name} epoch {epoch}, S = {s}"
+                );
+            }
+        }
+    }
+}
