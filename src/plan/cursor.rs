@@ -58,7 +58,7 @@ pub enum CursorError {
         computed: u64,
     },
     /// Made for another corpus or static plan config.
-    #[error("cursor belongs to another corpus or plan config (fingerprint {blob:032x}, this plan {ours:032x}): the shards, seq_len, batch size, seed, packing or domain settings differ")]
+    #[error("cursor belongs to another corpus or plan config (fingerprint {blob:032x}, this plan {ours:032x}): the seq_len, batch size, seed or packing differ (or, for blobs before layout 7, the shards or domain settings)")]
     Fingerprint {
         /// From the blob.
         blob: u128,

@@ -34,14 +34,7 @@ fn encode(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> Vec<u8> {
     let mut b = Vec::with_capacity(64 + inputs.len() * 64);
     b.push(SCHEME);
     b.extend_from_slice(&manifest.to_le_bytes());
-    b.extend_from_slice(&cfg.seed.to_le_bytes());
-    b.extend_from_slice(&cfg.seq_len.to_le_bytes());
-    b.extend_from_slice(&cfg.global_batch_rows.to_le_bytes());
-    b.push(match cfg.packing {
-        Packing::Concat => 0,
-        Packing::BestFit => 1,
-    });
-    b.extend_from_slice(&cfg.best_fit_window.to_le_bytes());
+    encode_plan(&mut b, cfg);
     b.extend_from_slice(&(inputs.len() as u32).to_le_bytes());
     for d in inputs {
         b.extend_from_slice(&(d.name.len() as u32).to_le_bytes());
@@ -54,6 +47,19 @@ fn encode(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> Vec<u8> {
         }
     }
     b
+}
+
+/// The plan-wide settings in the canonical encoding: seed, `seq_len`,
+/// `global_batch_rows`, packing and its window.
+fn encode_plan(b: &mut Vec<u8>, cfg: &PlanConfig) {
+    b.extend_from_slice(&cfg.seed.to_le_bytes());
+    b.extend_from_slice(&cfg.seq_len.to_le_bytes());
+    b.extend_from_slice(&cfg.global_batch_rows.to_le_bytes());
+    b.push(match cfg.packing {
+        Packing::Concat => 0,
+        Packing::BestFit => 1,
+    });
+    b.extend_from_slice(&cfg.best_fit_window.to_le_bytes());
 }
 
 /// A domain's planning settings in the canonical encoding. Destructured whole, so a field
@@ -109,14 +115,7 @@ const SETTINGS_SCHEME: u8 = 2;
 /// identified one by one ([`DomainIdentity`]), so adding one keeps earlier blobs valid.
 pub(super) fn settings_fingerprint(cfg: &PlanConfig) -> u128 {
     let mut b = vec![SETTINGS_SCHEME];
-    b.extend_from_slice(&cfg.seed.to_le_bytes());
-    b.extend_from_slice(&cfg.seq_len.to_le_bytes());
-    b.extend_from_slice(&cfg.global_batch_rows.to_le_bytes());
-    b.push(match cfg.packing {
-        Packing::Concat => 0,
-        Packing::BestFit => 1,
-    });
-    b.extend_from_slice(&cfg.best_fit_window.to_le_bytes());
+    encode_plan(&mut b, cfg);
     xxhash_rust::xxh3::xxh3_128(&b)
 }
 
@@ -423,5 +422,41 @@ mod tests {
         inputs[0].name = "webc".into();
         inputs[1].name = "ode".into();
         assert_ne!(fingerprint(&cfg, &inputs, MANIFEST), a);
+    }
+
+    /// Layout 7's plan-wide fingerprint and a domain's identity are formats too: pinned.
+    /// The settings fingerprint ignores the corpus; a domain's identity ignores the other
+    /// domains and moves with its own shards (a prefix of them names the shards a blob
+    /// knew).
+    #[test]
+    fn layout_7_identities_are_pinned() {
+        let (cfg, inputs) = fixed();
+        assert_eq!(
+            format!("{:032x}", settings_fingerprint(&cfg)),
+            "ad63f30a362e861bae9a7b5c5b5cc1fe"
+        );
+        let web = DomainIdentity::new(&inputs[0], None, &[7, 8]);
+        assert_eq!(
+            format!("{:032x}", web.prefix(2)),
+            "e45e1a1811c2324b37e002dcb76c67a4"
+        );
+        let alone = DomainIdentity::new(&inputs[0], None, &[7, 8]);
+        assert_eq!(alone.prefix(2), web.prefix(2));
+        assert_ne!(web.prefix(1), web.prefix(2));
+        let mut one = inputs[0].clone();
+        one.shards.truncate(1);
+        assert_eq!(
+            DomainIdentity::new(&one, None, &[7]).prefix(1),
+            web.prefix(1)
+        );
+        for other in [
+            DomainIdentity::new(&inputs[0], None, &[7, 9]),
+            DomainIdentity::new(&inputs[0], Some(0), &[7, 8]),
+            DomainIdentity::new(&inputs[0], None, &[]),
+        ] {
+            assert_ne!(other.prefix(2), web.prefix(2));
+        }
+        assert_eq!(web.tags().len(), 2);
+        assert_eq!(web.tags_of(1), web.tags()[..1]);
     }
 }
