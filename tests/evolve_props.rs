@@ -18,6 +18,7 @@ use proptest::prelude::*;
 struct Dom {
     name: &'static str,
     shards: Vec<Vec<u32>>,
+    settings: DomainSettings,
 }
 
 fn dom(name: &'static str, shards: usize, docs: u32, salt: u32) -> Dom {
@@ -30,6 +31,7 @@ fn dom(name: &'static str, shards: usize, docs: u32, salt: u32) -> Dom {
                     .collect()
             })
             .collect(),
+        settings: DomainSettings::default(),
     }
 }
 
@@ -49,7 +51,7 @@ fn inputs(doms: &[Dom]) -> Vec<DomainInput> {
                     (format!("{}/{k}", d.name), src)
                 })
                 .collect(),
-            settings: DomainSettings::default(),
+            settings: d.settings,
         })
         .collect()
 }
@@ -421,4 +423,63 @@ fn an_increment_covers_each_unit_once_per_epoch() {
             }
         }
     }
+}
+
+/// Bursty domains: one added at the end keeps the others' phases, and a blob of the run
+/// without it resumes bit for bit exactly while no cycle of the new domain begun before
+/// the blob reaches its step S (a bursty cycle takes its rows at its first step, from
+/// the weights of its later ones). Added before a bursty domain, it moves that domain's
+/// phase, and the blob is refused naming it.
+#[test]
+fn a_bursty_domain_added_keeps_the_others_phases() {
+    let bursty = |name, period, salt| Dom {
+        settings: DomainSettings {
+            bursty: Some(millrace::config::plan::Bursty { period }),
+            ..DomainSettings::default()
+        },
+        ..dom(name, 1, 50, salt)
+    };
+    let (a, b, c) = (bursty("a", 3, 1), dom("b", 2, 40, 5), bursty("c", 2, 9));
+    let s = 10;
+    let old = plan(
+        &[a.clone(), b.clone()],
+        2,
+        6,
+        &schedule(&[(0, &[("a", 1.0), ("b", 2.0)])]),
+    );
+    let w = schedule(&[
+        (0, &[("a", 1.0), ("b", 2.0), ("c", 0.0)]),
+        (s, &[("a", 1.0), ("b", 2.0), ("c", 1.0)]),
+    ]);
+    let new = plan(&[a.clone(), b.clone(), c.clone()], 2, 6, &w);
+    let mut accepted = 0;
+    for t in 0..14 {
+        match new.restore(&old.seek(t).cursor()) {
+            Ok(mut r) => {
+                accepted += 1;
+                assert!(t < s, "a blob at {t}, after c's step, was accepted");
+                assert_eq!(
+                    batches(&mut r, 20),
+                    batches(&mut new.seek(t), 20),
+                    "t = {t}"
+                );
+            }
+            Err(e) => {
+                assert!(t + 2 > s, "a blob at {t} was refused: {e}");
+                assert!(
+                    matches!(&e, CursorError::DomainEarly { domain, .. } if domain == "c"),
+                    "{e:?}"
+                );
+            }
+        }
+    }
+    assert!(accepted >= s as usize - 1, "{accepted}");
+    let first = plan(&[c, a, b], 2, 6, &w);
+    let e = refusal(&first, &old.seek(4).cursor());
+    assert_eq!(
+        e.to_string(),
+        "domain a: its settings changed since the blob was written (or its place among the \
+         bursty domains); the blob's position in it would name other documents (a changed \
+         shard needs a new domain name or a fresh run)"
+    );
 }
