@@ -1,9 +1,11 @@
 //! Corpus evolution end to end (issue 20): a real `millrace serve` streams 50 steps of a
 //! two-domain config and the trainer keeps the cursor; the daemon restarts with a third
-//! domain weighted from step 60; the saved cursor resumes at step 50, the stream is the
-//! new plan's continuation of the old run (cursor bytes equal step by step), no document
-//! of the first 50 steps starts again in the same epoch of its domain, and the third
-//! domain has rows from step 60 on, never before.
+//! domain and an increment of `web`'s shards (as a domain of its own, docs/DESIGN.md
+//! "Corpus evolution"), both weighted from step 60; the saved cursor resumes at step 50,
+//! the stream is the new plan's continuation of the old run (cursor bytes equal step by
+//! step), no document of the first 50 steps starts again in the same epoch of its
+//! domain, and the new domains have rows from step 60 on, never before. The same shards
+//! appended to `web`'s own list are refused, naming the domain and the shard.
 
 mod common;
 
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::Serve;
-use millrace::client::{to_hex, Client, Hello};
+use millrace::client::{to_hex, Client, ClientError, Hello};
 use millrace::config::Config;
 use millrace::plan::GlobalBatch;
 
@@ -21,20 +23,36 @@ const ROWS: u32 = 8;
 /// The step the third domain takes effect from.
 const ADDED: u64 = 60;
 
+/// `web`'s first three shards: the old run's; the fourth is the increment.
+const WEB: &[&str] = &["web/web-00000", "web/web-00001", "web/web-00002"];
+const WEB_ALL: &[&str] = &[
+    "web/web-00000",
+    "web/web-00001",
+    "web/web-00002",
+    "web/web-00003",
+];
+
 /// Writes `<dir>/<file>`: the corpus config with `[serve]` set, the domains `domains`
-/// only, and `schedule` as `[[plan.schedule]]`.
-fn config(dir: &Path, socket: &Path, file: &str, domains: &[&str], schedule: &str) -> PathBuf {
-    let path = common::write_config(
-        dir,
-        file,
-        SEQ_LEN,
-        ROWS,
-        &[&common::serve_toml(socket, 4, 2)],
-    );
+/// (name, shards) only, and `schedule` as `[[plan.schedule]]`.
+fn config(
+    dir: &Path,
+    socket: &Path,
+    file: &str,
+    domains: &[(&str, &[&str])],
+    schedule: &str,
+) -> PathBuf {
+    let serve = common::serve_toml(socket, 4, 2);
+    let path = common::write_config(dir, file, SEQ_LEN, ROWS, &[&serve]);
     let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let corpus = doc.get_mut("corpus").unwrap().as_table_mut().unwrap();
-    let list = corpus.get_mut("domain").unwrap().as_array_mut().unwrap();
-    list.retain(|d| domains.contains(&d.get("name").and_then(|n| n.as_str()).unwrap()));
+    let list: Vec<toml::Value> = domains
+        .iter()
+        .map(|(name, shards)| {
+            let text = format!("name = {name:?}\nshards = {shards:?}\n");
+            toml::Value::Table(toml::from_str(&text).unwrap())
+        })
+        .collect();
+    corpus.insert("domain".into(), toml::Value::Array(list));
     let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
     let points: toml::Table = toml::from_str(schedule).unwrap();
     plan.insert("schedule".into(), points["schedule"].clone());
@@ -81,19 +99,32 @@ fn a_domain_added_at_a_step_resumes_the_old_runs_cursor() {
         &corpus.dir,
         &socket,
         "a.toml",
-        &["web", "code"],
+        &[("web", WEB), ("code", &["code"])],
         "[[schedule]]\nstep = 0\nweights = { web = 0.6, code = 0.4 }\n",
     );
     let b = config(
         &corpus.dir,
         &socket,
         "b.toml",
-        &["web", "code", "books"],
+        &[
+            ("web", WEB),
+            ("code", &["code"]),
+            ("books", &["books"]),
+            ("web-2", &["web/web-00003"]),
+        ],
         &format!(
-            "[[schedule]]\nstep = 0\nweights = {{ web = 0.6, code = 0.4, books = 0.0 }}\n\
+            "[[schedule]]\nstep = 0\n\
+             weights = {{ web = 0.6, code = 0.4, books = 0.0, web-2 = 0.0 }}\n\
              [[schedule]]\nstep = {ADDED}\nramp = false\n\
-             weights = {{ web = 0.5, code = 0.3, books = 0.2 }}\n"
+             weights = {{ web = 0.4, code = 0.3, books = 0.2, web-2 = 0.1 }}\n"
         ),
+    );
+    let appended = config(
+        &corpus.dir,
+        &socket,
+        "c.toml",
+        &[("web", WEB_ALL), ("code", &["code"])],
+        "[[schedule]]\nstep = 0\nweights = { web = 0.6, code = 0.4 }\n",
     );
     let plan_a = Config::load(&a).unwrap().load_plan().unwrap().plan;
     let plan_b = Config::load(&b).unwrap().load_plan().unwrap().plan;
@@ -120,6 +151,23 @@ fn a_domain_added_at_a_step_resumes_the_old_runs_cursor() {
         blob
     };
 
+    // Config C, web's fourth shard appended to its list: refused, naming both.
+    {
+        let _serve = Serve::start(&appended, &socket, &corpus.dir.join("c.log"));
+        match Client::connect(&socket, &hello(Some(&blob))) {
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(code, "cursor");
+                assert!(
+                    message.contains("domain web: the config lists 4 shards, the blob knew 3")
+                        && message.contains("web-00003"),
+                    "{message}"
+                );
+            }
+            Err(e) => panic!("refused otherwise: {e}"),
+            Ok(_) => panic!("a cursor was resumed over shards appended to its domain"),
+        }
+    }
+
     // Config B: the same cursor resumes at step 50.
     let _serve = Serve::start(&b, &socket, &corpus.dir.join("b.log"));
     let mut c = connect(&socket, &hello(Some(&blob)));
@@ -127,10 +175,13 @@ fn a_domain_added_at_a_step_resumes_the_old_runs_cursor() {
     let mut resumed = plan_b
         .restore(&blob)
         .expect("plan B resumes plan A's cursor");
-    let books = plan_b.domain_names().iter().position(|n| *n == "books");
-    let books = books.unwrap() as i32;
+    let index = |name: &str| plan_b.domain_names().iter().position(|n| *n == name);
+    let added = [
+        index("books").unwrap() as i32,
+        index("web-2").unwrap() as i32,
+    ];
     let mut later = Vec::new();
-    let mut books_from = None;
+    let mut added_from = [None, None];
     for step in 50..100u64 {
         let want = resumed.next_batch();
         let v = c.next_batch().unwrap();
@@ -138,16 +189,18 @@ fn a_domain_added_at_a_step_resumes_the_old_runs_cursor() {
         let domains: Vec<i32> = want.rows.iter().map(|r| i32::from(r.domain)).collect();
         assert_eq!(v.domain, &domains[..], "step {step}");
         assert_eq!(v.cursor, &resumed.cursor()[..], "cursor of step {step}");
-        if v.domain.contains(&books) {
-            books_from.get_or_insert(step);
+        for (d, from) in added.iter().zip(added_from.iter_mut()) {
+            if v.domain.contains(d) {
+                from.get_or_insert(step);
+            }
         }
         later.push(want);
     }
     assert!(
-        books_from.is_some_and(|s| s >= ADDED),
-        "books first at {books_from:?}, weighted from {ADDED}"
+        added_from.iter().all(|f| f.is_some_and(|s| s >= ADDED)),
+        "books, web-2 first at {added_from:?}, weighted from {ADDED}"
     );
-    // The daemon's stream is plan B's from step 0 (books at weight 0 before 60).
+    // The daemon's stream is plan B's from step 0 (the new domains at weight 0 before 60).
     let mut fresh = plan_b.seek(50);
     for want in &later {
         assert_eq!(&fresh.next_batch(), want, "step {}", want.step);
