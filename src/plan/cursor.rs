@@ -170,7 +170,7 @@ pub enum CursorError {
         what: String,
     },
     /// A domain new to the blob that the config weights before the blob's step.
-    #[error("domain {domain} is new to this blob (made at plan step {plan_step}) but the config gives it weight at plan step {step}: that would rewrite steps already served; weight it 0 before plan step {plan_step} (a schedule point with ramp = false adds it from a step)")]
+    #[error("domain {domain} is new to this blob, whose run planned the steps before plan step {plan_step}, but the config gives it weight at plan step {step}: that would rewrite steps already served; weight it 0 before plan step {plan_step} (a schedule point with ramp = false adds it from a step)")]
     DomainEarly {
         /// The new domain.
         domain: String,

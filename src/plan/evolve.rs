@@ -78,6 +78,9 @@ impl Plan {
         if end > 0 {
             let mut at = vec![0, end - 1];
             at.extend(self.mixer.schedule.knots_before(end));
+            // Earliest first: the refusal names the first step that has weight.
+            at.sort_unstable();
+            at.dedup();
             for (d, _) in map.iter().enumerate().filter(|(_, b)| b.is_none()) {
                 if let Some(&step) = at
                     .iter()
