@@ -152,3 +152,71 @@ impl Plan {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::config::plan::{DomainSettings, PlanConfig};
+    use crate::plan::cursor::{self, CursorError};
+    use crate::plan::{DocSource, DomainInput, MemShard, Plan};
+
+    /// Domains `names` over small shards, weighted 1 each.
+    fn plan(names: &[&str]) -> Arc<Plan> {
+        let w: Vec<String> = names.iter().map(|n| format!("{n} = 1.0")).collect();
+        let text = format!(
+            "seq_len = 15\nglobal_batch_rows = 4\nseed = 3\nweights = {{ {} }}",
+            w.join(", ")
+        );
+        let cfg = PlanConfig::from_table(&toml::from_str(&text).unwrap()).unwrap();
+        let inputs: Vec<DomainInput> = names
+            .iter()
+            .map(|n| DomainInput {
+                name: n.to_string(),
+                shards: vec![(
+                    format!("{n}/0"),
+                    Arc::new(MemShard {
+                        lengths: (1..200u32).map(|i| i * 5 % 19 + 1).collect(),
+                        groups: None,
+                    }) as Arc<dyn DocSource>,
+                )],
+                settings: DomainSettings::default(),
+            })
+            .collect();
+        Arc::new(Plan::new(&inputs, cfg, 1).unwrap())
+    }
+
+    /// The same domains in another order: each continues its own stream and mixer state.
+    #[test]
+    fn reordered_domains_map_by_name() {
+        let ab = plan(&["a", "b"]);
+        let ba = plan(&["b", "a"]);
+        let at = ab.seek(9);
+        let r = ba.restore(&at.cursor()).unwrap();
+        assert_eq!(r.stream(0), at.stream(1));
+        assert_eq!(r.stream(1), at.stream(0));
+        let (m, n) = (r.mix_state(), at.mix_state());
+        assert_eq!((m.rows[0], m.deficit[0]), (n.rows[1], n.deficit[1]));
+        assert_eq!((m.rows[1], m.deficit[1]), (n.rows[0], n.deficit[0]));
+    }
+
+    /// Forged records: a name twice, a name that is not UTF-8.
+    #[test]
+    fn forged_domain_records_are_refused() {
+        let ab = plan(&["a", "b"]);
+        let mut c = cursor::decode(&ab.seek(5).cursor()).unwrap();
+        c.domains[1].name = "a".into();
+        assert_eq!(
+            ab.restore(&cursor::encode(&c)).err(),
+            Some(CursorError::DuplicateDomain { domain: "a".into() })
+        );
+        c.domains[1].name = "\u{e9}".into();
+        let mut blob = cursor::encode(&c);
+        let at = blob.windows(2).position(|w| w == [0xc3, 0xa9]).unwrap();
+        blob[at] = 0xff;
+        let n = blob.len();
+        let sum = xxhash_rust::xxh3::xxh3_64(&blob[..n - 8]);
+        blob[n - 8..].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(cursor::decode(&blob).err(), Some(CursorError::Name { at }));
+    }
+}
