@@ -12,31 +12,32 @@
 //! its position would be lost.
 
 use super::cursor::{CursorData, CursorError, DomainRecord};
-use super::Plan;
+use super::fingerprint::DomainIdentity;
+use super::{DomainInput, Plan};
 
 /// Per domain of this plan, the index of the blob's domain of the same name, or `None`
 /// for a domain new to the blob.
 pub(super) type DomainMap = Vec<Option<usize>>;
 
-impl Plan {
-    /// What a layout 7 blob of this plan records of each domain, in index order.
-    pub(super) fn domain_records(&self) -> Vec<DomainRecord> {
-        self.domains
-            .iter()
-            .zip(self.identities.iter())
-            .map(|(d, id)| DomainRecord {
-                name: d.name.clone(),
-                shards: id.shards() as u32,
-                identity: id.prefix(id.shards()),
-                tags: id.tags(),
-            })
-            .collect()
-    }
+/// The records of domains `inputs` with identities `ids`, as [`Plan::new`] keeps them.
+pub(super) fn records(inputs: &[DomainInput], ids: &[DomainIdentity]) -> Vec<DomainRecord> {
+    inputs
+        .iter()
+        .zip(ids)
+        .map(|(d, id)| DomainRecord {
+            name: d.name.clone(),
+            shards: id.shards() as u32,
+            identity: id.prefix(id.shards()),
+            tags: id.tags(),
+        })
+        .collect()
+}
 
+impl Plan {
     /// Bytes the domain records add to a layout 7 blob: the daemon's cursor field must
     /// hold them besides the stream states (names are the config's, of any length).
     pub fn cursor_domain_bytes(&self) -> usize {
-        self.domain_records()
+        self.records
             .iter()
             .map(|r| 2 + r.name.len() + 4 + 16 + 2 + 4 * r.tags.len())
             .sum()

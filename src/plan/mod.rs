@@ -216,6 +216,8 @@ pub struct Plan {
     settings_fingerprint: u128,
     /// Per domain, what layout 7 blobs record of it (`fingerprint::DomainIdentity`).
     identities: Arc<Vec<fingerprint::DomainIdentity>>,
+    /// The records every blob carries, computed once: a cursor is encoded every step.
+    records: Arc<Vec<cursor::DomainRecord>>,
     reseeds: Vec<(u64, u64)>,
     skips: Vec<(u64, u64)>,
 }
@@ -317,7 +319,7 @@ impl Plan {
                 })
             })
             .collect();
-        let identities = inputs
+        let identities: Vec<fingerprint::DomainIdentity> = inputs
             .iter()
             .zip(&bursty)
             .enumerate()
@@ -350,6 +352,7 @@ impl Plan {
             fingerprint,
             legacy_fingerprint,
             settings_fingerprint,
+            records: Arc::new(evolve::records(inputs, &identities)),
             identities: Arc::new(identities),
         })
     }

@@ -268,7 +268,7 @@ impl Planner {
             plan_step: self.plan_step,
             mix: self.mix.clone(),
             streams: self.streams.iter().map(|s| s.state.clone()).collect(),
-            domains: self.plan.domain_records(),
+            domains: self.plan.records.to_vec(),
             journal: self.plan.journal.clone(),
             superseded: self.plan.superseded,
         })
