@@ -8,7 +8,8 @@
 //! windows) -> `stream` (a domain's row stream) -> [`mix`] (rows per domain per step) ->
 //! [`Planner::next_batch`] (the global batch, positions shuffled) ->
 //! [`GlobalBatch::rank_rows`] (one rank's slice). [`cursor`] records where a [`Planner`]
-//! is; `resume` checks a blob against the plan and `fingerprint` names what it is for;
+//! is; `resume` checks a blob against the plan and `fingerprint` names what it is for
+//! (plan-wide, and per domain: `evolve` maps a blob's domains onto the config's by name);
 //! `checkpoint` lets a seek start from a stored planner instead of step 0.
 
 mod checkpoint;
