@@ -2693,6 +2693,8 @@ fn cursor_layout_2_blobs_still_resume() {
             continue;
         }
         data.fingerprint = Fingerprint::LegacyJson(plan.legacy_fingerprint());
+        // Layouts before 7 name the corpus by the fingerprint alone.
+        data.domains.clear();
         // Layouts before 6 carry the history up to their step only.
         data.lookahead = false;
         data.history = plan.history(data.plan_step);
@@ -2760,7 +2762,10 @@ fn cursor_is_small_and_round_trips() {
         assert_eq!(cursor::encode(&data), blob, "encode(decode(b)) == b");
         assert_eq!(cursor::decode(&cursor::encode(&data)).unwrap(), data);
         assert_eq!(data.step, p.step());
-        assert_eq!(data.fingerprint, Fingerprint::Binary(plan.fingerprint()));
+        assert_eq!(
+            data.fingerprint,
+            Fingerprint::Settings(plan.settings_fingerprint())
+        );
         p.next_batch();
     }
     eprintln!("largest 8-domain blob: {largest} bytes");
@@ -2890,6 +2895,7 @@ proptest! {
             plan_step,
             mix,
             streams: streams.into_iter().map(|s| s.0).collect(),
+            domains: Vec::new(),
             journal,
             superseded,
         };
@@ -3066,6 +3072,12 @@ fn is_fingerprint(r: Result<millrace::plan::Planner, CursorError>) -> bool {
     matches!(r, Err(CursorError::Fingerprint { .. }))
 }
 
+/// Refused for a domain whose settings or shards changed (cursor layout 7 names the
+/// corpus domain by domain).
+fn is_domain_changed(r: Result<millrace::plan::Planner, CursorError>) -> bool {
+    matches!(r, Err(CursorError::DomainChanged { .. }))
+}
+
 #[test]
 fn cursor_refuses_other_corpora_and_configs() {
     let sc = &scenarios()[1];
@@ -3073,21 +3085,23 @@ fn cursor_refuses_other_corpora_and_configs() {
     let blob = blob_at(&plan, 25);
     assert!(plan.restore(&blob).is_ok());
 
-    // Another manifest.
-    let other = Arc::new(Plan::new(&inputs(&sc.domains), sc.cfg.clone(), 0xbad).unwrap());
-    assert!(is_fingerprint(other.restore(&blob)), "other manifest");
+    // Another shard content (the caller's identity of shard 0 of domain 0).
+    let other = Arc::new(
+        Plan::with_content(&inputs(&sc.domains), sc.cfg.clone(), 0xbad, &[vec![1]]).unwrap(),
+    );
+    assert!(is_domain_changed(other.restore(&blob)), "other content");
     // Other document lengths (one more document, or one document longer).
     let mut more = sc.domains.clone();
     more[0].shards[0].lengths.push(7);
     more[0].shards[0].runs.push(1);
     assert!(
-        is_fingerprint(build(&more, sc.cfg.clone()).restore(&blob)),
+        is_domain_changed(build(&more, sc.cfg.clone()).restore(&blob)),
         "one more document"
     );
     let mut longer = sc.domains.clone();
     longer[2].shards[0].lengths[0] += 1;
     assert!(
-        is_fingerprint(build(&longer, sc.cfg.clone()).restore(&blob)),
+        is_domain_changed(build(&longer, sc.cfg.clone()).restore(&blob)),
         "a longer document"
     );
     // Another static config.
@@ -3119,11 +3133,22 @@ fn cursor_refuses_other_corpora_and_configs() {
     let mut d = sc.domains.clone();
     d[0].settings.window = Some(3);
     assert!(
-        is_fingerprint(build(&d, sc.cfg.clone()).restore(&blob)),
+        is_domain_changed(build(&d, sc.cfg.clone()).restore(&blob)),
         "domain window"
     );
-    // The error names what happened.
+    // The errors name what happened.
     let e = other.restore(&blob).err().unwrap().to_string();
+    assert!(
+        e.contains("domain web: shard web/shard0 (#0) changed content"),
+        "{e}"
+    );
+    let mut cfg = sc.cfg.clone();
+    cfg.seed ^= 1;
+    let e = build(&sc.domains, cfg)
+        .restore(&blob)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("another corpus or plan config"), "{e}");
 }
 

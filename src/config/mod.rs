@@ -514,14 +514,19 @@ impl Config {
         let mut manifest = xxhash_rust::xxh3::Xxh3::new();
         let mut inputs = Vec::with_capacity(corpus.len());
         let mut shards_out = Vec::with_capacity(corpus.len());
+        // Per shard, its content identity as each domain's own identity (cursor layout 7)
+        // records it, so a blob names the shard that changed.
+        let mut content = Vec::with_capacity(corpus.len());
         for ((name, shards), d) in corpus.into_iter().zip(&self.corpus.domains) {
             manifest.update(name.as_bytes());
             manifest.update(&[0]);
             let mut list: Vec<(String, Arc<dyn crate::plan::DocSource>)> = Vec::new();
             let mut arcs = Vec::with_capacity(shards.len());
+            let mut ids = Vec::with_capacity(shards.len());
             for (shard, id, long) in shards {
                 manifest.update(id.as_bytes());
                 manifest.update(&[0]);
+                ids.push(xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
                 let shard = Arc::new(shard);
                 let source: Arc<dyn crate::plan::DocSource> = match long {
                     Some(long) => Arc::new(corpus::Listed {
@@ -539,11 +544,14 @@ impl Config {
                 settings: d.settings,
             });
             shards_out.push(arcs);
+            content.push(ids);
         }
         let plan =
-            Plan::new(&inputs, cfg, manifest.digest128()).map_err(|e| ConfigError::Plan {
-                path: self.source.clone(),
-                message: e.to_string(),
+            Plan::with_content(&inputs, cfg, manifest.digest128(), &content).map_err(|e| {
+                ConfigError::Plan {
+                    path: self.source.clone(),
+                    message: e.to_string(),
+                }
             })?;
         Ok(LoadedPlan {
             plan: Arc::new(plan),

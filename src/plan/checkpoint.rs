@@ -114,8 +114,21 @@ impl Plan {
     /// it would rewrite a served step). A live change moved here, not to `first`, keeps
     /// the served past and the resumed stream equal.
     pub fn first_safe_change(&self, first: u64) -> u64 {
+        self.first_safe_change_over(first, None)
+    }
+
+    /// [`Plan::first_safe_change`] over the bursty domains among `over` only (all for
+    /// `None`): a layout 7 blob's run knew only its own domains.
+    pub(super) fn first_safe_change_over(&self, first: u64, over: Option<&[usize]>) -> u64 {
         let mut at = first;
-        for &(period, phase) in self.mixer.bursty.iter().flatten() {
+        let bursty = self
+            .mixer
+            .bursty
+            .iter()
+            .enumerate()
+            .filter(|(d, _)| over.is_none_or(|o| o.contains(d)))
+            .filter_map(|(_, b)| *b);
+        for (period, phase) in bursty {
             let (period, phase) = (period as u64, phase as u64);
             if first == 0 || first <= phase {
                 continue;

@@ -22,10 +22,13 @@ pub const MAGIC: &[u8; 8] = b"MRCURSOR";
 /// journal (written only when nonzero, else 3), 5 the binary fingerprint (the count is
 /// always written), 6 a history digest that reaches the bursty lookahead past the
 /// blob's step ([`CursorData::lookahead`]) and each stream's stage, dropped tokens and
-/// carry levels (stage switches, `plan/stage.rs`), for its tails too. This build writes 6, reads 5 as before and
-/// 1-4 with their JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old checkpoints
-/// resume.
-pub const VERSION: u16 = 6;
+/// carry levels (stage switches, `plan/stage.rs`), for its tails too, 7 a plan-wide
+/// settings fingerprint ([`Fingerprint::Settings`]) and each domain's name and shard
+/// identity ([`DomainRecord`]), so a resume maps domains by name and a config may add
+/// domains (docs/DESIGN.md, "Corpus evolution"). This build writes 7, reads 5 and 6 as
+/// before and 1-4 with their JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old
+/// checkpoints resume.
+pub const VERSION: u16 = 7;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -55,7 +58,7 @@ pub enum CursorError {
         computed: u64,
     },
     /// Made for another corpus or static plan config.
-    #[error("cursor belongs to another corpus or plan config (fingerprint {blob:032x}, this plan {ours:032x}): the shards, seq_len, batch size, seed, packing or domain settings differ")]
+    #[error("cursor belongs to another corpus or plan config (fingerprint {blob:032x}, this plan {ours:032x}): the seq_len, batch size, seed or packing differ (or, for blobs before layout 7, the shards or domain settings)")]
     Fingerprint {
         /// From the blob.
         blob: u128,
@@ -139,6 +142,53 @@ pub enum CursorError {
         /// What it counts.
         unit: &'static str,
     },
+    /// A domain name that is not UTF-8.
+    #[error("cursor is malformed: the domain name at byte {at} is not UTF-8")]
+    Name {
+        /// Offset of the name.
+        at: usize,
+    },
+    /// Names a domain twice (layout 7).
+    #[error("cursor is malformed: it names domain {domain} twice")]
+    DuplicateDomain {
+        /// The name.
+        domain: String,
+    },
+    /// Carries a domain this config does not have (layout 7).
+    #[error("it carries domain {domain}, which this config does not have: a domain of a run may be weighted 0 (it keeps its position) but not removed")]
+    DomainGone {
+        /// The blob's domain.
+        domain: String,
+    },
+    /// A domain whose shards changed content since the blob was written, without being
+    /// declared as an increment (layout 7).
+    #[error("domain {domain}: {what}; the blob's position in it would name other documents (a changed shard needs a new domain name or a fresh run)")]
+    DomainChanged {
+        /// The domain's name.
+        domain: String,
+        /// Which shard, and how.
+        what: String,
+    },
+    /// A domain new to the blob that the config weights before the blob's step.
+    #[error("domain {domain} is new to this blob, whose run planned the steps before plan step {plan_step}, but the config gives it weight at plan step {step}: that would rewrite steps already served; weight it 0 before plan step {plan_step} (a schedule point with ramp = false adds it from a step)")]
+    DomainEarly {
+        /// The new domain.
+        domain: String,
+        /// A plan step before the blob's where it has weight.
+        step: u64,
+        /// The blob's plan step (or the end of a bursty cycle it had begun).
+        plan_step: u64,
+    },
+    /// A journal of live changes over another list of domains.
+    #[error("it carries {changes} live mixture changes over its {blob} domains, but this config's domains differ ({ours}): write the mixture into the config and resume from a blob without live changes")]
+    JournalDomains {
+        /// Changes the blob's journal holds.
+        changes: usize,
+        /// The blob's domain names.
+        blob: String,
+        /// The config's.
+        ours: String,
+    },
     /// Bytes left over after the last field.
     #[error("cursor is malformed: {bytes} unexpected bytes after the last domain")]
     Trailing {
@@ -176,6 +226,21 @@ pub enum CursorError {
     },
 }
 
+/// One domain as a layout 7 blob records it: resumes find it by name and check the
+/// shards it knew.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DomainRecord {
+    /// The domain's name.
+    pub name: String,
+    /// Shards the domain had when the blob was written.
+    pub shards: u32,
+    /// Identity of those shards and the domain's settings (`plan/fingerprint.rs`).
+    pub identity: u128,
+    /// A 32-bit tag per shard, for domains of at most 16 shards (else empty): names the
+    /// shard that changed.
+    pub tags: Vec<u32>,
+}
+
 /// "from plan step N", or "none" for a change one journal does not have.
 fn from_step(at: Option<u64>) -> String {
     at.map_or("none".to_string(), |at| format!("from plan step {at}"))
@@ -187,6 +252,9 @@ fn from_step(at: Option<u64>) -> String {
 pub enum Fingerprint {
     /// Layout 5 on: the hash of the canonical binary encoding (`plan/fingerprint.rs`).
     Binary(u128),
+    /// Layout 7 on: the plan-wide settings only; domains are identified one by one
+    /// ([`CursorData::domains`]).
+    Settings(u128),
     /// Layouts 1-4: the hash of JSON text; encoding one writes layout 3 or 4, as the
     /// builds that wrote them did.
     LegacyJson(u128),
@@ -196,7 +264,7 @@ impl Fingerprint {
     /// The 128-bit value, whatever its scheme.
     pub fn value(self) -> u128 {
         match self {
-            Fingerprint::Binary(v) | Fingerprint::LegacyJson(v) => v,
+            Fingerprint::Binary(v) | Fingerprint::Settings(v) | Fingerprint::LegacyJson(v) => v,
         }
     }
 }
@@ -221,6 +289,8 @@ pub struct CursorData {
     pub mix: MixState,
     /// Per-domain stream states, in domain order.
     pub streams: Vec<StreamState>,
+    /// Per-domain names and identities, in the same order (layout 7 on; empty before).
+    pub domains: Vec<DomainRecord>,
     /// Live mixture changes in force, in the order they were accepted.
     pub journal: Vec<Change>,
     /// Changes accepted and then dropped from `journal` as superseded (layouts 4 and
@@ -349,6 +419,7 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
     let version: u16 = match c.fingerprint {
+        Fingerprint::Settings(_) => 7,
         Fingerprint::Binary(_) if c.lookahead => 6,
         Fingerprint::Binary(_) => 5,
         Fingerprint::LegacyJson(_) if c.superseded > 0 => 4,
@@ -365,6 +436,18 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
     w.u64(c.plan_step);
     w.u16(c.streams.len() as u16);
     for (d, s) in c.streams.iter().enumerate() {
+        if version >= 7 {
+            let r = c.domains.get(d).cloned().unwrap_or_default();
+            w.u16(r.name.len() as u16);
+            w.0.extend_from_slice(r.name.as_bytes());
+            w.u32(r.shards);
+            w.u64(r.identity as u64);
+            w.u64((r.identity >> 64) as u64);
+            w.u16(r.tags.len() as u16);
+            for t in &r.tags {
+                w.u32(*t);
+            }
+        }
         w.u64(c.mix.rows.get(d).copied().unwrap_or(0));
         w.u64(c.mix.deficit.get(d).copied().unwrap_or(0) as u64);
         w.u32(s.epoch);
@@ -447,6 +530,7 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     let lo = r.u64()? as u128;
     let hi = r.u64()? as u128;
     let fingerprint = match lo | (hi << 64) {
+        v if version >= 7 => Fingerprint::Settings(v),
         v if version >= 5 => Fingerprint::Binary(v),
         v => Fingerprint::LegacyJson(v),
     };
@@ -456,7 +540,26 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     let n = r.len("domains")?;
     let mut mix = MixState::new(n);
     let mut streams = Vec::with_capacity(n);
+    let mut domains = Vec::new();
     for d in 0..n {
+        if version >= 7 {
+            let len = r.len("name bytes")?;
+            let name = String::from_utf8(r.take(len)?.to_vec())
+                .map_err(|_| CursorError::Name { at: r.at - len })?;
+            let shards = r.u32()?;
+            let identity = r.u64()? as u128 | (r.u64()? as u128) << 64;
+            let k = r.len("tags")?;
+            let mut tags = Vec::with_capacity(k);
+            for _ in 0..k {
+                tags.push(r.u32()?);
+            }
+            domains.push(DomainRecord {
+                name,
+                shards,
+                identity,
+                tags,
+            });
+        }
         mix.rows[d] = r.u64()?;
         mix.deficit[d] = r.u64()? as i64;
         let mut s = StreamState {
@@ -542,6 +645,7 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
         plan_step,
         mix,
         streams,
+        domains,
         journal,
         superseded,
     })

@@ -34,6 +34,24 @@ fn encode(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> Vec<u8> {
     let mut b = Vec::with_capacity(64 + inputs.len() * 64);
     b.push(SCHEME);
     b.extend_from_slice(&manifest.to_le_bytes());
+    encode_plan(&mut b, cfg);
+    b.extend_from_slice(&(inputs.len() as u32).to_le_bytes());
+    for d in inputs {
+        b.extend_from_slice(&(d.name.len() as u32).to_le_bytes());
+        b.extend_from_slice(d.name.as_bytes());
+        encode_settings(&mut b, d.settings);
+        b.extend_from_slice(&(d.shards.len() as u32).to_le_bytes());
+        for (_, s) in &d.shards {
+            b.extend_from_slice(&s.documents().to_le_bytes());
+            b.extend_from_slice(&s.tokens().to_le_bytes());
+        }
+    }
+    b
+}
+
+/// The plan-wide settings in the canonical encoding: seed, `seq_len`,
+/// `global_batch_rows`, packing and its window.
+fn encode_plan(b: &mut Vec<u8>, cfg: &PlanConfig) {
     b.extend_from_slice(&cfg.seed.to_le_bytes());
     b.extend_from_slice(&cfg.seq_len.to_le_bytes());
     b.extend_from_slice(&cfg.global_batch_rows.to_le_bytes());
@@ -42,57 +60,137 @@ fn encode(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> Vec<u8> {
         Packing::BestFit => 1,
     });
     b.extend_from_slice(&cfg.best_fit_window.to_le_bytes());
-    b.extend_from_slice(&(inputs.len() as u32).to_le_bytes());
-    for d in inputs {
-        b.extend_from_slice(&(d.name.len() as u32).to_le_bytes());
-        b.extend_from_slice(d.name.as_bytes());
-        let DomainSettings {
-            grouping,
-            upsample_long,
-            bursty,
-            window,
-        } = d.settings;
-        let Grouping {
-            mode,
-            max_share,
-            from_step,
-        } = grouping;
-        b.push(match mode {
-            GroupMode::Off => 0,
-            GroupMode::Sequence => 1,
-            GroupMode::Batch => 2,
-        });
-        b.extend_from_slice(&max_share.to_bits().to_le_bytes());
-        b.extend_from_slice(&from_step.to_le_bytes());
-        match upsample_long {
-            None => b.push(0),
-            Some(Upsample { min_tokens, factor }) => {
-                b.push(1);
-                b.extend_from_slice(&min_tokens.to_le_bytes());
-                b.extend_from_slice(&factor.to_le_bytes());
-            }
-        }
-        match bursty {
-            None => b.push(0),
-            Some(Bursty { period }) => {
-                b.push(1);
-                b.extend_from_slice(&period.to_le_bytes());
-            }
-        }
-        match window {
-            None => b.push(0),
-            Some(w) => {
-                b.push(1);
-                b.extend_from_slice(&w.to_le_bytes());
-            }
-        }
-        b.extend_from_slice(&(d.shards.len() as u32).to_le_bytes());
-        for (_, s) in &d.shards {
-            b.extend_from_slice(&s.documents().to_le_bytes());
-            b.extend_from_slice(&s.tokens().to_le_bytes());
+}
+
+/// A domain's planning settings in the canonical encoding. Destructured whole, so a field
+/// added to them fails to compile here until it is encoded.
+fn encode_settings(b: &mut Vec<u8>, settings: DomainSettings) {
+    let DomainSettings {
+        grouping,
+        upsample_long,
+        bursty,
+        window,
+    } = settings;
+    let Grouping {
+        mode,
+        max_share,
+        from_step,
+    } = grouping;
+    b.push(match mode {
+        GroupMode::Off => 0,
+        GroupMode::Sequence => 1,
+        GroupMode::Batch => 2,
+    });
+    b.extend_from_slice(&max_share.to_bits().to_le_bytes());
+    b.extend_from_slice(&from_step.to_le_bytes());
+    match upsample_long {
+        None => b.push(0),
+        Some(Upsample { min_tokens, factor }) => {
+            b.push(1);
+            b.extend_from_slice(&min_tokens.to_le_bytes());
+            b.extend_from_slice(&factor.to_le_bytes());
         }
     }
-    b
+    match bursty {
+        None => b.push(0),
+        Some(Bursty { period }) => {
+            b.push(1);
+            b.extend_from_slice(&period.to_le_bytes());
+        }
+    }
+    match window {
+        None => b.push(0),
+        Some(w) => {
+            b.push(1);
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+/// Scheme byte of the plan-wide settings fingerprint that cursor layout 7 carries.
+const SETTINGS_SCHEME: u8 = 2;
+
+/// The plan-wide fingerprint of cursor layout 7: only what no corpus change may alter
+/// (seed, `seq_len`, `global_batch_rows`, packing and its window). The domains are
+/// identified one by one ([`DomainIdentity`]), so adding one keeps earlier blobs valid.
+pub(super) fn settings_fingerprint(cfg: &PlanConfig) -> u128 {
+    let mut b = vec![SETTINGS_SCHEME];
+    encode_plan(&mut b, cfg);
+    xxhash_rust::xxh3::xxh3_128(&b)
+}
+
+/// Shards a domain may have for a blob to carry a tag of each (4 bytes a shard), so a
+/// refusal can name the shard that changed; larger domains are named as a whole.
+pub(super) const TAGGED_SHARDS: usize = 16;
+
+/// One domain's identity for cursor layout 7: its name, settings and bursty phase (the
+/// header) and a 128-bit leaf per shard (documents, tokens, content identity). A blob
+/// records the identity of the shards it knew, so a resume tells an unchanged domain, a
+/// domain with shards appended, and one whose shards changed apart.
+#[derive(Debug, Clone)]
+pub(super) struct DomainIdentity {
+    header: Vec<u8>,
+    leaves: Vec<u128>,
+}
+
+impl DomainIdentity {
+    /// The identity of `input`, whose bursty phase is `phase`, with `content[k]` the
+    /// caller's content identity of shard k (0 where the caller has none).
+    pub(super) fn new(input: &DomainInput, phase: Option<u32>, content: &[u128]) -> Self {
+        let mut header = vec![SETTINGS_SCHEME];
+        header.extend_from_slice(&(input.name.len() as u32).to_le_bytes());
+        header.extend_from_slice(input.name.as_bytes());
+        encode_settings(&mut header, input.settings);
+        match phase {
+            None => header.push(0),
+            Some(p) => {
+                header.push(1);
+                header.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+        let leaves = input
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(k, (_, s))| {
+                let mut b = Vec::with_capacity(32);
+                b.extend_from_slice(&s.documents().to_le_bytes());
+                b.extend_from_slice(&s.tokens().to_le_bytes());
+                b.extend_from_slice(&content.get(k).copied().unwrap_or(0).to_le_bytes());
+                xxhash_rust::xxh3::xxh3_128(&b)
+            })
+            .collect();
+        DomainIdentity { header, leaves }
+    }
+
+    /// Shards the domain has.
+    pub(super) fn shards(&self) -> usize {
+        self.leaves.len()
+    }
+
+    /// The identity of the domain's first `k` shards (all of them for `k >= shards`).
+    pub(super) fn prefix(&self, k: usize) -> u128 {
+        let k = k.min(self.leaves.len());
+        let mut b = self.header.clone();
+        b.extend_from_slice(&(k as u32).to_le_bytes());
+        for leaf in &self.leaves[..k] {
+            b.extend_from_slice(&leaf.to_le_bytes());
+        }
+        xxhash_rust::xxh3::xxh3_128(&b)
+    }
+
+    /// Per-shard tags a blob carries (empty above [`TAGGED_SHARDS`] shards).
+    pub(super) fn tags(&self) -> Vec<u32> {
+        self.tags_of(self.leaves.len())
+    }
+
+    /// The tags of the first `k` shards, as a blob that knew `k` shards carries them.
+    pub(super) fn tags_of(&self, k: usize) -> Vec<u32> {
+        if k > TAGGED_SHARDS {
+            return Vec::new();
+        }
+        self.leaves.iter().take(k).map(|&l| l as u32).collect()
+    }
 }
 
 /// The fingerprint cursor layouts 1-4 carry: xxh3-128 of the manifest and
@@ -324,5 +422,41 @@ mod tests {
         inputs[0].name = "webc".into();
         inputs[1].name = "ode".into();
         assert_ne!(fingerprint(&cfg, &inputs, MANIFEST), a);
+    }
+
+    /// Layout 7's plan-wide fingerprint and a domain's identity are formats too: pinned.
+    /// The settings fingerprint ignores the corpus; a domain's identity ignores the other
+    /// domains and moves with its own shards (a prefix of them names the shards a blob
+    /// knew).
+    #[test]
+    fn layout_7_identities_are_pinned() {
+        let (cfg, inputs) = fixed();
+        assert_eq!(
+            format!("{:032x}", settings_fingerprint(&cfg)),
+            "ad63f30a362e861bae9a7b5c5b5cc1fe"
+        );
+        let web = DomainIdentity::new(&inputs[0], None, &[7, 8]);
+        assert_eq!(
+            format!("{:032x}", web.prefix(2)),
+            "e45e1a1811c2324b37e002dcb76c67a4"
+        );
+        let alone = DomainIdentity::new(&inputs[0], None, &[7, 8]);
+        assert_eq!(alone.prefix(2), web.prefix(2));
+        assert_ne!(web.prefix(1), web.prefix(2));
+        let mut one = inputs[0].clone();
+        one.shards.truncate(1);
+        assert_eq!(
+            DomainIdentity::new(&one, None, &[7]).prefix(1),
+            web.prefix(1)
+        );
+        for other in [
+            DomainIdentity::new(&inputs[0], None, &[7, 9]),
+            DomainIdentity::new(&inputs[0], Some(0), &[7, 8]),
+            DomainIdentity::new(&inputs[0], None, &[]),
+        ] {
+            assert_ne!(other.prefix(2), web.prefix(2));
+        }
+        assert_eq!(web.tags().len(), 2);
+        assert_eq!(web.tags_of(1), web.tags()[..1]);
     }
 }

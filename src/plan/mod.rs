@@ -8,12 +8,14 @@
 //! windows) -> `stream` (a domain's row stream) -> [`mix`] (rows per domain per step) ->
 //! [`Planner::next_batch`] (the global batch, positions shuffled) ->
 //! [`GlobalBatch::rank_rows`] (one rank's slice). [`cursor`] records where a [`Planner`]
-//! is; `resume` checks a blob against the plan and `fingerprint` names what it is for;
+//! is; `resume` checks a blob against the plan and `fingerprint` names what it is for
+//! (plan-wide, and per domain: `evolve` maps a blob's domains onto the config's by name);
 //! `checkpoint` lets a seek start from a stored planner instead of step 0.
 
 mod checkpoint;
 pub mod cursor;
 mod domain;
+mod evolve;
 mod fingerprint;
 pub mod journal;
 pub mod mix;
@@ -211,14 +213,34 @@ pub struct Plan {
     fingerprint: u128,
     /// The fingerprint blobs of layouts 1-4 carry.
     legacy_fingerprint: u128,
+    /// The plan-wide fingerprint blobs of layout 7 carry.
+    settings_fingerprint: u128,
+    /// Per domain, what layout 7 blobs record of it (`fingerprint::DomainIdentity`).
+    identities: Arc<Vec<fingerprint::DomainIdentity>>,
+    /// The records every blob carries, computed once: a cursor is encoded every step.
+    records: Arc<Vec<cursor::DomainRecord>>,
     reseeds: Vec<(u64, u64)>,
     skips: Vec<(u64, u64)>,
 }
 
 impl Plan {
     /// Builds a plan. `manifest` identifies the corpus content (the caller hashes shard
-    /// identities; the plan never reads files).
+    /// identities; the plan never reads files). Each domain's own identity (cursor layout
+    /// 7) then knows its shards by documents and tokens only: callers with content
+    /// identities use [`Plan::with_content`].
     pub fn new(inputs: &[DomainInput], cfg: PlanConfig, manifest: u128) -> Result<Plan, PlanError> {
+        Plan::with_content(inputs, cfg, manifest, &[])
+    }
+
+    /// [`Plan::new`] with `content[d][k]`, the caller's 128-bit content identity of shard
+    /// k of domain d, in each domain's identity: a shard rewritten with the same counts
+    /// then refuses blobs that knew it, naming it (docs/DESIGN.md, "Corpus evolution").
+    pub fn with_content(
+        inputs: &[DomainInput],
+        cfg: PlanConfig,
+        manifest: u128,
+        content: &[Vec<u128>],
+    ) -> Result<Plan, PlanError> {
         if inputs.is_empty() {
             return Err(PlanError::NoDomains);
         }
@@ -288,7 +310,7 @@ impl Plan {
             })
             .collect();
         let mut phase = 0u32;
-        let bursty = domains
+        let bursty: Vec<Option<(u32, u32)>> = domains
             .iter()
             .map(|d| {
                 d.settings.bursty.map(|b| {
@@ -296,6 +318,15 @@ impl Plan {
                     phase += 1;
                     (b.period, p)
                 })
+            })
+            .collect();
+        let identities: Vec<fingerprint::DomainIdentity> = inputs
+            .iter()
+            .zip(&bursty)
+            .enumerate()
+            .map(|(d, (input, b))| {
+                let ids = content.get(d).map_or(&[][..], |c| c.as_slice());
+                fingerprint::DomainIdentity::new(input, b.map(|b| b.1), ids)
             })
             .collect();
         let mixer = Mixer {
@@ -307,6 +338,7 @@ impl Plan {
         };
         let fingerprint = fingerprint::fingerprint(&cfg, inputs, manifest);
         let legacy_fingerprint = fingerprint::legacy_json_fingerprint(&cfg, inputs, manifest);
+        let settings_fingerprint = fingerprint::settings_fingerprint(&cfg);
         Ok(Plan {
             reseeds: cfg.reseed.iter().map(|r| (r.step, r.seed)).collect(),
             skips: cfg.skip.iter().map(|s| (s.steps[0], s.steps[1])).collect(),
@@ -320,6 +352,9 @@ impl Plan {
             shapes,
             fingerprint,
             legacy_fingerprint,
+            settings_fingerprint,
+            records: Arc::new(evolve::records(inputs, &identities)),
+            identities: Arc::new(identities),
         })
     }
 
@@ -481,6 +516,12 @@ impl Plan {
         self.legacy_fingerprint
     }
 
+    /// The plan-wide settings fingerprint cursor blobs carry since layout 7 (seed,
+    /// `seq_len`, batch rows, packing): what no change of the corpus may alter.
+    pub fn settings_fingerprint(&self) -> u128 {
+        self.settings_fingerprint
+    }
+
     /// Per-domain facts for reports.
     pub fn describe(&self, d: usize) -> std::collections::BTreeMap<&'static str, u64> {
         self.domains
@@ -555,6 +596,19 @@ impl Plan {
     /// the weights of its later steps, while skips and reseeds shape only the steps
     /// they fall on.
     pub(super) fn history_span(&self, plan_step: u64, weights_end: u64) -> u64 {
+        self.history_over(plan_step, weights_end, None)
+    }
+
+    /// [`Plan::history_span`] with the weights of domains `over` only, in that order
+    /// (all, in index order, for `None`, which gives the same value as `Some(0..n)`): a
+    /// layout 7 blob's digest covers the domains it knew, so adding a domain that had
+    /// weight 0 at every step before the blob (checked apart) keeps it.
+    pub(super) fn history_over(
+        &self,
+        plan_step: u64,
+        weights_end: u64,
+        over: Option<&[usize]>,
+    ) -> u64 {
         let end = weights_end.max(plan_step);
         let mut words: Vec<u64> = vec![plan_step.min(1)];
         if end > 0 {
@@ -568,7 +622,14 @@ impl Plan {
             // cursor_history_catches_a_reparametrized_ramp).
             for s in at {
                 words.push(s);
-                words.extend(self.mixer.schedule.weights(s).iter().map(|w| w.to_bits()));
+                let w = self.mixer.schedule.weights(s);
+                match over {
+                    None => words.extend(w.iter().map(|w| w.to_bits())),
+                    Some(over) => words.extend(
+                        over.iter()
+                            .map(|&d| w.get(d).copied().unwrap_or(0.0).to_bits()),
+                    ),
+                }
             }
         }
         // Stages shape rows from their step on and the mixer's counts of bursty cycles

@@ -261,13 +261,14 @@ impl Planner {
     /// The cursor blob of this planner's state recorded as trainer step `step`.
     pub(super) fn blob(&self, step: u64) -> Vec<u8> {
         cursor::encode(&cursor::CursorData {
-            fingerprint: cursor::Fingerprint::Binary(self.plan.fingerprint),
+            fingerprint: cursor::Fingerprint::Settings(self.plan.settings_fingerprint),
             history: self.plan.cursor_history(self.plan_step),
             lookahead: true,
             step,
             plan_step: self.plan_step,
             mix: self.mix.clone(),
             streams: self.streams.iter().map(|s| s.state.clone()).collect(),
+            domains: self.plan.records.to_vec(),
             journal: self.plan.journal.clone(),
             superseded: self.plan.superseded,
         })

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use super::cursor::{self, CursorData, CursorError, Fingerprint};
 use super::journal::{self, Change, Order};
-use super::mix;
+use super::mix::{self, MixState};
 use super::planner::Planner;
-use super::stream::Stream;
+use super::stream::{Stream, StreamState};
 use super::Plan;
 
 /// A cursor blob checked against a plan and turned into a planner: what
@@ -84,6 +84,10 @@ impl Plan {
     ) -> Result<Resumed, CursorError> {
         let c = cursor::decode(blob)?;
         self.check_fingerprint(&c)?;
+        if !c.domains.is_empty() {
+            // Before adopting a journal: its weights are per blob domain.
+            self.map_domains(&c)?;
+        }
         let mut plan = self.clone();
         if journal::compare(&self.journal, self.superseded, &c.journal, c.superseded)
             == Order::TheirsAhead
@@ -120,6 +124,7 @@ impl Plan {
     /// Refuses a blob made for another corpus or static config.
     fn check_fingerprint(&self, c: &CursorData) -> Result<(), CursorError> {
         let (blob, ours) = match c.fingerprint {
+            Fingerprint::Settings(blob) => (blob, self.settings_fingerprint),
             Fingerprint::Binary(blob) => (blob, self.fingerprint),
             Fingerprint::LegacyJson(blob) => (blob, self.legacy_fingerprint),
         };
@@ -159,10 +164,27 @@ impl Plan {
                 })
             }
         }
+        // Layout 7: domains by name; the digest covers the blob's domains in its order.
+        let map = match c.fingerprint {
+            Fingerprint::Settings(_) => Some(self.map_domains(&c)?),
+            _ => None,
+        };
+        let known: Option<Vec<usize>> = map.as_ref().map(|m| {
+            let mut order = vec![0; c.domains.len()];
+            for (d, b) in m.iter().enumerate() {
+                if let Some(b) = b {
+                    order[*b] = d;
+                }
+            }
+            order
+        });
         // Layout 6 on: the digest reaches the bursty lookahead, so an edit inside a cycle
         // the blob's run had begun is refused too (layouts before 6 are checked as
         // they were written).
-        let ours = if c.lookahead {
+        let ours = if let Some(known) = &known {
+            let end = self.first_safe_change_over(c.plan_step, Some(known));
+            self.history_over(c.plan_step, end, Some(known))
+        } else if c.lookahead {
             self.cursor_history(c.plan_step)
         } else {
             self.history(c.plan_step)
@@ -177,7 +199,7 @@ impl Plan {
         // The blob's plan step may trail the step's mapping only by skipped steps (a
         // skip that starts where the blob stopped, added before the resume).
         let expected = self.plan_step_of(c.step);
-        if c.streams.len() != self.domains.len()
+        if (map.is_none() && c.streams.len() != self.domains.len())
             || c.plan_step > expected
             || !self.all_skipped(c.plan_step, expected)
         {
@@ -200,12 +222,16 @@ impl Plan {
         {
             return Err(CursorError::Deficit { domain });
         }
+        let (mix, streams) = match map {
+            None => (c.mix, c.streams),
+            Some(map) => remap(&map, c.mix, c.streams),
+        };
         let mut p = Planner {
             plan: self.clone(),
             step: c.step,
             plan_step: c.plan_step,
-            mix: c.mix,
-            streams: c.streams.into_iter().map(Stream::new).collect(),
+            mix,
+            streams: streams.into_iter().map(Stream::new).collect(),
         };
         // Structural checks that need the packed window.
         let stage_now = self.stage_at(c.plan_step);
@@ -218,6 +244,29 @@ impl Plan {
         }
         Ok(p)
     }
+}
+
+/// The blob's mixer and stream states in this plan's domain order: a domain new to the
+/// blob starts where weight 0 so far leaves it (no rows, no carried error, epoch 0).
+fn remap(
+    map: &[Option<usize>],
+    mix: MixState,
+    streams: Vec<StreamState>,
+) -> (MixState, Vec<StreamState>) {
+    let mut out = MixState::new(map.len());
+    let mut slots: Vec<Option<StreamState>> = streams.into_iter().map(Some).collect();
+    let mut states = Vec::with_capacity(map.len());
+    for (d, b) in map.iter().enumerate() {
+        match b {
+            Some(b) => {
+                out.rows[d] = mix.rows.get(*b).copied().unwrap_or(0);
+                out.deficit[d] = mix.deficit.get(*b).copied().unwrap_or(0);
+                states.push(slots.get_mut(*b).and_then(Option::take).unwrap_or_default());
+            }
+            None => states.push(StreamState::default()),
+        }
+    }
+    (out, states)
 }
 
 #[cfg(test)]
@@ -438,8 +487,21 @@ mod tests {
         assert!(e
             .to_string()
             .starts_with("cursor is malformed: domain b: window start"));
+        // A layout 6 blob with a domain short; in layout 7 a domain missing from the
+        // blob is new to it, and b has weight from step 0.
         let mut c = cursor::decode(&blob_at(&plan, 9)).unwrap();
         c.streams.pop();
+        c.domains.pop();
+        assert_eq!(
+            err(plan.resume(&cursor::encode(&c), 0)),
+            CursorError::DomainEarly {
+                domain: "b".into(),
+                step: 0,
+                plan_step: 9
+            }
+        );
+        c.fingerprint = Fingerprint::Binary(plan.fingerprint());
+        c.domains.clear();
         assert!(matches!(
             err(plan.resume(&cursor::encode(&c), 0)),
             CursorError::Shape {
@@ -522,8 +584,15 @@ mod tests {
             Err(CursorError::Served { at: 7, .. })
         ));
         assert!(r.check_served(4).is_ok());
-        // A layout 5 blob (history up to its step only) still resumes as it always did.
+        // Layout 6 and 5 blobs (the whole-corpus fingerprint; 5: history up to its
+        // step only) still resume as they always did.
         let mut c = cursor::decode(&blob).unwrap();
+        c.fingerprint = Fingerprint::Binary(old.fingerprint());
+        c.domains.clear();
+        let six = cursor::encode(&c);
+        assert_eq!(u16::from_le_bytes([six[8], six[9]]), 6);
+        let mut r = old.restore(&six).unwrap();
+        assert_eq!(r.next_batch(), old.seek(6).next_batch());
         c.lookahead = false;
         c.history = old.history(6);
         let five = cursor::encode(&c);
@@ -580,7 +649,7 @@ mod tests {
         assert_eq!(u16::from_le_bytes([now[8], now[9]]), cursor::VERSION);
         assert_eq!(
             cursor::decode(&now).unwrap().fingerprint,
-            Fingerprint::Binary(fresh.fingerprint())
+            Fingerprint::Settings(fresh.settings_fingerprint())
         );
         assert_eq!(r.planner.step(), 9);
         for _ in 0..5 {

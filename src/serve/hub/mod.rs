@@ -342,7 +342,13 @@ impl Hub {
         // Room for a journal of a few dozen typical changes; a change that would not fit
         // is refused (write the mixture into the config and restart instead).
         let journal_cap = 16384;
-        let cursor_cap = 1024 + domains * (512 + 32 * reseeds) + journal_cap;
+        // Per domain: its stream (512 typical), reseed chains, a carry record per stage
+        // switch its window went through, and its identity record (layout 7).
+        let switches = plan.stages().len().saturating_sub(1);
+        let cursor_cap = 1024
+            + domains * (512 + 32 * reseeds + 256 * switches)
+            + plan.cursor_domain_bytes()
+            + journal_cap;
         let keeper = Keeper::start(settings.checkpoints.clone());
         Hub {
             source,
