@@ -2,14 +2,17 @@
 //! explain` (the documents behind every row of one step).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use millrace::config::Config;
+use millrace::plan::cursor;
+use millrace::plan::report::{positions, DomainPosition};
 use millrace::plan::{Plan, Planner};
+use millrace::wire::protocol::decode_hex;
 use millrace::plan_cache::CheckpointDir;
 
 #[derive(clap::Args)]
@@ -20,9 +23,15 @@ pub struct PlanArgs {
     /// Steps to plan.
     #[arg(long, default_value_t = 1000)]
     steps: u64,
-    /// First step (reached by recomputation, from the nearest stored plan checkpoint).
-    #[arg(long, default_value_t = 0)]
-    from: u64,
+    /// First step (reached by recomputation, from the nearest stored plan checkpoint;
+    /// with --resume-blob, by planning on from the blob) [default: 0, or the blob's step].
+    #[arg(long)]
+    from: Option<u64>,
+    /// Start from this cursor blob (hex, as `consume --save-cursor` writes it, or raw
+    /// bytes): an old run's final blob continues under this config (continual
+    /// pretraining), and the report says how much of each domain's epoch it had seen.
+    #[arg(long)]
+    resume_blob: Option<PathBuf>,
     /// Replay from step 0, neither reading nor writing plan checkpoints.
     #[arg(long)]
     no_checkpoints: bool,
@@ -39,9 +48,14 @@ pub struct ExplainArgs {
     /// The run's config.
     #[arg(long)]
     config: PathBuf,
-    /// Trainer step (reached from the nearest stored plan checkpoint).
+    /// Trainer step (reached from the nearest stored plan checkpoint, or from
+    /// --resume-blob).
     #[arg(long)]
     step: u64,
+    /// Start from this cursor blob (hex or raw bytes) instead of step 0: --step must be
+    /// at or after the blob's step.
+    #[arg(long)]
+    resume_blob: Option<PathBuf>,
     /// Replay from step 0, neither reading nor writing plan checkpoints.
     #[arg(long)]
     no_checkpoints: bool,
@@ -61,18 +75,33 @@ pub struct ExplainArgs {
 }
 
 pub fn run_plan(args: PlanArgs) -> Result<()> {
-    use millrace::plan::report::{render_windows, Tally};
+    use millrace::plan::report::{render_positions, render_windows, Tally};
     let t0 = std::time::Instant::now();
     let config = Config::load(&args.config)?;
     let loaded = config.load_plan()?;
-    let plan = loaded.plan.clone();
-    for w in plan.config().unweighted_warnings(&plan.domain_names()) {
+    for w in loaded
+        .plan
+        .config()
+        .unweighted_warnings(&loaded.plan.domain_names())
+    {
         eprintln!("warning: {}: {w}", args.config.display());
     }
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = std::time::Instant::now();
-    let mut planner = seek(&config, &plan, args.from, args.no_checkpoints);
+    let Start {
+        plan,
+        mut planner,
+        resumed,
+    } = start_at(
+        &config,
+        &loaded.plan,
+        args.from,
+        args.resume_blob.as_deref(),
+        args.no_checkpoints,
+    )?;
+    let from = planner.step();
     let seek_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let at_start = positions(&planner);
     let window = args.window.unwrap_or((args.steps / 10).max(1)).max(1);
     let mut tally = Tally::new(&plan);
     let mut windows = Vec::new();
@@ -107,6 +136,10 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             "stages": plan.stages(),
             "eod": eod.as_ref().map(|(_, r)| r),
             "windows": windows,
+            "start": at_start,
+            "end": positions(&planner),
+            "first_rows": tally.first_rows(),
+            "resumed": resumed,
             "timings_ms": { "load": load_ms, "seek": seek_ms, "first_batch": first_ms },
             "memory_kb": rss_kb(),
         });
@@ -121,8 +154,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
         writeln!(
             out,
             "opened and identified the corpus and built the plan in {load_ms:.1} ms; \
-             reached step {} in {seek_ms:.1} ms; planned its batch in {first_ms:.2} ms",
-            args.from
+             reached step {from} in {seek_ms:.1} ms; planned its batch in {first_ms:.2} ms"
         )?;
         let mem: Vec<String> = rss_kb()
             .iter()
@@ -153,6 +185,12 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             write!(out, "{}", millrace::eod::render(r, *e))?;
         }
         write!(out, "{}", render_windows(&windows))?;
+        if let Some(r) = &resumed {
+            write!(out, "{}", r.render())?;
+        }
+        let title = format!("domains after step {}:", planner.step().saturating_sub(1));
+        let end = positions(&planner);
+        write!(out, "{}", render_positions(&title, &end, tally.first_rows()))?;
     }
     if let (true, Some((e, r))) = (args.json, &eod) {
         for w in r.iter().filter_map(|d| millrace::eod::warning(d, *e)) {
@@ -173,13 +211,21 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
     }
     let config = Config::load(&args.config)?;
     let loaded = config.load_plan()?;
-    let plan = loaded.plan.clone();
-    let mut planner = seek(&config, &plan, args.step, args.no_checkpoints);
+    let start = start_at(
+        &config,
+        &loaded.plan,
+        Some(args.step),
+        args.resume_blob.as_deref(),
+        args.no_checkpoints,
+    )?;
+    let (plan, mut planner) = (start.plan, start.planner);
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count {
+        let domains = positions(&planner);
         let batch = planner.next_batch();
         refuse_poisoned(&loaded.shards)?;
-        let e = explain(&plan, &batch, args.dp_rank, args.dp_size);
+        let mut e = explain(&plan, &batch, args.dp_rank, args.dp_size);
+        e.domains = domains;
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&e)?)?;
         } else {
@@ -202,6 +248,119 @@ fn refuse_poisoned(shards: &[Vec<std::sync::Arc<millrace::corpus::Shard>>]) -> R
         }
     }
     Ok(())
+}
+
+/// Where `plan` or `explain` starts: the plan in force (a blob's journal adopted), a
+/// planner at the first step, and what a resumed blob had seen.
+struct Start {
+    plan: Arc<Plan>,
+    planner: Planner,
+    resumed: Option<ResumedFrom>,
+}
+
+/// What an old run's blob brings to a new config (continual pretraining): its step, and
+/// per domain of the new config whether the blob knew it and, if so, how far into its
+/// current epoch the old run had gone.
+#[derive(serde::Serialize)]
+struct ResumedFrom {
+    /// The blob's file.
+    blob: String,
+    /// The blob's trainer step: the new run's first.
+    step: u64,
+    /// Per domain of this config, its position at the blob and whether the blob knew it.
+    domains: Vec<(DomainPosition, bool)>,
+}
+
+impl ResumedFrom {
+    /// The report's "seen before this run" block.
+    fn render(&self) -> String {
+        let mut s = format!(
+            "resumed from {} at step {}: per domain, its current epoch as seen before this run\n",
+            self.blob, self.step
+        );
+        for (p, known) in &self.domains {
+            if *known {
+                s += &format!(
+                    "    {:<12} epoch {} {:>7.3}% seen before step {}  rows {}\n",
+                    p.name,
+                    p.epoch,
+                    100.0 * p.epoch_fraction,
+                    self.step,
+                    p.rows
+                );
+            } else {
+                s += &format!("    {:<12} new: starts at epoch 0\n", p.name);
+            }
+        }
+        s
+    }
+}
+
+/// The planner at trainer step `step` (default 0, or the blob's step): resumed from the
+/// cursor blob in `blob` and planned on to `step`, else as [`seek`] finds it.
+fn start_at(
+    config: &Config,
+    plan: &Arc<Plan>,
+    step: Option<u64>,
+    blob: Option<&Path>,
+    plain: bool,
+) -> Result<Start> {
+    let Some(path) = blob else {
+        return Ok(Start {
+            plan: plan.clone(),
+            planner: seek(config, plan, step.unwrap_or(0), plain),
+            resumed: None,
+        });
+    };
+    let bytes = read_blob(path)?;
+    let known: Vec<String> = cursor::decode(&bytes)
+        .map(|c| c.domains.into_iter().map(|d| d.name).collect())
+        .map_err(|e| anyhow!("{}: cursor blob refused: {e}", path.display()))?;
+    // No daemon cursor field to fit: a preview takes any journal the blob carries.
+    let resumed = plan
+        .resume(&bytes, usize::MAX)
+        .map_err(|e| anyhow!("{}: cursor blob refused: {e}", path.display()))?;
+    let mut planner = resumed.planner;
+    let at = planner.step();
+    let to = step.unwrap_or(at);
+    if to < at {
+        bail!(
+            "step {to} is before the blob's step {at} ({}): a resumed run starts at its blob",
+            path.display()
+        );
+    }
+    let domains = positions(&planner)
+        .into_iter()
+        .map(|p| {
+            // A layout 6 or older blob has no domain records: it knew every domain.
+            let k = known.is_empty() || known.contains(&p.name);
+            (p, k)
+        })
+        .collect();
+    while planner.step() < to {
+        planner.skip_batch();
+    }
+    Ok(Start {
+        plan: resumed.plan,
+        planner,
+        resumed: Some(ResumedFrom {
+            blob: path.display().to_string(),
+            step: at,
+            domains,
+        }),
+    })
+}
+
+/// A cursor blob from a file: hex (what `consume --save-cursor` writes, surrounding
+/// whitespace allowed) or the raw bytes.
+fn read_blob(path: &Path) -> Result<Vec<u8>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading the cursor blob {}", path.display()))?;
+    let hex = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|t| decode_hex(t.trim()))
+        .filter(|b| !b.is_empty());
+    Ok(hex.unwrap_or(bytes))
 }
 
 /// The planner at trainer step `step`: from the nearest plan checkpoint in the config's

@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 
+use super::mix::Schedule;
 use super::{GlobalBatch, Plan, Planner};
 
 /// Upper ends of the document-length buckets in [`WindowFigures::by_length`]: the
@@ -100,6 +101,8 @@ pub struct Tally<'p> {
     capped_groups: u64,
     /// Tokens dropped at switches, over all domains, when the last window closed.
     dropped: u64,
+    /// Per domain, the first trainer step added with rows of it.
+    first_rows: Vec<Option<u64>>,
 }
 
 impl<'p> Tally<'p> {
@@ -115,7 +118,14 @@ impl<'p> Tally<'p> {
             split_groups: 0,
             capped_groups: 0,
             dropped: 0,
+            first_rows: vec![None; plan.domains.len()],
         }
+    }
+
+    /// Per domain, the first trainer step added that had rows of it (`None`: none yet):
+    /// when a domain added by schedule actually entered the batches.
+    pub fn first_rows(&self) -> &[Option<u64>] {
+        &self.first_rows
     }
 
     /// Checks the batch-grouping promise on one batch: every group of a batch-grouped
@@ -163,6 +173,11 @@ impl<'p> Tally<'p> {
 
     /// Adds a batch; duplicates are tracked over everything added.
     pub fn add(&mut self, batch: GlobalBatch) {
+        for (first, &n) in self.first_rows.iter_mut().zip(&batch.counts) {
+            if first.is_none() && n > 0 {
+                *first = Some(batch.step);
+            }
+        }
         for row in &batch.rows {
             let d = &self.plan.domains[row.domain as usize];
             // In concat rows the first token is the previous row's last (rows overlap by
@@ -315,6 +330,88 @@ impl<'p> Tally<'p> {
     }
 }
 
+/// Where one domain stands at a planner's position and when the schedule brings it in:
+/// what `plan` and `explain` show, so an operator sees how far each domain is into its
+/// epoch (issue 20: after a resume or a domain added at a step, how much of the current
+/// epoch was already seen).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DomainPosition {
+    /// Domain name.
+    pub name: String,
+    /// The current epoch (0-based).
+    pub epoch: u32,
+    /// Fraction of the current epoch consumed, in [0, 1].
+    pub epoch_fraction: f64,
+    /// Rows of the domain over the run before this position.
+    pub rows: u64,
+    /// The first trainer step at which the schedule gives the domain weight (`None`:
+    /// never).
+    pub weighted_from: Option<u64>,
+}
+
+/// Every domain's [`DomainPosition`] at `planner`'s next step.
+pub fn positions(planner: &Planner) -> Vec<DomainPosition> {
+    let plan = planner.plan();
+    let epochs = planner.epochs();
+    plan.domains
+        .iter()
+        .enumerate()
+        .map(|(d, dom)| {
+            let state = planner.stream(d);
+            let epoch = state.map_or(0, |s| s.epoch);
+            let progress = epochs.get(d).copied().unwrap_or(0.0);
+            DomainPosition {
+                name: dom.name.clone(),
+                epoch,
+                epoch_fraction: (progress - epoch as f64).clamp(0.0, 1.0),
+                rows: state.map_or(0, |s| s.rows),
+                weighted_from: first_weighted(plan.schedule(), d).map(|p| plan.trainer_step_of(p)),
+            }
+        })
+        .collect()
+}
+
+/// The first step of `schedule` (its own numbering, the unskipped one) that gives domain
+/// `d` weight, if any. The curve is linear between knots and flat outside them, so it is
+/// step 0, a knot, or the step after a knot (a ramp up from 0 is positive one step in).
+pub fn first_weighted(schedule: &Schedule, d: usize) -> Option<u64> {
+    let mut at = vec![0];
+    for k in schedule.knots_before(u64::MAX) {
+        at.push(k);
+        at.push(k.saturating_add(1));
+    }
+    at.sort_unstable();
+    at.dedup();
+    at.into_iter()
+        .find(|&p| schedule.weights(p).get(d).is_some_and(|&w| w > 0.0))
+}
+
+/// Human-readable positions: one line per domain, with the step it first had rows in
+/// the steps reported (`first_rows`, from [`Tally::first_rows`]; empty to leave out).
+pub fn render_positions(title: &str, at: &[DomainPosition], first_rows: &[Option<u64>]) -> String {
+    use std::fmt::Write;
+    let mut s = format!("{title}\n");
+    for (i, p) in at.iter().enumerate() {
+        let weighted = p
+            .weighted_from
+            .map_or("never weighted".to_string(), |w| format!("weighted from step {w}"));
+        let rows = match first_rows.get(i) {
+            Some(Some(f)) => format!("  first rows at step {f}"),
+            Some(None) => "  no rows in these steps".to_string(),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "    {:<12} epoch {} {:>7.3}% consumed  rows {:>8}  {weighted}{rows}",
+            p.name,
+            p.epoch,
+            100.0 * p.epoch_fraction,
+            p.rows
+        );
+    }
+    s
+}
+
 fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 {
         0.0
@@ -380,6 +477,10 @@ pub struct Explanation {
     pub counts: Vec<(String, u32)>,
     /// The rank's rows.
     pub rows: Vec<RowProvenance>,
+    /// Each domain's epoch position before the step ([`positions`]; empty unless the
+    /// caller has the planner and fills it in).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<DomainPosition>,
 }
 
 /// Builds the provenance of `batch` for rank `r` of `ranks`.
@@ -433,6 +534,7 @@ pub fn explain(plan: &Plan, batch: &GlobalBatch, r: u32, ranks: u32) -> Explanat
             .map(|(n, &c)| (n.to_string(), c))
             .collect(),
         rows,
+        domains: Vec::new(),
     }
 }
 
@@ -468,6 +570,9 @@ pub fn render_explain(e: &Explanation) -> String {
                 g.shard, g.doc, g.start, g.end, g.doc_len
             );
         }
+    }
+    if !e.domains.is_empty() {
+        s += &render_positions("domains before the step:", &e.domains, &[]);
     }
     s
 }
