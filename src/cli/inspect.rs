@@ -15,6 +15,8 @@ use serde::Serialize;
 
 use millrace::config::Config;
 use millrace::corpus::{self, DType, Format, RawOptions, Result, Shard};
+use millrace::plan::mix::Schedule;
+use millrace::plan::report::first_weighted;
 use millrace::util::thousands;
 
 #[derive(clap::Args)]
@@ -86,11 +88,25 @@ pub fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let opened = std::time::Instant::now();
     let mut shards: Vec<Shard> = Vec::new();
+    let mut domains: Vec<DomainShards> = Vec::new();
     if let Some(path) = &args.config {
         let cfg = Config::load(path)?;
-        for (_, domain) in cfg.open_corpus()? {
-            shards.extend(domain);
+        let opened = cfg.open_corpus()?;
+        let names: Vec<&str> = opened.iter().map(|(n, _)| n.as_str()).collect();
+        // A config without a usable [plan] still inspects; it just names no entry steps.
+        let schedule = cfg
+            .plan_config()
+            .ok()
+            .map(|p| Schedule::new(&p.points(), &names));
+        for (d, (name, domain)) in opened.iter().enumerate() {
+            let weighted_from = schedule.as_ref().and_then(|s| first_weighted(s, d));
+            domains.push(DomainShards {
+                name: name.clone(),
+                shards: domain.iter().map(|s| s.path().display().to_string()).collect(),
+                weighted_from,
+            });
         }
+        shards.extend(opened.into_iter().flat_map(|(_, d)| d));
     }
     let (format, raw) = match args.format {
         FormatArg::Megatron => {
@@ -145,7 +161,8 @@ pub fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     }
     let open_time = opened.elapsed();
     let checked = std::time::Instant::now();
-    let report = inspect(&shards)?;
+    let mut report = inspect(&shards)?;
+    report.domains = domains;
     let check_time = checked.elapsed();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -243,6 +260,22 @@ pub struct Report {
     pub shards: Vec<ShardReport>,
     /// Totals.
     pub total: TotalReport,
+    /// With `--config`: each domain's shards and the step it enters (empty without).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<DomainShards>,
+}
+
+/// One domain of `inspect --config`: which shards it holds and from which step the
+/// schedule weights it, so an operator sees which shards enter later (an increment is
+/// a domain of its own added at a step; docs/DESIGN.md "Corpus evolution").
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainShards {
+    /// Domain name.
+    pub name: String,
+    /// Its shards, as resolved.
+    pub shards: Vec<String>,
+    /// The first schedule step that gives it weight (`None`: never weighted).
+    pub weighted_from: Option<u64>,
 }
 
 /// One document as `inspect --doc` prints it.
@@ -305,6 +338,7 @@ pub fn inspect(shards: &[Shard]) -> Result<Report> {
     Ok(Report {
         shards: reports,
         total,
+        domains: Vec::new(),
     })
 }
 
@@ -552,6 +586,20 @@ pub fn render(report: &Report) -> String {
         "\ndocument lengths (tokens, log2 buckets, all shards):"
     );
     out.push_str(&render_histogram(&t.histogram, t.documents));
+    if !report.domains.is_empty() {
+        let _ = writeln!(out, "\ndomains (shards, and the step each enters):");
+        for d in &report.domains {
+            let enters = match d.weighted_from {
+                Some(0) => "from the start".to_string(),
+                Some(s) => format!("enters at step {s}"),
+                None => "never weighted".to_string(),
+            };
+            let _ = writeln!(out, "  {} ({} shards, {enters})", d.name, d.shards.len());
+            for s in &d.shards {
+                let _ = writeln!(out, "      {s}");
+            }
+        }
+    }
     out
 }
 
