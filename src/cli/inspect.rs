@@ -102,7 +102,10 @@ pub fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
             let weighted_from = schedule.as_ref().and_then(|s| first_weighted(s, d));
             domains.push(DomainShards {
                 name: name.clone(),
-                shards: domain.iter().map(|s| s.path().display().to_string()).collect(),
+                shards: domain
+                    .iter()
+                    .map(|s| s.path().display().to_string())
+                    .collect(),
                 weighted_from,
             });
         }

@@ -12,8 +12,8 @@ use millrace::config::Config;
 use millrace::plan::cursor;
 use millrace::plan::report::{positions, DomainPosition};
 use millrace::plan::{Plan, Planner};
-use millrace::wire::protocol::decode_hex;
 use millrace::plan_cache::CheckpointDir;
+use millrace::wire::protocol::decode_hex;
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -190,7 +190,11 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
         }
         let title = format!("domains after step {}:", planner.step().saturating_sub(1));
         let end = positions(&planner);
-        write!(out, "{}", render_positions(&title, &end, tally.first_rows()))?;
+        write!(
+            out,
+            "{}",
+            render_positions(&title, &end, tally.first_rows())
+        )?;
     }
     if let (true, Some((e, r))) = (args.json, &eod) {
         for w in r.iter().filter_map(|d| millrace::eod::warning(d, *e)) {
@@ -354,8 +358,8 @@ fn start_at(
 /// A cursor blob from a file: hex (what `consume --save-cursor` writes, surrounding
 /// whitespace allowed) or the raw bytes.
 fn read_blob(path: &Path) -> Result<Vec<u8>> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading the cursor blob {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading the cursor blob {}", path.display()))?;
     let hex = std::str::from_utf8(&bytes)
         .ok()
         .and_then(|t| decode_hex(t.trim()))

@@ -392,9 +392,9 @@ pub fn render_positions(title: &str, at: &[DomainPosition], first_rows: &[Option
     use std::fmt::Write;
     let mut s = format!("{title}\n");
     for (i, p) in at.iter().enumerate() {
-        let weighted = p
-            .weighted_from
-            .map_or("never weighted".to_string(), |w| format!("weighted from step {w}"));
+        let weighted = p.weighted_from.map_or("never weighted".to_string(), |w| {
+            format!("weighted from step {w}")
+        });
         let rows = match first_rows.get(i) {
             Some(Some(f)) => format!("  first rows at step {f}"),
             Some(None) => "  no rows in these steps".to_string(),
