@@ -637,3 +637,33 @@ pub fn render_windows(windows: &[WindowFigures]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::first_weighted;
+    use crate::config::plan::SchedulePoint;
+    use crate::plan::mix::Schedule;
+
+    /// The entry step is found on a ramp up from 0 (one step past its knot), on a step
+    /// change, from the start, and never for a domain always at 0.
+    #[test]
+    fn first_weighted_finds_ramps_and_steps() {
+        let names = ["ramp", "jump", "always", "never"];
+        let p = |step, w: [f64; 4]| SchedulePoint {
+            step,
+            weights: names.iter().map(|n| n.to_string()).zip(w).collect(),
+        };
+        let s = Schedule::new(
+            &[
+                p(0, [0.0, 0.0, 1.0, 0.0]),
+                p(10, [0.0, 0.0, 1.0, 0.0]),
+                p(20, [1.0, 0.0, 1.0, 0.0]),
+                p(29, [1.0, 0.0, 1.0, 0.0]),
+                p(30, [1.0, 2.0, 1.0, 0.0]),
+            ],
+            &names,
+        );
+        let got: Vec<Option<u64>> = (0..4).map(|d| first_weighted(&s, d)).collect();
+        assert_eq!(got, [Some(11), Some(30), Some(0), None]);
+    }
+}
