@@ -48,15 +48,12 @@ fn run(args: &[&str]) -> Output {
         .expect("the millrace binary runs")
 }
 
+/// The stdout of a run that must succeed (its stderr in the failure message).
 fn ok(args: &[&str]) -> String {
     let out = run(args);
-    assert!(
-        out.status.success(),
-        "millrace {args:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "millrace {args:?}: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn refused(args: &[&str]) -> String {
@@ -226,17 +223,22 @@ fn an_old_runs_blob_starts_a_new_config_with_a_replay_share() {
 
     // `explain` resumes too, shows the positions before its step, and refuses a step
     // before the blob's.
-    let e = json(&ok(&[
-        "explain",
-        "--config",
-        b_s,
-        "--resume-blob",
-        hex_s,
-        "--step",
-        "31",
-        "--json",
-        "--no-checkpoints",
-    ]));
+    let explain = |step: &str| {
+        run(&[
+            "explain",
+            "--config",
+            b_s,
+            "--resume-blob",
+            hex_s,
+            "--step",
+            step,
+            "--json",
+            "--no-checkpoints",
+        ])
+    };
+    let out = explain("31");
+    assert!(out.status.success(), "{out:?}");
+    let e = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(e["step"].as_u64(), Some(31), "{e}");
     assert_eq!(e["domains"].as_array().map(Vec::len), Some(3), "{e}");
     assert_eq!(
@@ -244,15 +246,9 @@ fn an_old_runs_blob_starts_a_new_config_with_a_replay_share() {
         Some(RESUMED),
         "{e}"
     );
-    let err = refused(&[
-        "explain",
-        "--config",
-        b_s,
-        "--resume-blob",
-        hex_s,
-        "--step",
-        "29",
-    ]);
+    let out = explain("29");
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("step 29 is before the blob's step 30"),
         "{err}"

@@ -396,7 +396,7 @@ pub fn render_positions(title: &str, at: &[DomainPosition], first_rows: &[Option
             format!("weighted from step {w}")
         });
         let rows = match first_rows.get(i) {
-            Some(Some(f)) => format!("  first rows at step {f}"),
+            Some(Some(f)) => format!("  rows in these steps from step {f}"),
             Some(None) => "  no rows in these steps".to_string(),
             None => String::new(),
         };
