@@ -276,6 +276,22 @@ fn an_old_runs_blob_starts_a_new_config_with_a_replay_share() {
         "{err}"
     );
 
+    // A file that is no blob is refused, naming it.
+    let junk = dir.join("junk.cursor");
+    std::fs::write(&junk, "not a cursor\n").unwrap();
+    let err = refused(&[
+        "plan",
+        "--config",
+        b_s,
+        "--resume-blob",
+        junk.to_str().unwrap(),
+        "--no-checkpoints",
+    ]);
+    assert!(
+        err.contains("junk.cursor: cursor blob refused: not a millrace cursor"),
+        "{err}"
+    );
+
     // `inspect --config` lists each domain's shards and the step it enters.
     let i = json(&ok(&["inspect", "--config", b_s, "--json"]));
     let listed = i["domains"].as_array().expect("inspect domains");
