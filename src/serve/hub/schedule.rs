@@ -248,7 +248,7 @@ impl Hub {
             Take {
                 plan: &plan,
                 prefetch: u64::from(self.settings.prefetch),
-                keep: keep(slots, self.settings.prefetch),
+                keep: keep(slots, self.settings.prefetch, plan.config().global_batch_rows),
                 hint: &hint,
                 planned: &mut offer,
             },
