@@ -42,7 +42,8 @@ pub(super) fn keep(slots: u32, prefetch: u32, batch_rows: u32) -> usize {
 /// One planned global batch with the cursor after it: shared by every ring that fills
 /// the step.
 pub(super) struct Planned {
-    pub(super) batch: GlobalBatch,
+    /// Shared with the slot jobs that copy its ranks' rows.
+    pub(super) batch: Arc<GlobalBatch>,
     /// The cursor for "every step up to this one was delivered", the same for every
     /// rank, encoded once.
     pub(super) blob: Vec<u8>,
@@ -53,7 +54,7 @@ pub(super) struct Planned {
 impl Planned {
     /// Plans `planner`'s next batch.
     pub(super) fn next(planner: &mut Planner) -> Planned {
-        let batch = planner.next_batch();
+        let batch = Arc::new(planner.next_batch());
         // The planner is past the batch now: its cursor, and the mark of that cursor,
         // say where the step after it starts.
         let mark = Mark {
@@ -325,7 +326,7 @@ mod tests {
             let b = want.next_batch();
             let (p0, p1) = (take(&mut job, 0, &plan), take(&mut job, 1, &plan));
             assert!(Arc::ptr_eq(&p0, &p1), "planned once for both ranks");
-            assert_eq!((&p0.batch, &p0.blob), (&b, &want.cursor()));
+            assert_eq!((&*p0.batch, &p0.blob), (&b, &want.cursor()));
             assert!(job.plan.held() <= 5, "{} held", job.plan.held());
         }
         // Steps 0..50 and the 4 beyond that prefetch hinted.
@@ -338,15 +339,15 @@ mod tests {
         let mut job = job(2);
         let mut want = plan.start();
         let first = want.next_batch();
-        assert_eq!(take(&mut job, 0, &plan).batch, first);
-        assert_eq!(take(&mut job, 1, &plan).batch, first);
+        assert_eq!(*take(&mut job, 0, &plan).batch, first);
+        assert_eq!(*take(&mut job, 1, &plan).batch, first);
         assert!(
             job.rings[&1].own.is_none(),
             "rank 1 reads the job's batches"
         );
         for _ in 1..200 {
             let p = take(&mut job, 0, &plan);
-            assert_eq!(p.batch, want.next_batch());
+            assert_eq!(*p.batch, want.next_batch());
             assert!(job.plan.held() <= SMALL);
         }
         assert_eq!(job.plan.held(), SMALL, "rank 1 may still need them");
@@ -356,7 +357,7 @@ mod tests {
         let mut want = plan.start();
         want.skip_batch();
         for _ in 0..10 {
-            assert_eq!(take(&mut job, 1, &plan).batch, want.next_batch());
+            assert_eq!(*take(&mut job, 1, &plan).batch, want.next_batch());
         }
         assert!(job.rings[&1].own.is_some());
         assert_eq!(job.plan.private, 14, "10 steps and the 4 prefetched");
@@ -368,7 +369,11 @@ mod tests {
         assert_eq!(SMALL, keep(4, 4, 1 << 20));
         assert_eq!(SMALL, keep(4, 4, JOB_LAG_ROWS as u32 / 8));
         assert_eq!(keep(4, 4, 32), 8 + 1024);
-        assert_eq!(keep(4, 4, 0), 8 + JOB_LAG_ROWS as usize, "no division by zero");
+        assert_eq!(
+            keep(4, 4, 0),
+            8 + JOB_LAG_ROWS as usize,
+            "no division by zero"
+        );
     }
 
     #[test]
@@ -381,15 +386,21 @@ mod tests {
         let mut want = plan.start();
         let mut behind = plan.start();
         for i in 0..600 {
-            assert_eq!(take_keeping(&mut job, 0, &plan, keep).batch, want.next_batch());
+            assert_eq!(
+                *take_keeping(&mut job, 0, &plan, keep).batch,
+                want.next_batch()
+            );
             if i % 2 == 1 {
                 // Rank 1 runs at half speed: 300 steps behind at the end.
                 let p = take_keeping(&mut job, 1, &plan, keep);
-                assert_eq!(p.batch, behind.next_batch());
+                assert_eq!(*p.batch, behind.next_batch());
             }
         }
         assert_eq!(job.rings[&0].next_fill - job.rings[&1].next_fill, 300);
-        assert!(job.rings[&1].own.is_none(), "rank 1 reads the job's batches");
+        assert!(
+            job.rings[&1].own.is_none(),
+            "rank 1 reads the job's batches"
+        );
         assert_eq!((job.plan.planned, job.plan.private), (604, 0));
         assert!(job.plan.held() <= 305, "{} held", job.plan.held());
     }

@@ -14,7 +14,7 @@ use super::{
     SHARD_CHECK_BUDGET,
 };
 use crate::plan::{Planner, Row};
-use crate::serve::fill::{fill_slot, will_need, SlotJob};
+use crate::serve::fill::{fill_slot, will_need, RankRows, SlotJob};
 use crate::wire::protocol::Code;
 
 impl Hub {
@@ -126,7 +126,7 @@ impl Hub {
                 .claim(job.step)
                 .and_then(|mut slot| fill_slot(&mut slot, ring.layout(), &job, &self.source));
             let mut per_domain = vec![0u64; self.source.shards.len()];
-            for row in &job.rows {
+            for row in job.rows.iter() {
                 if let Some(t) = per_domain.get_mut(row.domain as usize) {
                     *t += row.tokens as u64;
                 }
@@ -248,7 +248,11 @@ impl Hub {
             Take {
                 plan: &plan,
                 prefetch: u64::from(self.settings.prefetch),
-                keep: keep(slots, self.settings.prefetch, plan.config().global_batch_rows),
+                keep: keep(
+                    slots,
+                    self.settings.prefetch,
+                    plan.config().global_batch_rows,
+                ),
                 hint: &hint,
                 planned: &mut offer,
             },
@@ -267,7 +271,7 @@ impl Hub {
         let job = SlotJob {
             step,
             plan_step: planned.batch.plan_step,
-            rows: planned.batch.rank_rows(r, dp_size).to_vec(),
+            rows: RankRows::of(planned.batch.clone(), r, dp_size),
             cursor: planned.blob.clone(),
         };
         entry.claim_step(step);
