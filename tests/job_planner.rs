@@ -24,9 +24,12 @@ const ROWS: u32 = 8;
 const SLOTS: u64 = 4;
 /// `[serve] prefetch_steps` (the default).
 const PREFETCH: u64 = 4;
-/// The most batches a job's plan holds: slots + prefetch + 64 (docs/DESIGN.md, "One
-/// planner per job").
+/// The most batches a job's plan holds: slots + prefetch + 2^15 rows' worth, at least 64
+/// (docs/DESIGN.md, "One planner per job").
 const KEEP: u64 = SLOTS + PREFETCH + 64;
+/// Global batch rows at which 2^15 rows are 64 batches (the least the window holds):
+/// [`KEEP`] batches then, and a stall of a few hundred steps overflows it.
+const BIG_ROWS: u32 = 512;
 
 struct Fixture {
     corpus: common::Corpus,
@@ -428,8 +431,8 @@ fn a_live_weight_change_applies_to_every_rank_at_one_step() {
 /// stall), and the stalled rank, once it reads, gets exactly its slice.
 #[test]
 fn a_stalled_rank_does_not_grow_the_jobs_window() {
-    const K: u64 = 400;
-    let f = fixture(34, ROWS);
+    const K: u64 = 2 * KEEP;
+    let f = fixture(34, BIG_ROWS);
     let loaded = f.loaded();
     let cursors = cursors(&loaded, K);
     let mut stalled = f.connect("stall", 1, "0", None);

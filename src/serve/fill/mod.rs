@@ -5,7 +5,7 @@
 //! hints that keep the copy from faulting. Offsets are [`super::ring::Layout`]'s.
 
 use crate::corpus::{guard, DType, Shard, Tokens};
-use crate::plan::{Row, Segment};
+use crate::plan::Segment;
 use crate::sys::{advise, Advice};
 use crate::wire::ring::{put_u32, put_u64, slot_at, SLOT_HEADER};
 use crate::wire::SlotLayout;
@@ -13,21 +13,11 @@ use crate::wire::SlotLayout;
 use super::ring::{Layout, RingError, TokenType};
 
 mod compact;
+mod job;
 mod read;
 use compact::fill_compact;
+pub use job::{RankRows, SlotJob};
 pub use read::Readers;
-
-/// One step's slice for one rank, planned and waiting to be copied.
-pub struct SlotJob {
-    /// Trainer step.
-    pub step: u64,
-    /// Unskipped plan step.
-    pub plan_step: u64,
-    /// The rank's rows.
-    pub rows: Vec<Row>,
-    /// Cursor blob as of the end of the step.
-    pub cursor: Vec<u8>,
-}
 
 /// What the materializer reads: the mapped shards per domain, the pad token and the
 /// vocabulary every delivered id must fall in.
@@ -549,6 +539,7 @@ pub fn random_access(bytes: &[u8]) {
 mod tests {
     use super::*;
     use crate::config::serve::Reader;
+    use crate::plan::Row;
     use crate::serve::ring::Ring;
 
     /// One uint16 Megatron shard of 4 documents of 4096 tokens (one page of token bytes
@@ -583,7 +574,7 @@ mod tests {
         let job = SlotJob {
             step: 0,
             plan_step: 0,
-            rows: vec![Row::new(0, 0, vec![seg], 65)],
+            rows: vec![Row::new(0, 0, vec![seg], 65)].into(),
             cursor: vec![],
         };
         let src = Source {

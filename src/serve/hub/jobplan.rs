@@ -3,9 +3,9 @@
 //!
 //! The job's planner runs at the job's frontier and keeps the batches it planned in a
 //! window ([`JobPlan`]); a ring reads its next step there. The window is bounded
-//! ([`keep`]: `ring_slots + prefetch_steps + JOB_LAG` batches): a batch leaves it once
-//! every rank of the job has passed it, and in any case when it is that far behind the
-//! frontier. A ring outside the window (a rank resumed from an older blob, one stalled
+//! ([`keep`]: `ring_slots + prefetch_steps` batches plus [`JOB_LAG_ROWS`] rows' worth,
+//! at least [`JOB_LAG`] batches): a batch leaves it once every rank of the job has
+//! passed it, and in any case when it is that far behind the frontier. A ring outside the window (a rank resumed from an older blob, one stalled
 //! while the others ran on, one created ahead) plans with a private planner of its own,
 //! as every ring did before, until it is inside the window again; a stalled rank thus
 //! costs the daemon at most `keep` batches and never holds the other ranks back. Every
@@ -18,21 +18,32 @@ use std::sync::Arc;
 use super::{Job, Mark};
 use crate::plan::{GlobalBatch, Plan, Planner, Row};
 
-/// Steps a rank may trail the job's most advanced ring and still read the job's batches
-/// (beyond its slots and prefetch): free-running ranks drift apart by a few steps, and
-/// ranks of a job connect one after another while the first already streams.
+/// The fewest steps a rank may trail the job's most advanced ring and still read the
+/// job's batches (beyond its slots and prefetch): ranks of a job connect one after
+/// another while the first already streams.
 pub(super) const JOB_LAG: u64 = 64;
 
-/// The most batches one job's plan holds: the bound on what a stalled rank can make the
-/// daemon keep.
-pub(super) fn keep(slots: u32, prefetch: u32) -> usize {
-    slots as usize + prefetch as usize + JOB_LAG as usize
+/// Rows a rank may trail the job's most advanced ring and still read the job's batches
+/// (beyond its slots and prefetch), when that is more than [`JOB_LAG`] steps. Ranks
+/// drift apart in time (a consumer descheduled, a slower host), so by a number of rows
+/// rather than of steps: 8 free-running ranks of 32-row steps on 2 cores drifted
+/// 140-230 steps apart, and each rank beyond 64 planned every batch again privately
+/// (daemon CPU per token 3x the 2-rank figure; BENCHMARKS.md, "Per-rank costs").
+/// 2^15 rows of plans are a few MB (a row is ~50 bytes plus ~56 per document in it).
+pub(super) const JOB_LAG_ROWS: u64 = 1 << 15;
+
+/// The most batches one job's plan holds (`batch_rows`: rows per global batch): the
+/// bound on what a stalled rank can make the daemon keep.
+pub(super) fn keep(slots: u32, prefetch: u32, batch_rows: u32) -> usize {
+    let lag = (JOB_LAG_ROWS / u64::from(batch_rows.max(1))).max(JOB_LAG);
+    slots as usize + prefetch as usize + lag as usize
 }
 
 /// One planned global batch with the cursor after it: shared by every ring that fills
 /// the step.
 pub(super) struct Planned {
-    pub(super) batch: GlobalBatch,
+    /// Shared with the slot jobs that copy its ranks' rows.
+    pub(super) batch: Arc<GlobalBatch>,
     /// The cursor for "every step up to this one was delivered", the same for every
     /// rank, encoded once.
     pub(super) blob: Vec<u8>,
@@ -43,7 +54,7 @@ pub(super) struct Planned {
 impl Planned {
     /// Plans `planner`'s next batch.
     pub(super) fn next(planner: &mut Planner) -> Planned {
-        let batch = planner.next_batch();
+        let batch = Arc::new(planner.next_batch());
         // The planner is past the batch now: its cursor, and the mark of that cursor,
         // say where the step after it starts.
         let mark = Mark {
@@ -266,6 +277,10 @@ mod tests {
     use super::*;
     use crate::serve::hub::phase::tests::{entry, peer, plan};
 
+    /// A window of [`JOB_LAG`] steps beyond 4 slots and 4 prefetched (batches too big
+    /// for [`JOB_LAG_ROWS`] to give more), so that tests can stall a rank past it.
+    const SMALL: usize = 4 + 4 + JOB_LAG as usize;
+
     /// Job `dp` ranks, each with a fresh ring at step 0 and one peer.
     fn job(dp: u32) -> Job {
         let mut job = Job::new(dp);
@@ -277,15 +292,20 @@ mod tests {
         job
     }
 
-    /// Rank `r` takes its next step (as a worker's claim does).
+    /// Rank `r` takes its next step (as a worker's claim does) from a window of [`SMALL`].
     fn take(job: &mut Job, r: u32, plan: &Arc<Plan>) -> Arc<Planned> {
+        take_keeping(job, r, plan, SMALL)
+    }
+
+    /// Rank `r` takes its next step from a window of at most `keep` batches.
+    fn take_keeping(job: &mut Job, r: u32, plan: &Arc<Plan>, keep: usize) -> Arc<Planned> {
         let p = job
             .take(
                 r,
                 Take {
                     plan,
                     prefetch: 4,
-                    keep: keep(4, 4),
+                    keep,
                     hint: &|_| {},
                     planned: &mut |_, _| {},
                 },
@@ -306,7 +326,7 @@ mod tests {
             let b = want.next_batch();
             let (p0, p1) = (take(&mut job, 0, &plan), take(&mut job, 1, &plan));
             assert!(Arc::ptr_eq(&p0, &p1), "planned once for both ranks");
-            assert_eq!((&p0.batch, &p0.blob), (&b, &want.cursor()));
+            assert_eq!((&*p0.batch, &p0.blob), (&b, &want.cursor()));
             assert!(job.plan.held() <= 5, "{} held", job.plan.held());
         }
         // Steps 0..50 and the 4 beyond that prefetch hinted.
@@ -319,28 +339,69 @@ mod tests {
         let mut job = job(2);
         let mut want = plan.start();
         let first = want.next_batch();
-        assert_eq!(take(&mut job, 0, &plan).batch, first);
-        assert_eq!(take(&mut job, 1, &plan).batch, first);
+        assert_eq!(*take(&mut job, 0, &plan).batch, first);
+        assert_eq!(*take(&mut job, 1, &plan).batch, first);
         assert!(
             job.rings[&1].own.is_none(),
             "rank 1 reads the job's batches"
         );
         for _ in 1..200 {
             let p = take(&mut job, 0, &plan);
-            assert_eq!(p.batch, want.next_batch());
-            assert!(job.plan.held() <= keep(4, 4));
+            assert_eq!(*p.batch, want.next_batch());
+            assert!(job.plan.held() <= SMALL);
         }
-        assert_eq!(job.plan.held(), keep(4, 4), "rank 1 may still need them");
+        assert_eq!(job.plan.held(), SMALL, "rank 1 may still need them");
         assert_eq!(job.plan.private, 0);
         // Rank 1 stalled at step 1, far behind the window: it plans on its own, from
         // the cursor of the step it last took.
         let mut want = plan.start();
         want.skip_batch();
         for _ in 0..10 {
-            assert_eq!(take(&mut job, 1, &plan).batch, want.next_batch());
+            assert_eq!(*take(&mut job, 1, &plan).batch, want.next_batch());
         }
         assert!(job.rings[&1].own.is_some());
         assert_eq!(job.plan.private, 14, "10 steps and the 4 prefetched");
-        assert_eq!(job.plan.held(), keep(4, 4));
+        assert_eq!(job.plan.held(), SMALL);
+    }
+
+    #[test]
+    fn the_window_holds_job_lag_rows_and_at_least_job_lag_steps() {
+        assert_eq!(SMALL, keep(4, 4, 1 << 20));
+        assert_eq!(SMALL, keep(4, 4, JOB_LAG_ROWS as u32 / 8));
+        assert_eq!(keep(4, 4, 32), 8 + 1024);
+        assert_eq!(
+            keep(4, 4, 0),
+            8 + JOB_LAG_ROWS as usize,
+            "no division by zero"
+        );
+    }
+
+    #[test]
+    fn ranks_drifting_hundreds_of_small_steps_apart_plan_each_batch_once() {
+        // 8 free-running ranks of 32-row steps drifted 140-230 steps apart in the bench;
+        // with a window of 64 steps the laggards planned every batch again.
+        let plan = plan();
+        let mut job = job(2);
+        let keep = keep(4, 4, 32);
+        let mut want = plan.start();
+        let mut behind = plan.start();
+        for i in 0..600 {
+            assert_eq!(
+                *take_keeping(&mut job, 0, &plan, keep).batch,
+                want.next_batch()
+            );
+            if i % 2 == 1 {
+                // Rank 1 runs at half speed: 300 steps behind at the end.
+                let p = take_keeping(&mut job, 1, &plan, keep);
+                assert_eq!(*p.batch, behind.next_batch());
+            }
+        }
+        assert_eq!(job.rings[&0].next_fill - job.rings[&1].next_fill, 300);
+        assert!(
+            job.rings[&1].own.is_none(),
+            "rank 1 reads the job's batches"
+        );
+        assert_eq!((job.plan.planned, job.plan.private), (604, 0));
+        assert!(job.plan.held() <= 305, "{} held", job.plan.held());
     }
 }

@@ -14,7 +14,8 @@ use super::{
     SHARD_CHECK_BUDGET,
 };
 use crate::plan::{Planner, Row};
-use crate::serve::fill::{fill_slot, will_need, SlotJob};
+use crate::serve::fill::{fill_slot, will_need, RankRows, SlotJob};
+use crate::sys::EventFd;
 use crate::wire::protocol::Code;
 
 impl Hub {
@@ -83,6 +84,8 @@ impl Hub {
 
     /// One materializer thread: claim a slot, fill it outside the lock, publish in order.
     pub fn worker(&self) {
+        // The eventfds of peers a publish must wake, signalled once the lock is dropped.
+        let mut wake: Vec<Arc<EventFd>> = Vec::new();
         loop {
             self.check_shards();
             let Claimed {
@@ -126,7 +129,7 @@ impl Hub {
                 .claim(job.step)
                 .and_then(|mut slot| fill_slot(&mut slot, ring.layout(), &job, &self.source));
             let mut per_domain = vec![0u64; self.source.shards.len()];
-            for row in &job.rows {
+            for row in job.rows.iter() {
                 if let Some(t) = per_domain.get_mut(row.domain as usize) {
                     *t += row.tokens as u64;
                 }
@@ -173,7 +176,7 @@ impl Hub {
                             tokens: per_domain,
                         },
                     );
-                    if entry.publish_in_order(&key) {
+                    if entry.publish_in_order(&key, &mut wake) {
                         entry.clocks(self.settings.slots, Instant::now());
                         let published = entry.published;
                         st.watermark = st.watermark.max(published);
@@ -183,6 +186,13 @@ impl Hub {
                     error!(job = %key.0, dp_rank = key.1, "{e}; this ring stops");
                     entry.fail(Failure::new(Code::Materialize, e.to_string()));
                 }
+            }
+            // A wake is a syscall and, for a peer blocked in poll, an inter-processor
+            // interrupt: outside the lock, so that the connections' releases and the
+            // other workers' claims do not wait behind it.
+            drop(st);
+            for w in wake.drain(..) {
+                w.signal();
             }
         }
     }
@@ -248,7 +258,11 @@ impl Hub {
             Take {
                 plan: &plan,
                 prefetch: u64::from(self.settings.prefetch),
-                keep: keep(slots, self.settings.prefetch),
+                keep: keep(
+                    slots,
+                    self.settings.prefetch,
+                    plan.config().global_batch_rows,
+                ),
                 hint: &hint,
                 planned: &mut offer,
             },
@@ -267,7 +281,7 @@ impl Hub {
         let job = SlotJob {
             step,
             plan_step: planned.batch.plan_step,
-            rows: planned.batch.rank_rows(r, dp_size).to_vec(),
+            rows: RankRows::of(planned.batch.clone(), r, dp_size),
             cursor: planned.blob.clone(),
         };
         entry.claim_step(step);
@@ -304,9 +318,9 @@ impl Hub {
 
 impl RingEntry {
     /// Publishes every filled step that is next in order (a later slot may finish first)
-    /// and wakes the peers; a peer that joined ahead is checked when the ring reaches its
-    /// step. Returns whether anything was published.
-    fn publish_in_order(&mut self, key: &(String, u32)) -> bool {
+    /// and adds the peers' eventfds to `wake`; a peer that joined ahead is checked when
+    /// the ring reaches its step. Returns whether anything was published.
+    fn publish_in_order(&mut self, key: &(String, u32), wake: &mut Vec<Arc<EventFd>>) -> bool {
         let before = self.published;
         while let Some(f) = self.filled.remove(&self.published) {
             let sums = &mut self.stats.domain_tokens;
@@ -338,9 +352,7 @@ impl RingEntry {
             return false;
         }
         self.ring.publish(self.published);
-        for p in self.peers.values() {
-            p.ready.signal();
-        }
+        wake.extend(self.peers.values().map(|p| p.ready.clone()));
         true
     }
 }
