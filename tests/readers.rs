@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::Serve;
 use millrace::client::{Client, ClientError, Hello, SlotArrays, SlotLayout};
-use millrace::corpus::Shard;
 
 const SEQ_LEN: u32 = 256;
 const ROWS: u32 = 4;
@@ -68,40 +66,13 @@ impl Daemon {
 }
 
 /// Every row's tokens (`seq_len + 1`, padded with `pad`) as `millrace explain --json`
-/// describes them, for steps `0..steps`: the shards' own bytes, read through `Shard`.
+/// describes them, for steps `0..steps` of the one rank, as the shards' uint16 ids.
 fn explained(config: &Path, steps: u64, pad: u16) -> Vec<Vec<Vec<u16>>> {
-    let out = common::bin()
-        .args(["explain", "--config"])
-        .arg(config)
-        .args(["--step", "0", "--count", &steps.to_string(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut shards: HashMap<String, Shard> = HashMap::new();
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.lines()
-        .map(|line| {
-            let step: serde_json::Value = serde_json::from_str(line).unwrap();
-            let rows = step["rows"].as_array().unwrap();
-            rows.iter()
-                .map(|row| {
-                    let mut ids: Vec<u16> = Vec::new();
-                    for s in row["segments"].as_array().unwrap() {
-                        let name = s["shard"].as_str().unwrap().to_string();
-                        let shard = shards
-                            .entry(name.clone())
-                            .or_insert_with(|| Shard::open(Path::new(&name), None).unwrap());
-                        let doc = shard.doc_tokens(s["doc"].as_u64().unwrap()).unwrap();
-                        let (a, b) = (s["start"].as_u64().unwrap(), s["end"].as_u64().unwrap());
-                        ids.extend((a..b).map(|i| doc.get_i64(i as usize).unwrap() as u16));
-                    }
-                    ids.resize(SEQ_LEN as usize + 1, pad);
-                    ids
-                })
+    common::explained_rows(config, 0, steps, (0, 1), i64::from(pad))
+        .into_iter()
+        .map(|(_, rows)| {
+            rows.into_iter()
+                .map(|r| r.into_iter().map(|t| t as u16).collect())
                 .collect()
         })
         .collect()
