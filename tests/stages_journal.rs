@@ -7,9 +7,16 @@
 //! - Blobs from before the change (no stage in their journal, layout 7) resume under
 //!   the changed plan when taken at or before S, and are refused past S; blobs carrying
 //!   the change (layout 8) resume, and a plan without the change adopts their journal.
+//! - The daemon does not serve stages added live yet (its rings and WELCOME are laid
+//!   out for the config's stages): a real `millrace serve` refuses a blob whose journal
+//!   adds one with `cursor`, naming the stage, and keeps serving its other clients.
+
+mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use millrace::client::{Client, ClientError, Hello};
 use millrace::config::plan::{DomainSettings, GroupMode, Grouping, PlanConfig};
 use millrace::corpus::GroupRun;
 use millrace::plan::Planner;
@@ -241,4 +248,56 @@ fn bad_stage_changes_are_refused() {
         e.to_string(),
         format!("cursor is malformed: the journal's stage record at byte {at} has kind 7 (0 or 1 expected)")
     );
+}
+
+/// A real daemon refuses a blob carrying a stage change, as a cursor it cannot serve,
+/// and its other client keeps streaming.
+#[test]
+fn the_daemon_refuses_a_blob_that_adds_a_stage() {
+    let corpus = common::corpus(300_000, 2, 2, 100_000);
+    let socket = corpus.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 4, 2);
+    let config = common::write_config(&corpus.dir, "plain.toml", 64, 8, &[&serve]);
+    let mut daemon = common::Serve::spawn(&config, &corpus.dir.join("serve.log"), |_| {});
+    daemon.wait_listening(&socket, Duration::from_secs(60));
+    let timeout = Some(Duration::from_secs(60));
+    let mut first = Client::connect(&socket, &Hello::whole_slice(0, 1)).expect("connects");
+    first.set_timeout(timeout);
+    let (plan_step, blob) = {
+        let b = first.next_batch().expect("a batch");
+        (b.plan_step, b.cursor.to_vec())
+    };
+    let mut c = cursor::decode(&blob).expect("the daemon's blob decodes");
+    c.journal.push(millrace::plan::Change {
+        at: plan_step + 20,
+        points: Vec::new(),
+        stage: Some(millrace::plan::StageChange {
+            seq_len: 256,
+            rows: 2,
+            window: 64,
+            chain_groups: false,
+        }),
+    });
+    let mut h = Hello {
+        job: "staged".into(),
+        ..Hello::whole_slice(0, 1)
+    };
+    h.cursor = Some(millrace::client::to_hex(&cursor::encode(&c)));
+    match Client::connect(&socket, &h) {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "cursor", "{message}");
+            let want = format!(
+                "its journal adds a stage at plan step {} (256 tokens x 2 rows); this daemon \
+                 serves the stages of its config only",
+                plan_step + 20
+            );
+            assert!(message.contains(&want), "{message}");
+        }
+        Err(e) => panic!("refused otherwise: {e}"),
+        Ok(_) => panic!("a blob adding a stage was served"),
+    }
+    for _ in 0..3 {
+        let b = first.next_batch().expect("the first client keeps streaming");
+        assert_eq!((b.rows, b.seq_len), (8, 64));
+    }
 }

@@ -35,7 +35,7 @@ pub struct Change {
 
 /// The row shape a stage change puts in force, as `[[plan.stage]]` spells it (the
 /// window resolved: a live change names it or keeps the one in force).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StageChange {
     /// Tokens a row trains on.
     pub seq_len: u32,
