@@ -297,7 +297,9 @@ fn the_daemon_refuses_a_blob_that_adds_a_stage() {
         Ok(_) => panic!("a blob adding a stage was served"),
     }
     for _ in 0..3 {
-        let b = first.next_batch().expect("the first client keeps streaming");
+        let b = first
+            .next_batch()
+            .expect("the first client keeps streaming");
         assert_eq!((b.rows, b.seq_len), (8, 64));
     }
 }
