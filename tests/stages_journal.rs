@@ -22,7 +22,7 @@ use millrace::corpus::GroupRun;
 use millrace::plan::Planner;
 use millrace::plan::{cursor, CursorError, DocSource, DomainInput, GlobalBatch, MemShard, Plan};
 use proptest::prelude::*;
-use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed};
+use proptest::test_runner::{Config as PtConfig, RngSeed};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 
@@ -73,16 +73,18 @@ fn inputs(seed: u64, docs: usize) -> Vec<DomainInput> {
     ]
 }
 
-/// 64-token rows x 32, with (when `stage` is given) `[[stage]] step, seq_len = 512,
-/// global_batch_rows = 4, best_fit_window = 17, chain_groups`.
-fn config(stage: Option<(u64, bool)>) -> PlanConfig {
+/// A long stage: (step, seq_len, global_batch_rows, best_fit_window, chain_groups).
+type St = (u64, u32, u32, u64, bool);
+
+/// 64-token rows x 32, then `stages` in `[[stage]]`.
+fn config(stages: &[St]) -> PlanConfig {
     let mut text = "seed = 5\nseq_len = 64\nglobal_batch_rows = 32\nbest_fit_window = 24\n\
                     [[schedule]]\nstep = 0\nweights = { web = 0.6, code = 0.4 }\n"
         .to_string();
-    if let Some((step, chain)) = stage {
+    for (step, seq, rows, window, chain) in stages {
         text.push_str(&format!(
-            "[[stage]]\nstep = {step}\nseq_len = 512\nglobal_batch_rows = 4\n\
-             best_fit_window = 17\nchain_groups = {chain}\n"
+            "[[stage]]\nstep = {step}\nseq_len = {seq}\nglobal_batch_rows = {rows}\n\
+             best_fit_window = {window}\nchain_groups = {chain}\n"
         ));
     }
     PlanConfig::from_table(&text.parse::<toml::Table>().expect("TOML")).expect("a valid [plan]")
@@ -97,17 +99,15 @@ fn live(base: &Arc<Plan>, step: u64, chain: bool) -> Arc<Plan> {
     )
 }
 
-/// `steps` batches and the cursor before each (and after the last).
+/// `steps + 1` batches and the cursor before each.
 fn run(plan: &Arc<Plan>, steps: u64) -> (Vec<GlobalBatch>, Vec<Vec<u8>>) {
     let mut p = plan.start();
-    let mut batches = Vec::new();
-    let mut blobs = Vec::new();
-    for _ in 0..steps {
-        blobs.push(p.cursor());
-        batches.push(p.next_batch());
-    }
-    blobs.push(p.cursor());
-    (batches, blobs)
+    (0..=steps)
+        .map(|_| {
+            let blob = p.cursor();
+            (p.next_batch(), blob)
+        })
+        .unzip()
 }
 
 /// A blob's layout version (bytes 8..10).
@@ -120,19 +120,13 @@ fn next(mut p: Planner, n: usize) -> Vec<GlobalBatch> {
     (0..n).map(|_| p.next_batch()).collect()
 }
 
-fn pt(cases: u32, seed: u64) -> PtConfig {
-    PtConfig {
-        cases,
-        failure_persistence: None,
-        rng_algorithm: RngAlgorithm::ChaCha,
-        rng_seed: RngSeed::Fixed(seed),
-        max_shrink_iters: 32,
-        ..PtConfig::default()
-    }
-}
-
 proptest! {
-    #![proptest_config(pt(10, 0x57a9e))]
+    #![proptest_config(PtConfig {
+        cases: 10,
+        failure_persistence: None,
+        rng_seed: RngSeed::Fixed(0x57a9e),
+        ..PtConfig::default()
+    })]
 
     /// The journal's stage equals the config's: rows and cursor state at every step,
     /// and every blob (either side of the switch, the step before it included) resumes
@@ -144,8 +138,8 @@ proptest! {
         chain in any::<bool>(),
     ) {
         let doms = inputs(seed, 120);
-        let staged = Arc::new(Plan::new(&doms, config(Some((switch, chain))), 1).expect("plan"));
-        let base = Arc::new(Plan::new(&doms, config(None), 1).expect("plan"));
+        let staged = Arc::new(Plan::new(&doms, config(&[(switch, 512, 4, 17, chain)]), 1).expect("plan"));
+        let base = Arc::new(Plan::new(&doms, config(&[]), 1).expect("plan"));
         let changed = live(&base, switch, chain);
         prop_assert_eq!(changed.stages(), staged.stages());
         let steps = switch + 12;
@@ -176,13 +170,31 @@ proptest! {
     }
 }
 
+/// A journal stage layers over the config's stages: a later `[[plan.stage]]` gives way
+/// to it, an earlier one stays; either way the stream is the config's with those stages.
+#[test]
+fn a_journal_stage_layers_over_the_config_stages() {
+    let doms = inputs(8, 120);
+    let plan = |stages: &[St]| Arc::new(Plan::new(&doms, config(stages), 1).expect("plan"));
+    let late = plan(&[(30, 512, 4, 17, false)]);
+    for (at, want) in [
+        (10, plan(&[(10, 256, 8, 17, true)])),
+        (35, plan(&[(30, 512, 4, 17, false), (35, 256, 8, 17, true)])),
+    ] {
+        let change = late.stage_change(at, 256, 8, Some(17), true);
+        let changed = Arc::new(late.with_journal(vec![change]).expect("applies"));
+        assert_eq!(changed.stages(), want.stages(), "stage at {at}");
+        assert_eq!(run(&changed, 45).0, run(&want, 45).0, "stage at {at}");
+    }
+}
+
 /// Blobs from before the change (layout 7, no stage in their journal) keep resuming
 /// under the changed plan up to the change's step; past it they are refused, since the
 /// change would rewrite batches their run received.
 #[test]
 fn blobs_before_the_change_resume_and_later_ones_are_refused() {
     let doms = inputs(3, 120);
-    let base = Arc::new(Plan::new(&doms, config(None), 1).expect("plan"));
+    let base = Arc::new(Plan::new(&doms, config(&[]), 1).expect("plan"));
     let switch = 6;
     let changed = live(&base, switch, false);
     let (want, _) = run(&changed, switch + 6);
@@ -214,7 +226,7 @@ fn blobs_before_the_change_resume_and_later_ones_are_refused() {
 #[test]
 fn bad_stage_changes_are_refused() {
     let doms = inputs(4, 40);
-    let base = Arc::new(Plan::new(&doms, config(None), 1).expect("plan"));
+    let base = Arc::new(Plan::new(&doms, config(&[]), 1).expect("plan"));
     let e = base
         .with_journal(vec![base.stage_change(5, 0, 4, None, false)])
         .err()
