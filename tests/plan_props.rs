@@ -2875,6 +2875,7 @@ proptest! {
             .map(|(at, pts)| millrace::plan::Change {
                 at,
                 points: pts.into_iter().map(|(s, w)| (s, vec![w; n])).collect(),
+                stage: None,
             })
             .collect();
         let mut mix = MixState::new(streams.len());

@@ -9,7 +9,7 @@
 //! after a reload reproduces the stream even on a daemon that never saw the reload. Its
 //! size depends only on the number of domains, reseeds and changes, never on the corpus.
 
-use super::journal::{Change, MAX_CHANGES, MAX_POINTS};
+use super::journal::{Change, StageChange, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
 use super::stage::CarryLevel;
@@ -25,10 +25,12 @@ pub const MAGIC: &[u8; 8] = b"MRCURSOR";
 /// carry levels (stage switches, `plan/stage.rs`), for its tails too, 7 a plan-wide
 /// settings fingerprint ([`Fingerprint::Settings`]) and each domain's name and shard
 /// identity ([`DomainRecord`]), so a resume maps domains by name and a config may add
-/// domains (docs/DESIGN.md, "Corpus evolution"). This build writes 7, reads 5 and 6 as
-/// before and 1-4 with their JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old
+/// domains (docs/DESIGN.md, "Corpus evolution"), 8 a stage record after each journal
+/// change (stages added live, [`super::journal::StageChange`]; written only when the
+/// journal holds one, else 7). This build writes 7 and 8, reads 5 and 6 as before and
+/// 1-4 with their JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old
 /// checkpoints resume.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -147,6 +149,14 @@ pub enum CursorError {
     Name {
         /// Offset of the name.
         at: usize,
+    },
+    /// A journal change's stage record of an unknown kind (layout 8).
+    #[error("cursor is malformed: the journal's stage record at byte {at} has kind {kind} (0 or 1 expected)")]
+    StageKind {
+        /// Offset of the kind byte.
+        at: usize,
+        /// The kind found.
+        kind: u8,
     },
     /// Names a domain twice (layout 7).
     #[error("cursor is malformed: it names domain {domain} twice")]
@@ -418,7 +428,9 @@ impl R<'_> {
 pub fn encode(c: &CursorData) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
+    let staged = c.journal.iter().any(|ch| ch.stage.is_some());
     let version: u16 = match c.fingerprint {
+        Fingerprint::Settings(_) if staged => 8,
         Fingerprint::Settings(_) => 7,
         Fingerprint::Binary(_) if c.lookahead => 6,
         Fingerprint::Binary(_) => 5,
@@ -489,6 +501,18 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
             w.u64(*step);
             for d in 0..c.streams.len() {
                 w.u64(weights.get(d).copied().unwrap_or(0.0).to_bits());
+            }
+        }
+        if version >= 8 {
+            match change.stage {
+                None => w.u8(0),
+                Some(st) => {
+                    w.u8(1);
+                    w.u32(st.seq_len);
+                    w.u32(st.rows);
+                    w.u64(st.window);
+                    w.u8(st.chain_groups as u8);
+                }
             }
         }
     }
@@ -628,7 +652,17 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
                 }
                 points.push((step, weights));
             }
-            journal.push(Change { at, points });
+            let stage = match if version >= 8 { r.u8()? } else { 0 } {
+                0 => None,
+                1 => Some(StageChange {
+                    seq_len: r.u32()?,
+                    rows: r.u32()?,
+                    window: r.u64()?,
+                    chain_groups: r.u8()? != 0,
+                }),
+                kind => return Err(CursorError::StageKind { at: r.at - 1, kind }),
+            };
+            journal.push(Change { at, points, stage });
         }
     }
     let superseded = if version >= 4 { r.u64()? } else { 0 };
@@ -655,9 +689,20 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
 /// the daemon can refuse a change that would outgrow the slot's cursor field before
 /// accepting it.
 pub fn journal_bytes(journal: &[Change], domains: usize) -> usize {
+    let staged = journal.iter().any(|c| c.stage.is_some());
     2 + 8
         + journal
             .iter()
-            .map(|c| 10 + c.points.len() * (8 + 8 * domains))
+            .map(|c| 10 + c.points.len() * (8 + 8 * domains) + stage_bytes(c, staged))
             .sum::<usize>()
+}
+
+/// Bytes a change's stage record takes (layout 8, written when the journal holds a
+/// stage change): a kind byte, and the shape for a stage change.
+fn stage_bytes(c: &Change, staged: bool) -> usize {
+    match (staged, c.stage) {
+        (false, _) => 0,
+        (true, None) => 1,
+        (true, Some(_)) => 18,
+    }
 }

@@ -7,6 +7,11 @@
 //! batches. Changes compare bit for bit: two journals agree when one is a prefix of the
 //! other, or when the newer one dropped a tail of the older that a later change
 //! superseded ([`append`], [`compare`]).
+//!
+//! A change may instead add a stage ([`StageChange`]): "from plan step `at` on, rows have
+//! this shape", a `[[plan.stage]]` added live. It layers over the stages like a weights
+//! change over the schedule (every stage at or after `at` gives way to it), and follows
+//! the same agreement rules; it supersedes only stage changes, never weights.
 
 use super::mix::Points;
 
@@ -21,13 +26,32 @@ pub struct Change {
     /// First plan step the change shapes.
     pub at: u64,
     /// The weights from `at` on: `(plan step, raw weight per domain)`, the first at `at`.
+    /// Empty for a stage change.
     pub points: Points,
+    /// The stage this change adds at `at` (then `points` is empty), so a long-context
+    /// stage can start without a restart.
+    pub stage: Option<StageChange>,
+}
+
+/// The row shape a stage change puts in force, as `[[plan.stage]]` spells it (the
+/// window resolved: a live change names it or keeps the one in force).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StageChange {
+    /// Tokens a row trains on.
+    pub seq_len: u32,
+    /// Rows per global batch.
+    pub rows: u32,
+    /// Units per packing window.
+    pub window: u64,
+    /// Whether `sequence`-grouped domains chain their long groups.
+    pub chain_groups: bool,
 }
 
 impl Change {
     /// Bitwise equality, so NaN-free weights compare exactly as the blob stores them.
     fn same(&self, other: &Change) -> bool {
         self.at == other.at
+            && self.stage == other.stage
             && self.points.len() == other.points.len()
             && self.points.iter().zip(&other.points).all(|(a, b)| {
                 a.0 == b.0
@@ -42,6 +66,9 @@ impl Change {
     /// Structural checks against a plan of `domains` domains; the error names the fault.
     pub fn check(&self, domains: usize) -> Result<(), ChangeError> {
         let at = self.at;
+        if let Some(st) = self.stage {
+            return check_stage(at, st, self.points.len());
+        }
         if self.points.is_empty() || self.points.len() > MAX_POINTS {
             return Err(ChangeError::Points {
                 at,
@@ -79,6 +106,39 @@ impl Change {
         }
         Ok(())
     }
+}
+
+/// A stage change's checks: the bounds `[[plan.stage]]` has, after step 0, no weights.
+fn check_stage(at: u64, st: StageChange, points: usize) -> Result<(), ChangeError> {
+    use crate::config::plan::{MAX_BATCH_ROWS, MAX_SEQ_LEN, MAX_STEP, MAX_WINDOW};
+    let bad = |field: &'static str, what: String| ChangeError::Stage { at, field, what };
+    if points != 0 {
+        return Err(bad(
+            "weights",
+            format!("{points} points (a stage change carries none)"),
+        ));
+    }
+    if at == 0 || at > MAX_STEP {
+        return Err(bad(
+            "step",
+            format!("must be in 1..={MAX_STEP} (step 0's shape is [plan]'s)"),
+        ));
+    }
+    if !(1..=MAX_SEQ_LEN).contains(&st.seq_len) {
+        return Err(bad(
+            "seq_len",
+            format!("{} is outside 1..={MAX_SEQ_LEN}", st.seq_len),
+        ));
+    }
+    if !(1..=MAX_BATCH_ROWS).contains(&st.rows) {
+        let what = format!("{} is outside 1..={MAX_BATCH_ROWS}", st.rows);
+        return Err(bad("global_batch_rows", what));
+    }
+    if !(1..=MAX_WINDOW).contains(&st.window) {
+        let what = format!("{} is outside 1..={MAX_WINDOW}", st.window);
+        return Err(bad("best_fit_window", what));
+    }
+    Ok(())
 }
 
 /// Why a change cannot apply to a plan: each names the change by its first plan step.
@@ -134,18 +194,29 @@ pub enum ChangeError {
         /// The point's step.
         step: u64,
     },
+    /// A stage change with a field out of bounds.
+    #[error("stage change at plan step {at}: {field} {what}")]
+    Stage {
+        /// The change's first plan step.
+        at: u64,
+        /// The field at fault, as `[[plan.stage]]` names it.
+        field: &'static str,
+        /// What is wrong with it.
+        what: String,
+    },
 }
 
 /// Appends `change`, dropping the changes it supersedes: the longest tail of `journal`
-/// whose entries all start at or after `change.at`. A layer cuts off every layer that
-/// starts at or after its own start, so those entries can no longer shape any step, and
-/// the schedule is the same with or without them. Returns how many were dropped; the
+/// whose entries all start at or after `change.at` and are of its kind (weights or
+/// stage). A layer cuts off every layer of its kind that starts at or after its own
+/// start, so those entries can no longer shape any step, and the schedule (or the
+/// stages) is the same with or without them. Returns how many were dropped; the
 /// caller adds them to the journal's superseded count, which blobs carry, so that
 /// superseded changes count toward no limit but still order journals ([`compare`]).
 pub fn append(journal: &mut Vec<Change>, change: Change) -> u64 {
     let keep = journal
         .iter()
-        .rposition(|c| c.at < change.at)
+        .rposition(|c| c.at < change.at || c.stage.is_some() != change.stage.is_some())
         .map_or(0, |i| i + 1);
     let dropped = (journal.len() - keep) as u64;
     journal.truncate(keep);
@@ -214,7 +285,61 @@ mod tests {
         Change {
             at,
             points: vec![(at, vec![w, 1.0])],
+            stage: None,
         }
+    }
+
+    fn stage(at: u64, seq_len: u32) -> Change {
+        Change {
+            at,
+            points: Vec::new(),
+            stage: Some(StageChange {
+                seq_len,
+                rows: 4,
+                window: 64,
+                chain_groups: false,
+            }),
+        }
+    }
+
+    /// A stage change supersedes stage changes only, and a weights change weights only:
+    /// dropping stops at the first entry of the other kind.
+    #[test]
+    fn stage_changes_supersede_their_own_kind() {
+        let mut j = vec![ch(10, 0.5), stage(20, 128), ch(30, 0.9)];
+        assert_eq!(append(&mut j, stage(15, 256)), 0);
+        assert_eq!(j.len(), 4);
+        assert_eq!(append(&mut j, stage(15, 512)), 1);
+        assert_eq!(j[3], stage(15, 512));
+        assert_eq!(append(&mut j, ch(12, 0.1)), 0);
+        let before = j.clone();
+        assert_eq!(compare(&j, 1, &before, 1), Order::Same);
+        let mut other = before.clone();
+        other[1] = stage(20, 64);
+        assert_eq!(compare(&other, 1, &before, 1), Order::Diverged(1));
+    }
+
+    #[test]
+    fn stage_checks_name_the_field() {
+        assert!(stage(20, 128).check(2).is_ok());
+        let e = stage(20, 0).check(2).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "stage change at plan step 20: seq_len 0 is outside 1..=16777216"
+        );
+        assert!(matches!(
+            stage(0, 8).check(2),
+            Err(ChangeError::Stage { field: "step", .. })
+        ));
+        let mut c = stage(20, 8);
+        c.points.push((20, vec![1.0, 1.0]));
+        assert!(matches!(
+            c.check(2),
+            Err(ChangeError::Stage {
+                field: "weights",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -38,14 +38,14 @@ use crate::config::plan::{
 pub use checkpoint::{CheckpointKey, Checkpoints, MemCheckpoints, CHECKPOINT_ROWS, MAX_TRIES};
 pub use cursor::CursorError;
 pub use domain::{DocSource, DomainInput, MemShard};
-pub use journal::{Change, ChangeError};
+pub use journal::{Change, ChangeError, StageChange};
 pub use planner::Planner;
 pub use resume::Resumed;
 pub use stage::{CarryLevel, Shape};
 pub use stream::{StreamError, StreamState, Tail, MAX_DEFERRED};
 
 use domain::{DomainData, Geometry};
-use mix::{Mixer, Schedule, StageMix};
+use mix::{Mixer, Schedule};
 use permute::derive_key;
 
 /// Plan steps a seek replays per chunk: its mixer counts (4 bytes per domain per step)
@@ -255,15 +255,7 @@ impl Plan {
             .collect();
         cfg.validate(&settings)?;
         let shapes = stage::shapes(&cfg);
-        let geometries: Vec<Geometry> = shapes
-            .iter()
-            .map(|s| Geometry {
-                capacity: s.seq_len + 1,
-                packing: cfg.packing,
-                window: s.window,
-                chain: s.chain_groups,
-            })
-            .collect();
+        let geometries = stage::geometries(&shapes, cfg.packing);
         let geometry = geometries[0];
         let mut domains = Vec::with_capacity(inputs.len());
         for input in inputs {
@@ -296,19 +288,7 @@ impl Plan {
         }
         // Later stages' fills, from the same first window packed at their shape: the
         // mixer counts in rows of the stage in force.
-        let stages = shapes
-            .iter()
-            .zip(&geometries)
-            .skip(1)
-            .map(|(s, &g)| StageMix {
-                step: s.step,
-                rows: s.rows,
-                fill: domains
-                    .par_iter()
-                    .map(|d| domain::first_window(d, g, cfg.seed).fill)
-                    .collect(),
-            })
-            .collect();
+        let stages = stage::stage_mixes(&domains, &shapes, &geometries, cfg.seed, &[]);
         let mut phase = 0u32;
         let bursty: Vec<Option<(u32, u32)>> = domains
             .iter()
@@ -396,8 +376,13 @@ impl Plan {
         }
         let tokens = self.domain_tokens();
         let mut schedule = self.base.clone();
+        let mut shapes = stage::shapes(&self.cfg);
         for change in &journal {
             change.check(self.domains.len())?;
+            if let Some(st) = change.stage {
+                stage::layer(&mut shapes, change.at, st);
+                continue;
+            }
             for (step, w) in &change.points {
                 if let Some(d) = (0..w.len()).find(|&d| w[d] > 0.0 && tokens[d] == 0) {
                     return Err(PlanError::NoTokensAt {
@@ -409,6 +394,16 @@ impl Plan {
             schedule = schedule.with_layer(change.at, change.points.clone());
         }
         let mut p = self.clone();
+        if shapes != self.shapes {
+            // Fills already estimated at a shape are kept; only new shapes pack a window.
+            let known: Vec<(Geometry, &[f64])> = (self.geometries.iter().skip(1).copied())
+                .zip(self.mixer.stages.iter().map(|s| s.fill.as_slice()))
+                .collect();
+            p.geometries = stage::geometries(&shapes, self.cfg.packing);
+            p.mixer.stages =
+                stage::stage_mixes(&self.domains, &shapes, &p.geometries, self.cfg.seed, &known);
+            p.shapes = shapes;
+        }
         p.mixer.schedule = schedule;
         p.journal = journal;
         p.superseded = superseded;
@@ -449,6 +444,7 @@ impl Plan {
         Ok(Change {
             at,
             points: vec![(at, w)],
+            stage: None,
         })
     }
 
@@ -459,6 +455,31 @@ impl Plan {
         Change {
             at,
             points: Schedule::new(points, &names).tail(at),
+            stage: None,
+        }
+    }
+
+    /// The change "from plan step `at` on, rows of `seq_len` tokens, `rows` per global
+    /// batch": a `[[plan.stage]]` added live. Without a `window` it keeps the packing
+    /// window in force at `at`. Checked as a whole by [`Plan::with_history`].
+    pub fn stage_change(
+        &self,
+        at: u64,
+        seq_len: u32,
+        rows: u32,
+        window: Option<u64>,
+        chain_groups: bool,
+    ) -> Change {
+        let window = window.unwrap_or_else(|| self.shape(self.stage_at(at)).window);
+        Change {
+            at,
+            points: Vec::new(),
+            stage: Some(journal::StageChange {
+                seq_len,
+                rows,
+                window,
+                chain_groups,
+            }),
         }
     }
 

@@ -18,14 +18,19 @@
 //! of the window had been emitted ([`CarryLevel`]), and a resume repacks the window at
 //! each shape it went through.
 
+use rayon::prelude::*;
 use serde::Serialize;
 
-use super::domain::{pack_units, pack_window, window_units, DomainData, Geometry, UnitKind};
+use super::domain::{
+    first_window, pack_units, pack_window, window_units, DomainData, Geometry, UnitKind,
+};
+use super::journal::StageChange;
+use super::mix::StageMix;
 use super::pack::Window;
 use super::permute::{chained, derive_key, Permutation, Reshuffle};
 use super::stream::{Stream, StreamError, StreamState, MAX_DEFERRED};
 use super::Plan;
-use crate::config::plan::PlanConfig;
+use crate::config::plan::{Packing, PlanConfig};
 
 /// The row shape of one stage, from its first plan step on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,6 +70,64 @@ pub(crate) fn shapes(cfg: &PlanConfig) -> Vec<Shape> {
         });
     }
     out
+}
+
+/// Lays a live stage change (the journal's) over `shapes`: every stage at or after `at`
+/// gives way to it, as a weights change cuts the schedule's later points.
+pub(crate) fn layer(shapes: &mut Vec<Shape>, at: u64, st: StageChange) {
+    shapes.retain(|s| s.step < at || s.step == 0);
+    shapes.push(Shape {
+        step: at,
+        seq_len: st.seq_len,
+        rows: st.rows,
+        window: st.window,
+        chain_groups: st.chain_groups,
+    });
+}
+
+/// Each stage's packing constants.
+pub(crate) fn geometries(shapes: &[Shape], packing: Packing) -> Vec<Geometry> {
+    shapes
+        .iter()
+        .map(|s| Geometry {
+            capacity: s.seq_len + 1,
+            packing,
+            window: s.window,
+            chain: s.chain_groups,
+        })
+        .collect()
+}
+
+/// The mixer's view of the later stages: each one's fill per domain, from the domain's
+/// first window packed at its shape (`known` fills, by geometry, are reused).
+pub(crate) fn stage_mixes(
+    domains: &[DomainData],
+    shapes: &[Shape],
+    geometries: &[Geometry],
+    seed: u64,
+    known: &[(Geometry, &[f64])],
+) -> Vec<StageMix> {
+    shapes
+        .iter()
+        .zip(geometries)
+        .skip(1)
+        .map(|(s, &g)| StageMix {
+            step: s.step,
+            rows: s.rows,
+            fill: match known.iter().find(|k| same(k.0, g)) {
+                Some(k) => k.1.to_vec(),
+                None => domains
+                    .par_iter()
+                    .map(|d| first_window(d, g, seed).fill)
+                    .collect(),
+            },
+        })
+        .collect()
+}
+
+/// Whether two geometries pack alike (`Geometry` is shared and has no `PartialEq`).
+fn same(a: Geometry, b: Geometry) -> bool {
+    (a.capacity, a.packing, a.window, a.chain) == (b.capacity, b.packing, b.window, b.chain)
 }
 
 /// How far a window had been emitted when a stage switch came: which of its blocks went

@@ -309,7 +309,7 @@ impl Hub {
         let kept = journal::common_prefix(seen.journal(), plan.journal());
         let n = plan.journal().len() - kept;
         self.install(st, plan)
-            .map_err(|e| Refusal::new(Code::Busy, format!("adopting the blob's journal: {e}")))?;
+            .map_err(|e| Refusal::new(e.code(), format!("adopting the blob's journal: {e}")))?;
         st.sources.resize(kept, "cursor");
         st.sources.extend(std::iter::repeat_n("cursor", n));
         *st.reloads.entry("cursor").or_default() += 1;

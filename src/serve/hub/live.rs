@@ -74,10 +74,16 @@ pub struct ChangeError {
     pub first_changeable: Option<u64>,
 }
 
-/// Why a new plan could not be put in force: a ring's cursor does not restore under it.
-/// Nothing changed; the caller refuses the change with `busy`.
+/// Why a new plan could not be put in force: a ring's cursor does not restore under it,
+/// or it changes the stages. Nothing changed; the caller refuses the change
+/// ([`InstallError::code`]).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum InstallError {
+    /// The plan's stages differ from those in force: a journal stage change (a blob's,
+    /// `plan/journal.rs`). Rings and WELCOMEs are laid out for the config's stages, so
+    /// the daemon does not serve stages added live (docs/PROTOCOL.md section 4).
+    #[error("its journal adds a stage at plan step {step} ({seq_len} tokens x {rows} rows); this daemon serves the stages of its config only: add it as [[plan.stage]] and restart")]
+    Stages { step: u64, seq_len: u32, rows: u32 },
     /// A ring without a cursor (every ring holds at least its start's).
     #[error("job {job:?} dp_rank {dp_rank} holds no cursor")]
     NoCursor { job: String, dp_rank: u32 },
@@ -89,6 +95,17 @@ pub(super) enum InstallError {
         step: u64,
         source: CursorError,
     },
+}
+
+impl InstallError {
+    /// The code a refusal carries: a stage change will never apply (`cursor`), a ring's
+    /// cursor may restore once it moves on (`busy`).
+    pub(super) fn code(&self) -> Code {
+        match self {
+            InstallError::Stages { .. } => Code::Cursor,
+            _ => Code::Busy,
+        }
+    }
 }
 
 impl ChangeError {
@@ -111,6 +128,17 @@ impl Hub {
     /// nothing: a cursor that cannot be restored leaves every ring as it was. Runs under
     /// the lock, so no step is published meanwhile.
     pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), InstallError> {
+        if plan.stages() != st.plan.stages() {
+            // Only a journal stage change makes them differ: [plan] edits need a restart.
+            let (step, s) = (plan.journal().iter())
+                .find_map(|c| c.stage.map(|s| (c.at, s)))
+                .unwrap_or_default();
+            return Err(InstallError::Stages {
+                step,
+                seq_len: s.seq_len,
+                rows: s.rows,
+            });
+        }
         let mut fresh = Vec::new();
         for (name, job) in &st.jobs {
             let restore = |r: u32| -> Result<Planner, InstallError> {
@@ -272,7 +300,7 @@ impl Hub {
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
         );
         self.install(st, next.clone()).map_err(|e| ChangeError {
-            code: Code::Busy,
+            code: e.code(),
             message: format!("regenerating prefetched batches: {e}"),
             first_changeable: None,
         })?;
