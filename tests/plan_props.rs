@@ -2809,6 +2809,7 @@ fn stream_state_strategy() -> impl Strategy<Value = StreamState> {
                     window_start: t.4,
                     pending: t.5,
                     carry: Vec::new(),
+                    upsample: Default::default(),
                 }),
             0..3,
         ),
@@ -2850,6 +2851,7 @@ fn stream_state_strategy() -> impl Strategy<Value = StreamState> {
             stage: stage.0,
             dropped: stage.1,
             carry: stage.2,
+            upsample: Default::default(),
         })
 }
 
@@ -2993,6 +2995,7 @@ fn cursor_forged_state_never_panics() {
                     window_start: big(&mut rng),
                     pending: vec![(big(&mut rng) as u32, big(&mut rng) as u32)],
                     carry: Vec::new(),
+                    upsample: Default::default(),
                 }),
                 12 => {
                     let t = Tail {

@@ -414,6 +414,7 @@ proptest! {
                 global_batch_rows: 32,
                 best_fit_window: None,
                 chain_groups: !chain,
+                upsample_long: Default::default(),
             });
         }
         let plan = build(&doms, cfg);

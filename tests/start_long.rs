@@ -81,7 +81,7 @@ fn listed_long_units_plan_what_a_scan_plans() {
                 a.push((format!("{name}/{s}"), shard.clone() as Arc<dyn DocSource>));
                 let with: Arc<dyn DocSource> = Arc::new(Listed {
                     source: shard,
-                    long,
+                    long: vec![long],
                 });
                 b.push((format!("{name}/{s}"), with));
             }

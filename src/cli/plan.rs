@@ -75,7 +75,7 @@ pub struct ExplainArgs {
 }
 
 pub fn run_plan(args: PlanArgs) -> Result<()> {
-    use millrace::plan::report::{render_positions, render_windows, Tally};
+    use millrace::plan::report::{render_positions, render_upsampling, render_windows, Tally};
     let t0 = std::time::Instant::now();
     let config = Config::load(&args.config)?;
     let loaded = config.load_plan()?;
@@ -104,6 +104,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
     let at_start = positions(&planner);
     let window = args.window.unwrap_or((args.steps / 10).max(1)).max(1);
     let mut tally = Tally::new(&plan);
+    tally.observe(&planner, None, planner.plan_step());
     let mut windows = Vec::new();
     let mut first_ms = 0.0;
     let mut in_window = 0u64;
@@ -114,6 +115,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             first_ms = t2.elapsed().as_secs_f64() * 1e3;
         }
         let stage = plan.stage_at(batch.plan_step);
+        tally.observe(&planner, Some(batch.step), batch.plan_step);
         tally.add(batch);
         in_window += 1;
         // Windows also end at a stage switch, so each reports one shape.
@@ -134,6 +136,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             "domains": names,
             "fill": plan.fill(),
             "stages": plan.stages(),
+            "upsampling": tally.upsampling(),
             "eod": eod.as_ref().map(|(_, r)| r),
             "windows": windows,
             "start": at_start,
@@ -181,6 +184,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
                 .collect();
             writeln!(out, "stages: {}", stages.join("; "))?;
         }
+        write!(out, "{}", render_upsampling(&tally.upsampling()))?;
         if let Some((e, r)) = &eod {
             write!(out, "{}", millrace::eod::render(r, *e))?;
         }

@@ -504,9 +504,13 @@ impl Config {
                 .open(path, self.raw_options(domain).as_ref(), validate)
                 .map_err(wrap)?;
             // Listed here, on all cores, from the cache when it has them: the planner
-            // would otherwise read every length of the domain at each start.
-            let long = (domain.settings.upsample_long)
-                .map(|u| cache.long_units(&shard, &id, u.min_tokens));
+            // would otherwise read every length of the domain at each start. One list
+            // per threshold: the domain's own and its stages' (`[[plan.stage]]
+            // upsample_long`).
+            let long: Vec<corpus::LongUnits> = long_thresholds(&cfg, domain)
+                .into_iter()
+                .map(|t| cache.long_units(&shard, &id, t))
+                .collect();
             let id = serde_json::to_string(&id).unwrap_or_default();
             Ok((*d, (shard, id, long)))
         });
@@ -528,12 +532,13 @@ impl Config {
                 manifest.update(&[0]);
                 ids.push(xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
                 let shard = Arc::new(shard);
-                let source: Arc<dyn crate::plan::DocSource> = match long {
-                    Some(long) => Arc::new(corpus::Listed {
+                let source: Arc<dyn crate::plan::DocSource> = if long.is_empty() {
+                    shard.clone()
+                } else {
+                    Arc::new(corpus::Listed {
                         source: shard.clone(),
                         long,
-                    }),
-                    None => shard.clone(),
+                    })
                 };
                 list.push((shard.path().display().to_string(), source));
                 arcs.push(shard);
@@ -558,6 +563,22 @@ impl Config {
             shards: shards_out,
         })
     }
+}
+
+/// The thresholds whose long-unit lists the plan reads for `domain`: its own
+/// `upsample_long`'s and each stage's for it, distinct, in config order.
+fn long_thresholds(cfg: &plan::PlanConfig, domain: &DomainConfig) -> Vec<u64> {
+    let own = domain.settings.upsample_long.map(|u| u.min_tokens);
+    let stages = (cfg.stage.iter())
+        .filter_map(|st| st.upsample_long.get(&domain.name))
+        .filter_map(|u| u.setting().map(|u| u.min_tokens));
+    let mut out: Vec<u64> = Vec::new();
+    for t in own.into_iter().chain(stages) {
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out
 }
 
 /// `file`'s canonical path, its directory canonicalized once per directory

@@ -151,9 +151,66 @@ pub struct Reseed {
     pub seed: u64,
 }
 
+/// A stage's long-document upsampling for one domain (`[[plan.stage]] upsample_long =
+/// { code = { min_tokens, factor }, web = "off" }`): it applies from the domain's first
+/// epoch that begins at or after the stage's step (docs/DESIGN.md, "Stages").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageUpsample {
+    /// `"off"`: no unit is repeated.
+    Off,
+    /// `{ min_tokens, factor }`: units longer than `min_tokens` appear `factor` times
+    /// per epoch (factor 1 is the same as off).
+    Long(Upsample),
+}
+
+impl StageUpsample {
+    /// The setting as a domain's `upsample_long` says it: `None` for off or factor 1.
+    pub fn setting(self) -> Option<Upsample> {
+        match self {
+            StageUpsample::Long(u) if u.factor > 1 => Some(u),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for StageUpsample {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            StageUpsample::Off => s.serialize_str("off"),
+            StageUpsample::Long(u) => u.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StageUpsample {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StageUpsample;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"off\" or { min_tokens, factor }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StageUpsample, E> {
+                match v {
+                    "off" => Ok(StageUpsample::Off),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<StageUpsample, A::Error> {
+                let d = serde::de::value::MapAccessDeserializer::new(map);
+                Upsample::deserialize(d).map(StageUpsample::Long)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `[[plan.stage]]`: from plan step `step` on, rows have another shape (a long-context
 /// stage). Each domain's epoch continues across the switch (docs/DESIGN.md, "Stages").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     /// First plan step (unskipped numbering, as schedules use) with the new shape.
@@ -171,6 +228,11 @@ pub struct Stage {
     /// units (which pads where a domain has few: books at 131072 tokens).
     #[serde(default)]
     pub chain_groups: bool,
+    /// Per domain, the long-document upsampling of its epochs that begin from `step` on
+    /// (a domain not named keeps the previous stage's; the first stage's is the
+    /// domain's own `upsample_long`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub upsample_long: BTreeMap<String, StageUpsample>,
 }
 
 /// Most `[[plan.stage]]` entries: a recipe has two or three; each costs a packed window
@@ -461,6 +523,8 @@ impl PlanConfig {
             }
         }
         self.validate_stages()?;
+        let names: Vec<&str> = domains.iter().map(|d| d.0).collect();
+        self.validate_stage_upsampling(&names)?;
         for (i, (name, d)) in domains.iter().enumerate() {
             let field = format!("corpus.domain[{i}]");
             let g = &d.grouping;
@@ -555,6 +619,36 @@ impl PlanConfig {
                     format!("{field}.best_fit_window"),
                     format!("{w} is outside 1..={MAX_WINDOW}"),
                 ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PlanConfig {
+    /// Checks each stage's `upsample_long`: domains of the corpus, factors 1..=1000.
+    fn validate_stage_upsampling(&self, domains: &[&str]) -> Result<(), SettingError> {
+        for (i, st) in self.stage.iter().enumerate() {
+            for (name, u) in &st.upsample_long {
+                let field = format!("plan.stage[{i}].upsample_long.{name}");
+                if !domains.contains(&name.as_str()) {
+                    return Err(bad(
+                        field,
+                        format!(
+                            "stage at step {}: no such domain {name} (domains: {})",
+                            st.step,
+                            domains.join(", ")
+                        ),
+                    ));
+                }
+                if let StageUpsample::Long(u) = u {
+                    if !(1..=1000).contains(&u.factor) {
+                        return Err(bad(
+                            format!("{field}.factor"),
+                            format!("{} is outside 1..=1000", u.factor),
+                        ));
+                    }
+                }
             }
         }
         Ok(())

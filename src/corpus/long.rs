@@ -37,8 +37,10 @@ pub struct LongUnits {
 pub struct Listed<S> {
     /// The shard (or any source of the same lengths).
     pub source: S,
-    /// Its long units; they must be what [`LongUnits::scan`] gives for `source`.
-    pub long: LongUnits,
+    /// Its long units, one list per threshold the plan asks for (a domain's own
+    /// `upsample_long`, a stage's); each must be what [`LongUnits::scan`] gives for
+    /// `source` at its threshold.
+    pub long: Vec<LongUnits>,
 }
 
 impl LongUnits {

@@ -12,7 +12,8 @@
 use super::journal::{Change, StageChange, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
-use super::stage::CarryLevel;
+use super::stage::{CarryLevel, Upsampling};
+use crate::config::plan::Upsample;
 use super::stream::{StreamState, Tail};
 
 /// First bytes of every blob.
@@ -27,10 +28,12 @@ pub const MAGIC: &[u8; 8] = b"MRCURSOR";
 /// identity ([`DomainRecord`]), so a resume maps domains by name and a config may add
 /// domains (docs/DESIGN.md, "Corpus evolution"), 8 a stage record after each journal
 /// change (stages added live, [`super::journal::StageChange`]; written only when the
-/// journal holds one, else 7). This build writes 7 and 8, reads 5 and 6 as before and
-/// 1-4 with their JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old
-/// checkpoints resume.
-pub const VERSION: u16 = 8;
+/// journal holds one, else 7), 9 each stream's and tail's epoch upsampling
+/// ([`super::stage::Upsampling`], a stage's `upsample_long`; written only when an epoch
+/// uses a stage's override, else 7 or 8; a 9 writes the journal's stage records as 8
+/// does). This build writes 7 to 9, reads 5 and 6 as before and 1-4 with their
+/// JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old checkpoints resume.
+pub const VERSION: u16 = 9;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 
@@ -153,6 +156,14 @@ pub enum CursorError {
     /// A journal change's stage record of an unknown kind (layout 8).
     #[error("cursor is malformed: the journal's stage record at byte {at} has kind {kind} (0 or 1 expected)")]
     StageKind {
+        /// Offset of the kind byte.
+        at: usize,
+        /// The kind found.
+        kind: u8,
+    },
+    /// An epoch upsampling record of an unknown kind (layout 9).
+    #[error("cursor is malformed: the upsampling record at byte {at} has kind {kind} (0, 1 or 2 expected)")]
+    UpsampleKind {
         /// Offset of the kind byte.
         at: usize,
         /// The kind found.
@@ -346,6 +357,18 @@ impl W {
             self.pending(&c.pending);
         }
     }
+    /// An epoch's upsampling (layout 9): kind 0 the domain's own, 1 off, 2 a setting.
+    fn upsample(&mut self, u: Upsampling) {
+        match u {
+            Upsampling::Domain => self.u8(0),
+            Upsampling::Off => self.u8(1),
+            Upsampling::Long(u) => {
+                self.u8(2);
+                self.u64(u.min_tokens);
+                self.u32(u.factor);
+            }
+        }
+    }
 }
 
 struct R<'a> {
@@ -411,6 +434,20 @@ impl R<'_> {
         }
         Ok(carry)
     }
+    fn upsample(&mut self) -> Result<Upsampling, CursorError> {
+        match self.u8()? {
+            0 => Ok(Upsampling::Domain),
+            1 => Ok(Upsampling::Off),
+            2 => Ok(Upsampling::Long(Upsample {
+                min_tokens: self.u64()?,
+                factor: self.u32()?,
+            })),
+            kind => Err(CursorError::UpsampleKind {
+                at: self.at - 1,
+                kind,
+            }),
+        }
+    }
     fn len(&mut self, what: &'static str) -> Result<usize, CursorError> {
         let n = self.u16()? as usize;
         if n > MAX_LIST {
@@ -429,7 +466,12 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
     let staged = c.journal.iter().any(|ch| ch.stage.is_some());
+    let upsampled = c.streams.iter().any(|s| {
+        s.upsample != Upsampling::Domain
+            || s.tails.iter().any(|t| t.upsample != Upsampling::Domain)
+    });
     let version: u16 = match c.fingerprint {
+        Fingerprint::Settings(_) if upsampled => 9,
         Fingerprint::Settings(_) if staged => 8,
         Fingerprint::Settings(_) => 7,
         Fingerprint::Binary(_) if c.lookahead => 6,
@@ -486,11 +528,17 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
             if version >= 6 {
                 w.carry(&t.carry);
             }
+            if version >= 9 {
+                w.upsample(t.upsample);
+            }
         }
         if version >= 6 {
             w.u32(s.stage);
             w.u64(s.dropped);
             w.carry(&s.carry);
+        }
+        if version >= 9 {
+            w.upsample(s.upsample);
         }
     }
     w.u16(c.journal.len() as u16);
@@ -613,6 +661,11 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
                     pos_chain: r.chain()?,
                     pending: r.pending()?,
                     carry: if version >= 6 { r.carry()? } else { Vec::new() },
+                    upsample: if version >= 9 {
+                        r.upsample()?
+                    } else {
+                        Upsampling::Domain
+                    },
                 });
             }
         }
@@ -620,6 +673,9 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
             s.stage = r.u32()?;
             s.dropped = r.u64()?;
             s.carry = r.carry()?;
+        }
+        if version >= 9 {
+            s.upsample = r.upsample()?;
         }
         streams.push(s);
     }
@@ -687,22 +743,21 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
 
 /// Bytes a journal (and its superseded count) adds to a blob of `domains` domains, so
 /// the daemon can refuse a change that would outgrow the slot's cursor field before
-/// accepting it.
+/// accepting it. An upper bound: it counts each change's stage kind byte whenever a blob
+/// may write it (layout 8 for a journal with a stage, 9 for an epoch a stage upsamples).
 pub fn journal_bytes(journal: &[Change], domains: usize) -> usize {
-    let staged = journal.iter().any(|c| c.stage.is_some());
     2 + 8
         + journal
             .iter()
-            .map(|c| 10 + c.points.len() * (8 + 8 * domains) + stage_bytes(c, staged))
+            .map(|c| 10 + c.points.len() * (8 + 8 * domains) + stage_bytes(c))
             .sum::<usize>()
 }
 
-/// Bytes a change's stage record takes (layout 8, written when the journal holds a
-/// stage change): a kind byte, and the shape for a stage change.
-fn stage_bytes(c: &Change, staged: bool) -> usize {
-    match (staged, c.stage) {
-        (false, _) => 0,
-        (true, None) => 1,
-        (true, Some(_)) => 18,
+/// Bytes a change's stage record takes (layouts 8 and 9): a kind byte, and the shape
+/// for a stage change.
+fn stage_bytes(c: &Change) -> usize {
+    match c.stage {
+        None => 1,
+        Some(_) => 18,
     }
 }

@@ -14,9 +14,10 @@ use crate::corpus::{GroupRun, Listed};
 
 use super::pack::{self, Piece, Window};
 use super::permute::{chained, derive_key, Permutation};
+use super::stage::Upsampling;
 use super::stream::StreamState;
 use super::{PlanError, Row, Segment};
-use crate::config::plan::{DomainSettings, GroupMode};
+use crate::config::plan::{DomainSettings, GroupMode, Upsample};
 
 /// Where a domain's document lengths and groups come from: a mapped shard in the daemon,
 /// a plain vector in property tests. The plan reads nothing else.
@@ -43,7 +44,8 @@ pub trait DocSource: Send + Sync {
 }
 
 /// A shard with its long units listed (see [`Listed`]): the planner takes the lists
-/// where their threshold is the domain's, and reads everything else from the shard.
+/// whose threshold it asks for (the domain's, a stage's), and reads everything else from
+/// the shard.
 impl<S: DocSource + ?Sized> DocSource for Listed<Arc<S>> {
     fn documents(&self) -> u64 {
         self.source.documents()
@@ -58,11 +60,12 @@ impl<S: DocSource + ?Sized> DocSource for Listed<Arc<S>> {
         self.source.groups()
     }
     fn long_docs(&self, min_tokens: u64) -> Option<&[u64]> {
-        (min_tokens == self.long.min_tokens).then_some(self.long.docs.as_slice())
+        let long = self.long.iter().find(|l| l.min_tokens == min_tokens)?;
+        Some(long.docs.as_slice())
     }
     fn long_groups(&self, min_tokens: u64) -> Option<&[u64]> {
-        let groups = self.long.groups.as_deref()?;
-        (min_tokens == self.long.min_tokens).then_some(groups)
+        let long = self.long.iter().find(|l| l.min_tokens == min_tokens)?;
+        long.groups.as_deref()
     }
 }
 
@@ -111,12 +114,22 @@ pub struct DomainData {
     doc_prefix: Vec<u64>,
     group_prefix: Option<Vec<u64>>,
     pub(crate) settings: DomainSettings,
-    /// Long units (by kind: documents, groups) repeated by upsampling, ascending.
-    long_docs: Vec<u64>,
-    long_groups: Vec<u64>,
+    /// Long units repeated by upsampling, one list per threshold (the domain's own
+    /// `upsample_long`, the stages' overrides).
+    long: Vec<LongList>,
+    /// The stages' upsampling settings for this domain (other than its own): what a
+    /// restored epoch may name.
+    pub(crate) overrides: Vec<Upsample>,
     pub(crate) tokens: u64,
     /// The first window, once packed (see [`first_window`]).
     pub(crate) first: Option<FirstWindow>,
+}
+
+/// The long units (by kind: documents, groups) at one threshold, ascending.
+struct LongList {
+    min_tokens: u64,
+    docs: Vec<u64>,
+    groups: Vec<u64>,
 }
 
 /// Which kind of unit an epoch shuffles.
@@ -127,10 +140,11 @@ pub(crate) enum UnitKind {
 }
 
 impl DomainData {
-    /// Indexes a domain: O(shards), plus O(long units) when upsampling asks for the
-    /// long-unit lists and the shards have them listed ([`DocSource::long_docs`]); a
-    /// shard that has not is one pass over its lengths.
-    pub(crate) fn new(input: &DomainInput) -> Result<DomainData, PlanError> {
+    /// Indexes a domain: O(shards), plus O(long units) per threshold when upsampling
+    /// (its own, or a stage's `overrides`) asks for the long-unit lists and the shards
+    /// have them listed ([`DocSource::long_docs`]); a shard that has not is one pass over
+    /// its lengths per threshold.
+    pub(crate) fn new(input: &DomainInput, overrides: &[Upsample]) -> Result<DomainData, PlanError> {
         let mut doc_prefix = vec![0u64];
         let mut group_prefix = Some(vec![0u64]);
         let mut tokens = 0u64;
@@ -163,17 +177,32 @@ impl DomainData {
             doc_prefix,
             group_prefix,
             settings: input.settings,
-            long_docs: Vec::new(),
-            long_groups: Vec::new(),
+            long: Vec::new(),
+            overrides: Vec::new(),
             tokens,
             first: None,
         };
-        if let Some(t) = input.settings.upsample_long.map(|u| u.min_tokens) {
-            data.long_docs = data.list_long(UnitKind::Doc, t);
-            let grouped = data.group_prefix.is_some();
-            if grouped && input.settings.grouping.mode != GroupMode::Off {
-                data.long_groups = data.list_long(UnitKind::Group, t);
+        let own = input.settings.upsample_long.into_iter();
+        for u in own.chain(overrides.iter().copied()) {
+            if !data.overrides.contains(&u) && Some(u) != input.settings.upsample_long {
+                data.overrides.push(u);
             }
+            if data.long.iter().any(|l| l.min_tokens == u.min_tokens) {
+                continue;
+            }
+            let t = u.min_tokens;
+            let docs = data.list_long(UnitKind::Doc, t);
+            let grouped = data.group_prefix.is_some();
+            let groups = if grouped && input.settings.grouping.mode != GroupMode::Off {
+                data.list_long(UnitKind::Group, t)
+            } else {
+                Vec::new()
+            };
+            data.long.push(LongList {
+                min_tokens: t,
+                docs,
+                groups,
+            });
         }
         Ok(data)
     }
@@ -214,29 +243,53 @@ impl DomainData {
         }
     }
 
-    /// Virtual units of an epoch: every unit once, long ones `factor` times.
-    pub(crate) fn virtual_units(&self, kind: UnitKind) -> u64 {
-        let extra = match self.settings.upsample_long {
-            Some(u) => (u.factor as u64 - 1) * self.long(kind).len() as u64,
+    /// The setting an epoch with upsampling `u` uses (`None`: no upsampling).
+    pub(crate) fn setting(&self, u: Upsampling) -> Option<Upsample> {
+        match u {
+            Upsampling::Domain => self.settings.upsample_long,
+            Upsampling::Off => None,
+            Upsampling::Long(u) => Some(u),
+        }
+    }
+
+    /// Whether an epoch may name upsampling `u`: the domain's own, off, or one of its
+    /// stages' settings (a restored blob's is checked).
+    pub(crate) fn knows(&self, u: Upsampling) -> bool {
+        match u {
+            Upsampling::Long(u) => self.overrides.contains(&u),
+            _ => true,
+        }
+    }
+
+    /// Virtual units of an epoch with upsampling `u`: every unit once, long ones
+    /// `factor` times.
+    pub(crate) fn virtual_units(&self, kind: UnitKind, u: Upsampling) -> u64 {
+        let extra = match self.setting(u) {
+            Some(s) => (s.factor as u64 - 1) * self.long(kind, u).len() as u64,
             None => 0,
         };
         self.units(kind) + extra
     }
 
-    fn long(&self, kind: UnitKind) -> &[u64] {
-        match kind {
-            UnitKind::Doc => &self.long_docs,
-            UnitKind::Group => &self.long_groups,
+    /// The long units of a kind that upsampling `u` repeats.
+    fn long(&self, kind: UnitKind, u: Upsampling) -> &[u64] {
+        let Some(s) = self.setting(u) else {
+            return &[];
+        };
+        match self.long.iter().find(|l| l.min_tokens == s.min_tokens) {
+            Some(l) if kind == UnitKind::Doc => &l.docs,
+            Some(l) => &l.groups,
+            None => &[],
         }
     }
 
-    /// The unit behind a virtual index.
-    pub(crate) fn resolve(&self, kind: UnitKind, v: u64) -> u64 {
+    /// The unit behind a virtual index of an epoch with upsampling `u`.
+    pub(crate) fn resolve(&self, kind: UnitKind, u: Upsampling, v: u64) -> u64 {
         let n = self.units(kind);
         if v < n {
             return v;
         }
-        let long = self.long(kind);
+        let long = self.long(kind, u);
         if long.is_empty() {
             return v % n.max(1);
         }
@@ -350,7 +403,7 @@ pub(crate) fn window_units(
     kind: UnitKind,
     len: u64,
 ) -> Vec<(u64, u64)> {
-    let n = d.virtual_units(kind);
+    let n = d.virtual_units(kind, s.upsample);
     let perm = Permutation::new(
         n,
         derive_key(&[s.epoch_seed, d.key, s.epoch as u64, s.grouped as u64, 1]),
@@ -360,7 +413,7 @@ pub(crate) fn window_units(
     // loop's iterations are independent random reads, so the CPU keeps many cache misses
     // in flight instead of one per permutation step.
     let mut units: Vec<(u64, u64)> = (s.window_start..end)
-        .map(|pos| (d.resolve(kind, chained(&perm, &s.pos_chain, pos)), 0))
+        .map(|pos| (d.resolve(kind, s.upsample, chained(&perm, &s.pos_chain, pos)), 0))
         .collect();
     for (u, len) in units.iter_mut() {
         *len = d.unit_len(kind, *u);
@@ -460,6 +513,9 @@ pub(crate) fn describe(d: &DomainData) -> BTreeMap<&'static str, u64> {
     m.insert("documents", d.units(UnitKind::Doc));
     m.insert("groups", d.units(UnitKind::Group));
     m.insert("tokens", d.tokens);
-    m.insert("long_documents", d.long_docs.len() as u64);
+    m.insert(
+        "long_documents",
+        d.long(UnitKind::Doc, Upsampling::Domain).len() as u64,
+    );
     m
 }

@@ -41,7 +41,7 @@ pub use domain::{DocSource, DomainInput, MemShard};
 pub use journal::{Change, ChangeError, StageChange};
 pub use planner::Planner;
 pub use resume::Resumed;
-pub use stage::{CarryLevel, Shape};
+pub use stage::{CarryLevel, Shape, Upsampling};
 pub use stream::{StreamError, StreamState, Tail, MAX_DEFERRED};
 
 use domain::{DomainData, Geometry};
@@ -210,6 +210,8 @@ pub struct Plan {
     /// Per stage: packing constants, and the shape they come from.
     geometries: Vec<Geometry>,
     shapes: Vec<Shape>,
+    /// Per stage, per domain: the upsampling of epochs beginning in that stage.
+    upsampling: Vec<Vec<stage::Upsampling>>,
     fingerprint: u128,
     /// The fingerprint blobs of layouts 1-4 carry.
     legacy_fingerprint: u128,
@@ -255,11 +257,21 @@ impl Plan {
             .collect();
         cfg.validate(&settings)?;
         let shapes = stage::shapes(&cfg);
+        let upsampling = stage::upsampling(&cfg, &settings);
         let geometries = stage::geometries(&shapes, cfg.packing);
         let geometry = geometries[0];
         let mut domains = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            domains.push(DomainData::new(input)?);
+        for (d, input) in inputs.iter().enumerate() {
+            // The stages' own settings: their long-unit lists are built (or taken from
+            // the shards' lists) once, with the domain's.
+            let overrides: Vec<_> = upsampling
+                .iter()
+                .filter_map(|row| match row[d] {
+                    stage::Upsampling::Long(u) => Some(u),
+                    _ => None,
+                })
+                .collect();
+            domains.push(DomainData::new(input, &overrides)?);
         }
         let names: Vec<&str> = inputs.iter().map(|d| d.name.as_str()).collect();
         let schedule = Schedule::new(&cfg.points(), &names);
@@ -330,6 +342,7 @@ impl Plan {
             mixer,
             geometries,
             shapes,
+            upsampling,
             fingerprint,
             legacy_fingerprint,
             settings_fingerprint,
@@ -377,10 +390,16 @@ impl Plan {
         let tokens = self.domain_tokens();
         let mut schedule = self.base.clone();
         let mut shapes = stage::shapes(&self.cfg);
+        let settings: Vec<(&str, DomainSettings)> = self
+            .domains
+            .iter()
+            .map(|d| (d.name.as_str(), d.settings))
+            .collect();
+        let mut upsampling = stage::upsampling(&self.cfg, &settings);
         for change in &journal {
             change.check(self.domains.len())?;
             if let Some(st) = change.stage {
-                stage::layer(&mut shapes, change.at, st);
+                stage::layer(&mut shapes, &mut upsampling, change.at, st);
                 continue;
             }
             for (step, w) in &change.points {
@@ -403,6 +422,7 @@ impl Plan {
             p.mixer.stages =
                 stage::stage_mixes(&self.domains, &shapes, &p.geometries, self.cfg.seed, &known);
             p.shapes = shapes;
+            p.upsampling = upsampling;
         }
         p.mixer.schedule = schedule;
         p.journal = journal;
@@ -655,7 +675,7 @@ impl Plan {
         }
         // Stages shape rows from their step on and the mixer's counts of bursty cycles
         // reaching them, like weights.
-        words.extend(self.stage_words(end));
+        words.extend(self.stage_words(end, over));
         for &(a, b) in &self.skips {
             if a < plan_step {
                 words.extend([a, b.min(plan_step)]);

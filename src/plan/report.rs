@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::mix::Schedule;
 use super::{GlobalBatch, Plan, Planner};
+use crate::config::plan::Upsample;
 
 /// Upper ends of the document-length buckets in [`WindowFigures::by_length`]: the
 /// buckets a long-context recipe is judged by (documents longer than 8192 tokens are the
@@ -103,6 +104,31 @@ pub struct Tally<'p> {
     dropped: u64,
     /// Per domain, the first trainer step added with rows of it.
     first_rows: Vec<Option<u64>>,
+    /// Per domain, the stages that change its upsampling and where each took effect.
+    upsampling: Vec<Vec<UpsampleSwitch>>,
+    /// Per domain, the epoch last seen by [`Tally::observe`].
+    last_epoch: Vec<Option<u32>>,
+}
+
+/// A stage's change of one domain's long-document upsampling, and the epoch that first
+/// used it (an epoch takes the setting of the stage in force when it begins): what
+/// `millrace plan` reports, so an operator sees when an override takes effect.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct UpsampleSwitch {
+    /// Domain name.
+    pub domain: String,
+    /// The stage that sets it.
+    pub stage: u32,
+    /// Its first plan step.
+    pub stage_step: u64,
+    /// The setting (`None`: off).
+    pub upsample: Option<Upsample>,
+    /// The first epoch that used it, if seen (`None`: not within the steps planned,
+    /// or never: a later stage's setting came before the domain's next epoch did).
+    pub epoch: Option<u32>,
+    /// The trainer step whose batch that epoch began in (`None` with an `epoch`: it
+    /// began before the first step planned).
+    pub from_step: Option<u64>,
 }
 
 impl<'p> Tally<'p> {
@@ -119,7 +145,52 @@ impl<'p> Tally<'p> {
             capped_groups: 0,
             dropped: 0,
             first_rows: vec![None; plan.domains.len()],
+            upsampling: (0..plan.domains.len())
+                .map(|d| {
+                    let name = &plan.domains[d].name;
+                    (plan.upsampling_changes(d).into_iter())
+                        .map(|(stage, stage_step, upsample)| UpsampleSwitch {
+                            domain: name.clone(),
+                            stage,
+                            stage_step,
+                            upsample,
+                            epoch: None,
+                            from_step: None,
+                        })
+                        .collect()
+                })
+                .collect(),
+            last_epoch: vec![None; plan.domains.len()],
         }
+    }
+
+    /// Notes the epochs `planner` is in after planning trainer step `step` (plan step
+    /// `plan_step`; call it before the first step too, with `step` `None`): an epoch
+    /// that began with a stage's upsampling marks where that setting took effect.
+    pub fn observe(&mut self, planner: &Planner, step: Option<u64>, plan_step: u64) {
+        let plan = self.plan;
+        for d in 0..plan.domains.len() {
+            let Some(st) = planner.stream(d).filter(|s| s.started) else {
+                continue;
+            };
+            if self.last_epoch[d] == Some(st.epoch) {
+                continue;
+            }
+            self.last_epoch[d] = Some(st.epoch);
+            let setting = plan.domains[d].setting(st.upsample);
+            let switches = &mut self.upsampling[d];
+            let now = switches.iter_mut().rev().find(|s| s.stage_step <= plan_step);
+            if let Some(sw) = now.filter(|s| s.epoch.is_none() && s.upsample == setting) {
+                sw.epoch = Some(st.epoch);
+                sw.from_step = step;
+            }
+        }
+    }
+
+    /// Every domain's upsampling switches, with where each took effect so far
+    /// ([`Tally::observe`]); empty when no stage changes a domain's upsampling.
+    pub fn upsampling(&self) -> Vec<UpsampleSwitch> {
+        self.upsampling.iter().flatten().cloned().collect()
     }
 
     /// Per domain, the first trainer step added that had rows of it (`None`: none yet):
@@ -143,6 +214,7 @@ impl<'p> Tally<'p> {
             if dom.settings.grouping.mode != crate::config::plan::GroupMode::Batch
                 || !dom.grouping_active(batch.plan_step)
                 || dom.settings.upsample_long.is_some()
+                || !dom.overrides.is_empty()
             {
                 continue;
             }
@@ -185,10 +257,13 @@ impl<'p> Tally<'p> {
             // same start twice: key the first segment by its first label token instead.
             let concat = self.plan.cfg.packing == crate::config::plan::Packing::Concat;
             for (i, s) in row.segments.iter().enumerate() {
-                let allowed = match d.settings.upsample_long {
-                    Some(u) if s.doc_len > u.min_tokens || s.group.is_some() => u.factor,
-                    _ => 1,
-                };
+                // The most any of the domain's settings repeats the unit (the row does
+                // not say which its epoch used).
+                let allowed = (d.settings.upsample_long.iter().chain(&d.overrides))
+                    .filter(|u| s.doc_len > u.min_tokens || s.group.is_some())
+                    .map(|u| u.factor)
+                    .max()
+                    .unwrap_or(1);
                 let start = if concat && i == 0 {
                     if s.len <= 1 {
                         continue;
@@ -347,12 +422,20 @@ pub struct DomainPosition {
     /// The first trainer step at which the schedule gives the domain weight (`None`:
     /// never).
     pub weighted_from: Option<u64>,
+    /// The current epoch's long-document upsampling (`None`: none).
+    pub upsample: Option<Upsample>,
+    /// The upsampling the stage in force gives epochs that begin from here on, when it
+    /// differs from the current epoch's: the next epoch takes it (the stage's first plan
+    /// step, the setting; `None` inside: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_upsample: Option<(u64, Option<Upsample>)>,
 }
 
 /// Every domain's [`DomainPosition`] at `planner`'s next step.
 pub fn positions(planner: &Planner) -> Vec<DomainPosition> {
     let plan = planner.plan();
     let epochs = planner.epochs();
+    let stage = plan.stage_at(planner.plan_step());
     plan.domains
         .iter()
         .enumerate()
@@ -360,12 +443,22 @@ pub fn positions(planner: &Planner) -> Vec<DomainPosition> {
             let state = planner.stream(d);
             let epoch = state.map_or(0, |s| s.epoch);
             let progress = epochs.get(d).copied().unwrap_or(0.0);
+            let current = state.filter(|s| s.started).map(|s| s.upsample);
+            let upsample = dom.setting(current.unwrap_or_default());
+            let next = plan.upsampling_at(stage, d);
+            let next_upsample = (current.is_some() && current != Some(next)).then(|| {
+                let from = plan.upsampling_changes(d).into_iter().rev();
+                let step = from.map(|c| c.1).find(|&s| s <= planner.plan_step());
+                (step.unwrap_or(0), dom.setting(next))
+            });
             DomainPosition {
                 name: dom.name.clone(),
                 epoch,
                 epoch_fraction: (progress - epoch as f64).clamp(0.0, 1.0),
                 rows: state.map_or(0, |s| s.rows),
                 weighted_from: first_weighted(plan.schedule(), d).map(|p| plan.trainer_step_of(p)),
+                upsample,
+                next_upsample,
             }
         })
         .collect()
@@ -400,13 +493,55 @@ pub fn render_positions(title: &str, at: &[DomainPosition], first_rows: &[Option
             Some(None) => "  no rows in these steps".to_string(),
             None => String::new(),
         };
+        let mut ups = match p.upsample {
+            Some(u) => format!("  upsampling {}", render_upsample(Some(u))),
+            None => String::new(),
+        };
+        if let Some((step, u)) = p.next_upsample {
+            let _ = write!(
+                ups,
+                "  next epoch: upsampling {} (stage from step {step})",
+                render_upsample(u)
+            );
+        }
         let _ = writeln!(
             s,
-            "    {:<12} epoch {} {:>7.3}% consumed  rows {:>8}  {weighted}{rows}",
+            "    {:<12} epoch {} {:>7.3}% consumed  rows {:>8}  {weighted}{rows}{ups}",
             p.name,
             p.epoch,
             100.0 * p.epoch_fraction,
             p.rows
+        );
+    }
+    s
+}
+
+/// An upsampling setting in a line of text: `x2 over 32768 tokens`, or `off`.
+pub fn render_upsample(u: Option<Upsample>) -> String {
+    match u {
+        Some(u) => format!("x{} over {} tokens", u.factor, u.min_tokens),
+        None => "off".to_string(),
+    }
+}
+
+/// Human-readable upsampling switches ([`Tally::upsampling`]): per domain and stage,
+/// the setting and the epoch that took it.
+pub fn render_upsampling(switches: &[UpsampleSwitch]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for w in switches {
+        let effect = match (w.epoch, w.from_step) {
+            (Some(e), Some(step)) => format!("epoch {e}, begun at step {step}"),
+            (Some(e), None) => format!("epoch {e}, begun before the steps planned"),
+            _ => "no epoch began with it in the steps planned".to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "upsampling {}: {} for epochs beginning from step {} (stage {}); first used by {effect}",
+            w.domain,
+            render_upsample(w.upsample),
+            w.stage_step,
+            w.stage
         );
     }
     s

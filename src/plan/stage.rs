@@ -30,7 +30,7 @@ use super::pack::Window;
 use super::permute::{chained, derive_key, Permutation, Reshuffle};
 use super::stream::{Stream, StreamError, StreamState, MAX_DEFERRED};
 use super::Plan;
-use crate::config::plan::{Packing, PlanConfig};
+use crate::config::plan::{DomainSettings, Packing, PlanConfig, Upsample};
 
 /// The row shape of one stage, from its first plan step on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -72,9 +72,62 @@ pub(crate) fn shapes(cfg: &PlanConfig) -> Vec<Shape> {
     out
 }
 
-/// Lays a live stage change (the journal's) over `shapes`: every stage at or after `at`
-/// gives way to it, as a weights change cuts the schedule's later points.
-pub(crate) fn layer(shapes: &mut Vec<Shape>, at: u64, st: StageChange) {
+/// Which long-document upsampling an epoch uses: what a stream records per epoch (and
+/// the cursor per stream and tail), so a resume rebuilds the epoch's units exactly. An
+/// epoch takes the setting of the stage in force when it begins; the one in progress at
+/// a switch keeps its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Upsampling {
+    /// The domain's own `upsample_long` (or none): every epoch before a stage overrides
+    /// it, and what blobs of layouts before 9 mean.
+    #[default]
+    Domain,
+    /// A stage's `"off"`, over a domain that upsamples.
+    Off,
+    /// A stage's `{ min_tokens, factor }`, other than the domain's own.
+    Long(Upsample),
+}
+
+/// Per stage, per domain: the upsampling an epoch beginning in that stage uses. A stage
+/// that does not name a domain keeps the previous stage's; a setting equal to the
+/// domain's own (or off where it has none) is [`Upsampling::Domain`], so a plan whose
+/// stages change nothing writes the blobs it always wrote.
+pub(crate) fn upsampling(
+    cfg: &PlanConfig,
+    domains: &[(&str, DomainSettings)],
+) -> Vec<Vec<Upsampling>> {
+    let mut now = vec![Upsampling::Domain; domains.len()];
+    let mut out = vec![now.clone()];
+    for st in &cfg.stage {
+        for (d, (name, settings)) in domains.iter().enumerate() {
+            if let Some(u) = st.upsample_long.get(*name) {
+                now[d] = match u.setting() {
+                    u if u == settings.upsample_long => Upsampling::Domain,
+                    None => Upsampling::Off,
+                    Some(u) => Upsampling::Long(u),
+                };
+            }
+        }
+        out.push(now.clone());
+    }
+    out
+}
+
+/// Lays a live stage change (the journal's) over `shapes` and their `upsampling`: every
+/// stage at or after `at` gives way to it, as a weights change cuts the schedule's later
+/// points. A live stage keeps the upsampling in force before it.
+pub(crate) fn layer(
+    shapes: &mut Vec<Shape>,
+    upsampling: &mut Vec<Vec<Upsampling>>,
+    at: u64,
+    st: StageChange,
+) {
+    let kept = shapes.iter().filter(|s| s.step < at || s.step == 0).count();
+    upsampling.truncate(kept);
+    if let Some(last) = upsampling.last().cloned() {
+        upsampling.push(last);
+    }
     shapes.retain(|s| s.step < at || s.step == 0);
     shapes.push(Shape {
         step: at,
@@ -178,14 +231,54 @@ impl Plan {
     }
 
     /// History words for the stages that begin before `end`, none without stages (so
-    /// the digest of a plan without stages is what it always was).
-    pub(super) fn stage_words(&self, end: u64) -> Vec<u64> {
+    /// the digest of a plan without stages is what it always was). A stage's
+    /// upsampling adds words only where it changes a domain's (of `over`, all for
+    /// `None`), keyed by the domain's name, so plans without overrides keep their
+    /// digests and a domain added to the config does not move them.
+    pub(super) fn stage_words(&self, end: u64, over: Option<&[usize]>) -> Vec<u64> {
         let mut words = Vec::new();
-        for s in self.shapes.iter().skip(1).filter(|s| s.step < end) {
+        for (i, s) in self.shapes.iter().enumerate().skip(1) {
+            if s.step >= end {
+                continue;
+            }
             words.extend([u64::MAX, s.step, s.seq_len as u64, s.rows as u64, s.window]);
             words.push(s.chain_groups as u64);
+            let (now, before) = (&self.upsampling[i], &self.upsampling[i - 1]);
+            let all: Vec<usize> = (0..now.len()).collect();
+            for &d in over.unwrap_or(&all) {
+                if now.get(d) == before.get(d) {
+                    continue;
+                }
+                let key = self.domains.get(d).map_or(0, |d| d.key);
+                words.extend(match now.get(d).copied().unwrap_or_default() {
+                    Upsampling::Domain => [u64::MAX - 1, key, 0, 0, 0],
+                    Upsampling::Off => [u64::MAX - 1, key, 1, 0, 0],
+                    Upsampling::Long(u) => [u64::MAX - 1, key, 2, u.min_tokens, u.factor as u64],
+                });
+            }
         }
         words
+    }
+
+    /// The upsampling an epoch of domain `d` beginning in stage `stage` uses.
+    pub(super) fn upsampling_at(&self, stage: u32, d: usize) -> Upsampling {
+        let last = self.upsampling.len().saturating_sub(1);
+        let row = self.upsampling.get((stage as usize).min(last));
+        row.and_then(|r| r.get(d)).copied().unwrap_or_default()
+    }
+
+    /// Per domain, the stages whose upsampling differs from the stage before: `(stage,
+    /// its first plan step, the setting, None for off)`. An epoch beginning at or after
+    /// that step uses it (`millrace plan` reports these).
+    pub fn upsampling_changes(&self, d: usize) -> Vec<(u32, u64, Option<Upsample>)> {
+        let mut out = Vec::new();
+        for (i, s) in self.shapes.iter().enumerate().skip(1) {
+            let (now, before) = (self.upsampling_at(i as u32, d), self.upsampling_at(i as u32 - 1, d));
+            if now != before {
+                out.push((i as u32, s.step, self.domains[d].setting(now)));
+            }
+        }
+        out
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::domain::{expand_row, DomainData, Geometry, UnitKind};
 use super::pack::Window;
 use super::permute::{chained, derive_key, Permutation, Reshuffle};
-use super::stage::{self, geometry, CarryLevel};
+use super::stage::{self, geometry, CarryLevel, Upsampling};
 use super::Row;
 use crate::config::plan::GroupMode;
 
@@ -55,6 +55,9 @@ pub struct StreamState {
     /// Tokens dropped at stage switches: rows of batch-grouped groups still spanning
     /// batches in an earlier window (a tail) when the switch came.
     pub dropped: u64,
+    /// The current epoch's long-document upsampling: the stage's in force when it
+    /// began (`plan/stage.rs`), kept until it ends.
+    pub upsample: Upsampling,
 }
 
 /// A window whose blocks have all been drawn but some of which still span batches.
@@ -79,6 +82,8 @@ pub struct Tail {
     pub pending: Vec<(u32, u32)>,
     /// The stage switches the window went through (tails are in the stream's stage).
     pub carry: Vec<CarryLevel>,
+    /// That epoch's upsampling.
+    pub upsample: Upsampling,
 }
 
 impl Tail {
@@ -93,6 +98,7 @@ impl Tail {
             started: true,
             stage,
             carry: self.carry.clone(),
+            upsample: self.upsample,
             ..StreamState::default()
         }
     }
@@ -159,6 +165,15 @@ pub enum StreamError {
         /// Rows the state says were taken.
         done: u32,
     },
+    /// An epoch (or a tail's) with an upsampling setting no stage of the plan gives the
+    /// domain.
+    #[error("an epoch upsamples units over {min_tokens} tokens x{factor}, which no stage of this plan sets for the domain")]
+    Upsampling {
+        /// The setting's threshold.
+        min_tokens: u64,
+        /// Its factor.
+        factor: u32,
+    },
     /// A stage out of order, or past the stage of the step the stream resumes at.
     #[error("stage {stage} is out of order or not reached yet (the plan has {stages})")]
     Stage {
@@ -207,7 +222,18 @@ impl Stream {
             }
             return Ok(());
         }
-        let n = d.virtual_units(self.kind());
+        for u in [self.state.upsample]
+            .into_iter()
+            .chain(self.state.tails.iter().map(|t| t.upsample))
+        {
+            if let (false, Upsampling::Long(u)) = (d.knows(u), u) {
+                return Err(StreamError::Upsampling {
+                    min_tokens: u.min_tokens,
+                    factor: u.factor,
+                });
+            }
+        }
+        let n = d.virtual_units(self.kind(), self.state.upsample);
         if self.state.window_start >= n.max(1) {
             return Err(StreamError::WindowPastEpoch {
                 start: self.state.window_start,
@@ -233,7 +259,7 @@ impl Stream {
         check_pending(&self.state.pending, &w)?;
         for t in 0..self.state.tails.len() {
             let tail = &self.state.tails[t];
-            let n = d.virtual_units(tail.kind());
+            let n = d.virtual_units(tail.kind(), tail.upsample);
             if tail.window_start >= n.max(1) {
                 return Err(StreamError::TailPastEpoch {
                     start: tail.window_start,
@@ -276,6 +302,7 @@ impl Stream {
             window_start: s.window_start,
             pending: std::mem::take(&mut s.pending),
             carry: s.carry.clone(),
+            upsample: s.upsample,
         };
         if let Some((_, w, _)) = &self.cache {
             self.tail_cache
@@ -311,7 +338,7 @@ impl Stream {
     /// End of the current window: its start plus the window size of the stage that
     /// first cut it (a carried window keeps its units' range).
     fn window_end(&self, d: &DomainData, g: &[Geometry]) -> u64 {
-        let n = d.virtual_units(self.kind());
+        let n = d.virtual_units(self.kind(), self.state.upsample);
         let len = d.window_len(geometry(g, stage::origin(&self.state)));
         (self.state.window_start + len).min(n)
     }
@@ -338,6 +365,7 @@ impl Stream {
                 && s.grouped == f.grouped
                 && s.stage == 0
                 && s.carry.is_empty()
+                && s.upsample == Upsampling::Domain
         });
         let w = match reuse {
             Some(f) => f.window.clone(),
@@ -351,11 +379,21 @@ impl Stream {
         (w, p)
     }
 
-    fn open_epoch(&mut self, d: &DomainData, step: u64, seed: u64, next_epoch: bool) {
+    /// Opens the next epoch (or, without `next_epoch`, the first) at `step`, with the
+    /// upsampling `ups` of the stage in force.
+    fn open_epoch(
+        &mut self,
+        d: &DomainData,
+        step: u64,
+        seed: u64,
+        next_epoch: bool,
+        ups: Upsampling,
+    ) {
         let s = &mut self.state;
         if next_epoch {
             s.epoch = s.epoch.saturating_add(1); // a forged cursor may be at the maximum
         }
+        s.upsample = ups;
         s.grouped = d.grouping_active(step);
         s.epoch_seed = seed;
         s.pos_chain.clear();
@@ -368,27 +406,26 @@ impl Stream {
         self.cache = None;
     }
 
-    /// Brings the stream to `step` of stage `stage`: opens the first epoch, switches
-    /// stage, switches to grouped units when grouping starts, and applies reseeds that
-    /// are due.
-    #[allow(clippy::too_many_arguments)]
+    /// Brings the stream to `step` of stage `stage` (whose upsampling is `ups`): opens
+    /// the first epoch, switches stage, switches to grouped units when grouping starts,
+    /// and applies reseeds that are due.
     fn prepare(
         &mut self,
         d: &DomainData,
         g: &[Geometry],
-        stage: u32,
+        (stage, ups): (u32, Upsampling),
         step: u64,
         seed: u64,
         reseeds: &[(u64, u64)],
     ) {
         if !self.state.started {
             self.state.stage = stage;
-            self.open_epoch(d, step, seed, false);
+            self.open_epoch(d, step, seed, false, ups);
         } else if self.state.stage != stage {
             self.switch_stage(d, g, stage);
         }
         if !self.state.grouped && d.grouping_active(step) {
-            self.open_epoch(d, step, seed, true);
+            self.open_epoch(d, step, seed, true, ups);
         }
         while (self.state.reseeds as usize) < reseeds.len() {
             let (rstep, rseed) = reseeds[self.state.reseeds as usize];
@@ -413,16 +450,23 @@ impl Stream {
         }
     }
 
-    /// Advances to the next window (or epoch) when the current one is used up.
-    /// Returns false when the domain has no units at all.
-    fn advance_window(&mut self, d: &DomainData, g: &[Geometry], step: u64, seed: u64) -> bool {
+    /// Advances to the next window (or epoch, with upsampling `ups`) when the current
+    /// one is used up. Returns false when the domain has no units at all.
+    fn advance_window(
+        &mut self,
+        d: &DomainData,
+        g: &[Geometry],
+        step: u64,
+        seed: u64,
+        ups: Upsampling,
+    ) -> bool {
         let end = self.window_end(d, g);
-        let n = d.virtual_units(self.kind());
+        let n = d.virtual_units(self.kind(), self.state.upsample);
         if n == 0 {
             return false;
         }
         if end >= n {
-            self.open_epoch(d, step, seed, true);
+            self.open_epoch(d, step, seed, true, ups);
         } else {
             self.state.window_start = end;
             self.state.next_block = 0;
@@ -440,14 +484,15 @@ impl Stream {
     /// takes at most the cap per step and continues first in every following step until
     /// done, so its rows land in consecutive batches. Spanning blocks outlive their
     /// window as [`Tail`]s while the next window fills the rest of the allotment, which
-    /// keeps the mixture exact and the promise at window and epoch ends.
+    /// keeps the mixture exact and the promise at window and epoch ends. `stage` is the
+    /// step's stage and the upsampling an epoch beginning in it takes.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn take(
         &mut self,
         d: &DomainData,
         domain: u16,
         g: &[Geometry],
-        stage: u32,
+        stage: (u32, Upsampling),
         n: u32,
         step: u64,
         seed: u64,
@@ -551,7 +596,7 @@ impl Stream {
                         return; // only empty documents: nothing to give
                     }
                 }
-                if !self.advance_window(d, g, step, seed) {
+                if !self.advance_window(d, g, step, seed, stage.1) {
                     return;
                 }
                 (w, perm) = self.window(d, g);
@@ -695,7 +740,7 @@ pub(crate) fn epoch_progress(
     } else {
         UnitKind::Doc
     };
-    let n = d.virtual_units(kind).max(1);
+    let n = d.virtual_units(kind, s.upsample).max(1);
     let end = (s.window_start + d.window_len(geometry(g, stage::origin(s)))).min(n);
     let within = match blocks {
         Some(b) if b > 0 => (s.next_block as f64 / b as f64).min(1.0),
