@@ -22,13 +22,14 @@ use std::sync::Arc;
 
 use millrace::config::plan::{
     Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, Reseed, Stage,
+    StageUpsample, Upsample,
 };
 use millrace::corpus::GroupRun;
 use millrace::plan::cursor;
 use millrace::plan::mix::TICKS;
 use millrace::plan::report::{explain, Tally};
 use millrace::plan::{
-    CursorError, DocSource, DomainInput, GlobalBatch, MemCheckpoints, MemShard, Plan,
+    CursorError, DocSource, DomainInput, GlobalBatch, MemCheckpoints, MemShard, Plan, Upsampling,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed};
@@ -40,16 +41,6 @@ struct Dom {
     name: &'static str,
     shards: Vec<(Vec<u32>, Vec<u64>)>,
     settings: DomainSettings,
-}
-
-impl Dom {
-    fn tokens(&self) -> u64 {
-        self.shards
-            .iter()
-            .flat_map(|s| s.0.iter())
-            .map(|&l| l as u64)
-            .sum()
-    }
 }
 
 /// Lengths around a row of `short` tokens: short documents, some longer than a short
@@ -218,6 +209,22 @@ type Ranges = HashMap<(u32, u64), Vec<(u64, u64)>>;
 /// Every property above, for one plan with its switch at plan step `switch`. Returns
 /// the tokens dropped at the switch and the domains that carried units across it.
 fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]) -> (u64, usize) {
+    check_with(doms, plan, switch, steps, probes, &|_, _, _, _| 1)
+}
+
+/// How many times a document's tokens appear in an epoch: `(domain, epoch, shard,
+/// document)`, 1 without upsampling.
+type Times<'a> = &'a dyn Fn(usize, u32, u32, u64) -> u64;
+
+/// [`check`] with each document appearing `times` times per epoch.
+fn check_with(
+    doms: &[Dom],
+    plan: &Arc<Plan>,
+    switch: u64,
+    steps: u64,
+    probes: &[u64],
+    times: Times,
+) -> (u64, usize) {
     let (batches, blobs) = run(plan, steps);
     let n = doms.len();
     // Shapes and mixture.
@@ -304,23 +311,32 @@ fn check(doms: &[Dom], plan: &Arc<Plan>, switch: u64, steps: u64, probes: &[u64]
         let mut missing = 0u64;
         for epoch in 0..open {
             let mut emitted = 0u64;
-            for ranges in seen
-                .get(&(d as u16, epoch))
-                .into_iter()
-                .flat_map(|m| m.values())
-            {
-                let mut r = ranges.clone();
-                r.sort_unstable();
-                for w in r.windows(2) {
-                    assert!(
-                        w[0].1 <= w[1].0,
-                        "{}: epoch {epoch} repeats tokens {w:?}",
-                        dom.name
-                    );
+            let mut want = 0u64;
+            for (shard, (lengths, _)) in dom.shards.iter().enumerate() {
+                for (doc, &len) in lengths.iter().enumerate() {
+                    let k = times(d, epoch, shard as u32, doc as u64);
+                    want += k * len as u64;
+                    let key = (shard as u32, doc as u64);
+                    let Some(r) = seen.get(&(d as u16, epoch)).and_then(|m| m.get(&key)) else {
+                        continue;
+                    };
+                    // Sweep: no token is covered more than `k` times.
+                    let mut ev: Vec<(u64, i64)> =
+                        r.iter().flat_map(|&(a, b)| [(a, 1), (b, -1)]).collect();
+                    ev.sort_unstable();
+                    let mut c = 0i64;
+                    for (at, step) in ev {
+                        c += step;
+                        assert!(
+                            c <= k as i64,
+                            "{}: epoch {epoch} has token {at} of {key:?} {c} times, not {k}",
+                            dom.name
+                        );
+                    }
+                    emitted += r.iter().map(|(a, b)| b - a).sum::<u64>();
                 }
-                emitted += r.iter().map(|(a, b)| b - a).sum::<u64>();
             }
-            let gap = dom.tokens() - emitted;
+            let gap = want - emitted;
             if !switched.contains(&epoch) {
                 assert_eq!(gap, 0, "{}: epoch {epoch} misses tokens", dom.name);
             }
@@ -542,14 +558,20 @@ fn the_example_two_stage_recipe_parses() {
             .parse()
             .expect("the recipe is TOML");
     let cfg = PlanConfig::from_table(&table).expect("the recipe is a [plan] table");
-    cfg.validate(&[("a", DomainSettings::default())])
-        .expect("the recipe validates");
-    let st = cfg.stage[0];
+    let domains = ["a", "code", "books_zh"].map(|n| (n, DomainSettings::default()));
+    cfg.validate(&domains).expect("the recipe validates");
+    let st = &cfg.stage[0];
     assert_eq!(
         (st.step, st.seq_len, st.global_batch_rows),
         (200000, 65536, 64)
     );
     assert!(st.chain_groups);
+    let code = Upsample {
+        min_tokens: 32768,
+        factor: 2,
+    };
+    assert_eq!(st.upsample_long["code"], StageUpsample::Long(code));
+    assert_eq!(st.upsample_long["books_zh"], StageUpsample::Off);
     // The anneal ramp of the example's schedule starts at the same step.
     assert!(text.contains("step = 200000                  # start of a stage-2 anneal ramp"));
 }
@@ -627,4 +649,219 @@ fn stages_are_checked() {
     let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
     assert_eq!(e.field, "plan.stage[1].step");
     assert!(e.what.contains("steps must increase"), "{e}");
+}
+
+/// Per-stage upsampling for a switch: `web` (documents one by one, none of its own)
+/// repeats units over `min` tokens 3 times per epoch from the stage on; `code`
+/// (sequence groups, x2 over `min` of its own) turns it off.
+fn upsampled(doms: &mut [Dom], cfg: &mut PlanConfig, min: u64) {
+    let u = |factor| Upsample {
+        min_tokens: min,
+        factor,
+    };
+    doms[1].settings.upsample_long = Some(u(2));
+    let st = &mut cfg.stage[0];
+    st.upsample_long
+        .insert("web".into(), StageUpsample::Long(u(3)));
+    st.upsample_long.insert("code".into(), StageUpsample::Off);
+}
+
+/// The plan step of each (domain, epoch)'s first row: where the epoch began.
+fn epoch_starts(batches: &[GlobalBatch]) -> HashMap<(usize, u32), u64> {
+    let mut out = HashMap::new();
+    for b in batches {
+        for r in &b.rows {
+            out.entry((r.domain as usize, r.epoch))
+                .or_insert(b.plan_step);
+        }
+    }
+    out
+}
+
+/// How many times [`upsampled`]'s settings repeat each document per epoch, derived
+/// from the rows alone: an epoch takes the setting in force at the step it began (web:
+/// x3 from `switch`, code: its own x2 of long groups before it), every unit once else.
+fn upsampled_times(
+    doms: &[Dom],
+    starts: &HashMap<(usize, u32), u64>,
+    switch: u64,
+    min: u64,
+) -> impl Fn(usize, u32, u32, u64) -> u64 {
+    // Per domain and shard, each document's unit length: code's units are its groups.
+    let unit_len: Vec<Vec<Vec<u64>>> = doms
+        .iter()
+        .enumerate()
+        .map(|(d, dom)| {
+            dom.shards
+                .iter()
+                .map(|(lengths, sizes)| {
+                    if d != 1 {
+                        return lengths.iter().map(|&l| l as u64).collect();
+                    }
+                    let mut out = Vec::new();
+                    let mut at = 0usize;
+                    for &k in sizes {
+                        let docs = &lengths[at..at + k as usize];
+                        let len: u64 = docs.iter().map(|&l| l as u64).sum();
+                        out.extend(docs.iter().map(|_| len));
+                        at += k as usize;
+                    }
+                    out
+                })
+                .collect()
+        })
+        .collect();
+    let starts = starts.clone();
+    move |d, epoch, shard, doc| {
+        let began = starts.get(&(d, epoch)).copied().unwrap_or(0);
+        let long = unit_len[d][shard as usize][doc as usize] > min;
+        match d {
+            0 if began >= switch && long => 3,
+            1 if began < switch && long => 2,
+            _ => 1,
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(pt(8, 0x0b5a3))]
+
+    /// 64 x 64 rows, then 512 x 8 rows with web upsampled and code's upsampling off:
+    /// within each epoch each document appears its epoch's factor times (the setting
+    /// of the stage in force when the epoch began), the mixture stays within a row of
+    /// target, and blobs either side of the switch resume equal to the replay.
+    #[test]
+    fn an_upsampling_override_keeps_epochs_mixture_and_resume(
+        corpus_seed in any::<u64>(),
+        window in prop_oneof![Just(8u64), Just(24)],
+        switch in 3u64..25,
+        extra in prop::collection::vec(0u64..60, 2),
+    ) {
+        let mut doms = corpus(corpus_seed, 30, 64, 512);
+        let mut cfg = config(64, 64, window, (switch, 512, 8), false);
+        upsampled(&mut doms, &mut cfg, 128);
+        let plan = build(&doms, cfg);
+        let starts = epoch_starts(&run(&plan, 80).0);
+        let times = upsampled_times(&doms, &starts, switch, 128);
+        let mut probes = vec![0, switch - 1, switch, switch + 1];
+        probes.extend(extra);
+        check_with(&doms, &plan, switch, 80, &probes, &times);
+    }
+}
+
+/// The shape with upsampling: 4096-token rows, then 32768 from step 6, web
+/// upsampled x3 over 8192 tokens and code's own x2 off from there. The epoch running
+/// across the switch keeps its setting to its end and the first one after it takes the
+/// stage's; each is checked whole (every unit its factor times), the blobs record it
+/// (layout 9 once an epoch uses an override) and resume equal either side.
+#[test]
+fn upsampling_changes_with_the_first_epoch_after_a_4096_to_32768_switch() {
+    let (switch, steps) = (6u64, 120u64);
+    let mut doms = corpus(3, 8, 4096, 32768);
+    let mut cfg = config(4096, 8, 16, (switch, 32768, 1), true);
+    upsampled(&mut doms, &mut cfg, 8192);
+    let plan = build(&doms, cfg);
+    let (batches, blobs) = run(&plan, steps);
+    let starts = epoch_starts(&batches);
+    let end = plan.seek(steps);
+    let mut probes = vec![0, switch - 1, switch, switch + 1];
+    let mut first_new = u64::MAX;
+    for d in [0usize, 1] {
+        // The epoch in progress at the switch: begun before it, with rows after it.
+        let across = (0..)
+            .take_while(|&e| starts.get(&(d, e)).is_some_and(|&s| s < switch))
+            .last()
+            .expect("an epoch before the switch");
+        assert!(
+            batches[switch as usize..]
+                .iter()
+                .any(|b| b.rows.iter().any(|r| r.domain as usize == d && r.epoch == across)),
+            "{}: no epoch ran across the switch",
+            doms[d].name
+        );
+        let next = starts[&(d, across + 1)];
+        assert!(next >= switch);
+        assert!(end.stream(d).unwrap().epoch > across + 1, "too few epochs");
+        probes.extend([next - 1, next, next + 1]);
+        first_new = first_new.min(next);
+        // The plan's own record, in the blob after the new epoch began.
+        let state = cursor::decode(&blobs[next as usize + 1]).unwrap().streams[d].clone();
+        let want = match d {
+            0 => Upsampling::Long(Upsample {
+                min_tokens: 8192,
+                factor: 3,
+            }),
+            _ => Upsampling::Off,
+        };
+        assert_eq!((state.epoch, state.upsample), (across + 1, want));
+    }
+    assert_eq!(blobs[first_new as usize][8], 7, "layout before an override is used");
+    assert_eq!(blobs[first_new as usize + 1][8], 9, "layout 9 records it");
+    let times = upsampled_times(&doms, &starts, switch, 8192);
+    check_with(&doms, &plan, switch, steps, &probes, &times);
+}
+
+/// A stage's upsampling is history: changing it keeps blobs before the stage's step
+/// and refuses those after; a blob naming a setting no stage gives is refused.
+#[test]
+fn an_upsampling_override_is_history() {
+    let mut doms = corpus(5, 60, 64, 512);
+    let mut cfg = config(64, 64, 24, (12, 512, 8), false);
+    upsampled(&mut doms, &mut cfg, 128);
+    let plan = build(&doms, cfg.clone());
+    let mut edited = cfg;
+    edited.stage[0].upsample_long.insert(
+        "web".into(),
+        StageUpsample::Long(Upsample {
+            min_tokens: 128,
+            factor: 2,
+        }),
+    );
+    let edited = build(&doms, edited);
+    assert_eq!(plan.fingerprint(), edited.fingerprint());
+    let blob = plan.seek(12).cursor();
+    let mut r = edited.restore(&blob).expect("a blob before the stage resumes");
+    let mut s = edited.seek(12);
+    for _ in 0..20 {
+        assert_eq!(r.next_batch(), s.next_batch());
+    }
+    assert!(matches!(
+        edited.restore(&plan.seek(13).cursor()),
+        Err(CursorError::History { step: 13, .. })
+    ));
+    let mut c = cursor::decode(&plan.seek(40).cursor()).unwrap();
+    c.streams[0].upsample = Upsampling::Long(Upsample {
+        min_tokens: 128,
+        factor: 7,
+    });
+    let e = plan.restore(&cursor::encode(&c)).err().expect("refused");
+    assert!(e.to_string().contains("web") && e.to_string().contains("x7"), "{e}");
+}
+
+/// `[[plan.stage]] upsample_long` mistakes name the stage, the domain and the field.
+#[test]
+fn stage_upsampling_is_checked() {
+    let head = format!("{HEAD}weights = {{ a = 1 }}\n[[stage]]\nstep = 100\nseq_len = 64\nglobal_batch_rows = 1\n");
+    let ok = parse_plan(&format!(
+        "{head}upsample_long = {{ a = {{ min_tokens = 10, factor = 1 }} }}\n"
+    ))
+    .unwrap();
+    assert!(ok.validate(&[("a", DomainSettings::default())]).is_ok());
+    let p = parse_plan(&format!("{head}upsample_long = {{ b = \"off\" }}\n")).unwrap();
+    let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
+    assert_eq!(e.field, "plan.stage[0].upsample_long.b");
+    assert!(e.what.contains("step 100") && e.what.contains("no such domain b"), "{e}");
+    let p = parse_plan(&format!(
+        "{head}upsample_long = {{ a = {{ min_tokens = 10, factor = 0 }} }}\n"
+    ))
+    .unwrap();
+    let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
+    assert_eq!(e.field, "plan.stage[0].upsample_long.a.factor");
+    for bad in ["\"on\"", "{ min_tokens = 10 }", "3"] {
+        let text = format!("{head}upsample_long = {{ a = {bad} }}\n");
+        let table: toml::Table = text.parse().expect("TOML");
+        let e = PlanConfig::from_table(&table).expect_err(bad);
+        let e = e.to_string();
+        assert!(e.contains("\"off\" or { min_tokens, factor }") || e.contains("factor"), "{bad}: {e}");
+    }
 }
