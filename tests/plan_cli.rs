@@ -444,3 +444,54 @@ fn plan_counts_documents_without_eod_token() {
     let v = json(&ok(&["plan", "--config", cfg_s, "--steps", "2", "--json"]));
     assert!(v["eod"].is_null(), "{}", v["eod"]);
 }
+
+/// Per-stage upsampling (issue 17): a stage from plan step 3 (64 rows of 8192 tokens)
+/// upsamples books x2 over 8192 tokens. `plan` names the switch and the epoch that first
+/// used it (begun at or after step 3, the epoch in progress there keeping its own), in
+/// JSON and in text, and each domain's current setting; `explain` inside the first
+/// epoch shows the setting the next epoch will take.
+#[test]
+fn plan_reports_a_stages_upsampling_and_when_it_takes_effect() {
+    let text = std::fs::read_to_string(corpus().join("millrace.toml")).unwrap();
+    let t = text
+        + "\n[[plan.stage]]\nstep = 3\nseq_len = 8192\nglobal_batch_rows = 64\n\
+           upsample_long = { books = { min_tokens = 8192, factor = 2 } }\n";
+    let path = corpus().join("stage-upsample.toml");
+    std::fs::write(&path, t).unwrap();
+    let cfg = path.to_str().unwrap();
+    let v = json(&ok(&["plan", "--config", cfg, "--steps", "100", "--json"]));
+    let switches = v["upsampling"].as_array().expect("upsampling switches");
+    assert_eq!(switches.len(), 1, "{v}");
+    let w = &switches[0];
+    assert_eq!(w["domain"], "books");
+    assert_eq!((w["stage"].as_u64(), w["stage_step"].as_u64()), (Some(1), Some(3)));
+    assert_eq!(w["upsample"]["min_tokens"], 8192);
+    assert_eq!(w["upsample"]["factor"], 2);
+    let epoch = w["epoch"].as_u64().expect("an epoch used it within 100 steps");
+    let from = w["from_step"].as_u64().expect("begun in the steps planned");
+    assert!(epoch >= 1 && from >= 3, "{w}");
+    let books = |list: &Value| -> Value {
+        let all = list.as_array().expect("positions");
+        all.iter().find(|p| p["name"] == "books").expect("books").clone()
+    };
+    let end = books(&v["end"]);
+    assert_eq!(end["upsample"]["factor"], 2, "{end}");
+    assert!(books(&v["start"])["upsample"].is_null());
+    let text = ok(&["plan", "--config", cfg, "--steps", "100"]);
+    let line = format!(
+        "upsampling books: x2 over 8192 tokens for epochs beginning from step 3 (stage 1); \
+         first used by epoch {epoch}, begun at step {from}"
+    );
+    assert!(text.contains(&line), "{text}");
+    // Inside epoch 0, after the switch: the next epoch takes the stage's setting.
+    let e = json(&ok(&["explain", "--config", cfg, "--step", "4", "--json"]));
+    let pos = books(&e["domains"]);
+    assert_eq!(pos["epoch"], 0);
+    assert_eq!(pos["next_upsample"][0], 3, "{pos}");
+    assert_eq!(pos["next_upsample"][1]["factor"], 2, "{pos}");
+    let e = ok(&["explain", "--config", cfg, "--step", "4"]);
+    assert!(
+        e.contains("next epoch: upsampling x2 over 8192 tokens (stage from step 3)"),
+        "{e}"
+    );
+}

@@ -422,8 +422,8 @@ impl Plan {
             p.mixer.stages =
                 stage::stage_mixes(&self.domains, &shapes, &p.geometries, self.cfg.seed, &known);
             p.shapes = shapes;
-            p.upsampling = upsampling;
         }
+        p.upsampling = upsampling;
         p.mixer.schedule = schedule;
         p.journal = journal;
         p.superseded = superseded;
