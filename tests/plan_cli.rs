@@ -464,15 +464,23 @@ fn plan_reports_a_stages_upsampling_and_when_it_takes_effect() {
     assert_eq!(switches.len(), 1, "{v}");
     let w = &switches[0];
     assert_eq!(w["domain"], "books");
-    assert_eq!((w["stage"].as_u64(), w["stage_step"].as_u64()), (Some(1), Some(3)));
+    assert_eq!(
+        (w["stage"].as_u64(), w["stage_step"].as_u64()),
+        (Some(1), Some(3))
+    );
     assert_eq!(w["upsample"]["min_tokens"], 8192);
     assert_eq!(w["upsample"]["factor"], 2);
-    let epoch = w["epoch"].as_u64().expect("an epoch used it within 100 steps");
+    let epoch = w["epoch"]
+        .as_u64()
+        .expect("an epoch used it within 100 steps");
     let from = w["from_step"].as_u64().expect("begun in the steps planned");
     assert!(epoch >= 1 && from >= 3, "{w}");
     let books = |list: &Value| -> Value {
         let all = list.as_array().expect("positions");
-        all.iter().find(|p| p["name"] == "books").expect("books").clone()
+        all.iter()
+            .find(|p| p["name"] == "books")
+            .expect("books")
+            .clone()
     };
     let end = books(&v["end"]);
     assert_eq!(end["upsample"]["factor"], 2, "{end}");

@@ -21,8 +21,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use millrace::config::plan::{
-    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, Reseed, Stage,
-    StageUpsample, Upsample,
+    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, Reseed, Stage, StageUpsample,
+    Upsample,
 };
 use millrace::corpus::GroupRun;
 use millrace::plan::cursor;
@@ -773,9 +773,10 @@ fn upsampling_changes_with_the_first_epoch_after_a_4096_to_32768_switch() {
             .last()
             .expect("an epoch before the switch");
         assert!(
-            batches[switch as usize..]
+            batches[switch as usize..].iter().any(|b| b
+                .rows
                 .iter()
-                .any(|b| b.rows.iter().any(|r| r.domain as usize == d && r.epoch == across)),
+                .any(|r| r.domain as usize == d && r.epoch == across)),
             "{}: no epoch ran across the switch",
             doms[d].name
         );
@@ -795,7 +796,10 @@ fn upsampling_changes_with_the_first_epoch_after_a_4096_to_32768_switch() {
         };
         assert_eq!((state.epoch, state.upsample), (across + 1, want));
     }
-    assert_eq!(blobs[first_new as usize][8], 7, "layout before an override is used");
+    assert_eq!(
+        blobs[first_new as usize][8], 7,
+        "layout before an override is used"
+    );
     assert_eq!(blobs[first_new as usize + 1][8], 9, "layout 9 records it");
     let times = upsampled_times(&doms, &starts, switch, 8192);
     check_with(&doms, &plan, switch, steps, &probes, &times);
@@ -820,7 +824,9 @@ fn an_upsampling_override_is_history() {
     let edited = build(&doms, edited);
     assert_eq!(plan.fingerprint(), edited.fingerprint());
     let blob = plan.seek(12).cursor();
-    let mut r = edited.restore(&blob).expect("a blob before the stage resumes");
+    let mut r = edited
+        .restore(&blob)
+        .expect("a blob before the stage resumes");
     let mut s = edited.seek(12);
     for _ in 0..20 {
         assert_eq!(r.next_batch(), s.next_batch());
@@ -835,13 +841,18 @@ fn an_upsampling_override_is_history() {
         factor: 7,
     });
     let e = plan.restore(&cursor::encode(&c)).err().expect("refused");
-    assert!(e.to_string().contains("web") && e.to_string().contains("x7"), "{e}");
+    assert!(
+        e.to_string().contains("web") && e.to_string().contains("x7"),
+        "{e}"
+    );
 }
 
 /// `[[plan.stage]] upsample_long` mistakes name the stage, the domain and the field.
 #[test]
 fn stage_upsampling_is_checked() {
-    let head = format!("{HEAD}weights = {{ a = 1 }}\n[[stage]]\nstep = 100\nseq_len = 64\nglobal_batch_rows = 1\n");
+    let head = format!(
+        "{HEAD}weights = {{ a = 1 }}\n[[stage]]\nstep = 100\nseq_len = 64\nglobal_batch_rows = 1\n"
+    );
     let ok = parse_plan(&format!(
         "{head}upsample_long = {{ a = {{ min_tokens = 10, factor = 1 }} }}\n"
     ))
@@ -850,7 +861,10 @@ fn stage_upsampling_is_checked() {
     let p = parse_plan(&format!("{head}upsample_long = {{ b = \"off\" }}\n")).unwrap();
     let e = p.validate(&[("a", DomainSettings::default())]).unwrap_err();
     assert_eq!(e.field, "plan.stage[0].upsample_long.b");
-    assert!(e.what.contains("step 100") && e.what.contains("no such domain b"), "{e}");
+    assert!(
+        e.what.contains("step 100") && e.what.contains("no such domain b"),
+        "{e}"
+    );
     let p = parse_plan(&format!(
         "{head}upsample_long = {{ a = {{ min_tokens = 10, factor = 0 }} }}\n"
     ))
@@ -862,6 +876,47 @@ fn stage_upsampling_is_checked() {
         let table: toml::Table = text.parse().expect("TOML");
         let e = PlanConfig::from_table(&table).expect_err(bad);
         let e = e.to_string();
-        assert!(e.contains("\"off\" or { min_tokens, factor }") || e.contains("factor"), "{bad}: {e}");
+        assert!(
+            e.contains("\"off\" or { min_tokens, factor }") || e.contains("factor"),
+            "{bad}: {e}"
+        );
     }
+}
+
+/// Layout 9's upsampling records round-trip (the stream's and a tail's), and one of an
+/// unknown kind is refused naming its byte.
+#[test]
+fn upsampling_records_round_trip_and_a_bad_kind_is_refused() {
+    let mut doms = corpus(5, 60, 64, 512);
+    let mut cfg = config(64, 64, 24, (12, 512, 8), false);
+    upsampled(&mut doms, &mut cfg, 128);
+    let plan = build(&doms, cfg);
+    let mut c = cursor::decode(&plan.seek(40).cursor()).unwrap();
+    let long = Upsampling::Long(Upsample {
+        min_tokens: 128,
+        factor: 3,
+    });
+    let last = c.streams.len() - 1;
+    c.streams[last].upsample = long;
+    c.streams[0].tails.push(millrace::plan::Tail {
+        upsample: Upsampling::Off,
+        pending: vec![(0, 1)],
+        ..Default::default()
+    });
+    c.journal.clear();
+    let blob = cursor::encode(&c);
+    assert_eq!(blob[8], 9);
+    assert_eq!(cursor::decode(&blob).unwrap(), c);
+    // The last stream's record sits before the journal count and the superseded count.
+    let mut bad = blob.clone();
+    let at = bad.len() - 8 - 8 - 2 - 13;
+    assert_eq!(bad[at], 2);
+    bad[at] = 5;
+    let n = bad.len();
+    let sum = xxhash_rust::xxh3::xxh3_64(&bad[..n - 8]);
+    bad[n - 8..].copy_from_slice(&sum.to_le_bytes());
+    assert_eq!(
+        cursor::decode(&bad),
+        Err(CursorError::UpsampleKind { at, kind: 5 })
+    );
 }

@@ -166,6 +166,28 @@ fn upsampling_corpus(dir: &Path, min_tokens: u64) -> PathBuf {
     config
 }
 
+/// The plan of `cfg` from its bare shards: the planner scans every length.
+fn scanned_plan(cfg: &Config) -> Plan {
+    let inputs: Vec<DomainInput> = cfg
+        .open_corpus()
+        .unwrap()
+        .into_iter()
+        .zip(&cfg.corpus.domains)
+        .map(|((name, shards), d)| DomainInput {
+            name,
+            shards: shards
+                .into_iter()
+                .map(|s| {
+                    let name = s.path().display().to_string();
+                    (name, Arc::new(s) as Arc<dyn DocSource>)
+                })
+                .collect(),
+            settings: d.settings,
+        })
+        .collect();
+    Plan::new(&inputs, cfg.plan_config().unwrap(), 1).unwrap()
+}
+
 /// A start writes each shard's lists beside its entry, the next start reads them, and
 /// both plan what the planner's own scan of the same shards plans; a list written for
 /// another state of the shard is not taken.
@@ -174,26 +196,7 @@ fn an_upsampling_start_takes_the_cached_lists_and_plans_what_a_scan_plans() {
     let dir = tempfile::tempdir().unwrap();
     let config = upsampling_corpus(dir.path(), 1000);
     let cfg = Config::load(&config).unwrap();
-    let scanned = {
-        let inputs: Vec<DomainInput> = cfg
-            .open_corpus()
-            .unwrap()
-            .into_iter()
-            .zip(&cfg.corpus.domains)
-            .map(|((name, shards), d)| DomainInput {
-                name,
-                shards: shards
-                    .into_iter()
-                    .map(|s| {
-                        let name = s.path().display().to_string();
-                        (name, Arc::new(s) as Arc<dyn DocSource>)
-                    })
-                    .collect(),
-                settings: d.settings,
-            })
-            .collect();
-        Plan::new(&inputs, cfg.plan_config().unwrap(), 1).unwrap()
-    };
+    let scanned = scanned_plan(&cfg);
     let cache = IdentityCache::new(Some(&dir.path().join("cache")));
     let cold = cfg.load_plan().unwrap();
     let mut listed = 0;
@@ -302,4 +305,48 @@ fn an_upsampling_start_reads_no_length_outside_its_first_windows() {
     assert!(why.contains(&format!("document {doc}")), "{why}");
     // A scan that found a corrupt length is not cached: the next start finds it too.
     assert!(!entry.with_extension("long-1000").exists());
+}
+
+/// A stage's own threshold (`[[plan.stage]] upsample_long`, issue 17) is listed per
+/// shard and cached beside the entry like the domain's: a start lists `web` at both
+/// thresholds (and `code`, whose stage turns upsampling off, at its own only), and the
+/// cold and warm starts plan what a scan plans, across the switch and into the first
+/// epoch that takes the stage's setting.
+#[test]
+fn a_stages_threshold_is_listed_and_cached_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = upsampling_corpus(dir.path(), 1000);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text += "[[plan.stage]]\nstep = 20\nseq_len = 1024\nglobal_batch_rows = 64\n\
+             upsample_long = { web = { min_tokens = 1300, factor = 2 }, code = \"off\" }\n";
+    std::fs::write(&config, text).unwrap();
+    let cfg = Config::load(&config).unwrap();
+    let scanned = Arc::new(scanned_plan(&cfg));
+    let cold = cfg.load_plan().unwrap();
+    let cache = IdentityCache::new(Some(&dir.path().join("cache")));
+    for (d, shards) in cold.shards.iter().enumerate() {
+        for s in shards {
+            let id = s.identity().unwrap();
+            let got = cache.lookup_long(s, &id, 1300);
+            if d == 0 {
+                assert_eq!(got, Ok(LongUnits::of_shard(s, 1300)));
+            } else {
+                assert_eq!(got, Err(Miss::Absent));
+            }
+        }
+    }
+    let steps = 200;
+    let web = scanned.seek(steps).stream(0).unwrap().clone();
+    assert!(web.epoch > 0, "the test needs web's next epoch");
+    assert_eq!(
+        web.upsample,
+        millrace::plan::Upsampling::Long(millrace::config::plan::Upsample {
+            min_tokens: 1300,
+            factor: 2
+        })
+    );
+    let want = batches(Arc::into_inner(scanned).unwrap(), steps);
+    assert_eq!(batches(Arc::into_inner(cold.plan).unwrap(), steps), want);
+    let warm = cfg.load_plan().unwrap();
+    assert_eq!(batches(Arc::into_inner(warm.plan).unwrap(), steps), want);
 }

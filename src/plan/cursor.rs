@@ -13,8 +13,8 @@ use super::journal::{Change, StageChange, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
 use super::permute::Reshuffle;
 use super::stage::{CarryLevel, Upsampling};
-use crate::config::plan::Upsample;
 use super::stream::{StreamState, Tail};
+use crate::config::plan::Upsample;
 
 /// First bytes of every blob.
 pub const MAGIC: &[u8; 8] = b"MRCURSOR";
@@ -467,8 +467,7 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
     w.0.extend_from_slice(MAGIC);
     let staged = c.journal.iter().any(|ch| ch.stage.is_some());
     let upsampled = c.streams.iter().any(|s| {
-        s.upsample != Upsampling::Domain
-            || s.tails.iter().any(|t| t.upsample != Upsampling::Domain)
+        s.upsample != Upsampling::Domain || s.tails.iter().any(|t| t.upsample != Upsampling::Domain)
     });
     let version: u16 = match c.fingerprint {
         Fingerprint::Settings(_) if upsampled => 9,

@@ -144,7 +144,10 @@ impl DomainData {
     /// (its own, or a stage's `overrides`) asks for the long-unit lists and the shards
     /// have them listed ([`DocSource::long_docs`]); a shard that has not is one pass over
     /// its lengths per threshold.
-    pub(crate) fn new(input: &DomainInput, overrides: &[Upsample]) -> Result<DomainData, PlanError> {
+    pub(crate) fn new(
+        input: &DomainInput,
+        overrides: &[Upsample],
+    ) -> Result<DomainData, PlanError> {
         let mut doc_prefix = vec![0u64];
         let mut group_prefix = Some(vec![0u64]);
         let mut tokens = 0u64;
@@ -413,7 +416,12 @@ pub(crate) fn window_units(
     // loop's iterations are independent random reads, so the CPU keeps many cache misses
     // in flight instead of one per permutation step.
     let mut units: Vec<(u64, u64)> = (s.window_start..end)
-        .map(|pos| (d.resolve(kind, s.upsample, chained(&perm, &s.pos_chain, pos)), 0))
+        .map(|pos| {
+            (
+                d.resolve(kind, s.upsample, chained(&perm, &s.pos_chain, pos)),
+                0,
+            )
+        })
         .collect();
     for (u, len) in units.iter_mut() {
         *len = d.unit_len(kind, *u);

@@ -179,7 +179,10 @@ impl<'p> Tally<'p> {
             self.last_epoch[d] = Some(st.epoch);
             let setting = plan.domains[d].setting(st.upsample);
             let switches = &mut self.upsampling[d];
-            let now = switches.iter_mut().rev().find(|s| s.stage_step <= plan_step);
+            let now = switches
+                .iter_mut()
+                .rev()
+                .find(|s| s.stage_step <= plan_step);
             if let Some(sw) = now.filter(|s| s.epoch.is_none() && s.upsample == setting) {
                 sw.epoch = Some(st.epoch);
                 sw.from_step = step;

@@ -646,8 +646,9 @@ mod tests {
         let mut r = fresh.resume(&old, 0).unwrap();
         let mut want = fresh.seek(9);
         let now = want.cursor();
-        // Layout 8 is written only for a journal holding a stage change.
-        assert_eq!(u16::from_le_bytes([now[8], now[9]]), cursor::VERSION - 1);
+        // Layout 8 is written only for a journal holding a stage change, 9 only for an
+        // epoch a stage's upsampling override shapes.
+        assert_eq!(u16::from_le_bytes([now[8], now[9]]), 7);
         assert_eq!(
             cursor::decode(&now).unwrap().fingerprint,
             Fingerprint::Settings(fresh.settings_fingerprint())

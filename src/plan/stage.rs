@@ -273,7 +273,10 @@ impl Plan {
     pub fn upsampling_changes(&self, d: usize) -> Vec<(u32, u64, Option<Upsample>)> {
         let mut out = Vec::new();
         for (i, s) in self.shapes.iter().enumerate().skip(1) {
-            let (now, before) = (self.upsampling_at(i as u32, d), self.upsampling_at(i as u32 - 1, d));
+            let (now, before) = (
+                self.upsampling_at(i as u32, d),
+                self.upsampling_at(i as u32 - 1, d),
+            );
             if now != before {
                 out.push((i as u32, s.step, self.domains[d].setting(now)));
             }
