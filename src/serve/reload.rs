@@ -256,6 +256,37 @@ impl Daemon {
                 }
                 ("set_weights", r)
             }
+            Control::SetStage {
+                seq_len,
+                global_batch_rows,
+                best_fit_window,
+                chain_groups,
+                at_step,
+                late_next,
+                source,
+            } => {
+                let r = self.hub.change(&ChangeRequest {
+                    proposal: Proposal::Stage {
+                        seq_len,
+                        global_batch_rows,
+                        best_fit_window,
+                        chain_groups,
+                    },
+                    at_step,
+                    late: if late_next { Late::Next } else { Late::Refuse },
+                    source,
+                });
+                match &r {
+                    Ok(a) => info!(source, "set_stage: {}", a.message),
+                    Err(e) => warn!(
+                        source,
+                        code = e.code.as_str(),
+                        "set_stage refused, the stages stay: {}",
+                        e.message
+                    ),
+                }
+                ("set_stage", r)
+            }
         };
         match result {
             Ok(a) => serde_json::json!({

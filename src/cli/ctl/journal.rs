@@ -54,7 +54,16 @@ pub fn render_journal(entries: &[JournalEntry]) -> String {
         "at step", "plan step", "source"
     );
     for e in entries {
-        let points: Vec<String> = e.points.iter().map(point_text).collect();
+        let mut points: Vec<String> = e.points.iter().map(point_text).collect();
+        if let Some(st) = &e.stage {
+            points.push(format!(
+                "stage: {} tokens x {} rows, window {}{}",
+                st.seq_len,
+                st.global_batch_rows,
+                st.best_fit_window,
+                if st.chain_groups { ", chained" } else { "" }
+            ));
+        }
         let _ = writeln!(
             s,
             "{:>10} {:>10}  {:<7} {}",

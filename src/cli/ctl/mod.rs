@@ -20,7 +20,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use millrace::control::{
-    journal_request, reload_request, request, set_weights_request, Late, Rejection,
+    journal_request, reload_request, request, set_stage_request, set_weights_request, Late,
+    Rejection, StageRequest,
 };
 use millrace::wire::status::JournalEntry;
 
@@ -139,6 +140,10 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Change mixture weights from a step on; domains not named keep theirs.
     SetWeights(SetWeightsArgs),
+    /// Add a stage from a step on (a long-context stage, as `[[plan.stage]]` would):
+    /// rows of SEQ_LEN tokens, GLOBAL_BATCH_ROWS per step. It must fit the rings'
+    /// slots (`[serve] stage_reserve_tokens`).
+    SetStage(SetStageArgs),
     /// Re-read the config file (as SIGHUP does) and apply what changed.
     Reload(ReplyArgs),
     /// List the changes in force (the journal that cursor blobs carry).
@@ -152,6 +157,32 @@ pub struct SetWeightsArgs {
     #[arg(required = true, value_name = "NAME=WEIGHT", value_parser = parse_weight)]
     pub weights: Vec<(String, f64)>,
     /// The trainer step the change takes effect at [default: the first that can change].
+    #[arg(long)]
+    pub at_step: Option<u64>,
+    /// When the step was already handed out: refuse, or apply at the next step that can.
+    #[arg(long, value_enum, default_value = "refuse")]
+    pub late: Late,
+    /// Print the daemon's reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `millrace ctl set-stage`.
+#[derive(clap::Args, Debug)]
+pub struct SetStageArgs {
+    /// Tokens a row trains on from the step on.
+    #[arg(long)]
+    pub seq_len: u32,
+    /// Rows per global batch from the step on.
+    #[arg(long)]
+    pub global_batch_rows: u32,
+    /// Units per packing window [default: the one in force at the step].
+    #[arg(long)]
+    pub best_fit_window: Option<u64>,
+    /// Chain `sequence`-grouped domains' long groups across rows.
+    #[arg(long)]
+    pub chain_groups: bool,
+    /// The trainer step the stage starts at [default: the first that can change].
     #[arg(long)]
     pub at_step: Option<u64>,
     /// When the step was already handed out: refuse, or apply at the next step that can.
@@ -207,6 +238,16 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::SetWeights(a) => {
             let weights = weights_map(&a.weights).map_err(anyhow::Error::msg)?;
             let req = set_weights_request(&weights, a.at_step, a.late);
+            show_change(&mut out, &request(&socket, &req, timeout)?, a.json)
+        }
+        CtlCommand::SetStage(a) => {
+            let stage = StageRequest {
+                seq_len: a.seq_len,
+                global_batch_rows: a.global_batch_rows,
+                best_fit_window: a.best_fit_window,
+                chain_groups: a.chain_groups,
+            };
+            let req = set_stage_request(&stage, a.at_step, a.late);
             show_change(&mut out, &request(&socket, &req, timeout)?, a.json)
         }
         CtlCommand::Reload(a) => show_change(

@@ -57,6 +57,9 @@ pub struct HubSettings {
     /// Most bytes all rings together may take (`[serve] ring_memory_bytes`): a job whose
     /// ring would pass it is refused with `memory`.
     pub ring_budget: u64,
+    /// Tokens per dp rank per step every ring's slots have room for at least (`[serve]
+    /// stage_reserve_tokens`), so a stage added live fits rings already streaming.
+    pub stage_reserve: u64,
     /// Cache root for plan checkpoints (`crate::plan_cache`), so a client's
     /// `start_step` seek starts from the nearest one, and where the job planners leave
     /// one every [`Plan::checkpoint_every`] plan steps as they serve; `None`: seeks
@@ -287,6 +290,11 @@ impl State {
     }
 }
 
+/// Stages a run may add by live changes beyond its config's: each switch takes room in
+/// every cursor blob (a carry record per domain), which the cursor field keeps for
+/// this many.
+pub const LIVE_STAGES: usize = 4;
+
 /// Shared by the accept loop, every connection and every materializer thread.
 pub struct Hub {
     source: Source,
@@ -294,6 +302,9 @@ pub struct Hub {
     cursor_cap: usize,
     /// Bytes of the cursor field left for the journal.
     journal_cap: usize,
+    /// Most stages a plan in force may have: the config's and [`LIVE_STAGES`] more,
+    /// which the cursor field has room for.
+    stage_room: usize,
     state: Mutex<State>,
     work: Condvar,
     /// Real and padded token positions copied, and documents started and cut, for the
@@ -344,7 +355,9 @@ impl Hub {
         let journal_cap = 16384;
         // Per domain: its stream (512 typical), reseed chains, a carry record per stage
         // switch its window went through, and its identity record (layout 7).
-        let switches = plan.stages().len().saturating_sub(1);
+        // Stages added live (`set_stage`) are switches too: room for a few is kept.
+        let stage_room = plan.stages().len() + LIVE_STAGES;
+        let switches = stage_room - 1;
         let cursor_cap = 1024
             + domains * (512 + 32 * reseeds + 256 * switches)
             + plan.cursor_domain_bytes()
@@ -355,6 +368,7 @@ impl Hub {
             settings,
             cursor_cap,
             journal_cap,
+            stage_room,
             state: Mutex::new(State {
                 plan,
                 sources: Vec::new(),
