@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tracing::info;
 
 use super::jobplan::JOB_LAG;
-use super::{Hub, RingEntry, State};
+use super::{Hub, RingEntry, State, CARRY_BYTES};
 use crate::config::plan::{SchedulePoint, MAX_STEP};
 use crate::plan::journal;
 use crate::plan::{cursor, Change, CursorError, Plan, Planner};
@@ -111,13 +111,6 @@ pub(super) enum InstallError {
         needed: u64,
         available: u64,
     },
-    /// More stages than the cursor field has room for.
-    #[error("the plan would have {stages} stages, and this daemon's cursor blobs have room for {room} (its config's and {live} added live); add the stage as [[plan.stage]] and restart")]
-    Stages {
-        stages: usize,
-        room: usize,
-        live: usize,
-    },
     /// A ring without a cursor (every ring holds at least its start's).
     #[error("job {job:?} dp_rank {dp_rank} holds no cursor")]
     NoCursor { job: String, dp_rank: u32 },
@@ -137,9 +130,7 @@ impl InstallError {
     /// once it moves on (`busy`).
     pub(super) fn code(&self) -> Code {
         match self {
-            InstallError::Split { .. } | InstallError::Fit { .. } | InstallError::Stages { .. } => {
-                Code::Invalid
-            }
+            InstallError::Split { .. } | InstallError::Fit { .. } => Code::Invalid,
             _ => Code::Busy,
         }
     }
@@ -167,13 +158,6 @@ impl Hub {
     pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), InstallError> {
         if plan.stages() != st.plan.stages() {
             // A journal stage change: every live ring must serve it as it is.
-            if plan.stages().len() > self.stage_room {
-                return Err(InstallError::Stages {
-                    stages: plan.stages().len(),
-                    room: self.stage_room,
-                    live: super::LIVE_STAGES,
-                });
-            }
             Self::check_stages(st, &plan)?;
         }
         let mut fresh = Vec::new();
@@ -380,7 +364,11 @@ impl Hub {
         let dropped = journal::append(&mut journal, change);
         let kept = journal.len() - 1;
         let domains = plan.domain_names().len();
-        if cursor::journal_bytes(&journal, domains) > self.journal_cap {
+        // A stage added live is a switch the config did not count: its carry records
+        // (one per domain) take room in every blob too, from the journal's share.
+        let live_stages = journal.iter().filter(|c| c.stage.is_some()).count();
+        let carry = live_stages * domains * CARRY_BYTES;
+        if cursor::journal_bytes(&journal, domains) + carry > self.journal_cap {
             return Err(ChangeError::invalid(format!(
                 "the journal of live changes would outgrow the cursor blob ({} changes); \
                  write the mixture into the config and restart",

@@ -290,10 +290,10 @@ impl State {
     }
 }
 
-/// Stages a run may add by live changes beyond its config's: each switch takes room in
-/// every cursor blob (a carry record per domain), which the cursor field keeps for
-/// this many.
-pub const LIVE_STAGES: usize = 4;
+/// Cursor bytes budgeted per domain for its carry record of one stage switch: the
+/// config's switches get it in the cursor field, stages added live from the journal's
+/// share of it.
+const CARRY_BYTES: usize = 256;
 
 /// Shared by the accept loop, every connection and every materializer thread.
 pub struct Hub {
@@ -302,9 +302,7 @@ pub struct Hub {
     cursor_cap: usize,
     /// Bytes of the cursor field left for the journal.
     journal_cap: usize,
-    /// Most stages a plan in force may have: the config's and [`LIVE_STAGES`] more,
-    /// which the cursor field has room for.
-    stage_room: usize,
+
     state: Mutex<State>,
     work: Condvar,
     /// Real and padded token positions copied, and documents started and cut, for the
@@ -355,11 +353,9 @@ impl Hub {
         let journal_cap = 16384;
         // Per domain: its stream (512 typical), reseed chains, a carry record per stage
         // switch its window went through, and its identity record (layout 7).
-        // Stages added live (`set_stage`) are switches too: room for a few is kept.
-        let stage_room = plan.stages().len() + LIVE_STAGES;
-        let switches = stage_room - 1;
+        let switches = plan.stages().len().saturating_sub(1);
         let cursor_cap = 1024
-            + domains * (512 + 32 * reseeds + 256 * switches)
+            + domains * (512 + 32 * reseeds + CARRY_BYTES * switches)
             + plan.cursor_domain_bytes()
             + journal_cap;
         let keeper = Keeper::start(settings.checkpoints.clone());
@@ -368,7 +364,6 @@ impl Hub {
             settings,
             cursor_cap,
             journal_cap,
-            stage_room,
             state: Mutex::new(State {
                 plan,
                 sources: Vec::new(),
