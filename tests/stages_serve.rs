@@ -352,6 +352,23 @@ fn a_stage_added_live_is_served_at_its_step_and_resumes_in_a_fresh_daemon() {
     );
     let (ok, text) = set("64", "3");
     assert!(!ok && text.contains("dp_size 2 does not divide"), "{text}");
+    // A client that reads slots at WELCOME's shape (its HELLO lacks `stages`) would
+    // misread the new stage: refused while it is connected.
+    let old_hello = serde_json::to_vec(&hello("old", 0, "0", 1)).unwrap();
+    let mut sock = UnixStream::connect(&f.socket).unwrap();
+    frame::write_to(&mut sock, kind::HELLO, &old_hello).unwrap();
+    assert_eq!(frame::read_from(&mut sock).unwrap().0, kind::WELCOME);
+    let (ok, text) = set(&LIVE.1.to_string(), &LIVE.0.to_string());
+    assert!(!ok && text.contains("lacks `stages: true`"), "{text}");
+    drop(sock);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while f.status()["clients"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old client never left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Accepted: the long stage at S, as the reference config has it.
     let (ok, text) = set(&LIVE.1.to_string(), &LIVE.0.to_string());
     assert!(

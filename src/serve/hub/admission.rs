@@ -517,6 +517,7 @@ impl Joiner<'_> {
             pid: self.pid,
             standing,
             blob: self.blob.clone(),
+            stages: self.hello.stages,
         }
     }
 

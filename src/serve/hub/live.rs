@@ -100,6 +100,15 @@ pub(super) enum InstallError {
         rows: u32,
         why: String,
     },
+    /// A connected client would misread the new stage's slots: it reads them at
+    /// WELCOME's shape (its HELLO lacked `stages: true`).
+    #[error("job {job:?} dp_rank {dp_rank} peer {replica:?} does not read per-slot shapes (its HELLO lacks `stages: true`), so it cannot be served the stage at plan step {step}; upgrade that client")]
+    Reader {
+        job: String,
+        dp_rank: u32,
+        replica: String,
+        step: u64,
+    },
     /// A stage of the new plan needs bigger slots than a live ring has.
     #[error("a slot of the stage at plan step {step} ({seq_len} tokens x {rows} rows per dp rank) needs {needed} bytes, and the ring of job {job:?} dp_rank {dp_rank} has slots of {available} bytes; start the daemon with a larger [serve] stage_reserve_tokens (its rings are sized for that many tokens per dp rank per step)")]
     Fit {
@@ -130,7 +139,9 @@ impl InstallError {
     /// once it moves on (`busy`).
     pub(super) fn code(&self) -> Code {
         match self {
-            InstallError::Split { .. } | InstallError::Fit { .. } => Code::Invalid,
+            InstallError::Split { .. } | InstallError::Fit { .. } | InstallError::Reader { .. } => {
+                Code::Invalid
+            }
             _ => Code::Busy,
         }
     }
@@ -231,6 +242,14 @@ impl Hub {
                 }
                 let rows = s.rows / job.dp_size;
                 for (&r, e) in &job.rings {
+                    if let Some(p) = e.peers.values().find(|p| !p.stages) {
+                        return Err(InstallError::Reader {
+                            job: name.clone(),
+                            dp_rank: r,
+                            replica: p.replica.clone(),
+                            step: s.step,
+                        });
+                    }
                     let m = e.micro.1.max(1);
                     if rows % m != 0 {
                         return Err(split(format!(

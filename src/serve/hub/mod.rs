@@ -94,6 +94,9 @@ struct Peer {
     standing: Standing,
     /// The blob it resumed from, if any.
     blob: Option<Vec<u8>>,
+    /// Whether it reads each slot by its header (HELLO `stages`), so a stage added
+    /// live may reach it.
+    stages: bool,
 }
 
 /// What a cursor blob records that `status` reports, kept beside the blob when it is
