@@ -361,14 +361,7 @@ fn a_stage_added_live_is_served_at_its_step_and_resumes_in_a_fresh_daemon() {
     let (ok, text) = set(&LIVE.1.to_string(), &LIVE.0.to_string());
     assert!(!ok && text.contains("lacks `stages: true`"), "{text}");
     drop(sock);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while f.status()["clients"] != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the old client never left"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    f.wait_clients(1);
     // Accepted: the long stage at S, as the reference config has it.
     let (ok, text) = set(&LIVE.1.to_string(), &LIVE.0.to_string());
     assert!(
@@ -423,14 +416,7 @@ fn a_stage_added_live_is_served_at_its_step_and_resumes_in_a_fresh_daemon() {
         Ok(_) => panic!("a blob's stage was served in a ring without room for it"),
     }
     drop(other);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while f.status()["clients"] != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the other client never left"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    f.wait_clients(0);
     for from in [S - 1, S + 1] {
         let again = stream(&f.socket, &resume(from), STEPS - from - 1);
         assert_eq!(

@@ -667,7 +667,7 @@ impl DeviceSink {
         match gpu {}
     }
     /// Unreachable.
-    pub fn register(&mut self, _: &Client) {
+    pub fn register(&mut self, _: &Client) -> Result<(), GpuError> {
         match *self {}
     }
     /// Unreachable.

@@ -30,16 +30,22 @@ DP = 2
 BEFORE, AFTER = (8, 64), (2, 256)  # (global rows, seq_len)
 
 
+def with_stage(config, out, shape):
+    """Writes ``out``: ``config`` with a ``[[plan.stage]]`` of ``shape`` (global rows,
+    seq_len) at step S."""
+    out.write_text(config.read_text() + f"""
+[[plan.stage]]
+step = {S}
+seq_len = {shape[1]}
+global_batch_rows = {shape[0]}
+""")
+    return out
+
+
 @pytest.fixture
 def staged(millrace, short_dir, tmp_path):
     """A daemon serving the two-stage config; yields (daemon, config)."""
-    config = write_corpus(tmp_path / "c")
-    config.write_text(config.read_text() + f"""
-[[plan.stage]]
-step = {S}
-seq_len = {AFTER[1]}
-global_batch_rows = {AFTER[0]}
-""")
+    config = with_stage(write_corpus(tmp_path / "c"), tmp_path / "c" / "staged.toml", AFTER)
     d = Daemon(millrace.path, config, short_dir / "st.sock", tmp_path / "st.log").start()
     yield d, config
     d.kill()
@@ -136,13 +142,7 @@ LIVE = (2, 512)  # (global rows, seq_len) added live: 512 tokens per rank, twice
 
 def test_a_stage_added_live_reaches_the_client_at_its_step(millrace, short_dir, tmp_path):
     config = write_corpus(tmp_path / "l", extra_serve="stage_reserve_tokens = 512")
-    reference = config.parent / "ref.toml"
-    reference.write_text(config.read_text() + f"""
-[[plan.stage]]
-step = {S}
-seq_len = {LIVE[1]}
-global_batch_rows = {LIVE[0]}
-""")
+    reference = with_stage(config, config.parent / "ref.toml", LIVE)
     d = Daemon(millrace.path, config, short_dir / "lv.sock", tmp_path / "lv.log").start()
     try:
         with mr.Client(d.sock, 0, DP, job="run", reconnect_timeout=0,

@@ -156,6 +156,14 @@ pub struct SetWeightsArgs {
     /// NAME=WEIGHT pairs, e.g. web=0.5 code=0.3 (token weights, normalised by the daemon).
     #[arg(required = true, value_name = "NAME=WEIGHT", value_parser = parse_weight)]
     pub weights: Vec<(String, f64)>,
+    /// When and how to apply it.
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// What every live change takes: the step, the late policy, the reply's form.
+#[derive(clap::Args, Debug)]
+pub struct ChangeArgs {
     /// The trainer step the change takes effect at [default: the first that can change].
     #[arg(long)]
     pub at_step: Option<u64>,
@@ -182,15 +190,9 @@ pub struct SetStageArgs {
     /// Chain `sequence`-grouped domains' long groups across rows.
     #[arg(long)]
     pub chain_groups: bool,
-    /// The trainer step the stage starts at [default: the first that can change].
-    #[arg(long)]
-    pub at_step: Option<u64>,
-    /// When the step was already handed out: refuse, or apply at the next step that can.
-    #[arg(long, value_enum, default_value = "refuse")]
-    pub late: Late,
-    /// Print the daemon's reply as JSON.
-    #[arg(long)]
-    pub json: bool,
+    /// When and how to apply it.
+    #[command(flatten)]
+    pub change: ChangeArgs,
 }
 
 /// Arguments of `millrace ctl reload` and `millrace ctl journal`.
@@ -237,8 +239,8 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
     match args.command {
         CtlCommand::SetWeights(a) => {
             let weights = weights_map(&a.weights).map_err(anyhow::Error::msg)?;
-            let req = set_weights_request(&weights, a.at_step, a.late);
-            show_change(&mut out, &request(&socket, &req, timeout)?, a.json)
+            let req = set_weights_request(&weights, a.change.at_step, a.change.late);
+            show_change(&mut out, &request(&socket, &req, timeout)?, a.change.json)
         }
         CtlCommand::SetStage(a) => {
             let stage = StageRequest {
@@ -247,8 +249,8 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
                 best_fit_window: a.best_fit_window,
                 chain_groups: a.chain_groups,
             };
-            let req = set_stage_request(&stage, a.at_step, a.late);
-            show_change(&mut out, &request(&socket, &req, timeout)?, a.json)
+            let req = set_stage_request(&stage, a.change.at_step, a.change.late);
+            show_change(&mut out, &request(&socket, &req, timeout)?, a.change.json)
         }
         CtlCommand::Reload(a) => show_change(
             &mut out,
@@ -360,8 +362,12 @@ mod tests {
             panic!()
         };
         assert_eq!(w.weights.len(), 2);
-        assert_eq!((w.at_step, w.late), (Some(100), Late::Next));
-        let req = set_weights_request(&weights_map(&w.weights).unwrap(), w.at_step, w.late);
+        assert_eq!((w.change.at_step, w.change.late), (Some(100), Late::Next));
+        let req = set_weights_request(
+            &weights_map(&w.weights).unwrap(),
+            w.change.at_step,
+            w.change.late,
+        );
         assert_eq!(
             req,
             json!({"protocol": 1, "op": "set_weights", "weights": {"web": 0.5, "code": 0.3},
