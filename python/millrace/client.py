@@ -80,6 +80,8 @@ _SLOT_HEAD = struct.Struct("<QQIIIIQQI4xQ")
 _FIELD_OFFSETS = struct.Struct("<8Q")
 _FIELD_OFFSETS_AT = 64
 _SLOT_HEADER_BYTES = 256
+# Slot shapes (rows, seq_len, offsets) one connection keeps views of.
+_MAX_SHAPES = 64
 # magic, layout version, slots, slot_bytes, slot_offset, first step
 _RING_HEAD = struct.Struct("<8sIIQQQ")
 _RING_MAGIC = b"MRRING01"
@@ -529,6 +531,11 @@ class _Conn:
         st = self.by_header.get(key)
         if st is not None:
             return st
+        if len(self.by_header) >= _MAX_SHAPES:
+            # A run has a few stages; this many shapes is a daemon gone wrong. Start over
+            # (the torch adapter's per-slot tensors are keyed by these views: they go too).
+            self.by_header.clear()
+            self.torch_cpu.clear()
         r, l = rows, seq_len
         shapes = {"tokens": [r, l], "labels": [r, l], "loss_mask": [r, l],
                   "position_ids": [r, l], "cu_seqlens": [r * l + 1], "rows": [r, l + 1],

@@ -148,6 +148,9 @@ def test_a_stage_added_live_reaches_the_client_at_its_step(millrace, short_dir, 
         with mr.Client(d.sock, 0, DP, job="run", reconnect_timeout=0,
                        register_cuda=False) as c:
             batches = [c.next_batch(timeout=60).copy()]  # nothing past S is published yet
+            # A header whose offsets point past the slot is a protocol error, not a view.
+            with pytest.raises(mr.ProtocolError, match="`doc_starts`.* do not fit"):
+                c._conn.stage_of(4, 64, (256, 1 << 30, 0, 0, 0, 0, 0, 0))
             with pytest.raises(mr.ChangeRefused) as refused:
                 mr.Control(d.sock).set_stage(seq_len=8192, global_batch_rows=2, at_step=S)
             assert refused.value.code == "invalid"
