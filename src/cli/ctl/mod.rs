@@ -373,6 +373,33 @@ mod tests {
             json!({"protocol": 1, "op": "set_weights", "weights": {"web": 0.5, "code": 0.3},
                    "at_step": 100, "late": "next"})
         );
+        let cli = Cli::try_parse_from([
+            "m",
+            "ctl",
+            "set-stage",
+            "--seq-len",
+            "32768",
+            "--global-batch-rows",
+            "128",
+            "--at-step",
+            "200000",
+        ])
+        .unwrap();
+        let Cmd::Ctl(a) = cli.cmd else { panic!() };
+        let CtlCommand::SetStage(s) = a.command else {
+            panic!()
+        };
+        let stage = StageRequest {
+            seq_len: s.seq_len,
+            global_batch_rows: s.global_batch_rows,
+            best_fit_window: s.best_fit_window,
+            chain_groups: s.chain_groups,
+        };
+        assert_eq!(
+            set_stage_request(&stage, s.change.at_step, s.change.late),
+            json!({"protocol": 1, "op": "set_stage", "seq_len": 32768, "global_batch_rows": 128,
+                   "chain_groups": false, "at_step": 200000, "late": "refuse"})
+        );
         // --socket also after the subcommand; default socket otherwise.
         let cli = Cli::try_parse_from(["m", "ctl", "journal", "--socket", "/x", "--json"]).unwrap();
         let Cmd::Ctl(a) = cli.cmd else { panic!() };
