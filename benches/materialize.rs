@@ -51,6 +51,7 @@ fn bench(c: &mut Criterion) {
             SlotJob {
                 step: b.step,
                 plan_step: b.plan_step,
+                seq_len: plan_cfg.seq_len,
                 rows: b.rank_rows(0, ranks).to_vec().into(),
                 cursor: planner.cursor(),
             }

@@ -433,6 +433,39 @@ pub fn set_weights_request(
     req
 }
 
+/// The shape a `set_stage` request puts in force: a `[[plan.stage]]`'s fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageRequest {
+    /// Tokens a row trains on.
+    pub seq_len: u32,
+    /// Rows per global batch.
+    pub global_batch_rows: u32,
+    /// Units per packing window; `None` keeps the one in force.
+    pub best_fit_window: Option<u64>,
+    /// Whether `sequence`-grouped domains chain their long groups.
+    pub chain_groups: bool,
+}
+
+/// A `set_stage` request (a stage added live); `at_step: None` means the first step
+/// that can still change.
+pub fn set_stage_request(stage: &StageRequest, at_step: Option<u64>, late: Late) -> Value {
+    let mut req = json!({
+        "protocol": PROTOCOL,
+        "op": "set_stage",
+        "seq_len": stage.seq_len,
+        "global_batch_rows": stage.global_batch_rows,
+        "chain_groups": stage.chain_groups,
+        "late": late.as_str(),
+    });
+    if let Some(w) = stage.best_fit_window {
+        req["best_fit_window"] = json!(w);
+    }
+    if let Some(s) = at_step {
+        req["at_step"] = json!(s);
+    }
+    req
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

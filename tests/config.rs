@@ -196,6 +196,11 @@ fn serve_mistakes_name_the_field() {
         ("[serve]\nring_slots = 1", "ring_slots"),
         ("[serve]\nmaterialize_threads = 0", "materialize_threads"),
         ("[serve]\nring_slots = \"four\"", "ring_slots"),
+        (
+            "[serve]\nstage_reserve_tokens = 4294967297",
+            "stage_reserve_tokens",
+        ),
+        ("[serve]\nstage_reserve_tokens = -1", "stage_reserve_tokens"),
     ];
     for (extra, field) in cases {
         let text = format!("{base}{extra}");

@@ -7,9 +7,9 @@
 //! - Blobs from before the change (no stage in their journal, layout 7) resume under
 //!   the changed plan when taken at or before S, and are refused past S; blobs carrying
 //!   the change (layout 8) resume, and a plan without the change adopts their journal.
-//! - The daemon does not serve stages added live yet (its rings and WELCOME are laid
-//!   out for the config's stages): a real `millrace serve` refuses a blob whose journal
-//!   adds one with `cursor`, naming the stage, and keeps serving its other clients.
+//! - A real `millrace serve` takes a blob whose journal adds a stage when the stage fits
+//!   its live rings (then every client gets the new shape at its step), and refuses one
+//!   that does not fit with `cursor`, naming the bytes, while its other clients stream on.
 
 mod common;
 
@@ -262,10 +262,30 @@ fn bad_stage_changes_are_refused() {
     );
 }
 
-/// A real daemon refuses a blob carrying a stage change, as a cursor it cannot serve,
-/// and its other client keeps streaming.
+/// Plan checkpoints written under one stage change are not taken for another's at the
+/// same step: the journal digest in their names tells the shapes apart, so a daemon's
+/// keeper stores each run's and a seek never tries the other's.
 #[test]
-fn the_daemon_refuses_a_blob_that_adds_a_stage() {
+fn checkpoint_names_tell_stage_changes_apart() {
+    let base = Arc::new(Plan::new(&inputs(3, 120), config(&[]), 1).expect("plan"));
+    let (a, b) = (live(&base, 6, false), live(&base, 6, true));
+    let other = Arc::new(
+        (base.with_journal(vec![base.stage_change(6, 256, 4, Some(17), false)])).expect("applies"),
+    );
+    let digests = [&base, &a, &b, &other].map(|p| p.journal_digest());
+    for i in 0..4 {
+        for j in i + 1..4 {
+            assert_ne!(digests[i], digests[j], "plans {i} and {j}");
+        }
+    }
+    assert_ne!(a.checkpoint_key(4), other.checkpoint_key(4));
+}
+
+/// A real daemon refuses a blob carrying a stage change whose slots do not fit its live
+/// ring, as a cursor it cannot serve, and its other client keeps streaming; a blob whose
+/// stage fits is adopted, and both clients get the new shape at its step.
+#[test]
+fn the_daemon_adopts_a_blob_stage_that_fits_and_refuses_one_that_does_not() {
     let corpus = common::corpus(300_000, 2, 2, 100_000);
     let socket = corpus.dir.join("s.sock");
     let serve = common::serve_toml(&socket, 4, 2);
@@ -279,39 +299,57 @@ fn the_daemon_refuses_a_blob_that_adds_a_stage() {
         let b = first.next_batch().expect("a batch");
         (b.plan_step, b.cursor.to_vec())
     };
-    let mut c = cursor::decode(&blob).expect("the daemon's blob decodes");
-    c.journal.push(millrace::plan::Change {
-        at: plan_step + 20,
-        points: Vec::new(),
-        stage: Some(millrace::plan::StageChange {
-            seq_len: 256,
-            rows: 2,
-            window: 64,
-            chain_groups: false,
-        }),
-    });
-    let mut h = Hello {
-        job: "staged".into(),
-        ..Hello::whole_slice(0, 1)
+    let at = plan_step + 20;
+    let with_stage = |seq_len: u32, job: &str| {
+        let mut c = cursor::decode(&blob).expect("the daemon's blob decodes");
+        c.journal.push(millrace::plan::Change {
+            at,
+            points: Vec::new(),
+            stage: Some(millrace::plan::StageChange {
+                seq_len,
+                rows: 2,
+                window: 64,
+                chain_groups: false,
+            }),
+        });
+        Hello {
+            job: job.into(),
+            cursor: Some(millrace::client::to_hex(&cursor::encode(&c))),
+            ..Hello::whole_slice(0, 1)
+        }
     };
-    h.cursor = Some(millrace::client::to_hex(&cursor::encode(&c)));
-    match Client::connect(&socket, &h) {
+    // 2 rows of 8192 per step: far more than the first client's ring (8 rows of 64).
+    match Client::connect(&socket, &with_stage(8192, "huge")) {
         Err(ClientError::Refused { code, message }) => {
             assert_eq!(code, "cursor", "{message}");
             let want = format!(
-                "its journal adds a stage at plan step {} (256 tokens x 2 rows); this daemon \
-                 serves the stages of its config only",
-                plan_step + 20
+                "a slot of the stage at plan step {at} (8192 tokens x 2 rows per dp rank) needs"
             );
-            assert!(message.contains(&want), "{message}");
+            assert!(
+                message.contains(&want) && message.contains("stage_reserve_tokens"),
+                "{message}"
+            );
         }
         Err(e) => panic!("refused otherwise: {e}"),
-        Ok(_) => panic!("a blob adding a stage was served"),
+        Ok(_) => panic!("a blob adding a stage too big for the rings was served"),
     }
     for _ in 0..3 {
         let b = first
             .next_batch()
             .expect("the first client keeps streaming");
         assert_eq!((b.rows, b.seq_len), (8, 64));
+    }
+    // 2 rows of 256: the same tokens per step as 8 of 64, so the same slot fits it.
+    let mut staged = Client::connect(&socket, &with_stage(256, "staged")).expect("adopted");
+    staged.set_timeout(timeout);
+    for c in [&mut first, &mut staged] {
+        loop {
+            let b = c.next_batch().expect("streams across the stage");
+            let want = if b.plan_step < at { (8, 64) } else { (2, 256) };
+            assert_eq!((b.rows, b.seq_len), want, "plan step {}", b.plan_step);
+            if b.plan_step > at {
+                break;
+            }
+        }
     }
 }

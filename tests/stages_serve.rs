@@ -5,6 +5,12 @@
 //! reconnect), with the tokens `millrace explain` gives for its rank's slice on both
 //! sides; a rank resumed from the blob of a step before or after the switch must
 //! continue exactly; a client that does not read per-slot shapes is refused.
+//!
+//! A stage added live (`millrace ctl set-stage`) to a daemon whose config has none,
+//! with `[serve] stage_reserve_tokens`: the client gets the new shape at exactly its
+//! step on the same connection, the tokens of a config with that `[[plan.stage]]`, and
+//! blobs either side of it resume in a fresh daemon; a stage that does not fit the
+//! rings, or does not split over the job's dp ranks, is refused while streaming goes on.
 
 mod common;
 
@@ -42,17 +48,22 @@ fn fixture_to(after: (u32, u32)) -> Fixture {
     let socket = corpus.dir.join("s.sock");
     let serve = common::serve_toml(&socket, 4, 2);
     let config = common::write_config(&corpus.dir, "stages.toml", BEFORE.1, BEFORE.0, &[&serve]);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text += &format!(
-        "\n[[plan.stage]]\nstep = {S}\nseq_len = {}\nglobal_batch_rows = {}\n",
-        after.1, after.0
-    );
-    std::fs::write(&config, text).unwrap();
+    add_stage(&config, after);
     Fixture {
         corpus,
         config,
         socket,
     }
+}
+
+/// Appends a `[[plan.stage]]` at step `S` of `after` (rows per global batch, seq_len).
+fn add_stage(config: &Path, after: (u32, u32)) {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text += &format!(
+        "\n[[plan.stage]]\nstep = {S}\nseq_len = {}\nglobal_batch_rows = {}\n",
+        after.1, after.0
+    );
+    std::fs::write(config, text).unwrap();
 }
 
 /// What a peer kept of one step: its shape, its rows' `seq_len + 1` tokens each, and
@@ -269,5 +280,150 @@ fn status_counts_delivered_tokens_at_each_steps_stage() {
         .sum();
     assert_eq!(ring["tokens_delivered"].as_u64(), Some(want), "{ring}");
     drop(c);
+    serve.kill();
+}
+
+/// The stage the live test adds at `S` (rows per global batch, seq_len): 8192 tokens
+/// per dp rank per step, 16 times the first stage's 512, so it needs the reserve.
+const LIVE: (u32, u32) = (4, 4096);
+/// Tokens per dp rank per step the live test's rings reserve: exactly `LIVE`'s.
+const RESERVE: u64 = 8192;
+
+/// `millrace ctl --socket SOCKET set-stage ARGS`: (succeeded, stdout + stderr).
+fn ctl_set_stage(socket: &Path, args: &[&str]) -> (bool, String) {
+    let out = common::bin()
+        .args(["ctl", "--socket"])
+        .arg(socket)
+        .arg("set-stage")
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_stage_added_live_is_served_at_its_step_and_resumes_in_a_fresh_daemon() {
+    use common::Control;
+    let corpus = common::corpus(600_000, 3, 3, 200_000);
+    let socket = corpus.dir.join("live.sock");
+    let plain = common::serve_toml(&socket, 4, 2);
+    let reserve = format!("stage_reserve_tokens = {RESERVE}");
+    // The daemon's config has no stage; the reference config has the one added live.
+    let dir = &corpus.dir;
+    let live = common::write_config(dir, "live.toml", BEFORE.1, BEFORE.0, &[&plain, &reserve]);
+    let reference = common::write_config(dir, "ref.toml", BEFORE.1, BEFORE.0, &[&plain]);
+    add_stage(&reference, LIVE);
+    let unreserved = common::write_config(dir, "plain.toml", BEFORE.1, BEFORE.0, &[&plain]);
+    let mut f = Fixture {
+        corpus,
+        config: live,
+        socket,
+    };
+    let mut serve = f.serve();
+    let mut c = Client::connect(&f.socket, &hello("run", 0, "0", 1)).unwrap();
+    c.set_timeout(Some(Duration::from_secs(60)));
+    // One step read and held: nothing at or past S can have been published (4 slots).
+    let mut steps = vec![got(&c.next_batch().unwrap())];
+
+    // Refused, and nothing changes: more tokens than the rings have room for (the
+    // message names both sizes and the option), rows that dp_size 2 cannot split.
+    let at = S.to_string();
+    let set = |seq: &str, rows: &str| {
+        let args = [
+            "--at-step",
+            &at,
+            "--seq-len",
+            seq,
+            "--global-batch-rows",
+            rows,
+        ];
+        ctl_set_stage(&f.socket, &args)
+    };
+    let (ok, text) = set("32768", "4");
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("invalid")
+            && text.contains("needs")
+            && text.contains("bytes")
+            && text.contains("stage_reserve_tokens"),
+        "{text}"
+    );
+    let (ok, text) = set("64", "3");
+    assert!(!ok && text.contains("dp_size 2 does not divide"), "{text}");
+    // A client that reads slots at WELCOME's shape (its HELLO lacks `stages`) would
+    // misread the new stage: refused while it is connected.
+    let old_hello = serde_json::to_vec(&hello("old", 0, "0", 1)).unwrap();
+    let mut sock = UnixStream::connect(&f.socket).unwrap();
+    frame::write_to(&mut sock, kind::HELLO, &old_hello).unwrap();
+    assert_eq!(frame::read_from(&mut sock).unwrap().0, kind::WELCOME);
+    let (ok, text) = set(&LIVE.1.to_string(), &LIVE.0.to_string());
+    assert!(!ok && text.contains("lacks `stages: true`"), "{text}");
+    drop(sock);
+    f.wait_clients(1);
+    // Accepted: the long stage at S, as the reference config has it.
+    let (ok, text) = set(&LIVE.1.to_string(), &LIVE.0.to_string());
+    assert!(
+        ok && text.contains(&format!("applied from step {S}")),
+        "{text}"
+    );
+    assert!(
+        f.journal()[0]["stage"]["seq_len"] == LIVE.1,
+        "{:?}",
+        f.journal()
+    );
+
+    // The same connection streams on, and the new shape comes at exactly step S.
+    while steps.len() < STEPS as usize {
+        steps.push(got(&c.next_batch().unwrap()));
+    }
+    drop(c);
+    for g in &steps {
+        let (rows, seq) = if g.step < S { BEFORE } else { LIVE };
+        assert_eq!((g.rows, g.seq_len), (rows / DP, seq), "step {}", g.step);
+    }
+    let want = common::explained_rows(&reference, 0, STEPS, (0, DP), 0);
+    for (g, (step, rows)) in steps.iter().zip(&want) {
+        assert_eq!(
+            (g.step, &g.tokens),
+            (*step, rows),
+            "step {step} differs from explain"
+        );
+    }
+    serve.kill();
+
+    // A fresh daemon on the stage-less config without a reserve. While another job's
+    // ring (sized for the config's stage alone) streams, a blob bringing the stage is
+    // refused with the fit message; once that job left, blobs from the step before S
+    // and after it resume bit for bit, in rings sized for the blob's stages.
+    f.config = unreserved;
+    let mut serve = f.serve();
+    let mut other = Client::connect(&f.socket, &hello("other", 0, "0", 1)).unwrap();
+    other.set_timeout(Some(Duration::from_secs(60)));
+    other.next_batch().unwrap();
+    let resume = |from: u64| {
+        let mut h = hello(&format!("resume{from}"), 0, "0", 1);
+        h.cursor = Some(millrace::client::to_hex(&steps[from as usize].cursor));
+        h
+    };
+    match Client::connect(&f.socket, &resume(S - 1)) {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "cursor", "{message}");
+            assert!(message.contains("stage_reserve_tokens"), "{message}");
+        }
+        Err(e) => panic!("expected a cursor refusal, got {e}"),
+        Ok(_) => panic!("a blob's stage was served in a ring without room for it"),
+    }
+    drop(other);
+    f.wait_clients(0);
+    for from in [S - 1, S + 1] {
+        let again = stream(&f.socket, &resume(from), STEPS - from - 1);
+        assert_eq!(
+            again.as_slice(),
+            &steps[from as usize + 1..],
+            "resumed after {from}"
+        );
+    }
     serve.kill();
 }

@@ -31,7 +31,6 @@ The client is not thread safe: use it from one thread.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import json
 import logging
@@ -76,6 +75,13 @@ _U64 = struct.Struct("<Q")
 # step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens, real_tokens,
 # cursor_len, (4 bytes), publish_ns
 _SLOT_HEAD = struct.Struct("<QQIIIIQQI4xQ")
+# The slot header's field-offset table: each array's offset from the slot's start, in
+# SLOT_FIELDS order then the cursor (docs/PROTOCOL.md section 4), unused entries 0.
+_FIELD_OFFSETS = struct.Struct("<8Q")
+_FIELD_OFFSETS_AT = 64
+_SLOT_HEADER_BYTES = 256
+# Slot shapes (rows, seq_len, offsets) one connection keeps views of.
+_MAX_SHAPES = 64
 # magic, layout version, slots, slot_bytes, slot_offset, first step
 _RING_HEAD = struct.Struct("<8sIIQQQ")
 _RING_MAGIC = b"MRRING01"
@@ -309,12 +315,12 @@ class Batch:
 
     __slots__ = ("step", "plan_step", "rows", "seq_len", "cu_len", "max_seqlen",
                  "loss_tokens", "real_tokens", "publish_ns", "cursor", "micro_batch_rows",
-                 "slot_layout", "_views", "_derived", "_client", "_conn_id", "_released",
-                 "_fence", "__weakref__")
+                 "slot_layout", "_views", "_fields", "_derived", "_client", "_conn_id",
+                 "_released", "_fence", "__weakref__")
 
     def __init__(self, step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
                  real_tokens, publish_ns, cursor, micro_batch_rows, views, client, conn_id,
-                 slot_layout="expanded"):
+                 slot_layout="expanded", fields=None):
         self.step = step
         self.plan_step = plan_step
         self.rows = rows
@@ -328,6 +334,7 @@ class Batch:
         self.micro_batch_rows = micro_batch_rows
         self.slot_layout = slot_layout
         self._views = views  # the slot's views (one tuple per slot, in SLOT_FIELDS order)
+        self._fields = fields  # where they are in the slot (its header's offsets)
         self._derived = None
         self._client = client
         self._conn_id = conn_id
@@ -483,14 +490,17 @@ class _Conn:
             raise ProtocolError(f"WELCOME slot_layout {self.layout!r} is not one of "
                                 f"{SLOT_LAYOUTS}")
         self.torch_cpu = {}  # per-slot CPU tensors, filled by the torch adapter
-        # One entry per stage of the plan (docs/PROTOCOL.md section 3, `stages`): the
-        # first is WELCOME's top-level shape; a slot is read at the stage its header's
-        # plan_step is in, so the shape changes at the switch with no reconnect.
+        self.slot_bytes = slot_bytes
+        self.micro_batches = max(int(welcome.get("micro_batches") or 1), 1)
+        # WELCOME's stages (docs/PROTOCOL.md section 3, `stages`) are information: each
+        # is checked to fit a slot, but a slot is read at the shape and offsets of its
+        # own header, so a stage added live (one WELCOME never listed) reads the same.
         first = {k: welcome[k] for k in ("rows", "seq_len", "micro_batch_rows", "fields")}
         stages = welcome.get("stages") or [dict(first, step=0)]
         if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
             raise ProtocolError(f"WELCOME stages is malformed: {stages!r}")
-        self.stages = [_Stage(mm, self.slot_base, self.layout, dict(first, step=0))]
+        self.stages = [_Stage(mm, self.slot_base, self.layout, dict(first, step=0),
+                              slot_bytes)]
         for st in stages[1:]:
             try:
                 step = int(st["step"])
@@ -498,9 +508,13 @@ class _Conn:
                 raise ProtocolError(f"WELCOME stage {st!r} has no step ({e})") from e
             if step <= self.stages[-1].step:
                 raise ProtocolError(f"WELCOME stages are not in step order at step {step}")
-            self.stages.append(_Stage(mm, self.slot_base, self.layout, st))
-        self.stage_steps = [st.step for st in self.stages]
+            self.stages.append(_Stage(mm, self.slot_base, self.layout, st, slot_bytes))
         self.views = self.stages[0].views
+        self.dtypes = {n: f.get("dtype") for n, f in welcome["fields"].items()
+                       if isinstance(f, dict)}
+        self.cursor_cap = self.stages[0].cursor_cap
+        # Slot shapes read so far: (rows, seq_len, offsets) -> _Stage.
+        self.by_header = {}
         self.poller = select.poll()
         self.poller.register(ready_fd, select.POLLIN)
         self.poller.register(sock.fileno(), select.POLLIN)
@@ -508,9 +522,34 @@ class _Conn:
     def published(self) -> int:
         return _U64.unpack_from(self.mm, _PUBLISHED_AT)[0]
 
-    def stage_at(self, plan_step: int) -> "_Stage":
-        """The stage plan step ``plan_step`` is in."""
-        return self.stages[bisect.bisect_right(self.stage_steps, plan_step) - 1]
+    def stage_of(self, rows: int, seq_len: int, offsets: tuple) -> "_Stage":
+        """The views of a slot whose header says ``rows`` rows of ``seq_len`` with arrays
+        at ``offsets``: each array's shape follows from rows and seq_len, its dtype from
+        WELCOME (docs/PROTOCOL.md section 4); built once per shape and checked to lie
+        inside the slot, so a wild header is a ProtocolError, never a bad view."""
+        key = (rows, seq_len, offsets)
+        st = self.by_header.get(key)
+        if st is not None:
+            return st
+        if len(self.by_header) >= _MAX_SHAPES:
+            # A run has a few stages; this many shapes is a daemon gone wrong. Start over
+            # (the torch adapter's per-slot tensors are keyed by these views: they go too).
+            self.by_header.clear()
+            self.torch_cpu.clear()
+        r, l = rows, seq_len
+        shapes = {"tokens": [r, l], "labels": [r, l], "loss_mask": [r, l],
+                  "position_ids": [r, l], "cu_seqlens": [r * l + 1], "rows": [r, l + 1],
+                  "doc_starts": [r, (l + 8) // 8], "cursor": [self.cursor_cap]}
+        names = SLOT_FIELDS[self.layout] + ("cursor",)
+        fields = {n: {"offset": o, "dtype": self.dtypes.get(n), "shape": shapes.get(n, [r])}
+                  for n, o in zip(names, offsets)}
+        if rows == 0 or seq_len == 0:
+            raise ProtocolError(f"slot header says {rows} rows of {seq_len}")
+        spec = {"step": -1, "rows": rows, "seq_len": seq_len,
+                "micro_batch_rows": rows // self.micro_batches, "fields": fields}
+        st = self.by_header[key] = _Stage(self.mm, self.slot_base, self.layout, spec,
+                                          self.slot_bytes, "slot header")
+        return st
 
     def close_fds(self):
         try:
@@ -527,24 +566,25 @@ class _Conn:
 
 class _Stage:
     """One stage of the plan as the ring lays it out: its shape and, per slot, the views
-    of a slot of that shape (the fields of WELCOME or of its `stages` entry)."""
+    of a slot of that shape (the fields of WELCOME, of its `stages` entry, or of a slot
+    header's offset table)."""
 
-    def __init__(self, mm, slot_base, layout, spec):
+    def __init__(self, mm, slot_base, layout, spec, slot_bytes, source="WELCOME"):
         try:
             self.step = int(spec["step"])
             self.rows, self.seq_len = int(spec["rows"]), int(spec["seq_len"])
             self.micro_batch_rows = int(spec["micro_batch_rows"])
             fields = spec["fields"]
         except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"WELCOME stage {spec!r} is malformed ({e})") from e
+            raise ProtocolError(f"{source} stage {spec!r} is malformed ({e})") from e
         self.fields = fields
         self.views = []
         for base in slot_base:
             per = []
             for name in SLOT_FIELDS[layout]:
                 if name not in fields:
-                    raise ProtocolError(f"WELCOME lacks field `{name}` of a {layout} slot")
-                per.append(_field_view(mm, base, name, fields[name]))
+                    raise ProtocolError(f"{source} lacks field `{name}` of a {layout} slot")
+                per.append(_field_view(mm, base, name, fields[name], slot_bytes, source))
             self.views.append(tuple(per))
         # The most cu_seqlens entries a slot may use (compact ones derive it).
         self.cu_cap = (self.rows * self.seq_len + 1 if layout == "compact"
@@ -552,22 +592,28 @@ class _Stage:
         cur = fields.get("cursor")
         if (not isinstance(cur, dict) or cur.get("dtype") != "uint8"
                 or len(cur.get("shape", ())) != 1):
-            raise ProtocolError(f"WELCOME field `cursor` must be uint8[n], got {cur}")
+            raise ProtocolError(f"{source} field `cursor` must be uint8[n], got {cur}")
+        _field_view(mm, slot_base[0], "cursor", cur, slot_bytes, source)
         self.cursor_off = int(cur["offset"])
         self.cursor_cap = int(cur["shape"][0])
 
 
-def _field_view(mm, base, name, spec) -> np.ndarray:
+def _field_view(mm, base, name, spec, slot_bytes, source="WELCOME") -> np.ndarray:
     try:
         dtype = np.dtype(spec["dtype"]).newbyteorder("<")
         shape = tuple(int(x) for x in spec["shape"])
         offset = int(spec["offset"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ProtocolError(f"WELCOME field `{name}` is malformed: {spec!r} ({e})") from e
+        raise ProtocolError(f"{source} field `{name}` is malformed: {spec!r} ({e})") from e
     count = int(np.prod(shape)) if shape else 1
-    end = base + offset + count * dtype.itemsize
+    size = count * dtype.itemsize
+    if offset < _SLOT_HEADER_BYTES or offset % dtype.itemsize or offset + size > slot_bytes:
+        raise ProtocolError(f"{source} field `{name}`: {size} bytes at offset {offset} do not "
+                            f"fit a {slot_bytes}-byte slot after its {_SLOT_HEADER_BYTES}-byte "
+                            "header (or are unaligned)")
+    end = base + offset + size
     if end > len(mm):
-        raise ProtocolError(f"WELCOME field `{name}` ends at byte {end}, past the ring "
+        raise ProtocolError(f"{source} field `{name}` ends at byte {end}, past the ring "
                             f"({len(mm)} bytes)")
     arr = np.frombuffer(mm, dtype=dtype, count=count, offset=base + offset).reshape(shape)
     assert not arr.flags.writeable
@@ -863,7 +909,7 @@ class Client:
         conn.close_fds()
         # The mmap is not closed: batches may still hold views into it. It is unmapped
         # when the last of them goes.
-        conn.views = conn.stages = None
+        conn.views = conn.stages = conn.by_header = None
         conn.mm = None
 
     # -- iterating ----------------------------------------------------------------------
@@ -945,11 +991,13 @@ class Client:
         if s != step:
             raise ProtocolError(f"slot {slot} holds step {s} where step {step} was expected "
                                 f"(published = {conn.published()})")
-        st = conn.stage_at(plan_step)
-        if rows != st.rows or seq_len != st.seq_len:
-            raise ProtocolError(f"step {step} (plan step {plan_step}): slot header says rows "
-                                f"{rows} seq_len {seq_len}, WELCOME says {st.rows} "
-                                f"{st.seq_len}")
+        # Each slot is read at the shape and offsets its header gives (a stage added live
+        # included); the same shape's views are reused.
+        offsets = _FIELD_OFFSETS.unpack_from(conn.mm, base + _FIELD_OFFSETS_AT)
+        try:
+            st = conn.stage_of(rows, seq_len, offsets)
+        except ProtocolError as e:
+            raise ProtocolError(f"step {step} (plan step {plan_step}): {e}") from None
         if cursor_len > st.cursor_cap or cu_len > st.cu_cap:
             raise ProtocolError(f"step {step}: cursor_len {cursor_len} / cu_len {cu_len} exceed "
                                 "their fields")
@@ -957,7 +1005,7 @@ class Client:
         cursor = conn.mm[c0 : c0 + cursor_len]
         batch = Batch(step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
                       real_tokens, publish_ns, cursor, st.micro_batch_rows,
-                      st.views[slot], self, conn.id, conn.layout)
+                      st.views[slot], self, conn.id, conn.layout, st.fields)
         self._outstanding.append(batch)
         self._next_step = step + 1
         self._last_step = step

@@ -170,6 +170,28 @@ class Control:
             req["at_step"] = int(at_step)
         return self.request(req)
 
+    def set_stage(self, seq_len: int, global_batch_rows: int, at_step: int | None = None,
+                  best_fit_window: int | None = None, chain_groups: bool = False,
+                  late: str = "refuse") -> dict:
+        """Adds a stage from ``at_step`` on (default: the first step that can still
+        change): rows of ``seq_len`` tokens, ``global_batch_rows`` per step, as a
+        ``[[plan.stage]]`` would (a long-context stage without a restart). Clients get
+        the new shape at that step on the same connection. Raises :class:`ChangeRefused`
+        (``invalid``) when the job's dp_size or micro_batches do not divide the rows or
+        the rings' slots are too small (``[serve] stage_reserve_tokens``)."""
+        if late not in _LATE:
+            raise ValueError(f"late={late!r}: must be one of {_LATE}")
+        req = {"op": "set_stage", "late": late, "source": "client",
+               "chain_groups": bool(chain_groups)}
+        for name, v in (("seq_len", seq_len), ("global_batch_rows", global_batch_rows),
+                        ("best_fit_window", best_fit_window), ("at_step", at_step)):
+            if v is None and name in ("best_fit_window", "at_step"):
+                continue
+            if isinstance(v, bool) or int(v) != v or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative integer")
+            req[name] = int(v)
+        return self.request(req)
+
     def reload(self) -> dict:
         """Re-reads the daemon's config file (as SIGHUP does); returns the reply
         (``applied_step`` is None when nothing changed)."""

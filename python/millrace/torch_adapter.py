@@ -235,7 +235,7 @@ def _slot_bytes(batch: Batch):
             parts += [v.view(np.uint8).ravel(), np.zeros(pad, np.uint8)]
             at += v.nbytes + pad
         return torch.from_numpy(np.concatenate(parts)), layout
-    fields = conn.stage_at(batch.plan_step).fields  # the shape of this step's stage
+    fields = batch._fields  # where this slot's arrays are (its header's offsets)
     names = SLOT_FIELDS["compact"]
     lo = min(int(fields[n]["offset"]) for n in names)
     layout, hi = {}, lo

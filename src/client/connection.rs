@@ -10,11 +10,17 @@ use std::time::{Duration, Instant};
 use rustix::event::{poll, PollFd, PollFlags};
 
 use super::batch::{BatchView, SlotArrays};
-use super::layout::{check_ring_header, Arrays, Field, Layout, RingView};
-use super::{frame, io_err, monotonic_ns, to_hex, ClientError, Hello, Welcome, HANDSHAKE_TIMEOUT};
+use super::layout::{check_ring_header, Arrays, Field, Layout, RingView, SlotShape};
+use super::{
+    frame, io_err, monotonic_ns, to_hex, ClientError, Hello, Welcome, HANDSHAKE_TIMEOUT,
+    SLOT_HEADER_BYTES,
+};
 use crate::corpus::Tokens;
 use crate::sys::EventFd;
-use crate::wire::{self, ring::slot_at};
+use crate::wire::{
+    self,
+    ring::{slot_at, FIELD_SLOTS},
+};
 
 /// Writes one frame.
 fn send_frame(sock: &mut UnixStream, kind: u8, payload: &[u8]) -> Result<(), ClientError> {
@@ -110,8 +116,12 @@ pub struct Client {
     sock: UnixStream,
     ready: EventFd,
     ring: RingView,
-    /// Bytes of the longest [`BatchView::copy_bytes`] over the plan's stages.
+    /// Bytes of the longest [`BatchView::copy_bytes`] any slot can have (every array of
+    /// a slot lies past its header), whatever stage it holds.
     copy_len: usize,
+    /// The layout of the last slot shape read (slot headers of one stage agree), so
+    /// a slot is decoded from its header once per stage, not once per step.
+    slot: Option<(SlotShape, Layout)>,
     /// Next step to hand out.
     consumed: u64,
     /// Every step below this has been released.
@@ -202,14 +212,9 @@ impl Client {
         sock.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(io_err("setting the socket timeout"))?;
         let start = welcome.start_step;
-        let copy_len = std::iter::once(&layout)
-            .chain(layout.later.iter().map(|(_, l)| l))
-            .map(|l| {
-                let (lo, hi) = copy_span(l);
-                hi - lo
-            })
-            .max()
-            .unwrap_or(0);
+        // A slot's arrays lie between its header and its end, whatever its stage (one
+        // added live too): a buffer of this size takes any step's copy.
+        let copy_len = layout.slot_bytes - SLOT_HEADER_BYTES;
         Ok(Client {
             path,
             hello: hello.clone(),
@@ -219,6 +224,7 @@ impl Client {
             ready,
             ring,
             copy_len,
+            slot: None,
             consumed: start,
             released: start,
             hold: 0,
@@ -240,8 +246,9 @@ impl Client {
         self.ring.bytes(0, self.layout.ring_bytes)
     }
 
-    /// Bytes of the longest step's [`BatchView::copy_bytes`] (every step's for a plan
-    /// of one shape): what a GPU consumer's device buffers hold.
+    /// Bytes any step's [`BatchView::copy_bytes`] takes at most (a slot less its
+    /// header, so a stage added live fits too): what a GPU consumer's device buffers
+    /// hold.
     pub fn copy_len(&self) -> usize {
         self.copy_len
     }
@@ -407,19 +414,29 @@ impl Client {
                 step % l.slots
             )));
         }
-        // A plan with stages changes shape at a plan step: the slot is read at its own
-        // stage's layout, which the header must agree with.
+        // A plan with stages changes shape at a plan step (one added live too): the slot
+        // is read at the shape and offsets its header gives, checked to fit the slot.
         let plan_step = r.u64_at(base + slot_at::PLAN_STEP);
-        let l = l.at(plan_step);
-        let rows = r.u32_at(base + slot_at::ROWS) as usize;
-        let seq_len = r.u32_at(base + slot_at::SEQ_LEN) as usize;
-        if rows != l.rows || seq_len != l.seq_len {
-            return Err(ClientError::Ring(format!(
-                "step {step} (plan step {plan_step}): slot says {rows} rows of {seq_len}, \
-                 WELCOME {} of {}",
-                l.rows, l.seq_len
-            )));
+        let rows = r.u32_at(base + slot_at::ROWS);
+        let seq_len = r.u32_at(base + slot_at::SEQ_LEN);
+        let mut offsets = [0u64; FIELD_SLOTS];
+        for (i, o) in offsets.iter_mut().enumerate() {
+            *o = r.u64_at(base + slot_at::FIELD_OFFSETS + 8 * i);
         }
+        let shape = (rows, seq_len, offsets);
+        if self.slot.as_ref().is_none_or(|(k, _)| *k != shape) {
+            let decoded = Layout::of_slot(&self.welcome, &shape).map_err(|e| match e {
+                ClientError::Protocol(m) => {
+                    ClientError::Protocol(format!("step {step} (plan step {plan_step}): {m}"))
+                }
+                e => e,
+            })?;
+            self.slot = Some((shape, decoded));
+        }
+        let Some((_, l)) = &self.slot else {
+            return Err(ClientError::Protocol("slot layout not decoded".into()));
+        };
+        let (rows, seq_len) = (rows as usize, seq_len as usize);
         let cu_len = r.u32_at(base + slot_at::CU_LEN) as usize;
         let cu_cap = match &l.arrays {
             Arrays::Expanded { cu_seqlens, .. } => cu_seqlens.len,

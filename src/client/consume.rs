@@ -305,7 +305,7 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
                     .reconnect(Duration::from_secs_f64(args.reconnect_timeout))
                     .context("reconnecting")?;
                 if let Some(sink) = &mut sink {
-                    sink.register(&client);
+                    sink.register(&client).context("registering the new ring")?;
                 }
                 s.reconnects += 1;
                 continue;

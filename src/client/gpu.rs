@@ -524,7 +524,7 @@ impl DeviceSink {
             copy_s: Vec::new(),
             ready_ns: Vec::new(),
         };
-        sink.register(client);
+        sink.register(client)?;
         Ok(sink)
     }
 
@@ -533,12 +533,24 @@ impl DeviceSink {
         self.verify = on;
     }
 
-    /// Registers `client`'s ring (after a connect or reconnect).
-    pub fn register(&mut self, client: &Client) {
+    /// Registers `client`'s ring (after a connect or reconnect). A reconnect may bring
+    /// a ring with larger slots (a daemon with a larger `[serve] stage_reserve_tokens`):
+    /// buffers too small for its copies are allocated again, every copy into them
+    /// having been retired by [`DeviceSink::unregister`].
+    pub fn register(&mut self, client: &Client) -> Result<(), GpuError> {
+        let size = client.copy_len();
+        if self.inflight.is_empty() {
+            for lane in &mut self.lanes {
+                if lane.buf.len() < size {
+                    lane.buf = self.gpu.alloc(size)?;
+                }
+            }
+        }
         let reg = RingRegistration::register(&self.gpu, client.ring_bytes());
         self.figures.pinning = Some(reg.pinning().clone());
         self.figures.register_s += reg.seconds();
         self.reg = Some(reg);
+        Ok(())
     }
 
     /// Waits for every copy, then unregisters the ring: before the client's mapping
@@ -655,7 +667,7 @@ impl DeviceSink {
         match gpu {}
     }
     /// Unreachable.
-    pub fn register(&mut self, _: &Client) {
+    pub fn register(&mut self, _: &Client) -> Result<(), GpuError> {
         match *self {}
     }
     /// Unreachable.

@@ -11,8 +11,8 @@ use super::{
 };
 use crate::corpus::DType;
 use crate::sys::Shm;
-use crate::wire::ring::ring_at;
-use crate::wire::SlotLayout;
+use crate::wire::ring::{ring_at, COMPACT_FIELDS, EXPANDED_FIELDS, FIELD_SLOTS};
+use crate::wire::{FieldSpec, SlotLayout};
 
 /// A validated array location: byte offset in the slot, dtype and element count.
 #[derive(Debug, Clone, Copy)]
@@ -60,30 +60,22 @@ pub(super) struct Layout {
     pub(super) domain: Field,
     pub(super) row_loss_tokens: Field,
     pub(super) cursor: Field,
-    /// The later stages (WELCOME `stages` after the first): first plan step and the
-    /// layout of a slot of that stage, read by the slot header's `plan_step`
-    /// ([`Layout::at`]). Empty for a plan of one shape.
-    pub(super) later: Vec<(u64, Layout)>,
 }
+
+/// What a slot header says about where its arrays are: `rows`, `seq_len` and the
+/// field-offset table (docs/PROTOCOL.md section 4), the key a client's decoded
+/// [`Layout`] of that shape is kept under.
+pub(super) type SlotShape = (u32, u32, [u64; FIELD_SLOTS]);
 
 fn usize_of(v: u64, what: &str) -> Result<usize, ClientError> {
     usize::try_from(v).map_err(|_| ClientError::Protocol(format!("{what} {v} does not fit")))
 }
 
 impl Layout {
-    /// The layout of the stage plan step `plan_step` is in.
-    pub(super) fn at(&self, plan_step: u64) -> &Layout {
-        self.later
-            .iter()
-            .rev()
-            .find(|(step, _)| *step <= plan_step)
-            .map_or(self, |(_, l)| l)
-    }
-
-    /// WELCOME's first stage (its top-level fields) and each later stage of `stages`,
-    /// every one checked to fit a slot.
+    /// WELCOME's first stage (its top-level fields), with each entry of `stages` (for
+    /// information: a client may size buffers by it) checked to fit a slot.
     pub(super) fn from_welcome(w: &Welcome) -> Result<Layout, ClientError> {
-        let mut first = Layout::one_stage(w)?;
+        let first = Layout::one_stage(w)?;
         let mut prev = 0u64;
         for (i, st) in w.stages.iter().enumerate() {
             let same = st.rows == w.rows && st.seq_len == w.seq_len && st.fields == w.fields;
@@ -111,9 +103,63 @@ impl Layout {
                 stages: Vec::new(),
                 ..w.clone()
             };
-            first.later.push((st.step, Layout::one_stage(&staged)?));
+            Layout::one_stage(&staged)?;
         }
         Ok(first)
+    }
+
+    /// The layout of a slot whose header says `shape`: each array at the header's
+    /// offset, with the dtype WELCOME gave it and the shape that `rows` and `seq_len`
+    /// give it (docs/PROTOCOL.md section 4), checked like WELCOME's fields, so a
+    /// header pointing past the slot is a protocol error, never a read out of bounds.
+    pub(super) fn of_slot(w: &Welcome, shape: &SlotShape) -> Result<Layout, ClientError> {
+        let &(rows, seq_len, offsets) = shape;
+        let (r, l) = (u64::from(rows), u64::from(seq_len));
+        let cursor = w
+            .fields
+            .get("cursor")
+            .map_or(0, |f| f.shape.iter().product());
+        let shape_of = |name: &str| -> Vec<u64> {
+            match name {
+                "tokens" | "labels" | "loss_mask" | "position_ids" => vec![r, l],
+                "cu_seqlens" => vec![r * l + 1],
+                "rows" => vec![r, l + 1],
+                "doc_starts" => vec![r, (l + 1).div_ceil(8)],
+                "cursor" => vec![cursor],
+                _ => vec![r],
+            }
+        };
+        let names: &[&str] = match w.slot_layout {
+            SlotLayout::Expanded => &EXPANDED_FIELDS,
+            SlotLayout::Compact => &COMPACT_FIELDS,
+        };
+        let mut fields = std::collections::BTreeMap::new();
+        for (&name, &offset) in names.iter().zip(&offsets) {
+            let dtype = w
+                .fields
+                .get(name)
+                .map_or_else(String::new, |f| f.dtype.clone());
+            let spec = FieldSpec {
+                dtype,
+                offset,
+                shape: shape_of(name),
+            };
+            fields.insert(name.to_string(), spec);
+        }
+        let slot = Welcome {
+            rows,
+            seq_len,
+            fields,
+            stages: Vec::new(),
+            ..w.clone()
+        };
+        Layout::one_stage(&slot).map_err(|e| match e {
+            ClientError::Protocol(m) => ClientError::Protocol(format!(
+                "slot header ({rows} rows of {seq_len}, field offsets {offsets:?}): {}",
+                m.trim_start_matches("WELCOME: ")
+            )),
+            e => e,
+        })
     }
 
     /// The layout of a slot of WELCOME's top-level shape.
@@ -237,7 +283,6 @@ impl Layout {
             domain: field("domain", Some(rows), &[Int32])?,
             row_loss_tokens: field("row_loss_tokens", Some(rows), &[Int32])?,
             cursor: field("cursor", None, &[Uint8])?,
-            later: Vec::new(),
         })
     }
 }

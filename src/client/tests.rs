@@ -54,10 +54,13 @@ fn welcome() -> Welcome {
     }
 }
 
-/// A later stage is read at its own offsets by plan step, and a stage whose arrays do
-/// not fit the slot, or that does not start after the one before, is refused.
+/// The field offsets of `welcome()`'s slot, as its header's table lists them.
+const OFFSETS: [u64; 8] = [256, 320, 384, 448, 512, 640, 704, 768];
+
+/// WELCOME's later stages are checked (information only), and a slot is read at the
+/// shape and offsets of its header, one that points past the slot refused.
 #[test]
-fn later_stages_are_checked_and_found_by_plan_step() {
+fn later_stages_are_checked_and_slots_read_by_their_header() {
     let w = welcome();
     let first = crate::wire::StageSpec {
         fields: w.fields.clone(),
@@ -88,9 +91,29 @@ fn later_stages_are_checked_and_found_by_plan_step() {
         ..w.clone()
     };
     let l = Layout::from_welcome(&staged).unwrap();
-    assert_eq!((l.at(4).rows, l.at(4).seq_len), (2, 8));
-    assert_eq!((l.at(5).rows, l.at(5).seq_len), (1, 16));
-    assert_eq!(l.at(u64::MAX).rows, 1);
+    assert_eq!((l.rows, l.seq_len), (2, 8));
+    // A stage WELCOME never listed (one added live): the header alone places it.
+    let s = Layout::of_slot(&w, &(1, 16, OFFSETS)).unwrap();
+    assert_eq!(
+        (s.rows, s.seq_len, s.cursor.len, s.cursor.offset),
+        (1, 16, 256, 768)
+    );
+    assert!(
+        matches!(s.arrays, layout::Arrays::Expanded { cu_seqlens, .. } if cu_seqlens.len == 17)
+    );
+    let mut past = OFFSETS;
+    past[7] = 4000;
+    let e = Layout::of_slot(&w, &(1, 16, past)).unwrap_err().to_string();
+    assert!(
+        e.contains("slot header") && e.contains("field cursor"),
+        "{e}"
+    );
+    // Rows that overrun the next array's offset still fit the slot, but a shape
+    // whose arrays end past it does not.
+    let e = Layout::of_slot(&w, &(4, 256, OFFSETS))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not fit a 4096-byte slot"), "{e}");
     let mut past = later.clone();
     if let Some(f) = past.fields.get_mut("cursor") {
         f.offset = 4000;
@@ -200,6 +223,9 @@ fn ring(step: u64, published: u64) -> Vec<u8> {
     put_u32(slot, slot_at::SEQ_LEN, 8);
     put_u32(slot, slot_at::CU_LEN, 3);
     put_u32(slot, slot_at::CURSOR_LEN, 4);
+    for (i, o) in OFFSETS.iter().enumerate() {
+        put_u64(slot, slot_at::FIELD_OFFSETS + 8 * i, *o);
+    }
     for i in 0..16u32 {
         let o = s + 256 + 4 * i as usize;
         r[o..o + 4].copy_from_slice(&(i + 100).to_le_bytes());
@@ -305,6 +331,15 @@ fn malformed_rings_are_errors_not_faults() {
     put_u32(&mut big_cursor[4096..], slot_at::CURSOR_LEN, u32::MAX);
     let r = connect_fake(welcome_with(big_cursor, 3 * 4096, |_| {}));
     assert!(matches!(r.unwrap().next_batch(), Err(ClientError::Ring(_))));
+    // A header whose offset table points an array past the slot: a protocol error.
+    let mut wild = ring(0, 1);
+    put_u64(&mut wild[4096..], slot_at::FIELD_OFFSETS, u64::MAX - 7);
+    let r = connect_fake(welcome_with(wild, 3 * 4096, |_| {}));
+    let e = r.unwrap().next_batch().err().map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(|m| m.contains("field tokens")),
+        "{e:?}"
+    );
 }
 
 #[test]

@@ -79,7 +79,16 @@ pub struct ServeConfig {
     /// How long SIGTERM waits for clients to release what they hold.
     #[serde(default = "default_drain")]
     pub drain_timeout_ms: u64,
+    /// Tokens per dp rank per step that every ring's slots are sized for at least, so a
+    /// stage added later by a live change (`millrace ctl set-stage`) fits the rings
+    /// already streaming; 0 (default): slots fit the config's stages only.
+    #[serde(default)]
+    pub stage_reserve_tokens: u64,
 }
+
+/// Most `[serve] stage_reserve_tokens`: 2^32 tokens per dp rank per step, a slot of
+/// several GiB, beyond anything a trainer's step holds.
+pub const MAX_STAGE_RESERVE: u64 = 1 << 32;
 
 /// `[serve] late_changes`.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -302,6 +311,12 @@ impl ServeConfig {
         }
         if !(50..=3_600_000).contains(&s.watch_interval_ms) {
             return bad("watch_interval_ms", "must be 50..=3600000");
+        }
+        if s.stage_reserve_tokens > MAX_STAGE_RESERVE {
+            return bad(
+                "stage_reserve_tokens",
+                &format!("must be at most {MAX_STAGE_RESERVE} (tokens per dp rank per step)"),
+            );
         }
         if s.drain_timeout_ms > 3_600_000 {
             return bad("drain_timeout_ms", "must be at most 3600000 (an hour)");

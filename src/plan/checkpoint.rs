@@ -71,12 +71,25 @@ impl Plan {
         1 << (63 - steps.leading_zeros())
     }
 
-    /// A digest of the journal of live changes in force (and the count superseded), so
-    /// checkpoints written under different journals keep apart.
+    /// A digest of the journal of live changes in force (stage changes with their
+    /// shapes, and the count superseded), so checkpoints written under different
+    /// journals keep apart.
     pub fn journal_digest(&self) -> u64 {
         let mut words = vec![self.journal.len() as u64, self.superseded];
         for c in &self.journal {
             words.extend([c.at, c.points.len() as u64]);
+            // A stage change has no points: its shape tells two of them at one step apart
+            // (weights-only journals keep the digest they always had).
+            if let Some(st) = c.stage {
+                let chain = st.chain_groups as u64;
+                words.extend([
+                    u64::MAX,
+                    st.seq_len as u64,
+                    st.rows as u64,
+                    st.window,
+                    chain,
+                ]);
+            }
             for (step, w) in &c.points {
                 words.push(*step);
                 words.extend(w.iter().map(|x| x.to_bits()));

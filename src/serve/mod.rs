@@ -118,6 +118,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
             ring_budget: serve
                 .ring_memory_bytes
                 .unwrap_or_else(budget::default_ring_budget),
+            stage_reserve: serve.stage_reserve_tokens,
             checkpoints: crate::plan_cache::cache_root(&l.cfg),
         },
     ));

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use tracing::{info, warn};
 
-use super::hub::{self, ChangeError, ChangeRequest, Late, Proposal};
+use super::hub::{self, Applied, ChangeError, ChangeRequest, Late, Proposal};
 use super::Daemon;
 use crate::config::plan::{PlanConfig, SchedulePoint};
 use crate::config::serve::LateSetting;
@@ -239,22 +239,27 @@ impl Daemon {
                 late_next,
                 source,
             } => {
-                let r = self.hub.change(&ChangeRequest {
-                    proposal: Proposal::Weights(weights),
-                    at_step,
-                    late: if late_next { Late::Next } else { Late::Refuse },
-                    source,
-                });
-                match &r {
-                    Ok(a) => info!(source, "set_weights: {}", a.message),
-                    Err(e) => warn!(
-                        source,
-                        code = e.code.as_str(),
-                        "set_weights refused, the old weights stay: {}",
-                        e.message
-                    ),
-                }
+                let proposal = Proposal::Weights(weights);
+                let r = self.change_logged("set_weights", proposal, at_step, late_next, source);
                 ("set_weights", r)
+            }
+            Control::SetStage {
+                seq_len,
+                global_batch_rows,
+                best_fit_window,
+                chain_groups,
+                at_step,
+                late_next,
+                source,
+            } => {
+                let proposal = Proposal::Stage {
+                    seq_len,
+                    global_batch_rows,
+                    best_fit_window,
+                    chain_groups,
+                };
+                let r = self.change_logged("set_stage", proposal, at_step, late_next, source);
+                ("set_stage", r)
             }
         };
         match result {
@@ -275,6 +280,34 @@ impl Daemon {
                 v
             }
         }
+    }
+
+    /// Applies a CONTROL change (`op`) through the hub and logs the outcome: accepted
+    /// (info) or refused with what stays in force (warn).
+    fn change_logged(
+        &self,
+        op: &'static str,
+        proposal: Proposal,
+        at_step: Option<u64>,
+        late_next: bool,
+        source: &'static str,
+    ) -> Result<Applied, ChangeError> {
+        let r = self.hub.change(&ChangeRequest {
+            proposal,
+            at_step,
+            late: if late_next { Late::Next } else { Late::Refuse },
+            source,
+        });
+        match &r {
+            Ok(a) => info!(source, "{op}: {}", a.message),
+            Err(e) => warn!(
+                source,
+                code = e.code.as_str(),
+                "{op} refused, nothing changed: {}",
+                e.message
+            ),
+        }
+        r
     }
 
     /// SIGHUP: reloads the file, telling systemd (RELOADING=1, then READY=1 with the

@@ -205,13 +205,9 @@ pub struct Layout {
     pub ring_bytes: u64,
     /// Expanded: tokens, labels, loss_mask, position_ids, cu_seqlens, domain,
     /// row_loss_tokens, cursor. Compact: rows, doc_starts, row_real_tokens, domain,
-    /// row_loss_tokens, cursor. In this (increasing offset) order, the cursor last.
+    /// row_loss_tokens, cursor. In this (increasing offset) order, the cursor last:
+    /// the order of the slot header's offset table ([`crate::wire::ring::FIELD_SLOTS`]).
     pub fields: Vec<(&'static str, Field)>,
-    /// The later stages of the plan (`[[plan.stage]]`): their first plan step and their
-    /// layout, with this one's `slot_bytes` (the largest over all stages), so one ring
-    /// serves the whole run and a step is written at its own stage's shape
-    /// ([`Layout::at`]). Empty for a plan of one shape.
-    pub later: Vec<(u64, Layout)>,
 }
 
 const fn align(x: usize, a: usize) -> usize {
@@ -331,51 +327,64 @@ impl Layout {
             slot_bytes,
             ring_bytes: RING_HEADER + slot_bytes * slots as u64,
             fields,
-            later: Vec::new(),
         }
     }
 
-    /// Lays out a ring for every stage: `shapes` are `(first plan step, rows,
-    /// seq_len)`, the first at step 0. Each stage keeps the offsets of its own shape
-    /// ([`Layout::of`]); the slot stride is the largest stage's, so the ring never
-    /// changes size and a client reads any slot by its header (docs/PROTOCOL.md
-    /// section 4, "Stages").
+    /// Lays out a ring for every stage: `shapes` are `(rows per rank, seq_len)`, the
+    /// first being the stage at step 0, whose offsets the layout keeps. The slot
+    /// stride is the largest over the stages and over `reserve` (room for `reserve.0`
+    /// tokens per step, [`Layout::reserve`]), so the ring never changes size, a stage
+    /// added live fits while it needs no more, and a client reads any slot by its
+    /// header (docs/PROTOCOL.md section 4, "Stages").
     pub fn staged(
         kind: SlotLayout,
-        shapes: &[(u64, u32, u32)],
+        shapes: &[(u32, u32)],
+        reserve: u64,
         slots: u32,
         token: TokenType,
         cursor_cap: usize,
     ) -> Layout {
-        let mut all: Vec<(u64, Layout)> = shapes
-            .iter()
-            .map(|&(step, rows, seq)| (step, Layout::of(kind, rows, seq, slots, token, cursor_cap)))
-            .collect();
-        if all.is_empty() {
-            all.push((0, Layout::of(kind, 1, 1, slots, token, cursor_cap)));
-        }
-        let slot_bytes = all.iter().map(|(_, l)| l.slot_bytes).max().unwrap_or(0);
-        for (_, l) in &mut all {
-            l.slot_bytes = slot_bytes;
-            l.ring_bytes = RING_HEADER + slot_bytes * slots as u64;
-        }
-        let mut first = all.remove(0).1;
-        first.later = all;
+        let &(rows, seq) = shapes.first().unwrap_or(&(1, 1));
+        let mut first = Layout::of(kind, rows, seq, slots, token, cursor_cap);
+        let most = (shapes.iter())
+            .map(|&(r, q)| Layout::of(kind, r, q, slots, token, cursor_cap).slot_bytes)
+            .chain([first.reserve(reserve)])
+            .max()
+            .unwrap_or(first.slot_bytes);
+        first.slot_bytes = most;
+        first.ring_bytes = RING_HEADER + most * slots as u64;
         first
     }
 
-    /// The layout of the stage plan step `plan_step` is in.
-    pub fn at(&self, plan_step: u64) -> &Layout {
-        self.later
-            .iter()
-            .rev()
-            .find(|(step, _)| *step <= plan_step)
-            .map_or(self, |(_, l)| l)
+    /// The slot bytes that `tokens` tokens per step take, so that a stage added later
+    /// with no more rows than this layout's and no more tokens per step fits: the
+    /// larger of the slot of this layout's rows sharing them and that of one row of
+    /// them all (a slot's size grows linearly in the rows between the two), page
+    /// rounded. 0 for no reserve.
+    pub fn reserve(&self, tokens: u64) -> u64 {
+        if tokens == 0 {
+            return 0;
+        }
+        let t = tokens.min(u32::MAX as u64) as u32;
+        let (rows, cap) = (self.rows.max(1), self.cursor_cap());
+        let at = |r: u32, q: u32| Layout::of(self.kind, r, q, 1, self.token, cap).slot_bytes;
+        // 64-byte alignment of each field can add up to a cache line per field between
+        // the two ends; a page of slack covers it.
+        at(rows, t.div_ceil(rows)).max(at(1, t)) + 4096
     }
 
-    /// Every stage's `(first plan step, layout)`, first to last.
-    pub fn stages(&self) -> impl Iterator<Item = (u64, &Layout)> {
-        std::iter::once((0, self)).chain(self.later.iter().map(|(s, l)| (*s, l)))
+    /// The layout of a slot of `rows` rows of `seq_len` (a stage of the plan, from the
+    /// config or added live) in this ring, or the bytes it would need when it does not
+    /// fit this ring's slots.
+    pub fn stage(&self, rows: u32, seq_len: u32) -> Result<Layout, u64> {
+        let cap = self.cursor_cap();
+        let mut l = Layout::of(self.kind, rows, seq_len, self.slots, self.token, cap);
+        if l.slot_bytes > self.slot_bytes {
+            return Err(l.slot_bytes);
+        }
+        l.slot_bytes = self.slot_bytes;
+        l.ring_bytes = self.ring_bytes;
+        Ok(l)
     }
 
     /// The fields as WELCOME announces them.
@@ -601,33 +610,38 @@ mod tests {
     }
 
     /// A ring for stages has the largest stage's slot stride, and each stage keeps the
-    /// offsets of its own shape, found by plan step.
+    /// offsets of its own shape; a reserve makes room for any stage of no more rows per
+    /// rank and no more tokens, and a stage past it is refused with the bytes it needs.
     #[test]
-    fn a_staged_layout_is_sized_for_the_largest_stage() {
+    fn a_staged_layout_is_sized_for_the_largest_stage_and_the_reserve() {
         for kind in [SlotLayout::Expanded, SlotLayout::Compact] {
             let t = TokenType(DType::Uint16);
-            let shapes = [(0, 8, 512), (100, 1, 8192), (200, 2, 256)];
-            let l = Layout::staged(kind, &shapes, 3, t, 512);
-            let own: Vec<Layout> = shapes
-                .iter()
-                .map(|&(_, r, q)| Layout::of(kind, r, q, 3, t, 512))
+            let shapes = [(8, 512), (1, 8192), (2, 256)];
+            let l = Layout::staged(kind, &shapes, 0, 3, t, 512);
+            let own: Vec<Layout> = (shapes.iter())
+                .map(|&(r, q)| Layout::of(kind, r, q, 3, t, 512))
                 .collect();
             let most = own.iter().map(|o| o.slot_bytes).max().unwrap();
             assert!(own.iter().any(|o| o.slot_bytes < most));
-            for ((step, at), o) in l.stages().zip(&own) {
+            assert_eq!((l.slot_bytes, l.ring_bytes), (most, RING_HEADER + 3 * most));
+            for (&(r, q), o) in shapes.iter().zip(&own) {
+                let at = l.stage(r, q).unwrap();
                 assert_eq!((at.rows, at.seq_len), (o.rows, o.seq_len));
                 assert_eq!(at.field_specs(), o.field_specs());
                 assert_eq!(at.slot_bytes, most);
-                assert_eq!(at.ring_bytes, RING_HEADER + 3 * most);
-                assert!(std::ptr::eq(l.at(step), at));
             }
-            assert_eq!(l.at(99).seq_len, 512);
-            assert_eq!(l.at(150).seq_len, 8192);
-            assert_eq!(l.at(u64::MAX).seq_len, 256);
-            // One stage: exactly the plain layout.
-            let one = Layout::staged(kind, &shapes[..1], 3, t, 512);
-            assert_eq!(one.slot_bytes, own[0].slot_bytes);
-            assert!(one.later.is_empty());
+            assert_eq!(l.field_specs(), own[0].field_specs());
+            // No reserve: a stage twice the largest does not fit, and says what it needs.
+            let big = Layout::of(kind, 1, 16384, 3, t, 512).slot_bytes;
+            assert_eq!(l.stage(1, 16384).unwrap_err(), big);
+            // A reserve of 64k tokens per step fits every split of them over at most the
+            // first stage's 8 rows.
+            let r = Layout::staged(kind, &shapes, 65536, 3, t, 512);
+            for rows in 1..=8u32 {
+                let fit = r.stage(rows, 65536 / rows);
+                assert!(fit.is_ok(), "{kind:?} {rows} rows of {}", 65536 / rows);
+            }
+            assert!(r.stage(1, 4 * 65536).is_err());
         }
     }
 

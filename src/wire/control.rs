@@ -26,6 +26,24 @@ pub enum Control {
         /// "ctl" or "client" (the trainer itself), for the journal.
         source: &'static str,
     },
+    /// Add a stage from a step on: a `[[plan.stage]]` by a live change (a
+    /// long-context stage without a restart).
+    SetStage {
+        /// Tokens a row trains on.
+        seq_len: u32,
+        /// Rows per global batch.
+        global_batch_rows: u32,
+        /// Units per packing window; `None` keeps the one in force.
+        best_fit_window: Option<u64>,
+        /// Whether `sequence`-grouped domains chain their long groups.
+        chain_groups: bool,
+        /// Trainer step; `None` = the first that can still change.
+        at_step: Option<u64>,
+        /// Move a late change to the first changeable step instead of refusing it.
+        late_next: bool,
+        /// "ctl" or "client", for the journal.
+        source: &'static str,
+    },
 }
 
 #[derive(Deserialize)]
@@ -41,6 +59,14 @@ struct RawControl {
     late: Option<String>,
     #[serde(default)]
     source: Option<String>,
+    #[serde(default)]
+    seq_len: Option<u32>,
+    #[serde(default)]
+    global_batch_rows: Option<u32>,
+    #[serde(default)]
+    best_fit_window: Option<u64>,
+    #[serde(default)]
+    chain_groups: Option<bool>,
 }
 
 /// Parses a CONTROL payload; the error is `(op as far as known, message)`. Total over
@@ -60,31 +86,36 @@ pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
             raw.protocol
         ));
     }
-    let extra = raw.weights.is_some() || raw.at_step.is_some() || raw.late.is_some();
+    let stage = raw.seq_len.is_some()
+        || raw.global_batch_rows.is_some()
+        || raw.best_fit_window.is_some()
+        || raw.chain_groups.is_some();
+    let extra = raw.weights.is_some() || raw.at_step.is_some() || raw.late.is_some() || stage;
+    let late_next = match raw.late.as_deref() {
+        None | Some("refuse") => false,
+        Some("next") => true,
+        Some(other) => return fail(format!("late {other:?} is not \"refuse\" or \"next\"")),
+    };
+    let source = match raw.source.as_deref() {
+        None | Some("ctl") => "ctl",
+        Some("client") => "client",
+        Some(other) => return fail(format!("source {other:?} is not \"ctl\" or \"client\"")),
+    };
     match raw.op.as_str() {
-        "status" | "journal" | "reload" if extra => {
-            fail(format!("op {op:?} takes no weights, at_step or late"))
-        }
+        "status" | "journal" | "reload" if extra => fail(format!(
+            "op {op:?} takes no weights, stage, at_step or late"
+        )),
         "status" => Ok(Control::Status),
         "journal" => Ok(Control::Journal),
         "reload" => Ok(Control::Reload),
+        "set_weights" if stage => fail(
+            "set_weights takes no seq_len, global_batch_rows, best_fit_window or chain_groups \
+             (set_stage does)"
+                .into(),
+        ),
         "set_weights" => {
             let Some(weights) = raw.weights else {
                 return fail("set_weights needs \"weights\": {domain: weight}".into());
-            };
-            let late_next = match raw.late.as_deref() {
-                None | Some("refuse") => false,
-                Some("next") => true,
-                Some(other) => {
-                    return fail(format!("late {other:?} is not \"refuse\" or \"next\""))
-                }
-            };
-            let source = match raw.source.as_deref() {
-                None | Some("ctl") => "ctl",
-                Some("client") => "client",
-                Some(other) => {
-                    return fail(format!("source {other:?} is not \"ctl\" or \"client\""))
-                }
             };
             Ok(Control::SetWeights {
                 weights,
@@ -93,8 +124,26 @@ pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
                 source,
             })
         }
+        "set_stage" => {
+            if raw.weights.is_some() {
+                return fail("set_stage takes no weights (set_weights does)".into());
+            }
+            let (Some(seq_len), Some(global_batch_rows)) = (raw.seq_len, raw.global_batch_rows)
+            else {
+                return fail("set_stage needs \"seq_len\" and \"global_batch_rows\"".into());
+            };
+            Ok(Control::SetStage {
+                seq_len,
+                global_batch_rows,
+                best_fit_window: raw.best_fit_window,
+                chain_groups: raw.chain_groups.unwrap_or(false),
+                at_step: raw.at_step,
+                late_next,
+                source,
+            })
+        }
         other => fail(format!(
-            "unknown op {other:?} (status, set_weights, reload, journal)"
+            "unknown op {other:?} (status, set_weights, set_stage, reload, journal)"
         )),
     }
 }
@@ -131,6 +180,31 @@ mod tests {
             .1
             .contains("frob"));
         assert!(p(r#"{"protocol":1,"op":"status","late":"next"}"#).is_err());
+        assert_eq!(
+            p(r#"{"protocol":1,"op":"set_stage","at_step":9,"seq_len":64,"global_batch_rows":2}"#),
+            Ok(Control::SetStage {
+                seq_len: 64,
+                global_batch_rows: 2,
+                best_fit_window: None,
+                chain_groups: false,
+                at_step: Some(9),
+                late_next: false,
+                source: "ctl"
+            })
+        );
+        assert!(p(r#"{"protocol":1,"op":"set_stage","seq_len":64}"#)
+            .unwrap_err()
+            .1
+            .contains("global_batch_rows"));
+        assert!(
+            p(r#"{"protocol":1,"op":"set_stage","seq_len":-1,"global_batch_rows":2}"#).is_err()
+        );
+        assert!(
+            p(r#"{"protocol":1,"op":"set_weights","weights":{"a":1},"seq_len":64}"#)
+                .unwrap_err()
+                .1
+                .contains("set_stage")
+        );
     }
 
     proptest! {

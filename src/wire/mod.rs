@@ -59,6 +59,13 @@ mod tests {
                 "compact" => Layout::compact(1, 8, 1, TokenType(crate::corpus::DType::Uint16), 8),
                 _ => Layout::new(1, 8, 1, TokenType(crate::corpus::DType::Int32), 8),
             };
+            // The header's offset table lists the same arrays in the same order.
+            let table: &[&str] = match kind {
+                "compact" => &ring::COMPACT_FIELDS,
+                _ => &ring::EXPANDED_FIELDS,
+            };
+            let all: Vec<&str> = layout.fields.iter().map(|(n, _)| *n).collect();
+            assert_eq!(all, table, "{kind} slot fields vs the header's table");
             let names: Vec<String> = layout.fields[..layout.fields.len() - 1]
                 .iter()
                 .map(|(n, _)| format!("\"{n}\""))
@@ -114,6 +121,12 @@ mod tests {
             format!("_RING_HEAD = struct.Struct(\"{ring}\")\n"),
             format!("_RING_MAGIC = b\"{magic}\"\n"),
             format!("_PUBLISHED_AT = {}\n", ring_at::PUBLISHED),
+            format!("_FIELD_OFFSETS_AT = {}\n", slot_at::FIELD_OFFSETS),
+            format!(
+                "_FIELD_OFFSETS = struct.Struct(\"<{}Q\")\n",
+                ring::FIELD_SLOTS
+            ),
+            format!("_SLOT_HEADER_BYTES = {}\n", ring::SLOT_HEADER),
         ] {
             assert!(
                 client.contains(&want),

@@ -65,7 +65,35 @@ pub struct SlotHeader {
     pub reserved: u32,
     /// Offset 56: CLOCK_MONOTONIC ns when the daemon published the slot.
     pub publish_ns: u64,
+    /// Offset 64: the byte offset (from the slot's start) of each array of this slot,
+    /// in the order of [`EXPANDED_FIELDS`] or [`COMPACT_FIELDS`], unused entries zero;
+    /// with `rows` and `seq_len` it tells a client where everything is, so a slot of a
+    /// stage WELCOME did not list (one added live) is readable.
+    pub field_offsets: [u64; FIELD_SLOTS],
 }
+
+/// Entries of the slot header's field-offset table.
+pub const FIELD_SLOTS: usize = 8;
+/// The arrays of an expanded slot, in the order of the header's offset table.
+pub const EXPANDED_FIELDS: [&str; 8] = [
+    "tokens",
+    "labels",
+    "loss_mask",
+    "position_ids",
+    "cu_seqlens",
+    "domain",
+    "row_loss_tokens",
+    "cursor",
+];
+/// The arrays of a compact slot, in the order of the header's offset table.
+pub const COMPACT_FIELDS: [&str; 6] = [
+    "rows",
+    "doc_starts",
+    "row_real_tokens",
+    "domain",
+    "row_loss_tokens",
+    "cursor",
+];
 
 /// Byte offsets in the ring header.
 pub mod ring_at {
@@ -109,6 +137,8 @@ pub mod slot_at {
     pub const CURSOR_LEN: usize = offset_of!(SlotHeader, cursor_len);
     /// `publish_ns`.
     pub const PUBLISH_NS: usize = offset_of!(SlotHeader, publish_ns);
+    /// `field_offsets[0]`; entry `i` is at `FIELD_OFFSETS + 8 * i`.
+    pub const FIELD_OFFSETS: usize = offset_of!(SlotHeader, field_offsets);
 }
 
 // The tables of PROTOCOL.md section 4, checked at compile time: reordering a field above
@@ -122,6 +152,7 @@ const _: () = {
     assert!(slot_at::SEQ_LEN == 20 && slot_at::CU_LEN == 24 && slot_at::MAX_SEQLEN == 28);
     assert!(slot_at::LOSS_TOKENS == 32 && slot_at::REAL_TOKENS == 40);
     assert!(slot_at::CURSOR_LEN == 48 && slot_at::PUBLISH_NS == 56);
+    assert!(slot_at::FIELD_OFFSETS == 64);
     assert!(std::mem::size_of::<SlotHeader>() <= SLOT_HEADER);
 };
 

@@ -210,6 +210,23 @@ pub struct JournalEntry {
     pub points: Vec<JournalPoint>,
     /// Where it came from.
     pub source: String,
+    /// The stage it adds from there on (a `set_stage`; then `points` is empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<JournalStage>,
+}
+
+/// The row shape a stage change puts in force, as `[[plan.stage]]` names its fields.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JournalStage {
+    /// Tokens a row trains on.
+    pub seq_len: u32,
+    /// Rows per global batch.
+    pub global_batch_rows: u32,
+    /// Units per packing window.
+    pub best_fit_window: u64,
+    /// Whether `sequence`-grouped domains chain their long groups.
+    pub chain_groups: bool,
 }
 
 /// One schedule point of a journal entry.
@@ -255,6 +272,7 @@ mod tests {
                     weights: [("a".to_string(), 1.0)].into(),
                 }],
                 source: "ctl".into(),
+                stage: None,
             }],
             last_reload: Some(ReloadOutcome {
                 code: Some("late".into()),

@@ -420,6 +420,23 @@ pub trait Control {
         r["status"].clone()
     }
 
+    /// Polls `status` until the daemon counts `n` trainer clients (it sees a client
+    /// that hung up only when its connection task ends), 20 s at most.
+    fn wait_clients(&self, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = self.status();
+            if st["clients"] == n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never {n} clients: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The daemon's journal of applied changes.
     fn journal(&self) -> Vec<serde_json::Value> {
         let r = self.req(millrace::control::journal_request());

@@ -3,6 +3,10 @@ changes shape at plan step S (`[[plan.stage]]`: 8 rows of 64 tokens, then 2 rows
 read with numpy only. Each rank gets the new shape at exactly step S on one connection,
 the tokens `millrace explain` gives for its slice on both sides, and a `state_dict` taken
 either side of the switch (the step just before it included) resumes exactly.
+
+A stage added live (`Control.set_stage`) to a daemon whose config has none, with
+`[serve] stage_reserve_tokens`, reaches the client the same way: the new shape at
+exactly its step on the same connection, though WELCOME never listed it.
 """
 
 from __future__ import annotations
@@ -26,16 +30,22 @@ DP = 2
 BEFORE, AFTER = (8, 64), (2, 256)  # (global rows, seq_len)
 
 
+def with_stage(config, out, shape):
+    """Writes ``out``: ``config`` with a ``[[plan.stage]]`` of ``shape`` (global rows,
+    seq_len) at step S."""
+    out.write_text(config.read_text() + f"""
+[[plan.stage]]
+step = {S}
+seq_len = {shape[1]}
+global_batch_rows = {shape[0]}
+""")
+    return out
+
+
 @pytest.fixture
 def staged(millrace, short_dir, tmp_path):
     """A daemon serving the two-stage config; yields (daemon, config)."""
-    config = write_corpus(tmp_path / "c")
-    config.write_text(config.read_text() + f"""
-[[plan.stage]]
-step = {S}
-seq_len = {AFTER[1]}
-global_batch_rows = {AFTER[0]}
-""")
+    config = with_stage(write_corpus(tmp_path / "c"), tmp_path / "c" / "staged.toml", AFTER)
     d = Daemon(millrace.path, config, short_dir / "st.sock", tmp_path / "st.log").start()
     yield d, config
     d.kill()
@@ -125,3 +135,49 @@ def test_torch_client_yields_the_new_shape_at_the_switch(millrace, staged):
             dev = derive_tensors(host, layout, b.rows, b.seq_len, b.cu_len)
             np.testing.assert_array_equal(dev["tokens"].long().numpy(), b.tokens)
             np.testing.assert_array_equal(dev["position_ids"].numpy(), b.position_ids)
+
+
+LIVE = (2, 512)  # (global rows, seq_len) added live: 512 tokens per rank, twice stage 1's
+
+
+def test_a_stage_added_live_reaches_the_client_at_its_step(millrace, short_dir, tmp_path):
+    config = write_corpus(tmp_path / "l", extra_serve="stage_reserve_tokens = 512")
+    reference = with_stage(config, config.parent / "ref.toml", LIVE)
+    d = Daemon(millrace.path, config, short_dir / "lv.sock", tmp_path / "lv.log").start()
+    try:
+        with mr.Client(d.sock, 0, DP, job="run", reconnect_timeout=0,
+                       register_cuda=False) as c:
+            batches = [c.next_batch(timeout=60).copy()]  # nothing past S is published yet
+            # A header whose offsets point past the slot is a protocol error, not a view.
+            with pytest.raises(mr.ProtocolError, match="`doc_starts`.* do not fit"):
+                c._conn.stage_of(4, 64, (256, 1 << 30, 0, 0, 0, 0, 0, 0))
+            with pytest.raises(mr.ChangeRefused) as refused:
+                mr.Control(d.sock).set_stage(seq_len=8192, global_batch_rows=2, at_step=S)
+            assert refused.value.code == "invalid"
+            assert "stage_reserve_tokens" in str(refused.value)
+            reply = mr.Control(d.sock).set_stage(seq_len=LIVE[1], global_batch_rows=LIVE[0],
+                                                 at_step=S)
+            assert reply["applied_step"] == S
+            batches += [c.next_batch(timeout=60).copy() for _ in range(STEPS - 1)]
+            assert c.reconnects == 0
+            assert [st["step"] for st in c.welcome["stages"]] == [0]  # never listed
+        # The same steps from ring slots the daemon expands itself.
+        with mr.Client(d.sock, 0, DP, job="expanded", reconnect_timeout=0,
+                       register_cuda=False, slot_layout="expanded") as e:
+            expanded = [e.next_batch(timeout=60).copy() for _ in range(STEPS)]
+    finally:
+        d.kill()
+    d.assert_no_panic()
+    want = explained_rows(millrace, reference, 0)
+    for b, x, (want_seq, want_rows) in zip(batches, expanded, want):
+        g, l = BEFORE if b.step < S else LIVE
+        assert (b.rows, b.seq_len) == (g // DP, l) == (len(want_rows), want_seq), b.step
+        rows = np.stack(want_rows)
+        assert np.array_equal(b.tokens, rows[:, :-1]) and np.array_equal(b.labels, rows[:, 1:])
+        # The derived arrays agree with the header and with the daemon's own expansion.
+        assert b.position_ids.shape == b.loss_mask.shape == (b.rows, b.seq_len)
+        assert int(b.loss_mask.sum()) == b.loss_tokens and len(b.cu_seqlens) == b.cu_len
+        assert b.cu_seqlens[-1] == b.rows * b.seq_len
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens",
+                     "domain", "row_loss_tokens"):
+            assert np.array_equal(getattr(b, name), getattr(x, name)), (b.step, name)

@@ -54,7 +54,16 @@ pub fn render_journal(entries: &[JournalEntry]) -> String {
         "at step", "plan step", "source"
     );
     for e in entries {
-        let points: Vec<String> = e.points.iter().map(point_text).collect();
+        let mut points: Vec<String> = e.points.iter().map(point_text).collect();
+        if let Some(st) = &e.stage {
+            points.push(format!(
+                "stage: {} tokens x {} rows, window {}{}",
+                st.seq_len,
+                st.global_batch_rows,
+                st.best_fit_window,
+                if st.chain_groups { ", chained" } else { "" }
+            ));
+        }
         let _ = writeln!(
             s,
             "{:>10} {:>10}  {:<7} {}",
@@ -126,6 +135,16 @@ mod tests {
         .unwrap();
         let j = render_journal(&[entry]);
         assert!(j.contains("file") && j.contains("step 7: web=1"), "{j}");
+        // A stage added live (`set_stage`): its shape instead of points.
+        let entry = serde_json::from_value(json!({"at_step": 9, "plan_step": 9, "source": "ctl",
+            "points": [], "stage": {"seq_len": 4096, "global_batch_rows": 8,
+                                    "best_fit_window": 64, "chain_groups": true}}))
+        .unwrap();
+        let j = render_journal(&[entry]);
+        assert!(
+            j.contains("stage: 4096 tokens x 8 rows, window 64, chained"),
+            "{j}"
+        );
         // The exact layout: right-aligned steps, the source padded, points in name order.
         let entry = serde_json::from_value(json!({"at_step": 40, "plan_step": 41, "source": "ctl",
             "points": [{"step": 41, "weights": {"web": 0.5, "code": 0.33333}},

@@ -20,7 +20,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use millrace::control::{
-    journal_request, reload_request, request, set_weights_request, Late, Rejection,
+    journal_request, reload_request, request, set_stage_request, set_weights_request, Late,
+    Rejection, StageRequest,
 };
 use millrace::wire::status::JournalEntry;
 
@@ -139,6 +140,10 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Change mixture weights from a step on; domains not named keep theirs.
     SetWeights(SetWeightsArgs),
+    /// Add a stage from a step on (a long-context stage, as `[[plan.stage]]` would):
+    /// rows of SEQ_LEN tokens, GLOBAL_BATCH_ROWS per step. It must fit the rings'
+    /// slots (`[serve] stage_reserve_tokens`).
+    SetStage(SetStageArgs),
     /// Re-read the config file (as SIGHUP does) and apply what changed.
     Reload(ReplyArgs),
     /// List the changes in force (the journal that cursor blobs carry).
@@ -151,6 +156,14 @@ pub struct SetWeightsArgs {
     /// NAME=WEIGHT pairs, e.g. web=0.5 code=0.3 (token weights, normalised by the daemon).
     #[arg(required = true, value_name = "NAME=WEIGHT", value_parser = parse_weight)]
     pub weights: Vec<(String, f64)>,
+    /// When and how to apply it.
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// What every live change takes: the step, the late policy, the reply's form.
+#[derive(clap::Args, Debug)]
+pub struct ChangeArgs {
     /// The trainer step the change takes effect at [default: the first that can change].
     #[arg(long)]
     pub at_step: Option<u64>,
@@ -160,6 +173,26 @@ pub struct SetWeightsArgs {
     /// Print the daemon's reply as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Arguments of `millrace ctl set-stage`.
+#[derive(clap::Args, Debug)]
+pub struct SetStageArgs {
+    /// Tokens a row trains on from the step on.
+    #[arg(long)]
+    pub seq_len: u32,
+    /// Rows per global batch from the step on.
+    #[arg(long)]
+    pub global_batch_rows: u32,
+    /// Units per packing window [default: the one in force at the step].
+    #[arg(long)]
+    pub best_fit_window: Option<u64>,
+    /// Chain `sequence`-grouped domains' long groups across rows.
+    #[arg(long)]
+    pub chain_groups: bool,
+    /// When and how to apply it.
+    #[command(flatten)]
+    pub change: ChangeArgs,
 }
 
 /// Arguments of `millrace ctl reload` and `millrace ctl journal`.
@@ -206,8 +239,18 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
     match args.command {
         CtlCommand::SetWeights(a) => {
             let weights = weights_map(&a.weights).map_err(anyhow::Error::msg)?;
-            let req = set_weights_request(&weights, a.at_step, a.late);
-            show_change(&mut out, &request(&socket, &req, timeout)?, a.json)
+            let req = set_weights_request(&weights, a.change.at_step, a.change.late);
+            show_change(&mut out, &request(&socket, &req, timeout)?, a.change.json)
+        }
+        CtlCommand::SetStage(a) => {
+            let stage = StageRequest {
+                seq_len: a.seq_len,
+                global_batch_rows: a.global_batch_rows,
+                best_fit_window: a.best_fit_window,
+                chain_groups: a.chain_groups,
+            };
+            let req = set_stage_request(&stage, a.change.at_step, a.change.late);
+            show_change(&mut out, &request(&socket, &req, timeout)?, a.change.json)
         }
         CtlCommand::Reload(a) => show_change(
             &mut out,
@@ -319,12 +362,43 @@ mod tests {
             panic!()
         };
         assert_eq!(w.weights.len(), 2);
-        assert_eq!((w.at_step, w.late), (Some(100), Late::Next));
-        let req = set_weights_request(&weights_map(&w.weights).unwrap(), w.at_step, w.late);
+        assert_eq!((w.change.at_step, w.change.late), (Some(100), Late::Next));
+        let req = set_weights_request(
+            &weights_map(&w.weights).unwrap(),
+            w.change.at_step,
+            w.change.late,
+        );
         assert_eq!(
             req,
             json!({"protocol": 1, "op": "set_weights", "weights": {"web": 0.5, "code": 0.3},
                    "at_step": 100, "late": "next"})
+        );
+        let cli = Cli::try_parse_from([
+            "m",
+            "ctl",
+            "set-stage",
+            "--seq-len",
+            "32768",
+            "--global-batch-rows",
+            "128",
+            "--at-step",
+            "200000",
+        ])
+        .unwrap();
+        let Cmd::Ctl(a) = cli.cmd else { panic!() };
+        let CtlCommand::SetStage(s) = a.command else {
+            panic!()
+        };
+        let stage = StageRequest {
+            seq_len: s.seq_len,
+            global_batch_rows: s.global_batch_rows,
+            best_fit_window: s.best_fit_window,
+            chain_groups: s.chain_groups,
+        };
+        assert_eq!(
+            set_stage_request(&stage, s.change.at_step, s.change.late),
+            json!({"protocol": 1, "op": "set_stage", "seq_len": 32768, "global_batch_rows": 128,
+                   "chain_groups": false, "at_step": 200000, "late": "refuse"})
         );
         // --socket also after the subcommand; default socket otherwise.
         let cli = Cli::try_parse_from(["m", "ctl", "journal", "--socket", "/x", "--json"]).unwrap();

@@ -13,6 +13,8 @@ pub struct SlotJob {
     pub step: u64,
     /// Unskipped plan step.
     pub plan_step: u64,
+    /// Tokens a row trains on at this step's stage: with the rows, the slot's shape.
+    pub seq_len: u32,
     /// The rank's rows.
     pub rows: RankRows,
     /// Cursor blob as of the end of the step.

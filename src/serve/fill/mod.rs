@@ -7,7 +7,7 @@
 use crate::corpus::{guard, DType, Shard, Tokens};
 use crate::plan::Segment;
 use crate::sys::{advise, Advice};
-use crate::wire::ring::{put_u32, put_u64, slot_at, SLOT_HEADER};
+use crate::wire::ring::{put_u32, put_u64, slot_at, FIELD_SLOTS, SLOT_HEADER};
 use crate::wire::SlotLayout;
 
 use super::ring::{Layout, RingError, TokenType};
@@ -211,8 +211,18 @@ pub fn fill_slot(
     job: &SlotJob,
     src: &Source,
 ) -> Result<u64, RingError> {
-    // A step is written at its own stage's shape, in a slot sized for the largest.
-    let layout = layout.at(job.plan_step);
+    // A step is written at its own stage's shape, in a slot sized for the largest (and
+    // the reserve); the hub refuses a stage whose slot does not fit before planning it.
+    let rows = job.rows.len() as u32;
+    let layout = &layout
+        .stage(rows, job.seq_len)
+        .map_err(|need| RingError::Materialize {
+            step: job.step,
+            message: format!(
+                "a slot of {rows} rows of {} needs {need} bytes, the ring's hold {}",
+                job.seq_len, layout.slot_bytes
+            ),
+        })?;
     let _guard = guard::enter();
     // A fault left over from an unguarded read elsewhere is not this fill's.
     let _ = guard::take_fault();
@@ -375,6 +385,10 @@ fn write_header(header: &mut [u8], layout: &Layout, job: &SlotJob, sums: &Sums) 
     put_u64(header, slot_at::LOSS_TOKENS, sums.loss);
     put_u64(header, slot_at::REAL_TOKENS, sums.real);
     put_u32(header, slot_at::CURSOR_LEN, job.cursor.len() as u32);
+    // Where this slot's arrays are: a client reads a slot by its header alone.
+    for (i, (_, f)) in layout.fields.iter().enumerate().take(FIELD_SLOTS) {
+        put_u64(header, slot_at::FIELD_OFFSETS + 8 * i, f.offset as u64);
+    }
 }
 
 /// The error of a fill of `step` that failed for `message`.
@@ -574,6 +588,7 @@ mod tests {
         let job = SlotJob {
             step: 0,
             plan_step: 0,
+            seq_len: 64,
             rows: vec![Row::new(0, 0, vec![seg], 65)].into(),
             cursor: vec![],
         };

@@ -75,7 +75,7 @@ impl Hub {
         cancel: &AtomicBool,
     ) -> Result<Option<Admission>, Refusal> {
         let seen = self.plan();
-        let shape = Shape::check(&seen, hello)?;
+        let mut shape = Shape::check(&seen, hello)?;
         let blob = hello.cursor_bytes()?;
         // A blob that carries changes this daemon has not seen (it restarted, or another
         // node's daemon took them) brings them along: the plan under them is the one the
@@ -88,6 +88,11 @@ impl Hub {
             ),
             None => None,
         };
+        // A blob whose journal adds a stage (a live `set_stage`) is served at the stages
+        // of its plan: a ring this client creates is sized for them too.
+        if let Some(r) = resumed.as_ref().filter(|r| r.adopted) {
+            shape = Shape::check(&r.plan, hello)?;
+        }
         let sought = match resumed {
             Some(_) => None,
             None => self.seek_unless_streaming(&seen, hello, cancel)?,
@@ -259,10 +264,11 @@ impl Hub {
             SlotLayout::Compact => self.source.compact_token(),
             SlotLayout::Expanded => self.settings.token,
         };
-        let shapes: Vec<(u64, u32, u32)> = (joiner.shape.stages.iter())
-            .map(|s| (s.step, s.rows, s.seq_len))
+        let shapes: Vec<(u32, u32)> = (joiner.shape.stages.iter())
+            .map(|s| (s.rows, s.seq_len))
             .collect();
-        let layout = Layout::staged(kind, &shapes, self.settings.slots, token, self.cursor_cap);
+        let (slots, reserve) = (self.settings.slots, self.settings.stage_reserve);
+        let layout = Layout::staged(kind, &shapes, reserve, slots, token, self.cursor_cap);
         let step = planner.step();
         if used.saturating_add(layout.ring_bytes) > self.settings.ring_budget {
             return Err(Refusal::new(
@@ -308,8 +314,14 @@ impl Hub {
     ) -> Result<(), Refusal> {
         let kept = journal::common_prefix(seen.journal(), plan.journal());
         let n = plan.journal().len() - kept;
-        self.install(st, plan)
-            .map_err(|e| Refusal::new(e.code(), format!("adopting the blob's journal: {e}")))?;
+        self.install(st, plan).map_err(|e| {
+            // A stage the rings cannot serve never will: the blob is refused as such.
+            let code = match e.code() {
+                Code::Invalid => Code::Cursor,
+                c => c,
+            };
+            Refusal::new(code, format!("adopting the blob's journal: {e}"))
+        })?;
         st.sources.resize(kept, "cursor");
         st.sources.extend(std::iter::repeat_n("cursor", n));
         *st.reloads.entry("cursor").or_default() += 1;
@@ -346,13 +358,19 @@ impl Hub {
             slot_layout: layout.kind,
             ring_bytes: layout.ring_bytes,
             fields: layout.field_specs(),
-            stages: (shape.stages.iter().zip(layout.stages()))
-                .map(|(s, (_, l))| StageSpec {
-                    fields: l.field_specs(),
-                    micro_batch_rows: s.mbr,
-                    rows: s.rows,
-                    seq_len: s.seq_len,
-                    step: s.step,
+            // Every stage fits the ring: it was sized for them, or a stage added since
+            // was checked against it (`Hub::install`). Clients read each slot's shape
+            // from its header; this list is for sizing buffers ahead.
+            stages: (shape.stages.iter())
+                .filter_map(|s| {
+                    let l = layout.stage(s.rows, s.seq_len).ok()?;
+                    Some(StageSpec {
+                        fields: l.field_specs(),
+                        micro_batch_rows: s.mbr,
+                        rows: s.rows,
+                        seq_len: s.seq_len,
+                        step: s.step,
+                    })
                 })
                 .collect(),
         }
@@ -499,6 +517,7 @@ impl Joiner<'_> {
             pid: self.pid,
             standing,
             blob: self.blob.clone(),
+            stages: self.hello.stages,
         }
     }
 

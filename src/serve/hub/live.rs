@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tracing::info;
 
 use super::jobplan::JOB_LAG;
-use super::{Hub, RingEntry, State};
+use super::{Hub, RingEntry, State, CARRY_BYTES};
 use crate::config::plan::{SchedulePoint, MAX_STEP};
 use crate::plan::journal;
 use crate::plan::{cursor, Change, CursorError, Plan, Planner};
@@ -18,6 +18,18 @@ use crate::wire::protocol::Code;
 pub enum Proposal {
     /// New raw weights for the named domains; the others keep theirs.
     Weights(BTreeMap<String, f64>),
+    /// A stage from `at_step` on (`set_stage`): rows of `seq_len` tokens,
+    /// `global_batch_rows` per step, as a `[[plan.stage]]` would say.
+    Stage {
+        /// Tokens a row trains on.
+        seq_len: u32,
+        /// Rows per global batch.
+        global_batch_rows: u32,
+        /// Units per packing window; `None` keeps the one in force.
+        best_fit_window: Option<u64>,
+        /// Whether `sequence`-grouped domains chain their long groups.
+        chain_groups: bool,
+    },
     /// The config file's schedule went from `old` to `new`: the new one applies from
     /// their first difference on.
     Schedule {
@@ -79,11 +91,35 @@ pub struct ChangeError {
 /// ([`InstallError::code`]).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum InstallError {
-    /// The plan's stages differ from those in force: a journal stage change (a blob's,
-    /// `plan/journal.rs`). Rings and WELCOMEs are laid out for the config's stages, so
-    /// the daemon does not serve stages added live (docs/PROTOCOL.md section 4).
-    #[error("its journal adds a stage at plan step {step} ({seq_len} tokens x {rows} rows); this daemon serves the stages of its config only: add it as [[plan.stage]] and restart")]
-    Stages { step: u64, seq_len: u32, rows: u32 },
+    /// A stage of the new plan (one a journal stage change added) does not split over
+    /// a job's dp ranks or micro-batches.
+    #[error("the stage at plan step {step} has {rows} rows per global batch, which job {job:?} cannot split: {why}")]
+    Split {
+        job: String,
+        step: u64,
+        rows: u32,
+        why: String,
+    },
+    /// A connected client would misread the new stage's slots: it reads them at
+    /// WELCOME's shape (its HELLO lacked `stages: true`).
+    #[error("job {job:?} dp_rank {dp_rank} peer {replica:?} does not read per-slot shapes (its HELLO lacks `stages: true`), so it cannot be served the stage at plan step {step}; upgrade that client")]
+    Reader {
+        job: String,
+        dp_rank: u32,
+        replica: String,
+        step: u64,
+    },
+    /// A stage of the new plan needs bigger slots than a live ring has.
+    #[error("a slot of the stage at plan step {step} ({seq_len} tokens x {rows} rows per dp rank) needs {needed} bytes, and the ring of job {job:?} dp_rank {dp_rank} has slots of {available} bytes; start the daemon with a larger [serve] stage_reserve_tokens (its rings are sized for that many tokens per dp rank per step)")]
+    Fit {
+        job: String,
+        dp_rank: u32,
+        step: u64,
+        seq_len: u32,
+        rows: u32,
+        needed: u64,
+        available: u64,
+    },
     /// A ring without a cursor (every ring holds at least its start's).
     #[error("job {job:?} dp_rank {dp_rank} holds no cursor")]
     NoCursor { job: String, dp_rank: u32 },
@@ -98,11 +134,14 @@ pub(super) enum InstallError {
 }
 
 impl InstallError {
-    /// The code a refusal carries: a stage change will never apply (`cursor`), a ring's
-    /// cursor may restore once it moves on (`busy`).
+    /// The code a refusal carries: a stage the rings cannot serve will never apply
+    /// (`invalid`; a blob bringing it is refused `cursor`), a ring's cursor may restore
+    /// once it moves on (`busy`).
     pub(super) fn code(&self) -> Code {
         match self {
-            InstallError::Stages { .. } => Code::Cursor,
+            InstallError::Split { .. } | InstallError::Fit { .. } | InstallError::Reader { .. } => {
+                Code::Invalid
+            }
             _ => Code::Busy,
         }
     }
@@ -129,15 +168,8 @@ impl Hub {
     /// the lock, so no step is published meanwhile.
     pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), InstallError> {
         if plan.stages() != st.plan.stages() {
-            // Only a journal stage change makes them differ: [plan] edits need a restart.
-            let (step, s) = (plan.journal().iter())
-                .find_map(|c| c.stage.map(|s| (c.at, s)))
-                .unwrap_or_default();
-            return Err(InstallError::Stages {
-                step,
-                seq_len: s.seq_len,
-                rows: s.rows,
-            });
+            // A journal stage change: every live ring must serve it as it is.
+            Self::check_stages(st, &plan)?;
         }
         let mut fresh = Vec::new();
         for (name, job) in &st.jobs {
@@ -192,6 +224,57 @@ impl Hub {
         Ok(())
     }
 
+    /// Whether every job can serve `plan`'s stages in the rings it has: each stage's
+    /// rows split over the job's dp ranks and each ring's micro-batches, and a slot of
+    /// each fits the ring's (sized at its creation for the stages then and `[serve]
+    /// stage_reserve_tokens`).
+    fn check_stages(st: &State, plan: &Plan) -> Result<(), InstallError> {
+        for (name, job) in &st.jobs {
+            for s in plan.stages() {
+                let split = |why: String| InstallError::Split {
+                    job: name.clone(),
+                    step: s.step,
+                    rows: s.rows,
+                    why,
+                };
+                if s.rows % job.dp_size != 0 {
+                    return Err(split(format!("dp_size {} does not divide it", job.dp_size)));
+                }
+                let rows = s.rows / job.dp_size;
+                for (&r, e) in &job.rings {
+                    if let Some(p) = e.peers.values().find(|p| !p.stages) {
+                        return Err(InstallError::Reader {
+                            job: name.clone(),
+                            dp_rank: r,
+                            replica: p.replica.clone(),
+                            step: s.step,
+                        });
+                    }
+                    let m = e.micro.1.max(1);
+                    if rows % m != 0 {
+                        return Err(split(format!(
+                            "dp_rank {r}'s {rows} rows are not a multiple of its \
+                             micro_batches {m}"
+                        )));
+                    }
+                    let layout = e.ring.layout();
+                    if let Err(needed) = layout.stage(rows, s.seq_len) {
+                        return Err(InstallError::Fit {
+                            job: name.clone(),
+                            dp_rank: r,
+                            step: s.step,
+                            seq_len: s.seq_len,
+                            rows,
+                            needed,
+                            available: layout.slot_bytes,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Applies a live mixture change, or refuses it as a whole with the old weights still
     /// in force. Counted per source either way.
     pub fn change(&self, req: &ChangeRequest) -> Result<Applied, ChangeError> {
@@ -224,7 +307,7 @@ impl Hub {
         let fc = st.first_changeable();
         let fc_p = plan.plan_step_of(fc);
         let (requested, d) = match &req.proposal {
-            Proposal::Weights(_) => {
+            Proposal::Weights(_) | Proposal::Stage { .. } => {
                 let t = req.at_step.unwrap_or(fc);
                 // A change far past anything published is a typo or an attack (one at
                 // 2^64-1 was accepted before), and would sit in every blob meanwhile.
@@ -281,6 +364,18 @@ impl Hub {
                 .weights_change(d, w)
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
             Proposal::Schedule { new, .. } => plan.schedule_change(d, new),
+            Proposal::Stage {
+                seq_len,
+                global_batch_rows,
+                best_fit_window,
+                chain_groups,
+            } => plan.stage_change(
+                d,
+                *seq_len,
+                *global_batch_rows,
+                *best_fit_window,
+                *chain_groups,
+            ),
         };
         // The change drops the entries it supersedes (at its step or later), so repeated
         // or corrected changes never fill the journal; their count travels in blobs.
@@ -288,7 +383,11 @@ impl Hub {
         let dropped = journal::append(&mut journal, change);
         let kept = journal.len() - 1;
         let domains = plan.domain_names().len();
-        if cursor::journal_bytes(&journal, domains) > self.journal_cap {
+        // A stage added live is a switch the config did not count: its carry records
+        // (one per domain) take room in every blob too, from the journal's share.
+        let live_stages = journal.iter().filter(|c| c.stage.is_some()).count();
+        let carry = live_stages * domains * CARRY_BYTES;
+        if cursor::journal_bytes(&journal, domains) + carry > self.journal_cap {
             return Err(ChangeError::invalid(format!(
                 "the journal of live changes would outgrow the cursor blob ({} changes); \
                  write the mixture into the config and restart",
@@ -301,7 +400,10 @@ impl Hub {
         );
         self.install(st, next.clone()).map_err(|e| ChangeError {
             code: e.code(),
-            message: format!("regenerating prefetched batches: {e}"),
+            message: match e.code() {
+                Code::Invalid => e.to_string(),
+                _ => format!("regenerating prefetched batches: {e}"),
+            },
             first_changeable: None,
         })?;
         st.sources.resize(kept, "cursor");

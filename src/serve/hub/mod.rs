@@ -57,6 +57,9 @@ pub struct HubSettings {
     /// Most bytes all rings together may take (`[serve] ring_memory_bytes`): a job whose
     /// ring would pass it is refused with `memory`.
     pub ring_budget: u64,
+    /// Tokens per dp rank per step every ring's slots have room for at least (`[serve]
+    /// stage_reserve_tokens`), so a stage added live fits rings already streaming.
+    pub stage_reserve: u64,
     /// Cache root for plan checkpoints (`crate::plan_cache`), so a client's
     /// `start_step` seek starts from the nearest one, and where the job planners leave
     /// one every [`Plan::checkpoint_every`] plan steps as they serve; `None`: seeks
@@ -91,6 +94,9 @@ struct Peer {
     standing: Standing,
     /// The blob it resumed from, if any.
     blob: Option<Vec<u8>>,
+    /// Whether it reads each slot by its header (HELLO `stages`), so a stage added
+    /// live may reach it.
+    stages: bool,
 }
 
 /// What a cursor blob records that `status` reports, kept beside the blob when it is
@@ -287,6 +293,11 @@ impl State {
     }
 }
 
+/// Cursor bytes budgeted per domain for its carry record of one stage switch: the
+/// config's switches get it in the cursor field, stages added live from the journal's
+/// share of it.
+const CARRY_BYTES: usize = 256;
+
 /// Shared by the accept loop, every connection and every materializer thread.
 pub struct Hub {
     source: Source,
@@ -294,6 +305,7 @@ pub struct Hub {
     cursor_cap: usize,
     /// Bytes of the cursor field left for the journal.
     journal_cap: usize,
+
     state: Mutex<State>,
     work: Condvar,
     /// Real and padded token positions copied, and documents started and cut, for the
@@ -346,7 +358,7 @@ impl Hub {
         // switch its window went through, and its identity record (layout 7).
         let switches = plan.stages().len().saturating_sub(1);
         let cursor_cap = 1024
-            + domains * (512 + 32 * reseeds + 256 * switches)
+            + domains * (512 + 32 * reseeds + CARRY_BYTES * switches)
             + plan.cursor_domain_bytes()
             + journal_cap;
         let keeper = Keeper::start(settings.checkpoints.clone());

@@ -20,6 +20,7 @@ impl Hub {
     ) -> Result<(), ReleaseError> {
         let mut st = self.lock();
         let plan = st.plan.clone();
+        let dp_size = st.jobs.get(job).map_or(1, |j| j.dp_size.max(1));
         let Some(entry) = Self::find(&mut st, job, dp_rank) else {
             return Err(ReleaseError::NoRing);
         };
@@ -40,11 +41,10 @@ impl Hub {
         if base > before && entry.joined >= entry.replicas {
             entry.stats.batches_delivered += base - before;
             // Each step at its own stage's shape (at most a ring's slots per release).
-            let layout = entry.ring.layout();
             entry.stats.tokens_delivered += (before..base)
                 .map(|s| {
-                    let l = layout.at(plan.plan_step_of(s));
-                    u64::from(l.rows) * u64::from(l.seq_len)
+                    let (seq_len, rows) = plan.shape_at(plan.plan_step_of(s));
+                    u64::from(rows / dp_size) * u64::from(seq_len)
                 })
                 .sum::<u64>();
         }

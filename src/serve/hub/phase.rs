@@ -382,6 +382,7 @@ pub(super) mod tests {
             pid: None,
             standing: Standing::Reading,
             blob: None,
+            stages: true,
         }
     }
 

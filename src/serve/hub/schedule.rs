@@ -136,7 +136,7 @@ impl Hub {
             }
             metrics::histogram!("millrace_materialize_seconds").record(t0.elapsed().as_secs_f64());
             if let Ok(real) = result {
-                let cap = ring.layout().at(job.plan_step).seq_len + 1;
+                let cap = job.seq_len + 1;
                 let positions = job.rows.len() as u64 * cap as u64;
                 let mut f = self.fill.lock().unwrap_or_else(|p| p.into_inner());
                 f.positions += positions;
@@ -281,6 +281,7 @@ impl Hub {
         let job = SlotJob {
             step,
             plan_step: planned.batch.plan_step,
+            seq_len: plan.shape_at(planned.batch.plan_step).0,
             rows: RankRows::of(planned.batch.clone(), r, dp_size),
             cursor: planned.blob.clone(),
         };

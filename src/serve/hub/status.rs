@@ -7,8 +7,8 @@ use std::time::Instant;
 use super::{Hub, JobPlan, Published, RingEntry, State};
 use crate::plan::Planner;
 use crate::wire::status::{
-    DomainStatus, JobStatus, JournalEntry, JournalPoint, PeerStatus, PoisonedShard, RingMemory,
-    RingStatus, Status,
+    DomainStatus, JobStatus, JournalEntry, JournalPoint, JournalStage, PeerStatus, PoisonedShard,
+    RingMemory, RingStatus, Status,
 };
 
 impl Hub {
@@ -28,6 +28,12 @@ impl Hub {
                 at_step: st.plan.trainer_step_of(c.at),
                 plan_step: c.at,
                 source: src.to_string(),
+                stage: c.stage.map(|s| JournalStage {
+                    seq_len: s.seq_len,
+                    global_batch_rows: s.rows,
+                    best_fit_window: s.window,
+                    chain_groups: s.chain_groups,
+                }),
                 points: c
                     .points
                     .iter()
