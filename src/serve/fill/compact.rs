@@ -8,8 +8,8 @@ use crate::plan::Segment;
 use crate::serve::uring::{segment_span, ReadError, Span};
 
 use super::{
-    bad_token, carve, check_job, convert, fail_at, faulted, needs_check, out_of_range, read_piece,
-    typed, write_header, Layout, Out, RingError, SlotJob, Source, Sums,
+    bad_token, carve, check_job, convert, fail_at, faulted, needs_check, out_of_range,
+    prefetch_index, read_piece, typed, write_header, Layout, Out, RingError, SlotJob, Source, Sums,
 };
 
 /// A span handed to io_uring: its row, segment, shard and mapped tokens, to word an
@@ -179,21 +179,6 @@ pub(super) fn fill_compact<T: Out>(
     cursor[..job.cursor.len()].copy_from_slice(&job.cursor);
     write_header(header, layout, job, &sums);
     Ok(sums.real)
-}
-
-/// Prefetches the index entries of every document `job` reads, before the first lookup
-/// ([`Shard::prefetch_doc`]); unknown domains and shards are the lookups' to report.
-fn prefetch_index(job: &SlotJob, src: &Source) {
-    for row in job.rows.iter() {
-        let Some(shards) = src.shards.get(row.domain as usize) else {
-            continue;
-        };
-        for s in &row.segments {
-            if let Some(shard) = shards.get(s.shard as usize) {
-                shard.prefetch_doc(s.doc);
-            }
-        }
-    }
 }
 
 /// The error of an io_uring read, naming the row and document of the span it was part
