@@ -4,8 +4,15 @@
 //! expanded ones (tokens, labels, loss mask, position ids, cu_seqlens, as int32 and
 //! int64), in GB/s of what each slot carries for the trainer.
 //!
+//! `fill_slot_compact_scattered` fills every rank's slot of successive steps in turn, so
+//! that (unlike the others, which cycle 16 slots whose sources stay in the CPU caches)
+//! each fill reads spans scattered over the whole corpus, as the daemon does: it
+//! measures the index lookups and the first-line misses of each span as well as the copy.
+//!
 //! Run with `cargo bench --bench materialize`. The corpus is synthesized once into
-//! `target/bench-materialize` (2e7 tokens, page cache warm after the first pass).
+//! `target/bench-materialize` (2e7 tokens, page cache warm after the first pass);
+//! `MILLRACE_BENCH_CONFIG=path/to/millrace.toml` runs it on another (a corpus larger
+//! than the last-level cache shows the misses best).
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -14,11 +21,14 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use millrace::config::serve::Reader;
 use millrace::config::Config;
 use millrace::corpus::DType;
-use millrace::serve::fill::{fill_slot, Readers, SlotJob, Source};
+use millrace::serve::fill::{fill_slot, RankRows, Readers, SlotJob, Source};
 use millrace::serve::ring::{Layout, Ring, TokenType};
 use millrace::synth::{synth, SynthOptions};
 
 fn corpus() -> PathBuf {
+    if let Some(cfg) = std::env::var_os("MILLRACE_BENCH_CONFIG") {
+        return cfg.into();
+    }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-materialize");
     let cfg = dir.join("millrace.toml");
     if !cfg.exists() {
@@ -57,6 +67,19 @@ fn bench(c: &mut Criterion) {
             }
         })
         .collect();
+    // Every rank's rows of the next steps: about 64 MiB of spans, one pass over them.
+    let scattered: Vec<SlotJob> = (0..64)
+        .flat_map(|_| {
+            let b = std::sync::Arc::new(planner.next_batch());
+            let cursor = planner.cursor();
+            (0..ranks).map(move |r| SlotJob {
+                step: b.step,
+                plan_step: b.plan_step,
+                rows: RankRows::of(b.clone(), r, ranks),
+                cursor: cursor.clone(),
+            })
+        })
+        .collect();
     let source = Source {
         shards: loaded.shards,
         pad_token: plan_cfg.pad_token,
@@ -66,18 +89,21 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("materialize");
     let seq = plan_cfg.seq_len;
     let mut i = 0usize;
-    let mut fill =
-        |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, layout: &Layout, src: &Source| {
-            let ring = Ring::create("bench", layout.clone(), 0).expect("ring");
-            g.bench_function(name, |b| {
-                b.iter(|| {
-                    let job = &jobs[i % jobs.len()];
-                    i += 1;
-                    let mut slot = ring.claim(job.step).expect("claim");
-                    black_box(fill_slot(&mut slot, layout, job, src).expect("fill"))
-                })
-            });
-        };
+    let mut fill = |g: &mut criterion::BenchmarkGroup<'_, _>,
+                    name: String,
+                    layout: &Layout,
+                    src: &Source,
+                    jobs: &[SlotJob]| {
+        let ring = Ring::create("bench", layout.clone(), 0).expect("ring");
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let job = &jobs[i % jobs.len()];
+                i += 1;
+                let mut slot = ring.claim(job.step).expect("claim");
+                black_box(fill_slot(&mut slot, layout, job, src).expect("fill"))
+            })
+        });
+    };
     let memcpy = |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, bytes: u64| {
         let src = vec![1u8; bytes as usize];
         let mut dst = vec![0u8; bytes as usize];
@@ -99,6 +125,14 @@ fn bench(c: &mut Criterion) {
         format!("fill_slot_compact_{}_{rows}x{seq}", token.0),
         &compact,
         &source,
+        &jobs,
+    );
+    fill(
+        &mut g,
+        format!("fill_slot_compact_{}_scattered", token.0),
+        &compact,
+        &source,
+        &scattered,
     );
     let unchecked = Source {
         shards: source.shards.clone(),
@@ -112,6 +146,7 @@ fn bench(c: &mut Criterion) {
         format!("fill_slot_compact_{}_no_vocab_check", token.0),
         &compact,
         &unchecked,
+        &jobs,
     );
     memcpy(&mut g, "memcpy_reference_compact".into(), payload);
     for (name, dtype) in [("int32", DType::Int32), ("int64", DType::Int64)] {
@@ -124,6 +159,7 @@ fn bench(c: &mut Criterion) {
             format!("fill_slot_{name}_{rows}x{seq}"),
             &layout,
             &source,
+            &jobs,
         );
         memcpy(&mut g, format!("memcpy_reference_{name}"), payload);
     }

@@ -471,6 +471,22 @@ impl MegatronShard {
         le_i64(&self.idx, self.pointers_at + 8 * i as usize)
     }
 
+    /// Pulls the index entries [`Self::doc_tokens`] reads for `doc` (its sequence's
+    /// pointer and length) into the CPU caches: the fill calls it for a whole slot's
+    /// documents before reading any, so their misses overlap instead of queueing one per
+    /// span. Only for the one-sequence-per-document layout, which reads exactly these.
+    #[inline]
+    pub fn prefetch_doc(&self, doc: u64) {
+        if doc < self.sequences {
+            let (p, l) = (
+                self.pointers_at + 8 * doc as usize,
+                self.lengths_at + 4 * doc as usize,
+            );
+            crate::sys::prefetch(self.idx.get(p..p + 8).unwrap_or_default(), 8);
+            crate::sys::prefetch(self.idx.get(l..l + 4).unwrap_or_default(), 4);
+        }
+    }
+
     /// Entry `i` of document_indices, as stored (`i` up to and including [`Self::documents`]).
     pub fn doc_index(&self, i: u64) -> i64 {
         le_i64(&self.idx, self.doc_index_at + 8 * i as usize)

@@ -336,6 +336,15 @@ impl Shard {
         body!(self, s => s.doc_tokens(doc))
     }
 
+    /// Prefetches what [`Shard::doc_tokens`] will read of the index for `doc` (a CPU
+    /// cache hint; see [`MegatronShard::prefetch_doc`]). Raw shards: nothing.
+    #[inline]
+    pub fn prefetch_doc(&self, doc: u64) {
+        if let Body::Megatron(m) = &self.body {
+            m.prefetch_doc(doc);
+        }
+    }
+
     /// The group sidecar, if the shard has one.
     pub fn groups(&self) -> Option<&Groups> {
         self.groups.as_ref()

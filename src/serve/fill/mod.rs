@@ -257,6 +257,7 @@ fn fill_typed<T: Out>(
     let l = layout.seq_len as usize;
     let cap = l + 1;
     check_job(layout, job, &fail)?;
+    prefetch_index(job, src);
     let (header, mut f) = carve(slot, layout);
     let [tokens, labels, mask, pos, cu, domain, row_loss, cursor] = &mut f[..] else {
         return Err(fail("slot layout has the wrong number of fields".into()));
@@ -417,6 +418,21 @@ fn check_job(
         )));
     }
     Ok(())
+}
+
+/// Prefetches the index entries of every document `job` reads, before the first lookup
+/// ([`Shard::prefetch_doc`]); unknown domains and shards are the lookups' to report.
+fn prefetch_index(job: &SlotJob, src: &Source) {
+    for row in job.rows.iter() {
+        let Some(shards) = src.shards.get(row.domain as usize) else {
+            continue;
+        };
+        for s in &row.segments {
+            if let Some(shard) = shards.get(s.shard as usize) {
+                shard.prefetch_doc(s.doc);
+            }
+        }
+    }
 }
 
 /// Tokens `start..start+len` of a segment's document, after the guards: the shard
