@@ -68,6 +68,7 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     // Every rank's rows of the next steps: about 64 MiB of spans, one pass over them.
+    let seq_len = plan_cfg.seq_len;
     let scattered: Vec<SlotJob> = (0..64)
         .flat_map(|_| {
             let b = std::sync::Arc::new(planner.next_batch());
@@ -75,6 +76,7 @@ fn bench(c: &mut Criterion) {
             (0..ranks).map(move |r| SlotJob {
                 step: b.step,
                 plan_step: b.plan_step,
+                seq_len,
                 rows: RankRows::of(b.clone(), r, ranks),
                 cursor: cursor.clone(),
             })

@@ -288,6 +288,7 @@ mod tests {
                     let job = SlotJob {
                         step: b.step,
                         plan_step: b.plan_step,
+                        seq_len: plan.seq_len,
                         rows: RankRows::of(b.clone(), r, ranks),
                         cursor: vec![],
                     };
