@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::{Admission, Cursor, EventFd, Hub, Job, Mark, Peer, RingEntry, Standing, State};
+use super::{
+    Admission, Cursor, EventFd, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing, State,
+};
 use crate::plan::journal;
 use crate::plan::{Plan, Planner, Resumed};
 use crate::serve::ring::{Layout, Ring};
@@ -101,6 +103,14 @@ impl Hub {
             ),
             kick: Arc::new(tokio::sync::Notify::new()),
             blob,
+            page: match hello.release_page {
+                true => Some(Arc::new(
+                    ReleasePage::create(&format!("{}:{}", hello.job, hello.dp_rank)).map_err(
+                        |e| Refusal::new(Code::Busy, format!("release page memfd: {e}")),
+                    )?,
+                )),
+                false => None,
+            },
         };
 
         let mut st = self.lock();
@@ -170,6 +180,7 @@ impl Hub {
             ring,
             ready: joiner.ready,
             kick: joiner.kick,
+            page: joiner.page,
         }))
     }
 
@@ -326,6 +337,7 @@ impl Hub {
         let layout = ring.layout();
         Welcome {
             protocol: crate::wire::TRAINER_VERSION,
+            release_page: joiner.page.is_some(),
             fingerprint: shape.fingerprint.clone(),
             start_step,
             dp_rank: hello.dp_rank,
@@ -486,11 +498,17 @@ struct Joiner<'a> {
     kick: Arc<tokio::sync::Notify>,
     /// The blob it resumes from.
     blob: Option<Vec<u8>>,
+    /// Its release page, when its HELLO asked for one.
+    page: Option<Arc<ReleasePage>>,
 }
 
 impl Joiner<'_> {
     /// The peer it becomes at `step`, with its standing against the ring.
     fn peer(&self, step: u64, standing: Standing) -> Peer {
+        // The page starts at the peer's own step, the release it holds now.
+        if let Some(page) = &self.page {
+            page.store_released(step);
+        }
         Peer {
             replica: self.hello.replica.clone(),
             released: step,
@@ -499,6 +517,7 @@ impl Joiner<'_> {
             pid: self.pid,
             standing,
             blob: self.blob.clone(),
+            page: self.page.clone(),
         }
     }
 
