@@ -310,14 +310,13 @@ impl AsFd for EventFd {
 /// client's reads of a slot happen before the daemon refills it.
 pub struct ReleasePage {
     shm: Shm,
-    /// The memfd, kept by the daemon to pass with WELCOME (`None` in a client).
-    fd: Option<OwnedFd>,
 }
 
 impl ReleasePage {
-    /// A fresh zeroed page (the daemon's side), sealed against resizing so that a client
+    /// A fresh zeroed page (the daemon's side) and its memfd, to pass with WELCOME and
+    /// close then (the mapping keeps the page). Sealed against resizing, so that a client
     /// cannot shrink it under the daemon's mapping (which would raise SIGBUS there).
-    pub fn create(name: &str) -> io::Result<ReleasePage> {
+    pub fn create(name: &str) -> io::Result<(ReleasePage, OwnedFd)> {
         use crate::wire::ring::RELEASE_PAGE_BYTES;
         use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
         let cname = std::ffi::CString::new(format!("millrace-release:{name}"))
@@ -327,10 +326,7 @@ impl ReleasePage {
         file.set_len(RELEASE_PAGE_BYTES as u64)?;
         let shm = Shm::create(&file, |map| map.fill(0))?;
         fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
-        Ok(ReleasePage {
-            shm,
-            fd: Some(OwnedFd::from(file)),
-        })
+        Ok((ReleasePage { shm }, OwnedFd::from(file)))
     }
 
     /// Maps the page a WELCOME passed (the client's side), after checking the memfd
@@ -352,13 +348,7 @@ impl ReleasePage {
                 map,
                 writable: true,
             },
-            fd: None,
         })
-    }
-
-    /// The memfd to pass to the client (`None` on the client's side).
-    pub fn fd(&self) -> Option<&OwnedFd> {
-        self.fd.as_ref()
     }
 
     fn word(&self, at: usize) -> &AtomicU64 {
@@ -458,6 +448,33 @@ pub fn can_write_dir(dir: &std::path::Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both sides of a release page: the client's store is what the daemon reads, the
+    /// client sees `daemon_waiting` only while the daemon armed it, and the memfd cannot
+    /// be resized (a client shrinking it would fault the daemon).
+    #[test]
+    fn a_release_page_carries_released_and_daemon_waiting_and_cannot_shrink() {
+        let (daemon, fd) = ReleasePage::create("test").unwrap();
+        let client = ReleasePage::map(&fd).unwrap();
+        daemon.store_released(7);
+        assert_eq!(client.released(), 7);
+        assert!(!client.publish(9), "the daemon did not arm the page");
+        assert_eq!(daemon.released(), 9);
+        assert_eq!(daemon.arm(), 9);
+        assert!(client.daemon_waiting());
+        assert!(client.publish(10), "an armed page asks for a RELEASE frame");
+        daemon.disarm();
+        assert!(!client.publish(11));
+        let file = File::from(fd.try_clone().unwrap());
+        assert!(file.set_len(0).is_err(), "the page memfd is sealed");
+        assert!(file.set_len(8192).is_err(), "the page memfd is sealed");
+        // A memfd smaller than a page is refused before it is mapped.
+        let small = rustix::fs::memfd_create("small", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let e = ReleasePage::map(&small)
+            .err()
+            .expect("a 0-byte page is refused");
+        assert!(e.to_string().contains("holds 0 bytes"), "{e}");
+    }
 
     #[test]
     fn groups_resolve_both_ways_and_unknown_ones_are_none() {

@@ -333,7 +333,7 @@ async fn connection(
         }
     };
     let mut fds = vec![adm.ring.client_fd().as_fd(), adm.ready.fd().as_fd()];
-    fds.extend(adm.page.as_ref().and_then(|p| p.fd()).map(|f| f.as_fd()));
+    fds.extend(adm.page_fd.as_ref().map(|f| f.as_fd()));
     if let Err(e) = send_welcome(&mut stream, &welcome, &fds).await {
         warn!(?pid, "sending WELCOME failed: {e}");
         hub.leave(&job, rank, peer);

@@ -529,7 +529,7 @@ mod tests {
         let bytes = serde_json::to_vec(&h).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&bytes),
-            r#"{"protocol":2,"job":"default","dp_rank":1,"dp_size":2,"replica":"0","replicas":1,"micro_batch_rows":4,"micro_batches":2}"#
+            r#"{"protocol":2,"job":"default","dp_rank":1,"dp_size":2,"replica":"0","replicas":1,"micro_batch_rows":4,"micro_batches":2,"release_page":true}"#
         );
         assert_eq!(Hello::parse(&bytes), Ok(h));
         let mut w = Hello::whole_slice(0, 1);
@@ -539,7 +539,7 @@ mod tests {
         let bytes = serde_json::to_vec(&w).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&bytes),
-            r#"{"protocol":2,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"ab"}"#
+            r#"{"protocol":2,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"ab","release_page":true}"#
         );
         assert_eq!(Hello::parse(&bytes), Ok(w));
     }

@@ -94,7 +94,7 @@ impl Hub {
             Some(_) => None,
             None => self.seek_unless_streaming(&seen, hello, cancel)?,
         };
-        let joiner = Joiner {
+        let mut joiner = Joiner {
             hello,
             shape: &shape,
             pid,
@@ -103,15 +103,15 @@ impl Hub {
             ),
             kick: Arc::new(tokio::sync::Notify::new()),
             blob,
-            page: match hello.release_page {
-                true => Some(Arc::new(
-                    ReleasePage::create(&format!("{}:{}", hello.job, hello.dp_rank)).map_err(
-                        |e| Refusal::new(Code::Busy, format!("release page memfd: {e}")),
-                    )?,
-                )),
-                false => None,
-            },
+            page: None,
         };
+        let mut page_fd = None;
+        if hello.release_page {
+            let (page, fd) = ReleasePage::create(&format!("{}:{}", hello.job, hello.dp_rank))
+                .map_err(|e| Refusal::new(Code::Busy, format!("release page memfd: {e}")))?;
+            joiner.page = Some(Arc::new(page));
+            page_fd = Some(fd);
+        }
 
         let mut st = self.lock();
         if !Arc::ptr_eq(&st.plan, &seen) {
@@ -180,7 +180,7 @@ impl Hub {
             ring,
             ready: joiner.ready,
             kick: joiner.kick,
-            page: joiner.page,
+            page_fd,
         }))
     }
 

@@ -78,8 +78,9 @@ pub struct Admission {
     pub ready: Arc<EventFd>,
     /// Fired when the peer's ring fails, so its connection can say why and close.
     pub kick: Arc<tokio::sync::Notify>,
-    /// The peer's release page, when its HELLO asked for one (WELCOME's third fd).
-    pub page: Option<Arc<ReleasePage>>,
+    /// The memfd of the peer's release page, when its HELLO asked for one (WELCOME's
+    /// third fd; closed once sent, the daemon keeps its mapping).
+    pub page_fd: Option<std::os::fd::OwnedFd>,
 }
 
 /// A client joined to a ring.
