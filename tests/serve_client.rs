@@ -825,9 +825,14 @@ fn release_pages_stream_what_frames_stream_and_a_full_ring_never_stalls() {
     assert!(paged.has_release_page() && paged.welcome().release_page);
     assert!(!framed.has_release_page() && !framed.welcome().release_page);
     paged.set_timeout(Some(Duration::from_secs(10)));
+    // The longest a wait of the paged client lasted past the publish that ended it: a
+    // wake-up the daemon skipped although the client was blocked (`client_waiting`)
+    // would show as the client's 1 s poll timeout.
+    let mut late = 0u64;
     for (i, (batch, cursor)) in want.iter().enumerate() {
         let (bytes, blob) = {
             let v = paged.next_batch().unwrap();
+            late = late.max(v.wake_latency_ns.unwrap_or(0));
             check(&loaded, &v, batch, 0, 2, cursor);
             (v.copy_bytes.to_vec(), v.cursor.to_vec())
         };
@@ -870,6 +875,7 @@ fn release_pages_stream_what_frames_stream_and_a_full_ring_never_stalls() {
     let want = planned(&loaded, 270);
     for (i, (batch, cursor)) in want.iter().enumerate().skip(150) {
         let v = paged.next_batch().unwrap();
+        late = late.max(v.wake_latency_ns.unwrap_or(0));
         check(&loaded, &v, batch, 0, 2, cursor);
         if i % 6 == 0 {
             std::thread::sleep(Duration::from_millis(5));
@@ -877,7 +883,8 @@ fn release_pages_stream_what_frames_stream_and_a_full_ring_never_stalls() {
     }
     let pages = ring_of(&f.status(), "pages", 0);
     assert_eq!(pages["released_step"], 269, "{pages}");
-    eprintln!("bursts: {pages}");
+    eprintln!("bursts: {pages}; longest wake {late} ns");
+    assert!(late < 900_000_000, "a wait outlived its publish by {late} ns");
 }
 
 /// The ERROR a client gets after writing `value` into its release page: the daemon reads
