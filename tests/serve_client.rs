@@ -866,7 +866,10 @@ fn release_pages_stream_what_frames_stream_and_a_full_ring_never_stalls() {
     );
     assert_eq!(frames["page_releases"], 0, "{frames}");
     assert!(framed_frames >= 50, "{frames}");
-    eprintln!("paged: {by_page} page releases, {by_frame} frames for 150 steps");
+    eprintln!(
+        "paged: {by_page} page releases, {by_frame} frames; without a page: \
+         {framed_frames} frames for 150 steps"
+    );
 
     // Alone, in bursts: the ring fills while the trainer works, the daemon sleeps on the
     // page, and the trainer drains the ring faster than the backstop, so it finds the
@@ -884,7 +887,10 @@ fn release_pages_stream_what_frames_stream_and_a_full_ring_never_stalls() {
     let pages = ring_of(&f.status(), "pages", 0);
     assert_eq!(pages["released_step"], 269, "{pages}");
     eprintln!("bursts: {pages}; longest wake {late} ns");
-    assert!(late < 900_000_000, "a wait outlived its publish by {late} ns");
+    assert!(
+        late < 900_000_000,
+        "a wait outlived its publish by {late} ns"
+    );
 }
 
 /// The ERROR a client gets after writing `value` into its release page: the daemon reads
