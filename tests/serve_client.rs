@@ -226,6 +226,14 @@ fn hello(rank: u32, job: &str) -> Hello {
     h
 }
 
+/// Peer `name` of two (say TP ranks) of dp rank 1 of job "tp".
+fn tp_peer(f: &Fixture, name: &str) -> Client {
+    let mut h = hello(1, "tp");
+    h.replica = name.into();
+    h.replicas = 2;
+    connect(f, &h)
+}
+
 fn connect(f: &Fixture, h: &Hello) -> Client {
     let mut c = Client::connect(&f.socket, h).unwrap_or_else(|e| panic!("connect: {e}"));
     c.set_timeout(Some(Duration::from_secs(60)));
@@ -689,12 +697,7 @@ fn replicas_of_a_rank_share_its_ring_and_bad_releases_are_errors() {
     let loaded = load(&f);
     let want = planned(&loaded, 30);
     // Two peers (say TP ranks) of dp rank 1 get the same rows.
-    let peer = |name: &str| {
-        let mut h = hello(1, "tp");
-        h.replica = name.into();
-        h.replicas = 2;
-        connect(&f, &h)
-    };
+    let peer = |name: &str| tp_peer(&f, name);
     let mut a = peer("a");
     let mut b = peer("b");
     for (batch, cursor) in &want {
@@ -914,12 +917,7 @@ fn a_bad_release_page_kicks_only_its_peer_and_tp_peers_each_have_a_page() {
     let _serve = f.serve();
     let loaded = load(&f);
     let want = planned(&loaded, 40);
-    let peer = |name: &str| {
-        let mut h = hello(1, "tp");
-        h.replica = name.into();
-        h.replicas = 2;
-        connect(&f, &h)
-    };
+    let peer = |name: &str| tp_peer(&f, name);
     let (mut a, mut b) = (peer("a"), peer("b"));
     let read = |range: std::ops::Range<usize>, a: &mut Client, b: &mut Client| {
         for (batch, cursor) in &want[range] {

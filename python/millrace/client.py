@@ -85,8 +85,8 @@ _PUBLISHED_AT = 64
 # (byte 128) stays at the daemon's 1: without a fence this client cannot raise it safely
 # before it blocks, so it is woken at every publish.
 _PAGE_BYTES = 4096
-_PAGE_RELEASED = 0
-_PAGE_DAEMON_WAITING = 8  # index in 8-byte words (byte 64)
+_PAGE_RELEASED_AT = 0
+_PAGE_DAEMON_WAITING_AT = 64
 
 # The arrays a Batch hands out (views of an expanded slot; of a compact one, tokens and
 # labels are views, the rest derived on first access).
@@ -531,8 +531,8 @@ class _Conn:
         the caller sends a RELEASE frame as its wake-up). Python has no memory fence, so
         the store may still sit in this CPU's store buffer when ``daemon_waiting`` is
         read: a wake-up missed that way is caught by the daemon's 2 ms backstop."""
-        self.page[_PAGE_RELEASED] = upto
-        return bool(self.page[_PAGE_DAEMON_WAITING])
+        self.page[_PAGE_RELEASED_AT // 8] = upto
+        return bool(self.page[_PAGE_DAEMON_WAITING_AT // 8])
 
     def stage_at(self, plan_step: int) -> "_Stage":
         """The stage plan step ``plan_step`` is in."""

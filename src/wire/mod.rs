@@ -114,6 +114,12 @@ mod tests {
             format!("_RING_HEAD = struct.Struct(\"{ring}\")\n"),
             format!("_RING_MAGIC = b\"{magic}\"\n"),
             format!("_PUBLISHED_AT = {}\n", ring_at::PUBLISHED),
+            format!("_PAGE_BYTES = {}\n", super::ring::RELEASE_PAGE_BYTES),
+            format!("_PAGE_RELEASED_AT = {}\n", super::ring::page_at::RELEASED),
+            format!(
+                "_PAGE_DAEMON_WAITING_AT = {}\n",
+                super::ring::page_at::DAEMON_WAITING
+            ),
         ] {
             assert!(
                 client.contains(&want),
