@@ -593,6 +593,14 @@ fn two_daemons_stay_identical_across_a_change() {
     let daemons: Vec<Serve> = fs.iter().map(Fixture::serve).collect();
     let loaded = fs[0].load();
     let mut clients: Vec<Client> = fs.iter().map(|f| f.connect("twin")).collect();
+    // The cursor of a step published after the change carries the journal, one published
+    // before does not: both daemons must have published the same steps when the change
+    // lands. Holding 2 steps, a client releases nothing during the first two, so each
+    // ring holds exactly steps 0..slots (a release-page client otherwise releases step 0
+    // at once, and a daemon reads its page when it next looks).
+    for c in &mut clients {
+        c.set_hold(2);
+    }
     let mut got: Vec<Vec<Step>> = clients.iter_mut().map(|c| read(c, 2)).collect();
     let weights: BTreeMap<String, f64> = loaded
         .plan
