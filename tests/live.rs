@@ -922,6 +922,14 @@ fn metrics_endpoint_matches_the_plan() {
     let samples = wait_for("/metrics to agree with the plan", SETTLE, || {
         let s = scrape(&addr)?;
         let mut wrong = Vec::new();
+        // The client releases through its page: the daemon read its releases there (one
+        // read may cover several steps).
+        let pages = metric(&s, "millrace_page_releases_total", &job);
+        if !pages.is_some_and(|p| p >= 1.0) {
+            wrong.push(format!(
+                "millrace_page_releases_total = {pages:?}, want >= 1"
+            ));
+        }
         let mut check = |what: String, got: Option<f64>, want: f64, tol: f64| {
             if !got.is_some_and(|g| (g - want).abs() <= tol) {
                 wrong.push(format!("{what} = {got:?}, want {want}"));
