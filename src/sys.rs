@@ -302,9 +302,6 @@ impl AsFd for EventFd {
 /// [`crate::wire::ring::ReleasePageHeader`]): one shared page, read-write on both sides,
 /// that replaces a RELEASE frame per slot with a store.
 ///
-/// The page also carries `client_waiting`, the client's "wake me at the next publish"
-/// (fenced the same way the other way round: [`ReleasePage::raise_client_waiting`]).
-///
 /// The ordering is Dekker's: the client stores `released` then reads `daemon_waiting`,
 /// the daemon stores `daemon_waiting` then reads `released`, each with a SeqCst fence
 /// between. So at least one of them sees the other's store: either the daemon reads the

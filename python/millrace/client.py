@@ -81,9 +81,7 @@ _RING_HEAD = struct.Struct("<8sIIQQQ")
 _RING_MAGIC = b"MRRING01"
 _PUBLISHED_AT = 64
 # The release page (docs/PROTOCOL.md section 5): `released` at byte 0 (ours to write),
-# `daemon_waiting` at byte 64 (the daemon's), little-endian u64 words. `client_waiting`
-# (byte 128) stays at the daemon's 1: without a fence this client cannot raise it safely
-# before it blocks, so it is woken at every publish.
+# `daemon_waiting` at byte 64 (the daemon's), little-endian u64 words.
 _PAGE_BYTES = 4096
 _PAGE_RELEASED_AT = 0
 _PAGE_DAEMON_WAITING_AT = 64
