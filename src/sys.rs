@@ -398,30 +398,6 @@ impl ReleasePage {
             .store(0, Ordering::Relaxed);
     }
 
-    /// Sets `client_waiting` (the daemon's initial 1: wake this client at every
-    /// publish, or the client's own 0 while it has work), with no fence.
-    pub fn store_client_waiting(&self, waiting: bool) {
-        use crate::wire::ring::page_at;
-        self.word(page_at::CLIENT_WAITING)
-            .store(u64::from(waiting).to_le(), Ordering::Relaxed);
-    }
-
-    /// The client's side before it blocks on `ready_fd`: raises `client_waiting`, then
-    /// (SeqCst fence) the caller reads `published` again. Paired with the daemon's
-    /// [`ReleasePage::wants_wake`] after its fenced publish: either the client sees the
-    /// new `published` or the daemon sees the client waiting and writes its eventfd.
-    pub fn raise_client_waiting(&self) {
-        self.store_client_waiting(true);
-        fence(Ordering::SeqCst);
-    }
-
-    /// Whether the client asked for a wake-up; the daemon calls it after storing
-    /// `published` and a SeqCst fence ([`ReleasePage::raise_client_waiting`]).
-    pub fn wants_wake(&self) -> bool {
-        use crate::wire::ring::page_at;
-        self.word(page_at::CLIENT_WAITING).load(Ordering::Relaxed) != 0
-    }
-
     /// Whether `daemon_waiting` is raised (for tests and status).
     pub fn daemon_waiting(&self) -> bool {
         use crate::wire::ring::page_at;
@@ -489,14 +465,6 @@ mod tests {
         assert!(client.publish(10), "an armed page asks for a RELEASE frame");
         daemon.disarm();
         assert!(!client.publish(11));
-        // client_waiting: the daemon's default wakes always; the client clears it while it
-        // has work and raises it to block.
-        daemon.store_client_waiting(true);
-        assert!(daemon.wants_wake());
-        client.store_client_waiting(false);
-        assert!(!daemon.wants_wake());
-        client.raise_client_waiting();
-        assert!(daemon.wants_wake());
         let file = File::from(fd.try_clone().unwrap());
         assert!(file.set_len(0).is_err(), "the page memfd is sealed");
         assert!(file.set_len(8192).is_err(), "the page memfd is sealed");

@@ -829,8 +829,7 @@ fn release_pages_stream_what_frames_stream_and_a_full_ring_never_stalls() {
     assert!(!framed.has_release_page() && !framed.welcome().release_page);
     paged.set_timeout(Some(Duration::from_secs(10)));
     // The longest a wait of the paged client lasted past the publish that ended it: a
-    // wake-up the daemon skipped although the client was blocked (`client_waiting`)
-    // would show as the client's 1 s poll timeout.
+    // lost wake-up would show as the client's 1 s poll timeout.
     let mut late = 0u64;
     for (i, (batch, cursor)) in want.iter().enumerate() {
         let (bytes, blob) = {

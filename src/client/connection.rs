@@ -203,10 +203,7 @@ impl Client {
         let page = match welcome.release_page {
             true => {
                 let fd = fds.pop().ok_or(ClientError::Disconnected)?;
-                let page = ReleasePage::map(&fd).map_err(io_err("mapping the release page"))?;
-                // Not blocked now: no eventfd write until it raises the word to wait.
-                page.store_client_waiting(false);
-                Some(page)
+                Some(ReleasePage::map(&fd).map_err(io_err("mapping the release page"))?)
             }
             false => None,
         };
@@ -372,31 +369,15 @@ impl Client {
         }
     }
 
-    /// Waits until step `consumed` is published; returns whether it had to wait. With a
-    /// release page, `client_waiting` is raised (fenced) only while it blocks, so the
-    /// daemon writes `ready_fd` only then.
+    /// Waits until step `consumed` is published; returns whether it had to wait.
     fn wait_published(&mut self) -> Result<bool, ClientError> {
-        if self.ring.published() > self.consumed {
-            return Ok(false);
-        }
-        if let Some(p) = &self.page {
-            p.raise_client_waiting();
-        }
-        let r = self.block_until_published();
-        if let Some(p) = &self.page {
-            p.store_client_waiting(false);
-        }
-        r.map(|()| true)
-    }
-
-    /// The blocking part of [`Client::wait_published`]: polls `ready_fd` and the socket
-    /// until step `consumed` is published.
-    fn block_until_published(&mut self) -> Result<(), ClientError> {
         let deadline = self.timeout.map(|t| Instant::now() + t);
+        let mut waited = false;
         loop {
             if self.ring.published() > self.consumed {
-                return Ok(());
+                return Ok(waited);
             }
+            waited = true;
             let wait = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());

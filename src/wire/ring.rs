@@ -86,14 +86,6 @@ pub struct ReleasePageHeader {
     /// full): a client that sees it after storing `released` sends one RELEASE frame.
     /// Written by the daemon only.
     pub daemon_waiting: u64,
-    /// Unused; zero.
-    pub reserved2: [u64; 7],
-    /// Offset 128: non-zero when the client wants a `ready_fd` wake-up at the next
-    /// publish; the daemon writes 1 before it passes the page (wake always), a client
-    /// that follows the fenced protocol clears it while it has work and sets it before
-    /// it blocks, so the daemon skips the eventfd write for clients that are not waiting.
-    /// Written by the client only.
-    pub client_waiting: u64,
 }
 
 /// Byte offsets in a release page.
@@ -103,8 +95,6 @@ pub mod page_at {
     pub const RELEASED: usize = offset_of!(ReleasePageHeader, released);
     /// `daemon_waiting`.
     pub const DAEMON_WAITING: usize = offset_of!(ReleasePageHeader, daemon_waiting);
-    /// `client_waiting`.
-    pub const CLIENT_WAITING: usize = offset_of!(ReleasePageHeader, client_waiting);
 }
 
 /// Byte offsets in the ring header.
@@ -158,7 +148,6 @@ const _: () = {
     assert!(ring_at::SLOT_BYTES == 16 && ring_at::SLOT_OFFSET == 24);
     assert!(ring_at::FIRST_STEP == 32 && ring_at::PUBLISHED == 64);
     assert!(page_at::RELEASED == 0 && page_at::DAEMON_WAITING == 64);
-    assert!(page_at::CLIENT_WAITING == 128);
     assert!(std::mem::size_of::<ReleasePageHeader>() <= RELEASE_PAGE_BYTES);
     assert!(std::mem::size_of::<RingHeader>() <= RING_HEADER as usize);
     assert!(slot_at::STEP == 0 && slot_at::PLAN_STEP == 8 && slot_at::ROWS == 16);

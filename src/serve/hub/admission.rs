@@ -508,8 +508,6 @@ impl Joiner<'_> {
         // The page starts at the peer's own step, the release it holds now.
         if let Some(page) = &self.page {
             page.store_released(step);
-            // Woken at every publish until the client says otherwise.
-            page.store_client_waiting(true);
         }
         Peer {
             replica: self.hello.replica.clone(),

@@ -368,17 +368,7 @@ impl RingEntry {
             return false;
         }
         self.ring.publish(self.published);
-        // A peer with a release page says whether it waits (`client_waiting`): the
-        // store of `published` and this fence pair with its fenced raise of the word
-        // before it re-reads `published` and blocks (sys::ReleasePage), so one of the
-        // two sees the other's store; a peer that is not waiting needs no eventfd write.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        wake.extend(
-            self.peers
-                .values()
-                .filter(|p| p.page.as_ref().is_none_or(|g| g.wants_wake()))
-                .map(|p| p.ready.clone()),
-        );
+        wake.extend(self.peers.values().map(|p| p.ready.clone()));
         true
     }
 }
