@@ -426,10 +426,11 @@ impl Client {
     /// earlier are released first, except the last [`Client::set_hold`] ones.
     ///
     /// With a release page (HELLO `release_page`, the default) each release is a store
-    /// there. Without one, RELEASE frames are batched: while the next step is already published, finished
-    /// steps are released only once `(slots - hold) / 2` of them have piled up, so the
-    /// daemon wakes once per few steps instead of every step; before waiting, everything
-    /// finished is released, so a slow producer is never starved by a lazy consumer.
+    /// there. Without one, RELEASE frames are batched: while the next step is already
+    /// published, finished steps are released only once `(slots - hold) / 2` of them
+    /// have piled up, so the daemon wakes once per few steps instead of every step;
+    /// before waiting, everything finished is released, so a slow producer is never
+    /// starved by a lazy consumer.
     pub fn next_batch(&mut self) -> Result<BatchView<'_>, ClientError> {
         let upto = self.consumed.saturating_sub(self.hold);
         // A release page costs a store per release, so it releases every step.

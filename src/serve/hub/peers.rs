@@ -66,12 +66,13 @@ impl Hub {
 
     /// Before a worker sleeps: raises `daemon_waiting` in the page of every peer that
     /// holds a full ring back (its `released` is the ring's base), then re-reads
-    /// `released` (fenced, [`crate::sys::ReleasePage::arm`]). Says whether one moved meanwhile (do
-    /// not sleep), or whether any page was armed (sleep at most [`PAGE_BACKSTOP`]).
-    pub(super) fn arm_pages(&self, st: &mut State) -> Armed {
+    /// `released` (fenced, [`crate::sys::ReleasePage::arm`]). Says whether one moved
+    /// meanwhile (do not sleep), or whether any page was armed (sleep at most
+    /// [`PAGE_BACKSTOP`]).
+    pub(super) fn arm_pages(&self, st: &State) -> Armed {
         let slots = self.settings.slots;
         let mut armed = Armed::None;
-        for entry in st.jobs.values_mut().flat_map(|j| j.rings.values_mut()) {
+        for entry in st.jobs.values().flat_map(|j| j.rings.values()) {
             if !entry.started() || entry.joined < entry.replicas || entry.free(slots) > 0 {
                 continue; // not held back by its peers' releases
             }
@@ -262,8 +263,10 @@ impl RingEntry {
                 }
                 Err(e) => {
                     let e = ReleaseError::on_page(e);
-                    warn!(job = name, dp_rank = rank, replica = %p.replica, pid = ?p.pid, "protocol error: {e}; closing");
-                    p.standing = Standing::BadRelease(Failure::new(Code::Protocol, e.to_string()));
+                    warn!(job = name, dp_rank = rank, replica = %p.replica, pid = ?p.pid,
+                        "protocol error: {e}; closing");
+                    let failure = Failure::new(Code::Protocol, e.to_string());
+                    p.standing = Standing::BadRelease(failure);
                     p.kick.notify_one();
                 }
             }

@@ -122,7 +122,7 @@ impl Hub {
                         }
                         (None, _) => {}
                     }
-                    st = match self.arm_pages(&mut st) {
+                    st = match self.arm_pages(&st) {
                         Armed::Moved => continue,
                         Armed::Waiting => {
                             // A client without a fence may miss `daemon_waiting`: look at
