@@ -11,13 +11,15 @@
 //! - [`group_by_name`] and [`group_by_gid`]: the group database (getgrnam_r, getgrgid_r),
 //!   which rustix does not wrap.
 //! - [`EventFd`]: the per-peer wake-up the daemon signals and the client drains.
+//! - [`ReleasePage`]: the per-peer page through which a client releases slots without a
+//!   frame, and the memory ordering both sides follow on it.
 //! - small safe helpers ([`euid`], [`monotonic_ns`], ...) so callers need no libc.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 
@@ -323,6 +325,113 @@ impl AsFd for EventFd {
     }
 }
 
+/// A peer's release page (docs/PROTOCOL.md section 5, layout in
+/// [`crate::wire::ring::ReleasePageHeader`]): one shared page, read-write on both sides,
+/// that replaces a RELEASE frame per slot with a store.
+///
+/// The ordering is Dekker's: the client stores `released` then reads `daemon_waiting`,
+/// the daemon stores `daemon_waiting` then reads `released`, each with a SeqCst fence
+/// between. So at least one of them sees the other's store: either the daemon reads the
+/// new `released`, or the client sees `daemon_waiting` and sends a RELEASE frame as the
+/// wake-up. `released` is stored with release ordering and loaded with acquire, so the
+/// client's reads of a slot happen before the daemon refills it.
+pub struct ReleasePage {
+    shm: Shm,
+}
+
+impl ReleasePage {
+    /// A fresh zeroed page (the daemon's side) and its memfd, to pass with WELCOME and
+    /// close then (the mapping keeps the page). Sealed against resizing, so that a client
+    /// cannot shrink it under the daemon's mapping (which would raise SIGBUS there).
+    pub fn create(name: &str) -> io::Result<(ReleasePage, OwnedFd)> {
+        use crate::wire::ring::RELEASE_PAGE_BYTES;
+        use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
+        let cname = std::ffi::CString::new(format!("millrace-release:{name}"))
+            .unwrap_or_else(|_| c"millrace-release".to_owned());
+        let fd = memfd_create(&cname, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+        let file = File::from(fd);
+        file.set_len(RELEASE_PAGE_BYTES as u64)?;
+        let shm = Shm::create(&file, |map| map.fill(0))?;
+        fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+        Ok((ReleasePage { shm }, OwnedFd::from(file)))
+    }
+
+    /// Maps the page a WELCOME passed (the client's side), after checking the memfd
+    /// holds a whole page (a shorter one would fault when touched).
+    pub fn map(fd: &OwnedFd) -> io::Result<ReleasePage> {
+        use crate::wire::ring::RELEASE_PAGE_BYTES;
+        let size = rustix::fs::fstat(fd)?.st_size;
+        if (size as u64) < RELEASE_PAGE_BYTES as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the release page memfd holds {size} bytes, expected {RELEASE_PAGE_BYTES}"),
+            ));
+        }
+        // Accessed only through `atomic_u64`; the daemon sealed the memfd against
+        // shrinking, so the page stays backed.
+        let map = MmapOptions::new().len(RELEASE_PAGE_BYTES).map_raw(fd)?;
+        Ok(ReleasePage {
+            shm: Shm {
+                map,
+                writable: true,
+            },
+        })
+    }
+
+    fn word(&self, at: usize) -> &AtomicU64 {
+        self.shm.atomic_u64(at)
+    }
+
+    /// `released` as the client last published it (acquire: the client's reads of the
+    /// slots below it happened before).
+    pub fn released(&self) -> u64 {
+        use crate::wire::ring::page_at;
+        u64::from_le(self.word(page_at::RELEASED).load(Ordering::Acquire))
+    }
+
+    /// Stores `released` (release ordering): the client's release, or the daemon's
+    /// initial value (the peer's start step) before the page is passed.
+    pub fn store_released(&self, upto: u64) {
+        use crate::wire::ring::page_at;
+        self.word(page_at::RELEASED)
+            .store(upto.to_le(), Ordering::Release);
+    }
+
+    /// The client's release: stores `upto`, then (SeqCst fence) reads `daemon_waiting`.
+    /// Returns whether the daemon waits for this peer, so that the client must send a
+    /// RELEASE frame to wake it.
+    pub fn publish(&self, upto: u64) -> bool {
+        use crate::wire::ring::page_at;
+        self.store_released(upto);
+        fence(Ordering::SeqCst);
+        self.word(page_at::DAEMON_WAITING).load(Ordering::Relaxed) != 0
+    }
+
+    /// The daemon's side before it sleeps on a full ring: raises `daemon_waiting`, then
+    /// (SeqCst fence) reads `released` again; a value past what the daemon knew means
+    /// the client released meanwhile and the daemon must not sleep.
+    pub fn arm(&self) -> u64 {
+        use crate::wire::ring::page_at;
+        self.word(page_at::DAEMON_WAITING)
+            .store(1u64.to_le(), Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        self.released()
+    }
+
+    /// Clears `daemon_waiting` once the daemon has seen this peer release again.
+    pub fn disarm(&self) {
+        use crate::wire::ring::page_at;
+        self.word(page_at::DAEMON_WAITING)
+            .store(0, Ordering::Relaxed);
+    }
+
+    /// Whether `daemon_waiting` is raised (for tests and status).
+    pub fn daemon_waiting(&self) -> bool {
+        use crate::wire::ring::page_at;
+        self.word(page_at::DAEMON_WAITING).load(Ordering::Relaxed) != 0
+    }
+}
+
 /// The effective uid of this process.
 pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
@@ -366,6 +475,33 @@ pub fn can_write_dir(dir: &std::path::Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both sides of a release page: the client's store is what the daemon reads, the
+    /// client sees `daemon_waiting` only while the daemon armed it, and the memfd cannot
+    /// be resized (a client shrinking it would fault the daemon).
+    #[test]
+    fn a_release_page_carries_released_and_daemon_waiting_and_cannot_shrink() {
+        let (daemon, fd) = ReleasePage::create("test").unwrap();
+        let client = ReleasePage::map(&fd).unwrap();
+        daemon.store_released(7);
+        assert_eq!(client.released(), 7);
+        assert!(!client.publish(9), "the daemon did not arm the page");
+        assert_eq!(daemon.released(), 9);
+        assert_eq!(daemon.arm(), 9);
+        assert!(client.daemon_waiting());
+        assert!(client.publish(10), "an armed page asks for a RELEASE frame");
+        daemon.disarm();
+        assert!(!client.publish(11));
+        let file = File::from(fd.try_clone().unwrap());
+        assert!(file.set_len(0).is_err(), "the page memfd is sealed");
+        assert!(file.set_len(8192).is_err(), "the page memfd is sealed");
+        // A memfd smaller than a page is refused before it is mapped.
+        let small = rustix::fs::memfd_create("small", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let e = ReleasePage::map(&small)
+            .err()
+            .expect("a 0-byte page is refused");
+        assert!(e.to_string().contains("holds 0 bytes"), "{e}");
+    }
 
     #[test]
     fn groups_resolve_both_ways_and_unknown_ones_are_none() {

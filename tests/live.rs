@@ -593,6 +593,14 @@ fn two_daemons_stay_identical_across_a_change() {
     let daemons: Vec<Serve> = fs.iter().map(Fixture::serve).collect();
     let loaded = fs[0].load();
     let mut clients: Vec<Client> = fs.iter().map(|f| f.connect("twin")).collect();
+    // The cursor of a step published after the change carries the journal, one published
+    // before does not: both daemons must have published the same steps when the change
+    // lands. Holding 2 steps, a client releases nothing during the first two, so each
+    // ring holds exactly steps 0..slots (a release-page client otherwise releases step 0
+    // at once, and a daemon reads its page when it next looks).
+    for c in &mut clients {
+        c.set_hold(2);
+    }
     let mut got: Vec<Vec<Step>> = clients.iter_mut().map(|c| read(c, 2)).collect();
     let weights: BTreeMap<String, f64> = loaded
         .plan
@@ -914,6 +922,14 @@ fn metrics_endpoint_matches_the_plan() {
     let samples = wait_for("/metrics to agree with the plan", SETTLE, || {
         let s = scrape(&addr)?;
         let mut wrong = Vec::new();
+        // The client releases through its page: the daemon read its releases there (one
+        // read may cover several steps).
+        let pages = metric(&s, "millrace_page_releases_total", &job);
+        if !pages.is_some_and(|p| p >= 1.0) {
+            wrong.push(format!(
+                "millrace_page_releases_total = {pages:?}, want >= 1"
+            ));
+        }
         let mut check = |what: String, got: Option<f64>, want: f64, tol: f64| {
             if !got.is_some_and(|g| (g - want).abs() <= tol) {
                 wrong.push(format!("{what} = {got:?}, want {want}"));

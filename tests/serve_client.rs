@@ -2,7 +2,9 @@
 //! on a synthetic corpus, read through `millrace::client::Client`, every slot compared
 //! with what the plan says it must hold (docs/PROTOCOL.md section 4, rebuilt here from
 //! the plan's rows and the shards' tokens); resume by cursor, reconnect after a daemon
-//! restart, `millrace consume`, a garbage-sending client, and `millrace demo`.
+//! restart, `millrace consume`, a garbage-sending client, `millrace demo`, and release
+//! pages (docs/PROTOCOL.md section 5): the same stream as RELEASE frames, a full ring
+//! that never stalls, a bad page value that kicks only its peer.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{bin, Serve};
+use common::{bin, Control, Serve};
 use millrace::client::{to_hex, BatchView, Client, ClientError, Hello, SlotLayout};
 use millrace::config::{Config, LoadedPlan};
 use millrace::plan::{GlobalBatch, Planner};
@@ -40,6 +42,12 @@ fn fixture(token_dtype: &str) -> Fixture {
         config: common::write_config(&corpus.dir, "test.toml", SEQ_LEN, ROWS, &[&serve]),
         socket,
         corpus,
+    }
+}
+
+impl Control for Fixture {
+    fn control_socket(&self) -> &Path {
+        &self.socket
     }
 }
 
@@ -216,6 +224,14 @@ fn hello(rank: u32, job: &str) -> Hello {
     let mut h = Hello::new(rank, 2, ROWS / 2, 1);
     h.job = job.into();
     h
+}
+
+/// Peer `name` of two (say TP ranks) of dp rank 1 of job "tp".
+fn tp_peer(f: &Fixture, name: &str) -> Client {
+    let mut h = hello(1, "tp");
+    h.replica = name.into();
+    h.replicas = 2;
+    connect(f, &h)
 }
 
 fn connect(f: &Fixture, h: &Hello) -> Client {
@@ -681,12 +697,7 @@ fn replicas_of_a_rank_share_its_ring_and_bad_releases_are_errors() {
     let loaded = load(&f);
     let want = planned(&loaded, 30);
     // Two peers (say TP ranks) of dp rank 1 get the same rows.
-    let peer = |name: &str| {
-        let mut h = hello(1, "tp");
-        h.replica = name.into();
-        h.replicas = 2;
-        connect(&f, &h)
-    };
+    let peer = |name: &str| tp_peer(&f, name);
     let mut a = peer("a");
     let mut b = peer("b");
     for (batch, cursor) in &want {
@@ -697,8 +708,13 @@ fn replicas_of_a_rank_share_its_ring_and_bad_releases_are_errors() {
     }
     drop((a, b));
 
-    // RELEASE must not decrease: the daemon answers with an ERROR frame and closes.
-    let mut c = connect(&f, &hello(0, "release"));
+    // RELEASE must not decrease: the daemon answers with an ERROR frame and closes. (A
+    // client without a release page: with one, a RELEASE frame is only a wake-up.)
+    let frames = |job: &str| Hello {
+        release_page: false,
+        ..hello(0, job)
+    };
+    let mut c = connect(&f, &frames("release"));
     c.set_hold(3);
     for (batch, cursor) in &want[..4] {
         let v = c.next_batch().unwrap();
@@ -713,7 +729,7 @@ fn replicas_of_a_rank_share_its_ring_and_bad_releases_are_errors() {
     eprintln!("decreasing RELEASE: {err}");
 
     // RELEASE past `published` is an error too.
-    let mut c = connect(&f, &hello(0, "release2"));
+    let mut c = connect(&f, &frames("release2"));
     let _ = c.next_batch().unwrap();
     c.send_frame_unchecked(4, &1_000_000u64.to_le_bytes())
         .unwrap();
@@ -774,4 +790,172 @@ fn bench_runs_end_to_end_on_a_tiny_corpus() {
         assert!(r["payload_gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(v["memcpy_gb_per_s"].as_f64().unwrap() > 0.0);
+}
+
+/// The ring of `job` dp rank `rank` in a STATUS object.
+fn ring_of(status: &serde_json::Value, job: &str, rank: u64) -> serde_json::Value {
+    let jobs = status["jobs"].as_array().expect("status jobs");
+    let j = jobs
+        .iter()
+        .find(|j| j["job"] == job)
+        .unwrap_or_else(|| panic!("no job {job} in {status}"));
+    let rings = j["rings"].as_array().expect("job rings");
+    rings
+        .iter()
+        .find(|r| r["dp_rank"] == rank)
+        .unwrap_or_else(|| panic!("no ring {rank} of {job} in {status}"))
+        .clone()
+}
+
+/// A rank that releases through its page and one that sends RELEASE frames read the same
+/// bytes at every step; the paged consumer is slow (its 4-slot ring is full while it
+/// works), so the daemon sleeps on its page again and again, and must always be woken
+/// (by the client's frame or the backstop): 150 steps, each within the client's 10 s.
+#[test]
+fn release_pages_stream_what_frames_stream_and_a_full_ring_never_stalls() {
+    let f = fixture("int32");
+    let _serve = f.serve();
+    let loaded = load(&f);
+    let want = planned(&loaded, 150);
+    let mut paged = connect(&f, &hello(0, "pages"));
+    let mut framed = connect(
+        &f,
+        &Hello {
+            release_page: false,
+            ..hello(0, "frames")
+        },
+    );
+    assert!(paged.has_release_page() && paged.welcome().release_page);
+    assert!(!framed.has_release_page() && !framed.welcome().release_page);
+    paged.set_timeout(Some(Duration::from_secs(10)));
+    // The longest a wait of the paged client lasted past the publish that ended it: a
+    // lost wake-up would show as the client's 1 s poll timeout.
+    let mut late = 0u64;
+    for (i, (batch, cursor)) in want.iter().enumerate() {
+        let (bytes, blob) = {
+            let v = paged.next_batch().unwrap();
+            late = late.max(v.wake_latency_ns.unwrap_or(0));
+            check(&loaded, &v, batch, 0, 2, cursor);
+            (v.copy_bytes.to_vec(), v.cursor.to_vec())
+        };
+        let v = framed.next_batch().unwrap();
+        assert_eq!(v.step, batch.step);
+        assert!(v.copy_bytes == &bytes[..], "slot bytes of step {i} differ");
+        assert_eq!(v.cursor, &blob[..], "cursor of step {i}");
+        // The trainer's work: long enough that the daemon refills the ring and sleeps.
+        if i % 3 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let status = f.status();
+    let pages = ring_of(&status, "pages", 0);
+    let frames = ring_of(&status, "frames", 0);
+    assert_eq!(pages["peers"][0]["release_page"], true, "{pages}");
+    assert_eq!(frames["peers"][0]["release_page"], false, "{frames}");
+    // Every release was read: status reads the pages first.
+    assert_eq!(pages["released_step"], 149, "{pages}");
+    let (by_page, by_frame) = (
+        pages["page_releases"].as_u64().unwrap(),
+        pages["release_frames"].as_u64().unwrap(),
+    );
+    assert!(by_page > 0, "{pages}");
+    // Frames from the paged client are wake-ups only, sent when it is about to wait on a
+    // ring the daemon found full: fewer than the frames client's one per two steps.
+    let framed_frames = frames["release_frames"].as_u64().unwrap();
+    assert!(
+        by_frame < framed_frames,
+        "{by_frame} wake-up frames, {framed_frames} frames without a page: {pages}"
+    );
+    assert_eq!(frames["page_releases"], 0, "{frames}");
+    assert!(framed_frames >= 50, "{frames}");
+    eprintln!(
+        "paged: {by_page} page releases, {by_frame} frames; without a page: \
+         {framed_frames} frames for 150 steps"
+    );
+
+    // Alone, in bursts: the ring fills while the trainer works, the daemon sleeps on the
+    // page, and the trainer drains the ring faster than the backstop, so it finds the
+    // daemon waiting when it is about to wait itself and wakes it with a frame.
+    drop(framed);
+    let want = planned(&loaded, 270);
+    for (i, (batch, cursor)) in want.iter().enumerate().skip(150) {
+        let v = paged.next_batch().unwrap();
+        late = late.max(v.wake_latency_ns.unwrap_or(0));
+        check(&loaded, &v, batch, 0, 2, cursor);
+        if i % 6 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let pages = ring_of(&f.status(), "pages", 0);
+    assert_eq!(pages["released_step"], 269, "{pages}");
+    eprintln!("bursts: {pages}; longest wake {late} ns");
+    assert!(
+        late < 900_000_000,
+        "a wait outlived its publish by {late} ns"
+    );
+}
+
+/// The ERROR a client gets after writing `value` into its release page: the daemon reads
+/// the page at the next STATUS (or sooner, in a worker) and kicks the peer.
+fn kicked_for(f: &Fixture, c: &mut Client, value: u64) -> (String, String) {
+    assert!(c.write_page_unchecked(value));
+    let _ = f.status();
+    match (0..8).find_map(|_| c.next_batch().err()) {
+        Some(ClientError::Daemon { code, message }) => (code, message),
+        Some(e) => panic!("expected ERROR protocol, got {e}"),
+        None => panic!("a bad release page value {value} was not refused"),
+    }
+}
+
+/// TP peers of one rank each release through a page of their own and read the plan's
+/// rows; a client that writes a value past `published`, or one that goes back, is
+/// kicked with ERROR `protocol` naming the value, while the TP peers keep streaming.
+#[test]
+fn a_bad_release_page_kicks_only_its_peer_and_tp_peers_each_have_a_page() {
+    let f = fixture("int32");
+    let _serve = f.serve();
+    let loaded = load(&f);
+    let want = planned(&loaded, 40);
+    let peer = |name: &str| tp_peer(&f, name);
+    let (mut a, mut b) = (peer("a"), peer("b"));
+    let read = |range: std::ops::Range<usize>, a: &mut Client, b: &mut Client| {
+        for (batch, cursor) in &want[range] {
+            for c in [&mut *a, &mut *b] {
+                let v = c.next_batch().unwrap();
+                check(&loaded, &v, batch, 1, 2, cursor);
+            }
+        }
+    };
+    read(0..15, &mut a, &mut b);
+    let ring = ring_of(&f.status(), "tp", 1);
+    let peers = ring["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2, "{ring}");
+    assert!(peers.iter().all(|p| p["release_page"] == true), "{ring}");
+    assert_eq!(ring["released_step"], 14, "{ring}");
+
+    // Past what the ring published.
+    let mut bad = connect(&f, &hello(0, "tp"));
+    let _ = bad.next_batch().unwrap();
+    let (code, message) = kicked_for(&f, &mut bad, 1_000_000);
+    assert_eq!(code, "protocol", "{message}");
+    assert!(
+        message.contains("release page value 1000000 is outside"),
+        "{message}"
+    );
+    read(15..25, &mut a, &mut b);
+
+    // Back below what it released before.
+    let mut back = connect(&f, &hello(0, "tp"));
+    for _ in 0..4 {
+        let _ = back.next_batch().unwrap();
+    }
+    let before = ring_of(&f.status(), "tp", 0);
+    assert_eq!(before["released_step"], 3, "{before}");
+    let (code, message) = kicked_for(&f, &mut back, 1);
+    assert_eq!(code, "protocol", "{message}");
+    assert!(
+        message.contains("release page value 1 is outside 3..="),
+        "{message}"
+    );
+    read(25..40, &mut a, &mut b);
 }

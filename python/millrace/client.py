@@ -86,6 +86,11 @@ _MAX_SHAPES = 64
 _RING_HEAD = struct.Struct("<8sIIQQQ")
 _RING_MAGIC = b"MRRING01"
 _PUBLISHED_AT = 64
+# The release page (docs/PROTOCOL.md section 5): `released` at byte 0 (ours to write),
+# `daemon_waiting` at byte 64 (the daemon's), little-endian u64 words.
+_PAGE_BYTES = 4096
+_PAGE_RELEASED_AT = 0
+_PAGE_DAEMON_WAITING_AT = 64
 
 # The arrays a Batch hands out (views of an expanded slot; of a compact one, tokens and
 # labels are views, the rest derived on first access).
@@ -477,8 +482,9 @@ class _Conn:
         self.welcome = welcome
         self.gone = False
         self.gone_reason = ""
-        self.released = 0  # last RELEASE upto sent
+        self.released = 0  # last release published (page) or sent (frame)
         self.done = 0  # every step below this is retired (sent or not yet)
+        self.page = None  # the release page's words (numpy u64), if the daemon passed one
         self.cuda_ptr = None  # address registered with cudaHostRegister, if any
         self.cuda_tried = False
         self.slots = int(welcome["slots"])
@@ -550,6 +556,24 @@ class _Conn:
         st = self.by_header[key] = _Stage(self.mm, self.slot_base, self.layout, spec,
                                           self.slot_bytes, "slot header")
         return st
+
+    def map_page(self, page_fd: int):
+        """Maps the release page read-write; its words are then read and written as
+        aligned 8-byte numpy elements (one load or store each, never torn)."""
+        size = os.fstat(page_fd).st_size
+        if size < _PAGE_BYTES:
+            raise ProtocolError(f"release page memfd has {size} bytes, expected {_PAGE_BYTES}")
+        pm = mmap.mmap(page_fd, _PAGE_BYTES, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.page = np.frombuffer(pm, dtype="<u8")
+
+    def publish_release(self, upto: int) -> bool:
+        """Stores ``released`` in the page; returns whether the daemon waits for it (then
+        the caller sends a RELEASE frame as its wake-up). Python has no memory fence, so
+        the store may still sit in this CPU's store buffer when ``daemon_waiting`` is
+        read: a wake-up missed that way is caught by the daemon's 2 ms backstop."""
+        self.page[_PAGE_RELEASED_AT // 8] = upto
+        return bool(self.page[_PAGE_DAEMON_WAITING_AT // 8])
 
     def close_fds(self):
         try:
@@ -656,6 +680,8 @@ class Client:
         dtype and document starts; the client derives labels, positions, mask and
         cu_seqlens) or ``"expanded"`` (every array ready in the ring). Peers of one dp
         rank share a ring, so they must agree (else REFUSED ``layout``).
+    release_page: publish releases in a page shared with the daemon (a store per step)
+        instead of a RELEASE frame per few steps; False: frames, as older clients do.
 
     The client connects lazily (on first iteration, :meth:`connect`, ``welcome`` or
     ``fingerprint``), so :meth:`load_state_dict` can set the resume point first.
@@ -666,7 +692,8 @@ class Client:
                  micro_batches: int = 1, cursor=None, start_step: int | None = None,
                  fingerprint=None, hold: int = 1, reconnect_timeout: float = 60.0,
                  register_cuda="auto", handshake_timeout: float = 120.0,
-                 connect_timeout: float = 0.0, slot_layout: str | None = None):
+                 connect_timeout: float = 0.0, slot_layout: str | None = None,
+                 release_page: bool = True):
         if hold < 1:
             raise ValueError("hold must be at least 1")
         if register_cuda not in ("auto", True, False):
@@ -674,6 +701,7 @@ class Client:
         if slot_layout is not None and slot_layout not in SLOT_LAYOUTS:
             raise ValueError(f"slot_layout must be one of {SLOT_LAYOUTS} or None")
         self.slot_layout = slot_layout
+        self.release_page = bool(release_page)
         self.socket_path = default_socket() if socket is None else os.fspath(socket)
         self.dp_rank = int(dp_rank)
         self.dp_size = int(dp_size)
@@ -739,6 +767,8 @@ class Client:
              # This client reads each slot's shape from its header: a plan with stages
              # ([[plan.stage]]) may be served to it.
              "stages": True}
+        if self.release_page:
+            h["release_page"] = True
         if self.micro_batch_rows is not None:
             h["micro_batch_rows"] = self.micro_batch_rows
         if self._resume_cursor is not None:
@@ -814,18 +844,26 @@ class Client:
                 raise DaemonError(*_reason(payload))
             if kind != WELCOME:
                 raise ProtocolError(f"expected WELCOME, got frame type {kind}")
-            if len(fds) != 2:
-                raise ProtocolError(f"WELCOME carried {len(fds)} fds, expected 2")
             try:
                 welcome = json.loads(payload)
             except ValueError as e:
                 raise ProtocolError(f"WELCOME is not JSON: {e}") from e
-            ring_fd, ready_fd = fds
+            paged = bool(welcome.get("release_page")) if isinstance(welcome, dict) else False
+            want = 3 if paged else 2
+            if len(fds) != want or (paged and not self.release_page):
+                raise ProtocolError(f"WELCOME carried {len(fds)} fds (release_page {paged}), "
+                                    f"expected {want}")
+            ring_fd, ready_fd = fds[0], fds[1]
+            page_fd = fds[2] if paged else None
             try:
                 conn = self._map(sock, ring_fd, ready_fd, welcome)
+                if page_fd is not None:
+                    conn.map_page(page_fd)
             finally:
-                fds.remove(ring_fd)
-                os.close(ring_fd)  # the mapping keeps the memfd alive
+                for fd in (ring_fd, page_fd):
+                    if fd is not None:
+                        fds.remove(fd)
+                        os.close(fd)  # the mappings keep the memfds alive
             fds = []  # ready_fd is owned by conn now
         except BaseException:
             for fd in fds:
@@ -910,7 +948,7 @@ class Client:
         # The mmap is not closed: batches may still hold views into it. It is unmapped
         # when the last of them goes.
         conn.views = conn.stages = conn.by_header = None
-        conn.mm = None
+        conn.mm = conn.page = None
 
     # -- iterating ----------------------------------------------------------------------
 
@@ -1023,16 +1061,30 @@ class Client:
         conn.done = max(conn.done, batch.step + 1)
 
     def _flush_release(self, force: bool):
-        """Sends RELEASE for every retired step. Batched like the Rust client: while the
-        next step is already published, only once ``(slots - hold) // 2`` retired steps
-        have piled up, so the daemon wakes once per few steps; always before waiting."""
+        """Releases every retired step. With a release page: a store there each time, and
+        a RELEASE frame only when the daemon says it waits and this client is about to
+        wait (or ``force``). Without one, batched like the
+        Rust client: while the next step is already published, only once
+        ``(slots - hold) // 2`` retired steps have piled up, so the daemon wakes once per
+        few steps; always before waiting."""
         conn = self._conn
         if conn is None or conn.gone or conn.done <= conn.released:
             return
-        batch = max(1, (conn.slots - self.hold) // 2)
-        if not force and conn.done - conn.released < batch and conn.published() > self._next_step:
-            return
-        conn.released = conn.done
+        if conn.page is not None:
+            # A store per release. A RELEASE frame only as the daemon's wake-up: when it
+            # waits (its ring is full) and this client is about to wait too; while the
+            # next step is published, the daemon's 2 ms backstop reads the page.
+            conn.released = conn.done
+            if not conn.publish_release(conn.done):
+                return
+            if not force and conn.published() > self._next_step:
+                return
+        else:
+            batch = max(1, (conn.slots - self.hold) // 2)
+            if not force and conn.done - conn.released < batch \
+                    and conn.published() > self._next_step:
+                return
+            conn.released = conn.done
         try:
             _send(conn.sock, encode_frame(RELEASE, _U64.pack(conn.done)))
         except _Gone as e:

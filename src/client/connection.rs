@@ -1,5 +1,6 @@
 //! One trainer rank's connection: the socket (HELLO, WELCOME with its fds, RELEASE,
-//! BYE), the ready eventfd it sleeps on, and the mapped ring it hands out steps from.
+//! BYE), the ready eventfd it sleeps on, the mapped ring it hands out steps from, and
+//! the release page it publishes its releases in.
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -16,7 +17,7 @@ use super::{
     SLOT_HEADER_BYTES,
 };
 use crate::corpus::Tokens;
-use crate::sys::EventFd;
+use crate::sys::{EventFd, ReleasePage};
 use crate::wire::{
     self,
     ring::{slot_at, FIELD_SLOTS},
@@ -116,6 +117,8 @@ pub struct Client {
     sock: UnixStream,
     ready: EventFd,
     ring: RingView,
+    /// Where releases go instead of RELEASE frames, when the daemon passed one.
+    page: Option<ReleasePage>,
     /// Bytes of the longest [`BatchView::copy_bytes`] any slot can have (every array of
     /// a slot lies past its header), whatever stage it holds.
     copy_len: usize,
@@ -197,12 +200,23 @@ impl Client {
         }
         let welcome: Welcome = serde_json::from_slice(&payload)
             .map_err(|e| ClientError::Protocol(format!("WELCOME is not valid: {e}")))?;
-        if fds.len() != 2 {
+        let want = if welcome.release_page { 3 } else { 2 };
+        if fds.len() != want || (welcome.release_page && !hello.release_page) {
             return Err(ClientError::Protocol(format!(
-                "WELCOME came with {} file descriptors, expected 2 [ring_fd, ready_fd]",
-                fds.len()
+                "WELCOME came with {} file descriptors (release_page {}), expected {want} \
+                 [ring_fd, ready_fd{}]",
+                fds.len(),
+                welcome.release_page,
+                if hello.release_page { ", page_fd" } else { "" }
             )));
         }
+        let page = match welcome.release_page {
+            true => {
+                let fd = fds.pop().ok_or(ClientError::Disconnected)?;
+                Some(ReleasePage::map(&fd).map_err(io_err("mapping the release page"))?)
+            }
+            false => None,
+        };
         let ready = EventFd::from_fd(fds.pop().ok_or(ClientError::Disconnected)?);
         let ring_fd = fds.pop().ok_or(ClientError::Disconnected)?;
         let layout = Layout::from_welcome(&welcome)?;
@@ -223,6 +237,7 @@ impl Client {
             sock,
             ready,
             ring,
+            page,
             copy_len,
             slot: None,
             consumed: start,
@@ -296,9 +311,35 @@ impl Client {
                 self.consumed
             )));
         }
-        self.send(frame::RELEASE, &upto.to_le_bytes())?;
+        // With a release page a release is a store. A RELEASE frame goes only when the
+        // daemon says it waits (it found the ring full) and this client is about to wait
+        // for the next step: then the daemon must wake now. While the next step is
+        // published the trainer has work, and the daemon's backstop (2 ms) finds the
+        // release in the page without a frame (docs/DESIGN.md, "Release pages").
+        let frame = match &self.page {
+            None => true,
+            Some(p) => p.publish(upto) && self.ring.published() <= self.consumed,
+        };
+        if frame {
+            self.send(frame::RELEASE, &upto.to_le_bytes())?;
+        }
         self.released = upto;
         Ok(())
+    }
+
+    /// Whether releases go through a release page (the daemon passed one).
+    pub fn has_release_page(&self) -> bool {
+        self.page.is_some()
+    }
+
+    /// Stores any value in the release page, bypassing this client's checks: for tests
+    /// of how the daemon handles a page that goes back or passes the published steps.
+    /// Returns whether there is a page.
+    pub fn write_page_unchecked(&self, value: u64) -> bool {
+        self.page
+            .as_ref()
+            .map(|p| p.store_released(value))
+            .is_some()
     }
 
     /// Sends a frame; when the daemon has closed the connection, reports the ERROR
@@ -391,13 +432,19 @@ impl Client {
     /// Waits for the next step and returns views of its slot. Batches handed out
     /// earlier are released first, except the last [`Client::set_hold`] ones.
     ///
-    /// RELEASE frames are batched: while the next step is already published, finished
-    /// steps are released only once `(slots - hold) / 2` of them have piled up, so the
-    /// daemon wakes once per few steps instead of every step; before waiting, everything
-    /// finished is released, so a slow producer is never starved by a lazy consumer.
+    /// With a release page (HELLO `release_page`, the default) each release is a store
+    /// there. Without one, RELEASE frames are batched: while the next step is already
+    /// published, finished steps are released only once `(slots - hold) / 2` of them
+    /// have piled up, so the daemon wakes once per few steps instead of every step;
+    /// before waiting, everything finished is released, so a slow producer is never
+    /// starved by a lazy consumer.
     pub fn next_batch(&mut self) -> Result<BatchView<'_>, ClientError> {
         let upto = self.consumed.saturating_sub(self.hold);
-        let batch = (self.layout.slots.saturating_sub(self.hold) / 2).max(1);
+        // A release page costs a store per release, so it releases every step.
+        let batch = match self.page {
+            Some(_) => 1,
+            None => (self.layout.slots.saturating_sub(self.hold) / 2).max(1),
+        };
         if upto >= self.released + batch || self.ring.published() <= self.consumed {
             self.release(upto)?;
         }

@@ -31,6 +31,7 @@ fn welcome() -> Welcome {
     fields.insert("cursor".into(), f(768, "uint8", vec![256]));
     Welcome {
         protocol: PROTOCOL,
+        release_page: false,
         fingerprint: "0".repeat(32),
         start_step: 0,
         dp_rank: 0,

@@ -1,5 +1,6 @@
 //! Connections: the socket (bind, a stale socket cleared), the accept loop, and one task
-//! per connection, a trainer (HELLO, WELCOME with fds, RELEASE frames until it leaves) or
+//! per connection, a trainer (HELLO, WELCOME with fds, RELEASE frames until it leaves;
+//! with a release page those are only wake-ups) or
 //! a control client (CONTROL requests, one reply each).
 //!
 //! Everything here only moves small frames: admission runs on the blocking pool and
@@ -331,7 +332,8 @@ async fn connection(
             return;
         }
     };
-    let fds = [adm.ring.client_fd().as_fd(), adm.ready.fd().as_fd()];
+    let mut fds = vec![adm.ring.client_fd().as_fd(), adm.ready.fd().as_fd()];
+    fds.extend(adm.page_fd.as_ref().map(|f| f.as_fd()));
     if let Err(e) = send_welcome(&mut stream, &welcome, &fds).await {
         warn!(?pid, "sending WELCOME failed: {e}");
         hub.leave(&job, rank, peer);

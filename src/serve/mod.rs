@@ -260,6 +260,8 @@ fn export_metrics(status: &Status) {
             let labels = [("job", j.job.clone()), ("dp_rank", r.dp_rank.to_string())];
             counter!("millrace_tokens_delivered_total", &labels).absolute(r.tokens_delivered);
             counter!("millrace_batches_delivered_total", &labels).absolute(r.batches_delivered);
+            counter!("millrace_release_frames_total", &labels).absolute(r.release_frames);
+            counter!("millrace_page_releases_total", &labels).absolute(r.page_releases);
             gauge!("millrace_step", &labels).set(r.published_step as f64);
             gauge!("millrace_ring_occupancy", &labels).set(r.occupancy as f64);
             gauge!("millrace_ring_slots", &labels).set(r.slots as f64);

@@ -127,6 +127,12 @@ mod tests {
                 ring::FIELD_SLOTS
             ),
             format!("_SLOT_HEADER_BYTES = {}\n", ring::SLOT_HEADER),
+            format!("_PAGE_BYTES = {}\n", super::ring::RELEASE_PAGE_BYTES),
+            format!("_PAGE_RELEASED_AT = {}\n", super::ring::page_at::RELEASED),
+            format!(
+                "_PAGE_DAEMON_WAITING_AT = {}\n",
+                super::ring::page_at::DAEMON_WAITING
+            ),
         ] {
             assert!(
                 client.contains(&want),

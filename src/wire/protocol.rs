@@ -201,6 +201,11 @@ pub struct Hello {
     /// The Rust [`crate::client::Client`] reads slots so and always sends `true`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stages: bool,
+    /// The client publishes its releases in a release page (docs/PROTOCOL.md section 5)
+    /// instead of a RELEASE frame per slot: the daemon passes the page as WELCOME's third
+    /// fd. [`Hello::new`] asks for it; a client that leaves it out sends frames as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub release_page: bool,
 }
 
 /// One stage of the plan as WELCOME describes it (docs/PROTOCOL.md section 3): from
@@ -258,6 +263,10 @@ pub struct Welcome {
     pub pad_token: i64,
     /// Protocol version, [`TRAINER_VERSION`].
     pub protocol: u32,
+    /// The HELLO asked for a release page and WELCOME carries it as its third fd
+    /// ([ring_fd, ready_fd, page_fd]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub release_page: bool,
     /// Size of the memfd.
     pub ring_bytes: u64,
     /// Rows per step for this rank.
@@ -383,6 +392,7 @@ impl Hello {
             fingerprint: None,
             slot_layout: None,
             stages: false,
+            release_page: true,
         }
     }
 
@@ -519,7 +529,7 @@ mod tests {
         let bytes = serde_json::to_vec(&h).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&bytes),
-            r#"{"protocol":2,"job":"default","dp_rank":1,"dp_size":2,"replica":"0","replicas":1,"micro_batch_rows":4,"micro_batches":2}"#
+            r#"{"protocol":2,"job":"default","dp_rank":1,"dp_size":2,"replica":"0","replicas":1,"micro_batch_rows":4,"micro_batches":2,"release_page":true}"#
         );
         assert_eq!(Hello::parse(&bytes), Ok(h));
         let mut w = Hello::whole_slice(0, 1);
@@ -529,7 +539,7 @@ mod tests {
         let bytes = serde_json::to_vec(&w).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&bytes),
-            r#"{"protocol":2,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"ab"}"#
+            r#"{"protocol":2,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"ab","release_page":true}"#
         );
         assert_eq!(Hello::parse(&bytes), Ok(w));
     }

@@ -94,6 +94,35 @@ pub const COMPACT_FIELDS: [&str; 6] = [
     "row_loss_tokens",
     "cursor",
 ];
+/// Bytes of a peer's release page (one page; PROTOCOL.md section 5).
+pub const RELEASE_PAGE_BYTES: usize = 4096;
+
+/// A peer's release page, a memfd the daemon creates per peer that asked for it (HELLO
+/// `release_page`) and both sides map read-write: the client publishes its cumulative
+/// `released` here instead of a RELEASE frame per slot, and the daemon raises
+/// `daemon_waiting` when it found the ring full (all integers little-endian, each word
+/// on its own cache line so the two writers do not share one).
+#[repr(C)]
+pub struct ReleasePageHeader {
+    /// Offset 0: every step below this is released; written by the client only, with
+    /// release ordering (its reads of the slots happen before).
+    pub released: u64,
+    /// Unused; zero.
+    pub reserved: [u64; 7],
+    /// Offset 64: non-zero while the daemon waits for this peer's release (the ring is
+    /// full): a client that sees it after storing `released` sends one RELEASE frame.
+    /// Written by the daemon only.
+    pub daemon_waiting: u64,
+}
+
+/// Byte offsets in a release page.
+pub mod page_at {
+    use super::*;
+    /// `released`.
+    pub const RELEASED: usize = offset_of!(ReleasePageHeader, released);
+    /// `daemon_waiting`.
+    pub const DAEMON_WAITING: usize = offset_of!(ReleasePageHeader, daemon_waiting);
+}
 
 /// Byte offsets in the ring header.
 pub mod ring_at {
@@ -147,6 +176,8 @@ const _: () = {
     assert!(ring_at::MAGIC == 0 && ring_at::VERSION == 8 && ring_at::SLOTS == 12);
     assert!(ring_at::SLOT_BYTES == 16 && ring_at::SLOT_OFFSET == 24);
     assert!(ring_at::FIRST_STEP == 32 && ring_at::PUBLISHED == 64);
+    assert!(page_at::RELEASED == 0 && page_at::DAEMON_WAITING == 64);
+    assert!(std::mem::size_of::<ReleasePageHeader>() <= RELEASE_PAGE_BYTES);
     assert!(std::mem::size_of::<RingHeader>() <= RING_HEADER as usize);
     assert!(slot_at::STEP == 0 && slot_at::PLAN_STEP == 8 && slot_at::ROWS == 16);
     assert!(slot_at::SEQ_LEN == 20 && slot_at::CU_LEN == 24 && slot_at::MAX_SEQLEN == 28);

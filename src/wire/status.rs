@@ -135,12 +135,17 @@ pub struct RingStatus {
     pub dp_rank: u32,
     /// Published slots not yet released by every peer.
     pub occupancy: u64,
+    /// Releases the daemon read from its peers' release pages (no frame sent).
+    pub page_releases: u64,
     /// The replicas (TP/CP peers) reading the ring.
     pub peers: Vec<PeerStatus>,
     /// Seconds the producer waited on a full ring.
     pub producer_wait_s: f64,
     /// The last step published (exclusive).
     pub published_step: u64,
+    /// RELEASE frames its peers sent; for peers with a release page each is a wake-up
+    /// after the daemon found the ring full.
+    pub release_frames: u64,
     /// The lowest step every peer has released.
     pub released_step: u64,
     /// Slots in the ring.
@@ -155,6 +160,8 @@ pub struct RingStatus {
 pub struct PeerStatus {
     /// Its process id, from SO_PEERCRED.
     pub pid: Option<i32>,
+    /// Whether it releases through a release page (HELLO `release_page`).
+    pub release_page: bool,
     /// The step it has released.
     pub released_step: u64,
     /// Its replica name.
@@ -258,6 +265,7 @@ mod tests {
                     dp_rank: 1,
                     peers: vec![PeerStatus {
                         pid: Some(7),
+                        release_page: true,
                         released_step: 3,
                         replica: "0".into(),
                     }],

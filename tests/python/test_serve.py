@@ -423,6 +423,42 @@ def test_peers_share_a_ring_and_a_slow_rank_stalls_only_itself(corpus, expected,
     tp1.close()
 
 
+def test_releases_go_through_the_page_and_no_frame_while_the_next_step_is_ready(
+        corpus, expected, daemons):
+    """The client publishes its releases in its release page (docs/PROTOCOL.md section 5).
+    A trainer slower than the daemon always finds its next step ready when it releases,
+    so it sends no RELEASE frame at all in steady state (the daemon reads the page when it
+    looks for free slots, or at its 2 ms backstop while the ring is full); a client
+    without a page sends one per two steps. Both read the same steps."""
+    from millrace.control import Control
+
+    d = daemons(corpus)
+    paged = client(d, 0, 4, job="pg")
+    framed = client(d, 0, 4, job="fr", release_page=False)
+    got, got_f = [], []
+    for _ in range(40):
+        got.append(take(paged, 1))
+        got_f.append(take(framed, 1))
+        time.sleep(0.003)  # the trainer's work: the daemon refills and waits on the page
+    want = expected.records(0, 40, 0, 4)
+    assert_records_equal(np.concatenate(got), want, "paged")
+    assert_records_equal(np.concatenate(got_f), want, "framed")
+    with Control(d.sock) as ctl:
+        st = ctl.status()
+    rings = {j["job"]: j["rings"][0] for j in st["jobs"]}
+    pg, fr = rings["pg"], rings["fr"]
+    assert pg["peers"][0]["release_page"] is True, pg
+    assert fr["peers"][0]["release_page"] is False, fr
+    # hold=1: the 40th batch is still held, every earlier one was released.
+    assert pg["released_step"] == 39, pg
+    assert pg["page_releases"] > 0, pg
+    # None expected; a couple at most if the machine stalled the daemon for > 3 ms.
+    assert pg["release_frames"] <= 2, pg
+    assert fr["release_frames"] >= 10 and fr["page_releases"] == 0, fr
+    paged.close()
+    framed.close()
+
+
 def test_hold_larger_than_the_ring_is_rejected(corpus, daemons):
     d = daemons(corpus)
     c = client(d, 0, 4, hold=5)

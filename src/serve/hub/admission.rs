@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::{Admission, Cursor, EventFd, Hub, Job, Mark, Peer, RingEntry, Standing, State};
+use super::{
+    Admission, Cursor, EventFd, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing, State,
+};
 use crate::plan::journal;
 use crate::plan::{Plan, Planner, Resumed};
 use crate::serve::ring::{Layout, Ring};
@@ -97,7 +99,7 @@ impl Hub {
             Some(_) => None,
             None => self.seek_unless_streaming(&seen, hello, cancel)?,
         };
-        let joiner = Joiner {
+        let mut joiner = Joiner {
             hello,
             shape: &shape,
             pid,
@@ -106,7 +108,15 @@ impl Hub {
             ),
             kick: Arc::new(tokio::sync::Notify::new()),
             blob,
+            page: None,
         };
+        let mut page_fd = None;
+        if hello.release_page {
+            let (page, fd) = ReleasePage::create(&format!("{}:{}", hello.job, hello.dp_rank))
+                .map_err(|e| Refusal::new(Code::Busy, format!("release page memfd: {e}")))?;
+            joiner.page = Some(Arc::new(page));
+            page_fd = Some(fd);
+        }
 
         let mut st = self.lock();
         if !Arc::ptr_eq(&st.plan, &seen) {
@@ -175,6 +185,7 @@ impl Hub {
             ring,
             ready: joiner.ready,
             kick: joiner.kick,
+            page_fd,
         }))
     }
 
@@ -338,6 +349,7 @@ impl Hub {
         let layout = ring.layout();
         Welcome {
             protocol: crate::wire::TRAINER_VERSION,
+            release_page: joiner.page.is_some(),
             fingerprint: shape.fingerprint.clone(),
             start_step,
             dp_rank: hello.dp_rank,
@@ -504,11 +516,17 @@ struct Joiner<'a> {
     kick: Arc<tokio::sync::Notify>,
     /// The blob it resumes from.
     blob: Option<Vec<u8>>,
+    /// Its release page, when its HELLO asked for one.
+    page: Option<Arc<ReleasePage>>,
 }
 
 impl Joiner<'_> {
     /// The peer it becomes at `step`, with its standing against the ring.
     fn peer(&self, step: u64, standing: Standing) -> Peer {
+        // The page starts at the peer's own step, the release it holds now.
+        if let Some(page) = &self.page {
+            page.store_released(step);
+        }
         Peer {
             replica: self.hello.replica.clone(),
             released: step,
@@ -518,6 +536,7 @@ impl Joiner<'_> {
             standing,
             blob: self.blob.clone(),
             stages: self.hello.stages,
+            page: self.page.clone(),
         }
     }
 

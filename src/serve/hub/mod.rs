@@ -67,7 +67,7 @@ pub struct HubSettings {
     pub checkpoints: Option<std::path::PathBuf>,
 }
 
-pub use crate::sys::EventFd;
+pub use crate::sys::{EventFd, ReleasePage};
 
 /// What a successful HELLO gets: the reply, the fds to pass, and the peer's handle.
 pub struct Admission {
@@ -81,6 +81,9 @@ pub struct Admission {
     pub ready: Arc<EventFd>,
     /// Fired when the peer's ring fails, so its connection can say why and close.
     pub kick: Arc<tokio::sync::Notify>,
+    /// The memfd of the peer's release page, when its HELLO asked for one (WELCOME's
+    /// third fd; closed once sent, the daemon keeps its mapping).
+    pub page_fd: Option<std::os::fd::OwnedFd>,
 }
 
 /// A client joined to a ring.
@@ -97,6 +100,8 @@ struct Peer {
     /// Whether it reads each slot by its header (HELLO `stages`), so a stage added
     /// live may reach it.
     stages: bool,
+    /// Where it publishes `released` instead of sending RELEASE frames, if it asked.
+    page: Option<Arc<ReleasePage>>,
 }
 
 /// What a cursor blob records that `status` reports, kept beside the blob when it is
@@ -194,6 +199,10 @@ struct RingStats {
     /// equally empty rings the one served longest ago goes first (round-robin), so no
     /// ring waits while its neighbours run ahead (issue 14 item 9).
     last_claim: u64,
+    /// RELEASE frames its peers sent (for a peer with a release page, each one a wake-up).
+    release_frames: u64,
+    /// Releases the daemon read from its peers' release pages.
+    page_releases: u64,
 }
 
 impl RingStats {

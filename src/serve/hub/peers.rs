@@ -1,16 +1,20 @@
-//! A joined peer's way through its ring: it releases the steps it is done with, is told
+//! A joined peer's way through its ring: it releases the steps it is done with (by a
+//! RELEASE frame or through its release page, one code path), is told
 //! why when its ring fails, and leaves (its ring goes with its last peer); and the
 //! daemon's own way out, drain and stop.
 
 use std::time::Instant;
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::{Failure, Hub};
+use super::{Failure, Hub, Peer, RingEntry, Standing, State};
+use crate::plan::Plan;
 use crate::wire::protocol::Code;
 
 impl Hub {
-    /// Records that `peer` is done with every step below `upto`.
+    /// Records a RELEASE frame from `peer`: every step below `upto` is done with. For a
+    /// peer with a release page the frame is its wake-up (it saw `daemon_waiting`), and
+    /// the daemon reads the page instead of `upto`: the page may be ahead of the frame.
     pub fn release(
         &self,
         job: &str,
@@ -24,40 +28,71 @@ impl Hub {
         let Some(entry) = Self::find(&mut st, job, dp_rank) else {
             return Err(ReleaseError::NoRing);
         };
-        let published = entry.published;
         let before = entry.base();
+        let published = entry.published;
         let Some(p) = entry.peers.get_mut(&peer) else {
             return Err(ReleaseError::NotJoined);
         };
-        if upto < p.released || upto > published {
-            return Err(ReleaseError::OutOfRange {
-                upto,
-                released: p.released,
-                published,
-            });
+        entry.stats.release_frames += 1;
+        match &p.page {
+            Some(page) => {
+                let value = page.released();
+                take_release(p, value, published).map_err(ReleaseError::on_page)?;
+            }
+            None => take_release(p, upto, published)?,
         }
-        p.released = upto;
-        let base = entry.base();
-        if base > before && entry.joined >= entry.replicas {
-            entry.stats.batches_delivered += base - before;
-            // Each step at its own stage's shape (at most a ring's slots per release).
-            entry.stats.tokens_delivered += (before..base)
-                .map(|s| {
-                    let (seq_len, rows) = plan.shape_at(plan.plan_step_of(s));
-                    u64::from(rows / dp_size) * u64::from(seq_len)
-                })
-                .sum::<u64>();
-        }
-        while entry.cursors.len() > 1 && entry.cursors.front().is_some_and(|c| c.step < base) {
-            entry.cursors.pop_front();
-        }
-        entry.clocks(self.settings.slots, Instant::now());
-        let wake = entry.claimable(self.settings.slots);
+        let wake = entry.released_from(before, &plan, dp_size, self.settings.slots);
         drop(st);
         if wake {
             self.work.notify_one();
         }
         Ok(())
+    }
+
+    /// Reads every peer's release page and applies what moved, as a RELEASE frame would
+    /// (a value that goes back or passes `published` kicks that peer with ERROR
+    /// `protocol`). Returns whether a ring the workers were sleeping on (a page had
+    /// `daemon_waiting` raised) has a free slot now, so the caller wakes a worker.
+    pub(super) fn sync_pages(&self, st: &mut State) -> bool {
+        let plan = st.plan.clone();
+        let slots = self.settings.slots;
+        let mut woke = false;
+        for (name, job) in st.jobs.iter_mut() {
+            let dp_size = job.dp_size.max(1);
+            for (&rank, entry) in job.rings.iter_mut() {
+                woke |= entry.sync_pages(&plan, dp_size, slots, name, rank);
+            }
+        }
+        woke
+    }
+
+    /// Before a worker sleeps: raises `daemon_waiting` in the page of every peer that
+    /// holds a full ring back (its `released` is the ring's base), then re-reads
+    /// `released` (fenced, [`crate::sys::ReleasePage::arm`]). Says whether one moved
+    /// meanwhile (do not sleep), or whether any page was armed (sleep at most
+    /// [`PAGE_BACKSTOP`]).
+    pub(super) fn arm_pages(&self, st: &State) -> Armed {
+        let slots = self.settings.slots;
+        let mut armed = Armed::None;
+        for entry in st.jobs.values().flat_map(|j| j.rings.values()) {
+            if !entry.started() || entry.joined < entry.replicas || entry.free(slots) > 0 {
+                continue; // not held back by its peers' releases
+            }
+            let base = entry.base();
+            for p in entry.peers.values() {
+                let Some(page) = p.page.as_ref().filter(|_| p.released == base) else {
+                    continue;
+                };
+                if p.failure().is_some() {
+                    continue;
+                }
+                if page.arm() != p.released {
+                    return Armed::Moved;
+                }
+                armed = Armed::Waiting;
+            }
+        }
+        armed
     }
 
     /// Removes a peer; drops its ring when it was the last one.
@@ -121,7 +156,10 @@ impl Hub {
 
     /// Whether every peer has released every published step (or left).
     pub fn drained(&self) -> bool {
-        let st = self.lock();
+        let mut st = self.lock();
+        if self.sync_pages(&mut st) {
+            self.work.notify_all();
+        }
         st.jobs
             .values()
             .flat_map(|j| j.rings.values())
@@ -135,6 +173,116 @@ impl Hub {
     }
 }
 
+/// How long a worker sleeps at most while a ring is full and its peers' pages are armed:
+/// a client that cannot fence (Python) may miss `daemon_waiting`, and then the daemon
+/// finds its release at the next look. A full ring holds `slots` ready steps, so a
+/// trainer reading them does not wait for this (docs/DESIGN.md, "Release pages").
+pub(super) const PAGE_BACKSTOP: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// What [`Hub::arm_pages`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Armed {
+    /// No full ring waits on a release page: sleep until notified.
+    None,
+    /// Pages are armed: sleep at most [`PAGE_BACKSTOP`].
+    Waiting,
+    /// A peer released while its page was armed: look again, do not sleep.
+    Moved,
+}
+
+/// Moves `p`'s release to `upto` after checking it neither goes back nor passes
+/// `published`: the one check a RELEASE frame and a release page both go through.
+fn take_release(p: &mut Peer, upto: u64, published: u64) -> Result<(), ReleaseError> {
+    if upto < p.released || upto > published {
+        return Err(ReleaseError::OutOfRange {
+            upto,
+            released: p.released,
+            published,
+        });
+    }
+    p.released = upto;
+    Ok(())
+}
+
+impl RingEntry {
+    /// After peers' releases moved the ring's base up from `before`: counts the steps
+    /// delivered, drops cursors no peer can resume from, settles the stall clocks, and
+    /// lowers `daemon_waiting` in the pages once a slot is free. Returns whether a worker
+    /// may fill the ring now.
+    fn released_from(&mut self, before: u64, plan: &Plan, dp_size: u32, slots: u32) -> bool {
+        let base = self.base();
+        if base > before && self.joined >= self.replicas {
+            self.stats.batches_delivered += base - before;
+            // Each step at its own stage's shape (at most a ring's slots per release).
+            self.stats.tokens_delivered += (before..base)
+                .map(|s| {
+                    let (seq_len, rows) = plan.shape_at(plan.plan_step_of(s));
+                    u64::from(rows / dp_size) * u64::from(seq_len)
+                })
+                .sum::<u64>();
+        }
+        while self.cursors.len() > 1 && self.cursors.front().is_some_and(|c| c.step < base) {
+            self.cursors.pop_front();
+        }
+        self.clocks(slots, Instant::now());
+        let wake = self.claimable(slots);
+        if wake {
+            self.disarm_pages();
+        }
+        wake
+    }
+
+    /// Lowers `daemon_waiting` where it is raised; returns whether any was.
+    fn disarm_pages(&self) -> bool {
+        let mut any = false;
+        for page in self.peers.values().filter_map(|p| p.page.as_ref()) {
+            if page.daemon_waiting() {
+                page.disarm();
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// [`Hub::sync_pages`] for this ring (`name`, `rank` for the log).
+    fn sync_pages(&mut self, plan: &Plan, dp_size: u32, slots: u32, name: &str, rank: u32) -> bool {
+        let before = self.base();
+        let published = self.published;
+        let mut moved = false;
+        for p in self.peers.values_mut() {
+            let Some(page) = &p.page else {
+                continue;
+            };
+            let value = page.released();
+            if value == p.released || p.failure().is_some() {
+                continue;
+            }
+            match take_release(p, value, published) {
+                Ok(()) => {
+                    moved = true;
+                    self.stats.page_releases += 1;
+                }
+                Err(e) => {
+                    let e = ReleaseError::on_page(e);
+                    warn!(job = name, dp_rank = rank, replica = %p.replica, pid = ?p.pid,
+                        "protocol error: {e}; closing");
+                    let failure = Failure::new(Code::Protocol, e.to_string());
+                    p.standing = Standing::BadRelease(failure);
+                    p.kick.notify_one();
+                }
+            }
+        }
+        if !moved {
+            return false;
+        }
+        let waiting = self
+            .peers
+            .values()
+            .any(|p| p.page.as_ref().is_some_and(|g| g.daemon_waiting()));
+        self.released_from(before, plan, dp_size, slots) && waiting
+    }
+}
+
 /// A RELEASE the hub cannot take: the connection answers it with ERROR `protocol`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReleaseError {
@@ -144,6 +292,19 @@ pub enum ReleaseError {
     /// The peer is not (or no longer) joined to its ring.
     #[error("release from a peer that is not joined")]
     NotJoined,
+    /// A release page's value goes back, or past what the ring published.
+    #[error(
+        "release page value {value} is outside {released}..={published} (it may not go \
+         back or pass the published steps)"
+    )]
+    Page {
+        /// The value in the page.
+        value: u64,
+        /// The peer's release before it.
+        released: u64,
+        /// The ring's published step.
+        published: u64,
+    },
     /// `upto` goes back, or past what the ring published.
     #[error(
         "RELEASE upto {upto} is outside {released}..={published} (it may not go back or pass \
@@ -157,6 +318,25 @@ pub enum ReleaseError {
         /// The ring's published step.
         published: u64,
     },
+}
+
+impl ReleaseError {
+    /// The same error when the value came from the peer's release page, so its ERROR
+    /// names the page rather than a frame it did not send.
+    fn on_page(self) -> ReleaseError {
+        match self {
+            ReleaseError::OutOfRange {
+                upto,
+                released,
+                published,
+            } => ReleaseError::Page {
+                value: upto,
+                released,
+                published,
+            },
+            e => e,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -71,6 +71,9 @@ pub(super) enum Standing {
     },
     /// The ring reached its step with another cursor: it is kicked with this failure.
     Misplaced(Failure),
+    /// Its release page held a value that goes back or passes the published steps: it
+    /// is kicked with this failure (`protocol`, naming the value).
+    BadRelease(Failure),
 }
 
 impl Peer {
@@ -104,7 +107,7 @@ impl Peer {
     /// Why this peer is disconnected, when it is its own fault (its resume point).
     pub(super) fn failure(&self) -> Option<&Failure> {
         match &self.standing {
-            Standing::Misplaced(f) => Some(f),
+            Standing::Misplaced(f) | Standing::BadRelease(f) => Some(f),
             _ => None,
         }
     }
@@ -383,6 +386,7 @@ pub(super) mod tests {
             standing: Standing::Reading,
             blob: None,
             stages: true,
+            page: None,
         }
     }
 

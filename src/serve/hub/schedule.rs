@@ -8,6 +8,7 @@ use std::time::Instant;
 use tracing::{error, warn};
 
 use super::jobplan::{keep, Take};
+use super::peers::{Armed, PAGE_BACKSTOP};
 use super::phase::Copied;
 use super::{
     Claimed, Cursor, Failure, Filled, Hub, Planned, RingEntry, State, SHARD_CHECK,
@@ -100,6 +101,10 @@ impl Hub {
                     if st.stopping {
                         return;
                     }
+                    // Releases published in pages since the last look (no frame came).
+                    if self.sync_pages(&mut st) {
+                        self.work.notify_one();
+                    }
                     // Planning reads shard indexes: guarded like the copy.
                     let g = crate::corpus::guard::enter();
                     let _ = crate::corpus::guard::take_fault();
@@ -117,7 +122,18 @@ impl Hub {
                         }
                         (None, _) => {}
                     }
-                    st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st = match self.arm_pages(&st) {
+                        Armed::Moved => continue,
+                        Armed::Waiting => {
+                            // A client without a fence may miss `daemon_waiting`: look at
+                            // the pages again after a short while (peers.rs, PAGE_BACKSTOP).
+                            self.work
+                                .wait_timeout(st, PAGE_BACKSTOP)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0
+                        }
+                        Armed::None => self.work.wait(st).unwrap_or_else(|p| p.into_inner()),
+                    };
                 };
                 claimed
             };

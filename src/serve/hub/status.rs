@@ -55,7 +55,10 @@ impl Hub {
     pub fn status(&self) -> Status {
         let now = Instant::now();
         let (plan, mut out, best, delivered) = {
-            let st = self.lock();
+            let mut st = self.lock();
+            if self.sync_pages(&mut st) {
+                self.work.notify_all();
+            }
             let mut jobs: Vec<JobStatus> = Vec::new();
             let mut best: Option<Published> = st.retired.1.clone();
             let mut delivered: Vec<u64> = vec![0; st.plan.domain_names().len()];
@@ -90,6 +93,7 @@ impl Hub {
                                 replica: p.replica.clone(),
                                 pid: p.pid,
                                 released_step: p.released,
+                                release_page: p.page.is_some(),
                             })
                             .collect();
                         peers.sort_by(|a, b| a.replica.cmp(&b.replica));
@@ -107,6 +111,8 @@ impl Hub {
                             batches_delivered: e.stats.batches_delivered,
                             consumer_wait_s: consumer,
                             producer_wait_s: producer,
+                            release_frames: e.stats.release_frames,
+                            page_releases: e.stats.page_releases,
                         }
                     })
                     .collect();
