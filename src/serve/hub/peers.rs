@@ -36,8 +36,14 @@ impl Hub {
         entry.stats.release_frames += 1;
         match &p.page {
             Some(page) => {
+                // The release itself was read from the page: it counts as one, whichever
+                // of the frame and the workers' page reads saw it first.
                 let value = page.released();
+                let moved = value != p.released;
                 take_release(p, value, published).map_err(ReleaseError::on_page)?;
+                if moved {
+                    entry.stats.page_releases += 1;
+                }
             }
             None => take_release(p, upto, published)?,
         }
