@@ -101,6 +101,23 @@ fn uring_or_skip(paths: &[PathBuf], opts: UringOptions) -> Option<UringReader> {
     }
 }
 
+/// The O_DIRECT io_uring reader, or `None` where the temp filesystem refuses O_DIRECT
+/// (tmpfs, some overlays).
+fn direct_or_skip(paths: &[PathBuf], opts: UringOptions) -> Option<UringReader> {
+    match UringReader::open(paths, opts) {
+        Ok(r) => Some(r),
+        Err(ReadError::Open {
+            direct: true,
+            ref source,
+            ..
+        }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("skipping O_DIRECT: the temp filesystem refuses it");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 #[test]
 fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
     let (_dir, mut rng, shards, paths) = setup(15, 3);
@@ -145,18 +162,8 @@ fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
             ..small
         },
     ] {
-        let mut direct = match UringReader::open(&paths, opts) {
-            Ok(r) => r,
-            // tmpfs and some overlay filesystems refuse O_DIRECT.
-            Err(ReadError::Open {
-                direct: true,
-                ref source,
-                ..
-            }) if source.raw_os_error() == Some(libc::EINVAL) => {
-                eprintln!("skipping O_DIRECT: the temp filesystem refuses it");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(mut direct) = direct_or_skip(&paths, opts) else {
+            return;
         };
         for round in 0..4 {
             let (spans, expect) = plan(&shards, 64, &mut rng);
@@ -431,21 +438,12 @@ fn spans_that_continue_each_other_are_read_as_one() {
             direct,
             ..UringOptions::default()
         };
-        let mut r = match UringReader::open(&paths, opts) {
-            Ok(r) => r,
-            Err(ReadError::Open {
-                direct: true,
-                ref source,
-                ..
-            }) if source.raw_os_error() == Some(libc::EINVAL) => {
-                eprintln!("skipping O_DIRECT: the temp filesystem refuses it");
-                return;
-            }
-            Err(e) => {
-                assert!(e.is_unavailable(), "{e}");
-                eprintln!("skipping: {e}");
-                return;
-            }
+        let Some(mut r) = (if direct {
+            direct_or_skip(&paths, opts)
+        } else {
+            uring_or_skip(&paths, opts)
+        }) else {
+            return;
         };
         for round in 0..4 {
             let (spans, expect) = runs(&shards, 16, &mut rng);
