@@ -5,9 +5,9 @@
 //! A span is a byte range of a shard's token file and the offset where it lands in the
 //! destination; one planned step is a list of them. With compact slots the bytes land
 //! unchanged, so a READ can fill the slot with no page faults in the daemon and no
-//! mapping of the shard's pages. [`UringReader`] registers the shard files once, splits
-//! the spans into reads of at most `max_op_bytes`, keeps at most `depth` of them in
-//! flight, and submits them in batches. With `direct` it reads through `O_DIRECT`
+//! mapping of the shard's pages. [`UringReader`] registers the shard files once, joins
+//! spans that continue each other, splits them into reads of at most `max_op_bytes`,
+//! keeps at most `depth` of them in flight, and submits them in batches. With `direct` it reads through `O_DIRECT`
 //! descriptors (no page cache, for cold multi-TB corpora): a read whose file offset,
 //! length and destination address are all aligned as the file's filesystem requires
 //! (`statx` `STATX_DIOALIGN`, else [`DIRECT_ALIGN`]) goes straight into the
