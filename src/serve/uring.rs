@@ -7,11 +7,12 @@
 //! unchanged, so a READ can fill the slot with no page faults in the daemon and no
 //! mapping of the shard's pages. [`UringReader`] registers the shard files once, joins
 //! spans that continue each other, splits them into reads of at most `max_op_bytes`,
-//! keeps at most `depth` of them in flight, and submits them in batches. With `direct` it reads through `O_DIRECT`
-//! descriptors (no page cache, for cold multi-TB corpora): a read whose file offset,
-//! length and destination address are all aligned as the file's filesystem requires
-//! (`statx` `STATX_DIOALIGN`, else [`DIRECT_ALIGN`]) goes straight into the
-//! destination; any other goes through an aligned bounce buffer and is copied out.
+//! keeps at most `depth` of them in flight, and submits them in batches. With `direct`
+//! it reads through `O_DIRECT` descriptors (no page cache, for cold multi-TB corpora): a
+//! read whose file offset, length and destination address are all aligned as the file's
+//! filesystem requires (`statx` `STATX_DIOALIGN`, else [`DIRECT_ALIGN`]) goes straight
+//! into the destination; any other goes through an aligned bounce buffer and is copied
+//! out.
 //! Buffered descriptors are advised `POSIX_FADV_RANDOM`: the spans are all the plan
 //! needs, so readahead around them would only read bytes nobody asked for.
 //!
