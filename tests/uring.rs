@@ -101,6 +101,23 @@ fn uring_or_skip(paths: &[PathBuf], opts: UringOptions) -> Option<UringReader> {
     }
 }
 
+/// The O_DIRECT io_uring reader, or `None` where the temp filesystem refuses O_DIRECT
+/// (tmpfs, some overlays).
+fn direct_or_skip(paths: &[PathBuf], opts: UringOptions) -> Option<UringReader> {
+    match UringReader::open(paths, opts) {
+        Ok(r) => Some(r),
+        Err(ReadError::Open {
+            direct: true,
+            ref source,
+            ..
+        }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("skipping O_DIRECT: the temp filesystem refuses it");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 #[test]
 fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
     let (_dir, mut rng, shards, paths) = setup(15, 3);
@@ -145,18 +162,8 @@ fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
             ..small
         },
     ] {
-        let mut direct = match UringReader::open(&paths, opts) {
-            Ok(r) => r,
-            // tmpfs and some overlay filesystems refuse O_DIRECT.
-            Err(ReadError::Open {
-                direct: true,
-                ref source,
-                ..
-            }) if source.raw_os_error() == Some(libc::EINVAL) => {
-                eprintln!("skipping O_DIRECT: the temp filesystem refuses it");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(mut direct) = direct_or_skip(&paths, opts) else {
+            return;
         };
         for round in 0..4 {
             let (spans, expect) = plan(&shards, 64, &mut rng);
@@ -382,5 +389,72 @@ fn where_seccomp_refuses_io_uring_the_reader_says_so_and_falls_back_to_pread() {
         })
         .join()
         .unwrap();
+    }
+}
+
+/// Each of `docs` random documents cut into 1..8 pieces, packed in order one after
+/// another, as a group's documents (or a long document's pieces) fill a row: every
+/// piece continues the last in the file and in the destination.
+fn runs(shards: &[Shard], docs: usize, rng: &mut Pcg64) -> (Vec<Span>, Vec<u8>) {
+    let mut spans = Vec::new();
+    let mut expect = Vec::new();
+    for _ in 0..docs {
+        let file = rng.gen_range(0..shards.len());
+        let shard = &shards[file];
+        let doc = rng.gen_range(0..shard.documents());
+        let doc_len = shard.doc_len(doc).unwrap();
+        let mut cuts: Vec<u64> = (0..rng.gen_range(0..8))
+            .map(|_| rng.gen_range(0..=doc_len))
+            .chain([0, doc_len])
+            .collect();
+        cuts.sort_unstable();
+        // A gap before every document, so two documents never continue each other.
+        expect.resize(expect.len() + 1, 0xAB);
+        for w in cuts.windows(2) {
+            let seg = Segment {
+                shard: file as u32,
+                doc,
+                start: w[0],
+                len: (w[1] - w[0]) as u32,
+                doc_len,
+                group: None,
+            };
+            if let Some(span) = segment_span(shard, file as u32, &seg, expect.len() as u64).unwrap()
+            {
+                spans.push(span);
+            }
+            let b = shard.doc_tokens(doc).unwrap().as_bytes();
+            expect.extend_from_slice(&b[w[0] as usize * 2..w[1] as usize * 2]);
+        }
+    }
+    (spans, expect)
+}
+
+#[test]
+fn spans_that_continue_each_other_are_read_as_one() {
+    let (_dir, mut rng, shards, paths) = setup(16, 3);
+    for direct in [false, true] {
+        let opts = UringOptions {
+            direct,
+            ..UringOptions::default()
+        };
+        let Some(mut r) = (if direct {
+            direct_or_skip(&paths, opts)
+        } else {
+            uring_or_skip(&paths, opts)
+        }) else {
+            return;
+        };
+        for round in 0..4 {
+            let (spans, expect) = runs(&shards, 16, &mut rng);
+            let before = r.reads();
+            assert!(
+                fill(|d| r.read(&spans, d), expect.len()) == expect,
+                "direct {direct}, round {round}"
+            );
+            // Documents are under 12 KB, one 128 KiB read each however they were cut.
+            assert_eq!(r.reads() - before, 16, "direct {direct}, round {round}");
+            assert!(spans.len() > 16, "the pieces were cut");
+        }
     }
 }
