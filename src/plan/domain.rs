@@ -324,22 +324,31 @@ impl DomainData {
         }
     }
 
-    /// Group id (from the sidecar) of a unit's documents, if the shard is grouped.
-    pub(crate) fn group_id(&self, kind: UnitKind, u: u64) -> Option<u64> {
+    /// Shard, first document, document count and group id (from the sidecar, if the
+    /// shard is grouped) of a unit: [`DomainData::unit_docs`] and the group with one
+    /// search of the prefix arrays, as expanding a row's pieces needs both.
+    fn unit_place(&self, kind: UnitKind, u: u64) -> (usize, u64, u64, Option<u64>) {
         match kind {
             UnitKind::Group => {
-                let gp = self.group_prefix.as_ref()?;
+                let gp = match &self.group_prefix {
+                    Some(g) => g,
+                    None => return (0, 0, 0, None),
+                };
                 let s = gp.partition_point(|&p| p <= u).saturating_sub(1);
                 let local = (u - gp[s]) as usize;
-                self.shards[s].groups()?.get(local).map(|r| r.id)
+                match self.shards[s].groups().and_then(|g| g.get(local)) {
+                    Some(run) => (s, run.first_doc, run.docs, Some(run.id)),
+                    None => (s, 0, 0, None),
+                }
             }
             UnitKind::Doc => {
-                let (s, doc, _) = self.unit_docs(kind, u);
-                let runs = self.shards[s].groups()?;
-                let i = runs
-                    .partition_point(|r| r.first_doc <= doc)
-                    .checked_sub(1)?;
-                runs.get(i).map(|r| r.id)
+                let (s, doc, n) = self.unit_docs(kind, u);
+                let docs = self.doc_prefix[s + 1] - self.doc_prefix[s];
+                let group = self.shards[s].groups().and_then(|runs| {
+                    let i = run_of(runs, doc, docs)?;
+                    runs.get(i).map(|r| r.id)
+                });
+                (s, doc, n, group)
             }
         }
     }
@@ -368,6 +377,58 @@ impl DomainData {
     pub(crate) fn grouping_active(&self, step: u64) -> bool {
         self.settings.grouping.mode != GroupMode::Off && step >= self.settings.grouping.from_step
     }
+}
+
+/// Index of the last of `runs` (ascending by first document, covering `docs`
+/// documents) that starts at or before `doc`: `partition_point(first_doc <= doc) - 1`,
+/// found by a guess from the mean run length and a gallop from there. A lookup then
+/// touches a few neighbouring runs instead of a binary search's path through the whole
+/// list, most of it cache misses (the planner looks a group up for every piece of an
+/// ungrouped domain that has a sidecar).
+fn run_of(runs: &[GroupRun], doc: u64, docs: u64) -> Option<usize> {
+    let n = runs.len();
+    if n == 0 {
+        return None;
+    }
+    let le = |i: usize| runs[i].first_doc <= doc;
+    let guess = (doc as u128 * n as u128 / docs.max(1) as u128).min(n as u128 - 1) as usize;
+    // The partition point lies in `[lo, hi]`: runs before `lo` start at or before `doc`,
+    // runs from `hi` on after it.
+    let (mut lo, mut hi);
+    let mut step = 1usize;
+    if le(guess) {
+        lo = guess + 1;
+        loop {
+            let j = lo.saturating_add(step - 1);
+            if j >= n {
+                hi = n;
+                break;
+            }
+            if le(j) {
+                lo = j + 1;
+                step = step.saturating_mul(2);
+            } else {
+                hi = j;
+                break;
+            }
+        }
+    } else {
+        hi = guess;
+        loop {
+            if hi < step {
+                lo = 0;
+                break;
+            }
+            let j = hi - step;
+            if le(j) {
+                lo = j + 1;
+                break;
+            }
+            hi = j;
+            step = step.saturating_mul(2);
+        }
+    }
+    (lo + runs[lo..hi].partition_point(|r| r.first_doc <= doc)).checked_sub(1)
 }
 
 /// Packing constants of one stage, shared by all streams.
@@ -415,14 +476,22 @@ pub(crate) fn window_units(
     // Two passes: first every unit id (compute-bound), then every length. The length
     // loop's iterations are independent random reads, so the CPU keeps many cache misses
     // in flight instead of one per permutation step.
-    let mut units: Vec<(u64, u64)> = (s.window_start..end)
-        .map(|pos| {
-            (
-                d.resolve(kind, s.upsample, chained(&perm, &s.pos_chain, pos)),
-                0,
-            )
-        })
-        .collect();
+    let mut units: Vec<(u64, u64)> = if s.pos_chain.is_empty() {
+        let mut ids = Vec::new();
+        perm.apply_range(s.window_start, end, &mut ids);
+        ids.into_iter()
+            .map(|v| (d.resolve(kind, s.upsample, v), 0))
+            .collect()
+    } else {
+        (s.window_start..end)
+            .map(|pos| {
+                (
+                    d.resolve(kind, s.upsample, chained(&perm, &s.pos_chain, pos)),
+                    0,
+                )
+            })
+            .collect()
+    };
     for (u, len) in units.iter_mut() {
         *len = d.unit_len(kind, *u);
     }
@@ -440,10 +509,14 @@ pub(crate) fn expand_row(
 ) -> Row {
     let mut segments = Vec::with_capacity(pieces.len());
     for p in pieces {
-        let (shard, first, ndocs) = d.unit_docs(kind, p.unit);
-        let group = d.group_id(kind, p.unit);
+        let (shard, first, ndocs, group) = d.unit_place(kind, p.unit);
         if kind == UnitKind::Doc || ndocs <= 1 {
-            let doc_len = d.doc_len(shard, first);
+            // A whole one-document unit's length is the piece's: no second read.
+            let doc_len = if p.whole && ndocs == 1 {
+                p.len as u64
+            } else {
+                d.doc_len(shard, first)
+            };
             segments.push(Segment {
                 shard: shard as u32,
                 doc: first,
@@ -526,4 +599,38 @@ pub(crate) fn describe(d: &DomainData) -> BTreeMap<&'static str, u64> {
         d.long(UnitKind::Doc, Upsampling::Domain).len() as u64,
     );
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The galloping search finds what a binary search of the whole list finds, for
+    /// runs of even and of very uneven lengths, and for documents past the last run.
+    #[test]
+    fn run_of_matches_binary_search() {
+        let mut x = 7u64;
+        for case in 0..60u64 {
+            let mut runs = Vec::new();
+            let mut first = 0u64;
+            for id in 0..(case * 7 % 90) {
+                x = super::super::permute::splitmix64(x);
+                let docs = match case % 3 {
+                    0 => 1 + x % 4,
+                    1 => 1 + x % 64,
+                    _ => 1 + (x % 1000).pow(2) / 1000,
+                };
+                runs.push(GroupRun {
+                    id,
+                    first_doc: first,
+                    docs,
+                });
+                first += docs;
+            }
+            for doc in 0..first + 3 {
+                let want = runs.partition_point(|r| r.first_doc <= doc).checked_sub(1);
+                assert_eq!(run_of(&runs, doc, first), want, "case {case} doc {doc}");
+            }
+        }
+    }
 }

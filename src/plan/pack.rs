@@ -16,6 +16,10 @@ pub struct Piece {
     pub start: u64,
     /// Tokens.
     pub len: u32,
+    /// The piece is its whole unit, packed from a span of the unit's full length: `len`
+    /// is the unit's length, so expanding the row need not read it from the shard again.
+    /// `false` where that is not known (a carried range, a cut unit).
+    pub whole: bool,
 }
 
 /// A run of rows that must stay together and in order: a long grouped unit's rows, or a
@@ -89,6 +93,9 @@ impl Window {
 /// first token, length)` for the part of one that a stage switch carried
 /// (`plan/stage.rs`). Pieces name tokens from the unit's start either way.
 pub trait Span: Copy {
+    /// Whether a span of this type is always a whole unit (so a piece covering all of
+    /// it is [`Piece::whole`]).
+    const WHOLE: bool;
     /// The unit.
     fn unit(self) -> u64;
     /// Its first token in the range.
@@ -98,6 +105,7 @@ pub trait Span: Copy {
 }
 
 impl Span for (u64, u64) {
+    const WHOLE: bool = true;
     fn unit(self) -> u64 {
         self.0
     }
@@ -110,6 +118,7 @@ impl Span for (u64, u64) {
 }
 
 impl Span for (u64, u64, u64) {
+    const WHOLE: bool = false;
     fn unit(self) -> u64 {
         self.0
     }
@@ -181,6 +190,7 @@ fn concat<S: Span>(units: &[S], capacity: u32, keep_together: bool) -> Window {
                     unit,
                     start: base + a - off,
                     len: (b - a) as u32,
+                    whole: S::WHOLE && a == off && b == off + len,
                 });
             }
             off += len;
@@ -245,6 +255,7 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool, chain: boo
                     unit,
                     start: base + full * c64,
                     len: rem,
+                    whole: false,
                 });
                 let b = bins.open(cap, true);
                 bins.put(b, pieces.len() as u32 - 1, rem);
@@ -260,6 +271,7 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool, chain: boo
                 unit,
                 start: base + k * c64,
                 len: cap,
+                whole: false,
             });
         }
         if rem > 0 {
@@ -267,6 +279,7 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool, chain: boo
                 unit,
                 start: base + full * c64,
                 len: rem,
+                whole: S::WHOLE && full == 0,
             });
             short.push(pieces.len() as u32 - 1);
         }
@@ -286,6 +299,7 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool, chain: boo
                 unit,
                 start: base + off,
                 len: take as u32,
+                whole: S::WHOLE && off == 0 && take == len,
             });
             (off, fill) = (off + take, fill + take);
             if fill == c64 {
@@ -362,6 +376,7 @@ fn best_fit<S: Span>(units: &[S], capacity: u32, keep_together: bool, chain: boo
                 unit,
                 start: base + k * c64,
                 len: cap,
+                whole: false,
             }]);
         }
         if seed != NIL {
