@@ -412,7 +412,7 @@ fn a_live_weight_change_applies_to_every_rank_at_one_step() {
             let g = &g[AT as usize + i];
             assert_eq!(g.step, b.step);
             assert_eq!(g.cursor, after[i], "cursor of rank {r} step {}", b.step);
-            let rows: Vec<Vec<i64>> = millrace::plan::report::explain(&resumed.plan, b, *r, RANKS)
+            let rows: Vec<Vec<i64>> = millrace::plan::explain::explain(&resumed.plan, b, *r, RANKS)
                 .rows
                 .iter()
                 .map(|row| {

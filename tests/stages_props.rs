@@ -26,8 +26,9 @@ use millrace::config::plan::{
 };
 use millrace::corpus::GroupRun;
 use millrace::plan::cursor;
+use millrace::plan::explain::explain;
 use millrace::plan::mix::TICKS;
-use millrace::plan::report::{explain, Tally};
+use millrace::plan::report::Tally;
 use millrace::plan::{
     CursorError, DocSource, DomainInput, GlobalBatch, MemCheckpoints, MemShard, Plan, Upsampling,
 };

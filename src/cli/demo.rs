@@ -16,7 +16,8 @@ use anyhow::{bail, Context, Result};
 
 use millrace::client::ConsumeSummary;
 use millrace::config::Config;
-use millrace::plan::report::{explain, render_explain, Tally};
+use millrace::plan::explain::{explain, render_explain};
+use millrace::plan::report::Tally;
 use millrace::util::harness::{
     collect_summary, ensure_corpus, socket_path_in, spawn_rust_consumer, write_config, ChildGuard,
     Daemon,

@@ -209,7 +209,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
 }
 
 pub fn run_explain(args: ExplainArgs) -> Result<()> {
-    use millrace::plan::report::{explain, render_explain};
+    use millrace::plan::explain::{explain, render_explain};
     if args.dp_size == 0 || args.dp_rank >= args.dp_size {
         bail!(
             "--dp-rank {} is not below --dp-size {}",

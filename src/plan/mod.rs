@@ -16,6 +16,7 @@ mod checkpoint;
 pub mod cursor;
 mod domain;
 mod evolve;
+pub mod explain;
 mod fingerprint;
 pub mod journal;
 pub mod mix;
