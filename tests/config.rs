@@ -186,6 +186,7 @@ fn the_example_config_parses_and_its_plan_validates() {
     assert_eq!(serve.socket, Path::new("/run/millrace/millrace.sock"));
     assert_eq!((serve.ring_slots, serve.materialize_threads), (4, 2));
     assert_eq!(serve.token_dtype, "int32");
+    assert_eq!(serve.wake_coalesce_us, 150);
 }
 
 #[test]
@@ -201,6 +202,8 @@ fn serve_mistakes_name_the_field() {
             "stage_reserve_tokens",
         ),
         ("[serve]\nstage_reserve_tokens = -1", "stage_reserve_tokens"),
+        ("[serve]\nwake_coalesce_us = 100001", "wake_coalesce_us"),
+        ("[serve]\nwake_coalesce_us = -1", "wake_coalesce_us"),
     ];
     for (extra, field) in cases {
         let text = format!("{base}{extra}");

@@ -4,7 +4,8 @@
 //! the plan's rows and the shards' tokens); resume by cursor, reconnect after a daemon
 //! restart, `millrace consume`, a garbage-sending client, `millrace demo`, and release
 //! pages (docs/PROTOCOL.md section 5): the same stream as RELEASE frames, a full ring
-//! that never stalls, a bad page value that kicks only its peer.
+//! that never stalls, a bad page value that kicks only its peer; and coalesced wakes
+//! (`[serve] wake_coalesce_us`): fewer wakes than slots, none held on a full ring.
 
 mod common;
 
@@ -31,11 +32,16 @@ struct Fixture {
 /// Writes a 2e6-token, 4-domain corpus (grouped code and books, several shards per
 /// domain) and a config with a small geometry and `[serve]` set.
 fn fixture(token_dtype: &str) -> Fixture {
+    fixture_with(token_dtype, 2, "")
+}
+
+/// [`fixture`] with `threads` materializer threads and the `[serve]` lines `extra`.
+fn fixture_with(token_dtype: &str, threads: u32, extra: &str) -> Fixture {
     let corpus = common::corpus(2_000_000, 4, 5, 300_000);
     let socket = corpus.dir.join("s.sock");
     // A silent client is closed after 1 s instead of the default 10 s.
     let serve = format!(
-        "socket = {:?}\nring_slots = 4\nmaterialize_threads = 2\nhandshake_timeout_ms = 1000\ntoken_dtype = {token_dtype:?}\n",
+        "socket = {:?}\nring_slots = 4\nmaterialize_threads = {threads}\nhandshake_timeout_ms = 1000\ntoken_dtype = {token_dtype:?}\n{extra}",
         socket.to_str().unwrap()
     );
     Fixture {
@@ -958,4 +964,82 @@ fn a_bad_release_page_kicks_only_its_peer_and_tp_peers_each_have_a_page() {
         "{message}"
     );
     read(25..40, &mut a, &mut b);
+}
+
+/// The `wakes` and `wakes_deferred` counters and `published_step` of a STATUS ring.
+fn wake_counts(ring: &serde_json::Value) -> (u64, u64, u64) {
+    let n = |k: &str| {
+        ring[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {ring}"))
+    };
+    (n("wakes"), n("wakes_deferred"), n("published_step"))
+}
+
+/// Coalesced wakes (docs/DESIGN.md, "Coalesced wakes"), with the longest bound (100 ms):
+/// two ranks streaming get fewer wakes than slots and every row the plan says; a rank
+/// that holds 3 of its 4 slots makes each publish fill its ring, and such a publish
+/// wakes at once (no wake held past the first slots); with `wake_coalesce_us = 0` every
+/// publish wakes and none is held.
+#[test]
+fn coalesced_wakes_are_fewer_than_slots_and_a_full_ring_wakes_at_once() {
+    let f = fixture_with("int32", 1, "wake_coalesce_us = 100000\n");
+    let serve = f.serve();
+    let loaded = load(&f);
+    let want = planned(&loaded, 120);
+    let mut ranks: Vec<Client> = (0..2).map(|r| connect(&f, &hello(r, "co"))).collect();
+    let mut late = 0u64;
+    for (batch, cursor) in &want {
+        for (r, c) in ranks.iter_mut().enumerate() {
+            let v = c.next_batch().unwrap();
+            late = late.max(v.wake_latency_ns.unwrap_or(0));
+            check(&loaded, &v, batch, r as u32, 2, cursor);
+        }
+    }
+    let status = f.status();
+    for r in 0..2 {
+        let ring = ring_of(&status, "co", r);
+        let (wakes, deferred, published) = wake_counts(&ring);
+        eprintln!("rank {r}: {wakes} wakes, {deferred} held back, {published} published");
+        assert!(published >= 120, "{ring}");
+        assert!(deferred >= 1, "no wake was held back: {ring}");
+        assert!(wakes < published, "{wakes} wakes for {published} slots: {ring}");
+    }
+    eprintln!("longest wake {late} ns");
+    drop(ranks);
+
+    // Holding 3 of 4 slots, the trainer's next step is always the last one its ring can
+    // take: after the first slots, no publish holds its wake back.
+    let mut full = connect(&f, &hello(0, "full"));
+    full.set_hold(3);
+    let t0 = Instant::now();
+    let mut late = 0u64;
+    for (batch, cursor) in &want[..60] {
+        let v = full.next_batch().unwrap();
+        late = late.max(v.wake_latency_ns.unwrap_or(0));
+        check(&loaded, &v, batch, 0, 2, cursor);
+    }
+    let took = t0.elapsed();
+    let ring = ring_of(&f.status(), "full", 0);
+    let (wakes, deferred, published) = wake_counts(&ring);
+    eprintln!("full ring: {wakes} wakes, {deferred} held, {published} published in {took:?}; longest wake {late} ns");
+    // Filling the empty ring: slots 0 and 2 may wait for 1 and 3; 3 fills it.
+    assert!(deferred <= 2, "a publish that filled the ring held its wake: {ring}");
+    assert!(wakes + 2 >= published, "{ring}");
+    drop(full);
+    drop(serve);
+
+    // Off: one wake per publish.
+    let off = fixture_with("int32", 1, "wake_coalesce_us = 0\n");
+    let _serve = off.serve();
+    let loaded = load(&off);
+    let want = planned(&loaded, 40);
+    let mut c = connect(&off, &hello(0, "off"));
+    for (batch, cursor) in &want {
+        let v = c.next_batch().unwrap();
+        check(&loaded, &v, batch, 0, 2, cursor);
+    }
+    let ring = ring_of(&off.status(), "off", 0);
+    let (wakes, deferred, published) = wake_counts(&ring);
+    assert_eq!((wakes, deferred), (published, 0), "{ring}");
 }

@@ -84,7 +84,17 @@ pub struct ServeConfig {
     /// already streaming; 0 (default): slots fit the config's stages only.
     #[serde(default)]
     pub stage_reserve_tokens: u64,
+    /// Interrupt coalescing for slot wakes: a publish that leaves its ring fillable may
+    /// hold its consumer's wake back this many microseconds at most, so that one wake
+    /// finds two slots ready (docs/DESIGN.md, "Coalesced wakes"); 0 wakes at every
+    /// publish (the lowest latency, the most wake-ups).
+    #[serde(default = "default_wake_coalesce")]
+    pub wake_coalesce_us: u64,
 }
+
+/// Most `[serve] wake_coalesce_us`: 100 ms, beyond which a held-back wake would be a
+/// stall rather than a batching of wake-ups.
+pub const MAX_WAKE_COALESCE_US: u64 = 100_000;
 
 /// Most `[serve] stage_reserve_tokens`: 2^32 tokens per dp rank per step, a slot of
 /// several GiB, beyond anything a trainer's step holds.
@@ -135,6 +145,10 @@ impl Reader {
             Reader::UringDirect => "uring-direct",
         }
     }
+}
+
+fn default_wake_coalesce() -> u64 {
+    150
 }
 
 fn default_watch() -> u64 {
@@ -316,6 +330,14 @@ impl ServeConfig {
             return bad(
                 "stage_reserve_tokens",
                 &format!("must be at most {MAX_STAGE_RESERVE} (tokens per dp rank per step)"),
+            );
+        }
+        if s.wake_coalesce_us > MAX_WAKE_COALESCE_US {
+            return bad(
+                "wake_coalesce_us",
+                &format!(
+                    "must be at most {MAX_WAKE_COALESCE_US} (microseconds; 0 turns coalescing off)"
+                ),
             );
         }
         if s.drain_timeout_ms > 3_600_000 {

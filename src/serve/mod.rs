@@ -120,6 +120,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(budget::default_ring_budget),
             stage_reserve: serve.stage_reserve_tokens,
             checkpoints: crate::plan_cache::cache_root(&l.cfg),
+            wake_coalesce: Duration::from_micros(serve.wake_coalesce_us),
         },
     ));
     let daemon = Arc::new(Daemon {
@@ -262,6 +263,8 @@ fn export_metrics(status: &Status) {
             counter!("millrace_batches_delivered_total", &labels).absolute(r.batches_delivered);
             counter!("millrace_release_frames_total", &labels).absolute(r.release_frames);
             counter!("millrace_page_releases_total", &labels).absolute(r.page_releases);
+            counter!("millrace_wakes_total", &labels).absolute(r.wakes);
+            counter!("millrace_wakes_deferred_total", &labels).absolute(r.wakes_deferred);
             gauge!("millrace_step", &labels).set(r.published_step as f64);
             gauge!("millrace_ring_occupancy", &labels).set(r.occupancy as f64);
             gauge!("millrace_ring_slots", &labels).set(r.slots as f64);

@@ -152,6 +152,12 @@ pub struct RingStatus {
     pub slots: u32,
     /// Tokens delivered (batches x tokens per step).
     pub tokens_delivered: u64,
+    /// Eventfd signals the daemon sent its peers for published slots (one per peer per
+    /// wake-up; with coalesced wakes fewer than the slots published).
+    pub wakes: u64,
+    /// Publishes whose wake-up was held back and sent with a later one
+    /// (`[serve] wake_coalesce_us`).
+    pub wakes_deferred: u64,
 }
 
 /// One replica reading a ring.

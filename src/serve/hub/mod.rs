@@ -65,6 +65,9 @@ pub struct HubSettings {
     /// one every [`Plan::checkpoint_every`] plan steps as they serve; `None`: seeks
     /// replay from step 0.
     pub checkpoints: Option<std::path::PathBuf>,
+    /// How long a publish may hold back its ring's wake (`[serve] wake_coalesce_us`), so
+    /// that one wake-up finds two slots ready; zero: every publish wakes at once.
+    pub wake_coalesce: Duration,
 }
 
 pub use crate::sys::{EventFd, ReleasePage};
@@ -177,6 +180,10 @@ struct RingEntry {
     /// Bumped when a live change regenerates the ring; copies of older generations are
     /// dropped when they finish.
     generation: u64,
+    /// Since when a publish has held back the wake of this ring's peers (coalesced
+    /// wakes, `schedule`): sent with the ring's next publish, when the ring cannot be
+    /// filled further, before a worker sleeps, or once older than `wake_coalesce`.
+    wake_deferred: Option<Instant>,
     /// Counters and clocks for status and metrics.
     stats: RingStats,
 }
@@ -203,6 +210,10 @@ struct RingStats {
     release_frames: u64,
     /// Releases the daemon read from its peers' release pages.
     page_releases: u64,
+    /// Eventfd signals sent to its peers for published slots (one per peer per wake).
+    wakes: u64,
+    /// Publishes whose wake was held back to be sent with a later one.
+    wakes_deferred: u64,
 }
 
 impl RingStats {

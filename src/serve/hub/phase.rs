@@ -158,6 +158,7 @@ impl RingEntry {
             },
             in_flight: BTreeSet::new(),
             generation: 0,
+            wake_deferred: None,
             stats: RingStats::default(),
         }
     }

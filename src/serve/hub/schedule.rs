@@ -1,15 +1,16 @@
 //! Scheduling: the materializer threads claim the emptiest ring's next step, plan and
-//! hint it, copy it outside the lock and publish in order; shards that change or fault
-//! under the daemon are poisoned here.
+//! hint it, copy it outside the lock and publish in order, waking the ring's peers (or
+//! holding the wake back to coalesce it with the next publish); shards that change or
+//! fault under the daemon are poisoned here.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
 
 use super::jobplan::{keep, Take};
 use super::peers::{Armed, PAGE_BACKSTOP};
-use super::phase::Copied;
+use super::phase::{Copied, Phase};
 use super::{
     Claimed, Cursor, Failure, Filled, Hub, Planned, RingEntry, State, SHARD_CHECK,
     SHARD_CHECK_BUDGET,
@@ -87,7 +88,11 @@ impl Hub {
     pub fn worker(&self) {
         // The eventfds of peers a publish must wake, signalled once the lock is dropped.
         let mut wake: Vec<Arc<EventFd>> = Vec::new();
+        let coalesce = self.settings.wake_coalesce;
         loop {
+            for w in wake.drain(..) {
+                w.signal();
+            }
             self.check_shards();
             let Claimed {
                 key,
@@ -100,6 +105,10 @@ impl Hub {
                 let claimed = loop {
                     if st.stopping {
                         return;
+                    }
+                    // Wakes held back longer than the bound go out with this claim.
+                    if !coalesce.is_zero() {
+                        Self::send_wakes(&mut st, Some(coalesce), &mut wake);
                     }
                     // Releases published in pages since the last look (no frame came).
                     if self.sync_pages(&mut st) {
@@ -121,6 +130,16 @@ impl Hub {
                             continue;
                         }
                         (None, _) => {}
+                    }
+                    // An idle daemon holds no wake back: send them all before sleeping,
+                    // outside the lock, then look for work again.
+                    if Self::send_wakes(&mut st, None, &mut wake) {
+                        drop(st);
+                        for w in wake.drain(..) {
+                            w.signal();
+                        }
+                        st = self.lock();
+                        continue;
                     }
                     st = match self.arm_pages(&st) {
                         Armed::Moved => continue,
@@ -169,6 +188,7 @@ impl Hub {
                     .sum::<u64>();
             }
             let mut st = self.lock();
+            let draining = st.draining;
             let Some(entry) = Self::find(&mut st, &key.0, key.1) else {
                 continue;
             };
@@ -192,8 +212,11 @@ impl Hub {
                             tokens: per_domain,
                         },
                     );
-                    if entry.publish_in_order(&key, &mut wake) {
-                        entry.clocks(self.settings.slots, Instant::now());
+                    if entry.publish_in_order(&key) {
+                        let now = Instant::now();
+                        entry.clocks(self.settings.slots, now);
+                        let hold = !coalesce.is_zero() && !draining;
+                        entry.wake_or_hold(hold.then_some(now), self.settings.slots, &mut wake);
                         let published = entry.published;
                         st.watermark = st.watermark.max(published);
                     }
@@ -204,13 +227,33 @@ impl Hub {
                 }
             }
             // A wake is a syscall and, for a peer blocked in poll, an inter-processor
-            // interrupt: outside the lock, so that the connections' releases and the
-            // other workers' claims do not wait behind it.
+            // interrupt: outside the lock (at the top of the loop), so that the
+            // connections' releases and the other workers' claims do not wait behind it.
             drop(st);
-            for w in wake.drain(..) {
-                w.signal();
-            }
         }
+    }
+
+    /// Adds to `wake` the peers of every ring whose wake is held back, those held at
+    /// least `older` only when it is given (every worker loop checks that bound; a
+    /// worker about to sleep sends them all). Returns whether any was sent.
+    fn send_wakes(st: &mut State, older: Option<Duration>, wake: &mut Vec<Arc<EventFd>>) -> bool {
+        let mut now = None;
+        let mut sent = false;
+        for e in st.jobs.values_mut().flat_map(|j| j.rings.values_mut()) {
+            let Some(since) = e.wake_deferred else {
+                continue;
+            };
+            if let Some(bound) = older {
+                // One clock read (vdso) per look, and only when a wake is held.
+                let now = *now.get_or_insert_with(Instant::now);
+                if now.saturating_duration_since(since) < bound {
+                    continue;
+                }
+            }
+            e.wake(wake);
+            sent = true;
+        }
+        sent
     }
 
     /// Picks a ring with a free slot, takes its next step from its job's plan (issuing
@@ -334,10 +377,11 @@ impl Hub {
 }
 
 impl RingEntry {
-    /// Publishes every filled step that is next in order (a later slot may finish first)
-    /// and adds the peers' eventfds to `wake`; a peer that joined ahead is checked when
-    /// the ring reaches its step. Returns whether anything was published.
-    fn publish_in_order(&mut self, key: &(String, u32), wake: &mut Vec<Arc<EventFd>>) -> bool {
+    /// Publishes every filled step that is next in order (a later slot may finish first);
+    /// a peer that joined ahead is checked when the ring reaches its step. Returns
+    /// whether anything was published (the caller then wakes the peers, or holds the
+    /// wake back: [`RingEntry::wake_or_hold`]).
+    fn publish_in_order(&mut self, key: &(String, u32)) -> bool {
         let before = self.published;
         while let Some(f) = self.filled.remove(&self.published) {
             let sums = &mut self.stats.domain_tokens;
@@ -369,7 +413,35 @@ impl RingEntry {
             return false;
         }
         self.ring.publish(self.published);
-        wake.extend(self.peers.values().map(|p| p.ready.clone()));
         true
+    }
+
+    /// After a publish: wakes the peers now, or (`hold` gives the time, coalescing is on
+    /// and the daemon is not draining) holds the wake back so that the next publish of
+    /// this ring sends one wake for both slots. A wake is held only when none is held
+    /// already and the ring will publish again without its peers doing anything: a step
+    /// of it is being copied, or a worker may claim its next one (it streams, a slot is
+    /// free). A full, failed, joining or regenerating ring wakes at once; a held wake
+    /// that nothing else sends goes out before a worker sleeps or once older than
+    /// `[serve] wake_coalesce_us` ([`Hub::send_wakes`]). Every peer of the ring is woken
+    /// by the same wake.
+    fn wake_or_hold(&mut self, hold: Option<Instant>, slots: u32, wake: &mut Vec<Arc<EventFd>>) {
+        let again = !self.in_flight.is_empty()
+            || (matches!(self.phase, Phase::Streaming) && self.claimable(slots));
+        match hold {
+            Some(now) if again && self.wake_deferred.is_none() => {
+                self.wake_deferred = Some(now);
+                self.stats.wakes_deferred += 1;
+            }
+            _ => self.wake(wake),
+        }
+    }
+
+    /// Adds every peer's eventfd to `wake` (signalled once the lock is dropped) and ends
+    /// a held-back wake.
+    fn wake(&mut self, wake: &mut Vec<Arc<EventFd>>) {
+        self.wake_deferred = None;
+        self.stats.wakes += self.peers.len() as u64;
+        wake.extend(self.peers.values().map(|p| p.ready.clone()));
     }
 }

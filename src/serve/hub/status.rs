@@ -113,6 +113,8 @@ impl Hub {
                             producer_wait_s: producer,
                             release_frames: e.stats.release_frames,
                             page_releases: e.stats.page_releases,
+                            wakes: e.stats.wakes,
+                            wakes_deferred: e.stats.wakes_deferred,
                         }
                     })
                     .collect();
