@@ -186,7 +186,7 @@ fn the_example_config_parses_and_its_plan_validates() {
     assert_eq!(serve.socket, Path::new("/run/millrace/millrace.sock"));
     assert_eq!((serve.ring_slots, serve.materialize_threads), (4, 2));
     assert_eq!(serve.token_dtype, "int32");
-    assert_eq!(serve.wake_coalesce_us, 150);
+    assert_eq!(serve.wake_coalesce_us, 300);
 }
 
 #[test]

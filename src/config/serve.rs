@@ -148,7 +148,7 @@ impl Reader {
 }
 
 fn default_wake_coalesce() -> u64 {
-    150
+    300
 }
 
 fn default_watch() -> u64 {
