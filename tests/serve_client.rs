@@ -1003,7 +1003,10 @@ fn coalesced_wakes_are_fewer_than_slots_and_a_full_ring_wakes_at_once() {
         eprintln!("rank {r}: {wakes} wakes, {deferred} held back, {published} published");
         assert!(published >= 120, "{ring}");
         assert!(deferred >= 1, "no wake was held back: {ring}");
-        assert!(wakes < published, "{wakes} wakes for {published} slots: {ring}");
+        assert!(
+            wakes < published,
+            "{wakes} wakes for {published} slots: {ring}"
+        );
     }
     eprintln!("longest wake {late} ns");
     drop(ranks);
@@ -1024,7 +1027,10 @@ fn coalesced_wakes_are_fewer_than_slots_and_a_full_ring_wakes_at_once() {
     let (wakes, deferred, published) = wake_counts(&ring);
     eprintln!("full ring: {wakes} wakes, {deferred} held, {published} published in {took:?}; longest wake {late} ns");
     // Filling the empty ring: slots 0 and 2 may wait for 1 and 3; 3 fills it.
-    assert!(deferred <= 2, "a publish that filled the ring held its wake: {ring}");
+    assert!(
+        deferred <= 2,
+        "a publish that filled the ring held its wake: {ring}"
+    );
     assert!(wakes + 2 >= published, "{ring}");
     drop(full);
     drop(serve);

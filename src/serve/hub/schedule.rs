@@ -106,10 +106,6 @@ impl Hub {
                     if st.stopping {
                         return;
                     }
-                    // Wakes held back longer than the bound go out with this claim.
-                    if !coalesce.is_zero() {
-                        Self::send_wakes(&mut st, Some(coalesce), &mut wake);
-                    }
                     // Releases published in pages since the last look (no frame came).
                     if self.sync_pages(&mut st) {
                         self.work.notify_one();
@@ -189,6 +185,8 @@ impl Hub {
             }
             let mut st = self.lock();
             let draining = st.draining;
+            // The publish's clock read, reused to hold its wake and to age the held ones.
+            let mut now = None;
             let Some(entry) = Self::find(&mut st, &key.0, key.1) else {
                 continue;
             };
@@ -213,10 +211,10 @@ impl Hub {
                         },
                     );
                     if entry.publish_in_order(&key) {
-                        let now = Instant::now();
-                        entry.clocks(self.settings.slots, now);
+                        let t = *now.insert(Instant::now());
+                        entry.clocks(self.settings.slots, t);
                         let hold = !coalesce.is_zero() && !draining;
-                        entry.wake_or_hold(hold.then_some(now), self.settings.slots, &mut wake);
+                        entry.wake_or_hold(hold.then_some(t), self.settings.slots, &mut wake);
                         let published = entry.published;
                         st.watermark = st.watermark.max(published);
                     }
@@ -226,6 +224,11 @@ impl Hub {
                     entry.fail(Failure::new(Code::Materialize, e.to_string()));
                 }
             }
+            // Wakes held back longer than the bound go out now, whichever ring they are of.
+            if !coalesce.is_zero() {
+                let now = now.unwrap_or_else(Instant::now);
+                Self::send_wakes(&mut st, Some((coalesce, now)), &mut wake);
+            }
             // A wake is a syscall and, for a peer blocked in poll, an inter-processor
             // interrupt: outside the lock (at the top of the loop), so that the
             // connections' releases and the other workers' claims do not wait behind it.
@@ -233,19 +236,21 @@ impl Hub {
         }
     }
 
-    /// Adds to `wake` the peers of every ring whose wake is held back, those held at
-    /// least `older` only when it is given (every worker loop checks that bound; a
-    /// worker about to sleep sends them all). Returns whether any was sent.
-    fn send_wakes(st: &mut State, older: Option<Duration>, wake: &mut Vec<Arc<EventFd>>) -> bool {
-        let mut now = None;
+    /// Adds to `wake` the peers of every ring whose wake is held back: with `due` =
+    /// (bound, now), only those held at least the bound (a worker checks after each
+    /// copy it ends); without, all of them (a worker about to sleep). Returns whether
+    /// any was sent.
+    fn send_wakes(
+        st: &mut State,
+        due: Option<(Duration, Instant)>,
+        wake: &mut Vec<Arc<EventFd>>,
+    ) -> bool {
         let mut sent = false;
         for e in st.jobs.values_mut().flat_map(|j| j.rings.values_mut()) {
             let Some(since) = e.wake_deferred else {
                 continue;
             };
-            if let Some(bound) = older {
-                // One clock read (vdso) per look, and only when a wake is held.
-                let now = *now.get_or_insert_with(Instant::now);
+            if let Some((bound, now)) = due {
                 if now.saturating_duration_since(since) < bound {
                     continue;
                 }
