@@ -300,6 +300,24 @@ struct State {
 type Published = (u64, Mark, Vec<f64>);
 
 impl State {
+    /// A daemon's state before any client: `plan` in force, no jobs.
+    fn new(plan: Arc<Plan>) -> State {
+        State {
+            plan,
+            sources: Vec::new(),
+            jobs: HashMap::new(),
+            next_peer: 1,
+            clients: 0,
+            stopping: false,
+            draining: false,
+            watermark: 0,
+            reloads: BTreeMap::new(),
+            failed_reloads: BTreeMap::new(),
+            claims: 0,
+            retired: (Vec::new(), None),
+        }
+    }
+
     /// The first trainer step a change may still shape.
     fn first_changeable(&self) -> u64 {
         let live = self
@@ -387,20 +405,7 @@ impl Hub {
             settings,
             cursor_cap,
             journal_cap,
-            state: Mutex::new(State {
-                plan,
-                sources: Vec::new(),
-                jobs: HashMap::new(),
-                next_peer: 1,
-                clients: 0,
-                stopping: false,
-                draining: false,
-                watermark: 0,
-                reloads: BTreeMap::new(),
-                failed_reloads: BTreeMap::new(),
-                claims: 0,
-                retired: (Vec::new(), None),
-            }),
+            state: Mutex::new(State::new(plan)),
             work: Condvar::new(),
             fill: Mutex::new(FillStats::default()),
             keeper,

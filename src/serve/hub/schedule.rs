@@ -450,3 +450,109 @@ impl RingEntry {
         wake.extend(self.peers.values().map(|p| p.ready.clone()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::hub::phase::tests::{entry, peer, plan};
+    use crate::serve::hub::{Job, Mark};
+
+    const SLOTS: u32 = 4;
+
+    /// Publishes step `step` of `e` as a worker does (claimed, copied, filled); returns
+    /// the eventfds the publish wakes now (`hold`: coalescing on, at that time).
+    fn publish(e: &mut RingEntry, step: u64, hold: Option<Instant>) -> Vec<Arc<EventFd>> {
+        e.claim_step(step);
+        assert_eq!(e.copy_ended(step, e.generation), Copied::Current);
+        let mark = Mark {
+            plan_step: step + 1,
+            rows: Vec::new(),
+        };
+        let filled = Filled {
+            blob: Vec::new(),
+            mark,
+            tokens: Vec::new(),
+        };
+        e.filled.insert(step, filled);
+        assert!(e.publish_in_order(&("j".into(), 0)));
+        let mut wake = Vec::new();
+        e.wake_or_hold(hold, SLOTS, &mut wake);
+        wake
+    }
+
+    /// Whether `wake` holds every peer of `e` once.
+    fn wakes_all(e: &RingEntry, wake: &[Arc<EventFd>]) -> bool {
+        wake.len() == e.peers.len()
+            && e.peers
+                .values()
+                .all(|p| wake.iter().any(|w| Arc::ptr_eq(w, &p.ready)))
+    }
+
+    #[test]
+    fn a_wake_is_held_for_the_next_publish_and_never_on_a_full_ring() {
+        let t = Instant::now();
+        let mut e = entry(2, false);
+        e.join(1, peer("tp0"));
+        e.join(2, peer("tp1"));
+        // The ring can fill further: the wake waits for the next publish.
+        assert!(publish(&mut e, 0, Some(t)).is_empty());
+        assert_eq!(e.wake_deferred, Some(t));
+        // The next publish sends one wake for both slots, to both TP peers together.
+        let w = publish(&mut e, 1, Some(t));
+        assert!(wakes_all(&e, &w), "both peers are woken together");
+        assert_eq!(e.wake_deferred, None);
+        assert!(publish(&mut e, 2, Some(t)).is_empty());
+        let w = publish(&mut e, 3, Some(t));
+        assert!(wakes_all(&e, &w));
+        // The peers release one step: the publish that fills the ring again wakes at once.
+        for p in e.peers.values_mut() {
+            p.released = 1;
+        }
+        let w = publish(&mut e, 4, Some(t));
+        assert!(wakes_all(&e, &w), "full: no hold");
+        assert_eq!(e.free(SLOTS), 0);
+        // Off (or draining): every publish wakes.
+        for p in e.peers.values_mut() {
+            p.released = 5;
+        }
+        let w = publish(&mut e, 5, None);
+        assert!(wakes_all(&e, &w));
+        // A failed ring is never filled again: its last publish wakes at once.
+        e.fail(Failure::new(Code::Materialize, "test"));
+        let mut w = Vec::new();
+        e.wake_or_hold(Some(t), SLOTS, &mut w);
+        assert!(wakes_all(&e, &w), "a failed ring holds no wake");
+        assert_eq!((e.stats.wakes_deferred, e.stats.wakes), (2, 5 * 2));
+    }
+
+    #[test]
+    fn held_wakes_go_out_past_the_bound_or_all_before_a_worker_sleeps() {
+        let bound = Duration::from_micros(300);
+        let t = Instant::now();
+        let mut e = entry(1, false);
+        e.join(1, peer("p"));
+        assert!(publish(&mut e, 0, Some(t)).is_empty());
+        let mut st = State::new(plan());
+        st.jobs.insert("j".into(), Job::new(1));
+        if let Some(j) = st.jobs.get_mut("j") {
+            j.rings.insert(0, e);
+        }
+        let mut wake = Vec::new();
+        let early = t + bound / 2;
+        assert!(!Hub::send_wakes(&mut st, Some((bound, early)), &mut wake));
+        assert!(wake.is_empty(), "younger than the bound: still held");
+        assert!(Hub::send_wakes(
+            &mut st,
+            Some((bound, t + bound)),
+            &mut wake
+        ));
+        assert_eq!(wake.len(), 1);
+        assert!(!Hub::send_wakes(&mut st, None, &mut wake), "sent once");
+        let e = st.jobs.get_mut("j").and_then(|j| j.rings.get_mut(&0));
+        let e = e.expect("the ring is there");
+        assert!(publish(e, 1, Some(t)).is_empty());
+        // A worker about to sleep sends every held wake, whatever its age.
+        assert!(Hub::send_wakes(&mut st, None, &mut wake));
+        assert_eq!(wake.len(), 2);
+    }
+}
