@@ -113,13 +113,12 @@ impl<T: Copy> Sink<T> for &mut [T] {
     }
 }
 
-/// Copies `src` into `dst` (the shorter length) while folding every id with `f`: the
-/// check reads the source span, which the copy has just pulled into L1, where a
-/// `memcpy` then a check of the destination waited on the copy's stores (and went 16
-/// bytes at a time): that check was two thirds of the compact fill's own time. LLVM
-/// compiles the loop as a `memcpy` of the span and a fold over its source. With AVX2
-/// (detected at run time, [`crate::sys::with_avx2`]) the fold goes 32 bytes wide; the
-/// build stays baseline x86-64 and other targets compile the portable loop.
+/// Copies `src` into `dst` (the shorter length) while folding every id with `f`: one
+/// vector load of the source feeds both the store and the fold, where a `memcpy` then a
+/// check of the destination read every span twice (that check, 16 bytes at a time and
+/// waiting on the copy's stores, was two thirds of the compact fill's own time). With
+/// AVX2 (detected at run time, [`crate::sys::with_avx2`]) the loop goes 32 bytes wide;
+/// the build stays baseline x86-64 (16 bytes) and other targets compile the same loop.
 #[inline(always)]
 fn copy_checked<T: Copy, A: Copy>(src: &[T], dst: &mut [T], init: A, f: impl Fn(A, T) -> A) -> A {
     /// The loop, a function of its own so that `src` and `dst` keep their promise not
