@@ -8,6 +8,8 @@
 //! - [`map_file`]: read-only mappings of shards and bench files.
 //! - [`advise`] and [`resident_pages`]: page-cache hints and residency (madvise, mincore).
 //! - [`prefetch`]: CPU cache hints for bytes the next few instructions will read.
+//! - [`has_avx2`] and [`with_avx2`]: the run-time CPU check and dispatch behind the AVX2
+//!   loops of the fill's copy and the client's token sums.
 //! - [`group_by_name`] and [`group_by_gid`]: the group database (getgrnam_r, getgrgid_r),
 //!   which rustix does not wrap.
 //! - [`EventFd`]: the per-peer wake-up the daemon signals and the client drains.
@@ -192,6 +194,43 @@ pub fn prefetch(bytes: &[u8], max: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (bytes, max);
+}
+
+/// Whether the CPU has AVX2, detected once (std caches the CPUID answer): the fill's
+/// copy and the client's token sums pick their AVX2-compiled loop with it, so the build
+/// stays baseline x86-64. Always false off x86-64.
+#[inline]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Runs `f` compiled for AVX2 when the CPU has it ([`has_avx2`]), else as built: a hot
+/// loop inlined into `f` is then vectorized 32 bytes wide
+/// on the CPUs that can, while the build stays baseline x86-64. Callers pass an
+/// `#[inline(always)]` closure: one that is not inlined stays baseline code, called
+/// from the AVX2 function.
+#[inline(always)]
+pub fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        /// `f` compiled with AVX2 enabled.
+        #[target_feature(enable = "avx2")]
+        fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time just above).
+            return unsafe { wide(f) };
+        }
+    }
+    f()
 }
 
 /// How many of the pages of `bytes` (a live file mapping) are in the page cache, out of

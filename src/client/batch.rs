@@ -73,21 +73,50 @@ pub struct BatchView<'a> {
 }
 
 /// The sum of `t`'s ids, wrapping: a cheap checksum that reads every token.
+///
+/// Ids narrower than 32 bits are summed in chunks of [`SUM_CHUNK`] into 32-bit lanes
+/// (u64 for uint32), which no chunk can overflow, and each chunk's total is added to
+/// the i64: the same wrapping sum as a fold into i64, but the compiler vectorizes it
+/// 4 or 8 ids per lane-vector instead of widening every id to 64 bits (a consumer's
+/// `--touch` spent 43% of its CPU here). AVX2 when the CPU has it ([`crate::sys::with_avx2`]).
 pub fn sum_tokens(t: &Tokens<'_>) -> i64 {
-    fn s<T: Copy + Into<i64>>(v: &[T]) -> i64 {
-        v.iter().fold(0i64, |a, &x| a.wrapping_add(x.into()))
-    }
-    match t {
-        Tokens::Uint8(v) => s(v),
-        Tokens::Int8(v) => s(v),
-        Tokens::Int16(v) => s(v),
-        Tokens::Uint16(v) => s(v),
-        Tokens::Int32(v) => s(v),
-        Tokens::Uint32(v) => s(v),
-        Tokens::Int64(v) => s(v),
-        Tokens::Float32(v) => v.iter().fold(0i64, |a, &x| a.wrapping_add(x as i64)),
-        Tokens::Float64(v) => v.iter().fold(0i64, |a, &x| a.wrapping_add(x as i64)),
-    }
+    crate::sys::with_avx2(
+        #[inline(always)]
+        || match t {
+            Tokens::Uint8(v) => chunked(v, |x| x as u32, |s| s as i64),
+            Tokens::Int8(v) => chunked(v, |x| x as i32, |s| s as i64),
+            Tokens::Int16(v) => chunked(v, |x| x as i32, |s| s as i64),
+            Tokens::Uint16(v) => chunked(v, |x| x as u32, |s| s as i64),
+            Tokens::Uint32(v) => chunked(v, |x| x as u64, |s| s as i64),
+            Tokens::Int32(v) => fold(v, |x| x as i64),
+            Tokens::Int64(v) => fold(v, |x| x),
+            Tokens::Float32(v) => fold(v, |x| x as i64),
+            Tokens::Float64(v) => fold(v, |x| x as i64),
+        },
+    )
+}
+
+/// Ids per chunk of [`sum_tokens`]: 2^16 ids of 16 bits sum to less than 2^32 (and, as
+/// i16, to within i32), so a chunk's 32-bit total is exact.
+const SUM_CHUNK: usize = 1 << 16;
+
+/// The wrapping i64 sum of `v`, each chunk of [`SUM_CHUNK`] summed exactly in the lane
+/// type `W` (`widen` maps an id to it; `total` a chunk's sum to i64).
+#[inline(always)]
+fn chunked<T: Copy, W: Copy + Default + std::ops::Add<Output = W>>(
+    v: &[T],
+    widen: impl Fn(T) -> W,
+    total: impl Fn(W) -> i64,
+) -> i64 {
+    v.chunks(SUM_CHUNK).fold(0i64, |a, c| {
+        a.wrapping_add(total(c.iter().fold(W::default(), |s, &x| s + widen(x))))
+    })
+}
+
+/// The wrapping i64 sum of `v`, each id widened to i64 by `widen`.
+#[inline(always)]
+fn fold<T: Copy>(v: &[T], widen: impl Fn(T) -> i64) -> i64 {
+    v.iter().fold(0i64, |a, &x| a.wrapping_add(widen(x)))
 }
 
 impl BatchView<'_> {
@@ -231,5 +260,83 @@ impl BatchView<'_> {
             real -= 1;
         }
         real as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The naive fold [`sum_tokens`] must equal: every id widened to i64, wrapping.
+    fn naive(t: &Tokens<'_>) -> i64 {
+        (0..t.len()).fold(0i64, |a, i| a.wrapping_add(t.get_i64(i).unwrap_or(0)))
+    }
+
+    /// The chunked sums equal the naive fold for every dtype, on random ids and on runs
+    /// of each dtype's extremes (where a lane that could overflow would show), at
+    /// lengths that are and are not multiples of the chunk or of a vector.
+    #[test]
+    fn chunked_sums_equal_the_naive_fold_for_every_dtype() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        // 8-byte words, so that every dtype's view of them is aligned.
+        let mut words = |n: usize, fill: Option<u8>| -> Vec<u64> {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    fill.map_or(x, |b| u64::from_ne_bytes([b; 8]))
+                })
+                .collect()
+        };
+        let lens = [
+            0,
+            1,
+            7,
+            31,
+            33,
+            1000,
+            SUM_CHUNK - 1,
+            SUM_CHUNK,
+            3 * SUM_CHUNK + 5,
+        ];
+        for n in lens {
+            // Random bytes, all ones (the unsigned maxima, -1 signed), 0x80 in the top
+            // byte (the signed minima) and 0x7f (near the signed maxima).
+            for fill in [None, Some(0xff), Some(0x80), Some(0x7f)] {
+                let w = words(n, fill);
+                let b: &[u8] = bytemuck::cast_slice(&w);
+                let ts = [
+                    Tokens::Uint8(&b[..n]),
+                    Tokens::Int8(bytemuck::cast_slice(&b[..n])),
+                    Tokens::Uint16(bytemuck::cast_slice(&b[..2 * n])),
+                    Tokens::Int16(bytemuck::cast_slice(&b[..2 * n])),
+                    Tokens::Uint32(bytemuck::cast_slice(&b[..4 * n])),
+                    Tokens::Int32(bytemuck::cast_slice(&b[..4 * n])),
+                    Tokens::Int64(bytemuck::cast_slice(&b[..8 * n])),
+                ];
+                for t in ts {
+                    assert_eq!(
+                        sum_tokens(&t),
+                        naive(&t),
+                        "{:?} x {n}, fill {fill:?}",
+                        t.dtype()
+                    );
+                }
+            }
+            // Extremes by value, not by byte pattern.
+            let u16s = vec![u16::MAX; n];
+            let i16s = vec![i16::MIN; n];
+            let u32s = vec![u32::MAX; n];
+            for t in [
+                Tokens::Uint16(&u16s),
+                Tokens::Int16(&i16s),
+                Tokens::Uint32(&u32s),
+            ] {
+                assert_eq!(sum_tokens(&t), naive(&t), "{:?} x {n}", t.dtype());
+            }
+        }
+        let f = [1.5f32, -2.5, 3e9];
+        assert_eq!(sum_tokens(&Tokens::Float32(&f)), 1 - 2 + 3_000_000_000);
     }
 }

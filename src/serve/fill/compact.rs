@@ -42,11 +42,11 @@ const PREFETCH_BYTES: usize = 2048;
 
 /// Fills a compact slot: per row the tokens of its pieces, one after the other, then
 /// padding; a bit per piece start; the real-token count. When the slot's dtype is the
-/// shard's, each piece is one `copy_from_slice` of its bytes (a memcpy), and its ids
-/// are checked only when the dtype can hold one outside the vocabulary, by one pass
-/// over the copied span while it is in cache ([`out_of_range`]). With an io_uring
-/// reader those pieces are instead read straight into the slot, all of a step's in one
-/// batch of READs, and checked after it.
+/// shard's, each piece is one copy of its ids, checked against the vocabulary in the
+/// same pass ([`Out::copy_outside`]) when the dtype can hold one outside it, else one
+/// `copy_from_slice` (a memcpy). With an io_uring reader those pieces are instead read
+/// straight into the slot, all of a step's in one batch of READs, and checked after it
+/// ([`out_of_range`]).
 ///
 /// Two passes: the first resolves every piece of the slot (index lookups, whose cache
 /// misses are prefetched for the whole slot first) and does the bookkeeping; the second
@@ -151,9 +151,17 @@ pub(super) fn fill_compact<T: Out>(
             crate::sys::prefetch(next.piece.as_bytes(), PREFETCH_BYTES);
         }
         let dst = &mut rows[pc.at..pc.at + pc.piece.len()];
-        let bad = if pc.piece.dtype() == layout.token.0 {
-            bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(pc.piece.as_bytes());
-            check && out_of_range(dst, limit)
+        let same = match bytemuck::try_cast_slice::<u8, T>(pc.piece.as_bytes()) {
+            Ok(ids) if pc.piece.dtype() == layout.token.0 => Some(ids),
+            _ => None,
+        };
+        let bad = if let Some(ids) = same {
+            if check {
+                T::copy_outside(ids, dst, limit)
+            } else {
+                dst.copy_from_slice(ids);
+                false
+            }
         } else {
             convert::<T, true>(pc.piece, dst, limit)
         };
