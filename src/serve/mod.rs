@@ -152,11 +152,20 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         })
         .collect::<std::io::Result<_>>()
         .context("starting materializer threads")?;
+    // Plans each job's batches ahead of its rings, outside the hub's lock.
+    let planner = {
+        let hub = hub.clone();
+        std::thread::Builder::new()
+            .name("millrace-plan".into())
+            .spawn(move || hub.plan_ahead())
+            .context("starting the plan thread")?
+    };
     let result = runtime.block_on(serve_socket(daemon.clone(), unchecked));
     hub.stop();
     for w in workers {
         let _ = w.join();
     }
+    let _ = planner.join();
     runtime.shutdown_timeout(Duration::from_secs(2));
     if let Some(dir) = made_dir {
         // remove_dir removes only an empty directory: nothing else there is touched.

@@ -1,13 +1,14 @@
-//! Scheduling: the materializer threads claim the emptiest ring's next step, plan and
-//! hint it, copy it outside the lock and publish in order; shards that change or fault
-//! under the daemon are poisoned here.
+//! Scheduling: the materializer threads claim the emptiest ring's next step (planned by
+//! the plan thread, `jobplan`, or inline when it has not), hint it, copy it outside the
+//! lock and publish in order; shards that change or fault under the daemon are poisoned
+//! here.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{error, warn};
 
-use super::jobplan::{keep, Take};
+use super::jobplan::{keep, wake_at, Take};
 use super::peers::{Armed, PAGE_BACKSTOP};
 use super::phase::Copied;
 use super::{
@@ -215,24 +216,28 @@ impl Hub {
 
     /// Picks a ring with a free slot, takes its next step from its job's plan (issuing
     /// page-cache hints for it and a few beyond), and claims it. Called with the lock
-    /// held. A ring whose step cannot be planned stops, and the next ring is tried.
+    /// held. A ring whose step cannot be planned stops, and a ring whose step the plan
+    /// thread is planning now waits for it; the next ring is tried.
     fn claim(&self, st: &mut State) -> Option<Claimed> {
         if st.draining {
             return None;
         }
-        // Each failed try stops a ring, which is then not picked again.
+        // Each failed try stops a ring or sets it aside: it is not picked again.
+        let mut skip = Vec::new();
         let rings: usize = st.jobs.values().map(|j| j.rings.len()).sum();
         for _ in 0..=rings {
-            let (name, r) = self.pick(st)?;
-            if let Some(c) = self.claim_ring(st, name, r) {
-                return Some(c);
+            let (name, r) = self.pick(st, &skip)?;
+            match self.claim_ring(st, name.clone(), r) {
+                Some(c) => return Some(c),
+                None => skip.push((name, r)),
             }
         }
         None
     }
 
-    /// The ring a worker should fill next, if any may be filled.
-    fn pick(&self, st: &State) -> Option<(String, u32)> {
+    /// The ring a worker should fill next, if any may be filled, other than those in
+    /// `skip`.
+    fn pick(&self, st: &State, skip: &[(String, u32)]) -> Option<(String, u32)> {
         let slots = self.settings.slots;
         // Serve the emptiest ring first (fewest steps filled or in flight ahead of what
         // its peers hold), and among equally empty rings the one claimed longest ago.
@@ -243,7 +248,10 @@ impl Hub {
         for (name, job) in st.jobs.iter() {
             for (&r, e) in job.rings.iter() {
                 let key = (e.next_fill - e.base(), e.stats.last_claim);
-                if e.claimable(slots) && best.is_none_or(|(_, _, k)| key < k) {
+                if e.claimable(slots)
+                    && best.is_none_or(|(_, _, k)| key < k)
+                    && !skip.iter().any(|(n, s)| n == name && *s == r)
+                {
                     best = Some((name, r, key));
                 }
             }
@@ -252,7 +260,8 @@ impl Hub {
     }
 
     /// Claims the next step of ring `r` of job `name`; `None` when it could not be
-    /// planned (the ring stopped).
+    /// planned (the ring stopped) or the plan thread is planning it now. Wakes the plan
+    /// thread when the job's window runs short.
     fn claim_ring(&self, st: &mut State, name: String, r: u32) -> Option<Claimed> {
         let slots = self.settings.slots;
         st.claims += 1;
@@ -283,10 +292,21 @@ impl Hub {
                 planned: &mut offer,
             },
         );
+        let waits = matches!(taken, Ok(None));
+        st.plan_waiters |= waits;
+        if st.plan_idle
+            && (waits
+                || job.short(slots, self.settings.prefetch)
+                    >= wake_at(slots, self.settings.prefetch))
+        {
+            st.plan_idle = false;
+            self.plan_wake.notify_one();
+        }
         let entry = job.rings.get_mut(&r)?;
         entry.stats.last_claim = clock;
         let planned = match taken {
-            Ok(p) => p,
+            Ok(Some(p)) => p,
+            Ok(None) => return None,
             Err(why) => {
                 error!(job = %name, dp_rank = r, "materialize: {why}; this ring stops");
                 entry.fail(Failure::new(Code::Materialize, why));
