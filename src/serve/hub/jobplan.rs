@@ -285,6 +285,9 @@ pub(super) struct Take<'a> {
     pub(super) plan: &'a Arc<Plan>,
     /// Steps planned and hinted ahead of the one filled.
     pub(super) prefetch: u64,
+    /// The plan thread runs: the job's planner plans inline only the step a ring needs
+    /// now, and leaves the steps beyond to the thread.
+    pub(super) ahead: bool,
     /// [`keep`].
     pub(super) keep: usize,
     /// Issues page-cache hints for a rank's rows.
@@ -357,7 +360,8 @@ impl Job {
                 own.planned.pop_front()
             }
             None => {
-                self.plan.plan_to(last + 1, t.keep, t.planned);
+                let upto = if t.ahead { step + 1 } else { last + 1 };
+                self.plan.plan_to(upto, t.keep, t.planned);
                 for s in e.hinted.max(step)..=last {
                     if let Some(p) = self.plan.get(s) {
                         (t.hint)(p.batch.rank_rows(r, dp));
@@ -418,8 +422,10 @@ impl Hub {
         let (slots, prefetch) = (self.settings.slots, self.settings.prefetch);
         let wake = wake_at(slots, prefetch);
         let mut st = self.lock();
+        st.plan_thread = true;
         loop {
             if st.stopping {
+                st.plan_thread = false;
                 return;
             }
             // The job furthest short; any job short at all when a worker waits.
@@ -521,6 +527,7 @@ mod tests {
                 Take {
                     plan,
                     prefetch: 4,
+                    ahead: false,
                     keep,
                     hint: &|_| {},
                     planned: &mut |_, _| {},

@@ -283,6 +283,8 @@ struct State {
     /// their published cursors: `status` keeps counting what was delivered after the
     /// clients have gone instead of falling back to zero.
     retired: (Vec<u64>, Option<Published>),
+    /// The plan thread runs ([`Hub::plan_ahead`]): workers leave planning ahead to it.
+    plan_thread: bool,
     /// The plan thread sleeps on `plan_wake` (a worker that finds a window short wakes
     /// it; waking costs a syscall, so only then).
     plan_idle: bool,
@@ -399,6 +401,7 @@ impl Hub {
                 failed_reloads: BTreeMap::new(),
                 claims: 0,
                 retired: (Vec::new(), None),
+                plan_thread: false,
                 plan_idle: false,
                 plan_waiters: false,
                 plan_checkouts: 0,

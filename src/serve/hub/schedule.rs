@@ -283,6 +283,7 @@ impl Hub {
             Take {
                 plan: &plan,
                 prefetch: u64::from(self.settings.prefetch),
+                ahead: st.plan_thread,
                 keep: keep(
                     slots,
                     self.settings.prefetch,
