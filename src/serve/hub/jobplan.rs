@@ -587,12 +587,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_reset_drops_what_the_plan_thread_planned_meanwhile() {
+    /// A job of 2 ranks whose rank 0 took step 0, and a planner past step 0 to check the
+    /// batches against.
+    fn begun() -> (Arc<Plan>, Job, Planner) {
         let plan = plan();
         let mut job = job(2);
         let mut want = plan.start();
         assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
+        (plan, job, want)
+    }
+
+    #[test]
+    fn a_reset_drops_what_the_plan_thread_planned_meanwhile() {
+        let (plan, mut job, mut want) = begun();
         let mut planner = job.plan.check_out(7).expect("the planner is in");
         let chunk = plan_chunk(&mut planner, 8, &mut |_, _| {});
         // A live change restores the job's planner at rank 0's step 1 meanwhile.
@@ -618,12 +625,8 @@ mod tests {
 
     #[test]
     fn batches_planned_ahead_come_back_in_order_within_keep() {
-        let plan = plan();
-        let mut job = job(2);
-        let mut want = plan.start();
-        let first = want.next_batch();
-        assert_eq!(*take(&mut job, 0, &plan).batch, first);
-        assert_eq!(*take(&mut job, 1, &plan).batch, first);
+        let (plan, mut job, mut want) = begun();
+        assert_eq!(*take(&mut job, 1, &plan).batch, plan.start().next_batch());
         // Rank 1 stalls at step 1; the thread plans 6 at a time ahead of rank 0, with
         // the workers planning inline in between.
         for i in 1..300u64 {
