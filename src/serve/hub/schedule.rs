@@ -227,9 +227,9 @@ impl Hub {
         let rings: usize = st.jobs.values().map(|j| j.rings.len()).sum();
         for _ in 0..=rings {
             let (name, r) = self.pick(st, &skip)?;
-            match self.claim_ring(st, name.clone(), r) {
-                Some(c) => return Some(c),
-                None => skip.push((name, r)),
+            match self.claim_ring(st, name, r) {
+                Ok(c) => return Some(c),
+                Err(name) => skip.push((name, r)),
             }
         }
         None
@@ -259,15 +259,17 @@ impl Hub {
         best.map(|(n, r, _)| (n.clone(), r))
     }
 
-    /// Claims the next step of ring `r` of job `name`; `None` when it could not be
-    /// planned (the ring stopped) or the plan thread is planning it now. Wakes the plan
-    /// thread when the job's window runs short.
-    fn claim_ring(&self, st: &mut State, name: String, r: u32) -> Option<Claimed> {
+    /// Claims the next step of ring `r` of job `name`; Err gives `name` back when the
+    /// step could not be planned (the ring stopped) or the plan thread is planning it
+    /// now. Wakes the plan thread when the job's window runs short.
+    fn claim_ring(&self, st: &mut State, name: String, r: u32) -> Result<Claimed, String> {
         let slots = self.settings.slots;
         st.claims += 1;
         let clock = st.claims;
         let plan = st.plan.clone();
-        let job = st.jobs.get_mut(&name)?;
+        let Some(job) = st.jobs.get_mut(&name) else {
+            return Err(name);
+        };
         let dp_size = job.dp_size;
         let hint = |rows: &[Row]| {
             if self.settings.hints {
@@ -303,15 +305,17 @@ impl Hub {
             st.plan_idle = false;
             self.plan_wake.notify_one();
         }
-        let entry = job.rings.get_mut(&r)?;
+        let Some(entry) = job.rings.get_mut(&r) else {
+            return Err(name);
+        };
         entry.stats.last_claim = clock;
         let planned = match taken {
             Ok(Some(p)) => p,
-            Ok(None) => return None,
+            Ok(None) => return Err(name),
             Err(why) => {
                 error!(job = %name, dp_rank = r, "materialize: {why}; this ring stops");
                 entry.fail(Failure::new(Code::Materialize, why));
-                return None;
+                return Err(name);
             }
         };
         let step = planned.batch.step;
@@ -323,7 +327,7 @@ impl Hub {
             cursor: planned.blob.clone(),
         };
         entry.claim_step(step);
-        Some(Claimed {
+        Ok(Claimed {
             key: (name, r),
             ring: entry.ring.clone(),
             job,
