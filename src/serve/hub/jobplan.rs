@@ -482,7 +482,10 @@ impl Hub {
                 }
             }
             if std::mem::take(&mut st.plan_waiters) {
+                // After the lock, so that the workers do not wake to wait for it.
+                drop(st);
                 self.work.notify_all();
+                st = self.lock();
             }
         }
     }

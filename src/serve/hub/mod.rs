@@ -288,6 +288,8 @@ struct State {
     /// The plan thread sleeps on `plan_wake` (a worker that finds a window short wakes
     /// it; waking costs a syscall, so only then).
     plan_idle: bool,
+    /// A worker is to wake the plan thread once it drops the lock.
+    plan_kick: bool,
     /// A worker found its step not planned while the plan thread had the job's planner
     /// out, and waits on `work` for the thread to put it back.
     plan_waiters: bool,
@@ -403,6 +405,7 @@ impl Hub {
                 retired: (Vec::new(), None),
                 plan_thread: false,
                 plan_idle: false,
+                plan_kick: false,
                 plan_waiters: false,
                 plan_checkouts: 0,
             }),

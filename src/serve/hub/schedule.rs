@@ -123,6 +123,9 @@ impl Hub {
                         }
                         (None, _) => {}
                     }
+                    if std::mem::take(&mut st.plan_kick) {
+                        self.plan_wake.notify_one();
+                    }
                     st = match self.arm_pages(&st) {
                         Armed::Moved => continue,
                         Armed::Waiting => {
@@ -136,6 +139,12 @@ impl Hub {
                         Armed::None => self.work.wait(st).unwrap_or_else(|p| p.into_inner()),
                     };
                 };
+                let kick = std::mem::take(&mut st.plan_kick);
+                drop(st);
+                // After the lock, so that the plan thread does not wake to wait for it.
+                if kick {
+                    self.plan_wake.notify_one();
+                }
                 claimed
             };
             // `claim` handed this step to this worker alone (it is in `in_flight` until we
@@ -261,7 +270,8 @@ impl Hub {
 
     /// Claims the next step of ring `r` of job `name`; Err gives `name` back when the
     /// step could not be planned (the ring stopped) or the plan thread is planning it
-    /// now. Wakes the plan thread when the job's window runs short.
+    /// now. Has the worker wake the plan thread (`plan_kick`) when the job's window
+    /// runs short.
     fn claim_ring(&self, st: &mut State, name: String, r: u32) -> Result<Claimed, String> {
         let slots = self.settings.slots;
         st.claims += 1;
@@ -303,7 +313,7 @@ impl Hub {
                     >= wake_at(slots, self.settings.prefetch))
         {
             st.plan_idle = false;
-            self.plan_wake.notify_one();
+            st.plan_kick = true;
         }
         let Some(entry) = job.rings.get_mut(&r) else {
             return Err(name);
