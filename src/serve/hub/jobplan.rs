@@ -421,6 +421,9 @@ impl Hub {
     pub fn plan_ahead(&self) {
         let (slots, prefetch) = (self.settings.slots, self.settings.prefetch);
         let wake = wake_at(slots, prefetch);
+        if let Err(e) = crate::sys::batch_scheduling() {
+            tracing::debug!("the plan thread stays under the default scheduling policy: {e}");
+        }
         let mut st = self.lock();
         st.plan_thread = true;
         loop {
