@@ -12,8 +12,8 @@
 //! way gives the same batches, since the plan is a pure function of the step: the
 //! private planner is restored from the ring's own cursor.
 //!
-//! The job's planner runs on the daemon's plan thread ([`Hub::plan_ahead`]), outside the
-//! hub's lock: the thread checks the planner out of the [`JobPlan`] under the lock,
+//! With `[serve] plan_thread`, the job's planner runs on the daemon's plan thread
+//! ([`Hub::plan_ahead`]), outside the hub's lock: the thread checks the planner out of the [`JobPlan`] under the lock,
 //! plans the steps every ring of the job may claim now (and their prefetch) without it,
 //! and puts the planner and the batches back unless the plan was reset meanwhile. A
 //! worker plans inline only when the planner is in and the window lacks its step; while
