@@ -493,6 +493,22 @@ pub fn monotonic_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// Puts the calling thread under SCHED_BATCH: it no longer preempts the thread that
+/// wakes it, so the plan thread, woken by a copy thread every few steps, does not take
+/// that copy thread's CPU from it (docs/DESIGN.md, "Planning runs on a thread of its
+/// own").
+pub fn batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call's duration; pid 0 is the
+    // calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// CPU time (user + system) this process has used, in seconds.
 pub fn process_cpu_seconds() -> f64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);

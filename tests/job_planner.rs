@@ -49,6 +49,11 @@ impl Control for Fixture {
 /// A 3-domain corpus and a daemon with `rows` global rows, metrics on a free port and
 /// `[corpus] cache_dir` in the corpus directory.
 fn fixture(seed: u64, rows: u32) -> Fixture {
+    fixture_with(seed, rows, "")
+}
+
+/// [`fixture`] with the `[serve]` keys of `serve_extra` added.
+fn fixture_with(seed: u64, rows: u32, serve_extra: &str) -> Fixture {
     let corpus = common::corpus(1_500_000, 3, seed, 300_000);
     let socket = corpus.dir.join("s.sock");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -57,7 +62,7 @@ fn fixture(seed: u64, rows: u32) -> Fixture {
         .port();
     let metrics = format!("127.0.0.1:{port}");
     let serve = common::serve_toml(&socket, SLOTS, 2);
-    let extra = format!("metrics_addr = {metrics:?}\n");
+    let extra = format!("metrics_addr = {metrics:?}\n{serve_extra}");
     let config = common::write_config(&corpus.dir, "job.toml", SEQ_LEN, rows, &[&serve, &extra]);
     let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     let cache = corpus.dir.join("cache");
@@ -291,6 +296,42 @@ fn four_ranks_of_two_peers_read_their_slices_of_one_plan() {
         "the job planned {planned} batches for {K} steps of {RANKS} ranks"
     );
     let private = f.metric("millrace_private_batches_planned_total", "tp", |_| true);
+    assert_eq!(private, 0.0);
+    drop(clients);
+}
+
+/// With `[serve] plan_thread`, the plan thread plans the job's batches outside the hub's
+/// lock: every rank still reads exactly its slice of `explain` with the plan's cursors,
+/// each step is planned once, and the thread planned some of them.
+#[test]
+fn the_plan_thread_plans_each_step_once_and_the_bytes_are_the_plans() {
+    const K: u64 = 300;
+    let f = fixture_with(35, ROWS, "plan_thread = true\n");
+    let loaded = f.loaded();
+    let cursors = cursors(&loaded, K);
+    let threads: Vec<_> = (0..RANKS)
+        .map(|r| {
+            let mut c = f.connect("ahead", r, "0", None);
+            std::thread::spawn(move || (r, read(&mut c, K), c))
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for t in threads {
+        let (r, g, c) = t.join().unwrap();
+        check(&g, &f.explained(&loaded, 0, K, r), &cursors, 0, r);
+        clients.push(c);
+    }
+    let planned = f.metric("millrace_job_batches_planned_total", "ahead", |v| {
+        v >= K as f64
+    });
+    assert!(
+        planned <= (K + SLOTS + PREFETCH + 1) as f64,
+        "the job planned {planned} batches for {K} steps of {RANKS} ranks"
+    );
+    f.metric("millrace_job_batches_planned_ahead_total", "ahead", |v| {
+        v > 0.0
+    });
+    let private = f.metric("millrace_private_batches_planned_total", "ahead", |_| true);
     assert_eq!(private, 0.0);
     drop(clients);
 }

@@ -23,6 +23,12 @@ pub struct ServeConfig {
     /// Threads copying tokens into slots.
     #[serde(default = "default_threads")]
     pub materialize_threads: usize,
+    /// Plan each job's batches on a thread of its own, outside the hub's lock, instead
+    /// of on the copy thread that claims the step (docs/DESIGN.md, "Planning runs on a
+    /// thread of its own"). Off by default: on 2 vCPUs it cost more than it saved
+    /// (docs/BENCHMARKS.md, "A plan thread").
+    #[serde(default)]
+    pub plan_thread: bool,
     /// `int32`, `int64` or `shard`.
     #[serde(default = "default_dtype")]
     pub token_dtype: String,

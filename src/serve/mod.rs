@@ -153,10 +153,25 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         })
         .collect::<std::io::Result<_>>()
         .context("starting materializer threads")?;
+    // Plans each job's batches ahead of its rings, outside the hub's lock (`[serve]
+    // plan_thread`); without it the copy threads plan under the lock.
+    let planner = if daemon.serve.plan_thread {
+        let hub = hub.clone();
+        let t = std::thread::Builder::new()
+            .name("millrace-plan".into())
+            .spawn(move || hub.plan_ahead())
+            .context("starting the plan thread")?;
+        Some(t)
+    } else {
+        None
+    };
     let result = runtime.block_on(serve_socket(daemon.clone(), unchecked));
     hub.stop();
     for w in workers {
         let _ = w.join();
+    }
+    if let Some(t) = planner {
+        let _ = t.join();
     }
     runtime.shutdown_timeout(Duration::from_secs(2));
     if let Some(dir) = made_dir {

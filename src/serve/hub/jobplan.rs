@@ -11,11 +11,20 @@
 //! costs the daemon at most `keep` batches and never holds the other ranks back. Every
 //! way gives the same batches, since the plan is a pure function of the step: the
 //! private planner is restored from the ring's own cursor.
+//!
+//! With `[serve] plan_thread`, the job's planner runs on the daemon's plan thread
+//! ([`Hub::plan_ahead`]), outside the hub's lock: the thread checks the planner out of the [`JobPlan`] under the lock,
+//! plans the steps every ring of the job may claim now (and their prefetch) without it,
+//! and puts the planner and the batches back unless the plan was reset meanwhile. A
+//! worker plans inline only when the planner is in and the window lacks its step; while
+//! it is out, the worker leaves the ring for another or waits for the thread.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{Job, Mark};
+use tracing::error;
+
+use super::{Hub, Job, Mark};
 use crate::plan::{GlobalBatch, Plan, Planner, Row};
 
 /// The fewest steps a rank may trail the job's most advanced ring and still read the
@@ -37,6 +46,33 @@ pub(super) const JOB_LAG_ROWS: u64 = 1 << 15;
 pub(super) fn keep(slots: u32, prefetch: u32, batch_rows: u32) -> usize {
     let lag = (JOB_LAG_ROWS / u64::from(batch_rows.max(1))).max(JOB_LAG);
     slots as usize + prefetch as usize + lag as usize
+}
+
+/// The most batches the plan thread plans per checkout: bounds how long a worker that
+/// needs the job's next step can wait for it.
+const CHUNK: u64 = 32;
+
+/// How many steps short of its reach a job's window is when a worker wakes the plan
+/// thread (and the thread plans it): half the ring and its prefetch, so that the thread
+/// plans a few steps per wake-up rather than one, and workers still find their step.
+pub(super) fn wake_at(slots: u32, prefetch: u32) -> u64 {
+    ((u64::from(slots) + u64::from(prefetch)) / 2).clamp(1, CHUNK)
+}
+
+/// Plans `n` batches with `planner`, calling `planned` with each (checkpoints are
+/// offered there); the plan thread does so outside the hub's lock.
+pub(super) fn plan_chunk(
+    planner: &mut Planner,
+    n: u64,
+    planned: &mut dyn FnMut(&Planner, &Planned),
+) -> Vec<Arc<Planned>> {
+    (0..n)
+        .map(|_| {
+            let b = Arc::new(Planned::next(planner));
+            planned(planner, &b);
+            b
+        })
+        .collect()
 }
 
 /// One planned global batch with the cursor after it: shared by every ring that fills
@@ -86,22 +122,42 @@ impl Own {
     }
 }
 
+/// The job's planner while the plan thread has it out: which checkout it is, and what
+/// the planner said when it left.
+struct Out {
+    /// The checkout's number, unique in the hub: a reset (or a job gone and made
+    /// again) no longer holds it, and the thread's batches are then dropped.
+    id: u64,
+    /// The planner's step when it left (the window's frontier meanwhile).
+    frontier: u64,
+    /// Its epoch progress then, for `status`.
+    epochs: Vec<f64>,
+}
+
 /// The job's planner and the window of batches it planned.
 #[derive(Default)]
 pub(super) struct JobPlan {
     planner: Option<Planner>,
+    /// Set while the plan thread plans with the planner, outside the lock.
+    out: Option<Out>,
     /// Steps `[frontier - len, frontier)`, oldest first.
     batches: VecDeque<Arc<Planned>>,
     /// Batches the job's planner planned, and batches rings planned privately: what
     /// `status` reports (through /metrics) so that planning once per job is observable.
     pub(super) planned: u64,
     pub(super) private: u64,
+    /// Of `planned`, the batches the plan thread planned outside the lock.
+    pub(super) ahead: u64,
 }
 
 impl JobPlan {
-    /// The job's planner, if it has one (for the epochs `status` reports).
-    pub(super) fn planner(&self) -> Option<&Planner> {
-        self.planner.as_ref()
+    /// The epoch progress of the job's planner (empty without one), for `status`.
+    pub(super) fn epochs(&self) -> Vec<f64> {
+        match (&self.planner, &self.out) {
+            (Some(p), _) => p.epochs(),
+            (None, Some(o)) => o.epochs.clone(),
+            (None, None) => Vec::new(),
+        }
     }
 
     /// Batches held now.
@@ -109,9 +165,13 @@ impl JobPlan {
         self.batches.len()
     }
 
-    /// The step the job's planner plans next.
+    /// The step the job's planner plans next (where it left, while it is out).
     fn frontier(&self) -> Option<u64> {
-        self.planner.as_ref().map(Planner::step)
+        match (&self.planner, &self.out) {
+            (Some(p), _) => Some(p.step()),
+            (None, Some(o)) => Some(o.frontier),
+            (None, None) => None,
+        }
     }
 
     /// The oldest step held (the frontier when none is).
@@ -129,25 +189,75 @@ impl JobPlan {
 
     /// Starts over at `planner` with `ahead` (batches it planned already, from its step
     /// back) as the window.
+    /// A planner the plan thread has out is forgotten: its batches are dropped when it
+    /// comes back.
     pub(super) fn reset(&mut self, planner: Option<Planner>, ahead: VecDeque<Arc<Planned>>) {
         self.planner = planner;
+        self.out = None;
         self.batches = ahead;
     }
 
+    /// Hands the planner to the plan thread as checkout `id`; `None` when it has none or
+    /// the thread has it already.
+    pub(super) fn check_out(&mut self, id: u64) -> Option<Planner> {
+        let p = self.planner.take()?;
+        self.out = Some(Out {
+            id,
+            frontier: p.step(),
+            epochs: p.epochs(),
+        });
+        Some(p)
+    }
+
+    /// Takes the planner of checkout `id` back with the batches it planned since
+    /// (from where it left, in order), holding at most `keep`. Returns false, dropping
+    /// both, when the plan was reset meanwhile.
+    pub(super) fn check_in(
+        &mut self,
+        id: u64,
+        planner: Planner,
+        chunk: Vec<Arc<Planned>>,
+        keep: usize,
+    ) -> bool {
+        let Some(out) = self.out.take_if(|o| o.id == id) else {
+            return false;
+        };
+        debug_assert_eq!(
+            chunk.first().map(|b| b.batch.step),
+            (!chunk.is_empty()).then_some(out.frontier)
+        );
+        self.ahead += chunk.len() as u64;
+        for b in chunk {
+            self.push(b, keep);
+        }
+        self.planner = Some(planner);
+        true
+    }
+
+    /// Whether the plan thread has the planner out now.
+    pub(super) fn is_out(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// Adds the batch at the frontier, holding at most `keep`.
+    fn push(&mut self, b: Arc<Planned>, keep: usize) {
+        self.batches.push_back(b);
+        self.planned += 1;
+        if self.batches.len() > keep {
+            self.batches.pop_front();
+        }
+    }
+
     /// Plans up to (not including) step `upto`, holding at most `keep` batches; calls
-    /// `planned` with every batch it plans (checkpoints are offered there).
+    /// `planned` with every batch it plans (checkpoints are offered there). Nothing while
+    /// the plan thread has the planner out.
     fn plan_to(&mut self, upto: u64, keep: usize, planned: &mut dyn FnMut(&Planner, &Planned)) {
         let Some(p) = self.planner.as_mut() else {
             return;
         };
-        while p.step() < upto {
-            let b = Arc::new(Planned::next(p));
-            planned(p, &b);
-            self.batches.push_back(b);
-            self.planned += 1;
-            if self.batches.len() > keep {
-                self.batches.pop_front();
-            }
+        let n = upto.saturating_sub(p.step());
+        for b in plan_chunk(p, n, planned) {
+            self.push(b, keep);
         }
     }
 
@@ -175,6 +285,9 @@ pub(super) struct Take<'a> {
     pub(super) plan: &'a Arc<Plan>,
     /// Steps planned and hinted ahead of the one filled.
     pub(super) prefetch: u64,
+    /// The plan thread runs: the job's planner plans inline only the step a ring needs
+    /// now, and leaves the steps beyond to the thread.
+    pub(super) ahead: bool,
     /// [`keep`].
     pub(super) keep: usize,
     /// Issues page-cache hints for a rank's rows.
@@ -186,9 +299,11 @@ pub(super) struct Take<'a> {
 impl Job {
     /// The batch ring `r` fills next (its `next_fill`): from the job's window when the
     /// ring is inside it, else from the ring's private planner; page-cache hints are
-    /// issued for the rank's rows up to `prefetch` steps ahead. Err names why the ring's
-    /// private planner could not be restored (the ring then stops).
-    pub(super) fn take(&mut self, r: u32, t: Take<'_>) -> Result<Arc<Planned>, String> {
+    /// issued for the rank's rows up to `prefetch` steps ahead. `None`: the step is not
+    /// planned yet and the plan thread has the job's planner out (it plans the step, and
+    /// wakes the workers when it puts it back). Err names why the ring's private planner
+    /// could not be restored (the ring then stops).
+    pub(super) fn take(&mut self, r: u32, t: Take<'_>) -> Result<Option<Arc<Planned>>, String> {
         let dp = self.dp_size;
         // Rings that read the job's window (a stopped ring no longer does).
         let followers = self
@@ -245,14 +360,21 @@ impl Job {
                 own.planned.pop_front()
             }
             None => {
-                self.plan.plan_to(last + 1, t.keep, t.planned);
+                let upto = if t.ahead { step + 1 } else { last + 1 };
+                self.plan.plan_to(upto, t.keep, t.planned);
                 for s in e.hinted.max(step)..=last {
                     if let Some(p) = self.plan.get(s) {
                         (t.hint)(p.batch.rank_rows(r, dp));
                     }
                 }
-                e.hinted = e.hinted.max(last + 1);
-                self.plan.get(step).cloned()
+                // Steps the plan thread has not planned yet are hinted once it has.
+                let planned_to = self.plan.frontier().unwrap_or(last + 1);
+                e.hinted = e.hinted.max((last + 1).min(planned_to));
+                let got = self.plan.get(step).cloned();
+                if got.is_none() && self.plan.is_out() {
+                    return Ok(None);
+                }
+                got
             }
         };
         let planned = planned.ok_or_else(|| format!("no batch planned for step {step}"))?;
@@ -268,7 +390,107 @@ impl Job {
             .then(|| self.rings.values().map(|e| e.next_fill).min())
             .flatten();
         self.plan.drop_passed(passed);
-        Ok(planned)
+        Ok(Some(planned))
+    }
+
+    /// Steps the job's planner is short of the reach of the rings that read its window:
+    /// every step such a ring may claim now (below its peers' release plus `slots`), and
+    /// `prefetch` beyond, as a worker's claim would plan inline. 0 while the planner is
+    /// out or absent.
+    pub(super) fn short(&self, slots: u32, prefetch: u32) -> u64 {
+        let Some(frontier) = self.plan.planner.as_ref().map(Planner::step) else {
+            return 0;
+        };
+        let reach = self
+            .rings
+            .values()
+            .filter(|e| {
+                e.own.is_none() && e.started() && e.failure().is_none() && !e.peers.is_empty()
+            })
+            .map(|e| e.base() + u64::from(slots) + u64::from(prefetch))
+            .max();
+        reach.map_or(0, |r| r.saturating_sub(frontier))
+    }
+}
+
+impl Hub {
+    /// The plan thread (`millrace-plan`, one per daemon): keeps each job's window planned
+    /// to the reach of its rings ([`Job::short`]) without holding the hub's lock while
+    /// it plans, so that the copy threads neither plan nor wait for the lock behind a
+    /// planner. Sleeps while every job is planned far enough; a worker wakes it.
+    pub fn plan_ahead(&self) {
+        let (slots, prefetch) = (self.settings.slots, self.settings.prefetch);
+        let wake = wake_at(slots, prefetch);
+        if let Err(e) = crate::sys::batch_scheduling() {
+            tracing::debug!("the plan thread stays under the default scheduling policy: {e}");
+        }
+        let mut st = self.lock();
+        st.plan_thread = true;
+        loop {
+            if st.stopping {
+                st.plan_thread = false;
+                return;
+            }
+            // The job furthest short; any job short at all when a worker waits.
+            let urgent = st.plan_waiters;
+            let pick = (!st.draining)
+                .then(|| {
+                    st.jobs
+                        .iter()
+                        .map(|(name, j)| (j.short(slots, prefetch), name))
+                        .filter(|&(n, _)| n >= wake || (urgent && n > 0))
+                        .max_by_key(|&(n, _)| n)
+                        .map(|(n, name)| (n, name.clone()))
+                })
+                .flatten();
+            let Some((n, name)) = pick else {
+                if std::mem::take(&mut st.plan_waiters) {
+                    self.work.notify_all();
+                }
+                st.plan_idle = true;
+                st = self.plan_wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                st.plan_idle = false;
+                continue;
+            };
+            st.plan_checkouts += 1;
+            let id = st.plan_checkouts;
+            let Some(mut planner) = st.jobs.get_mut(&name).and_then(|j| j.plan.check_out(id))
+            else {
+                continue;
+            };
+            drop(st);
+            // Planning reads shard indexes: guarded like a worker's claim.
+            let g = crate::corpus::guard::enter();
+            let _ = crate::corpus::guard::take_fault();
+            let mut offer =
+                |p: &Planner, b: &Planned| self.keeper.offer(p.plan(), p.plan_step(), &b.blob);
+            let chunk = plan_chunk(&mut planner, n.min(CHUNK), &mut offer);
+            let fault = crate::corpus::guard::take_fault();
+            drop(g);
+            let why = fault.map(|addr| self.poison_at(addr, "while planning ahead"));
+            st = self.lock();
+            let keep = keep(slots, prefetch, st.plan.config().global_batch_rows);
+            if let Some(job) = st.jobs.get_mut(&name) {
+                match why {
+                    // The planner read a shard that shrank: rings plan from their own
+                    // cursors again and stop at the poisoned shard.
+                    Some(why) if job.plan.out.as_ref().is_some_and(|o| o.id == id) => {
+                        error!(job = %name, "materialize: {why}; the job's planner is dropped");
+                        job.plan.reset(None, VecDeque::new());
+                    }
+                    Some(_) => {}
+                    None => {
+                        job.plan.check_in(id, planner, chunk, keep);
+                    }
+                }
+            }
+            if std::mem::take(&mut st.plan_waiters) {
+                // After the lock, so that the workers do not wake to wait for it.
+                drop(st);
+                self.work.notify_all();
+                st = self.lock();
+            }
+        }
     }
 }
 
@@ -299,22 +521,132 @@ mod tests {
 
     /// Rank `r` takes its next step from a window of at most `keep` batches.
     fn take_keeping(job: &mut Job, r: u32, plan: &Arc<Plan>, keep: usize) -> Arc<Planned> {
+        try_take(job, r, plan, keep).expect("the job's planner is in")
+    }
+
+    /// Rank `r` takes its next step, if it is planned or can be planned inline (`None`
+    /// while the plan thread has the job's planner out and the step is not planned).
+    fn try_take(job: &mut Job, r: u32, plan: &Arc<Plan>, keep: usize) -> Option<Arc<Planned>> {
         let p = job
             .take(
                 r,
                 Take {
                     plan,
                     prefetch: 4,
+                    ahead: false,
                     keep,
                     hint: &|_| {},
                     planned: &mut |_, _| {},
                 },
             )
-            .expect("the step is planned");
+            .expect("the step is planned")?;
         if let Some(e) = job.rings.get_mut(&r) {
             e.claim_step(p.batch.step);
         }
-        p
+        Some(p)
+    }
+
+    /// What the plan thread does with checkout `id`: the job's planner out, `n` batches
+    /// planned without the job, back in. Returns whether they were taken back.
+    fn plan_ahead(job: &mut Job, id: u64, n: u64, keep: usize) -> bool {
+        let mut planner = job.plan.check_out(id).expect("the planner is in");
+        let chunk = plan_chunk(&mut planner, n, &mut |_, _| {});
+        job.plan.check_in(id, planner, chunk, keep)
+    }
+
+    #[test]
+    fn a_worker_never_plans_while_the_planner_is_out() {
+        let plan = plan();
+        let mut job = job(2);
+        let mut want = plan.start();
+        assert_eq!(job.short(4, 4), 0, "no planner yet");
+        assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
+        // Step 0 and the 4 prefetched; the rings may claim up to step 3 and prefetch 4
+        // beyond it.
+        assert_eq!((job.plan.planned, job.short(4, 4)), (5, 3));
+        let mut planner = job.plan.check_out(1).expect("the planner is in");
+        assert!(job.plan.check_out(2).is_none(), "out once");
+        assert_eq!(job.short(4, 4), 0, "the thread has it");
+        for _ in 1..5 {
+            assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
+        }
+        // Step 5 is not planned: the worker does not plan it, and the ring stays where it
+        // was, reading the job's window.
+        assert!(try_take(&mut job, 0, &plan, SMALL).is_none());
+        assert!(try_take(&mut job, 0, &plan, SMALL).is_none());
+        assert_eq!((job.plan.planned, job.plan.private), (5, 0));
+        assert_eq!(job.rings[&0].next_fill, 5);
+        assert!(job.rings[&0].own.is_none());
+        // Rank 1 reads the window meanwhile.
+        let mut behind = plan.start();
+        assert_eq!(*take(&mut job, 1, &plan).batch, behind.next_batch());
+        let chunk = plan_chunk(&mut planner, 8, &mut |_, _| {});
+        assert!(job.plan.check_in(1, planner, chunk, SMALL));
+        assert_eq!((job.plan.planned, job.plan.ahead), (13, 8));
+        for _ in 5..13 {
+            assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
+        }
+        assert_eq!(
+            job.plan.planned,
+            13 + 4,
+            "inline again: the prefetch beyond 12"
+        );
+    }
+
+    /// A job of 2 ranks whose rank 0 took step 0, and a planner past step 0 to check the
+    /// batches against.
+    fn begun() -> (Arc<Plan>, Job, Planner) {
+        let plan = plan();
+        let mut job = job(2);
+        let mut want = plan.start();
+        assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
+        (plan, job, want)
+    }
+
+    #[test]
+    fn a_reset_drops_what_the_plan_thread_planned_meanwhile() {
+        let (plan, mut job, mut want) = begun();
+        let mut planner = job.plan.check_out(7).expect("the planner is in");
+        let chunk = plan_chunk(&mut planner, 8, &mut |_, _| {});
+        // A live change restores the job's planner at rank 0's step 1 meanwhile.
+        let mut restored = plan.start();
+        restored.skip_batch();
+        job.plan.reset(Some(restored), VecDeque::new());
+        assert!(!job.plan.check_in(7, planner, chunk, SMALL));
+        assert_eq!((job.plan.held(), job.plan.ahead), (0, 0));
+        for _ in 1..20 {
+            assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
+        }
+        // A job gone and made again under the same name: the old checkout is not its.
+        let mut again = self::job(2);
+        assert_eq!(*take(&mut again, 0, &plan).batch, plan.start().next_batch());
+        let mut old = plan.start();
+        let chunk = plan_chunk(&mut old, 3, &mut |_, _| {});
+        assert!(!again.plan.check_in(7, old, chunk, SMALL));
+        assert!(
+            plan_ahead(&mut again, 8, 3, SMALL),
+            "its own checkout goes back"
+        );
+    }
+
+    #[test]
+    fn batches_planned_ahead_come_back_in_order_within_keep() {
+        let (plan, mut job, mut want) = begun();
+        assert_eq!(*take(&mut job, 1, &plan).batch, plan.start().next_batch());
+        // Rank 1 stalls at step 1; the thread plans 6 at a time ahead of rank 0, with
+        // the workers planning inline in between.
+        for i in 1..300u64 {
+            if i % 6 == 0 {
+                assert!(plan_ahead(&mut job, i, 6, SMALL));
+            }
+            let p = take(&mut job, 0, &plan);
+            assert_eq!(*p.batch, want.next_batch(), "step {i}");
+            assert!(job.plan.held() <= SMALL, "{} held", job.plan.held());
+        }
+        assert_eq!(job.plan.held(), SMALL);
+        assert_eq!(job.plan.ahead, 49 * 6);
+        assert_eq!(job.plan.planned, 300 + 4, "each step once");
+        assert_eq!(job.plan.private, 0);
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //!
 //! This file holds that state (the hub, its jobs, rings and peers); the rooms around it
 //! act on it: `phase` (a ring's lifecycle), `admission` (HELLO to joined peer), `peers`
-//! (release, failure, leave, drain), `schedule` (the workers that plan and copy),
-//! `jobplan` (one planner per job), `keeper` (plan checkpoints written as the daemon
+//! (release, failure, leave, drain), `schedule` (the workers that copy),
+//! `jobplan` (one planner per job, and the thread that plans ahead), `keeper` (plan checkpoints written as the daemon
 //! serves), `live` (mixture changes) and `status` (what STATUS reports).
 
 mod admission;
@@ -294,6 +294,18 @@ struct State {
     /// their published cursors: `status` keeps counting what was delivered after the
     /// clients have gone instead of falling back to zero.
     retired: (Vec<u64>, Option<Published>),
+    /// The plan thread runs ([`Hub::plan_ahead`]): workers leave planning ahead to it.
+    plan_thread: bool,
+    /// The plan thread sleeps on `plan_wake` (a worker that finds a window short wakes
+    /// it; waking costs a syscall, so only then).
+    plan_idle: bool,
+    /// A worker is to wake the plan thread once it drops the lock.
+    plan_kick: bool,
+    /// A worker found its step not planned while the plan thread had the job's planner
+    /// out, and waits on `work` for the thread to put it back.
+    plan_waiters: bool,
+    /// Checkouts of job planners by the plan thread so far: each one's number.
+    plan_checkouts: u64,
 }
 
 /// A ring's last published cursor for `status`: its step, its mark, the planner's epochs.
@@ -315,6 +327,11 @@ impl State {
             failed_reloads: BTreeMap::new(),
             claims: 0,
             retired: (Vec::new(), None),
+            plan_thread: false,
+            plan_idle: false,
+            plan_kick: false,
+            plan_waiters: false,
+            plan_checkouts: 0,
         }
     }
 
@@ -346,6 +363,8 @@ pub struct Hub {
 
     state: Mutex<State>,
     work: Condvar,
+    /// The plan thread waits here ([`Hub::plan_ahead`]).
+    plan_wake: Condvar,
     /// Real and padded token positions copied, and documents started and cut, for the
     /// padding and truncation fractions.
     fill: Mutex<FillStats>,
@@ -407,6 +426,7 @@ impl Hub {
             journal_cap,
             state: Mutex::new(State::new(plan)),
             work: Condvar::new(),
+            plan_wake: Condvar::new(),
             fill: Mutex::new(FillStats::default()),
             keeper,
             shards_checked: Mutex::new((Instant::now(), 0)),

@@ -129,7 +129,7 @@ impl Hub {
                 for (s, t) in tokens.iter_mut().zip(&e.stats.domain_tokens) {
                     *s += t;
                 }
-                e.keep_furthest(j.plan.planner(), best);
+                e.keep_furthest(&j.plan, best);
             }
             if j.rings.is_empty() {
                 st.jobs.remove(job);
@@ -176,6 +176,7 @@ impl Hub {
     pub fn stop(&self) {
         self.lock().stopping = true;
         self.work.notify_all();
+        self.plan_wake.notify_all();
     }
 }
 

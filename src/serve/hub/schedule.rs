@@ -1,14 +1,15 @@
-//! Scheduling: the materializer threads claim the emptiest ring's next step, plan and
-//! hint it, copy it outside the lock and publish in order, waking the ring's peers (or
-//! holding the wake back to coalesce it with the next publish); shards that change or
-//! fault under the daemon are poisoned here.
+//! Scheduling: the materializer threads claim the emptiest ring's next step (planned by
+//! the plan thread, `jobplan`, or inline when it has not), hint it, copy it outside the
+//! lock and publish in order, waking the ring's peers (or holding the wake back to
+//! coalesce it with the next publish); shards that change or fault under the daemon are
+//! poisoned here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
 
-use super::jobplan::{keep, Take};
+use super::jobplan::{keep, wake_at, Take};
 use super::peers::{Armed, PAGE_BACKSTOP};
 use super::phase::{Copied, Phase};
 use super::{
@@ -127,6 +128,9 @@ impl Hub {
                         }
                         (None, _) => {}
                     }
+                    if std::mem::take(&mut st.plan_kick) {
+                        self.plan_wake.notify_one();
+                    }
                     // An idle daemon holds no wake back: send them all before sleeping,
                     // outside the lock, then look for work again.
                     if Self::send_wakes(&mut st, None, &mut wake) {
@@ -150,6 +154,12 @@ impl Hub {
                         Armed::None => self.work.wait(st).unwrap_or_else(|p| p.into_inner()),
                     };
                 };
+                let kick = std::mem::take(&mut st.plan_kick);
+                drop(st);
+                // After the lock, so that the plan thread does not wake to wait for it.
+                if kick {
+                    self.plan_wake.notify_one();
+                }
                 claimed
             };
             // `claim` handed this step to this worker alone (it is in `in_flight` until we
@@ -263,24 +273,28 @@ impl Hub {
 
     /// Picks a ring with a free slot, takes its next step from its job's plan (issuing
     /// page-cache hints for it and a few beyond), and claims it. Called with the lock
-    /// held. A ring whose step cannot be planned stops, and the next ring is tried.
+    /// held. A ring whose step cannot be planned stops, and a ring whose step the plan
+    /// thread is planning now waits for it; the next ring is tried.
     fn claim(&self, st: &mut State) -> Option<Claimed> {
         if st.draining {
             return None;
         }
-        // Each failed try stops a ring, which is then not picked again.
+        // Each failed try stops a ring or sets it aside: it is not picked again.
+        let mut skip = Vec::new();
         let rings: usize = st.jobs.values().map(|j| j.rings.len()).sum();
         for _ in 0..=rings {
-            let (name, r) = self.pick(st)?;
-            if let Some(c) = self.claim_ring(st, name, r) {
-                return Some(c);
+            let (name, r) = self.pick(st, &skip)?;
+            match self.claim_ring(st, name, r) {
+                Ok(c) => return Some(c),
+                Err(name) => skip.push((name, r)),
             }
         }
         None
     }
 
-    /// The ring a worker should fill next, if any may be filled.
-    fn pick(&self, st: &State) -> Option<(String, u32)> {
+    /// The ring a worker should fill next, if any may be filled, other than those in
+    /// `skip`.
+    fn pick(&self, st: &State, skip: &[(String, u32)]) -> Option<(String, u32)> {
         let slots = self.settings.slots;
         // Serve the emptiest ring first (fewest steps filled or in flight ahead of what
         // its peers hold), and among equally empty rings the one claimed longest ago.
@@ -291,7 +305,10 @@ impl Hub {
         for (name, job) in st.jobs.iter() {
             for (&r, e) in job.rings.iter() {
                 let key = (e.next_fill - e.base(), e.stats.last_claim);
-                if e.claimable(slots) && best.is_none_or(|(_, _, k)| key < k) {
+                if e.claimable(slots)
+                    && best.is_none_or(|(_, _, k)| key < k)
+                    && !skip.iter().any(|(n, s)| n == name && *s == r)
+                {
                     best = Some((name, r, key));
                 }
             }
@@ -299,14 +316,18 @@ impl Hub {
         best.map(|(n, r, _)| (n.clone(), r))
     }
 
-    /// Claims the next step of ring `r` of job `name`; `None` when it could not be
-    /// planned (the ring stopped).
-    fn claim_ring(&self, st: &mut State, name: String, r: u32) -> Option<Claimed> {
+    /// Claims the next step of ring `r` of job `name`; Err gives `name` back when the
+    /// step could not be planned (the ring stopped) or the plan thread is planning it
+    /// now. Has the worker wake the plan thread (`plan_kick`) when the job's window
+    /// runs short.
+    fn claim_ring(&self, st: &mut State, name: String, r: u32) -> Result<Claimed, String> {
         let slots = self.settings.slots;
         st.claims += 1;
         let clock = st.claims;
         let plan = st.plan.clone();
-        let job = st.jobs.get_mut(&name)?;
+        let Some(job) = st.jobs.get_mut(&name) else {
+            return Err(name);
+        };
         let dp_size = job.dp_size;
         let hint = |rows: &[Row]| {
             if self.settings.hints {
@@ -322,6 +343,7 @@ impl Hub {
             Take {
                 plan: &plan,
                 prefetch: u64::from(self.settings.prefetch),
+                ahead: st.plan_thread,
                 keep: keep(
                     slots,
                     self.settings.prefetch,
@@ -331,14 +353,27 @@ impl Hub {
                 planned: &mut offer,
             },
         );
-        let entry = job.rings.get_mut(&r)?;
+        let waits = matches!(taken, Ok(None));
+        st.plan_waiters |= waits;
+        if st.plan_idle
+            && (waits
+                || job.short(slots, self.settings.prefetch)
+                    >= wake_at(slots, self.settings.prefetch))
+        {
+            st.plan_idle = false;
+            st.plan_kick = true;
+        }
+        let Some(entry) = job.rings.get_mut(&r) else {
+            return Err(name);
+        };
         entry.stats.last_claim = clock;
         let planned = match taken {
-            Ok(p) => p,
+            Ok(Some(p)) => p,
+            Ok(None) => return Err(name),
             Err(why) => {
                 error!(job = %name, dp_rank = r, "materialize: {why}; this ring stops");
                 entry.fail(Failure::new(Code::Materialize, why));
-                return None;
+                return Err(name);
             }
         };
         let step = planned.batch.step;
@@ -350,7 +385,7 @@ impl Hub {
             cursor: planned.blob.clone(),
         };
         entry.claim_step(step);
-        Some(Claimed {
+        Ok(Claimed {
             key: (name, r),
             ring: entry.ring.clone(),
             job,

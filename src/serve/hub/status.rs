@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::{Hub, JobPlan, Published, RingEntry, State};
-use crate::plan::Planner;
 use crate::wire::status::{
     DomainStatus, JobStatus, JournalEntry, JournalPoint, JournalStage, PeerStatus, PoisonedShard,
     RingMemory, RingStatus, Status,
@@ -75,7 +74,7 @@ impl Hub {
                     .into_iter()
                     .map(|r| {
                         let e = &job.rings[r];
-                        e.keep_furthest(job.plan.planner(), &mut best);
+                        e.keep_furthest(&job.plan, &mut best);
                         for (s, t) in delivered.iter_mut().zip(&e.stats.domain_tokens) {
                             *s += t;
                         }
@@ -215,28 +214,28 @@ impl Hub {
 
 /// What one job's planner did, for /metrics (set whenever `status` is taken, which the
 /// exporter does every second): the batches it holds (at most `jobplan::keep`, whatever
-/// a stalled rank does), and the batches planned by the job's planner and by rings'
-/// private planners (about one per step, not one per rank per step).
+/// a stalled rank does), and the batches planned by the job's planner (of them, by the
+/// plan thread outside the lock) and by rings' private planners (about one per step,
+/// not one per rank per step).
 fn job_metrics(job: &str, plan: &JobPlan) {
     let label = [("job", job.to_string())];
     metrics::gauge!("millrace_job_batches_held", &label).set(plan.held() as f64);
     metrics::counter!("millrace_job_batches_planned_total", &label).absolute(plan.planned);
     metrics::counter!("millrace_private_batches_planned_total", &label).absolute(plan.private);
+    metrics::counter!("millrace_job_batches_planned_ahead_total", &label).absolute(plan.ahead);
 }
 
 impl RingEntry {
     /// Replaces `best` with this ring's last published cursor when that is further on:
     /// `status` reports the mixture at the most advanced ring, with the epochs of the
-    /// planner that planned it (its own, else its job's `job_planner`).
-    pub(super) fn keep_furthest(
-        &self,
-        job_planner: Option<&Planner>,
-        best: &mut Option<Published>,
-    ) {
+    /// planner that planned it (its own, else its job's).
+    pub(super) fn keep_furthest(&self, job: &JobPlan, best: &mut Option<Published>) {
         if let Some(c) = self.cursors.back() {
             if best.as_ref().is_none_or(|b| c.step > b.0) {
-                let planner = self.own.as_ref().map(|o| &o.planner).or(job_planner);
-                let epochs = planner.map(Planner::epochs).unwrap_or_default();
+                let epochs = match &self.own {
+                    Some(o) => o.planner.epochs(),
+                    None => job.epochs(),
+                };
                 *best = Some((c.step, c.mark.clone(), epochs));
             }
         }
