@@ -184,6 +184,8 @@ struct RingEntry {
     /// wakes, `schedule`): sent with the ring's next publish, when the ring cannot be
     /// filled further, before a worker sleeps, or once older than `wake_coalesce`.
     wake_deferred: Option<Instant>,
+    /// Publishes whose wake is held back now (0 with no held wake).
+    wakes_held: u32,
     /// Counters and clocks for status and metrics.
     stats: RingStats,
 }

@@ -159,6 +159,7 @@ impl RingEntry {
             in_flight: BTreeSet::new(),
             generation: 0,
             wake_deferred: None,
+            wakes_held: 0,
             stats: RingStats::default(),
         }
     }

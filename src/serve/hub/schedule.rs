@@ -195,6 +195,7 @@ impl Hub {
             }
             let mut st = self.lock();
             let draining = st.draining;
+            let rings: usize = st.jobs.values().map(|j| j.rings.len()).sum();
             // The publish's clock read, reused to hold its wake and to age the held ones.
             let mut now = None;
             let Some(entry) = Self::find(&mut st, &key.0, key.1) else {
@@ -224,7 +225,9 @@ impl Hub {
                         let t = *now.insert(Instant::now());
                         entry.clocks(self.settings.slots, t);
                         let hold = !coalesce.is_zero() && !draining;
-                        entry.wake_or_hold(hold.then_some(t), self.settings.slots, &mut wake);
+                        let most = hold_most(self.settings.slots, rings);
+                        let hold = hold.then_some((t, most));
+                        entry.wake_or_hold(hold, self.settings.slots, &mut wake);
                         let published = entry.published;
                         st.watermark = st.watermark.max(published);
                     }
@@ -416,6 +419,19 @@ impl Hub {
     }
 }
 
+/// How many publishes of one ring may wait for a single wake: one less than the ring
+/// holds (a full ring wakes at once anyway), and one less than the rings the workers
+/// fill. While a ring's consumer sleeps through its held publishes the workers fill the
+/// other rings; with only one other ring to fill, a ring held until full would leave
+/// both full and the workers idle while its consumer wakes (2 rings of 4 slots: 25%
+/// fewer tokens/s than holding one publish), while with 8 rings holding until full cut
+/// the daemon's CPU per token 6-10% against holding one (docs/BENCHMARKS.md, "Coalesced
+/// wakes by the number of rings").
+fn hold_most(slots: u32, rings: usize) -> u32 {
+    let others = u32::try_from(rings.saturating_sub(1)).unwrap_or(u32::MAX);
+    slots.saturating_sub(1).min(others).max(1)
+}
+
 impl RingEntry {
     /// Publishes every filled step that is next in order (a later slot may finish first);
     /// a peer that joined ahead is checked when the ring reaches its step. Returns
@@ -456,21 +472,28 @@ impl RingEntry {
         true
     }
 
-    /// After a publish: wakes the peers now, or (`hold` gives the time, coalescing is on
-    /// and the daemon is not draining) holds the wake back so that the next publish of
-    /// this ring sends one wake for both slots. A wake is held only when none is held
-    /// already and the ring will publish again without its peers doing anything: a step
-    /// of it is being copied, or a worker may claim its next one (it streams, a slot is
-    /// free). A full, failed, joining or regenerating ring wakes at once; a held wake
-    /// that nothing else sends goes out before a worker sleeps or once older than
-    /// `[serve] wake_coalesce_us` ([`Hub::send_wakes`]). Every peer of the ring is woken
-    /// by the same wake.
-    fn wake_or_hold(&mut self, hold: Option<Instant>, slots: u32, wake: &mut Vec<Arc<EventFd>>) {
+    /// After a publish: wakes the peers now, or (`hold` gives the time and how many
+    /// publishes may wait, [`hold_most`]; coalescing is on and the daemon is not
+    /// draining) holds the wake back so that a later publish of this ring sends one wake
+    /// for several slots. A wake is held only while fewer than that many publishes wait
+    /// and the ring will publish again without its peers doing anything: a step of it
+    /// is being copied, or a worker may claim its next one (it streams, a slot is free).
+    /// A full, failed, joining or regenerating ring wakes at once; a held wake that
+    /// nothing else sends goes out before a worker sleeps or once older than `[serve]
+    /// wake_coalesce_us` ([`Hub::send_wakes`]). Every peer of the ring is woken by the
+    /// same wake.
+    fn wake_or_hold(
+        &mut self,
+        hold: Option<(Instant, u32)>,
+        slots: u32,
+        wake: &mut Vec<Arc<EventFd>>,
+    ) {
         let again = !self.in_flight.is_empty()
             || (matches!(self.phase, Phase::Streaming) && self.claimable(slots));
         match hold {
-            Some(now) if again && self.wake_deferred.is_none() => {
-                self.wake_deferred = Some(now);
+            Some((now, most)) if again && self.wakes_held < most => {
+                self.wake_deferred.get_or_insert(now);
+                self.wakes_held += 1;
                 self.stats.wakes_deferred += 1;
             }
             _ => self.wake(wake),
@@ -481,6 +504,7 @@ impl RingEntry {
     /// a held-back wake.
     fn wake(&mut self, wake: &mut Vec<Arc<EventFd>>) {
         self.wake_deferred = None;
+        self.wakes_held = 0;
         self.stats.wakes += self.peers.len() as u64;
         wake.extend(self.peers.values().map(|p| p.ready.clone()));
     }
@@ -496,7 +520,7 @@ mod tests {
 
     /// Publishes step `step` of `e` as a worker does (claimed, copied, filled); returns
     /// the eventfds the publish wakes now (`hold`: coalescing on, at that time).
-    fn publish(e: &mut RingEntry, step: u64, hold: Option<Instant>) -> Vec<Arc<EventFd>> {
+    fn publish(e: &mut RingEntry, step: u64, hold: Option<(Instant, u32)>) -> Vec<Arc<EventFd>> {
         e.claim_step(step);
         assert_eq!(e.copy_ended(step, e.generation), Copied::Current);
         let mark = Mark {
@@ -530,20 +554,20 @@ mod tests {
         e.join(1, peer("tp0"));
         e.join(2, peer("tp1"));
         // The ring can fill further: the wake waits for the next publish.
-        assert!(publish(&mut e, 0, Some(t)).is_empty());
+        assert!(publish(&mut e, 0, Some((t, 1))).is_empty());
         assert_eq!(e.wake_deferred, Some(t));
         // The next publish sends one wake for both slots, to both TP peers together.
-        let w = publish(&mut e, 1, Some(t));
+        let w = publish(&mut e, 1, Some((t, 1)));
         assert!(wakes_all(&e, &w), "both peers are woken together");
         assert_eq!(e.wake_deferred, None);
-        assert!(publish(&mut e, 2, Some(t)).is_empty());
-        let w = publish(&mut e, 3, Some(t));
+        assert!(publish(&mut e, 2, Some((t, 1))).is_empty());
+        let w = publish(&mut e, 3, Some((t, 1)));
         assert!(wakes_all(&e, &w));
         // The peers release one step: the publish that fills the ring again wakes at once.
         for p in e.peers.values_mut() {
             p.released = 1;
         }
-        let w = publish(&mut e, 4, Some(t));
+        let w = publish(&mut e, 4, Some((t, 1)));
         assert!(wakes_all(&e, &w), "full: no hold");
         assert_eq!(e.free(SLOTS), 0);
         // Off (or draining): every publish wakes.
@@ -555,9 +579,40 @@ mod tests {
         // A failed ring is never filled again: its last publish wakes at once.
         e.fail(Failure::new(Code::Materialize, "test"));
         let mut w = Vec::new();
-        e.wake_or_hold(Some(t), SLOTS, &mut w);
+        e.wake_or_hold(Some((t, 1)), SLOTS, &mut w);
         assert!(wakes_all(&e, &w), "a failed ring holds no wake");
         assert_eq!((e.stats.wakes_deferred, e.stats.wakes), (2, 5 * 2));
+    }
+
+    /// With many rings a wake waits for up to `slots - 1` publishes; with two rings, for
+    /// one; never fewer than one.
+    #[test]
+    fn a_wake_waits_for_more_publishes_when_the_workers_have_more_rings_to_fill() {
+        assert_eq!(hold_most(4, 8), 3);
+        assert_eq!(hold_most(4, 2), 1);
+        assert_eq!(hold_most(4, 1), 1);
+        assert_eq!(hold_most(4, 3), 2);
+        assert_eq!(hold_most(2, 8), 1);
+        assert_eq!(hold_most(1, 8), 1);
+        let t = Instant::now();
+        let mut e = entry(1, false);
+        e.join(1, peer("p"));
+        // 8 rings, 4 slots: three publishes wait, the fourth (which fills the ring) wakes.
+        for step in 0..3 {
+            assert!(publish(&mut e, step, Some((t, hold_most(SLOTS, 8)))).is_empty());
+            assert_eq!(e.wakes_held, step as u32 + 1);
+        }
+        let w = publish(&mut e, 3, Some((t, hold_most(SLOTS, 8))));
+        assert!(wakes_all(&e, &w));
+        assert_eq!((e.wakes_held, e.wake_deferred), (0, None));
+        // The consumer reads two: one publish waits, the next wakes (the ring is full).
+        for p in e.peers.values_mut() {
+            p.released = 2;
+        }
+        assert!(publish(&mut e, 4, Some((t, 3))).is_empty());
+        let w = publish(&mut e, 5, Some((t, 3)));
+        assert!(wakes_all(&e, &w), "full: no hold");
+        assert_eq!((e.stats.wakes_deferred, e.stats.wakes), (4, 2));
     }
 
     #[test]
@@ -566,7 +621,7 @@ mod tests {
         let t = Instant::now();
         let mut e = entry(1, false);
         e.join(1, peer("p"));
-        assert!(publish(&mut e, 0, Some(t)).is_empty());
+        assert!(publish(&mut e, 0, Some((t, 1))).is_empty());
         let mut st = State::new(plan());
         st.jobs.insert("j".into(), Job::new(1));
         if let Some(j) = st.jobs.get_mut("j") {
@@ -585,7 +640,7 @@ mod tests {
         assert!(!Hub::send_wakes(&mut st, None, &mut wake), "sent once");
         let e = st.jobs.get_mut("j").and_then(|j| j.rings.get_mut(&0));
         let e = e.expect("the ring is there");
-        assert!(publish(e, 1, Some(t)).is_empty());
+        assert!(publish(e, 1, Some((t, 1))).is_empty());
         // A worker about to sleep sends every held wake, whatever its age.
         assert!(Hub::send_wakes(&mut st, None, &mut wake));
         assert_eq!(wake.len(), 2);
