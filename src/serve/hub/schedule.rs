@@ -421,15 +421,19 @@ impl Hub {
 
 /// How many publishes of one ring may wait for a single wake: one less than the ring
 /// holds (a full ring wakes at once anyway), and one less than the rings the workers
-/// fill. While a ring's consumer sleeps through its held publishes the workers fill the
-/// other rings; with only one other ring to fill, a ring held until full would leave
-/// both full and the workers idle while its consumer wakes (2 rings of 4 slots: 25%
-/// fewer tokens/s than holding one publish), while with 8 rings holding until full cut
-/// the daemon's CPU per token 6-10% against holding one (docs/BENCHMARKS.md, "Coalesced
-/// wakes by the number of rings").
+/// fill or than half the ring, whichever is more. While a ring's consumer sleeps through
+/// its held publishes the workers fill the other rings, or the ring's free half; with
+/// only one other ring to fill, a ring held until full would leave both full and the
+/// workers idle while its consumer wakes (2 rings of 4 slots: 25% fewer tokens/s than
+/// holding one publish), while with 8 rings holding until full cut the daemon's CPU per
+/// token 6-10% against holding one (docs/BENCHMARKS.md, "Coalesced wakes by the number
+/// of rings").
 fn hold_most(slots: u32, rings: usize) -> u32 {
     let others = u32::try_from(rings.saturating_sub(1)).unwrap_or(u32::MAX);
-    slots.saturating_sub(1).min(others).max(1)
+    slots
+        .saturating_sub(1)
+        .min(others.max((slots / 2).saturating_sub(1)))
+        .max(1)
 }
 
 impl RingEntry {
@@ -585,7 +589,7 @@ mod tests {
     }
 
     /// With many rings a wake waits for up to `slots - 1` publishes; with two rings, for
-    /// one; never fewer than one.
+    /// one, or half the ring less one when that is more; never fewer than one.
     #[test]
     fn a_wake_waits_for_more_publishes_when_the_workers_have_more_rings_to_fill() {
         assert_eq!(hold_most(4, 8), 3);
@@ -594,6 +598,9 @@ mod tests {
         assert_eq!(hold_most(4, 3), 2);
         assert_eq!(hold_most(2, 8), 1);
         assert_eq!(hold_most(1, 8), 1);
+        // Half the ring waits when that is more: 8 slots, 2 rings.
+        assert_eq!(hold_most(8, 2), 3);
+        assert_eq!(hold_most(8, 16), 7);
         let t = Instant::now();
         let mut e = entry(1, false);
         e.join(1, peer("p"));
