@@ -25,9 +25,10 @@ pub struct ServeConfig {
     pub materialize_threads: usize,
     /// Plan each job's batches on a thread of its own, outside the hub's lock, instead
     /// of on the copy thread that claims the step (docs/DESIGN.md, "Planning runs on a
-    /// thread of its own"). Off by default: on 2 vCPUs it cost more than it saved
-    /// (docs/BENCHMARKS.md, "A plan thread").
-    #[serde(default)]
+    /// thread of its own"): with 2 copy threads (the default) the second no longer
+    /// waits for the lock behind a planner (docs/BENCHMARKS.md, "The plan thread by
+    /// default"). `false` plans inline, as before.
+    #[serde(default = "default_plan_thread")]
     pub plan_thread: bool,
     /// `int32`, `int64` or `shard`.
     #[serde(default = "default_dtype")]
@@ -262,6 +263,9 @@ pub fn socket_problem(socket: &Path) -> Option<String> {
 }
 fn default_slots() -> u32 {
     4
+}
+fn default_plan_thread() -> bool {
+    true
 }
 fn default_threads() -> usize {
     2

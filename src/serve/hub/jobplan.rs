@@ -12,10 +12,11 @@
 //! way gives the same batches, since the plan is a pure function of the step: the
 //! private planner is restored from the ring's own cursor.
 //!
-//! With `[serve] plan_thread`, the job's planner runs on the daemon's plan thread
-//! ([`Hub::plan_ahead`]), outside the hub's lock: the thread checks the planner out of the [`JobPlan`] under the lock,
-//! plans the steps every ring of the job may claim now (and their prefetch) without it,
-//! and puts the planner and the batches back unless the plan was reset meanwhile. A
+//! With `[serve] plan_thread` (the default), the job's planner runs on the daemon's plan
+//! thread ([`Hub::plan_ahead`]), outside the hub's lock: the thread checks the planner out
+//! of the [`JobPlan`] under the lock, plans the steps every ring of the job may claim now
+//! (their prefetch, and [`THREAD_AHEAD`] more) without it, and puts the planner and the
+//! batches back unless the plan was reset meanwhile. A
 //! worker plans inline only when the planner is in and the window lacks its step; while
 //! it is out, the worker leaves the ring for another or waits for the thread.
 
@@ -52,11 +53,19 @@ pub(super) fn keep(slots: u32, prefetch: u32, batch_rows: u32) -> usize {
 /// needs the job's next step can wait for it.
 const CHUNK: u64 = 32;
 
+/// Steps the plan thread plans beyond what a worker's claim would plan inline (a ring's
+/// slots and prefetch past its peers' release): with the window only that far ahead, the
+/// thread was woken every few steps and the copy thread waited for it or for the wake
+/// (2 x 8 rows, one copy thread: no faster than planning inline); 32 steps more cost a
+/// few hundred KB of plans and let it plan in chunks the copy thread never waits for.
+pub(super) const THREAD_AHEAD: u64 = 32;
+
 /// How many steps short of its reach a job's window is when a worker wakes the plan
-/// thread (and the thread plans it): half the ring and its prefetch, so that the thread
-/// plans a few steps per wake-up rather than one, and workers still find their step.
+/// thread (and the thread plans it): half of what the thread plans ahead and half the
+/// ring and its prefetch, so that the thread plans many steps per wake-up, and workers
+/// still find their step.
 pub(super) fn wake_at(slots: u32, prefetch: u32) -> u64 {
-    ((u64::from(slots) + u64::from(prefetch)) / 2).clamp(1, CHUNK)
+    ((u64::from(slots) + u64::from(prefetch)) / 2 + THREAD_AHEAD / 2).clamp(1, CHUNK)
 }
 
 /// Plans `n` batches with `planner`, calling `planned` with each (checkpoints are
@@ -393,10 +402,10 @@ impl Job {
         Ok(Some(planned))
     }
 
-    /// Steps the job's planner is short of the reach of the rings that read its window:
-    /// every step such a ring may claim now (below its peers' release plus `slots`), and
-    /// `prefetch` beyond, as a worker's claim would plan inline. 0 while the planner is
-    /// out or absent.
+    /// Steps the job's planner is short of the plan thread's reach for the rings that
+    /// read its window: every step such a ring may claim now (below its peers' release
+    /// plus `slots`), `prefetch` beyond, as a worker's claim would plan inline, and
+    /// [`THREAD_AHEAD`] more. 0 while the planner is out or absent.
     pub(super) fn short(&self, slots: u32, prefetch: u32) -> u64 {
         let Some(frontier) = self.plan.planner.as_ref().map(Planner::step) else {
             return 0;
@@ -407,7 +416,7 @@ impl Job {
             .filter(|e| {
                 e.own.is_none() && e.started() && e.failure().is_none() && !e.peers.is_empty()
             })
-            .map(|e| e.base() + u64::from(slots) + u64::from(prefetch))
+            .map(|e| e.base() + u64::from(slots) + u64::from(prefetch) + THREAD_AHEAD)
             .max();
         reach.map_or(0, |r| r.saturating_sub(frontier))
     }
@@ -562,8 +571,8 @@ mod tests {
         assert_eq!(job.short(4, 4), 0, "no planner yet");
         assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
         // Step 0 and the 4 prefetched; the rings may claim up to step 3 and prefetch 4
-        // beyond it.
-        assert_eq!((job.plan.planned, job.short(4, 4)), (5, 3));
+        // beyond it, and the thread plans THREAD_AHEAD more.
+        assert_eq!((job.plan.planned, job.short(4, 4)), (5, 3 + THREAD_AHEAD));
         let mut planner = job.plan.check_out(1).expect("the planner is in");
         assert!(job.plan.check_out(2).is_none(), "out once");
         assert_eq!(job.short(4, 4), 0, "the thread has it");
