@@ -494,7 +494,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Puts the calling thread under SCHED_BATCH: it no longer preempts the thread that
-/// wakes it, so the plan thread, woken by a copy thread every few steps, does not take
+/// wakes it, so the plan thread, woken by a copy thread every 20 steps or so, does not take
 /// that copy thread's CPU from it (docs/DESIGN.md, "Planning runs on a thread of its
 /// own").
 pub fn batch_scheduling() -> io::Result<()> {
