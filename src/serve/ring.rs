@@ -631,6 +631,18 @@ mod tests {
                 assert_eq!(at.slot_bytes, most);
             }
             assert_eq!(l.field_specs(), own[0].field_specs());
+            // The ring's own shape placed as a stage is the ring's layout itself, which
+            // `fill_slot` therefore uses as it is.
+            let s0 = l.stage(8, 512).unwrap();
+            assert_eq!(
+                (
+                    s0.field_specs(),
+                    s0.slot_bytes,
+                    s0.ring_bytes,
+                    s0.starts_bytes
+                ),
+                (l.field_specs(), l.slot_bytes, l.ring_bytes, l.starts_bytes)
+            );
             // No reserve: a stage twice the largest does not fit, and says what it needs.
             let big = Layout::of(kind, 1, 16384, 3, t, 512).slot_bytes;
             assert_eq!(l.stage(1, 16384).unwrap_err(), big);

@@ -268,15 +268,24 @@ pub fn fill_slot(
     // A step is written at its own stage's shape, in a slot sized for the largest (and
     // the reserve); the hub refuses a stage whose slot does not fit before planning it.
     let rows = job.rows.len() as u32;
-    let layout = &layout
-        .stage(rows, job.seq_len)
-        .map_err(|need| RingError::Materialize {
-            step: job.step,
-            message: format!(
-                "a slot of {rows} rows of {} needs {need} bytes, the ring's hold {}",
-                job.seq_len, layout.slot_bytes
-            ),
-        })?;
+    // The ring's own shape is its first stage's, placed the same way (`Layout::staged`):
+    // only another stage's is placed here (a dozen small allocations per slot, which the
+    // copy thread otherwise made on every fill).
+    let staged;
+    let layout = if (layout.rows, layout.seq_len) == (rows, job.seq_len) {
+        layout
+    } else {
+        staged = layout
+            .stage(rows, job.seq_len)
+            .map_err(|need| RingError::Materialize {
+                step: job.step,
+                message: format!(
+                    "a slot of {rows} rows of {} needs {need} bytes, the ring's hold {}",
+                    job.seq_len, layout.slot_bytes
+                ),
+            })?;
+        &staged
+    };
     let _guard = guard::enter();
     // A fault left over from an unguarded read elsewhere is not this fill's.
     let _ = guard::take_fault();
