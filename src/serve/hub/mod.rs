@@ -15,6 +15,7 @@
 //! serves), `live` (mixture changes) and `status` (what STATUS reports).
 
 mod admission;
+mod ahead;
 mod jobplan;
 mod keeper;
 mod live;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
 
-use super::jobplan::{keep, wake_at, Take};
+use super::ahead::wake_at;
+use super::jobplan::{keep, Take};
 use super::peers::{Armed, PAGE_BACKSTOP};
 use super::phase::{Copied, Phase};
 use super::{

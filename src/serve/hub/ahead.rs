@@ -1,0 +1,120 @@
+//! The plan thread (`millrace-plan`, `[serve] plan_thread`, on by default): keeps each
+//! job's window ([`super::jobplan`]) planned ahead of its rings, planning outside the
+//! hub's lock, and frees the batches every rank passed (docs/DESIGN.md, "Planning runs on
+//! a thread of its own").
+
+use std::collections::VecDeque;
+
+use tracing::error;
+
+use super::jobplan::{keep, plan_chunk, Planned};
+use super::Hub;
+use crate::plan::Planner;
+
+/// The most batches the plan thread plans per checkout: bounds how long a worker that
+/// needs the job's next step can wait for it.
+const CHUNK: u64 = 32;
+
+/// Steps the plan thread plans beyond what a worker's claim would plan inline (a ring's
+/// slots and prefetch past its peers' release): with the window only that far ahead, the
+/// thread was woken every few steps and the copy thread waited for it or for the wake
+/// (2 x 8 rows, one copy thread: no faster than planning inline); 32 steps more cost a
+/// few hundred KB of plans and let it plan in chunks the copy thread never waits for.
+pub(super) const THREAD_AHEAD: u64 = 32;
+
+/// How many steps short of its reach a job's window is when a worker wakes the plan
+/// thread (and the thread plans it): half of what the thread plans ahead and half the
+/// ring and its prefetch, so that the thread plans many steps per wake-up, and workers
+/// still find their step.
+pub(super) fn wake_at(slots: u32, prefetch: u32) -> u64 {
+    ((u64::from(slots) + u64::from(prefetch)) / 2 + THREAD_AHEAD / 2).clamp(1, CHUNK)
+}
+
+impl Hub {
+    /// The plan thread (`millrace-plan`, one per daemon): keeps each job's window planned
+    /// to the reach of its rings ([`super::Job::short`]) without holding the hub's lock while
+    /// it plans, so that the copy threads neither plan nor wait for the lock behind a
+    /// planner. Sleeps while every job is planned far enough; a worker wakes it.
+    pub fn plan_ahead(&self) {
+        let (slots, prefetch) = (self.settings.slots, self.settings.prefetch);
+        let wake = wake_at(slots, prefetch);
+        if let Err(e) = crate::sys::batch_scheduling() {
+            tracing::debug!("the plan thread stays under the default scheduling policy: {e}");
+        }
+        let mut st = self.lock();
+        st.plan_thread = true;
+        loop {
+            if st.stopping {
+                st.plan_thread = false;
+                return;
+            }
+            // The job furthest short; any job short at all when a worker waits.
+            let urgent = st.plan_waiters;
+            let pick = (!st.draining)
+                .then(|| {
+                    st.jobs
+                        .iter()
+                        .map(|(name, j)| (j.short(slots, prefetch), name))
+                        .filter(|&(n, _)| n >= wake || (urgent && n > 0))
+                        .max_by_key(|&(n, _)| n)
+                        .map(|(n, name)| (n, name.clone()))
+                })
+                .flatten();
+            let Some((n, name)) = pick else {
+                if std::mem::take(&mut st.plan_waiters) {
+                    self.work.notify_all();
+                }
+                st.plan_idle = true;
+                st = self.plan_wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                st.plan_idle = false;
+                continue;
+            };
+            st.plan_checkouts += 1;
+            let id = st.plan_checkouts;
+            let Some(mut planner) = st.jobs.get_mut(&name).and_then(|j| j.plan.check_out(id))
+            else {
+                continue;
+            };
+            drop(st);
+            // Planning reads shard indexes: guarded like a worker's claim.
+            let g = crate::corpus::guard::enter();
+            let _ = crate::corpus::guard::take_fault();
+            let mut offer =
+                |p: &Planner, b: &Planned| self.keeper.offer(p.plan(), p.plan_step(), &b.blob);
+            let chunk = plan_chunk(&mut planner, n.min(CHUNK), &mut offer);
+            let fault = crate::corpus::guard::take_fault();
+            drop(g);
+            let why = fault.map(|addr| self.poison_at(addr, "while planning ahead"));
+            st = self.lock();
+            let keep = keep(slots, prefetch, st.plan.config().global_batch_rows);
+            if let Some(job) = st.jobs.get_mut(&name) {
+                match why {
+                    // The planner read a shard that shrank: rings plan from their own
+                    // cursors again and stop at the poisoned shard.
+                    Some(why) if job.plan.is_checkout(id) => {
+                        error!(job = %name, "materialize: {why}; the job's planner is dropped");
+                        job.plan.reset(None, VecDeque::new());
+                    }
+                    Some(_) => {}
+                    None => {
+                        job.plan.check_in(id, planner, chunk, keep);
+                    }
+                }
+            }
+            let dead: Vec<_> = st
+                .jobs
+                .values_mut()
+                .flat_map(|j| j.plan.take_retired())
+                .collect();
+            let waiters = std::mem::take(&mut st.plan_waiters);
+            // Outside the lock: the batches this thread allocated are freed here, and the
+            // workers do not wake to wait for the lock.
+            drop(st);
+            drop(dead);
+            if waiters {
+                self.work.notify_all();
+            }
+            st = self.lock();
+        }
+    }
+}
