@@ -582,7 +582,7 @@ impl DeviceSink {
             bytes: src.len(),
             digest: self
                 .verify
-                .then(|| xxhash_rust::xxh3::xxh3_64(batch.copy_bytes)),
+                .then(|| twox_hash::XxHash3_64::oneshot(batch.copy_bytes)),
         });
         Ok(())
     }
@@ -606,7 +606,7 @@ impl DeviceSink {
             self.figures.bytes += f.bytes as u64;
             if let Some(want) = f.digest {
                 let got = self.gpu.read_back(&lane.buf, f.bytes)?;
-                if xxhash_rust::xxh3::xxh3_64(&got) != want {
+                if twox_hash::XxHash3_64::oneshot(&got) != want {
                     return Err(GpuError::Mismatch { step: f.step });
                 }
                 self.figures.verified += 1;
