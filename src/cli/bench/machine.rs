@@ -25,6 +25,103 @@ pub fn memcpy_gb_per_s(bytes: usize, reps: usize) -> f64 {
     bytes as f64 / best.max(1e-12) / 1e9
 }
 
+/// Round trips of one cache line between two threads pinned to the first two CPUs this
+/// process may use, in ns (the median of 5 batches of 20,000), or `None` with fewer than
+/// two CPUs or when pinning fails. Why: every slot crosses cores three times (plan thread,
+/// copy thread, consumer) and the nanoGPT baseline never does, so where a VM's
+/// hypervisor happens to place its vCPUs decides millrace's figures and not the
+/// baseline's (on the 2-vCPU EPYC VM of docs/BENCHMARKS.md: 74-85 ns on one CCX,
+/// 316-478 ns apart). The calling thread's affinity is restored before it returns.
+pub(super) fn core_round_trip_ns() -> Option<f64> {
+    // Spinning on a CPU that another thread shares waits for its time slices: give up
+    // after 2 s (an idle machine takes about 50 ms).
+    core_round_trip(20_000, 5, std::time::Duration::from_secs(2))
+}
+
+/// [`core_round_trip_ns`] with its sizes: `n_batches` of `trips_per_batch` round trips, given up
+/// (`None`) after `limit`.
+fn core_round_trip(
+    trips_per_batch: u64,
+    n_batches: u64,
+    limit: std::time::Duration,
+) -> Option<f64> {
+    use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let own = sched_getaffinity(None).ok()?;
+    let mut cpus = (0..CpuSet::MAX_CPU).filter(|&c| own.is_set(c));
+    let (a, b) = (cpus.next()?, cpus.next()?);
+    let only = |c: usize| {
+        let mut set = CpuSet::new();
+        set.set(c);
+        set
+    };
+    // 0: not started, u64::MAX: the partner could not pin or gave up; else the last
+    // odd value is ours to answer with the next even one.
+    let line = std::sync::Arc::new(AtomicU64::new(0));
+    let partner = {
+        let line = line.clone();
+        std::thread::spawn(move || {
+            if sched_setaffinity(None, &only(b)).is_err() {
+                line.store(u64::MAX, Ordering::SeqCst);
+                return;
+            }
+            let t = Instant::now();
+            let mut want = 1u64;
+            while want < 2 * trips_per_batch * n_batches {
+                let v = line.load(Ordering::Acquire);
+                if v == u64::MAX {
+                    return;
+                }
+                if v == want {
+                    line.store(want + 1, Ordering::Release);
+                    want += 2;
+                } else if t.elapsed() > limit {
+                    line.store(u64::MAX, Ordering::SeqCst);
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let mut batches = Vec::new();
+    if sched_setaffinity(None, &only(a)).is_ok() {
+        let start = Instant::now();
+        let mut next = 1u64;
+        'batches: for _ in 0..n_batches {
+            let t = Instant::now();
+            for _ in 0..trips_per_batch {
+                // Only over the partner's answer (or the start): never over its give-up.
+                if line
+                    .compare_exchange(next - 1, next, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    break 'batches;
+                }
+                loop {
+                    let v = line.load(Ordering::Acquire);
+                    if v == next + 1 {
+                        break;
+                    }
+                    if v == u64::MAX || start.elapsed() > limit {
+                        break 'batches;
+                    }
+                    std::hint::spin_loop();
+                }
+                next += 2;
+            }
+            batches.push(t.elapsed().as_nanos() as f64 / trips_per_batch as f64);
+        }
+    }
+    line.store(u64::MAX, Ordering::SeqCst);
+    let _ = partner.join();
+    let _ = sched_setaffinity(None, &own);
+    if batches.len() as u64 != n_batches {
+        return None;
+    }
+    batches.sort_by(f64::total_cmp);
+    batches.get(batches.len() / 2).copied()
+}
+
 /// CLOCK_MONOTONIC in ns: the clock the consumers and the baseline stamp batches with.
 pub(super) fn now_ns() -> u64 {
     millrace::sys::monotonic_ns()
@@ -209,6 +306,7 @@ pub(super) fn references(files: &[DataFile], limit: u64, memcpy: f64) -> Result<
         resident_after_evict: resident,
         mmap_first_touch_gb_per_s: first,
         mmap_read_gb_per_s: total as f64 / best.max(1e-9) / 1e9,
+        core_round_trip_ns: core_round_trip_ns(),
     })
 }
 
@@ -296,5 +394,22 @@ mod tests {
         // /proc/PID/io needs the same user; present for our own process.
         assert!(io_read_bytes(pid).is_some());
         assert!(page_faults(pid).is_some_and(|(minor, _)| minor > 0));
+    }
+
+    /// Two pinned threads really bounce the line (CI has 2 cores), and the caller's
+    /// affinity is what it was. Small and with a long limit: other tests share the CPUs.
+    #[test]
+    fn core_round_trip_is_measured_and_leaves_the_affinity() {
+        use rustix::thread::{sched_getaffinity, CpuSet};
+        let before = sched_getaffinity(None).unwrap();
+        let rtt = core_round_trip(300, 3, std::time::Duration::from_secs(60));
+        let after = sched_getaffinity(None).unwrap();
+        assert!((0..CpuSet::MAX_CPU).all(|c| before.is_set(c) == after.is_set(c)));
+        if before.count() >= 2 {
+            let ns = rtt.expect("two CPUs: a round trip is measured");
+            assert!(ns > 1.0 && ns < 1e7, "{ns} ns");
+        } else {
+            assert_eq!(rtt, None);
+        }
     }
 }

@@ -69,6 +69,10 @@ pub struct RunFigures {
     pub digests: Vec<String>,
     /// tokens/s of every repetition, in run order (the figures above are the median's).
     pub repeats_tokens_per_s: Vec<f64>,
+    /// Cache-line round trip between the first two CPUs, ns, just before the daemon
+    /// started and just after it stopped (`None`: one CPU, or the measure gave up): the
+    /// vCPUs' placement, which moves this run's figures and not the baseline's.
+    pub core_round_trip_ns: [Option<f64>; 2],
 }
 
 /// One latency test (fresh daemon per try, shards warm).
@@ -101,6 +105,9 @@ pub struct References {
     pub mmap_first_touch_gb_per_s: f64,
     /// One thread reading them again through the same mapping, GB/s (the reference).
     pub mmap_read_gb_per_s: f64,
+    /// Cache-line round trip between the first two CPUs, ns (machine.rs,
+    /// `core_round_trip_ns`; `None` with one CPU).
+    pub core_round_trip_ns: Option<f64>,
 }
 
 /// One baseline run (all processes together).
@@ -279,16 +286,22 @@ pub fn render(r: &BenchReport) -> String {
         "| page-cache read through mmap (first touch / again) | {:.2} / {:.2} |",
         f.mmap_first_touch_gb_per_s, f.mmap_read_gb_per_s
     );
+    let _ = writeln!(
+        s,
+        "\ncache-line round trip between the first two CPUs: {} ns (the vCPUs' placement; \
+         each run's, before and after it, is in its row)",
+        rtt(f.core_round_trip_ns)
+    );
     let _ = writeln!(s, "\nmillrace streaming (consumers read every byte):");
     let _ = writeln!(
         s,
-        "| cache | threads | steps | daemon start | first batch | tokens/s (median) | min-max | payload GB/s | / memcpy | source GB/s | / read ref | disk read | wake p50/p99 us | daemon CPU s per 1e9 tok | / memcpy time | consumer CPU s per 1e9 | daemon VmHWM | RssAnon | RssFile | RssShmem | faults minor/major |"
+        "| cache | threads | steps | daemon start | first batch | tokens/s (median) | min-max | payload GB/s | / memcpy | source GB/s | / read ref | disk read | wake p50/p99 us | daemon CPU s per 1e9 tok | / memcpy time | consumer CPU s per 1e9 | daemon VmHWM | RssAnon | RssFile | RssShmem | faults minor/major | core round trip ns, before/after |"
     );
-    let _ = writeln!(s, "|{}", " --- |".repeat(21));
+    let _ = writeln!(s, "|{}", " --- |".repeat(22));
     for x in r.cold.iter().chain(&r.runs) {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {:.3e} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.0}/{:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {}/{} |",
+            "| {} | {} | {} | {} | {} | {:.3e} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.0}/{:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {}/{} | {}/{} |",
             x.cache,
             x.materialize_threads,
             x.steps,
@@ -311,7 +324,9 @@ pub fn render(r: &BenchReport) -> String {
             mb(x.daemon_rss_file_bytes),
             mb(x.daemon_rss_shmem_bytes),
             x.daemon_minor_faults,
-            x.daemon_major_faults
+            x.daemon_major_faults,
+            rtt(x.core_round_trip_ns[0]),
+            rtt(x.core_round_trip_ns[1]),
         );
     }
     if !r.latency.is_empty() {
@@ -403,4 +418,9 @@ mod tests {
         assert_eq!(range(&[1.0]), "-");
         assert_eq!(range(&[2e8, 1e8]), "1.00e8-2.00e8");
     }
+}
+
+/// A core round trip for the tables: whole ns, or `-` where none was measured.
+fn rtt(ns: Option<f64>) -> String {
+    ns.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
 }

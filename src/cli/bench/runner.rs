@@ -14,7 +14,7 @@ use millrace::util::harness::{
     collect_summary, cpu_seconds, socket_path_in, spawn_rust_consumer, write_config, Daemon,
 };
 
-use super::machine::{io_read_bytes, now_ns, page_faults, status_bytes};
+use super::machine::{core_round_trip_ns, io_read_bytes, now_ns, page_faults, status_bytes};
 use super::report::{References, RunFigures};
 use super::{BenchArgs, CHILD_TIMEOUT};
 
@@ -55,6 +55,8 @@ pub(super) struct Streamed {
     pub(super) rss_file: u64,
     pub(super) rss_shmem: u64,
     pub(super) faults: (u64, u64),
+    /// [`core_round_trip_ns`] just before the daemon started and just after it stopped.
+    pub(super) core_round_trip_ns: [Option<f64>; 2],
 }
 
 /// Everything a run needs that does not change between runs.
@@ -111,6 +113,8 @@ impl Ctx<'_> {
     ) -> Result<Streamed> {
         let args = self.args;
         let (cfg, socket) = self.config(threads)?;
+        // Where the VM's vCPUs sit now (machine.rs): before and after, since it can move.
+        let rtt_before = core_round_trip_ns();
         let t_spawn = now_ns();
         let mut daemon = Daemon::start_polling(
             &self.exe,
@@ -185,6 +189,7 @@ impl Ctx<'_> {
         let faults = page_faults(pid).unwrap_or((0, 0));
         pb.finish_and_clear();
         daemon.stop();
+        let rtt_after = core_round_trip_ns();
         let first = summaries
             .iter()
             .map(|s| s.first_batch_ns)
@@ -203,6 +208,7 @@ impl Ctx<'_> {
             rss_file,
             rss_shmem,
             faults,
+            core_round_trip_ns: [rtt_before, rtt_after],
         })
     }
 
@@ -267,6 +273,7 @@ impl Ctx<'_> {
             daemon_major_faults: x.faults.1,
             digests: summaries.iter().map(|s| s.digest.clone()).collect(),
             repeats_tokens_per_s: Vec::new(),
+            core_round_trip_ns: x.core_round_trip_ns,
         }
     }
 }
