@@ -406,6 +406,11 @@ pub(super) fn render_fairness(f: &FairnessFigures) -> String {
     )
 }
 
+/// A core round trip for the tables: whole ns, or `-` where none was measured.
+fn rtt(ns: Option<f64>) -> String {
+    ns.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,9 +423,4 @@ mod tests {
         assert_eq!(range(&[1.0]), "-");
         assert_eq!(range(&[2e8, 1e8]), "1.00e8-2.00e8");
     }
-}
-
-/// A core round trip for the tables: whole ns, or `-` where none was measured.
-fn rtt(ns: Option<f64>) -> String {
-    ns.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
 }
