@@ -30,8 +30,9 @@ pub fn memcpy_gb_per_s(bytes: usize, reps: usize) -> f64 {
 /// two CPUs or when pinning fails. Why: every slot crosses cores three times (plan thread,
 /// copy thread, consumer) and the nanoGPT baseline never does, so where a VM's
 /// hypervisor happens to place its vCPUs decides millrace's figures and not the
-/// baseline's (on the 2-vCPU EPYC VM of docs/BENCHMARKS.md: 74-85 ns on one CCX,
-/// 316-478 ns apart). The calling thread's affinity is restored before it returns.
+/// baseline's (on the 2-vCPU EPYC VM of docs/BENCHMARKS.md: 74-85 ns when the host put
+/// them near each other, 316-478 ns apart). The calling thread's affinity is restored
+/// before it returns.
 pub(super) fn core_round_trip_ns() -> Option<f64> {
     // Spinning on a CPU that another thread shares waits for its time slices: give up
     // after 2 s (an idle machine takes about 50 ms).
