@@ -128,6 +128,11 @@ pub struct BenchArgs {
     /// to the device. Without CUDA it prints why and exits 0.
     #[arg(long)]
     pub gpu: bool,
+    /// Print only the cache-line round trip between the first two CPUs, in ns (`-` when
+    /// it cannot be measured), and exit: for scripts that time their own runs, such as
+    /// `scripts/steady-bench`, to record where the VM's vCPUs sat (machine.rs).
+    #[arg(long)]
+    pub core_round_trip: bool,
     /// The CUDA device ordinal of `--gpu`.
     #[arg(long, default_value_t = 0)]
     pub gpu_device: u32,
@@ -154,6 +159,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let wall = Instant::now();
     if args.consumers == 0 || args.rows == 0 || args.seq_len == 0 || args.threads.is_empty() {
         bail!("--consumers, --rows, --seq-len and --threads must be positive");
+    }
+    if args.core_round_trip {
+        println!("{}", report::rtt(machine::core_round_trip_ns()));
+        return Ok(());
     }
     if args.gpu {
         // Before the corpus is written: without CUDA this says why and returns at once.

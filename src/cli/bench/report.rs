@@ -407,7 +407,7 @@ pub(super) fn render_fairness(f: &FairnessFigures) -> String {
 }
 
 /// A core round trip for the tables: whole ns, or `-` where none was measured.
-fn rtt(ns: Option<f64>) -> String {
+pub(super) fn rtt(ns: Option<f64>) -> String {
     ns.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
 }
 
