@@ -270,28 +270,45 @@ class MicroBatch:
         return f"MicroBatch(index={self.index}, rows={len(self.tokens)}, loss_tokens={self.loss_tokens})"
 
 
+def _compact_starts(doc_starts: np.ndarray, row_real: np.ndarray, seq_len: int) -> np.ndarray:
+    """Where a piece starts in each row of a compact slot (bool, ``[rows, seq_len + 1]``):
+    a bit of ``doc_starts``, position 0, and where padding starts (``row_real``)."""
+    width = seq_len + 1
+    real = np.clip(row_real.astype(np.int64), 0, width)
+    start = np.unpackbits(doc_starts, axis=1, count=width, bitorder="little").view(bool)
+    inside = np.flatnonzero(real < width)
+    start[inside, real[inside]] = True
+    start[:, 0] = True
+    return start
+
+
+def _cu_of_starts(start: np.ndarray, seq_len: int) -> np.ndarray:
+    """cu_seqlens (int32) over the flattened inputs: every piece start among the inputs
+    (each row's position 0 among them, so row edges are entries), then the end."""
+    n_rows = start.shape[0]
+    at = np.flatnonzero(start[:, :seq_len])
+    cu = np.empty(len(at) + 1, dtype=np.int32)
+    cu[:-1] = at
+    cu[-1] = n_rows * seq_len
+    return cu
+
+
 def derive_compact(rows: np.ndarray, doc_starts: np.ndarray, row_real: np.ndarray,
                    seq_len: int) -> dict:
     """``position_ids`` (int32), ``loss_mask`` (uint8) and ``cu_seqlens`` (int32) of a
     compact slot (docs/PROTOCOL.md section 4), vectorized: a piece starts where a bit of
     ``doc_starts`` is set, at position 0, and where padding starts (``row_real``)."""
-    n_rows, width = rows.shape[0], seq_len + 1
+    width = seq_len + 1
     idx = np.arange(width)
     real = np.clip(row_real.astype(np.int64), 0, width)[:, None]
-    start = np.unpackbits(doc_starts, axis=1, count=width, bitorder="little").astype(bool)
-    start |= idx == real
-    start[:, 0] = True
+    start = _compact_starts(doc_starts, row_real, seq_len)
     first = np.maximum.accumulate(np.where(start, idx, 0), axis=1)
     position_ids = (idx[:seq_len] - first[:, :seq_len]).astype(np.int32)
     loss_mask = ((idx[1:] < real) & ~start[:, 1:]).astype(np.uint8)
-    # Ends of the pieces that hold an input: the next piece's start inside the row, and
-    # the row's end (a piece starting at seq_len holds only a label).
-    ends = np.empty((n_rows, seq_len), dtype=bool)
-    ends[:, :-1] = start[:, 1:seq_len]
-    ends[:, -1] = True
-    flat = (np.arange(n_rows, dtype=np.int64)[:, None] * seq_len + idx[1:])[ends]
-    cu_seqlens = np.concatenate([[0], flat]).astype(np.int32)
-    return {"position_ids": position_ids, "loss_mask": loss_mask, "cu_seqlens": cu_seqlens}
+    # A piece that holds an input ends where the next one starts or at the row's end (a
+    # piece starting at seq_len holds only a label), so its start is the entry.
+    return {"position_ids": position_ids, "loss_mask": loss_mask,
+            "cu_seqlens": _cu_of_starts(start, seq_len)}
 
 
 class Batch:
@@ -419,24 +436,50 @@ class Batch:
         """The arrays by name (views)."""
         return {name: getattr(self, name) for name in FIELDS}
 
-    def micro_batches(self) -> list[MicroBatch]:
-        """The step's rows split in order into ``rows // micro_batch_rows`` micro-batches."""
+    def _cu(self) -> np.ndarray:
+        """``cu_seqlens`` alone: a compact slot's without deriving positions and mask."""
+        if self.slot_layout != "compact":
+            return self._view("cu_seqlens")[: self.cu_len]
+        if self._derived is not None:
+            return self._derived["cu_seqlens"]
+        start = _compact_starts(self._view("doc_starts"), self._view("row_real_tokens"),
+                                self.seq_len)
+        return _cu_of_starts(start, self.seq_len)
+
+    def micro_batch_bounds(self) -> list[tuple[int, int, int]]:
+        """Per micro-batch, ``(i0, i1, max_seqlen)``: its ``cu_seqlens`` are
+        ``cu_seqlens[i0 : i1 + 1] - cu_seqlens[i0]``. A step of one micro-batch reads
+        this from the slot header; more read the document starts (no positions or mask),
+        so a GPU trainer's step does no per-token work on its CPU."""
         mbr, seq = self.micro_batch_rows, self.seq_len
-        cu = self.cu_seqlens
+        if self.rows <= mbr:
+            self._view("row_loss_tokens")  # stale check (both layouts store it)
+            return [(0, self.cu_len - 1, self.max_seqlen)]
+        cu = self._cu()
         out = []
         for m in range(self.rows // mbr):
             r0, r1 = m * mbr, (m + 1) * mbr
             # Every row contributes its own end to cu_seqlens, so row edges are entries.
             i0 = int(np.searchsorted(cu, r0 * seq))
             i1 = int(np.searchsorted(cu, r1 * seq))
-            if cu[i0] != r0 * seq or cu[i1] != r1 * seq:
+            if i1 >= len(cu) or cu[i0] != r0 * seq or cu[i1] != r1 * seq:
                 raise ProtocolError(
                     f"step {self.step}: cu_seqlens has no entry at a row edge "
                     f"({r0 * seq} or {r1 * seq}); cannot split micro-batches")
-            mcu = cu[i0 : i1 + 1] - cu[i0]
+            out.append((i0, i1, int(np.diff(cu[i0 : i1 + 1]).max())))
+        return out
+
+    def micro_batches(self) -> list[MicroBatch]:
+        """The step's rows split in order into ``rows // micro_batch_rows`` micro-batches."""
+        mbr = self.micro_batch_rows
+        cu = self.cu_seqlens
+        out = []
+        for m, (i0, i1, _) in enumerate(self.micro_batch_bounds()):
+            r0, r1 = m * mbr, (m + 1) * mbr
             out.append(MicroBatch(m, self.tokens[r0:r1], self.labels[r0:r1],
-                                  self.loss_mask[r0:r1], self.position_ids[r0:r1], mcu,
-                                  self.domain[r0:r1], self.row_loss_tokens[r0:r1]))
+                                  self.loss_mask[r0:r1], self.position_ids[r0:r1],
+                                  cu[i0 : i1 + 1] - cu[i0], self.domain[r0:r1],
+                                  self.row_loss_tokens[r0:r1]))
         return out
 
     def copy(self) -> "Batch":
@@ -448,7 +491,7 @@ class Batch:
                      self.max_seqlen, self.loss_tokens, self.real_tokens, self.publish_ns,
                      self.cursor, self.micro_batch_rows, views, None, None, self.slot_layout)
 
-    def to_torch(self, device=None, non_blocking: bool = True):
+    def to_torch(self, device=None, non_blocking: bool = True, cuda_graphs: bool = True):
         """The batch as torch tensors (see :func:`millrace.torch_adapter.batch_to_torch`).
 
         ``device=None`` or CPU: zero-copy tensors over the ring (same lifetime as the
@@ -457,7 +500,8 @@ class Batch:
         """
         from . import torch_adapter
 
-        return torch_adapter.batch_to_torch(self, device=device, non_blocking=non_blocking)
+        return torch_adapter.batch_to_torch(self, device=device, non_blocking=non_blocking,
+                                            cuda_graphs=cuda_graphs)
 
     def __repr__(self):
         state = ", released" if self._released else ""

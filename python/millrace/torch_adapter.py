@@ -3,7 +3,9 @@
 - :func:`batch_to_torch` (also ``Batch.to_torch``): CPU tensors that alias the ring
   (zero copy, same lifetime as the numpy views), or CUDA tensors copied on a side stream.
   A compact slot goes to CUDA as ONE copy of its contiguous bytes, then device ops
-  derive labels, positions, mask and cu_seqlens (unmeasured: written without a GPU).
+  derive labels, positions, mask and cu_seqlens: one replay of a CUDA graph captured
+  for the slot's shape (checked against the eager kernels on its first step), or with
+  ``cuda_graphs=False`` some twenty kernels (unmeasured: written without a GPU).
   For a CUDA copy an event is recorded and the ring slot is released only after that
   event completed, so the GPU tensors never depend on the ring.
 - Ring registration: the whole ring mapping is registered once per connection with
@@ -35,6 +37,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -164,22 +167,16 @@ class TorchBatch:
                 f"device={self.tokens.device})")
 
 
-def _mb_bounds(batch: Batch):
-    out = []
-    for mb in batch.micro_batches():
-        cu = batch.cu_seqlens
-        i0 = int(np.searchsorted(cu, mb.index * batch.micro_batch_rows * batch.seq_len))
-        out.append((i0, i0 + len(mb.cu_seqlens) - 1, mb.max_seqlen))
-    return out
-
-
-def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True) -> TorchBatch:
-    """Tensors of ``batch`` on ``device`` (see the module docstring)."""
+def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True,
+                   cuda_graphs: bool = True) -> TorchBatch:
+    """Tensors of ``batch`` on ``device`` (see the module docstring). ``cuda_graphs``:
+    derive a compact slot's arrays on CUDA by replaying a captured graph (checked
+    against the eager kernels on its first step) rather than launching each kernel."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     if dev.type == "cuda" and batch.slot_layout == "compact" and torch.cuda.is_available():
-        return _compact_to_cuda(batch, dev, non_blocking)
+        return _compact_to_cuda(batch, dev, non_blocking, cuda_graphs)
     arrays = batch.arrays()  # raises StaleBatch when released
-    bounds = _mb_bounds(batch)
+    bounds = batch.micro_batch_bounds()
     cpu = _cpu_tensors(batch, arrays)
     if dev.type == "cpu":
         return TorchBatch(batch, cpu, bounds)
@@ -206,14 +203,15 @@ def _cuda_stream(batch: Batch, dev):
     return dev, _state(client).stream(dev)
 
 
-def _fenced(batch: Batch, dev, stream, out: dict, bounds) -> TorchBatch:
+def _fenced(batch: Batch, dev, stream, out: dict, bounds, owners=None) -> TorchBatch:
     """Makes the current stream wait for the side stream's copies of ``out`` and fences
-    the batch on them, so its slot is released only once they completed."""
+    the batch on them, so its slot is released only once they completed. ``owners``: the
+    tensors whose memory ``out`` views (default: ``out``'s own)."""
     event = torch.cuda.Event()
     event.record(stream)
     current = torch.cuda.current_stream(dev)
     current.wait_event(event)
-    for t in out.values():
+    for t in out.values() if owners is None else owners:
         # Allocated on the side stream, used on the current one: tell the allocator.
         t.record_stream(current)
     if batch._client is not None:
@@ -235,6 +233,10 @@ def _slot_bytes(batch: Batch):
             parts += [v.view(np.uint8).ravel(), np.zeros(pad, np.uint8)]
             at += v.nbytes + pad
         return torch.from_numpy(np.concatenate(parts)), layout
+    key = ("bytes", id(batch._views))  # one tuple per slot and shape of the connection
+    hit = conn.torch_cpu.get(key)
+    if hit is not None:
+        return hit
     fields = batch._fields  # where this slot's arrays are (its header's offsets)
     names = SLOT_FIELDS["compact"]
     lo = min(int(fields[n]["offset"]) for n in names)
@@ -247,7 +249,8 @@ def _slot_bytes(batch: Batch):
     host = np.frombuffer(conn.mm, dtype=np.uint8, count=hi - lo, offset=base + lo)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
-        return torch.from_numpy(host), layout
+        hit = conn.torch_cpu[key] = (torch.from_numpy(host), layout)
+    return hit
 
 
 _TORCH_INT = {np.dtype("uint8"): torch.uint8, np.dtype("int8"): torch.int8,
@@ -255,73 +258,249 @@ _TORCH_INT = {np.dtype("uint8"): torch.uint8, np.dtype("int8"): torch.int8,
               np.dtype("int32"): torch.int32, np.dtype("uint32"): torch.int32,
               np.dtype("int64"): torch.int64}
 
+# Per (device, rows, seq_len): tensors every step's derivation reads and none writes, so
+# that a step launches no arange and no fill (a few stages per run: a handful at most).
+_CONSTS: dict = {}
 
-def derive_tensors(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dict:
-    """The batch's tensors from a compact slot's bytes ``buf`` (uint8, on any device),
-    with device ops only: no host round trip and no size-dependent op (``cu_len`` is the
-    slot header's), so on CUDA nothing synchronises. ``layout`` maps each stored array to
-    (byte offset in ``buf``, numpy dtype, shape)."""
-    dev, width = buf.device, seq + 1
+
+def _consts(dev, n_rows: int, seq: int):
+    """(idx, pow2, flat, last): positions 0..seq as int32; the 8 bit masks of a doc_starts
+    byte; each input position's flattened end offset ``r * seq + j + 1`` (int32); and a
+    row's last input position (bool), which always ends a flash-attention segment."""
+    key = (str(dev), n_rows, seq)
+    c = _CONSTS.get(key)
+    if c is None:
+        if len(_CONSTS) >= 16:
+            _CONSTS.clear()
+        idx = torch.arange(seq + 1, dtype=torch.int32, device=dev)
+        pow2 = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=dev)
+        flat = (torch.arange(n_rows, dtype=torch.int32, device=dev)[:, None] * seq
+                + idx[1:]).reshape(-1)
+        last = torch.zeros(seq, dtype=torch.bool, device=dev)
+        last[-1] = True
+        if dev.type == "cuda":
+            # Written on this stream, read on any client's: finish writing them first.
+            torch.cuda.current_stream(dev).synchronize()
+        c = _CONSTS[key] = (idx, pow2, flat, last)
+    return c
+
+
+def _derive(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dict:
+    """The arrays a compact slot determines, from its bytes ``buf``: ``rows`` (ids
+    widened to a signed type torch indexes with), ``loss_mask`` (uint8),
+    ``position_ids`` (int32), ``cu_seqlens`` (int32, ``[cu_len]``, zeros past the last
+    boundary), ``domain`` and ``row_loss_tokens``. About twenty kernels, none of whose
+    sizes depends on the data, so on CUDA nothing synchronises and a graph can hold them."""
+    idx, pow2, flat, last = _consts(buf.device, n_rows, seq)
+    width = seq + 1
 
     def field(name):
         at, dtype, shape = layout[name]
         n = int(np.prod(shape)) * dtype.itemsize
-        t = buf[at : at + n].view(_TORCH_INT[dtype]).reshape(shape)
+        t = buf[at : at + n].view(_TORCH_INT[dtype]).view(shape)
         if dtype == np.dtype("uint16"):
             t = t.to(torch.int32) & 0xFFFF
         elif dtype == np.dtype("uint32"):
             t = t.to(torch.int64) & 0xFFFFFFFF
         return t
 
-    rows = field("rows")
-    real = field("row_real_tokens").to(torch.int64).clamp(0, width)[:, None]
-    shifts = torch.arange(8, device=dev, dtype=torch.uint8)
-    bits = (field("doc_starts").unsqueeze(-1) >> shifts) & 1
-    idx = torch.arange(width, device=dev)
-    start = bits.reshape(n_rows, -1)[:, :width].bool() | (idx == real)
-    start[:, 0] = True
-    first = torch.cummax(torch.where(start, idx, 0), dim=1).values
-    position_ids = (idx[:seq] - first[:, :seq]).to(torch.int32)
-    loss_mask = ((idx[1:] < real) & ~start[:, 1:]).to(torch.uint8)
-    ends = torch.ones((n_rows, seq), dtype=torch.bool, device=dev)
-    ends[:, :-1] = start[:, 1:seq]
-    flat = (torch.arange(n_rows, device=dev)[:, None] * seq + idx[1:]).reshape(-1)
-    e = ends.reshape(-1)
-    # Scatter each end to its rank (a boolean index would sync on its size).
-    rank = torch.cumsum(e, 0)
-    cu = torch.zeros(cu_len, dtype=torch.int64, device=dev)
-    cu.scatter_(0, torch.where(e, rank, 0), torch.where(e, flat, 0))
-    return {"tokens": rows[:, :-1], "labels": rows[:, 1:], "loss_mask": loss_mask,
-            "position_ids": position_ids, "cu_seqlens": cu.to(torch.int32),
-            "domain": field("domain"), "row_loss_tokens": field("row_loss_tokens")}
+    real = field("row_real_tokens")[:, None]
+    # A document starts where its bit is set, and padding starts at the row's real count
+    # (a count past the row matches no position, as if clamped). Position 0 needs no
+    # flag: nothing below reads it as a start.
+    bits = (field("doc_starts").unsqueeze(-1) & pow2).view(n_rows, -1)[:, :width]
+    start = torch.logical_or(bits, idx == real)
+    first = torch.cummax(start * idx, dim=1).values
+    # An input position ends its segment where the next position starts one, and at the
+    # row's end; each end goes to its rank in cu_seqlens by a scatter (a boolean index
+    # would wait on its size).
+    ends = torch.logical_or(start[:, 1:], last).view(-1)
+    cu = torch.zeros(cu_len, dtype=torch.int32, device=buf.device)
+    cu.scatter_(0, torch.cumsum(ends, 0) * ends, flat * ends)
+    return {"rows": field("rows"), "position_ids": idx[:seq] - first[:, :seq],
+            "loss_mask": ((idx[1:] < real) & ~start[:, 1:]).view(torch.uint8),
+            "cu_seqlens": cu, "domain": field("domain"),
+            "row_loss_tokens": field("row_loss_tokens")}
 
 
-def _compact_to_cuda(batch: Batch, dev, non_blocking: bool) -> TorchBatch:
+def derive_tensors(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dict:
+    """The batch's tensors from a compact slot's bytes ``buf`` (uint8, on any device),
+    with device ops only: no host round trip and no size-dependent op (``cu_len`` is the
+    slot header's), so on CUDA nothing synchronises. ``layout`` maps each stored array to
+    (byte offset in ``buf``, numpy dtype, shape)."""
+    d = _derive(buf, layout, n_rows, seq, cu_len)
+    rows = d.pop("rows")
+    d["tokens"], d["labels"] = rows[:, :-1], rows[:, 1:]
+    return d
+
+
+def _compact_to_cuda(batch: Batch, dev, non_blocking: bool, graphs: bool) -> TorchBatch:
     """A compact slot on a CUDA device: ONE host-to-device copy of the slot's contiguous
     bytes (from the registered ring when registration worked), then device ops build
-    labels, positions, mask and cu_seqlens (int32) on the side stream. ``max_seqlen`` and
-    ``cu_len`` come from the slot header, so nothing waits on the device.
+    labels, positions, mask and cu_seqlens (int32) on the side stream: one CUDA graph
+    replay (:class:`_Graphed`) or, with ``graphs`` off or unavailable, some twenty
+    kernels. ``max_seqlen``, ``cu_len`` and (for one micro-batch per step) the
+    micro-batch bounds come from the slot header, so nothing waits on the device.
 
     Unmeasured: no GPU was available where this was written; the CPU path is tested.
     """
     batch._view("rows")  # raises StaleBatch when released
     dev, stream = _cuda_stream(batch, dev)
     host, layout = _slot_bytes(batch)
+    bounds = batch.micro_batch_bounds()
+    state = _state(batch._client)
+    g = state.graphed(dev, stream, layout, batch.rows, batch.seq_len, host.numel()) \
+        if graphs else None
+    if g is not None:
+        out, own = g.run(host, stream, batch.cu_len, non_blocking)
+        if g.checked or state.check(g, out, stream, layout, batch):
+            return _fenced(batch, dev, stream, out, bounds, owners=(own,))
     with torch.cuda.stream(stream):
         buf = host.to(dev, non_blocking=non_blocking)
         out = derive_tensors(buf, layout, batch.rows, batch.seq_len, batch.cu_len)
-    return _fenced(batch, dev, stream, out, _mb_bounds(batch))
+    return _fenced(batch, dev, stream, out, bounds)
+
+
+def _up64(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def _on(stream):
+    """``torch.cuda.stream(stream)``, or nothing on the CPU (``stream`` None)."""
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
+class _Graphed:
+    """:func:`_derive` for one slot shape, captured once as a CUDA graph.
+
+    Eager, a compact step costs the trainer's CPU 51 dispatched ops, 17 of them kernels
+    (63 us of dispatch alone on the 2-vCPU VM, before any launch; docs/BENCHMARKS.md,
+    "The trainer's step on CUDA"). Replayed, it costs one copy, one replay and one
+    clone (15 ops). The graph reads the slot's bytes from a static device buffer
+    (``inp``) and writes every array into a static output region (``out``); each step
+    copies the slot into ``inp``, replays, and clones ``out``, so the tensors handed out
+    are the trainer's own, as the eager path's are. ``cu_seqlens`` is captured at its
+    largest (``rows * seq_len + 1``) and cut to the header's ``cu_len``. On a CPU device
+    (the tests) nothing is captured and :meth:`run` derives eagerly into the same
+    buffers.
+    """
+
+    def __init__(self, dev, stream, layout: dict, n_rows: int, seq: int, nbytes: int):
+        cap = n_rows * seq + 1
+        with _on(stream):
+            # The constants the graph reads: kept alive here whatever the cache does.
+            self.consts = _consts(dev, n_rows, seq)
+            probe = _derive(torch.zeros(nbytes, dtype=torch.uint8, device=dev), layout,
+                            n_rows, seq, cap)
+        # Each array's place in the output region: (element offset, dtype, shape).
+        self.specs, at = {}, 0
+        for name, t in probe.items():
+            self.specs[name] = (at // t.element_size(), t.dtype, tuple(t.shape))
+            at += _up64(t.numel() * t.element_size())
+        start = _up64(nbytes)
+        with _on(stream):  # the side stream's memory, as everything the graph touches
+            self.static = torch.empty(start + at, dtype=torch.uint8, device=dev)
+        self.inp, self.out = self.static[:nbytes], self.static[start:]
+        dst = self.views(self.out)
+
+        def body():
+            for name, t in _derive(self.inp, layout, n_rows, seq, cap).items():
+                dst[name].copy_(t)
+
+        self.body, self.graph, self.checked = body, None, False
+        if dev.type == "cuda":
+            with _on(stream):
+                for _ in range(2):  # warm-up outside the capture: lazy initialisations
+                    body()
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                body()
+            self.graph = graph
+
+    def views(self, buf) -> dict:
+        """The arrays as views of ``buf`` (the output region or a clone of it)."""
+        typed, out = {}, {}
+        for name, (off, dtype, shape) in self.specs.items():
+            base = typed.get(dtype)
+            if base is None:
+                base = typed[dtype] = buf.view(dtype)
+            strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+            out[name] = base.as_strided(shape, strides, base.storage_offset() + off)
+        return out
+
+    def run(self, host, stream, cu_len: int, non_blocking: bool = True):
+        """The batch's tensors from the slot bytes ``host``, and the one tensor they view."""
+        with _on(stream):
+            self.inp.copy_(host, non_blocking=non_blocking)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.body()
+            own = self.out.clone()
+        d = self.views(own)
+        rows = d.pop("rows")
+        d["tokens"], d["labels"] = rows[:, :-1], rows[:, 1:]
+        d["cu_seqlens"] = d["cu_seqlens"][:cu_len]
+        return d, own
 
 
 class _TorchState:
+    """A client's CUDA side: its side stream per device, and its captured derivations."""
+
     def __init__(self):
         self.streams = {}
+        self.graphs = {}
+        # Set once a capture failed or a replay differed from the eager derivation:
+        # this client derives eagerly from then on.
+        self.graphs_off = False
 
     def stream(self, dev):
         s = self.streams.get(dev)
         if s is None:
             s = self.streams[dev] = torch.cuda.Stream(device=dev)
         return s
+
+    def graphed(self, dev, stream, layout, n_rows, seq, nbytes):
+        """The captured derivation of this slot shape (captured now if new), or None."""
+        if self.graphs_off:
+            return None
+        key = (str(dev), n_rows, seq, nbytes,
+               tuple((n, at, dt.str, shape) for n, (at, dt, shape) in layout.items()))
+        g = self.graphs.get(key)
+        if g is None:
+            if len(self.graphs) >= 8:  # a run has a few stages; many shapes: start over
+                self._drop(stream)
+            try:
+                g = self.graphs[key] = _Graphed(dev, stream, layout, n_rows, seq, nbytes)
+            except Exception as e:  # noqa: BLE001 - never crash a trainer over an optimisation
+                self._off(stream, f"could not capture the slot derivation as a CUDA graph ({e})")
+                return None
+        return g
+
+    def check(self, g, out, stream, layout, batch) -> bool:
+        """Compares a new graph's first replay with the eager derivation of the same
+        bytes (a synchronisation, once per slot shape); on a difference, turns graphs
+        off for this client and says so."""
+        with _on(stream):
+            want = derive_tensors(g.inp, layout, batch.rows, batch.seq_len, batch.cu_len)
+            same = all(torch.equal(out[k], want[k]) for k in want)
+        if same:
+            g.checked = True
+            return True
+        self._off(stream, f"the CUDA graph's arrays differ from the eager ones at step "
+                          f"{batch.step}")
+        return False
+
+    def _drop(self, stream):
+        if stream is not None:
+            stream.synchronize()  # replays in flight use the graphs' memory
+        self.graphs.clear()
+
+    def _off(self, stream, why):
+        log.warning("millrace: %s; deriving with separate kernels from now on", why)
+        self.graphs_off = True
+        self._drop(stream)
 
 
 _DETACHED = _TorchState()
@@ -405,11 +584,14 @@ class TorchClient:
     of one. Its ``hold`` is raised to ``prefetch + 1``. :meth:`state_dict` describes the
     last batch returned to you (not the prefetched ones), so a checkpoint resumes exactly.
     On the CPU (``device="cpu"``) the tensors alias the ring and stay valid until you ask
-    for the next batch.
+    for the next batch. ``cuda_graphs`` (compact slots on CUDA): derive each step by
+    replaying a captured graph (:class:`_Graphed`; at most about 90 bytes of device
+    memory per token of a slot, held while the client lives) rather than kernel by
+    kernel.
     """
 
     def __init__(self, client=None, device="cuda", prefetch: int = 1, non_blocking=True,
-                 **client_kwargs):
+                 cuda_graphs: bool = True, **client_kwargs):
         if client is None:
             client = Client(**client_kwargs)
         elif client_kwargs:
@@ -421,6 +603,7 @@ class TorchClient:
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.non_blocking = non_blocking
+        self.cuda_graphs = cuda_graphs
         self._queue: deque = deque()
         self._last = None
 
@@ -430,7 +613,8 @@ class TorchClient:
     def __next__(self) -> TorchBatch:
         while len(self._queue) <= self.prefetch:
             b = self.client.next_batch()
-            self._queue.append(b.to_torch(self.device, non_blocking=self.non_blocking))
+            self._queue.append(b.to_torch(self.device, non_blocking=self.non_blocking,
+                                          cuda_graphs=self.cuda_graphs))
         tb = self._queue.popleft()
         self._last = tb
         return tb

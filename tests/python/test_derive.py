@@ -1,0 +1,116 @@
+"""The arrays a compact slot determines, derived three ways on hand-made slots: numpy
+(``millrace.client.derive_compact``, what ``Batch`` computes on first access), torch's
+device ops (``derive_tensors``, the CUDA path run on CPU tensors) and that same
+derivation in the buffers a CUDA graph replays (``_Graphed``, run eagerly on the CPU).
+They must agree with each other on any slot, padding and odd lengths included; the
+daemon-driven test in test_serve.py checks them against the expanded layout.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from serve_helpers import import_path_for_package
+
+try:
+    import millrace as mr
+except ImportError:  # not pip-installed: use the source tree
+    sys.path.insert(0, import_path_for_package())
+    import millrace as mr
+
+from millrace.client import SLOT_FIELDS, Batch, derive_compact  # noqa: E402
+
+
+def hand_batch(rng, n_rows: int, seq: int, dtype, mbr: int) -> Batch:
+    """A detached compact batch of random ids, document starts (about one position in
+    12) and real counts from 0 to past the row, split in micro-batches of ``mbr`` rows."""
+    width = seq + 1
+    hi = 60000 if dtype == np.uint16 else 2**31 - 1
+    arrays = {
+        "rows": rng.integers(0, hi, (n_rows, width)).astype(dtype),
+        "doc_starts": np.packbits(rng.random((n_rows, width)) < 1 / 12, axis=1,
+                                  bitorder="little"),
+        "row_real_tokens": rng.choice([0, 1, 2, width // 2, seq, width, width + 3],
+                                      n_rows).astype(np.int32),
+        "domain": rng.integers(0, 5, n_rows).astype(np.int32),
+        "row_loss_tokens": rng.integers(0, seq, n_rows).astype(np.int32),
+    }
+    d = derive_compact(arrays["rows"], arrays["doc_starts"], arrays["row_real_tokens"], seq)
+    cu = d["cu_seqlens"]
+    views = tuple(arrays[n] for n in SLOT_FIELDS["compact"])
+    return Batch(7, 7, n_rows, seq, len(cu), int(np.diff(cu).max()), 0, 0, 0, b"", mbr,
+                 views, None, None, "compact")
+
+
+def test_cu_seqlens_from_the_starts_equal_the_ends_definition():
+    """cu_seqlens are the piece starts among the inputs: the same entries as the ends of
+    PROTOCOL section 4 (next start inside the row, or the row's end)."""
+    rng = np.random.default_rng(1)
+    for n_rows, seq in [(1, 1), (1, 7), (3, 8), (4, 33), (2, 4096)]:
+        b = hand_batch(rng, n_rows, seq, np.uint16, n_rows)
+        ds, real = b._view("doc_starts"), b._view("row_real_tokens")
+        width, idx = seq + 1, np.arange(seq + 1)
+        start = np.unpackbits(ds, axis=1, count=width, bitorder="little").astype(bool)
+        start |= idx == np.clip(real, 0, width)[:, None]
+        start[:, 0] = True
+        ends = np.concatenate([start[:, 1:seq], np.ones((n_rows, 1), bool)], axis=1)
+        flat = (np.arange(n_rows)[:, None] * seq + idx[1:])[ends]
+        np.testing.assert_array_equal(b.cu_seqlens, np.concatenate([[0], flat]))
+
+
+def test_micro_batch_bounds_cut_cu_seqlens_at_row_edges():
+    """Bounds from the starts alone equal those cut from the derived cu_seqlens; a step
+    of one micro-batch takes them from the header."""
+    rng = np.random.default_rng(2)
+    for n_rows, seq, mbr in [(8, 64, 1), (8, 64, 2), (6, 17, 3), (4, 9, 4)]:
+        b = hand_batch(rng, n_rows, seq, np.uint16, mbr)
+        bounds = b.micro_batch_bounds()  # before any derivation: the cheap path
+        assert b._derived is None or mbr == n_rows
+        cu = b.cu_seqlens
+        assert len(bounds) == n_rows // mbr
+        for m, (i0, i1, top) in enumerate(bounds):
+            assert cu[i0] == m * mbr * seq and cu[i1] == (m + 1) * mbr * seq
+            assert top == int(np.diff(cu[i0 : i1 + 1]).max())
+        mbs = b.micro_batches()
+        assert [int(mb.cu_seqlens[-1]) for mb in mbs] == [mbr * seq] * len(mbs)
+        assert [mb.max_seqlen for mb in mbs] == [t for _, _, t in bounds]
+
+
+def test_torch_device_ops_and_their_graph_form_equal_numpy():
+    """``derive_tensors`` (the device ops of the CUDA path) and ``_Graphed`` (the same in
+    static buffers, cloned per step) equal numpy's arrays on random slots; a second slot
+    through the same buffers leaves the first step's tensors as they were."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import _Graphed, _slot_bytes, derive_tensors
+
+    rng = np.random.default_rng(3)
+    cpu = torch.device("cpu")
+    for n_rows, seq, dtype in [(1, 1, np.uint16), (2, 7, np.uint16), (3, 8, np.int32),
+                               (4, 33, np.uint16), (8, 4096, np.uint16),
+                               (2, 100, np.int32)]:
+        first = hand_batch(rng, n_rows, seq, dtype, n_rows)
+        host, layout = _slot_bytes(first)
+        g = _Graphed(cpu, None, layout, n_rows, seq, host.numel())
+        kept = None
+        for b in (first, hand_batch(rng, n_rows, seq, dtype, n_rows)):
+            host, layout = _slot_bytes(b)
+            eager = derive_tensors(host, layout, n_rows, seq, b.cu_len)
+            graphed, own = g.run(host, None, b.cu_len)
+            for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens",
+                         "domain", "row_loss_tokens"):
+                want = torch.from_numpy(np.ascontiguousarray(getattr(b, name)).astype(np.int64))
+                assert torch.equal(eager[name].long(), want), (n_rows, seq, name)
+                assert torch.equal(graphed[name].long(), want), (n_rows, seq, name)
+                assert graphed[name].dtype == eager[name].dtype, name
+                assert graphed[name].untyped_storage().data_ptr() == \
+                    own.untyped_storage().data_ptr(), name
+            assert eager["cu_seqlens"].dtype == torch.int32
+            assert eager["position_ids"].dtype == torch.int32
+            assert eager["loss_mask"].dtype == torch.uint8
+            if kept is None:
+                kept = {k: (v, v.clone()) for k, v in graphed.items()}
+        for name, (t, copy) in kept.items():
+            assert torch.equal(t, copy), f"the second step overwrote the first's {name}"
