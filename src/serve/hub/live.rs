@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tracing::info;
 
@@ -279,7 +280,7 @@ impl Hub {
     /// in force. Counted per source either way.
     pub fn change(&self, req: &ChangeRequest) -> Result<Applied, ChangeError> {
         let mut st = self.lock();
-        let r = self.change_locked(&mut st, req);
+        let r = self.change_locked(&mut st, req, Instant::now());
         match &r {
             Ok(_) => *st.reloads.entry(req.source).or_default() += 1,
             Err(_) => *st.failed_reloads.entry(req.source).or_default() += 1,
@@ -294,7 +295,14 @@ impl Hub {
         *self.lock().failed_reloads.entry(source).or_default() += 1;
     }
 
-    fn change_locked(&self, st: &mut State, req: &ChangeRequest) -> Result<Applied, ChangeError> {
+    /// The change under the hub's lock, taken at `locked`: no worker claims or
+    /// publishes meanwhile, so its time is every ring's stall (logged when it applies).
+    fn change_locked(
+        &self,
+        st: &mut State,
+        req: &ChangeRequest,
+        locked: Instant,
+    ) -> Result<Applied, ChangeError> {
         if st.draining || st.stopping {
             // Nothing published after now could carry it: it would be lost on restart.
             return Err(ChangeError {
@@ -419,6 +427,7 @@ impl Hub {
             requested,
             applied,
             plan_step = d,
+            locked_us = locked.elapsed().as_micros() as u64,
             "live mixture change: {message}"
         );
         Ok(Applied {
