@@ -456,18 +456,16 @@ class Batch:
             self._view("row_loss_tokens")  # stale check (both layouts store it)
             return [(0, self.cu_len - 1, self.max_seqlen)]
         cu = self._cu()
-        out = []
-        for m in range(self.rows // mbr):
-            r0, r1 = m * mbr, (m + 1) * mbr
-            # Every row contributes its own end to cu_seqlens, so row edges are entries.
-            i0 = int(np.searchsorted(cu, r0 * seq))
-            i1 = int(np.searchsorted(cu, r1 * seq))
-            if i1 >= len(cu) or cu[i0] != r0 * seq or cu[i1] != r1 * seq:
-                raise ProtocolError(
-                    f"step {self.step}: cu_seqlens has no entry at a row edge "
-                    f"({r0 * seq} or {r1 * seq}); cannot split micro-batches")
-            out.append((i0, i1, int(np.diff(cu[i0 : i1 + 1]).max())))
-        return out
+        # Every row contributes its own end to cu_seqlens, so row edges are entries.
+        edges = np.arange(self.rows // mbr + 1, dtype=np.int64) * (mbr * seq)
+        at = np.searchsorted(cu, edges)
+        ok = at < len(cu)
+        ok[ok] = cu[at[ok]] == edges[ok]
+        if not ok.all():
+            raise ProtocolError(f"step {self.step}: cu_seqlens has no entry at the row edge "
+                                f"{int(edges[~ok][0])}; cannot split micro-batches")
+        tops = np.maximum.reduceat(np.diff(cu), at[:-1])
+        return list(zip(at[:-1].tolist(), at[1:].tolist(), tops.tolist()))
 
     def micro_batches(self) -> list[MicroBatch]:
         """The step's rows split in order into ``rows // micro_batch_rows`` micro-batches."""

@@ -79,6 +79,23 @@ def test_micro_batch_bounds_cut_cu_seqlens_at_row_edges():
         assert [mb.max_seqlen for mb in mbs] == [t for _, _, t in bounds]
 
 
+def test_micro_batch_bounds_refuse_cu_seqlens_without_a_row_edge():
+    """An expanded slot whose cu_seqlens skips a row edge (a daemon gone wrong) cannot be
+    split: a ProtocolError names the edge, for an edge inside and for the last one."""
+    seq, rows = 4, 2
+    zeros = np.zeros((rows, seq), dtype=np.int32)
+    for cu, edge in [([0, 2, 6, 8], 4), ([0, 4, 6], 8)]:
+        views = (zeros, zeros, zeros.astype(np.uint8), zeros, np.array(cu, dtype=np.int32),
+                 np.zeros(rows, np.int32), np.zeros(rows, np.int32))
+        b = Batch(3, 3, rows, seq, len(cu), 4, 0, 0, 0, b"", 1, views, None, None, "expanded")
+        with pytest.raises(mr.ProtocolError, match=f"no entry at the row edge {edge}"):
+            b.micro_batch_bounds()
+    ok = Batch(3, 3, rows, seq, 4, 4, 0, 0, 0, b"", 1,
+               views[:4] + (np.array([0, 3, 4, 8], dtype=np.int32),) + views[5:], None,
+               None, "expanded")
+    assert ok.micro_batch_bounds() == [(0, 2, 3), (2, 3, 4)]
+
+
 def test_torch_device_ops_and_their_graph_form_equal_numpy():
     """``derive_tensors`` (the device ops of the CUDA path) and ``_Graphed`` (the same in
     static buffers, cloned per step) equal numpy's arrays on random slots; a second slot
