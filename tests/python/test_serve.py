@@ -866,6 +866,9 @@ def test_torch_tensors_dataset_and_resume(corpus, expected, daemons):
 
 
 def test_torch_cuda_copies_from_registered_ring(corpus, expected, daemons):
+    """On a GPU, compact slots reach the device as one copy from the registered ring and
+    every array equals explain's, both with the derivation replayed as a CUDA graph
+    (which must then be in use, not fallen back) and kernel by kernel."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -873,20 +876,27 @@ def test_torch_cuda_copies_from_registered_ring(corpus, expected, daemons):
 
     d = daemons(corpus)
     want = expected.records(0, 20, 0, 4)
-    c = client(d, 0, 4, job="cuda", register_cuda=True)
-    tc = TorchClient(c, device="cuda", prefetch=1)
-    for k in range(20):
-        tb = next(tc)
-        assert tb.tokens.is_cuda and tb.step == k
-        if k == 0:
-            assert c._conn.cuda_ptr is not None, "the ring was not registered"
-        np.testing.assert_array_equal(tb.tokens.cpu().numpy(), want["tokens"][k])
-        np.testing.assert_array_equal(tb.loss_mask.cpu().numpy(), want["loss_mask"][k])
-        np.testing.assert_array_equal(tb.cu_seqlens.cpu().numpy(),
-                                      want["cu_seqlens"][k][: want["cu_len"][k]])
-    conn = c._conn
-    tc.close()
-    assert conn.cuda_ptr is None
+    for graphs in (True, False):
+        c = client(d, 0, 4, job=f"cuda-{graphs}", register_cuda=True)
+        tc = TorchClient(c, device="cuda", prefetch=1, cuda_graphs=graphs)
+        for k in range(20):
+            tb = next(tc)
+            assert tb.tokens.is_cuda and tb.step == k
+            if k == 0:
+                assert c._conn.cuda_ptr is not None, "the ring was not registered"
+            for name in ("tokens", "labels", "loss_mask", "position_ids", "domain",
+                         "row_loss_tokens"):
+                np.testing.assert_array_equal(getattr(tb, name).cpu().numpy(),
+                                              want[name][k], err_msg=f"{graphs} {k} {name}")
+            np.testing.assert_array_equal(tb.cu_seqlens.cpu().numpy(),
+                                          want["cu_seqlens"][k][: want["cu_len"][k]])
+            assert tb.cu_seqlens.dtype == torch.int32
+        state = c._torch
+        assert (not state.graphs_off and len(state.graphs) == 1) if graphs else \
+            not state.graphs, "the CUDA graph was not used"
+        conn = c._conn
+        tc.close()
+        assert conn.cuda_ptr is None
     # No error left behind for later CUDA work.
     x = torch.ones(1000, device="cuda")
     assert float((x * 2).sum()) == 2000.0
