@@ -101,7 +101,8 @@ def test_torch_device_ops_and_their_graph_form_equal_numpy():
     static buffers, cloned per step) equal numpy's arrays on random slots; a second slot
     through the same buffers leaves the first step's tensors as they were."""
     torch = pytest.importorskip("torch")
-    from millrace.torch_adapter import _Graphed, _slot_bytes, derive_tensors
+    from millrace.torch_adapter import _slot_bytes
+    from millrace.torch_derive import _Graphed, derive_tensors
 
     rng = np.random.default_rng(3)
     cpu = torch.device("cpu")
