@@ -231,9 +231,9 @@ impl Planner {
         // Interleave domains across positions (and so across ranks).
         let perm = Permutation::new(rows.len() as u64, derive_key(&[self.plan.seed_at(p), p, 5]));
         let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
-        let rows: Vec<Row> = (0..slots.len() as u64)
-            .filter_map(|j| slots[perm.apply(j) as usize].take())
-            .collect();
+        // Sized once: collecting a filter_map grew the vector three or four times a step.
+        let mut rows = Vec::with_capacity(slots.len());
+        rows.extend((0..slots.len() as u64).filter_map(|j| slots[perm.apply(j) as usize].take()));
         let step = self.step;
         self.step += 1;
         GlobalBatch {
