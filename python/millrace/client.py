@@ -298,17 +298,24 @@ def derive_compact(rows: np.ndarray, doc_starts: np.ndarray, row_real: np.ndarra
     """``position_ids`` (int32), ``loss_mask`` (uint8) and ``cu_seqlens`` (int32) of a
     compact slot (docs/PROTOCOL.md section 4), vectorized: a piece starts where a bit of
     ``doc_starts`` is set, at position 0, and where padding starts (``row_real``)."""
-    width = seq_len + 1
-    idx = np.arange(width)
-    real = np.clip(row_real.astype(np.int64), 0, width)[:, None]
+    n_rows, width = rows.shape[0], seq_len + 1
+    idx = np.arange(width, dtype=np.int32)
+    real = np.clip(row_real.astype(np.int64), 0, width).astype(np.int32)[:, None]
     start = _compact_starts(doc_starts, row_real, seq_len)
-    first = np.maximum.accumulate(np.where(start, idx, 0), axis=1)
-    position_ids = (idx[:seq_len] - first[:, :seq_len]).astype(np.int32)
-    loss_mask = ((idx[1:] < real) & ~start[:, 1:]).astype(np.uint8)
+    # A position's id is its distance to the last piece start at or before it. Over the
+    # flattened rows (each row's position 0 is a start, so no piece crosses a row) that
+    # start repeats once per position of its piece: a fill, where a running maximum
+    # (np.maximum.accumulate) is not vectorized and took 80 of 143 µs at 8 x 4096.
+    at = np.flatnonzero(start)
+    first = np.repeat(at.astype(np.int32), np.diff(at, append=n_rows * width))
+    position_ids = (np.arange(n_rows * width, dtype=np.int32) - first).reshape(n_rows, width)
+    # An input's label counts unless it is padding or starts a piece: (a and not b) as
+    # a > b over booleans.
+    loss_mask = ((idx[1:] < real) > start[:, 1:]).view(np.uint8)
     # A piece that holds an input ends where the next one starts or at the row's end (a
     # piece starting at seq_len holds only a label), so its start is the entry.
-    return {"position_ids": position_ids, "loss_mask": loss_mask,
-            "cu_seqlens": _cu_of_starts(start, seq_len)}
+    return {"position_ids": np.ascontiguousarray(position_ids[:, :seq_len]),
+            "loss_mask": loss_mask, "cu_seqlens": _cu_of_starts(start, seq_len)}
 
 
 class Batch:
