@@ -128,10 +128,13 @@ class _Graphed:
             self.consts = _consts(dev, n_rows, seq)
             probe = _derive(torch.zeros(nbytes, dtype=torch.uint8, device=dev), layout,
                             n_rows, seq, cap)
-        # Each array's place in the output region: (element offset, dtype, shape).
+        # Each array's place in the output region: (element offset, dtype, shape,
+        # contiguous strides), worked out once, since every step views a new clone.
         self.specs, at = {}, 0
         for name, t in probe.items():
-            self.specs[name] = (at // t.element_size(), t.dtype, tuple(t.shape))
+            shape = tuple(t.shape)
+            strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+            self.specs[name] = (at // t.element_size(), t.dtype, shape, strides)
             at += _up64(t.numel() * t.element_size())
         start = _up64(nbytes)
         with _on(stream):  # the side stream's memory, as everything the graph touches
@@ -157,11 +160,10 @@ class _Graphed:
     def views(self, buf) -> dict:
         """The arrays as views of ``buf`` (the output region or a clone of it)."""
         typed, out = {}, {}
-        for name, (off, dtype, shape) in self.specs.items():
+        for name, (off, dtype, shape, strides) in self.specs.items():
             base = typed.get(dtype)
             if base is None:
                 base = typed[dtype] = buf.view(dtype)
-            strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
             out[name] = base.as_strided(shape, strides, base.storage_offset() + off)
         return out
 
