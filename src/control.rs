@@ -6,7 +6,8 @@
 //! JSON object with `"protocol": 1` and an `op`) instead of HELLO; every one is answered
 //! by exactly one CONTROL_REPLY (type 8, a JSON object), in order. Frames are those of
 //! docs/PROTOCOL.md: a u32 little-endian length of type byte + payload, the type, the
-//! payload, at most 65536 bytes.
+//! payload. A JSON frame may be longer than the 65536 bytes of the others
+//! ([`frame::MAX_JSON_FRAME`]): `status` and `journal` list every domain.
 //!
 //! Errors: transport failures, REFUSED and ERROR frames and malformed replies are
 //! [`CtlError`]s. A well-formed reply with `"ok": false` (a late or invalid change, a busy
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::wire::{self, frame, kind, MAX_FRAME};
+use crate::wire::{self, frame, kind, MAX_JSON_FRAME};
 
 /// Frame type of a control request (the daemon's own constant).
 pub const CONTROL: u8 = kind::CONTROL;
@@ -234,6 +235,7 @@ impl Connection {
         let socket = self.socket.clone();
         frame::read_with(
             |buf, inside| self.fill(buf, deadline, inside),
+            frame::MAX_JSON_FRAME,
             |e| CtlError::Protocol {
                 socket,
                 message: e.to_string(),
@@ -314,7 +316,7 @@ pub fn encode_request(req: &Value) -> Result<Vec<u8>, String> {
     let payload = serde_json::to_vec(req).map_err(|e| format!("not serializable: {e}"))?;
     frame::encode_checked(CONTROL, &payload).map_err(|_| {
         format!(
-            "the request is {} bytes; a frame holds at most {MAX_FRAME}",
+            "the request is {} bytes; a frame holds at most {MAX_JSON_FRAME}",
             payload.len() + 1
         )
     })
@@ -506,7 +508,7 @@ mod tests {
                         let out = answer(k, &payload);
                         // Close after ERROR, REFUSED and malformed frames.
                         let last = !matches!(
-                            frame::split(&out),
+                            frame::split(&out, frame::MAX_JSON_FRAME),
                             Ok(Some((k, _, n))) if n == out.len()
                                 && ![kind::ERROR, kind::REFUSED].contains(&k)
                         );
@@ -581,7 +583,7 @@ mod tests {
         assert!(matches!(e, CtlError::Disconnected { .. }), "{e}");
         let e = request(&path, &json!([1]), t).unwrap_err();
         assert!(matches!(e, CtlError::Request { .. }), "{e}");
-        let big = json!({"op": "x".repeat(MAX_FRAME)});
+        let big = json!({"op": "x".repeat(MAX_JSON_FRAME)});
         assert!(request(&path, &big, t)
             .unwrap_err()
             .to_string()

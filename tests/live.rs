@@ -130,6 +130,30 @@ impl Fixture {
         })
     }
 
+    /// Connects as `job` with the cursor `blob` to `daemon`, and checks that the steps it
+    /// then delivers are `want`, tokens, domains and cursors, bit for bit. Returns the
+    /// client, still connected.
+    fn resume_exactly(&self, daemon: &Serve, job: &str, blob: &[u8], want: &[Step]) -> Client {
+        let mut h = self.hello(job);
+        h.cursor = Some(hex(blob));
+        let mut c = self
+            .connect_with(&h)
+            .unwrap_or_else(|e| panic!("resume from a blob: {e}\n{}", daemon.log_text()));
+        assert_eq!(Some(c.welcome().start_step), want.first().map(|s| s.step));
+        let got = read(&mut c, want.len() as u64);
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.step, w.step);
+            assert_eq!(g.domains, w.domains, "step {}", g.step);
+            assert!(
+                g.tokens == w.tokens,
+                "step {}: the resumed stream differs from the first daemon's",
+                g.step
+            );
+            assert_eq!(g.cursor, w.cursor, "step {}: cursor", g.step);
+        }
+        c
+    }
+
     /// The config as a TOML table.
     fn doc(&self) -> toml::Table {
         toml::from_str(&std::fs::read_to_string(&self.config).unwrap()).unwrap()
@@ -703,23 +727,7 @@ fn resume_after_a_change_is_exact() {
             assert_eq!(f.journal(), Vec::<Value>::new(), "{refused:?}");
         }
         let _ = f.wait_no_job("resume");
-        let mut h = f.hello("resume");
-        h.cursor = Some(hex(&blob));
-        let mut c = f
-            .connect_with(&h)
-            .unwrap_or_else(|e| panic!("resume from the step-{KEEP} blob: {e}\n{}", b.log_text()));
-        assert_eq!(c.welcome().start_step, KEEP + 1);
-        let got = read(&mut c, LAST - KEEP);
-        for (g, want) in got.iter().zip(&a_steps[KEEP as usize + 1..]) {
-            assert_eq!(g.step, want.step);
-            assert_eq!(g.domains, want.domains, "step {}", g.step);
-            assert!(
-                g.tokens == want.tokens,
-                "step {}: the resumed stream differs from daemon A's",
-                g.step
-            );
-            assert_eq!(g.cursor, want.cursor, "step {}: cursor", g.step);
-        }
+        let c = f.resume_exactly(&b, "resume", &blob, &a_steps[KEEP as usize + 1..]);
         let journal = f.status()["journal"]
             .as_array()
             .cloned()
@@ -766,6 +774,70 @@ fn resume_after_a_change_is_exact() {
         }
         assert_eq!(f.journal(), before, "a refused blob changed the journal");
     }
+}
+
+/// A run of 300 domains. Its cursor blobs are longer than a 64 KiB frame holds as hex,
+/// its `status` longer than one such frame, and a journal of a fixed 16 KiB held 5
+/// `set-weights` of 400 domains and no stage: here a dozen weight changes and a stage are
+/// taken live, `status` and `journal` answer, and a blob from after the stage switch
+/// resumes bit for bit on a fresh daemon.
+#[test]
+fn three_hundred_domains_change_live_report_and_resume() {
+    const DOMAINS: usize = 300;
+    const STAGE_AT: u64 = 20;
+    const KEEP: u64 = 25;
+    const LAST: u64 = 30;
+    let corpus = Rc::new(common::corpus(3_000_000, DOMAINS, 11, 1_000_000));
+    let f = fixture_on(&corpus, "many", "");
+    let names: Vec<String> = f
+        .load()
+        .plan
+        .domain_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(names.len(), DOMAINS);
+    let (a_steps, blob) = {
+        let a = f.serve();
+        let mut c = f.connect("many");
+        let mut got = read(&mut c, 2);
+        for k in 0..12 {
+            let w: BTreeMap<String, f64> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), if i == k { 50.0 } else { 1.0 }))
+                .collect();
+            let r = f.set_weights(&w, 4 + k as u64);
+            assert_eq!(r["ok"], true, "set_weights #{k}: {r}");
+        }
+        let r = f.req(
+            json!({"protocol": 1, "op": "set_stage", "seq_len": 2 * SEQ_LEN,
+            "global_batch_rows": ROWS / 2, "at_step": STAGE_AT, "late": "refuse"}),
+        );
+        assert_eq!(r["ok"], true, "set_stage: {r}\n{}", a.log_text());
+        let st = f.status();
+        assert!(
+            st.to_string().len() > millrace::wire::MAX_FRAME,
+            "status is no longer than one small frame; the test lost its point"
+        );
+        assert_eq!(st["journal"].as_array().map(Vec::len), Some(13), "{st}");
+        assert_eq!(f.journal().len(), 13);
+        got.extend(read(&mut c, LAST + 1 - 2));
+        assert_eq!(got[STAGE_AT as usize].domains.len(), ROWS as usize / 2);
+        let blob = got[KEEP as usize].cursor.clone();
+        assert!(
+            2 * blob.len() > millrace::wire::MAX_FRAME,
+            "a blob of {} bytes fits a small frame as hex; the test lost its point",
+            blob.len()
+        );
+        drop(c);
+        drop(a);
+        (got, blob)
+    };
+    let _ = std::fs::remove_file(&f.socket);
+    let b = f.serve();
+    let _c = f.resume_exactly(&b, "many", &blob, &a_steps[KEEP as usize + 1..]);
+    assert_eq!(f.journal().len(), 13, "B did not adopt the blob's journal");
 }
 
 // ------------------------------------------------------------ metrics

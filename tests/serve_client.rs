@@ -581,7 +581,8 @@ fn garbage(socket: &Path, bytes: &[u8]) -> Vec<u8> {
 
 /// (type, JSON payload) of the first frame in `b`.
 fn first_frame(b: &[u8]) -> Option<(u8, serde_json::Value)> {
-    let (kind, payload, _) = millrace::wire::frame::split(b).ok()??;
+    let (kind, payload, _) =
+        millrace::wire::frame::split(b, millrace::wire::MAX_JSON_FRAME).ok()??;
     Some((kind, serde_json::from_slice(payload).ok()?))
 }
 
@@ -590,7 +591,7 @@ fn garbage_is_closed_while_a_good_client_keeps_streaming() {
     let f = fixture("int32");
     let _serve = f.serve();
     let loaded = load(&f);
-    let want = planned(&loaded, 120);
+    let want = planned(&loaded, 130);
     let mut good = connect(&f, &hello(0, "good"));
     let mut i = 0;
     let mut step = |good: &mut Client, n: usize| {
@@ -628,6 +629,23 @@ fn garbage_is_closed_while_a_good_client_keeps_streaming() {
         }
         step(&mut good, 10);
     }
+    // A HELLO longer than any cursor blob of this plan could make it (a request of 1 MiB
+    // to a 4-domain daemon) is answered by an ERROR naming the daemon's limit, read no
+    // further, and the good client goes on.
+    let huge = millrace::wire::frame::encode(1, &vec![b' '; 1 << 20]);
+    let back = garbage(&f.socket, &huge);
+    match first_frame(&back) {
+        Some((5, v)) => {
+            let m = v["message"].as_str().unwrap_or_default();
+            assert!(
+                m.starts_with(&format!("frame length {} is outside 1..=", (1 << 20) + 1)),
+                "{v}"
+            );
+            assert_eq!(v["code"], "protocol", "{v}");
+        }
+        other => panic!("a 1 MiB HELLO got {other:?}, not ERROR"),
+    }
+    step(&mut good, 10);
     // Refusals name the problem and leave the good client alone.
     let mut bad = hello(0, "good");
     bad.micro_batch_rows = Some(3);

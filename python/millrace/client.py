@@ -64,7 +64,11 @@ __all__ = [
 log = logging.getLogger("millrace")
 
 PROTOCOL_VERSION = 2
+# RELEASE and BYE frames are at most MAX_FRAME; JSON frames (HELLO, CONTROL, every frame
+# the daemon sends) at most MAX_JSON_FRAME, since a cursor blob and `status` grow with the
+# plan's domains. The daemon bounds a HELLO further, by its largest blob.
 MAX_FRAME = 65536
+MAX_JSON_FRAME = 67108864
 
 HELLO, WELCOME, REFUSED, RELEASE, ERROR, BYE = 1, 2, 3, 4, 5, 6
 _TYPE_NAMES = {1: "HELLO", 2: "WELCOME", 3: "REFUSED", 4: "RELEASE", 5: "ERROR", 6: "BYE"}
@@ -184,8 +188,9 @@ class _Gone(Exception):
 
 def encode_frame(kind: int, payload: bytes = b"") -> bytes:
     """One frame: u32 len (type + payload), u8 type, payload."""
-    if len(payload) + 1 > MAX_FRAME:
-        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_FRAME - 1}")
+    limit = MAX_FRAME if kind in (RELEASE, BYE) else MAX_JSON_FRAME
+    if len(payload) + 1 > limit:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {limit - 1}")
     return _FRAME_HEAD.pack(len(payload) + 1, kind) + payload
 
 
@@ -216,8 +221,9 @@ def read_frame(sock, fds: list | None = None) -> tuple[int, bytes]:
     """Reads one frame; returns (type, payload). Passed fds go to ``fds`` when given."""
     head = _recv_exact(sock, 4, fds)
     (length,) = _U32.unpack(head)
-    if length == 0 or length > MAX_FRAME:
-        raise ProtocolError(f"the daemon sent a frame of length {length} (allowed 1..={MAX_FRAME})")
+    if length == 0 or length > MAX_JSON_FRAME:
+        raise ProtocolError(f"the daemon sent a frame of length {length} "
+                            f"(allowed 1..={MAX_JSON_FRAME})")
     body = _recv_exact(sock, length, fds)
     return body[0], body[1:]
 

@@ -70,7 +70,7 @@ import socket as _socket
 
 from .client import (
     ERROR,
-    MAX_FRAME,
+    MAX_JSON_FRAME,
     REFUSED,
     DaemonError,
     DaemonGone,
@@ -210,9 +210,9 @@ class Control:
             payload = json.dumps(body, allow_nan=False).encode()
         except ValueError as e:
             raise ValueError(f"the request cannot be sent as JSON: {e}") from None
-        if len(payload) + 1 > MAX_FRAME:
+        if len(payload) + 1 > MAX_JSON_FRAME:
             raise ValueError(f"the request is {len(payload) + 1} bytes; a frame holds "
-                             f"at most {MAX_FRAME}")
+                             f"at most {MAX_JSON_FRAME}")
         sock = self._connect()
         try:
             sock.sendall(encode_frame(CONTROL, payload), _socket.MSG_NOSIGNAL)

@@ -70,7 +70,9 @@ fn recv_frame(sock: &UnixStream) -> Result<(u8, Vec<u8>, Vec<OwnedFd>), ClientEr
         }
         Ok(())
     };
-    let (kind, payload) = wire::frame::read_with(fill, |e| ClientError::Protocol(e.to_string()))?;
+    let (kind, payload) = wire::frame::read_with(fill, wire::MAX_JSON_FRAME, |e| {
+        ClientError::Protocol(e.to_string())
+    })?;
     Ok((kind, payload, fds))
 }
 

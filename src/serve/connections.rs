@@ -152,14 +152,15 @@ enum ReadError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads frames into `buf` until one is complete; `None` when the peer closed between
-/// frames.
+/// Reads frames of at most `max` bytes into `buf` until one is complete; `None` when
+/// the peer closed between frames.
 async fn read_frame(
     stream: &mut UnixStream,
     buf: &mut Vec<u8>,
+    max: usize,
 ) -> Result<Option<Frame>, ReadError> {
     loop {
-        if let Some((frame, n)) = frame::parse_frame(buf)? {
+        if let Some((frame, n)) = frame::parse_frame(buf, max)? {
             buf.drain(..n);
             return Ok(Some(frame));
         }
@@ -240,7 +241,9 @@ async fn connection(
         }
     }
     let mut buf = Vec::new();
-    let hello = match tokio::time::timeout(timeout, read_frame(&mut stream, &mut buf)).await {
+    // A HELLO carries a cursor blob, and a blob grows with the plan's domains.
+    let first = read_frame(&mut stream, &mut buf, d.hub.request_limit());
+    let hello = match tokio::time::timeout(timeout, first).await {
         Err(_) => {
             d.warn_peer(
                 pid,
@@ -344,7 +347,7 @@ async fn connection(
     drop(adm);
     loop {
         let frame = tokio::select! {
-            f = read_frame(&mut stream, &mut buf) => f,
+            f = read_frame(&mut stream, &mut buf, frame::MAX_FRAME) => f,
             _ = kick.notified() => {
                 let f = hub.failure(&job, rank, peer);
                 say(&mut stream, kind::ERROR, f.code, &f.message).await;
@@ -398,7 +401,7 @@ async fn control_connection(
             Some(p) => p,
             None => {
                 let frame = tokio::select! {
-                    f = read_frame(&mut stream, &mut buf) => f,
+                    f = read_frame(&mut stream, &mut buf, d.hub.request_limit()) => f,
                     _ = stopped(&mut shutdown) => return,
                     // An idle control connection holds an fd and a place under the cap:
                     // 19,985 idle `status` connections once used up the fd limit.
@@ -435,7 +438,7 @@ async fn control_connection(
             }
         };
         let mut bytes = reply.to_string().into_bytes();
-        if bytes.len() + 1 > frame::MAX_FRAME {
+        if bytes.len() + 1 > frame::MAX_JSON_FRAME {
             bytes = serde_json::json!({"ok": false, "op": reply["op"], "code": Code::Busy,
                 "message": "the reply exceeds one frame; ask for less (journal)"})
             .to_string()
@@ -502,7 +505,7 @@ mod tests {
             theirs.write_all(sent).await.unwrap();
             drop(theirs);
             let mut buf = Vec::new();
-            read_frame(&mut ours, &mut buf).await
+            read_frame(&mut ours, &mut buf, frame::MAX_FRAME).await
         })
     }
 

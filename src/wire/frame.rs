@@ -1,6 +1,7 @@
 //! The frame codec of docs/PROTOCOL.md section 1, written once: a u32 little-endian
 //! length of type byte + payload, the type byte, the payload; at most [`MAX_FRAME`]
-//! bytes after the length. Fds ride on a frame's first byte as SCM_RIGHTS.
+//! bytes after the length, or [`MAX_JSON_FRAME`] for the JSON frames, whose size grows
+//! with the plan's domains. Fds ride on a frame's first byte as SCM_RIGHTS.
 //!
 //! Everything that reads or writes a frame goes through here: the daemon's async read
 //! path feeds [`parse_frame`] what the socket gave, and the blocking readers of the Rust
@@ -19,8 +20,14 @@ use rustix::net::{
 
 /// Bytes of the length prefix in front of every frame.
 pub const HEADER: usize = 4;
-/// Largest `len` a frame may declare: bounds what one client can make the daemon buffer.
+/// Largest `len` of a frame of fixed size (RELEASE, BYE), and all a daemon reads from a
+/// trainer once it has its WELCOME: bounds what one client can make the daemon buffer.
 pub const MAX_FRAME: usize = 65536;
+/// Largest `len` of a JSON frame (HELLO, CONTROL and every frame the daemon sends). A
+/// HELLO carries a cursor blob as hex, about 250 bytes per domain, and `status` lists
+/// every domain, so a run of a few hundred domains outgrows [`MAX_FRAME`]; the daemon
+/// bounds the requests it reads by its own plan (`wire::protocol::request_limit`).
+pub const MAX_JSON_FRAME: usize = 1 << 26;
 
 /// Frame type codes.
 pub mod kind {
@@ -55,12 +62,26 @@ pub enum Frame {
     Control(Vec<u8>),
 }
 
+/// The most a frame of type `kind` may declare when it is sent: [`MAX_JSON_FRAME`] for
+/// the JSON types, [`MAX_FRAME`] for the rest.
+pub fn limit_of(kind: u8) -> usize {
+    match kind {
+        kind::RELEASE | kind::BYE => MAX_FRAME,
+        _ => MAX_JSON_FRAME,
+    }
+}
+
 /// A violation of the framing rules; the connection is closed with this message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
-    /// Declared length 0 or above [`MAX_FRAME`].
-    #[error("frame length {0} is outside 1..={MAX_FRAME}")]
-    Length(u64),
+    /// Declared length 0 or above what the reader accepts here.
+    #[error("frame length {len} is outside 1..={max}")]
+    Length {
+        /// The declared length.
+        len: u64,
+        /// The most the reader accepts at this point of the connection.
+        max: usize,
+    },
     /// A type this side never accepts.
     #[error("unknown or unexpected frame type {0}")]
     Type(u8),
@@ -76,12 +97,16 @@ pub enum ProtocolError {
     },
 }
 
-/// The `len` a frame header declares, checked against 1..=[`MAX_FRAME`]: the one place
-/// the length rule is applied, by every reader.
-pub fn body_len(head: [u8; HEADER]) -> Result<usize, ProtocolError> {
+/// The `len` a frame header declares, checked against 1..=`max` (what the reader
+/// accepts at this point of the connection): the one place the length rule is applied,
+/// by every reader.
+pub fn body_len(head: [u8; HEADER], max: usize) -> Result<usize, ProtocolError> {
     let len = u32::from_le_bytes(head) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return Err(ProtocolError::Length(len as u64));
+    if len == 0 || len > max {
+        return Err(ProtocolError::Length {
+            len: len as u64,
+            max,
+        });
     }
     Ok(len)
 }
@@ -89,23 +114,25 @@ pub fn body_len(head: [u8; HEADER]) -> Result<usize, ProtocolError> {
 /// One frame of any type, borrowed from a buffer: (type, payload, bytes used).
 pub type Split<'a> = (u8, &'a [u8], usize);
 
-/// Splits one frame of any type off the front of `buf`: `Ok(None)` when more bytes are
-/// needed, otherwise the frame. Never panics, whatever `buf` holds.
-pub fn split(buf: &[u8]) -> Result<Option<Split<'_>>, ProtocolError> {
+/// Splits one frame of any type and at most `max` bytes off the front of `buf`:
+/// `Ok(None)` when more bytes are needed, otherwise the frame. Never panics, whatever
+/// `buf` holds.
+pub fn split(buf: &[u8], max: usize) -> Result<Option<Split<'_>>, ProtocolError> {
     let Some(head) = buf.get(..HEADER) else {
         return Ok(None);
     };
-    let len = body_len([head[0], head[1], head[2], head[3]])?;
+    let len = body_len([head[0], head[1], head[2], head[3]], max)?;
     let Some(body) = buf.get(HEADER..HEADER + len) else {
         return Ok(None);
     };
     Ok(Some((body[0], &body[1..], HEADER + len)))
 }
 
-/// Parses one client-to-daemon frame from the front of `buf`: `Ok(None)` when more bytes
-/// are needed, otherwise the frame and how many bytes it used. Never panics.
-pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
-    let Some((kind, payload, used)) = split(buf)? else {
+/// Parses one client-to-daemon frame of at most `max` bytes from the front of `buf`:
+/// `Ok(None)` when more bytes are needed, otherwise the frame and how many bytes it
+/// used. Never panics.
+pub fn parse_frame(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    let Some((kind, payload, used)) = split(buf, max)? else {
         return Ok(None);
     };
     let frame = match kind {
@@ -133,7 +160,7 @@ pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> 
 }
 
 /// Encodes a frame of `kind` around `payload`; the caller has checked that it fits
-/// [`MAX_FRAME`] (the daemon bounds its replies before encoding).
+/// [`limit_of`] its kind (the daemon bounds its replies before encoding).
 pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + 1 + payload.len());
     out.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
@@ -142,38 +169,45 @@ pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Encodes a frame of `kind`, refusing a payload that does not fit [`MAX_FRAME`]: what
-/// clients use, since their payloads come from callers.
+/// Encodes a frame of `kind`, refusing a payload that does not fit [`limit_of`] its
+/// kind: what clients use, since their payloads come from callers.
 pub fn encode_checked(kind: u8, payload: &[u8]) -> Result<Vec<u8>, ProtocolError> {
     let len = payload.len() + 1;
-    if len > MAX_FRAME {
-        return Err(ProtocolError::Length(len as u64));
+    let max = limit_of(kind);
+    if len > max {
+        return Err(ProtocolError::Length {
+            len: len as u64,
+            max,
+        });
     }
     Ok(encode(kind, payload))
 }
 
-/// Reads one whole frame through `fill`, which fills the whole slice it is given or
-/// fails (`inside` is false for the header, true once a frame has begun, so a reader can
-/// tell a clean close from one mid-frame); a bad length becomes an `E` through
-/// `bad_length`. Returns (type, payload). Every blocking reader is built on this.
+/// Reads one whole frame of at most `max` bytes through `fill`, which fills the whole
+/// slice it is given or fails (`inside` is false for the header, true once a frame has
+/// begun, so a reader can tell a clean close from one mid-frame); a bad length becomes
+/// an `E` through `bad_length`. Returns (type, payload). Every blocking reader is built
+/// on this; clients pass [`MAX_JSON_FRAME`], since the daemon sends JSON frames only.
 pub fn read_with<E>(
     mut fill: impl FnMut(&mut [u8], bool) -> Result<(), E>,
+    max: usize,
     bad_length: impl FnOnce(ProtocolError) -> E,
 ) -> Result<(u8, Vec<u8>), E> {
     let mut head = [0u8; HEADER];
     fill(&mut head, false)?;
-    let len = body_len(head).map_err(bad_length)?;
+    let len = body_len(head, max).map_err(bad_length)?;
     let mut body = vec![0u8; len];
     fill(&mut body, true)?;
     let payload = body.split_off(1);
     Ok((body[0], payload))
 }
 
-/// Reads one frame from a blocking reader (tests, stand-in daemons); a bad length is an
-/// `InvalidData` error.
+/// Reads one frame of any type, up to [`MAX_JSON_FRAME`], from a blocking reader
+/// (tests, stand-in daemons); a bad length is an `InvalidData` error.
 pub fn read_from(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     read_with(
         |buf, _| r.read_exact(buf),
+        MAX_JSON_FRAME,
         |e| std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     )
 }
@@ -238,31 +272,67 @@ mod tests {
     fn frames_round_trip() {
         let mut buf = encode(kind::RELEASE, &42u64.to_le_bytes());
         buf.extend(encode(kind::BYE, &[]));
-        let (f, n) = parse_frame(&buf).unwrap().unwrap();
+        let (f, n) = parse_frame(&buf, MAX_FRAME).unwrap().unwrap();
         assert_eq!(f, Frame::Release(42));
-        let (f, m) = parse_frame(&buf[n..]).unwrap().unwrap();
+        let (f, m) = parse_frame(&buf[n..], MAX_FRAME).unwrap().unwrap();
         assert_eq!(f, Frame::Bye);
         assert_eq!(n + m, buf.len());
-        assert_eq!(parse_frame(&buf[..3]).unwrap(), None);
-        assert_eq!(parse_frame(&buf[..8]).unwrap(), None);
+        assert_eq!(parse_frame(&buf[..3], MAX_FRAME).unwrap(), None);
+        assert_eq!(parse_frame(&buf[..8], MAX_FRAME).unwrap(), None);
     }
 
     #[test]
     fn bad_frames_are_named() {
-        assert_eq!(parse_frame(&[0, 0, 0, 0]), Err(ProtocolError::Length(0)));
+        let p = |b: &[u8]| parse_frame(b, MAX_FRAME);
         assert_eq!(
-            parse_frame(&u32::MAX.to_le_bytes()),
-            Err(ProtocolError::Length(u32::MAX as u64))
+            p(&[0, 0, 0, 0]),
+            Err(ProtocolError::Length {
+                len: 0,
+                max: MAX_FRAME
+            })
         );
-        assert_eq!(parse_frame(&encode(9, b"x")), Err(ProtocolError::Type(9)));
         assert_eq!(
-            parse_frame(&encode(kind::WELCOME, b"{}")),
+            p(&u32::MAX.to_le_bytes()),
+            Err(ProtocolError::Length {
+                len: u32::MAX as u64,
+                max: MAX_FRAME
+            })
+        );
+        assert_eq!(p(&encode(9, b"x")), Err(ProtocolError::Type(9)));
+        assert_eq!(
+            p(&encode(kind::WELCOME, b"{}")),
             Err(ProtocolError::Type(2))
         );
         assert!(matches!(
-            parse_frame(&encode(kind::RELEASE, b"abc")),
+            p(&encode(kind::RELEASE, b"abc")),
             Err(ProtocolError::Payload { expected: 8, .. })
         ));
+    }
+
+    /// A HELLO longer than [`MAX_FRAME`] (a cursor blob of hundreds of domains) is read
+    /// whole where the reader allows it, and refused, naming the limit, where it does not;
+    /// a RELEASE may never be that long.
+    #[test]
+    fn json_frames_may_outgrow_max_frame_where_the_reader_allows() {
+        let big = vec![b' '; 3 * MAX_FRAME];
+        let wire = encode_checked(kind::HELLO, &big).unwrap();
+        let (f, n) = parse_frame(&wire, 4 * MAX_FRAME).unwrap().unwrap();
+        assert_eq!((f, n), (Frame::Hello(big.clone()), wire.len()));
+        assert_eq!(
+            parse_frame(&wire[..HEADER], 2 * MAX_FRAME),
+            Err(ProtocolError::Length {
+                len: 3 * MAX_FRAME as u64 + 1,
+                max: 2 * MAX_FRAME
+            })
+        );
+        let e = parse_frame(&wire, MAX_FRAME).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("frame length {} is outside 1..=65536", 3 * MAX_FRAME + 1)
+        );
+        assert!(encode_checked(kind::RELEASE, &big).is_err());
+        assert!(encode_checked(kind::CONTROL, &vec![b' '; MAX_JSON_FRAME]).is_err());
+        assert_eq!(read_from(&mut &wire[..]).unwrap(), (kind::HELLO, big));
     }
 
     /// The bytes of a frame are fixed by PROTOCOL.md: the codec must not drift from them.
@@ -274,10 +344,13 @@ mod tests {
         );
         assert_eq!(encode(kind::BYE, &[]), [1, 0, 0, 0, 6]);
         assert_eq!(
-            encode_checked(kind::CONTROL, &vec![b' '; MAX_FRAME]),
-            Err(ProtocolError::Length(MAX_FRAME as u64 + 1))
+            encode_checked(kind::BYE, &[0; MAX_FRAME]),
+            Err(ProtocolError::Length {
+                len: MAX_FRAME as u64 + 1,
+                max: MAX_FRAME
+            })
         );
-        assert!(encode_checked(kind::CONTROL, &vec![b' '; MAX_FRAME - 1]).is_ok());
+        assert!(encode_checked(kind::CONTROL, &vec![b' '; MAX_JSON_FRAME - 1]).is_ok());
     }
 
     /// The blocking reader agrees with the byte parser and names a bad length.
@@ -294,7 +367,7 @@ mod tests {
         assert_eq!(read_from(&mut r).unwrap(), (kind::BYE, vec![]));
         let e = read_from(&mut &[0u8, 0, 0, 0][..]).unwrap_err();
         assert!(e.to_string().contains("frame length 0"), "{e}");
-        assert!(write_to(&mut Vec::new(), kind::CONTROL, &vec![0; MAX_FRAME]).is_err());
+        assert!(write_to(&mut Vec::new(), kind::CONTROL, &vec![0; MAX_JSON_FRAME]).is_err());
     }
 
     /// Descriptors ride on the first byte and arrive close-on-exec; more than the
@@ -330,8 +403,11 @@ mod tests {
         fn split_frames_wait(upto in any::<u64>(), cut in 0usize..13) {
             let buf = encode(kind::RELEASE, &upto.to_le_bytes());
             let cut = cut.min(buf.len() - 1);
-            prop_assert_eq!(parse_frame(&buf[..cut]).unwrap(), None);
-            prop_assert_eq!(parse_frame(&buf).unwrap(), Some((Frame::Release(upto), buf.len())));
+            prop_assert_eq!(parse_frame(&buf[..cut], MAX_FRAME).unwrap(), None);
+            prop_assert_eq!(
+                parse_frame(&buf, MAX_FRAME).unwrap(),
+                Some((Frame::Release(upto), buf.len()))
+            );
         }
     }
 }

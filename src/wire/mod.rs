@@ -10,10 +10,10 @@ pub mod protocol;
 pub mod ring;
 pub mod status;
 
-pub use frame::{kind, MAX_FRAME};
+pub use frame::{kind, MAX_FRAME, MAX_JSON_FRAME};
 pub use protocol::{
-    decode_hex, to_hex, Code, FieldSpec, Hello, Reason, Refusal, SlotLayout, StageSpec, Welcome,
-    TRAINER_VERSION, VERSION,
+    decode_hex, request_limit, to_hex, Code, FieldSpec, Hello, Reason, Refusal, SlotLayout,
+    StageSpec, Welcome, TRAINER_VERSION, VERSION,
 };
 
 #[cfg(test)]
@@ -108,6 +108,7 @@ mod tests {
         for want in [
             format!("PROTOCOL_VERSION = {TRAINER_VERSION}\n"),
             format!("MAX_FRAME = {MAX_FRAME}\n"),
+            format!("MAX_JSON_FRAME = {MAX_JSON_FRAME}\n"),
             format!(
                 "HELLO, WELCOME, REFUSED, RELEASE, ERROR, BYE = {}, {}, {}, {}, {}, {}\n",
                 kind::HELLO,

@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::plan::{MAX_BATCH_ROWS, MAX_STEP};
+use crate::wire::frame::{MAX_FRAME, MAX_JSON_FRAME};
 
 /// Version of the control protocol (the `protocol` key of CONTROL requests), spoken by
 /// the daemon, `millrace ctl` and `millrace.Control` alike. Control requests did not
@@ -489,6 +490,18 @@ impl Hello {
     }
 }
 
+/// The longest HELLO or CONTROL frame a daemon whose cursor blobs are at most
+/// `cursor_cap` bytes reads: a blob as hex, and [`MAX_FRAME`] for the rest of the JSON
+/// (a `set_weights` of thousands of domains included). It grows with the plan's domains,
+/// so a run of hundreds of them resumes from its blobs, and stays a bound on what one
+/// connection can make the daemon buffer.
+pub fn request_limit(cursor_cap: usize) -> usize {
+    cursor_cap
+        .saturating_mul(2)
+        .saturating_add(MAX_FRAME)
+        .min(MAX_JSON_FRAME)
+}
+
 /// Lower-case hex of `bytes`.
 pub fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
@@ -685,7 +698,7 @@ mod tests {
         #[test]
         fn decoder_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut rest = &bytes[..];
-            while let Ok(Some((frame, n))) = parse_frame(rest) {
+            while let Ok(Some((frame, n))) = parse_frame(rest, MAX_FRAME) {
                 prop_assert!(n > 0 && n <= rest.len());
                 match frame {
                     Frame::Hello(p) => { let _ = Hello::parse(&p); }

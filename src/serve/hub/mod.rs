@@ -356,6 +356,18 @@ impl State {
 /// share of it.
 const CARRY_BYTES: usize = 256;
 
+/// The journal's share of the cursor field, before the part that grows with the domains.
+const JOURNAL_BYTES: usize = 16384;
+/// The journal's share per domain: [`LIVE_POINTS`] weight points (8 bytes a domain each)
+/// and [`LIVE_STAGES`] stages' carry records, so a run of hundreds of domains can make as
+/// many live changes as a run of four (with a fixed 16 KiB, 400 domains had room for 5
+/// `set-weights` and no stage).
+const JOURNAL_BYTES_PER_DOMAIN: usize = 8 * LIVE_POINTS + CARRY_BYTES * LIVE_STAGES;
+/// Weight points (a `set-weights` is one) the journal has room for at any domain count.
+const LIVE_POINTS: usize = 32;
+/// Stages added live (`ctl set-stage`) the journal has room for at any domain count.
+const LIVE_STAGES: usize = 4;
+
 /// Shared by the accept loop, every connection and every materializer thread.
 pub struct Hub {
     source: Source,
@@ -411,9 +423,10 @@ impl Hub {
         }
         let domains = plan.domain_names().len();
         let reseeds = plan.config().reseed.len();
-        // Room for a journal of a few dozen typical changes; a change that would not fit
-        // is refused (write the mixture into the config and restart instead).
-        let journal_cap = 16384;
+        // Room for a journal of a few dozen typical changes at any number of domains; a
+        // change that would not fit is refused (write the mixture into the config and
+        // restart instead).
+        let journal_cap = JOURNAL_BYTES + domains * JOURNAL_BYTES_PER_DOMAIN;
         // Per domain: its stream (512 typical), reseed chains, a carry record per stage
         // switch its window went through, and its identity record (layout 7).
         let switches = plan.stages().len().saturating_sub(1);
@@ -439,6 +452,12 @@ impl Hub {
     /// The plan in force now.
     pub fn plan(&self) -> Arc<Plan> {
         self.lock().plan.clone()
+    }
+
+    /// The longest HELLO or CONTROL frame a connection may send: room for the largest
+    /// cursor blob this hub writes, as hex ([`crate::wire::request_limit`]).
+    pub fn request_limit(&self) -> usize {
+        crate::wire::request_limit(self.cursor_cap)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
