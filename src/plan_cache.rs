@@ -10,11 +10,19 @@
 //! blob is checked by [`Plan::restore`] before use, an entry that is refused is dropped
 //! with a warning, and a directory that cannot be written costs one warning and the
 //! checkpoints it would have held.
+//!
+//! A directory holds at most [`MAX_CHECKPOINTS`] files and [`MAX_CHECKPOINT_BYTES`]
+//! bytes. A store that would pass either is thinned evenly: the spacing of the kept
+//! checkpoints doubles (every other one is removed) until they fill half of both, and
+//! only steps of the new spacing are written from then on. A long run therefore keeps
+//! checkpoints over its whole length, at most a spacing apart, and a seek anywhere in it
+//! replays at most that many steps.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::plan::{CheckpointKey, Checkpoints, Plan};
@@ -26,34 +34,61 @@ const MAX_BLOB: u64 = 64 << 20;
 /// File name suffix of a checkpoint.
 const SUFFIX: &str = ".ckpt";
 
-/// Most checkpoint files kept per plan fingerprint: 2^16 of a few hundred bytes each,
-/// which at one per 2^16 rows covers 2^32 rows (beyond any run). The bound is what keeps
-/// a client's `start_step` (up to `MAX_STEP`) from turning its seek into millions of
-/// files; past it a seek still works, it only stops leaving checkpoints behind.
+/// Most checkpoint files kept per plan fingerprint: what keeps a client's far
+/// `start_step` (up to `MAX_STEP`) from turning its seek into millions of files.
 pub const MAX_CHECKPOINTS: u64 = 1 << 16;
+
+/// Most bytes of checkpoint files kept per plan fingerprint. A checkpoint is a cursor
+/// blob, about 125 bytes per domain: without this bound a 400-domain run of a 1024-way
+/// job (8192 rows a step, a checkpoint every 8 steps) reached the file cap at 3.6 GB on
+/// every node.
+pub const MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
 
 /// Checkpoints of one plan kept in files (see the module comment).
 pub struct CheckpointDir {
     dir: PathBuf,
-    /// Set once a write failed (or the cap was reached) and was reported, so a
-    /// read-only or full cache warns once.
+    /// Set once a write failed and was reported, so a read-only or full cache warns
+    /// once.
     warned: AtomicBool,
-    /// Files it may hold ([`MAX_CHECKPOINTS`]).
-    cap: u64,
-    /// Files it holds, counted from the directory at the first store.
-    held: std::sync::OnceLock<AtomicU64>,
+    /// Files and bytes it may hold ([`MAX_CHECKPOINTS`], [`MAX_CHECKPOINT_BYTES`]).
+    cap: Held,
+    /// What it holds, counted from the directory at the first store (`None` again after
+    /// an entry was refused and removed).
+    held: Mutex<Option<Held>>,
+}
+
+/// The checkpoints of a directory, counted, or its caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    files: u64,
+    bytes: u64,
+    /// Plan steps between the checkpoints written: a power of two, the largest that
+    /// divides every step held (1 for an empty directory), doubled by each thinning.
+    stride: u64,
 }
 
 impl CheckpointDir {
     /// The store for `plan`'s fingerprint under cache root `root`.
     pub fn new(root: &Path, plan: &Plan) -> CheckpointDir {
-        CheckpointDir {
-            dir: root
-                .join("plan-checkpoints")
+        CheckpointDir::capped(
+            root.join("plan-checkpoints")
                 .join(format!("{:032x}", plan.fingerprint())),
+            MAX_CHECKPOINTS,
+            MAX_CHECKPOINT_BYTES,
+        )
+    }
+
+    /// A store in `dir` holding at most `files` files and `bytes` bytes.
+    fn capped(dir: PathBuf, files: u64, bytes: u64) -> CheckpointDir {
+        CheckpointDir {
+            dir,
             warned: AtomicBool::new(false),
-            cap: MAX_CHECKPOINTS,
-            held: std::sync::OnceLock::new(),
+            cap: Held {
+                files,
+                bytes,
+                stride: 0,
+            },
+            held: Mutex::new(None),
         }
     }
 
@@ -72,6 +107,72 @@ impl CheckpointDir {
             "{:016x}-{:016x}-{:016x}{SUFFIX}",
             key.plan_step, key.history, key.journal
         ))
+    }
+
+    /// Every checkpoint held, with its size in bytes.
+    fn sizes(&self) -> Vec<(CheckpointKey, u64)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let key = e.file_name().to_str().and_then(parse_name)?;
+                Some((key, e.metadata().ok()?.len()))
+            })
+            .collect()
+    }
+
+    /// Counts what the directory holds.
+    fn count(&self) -> Held {
+        let held = self.sizes();
+        Held {
+            files: held.len() as u64,
+            bytes: held.iter().map(|h| h.1).sum(),
+            stride: held
+                .iter()
+                .filter(|h| h.0.plan_step > 0)
+                .map(|h| 1u64 << h.0.plan_step.trailing_zeros())
+                .min()
+                .unwrap_or(1),
+        }
+    }
+
+    /// Doubles the stride until the checkpoints on it fill at most half of both caps,
+    /// and removes the others; returns what is left.
+    fn thin(&self, was: Held) -> Held {
+        let held = self.sizes();
+        let on = |stride: u64| {
+            let kept = held.iter().filter(|h| h.0.plan_step % stride == 0);
+            (kept.clone().count() as u64, kept.map(|h| h.1).sum::<u64>())
+        };
+        let mut stride = was.stride.max(1);
+        loop {
+            stride = stride.saturating_mul(2);
+            let (files, bytes) = on(stride);
+            if (files <= self.cap.files / 2 && bytes <= self.cap.bytes / 2) || stride == u64::MAX {
+                break;
+            }
+        }
+        for (key, _) in held.iter().filter(|h| h.0.plan_step % stride != 0) {
+            let _ = std::fs::remove_file(self.path(key));
+        }
+        let now = Held {
+            stride,
+            ..self.count()
+        };
+        info!(
+            dir = %self.dir.display(),
+            files = now.files,
+            bytes = now.bytes,
+            was_files = was.files,
+            was_bytes = was.bytes,
+            stride,
+            "thinned the plan checkpoints to one every {stride} plan steps (at most {} files and {} bytes a plan)",
+            self.cap.files,
+            self.cap.bytes
+        );
+        now
     }
 
     fn write(&self, key: &CheckpointKey, blob: &[u8]) -> std::io::Result<()> {
@@ -157,23 +258,26 @@ impl Checkpoints for CheckpointDir {
     }
 
     fn store(&self, key: &CheckpointKey, blob: &[u8]) {
-        let held = self
-            .held
-            .get_or_init(|| AtomicU64::new(self.list().len() as u64));
-        if held.load(Ordering::Relaxed) >= self.cap {
-            if !self.warned.swap(true, Ordering::Relaxed) {
-                warn!(
-                    "{} holds {} plan checkpoints, its limit; no more are written (remove \
-                     the directory to start over)",
-                    self.dir.display(),
-                    self.cap
-                );
-            }
+        let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let held = guard.get_or_insert_with(|| self.count());
+        if key.plan_step % held.stride != 0 {
             return;
+        }
+        let len = blob.len() as u64;
+        if held.files >= self.cap.files || held.bytes + len > self.cap.bytes {
+            *held = self.thin(*held);
+            if key.plan_step % held.stride != 0 {
+                return;
+            }
+            if held.files >= self.cap.files || held.bytes + len > self.cap.bytes {
+                // One blob larger than half the budget: nothing to thin.
+                return;
+            }
         }
         match self.write(key, blob) {
             Ok(()) => {
-                held.fetch_add(1, Ordering::Relaxed);
+                held.files += 1;
+                held.bytes += len;
             }
             Err(e) => {
                 if !self.warned.swap(true, Ordering::Relaxed) {
@@ -193,11 +297,8 @@ impl Checkpoints for CheckpointDir {
             path.display()
         );
         if std::fs::remove_file(&path).is_ok() {
-            if let Some(held) = self.held.get() {
-                let _ = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    Some(n.saturating_sub(1))
-                });
-            }
+            // Counted again at the next store.
+            *self.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
 }
@@ -206,39 +307,63 @@ impl Checkpoints for CheckpointDir {
 mod tests {
     use super::*;
 
-    /// A store stops writing at its cap (a client's far `start_step` must not fill the
-    /// disk with checkpoints), counting what the directory held before it started.
-    #[test]
-    fn a_store_writes_no_more_than_its_cap() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("fp");
-        let store = |cap| CheckpointDir {
-            dir: dir.clone(),
-            warned: AtomicBool::new(false),
-            cap,
-            held: std::sync::OnceLock::new(),
-        };
-        let key = |plan_step| CheckpointKey {
+    fn key(plan_step: u64) -> CheckpointKey {
+        CheckpointKey {
             plan_step,
             history: 1,
             journal: 2,
-        };
-        let a = store(3);
-        for s in 0..10 {
+        }
+    }
+
+    /// The plan steps held, in order.
+    fn steps(d: &CheckpointDir) -> Vec<u64> {
+        let mut s: Vec<u64> = d.list().iter().map(|k| k.plan_step).collect();
+        s.sort_unstable();
+        s
+    }
+
+    /// Whatever a run offers, a store stays within its caps (a client's far `start_step`
+    /// must not fill the disk), and what it keeps covers the whole run evenly: every
+    /// multiple of one stride from step 0 up to within a stride of the last offer.
+    #[test]
+    fn a_store_thins_evenly_and_stays_within_its_caps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("fp");
+        // Files bind: at most 8.
+        let a = CheckpointDir::capped(dir.clone(), 8, u64::MAX);
+        for s in 0..1000 {
             a.store(&key(s), b"blob");
+            assert!(a.list().len() <= 8, "step {s}: {:?}", steps(&a));
         }
-        assert_eq!(a.list().len(), 3);
-        // A later process counts the files already there.
-        let b = store(4);
-        for s in 10..20 {
-            b.store(&key(s), b"blob");
+        let kept = steps(&a);
+        let stride = kept[1] - kept[0];
+        assert!(stride.is_power_of_two() && stride >= 128, "{kept:?}");
+        assert_eq!(kept, (0..1000).step_by(stride as usize).collect::<Vec<_>>());
+        // A later process finds the stride in the names and keeps to it.
+        let b = CheckpointDir::capped(dir.clone(), 8, u64::MAX);
+        b.store(&key(1001), b"blob");
+        b.store(&key(1024), b"blob");
+        assert!(!b.has(&key(1001)) && b.has(&key(1024)), "{:?}", steps(&b));
+        // Bytes bind: 10 blobs of 100 bytes.
+        let c = CheckpointDir::capped(tmp.path().join("bytes"), u64::MAX, 1000);
+        for s in (0..4096).step_by(4) {
+            c.store(&key(s), &[7u8; 100]);
         }
-        assert_eq!(b.list().len(), 4);
-        // A refused entry frees its place.
-        b.refused(&key(0), "test");
-        b.store(&key(30), b"blob");
-        assert!(b.has(&key(30)));
-        assert_eq!(b.list().len(), 4);
+        let kept = steps(&c);
+        assert!(kept.len() <= 10 && kept.len() >= 4, "{kept:?}");
+        let stride = kept[1] - kept[0];
+        assert_eq!(kept, (0..4096).step_by(stride as usize).collect::<Vec<_>>());
+        let bytes: u64 = c.sizes().iter().map(|h| h.1).sum();
+        assert!(bytes <= 1000, "{bytes}");
+        // A refused entry is removed and the next store counts again.
+        c.refused(&key(0), "test");
+        assert!(!c.has(&key(0)));
+        c.store(&key(4096), &[7u8; 100]);
+        assert!(c.has(&key(4096)));
+        // A blob larger than the budget is not written, and nothing breaks.
+        let d = CheckpointDir::capped(tmp.path().join("big"), 8, 64);
+        d.store(&key(0), &[0u8; 100]);
+        assert!(d.list().is_empty());
     }
 
     #[test]
