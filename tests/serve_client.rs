@@ -641,6 +641,7 @@ fn garbage_is_closed_while_a_good_client_keeps_streaming() {
                 m.starts_with(&format!("frame length {} is outside 1..=", (1 << 20) + 1)),
                 "{v}"
             );
+            assert!(m.contains("largest cursor blob"), "{v}");
             assert_eq!(v["code"], "protocol", "{v}");
         }
         other => panic!("a 1 MiB HELLO got {other:?}, not ERROR"),

@@ -275,12 +275,21 @@ async fn connection(
             say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
         }
-        Ok(Err(m)) => {
+        Ok(Err(e)) => {
+            let mut m = e.to_string();
+            if let ReadError::Frame(frame::ProtocolError::Length { len, .. }) = e {
+                if len > 0 && len <= frame::MAX_JSON_FRAME as u64 {
+                    m.push_str(
+                        ": longer than a HELLO carrying this plan's largest cursor blob \
+                         (a blob of a plan with more domains does not resume here)",
+                    );
+                }
+            }
             d.warn_peer(
                 pid,
                 format_args!("protocol error before HELLO: {m}; closing"),
             );
-            say(&mut stream, kind::ERROR, Code::Protocol, &m.to_string()).await;
+            say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
         }
     };
