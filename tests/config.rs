@@ -71,6 +71,22 @@ fn mistakes_name_the_file_and_the_field() {
         "{e}"
     );
 
+    // More domains than a cursor blob lists: the run could not resume from its blobs.
+    let many = |n: usize| -> String {
+        (0..n)
+            .map(|k| format!("[[corpus.domain]]\nname = \"d{k}\"\nshards = [\"d{k}\"]\n"))
+            .collect()
+    };
+    let max = millrace::config::MAX_DOMAINS;
+    assert!(parse(&format!("{head}{}", many(max))).is_ok());
+    let e = err(&format!("{head}{}", many(max + 1)));
+    assert!(
+        e.contains("test.toml")
+            && e.contains("corpus.domain")
+            && e.contains(&format!("{} domains; at most {max}", max + 1)),
+        "{e}"
+    );
+
     let dup = "[[corpus.domain]]\nname = \"web\"\nshards = [\"a\"]\n";
     let e = err(&format!("{head}{dup}{dup}"));
     assert!(

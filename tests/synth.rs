@@ -178,6 +178,13 @@ fn int32_for_large_vocabularies_and_clear_errors() {
     bad.vocab = 3;
     let err = synth::synth(&bad).unwrap_err().to_string();
     assert!(err.contains("no ordinary token ids"), "{err}");
+    let mut bad = opts(dir.path(), 1000, 1);
+    bad.domains = millrace::config::MAX_DOMAINS + 1;
+    let err = synth::synth(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("4097 domains; a config holds at most 4096"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -23,6 +23,11 @@ use crate::plan::{DomainInput, Plan};
 use plan::{DomainSettings, PlanConfig};
 use std::sync::Arc;
 
+/// Most domains a config may name: every cursor blob lists every domain, and a blob's
+/// lists hold at most 4096 entries (`plan/cursor.rs`), so a run of more could not
+/// resume from its own blobs.
+pub const MAX_DOMAINS: usize = 4096;
+
 /// Why a config could not be used; always names the file and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -292,6 +297,15 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.corpus.domains.is_empty() {
             return Err(self.invalid("corpus.domain".into(), "at least one domain is needed"));
+        }
+        if self.corpus.domains.len() > MAX_DOMAINS {
+            return Err(self.invalid(
+                "corpus.domain".into(),
+                format!(
+                    "{} domains; at most {MAX_DOMAINS} (every cursor blob lists every domain)",
+                    self.corpus.domains.len()
+                ),
+            ));
         }
         let mut seen = BTreeSet::new();
         for (i, d) in self.corpus.domains.iter().enumerate() {

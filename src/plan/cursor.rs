@@ -36,6 +36,8 @@ pub const MAGIC: &[u8; 8] = b"MRCURSOR";
 pub const VERSION: u16 = 9;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
+// A blob lists every domain of its plan: every config must fit.
+const _: () = assert!(crate::config::MAX_DOMAINS <= MAX_LIST);
 
 /// Why a blob was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -441,6 +441,16 @@ fn write(opts: &SynthOptions, mode: Mode) -> Result<SynthSummary> {
             "synth needs at least one domain, one token and one token per shard",
         ));
     }
+    if opts.domains > crate::config::MAX_DOMAINS {
+        return Err(CorpusError::invalid(
+            &opts.out,
+            format!(
+                "{} domains; a config holds at most {}",
+                opts.domains,
+                crate::config::MAX_DOMAINS
+            ),
+        ));
+    }
     if opts.vocab <= FIRST_ID + 1 {
         return Err(CorpusError::invalid(
             &opts.out,
