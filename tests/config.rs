@@ -282,6 +282,21 @@ fn plan_mistakes_name_the_field() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("corpus.domain[1].grouping.mode"), "{e}");
+    // More reseeds than a cursor blob lists.
+    let reseeds: String = (1..=4097)
+        .map(|k| format!("[[plan.reseed]]\nstep = {k}\nseed = {k}\n"))
+        .collect();
+    let e = parse(&format!(
+        "{base}\n[plan]\nseq_len = 64\nglobal_batch_rows = 8\nweights = {{ web = 1.0 }}\n{reseeds}"
+    ))
+    .unwrap()
+    .plan_config()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("plan.reseed") && e.contains("4097 reseeds; at most 4096"),
+        "{e}"
+    );
 }
 
 /// Issue 14, item 11: a TOML parse error put its cause on a continuation line under a

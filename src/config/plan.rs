@@ -294,6 +294,9 @@ pub const MAX_WINDOW: u64 = 1 << 24;
 /// change's `at_step`): 2^32 steps is thousands of times the longest pretraining run,
 /// and seeking there replays every step before it, so nothing further is accepted.
 pub const MAX_STEP: u64 = 1 << 32;
+/// Most `[[plan.reseed]]` entries: a cursor blob lists the reseeds each stream passed,
+/// and a blob's lists hold at most 4096 entries.
+pub const MAX_RESEEDS: usize = 4096;
 
 impl PlanConfig {
     /// Parses the `[plan]` table.
@@ -428,6 +431,15 @@ impl PlanConfig {
                     "ranges must be in order and must not overlap",
                 ));
             }
+        }
+        if self.reseed.len() > MAX_RESEEDS {
+            return Err(bad(
+                "plan.reseed",
+                format!(
+                    "{} reseeds; at most {MAX_RESEEDS} (a cursor blob lists those a stream passed)",
+                    self.reseed.len()
+                ),
+            ));
         }
         for (i, r) in self.reseed.iter().enumerate() {
             if i > 0 && r.step <= self.reseed[i - 1].step {
