@@ -50,14 +50,16 @@ pub struct CheckpointDir {
     /// Set once a write failed and was reported, so a read-only or full cache warns
     /// once.
     warned: AtomicBool,
-    /// Files and bytes it may hold ([`MAX_CHECKPOINTS`], [`MAX_CHECKPOINT_BYTES`]).
-    cap: Held,
+    /// Files it may hold ([`MAX_CHECKPOINTS`]).
+    max_files: u64,
+    /// Bytes it may hold ([`MAX_CHECKPOINT_BYTES`]).
+    max_bytes: u64,
     /// What it holds, counted from the directory at the first store (`None` again after
     /// an entry was refused and removed).
     held: Mutex<Option<Held>>,
 }
 
-/// The checkpoints of a directory, counted, or its caps.
+/// The checkpoints of a directory, counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Held {
     files: u64,
@@ -83,11 +85,8 @@ impl CheckpointDir {
         CheckpointDir {
             dir,
             warned: AtomicBool::new(false),
-            cap: Held {
-                files,
-                bytes,
-                stride: 0,
-            },
+            max_files: files,
+            max_bytes: bytes,
             held: Mutex::new(None),
         }
     }
@@ -150,7 +149,7 @@ impl CheckpointDir {
         loop {
             stride = stride.saturating_mul(2);
             let (files, bytes) = on(stride);
-            if (files <= self.cap.files / 2 && bytes <= self.cap.bytes / 2) || stride == u64::MAX {
+            if (files <= self.max_files / 2 && bytes <= self.max_bytes / 2) || stride == u64::MAX {
                 break;
             }
         }
@@ -169,8 +168,8 @@ impl CheckpointDir {
             was_bytes = was.bytes,
             stride,
             "thinned the plan checkpoints to one every {stride} plan steps (at most {} files and {} bytes a plan)",
-            self.cap.files,
-            self.cap.bytes
+            self.max_files,
+            self.max_bytes
         );
         now
     }
@@ -264,12 +263,12 @@ impl Checkpoints for CheckpointDir {
             return;
         }
         let len = blob.len() as u64;
-        if held.files >= self.cap.files || held.bytes + len > self.cap.bytes {
+        if held.files >= self.max_files || held.bytes + len > self.max_bytes {
             *held = self.thin(*held);
             if key.plan_step % held.stride != 0 {
                 return;
             }
-            if held.files >= self.cap.files || held.bytes + len > self.cap.bytes {
+            if held.files >= self.max_files || held.bytes + len > self.max_bytes {
                 // One blob larger than half the budget: nothing to thin.
                 return;
             }

@@ -359,8 +359,8 @@ const CARRY_BYTES: usize = 256;
 /// The journal's share of the cursor field, before the part that grows with the domains.
 const JOURNAL_BYTES: usize = 16384;
 /// The journal's share per domain: [`LIVE_POINTS`] weight points (8 bytes a domain each)
-/// and [`LIVE_STAGES`] stages' carry records, so a run of hundreds of domains can make as
-/// many live changes as a run of four (with a fixed 16 KiB, 400 domains had room for 5
+/// and [`LIVE_STAGES`] stages' carry records, so a run of hundreds of domains still has
+/// room for dozens of live changes (with a fixed 16 KiB, 400 domains had room for 5
 /// `set-weights` and no stage).
 const JOURNAL_BYTES_PER_DOMAIN: usize = 8 * LIVE_POINTS + CARRY_BYTES * LIVE_STAGES;
 /// Weight points (a `set-weights` is one) the journal has room for at any domain count.
