@@ -784,9 +784,11 @@ fn resume_after_a_change_is_exact() {
 #[test]
 fn three_hundred_domains_change_live_report_and_resume() {
     const DOMAINS: usize = 300;
-    const STAGE_AT: u64 = 20;
-    const KEEP: u64 = 25;
-    const LAST: u64 = 30;
+    // Every change lies past what the 4-slot ring can have published after 2 reads.
+    const FIRST_CHANGE: u64 = 10;
+    const STAGE_AT: u64 = 30;
+    const KEEP: u64 = 35;
+    const LAST: u64 = 40;
     let corpus = Rc::new(common::corpus(3_000_000, DOMAINS, 11, 1_000_000));
     let f = fixture_on(&corpus, "many", "");
     let names: Vec<String> = f
@@ -807,7 +809,7 @@ fn three_hundred_domains_change_live_report_and_resume() {
                 .enumerate()
                 .map(|(i, n)| (n.clone(), if i == k { 50.0 } else { 1.0 }))
                 .collect();
-            let r = f.set_weights(&w, 4 + k as u64);
+            let r = f.set_weights(&w, FIRST_CHANGE + k as u64);
             assert_eq!(r["ok"], true, "set_weights #{k}: {r}");
         }
         let r = f.req(
