@@ -11,6 +11,9 @@ use super::journal::point_text;
 use super::status::{duration_text, fetch_status, last_reload_line, or, pct, read_status};
 use super::TopArgs;
 
+/// Domains the mixture table shows at most: those with the largest target shares.
+const TOP_DOMAINS: usize = 24;
+
 /// `[###.....]`: `frac` of `width` cells filled (clamped to 0..=1).
 pub(super) fn bar(frac: f64, width: usize) -> String {
     let frac = if frac.is_finite() {
@@ -132,7 +135,19 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
             "token shares",
             bw = bar_w + 2
         ));
-        for d in &now.domains {
+        // A run of hundreds of domains would scroll the frame away: the largest targets
+        // are shown, in config order, and the rest summed up in one line.
+        let mut shown: Vec<usize> = (0..now.domains.len()).collect();
+        if shown.len() > TOP_DOMAINS {
+            shown.sort_by(|&a, &b| {
+                let t = |i: usize| now.domains[i].target_share;
+                t(b).total_cmp(&t(a)).then(a.cmp(&b))
+            });
+            shown.truncate(TOP_DOMAINS);
+            shown.sort_unstable();
+        }
+        for &i in &shown {
+            let d = &now.domains[i];
             lines.push(format!(
                 "{:<name_w$} {}  {:>6} of {:>6}  epochs {:.4}",
                 or(&d.name, "-"),
@@ -140,6 +155,26 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
                 pct(d.realized_share),
                 pct(d.target_share),
                 d.epochs,
+            ));
+        }
+        let rest: Vec<_> = (0..now.domains.len())
+            .filter(|i| shown.binary_search(i).is_err())
+            .map(|i| &now.domains[i])
+            .collect();
+        if !rest.is_empty() {
+            let sum = |f: fn(&millrace::wire::status::DomainStatus) -> f64| -> f64 {
+                rest.iter().map(|d| f(d)).sum()
+            };
+            let most = rest
+                .iter()
+                .map(|d| d.epochs)
+                .fold(f64::NEG_INFINITY, f64::max);
+            lines.push(format!(
+                "{} more domains: {} of {} together, at most {most:.4} epochs \
+                 (`millrace status` lists every one)",
+                rest.len(),
+                pct(sum(|d| d.realized_share)),
+                pct(sum(|d| d.target_share)),
             ));
         }
     }
@@ -295,6 +330,40 @@ mod tests {
         }
         // No escapes: the caller adds them on a terminal.
         assert!(!text.contains('\x1b'));
+    }
+
+    /// Hundreds of domains: the largest targets, in config order, and one line for the
+    /// rest, so the frame still fits a terminal.
+    #[test]
+    fn render_shows_the_largest_domains_and_sums_the_rest() {
+        let mut now = sample_status(3_000_000, 60, 0.75);
+        let template = now.domains[0].clone();
+        now.domains = (0..100)
+            .map(|k| {
+                let mut d = template.clone();
+                d.name = format!("d{k:03}");
+                // d050..d073 have the largest targets.
+                d.target_share = if (50..74).contains(&k) {
+                    0.02
+                } else {
+                    0.52 / 76.0
+                };
+                d.realized_share = d.target_share;
+                d.epochs = k as f64 / 100.0;
+                d
+            })
+            .collect();
+        let text = render(&now, None, 120);
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("d0")).collect();
+        let names: Vec<String> = rows.iter().map(|l| l[..4].to_string()).collect();
+        let want: Vec<String> = (50..74).map(|k| format!("d{k:03}")).collect();
+        assert_eq!(names, want, "{text}");
+        let rest = text
+            .lines()
+            .find(|l| l.starts_with("76 more domains"))
+            .unwrap();
+        assert!(rest.contains("52.0% of 52.0% together"), "{rest}");
+        assert!(rest.contains("at most 0.9900 epochs"), "{rest}");
     }
 
     #[test]
