@@ -220,6 +220,8 @@ fn serve_mistakes_name_the_field() {
         ("[serve]\nstage_reserve_tokens = -1", "stage_reserve_tokens"),
         ("[serve]\nwake_coalesce_us = 100001", "wake_coalesce_us"),
         ("[serve]\nwake_coalesce_us = -1", "wake_coalesce_us"),
+        ("[serve]\nlive_changes = 0", "live_changes"),
+        ("[serve]\nlive_changes = 4097", "live_changes"),
     ];
     for (extra, field) in cases {
         let text = format!("{base}{extra}");
@@ -242,6 +244,25 @@ fn serve_mistakes_name_the_field() {
     .unwrap();
     let serve = millrace::config::serve::ServeConfig::from_config(&cfg).unwrap();
     assert_eq!(serve.socket, Path::new("/x/s.sock"));
+    assert_eq!(serve.live_changes, 32);
+    // Room for live changes is bytes of every blob: 4096 changes of 1000 domains (33 MB)
+    // cannot travel in a HELLO.
+    let domains: String = (0..1000)
+        .map(|k| format!("[[corpus.domain]]\nname = \"d{k}\"\nshards = [\"d{k}\"]\n"))
+        .collect();
+    let cfg = Config::parse(
+        &format!("[corpus]\n{domains}[serve]\nlive_changes = 4096\n"),
+        Path::new("/x/run.toml"),
+        Path::new("/x"),
+    )
+    .unwrap();
+    let err = millrace::config::serve::ServeConfig::from_config(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("live_changes") && err.contains("4096 changes of 1000 domains take"),
+        "{err}"
+    );
 }
 
 #[test]

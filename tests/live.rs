@@ -89,6 +89,12 @@ impl Fixture {
         Serve::start(&self.config, &self.socket, &self.log)
     }
 
+    /// The config's domain names, in order.
+    fn domain_names(&self) -> Vec<String> {
+        let plan = self.load().plan;
+        plan.domain_names().iter().map(|n| n.to_string()).collect()
+    }
+
     fn load(&self) -> LoadedPlan {
         Config::load(&self.config)
             .and_then(|c| c.load_plan())
@@ -791,13 +797,7 @@ fn three_hundred_domains_change_live_report_and_resume() {
     const LAST: u64 = 40;
     let corpus = Rc::new(common::corpus(3_000_000, DOMAINS, 11, 1_000_000));
     let f = fixture_on(&corpus, "many", "");
-    let names: Vec<String> = f
-        .load()
-        .plan
-        .domain_names()
-        .iter()
-        .map(|n| n.to_string())
-        .collect();
+    let names = f.domain_names();
     assert_eq!(names.len(), DOMAINS);
     let (a_steps, blob) = {
         let a = f.serve();
@@ -840,6 +840,72 @@ fn three_hundred_domains_change_live_report_and_resume() {
     let b = f.serve();
     let _c = f.resume_exactly(&b, "many", &blob, &a_steps[KEEP as usize + 1..]);
     assert_eq!(f.journal().len(), 13, "B did not adopt the blob's journal");
+}
+
+/// A controller that moves the mixture every step for hundreds of steps (online data
+/// mixing): the journal held 256 changes whatever the room. With `[serve] live_changes`
+/// sized for it, 600 changes are taken and a blob taken after them resumes bit for bit
+/// on a fresh daemon; with the default room the daemon refuses, naming why, and keeps
+/// the changes it has.
+#[test]
+fn a_controller_makes_hundreds_of_changes_when_the_room_is_reserved() {
+    const CHANGES: u64 = 600;
+    const FIRST_CHANGE: u64 = 10;
+    let corpus = corpus();
+    let names = fixture_on(&corpus, "probe", "").domain_names();
+    let weights = |k: u64| -> BTreeMap<String, f64> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), 1.0 + ((k as usize + i) % 7) as f64))
+            .collect()
+    };
+    // The default room: refused before the 600th, with the reason, nothing lost.
+    {
+        let f = fixture_on(&corpus, "small", "");
+        let _d = f.serve();
+        let mut taken = 0;
+        let refusal = (0..CHANGES).find_map(|k| {
+            let r = f.set_weights(&weights(k), FIRST_CHANGE + k);
+            if r["ok"] == true {
+                taken += 1;
+                None
+            } else {
+                Some(r)
+            }
+        });
+        let r = refusal.expect("the default room took 600 changes");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("would outgrow the cursor blob"),
+            "{r}"
+        );
+        assert!(taken > 256, "only {taken} changes fit");
+        assert_eq!(f.journal().len(), taken);
+    }
+    let f = fixture_on(&corpus, "large", "live_changes = 700\n");
+    let last = FIRST_CHANGE + CHANGES + 5;
+    let (a_steps, blob) = {
+        let _a = f.serve();
+        for k in 0..CHANGES {
+            let r = f.set_weights(&weights(k), FIRST_CHANGE + k);
+            assert_eq!(r["ok"], true, "change #{k}: {r}");
+        }
+        let mut c = f.connect("ctl");
+        let got = read(&mut c, last + 1);
+        let blob = got[last as usize - 2].cursor.clone();
+        (got, blob)
+    };
+    let _ = std::fs::remove_file(&f.socket);
+    let b = f.serve();
+    let _c = f.resume_exactly(&b, "ctl", &blob, &a_steps[last as usize - 1..]);
+    assert_eq!(
+        f.journal().len(),
+        CHANGES as usize,
+        "B did not adopt the journal"
+    );
 }
 
 // ------------------------------------------------------------ metrics

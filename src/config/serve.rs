@@ -97,11 +97,21 @@ pub struct ServeConfig {
     /// publish (the lowest latency, the most wake-ups).
     #[serde(default = "default_wake_coalesce")]
     pub wake_coalesce_us: u64,
+    /// One-point live mixture changes (`ctl set-weights`, a file or SIGHUP reload) every
+    /// cursor blob has room for, at any number of domains. Each costs 8 bytes per domain
+    /// in every slot's cursor field; a run whose mixture a controller moves every few
+    /// hundred steps raises it (docs/OPERATIONS.md, "Limits of live changes").
+    #[serde(default = "default_live_changes")]
+    pub live_changes: u32,
 }
 
 /// Most `[serve] wake_coalesce_us`: 100 ms, beyond which a held-back wake would be a
 /// stall rather than a batching of wake-ups.
 pub const MAX_WAKE_COALESCE_US: u64 = 100_000;
+
+/// Most bytes of every cursor blob `[serve] live_changes` may reserve: with the rest of
+/// the blob, twice that (as hex) stays within a HELLO frame (`wire::MAX_JSON_FRAME`).
+pub const MAX_LIVE_CHANGE_BYTES: usize = 16 << 20;
 
 /// Most `[serve] stage_reserve_tokens`: 2^32 tokens per dp rank per step, a slot of
 /// several GiB, beyond anything a trainer's step holds.
@@ -152,6 +162,10 @@ impl Reader {
             Reader::UringDirect => "uring-direct",
         }
     }
+}
+
+fn default_live_changes() -> u32 {
+    32
 }
 
 fn default_wake_coalesce() -> u64 {
@@ -340,6 +354,27 @@ impl ServeConfig {
             return bad(
                 "stage_reserve_tokens",
                 &format!("must be at most {MAX_STAGE_RESERVE} (tokens per dp rank per step)"),
+            );
+        }
+        if !(1..=crate::plan::journal::MAX_CHANGES as u32).contains(&s.live_changes) {
+            return bad(
+                "live_changes",
+                &format!(
+                    "must be 1..={} (the most changes a journal holds)",
+                    crate::plan::journal::MAX_CHANGES
+                ),
+            );
+        }
+        let domains = cfg.corpus.domains.len();
+        let room = s.live_changes as usize * crate::plan::cursor::one_point_change_bytes(domains);
+        if room > MAX_LIVE_CHANGE_BYTES {
+            return bad(
+                "live_changes",
+                &format!(
+                    "{} changes of {domains} domains take {room} bytes of every cursor blob; \
+                     at most {MAX_LIVE_CHANGE_BYTES} (a HELLO carries the blob as hex)",
+                    s.live_changes
+                ),
             );
         }
         if s.wake_coalesce_us > MAX_WAKE_COALESCE_US {

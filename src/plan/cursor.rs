@@ -754,6 +754,12 @@ pub fn journal_bytes(journal: &[Change], domains: usize) -> usize {
             .sum::<usize>()
 }
 
+/// Bytes [`journal_bytes`] counts for a weights change of one point over `domains`
+/// domains (what `set-weights` adds): the room a daemon reserves per live change.
+pub fn one_point_change_bytes(domains: usize) -> usize {
+    10 + 8 + 8 * domains + 1
+}
+
 /// Bytes a change's stage record takes (layouts 8 and 9): a kind byte, and the shape
 /// for a stage change.
 fn stage_bytes(c: &Change) -> usize {

@@ -15,8 +15,10 @@
 
 use super::mix::Points;
 
-/// Most changes one journal may hold, so a blob stays small enough for a HELLO frame.
-pub const MAX_CHANGES: usize = 256;
+/// Most changes one journal may hold: a blob's lists hold at most 4096 entries. What
+/// fits in practice is set by the bytes the daemon reserves for the journal (`[serve]
+/// live_changes`), since every blob carries the whole journal.
+pub const MAX_CHANGES: usize = 4096;
 /// Most points one change's curve may hold.
 pub const MAX_POINTS: usize = 64;
 

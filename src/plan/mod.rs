@@ -411,7 +411,7 @@ impl Plan {
                     });
                 }
             }
-            schedule = schedule.with_layer(change.at, change.points.clone());
+            schedule.add_layer(change.at, change.points.clone());
         }
         let mut p = self.clone();
         if shapes != self.shapes {

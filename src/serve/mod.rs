@@ -121,6 +121,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
             stage_reserve: serve.stage_reserve_tokens,
             checkpoints: crate::plan_cache::cache_root(&l.cfg),
             wake_coalesce: Duration::from_micros(serve.wake_coalesce_us),
+            live_changes: serve.live_changes as usize,
         },
     ));
     let daemon = Arc::new(Daemon {

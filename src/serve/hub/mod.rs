@@ -32,7 +32,7 @@ use tracing::warn;
 
 use super::fill::{random_access, SlotJob, Source};
 use super::ring::{Ring, TokenType};
-use crate::plan::{Plan, Planner};
+use crate::plan::{cursor, Plan, Planner};
 use crate::wire::protocol::Welcome;
 use jobplan::{JobPlan, Own, Planned};
 use keeper::Keeper;
@@ -69,6 +69,9 @@ pub struct HubSettings {
     /// How long a publish may hold back its ring's wake (`[serve] wake_coalesce_us`), so
     /// that one wake-up finds two slots ready; zero: every publish wakes at once.
     pub wake_coalesce: Duration,
+    /// One-point live changes every blob has room for at any number of domains (`[serve]
+    /// live_changes`): sizes the journal's share of the cursor field.
+    pub live_changes: usize,
 }
 
 pub use crate::sys::{EventFd, ReleasePage};
@@ -358,15 +361,17 @@ const CARRY_BYTES: usize = 256;
 
 /// The journal's share of the cursor field, before the part that grows with the domains.
 const JOURNAL_BYTES: usize = 16384;
-/// The journal's share per domain: [`LIVE_POINTS`] weight points (8 bytes a domain each)
-/// and [`LIVE_STAGES`] stages' carry records, so a run of hundreds of domains still has
-/// room for dozens of live changes (with a fixed 16 KiB, 400 domains had room for 5
-/// `set-weights` and no stage).
-const JOURNAL_BYTES_PER_DOMAIN: usize = 8 * LIVE_POINTS + CARRY_BYTES * LIVE_STAGES;
-/// Weight points (a `set-weights` is one) the journal has room for at any domain count.
-const LIVE_POINTS: usize = 32;
 /// Stages added live (`ctl set-stage`) the journal has room for at any domain count.
 const LIVE_STAGES: usize = 4;
+
+/// The journal's share of the cursor field: room for `live_changes` one-point changes
+/// and [`LIVE_STAGES`] stages' carry records, at any number of domains (with a fixed
+/// 16 KiB, 400 domains had room for 5 `set-weights` and no stage).
+fn journal_cap(domains: usize, live_changes: usize) -> usize {
+    JOURNAL_BYTES
+        + live_changes * cursor::one_point_change_bytes(domains)
+        + domains * CARRY_BYTES * LIVE_STAGES
+}
 
 /// Shared by the accept loop, every connection and every materializer thread.
 pub struct Hub {
@@ -426,7 +431,7 @@ impl Hub {
         // Room for a journal of a few dozen typical changes at any number of domains; a
         // change that would not fit is refused (write the mixture into the config and
         // restart instead).
-        let journal_cap = JOURNAL_BYTES + domains * JOURNAL_BYTES_PER_DOMAIN;
+        let journal_cap = journal_cap(domains, settings.live_changes);
         // Per domain: its stream (512 typical), reseed chains, a carry record per stage
         // switch its window went through, and its identity record (layout 7).
         let switches = plan.stages().len().saturating_sub(1);
