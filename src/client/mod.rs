@@ -48,7 +48,7 @@ pub use crate::wire::ring::{
 pub const PUBLISHED_OFFSET: usize = ring_at::PUBLISHED;
 pub use crate::wire::{
     decode_hex as from_hex, to_hex, FieldSpec, Hello, SlotLayout, Welcome,
-    MAX_FRAME as MAX_FRAME_LEN, TRAINER_VERSION as PROTOCOL,
+    MAX_FRAME as MAX_FRAME_LEN, MAX_JSON_FRAME as MAX_JSON_FRAME_LEN, TRAINER_VERSION as PROTOCOL,
 };
 /// How long the handshake (HELLO to WELCOME) may take before the client gives up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
