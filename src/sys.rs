@@ -16,6 +16,8 @@
 //! - [`ReleasePage`]: the per-peer page through which a client releases slots without a
 //!   frame, and the memory ordering both sides follow on it.
 //! - small safe helpers ([`euid`], [`monotonic_ns`], ...) so callers need no libc.
+//! - [`refuse_io_uring_in_this_thread`]: the seccomp filter the tests use to reproduce a
+//!   kernel that refuses io_uring.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -525,6 +527,51 @@ pub fn terminal_columns() -> Option<usize> {
 pub fn can_write_dir(dir: &std::path::Path) -> bool {
     use rustix::fs::Access;
     rustix::fs::access(dir, Access::WRITE_OK | Access::EXEC_OK).is_ok()
+}
+
+/// Makes `io_uring_setup` fail with `errno` in the calling thread and the threads it
+/// starts afterwards (a seccomp filter, as a container runtime's profile installs one);
+/// false if the kernel refuses the filter. How the tests reproduce a kernel that refuses
+/// io_uring; nothing in the daemon calls it.
+pub fn refuse_io_uring_in_this_thread(errno: i32) -> bool {
+    const LD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS: the syscall number at offset 0
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    let mut filter = [
+        libc::sock_filter {
+            code: LD_NR,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: JEQ,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: RET,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | errno as u32,
+        },
+        libc::sock_filter {
+            code: RET,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: plain prctl calls; the filter program outlives the call that copies it.
+    unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) == 0
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use millrace::corpus::MegatronWriter;
 use millrace::corpus::{DType, Shard};
 use millrace::plan::Segment;
 use millrace::serve::uring::{
-    data_path, segment_span, PreadReader, ReadError, Span, SpanReader, UringOptions, UringReader,
+    data_path, segment_span, PreadReader, ReadError, ShardFiles, Span, SpanReader, UringOptions,
+    UringReader,
 };
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
@@ -152,6 +153,29 @@ fn io_uring_buffered_direct_and_pread_equal_the_mmap_copy() {
             "buffered, round {round}"
         );
     }
+    // Readers over one set of open files (the daemon's pool): each registers the same
+    // descriptors and opens none; reads interleave; the files' mode wins over `direct`.
+    let files = ShardFiles::open(&paths, false).unwrap();
+    let mut a = UringReader::open_with(files.clone(), small).unwrap();
+    let mut b = UringReader::open_with(
+        files.clone(),
+        UringOptions {
+            direct: true,
+            ..UringOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(std::sync::Arc::strong_count(&files), 3);
+    for round in 0..4 {
+        let (spans, expect) = plan(&shards, 64, &mut rng);
+        let r = if round % 2 == 0 { &mut a } else { &mut b };
+        assert!(
+            fill(|d| r.read(&spans, d), expect.len()) == expect,
+            "shared files, round {round}"
+        );
+    }
+    drop((a, b));
+    assert_eq!(std::sync::Arc::strong_count(&files), 1);
     for opts in [
         UringOptions {
             direct: true,
@@ -317,49 +341,6 @@ fn spans_outside_the_files_or_the_destination_fail_before_any_read() {
     assert!(e.to_string().contains("missing.bin: open"), "{e}");
 }
 
-/// Makes `io_uring_setup` fail with `errno` in the calling thread only (a seccomp
-/// filter, as a container runtime installs one); false if the kernel refuses the filter.
-fn refuse_io_uring_in_this_thread(errno: i32) -> bool {
-    const LD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS: the syscall number at offset 0
-    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET: u16 = 0x06; // BPF_RET | BPF_K
-    let mut filter = [
-        libc::sock_filter {
-            code: LD_NR,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        libc::sock_filter {
-            code: JEQ,
-            jt: 0,
-            jf: 1,
-            k: libc::SYS_io_uring_setup as u32,
-        },
-        libc::sock_filter {
-            code: RET,
-            jt: 0,
-            jf: 0,
-            k: 0x0005_0000 | errno as u32,
-        },
-        libc::sock_filter {
-            code: RET,
-            jt: 0,
-            jf: 0,
-            k: 0x7fff_0000,
-        },
-    ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_mut_ptr(),
-    };
-    // SAFETY: plain prctl calls; the filter program outlives the call that copies it.
-    unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
-            && libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) == 0
-    }
-}
-
 #[test]
 fn where_seccomp_refuses_io_uring_the_reader_says_so_and_falls_back_to_pread() {
     let (_dir, mut rng, shards, paths) = setup(5, 2);
@@ -368,7 +349,7 @@ fn where_seccomp_refuses_io_uring_the_reader_says_so_and_falls_back_to_pread() {
         let (paths, spans, expect) = (paths.clone(), spans.clone(), expect.clone());
         // A thread of its own: the filter stays with the thread that installed it.
         std::thread::spawn(move || {
-            if !refuse_io_uring_in_this_thread(errno) {
+            if !millrace::sys::refuse_io_uring_in_this_thread(errno) {
                 eprintln!("skipping: the kernel refused a seccomp filter");
                 return;
             }

@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring, Probe};
 
@@ -319,6 +320,33 @@ fn open_files(paths: &[PathBuf], direct: bool) -> Result<Vec<SpanFile>, ReadErro
         .collect()
 }
 
+/// The shard files the io_uring readers of one daemon read, opened once: every reader
+/// registers the same descriptors in its own ring, so a corpus of N shards holds N
+/// descriptors (2N with `O_DIRECT`) whatever the number of readers. A reader per
+/// materializer thread, each opening its own, held 16,398 for 4,096 shards with 2
+/// threads, and a corpus of tens of thousands of shards ran out.
+#[derive(Debug)]
+pub struct ShardFiles {
+    files: Vec<SpanFile>,
+    direct: bool,
+}
+
+impl ShardFiles {
+    /// Opens `paths` (span `file` indexes this list), with an `O_DIRECT` descriptor
+    /// beside each buffered one when `direct`.
+    pub fn open(paths: &[PathBuf], direct: bool) -> Result<Arc<ShardFiles>, ReadError> {
+        Ok(Arc::new(ShardFiles {
+            files: open_files(paths, direct)?,
+            direct,
+        }))
+    }
+
+    /// Whether the files have `O_DIRECT` descriptors.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+}
+
 /// Reads spans with `pread`: the fallback where io_uring is unavailable, and the
 /// reference the benchmark compares io_uring with.
 #[derive(Debug)]
@@ -392,7 +420,7 @@ struct Op {
 /// Reads spans with io_uring: see the file comment.
 pub struct UringReader {
     ring: IoUring,
-    files: Vec<SpanFile>,
+    files: Arc<ShardFiles>,
     opts: UringOptions,
     /// `depth` aligned bounce buffers of `bounce_len` bytes (direct mode only), starting
     /// `bounce_at` bytes into `bounce_mem`.
@@ -406,7 +434,7 @@ pub struct UringReader {
 impl std::fmt::Debug for UringReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UringReader")
-            .field("files", &self.files)
+            .field("files", &self.files.files)
             .field("opts", &self.opts)
             .finish_non_exhaustive()
     }
@@ -417,12 +445,18 @@ impl UringReader {
     /// this list). [`ReadError::Unavailable`] when the kernel refuses io_uring or lacks
     /// `IORING_OP_READ` (before 5.6).
     pub fn open(paths: &[PathBuf], opts: UringOptions) -> Result<UringReader, ReadError> {
+        UringReader::open_with(ShardFiles::open(paths, opts.direct)?, opts)
+    }
+
+    /// [`UringReader::open`] over files already open, shared with other readers: the
+    /// ring registers their descriptors and opens none (`opts.direct` is the files').
+    pub fn open_with(files: Arc<ShardFiles>, opts: UringOptions) -> Result<UringReader, ReadError> {
         let opts = UringOptions {
+            direct: files.direct,
             depth: opts.depth.clamp(1, 4096),
             max_op_bytes: (opts.max_op_bytes.clamp(DIRECT_ALIGN as u32, 1 << 30)
                 / DIRECT_ALIGN as u32)
                 * DIRECT_ALIGN as u32,
-            ..opts
         };
         let ring = IoUring::new(opts.depth).map_err(|source| ReadError::Unavailable {
             what: "io_uring_setup",
@@ -441,12 +475,13 @@ impl UringReader {
                 source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
             });
         }
-        let files = open_files(paths, opts.direct)?;
         let fds: Vec<i32> = files
+            .files
             .iter()
             .map(|f| f.file.as_raw_fd())
             .chain(
                 files
+                    .files
                     .iter()
                     .filter_map(|f| f.direct.as_ref().map(|d| d.as_raw_fd())),
             )
@@ -461,7 +496,12 @@ impl UringReader {
         }
         // A bounced piece spans at most max_op_bytes plus one block of padding each side.
         let bounce_len = if opts.direct {
-            let align = files.iter().map(|f| f.align).max().unwrap_or(DIRECT_ALIGN);
+            let align = files
+                .files
+                .iter()
+                .map(|f| f.align)
+                .max()
+                .unwrap_or(DIRECT_ALIGN);
             (opts.max_op_bytes as usize + 2 * align).next_multiple_of(align)
         } else {
             0
@@ -485,7 +525,7 @@ impl UringReader {
     /// continue each other.
     fn ops(&self, spans: &[Span], dst: &[u8]) -> Vec<Op> {
         let max = self.opts.max_op_bytes as u64;
-        let n = self.files.len() as u32;
+        let n = self.files.files.len() as u32;
         let mut out = Vec::new();
         for s in &coalesce(spans) {
             let mut done = 0u64;
@@ -507,7 +547,7 @@ impl UringReader {
                     });
                     continue;
                 }
-                let a = self.files[s.file as usize].align as u64;
+                let a = self.files.files[s.file as usize].align as u64;
                 let aligned = first % a == 0
                     && len % a == 0
                     && (dst.as_ptr() as usize + to) % a as usize == 0;
@@ -539,7 +579,7 @@ impl UringReader {
     /// then unspecified). On an error every read already submitted has completed before
     /// this returns, so nothing writes into `dst` afterwards.
     pub fn read(&mut self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
-        check_spans(spans, self.files.len(), dst.len())?;
+        check_spans(spans, self.files.files.len(), dst.len())?;
         let ops = self.ops(spans, dst);
         let depth = self.opts.depth as usize;
         let mut slots: Vec<Option<Op>> = vec![None; depth];
@@ -668,7 +708,7 @@ impl UringReader {
         res: i32,
         dst: &mut [u8],
     ) -> Result<bool, ReadError> {
-        let f = &self.files[op.file as usize];
+        let f = &self.files.files[op.file as usize];
         if res < 0 {
             return Err(ReadError::Read {
                 path: f.path.clone(),

@@ -1,6 +1,7 @@
 //! Which reader fills compact slots (`[serve] reader`), and the io_uring readers the
 //! materializer threads share: one per thread at a time, kept in a pool so each thread
-//! reuses a ring whose shard files are already registered. The io_uring readers
+//! reuses a ring whose shard files are already registered. The files are opened once
+//! ([`ShardFiles`]) and every ring registers the same descriptors. The io_uring readers
 //! themselves are src/serve/uring.rs; docs/DESIGN.md ("Page cache") says why each exists.
 
 use std::path::Path;
@@ -10,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::config::serve::Reader;
 use crate::corpus::Shard;
-use crate::serve::uring::{data_path, ReadError, Span, UringOptions, UringReader};
+use crate::serve::uring::{data_path, ReadError, ShardFiles, Span, UringOptions, UringReader};
 
 /// The reader compact slots use, resolved at start, and the io_uring readers not in use.
 pub struct Readers {
@@ -21,6 +22,8 @@ pub struct Readers {
     fallback: Option<String>,
     /// Token files, every domain's shards in plan order.
     paths: Vec<std::path::PathBuf>,
+    /// Those files, opened once for every reader of the pool (`None` for the copy).
+    files: Option<Arc<ShardFiles>>,
     /// Index in `paths` of each domain's first shard.
     first: Vec<u32>,
     /// Readers not in use by a fill, and how many exist.
@@ -62,6 +65,7 @@ impl Readers {
             reader,
             fallback: None,
             paths: Vec::new(),
+            files: None,
             first: Vec::new(),
             pool: Mutex::default(),
             returned: Condvar::new(),
@@ -101,15 +105,21 @@ impl Readers {
             reader,
             fallback: None,
             paths,
+            files: None,
             first,
             pool: Mutex::default(),
             returned: Condvar::new(),
         };
         let mut tried = reader;
         loop {
-            match UringReader::open(&readers.paths, options(tried)) {
-                Ok(r) => {
+            let opened =
+                ShardFiles::open(&readers.paths, tried == Reader::UringDirect).and_then(|files| {
+                    UringReader::open_with(files.clone(), options(tried)).map(|r| (files, r))
+                });
+            match opened {
+                Ok((files, r)) => {
                     readers.reader = tried;
+                    readers.files = Some(files);
                     let pool = readers.pool.get_mut().unwrap_or_else(|p| p.into_inner());
                     pool.idle.push(r);
                     pool.live = 1;
@@ -212,7 +222,10 @@ impl Readers {
             }
             if !pool.full || pool.live == 0 {
                 drop(pool);
-                let opened = UringReader::open(&self.paths, options(self.reader));
+                let opened = match &self.files {
+                    Some(files) => UringReader::open_with(files.clone(), options(self.reader)),
+                    None => UringReader::open(&self.paths, options(self.reader)),
+                };
                 pool = self.lock();
                 match opened {
                     Ok(r) => {
@@ -318,9 +331,10 @@ mod tests {
         }
     }
 
-    /// When no more readers can be opened (here: the shard file is gone, so only the
-    /// descriptors opened at start read it), fills wait for one to come back instead
-    /// of failing.
+    /// Readers share the descriptors opened at start: a new one registers them even after
+    /// the shard file was removed. When no more can be opened (here the kernel refuses
+    /// io_uring in the thread that asks, as a seccomp profile does), fills wait for one
+    /// to come back instead of failing; with none left at all, the fill fails naming why.
     #[test]
     fn fills_share_the_readers_when_no_more_can_be_opened() {
         let dir = tempfile::tempdir().unwrap();
@@ -332,22 +346,40 @@ mod tests {
         }
         std::fs::remove_file(dir.path().join("s.bin")).unwrap();
         let held = readers.take().unwrap();
+        let second = readers.take().expect("a second reader over the open files");
+        assert_eq!(readers.lock().live, 2);
+        readers.give(second, true);
+        let second = readers.take().unwrap();
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| readers.take().map(|r| readers.give(r, true)));
+            let waiter = s.spawn(|| {
+                if !crate::sys::refuse_io_uring_in_this_thread(libc::EPERM) {
+                    return None;
+                }
+                let got = readers.take().map(|r| readers.give(r, true));
+                let waited = readers.lock().full;
+                // With no reader left, a fill here fails naming io_uring.
+                let r = readers.take().unwrap();
+                readers.give(r, false);
+                readers.give(readers.take().unwrap(), false);
+                let e = readers.take().unwrap_err().to_string();
+                Some((got, waited, e))
+            });
             let t0 = std::time::Instant::now();
-            while !readers.lock().full {
-                assert!(t0.elapsed().as_secs() < 30, "the second fill never waited");
+            while !readers.lock().full && !waiter.is_finished() {
+                assert!(t0.elapsed().as_secs() < 30, "the third fill never waited");
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             readers.give(held, true);
-            waiter.join().unwrap().unwrap();
+            readers.give(second, true);
+            match waiter.join().unwrap() {
+                None => eprintln!("skipping: the kernel refused a seccomp filter"),
+                Some((got, waited, e)) => {
+                    got.unwrap();
+                    assert!(waited, "the third fill did not wait for a reader");
+                    assert!(e.starts_with("io_uring is unavailable"), "{e}");
+                }
+            }
         });
-        assert_eq!(readers.lock().live, 1);
-        // With none left at all, a fill fails naming the file it could not open.
-        let r = readers.take().unwrap();
-        readers.give(r, false);
-        let e = readers.take().unwrap_err().to_string();
-        assert!(e.contains("s.bin: open"), "{e}");
     }
 
     /// `auto`: plain mappings while the corpus fits half the memory, O_DIRECT beyond.
