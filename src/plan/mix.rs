@@ -61,7 +61,8 @@ impl Schedule {
 
     /// Puts `curve` in force from `start` on, cutting off the layers that start at or
     /// after it: in place, so a journal of thousands of changes is laid in linear time
-    /// (a copy per change made 4,000 of them cost 0.5 s per live change).
+    /// (copying the schedule per change made one live change at 3,700 entries take
+    /// 470 ms).
     pub fn add_layer(&mut self, start: u64, curve: Points) {
         self.layers.retain(|(b, _)| *b < start);
         self.layers.push((start, curve));

@@ -428,9 +428,9 @@ impl Hub {
         }
         let domains = plan.domain_names().len();
         let reseeds = plan.config().reseed.len();
-        // Room for a journal of a few dozen typical changes at any number of domains; a
-        // change that would not fit is refused (write the mixture into the config and
-        // restart instead).
+        // Room for `[serve] live_changes` one-point changes and a few stages at any number
+        // of domains; a change that would not fit is refused (write the mixture into the
+        // config and restart instead).
         let journal_cap = journal_cap(domains, settings.live_changes);
         // Per domain: its stream (512 typical), reseed chains, a carry record per stage
         // switch its window went through, and its identity record (layout 7).
