@@ -130,7 +130,18 @@ pub fn explain(plan: &Plan, batch: &GlobalBatch, r: u32, ranks: u32) -> Explanat
 pub fn render_explain(e: &Explanation) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let counts: Vec<String> = e.counts.iter().map(|(n, c)| format!("{n} {c}")).collect();
+    // Domains without a row this step are summed up, not listed: a plan of thousands of
+    // domains printed each of them with its 0 on this one line.
+    let mut counts: Vec<String> = e
+        .counts
+        .iter()
+        .filter(|(_, c)| *c > 0)
+        .map(|(n, c)| format!("{n} {c}"))
+        .collect();
+    let idle = e.counts.len() - counts.len();
+    if idle > 0 {
+        counts.push(format!("{idle} other domains 0"));
+    }
     let _ = writeln!(
         s,
         "step {} (plan step {}), dp rank {} of {}; global batch rows: {}; stage {}: {} rows \
