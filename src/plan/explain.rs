@@ -175,3 +175,37 @@ pub fn render_explain(e: &Explanation) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The header lists the domains that have rows this step and sums up the rest, so a
+    /// plan of thousands of domains still prints one readable line.
+    #[test]
+    fn the_header_lists_domains_with_rows_and_counts_the_rest() {
+        let e = Explanation {
+            step: 7,
+            plan_step: 7,
+            stage: 0,
+            seq_len: 64,
+            global_batch_rows: 8,
+            dp_rank: 0,
+            dp_size: 1,
+            counts: (0..100)
+                .map(|k| (format!("d{k}"), [5, 3].get(k).copied().unwrap_or(0)))
+                .collect(),
+            rows: Vec::new(),
+            domains: Vec::new(),
+        };
+        let head = render_explain(&e)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            head.contains("global batch rows: d0 5, d1 3, 98 other domains 0; stage 0"),
+            "{head}"
+        );
+    }
+}
