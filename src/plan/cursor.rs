@@ -112,7 +112,7 @@ pub enum CursorError {
         ours_at: Option<u64>,
     },
     /// Adopting the blob's journal would outgrow the daemon's cursor field.
-    #[error("its journal of {changes} live changes is larger than this daemon's cursor field allows ({cap} bytes)")]
+    #[error("its journal of {changes} live changes is larger than this daemon's cursor field allows ({cap} bytes); give the daemon the [serve] live_changes of the run that wrote it")]
     JournalTooLarge {
         /// Changes the blob's journal holds.
         changes: usize,

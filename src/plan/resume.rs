@@ -387,7 +387,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "its journal of 1 live changes is larger than this daemon's cursor field allows \
-             (8 bytes)"
+             (8 bytes); give the daemon the [serve] live_changes of the run that wrote it"
         );
     }
 
