@@ -398,8 +398,10 @@ impl Hub {
         if cursor::journal_bytes(&journal, domains) + carry > self.journal_cap {
             return Err(ChangeError::invalid(format!(
                 "the journal of live changes would outgrow the cursor blob ({} changes); \
-                 write the mixture into the config and restart",
-                journal.len()
+                 restart with a larger [serve] live_changes (now {}), or with the mixture \
+                 written into the config",
+                journal.len(),
+                self.settings.live_changes
             )));
         }
         let next = Arc::new(
