@@ -340,11 +340,6 @@ impl ShardFiles {
             direct,
         }))
     }
-
-    /// Whether the files have `O_DIRECT` descriptors.
-    pub fn direct(&self) -> bool {
-        self.direct
-    }
 }
 
 /// Reads spans with `pread`: the fallback where io_uring is unavailable, and the

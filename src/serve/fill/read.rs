@@ -222,9 +222,13 @@ impl Readers {
             }
             if !pool.full || pool.live == 0 {
                 drop(pool);
+                // Only `Readers::open` makes io_uring readers, and it keeps their files.
                 let opened = match &self.files {
                     Some(files) => UringReader::open_with(files.clone(), options(self.reader)),
-                    None => UringReader::open(&self.paths, options(self.reader)),
+                    None => Err(ReadError::Unavailable {
+                        what: "no io_uring reader was set up for these shards",
+                        source: std::io::ErrorKind::Unsupported.into(),
+                    }),
                 };
                 pool = self.lock();
                 match opened {
