@@ -150,8 +150,9 @@ fn consume_refuses_device_names_that_are_not_cpu_or_cuda_n() {
     }
 }
 
-/// Every array of a slot but the cursor, at its WELCOME offset inside `copy_bytes`: what
-/// one host-to-device copy moves is exactly the slot's data, in both layouts.
+/// Every array of a slot but the cursor and what lies past it (a compact slot's
+/// `row_bounds`, host-side metadata), at its WELCOME offset inside `copy_bytes`: what one
+/// host-to-device copy moves is exactly the slot's data, in both layouts.
 #[test]
 fn copy_bytes_hold_every_array_of_the_slot_at_its_offset() {
     let f = fixture();
@@ -161,7 +162,17 @@ fn copy_bytes_hold_every_array_of_the_slot_at_its_offset() {
         hello.job = format!("{layout:?}");
         let mut c = Client::connect(&f.socket, &hello).unwrap();
         let w = c.welcome().clone();
-        let arrays: Vec<_> = w.fields.iter().filter(|(n, _)| *n != "cursor").collect();
+        let cursor = w.fields["cursor"].offset;
+        let arrays: Vec<_> = w.fields.iter().filter(|(_, s)| s.offset < cursor).collect();
+        let past: Vec<&str> = (w.fields.iter())
+            .filter(|(_, s)| s.offset > cursor)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let want: &[&str] = match layout {
+            SlotLayout::Compact => &["row_bounds"],
+            SlotLayout::Expanded => &[],
+        };
+        assert_eq!(past, want, "{layout:?}");
         let lo = arrays.iter().map(|(_, s)| s.offset).min().unwrap() as usize;
         let len = c.copy_len();
         let ring = c.ring_bytes().len();
@@ -185,6 +196,7 @@ fn copy_bytes_hold_every_array_of_the_slot_at_its_offset() {
                     rows,
                     doc_starts,
                     row_real_tokens,
+                    ..
                 } => {
                     starts(rows.as_bytes(), "rows");
                     starts(doc_starts, "doc_starts");

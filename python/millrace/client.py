@@ -107,7 +107,12 @@ SLOT_FIELDS = {
     "compact": ("rows", "doc_starts", "row_real_tokens", "domain", "row_loss_tokens"),
 }
 SLOT_LAYOUTS = tuple(SLOT_FIELDS)
-_INDEX = {k: {n: i for i, n in enumerate(v)} for k, v in SLOT_FIELDS.items()}
+# Arrays a slot's offset table lists after the cursor (docs/PROTOCOL.md section 4): each
+# row's cu_seqlens end and longest piece, host-side metadata the GPU copy leaves out. A
+# daemon that predates them leaves their entries 0; the client then works without them.
+TRAILER_FIELDS = {"expanded": (), "compact": ("row_bounds",)}
+_INDEX = {k: {n: i for i, n in enumerate(v + TRAILER_FIELDS[k])}
+          for k, v in SLOT_FIELDS.items()}
 
 # errnos that mean "the daemon is not there (now)": retried while reconnecting.
 _GONE_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE,
@@ -299,6 +304,25 @@ def _cu_of_starts(start: np.ndarray, seq_len: int) -> np.ndarray:
     return cu
 
 
+def _bounds_of_rows(rb: list, mbr: int, cu_len: int, seq: int, step: int) -> list:
+    """Micro-batch bounds (as :meth:`Batch.micro_batch_bounds`) from ``row_bounds``
+    as a list of ``[end entry, longest piece]`` per row, checked: entries rise to
+    ``cu_len - 1`` and pieces fit a row, else a ProtocolError (never a bad slice)."""
+    out, i0 = [], 0
+    for r in range(mbr - 1, len(rb), mbr):
+        i1 = rb[r][0]
+        top = max(b[1] for b in rb[r - mbr + 1 : r + 1])
+        if not i0 < i1 < cu_len or not 0 < top <= seq:
+            raise ProtocolError(f"step {step}: row_bounds {rb[r]} at row {r} does not fit "
+                                f"cu_len {cu_len} and seq_len {seq}")
+        out.append((i0, i1, top))
+        i0 = i1
+    if i0 != cu_len - 1:
+        raise ProtocolError(f"step {step}: row_bounds end at entry {i0}, not at cu_len - 1 "
+                            f"= {cu_len - 1}")
+    return out
+
+
 def derive_compact(rows: np.ndarray, doc_starts: np.ndarray, row_real: np.ndarray,
                    seq_len: int) -> dict:
     """``position_ids`` (int32), ``loss_mask`` (uint8) and ``cu_seqlens`` (int32) of a
@@ -462,12 +486,18 @@ class Batch:
     def micro_batch_bounds(self) -> list[tuple[int, int, int]]:
         """Per micro-batch, ``(i0, i1, max_seqlen)``: its ``cu_seqlens`` are
         ``cu_seqlens[i0 : i1 + 1] - cu_seqlens[i0]``. A step of one micro-batch reads
-        this from the slot header; more read the document starts (no positions or mask),
-        so a GPU trainer's step does no per-token work on its CPU."""
+        this from the slot header, a compact step of more from the slot's ``row_bounds``
+        (each row's end entry and longest piece), so a GPU trainer's step does no
+        per-token work on its CPU. Without ``row_bounds`` (an expanded slot, or a daemon
+        that predates it) they are cut from ``cu_seqlens``, a compact slot's derived from
+        the document starts alone."""
         mbr, seq = self.micro_batch_rows, self.seq_len
         if self.rows <= mbr:
             self._view("row_loss_tokens")  # stale check (both layouts store it)
             return [(0, self.cu_len - 1, self.max_seqlen)]
+        rb = self._row_bounds()
+        if rb is not None:
+            return _bounds_of_rows(rb.tolist(), mbr, self.cu_len, seq, self.step)
         cu = self._cu()
         # Every row contributes its own end to cu_seqlens, so row edges are entries.
         edges = np.arange(self.rows // mbr + 1, dtype=np.int64) * (mbr * seq)
@@ -479,6 +509,12 @@ class Batch:
                                 f"{int(edges[~ok][0])}; cannot split micro-batches")
         tops = np.maximum.reduceat(np.diff(cu), at[:-1])
         return list(zip(at[:-1].tolist(), at[1:].tolist(), tops.tolist()))
+
+    def _row_bounds(self):
+        """The slot's ``row_bounds`` view (``[rows, 2]``), or None when it has none."""
+        self._view("row_loss_tokens")  # stale check
+        i = _INDEX[self.slot_layout].get("row_bounds")
+        return self._views[i] if i is not None and i < len(self._views) else None
 
     def micro_batches(self) -> list[MicroBatch]:
         """The step's rows split in order into ``rows // micro_batch_rows`` micro-batches."""
@@ -495,7 +531,8 @@ class Batch:
 
     def copy(self) -> "Batch":
         """A batch that owns its arrays (valid forever, not tied to the ring)."""
-        views = tuple(np.array(self._view(n)) for n in SLOT_FIELDS[self.slot_layout])
+        self._view("row_loss_tokens")  # stale check
+        views = tuple(np.array(v) for v in self._views)
         for v in views:
             v.flags.writeable = False
         return Batch(self.step, self.plan_step, self.rows, self.seq_len, self.cu_len,
@@ -601,9 +638,11 @@ class _Conn:
         shapes = {"tokens": [r, l], "labels": [r, l], "loss_mask": [r, l],
                   "position_ids": [r, l], "cu_seqlens": [r * l + 1], "rows": [r, l + 1],
                   "doc_starts": [r, (l + 8) // 8], "cursor": [self.cursor_cap]}
-        names = SLOT_FIELDS[self.layout] + ("cursor",)
+        shapes["row_bounds"] = [r, 2]
+        names = SLOT_FIELDS[self.layout] + ("cursor",) + TRAILER_FIELDS[self.layout]
         fields = {n: {"offset": o, "dtype": self.dtypes.get(n), "shape": shapes.get(n, [r])}
-                  for n, o in zip(names, offsets)}
+                  for n, o in zip(names, offsets)
+                  if o or n not in TRAILER_FIELDS[self.layout]}
         if rows == 0 or seq_len == 0:
             raise ProtocolError(f"slot header says {rows} rows of {seq_len}")
         spec = {"step": -1, "rows": rows, "seq_len": seq_len,
@@ -664,6 +703,13 @@ class _Stage:
                 if name not in fields:
                     raise ProtocolError(f"{source} lacks field `{name}` of a {layout} slot")
                 per.append(_field_view(mm, base, name, fields[name], slot_bytes, source))
+            for name in TRAILER_FIELDS[layout]:
+                if name in fields:  # absent from a daemon that predates it
+                    spec = fields[name]
+                    if not isinstance(spec, dict) or spec.get("dtype") != "int32":
+                        raise ProtocolError(f"{source} field `{name}` must be int32, got "
+                                            f"{spec!r}")
+                    per.append(_field_view(mm, base, name, fields[name], slot_bytes, source))
             self.views.append(tuple(per))
         # The most cu_seqlens entries a slot may use (compact ones derive it).
         self.cu_cap = (self.rows * self.seq_len + 1 if layout == "compact"

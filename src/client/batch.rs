@@ -21,7 +21,9 @@ pub enum SlotArrays<'a> {
         /// The `cu_len` entries in use.
         cu_seqlens: &'a [i32],
     },
-    /// Only what cannot be derived.
+    /// Only what cannot be derived (per token), plus per-row bounds. Non-exhaustive:
+    /// a later daemon may add per-row metadata here, as it added `row_bounds`.
+    #[non_exhaustive]
     Compact {
         /// `[rows, seq_len + 1]` tokens: inputs are `[:, :-1]`, labels `[:, 1:]`.
         rows: Tokens<'a>,
@@ -30,6 +32,10 @@ pub enum SlotArrays<'a> {
         doc_starts: &'a [u8],
         /// Real (non-padding) tokens per row, out of `seq_len + 1`.
         row_real_tokens: &'a [i32],
+        /// `[rows, 2]`: row `r`'s last `cu_seqlens` entry (its end) and its longest
+        /// piece, so micro-batch bounds need no pass over the starts (None from a daemon
+        /// that predates it). Rows `a..b` span entries `bounds[a-1][0] ..= bounds[b-1][0]`.
+        row_bounds: Option<&'a [i32]>,
     },
 }
 
@@ -140,6 +146,7 @@ impl BatchView<'_> {
                 rows,
                 doc_starts,
                 row_real_tokens,
+                ..
             } => rows.as_bytes().len() + doc_starts.len() + 4 * row_real_tokens.len(),
         }) as u64
     }
@@ -216,6 +223,7 @@ impl BatchView<'_> {
                 rows: ids,
                 doc_starts,
                 row_real_tokens,
+                ..
             } => derive::from_compact(ids, doc_starts, row_real_tokens, rows, l),
         }
     }

@@ -99,6 +99,7 @@ fn copy_span(l: &Layout) -> (usize, usize) {
             rows,
             doc_starts,
             row_real_tokens,
+            ..
         } => fields.extend([*rows, *doc_starts, *row_real_tokens]),
     }
     let lo = fields.iter().map(|f| f.offset).min().unwrap_or(0);
@@ -547,11 +548,12 @@ impl Client {
                     rows,
                     doc_starts,
                     row_real_tokens,
-                    ..
+                    row_bounds,
                 } => SlotArrays::Compact {
                     rows: tokens_of(rows)?,
                     doc_starts: at(doc_starts),
                     row_real_tokens: i32s(row_real_tokens)?,
+                    row_bounds: row_bounds.as_ref().map(i32s).transpose()?,
                 },
             },
             domain: i32s(&l.domain)?,

@@ -44,6 +44,8 @@ pub(super) enum Arrays {
         rows: Field,
         doc_starts: Field,
         row_real_tokens: Field,
+        /// `[rows, 2]`; absent from a daemon that predates it.
+        row_bounds: Option<Field>,
     },
 }
 
@@ -125,6 +127,7 @@ impl Layout {
                 "cu_seqlens" => vec![r * l + 1],
                 "rows" => vec![r, l + 1],
                 "doc_starts" => vec![r, (l + 1).div_ceil(8)],
+                "row_bounds" => vec![r, 2],
                 "cursor" => vec![cursor],
                 _ => vec![r],
             }
@@ -135,6 +138,9 @@ impl Layout {
         };
         let mut fields = std::collections::BTreeMap::new();
         for (&name, &offset) in names.iter().zip(&offsets) {
+            if offset == 0 && name == "row_bounds" {
+                continue; // a daemon that predates it leaves the entry 0
+            }
             let dtype = w
                 .fields
                 .get(name)
@@ -269,6 +275,10 @@ impl Layout {
                     rows: field("rows", Some(total(width)?), &ints)?,
                     doc_starts: field("doc_starts", Some(total(starts_bytes)?), &[Uint8])?,
                     row_real_tokens: field("row_real_tokens", Some(rows), &[Int32])?,
+                    row_bounds: match w.fields.contains_key("row_bounds") {
+                        true => Some(field("row_bounds", Some(total(2)?), &[Int32])?),
+                        false => None,
+                    },
                 }
             }
         };

@@ -184,6 +184,9 @@ pub struct Field {
     pub(super) bytes: usize,
 }
 
+/// One array of a slot before it is placed: name, numpy dtype, element size, shape.
+type ArraySpec = (&'static str, &'static str, usize, Vec<u64>);
+
 /// Where everything sits in a ring: fixed for the ring's life, sent to clients once.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -219,27 +222,23 @@ impl Layout {
     /// for a cursor blob of `cursor_cap` bytes.
     pub fn new(rows: u32, seq_len: u32, slots: u32, token: TokenType, cursor_cap: usize) -> Layout {
         let (r, l) = (rows as u64, seq_len as u64);
-        let spec = vec![
+        let mut spec = vec![
             ("tokens", token.0.name(), token.0.size(), vec![r, l]),
             ("labels", token.0.name(), token.0.size(), vec![r, l]),
             ("loss_mask", "uint8", 1, vec![r, l]),
             ("position_ids", "int32", 4, vec![r, l]),
             ("cu_seqlens", "int32", 4, vec![r * l + 1]),
         ];
-        Layout::place(
-            rows,
-            seq_len,
-            slots,
-            token,
-            SlotLayout::Expanded,
-            spec,
-            cursor_cap,
-        )
+        spec.extend(Layout::common(r, cursor_cap));
+        Layout::place(rows, seq_len, slots, token, SlotLayout::Expanded, spec)
     }
 
     /// Lays out `slots` compact slots: per row the `seq_len + 1` tokens, a bitmap of
     /// where document pieces start (one bit per token, so it holds any number of
-    /// documents exactly), and the real-token count; nothing a client can derive.
+    /// documents exactly), and the real-token count; nothing a client must derive
+    /// per token. After the cursor, each row's `cu_seqlens` end and longest piece
+    /// (`row_bounds`), so that a trainer splitting the step into micro-batches finds
+    /// their bounds without unpacking the starts on its CPU (docs/PROTOCOL.md section 4).
     pub fn compact(
         rows: u32,
         seq_len: u32,
@@ -249,20 +248,16 @@ impl Layout {
     ) -> Layout {
         let (r, l) = (rows as u64, seq_len as u64);
         let starts = (l + 1).div_ceil(8);
-        let spec = vec![
+        let mut spec = vec![
             ("rows", token.0.name(), token.0.size(), vec![r, l + 1]),
             ("doc_starts", "uint8", 1, vec![r, starts]),
             ("row_real_tokens", "int32", 4, vec![r]),
         ];
-        Layout::place(
-            rows,
-            seq_len,
-            slots,
-            token,
-            SlotLayout::Compact,
-            spec,
-            cursor_cap,
-        )
+        spec.extend(Layout::common(r, cursor_cap));
+        // Past the cursor, so that the offset table lists it after the cursor too: a
+        // client that predates it reads the entries it knows and ignores the rest.
+        spec.push(("row_bounds", "int32", 4, vec![r, 2]));
+        Layout::place(rows, seq_len, slots, token, SlotLayout::Compact, spec)
     }
 
     /// The layout of `kind`.
@@ -280,24 +275,26 @@ impl Layout {
         }
     }
 
-    /// Places the layout's own arrays (`spec`) and then those both layouts end with
-    /// (domain, row_loss_tokens, cursor) after the slot header, each 64-aligned, slots
-    /// page-aligned.
+    /// The arrays both layouts have after their own, for `r` rows: domain,
+    /// row_loss_tokens and the cursor field of `cursor_cap` bytes.
+    fn common(r: u64, cursor_cap: usize) -> [ArraySpec; 3] {
+        [
+            ("domain", "int32", 4, vec![r]),
+            ("row_loss_tokens", "int32", 4, vec![r]),
+            ("cursor", "uint8", 1, vec![cursor_cap as u64]),
+        ]
+    }
+
+    /// Places the arrays of `spec`, in its order, after the slot header, each
+    /// 64-aligned, slots page-aligned.
     fn place(
         rows: u32,
         seq_len: u32,
         slots: u32,
         token: TokenType,
         kind: SlotLayout,
-        mut spec: Vec<(&'static str, &'static str, usize, Vec<u64>)>,
-        cursor_cap: usize,
+        spec: Vec<ArraySpec>,
     ) -> Layout {
-        let r = rows as u64;
-        spec.extend([
-            ("domain", "int32", 4, vec![r]),
-            ("row_loss_tokens", "int32", 4, vec![r]),
-            ("cursor", "uint8", 1, vec![cursor_cap as u64]),
-        ]);
         let mut at = SLOT_HEADER;
         let mut fields = Vec::with_capacity(spec.len());
         for (name, dtype, size, shape) in spec {
@@ -403,7 +400,9 @@ impl Layout {
     }
 
     pub(super) fn cursor_cap(&self) -> usize {
-        self.fields.last().map_or(0, |(_, f)| f.bytes)
+        (self.fields.iter())
+            .find(|(n, _)| *n == "cursor")
+            .map_or(0, |(_, f)| f.bytes)
     }
 }
 
@@ -598,14 +597,20 @@ mod tests {
             assert!(prev as u64 <= l.slot_bytes);
             assert_eq!(l.slot_bytes % 4096, 0);
             assert_eq!(l.ring_bytes, RING_HEADER + 4 * l.slot_bytes);
-            assert_eq!(l.fields.last().map(|f| f.0), Some("cursor"));
+            let cursor_at = l.fields.iter().position(|f| f.0 == "cursor");
+            let trailer: &[&str] = match kind {
+                SlotLayout::Compact => &["row_bounds"],
+                SlotLayout::Expanded => &[],
+            };
+            assert_eq!(cursor_at, Some(l.fields.len() - 1 - trailer.len()));
+            assert_eq!(l.cursor_cap(), 1000);
         }
         // 8 rows of 4096: the compact slot carries 2 bytes per token (uint16) plus one bit
         // of boundaries, against 13 (int32 tokens and labels, positions, mask).
         let c = Layout::compact(8, 4096, 1, TokenType(DType::Uint16), 0);
         let e = Layout::new(8, 4096, 1, TokenType(DType::Int32), 0);
         let data = |l: &Layout| -> usize { l.fields.iter().map(|f| f.1.bytes).sum() };
-        assert_eq!(data(&c), 8 * 4097 * 2 + 8 * 513 + 3 * 8 * 4);
+        assert_eq!(data(&c), 8 * 4097 * 2 + 8 * 513 + 3 * 8 * 4 + 8 * 2 * 4);
         assert!(data(&e) > 6 * data(&c), "{} vs {}", data(&e), data(&c));
     }
 

@@ -66,8 +66,9 @@ mod tests {
             };
             let all: Vec<&str> = layout.fields.iter().map(|(n, _)| *n).collect();
             assert_eq!(all, table, "{kind} slot fields vs the header's table");
-            let names: Vec<String> = layout.fields[..layout.fields.len() - 1]
-                .iter()
+            // Python's tuple is the arrays before the cursor (what the GPU copy moves).
+            let names: Vec<String> = (layout.fields.iter())
+                .take_while(|(n, _)| *n != "cursor")
                 .map(|(n, _)| format!("\"{n}\""))
                 .collect();
             let want = format!("\"{kind}\": ");
@@ -80,6 +81,17 @@ mod tests {
                     .join(" ")
                     .contains(&tuple),
                 "client.py's {py} is not {tuple}"
+            );
+            // And its TRAILER_FIELDS are the arrays after the cursor.
+            let after: Vec<String> = (layout.fields.iter())
+                .skip_while(|(n, _)| *n != "cursor")
+                .skip(1)
+                .map(|(n, _)| format!("\"{n}\","))
+                .collect();
+            let trailer = format!("\"{kind}\": ({})", after.join(" "));
+            assert!(
+                client.contains(&trailer),
+                "client.py's TRAILER_FIELDS lack {trailer}"
             );
         }
         let slot = py_format(&[

@@ -86,13 +86,16 @@ pub const EXPANDED_FIELDS: [&str; 8] = [
     "cursor",
 ];
 /// The arrays of a compact slot, in the order of the header's offset table.
-pub const COMPACT_FIELDS: [&str; 6] = [
+/// `row_bounds` (since 2026-12-06) comes after the cursor, in the table and in the slot,
+/// so clients that predate it read the six entries before it unchanged.
+pub const COMPACT_FIELDS: [&str; 7] = [
     "rows",
     "doc_starts",
     "row_real_tokens",
     "domain",
     "row_loss_tokens",
     "cursor",
+    "row_bounds",
 ];
 /// Bytes of a peer's release page (one page; PROTOCOL.md section 5).
 pub const RELEASE_PAGE_BYTES: usize = 4096;

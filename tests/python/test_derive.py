@@ -61,6 +61,41 @@ def test_cu_seqlens_from_the_starts_equal_the_ends_definition():
         np.testing.assert_array_equal(b.cu_seqlens, np.concatenate([[0], flat]))
 
 
+def row_bounds_of(b: Batch) -> list:
+    """Each row's ``[end entry, longest piece]`` in ``b.cu_seqlens``: what a daemon of
+    2026-12-06 on writes in a compact slot's ``row_bounds``."""
+    cu, seq = b.cu_seqlens, b.seq_len
+    ends = [int(np.searchsorted(cu, (r + 1) * seq)) for r in range(b.rows)]
+    return [[e, int(np.diff(cu[i0 : e + 1]).max())] for i0, e in zip([0] + ends, ends)]
+
+
+def with_row_bounds(b: Batch, rb=None) -> Batch:
+    """``b`` with a ``row_bounds`` array: ``rb``, or the true one."""
+    rb = row_bounds_of(b) if rb is None else rb
+    return Batch(b.step, b.plan_step, b.rows, b.seq_len, b.cu_len, b.max_seqlen, 0, 0, 0,
+                 b"", b.micro_batch_rows, b._views + (np.asarray(rb, np.int32),), None,
+                 None, "compact")
+
+
+def test_micro_batch_bounds_from_row_bounds_equal_the_derived_ones_and_are_checked():
+    """Each row's end entry and longest piece give the bounds the starts give; bounds
+    that do not rise to cu_len - 1 or pieces longer than a row are a ProtocolError."""
+    rng = np.random.default_rng(3)
+    for n_rows, seq, mbr in [(8, 64, 1), (8, 64, 2), (6, 17, 3), (4, 9, 2), (8, 4096, 2)]:
+        b = hand_batch(rng, n_rows, seq, np.uint16, mbr)
+        good = with_row_bounds(b)
+        assert good._row_bounds() is not None and b._row_bounds() is None
+        assert good.micro_batch_bounds() == b.micro_batch_bounds()
+        ends, tops = zip(*row_bounds_of(b))
+        ends, tops = list(ends), list(tops)
+        for bad in ([(e + 1, t) for e, t in zip(ends, tops)],
+                    [(e, t) for e, t in zip(ends[:-1] + [ends[-1] - 1], tops)],
+                    [(e, seq + 1) for e in ends],
+                    [(0, t) for t in tops]):
+            with pytest.raises(mr.ProtocolError):
+                with_row_bounds(b, bad).micro_batch_bounds()
+
+
 def test_micro_batch_bounds_cut_cu_seqlens_at_row_edges():
     """Bounds from the starts alone equal those cut from the derived cu_seqlens; a step
     of one micro-batch takes them from the header."""

@@ -820,12 +820,13 @@ FIELDS_ALL = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "do
 
 def test_compact_slots_derive_exactly_the_expanded_arrays(corpus, expected, daemons):
     """The same steps read compact (the default) and expanded: tokens and labels are views
-    of the rows, and every derived array equals the expanded slot's (numpy; torch on the
-    CPU when it is importable)."""
+    of the rows, and every derived array, and each micro-batch's bounds, equal the expanded
+    slot's (numpy; torch on the CPU when it is importable)."""
     d = daemons(corpus)
     want = expected.records(0, 40, 1, 4)
-    with client(d, 1, 4, job="cmp-c") as c, \
-            client(d, 1, 4, job="cmp-e", slot_layout="expanded") as e:
+    mb = dict(micro_batch_rows=1, micro_batches=2)
+    with client(d, 1, 4, job="cmp-c", **mb) as c, \
+            client(d, 1, 4, job="cmp-e", slot_layout="expanded", **mb) as e:
         assert c.welcome["slot_layout"] == "compact" and e.welcome["slot_layout"] == "expanded"
         assert c.welcome["token_dtype"] == "uint16"  # the shards' own dtype
         # The arrays before the cursor field: fewer bytes compact (the slot strides may
@@ -847,8 +848,18 @@ def test_compact_slots_derive_exactly_the_expanded_arrays(corpus, expected, daem
             assert int(bc.row_real_tokens.sum()) == bc.real_tokens
             assert bytes(bc.cursor) == bytes(be.cursor)
             np.testing.assert_array_equal(bc.tokens, want["tokens"][k])
-            for mc, me in zip(bc.micro_batches(), be.micro_batches()):
+            # Micro-batch bounds from the slot's row_bounds equal those cut from the
+            # expanded slot's cu_seqlens, and those a client without row_bounds derives.
+            assert bc._row_bounds() is not None and be._row_bounds() is None
+            bounds = bc.micro_batch_bounds()
+            assert bounds == be.micro_batch_bounds() and len(bounds) == 2
+            bare = mr.Batch(bc.step, bc.plan_step, bc.rows, bc.seq_len, bc.cu_len,
+                            bc.max_seqlen, 0, 0, 0, b"", 1, bc._views[:5], None, None,
+                            "compact")
+            assert bare._row_bounds() is None and bare.micro_batch_bounds() == bounds
+            for mc, me in zip(bc.micro_batches(), be.micro_batches(), strict=True):
                 np.testing.assert_array_equal(mc.cu_seqlens, me.cu_seqlens)
+                assert mc.max_seqlen == me.max_seqlen
             kept = bc.copy()
             np.testing.assert_array_equal(kept.position_ids, be.position_ids)
             try:

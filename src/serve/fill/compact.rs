@@ -1,7 +1,8 @@
 //! Filling a compact slot (docs/PROTOCOL.md section 4): each row's tokens copied span
 //! by span from the mapped shards, or read into the slot with io_uring (`[serve]
-//! reader`, [`super::Readers`]), a bit per document start, the real-token count. The
-//! shared checks (guards, bounds, vocabulary) and the header are the parent's.
+//! reader`, [`super::Readers`]), a bit per document start, the real-token count and the
+//! row's bounds in `cu_seqlens`. The shared checks (guards, bounds, vocabulary) and the
+//! header are the parent's.
 
 use crate::corpus::{guard, Shard, Tokens};
 use crate::plan::Segment;
@@ -67,11 +68,12 @@ pub(super) fn fill_compact<T: Out>(
         layout.starts_bytes,
     );
     let (header, mut f) = carve(slot, layout);
-    let [rows, starts, row_real, domain, row_loss, cursor] = &mut f[..] else {
+    let [rows, starts, row_real, domain, row_loss, cursor, bounds] = &mut f[..] else {
         return Err(fail("slot layout has the wrong number of fields".into()));
     };
     let rows: &mut [T] = typed(rows);
     let row_real: &mut [i32] = typed(row_real);
+    let bounds: &mut [i32] = typed(bounds);
     let domain: &mut [i32] = typed(domain);
     let row_loss: &mut [i32] = typed(row_loss);
     let pad = T::from_i64(src.pad_token as i64);
@@ -97,7 +99,7 @@ pub(super) fn fill_compact<T: Out>(
             .shards
             .get(row.domain as usize)
             .ok_or_else(|| fail(format!("row {r}: domain {} does not exist", row.domain)))?;
-        let (mut p, mut loss) = (0usize, 0u64);
+        let (mut p, mut loss, mut longest) = (0usize, 0u64, 0u32);
         for s in &row.segments {
             let n = s.len as usize;
             let Some((shard, piece)) = read_piece(shards, row.domain, r, s, p, cap, &fail)? else {
@@ -131,15 +133,20 @@ pub(super) fn fill_compact<T: Out>(
                 let end = (p + n).min(l);
                 loss += ((p + n - 1).min(l) - p) as u64;
                 sums.cu_len += 1;
-                sums.max_seqlen = sums.max_seqlen.max((end - p) as u32);
+                longest = longest.max((end - p) as u32);
             }
             p += n;
         }
         out[p..].fill(pad);
         if p < l {
             sums.cu_len += 1;
-            sums.max_seqlen = sums.max_seqlen.max((l - p) as u32);
+            longest = longest.max((l - p) as u32);
         }
+        sums.max_seqlen = sums.max_seqlen.max(longest);
+        // The row's last cu_seqlens entry (its end) and its longest piece: a micro-batch
+        // of rows a..b spans entries bounds[a-1][0] ..= bounds[b-1][0].
+        bounds[2 * r] = (sums.cu_len - 1) as i32;
+        bounds[2 * r + 1] = longest as i32;
         row_real[r] = p as i32;
         domain[r] = row.domain as i32;
         row_loss[r] = loss as i32;
