@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{bin, Control, Serve};
-use millrace::client::{to_hex, BatchView, Client, ClientError, Hello, SlotArrays, SlotLayout};
+use millrace::client::{to_hex, BatchView, Client, ClientError, Hello, SlotLayout};
 use millrace::config::{Config, LoadedPlan};
 use millrace::plan::{GlobalBatch, Planner};
 
@@ -352,29 +352,9 @@ fn compact_slots_derive_exactly_the_expanded_arrays_and_old_clients_are_refused(
             );
         }
         assert!(c.payload_bytes() * 4 < e.payload_bytes());
-        // Each row's bounds in cu_seqlens, as the expanded slot's cu_seqlens has them:
-        // the index of the row's end entry, and its longest piece.
-        let SlotArrays::Compact {
-            row_bounds: Some(bounds),
-            ..
-        } = c.arrays
-        else {
-            panic!("step {step}: a compact slot without row_bounds");
-        };
-        let cu = e.expanded().cu_seqlens;
-        let l = e.seq_len as i32;
-        let mut i0 = 0usize;
-        for r in 0..c.rows as usize {
-            let end = cu.iter().position(|&x| x == (r as i32 + 1) * l).unwrap();
-            let longest = cu[i0..=end].windows(2).map(|w| w[1] - w[0]).max();
-            assert_eq!(
-                (bounds[2 * r], bounds[2 * r + 1]),
-                (end as i32, longest.unwrap()),
-                "step {step} row {r}"
-            );
-            i0 = end;
-        }
-        assert_eq!(bounds[2 * c.rows as usize - 2] as u32, c.cu_len - 1);
+        // Each row's bounds in cu_seqlens, as the derived cu_seqlens (equal to the
+        // expanded slot's, above) has them.
+        common::check_row_bounds(&c, "compact");
     }
     // A peer that asks the other layout of a live ring is refused (`layout`).
     let mut h = hello(0, "c");

@@ -79,9 +79,14 @@ struct Got {
 }
 
 /// The rows of `v` as `seq_len + 1` tokens each: the compact rows as they are, or the
-/// expanded inputs with each row's last label appended.
+/// expanded inputs with each row's last label appended. A compact slot's `row_bounds`
+/// are checked on the way.
 fn got(v: &BatchView<'_>) -> Got {
     let (rows, l) = (v.rows as usize, v.seq_len as usize);
+    if matches!(v.arrays, SlotArrays::Compact { .. }) {
+        // At each stage's own shape, as its header says.
+        common::check_row_bounds(v, "stages");
+    }
     let tokens = match v.arrays {
         SlotArrays::Compact { rows: ids, .. } => (0..rows)
             .map(|r| {

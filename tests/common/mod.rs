@@ -517,3 +517,32 @@ pub fn explained_rows(
     }
     steps
 }
+
+/// Checks a compact slot's `row_bounds` against the `cu_seqlens` its arrays derive to
+/// (PROTOCOL.md section 4): per row, the index of the row's end entry and its longest
+/// piece. Panics naming the step and row; `what` says which test's slot it is.
+pub fn check_row_bounds(v: &millrace::client::BatchView<'_>, what: &str) {
+    let millrace::client::SlotArrays::Compact {
+        row_bounds: Some(bounds),
+        ..
+    } = v.arrays
+    else {
+        panic!("{what}: step {}: a compact slot without row_bounds", v.step);
+    };
+    let cu = v.expanded().cu_seqlens;
+    let l = v.seq_len as i32;
+    assert_eq!(bounds.len(), 2 * v.rows as usize, "{what}: step {}", v.step);
+    let mut i0 = 0usize;
+    for r in 0..v.rows as usize {
+        let end = cu.iter().position(|&x| x == (r as i32 + 1) * l).unwrap();
+        let longest = cu[i0..=end].windows(2).map(|w| w[1] - w[0]).max();
+        assert_eq!(
+            (bounds[2 * r], bounds[2 * r + 1]),
+            (end as i32, longest.unwrap()),
+            "{what}: step {} row {r}",
+            v.step
+        );
+        i0 = end;
+    }
+    assert_eq!(i0 as u32, v.cu_len - 1, "{what}: step {}", v.step);
+}
