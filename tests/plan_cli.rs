@@ -503,3 +503,12 @@ fn plan_reports_a_stages_upsampling_and_when_it_takes_effect() {
         "{e}"
     );
 }
+
+/// `millrace --version` names the planner version, which a refused cursor blob's
+/// message tells the operator to match.
+#[test]
+fn version_names_the_planner_version() {
+    let out = ok(&["--version"]);
+    let want = format!("(planner version {})", millrace::plan::PLAN_VERSION);
+    assert!(out.trim_end().ends_with(&want), "{out}");
+}

@@ -25,7 +25,9 @@
 //! - `cursor_*`: small, versioned, checksummed; refuses other corpora/configs/histories;
 //!   no single-byte corruption and no arbitrary input panics or is accepted by mistake.
 //! - `config_*`: validation errors name the field.
-//! - `determinism_*`: batches depend only on the inputs.
+//! - `determinism_*`: batches depend only on the inputs, and the planner's version pins
+//!   them (`PLAN_VERSION`: a change that moves the batches of the golden plans fails
+//!   until the version is raised).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -2901,6 +2903,7 @@ proptest! {
             domains: Vec::new(),
             journal,
             superseded,
+            plan_version: 1,
         };
         let blob = cursor::encode(&x);
         let back = cursor::decode(&blob).unwrap();
@@ -3593,4 +3596,237 @@ fn determinism_seed_changes_the_order_not_the_mixture() {
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.rows.len(), y.rows.len());
     }
+}
+
+/// A SplitMix64 stream: the golden scenarios' corpora come from this alone, so no
+/// dependency's generator (rand's `gen_range` changed between releases) can move them.
+struct Mix64(u64);
+
+impl Mix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A value in `lo..hi`.
+    fn below(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+
+    /// `docs` document lengths around a row of `cap` tokens (empty, exactly full, one
+    /// over, up to four rows long) in group runs of 1 to 6 documents.
+    fn shard(&mut self, docs: usize, cap: u64) -> ShardSpec {
+        let lengths = (0..docs)
+            .map(|_| match self.below(0, 20) {
+                0 => 0,
+                1 => cap - 1,
+                2 => cap,
+                3 => cap + 1,
+                4..=7 => self.below(cap + 1, 4 * cap),
+                _ => self.below(1, cap),
+            } as u32)
+            .collect();
+        let sizes: Vec<u64> = (0..docs).map(|_| self.below(1, 7)).collect();
+        ShardSpec::new(lengths, &sizes)
+    }
+
+    fn domain(
+        &mut self,
+        name: &str,
+        shards: usize,
+        docs: usize,
+        settings: DomainSettings,
+    ) -> DomSpec {
+        DomSpec {
+            name: name.to_string(),
+            shards: (0..shards).map(|_| self.shard(docs, 41)).collect(),
+            settings,
+        }
+    }
+}
+
+/// The plans whose batches pin the planner's version: every packing and grouping mode,
+/// bursty domains, upsampling, a schedule with a ramp and a zero weight, skips,
+/// reseeds, a `[[plan.stage]]` with chained groups and an upsampling override, and a
+/// journal of a weights change and a stage added live.
+fn golden_plans() -> Vec<(&'static str, Arc<Plan>)> {
+    let mut g = Mix64(2026);
+    let seq = 40;
+    let up = |min_tokens, factor| Some(Upsample { min_tokens, factor });
+    let mut out = Vec::new();
+    // best_fit: off, sequence (windowed, bursty), batch (capped, upsampled, late).
+    let mut code = settings(GroupMode::Batch);
+    code.grouping.max_share = 0.125;
+    code.grouping.from_step = 15;
+    code.upsample_long = up(80, 2);
+    let mut books = settings(GroupMode::Sequence);
+    books.bursty = Some(Bursty { period: 2 });
+    books.window = Some(4);
+    let mut wiki = settings(GroupMode::Off);
+    wiki.bursty = Some(Bursty { period: 3 });
+    let mixed = vec![
+        g.domain("web", 2, 60, settings(GroupMode::Off)),
+        g.domain("code", 2, 50, code),
+        g.domain("books", 1, 40, books),
+        g.domain("wiki", 1, 30, wiki),
+    ];
+    let mut cfg = base_config(seq, 24, Packing::BestFit, 20);
+    cfg.seed = 13;
+    let w = |web, code, books, wiki| {
+        weights_map(&[
+            ("web", web),
+            ("code", code),
+            ("books", books),
+            ("wiki", wiki),
+        ])
+    };
+    cfg.schedule = vec![
+        SchedulePoint {
+            step: 0,
+            weights: w(0.5, 0.2, 0.2, 0.1),
+        },
+        SchedulePoint {
+            step: 30,
+            weights: w(0.5, 0.5, 0.0, 0.1),
+        },
+        SchedulePoint {
+            step: 45,
+            weights: w(0.3, 0.3, 0.3, 0.1),
+        },
+    ];
+    cfg.skip = vec![Skip { steps: [5, 6] }, Skip { steps: [60, 64] }];
+    cfg.reseed = vec![Reseed { step: 20, seed: 77 }, Reseed { step: 90, seed: 79 }];
+    out.push(("best_fit/mixed", build(&mixed, cfg.clone())));
+    // concat: sequence (bursty) and off (upsampled), a skip and a reseed.
+    let mut seqd = settings(GroupMode::Sequence);
+    seqd.bursty = Some(Bursty { period: 4 });
+    let mut web = settings(GroupMode::Off);
+    web.upsample_long = up(60, 3);
+    let concat = vec![g.domain("web", 2, 50, web), g.domain("books", 2, 40, seqd)];
+    let mut c2 = base_config(seq, 16, Packing::Concat, 16);
+    c2.weights = Some(weights_map(&[("web", 0.7), ("books", 0.3)]));
+    c2.skip = vec![Skip { steps: [0, 2] }];
+    c2.reseed = vec![Reseed { step: 50, seed: 9 }];
+    out.push(("concat/sequence+off", build(&concat, c2)));
+    // The mixed plan with a long stage at 40 and, live, a weights change at 70 and a
+    // stage at 100.
+    cfg.stage = vec![millrace::config::plan::Stage {
+        step: 40,
+        seq_len: 4 * seq,
+        global_batch_rows: 6,
+        best_fit_window: Some(8),
+        chain_groups: true,
+        upsample_long: BTreeMap::from([(
+            "books".to_string(),
+            millrace::config::plan::StageUpsample::Long(Upsample {
+                min_tokens: 100,
+                factor: 2,
+            }),
+        )]),
+    }];
+    let staged = build(&mixed, cfg);
+    out.push(("best_fit/mixed+stage", staged.clone()));
+    let change = staged
+        .weights_change(70, &BTreeMap::from([("wiki".to_string(), 0.4)]))
+        .unwrap();
+    let stage = staged.stage_change(100, 2 * seq, 12, None, false);
+    let live = Arc::new(staged.with_journal(vec![change, stage]).unwrap());
+    out.push(("best_fit/mixed+stage+journal", live));
+    out
+}
+
+/// The batches of `steps` steps of `plan`, in a canonical little-endian encoding, hashed.
+fn batches_digest(plan: &Arc<Plan>, steps: u64) -> u64 {
+    let mut b = Vec::new();
+    let mut put = |v: u64| b.extend_from_slice(&v.to_le_bytes());
+    for batch in run_batches(plan, steps) {
+        put(batch.step);
+        put(batch.plan_step);
+        put(batch.rows.len() as u64);
+        for row in &batch.rows {
+            put(u64::from(row.domain));
+            put(u64::from(row.epoch));
+            put(u64::from(row.tokens));
+            put(row.segments.len() as u64);
+            for s in &row.segments {
+                put(u64::from(s.shard));
+                put(s.doc);
+                put(s.start);
+                put(u64::from(s.len));
+                put(s.doc_len);
+                put(s.group.map_or(u64::MAX, |g| g));
+            }
+        }
+    }
+    xxhash_rust::xxh3::xxh3_64(&b)
+}
+
+/// The planner's version pins its output (src/plan/mod.rs, `PLAN_VERSION`): the
+/// batches of the golden plans, over 150 steps each, hash to the values recorded for
+/// this version. The values were computed by this planner and recorded, not derived by
+/// hand: what the test checks is that they do not move. When a change to the planner
+/// moves one, every checkpoint of every run would resume onto other data; raise
+/// `PLAN_VERSION` (blobs and plan checkpoints of the old version are then refused, not
+/// reinterpreted) and record the new values with the version. A change that moves none
+/// keeps the version: the same inputs give the same batches.
+#[test]
+fn determinism_planner_version_pins_every_scenario() {
+    const PINNED: &[(u32, &str, u64)] = &[
+        (1, "best_fit/mixed", 0xe23e63fae5b36131),
+        (1, "concat/sequence+off", 0x929efa53d6c33e1c),
+        (1, "best_fit/mixed+stage", 0x92148ea0d9dcb1ce),
+        (1, "best_fit/mixed+stage+journal", 0xa0128c99a82441b4),
+    ];
+    let version = millrace::plan::PLAN_VERSION;
+    let mut moved = Vec::new();
+    for (name, plan) in golden_plans() {
+        // What the plan exercises in those steps: later epochs of every domain (each
+        // reshuffled), groups, and each stage's shape from its step on.
+        let batches = run_batches(&plan, 150);
+        let rows = |b: &GlobalBatch| b.rows.len();
+        for d in 0..plan.domain_names().len() as u16 {
+            let epochs = batches
+                .iter()
+                .flat_map(|b| &b.rows)
+                .filter(|r| r.domain == d);
+            assert!(
+                epochs.map(|r| r.epoch).max() >= Some(1),
+                "{name}: domain {d}"
+            );
+        }
+        let grouped = batches
+            .iter()
+            .flat_map(|b| &b.rows)
+            .flat_map(|r| &r.segments);
+        assert!(
+            grouped.filter(|s| s.group.is_some()).count() > 100,
+            "{name}"
+        );
+        if name.contains("stage") {
+            let at = |p: u64| batches.iter().find(|b| b.plan_step >= p).map(rows);
+            assert_eq!((at(0), at(40)), (Some(24), Some(6)), "{name}");
+        }
+        if name.contains("journal") {
+            let last = batches.last().map(|b| (b.plan_step, b.rows.len()));
+            assert!(
+                matches!(last, Some((p, 12)) if p >= 100),
+                "{name}: {last:?}"
+            );
+        }
+        let got = batches_digest(&plan, 150);
+        let want = PINNED.iter().find(|p| p.0 == version && p.1 == name);
+        if want.map(|p| p.2) != Some(got) {
+            moved.push(format!("(version {version}, {name:?}, {got:#018x})"));
+        }
+    }
+    assert!(
+        moved.is_empty(),
+        "the planner's batches differ from those pinned for PLAN_VERSION {version}: {}. \
+         If the planner changed on purpose, raise PLAN_VERSION in src/plan/mod.rs and pin \
+         these values for the new version (docs/DESIGN.md, \"Planner versions\")",
+        moved.join(", ")
+    );
 }

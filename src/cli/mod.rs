@@ -14,9 +14,18 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The release and the planner's version (`millrace::plan::PLAN_VERSION`): a cursor
+/// blob resumes only on a build of the planner version that made it.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (planner version ",
+    millrace::plan_version!(),
+    ")"
+);
+
 /// millrace: feeds tokenized pretraining data to GPU trainers.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

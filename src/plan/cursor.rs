@@ -31,9 +31,12 @@ pub const MAGIC: &[u8; 8] = b"MRCURSOR";
 /// journal holds one, else 7), 9 each stream's and tail's epoch upsampling
 /// ([`super::stage::Upsampling`], a stage's `upsample_long`; written only when an epoch
 /// uses a stage's override, else 7 or 8; a 9 writes the journal's stage records as 8
-/// does). This build writes 7 to 9, reads 5 and 6 as before and 1-4 with their
-/// JSON-text fingerprint ([`Fingerprint::LegacyJson`]) so old checkpoints resume.
-pub const VERSION: u16 = 9;
+/// does), 10 the planner version after the plan step (written only by a build whose
+/// [`super::PLAN_VERSION`] is not 1, with every field of 9; blobs before it are of
+/// version 1). This build writes 7 to 9 (10 once its planner version is raised), reads
+/// 5 and 6 as before and 1-4 with their JSON-text fingerprint
+/// ([`Fingerprint::LegacyJson`]) so old checkpoints resume.
+pub const VERSION: u16 = 10;
 /// Most entries any list in a blob may hold, so a forged length cannot allocate much.
 const MAX_LIST: usize = 4096;
 // A blob lists every domain of its plan: every config must fit.
@@ -63,6 +66,14 @@ pub enum CursorError {
         stored: u64,
         /// Over the bytes.
         computed: u64,
+    },
+    /// Made by a build whose planner puts other rows in the same steps.
+    #[error("cursor was made by a millrace build of planner version {blob}; this daemon's planner is version {ours}, which would fill the same steps with other data: resume this run with a build of planner version {blob} (`millrace --version` names it), or start its data stream anew")]
+    PlanVersion {
+        /// The blob's.
+        blob: u32,
+        /// This build's ([`super::PLAN_VERSION`]).
+        ours: u32,
     },
     /// Made for another corpus or static plan config.
     #[error("cursor belongs to another corpus or plan config (fingerprint {blob:032x}, this plan {ours:032x}): the seq_len, batch size, seed or packing differ (or, for blobs before layout 7, the shards or domain settings)")]
@@ -319,6 +330,9 @@ pub struct CursorData {
     /// Changes accepted and then dropped from `journal` as superseded (layouts 4 and
     /// 5; 0 in older layouts, which never dropped one).
     pub superseded: u64,
+    /// The [`super::PLAN_VERSION`] of the build that made it (layout 10; 1 before,
+    /// which every build before planner versions had).
+    pub plan_version: u32,
 }
 
 struct W(Vec<u8>);
@@ -472,6 +486,7 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
         s.upsample != Upsampling::Domain || s.tails.iter().any(|t| t.upsample != Upsampling::Domain)
     });
     let version: u16 = match c.fingerprint {
+        Fingerprint::Settings(_) if c.plan_version != 1 => 10,
         Fingerprint::Settings(_) if upsampled => 9,
         Fingerprint::Settings(_) if staged => 8,
         Fingerprint::Settings(_) => 7,
@@ -489,6 +504,9 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
     w.u64(c.history);
     w.u64(c.step);
     w.u64(c.plan_step);
+    if version >= 10 {
+        w.u32(c.plan_version);
+    }
     w.u16(c.streams.len() as u16);
     for (d, s) in c.streams.iter().enumerate() {
         if version >= 7 {
@@ -610,6 +628,7 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
     let history = r.u64()?;
     let step = r.u64()?;
     let plan_step = r.u64()?;
+    let plan_version = if version >= 10 { r.u32()? } else { 1 };
     let n = r.len("domains")?;
     let mut mix = MixState::new(n);
     let mut streams = Vec::with_capacity(n);
@@ -739,6 +758,7 @@ pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
         domains,
         journal,
         superseded,
+        plan_version,
     })
 }
 

@@ -2,9 +2,10 @@
 //! which every cursor blob carries so that a blob is never resumed on data it was not
 //! made for.
 //!
-//! It covers only what shapes every step: the manifest (the caller's hash of shard
-//! identities), seed, `seq_len`, `global_batch_rows`, packing, the packing window, and
-//! per domain its name, every planning setting and each shard's documents and tokens.
+//! It covers only what shapes every step: the planner's version (from 2 on,
+//! [`super::PLAN_VERSION`]), the manifest (the caller's hash of shard identities), seed,
+//! `seq_len`, `global_batch_rows`, packing, the packing window, and per domain its name,
+//! every planning setting and each shard's documents and tokens.
 //! Not the schedule, stages (`[plan]`'s own shape is stage 0 and is covered), skips or
 //! reseeds: the history digest covers those up to a cursor's step, so the future may be
 //! edited.
@@ -33,6 +34,11 @@ pub(super) fn fingerprint(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u1
 fn encode(cfg: &PlanConfig, inputs: &[DomainInput], manifest: u128) -> Vec<u8> {
     let mut b = Vec::with_capacity(64 + inputs.len() * 64);
     b.push(SCHEME);
+    // Version 1 encodes nothing, so the fingerprints of the builds before versions
+    // existed (all of version 1) stay what they were.
+    if super::PLAN_VERSION != 1 {
+        b.extend_from_slice(&super::PLAN_VERSION.to_le_bytes());
+    }
     b.extend_from_slice(&manifest.to_le_bytes());
     encode_plan(&mut b, cfg);
     b.extend_from_slice(&(inputs.len() as u32).to_le_bytes());

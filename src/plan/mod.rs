@@ -49,6 +49,25 @@ use domain::{DomainData, Geometry};
 use mix::{Mixer, Schedule};
 use permute::derive_key;
 
+/// [`PLAN_VERSION`] as a literal, so that `millrace --version` can spell it at compile
+/// time (`concat!`).
+#[macro_export]
+macro_rules! plan_version {
+    () => {
+        1
+    };
+}
+
+/// The planner's version: which rows a given corpus, config and history put in every
+/// step. A change to the planner that makes any step of any plan hold other rows (the
+/// shuffle, mixing, packing, grouping, stages, skips or reseeds) must raise it, and
+/// `determinism_planner_version_pins_every_scenario` in tests/plan_props.rs fails until
+/// it does. A blob or plan checkpoint made by another version is refused
+/// ([`CursorError::PlanVersion`]) rather than continued with other data, and from 2 on
+/// the version is part of [`Plan::fingerprint`], so nodes that run different versions
+/// show different fingerprints and keep their plan checkpoints apart.
+pub const PLAN_VERSION: u32 = plan_version!();
+
 /// Plan steps a seek replays per chunk: its mixer counts (4 bytes per domain per step)
 /// are all it holds, so a seek to any step needs at most a few MB.
 pub const SEEK_CHUNK: u64 = 1 << 16;

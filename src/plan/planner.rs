@@ -271,6 +271,7 @@ impl Planner {
             domains: self.plan.records.to_vec(),
             journal: self.plan.journal.clone(),
             superseded: self.plan.superseded,
+            plan_version: super::PLAN_VERSION,
         })
     }
 }

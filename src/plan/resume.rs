@@ -121,8 +121,15 @@ impl Plan {
         self.check_cursor(cursor::decode(blob)?)
     }
 
-    /// Refuses a blob made for another corpus or static config.
+    /// Refuses a blob made for another corpus or static config, or by a build whose
+    /// planner is another version.
     fn check_fingerprint(&self, c: &CursorData) -> Result<(), CursorError> {
+        if c.plan_version != super::PLAN_VERSION {
+            return Err(CursorError::PlanVersion {
+                blob: c.plan_version,
+                ours: super::PLAN_VERSION,
+            });
+        }
         let (blob, ours) = match c.fingerprint {
             Fingerprint::Settings(blob) => (blob, self.settings_fingerprint),
             Fingerprint::Binary(blob) => (blob, self.fingerprint),
@@ -275,7 +282,7 @@ mod tests {
 
     use super::*;
     use crate::config::plan::{DomainSettings, PlanConfig};
-    use crate::plan::{DocSource, DomainInput, MemShard, StreamError};
+    use crate::plan::{DocSource, DomainInput, MemShard, StreamError, PLAN_VERSION};
 
     /// Two small domains under `weights` (TOML inline table) and `seed`.
     fn plan_with(weights: &str, seed: u64) -> Arc<Plan> {
@@ -324,6 +331,41 @@ mod tests {
             Ok(_) => panic!("the blob was accepted"),
             Err(e) => e,
         }
+    }
+
+    /// A blob of another planner version (layout 10, which only a build of a version
+    /// other than 1 writes) is refused by resume and by restore (which plan checkpoints
+    /// go through too), naming both versions, before any other check; this version's blobs stay layout 7
+    /// to 9, as every build before planner versions wrote them.
+    #[test]
+    fn a_blob_of_another_planner_version_is_refused() {
+        let plan = plan();
+        let blob = blob_at(&plan, 9);
+        assert!((7..=9).contains(&u16::from_le_bytes([blob[8], blob[9]])));
+        let mut c = cursor::decode(&blob).unwrap();
+        assert_eq!(c.plan_version, PLAN_VERSION);
+        c.plan_version = PLAN_VERSION + 1;
+        let other = cursor::encode(&c);
+        assert_eq!(u16::from_le_bytes([other[8], other[9]]), 10);
+        assert!(other.len() >= blob.len() + 4); // and layout 9's fields
+        assert_eq!(cursor::decode(&other).unwrap(), c);
+        let want = CursorError::PlanVersion {
+            blob: PLAN_VERSION + 1,
+            ours: PLAN_VERSION,
+        };
+        assert_eq!(err(plan.resume(&other, usize::MAX)), want);
+        assert_eq!(plan.restore(&other).err(), Some(want.clone()));
+        let text = want.to_string();
+        assert!(
+            text.contains(&format!("planner version {}", PLAN_VERSION + 1))
+                && text.contains(&format!("is version {PLAN_VERSION}")),
+            "{text}"
+        );
+        // Back at this version, the same data resumes as the original blob does.
+        c.plan_version = PLAN_VERSION;
+        let same = cursor::encode(&c);
+        assert_eq!(same, blob);
+        assert_eq!(plan.restore(&same).unwrap().cursor(), blob);
     }
 
     #[test]
