@@ -39,7 +39,6 @@ import os
 import select
 import socket as _socket
 import struct
-import sys
 import time
 from collections import deque
 
@@ -643,8 +642,9 @@ class _Conn:
         fields = {n: {"offset": o, "dtype": self.dtypes.get(n), "shape": shapes.get(n, [r])}
                   for n, o in zip(names, offsets)
                   if o or n not in TRAILER_FIELDS[self.layout]}
-        if rows == 0 or seq_len == 0:
-            raise ProtocolError(f"slot header says {rows} rows of {seq_len}")
+        if rows == 0 or seq_len == 0 or rows % self.micro_batches:
+            raise ProtocolError(f"slot header says {rows} rows of {seq_len}, which "
+                                f"{self.micro_batches} micro-batches do not split evenly")
         spec = {"step": -1, "rows": rows, "seq_len": seq_len,
                 "micro_batch_rows": rows // self.micro_batches, "fields": fields}
         st = self.by_header[key] = _Stage(self.mm, self.slot_base, self.layout, spec,
@@ -730,6 +730,8 @@ def _field_view(mm, base, name, spec, slot_bytes, source="WELCOME") -> np.ndarra
         offset = int(spec["offset"])
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"{source} field `{name}` is malformed: {spec!r} ({e})") from e
+    if dtype.kind not in "iu":  # every array of a slot holds integers
+        raise ProtocolError(f"{source} field `{name}` has dtype {dtype}, not an integer type")
     count = int(np.prod(shape)) if shape else 1
     size = count * dtype.itemsize
     if offset < _SLOT_HEADER_BYTES or offset % dtype.itemsize or offset + size > slot_bytes:
@@ -772,9 +774,12 @@ class Client:
     connect_timeout: seconds the first connection waits for a daemon that is not there
         yet (socket missing or refusing); 0 (default): fail at once with
         :class:`DaemonGone`, since that is usually a wrong path.
-    register_cuda: ``"auto"`` registers the ring with ``cudaHostRegister`` (read-only) when
-        torch is already imported with CUDA initialised at connect, else lazily at the
-        first CUDA :meth:`Batch.to_torch`; ``True`` registers at connect; ``False`` never.
+    register_cuda: ``"auto"`` registers the ring with ``cudaHostRegister`` (read-only) at
+        the first CUDA :meth:`Batch.to_torch`, whose copies the client fences; ``True``
+        registers at connect; ``False`` never. While the ring is registered, CPU tensors
+        (``to_torch()`` on the CPU) are copies, not views of the ring: a view of pinned
+        memory would let the trainer's own ``.to("cuda", non_blocking=True)`` read a
+        slot after the client released it.
     handshake_timeout: seconds to wait for WELCOME (a seek without a cursor can take a
         while on a huge corpus).
     slot_layout: ``"compact"`` (the daemon's default when None: tokens in the shards'
@@ -987,7 +992,7 @@ class Client:
             raise ProtocolError(f"asked for start_step {self._start_step} but the daemon "
                                 f"starts at step {welcome['start_step']}")
         self._next_step = int(welcome["start_step"])
-        if self.register_cuda is True or (self.register_cuda == "auto" and _cuda_ready()):
+        if self.register_cuda is True:
             from . import torch_adapter
 
             torch_adapter.register_ring(self, conn)
@@ -1009,6 +1014,10 @@ class Client:
         except (TypeError, ValueError) as e:
             raise ProtocolError(f"WELCOME is malformed: {e}") from e
         magic, version, slots, slot_bytes, slot_offset, _first = _RING_HEAD.unpack_from(mm, 0)
+        if (not 0 < slot_bytes or slot_offset < _RING_HEAD.size
+                or slot_offset + slots * slot_bytes > ring_bytes):
+            raise ProtocolError(f"{slots} slots of {slot_bytes} bytes at {slot_offset} do not "
+                                f"fit the ring's {ring_bytes} bytes")
         if magic != _RING_MAGIC or version != 1:
             raise ProtocolError(f"ring header magic {magic!r} version {version}, expected "
                                 f"{_RING_MAGIC!r} version 1")
@@ -1137,9 +1146,10 @@ class Client:
             st = conn.stage_of(rows, seq_len, offsets)
         except ProtocolError as e:
             raise ProtocolError(f"step {step} (plan step {plan_step}): {e}") from None
-        if cursor_len > st.cursor_cap or cu_len > st.cu_cap:
-            raise ProtocolError(f"step {step}: cursor_len {cursor_len} / cu_len {cu_len} exceed "
-                                "their fields")
+        if cursor_len > st.cursor_cap or not rows < cu_len <= st.cu_cap:
+            raise ProtocolError(f"step {step}: cursor_len {cursor_len} (at most "
+                                f"{st.cursor_cap}) or cu_len {cu_len} ({rows + 1}..="
+                                f"{st.cu_cap}) is out of range")
         c0 = base + st.cursor_off
         cursor = conn.mm[c0 : c0 + cursor_len]
         batch = Batch(step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
@@ -1262,13 +1272,3 @@ def _as_blob(cursor):
         return bytes.fromhex(cursor)
     return bytes(cursor)
 
-
-def _cuda_ready() -> bool:
-    """torch imported by the program with CUDA initialised (so its device is chosen)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    try:
-        return bool(torch.cuda.is_available() and torch.cuda.is_initialized())
-    except Exception:
-        return False

@@ -42,6 +42,7 @@ import ctypes
 import logging
 import multiprocessing
 import multiprocessing.context
+import os
 import warnings
 from collections import deque
 
@@ -180,6 +181,10 @@ def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True,
     bounds = batch.micro_batch_bounds()
     cpu = _cpu_tensors(batch, arrays)
     if dev.type == "cpu":
+        if _pinned(batch):
+            # A view of pinned memory would let the trainer's own non_blocking copy to a
+            # GPU read the slot after the client released it (nothing fences it): copies.
+            cpu = {k: t.clone() for k, t in cpu.items()}
         return TorchBatch(batch, cpu, bounds)
     if dev.type != "cuda":
         # Other accelerators: a plain synchronous copy, so the slot can go right after.
@@ -188,6 +193,13 @@ def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True,
     with torch.cuda.stream(stream):
         out = {k: t.to(dev, non_blocking=non_blocking) for k, t in cpu.items()}
     return _fenced(batch, dev, stream, out, bounds)
+
+
+def _pinned(batch: Batch) -> bool:
+    """Whether the batch's slot lies in a ring registered with CUDA (page-locked)."""
+    client = batch._client
+    conn = client._conn if client is not None else None
+    return conn is not None and conn.id == batch._conn_id and conn.cuda_ptr is not None
 
 
 def _cuda_stream(batch: Batch, dev):
@@ -434,8 +446,14 @@ class TorchClient:
             raise TypeError("pass either a Client or its keyword arguments")
         if prefetch < 0:
             raise ValueError("prefetch must be >= 0")
+        hold = max(client.hold, prefetch + 1)
+        conn = client._conn
+        if conn is not None and hold > conn.slots:
+            # Checked at connect too; a connected client would otherwise wait forever.
+            raise ValueError(f"prefetch={prefetch} needs hold={hold}, more than the ring's "
+                             f"{conn.slots} slots: the stream would wait forever")
         self.client = client
-        client.hold = max(client.hold, prefetch + 1)
+        client.hold = hold
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.non_blocking = non_blocking
@@ -512,10 +530,10 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
         self.client_kwargs = client_kwargs
         self.client = None
         self._state = None
-        # Set by a DataLoader worker that iterates this dataset: shared memory that the
-        # worker process inherits, so the main process can tell that its own position
-        # is not the stream's.
-        self._in_worker = multiprocessing.RawValue("b", 0)
+        # The pid of the DataLoader worker that iterates this dataset (0: none): shared
+        # memory that worker processes inherit, so the main process can tell that its own
+        # position is not the stream's, and a second worker that the stream restarted.
+        self._in_worker = multiprocessing.RawValue("q", 0)
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -544,7 +562,17 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
             raise MillraceError("MillraceIterableDataset is one dp rank's stream: use "
                                 "num_workers=0 (or 1), not several workers")
         if info is not None and self._in_worker is not None:
-            self._in_worker.value = 1
+            prior = self._in_worker.value
+            if prior and prior != os.getpid() and self.client is None:
+                # A DataLoader without persistent workers forks a new worker per epoch,
+                # with this dataset as it was: its stream would restart from the loaded
+                # state and repeat the steps the last worker served.
+                raise MillraceError(
+                    "MillraceIterableDataset: another DataLoader worker already streamed "
+                    "this dp rank; a new one would restart from the loaded state and repeat "
+                    "data. Use persistent_workers=True (or num_workers=0), or load_state_dict"
+                    "(state_of(last item)) before iterating again")
+            self._in_worker.value = os.getpid()
         client = self._make_client()
         n = 0
         while self.steps is None or n < self.steps:
@@ -573,6 +601,8 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
         if self.client is not None:
             raise MillraceError("load_state_dict must come before iterating")
         self._state = {"cursor": _as_blob(state.get("cursor")), "step": state.get("step", -1)}
+        if self._in_worker is not None:
+            self._in_worker.value = 0  # an explicit resume point: a new worker may start
 
     def close(self):
         if self.client is not None:

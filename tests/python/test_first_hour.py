@@ -315,6 +315,10 @@ def test_dataloader_checkpoints_resume_with_num_workers(walk, daemon, workers):
     else:
         with pytest.raises(mr.MillraceError, match="DataLoader worker process"):
             ds.state_dict()
+        # A second pass forks a new worker with the dataset as it was loaded: it would
+        # serve steps 0-4 again, and is refused instead.
+        with pytest.raises(mr.MillraceError, match="another DataLoader worker"):
+            list(loader)
     del loader  # ends the worker, whose client leaves the ring
 
     resumed = DS(sock, 2, DP_SIZE, copy=True, steps=3, job=job, **kw)
@@ -326,6 +330,21 @@ def test_dataloader_checkpoints_resume_with_num_workers(walk, daemon, workers):
         assert torch.equal(d["tokens"], w)
     del loader
     resumed.close()
+
+
+def test_dataloader_persistent_worker_continues_the_stream(walk, daemon):
+    """With persistent_workers, each pass over the DataLoader continues the stream in
+    the same worker: the second pass serves the next steps, not the first ones again."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import MillraceIterableDataset as DS
+
+    _, sock, _ = daemon
+    ds = DS(sock, 3, DP_SIZE, copy=True, steps=3, job="persist", register_cuda=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                         persistent_workers=True)
+    first, second = [int(d["step"]) for d in loader], [int(d["step"]) for d in loader]
+    assert (first, second) == ([0, 1, 2], [3, 4, 5])
+    del loader
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "python" / "examples"

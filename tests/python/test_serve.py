@@ -485,6 +485,9 @@ def test_peers_share_a_ring_and_a_slow_rank_stalls_only_itself(corpus, expected,
     # A peer asking for a step the live ring no longer holds is refused.
     e = _refused(client(d, 0, 4, job="p", replica="tp2", replicas=2))
     assert e.code == "peer_position", e
+    # So is one asking for a step ahead of the ring without the blob of that step.
+    e = _refused(client(d, 0, 4, job="p", replica="tp2", replicas=2, start_step=10_000))
+    assert e.code == "peer_position" and "without a cursor blob" in e.message, e
     tp0.close()
     tp1.close()
 
@@ -1003,3 +1006,37 @@ def test_example_train_tiny_checkpoints_and_resumes(corpus, daemons, tmp_path):
     out = run(7)
     assert "resuming after step 3" in out and "step 4 " in out and "step 6 " in out
     assert "step 3 " not in out
+
+
+def test_torch_client_checks_prefetch_and_a_pinned_ring_gives_cpu_copies(corpus, daemons):
+    """TorchClient on a connected client refuses a prefetch its ring cannot hold (it
+    would wait forever). CPU tensors alias the ring, except while the ring is registered
+    with CUDA: a view of pinned memory would let the trainer's own non_blocking copy read
+    the slot after its release, so they are copies then."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import TorchClient
+
+    d = daemons(corpus)
+    with client(d, 0, 4, job="tc-hold") as c:
+        c.connect()
+        slots = c.welcome["slots"]
+        with pytest.raises(ValueError, match="wait forever"):
+            TorchClient(c, device="cpu", prefetch=slots)
+        assert c.hold == 1
+        b = c.next_batch()
+        ring = np.frombuffer(c._conn.mm, dtype=np.uint8)
+        lo = ring.__array_interface__["data"][0]
+
+        def in_ring(t):
+            return lo <= t.data_ptr() < lo + ring.nbytes
+
+        assert in_ring(b.to_torch().tokens)
+        # As _cuda_stream leaves it after a cudaHostRegister (no CUDA here to do it).
+        c._conn.cuda_ptr = lo
+        try:
+            t = b.to_torch()
+            assert not any(in_ring(getattr(t, k)) for k in ("tokens", "labels", "domain"))
+            assert torch.equal(t.tokens, torch.from_numpy(np.array(b.tokens)).to(t.tokens.dtype))
+        finally:
+            c._conn.cuda_ptr = None
+        del ring

@@ -629,13 +629,25 @@ impl Joiner<'_> {
             info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
         } else if step > hi {
             // Ahead of the ring (a peer that had consumed more before a restart): it
-            // waits for the ring to get there, and its blob must match then.
-            if let Some(blob) = &self.blob {
-                standing = Standing::Ahead {
-                    step,
-                    blob: blob.clone(),
-                };
-            }
+            // waits for the ring to get there, and its blob must match then. Without a
+            // blob nothing says its peers' stream reaches its step: refused, as a step
+            // the ring does not hold is below.
+            let Some(blob) = &self.blob else {
+                return Err(Refusal::new(
+                    Code::PeerPosition,
+                    format!(
+                        "the ring of job {:?} dp_rank {} holds steps {lo}..={hi}; this \
+                         client asks for step {step} without a cursor blob; a peer joins \
+                         ahead of its ring only with the blob of its step, and peers of \
+                         one dp rank must resume from the same checkpoint",
+                        hello.job, hello.dp_rank
+                    ),
+                ));
+            };
+            standing = Standing::Ahead {
+                step,
+                blob: blob.clone(),
+            };
         } else {
             let held = entry.cursors.iter().find(|c| c.step == step);
             match held {

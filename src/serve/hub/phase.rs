@@ -297,7 +297,10 @@ impl RingEntry {
         Copied::Stale
     }
 
-    /// The oldest step some peer (present or still expected) may read.
+    /// The oldest step some peer (present or still expected) may read, never above
+    /// `published`: a peer waiting ahead of the ring (one resumed from a later blob,
+    /// [`Standing::Ahead`]) holds no slot, and counting its step would let the workers
+    /// claim more than a ring's slots past `published`, two steps into one slot.
     pub(super) fn base(&self) -> u64 {
         if self.joined < self.replicas {
             return self.start;
@@ -306,7 +309,7 @@ impl RingEntry {
             .values()
             .map(|p| p.released)
             .min()
-            .unwrap_or(self.published)
+            .map_or(self.published, |m| m.min(self.published))
     }
 
     /// Slots a worker may fill now.
@@ -472,6 +475,38 @@ pub(super) mod tests {
         assert_eq!(f.code, Code::PeerPosition);
         assert!(f.message.contains("step 5"), "{}", f.message);
         assert_eq!(p.failure(), Some(&f));
+    }
+
+    /// A peer waiting ahead of the ring holds no slot: when the peer that reads falls
+    /// away, the ring still fills at most its slots past `published` (it used to count
+    /// the waiting peer's step as its base and claim two steps into one slot).
+    #[test]
+    fn a_peer_ahead_does_not_let_the_ring_fill_past_its_slots() {
+        let mut e = entry(2, true);
+        let mut p = peer("tp0");
+        p.released = 7;
+        p.blob = Some(b"tp0 blob".to_vec());
+        e.join(1, p);
+        let planner = plan().seek(2);
+        let cursor = Cursor {
+            step: 2,
+            blob: planner.cursor(),
+            mark: Mark::of(&planner),
+        };
+        e.move_back(planner, cursor);
+        let mut reader = peer("tp1");
+        reader.released = 2;
+        e.join(2, reader);
+        assert!(matches!(e.phase, Phase::Streaming));
+        assert_eq!((e.base(), e.free(4)), (2, 4));
+        // The reader leaves: only the peer ahead at 7 is left, and nothing is published.
+        e.peers.remove(&2);
+        assert_eq!((e.base(), e.free(4)), (2, 4), "base stays at published");
+        for step in 2..6 {
+            assert!(e.claimable(4), "step {step}");
+            e.claim_step(step);
+        }
+        assert!(!e.claimable(4), "step 6 would share a slot with step 2");
     }
 
     #[test]
