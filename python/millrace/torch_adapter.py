@@ -515,7 +515,10 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
     instead of returning a position that would silently repeat or skip data: checkpoint
     ``state_of(last_item)``. (torchdata's StatefulDataLoader calls ``state_dict`` in the
     worker, per item, and is correct too.) ``num_workers > 1`` is refused: every worker
-    would be the same dp rank.
+    would be the same dp rank. To iterate the loader more than once with a worker, pass
+    ``persistent_workers=True``: each new pass continues the stream. Without it each pass
+    forks a new worker with this dataset as loaded, whose stream would start over; it is
+    refused (:class:`MillraceError`) unless ``load_state_dict`` set a new position.
     """
 
     def __init__(self, socket, dp_rank: int, dp_size: int, device=None, copy: bool = False,
