@@ -12,6 +12,7 @@ use tracing::info;
 use super::{
     Admission, Cursor, EventFd, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing, State,
 };
+use crate::config::plan::MAX_STEP;
 use crate::plan::journal;
 use crate::plan::{Plan, Planner, Resumed};
 use crate::serve::ring::{Layout, Ring};
@@ -90,6 +91,16 @@ impl Hub {
             ),
             None => None,
         };
+        // A blob's step has the bound a HELLO's start_step has: the ring's and the
+        // daemon's step arithmetic (slots past it, the first changeable step) stays far
+        // from u64::MAX, and one client cannot push every job's live changes past it.
+        if let Some(step) = resumed.as_ref().map(|r| r.planner.step()) {
+            if step > MAX_STEP {
+                return Err(refuse_cursor(format!(
+                    "its step {step} is beyond {MAX_STEP}, the most a run may reach"
+                )));
+            }
+        }
         // A blob whose journal adds a stage (a live `set_stage`) is served at the stages
         // of its plan: a ring this client creates is sized for them too.
         if let Some(r) = resumed.as_ref().filter(|r| r.adopted) {

@@ -127,7 +127,14 @@ impl Hub {
                             self.fail_on_fault(&mut st, &c.key, c.job.step, addr);
                             continue;
                         }
-                        (None, _) => {}
+                        (None, Some(addr)) => {
+                            // Nothing was claimed, but planning read a shard that shrank:
+                            // poison it, so every ring that reads it stops at its next
+                            // piece rather than read the zeros mapped over the lost page.
+                            let why = self.poison_at(addr, "while planning");
+                            error!("materialize: {why}");
+                        }
+                        (None, None) => {}
                     }
                     if std::mem::take(&mut st.plan_kick) {
                         self.plan_wake.notify_one();
