@@ -13,6 +13,12 @@
 //! address outside every shard, or one sent with kill) restores the previous disposition
 //! and recurs, so real bugs still crash as before.
 //!
+//! The zero page is visible to every thread, but the fault only to the one that took it:
+//! another thread that reads the page afterwards gets zeros and no signal. So the handler
+//! also records every page it zeroed in a process-wide table, before mapping it, and a
+//! copy checks its source against the table ([`zeroed_in`]) before it hands the bytes
+//! on (one atomic load while the table is empty, as it is unless a shard shrank).
+//!
 //! The happy path costs two thread-local writes per guarded region and one thread-local
 //! read per check: no syscall, no copy.
 
@@ -37,6 +43,14 @@ static REGISTER: Mutex<()> = Mutex::new(());
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 /// The disposition SIGBUS had before ours, restored for faults that are not ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+/// Pages the handler zeroed that [`ZEROED`] can list; past this many every read counts
+/// as touching one (a daemon whose shards lost that many pages serves nothing right).
+const ZEROED_CAP: usize = 1024;
+/// The pages the handler zeroed (page addresses; 0: an entry not yet written), in the
+/// order of [`ZEROED_N`].
+static ZEROED: [AtomicUsize; ZEROED_CAP] = [const { AtomicUsize::new(0) }; ZEROED_CAP];
+/// How many pages the handler zeroed: entries reserved in [`ZEROED`].
+static ZEROED_N: AtomicUsize = AtomicUsize::new(0);
 
 /// Registers `ranges` (shard mappings) as guarded and installs the SIGBUS handler on the
 /// first call. Empty ranges are ignored. Ranges stay registered for the life of the
@@ -45,12 +59,20 @@ static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Result<()> {
     let _lock = REGISTER.lock().unwrap_or_else(|p| p.into_inner());
     let mut next = regions().to_vec();
-    next.extend(
-        ranges
-            .into_iter()
-            .filter(|r| !r.is_empty())
-            .map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.len())),
-    );
+    let fresh: Vec<(usize, usize)> = ranges
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.len()))
+        .collect();
+    // A new mapping where an old one lost pages has none zeroed (no fault can be taken
+    // on it before it is registered).
+    for z in &ZEROED {
+        let p = z.load(Ordering::Acquire);
+        if p != 0 && fresh.iter().any(|&(a, b)| (a..b).contains(&p)) {
+            z.store(0, Ordering::Release);
+        }
+    }
+    next.extend(fresh);
     REGIONS.store(Box::into_raw(Box::new(next)), Ordering::Release);
     if PREVIOUS.get().is_some() {
         return Ok(());
@@ -102,6 +124,36 @@ pub fn take_fault() -> Option<usize> {
     (a != 0).then_some(a)
 }
 
+/// The address of a page of `bytes` that the handler zeroed for some thread's faulted
+/// read, if any: those bytes read as zeros now, without a fault on this thread, so a
+/// copy of them must be thrown away like a faulted one.
+#[inline]
+pub fn zeroed_in(bytes: &[u8]) -> Option<usize> {
+    let n = ZEROED_N.load(Ordering::Acquire);
+    if n == 0 || bytes.is_empty() {
+        return None;
+    }
+    let (lo, hi) = (
+        bytes.as_ptr() as usize,
+        bytes.as_ptr() as usize + bytes.len(),
+    );
+    if n > ZEROED_CAP {
+        return Some(lo);
+    }
+    let page = PAGE.load(Ordering::Relaxed);
+    ZEROED[..n]
+        .iter()
+        .map(|z| z.load(Ordering::Acquire))
+        .filter(|&p| p != 0 && p < hi && lo < p + page)
+        // Still zeros: a mapping made later at the same address (after the faulted one
+        // was unmapped, which a daemon never does but tests do) is not the zero page.
+        .find(|&p| {
+            let (a, b) = (p.max(lo), (p + page).min(hi));
+            bytes[a - lo..b - lo].iter().all(|&x| x == 0)
+        })
+        .map(|p| p.max(lo))
+}
+
 /// The registered ranges. Async-signal-safe: one atomic load.
 fn regions() -> &'static [(usize, usize)] {
     let p = REGIONS.load(Ordering::Acquire);
@@ -133,6 +185,11 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
         if guarded && code > 0 && registered(addr) {
             let page = PAGE.load(Ordering::Relaxed);
             let base = addr & !(page - 1);
+            // Listed before it is mapped: a thread that reads the zeros finds it listed.
+            let i = ZEROED_N.fetch_add(1, Ordering::AcqRel);
+            if let Some(slot) = ZEROED.get(i) {
+                slot.store(base, Ordering::Release);
+            }
             let p = libc::mmap(
                 base as *mut libc::c_void,
                 page,
@@ -199,5 +256,25 @@ mod tests {
         assert_eq!(v, 0);
         assert_eq!(fault, map.as_ptr() as usize + 40000);
         assert_eq!(take_fault(), None);
+        // Another thread now reads zeros from that page without a fault of its own; the
+        // table of zeroed pages says so. The page the file kept is not listed.
+        let page = crate::sys::page_size();
+        let zeroed = &map[40000 / page * page..][..page];
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                let _g = enter();
+                assert_eq!(std::hint::black_box(zeroed)[17], 0);
+                assert_eq!(take_fault(), None, "no fault on this thread");
+                assert_eq!(zeroed_in(zeroed), Some(zeroed.as_ptr() as usize));
+                assert_eq!(zeroed_in(&map[..100]), None);
+                assert_eq!(
+                    zeroed_in(&map[..4096]),
+                    None,
+                    "the first page kept its bytes"
+                );
+                let across = &map[4096 - 8..40000];
+                assert!(zeroed_in(across).is_some());
+            });
+        });
     }
 }

@@ -806,8 +806,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.bin");
         std::fs::write(&path, vec![3u8; 8192]).unwrap();
-        let mut r = match UringReader::open(std::slice::from_ref(&path), UringOptions::default())
-        {
+        let mut r = match UringReader::open(std::slice::from_ref(&path), UringOptions::default()) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("skipped: io_uring unavailable here ({e})");

@@ -172,7 +172,8 @@ pub(super) fn fill_compact<T: Out>(
         } else {
             convert::<T, true>(pc.piece, dst, limit)
         };
-        if let Some(addr) = guard::take_fault() {
+        // A fault of this thread's read, or a page another thread's fault zeroed.
+        if let Some(addr) = guard::take_fault().or_else(|| guard::zeroed_in(pc.piece.as_bytes())) {
             return Err(faulted(pc.shard, pc.row, pc.seg.doc, addr, &fail));
         }
         if bad {

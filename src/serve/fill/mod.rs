@@ -198,7 +198,8 @@ fn fill_typed<T: Out>(
                     limit,
                 );
             }
-            if let Some(addr) = guard::take_fault() {
+            // A fault of this thread's read, or a page another thread's fault zeroed.
+            if let Some(addr) = guard::take_fault().or_else(|| guard::zeroed_in(piece.as_bytes())) {
                 return Err(faulted(shard, r, s.doc, addr, &fail));
             }
             if bad {
