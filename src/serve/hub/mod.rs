@@ -341,13 +341,15 @@ impl State {
         }
     }
 
-    /// The first trainer step a change may still shape.
+    /// The first trainer step a change may still shape: past every published step, and
+    /// past the step of every peer that waits ahead of its ring (it trained on the steps
+    /// before it, in a run before a restart).
     fn first_changeable(&self) -> u64 {
         let live = self
             .jobs
             .values()
             .flat_map(|j| j.rings.values())
-            .map(|e| e.published)
+            .map(|e| e.published.max(e.ahead_step()))
             .max()
             .unwrap_or(0);
         live.max(self.watermark)

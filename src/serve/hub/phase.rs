@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Cursor, Own, Peer, RingEntry, RingStats};
-use crate::plan::Planner;
+use crate::plan::{cursor, journal, Planner};
 use crate::serve::ring::Ring;
 use crate::wire::protocol::Code;
 
@@ -76,6 +76,35 @@ pub(super) enum Standing {
     BadRelease(Failure),
 }
 
+/// Whether the ring's `cursor` is the position a peer's `blob` names: the same bytes, or
+/// the same blob but for live changes the ring took while the peer waited, all of them
+/// from the blob's step on (so its past, the history digest included, is the same). The
+/// first changeable step counts a waiting peer's step ([`RingEntry::ahead_step`]), so
+/// those are the only changes a ring can have taken meanwhile.
+fn same_position(blob: &[u8], cursor: &[u8]) -> bool {
+    if blob == cursor {
+        return true;
+    }
+    let (Ok(mut mine), Ok(ring)) = (cursor::decode(blob), cursor::decode(cursor)) else {
+        return false;
+    };
+    let ours = journal::compare(
+        &ring.journal,
+        ring.superseded,
+        &mine.journal,
+        mine.superseded,
+    );
+    let later = ring.journal[journal::common_prefix(&ring.journal, &mine.journal)..]
+        .iter()
+        .all(|c| c.at >= mine.plan_step);
+    if ours != journal::Order::OursAhead || !later {
+        return false;
+    }
+    mine.journal = ring.journal.clone();
+    mine.superseded = ring.superseded;
+    mine == ring
+}
+
 impl Peer {
     /// The ring published up to `at` with `cursor` there: a peer waiting for that step
     /// reads on when its blob matches, and is misplaced (the failure returned, to log
@@ -87,7 +116,7 @@ impl Peer {
         if *step != at {
             return None;
         }
-        if blob == cursor {
+        if same_position(blob, cursor) {
             self.standing = Standing::Reading;
             return None;
         }
@@ -312,6 +341,19 @@ impl RingEntry {
             .map_or(self.published, |m| m.min(self.published))
     }
 
+    /// The furthest step a peer waits at ahead of the ring ([`Standing::Ahead`]), 0 when
+    /// none does: that peer trained on every step before it, so no change may start
+    /// below it.
+    pub(super) fn ahead_step(&self) -> u64 {
+        (self.peers.values())
+            .filter_map(|p| match &p.standing {
+                Standing::Ahead { step, .. } => Some(*step),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Slots a worker may fill now.
     pub(super) fn free(&self, slots: u32) -> u64 {
         (self.base() + slots as u64).saturating_sub(self.next_fill)
@@ -507,6 +549,42 @@ pub(super) mod tests {
             e.claim_step(step);
         }
         assert!(!e.claimable(4), "step 6 would share a slot with step 2");
+    }
+
+    /// A live change the ring took while a peer waited ahead of it, from the peer's step
+    /// on, leaves the peer's position as it was: the peer reads on (its blob lacks the
+    /// change, the ring's cursor carries it). A change before its step would rewrite what
+    /// it trained on, and it is misplaced. The ring's first changeable step counts it.
+    #[test]
+    fn a_peer_ahead_reads_on_across_live_changes_from_its_step() {
+        let base = plan();
+        let blob = base.seek(5).cursor();
+        let w = BTreeMap::from([("a".to_string(), 2.0)]);
+        let changed = |at: u64| {
+            let change = base.weights_change(at, &w).unwrap();
+            Arc::new(base.with_journal(vec![change]).unwrap())
+        };
+        let ahead = || Standing::Ahead {
+            step: 5,
+            blob: blob.clone(),
+        };
+        let mut p = peer("tp1");
+        p.standing = ahead();
+        let later = changed(5).seek(5).cursor();
+        assert_ne!(later, blob, "the ring's cursor carries the change");
+        assert!(p.reach(5, &later).is_none());
+        assert!(matches!(p.standing, Standing::Reading));
+        p.standing = ahead();
+        let earlier = changed(3).seek(5).cursor();
+        assert!(
+            p.reach(5, &earlier).is_some(),
+            "a change at 3 rewrote steps 3 and 4"
+        );
+        let mut e = entry(2, true);
+        let mut q = peer("tp0");
+        q.standing = ahead();
+        e.join(1, q);
+        assert_eq!((e.published, e.ahead_step()), (0, 5));
     }
 
     #[test]
