@@ -25,6 +25,10 @@ use std::sync::Arc;
 
 /// Most domains a config may name: every cursor blob lists every domain, and a blob's
 /// lists hold at most 4096 entries (`plan/cursor.rs`), so a run of more could not
+/// Longest domain name: every cursor blob carries each name, and its lists hold at most
+/// 4096 entries (bytes, for a name).
+pub const MAX_NAME: usize = 256;
+
 /// resume from its own blobs.
 pub const MAX_DOMAINS: usize = 4096;
 
@@ -311,6 +315,7 @@ impl Config {
         for (i, d) in self.corpus.domains.iter().enumerate() {
             let f = |name: &str| format!("corpus.domain[{i}].{name}");
             let ok_name = !d.name.is_empty()
+                && d.name.len() <= MAX_NAME
                 && d.name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
@@ -318,7 +323,7 @@ impl Config {
                 return Err(self.invalid(
                     f("name"),
                     format!(
-                        "{:?} must be non-empty ASCII letters, digits, '_', '-' or '.'",
+                        "{:?} must be 1 to {MAX_NAME} ASCII letters, digits, '_', '-' or '.'",
                         d.name
                     ),
                 ));

@@ -124,6 +124,38 @@ pub fn take_fault() -> Option<usize> {
     (a != 0).then_some(a)
 }
 
+/// How many pages the handler has zeroed so far: a mark for [`fault_since`].
+pub fn zeroed_pages() -> usize {
+    ZEROED_N.load(Ordering::Acquire)
+}
+
+/// A fault of work that ran since `mark` ([`zeroed_pages`]): this thread's own
+/// ([`take_fault`], which it clears), or else a page zeroed meanwhile for any thread. The
+/// second covers work this thread handed to others (rayon's pool, whose threads the
+/// daemon keeps guarded), at the price of also naming a fault of unrelated work that ran
+/// at the same time (a shard shrank either way).
+pub fn fault_since(mark: usize) -> Option<usize> {
+    take_fault().or_else(|| {
+        let n = ZEROED_N.load(Ordering::Acquire);
+        (n > mark).then(|| {
+            ZEROED
+                .get(mark)
+                .map_or(0, |z| z.load(Ordering::Acquire))
+                .max(1)
+        })
+    })
+}
+
+/// Keeps every thread of rayon's global pool guarded for the life of the process, so a
+/// shard that shrank faults into zeros there (listed, see [`fault_since`]) instead of
+/// killing the daemon: planning spreads seeks and stage windows over that pool. Fails
+/// when the pool was already built (then those threads stay unguarded).
+pub fn guard_rayon_pool() -> Result<(), rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new()
+        .start_handler(|_| std::mem::forget(enter()))
+        .build_global()
+}
+
 /// The address of a page of `bytes` that the handler zeroed for some thread's faulted
 /// read, if any: those bytes read as zeros now, without a fault on this thread, so a
 /// copy of them must be thrown away like a faulted one.

@@ -234,16 +234,20 @@ pub fn common_prefix(a: &[Change], b: &[Change]) -> usize {
 /// Whether `newer` (with `newer_sup` superseded changes) can be `older` (with
 /// `older_sup`) plus later changes that dropped `older`'s tail after their common prefix
 /// of `k` entries: the tail's drops are all counted in `newer_sup`, and the first new
-/// change starts at or before every change of the dropped tail.
+/// change starts at or before every change of the dropped tail and is of their kind
+/// ([`append`] drops only changes of the new one's kind, so a weights change never
+/// replaces a stage change: journals that differ so have diverged).
 fn descends(newer: &[Change], newer_sup: u64, older: &[Change], older_sup: u64, k: usize) -> bool {
     let tail = (older.len() - k) as u64;
     if newer_sup < older_sup.saturating_add(tail) {
         return false;
     }
     k == older.len()
-        || newer
-            .get(k)
-            .is_some_and(|n| older[k..].iter().all(|c| c.at >= n.at))
+        || newer.get(k).is_some_and(|n| {
+            older[k..]
+                .iter()
+                .all(|c| c.at >= n.at && c.stage.is_some() == n.stage.is_some())
+        })
 }
 
 /// How two journals relate.
@@ -388,6 +392,24 @@ mod tests {
         let mut k = vec![ch(50, 0.5), ch(5, 0.5)];
         assert_eq!(append(&mut k, ch(30, 0.2)), 0);
         assert_eq!(k.len(), 3);
+    }
+
+    /// A weights change never supersedes a stage change (nor the reverse), so a journal
+    /// whose first new change is of the other kind than the tail it lacks did not come
+    /// from it: a daemon that took a stage at 20 and one that took weights at 30 and then
+    /// at 15 have diverged, though the second counts more changes, all starting earlier.
+    #[test]
+    fn a_change_of_the_other_kind_is_no_descent() {
+        let staged = vec![stage(20, 64)];
+        let mut weights = vec![ch(30, 0.5)];
+        assert_eq!(append(&mut weights, ch(15, 0.2)), 1);
+        assert_eq!(weights, vec![ch(15, 0.2)]);
+        assert_eq!(compare(&weights, 1, &staged, 0), Order::Diverged(0));
+        assert_eq!(compare(&staged, 0, &weights, 1), Order::Diverged(0));
+        // The same kind does descend: a stage at 15 superseding the one at 20.
+        let mut later = staged.clone();
+        assert_eq!(append(&mut later, stage(15, 128)), 1);
+        assert_eq!(compare(&later, 1, &staged, 0), Order::OursAhead);
     }
 
     #[test]

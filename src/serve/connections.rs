@@ -207,11 +207,19 @@ async fn admit_watching<T>(
 }
 
 /// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
-/// write changes nothing.
+/// write changes nothing. Bounded by [`SAY_TIMEOUT`]: a client that reads nothing while
+/// its socket buffer is full must not hold the task (and its fd) forever.
 async fn say(stream: &mut UnixStream, kind: u8, code: Code, message: &str) {
     let bytes = frame::encode(kind, &protocol::reason(code, message));
-    let _ = stream.write_all(&bytes).await;
+    let _ = tokio::time::timeout(SAY_TIMEOUT, stream.write_all(&bytes)).await;
 }
+
+/// How long a last REFUSED or ERROR frame may take to write.
+const SAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most a refused client's unread bytes are read away before closing (see
+/// [`connection`]): a client that keeps writing cannot keep an I/O thread draining.
+const REFUSED_DRAIN: usize = 16 * 4096;
 
 /// One connection: the access check, then either a trainer (HELLO, WELCOME with fds,
 /// RELEASE frames until it leaves) or a control client (CONTROL requests).
@@ -236,7 +244,13 @@ async fn connection(
             // not reset the connection before it reads the refusal; a client whose HELLO
             // write fails after this reads the queued REFUSED (src/client/, src/control.rs).
             let mut sink = [0u8; 4096];
-            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+            let mut drained = 0;
+            while drained < REFUSED_DRAIN {
+                match stream.try_read(&mut sink) {
+                    Ok(n) if n > 0 => drained += n,
+                    _ => break,
+                }
+            }
             return;
         }
     }
@@ -453,12 +467,19 @@ async fn control_connection(
             .to_string()
             .into_bytes();
         }
-        if stream
-            .write_all(&frame::encode(kind::CONTROL_REPLY, &bytes))
-            .await
-            .is_err()
-        {
-            return;
+        // A client that stops reading its replies is closed like an idle one: the write
+        // would otherwise wait forever, holding the fd and a place under the cap.
+        let out = frame::encode(kind::CONTROL_REPLY, &bytes);
+        match tokio::time::timeout(idle, stream.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                warn!(
+                    "control client read no reply for {} ms; closing",
+                    idle.as_millis()
+                );
+                return;
+            }
         }
     }
 }

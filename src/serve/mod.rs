@@ -61,6 +61,10 @@ pub struct ServeArgs {
 pub fn run_cli(args: ServeArgs) -> Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     let t0 = std::time::Instant::now();
+    // Before anything uses rayon: seeks and stage windows read shard indexes there.
+    if let Err(e) = crate::corpus::guard::guard_rayon_pool() {
+        warn!("cannot guard rayon's threads ({e}); a shard truncated while a seek reads it will stop the daemon");
+    }
     let mut l = load(&args.config, false)?;
     let from_flag = args.socket.is_some();
     if let Some(s) = args.socket {

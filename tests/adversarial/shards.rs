@@ -136,10 +136,24 @@ fn a_truncated_shard_fails_only_the_rings_that_read_it() {
 }
 
 /// The same for a truncated `.idx`, which the planner reads too (under the hub lock, and
-/// while seeking for a new client): those reads are guarded like the copy.
+/// while seeking for a new client): those reads are guarded like the copy. So are those
+/// of a live change, which restores every ring's planner (a review found they were not):
+/// live changes after the truncation are applied or refused, and the daemon and the
+/// other job go on.
 #[test]
 fn a_truncated_index_fails_only_the_rings_that_read_it() {
-    truncate_under_a_live_daemon("idx");
+    let (mut d, mut y) = truncate_under_a_live_daemon("idx");
+    for w in [0.5, 2.0] {
+        let weights = std::collections::BTreeMap::from([("code".to_string(), w)]);
+        let r = d.req(millrace::control::set_weights_request(
+            &weights,
+            None,
+            millrace::control::Late::Next,
+        ));
+        assert!(r["ok"] == true || r["code"] == "busy", "{r}");
+    }
+    stream(&mut y, 50, 1, "y (code) after the live changes");
+    assert!(d.serve.alive(), "{}", d.serve.log_text());
 }
 
 /// Starts job x on web and job y on code, truncates every web file ending in `ext` to 0

@@ -33,10 +33,12 @@ impl Hub {
         cancel: &AtomicBool,
     ) -> Result<Admission, Refusal> {
         // Seeking or restoring a planner reads shard indexes: guarded like the copy.
+        // Seeks replay domains on rayon's threads: their faults count too.
         let guard = crate::corpus::guard::enter();
         let _ = crate::corpus::guard::take_fault();
+        let mark = crate::corpus::guard::zeroed_pages();
         let r = self.admit_unguarded(hello, pid, cancel);
-        let fault = crate::corpus::guard::take_fault();
+        let fault = crate::corpus::guard::fault_since(mark);
         drop(guard);
         match fault {
             None => r,
@@ -91,6 +93,18 @@ impl Hub {
             ),
             None => None,
         };
+        // An adopted journal takes the room a live change's would, its stages' carry
+        // records included (`Plan::resume` counts only its encoding).
+        if let Some(r) = resumed.as_ref().filter(|r| r.adopted) {
+            let journal = r.plan.journal();
+            if self.journal_room(journal, r.plan.domain_names().len()) > self.journal_cap {
+                let e = crate::plan::CursorError::JournalTooLarge {
+                    changes: journal.len(),
+                    cap: self.journal_cap,
+                };
+                return Err(refuse_cursor(e.to_string()));
+            }
+        }
         // A blob's step has the bound a HELLO's start_step has: the ring's and the
         // daemon's step arithmetic (slots past it, the first changeable step) stays far
         // from u64::MAX, and one client cannot push every job's live changes past it.

@@ -8,10 +8,10 @@ use std::time::Instant;
 use tracing::info;
 
 use super::jobplan::JOB_LAG;
-use super::{Hub, RingEntry, State, CARRY_BYTES};
+use super::{Hub, RingEntry, State};
 use crate::config::plan::{SchedulePoint, MAX_STEP};
 use crate::plan::journal;
-use crate::plan::{cursor, Change, CursorError, Plan, Planner};
+use crate::plan::{Change, CursorError, Plan, Planner};
 use crate::wire::protocol::Code;
 
 /// What a live mixture change proposes.
@@ -132,6 +132,9 @@ pub(super) enum InstallError {
         step: u64,
         source: CursorError,
     },
+    /// Restoring the planners read a shard that shrank under the daemon (now poisoned).
+    #[error("{0}")]
+    Fault(String),
 }
 
 impl InstallError {
@@ -168,6 +171,11 @@ impl Hub {
     /// nothing: a cursor that cannot be restored leaves every ring as it was. Runs under
     /// the lock, so no step is published meanwhile.
     pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), InstallError> {
+        // Restoring reads the shards' indexes: guarded, so a shard truncated under the
+        // daemon fails this install instead of killing the process, and nothing restored
+        // from the zeros it reads is put in force.
+        let _guard = crate::corpus::guard::enter();
+        let mark = crate::corpus::guard::zeroed_pages();
         if plan.stages() != st.plan.stages() {
             // A journal stage change: every live ring must serve it as it is.
             Self::check_stages(st, &plan)?;
@@ -209,6 +217,11 @@ impl Hub {
                 rings.push((r, own));
             }
             fresh.push((name.clone(), job_planner, rings));
+        }
+        if let Some(addr) = crate::corpus::guard::fault_since(mark) {
+            return Err(InstallError::Fault(
+                self.poison_at(addr, "while restoring planners under a new plan"),
+            ));
         }
         for (name, job_planner, rings) in fresh {
             let Some(job) = st.jobs.get_mut(&name) else {
@@ -280,7 +293,13 @@ impl Hub {
     /// in force. Counted per source either way.
     pub fn change(&self, req: &ChangeRequest) -> Result<Applied, ChangeError> {
         let mut st = self.lock();
-        let r = self.change_locked(&mut st, req, Instant::now());
+        // A new plan packs stage windows and restores planners from the shards' indexes:
+        // guarded like planning (see `install`).
+        let guard = crate::corpus::guard::enter();
+        let _ = crate::corpus::guard::take_fault();
+        let mark = crate::corpus::guard::zeroed_pages();
+        let r = self.change_locked(&mut st, req, Instant::now(), mark);
+        drop(guard);
         match &r {
             Ok(_) => *st.reloads.entry(req.source).or_default() += 1,
             Err(_) => *st.failed_reloads.entry(req.source).or_default() += 1,
@@ -297,11 +316,13 @@ impl Hub {
 
     /// The change under the hub's lock, taken at `locked`: no worker claims or
     /// publishes meanwhile, so its time is every ring's stall (logged when it applies).
+    /// `mark` is [`crate::corpus::guard::zeroed_pages`] when it began.
     fn change_locked(
         &self,
         st: &mut State,
         req: &ChangeRequest,
         locked: Instant,
+        mark: usize,
     ) -> Result<Applied, ChangeError> {
         if st.draining || st.stopping {
             // Nothing published after now could carry it: it would be lost on restart.
@@ -316,7 +337,11 @@ impl Hub {
         let fc_p = plan.plan_step_of(fc);
         let (requested, d) = match &req.proposal {
             Proposal::Weights(_) | Proposal::Stage { .. } => {
-                let t = req.at_step.unwrap_or(fc);
+                // No step given: the first that can still change, past a bursty cycle
+                // begun before `fc` (as `status` reports it), not `fc` itself.
+                let t = req
+                    .at_step
+                    .unwrap_or_else(|| plan.trainer_step_of(plan.first_safe_change(fc_p)));
                 // A change far past anything published is a typo or an attack (one at
                 // 2^64-1 was accepted before), and would sit in every blob meanwhile.
                 let horizon = fc.saturating_add(MAX_STEP);
@@ -391,11 +416,7 @@ impl Hub {
         let dropped = journal::append(&mut journal, change);
         let kept = journal.len() - 1;
         let domains = plan.domain_names().len();
-        // A stage added live is a switch the config did not count: its carry records
-        // (one per domain) take room in every blob too, from the journal's share.
-        let live_stages = journal.iter().filter(|c| c.stage.is_some()).count();
-        let carry = live_stages * domains * CARRY_BYTES;
-        if cursor::journal_bytes(&journal, domains) + carry > self.journal_cap {
+        if self.journal_room(&journal, domains) > self.journal_cap {
             return Err(ChangeError::invalid(format!(
                 "the journal of live changes would outgrow the cursor blob ({} changes); \
                  restart with a larger [serve] live_changes (now {}), or with the mixture \
@@ -408,6 +429,15 @@ impl Hub {
             plan.with_history(journal, plan.superseded().saturating_add(dropped))
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
         );
+        // Stage windows are packed on rayon's threads: their faults count too.
+        if let Some(addr) = crate::corpus::guard::fault_since(mark) {
+            let why = self.poison_at(addr, "while building the plan of a live change");
+            return Err(ChangeError {
+                code: Code::Busy,
+                message: format!("{why}; nothing changed"),
+                first_changeable: None,
+            });
+        }
         self.install(st, next.clone()).map_err(|e| ChangeError {
             code: e.code(),
             message: match e.code() {

@@ -366,6 +366,16 @@ const JOURNAL_BYTES: usize = 16384;
 /// Stages added live (`ctl set-stage`) the journal has room for at any domain count.
 const LIVE_STAGES: usize = 4;
 
+impl Hub {
+    /// The bytes of the cursor field that `journal` takes in every blob of a plan of
+    /// `domains` domains: its encoding, and for each stage added live a carry record per
+    /// domain (a switch the config did not count). At most `journal_cap`.
+    fn journal_room(&self, journal: &[crate::plan::Change], domains: usize) -> usize {
+        let live_stages = journal.iter().filter(|c| c.stage.is_some()).count();
+        cursor::journal_bytes(journal, domains) + live_stages * domains * CARRY_BYTES
+    }
+}
+
 /// The journal's share of the cursor field: room for `live_changes` one-point changes
 /// and [`LIVE_STAGES`] stages' carry records, at any number of domains (with a fixed
 /// 16 KiB, 400 domains had room for 5 `set-weights` and no stage).
