@@ -35,6 +35,7 @@ pub enum SlotArrays<'a> {
         /// `[rows, 2]`: row `r`'s last `cu_seqlens` entry (its end) and its longest
         /// piece, so micro-batch bounds need no pass over the starts (None from a daemon
         /// that predates it). Rows `a..b` span entries `bounds[a-1][0] ..= bounds[b-1][0]`.
+        /// Checked when read: entries rise to `cu_len - 1`, pieces are `1..=seq_len`.
         row_bounds: Option<&'a [i32]>,
     },
 }

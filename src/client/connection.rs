@@ -111,6 +111,36 @@ fn copy_span(l: &Layout) -> (usize, usize) {
     (lo, hi)
 }
 
+/// A compact slot's `row_bounds` (docs/PROTOCOL.md section 4), checked as the spec asks
+/// of a client that reads them: each row's end entry rises, the last is `cu_len - 1`,
+/// and each longest piece is in `1..=seq_len`. So a caller may slice `cu_seqlens` with
+/// them and never go out of range.
+pub(super) fn checked_bounds(
+    b: &[i32],
+    cu_len: usize,
+    seq_len: usize,
+    step: u64,
+) -> Result<&[i32], ClientError> {
+    let mut end = 0i64;
+    for (r, pair) in b.chunks_exact(2).enumerate() {
+        let (e, m) = (i64::from(pair[0]), i64::from(pair[1]));
+        if e <= end || e >= cu_len as i64 || m < 1 || m > seq_len as i64 {
+            return Err(ClientError::Ring(format!(
+                "step {step}: row_bounds of row {r} ({e}, {m}) do not fit cu_len {cu_len} \
+                 and seq_len {seq_len}"
+            )));
+        }
+        end = e;
+    }
+    if end != cu_len as i64 - 1 {
+        return Err(ClientError::Ring(format!(
+            "step {step}: row_bounds end at entry {end}, not at cu_len - 1 = {}",
+            cu_len - 1
+        )));
+    }
+    Ok(b)
+}
+
 /// The connection of one trainer rank: socket, eventfd and the mapped ring.
 pub struct Client {
     path: PathBuf,
@@ -553,7 +583,10 @@ impl Client {
                     rows: tokens_of(rows)?,
                     doc_starts: at(doc_starts),
                     row_real_tokens: i32s(row_real_tokens)?,
-                    row_bounds: row_bounds.as_ref().map(i32s).transpose()?,
+                    row_bounds: match row_bounds.as_ref().map(i32s).transpose()? {
+                        Some(b) => Some(checked_bounds(b, cu_len, l.seq_len, step)?),
+                        None => None,
+                    },
                 },
             },
             domain: i32s(&l.domain)?,

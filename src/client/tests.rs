@@ -423,3 +423,28 @@ fn compact_rows_derive_the_expanded_arrays() {
     );
     assert_eq!(e.cu_seqlens, [0, 3, 4, 8, 12, 16]);
 }
+
+/// A compact slot's `row_bounds` are checked when read (PROTOCOL.md section 4): entries
+/// that rise to `cu_len - 1` with pieces of `1..=seq_len` pass; any other is an error
+/// naming the row, never a slice a caller could take out of range.
+#[test]
+fn row_bounds_are_checked_against_cu_len_and_seq_len() {
+    use super::connection::checked_bounds;
+    // Two rows of 8: pieces 3+5 | 8, so cu_seqlens = [0, 3, 8, 16] (cu_len 4).
+    let good = [2, 5, 3, 8];
+    assert_eq!(checked_bounds(&good, 4, 8, 7).unwrap(), &good);
+    for bad in [
+        [2, 5, 4, 8],  // past cu_len - 1
+        [2, 5, 2, 8],  // does not rise
+        [2, 0, 3, 8],  // an empty piece
+        [2, 9, 3, 8],  // longer than a row
+        [1, 5, 2, 8],  // ends before cu_len - 1
+        [-1, 5, 3, 8], // negative
+    ] {
+        let e = checked_bounds(&bad, 4, 8, 7).unwrap_err().to_string();
+        assert!(
+            e.contains("step 7") && e.contains("row_bounds"),
+            "{bad:?}: {e}"
+        );
+    }
+}

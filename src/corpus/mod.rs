@@ -237,6 +237,21 @@ impl Shard {
         None
     }
 
+    /// Whether the shard lost pages of its mappings: a file behind it is now shorter than
+    /// when it was mapped (same inode), or the SIGBUS guard zeroed one of its pages.
+    /// Those pages read as zeros, so anything planned over its index can be wrong.
+    pub fn lost_pages(&self) -> bool {
+        let shrank = self.stamps.iter().any(|(path, was)| {
+            FileStamp::of(path)
+                .is_ok_and(|now| (now.dev, now.ino) == (was.dev, was.ino) && now.size < was.size)
+        });
+        shrank
+            || self
+                .mappings()
+                .into_iter()
+                .any(|m| guard::zeroed_in(m).is_some())
+    }
+
     /// Which reader backs the shard.
     pub fn format(&self) -> Format {
         match self.body {
