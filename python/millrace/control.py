@@ -303,8 +303,15 @@ def forward_change(control: Control, change: dict | None, src: int = 0, group=No
     daemon would pick its own step. ``ValueError`` (on every rank, before anything is
     sent) says so.
 
-    ``forward`` says whether this rank talks to its daemon (default: ``LOCAL_RANK == 0``).
-    Needs torch.distributed, initialised; imported only when called.
+    Applied at one step is not enough: ``set_weights`` keeps the weights each node has
+    in force for the domains it does not name, so nodes whose journals already differed
+    would apply different mixtures. The replies' journals (each change's step, points
+    and stage; not its source) are compared too, and ``RuntimeError`` names the nodes
+    that differ.
+
+    ``forward`` says whether this rank talks to its daemon (default: ``LOCAL_RANK == 0``;
+    without ``LOCAL_RANK``, the lowest rank of each host). Needs torch.distributed,
+    initialised; imported only when called.
     """
     import torch.distributed as dist
 
@@ -317,7 +324,7 @@ def forward_change(control: Control, change: dict | None, src: int = 0, group=No
         raise ValueError('forward_change takes late="refuse" only: with "next" each node '
                          "could move the change to a different step")
     if forward is None:
-        forward = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        forward = _first_on_host(dist, group)
     mine = None
     if forward:
         try:
@@ -330,10 +337,11 @@ def forward_change(control: Control, change: dict | None, src: int = 0, group=No
     everyone = [None] * world
     dist.all_gather_object(everyone, mine, group=group)
     sent = [m for m in everyone if m is not None]
+    applied = sum(1 for m in sent if "reply" in m)
     for m in sent:
         if "error" in m:
-            raise RuntimeError(f"a node could not forward the change: {m['error']}")
-    applied = sum(1 for m in sent if "reply" in m)
+            raise RuntimeError(f"a node could not forward the change: {m['error']} "
+                               f"({applied} of {len(sent)} nodes applied it)")
     for m in sent:
         if "refused" in m:
             code, message, first, op, reply = m["refused"]
@@ -345,4 +353,32 @@ def forward_change(control: Control, change: dict | None, src: int = 0, group=No
     steps = {m["reply"].get("applied_step") for m in sent}
     if len(steps) != 1:
         raise RuntimeError(f"nodes applied the change at different steps: {sorted(steps)}")
+    journals = [_journal_key(m["reply"].get("journal")) for m in sent]
+    differ = [i for i, j in enumerate(journals) if j != journals[0]]
+    if differ:
+        raise RuntimeError(
+            f"the nodes' journals of live changes differ after the change (forwarding "
+            f"nodes {differ} of {len(sent)} disagree with the first): they now mix "
+            "differently; restore every rank from one checkpoint or send the full weights "
+            "of every domain to every node")
     return sent[0]["reply"]
+
+
+def _journal_key(journal) -> str:
+    """A journal as nodes must agree on it: each change's steps, points and stage, not
+    where it came from (a node that learned a change from a cursor blob says `cursor`)."""
+    entries = [{k: v for k, v in e.items() if k != "source"} for e in (journal or [])
+               if isinstance(e, dict)]
+    return json.dumps(entries, sort_keys=True)
+
+
+def _first_on_host(dist, group) -> bool:
+    """Whether this rank forwards for its node: ``LOCAL_RANK == 0`` when the launcher
+    sets it, else the lowest rank on this host (gathered, so every rank must call it)."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None:
+        return int(local) == 0
+    host = _socket.gethostname()
+    hosts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, host, group=group)
+    return hosts.index(host) == dist.get_rank(group)

@@ -241,6 +241,41 @@ def test_forward_change_agrees_across_nodes(fake, monkeypatch):
     assert len(f.seen) == n
 
 
+def test_forward_change_needs_agreeing_journals_and_one_forwarder_per_host(fake, monkeypatch):
+    """Nodes that applied a change at one step but hold different journals (their
+    weights for the domains it does not name differed) are an error on every rank; a
+    journal that differs only in where a change came from is not. Without LOCAL_RANK the
+    lowest rank of each host forwards."""
+    from millrace.control import _first_on_host
+
+    entry = {"at_step": 500, "plan_step": 500, "points": [{"step": 500, "weights": {"web": 0.7}}],
+             "source": "ctl"}
+    f = fake(lambda req: reply({"ok": True, "op": "set_weights", "applied_step": 500,
+                                "requested_step": 500, "moved": False, "journal": [entry],
+                                "message": ""}))
+    ctl = Control(f.path, timeout=5)
+    change = {"weights": {"web": 0.7}, "at_step": 500}
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    same = {"reply": {"applied_step": 500, "journal": [dict(entry, source="cursor")]}}
+    fake_torch(monkeypatch, 0, change, [None, same])
+    assert forward_change(ctl, None)["applied_step"] == 500
+    other = dict(entry, points=[{"step": 500, "weights": {"web": 0.7, "code": 0.1}}])
+    fake_torch(monkeypatch, 0, change, [None, {"reply": {"applied_step": 500,
+                                                          "journal": [other]}}])
+    with pytest.raises(RuntimeError, match="journals of live changes differ"):
+        forward_change(ctl, None)
+    monkeypatch.delenv("LOCAL_RANK")
+    here = socket.gethostname()
+    hosts = ["elsewhere-" + here, here, here]
+    dist = types.SimpleNamespace(
+        get_world_size=lambda group=None: 3,
+        all_gather_object=lambda out, obj, group=None: out.__setitem__(slice(None), hosts))
+    dist.get_rank = lambda group=None: 1
+    assert _first_on_host(dist, None)
+    dist.get_rank = lambda group=None: 2
+    assert not _first_on_host(dist, None)
+
+
 def test_imports_without_torch():
     """numpy-only environments: millrace and millrace.control import with torch absent."""
     code = ("import sys; sys.modules['torch'] = None; import millrace, millrace.control; "
