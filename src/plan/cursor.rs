@@ -243,6 +243,17 @@ pub enum CursorError {
         /// The plan step this plan maps the blob's step to.
         expected: u64,
     },
+    /// A step beyond any a run reaches ([`crate::config::plan::MAX_STEP`]): only a forged
+    /// blob has one, and step arithmetic near `u64::MAX` would overflow.
+    #[error("cursor is malformed: step {step} (plan step {plan_step}) is beyond {max}")]
+    Step {
+        /// The blob's trainer step.
+        step: u64,
+        /// The blob's plan step.
+        plan_step: u64,
+        /// The most a run may reach.
+        max: u64,
+    },
     /// A mixer's carried error larger than any real run makes (it would make the mixer
     /// spin).
     #[error("cursor is malformed: mixer carried error out of range")]

@@ -130,6 +130,16 @@ impl Plan {
                 ours: super::PLAN_VERSION,
             });
         }
+        // Plan steps run ahead of trainer steps by the skipped ranges, which are bounded
+        // like steps: twice the bound leaves room for both.
+        let max = crate::config::plan::MAX_STEP;
+        if c.step > max || c.plan_step > 2 * max {
+            return Err(CursorError::Step {
+                step: c.step,
+                plan_step: c.plan_step,
+                max,
+            });
+        }
         let (blob, ours) = match c.fingerprint {
             Fingerprint::Settings(blob) => (blob, self.settings_fingerprint),
             Fingerprint::Binary(blob) => (blob, self.fingerprint),
@@ -361,6 +371,13 @@ mod tests {
                 && text.contains(&format!("is version {PLAN_VERSION}")),
             "{text}"
         );
+        // A step beyond any run's (only a forged blob has one) is refused before the rest.
+        let mut far = cursor::decode(&blob).unwrap();
+        far.step = crate::config::plan::MAX_STEP + 1;
+        assert!(matches!(
+            err(plan.resume(&cursor::encode(&far), usize::MAX)),
+            CursorError::Step { .. }
+        ));
         // Back at this version, the same data resumes as the original blob does.
         c.plan_version = PLAN_VERSION;
         let same = cursor::encode(&c);

@@ -204,6 +204,20 @@ impl Plan {
         &self.shapes
     }
 
+    /// The stages this plan would have under `journal` (its stage changes layered over
+    /// the config's), without packing a window: what a caller checks against its rings
+    /// before [`Plan::with_history`] packs one per domain for each new shape.
+    pub fn stages_with(&self, journal: &[super::Change]) -> Vec<Shape> {
+        let mut shapes = shapes(&self.cfg);
+        let mut upsampling = vec![Vec::new(); shapes.len()];
+        for change in journal {
+            if let Some(st) = change.stage {
+                layer(&mut shapes, &mut upsampling, change.at, st);
+            }
+        }
+        shapes
+    }
+
     /// The stage plan step `plan_step` is in.
     pub fn stage_at(&self, plan_step: u64) -> u32 {
         (self.shapes.partition_point(|s| s.step <= plan_step) as u32).saturating_sub(1)

@@ -178,7 +178,7 @@ impl Hub {
         let mark = crate::corpus::guard::zeroed_pages();
         if plan.stages() != st.plan.stages() {
             // A journal stage change: every live ring must serve it as it is.
-            Self::check_stages(st, &plan)?;
+            Self::check_stages(st, plan.stages())?;
         }
         let mut fresh = Vec::new();
         for (name, job) in &st.jobs {
@@ -242,9 +242,9 @@ impl Hub {
     /// rows split over the job's dp ranks and each ring's micro-batches, and a slot of
     /// each fits the ring's (sized at its creation for the stages then and `[serve]
     /// stage_reserve_tokens`).
-    fn check_stages(st: &State, plan: &Plan) -> Result<(), InstallError> {
+    fn check_stages(st: &State, stages: &[crate::plan::Shape]) -> Result<(), InstallError> {
         for (name, job) in &st.jobs {
-            for s in plan.stages() {
+            for s in stages {
                 let split = |why: String| InstallError::Split {
                     job: name.clone(),
                     step: s.step,
@@ -424,6 +424,15 @@ impl Hub {
                 journal.len(),
                 self.settings.live_changes
             )));
+        }
+        // A stage the rings cannot serve is refused before `with_history` packs a window
+        // per domain at its shape, which is per-document work under the lock.
+        if journal.iter().any(|c| c.stage.is_some()) {
+            Self::check_stages(st, &plan.stages_with(&journal)).map_err(|e| ChangeError {
+                code: e.code(),
+                message: e.to_string(),
+                first_changeable: None,
+            })?;
         }
         let next = Arc::new(
             plan.with_history(journal, plan.superseded().saturating_add(dropped))
