@@ -14,7 +14,11 @@
   DMA from pinned memory. (The mapping is ``PROT_READ``: the default flag 0 fails on it and
   leaves an error behind that a later kernel launch would report, so the read-only flag is
   used and any error is cleared.) Any failure logs a warning and copies fall back to
-  pageable memory; it never raises. Unregistered on reconnect and close.
+  pageable memory; it never raises. Unregistered on reconnect and close. Registered at
+  the first CUDA copy (``register_cuda="auto"``): a CPU-only consumer's ring stays
+  pageable, and while it is registered CPU tensors are copies, not views, since the
+  trainer's own ``non_blocking`` copy from a view of pinned memory could read the slot
+  after the client released it.
 - :class:`TorchClient`: iterates :class:`TorchBatch` objects on a device, prefetching the
   copy of the next batch(es) while the trainer computes.
 - :class:`MillraceIterableDataset`: for ``DataLoader(ds, batch_size=None, num_workers=0)``
