@@ -525,17 +525,7 @@ pub(super) mod tests {
     #[test]
     fn a_peer_ahead_does_not_let_the_ring_fill_past_its_slots() {
         let mut e = entry(2, true);
-        let mut p = peer("tp0");
-        p.released = 7;
-        p.blob = Some(b"tp0 blob".to_vec());
-        e.join(1, p);
-        let planner = plan().seek(2);
-        let cursor = Cursor {
-            step: 2,
-            blob: planner.cursor(),
-            mark: Mark::of(&planner),
-        };
-        e.move_back(planner, cursor);
+        join_at_7_and_move_back_to_2(&mut e);
         let mut reader = peer("tp1");
         reader.released = 2;
         e.join(2, reader);
@@ -587,14 +577,13 @@ pub(super) mod tests {
         assert_eq!((e.published, e.ahead_step()), (0, 5));
     }
 
-    #[test]
-    fn moving_a_joining_ring_back_puts_its_resumed_peers_ahead() {
-        let mut e = entry(3, true);
+    /// Peer 1 ("tp0") joins `e` resumed at step 7 with a blob, then the ring moves back
+    /// to step 2 (a peer that resumes earlier): peer 1 waits ahead.
+    fn join_at_7_and_move_back_to_2(e: &mut RingEntry) {
         let mut p = peer("tp0");
         p.released = 7;
         p.blob = Some(b"tp0 blob".to_vec());
         e.join(1, p);
-        e.join(2, peer("tp1")); // no blob: nothing to check it against
         let planner = plan().seek(2);
         let cursor = Cursor {
             step: 2,
@@ -602,6 +591,13 @@ pub(super) mod tests {
             mark: Mark::of(&planner),
         };
         e.move_back(planner, cursor);
+    }
+
+    #[test]
+    fn moving_a_joining_ring_back_puts_its_resumed_peers_ahead() {
+        let mut e = entry(3, true);
+        e.join(2, peer("tp1")); // no blob: nothing to check it against
+        join_at_7_and_move_back_to_2(&mut e);
         assert_eq!((e.start, e.published, e.next_fill), (2, 2, 2));
         assert!(
             matches!(&e.peers[&1].standing, Standing::Ahead { step: 7, blob } if blob == b"tp0 blob")
