@@ -79,7 +79,8 @@ _U64 = struct.Struct("<Q")
 # cursor_len, (4 bytes), publish_ns
 _SLOT_HEAD = struct.Struct("<QQIIIIQQI4xQ")
 # The slot header's field-offset table: each array's offset from the slot's start, in
-# SLOT_FIELDS order then the cursor (docs/PROTOCOL.md section 4), unused entries 0.
+# SLOT_FIELDS order, then the cursor, then TRAILER_FIELDS (docs/PROTOCOL.md section 4),
+# unused entries 0.
 _FIELD_OFFSETS = struct.Struct("<8Q")
 _FIELD_OFFSETS_AT = 64
 _SLOT_HEADER_BYTES = 256

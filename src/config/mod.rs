@@ -25,12 +25,13 @@ use std::sync::Arc;
 
 /// Most domains a config may name: every cursor blob lists every domain, and a blob's
 /// lists hold at most 4096 entries (`plan/cursor.rs`), so a run of more could not
-/// Longest domain name: every cursor blob carries each name, and its lists hold at most
-/// 4096 entries (bytes, for a name).
-pub const MAX_NAME: usize = 256;
-
 /// resume from its own blobs.
 pub const MAX_DOMAINS: usize = 4096;
+
+/// Longest domain name, in bytes: every cursor blob carries each name, and a blob's
+/// lists (a name's bytes among them) hold at most 4096 entries, so a longer name made
+/// blobs its own daemon could not read back.
+pub const MAX_NAME: usize = 4096;
 
 /// Why a config could not be used; always names the file and the field.
 #[derive(Debug, thiserror::Error)]

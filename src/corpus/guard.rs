@@ -43,8 +43,8 @@ static REGISTER: Mutex<()> = Mutex::new(());
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 /// The disposition SIGBUS had before ours, restored for faults that are not ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
-/// Pages the handler zeroed that [`ZEROED`] can list; past this many every read counts
-/// as touching one (a daemon whose shards lost that many pages serves nothing right).
+/// Pages the handler zeroed that [`ZEROED`] can list; past this many a copy relies on its
+/// shard's poison flag instead ([`zeroed_overflowed`]).
 const ZEROED_CAP: usize = 1024;
 /// The pages the handler zeroed (page addresses; 0: an entry not yet written), in the
 /// order of [`ZEROED_N`].
@@ -124,6 +124,12 @@ pub fn take_fault() -> Option<usize> {
     (a != 0).then_some(a)
 }
 
+/// Whether the handler zeroed more pages than [`zeroed_in`] can list: a copy that finds
+/// none of its pages listed must then also check that its shard was not poisoned.
+pub fn zeroed_overflowed() -> bool {
+    ZEROED_N.load(Ordering::Acquire) > ZEROED_CAP
+}
+
 /// How many pages the handler has zeroed so far: a mark for [`fault_since`].
 pub fn zeroed_pages() -> usize {
     ZEROED_N.load(Ordering::Acquire)
@@ -169,11 +175,11 @@ pub fn zeroed_in(bytes: &[u8]) -> Option<usize> {
         bytes.as_ptr() as usize,
         bytes.as_ptr() as usize + bytes.len(),
     );
-    if n > ZEROED_CAP {
-        return Some(lo);
-    }
+    // Past the table's room the pages listed are some of those zeroed, not all: a copy
+    // then also asks whether its shard was poisoned ([`zeroed_overflowed`]), since
+    // failing every copy would stop every ring of the daemon over one truncated shard.
     let page = PAGE.load(Ordering::Relaxed);
-    ZEROED[..n]
+    ZEROED[..n.min(ZEROED_CAP)]
         .iter()
         .map(|z| z.load(Ordering::Acquire))
         .filter(|&p| p != 0 && p < hi && lo < p + page)

@@ -208,8 +208,8 @@ pub struct Layout {
     pub ring_bytes: u64,
     /// Expanded: tokens, labels, loss_mask, position_ids, cu_seqlens, domain,
     /// row_loss_tokens, cursor. Compact: rows, doc_starts, row_real_tokens, domain,
-    /// row_loss_tokens, cursor. In this (increasing offset) order, the cursor last:
-    /// the order of the slot header's offset table ([`crate::wire::ring::FIELD_SLOTS`]).
+    /// row_loss_tokens, cursor, row_bounds. In this (increasing offset) order, the
+    /// order of the slot header's offset table ([`crate::wire::ring::FIELD_SLOTS`]).
     pub fields: Vec<(&'static str, Field)>,
 }
 

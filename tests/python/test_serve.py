@@ -486,8 +486,14 @@ def test_peers_share_a_ring_and_a_slow_rank_stalls_only_itself(corpus, expected,
     e = _refused(client(d, 0, 4, job="p", replica="tp2", replicas=2))
     assert e.code == "peer_position", e
     # So is one asking for a step ahead of the ring without the blob of that step.
-    e = _refused(client(d, 0, 4, job="p", replica="tp2", replicas=2, start_step=10_000))
+    e = _refused(client(d, 0, 4, job="p", replica="tp2", replicas=2, start_step=100))
     assert e.code == "peer_position" and "without a cursor blob" in e.message, e
+    # And one resuming with a blob much further on than peers of one rank ever are (it is
+    # from another checkpoint): waiting for it would hold every job's live changes there.
+    with client(d, 0, 4, job="probe", start_step=1500) as probe:
+        far = probe.next_batch(timeout=60).cursor
+    e = _refused(client(d, 0, 4, job="p", replica="tp2", replicas=2, cursor=far))
+    assert e.code == "peer_position" and "further ahead" in e.message, e
     tp0.close()
     tp1.close()
 

@@ -4,13 +4,14 @@
 //! row's bounds in `cu_seqlens`. The shared checks (guards, bounds, vocabulary) and the
 //! header are the parent's.
 
-use crate::corpus::{guard, Shard, Tokens};
+use crate::corpus::{Shard, Tokens};
 use crate::plan::Segment;
 use crate::serve::uring::{segment_span, ReadError, Span};
 
 use super::{
     bad_token, carve, check_job, convert, fail_at, faulted, needs_check, out_of_range,
-    prefetch_index, read_piece, typed, write_header, Layout, Out, RingError, SlotJob, Source, Sums,
+    prefetch_index, read_piece, typed, write_header, zeroed_or_faulted, Layout, Out, RingError,
+    SlotJob, Source, Sums,
 };
 
 /// A span handed to io_uring: its row, segment, shard and mapped tokens, to word an
@@ -173,7 +174,7 @@ pub(super) fn fill_compact<T: Out>(
             convert::<T, true>(pc.piece, dst, limit)
         };
         // A fault of this thread's read, or a page another thread's fault zeroed.
-        if let Some(addr) = guard::take_fault().or_else(|| guard::zeroed_in(pc.piece.as_bytes())) {
+        if let Some(addr) = zeroed_or_faulted(pc.piece.as_bytes(), pc.shard) {
             return Err(faulted(pc.shard, pc.row, pc.seg.doc, addr, &fail));
         }
         if bad {

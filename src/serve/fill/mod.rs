@@ -199,7 +199,7 @@ fn fill_typed<T: Out>(
                 );
             }
             // A fault of this thread's read, or a page another thread's fault zeroed.
-            if let Some(addr) = guard::take_fault().or_else(|| guard::zeroed_in(piece.as_bytes())) {
+            if let Some(addr) = zeroed_or_faulted(piece.as_bytes(), shard) {
                 return Err(faulted(shard, r, s.doc, addr, &fail));
             }
             if bad {
@@ -387,6 +387,18 @@ fn bad_token(src: &Source, shard: &Shard, r: usize, s: &Segment, piece: Tokens<'
         s.doc,
         s.start as usize + i
     )
+}
+
+/// The address to blame when a copy of `bytes` from `shard` must be thrown away: this
+/// thread's read faulted, or a page of them was zeroed for another thread's fault, or
+/// (past what the guard's table lists) the shard was poisoned meanwhile.
+fn zeroed_or_faulted(bytes: &[u8], shard: &Shard) -> Option<usize> {
+    guard::take_fault()
+        .or_else(|| guard::zeroed_in(bytes))
+        .or_else(|| {
+            (guard::zeroed_overflowed() && shard.poisoned().is_some())
+                .then_some(bytes.as_ptr() as usize)
+        })
 }
 
 /// Words a guarded read's fault at `addr`: which file of `shard`, at which byte.

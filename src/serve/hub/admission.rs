@@ -546,6 +546,11 @@ impl Shape {
 }
 
 /// A `cursor` refusal.
+/// How far past its ring a peer may resume (or a ring's slots, if more): a trainer's TP
+/// peers run within a ring of each other, so a larger gap is a peer resumed from another
+/// checkpoint, refused before it holds the first changeable step of every job.
+const PEER_AHEAD: u64 = 1024;
+
 fn refuse_cursor(e: String) -> Refusal {
     Refusal::new(Code::Cursor, format!("cursor blob refused: {e}"))
 }
@@ -675,6 +680,23 @@ impl Joiner<'_> {
             // waits for the ring to get there, and its blob must match then. Without a
             // blob nothing says its peers' stream reaches its step: refused, as a step
             // the ring does not hold is below.
+            // Peers of one rank consume within a ring's slots of each other: a blob much
+            // further on is from another checkpoint, and waiting for it would hold every
+            // job's first changeable step there (live changes count a waiting peer).
+            let most = hi.saturating_add(u64::from(entry.ring.layout().slots).max(PEER_AHEAD));
+            if step > most {
+                return Err(Refusal::new(
+                    Code::PeerPosition,
+                    format!(
+                        "the ring of job {:?} dp_rank {} is at step {hi}; this client resumes \
+                         at step {step}, further ahead than peers of one rank ever are (at most \
+                         {}); peers of one dp rank must resume from the same checkpoint",
+                        hello.job,
+                        hello.dp_rank,
+                        most - hi
+                    ),
+                ));
+            }
             let Some(blob) = &self.blob else {
                 return Err(Refusal::new(
                     Code::PeerPosition,

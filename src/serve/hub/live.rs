@@ -428,6 +428,12 @@ impl Hub {
         // A stage the rings cannot serve is refused before `with_history` packs a window
         // per domain at its shape, which is per-document work under the lock.
         if journal.iter().any(|c| c.stage.is_some()) {
+            // Its own bounds first (seq_len, rows, window), as `with_history` words them.
+            for c in &journal {
+                c.check(domains).map_err(|e| {
+                    ChangeError::invalid(crate::plan::PlanError::from(e).to_string())
+                })?;
+            }
             Self::check_stages(st, &plan.stages_with(&journal)).map_err(|e| ChangeError {
                 code: e.code(),
                 message: e.to_string(),
