@@ -545,12 +545,12 @@ impl Shape {
     }
 }
 
-/// A `cursor` refusal.
 /// How far past its ring a peer may resume (or a ring's slots, if more): a trainer's TP
 /// peers run within a ring of each other, so a larger gap is a peer resumed from another
 /// checkpoint, refused before it holds the first changeable step of every job.
 const PEER_AHEAD: u64 = 1024;
 
+/// A `cursor` refusal.
 fn refuse_cursor(e: String) -> Refusal {
     Refusal::new(Code::Cursor, format!("cursor blob refused: {e}"))
 }
@@ -677,12 +677,10 @@ impl Joiner<'_> {
             info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
         } else if step > hi {
             // Ahead of the ring (a peer that had consumed more before a restart): it
-            // waits for the ring to get there, and its blob must match then. Without a
-            // blob nothing says its peers' stream reaches its step: refused, as a step
-            // the ring does not hold is below.
-            // Peers of one rank consume within a ring's slots of each other: a blob much
-            // further on is from another checkpoint, and waiting for it would hold every
-            // job's first changeable step there (live changes count a waiting peer).
+            // waits for the ring to get there, and its blob must match then. Peers of one
+            // rank consume within a ring's slots of each other: a step much further on is
+            // from another checkpoint, and waiting for it would hold every job's first
+            // changeable step there (live changes count a waiting peer).
             let most = hi.saturating_add(u64::from(entry.ring.layout().slots).max(PEER_AHEAD));
             if step > most {
                 return Err(Refusal::new(
@@ -697,6 +695,8 @@ impl Joiner<'_> {
                     ),
                 ));
             }
+            // Without a blob nothing says its peers' stream reaches its step: refused, as
+            // a step the ring does not hold is below.
             let Some(blob) = &self.blob else {
                 return Err(Refusal::new(
                     Code::PeerPosition,
