@@ -1015,7 +1015,7 @@ class Client:
         except (TypeError, ValueError) as e:
             raise ProtocolError(f"WELCOME is malformed: {e}") from e
         magic, version, slots, slot_bytes, slot_offset, _first = _RING_HEAD.unpack_from(mm, 0)
-        if (not 0 < slot_bytes or slot_offset < _RING_HEAD.size
+        if (not 0 < slot_bytes or slot_offset < _PUBLISHED_AT + 8
                 or slot_offset + slots * slot_bytes > ring_bytes):
             raise ProtocolError(f"{slots} slots of {slot_bytes} bytes at {slot_offset} do not "
                                 f"fit the ring's {ring_bytes} bytes")
