@@ -115,7 +115,7 @@ impl Hub {
         // records included (`Plan::resume` counts only its encoding).
         if let Some(r) = resumed.as_ref().filter(|r| r.adopted) {
             let journal = r.plan.journal();
-            if self.journal_room(journal, r.plan.domain_names().len()) > self.journal_cap {
+            if super::journal_room(journal, r.plan.domain_names().len()) > self.journal_cap {
                 let e = crate::plan::CursorError::JournalTooLarge {
                     changes: journal.len(),
                     cap: self.journal_cap,

@@ -416,7 +416,7 @@ impl Hub {
         let dropped = journal::append(&mut journal, change);
         let kept = journal.len() - 1;
         let domains = plan.domain_names().len();
-        if self.journal_room(&journal, domains) > self.journal_cap {
+        if super::journal_room(&journal, domains) > self.journal_cap {
             return Err(ChangeError::invalid(format!(
                 "the journal of live changes would outgrow the cursor blob ({} changes); \
                  restart with a larger [serve] live_changes (now {}), or with the mixture \

@@ -366,14 +366,12 @@ const JOURNAL_BYTES: usize = 16384;
 /// Stages added live (`ctl set-stage`) the journal has room for at any domain count.
 const LIVE_STAGES: usize = 4;
 
-impl Hub {
-    /// The bytes of the cursor field that `journal` takes in every blob of a plan of
-    /// `domains` domains: its encoding, and for each stage added live a carry record per
-    /// domain (a switch the config did not count). At most `journal_cap`.
-    fn journal_room(&self, journal: &[crate::plan::Change], domains: usize) -> usize {
-        let live_stages = journal.iter().filter(|c| c.stage.is_some()).count();
-        cursor::journal_bytes(journal, domains) + live_stages * domains * CARRY_BYTES
-    }
+/// The bytes of the cursor field that `journal` takes in every blob of a plan of
+/// `domains` domains: its encoding, and for each stage added live a carry record per
+/// domain (a switch the config did not count). At most a hub's `journal_cap`.
+fn journal_room(journal: &[crate::plan::Change], domains: usize) -> usize {
+    let live_stages = journal.iter().filter(|c| c.stage.is_some()).count();
+    cursor::journal_bytes(journal, domains) + live_stages * domains * CARRY_BYTES
 }
 
 /// The journal's share of the cursor field: room for `live_changes` one-point changes
