@@ -3830,3 +3830,133 @@ fn determinism_planner_version_pins_every_scenario() {
         moved.join(", ")
     );
 }
+
+/// Batch grouping with small caps lets many groups span batches at once, and each is
+/// state in every cursor blob. Over random configs (caps down to one row, bursty
+/// domains, swinging schedules, stages of other batch sizes) the groups spanning at
+/// once stay within `group_spans`, the blob within `Plan::cursor_bound` (what the daemon
+/// sizes each slot's cursor field from), and the last blob resumes the same stream.
+#[test]
+fn grouping_spans_and_blob_stay_within_their_bounds() {
+    use millrace::config::plan::{group_spans, Stage};
+    let mut closest = 0.0f64;
+    for seed in 0..120u64 {
+        let mut rng = Pcg64::seed_from_u64(seed);
+        let g: u32 = [8, 16, 64, 256, 1024][rng.gen_range(0..5)];
+        let share: f64 = [1.0, 0.5, 0.1, 0.03, 0.01, 0.002, 0.0005][rng.gen_range(0..7)];
+        let mut code = settings(GroupMode::Batch);
+        code.grouping.max_share = share;
+        if rng.gen_range(0..3) == 0 {
+            code.bursty = Some(Bursty {
+                period: rng.gen_range(2..6),
+            });
+        }
+        // Groups of up to `most` documents of 1..40 tokens: many rows each.
+        let most = rng.gen_range(1..400u64);
+        let n = 6000;
+        let lengths: Vec<u32> = (0..n).map(|_| rng.gen_range(1..40)).collect();
+        let sizes: Vec<u64> = (0..n).map(|_| rng.gen_range(1..=most)).collect();
+        let code = DomSpec {
+            name: "code".into(),
+            shards: vec![ShardSpec::new(lengths, &sizes)],
+            settings: code,
+        };
+        let web = gen_domain(&mut rng, "web", 1, 200, 17, settings(GroupMode::Off));
+        let mut cfg = base_config(16, g, Packing::BestFit, rng.gen_range(1..600));
+        let w = rng.gen_range(0.05..1.0);
+        let point = |step: u64, code: f64| SchedulePoint {
+            step,
+            weights: weights_map(&[("code", code), ("web", 1.0 - code)]),
+        };
+        cfg.schedule = vec![point(0, w), point(30, 1.0), point(60, 0.05), point(90, 1.0)];
+        if rng.gen_range(0..2) == 0 {
+            cfg.stage.push(Stage {
+                step: rng.gen_range(20..100),
+                seq_len: 32,
+                global_batch_rows: [g / 4, g * 2][rng.gen_range(0..2)].max(1),
+                best_fit_window: None,
+                chain_groups: false,
+                upsample_long: BTreeMap::new(),
+            });
+        }
+        if rng.gen_range(0..2) == 0 {
+            cfg.reseed = vec![Reseed { step: 45, seed: 3 }];
+        }
+        let plan = build(&[code, web], cfg);
+        let spans_bound = (plan.stages().iter())
+            .map(|st| group_spans(st.rows, share))
+            .max()
+            .unwrap() as usize;
+        let bytes_bound = plan.cursor_bound(plan.stages());
+        let mut p = plan.start();
+        for _ in 0..150 {
+            p.next_batch();
+            let st = p.stream(0).unwrap();
+            let lists = st.tails.iter().map(|t| &t.pending).chain([&st.pending]);
+            let spans = lists.flatten().filter(|b| b.1 > 0).count();
+            assert!(
+                spans <= spans_bound,
+                "seed {seed}: {spans} groups span at step {}, bound {spans_bound}",
+                p.step()
+            );
+            let blob = p.cursor();
+            assert!(
+                blob.len() <= bytes_bound,
+                "seed {seed}: blob of {} bytes at step {}, bound {bytes_bound}",
+                blob.len(),
+                p.step()
+            );
+            closest = closest.max(spans as f64 / spans_bound as f64);
+        }
+        let blob = p.cursor();
+        let mut back = plan.restore(&blob).expect("the blob resumes");
+        for _ in 0..5 {
+            assert_eq!(back.next_batch(), p.next_batch(), "seed {seed}");
+        }
+    }
+    // The bound is reached, not only respected.
+    assert!(
+        closest > 0.9,
+        "groups spanning at once reached {closest} of the bound"
+    );
+}
+
+/// A batch-grouped domain whose cap is so small that more groups could span batches
+/// at once than a cursor blob lists is refused at load, naming the field, the stage's
+/// batch and the share that would do, and so is a live stage that would get there.
+#[test]
+fn grouping_too_fine_for_a_blob_is_refused() {
+    let mut code = settings(GroupMode::Batch);
+    code.grouping.max_share = 1.0 / 8192.0;
+    let domains = vec![DomSpec {
+        name: "code".into(),
+        shards: vec![ShardSpec::new(vec![30; 100], &[10; 10])],
+        settings: code,
+    }];
+    let mut cfg = base_config(16, 8192, Packing::BestFit, 16);
+    cfg.weights = Some(weights_map(&[("code", 1.0)]));
+    let Err(e) = Plan::new(&inputs(&domains), cfg.clone(), 0) else {
+        panic!("a cap of 1 row in 8192 builds");
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("corpus.domain[0].grouping.max_share")
+            && msg.contains("8192-row batch")
+            && msg.contains("raise max_share to at least"),
+        "{msg}"
+    );
+    // At 4000 rows the same share is within bounds; a live stage of 8192 is not.
+    cfg.global_batch_rows = 4000;
+    let plan = Arc::new(Plan::new(&inputs(&domains), cfg.clone(), 0).expect("4000 rows build"));
+    let stage = plan.stage_change(10, 16, 8192, None, false);
+    let Err(e) = plan.with_journal(vec![stage]) else {
+        panic!("a live stage of 8192 rows is accepted");
+    };
+    assert!(e.to_string().contains("8192-row batch"), "{e}");
+    // The share the message names is enough.
+    cfg.global_batch_rows = 8192;
+    let at_least: f64 = msg.rsplit(' ').next().unwrap().parse().unwrap();
+    let mut fixed = domains.clone();
+    fixed[0].settings.grouping.max_share = at_least;
+    Plan::new(&inputs(&fixed), cfg, 0).expect("the named share builds");
+}

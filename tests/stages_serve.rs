@@ -432,3 +432,90 @@ fn a_stage_added_live_is_served_at_its_step_and_resumes_in_a_fresh_daemon() {
     }
     serve.kill();
 }
+
+/// A live stage of more rows lets a batch-grouped domain with a one-row cap have more
+/// groups spanning batches at once, each state in every cursor blob: past the room the
+/// cursor field was sized with at start, it is refused (naming the way out), while the
+/// same stage in the config serves, and a stage of fewer rows is taken live.
+#[test]
+fn a_live_stage_whose_spanning_groups_outgrow_the_cursor_field_is_refused() {
+    let corpus = common::corpus(600_000, 3, 3, 200_000);
+    let socket = corpus.dir.join("g.sock");
+    let serve = common::serve_toml(&socket, 4, 2);
+    let reserve = "stage_reserve_tokens = 200000";
+    let config = common::write_config(&corpus.dir, "g.toml", 64, 64, &[&serve, reserve]);
+    // The code domain in batch grouping with a share of 1/1024: one row per group in a
+    // batch of 64 rows, and still one in a batch of 1024.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut doc: toml::Table = toml::from_str(&text).unwrap();
+    let domains = doc["corpus"]["domain"].as_array().unwrap().clone();
+    let code = domains
+        .iter()
+        .position(|d| d["name"].as_str() == Some("code"));
+    let code = code.expect("the synthetic corpus has a code domain");
+    let grouping: toml::Table =
+        toml::from_str("mode = \"batch\"\nmax_share = 0.0009765625\n").unwrap();
+    let corpus_table = doc.get_mut("corpus").unwrap().as_table_mut().unwrap();
+    let list = corpus_table
+        .get_mut("domain")
+        .unwrap()
+        .as_array_mut()
+        .unwrap();
+    list[code]
+        .as_table_mut()
+        .unwrap()
+        .insert("grouping".into(), toml::Value::Table(grouping));
+    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+    let f = Fixture {
+        corpus,
+        config,
+        socket,
+    };
+    let mut daemon = f.serve();
+    let mut c = Client::connect(&f.socket, &hello("g", 0, "0", 1)).unwrap();
+    c.set_timeout(Some(Duration::from_secs(60)));
+    c.next_batch().unwrap();
+    let set = |rows: &str| {
+        let args = [
+            "--at-step",
+            "40",
+            "--seq-len",
+            "16",
+            "--global-batch-rows",
+            rows,
+        ];
+        ctl_set_stage(&f.socket, &args)
+    };
+    // 1024 rows: up to 1026 groups spanning, against 66 at start.
+    let (ok, text) = set("1024");
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("span more batches at once than the cursor field was sized for")
+            && text.contains("[[plan.stage]]"),
+        "{text}"
+    );
+    // Fewer rows than at start: fewer groups span, and the stage is taken.
+    let (ok, text) = set("32");
+    assert!(ok && text.contains("applied from step 40"), "{text}");
+    for _ in 0..45 {
+        c.next_batch().unwrap();
+    }
+    drop(c);
+    daemon.kill();
+    // The refused stage, written into the config, serves past its switch.
+    add_stage(&f.config, (1024, 16));
+    let mut daemon = f.serve();
+    let mut c = Client::connect(&f.socket, &hello("g2", 0, "0", 1)).unwrap();
+    c.set_timeout(Some(Duration::from_secs(60)));
+    let mut last = None;
+    for _ in 0..S + 3 {
+        last = Some(c.next_batch().unwrap().rows);
+    }
+    assert_eq!(
+        last,
+        Some(1024 / DP),
+        "the config's stage of 1024 rows is served"
+    );
+    drop(c);
+    daemon.kill();
+}

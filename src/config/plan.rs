@@ -294,6 +294,55 @@ pub const MAX_WINDOW: u64 = 1 << 24;
 /// change's `at_step`): 2^32 steps is thousands of times the longest pretraining run,
 /// and seeking there replays every step before it, so nothing further is accepted.
 pub const MAX_STEP: u64 = 1 << 32;
+/// Most groups of one batch-grouped domain that may span batches at once: each is an
+/// entry of its stream's lists in a cursor blob, and those hold at most 4096 entries
+/// (this many spanning, plus the 16 blocks a stream may defer, plus margin).
+pub const MAX_GROUP_SPANS: u64 = 4064;
+
+/// Most rows of one group in a batch of `rows` rows under batch grouping with
+/// `max_share`: the planner's cap, here so the config can bound what it implies.
+pub fn group_cap(rows: u32, max_share: f64) -> u32 {
+    ((max_share * rows as f64).floor() as u32).max(1)
+}
+
+/// Most groups of a batch-grouped domain that span batches at once in a stage of `rows`
+/// rows: a spanning group takes up to its cap per batch, so a new one starts only while
+/// the spanning ones leave rows over, and never more than the domain's rows (at most
+/// `rows`). Two more for the one a window's end may start and margin. The cursor field
+/// is sized from it, and a config above [`MAX_GROUP_SPANS`] is refused.
+pub fn group_spans(rows: u32, max_share: f64) -> u64 {
+    let rows = rows as u64;
+    rows.min(rows.div_ceil(group_cap(rows as u32, max_share) as u64)) + 2
+}
+
+/// Refuses a batch-grouped domain (`field`, named `name`) whose `max_share` lets more
+/// groups span batches at once, in batches of any of `rows`, than a cursor blob holds.
+pub fn check_group_spans(
+    field: &str,
+    name: &str,
+    max_share: f64,
+    rows: impl IntoIterator<Item = u32>,
+) -> Result<(), SettingError> {
+    for r in rows {
+        let spans = group_spans(r, max_share);
+        if spans > MAX_GROUP_SPANS {
+            // The smallest share whose cap brings the spans within bounds.
+            let cap = (r as u64).div_ceil(MAX_GROUP_SPANS - 2);
+            return Err(bad(
+                format!("{field}.grouping.max_share"),
+                format!(
+                    "domain {name}: {max_share} caps a group at {} of a {r}-row batch, so up \
+                     to {spans} groups may span batches at once, and a cursor blob holds \
+                     {MAX_GROUP_SPANS}: raise max_share to at least {}",
+                    group_cap(r, max_share),
+                    cap as f64 / r as f64
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Most `[[plan.reseed]]` entries: a cursor blob lists the reseeds each stream passed,
 /// and a blob's lists hold at most 4096 entries.
 pub const MAX_RESEEDS: usize = 4096;
@@ -466,6 +515,11 @@ impl PlanConfig {
                     format!("{field}.grouping.mode"),
                     format!("domain {name}: batch grouping needs packing = \"best_fit\""),
                 ));
+            }
+            if g.mode == GroupMode::Batch {
+                let rows = std::iter::once(self.global_batch_rows)
+                    .chain(self.stage.iter().map(|st| st.global_batch_rows));
+                check_group_spans(&field, name, g.max_share, rows)?;
             }
             if let Some(u) = d.upsample_long {
                 if u.factor < 2 {

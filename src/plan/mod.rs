@@ -68,6 +68,10 @@ macro_rules! plan_version {
 /// show different fingerprints and keep their plan checkpoints apart.
 pub const PLAN_VERSION: u32 = plan_version!();
 
+/// Cursor bytes budgeted per domain for its carry record of one stage switch
+/// ([`Plan::carry_bound`]), besides a batch-grouped domain's spanning groups.
+pub const CARRY_BYTES: usize = 256;
+
 /// Plan steps a seek replays per chunk: its mixer counts (4 bytes per domain per step)
 /// are all it holds, so a seek to any step needs at most a few MB.
 pub const SEEK_CHUNK: u64 = 1 << 16;
@@ -432,6 +436,17 @@ impl Plan {
             }
             schedule.add_layer(change.at, change.points.clone());
         }
+        if shapes != self.shapes {
+            // A stage's rows change how many groups may span batches at once.
+            for (i, d) in self.domains.iter().enumerate() {
+                let g = d.settings.grouping;
+                if g.mode == GroupMode::Batch {
+                    let field = format!("corpus.domain[{i}]");
+                    let rows = shapes.iter().map(|s| s.rows);
+                    crate::config::plan::check_group_spans(&field, &d.name, g.max_share, rows)?;
+                }
+            }
+        }
         let mut p = self.clone();
         if shapes != self.shapes {
             // Fills already estimated at a shape are kept; only new shapes pack a window.
@@ -640,10 +655,54 @@ impl Plan {
             .map_or(self.cfg.seed, |r| r.1)
     }
 
+    /// Most bytes a cursor blob of this plan takes, its journal and the switches of
+    /// stages added live aside, while its stages are `shapes`: what the daemon sizes
+    /// every slot's cursor field from, so no blob it writes mid-run outgrows it.
+    ///
+    /// Per domain its stream (512 bytes typical), a reseed chain entry per reseed, and
+    /// its identity record; a batch-grouped domain adds room for its spanning groups
+    /// ([`crate::config::plan::group_spans`]), each a pending entry and at worst a tail
+    /// record of its own. Each of the config's stage switches adds
+    /// [`Plan::carry_bound`].
+    pub fn cursor_bound(&self, shapes: &[Shape]) -> usize {
+        let reseeds = self.cfg.reseed.len();
+        let streams = self.domains.len() * (512 + 32 * reseeds);
+        let spans: usize = self
+            .group_spans(shapes)
+            .map(|s| s * (72 + 16 * reseeds))
+            .sum();
+        let switches = self.cfg.stage.len() * self.carry_bound(shapes);
+        1024 + streams + spans + switches + self.cursor_domain_bytes()
+    }
+
+    /// Most bytes one stage switch's carry records add to a blob while the stages are
+    /// `shapes`: a record per domain, and for a batch-grouped domain its spanning and
+    /// deferred blocks, listed in its stream and in the one tail that can carry them.
+    pub fn carry_bound(&self, shapes: &[Shape]) -> usize {
+        let listed: usize = (self.group_spans(shapes))
+            .map(|s| 2 * ((s + MAX_DEFERRED) * 8 + 32))
+            .sum();
+        self.domains.len() * CARRY_BYTES + listed
+    }
+
+    /// For each batch-grouped domain, the most groups that span batches at once at any
+    /// of `shapes`.
+    fn group_spans<'a>(&'a self, shapes: &'a [Shape]) -> impl Iterator<Item = usize> + 'a {
+        (self.domains.iter())
+            .filter(|d| d.settings.grouping.mode == GroupMode::Batch)
+            .map(move |d| {
+                let share = d.settings.grouping.max_share;
+                (shapes.iter())
+                    .map(|s| crate::config::plan::group_spans(s.rows, share))
+                    .max()
+                    .unwrap_or(0) as usize
+            })
+    }
+
     /// Most rows of one group in a batch of stage `stage` (batch grouping).
     fn group_cap(&self, d: usize, stage: u32) -> u32 {
         let share = self.domains[d].settings.grouping.max_share;
-        ((share * self.shape(stage).rows as f64).floor() as u32).max(1)
+        crate::config::plan::group_cap(self.shape(stage).rows, share)
     }
 
     /// A digest of everything that shaped steps before `plan_step` besides the static

@@ -115,13 +115,15 @@ impl Hub {
         // records included (`Plan::resume` counts only its encoding).
         if let Some(r) = resumed.as_ref().filter(|r| r.adopted) {
             let journal = r.plan.journal();
-            if super::journal_room(journal, r.plan.domain_names().len()) > self.journal_cap {
+            if super::journal_room(&r.plan, journal) > self.journal_cap {
                 let e = crate::plan::CursorError::JournalTooLarge {
                     changes: journal.len(),
                     cap: self.journal_cap,
                 };
                 return Err(refuse_cursor(e.to_string()));
             }
+            self.cursor_room(&r.plan, journal)
+                .map_err(|e| refuse_cursor(format!("its live changes: {e}")))?;
         }
         // A blob's step has the bound a HELLO's start_step has: the ring's and the
         // daemon's step arithmetic (slots past it, the first changeable step) stays far

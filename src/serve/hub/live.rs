@@ -416,15 +416,8 @@ impl Hub {
         let dropped = journal::append(&mut journal, change);
         let kept = journal.len() - 1;
         let domains = plan.domain_names().len();
-        if super::journal_room(&journal, domains) > self.journal_cap {
-            return Err(ChangeError::invalid(format!(
-                "the journal of live changes would outgrow the cursor blob ({} changes); \
-                 restart with a larger [serve] live_changes (now {}), or with the mixture \
-                 written into the config",
-                journal.len(),
-                self.settings.live_changes
-            )));
-        }
+        self.cursor_room(&plan, &journal)
+            .map_err(ChangeError::invalid)?;
         // A stage the rings cannot serve is refused before `with_history` packs a window
         // per domain at its shape, which is per-document work under the lock.
         if journal.iter().any(|c| c.stage.is_some()) {

@@ -356,31 +356,30 @@ impl State {
     }
 }
 
-/// Cursor bytes budgeted per domain for its carry record of one stage switch: the
-/// config's switches get it in the cursor field, stages added live from the journal's
-/// share of it.
-const CARRY_BYTES: usize = 256;
-
 /// The journal's share of the cursor field, before the part that grows with the domains.
 const JOURNAL_BYTES: usize = 16384;
 /// Stages added live (`ctl set-stage`) the journal has room for at any domain count.
 const LIVE_STAGES: usize = 4;
 
-/// The bytes of the cursor field that `journal` takes in every blob of a plan of
-/// `domains` domains: its encoding, and for each stage added live a carry record per
-/// domain (a switch the config did not count). At most a hub's `journal_cap`.
-fn journal_room(journal: &[crate::plan::Change], domains: usize) -> usize {
+/// The bytes of the cursor field that `journal` takes in every blob of `plan` (under
+/// any journal): its encoding, and for each stage added live a carry record per domain
+/// (a switch the config did not count). At most a hub's `journal_cap`.
+fn journal_room(plan: &Plan, journal: &[crate::plan::Change]) -> usize {
     let live_stages = journal.iter().filter(|c| c.stage.is_some()).count();
-    cursor::journal_bytes(journal, domains) + live_stages * domains * CARRY_BYTES
+    let carry = match live_stages {
+        0 => 0,
+        n => n * plan.carry_bound(&plan.stages_with(journal)),
+    };
+    cursor::journal_bytes(journal, plan.domain_names().len()) + carry
 }
 
 /// The journal's share of the cursor field: room for `live_changes` one-point changes
 /// and [`LIVE_STAGES`] stages' carry records, at any number of domains (with a fixed
 /// 16 KiB, 400 domains had room for 5 `set-weights` and no stage).
-fn journal_cap(domains: usize, live_changes: usize) -> usize {
+fn journal_cap(plan: &Plan, live_changes: usize) -> usize {
     JOURNAL_BYTES
-        + live_changes * cursor::one_point_change_bytes(domains)
-        + domains * CARRY_BYTES * LIVE_STAGES
+        + live_changes * cursor::one_point_change_bytes(plan.domain_names().len())
+        + plan.carry_bound(plan.stages()) * LIVE_STAGES
 }
 
 /// Shared by the accept loop, every connection and every materializer thread.
@@ -388,6 +387,8 @@ pub struct Hub {
     source: Source,
     settings: HubSettings,
     cursor_cap: usize,
+    /// Bytes of the cursor field for everything but the journal ([`Plan::cursor_bound`]).
+    stream_cap: usize,
     /// Bytes of the cursor field left for the journal.
     journal_cap: usize,
 
@@ -436,24 +437,20 @@ impl Hub {
                 random_access(shard.data());
             }
         }
-        let domains = plan.domain_names().len();
-        let reseeds = plan.config().reseed.len();
         // Room for `[serve] live_changes` one-point changes and a few stages at any number
         // of domains; a change that would not fit is refused (write the mixture into the
         // config and restart instead).
-        let journal_cap = journal_cap(domains, settings.live_changes);
-        // Per domain: its stream (512 typical), reseed chains, a carry record per stage
-        // switch its window went through, and its identity record (layout 7).
-        let switches = plan.stages().len().saturating_sub(1);
-        let cursor_cap = 1024
-            + domains * (512 + 32 * reseeds + CARRY_BYTES * switches)
-            + plan.cursor_domain_bytes()
-            + journal_cap;
+        let journal_cap = journal_cap(&plan, settings.live_changes);
+        // The streams' share is the plan's bound at its stages; a live stage whose
+        // spanning groups would need more is refused (`Hub::cursor_room`).
+        let stream_cap = plan.cursor_bound(plan.stages());
+        let cursor_cap = stream_cap + journal_cap;
         let keeper = Keeper::start(settings.checkpoints.clone());
         Hub {
             source,
             settings,
             cursor_cap,
+            stream_cap,
             journal_cap,
             state: Mutex::new(State::new(plan)),
             work: Condvar::new(),
@@ -473,6 +470,32 @@ impl Hub {
     /// cursor blob this hub writes, as hex ([`crate::wire::request_limit`]).
     pub fn request_limit(&self) -> usize {
         crate::wire::request_limit(self.cursor_cap)
+    }
+
+    /// Whether every blob of `plan` under `journal` fits the slots' cursor field: the
+    /// journal within its share, and the streams within theirs (a live stage of more
+    /// rows lets more batch-grouped groups span batches than the field was sized for).
+    fn cursor_room(&self, plan: &Plan, journal: &[crate::plan::Change]) -> Result<(), String> {
+        if journal_room(plan, journal) > self.journal_cap {
+            return Err(format!(
+                "the journal of live changes would outgrow the cursor blob ({} changes, \
+                 room for {} bytes); restart with a larger [serve] live_changes (now {}), or \
+                 with the mixture written into the config",
+                journal.len(),
+                self.journal_cap,
+                self.settings.live_changes
+            ));
+        }
+        let streams = plan.cursor_bound(&plan.stages_with(journal));
+        if streams > self.stream_cap {
+            return Err(format!(
+                "its stages let batch-grouped groups span more batches at once than the \
+                 cursor field was sized for at start ({streams} bytes of stream state, \
+                 room for {}); put the stage into the config's [[plan.stage]] and restart",
+                self.stream_cap
+            ));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
