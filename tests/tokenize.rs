@@ -767,13 +767,22 @@ fn a_killed_run_leaves_no_valid_shard_and_a_rerun_succeeds() {
         let mut child = cmd.spawn().unwrap();
         // Kill it once it is under way: its temporary output exists (it is created
         // before the first chunk is read), plus a moment to fill write buffers.
-        let growing = if grouped {
-            out_dir.join("code.spill.tmp")
-        } else {
-            out_dir.join("code.bin.tmp")
+        // The spill is named `code.<output directory's hash>.<pid>.spill.tmp`.
+        let pid = child.id();
+        let growing = || {
+            let names = std::fs::read_dir(&out_dir).into_iter().flatten().flatten();
+            names
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .any(|n| {
+                    if grouped {
+                        n.starts_with("code.") && n.ends_with(&format!(".{pid}.spill.tmp"))
+                    } else {
+                        n == "code.bin.tmp"
+                    }
+                })
         };
         let t0 = Instant::now();
-        while !growing.exists() {
+        while !growing() {
             assert!(
                 child.try_wait().unwrap().is_none(),
                 "the run finished before it could be killed"

@@ -283,12 +283,16 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         }
         Layout::Single(opts.out.clone())
     };
-    // Runs of one job may share a directory: their scratch names must differ.
+    // Runs share scratch directories (runs of one job, and jobs whose outputs have the
+    // same file name in other directories): scratch names carry the output's full path
+    // and this process, and only a dead process's scratch is removed.
     let stem = match &layout {
         Layout::Single(_) => stem,
         Layout::Sharded { run, .. } => format!("{stem}-{run:05}"),
     };
-    remove_stale_runs(&tmp_dir, &stem)?;
+    let owner = scratch_owner(&out_dir, &stem);
+    remove_stale_runs(&tmp_dir, &owner)?;
+    let stem = format!("{owner}{}", std::process::id());
     let spill_path = tmp_dir.join(format!("{stem}.spill.tmp"));
     // (A sharded run's shard writer removes its own temporary files.)
     let mut temp = vec![spill_path.clone()];
@@ -486,19 +490,35 @@ fn check_inputs_size(inputs: &[PathBuf]) -> Result<u64> {
 }
 
 /// Removes sort runs that a killed run with the same prefix left in `dir`.
-fn remove_stale_runs(dir: &Path, stem: &str) -> Result<()> {
+fn remove_stale_runs(dir: &Path, owner: &str) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(io_err(dir, "read_dir"))?;
-    let start = format!("{stem}.sort-");
     for e in entries {
         let e = e.map_err(io_err(dir, "read_dir"))?;
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(&start) && name.ends_with(".tmp") {
+        let Some(rest) = name.strip_prefix(owner).filter(|_| name.ends_with(".tmp")) else {
+            continue;
+        };
+        // `<pid>.spill.tmp` or `<pid>.sort-NNNNN.tmp`: a live process's are its own.
+        let pid = rest.split('.').next().and_then(|p| p.parse::<i32>().ok());
+        let mine = pid == Some(std::process::id() as i32);
+        let alive = pid
+            .and_then(rustix::process::Pid::from_raw)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
+        if mine || !alive {
             let p = e.path();
             std::fs::remove_file(&p).map_err(io_err(&p, "remove"))?;
         }
     }
     Ok(())
+}
+
+/// The start of this output's scratch names, `<stem>.<hash of the output's directory>.`:
+/// two outputs of the same file name in other directories never share one.
+fn scratch_owner(out_dir: &Path, stem: &str) -> String {
+    let dir = std::fs::canonicalize(out_dir).unwrap_or_else(|_| out_dir.to_path_buf());
+    let hash = xxhash_rust::xxh3::xxh3_64(dir.as_os_str().as_encoded_bytes());
+    format!("{stem}.{hash:016x}.")
 }
 
 /// Removes temporary files when a run ends, however it ends (renamed ones are gone).
