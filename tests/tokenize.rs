@@ -731,6 +731,79 @@ fn big_input(path: &Path, mb: usize) {
     std::fs::write(path, body).unwrap();
 }
 
+/// Two grouped runs at once that share a `--tmp-dir`, writing outputs of the same file
+/// name in two directories (`en/code`, `de/code`) with sorts spilled to disk, each write
+/// the bytes a run alone writes: their scratch files never collide, and neither removes
+/// the other's.
+#[test]
+fn concurrent_runs_sharing_a_tmp_dir_do_not_touch_each_others_scratch() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let (en, de) = (dir.path().join("en.jsonl"), dir.path().join("de.jsonl"));
+    big_input(&en, 3);
+    let mut rng = Rng(5);
+    let rows: Vec<Value> = (0..4000)
+        .map(|i| json!({"repo": format!("d{}", rng.below(300)), "path": format!("g{i}"), "text": text(&mut rng, 120)}))
+        .collect();
+    write_jsonl(&de, &rows);
+    let tmp = dir.path().join("scratch");
+    let args = |input: &Path, out: &Path| -> Vec<String> {
+        [
+            s(input),
+            "--out",
+            s(out),
+            "--group-field",
+            "repo",
+            "--order-field",
+            "path",
+        ]
+        .into_iter()
+        .chain(["--mem-budget", "1", "--tmp-dir", s(&tmp), "--threads", "1"])
+        .map(String::from)
+        .collect()
+    };
+    let spawn = |input: &Path, out: &Path| {
+        bin()
+            .arg("tokenize")
+            .args(args(input, out))
+            .arg("--tokenizer")
+            .arg(tok_path)
+            .args(["--quiet", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (dir.path().join("en/code"), dir.path().join("de/code"));
+    let runs = [spawn(&en, &a), spawn(&de, &b)];
+    for r in runs {
+        let out = r.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (input, out) in [(&en, &a), (&de, &b)] {
+        let alone = dir.path().join("alone/code");
+        let owned = args(input, &alone);
+        run_ok(
+            tok_path,
+            &owned.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        for ext in ["bin", "idx", "groups.npy"] {
+            let read = |p: &Path| std::fs::read(millrace::corpus::megatron::with_suffix(p, ext));
+            assert_eq!(
+                read(out).unwrap(),
+                read(&alone).unwrap(),
+                "{} .{ext}",
+                out.display()
+            );
+        }
+    }
+    assert!(outputs(&tmp, "").is_empty(), "scratch files are removed");
+}
+
 #[test]
 fn a_killed_run_leaves_no_valid_shard_and_a_rerun_succeeds() {
     let dir = tempfile::tempdir().unwrap();
