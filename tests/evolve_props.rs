@@ -445,11 +445,12 @@ fn a_bursty_domain_added_keeps_the_others_phases() {
         &[a.clone(), b.clone()],
         2,
         6,
-        &schedule(&[(0, &[("a", 1.0), ("b", 2.0)])]),
+        // a takes 3 steps' rows in one: at most a third of the rows may be its.
+        &schedule(&[(0, &[("a", 1.0), ("b", 3.0)])]),
     );
     let w = schedule(&[
-        (0, &[("a", 1.0), ("b", 2.0), ("c", 0.0)]),
-        (s, &[("a", 1.0), ("b", 2.0), ("c", 1.0)]),
+        (0, &[("a", 1.0), ("b", 3.0), ("c", 0.0)]),
+        (s, &[("a", 1.0), ("b", 3.0), ("c", 1.0)]),
     ]);
     let new = plan(&[a.clone(), b.clone(), c.clone()], 2, 6, &w);
     let mut accepted = 0;

@@ -102,8 +102,14 @@ impl Change {
             if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
                 return Err(ChangeError::NotFinite { at });
             }
-            if w.iter().sum::<f64>() <= 0.0 {
+            let sum = w.iter().sum::<f64>();
+            if sum <= 0.0 {
                 return Err(ChangeError::AllZero { at, step });
+            }
+            // Weights each finite can still sum to infinity (1e308 twice), which would
+            // make every share 0 (as the config's check refuses).
+            if !sum.is_finite() {
+                return Err(ChangeError::NotFinite { at });
             }
         }
         Ok(())
@@ -182,8 +188,8 @@ pub enum ChangeError {
         /// Domains in the plan.
         domains: usize,
     },
-    /// A negative, infinite or NaN weight.
-    #[error("change at plan step {at}: weights must be finite and non-negative")]
+    /// A negative, infinite or NaN weight, or weights whose sum is infinite.
+    #[error("change at plan step {at}: weights must be finite and non-negative, and sum to a finite number")]
     NotFinite {
         /// The change's first plan step.
         at: u64,
@@ -429,6 +435,9 @@ mod tests {
             "change at plan step 5: 2 weights for 3 domains"
         );
         let mut c = ch(5, f64::NAN);
+        assert_eq!(c.check(2), Err(ChangeError::NotFinite { at: 5 }));
+        c = ch(5, 1e308);
+        c.points[0].1[1] = 1e308;
         assert_eq!(c.check(2), Err(ChangeError::NotFinite { at: 5 }));
         c = ch(5, 0.0);
         c.points[0].1[1] = 0.0;

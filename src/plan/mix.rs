@@ -198,6 +198,31 @@ pub struct MixState {
     pub deficit: Vec<i64>,
 }
 
+/// A bursty domain whose cycles owe more rows than its cycle-start steps leave it
+/// ([`Mixer::bursty_overload`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Overload {
+    /// A plan step where it happens.
+    pub step: u64,
+    /// `(domain, period)`.
+    pub domain: (usize, u32),
+    /// Its row share at `step`.
+    pub share: f64,
+    /// `(domain, period, share of its cycle starts)` of the bursty domains served
+    /// before it in those steps.
+    pub ahead: Vec<(usize, u32, f64)>,
+    /// Batches its cycle and theirs need per batch of its cycle-start steps.
+    pub load: f64,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 impl MixState {
     /// The state before step 0.
     pub fn new(domains: usize) -> MixState {
@@ -249,6 +274,84 @@ impl Mixer {
     /// Fill per domain at `step`.
     pub fn fill_at(&self, step: u64) -> &[f64] {
         self.stage(step).map_or(&self.fill, |s| &s.fill)
+    }
+
+    /// The first overload of a bursty domain, if any: at some step where a domain that
+    /// is not bursty has weight, its cycle owes more rows than the batches of its
+    /// cycle-start steps leave it. It then gets less than its weight, and its carried
+    /// error grows without bound (blobs are refused once it passes their check, and at
+    /// 2^20 rows it overflows).
+    ///
+    /// [`Mixer::counts`] serves bursty domains in domain order, each taking what its
+    /// cycle owes from what is left of the batch. So domain `d` of period `p` has, on
+    /// average over its cycle-start steps, one batch less what the bursty domains
+    /// before it take in those steps: each such `e` starts a cycle in a share
+    /// `p / lcm(p, p_e)` of them when their phases agree modulo `gcd(p, p_e)` (Chinese
+    /// remainder theorem), and takes `share_e * p_e` batches there. `d` needs
+    /// `share_d * p` batches a cycle. The shares are ratios of linear functions of the
+    /// step between knots of the schedule and stage starts, so the sums are largest at
+    /// one of them (or, where the others' weight starts or ends there, at the step next
+    /// to it).
+    pub fn bursty_overload(&self) -> Option<Overload> {
+        let bursty: Vec<(usize, u32, u32)> = (self.bursty.iter().enumerate())
+            .filter_map(|(d, b)| b.map(|(p, ph)| (d, p, ph)))
+            .collect();
+        if bursty.is_empty() {
+            return None;
+        }
+        // For each bursty domain, those before it that share its cycle starts, with
+        // the share of its starts they share.
+        let before: Vec<Vec<(usize, f64)>> = (0..bursty.len())
+            .map(|i| {
+                let (_, p, ph) = bursty[i];
+                (0..i)
+                    .filter_map(|j| {
+                        let (_, q, qh) = bursty[j];
+                        let g = gcd(p as u64, q as u64);
+                        let meet = ph as u64 % g == qh as u64 % g;
+                        meet.then(|| (j, g as f64 / q as f64))
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut steps = self.schedule.knots_before(u64::MAX);
+        for s in &self.stages {
+            steps.extend([s.step.saturating_sub(1), s.step]);
+        }
+        steps.push(0);
+        steps.sort_unstable();
+        steps.dedup();
+        // When only bursty domains have weight they also take the rest of each batch,
+        // which repays them; the rest goes to the others whenever one has weight.
+        let checked = (steps.iter()).flat_map(|&k| [k.saturating_sub(1), k, k.saturating_add(1)]);
+        let mut checked: Vec<u64> = checked.collect();
+        checked.dedup();
+        for step in checked {
+            let shares = self.row_shares(step);
+            let others = (0..shares.len()).any(|d| self.bursty[d].is_none() && shares[d] > 0.0);
+            if !others {
+                continue;
+            }
+            let takes = |j: usize| shares[bursty[j].0] * bursty[j].1 as f64;
+            for (i, first) in before.iter().enumerate() {
+                let ahead: f64 = first.iter().map(|&(j, meet)| takes(j) * meet).sum();
+                let load = takes(i) + ahead;
+                if load > 1.0 + 1e-9 && takes(i) > 0.0 {
+                    let ahead = (first.iter())
+                        .filter(|&&(j, _)| takes(j) > 0.0)
+                        .map(|&(j, meet)| (bursty[j].0, bursty[j].1, meet))
+                        .collect();
+                    return Some(Overload {
+                        step,
+                        domain: (bursty[i].0, bursty[i].1),
+                        share: shares[bursty[i].0],
+                        ahead,
+                        load,
+                    });
+                }
+            }
+        }
+        None
     }
 
     /// Row shares at `step`: token shares divided by fill, normalised.

@@ -355,7 +355,7 @@ impl Plan {
         let fingerprint = fingerprint::fingerprint(&cfg, inputs, manifest);
         let legacy_fingerprint = fingerprint::legacy_json_fingerprint(&cfg, inputs, manifest);
         let settings_fingerprint = fingerprint::settings_fingerprint(&cfg);
-        Ok(Plan {
+        let plan = Plan {
             reseeds: cfg.reseed.iter().map(|r| (r.step, r.seed)).collect(),
             skips: cfg.skip.iter().map(|s| (s.steps[0], s.steps[1])).collect(),
             cfg,
@@ -372,7 +372,48 @@ impl Plan {
             settings_fingerprint,
             records: Arc::new(evolve::records(inputs, &identities)),
             identities: Arc::new(identities),
-        })
+        };
+        plan.check_bursty()?;
+        Ok(plan)
+    }
+
+    /// Refuses weights that give bursty domains more rows than their cycles can take
+    /// ([`mix::Mixer::bursty_overload`]), naming them, the step and the most they may
+    /// have.
+    fn check_bursty(&self) -> Result<(), PlanError> {
+        let Some(o) = self.mixer.bursty_overload() else {
+            return Ok(());
+        };
+        let (d, period) = o.domain;
+        let name = &self.domains[d].name;
+        let what = if o.ahead.is_empty() {
+            format!(
+                "domain {name} takes a whole cycle's rows in one step, so it can have at \
+                 most 1/{period} of the rows, but at plan step {} its weight gives it \
+                 {:.4} of them; lower its weight or its period",
+                o.step, o.share
+            )
+        } else {
+            let ahead: Vec<String> = (o.ahead.iter())
+                .map(|&(e, q, meet)| {
+                    let name = &self.domains[e].name;
+                    format!("{name} (period {q}, in {:.0}% of them)", 100.0 * meet)
+                })
+                .collect();
+            format!(
+                "domain {name} (period {period}) takes a whole cycle's rows in one step, \
+                 and bursty domains listed before it take theirs first in some of those \
+                 steps: {}; at plan step {} their weights need {:.3} batches in each \
+                 batch left to it; lower their weights or periods",
+                ahead.join(", "),
+                o.step,
+                o.load
+            )
+        };
+        Err(PlanError::Setting(SettingError {
+            field: format!("corpus.domain[{d}].bursty.period"),
+            what,
+        }))
     }
 
     /// The validated config.
@@ -462,6 +503,7 @@ impl Plan {
         p.mixer.schedule = schedule;
         p.journal = journal;
         p.superseded = superseded;
+        p.check_bursty()?;
         Ok(p)
     }
 

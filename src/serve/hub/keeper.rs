@@ -127,7 +127,8 @@ mod tests {
             eod_token: None,
             pad_token: 0,
             vocab_size: None,
-            weights: Some([("a".to_string(), 1.0), ("b".to_string(), 1.0)].into()),
+            // b is bursty with period 3: at most a third of the rows may be its.
+            weights: Some([("a".to_string(), 4.0), ("b".to_string(), 1.0)].into()),
             schedule: Vec::new(),
             skip: Vec::new(),
             reseed: Vec::new(),
