@@ -165,7 +165,8 @@ def main():
 
     client = millrace.Client(args.socket, args.dp_rank, args.dp_size, job=args.job)
     # TorchClient copies each batch to the device on a side stream while the previous
-    # step computes; on the CPU its tensors are zero-copy views of the ring.
+    # step computes; on the CPU its tensors are copies (copy=False: zero-copy views of
+    # the ring, read-only: an in-place op on one is a SIGSEGV).
     stream = TorchClient(client, device=device, prefetch=1 if device.type == "cuda" else 0)
 
     ckpt = None

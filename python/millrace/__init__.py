@@ -24,8 +24,10 @@ Quick start (numpy only)::
 Views are valid until the client has handed out ``hold`` more batches (``hold=1``: until
 you ask for the next one); use ``batch.copy()`` to keep one. With torch,
 ``batch.to_torch("cuda")`` copies to the GPU on a side stream (from the ring registered as
-pinned memory) and releases the slot only once the copy completed; see
-:mod:`millrace.torch_adapter` for ``TorchClient`` and ``MillraceIterableDataset``.
+pinned memory) and releases the slot only once the copy completed; ``batch.to_torch()``
+gives CPU copies (``copy=False``: read-only zero-copy views, which an in-place op turns
+into a SIGSEGV); see :mod:`millrace.torch_adapter` for ``TorchClient`` and
+``MillraceIterableDataset``.
 
 If the daemon restarts, the client reconnects with the cursor of the last batch it handed
 out and the stream continues at exactly the next step.
@@ -37,6 +39,7 @@ from .client import (
     Client,
     DaemonError,
     DaemonGone,
+    HandshakeTimeout,
     MicroBatch,
     MillraceError,
     ProtocolError,
@@ -54,6 +57,7 @@ __all__ = [
     "Client",
     "DaemonError",
     "DaemonGone",
+    "HandshakeTimeout",
     "MicroBatch",
     "MillraceError",
     "ProtocolError",

@@ -25,6 +25,8 @@ readable (their memfd lives while it is mapped).
 Before the first connection has worked, a missing socket (or one nobody listens on) is
 an error at once, not after ``reconnect_timeout``: it is far more often a wrong path than
 a daemon about to appear. Pass ``connect_timeout`` to wait for a daemon that is starting.
+A daemon that accepted but sends no WELCOME within ``handshake_timeout`` is not gone
+(it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect.
 
 The client is not thread safe: use it from one thread.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import mmap
 import os
 import select
@@ -52,6 +55,7 @@ __all__ = [
     "Refused",
     "DaemonError",
     "DaemonGone",
+    "HandshakeTimeout",
     "ProtocolError",
     "StaleBatch",
     "PROTOCOL_VERSION",
@@ -176,6 +180,15 @@ class DaemonGone(MillraceError, ConnectionError):
     """The daemon went away and did not come back within ``reconnect_timeout``."""
 
 
+class HandshakeTimeout(MillraceError):
+    """A daemon accepted the connection but sent no WELCOME within ``handshake_timeout``.
+
+    Not retried: the daemon is there and busy with this HELLO (a seek without a cursor on
+    a huge corpus can take long), and a new connection would cancel that work and start it
+    over. Raise ``handshake_timeout`` (or resume from a cursor blob, which needs no seek).
+    """
+
+
 class ProtocolError(MillraceError):
     """The daemon (or the ring) did something docs/PROTOCOL.md does not allow."""
 
@@ -186,6 +199,11 @@ class StaleBatch(MillraceError):
 
 class _Gone(Exception):
     """Internal: the current connection is dead; reconnect."""
+
+
+class _ReadTimeout(_Gone):
+    """Internal: a read from the daemon timed out (a _Gone wherever that means dead; the
+    handshake tells it apart: a daemon that accepted and is slow to WELCOME is there)."""
 
 
 # ---------------------------------------------------------------------------- frames
@@ -211,7 +229,9 @@ def _recv_exact(sock, n: int, fds: list | None) -> bytes:
             else:
                 data = sock.recv(n - got)
         except OSError as e:
-            if isinstance(e, TimeoutError) or e.errno in _GONE_ERRNOS:
+            if isinstance(e, TimeoutError):
+                raise _ReadTimeout(f"reading from the daemon: {e}") from e
+            if e.errno in _GONE_ERRNOS:
                 raise _Gone(f"reading from the daemon: {e}") from e
             raise
         if not data:
@@ -539,17 +559,22 @@ class Batch:
                      self.max_seqlen, self.loss_tokens, self.real_tokens, self.publish_ns,
                      self.cursor, self.micro_batch_rows, views, None, None, self.slot_layout)
 
-    def to_torch(self, device=None, non_blocking: bool = True, cuda_graphs: bool = True):
-        """The batch as torch tensors (see :func:`millrace.torch_adapter.batch_to_torch`).
+    def to_torch(self, device=None, non_blocking: bool = True, cuda_graphs: bool = True,
+                 copy: bool = True):
+        """The batch as torch tensors (see :func:`millrace.torch_adapter.batch_to_torch`);
+        ``tokens`` and ``labels`` int32 (int64 for ids wider than int32) on every device.
 
-        ``device=None`` or CPU: zero-copy tensors over the ring (same lifetime as the
-        views). A CUDA device: copies on a side stream; the ring slot is released only
-        after those copies have completed, so the tensors live independently of the ring.
+        ``device=None`` or CPU: copies, the caller's own (writable, valid forever).
+        ``copy=False``: zero-copy tensors over the ring where the dtype allows, READ-ONLY
+        (the ring is mapped read only: an in-place op on them kills the process with
+        SIGSEGV) and valid as long as the batch's views. A CUDA device: copies on a side
+        stream; the ring slot is released only after those copies have completed, so the
+        tensors live independently of the ring (``copy`` does not apply).
         """
         from . import torch_adapter
 
         return torch_adapter.batch_to_torch(self, device=device, non_blocking=non_blocking,
-                                            cuda_graphs=cuda_graphs)
+                                            cuda_graphs=cuda_graphs, copy=copy)
 
     def __repr__(self):
         state = ", released" if self._released else ""
@@ -587,7 +612,9 @@ class _Conn:
         if self.layout not in SLOT_FIELDS:
             raise ProtocolError(f"WELCOME slot_layout {self.layout!r} is not one of "
                                 f"{SLOT_LAYOUTS}")
-        self.torch_cpu = {}  # per-slot CPU tensors, filled by the torch adapter
+        self.torch_cpu = {}  # per-slot host tensors of the torch adapter's GPU copies
+        # Where a slot's view tuple holds row_bounds (compact slots), if anywhere.
+        self.row_bounds_at = _INDEX[self.layout].get("row_bounds")
         self.slot_bytes = slot_bytes
         self.micro_batches = max(int(welcome.get("micro_batches") or 1), 1)
         # WELCOME's stages (docs/PROTOCOL.md section 3, `stages`) are information: each
@@ -733,7 +760,11 @@ def _field_view(mm, base, name, spec, slot_bytes, source="WELCOME") -> np.ndarra
         raise ProtocolError(f"{source} field `{name}` is malformed: {spec!r} ({e})") from e
     if dtype.kind not in "iu":  # every array of a slot holds integers
         raise ProtocolError(f"{source} field `{name}` has dtype {dtype}, not an integer type")
-    count = int(np.prod(shape)) if shape else 1
+    if any(x < 0 for x in shape):
+        raise ProtocolError(f"{source} field `{name}` has a negative extent: {spec!r}")
+    # Python integers: np.prod would wrap a huge shape around int64 (to 0, say) and let
+    # it pass the bound check below.
+    count = math.prod(shape)
     size = count * dtype.itemsize
     if offset < _SLOT_HEADER_BYTES or offset % dtype.itemsize or offset + size > slot_bytes:
         raise ProtocolError(f"{source} field `{name}`: {size} bytes at offset {offset} do not "
@@ -773,16 +804,18 @@ class Client:
     reconnect_timeout: seconds to keep retrying (every 0.1 s) when the daemon went away
         after a connection had worked; 0 disables reconnecting.
     connect_timeout: seconds the first connection waits for a daemon that is not there
-        yet (socket missing or refusing); 0 (default): fail at once with
-        :class:`DaemonGone`, since that is usually a wrong path.
+        yet (socket missing or refusing), even past ``reconnect_timeout``; 0 (default):
+        fail at once with :class:`DaemonGone`, since that is usually a wrong path.
     register_cuda: ``"auto"`` registers the ring with ``cudaHostRegister`` (read-only) at
         the first CUDA :meth:`Batch.to_torch`, whose copies the client fences; ``True``
         registers at connect; ``False`` never. While the ring is registered, CPU tensors
-        (``to_torch()`` on the CPU) are copies, not views of the ring: a view of pinned
+        (``to_torch()`` on the CPU) are copies even with ``copy=False``: a view of pinned
         memory would let the trainer's own ``.to("cuda", non_blocking=True)`` read a
         slot after the client released it.
-    handshake_timeout: seconds to wait for WELCOME (a seek without a cursor can take a
-        while on a huge corpus).
+    handshake_timeout: seconds to wait for WELCOME once the daemon accepted (a seek
+        without a cursor can take a while on a huge corpus). Running out raises
+        :class:`HandshakeTimeout` and is not retried: a new connection would start the
+        daemon's work over.
     slot_layout: ``"compact"`` (the daemon's default when None: tokens in the shards'
         dtype and document starts; the client derives labels, positions, mask and
         cu_seqlens) or ``"expanded"`` (every array ready in the ring). Peers of one dp
@@ -892,7 +925,12 @@ class Client:
 
     def _open_retrying(self, initial: bool):
         t0 = time.monotonic()
-        deadline = t0 + self.reconnect_timeout
+        # A first connection waits connect_timeout for a daemon that is starting, whatever
+        # reconnect_timeout says (which bounds the retries of a connection that worked,
+        # and of a first one that met a daemon refusing `busy` and the like).
+        wait = max(self.reconnect_timeout, self.connect_timeout) if initial \
+            else self.reconnect_timeout
+        deadline = t0 + wait
         attempt = 0
         while True:
             attempt += 1
@@ -926,10 +964,10 @@ class Client:
                 if isinstance(last, Refused):
                     raise last
                 raise DaemonGone(f"no millrace daemon at {self.socket_path} within "
-                                 f"{self.reconnect_timeout:g} s: {last}") from None
+                                 f"{wait:g} s: {last}") from None
             if attempt == 1:
                 log.warning("millrace: daemon at %s unavailable (%s); retrying for %g s",
-                            self.socket_path, last, self.reconnect_timeout)
+                            self.socket_path, last, wait)
             time.sleep(0.1)
 
     def _open(self):
@@ -944,7 +982,17 @@ class Client:
                 # A refused peer is closed at once, possibly before our HELLO arrived:
                 # its REFUSED frame is still queued, so read it (EOF raises _Gone).
                 pass
-            kind, payload = read_frame(sock, fds)
+            try:
+                kind, payload = read_frame(sock, fds)
+            except _ReadTimeout:
+                # The daemon accepted and has our HELLO, but is still at it (a seek on a
+                # huge corpus): it is there, so this is no reason to reconnect, which
+                # would cancel that work and start it over.
+                raise HandshakeTimeout(
+                    f"the millrace daemon at {self.socket_path} accepted the connection but "
+                    f"sent no WELCOME within handshake_timeout={self.handshake_timeout:g} s "
+                    "(a seek without a cursor can take long on a huge corpus); raise "
+                    "Client(handshake_timeout=...)") from None
             if kind == REFUSED:
                 raise Refused(*_reason(payload))
             if kind == ERROR:
@@ -1124,9 +1172,10 @@ class Client:
         if kind == ERROR:
             code, message = _reason(payload)
             conn.gone = True
+            # The daemon closes after an ERROR: the next call reconnects, and says why.
+            conn.gone_reason = f"{code}: {message}"
             if code == "shutdown":
                 # A draining daemon (SIGTERM) says so before it closes: it will be back.
-                conn.gone_reason = f"{code}: {message}"
                 raise _Gone(conn.gone_reason)
             raise DaemonError(code, message)
         raise ProtocolError(f"unexpected {_TYPE_NAMES.get(kind, kind)} frame while streaming")
@@ -1151,6 +1200,20 @@ class Client:
             raise ProtocolError(f"step {step}: cursor_len {cursor_len} (at most "
                                 f"{st.cursor_cap}) or cu_len {cu_len} ({rows + 1}..="
                                 f"{st.cu_cap}) is out of range")
+        # max_seqlen goes to flash attention as is, and a compact slot's cu_len sizes the
+        # cu_seqlens a GPU derives (a scatter past its end is a device fault), so neither
+        # is trusted: every piece lies in one row, and the last row's last entry
+        # (row_bounds, when the slot has it) is entry cu_len - 1. Scalar reads only.
+        if not 0 < max_seqlen <= seq_len:
+            raise ProtocolError(f"step {step}: max_seqlen {max_seqlen} is not in 1..="
+                                f"{seq_len} (seq_len)")
+        if conn.row_bounds_at is not None:
+            views = st.views[slot]
+            if len(views) > conn.row_bounds_at:
+                last = int(views[conn.row_bounds_at][-1, 0])
+                if last + 1 != cu_len:
+                    raise ProtocolError(f"step {step}: cu_len {cu_len} disagrees with "
+                                        f"row_bounds, whose last row ends at entry {last}")
         c0 = base + st.cursor_off
         cursor = conn.mm[c0 : c0 + cursor_len]
         batch = Batch(step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,

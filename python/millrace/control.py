@@ -16,13 +16,16 @@ Errors
 - :class:`~millrace.client.Refused`: the daemon refused the connection (REFUSED frame,
   e.g. this uid is not allowed).
 - :class:`~millrace.client.DaemonError`: the daemon judged a frame malformed (ERROR frame)
-  and closed the connection.
+  and closed the connection, or closed it as idle (``code == "idle"``) just as the
+  request was being sent (it was not delivered: send it again).
 - :class:`~millrace.client.DaemonGone`: no daemon at the socket, or it closed the
   connection or did not reply within ``timeout``.
 - ``ValueError``: weights that cannot be sent (NaN or infinite: JSON has no such numbers).
 
 Requests are not retried: after an error the connection is dropped and the next call
-opens a new one, so a change is never sent twice behind the caller's back.
+opens a new one, so a change is never sent twice behind the caller's back. A connection
+the daemon closed while it sat unused (``[serve] control_idle_timeout_ms``, ERROR
+``idle``) is replaced before a request is sent on it: nothing was sent on it yet.
 
 Changing the mixture on every node of a job
 -------------------------------------------
@@ -63,9 +66,11 @@ restart from a checkpoint) brings them back together.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import select
 import socket as _socket
 
 from .client import (
@@ -216,6 +221,18 @@ class Control:
         sock = self._connect()
         try:
             sock.sendall(encode_frame(CONTROL, payload), _socket.MSG_NOSIGNAL)
+        except OSError as e:
+            # The daemon closed between _connect's look and this send (so the request was
+            # not delivered); the ERROR frame it sent first says why.
+            pending = _pending_frame(sock) if e.errno in (errno.EPIPE, errno.ECONNRESET) \
+                else None
+            self.close()
+            if pending is not None and pending[0] == ERROR:
+                code, message = _reason(pending[1])
+                raise DaemonError(code, f"{message} (the request was not delivered; send "
+                                        "it again)") from None
+            raise DaemonGone(f"{self.socket_path}: cannot send: {e}") from e
+        try:
             kind, reply = read_frame(sock)
         except (_Gone, OSError) as e:
             self.close()
@@ -253,7 +270,12 @@ class Control:
 
     def _connect(self):
         if self._sock is not None:
-            return self._sock
+            if not _readable(self._sock):
+                return self._sock
+            # Every reply was read, so anything to read now is the daemon closing the
+            # connection (ERROR `idle` after control_idle_timeout_ms unused, or its end):
+            # open a new one. Nothing was sent on this one since its last reply.
+            self.close()
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -289,6 +311,22 @@ class Control:
     def __repr__(self):
         state = "connected" if self._sock is not None else "not connected"
         return f"Control({self.socket_path!r}, {state})"
+
+
+def _readable(sock) -> bool:
+    """Whether ``sock`` has something to read or was hung up, without waiting."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _pending_frame(sock):
+    """A frame the daemon sent before it closed (type, payload), or None."""
+    try:
+        sock.settimeout(1.0)  # it is queued already, if it is there at all
+        return read_frame(sock)
+    except (_Gone, OSError, ProtocolError):
+        return None
 
 
 def forward_change(control: Control, change: dict | None, src: int = 0, group=None,

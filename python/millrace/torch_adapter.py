@@ -1,7 +1,10 @@
 """torch integration (optional: importing this module imports torch).
 
-- :func:`batch_to_torch` (also ``Batch.to_torch``): CPU tensors that alias the ring
-  (zero copy, same lifetime as the numpy views), or CUDA tensors copied on a side stream.
+- :func:`batch_to_torch` (also ``Batch.to_torch``): CPU tensors, copies by default
+  (``copy=False``: zero-copy views of the ring, with the numpy views' lifetime and
+  READ-ONLY: the ring is mapped read only, so an in-place op on one is a SIGSEGV), or
+  CUDA tensors copied on a side stream. ``tokens`` and ``labels`` are int32 (int64 for
+  ids int32 cannot hold) on every device, whatever the slot stores (uint16, often).
   A compact slot goes to CUDA as ONE copy of its contiguous bytes, then device ops
   derive labels, positions, mask and cu_seqlens (:mod:`millrace.torch_derive`): one
   replay of a CUDA graph captured for the slot's shape (checked against the eager
@@ -16,9 +19,9 @@
   used and any error is cleared.) Any failure logs a warning and copies fall back to
   pageable memory; it never raises. Unregistered on reconnect and close. Registered at
   the first CUDA copy (``register_cuda="auto"``): a CPU-only consumer's ring stays
-  pageable, and while it is registered CPU tensors are copies, not views, since the
-  trainer's own ``non_blocking`` copy from a view of pinned memory could read the slot
-  after the client released it.
+  pageable, and while it is registered CPU tensors are copies even with ``copy=False``,
+  since the trainer's own ``non_blocking`` copy from a view of pinned memory could read
+  the slot after the client released it.
 - :class:`TorchClient`: iterates :class:`TorchBatch` objects on a device, prefetching the
   copy of the next batch(es) while the trainer computes.
 - :class:`MillraceIterableDataset`: for ``DataLoader(ds, batch_size=None, num_workers=0)``
@@ -53,7 +56,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from .client import FIELDS, SLOT_FIELDS, Batch, Client, MillraceError, _as_blob
+from .client import FIELDS, SLOT_FIELDS, Batch, Client, MillraceError, StaleBatch, _as_blob
 from .torch_derive import _Graphed, _on, derive_tensors
 
 __all__ = ["TorchBatch", "TorchClient", "MillraceIterableDataset", "batch_to_torch",
@@ -66,45 +69,70 @@ _NOT_WRITABLE = "The given NumPy array is not writable"
 
 
 def _from_numpy_all(arrays: dict) -> dict:
-    # The ring is mapped read only, so the views are not writable; torch warns that it
-    # does not support read-only tensors. The tensors are never written (document it to
-    # users: in-place ops on them fault), so silence exactly that warning.
+    # Views of the ring are not writable (it is mapped read only); torch warns that it
+    # does not support read-only tensors. Zero-copy tensors (``copy=False``) are documented
+    # as read-only (an in-place op on one faults), so silence exactly that warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
-        return {k: _tensor(v) for k, v in arrays.items()}
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
-def _tensor(v: np.ndarray):
-    """``torch.from_numpy``, zero copy; an id dtype this torch lacks (uint16 before
-    torch 2.3) is widened to int32 instead (a copy)."""
-    try:
-        return torch.from_numpy(v)
-    except TypeError:
-        return torch.from_numpy(v.astype(np.int32))
+_I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
 
 
-def _cpu_tensors(batch: Batch, arrays: dict) -> dict:
-    """CPU tensors over the batch's slot. Built once per slot of a connection and reused
-    (the slot's memory never moves), so a step costs a dict copy and one slice, not
-    eight ``from_numpy`` calls and a warnings context."""
+def _id_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype torch gets token ids in: int32, or int64 for ids int32 cannot hold
+    (uint32, int64). A compact slot stores the shards' own dtype (uint16, often), which
+    ``nn.Embedding`` and ``cross_entropy`` reject (and torch before 2.3 lacks); the CUDA
+    derivation (:mod:`millrace.torch_derive`) widens the same way, so tensors have one
+    dtype on every device."""
+    if dtype.itemsize > 4 or (dtype.itemsize == 4 and dtype.kind == "u"):
+        return _I64
+    return _I32
+
+
+def _cpu_tensors(arrays: dict, copy: bool) -> dict:
+    """CPU tensors of a batch's ``arrays`` (:data:`FIELDS`; ``tokens`` and ``labels``
+    widened to :func:`_id_dtype`). ``copy``: each its own memory, so the caller may write
+    to them (``labels`` and ``tokens`` too: of a compact slot they are views of one
+    array, and ``labels[...] = -100`` must not reach ``tokens``). Else new tensors over the
+    batch's memory where the dtype allows, the ring's views read-only.
+
+    New tensor objects over new storages every call, never ones kept per slot: a
+    storage can be moved under every tensor that shares it (``share_memory_()``, which
+    a DataLoader worker's queue does to each tensor it sends, on a feeder thread, while
+    the worker moves on), and a kept tensor would then read that copy, not the ring, at
+    every later step of its slot. ``from_numpy`` costs about 5 us for the seven."""
+    out = {}
+    for k, v in arrays.items():
+        if k == "tokens" or k == "labels":
+            wide = _id_dtype(v.dtype)
+            if v.dtype != wide:
+                v = v.astype(wide)  # a new, dense array
+            elif copy:
+                v = np.array(v)
+        elif copy:
+            v = np.array(v)
+        out[k] = v
+    return _from_numpy_all(out)
+
+
+def _device_sources(batch: Batch, arrays: dict) -> dict:
+    """CPU tensors over the ring that a copy to another device reads: an expanded slot's,
+    built once per slot of a connection and reused (the slot's memory never moves), so a
+    step costs a dict copy and one slice, not seven ``from_numpy`` calls and a warnings
+    context. Safe to keep, unlike tensors handed to the caller: they only ever feed
+    ``.to(device)``, so nothing moves their storage. Ids int32 cannot index with (an
+    expanded slot of ``token_dtype = "shard"``) and copied batches get new tensors."""
     client = batch._client
     conn = client._conn if client is not None else None
-    if conn is None or conn.id != batch._conn_id:
-        return _from_numpy_all(arrays)
+    if batch.slot_layout != "expanded" or conn is None or conn.id != batch._conn_id \
+            or arrays["tokens"].dtype != _id_dtype(arrays["tokens"].dtype):
+        return _cpu_tensors(arrays, copy=False)
     key = id(batch._views)  # one tuple per slot of the connection
     full = conn.torch_cpu.get(key)
     if full is None:
-        views = dict(zip(SLOT_FIELDS[batch.slot_layout], batch._views))
-        views.pop("rows", None)  # per step: a widened copy must not be cached
-        full = conn.torch_cpu[key] = _from_numpy_all(views)
-    if batch.slot_layout == "compact":
-        # tokens and labels alias the ring's rows; the derived arrays are the batch's own.
-        rows = _from_numpy_all({"rows": batch._view("rows")})["rows"]
-        return {"tokens": rows[:, :-1], "labels": rows[:, 1:],
-                "loss_mask": torch.from_numpy(arrays["loss_mask"]),
-                "position_ids": torch.from_numpy(arrays["position_ids"]),
-                "cu_seqlens": torch.from_numpy(arrays["cu_seqlens"]),
-                "domain": full["domain"], "row_loss_tokens": full["row_loss_tokens"]}
+        full = conn.torch_cpu[key] = _from_numpy_all(dict(zip(FIELDS, batch._views)))
     cpu = {k: full[k] for k in FIELDS}
     cpu["cu_seqlens"] = full["cu_seqlens"][: batch.cu_len]
     return cpu
@@ -122,10 +150,17 @@ class _Fences:
 
 
 class TorchBatch:
-    """A batch as torch tensors: the same attribute names as :class:`millrace.Batch`.
+    """A batch as torch tensors: the same attribute names as :class:`millrace.Batch`;
+    ``tokens`` and ``labels`` int32 (int64 for ids wider than int32) on every device.
 
     On a CUDA device the tensors are the trainer's own (the ring slot is free once the
-    copy completed); on the CPU they alias the ring and share the batch's lifetime.
+    copy completed); of a compact slot, ``tokens`` and ``labels`` there are two views of
+    one ``[rows, seq_len + 1]`` tensor, so clone ``labels`` before editing it in place.
+    On the CPU they are copies, the trainer's own too (``tokens`` and ``labels``
+    separate), unless made with ``copy=False``: then they alias the ring, share the
+    batch's lifetime and are READ-ONLY (an in-place op on one, e.g.
+    ``labels[:, -1] = -100``, kills the process with SIGSEGV: the ring is mapped read
+    only).
     """
 
     def __init__(self, batch: Batch, tensors: dict, mb_bounds):
@@ -174,22 +209,27 @@ class TorchBatch:
 
 
 def batch_to_torch(batch: Batch, device=None, non_blocking: bool = True,
-                   cuda_graphs: bool = True) -> TorchBatch:
+                   cuda_graphs: bool = True, copy: bool = True) -> TorchBatch:
     """Tensors of ``batch`` on ``device`` (see the module docstring). ``cuda_graphs``:
     derive a compact slot's arrays on CUDA by replaying a captured graph (checked
-    against the eager kernels on its first step) rather than launching each kernel."""
+    against the eager kernels on its first step) rather than launching each kernel.
+
+    On the CPU the tensors are copies, the caller's own (``copy=True``, the default).
+    ``copy=False``: zero-copy tensors over the ring (tokens and labels of a uint16 slot
+    are a widened copy all the same), valid while the batch is, and READ-ONLY: the ring
+    is mapped read only, so an in-place op on one kills the process with SIGSEGV, which
+    no Python code can catch. Use it only where nothing writes to the tensors. Other
+    devices get copies either way."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     if dev.type == "cuda" and batch.slot_layout == "compact" and torch.cuda.is_available():
         return _compact_to_cuda(batch, dev, non_blocking, cuda_graphs)
     arrays = batch.arrays()  # raises StaleBatch when released
     bounds = batch.micro_batch_bounds()
-    cpu = _cpu_tensors(batch, arrays)
     if dev.type == "cpu":
-        if _pinned(batch):
-            # A view of pinned memory would let the trainer's own non_blocking copy to a
-            # GPU read the slot after the client released it (nothing fences it): copies.
-            cpu = {k: t.clone() for k, t in cpu.items()}
-        return TorchBatch(batch, cpu, bounds)
+        # A view of pinned memory would let the trainer's own non_blocking copy to a GPU
+        # read the slot after the client released it (nothing fences it): copies then.
+        return TorchBatch(batch, _cpu_tensors(arrays, copy or _pinned(batch)), bounds)
+    cpu = _device_sources(batch, arrays)
     if dev.type != "cuda":
         # Other accelerators: a plain synchronous copy, so the slot can go right after.
         return TorchBatch(batch, {k: t.to(dev) for k, t in cpu.items()}, bounds)
@@ -429,21 +469,35 @@ def unregister_ring(conn):
 # ---------------------------------------------------------------------------- iteration
 
 
+def _retried_to_torch(owner, b: Batch, device, **kw):
+    """``b.to_torch`` for an ``owner`` that keeps ``b`` as ``_pending`` to retry a failed
+    copy. A batch that went stale meanwhile (its connection ended) can never succeed:
+    it is dropped, so the error is raised once, not on every later call."""
+    try:
+        return b.to_torch(device, **kw)
+    except StaleBatch:
+        owner._pending = None
+        raise
+
+
 class TorchClient:
     """Iterates :class:`TorchBatch` objects on ``device``, prefetching ``prefetch`` copies.
 
     ``client`` is a :class:`millrace.Client` (not yet connected) or the keyword arguments
     of one. Its ``hold`` is raised to ``prefetch + 1``. :meth:`state_dict` describes the
     last batch returned to you (not the prefetched ones), so a checkpoint resumes exactly.
-    On the CPU (``device="cpu"``) the tensors alias the ring and stay valid until you ask
-    for the next batch. ``cuda_graphs`` (compact slots on CUDA): derive each step by
-    replaying a captured graph (:class:`_Graphed`; at most about 90 bytes of device
-    memory per token of a slot, held while the client lives) rather than kernel by
-    kernel.
+    On the CPU (``device="cpu"``) the tensors are copies, yours to keep and write to;
+    ``copy=False`` makes them zero-copy views of the ring instead, valid until you ask
+    for the next batch and READ-ONLY: an in-place op on one kills the process with
+    SIGSEGV (the ring is mapped read only). A copy to the device that fails (CUDA out of
+    memory) loses nothing: the next call retries that batch. ``cuda_graphs`` (compact
+    slots on CUDA): derive each step by replaying a captured graph (:class:`_Graphed`;
+    at most about 90 bytes of device memory per token of a slot, held while the client
+    lives) rather than kernel by kernel.
     """
 
     def __init__(self, client=None, device="cuda", prefetch: int = 1, non_blocking=True,
-                 cuda_graphs: bool = True, **client_kwargs):
+                 cuda_graphs: bool = True, copy: bool = True, **client_kwargs):
         if client is None:
             client = Client(**client_kwargs)
         elif client_kwargs:
@@ -462,24 +516,36 @@ class TorchClient:
         self.prefetch = prefetch
         self.non_blocking = non_blocking
         self.cuda_graphs = cuda_graphs
+        self.copy = copy
         self._queue: deque = deque()
         self._last = None
+        # A batch taken from the client whose to_torch failed (CUDA out of memory): the
+        # client's cursor is past it, so it is retried, never skipped.
+        self._pending = None
+        self._start = None  # the client's position before its first batch
 
     def __iter__(self):
         return self
 
     def __next__(self) -> TorchBatch:
+        if self._start is None:
+            self._start = self.client.state_dict()
         while len(self._queue) <= self.prefetch:
-            b = self.client.next_batch()
-            self._queue.append(b.to_torch(self.device, non_blocking=self.non_blocking,
-                                          cuda_graphs=self.cuda_graphs))
+            b = self._pending if self._pending is not None else self.client.next_batch()
+            self._pending = b
+            tb = _retried_to_torch(self, b, self.device, non_blocking=self.non_blocking,
+                                   cuda_graphs=self.cuda_graphs, copy=self.copy)
+            self._pending = None
+            self._queue.append(tb)
         tb = self._queue.popleft()
         self._last = tb
         return tb
 
     def state_dict(self) -> dict:
         if self._last is None:
-            return self.client.state_dict()
+            # Before a batch was returned, the client may be past batches it took
+            # (prefetched, or one whose copy failed): its start is the position.
+            return self.client.state_dict() if self._start is None else dict(self._start)
         return {"cursor": bytes(self._last.cursor), "step": self._last.step}
 
     def load_state_dict(self, state: dict):
@@ -491,6 +557,7 @@ class TorchClient:
 
     def close(self):
         self._queue.clear()
+        self._pending = None
         self.client.close()
 
     def __enter__(self):
@@ -506,10 +573,15 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
 
     Yields dicts: the tensors of :data:`millrace.client.FIELDS` plus ``step``,
     ``plan_step``, ``max_seqlen``, ``loss_tokens``, ``real_tokens`` and ``cursor`` (the
-    item's cursor blob, bytes). With ``copy=False`` (default) the CPU tensors alias the
-    ring and are valid until the next item is requested; ``copy=True`` clones them (or
-    set ``device`` to get device copies). The keyword arguments are those of
-    :class:`millrace.Client`.
+    item's cursor blob, bytes). The CPU tensors are copies, yours to keep and write to
+    (``copy=True``, the default; or set ``device`` to get device copies). ``copy=False``
+    hands out zero-copy views of the ring instead, valid until the next item is
+    requested and READ-ONLY (an in-place op on one kills the process with SIGSEGV: the
+    ring is mapped read only), and only with ``num_workers=0``: in a DataLoader worker
+    the items are always copies, since the worker sends each one after it moved on to
+    the next batch, whose request releases the slot. The keyword arguments are those of
+    :class:`millrace.Client`. A ``device`` copy that fails (CUDA out of memory) loses
+    nothing: iterating again retries that batch.
 
     Checkpoints: ``state_of(item)`` is the position after ``item``, wherever the item was
     made; resume with ``load_state_dict`` before iterating. With ``num_workers=0``,
@@ -525,7 +597,7 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
     refused (:class:`MillraceError`) unless ``load_state_dict`` set a new position.
     """
 
-    def __init__(self, socket, dp_rank: int, dp_size: int, device=None, copy: bool = False,
+    def __init__(self, socket, dp_rank: int, dp_size: int, device=None, copy: bool = True,
                  steps: int | None = None, **client_kwargs):
         super().__init__()
         self.socket = socket
@@ -537,6 +609,10 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
         self.client_kwargs = client_kwargs
         self.client = None
         self._state = None
+        # A batch taken from the client whose to_torch failed, retried by the next
+        # iteration, and the position before it (the last item's, or the start).
+        self._pending = None
+        self._yielded = None
         # The pid of the DataLoader worker that iterates this dataset (0: none): shared
         # memory that worker processes inherit, so the main process can tell that its own
         # position is not the stream's, and a second worker that the stream restarted.
@@ -544,7 +620,7 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["client"] = None
+        d["client"] = d["_pending"] = None
         if multiprocessing.context.get_spawning_popen() is None:
             # Pickled for something other than starting a worker (copy.deepcopy, a
             # checkpoint): shared memory only travels to child processes.
@@ -561,6 +637,7 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
             self.client = Client(self.socket, self.dp_rank, self.dp_size, **self.client_kwargs)
             if self._state is not None:
                 self.client.load_state_dict(self._state)
+            self._yielded = self.client.state_dict()
         return self.client
 
     def __iter__(self):
@@ -581,15 +658,19 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
                     "(state_of(last item)) before iterating again")
             self._in_worker.value = os.getpid()
         client = self._make_client()
+        # In a worker, views would be wrong data: the DataLoader sends an item from a
+        # feeder thread (moving its tensors to shared memory) after this generator went
+        # on to the next batch, which releases the item's slot to the daemon.
+        copy = self.copy or info is not None
         n = 0
         while self.steps is None or n < self.steps:
-            b = client.next_batch()
-            tb = b.to_torch(self.device)
+            b = self._pending if self._pending is not None else client.next_batch()
+            self._pending = b
+            tb = _retried_to_torch(self, b, self.device, copy=copy)
+            self._pending = None
             d = tb.as_dict()
-            if self.copy and self.device is None:
-                for k in FIELDS:
-                    d[k] = d[k].clone()
             d["cursor"] = bytes(b.cursor)
+            self._yielded = {"cursor": d["cursor"], "step": b.step}
             n += 1
             yield d
 
@@ -602,6 +683,8 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
                 "of the last item you consumed (or use num_workers=0)")
         if self.client is None:
             return dict(self._state) if self._state else {"cursor": None, "step": -1}
+        if self._pending is not None:
+            return dict(self._yielded)  # the client is past a batch never yielded
         return self.client.state_dict()
 
     def load_state_dict(self, state: dict):

@@ -50,7 +50,7 @@ def _consts(dev, n_rows: int, seq: int):
 
 def _derive(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dict:
     """The arrays a compact slot determines, from its bytes ``buf``: ``rows`` (ids
-    widened to a signed type torch indexes with), ``loss_mask`` (uint8),
+    widened to int32, or int64 for uint32 and int64 ids), ``loss_mask`` (uint8),
     ``position_ids`` (int32), ``cu_seqlens`` (int32, ``[cu_len]``, zeros past the last
     boundary), ``domain`` and ``row_loss_tokens``. About twenty kernels, none of whose
     sizes depends on the data, so on CUDA nothing synchronises and a graph can hold them."""
@@ -65,6 +65,10 @@ def _derive(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dict:
             t = t.to(torch.int32) & 0xFFFF
         elif dtype == np.dtype("uint32"):
             t = t.to(torch.int64) & 0xFFFFFFFF
+        elif name == "rows" and dtype.itemsize < 4:
+            # uint8 / int8 / int16 ids: int32, as the CPU path gives them (torch_adapter
+            # _id_dtype); nn.Embedding takes no narrower index (doc_starts stays uint8).
+            t = t.to(torch.int32)
         return t
 
     real = field("row_real_tokens")[:, None]

@@ -388,3 +388,49 @@ def test_late_changes_are_refused_or_moved(daemon):
         assert [j["at_step"] for j in ctl.journal()] == [r["applied_step"]]
         steps = [s for s, _ in domains_of(c, 6)]
         assert steps == list(range(6, 12))
+
+
+def test_a_connection_closed_as_idle_is_replaced_not_reported_as_a_broken_pipe(
+        millrace, short_dir, tmp_path, monkeypatch):
+    """The daemon closes a control connection unused for control_idle_timeout_ms, after
+    an ERROR `idle` frame. The next request used to fail with DaemonGone "Broken pipe"
+    (and the frame went unread); now it opens a new connection, since nothing was sent on
+    the old one. If the close lands between that look and the send, the request fails
+    with the daemon's own ERROR (DaemonError `idle`, not delivered), not a broken pipe."""
+    import select
+
+    from millrace import control as control_module
+
+    from serve_helpers import wait_until
+
+    def hung_up(sock) -> bool:
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN)
+        return bool(p.poll(0))
+
+    config = write_corpus(tmp_path / "idle",
+                          extra_serve="watch_config = false\ncontrol_idle_timeout_ms = 100")
+    d = Daemon(millrace.path, config, short_dir / "idle.sock", tmp_path / "idle.log").start()
+    try:
+        ctl = Control(d.sock, timeout=10)
+        assert ctl.status()["pid"] == d.pid
+        for _ in range(2):
+            first = ctl._sock
+            wait_until(lambda: hung_up(first), 10, "the idle close")
+            assert ctl.status()["pid"] == d.pid
+            assert ctl._sock is not first
+        r = ctl.set_weights({"web": 0.5}, late="next")
+        assert r["ok"] is True
+        # The race: the look before the send saw nothing; the send meets the closed end.
+        stale = ctl._sock
+        wait_until(lambda: hung_up(stale), 10, "the idle close")
+        monkeypatch.setattr(control_module, "_readable", lambda sock: False)
+        with pytest.raises(mr.DaemonError) as e:
+            ctl.status()
+        assert e.value.code == "idle" and "not delivered" in e.value.message, e.value
+        assert not isinstance(e.value, ChangeRefused)
+        assert ctl._sock is None
+        assert ctl.status()["pid"] == d.pid  # and the next request connects anew
+    finally:
+        d.kill()
+    d.assert_no_panic()

@@ -167,3 +167,26 @@ def test_torch_device_ops_and_their_graph_form_equal_numpy():
                 kept = {k: (v, v.clone()) for k, v in graphed.items()}
         for name, (t, copy) in kept.items():
             assert torch.equal(t, copy), f"the second step overwrote the first's {name}"
+
+
+@pytest.mark.parametrize("dtype,want", [(np.uint8, "int32"), (np.int8, "int32"),
+                                        (np.int16, "int32"), (np.uint16, "int32"),
+                                        (np.int32, "int32"), (np.uint32, "int64"),
+                                        (np.int64, "int64")])
+def test_token_ids_reach_torch_as_int32_or_int64_on_every_path(dtype, want):
+    """A compact slot stores ids in the shards' dtype (uint16, often); torch gets them as
+    int32 (int64 where int32 cannot hold them) on the CPU, copied or not, and from the
+    device ops of the CUDA path alike: nn.Embedding takes no uint16 or uint8 index."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import _slot_bytes, derive_tensors
+
+    b = hand_batch(np.random.default_rng(3), 3, 16, dtype, 3)
+    host, layout = _slot_bytes(b)
+    dev = derive_tensors(host, layout, b.rows, b.seq_len, b.cu_len)
+    for copy in (True, False):
+        t = b.to_torch(copy=copy)
+        for k in ("tokens", "labels"):
+            assert getattr(t, k).dtype == dev[k].dtype == getattr(torch, want), (copy, k)
+            np.testing.assert_array_equal(getattr(t, k).numpy(), getattr(b, k).astype(want))
+            np.testing.assert_array_equal(dev[k].numpy(), getattr(b, k).astype(want))
+    assert b.tokens.dtype == dtype  # numpy keeps the slot's own dtype

@@ -914,16 +914,20 @@ def test_torch_tensors_dataset_and_resume(corpus, expected, daemons):
 
     d = daemons(corpus)
     want = expected.records(0, 12, 2, 4)
-    # Expanded slots: int32 arrays, each a zero-copy tensor over the ring.
+    # Expanded slots: int32 arrays; with copy=False each a zero-copy tensor over the ring,
+    # by default a copy.
     with client(d, 2, 4, job="t", slot_layout="expanded") as c:
         b = c.next_batch()
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the read-only warning is suppressed
-            tb = b.to_torch()
+            tb = b.to_torch(copy=False)
         assert tb.tokens.dtype == torch.int32 and tb.tokens.shape == (2, 64)
         assert tb.tokens.data_ptr() == b.tokens.__array_interface__["data"][0]  # zero copy
+        own = b.to_torch()
+        assert own.tokens.data_ptr() != tb.tokens.data_ptr()
+        assert torch.equal(own.tokens, tb.tokens) and torch.equal(own.domain, tb.domain)
         np.testing.assert_array_equal(tb.tokens.numpy(), want["tokens"][0])
         np.testing.assert_array_equal(tb.cu_seqlens.numpy(), b.cu_seqlens)
         mbs = tb.micro_batches()
@@ -1016,9 +1020,9 @@ def test_example_train_tiny_checkpoints_and_resumes(corpus, daemons, tmp_path):
 
 def test_torch_client_checks_prefetch_and_a_pinned_ring_gives_cpu_copies(corpus, daemons):
     """TorchClient on a connected client refuses a prefetch its ring cannot hold (it
-    would wait forever). CPU tensors alias the ring, except while the ring is registered
-    with CUDA: a view of pinned memory would let the trainer's own non_blocking copy read
-    the slot after its release, so they are copies then."""
+    would wait forever). CPU tensors with copy=False alias the ring, except while the
+    ring is registered with CUDA: a view of pinned memory would let the trainer's own
+    non_blocking copy read the slot after its release, so they are copies then."""
     torch = pytest.importorskip("torch")
     from millrace.torch_adapter import TorchClient
 
@@ -1036,11 +1040,17 @@ def test_torch_client_checks_prefetch_and_a_pinned_ring_gives_cpu_copies(corpus,
         def in_ring(t):
             return lo <= t.data_ptr() < lo + ring.nbytes
 
-        assert in_ring(b.to_torch().tokens)
+        # A compact slot: domain and row_loss_tokens are views of the ring (uint16 ids
+        # are widened to int32, a copy), all copies by default.
+        view, own = b.to_torch(copy=False), b.to_torch()
+        assert in_ring(view.domain) and in_ring(view.row_loss_tokens)
+        assert view.tokens.dtype == own.tokens.dtype == torch.int32
+        assert not any(in_ring(getattr(own, k)) for k in ("tokens", "labels", "domain",
+                                                          "row_loss_tokens"))
         # As _cuda_stream leaves it after a cudaHostRegister (no CUDA here to do it).
         c._conn.cuda_ptr = lo
         try:
-            t = b.to_torch()
+            t = b.to_torch(copy=False)
             assert not any(in_ring(getattr(t, k)) for k in ("tokens", "labels", "domain"))
             assert torch.equal(t.tokens, torch.from_numpy(np.array(b.tokens)).to(t.tokens.dtype))
         finally:

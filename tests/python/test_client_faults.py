@@ -1,0 +1,200 @@
+"""The Python client (python/millrace/client.py) where a connection goes wrong: a daemon
+that starts after the trainer, a daemon that accepts but is slow to WELCOME, slot headers
+that break docs/PROTOCOL.md section 4, field shapes that overflow, and a connection the
+daemon ended with an ERROR frame. Real daemons and real unix sockets; a ring is
+tampered with only in a private copy of its bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+import pytest
+
+from serve_helpers import Daemon, import_path_for_package, wait_until, write_corpus
+
+try:
+    import millrace as mr
+except ImportError:  # not pip-installed: use the source tree
+    sys.path.insert(0, import_path_for_package())
+    import millrace as mr
+
+from millrace.client import _field_view  # noqa: E402
+
+# Offsets in a slot header (docs/PROTOCOL.md section 4): step, plan_step, rows, seq_len,
+# cu_len, max_seqlen, ...
+CU_LEN_AT, MAX_SEQLEN_AT = 24, 28
+U32 = struct.Struct("<I")
+
+
+@pytest.fixture
+def daemons(millrace, short_dir, tmp_path):
+    """Daemons on demand (not started: start() them), killed and checked at the end."""
+    made = []
+
+    def make(config, name="d"):
+        d = Daemon(millrace.path, config, short_dir / f"{name}.sock",
+                   tmp_path / f"{name}.log")
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.kill()
+    for d in made:
+        if d.proc is not None:
+            d.assert_no_panic()
+
+
+# ---------------------------------------------------------------------------- connecting
+
+
+def test_connect_timeout_is_not_cut_short_by_reconnect_timeout(daemons, tmp_path):
+    """A trainer started with its daemon passes connect_timeout; with reconnect_timeout=0
+    the first connection used to give up at once ("within 0 s"). Now it waits for the
+    socket that appears half a second later, however long the daemon takes to start."""
+    d = daemons(write_corpus(tmp_path / "late"))
+    assert not d.sock.exists()
+    starter = threading.Timer(0.5, d.start)
+    starter.start()
+    try:
+        t0 = time.monotonic()
+        with mr.Client(d.sock, 0, 4, reconnect_timeout=0, connect_timeout=60,
+                       register_cuda=False) as c:
+            assert c.next_batch(timeout=60).step == 0
+        assert time.monotonic() - t0 >= 0.5
+    finally:
+        starter.join()
+    # Without connect_timeout a missing socket is still an error at once (a wrong path).
+    t0 = time.monotonic()
+    with pytest.raises(mr.DaemonGone, match="no such socket"):
+        mr.Client(tmp_path / "nobody.sock", 0, 4, reconnect_timeout=5).connect()
+    assert time.monotonic() - t0 < 2
+
+
+class Silent:
+    """A unix socket that accepts connections and never answers (a daemon busy seeking)."""
+
+    def __init__(self, path):
+        self.conns = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+
+    def close(self):
+        self.listener.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_a_slow_welcome_is_a_handshake_timeout_not_a_gone_daemon(short_dir):
+    """A daemon that accepted and has the HELLO but sends no WELCOME within
+    handshake_timeout is there, busy: HandshakeTimeout at once, naming the option, on
+    the one connection. It used to be retried as a gone daemon (each retry cancelling
+    the daemon's seek and starting it over) and end in "no millrace daemon"."""
+    srv = Silent(short_dir / "silent.sock")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(mr.HandshakeTimeout) as e:
+            mr.Client(short_dir / "silent.sock", 0, 1, handshake_timeout=0.5,
+                      reconnect_timeout=5, register_cuda=False).connect()
+        took = time.monotonic() - t0
+        assert 0.4 < took < 3, took
+        assert "handshake_timeout" in str(e.value) and "accepted" in str(e.value)
+        assert not isinstance(e.value, mr.DaemonGone)
+        assert len(srv.conns) == 1
+    finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------------------- headers
+
+
+def test_slot_headers_with_a_wild_max_seqlen_or_cu_len_are_protocol_errors(daemons,
+                                                                           tmp_path):
+    """max_seqlen goes to flash attention as is and a compact slot's cu_len sizes the
+    cu_seqlens a GPU derives, so a header must have 0 < max_seqlen <= seq_len and, with
+    row_bounds, cu_len = the last row's end entry + 1. Checked on a private, writable
+    copy of a live ring, then the untouched header reads as before."""
+    d = daemons(write_corpus(tmp_path / "hdr")).start()
+    with mr.Client(d.sock, 0, 4, job="hdr", reconnect_timeout=0, register_cuda=False) as c:
+        assert c.next_batch(timeout=60).step == 0
+        conn = c._conn
+        wait_until(lambda: conn.published() >= 2, 30, "step 1 published")
+        # The client maps rings read only (and checks its views are): a memfd mapped
+        # read only for it and read-write for the tampering.
+        fd = os.memfd_create("ring-copy")
+        os.ftruncate(fd, len(conn.mm))
+        copy = mmap.mmap(fd, len(conn.mm))
+        copy[:] = conn.mm[:]
+        conn.mm = mmap.mmap(fd, len(copy), prot=mmap.PROT_READ)
+        os.close(fd)
+        conn.by_header.clear()  # views of the copy from here on
+        base = conn.slot_base[1 % conn.slots]
+        seq_len = U32.unpack_from(copy, base + 20)[0]
+        cu_len = U32.unpack_from(copy, base + CU_LEN_AT)[0]
+        max_seqlen = U32.unpack_from(copy, base + MAX_SEQLEN_AT)[0]
+        for at, value, what in [(MAX_SEQLEN_AT, 0, "max_seqlen 0 "),
+                                (MAX_SEQLEN_AT, seq_len + 1, f"max_seqlen {seq_len + 1} "),
+                                (CU_LEN_AT, cu_len + 1, "row_bounds"),
+                                # row_bounds, or the older range check (rows < cu_len)
+                                (CU_LEN_AT, cu_len - 1, "cu_len")]:
+            U32.pack_into(copy, base + at, value)
+            with pytest.raises(mr.ProtocolError, match=what):
+                c.next_batch(timeout=10)
+            U32.pack_into(copy, base + CU_LEN_AT, cu_len)
+            U32.pack_into(copy, base + MAX_SEQLEN_AT, max_seqlen)
+        b = c.next_batch(timeout=10)
+        assert (b.step, b.cu_len, b.max_seqlen) == (1, cu_len, max_seqlen)
+        assert len(b.cu_seqlens) == cu_len
+
+
+def test_field_shapes_that_overflow_int64_are_protocol_errors():
+    """A WELCOME (or header) field's element count is a Python integer: np.prod wrapped
+    2**32 x 2**32 around int64 to 0 bytes, which passed the bound check and failed later
+    with a ValueError. Negative extents are refused too."""
+    mm = mmap.mmap(-1, 4096, prot=mmap.PROT_READ)
+    ok = _field_view(mm, 0, "rows", {"dtype": "int32", "shape": [2, 8], "offset": 256}, 4096)
+    assert ok.shape == (2, 8)
+    for shape in ([2**32, 2**32], [2**63, 2], [-1, 4], [-2, -8]):
+        with pytest.raises(mr.ProtocolError):
+            _field_view(mm, 0, "rows", {"dtype": "int32", "shape": shape, "offset": 256},
+                        4096)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_after_a_daemon_error_the_next_call_says_why_the_connection_ended(daemons, tmp_path):
+    """An ERROR frame (here `materialize`: an id past vocab_size) ends the connection.
+    The next call used to find it failed with no reason ("the connection failed
+    earlier"); it now names the daemon's error."""
+    config = write_corpus(tmp_path / "vocab")  # ids 3..30000
+    config.write_text(config.read_text().replace("eod_token = 2",
+                                                 "eod_token = 2\nvocab_size = 1000"))
+    d = daemons(config).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+    with pytest.raises(mr.DaemonError) as e:
+        for _ in range(10):
+            c.next_batch(timeout=60)
+    assert e.value.code == "materialize"
+    assert c._conn is not None and c._conn.gone
+    assert c._conn.gone_reason == f"materialize: {e.value.message}"
+    with pytest.raises(mr.DaemonGone, match="went away: materialize: "):
+        c.next_batch(timeout=60)
+    c.close()

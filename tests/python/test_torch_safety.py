@@ -1,0 +1,278 @@
+"""The torch adapter's CPU tensors against a live daemon: what a trainer may do with them.
+
+- In a DataLoader worker the items are the stream's own data, whatever ``copy`` says
+  (the worker sends an item after it moved on and released the item's slot, and moving
+  a tensor to shared memory replaces its storage).
+- The default tensors may be written in place; zero-copy views are opt-in (``copy=False``)
+  and documented read-only (writing to one is a SIGSEGV: the ring is mapped read only).
+- ``tokens`` and ``labels`` are int32 on the CPU, as on CUDA, for uint16 shards too.
+- A failed ``to_torch`` (a CUDA out-of-memory error, say) loses no step.
+
+Every test skips where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve_helpers import Daemon, import_path_for_package, write_corpus
+
+try:
+    import millrace as mr
+except ImportError:  # not pip-installed: use the source tree
+    sys.path.insert(0, import_path_for_package())
+    import millrace as mr
+
+torch = pytest.importorskip("torch")
+
+from millrace import torch_adapter  # noqa: E402
+from millrace.torch_adapter import MillraceIterableDataset, TorchClient  # noqa: E402
+
+FIELDS = mr.client.FIELDS
+DP = 2
+LAYOUTS = ("compact", "expanded")
+
+
+@pytest.fixture(scope="module")
+def daemon(millrace, tmp_path_factory):
+    """One daemon for the module (each test reads its own jobs): 4 ring slots, so a
+    stream of 24 steps reuses every slot several times."""
+    root = tmp_path_factory.mktemp("torch_safety")
+    config = write_corpus(root / "corpus", ring_slots=4)
+    sockets = Path(tempfile.mkdtemp(prefix="mrt", dir="/tmp"))  # short: unix path limit
+    d = Daemon(millrace.path, config, sockets / "d.sock", root / "d.log").start()
+    yield d
+    d.kill()
+    shutil.rmtree(sockets, ignore_errors=True)
+    d.assert_no_panic()
+
+
+def dataset(d, job, layout, **kw):
+    return MillraceIterableDataset(d.sock, 0, DP, job=job, slot_layout=layout,
+                                   register_cuda=False, reconnect_timeout=0, **kw)
+
+
+def owned(item: dict) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
+
+
+def assert_same_items(got: list, want: list, what: str):
+    assert [int(g["step"]) for g in got] == [int(w["step"]) for w in want], what
+    for g, w in zip(got, want):
+        for k in FIELDS:
+            assert g[k].dtype == w[k].dtype, (what, int(w["step"]), k)
+            assert torch.equal(g[k], w[k]), f"{what}: step {int(w['step'])} differs in {k}"
+        assert bytes(g["cursor"]) == bytes(w["cursor"]), (what, int(w["step"]))
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_dataloader_worker_yields_the_stream_even_with_copy_false(daemon, layout):
+    """Finding 1: with num_workers=1 and copy=False, every item equals the num_workers=0,
+    copy=True stream. Before, the worker yielded per-slot tensors kept across steps: the
+    DataLoader moved them to shared memory (replacing the storage under the kept tensor),
+    so from the slot's second use on the worker served an old step's data."""
+    steps = 24
+    ref = dataset(daemon, f"ref-{layout}", layout, copy=True, steps=steps)
+    want = [owned(d) for d in torch.utils.data.DataLoader(ref, batch_size=None)]
+    ref.close()
+    assert len(want) == steps
+
+    ds = dataset(daemon, f"w1-{layout}", layout, copy=False, steps=steps)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)
+    got = [owned(d) for d in loader]
+    del loader  # ends the worker, whose client leaves the ring
+    assert_same_items(got, want, f"{layout}, num_workers=1, copy=False")
+    assert all(g["tokens"].dtype == torch.int32 for g in got)
+
+
+# ---------------------------------------------------------------------------- in place
+
+
+INPLACE = textwrap.dedent("""
+    import sys
+    import torch
+    import millrace as mr
+    from millrace.torch_adapter import MillraceIterableDataset, TorchClient
+
+    sock, layout = sys.argv[1], sys.argv[2]
+    kw = dict(slot_layout=layout, register_cuda=False, reconnect_timeout=0)
+    with mr.Client(sock, 1, 2, job="inplace-b-" + layout, **kw) as c:
+        b = c.next_batch(timeout=60)
+        want_tokens = torch.from_numpy(b.tokens.astype("int64"))
+        want_domain = b.domain.copy()
+        t = b.to_torch()
+        t.labels[:, -1] = -100
+        t.labels[:, 0] = -100   # of a compact slot, labels[:, 0] is the ring's tokens[:, 1]
+        t.labels[t.loss_mask == 0] = -100
+        t.position_ids += 1
+        t.domain.zero_()
+        t.row_loss_tokens.fill_(7)
+        t.cu_seqlens[0] = 5
+        t.tokens[0, 0] = 1
+        assert torch.equal(t.tokens[:, 1:].long(), want_tokens[:, 1:]), "labels reach tokens"
+        assert (b.domain == want_domain).all() and not (t.domain != 0).any()
+    tc = TorchClient(mr.Client(sock, 1, 2, job="inplace-t-" + layout, **kw), device="cpu")
+    for _ in range(3):
+        tb = next(tc)
+        tb.labels[tb.loss_mask == 0] = -100
+        tb.tokens.clamp_(max=100)
+    tc.close()
+    ds = MillraceIterableDataset(sock, 1, 2, steps=3, job="inplace-d-" + layout, **kw)
+    for d in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0):
+        d["labels"][:, -1] = -100
+        d["loss_mask"].zero_()
+    ds.close()
+    print("survived", flush=True)
+""")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_default_tensors_may_be_written_in_place(daemon, layout):
+    """Finding 2: the default CPU tensors of Batch.to_torch, TorchClient and the dataset
+    are the trainer's own: the usual masking idioms (labels[...] = -100) run, and an edit
+    of labels does not reach tokens. Run in a subprocess, since before they were views
+    of the read-only ring and the first in-place op killed the process with SIGSEGV."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = import_path_for_package() + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", INPLACE, str(daemon.sock), layout],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0 and "survived" in p.stdout, \
+        f"exit {p.returncode} (-11: SIGSEGV)\n{p.stdout[-2000:]}{p.stderr[-4000:]}"
+
+
+def test_zero_copy_views_are_opt_in_and_documented_read_only(daemon):
+    """copy=False still gives zero-copy tensors over the ring (for a trainer that only
+    reads them), a new tensor object each step (nothing kept per slot that a caller
+    could move), and every entry point says they are read-only."""
+    for doc in (mr.Batch.to_torch.__doc__, torch_adapter.batch_to_torch.__doc__,
+                torch_adapter.TorchBatch.__doc__, TorchClient.__doc__,
+                MillraceIterableDataset.__doc__, torch_adapter.__doc__):
+        assert "copy=False" in doc and "READ-ONLY" in doc and "SIGSEGV" in doc, doc
+    with mr.Client(daemon.sock, 1, DP, job="views", slot_layout="expanded",
+                   register_cuda=False, reconnect_timeout=0) as c:
+        ring = np.frombuffer(c.connect()._conn.mm, dtype=np.uint8)
+        lo, hi = ring.__array_interface__["data"][0], ring.__array_interface__["data"][0] \
+            + ring.nbytes
+        del ring
+        seen = {}
+        for _ in range(6):  # 4 slots: slots 0 and 1 come round again
+            b = c.next_batch(timeout=60)
+            v = b.to_torch(copy=False)
+            for k in FIELDS:
+                t = getattr(v, k)
+                assert lo <= t.data_ptr() < hi, k
+                assert torch.equal(t, torch.from_numpy(np.array(getattr(b, k)))), k
+            slot = b.step % 4
+            if slot in seen:
+                assert seen[slot] is not v.tokens
+            # What a DataLoader's queue does to a tensor it sends: a kept tensor would
+            # read this copy, not the ring, the next time its slot comes round.
+            v.tokens.share_memory_()
+            seen[slot] = v.tokens
+
+
+# ---------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_token_ids_are_int32_on_the_cpu_for_uint16_shards(daemon, layout):
+    """Finding 3: a compact slot of uint16 shards gave torch.uint16 tokens and labels on
+    the CPU (int32 on CUDA), which nn.Embedding rejects. Now int32 on every path, views
+    (copy=False) included, with the same values as the numpy views."""
+    with mr.Client(daemon.sock, 1, DP, job=f"dtype-{layout}", slot_layout=layout,
+                   register_cuda=False, reconnect_timeout=0) as c:
+        b = c.next_batch(timeout=60)
+        assert c.welcome["token_dtype"] == ("uint16" if layout == "compact" else "int32")
+        emb = torch.nn.Embedding(30001, 4)  # ids 3..30000
+        for copy in (True, False):
+            t = b.to_torch(copy=copy)
+            for k in ("tokens", "labels"):
+                assert getattr(t, k).dtype == torch.int32, (copy, k)
+                np.testing.assert_array_equal(getattr(t, k).numpy(), getattr(b, k))
+            assert emb(t.tokens).shape == (b.rows, b.seq_len, 4)
+            logits = torch.zeros(b.rows * b.seq_len, 30001)
+            torch.nn.functional.cross_entropy(logits, t.labels.reshape(-1).long())
+    tc = TorchClient(mr.Client(daemon.sock, 1, DP, job=f"dtype-tc-{layout}",
+                               slot_layout=layout, register_cuda=False,
+                               reconnect_timeout=0), device="cpu")
+    tb = next(tc)
+    assert tb.tokens.dtype == tb.labels.dtype == torch.int32
+    tc.close()
+
+
+# ---------------------------------------------------------------------------- failures
+
+
+class FailOnce:
+    """Stands in for batch_to_torch: raises (as a CUDA out-of-memory error would) at the
+    ``at``-th call, passes every other call through."""
+
+    def __init__(self, at: int):
+        self.at, self.calls, self.real = at, 0, torch_adapter.batch_to_torch
+
+    def __call__(self, batch, *a, **kw):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError(f"CUDA out of memory (injected at step {batch.step})")
+        return self.real(batch, *a, **kw)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("at", [1, 3])
+def test_a_failed_transfer_is_retried_by_torch_client(daemon, monkeypatch, prefetch, at):
+    """Finding 9: a to_torch that raised after next_batch moved the cursor lost that
+    step. The next call now returns it, and state_dict never counts it as consumed: the
+    last batch returned, or before the first one the start (not the failed batch)."""
+    monkeypatch.setattr(torch_adapter, "batch_to_torch", FailOnce(at))
+    kw = dict(register_cuda=False, reconnect_timeout=0)
+    tc = TorchClient(mr.Client(daemon.sock, 0, DP, job=f"retry-tc{prefetch}-{at}", **kw),
+                     device="cpu", prefetch=prefetch)
+    # The at-th transfer is step at - 1; the batches returned before it fails.
+    got = [next(tc).step for _ in range(max(0, at - 1 - prefetch))]
+    before = tc.state_dict()
+    if not got:
+        assert before == {"cursor": None, "step": -1}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        next(tc)
+    assert tc.state_dict() == before
+    got += [next(tc).step for _ in range(4)]
+    assert got == list(range(len(got))), got
+    tc.close()
+
+
+def test_a_failed_transfer_is_retried_by_the_dataset(daemon, monkeypatch):
+    """Finding 9 for MillraceIterableDataset (num_workers=0): the step whose to_torch
+    failed is the first item of the next pass, with its own data, and state_dict() in
+    between is the last item yielded."""
+    ref = dataset(daemon, "retry-ref", "compact", steps=6)
+    want = [owned(d) for d in torch.utils.data.DataLoader(ref, batch_size=None)]
+    ref.close()
+
+    monkeypatch.setattr(torch_adapter, "batch_to_torch", FailOnce(at=3))
+    ds = dataset(daemon, "retry-ds", "compact")
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0)
+    got = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        for d in loader:
+            got.append(owned(d))
+    assert [int(d["step"]) for d in got] == [0, 1]
+    assert ds.state_dict() == MillraceIterableDataset.state_of(got[-1])
+    for d in loader:
+        got.append(owned(d))
+        if len(got) == 6:
+            break
+    assert_same_items(got, want, "retried")
+    assert ds.state_dict() == MillraceIterableDataset.state_of(got[-1])
+    ds.close()
