@@ -2345,6 +2345,18 @@ fn bursty_overload_is_exactly_when_the_carried_error_grows() {
                     let l = lag(1200, d);
                     assert!(l.abs() <= bound, "seed {seed}: d{d} lags {l} rows");
                 }
+                // A resume accepts every carried error such a run has.
+                let mut st = MixState::new(n);
+                for step in 0..1200 {
+                    m.counts(&mut st, step);
+                    for (d, e) in st.deficit.iter().enumerate() {
+                        let bound = m.deficit_bound(d);
+                        assert!(
+                            e.unsigned_abs() <= bound,
+                            "seed {seed} step {step}: d{d} {e}"
+                        );
+                    }
+                }
             }
             Some(o) if o.load > 1.05 => {
                 refused += 1;
@@ -2880,6 +2892,60 @@ fn resume_with_batch_grouping_tails_is_bit_for_bit() {
         }
     }
     assert!(with_tails > 20, "{with_tails} steps with tails");
+}
+
+/// A blob is only as large as the state a real run has: tails named twice, more tails
+/// than groups can span at once, tails in a domain without batch grouping, and a carried
+/// error of more than a few batches are forged, and refused before any window is packed
+/// for them (each tail is a window packed on resume; a large error made the mixer hand
+/// out whole batches a row per scan for thousands of steps). The real blob resumes.
+#[test]
+fn forged_tails_and_carried_errors_are_refused() {
+    let mut rng = Pcg64::seed_from_u64(14);
+    let domains = spanning_corpus(&mut rng, 0.25);
+    let mut cfg = base_config(16, 32, Packing::BestFit, 11);
+    cfg.weights = Some(weights_map(&[("code", 0.6), ("web", 0.4)]));
+    let plan = build(&domains, cfg);
+    let mut p = plan.start();
+    while p.stream(0).unwrap().tails.is_empty() {
+        p.next_batch();
+    }
+    let real = cursor::decode(&p.cursor()).unwrap();
+    plan.restore(&cursor::encode(&real))
+        .expect("the real blob resumes");
+    let refused = |c: &CursorData| match plan.restore(&cursor::encode(c)) {
+        Ok(_) => panic!("a forged blob resumed"),
+        Err(e) => e.to_string(),
+    };
+    let mut c = real.clone();
+    let tail = c.streams[0].tails[0].clone();
+    c.streams[0].tails.push(tail.clone());
+    assert!(
+        refused(&c).contains("two tails of the window"),
+        "{}",
+        refused(&c)
+    );
+    let mut c = real.clone();
+    let most = millrace::config::plan::group_spans(32, 0.25) as usize;
+    for k in 0..most as u64 {
+        let mut t = tail.clone();
+        t.window_start += 1000 + k; // distinct windows, past any check of their own
+        c.streams[0].tails.push(t);
+    }
+    assert!(
+        refused(&c).contains(&format!("groups of this domain span")),
+        "{}",
+        refused(&c)
+    );
+    let mut c = real.clone();
+    c.streams[1].tails.push(tail);
+    assert!(refused(&c).contains("at most 0 groups"), "{}", refused(&c));
+    let mut c = real.clone();
+    c.mix.deficit[1] = 9 * 33 * TICKS; // nine batches owed to a plain domain
+    assert!(matches!(
+        plan.restore(&cursor::encode(&c)),
+        Err(CursorError::Deficit { domain: 1 })
+    ));
 }
 
 #[test]

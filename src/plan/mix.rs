@@ -354,6 +354,24 @@ impl Mixer {
         None
     }
 
+    /// The largest carried error domain `d` can have in a real run, with room to spare:
+    /// `4 * (cycle + 1)` of the largest batch, a cycle being its period (one step for a
+    /// domain that is not bursty). A plain domain's error stays within a row or two, and a bursty one's
+    /// within its cycle's rows (it takes them at the cycle's start) plus what the
+    /// domains served before it defer. A cursor blob's larger error is forged, and
+    /// would make [`Mixer::counts`] hand out whole batches, a row per scan, for
+    /// thousands of steps.
+    pub fn deficit_bound(&self, d: usize) -> u64 {
+        let rows = (self.stages.iter().map(|s| s.rows)).fold(self.rows, u32::max) as u64;
+        let cycle = self
+            .bursty
+            .get(d)
+            .copied()
+            .flatten()
+            .map_or(1, |b| b.0 as u64);
+        4 * (cycle + 1) * (rows + 1) * TICKS as u64
+    }
+
     /// Row shares at `step`: token shares divided by fill, normalised.
     pub fn row_shares(&self, step: u64) -> Vec<f64> {
         let w = self.schedule.shares(step);
@@ -448,7 +466,7 @@ impl Mixer {
         }
         // A domain with no share now keeps its carried error unchanged.
         for (rows, &c) in state.rows.iter_mut().zip(&counts) {
-            *rows += c as u64;
+            *rows = rows.saturating_add(c as u64);
         }
         counts
     }

@@ -73,7 +73,8 @@ pub const PLAN_VERSION: u32 = plan_version!();
 pub const CARRY_BYTES: usize = 256;
 
 /// Plan steps a seek replays per chunk: its mixer counts (4 bytes per domain per step)
-/// are all it holds, so a seek to any step needs at most a few MB.
+/// are all it holds, so a seek to any step needs at most a few MB (chunks shrink past
+/// 256 domains, to keep within 64 MiB).
 pub const SEEK_CHUNK: u64 = 1 << 16;
 
 /// Why a plan could not be built.
@@ -725,6 +726,19 @@ impl Plan {
             .map(|s| 2 * ((s + MAX_DEFERRED) * 8 + 32))
             .sum();
         self.domains.len() * CARRY_BYTES + listed
+    }
+
+    /// The most tails domain `d`'s stream can hold: one per group spanning batches at
+    /// once, for a batch-grouped domain at this plan's stages; none for another.
+    pub(crate) fn max_tails(&self, d: usize) -> usize {
+        let settings = self.domains[d].settings.grouping;
+        if settings.mode != GroupMode::Batch {
+            return 0;
+        }
+        (self.shapes.iter())
+            .map(|s| crate::config::plan::group_spans(s.rows, settings.max_share))
+            .max()
+            .unwrap_or(0) as usize
     }
 
     /// For each batch-grouped domain, the most groups that span batches at once at any

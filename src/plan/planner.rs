@@ -15,6 +15,10 @@ use super::permute::{derive_key, Permutation};
 use super::stream::{self, Stream, StreamState};
 use super::{GlobalBatch, Plan, Row, SEEK_CHUNK};
 
+/// Most bytes a seek's chunk of mixer counts takes ([`super::SEEK_CHUNK`] steps unless
+/// the domains are many).
+const SEEK_COUNT_BYTES: u64 = 64 << 20;
+
 impl Plan {
     /// A planner at step 0.
     pub fn start(self: &Arc<Self>) -> Planner {
@@ -78,7 +82,9 @@ impl Plan {
     ) -> bool {
         let target = self.plan_step_of(step);
         let n = self.domains.len();
-        let chunk = chunk.max(1);
+        // The mixer counts of a chunk take 4 bytes per domain per step: at most
+        // SEEK_COUNT_BYTES (4096 domains would take 1 GiB at the default chunk).
+        let chunk = chunk.clamp(1, (SEEK_COUNT_BYTES / 4 / n.max(1) as u64).max(1));
         let mut from = p.plan_step;
         let cap = chunk.min(target.saturating_sub(from)) as usize;
         let mut counts: Vec<Vec<u32>> = vec![Vec::with_capacity(cap); n];

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::cursor::{self, CursorData, CursorError, Fingerprint};
 use super::journal::{self, Change, Order};
-use super::mix::{self, MixState};
+use super::mix::MixState;
 use super::planner::Planner;
 use super::stream::{Stream, StreamState};
 use super::Plan;
@@ -228,21 +228,17 @@ impl Plan {
                 expected,
             });
         }
-        // A carried error is below one burst cycle's rows in any real run; a larger one
-        // is forged and would make the mixer spin, so it is refused.
-        let bound = (self.largest_shape().1 as i64 + 1) * mix::TICKS * 10_001;
-        if let Some(domain) = c
-            .mix
-            .deficit
-            .iter()
-            .position(|d| d.unsigned_abs() > bound as u64)
-        {
-            return Err(CursorError::Deficit { domain });
-        }
         let (mix, streams) = match map {
             None => (c.mix, c.streams),
             Some(map) => remap(&map, c.mix, c.streams),
         };
+        // A carried error beyond a few cycles' rows is forged and would make the mixer
+        // hand out whole batches a row at a time for thousands of steps: refused.
+        if let Some(domain) = (mix.deficit.iter().enumerate())
+            .position(|(d, e)| e.unsigned_abs() > self.mixer.deficit_bound(d))
+        {
+            return Err(CursorError::Deficit { domain });
+        }
         let mut p = Planner {
             plan: self.clone(),
             step: c.step,
@@ -253,11 +249,16 @@ impl Plan {
         // Structural checks that need the packed window.
         let stage_now = self.stage_at(c.plan_step);
         for (d, s) in p.streams.iter_mut().enumerate() {
-            s.check(&self.domains[d], &self.geometries, stage_now)
-                .map_err(|source| CursorError::Stream {
-                    domain: self.domains[d].name.clone(),
-                    source,
-                })?;
+            s.check(
+                &self.domains[d],
+                &self.geometries,
+                stage_now,
+                self.max_tails(d),
+            )
+            .map_err(|source| CursorError::Stream {
+                domain: self.domains[d].name.clone(),
+                source,
+            })?;
         }
         Ok(p)
     }

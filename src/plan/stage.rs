@@ -492,7 +492,7 @@ impl Stream {
         // Else nothing of the window went out: it is simply cut and packed at the new
         // stage, as if it had opened there.
         s.stage = to;
-        s.dropped += dropped;
+        s.dropped = s.dropped.saturating_add(dropped);
         self.cache = None;
     }
 }

@@ -157,6 +157,23 @@ pub enum StreamError {
     /// A tail with nothing left to hand out (tails are dropped when empty).
     #[error("tail without pending blocks")]
     EmptyTail,
+    /// More tails than groups of the domain can span batches at once (each tail is a
+    /// window packed on resume, so a forged list would pack thousands).
+    #[error("{tails} tails, but at most {most} groups of this domain span batches at once")]
+    TooManyTails {
+        /// Tails the state lists.
+        tails: usize,
+        /// The most the plan allows ([`crate::config::plan::group_spans`]).
+        most: usize,
+    },
+    /// Two tails naming one window (a window ends once).
+    #[error("two tails of the window at position {start} of epoch {epoch}")]
+    DuplicateTail {
+        /// The window's epoch.
+        epoch: u32,
+        /// Its first position.
+        start: u64,
+    },
     /// A pending block that is not in its window, or has no rows left.
     #[error("pending block {block} (+{done} rows) is not in the window")]
     PendingNotInWindow {
@@ -215,6 +232,7 @@ impl Stream {
         d: &DomainData,
         g: &[Geometry],
         stage_now: u32,
+        max_tails: usize,
     ) -> Result<(), StreamError> {
         if !self.state.started {
             if !self.state.tails.is_empty() {
@@ -257,7 +275,29 @@ impl Stream {
             });
         }
         check_pending(&self.state.pending, &w)?;
+        if self.state.tails.len() > max_tails {
+            return Err(StreamError::TooManyTails {
+                tails: self.state.tails.len(),
+                most: max_tails,
+            });
+        }
         for t in 0..self.state.tails.len() {
+            let tail = &self.state.tails[t];
+            let key = (tail.epoch, tail.window_start);
+            if self.state.tails[..t]
+                .iter()
+                .any(|o| (o.epoch, o.window_start) == key)
+            {
+                return Err(StreamError::DuplicateTail {
+                    epoch: key.0,
+                    start: key.1,
+                });
+            }
+            // Its carry levels as the stream's own are checked: in order, before now.
+            if !tail.carry.is_empty() {
+                let state = tail.as_state(self.state.stage);
+                stage::check(d, &state, tail.kind(), g, stage_now)?;
+            }
             let tail = &self.state.tails[t];
             let n = d.virtual_units(tail.kind(), tail.upsample);
             if tail.window_start >= n.max(1) {
@@ -657,7 +697,7 @@ impl Stream {
         max_spans: usize,
     ) -> u32 {
         if rows <= limit || self.spanning() >= max_spans {
-            self.state.split_groups += 1;
+            self.state.split_groups = self.state.split_groups.saturating_add(1);
         }
         rows.min(remaining).min(span_cap)
     }
@@ -697,8 +737,8 @@ impl Stream {
         for r in from..from + count {
             let row = block.first_row + r;
             let tokens = w.rows.get(row as usize).map_or(0, |r| r.tokens);
-            self.state.rows += 1;
-            self.state.tokens += tokens as u64;
+            self.state.rows = self.state.rows.saturating_add(1);
+            self.state.tokens = self.state.tokens.saturating_add(tokens as u64);
             if let Some(out) = out.as_deref_mut() {
                 out.push(expand_row(
                     d,

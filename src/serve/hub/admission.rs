@@ -13,7 +13,7 @@ use super::{
     Admission, Cursor, EventFd, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing, State,
 };
 use crate::config::plan::MAX_STEP;
-use crate::plan::journal;
+use crate::plan::{cursor, journal};
 use crate::plan::{Plan, Planner, Resumed};
 use crate::serve::ring::{Layout, Ring};
 use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, StageSpec, Welcome};
@@ -103,7 +103,12 @@ impl Hub {
         // A blob that carries changes this daemon has not seen (it restarted, or another
         // node's daemon took them) brings them along: the plan under them is the one the
         // blob's run was following.
-        // Decoding and checking the blob is the plan's (`Plan::resume`), once.
+        // Decoding and checking the blob is the plan's (`Plan::resume`), once; but a
+        // blob whose journal adds stages would have it pack a window per domain at each
+        // new shape first, so those are held to the room and shapes the client will get.
+        if let Some(c) = blob.as_deref().and_then(|b| cursor::decode(b).ok()) {
+            self.check_blob_stages(&seen, &c.journal, c.streams.len(), hello)?;
+        }
         let resumed = match &blob {
             Some(b) => Some(
                 seen.resume(b, self.journal_cap)
@@ -477,7 +482,15 @@ struct StageShape {
 impl Shape {
     /// Checks the HELLO's batch split and fingerprint against `plan`.
     fn check(plan: &Plan, hello: &Hello) -> Result<Shape, Refusal> {
-        let stages = plan.stages();
+        Shape::check_stages(plan, plan.stages(), hello)
+    }
+
+    /// [`Shape::check`] at `stages` (a blob's journal may add some).
+    fn check_stages(
+        plan: &Plan,
+        stages: &[crate::plan::Shape],
+        hello: &Hello,
+    ) -> Result<Shape, Refusal> {
         if stages.len() > 1 && !hello.stages {
             return Err(Refusal::new(
                 Code::Protocol,
@@ -544,6 +557,35 @@ impl Shape {
             stages: per_stage,
             fingerprint,
         })
+    }
+}
+
+impl Hub {
+    /// Refuses a blob journal's live stages before [`Plan::resume`] packs a window per
+    /// domain at each: changes that are malformed, more than the cursor field has room
+    /// for (a few), or shapes the client could not be served at.
+    fn check_blob_stages(
+        &self,
+        seen: &Plan,
+        journal: &[crate::plan::Change],
+        domains: usize,
+        hello: &Hello,
+    ) -> Result<(), Refusal> {
+        if journal.iter().all(|c| c.stage.is_none()) {
+            return Ok(());
+        }
+        for c in journal {
+            c.check(domains)
+                .map_err(|e| refuse_cursor(crate::plan::PlanError::from(e).to_string()))?;
+        }
+        if super::journal_room(seen, journal) > self.journal_cap {
+            let e = crate::plan::CursorError::JournalTooLarge {
+                changes: journal.len(),
+                cap: self.journal_cap,
+            };
+            return Err(refuse_cursor(e.to_string()));
+        }
+        Shape::check_stages(seen, &seen.stages_with(journal), hello).map(|_| ())
     }
 }
 
