@@ -2933,7 +2933,7 @@ fn forged_tails_and_carried_errors_are_refused() {
         c.streams[0].tails.push(t);
     }
     assert!(
-        refused(&c).contains(&format!("groups of this domain span")),
+        refused(&c).contains("groups of this domain span"),
         "{}",
         refused(&c)
     );
