@@ -964,6 +964,35 @@ fn error_groups_truncated_data() {
     );
 }
 
+/// Regression: bytes after the `n * 8` data bytes of a sidecar were ignored, so a
+/// sidecar of another shard (or a corrupt one) could pass as this one's.
+#[test]
+fn error_groups_trailing_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = groups_fixture(dir.path());
+    let mut data: Vec<u8> = [1u64, 1, 2, 2]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    // Exactly its 4 entries: accepted.
+    write_npy(&with(&p, "groups.npy"), "<u8", "(4,)", &data);
+    let s = Shard::open(&p, None).unwrap();
+    assert_eq!(s.groups().map(Groups::len), Some(2));
+    drop(s);
+    data.extend_from_slice(&[0xAB; 3]);
+    write_npy(&with(&p, "groups.npy"), "<u8", "(4,)", &data);
+    let end = std::fs::metadata(with(&p, "groups.npy")).unwrap().len();
+    assert_invalid(
+        &groups_err(&p),
+        &with(&p, "groups.npy"),
+        &[&format!(
+            "groups sidecar has 3 unexpected bytes after its 4 entries (from byte {}; the \
+             file is {end} bytes)",
+            end - 3
+        )],
+    );
+}
+
 #[test]
 fn error_groups_not_an_npy() {
     let dir = tempfile::tempdir().unwrap();
@@ -1184,7 +1213,8 @@ fn raw_cache_is_reused_on_the_second_open() {
     let opts = raw_opts(DType::Uint16, 0, None);
     let first = RawShard::open(&path, &opts).unwrap();
     assert!(first.cache_rebuilt());
-    assert_eq!(first.cache_path(), with(&path, "mrdocs"));
+    // Named for the dtype and EOS it was built for.
+    assert_eq!(first.cache_path(), with(&path, "uint16-eos0.mrdocs"));
     assert!(first.cache_path().is_file());
     let want = raw_docs(&first);
     assert_eq!(want, vec![vec![1, 2, 0], vec![3, 0], vec![4]]);
@@ -1275,12 +1305,12 @@ fn raw_cache_rebuilt_after_corruption() {
     let good = std::fs::read(&cache).unwrap();
     assert_eq!(
         good.len(),
-        72 + 8 * 4,
-        "72-byte header + one u64 per document"
+        104 + 8 * 4,
+        "104-byte header + one u64 per document"
     );
     // Flip a byte of the body (a boundary): only the checksum can tell.
     let mut bad = good.clone();
-    bad[72 + 8] ^= 0x01;
+    bad[104 + 8] ^= 0x01;
     std::fs::write(&cache, &bad).unwrap();
     let r = RawShard::open(&path, &opts).unwrap();
     assert!(
@@ -1377,7 +1407,7 @@ fn raw_cache_in_cache_dir_vs_next_to_the_file() {
         "{name}"
     );
     assert!(
-        !with(&path, "mrdocs").exists(),
+        !with(&path, "uint16-eos0.mrdocs").exists(),
         "nothing written next to the data"
     );
     assert!(!RawShard::open(&path, &opts).unwrap().cache_rebuilt());
@@ -1386,7 +1416,7 @@ fn raw_cache_in_cache_dir_vs_next_to_the_file() {
     let beside = raw_opts(DType::Uint16, 0, None);
     let r = RawShard::open(&path, &beside).unwrap();
     assert!(r.cache_rebuilt());
-    assert_eq!(r.cache_path(), with(&path, "mrdocs"));
+    assert_eq!(r.cache_path(), with(&path, "uint16-eos0.mrdocs"));
     assert!(!RawShard::open(&path, &beside).unwrap().cache_rebuilt());
     assert_eq!(raw_docs(&r), vec![vec![1, 0], vec![2]]);
 
@@ -1880,7 +1910,7 @@ fn resolve_raw_directory_skips_caches_and_sidecars() {
     std::fs::write(root.join(".hidden"), b"x").unwrap();
     std::fs::write(root.join("c.u16.tmp123"), b"xx").unwrap();
     std::fs::create_dir(root.join("subdir")).unwrap();
-    assert!(root.join("a.u16.mrdocs").exists());
+    assert!(root.join("a.u16.uint16-eos0.mrdocs").exists());
     assert_eq!(
         resolve(root, Format::Raw).unwrap(),
         vec![root.join("a.u16"), root.join("b.u16")]

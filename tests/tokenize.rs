@@ -1925,3 +1925,129 @@ fn merge_refuses_unfinished_or_mismatched_runs_and_bad_shares_are_refused() {
     assert!(String::from_utf8_lossy(&failed.stderr).contains("more than --max-bad 0"));
     assert_eq!(outputs(dir.path(), "job-00000"), Vec::<String>::new());
 }
+
+/// Regression: an unsharded grouped run renames its sidecar into place before the shard's
+/// `.idx` is written; when that failed, `<out>.groups.npy` was left behind (and a shard
+/// that failed the re-check after its renames stayed whole), though a failed run must
+/// leave nothing. Here the `.idx` cannot be written: its temporary name is a directory.
+#[test]
+fn a_single_shard_run_that_fails_after_renaming_its_sidecar_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let input = dir.path().join("in.jsonl");
+    let rows: Vec<Value> = (0..6)
+        .map(|i| json!({"text": format!("document {i}"), "repo": format!("r{}", i % 2)}))
+        .collect();
+    write_jsonl(&input, &rows);
+    let out_dir = dir.path().join("out");
+    let prefix = out_dir.join("web");
+    run_ok(
+        tok_path,
+        &[s(&input), "--out", s(&prefix), "--group-field", "repo"],
+    );
+    assert_eq!(
+        outputs(&out_dir, "web"),
+        ["web.bin", "web.groups.npy", "web.idx"]
+    );
+
+    std::fs::create_dir(out_dir.join("web.idx.tmp")).unwrap();
+    for grouped in [true, false] {
+        let mut args = vec![s(&input), "--out", s(&prefix)];
+        if grouped {
+            args.extend(["--group-field", "repo"]);
+        }
+        let failed = run(tok_path, &args);
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(!failed.status.success(), "grouped {grouped}: {err}");
+        assert!(err.contains("web.idx.tmp"), "{err}");
+        assert_eq!(
+            outputs(&out_dir, "web"),
+            ["web.idx.tmp"],
+            "grouped {grouped}: nothing of the failed run (or the old one) is left"
+        );
+    }
+    std::fs::remove_dir(out_dir.join("web.idx.tmp")).unwrap();
+    let summary = run_ok(
+        tok_path,
+        &[s(&input), "--out", s(&prefix), "--group-field", "repo"],
+    );
+    assert_eq!(summary["documents"], 6);
+    assert_eq!(summary["groups"], 2);
+    assert_eq!(shard_docs(&prefix).len(), 6);
+}
+
+/// Regression: `--merge` added the runs' document and token counts as the manifests gave
+/// them (wrapping on forged values) and never held them against the shards listed.
+#[test]
+fn merge_refuses_manifest_counts_that_disagree_with_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let mut rng = Rng(17);
+    let inputs: Vec<PathBuf> = (0..2)
+        .map(|f| {
+            let p = dir.path().join(format!("part-{f}.jsonl"));
+            let rows: Vec<Value> = (0..12)
+                .map(|_| json!({"text": text(&mut rng, 8)}))
+                .collect();
+            write_jsonl(&p, &rows);
+            p
+        })
+        .collect();
+    let out = dir.path().join("job");
+    let summaries = run_job(tok_path, &inputs, &out, 2, &[]);
+    let total: u64 = summaries
+        .iter()
+        .map(|m| m["documents"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 24);
+    let merge = || {
+        let o = bin()
+            .args(["tokenize", "--merge", "--num-shards", "2", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = merge();
+    assert!(ok, "{err}");
+    let merged: Value =
+        serde_json::from_slice(&std::fs::read(common::with(&out, "manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(merged["documents"], 24);
+
+    let manifest = dir.path().join("job-00001.manifest.json");
+    let good: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let forge = |edit: &dyn Fn(&mut Value)| {
+        let mut m = good.clone();
+        edit(&mut m);
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        merge()
+    };
+    // A total that wraps the sum of the runs to a small number.
+    let wrap = u64::MAX - 11;
+    let (ok, err) = forge(&|m| m["documents"] = json!(wrap));
+    assert!(!ok, "a forged total merged");
+    assert!(
+        err.contains("job-00001.manifest.json")
+            && err.contains(&format!("says {wrap} documents"))
+            && err.contains("its 1 shards hold 12"),
+        "{err}"
+    );
+    // A shard entry (and the total) that disagree with the shard itself.
+    let (ok, err) = forge(&|m| {
+        m["shards"][0]["tokens"] = json!(m["shards"][0]["tokens"].as_u64().unwrap() + 1);
+        m["tokens"] = json!(m["tokens"].as_u64().unwrap() + 1);
+    });
+    assert!(!ok, "a forged shard entry merged");
+    assert!(
+        err.contains("job-00001.manifest.json")
+            && err.contains("lists shard job-00001-00000 with 12 documents"),
+        "{err}"
+    );
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&good).unwrap()).unwrap();
+    let (ok, err) = merge();
+    assert!(ok, "{err}");
+}

@@ -16,7 +16,8 @@ use npyz::WriterBuilder;
 use serde::Serialize;
 
 use super::error::{CorpusError, Result};
-use super::map_file;
+use super::writer::TempPath;
+use super::{map_file, FileStamp};
 
 /// What a group runs file ([`Groups::encode`]) starts with; the digit is its version.
 const RUNS_MAGIC: &[u8; 8] = b"MRRUNS01";
@@ -41,8 +42,15 @@ pub struct Groups {
 impl Groups {
     /// Reads and checks `path` against a shard of `documents` documents.
     pub fn open(path: &Path, documents: u64) -> Result<Groups> {
-        let (map, _) = map_file(path)?;
-        let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
+        Groups::open_stamped(path, documents).map(|(g, _)| g)
+    }
+
+    /// [`Groups::open`], with the state of the very file that was read (from the mapped
+    /// descriptor), for callers that key a cache of the runs by it.
+    pub(crate) fn open_stamped(path: &Path, documents: u64) -> Result<(Groups, FileStamp)> {
+        let mapped = map_file(path)?;
+        let stamp = mapped.stamp;
+        let bytes: &[u8] = mapped.map.as_deref().unwrap_or(&[]);
         let bad = |what: String| CorpusError::invalid(path, what);
         let mut cursor = Cursor::new(bytes);
         let header = npyz::NpyHeader::from_reader(&mut cursor)
@@ -73,11 +81,23 @@ impl Groups {
             )));
         }
         let body = &bytes[data_at..];
-        if (body.len() as u64) < n * 8 {
+        // u128: `n` comes from the file (checked equal to `documents`, but no smaller).
+        let want = 8 * u128::from(n);
+        let have = body.len() as u128;
+        if have < want {
             return Err(bad(format!(
                 "groups sidecar is truncated: {} data bytes for {n} entries (byte {})",
                 body.len(),
                 data_at + body.len()
+            )));
+        }
+        if have > want {
+            return Err(bad(format!(
+                "groups sidecar has {} unexpected bytes after its {n} entries (from byte {}; \
+                 the file is {} bytes)",
+                have - want,
+                data_at as u128 + want,
+                bytes.len()
             )));
         }
         let mut runs: Vec<GroupRun> = Vec::new();
@@ -113,7 +133,7 @@ impl Groups {
                 }
             }
         }
-        Ok(Groups { runs })
+        Ok((Groups { runs }, stamp))
     }
 
     /// The runs as the identity cache keeps them (docs/FORMATS.md, "Identity cache"):
@@ -207,7 +227,8 @@ impl Groups {
 /// half-written sidecar under the real name and need not hold every id in memory.
 pub struct GroupsWriter {
     path: PathBuf,
-    tmp: PathBuf,
+    /// `<path>.tmp`, removed unless [`GroupsWriter::finish`] renamed it into place.
+    tmp: TempPath,
     npy: npyz::NpyWriter<u64, BufWriter<File>>,
     expected: u64,
     written: u64,
@@ -220,12 +241,13 @@ impl GroupsWriter {
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
         let file = File::create(&tmp).map_err(|e| CorpusError::io(&tmp, "create", e))?;
+        let tmp = TempPath::new(tmp);
         let npy = npyz::WriteOptions::<u64>::new()
             .default_dtype()
             .shape(&[documents])
             .writer(BufWriter::with_capacity(1 << 20, file))
             .begin_nd()
-            .map_err(|e| CorpusError::io(&tmp, "write", e))?;
+            .map_err(|e| CorpusError::io(tmp.path(), "write", e))?;
         Ok(GroupsWriter {
             path: path.to_path_buf(),
             tmp,
@@ -240,10 +262,11 @@ impl GroupsWriter {
         self.written += 1;
         self.npy
             .push(&id)
-            .map_err(|e| CorpusError::io(&self.tmp, "write", e))
+            .map_err(|e| CorpusError::io(self.tmp.path(), "write", e))
     }
 
-    /// Checks the count, flushes and fsyncs the temporary file, and renames it into place.
+    /// Checks the count, flushes and fsyncs the temporary file, and renames it into place
+    /// (fsyncing the directory after). On any error the temporary file is removed.
     pub fn finish(self) -> Result<PathBuf> {
         let GroupsWriter {
             path,
@@ -254,16 +277,16 @@ impl GroupsWriter {
         } = self;
         if written != expected {
             return Err(CorpusError::invalid(
-                &tmp,
+                tmp.path(),
                 format!("groups sidecar got {written} ids for {expected} documents"),
             ));
         }
         npy.finish()
-            .map_err(|e| CorpusError::io(&tmp, "flush", e))?;
-        File::open(&tmp)
+            .map_err(|e| CorpusError::io(tmp.path(), "flush", e))?;
+        File::open(tmp.path())
             .and_then(|f| f.sync_all())
-            .map_err(|e| CorpusError::io(&tmp, "fsync", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| CorpusError::io(&path, "rename", e))?;
+            .map_err(|e| CorpusError::io(tmp.path(), "fsync", e))?;
+        tmp.persist(&path)?;
         Ok(path)
     }
 }

@@ -205,20 +205,21 @@ impl IdentityCache {
                 shard.identity()?
             }
         };
-        if let Some((sidecar, _)) = shard.sidecar.clone() {
+        if shard.sidecar.is_some() {
             let cached = match (&entry, &at) {
                 (Ok(e), Some(at)) => cached_groups(e, at, &shard),
                 _ => Err(Miss::Absent),
             };
-            let groups = match cached {
-                Ok(g) => g,
+            match cached {
+                Ok(g) => shard.attach_groups(g),
                 Err(miss) => {
                     warn_unreadable(&miss);
                     stale = true;
-                    Groups::open(&sidecar, shard.documents())?
+                    // Read from the sidecar, whose stamp is then that of the file read:
+                    // what the runs written back below are keyed by.
+                    shard.read_sidecar()?;
                 }
-            };
-            shard.attach_groups(groups);
+            }
         }
         if let (true, Some(at)) = (stale, at) {
             self.store_at(&at, &shard, &id);

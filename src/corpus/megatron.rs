@@ -28,7 +28,7 @@ use memmap2::Mmap;
 
 use super::error::{CorpusError, Result};
 use super::tokens::{DType, Tokens};
-use super::{le_i32, le_i64, le_u64, map_file};
+use super::{le_i32, le_i64, le_u64, map_file, FileStamp};
 
 pub use super::writer::MegatronWriter;
 
@@ -46,6 +46,9 @@ pub struct MegatronShard {
     idx: Mmap,
     bin: Option<Mmap>,
     bin_len: u64,
+    /// The mapped `.idx` and `.bin` as they were when mapped (fstat of the descriptors).
+    idx_stamp: FileStamp,
+    bin_stamp: FileStamp,
     dtype: DType,
     sequences: u64,
     /// Entries of document_indices (documents + 1).
@@ -63,8 +66,9 @@ impl MegatronShard {
     pub fn open(prefix: &Path) -> Result<MegatronShard> {
         let idx_path = with_suffix(prefix, "idx");
         let bin_path = with_suffix(prefix, "bin");
-        let (idx, idx_len) = map_file(&idx_path)?;
-        let idx = idx.ok_or_else(|| {
+        let idx_mapped = map_file(&idx_path)?;
+        let (idx_len, idx_stamp) = (idx_mapped.len, idx_mapped.stamp);
+        let idx = idx_mapped.map.ok_or_else(|| {
             CorpusError::invalid(&idx_path, "truncated index: the file is empty (0 bytes)")
         })?;
         // Before the first touch: a start reads a few places of each index (header, ends,
@@ -136,14 +140,16 @@ impl MegatronShard {
         let pointers_at = lengths_at + 4 * sequences as usize;
         let doc_index_at = pointers_at + 8 * sequences as usize;
 
-        let (bin, bin_len) = map_file(&bin_path)?;
+        let bin = map_file(&bin_path)?;
         let shard = MegatronShard {
             prefix: prefix.to_path_buf(),
             idx_path,
             bin_path,
             idx,
-            bin,
-            bin_len,
+            bin: bin.map,
+            bin_len: bin.len,
+            idx_stamp,
+            bin_stamp: bin.stamp,
             dtype,
             sequences,
             doc_index_len,
@@ -256,8 +262,11 @@ impl MegatronShard {
         for (l, p) in lens.chunks_exact(4).zip(ptrs.chunks_exact(8)) {
             let len = i32::from_le_bytes([l[0], l[1], l[2], l[3]]);
             let ptr = i64::from_le_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
-            bad |= (ptr != expected) | (len < 0);
-            expected = expected.wrapping_add(i64::from(len) * size);
+            // `len * size` fits (at most 2^31 * 8); the running offset may not: a forged
+            // index must not wrap past 2^63 back onto pointers it also forged.
+            let (next, wrapped) = expected.overflowing_add(i64::from(len) * size);
+            bad |= (ptr != expected) | (len < 0) | wrapped;
+            expected = next;
         }
         if bad {
             return Err(self.locate_sequence_error());
@@ -321,6 +330,12 @@ impl MegatronShard {
                 ));
             }
             expected += i128::from(len) * size;
+        }
+        if expected > i128::from(i64::MAX) {
+            return self.bad_idx(format!(
+                "the sequences end at byte {expected}, past the largest offset (2^63 - 1) \
+                 an index can hold"
+            ));
         }
         self.bad_idx("sequence lengths and pointers disagree".into())
     }
@@ -408,6 +423,15 @@ impl MegatronShard {
             prev = next as usize;
         }
         Ok(())
+    }
+
+    /// The `.idx` and `.bin` paths with the state of the files that were mapped, for
+    /// [`super::Shard::changed`] and the identity cache.
+    pub(crate) fn stamps(&self) -> Vec<(PathBuf, FileStamp)> {
+        vec![
+            (self.idx_path.clone(), self.idx_stamp),
+            (self.bin_path.clone(), self.bin_stamp),
+        ]
     }
 
     /// The prefix this shard was opened from (without `.idx`/`.bin`).

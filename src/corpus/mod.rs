@@ -84,7 +84,7 @@ pub struct Shard {
 /// What identifies one state of a file: which inode, how big, when last written (and,
 /// for the identity cache, when its inode last changed: a write cannot set that back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
+pub(crate) struct FileStamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -93,16 +93,30 @@ struct FileStamp {
 }
 
 impl FileStamp {
+    /// The state of the file the path names now (a stat).
     fn of(path: &Path) -> Result<FileStamp> {
-        use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).map_err(|e| CorpusError::io(path, "stat", e))?;
-        Ok(FileStamp {
+        Ok(FileStamp::from_meta(&m))
+    }
+
+    /// The state of the file behind an open descriptor (an fstat): what a mapping of it
+    /// holds, whatever the path names by now.
+    fn of_file(file: &File, path: &Path) -> Result<FileStamp> {
+        let m = file
+            .metadata()
+            .map_err(|e| CorpusError::io(path, "stat", e))?;
+        Ok(FileStamp::from_meta(&m))
+    }
+
+    fn from_meta(m: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
             ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
-        })
+        }
     }
 }
 
@@ -129,9 +143,7 @@ impl Shard {
     /// [`IdentityCache::open`] takes the runs from its cache instead).
     pub fn open(path: &Path, raw: Option<&RawOptions>) -> Result<Shard> {
         let mut shard = Shard::open_without_groups(path, raw)?;
-        if let Some((sidecar, _)) = &shard.sidecar {
-            shard.groups = Some(Groups::open(sidecar, shard.documents())?);
-        }
+        shard.read_sidecar()?;
         Ok(shard)
     }
 
@@ -149,18 +161,12 @@ impl Shard {
             ),
         };
         let sidecar = megatron::with_suffix(&prefix, "groups.npy");
-        let files = match raw {
-            None => vec![
-                megatron::with_suffix(path, "idx"),
-                megatron::with_suffix(path, "bin"),
-            ],
-            Some(_) => vec![path.to_path_buf()],
+        // The stamps of the very files that were mapped (fstat of their descriptors): a
+        // stat of the paths now could describe a file renamed over them since.
+        let stamps = match &body {
+            Body::Megatron(m) => m.stamps(),
+            Body::Raw(r) => vec![(r.path().to_path_buf(), r.stamp())],
         };
-        let mut stamps = Vec::with_capacity(files.len());
-        for f in files {
-            let st = FileStamp::of(&f)?;
-            stamps.push((f, st));
-        }
         // A sidecar that cannot be stat'ed is no sidecar, as `Path::exists` says.
         let sidecar = FileStamp::of(&sidecar).ok().map(|st| (sidecar, st));
         Ok(Shard {
@@ -172,6 +178,18 @@ impl Shard {
             poisoned: std::sync::OnceLock::new(),
             validated: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Reads the groups from the sidecar (if the shard has one), and takes its stamp from
+    /// the file that was read, not from the earlier stat.
+    pub(crate) fn read_sidecar(&mut self) -> Result<()> {
+        let documents = self.documents();
+        if let Some((sidecar, stamp)) = &mut self.sidecar {
+            let (groups, read) = Groups::open_stamped(sidecar, documents)?;
+            *stamp = read;
+            self.groups = Some(groups);
+        }
+        Ok(())
     }
 
     /// Gives an opened shard its groups (read from its sidecar or a cache of it).
@@ -621,8 +639,22 @@ fn strip_megatron_ext(p: &Path) -> PathBuf {
     }
 }
 
-/// Maps a whole file read-only; `None` for an empty file, which cannot be mapped.
-pub(crate) fn map_file(path: &Path) -> Result<(Option<Mmap>, u64)> {
+/// A file mapped read-only by [`map_file`], with the state of that very file.
+#[derive(Debug)]
+pub(crate) struct Mapped {
+    /// The mapping; `None` for an empty file, which cannot be mapped.
+    pub(crate) map: Option<Mmap>,
+    /// Its length in bytes: exactly what the mapping covers (`map.len()`), so bounds
+    /// checked against it never slice past the mapping.
+    pub(crate) len: u64,
+    /// The fstat of the mapped descriptor, taken after mapping and equal in size to it.
+    pub(crate) stamp: FileStamp,
+}
+
+/// Maps a whole file read-only. The length is the mapping's own, and the stamp comes from
+/// the descriptor that was mapped, checked to agree in size: a file that changes size
+/// while it is being opened is an error naming it, never a slice past a mapping.
+pub(crate) fn map_file(path: &Path) -> Result<Mapped> {
     // Stat before open: opening a FIFO would block, and a device maps as something
     // that is not a token file (/dev/zero reads as endless zeros).
     // (A missing file is reported as the open that would have failed.)
@@ -631,17 +663,40 @@ pub(crate) fn map_file(path: &Path) -> Result<(Option<Mmap>, u64)> {
         return Err(not_regular(path, &meta));
     }
     let file = File::open(path).map_err(|e| CorpusError::io(path, "open", e))?;
-    let len = file
+    let opened = file
         .metadata()
-        .map_err(|e| CorpusError::io(path, "stat", e))?
-        .len();
-    if len == 0 {
-        return Ok((None, 0));
+        .map_err(|e| CorpusError::io(path, "stat", e))?;
+    if !opened.is_file() {
+        // Replaced between the stat and the open.
+        return Err(not_regular(path, &opened));
+    }
+    if opened.len() == 0 {
+        return Ok(Mapped {
+            map: None,
+            len: 0,
+            stamp: FileStamp::from_meta(&opened),
+        });
     }
     // Shards are immutable while served (see the module docs); every access is
-    // bounds-checked against `len`.
+    // bounds-checked against the mapping's length.
     let map = crate::sys::map_file(&file, None).map_err(|e| CorpusError::io(path, "mmap", e))?;
-    Ok((Some(map), len))
+    let stamp = FileStamp::of_file(&file, path)?;
+    let len = map.len() as u64;
+    if stamp.size != len {
+        return Err(CorpusError::invalid(
+            path,
+            format!(
+                "changed size while being opened ({len} bytes mapped, {} bytes now): a shard \
+                 must not be modified in place while it is in use",
+                stamp.size
+            ),
+        ));
+    }
+    Ok(Mapped {
+        map: (len > 0).then_some(map),
+        len,
+        stamp,
+    })
 }
 
 /// Reads a little-endian u64 at byte `at`; callers have checked the bounds.

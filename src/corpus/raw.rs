@@ -3,25 +3,29 @@
 //!
 //! Such a file has no index, so the first open scans it once for EOS and writes the
 //! document boundaries to a cache file (next to the data, or in the configured cache
-//! dir). The cache is keyed to the data file's size, mtime and a hash of its first and
-//! last 64 KiB, plus the dtype and EOS it was built for, and carries a checksum of
-//! itself; any mismatch rebuilds it.
+//! dir), named for the dtype and EOS it was built for, so that two domains reading one
+//! file with different EOS ids keep one cache each. The cache is keyed to the data file's
+//! device, inode, size, mtime, ctime and a hash of its first and last 64 KiB, plus the
+//! dtype and EOS, and carries a checksum of itself; any mismatch rebuilds it.
 //! A document is the tokens up to and including its EOS; tokens after the last EOS form
 //! a final document without one. So the documents, concatenated, are exactly the file.
 
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
 
 use super::error::{CorpusError, Result};
 use super::tokens::{DType, Tokens};
-use super::{le_u64, map_file};
+use super::writer::TempPath;
+use super::{le_u64, map_file, FileStamp};
 
 /// Magic of the boundary cache file.
 const CACHE_MAGIC: &[u8; 8] = b"MRDOCIX1";
+/// Version of the cache layout (2 added the device, inode and ctime to the key).
+const CACHE_VERSION: u32 = 2;
 /// Size of the cache header; the u64 array that follows is 8-byte aligned.
-const CACHE_HEADER: usize = 72;
+const CACHE_HEADER: usize = 104;
 /// Offset of the checksum, which covers every byte of the cache but its own eight.
 const CHECKSUM_AT: usize = 64;
 /// Bytes sampled from each end of the data file for the content key.
@@ -74,6 +78,40 @@ struct CacheKey {
     mtime_ns: u32,
     /// xxh3 of the first and last 64 KiB: catches a same-size rewrite that kept its mtime.
     sample: u64,
+    /// Device and inode: another file renamed over the path (a copy that kept size,
+    /// mtime and both ends) is another file.
+    dev: u64,
+    ino: u64,
+    /// ctime, which no write can set back: an in-place rewrite that restored the mtime
+    /// (`touch -d`, `cp -p` onto the file) still moves it.
+    ctime_s: i64,
+    ctime_ns: u32,
+}
+
+impl CacheKey {
+    /// The key of the data file in the state `stamp` (of the mapped descriptor) describes.
+    fn new(opts: &RawOptions, stamp: &FileStamp, sample: u64) -> CacheKey {
+        let split = |ns: i128| {
+            (
+                ns.div_euclid(1_000_000_000) as i64,
+                ns.rem_euclid(1_000_000_000) as u32,
+            )
+        };
+        let (mtime_s, mtime_ns) = split(stamp.mtime_ns);
+        let (ctime_s, ctime_ns) = split(stamp.ctime_ns);
+        CacheKey {
+            item_size: opts.dtype.size() as u32,
+            eos: opts.eos,
+            file_len: stamp.size,
+            mtime_s,
+            mtime_ns,
+            sample,
+            dev: stamp.dev,
+            ino: stamp.ino,
+            ctime_s,
+            ctime_ns,
+        }
+    }
 }
 
 /// One raw token file, mapped, with its document boundaries.
@@ -82,6 +120,8 @@ pub struct RawShard {
     path: PathBuf,
     map: Option<Mmap>,
     len: u64,
+    /// The mapped file as it was when mapped (fstat of the descriptor).
+    stamp: FileStamp,
     dtype: DType,
     eos: u64,
     ends: DocEnds,
@@ -109,7 +149,8 @@ impl RawShard {
                 format!("eos id {} does not fit in {}", opts.eos, opts.dtype),
             ));
         }
-        let (map, len) = map_file(path)?;
+        let mapped = map_file(path)?;
+        let (len, stamp) = (mapped.len, mapped.stamp);
         let size = opts.dtype.size() as u64;
         if len % size != 0 {
             return Err(CorpusError::invalid(
@@ -120,7 +161,7 @@ impl RawShard {
                 ),
             ));
         }
-        let map = match map {
+        let map = match mapped.map {
             Some(m) if len > 0 => m,
             _ => {
                 return Err(CorpusError::invalid(
@@ -129,24 +170,8 @@ impl RawShard {
                 ))
             }
         };
-        let meta = std::fs::metadata(path).map_err(|e| CorpusError::io(path, "stat", e))?;
-        let (mtime_s, mtime_ns) = match meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        {
-            Some(d) => (d.as_secs() as i64, d.subsec_nanos()),
-            None => (0, 0),
-        };
-        let key = CacheKey {
-            item_size: size as u32,
-            eos: opts.eos,
-            file_len: len,
-            mtime_s,
-            mtime_ns,
-            sample: sample_hash(&map),
-        };
-        let cache_path = cache_path(path, opts.cache_dir.as_deref())?;
+        let key = CacheKey::new(opts, &stamp, sample_hash(&map));
+        let cache_path = cache_path(path, opts)?;
         let (ends, cache_rebuilt) = match read_cache(&cache_path, &key) {
             Some(ends) => (ends, false),
             None => {
@@ -172,6 +197,7 @@ impl RawShard {
             path: path.to_path_buf(),
             map: Some(map),
             len,
+            stamp,
             dtype: opts.dtype,
             eos: opts.eos,
             ends,
@@ -183,6 +209,11 @@ impl RawShard {
     /// The data file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The state of the mapped file when it was mapped, for [`super::Shard::changed`].
+    pub(crate) fn stamp(&self) -> FileStamp {
+        self.stamp
     }
 
     /// Where the boundary cache lives.
@@ -276,12 +307,33 @@ impl RawShard {
         })
     }
 
-    /// Appends every document's length to `out` (see `MegatronShard::doc_lengths_into`).
+    /// Appends every document's length to `out` (see `MegatronShard::doc_lengths_into`),
+    /// each checked to lie inside the file. On error `out` is left as it was.
     pub fn doc_lengths_into(&self, out: &mut Vec<u64>) -> Result<()> {
+        let base = out.len();
+        let r = self.push_doc_lengths(out);
+        if r.is_err() {
+            out.truncate(base);
+        }
+        r
+    }
+
+    fn push_doc_lengths(&self, out: &mut Vec<u64>) -> Result<()> {
         out.reserve(self.documents() as usize);
+        let tokens = self.tokens();
         let mut prev = 0u64;
         for d in 0..self.documents() {
             let end = self.ends.get(d);
+            if end > tokens {
+                return Err(CorpusError::invalid(
+                    &self.cache_path,
+                    format!(
+                        "document {d}: boundary cache gives tokens {prev}..{end}, past the \
+                         {tokens} tokens of {}",
+                        self.path.display()
+                    ),
+                ));
+            }
             let len = end.checked_sub(prev).ok_or_else(|| {
                 CorpusError::invalid(
                     &self.cache_path,
@@ -321,11 +373,15 @@ impl RawShard {
     }
 }
 
-/// Where the cache for `data` lives: `<data>.mrdocs`, or in `cache_dir` under a name that
-/// also hashes the absolute path, so two files of the same name never share a cache.
-fn cache_path(data: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> {
-    match cache_dir {
-        None => Ok(super::megatron::with_suffix(data, CACHE_EXT)),
+/// Where the cache for `data` read as `opts` lives: `<data>.<dtype>-eos<id>.mrdocs`, or in
+/// the cache dir under a name that also hashes the absolute path, so two files of the
+/// same name never share a cache. The dtype and EOS are in the name so that two domains
+/// reading one file with different EOS ids each keep their own cache instead of
+/// rebuilding one in turn.
+fn cache_path(data: &Path, opts: &RawOptions) -> Result<PathBuf> {
+    let reading = format!("{}-eos{}.{CACHE_EXT}", opts.dtype, opts.eos);
+    match opts.cache_dir.as_deref() {
+        None => Ok(super::megatron::with_suffix(data, &reading)),
         Some(dir) => {
             let abs = std::fs::canonicalize(data)
                 .map_err(|e| CorpusError::io(data, "canonicalize", e))?;
@@ -334,7 +390,7 @@ fn cache_path(data: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "tokens".into());
-            Ok(dir.join(format!("{name}-{hash:016x}.{CACHE_EXT}")))
+            Ok(dir.join(format!("{name}-{hash:016x}.{reading}")))
         }
     }
 }
@@ -391,8 +447,8 @@ fn cache_checksum(bytes: &[u8]) -> u64 {
 
 /// Maps the cache if it exists and matches `key` and its checksum; `None` means rebuild.
 fn read_cache(path: &Path, key: &CacheKey) -> Option<DocEnds> {
-    let (map, len) = map_file(path).ok()?;
-    let map = map?;
+    let mapped = map_file(path).ok()?;
+    let (map, len) = (mapped.map?, mapped.len);
     if (len as usize) < CACHE_HEADER || &map[..8] != CACHE_MAGIC {
         return None;
     }
@@ -404,11 +460,15 @@ fn read_cache(path: &Path, key: &CacheKey) -> Option<DocEnds> {
         mtime_s: le_u64(&map, 32) as i64,
         mtime_ns: u32_at(40),
         sample: le_u64(&map, 56),
+        dev: le_u64(&map, 72),
+        ino: le_u64(&map, 80),
+        ctime_s: le_u64(&map, 88) as i64,
+        ctime_ns: u32_at(96),
     };
     let count = le_u64(&map, 48);
     // u128: a corrupt count must not wrap the size check.
     let expected = CACHE_HEADER as u128 + 8 * u128::from(count);
-    if u32_at(8) != 1 || stored != *key || u128::from(len) != expected {
+    if u32_at(8) != CACHE_VERSION || stored != *key || u128::from(len) != expected {
         return None;
     }
     if cache_checksum(&map) != le_u64(&map, CHECKSUM_AT) {
@@ -418,11 +478,16 @@ fn read_cache(path: &Path, key: &CacheKey) -> Option<DocEnds> {
     Some(DocEnds::Mapped(map, count))
 }
 
-/// Writes the cache through a temporary name, so a crash never leaves half a cache.
-fn write_cache(path: &Path, key: &CacheKey, ends: &[u64]) -> std::io::Result<()> {
+/// Tells apart the temporary cache files of one process: shards open in parallel, and
+/// two of them may write the same cache at once.
+static CACHE_TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Writes the cache through a temporary name unique to this process and call, removed
+/// on any failure, so a crash never leaves half a cache and a failure leaves nothing.
+fn write_cache(path: &Path, key: &CacheKey, ends: &[u64]) -> Result<()> {
     let mut body = Vec::with_capacity(CACHE_HEADER + ends.len() * 8);
     body.extend_from_slice(CACHE_MAGIC);
-    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&CACHE_VERSION.to_le_bytes());
     body.extend_from_slice(&key.item_size.to_le_bytes());
     body.extend_from_slice(&key.eos.to_le_bytes());
     body.extend_from_slice(&key.file_len.to_le_bytes());
@@ -432,6 +497,12 @@ fn write_cache(path: &Path, key: &CacheKey, ends: &[u64]) -> std::io::Result<()>
     body.extend_from_slice(&(ends.len() as u64).to_le_bytes());
     body.extend_from_slice(&key.sample.to_le_bytes());
     body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&key.dev.to_le_bytes());
+    body.extend_from_slice(&key.ino.to_le_bytes());
+    body.extend_from_slice(&key.ctime_s.to_le_bytes());
+    body.extend_from_slice(&key.ctime_ns.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    debug_assert_eq!(body.len(), CACHE_HEADER);
     for &e in ends {
         body.extend_from_slice(&e.to_le_bytes());
     }
@@ -439,12 +510,20 @@ fn write_cache(path: &Path, key: &CacheKey, ends: &[u64]) -> std::io::Result<()>
     body[CHECKSUM_AT..CHECKSUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(|e| CorpusError::io(dir, "create_dir", e))?;
         }
     }
-    let tmp = super::megatron::with_suffix(path, &format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &body)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    let seq = CACHE_TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = super::megatron::with_suffix(path, &format!("tmp{}-{seq}", std::process::id()));
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| CorpusError::io(&tmp, "create", e))?;
+    let tmp = TempPath::new(tmp);
+    std::io::Write::write_all(&mut file, &body)
+        .map_err(|e| CorpusError::io(tmp.path(), "write", e))?;
+    drop(file);
+    // A cache needs no fsync: a torn one fails its checksum and is rebuilt.
+    tmp.rename_to(path)
 }

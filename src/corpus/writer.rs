@@ -1,6 +1,11 @@
 //! The Megatron writer: a shard written the way megatron-core's builder writes one, through
 //! temporary names renamed into place only when complete (what `synth` and `tokenize`
 //! use). Split from `megatron` (the reader) to keep each file to one concept.
+//!
+//! Also the two helpers every writer of a file that must survive a crash shares: a
+//! temporary file removed unless it was renamed into place (`TempPath`), and a whole
+//! file written durably (file fsynced before its rename, directory fsynced after it:
+//! `write_durably`), so that after a power loss a file under its final name is whole.
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
@@ -10,13 +15,89 @@ use super::error::{CorpusError, Result};
 use super::megatron::{with_suffix, HEADER_LEN, MAGIC};
 use super::tokens::DType;
 
+/// A temporary file that is removed when dropped unless [`TempPath::persist`] renamed it
+/// into place: a writer that fails or is dropped midway leaves nothing behind.
+#[derive(Debug)]
+pub(crate) struct TempPath {
+    /// Emptied once the file was renamed away (no flag: writers hold one per file and
+    /// their size matters to the enums that carry them).
+    path: PathBuf,
+}
+
+impl TempPath {
+    /// Takes charge of `path`, a file the caller just created.
+    pub(crate) fn new(path: PathBuf) -> TempPath {
+        TempPath { path }
+    }
+
+    /// The temporary name.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the file to `to`, then fsyncs `to`'s directory so that the rename itself
+    /// survives a power loss. On a failed rename the file is still removed on drop.
+    pub(crate) fn persist(self, to: &Path) -> Result<()> {
+        self.rename_to(to)?;
+        sync_dir_of(to)
+    }
+
+    /// Renames the file to `to` without making the rename durable (for caches, which a
+    /// checksum guards); on a failed rename the file is still removed on drop.
+    pub(crate) fn rename_to(mut self, to: &Path) -> Result<()> {
+        std::fs::rename(&self.path, to).map_err(|e| CorpusError::io(to, "rename", e))?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Fsyncs the directory that holds `path`, which makes a rename or a creation in it
+/// durable (a file's own fsync does not cover its directory entry).
+pub(crate) fn sync_dir_of(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CorpusError::io(dir, "fsync directory", e))
+}
+
+/// Writes `bytes` to `path` through the temporary name `tmp`: written, fsynced, renamed
+/// over `path`, and the directory fsynced. A reader (or a reboot) sees the whole new file
+/// or the old state, never a missing or empty one; on error `tmp` is removed.
+pub(crate) fn write_durably(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
+    write_synced(tmp, bytes)?.persist(path)
+}
+
+/// Writes `bytes` to the temporary file `tmp` and fsyncs it, for a later
+/// [`TempPath::persist`]; on error (and if the result is dropped) `tmp` is removed.
+pub(crate) fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<TempPath> {
+    let mut file = File::create(tmp).map_err(|e| CorpusError::io(tmp, "create", e))?;
+    let guard = TempPath::new(tmp.to_path_buf());
+    file.write_all(bytes)
+        .map_err(|e| CorpusError::io(tmp, "write", e))?;
+    file.sync_all()
+        .map_err(|e| CorpusError::io(tmp, "fsync", e))?;
+    Ok(guard)
+}
+
 /// Writes a Megatron shard the way megatron-core's builder does (one sequence per
 /// document), through temporary names that are renamed into place only by
 /// [`MegatronWriter::finish`], so an interrupted writer never leaves a shard that opens.
 pub struct MegatronWriter {
     prefix: PathBuf,
     bin: BufWriter<File>,
-    bin_tmp: PathBuf,
+    /// `<prefix>.bin.tmp`, removed if the writer is dropped before [`Self::finish`].
+    bin_tmp: TempPath,
     dtype: DType,
     lengths: Vec<i32>,
     /// Bytes of sparse documents not yet skipped over in `.bin`.
@@ -34,6 +115,7 @@ impl MegatronWriter {
         }
         let bin_tmp = with_suffix(prefix, "bin.tmp");
         let file = File::create(&bin_tmp).map_err(|e| CorpusError::io(&bin_tmp, "create", e))?;
+        let bin_tmp = TempPath::new(bin_tmp);
         Ok(MegatronWriter {
             prefix: prefix.to_path_buf(),
             bin: BufWriter::with_capacity(8 << 20, file),
@@ -63,11 +145,11 @@ impl MegatronWriter {
             let hole = i64::try_from(std::mem::take(&mut self.hole)).unwrap_or(i64::MAX);
             self.bin
                 .seek(std::io::SeekFrom::Current(hole))
-                .map_err(|e| CorpusError::io(&self.bin_tmp, "seek", e))?;
+                .map_err(|e| CorpusError::io(self.bin_tmp.path(), "seek", e))?;
         }
         self.bin
             .write_all(bytes)
-            .map_err(|e| CorpusError::io(&self.bin_tmp, "write", e))?;
+            .map_err(|e| CorpusError::io(self.bin_tmp.path(), "write", e))?;
         self.lengths.push(tokens as i32);
         Ok(())
     }
@@ -96,7 +178,10 @@ impl MegatronWriter {
     }
 
     /// Flushes `.bin`, writes `.idx`, and renames both into place (`.bin` first, so that a
-    /// crash in between leaves an `.idx`-less prefix that no reader accepts).
+    /// crash in between leaves an `.idx`-less prefix that no reader accepts). Each file
+    /// is fsynced before its rename and the directory after it, so a shard whose `.idx`
+    /// survives a power loss is whole. A writer given no document is refused here, with
+    /// its temporary file removed: its shard would be one that every reader refuses.
     pub fn finish(self) -> Result<PathBuf> {
         let MegatronWriter {
             prefix,
@@ -106,22 +191,28 @@ impl MegatronWriter {
             lengths,
             hole,
         } = self;
+        if lengths.is_empty() {
+            return Err(CorpusError::invalid(
+                with_suffix(&prefix, "idx"),
+                "empty shard: no document was written, and a shard without documents is \
+                 one no reader opens; nothing was written",
+            ));
+        }
         let mut file = bin
             .into_inner()
-            .map_err(|e| CorpusError::io(&bin_tmp, "flush", e.into_error()))?;
+            .map_err(|e| CorpusError::io(bin_tmp.path(), "flush", e.into_error()))?;
         if hole > 0 {
             // Trailing sparse documents: the length says where `.bin` ends.
             let end = file
                 .stream_position()
-                .map_err(|e| CorpusError::io(&bin_tmp, "seek", e))?;
+                .map_err(|e| CorpusError::io(bin_tmp.path(), "seek", e))?;
             file.set_len(end + hole)
-                .map_err(|e| CorpusError::io(&bin_tmp, "set_len", e))?;
+                .map_err(|e| CorpusError::io(bin_tmp.path(), "set_len", e))?;
         }
         file.sync_all()
-            .map_err(|e| CorpusError::io(&bin_tmp, "fsync", e))?;
+            .map_err(|e| CorpusError::io(bin_tmp.path(), "fsync", e))?;
         drop(file);
 
-        let idx_tmp = with_suffix(&prefix, "idx.tmp");
         let n = lengths.len() as u64;
         let mut out = Vec::with_capacity(HEADER_LEN + lengths.len() * 20 + 16);
         out.extend_from_slice(MAGIC);
@@ -140,7 +231,7 @@ impl MegatronWriter {
         for d in 0..=n {
             out.extend_from_slice(&(d as i64).to_le_bytes());
         }
-        std::fs::write(&idx_tmp, &out).map_err(|e| CorpusError::io(&idx_tmp, "write", e))?;
+        let idx_tmp = write_synced(&with_suffix(&prefix, "idx.tmp"), &out)?;
         let bin_path = with_suffix(&prefix, "bin");
         let idx_path = with_suffix(&prefix, "idx");
         // An old .idx must not pair with the new .bin while we rename.
@@ -149,10 +240,8 @@ impl MegatronWriter {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(CorpusError::io(&idx_path, "remove", e)),
         }
-        std::fs::rename(&bin_tmp, &bin_path)
-            .map_err(|e| CorpusError::io(&bin_path, "rename", e))?;
-        std::fs::rename(&idx_tmp, &idx_path)
-            .map_err(|e| CorpusError::io(&idx_path, "rename", e))?;
+        bin_tmp.persist(&bin_path)?;
+        idx_tmp.persist(&idx_path)?;
         Ok(prefix)
     }
 }

@@ -94,13 +94,15 @@ pub(super) fn run_manifest(
     }
 }
 
-/// Writes `m` to `path` through a temporary name, so a reader sees all of it or none.
+/// Writes `m` to `path` through a temporary name, so a reader sees all of it or none;
+/// fsynced before the rename and the directory after it, so that a run whose manifest
+/// survives a power loss has a whole one.
 pub(super) fn write_manifest(path: &Path, m: &Manifest) -> Result<()> {
     let tmp = with_suffix(path, "tmp");
     let text = serde_json::to_string_pretty(m)
         .map_err(|e| TokenizeError::Options(format!("cannot encode {}: {e}", path.display())))?;
-    std::fs::write(&tmp, text + "\n").map_err(io_err(&tmp, "write"))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path, "rename"))
+    crate::corpus::writer::write_durably(path, &tmp, (text + "\n").as_bytes())?;
+    Ok(())
 }
 
 /// Reads a manifest, naming the file in every error.
@@ -151,19 +153,7 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
                 ),
             });
         }
-        for s in &m.shards {
-            let idx = with_suffix(&dir.join(&s.prefix), "idx");
-            if !idx.exists() {
-                return Err(TokenizeError::Input {
-                    path: path.clone(),
-                    what: format!(
-                        "lists shard {} but {} is missing",
-                        s.prefix.display(),
-                        idx.display()
-                    ),
-                });
-            }
-        }
+        check_listed_shards(&path, &dir, &m)?;
         match &mut merged {
             None => merged = Some((path, m)),
             Some((first, all)) => {
@@ -178,8 +168,21 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
                         });
                     }
                 }
-                all.documents += m.documents;
-                all.tokens += m.tokens;
+                let overflow = |what: &str, a: u64, b: u64| TokenizeError::Input {
+                    path: path.clone(),
+                    what: format!(
+                        "its {b} {what} added to the {a} of the runs before it overflow a \
+                         64-bit count"
+                    ),
+                };
+                all.documents = all
+                    .documents
+                    .checked_add(m.documents)
+                    .ok_or_else(|| overflow("documents", all.documents, m.documents))?;
+                all.tokens = all
+                    .tokens
+                    .checked_add(m.tokens)
+                    .ok_or_else(|| overflow("tokens", all.tokens, m.tokens))?;
                 all.shards.extend(m.shards);
             }
         }
@@ -196,6 +199,59 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
     all.run = None;
     write_manifest(&with_suffix(out, "manifest.json"), &all)?;
     Ok(all)
+}
+
+/// Checks the shards a run's manifest (at `path`) lists: each one's `.idx` is in place,
+/// each opens holding the documents and tokens the manifest gives it, and the manifest's
+/// totals are their sums. A manifest edited or written by another tool is refused here,
+/// naming it, rather than merged into counts that describe no corpus.
+fn check_listed_shards(path: &Path, dir: &Path, m: &Manifest) -> Result<()> {
+    let bad = |what: String| TokenizeError::Input {
+        path: path.to_path_buf(),
+        what,
+    };
+    let (mut documents, mut tokens) = (0u64, 0u64);
+    for s in &m.shards {
+        let prefix = dir.join(&s.prefix);
+        let idx = with_suffix(&prefix, "idx");
+        if !idx.exists() {
+            return Err(bad(format!(
+                "lists shard {} but {} is missing",
+                s.prefix.display(),
+                idx.display()
+            )));
+        }
+        // The O(1) open (header and array ends), not the sidecar or a full validation.
+        let shard = crate::corpus::MegatronShard::open(&prefix)?;
+        if (shard.documents(), shard.tokens()) != (s.documents, s.tokens) {
+            return Err(bad(format!(
+                "lists shard {} with {} documents and {} tokens, but it holds {} and {}",
+                s.prefix.display(),
+                s.documents,
+                s.tokens,
+                shard.documents(),
+                shard.tokens()
+            )));
+        }
+        let sums = documents
+            .checked_add(s.documents)
+            .zip(tokens.checked_add(s.tokens));
+        (documents, tokens) = sums.ok_or_else(|| {
+            bad(format!(
+                "the documents or tokens of its shards, up to {}, overflow a 64-bit count",
+                s.prefix.display()
+            ))
+        })?;
+    }
+    if (documents, tokens) != (m.documents, m.tokens) {
+        return Err(bad(format!(
+            "says {} documents and {} tokens, but its {} shards hold {documents} and {tokens}",
+            m.documents,
+            m.tokens,
+            m.shards.len()
+        )));
+    }
+    Ok(())
 }
 
 /// What `tokenize --merge` prints: totals, and a `[[corpus.domain]]` entry listing every

@@ -263,24 +263,16 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     // Old outputs go first, the .idx before the rest, so that from here on the prefix
     // never opens until this run's final rename.
     let groups_path = with_suffix(&opts.out, "groups.npy");
-    // A failed sharded run leaves nothing, not even the shards it had finished.
-    let mut run_outputs = None;
+    // A failed run leaves nothing: not the shards a sharded run had finished, not a
+    // single shard renamed into place before the run failed (or failed its re-check).
+    let outputs = Outputs::clear(&opts.out, opts.sharded().then_some(opts.shard_index))?;
     let layout = if opts.sharded() {
-        run_outputs = Some(RunOutputs::clear(&opts.out, opts.shard_index)?);
         Layout::Sharded {
             out: opts.out.clone(),
             run: opts.shard_index,
             limit: opts.shard_tokens.unwrap_or(u64::MAX).max(1),
         }
     } else {
-        for ext in ["idx", "bin", "groups.npy"] {
-            let p = with_suffix(&opts.out, ext);
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&p, "remove")(e)),
-            }
-        }
         Layout::Single(opts.out.clone())
     };
     // Runs share scratch directories (runs of one job, and jobs whose outputs have the
@@ -427,12 +419,10 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         Layout::Sharded { run, .. } => {
             let path = run_manifest_path(&opts.out, *run);
             write_manifest(&path, &run_manifest(opts, &setup, &shards))?;
-            if let Some(outputs) = run_outputs.take() {
-                outputs.keep();
-            }
             Some(path)
         }
     };
+    outputs.keep();
 
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     Ok(TokenizeSummary {

@@ -51,7 +51,7 @@ impl Share {
 pub(super) enum Layout {
     /// One shard at the `--out` prefix itself (no `--shard-tokens`, one run).
     Single(PathBuf),
-    /// Shards `<out>-<run>-<k>` (five digits each), cut after `limit` tokens.
+    /// Shards `<out>-<run>-<k>` (at least five digits each), cut after `limit` tokens.
     Sharded { out: PathBuf, run: u64, limit: u64 },
 }
 
@@ -270,36 +270,64 @@ pub(super) fn recheck(
     Ok(())
 }
 
-/// The outputs of one run of a sharded job, removed on drop unless the run kept them.
-pub(super) struct RunOutputs {
+/// What a run writes under `out`, removed on drop unless the run kept it: a failed run
+/// leaves nothing a reader opens, not the shards a run of a sharded job (`run`) had
+/// finished, nor a single shard renamed into place before the run failed (a failed
+/// `.idx` write after the sidecar's, or a shard that fails the re-check).
+pub(super) struct Outputs {
     out: PathBuf,
-    run: u64,
+    /// The run of a sharded job; `None`: the one shard `<out>.idx`, `.bin`, `.groups.npy`.
+    run: Option<u64>,
     keep: bool,
 }
 
-impl RunOutputs {
-    /// Removes what an earlier run `run` of `out` left, before this run writes anew.
-    pub(super) fn clear(out: &Path, run: u64) -> Result<RunOutputs> {
-        remove_run_outputs(out, run)?;
-        Ok(RunOutputs {
+impl Outputs {
+    /// Removes what an earlier run left (a single shard's `.idx` first, so that from
+    /// here on the prefix never opens until this run's final rename).
+    pub(super) fn clear(out: &Path, run: Option<u64>) -> Result<Outputs> {
+        let mut outputs = Outputs {
             out: out.to_path_buf(),
             run,
-            keep: false,
-        })
+            keep: true, // a failed removal leaves the rest to the caller's error
+        };
+        outputs.remove()?;
+        outputs.keep = false;
+        Ok(outputs)
     }
 
-    /// The run finished (its manifest is written): its outputs stay.
+    /// The run finished (its shards passed the re-check, its manifest is written): its
+    /// outputs stay.
     pub(super) fn keep(mut self) {
         self.keep = true;
     }
-}
 
-impl Drop for RunOutputs {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = remove_run_outputs(&self.out, self.run);
+    fn remove(&self) -> Result<()> {
+        match self.run {
+            Some(run) => remove_run_outputs(&self.out, run),
+            None => remove_single_outputs(&self.out),
         }
     }
+}
+
+impl Drop for Outputs {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = self.remove();
+        }
+    }
+}
+
+/// Removes `<out>.idx`, then `<out>.bin` and `<out>.groups.npy`.
+fn remove_single_outputs(out: &Path) -> Result<()> {
+    for ext in ["idx", "bin", "groups.npy"] {
+        let p = with_suffix(out, ext);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&p, "remove")(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Removes what an earlier run `run` of `out` wrote (its manifest first, then every
@@ -332,7 +360,8 @@ fn remove_run_outputs(out: &Path, run: u64) -> Result<()> {
             ".idx.tmp",
             ".groups.npy.tmp",
         ];
-        if num.len() == 5 && num.bytes().all(|b| b.is_ascii_digit()) && known.contains(&ext) {
+        // `{k:05}` is five digits up to shard 99999 and more after it.
+        if num.len() >= 5 && num.bytes().all(|b| b.is_ascii_digit()) && known.contains(&ext) {
             ours.push((ext != ".idx", e.path()));
         }
     }
@@ -376,6 +405,42 @@ mod tests {
             |file, line| (0..4).find(|&index| Share { count: 4, index }.owns_line(file, line));
         let owners: Vec<u64> = (0..6).filter_map(|line| line_owner(1, line)).collect();
         assert_eq!(owners, [1, 2, 3, 3, 1, 2]);
+    }
+
+    /// Regression: shard names grow past five digits at shard 100000 (`{k:05}`), and
+    /// a rerun's clean-up once matched five digits only, so those shards outlived it.
+    #[test]
+    fn run_outputs_past_shard_99999_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("web");
+        let mut ours = Vec::new();
+        for k in [0usize, 99_999, 100_000, 1_234_567] {
+            let prefix = shard_prefix(&out, 3, k);
+            for ext in ["bin", "idx", "groups.npy", "idx.tmp"] {
+                let p = with_suffix(&prefix, ext);
+                std::fs::write(&p, b"x").unwrap();
+                ours.push(p);
+            }
+        }
+        assert!(ours.iter().any(|p| p.ends_with("web-00003-100000.idx")));
+        std::fs::write(run_manifest_path(&out, 3), b"{}").unwrap();
+        // Not run 3's: another run, another prefix, a name that is not a shard number.
+        let theirs = [
+            with_suffix(&shard_prefix(&out, 4, 100_000), "idx"),
+            dir.path().join("web2-00003-00000.idx"),
+            dir.path().join("web-00003-1x000.idx"),
+            dir.path().join("web-00003-0001.idx"),
+        ];
+        for p in &theirs {
+            std::fs::write(p, b"x").unwrap();
+        }
+        remove_run_outputs(&out, 3).unwrap();
+        let left: Vec<&PathBuf> = ours.iter().filter(|p| p.exists()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        assert!(!run_manifest_path(&out, 3).exists());
+        for p in &theirs {
+            assert!(p.exists(), "removed {}", p.display());
+        }
     }
 
     #[test]
