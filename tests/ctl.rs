@@ -606,6 +606,51 @@ fn bad_changes_are_refused_and_the_old_weights_stay() {
     }
 }
 
+/// A change that would leave a bursty domain short of its weight for the rest of the run
+/// (it takes a cycle's rows in one step, so at most 1/period of them) is refused with
+/// the reason, and the old weights stay; one within bounds is applied.
+#[test]
+fn a_change_that_overloads_a_bursty_domain_is_refused() {
+    let f = fixture();
+    let names = f
+        .load()
+        .plan
+        .domain_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>();
+    // The last domain takes 4 steps' rows in one.
+    let text = std::fs::read_to_string(&f.config).unwrap();
+    let mut doc: toml::Table = toml::from_str(&text).unwrap();
+    let corpus = doc.get_mut("corpus").unwrap().as_table_mut().unwrap();
+    let domains = corpus.get_mut("domain").unwrap().as_array_mut().unwrap();
+    let last = domains.last_mut().unwrap().as_table_mut().unwrap();
+    last.insert(
+        "bursty".into(),
+        toml::Value::Table(toml::from_str("period = 4").unwrap()),
+    );
+    std::fs::write(&f.config, toml::to_string(&doc).unwrap()).unwrap();
+    let _serve = f.serve();
+    let bursty = names.last().unwrap().clone();
+    let before = f.journal();
+    let mut heavy = serde_json::Map::new();
+    for n in &names {
+        heavy.insert(n.clone(), json!(if *n == bursty { 0.7 } else { 0.1 }));
+    }
+    let r = f.set_weights(Value::Object(heavy), Some(40), "refuse");
+    assert_eq!(r["ok"], false, "{r}");
+    let why = r["message"].as_str().unwrap_or("");
+    assert!(
+        why.contains(&format!("domain {bursty} (bursty, period 4)"))
+            && why.contains("at most 1/4")
+            && why.contains("nothing changed"),
+        "{r}"
+    );
+    assert_eq!(f.journal(), before);
+    let r = f.set_weights(json!({bursty.clone(): 0.01}), Some(40), "refuse");
+    assert_eq!(r["ok"], true, "{r}");
+}
+
 #[test]
 fn late_changes_are_refused_or_moved_on_request() {
     let f = fixture();

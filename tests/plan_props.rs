@@ -489,32 +489,8 @@ impl CoverCase {
             .iter()
             .map(|&(step, seed)| Reseed { step, seed })
             .collect();
-        fit_bursty(&self.domains, cfg)
+        cfg
     }
-}
-
-/// `cfg` with the weights of bursty domains that would owe more rows than a batch
-/// holds halved until the plan builds (a bursty domain of period p takes at most 1/p
-/// of the rows, which depends on the fills of the random corpus).
-fn fit_bursty(specs: &[DomSpec], mut cfg: PlanConfig) -> PlanConfig {
-    for _ in 0..64 {
-        let Err(PlanError::Setting(e)) = Plan::new(&inputs(specs), cfg.clone(), 0) else {
-            return cfg;
-        };
-        let Some(d) = e.field.strip_suffix("].bursty.period") else {
-            return cfg;
-        };
-        let d: usize = d.trim_start_matches("corpus.domain[").parse().unwrap();
-        let name = &specs[d].name;
-        let lists = cfg
-            .weights
-            .iter_mut()
-            .chain(cfg.schedule.iter_mut().map(|p| &mut p.weights));
-        for w in lists {
-            w.entry(name.clone()).and_modify(|x| *x /= 2.0);
-        }
-    }
-    cfg
 }
 
 /// Per-domain facts the checks need, computed from the spec (never from the plan).
@@ -2295,92 +2271,118 @@ fn mixture_bursty_back_within_one_row_each_cycle() {
 
 /// Two bursty domains that share a phase and together want more than a whole batch in
 /// their burst step cannot both be served: the clamped one falls behind without bound.
-/// `Mixer::bursty_overload` finds it, so a config or live change that asks for it is
-/// refused (`bursty_overload_is_exactly_when_the_carried_error_grows`).
+/// `Mixer::bursty_shortfall` finds it, so a start warns of it and a live change that
+/// brings it is refused (`bursty_shortfall_is_when_the_carried_error_grows`).
 #[test]
 fn mixture_bursty_overfull_phase_falls_behind() {
     // Three bursty domains of period 2: phases 0, 1, 0; d1 and d3 (0.45 each) both want
     // 9 of 10 rows at even steps.
     let weights = [0.05, 0.45, 0.05, 0.45];
-    let (st, _, nominal) = bursty_walk(&weights, &[None, Some(2), Some(2), Some(2)], 10, 200);
+    let bursty = [None, Some(2), Some(2), Some(2)];
+    let (st, _, nominal) = bursty_walk(&weights, &bursty, 10, 200);
     let lag: f64 = (nominal.iter().map(|x| x[3]).sum::<i64>() - st.rows[3] as i64 * TICKS) as f64
         / TICKS as f64;
     assert!(
         lag > 100.0,
         "expected the clamped domain to fall far behind, lag {lag}"
     );
+    let short = bursty_mixer(&weights, &bursty, 10).bursty_shortfall();
+    assert!(
+        matches!(&short, Some(s) if s.domain == 3 && s.got < 0.45),
+        "{short:?}"
+    );
+    // Found in review: each alone and each pair fits (a share-times-period sum said
+    // 0.991), yet d1, cut short where it meets d2, takes its shortfall at its next start,
+    // which falls on d3's: d3 falls behind by 0.0022 batches a step.
+    let bursty = [None, Some(3), Some(4), Some(3)];
+    let weights = [
+        0.4252407723733085,
+        0.1535944831780861,
+        0.2223430442053288,
+        0.2845797261142724,
+    ];
+    let short = bursty_mixer(&weights, &bursty, 100).bursty_shortfall();
+    assert!(matches!(&short, Some(s) if s.domain == 3), "{short:?}");
+    // And the other way: the sum said 1.052, yet every error stays bounded.
+    let bursty = [None, Some(4), Some(3), Some(2)];
+    let weights = [0.8046, 0.3978, 0.4749, 0.5222];
+    assert_eq!(
+        bursty_mixer(&weights, &bursty, 100).bursty_shortfall(),
+        None
+    );
 }
 
 /// Over random mixtures of bursty and plain domains (periods 2-7, phases as the plan
-/// assigns them, some sharing steps), `Mixer::bursty_overload` reports an overload
-/// exactly when the carried error grows: without one every domain stays within a cycle
-/// and a row of its share over 1200 steps; with a clear one (load above 1.05) the
-/// heaviest domain it names falls behind by rows that keep growing.
+/// assigns them, some sharing steps, three or more bursty domains carrying shortfalls
+/// into each other's steps), `Mixer::bursty_shortfall` agrees with a run of the mixer
+/// eight times as long as its own: without a shortfall no domain's carried error grows
+/// by more than a thousandth of a batch a step (past two batches) and every error stays
+/// within what a resume accepts; with one, the domain it names falls behind.
 #[test]
-fn bursty_overload_is_exactly_when_the_carried_error_grows() {
-    let (mut refused, mut accepted) = (0, 0);
-    for seed in 0..400u64 {
+fn bursty_shortfall_is_when_the_carried_error_grows() {
+    let (mut short, mut fine) = (0, 0);
+    for seed in 0..300u64 {
         let mut rng = Pcg64::seed_from_u64(seed);
         let n = rng.gen_range(2..6);
         let weights: Vec<f64> = (0..n).map(|_| rng.gen_range(0.01..1.0)).collect();
         let bursty: Vec<Option<u32>> = (0..n)
-            .map(|d| (d > 0 && rng.gen_range(0..2) == 0).then(|| rng.gen_range(2..8)))
+            .map(|d| (d > 0 && rng.gen_range(0..3) > 0).then(|| rng.gen_range(2..8)))
             .collect();
         if bursty.iter().all(Option::is_none) {
             continue;
         }
         let g = [8, 30, 100][rng.gen_range(0..3)];
         let m = bursty_mixer(&weights, &bursty, g);
-        // Rows domain `d` is owed after `steps` steps and has not had.
-        let lag = |steps: u64, d: usize| {
-            let (st, _, nominal) = walk_mixer(&m, n, steps);
-            let owed: i64 = nominal.iter().map(|x| x[d]).sum();
-            (owed - st.rows[d] as i64 * TICKS) as f64 / TICKS as f64
-        };
-        match m.bursty_overload() {
+        let steps = 8 * 8192u64;
+        let mut st = MixState::new(n);
+        let mut mid = Vec::new();
+        let mut largest = vec![0u64; n];
+        for step in 0..steps {
+            if step == steps / 2 {
+                mid = st.deficit.clone();
+            }
+            m.counts(&mut st, step);
+            for (l, e) in largest.iter_mut().zip(&st.deficit) {
+                *l = (*l).max(e.unsigned_abs());
+            }
+        }
+        // Rows each domain fell behind over the second half (same point of every cycle:
+        // the periods, 2-7, divide steps / 2).
+        let grew = |d: usize| (st.deficit[d] - mid[d]) as f64 / TICKS as f64;
+        match m.bursty_shortfall() {
             None => {
-                accepted += 1;
-                for (d, b) in bursty.iter().enumerate() {
-                    let bound = b.unwrap_or(1) as f64 * g as f64 + 1.0;
-                    let l = lag(1200, d);
-                    assert!(l.abs() <= bound, "seed {seed}: d{d} lags {l} rows");
-                }
-                // A resume accepts every carried error such a run has.
-                let mut st = MixState::new(n);
-                for step in 0..1200 {
-                    m.counts(&mut st, step);
-                    for (d, e) in st.deficit.iter().enumerate() {
-                        let bound = m.deficit_bound(d);
-                        assert!(
-                            e.unsigned_abs() <= bound,
-                            "seed {seed} step {step}: d{d} {e}"
-                        );
-                    }
+                fine += 1;
+                for (d, &l) in largest.iter().enumerate() {
+                    let most = 2.0 * g as f64 + 0.001 * g as f64 * (steps / 2) as f64;
+                    assert!(
+                        grew(d) <= most,
+                        "seed {seed}: d{d} fell {} rows behind",
+                        grew(d)
+                    );
+                    // A resume accepts every carried error such a run has.
+                    assert!(l <= m.deficit_bound(d), "seed {seed}: d{d} carried {l}");
                 }
             }
-            Some(o) if o.load > 1.05 => {
-                refused += 1;
-                let d = o.domain.0;
-                let (early, late) = (lag(600, d), lag(1200, d));
+            Some(s) => {
+                short += 1;
                 assert!(
-                    late > early + 5.0 && late > 10.0,
-                    "seed {seed}: overload {o:?} yet it lags {early} then {late} rows"
+                    grew(s.domain) > 2.0 * g as f64,
+                    "seed {seed}: {s:?}, {}",
+                    grew(s.domain)
                 );
             }
-            Some(_) => {}
         }
     }
-    assert!(
-        refused > 50 && accepted > 50,
-        "{refused} refused, {accepted} accepted"
-    );
+    assert!(short > 30 && fine > 30, "{short} short, {fine} fine");
 }
 
-/// A config whose bursty domain would need more than 1/period of the rows is refused,
-/// naming the domain's field, the step and the share; so is a live change that would
-/// get there, and one that leaves it within bounds is taken.
+/// A mixture that cannot give a bursty domain its weight is reported with the domain,
+/// the step and the share it would get (a start warns of it; a config is not refused,
+/// since a run already training under it could only fix it by rewriting its history).
+/// A warm-up that overloads it before the weights come down is no shortfall: the
+/// domain is repaid.
 #[test]
-fn an_overweight_bursty_domain_is_refused_at_load_and_live() {
+fn an_overweight_bursty_domain_is_reported() {
     let mut rng = Pcg64::seed_from_u64(4);
     let mut wiki = settings(GroupMode::Off);
     wiki.bursty = Some(Bursty { period: 4 });
@@ -2390,27 +2392,41 @@ fn an_overweight_bursty_domain_is_refused_at_load_and_live() {
     ];
     let mut cfg = base_config(16, 32, Packing::BestFit, 16);
     cfg.weights = Some(weights_map(&[("web", 0.5), ("wiki", 0.5)]));
-    let msg = build_error(&domains, &cfg, "half the weight on a domain of period 4");
+    let plan = build(&domains, cfg.clone());
+    let why = plan
+        .bursty_shortfall()
+        .expect("half the weight at period 4 is short");
     assert!(
-        msg.contains("corpus.domain[1].bursty.period")
-            && msg.contains("at most 1/4 of the rows")
-            && msg.contains("plan step 0"),
-        "{msg}"
+        why.contains("domain wiki (bursty, period 4)")
+            && why.contains("at most 1/4 of them")
+            && why.contains("from plan step 0"),
+        "{why}"
     );
+    assert!(plan.warnings().contains(&why));
     cfg.weights = Some(weights_map(&[("web", 0.9), ("wiki", 0.1)]));
-    let plan = Arc::new(Plan::new(&inputs(&domains), cfg, 0).expect("a tenth builds"));
+    let plan = build(&domains, cfg.clone());
+    assert_eq!(plan.bursty_shortfall(), None);
     let heavy = plan
         .weights_change(50, &BTreeMap::from([("wiki".to_string(), 0.9)]))
         .unwrap();
-    let Err(e) = plan.with_journal(vec![heavy]) else {
-        panic!("a live change to 0.9 of the weight is taken");
-    };
-    assert!(e.to_string().contains("plan step 50"), "{e}");
-    let light = plan
-        .weights_change(50, &BTreeMap::from([("wiki".to_string(), 0.15)]))
-        .unwrap();
-    plan.with_journal(vec![light])
-        .expect("0.15 of the weight is taken");
+    let why = plan.with_journal(vec![heavy]).unwrap().bursty_shortfall();
+    assert!(
+        matches!(&why, Some(w) if w.contains("from plan step 50")),
+        "{why:?}"
+    );
+    // All weight on wiki for a warm-up, then a tenth: repaid, no shortfall.
+    cfg.weights = None;
+    cfg.schedule = vec![
+        SchedulePoint {
+            step: 0,
+            weights: weights_map(&[("web", 0.0), ("wiki", 1.0)]),
+        },
+        SchedulePoint {
+            step: 100,
+            weights: weights_map(&[("web", 0.9), ("wiki", 0.1)]),
+        },
+    ];
+    assert_eq!(build(&domains, cfg).bursty_shortfall(), None);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -3905,8 +3921,7 @@ fn golden_plans() -> Vec<(&'static str, Arc<Plan>)> {
     web.upsample_long = up(60, 3);
     let concat = vec![g.domain("web", 2, 50, web), g.domain("books", 2, 40, seqd)];
     let mut c2 = base_config(seq, 16, Packing::Concat, 16);
-    // books takes 4 steps' rows in one: at most a quarter of the rows may be its.
-    c2.weights = Some(weights_map(&[("web", 0.8), ("books", 0.2)]));
+    c2.weights = Some(weights_map(&[("web", 0.7), ("books", 0.3)]));
     c2.skip = vec![Skip { steps: [0, 2] }];
     c2.reseed = vec![Reseed { step: 50, seed: 9 }];
     out.push(("concat/sequence+off", build(&concat, c2)));
@@ -3929,7 +3944,7 @@ fn golden_plans() -> Vec<(&'static str, Arc<Plan>)> {
     let staged = build(&mixed, cfg);
     out.push(("best_fit/mixed+stage", staged.clone()));
     let change = staged
-        .weights_change(70, &BTreeMap::from([("wiki".to_string(), 0.15)]))
+        .weights_change(70, &BTreeMap::from([("wiki".to_string(), 0.4)]))
         .unwrap();
     let stage = staged.stage_change(100, 2 * seq, 12, None, false);
     let live = Arc::new(staged.with_journal(vec![change, stage]).unwrap());
@@ -3975,9 +3990,9 @@ fn batches_digest(plan: &Arc<Plan>, steps: u64) -> u64 {
 fn determinism_planner_version_pins_every_scenario() {
     const PINNED: &[(u32, &str, u64)] = &[
         (1, "best_fit/mixed", 0xe23e63fae5b36131),
-        (1, "concat/sequence+off", 0x5e302e9d5027e7af),
+        (1, "concat/sequence+off", 0x929efa53d6c33e1c),
         (1, "best_fit/mixed+stage", 0x92148ea0d9dcb1ce),
-        (1, "best_fit/mixed+stage+journal", 0x732027efcbd696fc),
+        (1, "best_fit/mixed+stage+journal", 0xa0128c99a82441b4),
     ];
     let version = millrace::plan::PLAN_VERSION;
     let mut moved = Vec::new();
@@ -4081,8 +4096,7 @@ fn grouping_spans_and_blob_stay_within_their_bounds() {
         if rng.gen_range(0..2) == 0 {
             cfg.reseed = vec![Reseed { step: 45, seed: 3 }];
         }
-        let specs = [code, web];
-        let plan = build(&specs, fit_bursty(&specs, cfg));
+        let plan = build(&[code, web], cfg);
         let spans_bound = (plan.stages().iter())
             .map(|st| group_spans(st.rows, share))
             .max()
@@ -4119,6 +4133,24 @@ fn grouping_spans_and_blob_stay_within_their_bounds() {
         closest > 0.9,
         "groups spanning at once reached {closest} of the bound"
     );
+}
+
+/// `group_spans` is not monotone in the rows (its cap is a floor: 24 groups at 256 rows
+/// and 0.05, 23 at 1024), so the cursor field is sized with `group_spans_upto`, which
+/// bounds it at every batch of at most so many rows; a live stage of fewer rows then
+/// never needs more room than the field has.
+#[test]
+fn group_spans_upto_bounds_every_smaller_batch() {
+    use millrace::config::plan::{group_spans, group_spans_upto};
+    assert!(group_spans(256, 0.05) > group_spans(1024, 0.05));
+    for share in [1.0, 0.5, 0.3, 0.1, 0.05, 0.013, 0.001, 0.0002] {
+        let mut most = 0;
+        for rows in 1..=5000u32 {
+            most = most.max(group_spans(rows, share));
+            let upto = group_spans_upto(rows, share);
+            assert!(most <= upto, "share {share}, rows {rows}: {most} > {upto}");
+        }
+    }
 }
 
 /// A batch-grouped domain whose cap is so small that more groups could span batches

@@ -79,11 +79,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let config = Config::load(&args.config)?;
     let loaded = config.load_plan()?;
-    for w in loaded
-        .plan
-        .config()
-        .unweighted_warnings(&loaded.plan.domain_names())
-    {
+    for w in loaded.plan.warnings() {
         eprintln!("warning: {}: {w}", args.config.display());
     }
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;

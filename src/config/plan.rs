@@ -315,6 +315,14 @@ pub fn group_spans(rows: u32, max_share: f64) -> u64 {
     rows.min(rows.div_ceil(group_cap(rows as u32, max_share) as u64)) + 2
 }
 
+/// The most of [`group_spans`] over batches of at most `rows` rows: with a cap of one
+/// row at most `rows` span, and with a cap of `c >= 2` rows (`c > share * r - 1 >= share
+/// * r / 2`) at most `ceil(2 / share)`; two more as there.
+pub fn group_spans_upto(rows: u32, max_share: f64) -> u64 {
+    let most = (2.0 / max_share).ceil().min(u32::MAX as f64) as u64;
+    (rows as u64).min(most) + 2
+}
+
 /// Refuses a batch-grouped domain (`field`, named `name`) whose `max_share` lets more
 /// groups span batches at once, in batches of any of `rows`, than a cursor blob holds.
 pub fn check_group_spans(

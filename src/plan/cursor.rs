@@ -130,6 +130,10 @@ pub enum CursorError {
         /// The journal bytes the caller allows.
         cap: usize,
     },
+    /// The blob's journal brings changes the caller cannot serve (stages its rings or
+    /// cursor field cannot hold).
+    #[error("its live changes cannot be served here: {0}")]
+    Unservable(String),
     /// The blob's journal does not apply to this plan.
     #[error(transparent)]
     JournalInvalid(super::PlanError),

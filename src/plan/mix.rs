@@ -198,21 +198,19 @@ pub struct MixState {
     pub deficit: Vec<i64>,
 }
 
-/// A bursty domain whose cycles owe more rows than its cycle-start steps leave it
-/// ([`Mixer::bursty_overload`]).
+/// A bursty domain the final mixture cannot give its weight ([`Mixer::bursty_shortfall`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Overload {
-    /// A plan step where it happens.
+pub struct Shortfall {
+    /// The plan step from which the mixture holds.
     pub step: u64,
-    /// `(domain, period)`.
-    pub domain: (usize, u32),
-    /// Its row share at `step`.
+    /// The domain.
+    pub domain: usize,
+    /// Its period.
+    pub period: u32,
+    /// Its row share by weight.
     pub share: f64,
-    /// `(domain, period, share of its cycle starts)` of the bursty domains served
-    /// before it in those steps.
-    pub ahead: Vec<(usize, u32, f64)>,
-    /// Batches its cycle and theirs need per batch of its cycle-start steps.
-    pub load: f64,
+    /// The row share it gets in the long run.
+    pub got: f64,
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -276,100 +274,126 @@ impl Mixer {
         self.stage(step).map_or(&self.fill, |s| &s.fill)
     }
 
-    /// The first overload of a bursty domain, if any: at some step where a domain that
-    /// is not bursty has weight, its cycle owes more rows than the batches of its
-    /// cycle-start steps leave it. It then gets less than its weight, and its carried
-    /// error grows without bound (blobs are refused once it passes their check, and at
-    /// 2^20 rows it overflows).
+    /// A bursty domain that the mixture the schedule ends with (in force from its last
+    /// knot or stage start on, for the rest of the run) cannot give its weight, if any.
     ///
-    /// [`Mixer::counts`] serves bursty domains in domain order, each taking what its
-    /// cycle owes from what is left of the batch. So domain `d` of period `p` has, on
-    /// average over its cycle-start steps, one batch less what the bursty domains
-    /// before it take in those steps: each such `e` starts a cycle in a share
-    /// `p / lcm(p, p_e)` of them when their phases agree modulo `gcd(p, p_e)` (Chinese
-    /// remainder theorem), and takes `share_e * p_e` batches there. `d` needs
-    /// `share_d * p` batches a cycle. The shares are ratios of linear functions of the
-    /// step between knots of the schedule and stage starts, so the sums are largest at
-    /// one of them (or, where the others' weight starts or ends there, at the step next
-    /// to it).
-    pub fn bursty_overload(&self) -> Option<Overload> {
-        let bursty: Vec<(usize, u32, u32)> = (self.bursty.iter().enumerate())
-            .filter_map(|(d, b)| b.map(|(p, ph)| (d, p, ph)))
-            .collect();
-        if bursty.is_empty() {
+    /// A bursty domain of period `p` takes a whole cycle's rows in one step, so it can
+    /// have at most `1/p` of the rows, and less where bursty domains served before it
+    /// (in domain order) start their cycles in the same steps. Past that its cycles are
+    /// cut to what the batch holds and its carried error grows every cycle, for good:
+    /// the domain gets less than its weight, and once the error passes what a resume
+    /// accepts every cursor blob is refused. Transient overloads (a warm-up, a spike)
+    /// are repaid once the weights come down, so only the last segment counts.
+    ///
+    /// Decided by running this mixer itself on that mixture, from no carried error, for
+    /// two stretches of whole hyperperiods (the lcm of the weighted bursty periods; 4096
+    /// to 65536 steps, fewer hyperperiods where they are longer). A domain is short when
+    /// its error grew in the second by more than 1% of the rows it was owed or by more
+    /// than a thousandth of a batch a step (past two batches of noise). Closed forms
+    /// miss the carry between domains: one cut short in one step takes its shortfall at
+    /// its next start, which may be a later domain's, so a simple sum of shares times
+    /// periods both misses overloads and refuses mixtures that hold.
+    pub fn bursty_shortfall(&self) -> Option<Shortfall> {
+        let mut from = self
+            .schedule
+            .knots_before(u64::MAX)
+            .last()
+            .copied()
+            .unwrap_or(0);
+        if let Some(s) = self.stages.last() {
+            from = from.max(s.step);
+        }
+        let shares = self.row_shares(from);
+        let n = shares.len();
+        let weighted = |d: usize| self.bursty[d].is_some() && shares[d] > 0.0;
+        let others = (0..n).any(|d| self.bursty[d].is_none() && shares[d] > 0.0);
+        if !others || !(0..n).any(weighted) {
+            // Without others the bursty domains also take the rest of every batch.
             return None;
         }
-        // For each bursty domain, those before it that share its cycle starts, with
-        // the share of its starts they share.
-        let before: Vec<Vec<(usize, f64)>> = (0..bursty.len())
-            .map(|i| {
-                let (_, p, ph) = bursty[i];
-                (0..i)
-                    .filter_map(|j| {
-                        let (_, q, qh) = bursty[j];
-                        let g = gcd(p as u64, q as u64);
-                        let meet = ph as u64 % g == qh as u64 % g;
-                        meet.then(|| (j, g as f64 / q as f64))
-                    })
-                    .collect()
+        // At most 2^16 steps a stretch, fewer past 64 domains (a live change runs it
+        // under the hub's lock: 2^23 domain-steps, tens of ms).
+        let most = ((1u64 << 22) / n as u64).clamp(4096, 1 << 16);
+        let period = (0..n)
+            .filter(|&d| weighted(d))
+            .filter_map(|d| self.bursty[d].map(|b| b.0 as u64))
+            .fold(1u64, |l, p| {
+                (l / gcd(l, p)).saturating_mul(p).min(u64::MAX / 4)
+            });
+        let cycles = 4096u64.max(8 * period).div_ceil(period);
+        let half = cycles.saturating_mul(period).min(most);
+        let stationary = Mixer {
+            schedule: Schedule {
+                points: vec![(0, self.schedule.weights(from))],
+                layers: Vec::new(),
+            },
+            fill: self.fill_at(from).to_vec(),
+            rows: self.rows_at(from),
+            bursty: self.bursty.clone(),
+            stages: Vec::new(),
+        };
+        // Each domain's error is compared at the same point of its own cycle, the
+        // steps before `half` and `2 * half` that its period divides.
+        let marks: Vec<(usize, u64, u64)> = (0..n)
+            .filter(|&d| weighted(d))
+            .filter_map(|d| {
+                let p = self.bursty[d]?.0 as u64;
+                Some((d, half / p * p, 2 * half / p * p))
             })
             .collect();
-        let mut steps = self.schedule.knots_before(u64::MAX);
-        for s in &self.stages {
-            steps.extend([s.step.saturating_sub(1), s.step]);
-        }
-        steps.push(0);
-        steps.sort_unstable();
-        steps.dedup();
-        // When only bursty domains have weight they also take the rest of each batch,
-        // which repays them; the rest goes to the others whenever one has weight.
-        let checked = (steps.iter()).flat_map(|&k| [k.saturating_sub(1), k, k.saturating_add(1)]);
-        let mut checked: Vec<u64> = checked.collect();
-        checked.dedup();
-        for step in checked {
-            let shares = self.row_shares(step);
-            let others = (0..shares.len()).any(|d| self.bursty[d].is_none() && shares[d] > 0.0);
-            if !others {
-                continue;
-            }
-            let takes = |j: usize| shares[bursty[j].0] * bursty[j].1 as f64;
-            for (i, first) in before.iter().enumerate() {
-                let ahead: f64 = first.iter().map(|&(j, meet)| takes(j) * meet).sum();
-                let load = takes(i) + ahead;
-                if load > 1.0 + 1e-9 && takes(i) > 0.0 {
-                    let ahead = (first.iter())
-                        .filter(|&&(j, _)| takes(j) > 0.0)
-                        .map(|&(j, meet)| (bursty[j].0, bursty[j].1, meet))
-                        .collect();
-                    return Some(Overload {
-                        step,
-                        domain: (bursty[i].0, bursty[i].1),
-                        share: shares[bursty[i].0],
-                        ahead,
-                        load,
-                    });
+        let mut seen = vec![(0i64, 0i64); n];
+        let mut st = MixState::new(n);
+        for step in 0..=2 * half {
+            for &(d, a, b) in &marks {
+                if step == a {
+                    seen[d].0 = st.deficit[d];
+                }
+                if step == b {
+                    seen[d].1 = st.deficit[d];
                 }
             }
+            if step < 2 * half {
+                stationary.counts(&mut st, step);
+            }
         }
-        None
+        // Short when the error grew, past two batches of noise, by more than 1% of what
+        // the domain was owed, or by more than a thousandth of a batch a step (which
+        // reaches what a resume accepts, 10,001 batches, within 10^7 steps).
+        let rows = stationary.rows as f64;
+        marks
+            .iter()
+            .filter_map(|&(d, a, b)| {
+                let grew = (seen[d].1 - seen[d].0) as f64 / TICKS as f64;
+                let span = (b - a) as f64;
+                let owed = shares[d] * rows * span;
+                let rate = (0.01 * shares[d]).min(0.001) * rows;
+                (grew > 2.0 * rows + rate * span).then_some((d, 1.0 - grew / owed))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+            .map(|(d, got)| Shortfall {
+                step: from,
+                domain: d,
+                period: self.bursty[d].map_or(1, |b| b.0),
+                share: shares[d],
+                got: shares[d] * got,
+            })
     }
 
-    /// The largest carried error domain `d` can have in a real run, with room to spare:
-    /// `4 * (cycle + 1)` of the largest batch, a cycle being its period (one step for a
-    /// domain that is not bursty). A plain domain's error stays within a row or two, and a bursty one's
-    /// within its cycle's rows (it takes them at the cycle's start) plus what the
-    /// domains served before it defer. A cursor blob's larger error is forged, and
-    /// would make [`Mixer::counts`] hand out whole batches, a row per scan, for
-    /// thousands of steps.
+    /// The largest carried error domain `d` can have in a real run, with room to spare.
+    /// A domain that is not bursty ends every step with less than a row of it (its rows
+    /// are its owed ticks rounded, give or take one): 4 batches of the largest stage. A
+    /// bursty one takes a cycle's rows at the cycle's start and may fall behind for as
+    /// long as a warm-up or spike overloads it (a warm-up of all weight on one, then
+    /// 0.2, reached 350 batches before repaying them): 10,001 batches. A cursor blob's
+    /// larger error is forged, and would make [`Mixer::counts`] hand out whole batches,
+    /// a row per scan, for thousands of steps.
     pub fn deficit_bound(&self, d: usize) -> u64 {
         let rows = (self.stages.iter().map(|s| s.rows)).fold(self.rows, u32::max) as u64;
-        let cycle = self
-            .bursty
-            .get(d)
-            .copied()
-            .flatten()
-            .map_or(1, |b| b.0 as u64);
-        4 * (cycle + 1) * (rows + 1) * TICKS as u64
+        let batches = match self.bursty.get(d).copied().flatten() {
+            None => 4,
+            Some(_) => 10_001,
+        };
+        batches * (rows + 1) * TICKS as u64
     }
 
     /// Row shares at `step`: token shares divided by fill, normalised.

@@ -374,47 +374,34 @@ impl Plan {
             records: Arc::new(evolve::records(inputs, &identities)),
             identities: Arc::new(identities),
         };
-        plan.check_bursty()?;
         Ok(plan)
     }
 
-    /// Refuses weights that give bursty domains more rows than their cycles can take
-    /// ([`mix::Mixer::bursty_overload`]), naming them, the step and the most they may
-    /// have.
-    fn check_bursty(&self) -> Result<(), PlanError> {
-        let Some(o) = self.mixer.bursty_overload() else {
-            return Ok(());
-        };
-        let (d, period) = o.domain;
-        let name = &self.domains[d].name;
-        let what = if o.ahead.is_empty() {
-            format!(
-                "domain {name} takes a whole cycle's rows in one step, so it can have at \
-                 most 1/{period} of the rows, but at plan step {} its weight gives it \
-                 {:.4} of them; lower its weight or its period",
-                o.step, o.share
-            )
-        } else {
-            let ahead: Vec<String> = (o.ahead.iter())
-                .map(|&(e, q, meet)| {
-                    let name = &self.domains[e].name;
-                    format!("{name} (period {q}, in {:.0}% of them)", 100.0 * meet)
-                })
-                .collect();
-            format!(
-                "domain {name} (period {period}) takes a whole cycle's rows in one step, \
-                 and bursty domains listed before it take theirs first in some of those \
-                 steps: {}; at plan step {} their weights need {:.3} batches in each \
-                 batch left to it; lower their weights or periods",
-                ahead.join(", "),
-                o.step,
-                o.load
-            )
-        };
-        Err(PlanError::Setting(SettingError {
-            field: format!("corpus.domain[{d}].bursty.period"),
-            what,
-        }))
+    /// What a start prints about this plan without refusing it: domains the weights
+    /// never name ([`PlanConfig::unweighted_warnings`]) and a bursty domain the final
+    /// mixture cannot give its weight ([`Plan::bursty_shortfall`]).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.cfg.unweighted_warnings(&self.domain_names());
+        out.extend(self.bursty_shortfall());
+        out
+    }
+
+    /// Why the mixture the schedule ends with cannot give a bursty domain its weight
+    /// ([`mix::Mixer::bursty_shortfall`]), if it cannot: the domain, the step and the
+    /// share it would get. The daemon warns of it at start and refuses a live change
+    /// that brings it; a config is not refused for it, since a run that already trains
+    /// under it could only fix it by rewriting its history.
+    pub fn bursty_shortfall(&self) -> Option<String> {
+        let s = self.mixer.bursty_shortfall()?;
+        Some(format!(
+            "domain {} (bursty, period {}) would get {:.4} of the rows from plan step {} \
+             on instead of its {:.4}: it takes a whole cycle's rows in one step, so it can \
+             have at most 1/{} of them, and less where bursty domains listed before it \
+             start their cycles in the same steps; its carried error grows every cycle, \
+             and once it passes what a resume accepts every cursor blob is refused: lower \
+             its weight or period",
+            self.domains[s.domain].name, s.period, s.got, s.step, s.share, s.period
+        ))
     }
 
     /// The validated config.
@@ -504,7 +491,6 @@ impl Plan {
         p.mixer.schedule = schedule;
         p.journal = journal;
         p.superseded = superseded;
-        p.check_bursty()?;
         Ok(p)
     }
 
@@ -719,13 +705,16 @@ impl Plan {
     }
 
     /// Most bytes one stage switch's carry records add to a blob while the stages are
-    /// `shapes`: a record per domain, and for a batch-grouped domain its spanning and
-    /// deferred blocks, listed in its stream and in the one tail that can carry them.
+    /// `shapes`: a record per domain with its window's reseed chain, and for a
+    /// batch-grouped domain its spanning and deferred blocks, listed in its stream and
+    /// in the one tail that can carry them.
     pub fn carry_bound(&self, shapes: &[Shape]) -> usize {
         let listed: usize = (self.group_spans(shapes))
             .map(|s| 2 * ((s + MAX_DEFERRED) * 8 + 32))
             .sum();
-        self.domains.len() * CARRY_BYTES + listed
+        // Each level (the stream's and the one tail copy) holds its window's reseeds.
+        let reseeds = 2 * 16 * self.cfg.reseed.len();
+        self.domains.len() * (CARRY_BYTES + reseeds) + listed
     }
 
     /// The most tails domain `d`'s stream can hold: one per group spanning batches at
@@ -741,17 +730,17 @@ impl Plan {
             .unwrap_or(0) as usize
     }
 
-    /// For each batch-grouped domain, the most groups that span batches at once at any
-    /// of `shapes`.
+    /// For each batch-grouped domain, the most groups that span batches at once in a
+    /// batch of at most the largest of `shapes`' rows: `group_spans` is not monotone in
+    /// the rows (its cap is a floor), and a stage of fewer rows must never need more
+    /// room than the field was sized with ([`crate::config::plan::group_spans_upto`]).
     fn group_spans<'a>(&'a self, shapes: &'a [Shape]) -> impl Iterator<Item = usize> + 'a {
+        let rows = shapes.iter().map(|s| s.rows).max().unwrap_or(0);
         (self.domains.iter())
             .filter(|d| d.settings.grouping.mode == GroupMode::Batch)
             .map(move |d| {
                 let share = d.settings.grouping.max_share;
-                (shapes.iter())
-                    .map(|s| crate::config::plan::group_spans(s.rows, share))
-                    .max()
-                    .unwrap_or(0) as usize
+                crate::config::plan::group_spans_upto(rows, share) as usize
             })
     }
 

@@ -82,6 +82,19 @@ impl Plan {
         blob: &[u8],
         journal_cap: usize,
     ) -> Result<Resumed, CursorError> {
+        self.resume_with(blob, journal_cap, &|_| Ok(()))
+    }
+
+    /// [`Plan::resume`], asking `adopt` about a journal it would adopt before building
+    /// the plan under it (which packs a window per domain at each stage the journal
+    /// adds): a caller's limits on what a blob may bring, such as the shapes its rings
+    /// can serve.
+    pub fn resume_with(
+        self: &Arc<Self>,
+        blob: &[u8],
+        journal_cap: usize,
+        adopt: &dyn Fn(&[Change]) -> Result<(), String>,
+    ) -> Result<Resumed, CursorError> {
         let c = cursor::decode(blob)?;
         self.check_fingerprint(&c)?;
         if !c.domains.is_empty() {
@@ -98,6 +111,7 @@ impl Plan {
                     cap: journal_cap,
                 });
             }
+            adopt(&c.journal).map_err(CursorError::Unservable)?;
             let adopted = self
                 .with_history(c.journal.clone(), c.superseded)
                 .map_err(CursorError::JournalInvalid)?;

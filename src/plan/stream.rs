@@ -293,12 +293,6 @@ impl Stream {
                     start: key.1,
                 });
             }
-            // Its carry levels as the stream's own are checked: in order, before now.
-            if !tail.carry.is_empty() {
-                let state = tail.as_state(self.state.stage);
-                stage::check(d, &state, tail.kind(), g, stage_now)?;
-            }
-            let tail = &self.state.tails[t];
             let n = d.virtual_units(tail.kind(), tail.upsample);
             if tail.window_start >= n.max(1) {
                 return Err(StreamError::TailPastEpoch {
@@ -311,6 +305,12 @@ impl Stream {
             }
             if tail.pending.is_empty() {
                 return Err(StreamError::EmptyTail);
+            }
+            // Its carry levels as the stream's own are checked (in order, before now),
+            // after the cheap checks: they repack the window at each level.
+            if !tail.carry.is_empty() {
+                let state = tail.as_state(self.state.stage);
+                stage::check(d, &state, tail.kind(), g, stage_now)?;
             }
             let tw = self.tail_window(d, g, t);
             check_pending(&self.state.tails[t].pending, &tw)?;

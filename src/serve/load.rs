@@ -91,7 +91,7 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
     if let Some(why) = socket_problem(&l.serve.socket) {
         bail!("{}: [serve] socket: {why}", args.config.display());
     }
-    for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
+    for w in l.plan.warnings() {
         eprintln!("warning: {}: {w}", args.config.display());
     }
     let eod = if args.check_eod {

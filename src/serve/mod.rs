@@ -85,7 +85,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
         .map(Path::to_path_buf);
-    for w in l.plan.config().unweighted_warnings(&l.plan.domain_names()) {
+    for w in l.plan.warnings() {
         warn!("{}: {w}", args.config.display());
     }
     info!(

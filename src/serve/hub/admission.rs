@@ -13,7 +13,7 @@ use super::{
     Admission, Cursor, EventFd, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing, State,
 };
 use crate::config::plan::MAX_STEP;
-use crate::plan::{cursor, journal};
+use crate::plan::journal;
 use crate::plan::{Plan, Planner, Resumed};
 use crate::serve::ring::{Layout, Ring};
 use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, StageSpec, Welcome};
@@ -103,15 +103,13 @@ impl Hub {
         // A blob that carries changes this daemon has not seen (it restarted, or another
         // node's daemon took them) brings them along: the plan under them is the one the
         // blob's run was following.
-        // Decoding and checking the blob is the plan's (`Plan::resume`), once; but a
-        // blob whose journal adds stages would have it pack a window per domain at each
+        // Decoding and checking the blob is the plan's (`Plan::resume`), once; a journal
+        // it would adopt that adds stages would have it pack a window per domain at each
         // new shape first, so those are held to the room and shapes the client will get.
-        if let Some(c) = blob.as_deref().and_then(|b| cursor::decode(b).ok()) {
-            self.check_blob_stages(&seen, &c.journal, c.streams.len(), hello)?;
-        }
+        let adopt = |journal: &[crate::plan::Change]| self.check_blob_stages(&seen, journal, hello);
         let resumed = match &blob {
             Some(b) => Some(
-                seen.resume(b, self.journal_cap)
+                seen.resume_with(b, self.journal_cap, &adopt)
                     .map_err(|e| refuse_cursor(e.to_string()))?,
             ),
             None => None,
@@ -561,31 +559,34 @@ impl Shape {
 }
 
 impl Hub {
-    /// Refuses a blob journal's live stages before [`Plan::resume`] packs a window per
-    /// domain at each: changes that are malformed, more than the cursor field has room
-    /// for (a few), or shapes the client could not be served at.
+    /// Refuses a blob journal's live stages before [`Plan::resume_with`] adopts it
+    /// (packing a window per domain at each): more than the cursor field has room for
+    /// (a few), or shapes the client could not be served at. (Its changes were checked
+    /// by the decoder's bounds and `Plan::resume_with`'s own.)
     fn check_blob_stages(
         &self,
         seen: &Plan,
         journal: &[crate::plan::Change],
-        domains: usize,
         hello: &Hello,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), String> {
         if journal.iter().all(|c| c.stage.is_none()) {
             return Ok(());
         }
+        let domains = seen.domain_names().len();
         for c in journal {
             c.check(domains)
-                .map_err(|e| refuse_cursor(crate::plan::PlanError::from(e).to_string()))?;
+                .map_err(|e| crate::plan::PlanError::from(e).to_string())?;
         }
         if super::journal_room(seen, journal) > self.journal_cap {
             let e = crate::plan::CursorError::JournalTooLarge {
                 changes: journal.len(),
                 cap: self.journal_cap,
             };
-            return Err(refuse_cursor(e.to_string()));
+            return Err(e.to_string());
         }
-        Shape::check_stages(seen, &seen.stages_with(journal), hello).map(|_| ())
+        Shape::check_stages(seen, &seen.stages_with(journal), hello)
+            .map(|_| ())
+            .map_err(|r| r.to_string())
     }
 }
 

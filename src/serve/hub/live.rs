@@ -416,17 +416,16 @@ impl Hub {
         let dropped = journal::append(&mut journal, change);
         let kept = journal.len() - 1;
         let domains = plan.domain_names().len();
+        // Its own bounds first (seq_len, rows, window), as `with_history` words them.
+        for c in &journal {
+            c.check(domains)
+                .map_err(|e| ChangeError::invalid(crate::plan::PlanError::from(e).to_string()))?;
+        }
         self.cursor_room(&plan, &journal)
             .map_err(ChangeError::invalid)?;
         // A stage the rings cannot serve is refused before `with_history` packs a window
         // per domain at its shape, which is per-document work under the lock.
         if journal.iter().any(|c| c.stage.is_some()) {
-            // Its own bounds first (seq_len, rows, window), as `with_history` words them.
-            for c in &journal {
-                c.check(domains).map_err(|e| {
-                    ChangeError::invalid(crate::plan::PlanError::from(e).to_string())
-                })?;
-            }
             Self::check_stages(st, &plan.stages_with(&journal)).map_err(|e| ChangeError {
                 code: e.code(),
                 message: e.to_string(),
@@ -437,6 +436,11 @@ impl Hub {
             plan.with_history(journal, plan.superseded().saturating_add(dropped))
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
         );
+        // A change must not leave a bursty domain short for the rest of the run (a
+        // config that already does was warned of at start, and may still be fixed).
+        if let (Some(why), None) = (next.bursty_shortfall(), plan.bursty_shortfall()) {
+            return Err(ChangeError::invalid(format!("{why}; nothing changed")));
+        }
         // Stage windows are packed on rayon's threads: their faults count too.
         if let Some(addr) = crate::corpus::guard::fault_since(mark) {
             let why = self.poison_at(addr, "while building the plan of a live change");
