@@ -209,7 +209,8 @@ pub struct Shortfall {
     pub period: u32,
     /// Its row share by weight.
     pub share: f64,
-    /// The row share it gets in the long run.
+    /// The row share it gets in the long run (at most: `1/period` for a domain too
+    /// heavy alone).
     pub got: f64,
 }
 
@@ -286,7 +287,7 @@ impl Mixer {
     /// are repaid once the weights come down, so only the last segment counts.
     ///
     /// Decided by running this mixer itself on that mixture, from no carried error, for
-    /// two stretches of whole hyperperiods (the lcm of the weighted bursty periods; 4096
+    /// two stretches of whole hyperperiods (the lcm of the weighted bursty periods; 2048
     /// to 65536 steps, fewer hyperperiods where they are longer). A domain is short when
     /// its error grew in the second by more than 1% of the rows it was owed or by more
     /// than a thousandth of a batch a step (past two batches of noise). Closed forms
@@ -311,16 +312,36 @@ impl Mixer {
             // Without others the bursty domains also take the rest of every batch.
             return None;
         }
-        // At most 2^16 steps a stretch, fewer past 64 domains (a live change runs it
-        // under the hub's lock: 2^23 domain-steps, tens of ms).
-        let most = ((1u64 << 22) / n as u64).clamp(4096, 1 << 16);
+        let load = |d: usize| shares[d] * self.bursty[d].map_or(0, |b| b.0) as f64;
+        if (0..n).filter(|&d| weighted(d)).map(load).sum::<f64>() <= 1.0 {
+            // Even in a step where every one starts a cycle, each gets its cycle's rows.
+            return None;
+        }
+        let alone = (0..n).filter(|&d| weighted(d) && load(d) > 1.0 + 1e-9);
+        if let Some(d) = alone.max_by(|&a, &b| load(a).total_cmp(&load(b)).then(b.cmp(&a))) {
+            // Too heavy alone: it gets at most 1/period, whatever the others do.
+            let period = self.bursty[d].map_or(1, |b| b.0);
+            return Some(Shortfall {
+                step: from,
+                domain: d,
+                period,
+                share: shares[d],
+                got: 1.0 / period as f64,
+            });
+        }
+        // A step costs about a domain-scan per domain and per weighted bursty one (its
+        // cycle's nominal rows), and a live change runs this under the hub's lock: at
+        // most 2^21 such scans a stretch (2048 to 65536 steps; 400 domains of which 8
+        // bursty, about 0.2 s).
+        let bursts = (0..n).filter(|&d| weighted(d)).count() as u64;
+        let most = ((1u64 << 21) / (n as u64 * (1 + bursts))).clamp(2048, 1 << 16);
         let period = (0..n)
             .filter(|&d| weighted(d))
             .filter_map(|d| self.bursty[d].map(|b| b.0 as u64))
             .fold(1u64, |l, p| {
                 (l / gcd(l, p)).saturating_mul(p).min(u64::MAX / 4)
             });
-        let cycles = 4096u64.max(8 * period).div_ceil(period);
+        let cycles = 2048u64.max(8 * period).div_ceil(period);
         let half = cycles.saturating_mul(period).min(most);
         let stationary = Mixer {
             schedule: Schedule {

@@ -438,8 +438,10 @@ impl Hub {
         );
         // A change must not leave a bursty domain short for the rest of the run (a
         // config that already does was warned of at start, and may still be fixed).
-        if let (Some(why), None) = (next.bursty_shortfall(), plan.bursty_shortfall()) {
-            return Err(ChangeError::invalid(format!("{why}; nothing changed")));
+        if let Some(why) = next.bursty_shortfall() {
+            if plan.bursty_shortfall().is_none() {
+                return Err(ChangeError::invalid(format!("{why}; nothing changed")));
+            }
         }
         // Stage windows are packed on rayon's threads: their faults count too.
         if let Some(addr) = crate::corpus::guard::fault_since(mark) {
