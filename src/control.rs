@@ -121,9 +121,42 @@ pub(crate) fn connect_reason(e: &std::io::Error) -> String {
             "permission denied: the socket is mode 0660; run as the daemon's user or a \
              member of its [serve] socket_group"
         }
+        Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) => {
+            "timed out: the daemon did not take the connection within --timeout (its \
+             listen backlog is full: is it stuck, or overloaded?)"
+        }
         _ => return e.to_string(),
     };
     format!("{hint} ({e})")
+}
+
+/// Connects to `socket`, waiting at most `timeout` for a daemon whose listen backlog is
+/// full (a blocking unix connect would wait forever): the send timeout bounds connect(2)
+/// on a unix socket, which then fails with EAGAIN.
+fn connect_within(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    use rustix::net::{sockopt, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let addr = SocketAddrUnix::new(socket)?;
+    sockopt::set_socket_timeout(
+        &fd,
+        sockopt::Timeout::Send,
+        Some(timeout.max(Duration::from_millis(1))),
+    )?;
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Requests set their own timeouts; leave none from the connect behind.
+    sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, None)?;
+    Ok(UnixStream::from(fd))
 }
 
 /// One control connection; requests on it are answered in order. Reused by `top` so
@@ -139,7 +172,7 @@ pub struct Connection {
 impl Connection {
     /// Connects to the daemon's socket; `timeout` bounds each later request.
     pub fn open(socket: &Path, timeout: Duration) -> Result<Connection, CtlError> {
-        let stream = UnixStream::connect(socket).map_err(|error| CtlError::Connect {
+        let stream = connect_within(socket, timeout).map_err(|error| CtlError::Connect {
             socket: socket.to_path_buf(),
             error,
         })?;

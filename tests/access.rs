@@ -352,3 +352,75 @@ fn socket_is_0660_and_its_group_is_checked() {
         assert!(UnixStream::connect(&f.socket).is_err());
     }
 }
+
+/// check-config fails where serve would: a `socket_group` that exists but that the
+/// daemon's user cannot give the socket to (not root, not a member) is named, and serve
+/// refuses it before binding, leaving no socket behind.
+#[test]
+fn check_config_refuses_a_group_the_daemon_cannot_chown_to() {
+    if skip_unless_root(
+        "check_config_refuses_a_group_the_daemon_cannot_chown_to",
+        "it runs check-config as a second uid",
+    ) {
+        return;
+    }
+    let f = fixture();
+    f.configure("socket_group = \"0\"\n");
+    f.open_path();
+    let config = f.config.to_str().unwrap();
+    // nobody (65534) is not in group 0.
+    let o = millrace_as(
+        &f,
+        Some((65534, 65534)),
+        &["check-config", "--config", config],
+    );
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(err.contains("socket_group"), "{err}");
+    assert!(err.contains("not a member"), "{err}");
+    let o = millrace_as(&f, Some((65534, 65534)), &["serve", "--config", config]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a member"), "{}", stderr(&o));
+    assert!(!f.socket.exists());
+    // Root may give the socket to any group: check-config passes.
+    let o = millrace_as(&f, None, &["check-config", "--config", config]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A socket directory inside a world-writable directory (like `/tmp/millrace-UID`) must
+/// be this user's own real directory: a symlink, or one another user made, is refused
+/// by name and nothing is bound there.
+#[test]
+fn a_planted_socket_directory_in_a_shared_dir_is_refused() {
+    let f = fixture();
+    let shared = f.dir().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let target = f.dir().join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::symlink(&target, shared.join("link")).unwrap();
+    let serve_with = |socket: &std::path::Path| -> String {
+        let serve = common::serve_toml(socket, 2, 1);
+        common::write_config(f.dir(), "test.toml", 128, 4, &[&serve]);
+        serve_fails(&f)
+    };
+    let text = serve_with(&shared.join("link").join("s.sock"));
+    assert!(text.contains("symlink"), "{text}");
+    assert!(text.contains("link"), "{text}");
+    assert!(!target.join("s.sock").exists());
+    if euid() == 0 {
+        let theirs = shared.join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let text = serve_with(&theirs.join("s.sock"));
+        assert!(text.contains("owned by uid 65534"), "{text}");
+        assert!(!theirs.join("s.sock").exists());
+    }
+    // This user's own directory there is used.
+    let mine = shared.join("mine");
+    let serve = common::serve_toml(&mine.join("s.sock"), 2, 1);
+    common::write_config(f.dir(), "test.toml", 128, 4, &[&serve]);
+    let s = Serve::start(&f.config, &mine.join("s.sock"), &f.log);
+    assert!(UnixStream::connect(mine.join("s.sock")).is_ok());
+    drop(s);
+}

@@ -222,6 +222,15 @@ fn serve_mistakes_name_the_field() {
         ("[serve]\nwake_coalesce_us = -1", "wake_coalesce_us"),
         ("[serve]\nlive_changes = 0", "live_changes"),
         ("[serve]\nlive_changes = 4097", "live_changes"),
+        ("[serve]\nmax_clients = 0", "max_clients"),
+        ("[serve]\nmax_clients = 1048577", "max_clients"),
+        ("[serve]\nmax_clients = 9223372036854775807", "max_clients"),
+        ("[serve]\nhandshake_timeout_ms = 0", "handshake_timeout_ms"),
+        ("[serve]\nhandshake_timeout_ms = 99", "handshake_timeout_ms"),
+        (
+            "[serve]\nhandshake_timeout_ms = 600001",
+            "handshake_timeout_ms",
+        ),
     ];
     for (extra, field) in cases {
         let text = format!("{base}{extra}");
@@ -245,6 +254,18 @@ fn serve_mistakes_name_the_field() {
     let serve = millrace::config::serve::ServeConfig::from_config(&cfg).unwrap();
     assert_eq!(serve.socket, Path::new("/x/s.sock"));
     assert_eq!(serve.live_changes, 32);
+    // The bounds themselves are accepted.
+    let cfg = Config::parse(
+        &format!("{base}[serve]\nmax_clients = 1048576\nhandshake_timeout_ms = 100"),
+        Path::new("/x/run.toml"),
+        Path::new("/x"),
+    )
+    .unwrap();
+    let serve = millrace::config::serve::ServeConfig::from_config(&cfg).unwrap();
+    assert_eq!(
+        (serve.max_clients, serve.handshake_timeout_ms),
+        (1_048_576, 100)
+    );
     // Room for live changes is bytes of every blob: 4096 changes of 1000 domains (33 MB)
     // cannot travel in a HELLO.
     let domains: String = (0..1000)

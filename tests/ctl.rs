@@ -747,3 +747,171 @@ fn reload_rereads_the_config() {
     assert_eq!(f.journal(), journal);
     assert_eq!(f.status()["failed_reloads"], 1);
 }
+
+/// The watcher reads a file it refused once, not every two intervals: a syntax error is
+/// counted one failed reload however long it stays, and the fixed file then applies.
+#[test]
+fn the_watcher_does_not_retry_a_refused_file() {
+    let corpus = common::corpus(1_000_000, 4, 5, 300_000);
+    let socket = corpus.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 4, 2).replace(
+        "watch_config = false",
+        "watch_config = true\nwatch_interval_ms = 100",
+    );
+    assert!(serve.contains("watch_interval_ms = 100"), "{serve}");
+    let f = Fixture {
+        config: common::write_config(&corpus.dir, "test.toml", SEQ_LEN, ROWS, &[&serve]),
+        socket,
+        corpus,
+    };
+    let d = f.serve();
+    let names: Vec<String> = f
+        .load()
+        .plan
+        .domain_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    let good = std::fs::read_to_string(&f.config).unwrap();
+    std::fs::write(&f.config, format!("{good}\n[plan\n")).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while f.status()["failed_reloads"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed reload:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Ten intervals: before the fix each two of them counted another failure.
+    std::thread::sleep(Duration::from_millis(1000));
+    let st = f.status();
+    assert_eq!(st["failed_reloads"], 1, "{st}\n{}", d.log_text());
+    // The fixed file (new weights) is applied.
+    let mut doc: toml::Table = toml::from_str(&good).unwrap();
+    let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
+    plan.remove("schedule");
+    let mut w = toml::Table::new();
+    for (i, n) in names.iter().enumerate() {
+        w.insert(
+            n.clone(),
+            toml::Value::Float(if i == 0 { 3.0 } else { 1.0 }),
+        );
+    }
+    plan.insert("weights".into(), toml::Value::Table(w));
+    std::fs::write(&f.config, toml::to_string(&doc).unwrap()).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while f.journal().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "fixed file not applied:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(f.status()["failed_reloads"], 1);
+}
+
+/// `--timeout` bounds the connect too: against a socket whose listen backlog is full (a
+/// stuck daemon), `status` fails within the timeout and says so, instead of hanging.
+#[test]
+fn status_times_out_against_a_full_backlog() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stuck.sock");
+    let listener = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+    let addr = SocketAddrUnix::new(&path).unwrap();
+    rustix::net::bind(&listener, &addr).unwrap();
+    rustix::net::listen(&listener, 1).unwrap();
+    // Fill the backlog with connections nobody accepts, until one would block.
+    let mut held = Vec::new();
+    loop {
+        let c = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match rustix::net::connect(&c, &addr) {
+            Ok(()) => held.push(c),
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+        assert!(held.len() < 64, "the backlog never filled");
+    }
+    let t0 = Instant::now();
+    let o = run(&[
+        "status",
+        "--socket",
+        path.to_str().unwrap(),
+        "--timeout",
+        "1",
+    ]);
+    let took = t0.elapsed();
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let err = stderr(&o);
+    assert!(err.contains("timed out"), "{err}");
+    drop(held);
+    drop(listener);
+}
+
+/// Whether process `pid` catches SIGHUP (bit 0 of SigCgt in /proc/PID/status).
+fn catches_sighup(pid: libc::pid_t) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .is_some_and(|mask| mask & 1 != 0)
+}
+
+/// A SIGHUP while the daemon opens its corpus (before it listens) used to kill it: the
+/// handler was installed only after the load. Once the process catches SIGHUP, SIGHUPs
+/// every 2 ms until it listens leave it serving.
+#[test]
+fn sighup_during_start_up_does_not_kill_the_daemon() {
+    let f = fixture();
+    let mut d = Serve::spawn(&f.config, &f.corpus.dir.join("serve.log"), |_| {});
+    let pid = d.pid();
+    let deadline = Instant::now() + TIMEOUT;
+    while !catches_sighup(pid) {
+        assert!(
+            d.alive(),
+            "exited before catching SIGHUP:\n{}",
+            d.log_text()
+        );
+        assert!(Instant::now() < deadline, "never caught SIGHUP");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut sent = 0u32;
+    while UnixStream::connect(&f.socket).is_err() {
+        assert!(
+            d.alive(),
+            "died after {sent} SIGHUPs during start-up:\n{}",
+            d.log_text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "never listened:\n{}",
+            d.log_text()
+        );
+        d.signal(libc::SIGHUP);
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(sent > 0);
+    // A few more once it serves, then it still answers and streams.
+    for _ in 0..5 {
+        d.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let st = f.status();
+    assert!(st.is_object(), "{st}");
+    let mut c = f.connect("after-hup");
+    c.next_batch()
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    assert!(d.alive(), "{}", d.log_text());
+}

@@ -165,6 +165,40 @@ fn run_consumers(
         .collect()
 }
 
+/// Makes (or checks) a directory under the shared temp dir whose name others can guess
+/// (`millrace-demo-PID`, `millrace-bench-TOKENS`): a new one is made mode 0700; one that
+/// is there is reused only if it is a real directory (not a symlink) of this user's, since
+/// another user could have made it to feed us a corpus or catch what we write.
+pub(crate) fn own_temp_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) => {
+            let euid = rustix::process::geteuid().as_raw();
+            if meta.file_type().is_symlink() || !meta.is_dir() {
+                bail!(
+                    "{}: exists and is not a directory (a symlink or a file); refusing to use \
+                     it (remove it, or pass --dir)",
+                    dir.display()
+                );
+            }
+            if meta.uid() != euid {
+                bail!(
+                    "{}: is owned by uid {}, not this user (uid {euid}); refusing to use it \
+                     (remove it, or pass --dir)",
+                    dir.display(),
+                    meta.uid()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display())),
+        Err(e) => Err(e).with_context(|| format!("inspecting {}", dir.display())),
+    }
+}
+
 fn fresh_dir() -> PathBuf {
     std::env::temp_dir().join(format!("millrace-demo-{}", std::process::id()))
 }
@@ -187,7 +221,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     let own_dir = args.dir.is_none();
     let dir = args.dir.clone().unwrap_or_else(fresh_dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if own_dir {
+        own_temp_dir(&dir)?;
+    } else {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let _cleanup = DirCleanup((own_dir && !args.keep).then(|| dir.clone()));
     let mut out = std::io::stdout().lock();
 

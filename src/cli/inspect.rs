@@ -70,7 +70,10 @@ fn parse_range(s: &str) -> Result<Range<u64>, String> {
         }
         None => {
             let a = num(s)?;
-            Ok(a..a + 1)
+            let end = a.checked_add(1).ok_or_else(|| {
+                format!("document index {a} is too large (at most {})", u64::MAX - 1)
+            })?;
+            Ok(a..end)
         }
     }
 }
@@ -685,5 +688,17 @@ mod tests {
                 (1 << 20, 1 << 21, 1)
             ]
         );
+    }
+
+    /// `--doc 18446744073709551615` panicked on `a + 1`: now a clear error.
+    #[test]
+    fn the_largest_doc_index_is_an_error_not_a_panic() {
+        let e = parse_range("18446744073709551615").unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+        assert_eq!(
+            parse_range("18446744073709551614"),
+            Ok(u64::MAX - 1..u64::MAX)
+        );
+        assert_eq!(parse_range("3..5"), Ok(3..5));
     }
 }

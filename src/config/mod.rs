@@ -266,6 +266,13 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
+        let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+        Ok((Config::from_bytes(path, bytes)?, hash))
+    }
+
+    /// Parses the bytes read from the config file `path` (the hash of
+    /// [`Config::load_hashed`] is `xxh3_64` of these bytes, parsed or not).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Config, ConfigError> {
         let text = String::from_utf8(bytes).map_err(|e| ConfigError::NotUtf8 {
             path: path.to_path_buf(),
             byte: e.utf8_error().valid_up_to(),
@@ -274,8 +281,7 @@ impl Config {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let cfg = Config::parse(&text, path, base)?;
-        Ok((cfg, xxhash_rust::xxh3::xxh3_64(text.as_bytes())))
+        Config::parse(&text, path, base)
     }
 
     /// Parses config text; `source` names it in errors, `base_dir` anchors relative paths.

@@ -293,6 +293,9 @@ fn default_prefetch() -> u32 {
 fn default_true() -> bool {
     true
 }
+/// The most clients `[serve] max_clients` may allow (each costs a few fds).
+pub const MAX_CLIENTS: usize = 1_048_576;
+
 fn default_max_clients() -> usize {
     512
 }
@@ -335,8 +338,11 @@ impl ServeConfig {
         if s.prefetch_steps > 1024 {
             return bad("prefetch_steps", "must be at most 1024");
         }
-        if s.max_clients == 0 {
-            return bad("max_clients", "must be positive");
+        if !(1..=MAX_CLIENTS).contains(&s.max_clients) {
+            return bad("max_clients", &format!("must be 1..={MAX_CLIENTS}"));
+        }
+        if !(100..=600_000).contains(&s.handshake_timeout_ms) {
+            return bad("handshake_timeout_ms", "must be 100..=600000 (ten minutes)");
         }
         if !(1..=65_536).contains(&s.max_control_connections) {
             return bad("max_control_connections", "must be 1..=65536");

@@ -78,20 +78,82 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
+            let existed = std::fs::symlink_metadata(dir).is_ok();
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+            check_private_dir(dir, !existed)?;
         }
     }
     remove_stale_socket(path).await?;
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod 0660 {}", path.display()))?;
-    if let Some(g) = group {
-        access::set_socket_group(path, g).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A socket whose mode or group could not be set is not left behind: the next start
+    // (or `check-config`) must not meet it.
+    let finish = || -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .with_context(|| format!("chmod 0660 {}", path.display()))?;
+        if let Some(g) = group {
+            access::set_socket_group(path, g).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = finish() {
+        drop(listener);
+        let _ = std::fs::remove_file(path);
+        return Err(e);
     }
     Ok(listener)
+}
+
+/// A socket directory inside a world-writable one (`/tmp/millrace-UID`, the default
+/// without `$XDG_RUNTIME_DIR`) could have been made by another user, or be a symlink
+/// another user planted: it must be a directory of this user's (not a symlink), and the
+/// default one is made mode 0700 (this user owns it, so nobody else keeps a way in). Directories
+/// elsewhere (`/run/millrace` from systemd's RuntimeDirectory) are left as they are.
+fn check_private_dir(dir: &Path, created: bool) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let in_shared = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .and_then(|p| std::fs::metadata(p).ok())
+        .is_some_and(|m| m.mode() & 0o002 != 0);
+    if !in_shared {
+        return Ok(());
+    }
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("inspecting the socket directory {}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        bail!(
+            "socket directory {}: is a symlink inside a world-writable directory; refusing it \
+             (remove it, or choose another [serve] socket)",
+            dir.display()
+        );
+    }
+    let euid = crate::sys::euid();
+    if !meta.is_dir() || meta.uid() != euid {
+        bail!(
+            "socket directory {}: is owned by uid {}, not this user (uid {euid}), inside a \
+             world-writable directory; refusing it (remove it, or choose another [serve] socket)",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    // The default fallback is private to its user; a directory a config names in /tmp
+    // may be shared with trainers on purpose (its group and mode are the operator's).
+    let fallback = crate::config::serve::default_socket_for(None, euid);
+    if fallback.parent() == Some(dir) && meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+            || {
+                format!(
+                    "chmod 0700 the socket directory {}{}",
+                    dir.display(),
+                    if created { " (just created)" } else { "" }
+                )
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Clears the way for binding `path`: nothing there is fine; a stale socket (a socket
@@ -311,7 +373,7 @@ async fn connection(
     let hello = match Hello::parse(&hello) {
         Ok(h) => h,
         Err(r) => {
-            d.warn_peer(pid, format_args!("refused: {r}"));
+            d.warn_peer(pid, format_args!("refused: {}", r.log_line()));
             say(&mut stream, kind::REFUSED, r.code, &r.message).await;
             return;
         }
@@ -335,7 +397,7 @@ async fn connection(
         Ok(Ok(a)) => a,
         Ok(Err(r)) => {
             if let Some(k) = d.warn_conn.allow() {
-                warn!(?pid, job = %hello.job, dp_rank = hello.dp_rank, replica = %hello.replica, "refused: {r}{}", limits::suppressed_note(k));
+                warn!(?pid, job = %hello.job, dp_rank = hello.dp_rank, replica = %hello.replica, "refused: {}{}", r.log_line(), limits::suppressed_note(k));
             }
             say(&mut stream, kind::REFUSED, r.code, &r.message).await;
             return;

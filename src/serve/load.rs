@@ -61,7 +61,14 @@ pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
     let token = TokenType::choose(&serve.token_dtype, &dtypes)
         .map_err(|e| anyhow::anyhow!("{}: [serve] token_dtype: {e}", cfg.source.display()))?;
     if let Some(g) = &serve.socket_group {
-        access::resolve_group(g).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.source.display()))?;
+        let gid = access::resolve_group(g)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.source.display()))?;
+        if let Some(why) = cannot_chown_to(gid) {
+            anyhow::bail!(
+                "{}: [serve] socket_group {g:?} (gid {gid}): {why}",
+                cfg.source.display()
+            );
+        }
     }
     Ok(Loaded {
         cfg,
@@ -199,5 +206,23 @@ fn validate_one(shard: &Shard) -> Option<String> {
         )),
         (None, Err(e)) => Some(format!("{e} (found by the background validation)")),
         (None, Ok(())) => None,
+    }
+}
+
+/// Why this process could not give its socket to group `gid` (chown(2) lets an owner
+/// give a file only to its own groups, unless it is root); `None` when it can.
+fn cannot_chown_to(gid: u32) -> Option<String> {
+    if crate::sys::euid() == 0 || crate::sys::egid() == gid {
+        return None;
+    }
+    match rustix::process::getgroups() {
+        Ok(groups) if groups.iter().any(|g| g.as_raw() == gid) => None,
+        Ok(_) => Some(format!(
+            "this user (uid {}) is not a member of the group, so serve could not give the \
+             socket to it; run serve as root or as a member of the group (the systemd unit's \
+             User= and Group=/SupplementaryGroups=)",
+            crate::sys::euid()
+        )),
+        Err(e) => Some(format!("cannot list this process's groups: {e}")),
     }
 }

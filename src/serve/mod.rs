@@ -65,6 +65,20 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     if let Err(e) = crate::corpus::guard::guard_rayon_pool() {
         warn!("cannot guard rayon's threads ({e}); a shard truncated while a seek reads it will stop the daemon");
     }
+    // The runtime and the SIGHUP handler come before the load: a reload sent while the
+    // corpus opens (which can take minutes) must not kill the daemon. One that arrives
+    // then is kept and runs once the daemon serves (the file is read again then).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("millrace-io")
+        .build()
+        .context("starting the tokio runtime")?;
+    let hup = {
+        let _in_runtime = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?
+    };
     let mut l = load(&args.config, false)?;
     let from_flag = args.socket.is_some();
     if let Some(s) = args.socket {
@@ -101,7 +115,10 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     let serve = l.serve.clone();
     // One fd per connection and two per ring (memfd, eventfd), plus shards and slack.
     let fd_limit = limits::raise_fd_limit(
-        3 * serve.max_clients as u64 + serve.max_control_connections as u64 + 256,
+        (serve.max_clients as u64)
+            .saturating_mul(3)
+            .saturating_add(serve.max_control_connections as u64)
+            .saturating_add(256),
     );
     let readers = fill::Readers::open(serve.reader, &l.shards);
     let hints = readers.page_hints(serve.page_hints);
@@ -143,12 +160,6 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         last_reload: Mutex::new(None),
         serve,
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("millrace-io")
-        .build()
-        .context("starting the tokio runtime")?;
     let workers: Vec<_> = (0..daemon.serve.materialize_threads)
         .map(|i| {
             let hub = hub.clone();
@@ -170,7 +181,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     } else {
         None
     };
-    let result = runtime.block_on(serve_socket(daemon.clone(), unchecked));
+    let result = runtime.block_on(serve_socket(daemon.clone(), unchecked, hup));
     hub.stop();
     for w in workers {
         let _ = w.join();
@@ -296,14 +307,18 @@ fn export_metrics(status: &Status) {
 
 /// Binds the socket (refusing to steal one a live daemon is serving), sets its mode and
 /// group, says READY, and serves until SIGTERM/SIGINT; then drains.
-async fn serve_socket(d: Arc<Daemon>, unchecked: load::Unchecked) -> Result<()> {
+/// `hup` was installed before the load (a SIGHUP then is not lost, and does not kill).
+async fn serve_socket(
+    d: Arc<Daemon>,
+    unchecked: load::Unchecked,
+    mut hup: tokio::signal::unix::Signal,
+) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let serve = d.serve.clone();
     let path = serve.socket.clone();
     // Signal handlers before READY: a reload right after start-up must not kill us.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     if let Some(addr) = &serve.metrics_addr {
         let addr: std::net::SocketAddr = addr
             .parse()

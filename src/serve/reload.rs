@@ -179,8 +179,13 @@ impl Daemon {
     /// did. The file counts as seen whatever comes of it: the watcher does not retry a
     /// refused file.
     fn read_for_reload(&self, running: &mut Running) -> Result<(Config, PlanConfig), Refused> {
-        let (cfg, hash) = Config::load_hashed(&self.config)?;
-        running.seen = Some(hash);
+        let bytes = std::fs::read(&self.config).map_err(|source| ConfigError::Read {
+            path: self.config.clone(),
+            source,
+        })?;
+        // Seen before it is parsed: a file that does not parse is not retried either.
+        running.seen = Some(xxhash_rust::xxh3::xxh3_64(&bytes));
+        let cfg = Config::from_bytes(&self.config, bytes)?;
         let plan = cfg.plan_config()?;
         if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
             return Err(Refused::Corpus(self.config.clone()));
@@ -304,7 +309,7 @@ impl Daemon {
                 source,
                 code = e.code.as_str(),
                 "{op} refused, nothing changed: {}",
-                e.message
+                crate::wire::protocol::log_safe(&e.message)
             ),
         }
         r

@@ -365,6 +365,50 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+impl Refusal {
+    /// The refusal as one log-safe line: the message may echo client text, so
+    /// control characters and quotes are escaped and it is capped by [`log_safe`].
+    pub fn log_line(&self) -> String {
+        format!("{}: {}", self.code, log_safe(&self.message))
+    }
+}
+
+/// Most characters of untrusted text a log line echoes (then an ellipsis).
+pub const LOG_ECHO_MAX: usize = 256;
+
+/// Untrusted text (a client's field, a message built from one) made safe for a log
+/// line: newlines, control characters and the like are escaped (`escape_debug`), and
+/// the result is cut at [`LOG_ECHO_MAX`] characters with an ellipsis.
+pub fn log_safe(text: &str) -> String {
+    let mut out = String::new();
+    for (n, c) in text.escape_debug().enumerate() {
+        if n == LOG_ECHO_MAX {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Checks a HELLO `fingerprint`: exactly 32 hex digits.
+fn check_fingerprint(fp: &str) -> Result<(), Refusal> {
+    if fp.len() != 32 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Refusal::new(
+            Code::BadHello,
+            format!(
+                "HELLO field `fingerprint` must be exactly 32 hex digits, got {} bytes{}",
+                fp.len(),
+                match fp.bytes().position(|b| !b.is_ascii_hexdigit()) {
+                    Some(i) => format!(" with byte 0x{:02x} at offset {i}", fp.as_bytes()[i]),
+                    None => String::new(),
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Hello {
     /// A HELLO for job "default", replica "0" of 1, starting at step 0, with
     /// `micro_batches` micro-batches of `micro_batch_rows` rows.
@@ -425,6 +469,9 @@ impl Hello {
             .map_err(|e| Refusal::new(Code::BadHello, format!("HELLO: {e}")))?;
         check_name("job", &hello.job)?;
         check_name("replica", &hello.replica)?;
+        if let Some(fp) = &hello.fingerprint {
+            check_fingerprint(fp)?;
+        }
         if hello.dp_size == 0 || hello.dp_rank >= hello.dp_size {
             return Err(Refusal::new(
                 Code::BadHello,
@@ -548,13 +595,35 @@ mod tests {
         let mut w = Hello::whole_slice(0, 1);
         w.cursor = Some(to_hex(b"\x01"));
         w.start_step = Some(9);
-        w.fingerprint = Some("ab".into());
+        w.fingerprint = Some("0123456789abcdef0123456789ABCDEF".into());
         let bytes = serde_json::to_vec(&w).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&bytes),
-            r#"{"protocol":2,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"ab","release_page":true}"#
+            r#"{"protocol":2,"job":"default","dp_rank":0,"dp_size":1,"replica":"0","replicas":1,"micro_batches":1,"cursor":"01","start_step":9,"fingerprint":"0123456789abcdef0123456789ABCDEF","release_page":true}"#
         );
         assert_eq!(Hello::parse(&bytes), Ok(w));
+    }
+
+    /// A fingerprint that is not 32 hex digits is refused naming the field, and a
+    /// refusal's log line escapes what the client sent and caps its length.
+    #[test]
+    fn fingerprint_format_is_checked_and_logs_are_escaped() {
+        for bad in [
+            "ab",
+            "0123456789abcdef0123456789abcdeg",
+            "x\nINJECTED 0123456789abcdef01",
+        ] {
+            let mut h = Hello::whole_slice(0, 1);
+            h.fingerprint = Some(bad.into());
+            let r = Hello::parse(&serde_json::to_vec(&h).unwrap()).unwrap_err();
+            assert_eq!(r.code, Code::BadHello, "{bad}");
+            assert!(r.message.contains("`fingerprint`"), "{}", r.message);
+        }
+        let r = Refusal::new(Code::BadHello, format!("a\nb{}", "z".repeat(1000)));
+        let line = r.log_line();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.contains("a\\nb"), "{line}");
+        assert!(line.ends_with('…') && line.chars().count() < 300, "{line}");
     }
 
     /// Every code serializes to the string PROTOCOL.md lists, and reads back.

@@ -270,6 +270,52 @@ fn names_that_could_forge_log_lines_are_refused() {
     assert!(f.daemon.alive());
 }
 
+/// Log forging through text the daemon echoes: a HELLO `fingerprint` holding a newline
+/// is refused by name (it must be 32 hex digits), and an unknown field whose name holds
+/// one is refused with the name escaped; no log line starts with the injected text.
+#[test]
+fn fingerprints_and_echoed_text_cannot_forge_log_lines() {
+    let mut f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good joins");
+    for fp in [
+        "x\nWARN forged-fingerprint",
+        "0123456789abcdef0123456789abcde\n",
+        "ab",
+    ] {
+        let mut h = hello("fp");
+        h.fingerprint = Some(fp.into());
+        let (code, message) = refused(&f, &h);
+        assert_eq!(code, "bad_hello", "{message}");
+        assert!(message.contains("`fingerprint`"), "{message}");
+        assert!(message.contains("32 hex digits"), "{message}");
+    }
+    // serde names an unknown field as sent: the log must escape it.
+    let long = "y".repeat(5000);
+    for field in ["z\nWARN forged-field", long.as_str()] {
+        let h = json!({"protocol": millrace::wire::TRAINER_VERSION, "job": "raw", "dp_rank": 0,
+                       "dp_size": 1, field: 1});
+        let mut s = UnixStream::connect(&f.socket).unwrap();
+        s.write_all(&encode(kind::HELLO, h.to_string().as_bytes()))
+            .unwrap();
+        let mut reply = Vec::new();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let _ = std::io::Read::read_to_end(&mut s, &mut reply);
+        assert!(!reply.is_empty(), "no REFUSED for an unknown field");
+    }
+    stream(&mut good, 3);
+    wait_until("the refusals to be logged", TIMEOUT, || {
+        f.daemon.log_text().matches("refused").count() >= 5
+    });
+    let log = f.daemon.log_text();
+    assert!(!log.lines().any(|l| l.starts_with("WARN forged")), "{log}");
+    assert!(log.contains("forged-field"), "{log}");
+    assert!(
+        log.lines().all(|l| !l.contains(&"y".repeat(300))),
+        "echoed text is not capped:\n{log}"
+    );
+    assert!(f.daemon.alive());
+}
+
 /// Issue 14, item 11: `set_weights` with at_step = 2^64-1 was accepted (and 256 of them
 /// filled the journal). A step more than 2^32 beyond the first changeable one is now
 /// refused as `invalid`, the journal stays as it was, and the consumer streams on.

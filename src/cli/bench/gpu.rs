@@ -121,7 +121,7 @@ fn measure(gpu: Gpu, args: &BenchArgs) -> Result<GpuReport> {
     }
 
     let dir = super::corpus_dir(args);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    super::prepare_corpus_dir(args, &dir)?;
     ensure_corpus(&dir, args.tokens, false)?;
     let base_cfg = dir.join("millrace.toml");
     let exe = std::env::current_exe()?;

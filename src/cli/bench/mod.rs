@@ -154,6 +154,16 @@ fn corpus_dir(args: &BenchArgs) -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("millrace-bench-{}", args.tokens)))
 }
 
+/// Creates the corpus directory: `--dir` as given; the default one under $TMPDIR is
+/// reused (its cached corpus) only if this user owns it.
+fn prepare_corpus_dir(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
+    if args.dir.is_some() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+    } else {
+        super::demo::own_temp_dir(dir)
+    }
+}
+
 /// Runs `millrace bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let wall = Instant::now();
@@ -175,7 +185,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     };
     let dir = corpus_dir(&args);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    prepare_corpus_dir(&args, &dir)?;
     let loadavg = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();

@@ -543,7 +543,8 @@ impl Shape {
                 return Err(Refusal::new(
                     Code::Fingerprint,
                     format!(
-                        "client expects plan fingerprint {want}, this daemon serves {fingerprint}"
+                        "client expects plan fingerprint {}, this daemon serves {fingerprint}",
+                        crate::wire::protocol::log_safe(want)
                     ),
                 ));
             }
