@@ -2303,6 +2303,14 @@ fn mixture_bursty_overfull_phase_falls_behind() {
     ];
     let short = bursty_mixer(&weights, &bursty, 100).bursty_shortfall();
     assert!(matches!(&short, Some(s) if s.domain == 3), "{short:?}");
+    // A long period (found in the second review): y (10000) starts every cycle in a step
+    // of x (2, served first, taking 0.75 of the batch), so it gets half its 0.5 a cycle.
+    // The run must span many of y's cycles to see it (two batches of noise, at most a
+    // batch a cycle).
+    let bursty = [None, Some(2), Some(3), Some(10_000)];
+    let weights = [0.62495, 0.375, 0.0, 0.00005];
+    let short = bursty_mixer(&weights, &bursty, 64).bursty_shortfall();
+    assert!(matches!(&short, Some(s) if s.domain == 3 && s.got < 0.00004), "{short:?}");
     // And the other way: the sum said 1.052, yet every error stays bounded.
     let bursty = [None, Some(4), Some(3), Some(2)];
     let weights = [0.8046, 0.3978, 0.4749, 0.5222];

@@ -284,16 +284,19 @@ impl Mixer {
     /// cut to what the batch holds and its carried error grows every cycle, for good:
     /// the domain gets less than its weight, and once the error passes what a resume
     /// accepts every cursor blob is refused. Transient overloads (a warm-up, a spike)
-    /// are repaid once the weights come down, so only the last segment counts.
+    /// are repaid once the weights come down, so only the last segment is judged (a
+    /// long overloaded segment before it is not: see docs/DESIGN.md, "Mixture").
     ///
     /// Decided by running this mixer itself on that mixture, from no carried error, for
-    /// two stretches of whole hyperperiods (the lcm of the weighted bursty periods; 2048
-    /// to 65536 steps, fewer hyperperiods where they are longer). A domain is short when
-    /// its error grew in the second by more than 1% of the rows it was owed or by more
-    /// than a thousandth of a batch a step (past two batches of noise). Closed forms
-    /// miss the carry between domains: one cut short in one step takes its shortfall at
-    /// its next start, which may be a later domain's, so a simple sum of shares times
-    /// periods both misses overloads and refuses mixtures that hold.
+    /// two stretches of at least 2048 steps and 16 cycles of the longest period (whole
+    /// hyperperiods where those are at most 2^16 steps). A domain is short when its
+    /// error grew in the second by more than 1% of the rows it was owed or by more than
+    /// a thousandth of a batch a step (past two batches of noise). Not decided (`None`)
+    /// where that run would take more than 2^22 domain-scans (about 0.13 s), since a
+    /// live change runs it under the hub's lock: many domains with long periods.
+    /// Closed forms miss the carry between domains: one cut short in one step takes its
+    /// shortfall at its next start, which may be a later domain's, so a simple sum of
+    /// shares times periods both misses overloads and refuses mixtures that hold.
     pub fn bursty_shortfall(&self) -> Option<Shortfall> {
         let mut from = self
             .schedule
@@ -329,20 +332,26 @@ impl Mixer {
                 got: 1.0 / period as f64,
             });
         }
-        // A step costs about a domain-scan per domain and per weighted bursty one (its
-        // cycle's nominal rows), and a live change runs this under the hub's lock: at
-        // most 2^21 such scans a stretch (2048 to 65536 steps; 400 domains of which 8
-        // bursty, about 0.2 s).
-        let bursts = (0..n).filter(|&d| weighted(d)).count() as u64;
-        let most = ((1u64 << 21) / (n as u64 * (1 + bursts))).clamp(2048, 1 << 16);
-        let period = (0..n)
+        // Each domain is sampled at the same point of its own cycle, 16 cycles or more
+        // apart (a domain falls behind by at most a batch a cycle, against two batches
+        // of noise), over whole hyperperiods where they are short.
+        let periods = (0..n)
             .filter(|&d| weighted(d))
-            .filter_map(|d| self.bursty[d].map(|b| b.0 as u64))
-            .fold(1u64, |l, p| {
-                (l / gcd(l, p)).saturating_mul(p).min(u64::MAX / 4)
-            });
-        let cycles = 2048u64.max(8 * period).div_ceil(period);
-        let half = cycles.saturating_mul(period).min(most);
+            .filter_map(|d| self.bursty[d].map(|b| b.0 as u64));
+        let longest = periods.clone().max().unwrap_or(1);
+        let lcm = periods.fold(1u64, |l, p| (l / gcd(l, p)).saturating_mul(p));
+        let mut half = 2048u64.max(16 * longest);
+        if lcm <= 1 << 16 {
+            half = half.div_ceil(lcm).saturating_mul(lcm);
+        }
+        // A step costs about a domain-scan per domain and per weighted bursty one (its
+        // cycle's nominal rows), and a live change runs this under the hub's lock: past
+        // 2^22 such scans (about 0.13 s on a 2-vCPU VM) it is not decided, and nothing
+        // is reported.
+        let bursts = (0..n).filter(|&d| weighted(d)).count() as u64;
+        if (2 * half).saturating_mul(n as u64 * (1 + bursts)) > 1 << 22 {
+            return None;
+        }
         let stationary = Mixer {
             schedule: Schedule {
                 points: vec![(0, self.schedule.weights(from))],
