@@ -6,7 +6,8 @@
 //! written for real; the forged cache is patched by the layout in docs/FORMATS.md, with
 //! its checksum recomputed independently.
 
-use std::fs::File;
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -33,15 +34,6 @@ fn raw_opts(eos: u64) -> RawOptions {
         eos,
         cache_dir: None,
     }
-}
-
-fn set_mtime(path: &Path, t: SystemTime) {
-    File::options()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_modified(t)
-        .unwrap();
 }
 
 /// Every document of a raw shard, as token values.
@@ -245,7 +237,7 @@ fn raw_cache_is_rebuilt_for_another_file_renamed_over_the_data() {
     tokens[n - 1] = 0;
     std::fs::write(&path, u16_bytes(&tokens)).unwrap();
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    set_mtime(&path, t);
+    common::set_mtime(&path, t);
     let r = RawShard::open(&path, &raw_opts(0)).unwrap();
     assert_eq!(r.documents(), 2);
     drop(r);
@@ -256,7 +248,7 @@ fn raw_cache_is_rebuilt_for_another_file_renamed_over_the_data() {
     tokens[n / 4] = 0;
     let copy = dir.path().join("t.u16.new");
     std::fs::write(&copy, u16_bytes(&tokens)).unwrap();
-    set_mtime(&copy, t);
+    common::set_mtime(&copy, t);
     std::fs::rename(&copy, &path).unwrap();
     let r = RawShard::open(&path, &raw_opts(0)).unwrap();
     assert!(r.cache_rebuilt(), "another inode must not reuse the cache");

@@ -134,15 +134,6 @@ fn mtime(path: &Path) -> SystemTime {
     std::fs::metadata(path).unwrap().modified().unwrap()
 }
 
-fn set_mtime(path: &Path, t: SystemTime) {
-    File::options()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_modified(t)
-        .unwrap();
-}
-
 // ---------------------------------------------------------------------------------------
 // Megatron round trips
 // ---------------------------------------------------------------------------------------
@@ -1248,7 +1239,7 @@ fn raw_cache_rebuilt_after_append() {
         f.write_all(&[3, 0, 0, 0, 9, 0]).unwrap();
     }
     // Keep the old mtime, so that only the size tells the file changed.
-    set_mtime(&path, before);
+    common::set_mtime(&path, before);
     let r = RawShard::open(&path, &opts).unwrap();
     assert!(
         r.cache_rebuilt(),
@@ -1273,14 +1264,14 @@ fn raw_cache_rebuilt_after_same_size_rewrite_with_new_mtime() {
     drop(r);
     let before = mtime(&path);
     write_u16(&path, &[0, 5, 6, 7, 0, 8]);
-    set_mtime(&path, before + Duration::from_secs(7));
+    common::set_mtime(&path, before + Duration::from_secs(7));
     let r = RawShard::open(&path, &opts).unwrap();
     assert!(r.cache_rebuilt(), "same size, new mtime must rebuild");
     r.validate().unwrap();
     assert_eq!(raw_docs(&r), vec![vec![0], vec![5, 6, 7, 0], vec![8]]);
     // A sub-second difference counts too.
     write_u16(&path, &[9, 9, 0, 9, 9, 0]);
-    set_mtime(
+    common::set_mtime(
         &path,
         before + Duration::from_secs(7) + Duration::from_nanos(1000),
     );
@@ -1442,8 +1433,8 @@ fn raw_cache_dir_same_name_in_two_directories_does_not_collide() {
     write_u16(&pa, &[1, 0, 2, 3]);
     write_u16(&pb, &[4, 5, 0, 6]);
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    set_mtime(&pa, t);
-    set_mtime(&pb, t);
+    common::set_mtime(&pa, t);
+    common::set_mtime(&pb, t);
     let opts = raw_opts(DType::Uint16, 0, Some(&cache_dir));
     let ra = RawShard::open(&pa, &opts).unwrap();
     let rb = RawShard::open(&pb, &opts).unwrap();

@@ -546,3 +546,13 @@ pub fn check_row_bounds(v: &millrace::client::BatchView<'_>, what: &str) {
     }
     assert_eq!(i0 as u32, v.cu_len - 1, "{what}: step {}", v.step);
 }
+
+/// Sets `path`'s mtime to `t` (a copy or rewrite that kept its mtime, as `cp -p` does).
+pub fn set_mtime(path: &Path, t: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
