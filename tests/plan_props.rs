@@ -2310,7 +2310,10 @@ fn mixture_bursty_overfull_phase_falls_behind() {
     let bursty = [None, Some(2), Some(3), Some(10_000)];
     let weights = [0.62495, 0.375, 0.0, 0.00005];
     let short = bursty_mixer(&weights, &bursty, 64).bursty_shortfall();
-    assert!(matches!(&short, Some(s) if s.domain == 3 && s.got < 0.00004), "{short:?}");
+    assert!(
+        matches!(&short, Some(s) if s.domain == 3 && s.got < 0.00004),
+        "{short:?}"
+    );
     // And the other way: the sum said 1.052, yet every error stays bounded.
     let bursty = [None, Some(4), Some(3), Some(2)];
     let weights = [0.8046, 0.3978, 0.4749, 0.5222];
