@@ -2414,6 +2414,15 @@ fn an_overweight_bursty_domain_is_reported() {
         "{why}"
     );
     assert!(plan.warnings().contains(&why));
+    // Already short: a live change may leave it so or make it less so, not worse.
+    let change = |w: f64| {
+        let c = (plan.weights_change(50, &BTreeMap::from([("wiki".to_string(), w)]))).unwrap();
+        plan.with_journal(vec![c]).unwrap()
+    };
+    assert!(change(0.9).bursty_shortfall_beyond(&plan).is_some());
+    assert_eq!(change(0.45).bursty_shortfall_beyond(&plan), None);
+    assert!(change(0.45).bursty_shortfall().is_some());
+    assert_eq!(change(0.05).bursty_shortfall(), None);
     cfg.weights = Some(weights_map(&[("web", 0.9), ("wiki", 0.1)]));
     let plan = build(&domains, cfg.clone());
     assert_eq!(plan.bursty_shortfall(), None);

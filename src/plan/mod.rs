@@ -392,7 +392,27 @@ impl Plan {
     /// that brings it; a config is not refused for it, since a run that already trains
     /// under it could only fix it by rewriting its history.
     pub fn bursty_shortfall(&self) -> Option<String> {
+        self.shortfall_words(self.mixer.bursty_shortfall()?)
+    }
+
+    /// Whether this plan leaves a bursty domain shorter than `before` does: one that
+    /// was not short, another domain, or the same one losing more of its share. What a
+    /// live change is refused for, in words ([`Plan::bursty_shortfall`]); a change to a
+    /// plan that is already short may keep it so, or make it less so.
+    pub fn bursty_shortfall_beyond(&self, before: &Plan) -> Option<String> {
         let s = self.mixer.bursty_shortfall()?;
+        let worse = match before.mixer.bursty_shortfall() {
+            None => true,
+            Some(b) => b.domain != s.domain || s.share - s.got > b.share - b.got + 1e-9,
+        };
+        if worse {
+            self.shortfall_words(s)
+        } else {
+            None
+        }
+    }
+
+    fn shortfall_words(&self, s: mix::Shortfall) -> Option<String> {
         Some(format!(
             "domain {} (bursty, period {}) would get {:.4} of the rows from plan step {} \
              on instead of its {:.4}: it takes a whole cycle's rows in one step, so it can \

@@ -436,12 +436,11 @@ impl Hub {
             plan.with_history(journal, plan.superseded().saturating_add(dropped))
                 .map_err(|e| ChangeError::invalid(e.to_string()))?,
         );
-        // A change must not leave a bursty domain short for the rest of the run (a
-        // config that already does was warned of at start, and may still be fixed).
-        if let Some(why) = next.bursty_shortfall() {
-            if plan.bursty_shortfall().is_none() {
-                return Err(ChangeError::invalid(format!("{why}; nothing changed")));
-            }
+        // A change must not leave a bursty domain short for the rest of the run, or
+        // shorter than the config already does (that was warned of at start, and a
+        // change may still fix it).
+        if let Some(why) = next.bursty_shortfall_beyond(&plan) {
+            return Err(ChangeError::invalid(format!("{why}; nothing changed")));
         }
         // Stage windows are packed on rayon's threads: their faults count too.
         if let Some(addr) = crate::corpus::guard::fault_since(mark) {
