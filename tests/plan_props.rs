@@ -2895,16 +2895,22 @@ fn cursor_layout_2_blobs_still_resume() {
     );
 }
 
-/// Issue 14: a blob taken while spanning groups drain as tails (after window and epoch
-/// ends) restores bit for bit: restore, seek and the uninterrupted planner agree.
-#[test]
-fn resume_with_batch_grouping_tails_is_bit_for_bit() {
+/// A plan whose batch-grouped `code` domain (cap a quarter of 32 rows) leaves spanning
+/// groups draining as tails, with `reseed`.
+fn tails_plan(reseed: Vec<Reseed>) -> Arc<Plan> {
     let mut rng = Pcg64::seed_from_u64(14);
     let domains = spanning_corpus(&mut rng, 0.25);
     let mut cfg = base_config(16, 32, Packing::BestFit, 11);
     cfg.weights = Some(weights_map(&[("code", 0.6), ("web", 0.4)]));
-    cfg.reseed = vec![Reseed { step: 40, seed: 9 }];
-    let plan = build(&domains, cfg);
+    cfg.reseed = reseed;
+    build(&domains, cfg)
+}
+
+/// Issue 14: a blob taken while spanning groups drain as tails (after window and epoch
+/// ends) restores bit for bit: restore, seek and the uninterrupted planner agree.
+#[test]
+fn resume_with_batch_grouping_tails_is_bit_for_bit() {
+    let plan = tails_plan(vec![Reseed { step: 40, seed: 9 }]);
     let mut p = plan.start();
     let all: Vec<GlobalBatch> = (0..310).map(|_| p.next_batch()).collect();
     let mut p = plan.start();
@@ -2937,11 +2943,7 @@ fn resume_with_batch_grouping_tails_is_bit_for_bit() {
 /// out whole batches a row per scan for thousands of steps). The real blob resumes.
 #[test]
 fn forged_tails_and_carried_errors_are_refused() {
-    let mut rng = Pcg64::seed_from_u64(14);
-    let domains = spanning_corpus(&mut rng, 0.25);
-    let mut cfg = base_config(16, 32, Packing::BestFit, 11);
-    cfg.weights = Some(weights_map(&[("code", 0.6), ("web", 0.4)]));
-    let plan = build(&domains, cfg);
+    let plan = tails_plan(Vec::new());
     let mut p = plan.start();
     while p.stream(0).unwrap().tails.is_empty() {
         p.next_batch();
