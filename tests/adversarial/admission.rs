@@ -242,6 +242,65 @@ fn ring_budget_refuses_jobs_past_it() {
     assert!(f.daemon.alive());
 }
 
+/// Rings are built and pre-faulted before the hub's lock (so a joining rank does not
+/// stall every other rank's publishes), with their bytes reserved against the budget
+/// meanwhile. Twelve jobs joining at once where two rings fit: exactly two are admitted,
+/// the rings never pass the budget, and once they leave nothing stays reserved (two new
+/// jobs fit again).
+#[test]
+fn jobs_joining_at_once_share_the_ring_budget() {
+    let probe = fixture("");
+    let ring = connect(&probe, &hello("probe"))
+        .expect("probe joins")
+        .welcome()
+        .ring_bytes;
+    drop(probe);
+
+    let budget = 2 * ring + ring / 2;
+    let mut f = fixture(&format!("ring_memory_bytes = {budget}"));
+    let outcomes: Vec<Result<Client, ClientError>> = std::thread::scope(|s| {
+        let joins: Vec<_> = (0..12)
+            .map(|i| {
+                let f = &f;
+                s.spawn(move || connect(f, &hello(&format!("burst{i}"))))
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("no panic"))
+            .collect()
+    });
+    let mut admitted = Vec::new();
+    for o in outcomes {
+        match o {
+            Ok(c) => admitted.push(c),
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(code, "memory", "{message}")
+            }
+            Err(e) => panic!("a join failed otherwise: {e}"),
+        }
+    }
+    assert_eq!(admitted.len(), 2, "two rings fit the budget");
+    for c in &mut admitted {
+        stream(c, 3);
+    }
+    let st = f.status();
+    assert_eq!(st["ring_memory"]["used_bytes"], 2 * ring, "{st}");
+    drop(admitted);
+    wait_until("the burst's jobs to go", Duration::from_secs(10), || {
+        f.status()["ring_memory"]["used_bytes"] == 0
+    });
+    let mut again: Vec<Client> = (0..2)
+        .map(|i| connect(&f, &hello(&format!("after{i}"))).expect("nothing stayed reserved"))
+        .collect();
+    for c in &mut again {
+        stream(c, 3);
+    }
+    let (code, _) = refused(&f, &hello("third"));
+    assert_eq!(code, "memory");
+    assert!(f.daemon.alive());
+}
+
 /// Issue 14, item 11: job and replica names went into logs raw, so a newline forged a
 /// log line. Now names outside a safe charset are refused, naming the byte.
 #[test]

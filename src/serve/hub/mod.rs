@@ -312,6 +312,9 @@ struct State {
     plan_waiters: bool,
     /// Checkouts of job planners by the plan thread so far: each one's number.
     plan_checkouts: u64,
+    /// Bytes of rings that admissions are building off the lock now, held against
+    /// `ring_budget` so clients joining at once cannot allocate past it between them.
+    ring_reserved: u64,
 }
 
 /// A ring's last published cursor for `status`: its step, its mark, the planner's epochs.
@@ -338,6 +341,7 @@ impl State {
             plan_kick: false,
             plan_waiters: false,
             plan_checkouts: 0,
+            ring_reserved: 0,
         }
     }
 
@@ -503,7 +507,8 @@ impl Hub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bytes of every live ring together, checked against `ring_budget`.
+    /// Bytes of every live ring together, checked against `ring_budget` (with the
+    /// rings being built, `State::ring_reserved`).
     fn ring_memory(st: &State) -> u64 {
         st.jobs
             .values()
