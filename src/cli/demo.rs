@@ -400,3 +400,51 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::own_temp_dir;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// demo and bench reuse a fixed directory under /tmp only when it is a real
+    /// directory of this user: another user's, a symlink planted there or a file is
+    /// refused by name, and a missing one is made private to this user.
+    #[test]
+    fn a_temp_dir_is_used_only_when_it_is_this_users_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("fresh");
+        own_temp_dir(&fresh).unwrap();
+        let meta = std::fs::metadata(&fresh).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        own_temp_dir(&fresh).expect("this user's own directory is reused");
+
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        for planted in [&link, &file] {
+            let e = format!("{:#}", own_temp_dir(planted).unwrap_err());
+            assert!(e.contains(&planted.display().to_string()), "{e}");
+            assert!(e.contains("not a directory"), "{e}");
+        }
+
+        let euid = rustix::process::geteuid().as_raw();
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        // Another user's directory: only root can make one here, so as another user the
+        // check runs against a directory root owns, when there is one to see.
+        let theirs = if euid == 0 {
+            std::os::unix::fs::chown(&other, Some(4242), None).unwrap();
+            Some((other.clone(), 4242))
+        } else {
+            let root = std::path::PathBuf::from("/");
+            Some((root, std::fs::metadata("/").unwrap().uid())).filter(|(_, u)| *u != euid)
+        };
+        if let Some((dir, uid)) = theirs {
+            let e = format!("{:#}", own_temp_dir(&dir).unwrap_err());
+            assert!(e.contains(&format!("owned by uid {uid}")), "{e}");
+            assert!(e.contains(&format!("uid {euid}")), "{e}");
+        }
+    }
+}
