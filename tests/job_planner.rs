@@ -385,6 +385,54 @@ fn one_rank_resumes_from_an_old_blob_while_the_others_stream() {
     drop(clients);
 }
 
+/// A job that restarts on fewer or more GPUs (a node lost, a node added) resumes from
+/// any rank's blob at any dp_size that divides the global batch: a blob names the step
+/// of the global batch, not a slice of it. At dp_size 2 and 8, each rank reads exactly
+/// the rows the dp_size-4 ranks would have read at those steps, regrouped.
+#[test]
+fn a_job_resumes_on_fewer_or_more_ranks_from_any_ranks_blob() {
+    const BLOB: u64 = 12;
+    const MORE: u64 = 20;
+    let f = fixture_with(33, ROWS, "");
+    let loaded = f.loaded();
+    let want: Vec<_> = (0..RANKS)
+        .map(|r| f.explained(&loaded, 0, BLOB + MORE, r))
+        .collect();
+    let mut first = f.connect("elastic", 3, "0", None);
+    let blob = read(&mut first, BLOB)[BLOB as usize - 1].cursor.clone();
+    drop(first);
+    for size in [2u32, 8] {
+        let job = format!("elastic{size}");
+        let mut clients: Vec<Client> = (0..size)
+            .map(|r| {
+                let mut h = Hello::whole_slice(r, size);
+                h.job = job.clone();
+                h.cursor = Some(to_hex(&blob));
+                let c = Client::connect(&f.socket, &h).unwrap_or_else(|e| panic!("connect: {e}"));
+                assert_eq!(c.welcome().start_step, BLOB, "dp_size {size}");
+                c
+            })
+            .collect();
+        let per = (ROWS / size) as usize;
+        for step in BLOB..BLOB + MORE {
+            // The global batch of `step`, rank by rank of dp_size 4, cut to the inputs.
+            let global: Vec<Vec<i64>> = (want.iter())
+                .flat_map(|rank| rank[step as usize].iter())
+                .map(|row| row[..row.len().min(SEQ_LEN as usize)].to_vec())
+                .collect();
+            for (r, c) in clients.iter_mut().enumerate() {
+                let g = got(&c.next_batch().unwrap_or_else(|e| panic!("next_batch: {e}")));
+                assert_eq!(g.step, step);
+                assert_eq!(
+                    g.rows,
+                    global[r * per..(r + 1) * per],
+                    "dp_size {size} rank {r} step {step}"
+                );
+            }
+        }
+    }
+}
+
 /// A weight change while 4 ranks stream applies at the same step for all of them: the
 /// steps before the change are the config's, and from it on every rank reads its slice
 /// of the global batch the changed plan makes (with the same cursor).
