@@ -121,6 +121,18 @@ impl Plan {
         self.history_span(plan_step, self.first_safe_change(plan_step))
     }
 
+    /// Whether `other`, a plan of the same config under another journal, plans every
+    /// step before plan step `end` as this one does: the same raw weights at each step
+    /// and the same stages begun before `end` (skips and reseeds are the config's). By
+    /// value, not by journal: a live change that repeats what the config file already
+    /// says alters nothing. `end` must be a [`Plan::first_safe_change`], so that bursty
+    /// cycles reaching past it are covered.
+    pub fn plans_alike_before(&self, other: &Plan, end: u64) -> bool {
+        let weights = self.mixer.schedule.first_difference(&other.mixer.schedule);
+        weights.is_none_or(|d| d >= end)
+            && self.stage_words(end, None) == other.stage_words(end, None)
+    }
+
     /// The first plan step a change may start at once every step before `first` has been
     /// served: `first`, or later when a bursty cycle begun before `first` reaches past it
     /// (that cycle's rows were computed from its later steps' weights, so a change inside

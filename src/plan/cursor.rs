@@ -139,7 +139,7 @@ pub enum CursorError {
     JournalInvalid(super::PlanError),
     /// The blob carries a change this daemon lacks that starts before a step the daemon
     /// has already served to other clients without it.
-    #[error("it carries a live change from plan step {at} that this daemon does not have, but step {step} (plan step {plan_step}) has already been served to other clients without it")]
+    #[error("it carries a live change from plan step {at} that this daemon does not have, but step {step} (plan step {plan_step}) has already been served to other clients without it (a rank resumed from a blob saved before the change). Resume every rank from the blob that carries the change (the blobs of one step serve any rank), or write the change into the config file and restart the daemon")]
     Served {
         /// First plan step of the blob's change.
         at: u64,

@@ -41,19 +41,23 @@ impl Resumed {
     }
 
     /// Refuses ([`CursorError::Served`]) an adopted change that starts before trainer
-    /// step `first_changeable`, the first step the daemon has not yet served to anyone:
-    /// adopting it would rewrite batches other clients already received. The daemon
-    /// calls this under the lock that orders its steps, since the answer moves with them.
-    pub fn check_served(&self, first_changeable: u64) -> Result<(), CursorError> {
+    /// step `first_changeable`, the first step the daemon has not yet served to anyone,
+    /// when it plans a served step differently from `current`, the plan in force:
+    /// adopting it would rewrite batches other clients already received. One that plans
+    /// every served step as `current` does (the same change already in the config file,
+    /// say) is adopted: the order in which a restarted job's ranks reconnect must not
+    /// decide whether they resume. The daemon calls this under the lock that orders its
+    /// steps, since the answer moves with them.
+    pub fn check_served(&self, first_changeable: u64, current: &Plan) -> Result<(), CursorError> {
         let plan_step = self.plan.plan_step_of(first_changeable);
         let safe = self.plan.first_safe_change(plan_step);
         match self.adopted_changes().iter().find(|c| c.at < safe) {
-            Some(c) => Err(CursorError::Served {
+            Some(c) if !self.plan.plans_alike_before(current, safe) => Err(CursorError::Served {
                 at: c.at,
                 step: first_changeable,
                 plan_step,
             }),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 }
@@ -311,8 +315,12 @@ mod tests {
 
     /// Two small domains under `weights` (TOML inline table) and `seed`.
     fn plan_with(weights: &str, seed: u64) -> Arc<Plan> {
-        let text =
-            format!("seq_len = 15\nglobal_batch_rows = 4\nseed = {seed}\nweights = {weights}");
+        plan_of(&format!("seed = {seed}\nweights = {weights}"))
+    }
+
+    /// Two small domains under the `[plan]` keys of `mixture` (seq_len and rows fixed).
+    fn plan_of(mixture: &str) -> Arc<Plan> {
+        let text = format!("seq_len = 15\nglobal_batch_rows = 4\n{mixture}");
         let table: toml::Table = toml::from_str(&text).unwrap();
         let cfg = PlanConfig::from_table(&table).unwrap();
         Arc::new(Plan::new(&two_domains(DomainSettings::default()), cfg, 1).unwrap())
@@ -407,7 +415,7 @@ mod tests {
         let mut r = plan.resume(&blob, 0).unwrap();
         assert!(!r.adopted && Arc::ptr_eq(&r.plan, &plan));
         assert!(r.adopted_changes().is_empty());
-        assert!(r.check_served(0).is_ok());
+        assert!(r.check_served(0, &plan).is_ok());
         assert_eq!(r.planner.step(), 9);
         let mut q = plan.restore(&blob).unwrap();
         for _ in 0..5 {
@@ -430,8 +438,8 @@ mod tests {
             assert_eq!(r.planner.next_batch(), run.next_batch());
         }
         // Step 10 unserved: the change may still land; served: adopting it is refused.
-        assert!(r.check_served(10).is_ok());
-        let e = r.check_served(11).unwrap_err();
+        assert!(r.check_served(10, &fresh).is_ok());
+        let e = r.check_served(11, &fresh).unwrap_err();
         assert_eq!(
             e,
             CursorError::Served {
@@ -440,16 +448,59 @@ mod tests {
                 plan_step: 11
             }
         );
-        assert_eq!(
-            e.to_string(),
-            "it carries a live change from plan step 10 that this daemon does not have, but \
-             step 11 (plan step 11) has already been served to other clients without it"
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                "it carries a live change from plan step 10 that this daemon does not have, \
+                 but step 11 (plan step 11) has already been served to other clients without it"
+            ) && msg.contains("Resume every rank from the blob that carries the change"),
+            "{msg}"
         );
         // Restore does not adopt.
         assert_eq!(
             fresh.restore(&blob).err(),
             Some(CursorError::JournalBehind { blob: 1, ours: 0 })
         );
+    }
+
+    /// After a restart, ranks of one job may bring blobs of one step with and without a
+    /// change that starts at that step (one saved before the change reached its ring).
+    /// Whichever comes first, the other resumes when the change plans nothing served
+    /// differently: here the config file already says it. When it would (the config
+    /// does not), it is refused whichever step it is, by value: a change to weights the
+    /// plan already has at the served steps is adopted.
+    #[test]
+    fn an_adopted_change_the_plan_already_makes_is_not_refused_as_served() {
+        // The config file holds the change: from plan step 10, a weighs 3.
+        let filed = plan_of(
+            "seed = 7\nschedule = [ { step = 0, weights = { a = 1.0, b = 1.0 } }, \
+             { step = 10, ramp = false, weights = { a = 3.0, b = 1.0 } } ]",
+        );
+        let ahead = changed(&filed, 10, 3.0);
+        let blob_with = blob_at(&ahead, 10);
+        let blob_without = blob_at(&filed, 10);
+        assert_eq!(
+            ahead.seek(10).next_batch(),
+            filed.seek(10).next_batch(),
+            "the change repeats the file"
+        );
+        // Rank without the change first: its ring served step 10, so 11 is the first
+        // changeable step; the blob with the change still resumes.
+        assert!(filed.resume(&blob_without, 1 << 14).is_ok());
+        let r = filed.resume(&blob_with, 1 << 14).unwrap();
+        assert!(r.adopted);
+        assert!(r.check_served(11, &filed).is_ok());
+        assert!(r.check_served(1000, &filed).is_ok());
+        // The same change where the file does not have it rewrites a served step.
+        let bare = plan();
+        let r = bare
+            .resume(&blob_at(&changed(&bare, 10, 3.0), 10), 1 << 14)
+            .unwrap();
+        assert!(matches!(
+            r.check_served(11, &bare),
+            Err(CursorError::Served { at: 10, .. })
+        ));
+        assert!(r.check_served(10, &bare).is_ok());
     }
 
     #[test]
@@ -654,10 +705,10 @@ mod tests {
         let r = old.resume(&blob_at(&ahead, 9), 1 << 14).unwrap();
         assert!(r.adopted);
         assert!(matches!(
-            r.check_served(6),
+            r.check_served(6, &old),
             Err(CursorError::Served { at: 7, .. })
         ));
-        assert!(r.check_served(4).is_ok());
+        assert!(r.check_served(4, &old).is_ok());
         // Layout 6 and 5 blobs (the whole-corpus fingerprint; 5: history up to its
         // step only) still resume as they always did.
         let mut c = cursor::decode(&blob).unwrap();

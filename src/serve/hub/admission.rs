@@ -296,7 +296,7 @@ impl Hub {
             return Err(Refusal::new(Code::Busy, "the daemon is shutting down"));
         }
         if let Some(r) = resumed {
-            r.check_served(st.first_changeable())
+            r.check_served(st.first_changeable(), &st.plan)
                 .map_err(|e| refuse_cursor(e.to_string()))?;
         }
         if st.clients >= self.settings.max_clients {
