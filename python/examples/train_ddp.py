@@ -21,6 +21,9 @@ On a CPU the ranks talk over gloo, on GPUs over NCCL. What it shows:
 - Resume with a different world size: the blob does not depend on dp_size, so a run
   saved with 2 ranks resumes with 1 (or 4, any divisor of global_batch_rows) at exactly
   the next step; the model and optimizer state are the same at any world size.
+- Every node plans alike: after the first batch, ``check_plans_agree`` compares every
+  rank's cursor blob (one all_gather) and raises on every rank, naming the odd nodes,
+  when a node's daemon plans other batches (another config, other shards or weights).
 - A live mixture change: with ``--change-at STEP --change web=0.7,code=0.1`` rank 0
   decides the change, ``forward_change`` broadcasts it and has one rank per node send it
   to its node's daemon, and every rank gets the same reply (the step it applies from).
@@ -55,7 +58,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import millrace
-from millrace.control import Control, forward_change
+from millrace.control import Control, check_plans_agree, forward_change
 from millrace.torch_adapter import TorchClient
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -140,8 +143,14 @@ def main():
     ctl = Control(client.socket_path)
 
     last = stream.state_dict()["step"]
+    checked = False
     while last + 1 < args.steps:
         tb = cp_chunk(next(stream), cp_rank, args.cp)
+        if not checked:
+            # Every node's daemon must plan the same batches: a node with another config
+            # or other shards would feed its ranks other rows, and nothing else fails.
+            check_plans_agree(stream)
+            checked = True
         n = min(args.positions, tb.tokens.numel())  # per step: stages change the shape
         mask = tb.loss_mask.reshape(-1)[:n]
         tokens = torch.tensor(float(mask.sum()), device=device)

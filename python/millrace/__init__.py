@@ -47,14 +47,16 @@ from .client import (
     StaleBatch,
     default_socket,
 )
-from .control import ChangeRefused, Control, forward_change
+from .control import ChangeRefused, Control, check_plans_agree, forward_change
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PROTOCOL_VERSION",
     "Batch",
+    "ChangeRefused",
     "Client",
+    "Control",
     "DaemonError",
     "DaemonGone",
     "HandshakeTimeout",
@@ -63,7 +65,9 @@ __all__ = [
     "ProtocolError",
     "Refused",
     "StaleBatch",
+    "check_plans_agree",
     "default_socket",
+    "forward_change",
     "TorchClient",
     "TorchBatch",
     "MillraceIterableDataset",

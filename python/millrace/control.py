@@ -1,5 +1,7 @@
 """The control protocol from Python: ask the node's daemon for its status, change the
-mixture from a given step, reload its config, read its change journal.
+mixture from a given step, reload its config, read its change journal; and, across
+nodes, change the mixture everywhere at one step (:func:`forward_change`) and check that
+every node's daemon plans the same batches (:func:`check_plans_agree`).
 
 A control connection opens the daemon's unix socket and sends CONTROL frames (type 7, a
 JSON object with ``"protocol": 1`` and an ``op``) instead of HELLO; each is answered by one
@@ -62,11 +64,28 @@ move the change to a different step. Choose ``at_step`` well ahead of what any n
 prefetched (ring slots + prefetch steps, plus margin): a node that refuses while others
 accept leaves the nodes disagreeing from that step, and only a further change (or a
 restart from a checkpoint) brings them back together.
+
+Checking that every node plans the same batches
+-----------------------------------------------
+Each node's daemon plans the global batches on its own, from its own config and shards.
+A node whose config file or corpus differs (a stale copy, a shard missing from its
+mount, other weights) plans other batches, and nothing fails: its ranks just train on
+data the others never planned. Every rank's cursor blob of one step is the same bytes
+when the plans agree, so comparing them finds it::
+
+    for step, batch in enumerate(client):
+        if step == 0:
+            check_plans_agree(client)   # every rank; RuntimeError names the odd nodes
+        ...
+
+Call it on every rank of the group at the same step (after the first batch, and after a
+resume or a live change if you like; it is one all_gather of a short record).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -420,3 +439,92 @@ def _first_on_host(dist, group) -> bool:
     hosts = [None] * dist.get_world_size(group)
     dist.all_gather_object(hosts, host, group=group)
     return hosts.index(host) == dist.get_rank(group)
+
+
+def plan_record(client, rank: int, host: str | None = None) -> dict:
+    """What one rank's stream says about the plan its daemon follows, for
+    :func:`plan_disagreement`: its step, the plan fingerprint (corpus and static config)
+    and a digest of the cursor blob of that step (which adds the weights, schedule,
+    skips, reseeds, live changes and the planner's position). ``client`` is a
+    :class:`~millrace.Client`, a ``TorchClient`` or anything with ``state_dict()`` and a
+    WELCOME; it must have handed out a batch or been given a cursor to resume from."""
+    state = client.state_dict()
+    if state.get("cursor") is None:
+        raise ValueError("a plan can be compared only after a batch (or a resume cursor): "
+                         "call check_plans_agree after the first batch")
+    if int(state["step"]) < 0:
+        raise ValueError("the client resumes from a cursor but has not connected yet: call "
+                         "check_plans_agree after the first batch")
+    fingerprint = getattr(client, "fingerprint", None)
+    if fingerprint is None:
+        fingerprint = client.welcome["fingerprint"]
+    return {"rank": int(rank), "host": host or _socket.gethostname(),
+            "step": int(state["step"]), "fingerprint": str(fingerprint),
+            "blob": hashlib.sha256(bytes(state["cursor"])).hexdigest()[:32]}
+
+
+def _ranks(ranks: list) -> str:
+    """Ranks as ranges: ``0-7, 16``."""
+    out, ranks = [], sorted(ranks)
+    start = prev = ranks[0]
+    for r in ranks[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ", ".join(out)
+
+
+def _groups(records: list, key: str) -> str:
+    """The records grouped by ``key``: per value, its ranks and (up to 4) hosts."""
+    by = {}
+    for r in records:
+        by.setdefault(r[key], []).append(r)
+    parts = []
+    for value, rs in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        hosts = sorted({r["host"] for r in rs})
+        shown = ", ".join(hosts[:4]) + (f" and {len(hosts) - 4} more" if len(hosts) > 4 else "")
+        parts.append(f"{key} {value} on ranks {_ranks([r['rank'] for r in rs])} ({shown})")
+    return "; ".join(parts)
+
+
+def plan_disagreement(records: list) -> str | None:
+    """``None`` when every rank's :func:`plan_record` names the same step and plan, else
+    what differs, with the ranks and hosts of each side (the largest group first)."""
+    if not records:
+        return None
+    if len({r["step"] for r in records}) > 1:
+        return ("ranks are at different steps of the stream: " + _groups(records, "step")
+                + ". Every rank must have consumed the same number of batches, from one "
+                "checkpoint")
+    if len({r["blob"] for r in records}) == 1:
+        return None
+    step = records[0]["step"]
+    if len({r["fingerprint"] for r in records}) > 1:
+        return (f"the nodes' daemons plan step {step} from different corpora or plan "
+                "configs: " + _groups(records, "fingerprint") + ". Give every node the same "
+                "config and shards (`millrace check-config` on each prints the fingerprint)")
+    return (f"the nodes' daemons plan different batches at step {step} from the same corpus "
+            f"and config (fingerprint {records[0]['fingerprint']}): their weights, schedule, "
+            "skips, reseeds or live changes differ, or their ranks resumed from different "
+            "checkpoints. " + _groups(records, "blob") + ". Compare `millrace ctl journal` "
+            "and the config's [plan] on each node")
+
+
+def check_plans_agree(client, group=None) -> dict:
+    """Raises ``RuntimeError`` on every rank of ``group`` unless every rank's daemon plans
+    the same global batches (:func:`plan_disagreement` says how they differ); returns this
+    rank's :func:`plan_record`. Every rank of the group must call it at the same step:
+    it is one ``all_gather_object``. Needs torch.distributed, initialised; imported only
+    when called."""
+    import torch.distributed as dist
+
+    mine = plan_record(client, dist.get_rank())
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    why = plan_disagreement(everyone)
+    if why:
+        raise RuntimeError(why)
+    return mine

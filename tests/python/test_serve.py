@@ -1056,3 +1056,120 @@ def test_torch_client_checks_prefetch_and_a_pinned_ring_gives_cpu_copies(corpus,
         finally:
             c._conn.cuda_ptr = None
         del ring
+
+
+def _plan_records(d, host, ranks, steps=1, **kw):
+    """plan_record of each of `ranks` (dp_size 4) on daemon `d`, one after another, each
+    after reading `steps` batches."""
+    from millrace.control import plan_record
+
+    out = []
+    for r in ranks:
+        with client(d, r, 4, job=f"agree-{host}-{steps}", **kw) as c:
+            for _ in range(steps):
+                c.next_batch(timeout=60)
+            out.append(plan_record(c, r, host))
+    return out
+
+
+def test_nodes_that_plan_differently_are_named(corpus, daemons):
+    """Two daemons over one config write the same blob bytes at a step, so one job's
+    ranks on two nodes agree; a node with other weights (same fingerprint) or another
+    seed (another fingerprint) is named with its ranks and host, and so are ranks at
+    different steps."""
+    from millrace.control import plan_disagreement, plan_record
+
+    text = corpus.read_text()
+    heavier = corpus.parent / "heavier.toml"
+    heavier.write_text(text.replace("web = 0.6, code = 0.4", "web = 0.7, code = 0.3"))
+    reseeded = corpus.parent / "reseeded.toml"
+    reseeded.write_text(text.replace("seed = 11", "seed = 12"))
+    assert heavier.read_text() != text and reseeded.read_text() != text
+    a, b = daemons(corpus, "node-a"), daemons(corpus, "node-b")
+    c, s = daemons(heavier, "node-c"), daemons(reseeded, "node-d")
+
+    same = _plan_records(a, "node-a", [0, 1]) + _plan_records(b, "node-b", [2, 3])
+    assert len({r["blob"] for r in same}) == 1, same
+    assert plan_disagreement(same) is None
+
+    why = plan_disagreement(_plan_records(a, "node-a", [0, 1]) + _plan_records(c, "node-c", [2, 3]))
+    assert why is not None and "same corpus and config" in why, why
+    assert "ranks 0-1 (node-a)" in why and "ranks 2-3 (node-c)" in why, why
+
+    other = _plan_records(s, "node-d", [3])
+    why = plan_disagreement(same[:3] + other)
+    assert why is not None and "different corpora or plan configs" in why, why
+    assert same[0]["fingerprint"] in why and other[0]["fingerprint"] in why, why
+    assert "ranks 0-2 (node-a, node-b)" in why and "ranks 3 (node-d)" in why, why
+
+    why = plan_disagreement(same[:1] + _plan_records(b, "node-b", [1], steps=2))
+    assert why is not None and "different steps" in why, why
+    assert "step 0 on ranks 0 (node-a)" in why and "step 1 on ranks 1 (node-b)" in why, why
+
+    # Before its first batch a client has nothing to compare, unless it resumes: then
+    # its cursor is the checkpoint's, which every rank restored from.
+    with client(a, 0, 4, job="agree-fresh") as fresh:
+        with pytest.raises(ValueError, match="after the first batch"):
+            plan_record(fresh, 0)
+    blob = None
+    with client(a, 0, 4, job="agree-src") as src:
+        src.next_batch(timeout=60)
+        blob = src.state_dict()
+    with client(b, 2, 4, job="agree-resumed") as resumed:
+        resumed.load_state_dict(blob)
+        resumed.connect()  # the WELCOME says which step it resumes at
+        r = plan_record(resumed, 2, "node-b")
+    assert r["step"] == 0 and r["blob"] == same[0]["blob"]
+
+
+_AGREE_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+sys.path.insert(0, os.environ["MILLRACE_PY"])
+import millrace
+from millrace.torch_adapter import TorchClient
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+c = TorchClient(millrace.Client(sys.argv[3 + rank], rank, 2, job="agree", reconnect_timeout=0,
+                                register_cuda=False), device="cpu")
+next(c)
+try:
+    out = {"ok": millrace.check_plans_agree(c)}
+except RuntimeError as e:
+    out = {"error": str(e)}
+print(json.dumps(out))
+c.close()
+dist.destroy_process_group()
+"""
+
+
+def test_check_plans_agree_over_torch_distributed(corpus, daemons, tmp_path):
+    """check_plans_agree under a real torch.distributed group (gloo, two processes, each
+    a TorchClient of its own node's daemon): agreeing nodes pass on both ranks, a node
+    with other weights raises on both, naming it."""
+    pytest.importorskip("torch")
+    heavier = corpus.parent / "heavier2.toml"
+    heavier.write_text(corpus.read_text().replace("web = 0.6, code = 0.4", "web = 0.7, code = 0.3"))
+    a, b, c = daemons(corpus, "t-a"), daemons(corpus, "t-b"), daemons(heavier, "t-c")
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREE_SCRIPT)
+    env = dict(os.environ, MILLRACE_PY=import_path_for_package())
+
+    def run(name, socks):
+        rdv = tmp_path / f"rdv-{name}"
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(rdv), *map(str, socks)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                 for r in range(2)]
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+        return outs
+
+    ok = run("same", [a.sock, b.sock])
+    assert all("ok" in o for o in ok), ok
+    assert ok[0]["ok"]["blob"] == ok[1]["ok"]["blob"] and ok[0]["ok"]["rank"] == 0
+    bad = run("heavier", [a.sock, c.sock])
+    assert all("error" in o and "same corpus and config" in o["error"] for o in bad), bad
