@@ -74,7 +74,7 @@ impl CheckpointDir {
     pub fn new(root: &Path, plan: &Plan) -> CheckpointDir {
         CheckpointDir::capped(
             root.join("plan-checkpoints")
-                .join(format!("{:032x}", plan.fingerprint())),
+                .join(format!("{:032x}", plan.checkpoint_store_id())),
             MAX_CHECKPOINTS,
             MAX_CHECKPOINT_BYTES,
         )

@@ -226,3 +226,102 @@ fn the_daemon_seeks_from_checkpoints_to_the_same_state() {
     assert!(text.contains("ignoring plan checkpoint"), "{text}");
     drop(serve);
 }
+
+/// A group sidecar rewritten between two starts (same documents, same number of groups,
+/// other boundaries) changes a grouped domain's units and so its plan. It now changes the
+/// shard's content identity: a blob of the old grouping is refused naming the shard, and
+/// the checkpoints the old plan left are never restored under the new one (a seek from
+/// them was not the plain replay, so nodes with a warm and a cold cache disagreed).
+#[test]
+fn a_rewritten_group_sidecar_refuses_old_blobs_and_checkpoints() {
+    use millrace::config::Config;
+    use millrace::plan::{GlobalBatch, Plan, Planner};
+    use millrace::plan_cache::CheckpointDir;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    const DOCS: usize = 600;
+    /// 60 groups over the documents, each boundary moved by `shift` documents, written
+    /// to a new file renamed into place as the writers do.
+    fn write_groups(dir: &Path, shift: usize) {
+        let ids: Vec<u64> = (0..DOCS)
+            .map(|d| (d.saturating_sub(shift) / 10).min(59) as u64)
+            .collect();
+        let tmp = dir.join("tmp-groups");
+        std::fs::create_dir_all(&tmp).unwrap();
+        common::write_groups(&tmp.join("code"), &ids);
+        std::fs::rename(
+            common::with(&tmp.join("code"), "groups.npy"),
+            common::with(&dir.join("code"), "groups.npy"),
+        )
+        .unwrap();
+    }
+    fn load(path: &Path) -> Arc<Plan> {
+        Config::load(path).unwrap().load_plan().unwrap().plan
+    }
+    fn batches(p: &mut Planner, n: usize) -> Vec<GlobalBatch> {
+        (0..n).map(|_| p.next_batch()).collect()
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let u16 = common::CODES[7];
+    let lens: Vec<usize> = (0..DOCS).map(|i| 3 + (i * 7) % 29).collect();
+    common::write_docs(dir, "code", u16, &common::simple_docs(&lens, 60000));
+    let lens: Vec<usize> = (0..DOCS).map(|i| 5 + (i * 11) % 37).collect();
+    common::write_docs(dir, "web", u16, &common::simple_docs(&lens, 60000));
+    write_groups(dir, 0);
+    let root = dir.join("cache");
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[corpus]\ncache_dir = {:?}\n\n[[corpus.domain]]\nname = \"code\"\nshards = \
+             [\"code\"]\ngrouping = {{ mode = \"sequence\" }}\n\n[[corpus.domain]]\nname = \
+             \"web\"\nshards = [\"web\"]\n\n[plan]\nseed = 5\nseq_len = 32\n\
+             global_batch_rows = 8\nweights = {{ code = 1.0, web = 1.0 }}\n",
+            root.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cancel = AtomicBool::new(false);
+
+    let old = load(&cfg);
+    let store = CheckpointDir::new(&root, &old);
+    old.seek_checkpointed(100, 16, 8, &store, &cancel)
+        .expect("seek");
+    let blob = old.seek(60).cursor();
+    assert!(
+        load(&cfg).restore(&blob).is_ok(),
+        "unchanged: the blob resumes"
+    );
+
+    write_groups(dir, 5);
+    let new = load(&cfg);
+    let (mut a, mut b) = (old.seek(0), new.seek(0));
+    assert_ne!(
+        batches(&mut a, 100),
+        batches(&mut b, 100),
+        "the sidecar shapes the plan"
+    );
+    let e = new
+        .restore(&blob)
+        .err()
+        .expect("a blob of the old grouping is refused");
+    assert!(
+        e.to_string().contains("domain code")
+            && e.to_string()
+                .contains("changed content since the blob was written"),
+        "{e}"
+    );
+    let store = CheckpointDir::new(&root, &new);
+    let mut from_cache = new
+        .seek_checkpointed(100, 16, 8, &store, &cancel)
+        .expect("seek");
+    let mut plain = new.seek(100);
+    assert_eq!(from_cache.cursor(), plain.cursor());
+    assert_eq!(batches(&mut from_cache, 20), batches(&mut plain, 20));
+    // The ungrouped domain's identity, and so blobs of a corpus without grouping, are
+    // what they were: only a grouped domain's sidecar is content.
+    assert_eq!(old.fingerprint(), new.fingerprint());
+}

@@ -547,16 +547,33 @@ impl Config {
         // Per shard, its content identity as each domain's own identity (cursor layout 7)
         // records it, so a blob names the shard that changed.
         let mut content = Vec::with_capacity(corpus.len());
+        // The same without group sidecars, as builds before 2026-12-06 recorded it.
+        let mut legacy = Vec::with_capacity(corpus.len());
         for ((name, shards), d) in corpus.into_iter().zip(&self.corpus.domains) {
+            let grouped = d.settings.grouping.mode != plan::GroupMode::Off;
             manifest.update(name.as_bytes());
             manifest.update(&[0]);
             let mut list: Vec<(String, Arc<dyn crate::plan::DocSource>)> = Vec::new();
             let mut arcs = Vec::with_capacity(shards.len());
             let mut ids = Vec::with_capacity(shards.len());
+            let mut before = Vec::with_capacity(shards.len());
             for (shard, id, long) in shards {
                 manifest.update(id.as_bytes());
                 manifest.update(&[0]);
-                ids.push(xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
+                let plain = xxhash_rust::xxh3::xxh3_128(id.as_bytes());
+                before.push(plain);
+                // A grouped domain's sidecar decides its units, so it is content: a
+                // rewritten one refuses blobs and checkpoints that knew the old one.
+                ids.push(match shard.groups().filter(|_| grouped) {
+                    Some(g) => {
+                        let runs = corpus::Groups::encoded_sum(&g.encode()).unwrap_or_default();
+                        let mut b = id.clone().into_bytes();
+                        b.extend_from_slice(b"\0groups\0");
+                        b.extend_from_slice(&runs.to_le_bytes());
+                        xxhash_rust::xxh3::xxh3_128(&b)
+                    }
+                    None => plain,
+                });
                 let shard = Arc::new(shard);
                 let source: Arc<dyn crate::plan::DocSource> = if long.is_empty() {
                     shard.clone()
@@ -576,13 +593,12 @@ impl Config {
             });
             shards_out.push(arcs);
             content.push(ids);
+            legacy.push(before);
         }
-        let plan =
-            Plan::with_content(&inputs, cfg, manifest.digest128(), &content).map_err(|e| {
-                ConfigError::Plan {
-                    path: self.source.clone(),
-                    message: e.to_string(),
-                }
+        let plan = Plan::with_content_since(&inputs, cfg, manifest.digest128(), &content, &legacy)
+            .map_err(|e| ConfigError::Plan {
+                path: self.source.clone(),
+                message: e.to_string(),
             })?;
         Ok(LoadedPlan {
             plan: Arc::new(plan),

@@ -168,6 +168,21 @@ impl Plan {
         at
     }
 
+    /// What names this plan's checkpoint store: the fingerprint, and for a plan with a
+    /// grouped domain whose shards have group sidecars, every domain's identity too, so
+    /// a checkpoint made before a sidecar was rewritten is never a candidate (blobs
+    /// written before sidecars joined the identity would otherwise pass as current).
+    pub fn checkpoint_store_id(&self) -> u128 {
+        if !self.identities.iter().any(|i| i.has_legacy()) {
+            return self.fingerprint();
+        }
+        let mut b = self.fingerprint().to_le_bytes().to_vec();
+        for id in self.identities.iter() {
+            b.extend_from_slice(&id.prefix(id.shards()).to_le_bytes());
+        }
+        xxhash_rust::xxh3::xxh3_128(&b)
+    }
+
     /// The key a checkpoint at plan step `plan_step` of this plan is stored under: public
     /// so the daemon stores what its job planners pass under the name a seek looks up.
     pub fn checkpoint_key(&self, plan_step: u64) -> CheckpointKey {

@@ -114,7 +114,7 @@ impl Plan {
                 id.shards()
             )));
         }
-        if id.prefix(known) == rec.identity {
+        if id.matches(known, rec.identity) {
             if known < id.shards() {
                 return Err(changed(format!(
                     "the config lists {} shards, the blob knew {known}: shards added to a \

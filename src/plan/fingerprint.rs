@@ -137,6 +137,9 @@ pub(super) const TAGGED_SHARDS: usize = 16;
 pub(super) struct DomainIdentity {
     header: Vec<u8>,
     leaves: Vec<u128>,
+    /// The leaves as builds before group sidecars joined a shard's content identity
+    /// wrote them, where they differ ([`DomainIdentity::also_accepting`]).
+    legacy: Option<Vec<u128>>,
 }
 
 impl DomainIdentity {
@@ -154,19 +157,35 @@ impl DomainIdentity {
                 header.extend_from_slice(&p.to_le_bytes());
             }
         }
-        let leaves = input
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(k, (_, s))| {
-                let mut b = Vec::with_capacity(32);
-                b.extend_from_slice(&s.documents().to_le_bytes());
-                b.extend_from_slice(&s.tokens().to_le_bytes());
-                b.extend_from_slice(&content.get(k).copied().unwrap_or(0).to_le_bytes());
-                xxhash_rust::xxh3::xxh3_128(&b)
-            })
-            .collect();
-        DomainIdentity { header, leaves }
+        DomainIdentity {
+            header,
+            leaves: leaves(input, content),
+            legacy: None,
+        }
+    }
+
+    /// This identity, also matching blobs that recorded the shards' content as
+    /// `legacy[k]` (what the build that wrote them computed). A group sidecar shapes a
+    /// grouped domain's plan, so it is part of the shard's content now; blobs written
+    /// before that keep resuming (unprotected from a rewritten sidecar, as they were),
+    /// while a blob written since records the sidecar too, which no legacy leaf equals.
+    pub(super) fn also_accepting(mut self, input: &DomainInput, legacy: &[u128]) -> Self {
+        let old = leaves(input, legacy);
+        self.legacy = (old != self.leaves).then_some(old);
+        self
+    }
+
+    /// Whether a blob that knew the first `k` shards and recorded `identity` for them
+    /// knew them as they are.
+    pub(super) fn matches(&self, k: usize, identity: u128) -> bool {
+        self.prefix(k) == identity
+            || (self.legacy.as_deref()).is_some_and(|l| self.prefix_of(l, k) == identity)
+    }
+
+    /// Whether some shard's content identity differs from what earlier builds computed
+    /// (a grouped domain with sidecars).
+    pub(super) fn has_legacy(&self) -> bool {
+        self.legacy.is_some()
     }
 
     /// Shards the domain has.
@@ -176,10 +195,14 @@ impl DomainIdentity {
 
     /// The identity of the domain's first `k` shards (all of them for `k >= shards`).
     pub(super) fn prefix(&self, k: usize) -> u128 {
-        let k = k.min(self.leaves.len());
+        self.prefix_of(&self.leaves, k)
+    }
+
+    fn prefix_of(&self, leaves: &[u128], k: usize) -> u128 {
+        let k = k.min(leaves.len());
         let mut b = self.header.clone();
         b.extend_from_slice(&(k as u32).to_le_bytes());
-        for leaf in &self.leaves[..k] {
+        for leaf in &leaves[..k] {
             b.extend_from_slice(&leaf.to_le_bytes());
         }
         xxhash_rust::xxh3::xxh3_128(&b)
@@ -197,6 +220,20 @@ impl DomainIdentity {
         }
         self.leaves.iter().take(k).map(|&l| l as u32).collect()
     }
+}
+
+/// A leaf per shard: its documents, tokens and the caller's content identity (0 where
+/// the caller has none).
+fn leaves(input: &DomainInput, content: &[u128]) -> Vec<u128> {
+    (input.shards.iter().enumerate())
+        .map(|(k, (_, s))| {
+            let mut b = Vec::with_capacity(32);
+            b.extend_from_slice(&s.documents().to_le_bytes());
+            b.extend_from_slice(&s.tokens().to_le_bytes());
+            b.extend_from_slice(&content.get(k).copied().unwrap_or(0).to_le_bytes());
+            xxhash_rust::xxh3::xxh3_128(&b)
+        })
+        .collect()
 }
 
 /// The fingerprint cursor layouts 1-4 carry: xxh3-128 of the manifest and
@@ -464,5 +501,31 @@ mod tests {
         }
         assert_eq!(web.tags().len(), 2);
         assert_eq!(web.tags_of(1), web.tags()[..1]);
+    }
+
+    /// Shard content that now covers a group sidecar (9 instead of 8 for shard 1)
+    /// matches blobs that recorded it either way, old builds' (8) and new ones' (9),
+    /// but not a blob that knew another sidecar (10); identities without a difference
+    /// keep no legacy leaves.
+    #[test]
+    fn an_identity_accepts_what_earlier_builds_recorded() {
+        let (_, inputs) = fixed();
+        let now =
+            DomainIdentity::new(&inputs[0], None, &[7, 9]).also_accepting(&inputs[0], &[7, 8]);
+        assert!(now.has_legacy());
+        let old_build = DomainIdentity::new(&inputs[0], None, &[7, 8]).prefix(2);
+        let new_build = DomainIdentity::new(&inputs[0], None, &[7, 9]).prefix(2);
+        let other = DomainIdentity::new(&inputs[0], None, &[7, 10]).prefix(2);
+        assert!(now.matches(2, old_build) && now.matches(2, new_build));
+        assert!(!now.matches(2, other));
+        assert!(now.matches(1, old_build_prefix(&inputs[0])));
+        assert_eq!(now.prefix(2), new_build, "blobs record the new identity");
+        let same =
+            DomainIdentity::new(&inputs[0], None, &[7, 8]).also_accepting(&inputs[0], &[7, 8]);
+        assert!(!same.has_legacy());
+    }
+
+    fn old_build_prefix(input: &DomainInput) -> u128 {
+        DomainIdentity::new(input, None, &[7, 8]).prefix(1)
     }
 }

@@ -266,6 +266,19 @@ impl Plan {
         manifest: u128,
         content: &[Vec<u128>],
     ) -> Result<Plan, PlanError> {
+        Plan::with_content_since(inputs, cfg, manifest, content, &[])
+    }
+
+    /// [`Plan::with_content`] where `legacy[d][k]` is shard k's content identity as
+    /// earlier builds computed it, when it differs from `content[d][k]` (a group
+    /// sidecar now counts): blobs those builds wrote keep resuming.
+    pub fn with_content_since(
+        inputs: &[DomainInput],
+        cfg: PlanConfig,
+        manifest: u128,
+        content: &[Vec<u128>],
+        legacy: &[Vec<u128>],
+    ) -> Result<Plan, PlanError> {
         if inputs.is_empty() {
             return Err(PlanError::NoDomains);
         }
@@ -341,7 +354,11 @@ impl Plan {
             .enumerate()
             .map(|(d, (input, b))| {
                 let ids = content.get(d).map_or(&[][..], |c| c.as_slice());
-                fingerprint::DomainIdentity::new(input, b.map(|b| b.1), ids)
+                let id = fingerprint::DomainIdentity::new(input, b.map(|b| b.1), ids);
+                match legacy.get(d) {
+                    Some(old) => id.also_accepting(input, old),
+                    None => id,
+                }
             })
             .collect();
         let mixer = Mixer {
