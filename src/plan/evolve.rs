@@ -125,13 +125,7 @@ impl Plan {
             }
             return Ok(());
         }
-        let ours = id.tags_of(known);
-        let shard = rec
-            .tags
-            .iter()
-            .zip(&ours)
-            .position(|(a, b)| a != b)
-            .filter(|_| rec.tags.len() == known);
+        let shard = id.first_changed(known, &rec.tags);
         Err(changed(match shard {
             Some(k) => format!(
                 "shard {} (#{k}) changed content since the blob was written",

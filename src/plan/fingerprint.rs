@@ -220,6 +220,23 @@ impl DomainIdentity {
         }
         self.leaves.iter().take(k).map(|&l| l as u32).collect()
     }
+
+    /// The first of a blob's `k` shard tags that differs from ours, as this build or an
+    /// earlier one computed them (the later of the two: the other differs from the
+    /// first shard with a sidecar on); `None` when the blob carries no tags for them or
+    /// they all match one of the two.
+    pub(super) fn first_changed(&self, k: usize, tags: &[u32]) -> Option<usize> {
+        if tags.len() != k || k > TAGGED_SHARDS {
+            return None;
+        }
+        let first = |leaves: &[u128]| (tags.iter().zip(leaves)).position(|(&t, &l)| t != l as u32);
+        let now = first(&self.leaves);
+        match (now, self.legacy.as_deref().map(first)) {
+            (Some(a), Some(Some(b))) => Some(a.max(b)),
+            (now, None) => now,
+            _ => None,
+        }
+    }
 }
 
 /// A leaf per shard: its documents, tokens and the caller's content identity (0 where
@@ -520,6 +537,12 @@ mod tests {
         assert!(!now.matches(2, other));
         assert!(now.matches(1, old_build_prefix(&inputs[0])));
         assert_eq!(now.prefix(2), new_build, "blobs record the new identity");
+        // A blob's tags name the shard that changed whichever build wrote them.
+        let tags = |c: &[u128]| DomainIdentity::new(&inputs[0], None, c).tags();
+        assert_eq!(now.first_changed(2, &tags(&[7, 8])), None);
+        assert_eq!(now.first_changed(2, &tags(&[7, 9])), None);
+        assert_eq!(now.first_changed(2, &tags(&[7, 10])), Some(1));
+        assert_eq!(now.first_changed(2, &tags(&[6, 8])), Some(0));
         let same =
             DomainIdentity::new(&inputs[0], None, &[7, 8]).also_accepting(&inputs[0], &[7, 8]);
         assert!(!same.has_legacy());
