@@ -915,3 +915,52 @@ fn sighup_during_start_up_does_not_kill_the_daemon() {
         .unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
     assert!(d.alive(), "{}", d.log_text());
 }
+
+/// A daemon nothing has read from since it started does not know the run's step. A
+/// change without `at_step` used to land at step 0 there, so the change an operator
+/// re-issued after a restart mid-run rewrote the past of every blob the trainers then
+/// brought back (all refused). Now it is refused, saying to give the step; with one, or
+/// once a trainer has connected, it is taken.
+#[test]
+fn a_change_without_a_step_waits_for_the_run_to_be_known() {
+    let f = fixture();
+    let _serve = f.serve();
+    let names = f
+        .load()
+        .plan
+        .domain_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>();
+    let before = f.journal();
+    let r = f.set_weights(json!({&names[0]: 0.7}), None, "next");
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "invalid", "{r}");
+    let m = r["message"].as_str().unwrap_or("");
+    assert!(
+        m.contains("does not know the run's step") && m.contains("at_step"),
+        "{r}"
+    );
+    assert_eq!(f.journal(), before);
+    // A bad domain is still named first.
+    let r = f.set_weights(json!({"no_such_domain": 1.0}), None, "next");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no_such_domain"),
+        "{r}"
+    );
+
+    let r = f.set_weights(json!({&names[0]: 0.7}), Some(0), "refuse");
+    assert_eq!(r["ok"], true, "an explicit step is taken: {r}");
+    assert_eq!(r["applied_step"], 0, "{r}");
+    let mut c = f.connect("known");
+    c.next_batch().unwrap();
+    let r = f.set_weights(json!({&names[0]: 0.5}), None, "next");
+    assert_eq!(
+        r["ok"], true,
+        "with a trainer connected the step is known: {r}"
+    );
+    assert!(r["applied_step"].as_u64().unwrap() >= 1, "{r}");
+}

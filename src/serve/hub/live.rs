@@ -337,6 +337,23 @@ impl Hub {
         let fc_p = plan.plan_step_of(fc);
         let (requested, d) = match &req.proposal {
             Proposal::Weights(_) | Proposal::Stage { .. } => {
+                // A daemon nothing has read from since it started does not know where
+                // the run is: "the first step that can still change" would be step 0,
+                // and a change re-issued after a restart mid-run would rewrite the
+                // whole past of every blob the trainers bring back.
+                if req.at_step.is_none() && st.watermark == 0 && st.jobs.is_empty() {
+                    // What is wrong with the weights themselves is said first.
+                    if let Proposal::Weights(w) = &req.proposal {
+                        plan.weights_change(0, w)
+                            .map_err(|e| ChangeError::invalid(e.to_string()))?;
+                    }
+                    return Err(ChangeError::invalid(
+                        "no trainer has connected since this daemon started, so it does not \
+                         know the run's step: give at_step (--at-step S; 0 for a run that \
+                         has not begun), or send the change once the trainers are back"
+                            .to_string(),
+                    ));
+                }
                 // No step given: the first that can still change, past a bursty cycle
                 // begun before `fc` (as `status` reports it), not `fc` itself.
                 let t = req
