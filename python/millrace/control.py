@@ -169,6 +169,8 @@ class Control:
 
         ``late="next"`` applies a change for an already delivered step at the first step
         that can still change (the reply's ``moved`` is then true) instead of refusing it.
+        A daemon no trainer has connected to since it started does not know the run's
+        step and refuses a change without ``at_step`` (``invalid``).
         """
         if late not in _LATE:
             raise ValueError(f"late={late!r}: must be one of {_LATE}")

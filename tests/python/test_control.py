@@ -419,7 +419,7 @@ def test_a_connection_closed_as_idle_is_replaced_not_reported_as_a_broken_pipe(
             wait_until(lambda: hung_up(first), 10, "the idle close")
             assert ctl.status()["pid"] == d.pid
             assert ctl._sock is not first
-        r = ctl.set_weights({"web": 0.5}, late="next")
+        r = ctl.set_weights({"web": 0.5}, at_step=0, late="next")
         assert r["ok"] is True
         # The race: the look before the send saw nothing; the send meets the closed end.
         stale = ctl._sock
