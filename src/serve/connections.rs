@@ -241,7 +241,7 @@ async fn read_frame(
 async fn admit_watching<T>(
     stream: &mut UnixStream,
     buf: &mut Vec<u8>,
-    task: tokio::task::JoinHandle<T>,
+    task: impl std::future::Future<Output = Result<T, tokio::task::JoinError>>,
     cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<T, tokio::task::JoinError> {
     tokio::pin!(task);
@@ -379,11 +379,28 @@ async fn connection(
         }
     };
     // Restoring or seeking a planner is CPU work: keep it off the I/O threads, and stop
-    // it if the client hangs up meanwhile.
+    // it if the client hangs up meanwhile. At most `admission_slots` run at once (a
+    // seek holds tens to hundreds of MB, and a job's start sends every rank's HELLO
+    // together); the others wait here, holding no thread, and one whose client left
+    // while it waited never starts.
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let task = {
         let (hub, hello, cancel) = (hub.clone(), hello.clone(), cancel.clone());
-        tokio::task::spawn_blocking(move || hub.admit(&hello, pid, &cancel))
+        let slots = d.admissions.clone();
+        async move {
+            let slot = slots.acquire_owned().await.ok();
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(Err(crate::wire::Refusal::new(
+                    Code::Cancelled,
+                    "the client left",
+                )));
+            }
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                hub.admit(&hello, pid, &cancel)
+            })
+            .await
+        }
     };
     let admitted = admit_watching(&mut stream, &mut buf, task, &cancel).await;
     if cancel.load(std::sync::atomic::Ordering::Relaxed) {

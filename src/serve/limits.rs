@@ -203,6 +203,14 @@ pub fn suppressed_note(k: u64) -> String {
     }
 }
 
+/// Admissions (blob restores and seeks) that run at once: the cores, from 4 to 16.
+/// Each holds a blocking thread and, seeking, tens to hundreds of MB; more at once than
+/// the cores only divides them, while a flood of HELLOs (or a large job's start) would
+/// take a thread and a seek's memory each.
+pub(super) fn admission_slots() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get().clamp(4, 16))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

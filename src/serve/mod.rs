@@ -158,6 +158,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         warn_conn: limits::Throttle::new("refused connections", 20, Duration::from_secs(10)),
         warn_accept: limits::Throttle::new("failed accepts", 5, Duration::from_secs(10)),
         last_reload: Mutex::new(None),
+        admissions: Arc::new(tokio::sync::Semaphore::new(limits::admission_slots())),
         serve,
     });
     let workers: Vec<_> = (0..daemon.serve.materialize_threads)
@@ -221,6 +222,9 @@ struct Daemon {
     /// The outcome of the last reload (file, SIGHUP or ctl), for `status` and `top`: a
     /// refused file edit must be seen where people look, not only in the log.
     last_reload: Mutex<Option<ReloadOutcome>>,
+    /// Admissions running at once ([`limits::admission_slots`]); the rest wait their turn
+    /// without a thread.
+    admissions: Arc<tokio::sync::Semaphore>,
 }
 
 impl Daemon {

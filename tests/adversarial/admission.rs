@@ -142,6 +142,53 @@ fn far_start_steps_are_refused_and_abandoned_seeks_cancelled() {
     );
 }
 
+/// Every HELLO's admission (a blob restore or a seek) used to take a blocking thread of
+/// its own at once: 24 clients asking for far steps and staying connected held 24
+/// threads seeking, each with a seek's memory, and a large job's start sends every
+/// rank's HELLO together. Now at most `admission_slots` (the cores, 4 to 16) run; the
+/// rest wait without a thread, and those whose clients leave never start.
+#[test]
+fn a_flood_of_seeking_hellos_takes_a_bounded_number_of_threads() {
+    let mut f = fixture("");
+    let threads = |pid: libc::pid_t| -> usize {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = text.lines().find(|l| l.starts_with("Threads:")).unwrap();
+        line[8..].trim().parse().unwrap()
+    };
+    let mut good = connect(&f, &hello("good")).expect("good consumer joins");
+    stream(&mut good, 3);
+    let before = threads(f.daemon.pid());
+    let h = json!({"protocol": millrace::wire::TRAINER_VERSION, "job": "flood", "dp_rank": 0,
+                   "dp_size": 1, "start_step": millrace::config::plan::MAX_STEP});
+    let flood: Vec<UnixStream> = (0..24)
+        .map(|_| {
+            let mut s = UnixStream::connect(&f.socket).unwrap();
+            s.write_all(&encode(kind::HELLO, h.to_string().as_bytes()))
+                .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let slots = std::thread::available_parallelism().map_or(4, |n| n.get().clamp(4, 16));
+    let during = threads(f.daemon.pid());
+    assert!(
+        during <= before + slots + 2,
+        "24 pending admissions took {} threads (slots {slots})",
+        during.saturating_sub(before)
+    );
+    stream(&mut good, 3);
+    drop(flood);
+    wait_until(
+        "every flood admission to end",
+        Duration::from_secs(60),
+        || f.daemon.log_text().matches("left during admission").count() >= 24,
+    );
+    // With the slots free again, a new client is admitted at once.
+    let mut next = connect(&f, &hello("next")).expect("a client after the flood joins");
+    stream(&mut next, 3);
+    assert!(f.daemon.alive());
+}
+
 /// Issue 14, item 6: a HELLO naming another job's dp rank with replica "evil" was
 /// admitted although the job declared replicas = 1, and the victim's ring stalled until
 /// the intruder left. Now a peer past the declared count, or one whose `replicas`
