@@ -214,7 +214,7 @@ impl Hub {
             (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello) {
                 Ok(()) => Ok(x),
                 Err(r) => {
-                    Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id);
+                    Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, &x);
                     return Err(r);
                 }
             },
@@ -226,7 +226,11 @@ impl Hub {
                 "the job was just torn down; retry",
             ));
         };
-        let (start_step, ring) = match outcome {
+        let Joined {
+            step: start_step,
+            ring,
+            ..
+        } = match outcome {
             Ok(x) => x,
             Err(r) => {
                 if job.rings.is_empty() {
@@ -366,7 +370,7 @@ impl Hub {
         planner: Option<Planner>,
         used: u64,
         built: &mut Option<Arc<Ring>>,
-    ) -> Result<(u64, Arc<Ring>), Refusal> {
+    ) -> Result<Joined, Refusal> {
         let hello = joiner.hello;
         let Some(planner) = planner else {
             // The ring we saw vanished while we waited for the lock: its peers left.
@@ -409,10 +413,14 @@ impl Hub {
             (joiner.shape.mbr, hello.micro_batches),
             joiner.blob.is_some(),
         );
-        entry.join(peer_id, joiner.peer(step, Standing::Reading));
+        let first = entry.join(peer_id, joiner.peer(step, Standing::Reading));
         job.rings.insert(hello.dp_rank, entry);
         info!(job = %hello.job, dp_rank = hello.dp_rank, step, bytes = r.layout().ring_bytes, "ring created");
-        Ok((step, r))
+        Ok(Joined {
+            step,
+            ring: r,
+            first,
+        })
     }
 
     /// Puts the plan a client's blob brought in force. Its journal extends ours, or
@@ -490,13 +498,13 @@ impl Hub {
         }
     }
 
-    /// Takes back a join that a later step of admission refused.
-    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64) {
+    /// Takes back a join (`joined`, of `peer`) that a later step of admission refused.
+    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64, joined: &Joined) {
         let Some(j) = st.jobs.get_mut(job) else {
             return;
         };
         if let Some(e) = j.rings.get_mut(&dp_rank) {
-            e.unjoin(peer);
+            e.unjoin(peer, joined.first);
             if e.peers.is_empty() {
                 j.rings.remove(&dp_rank);
             }
@@ -655,6 +663,17 @@ fn refuse_cursor(e: String) -> Refusal {
     Refusal::new(Code::Cursor, format!("cursor blob refused: {e}"))
 }
 
+/// A client joined to its rank's ring, with what a refusal later in admission needs to
+/// take the join back ([`Hub::unjoin`]).
+struct Joined {
+    /// The step it starts at.
+    step: u64,
+    /// Its rank's ring.
+    ring: Arc<Ring>,
+    /// Whether this was its replica's first join of the ring ([`RingEntry::join`]).
+    first: bool,
+}
+
 /// A client on its way in, with what was prepared for it before the lock.
 struct Joiner<'a> {
     hello: &'a Hello,
@@ -708,7 +727,7 @@ impl Joiner<'_> {
         entry: &mut RingEntry,
         peer_id: u64,
         planner: Option<Planner>,
-    ) -> Result<(u64, Arc<Ring>), Refusal> {
+    ) -> Result<Joined, Refusal> {
         let hello = self.hello;
         if entry.peers.values().any(|p| p.replica == hello.replica) {
             return Err(Refusal::new(
@@ -855,7 +874,11 @@ impl Joiner<'_> {
                 ),
             ));
         }
-        entry.join(peer_id, self.peer(step, standing));
-        Ok((step, entry.ring.clone()))
+        let first = entry.join(peer_id, self.peer(step, standing));
+        Ok(Joined {
+            step,
+            ring: entry.ring.clone(),
+            first,
+        })
     }
 }

@@ -24,7 +24,7 @@ mod phase;
 mod schedule;
 mod status;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -170,8 +170,10 @@ struct RingEntry {
     cursors: VecDeque<Cursor>,
     peers: HashMap<u64, Peer>,
     replicas: u32,
-    /// Peers that ever joined (a peer that leaves is not taken back).
-    joined: u32,
+    /// The replicas that ever joined, by name: one that leaves is not taken back, and
+    /// one that reconnects counts once, so the ring holds its start until every
+    /// announced peer joined ([`RingEntry::all_joined`]).
+    joined: HashSet<String>,
     /// The step the ring starts at (moves back while peers are still joining).
     start: u64,
     micro: (u32, u32),

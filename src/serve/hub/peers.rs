@@ -81,7 +81,7 @@ impl Hub {
         let slots = self.settings.slots;
         let mut armed = Armed::None;
         for entry in st.jobs.values().flat_map(|j| j.rings.values()) {
-            if !entry.started() || entry.joined < entry.replicas || entry.free(slots) > 0 {
+            if !entry.started() || !entry.all_joined() || entry.free(slots) > 0 {
                 continue; // not held back by its peers' releases
             }
             let base = entry.base();
@@ -218,7 +218,7 @@ impl RingEntry {
     /// may fill the ring now.
     fn released_from(&mut self, before: u64, plan: &Plan, dp_size: u32, slots: u32) -> bool {
         let base = self.base();
-        if base > before && self.joined >= self.replicas {
+        if base > before && self.all_joined() {
             self.stats.batches_delivered += base - before;
             // Each step at its own stage's shape (at most a ring's slots per release).
             self.stats.tokens_delivered += (before..base)

@@ -3,7 +3,7 @@
 //! phase is a method of [`RingEntry`] that says when it may happen; the rest of the hub
 //! asks the phase instead of reading loose flags.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -176,7 +176,7 @@ impl RingEntry {
             cursors: VecDeque::from([cursor]),
             peers: HashMap::new(),
             replicas,
-            joined: 0,
+            joined: HashSet::new(),
             start: step,
             micro,
             resumed,
@@ -220,25 +220,36 @@ impl RingEntry {
         !self.peers.is_empty() && self.free(slots) > 0 && slot_free(&self.next_fill)
     }
 
-    /// Joins peer `id` (its checks passed). The last announced peer of a joining ring
-    /// starts it.
-    pub(super) fn join(&mut self, id: u64, peer: Peer) {
+    /// Whether every announced replica has joined (at least once): until then the ring
+    /// holds its start step for the ones to come, and a resumed ring waits.
+    pub(super) fn all_joined(&self) -> bool {
+        self.joined.len() >= self.replicas as usize
+    }
+
+    /// Joins peer `id` (its checks passed). The last announced replica of a joining ring
+    /// starts it; a replica that reconnects is not a new one. Returns whether this was
+    /// the replica's first join, for [`RingEntry::unjoin`].
+    pub(super) fn join(&mut self, id: u64, peer: Peer) -> bool {
+        let first = self.joined.insert(peer.replica.clone());
         self.peers.insert(id, peer);
-        self.joined += 1;
-        if matches!(self.phase, Phase::Joining) && self.joined >= self.replicas {
+        if matches!(self.phase, Phase::Joining) && self.all_joined() {
             self.phase = Phase::Streaming;
         }
+        first
     }
 
     /// Takes back a join that a later step of admission refused (under the same lock, so
-    /// nothing was filled meanwhile): a resumed ring that this join started waits again.
-    /// Returns whether the peer was there.
-    pub(super) fn unjoin(&mut self, id: u64) -> bool {
-        if self.peers.remove(&id).is_none() {
+    /// nothing was filled meanwhile): its replica no longer counts as joined when this
+    /// was its `first` join ([`RingEntry::join`]), and a resumed ring that this join
+    /// started waits again. Returns whether the peer was there.
+    pub(super) fn unjoin(&mut self, id: u64, first: bool) -> bool {
+        let Some(p) = self.peers.remove(&id) else {
             return false;
+        };
+        if first {
+            self.joined.remove(&p.replica);
         }
-        self.joined = self.joined.saturating_sub(1);
-        if self.resumed && self.joined < self.replicas && matches!(self.phase, Phase::Streaming) {
+        if self.resumed && !self.all_joined() && matches!(self.phase, Phase::Streaming) {
             self.phase = Phase::Joining;
         }
         true
@@ -331,7 +342,7 @@ impl RingEntry {
     /// [`Standing::Ahead`]) holds no slot, and counting its step would let the workers
     /// claim more than a ring's slots past `published`, two steps into one slot.
     pub(super) fn base(&self) -> u64 {
-        if self.joined < self.replicas {
+        if !self.all_joined() {
             return self.start;
         }
         self.peers
@@ -443,13 +454,44 @@ pub(super) mod tests {
         e.join(1, peer("tp0"));
         assert!(matches!(e.phase, Phase::Joining));
         assert!(!e.claimable(4), "a joining ring must not be filled");
-        e.join(2, peer("tp1"));
+        assert!(e.join(2, peer("tp1")), "tp1's first join");
         assert!(matches!(e.phase, Phase::Streaming));
         assert!(e.claimable(4));
         // A join taken back (a later admission step refused) makes it wait again.
-        assert!(e.unjoin(2));
+        assert!(e.unjoin(2, true));
         assert!(matches!(e.phase, Phase::Joining));
-        assert!(!e.unjoin(2), "the peer is gone already");
+        assert!(!e.unjoin(2, true), "the peer is gone already");
+    }
+
+    /// Review, item 1: a replica that leaves and joins again is one replica. With 3
+    /// announced, "a", "b" and "a" again leave the ring waiting for "c" (its start held,
+    /// a resumed ring not started); a refused rejoin taken back leaves "a" counted.
+    #[test]
+    fn a_replica_that_rejoins_counts_once() {
+        for resumed in [false, true] {
+            let mut e = entry(3, resumed);
+            assert!(e.join(1, peer("a")));
+            assert!(e.join(2, peer("b")));
+            e.peers.remove(&1); // "a" left
+            assert!(!e.join(3, peer("a")), "a rejoin is not a first join");
+            assert!(!e.all_joined());
+            assert_eq!(e.started(), !resumed, "only the third replica starts it");
+            for p in e.peers.values_mut() {
+                p.released = 4;
+            }
+            e.published = 4;
+            assert_eq!(e.base(), 0, "step 0 stays for \"c\"");
+            assert!(e.unjoin(3, false));
+            assert!(e.join(4, peer("c")));
+            assert!(
+                e.all_joined(),
+                "\"a\" still counts after its rejoin was taken back"
+            );
+            assert!(e.started());
+            // Taking back "c"'s first join makes it one to come again.
+            assert!(e.unjoin(4, true));
+            assert!(!e.all_joined());
+        }
     }
 
     #[test]
