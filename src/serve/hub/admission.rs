@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use super::phase::MovedBack;
 use super::{
     Admission, Cursor, EventFd, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing, State,
 };
@@ -214,7 +215,7 @@ impl Hub {
             (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello) {
                 Ok(()) => Ok(x),
                 Err(r) => {
-                    Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, &x);
+                    Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, x);
                     return Err(r);
                 }
             },
@@ -420,6 +421,7 @@ impl Hub {
             step,
             ring: r,
             first,
+            moved: None,
         })
     }
 
@@ -498,13 +500,17 @@ impl Hub {
         }
     }
 
-    /// Takes back a join (`joined`, of `peer`) that a later step of admission refused.
-    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64, joined: &Joined) {
+    /// Takes back a join (`joined`, of `peer`) that a later step of admission refused:
+    /// a ring the join moved back starts where it did again.
+    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64, joined: Joined) {
         let Some(j) = st.jobs.get_mut(job) else {
             return;
         };
         if let Some(e) = j.rings.get_mut(&dp_rank) {
             e.unjoin(peer, joined.first);
+            if let Some(was) = joined.moved {
+                e.restore(was);
+            }
             if e.peers.is_empty() {
                 j.rings.remove(&dp_rank);
             }
@@ -672,6 +678,8 @@ struct Joined {
     ring: Arc<Ring>,
     /// Whether this was its replica's first join of the ring ([`RingEntry::join`]).
     first: bool,
+    /// What the join replaced when it moved a joining ring back to the client's step.
+    moved: Option<MovedBack>,
 }
 
 /// A client on its way in, with what was prepared for it before the lock.
@@ -781,19 +789,18 @@ impl Joiner<'_> {
         };
         let (lo, hi) = (entry.base(), entry.published);
         let mut standing = Standing::Reading;
+        let mut back = None;
         if !entry.started() && step < entry.start {
-            // Nothing is produced until every peer has joined: move the ring back to
-            // this peer's step; peers already waiting further on are checked when the
-            // ring reaches them.
+            // Nothing is produced until every peer has joined: the ring moves back to
+            // this peer's step (once every check below passed); peers already waiting
+            // further on are checked when the ring reaches them.
             let Some(planner) = planner else {
                 return Err(Refusal::new(
                     Code::Busy,
                     "the ring started while this client joined; retry",
                 ));
             };
-            let cursor = self.cursor(&planner);
-            entry.move_back(planner, cursor);
-            info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
+            back = Some(planner);
         } else if step > hi {
             // Ahead of the ring (a peer that had consumed more before a restart): it
             // waits for the ring to get there, and its blob must match then. Peers of one
@@ -857,7 +864,7 @@ impl Joiner<'_> {
         }
         // The ring holds data for exactly the peers its first client announced: one
         // past that count (another job's name, a stray replica) would stall the real
-        // ones. A full ring has started, so nothing above changed it for this client.
+        // ones. Nothing above changed the ring (it moves back only below).
         if entry.peers.len() >= entry.replicas as usize {
             let mut names: Vec<&str> = entry.peers.values().map(|p| p.replica.as_str()).collect();
             names.sort_unstable();
@@ -874,11 +881,19 @@ impl Joiner<'_> {
                 ),
             ));
         }
+        // Nothing refuses the client from here on in this join; a refusal later in
+        // admission puts the ring back ([`Hub::unjoin`]).
+        let moved = back.map(|planner| {
+            let cursor = self.cursor(&planner);
+            info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
+            entry.move_back(planner, cursor)
+        });
         let first = entry.join(peer_id, self.peer(step, standing));
         Ok(Joined {
             step,
             ring: entry.ring.clone(),
             first,
+            moved,
         })
     }
 }
