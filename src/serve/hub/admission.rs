@@ -11,7 +11,8 @@ use tracing::info;
 
 use super::phase::MovedBack;
 use super::{
-    Admission, Cursor, EventFd, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing, State,
+    Admission, Cursor, EventFd, Freed, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing,
+    State,
 };
 use crate::config::plan::MAX_STEP;
 use crate::plan::journal;
@@ -175,6 +176,9 @@ impl Hub {
             Some(step) => self.build_ring(&joiner, step)?,
             None => None,
         };
+        // What a refusal below takes out of the hub (a ring this client created, its
+        // job), dropped after the lock like `built`.
+        let mut freed = Freed::default();
 
         let mut st = self.lock();
         if let Some(r) = &built {
@@ -215,13 +219,14 @@ impl Hub {
             (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello) {
                 Ok(()) => Ok(x),
                 Err(r) => {
-                    Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, x);
+                    freed.extend(Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, x));
                     return Err(r);
                 }
             },
             (o, _) => o,
         };
         let Some(job) = st.jobs.get_mut(&hello.job) else {
+            freed.rings.extend(outcome.ok().map(|x| x.ring));
             return Err(Refusal::new(
                 Code::Busy,
                 "the job was just torn down; retry",
@@ -235,7 +240,7 @@ impl Hub {
             Ok(x) => x,
             Err(r) => {
                 if job.rings.is_empty() {
-                    st.jobs.remove(&hello.job);
+                    freed.jobs.extend(st.jobs.remove(&hello.job));
                 }
                 return Err(r);
             }
@@ -501,10 +506,14 @@ impl Hub {
     }
 
     /// Takes back a join (`joined`, of `peer`) that a later step of admission refused:
-    /// a ring the join moved back starts where it did again.
-    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64, joined: Joined) {
+    /// a ring the join moved back starts where it did again. A ring (and job) left
+    /// without peers is removed and handed back, with the join's reference to its ring,
+    /// to be dropped after the lock.
+    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64, joined: Joined) -> Freed {
+        let mut freed = Freed::default();
+        freed.rings.push(joined.ring);
         let Some(j) = st.jobs.get_mut(job) else {
-            return;
+            return freed;
         };
         if let Some(e) = j.rings.get_mut(&dp_rank) {
             e.unjoin(peer, joined.first);
@@ -512,12 +521,13 @@ impl Hub {
                 e.restore(was);
             }
             if e.peers.is_empty() {
-                j.rings.remove(&dp_rank);
+                freed.entries.extend(j.rings.remove(&dp_rank));
             }
         }
         if j.rings.is_empty() {
-            st.jobs.remove(job);
+            freed.jobs.extend(st.jobs.remove(job));
         }
+        freed
     }
 }
 
