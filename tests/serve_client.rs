@@ -5,7 +5,8 @@
 //! restart, `millrace consume`, a garbage-sending client, `millrace demo`, and release
 //! pages (docs/PROTOCOL.md section 5): the same stream as RELEASE frames, a full ring
 //! that never stalls, a bad page value that kicks only its peer; and coalesced wakes
-//! (`[serve] wake_coalesce_us`): fewer wakes than slots, none held on a full ring.
+//! (`[serve] wake_coalesce_us`): fewer wakes than slots, none held on a full ring; and
+//! a TP peer that reconnects before the last one joined does not stand in for it.
 
 mod common;
 
@@ -1070,4 +1071,101 @@ fn coalesced_wakes_are_fewer_than_slots_and_a_full_ring_wakes_at_once() {
     let ring = ring_of(&off.status(), "off", 0);
     let (wakes, deferred, published) = wake_counts(&ring);
     assert_eq!((wakes, deferred), (published, 0), "{ring}");
+}
+
+/// A HELLO of peer `name` of three (TP ranks) of dp rank 1 of `job`, releasing by
+/// frames, resuming from the blob of step `from` of `want` (none: fresh, step 0).
+fn three_tp(job: &str, name: &str, from: Option<u64>, want: &[(GlobalBatch, Vec<u8>)]) -> Hello {
+    let mut h = hello(1, job);
+    h.replica = name.into();
+    h.replicas = 3;
+    h.release_page = false;
+    h.cursor = from.map(|s| to_hex(&want[s as usize - 1].1));
+    h
+}
+
+/// Connects `h`, saying what the daemon answered when it refused.
+fn admitted(f: &Fixture, h: &Hello) -> Client {
+    match Client::connect(&f.socket, h) {
+        Ok(mut c) => {
+            c.set_timeout(Some(Duration::from_secs(60)));
+            c
+        }
+        Err(e) => panic!("replica {:?} was not admitted: {e}", h.replica),
+    }
+}
+
+/// Polls STATUS until every peer of `job` dp rank 1 has released `upto`, 20 s at most.
+fn wait_released(f: &Fixture, job: &str, upto: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ring = ring_of(&f.status(), job, 1);
+        let peers = ring["peers"].as_array().cloned().unwrap_or_default();
+        if !peers.is_empty() && peers.iter().all(|p| p["released_step"] == upto) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never released {upto}: {ring}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Review, item 1 (fresh ring): with replicas = 3, peer "a" reconnecting before "c"
+/// joined counted as a third peer, so the ring let "a" and "b" release its first step
+/// and "c" was refused step 0 (`peer_position`). Distinct replicas count: the ring
+/// holds step 0 until "c" joins, and all three read the same steps.
+#[test]
+fn a_reconnecting_tp_peer_does_not_stand_in_for_the_last_one() {
+    let f = fixture("int32");
+    let _serve = f.serve();
+    let loaded = load(&f);
+    let want = planned(&loaded, 8);
+    let peer = |name: &str| admitted(&f, &three_tp("fresh", name, None, &want));
+    let (a, mut b) = (peer("a"), peer("b"));
+    drop(a);
+    f.wait_clients(1);
+    let mut a = peer("a");
+    for c in [&mut a, &mut b] {
+        for (batch, cursor) in &want[..4] {
+            check(&loaded, &c.next_batch().unwrap(), batch, 1, 2, cursor);
+        }
+        c.release(4).unwrap();
+    }
+    wait_released(&f, "fresh", 4);
+    let mut c = peer("c");
+    assert_eq!(c.welcome().start_step, 0);
+    for (batch, cursor) in &want {
+        check(&loaded, &c.next_batch().unwrap(), batch, 1, 2, cursor);
+    }
+    for p in [&mut a, &mut b] {
+        for (batch, cursor) in &want[4..] {
+            check(&loaded, &p.next_batch().unwrap(), batch, 1, 2, cursor);
+        }
+    }
+}
+
+/// Review, item 1 (resumed ring): "a" and "b" resume from the blob of step 8 and "a"
+/// reconnects; "c", resuming from step 5, was refused (the reconnect had started the
+/// ring). It must move the ring back to step 5, as it does without the reconnect, and
+/// "a" and "b" read on from step 8 once the ring gets there.
+#[test]
+fn a_reconnecting_resumed_tp_peer_does_not_start_the_ring() {
+    let f = fixture("int32");
+    let _serve = f.serve();
+    let loaded = load(&f);
+    let want = planned(&loaded, 12);
+    let peer = |name: &str, from: u64| admitted(&f, &three_tp("resumed", name, Some(from), &want));
+    let (a, mut b) = (peer("a", 8), peer("b", 8));
+    drop(a);
+    f.wait_clients(1);
+    let mut a = peer("a", 8);
+    let mut c = peer("c", 5);
+    assert_eq!(c.welcome().start_step, 5);
+    for (batch, cursor) in &want[5..] {
+        check(&loaded, &c.next_batch().unwrap(), batch, 1, 2, cursor);
+    }
+    for p in [&mut a, &mut b] {
+        for (batch, cursor) in &want[8..] {
+            check(&loaded, &p.next_batch().unwrap(), batch, 1, 2, cursor);
+        }
+    }
 }

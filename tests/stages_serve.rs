@@ -10,7 +10,9 @@
 //! with `[serve] stage_reserve_tokens`: the client gets the new shape at exactly its
 //! step on the same connection, the tokens of a config with that `[[plan.stage]]`, and
 //! blobs either side of it resume in a fresh daemon; a stage that does not fit the
-//! rings, or does not split over the job's dp ranks, is refused while streaming goes on.
+//! rings, or does not split over the job's dp ranks, is refused while streaming goes on;
+//! a resuming TP peer refused for such a stage after it moved its joining ring back
+//! leaves the ring where it was.
 
 mod common;
 
@@ -518,4 +520,99 @@ fn a_live_stage_whose_spanning_groups_outgrow_the_cursor_field_is_refused() {
     );
     drop(c);
     daemon.kill();
+}
+
+/// Review, item 3: a resuming TP peer that moves its joining ring back and is then
+/// refused (its blob's journal brings a stage the rings have no room for: adopting it
+/// fails) leaves the ring where it was, at the step its waiting peers resume from; they
+/// and the third peer, rejoining with their blob, read on from there, past the refused
+/// stage's step. (The ring used to stay at the refused client's step, with that client's
+/// planner: it planned the refused stage at its step, and the ring failed there.)
+#[test]
+fn a_refused_join_that_moved_its_ring_back_leaves_it_where_it_was() {
+    use common::Control;
+    use millrace::client::to_hex;
+    // The live stage's step, past every step served here; where the waiting peers
+    // resume; where the refused one does.
+    const AT: u64 = 30;
+    const START: u64 = 9;
+    const EARLY: u64 = 5;
+    let corpus = common::corpus(600_000, 3, 3, 200_000);
+    let socket = corpus.dir.join("s.sock");
+    let plain = common::serve_toml(&socket, 4, 2);
+    let reserve = format!("stage_reserve_tokens = {RESERVE}");
+    let dir = &corpus.dir;
+    let live = common::write_config(dir, "live.toml", BEFORE.1, BEFORE.0, &[&plain, &reserve]);
+    let unreserved = common::write_config(dir, "plain.toml", BEFORE.1, BEFORE.0, &[&plain]);
+    let mut f = Fixture {
+        corpus,
+        config: live,
+        socket,
+    };
+    // The blob of step EARLY under a journal with a stage at AT, added before any client.
+    let mut serve = f.serve();
+    let (at, seq, rows) = (AT.to_string(), LIVE.1.to_string(), LIVE.0.to_string());
+    let args = [
+        "--at-step",
+        &at,
+        "--seq-len",
+        &seq,
+        "--global-batch-rows",
+        &rows,
+    ];
+    let (ok, text) = ctl_set_stage(&f.socket, &args);
+    assert!(ok, "{text}");
+    let early = stream(&f.socket, &hello("seed", 0, "0", 1), EARLY);
+    let early = early.last().map(|g| g.cursor.clone()).unwrap();
+    serve.kill();
+    // The blob of step START without it, as the plain config plans it.
+    let loaded = millrace::config::Config::load(&unreserved)
+        .unwrap()
+        .load_plan()
+        .unwrap();
+    let mut planner = loaded.plan.start();
+    for _ in 0..START {
+        planner.next_batch();
+    }
+    let blob = planner.cursor();
+
+    // A daemon whose rings have no room for the stage: "a" and "b" wait at START.
+    f.config = unreserved.clone();
+    let mut serve = f.serve();
+    let tp = |name: &str, cursor: &[u8]| Hello {
+        cursor: Some(to_hex(cursor)),
+        ..hello("run", 0, name, 3)
+    };
+    let connect = |h: &Hello| {
+        let mut c = Client::connect(&f.socket, h)
+            .unwrap_or_else(|e| panic!("replica {:?} was not admitted: {e}", h.replica));
+        c.set_timeout(Some(Duration::from_secs(60)));
+        c
+    };
+    let mut a = connect(&tp("a", &blob));
+    let mut b = connect(&tp("b", &blob));
+    // "c" resumes earlier (the ring moves back to it), and its blob's stage is refused.
+    match Client::connect(&f.socket, &tp("c", &early)) {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "cursor", "{message}");
+            assert!(message.contains("stage_reserve_tokens"), "{message}");
+        }
+        Err(e) => panic!("expected a cursor refusal, got {e}"),
+        Ok(_) => panic!("a blob's stage was adopted into a ring without room for it"),
+    }
+    let ring = f.status()["jobs"][0]["rings"][0].clone();
+    assert_eq!(
+        ring["published_step"], START,
+        "the refused client left the ring moved back: {ring}"
+    );
+    let mut c = connect(&tp("c", &blob));
+    assert_eq!(c.welcome().start_step, START);
+    let want = common::explained_rows(&f.config, START, AT + 4 - START, (0, DP), 0);
+    for (step, rows) in &want {
+        for (name, p) in [("a", &mut a), ("b", &mut b), ("c", &mut c)] {
+            let g = got(&p.next_batch().unwrap());
+            assert_eq!((g.step, &g.tokens), (*step, rows), "{name} at step {step}");
+        }
+    }
+    serve.kill();
 }

@@ -499,6 +499,13 @@ impl Ring {
         self.publish(step);
     }
 
+    /// The `published` word clients read: tests check that a ring moved back and put
+    /// back tells its clients where it is.
+    #[cfg(test)]
+    pub(crate) fn published(&self) -> u64 {
+        self.published_word().load(Ordering::Acquire)
+    }
+
     /// Makes every step `< upto` visible to clients (release ordering: slot contents
     /// first, then the counter).
     pub fn publish(&self, upto: u64) {

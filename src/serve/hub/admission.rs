@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use tracing::info;
 
+use super::phase::MovedBack;
 use super::{
-    Admission, Cursor, EventFd, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing, State,
+    Admission, Cursor, EventFd, Freed, Hub, Job, Mark, Peer, ReleasePage, RingEntry, Standing,
+    State,
 };
 use crate::config::plan::MAX_STEP;
 use crate::plan::journal;
@@ -174,6 +176,9 @@ impl Hub {
             Some(step) => self.build_ring(&joiner, step)?,
             None => None,
         };
+        // What a refusal below takes out of the hub (a ring this client created, its
+        // job), dropped after the lock like `built`.
+        let mut freed = Freed::default();
 
         let mut st = self.lock();
         if let Some(r) = &built {
@@ -214,23 +219,28 @@ impl Hub {
             (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello) {
                 Ok(()) => Ok(x),
                 Err(r) => {
-                    Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id);
+                    freed.extend(Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, x));
                     return Err(r);
                 }
             },
             (o, _) => o,
         };
         let Some(job) = st.jobs.get_mut(&hello.job) else {
+            freed.rings.extend(outcome.ok().map(|x| x.ring));
             return Err(Refusal::new(
                 Code::Busy,
                 "the job was just torn down; retry",
             ));
         };
-        let (start_step, ring) = match outcome {
+        let Joined {
+            step: start_step,
+            ring,
+            ..
+        } = match outcome {
             Ok(x) => x,
             Err(r) => {
                 if job.rings.is_empty() {
-                    st.jobs.remove(&hello.job);
+                    freed.jobs.extend(st.jobs.remove(&hello.job));
                 }
                 return Err(r);
             }
@@ -366,7 +376,7 @@ impl Hub {
         planner: Option<Planner>,
         used: u64,
         built: &mut Option<Arc<Ring>>,
-    ) -> Result<(u64, Arc<Ring>), Refusal> {
+    ) -> Result<Joined, Refusal> {
         let hello = joiner.hello;
         let Some(planner) = planner else {
             // The ring we saw vanished while we waited for the lock: its peers left.
@@ -409,10 +419,15 @@ impl Hub {
             (joiner.shape.mbr, hello.micro_batches),
             joiner.blob.is_some(),
         );
-        entry.join(peer_id, joiner.peer(step, Standing::Reading));
+        let first = entry.join(peer_id, joiner.peer(step, Standing::Reading));
         job.rings.insert(hello.dp_rank, entry);
         info!(job = %hello.job, dp_rank = hello.dp_rank, step, bytes = r.layout().ring_bytes, "ring created");
-        Ok((step, r))
+        Ok(Joined {
+            step,
+            ring: r,
+            first,
+            moved: None,
+        })
     }
 
     /// Puts the plan a client's blob brought in force. Its journal extends ours, or
@@ -490,20 +505,29 @@ impl Hub {
         }
     }
 
-    /// Takes back a join that a later step of admission refused.
-    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64) {
+    /// Takes back a join (`joined`, of `peer`) that a later step of admission refused:
+    /// a ring the join moved back starts where it did again. A ring (and job) left
+    /// without peers is removed and handed back, with the join's reference to its ring,
+    /// to be dropped after the lock.
+    fn unjoin(st: &mut State, job: &str, dp_rank: u32, peer: u64, joined: Joined) -> Freed {
+        let mut freed = Freed::default();
+        freed.rings.push(joined.ring);
         let Some(j) = st.jobs.get_mut(job) else {
-            return;
+            return freed;
         };
         if let Some(e) = j.rings.get_mut(&dp_rank) {
-            e.unjoin(peer);
+            e.unjoin(peer, joined.first);
+            if let Some(was) = joined.moved {
+                e.restore(was);
+            }
             if e.peers.is_empty() {
-                j.rings.remove(&dp_rank);
+                freed.entries.extend(j.rings.remove(&dp_rank));
             }
         }
         if j.rings.is_empty() {
-            st.jobs.remove(job);
+            freed.jobs.extend(st.jobs.remove(job));
         }
+        freed
     }
 }
 
@@ -655,6 +679,19 @@ fn refuse_cursor(e: String) -> Refusal {
     Refusal::new(Code::Cursor, format!("cursor blob refused: {e}"))
 }
 
+/// A client joined to its rank's ring, with what a refusal later in admission needs to
+/// take the join back ([`Hub::unjoin`]).
+struct Joined {
+    /// The step it starts at.
+    step: u64,
+    /// Its rank's ring.
+    ring: Arc<Ring>,
+    /// Whether this was its replica's first join of the ring ([`RingEntry::join`]).
+    first: bool,
+    /// What the join replaced when it moved a joining ring back to the client's step.
+    moved: Option<MovedBack>,
+}
+
 /// A client on its way in, with what was prepared for it before the lock.
 struct Joiner<'a> {
     hello: &'a Hello,
@@ -708,7 +745,7 @@ impl Joiner<'_> {
         entry: &mut RingEntry,
         peer_id: u64,
         planner: Option<Planner>,
-    ) -> Result<(u64, Arc<Ring>), Refusal> {
+    ) -> Result<Joined, Refusal> {
         let hello = self.hello;
         if entry.peers.values().any(|p| p.replica == hello.replica) {
             return Err(Refusal::new(
@@ -762,19 +799,18 @@ impl Joiner<'_> {
         };
         let (lo, hi) = (entry.base(), entry.published);
         let mut standing = Standing::Reading;
+        let mut back = None;
         if !entry.started() && step < entry.start {
-            // Nothing is produced until every peer has joined: move the ring back to
-            // this peer's step; peers already waiting further on are checked when the
-            // ring reaches them.
+            // Nothing is produced until every peer has joined: the ring moves back to
+            // this peer's step (once every check below passed); peers already waiting
+            // further on are checked when the ring reaches them.
             let Some(planner) = planner else {
                 return Err(Refusal::new(
                     Code::Busy,
                     "the ring started while this client joined; retry",
                 ));
             };
-            let cursor = self.cursor(&planner);
-            entry.move_back(planner, cursor);
-            info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
+            back = Some(planner);
         } else if step > hi {
             // Ahead of the ring (a peer that had consumed more before a restart): it
             // waits for the ring to get there, and its blob must match then. Peers of one
@@ -838,7 +874,7 @@ impl Joiner<'_> {
         }
         // The ring holds data for exactly the peers its first client announced: one
         // past that count (another job's name, a stray replica) would stall the real
-        // ones. A full ring has started, so nothing above changed it for this client.
+        // ones. Nothing above changed the ring (it moves back only below).
         if entry.peers.len() >= entry.replicas as usize {
             let mut names: Vec<&str> = entry.peers.values().map(|p| p.replica.as_str()).collect();
             names.sort_unstable();
@@ -855,7 +891,19 @@ impl Joiner<'_> {
                 ),
             ));
         }
-        entry.join(peer_id, self.peer(step, standing));
-        Ok((step, entry.ring.clone()))
+        // Nothing refuses the client from here on in this join; a refusal later in
+        // admission puts the ring back ([`Hub::unjoin`]).
+        let moved = back.map(|planner| {
+            let cursor = self.cursor(&planner);
+            info!(job = %hello.job, dp_rank = hello.dp_rank, step, "ring moved back to a peer that resumes earlier");
+            entry.move_back(planner, cursor)
+        });
+        let first = entry.join(peer_id, self.peer(step, standing));
+        Ok(Joined {
+            step,
+            ring: entry.ring.clone(),
+            first,
+            moved,
+        })
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use super::{Failure, Hub, Peer, RingEntry, Standing, State};
+use super::{Failure, Freed, Hub, Peer, RingEntry, Standing, State};
 use crate::plan::Plan;
 use crate::wire::protocol::Code;
 
@@ -81,7 +81,7 @@ impl Hub {
         let slots = self.settings.slots;
         let mut armed = Armed::None;
         for entry in st.jobs.values().flat_map(|j| j.rings.values()) {
-            if !entry.started() || entry.joined < entry.replicas || entry.free(slots) > 0 {
+            if !entry.started() || !entry.all_joined() || entry.free(slots) > 0 {
                 continue; // not held back by its peers' releases
             }
             let base = entry.base();
@@ -101,41 +101,12 @@ impl Hub {
         armed
     }
 
-    /// Removes a peer; drops its ring when it was the last one.
+    /// Removes a peer; drops its ring when it was the last one, after the lock.
     pub fn leave(&self, job: &str, dp_rank: u32, peer: u64) {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        st.clients = st.clients.saturating_sub(1);
-        let Some(j) = st.jobs.get_mut(job) else {
-            return;
-        };
-        let Some(entry) = j.rings.get_mut(&dp_rank) else {
-            return;
-        };
-        if let Some(p) = entry.peers.remove(&peer) {
-            debug!(job, dp_rank, replica = %p.replica, pid = ?p.pid, released = p.released, "peer left");
-        }
-        if entry.peers.is_empty() {
-            info!(
-                job,
-                dp_rank,
-                published = entry.published,
-                "last peer left; ring dropped"
-            );
-            let removed = j.rings.remove(&dp_rank);
-            if let Some(e) = removed {
-                let (tokens, best) = &mut st.retired;
-                tokens.resize(tokens.len().max(e.stats.domain_tokens.len()), 0);
-                for (s, t) in tokens.iter_mut().zip(&e.stats.domain_tokens) {
-                    *s += t;
-                }
-                e.keep_furthest(&j.plan, best);
-            }
-            if j.rings.is_empty() {
-                st.jobs.remove(job);
-            }
-        }
-        drop(guard);
+        let mut st = self.lock();
+        let freed = st.leave(job, dp_rank, peer);
+        drop(st);
+        drop(freed);
         self.work.notify_all();
     }
 
@@ -180,6 +151,45 @@ impl Hub {
     }
 }
 
+impl State {
+    /// [`Hub::leave`] under the lock: removes the peer, and its ring when it was the last
+    /// one (its job with its last ring), handing them back to be dropped after the lock.
+    fn leave(&mut self, job: &str, dp_rank: u32, peer: u64) -> Freed {
+        let mut freed = Freed::default();
+        self.clients = self.clients.saturating_sub(1);
+        let Some(j) = self.jobs.get_mut(job) else {
+            return freed;
+        };
+        let Some(entry) = j.rings.get_mut(&dp_rank) else {
+            return freed;
+        };
+        if let Some(p) = entry.peers.remove(&peer) {
+            debug!(job, dp_rank, replica = %p.replica, pid = ?p.pid, released = p.released, "peer left");
+        }
+        if entry.peers.is_empty() {
+            info!(
+                job,
+                dp_rank,
+                published = entry.published,
+                "last peer left; ring dropped"
+            );
+            if let Some(e) = j.rings.remove(&dp_rank) {
+                let (tokens, best) = &mut self.retired;
+                tokens.resize(tokens.len().max(e.stats.domain_tokens.len()), 0);
+                for (s, t) in tokens.iter_mut().zip(&e.stats.domain_tokens) {
+                    *s += t;
+                }
+                e.keep_furthest(&j.plan, best);
+                freed.entries.push(e);
+            }
+            if j.rings.is_empty() {
+                freed.jobs.extend(self.jobs.remove(job));
+            }
+        }
+        freed
+    }
+}
+
 /// How long a worker sleeps at most while a ring is full and its peers' pages are armed:
 /// a client that cannot fence (Python) may miss `daemon_waiting`, and then the daemon
 /// finds its release at the next look. A full ring holds `slots` ready steps, so a
@@ -218,7 +228,7 @@ impl RingEntry {
     /// may fill the ring now.
     fn released_from(&mut self, before: u64, plan: &Plan, dp_size: u32, slots: u32) -> bool {
         let base = self.base();
-        if base > before && self.joined >= self.replicas {
+        if base > before && self.all_joined() {
             self.stats.batches_delivered += base - before;
             // Each step at its own stage's shape (at most a ring's slots per release).
             self.stats.tokens_delivered += (before..base)
@@ -348,7 +358,37 @@ impl ReleaseError {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::super::phase::tests::{entry, peer, plan};
+    use super::super::{Job, State};
     use super::ReleaseError;
+
+    /// Review, item 2: the ring of a last peer that leaves is handed back, not dropped
+    /// under the hub's lock (unmapping a large memfd there stalls every other rank).
+    #[test]
+    fn the_last_peer_leaving_hands_its_ring_back_to_drop_after_the_lock() {
+        let mut st = State::new(plan());
+        let mut e = entry(2, false);
+        e.join(1, peer("tp0"));
+        e.join(2, peer("tp1"));
+        let ring = Arc::clone(&e.ring);
+        let mut job = Job::new(1);
+        job.rings.insert(0, e);
+        st.jobs.insert("j".into(), job);
+        st.clients = 2;
+        let freed = st.leave("j", 0, 1);
+        assert!(
+            freed.entries.is_empty() && freed.jobs.is_empty(),
+            "a peer is left"
+        );
+        let freed = st.leave("j", 0, 2);
+        assert!(st.jobs.is_empty() && st.clients == 0);
+        assert_eq!((freed.entries.len(), freed.jobs.len()), (1, 1));
+        assert_eq!(Arc::strong_count(&ring), 2, "the ring lives in `freed`");
+        drop(freed);
+        assert_eq!(Arc::strong_count(&ring), 1);
+    }
 
     /// The ERROR `protocol` messages a bad RELEASE gets are the ones the daemon sent when
     /// they were strings (same bytes on the wire).

@@ -3,11 +3,11 @@
 //! phase is a method of [`RingEntry`] that says when it may happen; the rest of the hub
 //! asks the phase instead of reading loose flags.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Cursor, Own, Peer, RingEntry, RingStats};
+use super::{Cursor, Filled, Own, Peer, Planned, RingEntry, RingStats};
 use crate::plan::{cursor, journal, Planner};
 use crate::serve::ring::Ring;
 use crate::wire::protocol::Code;
@@ -54,6 +54,21 @@ pub(super) enum Phase {
     /// A copy or a planning read failed: nothing more is filled, and every peer is told
     /// why when it is kicked.
     Failed(Failure),
+}
+
+/// What [`RingEntry::move_back`] replaced: a joining ring's start, planner and cursors,
+/// and the peers it put ahead, so that a join refused after it leaves the ring as it was.
+pub(super) struct MovedBack {
+    own: Option<Own>,
+    taken: Option<Arc<Planned>>,
+    hinted: u64,
+    filled: BTreeMap<u64, Filled>,
+    start: u64,
+    next_fill: u64,
+    published: u64,
+    cursors: VecDeque<Cursor>,
+    /// The peers that read at the old start and wait ahead of the new one.
+    ahead: Vec<u64>,
 }
 
 /// Where a peer stands against its ring's stream.
@@ -176,7 +191,7 @@ impl RingEntry {
             cursors: VecDeque::from([cursor]),
             peers: HashMap::new(),
             replicas,
-            joined: 0,
+            joined: HashSet::new(),
             start: step,
             micro,
             resumed,
@@ -220,25 +235,36 @@ impl RingEntry {
         !self.peers.is_empty() && self.free(slots) > 0 && slot_free(&self.next_fill)
     }
 
-    /// Joins peer `id` (its checks passed). The last announced peer of a joining ring
-    /// starts it.
-    pub(super) fn join(&mut self, id: u64, peer: Peer) {
+    /// Whether every announced replica has joined (at least once): until then the ring
+    /// holds its start step for the ones to come, and a resumed ring waits.
+    pub(super) fn all_joined(&self) -> bool {
+        self.joined.len() >= self.replicas as usize
+    }
+
+    /// Joins peer `id` (its checks passed). The last announced replica of a joining ring
+    /// starts it; a replica that reconnects is not a new one. Returns whether this was
+    /// the replica's first join, for [`RingEntry::unjoin`].
+    pub(super) fn join(&mut self, id: u64, peer: Peer) -> bool {
+        let first = self.joined.insert(peer.replica.clone());
         self.peers.insert(id, peer);
-        self.joined += 1;
-        if matches!(self.phase, Phase::Joining) && self.joined >= self.replicas {
+        if matches!(self.phase, Phase::Joining) && self.all_joined() {
             self.phase = Phase::Streaming;
         }
+        first
     }
 
     /// Takes back a join that a later step of admission refused (under the same lock, so
-    /// nothing was filled meanwhile): a resumed ring that this join started waits again.
-    /// Returns whether the peer was there.
-    pub(super) fn unjoin(&mut self, id: u64) -> bool {
-        if self.peers.remove(&id).is_none() {
+    /// nothing was filled meanwhile): its replica no longer counts as joined when this
+    /// was its `first` join ([`RingEntry::join`]), and a resumed ring that this join
+    /// started waits again. Returns whether the peer was there.
+    pub(super) fn unjoin(&mut self, id: u64, first: bool) -> bool {
+        let Some(p) = self.peers.remove(&id) else {
             return false;
+        };
+        if first {
+            self.joined.remove(&p.replica);
         }
-        self.joined = self.joined.saturating_sub(1);
-        if self.resumed && self.joined < self.replicas && matches!(self.phase, Phase::Streaming) {
+        if self.resumed && !self.all_joined() && matches!(self.phase, Phase::Streaming) {
             self.phase = Phase::Joining;
         }
         true
@@ -246,27 +272,55 @@ impl RingEntry {
 
     /// Moves a joining ring back to `cursor`, the start of a peer that resumes earlier
     /// than the peers already waiting; those are checked when the ring reaches their
-    /// steps. Only while joining: a streaming ring may already have published.
-    pub(super) fn move_back(&mut self, planner: Planner, cursor: Cursor) {
+    /// steps. Only while joining: a streaming ring may already have published. Returns
+    /// what it replaced, for [`RingEntry::restore`] when the join is refused after all.
+    pub(super) fn move_back(&mut self, planner: Planner, cursor: Cursor) -> MovedBack {
         debug_assert!(matches!(self.phase, Phase::Joining));
-        for p in self.peers.values_mut() {
+        let mut ahead = Vec::new();
+        for (&id, p) in self.peers.iter_mut() {
             if let (Standing::Reading, Some(blob)) = (&p.standing, &p.blob) {
                 p.standing = Standing::Ahead {
                     step: p.released,
                     blob: blob.clone(),
                 };
+                ahead.push(id);
             }
         }
         let step = cursor.step;
-        self.own = Some(Own::new(planner));
-        self.taken = None;
-        self.hinted = step;
-        self.filled.clear();
-        self.start = step;
-        self.next_fill = step;
-        self.published = step;
-        self.cursors = VecDeque::from([cursor]);
+        let was = MovedBack {
+            own: self.own.replace(Own::new(planner)),
+            taken: self.taken.take(),
+            hinted: std::mem::replace(&mut self.hinted, step),
+            filled: std::mem::take(&mut self.filled),
+            start: std::mem::replace(&mut self.start, step),
+            next_fill: std::mem::replace(&mut self.next_fill, step),
+            published: std::mem::replace(&mut self.published, step),
+            cursors: std::mem::replace(&mut self.cursors, VecDeque::from([cursor])),
+            ahead,
+        };
         self.ring.restart_at(step);
+        was
+    }
+
+    /// Undoes a [`RingEntry::move_back`] whose join was refused later in admission
+    /// (under the same lock, so nothing was filled meanwhile): the ring starts where it
+    /// did, with its own planner and cursors, and the peers it put ahead read again.
+    pub(super) fn restore(&mut self, was: MovedBack) {
+        for id in &was.ahead {
+            if let Some(p) = self.peers.get_mut(id) {
+                p.standing = Standing::Reading;
+            }
+        }
+        self.own = was.own;
+        self.taken = was.taken;
+        self.hinted = was.hinted;
+        self.filled = was.filled;
+        self.start = was.start;
+        self.next_fill = was.next_fill;
+        self.published = was.published;
+        self.cursors = was.cursors;
+        self.ring.restart_at(was.start);
+        self.ring.publish(was.published);
     }
 
     /// Stops the ring for good (a later failure replaces the reason) and kicks its peers.
@@ -331,7 +385,7 @@ impl RingEntry {
     /// [`Standing::Ahead`]) holds no slot, and counting its step would let the workers
     /// claim more than a ring's slots past `published`, two steps into one slot.
     pub(super) fn base(&self) -> u64 {
-        if self.joined < self.replicas {
+        if !self.all_joined() {
             return self.start;
         }
         self.peers
@@ -443,13 +497,44 @@ pub(super) mod tests {
         e.join(1, peer("tp0"));
         assert!(matches!(e.phase, Phase::Joining));
         assert!(!e.claimable(4), "a joining ring must not be filled");
-        e.join(2, peer("tp1"));
+        assert!(e.join(2, peer("tp1")), "tp1's first join");
         assert!(matches!(e.phase, Phase::Streaming));
         assert!(e.claimable(4));
         // A join taken back (a later admission step refused) makes it wait again.
-        assert!(e.unjoin(2));
+        assert!(e.unjoin(2, true));
         assert!(matches!(e.phase, Phase::Joining));
-        assert!(!e.unjoin(2), "the peer is gone already");
+        assert!(!e.unjoin(2, true), "the peer is gone already");
+    }
+
+    /// Review, item 1: a replica that leaves and joins again is one replica. With 3
+    /// announced, "a", "b" and "a" again leave the ring waiting for "c" (its start held,
+    /// a resumed ring not started); a refused rejoin taken back leaves "a" counted.
+    #[test]
+    fn a_replica_that_rejoins_counts_once() {
+        for resumed in [false, true] {
+            let mut e = entry(3, resumed);
+            assert!(e.join(1, peer("a")));
+            assert!(e.join(2, peer("b")));
+            e.peers.remove(&1); // "a" left
+            assert!(!e.join(3, peer("a")), "a rejoin is not a first join");
+            assert!(!e.all_joined());
+            assert_eq!(e.started(), !resumed, "only the third replica starts it");
+            for p in e.peers.values_mut() {
+                p.released = 4;
+            }
+            e.published = 4;
+            assert_eq!(e.base(), 0, "step 0 stays for \"c\"");
+            assert!(e.unjoin(3, false));
+            assert!(e.join(4, peer("c")));
+            assert!(
+                e.all_joined(),
+                "\"a\" still counts after its rejoin was taken back"
+            );
+            assert!(e.started());
+            // Taking back "c"'s first join makes it one to come again.
+            assert!(e.unjoin(4, true));
+            assert!(!e.all_joined());
+        }
     }
 
     #[test]
@@ -578,8 +663,9 @@ pub(super) mod tests {
     }
 
     /// Peer 1 ("tp0") joins `e` resumed at step 7 with a blob, then the ring moves back
-    /// to step 2 (a peer that resumes earlier): peer 1 waits ahead.
-    fn join_at_7_and_move_back_to_2(e: &mut RingEntry) {
+    /// to step 2 (a peer that resumes earlier): peer 1 waits ahead. Returns what the move
+    /// replaced.
+    fn join_at_7_and_move_back_to_2(e: &mut RingEntry) -> MovedBack {
         let mut p = peer("tp0");
         p.released = 7;
         p.blob = Some(b"tp0 blob".to_vec());
@@ -590,7 +676,7 @@ pub(super) mod tests {
             blob: planner.cursor(),
             mark: Mark::of(&planner),
         };
-        e.move_back(planner, cursor);
+        e.move_back(planner, cursor)
     }
 
     #[test]
@@ -603,6 +689,39 @@ pub(super) mod tests {
             matches!(&e.peers[&1].standing, Standing::Ahead { step: 7, blob } if blob == b"tp0 blob")
         );
         assert!(matches!(e.peers[&2].standing, Standing::Reading));
+        assert!(matches!(e.phase, Phase::Joining));
+    }
+
+    /// Review, item 3: a join that moved the ring back and was refused later in
+    /// admission puts it back as it was: its start, cursors and planner, the ring's
+    /// header, and the peers it put ahead reading again.
+    #[test]
+    fn restoring_a_moved_back_ring_puts_it_where_it_was() {
+        let mut e = entry(4, true);
+        let mut ahead = peer("tp2");
+        ahead.standing = Standing::Ahead {
+            step: 5,
+            blob: b"tp2 blob".to_vec(),
+        };
+        e.join(3, ahead);
+        let first = e.cursors[0].blob.clone();
+        let was = join_at_7_and_move_back_to_2(&mut e);
+        assert!(matches!(
+            e.peers[&1].standing,
+            Standing::Ahead { step: 7, .. }
+        ));
+        assert_eq!((e.start, e.ring.published()), (2, 2));
+        e.restore(was);
+        assert_eq!((e.start, e.published, e.next_fill, e.hinted), (0, 0, 0, 0));
+        assert_eq!((e.ring.published(), e.cursors.len()), (0, 1));
+        assert_eq!(e.cursors[0].blob, first);
+        let own = e.own.as_ref().map(|o| o.planner.step());
+        assert_eq!(own, Some(0), "the ring's own planner, at its start");
+        assert!(matches!(e.peers[&1].standing, Standing::Reading));
+        assert!(
+            matches!(&e.peers[&3].standing, Standing::Ahead { step: 5, .. }),
+            "a peer that joined ahead still waits"
+        );
         assert!(matches!(e.phase, Phase::Joining));
     }
 }
