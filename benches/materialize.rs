@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
                 seq_len: plan_cfg.seq_len,
                 rows: b.rank_rows(0, ranks).to_vec().into(),
                 cursor: planner.cursor(),
+                plan_state: 0,
             }
         })
         .collect();
@@ -79,6 +80,7 @@ fn bench(c: &mut Criterion) {
                 seq_len,
                 rows: RankRows::of(b.clone(), r, ranks),
                 cursor: cursor.clone(),
+                plan_state: 0,
             })
         })
         .collect();

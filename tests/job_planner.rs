@@ -420,8 +420,11 @@ fn a_job_resumes_on_fewer_or_more_ranks_from_any_ranks_blob() {
                 .flat_map(|rank| rank[step as usize].iter())
                 .map(|row| row[..row.len().min(SEQ_LEN as usize)].to_vec())
                 .collect();
+            let mut states = std::collections::BTreeSet::new();
             for (r, c) in clients.iter_mut().enumerate() {
-                let g = got(&c.next_batch().unwrap_or_else(|e| panic!("next_batch: {e}")));
+                let v = c.next_batch().unwrap_or_else(|e| panic!("next_batch: {e}"));
+                states.insert(v.plan_state);
+                let g = got(&v);
                 assert_eq!(g.step, step);
                 assert_eq!(
                     g.rows,
@@ -429,6 +432,9 @@ fn a_job_resumes_on_fewer_or_more_ranks_from_any_ranks_blob() {
                     "dp_size {size} rank {r} step {step}"
                 );
             }
+            // Every rank's slot carries the step's plan state, and it is set.
+            assert_eq!(states.len(), 1, "dp_size {size} step {step}: {states:?}");
+            assert!(!states.contains(&0));
         }
     }
 }

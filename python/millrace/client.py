@@ -87,6 +87,8 @@ _SLOT_HEAD = struct.Struct("<QQIIIIQQI4xQ")
 # unused entries 0.
 _FIELD_OFFSETS = struct.Struct("<8Q")
 _FIELD_OFFSETS_AT = 64
+# The cursor's plan state digest (0 from a daemon before 2026-12-06).
+_PLAN_STATE_AT = 128
 _SLOT_HEADER_BYTES = 256
 # Slot shapes (rows, seq_len, offsets) one connection keeps views of.
 _MAX_SHAPES = 64
@@ -388,18 +390,21 @@ class Batch:
     live as long as the batch object). ``max_seqlen`` is the slot header's.
 
     Plain values: ``step``, ``plan_step``, ``rows``, ``seq_len``, ``max_seqlen``,
-    ``loss_tokens``, ``real_tokens``, ``publish_ns``, and ``cursor`` (bytes: the cursor
-    blob as of the end of this step; handing it back resumes at ``step + 1``).
+    ``loss_tokens``, ``real_tokens``, ``publish_ns``, ``cursor`` (bytes: the cursor
+    blob as of the end of this step; handing it back resumes at ``step + 1``) and
+    ``plan_state`` (the blob's plan state digest: equal on every node whose daemon plans
+    the same batches, whatever journals they hold; 0 from a daemon before 2026-12-06).
     """
 
     __slots__ = ("step", "plan_step", "rows", "seq_len", "cu_len", "max_seqlen",
                  "loss_tokens", "real_tokens", "publish_ns", "cursor", "micro_batch_rows",
-                 "slot_layout", "_views", "_fields", "_derived", "_client", "_conn_id",
-                 "_released", "_fence", "__weakref__")
+                 "slot_layout", "plan_state", "_views", "_fields", "_derived", "_client",
+                 "_conn_id", "_released", "_fence", "__weakref__")
 
     def __init__(self, step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
                  real_tokens, publish_ns, cursor, micro_batch_rows, views, client, conn_id,
-                 slot_layout="expanded", fields=None):
+                 slot_layout="expanded", fields=None, plan_state=0):
+        self.plan_state = plan_state
         self.step = step
         self.plan_step = plan_step
         self.rows = rows
@@ -557,7 +562,8 @@ class Batch:
             v.flags.writeable = False
         return Batch(self.step, self.plan_step, self.rows, self.seq_len, self.cu_len,
                      self.max_seqlen, self.loss_tokens, self.real_tokens, self.publish_ns,
-                     self.cursor, self.micro_batch_rows, views, None, None, self.slot_layout)
+                     self.cursor, self.micro_batch_rows, views, None, None, self.slot_layout,
+                     plan_state=self.plan_state)
 
     def to_torch(self, device=None, non_blocking: bool = True, cuda_graphs: bool = True,
                  copy: bool = True):
@@ -862,6 +868,7 @@ class Client:
         self._start_step = None if start_step is None else int(start_step)
         self._next_step = None  # the step the next batch must have (known after WELCOME)
         self._last_step = None  # step of the last batch handed out
+        self._plan_state = None  # plan_state of that batch
         self._conn: _Conn | None = None
         self._welcome = None
         self._outstanding: deque = deque()
@@ -1216,13 +1223,15 @@ class Client:
                                         f"row_bounds, whose last row ends at entry {last}")
         c0 = base + st.cursor_off
         cursor = conn.mm[c0 : c0 + cursor_len]
+        plan_state = _U64.unpack_from(conn.mm, base + _PLAN_STATE_AT)[0]
         batch = Batch(step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
                       real_tokens, publish_ns, cursor, st.micro_batch_rows,
-                      st.views[slot], self, conn.id, conn.layout, st.fields)
+                      st.views[slot], self, conn.id, conn.layout, st.fields, plan_state)
         self._outstanding.append(batch)
         self._next_step = step + 1
         self._last_step = step
         self._resume_cursor = cursor
+        self._plan_state = plan_state
         return batch
 
     def _retire(self, batch: Batch):
@@ -1273,6 +1282,12 @@ class Client:
         self._flush_release(force=True)
 
     # -- state --------------------------------------------------------------------------
+
+    @property
+    def plan_state(self) -> int | None:
+        """The plan state digest of the last batch handed out (:attr:`Batch.plan_state`;
+        None before one): what :func:`millrace.check_plans_agree` compares across nodes."""
+        return self._plan_state
 
     def state_dict(self) -> dict:
         """Where this stream is: ``{"cursor": bytes | None, "step": int}``.

@@ -70,8 +70,9 @@ Checking that every node plans the same batches
 Each node's daemon plans the global batches on its own, from its own config and shards.
 A node whose config file or corpus differs (a stale copy, a shard missing from its
 mount, other weights) plans other batches, and nothing fails: its ranks just train on
-data the others never planned. Every rank's cursor blob of one step is the same bytes
-when the plans agree, so comparing them finds it::
+data the others never planned. Every slot carries its step's plan state (the planner's
+position in every domain, by value), the same on every node that plans alike whatever
+journal of live changes it holds, so comparing them finds it::
 
     for step, batch in enumerate(client):
         if step == 0:
@@ -446,10 +447,12 @@ def _first_on_host(dist, group) -> bool:
 def plan_record(client, rank: int, host: str | None = None) -> dict:
     """What one rank's stream says about the plan its daemon follows, for
     :func:`plan_disagreement`: its step, the plan fingerprint (corpus and static config)
-    and a digest of the cursor blob of that step (which adds the weights, schedule,
-    skips, reseeds, live changes and the planner's position). ``client`` is a
-    :class:`~millrace.Client`, a ``TorchClient`` or anything with ``state_dict()`` and a
-    WELCOME; it must have handed out a batch or been given a cursor to resume from."""
+    and the plan state of that step: the slot's ``plan_state`` digest (the planner's
+    position in every domain, by value, so nodes whose journals differ but plan alike
+    agree), or before a batch, or from a daemon before 2026-12-06, a digest of the
+    cursor blob. ``client`` is a :class:`~millrace.Client`, a ``TorchClient`` or anything
+    with ``state_dict()`` and a WELCOME; it must have handed out a batch or been given a
+    cursor to resume from."""
     state = client.state_dict()
     if state.get("cursor") is None:
         raise ValueError("a plan can be compared only after a batch (or a resume cursor): "
@@ -460,9 +463,11 @@ def plan_record(client, rank: int, host: str | None = None) -> dict:
     fingerprint = getattr(client, "fingerprint", None)
     if fingerprint is None:
         fingerprint = client.welcome["fingerprint"]
+    digest = getattr(client, "plan_state", None)
+    plan = (f"state {digest:016x}" if digest else
+            "blob " + hashlib.sha256(bytes(state["cursor"])).hexdigest()[:32])
     return {"rank": int(rank), "host": host or _socket.gethostname(),
-            "step": int(state["step"]), "fingerprint": str(fingerprint),
-            "blob": hashlib.sha256(bytes(state["cursor"])).hexdigest()[:32]}
+            "step": int(state["step"]), "fingerprint": str(fingerprint), "plan": plan}
 
 
 def _ranks(ranks: list) -> str:
@@ -501,7 +506,7 @@ def plan_disagreement(records: list) -> str | None:
         return ("ranks are at different steps of the stream: " + _groups(records, "step")
                 + ". Every rank must have consumed the same number of batches, from one "
                 "checkpoint")
-    if len({r["blob"] for r in records}) == 1:
+    if len({r["plan"] for r in records}) == 1:
         return None
     step = records[0]["step"]
     if len({r["fingerprint"] for r in records}) > 1:
@@ -511,7 +516,7 @@ def plan_disagreement(records: list) -> str | None:
     return (f"the nodes' daemons plan different batches at step {step} from the same corpus "
             f"and config (fingerprint {records[0]['fingerprint']}): their weights, schedule, "
             "skips, reseeds or live changes differ, or their ranks resumed from different "
-            "checkpoints. " + _groups(records, "blob") + ". Compare `millrace ctl journal` "
+            "checkpoints. " + _groups(records, "plan") + ". Compare `millrace ctl journal` "
             "and the config's [plan] on each node")
 
 

@@ -172,6 +172,7 @@ class TorchBatch:
         self.loss_tokens = batch.loss_tokens
         self.real_tokens = batch.real_tokens
         self.cursor = batch.cursor
+        self.plan_state = batch.plan_state
         self.micro_batch_rows = batch.micro_batch_rows
         self.tokens = tensors["tokens"]
         self.labels = tensors["labels"]
@@ -554,6 +555,12 @@ class TorchClient:
     @property
     def welcome(self):
         return self.client.welcome
+
+    @property
+    def plan_state(self):
+        """The plan state digest of the last batch returned (None before one), as
+        :attr:`millrace.Client.plan_state` (the client itself is past prefetched ones)."""
+        return None if self._last is None else self._last.plan_state
 
     def close(self):
         self._queue.clear()

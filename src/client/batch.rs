@@ -73,6 +73,10 @@ pub struct BatchView<'a> {
     pub row_loss_tokens: &'a [i32],
     /// The cursor blob as of the end of this step.
     pub cursor: &'a [u8],
+    /// The blob's plan state digest: equal on every node whose daemon plans the same
+    /// batches, whatever journals they hold; what a job compares across nodes (0 from a
+    /// daemon before 2026-12-06).
+    pub plan_state: u64,
     /// Every array of the slot but the cursor, as the one contiguous byte range they lie
     /// in (from the lowest offset in WELCOME `fields` to the end of the last): what a
     /// trainer's one host-to-device copy moves (src/client/gpu.rs).

@@ -558,6 +558,7 @@ impl Client {
             loss_tokens: r.u64_at(base + slot_at::LOSS_TOKENS),
             real_tokens: r.u64_at(base + slot_at::REAL_TOKENS),
             publish_ns,
+            plan_state: r.u64_at(base + slot_at::PLAN_STATE),
             wake_latency_ns: waited.then(|| wake_ns.saturating_sub(publish_ns)),
             pad_token: self.welcome.pad_token,
             arrays: match &l.arrays {

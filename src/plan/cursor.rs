@@ -494,6 +494,16 @@ impl R<'_> {
 
 /// Serialises a cursor.
 pub fn encode(c: &CursorData) -> Vec<u8> {
+    encode_with_state(c).0
+}
+
+/// [`encode`], and the blob's plan state digest: the xxh3-64 of its fingerprint, steps
+/// and per-domain state (shard identities, mixer, streams), leaving out its history
+/// digest and journal. Two daemons that plan the same batches reach the same state
+/// whatever journals of live changes they hold (one may have adopted from a blob a
+/// change the other's config file makes), so this, not the blob's bytes, is what nodes
+/// compare to find one that plans differently (slot header `plan_state`).
+pub fn encode_with_state(c: &CursorData) -> (Vec<u8>, u64) {
     let mut w = W(Vec::with_capacity(64 + 128 * c.streams.len()));
     w.0.extend_from_slice(MAGIC);
     let staged = c.journal.iter().any(|ch| ch.stage.is_some());
@@ -575,6 +585,7 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
             w.upsample(s.upsample);
         }
     }
+    let journal_at = w.0.len();
     w.u16(c.journal.len() as u16);
     for change in &c.journal {
         w.u64(change.at);
@@ -605,7 +616,12 @@ pub fn encode(c: &CursorData) -> Vec<u8> {
     w.0[12..16].copy_from_slice(&total.to_le_bytes());
     let sum = xxhash_rust::xxh3::xxh3_64(&w.0);
     w.u64(sum);
-    w.0
+    // Fingerprint (16..32), then steps and domains (40..journal_at): not the magic,
+    // layout (8 when the journal holds a stage), length or history digest.
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&w.0[16..32]);
+    h.update(&w.0[40..journal_at]);
+    (w.0, h.digest())
 }
 
 /// Parses and checks a blob's framing (magic, version, length, checksum). Fingerprint and

@@ -264,9 +264,18 @@ impl Planner {
         self.blob(self.step)
     }
 
+    /// [`Planner::cursor`] and its plan state digest ([`cursor::encode_with_state`]).
+    pub fn cursor_with_state(&self) -> (Vec<u8>, u64) {
+        cursor::encode_with_state(&self.data(self.step))
+    }
+
     /// The cursor blob of this planner's state recorded as trainer step `step`.
     pub(super) fn blob(&self, step: u64) -> Vec<u8> {
-        cursor::encode(&cursor::CursorData {
+        cursor::encode(&self.data(step))
+    }
+
+    fn data(&self, step: u64) -> cursor::CursorData {
+        cursor::CursorData {
             fingerprint: cursor::Fingerprint::Settings(self.plan.settings_fingerprint),
             history: self.plan.cursor_history(self.plan_step),
             lookahead: true,
@@ -278,6 +287,6 @@ impl Planner {
             journal: self.plan.journal.clone(),
             superseded: self.plan.superseded,
             plan_version: super::PLAN_VERSION,
-        })
+        }
     }
 }

@@ -463,6 +463,31 @@ mod tests {
         );
     }
 
+    /// The plan state digest leaves out what a node's history adds to its blobs (the
+    /// journal, its superseded count, the history digest and the layout they pick) and
+    /// keeps what planning left behind: the same step under a journal that changes
+    /// nothing gives the same state from different bytes; another step, or another
+    /// mixture, another state.
+    #[test]
+    fn the_plan_state_is_the_blob_without_its_history() {
+        let filed = plan_of(
+            "seed = 7\nschedule = [ { step = 0, weights = { a = 1.0, b = 1.0 } }, \
+             { step = 10, ramp = false, weights = { a = 3.0, b = 1.0 } } ]",
+        );
+        let ahead = changed(&filed, 10, 3.0);
+        let (with, s1) = ahead.seek(12).cursor_with_state();
+        let (without, s2) = filed.seek(12).cursor_with_state();
+        assert_ne!(with, without, "the journals differ");
+        assert_eq!(s1, s2);
+        assert_eq!(with, ahead.seek(12).cursor(), "the same bytes as cursor()");
+        let mut c = cursor::decode(&with).unwrap();
+        c.superseded = 3;
+        c.history ^= 1;
+        assert_eq!(cursor::encode_with_state(&c).1, s1);
+        assert_ne!(filed.seek(13).cursor_with_state().1, s1);
+        assert_ne!(plan().seek(12).cursor_with_state().1, s1);
+    }
+
     /// After a restart, ranks of one job may bring blobs of one step with and without a
     /// change that starts at that step (one saved before the change reached its ring).
     /// Whichever comes first, the other resumes when the change plans nothing served

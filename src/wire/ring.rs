@@ -70,6 +70,9 @@ pub struct SlotHeader {
     /// with `rows` and `seq_len` it tells a client where everything is, so a slot of a
     /// stage WELCOME did not list (one added live) is readable.
     pub field_offsets: [u64; FIELD_SLOTS],
+    /// Offset 128: the cursor blob's plan state digest, equal on every node that plans
+    /// the same batches whatever journal it holds (0 from a daemon before 2026-12-06).
+    pub plan_state: u64,
 }
 
 /// Entries of the slot header's field-offset table.
@@ -171,6 +174,8 @@ pub mod slot_at {
     pub const PUBLISH_NS: usize = offset_of!(SlotHeader, publish_ns);
     /// `field_offsets[0]`; entry `i` is at `FIELD_OFFSETS + 8 * i`.
     pub const FIELD_OFFSETS: usize = offset_of!(SlotHeader, field_offsets);
+    /// `plan_state`.
+    pub const PLAN_STATE: usize = offset_of!(SlotHeader, plan_state);
 }
 
 // The tables of PROTOCOL.md section 4, checked at compile time: reordering a field above
@@ -186,7 +191,7 @@ const _: () = {
     assert!(slot_at::SEQ_LEN == 20 && slot_at::CU_LEN == 24 && slot_at::MAX_SEQLEN == 28);
     assert!(slot_at::LOSS_TOKENS == 32 && slot_at::REAL_TOKENS == 40);
     assert!(slot_at::CURSOR_LEN == 48 && slot_at::PUBLISH_NS == 56);
-    assert!(slot_at::FIELD_OFFSETS == 64);
+    assert!(slot_at::FIELD_OFFSETS == 64 && slot_at::PLAN_STATE == 128);
     assert!(std::mem::size_of::<SlotHeader>() <= SLOT_HEADER);
 };
 

@@ -1089,7 +1089,8 @@ def test_nodes_that_plan_differently_are_named(corpus, daemons):
     c, s = daemons(heavier, "node-c"), daemons(reseeded, "node-d")
 
     same = _plan_records(a, "node-a", [0, 1]) + _plan_records(b, "node-b", [2, 3])
-    assert len({r["blob"] for r in same}) == 1, same
+    assert len({r["plan"] for r in same}) == 1, same
+    assert all(r["plan"].startswith("state ") for r in same), same
     assert plan_disagreement(same) is None
 
     why = plan_disagreement(_plan_records(a, "node-a", [0, 1]) + _plan_records(c, "node-c", [2, 3]))
@@ -1119,7 +1120,46 @@ def test_nodes_that_plan_differently_are_named(corpus, daemons):
         resumed.load_state_dict(blob)
         resumed.connect()  # the WELCOME says which step it resumes at
         r = plan_record(resumed, 2, "node-b")
-    assert r["step"] == 0 and r["blob"] == same[0]["blob"]
+        assert r["step"] == 0 and r["plan"].startswith("blob "), r
+        resumed.next_batch(timeout=60)
+        assert plan_record(resumed, 2, "node-b")["plan"] == _plan_records(a, "node-a", [2], 2)[0]["plan"]
+
+
+def test_nodes_whose_journals_differ_but_plan_alike_agree(corpus, daemons):
+    """After a restart with a live change written into the config file, node a's rank
+    resumes from a blob that carries the change (its daemon adopts it) and node b's
+    from the file alone: their journals, and so their blobs, differ, but every batch is
+    the same, so the plan state (by value) agrees and check_plans_agree passes."""
+    from millrace.control import Control, plan_disagreement, plan_record
+
+    at = 8
+    text = corpus.read_text()
+    old = "weights = { web = 0.6, code = 0.4 }"
+    filed = corpus.parent / "filed.toml"
+    filed.write_text(text.replace(old, (
+        "schedule = [ { step = 0, weights = { web = 0.6, code = 0.4 } }, "
+        f"{{ step = {at}, ramp = false, weights = {{ web = 0.7, code = 0.3 }} }} ]")))
+    x = daemons(corpus, "before")
+    with client(x, 0, 2, job="run") as c:
+        c.next_batch(timeout=60)
+        with Control(x.sock) as ctl:
+            assert ctl.set_weights({"web": 0.7, "code": 0.3}, at_step=at)["applied_step"] == at
+        while c.state_dict()["step"] < at - 1:
+            c.next_batch(timeout=60)
+        blob_with = c.state_dict()
+    a, b = daemons(filed, "after-a"), daemons(filed, "after-b")
+    with client(a, 0, 2, job="j") as ca:
+        ca.load_state_dict(blob_with)
+        ta = np.array(ca.next_batch(timeout=60).tokens, copy=True)
+        rec_a = plan_record(ca, 0, "node-a")
+        cursor_a = ca.state_dict()["cursor"]
+    with client(b, 0, 2, job="j", start_step=at) as cb:
+        tb = np.array(cb.next_batch(timeout=60).tokens, copy=True)
+        rec_b = plan_record(cb, 0, "node-b")
+        cursor_b = cb.state_dict()["cursor"]
+    assert np.array_equal(ta, tb) and rec_a["step"] == rec_b["step"] == at
+    assert cursor_a != cursor_b, "the blobs carry different journals"
+    assert plan_disagreement([rec_a, dict(rec_b, rank=1)]) is None
 
 
 _AGREE_SCRIPT = """
@@ -1170,6 +1210,6 @@ def test_check_plans_agree_over_torch_distributed(corpus, daemons, tmp_path):
 
     ok = run("same", [a.sock, b.sock])
     assert all("ok" in o for o in ok), ok
-    assert ok[0]["ok"]["blob"] == ok[1]["ok"]["blob"] and ok[0]["ok"]["rank"] == 0
+    assert ok[0]["ok"]["plan"] == ok[1]["ok"]["plan"] and ok[0]["ok"]["rank"] == 0
     bad = run("heavier", [a.sock, c.sock])
     assert all("error" in o and "same corpus and config" in o["error"] for o in bad), bad

@@ -308,6 +308,7 @@ mod tests {
                         seq_len: plan.seq_len,
                         rows: RankRows::of(b.clone(), r, ranks),
                         cursor: vec![],
+                        plan_state: 0,
                     };
                     slot.fill(0xee);
                     let real = fill_slot(slot, &layout, &job, &src).unwrap();

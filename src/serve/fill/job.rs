@@ -19,6 +19,8 @@ pub struct SlotJob {
     pub rows: RankRows,
     /// Cursor blob as of the end of the step.
     pub cursor: Vec<u8>,
+    /// Its plan state digest (`crate::plan::cursor::encode_with_state`; 0 for none).
+    pub plan_state: u64,
 }
 
 /// A rank's rows of a global batch that every rank's fill shares: reads as `[Row]`.

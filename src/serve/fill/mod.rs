@@ -266,6 +266,7 @@ fn write_header(header: &mut [u8], layout: &Layout, job: &SlotJob, sums: &Sums) 
     put_u64(header, slot_at::LOSS_TOKENS, sums.loss);
     put_u64(header, slot_at::REAL_TOKENS, sums.real);
     put_u32(header, slot_at::CURSOR_LEN, job.cursor.len() as u32);
+    put_u64(header, slot_at::PLAN_STATE, job.plan_state);
     // Where this slot's arrays are: a client reads a slot by its header alone.
     for (i, (_, f)) in layout.fields.iter().enumerate().take(FIELD_SLOTS) {
         put_u64(header, slot_at::FIELD_OFFSETS + 8 * i, f.offset as u64);
@@ -499,6 +500,7 @@ mod tests {
             seq_len: 64,
             rows: vec![Row::new(0, 0, vec![seg], 65)].into(),
             cursor: vec![],
+            plan_state: 0,
         };
         let src = Source {
             shards: vec![vec![shard]],

@@ -74,6 +74,8 @@ pub(super) struct Planned {
     pub(super) blob: Vec<u8>,
     /// The mark of `blob`.
     pub(super) mark: Mark,
+    /// `blob`'s plan state digest, which every slot of the step carries.
+    pub(super) state: u64,
 }
 
 impl Planned {
@@ -86,10 +88,12 @@ impl Planned {
             plan_step: planner.plan_step(),
             rows: planner.mix_state().rows.clone(),
         };
+        let (blob, state) = planner.cursor_with_state();
         Planned {
             batch,
-            blob: planner.cursor(),
+            blob,
             mark,
+            state,
         }
     }
 }

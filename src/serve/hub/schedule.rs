@@ -394,6 +394,7 @@ impl Hub {
             seq_len: plan.shape_at(planned.batch.plan_step).0,
             rows: RankRows::of(planned.batch.clone(), r, dp_size),
             cursor: planned.blob.clone(),
+            plan_state: planned.state,
         };
         entry.claim_step(step);
         Ok(Claimed {
