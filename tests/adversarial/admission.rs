@@ -348,6 +348,61 @@ fn jobs_joining_at_once_share_the_ring_budget() {
     assert!(f.daemon.alive());
 }
 
+/// The TP replicas of one dp rank join at once at every job start. Each used to build
+/// and reserve a ring of its own before the lock (none saw the rank's ring yet), so a
+/// job whose rings fit the budget had its other ranks refused `memory` now and then
+/// (7 of 160 joins in one review's run). Now a rank has one reservation, whichever peer
+/// makes it. Budget: two rings and a half; dp_size 2 with 4 replicas a rank, 20 starts.
+#[test]
+fn tp_replicas_joining_at_once_take_one_ring_of_the_budget() {
+    let probe = fixture("");
+    let mut h = Hello::whole_slice(0, 2);
+    h.job = "probe".into();
+    let ring = connect(&probe, &h)
+        .expect("probe joins")
+        .welcome()
+        .ring_bytes;
+    drop(probe);
+    let budget = 2 * ring + ring / 2;
+    let mut f = fixture(&format!("ring_memory_bytes = {budget}"));
+    for round in 0..20 {
+        let job = format!("tp{round}");
+        let outcomes: Vec<Result<Client, ClientError>> = std::thread::scope(|s| {
+            let joins: Vec<_> = (0..8u32)
+                .map(|i| {
+                    let (f, job) = (&f, job.clone());
+                    s.spawn(move || {
+                        let mut h = Hello::whole_slice(i % 2, 2);
+                        h.job = job;
+                        h.replicas = 4;
+                        h.replica = format!("r{}", i / 2);
+                        connect(f, &h)
+                    })
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().expect("no panic"))
+                .collect()
+        });
+        let mut admitted = Vec::new();
+        for o in outcomes {
+            match o {
+                Ok(c) => admitted.push(c),
+                Err(e) => panic!("round {round}: a join was refused: {e}"),
+            }
+        }
+        for c in &mut admitted {
+            stream(c, 2);
+        }
+        drop(admitted);
+        wait_until("the round's job to go", Duration::from_secs(10), || {
+            f.status()["ring_memory"]["used_bytes"] == 0
+        });
+    }
+    assert!(f.daemon.alive());
+}
+
 /// Issue 14, item 11: job and replica names went into logs raw, so a newline forged a
 /// log line. Now names outside a safe charset are refused, naming the byte.
 #[test]

@@ -180,9 +180,10 @@ impl Hub {
         // job), dropped after the lock like `built`.
         let mut freed = Freed::default();
 
+        let key = (hello.job.clone(), hello.dp_rank);
         let mut st = self.lock();
-        if let Some(r) = &built {
-            st.ring_reserved -= r.layout().ring_bytes;
+        if built.is_some() {
+            st.ring_reserved.remove(&key);
         }
         if !Arc::ptr_eq(&st.plan, &seen) {
             return Ok(None);
@@ -193,7 +194,7 @@ impl Hub {
             .filter(|r| r.adopted)
             .map(|r| r.plan.clone());
         let planner = resumed.map(|r| r.planner).or(sought);
-        let used = Self::ring_memory(&st).saturating_add(st.ring_reserved);
+        let used = Self::ring_memory_besides(&st, &key);
         let peer_id = st.next_peer;
         st.next_peer += 1;
         let job = st
@@ -336,29 +337,41 @@ impl Hub {
     }
 
     /// The ring a joiner will create, built before the hub's lock when its rank has no
-    /// ring now and the budget has room: sizing and pre-faulting a ring takes 0.3 ms at
-    /// 8 x 4096 compact and 20 ms at 64 x 8192 expanded, which under the lock every
-    /// other rank's publish would wait for. Its bytes stay reserved against the budget
-    /// until the caller takes the lock and gives them back. `None` leaves the decision
-    /// (and the refusal of a ring past the budget) to [`Hub::create_ring`].
+    /// ring now, no other admission is building one for it, and the budget has room:
+    /// sizing and pre-faulting a ring takes 0.3 ms at 8 x 4096 compact and 20 ms at
+    /// 64 x 8192 expanded, which under the lock every other rank's publish would wait
+    /// for. Its bytes stay reserved against the budget, under the rank's key, until the
+    /// caller takes the lock and gives them back. `None` leaves the decision (and every
+    /// refusal) to the locked path: a peer of a rank being built joins the ring that
+    /// admission installs, or builds it there if it comes first; a client the daemon
+    /// will refuse (stopping, at `max_clients`, another `dp_size`) builds nothing.
     fn build_ring(&self, joiner: &Joiner, step: u64) -> Result<Option<Arc<Ring>>, Refusal> {
         let hello = joiner.hello;
         let layout = self.ring_layout(joiner);
         let bytes = layout.ring_bytes;
+        let key = (hello.job.clone(), hello.dp_rank);
         {
             let mut st = self.lock();
-            let exists =
-                (st.jobs.get(&hello.job)).is_some_and(|j| j.rings.contains_key(&hello.dp_rank));
-            let used = Self::ring_memory(&st).saturating_add(st.ring_reserved);
-            if exists || used.saturating_add(bytes) > self.settings.ring_budget {
+            let job = st.jobs.get(&hello.job);
+            let exists = job.is_some_and(|j| j.rings.contains_key(&hello.dp_rank));
+            let refused = st.stopping
+                || st.draining
+                || st.clients >= self.settings.max_clients
+                || job.is_some_and(|j| j.dp_size != hello.dp_size);
+            let used = Self::ring_memory_besides(&st, &key);
+            if exists
+                || refused
+                || st.ring_reserved.contains_key(&key)
+                || used.saturating_add(bytes) > self.settings.ring_budget
+            {
                 return Ok(None);
             }
-            st.ring_reserved += bytes;
+            st.ring_reserved.insert(key.clone(), bytes);
         }
         match Ring::create(&format!("{}:{}", hello.job, hello.dp_rank), layout, step) {
             Ok(r) => Ok(Some(Arc::new(r))),
             Err(e) => {
-                self.lock().ring_reserved -= bytes;
+                self.lock().ring_reserved.remove(&key);
                 Err(Refusal::new(Code::Busy, e.to_string()))
             }
         }

@@ -315,9 +315,10 @@ struct State {
     plan_waiters: bool,
     /// Checkouts of job planners by the plan thread so far: each one's number.
     plan_checkouts: u64,
-    /// Bytes of rings that admissions are building off the lock now, held against
-    /// `ring_budget` so clients joining at once cannot allocate past it between them.
-    ring_reserved: u64,
+    /// Bytes of the rings admissions are building off the lock now, per (job, dp rank),
+    /// held against `ring_budget` so clients joining at once cannot allocate past it
+    /// between them. One per rank: its other peers arriving meanwhile build none.
+    ring_reserved: HashMap<(String, u32), u64>,
 }
 
 /// Rings and jobs taken out of the hub under its lock, to be dropped only after it: the
@@ -369,7 +370,7 @@ impl State {
             plan_kick: false,
             plan_waiters: false,
             plan_checkouts: 0,
-            ring_reserved: 0,
+            ring_reserved: HashMap::new(),
         }
     }
 
@@ -535,14 +536,27 @@ impl Hub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bytes of every live ring together, checked against `ring_budget` (with the
-    /// rings being built, `State::ring_reserved`).
+    /// Bytes of every live ring together, checked against `ring_budget`.
     fn ring_memory(st: &State) -> u64 {
         st.jobs
             .values()
             .flat_map(|j| j.rings.values())
             .map(|e| e.ring.layout().ring_bytes)
             .sum()
+    }
+
+    /// [`Hub::ring_memory`] with the rings being built for ranks other than `key`'s
+    /// that have none live yet (a rank has one ring, whichever of its peers'
+    /// admissions makes it; a built one whose rank got its ring meanwhile is dropped).
+    fn ring_memory_besides(st: &State, key: &(String, u32)) -> u64 {
+        let live = |(job, rank): &(String, u32)| {
+            (st.jobs.get(job)).is_some_and(|j| j.rings.contains_key(rank))
+        };
+        let building: u64 = (st.ring_reserved.iter())
+            .filter(|(k, _)| *k != key && !live(k))
+            .map(|(_, b)| b)
+            .sum();
+        Self::ring_memory(st).saturating_add(building)
     }
 
     fn find<'a>(st: &'a mut State, job: &str, dp_rank: u32) -> Option<&'a mut RingEntry> {
