@@ -139,6 +139,28 @@ impl Plan {
         self.check_cursor(cursor::decode(blob)?)
     }
 
+    /// [`Plan::restore`] of a cursor made under `before` (the plan in force until this
+    /// one replaces it), also when this plan's journal holds a change from before the
+    /// cursor's step that plans every step up to the cursor (and the bursty cycles it
+    /// began) as `before` does: a change adopted from a blob that the config file
+    /// already makes. Its history is checked against `before`'s, under which it was made.
+    pub fn restore_since(
+        self: &Arc<Self>,
+        blob: &[u8],
+        before: &Plan,
+    ) -> Result<Planner, CursorError> {
+        match self.restore(blob) {
+            Err(e @ (CursorError::JournalRewrites { .. } | CursorError::History { .. })) => {
+                let c = cursor::decode(blob)?;
+                if !self.plans_alike_before(before, self.first_safe_change(c.plan_step)) {
+                    return Err(e);
+                }
+                self.check_cursor_as(c, Some(before)).map_err(|_| e)
+            }
+            r => r,
+        }
+    }
+
     /// Refuses a blob made for another corpus or static config, or by a build whose
     /// planner is another version.
     fn check_fingerprint(&self, c: &CursorData) -> Result<(), CursorError> {
@@ -172,12 +194,24 @@ impl Plan {
     /// Every check of a decoded blob against this plan (fingerprint, journal, history,
     /// structure), and the planner it gives.
     fn check_cursor(self: &Arc<Self>, c: CursorData) -> Result<Planner, CursorError> {
+        self.check_cursor_as(c, None)
+    }
+
+    /// [`Plan::check_cursor`]; with `alike`, a plan that plans the blob's past as this
+    /// one does ([`Plan::restore_since`]), the journal and history are judged against
+    /// `alike`'s, the plan the blob was made under.
+    fn check_cursor_as(
+        self: &Arc<Self>,
+        c: CursorData,
+        alike: Option<&Plan>,
+    ) -> Result<Planner, CursorError> {
         self.check_fingerprint(&c)?;
-        match journal::compare(&self.journal, self.superseded, &c.journal, c.superseded) {
+        let past = alike.unwrap_or(self);
+        match journal::compare(&past.journal, past.superseded, &c.journal, c.superseded) {
             Order::Same => {}
             Order::OursAhead => {
                 // Later changes are fine as long as they leave the blob's past alone.
-                let extra = &self.journal[journal::common_prefix(&self.journal, &c.journal)..];
+                let extra = &past.journal[journal::common_prefix(&past.journal, &c.journal)..];
                 if let Some(ch) = extra.iter().find(|ch| ch.at < c.plan_step) {
                     return Err(CursorError::JournalRewrites {
                         at: ch.at,
@@ -188,14 +222,14 @@ impl Plan {
             Order::TheirsAhead => {
                 return Err(CursorError::JournalBehind {
                     blob: c.journal.len(),
-                    ours: self.journal.len(),
+                    ours: past.journal.len(),
                 })
             }
             Order::Diverged(i) => {
                 return Err(CursorError::JournalDiverged {
                     change: i + 1,
                     blob_at: c.journal.get(i).map(|ch| ch.at),
-                    ours_at: self.journal.get(i).map(|ch| ch.at),
+                    ours_at: past.journal.get(i).map(|ch| ch.at),
                 })
             }
         }
@@ -217,12 +251,12 @@ impl Plan {
         // the blob's run had begun is refused too (layouts before 6 are checked as
         // they were written).
         let ours = if let Some(known) = &known {
-            let end = self.first_safe_change_over(c.plan_step, Some(known));
-            self.history_over(c.plan_step, end, Some(known))
+            let end = past.first_safe_change_over(c.plan_step, Some(known));
+            past.history_over(c.plan_step, end, Some(known))
         } else if c.lookahead {
-            self.cursor_history(c.plan_step)
+            past.cursor_history(c.plan_step)
         } else {
-            self.history(c.plan_step)
+            past.history(c.plan_step)
         };
         if c.history != ours {
             return Err(CursorError::History {
@@ -486,6 +520,34 @@ mod tests {
         assert_eq!(cursor::encode_with_state(&c).1, s1);
         assert_ne!(filed.seek(13).cursor_with_state().1, s1);
         assert_ne!(plan().seek(12).cursor_with_state().1, s1);
+    }
+
+    /// A daemon that adopts, by value, a change its config already makes restores every
+    /// live ring's cursor under the adopted plan: a cursor made under the plan in force
+    /// past the change's step is accepted (`restore` alone refuses it: the change starts
+    /// before it) and continues as under that plan; where the change is real, refused.
+    #[test]
+    fn a_cursor_restores_under_an_alike_plan_with_an_earlier_change() {
+        let filed = plan_of(
+            "seed = 7\nschedule = [ { step = 0, weights = { a = 1.0, b = 1.0 } }, \
+             { step = 10, ramp = false, weights = { a = 3.0, b = 1.0 } } ]",
+        );
+        let ahead = changed(&filed, 10, 3.0);
+        let blob = blob_at(&filed, 14);
+        assert!(matches!(
+            ahead.restore(&blob),
+            Err(CursorError::JournalRewrites { at: 10, .. })
+        ));
+        let mut p = ahead.restore_since(&blob, &filed).unwrap();
+        let mut want = filed.seek(14);
+        for _ in 0..6 {
+            assert_eq!(p.next_batch(), want.next_batch());
+        }
+        let bare = plan();
+        assert!(matches!(
+            changed(&bare, 10, 3.0).restore_since(&blob_at(&bare, 14), &bare),
+            Err(CursorError::JournalRewrites { at: 10, .. })
+        ));
     }
 
     /// After a restart, ranks of one job may bring blobs of one step with and without a

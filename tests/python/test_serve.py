@@ -1161,6 +1161,17 @@ def test_nodes_whose_journals_differ_but_plan_alike_agree(corpus, daemons):
     assert cursor_a != cursor_b, "the blobs carry different journals"
     assert plan_disagreement([rec_a, dict(rec_b, rank=1)]) is None
 
+    # The same adoption while another job on the daemon (an eval run) has streamed past
+    # the change's step: its ring's cursor is restored under the adopted plan, which
+    # plans its past alike, so the blob is adopted and both read on.
+    c = daemons(filed, "after-c")
+    with client(c, 0, 1, job="eval", start_step=20) as ev:
+        ev.next_batch(timeout=60)
+        with client(c, 0, 2, job="j") as cc:
+            cc.load_state_dict(blob_with)
+            assert np.array_equal(np.array(cc.next_batch(timeout=60).tokens), ta)
+        assert ev.next_batch(timeout=60).step == 21
+
 
 _AGREE_SCRIPT = """
 import json, os, sys

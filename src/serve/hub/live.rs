@@ -190,7 +190,9 @@ impl Hub {
                         dp_rank: r,
                     });
                 };
-                plan.restore(&c.blob)
+                // Under the plan in force its cursor was made; a change adopted from a
+                // blob may start before it yet plan its past alike.
+                plan.restore_since(&c.blob, &st.plan)
                     .map_err(|source| InstallError::Restore {
                         job: name.clone(),
                         dp_rank: r,
