@@ -404,11 +404,21 @@ impl std::fmt::Display for Rejection {
             write!(f, ": {}", self.message)?;
         }
         if let Some(s) = self.first_changeable_step {
-            write!(f, " (the first step that can still change is {s}")?;
-            if wire::Code::Late == self.code.as_str() {
-                write!(f, "; --late next applies it there")?;
+            // The daemon's `late` message names the step already; say it once.
+            let step = format!("the first step that can still change is {s}");
+            let said = self.message.contains(&step);
+            let hint = match (wire::Code::Late == self.code.as_str(), self.op.as_str()) {
+                // A file's change has no flag: the config decides where it moves.
+                (true, "reload") => Some("[serve] late_changes = \"next\" moves it there"),
+                (true, _) => Some("--late next applies it there"),
+                _ => None,
+            };
+            match (said, hint) {
+                (false, Some(h)) => write!(f, " ({step}; {h})")?,
+                (false, None) => write!(f, " ({step})")?,
+                (true, Some(h)) => write!(f, " ({h})")?,
+                (true, None) => {}
             }
-            write!(f, ")")?;
         }
         Ok(())
     }
@@ -521,6 +531,17 @@ mod tests {
         );
         assert!(Rejection::of(&json!({"ok": true})).is_none());
         assert_eq!(Rejection::of(&json!({})).unwrap().code, "?");
+        assert!(text.contains("--late next applies it there"), "{text}");
+        // The daemon's message names the step: it is said once. A file's late change
+        // (reload) has no --late flag: the config's late_changes decides.
+        let said = "step 3 may already have been received; the first step that can still \
+                    change is 9";
+        let r = Rejection::of(&json!({"ok": false, "op": "reload", "code": "late",
+                                        "message": said, "first_changeable_step": 9}))
+        .unwrap()
+        .to_string();
+        assert_eq!(r.matches("can still change is 9").count(), 1, "{r}");
+        assert!(!r.contains("--late") && r.contains("late_changes"), "{r}");
     }
 
     /// A daemon stand-in: answers each request frame with `answer(type, payload)`, one

@@ -261,7 +261,9 @@ fn status_journal_and_top_against_a_stand_in() {
     let j: Value =
         serde_json::from_str(ok(&["ctl", "--socket", sock(&f), "journal", "--json"]).trim())
             .unwrap();
-    assert_eq!(j[0]["at_step"], 30);
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(j["op"], "journal", "{j}");
+    assert_eq!(j["journal"][0]["at_step"], 30, "{j}");
     let text = ok(&["ctl", "--socket", sock(&f), "reload"]);
     assert!(text.contains("nothing changed"), "{text}");
     // top --once: two statuses an interval apart, one frame, no escapes.

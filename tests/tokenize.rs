@@ -1895,6 +1895,10 @@ fn merge_refuses_unfinished_or_mismatched_runs_and_bad_shares_are_refused() {
     // A manifest from a job of another size does not merge as this one.
     let (ok, err) = merge("3");
     assert!(!ok && err.contains("expected run 0 of 3"), "{err}");
+    assert!(
+        err.contains("written by run 0 of 2") && !err.contains("Some("),
+        "{err}"
+    );
 
     let bad = job("2", &[]);
     assert!(!bad.status.success());

@@ -164,6 +164,8 @@ pub struct Client {
     released: u64,
     hold: u64,
     timeout: Option<Duration>,
+    /// How long a connection waits for WELCOME (a seek on a huge corpus takes a while).
+    handshake: Duration,
     last_step: Option<u64>,
     last_cursor: Vec<u8>,
 }
@@ -178,9 +180,20 @@ impl Client {
     /// Connects to the daemon at `socket`, sends `hello`, maps the ring of WELCOME. A
     /// `duplicate` refusal is retried every 20 ms for [`DUPLICATE_GRACE`].
     pub fn connect(socket: impl AsRef<Path>, hello: &Hello) -> Result<Client, ClientError> {
+        Client::connect_within(socket, hello, HANDSHAKE_TIMEOUT)
+    }
+
+    /// [`Client::connect`] waiting up to `handshake` for WELCOME (a far `start_step` on
+    /// an empty plan-checkpoint cache takes longer than [`HANDSHAKE_TIMEOUT`]), here and
+    /// in [`Client::reconnect`].
+    pub fn connect_within(
+        socket: impl AsRef<Path>,
+        hello: &Hello,
+        handshake: Duration,
+    ) -> Result<Client, ClientError> {
         let deadline = Instant::now() + DUPLICATE_GRACE;
         loop {
-            match Client::connect_once(socket.as_ref(), hello) {
+            match Client::connect_once(socket.as_ref(), hello, handshake) {
                 Err(ClientError::Refused { code, .. })
                     if code == "duplicate" && Instant::now() < deadline =>
                 {
@@ -192,13 +205,17 @@ impl Client {
     }
 
     /// One connection attempt: HELLO, then WELCOME (mapping the ring) or the refusal.
-    fn connect_once(socket: &Path, hello: &Hello) -> Result<Client, ClientError> {
+    fn connect_once(
+        socket: &Path,
+        hello: &Hello,
+        handshake: Duration,
+    ) -> Result<Client, ClientError> {
         let path = socket.to_path_buf();
         let mut sock = UnixStream::connect(&path).map_err(|error| ClientError::Connect {
             path: path.clone(),
             error,
         })?;
-        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        sock.set_read_timeout(Some(handshake.max(Duration::from_millis(1))))
             .map_err(io_err("setting the socket timeout"))?;
         // This client reads each slot at its stage's layout (`Layout::at`), so it may
         // be served a plan with stages.
@@ -277,6 +294,7 @@ impl Client {
             released: start,
             hold: 0,
             timeout: None,
+            handshake,
             last_step: None,
             last_cursor: Vec::new(),
         })
@@ -610,7 +628,7 @@ impl Client {
         }
         let deadline = Instant::now() + timeout;
         let mut fresh = loop {
-            match Client::connect(&self.path, &hello) {
+            match Client::connect_within(&self.path, &hello, self.handshake) {
                 Ok(c) => break c,
                 Err(e) if e.is_transient() && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));

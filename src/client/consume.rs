@@ -74,7 +74,7 @@ pub struct ConsumeArgs {
     /// Batches kept unreleased while the next is read.
     #[arg(long, default_value_t = 0)]
     pub hold: u64,
-    /// Give up when one batch takes longer than SECS.
+    /// Give up when one batch, or the daemon's WELCOME (a seek), takes longer than SECS.
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub timeout: f64,
     /// The slot layout to ask for (`compact` or `expanded`) [default: the daemon's,
@@ -263,7 +263,14 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
     };
     let socket = consume_socket(args)?;
     // The error names the socket itself.
-    let mut client = Client::connect(&socket, &hello)?;
+    // --timeout 0 waits as long as it takes, for WELCOME as for batches.
+    let handshake = match args.timeout {
+        t if t > 0.0 => {
+            Duration::try_from_secs_f64(t).map_err(|e| anyhow::anyhow!("--timeout {t}: {e}"))?
+        }
+        _ => Duration::from_secs(365 * 24 * 3600),
+    };
+    let mut client = Client::connect_within(&socket, &hello, handshake)?;
     client.set_hold(args.hold);
     // Copies in flight: the held steps and the newest; each slot stays unreleased until
     // its copy completed.

@@ -448,3 +448,14 @@ fn row_bounds_are_checked_against_cu_len_and_seq_len() {
         );
     }
 }
+
+/// A daemon that takes the HELLO and sends nothing (a long seek) holds the client for
+/// the handshake it was given, not the default 30 s: `consume --timeout` passes its own.
+#[test]
+fn a_slow_welcome_waits_as_long_as_the_handshake_given() {
+    let (_dir, path) = fake(|_| std::thread::sleep(Duration::from_secs(3)));
+    let t = std::time::Instant::now();
+    let r = Client::connect_within(&path, &Hello::new(0, 1, 2, 1), Duration::from_millis(200));
+    assert!(r.is_err(), "no WELCOME came");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}

@@ -147,10 +147,16 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
         if m.run != Some(run) || m.runs != runs {
             return Err(TokenizeError::Input {
                 path,
-                what: format!(
-                    "written by run {:?} of {}, expected run {run} of {runs}",
-                    m.run, m.runs
-                ),
+                what: match m.run {
+                    Some(r) => format!(
+                        "written by run {r} of {}, expected run {run} of {runs} (merge with \
+                         the --num-shards of the job that wrote it)",
+                        m.runs
+                    ),
+                    None => {
+                        format!("written by a single-run tokenize, expected run {run} of {runs}")
+                    }
+                },
             });
         }
         check_listed_shards(&path, &dir, &m)?;

@@ -261,7 +261,7 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
             let reply = request(&socket, &journal_request(), timeout)?;
             fail_on_rejection(&reply)?;
             if a.json {
-                writeln!(out, "{}", reply.get("journal").unwrap_or(&Value::Null))?;
+                writeln!(out, "{reply}")?;
             } else {
                 let entries = match reply.get("journal") {
                     None | Some(Value::Null) => Vec::new(),
