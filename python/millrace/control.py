@@ -449,8 +449,8 @@ def plan_record(client, rank: int, host: str | None = None) -> dict:
     :func:`plan_disagreement`: its step, the plan fingerprint (corpus and static config)
     and the plan state of that step: the slot's ``plan_state`` digest (the planner's
     position in every domain, by value, so nodes whose journals differ but plan alike
-    agree), or before a batch, or from a daemon before 2026-12-06, a digest of the
-    cursor blob. ``client`` is a :class:`~millrace.Client`, a ``TorchClient`` or anything
+    agree; None before a batch, or from a daemon before 2026-12-06), and a digest of the
+    cursor blob (compared when some rank has no state). ``client`` is a :class:`~millrace.Client`, a ``TorchClient`` or anything
     with ``state_dict()`` and a WELCOME; it must have handed out a batch or been given a
     cursor to resume from."""
     state = client.state_dict()
@@ -464,10 +464,10 @@ def plan_record(client, rank: int, host: str | None = None) -> dict:
     if fingerprint is None:
         fingerprint = client.welcome["fingerprint"]
     digest = getattr(client, "plan_state", None)
-    plan = (f"state {digest:016x}" if digest else
-            "blob " + hashlib.sha256(bytes(state["cursor"])).hexdigest()[:32])
     return {"rank": int(rank), "host": host or _socket.gethostname(),
-            "step": int(state["step"]), "fingerprint": str(fingerprint), "plan": plan}
+            "step": int(state["step"]), "fingerprint": str(fingerprint),
+            "state": f"{digest:016x}" if digest else None,
+            "blob": hashlib.sha256(bytes(state["cursor"])).hexdigest()[:32]}
 
 
 def _ranks(ranks: list) -> str:
@@ -506,7 +506,10 @@ def plan_disagreement(records: list) -> str | None:
         return ("ranks are at different steps of the stream: " + _groups(records, "step")
                 + ". Every rank must have consumed the same number of batches, from one "
                 "checkpoint")
-    if len({r["plan"] for r in records}) == 1:
+    # The plan state where every rank has one; else (a daemon before 2026-12-06, a rank
+    # resumed but not yet served) the blobs, which agree when the journals do.
+    key = "state" if all(r.get("state") for r in records) else "blob"
+    if len({r[key] for r in records}) == 1:
         return None
     step = records[0]["step"]
     if len({r["fingerprint"] for r in records}) > 1:
@@ -516,7 +519,7 @@ def plan_disagreement(records: list) -> str | None:
     return (f"the nodes' daemons plan different batches at step {step} from the same corpus "
             f"and config (fingerprint {records[0]['fingerprint']}): their weights, schedule, "
             "skips, reseeds or live changes differ, or their ranks resumed from different "
-            "checkpoints. " + _groups(records, "plan") + ". Compare `millrace ctl journal` "
+            "checkpoints. " + _groups(records, key) + ". Compare `millrace ctl journal` "
             "and the config's [plan] on each node")
 
 

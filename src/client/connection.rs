@@ -628,7 +628,11 @@ impl Client {
         }
         let deadline = Instant::now() + timeout;
         let mut fresh = loop {
-            match Client::connect_within(&self.path, &hello, self.handshake) {
+            // Each attempt within what is left of `timeout` (a daemon that takes the
+            // connection and never answers must not hold this past it).
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = self.handshake.min(left.max(Duration::from_millis(100)));
+            match Client::connect_within(&self.path, &hello, wait) {
                 Ok(c) => break c,
                 Err(e) if e.is_transient() && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));
@@ -644,6 +648,7 @@ impl Client {
         }
         fresh.hold = self.hold;
         fresh.timeout = self.timeout;
+        fresh.handshake = self.handshake;
         fresh.last_step = self.last_step;
         fresh.last_cursor = std::mem::take(&mut self.last_cursor);
         fresh.hello = self.hello.clone();

@@ -139,23 +139,23 @@ impl Plan {
         self.check_cursor(cursor::decode(blob)?)
     }
 
-    /// [`Plan::restore`] of a cursor made under `before` (the plan in force until this
-    /// one replaces it), also when this plan's journal holds a change from before the
-    /// cursor's step that plans every step up to the cursor (and the bursty cycles it
-    /// began) as `before` does: a change adopted from a blob that the config file
-    /// already makes. Its history is checked against `before`'s, under which it was made.
-    pub fn restore_since(
-        self: &Arc<Self>,
-        blob: &[u8],
-        before: &Plan,
-    ) -> Result<Planner, CursorError> {
+    /// [`Plan::restore`], also when this plan's journal holds a change from before the
+    /// cursor's step that plans every step up to it (and the bursty cycles it began) as
+    /// the plan the cursor was made under does (this plan's config under the cursor's
+    /// own journal): a change adopted from a blob that the config file already makes.
+    /// The cursor's journal and history are then judged against that plan. For the
+    /// daemon's own ring cursors, which a live change restores under the new plan.
+    pub fn restore_alike(self: &Arc<Self>, blob: &[u8]) -> Result<Planner, CursorError> {
         match self.restore(blob) {
             Err(e @ (CursorError::JournalRewrites { .. } | CursorError::History { .. })) => {
                 let c = cursor::decode(blob)?;
-                if !self.plans_alike_before(before, self.first_safe_change(c.plan_step)) {
+                let Ok(made) = self.with_history(c.journal.clone(), c.superseded) else {
+                    return Err(e);
+                };
+                if !self.plans_alike_before(&made, self.first_safe_change(c.plan_step)) {
                     return Err(e);
                 }
-                self.check_cursor_as(c, Some(before)).map_err(|_| e)
+                self.check_cursor_as(c, Some(&made)).map_err(|_| e)
             }
             r => r,
         }
@@ -198,7 +198,7 @@ impl Plan {
     }
 
     /// [`Plan::check_cursor`]; with `alike`, a plan that plans the blob's past as this
-    /// one does ([`Plan::restore_since`]), the journal and history are judged against
+    /// one does ([`Plan::restore_alike`]), the journal and history are judged against
     /// `alike`'s, the plan the blob was made under.
     fn check_cursor_as(
         self: &Arc<Self>,
@@ -538,14 +538,26 @@ mod tests {
             ahead.restore(&blob),
             Err(CursorError::JournalRewrites { at: 10, .. })
         ));
-        let mut p = ahead.restore_since(&blob, &filed).unwrap();
+        let mut p = ahead.restore_alike(&blob).unwrap();
+        let mut want = filed.seek(14);
+        for _ in 0..6 {
+            assert_eq!(p.next_batch(), want.next_batch());
+        }
+        // A later change on top (the cursor's ring published nothing since): the cursor
+        // is judged against the plan of its own journal, not the one just replaced.
+        let w = BTreeMap::from([("b".to_string(), 2.0)]);
+        let later = ahead.weights_change(30, &w).unwrap();
+        let mut journal = ahead.journal().to_vec();
+        journal.push(later);
+        let next = Arc::new(ahead.with_journal(journal).unwrap());
+        let mut p = next.restore_alike(&blob).unwrap();
         let mut want = filed.seek(14);
         for _ in 0..6 {
             assert_eq!(p.next_batch(), want.next_batch());
         }
         let bare = plan();
         assert!(matches!(
-            changed(&bare, 10, 3.0).restore_since(&blob_at(&bare, 14), &bare),
+            changed(&bare, 10, 3.0).restore_alike(&blob_at(&bare, 14)),
             Err(CursorError::JournalRewrites { at: 10, .. })
         ));
     }

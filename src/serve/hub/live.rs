@@ -190,9 +190,9 @@ impl Hub {
                         dp_rank: r,
                     });
                 };
-                // Under the plan in force its cursor was made; a change adopted from a
-                // blob may start before it yet plan its past alike.
-                plan.restore_since(&c.blob, &st.plan)
+                // A change adopted from a blob may start before the cursor yet plan its
+                // past alike.
+                plan.restore_alike(&c.blob)
                     .map_err(|source| InstallError::Restore {
                         job: name.clone(),
                         dp_rank: r,
