@@ -334,6 +334,12 @@ impl Fixture {
         Config::load(&self.config).unwrap().load_plan().unwrap()
     }
 
+    /// The plan's domain names.
+    fn names(&self) -> Vec<String> {
+        let plan = self.load().plan;
+        plan.domain_names().iter().map(|n| n.to_string()).collect()
+    }
+
     fn set_weights(&self, weights: Value, at_step: Option<u64>, late: &str) -> Value {
         let mut req = json!({"protocol": 1, "op": "set_weights", "weights": weights, "late": late});
         if let Some(s) = at_step {
@@ -614,13 +620,7 @@ fn bad_changes_are_refused_and_the_old_weights_stay() {
 #[test]
 fn a_change_that_overloads_a_bursty_domain_is_refused() {
     let f = fixture();
-    let names = f
-        .load()
-        .plan
-        .domain_names()
-        .iter()
-        .map(|n| n.to_string())
-        .collect::<Vec<_>>();
+    let names = f.names();
     // The last domain takes 4 steps' rows in one.
     let text = std::fs::read_to_string(&f.config).unwrap();
     let mut doc: toml::Table = toml::from_str(&text).unwrap();
@@ -927,13 +927,7 @@ fn sighup_during_start_up_does_not_kill_the_daemon() {
 fn a_change_without_a_step_waits_for_the_run_to_be_known() {
     let f = fixture();
     let _serve = f.serve();
-    let names = f
-        .load()
-        .plan
-        .domain_names()
-        .iter()
-        .map(|n| n.to_string())
-        .collect::<Vec<_>>();
+    let names = f.names();
     let before = f.journal();
     let r = f.set_weights(json!({&names[0]: 0.7}), None, "next");
     assert_eq!(r["ok"], false, "{r}");

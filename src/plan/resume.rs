@@ -382,6 +382,15 @@ mod tests {
         plan_with("{ a = 1.0, b = 1.0 }", 7)
     }
 
+    /// [`plan`] whose config file makes what `changed(&plan(), 10, 3.0)` does live:
+    /// from plan step 10, domain a weighs 3.
+    fn filed() -> Arc<Plan> {
+        plan_of(
+            "seed = 7\nschedule = [ { step = 0, weights = { a = 1.0, b = 1.0 } }, \
+             { step = 10, ramp = false, weights = { a = 3.0, b = 1.0 } } ]",
+        )
+    }
+
     /// `plan` with one live change: from plan step `at`, domain a weighs `a`.
     fn changed(plan: &Arc<Plan>, at: u64, a: f64) -> Arc<Plan> {
         let w = BTreeMap::from([("a".to_string(), a)]);
@@ -504,10 +513,7 @@ mod tests {
     /// mixture, another state.
     #[test]
     fn the_plan_state_is_the_blob_without_its_history() {
-        let filed = plan_of(
-            "seed = 7\nschedule = [ { step = 0, weights = { a = 1.0, b = 1.0 } }, \
-             { step = 10, ramp = false, weights = { a = 3.0, b = 1.0 } } ]",
-        );
+        let filed = filed();
         let ahead = changed(&filed, 10, 3.0);
         let (with, s1) = ahead.seek(12).cursor_with_state();
         let (without, s2) = filed.seek(12).cursor_with_state();
@@ -528,10 +534,7 @@ mod tests {
     /// before it) and continues as under that plan; where the change is real, refused.
     #[test]
     fn a_cursor_restores_under_an_alike_plan_with_an_earlier_change() {
-        let filed = plan_of(
-            "seed = 7\nschedule = [ { step = 0, weights = { a = 1.0, b = 1.0 } }, \
-             { step = 10, ramp = false, weights = { a = 3.0, b = 1.0 } } ]",
-        );
+        let filed = filed();
         let ahead = changed(&filed, 10, 3.0);
         let blob = blob_at(&filed, 14);
         assert!(matches!(
@@ -571,10 +574,7 @@ mod tests {
     #[test]
     fn an_adopted_change_the_plan_already_makes_is_not_refused_as_served() {
         // The config file holds the change: from plan step 10, a weighs 3.
-        let filed = plan_of(
-            "seed = 7\nschedule = [ { step = 0, weights = { a = 1.0, b = 1.0 } }, \
-             { step = 10, ramp = false, weights = { a = 3.0, b = 1.0 } } ]",
-        );
+        let filed = filed();
         let ahead = changed(&filed, 10, 3.0);
         let blob_with = blob_at(&ahead, 10);
         let blob_without = blob_at(&filed, 10);

@@ -68,6 +68,19 @@ fn refused(f: &Fixture, h: &Hello) -> (String, String) {
     }
 }
 
+/// Connects every HELLO of `hellos` at once, each from a thread of its own: what a job's
+/// start looks like to the daemon.
+fn join_at_once(f: &Fixture, hellos: Vec<Hello>) -> Vec<Result<Client, ClientError>> {
+    std::thread::scope(|s| {
+        let joins: Vec<_> = (hellos.iter())
+            .map(|h| s.spawn(move || connect(f, h)))
+            .collect();
+        (joins.into_iter())
+            .map(|j| j.join().expect("no panic"))
+            .collect()
+    })
+}
+
 /// Reads `n` more steps from `c` and checks they follow on.
 fn stream(c: &mut Client, n: u64) {
     for _ in 0..n {
@@ -305,18 +318,7 @@ fn jobs_joining_at_once_share_the_ring_budget() {
 
     let budget = 2 * ring + ring / 2;
     let mut f = fixture(&format!("ring_memory_bytes = {budget}"));
-    let outcomes: Vec<Result<Client, ClientError>> = std::thread::scope(|s| {
-        let joins: Vec<_> = (0..12)
-            .map(|i| {
-                let f = &f;
-                s.spawn(move || connect(f, &hello(&format!("burst{i}"))))
-            })
-            .collect();
-        joins
-            .into_iter()
-            .map(|j| j.join().expect("no panic"))
-            .collect()
-    });
+    let outcomes = join_at_once(&f, (0..12).map(|i| hello(&format!("burst{i}"))).collect());
     let mut admitted = Vec::new();
     for o in outcomes {
         match o {
@@ -367,24 +369,16 @@ fn tp_replicas_joining_at_once_take_one_ring_of_the_budget() {
     let mut f = fixture(&format!("ring_memory_bytes = {budget}"));
     for round in 0..20 {
         let job = format!("tp{round}");
-        let outcomes: Vec<Result<Client, ClientError>> = std::thread::scope(|s| {
-            let joins: Vec<_> = (0..8u32)
-                .map(|i| {
-                    let (f, job) = (&f, job.clone());
-                    s.spawn(move || {
-                        let mut h = Hello::whole_slice(i % 2, 2);
-                        h.job = job;
-                        h.replicas = 4;
-                        h.replica = format!("r{}", i / 2);
-                        connect(f, &h)
-                    })
-                })
-                .collect();
-            joins
-                .into_iter()
-                .map(|j| j.join().expect("no panic"))
-                .collect()
-        });
+        let hellos = (0..8u32)
+            .map(|i| {
+                let mut h = Hello::whole_slice(i % 2, 2);
+                h.job = job.clone();
+                h.replicas = 4;
+                h.replica = format!("r{}", i / 2);
+                h
+            })
+            .collect();
+        let outcomes = join_at_once(&f, hellos);
         let mut admitted = Vec::new();
         for o in outcomes {
             match o {
