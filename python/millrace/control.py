@@ -450,9 +450,9 @@ def plan_record(client, rank: int, host: str | None = None) -> dict:
     and the plan state of that step: the slot's ``plan_state`` digest (the planner's
     position in every domain, by value, so nodes whose journals differ but plan alike
     agree; None before a batch, or from a daemon before 2026-12-06), and a digest of the
-    cursor blob (compared when some rank has no state). ``client`` is a :class:`~millrace.Client`, a ``TorchClient`` or anything
-    with ``state_dict()`` and a WELCOME; it must have handed out a batch or been given a
-    cursor to resume from."""
+    cursor blob (compared when some rank has no state). ``client`` is a
+    :class:`~millrace.Client`, a ``TorchClient`` or anything with ``state_dict()`` and a
+    WELCOME; it must have handed out a batch or been given a cursor to resume from."""
     state = client.state_dict()
     if state.get("cursor") is None:
         raise ValueError("a plan can be compared only after a batch (or a resume cursor): "
