@@ -177,7 +177,12 @@ pub fn simple_docs(lens: &[usize], modulo: i64) -> Vec<Doc> {
 
 /// The millrace binary built by cargo for integration tests.
 pub fn bin() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
+    // MILLRACE_TEST_BIN: a test binary run away from its build (scripts/device-run runs
+    // the GPU tests on a machine without cargo) names the millrace beside it.
+    match std::env::var_os("MILLRACE_TEST_BIN") {
+        Some(path) => std::process::Command::new(path),
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_millrace")),
+    }
 }
 
 /// Runs `millrace check-config --config config`, which must fail, and returns its stderr.

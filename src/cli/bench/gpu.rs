@@ -2,7 +2,7 @@
 //! 15 item 5). Without CUDA it says why and exits 0, so CI runs it everywhere.
 //!
 //! 1. Host-to-device GB/s at 128 KiB .. 64 MiB from a live daemon's ring (8 expanded
-//!    slots of 64 x 16384 tokens, about 109 MB, as `scripts/gpu-check` uses) registered
+//!    slots of 64 x 16384 tokens, about 136 MiB, as `scripts/gpu-check` uses) registered
 //!    once with the read-only flag, next to the same bytes in a pinned buffer
 //!    (`cuMemHostAlloc`, what torch's `pin_memory` allocates) and in pageable memory,
 //!    and the ring again once unregistered: every ratio comes from one run. Each figure
@@ -79,7 +79,17 @@ pub(super) fn run_gpu(args: &BenchArgs) -> Result<()> {
             return Ok(());
         }
     };
-    let report = measure(gpu, args)?;
+    let report = match measure(gpu, args) {
+        Ok(r) => r,
+        Err(e) => {
+            // The JSON a device run fetches says why, not only stderr.
+            if let Some(path) = &args.json {
+                let doc = serde_json::json!({ "error": format!("{e:#}") });
+                std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+            }
+            return Err(e);
+        }
+    };
     print!("{}", render(&report));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
