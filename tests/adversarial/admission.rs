@@ -68,6 +68,19 @@ fn refused(f: &Fixture, h: &Hello) -> (String, String) {
     }
 }
 
+/// A daemon whose `[serve] ring_memory_bytes` holds two and a half rings of `h`'s shape
+/// (read from a probe daemon's WELCOME), and that ring's size.
+fn room_for_two_and_a_half(h: &Hello) -> (Fixture, u64) {
+    let probe = fixture("");
+    let ring = connect(&probe, h)
+        .expect("probe joins")
+        .welcome()
+        .ring_bytes;
+    drop(probe);
+    let f = fixture(&format!("ring_memory_bytes = {}", 2 * ring + ring / 2));
+    (f, ring)
+}
+
 /// Connects every HELLO of `hellos` at once, each from a thread of its own: what a job's
 /// start looks like to the daemon.
 fn join_at_once(f: &Fixture, hellos: Vec<Hello>) -> Vec<Result<Client, ClientError>> {
@@ -309,15 +322,7 @@ fn ring_budget_refuses_jobs_past_it() {
 /// jobs fit again).
 #[test]
 fn jobs_joining_at_once_share_the_ring_budget() {
-    let probe = fixture("");
-    let ring = connect(&probe, &hello("probe"))
-        .expect("probe joins")
-        .welcome()
-        .ring_bytes;
-    drop(probe);
-
-    let budget = 2 * ring + ring / 2;
-    let mut f = fixture(&format!("ring_memory_bytes = {budget}"));
+    let (mut f, ring) = room_for_two_and_a_half(&hello("probe"));
     let outcomes = join_at_once(&f, (0..12).map(|i| hello(&format!("burst{i}"))).collect());
     let mut admitted = Vec::new();
     for o in outcomes {
@@ -357,16 +362,9 @@ fn jobs_joining_at_once_share_the_ring_budget() {
 /// makes it. Budget: two rings and a half; dp_size 2 with 4 replicas a rank, 20 starts.
 #[test]
 fn tp_replicas_joining_at_once_take_one_ring_of_the_budget() {
-    let probe = fixture("");
     let mut h = Hello::whole_slice(0, 2);
     h.job = "probe".into();
-    let ring = connect(&probe, &h)
-        .expect("probe joins")
-        .welcome()
-        .ring_bytes;
-    drop(probe);
-    let budget = 2 * ring + ring / 2;
-    let mut f = fixture(&format!("ring_memory_bytes = {budget}"));
+    let (mut f, _) = room_for_two_and_a_half(&h);
     for round in 0..20 {
         let job = format!("tp{round}");
         let hellos = (0..8u32)
