@@ -10,7 +10,8 @@
 //! stalls nobody else.
 //!
 //! This file holds that state (the hub, its jobs, rings and peers); the rooms around it
-//! act on it: `phase` (a ring's lifecycle), `admission` (HELLO to joined peer), `peers`
+//! act on it: `phase` (a ring's lifecycle), `admission` (HELLO to joined peer), `join`
+//! (a client against a rank's live ring), `peers`
 //! (release, failure, leave, drain), `schedule` (the workers that copy),
 //! `jobplan` (one planner per job, and the thread that plans ahead), `keeper` (plan checkpoints written as the daemon
 //! serves), `live` (mixture changes) and `status` (what STATUS reports).
@@ -18,6 +19,7 @@
 mod admission;
 mod ahead;
 mod jobplan;
+mod join;
 mod keeper;
 mod live;
 mod peers;
