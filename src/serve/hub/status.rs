@@ -2,9 +2,11 @@
 //! `millrace status` and the metrics exporter.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Hub, JobPlan, Published, RingEntry, State};
+use crate::plan::Plan;
 use crate::wire::status::{
     DomainStatus, JobStatus, JournalEntry, JournalPoint, JournalStage, PeerStatus, PoisonedShard,
     RingMemory, RingStatus, Status,
@@ -13,18 +15,24 @@ use crate::wire::status::{
 impl Hub {
     /// The journal as JOURNAL_ENTRY objects (docs/PROTOCOL.md).
     pub fn journal(&self) -> Vec<JournalEntry> {
-        let st = self.lock();
-        Self::journal_of(&st)
+        let (plan, sources) = Self::journal_parts(&self.lock());
+        Self::journal_of(&plan, &sources)
     }
 
-    fn journal_of(st: &State) -> Vec<JournalEntry> {
-        let names = st.plan.domain_names();
-        st.plan
-            .journal()
+    /// What [`Hub::journal_of`] needs, taken under the lock: the plan is shared and the
+    /// sources are a pointer per change, so the entries (thousands of strings at a full
+    /// journal, every second for the exporter) are built after the lock is let go.
+    fn journal_parts(st: &State) -> (Arc<Plan>, Vec<&'static str>) {
+        (st.plan.clone(), st.sources.clone())
+    }
+
+    fn journal_of(plan: &Plan, sources: &[&'static str]) -> Vec<JournalEntry> {
+        let names = plan.domain_names();
+        plan.journal()
             .iter()
-            .zip(st.sources.iter().chain(std::iter::repeat(&"cursor")))
+            .zip(sources.iter().chain(std::iter::repeat(&"cursor")))
             .map(|(c, src)| JournalEntry {
-                at_step: st.plan.trainer_step_of(c.at),
+                at_step: plan.trainer_step_of(c.at),
                 plan_step: c.at,
                 source: src.to_string(),
                 stage: c.stage.map(|s| JournalStage {
@@ -53,7 +61,7 @@ impl Hub {
     /// daemon adds the process's own fields.
     pub fn status(&self) -> Status {
         let now = Instant::now();
-        let (plan, mut out, best, delivered) = {
+        let ((plan, sources), mut out, best, delivered) = {
             let mut st = self.lock();
             if self.sync_pages(&mut st) {
                 self.work.notify_all();
@@ -143,14 +151,14 @@ impl Hub {
                     st.plan
                         .first_safe_change(st.plan.plan_step_of(st.first_changeable())),
                 ),
-                journal: Self::journal_of(&st),
                 journal_superseded: st.plan.superseded(),
                 jobs,
                 fingerprint: format!("{:032x}", st.plan.fingerprint()),
                 ..Status::default()
             };
-            (st.plan.clone(), out, best, delivered)
+            (Self::journal_parts(&st), out, best, delivered)
         };
+        out.journal = Self::journal_of(&plan, &sources);
         // Realized: the share of real tokens each domain got in every slot published so
         // far. Target: the token shares the schedule asks for at the most advanced
         // ring's step. Rows come from that ring's published cursor; epochs from its
