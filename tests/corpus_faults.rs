@@ -2,7 +2,8 @@
 //! midway leaves no temporary file, a shard no reader would open is refused at `finish`,
 //! a raw boundary cache forged to pass its checksum cannot make `doc_lengths_into` hand
 //! out lengths past the file (or half a list), and raw caches are not shared by readings
-//! with other EOS ids nor by another file renamed over the data. Every file here is
+//! with other EOS ids nor by another file renamed over the data, and a `.npy` written by
+//! `np.save` is not read as raw tokens header and all. Every file here is
 //! written for real; the forged cache is patched by the layout in docs/FORMATS.md, with
 //! its checksum recomputed independently.
 
@@ -300,4 +301,54 @@ fn raw_caches_built_by_threads_at_once_leave_no_temporary_file() {
         assert_eq!(l, &want);
     }
     assert_eq!(names(dir.path()), ["t.u16", "t.u16.uint16-eos0.mrdocs"]);
+}
+
+/// A raw domain pointed at a file `np.save` wrote (a `.npy` with its numpy header) is
+/// refused naming the file and the header, instead of serving the magic, the header dict
+/// and its padding as a first document of ids like 20115 that pass most vocabularies.
+/// Every version numpy writes is recognised, and a header cut short by the file's end
+/// too; a headerless file whose first ids happen to spell the magic without a version is
+/// still read as tokens.
+#[test]
+fn a_raw_file_with_a_numpy_header_is_refused_not_read_as_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tok.npy");
+    let tokens = u16_bytes(&[5, 6, 7, 0, 8, 9, 0]);
+    common::write_npy(&path, "<u2", "(7,)", &tokens);
+    let e = Shard::open(&path, Some(&raw_opts(0)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "{}: starts with a numpy .npy header",
+            path.display()
+        )) && e.contains("format version 1.0")
+            && e.contains("'descr': '<u2'")
+            && e.contains("'shape': (7,)"),
+        "{e}"
+    );
+    assert_eq!(
+        names(dir.path()),
+        ["tok.npy"],
+        "no boundary cache is written"
+    );
+    // Version 2 (u32 header length), its header claiming more bytes than the file has.
+    let mut v2 = b"\x93NUMPY\x02\x00".to_vec();
+    v2.extend_from_slice(&1000u32.to_le_bytes());
+    v2.extend_from_slice(b"{'descr': '<u2',  ");
+    std::fs::write(&path, &v2).unwrap();
+    let e = Shard::open(&path, Some(&raw_opts(0)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("format version 2.0")
+            && e.contains("claims 1000 bytes from byte 12, past the end of the 30-byte file"),
+        "{e}"
+    );
+    // The magic's ids without a version numpy defines: tokens.
+    let mut ids = b"\x93NUMPY\x07\x00".to_vec();
+    ids.extend_from_slice(&tokens);
+    std::fs::write(&path, &ids).unwrap();
+    let r = RawShard::open(&path, &raw_opts(0)).unwrap();
+    assert_eq!(raw_docs(&r).concat().len(), 4 + 7);
 }

@@ -170,6 +170,9 @@ impl RawShard {
                 ))
             }
         };
+        if let Some(why) = npy_header(&map) {
+            return Err(CorpusError::invalid(path, why));
+        }
         let key = CacheKey::new(opts, &stamp, sample_hash(&map));
         let cache_path = cache_path(path, opts)?;
         let (ends, cache_rebuilt) = match read_cache(&cache_path, &key) {
@@ -425,6 +428,40 @@ fn scan(map: &[u8], dtype: DType, eos: u64) -> Vec<u64> {
             .map(|t| go(t, eos as u32))
             .unwrap_or_default(),
     }
+}
+
+/// Why `data` is not a raw token array, when it starts with a numpy `.npy` header (what
+/// `np.save` writes): read as tokens, its magic, header dict and padding would be
+/// served as the first "document" (uint16 ids such as 20115, under most vocabularies),
+/// silently. The magic, a format version numpy has defined (1 to 3) and the header
+/// length's field must all be there; no token stream starts with that by chance.
+fn npy_header(data: &[u8]) -> Option<String> {
+    let (&major, &minor) = (data.get(6)?, data.get(7)?);
+    if !data.starts_with(b"\x93NUMPY") || !(1..=3).contains(&major) || minor != 0 {
+        return None;
+    }
+    // Header length: u16 at byte 8 (version 1), u32 (versions 2 and 3).
+    let (len_bytes, text_at): (usize, usize) = if major == 1 { (2, 10) } else { (4, 12) };
+    let header_len = data
+        .get(8..8 + len_bytes)
+        .map(|b| b.iter().rev().fold(0u64, |acc, &x| acc << 8 | u64::from(x)));
+    let dict = header_len
+        .and_then(|n| data.get(text_at..text_at.checked_add(usize::try_from(n).ok()?)?))
+        .map(|t| String::from_utf8_lossy(t).trim().to_string());
+    let described = match (dict, header_len) {
+        (Some(d), _) => format!("its header {d}"),
+        (None, Some(n)) => format!(
+            "its header claims {n} bytes from byte {text_at}, past the end of the {}-byte file",
+            data.len()
+        ),
+        (None, None) => "a header cut short".to_string(),
+    };
+    Some(format!(
+        "starts with a numpy .npy header (magic \"\\x93NUMPY\" at byte 0, format version \
+         {major}.{minor}; {described}): a raw token file is headerless, and its header would \
+         be read as tokens. Write the tokens without one (`array.tofile(path)`, or an \
+         `np.memmap` file) or convert the file to a Megatron shard"
+    ))
 }
 
 /// xxh3 of the first and the last [`SAMPLE`] bytes of the data.
