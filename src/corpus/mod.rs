@@ -202,6 +202,19 @@ impl Shard {
         &self.path
     }
 
+    /// Device and inode of the token file that was mapped (`.bin`, or the raw file): what
+    /// a reader that opens the file by path again must find there.
+    pub(crate) fn data_file(&self) -> (u64, u64) {
+        let data = match &self.body {
+            Body::Megatron(m) => m.bin_path(),
+            Body::Raw(r) => r.path(),
+        };
+        self.stamps
+            .iter()
+            .find(|(p, _)| p == data)
+            .map_or((0, 0), |(_, s)| (s.dev, s.ino))
+    }
+
     /// Every mapping the shard reads through (`.idx` and `.bin`, or the raw file and its
     /// boundary cache), for [`guard::protect`].
     pub fn mappings(&self) -> Vec<&[u8]> {

@@ -117,6 +117,21 @@ pub enum ReadError {
         /// The OS error.
         source: io::Error,
     },
+    /// A file opened by path is not the one the shard was opened (and planned) from: it
+    /// was renamed over or replaced since, so its bytes are not those the index describes.
+    #[error(
+        "{}: not the file the shard was opened from (device {}, inode {}; the path now names \
+         device {}, inode {}): it was replaced since it was mapped",
+        path.display(), mapped.0, mapped.1, now.0, now.1
+    )]
+    Replaced {
+        /// The file.
+        path: PathBuf,
+        /// Device and inode of the mapped file.
+        mapped: (u64, u64),
+        /// Device and inode of the file opened by its path.
+        now: (u64, u64),
+    },
     /// A read failed.
     #[error("{}: read of bytes {offset}..{end}: {source}", path.display())]
     Read {
@@ -175,6 +190,7 @@ impl ReadError {
     pub fn path(&self) -> Option<&Path> {
         match self {
             ReadError::Open { path, .. }
+            | ReadError::Replaced { path, .. }
             | ReadError::Read { path, .. }
             | ReadError::Truncated { path, .. } => Some(path),
             _ => None,
@@ -339,6 +355,34 @@ impl ShardFiles {
             files: open_files(paths, direct)?,
             direct,
         }))
+    }
+
+    /// Checks that every descriptor (buffered and `O_DIRECT`) is of the file whose device
+    /// and inode `mapped` gives, in the order of the paths: a path opened after its shard
+    /// was mapped may name a file renamed over it since, whose bytes the plan (made from
+    /// the mapped index) does not describe.
+    pub fn check_same(
+        &self,
+        mapped: impl IntoIterator<Item = (u64, u64)>,
+    ) -> Result<(), ReadError> {
+        use std::os::unix::fs::MetadataExt;
+        for (f, mapped) in self.files.iter().zip(mapped) {
+            for file in std::iter::once(&f.file).chain(&f.direct) {
+                let m = file.metadata().map_err(|source| ReadError::Open {
+                    path: f.path.clone(),
+                    direct: false,
+                    source,
+                })?;
+                if (m.dev(), m.ino()) != mapped {
+                    return Err(ReadError::Replaced {
+                        path: f.path.clone(),
+                        mapped,
+                        now: (m.dev(), m.ino()),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 

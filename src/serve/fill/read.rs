@@ -101,6 +101,9 @@ impl Readers {
             first.push(paths.len() as u32);
             paths.extend(domain.iter().map(|s| data_path(s).to_path_buf()));
         }
+        // The files are opened by path, after the shards were mapped (a start can take
+        // minutes): each must still be the one mapped, or the plan describes other bytes.
+        let mapped: Vec<(u64, u64)> = shards.iter().flatten().map(|s| s.data_file()).collect();
         let mut readers = Readers {
             reader,
             fallback: None,
@@ -112,8 +115,9 @@ impl Readers {
         };
         let mut tried = reader;
         loop {
-            let opened =
-                ShardFiles::open(&readers.paths, tried == Reader::UringDirect).and_then(|files| {
+            let opened = ShardFiles::open(&readers.paths, tried == Reader::UringDirect)
+                .and_then(|files| files.check_same(mapped.iter().copied()).map(|()| files))
+                .and_then(|files| {
                     UringReader::open_with(files.clone(), options(tried)).map(|r| (files, r))
                 });
             match opened {
@@ -125,7 +129,11 @@ impl Readers {
                     pool.live = 1;
                     break;
                 }
-                Err(e) if tried == Reader::UringDirect && !e.is_unavailable() => {
+                Err(e)
+                    if tried == Reader::UringDirect
+                        && !e.is_unavailable()
+                        && !matches!(e, ReadError::Replaced { .. }) =>
+                {
                     readers.fell_back(reader, Reader::Uring, &e);
                     tried = Reader::Uring;
                 }
@@ -331,6 +339,50 @@ mod tests {
                          ends at byte 4096"
                     ),
                 "{reader:?}: {e}"
+            );
+        }
+    }
+
+    /// A token file renamed over between the start's mapping of the shard and the opening
+    /// of the io_uring readers' descriptors (a start takes minutes on a large corpus, and
+    /// a rename is the supported way to replace a shard) is another file than the one the
+    /// plan was made from: the readers refuse it, naming it, and the fill copies from the
+    /// mapping, which still holds the old file; never the new file's bytes at the old
+    /// index's offsets.
+    #[test]
+    fn a_token_file_renamed_over_before_the_readers_open_is_not_read_with_io_uring() {
+        for reader in [Reader::Uring, Reader::UringDirect] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut src, job, _) = shard_and_job(dir.path(), 7, (10, 9));
+            let layout = Layout::compact(1, 64, 1, src.compact_token(), 64);
+            let ring = Ring::create("t", layout.clone(), 0).unwrap();
+            let slot = &mut ring.claim(0).unwrap();
+            assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+            let copied = slot.to_vec();
+            // Another build of the shard, same size, other ids, renamed over the .bin.
+            let other = tempfile::tempdir().unwrap();
+            shard_and_job(other.path(), 8, (10, 9));
+            std::fs::rename(other.path().join("s.bin"), dir.path().join("s.bin")).unwrap();
+            src.readers = Readers::open(reader, &src.shards);
+            let rows = &layout.fields[0].1;
+            slot[rows.offset..rows.offset + rows.bytes].fill(0xee);
+            assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+            assert!(
+                slot[..] == copied[..],
+                "{reader:?} read the file renamed over the mapped one"
+            );
+            let why = src.readers.fallback().expect("the readers fell back");
+            if why.contains("io_uring is unavailable") {
+                eprintln!("{why}");
+                continue;
+            }
+            assert!(!src.readers.uring(), "{why}");
+            assert!(
+                why.contains(&format!(
+                    "{}: not the file the shard was opened from",
+                    dir.path().join("s.bin").display()
+                )),
+                "{why}"
             );
         }
     }
