@@ -352,3 +352,47 @@ fn a_raw_file_with_a_numpy_header_is_refused_not_read_as_tokens() {
     let r = RawShard::open(&path, &raw_opts(0)).unwrap();
     assert_eq!(raw_docs(&r).concat().len(), 4 + 7);
 }
+
+/// A group sidecar of twelve bytes whose `.npy` header (format 2) claims 4 GiB of header
+/// text is refused naming the file and the claim, before anything allocates the claim:
+/// `inspect` runs here with 1 GiB of address space (`ulimit -v`, as batch schedulers and
+/// strict overcommit impose), where allocating it aborted the process.
+#[test]
+fn a_group_sidecar_claiming_a_huge_header_is_refused_before_allocating_it() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("g");
+    let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
+    w.add_document_bytes(&u16_bytes(&[1, 2, 3])).unwrap();
+    w.finish().unwrap();
+    let side = dir.path().join("g.groups.npy");
+    let mut npy = b"\x93NUMPY\x02\x00".to_vec();
+    npy.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    std::fs::write(&side, &npy).unwrap();
+    let mut cmd = common::bin();
+    cmd.arg("inspect").arg(&prefix);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let rl = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: groups sidecar is not a valid .npy file: its header claims 4294967280 bytes \
+             from byte 12, past the end of the 12-byte file",
+            side.display()
+        )),
+        "{err}"
+    );
+}

@@ -22,6 +22,48 @@ use super::{map_file, FileStamp};
 /// What a group runs file ([`Groups::encode`]) starts with; the digit is its version.
 const RUNS_MAGIC: &[u8; 8] = b"MRRUNS01";
 
+/// The fixed start of a numpy `.npy` file: magic, format version and the header's length,
+/// read without trusting that length (npyz allocates it before reading the header).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NpyPreamble {
+    /// Format version, major (1 to 3) and minor (0).
+    pub(crate) major: u8,
+    pub(crate) minor: u8,
+    /// Where the header text starts (10 in version 1, 12 after).
+    pub(crate) text_at: usize,
+    /// The header text's length as the file claims it; `None` when the file ends first.
+    pub(crate) header_len: Option<u64>,
+}
+
+impl NpyPreamble {
+    /// The preamble, when `bytes` start with the `.npy` magic and a version numpy defined.
+    pub(crate) fn of(bytes: &[u8]) -> Option<NpyPreamble> {
+        let (&major, &minor) = (bytes.get(6)?, bytes.get(7)?);
+        if !bytes.starts_with(b"\x93NUMPY") || !(1..=3).contains(&major) || minor != 0 {
+            return None;
+        }
+        // A u16 at byte 8 in version 1, a u32 in versions 2 and 3.
+        let (len_bytes, text_at) = if major == 1 { (2, 10) } else { (4, 12) };
+        let header_len = bytes
+            .get(8..8 + len_bytes)
+            .map(|b| b.iter().rev().fold(0u64, |acc, &x| acc << 8 | u64::from(x)));
+        Some(NpyPreamble {
+            major,
+            minor,
+            text_at,
+            header_len,
+        })
+    }
+
+    /// The header text, when the file holds all of it.
+    pub(crate) fn text<'a>(&self, bytes: &'a [u8]) -> Option<&'a [u8]> {
+        let end = self
+            .text_at
+            .checked_add(usize::try_from(self.header_len?).ok()?)?;
+        bytes.get(self.text_at..end)
+    }
+}
+
 /// A maximal run of documents sharing one group id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct GroupRun {
@@ -52,6 +94,19 @@ impl Groups {
         let stamp = mapped.stamp;
         let bytes: &[u8] = mapped.map.as_deref().unwrap_or(&[]);
         let bad = |what: String| CorpusError::invalid(path, what);
+        // npyz allocates the length the header claims before it reads the header (4 GiB
+        // for a 12-byte file of format 2, which aborts a process under `ulimit -v` or
+        // strict overcommit): a claim past the end of the file is refused first.
+        if let Some(pre) = NpyPreamble::of(bytes) {
+            if let (None, Some(n)) = (pre.text(bytes), pre.header_len) {
+                return Err(bad(format!(
+                    "groups sidecar is not a valid .npy file: its header claims {n} bytes \
+                     from byte {}, past the end of the {}-byte file",
+                    pre.text_at,
+                    bytes.len()
+                )));
+            }
+        }
         let mut cursor = Cursor::new(bytes);
         let header = npyz::NpyHeader::from_reader(&mut cursor)
             .map_err(|e| bad(format!("groups sidecar is not a valid .npy file: {e}")))?;

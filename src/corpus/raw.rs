@@ -436,20 +436,10 @@ fn scan(map: &[u8], dtype: DType, eos: u64) -> Vec<u64> {
 /// silently. The magic, a format version numpy has defined (1 to 3) and the header
 /// length's field must all be there; no token stream starts with that by chance.
 fn npy_header(data: &[u8]) -> Option<String> {
-    let (&major, &minor) = (data.get(6)?, data.get(7)?);
-    if !data.starts_with(b"\x93NUMPY") || !(1..=3).contains(&major) || minor != 0 {
-        return None;
-    }
-    // Header length: u16 at byte 8 (version 1), u32 (versions 2 and 3).
-    let (len_bytes, text_at): (usize, usize) = if major == 1 { (2, 10) } else { (4, 12) };
-    let header_len = data
-        .get(8..8 + len_bytes)
-        .map(|b| b.iter().rev().fold(0u64, |acc, &x| acc << 8 | u64::from(x)));
-    let dict = header_len
-        .and_then(|n| data.get(text_at..text_at.checked_add(usize::try_from(n).ok()?)?))
-        .map(|t| String::from_utf8_lossy(t).trim().to_string());
-    let described = match (dict, header_len) {
-        (Some(d), _) => format!("its header {d}"),
+    let pre = super::groups::NpyPreamble::of(data)?;
+    let (major, minor, text_at) = (pre.major, pre.minor, pre.text_at);
+    let described = match (pre.text(data), pre.header_len) {
+        (Some(d), _) => format!("its header {}", String::from_utf8_lossy(d).trim()),
         (None, Some(n)) => format!(
             "its header claims {n} bytes from byte {text_at}, past the end of the {}-byte file",
             data.len()
