@@ -168,16 +168,13 @@ pub(super) fn validate_in_background(
                     trusted += 1;
                     continue;
                 }
-                match validate_one(shard) {
-                    Some(why) => {
-                        error!(
-                            "{why}; the shard is poisoned: rings that read it stop with \
-                             ERROR materialize"
-                        );
-                        shard.poison(why);
-                        bad += 1;
-                    }
-                    None => cache.record_validated(shard),
+                if let Some(why) = validate_one(shard).or_else(|| record_validated(&cache, shard)) {
+                    error!(
+                        "{why}; the shard is poisoned: rings that read it stop with \
+                         ERROR materialize"
+                    );
+                    shard.poison(why);
+                    bad += 1;
                 }
             }
             info!(
@@ -193,12 +190,7 @@ pub(super) fn validate_in_background(
 /// Why `shard` must not be served, if its full validation fails (or faults: the file
 /// shrank under the mapping), guarded as every daemon read of a mapping is.
 fn validate_one(shard: &Shard) -> Option<String> {
-    let guard = crate::corpus::guard::enter();
-    let _ = crate::corpus::guard::take_fault();
-    let checked = shard.validate();
-    let fault = crate::corpus::guard::take_fault();
-    drop(guard);
-    match (fault, checked) {
+    match guarded(|| shard.validate()) {
         (Some(_), _) => Some(format!(
             "{}: a read of its index faulted (SIGBUS) during the background validation: \
              the file shrank under the daemon's mapping",
@@ -207,6 +199,31 @@ fn validate_one(shard: &Shard) -> Option<String> {
         (None, Err(e)) => Some(format!("{e} (found by the background validation)")),
         (None, Ok(())) => None,
     }
+}
+
+/// Records `shard`'s passed validation in the identity cache, guarded: the record
+/// samples pages of the shard's mappings (for a raw file, of its tokens, which the pass
+/// itself never reads), and a file that shrank under them since faults there. Why the
+/// shard must not be served, when it did.
+fn record_validated(cache: &crate::corpus::IdentityCache, shard: &Shard) -> Option<String> {
+    guarded(|| cache.record_validated(shard)).0.map(|_| {
+        format!(
+            "{}: a read of its mapped files faulted (SIGBUS) while the background validation \
+             recorded its pass: a file shrank under the daemon's mapping",
+            shard.path().display()
+        )
+    })
+}
+
+/// Runs `read` (which reads shard mappings) guarded against SIGBUS, with the address of
+/// the first read that faulted, if one did.
+fn guarded<T>(read: impl FnOnce() -> T) -> (Option<usize>, T) {
+    let guard = crate::corpus::guard::enter();
+    let _ = crate::corpus::guard::take_fault();
+    let out = read();
+    let fault = crate::corpus::guard::take_fault();
+    drop(guard);
+    (fault, out)
 }
 
 /// Why this process could not give its socket to group `gid` (chown(2) lets an owner
@@ -224,5 +241,50 @@ fn cannot_chown_to(gid: u32) -> Option<String> {
             crate::sys::euid()
         )),
         Err(e) => Some(format!("cannot list this process's groups: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::{DType, IdentityCache, RawOptions};
+
+    /// A raw file truncated under the daemon before the background pass reached it: the
+    /// pass proves only the boundaries, then records the pass in the identity cache,
+    /// which samples pages of the token file's mapping. That read faults; it must poison
+    /// the shard, naming it, instead of killing the daemon with SIGBUS.
+    #[test]
+    fn a_raw_file_truncated_before_the_background_pass_poisons_it_not_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.u16");
+        let tokens: Vec<u8> = (0..8 * 4096u32)
+            .flat_map(|i| ((i % 500) as u16).to_le_bytes())
+            .collect();
+        std::fs::write(&path, &tokens).unwrap();
+        let opts = RawOptions {
+            dtype: DType::Uint16,
+            eos: 0,
+            cache_dir: None,
+        };
+        let cache = IdentityCache::new(Some(&dir.path().join("cache")));
+        let (shard, _) = cache.open(&path, Some(&opts), false).unwrap();
+        let shard = Arc::new(shard);
+        crate::corpus::guard::protect(shard.mappings()).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let unchecked = Unchecked {
+            shards: vec![shard.clone()],
+            cache,
+        };
+        validate_in_background(unchecked).unwrap().join().unwrap();
+        let why = shard.poisoned().expect("the shard is poisoned");
+        assert!(
+            why.starts_with(&format!("{}: ", path.display())) && why.contains("SIGBUS"),
+            "{why}"
+        );
     }
 }
