@@ -291,3 +291,52 @@ fn a_bad_shard_under_a_checkpoints_folder_is_still_materialize() {
     assert!(message.contains("checkpoints/web-0000"), "{message}");
     assert_eq!(code, "materialize", "{message}");
 }
+
+/// An int32 shard (what Megatron writes for vocabularies of 65,500 ids or more) whose
+/// `.idx` dtype code turned from 4 into 7 (float32, the same item size: every size check
+/// passes) is refused at start naming the `.idx`, byte 17 and the code, not with advice
+/// to serve `token_dtype = "int64"`, which refuses it in turn: float tokens are no ids.
+#[test]
+fn a_shard_whose_dtype_code_says_float_is_refused_naming_the_index_byte() {
+    use millrace::synth::{self, SynthOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    synth::synth(&SynthOptions {
+        out: dir.clone(),
+        tokens: 20_000,
+        domains: 1,
+        vocab: 100_000,
+        dtype: millrace::corpus::DType::Int32,
+        seed: 0,
+        shard_tokens: 10_000,
+        threads: 1,
+        progress: false,
+    })
+    .unwrap();
+    let idx = shard_files(&dir.join("web"), "idx").remove(0);
+    let mut b = std::fs::read(&idx).unwrap();
+    assert_eq!(b[17], 4, "synth writes int32");
+    b[17] = 7;
+    std::fs::write(&idx, b).unwrap();
+    let socket = dir.join("d.sock");
+    for token_dtype in ["int32", "int64"] {
+        let config = common::write_config(
+            &dir,
+            "d.toml",
+            SEQ_LEN,
+            ROWS,
+            &[
+                &common::serve_toml(&socket, 4, 2),
+                &format!("token_dtype = {token_dtype:?}"),
+            ],
+        );
+        let err = common::check_config_refusal(&config);
+        assert!(
+            err.contains(&format!(
+                "{}: dtype code 7 (float32) at byte 17: token ids are integers",
+                idx.display()
+            )) && !err.contains("use \"int64\""),
+            "{token_dtype}: {err}"
+        );
+    }
+}
