@@ -290,8 +290,23 @@ mod tests {
     use crate::serve::fill::{
         fill_slot,
         tests::{shard_and_job, truncate_and_fill},
+        SlotJob, Source,
     };
     use crate::serve::ring::{Layout, Ring};
+
+    /// [`shard_and_job`]'s shard (ids 7, token 10 is 9) in `dir`, a compact ring of one
+    /// slot for its job, and that slot as the mmap copy fills it.
+    fn copied_slot(dir: &Path) -> (Source, SlotJob, Layout, Ring, Vec<u8>) {
+        let (src, job, _) = shard_and_job(dir, 7, (10, 9));
+        let layout = Layout::compact(1, 64, 1, src.compact_token(), 64);
+        let ring = Ring::create("t", layout.clone(), 0).unwrap();
+        let copied = {
+            let slot = &mut ring.claim(0).unwrap();
+            assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
+            slot.to_vec()
+        };
+        (src, job, layout, ring, copied)
+    }
 
     /// Compact slots filled by each io_uring reader equal the mmap copy's byte for byte;
     /// a shard truncated under them fails the fill naming the file and the bytes, and is
@@ -300,12 +315,8 @@ mod tests {
     fn uring_fills_equal_the_copy_and_a_truncated_shard_is_named_and_poisoned() {
         for reader in [Reader::Uring, Reader::UringDirect] {
             let dir = tempfile::tempdir().unwrap();
-            let (mut src, job, _) = shard_and_job(dir.path(), 7, (10, 9));
-            let layout = Layout::compact(1, 64, 1, src.compact_token(), 64);
-            let ring = Ring::create("t", layout.clone(), 0).unwrap();
+            let (mut src, job, layout, ring, copied) = copied_slot(dir.path());
             let slot = &mut ring.claim(0).unwrap();
-            assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
-            let copied = slot.to_vec();
             src.readers = Readers::open(reader, &src.shards);
             if let Some(why) = src.readers.fallback() {
                 // The kernel refuses io_uring here: the copy fills instead (checked above).
@@ -353,12 +364,8 @@ mod tests {
     fn a_token_file_renamed_over_before_the_readers_open_is_not_read_with_io_uring() {
         for reader in [Reader::Uring, Reader::UringDirect] {
             let dir = tempfile::tempdir().unwrap();
-            let (mut src, job, _) = shard_and_job(dir.path(), 7, (10, 9));
-            let layout = Layout::compact(1, 64, 1, src.compact_token(), 64);
-            let ring = Ring::create("t", layout.clone(), 0).unwrap();
+            let (mut src, job, layout, ring, copied) = copied_slot(dir.path());
             let slot = &mut ring.claim(0).unwrap();
-            assert_eq!(fill_slot(slot, &layout, &job, &src).unwrap(), 65);
-            let copied = slot.to_vec();
             // Another build of the shard, same size, other ids, renamed over the .bin.
             let other = tempfile::tempdir().unwrap();
             shard_and_job(other.path(), 8, (10, 9));
