@@ -224,6 +224,22 @@ impl Shard {
         }
     }
 
+    /// The file whose mapping holds `addr`, and the byte of it there: what a report of a
+    /// faulted read names (the `.idx` or the `.bin`; the raw file or its boundary cache).
+    pub fn file_at(&self, addr: usize) -> Option<(&Path, usize)> {
+        let files: [&Path; 2] = match &self.body {
+            Body::Megatron(m) => [m.idx_path(), m.bin_path()],
+            Body::Raw(r) => [r.path(), r.cache_path()],
+        };
+        self.mappings()
+            .into_iter()
+            .zip(files)
+            .find_map(|(map, file)| {
+                let at = addr.checked_sub(map.as_ptr() as usize)?;
+                (at < map.len()).then_some((file, at))
+            })
+    }
+
     /// Marks the shard as unreadable for the rest of the process's life, with the reason
     /// (the first reason wins). Its mapping may hold zeros where the file shrank, so
     /// nothing may serve from it again.

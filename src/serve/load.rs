@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 
 use super::access;
+use super::fill::describe_fault;
 use super::ring::TokenType;
 use crate::config::serve::{socket_problem, ServeConfig};
 use crate::config::Config;
@@ -193,10 +194,7 @@ pub(super) fn validate_in_background(
                     continue;
                 }
                 if let Some(why) = validate_one(shard).or_else(|| record_validated(&cache, shard)) {
-                    error!(
-                        "{why}; the shard is poisoned: rings that read it stop with \
-                         ERROR materialize"
-                    );
+                    error!("{why}; rings that read it stop with ERROR materialize");
                     shard.poison(why);
                     bad += 1;
                 }
@@ -215,12 +213,14 @@ pub(super) fn validate_in_background(
 /// shrank under the mapping), guarded as every daemon read of a mapping is.
 fn validate_one(shard: &Shard) -> Option<String> {
     match guarded(|| shard.validate()) {
-        (Some(_), _) => Some(format!(
-            "{}: a read of its index faulted (SIGBUS) during the background validation: \
-             the file shrank under the daemon's mapping",
-            shard.path().display()
+        (Some(addr), _) => Some(describe_fault(
+            shard,
+            addr,
+            "during the background validation",
         )),
-        (None, Err(e)) => Some(format!("{e} (found by the background validation)")),
+        (None, Err(e)) => Some(format!(
+            "{e} (found by the background validation); the shard is poisoned until restart"
+        )),
         (None, Ok(())) => None,
     }
 }
@@ -230,11 +230,11 @@ fn validate_one(shard: &Shard) -> Option<String> {
 /// itself never reads), and a file that shrank under them since faults there. Why the
 /// shard must not be served, when it did.
 fn record_validated(cache: &crate::corpus::IdentityCache, shard: &Shard) -> Option<String> {
-    guarded(|| cache.record_validated(shard)).0.map(|_| {
-        format!(
-            "{}: a read of its mapped files faulted (SIGBUS) while the background validation \
-             recorded its pass: a file shrank under the daemon's mapping",
-            shard.path().display()
+    guarded(|| cache.record_validated(shard)).0.map(|addr| {
+        describe_fault(
+            shard,
+            addr,
+            "while the background validation recorded its pass",
         )
     })
 }
@@ -276,39 +276,44 @@ mod tests {
     /// A raw file truncated under the daemon before the background pass reached it: the
     /// pass proves only the boundaries, then records the pass in the identity cache,
     /// which samples pages of the token file's mapping. That read faults; it must poison
-    /// the shard, naming it, instead of killing the daemon with SIGBUS.
+    /// the shard, naming it, instead of killing the daemon with SIGBUS. A truncated
+    /// boundary cache faults in the pass itself, and the report names the cache, not the
+    /// tokens.
     #[test]
     fn a_raw_file_truncated_before_the_background_pass_poisons_it_not_the_daemon() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens.u16");
-        let tokens: Vec<u8> = (0..8 * 4096u32)
-            .flat_map(|i| ((i % 500) as u16).to_le_bytes())
-            .collect();
-        std::fs::write(&path, &tokens).unwrap();
-        let opts = RawOptions {
-            dtype: DType::Uint16,
-            eos: 0,
-            cache_dir: None,
-        };
-        let cache = IdentityCache::new(Some(&dir.path().join("cache")));
-        let (shard, _) = cache.open(&path, Some(&opts), false).unwrap();
-        let shard = Arc::new(shard);
-        crate::corpus::guard::protect(shard.mappings()).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
-        let unchecked = Unchecked {
-            shards: vec![shard.clone()],
-            cache,
-        };
-        validate_in_background(unchecked).unwrap().join().unwrap();
-        let why = shard.poisoned().expect("the shard is poisoned");
-        assert!(
-            why.starts_with(&format!("{}: ", path.display())) && why.contains("SIGBUS"),
-            "{why}"
-        );
+        for cut_cache in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tokens.u16");
+            let tokens: Vec<u8> = (0..8 * 4096u32)
+                .flat_map(|i| ((i % 500) as u16).to_le_bytes())
+                .collect();
+            std::fs::write(&path, &tokens).unwrap();
+            let opts = RawOptions {
+                dtype: DType::Uint16,
+                eos: 0,
+                cache_dir: None,
+            };
+            let cache = IdentityCache::new(Some(&dir.path().join("cache")));
+            let (shard, _) = cache.open(&path, Some(&opts), false).unwrap();
+            let shard = Arc::new(shard);
+            crate::corpus::guard::protect(shard.mappings()).unwrap();
+            let cut = match cut_cache {
+                true => shard.as_raw().unwrap().cache_path().to_path_buf(),
+                false => path.clone(),
+            };
+            let file = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+            file.set_len(0).unwrap();
+            let unchecked = Unchecked {
+                shards: vec![shard.clone()],
+                cache,
+            };
+            validate_in_background(unchecked).unwrap().join().unwrap();
+            let why = shard.poisoned().expect("the shard is poisoned");
+            assert!(
+                why.starts_with(&format!("{}: read at byte ", cut.display()))
+                    && why.contains("SIGBUS"),
+                "{why}"
+            );
+        }
     }
 }

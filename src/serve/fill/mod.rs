@@ -369,7 +369,7 @@ fn faulted(
     addr: usize,
     fail: &dyn Fn(String) -> RingError,
 ) -> RingError {
-    let why = describe_fault(shard, addr);
+    let why = describe_fault(shard, addr, "");
     shard.poison(why.clone());
     fail(format!("row {r}: reading document {doc}: {why}"))
 }
@@ -402,32 +402,28 @@ fn zeroed_or_faulted(bytes: &[u8], shard: &Shard) -> Option<usize> {
         })
 }
 
-/// Words a guarded read's fault at `addr`: which file of `shard`, at which byte.
-fn describe_fault(shard: &Shard, addr: usize) -> String {
-    let files: Vec<std::path::PathBuf> = match shard.as_megatron() {
-        Some(m) => vec![m.idx_path().to_path_buf(), m.bin_path().to_path_buf()],
-        None => vec![
-            shard.path().to_path_buf(),
-            format!("{} (its boundary cache)", shard.path().display()).into(),
-        ],
+/// Words a guarded read's fault at `addr` (`during`: what the read was for, or empty for
+/// a slot's copy): which file of `shard` shrank, at which byte. The file is named as it
+/// is, so a raw shard's truncated boundary cache is not blamed on its tokens.
+pub(in crate::serve) fn describe_fault(shard: &Shard, addr: usize, during: &str) -> String {
+    let during = if during.is_empty() {
+        String::new()
+    } else {
+        format!(" {during}")
     };
-    for (map, file) in shard.mappings().into_iter().zip(files) {
-        let start = map.as_ptr() as usize;
-        if (start..start + map.len()).contains(&addr) {
-            return format!(
-                "{}: read at byte {} faulted (SIGBUS): the file shrank under the daemon's \
-                 mapping (truncated or rewritten in place?); the shard is poisoned until \
-                 restart",
-                file.display(),
-                addr - start
-            );
-        }
+    match shard.file_at(addr) {
+        Some((file, at)) => format!(
+            "{}: read at byte {at} faulted (SIGBUS){during}: the file shrank under the \
+             daemon's mapping (truncated or rewritten in place?); the shard is poisoned until \
+             restart",
+            file.display(),
+        ),
+        None => format!(
+            "{}: a read faulted (SIGBUS){during} at an address outside its mappings; the \
+             shard is poisoned until restart",
+            shard.path().display()
+        ),
     }
-    format!(
-        "{}: a read faulted (SIGBUS) at an address outside its mappings; the shard is \
-         poisoned until restart",
-        shard.path().display()
-    )
 }
 
 /// Tokens `a..b` of a document (bounds checked by the caller).

@@ -56,19 +56,10 @@ impl Hub {
     /// Poisons the shard whose mapping holds `addr`, where a guarded read faulted
     /// `during` something other than a slot copy, and says why.
     pub(super) fn poison_at(&self, addr: usize, during: &str) -> String {
-        let shard = self.source.shards.iter().flatten().find(|s| {
-            s.mappings().iter().any(|m| {
-                let a = m.as_ptr() as usize;
-                (a..a + m.len()).contains(&addr)
-            })
-        });
+        let shard = (self.source.shards.iter().flatten()).find(|s| s.file_at(addr).is_some());
         match shard {
             Some(s) => {
-                let why = format!(
-                    "{}: a read of its index faulted (SIGBUS) {during}: the file shrank \
-                     under the daemon's mapping; the shard is poisoned until restart",
-                    s.path().display()
-                );
+                let why = crate::serve::fill::describe_fault(s, addr, during);
                 s.poison(why.clone());
                 why
             }
