@@ -265,6 +265,17 @@ pub enum CursorError {
         /// Index of the first domain out of range.
         domain: usize,
     },
+    /// A reshuffle chain longer than the plan's reseeds (each adds at most one entry):
+    /// only a forged blob has one, and every unit of a window walks the chain.
+    #[error("cursor is malformed: domain {domain}: {n} reshuffles in a chain, but this plan has {most} reseed(s)")]
+    Reshuffles {
+        /// The domain's name.
+        domain: String,
+        /// The longest chain's length.
+        n: usize,
+        /// The plan's reseeds.
+        most: usize,
+    },
     /// A domain's stream state does not fit the window it points at.
     #[error("cursor is malformed: domain {domain}: {source}")]
     Stream {

@@ -291,6 +291,31 @@ impl Plan {
         {
             return Err(CursorError::Deficit { domain });
         }
+        // Each reseed adds at most one reshuffle to a chain (`Stream::prepare`), and every
+        // unit of a window walks its chain: a longer one is forged, and would make the
+        // checks below and the planner after them thousands of times slower.
+        let most = self.reseeds.len();
+        for (d, s) in streams.iter().enumerate() {
+            let n = [s.pos_chain.len(), s.block_chain.len()]
+                .into_iter()
+                .chain(s.tails.iter().map(|t| t.pos_chain.len()))
+                .chain(
+                    s.tails
+                        .iter()
+                        .flat_map(|t| &t.carry)
+                        .map(|c| c.block_chain.len()),
+                )
+                .chain(s.carry.iter().map(|c| c.block_chain.len()))
+                .max()
+                .unwrap_or(0);
+            if n > most {
+                return Err(CursorError::Reshuffles {
+                    domain: self.domains[d].name.clone(),
+                    n,
+                    most,
+                });
+            }
+        }
         let mut p = Planner {
             plan: self.clone(),
             step: c.step,

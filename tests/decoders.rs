@@ -1,0 +1,305 @@
+//! Every decoder of untrusted bytes against forged input: cursor blobs (a trainer's
+//! checkpoint a user may have edited, truncated or mixed up, and the plan checkpoint
+//! files a seek reads) mutated byte by byte and re-sealed with a correct length and
+//! checksum, so that only the structural checks stand between them and the planner.
+//! Each case must be refused or give a planner that keeps producing full batches;
+//! none may panic or run away.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use millrace::config::plan::{
+    Bursty, DomainSettings, GroupMode, Grouping, Packing, PlanConfig, Reseed, Skip, Stage, Upsample,
+};
+use millrace::corpus::GroupRun;
+use millrace::plan::{DocSource, DomainInput, MemShard, Plan};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+
+/// A domain of `docs` documents per shard with lengths around `cap`, grouped in runs.
+fn domain(rng: &mut Pcg64, name: &str, docs: usize, cap: u32, s: DomainSettings) -> DomainInput {
+    let shards = (0..2)
+        .map(|i| {
+            let lengths: Vec<u32> = (0..docs)
+                .map(|_| match rng.gen_range(0..10) {
+                    0 => rng.gen_range(cap..4 * cap),
+                    _ => rng.gen_range(1..cap),
+                })
+                .collect();
+            let mut groups = Vec::new();
+            let mut first = 0u64;
+            while first < docs as u64 {
+                let n = rng.gen_range(1..=5).min(docs as u64 - first);
+                groups.push(GroupRun {
+                    id: 1000 + first,
+                    first_doc: first,
+                    docs: n,
+                });
+                first += n;
+            }
+            let src: Arc<dyn DocSource> = Arc::new(MemShard {
+                lengths,
+                groups: Some(groups),
+            });
+            (format!("{name}/shard{i}"), src)
+        })
+        .collect();
+    DomainInput {
+        name: name.to_string(),
+        shards,
+        settings: s,
+    }
+}
+
+fn grouped(mode: GroupMode) -> DomainSettings {
+    DomainSettings {
+        grouping: Grouping {
+            mode,
+            ..Grouping::default()
+        },
+        ..DomainSettings::default()
+    }
+}
+
+/// Plans with every feature a blob records: grouping tails, bursty and upsampled
+/// domains, skips, reseeds, a stage switch with its carry levels and a live journal.
+fn plans() -> Vec<Arc<Plan>> {
+    let mut rng = Pcg64::seed_from_u64(0xdec0de);
+    let cap = 24;
+    let mut up = grouped(GroupMode::Off);
+    up.upsample_long = Some(Upsample {
+        min_tokens: 30,
+        factor: 2,
+    });
+    let mut bursty = grouped(GroupMode::Sequence);
+    bursty.bursty = Some(Bursty { period: 3 });
+    let inputs = vec![
+        domain(&mut rng, "web", 60, cap, grouped(GroupMode::Off)),
+        domain(&mut rng, "code", 60, cap, grouped(GroupMode::Batch)),
+        domain(&mut rng, "books", 40, cap, bursty),
+        domain(&mut rng, "long", 40, cap, up),
+    ];
+    let weights: BTreeMap<String, f64> =
+        [("web", 3.0), ("code", 2.0), ("books", 1.0), ("long", 1.0)]
+            .iter()
+            .map(|(n, w)| (n.to_string(), *w))
+            .collect();
+    let cfg = PlanConfig {
+        seed: 3,
+        seq_len: cap,
+        global_batch_rows: 16,
+        packing: Packing::BestFit,
+        best_fit_window: 16,
+        eod_token: None,
+        pad_token: 0,
+        vocab_size: None,
+        weights: Some(weights.clone()),
+        schedule: Vec::new(),
+        skip: vec![Skip { steps: [7, 8] }],
+        reseed: vec![Reseed { step: 12, seed: 5 }],
+        stage: Vec::new(),
+    };
+    let plain = Arc::new(Plan::new(&inputs, cfg.clone(), 1).expect("plan builds"));
+    let mut staged_cfg = cfg.clone();
+    staged_cfg.stage = vec![Stage {
+        step: 10,
+        seq_len: 2 * cap,
+        global_batch_rows: 8,
+        best_fit_window: None,
+        chain_groups: true,
+        upsample_long: BTreeMap::new(),
+    }];
+    let staged = Arc::new(Plan::new(&inputs, staged_cfg, 1).expect("staged plan builds"));
+    // A live journal: a weights change and a stage change.
+    let w: BTreeMap<String, f64> = [("web".to_string(), 0.5)].into();
+    let journal = vec![
+        plain.weights_change(5, &w).expect("weights change"),
+        plain.stage_change(9, 2 * cap, 8, None, false),
+    ];
+    let live = Arc::new(plain.with_journal(journal).expect("journal applies"));
+    vec![plain, staged, live]
+}
+
+/// Blobs of `plan` at a few steps, including ones past its stage switch and skips.
+fn blobs(plan: &Arc<Plan>) -> Vec<Vec<u8>> {
+    let mut p = plan.start();
+    let mut out = Vec::new();
+    for s in 0..24 {
+        if s % 3 == 0 || s > 16 {
+            out.push(p.cursor());
+        }
+        p.next_batch();
+    }
+    out
+}
+
+/// `blob` with its length field and checksum made right again (docs/FORMATS.md).
+fn seal(mut blob: Vec<u8>) -> Vec<u8> {
+    if blob.len() < 24 {
+        return blob;
+    }
+    let len = blob.len() as u32;
+    blob[12..16].copy_from_slice(&len.to_le_bytes());
+    let body = blob.len() - 8;
+    let sum = xxhash_rust::xxh3::xxh3_64(&blob[..body]);
+    blob[body..].copy_from_slice(&sum.to_le_bytes());
+    blob
+}
+
+/// One random edit of a blob's body (past its magic and layout).
+fn mutate(rng: &mut Pcg64, blob: &[u8]) -> Vec<u8> {
+    let mut b = blob.to_vec();
+    let body = b.len() - 8;
+    for _ in 0..rng.gen_range(1..=3) {
+        let at = rng.gen_range(16..body);
+        match rng.gen_range(0..8) {
+            0 => b[at] ^= 1 << rng.gen_range(0..8),
+            1 => b[at] = rng.gen(),
+            2 => b[at] = 0xff,
+            3 => b[at] = 0,
+            4 => {
+                // A whole little-endian word set to an extreme.
+                let w = rng.gen_range(1..=8).min(body - at);
+                let v: u8 = if rng.gen() { 0xff } else { 0 };
+                b[at..at + w].fill(v);
+                if rng.gen() {
+                    b[at + w - 1] = 0x7f;
+                }
+            }
+            5 => {
+                // Cut a piece out of the body.
+                let n = rng.gen_range(1..=16).min(body - at);
+                b.drain(at..at + n);
+                return b;
+            }
+            6 => {
+                // Insert random bytes.
+                let n = rng.gen_range(1..=16);
+                let extra: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+                b.splice(at..at, extra);
+                return b;
+            }
+            _ => b[at] = b[at].wrapping_add(rng.gen_range(1..4)),
+        }
+    }
+    b
+}
+
+/// Forged blobs, sealed so only the structural checks judge them, are refused or
+/// resume to a planner that keeps producing full batches: no panic, no runaway.
+#[test]
+fn sealed_mutations_of_cursor_blobs_never_panic() {
+    let cases: usize = std::env::var("DECODER_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    let mut rng = Pcg64::seed_from_u64(0xb10b);
+    let (mut accepted, mut refused) = (0, 0);
+    for plan in plans() {
+        let base = blobs(&plan);
+        for b in &base {
+            assert!(plan.restore(b).is_ok(), "the real blob resumes");
+        }
+        for i in 0..cases {
+            let b = seal(mutate(&mut rng, &base[i % base.len()]));
+            let started = Instant::now();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let restored = plan.restore(&b).is_ok();
+                match plan.resume(&b, 1 << 16) {
+                    Ok(r) => {
+                        let mut p = r.planner;
+                        let rows = r.plan.capacity_at(p.plan_step());
+                        let _ = rows;
+                        for _ in 0..3 {
+                            let g = p.next_batch();
+                            assert!(!g.rows.is_empty());
+                        }
+                        true
+                    }
+                    Err(_) => restored,
+                }
+            }));
+            match r {
+                Ok(true) => accepted += 1,
+                Ok(false) => refused += 1,
+                Err(_) => panic!("case {i}: blob {} panicked", hex(&b)),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "case {i}: blob {} took {:?}",
+                hex(&b),
+                started.elapsed()
+            );
+        }
+    }
+    eprintln!("sealed mutations: {accepted} accepted, {refused} refused");
+    assert!(refused > 0);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A reshuffle chain longer than the plan's reseeds is forged (each reseed adds at most
+/// one entry, `Stream::prepare`): every unit of every window walks the chain, so 2000
+/// entries in a 32 KB HELLO once made one restore take 41 s (debug build) and the ring's
+/// planner as slow for the rest of the epoch. Refused, naming the domain, before any
+/// window is packed.
+#[test]
+fn reshuffle_chains_longer_than_the_reseeds_are_refused() {
+    use millrace::plan::cursor;
+    use millrace::plan::permute::Reshuffle;
+    use millrace::plan::CursorError;
+    let plan = plans().swap_remove(0);
+    // Past its one reseed (step 12), the real chains hold one entry and resume.
+    let mut p = plan.start();
+    for _ in 0..20 {
+        p.next_batch();
+    }
+    let real = cursor::decode(&p.cursor()).unwrap();
+    assert!(real.streams.iter().any(|s| s.pos_chain.len() == 1));
+    assert!(plan.restore(&cursor::encode(&real)).is_ok());
+    let forge = |edit: &dyn Fn(&mut millrace::plan::StreamState)| {
+        let mut c = real.clone();
+        edit(&mut c.streams[0]);
+        let started = Instant::now();
+        let e = plan.restore(&cursor::encode(&c)).err();
+        (e, started.elapsed())
+    };
+    let long =
+        |n: u64| -> Vec<Reshuffle> { (0..n).map(|key| Reshuffle { start: 0, key }).collect() };
+    for (what, edit) in [
+        (
+            "pos_chain",
+            Box::new(|s: &mut millrace::plan::StreamState| s.pos_chain = long(2))
+                as Box<dyn Fn(&mut _)>,
+        ),
+        (
+            "block_chain",
+            Box::new(|s: &mut millrace::plan::StreamState| s.block_chain = long(2)),
+        ),
+        (
+            "long pos_chain",
+            Box::new(|s: &mut millrace::plan::StreamState| s.pos_chain = long(1000)),
+        ),
+    ] {
+        let (e, took) = forge(&*edit);
+        match e {
+            Some(CursorError::Reshuffles { domain, n, most: 1 }) => {
+                assert_eq!(domain, "web", "{what}");
+                assert!(n >= 2, "{what}: {n}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        assert!(
+            took < Duration::from_secs(1),
+            "{what}: refused after {took:?}"
+        );
+    }
+    let e = forge(&|s| s.pos_chain = long(3)).0.unwrap().to_string();
+    assert!(
+        e.contains("domain web") && e.contains("3 reshuffles") && e.contains("1 reseed"),
+        "{e}"
+    );
+}
