@@ -203,6 +203,35 @@ pub fn cache_root(config: &Config) -> Option<PathBuf> {
     crate::corpus::identity::default_cache_root()
 }
 
+/// Reads the checkpoint file at `path`: a regular file of at most [`MAX_BLOB`] bytes.
+/// Opened without blocking and judged by the open file, so a FIFO or a device under a
+/// checkpoint's name (or a file swapped for one after it was listed) is an error at
+/// once, not a read that never returns or never ends.
+fn read_blob(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let m = file.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if m.len() > MAX_BLOB {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, more than any checkpoint",
+            m.len()
+        )));
+    }
+    let mut blob = Vec::with_capacity(m.len() as usize);
+    file.take(MAX_BLOB + 1).read_to_end(&mut blob)?;
+    if blob.len() as u64 > MAX_BLOB {
+        return Err(std::io::Error::other("grew past any checkpoint while read"));
+    }
+    Ok(blob)
+}
+
 /// Parses a checkpoint file name back into its key.
 fn parse_name(name: &str) -> Option<CheckpointKey> {
     let mut parts = name.strip_suffix(SUFFIX)?.split('-');
@@ -235,17 +264,7 @@ impl Checkpoints for CheckpointDir {
 
     fn load(&self, key: &CheckpointKey) -> Option<Vec<u8>> {
         let path = self.path(key);
-        let read = std::fs::metadata(&path).and_then(|m| {
-            if m.len() > MAX_BLOB {
-                Err(std::io::Error::other(format!(
-                    "{} bytes, more than any checkpoint",
-                    m.len()
-                )))
-            } else {
-                std::fs::read(&path)
-            }
-        });
-        match read {
+        match read_blob(&path) {
             Ok(blob) => Some(blob),
             // Removed since it was listed (another process dropped it): nothing to say.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -363,6 +382,32 @@ mod tests {
         let d = CheckpointDir::capped(tmp.path().join("big"), 8, 64);
         d.store(&key(0), &[0u8; 100]);
         assert!(d.list().is_empty());
+    }
+
+    /// A checkpoint name that is not a regular file (a FIFO, a link to a device) is
+    /// refused at once and removed: opening a FIFO once blocked the seek forever (a
+    /// daemon's admission slot with it), and reading /dev/zero never ended.
+    #[test]
+    fn a_checkpoint_that_is_not_a_regular_file_is_refused_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = CheckpointDir::capped(tmp.path().to_path_buf(), 8, u64::MAX);
+        let fifo = d.path(&key(64));
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink("/dev/zero", d.path(&key(128))).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = d.dir.clone();
+        std::thread::spawn(move || {
+            let d = CheckpointDir::capped(dir, 8, u64::MAX);
+            let got = (d.load(&key(64)).is_none(), d.load(&key(128)).is_none());
+            let _ = tx.send((got, d.list().len()));
+        });
+        let (got, left) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("loading a FIFO or a device checkpoint returns");
+        assert_eq!(got, (true, true));
+        assert_eq!(left, 0, "the entries are removed");
     }
 
     #[test]
