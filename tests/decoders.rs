@@ -303,3 +303,30 @@ fn reshuffle_chains_longer_than_the_reseeds_are_refused() {
         "{e}"
     );
 }
+
+/// A blob cut inside its 16-byte header (a checkpoint file written by a full disk) is
+/// named as truncated, not as "not a millrace cursor": its magic is there. Every cut
+/// names the byte it ends at or the length it should have.
+#[test]
+fn a_blob_cut_inside_its_header_is_named_truncated() {
+    use millrace::plan::cursor;
+    use millrace::plan::CursorError;
+    let plan = plans().swap_remove(0);
+    let blob = plan.start().cursor();
+    for len in 8..16 {
+        assert_eq!(
+            cursor::decode(&blob[..len]),
+            Err(CursorError::Truncated { at: len }),
+            "cut at {len}"
+        );
+    }
+    for len in 16..blob.len() {
+        assert!(
+            matches!(cursor::decode(&blob[..len]), Err(CursorError::Length { got, .. }) if got == len),
+            "cut at {len}"
+        );
+    }
+    for bad in [&b""[..], b"MRCURSO", b"XRCURSOR\x07\x00"] {
+        assert_eq!(cursor::decode(bad), Err(CursorError::Magic), "{bad:?}");
+    }
+}

@@ -638,8 +638,12 @@ pub fn encode_with_state(c: &CursorData) -> (Vec<u8>, u64) {
 /// Parses and checks a blob's framing (magic, version, length, checksum). Fingerprint and
 /// history are checked by the plan, which knows its own.
 pub fn decode(b: &[u8]) -> Result<CursorData, CursorError> {
-    if b.len() < 16 || &b[..8] != MAGIC {
+    if b.get(..8) != Some(&MAGIC[..]) {
         return Err(CursorError::Magic);
+    }
+    if b.len() < 16 {
+        // A cursor cut inside its header (a checkpoint written by a full disk).
+        return Err(CursorError::Truncated { at: b.len() });
     }
     let mut r = R { b, at: 8 };
     let version = r.u16()?;
