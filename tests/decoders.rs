@@ -17,6 +17,8 @@ use millrace::plan::{DocSource, DomainInput, MemShard, Plan};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 
+mod common;
+
 /// A domain of `docs` documents per shard with lengths around `cap`, grouped in runs.
 fn domain(rng: &mut Pcg64, name: &str, docs: usize, cap: u32, s: DomainSettings) -> DomainInput {
     let shards = (0..2)
@@ -196,10 +198,15 @@ fn sealed_mutations_of_cursor_blobs_never_panic() {
         .unwrap_or(600);
     let mut rng = Pcg64::seed_from_u64(0xb10b);
     let (mut accepted, mut refused) = (0, 0);
-    for plan in plans() {
-        let base = blobs(&plan);
+    let all = plans();
+    // Each plan's blobs under their own plan, and the live journal's under the plain
+    // plan too, which adopts the blob's journal (a daemon restarted without it).
+    let pairs = [(0, 0), (1, 1), (2, 2), (2, 0)];
+    for (made, by) in pairs {
+        let (made, plan) = (&all[made], &all[by]);
+        let base = blobs(made);
         for b in &base {
-            assert!(plan.restore(b).is_ok(), "the real blob resumes");
+            assert!(plan.resume(b, 1 << 16).is_ok(), "the real blob resumes");
         }
         for i in 0..cases {
             let b = seal(mutate(&mut rng, &base[i % base.len()]));
@@ -209,8 +216,6 @@ fn sealed_mutations_of_cursor_blobs_never_panic() {
                 match plan.resume(&b, 1 << 16) {
                     Ok(r) => {
                         let mut p = r.planner;
-                        let rows = r.plan.capacity_at(p.plan_step());
-                        let _ = rows;
                         for _ in 0..3 {
                             let g = p.next_batch();
                             assert!(!g.rows.is_empty());
@@ -328,5 +333,53 @@ fn a_blob_cut_inside_its_header_is_named_truncated() {
     }
     for bad in [&b""[..], b"MRCURSO", b"XRCURSOR\x07\x00"] {
         assert_eq!(cursor::decode(bad), Err(CursorError::Magic), "{bad:?}");
+    }
+}
+
+/// End to end: a HELLO carrying a blob of this daemon's plan with forged 2000-entry
+/// reshuffle chains (re-sealed, 64 KB of hex, within the daemon's request limit) is
+/// refused with `cursor`, naming the fault, instead of being admitted after seconds of
+/// repacking per domain and planned as slowly from then on; a good client streams on.
+#[test]
+fn a_hello_with_forged_reshuffle_chains_is_refused_while_a_good_client_streams() {
+    use millrace::client::{to_hex, Client, ClientError, Hello};
+    use millrace::plan::cursor;
+    use millrace::plan::permute::Reshuffle;
+    let corpus = common::corpus(300_000, 2, 7, 100_000);
+    let socket = corpus.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 4, 1);
+    let config = common::write_config(&corpus.dir, "test.toml", 128, 8, &[&serve]);
+    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("serve.log"));
+    let mut good = Client::connect(&socket, &Hello::whole_slice(0, 1)).unwrap();
+    good.set_timeout(Some(Duration::from_secs(30)));
+    for _ in 0..5 {
+        good.next_batch().unwrap();
+    }
+    let blob = good.last_cursor().unwrap().to_vec();
+    let mut c = cursor::decode(&blob).unwrap();
+    for s in &mut c.streams {
+        s.pos_chain = (0..1000).map(|key| Reshuffle { start: 0, key }).collect();
+    }
+    let forged = cursor::encode(&c);
+    let mut h = Hello::whole_slice(0, 1);
+    h.job = "forged".into();
+    h.cursor = Some(to_hex(&forged));
+    let started = Instant::now();
+    match Client::connect(&socket, &h) {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "cursor", "{message}");
+            assert!(message.contains("1000 reshuffles"), "{message}");
+        }
+        Err(e) => panic!("expected a cursor refusal, got {e}"),
+        Ok(_) => panic!("a blob with forged reshuffle chains was admitted"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    for _ in 0..20 {
+        good.next_batch()
+            .unwrap_or_else(|e| panic!("{e}\n{}", serve.log_text()));
     }
 }
