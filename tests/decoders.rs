@@ -383,3 +383,41 @@ fn a_hello_with_forged_reshuffle_chains_is_refused_while_a_good_client_streams()
             .unwrap_or_else(|e| panic!("{e}\n{}", serve.log_text()));
     }
 }
+
+/// Reads one frame from a blocking socket: (type, JSON payload).
+fn read_json_frame(s: &mut std::os::unix::net::UnixStream) -> (u8, serde_json::Value) {
+    let (kind, payload) = millrace::wire::frame::read_from(s).expect("a frame");
+    let v = serde_json::from_slice(&payload).expect("a JSON payload");
+    (kind, v)
+}
+
+/// A HELLO on a control connection is closed with an ERROR that names the frame by its
+/// type and size. It used to echo the frame's payload as a Debug list of bytes (about 5
+/// bytes of message per byte sent: a 60 KB HELLO got a 300 KB ERROR back, and a
+/// request-sized one of a many-domain plan one past what a frame may carry).
+#[test]
+fn a_wrong_frame_on_a_control_connection_is_named_not_echoed() {
+    use millrace::wire::frame::{encode, kind};
+    use std::io::Write;
+    let corpus = common::corpus(100_000, 2, 3, 100_000);
+    let socket = corpus.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 4, 1);
+    let config = common::write_config(&corpus.dir, "test.toml", 128, 8, &[&serve]);
+    let _serve = common::Serve::start(&config, &socket, &corpus.dir.join("serve.log"));
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let status = serde_json::to_vec(&millrace::control::status_request()).unwrap();
+    s.write_all(&encode(kind::CONTROL, &status)).unwrap();
+    let (k, reply) = read_json_frame(&mut s);
+    assert_eq!(
+        (k, &reply["ok"]),
+        (kind::CONTROL_REPLY, &serde_json::json!(true))
+    );
+    s.write_all(&encode(kind::HELLO, &[b'x'; 60_000])).unwrap();
+    let (k, v) = read_json_frame(&mut s);
+    assert_eq!(k, kind::ERROR, "{v}");
+    assert_eq!(v["code"], "protocol", "{v}");
+    let m = v["message"].as_str().unwrap_or_default();
+    assert!(m.len() < 200, "an ERROR of {} bytes", m.len());
+    assert!(m.contains("HELLO") && m.contains("60000"), "{m}");
+}

@@ -346,7 +346,7 @@ async fn connection(
         }
         Ok(Ok(None)) => return,
         Ok(Ok(Some(other))) => {
-            let m = format!("expected HELLO or CONTROL first, got {other:?}");
+            let m = format!("expected HELLO or CONTROL first, got {other}");
             d.warn_peer(pid, format_args!("{m}; closing"));
             say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
             return;
@@ -520,7 +520,7 @@ async fn control_connection(
                     Ok(Some(Frame::Control(p))) => p,
                     Ok(Some(Frame::Bye)) | Ok(None) => return,
                     Ok(Some(other)) => {
-                        let m = format!("expected CONTROL on a control connection, got {other:?}");
+                        let m = format!("expected CONTROL on a control connection, got {other}");
                         say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                         return;
                     }

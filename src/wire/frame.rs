@@ -62,6 +62,19 @@ pub enum Frame {
     Control(Vec<u8>),
 }
 
+/// A frame named by its type and size, for messages that say which frame was
+/// unexpected: never its payload, which the peer sent and may be megabytes.
+impl std::fmt::Display for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Frame::Hello(p) => write!(f, "HELLO ({} payload bytes)", p.len()),
+            Frame::Control(p) => write!(f, "CONTROL ({} payload bytes)", p.len()),
+            Frame::Release(upto) => write!(f, "RELEASE {upto}"),
+            Frame::Bye => f.write_str("BYE"),
+        }
+    }
+}
+
 /// The most a frame of type `kind` may declare when it is sent: [`MAX_JSON_FRAME`] for
 /// the JSON types, [`MAX_FRAME`] for the rest.
 pub fn limit_of(kind: u8) -> usize {
@@ -307,6 +320,12 @@ mod tests {
             p(&encode(kind::RELEASE, b"abc")),
             Err(ProtocolError::Payload { expected: 8, .. })
         ));
+        // A frame is named by its type and size, never by its payload.
+        assert_eq!(
+            Frame::Hello(vec![b'x'; 60_000]).to_string(),
+            "HELLO (60000 payload bytes)"
+        );
+        assert_eq!(Frame::Release(7).to_string(), "RELEASE 7");
     }
 
     /// A HELLO longer than [`MAX_FRAME`] (a cursor blob of hundreds of domains) is read
