@@ -19,7 +19,7 @@ use rand_pcg::Pcg64;
 
 mod common;
 
-/// A domain of `docs` documents per shard with lengths around `cap`, grouped in runs.
+/// A domain of two shards of `docs` documents with lengths around `cap`, in groups.
 fn domain(rng: &mut Pcg64, name: &str, docs: usize, cap: u32, s: DomainSettings) -> DomainInput {
     let shards = (0..2)
         .map(|i| {
@@ -29,17 +29,16 @@ fn domain(rng: &mut Pcg64, name: &str, docs: usize, cap: u32, s: DomainSettings)
                     _ => rng.gen_range(1..cap),
                 })
                 .collect();
-            let mut groups = Vec::new();
-            let mut first = 0u64;
-            while first < docs as u64 {
-                let n = rng.gen_range(1..=5).min(docs as u64 - first);
-                groups.push(GroupRun {
+            // Groups of three documents (the last one shorter).
+            let docs = docs as u64;
+            let groups = (0..docs)
+                .step_by(3)
+                .map(|first| GroupRun {
                     id: 1000 + first,
                     first_doc: first,
-                    docs: n,
-                });
-                first += n;
-            }
+                    docs: 3.min(docs - first),
+                })
+                .collect();
             let src: Arc<dyn DocSource> = Arc::new(MemShard {
                 lengths,
                 groups: Some(groups),
@@ -336,8 +335,19 @@ fn a_blob_cut_inside_its_header_is_named_truncated() {
     }
 }
 
-/// End to end: a HELLO carrying a blob of this daemon's plan with forged 2000-entry
-/// reshuffle chains (re-sealed, 64 KB of hex, within the daemon's request limit) is
+/// A real daemon on a synth corpus of `tokens` tokens in 2 domains (seed `seed`), rows
+/// of 128 tokens, 8 a step: the corpus (kept while it runs), its socket and the daemon.
+fn daemon(tokens: u64, seed: u64) -> (common::Corpus, std::path::PathBuf, common::Serve) {
+    let corpus = common::corpus(tokens, 2, seed, 100_000);
+    let socket = corpus.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 4, 1);
+    let config = common::write_config(&corpus.dir, "test.toml", 128, 8, &[&serve]);
+    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("serve.log"));
+    (corpus, socket, serve)
+}
+
+/// End to end: a HELLO carrying a blob of this daemon's plan with forged 1000-entry
+/// reshuffle chains (re-sealed, 32 KB of hex, within the daemon's request limit) is
 /// refused with `cursor`, naming the fault, instead of being admitted after seconds of
 /// repacking per domain and planned as slowly from then on; a good client streams on.
 #[test]
@@ -345,11 +355,7 @@ fn a_hello_with_forged_reshuffle_chains_is_refused_while_a_good_client_streams()
     use millrace::client::{to_hex, Client, ClientError, Hello};
     use millrace::plan::cursor;
     use millrace::plan::permute::Reshuffle;
-    let corpus = common::corpus(300_000, 2, 7, 100_000);
-    let socket = corpus.dir.join("s.sock");
-    let serve = common::serve_toml(&socket, 4, 1);
-    let config = common::write_config(&corpus.dir, "test.toml", 128, 8, &[&serve]);
-    let serve = common::Serve::start(&config, &socket, &corpus.dir.join("serve.log"));
+    let (_corpus, socket, serve) = daemon(300_000, 7);
     let mut good = Client::connect(&socket, &Hello::whole_slice(0, 1)).unwrap();
     good.set_timeout(Some(Duration::from_secs(30)));
     for _ in 0..5 {
@@ -399,11 +405,7 @@ fn read_json_frame(s: &mut std::os::unix::net::UnixStream) -> (u8, serde_json::V
 fn a_wrong_frame_on_a_control_connection_is_named_not_echoed() {
     use millrace::wire::frame::{encode, kind};
     use std::io::Write;
-    let corpus = common::corpus(100_000, 2, 3, 100_000);
-    let socket = corpus.dir.join("s.sock");
-    let serve = common::serve_toml(&socket, 4, 1);
-    let config = common::write_config(&corpus.dir, "test.toml", 128, 8, &[&serve]);
-    let _serve = common::Serve::start(&config, &socket, &corpus.dir.join("serve.log"));
+    let (_corpus, socket, _serve) = daemon(100_000, 3);
     let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let status = serde_json::to_vec(&millrace::control::status_request()).unwrap();
