@@ -465,7 +465,9 @@ impl Hello {
                 ))
             }
         }
-        let hello: Hello = serde_json::from_value(value)
+        // From the bytes, not the value: a `Value` keeps the last of a key given twice,
+        // where the derive refuses it (another reader, a proxy's, may take the first).
+        let hello: Hello = serde_json::from_slice(payload)
             .map_err(|e| Refusal::new(Code::BadHello, format!("HELLO: {e}")))?;
         check_name("job", &hello.job)?;
         check_name("replica", &hello.replica)?;
@@ -717,6 +719,12 @@ mod tests {
             .unwrap_err();
         assert!(e.message.contains("dp_sise"), "{e}");
         assert_eq!(Hello::parse(b"\xff\x00").unwrap_err().code, "bad_hello");
+        // A key given twice is refused, naming it, not read as its last value (another
+        // JSON reader, a proxy's or a log's, may take the first).
+        let e = Hello::parse(br#"{"protocol":2,"job":"j","dp_rank":0,"dp_size":2,"dp_rank":1}"#)
+            .unwrap_err();
+        assert_eq!(e.code, "bad_hello", "{e}");
+        assert!(e.message.contains("duplicate field `dp_rank`"), "{e}");
         // Bounds: a far start step or a huge count is refused with `limit`, naming it.
         for (field, v) in [
             ("start_step", (1u64 << 40).to_string()),
