@@ -52,7 +52,7 @@ struct RawControl {
     protocol: u32,
     op: String,
     #[serde(default)]
-    weights: Option<std::collections::BTreeMap<String, f64>>,
+    weights: Option<UniqueWeights>,
     #[serde(default)]
     at_step: Option<u64>,
     #[serde(default)]
@@ -67,6 +67,37 @@ struct RawControl {
     best_fit_window: Option<u64>,
     #[serde(default)]
     chain_groups: Option<bool>,
+}
+
+/// The `weights` of a request: a map that refuses a domain named twice (as `ctl
+/// set-weights` does) instead of keeping the last of the two weights, as a JSON map would.
+struct UniqueWeights(std::collections::BTreeMap<String, f64>);
+
+impl<'de> Deserialize<'de> for UniqueWeights {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UniqueWeights;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of domain names to weights")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueWeights, A::Error> {
+                let mut out = std::collections::BTreeMap::new();
+                while let Some((name, w)) = map.next_entry::<String, f64>()? {
+                    if out.contains_key(&name) {
+                        let m = format!("weights names domain {name:?} twice");
+                        return Err(serde::de::Error::custom(m));
+                    }
+                    out.insert(name, w);
+                }
+                Ok(UniqueWeights(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Parses a CONTROL payload; the error is `(op as far as known, message)`. Total over
@@ -114,7 +145,7 @@ pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
                 .into(),
         ),
         "set_weights" => {
-            let Some(weights) = raw.weights else {
+            let Some(UniqueWeights(weights)) = raw.weights else {
                 return fail("set_weights needs \"weights\": {domain: weight}".into());
             };
             Ok(Control::SetWeights {
@@ -175,6 +206,13 @@ mod tests {
             .1
             .contains("weights"));
         assert!(p(r#"{"protocol":1,"op":"set_weights","weights":{"a":NaN}}"#).is_err());
+        // A domain named twice is refused, not read as the last of its two weights.
+        let e = p(r#"{"protocol":1,"op":"set_weights","weights":{"a":1,"a":0}}"#).unwrap_err();
+        assert!(e.1.contains(r#"names domain "a" twice"#), "{e:?}");
+        assert_eq!(
+            p(r#"{"protocol":1,"op":"status","weights":null}"#),
+            Ok(Control::Status)
+        );
         assert!(p(r#"{"protocol":1,"op":"frob"}"#)
             .unwrap_err()
             .1
