@@ -28,7 +28,12 @@ a daemon about to appear. Pass ``connect_timeout`` to wait for a daemon that is 
 A daemon that accepted but sends no WELCOME within ``handshake_timeout`` is not gone
 (it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect.
 
-The client is not thread safe: use it from one thread.
+The client is not thread safe: use it from one thread. It is not fork safe either: a
+client that has connected belongs to its process. In a child forked after that (an
+``os.fork()``, a DataLoader worker started with ``fork``) its socket, ring and release
+page are the parent's, so using it raises :class:`MillraceError` and closing it (or its
+garbage collection) lets go of the child's copies only, never saying BYE on the parent's
+connection. Create a new client in the child.
 """
 
 from __future__ import annotations
@@ -873,6 +878,9 @@ class Client:
         self._welcome = None
         self._outstanding: deque = deque()
         self._closed = False
+        # The process whose connection this client holds (None before the first one):
+        # a forked child must not read, release or BYE on its parent's connection.
+        self._pid = None
         self._torch = None  # torch_adapter state (streams), created on demand
         self.reconnects = 0
 
@@ -901,11 +909,25 @@ class Client:
 
     def connect(self) -> "Client":
         """Connects now (normally done lazily). Raises Refused on REFUSED."""
-        if self._closed:
-            raise MillraceError("the client is closed")
+        self._check_usable()
         if self._conn is None:
             self._open_retrying(initial=self._welcome is None)
         return self
+
+    def _forked(self) -> bool:
+        """Whether this is a process forked after this client connected."""
+        return self._pid is not None and self._pid != os.getpid()
+
+    def _check_usable(self):
+        if self._closed:
+            raise MillraceError("the client is closed")
+        if self._forked():
+            raise MillraceError(
+                f"this millrace Client connected in process {self._pid}; process "
+                f"{os.getpid()} is a fork of it, where the socket, ring and release page "
+                "are the parent's (reading or releasing them would take the parent's "
+                "batches). Create a new Client in the child (before the fork, do not "
+                "connect the one you pass on)")
 
     def _hello(self) -> dict:
         h = {"protocol": PROTOCOL_VERSION, "job": self.job, "dp_rank": self.dp_rank,
@@ -1037,6 +1059,7 @@ class Client:
             raise
         sock.settimeout(None)
         self._conn = conn
+        self._pid = os.getpid()
         self._welcome = welcome
         if self._next_step is not None and welcome["start_step"] != self._next_step:
             self._drop_conn(send_bye=True)
@@ -1126,8 +1149,7 @@ class Client:
 
     def next_batch(self, timeout: float | None = None) -> Batch:
         """The next batch; waits for it (``timeout`` seconds at most: TimeoutError)."""
-        if self._closed:
-            raise MillraceError("the client is closed")
+        self._check_usable()
         while len(self._outstanding) >= self.hold:
             self._retire(self._outstanding.popleft())
         self._flush_release(force=False)
@@ -1277,6 +1299,7 @@ class Client:
 
     def release_all(self):
         """Releases every batch handed out (their views become stale)."""
+        self._check_usable()
         while self._outstanding:
             self._retire(self._outstanding.popleft())
         self._flush_release(force=True)
@@ -1318,6 +1341,16 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        if self._forked():
+            # The parent's connection: close this process's copies of its fds, nothing
+            # more (no BYE, no release, no GPU work in a forked child).
+            for b in self._outstanding:
+                b._released = True
+            self._outstanding.clear()
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close_fds()
+            return
         for b in self._outstanding:
             _wait_fence(b)
             b._released = True

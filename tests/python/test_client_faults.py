@@ -198,3 +198,38 @@ def test_after_a_daemon_error_the_next_call_says_why_the_connection_ended(daemon
     with pytest.raises(mr.DaemonGone, match="went away: materialize: "):
         c.next_batch(timeout=60)
     c.close()
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemons,
+                                                                           tmp_path):
+    """After os.fork() (a DataLoader worker started with fork) the child shares the
+    parent's socket, ring and release page. The child's next_batch used to read the
+    parent's stream and release its slots, and its close() (or its garbage collection at
+    exit) said BYE on the parent's connection: the daemon dropped the parent, whose next
+    call failed with DaemonGone (reconnect_timeout=0). Now the child is refused, naming
+    the fork, and its close lets go of its own fd copies only."""
+    d = daemons(write_corpus(tmp_path / "fork")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+    assert c.next_batch(timeout=60).step == 0
+    page = c._conn.page
+    assert page is not None and int(page[0]) == 0
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        status = 1
+        try:
+            try:
+                c.next_batch(timeout=5)
+            except mr.MillraceError as e:
+                status = 0 if "fork" in str(e) and "new Client" in str(e) else 2
+            c.close()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert int(page[0]) == 0, "the child released the parent's slots"
+    assert [c.next_batch(timeout=60).step for _ in range(12)] == list(range(1, 13))
+    assert c.reconnects == 0 and c.connected
+    c.close()
