@@ -527,13 +527,27 @@ def check_plans_agree(client, group=None) -> dict:
     """Raises ``RuntimeError`` on every rank of ``group`` unless every rank's daemon plans
     the same global batches (:func:`plan_disagreement` says how they differ); returns this
     rank's :func:`plan_record`. Every rank of the group must call it at the same step:
-    it is one ``all_gather_object``. Needs torch.distributed, initialised; imported only
-    when called."""
+    it is one ``all_gather_object``. A rank that cannot tell its plan (no batch yet, its
+    daemon gone) takes part in it all the same, so every rank raises ``RuntimeError``
+    naming that rank and why, instead of the others waiting in the gather. Needs
+    torch.distributed, initialised; imported only when called."""
     import torch.distributed as dist
 
-    mine = plan_record(client, dist.get_rank())
+    rank = dist.get_rank()
+    failure = None
+    try:
+        mine = plan_record(client, rank)
+    except Exception as e:  # noqa: BLE001 - reported to every rank below
+        failure = e
+        mine = {"rank": rank, "host": _socket.gethostname(),
+                "error": f"{type(e).__name__}: {e}"}
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
+    failed = [r for r in everyone if "error" in r]
+    if failed:
+        raise RuntimeError("check_plans_agree: " + "; ".join(
+            f"rank {r['rank']} ({r['host']}) could not tell its plan: {r['error']}"
+            for r in failed)) from failure
     why = plan_disagreement(everyone)
     if why:
         raise RuntimeError(why)

@@ -1192,7 +1192,8 @@ rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 c = TorchClient(millrace.Client(sys.argv[3 + rank], rank, 2, job="agree", reconnect_timeout=0,
                                 register_cuda=False), device="cpu")
-next(c)
+if rank == 0 or not os.environ.get("RANK1_NO_BATCH"):
+    next(c)
 try:
     out = {"ok": millrace.check_plans_agree(c)}
 except RuntimeError as e:
@@ -1206,7 +1207,10 @@ dist.destroy_process_group()
 def test_check_plans_agree_over_torch_distributed(corpus, daemons, tmp_path):
     """check_plans_agree under a real torch.distributed group (gloo, two processes, each
     a TorchClient of its own node's daemon): agreeing nodes pass on both ranks, a node
-    with other weights raises on both, naming it."""
+    with other weights raises on both, naming it. A rank that cannot tell its plan (no
+    batch yet) used to raise alone and leave the other in the gather, to fail with gloo's
+    "Connection closed by peer" (or wait for the collective's timeout, had the rank gone
+    on): both now raise, naming that rank and why."""
     pytest.importorskip("torch")
     heavier = corpus.parent / "heavier2.toml"
     heavier.write_text(corpus.read_text().replace("web = 0.6, code = 0.4", "web = 0.7, code = 0.3"))
@@ -1215,10 +1219,11 @@ def test_check_plans_agree_over_torch_distributed(corpus, daemons, tmp_path):
     script.write_text(_AGREE_SCRIPT)
     env = dict(os.environ, MILLRACE_PY=import_path_for_package())
 
-    def run(name, socks):
+    def run(name, socks, **more):
         rdv = tmp_path / f"rdv-{name}"
         procs = [subprocess.Popen([sys.executable, str(script), str(r), str(rdv), *map(str, socks)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=dict(env, **more), text=True)
                  for r in range(2)]
         outs = []
         for p in procs:
@@ -1232,3 +1237,6 @@ def test_check_plans_agree_over_torch_distributed(corpus, daemons, tmp_path):
     assert ok[0]["ok"]["state"] == ok[1]["ok"]["state"] and ok[0]["ok"]["rank"] == 0
     bad = run("heavier", [a.sock, c.sock])
     assert all("error" in o and "same corpus and config" in o["error"] for o in bad), bad
+    early = run("early", [a.sock, b.sock], RANK1_NO_BATCH="1")
+    assert all("rank 1" in o.get("error", "") and "after the first batch" in o["error"]
+               for o in early), early
