@@ -48,6 +48,7 @@ import select
 import socket as _socket
 import struct
 import time
+import weakref
 from collections import deque
 
 import numpy as np
@@ -403,7 +404,7 @@ class Batch:
 
     __slots__ = ("step", "plan_step", "rows", "seq_len", "cu_len", "max_seqlen",
                  "loss_tokens", "real_tokens", "publish_ns", "cursor", "micro_batch_rows",
-                 "slot_layout", "plan_state", "_views", "_fields", "_derived", "_client",
+                 "slot_layout", "plan_state", "_views", "_fields", "_derived", "_client_ref",
                  "_conn_id", "_released", "_fence", "__weakref__")
 
     def __init__(self, step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
@@ -425,10 +426,18 @@ class Batch:
         self._views = views  # the slot's views (one tuple per slot, in SLOT_FIELDS order)
         self._fields = fields  # where they are in the slot (its header's offsets)
         self._derived = None
-        self._client = client
+        # Weak: the client holds its outstanding batches, and a strong reference back
+        # made a cycle that kept a dropped client (and its connection, which a new
+        # client of the same rank is refused as `duplicate` of) alive until a cyclic GC.
+        self._client_ref = None if client is None else weakref.ref(client)
         self._conn_id = conn_id
         self._released = False
         self._fence = None
+
+    @property
+    def _client(self):
+        """The client that handed this batch out (None for a copy, or once it is gone)."""
+        return None if self._client_ref is None else self._client_ref()
 
     def _view(self, name):
         if self._released:

@@ -7,6 +7,7 @@ tampered with only in a private copy of its bytes.
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import socket
@@ -14,6 +15,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -233,3 +235,29 @@ def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemo
     assert [c.next_batch(timeout=60).step for _ in range(12)] == list(range(1, 13))
     assert c.reconnects == 0 and c.connected
     c.close()
+
+
+def test_a_dropped_client_closes_at_once_and_its_rank_can_connect_again(daemons, tmp_path):
+    """A client dropped without close() (rebound each epoch, lost in an exception) must
+    say BYE when its last reference goes. Its outstanding batches referred back to it, a
+    cycle that kept it and its connection alive until a cyclic collection: a new client
+    of the same rank was refused `duplicate` (after 3 s of retries with the default
+    reconnect_timeout). Batches now refer to their client weakly."""
+    d = daemons(write_corpus(tmp_path / "drop")).start()
+    was = gc.isenabled()
+    gc.disable()  # when the cyclic collector runs is up to allocation counts
+    try:
+        c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+        kept = c.next_batch(timeout=60)
+        gone = weakref.ref(c)
+        del c
+        assert gone() is None, "the dropped client is still alive"
+        assert kept.released
+        with pytest.raises(mr.StaleBatch):
+            kept.tokens
+        c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+        assert c.next_batch(timeout=60).step == 0
+        c.close()
+    finally:
+        if was:
+            gc.enable()
