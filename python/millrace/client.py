@@ -269,6 +269,15 @@ def _reason(payload: bytes) -> tuple[str, str]:
         return "?", payload.decode("utf-8", "replace")
 
 
+def _pending_frame(sock):
+    """A frame the daemon sent before it closed (type, payload), or None."""
+    try:
+        sock.settimeout(1.0)  # it is queued already, if it is there at all
+        return read_frame(sock)
+    except (_Gone, OSError, ProtocolError):
+        return None
+
+
 def _send(sock, data: bytes) -> None:
     try:
         sock.sendall(data, _socket.MSG_NOSIGNAL)  # EPIPE, never SIGPIPE
@@ -1305,6 +1314,15 @@ class Client:
         except _Gone as e:
             conn.gone = True
             conn.gone_reason = str(e)
+            # The daemon may have closed after an ERROR this client has not read yet
+            # (while it trained): that frame, not the broken pipe, says why. Read it, or
+            # a daemon's error would pass for a restart and be reconnected to.
+            pending = _pending_frame(conn.sock)
+            if pending is not None and pending[0] == ERROR:
+                code, message = _reason(pending[1])
+                conn.gone_reason = f"{code}: {message}"
+                if code != "shutdown":
+                    raise DaemonError(code, message) from None
 
     def release_all(self):
         """Releases every batch handed out (their views become stale)."""

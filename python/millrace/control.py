@@ -104,6 +104,7 @@ from .client import (
     _NO_DAEMON_ERRNOS,
     _Gone,
     _no_daemon,
+    _pending_frame,
     _reason,
     default_socket,
     encode_frame,
@@ -340,15 +341,6 @@ def _readable(sock) -> bool:
     p = select.poll()
     p.register(sock.fileno(), select.POLLIN)
     return bool(p.poll(0))
-
-
-def _pending_frame(sock):
-    """A frame the daemon sent before it closed (type, payload), or None."""
-    try:
-        sock.settimeout(1.0)  # it is queued already, if it is there at all
-        return read_frame(sock)
-    except (_Gone, OSError, ProtocolError):
-        return None
 
 
 def forward_change(control: Control, change: dict | None, src: int = 0, group=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -199,6 +200,40 @@ def test_after_a_daemon_error_the_next_call_says_why_the_connection_ended(daemon
     assert c._conn.gone_reason == f"materialize: {e.value.message}"
     with pytest.raises(mr.DaemonGone, match="went away: materialize: "):
         c.next_batch(timeout=60)
+    c.close()
+
+
+def test_a_daemon_error_met_by_a_release_frame_is_raised_not_reconnected(daemons, tmp_path):
+    """A trainer busy between steps does not read the socket: the daemon's ERROR (here
+    `materialize`, an id past vocab_size at a later step) and its close wait there. With
+    release frames the next call's RELEASE met the closed socket first, and the broken
+    pipe passed for a restart: the client reconnected (and again, once per step
+    published before the bad one) instead of raising the daemon's error."""
+    config = write_corpus(tmp_path / "late-vocab")  # ids 3..30000: a few are past 29990
+    config.write_text(config.read_text().replace("eod_token = 2",
+                                                 "eod_token = 2\nvocab_size = 29990"))
+    d = daemons(config).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=5, register_cuda=False,
+                  release_page=False)
+    taken = 0
+    while True:
+        c.next_batch(timeout=60)
+        taken += 1
+        conn = c._conn
+        hup = select.poll()
+        hup.register(conn.sock.fileno(), select.POLLIN)
+        # Never wait inside next_batch (which would read the ERROR): the next step is
+        # published, or the daemon has sent its ERROR and closed.
+        wait_until(lambda: conn.published() > c._next_step
+                   or any(ev & select.POLLHUP for _, ev in hup.poll(0)), 60,
+                   "the next step or the daemon's close")
+        if conn.published() <= c._next_step:
+            break
+    assert taken > 1
+    with pytest.raises(mr.DaemonError) as e:
+        c.next_batch(timeout=60)
+    assert e.value.code == "materialize" and "vocab_size 29990" in e.value.message
+    assert c.reconnects == 0
     c.close()
 
 
