@@ -889,6 +889,8 @@ class Client:
         self._want_fingerprint = fingerprint
         self._resume_cursor = _as_blob(cursor)
         self._start_step = None if start_step is None else int(start_step)
+        # The step load_state_dict was given with a cursor (None: none, or unknown).
+        self._state_step = None
         self._next_step = None  # the step the next batch must have (known after WELCOME)
         self._last_step = None  # step of the last batch handed out
         self._plan_state = None  # plan_state of that batch
@@ -1083,6 +1085,14 @@ class Client:
             self._drop_conn(send_bye=True)
             raise ProtocolError(f"resumed with the blob of step {self._next_step - 1} but the "
                                 f"daemon starts at step {welcome['start_step']}")
+        if self._next_step is None and self._resume_cursor is not None \
+                and self._state_step is not None \
+                and welcome["start_step"] != self._state_step + 1:
+            self._drop_conn(send_bye=True)
+            raise MillraceError(
+                f"the state given to load_state_dict says step {self._state_step}, but its "
+                f"cursor blob is the position after step {welcome['start_step'] - 1}: the "
+                "checkpoint's cursor and step come from different points")
         if self._next_step is None and self._resume_cursor is None \
                 and self._start_step is not None and welcome["start_step"] != self._start_step:
             self._drop_conn(send_bye=True)
@@ -1349,17 +1359,32 @@ class Client:
         """
         if self._last_step is not None:
             return {"cursor": bytes(self._resume_cursor), "step": self._last_step}
-        nxt = self._next_step if self._next_step is not None else (self._start_step or 0)
         cur = None if self._resume_cursor is None else bytes(self._resume_cursor)
+        if self._next_step is None and cur is not None and self._state_step is not None:
+            # Not connected yet: the step load_state_dict was given with the blob (-1
+            # here would be saved in a checkpoint taken now).
+            return {"cursor": cur, "step": self._state_step}
+        nxt = self._next_step if self._next_step is not None else (self._start_step or 0)
         return {"cursor": cur, "step": nxt - 1}
 
     def load_state_dict(self, state: dict):
-        """Sets the resume point (before the first batch): the step after ``state``."""
+        """Sets the resume point (before the first batch): the step after ``state``.
+
+        With a cursor, ``state["step"]`` (when given and not -1) must be the blob's step:
+        a checkpoint whose cursor and step come from different points is refused
+        (:class:`MillraceError`, naming both) on connecting, not resumed at the blob's."""
         if self._last_step is not None or self._conn is not None:
             raise MillraceError("load_state_dict must be called before the client connects")
         cursor = state.get("cursor")
+        step = state.get("step")
         self._resume_cursor = _as_blob(cursor)
-        self._start_step = None if cursor is not None else int(state.get("step", -1)) + 1
+        if cursor is not None:
+            self._start_step = None
+            # -1: what a client that had not connected yet used to save with its blob.
+            self._state_step = None if step is None or int(step) < 0 else int(step)
+        else:
+            self._start_step = int(-1 if step is None else step) + 1
+            self._state_step = None
 
     # -- closing ------------------------------------------------------------------------
 

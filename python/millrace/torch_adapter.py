@@ -689,7 +689,10 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
                 "no position here is right; checkpoint MillraceIterableDataset.state_of(item) "
                 "of the last item you consumed (or use num_workers=0)")
         if self.client is None:
-            return dict(self._state) if self._state else {"cursor": None, "step": -1}
+            if not self._state:
+                return {"cursor": None, "step": -1}
+            step = self._state["step"]
+            return {"cursor": self._state["cursor"], "step": -1 if step is None else step}
         if self._pending is not None:
             return dict(self._yielded)  # the client is past a batch never yielded
         return self.client.state_dict()
@@ -697,7 +700,7 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict):
         if self.client is not None:
             raise MillraceError("load_state_dict must come before iterating")
-        self._state = {"cursor": _as_blob(state.get("cursor")), "step": state.get("step", -1)}
+        self._state = {"cursor": _as_blob(state.get("cursor")), "step": state.get("step")}
         if self._in_worker is not None:
             self._in_worker.value = 0  # an explicit resume point: a new worker may start
 

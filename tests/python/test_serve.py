@@ -161,6 +161,9 @@ def test_resume_from_state_dict_continues_exactly(corpus, expected, daemons):
 
     b = client(d, 1, 4, job="a")
     b.load_state_dict(state)
+    # A checkpoint taken before the resumed client connects holds the same position (its
+    # step used to be -1 beside the blob of step 22).
+    assert b.state_dict() == state
     assert b.welcome["start_step"] == 23
     rest = take(b, 37)
     b.close()
@@ -176,6 +179,17 @@ def test_resume_from_state_dict_continues_exactly(corpus, expected, daemons):
     with client(d, 1, 4, job="f") as f:
         f.load_state_dict({"cursor": None, "step": 49})
         assert_records_equal(take(f, 3), reference[50:53], "state without cursor")
+    # A checkpoint whose cursor and step come from different points used to resume at
+    # the blob's step silently; it is refused, naming both. The step -1 that a client not
+    # yet connected saved beside a blob, and a state without a step, still resume.
+    with client(d, 1, 4, job="g") as g:
+        g.load_state_dict({"cursor": state["cursor"], "step": 30})
+        with pytest.raises(mr.MillraceError, match="says step 30.*after step 22"):
+            g.next_batch(timeout=60)
+    for old in ({"cursor": state["cursor"], "step": -1}, {"cursor": state["cursor"]}):
+        with client(d, 1, 4, job="h") as h:
+            h.load_state_dict(old)
+            assert_records_equal(take(h, 2), reference[23:25], f"resumed from {old.keys()}")
 
 
 def test_hold_micro_batches_and_copies(corpus, expected, daemons):
