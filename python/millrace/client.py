@@ -1336,6 +1336,8 @@ class Client:
 
     def release_all(self):
         """Releases every batch handed out (their views become stale)."""
+        if self._closed:
+            return
         self._check_usable()
         while self._outstanding:
             self._retire(self._outstanding.popleft())

@@ -261,6 +261,11 @@ def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemo
                 c.next_batch(timeout=5)
             except mr.MillraceError as e:
                 status = 0 if "fork" in str(e) and "new Client" in str(e) else 2
+            try:
+                c.release_all()
+                status = status or 3
+            except mr.MillraceError:
+                pass
             c.close()
         finally:
             os._exit(status)
