@@ -21,7 +21,9 @@ Errors
   and closed the connection, or closed it as idle (``code == "idle"``) just as the
   request was being sent (it was not delivered: send it again).
 - :class:`~millrace.client.DaemonGone`: no daemon at the socket, or it closed the
-  connection or did not reply within ``timeout``.
+  connection or did not reply within ``timeout``. For a change sent without a reply the
+  message says so: the daemon may have applied it (a stalled daemon applies it once it
+  runs again), so check :meth:`Control.journal` before sending it again.
 - ``ValueError``: weights that cannot be sent (NaN or infinite: JSON has no such numbers).
 
 Requests are not retried: after an error the connection is dropped and the next call
@@ -120,6 +122,8 @@ CONTROL_VERSION = 1
 # The daemon's default socket for this user (see default_socket), as of import.
 DEFAULT_SOCKET = default_socket()
 _LATE = ("refuse", "next")
+# Requests that change nothing: one without a reply is simply lost.
+_READS = ("status", "journal")
 
 
 class ChangeRefused(DaemonError):
@@ -259,8 +263,12 @@ class Control:
             kind, reply = read_frame(sock)
         except (_Gone, OSError) as e:
             self.close()
-            # The daemon may have refused us and closed before reading the request.
-            raise DaemonGone(f"{self.socket_path}: no reply: {e}") from e
+            # The daemon may have refused us and closed before reading the request, or
+            # be slow and apply it after we gave up: a change may or may not be in force.
+            unsure = "" if body.get("op") in _READS else (
+                f" (the {body.get('op')} request was sent: the daemon may have applied it, "
+                "or still apply it; check journal() before sending it again)")
+            raise DaemonGone(f"{self.socket_path}: no reply: {e}{unsure}") from e
         except ProtocolError:
             self.close()
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_helpers import Daemon, import_path_for_package, write_corpus
+from serve_helpers import Daemon, import_path_for_package, wait_until, write_corpus
 
 try:
     import millrace as mr
@@ -353,6 +354,27 @@ def test_set_weights_at_a_future_step(daemon):
     for step, doms in after:
         if step >= 10:
             assert doms == [1] * len(doms), (step, doms)
+
+
+def test_a_change_without_a_reply_says_it_may_be_in_force(daemon):
+    """A daemon stalled past the Control's timeout (SIGSTOP here; a long pause in
+    practice) still applies the change once it runs. The DaemonGone said only "no reply:
+    timed out", which reads as "not applied", so a caller (or forward_change's count of
+    nodes that applied) took an applied change for a lost one. It now says the request
+    was sent and may be in force, and to check the journal."""
+    ctl = Control(daemon.sock, timeout=0.5)
+    with trainer(daemon, "stall") as c:
+        domains_of(c, 1)
+        assert ctl.journal() == []
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(mr.DaemonGone, match="no reply") as e:
+                ctl.set_weights({"web": 0.5, "code": 0.5}, at_step=900)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        assert "may have applied it" in str(e.value) and "journal()" in str(e.value)
+        wait_until(lambda: len(ctl.journal()) == 1, 30, "the stalled change in the journal")
+        assert ctl.journal()[0]["at_step"] == 900
 
 
 @pytest.mark.parametrize("weights", [{"nope": 1.0}, {"web": -1.0}, {"web": 0.0, "code": 0.0}],
