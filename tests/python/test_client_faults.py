@@ -216,22 +216,20 @@ def test_a_daemon_error_met_by_a_release_frame_is_raised_not_reconnected(daemons
     c = mr.Client(d.sock, 0, 4, reconnect_timeout=5, register_cuda=False,
                   release_page=False)
     taken = 0
-    while True:
-        c.next_batch(timeout=60)
-        taken += 1
-        conn = c._conn
-        hup = select.poll()
-        hup.register(conn.sock.fileno(), select.POLLIN)
-        # Never wait inside next_batch (which would read the ERROR): the next step is
-        # published, or the daemon has sent its ERROR and closed.
-        wait_until(lambda: conn.published() > c._next_step
-                   or any(ev & select.POLLHUP for _, ev in hup.poll(0)), 60,
-                   "the next step or the daemon's close")
-        if conn.published() <= c._next_step:
-            break
-    assert taken > 1
     with pytest.raises(mr.DaemonError) as e:
-        c.next_batch(timeout=60)
+        while True:
+            c.next_batch(timeout=60)
+            taken += 1
+            conn = c._conn
+            hup = select.poll()
+            hup.register(conn.sock.fileno(), select.POLLIN)
+            # Never wait inside next_batch (which would read the ERROR): call it once
+            # the next step is published or the daemon has sent its ERROR and closed.
+            # Every call sends a RELEASE frame first (one per (slots - hold) // 2 = 1).
+            wait_until(lambda: conn.published() > c._next_step
+                       or any(ev & select.POLLHUP for _, ev in hup.poll(0)), 60,
+                       "the next step or the daemon's close")
+    assert taken > 1
     assert e.value.code == "materialize" and "vocab_size 29990" in e.value.message
     assert c.reconnects == 0
     c.close()
