@@ -28,7 +28,9 @@ a daemon about to appear. Pass ``connect_timeout`` to wait for a daemon that is 
 A daemon that accepted but sends no WELCOME within ``handshake_timeout`` is not gone
 (it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect.
 
-The client is not thread safe: use it from one thread. It is not fork safe either: a
+The client is not thread safe: use it from one thread (a thread that calls
+:meth:`Client.next_batch` while another is inside it is refused with
+:class:`MillraceError`). It is not fork safe either: a
 client that has connected belongs to its process. In a child forked after that (an
 ``os.fork()``, a DataLoader worker started with ``fork``) its socket, ring and release
 page are the parent's, so using it raises :class:`MillraceError` and closing it (or its
@@ -38,6 +40,7 @@ connection. Create a new client in the child.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -47,6 +50,7 @@ import os
 import select
 import socket as _socket
 import struct
+import threading
 import time
 import weakref
 from collections import deque
@@ -901,6 +905,8 @@ class Client:
         # The process whose connection this client holds (None before the first one):
         # a forked child must not read, release or BYE on its parent's connection.
         self._pid = None
+        # Held while next_batch or connect runs: a second thread entering is refused.
+        self._busy = threading.Lock()
         self._torch = None  # torch_adapter state (streams), created on demand
         self.reconnects = 0
 
@@ -930,9 +936,25 @@ class Client:
     def connect(self) -> "Client":
         """Connects now (normally done lazily). Raises Refused on REFUSED."""
         self._check_usable()
-        if self._conn is None:
-            self._open_retrying(initial=self._welcome is None)
+        with self._alone("connect"):
+            if self._conn is None:
+                self._open_retrying(initial=self._welcome is None)
         return self
+
+    @contextlib.contextmanager
+    def _alone(self, what: str):
+        """Runs ``what`` unless another thread is inside next_batch or connect: the
+        client is not thread safe, and two threads reading one stream took the same
+        slot or raced for the poller, which surfaced as a ProtocolError blaming the
+        daemon (or as a `duplicate` refusal, or duplicated data)."""
+        if not self._busy.acquire(blocking=False):
+            raise MillraceError(
+                f"Client.{what} called while another thread is inside next_batch or "
+                "connect: a Client is not thread safe; call it from one thread")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def _forked(self) -> bool:
         """Whether this is a process forked after this client connected."""
@@ -1178,6 +1200,10 @@ class Client:
     def next_batch(self, timeout: float | None = None) -> Batch:
         """The next batch; waits for it (``timeout`` seconds at most: TimeoutError)."""
         self._check_usable()
+        with self._alone("next_batch"):
+            return self._next_batch(timeout)
+
+    def _next_batch(self, timeout: float | None) -> Batch:
         while len(self._outstanding) >= self.hold:
             self._retire(self._outstanding.popleft())
         self._flush_release(force=False)

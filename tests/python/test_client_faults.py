@@ -11,6 +11,7 @@ import gc
 import mmap
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -236,6 +237,47 @@ def test_a_daemon_error_met_by_a_release_frame_is_raised_not_reconnected(daemons
 
 
 # ---------------------------------------------------------------------------- processes
+
+
+def _stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (SIGSTOP takes effect asynchronously)."""
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return all(s == "T" for s in states)
+
+
+def test_a_second_thread_inside_next_batch_is_refused(daemons, tmp_path):
+    """The client is not thread safe. A second thread calling next_batch while one waits
+    inside it raced for the same slot and poller: a ProtocolError that blamed the daemon
+    ("slot 3 holds step 3 where step 7 was expected"), "concurrent poll() invocation",
+    or the same step twice. It is now refused at once, naming the misuse, and the
+    waiting call goes on."""
+    d = daemons(write_corpus(tmp_path / "threads")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+    assert c.next_batch(timeout=60).step == 0
+    conn = c._conn
+    os.kill(d.pid, signal.SIGSTOP)  # nothing more is published: the next call waits
+    got = []
+    waiter = None
+    try:
+        wait_until(lambda: _stopped(d.pid), 30, "the daemon's threads to stop")
+        while conn.published() > c._next_step:
+            c.next_batch(timeout=10)
+        step = c._next_step
+        waiter = threading.Thread(target=lambda: got.append(c.next_batch(timeout=60).step))
+        waiter.start()
+        wait_until(c._busy.locked, 30, "the first thread inside next_batch")
+        with pytest.raises(mr.MillraceError, match="another thread is inside next_batch"):
+            c.next_batch(timeout=5)
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+        if waiter is not None:
+            waiter.join(60)
+    assert got == [step]
+    assert c.next_batch(timeout=60).step == step + 1
+    c.close()
 
 
 def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemons,
