@@ -910,6 +910,17 @@ class Client:
         self._torch = None  # torch_adapter state (streams), created on demand
         self.reconnects = 0
 
+    def __getstate__(self):
+        # A client not yet connected travels to a spawned worker (or a deepcopy) as
+        # before; the thread guard is per object, made anew.
+        d = dict(self.__dict__)
+        d.pop("_busy", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._busy = threading.Lock()
+
     # -- public attributes ------------------------------------------------------------
 
     @property

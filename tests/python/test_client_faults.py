@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+import pickle
 import select
 import signal
 import socket
@@ -278,6 +279,10 @@ def test_a_second_thread_inside_next_batch_is_refused(daemons, tmp_path):
     assert got == [step]
     assert c.next_batch(timeout=60).step == step + 1
     c.close()
+    # A client not yet connected still pickles (to a spawned worker), guard and all.
+    fresh = pickle.loads(pickle.dumps(mr.Client(d.sock, 1, 4, register_cuda=False)))
+    assert fresh.next_batch(timeout=60).step == 0
+    fresh.close()
 
 
 def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemons,
