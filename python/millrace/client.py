@@ -40,7 +40,6 @@ connection. Create a new client in the child.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -947,25 +946,24 @@ class Client:
     def connect(self) -> "Client":
         """Connects now (normally done lazily). Raises Refused on REFUSED."""
         self._check_usable()
-        with self._alone("connect"):
+        self._enter("connect")
+        try:
             if self._conn is None:
                 self._open_retrying(initial=self._welcome is None)
+        finally:
+            self._busy.release()
         return self
 
-    @contextlib.contextmanager
-    def _alone(self, what: str):
-        """Runs ``what`` unless another thread is inside next_batch or connect: the
-        client is not thread safe, and two threads reading one stream took the same
-        slot or raced for the poller, which surfaced as a ProtocolError blaming the
-        daemon (or as a `duplicate` refusal, or duplicated data)."""
+    def _enter(self, what: str):
+        """Takes the thread guard for ``what`` (release ``_busy`` after), refused while
+        another thread is inside next_batch or connect: the client is not thread safe,
+        and two threads reading one stream took the same slot or raced for the poller,
+        which surfaced as a ProtocolError blaming the daemon (or as a `duplicate`
+        refusal, or duplicated data)."""
         if not self._busy.acquire(blocking=False):
             raise MillraceError(
                 f"Client.{what} called while another thread is inside next_batch or "
                 "connect: a Client is not thread safe; call it from one thread")
-        try:
-            yield
-        finally:
-            self._busy.release()
 
     def _forked(self) -> bool:
         """Whether this is a process forked after this client connected."""
@@ -1211,8 +1209,11 @@ class Client:
     def next_batch(self, timeout: float | None = None) -> Batch:
         """The next batch; waits for it (``timeout`` seconds at most: TimeoutError)."""
         self._check_usable()
-        with self._alone("next_batch"):
+        self._enter("next_batch")
+        try:
             return self._next_batch(timeout)
+        finally:
+            self._busy.release()
 
     def _next_batch(self, timeout: float | None) -> Batch:
         while len(self._outstanding) >= self.hold:
