@@ -904,6 +904,8 @@ class Client:
         # The process whose connection this client holds (None before the first one):
         # a forked child must not read, release or BYE on its parent's connection.
         self._pid = None
+        # When the retries of the connection being (re)opened began (None: not retrying).
+        self._retry_since = None
         # Held while next_batch or connect runs: a second thread entering is refused.
         self._busy = threading.Lock()
         self._torch = None  # torch_adapter state (streams), created on demand
@@ -1003,8 +1005,25 @@ class Client:
             h["slot_layout"] = self.slot_layout
         return h
 
-    def _open_retrying(self, initial: bool):
-        t0 = time.monotonic()
+    def _open_retrying(self, initial: bool, until: float | None = None):
+        """Connects, retrying as the class docs say. ``until``: the caller's deadline
+        (next_batch's ``timeout``): past it a TimeoutError, and the next call retries
+        within the same window, so reconnect_timeout still bounds the whole outage."""
+        fresh = self._retry_since is None
+        if fresh:
+            self._retry_since = time.monotonic()
+        out_of_time = False
+        try:
+            self._open_retrying_since(self._retry_since, initial, until, fresh)
+        except TimeoutError as e:
+            out_of_time = getattr(e, "_caller", False)
+            raise
+        finally:
+            if not out_of_time:
+                self._retry_since = None
+
+    def _open_retrying_since(self, t0: float, initial: bool, until: float | None,
+                             fresh: bool):
         # A first connection waits connect_timeout for a daemon that is starting, whatever
         # reconnect_timeout says (which bounds the retries of a connection that worked,
         # and of a first one that met a daemon refusing `busy` and the like).
@@ -1045,10 +1064,18 @@ class Client:
                     raise last
                 raise DaemonGone(f"no millrace daemon at {self.socket_path} within "
                                  f"{wait:g} s: {last}") from None
-            if attempt == 1:
+            if attempt == 1 and fresh:
                 log.warning("millrace: daemon at %s unavailable (%s); retrying for %g s",
                             self.socket_path, last, wait)
-            time.sleep(0.1)
+            now = time.monotonic()
+            if until is not None and now >= until:
+                at = "" if self._next_step is None else f" for step {self._next_step}"
+                e = TimeoutError(f"no batch{at} within the timeout: the daemon at "
+                                 f"{self.socket_path} is not back ({last}); later calls "
+                                 f"go on retrying until {wait:g} s after it went")
+                e._caller = True
+                raise e
+            time.sleep(0.1 if until is None else max(0.0, min(0.1, until - now)))
 
     def _open(self):
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -1207,7 +1234,8 @@ class Client:
         return self.next_batch()
 
     def next_batch(self, timeout: float | None = None) -> Batch:
-        """The next batch; waits for it (``timeout`` seconds at most: TimeoutError)."""
+        """The next batch; waits for it (``timeout`` seconds at most: TimeoutError), also
+        while reconnecting to a daemon that went away."""
         self._check_usable()
         self._enter("next_batch")
         try:
@@ -1222,7 +1250,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._conn is None:
-                self._open_retrying(initial=self._welcome is None)
+                self._open_retrying(initial=self._welcome is None, until=deadline)
             conn = self._conn
             try:
                 if conn.gone:

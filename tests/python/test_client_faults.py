@@ -127,6 +127,50 @@ def test_a_slow_welcome_is_a_handshake_timeout_not_a_gone_daemon(short_dir):
         srv.close()
 
 
+def test_next_batch_timeout_bounds_a_reconnect_too(daemons, tmp_path):
+    """next_batch(timeout) promises a TimeoutError after `timeout` seconds; while the
+    daemon was away it blocked for all of reconnect_timeout instead. Now each call gives
+    up at its own timeout and the next call retries within the same window, so
+    reconnect_timeout still bounds the outage (DaemonGone), and a daemon back in time
+    continues the stream at the exact step."""
+    d = daemons(write_corpus(tmp_path / "timeouts")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=3, register_cuda=False)
+    assert c.next_batch(timeout=60).step == 0
+    d.kill()
+    step = 1
+    while True:  # what the daemon published before it died is still served
+        try:
+            assert c.next_batch(timeout=0.5).step == step
+            step += 1
+        except TimeoutError:
+            break
+    t0 = time.monotonic()
+    timeouts = 1
+    with pytest.raises(mr.DaemonGone, match="within 3 s"):
+        while True:
+            t = time.monotonic()
+            with pytest.raises(TimeoutError, match=f"no batch for step {step}"):
+                c.next_batch(timeout=0.5)
+            assert time.monotonic() - t < 2
+            timeouts += 1
+    assert timeouts >= 4 and time.monotonic() - t0 < 6
+    # A new outage window: the daemon comes back while the caller keeps timing out.
+    starter = threading.Timer(1.0, d.start)
+    starter.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                b = c.next_batch(timeout=0.5)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline
+    finally:
+        starter.join()
+    assert b.step == step and c.reconnects == 1
+    c.close()
+
+
 # ---------------------------------------------------------------------------- headers
 
 
