@@ -1268,7 +1268,14 @@ class Client:
                 self._drop_conn(send_bye=False)
 
     def _wait(self, conn: _Conn, step: int, deadline):
-        while conn.published() <= step:
+        while True:
+            if conn.mm is None:
+                # close() ran while we waited: from a signal handler (it runs inside the
+                # poll below) or another thread. Its fds are closed, its ring let go.
+                raise MillraceError(f"the client was closed while next_batch waited for "
+                                    f"step {step}")
+            if conn.published() > step:
+                return
             if deadline is None:
                 wait_ms = 1000
             else:
@@ -1276,7 +1283,10 @@ class Client:
                 if left <= 0:
                     raise TimeoutError(f"no batch for step {step} within the timeout")
                 wait_ms = max(1, min(1000, int(left * 1000)))
-            for fd, ev in conn.poller.poll(wait_ms):
+            events = conn.poller.poll(wait_ms)
+            if conn.mm is None:
+                continue  # closed meanwhile: said above
+            for fd, ev in events:
                 if fd == conn.ready_fd:
                     if ev & select.POLLIN:
                         os.read(fd, 8)  # resets the (non-semaphore) counter

@@ -293,6 +293,36 @@ def _stopped(pid: int) -> bool:
     return all(s == "T" for s in states)
 
 
+def test_close_from_a_signal_handler_during_next_batch_says_closed(daemons, tmp_path):
+    """A trainer's signal handler (a graceful-shutdown SIGTERM, here SIGALRM) runs inside
+    next_batch's poll and may close the client. The wait then went on over the dropped
+    connection: TypeError ("a bytes-like object is required, not 'NoneType'"), or a
+    ProtocolError about the closed ready_fd. It now raises MillraceError: closed."""
+    d = daemons(write_corpus(tmp_path / "handler")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+    assert c.next_batch(timeout=60).step == 0
+    conn = c._conn
+    os.kill(d.pid, signal.SIGSTOP)  # nothing more is published: the next call waits
+
+    def handler(*_):
+        os.kill(d.pid, signal.SIGCONT)  # so close()'s BYE is answered at once
+        c.close()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        wait_until(lambda: _stopped(d.pid), 30, "the daemon's threads to stop")
+        while conn.published() > c._next_step:
+            c.next_batch(timeout=10)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(mr.MillraceError, match="closed"):
+            c.next_batch(timeout=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.kill(d.pid, signal.SIGCONT)
+    assert c._closed and c._conn is None
+
+
 def test_a_second_thread_inside_next_batch_is_refused(daemons, tmp_path):
     """The client is not thread safe. A second thread calling next_batch while one waits
     inside it raced for the same slot and poller: a ProtocolError that blamed the daemon
