@@ -1209,21 +1209,26 @@ class Client:
             from . import torch_adapter
 
             torch_adapter.unregister_ring(conn)
-        if send_bye and not conn.gone:
-            # BYE has no reply: the daemon drops its side after it let go of this peer, so
-            # waiting for EOF makes close() + reconnect free of a `duplicate` race.
-            try:
-                conn.sock.sendall(encode_frame(BYE), _socket.MSG_NOSIGNAL)
-                conn.sock.settimeout(_BYE_WAIT)
-                while conn.sock.recv(4096):
+        try:
+            if send_bye and not conn.gone:
+                # BYE has no reply: the daemon drops its side after it let go of this
+                # peer, so waiting for EOF makes close() + reconnect free of a
+                # `duplicate` race.
+                try:
+                    conn.sock.sendall(encode_frame(BYE), _socket.MSG_NOSIGNAL)
+                    conn.sock.settimeout(_BYE_WAIT)
+                    while conn.sock.recv(4096):
+                        pass
+                except OSError:
                     pass
-            except OSError:
-                pass
-        conn.close_fds()
-        # The mmap is not closed: batches may still hold views into it. It is unmapped
-        # when the last of them goes.
-        conn.views = conn.stages = conn.by_header = None
-        conn.mm = conn.page = None
+        finally:
+            # Also when a KeyboardInterrupt ends the wait for EOF: the connection is
+            # already unhooked, so nothing else would ever close its ready fd.
+            conn.close_fds()
+            # The mmap is not closed: batches may still hold views into it. It is
+            # unmapped when the last of them goes.
+            conn.views = conn.stages = conn.by_header = None
+            conn.mm = conn.page = None
 
     # -- iterating ----------------------------------------------------------------------
 

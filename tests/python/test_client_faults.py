@@ -323,6 +323,36 @@ def test_close_from_a_signal_handler_during_next_batch_says_closed(daemons, tmp_
     assert c._closed and c._conn is None
 
 
+def test_a_close_interrupted_by_ctrl_c_still_closes_its_fds(daemons, tmp_path):
+    """close() says BYE and waits (up to 5 s) for the daemon's EOF; a KeyboardInterrupt
+    there (a second Ctrl-C while a stalled daemon has not answered) left the connection
+    unhooked but its ready fd open, for good: close() again did nothing."""
+    d = daemons(write_corpus(tmp_path / "ctrl-c")).start()
+    gc.collect()
+    before = sorted(os.listdir("/proc/self/fd"))
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+    assert c.next_batch(timeout=60).step == 0
+    os.kill(d.pid, signal.SIGSTOP)  # BYE goes unanswered
+
+    def ctrl_c(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        wait_until(lambda: _stopped(d.pid), 30, "the daemon's threads to stop")
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            c.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.kill(d.pid, signal.SIGCONT)
+    c.close()
+    del c
+    gc.collect()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_second_thread_inside_next_batch_is_refused(daemons, tmp_path):
     """The client is not thread safe. A second thread calling next_batch while one waits
     inside it raced for the same slot and poller: a ProtocolError that blamed the daemon
