@@ -20,7 +20,9 @@ When the daemon goes away (socket EOF/reset, refused or missing socket, or an ER
 ``shutdown`` from a daemon draining on SIGTERM) the client reconnects every 0.1 s for up
 to ``reconnect_timeout`` seconds, with the cursor blob of the last batch it handed out,
 and the stream continues at exactly the next step. Batches from the old connection stay
-readable (their memfd lives while it is mapped).
+readable (their memfd lives while it is mapped). ``next_batch(timeout)`` gives up at its
+timeout meanwhile (TimeoutError); the next call goes on retrying, within the same
+``reconnect_timeout`` counted from the loss.
 
 Before the first connection has worked, a missing socket (or one nobody listens on) is
 an error at once, not after ``reconnect_timeout``: it is far more often a wrong path than
