@@ -479,3 +479,33 @@ fn a_config_that_is_not_utf8_names_the_byte() {
     let e = Config::load_hashed(&path).unwrap_err().to_string();
     assert!(e.contains("bad.toml: not UTF-8 at byte 14"), "{e}");
 }
+
+/// `check-config` promises to fail where `serve` would: `serve` binds over a stale socket
+/// only, so a directory or a regular file at the socket path must fail the check too
+/// (it passed, and the unit's ExecStart then failed).
+#[test]
+fn a_socket_path_that_is_not_a_socket_fails_check_config() {
+    use millrace::config::serve::socket_problem;
+    let c = common::corpus(200_000, 2, 3, 1_000_000);
+    let dir = c.dir.join("taken");
+    std::fs::create_dir(&dir).unwrap();
+    let file = c.dir.join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    for (path, kind) in [(&dir, "a directory"), (&file, "a regular file")] {
+        let why = socket_problem(path).unwrap_or_else(|| panic!("{} passed", path.display()));
+        assert!(why.contains(kind) && why.contains("not a socket"), "{why}");
+        let line = format!("socket = {:?}", path.to_str().unwrap());
+        let config = common::write_config(&c.dir, "run.toml", 64, 4, &[&line]);
+        let err = common::check_config_refusal(&config);
+        assert!(
+            err.contains("run.toml") && err.contains("[serve] socket") && err.contains(kind),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    // A socket left by a daemon that died is what serve removes: the check passes it.
+    let stale = c.dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    assert_eq!(socket_problem(&stale), None);
+}

@@ -198,7 +198,8 @@ pub fn default_socket_for(xdg_runtime_dir: Option<&std::ffi::OsStr>, uid: u32) -
 
 /// Why `serve` could not bind `socket` as this user, found without binding it, so that
 /// `check-config` fails exactly where `serve` would: the path is too long for a unix
-/// socket, or its directory cannot be created or written.
+/// socket, something other than a socket is there already, or its directory cannot be
+/// created or written.
 pub fn socket_problem(socket: &Path) -> Option<String> {
     use std::os::unix::ffi::OsStrExt;
     // sun_path holds 108 bytes, one of them the terminating NUL.
@@ -208,6 +209,19 @@ pub fn socket_problem(socket: &Path) -> Option<String> {
             "socket path {} is {len} bytes; a unix socket path may have at most 107",
             socket.display()
         ));
+    }
+    // serve removes only a stale socket there; anything else it refuses to bind over.
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        use std::os::unix::fs::FileTypeExt;
+        let ft = meta.file_type();
+        if !ft.is_socket() {
+            return Some(format!(
+                "socket path {} exists and is {}, not a socket; serve would not replace it \
+                 (choose another [serve] socket or --socket, or remove it yourself)",
+                socket.display(),
+                crate::corpus::file_kind(&ft)
+            ));
+        }
     }
     let dir = match socket.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
