@@ -509,3 +509,43 @@ fn a_socket_path_that_is_not_a_socket_fails_check_config() {
     assert!(stale.exists());
     assert_eq!(socket_problem(&stale), None);
 }
+
+/// `~` is a shell's: in a config it named a directory called `~` beside the config file
+/// (`cache_dir = "~/cache"` filled `/etc/millrace/~/cache`, and `socket = "~/m.sock"`
+/// was bound there), so a path starting with it is refused, naming the field.
+#[test]
+fn a_path_starting_with_a_tilde_is_refused_not_taken_as_relative() {
+    let domain = |shards: &str| {
+        format!("[[corpus.domain]]\nname = \"web\"\nshards = [\"web\", {shards}]\n")
+    };
+    let e = err(&format!("[corpus]\n{}", domain("\"~/tok/web\"")));
+    assert!(
+        e.contains("test.toml: corpus.domain[0].shards[1]") && e.contains("~/tok/web"),
+        "{e}"
+    );
+    let e = err(&format!("[corpus]\n{}", domain("\"~alice/tok\"")));
+    assert!(e.contains("corpus.domain[0].shards[1]"), "{e}");
+    let e = err(&format!(
+        "[corpus]\ncache_dir = \"~/.cache/millrace\"\n{}",
+        domain("\"b\"")
+    ));
+    assert!(e.contains("test.toml: corpus.cache_dir") && e.contains("`~`"), "{e}");
+    // Written so that it is meant, a name starting with `~` is a relative path.
+    let cfg = parse(&format!("[corpus]\ncache_dir = \"./~c\"\n{}", domain("\"x~\""))).unwrap();
+    assert_eq!(
+        cfg.resolve_path(cfg.corpus.cache_dir.as_deref().unwrap()),
+        Path::new("/data/./~c")
+    );
+    let cfg = parse(&format!(
+        "[corpus]\n{}[serve]\nsocket = \"~/millrace.sock\"\n",
+        domain("\"b\"")
+    ))
+    .unwrap();
+    let e = millrace::config::serve::ServeConfig::from_config(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("test.toml: [serve] socket") && e.contains("~/millrace.sock"),
+        "{e}"
+    );
+}

@@ -318,6 +318,9 @@ impl Config {
                 ),
             ));
         }
+        if let Some(what) = self.corpus.cache_dir.as_deref().and_then(tilde_problem) {
+            return Err(self.invalid("corpus.cache_dir".into(), what));
+        }
         let mut seen = BTreeSet::new();
         for (i, d) in self.corpus.domains.iter().enumerate() {
             let f = |name: &str| format!("corpus.domain[{i}].{name}");
@@ -340,6 +343,11 @@ impl Config {
             }
             if d.shards.is_empty() {
                 return Err(self.invalid(f("shards"), "lists no shard"));
+            }
+            for (j, shard) in d.shards.iter().enumerate() {
+                if let Some(what) = tilde_problem(shard) {
+                    return Err(self.invalid(f(&format!("shards[{j}]")), what));
+                }
             }
             match (d.format, &d.raw) {
                 (Format::Raw, None) => {
@@ -605,6 +613,26 @@ impl Config {
             shards: shards_out,
         })
     }
+}
+
+/// Why `p` cannot be meant as written: it starts with `~`, which only a shell expands.
+/// Taken as a relative path it would name a directory called `~` beside the config (one
+/// a later `rm -rf ~` meant to clean up would miss), so it is refused, not guessed at.
+pub fn tilde_problem(p: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let first = match p.components().next() {
+        Some(std::path::Component::Normal(c)) => c,
+        _ => return None,
+    };
+    first.as_bytes().starts_with(b"~").then(|| {
+        format!(
+            "{:?} starts with `~`, which is not expanded here (only a shell does that): \
+             write the absolute path (or `./{}` for a name that starts with `~` beside \
+             the config)",
+            p.display().to_string(),
+            p.display()
+        )
+    })
 }
 
 /// The thresholds whose long-unit lists the plan reads for `domain`: its own

@@ -335,7 +335,6 @@ impl ServeConfig {
                     path: cfg.source.clone(),
                     message: format!("[serve]: {}", super::plan::one_line(&e.to_string())),
                 })?;
-        s.socket = cfg.resolve_path(&s.socket);
         let bad = |field: &str, what: &str| -> Result<ServeConfig, ConfigError> {
             Err(ConfigError::Invalid {
                 path: cfg.source.clone(),
@@ -343,6 +342,10 @@ impl ServeConfig {
                 what: what.to_string(),
             })
         };
+        if let Some(what) = super::tilde_problem(&s.socket) {
+            return bad("socket", &what);
+        }
+        s.socket = cfg.resolve_path(&s.socket);
         if !(2..=1024).contains(&s.ring_slots) {
             return bad("ring_slots", "must be 2..=1024");
         }
