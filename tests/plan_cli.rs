@@ -512,3 +512,45 @@ fn version_names_the_planner_version() {
     let want = format!("(planner version {})", millrace::plan::PLAN_VERSION);
     assert!(out.trim_end().ends_with(&want), "{out}");
 }
+
+/// A step past `MAX_STEP` (2^32, the furthest a HELLO may seek) is refused at once,
+/// naming the flag: the planner replays every step before it, so `explain --step
+/// 18446744073709551615` ran for ever instead of failing.
+#[test]
+fn steps_beyond_the_reach_of_a_run_are_refused_at_once() {
+    let config = config();
+    let cases: [(&[&str], &str); 4] = [
+        (&["explain", "--step", "18446744073709551615"], "--step"),
+        (&["explain", "--step", "4294967296", "--count", "2"], "--count"),
+        (&["plan", "--from", "4294967297", "--steps", "1"], "--from"),
+        (&["plan", "--steps", "18446744073709551615"], "--steps"),
+    ];
+    for (args, flag) in cases {
+        let mut child = bin()
+            .args(args)
+            .args(["--config", &config])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("millrace {args:?} still ran after 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{args:?} passed: {err}");
+        assert!(
+            err.contains(flag) && err.contains("beyond 4294967296"),
+            "{args:?}: {err}"
+        );
+    }
+}

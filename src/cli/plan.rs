@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use millrace::config::plan::MAX_STEP;
 use millrace::config::Config;
 use millrace::plan::cursor;
 use millrace::plan::report::{positions, DomainPosition};
@@ -77,6 +78,7 @@ pub struct ExplainArgs {
 pub fn run_plan(args: PlanArgs) -> Result<()> {
     use millrace::plan::report::{render_positions, render_upsampling, render_windows, Tally};
     let t0 = std::time::Instant::now();
+    within_reach("--from", args.from.unwrap_or(0), 1)?;
     let config = Config::load(&args.config)?;
     let loaded = config.load_plan()?;
     for w in loaded.plan.warnings() {
@@ -96,6 +98,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
         args.no_checkpoints,
     )?;
     let from = planner.step();
+    within_reach("--steps", from, args.steps)?;
     let seek_ms = t1.elapsed().as_secs_f64() * 1e3;
     let at_start = positions(&planner);
     let window = args.window.unwrap_or((args.steps / 10).max(1)).max(1);
@@ -213,6 +216,8 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
             args.dp_size
         );
     }
+    within_reach("--step", args.step, 1)?;
+    within_reach("--count", args.step, args.count)?;
     let config = Config::load(&args.config)?;
     let loaded = config.load_plan()?;
     let start = start_at(
@@ -235,6 +240,20 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
         } else {
             write!(out, "{}", render_explain(&e))?;
         }
+    }
+    Ok(())
+}
+
+/// Refuses `count` steps from `first` when they reach past [`MAX_STEP`], as the daemon
+/// refuses such a seek: the planner replays every step before the last, so a mistyped
+/// step (2^64 - 1) ran for ever instead of failing.
+fn within_reach(flag: &str, first: u64, count: u64) -> Result<()> {
+    let last = first.saturating_add(count.saturating_sub(1));
+    if last > MAX_STEP {
+        bail!(
+            "{flag}: step {last} is beyond {MAX_STEP}, the most a run may reach (the plan \
+             is replayed up to it)"
+        );
     }
     Ok(())
 }
