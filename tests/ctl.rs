@@ -224,6 +224,35 @@ fn bad_weight_arguments_are_refused_before_connecting() {
     assert!(err.contains("/nonexistent/millrace.sock"), "{err}");
 }
 
+/// `--socket` naming a file or a directory failed with ECONNREFUSED and the words for it,
+/// "the socket file is there but no daemon listens on it (a daemon that was killed leaves
+/// it behind)": `status --socket /etc/millrace/millrace.toml` told the user to delete
+/// their config. It now says what is there.
+#[test]
+fn a_socket_path_that_is_not_a_socket_is_named_as_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("millrace.toml");
+    std::fs::write(&config, "[corpus]\n").unwrap();
+    let (c, d) = (config.to_str().unwrap(), dir.path().to_str().unwrap());
+    for args in [
+        vec!["status", "--socket", c],
+        vec!["top", "--socket", c],
+        vec!["ctl", "--socket", c, "journal"],
+        vec!["ctl", "--socket", c, "reload"],
+        vec!["ctl", "--socket", d, "set-weights", "web=1"],
+    ] {
+        let err = fails(&args);
+        let what = if args.contains(&d) { "a directory" } else { "a regular file" };
+        assert!(
+            err.contains(args[2]) && err.contains(what) && err.contains("not a unix socket"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("killed"), "{args:?}: {err}");
+    }
+    assert!(fails(&["status", "--socket", c]).contains("--config"));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), "[corpus]\n");
+}
+
 #[test]
 fn status_journal_and_top_against_a_stand_in() {
     let calls = Arc::new(Mutex::new(0u64));

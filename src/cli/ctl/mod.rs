@@ -116,6 +116,30 @@ impl Target {
         Ok(millrace::config::serve::default_socket())
     }
 
+    /// [`Self::socket`], refused when something other than a socket is there: connect(2)
+    /// then fails with ECONNREFUSED, whose usual meaning ("a daemon that was killed left
+    /// its socket behind") would send the user to delete a file that may be the config.
+    pub fn socket_to_connect(&self) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::FileTypeExt;
+        let socket = self.socket()?;
+        if let Ok(meta) = std::fs::metadata(&socket) {
+            let ft = meta.file_type();
+            if !ft.is_socket() {
+                let hint = if socket.extension().is_some_and(|e| e == "toml") {
+                    " (a config file? pass it with --config)"
+                } else {
+                    ""
+                };
+                bail!(
+                    "{}: is {}, not a unix socket: no daemon listens there{hint}",
+                    socket.display(),
+                    millrace::corpus::file_kind(&ft)
+                );
+            }
+        }
+        Ok(socket)
+    }
+
     fn timeout(&self) -> Duration {
         match self.timeout_ms {
             Some(ms) => Duration::from_millis(ms.max(1)),
@@ -233,7 +257,7 @@ pub struct TopArgs {
 
 /// Runs `millrace ctl`.
 pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
-    let socket = args.target.socket()?;
+    let socket = args.target.socket_to_connect()?;
     let timeout = args.target.timeout();
     let mut out = std::io::stdout().lock();
     match args.command {

@@ -18,7 +18,7 @@ use super::{fail_on_rejection, StatusArgs};
 
 /// Runs `millrace status`.
 pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
-    let socket = args.target.socket()?;
+    let socket = args.target.socket_to_connect()?;
     let status = fetch_status(&mut Connection::open(&socket, args.target.timeout())?)?;
     let mut out = std::io::stdout().lock();
     if args.json {

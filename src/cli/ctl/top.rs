@@ -221,7 +221,7 @@ pub(super) fn terminal_width() -> usize {
 /// `--once`. A daemon that goes away is shown as such and reconnected to.
 pub fn run_top(args: TopArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let socket = args.target.socket()?;
+    let socket = args.target.socket_to_connect()?;
     let timeout = args.target.timeout();
     let interval = match args.interval_ms {
         Some(ms) => Duration::from_millis(ms),
