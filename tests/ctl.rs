@@ -779,6 +779,50 @@ fn reload_rereads_the_config() {
     assert_eq!(f.status()["failed_reloads"], 1);
 }
 
+/// A reload never applies `[serve]`: it said so only in the daemon's log, once (the next
+/// reload compared against the edited table), and `ctl reload` printed "applied from step
+/// N" as if the edit of `ring_slots` had taken. The reply now names the keys each time.
+#[test]
+fn a_reload_says_which_serve_keys_wait_for_a_restart() {
+    let f = fixture();
+    let _serve = f.serve();
+    let names = f.names();
+    let edit = |ring_slots: i64, first_weight: f64| {
+        let text = std::fs::read_to_string(&f.config).unwrap();
+        let mut doc: toml::Table = toml::from_str(&text).unwrap();
+        let serve = doc.get_mut("serve").unwrap().as_table_mut().unwrap();
+        serve.insert("ring_slots".into(), toml::Value::Integer(ring_slots));
+        let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
+        plan.remove("schedule");
+        let w: toml::Table = (names.iter().enumerate())
+            .map(|(i, n)| {
+                let v = if i == 0 { first_weight } else { 1.0 };
+                (n.clone(), toml::Value::Float(v))
+            })
+            .collect();
+        plan.insert("weights".into(), toml::Value::Table(w));
+        std::fs::write(&f.config, toml::to_string(&doc).unwrap()).unwrap();
+    };
+    edit(8, 3.0);
+    let text = ok(&["ctl", "--socket", f.sock(), "reload"]);
+    assert!(text.contains("reload: applied from step"), "{text}");
+    assert!(
+        text.contains("[serve] `ring_slots` changed") && text.contains("next restart"),
+        "{text}"
+    );
+    // Still not applied at the next reload: said again, with the weights' change.
+    edit(8, 5.0);
+    let r = f.req(control::reload_request());
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["applied_step"].is_u64(), "{r}");
+    let m = r["message"].as_str().unwrap();
+    assert!(m.contains("`ring_slots`"), "{r}");
+    // The file back at the daemon's [serve]: nothing to say.
+    edit(4, 5.0);
+    let text = ok(&["ctl", "--socket", f.sock(), "reload"]);
+    assert!(!text.contains("[serve]"), "{text}");
+}
+
 /// The watcher reads a file it refused once, not every two intervals: a syntax error is
 /// counted one failed reload however long it stays, and the fixed file then applies.
 #[test]

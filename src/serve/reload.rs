@@ -37,7 +37,8 @@ pub(super) struct Running {
     fixed: PlanConfig,
     /// The file's schedule, the base a reload's first difference is measured from.
     points: Vec<SchedulePoint>,
-    /// `[serve]`, only to warn that changes there need a restart.
+    /// `[serve]` as the daemon started with it, only to say that changes there need a
+    /// restart.
     serve: Option<toml::Table>,
     /// Hash of the file's bytes when last applied or refused, for the watcher.
     seen: Option<u64>,
@@ -76,6 +77,20 @@ enum Refused {
         .0.display()
     )]
     Fixed(PathBuf),
+}
+
+/// The `[serve]` keys that differ between the running table and a reloaded one, as
+/// "`a`, `b`" (a key added, removed or changed); `None` when they are the same.
+fn serve_changes(running: Option<&toml::Table>, new: Option<&toml::Table>) -> Option<String> {
+    let empty = toml::Table::new();
+    let (old, new) = (running.unwrap_or(&empty), new.unwrap_or(&empty));
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| format!("`{k}`"))
+        .collect();
+    (!changed.is_empty()).then(|| changed.join(", "))
 }
 
 /// `[plan]` without its weights and schedule: what a reload may not change.
@@ -130,14 +145,17 @@ impl Daemon {
                 });
             }
         };
-        if cfg.serve != running.serve {
-            warn!(
-                source,
-                "[serve] changed in {}; those settings apply at the next restart",
+        // Against the [serve] the daemon started with (a reload never applies one), so
+        // each reload of a file that still differs says so, in its reply too.
+        let serve_note = serve_changes(running.serve.as_ref(), cfg.serve.as_ref()).map(|keys| {
+            let note = format!(
+                "[serve] {keys} changed in {}; not applied: [serve] settings apply at the \
+                 next restart",
                 self.config.display()
             );
-            running.serve = cfg.serve.clone();
-        }
+            warn!(source, "{note}");
+            note
+        });
         let points = plan.points();
         let r = self
             .hub
@@ -160,6 +178,12 @@ impl Daemon {
                 }
                 e
             });
+        let r = r.map(|mut a| {
+            if let Some(note) = serve_note {
+                a.message = format!("{}; {note}", a.message);
+            }
+            a
+        });
         match &r {
             Ok(a) => {
                 running.points = points;

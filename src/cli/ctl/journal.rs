@@ -32,13 +32,18 @@ pub fn describe_change(reply: &Value) -> String {
         }
     }
     if let Some(m) = reply.get("message").and_then(Value::as_str) {
-        // The daemon's message often restates the step said above; say it once.
-        let restated = reply
+        // The daemon's message often restates the step said above; say it once, and
+        // what follows it (a reload's note on [serve]) on its own line.
+        let step = reply
             .get("applied_step")
             .and_then(Value::as_u64)
-            .is_some_and(|a| m.contains(&format!("applied from step {a}")));
-        if !m.is_empty() && !restated {
-            let _ = writeln!(s, "  {m}");
+            .map(|a| format!("applied from step {a}"));
+        let rest = match step.and_then(|p| m.find(&p).map(|i| &m[i + p.len()..])) {
+            Some(rest) => rest.trim_start_matches(';').trim_start(),
+            None => m,
+        };
+        if !rest.is_empty() {
+            let _ = writeln!(s, "  {rest}");
         }
     }
     s
