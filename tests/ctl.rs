@@ -224,6 +224,31 @@ fn bad_weight_arguments_are_refused_before_connecting() {
     assert!(err.contains("/nonexistent/millrace.sock"), "{err}");
 }
 
+/// `consume --reconnect-timeout inf` (or `1e30`) panicked in `Duration::from_secs_f64`
+/// with a backtrace the moment the daemon went away, and `nan` silently meant 0: both
+/// timeouts are now read as 0 up to a year, and anything else is refused naming the flag
+/// before a connection is tried.
+#[test]
+fn consume_timeouts_out_of_range_are_refused_naming_the_flag() {
+    for flag in ["--timeout", "--reconnect-timeout"] {
+        for v in ["inf", "1e30", "nan", "-1", "soon"] {
+            let arg = format!("{flag}={v}");
+            let err = fails(&[
+                "consume", "--socket", "/nonexistent/s", "--dp-rank", "0", "--dp-size", "1",
+                &arg,
+            ]);
+            assert!(err.contains(flag) && err.contains(v), "{flag} {v}: {err}");
+            assert!(!err.contains("cannot connect"), "{flag} {v}: {err}");
+        }
+        // 0 stays what it meant (no limit, no reconnect): past the flags, to the socket.
+        let err = fails(&[
+            "consume", "--socket", "/nonexistent/s", "--dp-rank", "0", "--dp-size", "1", flag,
+            "0",
+        ]);
+        assert!(err.contains("cannot connect"), "{flag} 0: {err}");
+    }
+}
+
 /// `--socket` naming a file or a directory failed with ECONNREFUSED and the words for it,
 /// "the socket file is there but no daemon listens on it (a daemon that was killed leaves
 /// it behind)": `status --socket /etc/millrace/millrace.toml` told the user to delete

@@ -64,7 +64,7 @@ pub struct ConsumeArgs {
     #[arg(long)]
     pub save_cursor: Option<PathBuf>,
     /// When the daemon goes away, reconnect with the last cursor for up to SECS.
-    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_secs_or_0)]
     pub reconnect_timeout: f64,
     /// Also read every other byte the slot stores (labels, loss_mask, position_ids when
     /// expanded; document starts and real counts when compact), in place, as a trainer's
@@ -75,7 +75,7 @@ pub struct ConsumeArgs {
     #[arg(long, default_value_t = 0)]
     pub hold: u64,
     /// Give up when one batch, or the daemon's WELCOME (a seek), takes longer than SECS.
-    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 120.0, value_parser = parse_secs_or_0)]
     pub timeout: f64,
     /// The slot layout to ask for (`compact` or `expanded`) [default: the daemon's,
     /// compact]; `--touch` reads what the layout stores (deriving a compact slot's
@@ -95,6 +95,19 @@ pub struct ConsumeArgs {
     /// Print `{"progress": STEPS}` lines on stderr a few times a second (for `bench`).
     #[arg(long, hide = true)]
     pub progress: bool,
+}
+
+/// Seconds for `--timeout` and `--reconnect-timeout`: 0 (their "no limit" and "no
+/// reconnect") up to a year. Refused here: `inf` or `1e30` made `Duration` panic when
+/// the daemon went away, and `nan` silently meant 0.
+fn parse_secs_or_0(s: &str) -> Result<f64, String> {
+    const YEAR: f64 = 365.0 * 86_400.0;
+    let v: f64 = (s.trim().parse())
+        .map_err(|_| format!("`{s}` is not a number of seconds (e.g. 10 or 0.5)"))?;
+    if !(0.0..=YEAR).contains(&v) {
+        return Err(format!("{s} s is outside 0..={YEAR} (a year)"));
+    }
+    Ok(v)
 }
 
 fn parse_layout(s: &str) -> Result<SlotLayout, String> {
