@@ -115,7 +115,7 @@ pub struct BenchArgs {
     pub baseline_steps: Option<u64>,
     /// Seconds of the fairness run (0 skips it): `--fairness-ranks` free-running
     /// consumers of one job, and the max/min of the steps their rings published.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = parse_fairness_secs)]
     pub fairness_seconds: f64,
     /// Ranks (dp_size) of the fairness run.
     #[arg(long, default_value_t = 16)]
@@ -162,6 +162,18 @@ fn prepare_corpus_dir(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     } else {
         super::demo::own_temp_dir(dir)
     }
+}
+
+/// `--fairness-seconds`: 0 (skip the run) up to a day. `1e30` passed the old check
+/// (positive and finite) and panicked in `Duration::from_secs_f64`; `nan` and negative
+/// values skipped the run without a word.
+fn parse_fairness_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = (s.trim().parse())
+        .map_err(|_| format!("`{s}` is not a number of seconds (e.g. 10 or 0.5)"))?;
+    if !(0.0..=86_400.0).contains(&v) {
+        return Err(format!("{s} s is outside 0..=86400 (0 skips the fairness run)"));
+    }
+    Ok(v)
 }
 
 /// Runs `millrace bench`.
@@ -446,4 +458,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    fn bench(extra: &[&str]) -> Result<f64, String> {
+        let args = ["millrace", "bench", "--fairness-only"].iter().chain(extra);
+        match crate::cli::Cli::try_parse_from(args) {
+            Ok(crate::cli::Cli {
+                command: crate::cli::Command::Bench(b),
+            }) => Ok(b.fairness_seconds),
+            Ok(_) => Err("not bench".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn fairness_seconds_out_of_range_are_refused_naming_the_flag() {
+        assert_eq!(bench(&[]), Ok(10.0));
+        assert_eq!(bench(&["--fairness-seconds", "0"]), Ok(0.0));
+        assert_eq!(bench(&["--fairness-seconds", "0.5"]), Ok(0.5));
+        for v in ["1e30", "inf", "nan", "-1", "86401", "ten"] {
+            let e = bench(&[&format!("--fairness-seconds={v}")]).unwrap_err();
+            assert!(e.contains("--fairness-seconds") && e.contains(v), "{v}: {e}");
+        }
+    }
 }
