@@ -549,3 +549,23 @@ fn a_path_starting_with_a_tilde_is_refused_not_taken_as_relative() {
         "{e}"
     );
 }
+
+/// An empty path named the config's own directory: `cache_dir = ""` put identity and
+/// plan-checkpoint files beside the config (in `/etc/millrace`), and `socket = ""` made
+/// `serve` try to bind the directory. Refused, naming the field.
+#[test]
+fn an_empty_path_is_refused_naming_the_field() {
+    let domain = |shards: &str| format!("[[corpus.domain]]\nname = \"web\"\nshards = [{shards}]\n");
+    let e = err(&format!("[corpus]\n{}", domain("\"a\", \"\"")));
+    assert!(e.contains("test.toml: corpus.domain[0].shards[1]: is empty"), "{e}");
+    let e = err(&format!("[corpus]\ncache_dir = \"\"\n{}", domain("\"a\"")));
+    assert!(e.contains("test.toml: corpus.cache_dir: is empty"), "{e}");
+    let cfg = parse(&format!("[corpus]\n{}[serve]\nsocket = \"\"\n", domain("\"a\""))).unwrap();
+    let e = millrace::config::serve::ServeConfig::from_config(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("test.toml: [serve] socket: is empty"), "{e}");
+    // "." says the directory is meant.
+    let cfg = parse(&format!("[corpus]\ncache_dir = \".\"\n{}", domain("\"a\""))).unwrap();
+    assert_eq!(cfg.corpus.cache_dir.as_deref(), Some(Path::new(".")));
+}

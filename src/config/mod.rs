@@ -318,7 +318,7 @@ impl Config {
                 ),
             ));
         }
-        if let Some(what) = self.corpus.cache_dir.as_deref().and_then(tilde_problem) {
+        if let Some(what) = self.corpus.cache_dir.as_deref().and_then(path_problem) {
             return Err(self.invalid("corpus.cache_dir".into(), what));
         }
         let mut seen = BTreeSet::new();
@@ -345,7 +345,7 @@ impl Config {
                 return Err(self.invalid(f("shards"), "lists no shard"));
             }
             for (j, shard) in d.shards.iter().enumerate() {
-                if let Some(what) = tilde_problem(shard) {
+                if let Some(what) = path_problem(shard) {
                     return Err(self.invalid(f(&format!("shards[{j}]")), what));
                 }
             }
@@ -615,11 +615,20 @@ impl Config {
     }
 }
 
-/// Why `p` cannot be meant as written: it starts with `~`, which only a shell expands.
-/// Taken as a relative path it would name a directory called `~` beside the config (one
-/// a later `rm -rf ~` meant to clean up would miss), so it is refused, not guessed at.
-pub fn tilde_problem(p: &Path) -> Option<String> {
+/// Why `p` cannot be meant as written: it is empty, or it starts with `~`, which only a
+/// shell expands. Taken as a relative path it would name the config's directory, or a
+/// directory called `~` beside the config (one a later `rm -rf ~` meant to clean up
+/// would miss), so it is refused, not guessed at.
+pub fn path_problem(p: &Path) -> Option<String> {
     use std::os::unix::ffi::OsStrExt;
+    // An empty path would name the config's own directory.
+    if p.as_os_str().is_empty() {
+        return Some(
+            "is empty (it would name the config's own directory); leave the key out for \
+             the default, or write \".\" if that directory is meant"
+                .into(),
+        );
+    }
     let first = match p.components().next() {
         Some(std::path::Component::Normal(c)) => c,
         _ => return None,

@@ -342,7 +342,7 @@ impl ServeConfig {
                 what: what.to_string(),
             })
         };
-        if let Some(what) = super::tilde_problem(&s.socket) {
+        if let Some(what) = super::path_problem(&s.socket) {
             return bad("socket", &what);
         }
         s.socket = cfg.resolve_path(&s.socket);
