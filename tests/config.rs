@@ -569,3 +569,41 @@ fn an_empty_path_is_refused_naming_the_field() {
     let cfg = parse(&format!("[corpus]\ncache_dir = \".\"\n{}", domain("\"a\""))).unwrap();
     assert_eq!(cfg.corpus.cache_dir.as_deref(), Some(Path::new(".")));
 }
+
+/// Padding is written as a token of the slot's dtype, and an id the dtype cannot hold
+/// was cut to its low bits: with uint16 shards (compact slots carry their dtype) and no
+/// `vocab_size`, `pad_token = 70000` padded every row with 4464, a real token, while
+/// WELCOME announced 70000. `check-config` (and so `serve`) now refuse it.
+#[test]
+fn a_pad_token_the_slots_cannot_hold_is_refused() {
+    let c = common::corpus(200_000, 2, 3, 1_000_000);
+    let text = std::fs::read_to_string(c.dir.join("millrace.toml")).unwrap();
+    assert!(text.contains("pad_token = 0\n") && text.contains("vocab_size = 50304\n"));
+    let write = |pad: u64, serve: &str| {
+        let t = text
+            .replace("vocab_size = 50304\n", "")
+            .replace("pad_token = 0\n", &format!("pad_token = {pad}\n"));
+        let path = c.dir.join("pad.toml");
+        std::fs::write(&path, format!("{t}\n[serve]\n{serve}\n")).unwrap();
+        path
+    };
+    for (pad, serve, dtype, slots) in [
+        (70_000, "", "uint16", "compact slots"),
+        (2_147_483_648, "token_dtype = \"int64\"", "uint16", "compact slots"),
+        (2_147_483_648, "token_dtype = \"int32\"", "int32", "expanded slots"),
+    ] {
+        let err = common::check_config_refusal(&write(pad, serve));
+        assert!(
+            err.contains("pad.toml: plan.pad_token")
+                && err.contains(&format!("{pad} does not fit {dtype}"))
+                && err.contains(slots),
+            "{pad} {serve}: {err}"
+        );
+    }
+    let out = common::bin()
+        .args(["check-config", "--config"])
+        .arg(write(65_535, ""))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -64,6 +64,23 @@ pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
         .collect();
     let token = TokenType::choose(&serve.token_dtype, &dtypes)
         .map_err(|e| anyhow::anyhow!("{}: [serve] token_dtype: {e}", cfg.source.display()))?;
+    // Padding is written as a token of the slot's dtype: an id it cannot hold was cut to
+    // its low bits (pad_token = 70000 in uint16 slots padded with 4464, a real token).
+    let pad = loaded.plan.config().pad_token;
+    let compact = TokenType::compact(dtypes.iter().map(|(_, d)| *d));
+    for (out, which) in [
+        (token.0, "expanded slots ([serve] token_dtype)"),
+        (compact.0, "compact slots (the shards' dtype)"),
+    ] {
+        if largest_id(out).is_some_and(|max| pad > max) {
+            bail!(
+                "{}: plan.pad_token: {pad} does not fit {out}, the token dtype of {which}; \
+                 choose an id the slots can hold (at most {})",
+                cfg.source.display(),
+                largest_id(out).unwrap_or_default()
+            );
+        }
+    }
     if let Some(g) = &serve.socket_group {
         let gid = access::resolve_group(g)
             .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.source.display()))?;
@@ -103,6 +120,21 @@ fn float_tokens(shard: &Shard) -> Option<String> {
          uint16 8) or it holds no token ids",
         file.display()
     ))
+}
+
+/// The largest token id `d` holds; `None` for float dtypes, which hold no ids.
+fn largest_id(d: crate::corpus::DType) -> Option<u64> {
+    use crate::corpus::DType::*;
+    Some(match d {
+        Uint8 => u8::MAX.into(),
+        Int8 => i8::MAX as u64,
+        Int16 => i16::MAX as u64,
+        Uint16 => u16::MAX.into(),
+        Int32 => i32::MAX as u64,
+        Uint32 => u32::MAX.into(),
+        Int64 => i64::MAX as u64,
+        Float32 | Float64 => return None,
+    })
 }
 
 /// `millrace check-config`: everything `serve` checks before it binds (config, shards,
