@@ -607,3 +607,39 @@ fn a_pad_token_the_slots_cannot_hold_is_refused() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `ring_memory_bytes` below the smallest ring any rank could have (one row of the
+/// longest stage, compact slots) passed `check-config`, and the daemon then refused every
+/// trainer with `memory`. Refused at the check, naming the field and the least it takes.
+#[test]
+fn a_ring_budget_that_holds_no_ring_is_refused() {
+    let c = common::corpus(200_000, 2, 3, 1_000_000);
+    let check = |budget: u64| {
+        let line = format!("ring_memory_bytes = {budget}");
+        let config = common::write_config(&c.dir, "mem.toml", 4096, 8, &[&line]);
+        common::bin()
+            .args(["check-config", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = check(1);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("mem.toml: [serve] ring_memory_bytes: 1 bytes hold no ring")
+            && err.contains("one row of 4096 tokens"),
+        "{err}"
+    );
+    // The least it names is accepted: the bound refuses only budgets no ring fits.
+    let least: u64 = err
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size at the end of {err:?}"));
+    assert!(least > 4 * 4097 * 2, "{err}");
+    let out = check(least);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!check(least - 1).status.success());
+}

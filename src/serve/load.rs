@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 
 use super::access;
 use super::fill::describe_fault;
-use super::ring::TokenType;
+use super::ring::{Layout, TokenType};
 use crate::config::serve::{socket_problem, ServeConfig};
 use crate::config::Config;
 use crate::corpus::Shard;
@@ -78,6 +78,20 @@ pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
                  choose an id the slots can hold (at most {})",
                 cfg.source.display(),
                 largest_id(out).unwrap_or_default()
+            );
+        }
+    }
+    // A budget below the smallest ring a rank can have (one row of the longest stage,
+    // compact slots, no cursor) refused every trainer with `memory` while the daemon ran.
+    if let Some(budget) = serve.ring_memory_bytes {
+        let seq_len = (loaded.plan.stages().iter().map(|s| s.seq_len).max()).unwrap_or(1);
+        let least = Layout::compact(1, seq_len, serve.ring_slots, compact, 0).ring_bytes;
+        if budget < least {
+            bail!(
+                "{}: [serve] ring_memory_bytes: {budget} bytes hold no ring: the smallest a \
+                 rank can have ({} slots of one row of {seq_len} tokens) takes {least}",
+                cfg.source.display(),
+                serve.ring_slots
             );
         }
     }
