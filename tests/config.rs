@@ -18,6 +18,22 @@ fn err(text: &str) -> String {
     parse(text).unwrap_err().to_string()
 }
 
+/// The error `[serve]` of `text` is refused with.
+fn serve_err(text: &str) -> String {
+    let cfg = parse(text).unwrap();
+    let e = millrace::config::serve::ServeConfig::from_config(&cfg).unwrap_err();
+    e.to_string()
+}
+
+/// `millrace check-config --config config`, passed or not.
+fn check_config(config: &Path) -> std::process::Output {
+    (common::bin()
+        .args(["check-config", "--config"])
+        .arg(config)
+        .output())
+    .expect("running millrace check-config")
+}
+
 #[test]
 fn a_valid_config_parses_with_defaults() {
     let cfg = parse(
@@ -510,64 +526,60 @@ fn a_socket_path_that_is_not_a_socket_fails_check_config() {
     assert_eq!(socket_problem(&stale), None);
 }
 
-/// `~` is a shell's: in a config it named a directory called `~` beside the config file
-/// (`cache_dir = "~/cache"` filled `/etc/millrace/~/cache`, and `socket = "~/m.sock"`
-/// was bound there), so a path starting with it is refused, naming the field.
+/// A path that is empty or starts with `~` named the config's own directory, or a
+/// directory `~` in it (only a shell expands `~`): `cache_dir = "~/cache"` filled
+/// `/etc/millrace/~/cache`, `cache_dir = ""` wrote identity and checkpoint files beside
+/// the config, and `socket = "~/m.sock"` was bound there. Each is refused, naming the
+/// field.
 #[test]
-fn a_path_starting_with_a_tilde_is_refused_not_taken_as_relative() {
-    let domain = |shards: &str| {
-        format!("[[corpus.domain]]\nname = \"web\"\nshards = [\"web\", {shards}]\n")
-    };
-    let e = err(&format!("[corpus]\n{}", domain("\"~/tok/web\"")));
-    assert!(
-        e.contains("test.toml: corpus.domain[0].shards[1]") && e.contains("~/tok/web"),
-        "{e}"
-    );
-    let e = err(&format!("[corpus]\n{}", domain("\"~alice/tok\"")));
-    assert!(e.contains("corpus.domain[0].shards[1]"), "{e}");
-    let e = err(&format!(
-        "[corpus]\ncache_dir = \"~/.cache/millrace\"\n{}",
-        domain("\"b\"")
-    ));
-    assert!(e.contains("test.toml: corpus.cache_dir") && e.contains("`~`"), "{e}");
-    // Written so that it is meant, a name starting with `~` is a relative path.
-    let cfg = parse(&format!("[corpus]\ncache_dir = \"./~c\"\n{}", domain("\"x~\""))).unwrap();
-    assert_eq!(
-        cfg.resolve_path(cfg.corpus.cache_dir.as_deref().unwrap()),
-        Path::new("/data/./~c")
-    );
-    let cfg = parse(&format!(
-        "[corpus]\n{}[serve]\nsocket = \"~/millrace.sock\"\n",
-        domain("\"b\"")
-    ))
-    .unwrap();
-    let e = millrace::config::serve::ServeConfig::from_config(&cfg)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("test.toml: [serve] socket") && e.contains("~/millrace.sock"),
-        "{e}"
-    );
-}
-
-/// An empty path named the config's own directory: `cache_dir = ""` put identity and
-/// plan-checkpoint files beside the config (in `/etc/millrace`), and `socket = ""` made
-/// `serve` try to bind the directory. Refused, naming the field.
-#[test]
-fn an_empty_path_is_refused_naming_the_field() {
-    let domain = |shards: &str| format!("[[corpus.domain]]\nname = \"web\"\nshards = [{shards}]\n");
-    let e = err(&format!("[corpus]\n{}", domain("\"a\", \"\"")));
-    assert!(e.contains("test.toml: corpus.domain[0].shards[1]: is empty"), "{e}");
-    let e = err(&format!("[corpus]\ncache_dir = \"\"\n{}", domain("\"a\"")));
-    assert!(e.contains("test.toml: corpus.cache_dir: is empty"), "{e}");
-    let cfg = parse(&format!("[corpus]\n{}[serve]\nsocket = \"\"\n", domain("\"a\""))).unwrap();
-    let e = millrace::config::serve::ServeConfig::from_config(&cfg)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("test.toml: [serve] socket: is empty"), "{e}");
-    // "." says the directory is meant.
-    let cfg = parse(&format!("[corpus]\ncache_dir = \".\"\n{}", domain("\"a\""))).unwrap();
-    assert_eq!(cfg.corpus.cache_dir.as_deref(), Some(Path::new(".")));
+fn a_path_that_is_empty_or_starts_with_a_tilde_is_refused_naming_the_field() {
+    let domain =
+        |shards: &str| format!("[[corpus.domain]]\nname = \"web\"\nshards = [\"a\", {shards}]\n");
+    let cases = [
+        (
+            domain("\"~/tok/web\""),
+            "corpus.domain[0].shards[1]: \"~/tok/web\" starts with `~`",
+        ),
+        (
+            domain("\"~alice/tok\""),
+            "corpus.domain[0].shards[1]: \"~alice/tok\" starts",
+        ),
+        (domain("\"\""), "corpus.domain[0].shards[1]: is empty"),
+        (
+            format!("cache_dir = \"~/.cache/m\"\n{}", domain("\"b\"")),
+            "corpus.cache_dir: \"~/",
+        ),
+        (
+            format!("cache_dir = \"\"\n{}", domain("\"b\"")),
+            "corpus.cache_dir: is empty",
+        ),
+    ];
+    for (corpus, want) in cases {
+        let e = err(&format!("[corpus]\n{corpus}"));
+        assert!(e.contains(&format!("test.toml: {want}")), "{want}: {e}");
+    }
+    for (socket, want) in [
+        ("~/m.sock", "\"~/m.sock\" starts with `~`"),
+        ("", "is empty"),
+    ] {
+        let text = format!(
+            "[corpus]\n{}[serve]\nsocket = {socket:?}\n",
+            domain("\"b\"")
+        );
+        let e = serve_err(&text);
+        assert!(
+            e.contains(&format!("test.toml: [serve] socket: {want}")),
+            "{e}"
+        );
+    }
+    // Written so that it is meant, a name starting with `~` is a relative path, and "."
+    // the config's directory.
+    for (dir, at) in [("./~c", "/data/./~c"), (".", "/data/.")] {
+        let text = format!("[corpus]\ncache_dir = {dir:?}\n{}", domain("\"x~\""));
+        let cfg = parse(&text).unwrap();
+        let cache = cfg.resolve_path(cfg.corpus.cache_dir.as_deref().unwrap());
+        assert_eq!(cache, Path::new(at));
+    }
 }
 
 /// Padding is written as a token of the slot's dtype, and an id the dtype cannot hold
@@ -589,8 +601,18 @@ fn a_pad_token_the_slots_cannot_hold_is_refused() {
     };
     for (pad, serve, dtype, slots) in [
         (70_000, "", "uint16", "compact slots"),
-        (2_147_483_648, "token_dtype = \"int64\"", "uint16", "compact slots"),
-        (2_147_483_648, "token_dtype = \"int32\"", "int32", "expanded slots"),
+        (
+            2_147_483_648,
+            "token_dtype = \"int64\"",
+            "uint16",
+            "compact slots",
+        ),
+        (
+            2_147_483_648,
+            "token_dtype = \"int32\"",
+            "int32",
+            "expanded slots",
+        ),
     ] {
         let err = common::check_config_refusal(&write(pad, serve));
         assert!(
@@ -600,12 +622,12 @@ fn a_pad_token_the_slots_cannot_hold_is_refused() {
             "{pad} {serve}: {err}"
         );
     }
-    let out = common::bin()
-        .args(["check-config", "--config"])
-        .arg(write(65_535, ""))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = check_config(&write(65_535, ""));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `ring_memory_bytes` below the smallest ring any rank could have (one row of the
@@ -616,12 +638,7 @@ fn a_ring_budget_that_holds_no_ring_is_refused() {
     let c = common::corpus(200_000, 2, 3, 1_000_000);
     let check = |budget: u64| {
         let line = format!("ring_memory_bytes = {budget}");
-        let config = common::write_config(&c.dir, "mem.toml", 4096, 8, &[&line]);
-        common::bin()
-            .args(["check-config", "--config"])
-            .arg(config)
-            .output()
-            .unwrap()
+        check_config(&common::write_config(&c.dir, "mem.toml", 4096, 8, &[&line]))
     };
     let out = check(1);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -640,6 +657,10 @@ fn a_ring_budget_that_holds_no_ring_is_refused() {
         .unwrap_or_else(|| panic!("no size at the end of {err:?}"));
     assert!(least > 4 * 4097 * 2, "{err}");
     let out = check(least);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!check(least - 1).status.success());
 }

@@ -230,21 +230,25 @@ fn bad_weight_arguments_are_refused_before_connecting() {
 /// before a connection is tried.
 #[test]
 fn consume_timeouts_out_of_range_are_refused_naming_the_flag() {
+    let consume = |arg: &str| {
+        let rank = ["--dp-rank", "0", "--dp-size", "1"];
+        fails(
+            &[
+                &["consume", "--socket", "/nonexistent/s"][..],
+                &rank,
+                &[arg],
+            ]
+            .concat(),
+        )
+    };
     for flag in ["--timeout", "--reconnect-timeout"] {
         for v in ["inf", "1e30", "nan", "-1", "soon"] {
-            let arg = format!("{flag}={v}");
-            let err = fails(&[
-                "consume", "--socket", "/nonexistent/s", "--dp-rank", "0", "--dp-size", "1",
-                &arg,
-            ]);
+            let err = consume(&format!("{flag}={v}"));
             assert!(err.contains(flag) && err.contains(v), "{flag} {v}: {err}");
             assert!(!err.contains("cannot connect"), "{flag} {v}: {err}");
         }
         // 0 stays what it meant (no limit, no reconnect): past the flags, to the socket.
-        let err = fails(&[
-            "consume", "--socket", "/nonexistent/s", "--dp-rank", "0", "--dp-size", "1", flag,
-            "0",
-        ]);
+        let err = consume(&format!("{flag}=0"));
         assert!(err.contains("cannot connect"), "{flag} 0: {err}");
     }
 }
@@ -267,7 +271,11 @@ fn a_socket_path_that_is_not_a_socket_is_named_as_what_it_is() {
         vec!["ctl", "--socket", d, "set-weights", "web=1"],
     ] {
         let err = fails(&args);
-        let what = if args.contains(&d) { "a directory" } else { "a regular file" };
+        let what = if args.contains(&d) {
+            "a directory"
+        } else {
+            "a regular file"
+        };
         assert!(
             err.contains(args[2]) && err.contains(what) && err.contains("not a unix socket"),
             "{args:?}: {err}"

@@ -521,7 +521,10 @@ fn steps_beyond_the_reach_of_a_run_are_refused_at_once() {
     let config = config();
     let cases: [(&[&str], &str); 4] = [
         (&["explain", "--step", "18446744073709551615"], "--step"),
-        (&["explain", "--step", "4294967296", "--count", "2"], "--count"),
+        (
+            &["explain", "--step", "4294967296", "--count", "2"],
+            "--count",
+        ),
         (&["plan", "--from", "4294967297", "--steps", "1"], "--from"),
         (&["plan", "--steps", "18446744073709551615"], "--steps"),
     ];

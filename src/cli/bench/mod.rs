@@ -171,7 +171,9 @@ fn parse_fairness_secs(s: &str) -> Result<f64, String> {
     let v: f64 = (s.trim().parse())
         .map_err(|_| format!("`{s}` is not a number of seconds (e.g. 10 or 0.5)"))?;
     if !(0.0..=86_400.0).contains(&v) {
-        return Err(format!("{s} s is outside 0..=86400 (0 skips the fairness run)"));
+        return Err(format!(
+            "{s} s is outside 0..=86400 (0 skips the fairness run)"
+        ));
     }
     Ok(v)
 }
@@ -482,7 +484,10 @@ mod tests {
         assert_eq!(bench(&["--fairness-seconds", "0.5"]), Ok(0.5));
         for v in ["1e30", "inf", "nan", "-1", "86401", "ten"] {
             let e = bench(&[&format!("--fairness-seconds={v}")]).unwrap_err();
-            assert!(e.contains("--fairness-seconds") && e.contains(v), "{v}: {e}");
+            assert!(
+                e.contains("--fairness-seconds") && e.contains(v),
+                "{v}: {e}"
+            );
         }
     }
 }
