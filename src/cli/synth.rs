@@ -10,7 +10,8 @@ use millrace::{synth, util};
 
 #[derive(clap::Args)]
 pub struct SynthArgs {
-    /// Output directory (created if missing).
+    /// Output directory (created if missing; a millrace.toml there that synth did not
+    /// write is refused, not replaced).
     #[arg(long)]
     out: PathBuf,
     /// Total tokens, e.g. 1e9, 500M, 10G.
@@ -57,7 +58,26 @@ fn parse_megatron_token_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
+/// What every config synth writes begins with; a `millrace.toml` that does not is the
+/// user's own.
+const WRITTEN_BY_SYNTH: &str = "# Written by `millrace synth";
+
+/// Refuses an `--out` whose `millrace.toml` synth did not write: synth replaced it
+/// without a word (`millrace synth --out .` in a run's directory took its config).
+fn check_config_is_ours(out: &std::path::Path) -> Result<()> {
+    let config = out.join("millrace.toml");
+    match std::fs::read(&config) {
+        Ok(bytes) if !bytes.starts_with(WRITTEN_BY_SYNTH.as_bytes()) => anyhow::bail!(
+            "{}: exists and was not written by synth; refusing to replace it (choose \
+             another --out, or remove it)",
+            config.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 pub fn run_synth(args: SynthArgs) -> Result<()> {
+    check_config_is_ours(&args.out)?;
     let mut out = std::io::stdout().lock();
     let threads = args
         .threads
@@ -115,4 +135,46 @@ pub fn run_synth(args: SynthArgs) -> Result<()> {
         summary.config.display()
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `synth --out DIR` replaced a `DIR/millrace.toml` it had not written.
+    #[test]
+    fn a_config_synth_did_not_write_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = || SynthArgs {
+            out: dir.path().to_path_buf(),
+            tokens: 10_000,
+            domains: 1,
+            vocab: 1000,
+            dtype: None,
+            seed: 0,
+            shard_tokens: 1_000_000,
+            threads: Some(1),
+            sparse: false,
+            length_scale: 1,
+            json: true,
+        };
+        let config = dir.path().join("millrace.toml");
+        std::fs::write(&config, "# my run\n[corpus]\n").unwrap();
+        let e = format!("{:#}", run_synth(args()).unwrap_err());
+        assert!(
+            e.contains("millrace.toml: exists and was not written by synth"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&config).unwrap(),
+            "# my run\n[corpus]\n"
+        );
+        assert!(!dir.path().join("web").exists());
+        // synth's own config is rewritten, so a rerun with other flags works.
+        std::fs::remove_file(&config).unwrap();
+        run_synth(args()).unwrap();
+        run_synth(SynthArgs { seed: 1, ..args() }).unwrap();
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.starts_with("# Written by `millrace synth"), "{text}");
+    }
 }
