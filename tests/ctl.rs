@@ -850,6 +850,15 @@ fn a_reload_says_which_serve_keys_wait_for_a_restart() {
     assert!(r["applied_step"].is_u64(), "{r}");
     let m = r["message"].as_str().unwrap();
     assert!(m.contains("`ring_slots`"), "{r}");
+    // A [serve] the next start would refuse refuses the reload: the weights stay.
+    let journal = f.journal();
+    edit(1, 7.0);
+    let err = fails(&["ctl", "--socket", f.sock(), "reload"]);
+    assert!(
+        err.contains("refused reload (invalid)") && err.contains("[serve] ring_slots"),
+        "{err}"
+    );
+    assert_eq!(f.journal(), journal);
     // The file back at the daemon's [serve]: nothing to say.
     edit(4, 5.0);
     let text = ok(&["ctl", "--socket", f.sock(), "reload"]);

@@ -104,7 +104,8 @@ fn fixed_part(p: &PlanConfig) -> PlanConfig {
 impl Daemon {
     /// Re-reads the config file and applies its schedule from its first difference with
     /// the one last applied. Anything else that changed in `[corpus]` or `[plan]` refuses
-    /// the reload as a whole (it needs a restart); `[serve]` changes are only warned about.
+    /// the reload as a whole (it needs a restart), as does a `[serve]` the daemon could not
+    /// start with; valid `[serve]` changes are only named, in the log and the reply.
     fn reload_file(&self, source: &'static str) -> Result<hub::Applied, ChangeError> {
         let r = self.reload_file_once(source);
         let unix_s = std::time::SystemTime::now()
@@ -211,6 +212,9 @@ impl Daemon {
         running.seen = Some(xxhash_rust::xxh3::xxh3_64(&bytes));
         let cfg = Config::from_bytes(&self.config, bytes)?;
         let plan = cfg.plan_config()?;
+        // Not applied, but a file whose [serve] the next start would refuse is refused
+        // now, while its author is at hand, not at the next restart.
+        crate::config::serve::ServeConfig::from_config(&cfg)?;
         if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
             return Err(Refused::Corpus(self.config.clone()));
         }
