@@ -664,3 +664,26 @@ fn a_ring_budget_that_holds_no_ring_is_refused() {
     );
     assert!(!check(least - 1).status.success());
 }
+
+/// `check-config` passed socket paths that `serve` then failed to bind: one ending in '/'
+/// (`binding /run/m.sock/: No such file or directory`) and one holding a NUL byte (TOML's
+/// `\u0000`; the check looked for it in the wrong path). Both now fail the check.
+#[test]
+fn socket_paths_serve_cannot_bind_fail_the_check() {
+    use millrace::config::serve::socket_problem;
+    let dir = tempfile::tempdir().unwrap();
+    let slash = dir.path().join("m.sock/");
+    let slash = Path::new(slash.to_str().unwrap());
+    let why = socket_problem(slash).unwrap_or_else(|| panic!("{} passed", slash.display()));
+    assert!(why.contains("ends with '/'"), "{why}");
+    let nul = dir.path().join("a\0b.sock");
+    let why = socket_problem(&nul).unwrap_or_else(|| panic!("{nul:?} passed"));
+    assert!(why.contains("NUL byte"), "{why}");
+    assert_eq!(socket_problem(&dir.path().join("m.sock")), None);
+    // In the config file, the field is named.
+    let e = serve_err("[corpus]\n[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\n[serve]\nsocket = \"/run/a\\u0000b\"\n");
+    assert!(
+        e.contains("test.toml: [serve] socket") && e.contains("NUL byte"),
+        "{e}"
+    );
+}

@@ -615,8 +615,8 @@ impl Config {
     }
 }
 
-/// Why `p` cannot be meant as written: it is empty, or it starts with `~`, which only a
-/// shell expands. Taken as a relative path it would name the config's directory, or a
+/// Why `p` cannot be meant as written: it is empty, holds a NUL byte (no file's path
+/// does), or starts with `~`, which only a shell expands. Taken as a relative path it would name the config's directory, or a
 /// directory called `~` beside the config (one a later `rm -rf ~` meant to clean up
 /// would miss), so it is refused, not guessed at.
 pub fn path_problem(p: &Path) -> Option<String> {
@@ -628,6 +628,12 @@ pub fn path_problem(p: &Path) -> Option<String> {
              the default, or write \".\" if that directory is meant"
                 .into(),
         );
+    }
+    if p.as_os_str().as_bytes().contains(&0) {
+        return Some(format!(
+            "{:?} contains a NUL byte, which no path may",
+            p.as_os_str()
+        ));
     }
     let first = match p.components().next() {
         Some(std::path::Component::Normal(c)) => c,

@@ -210,6 +210,20 @@ pub fn socket_problem(socket: &Path) -> Option<String> {
             socket.display()
         ));
     }
+    // No path the kernel takes holds a NUL; one ending in '/' names a directory.
+    let bytes = socket.as_os_str().as_bytes();
+    if bytes.contains(&0) {
+        return Some(format!(
+            "socket path {:?} contains a NUL byte",
+            socket.as_os_str()
+        ));
+    }
+    if bytes.ends_with(b"/") {
+        return Some(format!(
+            "socket path {} ends with '/', which names a directory, not a socket",
+            socket.display()
+        ));
+    }
     // serve removes only a stale socket there; anything else it refuses to bind over.
     if let Ok(meta) = std::fs::symlink_metadata(socket) {
         use std::os::unix::fs::FileTypeExt;
@@ -243,12 +257,6 @@ pub fn socket_problem(socket: &Path) -> Option<String> {
             "cannot create the socket {}: {} is not a directory",
             socket.display(),
             existing.display()
-        ));
-    }
-    if existing.as_os_str().as_bytes().contains(&0) {
-        return Some(format!(
-            "socket path {} contains a NUL byte",
-            socket.display()
         ));
     }
     let uid = crate::sys::euid();
