@@ -253,6 +253,30 @@ fn consume_timeouts_out_of_range_are_refused_naming_the_flag() {
     }
 }
 
+/// A peer that answers every request with an accepted reply for another op (here a
+/// STATUS) is no millrace daemon: `ctl set-weights` printed "status: nothing changed" and
+/// exited 0, as if the change had been taken. Every ctl request now checks the op.
+#[test]
+fn a_reply_for_another_op_is_not_taken_for_an_answer() {
+    let f = fake(|_| json!({"ok": true, "op": "status", "status": {}}));
+    for args in [
+        vec!["set-weights", "web=1"],
+        vec!["set-stage", "--seq-len", "8", "--global-batch-rows", "8"],
+        vec!["reload"],
+        vec!["journal"],
+    ] {
+        let err = fails(&[&["ctl", "--socket", sock(&f)][..], &args].concat());
+        assert!(
+            err.contains("is for \"status\"") && err.contains("not an answer from a millrace"),
+            "{args:?}: {err}"
+        );
+    }
+    // A refusal carries its own op and is reported as the refusal it is.
+    let f = fake(|_| json!({"ok": false, "code": "invalid", "message": "no"}));
+    let err = fails(&["ctl", "--socket", sock(&f), "reload"]);
+    assert!(err.contains("invalid") && err.contains("no"), "{err}");
+}
+
 /// `--socket` naming a file or a directory failed with ECONNREFUSED and the words for it,
 /// "the socket file is there but no daemon listens on it (a daemon that was killed leaves
 /// it behind)": `status --socket /etc/millrace/millrace.toml` told the user to delete

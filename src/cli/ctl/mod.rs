@@ -255,16 +255,33 @@ pub struct TopArgs {
     pub once: bool,
 }
 
+/// Sends `req` and returns the reply, refused unless an accepted one answers `req`'s
+/// own op: a peer that answered `{"ok":true,"op":"status"}` to `set-weights` was
+/// reported as "status: nothing changed" and exit 0, as if the daemon had taken it.
+fn answered(socket: &std::path::Path, req: &Value, timeout: Duration) -> anyhow::Result<Value> {
+    let reply = request(socket, req, timeout)?;
+    let (asked, got) = (&req["op"], reply.get("op"));
+    if reply.get("ok") == Some(&Value::Bool(true)) && got != Some(asked) {
+        bail!(
+            "{}: the reply to {asked} is for {}: not an answer from a millrace daemon",
+            socket.display(),
+            got.map_or("no op".to_string(), Value::to_string)
+        );
+    }
+    Ok(reply)
+}
+
 /// Runs `millrace ctl`.
 pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
     let socket = args.target.socket_to_connect()?;
     let timeout = args.target.timeout();
+    let ask = |req: &Value| answered(&socket, req, timeout);
     let mut out = std::io::stdout().lock();
     match args.command {
         CtlCommand::SetWeights(a) => {
             let weights = weights_map(&a.weights).map_err(anyhow::Error::msg)?;
             let req = set_weights_request(&weights, a.change.at_step, a.change.late);
-            show_change(&mut out, &request(&socket, &req, timeout)?, a.change.json)
+            show_change(&mut out, &ask(&req)?, a.change.json)
         }
         CtlCommand::SetStage(a) => {
             let stage = StageRequest {
@@ -274,15 +291,11 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
                 chain_groups: a.chain_groups,
             };
             let req = set_stage_request(&stage, a.change.at_step, a.change.late);
-            show_change(&mut out, &request(&socket, &req, timeout)?, a.change.json)
+            show_change(&mut out, &ask(&req)?, a.change.json)
         }
-        CtlCommand::Reload(a) => show_change(
-            &mut out,
-            &request(&socket, &reload_request(), timeout)?,
-            a.json,
-        ),
+        CtlCommand::Reload(a) => show_change(&mut out, &ask(&reload_request())?, a.json),
         CtlCommand::Journal(a) => {
-            let reply = request(&socket, &journal_request(), timeout)?;
+            let reply = ask(&journal_request())?;
             fail_on_rejection(&reply)?;
             if a.json {
                 writeln!(out, "{reply}")?;
