@@ -126,6 +126,16 @@ fn error_text(e: &anyhow::Error) -> String {
     out
 }
 
+/// The command `argv` parses to, or clap's message: for tests of flags' checks.
+#[cfg(test)]
+fn parse_command<I: AsRef<str>>(argv: impl IntoIterator<Item = I>) -> Result<Command, String> {
+    let argv = std::iter::once("millrace".to_string())
+        .chain(argv.into_iter().map(|a| a.as_ref().to_string()));
+    Cli::try_parse_from(argv)
+        .map(|c| c.command)
+        .map_err(|e| e.to_string())
+}
+
 /// True when `e` is stdout's reader having gone away.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {

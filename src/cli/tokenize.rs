@@ -145,12 +145,9 @@ pub fn run_tokenize(args: TokenizeArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     /// The `--out` clap reads from `out`, or its error.
     fn out(out: &str) -> Result<std::path::PathBuf, String> {
         let argv = [
-            "millrace",
             "tokenize",
             "--tokenizer",
             "t.json",
@@ -158,12 +155,9 @@ mod tests {
             out,
             "in.jsonl",
         ];
-        match crate::cli::Cli::try_parse_from(argv) {
-            Ok(crate::cli::Cli {
-                command: crate::cli::Command::Tokenize(t),
-            }) => Ok(t.out),
-            Ok(_) => Err("not tokenize".into()),
-            Err(e) => Err(e.to_string()),
+        match crate::cli::parse_command(argv)? {
+            crate::cli::Command::Tokenize(t) => Ok(t.out),
+            _ => Err("not tokenize".into()),
         }
     }
 

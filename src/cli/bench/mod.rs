@@ -464,16 +464,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     fn bench(extra: &[&str]) -> Result<f64, String> {
-        let args = ["millrace", "bench", "--fairness-only"].iter().chain(extra);
-        match crate::cli::Cli::try_parse_from(args) {
-            Ok(crate::cli::Cli {
-                command: crate::cli::Command::Bench(b),
-            }) => Ok(b.fairness_seconds),
-            Ok(_) => Err("not bench".into()),
-            Err(e) => Err(e.to_string()),
+        match crate::cli::parse_command(["bench", "--fairness-only"].iter().chain(extra))? {
+            crate::cli::Command::Bench(b) => Ok(b.fairness_seconds),
+            _ => Err("not bench".into()),
         }
     }
 
