@@ -407,20 +407,20 @@ async fn connection(
         if let Ok(Ok(a)) = &admitted {
             hub.leave(&hello.job, hello.dp_rank, a.peer);
         }
-        info!(?pid, job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
+        info!(pid = %PeerPid(pid), job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
         return;
     }
     let adm = match admitted {
         Ok(Ok(a)) => a,
         Ok(Err(r)) => {
             if let Some(k) = d.warn_conn.allow() {
-                warn!(?pid, job = %hello.job, dp_rank = hello.dp_rank, replica = %hello.replica, "refused: {}{}", r.log_line(), limits::suppressed_note(k));
+                warn!(pid = %PeerPid(pid), job = %hello.job, dp_rank = hello.dp_rank, replica = %hello.replica, "refused: {}{}", r.log_line(), limits::suppressed_note(k));
             }
             say(&mut stream, kind::REFUSED, r.code, &r.message).await;
             return;
         }
         Err(e) => {
-            error!(?pid, "admission failed: {e}");
+            error!(pid = %PeerPid(pid), "admission failed: {e}");
             say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
             return;
         }
@@ -431,7 +431,7 @@ async fn connection(
     let welcome = match serde_json::to_vec(&adm.welcome) {
         Ok(bytes) => frame::encode(kind::WELCOME, &bytes),
         Err(e) => {
-            error!(?pid, "encoding WELCOME failed: {e}");
+            error!(pid = %PeerPid(pid), "encoding WELCOME failed: {e}");
             hub.leave(&job, rank, peer);
             say(&mut stream, kind::REFUSED, Code::Busy, "internal error").await;
             return;
@@ -440,11 +440,11 @@ async fn connection(
     let mut fds = vec![adm.ring.client_fd().as_fd(), adm.ready.fd().as_fd()];
     fds.extend(adm.page_fd.as_ref().map(|f| f.as_fd()));
     if let Err(e) = send_welcome(&mut stream, &welcome, &fds).await {
-        warn!(?pid, "sending WELCOME failed: {e}");
+        warn!(pid = %PeerPid(pid), "sending WELCOME failed: {e}");
         hub.leave(&job, rank, peer);
         return;
     }
-    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, step = adm.welcome.start_step, "client joined");
+    info!(pid = %PeerPid(pid), job = %job, dp_rank = rank, replica = %hello.replica, step = adm.welcome.start_step, "client joined");
     let kick = adm.kick.clone();
     drop(adm);
     loop {
@@ -463,7 +463,7 @@ async fn connection(
         match frame {
             Ok(Some(Frame::Release(upto))) => {
                 if let Err(e) = hub.release(&job, rank, peer, upto) {
-                    warn!(?pid, job = %job, dp_rank = rank, "protocol error: {e}; closing");
+                    warn!(pid = %PeerPid(pid), job = %job, dp_rank = rank, "protocol error: {e}; closing");
                     say(&mut stream, kind::ERROR, Code::Protocol, &e.to_string()).await;
                     break;
                 }
@@ -471,19 +471,19 @@ async fn connection(
             Ok(Some(Frame::Bye)) | Ok(None) => break,
             Ok(Some(Frame::Hello(_))) | Ok(Some(Frame::Control(_))) => {
                 let m = "HELLO or CONTROL on a trainer connection";
-                warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
+                warn!(pid = %PeerPid(pid), job = %job, dp_rank = rank, "protocol error: {m}; closing");
                 say(&mut stream, kind::ERROR, Code::Protocol, m).await;
                 break;
             }
             Err(m) => {
-                warn!(?pid, job = %job, dp_rank = rank, "protocol error: {m}; closing");
+                warn!(pid = %PeerPid(pid), job = %job, dp_rank = rank, "protocol error: {m}; closing");
                 say(&mut stream, kind::ERROR, Code::Protocol, &m.to_string()).await;
                 break;
             }
         }
     }
     hub.leave(&job, rank, peer);
-    info!(?pid, job = %job, dp_rank = rank, replica = %hello.replica, "client left");
+    info!(pid = %PeerPid(pid), job = %job, dp_rank = rank, replica = %hello.replica, "client left");
 }
 
 /// A control client: one CONTROL_REPLY per CONTROL, in order, until it closes. A request
@@ -588,12 +588,25 @@ async fn send_welcome(
     stream.write_all(&frame[sent..]).await
 }
 
+/// A peer's pid as a log field: the number, or `?` where the kernel gave none (the
+/// `Option` itself printed as `pid=Some(123)`).
+pub(super) struct PeerPid(pub(super) Option<i32>);
+
+impl std::fmt::Display for PeerPid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(pid) => write!(f, "{pid}"),
+            None => f.write_str("?"),
+        }
+    }
+}
+
 impl Daemon {
     /// Logs a warning about a connection refused or dropped before admission, through
     /// the throttle: a peer can repeat those at will, and the log must not grow with it.
     fn warn_peer(&self, pid: Option<i32>, what: std::fmt::Arguments<'_>) {
         if let Some(k) = self.warn_conn.allow() {
-            warn!(?pid, "{what}{}", limits::suppressed_note(k));
+            warn!(pid = %PeerPid(pid), "{what}{}", limits::suppressed_note(k));
         }
     }
 }
@@ -601,6 +614,13 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Log lines carry a peer's pid as a number, never as Rust's `Some(..)`.
+    #[test]
+    fn a_peer_pid_logs_as_a_number_or_a_question_mark() {
+        assert_eq!(PeerPid(Some(4242)).to_string(), "4242");
+        assert_eq!(PeerPid(None).to_string(), "?");
+    }
 
     /// What `read_frame` makes of `sent`, written on a real socket pair whose writing
     /// end is then closed.

@@ -164,7 +164,7 @@ impl State {
             return freed;
         };
         if let Some(p) = entry.peers.remove(&peer) {
-            debug!(job, dp_rank, replica = %p.replica, pid = ?p.pid, released = p.released, "peer left");
+            debug!(job, dp_rank, replica = %p.replica, pid = %crate::serve::connections::PeerPid(p.pid), released = p.released, "peer left");
         }
         if entry.peers.is_empty() {
             info!(
@@ -281,7 +281,7 @@ impl RingEntry {
                 }
                 Err(e) => {
                     let e = ReleaseError::on_page(e);
-                    warn!(job = name, dp_rank = rank, replica = %p.replica, pid = ?p.pid,
+                    warn!(job = name, dp_rank = rank, replica = %p.replica, pid = %crate::serve::connections::PeerPid(p.pid),
                         "protocol error: {e}; closing");
                     let failure = Failure::new(Code::Protocol, e.to_string());
                     p.standing = Standing::BadRelease(failure);
