@@ -7,7 +7,7 @@
 //! change, kept explicit and small so that the cursor blob can carry it; the packed
 //! windows are only a cache of what the state determines.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::corpus::{GroupRun, Listed};
@@ -498,6 +498,22 @@ pub(crate) fn window_units(
     units
 }
 
+/// Where expanding a group's rows left off: per epoch and group unit (a batch-grouped
+/// group may span batches in two epochs at once), a document of it and that document's
+/// token offset within the group. A group's rows are expanded in order, so
+/// the next row's walk starts there instead of at the group's first document: a group
+/// of n documents costs O(n) per epoch instead of O(n) per row (a domain held in one
+/// group of 20,000 ten-token documents took 5 s for 347 steps of 64 rows). A cache of
+/// facts about the domain, never of the stream's position: the rows do not depend on it.
+#[derive(Default)]
+pub(crate) struct GroupWalks {
+    at: HashMap<(u32, u64), (u64, u64)>,
+}
+
+/// Groups whose walk position [`GroupWalks`] keeps; past this it starts over (as many
+/// as spanning groups may be, [`crate::config::plan::MAX_GROUP_SPANS`], and then some).
+const MAX_WALKS: usize = 8192;
+
 /// Turns a row's unit-level pieces into document segments with provenance.
 pub(crate) fn expand_row(
     d: &DomainData,
@@ -506,6 +522,7 @@ pub(crate) fn expand_row(
     epoch: u32,
     pieces: &[Piece],
     tokens: u32,
+    walks: &mut GroupWalks,
 ) -> Row {
     let mut segments = Vec::with_capacity(pieces.len());
     for p in pieces {
@@ -527,10 +544,14 @@ pub(crate) fn expand_row(
             });
             continue;
         }
-        // Walk the group's documents to the piece's offset.
+        // Walk the group's documents to the piece's offset, from where the last walk
+        // of this group stopped when that is not past it.
         let (a, b) = (p.start, p.start + p.len as u64);
-        let mut off = 0u64;
-        for doc in first..first + ndocs {
+        let (mut doc, mut off) = match walks.at.get(&(epoch, p.unit)) {
+            Some(&(doc, at)) if at <= a && (first..first + ndocs).contains(&doc) => (doc, at),
+            _ => (first, 0),
+        };
+        while doc < first + ndocs {
             let l = d.doc_len(shard, doc);
             let (s, e) = (a.max(off), b.min(off + l));
             if e > s {
@@ -543,11 +564,18 @@ pub(crate) fn expand_row(
                     group,
                 });
             }
-            off += l;
-            if off >= b {
+            if off + l >= b {
                 break;
             }
+            off += l;
+            doc += 1;
         }
+        if walks.at.len() >= MAX_WALKS && !walks.at.contains_key(&(epoch, p.unit)) {
+            walks.at.clear();
+        }
+        // The document the piece ends in, and its offset: where the group's next row
+        // begins (or a document before it).
+        walks.at.insert((epoch, p.unit), (doc, off));
     }
     Row::new(domain, epoch, segments, tokens)
 }

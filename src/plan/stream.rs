@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::domain::{expand_row, DomainData, Geometry, UnitKind};
+use super::domain::{expand_row, DomainData, Geometry, GroupWalks, UnitKind};
 use super::pack::Window;
 use super::permute::{chained, derive_key, Permutation, Reshuffle};
 use super::stage::{self, geometry, CarryLevel, Upsampling};
@@ -214,6 +214,8 @@ pub(crate) struct Stream {
     pub(super) cache: Option<(WindowKey, Arc<Window>, Permutation)>,
     /// Packed tail windows, by (epoch, window start).
     pub(super) tail_cache: Vec<((u32, u64), Arc<Window>)>,
+    /// Where expanding rows of long groups left off ([`GroupWalks`]).
+    walks: GroupWalks,
 }
 
 impl Stream {
@@ -222,6 +224,7 @@ impl Stream {
             state,
             cache: None,
             tail_cache: Vec::new(),
+            walks: GroupWalks::default(),
         }
     }
 
@@ -747,6 +750,7 @@ impl Stream {
                     epoch,
                     w.row_pieces(row),
                     tokens,
+                    &mut self.walks,
                 ));
             }
         }
