@@ -148,7 +148,17 @@ impl Schedule {
 }
 
 fn normalise(mut w: Vec<f64>) -> Vec<f64> {
-    let t: f64 = w.iter().sum();
+    let mut t: f64 = w.iter().sum();
+    if t.is_infinite() {
+        // Weights each finite, and finite in sum at every point, can still overflow in
+        // sum between points (f64::MAX ramping from one domain to another): scaled by
+        // the largest first, they keep their shares instead of all becoming 0.
+        let most = w.iter().copied().fold(0.0, f64::max);
+        for x in &mut w {
+            *x /= most;
+        }
+        t = w.iter().sum();
+    }
     if t > 0.0 {
         for x in &mut w {
             *x /= t;
