@@ -4361,3 +4361,68 @@ fn edge_huge_weights_ramp_keeps_its_shares() {
         }
     }
 }
+
+/// A batch-grouped domain with fewer groups than its rows a step need under the cap
+/// (one group of 2000 documents, capped at 3 of 64 rows, owed about 22 rows a step):
+/// its next epochs start the same group again while it spans, so one batch holds the
+/// same tokens several times (each document 8 times in step 0). The plan warns at
+/// start, naming the domain, the field and the share that avoids it; at that share the
+/// group spans alone and no token range appears twice in a batch.
+#[test]
+fn edge_batch_group_fewer_than_a_step_needs_is_warned_about() {
+    let run = |share: f64| {
+        let mut a = settings(GroupMode::Batch);
+        a.grouping.max_share = share;
+        let specs = vec![
+            DomSpec {
+                name: "repo".into(),
+                shards: vec![ShardSpec::new(vec![20; 2000], &[2000])],
+                settings: a,
+            },
+            DomSpec {
+                name: "web".into(),
+                shards: vec![ShardSpec::new(vec![9; 1000], &[1])],
+                settings: DomainSettings::default(),
+            },
+        ];
+        let mut cfg = base_config(16, 64, Packing::BestFit, 16);
+        cfg.weights = Some(weights_map(&[("repo", 1.0), ("web", 1.0)]));
+        let plan = build(&specs, cfg);
+        let mut repeats = 0;
+        for b in run_batches(&plan, 20) {
+            let mut seen = BTreeSet::new();
+            for r in b.rows.iter().filter(|r| r.domain == 0) {
+                for s in &r.segments {
+                    repeats += usize::from(!seen.insert((s.doc, s.start)));
+                }
+            }
+        }
+        (plan.warnings(), repeats)
+    };
+    let (warnings, repeats) = run(0.05);
+    assert!(repeats > 0, "the repeats the warning is about happen");
+    let w: Vec<&String> = warnings
+        .iter()
+        .filter(|w| w.contains("domain repo"))
+        .collect();
+    assert_eq!(w.len(), 1, "{warnings:?}");
+    assert!(
+        w[0].contains("corpus.domain[0]")
+            && w[0].contains("each of its 1 groups at 3 of a 64-row batch")
+            && w[0].contains("raise grouping.max_share to at least"),
+        "{}",
+        w[0]
+    );
+    let share: f64 = w[0]
+        .split("at least ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .expect("a share");
+    let (warnings, repeats) = run(share);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(
+        repeats, 0,
+        "at max_share {share} no token range twice in a batch"
+    );
+}

@@ -398,6 +398,64 @@ impl Plan {
     pub fn warnings(&self) -> Vec<String> {
         let mut out = self.cfg.unweighted_warnings(&self.domain_names());
         out.extend(self.bursty_shortfall());
+        out.extend(self.group_repeats());
+        out
+    }
+
+    /// Batch-grouped domains whose weights give them more rows a step than their groups
+    /// can fill under the cap: with every group spanning at `max_share` of the batch,
+    /// the rest of the domain's rows come from its next epochs, which start the same
+    /// groups again, so one batch holds the same documents several times (one group of
+    /// 2000 documents, capped at 3 of 64 rows and owed 22 a step, put each document in
+    /// 8 epochs' rows of step 0). Checked at every schedule knot and stage start, where
+    /// a domain's rows a step peak (row shares are monotone between them).
+    fn group_repeats(&self) -> Vec<String> {
+        let batch = |d: &DomainData| d.settings.grouping.mode == GroupMode::Batch;
+        if !self.domains.iter().any(batch) {
+            return Vec::new();
+        }
+        let mut at: Vec<u64> = vec![0];
+        at.extend(self.mixer.schedule.knots_before(u64::MAX));
+        for st in &self.mixer.stages {
+            at.extend([st.step.saturating_sub(1), st.step]);
+        }
+        at.sort_unstable();
+        at.dedup();
+        // Rows a batch and row shares at each of those steps, computed once.
+        let peaks: Vec<(u64, u32, Vec<f64>)> = at
+            .iter()
+            .map(|&step| (step, self.mixer.rows_at(step), self.mixer.row_shares(step)))
+            .collect();
+        let mut out = Vec::new();
+        for (d, dom) in self.domains.iter().enumerate().filter(|(_, d)| batch(d)) {
+            let share = dom.settings.grouping.max_share;
+            let groups = dom.units(domain::UnitKind::Group);
+            let worst = peaks
+                .iter()
+                .map(|(step, rows, shares)| {
+                    let owed = shares[d] * *rows as f64;
+                    let room = groups as f64 * crate::config::plan::group_cap(*rows, share) as f64;
+                    (owed - room, *step, *rows, owed)
+                })
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            if let Some((over, step, rows, owed)) = worst.filter(|w| w.0 >= 1.0) {
+                let need = (owed / groups.max(1) as f64).ceil() / rows as f64;
+                let fix = if need <= 1.0 {
+                    format!("raise grouping.max_share to at least {need:.4} or lower its weight")
+                } else {
+                    "lower its weight: it has fewer groups than a step's rows".to_string()
+                };
+                out.push(format!(
+                    "domain {} (corpus.domain[{d}]): batch grouping caps each of its {groups} \
+                     groups at {} of a {rows}-row batch, but at plan step {step} it is \
+                     owed about {owed:.0} rows a step, {over:.0} more than its groups can \
+                     give: those come from its next epochs, so the same groups appear \
+                     several times in one batch: {fix}",
+                    dom.name,
+                    crate::config::plan::group_cap(rows, share),
+                ));
+            }
+        }
         out
     }
 
