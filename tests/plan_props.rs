@@ -4426,3 +4426,43 @@ fn edge_batch_group_fewer_than_a_step_needs_is_warned_about() {
         "at max_share {share} no token range twice in a batch"
     );
 }
+
+/// A plan of more domains than a cursor blob lists is refused when it is built, as the
+/// config is (`corpus.domain`, at most `MAX_DOMAINS`): `Plan::new` took up to 65535,
+/// and every blob of a 5000-domain plan was then refused with "cursor is malformed:
+/// domains: 5000 entries". At the limit, a blob resumes.
+#[test]
+fn edge_more_domains_than_a_blob_lists_are_refused() {
+    let max = millrace::config::MAX_DOMAINS;
+    let specs = |n: usize| -> Vec<DomSpec> {
+        (0..n)
+            .map(|i| DomSpec {
+                name: format!("d{i}"),
+                shards: vec![ShardSpec::new(vec![3, 5], &[1])],
+                settings: DomainSettings::default(),
+            })
+            .collect()
+    };
+    let cfg = |n: usize| {
+        let mut c = base_config(8, 2, Packing::BestFit, 16);
+        c.weights = Some((0..n).map(|i| (format!("d{i}"), 1.0)).collect());
+        c
+    };
+    let msg = build_error(&specs(max + 1), &cfg(max + 1), "one domain past the limit");
+    assert!(
+        msg.contains(&format!("{} domains; at most {max}", max + 1)),
+        "{msg}"
+    );
+    let plan = build(&specs(max), cfg(max));
+    let mut p = plan.start();
+    for _ in 0..3 {
+        p.next_batch();
+    }
+    let blob = p.cursor();
+    let mut q = plan
+        .resume(&blob, 0)
+        .expect("a blob at the limit resumes")
+        .planner;
+    assert_eq!(q.step(), 3);
+    assert_eq!(q.next_batch(), p.next_batch());
+}

@@ -84,8 +84,12 @@ pub enum PlanError {
     /// The corpus has no domains.
     #[error("the corpus has no domains")]
     NoDomains,
-    /// More domains than a row's domain index holds.
-    #[error("more than 65535 domains")]
+    /// More domains than a cursor blob lists ([`crate::config::MAX_DOMAINS`]): the
+    /// plan's own blobs would not resume.
+    #[error(
+        "{domains} domains; at most {} (every cursor blob lists every domain)",
+        crate::config::MAX_DOMAINS
+    )]
     TooManyDomains {
         /// Domains in the corpus.
         domains: usize,
@@ -282,7 +286,8 @@ impl Plan {
         if inputs.is_empty() {
             return Err(PlanError::NoDomains);
         }
-        if inputs.len() > u16::MAX as usize {
+        // Also keeps domain indexes within a row's u16.
+        if inputs.len() > crate::config::MAX_DOMAINS {
             return Err(PlanError::TooManyDomains {
                 domains: inputs.len(),
             });
