@@ -4466,3 +4466,29 @@ fn edge_more_domains_than_a_blob_lists_are_refused() {
     assert_eq!(q.step(), 3);
     assert_eq!(q.next_batch(), p.next_batch());
 }
+
+/// A domain of a million empty documents and one of 5 tokens, packed one unit a window
+/// (`window = 1`): its rows are a million windows apart, and every batch still has all
+/// its rows. The planner gave up after a flat million empty windows and returned short
+/// batches (0 or 1 of 2 rows); now only two epochs without a row end the search.
+#[test]
+fn edge_a_million_empty_documents_still_fill_every_batch() {
+    let mut lengths = vec![0u32; 1_100_000];
+    lengths.push(5);
+    let mut s = DomainSettings::default();
+    s.window = Some(1);
+    let specs = vec![DomSpec {
+        name: "sparse".into(),
+        shards: vec![ShardSpec::new(lengths, &[1])],
+        settings: s,
+    }];
+    let mut cfg = base_config(8, 2, Packing::BestFit, 16);
+    cfg.weights = Some(weights_map(&[("sparse", 1.0)]));
+    let plan = build(&specs, cfg);
+    for (step, b) in run_batches(&plan, 2).iter().enumerate() {
+        assert_eq!(b.rows.len(), 2, "step {step}");
+        for r in &b.rows {
+            assert_eq!((r.tokens, r.segments[0].doc), (5, 1_100_000), "step {step}");
+        }
+    }
+}

@@ -605,7 +605,7 @@ impl Stream {
 
         // 3. New blocks in emission order.
         let (mut w, mut perm) = self.window(d, g);
-        let mut empty_windows = 0u32;
+        let mut empty_windows = 0u64;
         while remaining > 0 {
             if self.state.next_block as usize >= w.blocks.len() {
                 // A used-up window's waiting blocks start now (past `max_spans` if they
@@ -634,10 +634,18 @@ impl Stream {
                     self.push_tail();
                 }
                 if w.blocks.is_empty() {
+                    // Only empty windows for two epochs in a row (every window holds a
+                    // unit or more): nothing to give. A domain with tokens never gets here, as
+                    // each epoch has a window with rows; a flat million windows cut
+                    // short the batches of one with a million empty documents and
+                    // `window = 1`.
                     empty_windows += 1;
-                    if empty_windows > 1_000_000 {
-                        return; // only empty documents: nothing to give
+                    let units = d.virtual_units(self.kind(), self.state.upsample);
+                    if empty_windows > units.saturating_mul(2).saturating_add(2).max(1_000_000) {
+                        return;
                     }
+                } else {
+                    empty_windows = 0;
                 }
                 if !self.advance_window(d, g, step, seed, stage.1) {
                     return;
