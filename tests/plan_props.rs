@@ -4370,9 +4370,10 @@ fn edge_huge_weights_ramp_keeps_its_shares() {
 /// group spans alone and no token range appears twice in a batch.
 #[test]
 fn edge_batch_group_fewer_than_a_step_needs_is_warned_about() {
-    let run = |share: f64| {
+    let run = |share: f64, from_step: u64| {
         let mut a = settings(GroupMode::Batch);
         a.grouping.max_share = share;
+        a.grouping.from_step = from_step;
         let specs = vec![
             DomSpec {
                 name: "repo".into(),
@@ -4399,7 +4400,7 @@ fn edge_batch_group_fewer_than_a_step_needs_is_warned_about() {
         }
         (plan.warnings(), repeats)
     };
-    let (warnings, repeats) = run(0.05);
+    let (warnings, repeats) = run(0.05, 0);
     assert!(repeats > 0, "the repeats the warning is about happen");
     let w: Vec<&String> = warnings
         .iter()
@@ -4419,11 +4420,17 @@ fn edge_batch_group_fewer_than_a_step_needs_is_warned_about() {
         .and_then(|t| t.split(' ').next())
         .and_then(|t| t.parse().ok())
         .expect("a share");
-    let (warnings, repeats) = run(share);
+    let (warnings, repeats) = run(share, 0);
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(
         repeats, 0,
         "at max_share {share} no token range twice in a batch"
+    );
+    // Grouping that starts later is judged from its start.
+    let (warnings, _) = run(0.05, 5);
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("at plan step 5 it is owed"),
+        "{warnings:?}"
     );
 }
 

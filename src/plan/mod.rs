@@ -412,8 +412,9 @@ impl Plan {
     /// the rest of the domain's rows come from its next epochs, which start the same
     /// groups again, so one batch holds the same documents several times (one group of
     /// 2000 documents, capped at 3 of 64 rows and owed 22 a step, put each document in
-    /// 8 epochs' rows of step 0). Checked at every schedule knot and stage start, where
-    /// a domain's rows a step peak (row shares are monotone between them).
+    /// 8 epochs' rows of step 0). Checked at every schedule knot, stage start and the
+    /// domain's `from_step`, where its rows a step peak (row shares are monotone between
+    /// them).
     fn group_repeats(&self) -> Vec<String> {
         let batch = |d: &DomainData| d.settings.grouping.mode == GroupMode::Batch;
         if !self.domains.iter().any(batch) {
@@ -424,6 +425,8 @@ impl Plan {
         for st in &self.mixer.stages {
             at.extend([st.step.saturating_sub(1), st.step]);
         }
+        // Grouping starts at `from_step`: from there on.
+        at.extend(self.domains.iter().map(|d| d.settings.grouping.from_step));
         at.sort_unstable();
         at.dedup();
         // Rows a batch and row shares at each of those steps, computed once.
@@ -435,8 +438,10 @@ impl Plan {
         for (d, dom) in self.domains.iter().enumerate().filter(|(_, d)| batch(d)) {
             let share = dom.settings.grouping.max_share;
             let groups = dom.units(domain::UnitKind::Group);
+            let from = dom.settings.grouping.from_step;
             let worst = peaks
                 .iter()
+                .filter(|p| p.0 >= from)
                 .map(|(step, rows, shares)| {
                     let owed = shares[d] * *rows as f64;
                     let room = groups as f64 * crate::config::plan::group_cap(*rows, share) as f64;
