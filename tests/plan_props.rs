@@ -4482,12 +4482,13 @@ fn edge_more_domains_than_a_blob_lists_are_refused() {
 fn edge_a_million_empty_documents_still_fill_every_batch() {
     let mut lengths = vec![0u32; 1_100_000];
     lengths.push(5);
-    let mut s = DomainSettings::default();
-    s.window = Some(1);
     let specs = vec![DomSpec {
         name: "sparse".into(),
         shards: vec![ShardSpec::new(lengths, &[1])],
-        settings: s,
+        settings: DomainSettings {
+            window: Some(1),
+            ..DomainSettings::default()
+        },
     }];
     let mut cfg = base_config(8, 2, Packing::BestFit, 16);
     cfg.weights = Some(weights_map(&[("sparse", 1.0)]));
