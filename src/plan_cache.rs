@@ -187,10 +187,13 @@ impl CheckpointDir {
             std::process::id(),
             WRITES.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::write(&tmp, blob)?;
-        std::fs::rename(&tmp, &path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
+        // A write that fails part-way (a full disk, RLIMIT_FSIZE) removes its partial
+        // file too: each failed seek step would otherwise leave one more behind.
+        std::fs::write(&tmp, blob)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
     }
 }
 

@@ -138,6 +138,17 @@ pub fn map_file(file: &File, len: Option<usize>) -> io::Result<Mmap> {
     unsafe { opts.map(file) }
 }
 
+/// Makes a write past RLIMIT_FSIZE fail with EFBIG instead of killing the process with
+/// SIGXFSZ: the daemon's cache writes (identity entries, plan checkpoints) are an
+/// optimisation, and a file-size limit inherited from a batch scheduler must cost them,
+/// not the daemon.
+pub fn ignore_file_size_signal() {
+    // SAFETY: setting SIGXFSZ to SIG_IGN installs no handler and touches no memory.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 /// A page-cache hint for [`advise`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advice {

@@ -318,7 +318,7 @@ impl IdentityCache {
                         runs_sum: format!("{sum:016x}"),
                     }),
                     (Err(e), _) => {
-                        tracing::warn!("{}: cannot write the group runs: {e}", runs.display());
+                        write_failed(&runs, "the group runs", &e);
                         None
                     }
                     (Ok(()), None) => None,
@@ -340,7 +340,7 @@ impl IdentityCache {
             .map_err(std::io::Error::other)
             .and_then(|bytes| write_atomically(path, &bytes));
         if let Err(e) = written {
-            tracing::warn!("{}: cannot write the identity cache: {e}", path.display());
+            write_failed(path, "the identity cache", &e);
         }
     }
 
@@ -507,6 +507,22 @@ fn cached_groups(entry: &Entry, at: &Path, shard: &Shard) -> std::result::Result
         )));
     }
     Ok(groups)
+}
+
+/// Reports a failed cache write: a warning the first time in this process, then debug
+/// lines. A read-only or full cache directory fails every shard's write at every start,
+/// and one warning per shard buried the log of a start over thousands of shards.
+fn write_failed(path: &Path, what: &str, e: &std::io::Error) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::debug!("{}: cannot write {what}: {e}", path.display());
+    } else {
+        tracing::warn!(
+            "{}: cannot write {what}: {e}; shards whose entries cannot be written are hashed \
+             in full at the next start (further failed cache writes are logged at debug level)",
+            path.display()
+        );
+    }
 }
 
 /// The runs file beside the entry at `entry`.

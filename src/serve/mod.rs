@@ -61,6 +61,8 @@ pub struct ServeArgs {
 pub fn run_cli(args: ServeArgs) -> Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     let t0 = std::time::Instant::now();
+    // Before the first cache write: past RLIMIT_FSIZE a write fails, it does not kill.
+    crate::sys::ignore_file_size_signal();
     // Before anything uses rayon: seeks and stage windows read shard indexes there.
     if let Err(e) = crate::corpus::guard::guard_rayon_pool() {
         warn!("cannot guard rayon's threads ({e}); a shard truncated while a seek reads it will stop the daemon");

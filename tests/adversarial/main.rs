@@ -7,11 +7,13 @@
 //! - `shards`: a shard truncated or overwritten under a live daemon, token ids out of
 //!   range;
 //! - `connections`: control-connection floods, refused peers, fd limits, the socket
-//!   path, fair filling of free-running rings.
+//!   path, fair filling of free-running rings;
+//! - `pressure`: a cache directory that cannot take the daemon's writes.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod admission;
 mod connections;
+mod pressure;
 mod shards;

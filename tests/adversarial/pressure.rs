@@ -1,0 +1,250 @@
+//! Adversarial tests: resource pressure (see main.rs). A real `millrace serve` whose
+//! cache directory cannot take its writes: the caches are an optimisation, so the
+//! daemon must serve on, say so once, and leave no partial file behind.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::common;
+use millrace::client::{Client, Hello};
+use millrace::util::harness::ChildGuard;
+
+/// A daemon whose output goes through a pipe into memory (a log file would itself be
+/// held to the daemon's RLIMIT_FSIZE).
+struct Piped {
+    guard: ChildGuard,
+    log: Arc<Mutex<String>>,
+}
+
+impl Piped {
+    /// Starts `millrace serve --config <config>`, `tweak` setting up its process, and
+    /// waits until `socket` accepts.
+    fn start(config: &Path, socket: &Path, tweak: impl FnOnce(&mut Command)) -> Piped {
+        let mut cmd = common::bin();
+        cmd.args(["serve", "--config"]).arg(config);
+        tweak(&mut cmd);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("millrace serve starts");
+        let mut err = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut p = Piped {
+            guard: ChildGuard::new(child, "millrace serve"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(socket).is_err() {
+            if let Some(status) = p.guard.try_wait().unwrap() {
+                panic!("millrace serve exited ({status}):\n{}", p.log());
+            }
+            assert!(Instant::now() < deadline, "not listening:\n{}", p.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Lines of the log that contain `what`.
+    fn lines(&self, what: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(what)).count()
+    }
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        self.guard.kill();
+    }
+}
+
+/// Every file under `dir`, at any depth.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Sets RLIMIT_FSIZE (soft and hard) of the process `cmd` starts to `bytes`.
+fn file_size_limit(cmd: &mut Command, bytes: u64) {
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rl = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs the process `cmd` starts in a mount namespace of its own where `dir` (which
+/// exists) is a 4 KiB tmpfs already full: every write under it fails with ENOSPC, as on
+/// a full disk. Its files are seen from outside under `/proc/<pid>/root`.
+fn full_tmpfs_at(cmd: &mut Command, dir: &Path) {
+    use std::ffi::CString;
+    let target = CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    let fill = CString::new(dir.join("fill").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: only system calls on memory owned by the closure, in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| match r {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            let none = std::ptr::null();
+            check(libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=4k".as_ptr().cast(),
+            ))?;
+            let fd = libc::open(fill.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            static ZEROS: [u8; 4096] = [0; 4096];
+            while libc::write(fd, ZEROS.as_ptr().cast(), ZEROS.len()) > 0 {}
+            libc::close(fd);
+            Ok(())
+        });
+    }
+}
+
+/// A 300k-token corpus in 15 shards and a config with 128-token rows, 1024 rows a step
+/// (a plan checkpoint is due every 64 plan steps) and `[corpus] cache_dir` set; returns
+/// the corpus, the config, the socket and the cache dir (created, empty).
+fn cache_fixture() -> (common::Corpus, PathBuf, PathBuf, PathBuf) {
+    let corpus = common::corpus(300_000, 2, 21, 20_000);
+    let socket = corpus.dir.join("s.sock");
+    let serve = common::serve_toml(&socket, 4, 2);
+    let config = common::write_config(&corpus.dir, "test.toml", 128, 1024, &[&serve]);
+    let cache = corpus.dir.join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    doc["corpus"]
+        .as_table_mut()
+        .unwrap()
+        .insert("cache_dir".into(), cache.to_str().unwrap().into());
+    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+    (corpus, config, socket, cache)
+}
+
+/// Cache files whose names say they were being written (`.tmp`) under `dir`.
+fn partial_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".tmp"))
+        })
+        .collect()
+}
+
+/// A file-size limit smaller than any cache file (a batch scheduler passes the user's
+/// `ulimit -f` on). The daemon was killed by SIGXFSZ at its first identity-cache write,
+/// before it listened; it must instead start, warn once for all the shards whose entries
+/// it cannot write, leave no partial file, and answer. (No ring fits such a limit
+/// either: a memfd is held to it, so trainers are refused, naming the memfd.)
+#[test]
+fn a_file_size_limit_costs_the_caches_not_the_daemon() {
+    let (_corpus, config, socket, cache) = cache_fixture();
+    let mut d = Piped::start(&config, &socket, |cmd| file_size_limit(cmd, 100));
+    let status = millrace::control::request(
+        &socket,
+        &millrace::control::status_request(),
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("status: {e}\n{}", d.log()));
+    assert_eq!(status["ok"], true, "{status}");
+    let refused = Client::connect(&socket, &Hello::whole_slice(0, 1))
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        refused.as_deref().is_some_and(|e| e.contains("memfd")),
+        "{refused:?}"
+    );
+    assert!(d.guard.try_wait().unwrap().is_none(), "{}", d.log());
+    assert_eq!(d.lines("cannot write"), 1, "{}", d.log());
+    assert_eq!(partial_files(&cache), Vec::<PathBuf>::new());
+}
+
+/// A full cache directory (ENOSPC on every write): the daemon streams as usual, warns
+/// once for the identity cache and once for the plan checkpoints, and leaves no partial
+/// file. Each failed checkpoint write left its empty temporary file behind, one more at
+/// every checkpoint step, never removed.
+#[test]
+fn a_full_cache_dir_costs_the_caches_and_leaves_no_partial_file() {
+    if common::skip_unless_root("a_full_cache_dir", "mounting a tmpfs") {
+        return;
+    }
+    let (_corpus, config, socket, cache) = cache_fixture();
+    let mut d = Piped::start(&config, &socket, |cmd| full_tmpfs_at(cmd, &cache));
+    let pid = d.guard.id();
+    let seen = PathBuf::from(format!("/proc/{pid}/root")).join(cache.strip_prefix("/").unwrap());
+    let mut hello = Hello::whole_slice(0, 1);
+    hello.job = "full".into();
+    let mut c = Client::connect(&socket, &hello).unwrap_or_else(|e| panic!("connect: {e}"));
+    c.set_timeout(Some(Duration::from_secs(60)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut steps = 0u64;
+    while d.lines("cannot write plan checkpoints") == 0 || steps < 300 {
+        c.next_batch()
+            .unwrap_or_else(|e| panic!("step {steps}: {e}\n{}", d.log()));
+        steps += 1;
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint write:\n{}",
+            d.log()
+        );
+    }
+    assert!(d.guard.try_wait().unwrap().is_none(), "{}", d.log());
+    assert_eq!(d.lines("cannot write plan checkpoints"), 1, "{}", d.log());
+    assert_eq!(d.lines("cannot write the identity cache"), 1, "{}", d.log());
+    assert!(
+        seen.join("fill").is_file(),
+        "the daemon's view of {}",
+        seen.display()
+    );
+    assert_eq!(partial_files(&seen), Vec::<PathBuf>::new());
+}
