@@ -70,12 +70,19 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     // The runtime and the SIGHUP handler come before the load: a reload sent while the
     // corpus opens (which can take minutes) must not kill the daemon. One that arrives
     // then is kept and runs once the daemon serves (the file is read again then).
+    // Blocking threads (reloads, admissions, control requests) are kept once started:
+    // tokio panics in `spawn_blocking` when the OS refuses a thread (RLIMIT_NPROC, a
+    // cgroup's pids.max) and none is left to queue the work on, which took the daemon
+    // down at a SIGHUP once its idle threads had exited. With one started here and none
+    // ever exiting, such work waits for a busy thread instead.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("millrace-io")
+        .thread_keep_alive(Duration::MAX)
         .build()
         .context("starting the tokio runtime")?;
+    start_blocking_thread(&runtime)?;
     let hup = {
         let _in_runtime = runtime.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -198,6 +205,17 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         let _ = std::fs::remove_dir(dir);
     }
     result
+}
+
+/// Starts the first of `runtime`'s blocking threads (see `run_cli`), or says why not.
+fn start_blocking_thread(runtime: &tokio::runtime::Runtime) -> Result<()> {
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(runtime.spawn_blocking(|| ()))
+    }));
+    match started {
+        Ok(Ok(())) => Ok(()),
+        _ => bail!("cannot start a thread (RLIMIT_NPROC or the cgroup's pids.max reached?)"),
+    }
 }
 
 /// The running daemon, shared by every connection and the reload routes.

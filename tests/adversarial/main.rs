@@ -8,7 +8,8 @@
 //!   range;
 //! - `connections`: control-connection floods, refused peers, fd limits, the socket
 //!   path, fair filling of free-running rings;
-//! - `pressure`: a cache directory that cannot take the daemon's writes.
+//! - `pressure`: a cache directory that cannot take the daemon's writes, a daemon that
+//!   can start no more threads.
 
 #[path = "../common/mod.rs"]
 mod common;

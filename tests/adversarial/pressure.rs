@@ -1,6 +1,7 @@
 //! Adversarial tests: resource pressure (see main.rs). A real `millrace serve` whose
-//! cache directory cannot take its writes: the caches are an optimisation, so the
-//! daemon must serve on, say so once, and leave no partial file behind.
+//! cache directory cannot take its writes (the caches are an optimisation, so the
+//! daemon must serve on, say so once, and leave no partial file behind), or that can
+//! start no more threads.
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -247,4 +248,70 @@ fn a_full_cache_dir_costs_the_caches_and_leaves_no_partial_file() {
         seen.display()
     );
     assert_eq!(partial_files(&seen), Vec::<PathBuf>::new());
+}
+
+/// A pids cgroup of its own under the v1 `pids` hierarchy, removed on drop; `None`
+/// where there is none to make (cgroup v2 only, or not root).
+struct PidsCgroup(PathBuf);
+
+impl PidsCgroup {
+    fn new(name: &str) -> Option<PidsCgroup> {
+        let dir = Path::new("/sys/fs/cgroup/pids").join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        Some(PidsCgroup(dir))
+    }
+
+    /// Moves `pid` (every thread of it) in and allows no more tasks than it has now.
+    fn hold(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+        let now = std::fs::read_to_string(self.0.join("pids.current")).unwrap();
+        std::fs::write(self.0.join("pids.max"), now.trim()).unwrap();
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        // The daemon has been killed and reaped by then (declared after the cgroup).
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A daemon that can start no more threads (a cgroup's pids.max, RLIMIT_NPROC) once it
+/// serves: a SIGHUP made tokio start a blocking thread, the OS refused, and tokio
+/// panicked ("OS can't spawn worker thread") in the serving loop, which ended the
+/// daemon. It must reload and admit trainers on the threads it has.
+#[test]
+fn a_daemon_that_can_start_no_thread_reloads_and_admits() {
+    if common::skip_unless_root("a_daemon_that_can_start_no_thread", "a pids cgroup") {
+        return;
+    }
+    let Some(cg) = PidsCgroup::new("millrace-test") else {
+        eprintln!("skipping: no cgroup v1 pids hierarchy to limit the daemon's threads");
+        return;
+    };
+    let (_corpus, config, socket, _cache) = cache_fixture();
+    let d = Piped::start(&config, &socket, |_| {});
+    cg.hold(d.guard.id());
+    // SAFETY: kill(2) on our own child, not reaped before `d` drops.
+    assert_eq!(
+        unsafe { libc::kill(d.guard.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.lines("reload:") == 0 {
+        assert!(Instant::now() < deadline, "no reload:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut hello = Hello::whole_slice(0, 1);
+    hello.job = "nproc".into();
+    let mut c =
+        Client::connect(&socket, &hello).unwrap_or_else(|e| panic!("connect: {e}\n{}", d.log()));
+    c.set_timeout(Some(Duration::from_secs(20)));
+    for step in 0..20 {
+        c.next_batch()
+            .unwrap_or_else(|e| panic!("step {step}: {e}\n{}", d.log()));
+    }
+    let mut d = d;
+    assert!(d.guard.try_wait().unwrap().is_none(), "{}", d.log());
+    assert!(!d.log().contains("panicked"), "{}", d.log());
 }
