@@ -329,6 +329,15 @@ fn export_metrics(status: &Status) {
     }
 }
 
+/// The device and inode of the file at `path`, to tell the socket this daemon bound from
+/// one another daemon bound there later.
+fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 /// Binds the socket (refusing to steal one a live daemon is serving), sets its mode and
 /// group, says READY, and serves until SIGTERM/SIGINT; then drains.
 /// `hup` was installed before the load (a SIGHUP then is not lost, and does not kill).
@@ -378,6 +387,7 @@ async fn serve_socket(
         info!(%addr, "metrics at http://{addr}/metrics");
     }
     let listener = connections::bind(&path, serve.socket_group.as_deref()).await?;
+    let bound = socket_identity(&path);
     info!(socket = %path.display(), threads = serve.materialize_threads, slots = serve.ring_slots, "serving");
     d.notifier.ready(&format!("serving {}", path.display()));
     if let Err(e) = load::validate_in_background(unchecked) {
@@ -426,7 +436,16 @@ async fn serve_socket(
     d.notifier
         .stopping("draining: clients finish the slots they hold");
     drop(listener);
-    let _ = std::fs::remove_file(&path);
+    // Only the socket this daemon bound: one removed while it served (a tmpfiles
+    // cleanup of /run, a hand) may since be another daemon's, started on the same path.
+    if bound.is_some() && socket_identity(&path) == bound {
+        let _ = std::fs::remove_file(&path);
+    } else {
+        warn!(
+            socket = %path.display(),
+            "the socket was removed or replaced while serving; leaving the path as it is"
+        );
+    }
     d.hub.drain();
     let deadline = Instant::now() + Duration::from_millis(serve.drain_timeout_ms);
     // One look decides and reports: a copy claimed before the drain may still publish

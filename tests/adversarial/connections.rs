@@ -1,7 +1,7 @@
 //! Adversarial tests: connections (see main.rs). A real `millrace serve` on a real unix
 //! socket under control-connection floods, a denied uid's connect flood, a low fd limit,
-//! a `--socket` path that is not a stale socket, free-running ranks that must all be
-//! filled, and short jobs whose Prometheus series must go when they leave.
+//! a `--socket` path that is not a stale socket, a socket replaced while serving,
+//! free-running ranks that must all be filled, and short jobs whose Prometheus series must go when they leave.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -384,6 +384,26 @@ fn serve_socket_removes_only_a_stale_socket() {
         "{}",
         s.log_text()
     );
+}
+
+/// A socket removed while its daemon serves (systemd-tmpfiles cleaning /run, a hand),
+/// then a second daemon started on the same path: the first one, stopped, removed the
+/// second one's socket, so no trainer could reach the daemon that was left running. A
+/// daemon removes only the socket it bound, and says so when it finds another.
+#[test]
+fn a_stopping_daemon_leaves_a_socket_it_did_not_bind() {
+    let f = fixture(4, 2, 1, "");
+    let mut first = f.serve();
+    std::fs::remove_file(&f.socket).unwrap();
+    let second_log = f.corpus.dir.join("second.log");
+    let _second = Serve::start(&f.config, &f.socket, &second_log);
+    first.signal(libc::SIGTERM);
+    let status = first.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let mut c = f.trainer("after", 0, 1);
+    stream(&mut c, 2, &first);
+    let log = first.log_text();
+    assert!(log.contains("removed or replaced while serving"), "{log}");
 }
 
 #[test]
