@@ -75,14 +75,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     // cgroup's pids.max) and none is left to queue the work on, which took the daemon
     // down at a SIGHUP once its idle threads had exited. With one started here and none
     // ever exiting, such work waits for a busy thread instead.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("millrace-io")
-        .thread_keep_alive(Duration::MAX)
-        .build()
-        .context("starting the tokio runtime")?;
-    start_blocking_thread(&runtime)?;
+    let runtime = start_runtime()?;
     let hup = {
         let _in_runtime = runtime.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -207,16 +200,55 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// Starts the first of `runtime`'s blocking threads (see `run_cli`), or says why not.
-fn start_blocking_thread(runtime: &tokio::runtime::Runtime) -> Result<()> {
-    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(runtime.spawn_blocking(|| ()))
+/// How long the tokio runtime's threads may take to start before `serve` gives up.
+const THREADS_START: Duration = Duration::from_secs(10);
+
+/// Builds the tokio runtime and starts the first of its blocking threads (see
+/// `run_cli`), or says why not. tokio panics, rather than fail, when the OS refuses one
+/// of its threads (a process at RLIMIT_NPROC or its cgroup's pids.max), and unwinding
+/// that panic could wait forever for the threads it had started: the daemon printed a
+/// panic and hung instead of exiting. Such a panic now ends the process at once with
+/// an error; a refused thread that tokio queued instead ends it when the first blocking
+/// task does not run within [`THREADS_START`].
+fn start_runtime() -> Result<tokio::runtime::Runtime> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| {
+        let msg = (info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        eprintln!("error: starting the tokio runtime: {msg}; {THREAD_LIMIT}");
+        std::process::exit(1);
     }));
-    match started {
-        Ok(Ok(())) => Ok(()),
-        _ => bail!("cannot start a thread (RLIMIT_NPROC or the cgroup's pids.max reached?)"),
+    let built = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("millrace-io")
+        .thread_keep_alive(Duration::MAX)
+        .build();
+    let first = built.as_ref().ok().map(|runtime| {
+        runtime.block_on(async {
+            tokio::time::timeout(THREADS_START, tokio::task::spawn_blocking(|| ())).await
+        })
+    });
+    std::panic::set_hook(hook);
+    let runtime = built.context("starting the tokio runtime")?;
+    match first {
+        Some(Ok(Ok(()))) => Ok(runtime),
+        Some(Ok(Err(e))) => bail!("starting the tokio runtime: {e}"),
+        _ => {
+            // Dropping it would wait for the threads it queued.
+            std::mem::forget(runtime);
+            bail!(
+                "starting the tokio runtime: its threads did not start within {} s; {THREAD_LIMIT}",
+                THREADS_START.as_secs()
+            )
+        }
     }
 }
+
+/// What a thread the OS refused at start-up means.
+const THREAD_LIMIT: &str =
+    "the process or its cgroup is at its thread limit (RLIMIT_NPROC, pids.max)";
 
 /// The running daemon, shared by every connection and the reload routes.
 struct Daemon {

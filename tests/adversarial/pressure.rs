@@ -4,6 +4,7 @@
 //! start no more threads.
 
 use std::io::Read;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -314,4 +315,65 @@ fn a_daemon_that_can_start_no_thread_reloads_and_admits() {
     let mut d = d;
     assert!(d.guard.try_wait().unwrap().is_none(), "{}", d.log());
     assert!(!d.log().contains("panicked"), "{}", d.log());
+}
+
+/// A daemon started where only a few threads are allowed (pids.max from 1 to 12): each
+/// start either serves or exits at once with an error; none panics or hangs. tokio
+/// panicked when the OS refused one of its threads ("OS can't spawn worker thread"),
+/// and at some limits the panic's unwinding waited forever for the threads it had.
+#[test]
+fn a_start_at_the_thread_limit_exits_with_an_error() {
+    if common::skip_unless_root("a_start_at_the_thread_limit", "a pids cgroup") {
+        return;
+    }
+    let Some(cg) = PidsCgroup::new("millrace-start") else {
+        eprintln!("skipping: no cgroup v1 pids hierarchy to limit the daemon's threads");
+        return;
+    };
+    let (_corpus, config, socket, _cache) = cache_fixture();
+    let procs =
+        std::ffi::CString::new(cg.0.join("cgroup.procs").into_os_string().into_vec()).unwrap();
+    let mut refused = 0;
+    for max in 1..=12 {
+        std::fs::write(cg.0.join("pids.max"), max.to_string()).unwrap();
+        let log = config.with_file_name(format!("start-{max}.log"));
+        let procs = procs.clone();
+        let mut s = common::Serve::spawn(&config, &log, move |cmd| {
+            // SAFETY: open, write and close on memory the closure owns, in the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                    Ok(())
+                });
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = s.exited() {
+                let text = s.log_text();
+                assert!(!status.success(), "max {max}: {status}\n{text}");
+                assert_eq!(status.code(), Some(1), "max {max}: {status}\n{text}");
+                assert!(text.contains("error: starting"), "max {max}:\n{text}");
+                refused += 1;
+                break;
+            }
+            if UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "max {max}: hung\n{}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Drop kills it and fails on a panic in its log.
+        drop(s);
+        let _ = std::fs::remove_file(&socket);
+    }
+    assert!(refused > 0, "every start served");
 }
