@@ -47,9 +47,6 @@ pub const MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
 /// Checkpoints of one plan kept in files (see the module comment).
 pub struct CheckpointDir {
     dir: PathBuf,
-    /// Set once a write failed and was reported, so a read-only or full cache warns
-    /// once.
-    warned: AtomicBool,
     /// Files it may hold ([`MAX_CHECKPOINTS`]).
     max_files: u64,
     /// Bytes it may hold ([`MAX_CHECKPOINT_BYTES`]).
@@ -84,7 +81,6 @@ impl CheckpointDir {
     fn capped(dir: PathBuf, files: u64, bytes: u64) -> CheckpointDir {
         CheckpointDir {
             dir,
-            warned: AtomicBool::new(false),
             max_files: files,
             max_bytes: bytes,
             held: Mutex::new(None),
@@ -301,7 +297,10 @@ impl Checkpoints for CheckpointDir {
                 held.bytes += len;
             }
             Err(e) => {
-                if !self.warned.swap(true, Ordering::Relaxed) {
+                // Once a process: the daemon makes a store per seek, and a read-only or
+                // full cache warned once per client that sought.
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
                     warn!(
                         "cannot write plan checkpoints to {}: {e}; seeks replay from step 0",
                         self.dir.display()

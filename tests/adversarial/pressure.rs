@@ -214,7 +214,7 @@ fn a_file_size_limit_costs_the_caches_not_the_daemon() {
 /// A full cache directory (ENOSPC on every write): the daemon streams as usual, warns
 /// once for the identity cache and once for the plan checkpoints, and leaves no partial
 /// file. Each failed checkpoint write left its empty temporary file behind, one more at
-/// every checkpoint step, never removed.
+/// every checkpoint step, never removed; and each client's seek warned again.
 #[test]
 fn a_full_cache_dir_costs_the_caches_and_leaves_no_partial_file() {
     if common::skip_unless_root("a_full_cache_dir", "mounting a tmpfs") {
@@ -237,6 +237,20 @@ fn a_full_cache_dir_costs_the_caches_and_leaves_no_partial_file() {
         assert!(
             Instant::now() < deadline,
             "no checkpoint write:\n{}",
+            d.log()
+        );
+    }
+    // Clients that seek store checkpoints of their own: still the one warning.
+    for job in ["seek-a", "seek-b"] {
+        let mut hello = Hello::whole_slice(0, 1);
+        hello.job = job.into();
+        hello.start_step = Some(300);
+        let mut s = Client::connect(&socket, &hello).unwrap_or_else(|e| panic!("{job}: {e}"));
+        s.set_timeout(Some(Duration::from_secs(60)));
+        assert_eq!(
+            s.next_batch().map(|b| b.step).ok(),
+            Some(300),
+            "{}",
             d.log()
         );
     }
