@@ -186,8 +186,9 @@ fn partial_files(dir: &Path) -> Vec<PathBuf> {
 /// A file-size limit smaller than any cache file (a batch scheduler passes the user's
 /// `ulimit -f` on). The daemon was killed by SIGXFSZ at its first identity-cache write,
 /// before it listened; it must instead start, warn once for all the shards whose entries
-/// it cannot write, leave no partial file, and answer. (No ring fits such a limit
-/// either: a memfd is held to it, so trainers are refused, naming the memfd.)
+/// it cannot write, leave no partial file, and answer. No ring fits such a limit
+/// either (a memfd is held to it): trainers are refused `memory`, naming the memfd, not
+/// `busy`, which they retried for their whole reconnect timeout.
 #[test]
 fn a_file_size_limit_costs_the_caches_not_the_daemon() {
     let (_corpus, config, socket, cache) = cache_fixture();
@@ -202,8 +203,11 @@ fn a_file_size_limit_costs_the_caches_not_the_daemon() {
     let refused = Client::connect(&socket, &Hello::whole_slice(0, 1))
         .err()
         .map(|e| e.to_string());
+    // Refused as `memory` (retrying does not help), naming the memfd.
     assert!(
-        refused.as_deref().is_some_and(|e| e.contains("memfd")),
+        refused
+            .as_deref()
+            .is_some_and(|e| e.contains("(memory)") && e.contains("memfd")),
         "{refused:?}"
     );
     assert!(d.guard.try_wait().unwrap().is_none(), "{}", d.log());

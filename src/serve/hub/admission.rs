@@ -160,7 +160,7 @@ impl Hub {
         let mut page_fd = None;
         if hello.release_page {
             let (page, fd) = ReleasePage::create(&format!("{}:{}", hello.job, hello.dp_rank))
-                .map_err(|e| Refusal::new(Code::Busy, format!("release page memfd: {e}")))?;
+                .map_err(|e| os_refusal(format!("release page memfd: {e}"), &e))?;
             joiner.page = Some(Arc::new(page));
             page_fd = Some(fd);
         }
@@ -369,7 +369,7 @@ impl Hub {
             Ok(r) => Ok(Some(Arc::new(r))),
             Err(e) => {
                 self.lock().ring_reserved.remove(&key);
-                Err(Refusal::new(Code::Busy, e.to_string()))
+                Err(ring_refusal(&e))
             }
         }
     }
@@ -415,7 +415,7 @@ impl Hub {
             // no room then: built here, under the lock.
             None => match Ring::create(&format!("{}:{}", hello.job, hello.dp_rank), layout, step) {
                 Ok(r) => Arc::new(r),
-                Err(e) => return Err(Refusal::new(Code::Busy, e.to_string())),
+                Err(e) => return Err(ring_refusal(&e)),
             },
         };
         // The client's own bytes when it brought a blob: a peer resuming from the same
@@ -682,4 +682,25 @@ impl Hub {
 /// A `cursor` refusal.
 fn refuse_cursor(e: String) -> Refusal {
     Refusal::new(Code::Cursor, format!("cursor blob refused: {e}"))
+}
+
+/// The refusal for a system call that failed while making a client's shared memory:
+/// `memory` when the OS is out of what it needs (ENOMEM, ENOSPC, or EFBIG from a
+/// RLIMIT_FSIZE below the memfd's size), which retrying does not change, else `busy`.
+/// All of them were `busy`, so a trainer under such a limit retried for its whole
+/// `reconnect_timeout` before failing with what read like a passing condition.
+fn os_refusal(message: String, e: &std::io::Error) -> Refusal {
+    let code = match e.raw_os_error() {
+        Some(libc::ENOMEM | libc::ENOSPC | libc::EFBIG) => Code::Memory,
+        _ => Code::Busy,
+    };
+    Refusal::new(code, message)
+}
+
+/// [`os_refusal`] for a ring that could not be created.
+fn ring_refusal(e: &crate::serve::ring::RingError) -> Refusal {
+    match e {
+        crate::serve::ring::RingError::Os { source, .. } => os_refusal(e.to_string(), source),
+        _ => Refusal::new(Code::Busy, e.to_string()),
+    }
 }
