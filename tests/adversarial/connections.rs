@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -53,19 +52,7 @@ impl Fixture {
     /// raise it) and waits until it listens.
     fn serve_with_fd_limit(&self, limit: u64) -> Serve {
         let mut s = Serve::spawn(&self.config, &self.log, |cmd| {
-            // SAFETY: setrlimit is async-signal-safe and touches only the child.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let rl = libc::rlimit {
-                        rlim_cur: limit as libc::rlim_t,
-                        rlim_max: limit as libc::rlim_t,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            super::pressure::child_rlimit(cmd, libc::RLIMIT_NOFILE, limit)
         });
         s.wait_listening(&self.socket, Duration::from_secs(30));
         s

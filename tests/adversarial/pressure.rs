@@ -94,16 +94,16 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Sets RLIMIT_FSIZE (soft and hard) of the process `cmd` starts to `bytes`.
-fn file_size_limit(cmd: &mut Command, bytes: u64) {
+/// Sets the limit `resource` (soft and hard) of the process `cmd` starts to `value`.
+pub(super) fn child_rlimit(cmd: &mut Command, resource: libc::__rlimit_resource_t, value: u64) {
     // SAFETY: setrlimit is async-signal-safe and touches only the child.
     unsafe {
         cmd.pre_exec(move || {
             let rl = libc::rlimit {
-                rlim_cur: bytes as libc::rlim_t,
-                rlim_max: bytes as libc::rlim_t,
+                rlim_cur: value as libc::rlim_t,
+                rlim_max: value as libc::rlim_t,
             };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+            if libc::setrlimit(resource, &rl) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -192,7 +192,9 @@ fn partial_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn a_file_size_limit_costs_the_caches_not_the_daemon() {
     let (_corpus, config, socket, cache) = cache_fixture();
-    let mut d = Piped::start(&config, &socket, |cmd| file_size_limit(cmd, 100));
+    let mut d = Piped::start(&config, &socket, |cmd| {
+        child_rlimit(cmd, libc::RLIMIT_FSIZE, 100)
+    });
     let status = millrace::control::request(
         &socket,
         &millrace::control::status_request(),
@@ -274,9 +276,18 @@ fn a_full_cache_dir_costs_the_caches_and_leaves_no_partial_file() {
 struct PidsCgroup(PathBuf);
 
 impl PidsCgroup {
-    fn new(name: &str) -> Option<PidsCgroup> {
-        let dir = Path::new("/sys/fs/cgroup/pids").join(format!("{name}-{}", std::process::id()));
-        std::fs::create_dir(&dir).ok()?;
+    /// A fresh cgroup for `test`, or `None` (said on stderr) where the test must skip.
+    fn for_test(test: &str) -> Option<PidsCgroup> {
+        if common::skip_unless_root(test, "a pids cgroup") {
+            return None;
+        }
+        let dir = Path::new("/sys/fs/cgroup/pids").join(format!("{test}-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir(&dir) {
+            eprintln!(
+                "skipping {test}: no cgroup v1 pids hierarchy to limit the daemon's threads ({e})"
+            );
+            return None;
+        }
         Some(PidsCgroup(dir))
     }
 
@@ -301,11 +312,7 @@ impl Drop for PidsCgroup {
 /// daemon. It must reload and admit trainers on the threads it has.
 #[test]
 fn a_daemon_that_can_start_no_thread_reloads_and_admits() {
-    if common::skip_unless_root("a_daemon_that_can_start_no_thread", "a pids cgroup") {
-        return;
-    }
-    let Some(cg) = PidsCgroup::new("millrace-test") else {
-        eprintln!("skipping: no cgroup v1 pids hierarchy to limit the daemon's threads");
+    let Some(cg) = PidsCgroup::for_test("a_daemon_that_can_start_no_thread") else {
         return;
     };
     let (_corpus, config, socket, _cache) = cache_fixture();
@@ -341,11 +348,7 @@ fn a_daemon_that_can_start_no_thread_reloads_and_admits() {
 /// and at some limits the panic's unwinding waited forever for the threads it had.
 #[test]
 fn a_start_at_the_thread_limit_exits_with_an_error() {
-    if common::skip_unless_root("a_start_at_the_thread_limit", "a pids cgroup") {
-        return;
-    }
-    let Some(cg) = PidsCgroup::new("millrace-start") else {
-        eprintln!("skipping: no cgroup v1 pids hierarchy to limit the daemon's threads");
+    let Some(cg) = PidsCgroup::for_test("a_start_at_the_thread_limit") else {
         return;
     };
     let (_corpus, config, socket, _cache) = cache_fixture();
