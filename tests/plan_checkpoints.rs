@@ -211,7 +211,18 @@ fn the_daemon_seeks_from_checkpoints_to_the_same_state() {
         client.last_cursor().expect("a cursor").to_vec()
     };
     assert_eq!(first_cursor("cold"), want, "cold seek in the daemon");
-    let files = checkpoints(&cache);
+    // The seek wrote the checkpoints at plan steps 64, 128, 192 and 256 before WELCOME;
+    // the job's planner may have passed 320 since, and its writer keeps that one off the
+    // copy path (a fifth file, or a temporary one, depending on timing): only the seek's
+    // are counted.
+    let files: Vec<PathBuf> = checkpoints(&cache)
+        .into_iter()
+        .filter(|f| {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let step = name.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok());
+            step.is_some_and(|s| s <= 300)
+        })
+        .collect();
     assert_eq!(files.len(), 4, "{files:?}");
     assert_eq!(first_cursor("warm"), want, "warm seek in the daemon");
     for f in &files {
