@@ -115,14 +115,17 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     let unchecked = load::Unchecked::of(&l);
     let pad_token = l.plan.config().pad_token;
     let serve = l.serve.clone();
-    // One fd per connection and two per ring (memfd, eventfd), plus shards and slack.
-    let fd_limit = limits::raise_fd_limit(
-        (serve.max_clients as u64)
-            .saturating_mul(3)
-            .saturating_add(serve.max_control_connections as u64)
-            .saturating_add(256),
-    );
-    let readers = fill::Readers::open(serve.reader, &l.shards);
+    // One fd per connection and two per ring (memfd, eventfd), plus slack; the io_uring
+    // readers' shard files come out of what is left.
+    let clients_fds = (serve.max_clients as u64)
+        .saturating_mul(3)
+        .saturating_add(serve.max_control_connections as u64)
+        .saturating_add(256);
+    let fd_limit = limits::raise_fd_limit(clients_fds);
+    let spare_fds = (fd_limit.soft)
+        .saturating_sub(limits::open_fds().unwrap_or(0))
+        .saturating_sub(clients_fds);
+    let readers = fill::Readers::open_within(serve.reader, &l.shards, Some(spare_fds));
     let hints = readers.page_hints(serve.page_hints);
     let hub = Arc::new(Hub::new(
         l.plan.clone(),

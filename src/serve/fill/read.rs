@@ -77,6 +77,21 @@ impl Readers {
     /// that refuses O_DIRECT is found at start and logged once. io_uring unavailable: the
     /// mmap copy with hints; O_DIRECT refused: buffered io_uring.
     pub fn open(reader: Reader, shards: &[Vec<Arc<Shard>>]) -> Readers {
+        Readers::open_within(reader, shards, None)
+    }
+
+    /// [`Readers::open`] with at most `spare_fds` descriptors for the shard files (what
+    /// the open-file limit leaves beyond the clients' share; `None`: no bound). The
+    /// io_uring readers hold one per shard file for the daemon's life, two with O_DIRECT,
+    /// so a corpus of tens of thousands of shards under a low `LimitNOFILE=` would leave
+    /// clients failing with EMFILE, or fail the open at the limit itself: a reader whose
+    /// files do not fit falls back (`uring-direct` to `uring`, then to the mmap copy),
+    /// saying how many it needed.
+    pub fn open_within(
+        reader: Reader,
+        shards: &[Vec<Arc<Shard>>],
+        spare_fds: Option<u64>,
+    ) -> Readers {
         let reader = match reader {
             Reader::Auto => {
                 let corpus: u64 = shards.iter().flatten().map(|s| s.data().len() as u64).sum();
@@ -114,6 +129,27 @@ impl Readers {
             returned: Condvar::new(),
         };
         let mut tried = reader;
+        let files = readers.paths.len() as u64;
+        if let Some(spare) = spare_fds {
+            let fds = |r: Reader| files * if r == Reader::UringDirect { 2 } else { 1 };
+            let too_many = |r: Reader| {
+                format!(
+                    "its {files} shard files need {} open descriptors, and the open-file \
+                     limit (RLIMIT_NOFILE) leaves {spare} beyond what max_clients and \
+                     max_control_connections may need; raise LimitNOFILE= in the unit",
+                    fds(r)
+                )
+            };
+            if tried == Reader::UringDirect && fds(tried) > spare {
+                readers.fell_back(reader, Reader::Uring, &too_many(tried));
+                tried = Reader::Uring;
+            }
+            if fds(tried) > spare {
+                readers.fell_back(reader, Reader::MmapWillneed, &too_many(tried));
+                readers.reader = Reader::MmapWillneed;
+                return readers;
+            }
+        }
         loop {
             let opened = ShardFiles::open(&readers.paths, tried == Reader::UringDirect)
                 .and_then(|files| files.check_same(mapped.iter().copied()).map(|()| files))
@@ -150,7 +186,7 @@ impl Readers {
         readers
     }
 
-    fn fell_back(&mut self, configured: Reader, to: Reader, e: &ReadError) {
+    fn fell_back(&mut self, configured: Reader, to: Reader, e: &dyn std::fmt::Display) {
         let why = format!(
             "[serve] reader = {:?} cannot be used ({e}); using {:?}",
             configured.as_str(),
@@ -443,6 +479,34 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// Shard files that do not fit the descriptors the open-file limit leaves beyond the
+    /// clients' share are not opened: `uring-direct` (two a file) falls back to `uring`
+    /// (one), and that to the mmap copy, each saying how many it needed. Judged before
+    /// opening anything, so nothing depends on whether this kernel allows io_uring.
+    #[test]
+    fn readers_whose_files_exceed_the_spare_descriptors_fall_back_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _, _) = shard_and_job(dir.path(), 7, (10, 9));
+        let r = Readers::open_within(Reader::Uring, &src.shards, Some(0));
+        assert_eq!(r.reader(), Reader::MmapWillneed);
+        let why = r.fallback().unwrap();
+        assert!(
+            why.contains("its 1 shard files need 1 open descriptors")
+                && why.contains("leaves 0 beyond")
+                && why.contains("LimitNOFILE="),
+            "{why}"
+        );
+        let r = Readers::open_within(Reader::UringDirect, &src.shards, Some(1));
+        let why = r.fallback().unwrap();
+        assert!(
+            why.contains("\"uring\"") && why.contains("need 2 open descriptors"),
+            "{why}"
+        );
+        if !why.contains("io_uring is unavailable") {
+            assert_eq!(r.reader(), Reader::Uring, "{why}");
+        }
     }
 
     /// `auto`: plain mappings while the corpus fits half the memory, O_DIRECT beyond.
