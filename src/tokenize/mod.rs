@@ -265,7 +265,9 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let groups_path = with_suffix(&opts.out, "groups.npy");
     // A failed run leaves nothing: not the shards a sharded run had finished, not a
     // single shard renamed into place before the run failed (or failed its re-check).
-    let outputs = Outputs::clear(&opts.out, opts.sharded().then_some(opts.shard_index))?;
+    let run = opts.sharded().then_some(opts.shard_index);
+    let _lock = OutputLock::take(&opts.out, run)?;
+    let outputs = Outputs::clear(&opts.out, run)?;
     let layout = if opts.sharded() {
         Layout::Sharded {
             out: opts.out.clone(),

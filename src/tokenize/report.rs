@@ -67,6 +67,17 @@ pub enum TokenizeError {
         /// Bad lines among them.
         bad: u64,
     },
+    /// Another run is writing the same output right now (it holds the lock file).
+    #[error(
+        "{out}: another tokenize run is writing this output now (it holds {lock}); \
+         wait for it to end or give another --out (or --shard-index)"
+    )]
+    OutputInUse {
+        /// The output prefix.
+        out: PathBuf,
+        /// The lock file the other run holds.
+        lock: PathBuf,
+    },
     /// Writing or re-checking the shard failed.
     #[error(transparent)]
     Corpus(#[from] CorpusError),

@@ -317,6 +317,76 @@ impl Drop for Outputs {
     }
 }
 
+/// Held for the whole run: two runs writing the same output at once would share its
+/// temporary files and remove each other's finished shards, so that a run reports
+/// success over a shard that is gone or holds the other run's tokens. The lock is an
+/// `flock` on `<out>.lock` (`<out>-<run>.lock` for a run of a sharded job), released
+/// by the kernel when the process dies however it dies, and the file is removed when
+/// the run ends (a killed run's stale file is simply taken over).
+pub(super) struct OutputLock {
+    path: PathBuf,
+    /// The locked descriptor: closing it releases the lock.
+    _held: File,
+}
+
+impl OutputLock {
+    /// Takes the lock of output `out` (run `run` of a sharded job), or fails at once
+    /// with [`TokenizeError::OutputInUse`] when another run holds it.
+    pub(super) fn take(out: &Path, run: Option<u64>) -> Result<OutputLock> {
+        let path = match run {
+            Some(run) => with_suffix(&shard_prefix_stem(out, run), "lock"),
+            None => with_suffix(out, "lock"),
+        };
+        loop {
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io_err(&path, "create"))?;
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(TokenizeError::OutputInUse {
+                        out: out.to_path_buf(),
+                        lock: path,
+                    })
+                }
+                // A file system without flock (Lustre mounted without it, some FUSE):
+                // the run goes on unguarded, as it did before there was a lock.
+                Err(
+                    rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::NOLCK,
+                ) => {
+                    return Ok(OutputLock { path, _held: file });
+                }
+                Err(e) => return Err(io_err(&path, "flock")(e.into())),
+            }
+            // A run that just ended removed the file it held: the lock taken may be on
+            // that removed file, which no later run would see. Take the current one.
+            let held = rustix::fs::fstat(&file).map_err(|e| io_err(&path, "stat")(e.into()))?;
+            match rustix::fs::stat(&path) {
+                Ok(now) if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino) => {
+                    return Ok(OutputLock { path, _held: file });
+                }
+                Ok(_) => {}
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(io_err(&path, "stat")(e.into())),
+            }
+        }
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still held, so that no run takes a file about to disappear
+        // without noticing (see `take`); the lock goes with the descriptor.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Removes `<out>.idx`, then `<out>.bin` and `<out>.groups.npy`.
 fn remove_single_outputs(out: &Path) -> Result<()> {
     for ext in ["idx", "bin", "groups.npy"] {
