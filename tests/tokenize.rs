@@ -952,6 +952,49 @@ fn a_second_run_into_an_output_being_written_is_refused() {
     assert_eq!(outputs(dir.path(), "code"), ["code.bin", "code.idx"]);
 }
 
+/// An `--out` that names a directory is refused before anything is written, in a
+/// single run, a sharded run and `--merge`. (It used to write hidden `data/.bin` and
+/// `data/-00000-00000.idx` while looking for them, in `--merge` and a rerun's clean-up,
+/// in the directory above: `--merge` failed with "./-00000-00000.idx is missing".)
+#[test]
+fn an_out_that_names_a_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &[json!({"text": "one document"})]);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for out in [format!("{}/", s(&data)), format!("{}/.", s(&data))] {
+        for extra in [&[][..], &["--shard-tokens", "10"][..]] {
+            let mut args = vec![s(&input), "--out", out.as_str()];
+            args.extend(extra);
+            let r = run(tok_path, &args);
+            let err = String::from_utf8_lossy(&r.stderr);
+            assert!(!r.status.success(), "--out {out} {extra:?} was accepted");
+            assert!(
+                err.contains("names a directory, not an output prefix"),
+                "{err}"
+            );
+            assert!(err.contains(&format!("{}/NAME", s(&data))), "{err}");
+        }
+        let merge = bin()
+            .args(["tokenize", "--merge", "--out", out.as_str()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&merge.stderr);
+        assert!(
+            err.contains("names a directory, not an output prefix"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&data).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    assert_eq!(outputs(dir.path(), ""), ["data", "in.jsonl"]);
+}
+
 #[test]
 fn thread_count_and_chunking_do_not_change_the_bytes() {
     let dir = tempfile::tempdir().unwrap();

@@ -133,6 +133,7 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
             "--num-shards must be at least 1".into(),
         ));
     }
+    out_stem(out)?;
     let dir = out_dir(out);
     let mut merged: Option<(PathBuf, Manifest)> = None;
     for run in 0..runs {

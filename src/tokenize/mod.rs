@@ -210,6 +210,24 @@ fn out_dir(out: &Path) -> PathBuf {
     }
 }
 
+/// The file name of `--out`, which every output's name starts with. An `--out` that
+/// names a directory (`data/`, `data/.`, `.`) is refused: its outputs would be hidden
+/// files (`data/.bin`, `data/-00000-00000.idx`) that `--merge`, a rerun's clean-up and
+/// the scratch files would all look for in the directory above.
+fn out_stem(out: &Path) -> Result<String> {
+    let written = out.as_os_str().as_encoded_bytes();
+    let last = written.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    match out.file_name() {
+        Some(name) if name.as_encoded_bytes() == last => Ok(name.to_string_lossy().into_owned()),
+        _ => Err(TokenizeError::Options(format!(
+            "--out {} names a directory, not an output prefix; give a file name in it, \
+             e.g. --out {}",
+            out.display(),
+            out.components().collect::<PathBuf>().join("NAME").display()
+        ))),
+    }
+}
+
 /// Result alias for this module.
 pub type Result<T, E = TokenizeError> = std::result::Result<T, E>;
 
@@ -245,18 +263,9 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     };
     let bytes_in = check_inputs_size(&inputs)?;
 
+    let stem = out_stem(&opts.out)?;
     let out_dir = out_dir(&opts.out);
     std::fs::create_dir_all(&out_dir).map_err(io_err(&out_dir, "create_dir"))?;
-    let stem = opts
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| {
-            TokenizeError::Options(format!(
-                "--out {} has no file name to use as the shard prefix",
-                opts.out.display()
-            ))
-        })?;
     let tmp_dir = opts.tmp_dir.clone().unwrap_or_else(|| out_dir.clone());
     std::fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir, "create_dir"))?;
 
