@@ -995,6 +995,40 @@ fn an_out_that_names_a_directory_is_refused() {
     assert_eq!(outputs(dir.path(), ""), ["data", "in.jsonl"]);
 }
 
+/// An input in a compression format tokenize does not decode (xz, bzip2, lz4) is refused
+/// by name before anything is touched. (It used to be read as text: the whole file
+/// became "invalid UTF-8" bad lines and the run succeeded without it.) The fixtures are
+/// what `xz -c`, `bzip2 -c` and `lz4 -c` write for `{"text": "one document"}\n`.
+#[test]
+fn inputs_compressed_in_formats_it_cannot_read_are_refused_by_name() {
+    const XZ: &[u8] = b"\xfd\x37\x7a\x58\x5a\x00\x00\x04\xe6\xd6\xb4\x46\x02\x00\x21\x01\x16\x00\x00\x00\x74\x2f\xe5\xa3\x01\x00\x18\x7b\x22\x74\x65\x78\x74\x22\x3a\x20\x22\x6f\x6e\x65\x20\x64\x6f\x63\x75\x6d\x65\x6e\x74\x22\x7d\x0a\x00\x00\x00\x00\x91\x3e\x1c\x71\x2b\x96\xce\xdc\x00\x01\x31\x19\x59\x1a\xb0\x82\x1f\xb6\xf3\x7d\x01\x00\x00\x00\x00\x04\x59\x5a";
+    const BZIP2: &[u8] = b"\x42\x5a\x68\x39\x31\x41\x59\x26\x53\x59\xe9\x11\x24\x1b\x00\x00\x0b\xd9\x80\x00\x10\x50\x00\x00\x10\x0e\x03\x86\x4a\x20\x00\x31\x4c\x00\x01\x46\x9b\x53\x6a\x31\xa8\x9e\x24\x26\x8a\x7a\xa1\x60\xd9\x45\x90\x5b\xf8\xbb\x92\x29\xc2\x84\x87\x48\x89\x20\xd8";
+    const LZ4: &[u8] = b"\x04\x22\x4d\x18\x64\x40\xa7\x19\x00\x00\x80\x7b\x22\x74\x65\x78\x74\x22\x3a\x20\x22\x6f\x6e\x65\x20\x64\x6f\x63\x75\x6d\x65\x6e\x74\x22\x7d\x0a\x00\x00\x00\x00\xe6\x84\xc4\x71";
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let good = dir.path().join("good.jsonl");
+    write_jsonl(&good, &[json!({"text": "fine"})]);
+    let prefix = dir.path().join("out");
+    run_ok(tok_path, &[s(&good), "--out", s(&prefix)]);
+    for (name, body, format) in [
+        ("a.jsonl.xz", XZ, "xz"),
+        ("a.jsonl.bz2", BZIP2, "bzip2"),
+        ("a.jsonl.lz4", LZ4, "lz4"),
+    ] {
+        let input = dir.path().join(name);
+        std::fs::write(&input, body).unwrap();
+        let r = run(tok_path, &[s(&good), s(&input), "--out", s(&prefix)]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{name} was read as text");
+        assert!(
+            err.contains(&format!("{name}: is {format}-compressed")),
+            "{err}"
+        );
+        // Refused before anything was touched: the earlier output is still there.
+        inspect_ok(&prefix);
+    }
+}
+
 #[test]
 fn thread_count_and_chunking_do_not_change_the_bytes() {
     let dir = tempfile::tempdir().unwrap();

@@ -471,7 +471,55 @@ fn check_inputs(inputs: &[PathBuf]) -> Result<()> {
     if inputs.is_empty() {
         return Err(TokenizeError::Options("no input files".into()));
     }
-    check_inputs_size(inputs).map(drop)
+    check_inputs_size(inputs)?;
+    for p in inputs {
+        let mut head = [0u8; 10];
+        let mut file = File::open(p).map_err(io_err(p, "open"))?;
+        let mut n = 0;
+        while n < head.len() {
+            match file.read(&mut head[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(p, "read")(e)),
+            }
+        }
+        if let Some(format) = unreadable_compression(&head[..n]) {
+            return Err(TokenizeError::Input {
+                path: p.clone(),
+                what: format!(
+                    "is {format}-compressed, which tokenize does not read (plain, gzip or \
+                     zstd only); decompress it, or recompress it with zstd"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The name of a compression format that `open_input` does not decode, recognised by its
+/// magic bytes. Such a file read as text is nothing but bad lines: a run would succeed
+/// with the whole file dropped, counted as "invalid UTF-8" lines.
+fn unreadable_compression(head: &[u8]) -> Option<&'static str> {
+    const BZIP2_BLOCK: &[u8] = &[0x31, 0x41, 0x59, 0x26, 0x53, 0x59];
+    const BZIP2_END: &[u8] = &[0x17, 0x72, 0x45, 0x38, 0x50, 0x90];
+    if head.starts_with(&[0xFD, b'7', b'z', b'X', b'Z', 0x00]) {
+        Some("xz")
+    } else if head.len() >= 10
+        && head.starts_with(b"BZh")
+        && (b'1'..=b'9').contains(&head[3])
+        && (head[4..10] == *BZIP2_BLOCK || head[4..10] == *BZIP2_END)
+    {
+        Some("bzip2")
+    } else if head.starts_with(&[0x04, 0x22, 0x4D, 0x18]) {
+        Some("lz4")
+    } else if head.starts_with(b"PK\x03\x04") {
+        Some("zip")
+    } else if head.starts_with(&[b'7', b'z', 0xBC, 0xAF, 0x27, 0x1C]) {
+        Some("7z")
+    } else {
+        None
+    }
 }
 
 /// Sum of the input sizes; each must be a regular file.
