@@ -1564,6 +1564,17 @@ fn adversarial_lines_are_bad_with_a_reason_never_a_panic() {
             "missing_field",
             "no field \"text\"",
         ),
+        // Ids past 64 bits would read as doubles, merging distinct groups.
+        (
+            r#"{"text": "x", "repo": 123456789012345678901234567890}"#.into(),
+            "wrong_type",
+            "\"repo\" is a number beyond 64-bit integers",
+        ),
+        (
+            r#"{"text": "x", "repo": "r", "path": -9223372036854775809}"#.into(),
+            "wrong_type",
+            "\"path\" is a number beyond 64-bit integers",
+        ),
         (
             b"{\"text\": \"\xff\"}".iter().map(|&b| b as char).collect(),
             "non_utf8",

@@ -426,6 +426,13 @@ pub(super) fn push_key(out: &mut Vec<u8>, v: &Val<'_>) -> std::result::Result<bo
             out.extend_from_slice(&((*i as u128) ^ (1 << 127)).to_be_bytes());
             Ok(true)
         }
+        // JSON reads an integer past 64 bits as the nearest double: distinct ids (of
+        // 30 digits, say) would become one group. Only a string keeps them apart.
+        Val::Float(f) if *f >= 2f64.powi(64) || *f <= -(2f64.powi(63)) => Err(
+            "a number beyond 64-bit integers, which reads as the nearest double (distinct \
+             values would merge); write it as a string"
+                .into(),
+        ),
         Val::Float(f) => {
             out.push(1);
             out.extend_from_slice(&f64_key(*f));
