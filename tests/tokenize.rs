@@ -1029,6 +1029,106 @@ fn inputs_compressed_in_formats_it_cannot_read_are_refused_by_name() {
     }
 }
 
+/// Standard base64 with padding, for a SentencePiece charsmap in a tokenizer.json.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The shared tokenizer with a `Precompiled` normalizer whose charsmap is `charsmap`.
+fn with_precompiled(dir: &Path, name: &str, charsmap: &[u8]) -> PathBuf {
+    let mut t: Value = serde_json::from_slice(&std::fs::read(tokenizer()).unwrap()).unwrap();
+    t["normalizer"] = json!({"type": "Precompiled", "precompiled_charsmap": base64(charsmap)});
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+    path
+}
+
+/// The tokenizers library panics on some malformed tokenizer files: on loading one whose
+/// SentencePiece charsmap does not parse, and on encoding, with one whose charsmap
+/// parses but indexes out of bounds for some characters. The first is an error naming
+/// the file, the second a bad line, never a crash. (Loading panicked with exit code 101;
+/// a panic while encoding killed a worker with its chunk undone, and the run crashed, or
+/// with more than a few MB of input hung for ever waiting for that chunk.)
+#[test]
+fn tokenizer_panics_are_errors_or_bad_lines_never_a_crash_or_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let rows: Vec<Value> = (0..3000)
+        .map(|i| match i {
+            1234 => json!({"text": "fizz"}),
+            _ => json!({"text": format!("alpha beta gamma {i}")}),
+        })
+        .collect();
+    write_jsonl(&input, &rows);
+    let prefix = dir.path().join("out");
+
+    // Three bytes: not even the charsmap's length prefix.
+    let unreadable = with_precompiled(dir.path(), "unreadable.json", &[0, 0, 0]);
+    let r = run(&unreadable, &[s(&input), "--out", s(&prefix)]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unreadable.json: cannot load a HuggingFace tokenizer.json")
+            && err.contains("Precompiled normalizer cannot be read"),
+        "{err}"
+    );
+
+    // A trie of 256 units whose unit for 'z' has a leaf past the end of the array.
+    let mut units = vec![0u32; 256];
+    units[usize::from(b'z')] = u32::from(b'z') | 1 << 8 | 1000 << 10;
+    let mut charsmap = (units.len() as u32 * 4).to_le_bytes().to_vec();
+    charsmap.extend(units.iter().flat_map(|u| u.to_le_bytes()));
+    let panicky = with_precompiled(dir.path(), "panicky.json", &charsmap);
+    let mut child = bin()
+        .arg("tokenize")
+        .arg(&input)
+        .args([
+            "--out",
+            s(&prefix),
+            "--json",
+            "--threads",
+            "2",
+            "--tokenizer",
+        ])
+        .arg(&panicky)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("the run hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["documents"], 2999);
+    assert_eq!(summary["bad"]["encode_failed"], 1);
+    assert_eq!(summary["first_bad"][0]["line"], 1235);
+    let detail = summary["first_bad"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("the tokenizer panicked on it"), "{detail}");
+    inspect_ok(&prefix);
+}
+
 #[test]
 fn thread_count_and_chunking_do_not_change_the_bytes() {
     let dir = tempfile::tempdir().unwrap();

@@ -37,6 +37,28 @@ pub(super) struct Done {
     pub(super) ids: Vec<u32>,
 }
 
+impl Done {
+    /// Nothing done yet for chunk `seq` of input `file`, with room for `bytes` of text.
+    pub(super) fn new(seq: u64, file: usize, stored_end: u64, bytes: usize) -> Done {
+        Done {
+            seq,
+            file,
+            stored_end,
+            lines: 0,
+            blank: 0,
+            text_bytes: 0,
+            tokens: Vec::with_capacity(bytes / 2),
+            docs: Vec::new(),
+            keys: Vec::new(),
+            dropped: Vec::new(),
+            bad: Vec::new(),
+            elsewhere: 0,
+            fatal: None,
+            ids: Vec::new(),
+        }
+    }
+}
+
 /// A worker's own copy of everything it needs.
 pub(super) struct Worker {
     pub(super) tokenizer: Tokenizer,
@@ -63,29 +85,32 @@ impl Worker {
                     Err(_) => return,
                 }
             };
-            if done.send(self.process(chunk)).is_err() {
+            // A panic here (inside the tokenizers library, say) would end this thread
+            // with its chunk never done: the writer would wait for it for ever and the
+            // run would hang. It becomes the run's error instead.
+            let (seq, file, stored_end, first) =
+                (chunk.seq, chunk.file, chunk.stored_end, chunk.first_line);
+            let processed = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(chunk)));
+            let d = processed.unwrap_or_else(|panic| {
+                let mut d = Done::new(seq, file, stored_end, 0);
+                d.fatal = Some(TokenizeError::Input {
+                    path: PathBuf::new(), // filled in by the writer
+                    what: format!(
+                        "tokenizing the lines from line {first} panicked: {}",
+                        panic_message(panic.as_ref())
+                    ),
+                });
+                d
+            });
+            if done.send(d).is_err() {
                 return;
             }
         }
     }
 
     pub(super) fn process(&self, chunk: Chunk) -> Done {
-        let mut d = Done {
-            seq: chunk.seq,
-            file: chunk.file,
-            stored_end: chunk.stored_end,
-            lines: 0,
-            blank: 0,
-            text_bytes: chunk.data.len() as u64 + chunk.skipped_bytes,
-            tokens: Vec::with_capacity(chunk.data.len() / 2),
-            docs: Vec::new(),
-            keys: Vec::new(),
-            dropped: Vec::new(),
-            bad: Vec::new(),
-            elsewhere: 0,
-            fatal: None,
-            ids: Vec::new(),
-        };
+        let mut d = Done::new(chunk.seq, chunk.file, chunk.stored_end, chunk.data.len());
+        d.text_bytes = chunk.data.len() as u64 + chunk.skipped_bytes;
         let data = &chunk.data[..];
         let mut skipped = chunk.skipped.iter().peekable();
         // A UTF-8 byte-order mark opening a file is not part of its first line.
@@ -236,7 +261,15 @@ impl Worker {
         let mut ids = std::mem::take(&mut d.ids);
         ids.clear();
         let permit = (body.len() >= GATED_LINE_BYTES).then(|| self.gate.enter(body.len() as u64));
-        let encoded = encode_ids(&self.tokenizer, body.as_ref(), &mut ids);
+        // The tokenizers library panics on some inputs to a malformed tokenizer (an
+        // unreadable Precompiled normalizer indexes out of bounds): a bad line.
+        let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            encode_ids(&self.tokenizer, body.as_ref(), &mut ids)
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic_message(panic.as_ref());
+            Err(format!("the tokenizer panicked on it: {what}").into())
+        });
         drop(permit);
         if let Err(e) = encoded {
             d.ids = ids;

@@ -48,7 +48,7 @@ impl Setup {
         };
         let bytes = std::fs::read(path).map_err(io_err(path, "read"))?;
         let tokenizer_hash = xxhash_rust::xxh3::xxh3_64(&bytes);
-        let mut tokenizer = Tokenizer::from_bytes(&bytes)
+        let mut tokenizer = load_tokenizer(&bytes)
             .map_err(|e| tok_err(format!("cannot load a HuggingFace tokenizer.json: {e}")))?;
         // A tokenizer.json may carry truncation (e.g. to 512) or padding meant for
         // fine-tuning; either would silently change documents here.
@@ -133,6 +133,39 @@ impl Setup {
             share,
         }
     }
+}
+
+/// `Tokenizer::from_bytes`, with a panic inside the tokenizers library (it panics on
+/// some malformed files, e.g. a `Precompiled` normalizer whose charsmap does not decode)
+/// turned into an error, so that the run fails naming the tokenizer file.
+fn load_tokenizer(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
+    // The known case is checked first, for an error without the panic's backtrace.
+    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(bytes) {
+        if let Some(normalizer) = json.get("normalizer") {
+            check_precompiled(normalizer)?;
+        }
+    }
+    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+        Ok(loaded) => loaded.map_err(|e| e.to_string()),
+        Err(panic) => Err(format!(
+            "the tokenizers library panicked reading it: {}",
+            panic_message(panic.as_ref())
+        )),
+    }
+}
+
+/// Fails on a `Precompiled` normalizer (alone or in a `Sequence`) whose charsmap the
+/// tokenizers library cannot read: loading such a file panics inside the library.
+fn check_precompiled(normalizer: &serde_json::Value) -> std::result::Result<(), String> {
+    if normalizer.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
+        serde_json::from_str::<tokenizers::normalizers::Precompiled>(&normalizer.to_string())
+            .map_err(|e| format!("its Precompiled normalizer cannot be read: {e}"))?;
+    }
+    let inner = normalizer.get("normalizers").and_then(|n| n.as_array());
+    for n in inner.into_iter().flatten() {
+        check_precompiled(n)?;
+    }
+    Ok(())
 }
 
 /// The largest token id `dtype` holds in a Megatron shard; `None` for float dtypes and

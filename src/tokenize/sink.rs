@@ -66,7 +66,9 @@ impl Sink<'_> {
     pub(super) fn take(&mut self, d: Done) -> Result<()> {
         let path = &self.inputs[d.file];
         if let Some(mut fatal) = d.fatal {
-            if let TokenizeError::TokenRange { path: p, .. } = &mut fatal {
+            if let TokenizeError::TokenRange { path: p, .. }
+            | TokenizeError::Input { path: p, .. } = &mut fatal
+            {
                 *p = path.clone();
             }
             return Err(fatal);
