@@ -708,13 +708,27 @@ fn max_bad_aborts_and_leaves_no_outputs() {
     assert_eq!(summary["documents"], 5);
     assert_eq!(outputs(&out_dir, "web"), ["web.bin", "web.idx"]);
 
-    // Nothing but bad lines: no documents, an error, and no outputs.
+    // Nothing but bad lines: no documents, an error that says what is wrong with them
+    // (it used to give only their count), and no outputs.
     let junk = dir.path().join("junk.jsonl");
     std::fs::write(&junk, "not json\n{\"text\": \"\"}\n").unwrap();
     let out = run(tok_path, &[s(&junk), "--out", s(&prefix)]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no documents"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no documents"), "{err}");
+    assert!(err.contains("junk.jsonl:1: invalid_json"), "{err}");
+    assert!(err.contains("junk.jsonl:2: empty_text"), "{err}");
     assert!(outputs(&out_dir, "web").is_empty());
+    // The usual cause: a misspelt --text-field.
+    let out = run(
+        tok_path,
+        &[s(&a), "--out", s(&prefix), "--text-field", "txet"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a.jsonl:1: missing_field: no field \"txet\""),
+        "{err}"
+    );
 }
 
 /// About `mb` MB of JSONL with repo/path fields, for the runs that get killed.

@@ -397,6 +397,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         return Err(TokenizeError::Empty {
             lines: stats.lines,
             bad: stats.bad.total(),
+            first: first_bad,
         });
     }
     let mut groups = None;

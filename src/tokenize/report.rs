@@ -48,8 +48,8 @@ pub enum TokenizeError {
     },
     /// More bad lines than `--max-bad` allows.
     #[error(
-        "{bad} bad input lines, more than --max-bad {max}; nothing was written. First bad lines:\n  {}",
-        first.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("\n  ")
+        "{bad} bad input lines, more than --max-bad {max}; nothing was written{}",
+        first_bad_lines(first)
     )]
     TooManyBad {
         /// Bad lines seen when the run stopped.
@@ -60,12 +60,18 @@ pub enum TokenizeError {
         first: Vec<BadLine>,
     },
     /// Every line was blank or bad: a shard needs at least one document.
-    #[error("no documents: {lines} input lines, {bad} of them bad; nothing was written")]
+    #[error(
+        "no documents: {lines} input lines, {bad} of them bad; nothing was written{}",
+        first_bad_lines(first)
+    )]
     Empty {
         /// Lines read.
         lines: u64,
         /// Bad lines among them.
         bad: u64,
+        /// The first few bad lines, with file:line (what is wrong with them all, often:
+        /// a misspelt --text-field).
+        first: Vec<BadLine>,
     },
     /// Another run is writing the same output right now (it holds the lock file).
     #[error(
@@ -81,6 +87,21 @@ pub enum TokenizeError {
     /// Writing or re-checking the shard failed.
     #[error(transparent)]
     Corpus(#[from] CorpusError),
+}
+
+/// The first bad lines, for an error that gave up on them: ". First bad lines:" and one
+/// `file:line: kind: detail` a line; empty when there were none.
+fn first_bad_lines(first: &[BadLine]) -> String {
+    let mut out = String::new();
+    for (i, b) in first.iter().enumerate() {
+        out.push_str(if i == 0 {
+            ". First bad lines:\n  "
+        } else {
+            "\n  "
+        });
+        out.push_str(&b.to_string());
+    }
+    out
 }
 
 /// Why an input line was skipped.
