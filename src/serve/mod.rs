@@ -203,6 +203,14 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     result
 }
 
+/// The most blocking threads the runtime keeps. They never exit (see `run_cli`), so a
+/// burst of requests must not leave hundreds of idle ones counted against the thread
+/// limit they guard against (80 `status` calls at once left 17 more for good, and
+/// tokio's default cap is 512): admissions run at most 16 at once (`admission_slots`),
+/// and the rest (control requests, reloads, the once-a-second status and shard watch)
+/// take milliseconds, so work past this many waits briefly for a thread.
+const BLOCKING_THREADS: usize = 48;
+
 /// How long the tokio runtime's threads may take to start before `serve` gives up.
 const THREADS_START: Duration = Duration::from_secs(10);
 
@@ -227,6 +235,7 @@ fn start_runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .thread_name("millrace-io")
         .thread_keep_alive(Duration::MAX)
+        .max_blocking_threads(BLOCKING_THREADS)
         .build();
     let first = built.as_ref().ok().map(|runtime| {
         runtime.block_on(async {
