@@ -844,11 +844,19 @@ fn a_reload_says_which_serve_keys_wait_for_a_restart() {
     let f = fixture();
     let _serve = f.serve();
     let names = f.names();
-    let edit = |ring_slots: i64, first_weight: f64| {
+    let original: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&f.config).unwrap()).unwrap();
+    let socket = original["serve"]["socket"].clone();
+    let edit_serve = |ring_slots: i64, first_weight: f64, extra: &[(&str, toml::Value)]| {
         let text = std::fs::read_to_string(&f.config).unwrap();
         let mut doc: toml::Table = toml::from_str(&text).unwrap();
         let serve = doc.get_mut("serve").unwrap().as_table_mut().unwrap();
         serve.insert("ring_slots".into(), toml::Value::Integer(ring_slots));
+        serve.remove("ring_memory_bytes");
+        serve.insert("socket".into(), socket.clone());
+        for (k, v) in extra {
+            serve.insert(k.to_string(), v.clone());
+        }
         let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
         plan.remove("schedule");
         let w: toml::Table = (names.iter().enumerate())
@@ -860,6 +868,7 @@ fn a_reload_says_which_serve_keys_wait_for_a_restart() {
         plan.insert("weights".into(), toml::Value::Table(w));
         std::fs::write(&f.config, toml::to_string(&doc).unwrap()).unwrap();
     };
+    let edit = |ring_slots: i64, first_weight: f64| edit_serve(ring_slots, first_weight, &[]);
     edit(8, 3.0);
     let text = ok(&["ctl", "--socket", f.sock(), "reload"]);
     assert!(text.contains("reload: applied from step"), "{text}");
@@ -883,6 +892,24 @@ fn a_reload_says_which_serve_keys_wait_for_a_restart() {
         "{err}"
     );
     assert_eq!(f.journal(), journal);
+    // So does any [serve] the start refuses past its parsing (the same check): a budget
+    // that holds no ring, a socket path that is a directory.
+    let dir = f.corpus.tmp.path().to_str().unwrap().to_string();
+    for (key, value, says) in [
+        ("ring_memory_bytes", toml::Value::Integer(1), "hold no ring"),
+        ("socket", toml::Value::String(dir), "not a socket"),
+    ] {
+        edit_serve(4, 9.0, &[(key, value)]);
+        let err = fails(&["ctl", "--socket", f.sock(), "reload"]);
+        assert!(
+            err.contains("refused reload (invalid)")
+                && err.contains(&format!("[serve] {key}"))
+                && err.contains(says)
+                && err.contains("the next start would refuse it"),
+            "{err}"
+        );
+        assert_eq!(f.journal(), journal);
+    }
     // The file back at the daemon's [serve]: nothing to say.
     edit(4, 5.0);
     let text = ok(&["ctl", "--socket", f.sock(), "reload"]);

@@ -77,6 +77,10 @@ enum Refused {
         .0.display()
     )]
     Fixed(PathBuf),
+    /// `[serve]` holds what the next start would refuse (a ring budget that holds no
+    /// ring, a socket path `serve` cannot bind): refused while its author is at hand.
+    #[error("{}: {why}; the next start would refuse it", .0.display(), why = .1)]
+    Serve(PathBuf, String),
 }
 
 /// The `[serve]` keys that differ between the running table and a reloaded one, as
@@ -214,12 +218,17 @@ impl Daemon {
         let plan = cfg.plan_config()?;
         // Not applied, but a file whose [serve] the next start would refuse is refused
         // now, while its author is at hand, not at the next restart.
-        crate::config::serve::ServeConfig::from_config(&cfg)?;
+        let serve = crate::config::serve::ServeConfig::from_config(&cfg)?;
         if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
             return Err(Refused::Corpus(self.config.clone()));
         }
         if fixed_part(&plan) != running.fixed {
             return Err(Refused::Fixed(self.config.clone()));
+        }
+        // Stages are part of what a reload may not change: the plan in force has them.
+        let longest = (self.hub.plan().stages().iter().map(|s| s.seq_len).max()).unwrap_or(1);
+        if let Some(why) = super::load::serve_problem(&serve, longest, self.hub.compact_token()) {
+            return Err(Refused::Serve(self.config.clone(), why));
         }
         Ok((cfg, plan))
     }

@@ -496,6 +496,12 @@ impl Hub {
         }
     }
 
+    /// The token type of compact slots over these shards: what a reload's `[serve]` is
+    /// judged with, as the start judged its own.
+    pub fn compact_token(&self) -> TokenType {
+        self.source.compact_token()
+    }
+
     /// The plan in force now.
     pub fn plan(&self) -> Arc<Plan> {
         self.lock().plan.clone()
