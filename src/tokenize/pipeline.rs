@@ -263,13 +263,11 @@ impl Worker {
         let permit = (body.len() >= GATED_LINE_BYTES).then(|| self.gate.enter(body.len() as u64));
         // The tokenizers library panics on some inputs to a malformed tokenizer (an
         // unreadable Precompiled normalizer indexes out of bounds): a bad line.
-        let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            encode_ids(&self.tokenizer, body.as_ref(), &mut ids)
-        }))
-        .unwrap_or_else(|panic| {
-            let what = panic_message(panic.as_ref());
-            Err(format!("the tokenizer panicked on it: {what}").into())
-        });
+        let encoded = catch_quietly(|| encode_ids(&self.tokenizer, body.as_ref(), &mut ids))
+            .unwrap_or_else(|panic| {
+                let what = panic_message(panic.as_ref());
+                Err(format!("the tokenizer panicked on it: {what}").into())
+            });
         drop(permit);
         if let Err(e) = encoded {
             d.ids = ids;

@@ -145,7 +145,7 @@ fn load_tokenizer(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
             check_precompiled(normalizer)?;
         }
     }
-    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+    match super::catch_quietly(|| Tokenizer::from_bytes(bytes)) {
         Ok(loaded) => loaded.map_err(|e| e.to_string()),
         Err(panic) => Err(format!(
             "the tokenizers library panicked reading it: {}",
