@@ -551,6 +551,9 @@ pub(crate) fn expand_row(
             Some(&(doc, at)) if at <= a && (first..first + ndocs).contains(&doc) => (doc, at),
             _ => (first, 0),
         };
+        // Whether the group goes on past this piece: only then may a later row need
+        // the walk (a group a row holds whole, the usual case, keeps no entry).
+        let mut more = false;
         while doc < first + ndocs {
             let l = d.doc_len(shard, doc);
             let (s, e) = (a.max(off), b.min(off + l));
@@ -565,17 +568,23 @@ pub(crate) fn expand_row(
                 });
             }
             if off + l >= b {
+                more = b < off + l || doc + 1 < first + ndocs;
                 break;
             }
             off += l;
             doc += 1;
         }
-        if walks.at.len() >= MAX_WALKS && !walks.at.contains_key(&(epoch, p.unit)) {
+        let key = (epoch, p.unit);
+        if !more {
+            walks.at.remove(&key);
+            continue;
+        }
+        if walks.at.len() >= MAX_WALKS && !walks.at.contains_key(&key) {
             walks.at.clear();
         }
         // The document the piece ends in, and its offset: where the group's next row
         // begins (or a document before it).
-        walks.at.insert((epoch, p.unit), (doc, off));
+        walks.at.insert(key, (doc, off));
     }
     Row::new(domain, epoch, segments, tokens)
 }
