@@ -12,7 +12,11 @@ batch's views are only valid for a while. The client releases a batch once it ha
 out ``hold`` more batches (``hold=1``: when the next batch is requested). After that its
 attribute accessors raise :class:`StaleBatch`, and any view taken out of it earlier may
 change under you. Keep what you need longer with :meth:`Batch.copy` (or copy to the GPU,
-see :meth:`Batch.to_torch`, which releases only after the copy has completed).
+see :meth:`Batch.to_torch`, which releases only after the copy has completed). A batch
+does not keep its client alive: when the last reference to the client goes (it is
+dropped without :meth:`Client.close`), the client says BYE at once and its batches are
+stale, so ``Client(...).next_batch()`` as one expression hands back a stale batch. Keep
+the client while you use its batches.
 
 Faults
 ------
