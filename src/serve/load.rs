@@ -82,7 +82,7 @@ pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
         }
     }
     let longest = (loaded.plan.stages().iter().map(|s| s.seq_len).max()).unwrap_or(1);
-    if let Some(why) = serve_problem(&serve, longest, compact) {
+    if let Some(why) = ring_budget_problem(&serve, longest, compact) {
         bail!("{}: {why}", cfg.source.display());
     }
     if let Some(g) = &serve.socket_group {
@@ -141,27 +141,25 @@ fn largest_id(d: crate::corpus::DType) -> Option<u64> {
     })
 }
 
-/// What a start would refuse in `[serve]` past its own parsing, given the plan's longest
-/// `seq_len` and the shards' compact token: a ring budget below the smallest ring a rank
-/// can have (one row of the longest stage, compact slots, no cursor; such a daemon ran
-/// and refused every trainer with `memory`), and a socket path `serve` cannot bind.
-/// `serve`, `check-config` and a reload's file (the next start's) all judge by it.
-pub(super) fn serve_problem(
+/// Why a start would refuse `serve`'s ring budget, given the plan's longest `seq_len`
+/// and the shards' compact token: one below the smallest ring a rank can have (one row
+/// of the longest stage, compact slots, no cursor; such a daemon ran and refused every
+/// trainer with `memory`). `serve`, `check-config` and a reload's file (the next
+/// start's) all judge by it; the socket path they judge with `socket_problem`.
+pub(super) fn ring_budget_problem(
     serve: &ServeConfig,
     longest_seq_len: u32,
     compact: TokenType,
 ) -> Option<String> {
-    if let Some(budget) = serve.ring_memory_bytes {
-        let least = Layout::compact(1, longest_seq_len, serve.ring_slots, compact, 0).ring_bytes;
-        if budget < least {
-            return Some(format!(
-                "[serve] ring_memory_bytes: {budget} bytes hold no ring: the smallest a rank \
-                 can have ({} slots of one row of {longest_seq_len} tokens) takes {least}",
-                serve.ring_slots
-            ));
-        }
-    }
-    socket_problem(&serve.socket).map(|why| format!("[serve] socket: {why}"))
+    let budget = serve.ring_memory_bytes?;
+    let least = Layout::compact(1, longest_seq_len, serve.ring_slots, compact, 0).ring_bytes;
+    (budget < least).then(|| {
+        format!(
+            "[serve] ring_memory_bytes: {budget} bytes hold no ring: the smallest a rank can \
+             have ({} slots of one row of {longest_seq_len} tokens) takes {least}",
+            serve.ring_slots
+        )
+    })
 }
 
 /// `millrace check-config`: everything `serve` checks before it binds (config, shards,
@@ -178,6 +176,9 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
                 args.config.display()
             )
         })?;
+    }
+    if let Some(why) = socket_problem(&l.serve.socket) {
+        bail!("{}: [serve] socket: {why}", args.config.display());
     }
     for w in l.plan.warnings() {
         eprintln!("warning: {}: {w}", args.config.display());

@@ -164,6 +164,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         warn_accept: limits::Throttle::new("failed accepts", 5, Duration::from_secs(10)),
         last_reload: Mutex::new(None),
         admissions: Arc::new(tokio::sync::Semaphore::new(limits::admission_slots())),
+        socket_flag: from_flag,
         serve,
     });
     let workers: Vec<_> = (0..daemon.serve.materialize_threads)
@@ -289,6 +290,9 @@ struct Daemon {
     /// Admissions running at once ([`limits::admission_slots`]); the rest wait their turn
     /// without a thread.
     admissions: Arc<tokio::sync::Semaphore>,
+    /// The socket path came from `--socket`: a reloaded file's `[serve] socket` is not
+    /// the one the next start (with the same flag) binds.
+    socket_flag: bool,
 }
 
 impl Daemon {

@@ -225,9 +225,17 @@ impl Daemon {
         if fixed_part(&plan) != running.fixed {
             return Err(Refused::Fixed(self.config.clone()));
         }
-        // Stages are part of what a reload may not change: the plan in force has them.
+        // Judged as the next start would judge them. Stages are part of what a reload may
+        // not change: the plan in force has them. The socket only when the file moves it
+        // and `--socket` did not choose it (then the next start does not use the file's).
         let longest = (self.hub.plan().stages().iter().map(|s| s.seq_len).max()).unwrap_or(1);
-        if let Some(why) = super::load::serve_problem(&serve, longest, self.hub.compact_token()) {
+        let compact = self.hub.compact_token();
+        let why = super::load::ring_budget_problem(&serve, longest, compact).or_else(|| {
+            let moved = !self.socket_flag && serve.socket != self.serve.socket;
+            let why = moved.then(|| crate::config::serve::socket_problem(&serve.socket));
+            why.flatten().map(|why| format!("[serve] socket: {why}"))
+        });
+        if let Some(why) = why {
             return Err(Refused::Serve(self.config.clone(), why));
         }
         Ok((cfg, plan))
