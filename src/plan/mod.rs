@@ -28,6 +28,7 @@ mod resume;
 mod room;
 mod stage;
 mod stream;
+mod warnings;
 
 use std::sync::Arc;
 
@@ -395,116 +396,6 @@ impl Plan {
             identities: Arc::new(identities),
         };
         Ok(plan)
-    }
-
-    /// What a start prints about this plan without refusing it: domains the weights
-    /// never name ([`PlanConfig::unweighted_warnings`]) and a bursty domain the final
-    /// mixture cannot give its weight ([`Plan::bursty_shortfall`]).
-    pub fn warnings(&self) -> Vec<String> {
-        let mut out = self.cfg.unweighted_warnings(&self.domain_names());
-        out.extend(self.bursty_shortfall());
-        out.extend(self.group_repeats());
-        out
-    }
-
-    /// Batch-grouped domains whose weights give them more rows a step than their groups
-    /// can fill under the cap: with every group spanning at `max_share` of the batch,
-    /// the rest of the domain's rows come from its next epochs, which start the same
-    /// groups again, so one batch holds the same documents several times (one group of
-    /// 2000 documents, capped at 3 of 64 rows and owed 22 a step, put each document in
-    /// 8 epochs' rows of step 0). Checked at every schedule knot, stage start and the
-    /// domain's `from_step`, where its rows a step peak (row shares are monotone between
-    /// them).
-    fn group_repeats(&self) -> Vec<String> {
-        let batch = |d: &DomainData| d.settings.grouping.mode == GroupMode::Batch;
-        if !self.domains.iter().any(batch) {
-            return Vec::new();
-        }
-        let mut at: Vec<u64> = vec![0];
-        at.extend(self.mixer.schedule.knots_before(u64::MAX));
-        for st in &self.mixer.stages {
-            at.extend([st.step.saturating_sub(1), st.step]);
-        }
-        // Grouping starts at `from_step`: from there on.
-        at.extend(self.domains.iter().map(|d| d.settings.grouping.from_step));
-        at.sort_unstable();
-        at.dedup();
-        // Rows a batch and row shares at each of those steps, computed once.
-        let peaks: Vec<(u64, u32, Vec<f64>)> = at
-            .iter()
-            .map(|&step| (step, self.mixer.rows_at(step), self.mixer.row_shares(step)))
-            .collect();
-        let mut out = Vec::new();
-        for (d, dom) in self.domains.iter().enumerate().filter(|(_, d)| batch(d)) {
-            let share = dom.settings.grouping.max_share;
-            let groups = dom.units(domain::UnitKind::Group);
-            let from = dom.settings.grouping.from_step;
-            let worst = peaks
-                .iter()
-                .filter(|p| p.0 >= from)
-                .map(|(step, rows, shares)| {
-                    let owed = shares[d] * *rows as f64;
-                    let room = groups as f64 * crate::config::plan::group_cap(*rows, share) as f64;
-                    (owed - room, *step, *rows, owed)
-                })
-                .max_by(|a, b| a.0.total_cmp(&b.0));
-            if let Some((over, step, rows, owed)) = worst.filter(|w| w.0 >= 1.0) {
-                let need = (owed / groups.max(1) as f64).ceil() / rows as f64;
-                let fix = if need <= 1.0 {
-                    format!("raise grouping.max_share to at least {need:.4} or lower its weight")
-                } else {
-                    "lower its weight: it has fewer groups than a step's rows".to_string()
-                };
-                out.push(format!(
-                    "domain {} (corpus.domain[{d}]): batch grouping caps each of its {groups} \
-                     groups at {} of a {rows}-row batch, but at plan step {step} it is \
-                     owed about {owed:.0} rows a step, {over:.0} more than its groups can \
-                     give: those come from its next epochs, so the same groups appear \
-                     several times in one batch: {fix}",
-                    dom.name,
-                    crate::config::plan::group_cap(rows, share),
-                ));
-            }
-        }
-        out
-    }
-
-    /// Why the mixture the schedule ends with cannot give a bursty domain its weight
-    /// ([`mix::Mixer::bursty_shortfall`]), if it cannot: the domain, the step and the
-    /// share it would get. The daemon warns of it at start and refuses a live change
-    /// that brings it; a config is not refused for it, since a run that already trains
-    /// under it could only fix it by rewriting its history.
-    pub fn bursty_shortfall(&self) -> Option<String> {
-        self.shortfall_words(self.mixer.bursty_shortfall()?)
-    }
-
-    /// Whether this plan leaves a bursty domain shorter than `before` does: one that
-    /// was not short, another domain, or the same one losing more of its share. What a
-    /// live change is refused for, in words ([`Plan::bursty_shortfall`]); a change to a
-    /// plan that is already short may keep it so, or make it less so.
-    pub fn bursty_shortfall_beyond(&self, before: &Plan) -> Option<String> {
-        let s = self.mixer.bursty_shortfall()?;
-        let worse = match before.mixer.bursty_shortfall() {
-            None => true,
-            Some(b) => b.domain != s.domain || s.share - s.got > b.share - b.got + 1e-9,
-        };
-        if worse {
-            self.shortfall_words(s)
-        } else {
-            None
-        }
-    }
-
-    fn shortfall_words(&self, s: mix::Shortfall) -> Option<String> {
-        Some(format!(
-            "domain {} (bursty, period {}) would get {:.4} of the rows from plan step {} \
-             on instead of its {:.4}: it takes a whole cycle's rows in one step, so it can \
-             have at most 1/{} of them, and less where bursty domains listed before it \
-             start their cycles in the same steps; its carried error grows every cycle, \
-             and once it passes what a resume accepts every cursor blob is refused: lower \
-             its weight or period",
-            self.domains[s.domain].name, s.period, s.got, s.step, s.share, s.period
-        ))
     }
 
     /// The validated config.
