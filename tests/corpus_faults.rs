@@ -396,3 +396,37 @@ fn a_group_sidecar_claiming_a_huge_header_is_refused_before_allocating_it() {
         "{err}"
     );
 }
+
+/// A group sidecar whose `.npy` header gives a shape of several dimensions whose product
+/// overflows 64 bits is refused as not one-dimensional, naming the file and the shape.
+/// npyz multiplies the dimensions while it parses the header, which panicked in builds
+/// with overflow checks (tests, debug) before the shape was looked at.
+#[test]
+fn a_group_sidecar_whose_shape_overflows_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("g");
+    let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
+    w.add_document_bytes(&u16_bytes(&[1, 2, 3])).unwrap();
+    w.finish().unwrap();
+    let side = dir.path().join("g.groups.npy");
+    let mut text =
+        b"{'descr': '<u8', 'fortran_order': False, 'shape': (4294967296, 4294967296), }".to_vec();
+    while (10 + text.len() + 1) % 64 != 0 {
+        text.push(b' ');
+    }
+    text.push(b'\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(text.len() as u16).to_le_bytes());
+    npy.extend_from_slice(&text);
+    npy.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&side, &npy).unwrap();
+    let e = millrace::corpus::Groups::open(&side, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&side.display().to_string())
+            && e.contains("expected one dimension")
+            && e.contains("4294967296, 4294967296"),
+        "{e}"
+    );
+}

@@ -62,6 +62,16 @@ impl NpyPreamble {
             .checked_add(usize::try_from(self.header_len?).ok()?)?;
         bytes.get(self.text_at..end)
     }
+
+    /// What the header text's `'shape'` tuple holds between its parentheses, when the
+    /// text is whole and has one.
+    pub(crate) fn shape<'a>(&self, bytes: &'a [u8]) -> Option<&'a str> {
+        let text = std::str::from_utf8(self.text(bytes)?).ok()?;
+        let after = &text[text.find("'shape'")? + "'shape'".len()..];
+        let open = after.find('(')?;
+        let close = open + after[open..].find(')')?;
+        Some(&after[open + 1..close])
+    }
 }
 
 /// A maximal run of documents sharing one group id.
@@ -104,6 +114,16 @@ impl Groups {
                      from byte {}, past the end of the {}-byte file",
                     pre.text_at,
                     bytes.len()
+                )));
+            }
+        }
+        // npyz multiplies the dimensions while it parses the header, which overflows (a
+        // panic where overflow checks are on) for a shape like (2^32, 2^32): a shape of
+        // more than one dimension is refused from the text first.
+        if let Some(shape) = NpyPreamble::of(bytes).and_then(|pre| pre.shape(bytes)) {
+            if shape.split(',').filter(|d| !d.trim().is_empty()).count() != 1 {
+                return Err(bad(format!(
+                    "groups sidecar has shape ({shape}); expected one dimension"
                 )));
             }
         }
