@@ -240,6 +240,18 @@ fn bad_stage_changes_are_refused() {
         .err()
         .expect("step 0 is refused");
     assert!(e.to_string().contains("step must be in 1..="), "{e}");
+    // A step of 2^31 tokens: cu_seqlens (int32) would wrap, as for `[[plan.stage]]`.
+    let e = base
+        .with_journal(vec![base.stage_change(5, 131072, 16384, None, false)])
+        .err()
+        .expect("2^31 tokens a step are refused");
+    assert!(
+        e.to_string().starts_with(
+            "stage change at plan step 5: global_batch_rows 16384 with seq_len 131072 makes a \
+             step of 2147500032 tokens (16384 x 131073)"
+        ),
+        "{e}"
+    );
     // The window defaults to the one in force at the change's step.
     let c = base.stage_change(5, 128, 4, None, false);
     assert_eq!(c.stage.map(|s| s.window), Some(24));

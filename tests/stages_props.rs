@@ -654,6 +654,34 @@ fn stages_are_checked() {
     assert!(e.what.contains("steps must increase"), "{e}");
 }
 
+/// A step of 2^31 tokens or more (16384 rows of 131072 + 1) is refused by name, at
+/// `[plan]` and at a stage: `cu_seqlens` is int32 over a rank's step (and the flattened
+/// positions, `seq_len + 1` per row, a client derives it from), and with dp 1 a rank
+/// takes it all (its last entries would wrap negative). 16383 rows are accepted.
+#[test]
+fn a_step_of_2_31_tokens_or_more_is_refused_by_name() {
+    let a = [("a", DomainSettings::default())];
+    let stage = |rows: u32| {
+        format!(
+            "{HEAD}weights = {{ a = 1 }}\n[[stage]]\nstep = 10\nseq_len = 4096\n\
+             global_batch_rows = 64\n[[stage]]\nstep = 20\nseq_len = 131072\n\
+             global_batch_rows = {rows}\n"
+        )
+    };
+    let e = parse_plan(&stage(16384)).unwrap().validate(&a).unwrap_err();
+    assert_eq!(e.field, "plan.stage[1].global_batch_rows");
+    assert!(
+        e.what.contains("2147500032 tokens") && e.what.contains("cu_seqlens"),
+        "{e}"
+    );
+    assert!(parse_plan(&stage(16383)).unwrap().validate(&a).is_ok());
+    // 2^31 - 2^17 inputs, but 2^31 tokens with each row's label-only last one.
+    let head = "seq_len = 16383\nglobal_batch_rows = 131072\nweights = { a = 1 }\n";
+    let e = parse_plan(head).unwrap().validate(&a).unwrap_err();
+    assert_eq!(e.field, "plan.global_batch_rows");
+    assert!(e.what.contains("2147483648 tokens"), "{e}");
+}
+
 /// Per-stage upsampling for a switch: `web` (documents one by one, none of its own)
 /// repeats units over `min` tokens 3 times per epoch from the stage on; `code`
 /// (sequence groups, x2 over `min` of its own) turns it off.

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 mod stage;
-pub use stage::{Stage, StageUpsample, MAX_STAGES};
+pub use stage::{step_tokens_problem, Stage, StageUpsample, MAX_STAGES, MAX_STEP_TOKENS};
 
 /// A rejected setting: the dotted field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -142,6 +142,9 @@ fn check_stage(at: u64, st: StageChange, points: usize) -> Result<(), ChangeErro
         let what = format!("{} is outside 1..={MAX_BATCH_ROWS}", st.rows);
         return Err(bad("global_batch_rows", what));
     }
+    if let Some(why) = crate::config::plan::step_tokens_problem(st.seq_len, st.rows) {
+        return Err(bad("global_batch_rows", why));
+    }
     if !(1..=MAX_WINDOW).contains(&st.window) {
         let what = format!("{} is outside 1..={MAX_WINDOW}", st.window);
         return Err(bad("best_fit_window", what));

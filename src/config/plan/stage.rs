@@ -98,9 +98,34 @@ pub struct Stage {
 /// per domain at plan build and a few words in every cursor.
 pub const MAX_STAGES: usize = 16;
 
+/// Most tokens one step may hold (`global_batch_rows` rows of `seq_len + 1`):
+/// `cu_seqlens` is int32 over a rank's flattened step, as are the flattened positions a
+/// client derives them from (`seq_len + 1` per row), and one rank may take the whole
+/// step (dp 1), so a step of 2^31 tokens or more would wrap them.
+pub const MAX_STEP_TOKENS: u64 = i32::MAX as u64;
+
+/// Why a step of `rows` rows of `seq_len` tokens cannot be served, if it cannot: its
+/// tokens pass [`MAX_STEP_TOKENS`]. `[plan]`, `[[plan.stage]]` and a live stage change
+/// all judge their shape by it.
+pub fn step_tokens_problem(seq_len: u32, rows: u32) -> Option<String> {
+    let tokens = (seq_len as u64 + 1) * rows as u64;
+    (tokens > MAX_STEP_TOKENS).then(|| {
+        format!(
+            "{rows} with seq_len {seq_len} makes a step of {tokens} tokens ({rows} x \
+             {}), over {MAX_STEP_TOKENS}: cu_seqlens is int32 over a rank's step, and \
+             one rank may take it all (fewer rows or a shorter seq_len)",
+            seq_len as u64 + 1
+        )
+    })
+}
+
 impl PlanConfig {
-    /// Checks `[[plan.stage]]`: steps after 0 and increasing, shapes in range.
+    /// Checks `[[plan.stage]]`: steps after 0 and increasing, shapes in range; and that
+    /// no stage's step (`[plan]`'s own included) passes [`MAX_STEP_TOKENS`].
     pub(super) fn validate_stages(&self) -> Result<(), SettingError> {
+        if let Some(why) = step_tokens_problem(self.seq_len, self.global_batch_rows) {
+            return Err(bad("plan.global_batch_rows", why));
+        }
         if self.stage.len() > MAX_STAGES {
             return Err(bad(
                 "plan.stage",
@@ -136,6 +161,9 @@ impl PlanConfig {
                     format!("{field}.global_batch_rows"),
                     format!("{} is outside 1..={MAX_BATCH_ROWS}", st.global_batch_rows),
                 ));
+            }
+            if let Some(why) = step_tokens_problem(st.seq_len, st.global_batch_rows) {
+                return Err(bad(format!("{field}.global_batch_rows"), why));
             }
             if let Some(w) = st.best_fit_window.filter(|w| !(1..=MAX_WINDOW).contains(w)) {
                 return Err(bad(
