@@ -253,6 +253,31 @@ fn a_dp_size_that_does_not_divide_a_later_stage_is_refused() {
         Ok(_) => panic!("dp_size 8 was served a stage of 4 rows"),
     }
     serve.kill();
+    // `explain` refuses it too, naming the stage, instead of listing for rank 2 the
+    // rows of no rank (none: rows [1, 1) of 4) and for rank 3 row 1.
+    for step in [0, S] {
+        let out = common::bin()
+            .args(["explain", "--config"])
+            .arg(&f.config)
+            .args([
+                "--step",
+                &step.to_string(),
+                "--dp-rank",
+                "2",
+                "--dp-size",
+                "8",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "step {step}: {err}");
+        assert!(
+            err.contains(&format!(
+                "--dp-size 8 does not divide global_batch_rows 4 of the stage at plan step {S}"
+            )),
+            "{err}"
+        );
+    }
 }
 
 impl common::Control for Fixture {

@@ -220,6 +220,13 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
     within_reach("--count", args.step, args.count)?;
     let config = Config::load(&args.config)?;
     let loaded = config.load_plan()?;
+    // Refused as the daemon refuses it: before seeking, which may replay many steps,
+    // and after, as a blob's journal may add stages.
+    let divides = |plan: &Plan| match plan.dp_size_problem(args.dp_size) {
+        Some(why) => Err(anyhow!("--dp-size {why}: the daemon refuses this dp_size")),
+        None => Ok(()),
+    };
+    divides(&loaded.plan)?;
     let start = start_at(
         &config,
         &loaded.plan,
@@ -228,6 +235,7 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
         args.no_checkpoints,
     )?;
     let (plan, mut planner) = (start.plan, start.planner);
+    divides(&plan)?;
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count {
         let domains = positions(&planner);

@@ -218,6 +218,24 @@ impl Plan {
         shapes
     }
 
+    /// Why `dp_size` ranks cannot split this plan's steps, if they cannot: it does not
+    /// divide some stage's rows, so the daemon refuses it (`dp_size`) and a listing of a
+    /// rank's rows (`explain`) would show rows no rank is served, or none.
+    pub fn dp_size_problem(&self, dp_size: u32) -> Option<String> {
+        let s = self
+            .shapes
+            .iter()
+            .find(|s| dp_size == 0 || s.rows % dp_size != 0)?;
+        Some(match s.step {
+            0 => format!("{dp_size} does not divide global_batch_rows {}", s.rows),
+            step => format!(
+                "{dp_size} does not divide global_batch_rows {} of the stage at plan step \
+                 {step}",
+                s.rows
+            ),
+        })
+    }
+
     /// The stage plan step `plan_step` is in.
     pub fn stage_at(&self, plan_step: u64) -> u32 {
         (self.shapes.partition_point(|s| s.step <= plan_step) as u32).saturating_sub(1)
