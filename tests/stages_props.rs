@@ -479,13 +479,15 @@ fn a_stage_added_later_keeps_blobs_before_it() {
         }
     }
     let blob = flat.seek(13).cursor();
+    let refused = staged.restore(&blob);
     assert!(
-        matches!(
-            staged.restore(&blob),
-            Err(CursorError::History { step: 13, .. })
-        ),
+        matches!(refused, Err(CursorError::History { step: 13, .. })),
         "a stage before the blob's step was accepted"
     );
+    // The refusal names stages among what may have been edited.
+    if let Err(e) = refused {
+        assert!(e.to_string().contains("stages"), "{e}");
+    }
 }
 
 /// `millrace plan`'s figures and `explain` across a switch: each window reports its

@@ -83,8 +83,8 @@ pub enum CursorError {
         /// This plan's.
         ours: u128,
     },
-    /// The schedule, skips or reseeds before the blob's step differ from the config's.
-    #[error("cursor at step {step} was made under a different history: the schedule, skips or reseeds before step {step} (or inside a bursty cycle begun before it) changed (blob {blob:016x}, config {ours:016x}); only entries at or after step {step} (past that cycle) may be edited")]
+    /// The schedule, stages, skips or reseeds before the blob's step differ from the config's.
+    #[error("cursor at step {step} was made under a different history: the schedule, stages, skips or reseeds before step {step} (or inside a bursty cycle begun before it) changed (blob {blob:016x}, config {ours:016x}); only entries at or after step {step} (past that cycle) may be edited")]
     History {
         /// The blob's step.
         step: u64,

@@ -685,7 +685,7 @@ impl Plan {
     }
 
     /// A digest of everything that shaped steps before `plan_step` besides the static
-    /// config: schedule values, skips and reseeds. Editing the future keeps it.
+    /// config: schedule values, stages, skips and reseeds. Editing the future keeps it.
     pub fn history(&self, plan_step: u64) -> u64 {
         self.history_span(plan_step, plan_step)
     }
