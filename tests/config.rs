@@ -381,13 +381,30 @@ fn toml_errors_fit_one_line_with_their_cause() {
     );
     assert!(!e.contains('\n'), "{e:?}");
     assert!(
-        e.contains("ring_slots") && e.contains("invalid type"),
+        e.contains("ring_slots") && e.contains("invalid type") && e.contains("(line 6, column 14)"),
         "{e}"
     );
     let cfg = parse(&format!("{base}[plan]\nseq_len = \"x\"\n")).unwrap();
     let e = cfg.plan_config().unwrap_err().to_string();
     assert!(!e.contains('\n'), "{e:?}");
-    assert!(e.contains("seq_len") && e.contains("invalid type"), "{e}");
+    assert!(
+        e.contains("seq_len") && e.contains("invalid type") && e.contains("(line 6, column 11)"),
+        "{e}"
+    );
+    // `[plan]` and `[serve]` are read after the file parsed, and their mistakes still
+    // name the line: here the second of two stages.
+    let stages = "[plan]\nseq_len = 64\n[[plan.stage]]\nstep = 4\nseq_len = 128\n\
+                  global_batch_rows = 4\n[[plan.stage]]\nstep = 8\nseq_len = \"256\"\n\
+                  global_batch_rows = 4\n";
+    let e = parse(&format!("{base}{stages}"))
+        .unwrap()
+        .plan_config()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("stage.seq_len") && e.contains("(line 13, column 11)"),
+        "{e}"
+    );
 }
 
 /// Issue 14, item 3: `[plan] vocab_size` is validated, and so are the pad and eod ids

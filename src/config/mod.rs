@@ -106,6 +106,10 @@ pub struct Config {
     /// Where the config was read from, for messages.
     #[serde(skip)]
     pub source: PathBuf,
+    /// The text parsed, so that a mistake found when `[plan]` or `[serve]` is read (they
+    /// are kept as tables until then, which drops positions) can name its line.
+    #[serde(skip)]
+    text: String,
 }
 
 /// `[corpus]`.
@@ -292,6 +296,7 @@ impl Config {
         })?;
         cfg.base_dir = base_dir.to_path_buf();
         cfg.source = source.to_path_buf();
+        cfg.text = text.to_owned();
         cfg.validate()?;
         Ok(cfg)
     }
@@ -482,9 +487,15 @@ impl Config {
                 "no [plan] table (seed, seq_len, global_batch_rows, weights)",
             )
         })?;
+        /// `[plan]` alone, read from the text for the position of a mistake.
+        #[derive(Deserialize)]
+        struct PlanOnly {
+            #[allow(dead_code)]
+            plan: PlanConfig,
+        }
         let cfg = PlanConfig::from_table(&table).map_err(|e| ConfigError::Plan {
             path: self.source.clone(),
-            message: e.to_string(),
+            message: format!("{e}{}", self.position_of::<PlanOnly>()),
         })?;
         let settings: Vec<(&str, DomainSettings)> = self
             .corpus
@@ -686,20 +697,40 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> 
     items.par_iter().map(f).collect()
 }
 
+impl Config {
+    /// " (line L, column C)" where the kept text fails to read as `T`, or "" when it
+    /// reads (or the config was not parsed from text): the suffix of a mistake found in a
+    /// table read after the file was parsed.
+    pub(crate) fn position_of<T: serde::de::DeserializeOwned>(&self) -> String {
+        match toml::from_str::<T>(&self.text) {
+            Err(e) => text_position(&e, &self.text)
+                .map(|(line, column)| format!(" (line {line}, column {column})"))
+                .unwrap_or_default(),
+            Ok(_) => String::new(),
+        }
+    }
+}
+
+/// The line and column (from 1) of a TOML mistake in `text`, when the error has a span.
+fn text_position(e: &toml::de::Error, text: &str) -> Option<(usize, usize)> {
+    let span = e.span()?;
+    let before = &text.as_bytes()[..span.start.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.len()
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+        + 1;
+    Some((line, column))
+}
+
 /// toml's error as one line, "line L, column C: cause", so a log line carries the
 /// cause (toml's own rendering draws the source line and puts the cause below it).
 pub fn toml_message(e: &toml::de::Error, text: &str) -> String {
     let cause = plan::one_line(e.message());
-    match e.span() {
-        Some(span) => {
-            let before = &text.as_bytes()[..span.start.min(text.len())];
-            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-            let column = before.len()
-                - before
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(0, |i| i + 1)
-                + 1;
+    match text_position(e, text) {
+        Some((line, column)) => {
             format!("TOML parse error at line {line}, column {column}: {cause}")
         }
         None => format!("TOML parse error: {cause}"),

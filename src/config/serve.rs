@@ -335,13 +335,23 @@ impl ServeConfig {
     /// Reads `[serve]` from a config (defaults when absent); a relative socket path is
     /// resolved against the config file's directory.
     pub fn from_config(cfg: &Config) -> Result<ServeConfig, ConfigError> {
+        /// `[serve]` alone, read from the text for the position of a mistake.
+        #[derive(Deserialize)]
+        struct ServeOnly {
+            #[allow(dead_code)]
+            serve: ServeConfig,
+        }
         let table = cfg.serve.clone().unwrap_or_default();
         let mut s: ServeConfig =
             toml::Value::Table(table)
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::Parse {
                     path: cfg.source.clone(),
-                    message: format!("[serve]: {}", super::plan::one_line(&e.to_string())),
+                    message: format!(
+                        "[serve]: {}{}",
+                        super::plan::one_line(&e.to_string()),
+                        cfg.position_of::<ServeOnly>()
+                    ),
                 })?;
         let bad = |field: &str, what: &str| -> Result<ServeConfig, ConfigError> {
             Err(ConfigError::Invalid {
