@@ -231,6 +231,50 @@ fn copy_bytes_hold_every_array_of_the_slot_at_its_offset() {
     }
 }
 
+/// `consume --save-cursor` replaces the file by a rename, never rewrites it in place
+/// (a consumer killed mid-write would leave a truncated blob and lose its position): a
+/// hard link to the old file still holds the old blob whole. A resume loop reading and
+/// saving one file continues bit for bit (the steps equal a seek to them).
+#[test]
+fn consume_saves_its_cursor_by_rename_and_resumes_from_it() {
+    let f = fixture();
+    let file = f.corpus.dir.join("cursor.hex");
+    let file_arg = file.to_str().unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = consume(&f.socket, &[&["--steps", "3", "--json"], extra].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    run(&["--job", "a", "--save-cursor", file_arg]);
+    let old = std::fs::read(&file).unwrap();
+    let link = f.corpus.dir.join("cursor.old");
+    std::fs::hard_link(&file, &link).unwrap();
+    let resumed = run(&[
+        "--job",
+        "b",
+        "--cursor-file",
+        file_arg,
+        "--save-cursor",
+        file_arg,
+    ]);
+    assert_eq!(std::fs::read(&link).unwrap(), old, "rewritten in place");
+    let new = std::fs::read(&file).unwrap();
+    assert_ne!(new, old);
+    assert!(new.ends_with(b"\n") && new.len() == old.len(), "{new:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(&f.corpus.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let seek = run(&["--job", "c", "--start-step", "3"]);
+    assert_eq!(
+        (&resumed["first_step"], &resumed["last_step"]),
+        (&3.into(), &5.into())
+    );
+    assert_eq!(resumed["digest"], seek["digest"]);
+}
+
 // ---------------------------------------------------------------- with a GPU only
 
 #[cfg(feature = "cuda")]

@@ -60,7 +60,8 @@ pub struct ConsumeArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Write the last step's cursor (hex) here at the end.
+    /// Write the last step's cursor (hex) here at the end, through a temporary file
+    /// renamed over it (so it may be the --cursor-file: a kill leaves the old one whole).
     #[arg(long)]
     pub save_cursor: Option<PathBuf>,
     /// When the daemon goes away, reconnect with the last cursor for up to SECS.
@@ -234,6 +235,22 @@ pub fn read_cursor_file(path: &Path) -> anyhow::Result<String> {
     Ok(to_hex(&bytes))
 }
 
+/// Writes a cursor blob (hex and a newline) to `path` through a temporary file beside
+/// it, fsynced and renamed over it: a consumer killed mid-write (or a full disk) leaves
+/// the previous cursor whole, never a truncated one that a resume would refuse. A
+/// resume loop that reads and saves one file (`--cursor-file F --save-cursor F`) may
+/// then be killed at any moment.
+fn save_cursor_file(path: &Path, blob: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    crate::corpus::writer::write_durably(
+        path,
+        Path::new(&tmp),
+        format!("{}\n", to_hex(blob)).as_bytes(),
+    )
+    .with_context(|| format!("writing the cursor file {}", path.display()))
+}
+
 /// The socket `consume` connects to: `--socket`, else the config's, else the default.
 fn consume_socket(args: &ConsumeArgs) -> anyhow::Result<PathBuf> {
     if let Some(s) = &args.socket {
@@ -399,8 +416,7 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
         let blob = client
             .last_cursor()
             .context("no step was read, so there is no cursor to save")?;
-        std::fs::write(path, format!("{}\n", to_hex(blob)))
-            .with_context(|| format!("writing {}", path.display()))?;
+        save_cursor_file(path, blob)?;
     }
     client.bye().ok();
     Ok(s)
