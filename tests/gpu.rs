@@ -275,6 +275,36 @@ fn consume_saves_its_cursor_by_rename_and_resumes_from_it() {
     assert_eq!(resumed["digest"], seek["digest"]);
 }
 
+/// A cursor file from another plan (another seq_len over the same corpus) is refused
+/// naming the file, not only the daemon's reason: a job resuming many ranks from many
+/// files must know which one is wrong.
+#[test]
+fn consume_names_the_cursor_file_the_daemon_refuses() {
+    let f = fixture();
+    let file = f.corpus.dir.join("cursor.hex");
+    let file_arg = file.to_str().unwrap();
+    let out = consume(&f.socket, &["--steps", "2", "--save-cursor", file_arg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let other_socket = f.corpus.dir.join("other.sock");
+    let other = common::write_config(
+        &f.corpus.dir,
+        "other.toml",
+        SEQ_LEN / 2,
+        ROWS,
+        &[&common::serve_toml(&other_socket, 4, 1)],
+    );
+    let _serve = Serve::start(&other, &other_socket, &f.corpus.dir.join("other.log"));
+    let out = consume(&other_socket, &["--steps", "1", "--cursor-file", file_arg]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!("error: --cursor-file {file_arg}: "))
+            && err.contains("(cursor)")
+            && err.contains("another corpus or plan"),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------- with a GPU only
 
 #[cfg(feature = "cuda")]

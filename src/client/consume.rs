@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::gpu::{Device, DeviceFigures, DeviceSink, Gpu};
-use super::{from_hex, monotonic_ns, to_hex, Client, Hello, SlotLayout};
+use super::{from_hex, monotonic_ns, to_hex, Client, ClientError, Hello, SlotLayout};
 
 /// Arguments of `millrace consume`.
 #[derive(clap::Args, Debug, Clone)]
@@ -300,7 +300,15 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
         }
         _ => Duration::from_secs(365 * 24 * 3600),
     };
-    let mut client = Client::connect_within(&socket, &hello, handshake)?;
+    let mut client = Client::connect_within(&socket, &hello, handshake).map_err(|e| {
+        // The daemon judges the blob, not the file: name the file it came from.
+        match (&e, &args.cursor_file) {
+            (ClientError::Refused { code, .. }, Some(f)) if code == "cursor" => {
+                anyhow::Error::new(e).context(format!("--cursor-file {}", f.display()))
+            }
+            _ => e.into(),
+        }
+    })?;
     client.set_hold(args.hold);
     // Copies in flight: the held steps and the newest; each slot stays unreleased until
     // its copy completed.
