@@ -540,9 +540,19 @@ impl Client {
             Arrays::Expanded { cu_seqlens, .. } => cu_seqlens.len,
             Arrays::Compact { .. } => l.rows * l.seq_len + 1,
         };
-        if cu_len == 0 || cu_len > cu_cap {
+        // Every row ends with an entry of its own, so a slot of `rows` rows has at least
+        // `rows + 1`; and `max_seqlen` goes to flash attention as is, so a span no row can
+        // hold (or 0) is refused here, as the Python client does, not handed on.
+        if cu_len <= rows || cu_len > cu_cap {
             return Err(ClientError::Ring(format!(
-                "step {step}: cu_len {cu_len} outside 1..={cu_cap}"
+                "step {step}: cu_len {cu_len} outside {}..={cu_cap} ({rows} rows of {seq_len})",
+                rows + 1
+            )));
+        }
+        let max_seqlen = r.u32_at(base + slot_at::MAX_SEQLEN);
+        if max_seqlen == 0 || max_seqlen as usize > seq_len {
+            return Err(ClientError::Ring(format!(
+                "step {step}: max_seqlen {max_seqlen} is not in 1..={seq_len} (seq_len)"
             )));
         }
         let cursor_len = r.u32_at(base + slot_at::CURSOR_LEN) as usize;
@@ -572,7 +582,7 @@ impl Client {
             rows: rows as u32,
             seq_len: seq_len as u32,
             cu_len: cu_len as u32,
-            max_seqlen: r.u32_at(base + slot_at::MAX_SEQLEN),
+            max_seqlen,
             loss_tokens: r.u64_at(base + slot_at::LOSS_TOKENS),
             real_tokens: r.u64_at(base + slot_at::REAL_TOKENS),
             publish_ns,

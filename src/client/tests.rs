@@ -223,6 +223,7 @@ fn ring(step: u64, published: u64) -> Vec<u8> {
     put_u32(slot, slot_at::ROWS, 2);
     put_u32(slot, slot_at::SEQ_LEN, 8);
     put_u32(slot, slot_at::CU_LEN, 3);
+    put_u32(slot, slot_at::MAX_SEQLEN, 8);
     put_u32(slot, slot_at::CURSOR_LEN, 4);
     for (i, o) in OFFSETS.iter().enumerate() {
         put_u64(slot, slot_at::FIELD_OFFSETS + 8 * i, *o);
@@ -288,7 +289,7 @@ fn reads_a_well_formed_slot_and_times_out_waiting_for_the_next() {
     let mut c = connect_fake(welcome_with(ring(0, 1), 3 * 4096, |_| {})).unwrap();
     c.set_timeout(Some(Duration::from_millis(50)));
     let b = c.next_batch().unwrap();
-    assert_eq!(b.step, 0);
+    assert_eq!((b.step, b.cu_len, b.max_seqlen), (0, 3, 8));
     let e = b.expanded();
     assert_eq!((e.tokens[0], e.tokens[15]), (100, 115));
     assert_eq!(e.cu_seqlens, [0, 8, 16]);
@@ -328,6 +329,22 @@ fn malformed_rings_are_errors_not_faults() {
     put_u32(&mut big_cu[4096..], slot_at::CU_LEN, 1000);
     let r = connect_fake(welcome_with(big_cu, 3 * 4096, |_| {}));
     assert!(matches!(r.unwrap().next_batch(), Err(ClientError::Ring(_))));
+    // Header counts no slot of its shape can have: a cu_len that leaves a row without its
+    // end entry, a max_seqlen (flash attention's, taken as is) of 0 or past seq_len.
+    for (at, v, field) in [
+        (slot_at::CU_LEN, 2, "cu_len 2 outside 3..=17"),
+        (slot_at::MAX_SEQLEN, 0, "max_seqlen 0 is not in 1..=8"),
+        (slot_at::MAX_SEQLEN, 9, "max_seqlen 9 is not in 1..=8"),
+    ] {
+        let mut bad = ring(0, 1);
+        put_u32(&mut bad[4096..], at, v);
+        let r = connect_fake(welcome_with(bad, 3 * 4096, |_| {}));
+        let e = r.unwrap().next_batch().err();
+        assert!(
+            matches!(&e, Some(ClientError::Ring(m)) if m.contains(field)),
+            "{field}: {e:?}"
+        );
+    }
     let mut big_cursor = ring(0, 1);
     put_u32(&mut big_cursor[4096..], slot_at::CURSOR_LEN, u32::MAX);
     let r = connect_fake(welcome_with(big_cursor, 3 * 4096, |_| {}));
