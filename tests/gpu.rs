@@ -305,6 +305,31 @@ fn consume_names_the_cursor_file_the_daemon_refuses() {
     );
 }
 
+/// A `--cursor-file` longer than any HELLO can carry (a wrong path: a shard, a device
+/// such as `/dev/zero`, which was read until memory ran out) is refused naming the file,
+/// before anything connects.
+#[test]
+fn consume_refuses_a_cursor_file_no_blob_can_fill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = tmp.path().join("shard.bin");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(millrace::client::MAX_JSON_FRAME_LEN as u64 + 1)
+        .unwrap();
+    for path in [big.as_path(), Path::new("/dev/zero")] {
+        let out = consume(
+            Path::new("/nonexistent/s.sock"),
+            &["--cursor-file", path.to_str().unwrap()],
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("cursor file {} holds more than", path.display()))
+                && err.contains("not a cursor blob"),
+            "{err}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- with a GPU only
 
 #[cfg(feature = "cuda")]

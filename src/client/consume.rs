@@ -222,10 +222,23 @@ pub struct ConsumeSummary {
 /// CPU time (user + system) of this process so far, in seconds.
 pub use crate::sys::process_cpu_seconds;
 
-/// Reads a cursor file: hex text, or the raw blob.
+/// Reads a cursor file: hex text, or the raw blob. At most [`super::MAX_JSON_FRAME_LEN`]
+/// bytes are read (no HELLO can carry a longer blob, as hex or raw): a wrong path (a
+/// shard, `/dev/zero`) is refused naming the file, not read until memory runs out.
 pub fn read_cursor_file(path: &Path) -> anyhow::Result<String> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading cursor file {}", path.display()))?;
+    use std::io::Read as _;
+    let limit = super::MAX_JSON_FRAME_LEN as u64;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("reading cursor file {}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        anyhow::bail!(
+            "cursor file {} holds more than {limit} bytes: not a cursor blob (hex, as \
+             --save-cursor writes it, or raw)",
+            path.display()
+        );
+    }
     if let Ok(text) = std::str::from_utf8(&bytes) {
         let t = text.trim();
         if !t.is_empty() && from_hex(t).is_some() {
