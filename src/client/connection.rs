@@ -13,7 +13,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use super::batch::{BatchView, SlotArrays};
 use super::layout::{check_ring_header, Arrays, Field, Layout, RingView, SlotShape};
 use super::{
-    frame, io_err, monotonic_ns, to_hex, ClientError, Hello, Welcome, HANDSHAKE_TIMEOUT,
+    frame, io_err, monotonic_ns, to_hex, ClientError, Hello, Welcome, HANDSHAKE_TIMEOUT, PROTOCOL,
     SLOT_HEADER_BYTES,
 };
 use crate::corpus::Tokens;
@@ -246,6 +246,19 @@ impl Client {
                 return Err(ClientError::Protocol(format!(
                     "expected WELCOME, REFUSED or ERROR, got frame type {k}"
                 )))
+            }
+        }
+        // The version first: a daemon of another protocol may lay WELCOME out otherwise,
+        // and "protocol 1 (this client speaks 2)" is the fault, not a field it lacks.
+        #[derive(serde::Deserialize)]
+        struct Version {
+            protocol: u32,
+        }
+        if let Ok(Version { protocol }) = serde_json::from_slice::<Version>(&payload) {
+            if protocol != PROTOCOL {
+                return Err(ClientError::Protocol(format!(
+                    "WELCOME: protocol {protocol} (this client speaks {PROTOCOL})"
+                )));
             }
         }
         let welcome: Welcome = serde_json::from_slice(&payload)

@@ -376,6 +376,17 @@ fn malformed_frames_are_errors() {
     assert!(matches!(r, Err(ClientError::Protocol(_))));
     let r = connect_fake(|s| s.write_all(&encode(frame::WELCOME, b"not json")).unwrap());
     assert!(matches!(r, Err(ClientError::Protocol(_))));
+    // A WELCOME of another protocol, laid out otherwise (protocol 1 had no
+    // `slot_layout`): the version is the error, not the field it lacks.
+    let r = connect_fake(|s| {
+        let mut w = serde_json::to_value(welcome()).unwrap();
+        w["protocol"] = 1.into();
+        w.as_object_mut().unwrap().remove("slot_layout");
+        let w = serde_json::to_vec(&w).unwrap();
+        s.write_all(&encode(frame::WELCOME, &w)).unwrap()
+    });
+    let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("protocol 1 (this client speaks 2)"), "{e}");
     let r = connect_fake(|s| s.write_all(&encode(9, b"")).unwrap());
     assert!(matches!(r, Err(ClientError::Protocol(_))));
     // WELCOME without its fds.
