@@ -487,3 +487,120 @@ fn a_slow_welcome_waits_as_long_as_the_handshake_given() {
     assert!(r.is_err(), "no WELCOME came");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+/// The expanded arrays of rows given as document pieces, built the way the daemon fills
+/// an expanded slot (src/serve/fill/mod.rs `fill_typed`), independently of
+/// `derive.rs`: per row its tokens `t` (`t.len()` real, at most `seq_len + 1`) and the
+/// piece lengths that make them up. Returns the arrays, `cu_len`, `max_seqlen` and each
+/// row's `(end entry, longest piece)`.
+fn expanded_like_the_daemon(
+    rows: &[(Vec<i64>, Vec<usize>)],
+    l: usize,
+    pad: i64,
+) -> (derive::Expanded, usize, i32, Vec<(i32, i32)>) {
+    let n = rows.len() * l;
+    let mut e = derive::Expanded {
+        tokens: vec![pad; n],
+        labels: vec![pad; n],
+        loss_mask: vec![0; n],
+        position_ids: vec![0; n],
+        cu_seqlens: vec![0],
+    };
+    let (mut max_seqlen, mut bounds) = (0usize, Vec::new());
+    for (r, (t, pieces)) in rows.iter().enumerate() {
+        let base = r * l;
+        let (mut p, mut longest) = (0usize, 0usize);
+        for &n in pieces {
+            let end = (p + n).min(l);
+            if end > p {
+                e.tokens[base + p..base + end].copy_from_slice(&t[p..end]);
+                for (k, v) in e.position_ids[base + p..base + end].iter_mut().enumerate() {
+                    *v = k as i32;
+                }
+            }
+            // Label position i holds t[i + 1]: from the input before the piece (the
+            // previous piece's last input predicts this piece's first token).
+            let (a, b) = (p.saturating_sub(1), (p + n - 1).min(l));
+            if b > a {
+                e.labels[base + a..base + b].copy_from_slice(&t[a + 1..b + 1]);
+            }
+            if end > p {
+                for i in p..(p + n - 1).min(l) {
+                    e.loss_mask[base + i] = 1;
+                }
+                e.cu_seqlens.push((base + end) as i32);
+                longest = longest.max(end - p);
+            }
+            p += n;
+        }
+        if p < l {
+            for i in p..l {
+                e.position_ids[base + i] = (i - p) as i32;
+            }
+            e.cu_seqlens.push((base + l) as i32);
+            longest = longest.max(l - p);
+        }
+        max_seqlen = max_seqlen.max(longest);
+        bounds.push((e.cu_seqlens.len() as i32 - 1, longest as i32));
+    }
+    let cu_len = e.cu_seqlens.len();
+    (e, cu_len, max_seqlen as i32, bounds)
+}
+
+proptest::proptest! {
+    /// `derive::from_compact` gives exactly the expanded arrays the daemon writes for the
+    /// same rows, on random rows of pieces: one-token pieces, a piece starting at the
+    /// label-only position, rows cut mid-piece, pad-only rows and padding of one token.
+    /// The derived `cu_seqlens` have the header's `cu_len` entries, their longest span is
+    /// its `max_seqlen`, and each row's `row_bounds` slice them.
+    #[test]
+    fn compact_rows_derive_what_the_daemon_expands(
+        l in 1usize..20,
+        shapes in proptest::collection::vec(
+            (proptest::collection::vec(1usize..12, 0..6), 0usize..3), 1..5),
+        seed in 0u64..1000,
+    ) {
+        let (w, pad) = (l + 1, 0i64);
+        let sb = w.div_ceil(8);
+        let mut next = seed;
+        let mut id = || { next = next.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); 1 + (next >> 40) as i64 % 50_000 };
+        let mut rows = Vec::new();
+        for (lens, short) in &shapes {
+            // Pieces until the row is full; the last one cut to fit (as the packer cuts),
+            // and `short` tokens left as padding when the pieces would fill the row.
+            let room = w - short.min(&w);
+            let (mut pieces, mut p) = (Vec::new(), 0usize);
+            for &n in lens {
+                if p >= room { break; }
+                let n = n.min(room - p);
+                pieces.push(n);
+                p += n;
+            }
+            let t: Vec<i64> = (0..p).map(|_| id()).collect();
+            rows.push((t, pieces));
+        }
+        let (want, cu_len, max_seqlen, bounds) = expanded_like_the_daemon(&rows, l, pad);
+        // The compact slot of the same rows.
+        let mut ids = vec![pad as i32; rows.len() * w];
+        let mut starts = vec![0u8; rows.len() * sb];
+        let mut real = Vec::new();
+        for (r, (t, pieces)) in rows.iter().enumerate() {
+            for (j, &v) in t.iter().enumerate() {
+                ids[r * w + j] = v as i32;
+            }
+            let mut p = 0;
+            for &n in pieces {
+                starts[r * sb + p / 8] |= 1 << (p % 8);
+                p += n;
+            }
+            real.push(p as i32);
+        }
+        let got = derive::from_compact(Tokens::Int32(&ids), &starts, &real, rows.len(), l);
+        proptest::prop_assert_eq!(&got, &want);
+        proptest::prop_assert_eq!(got.cu_seqlens.len(), cu_len);
+        let spans = got.cu_seqlens.windows(2).map(|p| p[1] - p[0]);
+        proptest::prop_assert_eq!(spans.max(), Some(max_seqlen));
+        let flat: Vec<i32> = bounds.iter().flat_map(|&(e, m)| [e, m]).collect();
+        proptest::prop_assert!(super::connection::checked_bounds(&flat, cu_len, l, 0).is_ok());
+    }
+}
