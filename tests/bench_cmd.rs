@@ -84,3 +84,28 @@ fn bench_reports_every_section() {
         }
     }
 }
+
+/// Counts of 0 that a later stage of the bench would trip on are refused at once, naming
+/// the flag, before a corpus is written: `--steps 0` used to write the corpus, measure
+/// the references and fail in the cold run as "consumer 0 failed: no step was read".
+#[test]
+fn bench_refuses_zero_counts_before_writing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("corpus");
+    for flag in [
+        "--steps",
+        "--baseline-steps",
+        "--gpu-steps",
+        "--fairness-ranks",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_millrace"))
+            .args(["bench", "--tokens", "1e6", "--quiet", flag, "0", "--dir"])
+            .arg(&dir)
+            .output()
+            .expect("the millrace binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        assert_eq!(err, format!("error: {flag} 0: must be at least 1\n"));
+        assert!(!dir.exists(), "{flag}: a corpus was written");
+    }
+}

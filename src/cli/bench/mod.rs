@@ -184,6 +184,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.consumers == 0 || args.rows == 0 || args.seq_len == 0 || args.threads.is_empty() {
         bail!("--consumers, --rows, --seq-len and --threads must be positive");
     }
+    // Counts that only a later stage reads: refused here, not after the corpus, the
+    // references and the streaming runs (`--steps 0` failed as "consumer 0 failed: no
+    // step was read", `--gpu-steps 0` reported the whole process's CPU as per step).
+    let fairness_ranks = match args.fairness_seconds > 0.0 {
+        true => Some(u64::from(args.fairness_ranks)),
+        false => None,
+    };
+    for (flag, v) in [
+        ("--steps", args.steps),
+        ("--baseline-steps", args.baseline_steps),
+        ("--gpu-steps", Some(args.gpu_steps)),
+        ("--fairness-ranks", fairness_ranks),
+    ] {
+        if v == Some(0) {
+            bail!("{flag} 0: must be at least 1");
+        }
+    }
     if args.core_round_trip {
         println!("{}", report::rtt(machine::core_round_trip_ns()));
         return Ok(());
