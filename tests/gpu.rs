@@ -330,6 +330,59 @@ fn consume_refuses_a_cursor_file_no_blob_can_fill() {
     }
 }
 
+/// A client holding `slots - 1` batches (a GPU consumer's copies in flight) that
+/// reconnects to a daemon restarted with fewer `ring_slots` holds at most the new ring's
+/// `slots - 1`: it kept its old hold, never released a slot the daemon needed, and
+/// waited until its timeout (`consume --hold 3` then failed "step N was not published").
+#[test]
+fn a_reconnect_to_a_ring_of_fewer_slots_lowers_the_hold() {
+    let corpus = common::corpus(400_000, 2, 7, 200_000);
+    let socket = corpus.dir.join("s.sock");
+    let config = |name: &str, slots: u64| {
+        common::write_config(
+            &corpus.dir,
+            name,
+            SEQ_LEN,
+            ROWS,
+            &[&common::serve_toml(&socket, slots, 1)],
+        )
+    };
+    let (four, two) = (config("four.toml", 4), config("two.toml", 2));
+    let serve = Serve::start(&four, &socket, &corpus.dir.join("four.log"));
+    let mut c = Client::connect(&socket, &Hello::whole_slice(0, 1)).unwrap();
+    c.set_hold(3);
+    c.set_timeout(Some(std::time::Duration::from_secs(5)));
+    for _ in 0..5 {
+        c.next_batch().unwrap();
+    }
+    assert_eq!(c.hold(), 3);
+    drop(serve); // killed
+    let _serve = Serve::start(&two, &socket, &corpus.dir.join("two.log"));
+    // The old ring's published steps may still be read; then the socket's close.
+    let mut next = 5;
+    loop {
+        match c.next_batch() {
+            Ok(b) if next < 9 => {
+                assert_eq!(b.step, next);
+                next += 1;
+            }
+            Ok(b) => panic!("step {} read from a ring of 4 slots holding 3", b.step),
+            Err(e) => {
+                assert!(e.is_transient(), "{e}");
+                break;
+            }
+        }
+    }
+    c.reconnect(std::time::Duration::from_secs(30)).unwrap();
+    assert_eq!((c.welcome().slots, c.hold()), (2, 1));
+    for step in next..next + 10 {
+        let b = c
+            .next_batch()
+            .unwrap_or_else(|e| panic!("step {step}: {e}"));
+        assert_eq!(b.step, step);
+    }
+}
+
 // ---------------------------------------------------------------- with a GPU only
 
 #[cfg(feature = "cuda")]

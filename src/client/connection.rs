@@ -359,6 +359,13 @@ impl Client {
         self.hold = n.min(self.layout.slots.saturating_sub(1));
     }
 
+    /// The batches [`Client::next_batch`] keeps unreleased: [`Client::set_hold`]'s value,
+    /// at most `slots - 1` of the ring (a reconnect to a ring of fewer slots lowers it),
+    /// so a caller whose copies read held slots knows how many may stay in flight.
+    pub fn hold(&self) -> u64 {
+        self.hold
+    }
+
     /// How long [`Client::next_batch`] may wait for one batch (`None`: forever).
     pub fn set_timeout(&mut self, t: Option<Duration>) {
         self.timeout = t;
@@ -669,7 +676,9 @@ impl Client {
                 fresh.welcome.start_step, self.consumed
             )));
         }
-        fresh.hold = self.hold;
+        // Clamped again: a daemon restarted with fewer `ring_slots` would otherwise never
+        // get a slot back while this client holds as many as it has (a hang).
+        fresh.set_hold(self.hold);
         fresh.timeout = self.timeout;
         fresh.handshake = self.handshake;
         fresh.last_step = self.last_step;

@@ -325,9 +325,7 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
     client.set_hold(args.hold);
     // Copies in flight: the held steps and the newest; each slot stays unreleased until
     // its copy completed.
-    let keep = args
-        .hold
-        .min(u64::from(client.welcome().slots).saturating_sub(1)) as usize;
+    let mut keep = client.hold() as usize;
     let mut sink = match gpu {
         Some(gpu) => Some(
             DeviceSink::new(gpu, &client, keep + 1, args.verify_device)
@@ -365,6 +363,9 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
                 if let Some(sink) = &mut sink {
                     sink.register(&client).context("registering the new ring")?;
                 }
+                // A ring of fewer slots lowers the hold: no more copies than it may stay
+                // in flight, or a slot would be released under its DMA.
+                keep = client.hold() as usize;
                 s.reconnects += 1;
                 continue;
             }
