@@ -302,7 +302,8 @@ pub(super) struct RingView(Shm);
 
 impl RingView {
     /// Maps `len` bytes of the ring after checking the memfd really holds them (a
-    /// mapping longer than the file faults when touched).
+    /// mapping longer than the file faults when touched) and is sealed against
+    /// shrinking (so it keeps holding them).
     pub(super) fn map(fd: &OwnedFd, len: usize) -> Result<RingView, ClientError> {
         let size = rustix::fs::fstat(fd)
             .map_err(|e| io_err("fstat of the ring fd")(e.into()))?
@@ -314,6 +315,17 @@ impl RingView {
         }
         if len == 0 {
             return Err(ClientError::Ring("ring_bytes is 0".into()));
+        }
+        // The size checked above holds only while nobody can shrink the memfd: a ring cut
+        // under the mapping raises SIGBUS in this process at the next read of a slot.
+        // The daemon seals it (PROTOCOL.md section 3); a ring without that seal is
+        // refused here rather than trusted.
+        let seals = rustix::fs::fcntl_get_seals(fd).unwrap_or(rustix::fs::SealFlags::empty());
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(ClientError::Ring(format!(
+                "the ring memfd is not sealed against shrinking (F_SEAL_SHRINK; seals {seals:?}): \
+                 it could be cut under this client's mapping"
+            )));
         }
         let shm = Shm::read_only(fd, len).map_err(io_err("mmap of the ring"))?;
         Ok(RingView(shm))

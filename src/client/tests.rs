@@ -199,9 +199,19 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A memfd holding `ring`, sized `len`.
+/// A memfd holding `ring`, sized `len`, sealed against resizing as the daemon's rings are.
 fn memfd(ring: &[u8], len: usize) -> OwnedFd {
-    let fd = rustix::fs::memfd_create(c"test-ring", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    let fd = unsealed_memfd(ring, len);
+    let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
+    rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
+    fd
+}
+
+/// [`memfd`] without the seals: one that can be cut under a client's mapping.
+fn unsealed_memfd(ring: &[u8], len: usize) -> OwnedFd {
+    use rustix::fs::MemfdFlags;
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    let fd = rustix::fs::memfd_create(c"test-ring", flags).unwrap();
     let mut f = std::fs::File::from(fd);
     f.write_all(ring).unwrap();
     f.set_len(len as u64).unwrap();
@@ -319,6 +329,18 @@ fn malformed_rings_are_errors_not_faults() {
         w.ring_bytes = 1 << 40
     }));
     assert!(matches!(r, Err(ClientError::Ring(_))));
+
+    // A ring the daemon could shrink under the mapping (a SIGBUS at the next read of a
+    // slot): refused when connecting, not trusted.
+    let r = connect_fake(|s| {
+        let fd = unsealed_memfd(&ring(0, 1), 3 * 4096);
+        let ev = EventFd::new().unwrap();
+        let payload = serde_json::to_vec(&welcome()).unwrap();
+        let bytes = encode(frame::WELCOME, &payload);
+        send_fds(&*s, &bytes, &[fd.as_fd(), ev.as_fd()]).unwrap();
+    });
+    let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("not sealed against shrinking"), "{e}");
 
     let wrong_step = connect_fake(welcome_with(ring(7, 1), 3 * 4096, |_| {}));
     assert!(matches!(
