@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
+use rustix::fs::SealFlags;
 
 use super::batch::{BatchView, SlotArrays};
 use super::layout::{check_ring_header, Arrays, Field, Layout, RingView, SlotShape};
@@ -276,6 +277,15 @@ impl Client {
         let page = match welcome.release_page {
             true => {
                 let fd = fds.pop().ok_or(ClientError::Disconnected)?;
+                // Like the ring (`RingView::map`): a page that could be cut under the
+                // mapping would raise SIGBUS at this client's next release.
+                let seals = rustix::fs::fcntl_get_seals(&fd).unwrap_or(SealFlags::empty());
+                if !seals.contains(SealFlags::SHRINK) {
+                    return Err(ClientError::Protocol(format!(
+                        "the release page memfd is not sealed against shrinking \
+                         (F_SEAL_SHRINK; seals {seals:?})"
+                    )));
+                }
                 Some(ReleasePage::map(&fd).map_err(io_err("mapping the release page"))?)
             }
             false => None,

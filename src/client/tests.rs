@@ -341,6 +341,18 @@ fn malformed_rings_are_errors_not_faults() {
     });
     let e = r.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("not sealed against shrinking"), "{e}");
+    // The same for a release page (the client stores its releases there).
+    let r = connect_fake(|s| {
+        let fd = memfd(&ring(0, 1), 3 * 4096);
+        let ev = EventFd::new().unwrap();
+        let page = unsealed_memfd(&[0; 4096], 4096);
+        let mut w = welcome();
+        w.release_page = true;
+        let bytes = encode(frame::WELCOME, &serde_json::to_vec(&w).unwrap());
+        send_fds(&*s, &bytes, &[fd.as_fd(), ev.as_fd(), page.as_fd()]).unwrap();
+    });
+    let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("release page memfd is not sealed"), "{e}");
 
     let wrong_step = connect_fake(welcome_with(ring(7, 1), 3 * 4096, |_| {}));
     assert!(matches!(
