@@ -32,6 +32,9 @@ fn send_frame(sock: &mut UnixStream, kind: u8, payload: &[u8]) -> Result<(), Cli
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
             ClientError::Disconnected
         }
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::Timeout(
+            format!("sending frame type {kind}: the daemon does not read its socket"),
+        ),
         _ => ClientError::Io {
             what: "sending a frame",
             source: e,
@@ -216,7 +219,11 @@ impl Client {
             path: path.clone(),
             error,
         })?;
-        sock.set_read_timeout(Some(handshake.max(Duration::from_millis(1))))
+        // Both ways: a HELLO larger than the socket's buffer (a long cursor blob) blocks
+        // its write until the daemon reads it, which a stopped daemon never does.
+        let limit = Some(handshake.max(Duration::from_millis(1)));
+        sock.set_read_timeout(limit)
+            .and_then(|()| sock.set_write_timeout(limit))
             .map_err(io_err("setting the socket timeout"))?;
         // This client reads each slot at its stage's layout (`Layout::at`), so it may
         // be served a plan with stages.
@@ -296,7 +303,9 @@ impl Client {
         let ring = RingView::map(&ring_fd, layout.ring_bytes)?;
         drop(ring_fd); // the mapping keeps the memfd alive
         check_ring_header(&ring, &layout)?;
-        sock.set_read_timeout(Some(Duration::from_secs(5)))
+        let limit = Some(Duration::from_secs(5));
+        sock.set_read_timeout(limit)
+            .and_then(|()| sock.set_write_timeout(limit))
             .map_err(io_err("setting the socket timeout"))?;
         let start = welcome.start_step;
         // A slot's arrays lie between its header and its end, whatever its stage (one

@@ -638,3 +638,34 @@ proptest::proptest! {
         proptest::prop_assert!(super::connection::checked_bounds(&flat, cu_len, l, 0).is_ok());
     }
 }
+
+/// A daemon that takes the connection and never reads it (stopped, or stuck) holds a
+/// client whose HELLO is larger than the socket's buffer (a cursor blob of thousands of
+/// domains) for the handshake it was given, not forever: the HELLO's write is bounded
+/// like WELCOME's read.
+#[test]
+fn a_daemon_that_never_reads_the_hello_holds_the_client_for_the_handshake_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deaf.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (_s, _) = listener.accept().unwrap();
+        // Holds the connection unread until the test ends.
+        let _ = done_rx.recv();
+    });
+    let mut hello = Hello::new(0, 1, 2, 1);
+    hello.cursor = Some("00".repeat(4 << 20));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = Client::connect_within(&path, &hello, Duration::from_millis(300));
+        let _ = tx.send(r.err().map(|e| e.to_string()));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    let _ = done_tx.send(());
+    let e = got.expect("connect_within still blocked 20 s after a 300 ms handshake");
+    assert!(
+        e.as_deref().is_some_and(|m| m.contains("timed out")),
+        "{e:?}"
+    );
+}
