@@ -189,7 +189,9 @@ pub struct ConsumeSummary {
     pub real_tokens: u64,
     /// Loss tokens.
     pub loss_tokens: u64,
-    /// Bytes of tokens + labels + loss_mask + position_ids received.
+    /// Bytes of the arrays a trainer copies, received ([`crate::client::BatchView::payload_bytes`]):
+    /// tokens, labels, loss_mask and position_ids of expanded slots; rows, doc_starts
+    /// and row_real_tokens of compact ones (the default).
     pub payload_bytes: u64,
     /// Seconds from the first batch to the last.
     pub seconds: f64,
