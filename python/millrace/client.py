@@ -47,6 +47,7 @@ connection. Create a new client in the child.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -723,6 +724,7 @@ class _Conn:
         size = os.fstat(page_fd).st_size
         if size < _PAGE_BYTES:
             raise ProtocolError(f"release page memfd has {size} bytes, expected {_PAGE_BYTES}")
+        _require_sealed(page_fd, "release page")
         pm = mmap.mmap(page_fd, _PAGE_BYTES, flags=mmap.MAP_SHARED,
                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.page = np.frombuffer(pm, dtype="<u8")
@@ -787,6 +789,20 @@ class _Stage:
         _field_view(mm, slot_base[0], "cursor", cur, slot_bytes, source)
         self.cursor_off = int(cur["offset"])
         self.cursor_cap = int(cur["shape"][0])
+
+
+def _require_sealed(fd: int, what: str) -> None:
+    """Refuses a memfd that can still shrink: its size is checked once, at mapping, and a
+    file cut under the mapping raises SIGBUS in this process at the next read. The
+    daemon seals its rings and release pages (PROTOCOL.md section 3)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ProtocolError(f"the {what} memfd is not sealed against shrinking "
+                            f"(F_SEAL_SHRINK; seals {seals:#x}): it could be cut under "
+                            f"this client's mapping")
 
 
 def _field_view(mm, base, name, spec, slot_bytes, source="WELCOME") -> np.ndarray:
@@ -1181,6 +1197,7 @@ class Client:
             size = os.fstat(ring_fd).st_size
             if size < ring_bytes:
                 raise ProtocolError(f"ring memfd has {size} bytes, WELCOME says {ring_bytes}")
+            _require_sealed(ring_fd, "ring")
             mm = mmap.mmap(ring_fd, ring_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except (TypeError, ValueError) as e:
             raise ProtocolError(f"WELCOME is malformed: {e}") from e

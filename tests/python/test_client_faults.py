@@ -30,7 +30,7 @@ except ImportError:  # not pip-installed: use the source tree
     sys.path.insert(0, import_path_for_package())
     import millrace as mr
 
-from millrace.client import _field_view  # noqa: E402
+from millrace.client import _field_view, _require_sealed  # noqa: E402
 
 # Offsets in a slot header (docs/PROTOCOL.md section 4): step, plan_step, rows, seq_len,
 # cu_len, max_seqlen, ...
@@ -224,6 +224,33 @@ def test_field_shapes_that_overflow_int64_are_protocol_errors():
         with pytest.raises(mr.ProtocolError):
             _field_view(mm, 0, "rows", {"dtype": "int32", "shape": shape, "offset": 256},
                         4096)
+
+
+def test_a_memfd_that_can_shrink_is_refused():
+    """The client checks a ring's and a release page's size once, when it maps them; a
+    memfd cut after that raises SIGBUS in the trainer at its next read. So a memfd
+    without F_SEAL_SHRINK is refused, naming the seal (the daemon seals both; every
+    test that streams from a real daemon passes this check)."""
+    import fcntl
+    fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 4096)
+        with pytest.raises(mr.ProtocolError, match="ring memfd is not sealed against shrinking"):
+            _require_sealed(fd, "ring")
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+        with pytest.raises(mr.ProtocolError, match="seals 0x4"):
+            _require_sealed(fd, "release page")
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        _require_sealed(fd, "ring")
+    finally:
+        os.close(fd)
+    # A memfd made without MFD_ALLOW_SEALING carries F_SEAL_SEAL only.
+    fd = os.memfd_create("no-sealing")
+    try:
+        with pytest.raises(mr.ProtocolError, match="not sealed"):
+            _require_sealed(fd, "ring")
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- errors
