@@ -212,14 +212,23 @@ enum ReadError {
     /// The socket failed.
     #[error("read: {0}")]
     Io(#[from] std::io::Error),
+    /// Connections not yet admitted buffer their cap together (refused `busy`).
+    #[error(transparent)]
+    Full(#[from] limits::PendingFull),
 }
 
+/// A connection's share of the bytes that connections before admission may buffer, with
+/// the cap they share ([`limits::pending_cap`]).
+type Share<'s, 'p> = (&'s mut limits::PendingShare<'p>, usize);
+
 /// Reads frames of at most `max` bytes into `buf` until one is complete; `None` when
-/// the peer closed between frames.
+/// the peer closed between frames. With a `share`, what `buf` holds is counted in it
+/// and may not take it past its cap.
 async fn read_frame(
     stream: &mut UnixStream,
     buf: &mut Vec<u8>,
     max: usize,
+    mut share: Option<Share<'_, '_>>,
 ) -> Result<Option<Frame>, ReadError> {
     loop {
         if let Some((frame, n)) = frame::parse_frame(buf, max)? {
@@ -230,17 +239,26 @@ async fn read_frame(
         match stream.read(&mut chunk).await? {
             0 if buf.is_empty() => return Ok(None),
             0 => return Err(ReadError::Truncated { pending: buf.len() }),
-            n => buf.extend_from_slice(&chunk[..n]),
+            n => {
+                buf.extend_from_slice(&chunk[..n]);
+                // Counted as allocated; a refused growth is freed with the connection.
+                if let Some((share, cap)) = share.as_mut() {
+                    share.set(buf.capacity(), *cap)?;
+                }
+            }
         }
     }
 }
 
 /// Awaits the admission `task` while watching the client: when it hangs up (or sends
-/// more than a frame's worth before its WELCOME), `cancel` is set, so a seek for a client
-/// that is gone stops at its next chunk. Bytes it sends meanwhile stay in `buf`.
+/// more than a frame's worth before its WELCOME, or more than the share of connections
+/// before admission allows: `held` bytes of HELLO and `buf`), `cancel` is set, so a seek
+/// for a client that is gone stops at its next chunk. Bytes it sends meanwhile stay in
+/// `buf`.
 async fn admit_watching<T>(
     stream: &mut UnixStream,
     buf: &mut Vec<u8>,
+    (share, cap, held): (&mut limits::PendingShare<'_>, usize, usize),
     task: impl std::future::Future<Output = Result<T, tokio::task::JoinError>>,
     cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<T, tokio::task::JoinError> {
@@ -256,6 +274,7 @@ async fn admit_watching<T>(
                     Ok(n) => {
                         buf.extend_from_slice(&chunk[..n]);
                         buf.len() > frame::MAX_FRAME + frame::HEADER
+                            || share.set(held + buf.capacity(), cap).is_err()
                     }
                     Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
                 };
@@ -283,6 +302,21 @@ const SAY_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`connection`]): a client that keeps writing cannot keep an I/O thread draining.
 const REFUSED_DRAIN: usize = 16 * 4096;
 
+/// Reads away (at most [`REFUSED_DRAIN`] bytes of) what a refused client already sent,
+/// without waiting: closing then does not reset the connection before it reads the
+/// refusal, and a client whose HELLO write fails after this reads the queued REFUSED
+/// (src/client/, src/control.rs).
+fn read_away(stream: &UnixStream) {
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < REFUSED_DRAIN {
+        match stream.try_read(&mut sink) {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+}
+
 /// One connection: the access check, then either a trainer (HELLO, WELCOME with fds,
 /// RELEASE frames until it leaves) or a control client (CONTROL requests).
 async fn connection(
@@ -302,23 +336,19 @@ async fn connection(
             d.warn_peer(pid, format_args!("refused: {e}"));
             say(&mut stream, kind::REFUSED, Code::Access, &e.to_string()).await;
             // Closed at once: lingering for the client (as before) let a denied uid hold
-            // an fd per connect. What it already sent is read away first, so closing does
-            // not reset the connection before it reads the refusal; a client whose HELLO
-            // write fails after this reads the queued REFUSED (src/client/, src/control.rs).
-            let mut sink = [0u8; 4096];
-            let mut drained = 0;
-            while drained < REFUSED_DRAIN {
-                match stream.try_read(&mut sink) {
-                    Ok(n) if n > 0 => drained += n,
-                    _ => break,
-                }
-            }
+            // an fd per connect.
+            read_away(&stream);
             return;
         }
     }
     let mut buf = Vec::new();
-    // A HELLO carries a cursor blob, and a blob grows with the plan's domains.
-    let first = read_frame(&mut stream, &mut buf, d.hub.request_limit());
+    // A HELLO carries a cursor blob, and a blob grows with the plan's domains. What
+    // connections buffer until they are admitted is bounded across them all: each may
+    // send up to the request limit, and their count only by the fd limit.
+    let limit = d.hub.request_limit();
+    let cap = limits::pending_cap(limit);
+    let mut share = limits::PENDING.share();
+    let first = read_frame(&mut stream, &mut buf, limit, Some((&mut share, cap)));
     let hello = match tokio::time::timeout(timeout, first).await {
         Err(_) => {
             d.warn_peer(
@@ -340,11 +370,18 @@ async fn connection(
                 say(&mut stream, kind::REFUSED, Code::Busy, &m).await;
                 return;
             };
+            drop(share);
             control_connection(d, stream, buf, p, shutdown).await;
             drop(slot);
             return;
         }
         Ok(Ok(None)) => return,
+        Ok(Err(ReadError::Full(e))) => {
+            d.warn_peer(pid, format_args!("refused before its first frame: {e}"));
+            say(&mut stream, kind::REFUSED, Code::Busy, &e.to_string()).await;
+            read_away(&stream);
+            return;
+        }
         Ok(Ok(Some(other))) => {
             let m = format!("expected HELLO or CONTROL first, got {other}");
             d.warn_peer(pid, format_args!("{m}; closing"));
@@ -370,7 +407,14 @@ async fn connection(
         }
     };
     let hub = d.hub.clone();
-    let hello = match Hello::parse(&hello) {
+    // Until admission ends this connection holds its HELLO (parsed, the raw bytes
+    // dropped) and what it sends meanwhile: still counted in its share.
+    let parsed = Hello::parse(&hello);
+    let held = hello.len();
+    drop(hello);
+    buf.shrink_to_fit();
+    share.set(held + buf.capacity(), cap).ok();
+    let hello = match parsed {
         Ok(h) => h,
         Err(r) => {
             d.warn_peer(pid, format_args!("refused: {}", r.log_line()));
@@ -402,7 +446,15 @@ async fn connection(
             .await
         }
     };
-    let admitted = admit_watching(&mut stream, &mut buf, task, &cancel).await;
+    let admitted = admit_watching(
+        &mut stream,
+        &mut buf,
+        (&mut share, cap, held),
+        task,
+        &cancel,
+    )
+    .await;
+    drop(share);
     if cancel.load(std::sync::atomic::Ordering::Relaxed) {
         if let Ok(Ok(a)) = &admitted {
             hub.leave(&hello.job, hello.dp_rank, a.peer);
@@ -449,7 +501,7 @@ async fn connection(
     drop(adm);
     loop {
         let frame = tokio::select! {
-            f = read_frame(&mut stream, &mut buf, frame::MAX_FRAME) => f,
+            f = read_frame(&mut stream, &mut buf, frame::MAX_FRAME, None) => f,
             _ = kick.notified() => {
                 let f = hub.failure(&job, rank, peer);
                 say(&mut stream, kind::ERROR, f.code, &f.message).await;
@@ -503,7 +555,7 @@ async fn control_connection(
             Some(p) => p,
             None => {
                 let frame = tokio::select! {
-                    f = read_frame(&mut stream, &mut buf, d.hub.request_limit()) => f,
+                    f = read_frame(&mut stream, &mut buf, d.hub.request_limit(), None) => f,
                     _ = stopped(&mut shutdown) => return,
                     // An idle control connection holds an fd and a place under the cap:
                     // 19,985 idle `status` connections once used up the fd limit.
@@ -634,7 +686,7 @@ mod tests {
             theirs.write_all(sent).await.unwrap();
             drop(theirs);
             let mut buf = Vec::new();
-            read_frame(&mut ours, &mut buf, frame::MAX_FRAME).await
+            read_frame(&mut ours, &mut buf, frame::MAX_FRAME, None).await
         })
     }
 

@@ -1,7 +1,8 @@
 //! The daemon's guards against running out of file descriptors and flooding its log
 //! (issue 14 item 8): the RLIMIT_NOFILE check at start, the count of open control
-//! connections, and rate-limited warnings for events a peer can repeat at will
-//! (refused connections, handshake failures, failed accepts).
+//! connections, the bytes buffered by connections not yet admitted, and rate-limited
+//! warnings for events a peer can repeat at will (refused connections, handshake
+//! failures, failed accepts).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,6 +121,102 @@ impl ControlSlots {
     /// The configured cap.
     pub fn cap(&self) -> usize {
         self.cap
+    }
+}
+
+/// The least [`pending_cap`] allows: the HELLOs of a node's job start, each in flight
+/// at once, fit many times over.
+pub const PENDING_MIN: usize = 64 << 20;
+
+/// The most that connections without a WELCOME or control reply yet may buffer all
+/// together: each may send one first frame of `request_limit` bytes, and without a bound
+/// across connections a peer opening thousands of them, each with a HELLO it never
+/// finishes, held `request_limit` bytes per fd (176 MB for 1,500 connections of a
+/// 2-domain plan; up to 64 MiB each for a plan of many domains).
+pub fn pending_cap(request_limit: usize) -> usize {
+    request_limit.saturating_mul(4).max(PENDING_MIN)
+}
+
+/// Bytes held by connections before admission (a first frame being read, a HELLO
+/// waiting for its admission), counted against one cap spanning them all.
+#[derive(Debug, Default)]
+pub struct PendingBytes {
+    held: AtomicUsize,
+}
+
+/// The daemon's count of [`PendingBytes`]: one per process, as there is one daemon.
+pub static PENDING: PendingBytes = PendingBytes {
+    held: AtomicUsize::new(0),
+};
+
+/// One connection's share of a [`PendingBytes`]; dropping it gives the share back.
+#[derive(Debug)]
+pub struct PendingShare<'a> {
+    pool: &'a PendingBytes,
+    held: usize,
+}
+
+/// A connection's buffer would take the bytes of all connections before admission past
+/// their cap; it is refused `busy` and closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "connections that have not been admitted hold {held} bytes together and this one asks \
+     for {wanted} more, past the {cap} bytes the daemon buffers for them; retry"
+)]
+pub struct PendingFull {
+    /// Bytes held by every connection before admission, this one's share included.
+    pub held: usize,
+    /// The bytes this connection asked for beyond its share.
+    pub wanted: usize,
+    /// The cap.
+    pub cap: usize,
+}
+
+impl PendingBytes {
+    /// An empty share of this count.
+    pub fn share(&self) -> PendingShare<'_> {
+        PendingShare {
+            pool: self,
+            held: 0,
+        }
+    }
+
+    /// Bytes held by all shares now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+impl PendingShare<'_> {
+    /// Sets this share to `bytes`: shrinking always succeeds, growing only while the
+    /// shares together stay within `cap`.
+    pub fn set(&mut self, bytes: usize, cap: usize) -> Result<(), PendingFull> {
+        if bytes <= self.held {
+            self.pool
+                .held
+                .fetch_sub(self.held - bytes, Ordering::AcqRel);
+            self.held = bytes;
+            return Ok(());
+        }
+        let more = bytes - self.held;
+        self.pool
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(more).filter(|&t| t <= cap)
+            })
+            .map_err(|n| PendingFull {
+                held: n,
+                wanted: more,
+                cap,
+            })?;
+        self.held = bytes;
+        Ok(())
+    }
+}
+
+impl Drop for PendingShare<'_> {
+    fn drop(&mut self) {
+        self.pool.held.fetch_sub(self.held, Ordering::AcqRel);
     }
 }
 
@@ -242,6 +339,27 @@ mod tests {
         let _c = s.take().unwrap();
         drop(b);
         assert_eq!(s.open(), 1);
+    }
+
+    #[test]
+    fn pending_shares_stop_at_the_cap_together_and_free_on_drop() {
+        let pool = PendingBytes::default();
+        let mut a = pool.share();
+        let mut b = pool.share();
+        a.set(600, 1000).unwrap();
+        b.set(300, 1000).unwrap();
+        let full = b.set(500, 1000).unwrap_err();
+        assert_eq!((full.held, full.wanted, full.cap), (900, 200, 1000));
+        assert_eq!(pool.held(), 900, "a refused growth takes nothing");
+        a.set(100, 1000).unwrap();
+        b.set(500, 1000).unwrap();
+        assert_eq!(pool.held(), 600);
+        drop(a);
+        assert_eq!(pool.held(), 500);
+        drop(b);
+        assert_eq!(pool.held(), 0);
+        assert_eq!(pending_cap(1 << 20), PENDING_MIN);
+        assert_eq!(pending_cap(1 << 26), 1 << 28);
     }
 
     #[test]

@@ -513,3 +513,115 @@ fn connection_limits_out_of_range_are_refused_by_name() {
         assert!(err.contains(&format!("[serve] {field}")), "{line}: {err}");
     }
 }
+
+/// Resident memory of the process `pid`, in bytes.
+fn rss_of(pid: libc::pid_t) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The most a first frame may declare on `socket`, read from the ERROR a far larger
+/// HELLO gets.
+fn request_limit_of(socket: &Path) -> usize {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&(1u32 << 26).to_le_bytes()).unwrap();
+    s.write_all(&[1]).unwrap();
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    let (_, payload, _) = millrace::wire::frame::split(&back, millrace::wire::MAX_JSON_FRAME)
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    let m = v["message"].as_str().unwrap();
+    let tail = m.split("1..=").nth(1).unwrap();
+    tail.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The known lead of review 3: before its first frame a connection may buffer up to
+/// the request limit (108,870 bytes for this plan), and nothing bounded them together:
+/// 1,500 connections each sending all of a HELLO but its last byte grew the daemon by
+/// 176 MB, and the fd limit (2^20 under the unit) was the only bound. Now connections
+/// before admission share a cap (64 MiB here): one past it is refused `busy` naming the
+/// cap, the daemon's memory stays near it, a trainer streams throughout, and the cap is
+/// free again once those connections close.
+#[test]
+fn unfinished_hellos_are_bounded_across_connections() {
+    let f = fixture(8, 4, 1, "handshake_timeout_ms = 60000\n");
+    let s = f.serve();
+    let limit = request_limit_of(&f.socket);
+    let mut t = f.trainer("steady", 0, 1);
+    stream(&mut t, 3, &s);
+    let before = rss_of(s.pid());
+    // Each declares a whole HELLO of `limit` bytes and sends all of it but one byte.
+    let n = 1200;
+    let mut held: Vec<(UnixStream, Vec<u8>)> = (0..n)
+        .map(|_| {
+            let mut c = UnixStream::connect(&f.socket).unwrap();
+            let _ = c.write_all(&(limit as u32).to_le_bytes());
+            let _ = c.write_all(&vec![b' '; limit - 1]);
+            c.set_nonblocking(true).unwrap();
+            (c, Vec::new())
+        })
+        .collect();
+    let refused = |held: &mut Vec<(UnixStream, Vec<u8>)>| {
+        let mut busy = Vec::new();
+        for (c, back) in held.iter_mut() {
+            let mut chunk = [0u8; 4096];
+            while let Ok(k @ 1..) = c.read(&mut chunk) {
+                back.extend_from_slice(&chunk[..k]);
+            }
+            if let Ok(Some((kind, payload, _))) =
+                millrace::wire::frame::split(back, millrace::wire::MAX_JSON_FRAME)
+            {
+                let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+                busy.push((kind, v));
+            }
+        }
+        busy
+    };
+    let mut busy = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            busy = refused(&mut held);
+            !busy.is_empty()
+        }),
+        "none of {n} unfinished HELLOs of {limit} bytes was refused; the daemon grew by {} \
+         bytes",
+        rss_of(s.pid()).saturating_sub(before)
+    );
+    for (kind, v) in &busy {
+        assert_eq!(*kind, 3, "REFUSED: {v}");
+        assert_eq!(v["code"], "busy", "{v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(m.contains(&format!("past the {} bytes", 64 << 20)), "{m}");
+    }
+    let grew = rss_of(s.pid()).saturating_sub(before);
+    eprintln!(
+        "{} of {n} refused; the daemon grew by {grew} bytes",
+        busy.len()
+    );
+    assert!(grew < 96 << 20, "the daemon grew by {grew} bytes");
+    stream(&mut t, 5, &s);
+    assert!(log_lines(&s, "refused before its first frame") >= 1);
+    // Closed, they give their bytes back: a HELLO of a new job is admitted again.
+    drop(held);
+    let mut hello = Hello::whole_slice(0, 1);
+    hello.job = "after".into();
+    assert!(
+        eventually(Duration::from_secs(20), || Client::connect(
+            &f.socket, &hello
+        )
+        .is_ok()),
+        "no HELLO is admitted once the unfinished ones closed:\n{}",
+        s.log_text()
+    );
+    stream(&mut t, 3, &s);
+}
