@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn};
 
@@ -235,15 +235,23 @@ async fn read_frame(
             buf.drain(..n);
             return Ok(Some(frame));
         }
+        // The chunk is not held across the wait: an idle connection's task is then
+        // 4 KiB smaller, and a peer may open as many as the fd limit allows.
+        stream.readable().await?;
         let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await? {
+        let n = match stream.try_read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
+        match n {
             0 if buf.is_empty() => return Ok(None),
             0 => return Err(ReadError::Truncated { pending: buf.len() }),
             n => {
                 buf.extend_from_slice(&chunk[..n]);
                 // Counted as allocated; a refused growth is freed with the connection.
                 if let Some((share, cap)) = share.as_mut() {
-                    share.set(buf.capacity(), *cap)?;
+                    share.set(limits::CONNECTION_BYTES + buf.capacity(), *cap)?;
                 }
             }
         }
@@ -317,6 +325,19 @@ fn read_away(stream: &UnixStream) {
     }
 }
 
+/// Refuses a connection whose bytes would take those of all connections before
+/// admission past their cap (REFUSED `busy`, which clients retry), and closes it.
+async fn refuse_full(
+    d: &Daemon,
+    stream: &mut UnixStream,
+    pid: Option<i32>,
+    e: limits::PendingFull,
+) {
+    d.warn_peer(pid, format_args!("refused before its first frame: {e}"));
+    say(stream, kind::REFUSED, Code::Busy, &e.to_string()).await;
+    read_away(stream);
+}
+
 /// One connection: the access check, then either a trainer (HELLO, WELCOME with fds,
 /// RELEASE frames until it leaves) or a control client (CONTROL requests).
 async fn connection(
@@ -348,6 +369,10 @@ async fn connection(
     let limit = d.hub.request_limit();
     let cap = limits::pending_cap(limit);
     let mut share = limits::PENDING.share();
+    if let Err(e) = share.set(limits::CONNECTION_BYTES, cap) {
+        refuse_full(&d, &mut stream, pid, e).await;
+        return;
+    }
     let first = read_frame(&mut stream, &mut buf, limit, Some((&mut share, cap)));
     let hello = match tokio::time::timeout(timeout, first).await {
         Err(_) => {
@@ -377,9 +402,7 @@ async fn connection(
         }
         Ok(Ok(None)) => return,
         Ok(Err(ReadError::Full(e))) => {
-            d.warn_peer(pid, format_args!("refused before its first frame: {e}"));
-            say(&mut stream, kind::REFUSED, Code::Busy, &e.to_string()).await;
-            read_away(&stream);
+            refuse_full(&d, &mut stream, pid, e).await;
             return;
         }
         Ok(Ok(Some(other))) => {
@@ -410,7 +433,7 @@ async fn connection(
     // Until admission ends this connection holds its HELLO (parsed, the raw bytes
     // dropped) and what it sends meanwhile: still counted in its share.
     let parsed = Hello::parse(&hello);
-    let held = hello.len();
+    let held = limits::CONNECTION_BYTES + hello.len();
     drop(hello);
     buf.shrink_to_fit();
     share.set(held + buf.capacity(), cap).ok();

@@ -137,6 +137,12 @@ pub fn pending_cap(request_limit: usize) -> usize {
     request_limit.saturating_mul(4).max(PENDING_MIN)
 }
 
+/// What a connection costs the daemon before its first frame, besides its buffer (its
+/// task, its socket's registration; about 3 KB measured): charged to its share from
+/// its accept on, so the cap bounds how many connections wait for admission too (16,384
+/// idle ones at the least cap), not only their bytes.
+pub const CONNECTION_BYTES: usize = 4096;
+
 /// Bytes held by connections before admission (a first frame being read, a HELLO
 /// waiting for its admission), counted against one cap spanning them all.
 #[derive(Debug, Default)]

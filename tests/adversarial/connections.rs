@@ -523,19 +523,32 @@ fn rss_of(pid: libc::pid_t) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Bytes written on `c` that its peer has not read yet (SIOCOUTQ).
+fn unread(c: &UnixStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int for a socket we own.
+    let r = unsafe { libc::ioctl(c.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(r, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n
+}
+
+/// (type, JSON payload) of the first frame in `b`.
+fn first_frame(b: &[u8]) -> Option<(u8, serde_json::Value)> {
+    let (kind, payload, _) =
+        millrace::wire::frame::split(b, millrace::wire::MAX_JSON_FRAME).ok()??;
+    Some((kind, serde_json::from_slice(payload).ok()?))
+}
+
 /// The most a first frame may declare on `socket`, read from the ERROR a far larger
 /// HELLO gets.
 fn request_limit_of(socket: &Path) -> usize {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(&(1u32 << 26).to_le_bytes()).unwrap();
-    s.write_all(&[1]).unwrap();
+    let _ = s.write_all(&[0, 0, 0, 4, 1]); // len 2^26, HELLO
     let mut back = Vec::new();
     let _ = s.read_to_end(&mut back);
-    let (_, payload, _) = millrace::wire::frame::split(&back, millrace::wire::MAX_JSON_FRAME)
-        .unwrap()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    let (_, v) = first_frame(&back).expect("an ERROR frame");
     let m = v["message"].as_str().unwrap();
     let tail = m.split("1..=").nth(1).unwrap();
     tail.split(|c: char| !c.is_ascii_digit())
@@ -545,15 +558,37 @@ fn request_limit_of(socket: &Path) -> usize {
         .unwrap()
 }
 
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit, so a test can hold
+/// `n` connections; panics, naming the limit, where the hard limit is too low.
+fn room_for_fds(n: u64) {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl), 0);
+        assert!(
+            rl.rlim_max >= n + 256,
+            "this test holds {n} connections; RLIMIT_NOFILE's hard limit is {}",
+            rl.rlim_max
+        );
+        rl.rlim_cur = rl.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &rl), 0);
+    }
+}
+
 /// The known lead of review 3: before its first frame a connection may buffer up to
 /// the request limit (108,870 bytes for this plan), and nothing bounded them together:
 /// 1,500 connections each sending all of a HELLO but its last byte grew the daemon by
 /// 176 MB, and the fd limit (2^20 under the unit) was the only bound. Now connections
-/// before admission share a cap (64 MiB here): one past it is refused `busy` naming the
-/// cap, the daemon's memory stays near it, a trainer streams throughout, and the cap is
-/// free again once those connections close.
+/// before admission share a cap (64 MiB here), each charged 4 KiB for itself on top of
+/// its buffer: one past it is refused `busy` naming the cap (a connection that sent
+/// nothing yet too, at once), the daemon's memory stays near it, a trainer streams
+/// throughout, and the cap is free again once those connections close.
 #[test]
 fn unfinished_hellos_are_bounded_across_connections() {
+    room_for_fds(1300);
     let f = fixture(8, 4, 1, "handshake_timeout_ms = 60000\n");
     let s = f.serve();
     let limit = request_limit_of(&f.socket);
@@ -571,27 +606,29 @@ fn unfinished_hellos_are_bounded_across_connections() {
             (c, Vec::new())
         })
         .collect();
+    // The frames the daemon answered with, and whether it has read every byte of the
+    // connections it did not answer (they are all buffered, or refused).
     let refused = |held: &mut Vec<(UnixStream, Vec<u8>)>| {
         let mut busy = Vec::new();
+        let mut settled = true;
         for (c, back) in held.iter_mut() {
             let mut chunk = [0u8; 4096];
             while let Ok(k @ 1..) = c.read(&mut chunk) {
                 back.extend_from_slice(&chunk[..k]);
             }
-            if let Ok(Some((kind, payload, _))) =
-                millrace::wire::frame::split(back, millrace::wire::MAX_JSON_FRAME)
-            {
-                let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
-                busy.push((kind, v));
+            match first_frame(back) {
+                Some(f) => busy.push(f),
+                None => settled &= unread(c) == 0,
             }
         }
-        busy
+        (busy, settled)
     };
     let mut busy = Vec::new();
     assert!(
-        eventually(Duration::from_secs(20), || {
-            busy = refused(&mut held);
-            !busy.is_empty()
+        eventually(Duration::from_secs(30), || {
+            let settled;
+            (busy, settled) = refused(&mut held);
+            settled && !busy.is_empty()
         }),
         "none of {n} unfinished HELLOs of {limit} bytes was refused; the daemon grew by {} \
          bytes",
@@ -610,9 +647,31 @@ fn unfinished_hellos_are_bounded_across_connections() {
     );
     assert!(grew < 96 << 20, "the daemon grew by {grew} bytes");
     stream(&mut t, 5, &s);
+    // Connections that send nothing are refused as well while the cap is taken (the
+    // room left fits at most 33 of them), not held until their handshake timeout (a
+    // minute here).
+    let mut idle: Vec<(UnixStream, Vec<u8>)> = (0..100)
+        .map(|_| {
+            let c = UnixStream::connect(&f.socket).unwrap();
+            c.set_nonblocking(true).unwrap();
+            (c, Vec::new())
+        })
+        .collect();
+    let mut idle_busy = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            idle_busy = refused(&mut idle).0;
+            idle_busy.len() >= 60
+        }),
+        "{} of 100 idle connections past the cap were refused",
+        idle_busy.len()
+    );
+    assert!(idle_busy
+        .iter()
+        .all(|(k, v)| *k == 3 && v["code"] == "busy"));
     assert!(log_lines(&s, "refused before its first frame") >= 1);
     // Closed, they give their bytes back: a HELLO of a new job is admitted again.
-    drop(held);
+    drop((held, idle));
     let mut hello = Hello::whole_slice(0, 1);
     hello.job = "after".into();
     assert!(
