@@ -332,27 +332,45 @@ fn group(key: GroupKey<'_>) -> io::Result<Option<Group>> {
 
 /// An eventfd: the daemon signals a peer's when a slot is published, the client polls
 /// and drains it (docs/PROTOCOL.md, section 3).
-pub struct EventFd(OwnedFd);
+pub struct EventFd(OwnedFd, std::sync::atomic::AtomicBool);
 
 impl EventFd {
     /// A fresh non-blocking, close-on-exec eventfd with counter 0.
     pub fn new() -> io::Result<EventFd> {
         use rustix::event::{eventfd, EventfdFlags};
-        Ok(EventFd(eventfd(
-            0,
-            EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK,
-        )?))
+        Ok(EventFd(
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+            Default::default(),
+        ))
     }
 
     /// Wraps an eventfd received from the daemon.
     pub fn from_fd(fd: OwnedFd) -> EventFd {
-        EventFd(fd)
+        EventFd(fd, Default::default())
     }
 
     /// Adds one to the counter. EAGAIN (the counter saturated) means a wake-up is already
     /// pending, so errors are ignored.
+    ///
+    /// The client holds the same open file description (SCM_RIGHTS shares it), so it can
+    /// clear O_NONBLOCK and fill the counter to its maximum: a plain write then blocked
+    /// the daemon's materializer thread until the client read, which it need never do,
+    /// and every ring stopped. The write is bounded instead ([`interruptible_write`]);
+    /// an eventfd whose write had to be interrupted is jammed (the client filled it: a
+    /// wake-up is pending forever) and gets no further writes.
     pub fn signal(&self) {
-        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.1.load(Relaxed) {
+            return;
+        }
+        if interruptible_write(&self.0, &1u64.to_ne_bytes()) == Err(rustix::io::Errno::INTR) {
+            self.1.store(true, Relaxed);
+        }
+    }
+
+    /// Whether a write had to be interrupted (see [`EventFd::signal`]).
+    pub fn jammed(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Resets the counter after a wake-up; nothing pending (EAGAIN) or a signal (EINTR)
@@ -375,6 +393,106 @@ impl AsFd for EventFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
     }
+}
+
+/// How long [`interruptible_write`] lets a write wait before interrupting it: far longer
+/// than a write that does not wait takes (microseconds), so only a blocked one is cut.
+const WRITE_WAIT_LIMIT_NS: libc::c_long = 20_000_000;
+
+/// The signal that interrupts a blocked write: a real-time one nothing else here uses,
+/// handled by a function that does nothing, without SA_RESTART (so the write returns
+/// EINTR). Blocked in every thread except around [`interruptible_write`]'s write.
+fn interrupt_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 5
+}
+
+extern "C" fn on_interrupt(_: libc::c_int) {}
+
+/// A timer of this thread's that sends it [`interrupt_signal`]; deleted with the thread.
+struct ThreadTimer(libc::timer_t);
+
+impl Drop for ThreadTimer {
+    fn drop(&mut self) {
+        // SAFETY: a timer this thread created and nothing else holds.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
+impl ThreadTimer {
+    /// This thread's timer, with the signal's handler installed (once per process) and
+    /// the signal blocked in this thread; `None` where the OS refused (a plain write is
+    /// made then).
+    fn new() -> Option<ThreadTimer> {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        let sig = interrupt_signal();
+        // SAFETY: sigaction with a handler that does nothing (async-signal-safe), and a
+        // timer aimed at this thread; every struct is zeroed and then filled.
+        unsafe {
+            HANDLER.call_once(|| {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as usize;
+                sa.sa_flags = 0;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            });
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            let mut ev: libc::sigevent = std::mem::zeroed();
+            ev.sigev_notify = libc::SIGEV_THREAD_ID;
+            ev.sigev_signo = sig;
+            ev.sigev_notify_thread_id = libc::gettid();
+            let mut t: libc::timer_t = std::mem::zeroed();
+            (libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut t) == 0)
+                .then_some(ThreadTimer(t))
+        }
+    }
+
+    /// Arms the timer `ns` from now (0 disarms it).
+    fn set(&self, ns: libc::c_long) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: ns,
+            },
+        };
+        // SAFETY: a timer of this thread's and a valid itimerspec.
+        unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) };
+    }
+}
+
+/// Writes `bytes` to `fd`, waiting at most [`WRITE_WAIT_LIMIT_NS`] should the file
+/// description have been made blocking by another process sharing it: the write is
+/// interrupted then and returns EINTR. The interrupting signal is unblocked only around
+/// the write, so one that fires late is taken before the next write starts, never by
+/// another call of the thread.
+fn interruptible_write(fd: &OwnedFd, bytes: &[u8]) -> Result<usize, rustix::io::Errno> {
+    thread_local! {
+        static TIMER: Option<ThreadTimer> = ThreadTimer::new();
+    }
+    TIMER.with(|timer| {
+        let Some(timer) = timer else {
+            return rustix::io::write(fd, bytes);
+        };
+        // SAFETY: a sigset of one signal, changing only this thread's mask.
+        let mask = |how: libc::c_int| unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, interrupt_signal());
+            libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+        };
+        mask(libc::SIG_UNBLOCK);
+        timer.set(WRITE_WAIT_LIMIT_NS);
+        let r = rustix::io::write(fd, bytes);
+        timer.set(0);
+        mask(libc::SIG_BLOCK);
+        r
+    })
 }
 
 /// A peer's release page (docs/PROTOCOL.md section 5, layout in
@@ -669,5 +787,28 @@ mod tests {
         rustix::io::read(ev.fd(), &mut b).unwrap();
         assert_eq!(u64::from_ne_bytes(b), 2);
         ev.drain().unwrap();
+    }
+
+    /// A client that clears O_NONBLOCK on the eventfd it shares with the daemon and fills
+    /// its counter cannot hold the thread that signals it: the write is interrupted, the
+    /// eventfd is jammed, and later signals return at once.
+    #[test]
+    fn a_blocking_full_eventfd_does_not_hold_the_signalling_thread() {
+        let ev = EventFd::new().unwrap();
+        rustix::fs::fcntl_setfl(ev.fd(), rustix::fs::OFlags::empty()).unwrap();
+        rustix::io::write(ev.fd(), &(u64::MAX - 1).to_ne_bytes()).unwrap();
+        let t0 = std::time::Instant::now();
+        ev.signal();
+        assert!(ev.jammed());
+        ev.signal();
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t0.elapsed()
+        );
+        // An eventfd in order is never jammed.
+        let ok = EventFd::new().unwrap();
+        ok.signal();
+        assert!(!ok.jammed());
     }
 }

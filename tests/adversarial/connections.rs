@@ -684,3 +684,66 @@ fn unfinished_hellos_are_bounded_across_connections() {
     );
     stream(&mut t, 3, &s);
 }
+
+/// Joins `hello` on a raw connection and returns it with the WELCOME's fds (ring,
+/// ready eventfd, then the release page if asked for).
+fn raw_join(socket: &Path, hello: &Hello) -> (UnixStream, Vec<std::os::fd::OwnedFd>) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let json = serde_json::to_vec(hello).unwrap();
+    s.write_all(&millrace::wire::frame::encode(1, &json))
+        .unwrap();
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    loop {
+        if let Some((kind, payload, _)) =
+            millrace::wire::frame::split(&buf, millrace::wire::MAX_JSON_FRAME).unwrap()
+        {
+            assert_eq!(kind, 2, "WELCOME: {}", String::from_utf8_lossy(payload));
+            return (s, fds);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = millrace::wire::frame::recv_with_fds(&s, &mut chunk, &mut fds).unwrap();
+        assert!(n > 0, "closed before WELCOME");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The ready eventfd's open file description is shared with the client (SCM_RIGHTS), so
+/// a client could clear its O_NONBLOCK and fill its counter (2^64 - 2): the daemon's next
+/// wake-up write blocked its materializer thread for good, and with one thread every
+/// ring stopped ("step 19 was not published within 20s" for another job). Now that write
+/// is interrupted, the eventfd is left alone after it, and the other jobs stream on.
+#[test]
+fn a_client_that_blocks_its_eventfd_stops_no_other_ring() {
+    let f = fixture(8, 4, 1, "");
+    let s = f.serve();
+    let mut good = f.trainer("good", 0, 1);
+    stream(&mut good, 3, &s);
+    let mut h = Hello::whole_slice(0, 1);
+    h.job = "jam".into();
+    h.release_page = false;
+    let (mut conn, fds) = raw_join(&f.socket, &h);
+    let ready = &fds[1];
+    rustix::fs::fcntl_setfl(ready, rustix::fs::OFlags::empty()).unwrap();
+    let mut b = [0u8; 8];
+    let _ = rustix::io::read(ready, &mut b);
+    rustix::io::write(ready, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+    let published = || {
+        let st = f.status();
+        let jobs = st["jobs"].as_array().cloned().unwrap_or_default();
+        jobs.iter()
+            .find(|j| j["job"] == "jam")
+            .and_then(|j| j["rings"][0]["published_step"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(eventually(Duration::from_secs(20), || published() >= 4));
+    // Releases make its ring publish again, and each publish wakes its eventfd.
+    for upto in [2u64, 4] {
+        conn.write_all(&millrace::wire::frame::encode(4, &upto.to_le_bytes()))
+            .unwrap();
+        assert!(eventually(Duration::from_secs(20), || published() >= upto + 4));
+    }
+    stream(&mut good, 50, &s);
+    let mut other = f.trainer("other", 0, 1);
+    stream(&mut other, 5, &s);
+}
