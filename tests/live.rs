@@ -1290,3 +1290,57 @@ fn sigterm_with_a_stuck_client_exits_at_the_bound() {
     let (_, err) = read_to_end(&mut c);
     assert!(err.is_transient(), "{err}");
 }
+
+/// A forged blob (its checksum valid) that carries a weights change at plan step 2^64-1,
+/// or any step past the farthest a live change may name from the blob's own step, is
+/// refused by name: no daemon could have accepted that change while the blob's rank was
+/// at its step, and adopting it would sit in every blob of the run (and fill the
+/// journal's room). The daemon's journal stays empty and its clients are served.
+#[test]
+fn a_blob_bringing_a_change_past_any_live_horizon_is_refused() {
+    use millrace::plan::cursor;
+    let f = fixture("watch_config = false\n");
+    let names = f.domain_names();
+    let _d = f.serve();
+    let mut c = f.connect("forge");
+    let got = read(&mut c, 4);
+    drop(c);
+    let _ = f.wait_no_job("forge");
+    let mut data = cursor::decode(&got[3].cursor).expect("the daemon's blob decodes");
+    let w = vec![1.0; names.len()];
+    for at in [
+        u64::MAX,
+        data.plan_step + 2 * millrace::config::plan::MAX_STEP + 1,
+    ] {
+        data.journal = vec![Change {
+            at,
+            points: vec![(at, w.clone())],
+            stage: None,
+        }];
+        let forged = cursor::encode(&data);
+        let mut h = f.hello("forge");
+        h.cursor = Some(hex(&forged));
+        match f.connect_with(&h) {
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(code, "cursor", "{message}");
+                assert!(
+                    message.contains(&at.to_string()),
+                    "the refusal does not name the change's step {at}: {message}"
+                );
+            }
+            Err(e) => panic!("expected REFUSED cursor, got {e}"),
+            Ok(_) => panic!(
+                "a blob carrying a change at plan step {at} was admitted; journal {:?}",
+                f.journal()
+            ),
+        }
+        assert_eq!(
+            f.journal(),
+            Vec::<Value>::new(),
+            "a refused blob changed the journal"
+        );
+    }
+    // The daemon still serves.
+    let mut c = f.connect("after");
+    assert_eq!(read(&mut c, 2).len(), 2);
+}

@@ -14,6 +14,7 @@
 //! the same agreement rules; it supersedes only stage changes, never weights.
 
 use super::mix::Points;
+use crate::config::plan::MAX_STEP;
 
 /// Most changes one journal may hold: a blob's lists hold at most 4096 entries. What
 /// fits in practice is set by the bytes the daemon reserves for the journal (`[serve]
@@ -118,7 +119,7 @@ impl Change {
 
 /// A stage change's checks: the bounds `[[plan.stage]]` has, after step 0, no weights.
 fn check_stage(at: u64, st: StageChange, points: usize) -> Result<(), ChangeError> {
-    use crate::config::plan::{MAX_BATCH_ROWS, MAX_SEQ_LEN, MAX_STEP, MAX_WINDOW};
+    use crate::config::plan::{MAX_BATCH_ROWS, MAX_SEQ_LEN, MAX_WINDOW};
     let bad = |field: &'static str, what: String| ChangeError::Stage { at, field, what };
     if points != 0 {
         return Err(bad(
@@ -148,6 +149,32 @@ fn check_stage(at: u64, st: StageChange, points: usize) -> Result<(), ChangeErro
     if !(1..=MAX_WINDOW).contains(&st.window) {
         let what = format!("{} is outside 1..={MAX_WINDOW}", st.window);
         return Err(bad("best_fit_window", what));
+    }
+    Ok(())
+}
+
+/// Most plan steps a change a cursor blob carries may reach past the blob's own plan
+/// step. A live change may name a step at most [`MAX_STEP`] past the first changeable
+/// step, which is at most the fastest rank's step; a rank's blob may lag that rank, and
+/// plan steps run ahead of trainer steps by the skipped ranges: twice the bound leaves
+/// room for both. A change reaching farther (one at 2^64-1) no daemon accepted, so the
+/// blob is forged or corrupt, and adopting it would sit in every blob of the run.
+pub const BLOB_HORIZON: u64 = 2 * MAX_STEP;
+
+/// Refuses a blob whose journal holds a change (its start or any point) reaching more
+/// than [`BLOB_HORIZON`] plan steps past `plan_step`, the blob's own.
+pub fn check_reach(journal: &[Change], plan_step: u64) -> Result<(), ChangeError> {
+    let max = plan_step.saturating_add(BLOB_HORIZON);
+    for c in journal {
+        let reach = c.points.iter().map(|p| p.0).fold(c.at, u64::max);
+        if reach > max {
+            return Err(ChangeError::Reach {
+                at: c.at,
+                reach,
+                plan_step,
+                horizon: BLOB_HORIZON,
+            });
+        }
     }
     Ok(())
 }
@@ -204,6 +231,19 @@ pub enum ChangeError {
         at: u64,
         /// The point's step.
         step: u64,
+    },
+    /// A change in a cursor blob reaching farther past the blob's step than any daemon
+    /// accepts ([`check_reach`]).
+    #[error("change at plan step {at} reaches plan step {reach}, more than {horizon} steps past the blob's plan step {plan_step}: no daemon accepts a change that far ahead, so the blob is forged or corrupt")]
+    Reach {
+        /// The change's first plan step.
+        at: u64,
+        /// The farthest step it names.
+        reach: u64,
+        /// The blob's plan step.
+        plan_step: u64,
+        /// [`BLOB_HORIZON`].
+        horizon: u64,
     },
     /// A stage change with a field out of bounds.
     #[error("stage change at plan step {at}: {field} {what}")]
@@ -419,6 +459,28 @@ mod tests {
         let mut later = staged.clone();
         assert_eq!(append(&mut later, stage(15, 128)), 1);
         assert_eq!(compare(&later, 1, &staged, 0), Order::OursAhead);
+    }
+
+    /// A blob may carry a change ahead of its step (a change scheduled in advance), but
+    /// none past the horizon: the refusal names the change and how far it reaches.
+    #[test]
+    fn a_blob_change_past_the_horizon_is_refused_by_name() {
+        let mut far = ch(10, 0.5);
+        far.points.push((10 + BLOB_HORIZON + 1, vec![1.0, 1.0]));
+        assert_eq!(
+            check_reach(&[ch(10, 0.5), ch(10 + BLOB_HORIZON, 0.5)], 10),
+            Ok(())
+        );
+        let e = check_reach(&[ch(10, 0.5), far], 10).unwrap_err();
+        assert!(
+            matches!(e, ChangeError::Reach { at: 10, reach, .. } if reach == 11 + BLOB_HORIZON)
+        );
+        let e = check_reach(&[ch(u64::MAX, 0.5)], 3).unwrap_err();
+        assert!(e.to_string().starts_with(&format!(
+            "change at plan step {} reaches plan step {}, more than {BLOB_HORIZON} steps past the blob's plan step 3",
+            u64::MAX,
+            u64::MAX
+        )));
     }
 
     #[test]
