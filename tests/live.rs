@@ -1344,3 +1344,44 @@ fn a_blob_bringing_a_change_past_any_live_horizon_is_refused() {
     let mut c = f.connect("after");
     assert_eq!(read(&mut c, 2).len(), 2);
 }
+
+/// A forged blob claiming more superseded changes than any run makes (u64::MAX) is
+/// refused by name. Adopted, it saturated the daemon's count, so its own rings' cursors
+/// compared as diverged from its journal and every later live change was refused
+/// `busy` for the rest of the daemon's life.
+#[test]
+fn a_blob_claiming_more_superseded_changes_than_any_run_makes_is_refused() {
+    use millrace::plan::cursor;
+    let f = fixture("watch_config = false\n");
+    let names = f.domain_names();
+    let _d = f.serve();
+    let mut a = f.connect("a");
+    let got = read(&mut a, 4);
+    let mut data = cursor::decode(&got[3].cursor).expect("the daemon's blob decodes");
+    data.journal = vec![Change {
+        at: 100,
+        points: vec![(100, vec![1.0; names.len()])],
+        stage: None,
+    }];
+    data.superseded = u64::MAX;
+    let mut h = f.hello("forged");
+    h.cursor = Some(hex(&cursor::encode(&data)));
+    match f.connect_with(&h) {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "cursor", "{message}");
+            assert!(
+                message.contains("superseded") && message.contains(&u64::MAX.to_string()),
+                "the refusal does not name the count: {message}"
+            );
+        }
+        Err(e) => panic!("expected REFUSED cursor, got {e}"),
+        Ok(_) => panic!("a blob claiming u64::MAX superseded changes was admitted"),
+    }
+    assert_eq!(f.journal(), Vec::<Value>::new());
+    // Live changes still apply while the client reads on.
+    let _ = read(&mut a, 10);
+    let w: BTreeMap<String, f64> = [(names[0].clone(), 3.0)].into();
+    let r = f.set_weights(&w, 200);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(read(&mut a, 3).len(), 3);
+}

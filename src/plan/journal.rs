@@ -161,9 +161,28 @@ fn check_stage(at: u64, st: StageChange, points: usize) -> Result<(), ChangeErro
 /// blob is forged or corrupt, and adopting it would sit in every blob of the run.
 pub const BLOB_HORIZON: u64 = 2 * MAX_STEP;
 
-/// Refuses a blob whose journal holds a change (its start or any point) reaching more
-/// than [`BLOB_HORIZON`] plan steps past `plan_step`, the blob's own.
-pub fn check_reach(journal: &[Change], plan_step: u64) -> Result<(), ChangeError> {
+/// Most superseded changes a cursor blob may claim: a change supersedes only changes
+/// accepted before it, so the count is below the changes a run accepted, and 2^32 of
+/// those (one every 9 ms, the hub lock's time per change, for over a year) is more than
+/// any run makes. A larger count is forged or corrupt; adopted, it saturated the
+/// daemon's count, after which its own rings' cursors compared as diverged and every
+/// later live change was refused `busy`.
+pub const MAX_SUPERSEDED: u64 = MAX_STEP;
+
+/// Refuses what a cursor blob may not bring into a daemon's journal: a change (its
+/// start or any point) reaching more than [`BLOB_HORIZON`] plan steps past `plan_step`,
+/// the blob's own, or a superseded count above [`MAX_SUPERSEDED`].
+pub fn check_carried(
+    journal: &[Change],
+    superseded: u64,
+    plan_step: u64,
+) -> Result<(), ChangeError> {
+    if superseded > MAX_SUPERSEDED {
+        return Err(ChangeError::Superseded {
+            count: superseded,
+            max: MAX_SUPERSEDED,
+        });
+    }
     let max = plan_step.saturating_add(BLOB_HORIZON);
     for c in journal {
         let reach = c.points.iter().map(|p| p.0).fold(c.at, u64::max);
@@ -179,7 +198,8 @@ pub fn check_reach(journal: &[Change], plan_step: u64) -> Result<(), ChangeError
     Ok(())
 }
 
-/// Why a change cannot apply to a plan: each names the change by its first plan step.
+/// Why a change cannot apply to a plan: each names the change by its first plan step
+/// (a blob's superseded count, which is no one change's, by its value).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChangeError {
     /// No points, or more than [`MAX_POINTS`].
@@ -232,8 +252,17 @@ pub enum ChangeError {
         /// The point's step.
         step: u64,
     },
+    /// A cursor blob's count of superseded changes above [`MAX_SUPERSEDED`]
+    /// ([`check_carried`]).
+    #[error("the journal claims {count} superseded changes, more than the {max} any run makes: the blob is forged or corrupt")]
+    Superseded {
+        /// The count the blob carries.
+        count: u64,
+        /// [`MAX_SUPERSEDED`].
+        max: u64,
+    },
     /// A change in a cursor blob reaching farther past the blob's step than any daemon
-    /// accepts ([`check_reach`]).
+    /// accepts ([`check_carried`]).
     #[error("change at plan step {at} reaches plan step {reach}, more than {horizon} steps past the blob's plan step {plan_step}: no daemon accepts a change that far ahead, so the blob is forged or corrupt")]
     Reach {
         /// The change's first plan step.
@@ -468,19 +497,30 @@ mod tests {
         let mut far = ch(10, 0.5);
         far.points.push((10 + BLOB_HORIZON + 1, vec![1.0, 1.0]));
         assert_eq!(
-            check_reach(&[ch(10, 0.5), ch(10 + BLOB_HORIZON, 0.5)], 10),
+            check_carried(
+                &[ch(10, 0.5), ch(10 + BLOB_HORIZON, 0.5)],
+                MAX_SUPERSEDED,
+                10
+            ),
             Ok(())
         );
-        let e = check_reach(&[ch(10, 0.5), far], 10).unwrap_err();
+        let e = check_carried(&[ch(10, 0.5), far], 0, 10).unwrap_err();
         assert!(
             matches!(e, ChangeError::Reach { at: 10, reach, .. } if reach == 11 + BLOB_HORIZON)
         );
-        let e = check_reach(&[ch(u64::MAX, 0.5)], 3).unwrap_err();
+        let e = check_carried(&[ch(u64::MAX, 0.5)], 0, 3).unwrap_err();
         assert!(e.to_string().starts_with(&format!(
             "change at plan step {} reaches plan step {}, more than {BLOB_HORIZON} steps past the blob's plan step 3",
             u64::MAX,
             u64::MAX
         )));
+        assert_eq!(
+            check_carried(&[], MAX_SUPERSEDED + 1, 3),
+            Err(ChangeError::Superseded {
+                count: MAX_SUPERSEDED + 1,
+                max: MAX_SUPERSEDED
+            })
+        );
     }
 
     #[test]

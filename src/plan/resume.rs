@@ -75,8 +75,8 @@ impl Plan {
     ///   extends ours, the blob's journal is adopted: `plan` is this plan with it in force
     ///   and `adopted == true`, provided its encoding fits `journal_cap` bytes
     ///   ([`cursor::journal_bytes`]; else [`CursorError::JournalTooLarge`]) and it applies
-    ///   to this plan, no change reaching more than [`journal::BLOB_HORIZON`] past the
-    ///   blob's step (else [`CursorError::JournalInvalid`]). Journals that diverged are
+    ///   to this plan, with what a blob may bring ([`journal::check_carried`]; else
+    ///   [`CursorError::JournalInvalid`]). Journals that diverged are
     ///   refused ([`CursorError::JournalDiverged`]).
     /// - Nothing is installed: the caller decides, after its own checks, whether to put
     ///   `plan` in force, and calls [`Resumed::check_served`] first when it does.
@@ -110,7 +110,7 @@ impl Plan {
         if journal::compare(&self.journal, self.superseded, &c.journal, c.superseded)
             == Order::TheirsAhead
         {
-            journal::check_reach(&c.journal, c.plan_step)
+            journal::check_carried(&c.journal, c.superseded, c.plan_step)
                 .map_err(|e| CursorError::JournalInvalid(e.into()))?;
             if cursor::journal_bytes(&c.journal, self.domains.len()) > journal_cap {
                 return Err(CursorError::JournalTooLarge {
