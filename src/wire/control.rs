@@ -103,12 +103,14 @@ impl<'de> Deserialize<'de> for UniqueWeights {
 /// Parses a CONTROL payload; the error is `(op as far as known, message)`. Total over
 /// arbitrary bytes, like [`super::frame::parse_frame`].
 pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
-    let raw: RawControl = serde_json::from_slice(payload).map_err(|e| {
-        (
-            String::new(),
-            format!("CONTROL is not a valid request: {e}"),
-        )
-    })?;
+    let raw: RawControl =
+        serde_json::from_slice(payload).map_err(|e| match field_at_fault(payload) {
+            Some((op, why)) => (op, format!("CONTROL is not a valid request: {why}")),
+            None => (
+                String::new(),
+                format!("CONTROL is not a valid request: {e}"),
+            ),
+        })?;
     let op = raw.op.clone();
     let fail = |m: String| Err((op.clone(), m));
     if raw.protocol != VERSION {
@@ -179,6 +181,41 @@ pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
     }
 }
 
+/// The op (as far as known) and the key at fault of a JSON object that does not read as
+/// [`RawControl`] because one of its values has the wrong type or range: serde names only
+/// the line and column (`invalid value: integer 8589934592, expected u32 at line 1
+/// column 62`), which does not say that `seq_len` was the fault. `None` when the payload
+/// is not a JSON object or every known key reads alone (a missing or unknown key, which
+/// serde's message names itself).
+fn field_at_fault(payload: &[u8]) -> Option<(String, String)> {
+    use serde_json::{from_value, Value};
+    fn reads<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), String> {
+        from_value::<T>(v.clone())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(payload) else {
+        return None;
+    };
+    let op = m
+        .get("op")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    m.iter().find_map(|(k, v)| {
+        let r = match k.as_str() {
+            "protocol" => reads::<u32>(v),
+            "op" | "late" | "source" => reads::<Option<String>>(v),
+            "weights" => reads::<Option<UniqueWeights>>(v),
+            "at_step" | "best_fit_window" => reads::<Option<u64>>(v),
+            "seq_len" | "global_batch_rows" => reads::<Option<u32>>(v),
+            "chain_groups" => reads::<Option<bool>>(v),
+            _ => Ok(()),
+        };
+        r.err().map(|e| (op.clone(), format!("`{k}`: {e}")))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +274,36 @@ mod tests {
         assert!(
             p(r#"{"protocol":1,"op":"set_stage","seq_len":-1,"global_batch_rows":2}"#).is_err()
         );
+        // A value of the wrong type or range names its key (and the op), not a column.
+        for (req, key) in [
+            (
+                r#"{"protocol":1,"op":"set_stage","seq_len":8589934592,"global_batch_rows":2}"#,
+                "seq_len",
+            ),
+            (
+                r#"{"protocol":1,"op":"set_stage","seq_len":8,"global_batch_rows":-2}"#,
+                "global_batch_rows",
+            ),
+            (
+                r#"{"protocol":1,"op":"set_weights","weights":{"a":1},"at_step":1.5}"#,
+                "at_step",
+            ),
+            (
+                r#"{"protocol":1,"op":"set_weights","weights":{"a":"x"}}"#,
+                "weights",
+            ),
+            (
+                r#"{"protocol":1,"op":"set_weights","weights":{"a":1},"late":5}"#,
+                "late",
+            ),
+        ] {
+            let (op, m) = p(req).unwrap_err();
+            assert!(
+                m.contains(&format!("`{key}`: ")) && !m.contains("column"),
+                "{req}: {m}"
+            );
+            assert!(!op.is_empty(), "{req}: {m}");
+        }
         assert!(
             p(r#"{"protocol":1,"op":"set_weights","weights":{"a":1},"seq_len":64}"#)
                 .unwrap_err()

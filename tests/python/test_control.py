@@ -394,6 +394,21 @@ def test_bad_changes_are_refused_and_nothing_changes(daemon, weights):
     assert ctl.status()["pid"] == daemon.pid
 
 
+def test_a_value_out_of_range_is_refused_naming_its_key(daemon):
+    """A value Python lets through but the daemon's types refuse (a u32 field past 2^32)
+    was refused as "invalid value: integer ..., expected u32 at line 1 column 62": no
+    key named, and no op. Now the key and the op are named; nothing changes."""
+    ctl = Control(daemon.sock)
+    for call, key in ((lambda: ctl.set_stage(2**33, 8, at_step=40), "seq_len"),
+                      (lambda: ctl.set_stage(64, 2**32, at_step=40), "global_batch_rows")):
+        with pytest.raises(ChangeRefused) as e:
+            call()
+        assert e.value.code == "protocol", e.value
+        assert f"`{key}`" in e.value.message and "column" not in e.value.message, e.value
+        assert e.value.op == "set_stage", e.value
+    assert ctl.journal() == []
+
+
 def test_late_changes_are_refused_or_moved(daemon):
     ctl = Control(daemon.sock)
     with trainer(daemon, "late") as c:
