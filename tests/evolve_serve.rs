@@ -211,3 +211,137 @@ fn a_domain_added_at_a_step_resumes_the_old_runs_cursor() {
         assert!(!seen.contains(&doc), "{doc:?} again in the same epoch");
     }
 }
+
+/// A run that took a live change adds a domain. Every blob after a change carries it
+/// for good, and its weights are per blob domain: resumed under a config with a third
+/// domain, the blob was refused ("write the mixture into the config and resume from a
+/// blob without live changes", which no blob of the run is), so a run that had ever used
+/// `set-weights` could never add a source. Now the journal is mapped onto the config's
+/// domains by name (the new one at weight 0, as it was), the cursor resumes exactly
+/// where the old run was, and a later `set-weights` gives the new domain rows.
+#[test]
+fn a_run_with_live_changes_adds_a_domain() {
+    use common::Control as _;
+    const AT: u64 = 10;
+    const KEEP: u64 = 30;
+    const BOOKS_FROM: u64 = 60;
+    let corpus = common::corpus(600_000, 3, 11, 100_000);
+    let socket = corpus.dir.join("s.sock");
+    let two = "[[schedule]]\nstep = 0\nweights = { web = 0.6, code = 0.4 }\n";
+    let a = config(
+        &corpus.dir,
+        &socket,
+        "a.toml",
+        &[("web", WEB), ("code", &["code"])],
+        two,
+    );
+    let b = config(
+        &corpus.dir,
+        &socket,
+        "b.toml",
+        &[("web", WEB), ("books", &["books"]), ("code", &["code"])],
+        "[[schedule]]\nstep = 0\nweights = { web = 0.6, books = 0.0, code = 0.4 }\n",
+    );
+    struct Sock(PathBuf);
+    impl common::Control for Sock {
+        fn control_socket(&self) -> &Path {
+            &self.0
+        }
+    }
+    let ctl = Sock(socket.clone());
+    let set = |w: serde_json::Value, at: u64| {
+        let r = ctl.req(serde_json::json!({"protocol": 1, "op": "set_weights",
+            "weights": w, "at_step": at, "late": "refuse"}));
+        assert_eq!(r["ok"], true, "{r}");
+    };
+    let (blob, served) = {
+        let _serve = Serve::start(&a, &socket, &corpus.dir.join("a.log"));
+        let mut c = connect(&socket, &hello(None));
+        let _ = c.next_batch().unwrap();
+        set(serde_json::json!({"web": 0.9}), AT);
+        let mut blob = Vec::new();
+        for step in 1..=KEEP {
+            let v = c.next_batch().unwrap();
+            assert_eq!(v.step, step);
+            blob = v.cursor.to_vec();
+        }
+        let served: Vec<Vec<i32>> = (KEEP + 1..KEEP + 11)
+            .map(|_| c.next_batch().unwrap().domain.to_vec())
+            .collect();
+        (blob, served)
+    };
+    let _ = std::fs::remove_file(&socket);
+    let plan_b = Config::load(&b).unwrap().load_plan().unwrap().plan;
+    let resumed = plan_b
+        .resume(&blob, usize::MAX)
+        .unwrap_or_else(|e| panic!("plan B refused the blob of a run with a live change: {e}"));
+    assert!(resumed.adopted);
+    let mut want = resumed.planner;
+    let books = plan_b
+        .domain_names()
+        .iter()
+        .position(|n| *n == "books")
+        .unwrap() as i32;
+    let serve = Serve::start(&b, &socket, &corpus.dir.join("b.log"));
+    let mut c = match Client::connect(&socket, &hello(Some(&blob))) {
+        Ok(c) => c,
+        Err(e) => panic!("the daemon refused the blob: {e}\n{}", serve.log_text()),
+    };
+    c.set_timeout(Some(Duration::from_secs(60)));
+    assert_eq!(c.welcome().start_step, KEEP + 1);
+    let journal = ctl.journal();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    assert_eq!(
+        journal[0]["points"][0]["weights"]["books"], 0.0,
+        "{journal:?}"
+    );
+    set(serde_json::json!({"books": 0.5}), BOOKS_FROM);
+    let plan_b = std::sync::Arc::new(
+        plan_b
+            .with_journal(vec![
+                resumed.plan.journal()[0].clone(),
+                (resumed.plan)
+                    .weights_change(BOOKS_FROM, &[("books".to_string(), 0.5)].into())
+                    .unwrap(),
+            ])
+            .unwrap(),
+    );
+    let mut after = plan_b
+        .restore(&blob)
+        .expect("the blob restores under both changes");
+    let mut books_from = None;
+    for step in KEEP + 1..BOOKS_FROM + 10 {
+        let v = c.next_batch().unwrap();
+        assert_eq!(v.step, step);
+        let planned = after.next_batch();
+        let domains: Vec<i32> = planned.rows.iter().map(|r| i32::from(r.domain)).collect();
+        assert_eq!(v.domain, &domains[..], "step {step}");
+        let old = (step < BOOKS_FROM).then(|| want.next_batch());
+        // A slot published before the books change carries the journal without it.
+        assert!(
+            v.cursor == &after.cursor()[..] || old.is_some() && v.cursor == &want.cursor()[..],
+            "cursor of step {step}"
+        );
+        if let Some(old) = old {
+            // The old run's stream, the same domains (books renumbers code).
+            assert_eq!(old, planned, "step {step}");
+            if let Some(s) = served.get((step - KEEP - 1) as usize) {
+                let names_a = ["web", "code"];
+                let names_b = plan_b.domain_names();
+                let a: Vec<&str> = s.iter().map(|&d| names_a[d as usize]).collect();
+                let b: Vec<&str> = v.domain.iter().map(|&d| names_b[d as usize]).collect();
+                assert_eq!(a, b, "step {step}: the old run served other domains");
+            }
+        } else if v.domain.contains(&books) {
+            books_from.get_or_insert(step);
+        }
+        assert!(
+            step >= BOOKS_FROM || !v.domain.contains(&books),
+            "books at {step}"
+        );
+    }
+    assert!(
+        books_from.is_some(),
+        "books never served after the change at {BOOKS_FROM}"
+    );
+}

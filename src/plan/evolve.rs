@@ -43,10 +43,51 @@ impl Plan {
             .sum()
     }
 
+    /// A cursor blob decoded, its journal's weights (per blob domain) re-expressed per
+    /// domain of this plan ([`Plan::journal_by_name`]), so the journal compares with
+    /// this plan's and applies to it.
+    pub(super) fn decode_by_name(&self, blob: &[u8]) -> Result<CursorData, CursorError> {
+        let mut c = super::cursor::decode(blob)?;
+        self.journal_by_name(&mut c);
+        Ok(c)
+    }
+
+    /// Rewrites the weights of `c`'s live changes, which a layout 7 blob holds per blob
+    /// domain in the blob's order, per domain of this plan, by name: a domain the blob
+    /// does not know gets weight 0 in every point, as it had at every step the blob's
+    /// run planned (checked by [`Plan::map_domains`]). Every blob of a run that took a
+    /// live change carries it for good, so refusing such a journal under a config that
+    /// adds a domain refused every later blob of the run: a run that had ever used
+    /// `set-weights` could never add a source. A blob that names a domain this plan
+    /// lacks, or one twice, is left as it is (refused by name by `map_domains`).
+    fn journal_by_name(&self, c: &mut CursorData) {
+        let names = self.domain_names();
+        let to: Option<Vec<usize>> = (c.domains.iter())
+            .map(|r| names.iter().position(|n| *n == r.name))
+            .collect();
+        let Some(to) = to else { return };
+        let mut seen = vec![false; names.len()];
+        if c.domains.is_empty() || to.iter().any(|&d| std::mem::replace(&mut seen[d], true)) {
+            return;
+        }
+        if to.len() == names.len() && to.iter().enumerate().all(|(b, &d)| b == d) {
+            return;
+        }
+        for (_, w) in c.journal.iter_mut().flat_map(|ch| ch.points.iter_mut()) {
+            // A point of another length is refused by the journal's checks as it is.
+            if w.len() == to.len() {
+                let mut ours = vec![0.0; names.len()];
+                for (b, &d) in to.iter().enumerate() {
+                    ours[d] = w[b];
+                }
+                *w = ours;
+            }
+        }
+    }
+
     /// Maps a layout 7 blob's domains onto this plan's by name and checks them: each
-    /// blob domain exists here with the identity the blob recorded, each new one has
-    /// weight 0 before the blob's step, and a journal of live changes (whose weights
-    /// are per blob domain) comes only with the same domains in the same order.
+    /// blob domain exists here with the identity the blob recorded, and each new one has
+    /// weight 0 before the blob's step.
     pub(super) fn map_domains(&self, c: &CursorData) -> Result<DomainMap, CursorError> {
         let mut map: DomainMap = vec![None; self.domains.len()];
         for (i, rec) in c.domains.iter().enumerate() {
@@ -62,15 +103,6 @@ impl Plan {
             }
             self.check_identity(d, rec)?;
             map[d] = Some(i);
-        }
-        let same_order = map.iter().enumerate().all(|(d, b)| *b == Some(d));
-        if !same_order && !c.journal.is_empty() {
-            let names = |n: Vec<&str>| n.join(", ");
-            return Err(CursorError::JournalDomains {
-                changes: c.journal.len(),
-                blob: names(c.domains.iter().map(|r| r.name.as_str()).collect()),
-                ours: names(self.domain_names()),
-            });
         }
         // A new domain's past is "weight 0": its weights at every knot before the end
         // of what the blob's run planned (a bursty cycle it began included) and at the

@@ -100,7 +100,7 @@ impl Plan {
         journal_cap: usize,
         adopt: &dyn Fn(&[Change]) -> Result<(), String>,
     ) -> Result<Resumed, CursorError> {
-        let c = cursor::decode(blob)?;
+        let c = self.decode_by_name(blob)?;
         self.check_fingerprint(&c)?;
         if !c.domains.is_empty() {
             // Before adopting a journal: its weights are per blob domain.
@@ -139,7 +139,7 @@ impl Plan {
     /// journal is ahead of this plan's is refused ([`CursorError::JournalBehind`]), not
     /// adopted (see [`Plan::resume`]).
     pub fn restore(self: &Arc<Self>, blob: &[u8]) -> Result<Planner, CursorError> {
-        self.check_cursor(cursor::decode(blob)?)
+        self.check_cursor(self.decode_by_name(blob)?)
     }
 
     /// [`Plan::restore`], also when this plan's journal holds a change from before the
@@ -151,7 +151,7 @@ impl Plan {
     pub fn restore_alike(self: &Arc<Self>, blob: &[u8]) -> Result<Planner, CursorError> {
         match self.restore(blob) {
             Err(e @ (CursorError::JournalRewrites { .. } | CursorError::History { .. })) => {
-                let c = cursor::decode(blob)?;
+                let c = self.decode_by_name(blob)?;
                 let Ok(made) = self.with_history(c.journal.clone(), c.superseded) else {
                     return Err(e);
                 };
