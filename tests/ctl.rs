@@ -836,6 +836,38 @@ fn reload_rereads_the_config() {
     assert_eq!(f.status()["failed_reloads"], 1);
 }
 
+/// `ctl --config B reload` against a daemon started with A (B names A's socket: a copy
+/// being edited, another plan for the node) printed "nothing changed" and exit 0, as if
+/// B's new weights were already in force; the daemon re-reads A. The reply names A.
+#[test]
+fn a_reload_names_the_file_the_daemon_read() {
+    let f = fixture();
+    let _serve = f.serve();
+    let names = f.names();
+    let mut doc: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&f.config).unwrap()).unwrap();
+    let plan = doc.get_mut("plan").unwrap().as_table_mut().unwrap();
+    plan.remove("schedule");
+    let w: toml::Table = (names.iter().enumerate())
+        .map(|(i, n)| {
+            (
+                n.clone(),
+                toml::Value::Float(if i == 0 { 3.0 } else { 1.0 }),
+            )
+        })
+        .collect();
+    plan.insert("weights".into(), toml::Value::Table(w));
+    let other = f.corpus.dir.join("other.toml");
+    std::fs::write(&other, toml::to_string(&doc).unwrap()).unwrap();
+    let text = ok(&["ctl", "--config", other.to_str().unwrap(), "reload"]);
+    assert!(text.contains("nothing changed"), "{text}");
+    assert!(
+        text.contains(f.config.to_str().unwrap()),
+        "the reply does not name the file the daemon read: {text}"
+    );
+    assert_eq!(f.journal(), Vec::<Value>::new());
+}
+
 /// A reload never applies `[serve]`: it said so only in the daemon's log, once (the next
 /// reload compared against the edited table), and `ctl reload` printed "applied from step
 /// N" as if the edit of `ring_slots` had taken. The reply now names the keys each time.

@@ -184,6 +184,12 @@ impl Daemon {
                 e
             });
         let r = r.map(|mut a| {
+            // Say which file was read: `ctl --config OTHER reload` reaches this daemon when
+            // OTHER names its socket, and "nothing changed" then hid that OTHER's edits
+            // were never read.
+            if a.applied_step.is_none() {
+                a.message = format!("{}: {}", self.config.display(), a.message);
+            }
             if let Some(note) = serve_note {
                 a.message = format!("{}; {note}", a.message);
             }
