@@ -1291,6 +1291,15 @@ fn sigterm_with_a_stuck_client_exits_at_the_bound() {
     assert!(err.is_transient(), "{err}");
 }
 
+/// A client of job `job` that read 4 steps, and its last blob decoded, to be forged
+/// (encoding it again gives a valid checksum).
+fn blob_to_forge(f: &Fixture, job: &str) -> (Client, millrace::plan::cursor::CursorData) {
+    let mut c = f.connect(job);
+    let got = read(&mut c, 4);
+    let data = millrace::plan::cursor::decode(&got[3].cursor).expect("the daemon's blob decodes");
+    (c, data)
+}
+
 /// A forged blob (its checksum valid) that carries a weights change at plan step 2^64-1,
 /// or any step past the farthest a live change may name from the blob's own step, is
 /// refused by name: no daemon could have accepted that change while the blob's rank was
@@ -1300,14 +1309,11 @@ fn sigterm_with_a_stuck_client_exits_at_the_bound() {
 fn a_blob_bringing_a_change_past_any_live_horizon_is_refused() {
     use millrace::plan::cursor;
     let f = fixture("watch_config = false\n");
-    let names = f.domain_names();
     let _d = f.serve();
-    let mut c = f.connect("forge");
-    let got = read(&mut c, 4);
+    let (c, mut data) = blob_to_forge(&f, "forge");
     drop(c);
     let _ = f.wait_no_job("forge");
-    let mut data = cursor::decode(&got[3].cursor).expect("the daemon's blob decodes");
-    let w = vec![1.0; names.len()];
+    let w = vec![1.0; f.domain_names().len()];
     for at in [
         u64::MAX,
         data.plan_step + 2 * millrace::config::plan::MAX_STEP + 1,
@@ -1355,9 +1361,7 @@ fn a_blob_claiming_more_superseded_changes_than_any_run_makes_is_refused() {
     let f = fixture("watch_config = false\n");
     let names = f.domain_names();
     let _d = f.serve();
-    let mut a = f.connect("a");
-    let got = read(&mut a, 4);
-    let mut data = cursor::decode(&got[3].cursor).expect("the daemon's blob decodes");
+    let (mut a, mut data) = blob_to_forge(&f, "a");
     data.journal = vec![Change {
         at: 100,
         points: vec![(100, vec![1.0; names.len()])],
