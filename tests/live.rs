@@ -1389,3 +1389,71 @@ fn a_blob_claiming_more_superseded_changes_than_any_run_makes_is_refused() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(read(&mut a, 3).len(), 3);
 }
+
+/// A point written into the config file after a live change (at a later step), read at
+/// a restart: the blobs bring the change back and it holds over the file's later points,
+/// so the file's point is not served while `check-config` and `plan` show it. That was
+/// silent; the daemon now names the hidden points in its log, and a live change that
+/// hides points of the file names them in its reply.
+#[test]
+fn a_change_that_hides_the_files_later_points_says_so() {
+    const AT: u64 = 10;
+    const KEEP: u64 = 30;
+    const FILE_AT: u64 = 40;
+    let f = fixture("watch_config = false\n");
+    let old = f.load();
+    let (blob, reply) = {
+        let _a = f.serve();
+        let mut c = f.connect("hide");
+        let _ = read(&mut c, 2);
+        let r = f.set_weights(&skewed(&old, 0), AT);
+        assert_eq!(r["ok"], true, "{r}");
+        let got = read(&mut c, KEEP - 1);
+        (got.last().unwrap().cursor.clone(), r)
+    };
+    // The file had no later point: nothing hidden, nothing said.
+    assert!(
+        !reply["message"].as_str().unwrap().contains("holds over"),
+        "{reply}"
+    );
+    let _ = std::fs::remove_file(&f.socket);
+    f.write_schedule(step_change(&base_weights(&old), FILE_AT, &skewed(&old, 2)));
+    let b = f.serve();
+    let mut h = f.hello("hide");
+    h.cursor = Some(hex(&blob));
+    let mut c = f.connect_with(&h).expect("the blob resumes");
+    let _ = read(&mut c, 3);
+    let log = b.log_text();
+    assert!(
+        log.contains(&format!("plan steps {}, {FILE_AT}", FILE_AT - 1))
+            && log.contains("not served"),
+        "the daemon did not say the file's points are hidden:\n{log}"
+    );
+    // A change that hides them again is not news; one on a daemon whose file still
+    // shows them, sent by ctl, says so in its reply.
+    let _ = std::fs::remove_file(&f.socket);
+    drop(c);
+    drop(b);
+    let _c = f.serve();
+    let mut c = f.connect("fresh");
+    let _ = read(&mut c, 2);
+    let r = f.set_weights(&skewed(&old, 1), AT);
+    assert_eq!(r["ok"], true, "{r}");
+    let m = r["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!("plan steps {}, {FILE_AT}", FILE_AT - 1)),
+        "{r}"
+    );
+    // A reload replaces the file's later points on purpose: no note.
+    f.write_schedule(step_change(
+        &base_weights(&old),
+        FILE_AT + 10,
+        &skewed(&old, 2),
+    ));
+    let r = f.req(millrace::control::reload_request());
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        !r["message"].as_str().unwrap().contains("holds over"),
+        "{r}"
+    );
+}

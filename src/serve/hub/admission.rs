@@ -460,6 +460,7 @@ impl Hub {
             };
             Refusal::new(code, format!("adopting the blob's journal: {e}"))
         })?;
+        super::live::warn_hidden(&st.plan, seen);
         st.sources.resize(kept, "cursor");
         st.sources.extend(std::iter::repeat_n("cursor", n));
         *st.reloads.entry("cursor").or_default() += 1;

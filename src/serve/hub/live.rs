@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::jobplan::JOB_LAG;
 use super::{Hub, RingEntry, State};
@@ -159,6 +159,48 @@ impl ChangeError {
             message: message.into(),
             first_changeable: None,
         }
+    }
+}
+
+/// The config's schedule points that `plan`'s live changes hide and `before`'s did not,
+/// as "39, 40" (their steps): a weights change holds from its step on over the config's
+/// later points, so such a point never applies. A point written into the file before a
+/// restart, which a blob's change then came back over, was silently not served while
+/// `check-config` and `plan` showed it.
+///
+/// Not for a file reload: the config is the file the daemon started with, and a reload
+/// replaces its later points on purpose.
+fn newly_hidden_points(plan: &Plan, before: &Plan) -> Option<String> {
+    let names = plan.domain_names();
+    let hidden = |p: &Plan, step: u64, want: &[f64]| {
+        let got = p.schedule().shares(step);
+        got.iter().zip(want).any(|(g, w)| (g - w).abs() > 1e-9)
+    };
+    let steps: Vec<String> = (plan.config().points().iter())
+        .filter(|p| p.step > 0)
+        .filter_map(|p| {
+            let raw: Vec<f64> = (names.iter())
+                .map(|n| p.weights.get(*n).copied().unwrap_or(0.0))
+                .collect();
+            let total: f64 = raw.iter().sum();
+            let want: Vec<f64> = raw.iter().map(|w| w / total).collect();
+            (hidden(plan, p.step, &want) && !hidden(before, p.step, &want))
+                .then(|| p.step.to_string())
+        })
+        .collect();
+    (!steps.is_empty()).then(|| steps.join(", "))
+}
+
+/// Logs (warn) the config's schedule points that a journal adopted from a blob hides
+/// ([`newly_hidden_points`]): `plan` is the plan in force now, `before` the one it
+/// replaced.
+pub(super) fn warn_hidden(plan: &Plan, before: &Plan) {
+    if let Some(steps) = newly_hidden_points(plan, before) {
+        warn!(
+            "the live changes adopted from a cursor blob hold over the config's schedule \
+             points at plan steps {steps}: those points are not served (a change holds \
+             from its step on); send their weights as live changes to apply them"
+        );
     }
 }
 
@@ -470,6 +512,10 @@ impl Hub {
                 first_changeable: None,
             });
         }
+        let hidden = match req.proposal {
+            Proposal::Schedule { .. } => None,
+            _ => newly_hidden_points(&next, &plan),
+        };
         self.install(st, next.clone()).map_err(|e| ChangeError {
             code: e.code(),
             message: match e.code() {
@@ -485,6 +531,13 @@ impl Hub {
             format!("step {requested} was already published; applied from step {applied}, the first that could still change")
         } else {
             format!("applied from step {applied}")
+        };
+        let message = match hidden {
+            Some(steps) => format!(
+                "{message}; it holds over the config's schedule points at plan steps {steps}, \
+                 which are not served"
+            ),
+            None => message,
         };
         info!(
             source = req.source,
