@@ -217,16 +217,6 @@ pub enum CursorError {
         /// The blob's plan step (or the end of a bursty cycle it had begun).
         plan_step: u64,
     },
-    /// A journal of live changes over another list of domains.
-    #[error("it carries {changes} live mixture changes over its {blob} domains, but this config's domains differ ({ours}): write the mixture into the config and resume from a blob without live changes")]
-    JournalDomains {
-        /// Changes the blob's journal holds.
-        changes: usize,
-        /// The blob's domain names.
-        blob: String,
-        /// The config's.
-        ours: String,
-    },
     /// Bytes left over after the last field.
     #[error("cursor is malformed: {bytes} unexpected bytes after the last domain")]
     Trailing {
