@@ -150,6 +150,11 @@ pub fn parse_control(payload: &[u8]) -> Result<Control, (String, String)> {
             let Some(UniqueWeights(weights)) = raw.weights else {
                 return fail("set_weights needs \"weights\": {domain: weight}".into());
             };
+            // An empty map would change no weight yet still hold the weights of its step
+            // over the schedule's later points (ctl and the Python client refuse it too).
+            if weights.is_empty() {
+                return fail("set_weights needs at least one domain in \"weights\"".into());
+            }
             Ok(Control::SetWeights {
                 weights,
                 at_step: raw.at_step,
@@ -243,6 +248,9 @@ mod tests {
             .1
             .contains("weights"));
         assert!(p(r#"{"protocol":1,"op":"set_weights","weights":{"a":NaN}}"#).is_err());
+        // An empty map is refused, not taken as a change that only flattens the schedule.
+        let e = p(r#"{"protocol":1,"op":"set_weights","weights":{}}"#).unwrap_err();
+        assert!(e.1.contains("at least one domain"), "{e:?}");
         // A domain named twice is refused, not read as the last of its two weights.
         let e = p(r#"{"protocol":1,"op":"set_weights","weights":{"a":1,"a":0}}"#).unwrap_err();
         assert!(e.1.contains(r#"names domain "a" twice"#), "{e:?}");
