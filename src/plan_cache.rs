@@ -14,7 +14,8 @@
 //! A directory holds at most [`MAX_CHECKPOINTS`] files and [`MAX_CHECKPOINT_BYTES`]
 //! bytes. A store that would pass either is thinned evenly: the spacing of the kept
 //! checkpoints doubles (every other one is removed) until they fill half of both, and
-//! only steps of the new spacing are written from then on. A long run therefore keeps
+//! only steps of the new spacing are written from then on (recorded in a marker file,
+//! so later processes keep to it). A long run therefore keeps
 //! checkpoints over its whole length, at most a spacing apart, and a seek anywhere in it
 //! replays at most that many steps.
 
@@ -33,6 +34,10 @@ const MAX_BLOB: u64 = 64 << 20;
 
 /// File name suffix of a checkpoint.
 const SUFFIX: &str = ".ckpt";
+
+/// File name prefix of the empty file that records a thinned directory's stride (16 hex
+/// digits follow); not a checkpoint name, so listing ignores it.
+const STRIDE_PREFIX: &str = "stride-";
 
 /// Most checkpoint files kept per plan fingerprint: what keeps a client's far
 /// `start_step` (up to `MAX_STEP`) from turning its seek into millions of files.
@@ -124,13 +129,35 @@ impl CheckpointDir {
         Held {
             files: held.len() as u64,
             bytes: held.iter().map(|h| h.1).sum(),
-            stride: held
-                .iter()
-                .filter(|h| h.0.plan_step > 0)
-                .map(|h| 1u64 << h.0.plan_step.trailing_zeros())
-                .min()
-                .unwrap_or(1),
+            stride: self.thinned(),
         }
+    }
+
+    /// The stride a thinning left, read from its marker file ([`STRIDE_PREFIX`]); 1 when
+    /// the directory was never thinned. Not inferred from the checkpoints' steps: a
+    /// directory that happens to hold only multiples of a large power of two (one file
+    /// the daemon wrote after the directory was deleted, or what a refusal left) would
+    /// then be kept that sparse for good, and every seek would replay up to that many
+    /// steps.
+    fn thinned(&self) -> u64 {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 1;
+        };
+        entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name();
+                let hex = name.to_str()?.strip_prefix(STRIDE_PREFIX)?;
+                let stride = u64::from_str_radix(hex, 16).ok()?;
+                (hex.len() == 16 && stride.is_power_of_two()).then_some(stride)
+            })
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Records `stride` as the directory's spacing for later processes (best effort: a
+    /// marker that cannot be written costs a thinning in the next process that fills it).
+    fn mark_thinned(&self, stride: u64) {
+        let _ = std::fs::File::create(self.dir.join(format!("{STRIDE_PREFIX}{stride:016x}")));
     }
 
     /// Doubles the stride until the checkpoints on it fill at most half of both caps,
@@ -141,7 +168,7 @@ impl CheckpointDir {
             let kept = held.iter().filter(|h| h.0.plan_step % stride == 0);
             (kept.clone().count() as u64, kept.map(|h| h.1).sum::<u64>())
         };
-        let mut stride = was.stride.max(1);
+        let mut stride = was.stride.max(self.thinned());
         loop {
             stride = stride.saturating_mul(2);
             let (files, bytes) = on(stride);
@@ -149,6 +176,8 @@ impl CheckpointDir {
                 break;
             }
         }
+        // Marked before the removals, so a process that counts meanwhile keeps to it.
+        self.mark_thinned(stride);
         for (key, _) in held.iter().filter(|h| h.0.plan_step % stride != 0) {
             let _ = std::fs::remove_file(self.path(key));
         }
@@ -384,6 +413,27 @@ mod tests {
         let d = CheckpointDir::capped(tmp.path().join("big"), 8, 64);
         d.store(&key(0), &[0u8; 100]);
         assert!(d.list().is_empty());
+    }
+
+    /// A directory that holds only multiples of a large power of two without ever having
+    /// been thinned (the one checkpoint a daemon wrote after the directory was deleted,
+    /// or what a refusal left) keeps taking every offer: the stride used to be read off
+    /// the steps held, so a lone file at step 1024 made every later process keep one
+    /// checkpoint in 1024 steps (and seeks replay up to that many) for good.
+    #[test]
+    fn a_sparse_directory_that_was_never_thinned_keeps_every_offer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("fp");
+        CheckpointDir::capped(dir.clone(), 8, u64::MAX).store(&key(1024), b"blob");
+        let later = CheckpointDir::capped(dir.clone(), 8, u64::MAX);
+        for s in [1088, 1152, 2048] {
+            later.store(&key(s), b"blob");
+        }
+        assert_eq!(steps(&later), [1024, 1088, 1152, 2048]);
+        // After a refusal the store counts again, and still keeps every offer.
+        later.refused(&key(1088), "test");
+        later.store(&key(1216), b"blob");
+        assert_eq!(steps(&later), [1024, 1152, 1216, 2048]);
     }
 
     /// A checkpoint name that is not a regular file (a FIFO, a link to a device) is

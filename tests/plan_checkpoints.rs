@@ -336,3 +336,51 @@ fn a_rewritten_group_sidecar_refuses_old_blobs_and_checkpoints() {
     // what they were: only a grouped domain's sidecar is content.
     assert_eq!(old.fingerprint(), new.fingerprint());
 }
+
+/// The plan steps of the checkpoint files under `root`, sorted.
+fn checkpoint_steps(root: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = checkpoints(root)
+        .iter()
+        .filter_map(|f| {
+            let name = f.file_name()?.to_str()?;
+            name.ends_with(".ckpt")
+                .then(|| u64::from_str_radix(name.get(..16)?, 16).ok())?
+        })
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// A cache directory deleted while a daemon serves leaves it the checkpoints it writes
+/// after: here one, at plan step 1024. The next seek past it used to read the spacing
+/// off that lone file's step and keep one checkpoint in 1024 steps for good (every
+/// later seek replaying up to 1024 steps instead of 64); it keeps one every 64 and
+/// prints what the plain replay prints.
+#[test]
+fn a_lone_checkpoint_does_not_make_the_store_sparse() {
+    let c = common::corpus(2_000_000, 3, 19, 1_000_000);
+    let xdg = c.tmp.path().join("xdg");
+    let cache = c.tmp.path().join("cache");
+    let cfg = config(&c.dir, "ck.toml", Some(&cache));
+    let plan = |from: &str, extra: &[&str]| {
+        let mut args = vec![
+            "plan", "--config", &cfg, "--from", from, "--steps", "2", "--window", "1", "--json",
+        ];
+        args.extend(extra);
+        let (mut v, _) = ok(&xdg, &args);
+        let o = v.as_object_mut().expect("a JSON object");
+        o.remove("timings_ms");
+        o.remove("memory_kb");
+        v
+    };
+    plan("1024", &[]);
+    for f in checkpoints(&cache) {
+        if !f.to_string_lossy().contains("/0000000000000400-") {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+    assert_eq!(checkpoint_steps(&cache), [1024]);
+    assert_eq!(plan("2000", &[]), plan("2000", &["--no-checkpoints"]));
+    let want: Vec<u64> = (1024..=1984).step_by(64).collect();
+    assert_eq!(checkpoint_steps(&cache), want);
+}
