@@ -235,7 +235,9 @@ impl Plan {
     /// restores under this plan, trying at most [`MAX_TRIES`]. Candidates are those
     /// whose name carries this plan's history up to their step plus the lookahead
     /// (the plan that wrote them planned every step before them as this one does);
-    /// at one step, one written under this plan's journal goes first.
+    /// at one step, one written under this plan's journal goes first. One written under
+    /// another journal restores when that journal plans its past alike
+    /// ([`Plan::restore_written_under`]).
     fn nearest_checkpoint(
         self: &Arc<Self>,
         target: u64,
@@ -255,6 +257,7 @@ impl Plan {
             })
             .collect();
         keys.sort_by_key(|k| (std::cmp::Reverse(k.plan_step), k.journal != journal));
+        let mut made = BTreeMap::new();
         for key in keys.iter().take(MAX_TRIES) {
             let Some(blob) = store.load(key) else {
                 continue;
@@ -266,12 +269,18 @@ impl Plan {
                     &format!("it holds plan step {}, not {}", p.plan_step, key.plan_step),
                 ),
                 // Written under a journal that this plan's does not extend: valid for
-                // that run, not for this one; not an error.
+                // that run, and for this one too when the two plan its past alike (a
+                // change that starts after it); otherwise skipped, not an error.
                 Err(
                     CursorError::JournalBehind { .. }
                     | CursorError::JournalDiverged { .. }
                     | CursorError::JournalRewrites { .. },
-                ) if key.journal != journal => {}
+                ) if key.journal != journal => {
+                    let p = self.restore_written_under(&blob, key.journal, &mut made);
+                    if let Some(p) = p.filter(|p| p.plan_step == key.plan_step) {
+                        return Some(p);
+                    }
+                }
                 Err(e) => store.refused(key, &e.to_string()),
             }
         }

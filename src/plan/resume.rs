@@ -6,6 +6,7 @@
 //! covers the blob's (a reload re-restoring its rings, tests). Both decode once and share
 //! [`Plan::check_cursor`], so each journal rule is written once.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::cursor::{self, CursorData, CursorError, Fingerprint};
@@ -162,6 +163,33 @@ impl Plan {
             }
             r => r,
         }
+    }
+
+    /// A plan checkpoint written under another journal, restored under this plan when
+    /// that journal plans every step before it (and the bursty cycles it began) as this
+    /// plan does: the daemon writes its checkpoints under its live changes, and one
+    /// scheduled far ahead (a `set_stage` at a late step) left every checkpoint before it
+    /// unusable to a plan without it (`explain`, `plan --from`, a restarted daemon),
+    /// whose seeks then replayed from step 0. `made` caches this plan's config under each
+    /// checkpoint journal tried, by the journal digest the checkpoint is named with
+    /// (`None`: that journal does not apply here); a name that lies about its journal
+    /// fails the journal check against the plan it picks.
+    pub(super) fn restore_written_under(
+        self: &Arc<Self>,
+        blob: &[u8],
+        journal: u64,
+        made: &mut BTreeMap<u64, Option<Plan>>,
+    ) -> Option<Planner> {
+        let c = cursor::decode(blob).ok()?;
+        self.check_fingerprint(&c).ok()?;
+        let made = made
+            .entry(journal)
+            .or_insert_with(|| self.with_history(c.journal.clone(), c.superseded).ok())
+            .as_ref()?;
+        if !self.plans_alike_before(made, self.first_safe_change(c.plan_step)) {
+            return None;
+        }
+        self.check_cursor_as(c, Some(made)).ok()
     }
 
     /// Refuses a blob made for another corpus or static config, or by a build whose

@@ -563,3 +563,49 @@ fn blobs_of_layouts_3_and_4_still_resume() {
     // Encoding a decoded old blob writes the same bytes again.
     assert_eq!(cursor::encode(&cursor::decode(&old).unwrap()), old);
 }
+
+/// Plan checkpoints written under a live change scheduled ahead (weights, or a stage, at
+/// plan step 200) serve a seek of the plan without it (`explain`, `plan --from`, a
+/// restarted daemon) up to the change: the seek restores the last one before it instead
+/// of skipping them all and replaying from step 0, and equals the plain replay, before
+/// and across the change's step. Past the change they are not the plan's, and the seek
+/// does not use them.
+#[test]
+fn checkpoints_under_a_change_ahead_serve_a_plan_without_it() {
+    use crate::plan::MemCheckpoints;
+    use std::sync::atomic::AtomicBool;
+    let cancel = AtomicBool::new(false);
+    let base = plan();
+    let staged = Arc::new(
+        base.with_journal(vec![base.stage_change(200, 30, 2, None, false)])
+            .unwrap(),
+    );
+    for live in [changed(&base, 200, 3.0), staged] {
+        let store = MemCheckpoints::new();
+        live.seek_checkpointed(260, 16, 8, &store, &cancel).unwrap();
+        let theirs = store.blobs().len();
+        assert_eq!(theirs, 32, "checkpoints at 8, 16, ... 256");
+        let mut got = base.seek_checkpointed(150, 16, 8, &store, &cancel).unwrap();
+        assert_eq!(
+            store.blobs().len(),
+            theirs,
+            "restored from 144: no checkpoint of its own written"
+        );
+        assert!(store.refusals().is_empty(), "{:?}", store.refusals());
+        let mut plain = base.seek(150);
+        assert_eq!(got.cursor(), plain.cursor());
+        for _ in 150..230 {
+            assert_eq!(got.next_batch(), plain.next_batch());
+        }
+        // Past the change: from its own checkpoint at 200 at best (it restores the
+        // written one there, then writes its own from 208 on).
+        let got = base.seek_checkpointed(250, 16, 8, &store, &cancel).unwrap();
+        assert_eq!(got.cursor(), base.seek(250).cursor());
+        let own = base.journal_digest();
+        let mine: Vec<u64> = (store.blobs().into_keys())
+            .filter(|k| k.journal == own)
+            .map(|k| k.plan_step)
+            .collect();
+        assert_eq!(mine, (208..=248).step_by(8).collect::<Vec<_>>());
+    }
+}
