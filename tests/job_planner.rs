@@ -122,6 +122,61 @@ impl Fixture {
         }
     }
 
+    /// The plan checkpoint files in `[corpus] cache_dir` below plan step 250 (the daemon's
+    /// planner may pass 256 meanwhile), sorted.
+    fn checkpoint_files(&self) -> Vec<PathBuf> {
+        let dir = self.corpus.dir.join("cache").join("plan-checkpoints");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|fp| std::fs::read_dir(fp.path()).unwrap().flatten())
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let step = name.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok());
+                name.ends_with(".ckpt") && step < Some(250)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A client of job `job` reading the whole global batch, after it read `steps`.
+    fn whole_batches(&self, job: &str, steps: u64) -> Client {
+        let mut h = Hello::whole_slice(0, 1);
+        h.job = job.into();
+        let mut c = Client::connect(&self.socket, &h).unwrap_or_else(|e| panic!("connect: {e}"));
+        c.set_timeout(Some(Duration::from_secs(60)));
+        for _ in 0..steps {
+            c.next_batch().unwrap();
+        }
+        c
+    }
+
+    /// Waits (30 s at most) until the daemon has written `n` [`Fixture::checkpoint_files`].
+    fn await_checkpoints(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.checkpoint_files().len() < n {
+            let files = self.checkpoint_files();
+            assert!(Instant::now() < deadline, "the daemon wrote {files:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `millrace plan --from 250 --steps 3` with `extra` flags, in JSON without its
+    /// timings and memory (which vary).
+    fn plan_from_250(&self, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["--from", "250", "--steps", "3", "--window", "1", "--json"];
+        args.extend(extra);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&self.millrace("plan", &args)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("timings_ms");
+        o.remove("memory_kb");
+        v
+    }
+
     /// The output of `millrace <cmd> --config <config> <args>`, which must succeed.
     fn millrace(&self, cmd: &str, args: &[&str]) -> Vec<u8> {
         let out = common::bin()
@@ -568,34 +623,9 @@ fn a_stalled_rank_does_not_grow_the_jobs_window() {
 fn plan_from_restores_a_checkpoint_the_daemon_wrote_while_serving() {
     const BIG: u32 = 1024;
     let f = fixture(35, BIG);
-    let mut h = Hello::whole_slice(0, 1);
-    h.job = "ckpt".into();
-    let mut c = Client::connect(&f.socket, &h).unwrap_or_else(|e| panic!("connect: {e}"));
-    c.set_timeout(Some(Duration::from_secs(60)));
-    for _ in 0..200 {
-        c.next_batch().unwrap();
-    }
-    let dir = f.corpus.dir.join("cache").join("plan-checkpoints");
-    let files = || -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|fp| {
-                std::fs::read_dir(fp.path())
-                    .unwrap()
-                    .flatten()
-                    .map(|e| e.path())
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while files().len() < 3 {
-        assert!(Instant::now() < deadline, "the daemon wrote {:?}", files());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let c = f.whole_batches("ckpt", 200);
+    let files = || f.checkpoint_files();
+    f.await_checkpoints(3);
     let names = |v: Vec<PathBuf>| -> Vec<String> {
         v.iter()
             .map(|p| p.file_name().unwrap().to_string_lossy()[..16].to_string())
@@ -610,15 +640,7 @@ fn plan_from_restores_a_checkpoint_the_daemon_wrote_while_serving() {
     for p in &files()[..2] {
         std::fs::remove_file(p).unwrap();
     }
-    let plan = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["--from", "250", "--steps", "3", "--window", "1", "--json"];
-        args.extend(extra);
-        let mut v: serde_json::Value = serde_json::from_slice(&f.millrace("plan", &args)).unwrap();
-        let o = v.as_object_mut().unwrap();
-        o.remove("timings_ms");
-        o.remove("memory_kb");
-        v
-    };
+    let plan = |extra: &[&str]| f.plan_from_250(extra);
     let from_daemon = plan(&[]);
     assert_eq!(
         names(files()),
@@ -646,44 +668,12 @@ fn plan_from_restores_a_checkpoint_written_under_a_change_ahead() {
         millrace::control::Late::Refuse,
     ));
     assert_eq!(r["ok"], true, "{r}");
-    let mut h = Hello::whole_slice(0, 1);
-    h.job = "ahead".into();
-    let mut c = Client::connect(&f.socket, &h).unwrap_or_else(|e| panic!("connect: {e}"));
-    c.set_timeout(Some(Duration::from_secs(60)));
-    for _ in 0..200 {
-        c.next_batch().unwrap();
-    }
+    let c = f.whole_batches("ahead", 200);
     drop(c);
-    let dir = f.corpus.dir.join("cache").join("plan-checkpoints");
-    let files = || -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|fp| std::fs::read_dir(fp.path()).unwrap().flatten())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".ckpt"))
-            // The daemon's planner may pass 256 meanwhile: only those the seek passes.
-            .filter(|n| n.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok()) < Some(250))
-            .collect();
-        v.sort();
-        v
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while files().len() < 3 {
-        assert!(Instant::now() < deadline, "the daemon wrote {:?}", files());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    f.await_checkpoints(3);
+    let files = || f.checkpoint_files();
     let daemons = files();
-    let plan = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["--from", "250", "--steps", "3", "--window", "1", "--json"];
-        args.extend(extra);
-        let mut v: serde_json::Value = serde_json::from_slice(&f.millrace("plan", &args)).unwrap();
-        let o = v.as_object_mut().unwrap();
-        o.remove("timings_ms");
-        o.remove("memory_kb");
-        v
-    };
+    let plan = |extra: &[&str]| f.plan_from_250(extra);
     let from_daemon = plan(&[]);
     assert_eq!(files(), daemons, "the seek started from the daemon's 192");
     assert_eq!(from_daemon, plan(&["--no-checkpoints"]));

@@ -38,8 +38,13 @@ fn ok(xdg: &Path, args: &[&str]) -> (Value, String) {
 
 /// `plan --from 300 --steps 4` in JSON without its timings and memory (which vary).
 fn plan_windows(xdg: &Path, config: &str, extra: &[&str]) -> (Value, String) {
+    plan_windows_from(xdg, config, STEP, extra)
+}
+
+/// [`plan_windows`] from step `from`.
+fn plan_windows_from(xdg: &Path, config: &str, from: &str, extra: &[&str]) -> (Value, String) {
     let mut args = vec![
-        "plan", "--config", config, "--from", STEP, "--steps", "4", "--window", "1", "--json",
+        "plan", "--config", config, "--from", from, "--steps", "4", "--window", "1", "--json",
     ];
     args.extend(extra);
     let (mut v, err) = ok(xdg, &args);
@@ -362,17 +367,7 @@ fn a_lone_checkpoint_does_not_make_the_store_sparse() {
     let xdg = c.tmp.path().join("xdg");
     let cache = c.tmp.path().join("cache");
     let cfg = config(&c.dir, "ck.toml", Some(&cache));
-    let plan = |from: &str, extra: &[&str]| {
-        let mut args = vec![
-            "plan", "--config", &cfg, "--from", from, "--steps", "2", "--window", "1", "--json",
-        ];
-        args.extend(extra);
-        let (mut v, _) = ok(&xdg, &args);
-        let o = v.as_object_mut().expect("a JSON object");
-        o.remove("timings_ms");
-        o.remove("memory_kb");
-        v
-    };
+    let plan = |from: &str, extra: &[&str]| plan_windows_from(&xdg, &cfg, from, extra).0;
     plan("1024", &[]);
     for f in checkpoints(&cache) {
         if !f.to_string_lossy().contains("/0000000000000400-") {
