@@ -310,7 +310,17 @@ impl Checkpoints for CheckpointDir {
             return;
         }
         let len = blob.len() as u64;
-        if held.files >= self.max_files || held.bytes + len > self.max_bytes {
+        let full = |h: &Held| h.files >= self.max_files || h.bytes + len > self.max_bytes;
+        if full(held) {
+            // Counted again before anything is removed: since this count was taken the
+            // directory may have been deleted, or another process (a second daemon, a
+            // seek) may have thinned it, and thinning on the stale count halved a store
+            // that had room.
+            let stride = held.stride;
+            *held = self.count();
+            held.stride = held.stride.max(stride);
+        }
+        if full(held) {
             *held = self.thin(*held);
             if key.plan_step % held.stride != 0 {
                 return;
@@ -434,6 +444,37 @@ mod tests {
         later.refused(&key(1088), "test");
         later.store(&key(1216), b"blob");
         assert_eq!(steps(&later), [1024, 1152, 1216, 2048]);
+    }
+
+    /// A store thins on what the directory holds, not on its own stale count: one whose
+    /// directory was deleted when full, or that another process (a second daemon, a
+    /// seek) thinned meanwhile, used to double its spacing again anyway, and drop every
+    /// other offer or remove half of what was left of a store with room.
+    #[test]
+    fn a_store_thins_on_what_the_directory_holds_not_on_a_stale_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("fp");
+        let a = CheckpointDir::capped(dir.clone(), 8, u64::MAX);
+        for s in 0..8 {
+            a.store(&key(s), b"blob");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        for s in 8..11 {
+            a.store(&key(s), b"blob");
+        }
+        assert_eq!(steps(&a), [8, 9, 10], "the deleted directory had room");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // b counted a full directory; c then finds it full and thins it to one in 2.
+        let b = CheckpointDir::capped(dir.clone(), 8, u64::MAX);
+        for s in 0..8 {
+            b.store(&key(s), b"blob");
+        }
+        let c = CheckpointDir::capped(dir.clone(), 8, u64::MAX);
+        c.store(&key(8), b"blob");
+        assert_eq!(steps(&c), [0, 2, 4, 6, 8]);
+        b.store(&key(10), b"blob");
+        assert_eq!(steps(&b), [0, 2, 4, 6, 8, 10], "thinned once, not twice");
     }
 
     /// A checkpoint name that is not a regular file (a FIFO, a link to a device) is
