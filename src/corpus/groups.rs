@@ -121,9 +121,15 @@ impl Groups {
         // panic where overflow checks are on) for a shape like (2^32, 2^32): a shape of
         // more than one dimension is refused from the text first.
         if let Some(shape) = NpyPreamble::of(bytes).and_then(|pre| pre.shape(bytes)) {
-            if shape.split(',').filter(|d| !d.trim().is_empty()).count() != 1 {
+            let dims: Vec<&str> = shape
+                .split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .collect();
+            if dims.len() != 1 {
                 return Err(bad(format!(
-                    "groups sidecar has shape ({shape}); expected one dimension"
+                    "groups sidecar has shape [{}]; expected one dimension",
+                    dims.join(", ")
                 )));
             }
         }
