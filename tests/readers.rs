@@ -227,3 +227,99 @@ fn an_unknown_reader_is_refused_naming_the_choices() {
         assert!(err.contains(want), "{want:?} missing from: {err}");
     }
 }
+
+/// Installs, in the process about to exec, a seccomp filter under which system call `nr`
+/// fails with EPERM, as a container profile that leaves it out of its allowlist does.
+/// Only async-signal-safe calls: it runs between fork and exec.
+fn deny_syscall(nr: libc::c_long) -> std::io::Result<()> {
+    let (ld_nr, jeq, ret) = (0x20, 0x15, 0x06);
+    let op = |code, jf, k| libc::sock_filter { code, jt: 0, jf, k };
+    let mut filter = [
+        op(ld_nr, 0, 0),
+        op(jeq, 1, nr as u32),
+        op(ret, 0, 0x0005_0000 | libc::EPERM as u32),
+        op(ret, 0, 0x7fff_0000),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: plain prctl calls; the program outlives the call that copies it.
+    let ok = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Regression: a seccomp profile that allows `io_uring_setup` but not `io_uring_enter`
+/// let the reader be set up at start, and then every compact fill failed its ring with
+/// `ERROR materialize ... io_uring_enter: Operation not permitted`. Whichever of the
+/// three io_uring calls the daemon is refused, it now logs why at start and copies from
+/// the mappings, and the rows are still what `explain` says.
+#[test]
+fn a_daemon_refused_any_io_uring_call_falls_back_to_the_copy() {
+    use std::os::unix::process::CommandExt;
+    let corpus = common::corpus(200_000, 1, 5, 50_000);
+    let dir = &corpus.dir;
+    let calls = [
+        ("setup", libc::SYS_io_uring_setup),
+        ("register", libc::SYS_io_uring_register),
+        ("enter", libc::SYS_io_uring_enter),
+    ];
+    for (name, nr) in calls {
+        let socket = dir.join(format!("{name}.sock"));
+        let config = common::write_config(
+            dir,
+            &format!("{name}.toml"),
+            SEQ_LEN,
+            ROWS,
+            &[
+                &common::serve_toml(&socket, 4, 2),
+                "reader = \"uring-direct\"",
+            ],
+        );
+        let mut serve = Serve::spawn(&config, &dir.join(format!("{name}.log")), |c| {
+            // SAFETY: the hook only makes prctl calls (async-signal-safe).
+            unsafe { c.pre_exec(move || deny_syscall(nr)) };
+        });
+        serve.wait_listening(&socket, Duration::from_secs(30));
+        let d = Daemon { serve, socket };
+        let mut c = d.connect("c", SlotLayout::Compact, 0);
+        let pad = c.welcome().pad_token as u16;
+        for (step, rows) in explained(&config, 8, pad).iter().enumerate() {
+            let b = c
+                .next_batch()
+                .unwrap_or_else(|e| panic!("io_uring_{name} refused: step {step}: {e}"));
+            let SlotArrays::Compact { rows: got, .. } = b.arrays else {
+                panic!("a compact job got {:?}", b.arrays);
+            };
+            let want: Vec<u8> = rows
+                .iter()
+                .flatten()
+                .flat_map(|t| t.to_le_bytes())
+                .collect();
+            assert!(
+                got.as_bytes() == want,
+                "io_uring_{name} refused: step {step}"
+            );
+        }
+        let log = d.serve.log_text();
+        assert!(
+            log.contains(
+                "[serve] reader = \"uring-direct\" cannot be used (io_uring is unavailable: "
+            ) && log.contains("using \"mmap-willneed\""),
+            "io_uring_{name} refused: {log}"
+        );
+        eprintln!(
+            "io_uring_{name} refused: {}",
+            log.lines()
+                .find(|l| l.contains("cannot be used"))
+                .unwrap_or("")
+        );
+    }
+}

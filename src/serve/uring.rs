@@ -463,6 +463,36 @@ struct Op {
 /// EAGAIN when the device queue is full; both are worth another try, forever is not.
 const MAX_RETRIES: u8 = 16;
 
+/// Enters the kernel once with a NOP and takes its completion: a seccomp profile that
+/// allows `io_uring_setup` and `io_uring_register` but not `io_uring_enter` makes every
+/// read fail, so the reader is refused as unavailable (the caller falls back) instead
+/// of failing every ring whose slot it fills.
+fn enter_once(ring: &mut IoUring) -> Result<(), ReadError> {
+    let nop = opcode::Nop::new().build().user_data(u64::MAX);
+    // SAFETY: a NOP names no buffer or file.
+    if unsafe { ring.submission().push(&nop) }.is_err() {
+        return Err(ReadError::Unavailable {
+            what: "queueing a NOP on a fresh ring",
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+        });
+    }
+    loop {
+        match ring.submitter().submit_and_wait(1) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(source) => {
+                return Err(ReadError::Unavailable {
+                    what: "io_uring_enter",
+                    source,
+                })
+            }
+            Ok(_) => {}
+        }
+        if ring.completion().next().is_some() {
+            return Ok(());
+        }
+    }
+}
+
 /// Reads spans with io_uring: see the file comment.
 pub struct UringReader {
     ring: IoUring,
@@ -488,8 +518,8 @@ impl std::fmt::Debug for UringReader {
 
 impl UringReader {
     /// Sets up a ring of `opts.depth` entries and registers `paths` (span `file` indexes
-    /// this list). [`ReadError::Unavailable`] when the kernel refuses io_uring or lacks
-    /// `IORING_OP_READ` (before 5.6).
+    /// this list). [`ReadError::Unavailable`] when the kernel refuses io_uring (any of
+    /// its three calls) or lacks `IORING_OP_READ` (before 5.6).
     pub fn open(paths: &[PathBuf], opts: UringOptions) -> Result<UringReader, ReadError> {
         UringReader::open_with(ShardFiles::open(paths, opts.direct)?, opts)
     }
@@ -504,7 +534,7 @@ impl UringReader {
                 / DIRECT_ALIGN as u32)
                 * DIRECT_ALIGN as u32,
         };
-        let ring = IoUring::new(opts.depth).map_err(|source| ReadError::Unavailable {
+        let mut ring = IoUring::new(opts.depth).map_err(|source| ReadError::Unavailable {
             what: "io_uring_setup",
             source,
         })?;
@@ -521,6 +551,7 @@ impl UringReader {
                 source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
             });
         }
+        enter_once(&mut ring)?;
         let fds: Vec<i32> = files
             .files
             .iter()
