@@ -207,7 +207,16 @@ fn read_failed(
     e: ReadError,
     fail: &dyn Fn(String) -> RingError,
 ) -> RingError {
+    // The byte to blame: a read joins spans that continue each other (the end of one
+    // document, the start of the next), so its first byte may lie in a document the file
+    // still holds in full; a truncation blames the first byte the file lost.
     let at = match &e {
+        ReadError::Truncated {
+            offset,
+            end,
+            file_len,
+            ..
+        } if (*offset..*end).contains(file_len) => Some(*file_len),
         ReadError::Read { offset, .. } | ReadError::Truncated { offset, .. } => Some(*offset),
         _ => None,
     };

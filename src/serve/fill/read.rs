@@ -390,6 +390,56 @@ mod tests {
         }
     }
 
+    /// Regression: a row that packs the end of document 2 and the start of document 3,
+    /// which follow each other in the file, is one joined read; a truncation in document
+    /// 3's bytes failed the fill blaming document 2 (the first byte of the joined read),
+    /// whose bytes were all there. The error names the document holding the first byte
+    /// the file lost.
+    #[test]
+    fn a_truncation_inside_a_joined_read_names_the_document_that_lost_bytes() {
+        use crate::plan::{Row, Segment};
+        for reader in [Reader::Uring, Reader::UringDirect] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut src, job, layout, ring, _) = copied_slot(dir.path());
+            src.readers = Readers::open(reader, &src.shards);
+            if let Some(why) = src.readers.fallback() {
+                eprintln!("{why}");
+                continue;
+            }
+            let seg = |doc, start, len| Segment {
+                shard: 0,
+                doc,
+                start,
+                len,
+                doc_len: 4096,
+                group: None,
+            };
+            // Document d's tokens start at byte 8192 d: tokens 4064.. of document 2 are
+            // bytes 24512..24576, tokens ..33 of document 3 bytes 24576..24642.
+            let rows = vec![Row::new(0, 0, vec![seg(2, 4064, 32), seg(3, 0, 33)], 65)];
+            let job = SlotJob {
+                rows: rows.into(),
+                ..job
+            };
+            let slot = &mut ring.claim(0).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("s.bin"))
+                .unwrap()
+                .set_len(24600)
+                .unwrap();
+            let e = fill_slot(slot, &layout, &job, &src)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("row 0: document 3: reading with io_uring: ")
+                    && e.contains("truncated: bytes 24512..24642 were planned but the file now ends at byte 24600"),
+                "{reader:?}: {e}"
+            );
+            assert!(src.shards[0][0].poisoned().is_some(), "{reader:?}");
+        }
+    }
+
     /// A token file renamed over between the start's mapping of the shard and the opening
     /// of the io_uring readers' descriptors (a start takes minutes on a large corpus, and
     /// a rename is the supported way to replace a shard) is another file than the one the
