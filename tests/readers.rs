@@ -27,10 +27,21 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, reader: &str) -> Daemon {
-        let socket = dir.join(format!("{reader}.sock"));
+        Daemon::start_as(dir, reader, reader, |_| {})
+    }
+
+    /// [`Daemon::start`] with its files named `name` (config, socket, log), and `tweak`
+    /// applied to its command.
+    fn start_as(
+        dir: &Path,
+        name: &str,
+        reader: &str,
+        tweak: impl FnOnce(&mut std::process::Command),
+    ) -> Daemon {
+        let socket = dir.join(format!("{name}.sock"));
         let config = common::write_config(
             dir,
-            &format!("{reader}.toml"),
+            &format!("{name}.toml"),
             SEQ_LEN,
             ROWS,
             &[
@@ -38,7 +49,8 @@ impl Daemon {
                 &format!("reader = {reader:?}"),
             ],
         );
-        let serve = Serve::start(&config, &socket, &dir.join(format!("{reader}.log")));
+        let mut serve = Serve::spawn(&config, &dir.join(format!("{name}.log")), tweak);
+        serve.wait_listening(&socket, Duration::from_secs(30));
         Daemon { serve, socket }
     }
 
@@ -63,6 +75,22 @@ impl Daemon {
         }
         reader.starts_with("uring") && log.contains("compact slots read with io_uring")
     }
+}
+
+/// The row bytes of a compact batch, and its step.
+fn compact_rows(b: millrace::client::BatchView<'_>, what: &str) -> (u64, Vec<u8>) {
+    let SlotArrays::Compact { rows, .. } = b.arrays else {
+        panic!("{what}: a compact job got {:?}", b.arrays);
+    };
+    (b.step, rows.as_bytes().to_vec())
+}
+
+/// Rows of uint16 ids as a compact slot holds them.
+fn row_bytes(rows: &[Vec<u16>]) -> Vec<u8> {
+    rows.iter()
+        .flatten()
+        .flat_map(|t| t.to_le_bytes())
+        .collect()
 }
 
 /// Every row's tokens (`seq_len + 1`, padded with `pad`) as `millrace explain --json`
@@ -94,18 +122,10 @@ fn every_reader_delivers_exactly_what_explain_says() {
         let pad = compact.welcome().pad_token as u16;
         let want = want.get_or_insert_with(|| explained(&dir.join("auto.toml"), STEPS, pad));
         for (step, rows) in want.iter().enumerate() {
-            let c = compact.next_batch().unwrap();
-            assert_eq!(c.step, step as u64);
-            let SlotArrays::Compact { rows: got, .. } = c.arrays else {
-                panic!("{reader}: a compact job got {:?}", c.arrays);
-            };
-            let bytes: Vec<u8> = rows
-                .iter()
-                .flatten()
-                .flat_map(|t| t.to_le_bytes())
-                .collect();
+            let (at, got) = compact_rows(compact.next_batch().unwrap(), reader);
+            assert_eq!(at, step as u64);
             assert!(
-                got.as_bytes() == bytes,
+                got == row_bytes(rows),
                 "{reader}: step {step}: compact rows differ from explain"
             );
             let e = expanded.next_batch().unwrap().expanded();
@@ -272,41 +292,22 @@ fn a_daemon_refused_any_io_uring_call_falls_back_to_the_copy() {
         ("enter", libc::SYS_io_uring_enter),
     ];
     for (name, nr) in calls {
-        let socket = dir.join(format!("{name}.sock"));
-        let config = common::write_config(
-            dir,
-            &format!("{name}.toml"),
-            SEQ_LEN,
-            ROWS,
-            &[
-                &common::serve_toml(&socket, 4, 2),
-                "reader = \"uring-direct\"",
-            ],
-        );
-        let mut serve = Serve::spawn(&config, &dir.join(format!("{name}.log")), |c| {
+        let d = Daemon::start_as(dir, name, "uring-direct", |c| {
             // SAFETY: the hook only makes prctl calls (async-signal-safe).
             unsafe { c.pre_exec(move || deny_syscall(nr)) };
         });
-        serve.wait_listening(&socket, Duration::from_secs(30));
-        let d = Daemon { serve, socket };
         let mut c = d.connect("c", SlotLayout::Compact, 0);
         let pad = c.welcome().pad_token as u16;
-        for (step, rows) in explained(&config, 8, pad).iter().enumerate() {
+        let refused = format!("io_uring_{name} refused");
+        for (step, rows) in explained(&dir.join(format!("{name}.toml")), 8, pad)
+            .iter()
+            .enumerate()
+        {
             let b = c
                 .next_batch()
-                .unwrap_or_else(|e| panic!("io_uring_{name} refused: step {step}: {e}"));
-            let SlotArrays::Compact { rows: got, .. } = b.arrays else {
-                panic!("a compact job got {:?}", b.arrays);
-            };
-            let want: Vec<u8> = rows
-                .iter()
-                .flatten()
-                .flat_map(|t| t.to_le_bytes())
-                .collect();
-            assert!(
-                got.as_bytes() == want,
-                "io_uring_{name} refused: step {step}"
-            );
+                .unwrap_or_else(|e| panic!("{refused}: step {step}: {e}"));
+            let (_, got) = compact_rows(b, &refused);
+            assert!(got == row_bytes(rows), "{refused}: step {step}");
         }
         let log = d.serve.log_text();
         assert!(
