@@ -159,6 +159,29 @@ pub struct Planner {
     pub(super) streams: Vec<Stream>,
 }
 
+/// A copy at the same position, for admissions that share one seek's result (the
+/// daemon's concurrent seeks of one plan to one step replay once). Packed windows are
+/// shared; each group-walk cache starts empty (it never changes the rows, only speed).
+impl Clone for Planner {
+    fn clone(&self) -> Planner {
+        let streams = (self.streams.iter())
+            .map(|s| {
+                let mut c = Stream::new(s.state.clone());
+                c.cache = s.cache.clone();
+                c.tail_cache = s.tail_cache.clone();
+                c
+            })
+            .collect();
+        Planner {
+            plan: self.plan.clone(),
+            step: self.step,
+            plan_step: self.plan_step,
+            mix: self.mix.clone(),
+            streams,
+        }
+    }
+}
+
 impl Planner {
     /// The next trainer step this planner will produce.
     pub fn step(&self) -> u64 {

@@ -449,13 +449,24 @@ async fn connection(
     // it if the client hangs up meanwhile. At most `admission_slots` run at once (a
     // seek holds tens to hundreds of MB, and a job's start sends every rank's HELLO
     // together); the others wait here, holding no thread, and one whose client left
-    // while it waited never starts.
+    // while it waited never starts. Seeks (no blob, a start step past 0 that its
+    // rank's ring does not cover) take `seek_slots` of them, and the rest are for the
+    // others: a far seek runs for hours, and a job resuming from its blobs or starting
+    // afresh must not wait for it. A seek another admission is running, once done,
+    // needs no seek slot: its result is copied.
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let task = {
         let (hub, hello, cancel) = (hub.clone(), hello.clone(), cancel.clone());
-        let slots = d.admissions.clone();
+        let (slots, seeks, flights) = (d.admissions.clone(), d.seeks.clone(), d.flights.clone());
         async move {
-            let slot = slots.acquire_owned().await.ok();
+            let ticket = hub.seek_ticket(&hello, &flights);
+            let slot = match &ticket {
+                Some(t) if !t.done() => tokio::select! {
+                    s = seeks.acquire_owned() => s.ok(),
+                    () = t.finished() => slots.acquire_owned().await.ok(),
+                },
+                _ => slots.acquire_owned().await.ok(),
+            };
             if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(Err(crate::wire::Refusal::new(
                     Code::Cancelled,
@@ -464,7 +475,7 @@ async fn connection(
             }
             tokio::task::spawn_blocking(move || {
                 let _slot = slot;
-                hub.admit(&hello, pid, &cancel)
+                hub.admit(&hello, pid, &cancel, ticket.as_ref())
             })
             .await
         }

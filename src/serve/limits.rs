@@ -314,6 +314,14 @@ pub(super) fn admission_slots() -> usize {
     std::thread::available_parallelism().map_or(4, |n| n.get().clamp(4, 16))
 }
 
+/// The admission slots seeks may take (half, at least 1): a seek to a far step runs
+/// for hours, and with every slot seeking a blob restore (40 ms) or a step-0 start
+/// waited for them all. The others take the rest; together they stay within
+/// [`admission_slots`].
+pub(super) fn seek_slots() -> usize {
+    (admission_slots() / 2).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

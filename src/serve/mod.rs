@@ -163,7 +163,11 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         warn_conn: limits::Throttle::new("refused connections", 20, Duration::from_secs(10)),
         warn_accept: limits::Throttle::new("failed accepts", 5, Duration::from_secs(10)),
         last_reload: Mutex::new(None),
-        admissions: Arc::new(tokio::sync::Semaphore::new(limits::admission_slots())),
+        admissions: Arc::new(tokio::sync::Semaphore::new(
+            limits::admission_slots() - limits::seek_slots(),
+        )),
+        seeks: Arc::new(tokio::sync::Semaphore::new(limits::seek_slots())),
+        flights: Arc::default(),
         socket_flag: from_flag,
         serve,
     });
@@ -287,9 +291,14 @@ struct Daemon {
     /// The outcome of the last reload (file, SIGHUP or ctl), for `status` and `top`: a
     /// refused file edit must be seen where people look, not only in the log.
     last_reload: Mutex<Option<ReloadOutcome>>,
-    /// Admissions running at once ([`limits::admission_slots`]); the rest wait their turn
-    /// without a thread.
+    /// Admissions other than seeks running at once (the [`limits::admission_slots`]
+    /// that [`limits::seek_slots`] leaves); the rest wait their turn without a thread.
     admissions: Arc<tokio::sync::Semaphore>,
+    /// Seeks running at once ([`limits::seek_slots`]): a far one runs for hours, and
+    /// must not hold the slots a blob restore or a step-0 start needs.
+    seeks: Arc<tokio::sync::Semaphore>,
+    /// Seeks in progress, shared by the admissions seeking one plan to one step.
+    flights: Arc<hub::SeekFlights>,
     /// The socket path came from `--socket`: a reloaded file's `[serve] socket` is not
     /// the one the next start (with the same flag) binds.
     socket_flag: bool,

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use millrace::client::{Client, ClientError, Hello};
+use millrace::config::plan::MAX_STEP;
 use millrace::wire::frame::{encode, kind};
 use serde_json::json;
 
@@ -586,4 +587,177 @@ fn superseded_changes_never_fill_the_journal() {
     assert_eq!(st["journal"].as_array().unwrap().len(), 1, "{st}");
     assert_eq!(st["journal"][0]["source"], "cursor", "{st}");
     stream(&mut good, 3);
+}
+
+/// The admission slots `millrace serve` has on this machine, and the part seeks may take
+/// (src/serve/limits.rs).
+fn slots() -> (usize, usize) {
+    let all = std::thread::available_parallelism().map_or(4, |n| n.get().clamp(4, 16));
+    (all, (all / 2).max(1))
+}
+
+/// Log lines of seeks the daemon ran to `step` (one per replay, whoever shared it).
+fn seeks_to(f: &Fixture, step: u64) -> usize {
+    let at = format!("step={step}");
+    (f.daemon.log_text().lines())
+        .filter(|l| l.contains("seeking a client's start step") && l.ends_with(&at))
+        .count()
+}
+
+/// A HELLO as raw bytes: a client that asks for `start_step` and reads nothing back.
+fn raw_seeker(f: &Fixture, job: &str, step: u64) -> UnixStream {
+    let h = json!({"protocol": millrace::wire::TRAINER_VERSION, "job": job, "dp_rank": 0,
+                   "dp_size": 1, "start_step": step});
+    let mut s = UnixStream::connect(&f.socket).expect("connect");
+    s.write_all(&encode(kind::HELLO, h.to_string().as_bytes()))
+        .expect("HELLO");
+    s
+}
+
+/// The first batch `c` reads: its step and the bytes a trainer copies.
+fn first_batch(c: &mut Client) -> (u64, Vec<u8>) {
+    let b = c.next_batch().expect("a first batch");
+    (b.step, b.copy_bytes.to_vec())
+}
+
+/// A review measured: with 8 clients seeking far steps (no blob) and staying connected,
+/// every admission slot seeks for hours, and a client resuming from its blob (40 ms on
+/// an idle daemon) timed out after 30 s, a `start_step 0` one after 50 s. Now seeks take
+/// their own part of the slots: with more far seekers than there are slots, a blob
+/// resume and a step-0 start are admitted within seconds and served the bytes an
+/// undisturbed consumer read at their steps.
+#[test]
+fn blob_resumes_and_fresh_starts_are_not_queued_behind_far_seeks() {
+    let mut f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good consumer joins");
+    let (mut step0, mut blob, mut step3) = (None, None, None);
+    for _ in 0..4 {
+        let b = good.next_batch().expect("good streams");
+        match b.step {
+            0 => step0 = Some(b.copy_bytes.to_vec()),
+            2 => blob = Some(b.cursor.to_vec()),
+            3 => step3 = Some(b.copy_bytes.to_vec()),
+            _ => {}
+        }
+    }
+    let (all, seek) = slots();
+    let far: Vec<UnixStream> = (0..all as u64 + 4)
+        .map(|i| raw_seeker(&f, &format!("far{i}"), MAX_STEP - i))
+        .collect();
+    wait_until("every seek slot to seek", Duration::from_secs(10), || {
+        (f.daemon.log_text())
+            .matches("seeking a client's start step job=far")
+            .count()
+            >= seek
+    });
+    let t = Instant::now();
+    let mut h = hello("resume");
+    h.cursor = blob.as_deref().map(millrace::wire::to_hex);
+    let mut resumed = Client::connect_within(&f.socket, &h, Duration::from_secs(10))
+        .expect("a blob resume is admitted while far seeks run");
+    let resume_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut fresh = Client::connect_within(&f.socket, &hello("fresh"), Duration::from_secs(10))
+        .expect("a step-0 start is admitted while far seeks run");
+    let fresh_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "with {} far seekers: blob resume admitted in {resume_s:.3} s, step 0 in {fresh_s:.3} s",
+        far.len()
+    );
+    resumed.set_timeout(Some(TIMEOUT));
+    fresh.set_timeout(Some(TIMEOUT));
+    assert_eq!(first_batch(&mut resumed), (3, step3.expect("step 3")));
+    assert_eq!(first_batch(&mut fresh), (0, step0.expect("step 0")));
+    stream(&mut good, 3);
+    drop(far);
+    wait_until("the far seeks to be cancelled", TIMEOUT, || {
+        f.daemon.log_text().matches("left during admission").count() >= all + 4
+    });
+    assert!(f.daemon.alive());
+}
+
+/// A review measured: the 4 TP peers of one rank each ran the seek to their start step
+/// (12 s for four against 3 s for one), and every dp rank of a job replayed the same
+/// global step. Now concurrent seeks of one plan to one step share one replay: the
+/// daemon logs one seek for a job's 4 dp ranks and one for a rank's 4 TP peers, and
+/// each rank gets the bytes its own seek gives (checked against ranks joined one by
+/// one, each seeking alone). A peer whose rank's ring exists at its step, started or
+/// not, takes its position without a seek.
+#[test]
+fn concurrent_seeks_of_one_step_run_one_replay() {
+    let mut f = fixture("");
+    let (dp_step, tp_step) = (10_000_000u64, 10_000_001u64);
+    let ranks = |job: &str, step: u64| -> Vec<Hello> {
+        (0..4u32)
+            .map(|r| {
+                let mut h = Hello::whole_slice(r, 4);
+                h.job = job.into();
+                h.start_step = Some(step);
+                h
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    let mut dp: Vec<Client> = (join_at_once(&f, ranks("dp", dp_step)).into_iter())
+        .map(|c| c.expect("a dp rank joins"))
+        .collect();
+    let shared_s = t.elapsed().as_secs_f64();
+    assert_eq!(seeks_to(&f, dp_step), 1, "{}", f.daemon.log_text());
+    let t = Instant::now();
+    let mut alone = Vec::new();
+    for h in ranks("alone", dp_step) {
+        alone.push(connect(&f, &h).expect("a rank joins alone"));
+    }
+    eprintln!(
+        "4 dp ranks seeking step {dp_step}: {shared_s:.2} s together, {:.2} s one by one",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(seeks_to(&f, dp_step), 5);
+    for (a, b) in dp.iter_mut().zip(&mut alone) {
+        assert_eq!(first_batch(a), first_batch(b));
+    }
+
+    let tp = (0..4)
+        .map(|i| {
+            let mut h = hello("tp");
+            h.replicas = 4;
+            h.replica = format!("tp{i}");
+            h.start_step = Some(tp_step);
+            h
+        })
+        .collect();
+    let mut tp: Vec<Client> = (join_at_once(&f, tp).into_iter())
+        .map(|c| c.expect("a TP peer joins"))
+        .collect();
+    assert_eq!(seeks_to(&f, tp_step), 1, "{}", f.daemon.log_text());
+    let first = first_batch(&mut tp[0]);
+    assert_eq!(first.0, tp_step);
+    for c in &mut tp[1..] {
+        assert_eq!(first_batch(c), first);
+    }
+
+    // A peer without a blob whose rank's ring was resumed from one and waits for its
+    // other peers (it has not started) takes the ring's position: no seek.
+    let mut good = connect(&f, &hello("good")).expect("good consumer joins");
+    let blob = loop {
+        let b = good.next_batch().expect("good streams");
+        if b.step == 4 {
+            break b.cursor.to_vec();
+        }
+    };
+    let peer = |i: u32| {
+        let mut h = hello("joining");
+        h.replicas = 2;
+        h.replica = format!("r{i}");
+        h
+    };
+    let mut h = peer(0);
+    h.cursor = Some(millrace::wire::to_hex(&blob));
+    let mut resumed = connect(&f, &h).expect("the blob's peer joins");
+    let mut h = peer(1);
+    h.start_step = Some(5);
+    let mut seeker = connect(&f, &h).expect("the peer without a blob joins");
+    assert_eq!(seeks_to(&f, 5), 0, "{}", f.daemon.log_text());
+    assert_eq!(first_batch(&mut resumed), first_batch(&mut seeker));
+    assert!(f.daemon.alive());
 }

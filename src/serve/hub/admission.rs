@@ -4,8 +4,9 @@
 //! is joined ([`Joiner::join`]) or created, a blob's live changes are adopted, and the
 //! client gets its WELCOME.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tracing::info;
 
@@ -25,18 +26,24 @@ impl Hub {
     ///
     /// `cancel` is set by the connection when its client hangs up: a seek in progress
     /// then stops at its next chunk and the attempt is refused with `cancelled`.
+    ///
+    /// `seek` is the seek this admission was given a seek slot for ([`Hub::seek_ticket`]),
+    /// shared with the other admissions of its plan and step; without one, a client
+    /// that turns out to need a seek past step 0 (its rank's ring went away meanwhile)
+    /// is refused `busy`, to retry for a seek slot.
     pub fn admit(
         &self,
         hello: &Hello,
         pid: Option<i32>,
         cancel: &AtomicBool,
+        seek: Option<&SeekTicket>,
     ) -> Result<Admission, Refusal> {
         // Seeking or restoring a planner reads shard indexes: guarded like the copy.
         // Seeks replay domains on rayon's threads: their faults count too.
         let guard = crate::corpus::guard::enter();
         let _ = crate::corpus::guard::take_fault();
         let mark = crate::corpus::guard::zeroed_pages();
-        let r = self.admit_unguarded(hello, pid, cancel);
+        let r = self.admit_unguarded(hello, pid, cancel, seek);
         let fault = crate::corpus::guard::fault_since(mark);
         drop(guard);
         match fault {
@@ -56,9 +63,10 @@ impl Hub {
         hello: &Hello,
         pid: Option<i32>,
         cancel: &AtomicBool,
+        seek: Option<&SeekTicket>,
     ) -> Result<Admission, Refusal> {
         for _ in 0..8 {
-            if let Some(a) = self.try_admit(hello, pid, cancel)? {
+            if let Some(a) = self.try_admit(hello, pid, cancel, seek)? {
                 return Ok(a);
             }
         }
@@ -77,6 +85,7 @@ impl Hub {
         hello: &Hello,
         pid: Option<i32>,
         cancel: &AtomicBool,
+        seek: Option<&SeekTicket>,
     ) -> Result<Option<Admission>, Refusal> {
         let seen = self.plan();
         let mut shape = Shape::check(&seen, hello)?;
@@ -144,7 +153,7 @@ impl Hub {
         }
         let sought = match resumed {
             Some(_) => None,
-            None => self.seek_unless_streaming(&seen, hello, cancel)?,
+            None => self.seek_unless_joining(&seen, hello, cancel, seek)?,
         };
         let mut joiner = Joiner {
             hello,
@@ -257,35 +266,60 @@ impl Hub {
         }))
     }
 
-    /// The planner at the start step of a client without a blob, sought before the lock.
-    /// `None` when the rank's ring is streaming: the client must join it as it is, and a
-    /// seek is only worth its cost when a ring will start from it.
-    fn seek_unless_streaming(
+    /// The planner at the start step of a client without a blob, sought before the lock
+    /// (shared with the other admissions seeking `plan` to that step, [`SeekFlights`]).
+    /// `None` when the rank's ring covers the step: it is streaming, or it has not
+    /// started and starts at or before the step; the client then takes the ring's
+    /// position as it is ([`Joiner::join`]), and a seek is only worth its cost when a
+    /// ring will start (or move back) to it.
+    fn seek_unless_joining(
         &self,
         plan: &Arc<Plan>,
         hello: &Hello,
         cancel: &AtomicBool,
+        seek: Option<&SeekTicket>,
     ) -> Result<Option<Planner>, Refusal> {
-        let streaming = {
-            let st = self.lock();
-            st.jobs
-                .get(&hello.job)
-                .and_then(|j| j.rings.get(&hello.dp_rank))
-                .is_some_and(|e| e.started())
-        };
-        if streaming {
+        if self.ring_covers(hello) {
             return Ok(None);
         }
         let step = hello.start_step.unwrap_or(0);
-        // From the nearest plan checkpoint when the daemon has a cache directory (the
-        // same path as `plan --from`); the result is the plain replay's either way.
-        let sought = match &self.settings.checkpoints {
-            Some(root) => plan.seek_with(
-                step,
-                &crate::plan_cache::CheckpointDir::new(root, plan),
-                cancel,
-            ),
-            None => plan.seek_cancellable(step, cancel),
+        let run = || {
+            if step > 0 {
+                info!(job = %hello.job, dp_rank = hello.dp_rank, step, "seeking a client's start step");
+            }
+            let mark = crate::corpus::guard::zeroed_pages();
+            // From the nearest plan checkpoint when the daemon has a cache directory (the
+            // same path as `plan --from`); the result is the plain replay's either way.
+            let p = match &self.settings.checkpoints {
+                Some(root) => plan.seek_with(
+                    step,
+                    &crate::plan_cache::CheckpointDir::new(root, plan),
+                    cancel,
+                ),
+                None => plan.seek_cancellable(step, cancel),
+            };
+            // A seek that read a lost page planned from zeros: this admission is refused
+            // for it (`Hub::admit`), and none other may copy it.
+            let sound = crate::corpus::guard::zeroed_pages() == mark;
+            p.map(|p| (p, sound))
+        };
+        let sought = match seek {
+            // Step 0 (or the few skipped plan steps before it) costs nothing to reach.
+            _ if step == 0 => run().map(|(p, _)| p),
+            // The plan changed since the ticket was taken (a reload or live change):
+            // the seek of the new plan is another.
+            Some(t) if !Arc::ptr_eq(&t.flight.plan, plan) => {
+                t.flights.ticket(plan, step).seek(cancel, run)
+            }
+            Some(t) => t.seek(cancel, run),
+            // A seek runs in a seek slot only: in another it could hold the slots blob
+            // restores and step-0 starts rely on for hours.
+            None => {
+                return Err(Refusal::new(
+                    Code::Busy,
+                    "the ring this client was to join went away while it waited; retry",
+                ))
+            }
         };
         sought.map(Some).ok_or_else(|| {
             Refusal::new(
@@ -293,6 +327,29 @@ impl Hub {
                 format!("the client left while the daemon sought step {step}"),
             )
         })
+    }
+
+    /// Whether the ring of `hello`'s rank exists and covers its start step, so that the
+    /// client joins it without a planner of its own: the ring streams (the join checks
+    /// it holds the step), or it has not started and starts at or before the step.
+    fn ring_covers(&self, hello: &Hello) -> bool {
+        let step = hello.start_step.unwrap_or(0);
+        let st = self.lock();
+        (st.jobs.get(&hello.job))
+            .and_then(|j| j.rings.get(&hello.dp_rank))
+            .is_some_and(|e| e.started() || step >= e.start)
+    }
+
+    /// The seek `hello` will need when it is admitted, registered in `flights` from now
+    /// on so that a concurrent seek's result waits for it; `None` when it needs none
+    /// (it brings a blob, starts at step 0, or its rank's ring covers its step). What
+    /// the connection looks at to pick its admission slot.
+    pub fn seek_ticket(&self, hello: &Hello, flights: &Arc<SeekFlights>) -> Option<SeekTicket> {
+        let step = hello.start_step.unwrap_or(0);
+        if hello.cursor.is_some() || step == 0 || self.ring_covers(hello) {
+            return None;
+        }
+        Some(flights.ticket(&self.plan(), step))
     }
 
     /// Whether the daemon takes one more client now: it is not stopping, has room, and
@@ -704,4 +761,177 @@ fn ring_refusal(e: &crate::serve::ring::RingError) -> Refusal {
         crate::serve::ring::RingError::Os { source, .. } => os_refusal(e.to_string(), source),
         _ => Refusal::new(Code::Busy, e.to_string()),
     }
+}
+
+/// Seeks of start steps in progress (or done, while an admission still wants them), by
+/// plan and step: a rank's TP peers and a job's dp ranks all seek one global step, and
+/// each running the replay took its CPU and memory as many times over (four TP peers
+/// took 12 s where one took 3 s). The first admission runs the seek; the others wait for
+/// it and take a copy of its planner.
+#[derive(Default)]
+pub struct SeekFlights {
+    flights: Mutex<Vec<Arc<Flight>>>,
+}
+
+/// One seek that admissions share.
+struct Flight {
+    /// The plan it seeks in (compared by pointer: a reload or live change is another).
+    plan: Arc<Plan>,
+    step: u64,
+    /// The tickets held for it; it leaves the registry with the last one. Changed only
+    /// under the registry's lock.
+    tickets: std::sync::atomic::AtomicUsize,
+    state: Mutex<Sought>,
+    /// Wakes admissions waiting for the seek in another's hands.
+    changed: Condvar,
+    /// Set once the planner is there: what a connection waiting for an admission slot
+    /// watches (it then needs no seek slot).
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+/// Where a shared seek stands.
+enum Sought {
+    /// Nobody runs it: the next admission that needs it does (also after a run was
+    /// cancelled by its client leaving, so the others are not refused with it).
+    Idle,
+    Running,
+    Done(Planner),
+}
+
+/// A hold on a shared seek: while any is held, its result stays for the holders.
+pub struct SeekTicket {
+    flights: Arc<SeekFlights>,
+    flight: Arc<Flight>,
+}
+
+/// How often an admission waiting for another's seek looks at its own client's cancel.
+const FLIGHT_POLL: Duration = Duration::from_millis(50);
+
+impl SeekFlights {
+    /// A ticket for the seek of `plan` to `step`, registering it if nobody had.
+    pub fn ticket(self: &Arc<Self>, plan: &Arc<Plan>, step: u64) -> SeekTicket {
+        let mut all = lock(&self.flights);
+        let found = all
+            .iter()
+            .find(|f| f.step == step && Arc::ptr_eq(&f.plan, plan))
+            .cloned();
+        let flight = found.unwrap_or_else(|| {
+            let f = Arc::new(Flight {
+                plan: plan.clone(),
+                step,
+                tickets: Default::default(),
+                state: Mutex::new(Sought::Idle),
+                changed: Condvar::new(),
+                done: tokio::sync::watch::Sender::new(false),
+            });
+            all.push(f.clone());
+            f
+        });
+        flight.tickets.fetch_add(1, Ordering::Relaxed);
+        SeekTicket {
+            flights: self.clone(),
+            flight,
+        }
+    }
+}
+
+impl Drop for SeekTicket {
+    fn drop(&mut self) {
+        let mut all = lock(&self.flights.flights);
+        if self.flight.tickets.fetch_sub(1, Ordering::Relaxed) == 1 {
+            all.retain(|f| !Arc::ptr_eq(f, &self.flight));
+        }
+    }
+}
+
+impl SeekTicket {
+    /// Whether the seek's planner is there (taking it needs no seek).
+    pub fn done(&self) -> bool {
+        *self.flight.done.borrow()
+    }
+
+    /// Resolves once the seek's planner is there.
+    pub async fn finished(&self) {
+        let mut rx = self.flight.done.subscribe();
+        // The sender lives in the flight, which this ticket holds: never closed.
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// The seek's planner: a copy of the result when another admission ran it, else
+    /// `run`'s (kept for the others when `run` says it may be shared). `None` when
+    /// `cancel` is set (this client left) or `run` was cancelled; another admission
+    /// waiting then runs it itself, as it does after a run whose result is not shared.
+    fn seek(
+        &self,
+        cancel: &AtomicBool,
+        run: impl FnOnce() -> Option<(Planner, bool)>,
+    ) -> Option<Planner> {
+        let f = &self.flight;
+        let mut st = lock(&f.state);
+        loop {
+            match &*st {
+                Sought::Done(p) => {
+                    info!(
+                        step = f.step,
+                        "took the planner of a seek another admission ran"
+                    );
+                    return Some(p.clone());
+                }
+                Sought::Running => {
+                    if cancel.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    st = (f.changed.wait_timeout(st, FLIGHT_POLL))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                Sought::Idle => {
+                    *st = Sought::Running;
+                    drop(st);
+                    // Reset to idle whatever happens, a panic included, so no one
+                    // waits on a run nobody makes.
+                    let mut idle = ResetIdle(Some(f));
+                    let r = run();
+                    idle.0 = None;
+                    let mut st = lock(&f.state);
+                    let mine = match r {
+                        Some((p, true)) => {
+                            let copy = p.clone();
+                            *st = Sought::Done(p);
+                            f.done.send_replace(true);
+                            Some(copy)
+                        }
+                        Some((p, false)) => {
+                            *st = Sought::Idle;
+                            Some(p)
+                        }
+                        None => {
+                            *st = Sought::Idle;
+                            None
+                        }
+                    };
+                    f.changed.notify_all();
+                    return mine;
+                }
+            }
+        }
+    }
+}
+
+/// Puts a flight back to idle if its run ends without a result (unwinding).
+struct ResetIdle<'a>(Option<&'a Flight>);
+
+impl Drop for ResetIdle<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0 {
+            *lock(&f.state) = Sought::Idle;
+            f.changed.notify_all();
+        }
+    }
+}
+
+/// Locks `m`, whatever a panicking holder left (the data stays consistent: every
+/// change under these locks is one assignment).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -40,6 +40,7 @@ use crate::wire::protocol::Welcome;
 use jobplan::{JobPlan, Own, Planned};
 use keeper::Keeper;
 
+pub use admission::{SeekFlights, SeekTicket};
 pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
 pub use peers::ReleaseError;
 pub use phase::Failure;
