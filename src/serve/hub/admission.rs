@@ -935,3 +935,91 @@ impl Drop for ResetIdle<'_> {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::serve::hub::phase::tests::plan;
+
+    /// The admissions of one plan and step share one run, and each gets a planner
+    /// that continues as the seek's own does.
+    #[test]
+    fn tickets_of_one_step_share_one_run() {
+        let (plan, flights) = (plan(), Arc::new(SeekFlights::default()));
+        let runs = AtomicUsize::new(0);
+        let tickets: Vec<SeekTicket> = (0..4).map(|_| flights.ticket(&plan, 7)).collect();
+        let no = AtomicBool::new(false);
+        let got: Vec<Planner> = std::thread::scope(|s| {
+            let joins: Vec<_> = (tickets.iter())
+                .map(|t| {
+                    s.spawn(|| {
+                        t.seek(&no, || {
+                            runs.fetch_add(1, Ordering::Relaxed);
+                            Some((plan.seek(7), true))
+                        })
+                    })
+                })
+                .collect();
+            (joins.into_iter())
+                .map(|j| j.join().expect("no panic").expect("a planner"))
+                .collect()
+        });
+        assert_eq!(runs.load(Ordering::Relaxed), 1);
+        let mut want = plan.seek(7);
+        let want = (want.cursor(), want.next_batch(), want.next_batch());
+        for mut p in got {
+            assert_eq!((p.cursor(), p.next_batch(), p.next_batch()), want);
+        }
+        // Another plan (a reload makes one) is another seek; the last ticket of a seek
+        // takes it out of the registry.
+        let other = super::super::phase::tests::plan();
+        let t = flights.ticket(&other, 7);
+        assert!(!Arc::ptr_eq(&t.flight, &tickets[0].flight));
+        drop(t);
+        drop(tickets);
+        assert!(lock(&flights.flights).is_empty());
+    }
+
+    /// The first admission's client leaves mid-seek: the one waiting for it runs the
+    /// seek itself instead of being refused with it. A result that read a lost page
+    /// (not shared) has the next one run its own too.
+    #[test]
+    fn a_cancelled_or_unsound_run_is_run_again_by_a_waiter() {
+        let (plan, flights) = (plan(), Arc::new(SeekFlights::default()));
+        for leader in [None, Some(false)] {
+            let (a, b) = (flights.ticket(&plan, 3), flights.ticket(&plan, 3));
+            let no = AtomicBool::new(false);
+            let ((started, running), (go, wait)) = (mpsc::channel(), mpsc::channel::<()>());
+            let runs = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                let (a, no, plan) = (&a, &no, &plan);
+                let first = s.spawn(move || {
+                    a.seek(no, || {
+                        started.send(()).expect("the test waits");
+                        wait.recv().expect("the test goes on");
+                        leader.map(|sound| (plan.seek(3), sound))
+                    })
+                });
+                running.recv().expect("the first run starts");
+                let (b, runs) = (&b, &runs);
+                let second = s.spawn(move || {
+                    b.seek(no, || {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        Some((plan.seek(3), true))
+                    })
+                });
+                go.send(()).expect("the first run waits");
+                assert_eq!(first.join().expect("no panic").is_some(), leader.is_some());
+                let p = second
+                    .join()
+                    .expect("no panic")
+                    .expect("the waiter's planner");
+                assert_eq!(p.step(), 3);
+            });
+            assert_eq!(runs.load(Ordering::Relaxed), 1, "leader {leader:?}");
+        }
+    }
+}
