@@ -686,7 +686,7 @@ fn blob_resumes_and_fresh_starts_are_not_queued_behind_far_seeks() {
 #[test]
 fn concurrent_seeks_of_one_step_run_one_replay() {
     let mut f = fixture("");
-    let (dp_step, tp_step) = (10_000_000u64, 10_000_001u64);
+    let (dp_step, tp_step) = (29_900_000u64, 29_900_001u64);
     let ranks = |job: &str, step: u64| -> Vec<Hello> {
         (0..4u32)
             .map(|r| {
