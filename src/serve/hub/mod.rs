@@ -25,6 +25,7 @@ mod live;
 mod peers;
 mod phase;
 mod schedule;
+mod seeks;
 mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -40,11 +41,11 @@ use crate::wire::protocol::Welcome;
 use jobplan::{JobPlan, Own, Planned};
 use keeper::Keeper;
 
-pub use admission::{SeekFlights, SeekTicket};
 pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
 pub use peers::ReleaseError;
 pub use phase::Failure;
 use phase::{Phase, Standing};
+pub use seeks::{SeekFlights, SeekTicket};
 
 /// Settings the hub needs from `[serve]`.
 #[derive(Debug, Clone)]
