@@ -1204,6 +1204,56 @@ fn metrics_endpoint_matches_the_plan() {
     drop(c);
 }
 
+/// A rank whose trainer comes back (its ring is made again under the same job and rank)
+/// while its series are still exported: the counters go on by what the new ring
+/// delivers. Set from each ring's own figures they stayed at the old ring's total until
+/// the new ring delivered more (the dashboard showed 0 tokens/s for that rank).
+#[test]
+fn a_returning_ranks_counters_continue_on_metrics() {
+    const N: u64 = 30;
+    const M: u64 = 6;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let f = fixture(&format!("metrics_addr = {addr:?}\n"));
+    let _d = f.serve();
+    let ring = [("job", "again"), ("dp_rank", "0")];
+    let job = [("job", "again")];
+    let per_step = f64::from(ROWS * SEQ_LEN);
+    let delivered = |steps: u64| {
+        wait_for(&format!("/metrics to count {steps} steps"), SETTLE, || {
+            let s = scrape(&addr)?;
+            let got = (
+                metric(&s, "millrace_batches_delivered_total", &ring),
+                metric(&s, "millrace_tokens_delivered_total", &ring),
+            );
+            let planned = metric(&s, "millrace_job_batches_planned_total", &job);
+            match (got, planned) {
+                ((Some(b), Some(t)), Some(p))
+                    if b == steps as f64 && t == steps as f64 * per_step =>
+                {
+                    Ok(p)
+                }
+                _ => Err(format!("(batches, tokens) {got:?}, planned {planned:?}")),
+            }
+        })
+    };
+    let mut c = f.connect("again");
+    let _ = read(&mut c, N);
+    c.release(N).unwrap();
+    let planned = delivered(N);
+    drop(c);
+    f.wait_no_job("again");
+    let mut c = f.connect("again");
+    let _ = read(&mut c, M);
+    c.release(M).unwrap();
+    let planned_after = delivered(N + M);
+    assert!(
+        planned_after >= planned + M as f64,
+        "millrace_job_batches_planned_total went from {planned} to {planned_after} while the job's \
+         second planner planned at least {M} batches"
+    );
+    drop(c);
+}
+
 // ------------------------------------------------------------ graceful shutdown
 
 /// Reads until the daemon ends the stream; returns the steps read and the error.

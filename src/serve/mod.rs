@@ -27,6 +27,7 @@ pub mod ring;
 pub mod uring;
 
 mod connections;
+mod exporter;
 mod load;
 mod reload;
 
@@ -44,7 +45,7 @@ use hub::{Hub, HubSettings};
 use load::load;
 pub use load::{check_config, CheckArgs};
 use notify::Notifier;
-use reload::{Running, RELOAD_SOURCES};
+use reload::Running;
 
 /// Arguments of `millrace serve`.
 #[derive(clap::Args, Debug)]
@@ -169,6 +170,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         seeks: Arc::new(tokio::sync::Semaphore::new(limits::seek_slots())),
         flights: Arc::default(),
         socket_flag: from_flag,
+        exporter: Mutex::default(),
         serve,
     });
     let workers: Vec<_> = (0..daemon.serve.materialize_threads)
@@ -302,9 +304,18 @@ struct Daemon {
     /// The socket path came from `--socket`: a reloaded file's `[serve] socket` is not
     /// the one the next start (with the same flag) binds.
     socket_flag: bool,
+    /// What the last export to /metrics saw, to advance its counters.
+    exporter: Mutex<exporter::Exporter>,
 }
 
 impl Daemon {
+    /// Publishes a STATUS to /metrics. The exporter is held while the STATUS is taken, so
+    /// two exports that overlap (a slow one) publish their snapshots in order.
+    fn export_metrics(&self) {
+        let mut e = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
+        e.export(&self.status());
+    }
+
     /// STATUS (docs/PROTOCOL.md): the hub's figures and the process's own.
     fn status(&self) -> Status {
         let mut s = self.hub.status();
@@ -332,60 +343,6 @@ impl Daemon {
     }
 }
 
-/// A counter or gauge not set for this long is dropped from /metrics: every live series
-/// is set each second, so only the series of departed jobs (and rings) age out.
-const METRICS_IDLE: Duration = Duration::from_secs(5);
-
-/// Publishes the status figures as Prometheus metrics (docs/OPERATIONS.md lists them).
-/// Derived from the same snapshot as `status`, so the two never disagree. Every series
-/// that should stay is set on every call: one that is not ages out ([`METRICS_IDLE`]).
-fn export_metrics(status: &Status) {
-    use metrics::{counter, gauge};
-    gauge!("millrace_clients").set(status.clients as f64);
-    for (m, name) in [
-        (&status.reloads_by_source, "millrace_reloads_total"),
-        (
-            &status.failed_reloads_by_source,
-            "millrace_reload_failures_total",
-        ),
-    ] {
-        let mut sources: std::collections::BTreeSet<&str> = RELOAD_SOURCES.into_iter().collect();
-        sources.extend(m.keys().map(String::as_str));
-        for source in sources {
-            let n = m.get(source).copied().unwrap_or(0);
-            counter!(name, "source" => source.to_string()).absolute(n);
-        }
-    }
-    gauge!("millrace_control_connections").set(status.control_connections.open as f64);
-    if let Some(n) = status.fd_limit.open {
-        gauge!("millrace_open_fds").set(n as f64);
-    }
-    gauge!("millrace_padding_fraction").set(status.padding_fraction);
-    gauge!("millrace_truncation_fraction").set(status.truncation_fraction);
-    for d in &status.domains {
-        let name = d.name.clone();
-        gauge!("millrace_domain_target_share", "domain" => name.clone()).set(d.target_share);
-        gauge!("millrace_domain_realized_share", "domain" => name.clone()).set(d.realized_share);
-        gauge!("millrace_domain_epochs", "domain" => name).set(d.epochs);
-    }
-    for j in &status.jobs {
-        for r in &j.rings {
-            let labels = [("job", j.job.clone()), ("dp_rank", r.dp_rank.to_string())];
-            counter!("millrace_tokens_delivered_total", &labels).absolute(r.tokens_delivered);
-            counter!("millrace_batches_delivered_total", &labels).absolute(r.batches_delivered);
-            counter!("millrace_release_frames_total", &labels).absolute(r.release_frames);
-            counter!("millrace_page_releases_total", &labels).absolute(r.page_releases);
-            counter!("millrace_wakes_total", &labels).absolute(r.wakes);
-            counter!("millrace_wakes_deferred_total", &labels).absolute(r.wakes_deferred);
-            gauge!("millrace_step", &labels).set(r.published_step as f64);
-            gauge!("millrace_ring_occupancy", &labels).set(r.occupancy as f64);
-            gauge!("millrace_ring_slots", &labels).set(r.slots as f64);
-            gauge!("millrace_consumer_wait_seconds_total", &labels).set(r.consumer_wait_s);
-            gauge!("millrace_producer_wait_seconds_total", &labels).set(r.producer_wait_s);
-        }
-    }
-}
-
 /// The device and inode of the file at `path`, to tell the socket this daemon bound from
 /// one another daemon bound there later.
 fn socket_identity(path: &Path) -> Option<(u64, u64)> {
@@ -410,37 +367,7 @@ async fn serve_socket(
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     if let Some(addr) = &serve.metrics_addr {
-        let addr: std::net::SocketAddr = addr
-            .parse()
-            .with_context(|| format!("[serve] metrics_addr {addr:?}"))?;
-        use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-        use metrics_util::MetricKindMask;
-        // Buckets make the latency a real histogram (quantiles across nodes in PromQL).
-        let buckets = [
-            1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ];
-        PrometheusBuilder::new()
-            .with_http_listener(addr)
-            // Every live counter and gauge is set each second (export_metrics), so one
-            // left alone this long belongs to a job that left: dropping it keeps the
-            // exporter from growing with every job ever seen (2,000 short jobs left
-            // 2,064 series). The latency histogram is process-wide and stays.
-            .idle_timeout(
-                MetricKindMask::COUNTER | MetricKindMask::GAUGE,
-                Some(METRICS_IDLE),
-            )
-            .set_buckets_for_metric(
-                Matcher::Full("millrace_materialize_seconds".into()),
-                &buckets,
-            )
-            .with_context(|| "[serve] metrics_addr: histogram buckets")?
-            .install()
-            .with_context(|| format!("starting the metrics exporter on {addr}"))?;
-        // Every series exists from the start, so rate() and alerts see zeros, not gaps.
-        for source in RELOAD_SOURCES {
-            metrics::counter!("millrace_reloads_total", "source" => source).absolute(0);
-            metrics::counter!("millrace_reload_failures_total", "source" => source).absolute(0);
-        }
+        exporter::install(addr)?;
         info!(%addr, "metrics at http://{addr}/metrics");
     }
     let listener = connections::bind(&path, serve.socket_group.as_deref()).await?;
@@ -478,7 +405,7 @@ async fn serve_socket(
                 }
                 _ = metrics_tick.tick(), if serve.metrics_addr.is_some() => {
                     let d = d.clone();
-                    tokio::task::spawn_blocking(move || export_metrics(&d.status()));
+                    tokio::task::spawn_blocking(move || d.export_metrics());
                 }
                 _ = hup.recv() => {
                     info!("SIGHUP: reloading {}", d.config.display());

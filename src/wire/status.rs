@@ -121,6 +121,22 @@ pub struct JobStatus {
     pub job: String,
     /// One per dp rank that has a ring, by rank.
     pub rings: Vec<RingStatus>,
+    /// What the job's planner did, for /metrics only (not part of STATUS).
+    #[serde(skip)]
+    pub planner: JobPlanCounts,
+}
+
+/// The batches one job's planner holds and planned, for the exporter's per-job series.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobPlanCounts {
+    /// Global batches held for the job's rings to take.
+    pub held: u64,
+    /// Global batches the job's planner planned.
+    pub planned: u64,
+    /// Batches rings planned on private planners.
+    pub private: u64,
+    /// Of `planned`, those the plan thread planned outside the hub's lock.
+    pub ahead: u64,
 }
 
 /// One dp rank's ring.
@@ -277,6 +293,7 @@ mod tests {
                     }],
                     ..RingStatus::default()
                 }],
+                ..JobStatus::default()
             }],
             journal: vec![JournalEntry {
                 at_step: 5,

@@ -8,8 +8,8 @@ use std::time::Instant;
 use super::{Hub, JobPlan, Published, RingEntry, State};
 use crate::plan::Plan;
 use crate::wire::status::{
-    DomainStatus, JobStatus, JournalEntry, JournalPoint, JournalStage, PeerStatus, PoisonedShard,
-    RingMemory, RingStatus, Status,
+    DomainStatus, JobPlanCounts, JobStatus, JournalEntry, JournalPoint, JournalStage, PeerStatus,
+    PoisonedShard, RingMemory, RingStatus, Status,
 };
 
 impl Hub {
@@ -125,11 +125,21 @@ impl Hub {
                         }
                     })
                     .collect();
-                job_metrics(name, &job.plan);
                 jobs.push(JobStatus {
                     job: name.clone(),
                     dp_size: job.dp_size,
                     rings,
+                    // For /metrics: the batches it holds (at most `jobplan::keep`,
+                    // whatever a stalled rank does), and the batches planned by the
+                    // job's planner (of them, by the plan thread outside the lock) and by
+                    // rings' private planners (about one per step, not one per rank per
+                    // step).
+                    planner: JobPlanCounts {
+                        held: job.plan.held() as u64,
+                        planned: job.plan.planned,
+                        private: job.plan.private,
+                        ahead: job.plan.ahead,
+                    },
                 });
             }
             let by_source = |m: &BTreeMap<&'static str, u64>| -> BTreeMap<String, u64> {
@@ -218,19 +228,6 @@ impl Hub {
             .collect();
         out
     }
-}
-
-/// What one job's planner did, for /metrics (set whenever `status` is taken, which the
-/// exporter does every second): the batches it holds (at most `jobplan::keep`, whatever
-/// a stalled rank does), and the batches planned by the job's planner (of them, by the
-/// plan thread outside the lock) and by rings' private planners (about one per step,
-/// not one per rank per step).
-fn job_metrics(job: &str, plan: &JobPlan) {
-    let label = [("job", job.to_string())];
-    metrics::gauge!("millrace_job_batches_held", &label).set(plan.held() as f64);
-    metrics::counter!("millrace_job_batches_planned_total", &label).absolute(plan.planned);
-    metrics::counter!("millrace_private_batches_planned_total", &label).absolute(plan.private);
-    metrics::counter!("millrace_job_batches_planned_ahead_total", &label).absolute(plan.ahead);
 }
 
 impl RingEntry {
