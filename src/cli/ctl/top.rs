@@ -14,6 +14,21 @@ use super::TopArgs;
 /// Domains the mixture table shows at most: those with the largest target shares.
 const TOP_DOMAINS: usize = 24;
 
+/// Rings the table shows at most: those whose trainers waited longest, then the slowest.
+const TOP_RINGS: usize = 32;
+
+/// One ring's line of the frame: its figures and its rates since the previous frame
+/// (`None` without one, or for a ring that is new since).
+#[derive(Clone, Copy)]
+struct RingRow<'a> {
+    job: &'a str,
+    ring: &'a RingStatus,
+    tokens: Option<f64>,
+    steps: Option<f64>,
+    cons: Option<f64>,
+    prod: Option<f64>,
+}
+
 /// `[###.....]`: `frac` of `width` cells filled (clamped to 0..=1).
 pub(super) fn bar(frac: f64, width: usize) -> String {
     let frac = if frac.is_finite() {
@@ -76,9 +91,11 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
             "job", "rank", "step", "tokens/s", "steps/s", "ring", "cons.wait", "prod.wait", "peers"
         ));
     }
-    for j in &now.jobs {
-        let job = or(&j.job, "-");
-        for r in &j.rings {
+    let rows: Vec<RingRow> = now
+        .jobs
+        .iter()
+        .flat_map(|j| j.rings.iter().map(move |r| (j, r)))
+        .map(|(j, r)| {
             let before = prev.and_then(|(p, dt)| {
                 p.jobs
                     .iter()
@@ -92,26 +109,82 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
                 let (a, b) = (field(pr), field(r));
                 (b >= a).then(|| (b - a) / dt)
             };
-            let ring = if r.slots > 0 {
-                let (o, s) = (r.occupancy, r.slots);
-                format!("{} {o}/{s}", bar(o as f64 / f64::from(s), 6))
-            } else {
-                "-".into()
-            };
-            let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".into(), f);
-            lines.push(format!(
-                "{:<9} {:>4} {:>8} {:>8} {:>7} {:<12} {:>9} {:>9} {:>5}",
-                job,
-                r.dp_rank,
-                r.released_step,
-                opt(rate(|r| r.tokens_delivered as f64), &millrace::util::si),
-                opt(rate(|r| r.released_step as f64), &|v| format!("{v:.2}")),
-                ring,
-                opt(rate(|r| r.consumer_wait_s), &|v| format!("{v:.3}")),
-                opt(rate(|r| r.producer_wait_s), &|v| format!("{v:.3}")),
-                r.peers.len(),
-            ));
-        }
+            RingRow {
+                job: or(&j.job, "-"),
+                ring: r,
+                tokens: rate(|r| r.tokens_delivered as f64),
+                steps: rate(|r| r.released_step as f64),
+                cons: rate(|r| r.consumer_wait_s),
+                prod: rate(|r| r.producer_wait_s),
+            }
+        })
+        .collect();
+    // A daemon of hundreds of rings would scroll the frame away: the rings that most need
+    // a look are shown (trainers waiting for data the longest, then those furthest
+    // behind), in job and rank order, and the rest summed up in one line.
+    let mut shown: Vec<usize> = (0..rows.len()).collect();
+    if shown.len() > TOP_RINGS {
+        let waited = |i: usize| match prev {
+            Some(_) => rows[i].cons.unwrap_or(0.0),
+            None => rows[i].ring.consumer_wait_s,
+        };
+        shown.sort_by(|&a, &b| {
+            waited(b)
+                .total_cmp(&waited(a))
+                .then(rows[a].ring.released_step.cmp(&rows[b].ring.released_step))
+                .then(a.cmp(&b))
+        });
+        shown.truncate(TOP_RINGS);
+        shown.sort_unstable();
+    }
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".into(), f);
+    for &i in &shown {
+        let RingRow {
+            job,
+            ring: r,
+            tokens,
+            steps,
+            cons,
+            prod,
+        } = rows[i];
+        let ring = if r.slots > 0 {
+            let (o, s) = (r.occupancy, r.slots);
+            format!("{} {o}/{s}", bar(o as f64 / f64::from(s), 6))
+        } else {
+            "-".into()
+        };
+        lines.push(format!(
+            "{:<9} {:>4} {:>8} {:>8} {:>7} {:<12} {:>9} {:>9} {:>5}",
+            job,
+            r.dp_rank,
+            r.released_step,
+            opt(tokens, &millrace::util::si),
+            opt(steps, &|v| format!("{v:.2}")),
+            ring,
+            opt(cons, &|v| format!("{v:.3}")),
+            opt(prod, &|v| format!("{v:.3}")),
+            r.peers.len(),
+        ));
+    }
+    let rest: Vec<&RingRow> = (0..rows.len())
+        .filter(|i| shown.binary_search(i).is_err())
+        .map(|i| &rows[i])
+        .collect();
+    if !rest.is_empty() {
+        let steps = rest.iter().map(|r| r.ring.released_step);
+        let (lo, hi) = (steps.clone().min(), steps.max());
+        let tokens: Option<f64> = rest.iter().map(|r| r.tokens).sum();
+        let waits = rest.iter().filter_map(|r| r.cons);
+        let most = waits.fold(None, |m: Option<f64>, w| Some(m.map_or(w, |m| m.max(w))));
+        lines.push(format!(
+            "{} more rings: steps {}..{}, {} tokens/s, cons.wait at most {} \
+             (`millrace status` lists all)",
+            rest.len(),
+            lo.unwrap_or(0),
+            hi.unwrap_or(0),
+            opt(tokens, &millrace::util::si),
+            opt(most, &|v| format!("{v:.3}")),
+        ));
     }
     if !now.jobs.is_empty() {
         lines.push(
@@ -364,6 +437,54 @@ mod tests {
             .unwrap();
         assert!(rest.contains("52.0% of 52.0% together"), "{rest}");
         assert!(rest.contains("at most 0.9900 epochs"), "{rest}");
+    }
+
+    /// A daemon of 1,000 rings: the frame keeps to a terminal's worth of ring lines,
+    /// shows the starved and the slowest ranks, and sums up the rest in one line.
+    #[test]
+    fn render_shows_the_rings_that_need_a_look_and_sums_the_rest() {
+        let many = |step: u64, cwait: f64| {
+            let mut st = sample_status(1000, step, 0.0);
+            let template = st.jobs[0].rings[0].clone();
+            st.jobs[0].rings = (0..1000u32)
+                .map(|k| {
+                    let mut r = template.clone();
+                    r.dp_rank = k;
+                    r.released_step = if k == 700 { 3 } else { step };
+                    r.tokens_delivered = 1000 * r.released_step;
+                    r.consumer_wait_s = if k == 400 || k == 901 { cwait } else { 0.0 };
+                    r
+                })
+                .collect();
+            st
+        };
+        let (prev, now) = (many(50, 1.0), many(60, 2.5));
+        for frame in [
+            render(&now, Some((&prev, 2.0)), 120),
+            render(&now, None, 120),
+        ] {
+            let rings: Vec<u32> = frame
+                .lines()
+                .filter(|l| l.starts_with("default"))
+                .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+                .collect();
+            assert_eq!(rings.len(), TOP_RINGS, "{frame}");
+            for k in [400, 700, 901] {
+                assert!(rings.contains(&k), "rank {k} not shown: {frame}");
+            }
+            assert!(rings.windows(2).all(|w| w[0] < w[1]), "{rings:?}");
+            let rest = frame
+                .lines()
+                .find(|l| l.starts_with("968 more rings: steps 60..60"))
+                .unwrap_or_else(|| panic!("{frame}"));
+            assert!(rest.contains("(`millrace status` lists all)"), "{rest}");
+            assert!(frame.lines().count() < 60, "{frame}");
+        }
+        let frame = render(&now, Some((&prev, 2.0)), 120);
+        let rest = frame.lines().find(|l| l.contains("more rings")).unwrap();
+        // 968 rings of 10 steps of 1000 tokens in 2 s, none waiting.
+        assert!(rest.contains("4.84M tokens/s"), "{rest}");
+        assert!(rest.contains("cons.wait at most 0.000"), "{rest}");
     }
 
     #[test]
