@@ -386,11 +386,16 @@ struct Fixture {
 /// A 1e6-token, 4-domain corpus and a config with a small geometry, `[serve]` set and the
 /// config watcher off (so that only the requests under test change anything).
 fn fixture() -> Fixture {
+    fixture_with("")
+}
+
+/// As [`fixture`], with `serve` (TOML lines) added to `[serve]`.
+fn fixture_with(serve: &str) -> Fixture {
     let corpus = common::corpus(1_000_000, 4, 5, 300_000);
     let socket = corpus.dir.join("s.sock");
-    let serve = common::serve_toml(&socket, 4, 2);
+    let base = common::serve_toml(&socket, 4, 2);
     Fixture {
-        config: common::write_config(&corpus.dir, "test.toml", SEQ_LEN, ROWS, &[&serve]),
+        config: common::write_config(&corpus.dir, "test.toml", SEQ_LEN, ROWS, &[&base, serve]),
         socket,
         corpus,
     }
@@ -1157,4 +1162,22 @@ fn a_change_without_a_step_waits_for_the_run_to_be_known() {
         "with a trainer connected the step is known: {r}"
     );
     assert!(r["applied_step"].as_u64().unwrap() >= 1, "{r}");
+}
+
+/// `top` at an interval longer than `[serve] control_idle_timeout_ms`: the daemon closes
+/// the idle control connection between two frames, and `top` asks again on a new one.
+/// It failed instead (`--once` exited with `error: ... (idle)`; the live view drew every
+/// other frame as that error and never a rate).
+#[test]
+fn top_outlasts_the_control_idle_timeout() {
+    let f = fixture_with("control_idle_timeout_ms = 300\n");
+    let _d = f.serve();
+    let _c = f.connect("idle");
+    let text = ok(&["top", "--socket", f.sock(), "--once", "--interval", "1"]);
+    let ring = text
+        .lines()
+        .find(|l| l.starts_with("idle"))
+        .unwrap_or_else(|| panic!("no ring line:\n{text}"));
+    // Rates over the interval: numbers, not the dashes of a frame without a previous one.
+    assert!(!ring.contains(" - "), "{ring}");
 }

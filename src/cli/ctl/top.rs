@@ -2,9 +2,10 @@
 //! with rates taken between two of them.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use millrace::control::Connection;
+use millrace::control::{Connection, CtlError};
 use millrace::wire::status::{RingStatus, Status};
 
 use super::journal::point_text;
@@ -278,6 +279,33 @@ fn fetch(conn: &mut Connection) -> anyhow::Result<Status> {
     read_status(&fetch_status(conn)?, conn.socket())
 }
 
+/// One STATUS on the connection kept between frames, else on a new one (kept for the
+/// next frame). A kept connection that failed for another reason than a timeout is
+/// replaced at once: the daemon closes one idle past `[serve] control_idle_timeout_ms`
+/// (60 s), which an interval that long finds closed every time.
+fn fetch_kept(
+    conn: &mut Option<Connection>,
+    socket: &Path,
+    timeout: Duration,
+) -> anyhow::Result<Status> {
+    if let Some(c) = conn.as_mut() {
+        match fetch(c) {
+            Ok(st) => return Ok(st),
+            Err(e) => {
+                *conn = None;
+                let timed_out = matches!(e.downcast_ref(), Some(CtlError::Timeout { .. }));
+                if timed_out {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let mut c = Connection::open(socket, timeout)?;
+    let st = fetch(&mut c)?;
+    *conn = Some(c);
+    Ok(st)
+}
+
 /// Columns of the terminal on stdout, else `$COLUMNS`, else 100.
 pub(super) fn terminal_width() -> usize {
     if let Some(cols) = millrace::sys::terminal_columns() {
@@ -301,11 +329,11 @@ pub fn run_top(args: TopArgs) -> anyhow::Result<()> {
         None => Duration::from_secs_f64(args.interval),
     }
     .max(Duration::from_millis(50));
-    let mut conn = Connection::open(&socket, timeout)?;
-    let mut prev = (fetch(&mut conn)?, Instant::now());
+    let mut conn = None;
+    let mut prev = (fetch_kept(&mut conn, &socket, timeout)?, Instant::now());
     if args.once {
         std::thread::sleep(interval);
-        let now = fetch(&mut conn)?;
+        let now = fetch_kept(&mut conn, &socket, timeout)?;
         let dt = prev.1.elapsed().as_secs_f64();
         let frame = render(&now, Some((&prev.0, dt)), terminal_width());
         std::io::stdout().lock().write_all(frame.as_bytes())?;
@@ -326,20 +354,10 @@ pub fn run_top(args: TopArgs) -> anyhow::Result<()> {
     };
     // A first frame at once (without rates), then one per interval.
     show(&render(&prev.0, None, terminal_width()))?;
-    let mut conn = Some(conn);
     let mut have_prev = true;
     loop {
         std::thread::sleep(interval);
-        let got = match conn.as_mut() {
-            Some(c) => fetch(c),
-            None => Connection::open(&socket, timeout)
-                .map_err(anyhow::Error::from)
-                .and_then(|mut c| {
-                    let st = fetch(&mut c);
-                    conn = Some(c);
-                    st
-                }),
-        };
+        let got = fetch_kept(&mut conn, &socket, timeout);
         let at = Instant::now();
         let frame = match got {
             Ok(now) => {
@@ -350,7 +368,6 @@ pub fn run_top(args: TopArgs) -> anyhow::Result<()> {
                 frame
             }
             Err(e) => {
-                conn = None;
                 have_prev = false;
                 format!(
                     "{}: {e:#}\nretrying every {} ms\n",
