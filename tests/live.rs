@@ -1148,6 +1148,7 @@ fn metrics_endpoint_matches_the_plan() {
         "millrace_domain_epochs",
         "millrace_padding_fraction",
         "millrace_truncation_fraction",
+        "millrace_poisoned_shards",
     ] {
         assert!(
             has(&samples, name),

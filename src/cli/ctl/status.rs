@@ -65,6 +65,25 @@ pub fn last_reload_line(st: &Status) -> Option<String> {
     ))
 }
 
+/// Poisoned shards (truncated, rewritten or found corrupt under the daemon: every ring
+/// that reads one stops, every new client is refused, until a restart), at most `max`
+/// lines and one that counts the rest; nothing when there are none.
+pub fn poisoned_lines(st: &Status, max: usize) -> Vec<String> {
+    let all = &st.poisoned_shards;
+    let mut lines: Vec<String> = all
+        .iter()
+        .take(max)
+        .map(|p| format!("POISONED SHARD {} until a restart: {}", p.shard, p.reason))
+        .collect();
+    if all.len() > max {
+        lines.push(format!(
+            "{} more poisoned shards (`millrace status --json` lists every one)",
+            all.len() - max
+        ));
+    }
+    lines
+}
+
 /// `millrace status` in words: identity, counters, mixture and rings.
 pub fn render_status(st: &Status) -> String {
     let mut s = String::new();
@@ -98,6 +117,9 @@ pub fn render_status(st: &Status) -> String {
         );
     }
     if let Some(line) = last_reload_line(st) {
+        let _ = writeln!(s, "{line}");
+    }
+    for line in poisoned_lines(st, 16) {
         let _ = writeln!(s, "{line}");
     }
     let _ = writeln!(
@@ -206,7 +228,7 @@ pub(super) fn duration_text(s: f64) -> String {
 pub(super) mod tests {
     use super::super::top::render;
     use super::*;
-    use millrace::wire::status::{FdLimitStatus, ReloadOutcome};
+    use millrace::wire::status::{FdLimitStatus, PoisonedShard, ReloadOutcome};
     use serde_json::json;
 
     /// A STATUS as a daemon with two rings and two domains writes it, read as `status`
@@ -319,6 +341,29 @@ pub(super) mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A shard poisoned under the daemon (it stops every ring that reads it and refuses
+    /// every new client) is named by `status` and `top`, not only in STATUS's JSON.
+    #[test]
+    fn poisoned_shards_show_in_status_and_top() {
+        let mut st = sample_status(1000, 57, 0.25);
+        assert!(!render_status(&st).contains("POISONED"));
+        st.poisoned_shards = (0..20)
+            .map(|k| PoisonedShard {
+                shard: format!("/data/web/web-{k:05}"),
+                reason: format!("web-{k:05}.bin: read at byte 85944 faulted (SIGBUS)"),
+            })
+            .collect();
+        let text = render_status(&st);
+        let first = "POISONED SHARD /data/web/web-00000 until a restart: web-00000.bin: read at \
+                     byte 85944 faulted (SIGBUS)";
+        assert!(text.contains(first), "{text}");
+        assert_eq!(text.matches("POISONED SHARD").count(), 16, "{text}");
+        assert!(text.contains("4 more poisoned shards"), "{text}");
+        let frame = render(&st, None, 200);
+        assert!(frame.contains(first), "{frame}");
+        assert!(frame.contains("19 more poisoned shards"), "{frame}");
     }
 
     #[test]

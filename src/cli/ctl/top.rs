@@ -9,7 +9,9 @@ use millrace::control::{Connection, CtlError};
 use millrace::wire::status::{RingStatus, Status};
 
 use super::journal::point_text;
-use super::status::{duration_text, fetch_status, last_reload_line, or, pct, read_status};
+use super::status::{
+    duration_text, fetch_status, last_reload_line, or, pct, poisoned_lines, read_status,
+};
 use super::TopArgs;
 
 /// Domains the mixture table shows at most: those with the largest target shares.
@@ -83,6 +85,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
         pct(now.truncation_fraction),
     ));
     lines.extend(last_reload_line(now));
+    lines.extend(poisoned_lines(now, 1));
     lines.push(String::new());
     if now.jobs.is_empty() {
         lines.push("no job is connected".into());
