@@ -1181,3 +1181,35 @@ fn top_outlasts_the_control_idle_timeout() {
     // Rates over the interval: numbers, not the dashes of a frame without a previous one.
     assert!(!ring.contains(" - "), "{ring}");
 }
+
+/// A daemon told to stop, seen on a control connection opened before (as `top` keeps
+/// one; the socket file is gone): STATUS says it drains, and `status` and `top` say so.
+/// It looked like a daemon serving as usual, stalled.
+#[test]
+fn a_draining_daemon_says_so_in_status() {
+    let f = fixture();
+    let mut d = f.serve();
+    let mut c = f.connect("drain");
+    let _held = read_steps(&mut c, 1);
+    let mut conn = control::Connection::open(&f.socket, TIMEOUT).unwrap();
+    let ask = |conn: &mut control::Connection| {
+        let r = conn.request(&control::status_request()).unwrap();
+        assert_eq!(r["ok"], true, "{r}");
+        r["status"].clone()
+    };
+    assert_eq!(ask(&mut conn)["draining"], false);
+    d.signal(libc::SIGTERM);
+    let deadline = Instant::now() + TIMEOUT;
+    let st = loop {
+        let st = ask(&mut conn);
+        if st["draining"] == true {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "never draining: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The client still holds its step, so the drain waits for it.
+    assert_eq!(st["clients"], 1, "{st}");
+    drop(c);
+    assert!(d.wait_exit(TIMEOUT).is_some_and(|s| s.success()));
+}

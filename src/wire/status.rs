@@ -23,6 +23,9 @@ pub struct Status {
     pub control_connections: ControlConnections,
     /// Per domain: target and realized shares, epochs, tokens.
     pub domains: Vec<DomainStatus>,
+    /// Stopping (SIGTERM): no new slot is filled and no connection accepted; clients
+    /// finish the slots they hold, for at most `[serve] drain_timeout_ms`.
+    pub draining: bool,
     /// Reloads and changes refused since start.
     pub failed_reloads: u64,
     /// Refused reloads per source (file, sighup, ctl, client, cursor).

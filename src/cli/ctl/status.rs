@@ -53,6 +53,16 @@ pub fn read_status(status: &Value, socket: &Path) -> anyhow::Result<Status> {
         .with_context(|| format!("{}: the daemon's STATUS does not read", socket.display()))
 }
 
+/// A line saying the daemon is stopping, when it is (only a control connection opened
+/// before SIGTERM still reaches it: the socket file is gone).
+pub fn draining_line(st: &Status) -> Option<String> {
+    st.draining.then(|| {
+        "DRAINING after SIGTERM: no new slots; it exits once every client released what \
+         it holds ([serve] drain_timeout_ms at most)"
+            .to_string()
+    })
+}
+
 /// The last reload's outcome when it was refused (a refused file edit leaves the old
 /// weights in force, which nobody should have to find in the log); nothing otherwise.
 pub fn last_reload_line(st: &Status) -> Option<String> {
@@ -116,7 +126,7 @@ pub fn render_status(st: &Status) -> String {
             st.control_connections.max
         );
     }
-    if let Some(line) = last_reload_line(st) {
+    for line in draining_line(st).into_iter().chain(last_reload_line(st)) {
         let _ = writeln!(s, "{line}");
     }
     for line in poisoned_lines(st, 16) {
@@ -364,6 +374,16 @@ pub(super) mod tests {
         let frame = render(&st, None, 200);
         assert!(frame.contains(first), "{frame}");
         assert!(frame.contains("19 more poisoned shards"), "{frame}");
+    }
+
+    #[test]
+    fn a_draining_daemon_shows_in_status_and_top() {
+        let mut st = sample_status(1000, 57, 0.25);
+        assert!(!render_status(&st).contains("DRAINING"));
+        assert!(!render(&st, None, 200).contains("DRAINING"));
+        st.draining = true;
+        assert!(render_status(&st).contains("DRAINING after SIGTERM"));
+        assert!(render(&st, None, 200).contains("DRAINING after SIGTERM"));
     }
 
     #[test]

@@ -10,7 +10,8 @@ use millrace::wire::status::{RingStatus, Status};
 
 use super::journal::point_text;
 use super::status::{
-    duration_text, fetch_status, last_reload_line, or, pct, poisoned_lines, read_status,
+    draining_line, duration_text, fetch_status, last_reload_line, or, pct, poisoned_lines,
+    read_status,
 };
 use super::TopArgs;
 
@@ -84,6 +85,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
         pct(now.padding_fraction),
         pct(now.truncation_fraction),
     ));
+    lines.extend(draining_line(now));
     lines.extend(last_reload_line(now));
     lines.extend(poisoned_lines(now, 1));
     lines.push(String::new());

@@ -147,6 +147,7 @@ impl Hub {
             };
             let out = Status {
                 clients: st.clients as u64,
+                draining: st.draining,
                 ring_memory: RingMemory {
                     used_bytes: Self::ring_memory(&st),
                     budget_bytes: self.settings.ring_budget,
