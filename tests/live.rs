@@ -1255,6 +1255,30 @@ fn a_returning_ranks_counters_continue_on_metrics() {
     drop(c);
 }
 
+/// A refused trainer (here a `dp_size` that does not divide the batch) is counted per
+/// code in STATUS and on /metrics; it was in the rate-limited log only.
+#[test]
+fn refused_clients_are_counted_by_code() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let f = fixture(&format!("metrics_addr = {addr:?}\n"));
+    let _d = f.serve();
+    for _ in 0..2 {
+        let mut h = f.hello("refused");
+        h.dp_size = 3;
+        match f.connect_with(&h) {
+            Err(ClientError::Refused { code, .. }) => assert_eq!(code, "dp_size"),
+            Err(e) => panic!("want REFUSED dp_size, got {e}"),
+            Ok(_) => panic!("dp_size 3 of {ROWS} rows was admitted"),
+        }
+    }
+    assert_eq!(f.status()["refused_by_code"], json!({"dp_size": 2}));
+    let code = [("code", "dp_size")];
+    wait_for("/metrics to count the refusals", SETTLE, || {
+        let got = metric(&scrape(&addr)?, "millrace_refused_connections_total", &code);
+        (got == Some(2.0)).then_some(()).ok_or(format!("{got:?}"))
+    });
+}
+
 // ------------------------------------------------------------ graceful shutdown
 
 /// Reads until the daemon ends the stream; returns the steps read and the error.

@@ -6,6 +6,7 @@
 //! Everything here only moves small frames: admission runs on the blocking pool and
 //! token copies on the hub's threads, so no socket waits for a copy.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -298,9 +299,25 @@ async fn admit_watching<T>(
 /// Sends a REFUSED or ERROR frame; the connection is closed right after, so a failed
 /// write changes nothing. Bounded by [`SAY_TIMEOUT`]: a client that reads nothing while
 /// its socket buffer is full must not hold the task (and its fd) forever.
+/// A REFUSED frame is counted per code (STATUS `refused_by_code`, /metrics).
 async fn say(stream: &mut UnixStream, kind: u8, code: Code, message: &str) {
+    if kind == kind::REFUSED {
+        let mut n = REFUSED.lock().unwrap_or_else(|p| p.into_inner());
+        *n.entry(code.as_str()).or_insert(0) += 1;
+    }
     let bytes = frame::encode(kind, &protocol::reason(code, message));
     let _ = tokio::time::timeout(SAY_TIMEOUT, stream.write_all(&bytes)).await;
+}
+
+/// Connections refused since start, per REFUSED code: the refusals are otherwise in
+/// the (rate-limited) log only.
+static REFUSED: std::sync::Mutex<BTreeMap<&'static str, u64>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Connections refused since start, per code, for STATUS.
+pub(super) fn refusals() -> BTreeMap<String, u64> {
+    let n = REFUSED.lock().unwrap_or_else(|p| p.into_inner());
+    n.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
 /// How long a last REFUSED or ERROR frame may take to write.

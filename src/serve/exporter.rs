@@ -114,6 +114,9 @@ impl Exporter {
                 counter!(name, "source" => source.to_string()).absolute(n);
             }
         }
+        for (code, n) in &status.refused_by_code {
+            counter!("millrace_refused_connections_total", "code" => code.clone()).absolute(*n);
+        }
         gauge!("millrace_control_connections").set(status.control_connections.open as f64);
         if let Some(n) = status.fd_limit.open {
             gauge!("millrace_open_fds").set(n as f64);

@@ -334,6 +334,7 @@ impl Daemon {
             open: self.control.open() as u64,
             max: self.control.cap() as u64,
         };
+        s.refused_by_code = connections::refusals();
         s.last_reload = self
             .last_reload
             .lock()

@@ -52,6 +52,8 @@ pub struct Status {
     pub plan_step: u64,
     /// Shards that changed under the daemon; no ring reads them until a restart.
     pub poisoned_shards: Vec<PoisonedShard>,
+    /// Connections refused since start (REFUSED frames), per code.
+    pub refused_by_code: BTreeMap<String, u64>,
     /// Reloads and changes applied since start.
     pub reloads: u64,
     /// Applied reloads per source.

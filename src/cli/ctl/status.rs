@@ -132,6 +132,20 @@ pub fn render_status(st: &Status) -> String {
     for line in poisoned_lines(st, 16) {
         let _ = writeln!(s, "{line}");
     }
+    // Refused trainers retry or fail on their side; here is where the operator sees them.
+    if !st.refused_by_code.is_empty() {
+        let by: Vec<String> = st
+            .refused_by_code
+            .iter()
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "refused connections {} ({})",
+            st.refused_by_code.values().sum::<u64>(),
+            by.join(", ")
+        );
+    }
     let _ = writeln!(
         s,
         "padding {}  truncation {}",
@@ -374,6 +388,18 @@ pub(super) mod tests {
         let frame = render(&st, None, 200);
         assert!(frame.contains(first), "{frame}");
         assert!(frame.contains("19 more poisoned shards"), "{frame}");
+    }
+
+    #[test]
+    fn refused_connections_show_in_status() {
+        let mut st = sample_status(1000, 57, 0.25);
+        assert!(!render_status(&st).contains("refused connections"));
+        st.refused_by_code = [("busy".to_string(), 1), ("dp_size".to_string(), 2)].into();
+        let text = render_status(&st);
+        assert!(
+            text.contains("refused connections 3 (busy 1, dp_size 2)"),
+            "{text}"
+        );
     }
 
     #[test]
