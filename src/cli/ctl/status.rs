@@ -160,14 +160,25 @@ pub fn render_status(st: &Status) -> String {
         mib(st.ring_memory.used_bytes),
         mib(st.ring_memory.budget_bytes)
     );
+    // Columns as wide as the longest name (within reason), so that long domain and job
+    // names do not shift their rows against the header.
+    let width = |names: &mut dyn Iterator<Item = &str>, least: usize| -> usize {
+        names
+            .map(|n| n.chars().count())
+            .max()
+            .unwrap_or(0)
+            .clamp(least, 48)
+    };
+    let dw = width(&mut st.domains.iter().map(|d| d.name.as_str()), 12);
     let _ = writeln!(
         s,
-        "\ndomain        target  realized      epochs          tokens"
+        "\n{:<dw$} {:>7} {:>9} {:>11} {:>15}",
+        "domain", "target", "realized", "epochs", "tokens"
     );
     for d in &st.domains {
         let _ = writeln!(
             s,
-            "{:<12} {:>7} {:>9} {:>11} {:>15}",
+            "{:<dw$} {:>7} {:>9} {:>11} {:>15}",
             or(&d.name, "-"),
             pct(d.target_share),
             pct(d.realized_share),
@@ -175,12 +186,13 @@ pub fn render_status(st: &Status) -> String {
             thousands(d.tokens)
         );
     }
+    let jw = width(&mut st.jobs.iter().map(|j| j.job.as_str()), 16);
     if st.jobs.is_empty() {
         let _ = writeln!(s, "\nno job is connected");
     } else {
         let _ = writeln!(
             s,
-            "\n{:<16} {:>4} {:>9} {:>9} {:>5} {:>15} {:>9} {:>9}  peers",
+            "\n{:<jw$} {:>4} {:>9} {:>9} {:>5} {:>15} {:>9} {:>9}  peers",
             "job", "rank", "published", "released", "ring", "tokens", "cons.wait", "prod.wait"
         );
     }
@@ -200,7 +212,7 @@ pub fn render_status(st: &Status) -> String {
                 .collect();
             let _ = writeln!(
                 s,
-                "{:<16} {:>4} {:>9} {:>9} {:>5} {:>15} {:>8.2}s {:>8.2}s  {}",
+                "{:<jw$} {:>4} {:>9} {:>9} {:>5} {:>15} {:>8.2}s {:>8.2}s  {}",
                 or(&j.job, "-"),
                 r.dp_rank,
                 r.published_step,
@@ -388,6 +400,33 @@ pub(super) mod tests {
         let frame = render(&st, None, 200);
         assert!(frame.contains(first), "{frame}");
         assert!(frame.contains("19 more poisoned shards"), "{frame}");
+    }
+
+    /// Long domain and job names widen their columns: every row's figures start where
+    /// the header's do.
+    #[test]
+    fn long_names_keep_the_columns_aligned() {
+        let mut st = sample_status(1000, 57, 0.25);
+        st.domains[1].name = "the_pile_arxiv_2024_dedup".into();
+        st.jobs[0].job = "llama-70b-pretrain-run-42".into();
+        let text = render_status(&st);
+        let col = |line: &str, word: &str| line.find(word).unwrap() + word.len();
+        let lines: Vec<&str> = text.lines().collect();
+        let head = lines.iter().find(|l| l.starts_with("domain ")).unwrap();
+        for row in lines
+            .iter()
+            .filter(|l| l.starts_with("web") || l.starts_with("the_pile"))
+        {
+            assert_eq!(col(row, "%"), col(head, "target"), "{head}\n{row}");
+        }
+        let head = lines.iter().find(|l| l.starts_with("job ")).unwrap();
+        for row in lines.iter().filter(|l| l.starts_with("llama")) {
+            let rank_end = row
+                .split_whitespace()
+                .nth(1)
+                .map(|r| row.find(&format!(" {r} ")).unwrap() + 1 + r.len());
+            assert_eq!(rank_end, Some(col(head, "rank")), "{head}\n{row}");
+        }
     }
 
     #[test]
