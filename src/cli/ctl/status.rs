@@ -402,8 +402,8 @@ pub(super) mod tests {
         assert!(frame.contains("19 more poisoned shards"), "{frame}");
     }
 
-    /// Long domain and job names widen their columns: every row's figures start where
-    /// the header's do.
+    /// Long domain and job names widen their columns (in `top` too): every row's figures
+    /// start where the header's do.
     #[test]
     fn long_names_keep_the_columns_aligned() {
         let mut st = sample_status(1000, 57, 0.25);
@@ -420,7 +420,16 @@ pub(super) mod tests {
             assert_eq!(col(row, "%"), col(head, "target"), "{head}\n{row}");
         }
         let head = lines.iter().find(|l| l.starts_with("job ")).unwrap();
-        for row in lines.iter().filter(|l| l.starts_with("llama")) {
+        let frame = render(&st, None, 200);
+        let top: Vec<&str> = frame.lines().collect();
+        let top_head = top.iter().find(|l| l.starts_with("job ")).unwrap();
+        let top_rows = top.iter().filter(|l| l.starts_with("llama"));
+        for row in lines
+            .iter()
+            .filter(|l| l.starts_with("llama"))
+            .chain(top_rows)
+        {
+            let head = if top.contains(row) { top_head } else { head };
             let rank_end = row
                 .split_whitespace()
                 .nth(1)

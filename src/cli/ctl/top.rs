@@ -89,11 +89,17 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
     lines.extend(last_reload_line(now));
     lines.extend(poisoned_lines(now, 1));
     lines.push(String::new());
+    // As wide as the longest job name (within reason): a longer one shifted its rows.
+    let jw = (now.jobs.iter())
+        .map(|j| or(&j.job, "-").chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(9, 32);
     if now.jobs.is_empty() {
         lines.push("no job is connected".into());
     } else {
         lines.push(format!(
-            "{:<9} {:>4} {:>8} {:>8} {:>7} {:<12} {:>9} {:>9} {:>5}",
+            "{:<jw$} {:>4} {:>8} {:>8} {:>7} {:<12} {:>9} {:>9} {:>5}",
             "job", "rank", "step", "tokens/s", "steps/s", "ring", "cons.wait", "prod.wait", "peers"
         ));
     }
@@ -160,7 +166,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
             "-".into()
         };
         lines.push(format!(
-            "{:<9} {:>4} {:>8} {:>8} {:>7} {:<12} {:>9} {:>9} {:>5}",
+            "{:<jw$} {:>4} {:>8} {:>8} {:>7} {:<12} {:>9} {:>9} {:>5}",
             job,
             r.dp_rank,
             r.released_step,
