@@ -294,6 +294,15 @@ fn a_daemon_that_cannot_start_never_says_ready() {
     );
 }
 
+/// `millrace check-config --config CONFIG`, run to its end.
+fn check(config: &Path) -> std::process::Output {
+    common::bin()
+        .args(["check-config", "--config"])
+        .arg(config)
+        .output()
+        .expect("millrace runs")
+}
+
 /// ExecStartPre: `millrace check-config` passes a good config and prints what it found,
 /// and fails, naming the file and the fault, on a broken shard, a bad `[serve]` key, an
 /// unknown socket group, a metrics address that is not host:port or is in use, and a
@@ -301,13 +310,6 @@ fn a_daemon_that_cannot_start_never_says_ready() {
 #[test]
 fn check_config_names_the_fault() {
     let f = fixture();
-    let check = |config: &Path| {
-        common::bin()
-            .args(["check-config", "--config"])
-            .arg(config)
-            .output()
-            .expect("millrace runs")
-    };
     let out = check(&f.config);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -373,4 +375,40 @@ fn check_config_names_the_fault() {
         err.contains("bad magic") && err.contains(idx.file_name().unwrap().to_str().unwrap()),
         "{err}"
     );
+}
+
+/// The upgrade procedure (docs/OPERATIONS.md, "Upgrade") runs `check-config` while the
+/// daemon it is about to restart still serves: the metrics port that daemon holds is no
+/// fault, while one another process holds still is. It failed with `cannot listen:
+/// Address already in use`, so a config with `metrics_addr` never passed the check.
+#[test]
+fn check_config_passes_the_metrics_port_of_the_daemon_it_will_replace() {
+    let f = fixture();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = std::fs::read_to_string(&f.config).unwrap();
+    let with =
+        |addr: &str| base.replace("[serve]\n", &format!("[serve]\nmetrics_addr = {addr:?}\n"));
+    std::fs::write(&f.config, with(&format!("127.0.0.1:{port}"))).unwrap();
+    let mut d = Serve::start(&f.config, &f.socket, &f.corpus.dir.join("serve.log"));
+    let out = check(&f.config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let want = format!("in use by the daemon serving {}", f.socket.display());
+    assert!(err.contains(&want), "{err}");
+    // A port some other process listens on, with the daemon serving: refused as before.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = f.corpus.dir.join("other.toml");
+    std::fs::write(&other, with(&busy.local_addr().unwrap().to_string())).unwrap();
+    let out = check(&other);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot listen"), "{err}");
+    d.signal(libc::SIGTERM);
+    assert!(d
+        .wait_exit(Duration::from_secs(20))
+        .is_some_and(|s| s.success()));
 }

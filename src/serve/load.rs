@@ -169,13 +169,22 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
     let l = load(&args.config, true)?;
     if let Some(addr) = &l.serve.metrics_addr {
         // `serve` exits when it cannot listen there, so the check tries it too (and lets
-        // go at once).
-        std::net::TcpListener::bind(addr.as_str()).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: [serve] metrics_addr {addr:?}: cannot listen: {e} (`serve` would exit)",
-                args.config.display()
-            )
-        })?;
+        // go at once). The daemon this config runs holds it while it serves, and the
+        // check runs before it is restarted (an upgrade): that is no fault.
+        if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
+            match held_by_the_daemon(&l.serve.socket, addr) {
+                Some(pid) => eprintln!(
+                    "note: {}: [serve] metrics_addr {addr:?} is in use by the daemon serving \
+                     {} now (pid {pid}); it is free once that daemon stops",
+                    args.config.display(),
+                    l.serve.socket.display()
+                ),
+                None => bail!(
+                    "{}: [serve] metrics_addr {addr:?}: cannot listen: {e} (`serve` would exit)",
+                    args.config.display()
+                ),
+            }
+        }
     }
     if let Some(why) = socket_problem(&l.serve.socket) {
         bail!("{}: [serve] socket: {why}", args.config.display());
@@ -204,6 +213,41 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
         l.token.0.name()
     );
     Ok(())
+}
+
+/// The pid of the daemon answering on `socket` when that process holds a listening TCP
+/// socket on `addr`'s port (its fds against /proc/net/tcp and tcp6); None otherwise, or
+/// when any of it cannot be read.
+fn held_by_the_daemon(socket: &Path, addr: &str) -> Option<u32> {
+    let port = addr.parse::<std::net::SocketAddr>().ok()?.port();
+    let reply = crate::control::request(
+        socket,
+        &crate::control::status_request(),
+        std::time::Duration::from_secs(5),
+    )
+    .ok()?;
+    let pid = u32::try_from(reply["status"]["pid"].as_u64()?).ok()?;
+    // Listening sockets on the port: `sl local rem st ... inode`, the port in hex after
+    // the address, state 0A for LISTEN.
+    let mut listening = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let on_port = (f.get(1).and_then(|a| a.rsplit_once(':')))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if on_port && f.get(3) == Some(&"0A") {
+                listening.extend(f.get(9).map(|i| format!("socket:[{i}]")));
+            }
+        }
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|l| listening.contains(l.to_string_lossy().as_ref()))
+        .then_some(pid)
 }
 
 /// The shards the background pass validates, and the identity cache it records passes in.
