@@ -921,18 +921,7 @@ type Sample = (String, BTreeMap<String, String>, f64);
 
 /// GET /metrics (HTTP/1.0, so the body is plain) and parse the text format.
 fn scrape(addr: &str) -> Result<Vec<Sample>, String> {
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP header end: {text:?}"))?;
-    if !head.starts_with("HTTP/1.") || !head.lines().next().unwrap_or("").contains(" 200") {
-        return Err(format!("not 200: {head}"));
-    }
+    let body = scrape_text(addr)?;
     let mut out = Vec::new();
     for line in body.lines() {
         let line = line.trim();
@@ -964,6 +953,23 @@ fn scrape(addr: &str) -> Result<Vec<Sample>, String> {
         out.push((name, labels, value));
     }
     Ok(out)
+}
+
+/// GET /metrics: the body as the exporter wrote it.
+fn scrape_text(addr: &str) -> Result<String, String> {
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP header end: {text:?}"))?;
+    if !head.starts_with("HTTP/1.") || !head.lines().next().unwrap_or("").contains(" 200") {
+        return Err(format!("not 200: {head}"));
+    }
+    Ok(body.to_string())
 }
 
 /// The value of `name` with (at least) these labels, if exposed.
@@ -1256,12 +1262,18 @@ fn a_returning_ranks_counters_continue_on_metrics() {
 }
 
 /// A refused trainer (here a `dp_size` that does not divide the batch) is counted per
-/// code in STATUS and on /metrics; it was in the rate-limited log only.
+/// code in STATUS and on /metrics; it was in the rate-limited log only. With it and a
+/// streaming client every metric of docs/OPERATIONS.md's table is exported with its
+/// documented type and labels, and config/grafana-millrace.json queries only those,
+/// grouped and selected by labels that exist.
 #[test]
-fn refused_clients_are_counted_by_code() {
+fn refused_clients_are_counted_and_the_docs_and_dashboard_match_the_metrics() {
     let addr = format!("127.0.0.1:{}", free_port());
     let f = fixture(&format!("metrics_addr = {addr:?}\n"));
     let _d = f.serve();
+    let mut c = f.connect("docs");
+    let _ = read(&mut c, 3);
+    c.release(3).unwrap();
     for _ in 0..2 {
         let mut h = f.hello("refused");
         h.dp_size = 3;
@@ -1277,6 +1289,90 @@ fn refused_clients_are_counted_by_code() {
         let got = metric(&scrape(&addr)?, "millrace_refused_connections_total", &code);
         (got == Some(2.0)).then_some(()).ok_or(format!("{got:?}"))
     });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ops = std::fs::read_to_string(root.join("docs/OPERATIONS.md")).unwrap();
+    // | `name` | type | `label`, `label` | meaning |
+    let documented: BTreeMap<String, (String, Vec<String>)> = ops
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("| `millrace_")?;
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.trim_matches('`').to_string();
+            let kind = cells.get(2)?.split_whitespace().next()?.to_string();
+            let labels = cells
+                .get(3)?
+                .split(", ")
+                .map(|x| x.trim_matches('`').to_string());
+            Some((name, (kind, labels.filter(|x| !x.is_empty()).collect())))
+        })
+        .collect();
+    assert!(documented.len() >= 20, "{documented:?}");
+    let text = wait_for("a scrape with the job's series", SETTLE, || {
+        let t = scrape_text(&addr)?;
+        t.contains("job=\"docs\"")
+            .then_some(t)
+            .ok_or("no job series yet".into())
+    });
+    let samples = scrape(&addr).unwrap();
+    for (name, (kind, labels)) in &documented {
+        let typed = format!("# TYPE {name} {kind}\n");
+        assert!(text.contains(&typed), "/metrics lacks {typed:?}");
+        let name = if kind == "histogram" {
+            format!("{name}_count")
+        } else {
+            name.clone()
+        };
+        let mut want: Vec<&str> = labels.iter().map(String::as_str).collect();
+        want.sort_unstable();
+        for s in samples.iter().filter(|s| s.0 == name) {
+            let got: Vec<&str> = s.1.keys().map(String::as_str).collect();
+            assert_eq!(got, want, "labels of {name}");
+        }
+    }
+    let known_labels = [
+        "instance", "job", "dp_rank", "domain", "source", "code", "le",
+    ];
+    let dashboard = std::fs::read_to_string(root.join("config/grafana-millrace.json")).unwrap();
+    let v: Value = serde_json::from_str(&dashboard).unwrap();
+    let mut exprs = Vec::new();
+    let mut stack = vec![&v];
+    while let Some(x) = stack.pop() {
+        match x {
+            Value::Object(m) => {
+                exprs.extend(m.get("expr").and_then(Value::as_str));
+                stack.extend(m.values());
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for e in &exprs {
+        for (i, _) in e.match_indices("millrace_") {
+            let name: String = e[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let base = name.strip_suffix("_bucket").unwrap_or(&name);
+            assert!(
+                documented.contains_key(base),
+                "{e}: {name} is not documented"
+            );
+        }
+        // Labels grouped by (`by (...)`) or selected (`{label=~...}`).
+        let mut used: Vec<&str> = Vec::new();
+        for part in e.split("by (").skip(1) {
+            used.extend(part.split(')').next().unwrap_or("").split(", "));
+        }
+        for part in e.split('{').skip(1) {
+            let sel = part.split('}').next().unwrap_or("");
+            used.extend(sel.split(',').filter_map(|kv| kv.split(['=', '!']).next()));
+        }
+        for l in used {
+            assert!(known_labels.contains(&l.trim()), "{e}: label {l:?}");
+        }
+    }
+    drop(c);
 }
 
 // ------------------------------------------------------------ graceful shutdown
