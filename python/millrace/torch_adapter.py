@@ -599,9 +599,16 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
     ``state_of(last_item)``. (torchdata's StatefulDataLoader calls ``state_dict`` in the
     worker, per item, and is correct too.) ``num_workers > 1`` is refused: every worker
     would be the same dp rank. To iterate the loader more than once with a worker, pass
-    ``persistent_workers=True``: each new pass continues the stream. Without it each pass
-    forks a new worker with this dataset as loaded, whose stream would start over; it is
-    refused (:class:`MillraceError`) unless ``load_state_dict`` set a new position.
+    ``persistent_workers=True``: each new pass continues the stream, if the pass before ran
+    to its end (``steps``). After one left early (``break``) the DataLoader discards the
+    items the worker read ahead: the next pass is refused (:class:`MillraceError`) rather
+    than skip their steps, except where the worker had already read to the pass's end
+    (it reads up to ``prefetch_factor`` items ahead), which it cannot tell from a pass
+    run to its end. So after a ``break``, resume a new DataLoader from
+    ``state_of(last item)``.
+    Without it each pass forks a new worker with this dataset as loaded, whose stream
+    would start over; it is refused (:class:`MillraceError`) unless ``load_state_dict``
+    set a new position.
     """
 
     def __init__(self, socket, dp_rank: int, dp_size: int, device=None, copy: bool = True,
@@ -624,10 +631,14 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
         # memory that worker processes inherit, so the main process can tell that its own
         # position is not the stream's, and a second worker that the stream restarted.
         self._in_worker = multiprocessing.RawValue("q", 0)
+        # In a DataLoader worker: a pass is under way or was left early (not run to its
+        # end), so the DataLoader may have discarded items this worker read ahead.
+        self._open = False
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["client"] = d["_pending"] = None
+        d["_open"] = False
         if multiprocessing.context.get_spawning_popen() is None:
             # Pickled for something other than starting a worker (copy.deepcopy, a
             # checkpoint): shared memory only travels to child processes.
@@ -664,22 +675,42 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
                     "data. Use persistent_workers=True (or num_workers=0), or load_state_dict"
                     "(state_of(last item)) before iterating again")
             self._in_worker.value = os.getpid()
+            if self._open:
+                # A persistent worker's last pass was left early (a ``break``): the
+                # DataLoader discarded the items this worker had read ahead, so going on
+                # would silently skip their steps.
+                raise MillraceError(
+                    "MillraceIterableDataset: the last pass over this persistent DataLoader "
+                    "worker was left early, and the DataLoader discarded the items the "
+                    "worker had read ahead of it: a new pass would skip their steps. Delete "
+                    "this DataLoader, load_state_dict(state_of(last item consumed)) and make "
+                    "a new one; or let every pass run to its end (`steps`)")
         client = self._make_client()
         # In a worker, views would be wrong data: the DataLoader sends an item from a
         # feeder thread (moving its tensors to shared memory) after this generator went
         # on to the next batch, which releases the item's slot to the daemon.
         copy = self.copy or info is not None
         n = 0
-        while self.steps is None or n < self.steps:
-            b = self._pending if self._pending is not None else client.next_batch()
-            self._pending = b
-            tb = _retried_to_torch(self, b, self.device, copy=copy)
-            self._pending = None
-            d = tb.as_dict()
-            d["cursor"] = bytes(b.cursor)
-            self._yielded = {"cursor": d["cursor"], "step": b.step}
-            n += 1
-            yield d
+        self._open = info is not None
+        try:
+            while self.steps is None or n < self.steps:
+                b = self._pending if self._pending is not None else client.next_batch()
+                self._pending = b
+                tb = _retried_to_torch(self, b, self.device, copy=copy)
+                self._pending = None
+                d = tb.as_dict()
+                d["cursor"] = bytes(b.cursor)
+                self._yielded = {"cursor": d["cursor"], "step": b.step}
+                n += 1
+                yield d
+        except GeneratorExit:
+            raise  # left early: ``_open`` stays set
+        except BaseException:
+            # An error ends the pass after every item before it was delivered: nothing
+            # read ahead is lost, and a new pass retries (``_pending``).
+            self._open = False
+            raise
+        self._open = False
 
     def state_dict(self) -> dict:
         if self.client is None and self._in_worker is not None and self._in_worker.value:

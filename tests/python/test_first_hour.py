@@ -10,6 +10,7 @@ that user. Each test asserts one fixed behaviour, with the text a user now sees.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -344,6 +345,39 @@ def test_dataloader_persistent_worker_continues_the_stream(walk, daemon):
                                          persistent_workers=True)
     first, second = [int(d["step"]) for d in loader], [int(d["step"]) for d in loader]
     assert (first, second) == ([0, 1, 2], [3, 4, 5])
+    del loader
+
+
+def test_a_persistent_worker_pass_left_early_is_refused_not_skipped(walk, daemon):
+    """A pass left with ``break`` leaves items the worker read ahead in the DataLoader's
+    queue, which it discards at the next pass: that pass used to go on after them,
+    silently skipping steps 3 and 4. It is refused; state_of(last item) resumes exactly."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import MillraceIterableDataset as DS
+
+    _, sock, _ = daemon
+    ds = DS(sock, 0, DP_SIZE, copy=True, job="early", register_cuda=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                         persistent_workers=True)
+    first = []
+    for item in loader:
+        first.append(item)
+        if len(first) == 3:
+            break
+    assert [int(d["step"]) for d in first] == [0, 1, 2]
+    with pytest.raises(mr.MillraceError, match="left early") as refused:
+        next(iter(loader))
+    # Ends the worker, whose client leaves the ring: the refusal's traceback holds the
+    # loader's iterator in a cycle, which only the cyclic GC frees.
+    del refused, loader
+    gc.collect()
+
+    ds.load_state_dict(DS.state_of(first[-1]))
+    ds.steps = 2
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                         persistent_workers=True)
+    assert [int(d["step"]) for d in loader] == [3, 4]
+    assert [int(d["step"]) for d in loader] == [5, 6]  # a pass run to its end goes on
     del loader
 
 
