@@ -721,7 +721,10 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
                 "of the last item you consumed (or use num_workers=0)")
         if self.client is None:
             if not self._state:
-                return {"cursor": None, "step": -1}
+                # The start the keyword arguments give (``cursor``, ``start_step``), as a
+                # client not yet connected tells it: connects to nothing.
+                return Client(self.socket, self.dp_rank, self.dp_size,
+                              **self.client_kwargs).state_dict()
             step = self._state["step"]
             return {"cursor": self._state["cursor"], "step": -1 if step is None else step}
         if self._pending is not None:

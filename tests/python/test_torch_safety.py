@@ -276,3 +276,26 @@ def test_a_failed_transfer_is_retried_by_the_dataset(daemon, monkeypatch):
     assert_same_items(got, want, "retried")
     assert ds.state_dict() == MillraceIterableDataset.state_of(got[-1])
     ds.close()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def test_a_dataset_checkpointed_before_its_first_item_keeps_its_start(daemon, tmp_path):
+    """A dataset made with ``start_step`` or ``cursor`` and checkpointed before its first
+    item (a checkpoint at step 0 of a run) said ``{"cursor": None, "step": -1}``, so the
+    run resumed from it served step 0 on, not its start. Its state_dict is the start the
+    arguments give, through torch.save and torch.load(weights_only=True)."""
+    ref = dataset(daemon, "start-ref", "compact", steps=4)
+    want = [owned(d) for d in torch.utils.data.DataLoader(ref, batch_size=None)]
+    ref.close()
+    blob = MillraceIterableDataset.state_of(want[1])["cursor"]
+    for kw, first in ((dict(start_step=2), 2), (dict(cursor=blob), 2)):
+        ckpt = tmp_path / "data.pt"
+        torch.save({"data": dataset(daemon, "start", "compact", **kw).state_dict()}, ckpt)
+        state = torch.load(ckpt, weights_only=True)["data"]
+        resumed = dataset(daemon, "start", "compact", steps=2, **kw)
+        resumed.load_state_dict(state)
+        got = [owned(d) for d in torch.utils.data.DataLoader(resumed, batch_size=None)]
+        resumed.close()
+        assert_same_items(got, want[first:], f"resumed from a checkpoint made with {kw}")
