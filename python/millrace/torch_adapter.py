@@ -154,8 +154,8 @@ class TorchBatch:
     ``tokens`` and ``labels`` int32 (int64 for ids wider than int32) on every device.
 
     On a CUDA device the tensors are the trainer's own (the ring slot is free once the
-    copy completed); of a compact slot, ``tokens`` and ``labels`` there are two views of
-    one ``[rows, seq_len + 1]`` tensor, so clone ``labels`` before editing it in place.
+    copy completed), each dense, ``tokens`` and ``labels`` separate (an in-place edit of
+    ``labels`` leaves ``tokens`` alone).
     On the CPU they are copies, the trainer's own too (``tokens`` and ``labels``
     separate), unless made with ``copy=False``: then they alias the ring, share the
     batch's lifetime and are READ-ONLY (an in-place op on one, e.g.

@@ -49,8 +49,9 @@ def _consts(dev, n_rows: int, seq: int):
 
 
 def _derive(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dict:
-    """The arrays a compact slot determines, from its bytes ``buf``: ``rows`` (ids
-    widened to int32, or int64 for uint32 and int64 ids), ``loss_mask`` (uint8),
+    """The arrays a compact slot determines, from its bytes ``buf``: ``tokens`` and
+    ``labels`` (views of the rows' ids widened to int32, or int64 for uint32 and int64
+    ids), ``loss_mask`` (uint8),
     ``position_ids`` (int32), ``cu_seqlens`` (int32, ``[cu_len]``, zeros past the last
     boundary), ``domain`` and ``row_loss_tokens``. About twenty kernels, none of whose
     sizes depends on the data, so on CUDA nothing synchronises and a graph can hold them."""
@@ -84,7 +85,11 @@ def _derive(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dict:
     ends = torch.logical_or(start[:, 1:], last).view(-1)
     cu = torch.zeros(cu_len, dtype=torch.int32, device=buf.device)
     cu.scatter_(0, torch.cumsum(ends, 0) * ends, flat * ends)
-    return {"rows": field("rows"), "position_ids": idx[:seq] - first[:, :seq],
+    rows = field("rows")
+    # Views of the row: made dense by the caller (a copy each, or the graph's copy into
+    # its output region), so tokens and labels never share memory.
+    return {"tokens": rows[:, :-1], "labels": rows[:, 1:],
+            "position_ids": idx[:seq] - first[:, :seq],
             "loss_mask": ((idx[1:] < real) & ~start[:, 1:]).view(torch.uint8),
             "cu_seqlens": cu, "domain": field("domain"),
             "row_loss_tokens": field("row_loss_tokens")}
@@ -94,10 +99,11 @@ def derive_tensors(buf, layout: dict, n_rows: int, seq: int, cu_len: int) -> dic
     """The batch's tensors from a compact slot's bytes ``buf`` (uint8, on any device),
     with device ops only: no host round trip and no size-dependent op (``cu_len`` is the
     slot header's), so on CUDA nothing synchronises. ``layout`` maps each stored array to
-    (byte offset in ``buf``, numpy dtype, shape)."""
+    (byte offset in ``buf``, numpy dtype, shape). Every tensor is dense, ``tokens`` and
+    ``labels`` each their own, as on the CPU path (``labels.view(-1)`` works, and an
+    in-place edit of ``labels`` leaves ``tokens`` alone)."""
     d = _derive(buf, layout, n_rows, seq, cu_len)
-    rows = d.pop("rows")
-    d["tokens"], d["labels"] = rows[:, :-1], rows[:, 1:]
+    d["tokens"], d["labels"] = d["tokens"].contiguous(), d["labels"].contiguous()
     return d
 
 
@@ -181,7 +187,5 @@ class _Graphed:
                 self.body()
             own = self.out.clone()
         d = self.views(own)
-        rows = d.pop("rows")
-        d["tokens"], d["labels"] = rows[:, :-1], rows[:, 1:]
         d["cu_seqlens"] = d["cu_seqlens"][:cu_len]
         return d, own

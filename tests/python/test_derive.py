@@ -190,3 +190,28 @@ def test_token_ids_reach_torch_as_int32_or_int64_on_every_path(dtype, want):
             np.testing.assert_array_equal(getattr(t, k).numpy(), getattr(b, k).astype(want))
             np.testing.assert_array_equal(dev[k].numpy(), getattr(b, k).astype(want))
     assert b.tokens.dtype == dtype  # numpy keeps the slot's own dtype
+
+
+def test_the_cuda_paths_tensors_are_contiguous_and_labels_apart_from_tokens():
+    """The CUDA path (``derive_tensors`` eager, ``_Graphed`` replayed; both run here on the
+    CPU) gave ``tokens`` and ``labels`` as two views of one ``[rows, seq_len + 1]``
+    tensor, where the CPU path gives separate dense ones: ``labels.view(-1)`` raised on
+    a GPU only, and ``labels[labels == pad] = -100`` rewrote ``tokens`` there. Every
+    tensor is now dense and ``labels`` is apart from ``tokens`` on every path."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import _slot_bytes
+    from millrace.torch_derive import _Graphed, derive_tensors
+
+    b = hand_batch(np.random.default_rng(5), 4, 33, np.uint16, 4)
+    host, layout = _slot_bytes(b)
+    g = _Graphed(torch.device("cpu"), None, layout, b.rows, b.seq_len, host.numel())
+    paths = {"cpu": b.to_torch().as_dict(),
+             "eager": derive_tensors(host, layout, b.rows, b.seq_len, b.cu_len),
+             "graph": g.run(host, None, b.cu_len)[0]}
+    for path, d in paths.items():
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens",
+                     "domain", "row_loss_tokens"):
+            assert d[name].is_contiguous(), (path, name)
+        tokens = d["tokens"].clone()
+        d["labels"].view(-1)[:] = -100
+        assert torch.equal(d["tokens"], tokens), f"{path}: writing labels changed tokens"
