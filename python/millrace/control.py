@@ -452,22 +452,38 @@ def plan_record(client, rank: int, host: str | None = None) -> dict:
     agree; None before a batch, or from a daemon before 2026-12-06), and a digest of the
     cursor blob (compared when some rank has no state). ``client`` is a
     :class:`~millrace.Client`, a ``TorchClient`` or anything with ``state_dict()`` and a
-    WELCOME; it must have handed out a batch or been given a cursor to resume from."""
-    state = client.state_dict()
+    WELCOME; it must have handed out a batch or been given a cursor to resume from. Or
+    it is an item a ``MillraceIterableDataset`` yielded (a dict: a DataLoader's dataset
+    has no client in the trainer's process when a worker reads it)."""
+    if isinstance(client, dict):
+        missing = [k for k in ("cursor", "step", "plan_state", "fingerprint")
+                   if k not in client]
+        if missing:
+            raise ValueError(f"a dict passed as the client must be an item of "
+                             f"MillraceIterableDataset; it has no {', '.join(missing)}")
+        state = _compared_position({"cursor": client["cursor"], "step": client["step"]})
+        fingerprint, digest = client["fingerprint"], int(client["plan_state"], 16)
+    else:
+        state = _compared_position(client.state_dict())
+        fingerprint = getattr(client, "fingerprint", None)
+        if fingerprint is None:
+            fingerprint = client.welcome["fingerprint"]
+        digest = getattr(client, "plan_state", None)
+    return {"rank": int(rank), "host": host or _socket.gethostname(),
+            "step": int(state["step"]), "fingerprint": str(fingerprint),
+            "state": f"{digest:016x}" if digest else None,
+            "blob": hashlib.sha256(bytes(state["cursor"])).hexdigest()[:32]}
+
+
+def _compared_position(state: dict) -> dict:
+    """``state`` (a stream's position), checked to name a step a plan can be compared at."""
     if state.get("cursor") is None:
         raise ValueError("a plan can be compared only after a batch (or a resume cursor): "
                          "call check_plans_agree after the first batch")
     if int(state["step"]) < 0:
         raise ValueError("the client resumes from a cursor but has not connected yet: call "
                          "check_plans_agree after the first batch")
-    fingerprint = getattr(client, "fingerprint", None)
-    if fingerprint is None:
-        fingerprint = client.welcome["fingerprint"]
-    digest = getattr(client, "plan_state", None)
-    return {"rank": int(rank), "host": host or _socket.gethostname(),
-            "step": int(state["step"]), "fingerprint": str(fingerprint),
-            "state": f"{digest:016x}" if digest else None,
-            "blob": hashlib.sha256(bytes(state["cursor"])).hexdigest()[:32]}
+    return state
 
 
 def _ranks(ranks: list) -> str:
@@ -529,8 +545,10 @@ def check_plans_agree(client, group=None) -> dict:
     rank's :func:`plan_record`. Every rank of the group must call it at the same step:
     it is one ``all_gather_object``. A rank that cannot tell its plan (no batch yet, its
     daemon gone) takes part in it all the same, so every rank raises ``RuntimeError``
-    naming that rank and why, instead of the others waiting in the gather. Needs
-    torch.distributed, initialised; imported only when called."""
+    naming that rank and why, instead of the others waiting in the gather. ``client``:
+    what :func:`plan_record` takes (with a DataLoader, an item the
+    ``MillraceIterableDataset`` yielded). Needs torch.distributed, initialised; imported
+    only when called."""
     import torch.distributed as dist
 
     rank = dist.get_rank()

@@ -579,8 +579,10 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
     ``DataLoader(ds, batch_size=None, num_workers=0)`` (or ``num_workers=1``).
 
     Yields dicts: the tensors of :data:`millrace.client.FIELDS` plus ``step``,
-    ``plan_step``, ``max_seqlen``, ``loss_tokens``, ``real_tokens`` and ``cursor`` (the
-    item's cursor blob, bytes). The CPU tensors are copies, yours to keep and write to
+    ``plan_step``, ``max_seqlen``, ``loss_tokens``, ``real_tokens``, ``cursor`` (the
+    item's cursor blob, bytes), ``plan_state`` and ``fingerprint`` (both hex strings):
+    ``millrace.check_plans_agree(item)`` compares an item's plan across nodes, wherever
+    the item was made. The CPU tensors are copies, yours to keep and write to
     (``copy=True``, the default; or set ``device`` to get device copies). ``copy=False``
     hands out zero-copy views of the ring instead, valid until the next item is
     requested and READ-ONLY (an in-place op on one kills the process with SIGSEGV: the
@@ -700,6 +702,10 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
                 self._pending = None
                 d = tb.as_dict()
                 d["cursor"] = bytes(b.cursor)
+                # What check_plans_agree(item) compares across nodes; hex, as an int
+                # past 2**63 would break a collate into a tensor.
+                d["plan_state"] = f"{b.plan_state:016x}"
+                d["fingerprint"] = client.fingerprint
                 self._yielded = {"cursor": d["cursor"], "step": b.step}
                 n += 1
                 yield d

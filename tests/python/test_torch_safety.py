@@ -299,3 +299,34 @@ def test_a_dataset_checkpointed_before_its_first_item_keeps_its_start(daemon, tm
         got = [owned(d) for d in torch.utils.data.DataLoader(resumed, batch_size=None)]
         resumed.close()
         assert_same_items(got, want[first:], f"resumed from a checkpoint made with {kw}")
+
+
+def test_check_plans_agree_takes_a_dataloader_item(daemon, tmp_path):
+    """A DataLoader trainer had no way to check that every node plans alike: with a
+    worker, its process holds no client, and the dataset has no WELCOME or plan state,
+    so ``check_plans_agree`` failed on every rank. An item carries what it compares:
+    its record equals a client's at the same step, in a real (one-rank) gloo group."""
+    import torch.distributed as dist
+
+    from millrace.control import check_plans_agree, plan_record
+
+    ds = dataset(daemon, "agree-ds", "compact", steps=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)
+    items = list(loader)
+    del loader
+    with mr.Client(daemon.sock, 0, DP, job="agree-c", register_cuda=False,
+                   reconnect_timeout=0) as c:
+        c.next_batch()
+        c.next_batch()
+        want = plan_record(c, 0, "h")
+    got = plan_record(items[-1], 0, "h")
+    assert got == want and got["state"] is not None
+    with pytest.raises(ValueError, match="no plan_state, fingerprint"):
+        plan_record({"cursor": items[-1]["cursor"], "step": 1}, 0)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0,
+                            world_size=1)
+    try:
+        assert check_plans_agree(items[-1])["state"] == want["state"]
+    finally:
+        dist.destroy_process_group()
