@@ -610,7 +610,8 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
     ``state_of(last item)``.
     Without it each pass forks a new worker with this dataset as loaded, whose stream
     would start over; it is refused (:class:`MillraceError`) unless ``load_state_dict``
-    set a new position.
+    set a new position. ``load_state_dict`` after a persistent worker began streaming
+    cannot reach that worker: its next pass is refused; make a new DataLoader.
     """
 
     def __init__(self, socket, dp_rank: int, dp_size: int, device=None, copy: bool = True,
@@ -676,6 +677,14 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
                     "this dp rank; a new one would restart from the loaded state and repeat "
                     "data. Use persistent_workers=True (or num_workers=0), or load_state_dict"
                     "(state_of(last item)) before iterating again")
+            if not prior and self.client is not None:
+                # This worker set the shared pid when it began: only load_state_dict in
+                # the trainer's process clears it, and that state cannot reach here.
+                raise MillraceError(
+                    "MillraceIterableDataset: load_state_dict was called in the trainer's "
+                    "process while this persistent DataLoader worker streams, and the state "
+                    "cannot reach it: it would go on from its own position. Delete this "
+                    "DataLoader and make a new one after load_state_dict")
             self._in_worker.value = os.getpid()
             if self._open:
                 # A persistent worker's last pass was left early (a ``break``): the

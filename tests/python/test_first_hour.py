@@ -381,6 +381,30 @@ def test_a_persistent_worker_pass_left_early_is_refused_not_skipped(walk, daemon
     del loader
 
 
+def test_a_state_loaded_while_a_persistent_worker_streams_is_refused_not_ignored(walk, daemon):
+    """load_state_dict in the trainer's process cannot reach a persistent worker that is
+    already streaming: its next pass went on from its own position, as if the state had
+    been loaded. It is refused; a new DataLoader resumes at the state."""
+    torch = pytest.importorskip("torch")
+    from millrace.torch_adapter import MillraceIterableDataset as DS
+
+    _, sock, _ = daemon
+    ds = DS(sock, 1, DP_SIZE, copy=True, steps=2, job="reload", register_cuda=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                         persistent_workers=True)
+    first = list(loader)
+    assert [int(d["step"]) for d in first] == [0, 1]
+    ds.load_state_dict(DS.state_of(first[0]))  # back to after step 0
+    with pytest.raises(mr.MillraceError, match="cannot reach") as refused:
+        next(iter(loader))
+    del refused, loader  # see test_a_persistent_worker_pass_left_early_is_refused_not_skipped
+    gc.collect()
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                         persistent_workers=True)
+    assert [int(d["step"]) for d in loader] == [1, 2]
+    del loader
+
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "python" / "examples"
 
 
