@@ -602,16 +602,16 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
     worker, per item, and is correct too.) ``num_workers > 1`` is refused: every worker
     would be the same dp rank. To iterate the loader more than once with a worker, pass
     ``persistent_workers=True``: each new pass continues the stream, if the pass before ran
-    to its end (``steps``). After one left early (``break``) the DataLoader discards the
-    items the worker read ahead: the next pass is refused (:class:`MillraceError`) rather
-    than skip their steps, except where the worker had already read to the pass's end
-    (it reads up to ``prefetch_factor`` items ahead), which it cannot tell from a pass
-    run to its end. So after a ``break``, resume a new DataLoader from
-    ``state_of(last item)``.
-    Without it each pass forks a new worker with this dataset as loaded, whose stream
-    would start over; it is refused (:class:`MillraceError`) unless ``load_state_dict``
-    set a new position. ``load_state_dict`` after a persistent worker began streaming
-    cannot reach that worker: its next pass is refused; make a new DataLoader.
+    to its end (``steps``). After one left early (a ``break``, an error) the DataLoader
+    discards the items the worker read ahead: the next pass is refused
+    (:class:`MillraceError`) rather than skip their steps, except where the worker had
+    already read to the pass's end (it reads up to ``prefetch_factor`` items ahead), which
+    it cannot tell from a pass run to its end. So after a ``break``, resume a new
+    DataLoader from ``state_of(last item)``. Without it each pass forks a new worker with
+    this dataset as loaded, whose stream would start over; it is refused
+    (:class:`MillraceError`) unless ``load_state_dict`` set a new position.
+    ``load_state_dict`` after a persistent worker began streaming cannot reach that
+    worker: its next pass is refused; make a new DataLoader.
     """
 
     def __init__(self, socket, dp_rank: int, dp_size: int, device=None, copy: bool = True,
@@ -635,7 +635,8 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
         # position is not the stream's, and a second worker that the stream restarted.
         self._in_worker = multiprocessing.RawValue("q", 0)
         # In a DataLoader worker: a pass is under way or was left early (not run to its
-        # end), so the DataLoader may have discarded items this worker read ahead.
+        # end: a break, an error), so the DataLoader may have discarded items this worker
+        # read ahead.
         self._open = False
 
     def __getstate__(self):
@@ -687,44 +688,39 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
                     "DataLoader and make a new one after load_state_dict")
             self._in_worker.value = os.getpid()
             if self._open:
-                # A persistent worker's last pass was left early (a ``break``): the
-                # DataLoader discarded the items this worker had read ahead, so going on
-                # would silently skip their steps.
+                # A persistent worker's last pass was left early (a ``break``, an
+                # error): the DataLoader discarded the items this worker had read ahead,
+                # so going on would silently skip their steps.
                 raise MillraceError(
                     "MillraceIterableDataset: the last pass over this persistent DataLoader "
-                    "worker was left early, and the DataLoader discarded the items the "
-                    "worker had read ahead of it: a new pass would skip their steps. Delete "
-                    "this DataLoader, load_state_dict(state_of(last item consumed)) and make "
-                    "a new one; or let every pass run to its end (`steps`)")
+                    "worker was left early (a break or an error), and the DataLoader "
+                    "discarded the items the worker had read ahead of it: a new pass would "
+                    "skip their steps. Delete this DataLoader, load_state_dict(state_of(last "
+                    "item consumed)) and make a new one; or let every pass run to its end "
+                    "(`steps`)")
         client = self._make_client()
         # In a worker, views would be wrong data: the DataLoader sends an item from a
         # feeder thread (moving its tensors to shared memory) after this generator went
         # on to the next batch, which releases the item's slot to the daemon.
         copy = self.copy or info is not None
         n = 0
+        # Cleared only by a pass that runs to its end: one left by a ``break`` or an error
+        # (which the trainer may not have reached) leaves it set.
         self._open = info is not None
-        try:
-            while self.steps is None or n < self.steps:
-                b = self._pending if self._pending is not None else client.next_batch()
-                self._pending = b
-                tb = _retried_to_torch(self, b, self.device, copy=copy)
-                self._pending = None
-                d = tb.as_dict()
-                d["cursor"] = bytes(b.cursor)
-                # What check_plans_agree(item) compares across nodes; hex, as an int
-                # past 2**63 would break a collate into a tensor.
-                d["plan_state"] = f"{b.plan_state:016x}"
-                d["fingerprint"] = client.fingerprint
-                self._yielded = {"cursor": d["cursor"], "step": b.step}
-                n += 1
-                yield d
-        except GeneratorExit:
-            raise  # left early: ``_open`` stays set
-        except BaseException:
-            # An error ends the pass after every item before it was delivered: nothing
-            # read ahead is lost, and a new pass retries (``_pending``).
-            self._open = False
-            raise
+        while self.steps is None or n < self.steps:
+            b = self._pending if self._pending is not None else client.next_batch()
+            self._pending = b
+            tb = _retried_to_torch(self, b, self.device, copy=copy)
+            self._pending = None
+            d = tb.as_dict()
+            d["cursor"] = bytes(b.cursor)
+            # What check_plans_agree(item) compares across nodes; hex, as an int past
+            # 2**63 would break a collate into a tensor.
+            d["plan_state"] = f"{b.plan_state:016x}"
+            d["fingerprint"] = client.fingerprint
+            self._yielded = {"cursor": d["cursor"], "step": b.step}
+            n += 1
+            yield d
         self._open = False
 
     def state_dict(self) -> dict:

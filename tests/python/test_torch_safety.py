@@ -13,6 +13,7 @@ Every test skips where torch is not installed.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -276,6 +277,27 @@ def test_a_failed_transfer_is_retried_by_the_dataset(daemon, monkeypatch):
     assert_same_items(got, want, "retried")
     assert ds.state_dict() == MillraceIterableDataset.state_of(got[-1])
     ds.close()
+
+
+def test_a_persistent_workers_pass_ended_by_an_unseen_error_is_refused(daemon, monkeypatch):
+    """The worker reads ahead: item 2 went out, then step 3's transfer failed. The
+    trainer broke after item 1, so the DataLoader discarded item 2 and the error. The
+    worker took the error as the pass's end, and the next pass retried step 3: step 2
+    was skipped. It is refused like any pass left early."""
+    monkeypatch.setattr(torch_adapter, "batch_to_torch", FailOnce(at=4))  # forked along
+    ds = dataset(daemon, "unseen-error", "compact")
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                         persistent_workers=True)
+    steps = []
+    for d in loader:
+        steps.append(int(d["step"]))
+        if len(steps) == 2:
+            break
+    assert steps == [0, 1]
+    with pytest.raises(mr.MillraceError, match="left early") as refused:
+        next(iter(loader))
+    del refused, loader  # ends the worker (the refusal's traceback holds it in a cycle)
+    gc.collect()
 
 
 # ---------------------------------------------------------------------------- checkpoints
