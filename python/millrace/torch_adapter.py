@@ -50,6 +50,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import threading
 import warnings
 from collections import deque
 
@@ -182,6 +183,9 @@ class TorchBatch:
         self.domain = tensors["domain"]
         self.row_loss_tokens = tensors["row_loss_tokens"]
         self._mb_bounds = mb_bounds
+        # (CUDA event, device) of the copies the current stream must still wait for, set
+        # while a TorchClient holds the batch prefetched (see ``_fenced``).
+        self._copied = None
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in FIELDS}
@@ -261,20 +265,43 @@ def _cuda_stream(batch: Batch, dev):
     return dev, _state(client).stream(dev)
 
 
+# Set while TorchClient prefetches: the current stream then waits for a batch's copies
+# when the batch is handed out, not when its copy is issued.
+_DEFER_WAIT = threading.local()
+
+
 def _fenced(batch: Batch, dev, stream, out: dict, bounds, owners=None) -> TorchBatch:
     """Makes the current stream wait for the side stream's copies of ``out`` and fences
     the batch on them, so its slot is released only once they completed. ``owners``: the
-    tensors whose memory ``out`` views (default: ``out``'s own)."""
+    tensors whose memory ``out`` views (default: ``out``'s own).
+
+    A prefetching :class:`TorchClient` defers the wait to when it hands the batch out
+    (:func:`_handed_out`): waiting here made the kernels of the step the trainer was
+    about to run wait for the NEXT step's copy, so the copy never overlapped compute."""
     event = torch.cuda.Event()
     event.record(stream)
     current = torch.cuda.current_stream(dev)
-    current.wait_event(event)
     for t in out.values() if owners is None else owners:
         # Allocated on the side stream, used on the current one: tell the allocator.
         t.record_stream(current)
     if batch._client is not None:
         batch._fence = event if batch._fence is None else _Fences(batch._fence, event)
-    return TorchBatch(batch, out, bounds)
+    tb = TorchBatch(batch, out, bounds)
+    if getattr(_DEFER_WAIT, "on", False):
+        tb._copied = (event, dev)
+    else:
+        current.wait_event(event)
+    return tb
+
+
+def _handed_out(tb: TorchBatch) -> TorchBatch:
+    """Makes the current stream wait for ``tb``'s copies, if :func:`_fenced` deferred
+    that, as the batch is handed to the trainer."""
+    copied, tb._copied = tb._copied, None
+    if copied is not None:
+        event, dev = copied
+        torch.cuda.current_stream(dev).wait_event(event)
+    return tb
 
 
 def _slot_bytes(batch: Batch):
@@ -534,11 +561,15 @@ class TorchClient:
         while len(self._queue) <= self.prefetch:
             b = self._pending if self._pending is not None else self.client.next_batch()
             self._pending = b
-            tb = _retried_to_torch(self, b, self.device, non_blocking=self.non_blocking,
-                                   cuda_graphs=self.cuda_graphs, copy=self.copy)
+            _DEFER_WAIT.on = True
+            try:
+                tb = _retried_to_torch(self, b, self.device, non_blocking=self.non_blocking,
+                                       cuda_graphs=self.cuda_graphs, copy=self.copy)
+            finally:
+                _DEFER_WAIT.on = False
             self._pending = None
             self._queue.append(tb)
-        tb = self._queue.popleft()
+        tb = _handed_out(self._queue.popleft())
         self._last = tb
         return tb
 

@@ -215,3 +215,46 @@ def test_the_cuda_paths_tensors_are_contiguous_and_labels_apart_from_tokens():
         tokens = d["tokens"].clone()
         d["labels"].view(-1)[:] = -100
         assert torch.equal(d["tokens"], tokens), f"{path}: writing labels changed tokens"
+
+
+def test_a_prefetched_batchs_copy_is_waited_for_when_it_is_handed_out(monkeypatch):
+    """TorchClient copies the next batch while the trainer runs this one. The current
+    stream was made to wait for that copy when it was issued, so the kernels of the
+    step the trainer was about to run waited for the NEXT step's copy: the copy never
+    overlapped compute. A prefetched batch's wait is now made when it is handed out.
+    No GPU here: torch.cuda's event and stream are stood in by recorders, and
+    ``_fenced`` and ``_handed_out`` run as TorchClient runs them."""
+    torch = pytest.importorskip("torch")
+    from millrace import torch_adapter as ta
+
+    log = []
+
+    class Event:
+        def record(self, stream):
+            assert stream == "side"
+            log.append(("record", self))
+
+    class Stream:
+        def wait_event(self, event):
+            log.append(("wait", event))
+
+    current = Stream()
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: current)
+    b = hand_batch(np.random.default_rng(7), 4, 33, np.uint16, 4)
+    out, bounds = b.to_torch().as_dict(), b.micro_batch_bounds()
+    # Called directly (to_torch): the current stream waits at once.
+    tb = ta._fenced(b, "cuda:0", "side", out, bounds, owners=())
+    assert [k for k, _ in log] == ["record", "wait"] and tb._copied is None
+    # Prefetched: recorded now, waited for when handed out, once.
+    log.clear()
+    ta._DEFER_WAIT.on = True
+    try:
+        tb = ta._fenced(b, "cuda:0", "side", out, bounds, owners=())
+    finally:
+        ta._DEFER_WAIT.on = False
+    assert [k for k, _ in log] == ["record"]
+    assert ta._handed_out(tb) is tb
+    assert [k for k, _ in log] == ["record", "wait"] and log[1][1] is log[0][1]
+    ta._handed_out(tb)
+    assert len(log) == 2, "a batch handed out twice waits once"
