@@ -34,6 +34,11 @@ def _consts(dev, n_rows: int, seq: int):
     c = _CONSTS.get(key)
     if c is None:
         if len(_CONSTS) >= 16:
+            # Kernels of any client's stream may still read them, and the allocator
+            # knows only the stream that made them: let those finish before the memory
+            # goes back to it (a 17th shape in one process is rare; a sync then is cheap).
+            for d in {t[0].device for t in _CONSTS.values() if t[0].is_cuda}:
+                torch.cuda.synchronize(d)
             _CONSTS.clear()
         idx = torch.arange(seq + 1, dtype=torch.int32, device=dev)
         pow2 = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=dev)
