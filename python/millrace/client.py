@@ -642,6 +642,7 @@ class _Conn:
         self.done = 0  # every step below this is retired (sent or not yet)
         self.page = None  # the release page's words (numpy u64), if the daemon passed one
         self.cuda_ptr = None  # address registered with cudaHostRegister, if any
+        self.cuda_dev = None  # the device current when it was registered
         self.cuda_tried = False
         self.slots = int(welcome["slots"])
         slot_offset = int(welcome["slot_offset"])

@@ -471,6 +471,7 @@ def register_ring(client, conn) -> bool:
                         "with cudaError %d; copying from pageable memory instead", size, err)
             return False
         conn.cuda_ptr = ptr
+        conn.cuda_dev = torch.cuda.current_device()
         log.info("millrace: ring of %d bytes registered with CUDA (read-only)", size)
         return True
     except Exception as e:  # noqa: BLE001 - never crash a trainer over an optimisation
@@ -486,7 +487,11 @@ def unregister_ring(conn):
     if ptr is None:
         return
     try:
-        err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+        # On the device it was registered on: the registration belongs to that device's
+        # context, and a process that drives several GPUs may have another current now.
+        dev = getattr(conn, "cuda_dev", None)
+        with torch.cuda.device(dev if dev is not None else torch.cuda.current_device()):
+            err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
         if err != 0:
             _clear_cuda_error()
             log.warning("millrace: cudaHostUnregister failed with cudaError %d", err)
