@@ -49,7 +49,8 @@ LONG = bool(os.environ.get("MILLRACE_E2E_LONG"))
 DOMAINS = ("web", "code", "books")  # config order: the slot's domain index
 ROWS0, SEQ0 = 8, 64  # stage 0
 ROWS1, SEQ1 = 4, 128  # the long-context stage
-ADD, LIVE, STAGE = 6, 11, 14  # books weighted from ADD; live change at LIVE; stage at STAGE
+ADD, PAUSE, LIVE, STAGE = 6, 9, 11, 14  # books weighted from ADD; code paused live at
+# PAUSE, the live mixture at LIVE; the long-context stage at STAGE
 STEPS = 60 if LONG else 26
 SEED = int(os.environ.get("MILLRACE_E2E_SEED", "5"))  # the corpus's and the plan's
 EXTRA, GRACE = 40, 20  # plan steps followed past the served ones (see the epoch check)
@@ -58,6 +59,7 @@ MAX_SHARE = 0.25
 EOS, PAD = 1, 0
 W0 = {"web": 0.6, "code": 0.4, "books": 0.0}
 W_ADD = {"web": 0.4, "code": 0.3, "books": 0.3}
+W_PAUSE = {"code": 0.0}  # the others keep theirs
 W_LIVE = {"web": 0.3, "code": 0.4, "books": 0.3}
 
 
@@ -102,9 +104,10 @@ class Corpus:
         self.lens["books"] = lens
         self.dir = d
 
-    def config(self, name, books: bool, live_point: bool = False):
-        """The run's config: without books (the old run), with books from ADD, and
-        optionally with the live change written as a schedule point."""
+    def config(self, name, books: bool, live_point: bool = False, stage: bool = True):
+        """The run's config: without books (the old run), with books from ADD,
+        optionally with the live changes written as schedule points, and with the stage
+        in `[[plan.stage]]` or left to a live `set_stage`."""
         books_domain = """
 [[corpus.domain]]
 name = "books"
@@ -132,9 +135,20 @@ weights = {weights(W_ADD)}
         if live_point:
             schedule += f"""
 [[plan.schedule]]
+step = {PAUSE}
+ramp = false
+weights = {weights(dict(W_ADD, **W_PAUSE))}
+
+[[plan.schedule]]
 step = {LIVE}
 ramp = false
 weights = {weights(W_LIVE)}
+"""
+        stage_table = f"""
+[[plan.stage]]
+step = {STAGE}
+seq_len = {SEQ1}
+global_batch_rows = {ROWS1}
 """
         path = self.dir / name
         path.write_text(f"""
@@ -156,14 +170,11 @@ best_fit_window = 16
 pad_token = {PAD}
 vocab_size = {1 << 26}
 {schedule}
-[[plan.stage]]
-step = {STAGE}
-seq_len = {SEQ1}
-global_batch_rows = {ROWS1}
-
+{stage_table if stage else ""}
 [serve]
 socket = "unused.sock"
-ring_slots = 4
+ring_slots = 2
+stage_reserve_tokens = {ROWS1 * SEQ1}
 token_dtype = "int64"
 """)
         return path
@@ -241,16 +252,18 @@ def check_row(row, dom, position_ids, loss_mask, seq_len):
     return pieces, real
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, millrace):
-    """Serves the whole scenario once; yields what every check reads."""
+@pytest.fixture(scope="module", params=["stage in the config", "stage set live"])
+def run(request, tmp_path_factory, millrace):
+    """Serves the whole scenario once per way of adding the stage; yields what every
+    check reads."""
+    live_stage = request.param == "stage set live"
     import tempfile
     tmp = tmp_path_factory.mktemp("e2e")
     short = tempfile.mkdtemp(prefix="mre", dir="/tmp")
     corpus = Corpus(tmp / "c")
     LENS.update({k: corpus.lens[name] for k, name in enumerate(DOMAINS)})
-    old = corpus.config("old.toml", books=False)
-    new = corpus.config("run.toml", books=True)
+    old = corpus.config("old.toml", books=False, stage=not live_stage)
+    new = corpus.config("run.toml", books=True, stage=not live_stage)
     ref = corpus.config("ref.toml", books=True, live_point=True)
     res = {"corpus": corpus, "old": old, "new": new, "ref": ref}
 
@@ -275,8 +288,12 @@ def run(tmp_path_factory, millrace):
         for c in cs:
             c.load_state_dict(blob)
         first = read_round_robin(cs, 1)
-        reply = mr.Control(d.sock).set_weights(W_LIVE, at_step=LIVE)
-        assert reply["applied_step"] == LIVE, reply
+        ctl = mr.Control(d.sock)
+        for w, at in ((W_PAUSE, PAUSE), (W_LIVE, LIVE)):
+            assert ctl.set_weights(w, at_step=at)["applied_step"] == at
+        if live_stage:
+            reply = ctl.set_stage(seq_len=SEQ1, global_batch_rows=ROWS1, at_step=STAGE)
+            assert reply["applied_step"] == STAGE, reply
         rest = read_round_robin(cs, STEPS - RESUMED_AT - 1)
         res["resumed"] = [f + r for f, r in zip(first, rest)]
         for c in cs:
@@ -533,7 +550,8 @@ def test_the_mixture_is_within_one_row_of_the_schedule(run, millrace):
     for step, dom, rows, *_ in run["fresh"]:
         cum += np.bincount(dom, minlength=3)
         if step < STAGE:
-            w = W0 if step < ADD else W_ADD if step < LIVE else W_LIVE
+            w = W0 if step < ADD else W_ADD if step < PAUSE else \
+                dict(W_ADD, **W_PAUSE) if step < LIVE else W_LIVE
             share = np.array([w[n] for n in DOMAINS]) / fill
             target += len(rows) * share / share.sum()
             assert np.all(np.abs(cum - target) <= 1 + 1e-9), (step, cum, target)
