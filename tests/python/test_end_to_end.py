@@ -53,6 +53,8 @@ ADD, PAUSE, LIVE, STAGE = 6, 9, 11, 14  # books weighted from ADD; code paused l
 # PAUSE, the live mixture at LIVE; the long-context stage at STAGE
 STEPS = 60 if LONG else 26
 SEED = int(os.environ.get("MILLRACE_E2E_SEED", "5"))  # the corpus's and the plan's
+# MILLRACE_E2E_CHAIN=1: code grouped by `sequence`, the stage with `chain_groups`.
+CHAIN = bool(os.environ.get("MILLRACE_E2E_CHAIN"))
 EXTRA, GRACE = 40, 20  # plan steps followed past the served ones (see the epoch check)
 RESUMED_AT = 5  # the old config's run ends after RESUMED_AT steps
 MAX_SHARE = 0.25
@@ -149,7 +151,10 @@ weights = {weights(W_LIVE)}
 step = {STAGE}
 seq_len = {SEQ1}
 global_batch_rows = {ROWS1}
+chain_groups = {str(CHAIN).lower()}
 """
+        grouping = ('grouping = { mode = "sequence" }' if CHAIN else
+                    f'grouping = {{ mode = "batch", max_share = {MAX_SHARE} }}')
         path = self.dir / name
         path.write_text(f"""
 [corpus]
@@ -159,7 +164,7 @@ shards = ["web"]
 [[corpus.domain]]
 name = "code"
 shards = ["code"]
-grouping = {{ mode = "batch", max_share = {MAX_SHARE} }}
+{grouping}
 {books_domain}
 [plan]
 seed = {SEED}
@@ -292,7 +297,8 @@ def run(request, tmp_path_factory, millrace):
         for w, at in ((W_PAUSE, PAUSE), (W_LIVE, LIVE)):
             assert ctl.set_weights(w, at_step=at)["applied_step"] == at
         if live_stage:
-            reply = ctl.set_stage(seq_len=SEQ1, global_batch_rows=ROWS1, at_step=STAGE)
+            reply = ctl.set_stage(seq_len=SEQ1, global_batch_rows=ROWS1, at_step=STAGE,
+                                  chain_groups=CHAIN)
             assert reply["applied_step"] == STAGE, reply
         rest = read_round_robin(cs, STEPS - RESUMED_AT - 1)
         res["resumed"] = [f + r for f, r in zip(first, rest)]
@@ -501,6 +507,8 @@ def test_each_epoch_serves_every_token_once(run, millrace):
 
 
 def test_groups_stay_together_under_the_cap(run, millrace):
+    if CHAIN:
+        pytest.skip("code is grouped by sequence, not batch")
     corpus = run["corpus"]
     ordinal, occ, k = {}, {}, 0
     caps = {}
