@@ -320,6 +320,22 @@ def run(request, tmp_path_factory, millrace):
         with mr.Client(d.sock, 0, 1, job="fresh", reconnect_timeout=0, register_cuda=False,
                        slot_layout="compact") as c:
             res["fresh"] = read_round_robin([c], STEPS)[0]
+        # The same stream from slots the daemon expands itself.
+        with mr.Client(d.sock, 0, 1, job="expanded", reconnect_timeout=0, register_cuda=False,
+                       slot_layout="expanded") as c:
+            res["expanded"] = read_round_robin([c], STEPS)[0]
+        # Two micro-batches a step, at dp 2.
+        cs = [mr.Client(d.sock, r, 2, job="micro", micro_batches=2, reconnect_timeout=0,
+                        register_cuda=False, slot_layout="compact") for r in range(2)]
+        res["micro"] = [[] for _ in cs]
+        for _ in range(STEPS):
+            for c, out in zip(cs, res["micro"]):
+                b = c.next_batch(timeout=60)
+                out.append((b.step, [(np.array(mb.tokens), np.array(mb.cu_seqlens),
+                                      mb.max_seqlen, mb.loss_tokens, np.array(mb.loss_mask))
+                                     for mb in b.micro_batches()]))
+        for c in cs:
+            c.close()
         # Blobs either side of the switch, resumed at dp 2 (rank 1).
         res["again"] = {}
         for k in (STAGE - 2, STAGE - 1, STAGE + 1):
@@ -447,21 +463,52 @@ def test_served_equals_explain_byte_for_byte(run, millrace):
             assert g["rows"] == e["rows"], (name, g["step"])
 
 
+def want_cu(rows, dom) -> np.ndarray:
+    """cu_seqlens over the flattened inputs of `rows`, from the pieces the tokens form
+    (padding is a piece; a piece starting at a row's label-only last token adds none)."""
+    seq = rows.shape[1] - 1
+    want = [0]
+    for r in range(len(rows)):
+        pieces, real = pieces_of(rows[r], int(dom[r]))
+        want += [r * seq + min(b, seq) for a, b, _, _ in pieces if a < seq]
+        if real < seq:
+            want.append(r * seq + seq)
+    return np.array(want)
+
+
 def test_rows_are_pieces_of_real_documents_with_their_boundaries(run):
     for step, dom, rows, pos, mask, cu, _ in run["fresh"]:
-        seq = rows.shape[1] - 1
-        bounds = []
         for r in range(len(rows)):
-            pieces, real = check_row(rows[r], int(dom[r]), pos[r], mask[r], seq)
-            bounds.append((pieces, real))
-        want = []
-        for r, (pieces, real) in enumerate(bounds):
-            for a, b, _, _ in pieces:
-                if a < seq:
-                    want.append(r * seq + min(b, seq))
-            if real < seq:
-                want.append(r * seq + seq)
-        assert np.array_equal(cu, np.array([0] + want)), f"step {step}"
+            check_row(rows[r], int(dom[r]), pos[r], mask[r], rows.shape[1] - 1)
+        assert np.array_equal(cu, want_cu(rows, dom)), f"step {step}"
+
+
+def test_expanded_slots_hold_what_compact_ones_derive(run):
+    for x, f in zip(run["expanded"], run["fresh"]):
+        assert x[0] == f[0]
+        for a, b, what in zip(x[1:6], f[1:6], ("domain", "rows", "position_ids", "loss_mask",
+                                               "cu_seqlens")):
+            assert np.array_equal(a, b), (f[0], what)
+
+
+def test_micro_batches_split_at_row_edges_across_the_switch(run):
+    """Two micro-batches per rank (of 4 rows, then of 2): each one's rows, rebased
+    cu_seqlens, max_seqlen and loss tokens are those of its rows alone."""
+    for rank, steps in enumerate(run["micro"]):
+        for step, mbs in steps:
+            rows = run["fresh"][step][2]
+            dom = run["fresh"][step][1]
+            half = len(rows) // 2
+            mine, mdom = rows[rank * half:(rank + 1) * half], dom[rank * half:(rank + 1) * half]
+            k = len(mine) // len(mbs)
+            assert len(mbs) == 2
+            for m, (tokens, cu, max_seqlen, loss, mask) in enumerate(mbs):
+                r = mine[m * k:(m + 1) * k]
+                assert np.array_equal(tokens, r[:, :-1]), (rank, step, m)
+                want = want_cu(r, mdom[m * k:(m + 1) * k])
+                assert np.array_equal(cu, want), (rank, step, m, cu, want)
+                assert max_seqlen == int(np.diff(want).max())
+                assert loss == int(mask.sum())
 
 
 def test_each_epoch_serves_every_token_once(run, millrace):
