@@ -62,7 +62,7 @@ pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
         .zip(&loaded.shards)
         .flat_map(|(n, shards)| shards.iter().map(move |s| (n.to_string(), s.dtype())))
         .collect();
-    let token = TokenType::choose(&serve.token_dtype, &dtypes)
+    let token = TokenType::choose(&serve.token_dtype, &dtypes, loaded.plan.config().vocab_size)
         .map_err(|e| anyhow::anyhow!("{}: [serve] token_dtype: {e}", cfg.source.display()))?;
     // Padding is written as a token of the slot's dtype: an id it cannot hold was cut to
     // its low bits (pad_token = 70000 in uint16 slots padded with 4464, a real token).

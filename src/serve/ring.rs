@@ -53,10 +53,14 @@ pub struct TokenType(pub DType);
 impl TokenType {
     /// Chooses the output dtype: `int32`, `int64`, or `shard` (the shards' own dtype,
     /// which must then be one integer dtype across all domains). Refuses an output that
-    /// cannot hold every id a shard's dtype can store, so no token is ever truncated.
+    /// cannot hold every id a shard's dtype can store, so no token is ever truncated,
+    /// unless `[plan] vocab_size` bounds the ids below the output's largest: the fill
+    /// fails a ring on any id at or above it before one is written, so uint32 shards of a
+    /// vocabulary of 100k ids (OLMo's) fit `int32`.
     pub fn choose(
         setting: &str,
         shard_dtypes: &[(String, DType)],
+        vocab_size: Option<u64>,
     ) -> Result<TokenType, TokenTypeError> {
         let out = match setting {
             "int32" => DType::Int32,
@@ -78,12 +82,15 @@ impl TokenType {
             }
             other => return Err(TokenTypeError::Unknown(other.to_string())),
         };
+        let bounded = vocab_size.is_some_and(|v| id_bound(out).is_some_and(|max| v <= max));
         for (name, d) in shard_dtypes {
-            if !fits(*d, out) {
+            let served = fits(*d, out) || (bounded && id_bound(*d).is_some());
+            if !served {
                 return Err(TokenTypeError::DoesNotFit {
                     domain: name.clone(),
                     stored: *d,
                     out,
+                    bound: id_bound(out).unwrap_or(0),
                 });
             }
         }
@@ -118,7 +125,8 @@ pub enum TokenTypeError {
     /// A domain's ids may not fit the output type.
     #[error(
         "domain {domain} stores {stored} tokens, which do not all fit token_dtype {out}; \
-         use \"int64\""
+         use \"int64\", or set [plan] vocab_size (ids at or above it fail the ring) to at \
+         most {bound}"
     )]
     DoesNotFit {
         /// The domain.
@@ -127,7 +135,25 @@ pub enum TokenTypeError {
         stored: DType,
         /// The output type asked for.
         out: DType,
+        /// The largest `vocab_size` that would let it serve them ([`id_bound`]).
+        bound: u64,
     },
+}
+
+/// One past the largest id `d` can hold (a `vocab_size` at most this keeps every
+/// delivered id in `d`); `None` for floats, which hold no ids.
+fn id_bound(d: DType) -> Option<u64> {
+    use DType::*;
+    Some(match d {
+        Uint8 => 1 << 8,
+        Int8 => 1 << 7,
+        Int16 => 1 << 15,
+        Uint16 => 1 << 16,
+        Int32 => 1 << 31,
+        Uint32 => 1 << 32,
+        Int64 => 1 << 63,
+        Float32 | Float64 => return None,
+    })
 }
 
 /// True when every value of `from` is representable in `to` (floats never are ids).
@@ -579,16 +605,37 @@ mod tests {
             ("a".to_string(), DType::Uint16),
             ("b".to_string(), DType::Int32),
         ];
-        assert!(TokenType::choose("shard", &doms)
+        assert!(TokenType::choose("shard", &doms, None)
             .unwrap_err()
             .to_string()
             .contains("one dtype"));
-        assert_eq!(TokenType::choose("int64", &doms).unwrap().0, DType::Int64);
+        assert_eq!(
+            TokenType::choose("int64", &doms, None).unwrap().0,
+            DType::Int64
+        );
         let wide = vec![("c".to_string(), DType::Uint32)];
-        assert!(TokenType::choose("int32", &wide)
+        assert!(TokenType::choose("int32", &wide, None)
             .unwrap_err()
             .to_string()
             .contains("domain c"));
+    }
+
+    #[test]
+    fn a_vocabulary_that_fits_lets_wider_shards_into_narrower_slots() {
+        // OLMo's uint32 shards, vocabulary 100,278: every id a ring delivers fits int32.
+        let wide = vec![("olmo".to_string(), DType::Uint32)];
+        let ok = TokenType::choose("int32", &wide, Some(100_278)).unwrap();
+        assert_eq!(ok.0, DType::Int32);
+        assert!(TokenType::choose("int32", &wide, Some(1 << 31)).is_ok());
+        let err = TokenType::choose("int32", &wide, Some((1 << 31) + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("domain olmo") && err.contains("vocab_size") && err.contains("2147483648"),
+            "{err}"
+        );
+        let float = vec![("f".to_string(), DType::Float32)];
+        assert!(TokenType::choose("int32", &float, Some(1000)).is_err());
     }
 
     #[test]

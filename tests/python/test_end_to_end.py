@@ -194,7 +194,7 @@ vocab_size = {1 << 26}
 socket = "unused.sock"
 ring_slots = 2
 stage_reserve_tokens = {ROWS1 * SEQ1}
-token_dtype = "int64"
+token_dtype = "int32"  # uint32 books in int32 slots: vocab_size bounds the ids
 """)
         return path
 
@@ -324,6 +324,7 @@ def run(request, tmp_path_factory, millrace):
         with mr.Client(d.sock, 0, 1, job="expanded", reconnect_timeout=0, register_cuda=False,
                        slot_layout="expanded") as c:
             res["expanded"] = read_round_robin([c], STEPS)[0]
+            res["expanded_dtype"] = c.next_batch(timeout=60).tokens.dtype
         # Two micro-batches a step, at dp 2.
         cs = [mr.Client(d.sock, r, 2, job="micro", micro_batches=2, reconnect_timeout=0,
                         register_cuda=False, slot_layout="compact") for r in range(2)]
@@ -484,6 +485,8 @@ def test_rows_are_pieces_of_real_documents_with_their_boundaries(run):
 
 
 def test_expanded_slots_hold_what_compact_ones_derive(run):
+    # uint32 books in int32 slots: `[plan] vocab_size` bounds every id below 2^31.
+    assert run["expanded_dtype"] == np.int32
     for x, f in zip(run["expanded"], run["fresh"]):
         assert x[0] == f[0]
         for a, b, what in zip(x[1:6], f[1:6], ("domain", "rows", "position_ids", "loss_mask",

@@ -198,6 +198,32 @@ pub(super) fn first_out_of_range(t: Tokens<'_>, limit: u64) -> Option<(usize, i6
 mod tests {
     use super::*;
 
+    /// uint32 ids converted into int32 slots (allowed when `vocab_size` is at most 2^31,
+    /// `TokenType::choose`): an id at or above the vocabulary, one that would wrap
+    /// negative among them, is found on the source value, not the truncated one.
+    #[test]
+    fn a_uint32_id_past_the_vocabulary_is_found_before_it_wraps_in_int32() {
+        let mut dst = [0i32; 3];
+        assert!(!convert::<i32, true>(
+            Tokens::Uint32(&[5, 100_277, 0]),
+            &mut dst,
+            100_278
+        ));
+        assert_eq!(dst, [5, 100_277, 0]);
+        assert!(convert::<i32, true>(
+            Tokens::Uint32(&[5, 3_000_000_000, 0]),
+            &mut dst,
+            100_278
+        ));
+        assert!(convert::<i32, true>(
+            Tokens::Uint32(&[1 << 31]),
+            &mut dst,
+            1 << 31
+        ));
+        let err = first_out_of_range(Tokens::Uint32(&[7, 3_000_000_000]), 100_278);
+        assert_eq!(err, Some((1, 3_000_000_000)));
+    }
+
     /// The fused copy and check ([`Out::copy_outside`]) copies every id and finds an
     /// out-of-range one wherever it lies, at every alignment of source and destination
     /// and every length 0..=70 (the vector loop, its tail, and spans shorter than one
