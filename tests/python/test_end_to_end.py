@@ -120,42 +120,28 @@ class Corpus:
         """The run's config: without books (the old run), with books from ADD,
         optionally with the live changes written as schedule points, and with the stage
         in `[[plan.stage]]` or left to a live `set_stage`."""
-        books_domain = """
-[[corpus.domain]]
-name = "books"
-shards = ["books.bin"]
-format = "raw"
-raw = { dtype = "uint32", eos = 1 }
-""" if books else ""
+        grouping = ('grouping = { mode = "sequence" }' if CHAIN else
+                    f'grouping = {{ mode = "batch", max_share = {MAX_SHARE} }}')
+        domains = [("web", "web", ""), ("code", "code", grouping)]
+        if books:
+            domains.append(("books", "books.bin",
+                            'format = "raw"\nraw = { dtype = "uint32", eos = 1 }'))
+        corpus = "".join(f'[[corpus.domain]]\nname = "{n}"\nshards = ["{f}"]\n{more}\n'
+                         for n, f, more in domains)
 
         def weights(w):
             return "{ " + ", ".join(f"{k} = {v}" for k, v in w.items()
                                     if books or k != "books") + " }"
 
-        schedule = f"""
-[[plan.schedule]]
-step = 0
-weights = {weights(W0)}
-"""
-        if books:
-            schedule += f"""
-[[plan.schedule]]
-step = {ADD}
-ramp = false
-weights = {weights(W_ADD)}
-"""
-        if live_point:
-            schedule += f"""
-[[plan.schedule]]
-step = {PAUSE}
-ramp = false
-weights = {weights(dict(W_ADD, **W_PAUSE))}
+        def point(step, w):
+            ramp = "" if step == 0 else "ramp = false\n"
+            return f"\n[[plan.schedule]]\nstep = {step}\n{ramp}weights = {weights(w)}\n"
 
-[[plan.schedule]]
-step = {LIVE}
-ramp = false
-weights = {weights(W_LIVE)}
-"""
+        schedule = point(0, W0)
+        if books:
+            schedule += point(ADD, W_ADD)
+        if live_point:
+            schedule += point(PAUSE, dict(W_ADD, **W_PAUSE)) + point(LIVE, W_LIVE)
         stage_table = f"""
 [[plan.stage]]
 step = {STAGE}
@@ -167,19 +153,10 @@ chain_groups = {str(CHAIN).lower()}
             stage_table += "upsample_long = { " + ", ".join(
                 f"{DOMAINS[d]} = {{ min_tokens = {m}, factor = {f} }}"
                 for d, (m, f) in UPSAMPLE.items()) + " }\n"
-        grouping = ('grouping = { mode = "sequence" }' if CHAIN else
-                    f'grouping = {{ mode = "batch", max_share = {MAX_SHARE} }}')
         path = self.dir / name
         path.write_text(f"""
 [corpus]
-[[corpus.domain]]
-name = "web"
-shards = ["web"]
-[[corpus.domain]]
-name = "code"
-shards = ["code"]
-{grouping}
-{books_domain}
+{corpus}
 [plan]
 seed = {SEED}
 seq_len = {SEQ0}
