@@ -199,8 +199,9 @@ def read_round_robin(clients, steps):
 
 def pieces_of(row, dom):
     """Independent segmentation of one row: [(start, end, doc, first_pos)] from the
-    tokens alone (doc None for a lone EOS), plus the padding's start. A piece continues while the next token is
-    the same document's next position (a books EOS ends its document)."""
+    tokens alone (doc None for a lone EOS), plus the padding's start. A piece continues
+    while the next token is the same document's next position (a books EOS ends its
+    document)."""
     end = len(row)
     while end > 0 and row[end - 1] == PAD:
         end -= 1
