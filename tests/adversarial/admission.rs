@@ -35,11 +35,17 @@ impl Control for Fixture {
 
 /// A daemon over a 2-domain corpus with `extra` `[serve]` lines.
 fn fixture(extra: &str) -> Fixture {
+    fixture_with(extra, |_| {})
+}
+
+/// [`fixture`] with the daemon's command tweaked (environment, arguments).
+fn fixture_with(extra: &str, tweak: impl FnOnce(&mut std::process::Command)) -> Fixture {
     let corpus = common::corpus(300_000, 2, 14, 100_000);
     let socket = corpus.dir.join("s.sock");
     let serve = common::serve_toml(&socket, 4, 1);
     let config = common::write_config(&corpus.dir, "adm.toml", 128, ROWS, &[&serve, extra]);
-    let daemon = Serve::start(&config, &socket, &corpus.tmp.path().join("serve.log"));
+    let mut daemon = Serve::spawn(&config, &corpus.tmp.path().join("serve.log"), tweak);
+    daemon.wait_listening(&socket, Duration::from_secs(30));
     Fixture {
         corpus,
         config,
@@ -685,8 +691,17 @@ fn blob_resumes_and_fresh_starts_are_not_queued_behind_far_seeks() {
 /// not, takes its position without a seek.
 #[test]
 fn concurrent_seeks_of_one_step_run_one_replay() {
-    let mut f = fixture("");
-    let (dp_step, tp_step) = (29_900_000u64, 29_900_001u64);
+    // A cache of its own, empty: every seek replays from step 0 or from checkpoints this
+    // daemon wrote, whatever earlier runs left in the user's cache (a warm one made a
+    // far step cost milliseconds, a fresh checkout's empty one minutes).
+    let cache = tempfile::tempdir().unwrap();
+    let mut f = fixture_with("", |c| {
+        c.env("XDG_CACHE_HOME", cache.path())
+            .env_remove("CACHE_DIRECTORY");
+    });
+    // A replay of a second or more from an empty cache (about 150,000 steps a second
+    // in a debug build), far longer than the ranks' arrival jitter.
+    let (dp_step, tp_step) = (300_000u64, 300_001u64);
     let ranks = |job: &str, step: u64| -> Vec<Hello> {
         (0..4u32)
             .map(|r| {
