@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn};
 
-use super::{access, limits, Daemon};
+use super::{access, hub, limits, Daemon};
 use crate::wire::frame::{self, kind, Frame};
 use crate::wire::protocol::{self, Code, Hello};
 
@@ -476,25 +476,53 @@ async fn connection(
         let (hub, hello, cancel) = (hub.clone(), hello.clone(), cancel.clone());
         let (slots, seeks, flights) = (d.admissions.clone(), d.seeks.clone(), d.flights.clone());
         async move {
-            let ticket = hub.seek_ticket(&hello, &flights);
-            let slot = match &ticket {
-                Some(t) if !t.done() => tokio::select! {
-                    s = seeks.acquire_owned() => s.ok(),
-                    () = t.finished() => slots.acquire_owned().await.ok(),
-                },
-                _ => slots.acquire_owned().await.ok(),
-            };
-            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                return Ok(Err(crate::wire::Refusal::new(
+            let left = || {
+                Ok(Err(crate::wire::Refusal::new(
                     Code::Cancelled,
                     "the client left",
-                )));
+                )))
+            };
+            let mut ticket: Option<Arc<hub::SeekTicket>>;
+            loop {
+                // Taken anew each time (the plan may have changed), the new one before
+                // the old goes, so a finished seek's result stays for this admission.
+                ticket = hub.seek_ticket(&hello, &flights).map(Arc::new);
+                let (slot, may_run) = match ticket.as_deref().map(|t| (t, t.phase())) {
+                    Some((_, hub::SeekPhase::Done)) | None => {
+                        (slots.clone().acquire_owned().await.ok(), false)
+                    }
+                    // Another admission runs it: wait in no slot and no thread, looking
+                    // at this client's cancel now and then.
+                    Some((t, hub::SeekPhase::Running)) => {
+                        tokio::select! {
+                            () = t.changed_from(hub::SeekPhase::Running) => {}
+                            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                            return left();
+                        }
+                        continue;
+                    }
+                    Some((t, hub::SeekPhase::Idle)) => tokio::select! {
+                        s = seeks.clone().acquire_owned() => (s.ok(), true),
+                        () = t.changed_from(hub::SeekPhase::Idle) => continue,
+                    },
+                };
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return left();
+                }
+                let (hub, hello, cancel, held) =
+                    (hub.clone(), hello.clone(), cancel.clone(), ticket.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    hub.admit(&hello, pid, &cancel, held.as_deref().map(|t| (t, may_run)))
+                })
+                .await;
+                match r {
+                    Ok(Err(refusal)) if hub::is_wait(&refusal) => continue,
+                    r => return r,
+                }
             }
-            tokio::task::spawn_blocking(move || {
-                let _slot = slot;
-                hub.admit(&hello, pid, &cancel, ticket.as_ref())
-            })
-            .await
         }
     };
     let admitted = admit_watching(

@@ -776,3 +776,35 @@ fn concurrent_seeks_of_one_step_run_one_replay() {
     assert_eq!(first_batch(&mut resumed), first_batch(&mut seeker));
     assert!(f.daemon.alive());
 }
+
+/// Two clients seeking one far step: the second waits for the first's replay, and
+/// used to hold a seek slot all the while, so with two seek slots (a machine of up to
+/// 4 cores) every other job's seek waited for that one replay (a review measured a
+/// seek of step 1000 timing out at 10 s). A waiter lets its seek slot go.
+#[test]
+fn a_client_waiting_for_a_shared_seek_holds_no_seek_slot() {
+    let mut f = fixture("");
+    let (_all, seek) = slots();
+    let far: Vec<UnixStream> = (0..seek)
+        .map(|i| raw_seeker(&f, &format!("far{i}"), MAX_STEP - 1))
+        .collect();
+    wait_until("the far seek to start", Duration::from_secs(10), || {
+        seeks_to(&f, MAX_STEP - 1) >= 1
+    });
+    // Time for the others to queue on the same seek (were they to hold slots, the
+    // near seek below would find none; it passes either way once they do not).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut h = hello("near");
+    h.start_step = Some(1000);
+    let t = Instant::now();
+    let mut near = Client::connect_within(&f.socket, &h, Duration::from_secs(10))
+        .expect("a short seek is admitted beside the far one's waiters");
+    eprintln!(
+        "seek of step 1000 beside {seek} far seekers: {:.3} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(seeks_to(&f, MAX_STEP - 1), 1, "one far replay");
+    assert_eq!(near.next_batch().expect("near streams").step, 1000);
+    drop(far);
+    assert!(f.daemon.alive());
+}

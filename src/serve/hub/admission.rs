@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tracing::info;
 
 use super::join::{Joined, Joiner};
-use super::seeks::{SeekFlights, SeekTicket};
+use super::seeks::{NotSought, SeekFlights, SeekTicket};
 use super::{Admission, EventFd, Freed, Hub, Job, ReleasePage, RingEntry, Standing, State};
 use crate::config::plan::MAX_STEP;
 use crate::plan::journal;
@@ -27,16 +27,18 @@ impl Hub {
     /// `cancel` is set by the connection when its client hangs up: a seek in progress
     /// then stops at its next chunk and the attempt is refused with `cancelled`.
     ///
-    /// `seek` is the seek this admission was given a seek slot for ([`Hub::seek_ticket`]),
-    /// shared with the other admissions of its plan and step; without one, a client
-    /// that turns out to need a seek past step 0 (its rank's ring went away meanwhile)
-    /// is refused `busy`, to retry for a seek slot.
+    /// `seek` is the seek this admission needs ([`Hub::seek_ticket`]), shared with the
+    /// other admissions of its plan and step, and whether it holds a seek slot to run
+    /// it in; when the seek is not in its hands it answers the refusal
+    /// [`super::seeks::is_wait`] recognises. Without one, a client that turns out to
+    /// need a seek past step 0 (its rank's ring went away meanwhile) is refused `busy`,
+    /// to retry for a seek slot.
     pub fn admit(
         &self,
         hello: &Hello,
         pid: Option<i32>,
         cancel: &AtomicBool,
-        seek: Option<&SeekTicket>,
+        seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Admission, Refusal> {
         // Seeking or restoring a planner reads shard indexes: guarded like the copy.
         // Seeks replay domains on rayon's threads: their faults count too.
@@ -63,7 +65,7 @@ impl Hub {
         hello: &Hello,
         pid: Option<i32>,
         cancel: &AtomicBool,
-        seek: Option<&SeekTicket>,
+        seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Admission, Refusal> {
         for _ in 0..8 {
             if let Some(a) = self.try_admit(hello, pid, cancel, seek)? {
@@ -85,7 +87,7 @@ impl Hub {
         hello: &Hello,
         pid: Option<i32>,
         cancel: &AtomicBool,
-        seek: Option<&SeekTicket>,
+        seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Option<Admission>, Refusal> {
         let seen = self.plan();
         let mut shape = Shape::check(&seen, hello)?;
@@ -277,7 +279,7 @@ impl Hub {
         plan: &Arc<Plan>,
         hello: &Hello,
         cancel: &AtomicBool,
-        seek: Option<&SeekTicket>,
+        seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Option<Planner>, Refusal> {
         if self.ring_covers(hello) {
             return Ok(None);
@@ -305,11 +307,12 @@ impl Hub {
         };
         let sought = match seek {
             // Step 0 (or the few skipped plan steps before it) costs nothing to reach.
-            _ if step == 0 => run().map(|(p, _)| p),
+            _ if step == 0 => run().map(|(p, _)| p).ok_or(NotSought::Cancelled),
             // The plan changed since the ticket was taken (a reload or live change):
-            // the seek of the new plan is another.
-            Some(t) if !t.is_of(plan) => t.renewed(plan, step).seek(cancel, run),
-            Some(t) => t.seek(cancel, run),
+            // the seek of the new plan is another, which the connection takes a
+            // ticket for and queues or waits for (in an ordinary slot it must not run).
+            Some((t, _)) if !t.is_of(plan) => Err(NotSought::Wait),
+            Some((t, may_run)) => t.seek(cancel, may_run, run),
             // A seek runs in a seek slot only: in another it could hold the slots blob
             // restores and step-0 starts rely on for hours.
             None => {
@@ -319,12 +322,14 @@ impl Hub {
                 ))
             }
         };
-        sought.map(Some).ok_or_else(|| {
-            Refusal::new(
+        match sought {
+            Ok(p) => Ok(Some(p)),
+            Err(NotSought::Cancelled) => Err(Refusal::new(
                 Code::Cancelled,
                 format!("the client left while the daemon sought step {step}"),
-            )
-        })
+            )),
+            Err(NotSought::Wait) => Err(super::seeks::wait_refusal()),
+        }
     }
 
     /// Whether the ring of `hello`'s rank exists and covers its start step, so that the

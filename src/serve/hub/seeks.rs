@@ -1,10 +1,11 @@
 //! Shared seeks: the admissions that seek one plan to one start step (a rank's TP peers,
-//! a job's dp ranks) run one replay between them. The first runs it; the others wait
-//! for it and take a copy of its planner; a client that leaves ends only its own wait.
+//! a job's dp ranks) run one replay between them. The first runs it, in a seek slot;
+//! the others wait for it in no slot and no thread (the connection watches the seek's
+//! [`SeekPhase`]) and then take a copy of its planner; a client that leaves ends only its
+//! own part.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::info;
 
@@ -29,20 +30,65 @@ struct Flight {
     /// under the registry's lock.
     tickets: std::sync::atomic::AtomicUsize,
     state: Mutex<Sought>,
-    /// Wakes admissions waiting for the seek in another's hands.
-    changed: Condvar,
-    /// Set once the planner is there: what a connection waiting for an admission slot
-    /// watches (it then needs no seek slot).
-    done: tokio::sync::watch::Sender<bool>,
+    /// The state's phase, for connections that wait for it without a thread: changed
+    /// under `state`'s lock with it.
+    phase: tokio::sync::watch::Sender<SeekPhase>,
 }
 
 /// Where a shared seek stands.
 enum Sought {
-    /// Nobody runs it: the next admission that needs it does (also after a run was
+    /// Nobody runs it: the next admission in a seek slot does (also after a run was
     /// cancelled by its client leaving, so the others are not refused with it).
     Idle,
     Running,
     Done(Planner),
+}
+
+/// [`Sought`] without its planner: what a connection deciding its admission slot
+/// watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeekPhase {
+    /// Nobody runs it: a seek slot is needed to run it.
+    Idle,
+    /// Another admission runs it: wait, holding no slot.
+    Running,
+    /// Its planner is there: an ordinary slot takes a copy.
+    Done,
+}
+
+impl Sought {
+    fn phase(&self) -> SeekPhase {
+        match self {
+            Sought::Idle => SeekPhase::Idle,
+            Sought::Running => SeekPhase::Running,
+            Sought::Done(_) => SeekPhase::Done,
+        }
+    }
+}
+
+/// Why [`SeekTicket::seek`] gave no planner.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotSought {
+    /// The client left, or its own run was cancelled.
+    Cancelled,
+    /// Not in this admission's hands: another runs it, or it is idle and this admission
+    /// holds no seek slot, or the ticket is of a plan no longer in force. The
+    /// connection waits for the seek's phase to change, in no slot, and tries again.
+    Wait,
+}
+
+/// The message of the `busy` refusal an admission answers with [`NotSought::Wait`]:
+/// the connection recognises it ([`is_wait`]) and waits instead of sending it.
+const WAIT: &str = "the seek of this client's start step is in another admission's hands; retry";
+
+/// The refusal standing for [`NotSought::Wait`].
+pub(super) fn wait_refusal() -> crate::wire::Refusal {
+    crate::wire::Refusal::new(crate::wire::protocol::Code::Busy, WAIT)
+}
+
+/// Whether `r` stands for [`NotSought::Wait`] (see [`wait_refusal`]).
+pub fn is_wait(r: &crate::wire::Refusal) -> bool {
+    r.code == crate::wire::protocol::Code::Busy && r.message == WAIT
 }
 
 /// A hold on a shared seek: while any is held, its result stays for the holders.
@@ -50,9 +96,6 @@ pub struct SeekTicket {
     flights: Arc<SeekFlights>,
     flight: Arc<Flight>,
 }
-
-/// How often an admission waiting for another's seek looks at its own client's cancel.
-const FLIGHT_POLL: Duration = Duration::from_millis(50);
 
 impl SeekFlights {
     /// A ticket for the seek of `plan` to `step`, registering it if nobody had.
@@ -68,8 +111,7 @@ impl SeekFlights {
                 step,
                 tickets: Default::default(),
                 state: Mutex::new(Sought::Idle),
-                changed: Condvar::new(),
-                done: tokio::sync::watch::Sender::new(false),
+                phase: tokio::sync::watch::Sender::new(SeekPhase::Idle),
             });
             all.push(f.clone());
             f
@@ -91,6 +133,14 @@ impl Drop for SeekTicket {
     }
 }
 
+impl Flight {
+    /// Sets the state and its phase together.
+    fn set(&self, st: &mut Sought, to: Sought) {
+        *st = to;
+        self.phase.send_replace(st.phase());
+    }
+}
+
 impl SeekTicket {
     /// Whether this ticket is for a seek of `plan` (a reload or live change since the
     /// ticket was taken makes the seek of the new plan another).
@@ -98,78 +148,70 @@ impl SeekTicket {
         Arc::ptr_eq(&self.flight.plan, plan)
     }
 
-    /// A ticket from the same registry for `plan` at `step`.
-    pub(super) fn renewed(&self, plan: &Arc<Plan>, step: u64) -> SeekTicket {
-        self.flights.ticket(plan, step)
+    /// Where the seek stands now.
+    pub fn phase(&self) -> SeekPhase {
+        *self.flight.phase.borrow()
     }
 
-    /// Whether the seek's planner is there (taking it needs no seek).
-    pub fn done(&self) -> bool {
-        *self.flight.done.borrow()
-    }
-
-    /// Resolves once the seek's planner is there.
-    pub async fn finished(&self) {
-        let mut rx = self.flight.done.subscribe();
+    /// Resolves once the seek's phase is other than `seen`.
+    pub async fn changed_from(&self, seen: SeekPhase) {
+        let mut rx = self.flight.phase.subscribe();
         // The sender lives in the flight, which this ticket holds: never closed.
-        let _ = rx.wait_for(|d| *d).await;
+        let _ = rx.wait_for(|p| *p != seen).await;
     }
 
     /// The seek's planner: a copy of the result when another admission ran it, else
-    /// `run`'s (kept for the others when `run` says it may be shared). `None` when
-    /// `cancel` is set (this client left) or `run` was cancelled; another admission
-    /// waiting then runs it itself, as it does after a run whose result is not shared.
+    /// `run`'s (kept for the others when `run` says it may be shared), run only by an
+    /// admission in a seek slot (`may_run`). It never waits: while another admission
+    /// runs it, or while it is idle and this one may not run it, it answers
+    /// [`NotSought::Wait`], and the connection waits for the phase to change holding no
+    /// slot and no thread (a waiter that held a seek slot kept every other seek waiting
+    /// on one replay; one that held a thread let a flood of one step take a thread
+    /// each).
     pub(super) fn seek(
         &self,
         cancel: &AtomicBool,
+        may_run: bool,
         run: impl FnOnce() -> Option<(Planner, bool)>,
-    ) -> Option<Planner> {
+    ) -> Result<Planner, NotSought> {
         let f = &self.flight;
         let mut st = lock(&f.state);
-        loop {
-            match &*st {
-                Sought::Done(p) => {
-                    info!(
-                        step = f.step,
-                        "took the planner of a seek another admission ran"
-                    );
-                    return Some(p.clone());
+        match &*st {
+            Sought::Done(p) => {
+                info!(
+                    step = f.step,
+                    "took the planner of a seek another admission ran"
+                );
+                Ok(p.clone())
+            }
+            Sought::Running => Err(NotSought::Wait),
+            Sought::Idle if !may_run => Err(NotSought::Wait),
+            Sought::Idle => {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(NotSought::Cancelled);
                 }
-                Sought::Running => {
-                    if cancel.load(Ordering::Relaxed) {
-                        return None;
+                f.set(&mut st, Sought::Running);
+                drop(st);
+                // Reset to idle whatever happens, a panic included, so no one waits on
+                // a run nobody makes.
+                let mut idle = ResetIdle(Some(f));
+                let r = run();
+                idle.0 = None;
+                let mut st = lock(&f.state);
+                match r {
+                    Some((p, true)) => {
+                        let copy = p.clone();
+                        f.set(&mut st, Sought::Done(p));
+                        Ok(copy)
                     }
-                    st = (f.changed.wait_timeout(st, FLIGHT_POLL))
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-                Sought::Idle => {
-                    *st = Sought::Running;
-                    drop(st);
-                    // Reset to idle whatever happens, a panic included, so no one
-                    // waits on a run nobody makes.
-                    let mut idle = ResetIdle(Some(f));
-                    let r = run();
-                    idle.0 = None;
-                    let mut st = lock(&f.state);
-                    let mine = match r {
-                        Some((p, true)) => {
-                            let copy = p.clone();
-                            *st = Sought::Done(p);
-                            f.done.send_replace(true);
-                            Some(copy)
-                        }
-                        Some((p, false)) => {
-                            *st = Sought::Idle;
-                            Some(p)
-                        }
-                        None => {
-                            *st = Sought::Idle;
-                            None
-                        }
-                    };
-                    f.changed.notify_all();
-                    return mine;
+                    Some((p, false)) => {
+                        f.set(&mut st, Sought::Idle);
+                        Ok(p)
+                    }
+                    None => {
+                        f.set(&mut st, Sought::Idle);
+                        Err(NotSought::Cancelled)
+                    }
                 }
             }
         }
@@ -182,8 +224,8 @@ struct ResetIdle<'a>(Option<&'a Flight>);
 impl Drop for ResetIdle<'_> {
     fn drop(&mut self) {
         if let Some(f) = self.0 {
-            *lock(&f.state) = Sought::Idle;
-            f.changed.notify_all();
+            let mut st = lock(&f.state);
+            f.set(&mut st, Sought::Idle);
         }
     }
 }
@@ -202,33 +244,48 @@ mod tests {
     use super::*;
     use crate::serve::hub::phase::tests::plan;
 
-    /// The admissions of one plan and step share one run, and each gets a planner
-    /// that continues as the seek's own does.
+    /// The admissions of one plan and step share one run: while it runs the others
+    /// are told to wait (they hold no slot and no thread meanwhile), then each takes a
+    /// planner that continues as the seek's own does. An admission that may not run
+    /// the seek never does.
     #[test]
     fn tickets_of_one_step_share_one_run() {
         let (plan, flights) = (plan(), Arc::new(SeekFlights::default()));
-        let runs = AtomicUsize::new(0);
         let tickets: Vec<SeekTicket> = (0..4).map(|_| flights.ticket(&plan, 7)).collect();
         let no = AtomicBool::new(false);
-        let got: Vec<Planner> = std::thread::scope(|s| {
-            let joins: Vec<_> = (tickets.iter())
-                .map(|t| {
-                    s.spawn(|| {
-                        t.seek(&no, || {
-                            runs.fetch_add(1, Ordering::Relaxed);
-                            Some((plan.seek(7), true))
-                        })
-                    })
+        assert_eq!(tickets[1].phase(), SeekPhase::Idle);
+        let r = tickets[1].seek(&no, false, || unreachable!("not in a seek slot"));
+        assert_eq!(r.err(), Some(NotSought::Wait));
+        let ((started, running), (go, wait)) = (mpsc::channel(), mpsc::channel::<()>());
+        let got = std::thread::scope(|s| {
+            let (t0, no, plan) = (&tickets[0], &no, &plan);
+            let first = s.spawn(move || {
+                t0.seek(no, true, || {
+                    started.send(()).expect("the test waits");
+                    wait.recv().expect("the test goes on");
+                    Some((plan.seek(7), true))
                 })
-                .collect();
-            (joins.into_iter())
-                .map(|j| j.join().expect("no panic").expect("a planner"))
-                .collect()
+            });
+            running.recv().expect("the run starts");
+            for t in &tickets[1..] {
+                assert_eq!(t.phase(), SeekPhase::Running);
+                let r = t.seek(no, true, || unreachable!("another runs it"));
+                assert_eq!(r.err(), Some(NotSought::Wait));
+            }
+            go.send(()).expect("the run waits");
+            first
+                .join()
+                .expect("no panic")
+                .expect("the runner's planner")
         });
-        assert_eq!(runs.load(Ordering::Relaxed), 1);
+        let mut all = vec![got];
+        for t in &tickets[1..] {
+            assert_eq!(t.phase(), SeekPhase::Done);
+            all.push((t.seek(&no, false, || unreachable!("done"))).expect("a copy"));
+        }
         let mut want = plan.seek(7);
         let want = (want.cursor(), want.next_batch(), want.next_batch());
-        for mut p in got {
+        for mut p in all {
             assert_eq!((p.cursor(), p.next_batch(), p.next_batch()), want);
         }
         // Another plan (a reload makes one) is another seek; the last ticket of a seek
@@ -241,42 +298,26 @@ mod tests {
         assert!(lock(&flights.flights).is_empty());
     }
 
-    /// The first admission's client leaves mid-seek: the one waiting for it runs the
-    /// seek itself instead of being refused with it. A result that read a lost page
-    /// (not shared) has the next one run its own too.
+    /// The first admission's client leaves mid-seek, or its result read a lost page
+    /// (not shared): the seek goes back to idle, and the next admission in a seek slot
+    /// runs it instead of the others being refused with it.
     #[test]
     fn a_cancelled_or_unsound_run_is_run_again_by_a_waiter() {
         let (plan, flights) = (plan(), Arc::new(SeekFlights::default()));
         for leader in [None, Some(false)] {
             let (a, b) = (flights.ticket(&plan, 3), flights.ticket(&plan, 3));
             let no = AtomicBool::new(false);
-            let ((started, running), (go, wait)) = (mpsc::channel(), mpsc::channel::<()>());
+            let first = a.seek(&no, true, || leader.map(|sound| (plan.seek(3), sound)));
+            assert_eq!(first.is_ok(), leader.is_some());
+            assert_eq!(b.phase(), SeekPhase::Idle, "leader {leader:?}");
+            let r = b.seek(&no, false, || unreachable!("not in a seek slot"));
+            assert_eq!(r.err(), Some(NotSought::Wait));
             let runs = AtomicUsize::new(0);
-            std::thread::scope(|s| {
-                let (a, no, plan) = (&a, &no, &plan);
-                let first = s.spawn(move || {
-                    a.seek(no, || {
-                        started.send(()).expect("the test waits");
-                        wait.recv().expect("the test goes on");
-                        leader.map(|sound| (plan.seek(3), sound))
-                    })
-                });
-                running.recv().expect("the first run starts");
-                let (b, runs) = (&b, &runs);
-                let second = s.spawn(move || {
-                    b.seek(no, || {
-                        runs.fetch_add(1, Ordering::Relaxed);
-                        Some((plan.seek(3), true))
-                    })
-                });
-                go.send(()).expect("the first run waits");
-                assert_eq!(first.join().expect("no panic").is_some(), leader.is_some());
-                let p = second
-                    .join()
-                    .expect("no panic")
-                    .expect("the waiter's planner");
-                assert_eq!(p.step(), 3);
+            let p = b.seek(&no, true, || {
+                runs.fetch_add(1, Ordering::Relaxed);
+                Some((plan.seek(3), true))
             });
+            assert_eq!(p.map(|p| p.step()), Ok(3));
             assert_eq!(runs.load(Ordering::Relaxed), 1, "leader {leader:?}");
         }
     }
