@@ -165,4 +165,171 @@ mod tests {
             "control.py must send CONTROL_VERSION"
         );
     }
+
+    /// The rows of the first markdown table after `marker` in `doc`, header and rule
+    /// excluded, each as its trimmed cells.
+    fn table_after<'a>(doc: &'a str, marker: &str) -> Vec<Vec<&'a str>> {
+        let at = doc.find(marker).unwrap_or_else(|| panic!("no {marker:?}"));
+        let rows: Vec<Vec<&str>> = doc[at..]
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+            .collect();
+        assert!(rows.len() > 2, "no table after {marker:?}");
+        rows[2..].to_vec()
+    }
+
+    /// The words in backticks in `text`.
+    fn ticked(text: &str) -> Vec<&str> {
+        text.split('`').skip(1).step_by(2).collect()
+    }
+
+    /// Every exact table of docs/PROTOCOL.md (and the cursor and index headers of
+    /// docs/FORMATS.md) that an independent implementer reads holds what the wire code
+    /// does: frame types, ring, slot and release page offsets and widths, the slot's
+    /// offset table order, the journal's caps, and every error code both ways.
+    #[test]
+    fn protocol_md_tables_match_the_wire() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        // Frame types.
+        let frames = table_after(doc, "| type | name | direction | payload |");
+        let want = [
+            ("HELLO", kind::HELLO),
+            ("WELCOME", kind::WELCOME),
+            ("REFUSED", kind::REFUSED),
+            ("RELEASE", kind::RELEASE),
+            ("ERROR", kind::ERROR),
+            ("BYE", kind::BYE),
+            ("CONTROL", kind::CONTROL),
+            ("CONTROL_REPLY", kind::CONTROL_REPLY),
+        ];
+        let got: Vec<(&str, u8)> = (frames.iter())
+            .map(|r| (r[1].trim_matches('`'), r[0].parse().expect("a type number")))
+            .collect();
+        assert_eq!(got, want, "PROTOCOL.md section 1 frame types");
+        assert!(doc.contains(&format!("1 ..= {MAX_FRAME} for `RELEASE` and `BYE`")));
+        // Offsets and widths: (what the field cell holds, offset, bytes).
+        let width = |ty: &str| match ty {
+            "u32" => 4,
+            "u64" => 8,
+            "8 bytes" => 8,
+            "u64 x 8" => 8 * ring::FIELD_SLOTS,
+            other => panic!("type {other:?}"),
+        };
+        let check = |marker: &str, want: &[(&str, usize, usize)]| {
+            let rows = table_after(doc, marker);
+            assert_eq!(rows.len(), want.len(), "rows of the table after {marker:?}");
+            for (row, &(field, at, bytes)) in rows.iter().zip(want) {
+                assert!(row[2].contains(field), "{marker:?}: {row:?} is not {field}");
+                assert_eq!(row[0], at.to_string(), "{marker:?}: offset of {field}");
+                assert_eq!(width(row[1]), bytes, "{marker:?}: width of {field}");
+            }
+        };
+        let magic = format!("magic `{}`", String::from_utf8_lossy(MAGIC));
+        let version = format!("layout version, {}", ring::LAYOUT_VERSION);
+        check(
+            &format!("Ring header (the first {} bytes)", ring::RING_HEADER),
+            &[
+                (&magic, ring_at::MAGIC, 8),
+                (&version, ring_at::VERSION, 4),
+                ("`slots`", ring_at::SLOTS, 4),
+                ("`slot_bytes`", ring_at::SLOT_BYTES, 8),
+                ("`slot_offset`", ring_at::SLOT_OFFSET, 8),
+                ("first step", ring_at::FIRST_STEP, 8),
+                ("`published`", ring_at::PUBLISHED, 8),
+            ],
+        );
+        check(
+            &format!("Slot header (the first {} bytes", ring::SLOT_HEADER),
+            &[
+                ("`step`", slot_at::STEP, 8),
+                ("`plan_step`", slot_at::PLAN_STEP, 8),
+                ("`rows`", slot_at::ROWS, 4),
+                ("`seq_len`", slot_at::SEQ_LEN, 4),
+                ("`cu_len`", slot_at::CU_LEN, 4),
+                ("`max_seqlen`", slot_at::MAX_SEQLEN, 4),
+                ("`loss_tokens`", slot_at::LOSS_TOKENS, 8),
+                ("`real_tokens`", slot_at::REAL_TOKENS, 8),
+                ("`cursor_len`", slot_at::CURSOR_LEN, 4),
+                ("`publish_ns`", slot_at::PUBLISH_NS, 8),
+                (
+                    "`field_offsets`",
+                    slot_at::FIELD_OFFSETS,
+                    8 * ring::FIELD_SLOTS,
+                ),
+                ("`plan_state`", slot_at::PLAN_STATE, 8),
+            ],
+        );
+        let page = table_after(doc, "| bytes | field | written by |");
+        let span = |at: usize| format!("{at}..{}", at + 8);
+        assert_eq!(page[0][0], span(ring::page_at::RELEASED));
+        assert!(page[0][1].starts_with("`released`"));
+        assert_eq!(page[2][0], span(ring::page_at::DAEMON_WAITING));
+        assert!(page[2][1].starts_with("`daemon_waiting`"));
+        // The slot's offset table, in order.
+        let flat = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+        let order = flat
+            .split("`field_offsets` lists the arrays in this order: expanded slots ")
+            .nth(1)
+            .expect("the offset table's order");
+        let (expanded, rest) = order.split_once("; compact slots ").expect("compact");
+        assert_eq!(ticked(expanded), ring::EXPANDED_FIELDS);
+        let compact = rest.split_once(", then one zero").expect("then one zero").0;
+        assert_eq!(ticked(compact), ring::COMPACT_FIELDS);
+        // The journal's caps (section 8).
+        use crate::plan::journal::{MAX_CHANGES, MAX_POINTS};
+        assert!(flat.contains(&format!("`k`: changes, 0..={MAX_CHANGES}")));
+        assert!(flat.contains(&format!("`m`: points, 1..={MAX_POINTS}")));
+        // Error codes: every code a table lists is one the wire has, and every code the
+        // wire has is in a table (or, for ERROR-only codes, in the ERROR frame's row).
+        let mut listed: Vec<&str> = Vec::new();
+        for marker in ["### Refusals", "**Failures**"] {
+            for row in table_after(doc, marker) {
+                listed.push(row[0].trim_matches('`'));
+            }
+        }
+        let error_row = frames.iter().find(|r| r[1] == "`ERROR`").expect("ERROR");
+        let error_codes = error_row[3].split("`code` is ").nth(1).expect("codes");
+        // The codes are the words in backticks outside the parentheses that explain them.
+        let mut depth = 0;
+        let outside: String = (error_codes.chars())
+            .filter(|&ch| {
+                depth += (ch == '(') as i32 - (ch == ')') as i32;
+                depth == 0 && ch != ')'
+            })
+            .collect();
+        let error_only: Vec<String> = ticked(&outside).into_iter().map(String::from).collect();
+        assert!(error_only.len() >= 5, "ERROR codes: {error_only:?}");
+        listed.extend(error_only.iter().map(String::as_str));
+        for s in &listed {
+            let code: Result<Code, _> = serde_json::from_value(serde_json::json!(s));
+            assert!(
+                code.is_ok(),
+                "PROTOCOL.md lists code `{s}`, not in wire::Code"
+            );
+        }
+        for c in Code::ALL {
+            assert!(
+                listed.contains(&c.as_str()),
+                "no PROTOCOL.md table lists `{c}`"
+            );
+        }
+
+        // FORMATS.md: the versions and headers an independent reader starts from.
+        let formats = include_str!("../../docs/FORMATS.md");
+        let formats = formats.split_whitespace().collect::<Vec<_>>().join(" ");
+        use crate::plan::cursor;
+        let magic = String::from_utf8_lossy(cursor::MAGIC);
+        assert!(formats.contains(&format!("| 0 | 8 bytes | magic `{magic}` |")));
+        assert!(
+            formats.contains(&format!("and reads 1 to {}", cursor::VERSION)),
+            "FORMATS.md must say this build reads cursor layouts 1 to {}",
+            cursor::VERSION
+        );
+        use crate::corpus::megatron::{HEADER_LEN, MAGIC as IDX_MAGIC};
+        assert_eq!(IDX_MAGIC, b"MMIDIDX\x00\x00");
+        assert!(formats.contains("| 0 | 9 bytes | magic `MMIDIDX\\x00\\x00` |"));
+        assert!(formats.contains(&format!("| {HEADER_LEN} | i32[S] | `sequence_lengths`")));
+    }
 }

@@ -91,6 +91,30 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, so tests can hold docs/PROTOCOL.md to the enum both ways.
+    #[cfg(test)]
+    pub(crate) const ALL: [Code; 19] = [
+        Code::Protocol,
+        Code::BadHello,
+        Code::Limit,
+        Code::Replicas,
+        Code::Memory,
+        Code::Cancelled,
+        Code::DpSize,
+        Code::Layout,
+        Code::Duplicate,
+        Code::Fingerprint,
+        Code::Access,
+        Code::Cursor,
+        Code::PeerPosition,
+        Code::Materialize,
+        Code::Busy,
+        Code::Shutdown,
+        Code::Idle,
+        Code::Late,
+        Code::Invalid,
+    ];
+
     /// The code as it stands on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -645,27 +669,7 @@ mod tests {
             );
         }
         let doc = include_str!("../../docs/PROTOCOL.md");
-        for code in [
-            Code::Protocol,
-            Code::BadHello,
-            Code::Limit,
-            Code::Replicas,
-            Code::Memory,
-            Code::Cancelled,
-            Code::DpSize,
-            Code::Layout,
-            Code::Duplicate,
-            Code::Fingerprint,
-            Code::Access,
-            Code::Cursor,
-            Code::PeerPosition,
-            Code::Materialize,
-            Code::Busy,
-            Code::Shutdown,
-            Code::Idle,
-            Code::Late,
-            Code::Invalid,
-        ] {
+        for code in Code::ALL {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
             assert!(
                 doc.contains(&format!("`{code}`")),
