@@ -316,6 +316,32 @@ mod tests {
             );
         }
 
+        // STATUS: the keys of its tables are the keys the daemon sends, both ways.
+        let keys = |v: serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let documented = |marker: &str, nested: &[&str]| -> Vec<String> {
+            let mut k: Vec<String> = (table_after(doc, marker).iter())
+                .flat_map(|r| ticked(r[0]))
+                .map(|w| w.trim_end_matches("[]").to_string())
+                .filter(|w| !nested.contains(&w.as_str()))
+                .collect();
+            k.sort();
+            k
+        };
+        let status = status::Status {
+            domains: vec![status::DomainStatus::default()],
+            ..Default::default()
+        };
+        let sent = serde_json::to_value(&status).expect("status");
+        assert_eq!(documented("**STATUS**", &["rings"]), keys(sent.clone()));
+        assert_eq!(
+            documented("`domains[]`, per domain:", &[]),
+            keys(sent["domains"][0].clone())
+        );
+
         // FORMATS.md: the versions and headers an independent reader starts from.
         let formats = include_str!("../../docs/FORMATS.md");
         let formats = formats.split_whitespace().collect::<Vec<_>>().join(" ");
