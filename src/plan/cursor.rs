@@ -1,13 +1,16 @@
 //! The cursor blob: where a run is, in a few hundred bytes, for the trainer's checkpoint.
 //!
 //! Little-endian, versioned, length-prefixed and checksummed (xxh3-64 over everything
-//! before the checksum). It names the corpus and static plan it belongs to by a 128-bit
-//! fingerprint, and the history it was made under (schedule, skips, reseeds before its
-//! step) by a 64-bit digest, so a blob from another corpus, another config or a rewritten
-//! history is refused instead of silently serving different data. Since layout 2 it also
-//! carries the journal of live mixture changes (see [`super::journal`]), so a resume
-//! after a reload reproduces the stream even on a daemon that never saw the reload. Its
-//! size depends only on the number of domains, reseeds and changes, never on the corpus.
+//! before the checksum). It names the static plan it belongs to by a 128-bit fingerprint
+//! (since layout 7 of the plan-wide settings, with each domain's name and shard identity
+//! beside its state; before, of the whole corpus and config), and the history it was
+//! made under (schedule, stages, skips, reseeds before its step) by a 64-bit digest, so
+//! a blob from another corpus, another config or a rewritten history is refused instead
+//! of silently serving different data. Since layout 2 it also carries the journal of live
+//! changes (see [`super::journal`]), so a resume after a reload reproduces the stream
+//! even on a daemon that never saw the reload. Its size depends on the domains (their
+//! names, and a tag per shard for those of at most 16 shards), reseeds, batch grouping's
+//! spanning groups, stage switches and changes, never on the corpus's documents.
 
 use super::journal::{Change, StageChange, MAX_CHANGES, MAX_POINTS};
 use super::mix::MixState;
