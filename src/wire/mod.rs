@@ -357,5 +357,16 @@ mod tests {
         assert_eq!(IDX_MAGIC, b"MMIDIDX\x00\x00");
         assert!(formats.contains("| 0 | 9 bytes | magic `MMIDIDX\\x00\\x00` |"));
         assert!(formats.contains(&format!("| {HEADER_LEN} | i32[S] | `sequence_lengths`")));
+        let fdoc = include_str!("../../docs/FORMATS.md");
+        let codes = table_after(fdoc, "| code | dtype | bytes |");
+        assert_eq!(codes.len(), 8, "Megatron defines 8 dtype codes");
+        for row in codes {
+            let code: u8 = row[0].parse().expect("a dtype code");
+            let dtype = crate::corpus::DType::from_megatron_code(code).expect("a code");
+            assert_eq!(
+                (row[1], row[2]),
+                (&*dtype.to_string(), &*dtype.size().to_string())
+            );
+        }
     }
 }
