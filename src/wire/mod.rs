@@ -316,12 +316,39 @@ mod tests {
             );
         }
 
-        // STATUS: the keys of its tables are the keys the daemon sends, both ways.
         let keys = |v: serde_json::Value| -> Vec<String> {
             let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
             k.sort();
             k
         };
+        // HELLO and WELCOME: the examples name every key the wire types have, and no other.
+        let example = |heading: &str| -> serde_json::Value {
+            let at = doc.find(heading).expect("section");
+            let body = doc[at..].split("```json").nth(1).expect("example");
+            let body = body.split("```").next().expect("example's end");
+            let json: Vec<&str> = (body.lines())
+                .map(|l| l.split("//").next().unwrap_or(""))
+                .collect();
+            let json = json
+                .join("\n")
+                .replace("{...}", "{}")
+                .replace(": ...,", ": 0,");
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{heading}'s example: {e}"))
+        };
+        let hello = example("## 2. HELLO");
+        let parsed: Hello = serde_json::from_value(hello.clone()).expect("HELLO example");
+        assert_eq!(
+            keys(serde_json::to_value(parsed).expect("hello")),
+            keys(hello)
+        );
+        let welcome = example("## 3. WELCOME");
+        let parsed: Welcome = serde_json::from_value(welcome.clone()).expect("WELCOME example");
+        assert_eq!(
+            keys(serde_json::to_value(parsed).expect("welcome")),
+            keys(welcome)
+        );
+
+        // STATUS: the keys of its tables are the keys the daemon sends, both ways.
         let documented = |marker: &str, nested: &[&str]| -> Vec<String> {
             let mut k: Vec<String> = (table_after(doc, marker).iter())
                 .flat_map(|r| ticked(r[0]))
