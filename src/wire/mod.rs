@@ -348,6 +348,22 @@ mod tests {
             keys(welcome)
         );
 
+        // CONTROL: every request of the op table is one the daemon parses, as that op.
+        let ops = table_after(doc, "| op | request | reply (`ok: true`) |");
+        assert_eq!(ops.len(), 5, "PROTOCOL.md's control ops");
+        for row in ops {
+            let request = row[1].trim_matches('`');
+            let parsed = control::parse_control(request.as_bytes());
+            let op = format!(
+                "{:?}",
+                parsed.unwrap_or_else(|e| panic!("{request}: {e:?}"))
+            );
+            let name: String = (row[0].trim_matches('`').split('_'))
+                .map(|w| w[..1].to_uppercase() + &w[1..])
+                .collect();
+            assert!(op.starts_with(&name), "{request} parsed as {op}");
+        }
+
         // STATUS: the keys of its tables are the keys the daemon sends, both ways.
         let documented = |marker: &str, nested: &[&str]| -> Vec<String> {
             let mut k: Vec<String> = (table_after(doc, marker).iter())
