@@ -819,7 +819,7 @@ pub fn one_point_change_bytes(domains: usize) -> usize {
     10 + 8 + 8 * domains + 1
 }
 
-/// Bytes a change's stage record takes (layouts 8 and 9): a kind byte, and the shape
+/// Bytes a change's stage record takes (layout 8 and later): a kind byte, and the shape
 /// for a stage change.
 fn stage_bytes(c: &Change) -> usize {
     match c.stage {
