@@ -1,4 +1,4 @@
-"""The trainer side of the millrace wire protocol (docs/PROTOCOL.md, version 1).
+"""The trainer side of the millrace wire protocol (docs/PROTOCOL.md, version 2).
 
 A :class:`Client` is one trainer rank's connection to the node's daemon. It speaks the
 frame protocol over a unix stream socket, maps the dp rank's ring (a sealed memfd) read
