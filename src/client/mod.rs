@@ -2,9 +2,9 @@
 //! `millrace demo` and `millrace bench` use when they stand in for a trainer rank.
 //!
 //! One [`Client`] is one trainer rank's connection: it sends HELLO over the unix socket,
-//! receives WELCOME with `[ring_fd, ready_fd]` (SCM_RIGHTS), maps the ring read-only and
-//! then hands out [`BatchView`]s that borrow the mapped slot, waiting on the eventfd and
-//! the socket with `poll`. Everything read from the socket or the ring is bounds-checked
+//! receives WELCOME with `[ring_fd, ready_fd]` (SCM_RIGHTS; and `page_fd` when its HELLO
+//! asked for a release page), maps the ring read-only and then hands out [`BatchView`]s
+//! that borrow the mapped slot, waiting on the eventfd and the socket with `poll`. Everything read from the socket or the ring is bounds-checked
 //! against the sizes WELCOME announced and the memfd really has, so a malformed WELCOME
 //! or ring is an error, never a panic or a fault.
 
