@@ -255,15 +255,21 @@ pub fn read_cursor_file(path: &Path) -> anyhow::Result<String> {
 /// the previous cursor whole, never a truncated one that a resume would refuse. A
 /// resume loop that reads and saves one file (`--cursor-file F --save-cursor F`) may
 /// then be killed at any moment.
+///
+/// Through a symbolic link the file it names is replaced, not the link; a path that is
+/// not a regular file (`/dev/stdout`, a FIFO) is written in place: it holds no previous
+/// cursor to lose, and no temporary file can be made beside it.
 fn save_cursor_file(path: &Path, blob: &[u8]) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
+    let text = format!("{}\n", to_hex(blob));
+    let context = || format!("writing the cursor file {}", path.display());
+    let target = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if std::fs::metadata(&target).is_ok_and(|m| !m.is_file()) {
+        return std::fs::write(&target, text).with_context(context);
+    }
+    let mut tmp = target.as_os_str().to_owned();
     tmp.push(format!(".tmp.{}", std::process::id()));
-    crate::corpus::writer::write_durably(
-        path,
-        Path::new(&tmp),
-        format!("{}\n", to_hex(blob)).as_bytes(),
-    )
-    .with_context(|| format!("writing the cursor file {}", path.display()))
+    crate::corpus::writer::write_durably(&target, Path::new(&tmp), text.as_bytes())
+        .with_context(context)
 }
 
 /// The socket `consume` connects to: `--socket`, else the config's, else the default.
@@ -495,6 +501,8 @@ pub fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
 mod tests {
     use std::hash::Hasher;
 
+    use super::*;
+
     /// `consume`'s streaming digest (twox-hash, AVX2 where the CPU has it) is XXH3-64 of
     /// the concatenated token bytes, the value xxhash-rust gives, however the steps cut
     /// them: digests stay comparable with earlier runs and docs/BENCHMARKS.md.
@@ -516,5 +524,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `--save-cursor` through a link replaces the file it names and keeps the link
+    /// (renaming over the link replaced it with a plain file); to a character device
+    /// (`/dev/stdout`, here `/dev/null`) it writes in place, where a temporary file
+    /// beside it could not be made.
+    #[test]
+    fn a_cursor_is_saved_through_links_and_to_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let (real, link) = (dir.path().join("real.hex"), dir.path().join("link.hex"));
+        std::fs::write(&real, "old\n").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        save_cursor_file(&link, &[0xab, 0xcd]).unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "abcd\n");
+        save_cursor_file(Path::new("/dev/null"), &[1, 2]).unwrap();
+        // A new file is made whole.
+        let new = dir.path().join("new.hex");
+        save_cursor_file(&new, &[7]).unwrap();
+        assert_eq!(std::fs::read_to_string(&new).unwrap(), "07\n");
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 3, "no temporary file left");
     }
 }
