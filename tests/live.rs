@@ -1628,3 +1628,59 @@ fn a_change_that_hides_the_files_later_points_says_so() {
         "{r}"
     );
 }
+
+/// A run resumed 3 steps before 2^32 (`MAX_STEP`, the furthest step a blob may name) is
+/// served its last steps, up to 2^32 - 1, whose cursor names 2^32 and resumes; then its
+/// ring stops with `ERROR limit` naming the bound. Before, the daemon went on serving
+/// step 2^32 and beyond, whose cursors the same daemon refused as malformed when the
+/// trainer came back with them, and a live change then failed `busy` with "cursor is
+/// malformed".
+#[test]
+fn a_run_at_the_last_step_stops_with_a_cursor_that_resumes() {
+    use millrace::plan::cursor;
+    let max = millrace::config::plan::MAX_STEP;
+    let f = fixture("watch_config = false\n");
+    let d = f.serve();
+    let (c, mut data) = blob_to_forge(&f, "late");
+    drop(c);
+    let _ = f.wait_no_job("late");
+    let back = data.plan_step - data.step;
+    data.step = max - 3;
+    data.plan_step = max - 3 + back;
+    data.history = f.load().plan.cursor_history(data.plan_step);
+    let mut h = f.hello("late");
+    h.cursor = Some(hex(&cursor::encode(&data)));
+    let mut c = f
+        .connect_with(&h)
+        .unwrap_or_else(|e| panic!("a blob at step {}: {e}", max - 3));
+    let got = read(&mut c, 3);
+    assert_eq!(got.last().map(|s| s.step), Some(max - 1));
+    let last = got[2].cursor.clone();
+    let stops = |c: &mut Client| match c.next_batch() {
+        Err(ClientError::Daemon { code, message }) => {
+            assert_eq!(code, "limit", "{message}");
+            assert!(message.contains(&max.to_string()), "{message}");
+        }
+        Err(e) => panic!("expected ERROR limit past step {}, got {e}", max - 1),
+        Ok(v) => panic!(
+            "step {} was served; its cursor would name step {}, which no daemon resumes",
+            v.step,
+            v.step + 1
+        ),
+    };
+    stops(&mut c);
+    drop(c);
+    let _ = f.wait_no_job("late");
+    // The last step's cursor resumes (at 2^32), and the ring stops there again.
+    let mut h = f.hello("late");
+    h.cursor = Some(hex(&last));
+    let mut c = f
+        .connect_with(&h)
+        .unwrap_or_else(|e| panic!("the cursor of step {} is refused: {e}", max - 1));
+    assert_eq!(c.welcome().start_step, max);
+    stops(&mut c);
+    drop(c);
+    // Other jobs are served.
+    let mut c = f.connect("after");
+    assert_eq!(read(&mut c, 2).len(), 2, "{}", d.log_text());
+}

@@ -17,6 +17,7 @@ use super::{
     Claimed, Cursor, Failure, Filled, Hub, Planned, RingEntry, State, SHARD_CHECK,
     SHARD_CHECK_BUDGET,
 };
+use crate::config::plan::MAX_STEP;
 use crate::plan::{Planner, Row};
 use crate::serve::fill::{fill_slot, will_need, RankRows, SlotJob};
 use crate::sys::EventFd;
@@ -331,6 +332,23 @@ impl Hub {
             return Err(name);
         };
         let dp_size = job.dp_size;
+        if let Some(entry) = job.rings.get_mut(&r).filter(|e| e.next_fill >= MAX_STEP) {
+            // A slot of step MAX_STEP would carry a cursor naming the step after it,
+            // past what any daemon resumes (a blob's step is at most MAX_STEP): the run
+            // ends here, once its last steps are published (its peers read them before
+            // the ERROR), instead of handing out batches whose cursors are refused.
+            if entry.published >= entry.next_fill {
+                let why = format!(
+                    "step {} is past the last step a run may reach ({}): its cursor would \
+                     name a step beyond {MAX_STEP}, which no daemon resumes",
+                    entry.next_fill,
+                    MAX_STEP - 1
+                );
+                error!(job = %name, dp_rank = r, "{why}; this ring stops");
+                entry.fail(Failure::new(Code::Limit, why));
+            }
+            return Err(name);
+        }
         let hint = |rows: &[Row]| {
             if self.settings.hints {
                 self.hint(rows);
