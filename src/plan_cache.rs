@@ -20,7 +20,7 @@
 //! replays at most that many steps.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use tracing::{info, warn};
@@ -157,7 +157,14 @@ impl CheckpointDir {
     /// Records `stride` as the directory's spacing for later processes (best effort: a
     /// marker that cannot be written costs a thinning in the next process that fills it).
     fn mark_thinned(&self, stride: u64) {
-        let _ = std::fs::File::create(self.dir.join(format!("{STRIDE_PREFIX}{stride:016x}")));
+        // Not through a link planted under the name: created, or opened as it is,
+        // never truncated.
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.dir.join(format!("{STRIDE_PREFIX}{stride:016x}")));
     }
 
     /// Doubles the stride until the checkpoints on it fill at most half of both caps,
@@ -203,22 +210,15 @@ impl CheckpointDir {
         std::fs::create_dir_all(&self.dir)?;
         let path = self.path(key);
         // Written aside and renamed, so a reader never sees half a blob (and one that
-        // did would refuse it by its checksum).
-        // Unique per writer: the daemon seeks for several clients at once.
-        static WRITES: AtomicU64 = AtomicU64::new(0);
-        let tmp = self.dir.join(format!(
-            ".{}.{}.{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("ckpt"),
-            std::process::id(),
-            WRITES.fetch_add(1, Ordering::Relaxed)
-        ));
+        // did would refuse it by its checksum). Unique per writer (the daemon seeks for
+        // several clients at once), created new: never through a link planted there.
         // A write that fails part-way (a full disk, RLIMIT_FSIZE) removes its partial
         // file too: each failed seek step would otherwise leave one more behind.
-        std::fs::write(&tmp, blob)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp);
-            })
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("ckpt");
+        let pid = std::process::id();
+        crate::corpus::identity::write_through_new(&path, blob, |n| {
+            self.dir.join(format!(".{name}.{pid}.{n}.tmp"))
+        })
     }
 }
 
@@ -501,6 +501,24 @@ mod tests {
             .expect("loading a FIFO or a device checkpoint returns");
         assert_eq!(got, (true, true));
         assert_eq!(left, 0, "the entries are removed");
+    }
+
+    /// The stride marker is created where it is missing and left alone where it exists,
+    /// never opened through a link another user planted under its name (which truncated
+    /// the file the link pointed at).
+    #[test]
+    fn the_stride_marker_never_follows_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = CheckpointDir::capped(tmp.path().join("fp"), 8, u64::MAX);
+        std::fs::create_dir_all(d.dir()).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, d.dir().join(format!("{STRIDE_PREFIX}{:016x}", 4)))
+            .unwrap();
+        d.mark_thinned(4);
+        d.mark_thinned(8);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(d.thinned(), 8);
     }
 
     #[test]

@@ -183,6 +183,97 @@ fn checkpoints_go_to_the_configured_cache_dir_and_an_unwritable_one_warns_once()
     );
 }
 
+/// Every file under `root`, relative to it, sorted.
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A cache_dir other users can write to (a shared project directory) must not let them
+/// choose what the daemon writes: the identity cache and the plan checkpoints are
+/// written through temporary names made of the pid and a counter, and a symlink
+/// planted under the next one made `millrace plan` overwrite the file it pointed at
+/// (any file the daemon's user may write) with a cache entry. The links are planted by
+/// the shell that then execs millrace, so they carry its pid.
+#[test]
+fn links_planted_under_the_cache_temporary_names_are_never_followed() {
+    let c = common::corpus(2_000_000, 2, 19, 1_000_000);
+    let xdg = c.tmp.path().join("xdg");
+    // The names this plan's cache holds, learnt from a run into another cache_dir.
+    let learn = c.tmp.path().join("learn");
+    let (plain, _) = plan_windows(&xdg, &config(&c.dir, "learn.toml", Some(&learn)), &[]);
+    let names = files_under(&learn);
+    assert!(names.iter().any(|n| n.starts_with("identity")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.starts_with("plan-checkpoints")),
+        "{names:?}"
+    );
+
+    let cache = c.tmp.path().join("cache");
+    let victim = c.tmp.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let mut script = String::new();
+    for name in &names {
+        let at = cache.join(name);
+        let (dir, file) = (at.parent().unwrap(), at.file_name().unwrap());
+        std::fs::create_dir_all(dir).unwrap();
+        let (dir, file) = (dir.to_str().unwrap(), file.to_str().unwrap());
+        // identity.rs and plan_cache.rs name their temporary files these two ways.
+        script.push_str(&format!(
+            "for n in 0 1 2 3 4 5; do ln -s \"$V\" '{dir}/{file}.tmp.'$$.$n; \
+             ln -s \"$V\" '{dir}/.{file}.'$$.$n.tmp; done\n"
+        ));
+    }
+    script.push_str("exec \"$M\" \"$@\"\n");
+    let cfg = config(&c.dir, "shared.toml", Some(&cache));
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .arg("sh")
+        .args(["plan", "--config", &cfg, "--from", STEP, "--steps", "4"])
+        .args(["--window", "1", "--json"])
+        .env("V", &victim)
+        .env("M", common::bin().get_program())
+        .env("XDG_CACHE_HOME", &xdg)
+        .env_remove("MILLRACE_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&std::fs::read(&victim).unwrap()),
+        "precious",
+        "a cache write followed a planted link"
+    );
+    // The links were stepped over, not given up on: the cache is whole, and the seek
+    // that used it printed what the first one did.
+    let written: Vec<PathBuf> = files_under(&cache)
+        .into_iter()
+        .filter(|n| {
+            !std::fs::symlink_metadata(cache.join(n))
+                .unwrap()
+                .is_symlink()
+        })
+        .collect();
+    assert_eq!(written, names, "{err}");
+    let mut v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.remove("timings_ms");
+    o.remove("memory_kb");
+    assert_eq!(v, plain);
+}
+
 /// The daemon's seek for a client's `start_step` leaves checkpoints in `[corpus]
 /// cache_dir` and starts the next one from them, and the state it hands out (the cursor
 /// of the first batch, which records the whole planner) is the plain replay's, cold,

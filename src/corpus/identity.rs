@@ -531,17 +531,56 @@ fn runs_path(entry: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` through a temporary name unique per process and call (a
-/// shard listed twice is stored by two threads) and a rename.
-pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+/// shard listed twice is stored by two threads) and a rename ([`write_through_new`]).
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let ext = path.extension().map(|e| e.to_string_lossy().into_owned());
-    let tmp = path.with_extension(format!(
-        "{}.tmp.{}.{n}",
-        ext.unwrap_or_default(),
-        std::process::id()
-    ));
-    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    let ext = ext.unwrap_or_default();
+    let pid = std::process::id();
+    write_through_new(path, bytes, |n| {
+        path.with_extension(format!("{ext}.tmp.{pid}.{n}"))
+    })
+}
+
+/// How many taken temporary names [`write_through_new`] skips before it gives up.
+const TMP_TRIES: u32 = 16;
+
+/// Writes `bytes` to a temporary file named `tmp(n)` (`n` a counter shared by every
+/// call in this process) and renames it to `path`. The temporary file is created new
+/// (O_CREAT|O_EXCL): a name already taken, a symlink included, is skipped, never followed
+/// or truncated. The names are predictable (pid and counter), and a cache directory may
+/// be shared with other users: a link planted there under the next name once made the
+/// daemon overwrite whatever file it pointed at with a cache entry.
+pub(crate) fn write_through_new(
+    path: &Path,
+    bytes: &[u8],
+    tmp: impl Fn(u64) -> PathBuf,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut tries = 0;
+    let (tmp, mut file) = loop {
+        let name = tmp(CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        match std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&name)
+        {
+            Ok(f) => break (name, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries + 1 < TMP_TRIES => {
+                tries += 1;
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("creating {}: {e}", name.display()),
+                ))
+            }
+        }
+    };
+    let written = file.write_all(bytes).and_then(|()| {
+        drop(file);
+        std::fs::rename(&tmp, path)
+    });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
