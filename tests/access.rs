@@ -424,3 +424,75 @@ fn a_planted_socket_directory_in_a_shared_dir_is_refused() {
     assert!(UnixStream::connect(mine.join("s.sock")).is_ok());
     drop(s);
 }
+
+/// A job belongs to the uid of its first client. Before, a second user who could reach
+/// the socket joined another user's job as one more peer of its rank (and could hold
+/// its slots, stalling it), or created a job under the other's name first with another
+/// dp_size, so that the owner's own ranks were refused `dp_size`.
+#[test]
+fn a_job_is_refused_to_clients_of_another_uid() {
+    if skip_unless_root(
+        "a_job_is_refused_to_clients_of_another_uid",
+        "it connects as a second uid",
+    ) {
+        return;
+    }
+    let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
+    let group = group_name(gid).unwrap_or_else(|| gid.to_string());
+    let nobody = Some((NOBODY, gid));
+    let f = fixture();
+    f.open_path();
+    f.configure(&format!("socket_group = {group:?}\n"));
+    let s = f.serve();
+    // Root's job "shared" waits for a second peer of rank 0.
+    let mut h = millrace::client::Hello::whole_slice(0, 1);
+    h.job = "shared".into();
+    h.replica = "a".into();
+    h.replicas = 2;
+    let _owner = millrace::client::Client::connect(&f.socket, &h).expect("root's peer joins");
+    let peer = |job: &str, replica: &str, replicas: &str, dp_size: &str| {
+        [
+            "consume",
+            "--socket",
+            f.sock(),
+            "--job",
+            job,
+            "--replica",
+            replica,
+            "--replicas",
+            replicas,
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            dp_size,
+            "--steps",
+            "1",
+        ]
+        .map(String::from)
+    };
+    let args = peer("shared", "b", "2", "1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = millrace_as(&f, nobody, &args);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "uid {NOBODY} joined root's job:\n{err}"
+    );
+    assert!(err.contains("access"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "job \"shared\" is run by uid 0, this client is uid {NOBODY}"
+        )),
+        "{err}"
+    );
+    // Root's own second peer still joins (and reads step 0).
+    let o = millrace_as(&f, None, &args);
+    assert!(o.status.success(), "root's second peer: {}", stderr(&o));
+
+    // A job nobody holds is open to whoever comes first, uid 65534 included.
+    let args = peer("theirs", "0", "1", "1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = millrace_as(&f, nobody, &args);
+    assert!(o.status.success(), "uid {NOBODY}'s own job: {}", stderr(&o));
+    drop(s);
+}

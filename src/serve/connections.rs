@@ -365,6 +365,7 @@ async fn connection(
 ) {
     let cred = stream.peer_cred().ok();
     let pid = cred.and_then(|c| c.pid());
+    let uid = cred.map(|c| c.uid());
     if !d.policy.open() {
         let verdict = match cred {
             Some(c) => d.policy.authorized(c.uid(), c.gid()),
@@ -515,7 +516,12 @@ async fn connection(
                     (hub.clone(), hello.clone(), cancel.clone(), ticket.clone());
                 let r = tokio::task::spawn_blocking(move || {
                     let _slot = slot;
-                    hub.admit(&hello, pid, &cancel, held.as_deref().map(|t| (t, may_run)))
+                    hub.admit(
+                        &hello,
+                        (pid, uid),
+                        &cancel,
+                        held.as_deref().map(|t| (t, may_run)),
+                    )
                 })
                 .await;
                 match r {

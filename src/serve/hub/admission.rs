@@ -19,8 +19,9 @@ use crate::serve::ring::{Layout, Ring};
 use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, StageSpec, Welcome};
 
 impl Hub {
-    /// Admits a client: checks its HELLO against the plan and the job, then joins it to
-    /// its dp rank's ring (creating the ring at the client's step if none is live).
+    /// Admits a client (its pid and uid from SO_PEERCRED): checks its HELLO against the
+    /// plan and the job (its dp_size, the uid that created it), then joins it to its dp
+    /// rank's ring (creating the ring at the client's step if none is live).
     /// Restoring or seeking a planner can take a while, so it happens before the lock; a
     /// live change landing meanwhile makes the attempt start over.
     ///
@@ -36,7 +37,7 @@ impl Hub {
     pub fn admit(
         &self,
         hello: &Hello,
-        pid: Option<i32>,
+        (pid, uid): (Option<i32>, Option<u32>),
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Admission, Refusal> {
@@ -45,7 +46,7 @@ impl Hub {
         let guard = crate::corpus::guard::enter();
         let _ = crate::corpus::guard::take_fault();
         let mark = crate::corpus::guard::zeroed_pages();
-        let r = self.admit_unguarded(hello, pid, cancel, seek);
+        let r = self.admit_unguarded(hello, (pid, uid), cancel, seek);
         let fault = crate::corpus::guard::fault_since(mark);
         drop(guard);
         match fault {
@@ -63,12 +64,12 @@ impl Hub {
     fn admit_unguarded(
         &self,
         hello: &Hello,
-        pid: Option<i32>,
+        peer: (Option<i32>, Option<u32>),
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Admission, Refusal> {
         for _ in 0..8 {
-            if let Some(a) = self.try_admit(hello, pid, cancel, seek)? {
+            if let Some(a) = self.try_admit(hello, peer, cancel, seek)? {
                 return Ok(a);
             }
         }
@@ -85,7 +86,7 @@ impl Hub {
     fn try_admit(
         &self,
         hello: &Hello,
-        pid: Option<i32>,
+        (pid, uid): (Option<i32>, Option<u32>),
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Option<Admission>, Refusal> {
@@ -205,10 +206,26 @@ impl Hub {
         let used = Self::ring_memory_besides(&st, &key);
         let peer_id = st.next_peer;
         st.next_peer += 1;
-        let job = st
-            .jobs
-            .entry(hello.job.clone())
-            .or_insert_with(|| Job::new(hello.dp_size));
+        let job = st.jobs.entry(hello.job.clone()).or_insert_with(|| Job {
+            uid,
+            ..Job::new(hello.dp_size)
+        });
+        // A job is its first client's user's: a client of another uid could otherwise
+        // join one of its ranks as a peer and hold its slots (the rank stalls), or
+        // create it first with another dp_size so that its own ranks are refused.
+        if job.uid != uid {
+            let who = |u: Option<u32>| u.map_or("unknown".to_string(), |u| u.to_string());
+            return Err(Refusal::new(
+                Code::Access,
+                format!(
+                    "job {:?} is run by uid {}, this client is uid {}: a job's clients \
+                     must all run as one user (use another job name)",
+                    hello.job,
+                    who(job.uid),
+                    who(uid)
+                ),
+            ));
+        }
         if job.dp_size != hello.dp_size {
             return Err(Refusal::new(
                 Code::DpSize,

@@ -270,6 +270,9 @@ struct Claimed {
 
 struct Job {
     dp_size: u32,
+    /// The uid of the client that created the job (SO_PEERCRED; `None` without
+    /// credentials): every later client of the job must have the same.
+    uid: Option<u32>,
     rings: HashMap<u32, RingEntry>,
     /// The job's planner and the batches it planned, read by every ring inside its
     /// window.
@@ -280,6 +283,7 @@ impl Job {
     fn new(dp_size: u32) -> Job {
         Job {
             dp_size,
+            uid: None,
             rings: HashMap::new(),
             plan: JobPlan::default(),
         }
