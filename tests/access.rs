@@ -496,3 +496,63 @@ fn a_job_is_refused_to_clients_of_another_uid() {
     assert!(o.status.success(), "uid {NOBODY}'s own job: {}", stderr(&o));
     drop(s);
 }
+
+/// The ring fd a client gets is read-only, and it cannot be reopened for writing through
+/// `/proc/self/fd` by a client of another uid: a memfd is created mode 0777, so that
+/// reopen used to succeed, and only F_SEAL_FUTURE_WRITE (Linux 5.1 on) then kept the
+/// client from writing into its peers' slots. The client still reads the ring.
+#[test]
+fn a_ring_fd_cannot_be_reopened_for_writing_by_another_uid() {
+    use millrace::wire::frame::{self, kind};
+    use std::os::fd::AsRawFd;
+    if skip_unless_root(
+        "a_ring_fd_cannot_be_reopened_for_writing_by_another_uid",
+        "it reopens the ring as a second uid",
+    ) {
+        return;
+    }
+    let f = fixture();
+    f.open_path();
+    f.configure("");
+    let _s = f.serve();
+    let mut sock = UnixStream::connect(&f.socket).unwrap();
+    let hello = serde_json::json!({"protocol": 2, "job": "j", "dp_rank": 0, "dp_size": 1});
+    frame::write_to(&mut sock, kind::HELLO, hello.to_string().as_bytes()).unwrap();
+    let (mut fds, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+    let n = frame::recv_with_fds(&sock, &mut buf, &mut fds).unwrap();
+    assert!(n > 4 && buf[4] == kind::WELCOME, "{:?}", &buf[..n.min(200)]);
+    let ring = fds.first().expect("the ring fd").as_raw_fd();
+    let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(
+            "head -c 8 <&3; if (exec 4<>/proc/self/fd/3) 2>/dev/null; then echo ' reopened'; \
+             else echo ' refused'; fi",
+        )
+        .uid(NOBODY)
+        .gid(gid);
+    // SAFETY: dup2 and fcntl are async-signal-safe; the fd is open in the parent until
+    // the child exits. (dup2 onto itself would keep the close-on-exec flag.)
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = match ring {
+                3 => libc::fcntl(3, libc::F_SETFD, 0),
+                _ => libc::dup2(ring, 3),
+            };
+            match r {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            }
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{} refused\n",
+            String::from_utf8_lossy(millrace::wire::ring::MAGIC)
+        ),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -576,18 +576,27 @@ impl Ring {
 fn seal(file: &File) -> Result<(), RingError> {
     fcntl_add_seals(file, SealFlags::SHRINK | SealFlags::GROW)
         .map_err(|e| os("fcntl(F_ADD_SEALS)")(e.into()))?;
-    // No new writable mapping or write(2) from now on (Linux >= 5.1); older kernels
-    // still get the read-only fd, which is what keeps clients from writing.
+    // No new writable mapping or write(2) from now on (Linux >= 5.1); on older kernels
+    // the read-only fd and the memfd's mode (0400, `reopen_read_only`) keep clients
+    // from writing.
     let _ = fcntl_add_seals(file, SealFlags::FUTURE_WRITE);
     fcntl_add_seals(file, SealFlags::SEAL).map_err(|e| os("fcntl(F_SEAL_SEAL)")(e.into()))
 }
 
+/// The read-only descriptor clients get. A memfd is created mode 0777, and a client can
+/// reopen the fd it holds through `/proc/self/fd` with any access its mode allows: a
+/// client of another uid reopened a ring O_RDWR, and only F_SEAL_FUTURE_WRITE (Linux
+/// 5.1 on) then kept it from writing. Once the reopen is done the memfd is made 0400, so
+/// a reopen for writing is refused by its mode too (a client of the daemon's own uid,
+/// its owner, could change the mode back: that user is trusted with the daemon anyway).
 fn reopen_read_only(file: &File) -> Result<OwnedFd, RingError> {
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
     let ro = std::fs::OpenOptions::new()
         .read(true)
         .open(&path)
         .map_err(os("reopen memfd read-only via /proc/self/fd"))?;
+    rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(0o400))
+        .map_err(|e| os("fchmod 0400 the memfd")(e.into()))?;
     Ok(OwnedFd::from(ro))
 }
 
