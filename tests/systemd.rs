@@ -412,3 +412,84 @@ fn check_config_passes_the_metrics_port_of_the_daemon_it_will_replace() {
         .wait_exit(Duration::from_secs(20))
         .is_some_and(|s| s.success()));
 }
+
+/// The `UMask=` of systemd/millrace.service.
+fn unit_umask() -> libc::mode_t {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/millrace.service"
+    ))
+    .unwrap();
+    let v = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("UMask="))
+        .expect("the unit sets UMask=");
+    libc::mode_t::from_str_radix(v.trim(), 8).unwrap()
+}
+
+/// Runs `cmd` with the unit's umask, as systemd would.
+fn with_unit_umask(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let mask = unit_umask();
+    // SAFETY: umask is async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(mask);
+            Ok(())
+        });
+    }
+}
+
+/// Under the unit's umask, what the daemon writes to its CacheDirectory (identity cache,
+/// plan checkpoints) is not writable by group `millrace`, the trainers' users: with
+/// `UMask=0007` those files were 0660 and their directories 0770, so any trainer user
+/// could rewrite the identity entries and plant plan checkpoints that every job's
+/// seeks then start from. The socket stays 0660 (the daemon sets its mode itself).
+#[test]
+fn under_the_unit_umask_the_cache_is_not_group_writable() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fixture();
+    let cache = f.corpus.tmp.path().join("cache");
+    let out = {
+        let mut cmd = common::bin();
+        cmd.args(["plan", "--config"])
+            .arg(&f.config)
+            .args(["--from", "300", "--steps", "1"])
+            .env("CACHE_DIRECTORY", &cache);
+        with_unit_umask(&mut cmd);
+        cmd.output().unwrap()
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = (0, 0);
+    let mut dirs = vec![cache.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o027, 0, "{} is mode {mode:o}", e.path().display());
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+                seen.0 += 1;
+            } else {
+                seen.1 += 1;
+            }
+        }
+    }
+    assert!(
+        seen.0 >= 1 && seen.1 >= 2,
+        "dirs and files written: {seen:?}"
+    );
+
+    let mut d = Serve::spawn(&f.config, &f.corpus.dir.join("serve.log"), |cmd| {
+        cmd.arg("--socket")
+            .arg(&f.socket)
+            .env("CACHE_DIRECTORY", &cache);
+        with_unit_umask(cmd);
+    });
+    d.wait_listening(&f.socket, Duration::from_secs(30));
+    let mode = std::fs::metadata(&f.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+}
