@@ -556,3 +556,56 @@ fn a_ring_fd_cannot_be_reopened_for_writing_by_another_uid() {
         stderr(&out)
     );
 }
+
+/// A client on the fallback socket (`/tmp/millrace-UID/millrace.sock`, no
+/// `$XDG_RUNTIME_DIR`) refuses a directory another user made there: `/tmp` is
+/// world-writable, and uid 65534's `millrace consume` used to send its HELLO to whoever
+/// listened in a `/tmp/millrace-65534` made by root, and take its batches.
+#[test]
+fn a_client_refuses_a_fallback_socket_dir_of_another_user() {
+    if skip_unless_root(
+        "a_client_refuses_a_fallback_socket_dir_of_another_user",
+        "the impostor's directory must belong to a second uid",
+    ) {
+        return;
+    }
+    let dir = PathBuf::from(format!("/tmp/millrace-{NOBODY}"));
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        eprintln!("skipping: {} exists", dir.display());
+        return;
+    }
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.join("millrace.sock");
+    let impostor = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    impostor.set_nonblocking(true).unwrap();
+    let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
+    let out = bin()
+        .args([
+            "consume",
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            "1",
+            "--steps",
+            "1",
+        ])
+        .args(["--reconnect-timeout", "1"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .uid(NOBODY)
+        .gid(gid)
+        .output()
+        .unwrap();
+    let reached = impostor.accept().is_ok();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(!reached, "the client connected to the impostor: {err}");
+    assert!(
+        err.contains(&format!("{} is owned by uid 0", dir.display())),
+        "{err}"
+    );
+}

@@ -55,6 +55,7 @@ import mmap
 import os
 import select
 import socket as _socket
+import stat
 import struct
 import threading
 import time
@@ -159,6 +160,28 @@ def default_socket() -> str:
     if os.path.isabs(xdg):
         return os.path.join(xdg, "millrace.sock")
     return f"/tmp/millrace-{os.geteuid()}/millrace.sock"
+
+
+def _check_fallback_dir(path: str) -> None:
+    """Refuses the fallback socket ``/tmp/millrace-UID/millrace.sock`` when its directory
+    is not this user's own (or is a symlink): another user could have made it first in
+    world-writable /tmp and be listening there as an impostor daemon
+    (``check_fallback_socket_dir`` in src/config/serve.rs). Raises PermissionError."""
+    uid = os.geteuid()
+    fallback = f"/tmp/millrace-{uid}"
+    if os.path.dirname(os.path.normpath(path)) != fallback:
+        return
+    try:
+        st = os.lstat(fallback)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != uid:
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}"
+        raise PermissionError(
+            errno.EACCES,
+            f"{fallback} is {what}, not this user's (uid {uid}), in world-writable /tmp: "
+            "another user may be impersonating the daemon there; refusing to connect "
+            "(remove it, or set $XDG_RUNTIME_DIR or the socket path)")
 
 
 def _no_daemon(path: str, e: OSError) -> str:
@@ -1105,6 +1128,7 @@ class Client:
         fds: list = []
         try:
             sock.settimeout(self.handshake_timeout)
+            _check_fallback_dir(self.socket_path)
             sock.connect(self.socket_path)
             try:
                 _send(sock, encode_frame(HELLO, json.dumps(self._hello()).encode()))

@@ -215,6 +215,8 @@ impl Client {
         handshake: Duration,
     ) -> Result<Client, ClientError> {
         let path = socket.to_path_buf();
+        crate::config::serve::check_fallback_socket_dir(&path, crate::sys::euid())
+            .map_err(ClientError::Untrusted)?;
         let mut sock = UnixStream::connect(&path).map_err(|error| ClientError::Connect {
             path: path.clone(),
             error,

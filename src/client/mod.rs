@@ -109,6 +109,10 @@ pub enum ClientError {
     /// The caller asked for something the protocol forbids (e.g. releasing an unread step).
     #[error("invalid request: {0}")]
     Usage(String),
+    /// The socket is in a place another user controls, so whoever listens there may not
+    /// be this user's daemon ([`crate::config::serve::check_fallback_socket_dir`]).
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 impl ClientError {

@@ -196,6 +196,34 @@ pub fn default_socket_for(xdg_runtime_dir: Option<&std::ffi::OsStr>, uid: u32) -
     }
 }
 
+/// Refuses to trust `socket` when it is `uid`'s fallback path
+/// (`/tmp/millrace-UID/millrace.sock`) and its directory is not that user's own (or is a
+/// symlink): `/tmp` is world-writable, so another user could make `millrace-UID` before
+/// this user's daemon and listen there, and a client would stream that user's data (the
+/// daemon itself refuses such a directory, so the real one never starts). Other paths
+/// are the operator's choice, and a missing directory is left to the connect to report.
+pub fn check_fallback_socket_dir(socket: &Path, uid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let fallback = default_socket_for(None, uid);
+    let Some(dir) = fallback.parent().filter(|d| socket.parent() == Some(*d)) else {
+        return Ok(());
+    };
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() || m.uid() != uid => Err(format!(
+            "{} is {}, not this user's (uid {uid}), in world-writable /tmp: another user may \
+             be impersonating the daemon there; refusing to connect (remove it, or set \
+             $XDG_RUNTIME_DIR or the socket path)",
+            dir.display(),
+            if m.file_type().is_symlink() {
+                "a symlink".to_string()
+            } else {
+                format!("owned by uid {}", m.uid())
+            }
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Why `serve` could not bind `socket` as this user, found without binding it, so that
 /// `check-config` fails exactly where `serve` would: the path is too long for a unix
 /// socket, something other than a socket is there already, or its directory cannot be
@@ -440,5 +468,39 @@ impl ServeConfig {
             }
         }
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fallback socket's directory in /tmp must be the user's own: one made by
+    /// another user (here: this test's uid, for a uid that is not ours) or a symlink is
+    /// refused, naming it; any other path is not judged.
+    #[test]
+    fn a_fallback_socket_dir_of_another_user_is_refused() {
+        let me = crate::sys::euid();
+        let other = 4_000_000_000 - (std::process::id() % 1000);
+        let sock = default_socket_for(None, other);
+        let dir = sock.parent().unwrap();
+        let _ = std::fs::remove_dir(dir);
+        let _ = std::fs::remove_file(dir);
+        assert_eq!(check_fallback_socket_dir(&sock, other), Ok(()), "missing");
+        std::fs::create_dir(dir).unwrap();
+        let e = check_fallback_socket_dir(&sock, other).unwrap_err();
+        assert!(e.contains(&format!("owned by uid {me}")), "{e}");
+        assert!(e.contains(&dir.display().to_string()), "{e}");
+        std::fs::remove_dir(dir).unwrap();
+        std::os::unix::fs::symlink("/tmp", dir).unwrap();
+        let e = check_fallback_socket_dir(&sock, other).unwrap_err();
+        assert!(e.contains("a symlink"), "{e}");
+        std::fs::remove_file(dir).unwrap();
+        // Any path that is not a fallback is not judged.
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(
+            check_fallback_socket_dir(&tmp.path().join("s.sock"), other),
+            Ok(())
+        );
     }
 }

@@ -477,3 +477,35 @@ def test_a_dropped_client_closes_at_once_and_its_rank_can_connect_again(daemons,
     finally:
         if was:
             gc.enable()
+
+
+
+def test_a_fallback_socket_dir_of_another_user_is_refused(monkeypatch):
+    """The fallback socket /tmp/millrace-UID/millrace.sock is refused when its directory
+    is not this user's own or is a symlink: another user could make it first in /tmp and
+    listen there as an impostor daemon. (The uid is faked, so the directory this test
+    makes belongs to "another user"; the impostor must see no connection.)"""
+    fake = 4_000_000_000 - os.getpid() % 1000
+    monkeypatch.setattr(mr.client.os, "geteuid", lambda: fake)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    d = f"/tmp/millrace-{fake}"
+    os.mkdir(d)
+    impostor = socket.socket(socket.AF_UNIX)
+    try:
+        impostor.bind(os.path.join(d, "millrace.sock"))
+        impostor.listen(1)
+        impostor.setblocking(False)
+        with pytest.raises(PermissionError, match=f"{d} is owned by uid {os.getuid()}"):
+            mr.Client(None, 0, 1).connect()
+        with pytest.raises(BlockingIOError):
+            impostor.accept()
+    finally:
+        impostor.close()
+        os.unlink(os.path.join(d, "millrace.sock"))
+        os.rmdir(d)
+    os.symlink("/tmp", d)
+    try:
+        with pytest.raises(PermissionError, match="is a symlink"):
+            mr.Client(None, 0, 1).connect()
+    finally:
+        os.unlink(d)
