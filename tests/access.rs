@@ -221,16 +221,23 @@ fn assert_refused(o: &Output, what: &str, uid: u32) {
     assert!(err.contains("allowed_uids"), "{what}: {err}");
 }
 
+/// A fixture whose socket directory uid 65534 can reach, with the name of that uid's
+/// primary group (for `socket_group`) and its (uid, gid).
+fn fixture_for_nobody() -> (Fixture, String, Option<(u32, u32)>) {
+    let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
+    let group = group_name(gid).unwrap_or_else(|| gid.to_string());
+    let f = fixture();
+    f.open_path();
+    (f, group, Some((NOBODY, gid)))
+}
+
 #[test]
 fn unauthorized_uid_is_refused() {
     if skip_unless_root("unauthorized_uid_is_refused", "it connects as a second uid") {
         return;
     }
-    let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
-    let group = group_name(gid).unwrap_or_else(|| gid.to_string());
-    let nobody = Some((NOBODY, gid));
-    let f = fixture();
-    f.open_path();
+    let (f, group, nobody) = fixture_for_nobody();
+    let gid = nobody.map_or(NOBODY, |n| n.1);
 
     // 1. Not listed: refused, whether it asks for status or for batches.
     f.configure(&format!(
@@ -437,11 +444,7 @@ fn a_job_is_refused_to_clients_of_another_uid() {
     ) {
         return;
     }
-    let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
-    let group = group_name(gid).unwrap_or_else(|| gid.to_string());
-    let nobody = Some((NOBODY, gid));
-    let f = fixture();
-    f.open_path();
+    let (f, group, nobody) = fixture_for_nobody();
     f.configure(&format!("socket_group = {group:?}\n"));
     let s = f.serve();
     // Root's job "shared" waits for a second peer of rank 0.
@@ -582,16 +585,7 @@ fn a_client_refuses_a_fallback_socket_dir_of_another_user() {
     impostor.set_nonblocking(true).unwrap();
     let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
     let out = bin()
-        .args([
-            "consume",
-            "--dp-rank",
-            "0",
-            "--dp-size",
-            "1",
-            "--steps",
-            "1",
-        ])
-        .args(["--reconnect-timeout", "1"])
+        .args("consume --dp-rank 0 --dp-size 1 --steps 1 --reconnect-timeout 1".split(' '))
         .env_remove("XDG_RUNTIME_DIR")
         .current_dir("/")
         .stdin(Stdio::null())
