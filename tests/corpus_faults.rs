@@ -353,6 +353,15 @@ fn a_raw_file_with_a_numpy_header_is_refused_not_read_as_tokens() {
     assert_eq!(raw_docs(&r).concat().len(), 4 + 7);
 }
 
+/// A Megatron shard `g` of one document in `dir`, and where its group sidecar goes.
+fn one_document_shard(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let prefix = dir.join("g");
+    let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
+    w.add_document_bytes(&u16_bytes(&[1, 2, 3])).unwrap();
+    w.finish().unwrap();
+    (prefix, dir.join("g.groups.npy"))
+}
+
 /// A group sidecar of twelve bytes whose `.npy` header (format 2) claims 4 GiB of header
 /// text is refused naming the file and the claim, before anything allocates the claim:
 /// `inspect` runs here with 1 GiB of address space (`ulimit -v`, as batch schedulers and
@@ -361,11 +370,7 @@ fn a_raw_file_with_a_numpy_header_is_refused_not_read_as_tokens() {
 fn a_group_sidecar_claiming_a_huge_header_is_refused_before_allocating_it() {
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
-    let prefix = dir.path().join("g");
-    let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
-    w.add_document_bytes(&u16_bytes(&[1, 2, 3])).unwrap();
-    w.finish().unwrap();
-    let side = dir.path().join("g.groups.npy");
+    let (prefix, side) = one_document_shard(dir.path());
     let mut npy = b"\x93NUMPY\x02\x00".to_vec();
     npy.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
     std::fs::write(&side, &npy).unwrap();
@@ -404,11 +409,7 @@ fn a_group_sidecar_claiming_a_huge_header_is_refused_before_allocating_it() {
 #[test]
 fn a_group_sidecar_whose_shape_overflows_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let prefix = dir.path().join("g");
-    let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
-    w.add_document_bytes(&u16_bytes(&[1, 2, 3])).unwrap();
-    w.finish().unwrap();
-    let side = dir.path().join("g.groups.npy");
+    let (_prefix, side) = one_document_shard(dir.path());
     let mut text =
         b"{'descr': '<u8', 'fortran_order': False, 'shape': (4294967296, 4294967296), }".to_vec();
     while (10 + text.len() + 1) % 64 != 0 {
