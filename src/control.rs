@@ -62,6 +62,10 @@ pub enum CtlError {
         /// The timeout that ran out.
         timeout: Duration,
     },
+    /// The socket is in a place another user controls, so whoever listens there may not
+    /// be this user's daemon ([`crate::config::serve::check_fallback_socket_dir`]).
+    #[error("{0}")]
+    Untrusted(String),
     /// The daemon closed the connection without a reply.
     #[error("{socket}: the daemon closed the connection without replying")]
     Disconnected {
@@ -172,6 +176,10 @@ pub struct Connection {
 impl Connection {
     /// Connects to the daemon's socket; `timeout` bounds each later request.
     pub fn open(socket: &Path, timeout: Duration) -> Result<Connection, CtlError> {
+        // A control connection sends changes and trusts the replies: not to an impostor
+        // in another user's /tmp/millrace-UID (the trainer clients refuse it too).
+        crate::config::serve::check_fallback_socket_dir(socket, crate::sys::euid())
+            .map_err(CtlError::Untrusted)?;
         let stream = connect_within(socket, timeout).map_err(|error| CtlError::Connect {
             socket: socket.to_path_buf(),
             error,

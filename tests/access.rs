@@ -594,10 +594,29 @@ fn a_client_refuses_a_fallback_socket_dir_of_another_user() {
         .output()
         .unwrap();
     let reached = impostor.accept().is_ok();
+    // A control connection (`status`, `ctl`, `top`) sends changes and trusts the
+    // replies: it refuses the impostor too.
+    let status = bin()
+        .arg("status")
+        .env_remove("XDG_RUNTIME_DIR")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .uid(NOBODY)
+        .gid(gid)
+        .output()
+        .unwrap();
+    let status_reached = impostor.accept().is_ok();
     let _ = std::fs::remove_dir_all(&dir);
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(!reached, "the client connected to the impostor: {err}");
+    assert!(
+        err.contains(&format!("{} is owned by uid 0", dir.display())),
+        "{err}"
+    );
+    let err = stderr(&status);
+    assert!(!status.status.success(), "{err}");
+    assert!(!status_reached, "status connected to the impostor: {err}");
     assert!(
         err.contains(&format!("{} is owned by uid 0", dir.display())),
         "{err}"

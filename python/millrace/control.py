@@ -105,6 +105,7 @@ from .client import (
     Refused,
     _NO_DAEMON_ERRNOS,
     _Gone,
+    _check_fallback_dir,
     _no_daemon,
     _pending_frame,
     _reason,
@@ -307,6 +308,9 @@ class Control:
             # connection (ERROR `idle` after control_idle_timeout_ms unused, or its end):
             # open a new one. Nothing was sent on this one since its last reply.
             self.close()
+        # Not to an impostor in another user's /tmp/millrace-UID: a control connection
+        # sends changes and trusts the replies (the trainer client refuses it too).
+        _check_fallback_dir(self.socket_path)
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:

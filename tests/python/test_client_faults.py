@@ -497,6 +497,9 @@ def test_a_fallback_socket_dir_of_another_user_is_refused(monkeypatch):
         impostor.setblocking(False)
         with pytest.raises(PermissionError, match=f"{d} is owned by uid {os.getuid()}"):
             mr.Client(None, 0, 1).connect()
+        # A control connection sends changes and trusts the replies: refused too.
+        with pytest.raises(PermissionError, match=f"{d} is owned by uid {os.getuid()}"):
+            mr.Control(None).status()
         with pytest.raises(BlockingIOError):
             impostor.accept()
     finally:
