@@ -1339,6 +1339,7 @@ class Client:
             events = conn.poller.poll(wait_ms)
             if conn.mm is None:
                 continue  # closed meanwhile: said above
+            socket_event = False
             for fd, ev in events:
                 if fd == conn.ready_fd:
                     if ev & select.POLLIN:
@@ -1346,7 +1347,12 @@ class Client:
                     elif ev & (select.POLLERR | select.POLLNVAL):
                         raise ProtocolError(f"ready_fd reports poll events {ev:#x}")
                 else:
-                    self._socket_event(conn)
+                    socket_event = True
+            # Steps published before the daemon's ERROR (a ring that stops at its last
+            # step publishes that step first) are this client's to read: the socket's
+            # news waits until none is left.
+            if socket_event and conn.published() <= step:
+                self._socket_event(conn)
 
     def _socket_event(self, conn: _Conn):
         """The socket became readable while streaming: an ERROR frame or the daemon left."""

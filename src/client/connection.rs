@@ -505,6 +505,12 @@ impl Client {
                 Err(e) => return Err(io_err("poll")(e.into())),
             }
             let (ready, sock) = (p[0].revents(), p[1].revents());
+            // Steps published before the daemon's ERROR (a ring that stops at its last
+            // step publishes that step first) are this client's to read: the socket's
+            // news waits until none is left.
+            if self.ring.published() > self.consumed {
+                return Ok(waited);
+            }
             if !sock.is_empty() {
                 return Err(self.socket_event());
             }
