@@ -461,6 +461,44 @@ fn an_error_frame_while_waiting_is_reported() {
     assert!(e.is_some_and(|e| e.is_transient()));
 }
 
+/// A step published together with the daemon's ERROR (a ring that stops at its last
+/// step publishes it, then errs) is read before the ERROR is raised: the client took
+/// the socket's event ahead of the step when both woke the same wait.
+#[test]
+fn a_step_published_before_an_error_is_read_first() {
+    let mut c = connect_fake(|s| {
+        let fd = memfd(&ring(0, 0), 3 * 4096);
+        let ev = EventFd::new().unwrap();
+        let bytes = encode(frame::WELCOME, &serde_json::to_vec(&welcome()).unwrap());
+        send_fds(&*s, &bytes, &[fd.as_fd(), ev.as_fd()]).unwrap();
+        // The client is waiting for step 0 by now (it would see it at once otherwise).
+        std::thread::sleep(Duration::from_millis(200));
+        let f = std::fs::File::from(fd);
+        std::os::unix::fs::FileExt::write_all_at(
+            &f,
+            &1u64.to_le_bytes(),
+            ring_at::PUBLISHED as u64,
+        )
+        .unwrap();
+        s.write_all(&encode(
+            frame::ERROR,
+            br#"{"code":"limit","message":"the last step"}"#,
+        ))
+        .unwrap();
+        ev.signal();
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+    })
+    .unwrap();
+    c.set_timeout(Some(Duration::from_secs(30)));
+    let step = c.next_batch().map(|b| b.step);
+    assert_eq!(step.ok(), Some(0), "the published step comes first");
+    let e = c.next_batch().err();
+    assert!(
+        matches!(&e, Some(ClientError::Daemon { code, .. }) if code == "limit"),
+        "{e:?}"
+    );
+}
+
 /// The derivations of a compact slot, on a hand-made one: two rows of 8 inputs (9
 /// tokens); row 0 holds a 3-token piece, a 1-token piece, a 5-token piece running into
 /// the label-only position; row 1 a 4-token piece, then padding (pad 0).
