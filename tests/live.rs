@@ -1768,7 +1768,15 @@ fn a_long_run_keeps_the_daemon_flat() {
     let mut events = 0u64;
     let mut at_quarter = None;
     let measure = |blob: &[u8]| {
-        let metrics = wait_for("/metrics", SETTLE, || scrape_text(&addr));
+        // The exporter samples once a second and a quarter of the run can take less:
+        // measured once this ring's series are there (its job's and its rank's).
+        let metrics = wait_for("/metrics with the ring's series", SETTLE, || {
+            scrape_text(&addr).and_then(|m| {
+                let ring = m.contains("job=\"life\"") && m.contains("dp_rank=\"0\"");
+                ring.then_some(m)
+                    .ok_or_else(|| "no series of the ring yet".to_string())
+            })
+        });
         (
             footprint(d.pid()),
             f.status().to_string().len(),
