@@ -584,41 +584,34 @@ fn a_client_refuses_a_fallback_socket_dir_of_another_user() {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
     impostor.set_nonblocking(true).unwrap();
     let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
-    let out = bin()
-        .args("consume --dp-rank 0 --dp-size 1 --steps 1 --reconnect-timeout 1".split(' '))
-        .env_remove("XDG_RUNTIME_DIR")
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .uid(NOBODY)
-        .gid(gid)
-        .output()
-        .unwrap();
-    let reached = impostor.accept().is_ok();
-    // A control connection (`status`, `ctl`, `top`) sends changes and trusts the
-    // replies: it refuses the impostor too.
-    let status = bin()
-        .arg("status")
-        .env_remove("XDG_RUNTIME_DIR")
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .uid(NOBODY)
-        .gid(gid)
-        .output()
-        .unwrap();
-    let status_reached = impostor.accept().is_ok();
+    // A trainer's stream, and a control connection (`status`; `ctl` and `top` connect
+    // the same way), which sends changes and trusts the replies: both refuse it.
+    let runs: Vec<(&str, std::process::Output, bool)> = [
+        "consume --dp-rank 0 --dp-size 1 --steps 1 --reconnect-timeout 1",
+        "status",
+    ]
+    .into_iter()
+    .map(|args| {
+        let out = bin()
+            .args(args.split(' '))
+            .env_remove("XDG_RUNTIME_DIR")
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .uid(NOBODY)
+            .gid(gid)
+            .output()
+            .unwrap();
+        (args, out, impostor.accept().is_ok())
+    })
+    .collect();
     let _ = std::fs::remove_dir_all(&dir);
-    let err = stderr(&out);
-    assert!(!out.status.success(), "{err}");
-    assert!(!reached, "the client connected to the impostor: {err}");
-    assert!(
-        err.contains(&format!("{} is owned by uid 0", dir.display())),
-        "{err}"
-    );
-    let err = stderr(&status);
-    assert!(!status.status.success(), "{err}");
-    assert!(!status_reached, "status connected to the impostor: {err}");
-    assert!(
-        err.contains(&format!("{} is owned by uid 0", dir.display())),
-        "{err}"
-    );
+    for (args, out, reached) in runs {
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args}: {err}");
+        assert!(!reached, "{args} connected to the impostor: {err}");
+        assert!(
+            err.contains(&format!("{} is owned by uid 0", dir.display())),
+            "{args}: {err}"
+        );
+    }
 }
