@@ -525,8 +525,10 @@ async fn connection(
                 })
                 .await;
                 match r {
-                    Ok(Err(refusal)) if hub::is_wait(&refusal) => continue,
-                    r => return r,
+                    Ok(Err(hub::NotAdmitted::Wait)) => continue,
+                    Ok(Err(hub::NotAdmitted::Refused(refusal))) => return Ok(Err(refusal)),
+                    Ok(Ok(a)) => return Ok(Ok(a)),
+                    Err(e) => return Err(e),
                 }
             }
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tracing::info;
 
 use super::join::{Joined, Joiner};
-use super::seeks::{NotSought, SeekFlights, SeekTicket};
+use super::seeks::{NotAdmitted, NotSought, SeekFlights, SeekTicket};
 use super::{Admission, EventFd, Freed, Hub, Job, ReleasePage, RingEntry, Standing, State};
 use crate::config::plan::MAX_STEP;
 use crate::plan::journal;
@@ -30,8 +30,8 @@ impl Hub {
     ///
     /// `seek` is the seek this admission needs ([`Hub::seek_ticket`]), shared with the
     /// other admissions of its plan and step, and whether it holds a seek slot to run
-    /// it in; when the seek is not in its hands it answers the refusal
-    /// [`super::seeks::is_wait`] recognises. Without one, a client that turns out to
+    /// it in; when the seek is not in its hands it answers [`NotAdmitted::Wait`].
+    /// Without one, a client that turns out to
     /// need a seek past step 0 (its rank's ring went away meanwhile) is refused `busy`,
     /// to retry for a seek slot.
     pub fn admit(
@@ -40,7 +40,7 @@ impl Hub {
         (pid, uid): (Option<i32>, Option<u32>),
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
-    ) -> Result<Admission, Refusal> {
+    ) -> Result<Admission, NotAdmitted> {
         // Seeking or restoring a planner reads shard indexes: guarded like the copy.
         // Seeks replay domains on rayon's threads: their faults count too.
         let guard = crate::corpus::guard::enter();
@@ -56,7 +56,7 @@ impl Hub {
                 if let Ok(a) = r {
                     self.leave(&hello.job, hello.dp_rank, a.peer);
                 }
-                Err(Refusal::new(Code::Materialize, why))
+                Err(Refusal::new(Code::Materialize, why).into())
             }
         }
     }
@@ -67,7 +67,7 @@ impl Hub {
         peer: (Option<i32>, Option<u32>),
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
-    ) -> Result<Admission, Refusal> {
+    ) -> Result<Admission, NotAdmitted> {
         for _ in 0..8 {
             if let Some(a) = self.try_admit(hello, peer, cancel, seek)? {
                 return Ok(a);
@@ -76,7 +76,8 @@ impl Hub {
         Err(Refusal::new(
             Code::Busy,
             "the mixture kept changing while this client joined; retry",
-        ))
+        )
+        .into())
     }
 
     /// One admission attempt; `Ok(None)` when the plan changed under it. The steps: check
@@ -89,7 +90,7 @@ impl Hub {
         (pid, uid): (Option<i32>, Option<u32>),
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
-    ) -> Result<Option<Admission>, Refusal> {
+    ) -> Result<Option<Admission>, NotAdmitted> {
         let seen = self.plan();
         let mut shape = Shape::check(&seen, hello)?;
         let blob = hello.cursor_bytes()?;
@@ -109,7 +110,8 @@ impl Hub {
                     s.path().display(),
                     s.poisoned().unwrap_or_default()
                 ),
-            ));
+            )
+            .into());
         }
         // A blob that carries changes this daemon has not seen (it restarted, or another
         // node's daemon took them) brings them along: the plan under them is the one the
@@ -134,7 +136,7 @@ impl Hub {
                     changes: journal.len(),
                     cap: self.journal_cap,
                 };
-                return Err(refuse_cursor(e.to_string()));
+                return Err(refuse_cursor(e.to_string()).into());
             }
             self.cursor_room(&r.plan, journal)
                 .map_err(|e| refuse_cursor(format!("its live changes: {e}")))?;
@@ -146,7 +148,8 @@ impl Hub {
             if step > MAX_STEP {
                 return Err(refuse_cursor(format!(
                     "its step {step} is beyond {MAX_STEP}, the most a run may reach"
-                )));
+                ))
+                .into());
             }
         }
         // A blob whose journal adds a stage (a live `set_stage`) is served at the stages
@@ -224,7 +227,8 @@ impl Hub {
                     who(job.uid),
                     who(uid)
                 ),
-            ));
+            )
+            .into());
         }
         if job.dp_size != hello.dp_size {
             return Err(Refusal::new(
@@ -233,7 +237,8 @@ impl Hub {
                     "job {:?} runs with dp_size {}, this client says {}",
                     hello.job, job.dp_size, hello.dp_size
                 ),
-            ));
+            )
+            .into());
         }
         // Every refusal below leaves the job as it was; a job this client just created
         // is removed again, so its dp_size does not bind the next client.
@@ -246,17 +251,14 @@ impl Hub {
                 Ok(()) => Ok(x),
                 Err(r) => {
                     freed.extend(Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, x));
-                    return Err(r);
+                    return Err(r.into());
                 }
             },
             (o, _) => o,
         };
         let Some(job) = st.jobs.get_mut(&hello.job) else {
             freed.rings.extend(outcome.ok().map(|x| x.ring));
-            return Err(Refusal::new(
-                Code::Busy,
-                "the job was just torn down; retry",
-            ));
+            return Err(Refusal::new(Code::Busy, "the job was just torn down; retry").into());
         };
         let Joined {
             step: start_step,
@@ -268,7 +270,7 @@ impl Hub {
                 if job.rings.is_empty() {
                     freed.jobs.extend(st.jobs.remove(&hello.job));
                 }
-                return Err(r);
+                return Err(r.into());
             }
         };
         st.clients += 1;
@@ -297,7 +299,7 @@ impl Hub {
         hello: &Hello,
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
-    ) -> Result<Option<Planner>, Refusal> {
+    ) -> Result<Option<Planner>, NotAdmitted> {
         if self.ring_covers(hello) {
             return Ok(None);
         }
@@ -336,7 +338,8 @@ impl Hub {
                 return Err(Refusal::new(
                     Code::Busy,
                     "the ring this client was to join went away while it waited; retry",
-                ))
+                )
+                .into())
             }
         };
         match sought {
@@ -344,8 +347,9 @@ impl Hub {
             Err(NotSought::Cancelled) => Err(Refusal::new(
                 Code::Cancelled,
                 format!("the client left while the daemon sought step {step}"),
-            )),
-            Err(NotSought::Wait) => Err(super::seeks::wait_refusal()),
+            )
+            .into()),
+            Err(NotSought::Wait) => Err(NotAdmitted::Wait),
         }
     }
 

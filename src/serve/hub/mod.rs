@@ -45,7 +45,7 @@ pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
 pub use peers::ReleaseError;
 pub use phase::Failure;
 use phase::{Phase, Standing};
-pub use seeks::{is_wait, SeekFlights, SeekPhase, SeekTicket};
+pub use seeks::{NotAdmitted, SeekFlights, SeekPhase, SeekTicket};
 
 /// Settings the hub needs from `[serve]`.
 #[derive(Debug, Clone)]

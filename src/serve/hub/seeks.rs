@@ -77,18 +77,21 @@ pub enum NotSought {
     Wait,
 }
 
-/// The message of the `busy` refusal an admission answers with [`NotSought::Wait`]:
-/// the connection recognises it ([`is_wait`]) and waits instead of sending it.
-const WAIT: &str = "the seek of this client's start step is in another admission's hands; retry";
-
-/// The refusal standing for [`NotSought::Wait`].
-pub(super) fn wait_refusal() -> crate::wire::Refusal {
-    crate::wire::Refusal::new(crate::wire::protocol::Code::Busy, WAIT)
+/// Why an admission let its client in neither way: refused, or told to wait for a seek
+/// in another admission's hands ([`NotSought::Wait`]), which the connection does in no
+/// slot and no thread before it tries again.
+#[derive(Debug)]
+pub enum NotAdmitted {
+    /// The client is refused (or the seek was cancelled by its leaving).
+    Refused(crate::wire::Refusal),
+    /// Wait for the seek's phase to change, then try again.
+    Wait,
 }
 
-/// Whether `r` stands for [`NotSought::Wait`] (see [`wait_refusal`]).
-pub fn is_wait(r: &crate::wire::Refusal) -> bool {
-    r.code == crate::wire::protocol::Code::Busy && r.message == WAIT
+impl From<crate::wire::Refusal> for NotAdmitted {
+    fn from(r: crate::wire::Refusal) -> NotAdmitted {
+        NotAdmitted::Refused(r)
+    }
 }
 
 /// A hold on a shared seek: while any is held, its result stays for the holders.
