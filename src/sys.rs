@@ -16,8 +16,11 @@
 //! - [`ReleasePage`]: the per-peer page through which a client releases slots without a
 //!   frame, and the memory ordering both sides follow on it.
 //! - small safe helpers ([`euid`], [`monotonic_ns`], ...) so callers need no libc.
-//! - [`refuse_io_uring_in_this_thread`]: the seccomp filter the tests use to reproduce a
-//!   kernel that refuses io_uring.
+//! - [`wait_for_io_uring_completions`]: a wait for io_uring completions that does not
+//!   enter the ring, for reads left in the kernel when `io_uring_enter` failed.
+//! - [`refuse_io_uring_in_this_thread`] and [`refuse_io_uring_waits_in_this_thread`]: the
+//!   seccomp filters the tests use to reproduce a kernel that refuses io_uring, and an
+//!   `io_uring_enter` that fails while reads are in flight.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -658,40 +661,68 @@ pub fn can_write_dir(dir: &std::path::Path) -> bool {
     rustix::fs::access(dir, Access::WRITE_OK | Access::EXEC_OK).is_ok()
 }
 
+/// Blocks until the completion queue of the io_uring whose descriptor `ring` is holds
+/// an entry, without `io_uring_enter`: for reads still in the kernel after it refused a
+/// wait. A ring's descriptor polls readable while completions are queued, and a thread
+/// blocked in `poll` runs the task work that completes reads (a retried one, a FIFO's).
+/// At most 100 ms, since a kernel may run that work only on the way back to user space;
+/// where even `poll` fails, a short sleep instead. The caller looks at the queue again
+/// either way.
+pub fn wait_for_io_uring_completions(ring: &impl std::os::fd::AsRawFd) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    // SAFETY: the descriptor is the ring's, open for as long as `ring` is borrowed.
+    let fd = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let most = Timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000_000,
+    };
+    if let Err(e) = poll(&mut fds, Some(&most)) {
+        if e != rustix::io::Errno::INTR {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
 /// Makes `io_uring_setup` fail with `errno` in the calling thread and the threads it
 /// starts afterwards (a seccomp filter, as a container runtime's profile installs one);
 /// false if the kernel refuses the filter. How the tests reproduce a kernel that refuses
 /// io_uring; nothing in the daemon calls it.
 pub fn refuse_io_uring_in_this_thread(errno: i32) -> bool {
-    const LD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS: the syscall number at offset 0
+    refuse_in_this_thread(libc::SYS_io_uring_setup, false, errno)
+}
+
+/// Makes `io_uring_enter` fail with `errno` in the calling thread (and the threads it
+/// starts afterwards) when it submits nothing, i.e. when it only waits for completions:
+/// a ring set up and probed before, whose reads are submitted, then fails the wait for
+/// them. How the tests reproduce an `io_uring_enter` that fails while reads are in
+/// flight; false if the kernel refuses the filter. Nothing in the daemon calls it.
+pub fn refuse_io_uring_waits_in_this_thread(errno: i32) -> bool {
+    refuse_in_this_thread(libc::SYS_io_uring_enter, true, errno)
+}
+
+/// Installs a seccomp filter under which system call `nr` fails with `errno`; with
+/// `only_arg1_zero`, only the calls whose second argument's low 32 bits are 0.
+fn refuse_in_this_thread(nr: libc::c_long, only_arg1_zero: bool, errno: i32) -> bool {
+    const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS: a word of `seccomp_data`
     const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
     const RET: u16 = 0x06; // BPF_RET | BPF_K
-    let mut filter = [
-        libc::sock_filter {
-            code: LD_NR,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        libc::sock_filter {
-            code: JEQ,
-            jt: 0,
-            jf: 1,
-            k: libc::SYS_io_uring_setup as u32,
-        },
-        libc::sock_filter {
-            code: RET,
-            jt: 0,
-            jf: 0,
-            k: 0x0005_0000 | errno as u32,
-        },
-        libc::sock_filter {
-            code: RET,
-            jt: 0,
-            jf: 0,
-            k: 0x7fff_0000,
-        },
-    ];
+    const NR_AT: u32 = 0; // seccomp_data.nr
+    const ARG1_AT: u32 = 24; // the low word of seccomp_data.args[1] (little-endian)
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let refuse = op(RET, 0, 0, 0x0005_0000 | errno as u32);
+    let allow = op(RET, 0, 0, 0x7fff_0000);
+    let mut filter = vec![op(LD_ABS, 0, 0, NR_AT)];
+    if only_arg1_zero {
+        filter.extend([
+            op(JEQ, 0, 3, nr as u32),
+            op(LD_ABS, 0, 0, ARG1_AT),
+            op(JEQ, 0, 1, 0),
+        ]);
+    } else {
+        filter.push(op(JEQ, 0, 1, nr as u32));
+    }
+    filter.extend([refuse, allow]);
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),

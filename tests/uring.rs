@@ -439,3 +439,212 @@ fn spans_that_continue_each_other_are_read_as_one() {
         }
     }
 }
+
+/// Whether thread `tid` of this process is blocked in a system call that is a wait for
+/// the read (`futex`, as in a contended allocation, only once `returned`): the number in
+/// `/proc/self/task/TID/syscall` ("running" while it runs).
+fn waiting(tid: i32, returned: &std::sync::atomic::AtomicBool) -> bool {
+    let nr = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok());
+    match nr {
+        Some(libc::SYS_futex) => returned.load(std::sync::atomic::Ordering::Acquire),
+        Some(nr) => nr >= 0,
+        None => false,
+    }
+}
+
+/// Regression: when `io_uring_enter` failed while reads were in the kernel, `read`
+/// returned at once, and those reads went on writing into the destination (a ring's
+/// slot, or an O_DIRECT bounce buffer) after the fill had failed and the slot or the
+/// buffer had been handed on. A read that fails now returns only once no read it
+/// submitted can write anything, and a reader whose `io_uring_enter` failed is not used
+/// again (entries the kernel did not take are still queued in its ring).
+///
+/// The read left in the kernel is of a FIFO that holds no byte until the test writes some
+/// (the thread reading waits by then); the failure is another span's (one past the end
+/// of its file: truncated), `io_uring_enter`'s own (a seccomp filter refuses the calls
+/// that only wait, after the one that submitted the reads), or both. The
+/// destination as `read` returned it must be what it holds once the FIFO's bytes were
+/// taken.
+#[test]
+fn a_failed_read_returns_only_once_nothing_can_write_into_the_destination() {
+    use std::io::Write;
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, fifo) = (dir.path().join("s.bin"), dir.path().join("fifo"));
+    std::fs::write(&file, [7u8; 4096]).unwrap();
+    use rustix::fs::{FileType, Mode};
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        FileType::Fifo,
+        Mode::RUSR | Mode::WUSR,
+        0,
+    )
+    .unwrap();
+    let paths = vec![file.clone(), fifo.clone()];
+    let span = |file, offset, dst| Span {
+        file,
+        offset,
+        len: 4096,
+        dst,
+    };
+    // (a span is truncated, io_uring_enter refuses to wait): one, the other, both.
+    for (truncated, refuse_waits) in [(true, false), (false, true), (true, true)] {
+        let what = format!("truncated {truncated}, io_uring_enter refused {refuse_waits}");
+        // Read and write: a FIFO opened so never blocks, and is the writer the reader's
+        // own open (read only) would wait for.
+        let mut writer = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        let Some(mut r) = uring_or_skip(&paths, UringOptions::default()) else {
+            return;
+        };
+        let mut spans = vec![span(0, 0, 0), span(1, 0, 4096)];
+        if truncated {
+            spans.push(span(0, 4096, 8192));
+        }
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (taken_tx, taken_rx) = mpsc::channel::<()>();
+        let returned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let returned_in = returned.clone();
+        let reader = std::thread::spawn(move || {
+            if refuse_waits && !millrace::sys::refuse_io_uring_waits_in_this_thread(libc::EPERM) {
+                tid_tx.send(None).unwrap();
+                return None;
+            }
+            let mut dst = vec![0xEEu8; 3 * 4096];
+            tid_tx
+                .send(Some(rustix::thread::gettid().as_raw_nonzero().get()))
+                .unwrap();
+            let result = r.read(&spans, &mut dst);
+            let at_return = dst.clone();
+            returned_in.store(true, std::sync::atomic::Ordering::Release);
+            // Until the FIFO's bytes were taken, by this read or by one left in flight.
+            taken_rx.recv().unwrap();
+            Some((r, result, at_return, dst))
+        });
+        let Some(tid) = tid_rx.recv().unwrap() else {
+            eprintln!("skipping: the kernel refused a seccomp filter");
+            return;
+        };
+        let t0 = std::time::Instant::now();
+        while !waiting(tid, &returned) {
+            assert!(
+                t0.elapsed().as_secs() < 30,
+                "{what}: the reader never waited"
+            );
+            std::thread::yield_now();
+        }
+        writer.write_all(&[0x5A; 4096]).unwrap();
+        while rustix::io::ioctl_fionread(&writer).unwrap() > 0 {
+            assert!(
+                t0.elapsed().as_secs() < 30,
+                "{what}: nothing took the FIFO's bytes"
+            );
+            std::thread::yield_now();
+        }
+        taken_tx.send(()).unwrap();
+        let (mut r, result, at_return, dst) = reader.join().unwrap().unwrap();
+        let e = result.unwrap_err();
+        let msg = e.to_string();
+        // The first failure is the one reported: the span's (read within the call that
+        // submitted it), which names its file.
+        if !truncated {
+            assert!(
+                matches!(&e, ReadError::Ring { source, .. } if source.raw_os_error() == Some(libc::EPERM)),
+                "{what}: {msg}"
+            );
+        } else {
+            assert!(
+                matches!(&e, ReadError::Truncated { file_len: 4096, .. })
+                    && msg.contains(&file.display().to_string()),
+                "{what}: {msg}"
+            );
+        }
+        assert!(
+            at_return == dst,
+            "{what}: the destination changed after read returned {msg}"
+        );
+        assert!(
+            dst[..4096].iter().all(|&b| b == 7) && dst[4096..8192].iter().all(|&b| b == 0x5A),
+            "{what}: the reads were not all reaped before read returned"
+        );
+        // A reader whose io_uring_enter failed is not used again (and says so, whichever
+        // error it returned, so that the daemon's pool drops it); one whose span failed is.
+        assert_eq!(r.is_broken(), refuse_waits, "{what}");
+        let again = r.read(&[span(0, 0, 0)], &mut vec![0u8; 4096]);
+        assert_eq!(again.is_err(), refuse_waits, "{what}: {again:?}");
+    }
+}
+
+/// The same from a disk: reads of a cold file (O_DIRECT, and buffered after the file's
+/// pages were dropped from the page cache) complete after `io_uring_enter` returned, so a
+/// refused wait finds most of them in flight. Each completes, and lands (through its
+/// bounce buffer, for O_DIRECT) in the destination, before `read` returns the error.
+#[test]
+fn reads_from_disk_left_in_flight_by_a_refused_wait_land_before_read_returns() {
+    let (dir, mut rng, _, _) = setup(21, 0);
+    let path = dir.path().join("cold.bin");
+    let bytes: Vec<u8> = (0..32 << 20).map(|_| rng.gen()).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let paths = vec![path.clone()];
+    // Unaligned pieces at unaligned places: every O_DIRECT read goes through a bounce.
+    let mut spans = Vec::new();
+    let mut expect = Vec::new();
+    for _ in 0..128 {
+        let len = rng.gen_range(100_000..250_000u64);
+        let offset = rng.gen_range(0..bytes.len() as u64 - len);
+        expect.push(0xAB);
+        spans.push(Span {
+            file: 0,
+            offset,
+            len,
+            dst: expect.len() as u64,
+        });
+        expect.extend_from_slice(&bytes[offset as usize..(offset + len) as usize]);
+    }
+    for direct in [false, true] {
+        let opts = UringOptions {
+            direct,
+            ..UringOptions::default()
+        };
+        let reader = if direct {
+            direct_or_skip(&paths, opts)
+        } else {
+            uring_or_skip(&paths, opts)
+        };
+        let Some(mut r) = reader else { return };
+        let f = std::fs::File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let (spans, len) = (spans.clone(), expect.len());
+        let got = std::thread::spawn(move || {
+            if !millrace::sys::refuse_io_uring_waits_in_this_thread(libc::EPERM) {
+                return None;
+            }
+            let mut dst = vec![0xABu8; len];
+            let result = r.read(&spans, &mut dst);
+            Some((result, dst))
+        })
+        .join()
+        .unwrap();
+        let Some((result, dst)) = got else {
+            eprintln!("skipping: the kernel refused a seccomp filter");
+            return;
+        };
+        match result {
+            Err(ReadError::Ring { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {}
+            // Every read completed within the call that submitted them: nothing waited.
+            Ok(()) => eprintln!("direct {direct}: no read was left in flight"),
+            Err(e) => panic!("direct {direct}: {e}"),
+        }
+        assert!(
+            dst == expect,
+            "direct {direct}: read returned before every read it submitted had landed"
+        );
+    }
+}

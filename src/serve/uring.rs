@@ -505,6 +505,9 @@ pub struct UringReader {
     bounce_len: usize,
     /// Reads submitted since open.
     reads: u64,
+    /// The error of an `io_uring_enter` that failed: the ring may hold entries the kernel
+    /// did not take, which a later call would submit, so it reads nothing again.
+    broken: Option<i32>,
 }
 
 impl std::fmt::Debug for UringReader {
@@ -595,6 +598,7 @@ impl UringReader {
             bounce_at,
             bounce_len,
             reads: 0,
+            broken: None,
         })
     }
 
@@ -647,6 +651,12 @@ impl UringReader {
         out
     }
 
+    /// Whether an `io_uring_enter` failed: such a reader refuses every later read, so an
+    /// owner (the daemon's pool) drops it, whichever error its last read returned.
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
     /// Reads submitted to the kernel since open (pieces of split spans and the rest of
     /// short reads each count; spans joined by [`coalesce`] count once): what the disk is
     /// asked for, so tests and benchmarks can see the joining work.
@@ -656,8 +666,15 @@ impl UringReader {
 
     /// Fills `dst` from `spans`. Spans should not overlap in `dst` (which bytes win is
     /// then unspecified). On an error every read already submitted has completed before
-    /// this returns, so nothing writes into `dst` afterwards.
+    /// this returns, so nothing writes into `dst` (or a bounce buffer) afterwards, even
+    /// when `io_uring_enter` itself failed; the reader then refuses every later read.
     pub fn read(&mut self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
+        if let Some(errno) = self.broken {
+            return Err(ReadError::Ring {
+                what: "an earlier io_uring_enter failed, so the ring is not used again",
+                source: io::Error::from_raw_os_error(errno),
+            });
+        }
         check_spans(spans, self.files.files.len(), dst.len())?;
         let ops = self.ops(spans, dst);
         let depth = self.opts.depth as usize;
@@ -685,21 +702,34 @@ impl UringReader {
             if in_flight == 0 {
                 break;
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
-                    ) => {}
-                // Only a broken ring fails a wait (EBADF, EFAULT, EINVAL): the kernel
-                // then holds no usable request of ours to complete.
-                Err(source) => {
-                    return Err(ReadError::Ring {
-                        what: "io_uring_enter",
-                        source,
-                    })
+            if self.broken.is_none() {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                        ) => {}
+                    // Reads an earlier call submitted are still in the kernel, writing into
+                    // `dst` or a bounce buffer until they complete: returning now would let
+                    // them write into a slot handed on, or into freed memory. Wait for them
+                    // without entering the kernel, and never use this ring again.
+                    Err(source) => {
+                        self.broken = Some(source.raw_os_error().unwrap_or(libc::EIO));
+                        failed.get_or_insert(ReadError::Ring {
+                            what: "io_uring_enter",
+                            source,
+                        });
+                    }
                 }
+            }
+            if self.broken.is_some() {
+                // Entries the kernel did not take stay queued in a ring never entered again:
+                // they will not run. Every other read must complete first.
+                if in_flight <= self.ring.submission().len() {
+                    break;
+                }
+                crate::sys::wait_for_io_uring_completions(&self.ring);
             }
             let done: Vec<(u64, i32)> = self
                 .ring

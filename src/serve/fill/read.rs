@@ -236,8 +236,10 @@ impl Readers {
     pub(super) fn read(&self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
         let mut r = self.take()?;
         let result = r.read(spans, dst);
-        // A ring the kernel failed to enter is dropped; any other error left it idle.
-        self.give(r, !matches!(result, Err(ReadError::Ring { .. })));
+        // A ring the kernel failed to enter is dropped (its read may have returned a
+        // span's error first); any other error left it idle.
+        let keep = !r.is_broken() && !matches!(result, Err(ReadError::Ring { .. }));
+        self.give(r, keep);
         result
     }
 
