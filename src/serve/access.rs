@@ -4,7 +4,7 @@
 //! Two gates, both checked by the kernel or the daemon before a single frame is read:
 //!
 //! 1. The file: the socket is created mode 0660 and, with `socket_group` set, chowned to
-//!    that group ([`set_socket_group`]), so only its owner and the group's members can
+//!    that group ([`secure_socket`], which never follows a symlink), so only its owner and the group's members can
 //!    open it at all.
 //! 2. The peer: every accepted connection's SO_PEERCRED (uid, primary gid) is checked
 //!    against a [`Policy`]. With neither `allowed_uids` nor `allowed_gids` set, whoever
@@ -44,6 +44,27 @@ pub enum AccessError {
         group: String,
         /// The error getgrnam_r returned.
         source: std::io::Error,
+    },
+    /// The socket file's mode could not be set.
+    #[error("chmod 0660 {}: {source}", path.display())]
+    Chmod {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// What is at the socket path after bind is not the socket bound there (someone
+    /// swapped it, e.g. for a symlink): nothing is chmodded or chowned.
+    #[error(
+        "{}: is {what}, not the socket the daemon bound (was it replaced? the socket's \
+         directory must not be writable by others); nothing was chmodded or chowned",
+        path.display()
+    )]
+    Replaced {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there instead.
+        what: String,
     },
     /// The socket file could not be given to the group (not a member, not root).
     #[error("chown {} to group {group} (gid {gid}): {source}", path.display())]
@@ -177,16 +198,67 @@ pub fn resolve_group(group: &str) -> Result<u32, AccessError> {
     }
 }
 
-/// Gives the socket file to `[serve] socket_group` (owner unchanged), so that with mode
-/// 0660 the group's members can connect; returns the gid it resolved to.
-pub fn set_socket_group(path: &Path, group: &str) -> Result<u32, AccessError> {
-    let gid = resolve_group(group)?;
-    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| AccessError::Chown {
+/// Gives the socket just bound at `path` mode 0660 and, with `group`, that group (owner
+/// unchanged), without following a symlink: the socket's directory may be writable by
+/// others, and one who swapped the socket for a symlink between bind and chmod had the
+/// daemon chmod and chown the symlink's target. The path is opened `O_PATH|O_NOFOLLOW`,
+/// must be a socket of the daemon's uid (nobody else can make one of ours), and the
+/// mode and group are set on that inode (`/proc/self/fd`, `AT_EMPTY_PATH`); anything
+/// else there is refused with the path named. Returns the gid the group resolved to.
+pub fn secure_socket(path: &Path, group: Option<&str>) -> Result<Option<u32>, AccessError> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let gid = group.map(resolve_group).transpose()?;
+    let os = |source: rustix::io::Errno| std::io::Error::from(source);
+    let replaced = |what: String| AccessError::Replaced {
         path: path.to_path_buf(),
-        group: group.to_string(),
-        gid,
-        source,
+        what,
+    };
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => replaced("a symlink".into()),
+        e => AccessError::Chmod {
+            path: path.to_path_buf(),
+            source: os(e),
+        },
     })?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| AccessError::Chmod {
+        path: path.to_path_buf(),
+        source: os(e),
+    })?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    let euid = crate::sys::euid();
+    if kind == FileType::Symlink {
+        return Err(replaced("a symlink".into()));
+    }
+    if kind != FileType::Socket || st.st_uid != euid {
+        return Err(replaced(format!(
+            "a {kind:?} of uid {}, not a socket of the daemon's uid {euid}",
+            st.st_uid
+        )));
+    }
+    use std::os::fd::AsRawFd;
+    let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::chmod(proc.as_str(), Mode::from_raw_mode(0o660)).map_err(|e| {
+        AccessError::Chmod {
+            path: path.to_path_buf(),
+            source: os(e),
+        }
+    })?;
+    if let (Some(g), Some(gid)) = (group, gid) {
+        let to = Some(rustix::fs::Gid::from_raw(gid));
+        rustix::fs::chownat(&fd, "", None, to, AtFlags::EMPTY_PATH).map_err(|e| {
+            AccessError::Chown {
+                path: path.to_path_buf(),
+                group: g.to_string(),
+                gid,
+                source: os(e),
+            }
+        })?;
+    }
     Ok(gid)
 }
 
@@ -295,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn set_socket_group_chowns_or_names_the_path() {
+    fn securing_the_socket_chowns_or_names_the_path() {
         use std::os::unix::fs::MetadataExt;
         let dir = std::env::temp_dir().join(format!("millrace-access-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -303,18 +375,67 @@ mod tests {
         let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         // Our own primary group is always allowed for chown.
         let mine = crate::sys::egid();
-        assert_eq!(set_socket_group(&path, &mine.to_string()).unwrap(), mine);
+        assert_eq!(
+            secure_socket(&path, Some(&mine.to_string())).unwrap(),
+            Some(mine)
+        );
         assert_eq!(std::fs::metadata(&path).unwrap().gid(), mine);
-        let e = set_socket_group(&path, "millrace-no-such-group").unwrap_err();
+        assert_eq!(secure_socket(&path, None).unwrap(), None);
+        let e = secure_socket(&path, Some("millrace-no-such-group")).unwrap_err();
         assert!(e.to_string().contains("millrace-no-such-group"), "{e}");
         let missing = dir.join("missing.sock");
-        let e = set_socket_group(&missing, "0").unwrap_err();
+        let e = secure_socket(&missing, Some("0")).unwrap_err();
         let text = e.to_string();
-        assert!(matches!(e, AccessError::Chown { gid: 0, .. }), "{text}");
+        assert!(matches!(e, AccessError::Chmod { .. }), "{text}");
         assert!(
-            text.starts_with(&format!("chown {} to group 0 (gid 0): ", missing.display())),
+            text.starts_with(&format!("chmod 0660 {}: ", missing.display())),
             "{text}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The socket's directory may be writable by others (a shared `/run` or `/tmp`
+    /// directory): one who swaps the socket for a symlink between bind and chmod used to
+    /// have the daemon chmod 0660 and chown the symlink's target (`std::fs::set_permissions`
+    /// and `chown` follow symlinks). The swap is made here before the call, as the race
+    /// would leave it: the target keeps its mode and group, and the refusal names the path.
+    #[test]
+    fn securing_the_socket_never_follows_a_symlink() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("millrace-swap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("victim");
+        std::fs::write(&target, b"secret").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let gid = std::fs::metadata(&target).unwrap().gid();
+        let path = dir.join("s.sock");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        // A group other than the target's where we may (root), else our own.
+        let other = if crate::sys::euid() == 0 {
+            gid ^ 1
+        } else {
+            gid
+        };
+        let e = secure_socket(&path, Some(&other.to_string())).unwrap_err();
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(
+            meta.mode() & 0o777,
+            0o600,
+            "the symlink's target was chmodded"
+        );
+        assert_eq!(meta.gid(), gid, "the symlink's target was chowned");
+        let text = e.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("not the socket the daemon bound"), "{text}");
+        // The socket itself is given its mode and group.
+        std::fs::remove_file(&path).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(
+            secure_socket(&path, Some(&other.to_string())).unwrap(),
+            Some(other)
+        );
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, other));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -90,19 +90,10 @@ pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListene
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     // A socket whose mode or group could not be set is not left behind: the next start
     // (or `check-config`) must not meet it.
-    let finish = || -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .with_context(|| format!("chmod 0660 {}", path.display()))?;
-        if let Some(g) = group {
-            access::set_socket_group(path, g).map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        Ok(())
-    };
-    if let Err(e) = finish() {
+    if let Err(e) = access::secure_socket(path, group) {
         drop(listener);
         let _ = std::fs::remove_file(path);
-        return Err(e);
+        return Err(anyhow::anyhow!("{e}"));
     }
     Ok(listener)
 }
