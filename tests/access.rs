@@ -221,9 +221,12 @@ fn assert_refused(o: &Output, what: &str, uid: u32) {
     assert!(err.contains("allowed_uids"), "{what}: {err}");
 }
 
+/// A fixture for uid 65534, the name of its primary group and its (uid, gid).
+type NobodyFixture = (Fixture, String, Option<(u32, u32)>);
+
 /// A fixture whose socket directory uid 65534 can reach, with the name of that uid's
 /// primary group (for `socket_group`) and its (uid, gid).
-fn fixture_for_nobody() -> (Fixture, String, Option<(u32, u32)>) {
+fn fixture_for_nobody() -> NobodyFixture {
     let gid = primary_gid(NOBODY).unwrap_or(NOBODY);
     let group = group_name(gid).unwrap_or_else(|| gid.to_string());
     let f = fixture();
@@ -231,12 +234,20 @@ fn fixture_for_nobody() -> (Fixture, String, Option<(u32, u32)>) {
     (f, group, Some((NOBODY, gid)))
 }
 
+/// For a test that connects as uid 65534: its fixture, as [`fixture_for_nobody`] makes
+/// it, or `None` where the test is skipped (not root).
+fn as_second_uid(test: &str) -> Option<NobodyFixture> {
+    if skip_unless_root(test, "it connects as a second uid") {
+        return None;
+    }
+    Some(fixture_for_nobody())
+}
+
 #[test]
 fn unauthorized_uid_is_refused() {
-    if skip_unless_root("unauthorized_uid_is_refused", "it connects as a second uid") {
+    let Some((f, group, nobody)) = as_second_uid("unauthorized_uid_is_refused") else {
         return;
-    }
-    let (f, group, nobody) = fixture_for_nobody();
+    };
     let gid = nobody.map_or(NOBODY, |n| n.1);
 
     // 1. Not listed: refused, whether it asks for status or for batches.
@@ -438,13 +449,10 @@ fn a_planted_socket_directory_in_a_shared_dir_is_refused() {
 /// dp_size, so that the owner's own ranks were refused `dp_size`.
 #[test]
 fn a_job_is_refused_to_clients_of_another_uid() {
-    if skip_unless_root(
-        "a_job_is_refused_to_clients_of_another_uid",
-        "it connects as a second uid",
-    ) {
+    let Some((f, group, nobody)) = as_second_uid("a_job_is_refused_to_clients_of_another_uid")
+    else {
         return;
-    }
-    let (f, group, nobody) = fixture_for_nobody();
+    };
     f.configure(&format!("socket_group = {group:?}\n"));
     let s = f.serve();
     // Root's job "shared" waits for a second peer of rank 0.
@@ -614,4 +622,169 @@ fn a_client_refuses_a_fallback_socket_dir_of_another_user() {
             "{args}: {err}"
         );
     }
+}
+
+/// Connects `n` streams to `socket` as uid `uid` and gid `gid`, from a thread of its own
+/// whose effective ids alone change (the raw setresuid/setresgid syscalls act on the
+/// calling thread only, where glibc's would change every thread's): SO_PEERCRED names
+/// that uid, and this process keeps the streams to read the daemon's replies.
+fn connect_as(uid: u32, gid: u32, socket: &std::path::Path, n: usize) -> Vec<UnixStream> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        let keep = libc::uid_t::MAX; // -1: leave the real and saved ids as they are
+                                     // SAFETY: raw syscalls with integer arguments; they change this thread's ids only,
+                                     // and the thread ends after connecting.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, keep, gid, keep), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, keep, uid, keep), 0);
+        }
+        (0..n)
+            .map(|_| {
+                let s = UnixStream::connect(&socket).expect("connect as the second uid");
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                s
+            })
+            .collect()
+    })
+    .join()
+    .expect("the connecting thread")
+}
+
+/// Sends one frame and reads the reply: its kind and JSON payload (a WELCOME's fds are
+/// dropped, its ring with them once the connection closes).
+fn ask(sock: &mut UnixStream, kind: u8, payload: &Value) -> (u8, Value) {
+    use millrace::wire::frame;
+    frame::write_to(sock, kind, payload.to_string().as_bytes()).unwrap();
+    let (mut fds, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+    let n = frame::recv_with_fds(&*sock, &mut buf, &mut fds).unwrap();
+    assert!(n > 5, "a reply frame: {:?}", &buf[..n]);
+    let v = serde_json::from_slice(&buf[5..n]).unwrap_or(Value::Null);
+    (buf[4], v)
+}
+
+/// The refusal messages among replies (a WELCOME shows as null), for assertions.
+fn messages(replies: &[(u8, Value)]) -> Vec<&Value> {
+    replies.iter().map(|r| &r.1["message"]).collect()
+}
+
+/// A trainer's HELLO for `dp_rank` of `job` (dp_size 4).
+fn hello(job: &str, dp_rank: u32) -> Value {
+    serde_json::json!({"protocol": 2, "job": job, "dp_rank": dp_rank, "dp_size": 4})
+}
+
+/// Sends HELLOs for ranks 0 to 3 of job "theirs" on `socks` (uid 65534's): the first
+/// three are welcomed and the fourth refused, at its uid's share; the replies.
+fn three_of_four_ranks(socks: &mut [UnixStream]) -> Vec<(u8, Value)> {
+    use millrace::wire::frame::kind;
+    let replies: Vec<(u8, Value)> = (socks.iter_mut().zip(0..))
+        .map(|(sock, r)| ask(sock, kind::HELLO, &hello("theirs", r)))
+        .collect();
+    let kinds: Vec<u8> = replies.iter().map(|r| r.0).collect();
+    let want = [kind::WELCOME, kind::WELCOME, kind::WELCOME, kind::REFUSED];
+    assert_eq!(kinds, want, "{:?}", messages(&replies));
+    replies
+}
+
+/// The caps are the daemon's: before `[serve] uid_share_percent`, one uid that could
+/// reach the socket took every trainer place (`max_clients`), every control connection
+/// and all of `ring_memory_bytes`, and every other user's trainers (the ranks of a
+/// running job reconnecting included) and `millrace status` were refused. Now uid 65534
+/// holds 3 of 4 of each (the default 75%), its next one is refused naming the cap and
+/// the uid, and root (the daemon's uid) is still served.
+#[test]
+fn one_uid_cannot_take_all_of_a_cap() {
+    use millrace::wire::frame::kind;
+    let Some((f, group, nobody)) = as_second_uid("one_uid_cannot_take_all_of_a_cap") else {
+        return;
+    };
+    let gid = nobody.map_or(NOBODY, |n| n.1);
+    let caps = "max_clients = 4\nmax_control_connections = 4";
+    f.configure(&format!("socket_group = {group:?}\n{caps}\n"));
+    let s = f.serve();
+    let mut theirs = connect_as(NOBODY, gid, &f.socket, 8);
+    let (trainers, controls) = theirs.split_at_mut(4);
+    // uid 65534 asks for every trainer place: ranks 0 to 3 of its job.
+    let replies = three_of_four_ranks(trainers);
+    let ring_bytes = replies[0].1["ring_bytes"].as_u64().expect("ring_bytes");
+    let refusal = &replies[3].1;
+    assert_eq!(refusal["code"], "busy", "{refusal}");
+    assert_eq!(
+        refusal["message"],
+        "uid 65534 has 3 clients connected, its share of the 4 the daemon serves ([serve] \
+         uid_share_percent 75 of max_clients); the rest are kept for other users"
+    );
+    // Root's trainer takes the place left.
+    let mut args = consume_args(&f).to_vec();
+    args.extend(["--reconnect-timeout", "1"]);
+    let o = millrace_as(&f, None, &args);
+    assert!(o.status.success(), "root's trainer: {}", stderr(&o));
+
+    // The same for control connections: 3 of 4, then `millrace status` as root.
+    let status = serde_json::json!({"op": "status"});
+    let kinds: Vec<(u8, Value)> = (controls.iter_mut())
+        .map(|sock| ask(sock, kind::CONTROL, &status))
+        .collect();
+    let got: Vec<u8> = kinds.iter().map(|r| r.0).collect();
+    assert_eq!(
+        got,
+        [
+            kind::CONTROL_REPLY,
+            kind::CONTROL_REPLY,
+            kind::CONTROL_REPLY,
+            kind::REFUSED
+        ],
+        "{:?}",
+        messages(&kinds)
+    );
+    let m = kinds[3].1["message"].as_str().unwrap_or_default();
+    assert!(
+        m.starts_with("uid 65534 holds 3 control connections")
+            && m.contains("max_control_connections"),
+        "{m}"
+    );
+    assert_status_ok(&millrace_as(&f, None, &status_args(&f)), "root");
+    drop(theirs);
+    drop(s);
+
+    // Ring memory: a budget of 4 rings, of which uid 65534 gets 3.
+    f.configure(&format!(
+        "socket_group = {group:?}\nring_memory_bytes = {}\n",
+        4 * ring_bytes
+    ));
+    let s = f.serve();
+    let mut theirs = connect_as(NOBODY, gid, &f.socket, 4);
+    let replies = three_of_four_ranks(&mut theirs);
+    let refusal = &replies[3].1;
+    assert_eq!(refusal["code"], "memory", "{refusal}");
+    let m = refusal["message"].as_str().unwrap_or_default();
+    assert!(
+        m.contains(&format!(
+            "uid 65534's rings take {} of its share of {} bytes ([serve] uid_share_percent 75",
+            3 * ring_bytes,
+            3 * ring_bytes
+        )),
+        "{m}"
+    );
+    let o = millrace_as(
+        &f,
+        None,
+        &[
+            "consume",
+            "--socket",
+            f.sock(),
+            "--job",
+            "mine",
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            "4",
+            "--steps",
+            "1",
+            "--reconnect-timeout",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "root's ring: {}", stderr(&o));
+    drop(theirs);
+    drop(s);
 }

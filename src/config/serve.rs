@@ -61,6 +61,12 @@ pub struct ServeConfig {
     /// A control connection that sends no request for this long is closed (ERROR `idle`).
     #[serde(default = "default_control_idle")]
     pub control_idle_timeout_ms: u64,
+    /// The percent of each of the daemon's caps (`max_clients`, `max_control_connections`,
+    /// the bytes buffered before admission, `ring_memory_bytes`) one uid may hold, so
+    /// that one user cannot refuse every other user's trainers; the daemon's own uid and
+    /// root are not held to it, and 100 turns it off.
+    #[serde(default = "default_uid_share")]
+    pub uid_share_percent: u32,
     /// Group that owns the socket (mode 0660), so trainer users in it may connect.
     #[serde(default)]
     pub socket_group: Option<String>,
@@ -349,6 +355,9 @@ pub const MAX_CLIENTS: usize = 1_048_576;
 fn default_max_clients() -> usize {
     512
 }
+fn default_uid_share() -> u32 {
+    75
+}
 fn default_handshake() -> u64 {
     10_000
 }
@@ -412,6 +421,12 @@ impl ServeConfig {
         }
         if !(100..=86_400_000).contains(&s.control_idle_timeout_ms) {
             return bad("control_idle_timeout_ms", "must be 100..=86400000 (a day)");
+        }
+        if !(1..=100).contains(&s.uid_share_percent) {
+            return bad(
+                "uid_share_percent",
+                "must be 1..=100 (100: no share per uid)",
+            );
         }
         if s.ring_memory_bytes == Some(0) {
             return bad("ring_memory_bytes", "must be positive");

@@ -357,6 +357,8 @@ async fn connection(
     let cred = stream.peer_cred().ok();
     let pid = cred.and_then(|c| c.pid());
     let uid = cred.map(|c| c.uid());
+    // What this peer's uid may hold of each cap; charged from its first byte on.
+    let uid_share = limits::UidShare::of_peer(uid, d.serve.uid_share_percent, d.policy.daemon_uid);
     if !d.policy.open() {
         let verdict = match cred {
             Some(c) => d.policy.authorized(c.uid(), c.gid()),
@@ -377,7 +379,7 @@ async fn connection(
     // send up to the request limit, and their count only by the fd limit.
     let limit = d.hub.request_limit();
     let cap = limits::pending_cap(limit);
-    let mut share = limits::PENDING.share();
+    let mut share = limits::PENDING.share(uid_share);
     if let Err(e) = share.set(limits::CONNECTION_BYTES, cap) {
         refuse_full(&d, &mut stream, pid, e).await;
         return;
@@ -394,15 +396,13 @@ async fn connection(
         }
         Ok(Ok(Some(Frame::Hello(p)))) => p,
         Ok(Ok(Some(Frame::Control(p)))) => {
-            let Some(slot) = d.control.take() else {
-                let m = format!(
-                    "{} control connections are open ([serve] max_control_connections); \
-                     close one or try again later",
-                    d.control.cap()
-                );
-                d.warn_peer(pid, format_args!("refused a control connection: {m}"));
-                say(&mut stream, kind::REFUSED, Code::Busy, &m).await;
-                return;
+            let slot = match d.control.take(uid_share) {
+                Ok(slot) => slot,
+                Err(e) => {
+                    d.warn_peer(pid, format_args!("refused a control connection: {e}"));
+                    say(&mut stream, kind::REFUSED, Code::Busy, &e.to_string()).await;
+                    return;
+                }
             };
             drop(share);
             control_connection(d, stream, buf, p, shutdown).await;
@@ -509,7 +509,7 @@ async fn connection(
                     let _slot = slot;
                     hub.admit(
                         &hello,
-                        (pid, uid),
+                        (pid, uid, uid_share),
                         &cancel,
                         held.as_deref().map(|t| (t, may_run)),
                     )

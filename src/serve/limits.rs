@@ -4,6 +4,7 @@
 //! warnings for events a peer can repeat at will (refused connections, handshake
 //! failures, failed accepts).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -77,21 +78,116 @@ pub fn open_fds() -> Option<u64> {
         .map(|d| d.count().saturating_sub(1) as u64) // less the directory's own fd
 }
 
-/// Counts open control connections against `[serve] max_control_connections`.
+/// The part of each cap one peer's uid may hold (`[serve] uid_share_percent`): the caps
+/// are the daemon's, and one user who may reach the socket (another team on the node, a
+/// launcher gone wrong) could otherwise take all of one (every trainer place, control
+/// connection, byte before admission or byte of ring memory) and refuse every other
+/// user's trainers, the ranks of a running job reconnecting after a restart included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidShare {
+    /// The peer's uid (SO_PEERCRED).
+    pub uid: u32,
+    /// The percent of each cap it may hold, 1..=99.
+    pub percent: u32,
+}
+
+impl UidShare {
+    /// The share a peer of `uid` is held to, `None` where none is: a peer without
+    /// credentials, a share of 100, and the daemon's own uid and root, who may stop the
+    /// daemon anyway (and where everything runs as one user, a share would only shrink
+    /// the node).
+    pub fn of_peer(uid: Option<u32>, percent: u32, daemon_uid: u32) -> Option<UidShare> {
+        let uid = uid?;
+        (percent < 100 && uid != 0 && uid != daemon_uid).then_some(UidShare { uid, percent })
+    }
+
+    /// This uid's part of `cap` (rounded down, at least 1).
+    pub fn of(&self, cap: u64) -> u64 {
+        let part = u128::from(cap) * u128::from(self.percent) / 100;
+        u64::try_from(part).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// [`UidShare::of`] for a count.
+    fn of_usize(&self, cap: usize) -> usize {
+        usize::try_from(self.of(cap as u64)).unwrap_or(usize::MAX)
+    }
+}
+
+/// What each bounded uid holds of one cap; a uid holding nothing has no entry.
+#[derive(Debug, Default)]
+struct ByUid(Mutex<BTreeMap<u32, usize>>);
+
+impl ByUid {
+    const fn new() -> ByUid {
+        ByUid(Mutex::new(BTreeMap::new()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives back `n` of what `uid` holds.
+    fn give_back(&self, uid: u32, n: usize) {
+        let mut map = self.lock();
+        if let Some(held) = map.get_mut(&uid) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                map.remove(&uid);
+            }
+        }
+    }
+}
+
+/// Counts open control connections against `[serve] max_control_connections`, and each
+/// bounded uid's against its share of it.
 #[derive(Debug)]
 pub struct ControlSlots {
     open: AtomicUsize,
     cap: usize,
+    by_uid: ByUid,
 }
 
-/// One admitted control connection; dropping it frees its place.
+/// One admitted control connection; dropping it frees its place (and its uid's).
 #[derive(Debug)]
-pub struct ControlSlot(Arc<ControlSlots>);
+pub struct ControlSlot(Arc<ControlSlots>, Option<u32>);
 
 impl Drop for ControlSlot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(uid) = self.1 {
+            self.0.by_uid.give_back(uid, 1);
+        }
     }
+}
+
+/// Why a control connection gets no place: the REFUSED `busy` message, naming the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ControlFull {
+    /// Every place is taken.
+    #[error(
+        "{cap} control connections are open ([serve] max_control_connections); close one \
+         or try again later"
+    )]
+    All {
+        /// `[serve] max_control_connections`.
+        cap: usize,
+    },
+    /// The peer's uid holds its share.
+    #[error(
+        "uid {uid} holds {held} control connections, its share of the {cap} the daemon \
+         allows ([serve] uid_share_percent {percent} of max_control_connections); close \
+         one or try again later"
+    )]
+    Uid {
+        /// The peer's uid.
+        uid: u32,
+        /// Control connections it holds.
+        held: usize,
+        /// `[serve] uid_share_percent`.
+        percent: u32,
+        /// `[serve] max_control_connections`.
+        cap: usize,
+    },
 }
 
 impl ControlSlots {
@@ -100,17 +196,34 @@ impl ControlSlots {
         Arc::new(ControlSlots {
             open: AtomicUsize::new(0),
             cap,
+            by_uid: ByUid::new(),
         })
     }
 
-    /// A place for one more control connection, or `None` at the cap.
-    pub fn take(self: &Arc<Self>) -> Option<ControlSlot> {
+    /// A place for one more control connection, within the cap and the share of the
+    /// peer's uid, if one bounds it.
+    pub fn take(self: &Arc<Self>, share: Option<UidShare>) -> Result<ControlSlot, ControlFull> {
+        let mut map = share.map(|_| self.by_uid.lock());
+        if let (Some(s), Some(map)) = (share, map.as_deref()) {
+            let held = map.get(&s.uid).copied().unwrap_or(0);
+            if held >= s.of_usize(self.cap) {
+                return Err(ControlFull::Uid {
+                    uid: s.uid,
+                    held,
+                    percent: s.percent,
+                    cap: self.cap,
+                });
+            }
+        }
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.cap).then_some(n + 1)
             })
-            .ok()
-            .map(|_| ControlSlot(self.clone()))
+            .map_err(|_| ControlFull::All { cap: self.cap })?;
+        if let (Some(s), Some(map)) = (share, map.as_deref_mut()) {
+            *map.entry(s.uid).or_insert(0) += 1;
+        }
+        Ok(ControlSlot(self.clone(), share.map(|s| s.uid)))
     }
 
     /// Control connections open now.
@@ -144,15 +257,18 @@ pub fn pending_cap(request_limit: usize) -> usize {
 pub const CONNECTION_BYTES: usize = 4096;
 
 /// Bytes held by connections before admission (a first frame being read, a HELLO
-/// waiting for its admission), counted against one cap spanning them all.
+/// waiting for its admission), counted against one cap spanning them all, and each
+/// bounded uid's against its share of it.
 #[derive(Debug, Default)]
 pub struct PendingBytes {
     held: AtomicUsize,
+    by_uid: ByUid,
 }
 
 /// The daemon's count of [`PendingBytes`]: one per process, as there is one daemon.
 pub static PENDING: PendingBytes = PendingBytes {
     held: AtomicUsize::new(0),
+    by_uid: ByUid::new(),
 };
 
 /// One connection's share of a [`PendingBytes`]; dropping it gives the share back.
@@ -160,30 +276,54 @@ pub static PENDING: PendingBytes = PendingBytes {
 pub struct PendingShare<'a> {
     pool: &'a PendingBytes,
     held: usize,
+    uid: Option<UidShare>,
 }
 
-/// A connection's buffer would take the bytes of all connections before admission past
-/// their cap; it is refused `busy` and closed.
+/// A connection's buffer would take the bytes of all connections before admission (or
+/// those of its uid) past their cap (or the uid's share of it); it is refused `busy`
+/// and closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "connections that have not been admitted hold {held} bytes together and this one asks \
-     for {wanted} more, past the {cap} bytes the daemon buffers for them; retry"
-)]
-pub struct PendingFull {
-    /// Bytes held by every connection before admission, this one's share included.
-    pub held: usize,
-    /// The bytes this connection asked for beyond its share.
-    pub wanted: usize,
-    /// The cap.
-    pub cap: usize,
+pub enum PendingFull {
+    /// All connections together are at the cap.
+    #[error(
+        "connections that have not been admitted hold {held} bytes together and this one \
+         asks for {wanted} more, past the {cap} bytes the daemon buffers for them; retry"
+    )]
+    All {
+        /// Bytes held by every connection before admission, this one's share included.
+        held: usize,
+        /// The bytes this connection asked for beyond its share.
+        wanted: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// The connections of this one's uid are at its share of the cap.
+    #[error(
+        "uid {uid}'s connections that have not been admitted hold {held} bytes and this \
+         one asks for {wanted} more, past uid {uid}'s share of the {cap} bytes the daemon \
+         buffers for them ([serve] uid_share_percent {percent}); retry"
+    )]
+    Uid {
+        /// The peer's uid.
+        uid: u32,
+        /// Bytes held by its connections before admission, this one's included.
+        held: usize,
+        /// The bytes this connection asked for beyond its share.
+        wanted: usize,
+        /// `[serve] uid_share_percent`.
+        percent: u32,
+        /// The cap of all connections.
+        cap: usize,
+    },
 }
 
 impl PendingBytes {
-    /// An empty share of this count.
-    pub fn share(&self) -> PendingShare<'_> {
+    /// An empty share of this count, charged to `uid`'s share too when one bounds it.
+    pub fn share(&self, uid: Option<UidShare>) -> PendingShare<'_> {
         PendingShare {
             pool: self,
             held: 0,
+            uid,
         }
     }
 
@@ -191,30 +331,53 @@ impl PendingBytes {
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Acquire)
     }
+
+    /// Bytes held by the shares of `uid` now.
+    pub fn held_by(&self, uid: u32) -> usize {
+        self.by_uid.lock().get(&uid).copied().unwrap_or(0)
+    }
 }
 
 impl PendingShare<'_> {
     /// Sets this share to `bytes`: shrinking always succeeds, growing only while the
-    /// shares together stay within `cap`.
+    /// shares together stay within `cap` (and those of its uid within the uid's part).
     pub fn set(&mut self, bytes: usize, cap: usize) -> Result<(), PendingFull> {
         if bytes <= self.held {
-            self.pool
-                .held
-                .fetch_sub(self.held - bytes, Ordering::AcqRel);
+            let less = self.held - bytes;
+            self.pool.held.fetch_sub(less, Ordering::AcqRel);
+            if let Some(s) = self.uid {
+                self.pool.by_uid.give_back(s.uid, less);
+            }
             self.held = bytes;
             return Ok(());
         }
         let more = bytes - self.held;
+        let mut map = self.uid.map(|_| self.pool.by_uid.lock());
+        if let (Some(s), Some(map)) = (self.uid, map.as_deref()) {
+            let held = map.get(&s.uid).copied().unwrap_or(0);
+            if held.saturating_add(more) > s.of_usize(cap) {
+                return Err(PendingFull::Uid {
+                    uid: s.uid,
+                    held,
+                    wanted: more,
+                    percent: s.percent,
+                    cap,
+                });
+            }
+        }
         self.pool
             .held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 n.checked_add(more).filter(|&t| t <= cap)
             })
-            .map_err(|n| PendingFull {
+            .map_err(|n| PendingFull::All {
                 held: n,
                 wanted: more,
                 cap,
             })?;
+        if let (Some(s), Some(map)) = (self.uid, map.as_deref_mut()) {
+            *map.entry(s.uid).or_insert(0) += more;
+        }
         self.held = bytes;
         Ok(())
     }
@@ -223,6 +386,9 @@ impl PendingShare<'_> {
 impl Drop for PendingShare<'_> {
     fn drop(&mut self) {
         self.pool.held.fetch_sub(self.held, Ordering::AcqRel);
+        if let Some(s) = self.uid {
+            self.pool.by_uid.give_back(s.uid, self.held);
+        }
     }
 }
 
@@ -344,26 +510,117 @@ mod tests {
     #[test]
     fn control_slots_stop_at_the_cap_and_free_on_drop() {
         let s = ControlSlots::new(2);
-        let a = s.take().unwrap();
-        let b = s.take().unwrap();
-        assert!(s.take().is_none());
+        let a = s.take(None).unwrap();
+        let b = s.take(None).unwrap();
+        assert_eq!(s.take(None).unwrap_err(), ControlFull::All { cap: 2 });
         assert_eq!(s.open(), 2);
         drop(a);
         assert_eq!(s.open(), 1);
-        let _c = s.take().unwrap();
+        let _c = s.take(None).unwrap();
         drop(b);
         assert_eq!(s.open(), 1);
+    }
+
+    /// One uid takes its share of the control connections and no more; another uid, or
+    /// one the shares do not bound, takes the rest, and a closed one frees its uid's.
+    #[test]
+    fn a_uid_takes_its_share_of_control_slots_and_no_more() {
+        let s = ControlSlots::new(4);
+        let (a, b) = (share(1001, 50), share(1002, 50));
+        let a1 = s.take(Some(a)).unwrap();
+        let _a2 = s.take(Some(a)).unwrap();
+        let e = s.take(Some(a)).unwrap_err();
+        assert_eq!(
+            e,
+            ControlFull::Uid {
+                uid: 1001,
+                held: 2,
+                percent: 50,
+                cap: 4
+            }
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("uid 1001 holds 2 control connections"),
+            "{text}"
+        );
+        assert!(text.contains("max_control_connections"), "{text}");
+        let _b1 = s.take(Some(b)).unwrap();
+        let _free = s.take(None).unwrap();
+        assert_eq!(s.take(Some(b)).unwrap_err(), ControlFull::All { cap: 4 });
+        drop(a1);
+        let _b2 = s.take(Some(b)).unwrap();
+        assert!(s.take(Some(a)).is_err(), "the cap is full again");
+    }
+
+    fn share(uid: u32, percent: u32) -> UidShare {
+        UidShare { uid, percent }
+    }
+
+    #[test]
+    fn the_daemon_uid_and_root_are_not_bounded() {
+        assert_eq!(
+            UidShare::of_peer(Some(1001), 75, 999),
+            Some(share(1001, 75))
+        );
+        assert_eq!(UidShare::of_peer(Some(999), 75, 999), None);
+        assert_eq!(UidShare::of_peer(Some(0), 75, 999), None);
+        assert_eq!(UidShare::of_peer(None, 75, 999), None);
+        assert_eq!(UidShare::of_peer(Some(1001), 100, 999), None);
+        assert_eq!(share(1, 75).of(512), 384);
+        assert_eq!(share(1, 75).of(1), 1, "at least one");
+        assert_eq!(share(1, 99).of(u64::MAX), 18_262_276_632_972_456_098);
+    }
+
+    /// A uid's connections before admission stop at its share of the cap while another
+    /// uid's still buffer; what a refused growth asked for is not taken.
+    #[test]
+    fn pending_bytes_of_one_uid_stop_at_its_share() {
+        let pool = PendingBytes::default();
+        let mut a = pool.share(Some(share(7, 50)));
+        let mut a2 = pool.share(Some(share(7, 50)));
+        let mut b = pool.share(Some(share(8, 50)));
+        a.set(400, 1000).unwrap();
+        a2.set(100, 1000).unwrap();
+        let e = a2.set(200, 1000).unwrap_err();
+        assert_eq!(
+            e,
+            PendingFull::Uid {
+                uid: 7,
+                held: 500,
+                wanted: 100,
+                percent: 50,
+                cap: 1000
+            }
+        );
+        assert!(e.to_string().starts_with("uid 7's connections"), "{e}");
+        assert_eq!((pool.held(), pool.held_by(7)), (500, 500));
+        b.set(500, 1000).unwrap();
+        assert_eq!(pool.held_by(8), 500);
+        a.set(0, 1000).unwrap();
+        a2.set(300, 1000).unwrap();
+        assert_eq!((pool.held(), pool.held_by(7)), (800, 300));
+        drop(a2);
+        drop(b);
+        assert_eq!((pool.held(), pool.held_by(7), pool.held_by(8)), (0, 0, 0));
     }
 
     #[test]
     fn pending_shares_stop_at_the_cap_together_and_free_on_drop() {
         let pool = PendingBytes::default();
-        let mut a = pool.share();
-        let mut b = pool.share();
+        let mut a = pool.share(None);
+        let mut b = pool.share(None);
         a.set(600, 1000).unwrap();
         b.set(300, 1000).unwrap();
         let full = b.set(500, 1000).unwrap_err();
-        assert_eq!((full.held, full.wanted, full.cap), (900, 200, 1000));
+        assert_eq!(
+            full,
+            PendingFull::All {
+                held: 900,
+                wanted: 200,
+                cap: 1000
+            }
+        );
         assert_eq!(pool.held(), 900, "a refused growth takes nothing");
         a.set(100, 1000).unwrap();
         b.set(500, 1000).unwrap();

@@ -15,13 +15,19 @@ use super::{Admission, EventFd, Freed, Hub, Job, ReleasePage, RingEntry, Standin
 use crate::config::plan::MAX_STEP;
 use crate::plan::journal;
 use crate::plan::{Plan, Planner, Resumed};
+use crate::serve::limits::UidShare;
 use crate::serve::ring::{Layout, Ring};
 use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, StageSpec, Welcome};
 
+/// A client as admission sees it: its pid and uid (SO_PEERCRED), and the share of the
+/// daemon's caps its uid is held to, if any.
+pub type PeerCred = (Option<i32>, Option<u32>, Option<UidShare>);
+
 impl Hub {
-    /// Admits a client (its pid and uid from SO_PEERCRED): checks its HELLO against the
-    /// plan and the job (its dp_size, the uid that created it), then joins it to its dp
-    /// rank's ring (creating the ring at the client's step if none is live).
+    /// Admits a client (its pid and uid from SO_PEERCRED, and the share of the caps its
+    /// uid is held to, if any): checks its HELLO against the plan and the job (its
+    /// dp_size, the uid that created it), then joins it to its dp rank's ring (creating
+    /// the ring at the client's step if none is live).
     /// Restoring or seeking a planner can take a while, so it happens before the lock; a
     /// live change landing meanwhile makes the attempt start over.
     ///
@@ -37,7 +43,7 @@ impl Hub {
     pub fn admit(
         &self,
         hello: &Hello,
-        (pid, uid): (Option<i32>, Option<u32>),
+        peer: PeerCred,
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Admission, NotAdmitted> {
@@ -46,7 +52,7 @@ impl Hub {
         let guard = crate::corpus::guard::enter();
         let _ = crate::corpus::guard::take_fault();
         let mark = crate::corpus::guard::zeroed_pages();
-        let r = self.admit_unguarded(hello, (pid, uid), cancel, seek);
+        let r = self.admit_unguarded(hello, peer, cancel, seek);
         let fault = crate::corpus::guard::fault_since(mark);
         drop(guard);
         match fault {
@@ -64,7 +70,7 @@ impl Hub {
     fn admit_unguarded(
         &self,
         hello: &Hello,
-        peer: (Option<i32>, Option<u32>),
+        peer: PeerCred,
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Admission, NotAdmitted> {
@@ -87,7 +93,7 @@ impl Hub {
     fn try_admit(
         &self,
         hello: &Hello,
-        (pid, uid): (Option<i32>, Option<u32>),
+        (pid, uid, share): PeerCred,
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Option<Admission>, NotAdmitted> {
@@ -201,6 +207,10 @@ impl Hub {
             return Ok(None);
         }
         self.check_room(&st, resumed.as_ref())?;
+        let uid_rings = match share {
+            Some(s) => Some((s, self.check_uid_clients(&st, s)?)),
+            None => None,
+        };
         let adopt = resumed
             .as_ref()
             .filter(|r| r.adopted)
@@ -244,7 +254,14 @@ impl Hub {
         // is removed again, so its dp_size does not bind the next client.
         let outcome = match job.rings.get_mut(&hello.dp_rank) {
             Some(entry) => joiner.join(entry, peer_id, planner),
-            None => self.create_ring(job, &joiner, peer_id, planner, used, &mut built),
+            None => self.create_ring(
+                job,
+                &joiner,
+                peer_id,
+                planner,
+                (used, uid_rings),
+                &mut built,
+            ),
         };
         let outcome = match (outcome, adopt) {
             (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello) {
@@ -400,6 +417,30 @@ impl Hub {
         Ok(())
     }
 
+    /// The ring bytes `share`'s uid holds now; refused `busy` when its clients are at its
+    /// share of `max_clients` (the rest are kept for other users' trainers).
+    fn check_uid_clients(&self, st: &State, share: UidShare) -> Result<u64, Refusal> {
+        let (clients, bytes) = (st.jobs.values())
+            .filter(|j| j.uid == Some(share.uid))
+            .flat_map(|j| j.rings.values())
+            .fold((0u64, 0u64), |(c, b), e| {
+                (c + e.peers.len() as u64, b + e.ring.layout().ring_bytes)
+            });
+        let max = self.settings.max_clients as u64;
+        if clients >= share.of(max) {
+            return Err(Refusal::new(
+                Code::Busy,
+                format!(
+                    "uid {} has {clients} clients connected, its share of the {max} the daemon \
+                     serves ([serve] uid_share_percent {} of max_clients); the rest are kept \
+                     for other users",
+                    share.uid, share.percent
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+
     /// The layout of the ring a joiner gets when it creates its rank's ring.
     fn ring_layout(&self, joiner: &Joiner) -> Layout {
         let kind = joiner.hello.slot_layout.unwrap_or_default();
@@ -456,7 +497,8 @@ impl Hub {
     }
 
     /// Creates the rank's ring at the client's start, within the ring memory budget
-    /// (`used` bytes are taken by the rings live now and those being built). `built`
+    /// (`used` bytes are taken by the rings live now and those being built) and, for a
+    /// uid held to a share, within its share of it (`uid_used` bytes are its rings'). `built`
     /// is the ring [`Hub::build_ring`] made before the lock; it is taken only when
     /// the ring is.
     fn create_ring(
@@ -465,7 +507,7 @@ impl Hub {
         joiner: &Joiner,
         peer_id: u64,
         planner: Option<Planner>,
-        used: u64,
+        (used, uid_used): (u64, Option<(UidShare, u64)>),
         built: &mut Option<Arc<Ring>>,
     ) -> Result<Joined, Refusal> {
         let hello = joiner.hello;
@@ -489,6 +531,26 @@ impl Hub {
                     hello.job, hello.dp_rank, layout.ring_bytes, self.settings.ring_budget
                 ),
             ));
+        }
+        if let Some((s, mine)) = uid_used {
+            let part = s.of(self.settings.ring_budget);
+            if mine.saturating_add(layout.ring_bytes) > part {
+                return Err(Refusal::new(
+                    Code::Memory,
+                    format!(
+                        "a ring for job {:?} dp_rank {} takes {} bytes, and uid {}'s rings \
+                         take {mine} of its share of {part} bytes ([serve] uid_share_percent \
+                         {} of the {} bytes ring_memory_bytes allows); the rest are kept for \
+                         other users",
+                        hello.job,
+                        hello.dp_rank,
+                        layout.ring_bytes,
+                        s.uid,
+                        s.percent,
+                        self.settings.ring_budget
+                    ),
+                ));
+            }
         }
         let r = match built.take() {
             Some(r) => r,
