@@ -656,7 +656,8 @@ fn ask(sock: &mut UnixStream, kind: u8, payload: &Value) -> (u8, Value) {
     use millrace::wire::frame;
     frame::write_to(sock, kind, payload.to_string().as_bytes()).unwrap();
     let (mut fds, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
-    let n = frame::recv_with_fds(&*sock, &mut buf, &mut fds).unwrap();
+    let n = frame::recv_with_fds(&*sock, &mut buf, &mut fds)
+        .unwrap_or_else(|e| panic!("no reply to {payload} within {TIMEOUT:?}: {e}"));
     assert!(n > 5, "a reply frame: {:?}", &buf[..n]);
     let v = serde_json::from_slice(&buf[5..n]).unwrap_or(Value::Null);
     (buf[4], v)
@@ -787,4 +788,51 @@ fn one_uid_cannot_take_all_of_a_cap() {
     assert!(o.status.success(), "root's ring: {}", stderr(&o));
     drop(theirs);
     drop(s);
+}
+
+/// Seeks (a client without a blob starting past step 0 on a rank with no ring) run in
+/// a few admission slots, and one to a far step runs for hours: uid 65534 starting 8
+/// jobs at step 2^31 used to take every seek slot, and root's trainer starting at step
+/// 50 waited behind them (no WELCOME within 20 s). Now it holds its share of the seek
+/// slots, its other seeks wait in its own queue, and root's seek runs beside them.
+#[test]
+fn one_uid_cannot_take_every_seek_slot() {
+    use millrace::wire::frame::kind;
+    let Some((f, group, nobody)) = as_second_uid("one_uid_cannot_take_every_seek_slot") else {
+        return;
+    };
+    let gid = nobody.map_or(NOBODY, |n| n.1);
+    f.configure(&format!("socket_group = {group:?}\n"));
+    let s = f.serve();
+    // 8 is the most seek slots a daemon has (half its admission slots, at most 16).
+    let mut theirs = connect_as(NOBODY, gid, &f.socket, 8);
+    for (sock, r) in theirs.iter_mut().zip(0u64..) {
+        let mut h = hello(&format!("theirs{r}"), 0);
+        h["dp_size"] = 1.into();
+        h["start_step"] = ((1u64 << 31) + r).into();
+        millrace::wire::frame::write_to(sock, kind::HELLO, h.to_string().as_bytes()).unwrap();
+    }
+    // The daemon's seek slots (limits::seek_slots), of which uid 65534 may run 75%:
+    // wait until that many of its seeks run.
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get().clamp(4, 16));
+    let share = (cores / 2 * 3 / 4).max(1);
+    let deadline = Instant::now() + TIMEOUT;
+    while s
+        .log_text()
+        .matches("seeking a client's start step")
+        .count()
+        < share
+    {
+        assert!(Instant::now() < deadline, "{}", s.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut mine = UnixStream::connect(&f.socket).unwrap();
+    mine.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut h = hello("mine", 0);
+    h["dp_size"] = 1.into();
+    h["start_step"] = 50.into();
+    let (k, v) = ask(&mut mine, kind::HELLO, &h);
+    assert_eq!(k, kind::WELCOME, "{v}\n{}", s.log_text());
+    assert_eq!(v["start_step"], 50, "{v}");
+    drop(theirs);
 }

@@ -480,9 +480,10 @@ async fn connection(
                 // the old goes, so a finished seek's result stays for this admission.
                 ticket = hub.seek_ticket(&hello, &flights).map(Arc::new);
                 let (slot, may_run) = match ticket.as_deref().map(|t| (t, t.phase())) {
-                    Some((_, hub::SeekPhase::Done)) | None => {
-                        (slots.clone().acquire_owned().await.ok(), false)
-                    }
+                    Some((_, hub::SeekPhase::Done)) | None => (
+                        slots.clone().acquire_owned().await.ok().map(|s| (s, None)),
+                        false,
+                    ),
                     // Another admission runs it: wait in no slot and no thread, looking
                     // at this client's cancel now and then.
                     Some((t, hub::SeekPhase::Running)) => {
@@ -495,8 +496,19 @@ async fn connection(
                         }
                         continue;
                     }
+                    // A uid held to a share queues for its part of the seek slots
+                    // first: one uid's far seeks must not hold every slot for hours.
                     Some((t, hub::SeekPhase::Idle)) => tokio::select! {
-                        s = seeks.clone().acquire_owned() => (s.ok(), true),
+                        s = async {
+                            let mine = match uid_share {
+                                Some(u) => {
+                                    let q = limits::SEEK_QUEUES.of(u, limits::seek_slots());
+                                    Some(q.acquire_owned().await.ok()?)
+                                }
+                                None => None,
+                            };
+                            Some((seeks.clone().acquire_owned().await.ok()?, mine))
+                        } => (s, true),
                         () = t.changed_from(hub::SeekPhase::Idle) => continue,
                     },
                 };

@@ -138,6 +138,30 @@ impl ByUid {
     }
 }
 
+/// One queue per bounded uid, of its share of a semaphore's permits: a uid's admissions
+/// past its share wait in its own queue rather than in the daemon's (which is first come
+/// first served), so the other uids' go on beside them.
+#[derive(Debug)]
+pub struct UidQueues(Mutex<BTreeMap<u32, Arc<tokio::sync::Semaphore>>>);
+
+/// The queues for seek slots ([`seek_slots`]): a seek to a far step runs for hours, and
+/// one uid starting jobs at far steps took every slot, so that the others' seeks waited
+/// for hours.
+pub static SEEK_QUEUES: UidQueues = UidQueues(Mutex::new(BTreeMap::new()));
+
+impl UidQueues {
+    /// The queue of `share`'s uid, with its share of `cap` permits. Queues nobody holds
+    /// or waits in are dropped on the way.
+    pub fn of(&self, share: UidShare, cap: usize) -> Arc<tokio::sync::Semaphore> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, q| Arc::strong_count(q) > 1);
+        let q = map
+            .entry(share.uid)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(share.of_usize(cap))));
+        q.clone()
+    }
+}
+
 /// Counts open control connections against `[serve] max_control_connections`, and each
 /// bounded uid's against its share of it.
 #[derive(Debug)]
@@ -574,6 +598,28 @@ mod tests {
 
     /// A uid's connections before admission stop at its share of the cap while another
     /// uid's still buffer; what a refused growth asked for is not taken.
+    #[test]
+    fn a_uid_queue_has_its_share_of_the_permits_and_goes_when_unused() {
+        let queues = UidQueues(Mutex::new(BTreeMap::new()));
+        let q = queues.of(share(7, 75), 4);
+        assert_eq!(q.available_permits(), 3);
+        let held = q.clone().try_acquire_owned().unwrap();
+        drop(q);
+        assert_eq!(
+            queues.of(share(7, 75), 4).available_permits(),
+            2,
+            "kept while held"
+        );
+        drop(held);
+        let _other = queues.of(share(8, 75), 4);
+        assert_eq!(queues.0.lock().unwrap().len(), 1, "uid 7's queue is gone");
+        assert_eq!(
+            queues.of(share(7, 50), 1).available_permits(),
+            1,
+            "at least one"
+        );
+    }
+
     #[test]
     fn pending_bytes_of_one_uid_stop_at_its_share() {
         let pool = PendingBytes::default();
