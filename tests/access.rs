@@ -836,3 +836,75 @@ fn one_uid_cannot_take_every_seek_slot() {
     assert_eq!(v["start_step"], 50, "{v}");
     drop(theirs);
 }
+
+/// Connections before admission share 64 MiB (4 KiB each at the least, so 16,384
+/// connections): uid 65534 opening that many idle ones held all of it, and every other
+/// user's trainers and `status` were refused `busy` until its handshakes timed out (and
+/// again as it reconnected). Now its connections past 48 MiB (12,288) are refused
+/// naming its share, and root's `status` is served.
+#[test]
+fn one_uid_cannot_take_every_byte_before_admission() {
+    use millrace::wire::frame::kind;
+    let Some((f, group, nobody)) = as_second_uid("one_uid_cannot_take_every_byte_before_admission")
+    else {
+        return;
+    };
+    let gid = nobody.map_or(NOBODY, |n| n.1);
+    // 16,384 of theirs and a few of ours: raise this process's soft fd limit.
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl), 0);
+        if rl.rlim_max < 17_000 {
+            eprintln!(
+                "skipping: the hard fd limit {} is below 17,000",
+                rl.rlim_max
+            );
+            return;
+        }
+        rl.rlim_cur = rl.rlim_cur.max(rl.rlim_max.min(1 << 20));
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &rl), 0);
+    }
+    f.configure(&format!("socket_group = {group:?}\n"));
+    let s = f.serve();
+    let per_conn = 4096; // limits::CONNECTION_BYTES
+    let all = (64 << 20) / per_conn;
+    let theirs = connect_as(NOBODY, gid, &f.socket, all);
+    // A quarter of theirs is refused at once (the others wait for their HELLO).
+    let mut waiting: Vec<&UnixStream> = theirs.iter().collect();
+    let mut refused = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while refused.len() < all / 4 && Instant::now() < deadline {
+        waiting.retain(|sock| {
+            sock.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 4096];
+            match std::io::Read::read(&mut &**sock, &mut buf) {
+                Ok(n) if n > 5 && buf[4] == kind::REFUSED => {
+                    refused.push(String::from_utf8_lossy(&buf[5..n]).into_owned());
+                    false
+                }
+                _ => true,
+            }
+        });
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        refused.len(),
+        all / 4,
+        "{:?}\n{}",
+        refused.first(),
+        s.log_text()
+    );
+    let m: Value = serde_json::from_str(&refused[0]).unwrap();
+    assert_eq!(m["code"], "busy", "{m}");
+    let text = m["message"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with(&format!(
+            "uid 65534's connections that have not been admitted hold {} bytes",
+            all * 3 / 4 * per_conn
+        )) && text.contains("uid_share_percent 75"),
+        "{text}"
+    );
+    assert_status_ok(&millrace_as(&f, None, &status_args(&f)), "root");
+    drop(theirs);
+}
