@@ -475,3 +475,47 @@ fn bench_gpu_on_a_device() {
     assert_eq!(v["step"]["verified"], 8, "{v}");
     assert_eq!(v["step"]["steps"], 50, "{v}");
 }
+
+/// A `--gpu-device` or `--device cuda:N` past the devices the driver sees is an error
+/// (exit 1) naming the option and the devices there are, before any corpus or socket.
+/// `bench --gpu --gpu-device 9` printed "bench --gpu skipped" and exited 0, as on a
+/// machine without CUDA, so a device run with a wrong ordinal passed having measured
+/// nothing.
+#[test]
+fn a_device_ordinal_past_the_devices_is_an_error_naming_them() {
+    if !gpu_here("a_device_ordinal_past_the_devices_is_an_error_naming_them") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, json) = (tmp.path().join("corpus"), tmp.path().join("gpu.json"));
+    let out = bin()
+        .args(["bench", "--gpu", "--gpu-device", "999", "--dir"])
+        .arg(&dir)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{err}");
+    assert!(!stdout.contains("skipped"), "{stdout}");
+    let says = "--gpu-device 999: no CUDA device 999: the driver sees ";
+    assert!(
+        err.starts_with(&format!("error: {says}")) && err.contains("cuda:0 ("),
+        "{err}"
+    );
+    assert!(
+        !dir.exists(),
+        "a corpus was written for a device that is not there"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(v["error"].as_str().unwrap().starts_with(says), "{v}");
+    // consume checks the device before it connects: no daemon needed.
+    let out = consume(Path::new("/nonexistent/s.sock"), &["--device", "cuda:999"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: --device cuda:999: no CUDA device 999: the driver sees ")
+            && err.contains("cuda:0 ("),
+        "{err}"
+    );
+}

@@ -83,12 +83,15 @@ pub enum GpuError {
     #[error("the CUDA driver did not initialize: {0}")]
     Init(String),
     /// The ordinal asked for is not among the devices the driver sees.
-    #[error("no CUDA device {ordinal}: the driver sees {count}")]
+    #[error("no CUDA device {ordinal}: the driver sees {count}{}", listed(present))]
     NoDevice {
         /// The ordinal asked for.
         ordinal: u32,
         /// Devices the driver sees.
         count: i32,
+        /// `cuda:N (name)` of each device the driver sees, so the message says which
+        /// ordinals exist.
+        present: Vec<String>,
     },
     /// A driver call failed.
     #[error("{what}: {error}")]
@@ -107,6 +110,28 @@ pub enum GpuError {
         /// The step whose copy differs.
         step: u64,
     },
+}
+
+/// ` (cuda:0 (name), ...)`, or nothing when no device is listed.
+fn listed(present: &[String]) -> String {
+    if present.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", present.join(", "))
+    }
+}
+
+impl GpuError {
+    /// Whether this machine cannot run the GPU path at all (a build without CUDA, no
+    /// driver, a driver that sees no GPU): what `bench --gpu` skips on with exit 0. A
+    /// bad ordinal on a machine with GPUs, or a driver call that fails, is an error.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            GpuError::NotBuilt | GpuError::NoDriver | GpuError::Init(_) => true,
+            GpuError::NoDevice { count, .. } => *count <= 0,
+            GpuError::Driver { .. } | GpuError::Usage(_) | GpuError::Mismatch { .. } => false,
+        }
+    }
 }
 
 /// How the ring's pages reached the driver: what every copy's speed depends on.
@@ -216,7 +241,19 @@ mod imp {
             result::init().map_err(|e| GpuError::Init(describe(e)))?;
             let count = CudaContext::device_count().map_err(drv("counting devices"))?;
             if i64::from(ordinal) >= i64::from(count) {
-                return Err(GpuError::NoDevice { ordinal, count });
+                let present = (0..count)
+                    .map(|i| {
+                        let name = result::device::get(i)
+                            .and_then(result::device::get_name)
+                            .unwrap_or_else(describe);
+                        format!("cuda:{i} ({name})")
+                    })
+                    .collect();
+                return Err(GpuError::NoDevice {
+                    ordinal,
+                    count,
+                    present,
+                });
             }
             let ctx = CudaContext::new(ordinal as usize).map_err(drv("creating a context"))?;
             // One stream, ordered by the sink's own events: cudarc's per-buffer event
@@ -694,5 +731,40 @@ mod tests {
         }
         let e = "cuda:99999999999".parse::<Device>().unwrap_err();
         assert!(e.contains("too large"), "{e}");
+    }
+
+    /// A machine that cannot use CUDA at all skips `bench --gpu`; an ordinal past the
+    /// devices a driver sees is an error, which names the devices there are.
+    #[test]
+    fn a_missing_device_is_an_error_naming_the_devices_there_are() {
+        let e = GpuError::NoDevice {
+            ordinal: 3,
+            count: 2,
+            present: vec!["cuda:0 (NVIDIA H100)".into(), "cuda:1 (NVIDIA H100)".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "no CUDA device 3: the driver sees 2 (cuda:0 (NVIDIA H100), cuda:1 (NVIDIA H100))"
+        );
+        assert!(!e.is_unavailable());
+        let none = GpuError::NoDevice {
+            ordinal: 0,
+            count: 0,
+            present: vec![],
+        };
+        assert_eq!(none.to_string(), "no CUDA device 0: the driver sees 0");
+        assert!(none.is_unavailable());
+        for e in [
+            GpuError::NotBuilt,
+            GpuError::NoDriver,
+            GpuError::Init("CUDA_ERROR_NO_DEVICE".into()),
+        ] {
+            assert!(e.is_unavailable(), "{e}");
+        }
+        let e = GpuError::Driver {
+            what: "creating a context",
+            error: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+        };
+        assert!(!e.is_unavailable());
     }
 }

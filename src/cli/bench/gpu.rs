@@ -65,11 +65,13 @@ pub(super) struct GpuReport {
     step: StepFigures,
 }
 
-/// Runs `millrace bench --gpu`: skips (exit 0) with the reason when CUDA cannot be used.
+/// Runs `millrace bench --gpu`: skips (exit 0) with the reason when this machine cannot
+/// use CUDA at all; a `--gpu-device` the driver does not have is an error (exit 1) that
+/// names the option and the devices it has.
 pub(super) fn run_gpu(args: &BenchArgs) -> Result<()> {
-    let gpu = match Gpu::open(args.gpu_device) {
-        Ok(gpu) => gpu,
-        Err(e) => {
+    let opened = Gpu::open(args.gpu_device);
+    let report = match opened {
+        Err(e) if e.is_unavailable() => {
             let why = format!("cuda:{}: {e}", args.gpu_device);
             println!("bench --gpu skipped: {why}");
             if let Some(path) = &args.json {
@@ -78,8 +80,10 @@ pub(super) fn run_gpu(args: &BenchArgs) -> Result<()> {
             }
             return Ok(());
         }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("--gpu-device {}", args.gpu_device))),
+        Ok(gpu) => measure(gpu, args),
     };
-    let report = match measure(gpu, args) {
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             // The JSON a device run fetches says why, not only stderr.

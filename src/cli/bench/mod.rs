@@ -133,7 +133,7 @@ pub struct BenchArgs {
     /// `scripts/steady-bench`, to record where the VM's vCPUs sat (machine.rs).
     #[arg(long)]
     pub core_round_trip: bool,
-    /// The CUDA device ordinal of `--gpu`.
+    /// The CUDA device ordinal of `--gpu` (one the driver does not have is an error).
     #[arg(long, default_value_t = 0)]
     pub gpu_device: u32,
     /// Timed steps of the `--gpu` per-step run (after 10 untimed ones).
