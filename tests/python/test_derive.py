@@ -131,32 +131,41 @@ def test_micro_batch_bounds_refuse_cu_seqlens_without_a_row_edge():
     assert ok.micro_batch_bounds() == [(0, 2, 3), (2, 3, 4)]
 
 
-def test_torch_device_ops_and_their_graph_form_equal_numpy():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_device_ops_and_their_graph_form_equal_numpy(device):
     """``derive_tensors`` (the device ops of the CUDA path) and ``_Graphed`` (the same in
     static buffers, cloned per step) equal numpy's arrays on random slots; a second slot
-    through the same buffers leaves the first step's tensors as they were."""
+    through the same buffers leaves the first step's tensors as they were. On ``cuda``
+    (a GPU only) the graph is captured and replayed on a side stream, as a trainer's."""
     torch = pytest.importorskip("torch")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     from millrace.torch_adapter import _slot_bytes
     from millrace.torch_derive import _Graphed, derive_tensors
 
     rng = np.random.default_rng(3)
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
+    stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
     for n_rows, seq, dtype in [(1, 1, np.uint16), (2, 7, np.uint16), (3, 8, np.int32),
                                (4, 33, np.uint16), (8, 4096, np.uint16),
                                (2, 100, np.int32)]:
         first = hand_batch(rng, n_rows, seq, dtype, n_rows)
         host, layout = _slot_bytes(first)
-        g = _Graphed(cpu, None, layout, n_rows, seq, host.numel())
+        g = _Graphed(dev, stream, layout, n_rows, seq, host.numel())
+        assert (g.graph is not None) == (dev.type == "cuda")
         kept = None
         for b in (first, hand_batch(rng, n_rows, seq, dtype, n_rows)):
             host, layout = _slot_bytes(b)
-            eager = derive_tensors(host, layout, n_rows, seq, b.cu_len)
-            graphed, own = g.run(host, None, b.cu_len)
+            eager = derive_tensors(host.to(dev), layout, n_rows, seq, b.cu_len)
+            graphed, own = g.run(host, stream, b.cu_len)
+            if stream is not None:
+                stream.synchronize()
             for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens",
                          "domain", "row_loss_tokens"):
                 want = torch.from_numpy(np.ascontiguousarray(getattr(b, name)).astype(np.int64))
-                assert torch.equal(eager[name].long(), want), (n_rows, seq, name)
-                assert torch.equal(graphed[name].long(), want), (n_rows, seq, name)
+                assert eager[name].device.type == graphed[name].device.type == dev.type
+                assert torch.equal(eager[name].long().cpu(), want), (n_rows, seq, name)
+                assert torch.equal(graphed[name].long().cpu(), want), (n_rows, seq, name)
                 assert graphed[name].dtype == eager[name].dtype, name
                 assert graphed[name].untyped_storage().data_ptr() == \
                     own.untyped_storage().data_ptr(), name

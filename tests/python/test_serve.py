@@ -975,10 +975,14 @@ def test_torch_tensors_dataset_and_resume(corpus, expected, daemons):
 def test_torch_cuda_copies_from_registered_ring(corpus, expected, daemons):
     """On a GPU, compact slots reach the device as one copy from the registered ring and
     every array equals explain's, both with the derivation replayed as a CUDA graph
-    (which must then be in use, not fallen back) and kernel by kernel."""
+    (which must then be in use, not fallen back) and kernel by kernel. The copies are
+    counted by the profiler over 10 steps: exactly one host-to-device copy a step, each
+    from page-locked memory (the registered ring), none from pageable memory."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    from torch.profiler import ProfilerActivity, profile
+
     from millrace.torch_adapter import TorchClient
 
     d = daemons(corpus)
@@ -986,7 +990,12 @@ def test_torch_cuda_copies_from_registered_ring(corpus, expected, daemons):
     for graphs in (True, False):
         c = client(d, 0, 4, job=f"cuda-{graphs}", register_cuda=True)
         tc = TorchClient(c, device="cuda", prefetch=1, cuda_graphs=graphs)
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         for k in range(20):
+            if k == 10:  # past the registration, the capture and its check
+                torch.cuda.synchronize()
+                prof.start()
+            # Each call past the first copies one step (the prefetched one's successor).
             tb = next(tc)
             assert tb.tokens.is_cuda and tb.step == k
             if k == 0:
@@ -998,6 +1007,14 @@ def test_torch_cuda_copies_from_registered_ring(corpus, expected, daemons):
             np.testing.assert_array_equal(tb.cu_seqlens.cpu().numpy(),
                                           want["cu_seqlens"][k][: want["cu_len"][k]])
             assert tb.cu_seqlens.dtype == torch.int32
+        torch.cuda.synchronize()
+        prof.stop()
+        # kineto names them "Memcpy HtoD (Pinned -> Device)", "Memcpy DtoH (...)".
+        names = [e.name.lower() for e in prof.events()]
+        h2d = [n for n in names if n.startswith("memcpy htod")]
+        assert any(n.startswith("memcpy dtoh") for n in names), \
+            f"the profiler recorded no CUDA copies at all (CUPTI unavailable?): {names[:20]}"
+        assert h2d == ["memcpy htod (pinned -> device)"] * 10, (graphs, h2d)
         state = c._torch
         assert (not state.graphs_off and len(state.graphs) == 1) if graphs else \
             not state.graphs, "the CUDA graph was not used"
