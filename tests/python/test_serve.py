@@ -1027,6 +1027,34 @@ def test_torch_cuda_copies_from_registered_ring(corpus, expected, daemons):
     torch.cuda.synchronize()
 
 
+def test_gpu_check_counts_a_rust_ring_left_unpinned_as_a_problem():
+    """scripts/gpu-check fails a device run whose ring was not registered (its copies
+    pageable, 3-7x slower, the figures not the design's): it checked that for torch's
+    path, but took a Rust `bench --gpu` or `consume --device` whose ring fell back to
+    pageable as a pass."""
+    import importlib.machinery
+    import importlib.util
+
+    path = Path(import_path_for_package()).parent / "scripts" / "gpu-check"
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(path))
+    gpu_check = importlib.util.module_from_spec(importlib.util.spec_from_loader("gpu_check",
+                                                                                loader))
+    loader.exec_module(gpu_check)
+
+    def rust(sweep, step, consume):
+        return {"bench_gpu": {"pinning": sweep, "step": {"pinning": step}},
+                "verify": {"copies": 50, "verified": 50, "same_digest": True},
+                "consume_device": {"pinning": consume}}
+
+    assert gpu_check.check_paths({}, rust("read_only", "read_only", "read_only")) == []
+    for args, says in [(("pageable", "read_only", "read_only"), "bench --gpu sweep"),
+                       (("read_only", "pageable", "read_only"), "bench --gpu per-step"),
+                       (("read_only", "read_only", "plain"), "consume --device")]:
+        problems = gpu_check.check_paths({}, rust(*args))
+        assert len(problems) == 1 and says in problems[0] and "read-only" in problems[0], \
+            problems
+
+
 def test_example_train_tiny_checkpoints_and_resumes(corpus, daemons, tmp_path):
     pytest.importorskip("torch")
     d = daemons(corpus)
