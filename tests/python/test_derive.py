@@ -144,7 +144,9 @@ def test_torch_device_ops_and_their_graph_form_equal_numpy(device):
     from millrace.torch_derive import _Graphed, derive_tensors
 
     rng = np.random.default_rng(3)
-    dev = torch.device(device)
+    # With its index, as batch_to_torch hands the device on (``_cuda_stream``).
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
+        torch.device("cpu")
     stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
     for n_rows, seq, dtype in [(1, 1, np.uint16), (2, 7, np.uint16), (3, 8, np.int32),
                                (4, 33, np.uint16), (8, 4096, np.uint16),
