@@ -393,7 +393,11 @@ impl Mixer {
                 }
             }
             if step < 2 * half {
-                stationary.counts(&mut st, step);
+                // Unsaturated: a domain at the cap would seem to grow no more. Its error
+                // is at most what it was owed: at most 2 x (16 x 10,000 + 2^16) steps of
+                // 2^44 ticks (2^20 rows), plus a cycle's owed at a cycle start, within
+                // i64.
+                stationary.counts_unsaturated(&mut st, step);
             }
         }
         // Short when the error grew, past two batches of noise, by more than 1% of what
@@ -419,16 +423,39 @@ impl Mixer {
             })
     }
 
-    /// The largest carried error domain `d` can have in a real run, with room to spare.
+    /// The largest carried error domain `d` can have in a real run, with room to spare:
+    /// what a resume accepts ([`Mixer::deficit_cap`] at the largest stage of the plan).
     /// A domain that is not bursty ends every step with less than a row of it (its rows
-    /// are its owed ticks rounded, give or take one): 4 batches of the largest stage. A
-    /// bursty one takes a cycle's rows at the cycle's start and may fall behind for as
-    /// long as a warm-up or spike overloads it (a warm-up of all weight on one, then
-    /// 0.2, reached 350 batches before repaying them): 10,001 batches. A cursor blob's
-    /// larger error is forged, and would make [`Mixer::counts`] hand out whole batches,
-    /// a row per scan, for thousands of steps.
+    /// are its owed ticks rounded, give or take one): 4 batches. A bursty one takes a
+    /// cycle's rows at the cycle's start and may fall behind for as long as a warm-up or
+    /// spike overloads it (a warm-up of all weight on one, then 0.2, reached 350 batches
+    /// before repaying them), and one that cannot get its weight saturates at the cap:
+    /// 10,001 batches. A cursor blob's larger error is forged, and would make
+    /// [`Mixer::counts`] hand out whole batches, a row per scan, for thousands of steps.
     pub fn deficit_bound(&self, d: usize) -> u64 {
-        let rows = (self.stages.iter().map(|s| s.rows)).fold(self.rows, u32::max) as u64;
+        self.deficit_cap(d, u64::MAX)
+    }
+
+    /// The carried error domain `d` saturates at from `step` on: 10,001 batches for a
+    /// bursty domain, 4 for another, of the largest batch of the stages in force by
+    /// `step`. Only stages up to `step` count, so the cap is history: a stage added or
+    /// dropped later (a config edit of the future, a live change) moves no step before
+    /// it, and any plan that accepts a blob's history accepts its error
+    /// ([`Mixer::deficit_bound`] is this over all stages).
+    pub fn deficit_cap(&self, d: usize, step: u64) -> u64 {
+        self.cap_of(d, self.largest_rows_by(step))
+    }
+
+    /// Rows of the largest batch of the stages in force by `step`.
+    fn largest_rows_by(&self, step: u64) -> u64 {
+        (self.stages.iter())
+            .take_while(|s| s.step <= step)
+            .map(|s| s.rows)
+            .fold(self.rows, u32::max) as u64
+    }
+
+    /// [`Mixer::deficit_cap`] of domain `d` where the largest batch so far is `rows`.
+    fn cap_of(&self, d: usize, rows: u64) -> u64 {
         let batches = match self.bursty.get(d).copied().flatten() {
             None => 4,
             Some(_) => 10_001,
@@ -454,7 +481,28 @@ impl Mixer {
     }
 
     /// Row counts for `step`, updating `state`. The counts sum to the batch size.
+    ///
+    /// Each domain's carried error then saturates at [`Mixer::deficit_cap`]: a bursty
+    /// domain that cannot get its weight (see [`Mixer::bursty_shortfall`]) falls behind
+    /// every cycle, and unchecked its error passed what a resume accepts (every blob of
+    /// the run refused from then on) and at 2^20 rows overflowed i64. A run whose errors
+    /// stay within the cap is not changed by it; a short domain gets its best, every row
+    /// the batch has left at each cycle start, and is owed at most the cap once its
+    /// weight comes down. Streaming, seeking and resuming all come through here, so they
+    /// saturate at the same steps.
     pub fn counts(&self, state: &mut MixState, step: u64) -> Vec<u32> {
+        let counts = self.counts_unsaturated(state, step);
+        let rows = self.largest_rows_by(step);
+        for (d, e) in state.deficit.iter_mut().enumerate() {
+            let cap = self.cap_of(d, rows) as i64;
+            *e = (*e).clamp(-cap, cap);
+        }
+        counts
+    }
+
+    /// [`Mixer::counts`] with the carried error unchecked: what
+    /// [`Mixer::bursty_shortfall`] measures the growth of.
+    fn counts_unsaturated(&self, state: &mut MixState, step: u64) -> Vec<u32> {
         let n = self.fill.len();
         let g = self.rows_at(step) as i64;
         let nominal = self.nominal(step);
