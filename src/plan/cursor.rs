@@ -252,11 +252,19 @@ pub enum CursorError {
         max: u64,
     },
     /// A mixer's carried error larger than any real run makes (it would make the mixer
-    /// spin).
-    #[error("cursor is malformed: mixer carried error out of range")]
+    /// spin): a forged blob, or one of a build before the error saturated
+    /// ([`super::mix::Mixer::deficit_cap`]), taken past where that build refused it.
+    #[error(
+        "cursor is malformed: domain {domain}'s mixer carried error is {rows} rows, beyond \
+         the {most} rows a run of this plan reaches"
+    )]
     Deficit {
-        /// Index of the first domain out of range.
-        domain: usize,
+        /// The first domain out of range, by name.
+        domain: String,
+        /// Its carried error, in whole rows (rounded toward zero).
+        rows: i64,
+        /// The most a run of this plan carries for it, in rows.
+        most: u64,
     },
     /// A reshuffle chain longer than the plan's reseeds (each adds at most one entry):
     /// only a forged blob has one, and every unit of a window walks the chain.

@@ -317,10 +317,14 @@ impl Plan {
         };
         // A carried error beyond a few cycles' rows is forged and would make the mixer
         // hand out whole batches a row at a time for thousands of steps: refused.
-        if let Some(domain) = (mix.deficit.iter().enumerate())
-            .position(|(d, e)| e.unsigned_abs() > self.mixer.deficit_bound(d))
+        if let Some((d, e)) = (mix.deficit.iter().enumerate())
+            .find(|(d, e)| e.unsigned_abs() > self.mixer.deficit_bound(*d))
         {
-            return Err(CursorError::Deficit { domain });
+            return Err(CursorError::Deficit {
+                domain: self.domains[d].name.clone(),
+                rows: e / super::mix::TICKS,
+                most: self.mixer.deficit_bound(d) / super::mix::TICKS as u64,
+            });
         }
         // Each reseed adds at most one reshuffle to a chain (`Stream::prepare`), and every
         // unit of a window walks its chain: a longer one is forged, and would make the

@@ -397,7 +397,11 @@ fn structural_faults_are_typed_and_name_the_domain() {
     c.mix.deficit[1] = i64::MAX;
     assert_eq!(
         err(plan.resume(&cursor::encode(&c), 0)),
-        CursorError::Deficit { domain: 1 }
+        CursorError::Deficit {
+            domain: "b".into(),
+            rows: i64::MAX / crate::plan::mix::TICKS,
+            most: 20,
+        }
     );
 }
 
