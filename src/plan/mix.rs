@@ -291,9 +291,9 @@ impl Mixer {
     /// A bursty domain of period `p` takes a whole cycle's rows in one step, so it can
     /// have at most `1/p` of the rows, and less where bursty domains served before it
     /// (in domain order) start their cycles in the same steps. Past that its cycles are
-    /// cut to what the batch holds and its carried error grows every cycle, for good:
-    /// the domain gets less than its weight, and once the error passes what a resume
-    /// accepts every cursor blob is refused. Transient overloads (a warm-up, a spike)
+    /// cut to what the batch holds and its carried error grows every cycle until it
+    /// reaches [`Mixer::deficit_cap`], where the rest is written off: the domain gets
+    /// less than its weight for good (its blobs still resume). Transient overloads (a warm-up, a spike)
     /// are repaid once the weights come down, so only the last segment is judged (a
     /// long overloaded segment before it is not: see docs/DESIGN.md, "Mixture").
     ///

@@ -112,9 +112,9 @@ impl Plan {
             "domain {} (bursty, period {}) would get {:.4} of the rows from plan step {} \
              on instead of its {:.4}: it takes a whole cycle's rows in one step, so it can \
              have at most 1/{} of them, and less where bursty domains listed before it \
-             start their cycles in the same steps; its carried error grows every cycle, \
-             and once it passes what a resume accepts every cursor blob is refused: lower \
-             its weight or period",
+             start their cycles in the same steps; the rows it falls behind are carried \
+             up to 10,001 batches and written off beyond that, so the run keeps its \
+             mixture short of the target for good: lower its weight or period",
             self.domains[s.domain].name, s.period, s.got, s.step, s.share, s.period
         ))
     }
