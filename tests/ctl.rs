@@ -1213,3 +1213,109 @@ fn a_draining_daemon_says_so_in_status() {
     drop(c);
     assert!(d.wait_exit(TIMEOUT).is_some_and(|s| s.success()));
 }
+
+/// STATUS stays within its frame however long the journal is. 300 domains with names at
+/// the config's limit (4,096 bytes) make each change 1.2 MB of JSON; STATUS listed every
+/// one, so it grew by that per change (31 MB here) and passed the 64 MiB frame at 54
+/// changes (of the 4,096 `live_changes` allows: 5 GB): `status`, `top` and the exporter
+/// then got `busy`. It lists the journal's ends within 8 MiB and counts the rest.
+#[test]
+fn status_of_a_long_journal_of_long_names_stays_within_its_frame() {
+    use millrace::wire::status::STATUS_JOURNAL_BYTES;
+    const DOMAINS: usize = 300;
+    const CHANGES: u64 = 24;
+    let corpus = common::corpus(300_000, DOMAINS, 5, 300_000);
+    let socket = corpus.dir.join("s.sock");
+    let base = common::serve_toml(&socket, 4, 2);
+    let config = common::write_config(
+        &corpus.dir,
+        "long.toml",
+        SEQ_LEN,
+        ROWS,
+        &[&base, "live_changes = 4096\n"],
+    );
+    // Every domain's name padded to the longest a config takes.
+    let long = |n: &str| {
+        format!(
+            "{n}_{}",
+            "x".repeat(millrace::config::MAX_NAME - n.len() - 1)
+        )
+    };
+    let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let corpus_t = doc["corpus"].as_table_mut().unwrap();
+    for d in corpus_t["domain"].as_array_mut().unwrap() {
+        let name = long(d["name"].as_str().unwrap());
+        d.as_table_mut().unwrap().insert("name".into(), name.into());
+    }
+    let plan = doc["plan"].as_table_mut().unwrap();
+    for p in plan["schedule"].as_array_mut().unwrap() {
+        let p = p.as_table_mut().unwrap();
+        let w: toml::Table = p["weights"]
+            .as_table()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (long(k), v.clone()))
+            .collect();
+        p.insert("weights".into(), w.into());
+    }
+    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+    let f = Fixture {
+        corpus,
+        config,
+        socket,
+    };
+    let _serve = f.serve();
+    let first = f.names()[0].clone();
+    assert_eq!(first.len(), millrace::config::MAX_NAME);
+    let status_bytes = || {
+        let r = control::request(&f.socket, &control::status_request(), TIMEOUT).unwrap();
+        assert_eq!(r["ok"], true, "STATUS refused: {r}");
+        (r.to_string().len(), r["status"].clone())
+    };
+    let (before, _) = status_bytes();
+    for i in 0..CHANGES {
+        let r = f.set_weights(
+            json!({ &first: 1.0 + (i % 7) as f64 }),
+            Some(100 + i),
+            "refuse",
+        );
+        assert_eq!(r["ok"], true, "change {i}: {}", r["message"]);
+    }
+    let (after, st) = status_bytes();
+    assert!(
+        after <= before + STATUS_JOURNAL_BYTES,
+        "STATUS grew from {before} to {after} bytes with {CHANGES} changes"
+    );
+    assert_eq!(st["journal_changes"], CHANGES, "{}", st["journal_omitted"]);
+    let listed = st["journal"].as_array().unwrap();
+    let gap = &st["journal_omitted"];
+    let after_n = gap["after"].as_u64().unwrap() as usize;
+    assert!(after_n >= 1 && listed.len() > after_n, "{gap}");
+    assert_eq!(
+        listed.len() as u64 + gap["changes"].as_u64().unwrap(),
+        CHANGES
+    );
+    // The oldest change first, the newest last, each whole.
+    assert_eq!(listed[0]["at_step"], 100);
+    assert_eq!(listed.last().unwrap()["at_step"], 100 + CHANGES - 1);
+    assert_eq!(
+        listed[after_n]["at_step"],
+        100 + CHANGES - (listed.len() - after_n) as u64
+    );
+    for e in listed {
+        check_journal_entry(e);
+        assert_eq!(
+            e["points"][0]["weights"].as_object().unwrap().len(),
+            DOMAINS
+        );
+    }
+    // The human view says what it left out; `ctl journal` still lists every change.
+    let text = ok(&["status", "--socket", f.sock()]);
+    let said = format!("{} of {CHANGES} changes left out", gap["changes"]);
+    assert!(
+        text.contains(&said),
+        "{}",
+        &text[text.len().saturating_sub(2000)..]
+    );
+    assert_eq!(f.journal().len() as u64, CHANGES);
+}

@@ -11,6 +11,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The journal's first changes STATUS lists at most (docs/PROTOCOL.md, STATUS).
+pub const STATUS_JOURNAL_HEAD: usize = 4;
+/// The journal's last changes STATUS lists at most.
+pub const STATUS_JOURNAL_TAIL: usize = 16;
+/// Most bytes (as JSON) of the changes STATUS lists: with 4,096 domains of 4,096-byte
+/// names (18 MB of `domains[]`) STATUS stays well within its 64 MiB frame.
+pub const STATUS_JOURNAL_BYTES: usize = 8 << 20;
+
 /// Everything `millrace status` reports: the hub's figures and the process's own.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -38,8 +46,13 @@ pub struct Status {
     pub first_changeable_step: u64,
     /// Each job and its rings.
     pub jobs: Vec<JobStatus>,
-    /// The live changes the plan follows, in order.
+    /// The live changes the plan follows, in order: the first and last ones only when
+    /// there are many (`journal_omitted` says which are left out).
     pub journal: Vec<JournalEntry>,
+    /// Changes in the journal, all of them (`journal` may list fewer).
+    pub journal_changes: u64,
+    /// The changes `journal` leaves out to stay within a frame; null when it lists all.
+    pub journal_omitted: Option<JournalGap>,
     /// Changes dropped from the journal because a later one replaced them.
     pub journal_superseded: u64,
     /// The outcome of the last reload or change, if any.
@@ -261,6 +274,17 @@ pub struct JournalStage {
     pub best_fit_window: u64,
     /// Whether `sequence`-grouped domains chain their long groups.
     pub chain_groups: bool,
+}
+
+/// The changes STATUS's `journal` leaves out: consecutive, after its first `after`
+/// entries (`millrace ctl journal` lists them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JournalGap {
+    /// Entries `journal` lists before the gap.
+    pub after: u64,
+    /// Changes left out there.
+    pub changes: u64,
 }
 
 /// One schedule point of a journal entry.

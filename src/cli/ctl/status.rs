@@ -225,9 +225,28 @@ pub fn render_status(st: &Status) -> String {
             );
         }
     }
-    if !st.journal.is_empty() {
+    if !st.journal.is_empty() || st.journal_omitted.is_some() {
         let _ = writeln!(s, "\nchanges in force:");
-        s.push_str(&render_journal(&st.journal));
+        let table = render_journal(&st.journal);
+        match st.journal_omitted {
+            // The header, the entries before the gap, the gap, the rest.
+            Some(gap) => {
+                let at = 1 + gap.after as usize;
+                for (i, line) in table.lines().enumerate() {
+                    if i == at {
+                        let _ = writeln!(s, "{:>10} ...", "");
+                    }
+                    let _ = writeln!(s, "{line}");
+                }
+                let _ = writeln!(
+                    s,
+                    "({} of {} changes left out after the first {}; `millrace ctl journal` \
+                     lists them all)",
+                    gap.changes, st.journal_changes, gap.after
+                );
+            }
+            None => s.push_str(&table),
+        }
     }
     s
 }

@@ -8,8 +8,9 @@ use std::time::Instant;
 use super::{Hub, JobPlan, Published, RingEntry, State};
 use crate::plan::Plan;
 use crate::wire::status::{
-    DomainStatus, JobPlanCounts, JobStatus, JournalEntry, JournalPoint, JournalStage, PeerStatus,
-    PoisonedShard, RingMemory, RingStatus, Status,
+    DomainStatus, JobPlanCounts, JobStatus, JournalEntry, JournalGap, JournalPoint, JournalStage,
+    PeerStatus, PoisonedShard, RingMemory, RingStatus, Status, STATUS_JOURNAL_BYTES,
+    STATUS_JOURNAL_HEAD, STATUS_JOURNAL_TAIL,
 };
 
 impl Hub {
@@ -27,10 +28,23 @@ impl Hub {
     }
 
     fn journal_of(plan: &Plan, sources: &[&'static str]) -> Vec<JournalEntry> {
+        Self::journal_range(plan, sources, 0..plan.journal().len())
+    }
+
+    /// The JOURNAL_ENTRY objects of the changes at `range` (journal order).
+    fn journal_range(
+        plan: &Plan,
+        sources: &[&'static str],
+        range: std::ops::Range<usize>,
+    ) -> Vec<JournalEntry> {
         let names = plan.domain_names();
-        plan.journal()
+        let journal = plan.journal();
+        let sources = sources.iter().chain(std::iter::repeat(&"cursor"));
+        journal
             .iter()
-            .zip(sources.iter().chain(std::iter::repeat(&"cursor")))
+            .zip(sources)
+            .skip(range.start)
+            .take(range.len())
             .map(|(c, src)| JournalEntry {
                 at_step: plan.trainer_step_of(c.at),
                 plan_step: c.at,
@@ -55,6 +69,63 @@ impl Hub {
                     .collect(),
             })
             .collect()
+    }
+
+    /// The journal as STATUS lists it: its first [`STATUS_JOURNAL_HEAD`] and last
+    /// [`STATUS_JOURNAL_TAIL`] changes, fewer where their JSON would pass
+    /// [`STATUS_JOURNAL_BYTES`] (the newest and the oldest kept first), and the gap
+    /// between them. A whole journal (4,096 changes of 300 domains with 4,096-byte
+    /// names: 5 GB as JSON) made STATUS outgrow its frame after 54 changes, so `status`,
+    /// `top` and the exporter failed just when an operator needed them; the `journal` op
+    /// still lists every change.
+    fn status_journal(
+        plan: &Plan,
+        sources: &[&'static str],
+    ) -> (Vec<JournalEntry>, Option<JournalGap>) {
+        let journal = plan.journal();
+        let n = journal.len();
+        // An upper bound on one entry's JSON: its keys, and per point each domain's
+        // quoted name, a colon, a float (at most 24 bytes) and a comma.
+        let per_point: usize = 64
+            + plan
+                .domain_names()
+                .iter()
+                .map(|d| d.len() + 28)
+                .sum::<usize>();
+        let bytes = |c: &crate::plan::Change| 256 + c.points.len() * per_point;
+        let mut budget = STATUS_JOURNAL_BYTES;
+        let mut fits = |c: &crate::plan::Change| match budget.checked_sub(bytes(c)) {
+            Some(left) => {
+                budget = left;
+                true
+            }
+            None => false,
+        };
+        // The newest change, then the oldest, then more of the newest, then more of the
+        // oldest, each while it fits.
+        let (mut head, mut tail) = (0, 0);
+        for (ends, most) in [
+            (0, 1),
+            (1, 1),
+            (0, STATUS_JOURNAL_TAIL),
+            (1, STATUS_JOURNAL_HEAD),
+        ] {
+            while head + tail < n {
+                let next = if ends == 0 { n - 1 - tail } else { head };
+                let count = if ends == 0 { &mut tail } else { &mut head };
+                if *count >= most || !fits(&journal[next]) {
+                    break;
+                }
+                *count += 1;
+            }
+        }
+        let mut out = Self::journal_range(plan, sources, 0..head);
+        out.extend(Self::journal_range(plan, sources, n - tail..n));
+        let gap = (head + tail < n).then(|| JournalGap {
+            after: head as u64,
+            changes: (n - head - tail) as u64,
+        });
+        (out, gap)
     }
 
     /// Everything `status` reports that the hub knows (docs/PROTOCOL.md, STATUS); the
@@ -169,7 +240,8 @@ impl Hub {
             };
             (Self::journal_parts(&st), out, best, delivered)
         };
-        out.journal = Self::journal_of(&plan, &sources);
+        out.journal_changes = plan.journal().len() as u64;
+        (out.journal, out.journal_omitted) = Self::status_journal(&plan, &sources);
         // Realized: the share of real tokens each domain got in every slot published so
         // far. Target: the token shares the schedule asks for at the most advanced
         // ring's step. Rows come from that ring's published cursor; epochs from its
