@@ -1215,6 +1215,14 @@ fn metrics_endpoint_matches_the_plan() {
 /// while its series are still exported: the counters go on by what the new ring
 /// delivers. Set from each ring's own figures they stayed at the old ring's total until
 /// the new ring delivered more (the dashboard showed 0 tokens/s for that rank).
+/// A ring's (`millrace_batches_delivered_total`, `millrace_tokens_delivered_total`).
+fn ring_delivered(s: &[Sample], ring: &[(&str, &str)]) -> (Option<f64>, Option<f64>) {
+    (
+        metric(s, "millrace_batches_delivered_total", ring),
+        metric(s, "millrace_tokens_delivered_total", ring),
+    )
+}
+
 #[test]
 fn a_returning_ranks_counters_continue_on_metrics() {
     const N: u64 = 30;
@@ -1228,10 +1236,7 @@ fn a_returning_ranks_counters_continue_on_metrics() {
     let delivered = |steps: u64| {
         wait_for(&format!("/metrics to count {steps} steps"), SETTLE, || {
             let s = scrape(&addr)?;
-            let got = (
-                metric(&s, "millrace_batches_delivered_total", &ring),
-                metric(&s, "millrace_tokens_delivered_total", &ring),
-            );
+            let got = ring_delivered(&s, &ring);
             let planned = metric(&s, "millrace_job_batches_planned_total", &job);
             match (got, planned) {
                 ((Some(b), Some(t)), Some(p))
@@ -1259,6 +1264,58 @@ fn a_returning_ranks_counters_continue_on_metrics() {
          second planner planned at least {M} batches"
     );
     drop(c);
+}
+
+/// A trainer that reconnects at once (the same job and rank, from its cursor) gets a new
+/// ring under the same labels, and /metrics counts both rings' steps exactly. The
+/// exporter samples once a second and told rings apart only by figures going back: the
+/// old ring's steps since its last sample were lost, and a new ring already past the old
+/// one's figures at the next sample was taken for its growth, and a ring made and gone
+/// between two samples was never counted (here /metrics said 12 steps of 60, then the
+/// series aged out). The steps a trainer released just before it hung up were lost too
+/// when the daemon had not read its release page yet (58 of 60).
+#[test]
+fn a_ring_remade_between_two_samples_is_counted_exactly_on_metrics() {
+    const N: u64 = 12;
+    const K: u64 = 8;
+    const M: u64 = 40;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let f = fixture(&format!("metrics_addr = {addr:?}\n"));
+    let _d = f.serve();
+    let ring = [("job", "quick"), ("dp_rank", "0")];
+    let per_step = f64::from(ROWS * SEQ_LEN);
+    // Every (batches, tokens) seen, for the message.
+    let seen = std::cell::RefCell::new(Vec::new());
+    let delivered = |steps: u64| {
+        wait_for(&format!("/metrics to count {steps} steps"), SETTLE, || {
+            let s = scrape(&addr)?;
+            let got = ring_delivered(&s, &ring);
+            let mut seen = seen.borrow_mut();
+            if seen.last() != Some(&got) {
+                seen.push(got);
+            }
+            match got {
+                (Some(b), Some(t)) if b == steps as f64 && t == steps as f64 * per_step => Ok(()),
+                _ => Err(format!("(batches, tokens) went {seen:?}")),
+            }
+        })
+    };
+    let mut c = f.connect("quick");
+    let _ = read(&mut c, N);
+    c.release(N).unwrap();
+    // An export has just sampled the ring at N steps: the next is about a second away.
+    delivered(N);
+    let steps = read(&mut c, K);
+    c.release(N + K).unwrap();
+    drop(c);
+    f.wait_no_job("quick");
+    let mut h = f.hello("quick");
+    h.cursor = Some(hex(&steps[K as usize - 1].cursor));
+    let mut c = f.connect_with(&h).unwrap();
+    let _ = read(&mut c, M);
+    c.release(N + K + M).unwrap();
+    drop(c);
+    delivered(N + K + M);
 }
 
 /// A refused trainer (here a `dp_size` that does not divide the batch) is counted per

@@ -4,10 +4,12 @@
 //! A ring's (and a job's planner's) figures start from zero when it is created again: a
 //! trainer that restarts, a job that returns under its name. The exporter's counters
 //! only move forward (`Counter::absolute` keeps the largest value it was given), so they
-//! are advanced by what each series delivered since the last export instead, counting a
-//! new ring's figures from its start. Set from the raw figures, a rank whose trainer came
-//! back within the series' idle time showed no tokens delivered until the new ring had
-//! delivered more than the old one.
+//! are advanced by what each series delivered since the last export instead. Rings and
+//! jobs are told apart by their serials, not by figures going back (a new ring already
+//! past the old one's figures looked like its growth), and those gone since the last
+//! export count their last figures (`Status::departed_rings`): without them the old
+//! ring's last steps, and every step of a ring made and gone between two exports, were
+//! lost.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use anyhow::{Context, Result};
 use metrics::{counter, gauge};
 
 use super::reload::RELOAD_SOURCES;
-use crate::wire::status::Status;
+use crate::wire::status::{JobPlanCounts, RingStatus, Status};
 
 /// A counter or gauge not set for this long is dropped from /metrics: every live series
 /// is set each second, so only the series of departed jobs (and rings) age out.
@@ -75,26 +77,98 @@ pub(super) fn install(addr: &str) -> Result<()> {
     Ok(())
 }
 
-/// What each ring's and job's counters said at the last export, to advance the exported
-/// counters by the difference. Only the series of the last export are kept, so it holds
-/// no more than the daemon's rings and jobs.
+/// A ring's (job, dp rank).
+type RingKey = (String, u32);
+
+/// What each ring's and job's counters said at the last export, with the ring's (job's)
+/// serial, to advance the exported counters by the difference. Only the series of the
+/// last export are kept, so it holds no more than the daemon's rings and jobs.
 #[derive(Default)]
 pub(super) struct Exporter {
-    rings: HashMap<(String, u32), [u64; RING_COUNTERS.len()]>,
-    jobs: HashMap<String, [u64; JOB_COUNTERS.len()]>,
+    rings: HashMap<RingKey, (u64, [u64; RING_COUNTERS.len()])>,
+    jobs: HashMap<String, (u64, [u64; JOB_COUNTERS.len()])>,
 }
 
-/// How far each counter of one series moved from `before` (its last export, if it had
-/// one) to `now`. A series absent last time, or one of whose figures went back, is a new
-/// ring or job: all of its figures are new.
-fn advance<const N: usize>(before: Option<&[u64; N]>, now: &[u64; N]) -> [u64; N] {
+/// How far each counter of one series moved from `before` (its last export: the serial of
+/// the ring or job it was, and its figures) to `now` of ring (job) `serial`. Another
+/// serial is a ring made again under the same labels: all of its figures are new.
+fn advance<const N: usize>(
+    before: Option<&(u64, [u64; N])>,
+    serial: u64,
+    now: &[u64; N],
+) -> [u64; N] {
     match before {
-        Some(b) if b.iter().zip(now).all(|(b, n)| n >= b) => std::array::from_fn(|i| now[i] - b[i]),
+        Some((s, b)) if *s == serial => std::array::from_fn(|i| now[i].saturating_sub(b[i])),
         _ => *now,
     }
 }
 
+/// One ring's counters in [`RING_COUNTERS`] order.
+fn ring_figures(r: &RingStatus) -> [u64; RING_COUNTERS.len()] {
+    [
+        r.tokens_delivered,
+        r.batches_delivered,
+        r.release_frames,
+        r.page_releases,
+        r.wakes,
+        r.wakes_deferred,
+    ]
+}
+
+/// One job's counters in [`JOB_COUNTERS`] order.
+fn job_figures(p: &JobPlanCounts) -> [u64; JOB_COUNTERS.len()] {
+    [p.planned, p.private, p.ahead]
+}
+
+/// What one export adds to each ring's and job's counters.
+#[derive(Debug, Default, PartialEq)]
+struct Increments {
+    rings: Vec<(RingKey, [u64; RING_COUNTERS.len()])>,
+    jobs: Vec<(String, [u64; JOB_COUNTERS.len()])>,
+}
+
 impl Exporter {
+    /// How far every counter moved since the last export, and what to compare the next
+    /// one with. Rings and jobs that went since then count their last figures first
+    /// (`departed_rings`, `departed_jobs`); a live one under labels another had counts
+    /// all of its figures.
+    fn increments(&mut self, status: &Status) -> Increments {
+        let mut out = Increments::default();
+        for (job, r) in &status.departed_rings {
+            let key = (job.clone(), r.dp_rank);
+            let by = advance(self.rings.get(&key), r.serial, &ring_figures(r));
+            if self.rings.get(&key).is_some_and(|(s, _)| *s == r.serial) {
+                self.rings.remove(&key);
+            }
+            out.rings.push((key, by));
+        }
+        for (job, p) in &status.departed_jobs {
+            let by = advance(self.jobs.get(job), p.serial, &job_figures(p));
+            if self.jobs.get(job).is_some_and(|(s, _)| *s == p.serial) {
+                self.jobs.remove(job);
+            }
+            out.jobs.push((job.clone(), by));
+        }
+        let mut rings = HashMap::new();
+        let mut jobs = HashMap::new();
+        for j in &status.jobs {
+            let now = job_figures(&j.planner);
+            let by = advance(self.jobs.get(&j.job), j.planner.serial, &now);
+            out.jobs.push((j.job.clone(), by));
+            jobs.insert(j.job.clone(), (j.planner.serial, now));
+            for r in &j.rings {
+                let key = (j.job.clone(), r.dp_rank);
+                let now = ring_figures(r);
+                let by = advance(self.rings.get(&key), r.serial, &now);
+                out.rings.push((key.clone(), by));
+                rings.insert(key, (r.serial, now));
+            }
+        }
+        self.rings = rings;
+        self.jobs = jobs;
+        out
+    }
+
     /// Publishes `status` (derived from the same snapshot as `millrace status`, so the
     /// two never disagree). Every series that should stay is set on every call: one that
     /// is not ages out ([`METRICS_IDLE`]).
@@ -131,34 +205,24 @@ impl Exporter {
                 .set(d.realized_share);
             gauge!("millrace_domain_epochs", "domain" => name).set(d.epochs);
         }
-        let mut rings = HashMap::new();
-        let mut jobs = HashMap::new();
-        for j in &status.jobs {
-            let label = [("job", j.job.clone())];
-            let p = &j.planner;
-            gauge!("millrace_job_batches_held", &label).set(p.held as f64);
-            let now = [p.planned, p.private, p.ahead];
-            let by = advance(self.jobs.get(&j.job), &now);
-            for (name, n) in JOB_COUNTERS.into_iter().zip(by) {
+        let by = self.increments(status);
+        for (job, n) in by.jobs {
+            let label = [("job", job)];
+            for (name, n) in JOB_COUNTERS.into_iter().zip(n) {
                 counter!(name, &label).increment(n);
             }
-            jobs.insert(j.job.clone(), now);
+        }
+        for ((job, rank), n) in by.rings {
+            let labels = [("job", job), ("dp_rank", rank.to_string())];
+            for (name, n) in RING_COUNTERS.into_iter().zip(n) {
+                counter!(name, &labels).increment(n);
+            }
+        }
+        for j in &status.jobs {
+            let label = [("job", j.job.clone())];
+            gauge!("millrace_job_batches_held", &label).set(j.planner.held as f64);
             for r in &j.rings {
                 let labels = [("job", j.job.clone()), ("dp_rank", r.dp_rank.to_string())];
-                let key = (j.job.clone(), r.dp_rank);
-                let now = [
-                    r.tokens_delivered,
-                    r.batches_delivered,
-                    r.release_frames,
-                    r.page_releases,
-                    r.wakes,
-                    r.wakes_deferred,
-                ];
-                let by = advance(self.rings.get(&key), &now);
-                for (name, n) in RING_COUNTERS.into_iter().zip(by) {
-                    counter!(name, &labels).increment(n);
-                }
-                rings.insert(key, now);
                 gauge!("millrace_step", &labels).set(r.published_step as f64);
                 gauge!("millrace_ring_occupancy", &labels).set(r.occupancy as f64);
                 gauge!("millrace_ring_slots", &labels).set(r.slots as f64);
@@ -166,22 +230,76 @@ impl Exporter {
                 gauge!("millrace_producer_wait_seconds_total", &labels).set(r.producer_wait_s);
             }
         }
-        self.rings = rings;
-        self.jobs = jobs;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::advance;
+    use super::*;
+    use crate::wire::status::JobStatus;
+
+    fn ring(serial: u64, batches: u64) -> RingStatus {
+        RingStatus {
+            serial,
+            batches_delivered: batches,
+            tokens_delivered: batches * 10,
+            ..RingStatus::default()
+        }
+    }
+
+    fn status(live: Option<RingStatus>, gone: Vec<RingStatus>) -> Status {
+        Status {
+            jobs: live
+                .into_iter()
+                .map(|r| JobStatus {
+                    job: "j".into(),
+                    rings: vec![r],
+                    ..JobStatus::default()
+                })
+                .collect(),
+            departed_rings: gone.into_iter().map(|r| ("j".to_string(), r)).collect(),
+            ..Status::default()
+        }
+    }
+
+    /// The batches each export adds to ring ("j", 0).
+    fn batches(e: &mut Exporter, s: &Status) -> u64 {
+        let by = e.increments(s);
+        by.rings.iter().map(|(_, n)| n[1]).sum()
+    }
 
     #[test]
     fn a_series_advances_by_its_figures_since_the_last_export() {
-        assert_eq!(advance(None, &[5, 0, 7]), [5, 0, 7]);
-        assert_eq!(advance(Some(&[5, 0, 7]), &[9, 0, 7]), [4, 0, 0]);
-        // A figure that went back: a new ring under the same labels, counted from its
-        // start, not held at the old ring's total.
-        assert_eq!(advance(Some(&[900, 30, 7]), &[40, 2, 9]), [40, 2, 9]);
-        assert_eq!(advance(Some(&[900, 30, 7]), &[950, 2, 9]), [950, 2, 9]);
+        assert_eq!(advance(None, 1, &[5, 0, 7]), [5, 0, 7]);
+        assert_eq!(advance(Some(&(1, [5, 0, 7])), 1, &[9, 0, 7]), [4, 0, 0]);
+        // Another ring under the same labels counts from its start, whether its figures
+        // are below the old ring's or already past them.
+        assert_eq!(
+            advance(Some(&(1, [900, 30, 7])), 2, &[40, 2, 9]),
+            [40, 2, 9]
+        );
+        assert_eq!(
+            advance(Some(&(1, [9, 3, 7])), 2, &[950, 32, 9]),
+            [950, 32, 9]
+        );
+    }
+
+    /// A ring remade between two exports: the old one's steps since the last export and
+    /// all of the new one's are counted, as is a ring made and gone between two.
+    #[test]
+    fn rings_remade_between_exports_count_exactly() {
+        let mut e = Exporter::default();
+        assert_eq!(batches(&mut e, &status(Some(ring(1, 12)), vec![])), 12);
+        // Ring 1 went at 20; ring 2 is at 40 already.
+        assert_eq!(
+            batches(&mut e, &status(Some(ring(2, 40)), vec![ring(1, 20)])),
+            8 + 40
+        );
+        // Ring 2 went at 45, ring 3 came and went at 7, ring 4 is at 1.
+        let s = status(Some(ring(4, 1)), vec![ring(2, 45), ring(3, 7)]);
+        assert_eq!(batches(&mut e, &s), 5 + 7 + 1);
+        assert_eq!(batches(&mut e, &status(Some(ring(4, 3)), vec![])), 2);
+        assert_eq!(batches(&mut e, &status(None, vec![ring(4, 3)])), 0);
+        assert!(e.rings.is_empty());
     }
 }

@@ -313,12 +313,16 @@ impl Daemon {
     /// two exports that overlap (a slow one) publish their snapshots in order.
     fn export_metrics(&self) {
         let mut e = self.exporter.lock().unwrap_or_else(|p| p.into_inner());
-        e.export(&self.status());
+        e.export(&self.process_status(self.hub.status_for_export()));
     }
 
     /// STATUS (docs/PROTOCOL.md): the hub's figures and the process's own.
     fn status(&self) -> Status {
-        let mut s = self.hub.status();
+        self.process_status(self.hub.status())
+    }
+
+    /// The hub's STATUS `s` with the process's own fields.
+    fn process_status(&self, mut s: Status) -> Status {
         s.version = env!("CARGO_PKG_VERSION").to_string();
         s.pid = std::process::id();
         s.uptime_s = self.started.elapsed().as_secs_f64();

@@ -81,6 +81,14 @@ pub struct Status {
     pub uptime_s: f64,
     /// The daemon's release (Cargo version).
     pub version: String,
+    /// For /metrics only (not part of STATUS): rings gone since the exporter's last
+    /// STATUS, by job, with their last figures, so it counts their last steps.
+    #[serde(skip)]
+    pub departed_rings: Vec<(String, RingStatus)>,
+    /// For /metrics only: jobs gone since the exporter's last STATUS, with their
+    /// planners' last figures.
+    #[serde(skip)]
+    pub departed_jobs: Vec<(String, JobPlanCounts)>,
 }
 
 /// Open control connections and their cap (`[serve] max_control_connections`).
@@ -155,6 +163,9 @@ pub struct JobPlanCounts {
     pub private: u64,
     /// Of `planned`, those the plan thread planned outside the hub's lock.
     pub ahead: u64,
+    /// The job's own number in this daemon: a job that returns under its name has
+    /// another, and its figures start from zero.
+    pub serial: u64,
 }
 
 /// One dp rank's ring.
@@ -192,6 +203,11 @@ pub struct RingStatus {
     /// Publishes whose wake-up was held back and sent with a later one
     /// (`[serve] wake_coalesce_us`).
     pub wakes_deferred: u64,
+    /// For /metrics only (not part of STATUS): the ring's own number in this daemon. A
+    /// ring made again under the same job and rank has another, and its figures start
+    /// from zero.
+    #[serde(skip)]
+    pub serial: u64,
 }
 
 /// One replica reading a ring.

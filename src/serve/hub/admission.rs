@@ -675,10 +675,17 @@ impl Hub {
                 e.restore(was);
             }
             if e.peers.is_empty() {
-                freed.entries.extend(j.rings.remove(&dp_rank));
+                let e = j.rings.remove(&dp_rank);
+                if let (Some(d), Some(e)) = (st.departed.as_mut(), &e) {
+                    d.ring(job, dp_rank, e);
+                }
+                freed.entries.extend(e);
             }
         }
         if j.rings.is_empty() {
+            if let Some(d) = st.departed.as_mut() {
+                d.job(job, j);
+            }
             freed.jobs.extend(st.jobs.remove(job));
         }
         freed

@@ -38,6 +38,7 @@ use super::fill::{random_access, SlotJob, Source};
 use super::ring::{Ring, TokenType};
 use crate::plan::{cursor, Plan, Planner};
 use crate::wire::protocol::Welcome;
+use crate::wire::status::{JobPlanCounts, RingStatus};
 use jobplan::{JobPlan, Own, Planned};
 use keeper::Keeper;
 
@@ -201,9 +202,23 @@ struct RingEntry {
     stats: RingStats,
 }
 
+/// A number no other ring (or job) of this process had: the exporter tells a ring made
+/// again under the same job and rank from the one before by it (`RingStatus::serial`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Serial(u64);
+
+impl Default for Serial {
+    fn default() -> Serial {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Serial(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// What `status` and the metrics report about one ring.
 #[derive(Default)]
 struct RingStats {
+    /// This ring's own number (a ring made again under its labels gets another).
+    serial: Serial,
     batches_delivered: u64,
     /// Token positions (`rows x seq_len` of each step's own stage) of the steps delivered.
     tokens_delivered: u64,
@@ -277,6 +292,8 @@ struct Job {
     /// The job's planner and the batches it planned, read by every ring inside its
     /// window.
     plan: JobPlan,
+    /// This job's own number (a job that returns under its name gets another).
+    serial: Serial,
 }
 
 impl Job {
@@ -286,6 +303,7 @@ impl Job {
             uid: None,
             rings: HashMap::new(),
             plan: JobPlan::default(),
+            serial: Serial::default(),
         }
     }
 }
@@ -327,6 +345,39 @@ struct State {
     /// held against `ring_budget` so clients joining at once cannot allocate past it
     /// between them. One per rank: its other peers arriving meanwhile build none.
     ring_reserved: HashMap<(String, u32), u64>,
+    /// Rings and jobs gone since the exporter last took them, with their last figures
+    /// (`Hub::status_for_export`); `None` while no exporter takes them.
+    departed: Option<Departed>,
+}
+
+/// The last figures of rings and jobs that went between two exports: without them a
+/// ring's steps since the last sample were lost when it went, and a ring made and gone
+/// between two samples was never counted.
+#[derive(Default)]
+struct Departed {
+    rings: Vec<(String, RingStatus)>,
+    jobs: Vec<(String, JobPlanCounts)>,
+}
+
+/// Most departures kept for one export: the exporter takes them every second, so only
+/// a stalled exporter reaches it (then the oldest are counted and the rest are lost).
+const DEPARTED_MAX: usize = 65_536;
+
+impl Departed {
+    /// Keeps the last figures of a ring that goes (its peers all left).
+    fn ring(&mut self, job: &str, dp_rank: u32, e: &RingEntry) {
+        if self.rings.len() < DEPARTED_MAX {
+            let last = e.status(dp_rank, 0, Instant::now());
+            self.rings.push((job.to_string(), last));
+        }
+    }
+
+    /// Keeps the last figures of a job's planner as the job goes.
+    fn job(&mut self, name: &str, job: &Job) {
+        if self.jobs.len() < DEPARTED_MAX {
+            self.jobs.push((name.to_string(), job.plan_counts()));
+        }
+    }
 }
 
 /// Rings and jobs taken out of the hub under its lock, to be dropped only after it: the
@@ -379,6 +430,7 @@ impl State {
             plan_waiters: false,
             plan_checkouts: 0,
             ring_reserved: HashMap::new(),
+            departed: None,
         }
     }
 

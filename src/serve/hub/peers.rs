@@ -104,6 +104,15 @@ impl Hub {
     /// Removes a peer; drops its ring when it was the last one, after the lock.
     pub fn leave(&self, job: &str, dp_rank: u32, peer: u64) {
         let mut st = self.lock();
+        // The releases its page holds and the daemon has not read yet count before it
+        // goes: the steps a trainer released just before hanging up were not delivered.
+        let plan = st.plan.clone();
+        if let Some(j) = st.jobs.get_mut(job) {
+            let dp_size = j.dp_size.max(1);
+            if let Some(e) = j.rings.get_mut(&dp_rank) {
+                e.sync_pages(&plan, dp_size, self.settings.slots, job, dp_rank);
+            }
+        }
         let freed = st.leave(job, dp_rank, peer);
         drop(st);
         drop(freed);
@@ -174,6 +183,9 @@ impl State {
                 "last peer left; ring dropped"
             );
             if let Some(e) = j.rings.remove(&dp_rank) {
+                if let Some(d) = self.departed.as_mut() {
+                    d.ring(job, dp_rank, &e);
+                }
                 let (tokens, best) = &mut self.retired;
                 tokens.resize(tokens.len().max(e.stats.domain_tokens.len()), 0);
                 for (s, t) in tokens.iter_mut().zip(&e.stats.domain_tokens) {
@@ -183,6 +195,9 @@ impl State {
                 freed.entries.push(e);
             }
             if j.rings.is_empty() {
+                if let Some(d) = self.departed.as_mut() {
+                    d.job(job, j);
+                }
                 freed.jobs.extend(self.jobs.remove(job));
             }
         }

@@ -131,9 +131,24 @@ impl Hub {
     /// Everything `status` reports that the hub knows (docs/PROTOCOL.md, STATUS); the
     /// daemon adds the process's own fields.
     pub fn status(&self) -> Status {
+        self.status_taking(false)
+    }
+
+    /// [`Hub::status`] for the exporter: with the last figures of the rings and jobs
+    /// gone since its last call (`Status::departed_rings`, `departed_jobs`), taken in
+    /// the same look. The first call starts keeping them.
+    pub fn status_for_export(&self) -> Status {
+        self.status_taking(true)
+    }
+
+    fn status_taking(&self, departed: bool) -> Status {
         let now = Instant::now();
         let ((plan, sources), mut out, best, delivered) = {
             let mut st = self.lock();
+            let gone = match departed {
+                true => st.departed.replace(Default::default()).unwrap_or_default(),
+                false => Default::default(),
+            };
             if self.sync_pages(&mut st) {
                 self.work.notify_all();
             }
@@ -157,60 +172,14 @@ impl Hub {
                         for (s, t) in delivered.iter_mut().zip(&e.stats.domain_tokens) {
                             *s += t;
                         }
-                        let (consumer, producer) = e.stats.waits(now);
-                        let released = e
-                            .peers
-                            .values()
-                            .map(|p| p.released)
-                            .min()
-                            .unwrap_or(e.published);
-                        let mut peers: Vec<PeerStatus> = e
-                            .peers
-                            .values()
-                            .map(|p| PeerStatus {
-                                replica: p.replica.clone(),
-                                pid: p.pid,
-                                released_step: p.released,
-                                release_page: p.page.is_some(),
-                            })
-                            .collect();
-                        peers.sort_by(|a, b| a.replica.cmp(&b.replica));
-                        RingStatus {
-                            dp_rank: *r,
-                            published_step: e.published,
-                            released_step: released,
-                            slots: self.settings.slots,
-                            occupancy: e
-                                .published
-                                .saturating_sub(released)
-                                .min(self.settings.slots as u64),
-                            peers,
-                            tokens_delivered: e.stats.tokens_delivered,
-                            batches_delivered: e.stats.batches_delivered,
-                            consumer_wait_s: consumer,
-                            producer_wait_s: producer,
-                            release_frames: e.stats.release_frames,
-                            page_releases: e.stats.page_releases,
-                            wakes: e.stats.wakes,
-                            wakes_deferred: e.stats.wakes_deferred,
-                        }
+                        e.status(*r, self.settings.slots, now)
                     })
                     .collect();
                 jobs.push(JobStatus {
                     job: name.clone(),
                     dp_size: job.dp_size,
                     rings,
-                    // For /metrics: the batches it holds (at most `jobplan::keep`,
-                    // whatever a stalled rank does), and the batches planned by the
-                    // job's planner (of them, by the plan thread outside the lock) and by
-                    // rings' private planners (about one per step, not one per rank per
-                    // step).
-                    planner: JobPlanCounts {
-                        held: job.plan.held() as u64,
-                        planned: job.plan.planned,
-                        private: job.plan.private,
-                        ahead: job.plan.ahead,
-                    },
+                    planner: job.plan_counts(),
                 });
             }
             let by_source = |m: &BTreeMap<&'static str, u64>| -> BTreeMap<String, u64> {
@@ -236,6 +205,8 @@ impl Hub {
                 journal_superseded: st.plan.superseded(),
                 jobs,
                 fingerprint: format!("{:032x}", st.plan.fingerprint()),
+                departed_rings: gone.rings,
+                departed_jobs: gone.jobs,
                 ..Status::default()
             };
             (Self::journal_parts(&st), out, best, delivered)
@@ -303,7 +274,63 @@ impl Hub {
     }
 }
 
+impl super::Job {
+    /// What the job's planner holds and planned, for the exporter's per-job series.
+    pub(super) fn plan_counts(&self) -> JobPlanCounts {
+        // The batches it holds (at most `jobplan::keep`, whatever a stalled rank does),
+        // and the batches planned by the job's planner (of them, by the plan thread
+        // outside the lock) and by rings' private planners (about one per step, not one
+        // per rank per step).
+        JobPlanCounts {
+            held: self.plan.held() as u64,
+            planned: self.plan.planned,
+            private: self.plan.private,
+            ahead: self.plan.ahead,
+            serial: self.serial.0,
+        }
+    }
+}
+
 impl RingEntry {
+    /// The ring's RING object of STATUS (rank `dp_rank`, `slots` slots) at `now`.
+    pub(super) fn status(&self, dp_rank: u32, slots: u32, now: Instant) -> RingStatus {
+        let (consumer, producer) = self.stats.waits(now);
+        let released = self
+            .peers
+            .values()
+            .map(|p| p.released)
+            .min()
+            .unwrap_or(self.published);
+        let mut peers: Vec<PeerStatus> = self
+            .peers
+            .values()
+            .map(|p| PeerStatus {
+                replica: p.replica.clone(),
+                pid: p.pid,
+                released_step: p.released,
+                release_page: p.page.is_some(),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.replica.cmp(&b.replica));
+        RingStatus {
+            dp_rank,
+            published_step: self.published,
+            released_step: released,
+            slots,
+            occupancy: self.published.saturating_sub(released).min(slots as u64),
+            peers,
+            tokens_delivered: self.stats.tokens_delivered,
+            batches_delivered: self.stats.batches_delivered,
+            consumer_wait_s: consumer,
+            producer_wait_s: producer,
+            release_frames: self.stats.release_frames,
+            page_releases: self.stats.page_releases,
+            wakes: self.stats.wakes,
+            wakes_deferred: self.stats.wakes_deferred,
+            serial: self.stats.serial.0,
+        }
+    }
+
     /// Replaces `best` with this ring's last published cursor when that is further on:
     /// `status` reports the mixture at the most advanced ring, with the epochs of the
     /// planner that planned it (its own, else its job's).
