@@ -1214,27 +1214,13 @@ fn a_draining_daemon_says_so_in_status() {
     assert!(d.wait_exit(TIMEOUT).is_some_and(|s| s.success()));
 }
 
-/// STATUS stays within its frame however long the journal is. 300 domains with names at
-/// the config's limit (4,096 bytes) make each change 1.2 MB of JSON; STATUS listed every
-/// one, so it grew by that per change (31 MB here) and passed the 64 MiB frame at 54
-/// changes (of the 4,096 `live_changes` allows: 5 GB): `status`, `top` and the exporter
-/// then got `busy`. It lists the journal's ends within 8 MiB and counts the rest.
-#[test]
-fn status_of_a_long_journal_of_long_names_stays_within_its_frame() {
-    use millrace::wire::status::STATUS_JOURNAL_BYTES;
-    const DOMAINS: usize = 300;
-    const CHANGES: u64 = 24;
-    let corpus = common::corpus(300_000, DOMAINS, 5, 300_000);
+/// A corpus of `domains` domains (`tokens` in all) whose names are as long as a config
+/// takes (4,096 bytes), and a config with `serve` added to `[serve]`.
+fn long_named(domains: usize, tokens: u64, serve: &str) -> Fixture {
+    let corpus = common::corpus(tokens, domains, 5, 300_000);
     let socket = corpus.dir.join("s.sock");
     let base = common::serve_toml(&socket, 4, 2);
-    let config = common::write_config(
-        &corpus.dir,
-        "long.toml",
-        SEQ_LEN,
-        ROWS,
-        &[&base, "live_changes = 4096\n"],
-    );
-    // Every domain's name padded to the longest a config takes.
+    let config = common::write_config(&corpus.dir, "long.toml", SEQ_LEN, ROWS, &[&base, serve]);
     let long = |n: &str| {
         format!(
             "{n}_{}",
@@ -1259,11 +1245,24 @@ fn status_of_a_long_journal_of_long_names_stays_within_its_frame() {
         p.insert("weights".into(), w.into());
     }
     std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
-    let f = Fixture {
+    Fixture {
         corpus,
         config,
         socket,
-    };
+    }
+}
+
+/// STATUS stays within its frame however long the journal is. 300 domains with names at
+/// the config's limit (4,096 bytes) make each change 1.2 MB of JSON; STATUS listed every
+/// one, so it grew by that per change (31 MB here) and passed the 64 MiB frame at 54
+/// changes (of the 4,096 `live_changes` allows: 5 GB): `status`, `top` and the exporter
+/// then got `busy`. It lists the journal's ends within 8 MiB and counts the rest.
+#[test]
+fn status_of_a_long_journal_of_long_names_stays_within_its_frame() {
+    use millrace::wire::status::STATUS_JOURNAL_BYTES;
+    const DOMAINS: usize = 300;
+    const CHANGES: u64 = 24;
+    let f = long_named(DOMAINS, 300_000, "live_changes = 4096\n");
     let _serve = f.serve();
     let first = f.names()[0].clone();
     assert_eq!(first.len(), millrace::config::MAX_NAME);
@@ -1318,4 +1317,62 @@ fn status_of_a_long_journal_of_long_names_stays_within_its_frame() {
         &text[text.len().saturating_sub(2000)..]
     );
     assert_eq!(f.journal().len() as u64, CHANGES);
+}
+
+/// The daemon's peak resident memory (VmHWM), in kB.
+fn peak_kb(pid: libc::pid_t) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A change whose reply cannot carry the journal (4,096 domains of 4,096-byte names:
+/// 17 MB of JSON per change, past the frame at the fourth) says it was applied, and
+/// neither it nor `journal` builds the journal first. The daemon built every such reply
+/// whole (JSON and its value tree) and then answered "the reply exceeds one frame", as
+/// if refused: the twelfth change's 200 MB reply raised its peak memory by 590 MB (190
+/// MB now, for the three replies that fit), and at this config's most changes (511)
+/// each one would build 8.6 GB of JSON.
+#[test]
+fn a_change_too_large_to_reply_with_its_journal_says_it_was_applied() {
+    const CHANGES: u64 = 12;
+    let f = long_named(4096, 4_100_000, "live_changes = 16\n");
+    let serve = f.serve();
+    let first = f.names()[0].clone();
+    let before = peak_kb(serve.pid());
+    let mut busy = 0;
+    for i in 0..CHANGES {
+        let r = f.set_weights(json!({ &first: 1.0 + i as f64 }), Some(100 + i), "refuse");
+        if r["ok"] == false {
+            assert_eq!(r["code"], "busy", "change {i}: {r}");
+            let message = r["message"].as_str().unwrap();
+            assert!(
+                message.contains("applied") && message.contains("millrace status"),
+                "change {i}: {message}"
+            );
+            busy += 1;
+        }
+    }
+    assert!(busy >= CHANGES - 4, "{busy} changes answered busy");
+    let grew = peak_kb(serve.pid()).saturating_sub(before);
+    assert!(
+        grew < 350 << 10,
+        "the daemon's peak memory grew by {grew} kB"
+    );
+    let r = f.req(control::journal_request());
+    assert_eq!(
+        (&r["ok"], &r["code"]),
+        (&json!(false), &json!("busy")),
+        "{r}"
+    );
+    let st = f.status();
+    assert_eq!(st["journal_changes"], CHANGES);
+    assert_eq!(
+        st["journal"].as_array().map(Vec::len),
+        Some(0),
+        "17 MB per entry"
+    );
 }

@@ -16,6 +16,10 @@ use crate::wire::control::{self, Control};
 use crate::wire::protocol::Code;
 use crate::wire::status::ReloadOutcome;
 
+/// The most bytes of JSON a reply's journal may take: one frame less room for the
+/// reply's other fields (a change's message names at most a few schedule points).
+const JOURNAL_REPLY_ROOM: usize = crate::wire::MAX_JSON_FRAME - (1 << 20);
+
 /// Where a reload or change can come from; each has its reload counters from the start.
 pub(super) const RELOAD_SOURCES: [&str; 5] = ["file", "sighup", "ctl", "client", "cursor"];
 
@@ -286,7 +290,13 @@ impl Daemon {
                 return serde_json::json!({"ok": true, "op": "status", "status": self.status()})
             }
             Control::Journal => {
-                return serde_json::json!({"ok": true, "op": "journal", "journal": self.hub.journal()})
+                return match self.hub.journal_within(JOURNAL_REPLY_ROOM) {
+                    Some(j) => serde_json::json!({"ok": true, "op": "journal", "journal": j}),
+                    None => serde_json::json!({"ok": false, "op": "journal", "code": Code::Busy,
+                        "message": format!("the journal takes more than one frame as JSON \
+                            ({JOURNAL_REPLY_ROOM} bytes); `millrace status` lists its first \
+                            and last changes")}),
+                };
             }
             Control::Reload => ("reload", self.reload_file("ctl")),
             Control::SetWeights {
@@ -319,15 +329,28 @@ impl Daemon {
             }
         };
         match result {
-            Ok(a) => serde_json::json!({
-                "ok": true,
-                "op": op,
-                "requested_step": a.requested_step,
-                "applied_step": a.applied_step,
-                "moved": a.moved,
-                "journal": self.hub.journal(),
-                "message": a.message,
-            }),
+            Ok(a) => match self.hub.journal_within(JOURNAL_REPLY_ROOM) {
+                Some(journal) => serde_json::json!({
+                    "ok": true,
+                    "op": op,
+                    "requested_step": a.requested_step,
+                    "applied_step": a.applied_step,
+                    "moved": a.moved,
+                    "journal": journal,
+                    "message": a.message,
+                }),
+                // Applied: said so, as the reply with the journal cannot be sent.
+                None => serde_json::json!({
+                    "ok": false,
+                    "op": op,
+                    "code": Code::Busy,
+                    "message": format!(
+                        "{} (applied; the reply would not fit one frame with the journal: \
+                         `millrace status` lists its first and last changes)",
+                        a.message
+                    ),
+                }),
+            },
             Err(e) => {
                 let mut v = serde_json::json!({"ok": false, "op": op, "code": e.code, "message": e.message});
                 if let Some(fc) = e.first_changeable {
