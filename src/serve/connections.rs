@@ -80,7 +80,8 @@ pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListene
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             let existed = std::fs::symlink_metadata(dir).is_ok();
-            std::fs::create_dir_all(dir)
+            let fallback = crate::config::serve::default_socket_for(None, crate::sys::euid());
+            create_socket_dir(dir, fallback.parent() == Some(dir))
                 .with_context(|| format!("creating the socket directory {}", dir.display()))?;
             check_private_dir(dir, !existed)?;
         }
@@ -96,6 +97,24 @@ pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListene
         return Err(anyhow::anyhow!("{e}"));
     }
     Ok(listener)
+}
+
+/// Creates the socket's directory and its parents. A `private` one (the default
+/// fallback, `/tmp/millrace-UID`) is made mode 0700 by `mkdir` itself: made with the umask's mode
+/// and chmodded after, it stood open for a moment under a umask of 0, long enough for
+/// another user to plant an impostor socket in it that outlives the chmod.
+fn create_socket_dir(dir: &Path, private: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !private {
+        return std::fs::create_dir_all(dir);
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
 }
 
 /// A socket directory inside a world-writable one (`/tmp/millrace-UID`, the default
@@ -800,5 +819,25 @@ mod tests {
             error(&[9, 0, 0, 0, kind::RELEASE]),
             "connection closed inside a frame (5 bytes pending)"
         );
+    }
+
+    /// The fallback socket directory is private from the `mkdir` on, whatever the umask
+    /// left open: before, it was made with the umask's mode (0755 under 022, 0777 under
+    /// 0) and chmodded 0700 only after, and another user could plant a socket in it in
+    /// between. Directories named by a config are made as before (with the umask's mode:
+    /// their group and mode are the operator's).
+    #[test]
+    fn the_private_socket_directory_is_0700_when_it_is_made() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let private = tmp.path().join("shared/millrace-1000");
+        create_socket_dir(&private, true).unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{mode:o}");
+        // Made twice (a restart): fine, and the mode is left as it is.
+        create_socket_dir(&private, true).unwrap();
+        let named = tmp.path().join("run/millrace");
+        create_socket_dir(&named, false).unwrap();
+        assert!(named.is_dir());
     }
 }
