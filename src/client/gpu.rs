@@ -462,7 +462,18 @@ mod imp {
             if self.pinning == Pinning::Pageable {
                 return;
             }
-            let rc = self.ctx.bind_to_thread().and_then(|()| {
+            // cudarc's bind first hands back (and clears) an error an earlier call stored
+            // (a failed free in a drop); skipping the unregister for it would leave the ring
+            // pinned after its unmap, and a ring mapped later at the same address would
+            // then fail to register. The second bind is the real one.
+            let bound = self.ctx.bind_to_thread().or_else(|stored| {
+                tracing::warn!(
+                    "an earlier CUDA call failed (reported at the ring's unregister): {}",
+                    describe(stored)
+                );
+                self.ctx.bind_to_thread()
+            });
+            let rc = bound.and_then(|()| {
                 // SAFETY: `ptr` is the address this value registered.
                 unsafe { sys::cuMemHostUnregister(self.ptr as *mut _) }.result()
             });
