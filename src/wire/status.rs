@@ -19,6 +19,11 @@ pub const STATUS_JOURNAL_TAIL: usize = 16;
 /// names (18 MB of `domains[]`) STATUS stays well within its 64 MiB frame.
 pub const STATUS_JOURNAL_BYTES: usize = 8 << 20;
 
+/// Poisoned shards STATUS lists at most: a filesystem lost under a corpus of 10^5 shards
+/// poisons every one, and their paths and reasons (a few hundred bytes each) would pass
+/// the 64 MiB frame and take `status`, `top` and the exporter with them.
+pub const STATUS_POISONED_SHARDS: usize = 1024;
+
 /// Everything `millrace status` reports: the hub's figures and the process's own.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -63,8 +68,11 @@ pub struct Status {
     pub pid: u32,
     /// The plan step of the most advanced ring's published cursor.
     pub plan_step: u64,
-    /// Shards that changed under the daemon; no ring reads them until a restart.
+    /// Shards that changed under the daemon; no ring reads them until a restart (the
+    /// first [`STATUS_POISONED_SHARDS`] of them).
     pub poisoned_shards: Vec<PoisonedShard>,
+    /// Poisoned shards, all of them (`poisoned_shards` may list fewer).
+    pub poisoned_shards_total: u64,
     /// Connections refused since start (REFUSED frames), per code.
     pub refused_by_code: BTreeMap<String, u64>,
     /// Reloads and changes applied since start.

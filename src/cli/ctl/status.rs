@@ -80,15 +80,19 @@ pub fn last_reload_line(st: &Status) -> Option<String> {
 /// lines and one that counts the rest; nothing when there are none.
 pub fn poisoned_lines(st: &Status, max: usize) -> Vec<String> {
     let all = &st.poisoned_shards;
+    // A daemon before `poisoned_shards_total` listed every one.
+    let total = st.poisoned_shards_total.max(all.len() as u64);
     let mut lines: Vec<String> = all
         .iter()
         .take(max)
         .map(|p| format!("POISONED SHARD {} until a restart: {}", p.shard, p.reason))
         .collect();
-    if all.len() > max {
+    let shown = lines.len() as u64;
+    if total > shown {
         lines.push(format!(
-            "{} more poisoned shards (`millrace status --json` lists every one)",
-            all.len() - max
+            "{} more poisoned shards (`millrace status --json` lists the first {})",
+            total - shown,
+            all.len()
         ));
     }
     lines
@@ -419,6 +423,18 @@ pub(super) mod tests {
         let frame = render(&st, None, 200);
         assert!(frame.contains(first), "{frame}");
         assert!(frame.contains("19 more poisoned shards"), "{frame}");
+        // STATUS lists the first 1,024 of a lost filesystem's shards and counts them all;
+        // a daemon before the count listed every one (total 0).
+        st.poisoned_shards_total = 100_000;
+        let text = render_status(&st);
+        assert!(
+            text.contains(
+                "99984 more poisoned shards (`millrace status --json` lists the first 20)"
+            ),
+            "{text}"
+        );
+        st.poisoned_shards_total = 0;
+        assert!(render_status(&st).contains("4 more poisoned shards"));
     }
 
     /// Long domain and job names widen their columns (in `top` too): every row's figures

@@ -274,19 +274,21 @@ impl Hub {
             0.0
         };
         // Shards that changed under the daemon: no ring reads them until a restart.
-        out.poisoned_shards = self
+        let mut poisoned = self
             .source
             .shards
             .iter()
             .flatten()
-            .filter_map(|s| {
-                let why = s.poisoned()?;
-                Some(PoisonedShard {
-                    shard: s.path().display().to_string(),
-                    reason: why.to_string(),
-                })
+            .filter_map(|s| Some((s, s.poisoned()?)));
+        out.poisoned_shards = poisoned
+            .by_ref()
+            .take(crate::wire::status::STATUS_POISONED_SHARDS)
+            .map(|(s, why)| PoisonedShard {
+                shard: s.path().display().to_string(),
+                reason: why.to_string(),
             })
             .collect();
+        out.poisoned_shards_total = (out.poisoned_shards.len() + poisoned.count()) as u64;
         out
     }
 }
