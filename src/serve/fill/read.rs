@@ -249,7 +249,10 @@ impl Readers {
         if keep {
             pool.idle.push(r);
         } else {
+            // Its ring and buffers are gone: one more may open now, as one failed to when
+            // `full` was set.
             pool.live -= 1;
+            pool.full = false;
         }
         drop(pool);
         self.returned.notify_one();
@@ -530,6 +533,56 @@ mod tests {
                     assert!(e.starts_with("io_uring is unavailable"), "{e}");
                 }
             }
+        });
+    }
+
+    /// Regression: once opening a reader had failed (`full`), a reader dropped later (its
+    /// ring broken) was never replaced while any other was alive: the pool stayed one
+    /// reader short for the daemon's life, and two fills at once took turns on the one
+    /// left. A dropped reader lets the next fill that finds none idle open one.
+    #[test]
+    fn a_dropped_reader_is_replaced_after_opening_one_had_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _, _) = shard_and_job(dir.path(), 7, (0, 7));
+        let readers = Readers::open(Reader::Uring, &src.shards);
+        if let Some(why) = readers.fallback() {
+            eprintln!("{why}");
+            return;
+        }
+        let (first, second) = (readers.take().unwrap(), readers.take().unwrap());
+        std::thread::scope(|s| {
+            // A third fill where no reader can be opened waits, and sets `full`.
+            let waiter = s.spawn(|| {
+                if !crate::sys::refuse_io_uring_in_this_thread(libc::EPERM) {
+                    return false;
+                }
+                readers.give(readers.take().unwrap(), true);
+                true
+            });
+            let t0 = std::time::Instant::now();
+            while !readers.lock().full && !waiter.is_finished() {
+                assert!(t0.elapsed().as_secs() < 30, "the third fill never waited");
+                std::thread::yield_now();
+            }
+            readers.give(second, true);
+            if !waiter.join().unwrap() {
+                eprintln!("skipping: the kernel refused a seccomp filter");
+                return;
+            }
+            // One reader breaks and is dropped: one idle is left of two.
+            readers.give(first, false);
+            assert_eq!(readers.lock().live, 1);
+            let held = readers.take().unwrap();
+            // Two fills at once again: the second gets a reader of its own.
+            let other = s.spawn(|| readers.give(readers.take().unwrap(), true));
+            let t0 = std::time::Instant::now();
+            while readers.lock().live < 2 && t0.elapsed().as_secs() < 30 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let live = readers.lock().live;
+            readers.give(held, true);
+            other.join().unwrap();
+            assert_eq!(live, 2, "the dropped reader was never replaced");
         });
     }
 
