@@ -254,12 +254,16 @@ fn an_unknown_reader_is_refused_naming_the_choices() {
 fn deny_syscall(nr: libc::c_long) -> std::io::Result<()> {
     let (ld_nr, jeq, ret) = (0x20, 0x15, 0x06);
     let op = |code, jf, k| libc::sock_filter { code, jt: 0, jf, k };
-    let mut filter = [
+    install_filter(&mut [
         op(ld_nr, 0, 0),
         op(jeq, 1, nr as u32),
         op(ret, 0, 0x0005_0000 | libc::EPERM as u32),
         op(ret, 0, 0x7fff_0000),
-    ];
+    ])
+}
+
+/// Installs the seccomp `filter` in this process (async-signal-safe).
+fn install_filter(filter: &mut [libc::sock_filter]) -> std::io::Result<()> {
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),
@@ -322,5 +326,69 @@ fn a_daemon_refused_any_io_uring_call_falls_back_to_the_copy() {
                 .find(|l| l.contains("cannot be used"))
                 .unwrap_or("")
         );
+    }
+}
+
+/// Installs, in the process about to exec, a seccomp filter under which `io_uring_enter`
+/// fails with EPERM when it submits more than one entry: the start's check of a fresh
+/// ring (one NOP) passes, and every fill's batch of reads is refused, as a refusal that
+/// comes only after start and persists. Only async-signal-safe calls.
+fn deny_batched_io_uring_enter() -> std::io::Result<()> {
+    let (ld, jeq, jgt, ret) = (0x20, 0x15, 0x25, 0x06);
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    install_filter(&mut [
+        op(ld, 0, 0, 0),
+        op(jeq, 0, 3, libc::SYS_io_uring_enter as u32),
+        // The low word of the second argument, to_submit (little-endian).
+        op(ld, 0, 0, 24),
+        op(jgt, 0, 1, 1),
+        op(ret, 0, 0, 0x0005_0000 | libc::EPERM as u32),
+        op(ret, 0, 0, 0x7fff_0000),
+    ])
+}
+
+/// Regression: an `io_uring_enter` refusal that comes after start and persists failed
+/// every compact fill with `ERROR materialize ... io_uring_enter: Operation not
+/// permitted`: each fill dropped its broken ring, set up a new one whose one-time check
+/// passed, and failed again. The daemon now gives io_uring up for good at the first such
+/// failure, logging it once, and copies that fill and every later one from the mappings:
+/// the rows are what `explain` says.
+#[test]
+fn an_io_uring_enter_refused_after_start_falls_back_to_the_copy_for_good() {
+    use std::os::unix::process::CommandExt;
+    let corpus = common::corpus(200_000, 1, 5, 50_000);
+    let dir = &corpus.dir;
+    for reader in ["uring", "uring-direct"] {
+        let name = format!("late-{reader}");
+        let d = Daemon::start_as(dir, &name, reader, |c| {
+            // SAFETY: the hook only makes prctl calls (async-signal-safe).
+            unsafe { c.pre_exec(deny_batched_io_uring_enter) };
+        });
+        if !d.reads_with_uring(reader) {
+            continue;
+        }
+        let mut c = d.connect("c", SlotLayout::Compact, 0);
+        let pad = c.welcome().pad_token as u16;
+        for (step, rows) in explained(&dir.join(format!("{name}.toml")), 16, pad)
+            .iter()
+            .enumerate()
+        {
+            let b = c
+                .next_batch()
+                .unwrap_or_else(|e| panic!("{reader}: step {step}: {e}\n{}", d.serve.log_text()));
+            let (_, got) = compact_rows(b, reader);
+            assert!(got == row_bytes(rows), "{reader}: step {step}");
+        }
+        let log = d.serve.log_text();
+        let gave_up = format!(
+            "[serve] reader = {reader:?} failed after start (io_uring: io_uring_enter: \
+             Operation not permitted"
+        );
+        assert_eq!(log.matches(&gave_up).count(), 1, "{reader}: {log}");
+        assert!(
+            log.contains("copied from the mappings (as \"mmap\") until restart"),
+            "{reader}: {log}"
+        );
+        assert!(!log.contains("ERROR"), "{reader}: {log}");
     }
 }

@@ -186,6 +186,33 @@ impl ReadError {
         matches!(self, ReadError::Unavailable { .. })
     }
 
+    /// Whether io_uring itself failed, not a file: the ring could not be set up or
+    /// entered ([`ReadError::Unavailable`], [`ReadError::Ring`]), or a read completed with
+    /// an error of the kernel's io_uring machinery rather than of the file's bytes
+    /// (cancelled, out of memory, an argument or operation it refused). The mappings still
+    /// hold those bytes: a caller copies from them instead of failing the fill.
+    pub fn is_io_uring(&self) -> bool {
+        match self {
+            ReadError::Unavailable { .. } | ReadError::Ring { .. } => true,
+            ReadError::Read { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(
+                    libc::ECANCELED
+                        | libc::ENOMEM
+                        | libc::EINVAL
+                        | libc::EOPNOTSUPP
+                        | libc::ENOSYS
+                        | libc::EFAULT
+                        | libc::EBADF
+                        | libc::EPERM
+                        | libc::EINTR
+                        | libc::EAGAIN
+                )
+            ),
+            _ => false,
+        }
+    }
+
     /// The file the error is about, when it is about one.
     pub fn path(&self) -> Option<&Path> {
         match self {

@@ -154,6 +154,32 @@ pub(super) fn fill_compact<T: Out>(
         sums.loss += loss;
         sums.real += p as u64;
     }
+    if !queued.is_empty() {
+        let spans: Vec<Span> = queued.iter().map(|q| q.span).collect();
+        match src
+            .readers
+            .read(&spans, bytemuck::cast_slice_mut::<T, u8>(rows))
+        {
+            Ok(()) => {
+                for q in queued.iter().filter(|_| check) {
+                    let at = q.span.dst as usize / size;
+                    if out_of_range(&rows[at..at + q.span.len as usize / size], limit) {
+                        return Err(fail(bad_token(src, q.shard, q.row, q.seg, q.piece)));
+                    }
+                }
+            }
+            // io_uring itself failed, not a file (the readers gave it up for good, saying
+            // why): the same spans are copied from the mappings below.
+            Err(e) if e.is_io_uring() => pieces.extend(queued.drain(..).map(|q| Piece {
+                at: q.span.dst as usize / size,
+                row: q.row,
+                seg: q.seg,
+                shard: q.shard,
+                piece: q.piece,
+            })),
+            Err(e) => return Err(read_failed(src, &queued, e, &fail)),
+        }
+    }
     for (i, pc) in pieces.iter().enumerate() {
         if let Some(next) = pieces.get(i + PREFETCH_AHEAD) {
             crate::sys::prefetch(next.piece.as_bytes(), PREFETCH_BYTES);
@@ -179,18 +205,6 @@ pub(super) fn fill_compact<T: Out>(
         }
         if bad {
             return Err(fail(bad_token(src, pc.shard, pc.row, pc.seg, pc.piece)));
-        }
-    }
-    if !queued.is_empty() {
-        let spans: Vec<Span> = queued.iter().map(|q| q.span).collect();
-        src.readers
-            .read(&spans, bytemuck::cast_slice_mut::<T, u8>(rows))
-            .map_err(|e| read_failed(src, &queued, e, &fail))?;
-        for q in queued.iter().filter(|_| check) {
-            let at = q.span.dst as usize / size;
-            if out_of_range(&rows[at..at + q.span.len as usize / size], limit) {
-                return Err(fail(bad_token(src, q.shard, q.row, q.seg, q.piece)));
-            }
         }
     }
     cursor[..job.cursor.len()].copy_from_slice(&job.cursor);

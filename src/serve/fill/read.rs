@@ -5,7 +5,7 @@
 //! themselves are src/serve/uring.rs; docs/DESIGN.md ("Page cache") says why each exists.
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use tracing::{info, warn};
 
@@ -30,6 +30,9 @@ pub struct Readers {
     pool: Mutex<Pool>,
     /// Signalled when a reader goes back to the pool (or is dropped).
     returned: Condvar,
+    /// Why io_uring failed after start, once it did: from then on slots are copied from
+    /// the mappings (as `mmap`) until restart.
+    failed: OnceLock<String>,
 }
 
 /// The io_uring readers of a [`Readers`].
@@ -69,6 +72,7 @@ impl Readers {
             first: Vec::new(),
             pool: Mutex::default(),
             returned: Condvar::new(),
+            failed: OnceLock::new(),
         }
     }
 
@@ -127,6 +131,7 @@ impl Readers {
             first,
             pool: Mutex::default(),
             returned: Condvar::new(),
+            failed: OnceLock::new(),
         };
         let mut tried = reader;
         let files = readers.paths.len() as u64;
@@ -196,14 +201,21 @@ impl Readers {
         self.fallback = Some(why);
     }
 
-    /// The reader in use (the configured one, or its fallback).
+    /// The reader in use (the configured one, or its fallback; `mmap` once io_uring
+    /// failed after start).
     pub fn reader(&self) -> Reader {
-        self.reader
+        match self.failed.get() {
+            Some(_) => Reader::Mmap,
+            None => self.reader,
+        }
     }
 
     /// Why the configured reader is not the one in use, if it is not.
     pub fn fallback(&self) -> Option<&str> {
-        self.fallback.as_deref()
+        self.failed
+            .get()
+            .or(self.fallback.as_ref())
+            .map(String::as_str)
     }
 
     /// Whether the shards get page-cache hints (MADV_RANDOM, MADV_WILLNEED): only for
@@ -214,9 +226,29 @@ impl Readers {
         page_hints && self.reader == Reader::MmapWillneed
     }
 
-    /// Whether compact slots of the shards' dtype are read with io_uring.
+    /// Whether compact slots of the shards' dtype are read with io_uring (and io_uring has
+    /// not failed since start).
     pub(super) fn uring(&self) -> bool {
-        matches!(self.reader, Reader::Uring | Reader::UringDirect)
+        matches!(self.reader, Reader::Uring | Reader::UringDirect) && self.failed.get().is_none()
+    }
+
+    /// Gives io_uring up for good after `e`, an error of io_uring itself
+    /// ([`ReadError::is_io_uring`]) met after start: a refusal that persists (a seccomp
+    /// profile's, a kernel's) would otherwise fail every fill, each new ring passing its
+    /// one-time check and then failing. Logged once; the idle readers are closed, and
+    /// fills copy from the mappings from now on.
+    fn give_up(&self, e: &ReadError) {
+        let why = format!(
+            "[serve] reader = {:?} failed after start ({e}); compact slots are copied from \
+             the mappings (as \"mmap\") until restart",
+            self.reader.as_str()
+        );
+        if self.failed.set(why.clone()).is_ok() {
+            warn!("{why}");
+            let mut pool = self.lock();
+            pool.live -= pool.idle.len();
+            pool.idle.clear();
+        }
     }
 
     /// The index in the registered files of `domain`'s shard `shard`.
@@ -232,21 +264,36 @@ impl Readers {
     }
 
     /// Fills `dst` from `spans` with a reader of the pool (a new one when all are in
-    /// use by other threads), and puts it back.
+    /// use by other threads), and puts it back. An error of io_uring itself
+    /// ([`ReadError::is_io_uring`]) gives io_uring up for good ([`Readers::give_up`]): the
+    /// caller copies the spans from the mappings instead.
     pub(super) fn read(&self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
-        let mut r = self.take()?;
-        let result = r.read(spans, dst);
-        // A ring the kernel failed to enter is dropped (its read may have returned a
-        // span's error first); any other error left it idle.
-        let keep = !r.is_broken() && !matches!(result, Err(ReadError::Ring { .. }));
-        self.give(r, keep);
+        if let Some(why) = self.failed.get() {
+            return Err(ReadError::Unavailable {
+                what: "io_uring failed after start",
+                source: std::io::Error::other(why.clone()),
+            });
+        }
+        let result = self.take().and_then(|mut r| {
+            let result = r.read(spans, dst);
+            // A ring the kernel failed to enter is dropped (its read may have returned a
+            // span's error first); any other error left it idle.
+            let keep = !r.is_broken() && !matches!(result, Err(ReadError::Ring { .. }));
+            self.give(r, keep);
+            result
+        });
+        if let Err(e) = &result {
+            if e.is_io_uring() {
+                self.give_up(e);
+            }
+        }
         result
     }
 
     /// Returns a reader taken with [`Readers::take`] (or drops it), waking a waiter.
     fn give(&self, r: UringReader, keep: bool) {
         let mut pool = self.lock();
-        if keep {
+        if keep && self.failed.get().is_none() {
             pool.idle.push(r);
         } else {
             // Its ring and buffers are gone: one more may open now, as one failed to when
