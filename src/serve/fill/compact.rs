@@ -213,8 +213,10 @@ pub(super) fn fill_compact<T: Out>(
 }
 
 /// The error of an io_uring read, naming the row and document of the span it was part
-/// of. A shard that ended before a planned span was truncated under the daemon: it is
-/// poisoned, as when the mmap copy faults on it, so nothing reads it again.
+/// of. A shard that ended before a planned span was truncated under the daemon, and one
+/// whose bytes the device or filesystem could not read (EIO) has lost them: either is
+/// poisoned, as when the mmap copy faults on it (a SIGBUS, for an EIO under a mapping
+/// too), so nothing reads it again and new clients of it are refused.
 fn read_failed(
     src: &Source,
     queued: &[Queued<'_>],
@@ -239,11 +241,16 @@ fn read_failed(
             && at.is_some_and(|o| (q.span.offset..q.span.offset + q.span.len).contains(&o))
     });
     let mut why = format!("reading with io_uring: {e}");
-    if let (ReadError::Truncated { .. }, Some(q)) = (&e, q) {
-        why.push_str(
-            " (the file shrank under the daemon: truncated or rewritten in place?); the \
-             shard is poisoned until restart",
-        );
+    let lost = match &e {
+        ReadError::Truncated { .. } => {
+            Some(" (the file shrank under the daemon: truncated or rewritten in place?)")
+        }
+        ReadError::Read { .. } => Some(" (the device or filesystem could not read its bytes)"),
+        _ => None,
+    };
+    if let (Some(lost), Some(q)) = (lost, q) {
+        why.push_str(lost);
+        why.push_str("; the shard is poisoned until restart");
         q.shard.poison(why.clone());
     }
     match q {

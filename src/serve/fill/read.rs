@@ -633,6 +633,57 @@ mod tests {
         });
     }
 
+    /// Regression: an io_uring read that failed with an I/O error (EIO: a bad sector, a
+    /// filesystem's checksum) failed the fill but did not poison the shard, though the
+    /// mmap copy poisons it on the SIGBUS the same error raises there: every later fill
+    /// read it again, and new clients of it were admitted. The read here is of
+    /// `/proc/self/mem` registered in the shard's place, at the span's offset (below any
+    /// mapping, so the kernel answers EIO); the fill fails naming the file, the bytes and
+    /// the error, the shard is poisoned, and the next fill is refused before reading.
+    #[test]
+    fn a_read_failing_with_eio_poisons_the_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut src, job, layout, ring, _) = copied_slot(dir.path());
+        let mem = std::path::PathBuf::from("/proc/self/mem");
+        let paths = vec![mem.clone()];
+        src.readers = Readers {
+            reader: Reader::Uring,
+            fallback: None,
+            files: Some(ShardFiles::open(&paths, false).unwrap()),
+            paths,
+            first: vec![0],
+            pool: Mutex::default(),
+            returned: Condvar::new(),
+            failed: OnceLock::new(),
+        };
+        let slot = &mut ring.claim(0).unwrap();
+        let e = match fill_slot(slot, &layout, &job, &src) {
+            Err(e) => e.to_string(),
+            Ok(_) => {
+                // The kernel refuses io_uring here: the fill was copied from the mapping.
+                let why = src
+                    .readers
+                    .fallback()
+                    .expect("a read below every mapping failed");
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        assert!(
+            e.contains(
+                "row 0: document 3: reading with io_uring: /proc/self/mem: read of bytes \
+                 24576..24706: Input/output error"
+            ) && e.contains("the shard is poisoned until restart"),
+            "{e}"
+        );
+        let why = src.shards[0][0].poisoned().expect("the shard is poisoned");
+        assert!(why.contains("Input/output error"), "{why}");
+        let again = fill_slot(slot, &layout, &job, &src)
+            .unwrap_err()
+            .to_string();
+        assert!(again.contains("poisoned shard"), "{again}");
+    }
+
     /// Shard files that do not fit the descriptors the open-file limit leaves beyond the
     /// clients' share are not opened: `uring-direct` (two a file) falls back to `uring`
     /// (one), and that to the mmap copy, each saying how many it needed. Judged before
