@@ -532,6 +532,18 @@ mod tests {
         }
     }
 
+    /// [`shard_and_job`]'s shard in `dir` and io_uring readers over it; `None` (saying
+    /// why) where the kernel refuses io_uring.
+    fn uring_readers(dir: &Path) -> Option<(Source, Readers)> {
+        let (src, _, _) = shard_and_job(dir, 7, (0, 7));
+        let readers = Readers::open(Reader::Uring, &src.shards);
+        if let Some(why) = readers.fallback() {
+            eprintln!("{why}");
+            return None;
+        }
+        Some((src, readers))
+    }
+
     /// Readers share the descriptors opened at start: a new one registers them even after
     /// the shard file was removed. When no more can be opened (here the kernel refuses
     /// io_uring in the thread that asks, as a seccomp profile does), fills wait for one
@@ -539,12 +551,9 @@ mod tests {
     #[test]
     fn fills_share_the_readers_when_no_more_can_be_opened() {
         let dir = tempfile::tempdir().unwrap();
-        let (src, _, _) = shard_and_job(dir.path(), 7, (0, 7));
-        let readers = Readers::open(Reader::Uring, &src.shards);
-        if let Some(why) = readers.fallback() {
-            eprintln!("{why}");
+        let Some((_src, readers)) = uring_readers(dir.path()) else {
             return;
-        }
+        };
         std::fs::remove_file(dir.path().join("s.bin")).unwrap();
         let held = readers.take().unwrap();
         let second = readers.take().expect("a second reader over the open files");
@@ -590,12 +599,9 @@ mod tests {
     #[test]
     fn a_dropped_reader_is_replaced_after_opening_one_had_failed() {
         let dir = tempfile::tempdir().unwrap();
-        let (src, _, _) = shard_and_job(dir.path(), 7, (0, 7));
-        let readers = Readers::open(Reader::Uring, &src.shards);
-        if let Some(why) = readers.fallback() {
-            eprintln!("{why}");
+        let Some((_src, readers)) = uring_readers(dir.path()) else {
             return;
-        }
+        };
         let (first, second) = (readers.take().unwrap(), readers.take().unwrap());
         std::thread::scope(|s| {
             // A third fill where no reader can be opened waits, and sets `full`.
