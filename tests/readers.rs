@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::Serve;
+use common::{Control, Serve};
 use millrace::client::{Client, ClientError, Hello, SlotArrays, SlotLayout};
 
 const SEQ_LEN: u32 = 256;
@@ -23,6 +23,12 @@ const CHOICES: [&str; 5] = ["auto", "mmap", "mmap-willneed", "uring", "uring-dir
 struct Daemon {
     serve: Serve,
     socket: PathBuf,
+}
+
+impl Control for Daemon {
+    fn control_socket(&self) -> &Path {
+        &self.socket
+    }
 }
 
 impl Daemon {
@@ -367,6 +373,9 @@ fn an_io_uring_enter_refused_after_start_falls_back_to_the_copy_for_good() {
         if !d.reads_with_uring(reader) {
             continue;
         }
+        let st = d.status();
+        assert_eq!(st["reader"], reader, "{st}");
+        assert!(st["reader_fallback"].is_null(), "{st}");
         let mut c = d.connect("c", SlotLayout::Compact, 0);
         let pad = c.welcome().pad_token as u16;
         for (step, rows) in explained(&dir.join(format!("{name}.toml")), 16, pad)
@@ -390,5 +399,13 @@ fn an_io_uring_enter_refused_after_start_falls_back_to_the_copy_for_good() {
             "{reader}: {log}"
         );
         assert!(!log.contains("ERROR"), "{reader}: {log}");
+        // The operator sees it in `status` too, not only in the log.
+        let st = d.status();
+        assert_eq!(st["reader"], "mmap", "{st}");
+        let why = st["reader_fallback"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("io_uring_enter: Operation not permitted"),
+            "{st}"
+        );
     }
 }

@@ -73,6 +73,11 @@ pub struct Status {
     pub poisoned_shards: Vec<PoisonedShard>,
     /// Poisoned shards, all of them (`poisoned_shards` may list fewer).
     pub poisoned_shards_total: u64,
+    /// The reader that fills compact slots now (`mmap`, `mmap-willneed`, `uring`,
+    /// `uring-direct`): `mmap` after io_uring failed under a running daemon.
+    pub reader: String,
+    /// Why the configured `[serve] reader` is not the one in use; null when it is.
+    pub reader_fallback: Option<String>,
     /// Connections refused since start (REFUSED frames), per code.
     pub refused_by_code: BTreeMap<String, u64>,
     /// Reloads and changes applied since start.

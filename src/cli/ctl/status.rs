@@ -136,6 +136,13 @@ pub fn render_status(st: &Status) -> String {
     for line in poisoned_lines(st, 16) {
         let _ = writeln!(s, "{line}");
     }
+    // Daemons before the field do not report the reader.
+    if !st.reader.is_empty() {
+        let _ = match &st.reader_fallback {
+            Some(why) => writeln!(s, "reader       {} ({why})", st.reader),
+            None => writeln!(s, "reader       {}", st.reader),
+        };
+    }
     // Refused trainers retry or fail on their side; here is where the operator sees them.
     if !st.refused_by_code.is_empty() {
         let by: Vec<String> = st

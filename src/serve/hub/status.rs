@@ -289,6 +289,8 @@ impl Hub {
             })
             .collect();
         out.poisoned_shards_total = (out.poisoned_shards.len() + poisoned.count()) as u64;
+        out.reader = self.source.readers.reader().as_str().to_string();
+        out.reader_fallback = self.source.readers.fallback().map(str::to_string);
         out
     }
 }
