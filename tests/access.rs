@@ -690,7 +690,7 @@ fn three_of_four_ranks(socks: &mut [UnixStream]) -> Vec<(u8, Value)> {
 /// reach the socket took every trainer place (`max_clients`), every control connection
 /// and all of `ring_memory_bytes`, and every other user's trainers (the ranks of a
 /// running job reconnecting included) and `millrace status` were refused. Now uid 65534
-/// holds 3 of 4 of each (the default 75%), its next one is refused naming the cap and
+/// holds 3 of 4 of each (`uid_share_percent = 75`), its next one is refused naming the cap and
 /// the uid, and root (the daemon's uid) is still served.
 #[test]
 fn one_uid_cannot_take_all_of_a_cap() {
@@ -699,7 +699,7 @@ fn one_uid_cannot_take_all_of_a_cap() {
         return;
     };
     let gid = nobody.map_or(NOBODY, |n| n.1);
-    let caps = "max_clients = 4\nmax_control_connections = 4";
+    let caps = "max_clients = 4\nmax_control_connections = 4\nuid_share_percent = 75";
     f.configure(&format!("socket_group = {group:?}\n{caps}\n"));
     let s = f.serve();
     let mut theirs = connect_as(NOBODY, gid, &f.socket, 8);
@@ -749,7 +749,7 @@ fn one_uid_cannot_take_all_of_a_cap() {
 
     // Ring memory: a budget of 4 rings, of which uid 65534 gets 3.
     f.configure(&format!(
-        "socket_group = {group:?}\nring_memory_bytes = {}\n",
+        "socket_group = {group:?}\nring_memory_bytes = {}\nuid_share_percent = 75\n",
         4 * ring_bytes
     ));
     let s = f.serve();
@@ -802,7 +802,9 @@ fn one_uid_cannot_take_every_seek_slot() {
         return;
     };
     let gid = nobody.map_or(NOBODY, |n| n.1);
-    f.configure(&format!("socket_group = {group:?}\n"));
+    f.configure(&format!(
+        "socket_group = {group:?}\nuid_share_percent = 75\n"
+    ));
     let s = f.serve();
     // 8 is the most seek slots a daemon has (half its admission slots, at most 16).
     let mut theirs = connect_as(NOBODY, gid, &f.socket, 8);
@@ -834,6 +836,25 @@ fn one_uid_cannot_take_every_seek_slot() {
     let (k, v) = ask(&mut mine, kind::HELLO, &h);
     assert_eq!(k, kind::WELCOME, "{v}\n{}", s.log_text());
     assert_eq!(v["start_step"], 50, "{v}");
+    // Clients of theirs queued behind their share that hang up go at once (fd and bytes
+    // before admission with them): they were held until a permit came, hours later, and
+    // 12,100 of them refused every new connection of that uid, `status` included.
+    let left = |log: &str| log.matches("client left during admission").count();
+    let before = left(&s.log_text());
+    let mut queued = connect_as(NOBODY, gid, &f.socket, 8);
+    for (sock, r) in queued.iter_mut().zip(0u64..) {
+        let mut h = hello(&format!("queued{r}"), 0);
+        h["dp_size"] = 1.into();
+        h["start_step"] = ((1u64 << 31) + 100 + r).into();
+        millrace::wire::frame::write_to(sock, kind::HELLO, h.to_string().as_bytes()).unwrap();
+    }
+    // The daemon reads each HELLO (its bytes come before the hang-up) and queues it.
+    drop(queued);
+    let deadline = Instant::now() + TIMEOUT;
+    while left(&s.log_text()) < before + 8 {
+        assert!(Instant::now() < deadline, "{}", s.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(theirs);
 }
 
@@ -865,7 +886,9 @@ fn one_uid_cannot_take_every_byte_before_admission() {
         rl.rlim_cur = rl.rlim_cur.max(rl.rlim_max.min(1 << 20));
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &rl), 0);
     }
-    f.configure(&format!("socket_group = {group:?}\n"));
+    f.configure(&format!(
+        "socket_group = {group:?}\nuid_share_percent = 75\n"
+    ));
     let s = f.serve();
     let per_conn = 4096; // limits::CONNECTION_BYTES
     let all = (64 << 20) / per_conn;

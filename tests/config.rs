@@ -680,6 +680,29 @@ fn a_ring_budget_that_holds_no_ring_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!check(least - 1).status.success());
+    // With trainer users held to a share, the share must hold a ring too: a budget that
+    // holds one for root but not for a trainer user passed, and every trainer user was
+    // refused `memory` while holding nothing.
+    let shared = |budget: u64| {
+        let lines = [
+            format!("ring_memory_bytes = {budget}"),
+            "uid_share_percent = 75".to_string(),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        check_config(&common::write_config(&c.dir, "mem.toml", 4096, 8, &lines))
+    };
+    let out = shared(least);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "mem.toml: [serve] ring_memory_bytes: {least} bytes at uid_share_percent 75 leave \
+             each trainer user {}, which hold no ring",
+            least * 3 / 4
+        )),
+        "{err}"
+    );
+    assert!(shared(least * 4 / 3 + 1).status.success());
 }
 
 /// `check-config` passed socket paths that `serve` then failed to bind: one ending in '/'

@@ -63,8 +63,9 @@ pub struct ServeConfig {
     pub control_idle_timeout_ms: u64,
     /// The percent of each of the daemon's caps (`max_clients`, `max_control_connections`,
     /// the bytes buffered before admission, `ring_memory_bytes`) one uid may hold, so
-    /// that one user cannot refuse every other user's trainers; the daemon's own uid and
-    /// root are not held to it, and 100 turns it off.
+    /// that one user cannot refuse every other user's trainers on a node users share; the
+    /// daemon's own uid and root are not held to it. 100, the default, turns it off: on a
+    /// node of one trainer user a share would only take part of every cap from it.
     #[serde(default = "default_uid_share")]
     pub uid_share_percent: u32,
     /// Group that owns the socket (mode 0660), so trainer users in it may connect.
@@ -356,7 +357,7 @@ fn default_max_clients() -> usize {
     512
 }
 fn default_uid_share() -> u32 {
-    75
+    100
 }
 fn default_handshake() -> u64 {
     10_000

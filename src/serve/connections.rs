@@ -529,6 +529,15 @@ async fn connection(
                             Some((seeks.clone().acquire_owned().await.ok()?, mine))
                         } => (s, true),
                         () = t.changed_from(hub::SeekPhase::Idle) => continue,
+                        // A client that leaves while queued goes at once (its fd and its
+                        // bytes charged before admission with it), not when a permit
+                        // comes: its uid's queue may wait hours behind a far seek. The
+                        // acquire stays in place, so the queue's order is kept.
+                        () = async {
+                            while !cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        } => return left(),
                     },
                 };
                 if cancel.load(std::sync::atomic::Ordering::Relaxed) {

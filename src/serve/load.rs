@@ -153,11 +153,23 @@ pub(super) fn ring_budget_problem(
 ) -> Option<String> {
     let budget = serve.ring_memory_bytes?;
     let least = Layout::compact(1, longest_seq_len, serve.ring_slots, compact, 0).ring_bytes;
-    (budget < least).then(|| {
+    let smallest = format!(
+        "the smallest a rank can have ({} slots of one row of {longest_seq_len} tokens) takes \
+         {least}",
+        serve.ring_slots
+    );
+    if budget < least {
+        return Some(format!(
+            "[serve] ring_memory_bytes: {budget} bytes hold no ring: {smallest}"
+        ));
+    }
+    // A trainer user held to a share would be refused every ring the root could have.
+    let percent = serve.uid_share_percent;
+    let share = super::limits::UidShare { uid: 0, percent }.of(budget);
+    (percent < 100 && share < least).then(|| {
         format!(
-            "[serve] ring_memory_bytes: {budget} bytes hold no ring: the smallest a rank can \
-             have ({} slots of one row of {longest_seq_len} tokens) takes {least}",
-            serve.ring_slots
+            "[serve] ring_memory_bytes: {budget} bytes at uid_share_percent {percent} leave each \
+             trainer user {share}, which hold no ring: {smallest}"
         )
     })
 }
