@@ -284,19 +284,24 @@ impl Shard {
         None
     }
 
-    /// Whether the shard lost pages of its mappings: a file behind it is now shorter than
-    /// when it was mapped (same inode), or the SIGBUS guard zeroed one of its pages.
-    /// Those pages read as zeros, so anything planned over its index can be wrong.
-    pub fn lost_pages(&self) -> bool {
-        let shrank = self.stamps.iter().any(|(path, was)| {
-            FileStamp::of(path)
-                .is_ok_and(|now| (now.dev, now.ino) == (was.dev, was.ino) && now.size < was.size)
+    /// Whether the shard's index lost pages: its `.idx` is now shorter than when it was
+    /// mapped (same inode), or the SIGBUS guard zeroed a page of the index (a raw shard's
+    /// boundary cache). Those pages read as zeros, so anything planned over the index can
+    /// be wrong. Planning reads nothing else: a `.bin` (or raw token file) that lost pages
+    /// only fails the copies that read it, as any poisoned shard does.
+    pub fn lost_index_pages(&self) -> bool {
+        let (index, path) = match &self.body {
+            Body::Megatron(m) => (m.idx_bytes(), Some(m.idx_path())),
+            Body::Raw(r) => (r.cache_bytes(), None),
+        };
+        let shrank = self.stamps.iter().any(|(p, was)| {
+            Some(p.as_path()) == path
+                && FileStamp::of(p).is_ok_and(|now| {
+                    (now.dev, now.ino) == (was.dev, was.ino) && now.size < was.size
+                })
         });
-        shrank
-            || self
-                .mappings()
-                .into_iter()
-                .any(|m| guard::zeroed_in(m).is_some())
+        // Past the guard's table not every zeroed page is listed: count the index as lost.
+        shrank || guard::zeroed_in(index).is_some() || guard::zeroed_overflowed()
     }
 
     /// Which reader backs the shard.

@@ -100,13 +100,13 @@ impl Hub {
         let seen = self.plan();
         let mut shape = Shape::check(&seen, hello)?;
         let blob = hello.cursor_bytes()?;
-        // A shard that shrank under the daemon reads as zeros wherever its pages were lost:
-        // a start planned over its index could plan from them, or spin over a domain
-        // whose every document now reads empty. Rings already streaming go on (those that
-        // read it have stopped); a new start waits for a restart with the shard replaced.
-        // (A shard poisoned otherwise, by the validation or a rewrite in place, keeps its
-        // pages: only the rings that read it stop.)
-        let lost = |s: &&Arc<crate::corpus::Shard>| s.poisoned().is_some() && s.lost_pages();
+        // An index that shrank under the daemon reads as zeros wherever its pages were
+        // lost: a start planned over it could plan from them, or spin over a domain whose
+        // every document now reads empty. Rings already streaming go on (those that read
+        // it have stopped); a new start waits for a restart with the shard replaced. (A
+        // shard poisoned otherwise, by the validation, a rewrite in place or a shrunk
+        // `.bin`, keeps its index: only the rings that read the shard stop.)
+        let lost = |s: &&Arc<crate::corpus::Shard>| s.poisoned().is_some() && s.lost_index_pages();
         if let Some(s) = self.source.shards.iter().flatten().find(lost) {
             return Err(Refusal::new(
                 Code::Materialize,
