@@ -421,3 +421,80 @@ def wait_until(pred, timeout: float, what: str, poll: float = 0.02):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll)
+
+
+# ---------------------------------------------------------------------------- flat records
+
+
+FLAT_ROWS, FLAT_TOKENS, FLAT_CURSOR = 8, 1 << 11, 1 << 14
+
+
+def flat_dtype() -> np.dtype:
+    """One delivered step of any shape (stages change rows and seq_len): the full rows
+    (inputs and the last label, seq_len + 1 a row), flattened, and the position ids."""
+    return np.dtype([
+        ("step", "<i8"), ("plan_step", "<i8"), ("rows", "<i4"), ("seq_len", "<i4"),
+        ("domain", "<i4", (FLAT_ROWS,)), ("tokens", "<i8", (FLAT_TOKENS,)),
+        ("position_ids", "<i4", (FLAT_TOKENS,)),
+        ("cursor_len", "<i8"), ("cursor", "u1", (FLAT_CURSOR,)),
+    ])
+
+
+def flat_record_of_batch(batch, rec):
+    """Fills one flat record from a millrace.Batch."""
+    rows, seq = batch.tokens.shape
+    assert rows <= FLAT_ROWS and rows * (seq + 1) <= FLAT_TOKENS
+    rec["step"], rec["plan_step"] = batch.step, batch.plan_step
+    rec["rows"], rec["seq_len"] = rows, seq
+    rec["domain"][:rows] = batch.domain
+    full = np.concatenate([batch.tokens, batch.labels[:, -1:]], axis=1).astype(np.int64)
+    rec["tokens"][: full.size] = full.ravel()
+    rec["position_ids"][: rows * seq] = np.asarray(batch.position_ids).ravel()
+    c = batch.cursor
+    assert len(c) <= FLAT_CURSOR, len(c)
+    rec["cursor_len"] = len(c)
+    rec["cursor"][: len(c)] = np.frombuffer(c, np.uint8)
+
+
+def read_flat(path: Path) -> np.ndarray:
+    """Whole flat records of a worker's output (a partial last one, from a kill, is
+    dropped)."""
+    dt = flat_dtype()
+    data = Path(path).read_bytes() if Path(path).exists() else b""
+    n = len(data) // dt.itemsize
+    return np.frombuffer(data[: n * dt.itemsize], dt)
+
+
+def count_flat(path: Path) -> int:
+    try:
+        return os.path.getsize(path) // flat_dtype().itemsize
+    except FileNotFoundError:
+        return 0
+
+
+# ---------------------------------------------------------------------------- raw frames
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    """One protocol frame (docs/PROTOCOL.md section 1): u32 length, u8 type, payload."""
+    return struct.pack("<IB", len(payload) + 1, kind) + payload
+
+
+def read_frame(sock: socket.socket, timeout: float, fds: int = 0):
+    """(type, payload, fds) of the next frame, or None at EOF; fds with the first byte."""
+    sock.settimeout(timeout)
+    got, got_fds = b"", []
+    while len(got) < 5:
+        data, more, _flags, _addr = socket.recv_fds(sock, 5 - len(got), max(fds, 1))
+        if not data:
+            return None
+        got += data
+        got_fds += more
+    n, kind = struct.unpack("<IB", got)
+    payload = b""
+    while len(payload) < n - 1:
+        data = sock.recv(n - 1 - len(payload))
+        if not data:
+            return None
+        payload += data
+    return kind, payload, got_fds

@@ -17,16 +17,19 @@ import time
 import numpy as np
 
 import millrace as mr
-from serve_helpers import cursor_of, read_records, rec_dtype, record_of_batch
+from serve_helpers import (cursor_of, flat_dtype, flat_record_of_batch, read_flat, read_records,
+                           rec_dtype, record_of_batch)
 
 
 def main():
     a = json.loads(sys.argv[1])
     rows = 8 // a["dp_size"]
-    dt = rec_dtype(rows)
+    flat = a.get("flat", False)  # flat records (serve_helpers.flat_dtype): any shape
+    dt = flat_dtype() if flat else rec_dtype(rows)
+    fill = flat_record_of_batch if flat else record_of_batch
     cursor = a.get("cursor")
     if a.get("resume"):
-        have = read_records(a["out"], rows)
+        have = read_flat(a["out"]) if flat else read_records(a["out"], rows)
         # Drop a partial record a kill may have left, so appends stay aligned.
         with open(a["out"], "ab") as f:
             f.truncate(len(have) * dt.itemsize)
@@ -49,7 +52,7 @@ def main():
         while step + 1 < until:
             b = client.next_batch(timeout=a.get("batch_timeout", 120))
             rec[:] = 0
-            record_of_batch(b, rec[0])
+            fill(b, rec[0])
             os.write(fd, rec.tobytes())
             step = b.step
             if pace:
