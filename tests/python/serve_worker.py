@@ -41,6 +41,7 @@ def main():
                        replica=a.get("replica", "0"), replicas=a.get("replicas", 1),
                        cursor=cursor, start_step=a.get("start_step"), hold=a.get("hold", 1),
                        reconnect_timeout=a.get("reconnect_timeout", 60.0),
+                       connect_timeout=a.get("connect_timeout", 0.0),
                        register_cuda=False)
     fd = os.open(a["out"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     rec = np.zeros(1, dt)

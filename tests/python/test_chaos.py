@@ -57,9 +57,9 @@ except ImportError:  # not pip-installed: use the source tree
 
 LONG = bool(os.environ.get("MILLRACE_CHAOS_LONG"))
 SEED = int(os.environ.get("MILLRACE_CHAOS_SEED", "1"))
-STEPS = 160 if LONG else 40
-PACE = 0.03 if LONG else 0.08  # seconds per step of rank 0: the events land mid-run
-REPEAT = 3 if LONG else 1  # how often each event happens
+STEPS = 400 if LONG else 40
+PACE = 0.02 if LONG else 0.08  # seconds per step of rank 0: the events land mid-run
+REPEAT = 6 if LONG else 1  # how often each event happens
 FIRST_PART = 6  # consume's steps before the chaos
 SIDE_STEPS = 12  # the second job's
 DOMAINS = ("web", "code", "books", "spare")
@@ -385,7 +385,8 @@ class Chaos:
     def side_job(self):
         self.n += 1
         w = Worker(self.tmp, f"side{self.n}", socket=str(self.sock), dp_rank=0, dp_size=1,
-                   job=f"side{self.n}", until=SIDE_STEPS, flat=True, reconnect_timeout=0)
+                   job=f"side{self.n}", until=SIDE_STEPS, flat=True, reconnect_timeout=30,
+                   connect_timeout=30)
         self.sides.append(w.start())
 
     def truncate_unused(self):
@@ -427,11 +428,12 @@ def test_chaos_keeps_serving_the_clients_that_behave(tmp_path, short_dir, millra
         # Rank 0 is a TP pair: two peers read one ring.
         rank0 = [Worker(tmp_path, f"rank0-{r}", socket=str(sock), dp_rank=0, dp_size=2,
                         job="main", replica=r, replicas=2, until=STEPS, flat=True, pace=PACE,
-                        reconnect_timeout=30).start() for r in ("tp0", "tp1")]
+                        reconnect_timeout=30, connect_timeout=30).start()
+                  for r in ("tp0", "tp1")]
         events = ["kill", "idle", "garbage", "half_hello", "old_protocol", "http",
                   "close_fds", "set_weights", "set_stage", "hup_same", "hup_broken",
                   "side_job", "truncate_unused", "huge_frame", "bad_release", "extra_peer",
-                  "control_then_hello", "bad_weights"]
+                  "control_then_hello", "bad_weights", "daemon_restart"]
         order = [e for e in events for _ in range(REPEAT)]
         rng.shuffle(order)
         # Each event fires once rank 0 has recorded its share of the run; the last ones
@@ -450,6 +452,15 @@ def test_chaos_keeps_serving_the_clients_that_behave(tmp_path, short_dir, millra
                     w.kill()
                 for w in rng.sample(rank0, 2):
                     w.start(resume=True)
+            elif event == "daemon_restart":
+                # The daemon dies (SIGKILL) and comes back with the file's config: the
+                # ranks reconnect with their blobs, which bring it the live changes.
+                daemon.kill()
+                write_corpus(d, SEED)  # the operator restores a truncated shard first
+                daemon.start()
+                want = min(count_flat(w.out) for w in rank0) + 2
+                wait_until(lambda: min(count_flat(w.out) for w in rank0) >= want, 120,
+                           "rank 0 to resume on the restarted daemon")
             elif event in ("hup_same",):
                 chaos.hup_same(daemon)
             elif event == "hup_broken":
@@ -485,9 +496,9 @@ def test_chaos_keeps_serving_the_clients_that_behave(tmp_path, short_dir, millra
 
     # The broken reload was refused, naming the file, and counted; the old config stayed
     # (the streams below are the old config's plus the live changes).
-    assert st["failed_reloads_by_source"].get("sighup", 0) == REPEAT, st
-    assert st["failed_reloads_by_source"].get("ctl", 0) == REPEAT, st  # bad_weights
-    assert str(config) in log or config.name in log
+    # (Counted in status, which a restarted daemon starts afresh: the log keeps them.)
+    refused = [line for line in log.splitlines() if "reload refused, the old weights stay" in line]
+    assert len(refused) == REPEAT and all(str(config) in line for line in refused), refused
     assert all(code == "protocol" for what, code in chaos.refusals if what == "protocol 1")
 
     # The reference: the accepted live changes written into the config.
