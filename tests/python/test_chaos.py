@@ -88,16 +88,20 @@ def write_corpus(d: Path, seed: int):
 def config_text(changes=(), seed=SEED) -> str:
     """The run's config; with `changes` ((step, weights) or (step, "stage")), the accepted
     live changes written as schedule points and stages: the config the reference
-    `explain` reads. A later change at the same step replaces an earlier one."""
+    `explain` reads."""
     def w(ws):
         return "{ " + ", ".join(f"{k} = {v}" for k, v in ws.items()) + " }"
 
     schedule = f"[[plan.schedule]]\nstep = 0\nweights = {w(W0)}\n"
     stage = ""
-    last = {}
+    # A change from step A replaces the curve (or the stages) from A on: earlier changes
+    # of its kind at or after A are dropped (src/plan/journal.rs). After a daemon restart
+    # a change may land below one accepted before it.
+    kept = []
     for step, what in changes:
-        last[(step, what == "stage")] = what
-    for (step, _), what in sorted(last.items()):
+        kept = [(a, x) for a, x in kept if a < step or (x == "stage") != (what == "stage")]
+        kept.append((step, what))
+    for step, what in sorted(kept, key=lambda c: c[0]):
         if what != "stage":
             schedule += (f"\n[[plan.schedule]]\nstep = {step}\nramp = false\n"
                          f"weights = {w(what)}\n")
