@@ -68,6 +68,7 @@ W0 = {"web": 0.5, "code": 0.3, "books": 0.2, "spare": 0.0}
 W1 = {"web": 0.2, "code": 0.5, "books": 0.3, "spare": 0.0}
 W2 = {"web": 0.6, "code": 0.1, "books": 0.3, "spare": 0.0}
 ROWS0, SEQ0, ROWS1, SEQ1 = 8, 64, 4, 128
+BOOKS_FORMAT = f'format = "raw"\nraw = {{ dtype = "uint16", eos = {EOS} }}'
 HELLO, WELCOME, REFUSED, RELEASE, ERROR, CONTROL, CONTROL_REPLY = 1, 2, 3, 4, 5, 7, 8
 
 
@@ -108,30 +109,17 @@ def config_text(changes=(), seed=SEED) -> str:
         else:
             stage += (f"\n[[plan.stage]]\nstep = {step}\nseq_len = {SEQ1}\n"
                       f"global_batch_rows = {ROWS1}\n")
+    domains = "".join(f'[[corpus.domain]]\nname = "{n}"\nshards = ["{f}"]\n{more}\n'
+                      for n, f, more in (("web", "web", ""), ("code", "code", ""),
+                                         ("books", "books.bin", BOOKS_FORMAT),
+                                         ("spare", "spare", "")))
+    plan = {"seed": seed, "seq_len": SEQ0, "global_batch_rows": ROWS0,
+            "packing": '"best_fit"', "best_fit_window": 16, "pad_token": PAD}
     return f"""
 [corpus]
-[[corpus.domain]]
-name = "web"
-shards = ["web"]
-[[corpus.domain]]
-name = "code"
-shards = ["code"]
-[[corpus.domain]]
-name = "books"
-shards = ["books.bin"]
-format = "raw"
-raw = {{ dtype = "uint16", eos = {EOS} }}
-[[corpus.domain]]
-name = "spare"
-shards = ["spare"]
-
+{domains}
 [plan]
-seed = {seed}
-seq_len = {SEQ0}
-global_batch_rows = {ROWS0}
-packing = "best_fit"
-best_fit_window = 16
-pad_token = {PAD}
+{chr(10).join(f"{k} = {v}" for k, v in plan.items())}
 {schedule}
 {stage}
 [serve]
@@ -524,15 +512,21 @@ def test_chaos_keeps_serving_the_clients_that_behave(tmp_path, short_dir, millra
           f"{chaos.refusals}, fds {fds0}, rss {rss0} -> {rss1} KiB")
 
 
-def read_until_error(client, limit: int, timeout: float = 20.0):
-    """The steps read before the daemon's ERROR, and the error; fails on a hang."""
-    steps = []
+def read_until_error(clients, limit: int, timeout: float = 20.0):
+    """Peers of one ring read in turn (the ring refills a slot only once every peer
+    released it) until each got the daemon's ERROR: per peer the steps read, the error
+    and the seconds it took. Fails on a hang."""
+    steps, errors, took = [[] for _ in clients], [None] * len(clients), [0.0] * len(clients)
     t0 = time.monotonic()
     for _ in range(limit):
-        try:
-            steps.append(client.next_batch(timeout=timeout).step)
-        except mr.DaemonError as e:
-            return steps, e, time.monotonic() - t0
+        for k, c in enumerate(clients):
+            if errors[k] is None:
+                try:
+                    steps[k].append(c.next_batch(timeout=timeout).step)
+                except mr.DaemonError as e:
+                    errors[k], took[k] = e, time.monotonic() - t0
+        if all(errors):
+            return list(zip(steps, errors, took))
     raise AssertionError(f"no ERROR within {limit} steps (read {steps})")
 
 
@@ -561,12 +555,10 @@ def test_a_used_shard_truncated_stops_its_rings_and_late_peers_learn_it(tmp_path
             b.next_batch(timeout=20)
         blobs = a.state_dict(), b.state_dict()
         os.truncate(d / "web.bin", 0)
-        for c in (a, b):
-            _, err, _ = read_until_error(c, 100)
+        for _, err, _ in read_until_error([a, b], 100):
             assert err.code == "materialize" and "web.bin" in err.message, err
         # A late joiner without a blob: a new ring, stopped at its first read of web.
-        late = peer("tp0")
-        steps, err, took = read_until_error(late, 100)
+        [(_, err, took)] = read_until_error([peer("tp0")], 100)
         assert err.code == "materialize" and "web.bin" in err.message, err
         assert took < 10, took
         # Both peers back from their blobs: the steps before the failing one, then the
@@ -575,7 +567,7 @@ def test_a_used_shard_truncated_stops_its_rings_and_late_peers_learn_it(tmp_path
         for c, blob in zip(again, blobs):
             c.load_state_dict(blob)
             c.connect()
-        got = [read_until_error(c, 100) for c in again]
+        got = read_until_error(again, 100)
         for steps, err, took in got:
             assert err.code == "materialize" and "web.bin" in err.message, err
             assert took < 10, took
