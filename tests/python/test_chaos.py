@@ -7,32 +7,37 @@ fourth Megatron domain of weight 0 that nothing reads); slots are compact. Job `
 has two dp ranks: rank 0 is a TP pair (two peers of one ring) of Python clients, each
 in its own process (serve_worker.py), paced so that the events land mid-run, killed
 together with SIGKILL and restarted, each from the cursor of its own last whole record
-(they may be a step apart: the ring is rebuilt from their blobs); rank 1 is `millrace consume`, run in two parts, the
-second resumed from the first one's saved cursor after the chaos. Around them:
-`ctl set-weights` and `set-stage` (`--late next`: they land at whatever step is still
-changeable, and the reply says which), SIGHUP with the config unchanged and with a
-broken config (the old one must stay), a second job that comes and goes, a client
-that holds its ring and never reads, one that closes its fds at once, garbage, half a
-HELLO, a HELLO of protocol 1, an HTTP request, and the unused domain's shard truncated.
+(they may be a step apart: the ring is rebuilt from their blobs); rank 1 is `millrace
+consume`, run in two parts, the second resumed from the first one's saved cursor after
+the chaos. Around them: `ctl set-weights` and `set-stage` (`--late next`: they land at
+whatever step is still changeable, and the reply says which) and a refused
+`set-weights`; SIGHUP with the config unchanged and with a broken config (the old one
+must stay); the daemon killed and restarted; a second job that comes and goes; clients
+that hold a ring and never read, close their fds at once, fill their eventfd and make
+it blocking, or release a step never published; garbage, half a HELLO, a HELLO of
+protocol 1, an HTTP request, a frame of 4 GiB, a HELLO on a control connection, a third
+peer of rank 0 and a rank of `main` with another dp_size; the unused domain's shard
+truncated.
 
 Checked afterwards: the daemon is alive and never panicked; every well-behaved stream
 (rank 0 across its kills, consume's two parts, the second job) equals `millrace
-explain` byte for byte under a config that writes the accepted live changes as a
-schedule point and a `[[plan.stage]]`; the broken reload was refused and counted; the
-daemon's fds and RSS are back near their level before the chaos.
+explain` byte for byte under a config that writes the accepted live changes as
+schedule points and `[[plan.stage]]`s; each broken reload was refused, naming the file;
+the daemon's fds and RSS are back near their level before the chaos.
 
 CI runs a fixed seed in well under a minute. MILLRACE_CHAOS_LONG=1 runs more steps and
 every event several times; MILLRACE_CHAOS_SEED=N draws another order.
 
-Separately: a ring whose shard is poisoned under it stops with a clear error, and a late
-joiner of that ring (a TP peer that connects after the failure) gets the error promptly
-instead of waiting for a ring that will never publish.
+Separately: a ring whose shard is truncated under it stops with a clear error, and a
+late joiner of that ring (a TP peer that connects after the failure) gets the error
+promptly instead of waiting for a ring that will never publish.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import random
 import signal
@@ -325,6 +330,12 @@ class Chaos:
         s.sendall(hello(job="main", dp_size=2, replica="evil", replicas=3))
         assert self.answer(s, "extra peer") == "replicas"
 
+    def wrong_dp_size(self):
+        """A rank of the well-behaved job that disagrees about its dp_size."""
+        s = self.connect()
+        s.sendall(hello(job="main", dp_size=4, dp_rank=3))
+        assert self.answer(s, "wrong dp_size") == "dp_size"
+
     def control_then_hello(self):
         """A control connection that then sends a HELLO."""
         s = self.connect()
@@ -339,6 +350,41 @@ class Chaos:
         proc = self.millrace.run("ctl", "--socket", self.sock, "set-weights", "web=0.5",
                                  "nosuch=0.5", "--late", "next")
         assert proc.returncode != 0 and "nosuch" in proc.stderr, proc.stderr
+
+    def full_eventfd(self):
+        """A client that makes its eventfd blocking, fills its counter, and releases what
+        is published so that the daemon publishes (and signals) again."""
+        self.n += 1
+        s = self.connect()
+        s.sendall(hello(job=f"full{self.n}"))
+        f = read_frame(s, 30.0, fds=3)
+        assert f is not None and f[0] == WELCOME, f
+        ring_fd, ready = f[2][:2]
+        # Full: the counter at its most (2^64 - 2), set while non-blocking (a write that
+        # would pass it fails with EAGAIN instead of waiting), then made blocking.
+        while True:
+            try:
+                os.read(ready, 8)
+            except BlockingIOError:
+                pass
+            try:
+                os.write(ready, struct.pack("<Q", (1 << 64) - 2))
+                break
+            except BlockingIOError:
+                continue
+        os.set_blocking(ready, True)
+        ring = mmap.mmap(ring_fd, 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        for fd in f[2]:
+            os.close(fd)
+        released = 0
+        for _ in range(3):
+            published = struct.unpack_from("<Q", ring, 64)[0]
+            if published > released:
+                s.sendall(frame(RELEASE, struct.pack("<Q", published)))
+                released = published
+            time.sleep(0.02)
+        ring.close()
+        self.held.append(s)
 
     def set_weights(self):
         ws = (W1, W2)[len(self.changes) % 2]
@@ -425,7 +471,8 @@ def test_chaos_keeps_serving_the_clients_that_behave(tmp_path, short_dir, millra
         events = ["kill", "idle", "garbage", "half_hello", "old_protocol", "http",
                   "close_fds", "set_weights", "set_stage", "hup_same", "hup_broken",
                   "side_job", "truncate_unused", "huge_frame", "bad_release", "extra_peer",
-                  "control_then_hello", "bad_weights", "daemon_restart"]
+                  "control_then_hello", "bad_weights", "daemon_restart", "full_eventfd",
+                  "wrong_dp_size"]
         order = [e for e in events for _ in range(REPEAT)]
         rng.shuffle(order)
         # Each event fires once rank 0 has recorded its share of the run; the last ones
