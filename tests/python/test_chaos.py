@@ -13,11 +13,11 @@ the chaos. Around them: `ctl set-weights` and `set-stage` (`--late next`: they l
 whatever step is still changeable, and the reply says which) and a refused
 `set-weights`; SIGHUP with the config unchanged and with a broken config (the old one
 must stay); the daemon killed and restarted; a second job that comes and goes; clients
-that hold a ring and never read, close their fds at once, fill their eventfd and make
-it blocking, or release a step never published; garbage, half a HELLO, a HELLO of
-protocol 1, an HTTP request, a frame of 4 GiB, a HELLO on a control connection, a third
-peer of rank 0 and a rank of `main` with another dp_size; the unused domain's shard
-truncated.
+that hold a ring and never read, close their fds at once, fill their eventfd and make it
+blocking, or release a step never published (by frame or page); garbage, half a HELLO, a
+HELLO of protocol 1, an HTTP request, a frame of 4 GiB, a HELLO on a control connection,
+a third peer of rank 0 and a rank of `main` with another dp_size; the unused domain's
+shard truncated.
 
 Checked afterwards: the daemon is alive and never panicked; every well-behaved stream
 (rank 0 across its kills, consume's two parts, the second job) equals `millrace
@@ -324,6 +324,22 @@ class Chaos:
         s.sendall(frame(RELEASE, struct.pack("<Q", 1 << 40)))
         assert self.answer(s, "release past published") == "protocol"
 
+    def bad_page(self):
+        """A client that writes a release its ring never published into its page."""
+        self.n += 1
+        s = self.connect()
+        s.sendall(hello(job=f"page{self.n}", release_page=True))
+        f = read_frame(s, 30.0, fds=3)
+        assert f is not None and f[0] == WELCOME and len(f[2]) == 3, f
+        page = mmap.mmap(f[2][2], 4096, flags=mmap.MAP_SHARED,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        for fd in f[2]:
+            os.close(fd)
+        struct.pack_into("<Q", page, 0, 1 << 40)
+        page.close()
+        s.sendall(frame(RELEASE, struct.pack("<Q", 1)))  # the wake-up
+        assert self.answer(s, "page past published") == "protocol"
+
     def extra_peer(self):
         """A third peer of the well-behaved job's rank 0, which announced two."""
         s = self.connect()
@@ -472,7 +488,7 @@ def test_chaos_keeps_serving_the_clients_that_behave(tmp_path, short_dir, millra
                   "close_fds", "set_weights", "set_stage", "hup_same", "hup_broken",
                   "side_job", "truncate_unused", "huge_frame", "bad_release", "extra_peer",
                   "control_then_hello", "bad_weights", "daemon_restart", "full_eventfd",
-                  "wrong_dp_size"]
+                  "wrong_dp_size", "bad_page"]
         order = [e for e in events for _ in range(REPEAT)]
         rng.shuffle(order)
         # Each event fires once rank 0 has recorded its share of the run; the last ones
