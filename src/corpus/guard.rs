@@ -130,30 +130,38 @@ pub fn zeroed_overflowed() -> bool {
     ZEROED_N.load(Ordering::Acquire) > ZEROED_CAP
 }
 
-/// How many pages the handler has zeroed so far: a mark for [`fault_since`].
+/// How many pages the handler has zeroed so far: a mark for [`fault_since_in`].
 pub fn zeroed_pages() -> usize {
     ZEROED_N.load(Ordering::Acquire)
 }
 
 /// A fault of work that ran since `mark` ([`zeroed_pages`]): this thread's own
-/// ([`take_fault`], which it clears), or else a page zeroed meanwhile for any thread. The
-/// second covers work this thread handed to others (rayon's pool, whose threads the
-/// daemon keeps guarded), at the price of also naming a fault of unrelated work that ran
-/// at the same time (a shard shrank either way).
-pub fn fault_since(mark: usize) -> Option<usize> {
+/// ([`take_fault`], which it clears), or else a page zeroed meanwhile for any thread that
+/// `ours` says its work could have read. The second covers work this thread handed to
+/// others (rayon's pool, whose threads the daemon keeps guarded); `ours` keeps out the
+/// faults of unrelated work at the same time: planning reads only shard indexes, so a
+/// page of a `.bin` zeroed meanwhile was a slot copy's (which fails its own ring), and an
+/// admission that counted it refused a client that had read nothing of that shard. Past
+/// the table's room (more pages zeroed than it lists) any unlisted one might be ours, so
+/// one is named.
+pub fn fault_since_in(mark: usize, ours: impl Fn(usize) -> bool) -> Option<usize> {
     take_fault().or_else(|| {
         let n = ZEROED_N.load(Ordering::Acquire);
-        (n > mark).then(|| {
-            ZEROED
-                .get(mark)
-                .map_or(0, |z| z.load(Ordering::Acquire))
-                .max(1)
-        })
+        if n <= mark {
+            return None;
+        }
+        ZEROED[mark.min(ZEROED_CAP)..n.min(ZEROED_CAP)]
+            .iter()
+            .map(|z| z.load(Ordering::Acquire))
+            // 0: an entry another thread's handler reserved and has not written yet; a
+            // page of work this thread handed out and joined is written by now.
+            .find(|&p| p != 0 && ours(p))
+            .or_else(|| (n > ZEROED_CAP).then_some(1))
     })
 }
 
 /// Keeps every thread of rayon's global pool guarded for the life of the process, so a
-/// shard that shrank faults into zeros there (listed, see [`fault_since`]) instead of
+/// shard that shrank faults into zeros there (listed, see [`fault_since_in`]) instead of
 /// killing the daemon: planning spreads seeks and stage windows over that pool. Fails
 /// when the pool was already built (then those threads stay unguarded).
 pub fn guard_rayon_pool() -> Result<(), rayon::ThreadPoolBuildError> {
@@ -314,5 +322,20 @@ mod tests {
                 assert!(zeroed_in(across).is_some());
             });
         });
+        // A fault of another thread's work since a mark counts only where `ours` says
+        // this work could have read it: an admission's planning (an index) is not failed
+        // by a copy's fault in a `.bin` at the same time.
+        let mark = zeroed_pages();
+        let at = 20000 / page * page;
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                let _g = enter();
+                assert_eq!(std::hint::black_box(&map[..])[at + 5], 0);
+                assert!(take_fault().is_some());
+            });
+        });
+        let page_at = map.as_ptr() as usize + at;
+        assert_eq!(fault_since_in(mark, |_| false), None);
+        assert_eq!(fault_since_in(mark, |p| p == page_at), Some(page_at));
     }
 }

@@ -290,10 +290,7 @@ impl Shard {
     /// be wrong. Planning reads nothing else: a `.bin` (or raw token file) that lost pages
     /// only fails the copies that read it, as any poisoned shard does.
     pub fn lost_index_pages(&self) -> bool {
-        let (index, path) = match &self.body {
-            Body::Megatron(m) => (m.idx_bytes(), Some(m.idx_path())),
-            Body::Raw(r) => (r.cache_bytes(), None),
-        };
+        let (index, path) = self.index();
         let shrank = self.stamps.iter().any(|(p, was)| {
             Some(p.as_path()) == path
                 && FileStamp::of(p).is_ok_and(|now| {
@@ -302,6 +299,23 @@ impl Shard {
         });
         // Past the guard's table not every zeroed page is listed: count the index as lost.
         shrank || guard::zeroed_in(index).is_some() || guard::zeroed_overflowed()
+    }
+
+    /// Whether `addr` is a byte of the mapping planning reads (the `.idx`; a raw shard's
+    /// boundary cache): a fault there can be planning's, one elsewhere is a copy's.
+    pub fn index_holds(&self, addr: usize) -> bool {
+        let index = self.index().0;
+        let lo = index.as_ptr() as usize;
+        (lo..lo + index.len()).contains(&addr)
+    }
+
+    /// The mapping planning reads, and its file where it is one of its own (a raw
+    /// shard's boundary cache is the daemon's).
+    fn index(&self) -> (&[u8], Option<&Path>) {
+        match &self.body {
+            Body::Megatron(m) => (m.idx_bytes(), Some(m.idx_path())),
+            Body::Raw(r) => (r.cache_bytes(), None),
+        }
     }
 
     /// Which reader backs the shard.

@@ -53,7 +53,7 @@ impl Hub {
         let _ = crate::corpus::guard::take_fault();
         let mark = crate::corpus::guard::zeroed_pages();
         let r = self.admit_unguarded(hello, peer, cancel, seek);
-        let fault = crate::corpus::guard::fault_since(mark);
+        let fault = self.planning_fault(mark);
         drop(guard);
         match fault {
             None => r,

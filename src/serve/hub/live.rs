@@ -262,7 +262,7 @@ impl Hub {
             }
             fresh.push((name.clone(), job_planner, rings));
         }
-        if let Some(addr) = crate::corpus::guard::fault_since(mark) {
+        if let Some(addr) = self.planning_fault(mark) {
             return Err(InstallError::Fault(
                 self.poison_at(addr, "while restoring planners under a new plan"),
             ));
@@ -504,7 +504,7 @@ impl Hub {
             return Err(ChangeError::invalid(format!("{why}; nothing changed")));
         }
         // Stage windows are packed on rayon's threads: their faults count too.
-        if let Some(addr) = crate::corpus::guard::fault_since(mark) {
+        if let Some(addr) = self.planning_fault(mark) {
             let why = self.poison_at(addr, "while building the plan of a live change");
             return Err(ChangeError {
                 code: Code::Busy,

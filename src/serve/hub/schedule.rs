@@ -56,6 +56,20 @@ impl Hub {
 
     /// Poisons the shard whose mapping holds `addr`, where a guarded read faulted
     /// `during` something other than a slot copy, and says why.
+    /// A fault of planning work (a seek, a restore, a stage window) begun at `mark`
+    /// ([`crate::corpus::guard::zeroed_pages`]): one of this thread's, or a page zeroed
+    /// meanwhile that planning could have read (a shard's index, or memory no shard
+    /// holds). A page of a `.bin` zeroed meanwhile is a copy's, whose own ring stops.
+    pub(super) fn planning_fault(&self, mark: usize) -> Option<usize> {
+        crate::corpus::guard::fault_since_in(mark, |addr| {
+            let mut shards = self.source.shards.iter().flatten();
+            match shards.find(|s| s.file_at(addr).is_some()) {
+                Some(s) => s.index_holds(addr),
+                None => true,
+            }
+        })
+    }
+
     pub(super) fn poison_at(&self, addr: usize, during: &str) -> String {
         let shard = (self.source.shards.iter().flatten()).find(|s| s.file_at(addr).is_some());
         match shard {
