@@ -42,7 +42,9 @@ client that has connected belongs to its process. In a child forked after that (
 ``os.fork()``, a DataLoader worker started with ``fork``) its socket, ring and release
 page are the parent's, so using it raises :class:`MillraceError` and closing it (or its
 garbage collection) lets go of the child's copies only, never saying BYE on the parent's
-connection. Create a new client in the child.
+connection. Create a new client in the child. A batch handed out before the fork raises
+:class:`StaleBatch` there too: the ring is shared with the parent, not copied on write,
+so its slot is refilled once the parent moves on; ``copy()`` it before forking.
 """
 
 from __future__ import annotations
@@ -448,7 +450,7 @@ class Batch:
     __slots__ = ("step", "plan_step", "rows", "seq_len", "cu_len", "max_seqlen",
                  "loss_tokens", "real_tokens", "publish_ns", "cursor", "micro_batch_rows",
                  "slot_layout", "plan_state", "_views", "_fields", "_derived", "_client_ref",
-                 "_conn_id", "_released", "_fence", "__weakref__")
+                 "_conn_id", "_released", "_fence", "_pid", "__weakref__")
 
     def __init__(self, step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
                  real_tokens, publish_ns, cursor, micro_batch_rows, views, client, conn_id,
@@ -476,6 +478,9 @@ class Batch:
         self._conn_id = conn_id
         self._released = False
         self._fence = None
+        # The process whose ring the views are (None for a copy): in a fork the ring is
+        # shared, not copied on write, and the parent releases the slot as it goes on.
+        self._pid = None if client is None else os.getpid()
 
     @property
     def _client(self):
@@ -487,6 +492,12 @@ class Batch:
             raise StaleBatch(
                 f"batch of step {self.step} was released (the client handed out `hold` more "
                 "batches, or was closed); keep data longer with batch.copy()")
+        if self._pid is not None and self._pid != os.getpid():
+            raise StaleBatch(
+                f"batch of step {self.step} is a view of the ring of process {self._pid}; "
+                f"process {os.getpid()} is a fork of it, where that memory is shared, not "
+                "copied: the parent releases the slot and the daemon refills it. "
+                "batch.copy() it before the fork")
         return self._views[_INDEX[self.slot_layout][name]]
 
     def _derive(self, name):

@@ -491,6 +491,44 @@ def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemo
     c.close()
 
 
+def test_a_batch_read_in_a_forked_child_is_refused_not_the_parents_slot(daemons,
+                                                                        tmp_path):
+    """A batch handed out before os.fork() (a process forked to save a snapshot, an
+    async checkpoint) is a view of the parent's ring, shared, not copied on write: the
+    parent releases its slot when it moves on, the daemon refills it, and the child read
+    another step's tokens, silently. Now reading it in the child raises StaleBatch,
+    naming the fork; a batch.copy() made before the fork stays the child's."""
+    d = daemons(write_corpus(tmp_path / "forkbatch", ring_slots=2)).start()
+    c = mr.Client(d.sock, 0, 2, register_cuda=False)
+    b = c.next_batch(timeout=60)
+    want = b.tokens.copy()
+    kept = b.copy()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        status = 1
+        try:
+            os.close(go_w)
+            os.read(go_r, 1)  # the parent moved on: the slot of b was refilled
+            try:
+                same = bool((b.tokens == want).all())
+                status = 3 if same else 4  # 4: another step's data, silently
+            except mr.StaleBatch as e:
+                status = 0 if "fork" in str(e) and "copy()" in str(e) else 2
+            if not (kept.tokens == want).all():
+                status = 5
+        finally:
+            os._exit(status)
+    os.close(go_r)
+    for step in range(1, 6):  # a 2-slot ring: slot 0 holds step 2, then 4
+        assert c.next_batch(timeout=60).step == step
+    os.write(go_w, b"x")
+    os.close(go_w)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    c.close()
+
+
 def test_a_dropped_client_closes_at_once_and_its_rank_can_connect_again(daemons, tmp_path):
     """A client dropped without close() (rebound each epoch, lost in an exception) must
     say BYE when its last reference goes. Its outstanding batches referred back to it, a
