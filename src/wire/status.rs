@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The journal's first changes STATUS lists at most (docs/PROTOCOL.md, STATUS).
+/// The journal's first changes STATUS lists at most when their JSON, all of them, would
+/// pass [`STATUS_JOURNAL_BYTES`] (docs/PROTOCOL.md, STATUS).
 pub const STATUS_JOURNAL_HEAD: usize = 4;
-/// The journal's last changes STATUS lists at most.
+/// The journal's last changes STATUS lists at most when they would not all fit.
 pub const STATUS_JOURNAL_TAIL: usize = 16;
 /// Most bytes (as JSON) of the changes STATUS lists: with 4,096 domains of 4,096-byte
 /// names (18 MB of `domains[]`) STATUS stays well within its 64 MiB frame.
@@ -51,8 +52,9 @@ pub struct Status {
     pub first_changeable_step: u64,
     /// Each job and its rings.
     pub jobs: Vec<JobStatus>,
-    /// The live changes the plan follows, in order: the first and last ones only when
-    /// there are many (`journal_omitted` says which are left out).
+    /// The live changes the plan follows, in order: every one when their JSON fits
+    /// [`STATUS_JOURNAL_BYTES`], else the first and last ones (`journal_omitted` says
+    /// which are left out).
     pub journal: Vec<JournalEntry>,
     /// Changes in the journal, all of them (`journal` may list fewer).
     pub journal_changes: u64,

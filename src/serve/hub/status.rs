@@ -88,10 +88,11 @@ impl Hub {
         Some(Self::journal_of(&plan, &sources))
     }
 
-    /// The journal as STATUS lists it: its first [`STATUS_JOURNAL_HEAD`] and last
-    /// [`STATUS_JOURNAL_TAIL`] changes, fewer where their JSON would pass
-    /// [`STATUS_JOURNAL_BYTES`] (the newest and the oldest kept first), and the gap
-    /// between them. A whole journal (4,096 changes of 300 domains with 4,096-byte
+    /// The journal as STATUS lists it: every change when their JSON fits
+    /// [`STATUS_JOURNAL_BYTES`]; else its first [`STATUS_JOURNAL_HEAD`] and last
+    /// [`STATUS_JOURNAL_TAIL`] changes, fewer where their JSON would pass it (the newest
+    /// and the oldest kept first), and the gap between them. Cut at 20 changes whatever
+    /// their size, 25 small `set-weights` (3 KB) listed 20 of them. A whole journal (4,096 changes of 300 domains with 4,096-byte
     /// names: 5 GB as JSON) made STATUS outgrow its frame after 54 changes, so `status`,
     /// `top` and the exporter failed just when an operator needed them; the `journal` op
     /// still lists every change.
@@ -110,6 +111,14 @@ impl Hub {
                 .map(|d| d.len() + 28)
                 .sum::<usize>();
         let bytes = |c: &crate::plan::Change| 256 + c.points.len() * per_point;
+        // Every change when all of them fit (a journal of small changes is listed whole,
+        // up to `live_changes`); only a journal past the budget is cut to its ends.
+        let all = journal
+            .iter()
+            .fold(0usize, |sum, c| sum.saturating_add(bytes(c)));
+        if all <= STATUS_JOURNAL_BYTES {
+            return (Self::journal_range(plan, sources, 0..n), None);
+        }
         let mut budget = STATUS_JOURNAL_BYTES;
         let mut fits = |c: &crate::plan::Change| match budget.checked_sub(bytes(c)) {
             Some(left) => {
