@@ -1239,7 +1239,12 @@ fn status_lists_every_change_of_a_small_journal() {
     f.change_first_weight(CHANGES);
     let st = f.status();
     assert_eq!(st["journal_changes"], CHANGES);
-    assert_eq!(st["journal_omitted"], Value::Null, "{}", st["journal_omitted"]);
+    assert_eq!(
+        st["journal_omitted"],
+        Value::Null,
+        "{}",
+        st["journal_omitted"]
+    );
     assert_eq!(st["journal"], json!(f.journal()));
     let text = ok(&["status", "--socket", f.sock()]);
     assert!(
@@ -1401,5 +1406,12 @@ fn a_change_too_large_to_reply_with_its_journal_says_it_was_applied() {
         st["journal"].as_array().map(Vec::len),
         Some(0),
         "17 MB per entry"
+    );
+    // In words: every change left out, not "no changes" and then a count.
+    let text = ok(&["status", "--socket", f.sock()]);
+    let tail = &text[text.len().saturating_sub(2000)..];
+    assert!(
+        tail.contains(&format!("(all {CHANGES} changes left out")) && !tail.contains("no changes"),
+        "{tail}"
     );
 }

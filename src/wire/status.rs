@@ -106,6 +106,18 @@ pub struct Status {
     pub departed_jobs: Vec<(String, JobPlanCounts)>,
 }
 
+impl Status {
+    /// The newest change when `journal` lists it, else `None`: where the newest change is
+    /// too large for STATUS and older ones fit, `journal` ends with an older one (the
+    /// gap of `journal_omitted` reaches the end), which `top` showed as the last change.
+    pub fn newest_change(&self) -> Option<&JournalEntry> {
+        match &self.journal_omitted {
+            Some(gap) if self.journal.len() as u64 <= gap.after => None,
+            _ => self.journal.last(),
+        }
+    }
+}
+
 /// Open control connections and their cap (`[serve] max_control_connections`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

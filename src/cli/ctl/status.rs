@@ -238,25 +238,47 @@ pub fn render_status(st: &Status) -> String {
     }
     if !st.journal.is_empty() || st.journal_omitted.is_some() {
         let _ = writeln!(s, "\nchanges in force:");
-        let table = render_journal(&st.journal);
         match st.journal_omitted {
-            // The header, the entries before the gap, the gap, the rest.
+            None => s.push_str(&render_journal(&st.journal)),
+            // Not one change fits STATUS: say so, not "no changes" and then a count.
+            Some(gap) if st.journal.is_empty() => {
+                let _ = writeln!(
+                    s,
+                    "(all {} changes left out: each is too large to list here; `millrace ctl \
+                     journal` lists them while the journal fits one frame)",
+                    gap.changes.max(st.journal_changes)
+                );
+            }
+            // The header, the entries before the gap, the gap, the rest (none where the
+            // newest change is among those left out).
             Some(gap) => {
+                let table = render_journal(&st.journal);
                 let at = 1 + gap.after as usize;
+                let mut lines = 0;
                 for (i, line) in table.lines().enumerate() {
                     if i == at {
                         let _ = writeln!(s, "{:>10} ...", "");
                     }
                     let _ = writeln!(s, "{line}");
+                    lines = i + 1;
+                }
+                if at >= lines {
+                    let _ = writeln!(s, "{:>10} ...", "");
                 }
                 let _ = writeln!(
                     s,
-                    "({} of {} changes left out after the first {}; `millrace ctl journal` \
+                    "({} of {} changes left out after the first {}{}; `millrace ctl journal` \
                      lists them all)",
-                    gap.changes, st.journal_changes, gap.after
+                    gap.changes,
+                    st.journal_changes,
+                    gap.after,
+                    if st.newest_change().is_none() {
+                        ", the newest among them"
+                    } else {
+                        ""
+                    }
                 );
             }
-            None => s.push_str(&table),
         }
     }
     s
@@ -294,7 +316,7 @@ pub(super) fn duration_text(s: f64) -> String {
 pub(super) mod tests {
     use super::super::top::render;
     use super::*;
-    use millrace::wire::status::{FdLimitStatus, PoisonedShard, ReloadOutcome};
+    use millrace::wire::status::{FdLimitStatus, JournalGap, PoisonedShard, ReloadOutcome};
     use serde_json::json;
 
     /// A STATUS as a daemon with two rings and two domains writes it, read as `status`
@@ -478,6 +500,41 @@ pub(super) mod tests {
                 .map(|r| row.find(&format!(" {r} ")).unwrap() + 1 + r.len());
             assert_eq!(rank_end, Some(col(head, "rank")), "{head}\n{row}");
         }
+    }
+
+    /// A journal none of whose changes fits STATUS (each too large) is said to be left
+    /// out whole: `status` printed "no changes: the config's schedule is in force" and
+    /// then "(12 of 12 changes left out after the first 0 ...)". A gap at the end (the
+    /// newest change left out) is marked after the last entry and named.
+    #[test]
+    fn a_journal_left_out_of_status_is_not_called_empty() {
+        let mut st = sample_status(1000, 57, 0.25);
+        st.journal.clear();
+        st.journal_changes = 12;
+        st.journal_omitted = Some(JournalGap {
+            after: 0,
+            changes: 12,
+        });
+        let text = render_status(&st);
+        assert!(!text.contains("no changes"), "{text}");
+        assert!(
+            text.contains("changes in force:\n(all 12 changes left out: each is too large"),
+            "{text}"
+        );
+        // Two listed, the five after them (the newest among them) left out.
+        st.journal = vec![sample_status(1000, 57, 0.25).journal[0].clone(); 2];
+        st.journal_changes = 7;
+        st.journal_omitted = Some(JournalGap {
+            after: 2,
+            changes: 5,
+        });
+        let text = render_status(&st);
+        let tail: Vec<&str> = text.lines().rev().take(2).collect();
+        assert_eq!(tail[1].trim(), "...", "{text}");
+        assert!(
+            tail[0].starts_with("(5 of 7 changes left out after the first 2, the newest among"),
+            "{text}"
+        );
     }
 
     #[test]
