@@ -263,18 +263,31 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
             ));
         }
     }
-    if let Some(last) = now.journal.last() {
-        lines.push(String::new());
-        lines.push(format!(
-            "last change: from step {} ({}) {}",
-            last.at_step,
-            or(&last.source, "-"),
-            last.points
-                .iter()
-                .map(point_text)
-                .collect::<Vec<_>>()
-                .join("; ")
-        ));
+    // The newest change, or that STATUS could not list it: the last entry listed is an
+    // older one then.
+    match now.newest_change() {
+        Some(last) => {
+            lines.push(String::new());
+            lines.push(format!(
+                "last change: from step {} ({}) {}",
+                last.at_step,
+                or(&last.source, "-"),
+                last.points
+                    .iter()
+                    .map(point_text)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        None if now.journal_omitted.is_some() => {
+            let n = now.journal_changes;
+            lines.push(String::new());
+            lines.push(format!(
+                "last change too large to show (change {n} of {n}; `millrace ctl journal` \
+                 lists it while the journal fits one frame)"
+            ));
+        }
+        None => {}
     }
     let mut out = String::new();
     for l in lines {
@@ -396,6 +409,7 @@ mod tests {
     use super::super::status::render_status;
     use super::super::status::tests::sample_status;
     use super::*;
+    use millrace::wire::status::JournalGap;
     use serde_json::json;
 
     #[test]
@@ -552,6 +566,48 @@ mod tests {
         }
         let text = render(&Status::default(), None, 80);
         assert!(text.contains("no job is connected"));
+    }
+
+    /// When the newest change is too large for STATUS and older ones fit, STATUS lists
+    /// the older ones and a gap at the end: `top` showed the last of them as the last
+    /// change. It says the newest change is too large to show, and which it is.
+    #[test]
+    fn top_does_not_show_an_older_change_as_the_last() {
+        let mut st = sample_status(1000, 57, 0.25);
+        let text = render(&st, None, 200);
+        assert!(text.contains("last change: from step 40 (ctl)"), "{text}");
+        // Of 5 changes the first and the newest listed.
+        st.journal.push(st.journal[0].clone());
+        st.journal[1].at_step = 41;
+        st.journal_changes = 5;
+        st.journal_omitted = Some(JournalGap {
+            after: 1,
+            changes: 3,
+        });
+        let text = render(&st, None, 200);
+        assert!(text.contains("last change: from step 41 (ctl)"), "{text}");
+        // Changes 1 and 2 listed, 3 to 5 (the newest among them) left out.
+        st.journal_omitted = Some(JournalGap {
+            after: 2,
+            changes: 3,
+        });
+        let text = render(&st, None, 200);
+        assert!(!text.contains("last change: from"), "{text}");
+        assert!(
+            text.contains("last change too large to show (change 5 of 5;"),
+            "{text}"
+        );
+        // None of them listed.
+        st.journal.clear();
+        st.journal_omitted = Some(JournalGap {
+            after: 0,
+            changes: 5,
+        });
+        let text = render(&st, None, 200);
+        assert!(
+            text.contains("last change too large to show (change 5 of 5;"),
+            "{text}"
+        );
     }
 
     #[test]
