@@ -1211,10 +1211,6 @@ fn metrics_endpoint_matches_the_plan() {
     drop(c);
 }
 
-/// A rank whose trainer comes back (its ring is made again under the same job and rank)
-/// while its series are still exported: the counters go on by what the new ring
-/// delivers. Set from each ring's own figures they stayed at the old ring's total until
-/// the new ring delivered more (the dashboard showed 0 tokens/s for that rank).
 /// A ring's (`millrace_batches_delivered_total`, `millrace_tokens_delivered_total`).
 fn ring_delivered(s: &[Sample], ring: &[(&str, &str)]) -> (Option<f64>, Option<f64>) {
     (
@@ -1223,6 +1219,10 @@ fn ring_delivered(s: &[Sample], ring: &[(&str, &str)]) -> (Option<f64>, Option<f
     )
 }
 
+/// A rank whose trainer comes back (its ring is made again under the same job and rank)
+/// while its series are still exported: the counters go on by what the new ring
+/// delivers. Set from each ring's own figures they stayed at the old ring's total until
+/// the new ring delivered more (the dashboard showed 0 tokens/s for that rank).
 #[test]
 fn a_returning_ranks_counters_continue_on_metrics() {
     const N: u64 = 30;
