@@ -1053,6 +1053,10 @@ def test_gpu_check_counts_a_rust_ring_left_unpinned_as_a_problem():
         problems = gpu_check.check_paths({}, rust(*args))
         assert len(problems) == 1 and says in problems[0] and "read-only" in problems[0], \
             problems
+        # A `plain` ring is pinned (flag 0, read-write): its copies are not pageable.
+        plain = "plain" in args
+        assert ("pinned read-write" in problems[0]) == plain, problems
+        assert ("pageable" in problems[0]) != plain, problems
 
 
 def test_example_train_tiny_checkpoints_and_resumes(corpus, daemons, tmp_path):
