@@ -59,26 +59,31 @@ pub fn render_journal(entries: &[JournalEntry]) -> String {
         "at step", "plan step", "source"
     );
     for e in entries {
-        let mut points: Vec<String> = e.points.iter().map(point_text).collect();
-        if let Some(st) = &e.stage {
-            points.push(format!(
-                "stage: {} tokens x {} rows, window {}{}",
-                st.seq_len,
-                st.global_batch_rows,
-                st.best_fit_window,
-                if st.chain_groups { ", chained" } else { "" }
-            ));
-        }
         let _ = writeln!(
             s,
             "{:>10} {:>10}  {:<7} {}",
             e.at_step,
             e.plan_step,
             if e.source.is_empty() { "-" } else { &e.source },
-            points.join("; ")
+            change_text(e)
         );
     }
     s
+}
+
+/// What one change sets, in words: its schedule points, or the stage it adds.
+pub(super) fn change_text(e: &JournalEntry) -> String {
+    let mut points: Vec<String> = e.points.iter().map(point_text).collect();
+    if let Some(st) = &e.stage {
+        points.push(format!(
+            "stage: {} tokens x {} rows, window {}{}",
+            st.seq_len,
+            st.global_batch_rows,
+            st.best_fit_window,
+            if st.chain_groups { ", chained" } else { "" }
+        ));
+    }
+    points.join("; ")
 }
 
 /// One schedule point as `step N: name=w name=w`, names in order.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use millrace::control::{Connection, CtlError};
 use millrace::wire::status::{RingStatus, Status};
 
-use super::journal::point_text;
+use super::journal::change_text;
 use super::status::{
     draining_line, duration_text, fetch_status, last_reload_line, or, pct, poisoned_lines,
     read_status,
@@ -272,11 +272,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
                 "last change: from step {} ({}) {}",
                 last.at_step,
                 or(&last.source, "-"),
-                last.points
-                    .iter()
-                    .map(point_text)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                change_text(last)
             ));
         }
         None if now.journal_omitted.is_some() => {
@@ -606,6 +602,27 @@ mod tests {
         let text = render(&st, None, 200);
         assert!(
             text.contains("last change too large to show (change 5 of 5;"),
+            "{text}"
+        );
+    }
+
+    /// A stage change (`set-stage`: no schedule points) is shown by what it sets: `top`
+    /// showed "last change: from step 200000 (ctl)" and nothing more.
+    #[test]
+    fn top_shows_a_stage_change_as_the_last() {
+        let mut st = sample_status(1000, 57, 0.25);
+        st.journal[0].points.clear();
+        st.journal[0].stage = Some(millrace::wire::status::JournalStage {
+            seq_len: 32768,
+            global_batch_rows: 128,
+            best_fit_window: 64,
+            chain_groups: false,
+        });
+        let text = render(&st, None, 200);
+        assert!(
+            text.contains(
+                "last change: from step 40 (ctl) stage: 32768 tokens x 128 rows, window 64"
+            ),
             "{text}"
         );
     }
