@@ -727,3 +727,50 @@ fn socket_paths_serve_cannot_bind_fail_the_check() {
         "{e}"
     );
 }
+
+/// The daemon rereads its config on SIGHUP and each watcher tick. A config path replaced
+/// by a FIFO hung the read (its open waits for a writer), one replaced by `/dev/zero`
+/// grew the daemon without bound, and a huge file was read whole. Each is now refused at
+/// once, naming the path and what is there.
+#[test]
+fn a_config_that_is_no_regular_file_or_too_large_is_refused_at_once() {
+    use millrace::config::{Config, MAX_CONFIG_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let huge = dir.path().join("huge.toml");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(MAX_CONFIG_BYTES + 1)
+        .unwrap();
+    let cases = [
+        (fifo.clone(), "it is a FIFO, not a regular file".to_string()),
+        (
+            "/dev/zero".into(),
+            "it is a character device, not a regular file".to_string(),
+        ),
+        (
+            dir.path().to_path_buf(),
+            "it is a directory, not a regular file".to_string(),
+        ),
+        (
+            huge.clone(),
+            format!(
+                "it is {} bytes, more than a config may be ({MAX_CONFIG_BYTES})",
+                MAX_CONFIG_BYTES + 1
+            ),
+        ),
+    ];
+    for (path, why) in cases {
+        let err = Config::read_bytes(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("{}: cannot read config: {why}", path.display()),
+            "{err}"
+        );
+    }
+    std::fs::write(&huge, "x = 1\n").unwrap();
+    assert_eq!(Config::read_bytes(&huge).unwrap(), b"x = 1\n");
+}

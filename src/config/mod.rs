@@ -33,6 +33,10 @@ pub const MAX_DOMAINS: usize = 4096;
 /// blobs its own daemon could not read back.
 pub const MAX_NAME: usize = 4096;
 
+/// The largest config file read: 4,096 domains of 4,096-byte names and a schedule of
+/// many points take a few tens of MB.
+pub const MAX_CONFIG_BYTES: u64 = 256 << 20;
+
 /// Why a config could not be used; always names the file and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -266,12 +270,53 @@ impl Config {
     /// As [`Config::load`], with the hash of exactly the bytes parsed: the daemon's
     /// watcher compares the file against what was applied, not against a later read.
     pub fn load_hashed(path: &Path) -> Result<(Config, u64), ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = Config::read_bytes(path)?;
         let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
         Ok((Config::from_bytes(path, bytes)?, hash))
+    }
+
+    /// The bytes of the config file `path`, which must be a regular file of at most
+    /// [`MAX_CONFIG_BYTES`]: the daemon rereads its config on SIGHUP and every watcher
+    /// tick, and a path replaced by a FIFO (whose open waits for a writer) or by
+    /// `/dev/zero` (endless) hung the reload, or grew the daemon without bound.
+    pub fn read_bytes(path: &Path) -> Result<Vec<u8>, ConfigError> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let invalid =
+            |what: String| err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+        // Non-blocking, so that opening a FIFO does not wait for a writer; it changes
+        // nothing for a regular file's reads.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        if !meta.is_file() {
+            let what = crate::corpus::file_kind(&meta.file_type());
+            return Err(invalid(format!("it is {what}, not a regular file")));
+        }
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(invalid(format!(
+                "it is {} bytes, more than a config may be ({MAX_CONFIG_BYTES})",
+                meta.len()
+            )));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        // Bounded again: the file may grow between the stat and the read.
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(err)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(invalid(format!(
+                "it grew past {MAX_CONFIG_BYTES} bytes while being read"
+            )));
+        }
+        Ok(bytes)
     }
 
     /// Parses the bytes read from the config file `path` (the hash of

@@ -218,10 +218,7 @@ impl Daemon {
     /// did. The file counts as seen whatever comes of it: the watcher does not retry a
     /// refused file.
     fn read_for_reload(&self, running: &mut Running) -> Result<(Config, PlanConfig), Refused> {
-        let bytes = std::fs::read(&self.config).map_err(|source| ConfigError::Read {
-            path: self.config.clone(),
-            source,
-        })?;
+        let bytes = Config::read_bytes(&self.config)?;
         // Seen before it is parsed: a file that does not parse is not retried either.
         running.seen = Some(xxhash_rust::xxh3::xxh3_64(&bytes));
         let cfg = Config::from_bytes(&self.config, bytes)?;
@@ -259,8 +256,25 @@ impl Daemon {
         let Ok(mut pending) = self.pending.try_lock() else {
             return;
         };
-        let Ok(bytes) = std::fs::read(&self.config) else {
-            return; // mid-rename, or gone for a moment: look again next tick
+        let bytes = match Config::read_bytes(&self.config) {
+            Ok(bytes) => bytes,
+            // Mid-rename, or gone for a moment: look again next tick.
+            Err(ConfigError::Read { source, .. })
+                if source.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                return
+            }
+            // A FIFO, a device or a file too large: a reload refuses it, naming why,
+            // once (its contents are never read, so it is seen by what it is).
+            Err(e) => {
+                let h = xxhash_rust::xxh3::xxh3_64(e.to_string().as_bytes());
+                let seen = self.running.lock().unwrap_or_else(|p| p.into_inner()).seen;
+                if Some(h) != seen {
+                    tracing::warn!("config watcher: {e}; the running config stays");
+                    self.running.lock().unwrap_or_else(|p| p.into_inner()).seen = Some(h);
+                }
+                return;
+            }
         };
         let h = xxhash_rust::xxh3::xxh3_64(&bytes);
         let seen = self.running.lock().unwrap_or_else(|p| p.into_inner()).seen;
