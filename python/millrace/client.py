@@ -32,10 +32,8 @@ Before the first connection has worked, a missing socket (or one nobody listens 
 an error at once, not after ``reconnect_timeout``: it is far more often a wrong path than
 a daemon about to appear. Pass ``connect_timeout`` to wait for a daemon that is starting.
 A daemon that accepted but sends no WELCOME within ``handshake_timeout`` is not gone
-(it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect. A
-reconnection's HELLO carries the cursor blob, which needs no seek, so a daemon slow to
-WELCOME it is stuck: retried as a gone daemon within ``reconnect_timeout``, each wait
-bounded by ``next_batch(timeout)`` too (1 s at least).
+(it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect. A HELLO
+with a cursor blob needs no seek, so there ``next_batch(timeout)`` bounds that wait too.
 
 The client is not thread safe: use it from one thread (a thread that calls
 :meth:`Client.next_batch` while another is inside it is refused with
@@ -153,9 +151,6 @@ _RETRY_REFUSALS = {"busy", "duplicate", "peer_position"}
 # A process restarted right after its predecessor died can reach the daemon before the
 # daemon noticed the death: `duplicate` is retried this long on a first connect.
 _DUPLICATE_GRACE = 3.0
-# The least a reconnection's handshake (a HELLO with a cursor blob) is given before the
-# caller's timeout or reconnect_timeout cut it short as a stuck daemon.
-_STUCK_FLOOR = 1.0
 # How long close() waits for the daemon to acknowledge BYE by closing its side.
 _BYE_WAIT = 5.0
 
@@ -234,8 +229,7 @@ class HandshakeTimeout(MillraceError):
 
     Not retried: the daemon is there and busy with this HELLO (a seek without a cursor on
     a huge corpus can take long), and a new connection would cancel that work and start it
-    over. Raise ``handshake_timeout`` (or resume from a cursor blob, which needs no seek;
-    a reconnection slow to WELCOME one is a stuck daemon, retried, see :class:`Client`).
+    over. Raise ``handshake_timeout`` (or resume from a cursor blob, which needs no seek).
     """
 
 
@@ -911,9 +905,8 @@ class Client:
     handshake_timeout: seconds to wait for WELCOME once the daemon accepted (a seek
         without a cursor can take a while on a huge corpus). Running out raises
         :class:`HandshakeTimeout` and is not retried: a new connection would start the
-        daemon's work over. A reconnection with a cursor blob (no seek) slow to WELCOME
-        is a stuck daemon: retried within ``reconnect_timeout``, each wait bounded by
-        ``next_batch(timeout)`` too (1 s at least).
+        daemon's work over. With a cursor blob (no seek) ``next_batch(timeout)`` bounds
+        the wait too: TimeoutError, and the next call retries.
     slot_layout: ``"compact"`` (the daemon's default when None: tokens in the shards'
         dtype and document starts; the client derives labels, positions, mask and
         cu_seqlens) or ``"expanded"`` (every array ready in the ring). Peers of one dp
@@ -1100,7 +1093,7 @@ class Client:
         while True:
             attempt += 1
             try:
-                self._open(None if initial else until, None if initial else deadline)
+                self._open(until)
                 if not initial:
                     self.reconnects += 1
                     log.warning("millrace: reconnected to %s at step %d (attempt %d)",
@@ -1147,22 +1140,17 @@ class Client:
                 raise e
             time.sleep(0.1 if until is None else max(0.0, min(0.1, until - now)))
 
-    def _open(self, until: float | None = None, window: float | None = None):
+    def _open(self, until: float | None = None):
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         fds: list = []
-        # A reconnection's HELLO carries a cursor blob, which needs no seek, so a slow
-        # WELCOME is a daemon stuck (stopped, hung on its filesystem): retried as gone
-        # within the retry ``window`` (reconnect_timeout), and the caller's deadline
-        # (next_batch's timeout) bounds it too, the next call retrying.
-        # Each bound leaves the daemon _STUCK_FLOOR at least (a healthy one answers in
-        # milliseconds), so that short timeouts cannot cancel every attempt.
-        stuck_is_gone = self._resume_cursor is not None and window is not None
+        # A HELLO with a cursor blob needs no seek, so a slow WELCOME is a daemon stuck
+        # (stopped, hung on its filesystem), not one at work: the caller's deadline
+        # (next_batch's timeout) bounds the handshake, and the next call retries.
         limit, by_caller = self.handshake_timeout, False
-        if stuck_is_gone:
-            now = time.monotonic()
-            limit = min(limit, max(window - now, _STUCK_FLOOR))
-            if until is not None and max(until - now, _STUCK_FLOOR) < limit:
-                limit, by_caller = max(until - now, _STUCK_FLOOR), True
+        if until is not None and self._resume_cursor is not None:
+            left = until - time.monotonic()
+            if left < limit:
+                limit, by_caller = max(left, 0.001), True
         try:
             sock.settimeout(limit)
             _check_fallback_dir(self.socket_path)
@@ -1183,9 +1171,6 @@ class Client:
                                      "no WELCOME yet; later calls go on retrying")
                     e._caller = True
                     raise e from None
-                if stuck_is_gone:
-                    raise _Gone(f"the daemon accepted the connection but sent no WELCOME "
-                                f"within {limit:g} s (a resume needs no seek)") from None
                 # The daemon accepted and has our HELLO, but is still at it (a seek on a
                 # huge corpus): it is there, so this is no reason to reconnect, which
                 # would cancel that work and start it over.
