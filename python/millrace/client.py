@@ -32,8 +32,7 @@ Before the first connection has worked, a missing socket (or one nobody listens 
 an error at once, not after ``reconnect_timeout``: it is far more often a wrong path than
 a daemon about to appear. Pass ``connect_timeout`` to wait for a daemon that is starting.
 A daemon that accepted but sends no WELCOME within ``handshake_timeout`` is not gone
-(it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect. A HELLO
-with a cursor blob needs no seek, so there ``next_batch(timeout)`` bounds that wait too.
+(it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect.
 
 The client is not thread safe: use it from one thread (a thread that calls
 :meth:`Client.next_batch` while another is inside it is refused with
@@ -905,8 +904,7 @@ class Client:
     handshake_timeout: seconds to wait for WELCOME once the daemon accepted (a seek
         without a cursor can take a while on a huge corpus). Running out raises
         :class:`HandshakeTimeout` and is not retried: a new connection would start the
-        daemon's work over. With a cursor blob (no seek) ``next_batch(timeout)`` bounds
-        the wait too: TimeoutError, and the next call retries.
+        daemon's work over.
     slot_layout: ``"compact"`` (the daemon's default when None: tokens in the shards'
         dtype and document starts; the client derives labels, positions, mask and
         cu_seqlens) or ``"expanded"`` (every array ready in the ring). Peers of one dp
@@ -1093,16 +1091,12 @@ class Client:
         while True:
             attempt += 1
             try:
-                self._open(until)
+                self._open()
                 if not initial:
                     self.reconnects += 1
                     log.warning("millrace: reconnected to %s at step %d (attempt %d)",
                                 self.socket_path, self._next_step, attempt)
                 return
-            except TimeoutError as e:
-                if getattr(e, "_caller", False):
-                    raise  # the caller's timeout ran out inside the handshake
-                last = e
             except Refused as e:
                 # A restarting daemon can briefly still see our old connection (duplicate)
                 # or a half-rebuilt ring (peer_position); a busy one may free up.
@@ -1140,19 +1134,11 @@ class Client:
                 raise e
             time.sleep(0.1 if until is None else max(0.0, min(0.1, until - now)))
 
-    def _open(self, until: float | None = None):
+    def _open(self):
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         fds: list = []
-        # A HELLO with a cursor blob needs no seek, so a slow WELCOME is a daemon stuck
-        # (stopped, hung on its filesystem), not one at work: the caller's deadline
-        # (next_batch's timeout) bounds the handshake, and the next call retries.
-        limit, by_caller = self.handshake_timeout, False
-        if until is not None and self._resume_cursor is not None:
-            left = until - time.monotonic()
-            if left < limit:
-                limit, by_caller = max(left, 0.001), True
         try:
-            sock.settimeout(limit)
+            sock.settimeout(self.handshake_timeout)
             _check_fallback_dir(self.socket_path)
             sock.connect(self.socket_path)
             try:
@@ -1164,13 +1150,6 @@ class Client:
             try:
                 kind, payload = read_frame(sock, fds)
             except _ReadTimeout:
-                if by_caller:
-                    at = "" if self._next_step is None else f" for step {self._next_step}"
-                    e = TimeoutError(f"no batch{at} within the timeout: the daemon at "
-                                     f"{self.socket_path} accepted the connection but sent "
-                                     "no WELCOME yet; later calls go on retrying")
-                    e._caller = True
-                    raise e from None
                 # The daemon accepted and has our HELLO, but is still at it (a seek on a
                 # huge corpus): it is there, so this is no reason to reconnect, which
                 # would cancel that work and start it over.

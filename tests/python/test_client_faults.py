@@ -171,44 +171,6 @@ def test_next_batch_timeout_bounds_a_reconnect_too(daemons, tmp_path):
     c.close()
 
 
-def test_next_batch_timeout_bounds_the_handshake_of_a_reconnect(daemons, tmp_path):
-    """A daemon restarted under a trainer that accepts the reconnection but is stuck
-    before WELCOME (stopped, or hung on a network filesystem) held next_batch(timeout=1)
-    for all of handshake_timeout: the socket read used handshake_timeout alone. A HELLO
-    with a cursor blob needs no seek, so the caller's timeout bounds it: TimeoutError at
-    the timeout, and once the daemon goes on the stream continues at the exact step."""
-    d = daemons(write_corpus(tmp_path / "stuck")).start()
-    ref = mr.Client(d.sock, 1, 2, register_cuda=False)
-    want = [ref.next_batch(timeout=60).tokens.copy() for _ in range(12)]
-    ref.close()
-    c = mr.Client(d.sock, 1, 2, reconnect_timeout=60, handshake_timeout=30,
-                  register_cuda=False)
-    assert (c.next_batch(timeout=60).tokens == want[0]).all()
-    d.kill()
-    d.start()
-    os.kill(d.pid, signal.SIGSTOP)
-    try:
-        wait_until(lambda: _stopped(d.pid), 10, "the daemon stopped")
-        step, timeouts = 1, 0
-        while timeouts < 2:  # what the old daemon published first, then the stuck one
-            t = time.monotonic()
-            try:
-                b = c.next_batch(timeout=1)
-                assert b.step == step and (b.tokens == want[step]).all()
-                step += 1
-            except TimeoutError as e:
-                assert f"step {step}" in str(e)
-                timeouts += 1
-            assert time.monotonic() - t < 5, "next_batch(timeout=1) overran its timeout"
-    finally:
-        os.kill(d.pid, signal.SIGCONT)
-    for s in range(step, 12):
-        b = c.next_batch(timeout=60)
-        assert b.step == s and (b.tokens == want[s]).all()
-    assert c.reconnects == 1
-    c.close()
-
-
 # ---------------------------------------------------------------------------- headers
 
 
