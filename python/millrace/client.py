@@ -32,7 +32,10 @@ Before the first connection has worked, a missing socket (or one nobody listens 
 an error at once, not after ``reconnect_timeout``: it is far more often a wrong path than
 a daemon about to appear. Pass ``connect_timeout`` to wait for a daemon that is starting.
 A daemon that accepted but sends no WELCOME within ``handshake_timeout`` is not gone
-(it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect.
+(it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect. That holds
+for a reconnect's handshake too, whatever ``next_batch``'s timeout: after a node's
+daemon restarts, every rank's HELLO waits its turn for admission, and a client that
+hung up and sent another would drop its place and start at the back of the queue.
 
 The client is not thread safe: use it from one thread (a thread that calls
 :meth:`Client.next_batch` while another is inside it is refused with
