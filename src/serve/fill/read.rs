@@ -249,6 +249,10 @@ impl Readers {
             pool.live -= pool.idle.len();
             pool.idle.clear();
         }
+        // Fills waiting for a reader return too ([`Readers::take`] looks at `failed`):
+        // no reader will come back to wake them, and a waiter left asleep held its
+        // materializer thread, and its trainer's step, for good.
+        self.returned.notify_all();
     }
 
     /// The index in the registered files of `domain`'s shard `shard`.
@@ -313,6 +317,12 @@ impl Readers {
     fn take(&self) -> Result<UringReader, ReadError> {
         let mut pool = self.lock();
         loop {
+            if let Some(why) = self.failed.get() {
+                return Err(ReadError::Unavailable {
+                    what: "io_uring failed after start",
+                    source: std::io::Error::other(why.clone()),
+                });
+            }
             if let Some(r) = pool.idle.pop() {
                 return Ok(r);
             }
@@ -637,6 +647,58 @@ mod tests {
             other.join().unwrap();
             assert_eq!(live, 2, "the dropped reader was never replaced");
         });
+    }
+
+    /// Regression: fills waiting for a reader (none idle, no more could be opened) slept
+    /// on when io_uring was given up for good: readers that break are dropped, the fill
+    /// that then fails to open one gives io_uring up, and nothing woke the others, whose
+    /// materializer threads (and their trainers' steps) hung for good. They now return,
+    /// and their fills copy from the mappings.
+    #[test]
+    fn fills_waiting_for_a_reader_return_once_io_uring_is_given_up() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_src, readers)) = uring_readers(dir.path()) else {
+            return;
+        };
+        let (a, b) = (readers.take().unwrap(), readers.take().unwrap());
+        let (done, skipped) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let deadline = |what: &str, t0: std::time::Instant| {
+            assert!(t0.elapsed().as_secs() < 30, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    // Here no reader can be opened: a fill waits for one given back.
+                    if !crate::sys::refuse_io_uring_in_this_thread(libc::EPERM) {
+                        skipped.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        let _ = readers.read(&[], &mut [0u8; 16]);
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            let t0 = std::time::Instant::now();
+            while !readers.lock().full && done.load(Ordering::SeqCst) < 2 {
+                deadline("no fill waited for a reader", t0);
+            }
+            // Both readers in use break (an io_uring_enter refused for good).
+            readers.give(a, false);
+            readers.give(b, false);
+            let t0 = std::time::Instant::now();
+            while done.load(Ordering::SeqCst) < 2 {
+                deadline(
+                    "a fill waiting for a reader hung after io_uring was given up",
+                    t0,
+                );
+            }
+        });
+        if skipped.load(Ordering::SeqCst) > 0 {
+            eprintln!("skipping: the kernel refused a seccomp filter");
+            return;
+        }
+        assert!(readers.fallback().is_some(), "io_uring was given up");
     }
 
     /// Regression: an io_uring read that failed with an I/O error (EIO: a bad sector, a
