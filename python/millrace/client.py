@@ -1053,14 +1053,20 @@ class Client:
             h["release_page"] = True
         if self.micro_batch_rows is not None:
             h["micro_batch_rows"] = self.micro_batch_rows
+        fingerprint = self._want_fingerprint
         if self._resume_cursor is not None:
             h["cursor"] = self._resume_cursor.hex()
         elif self._next_step is not None:
             h["start_step"] = self._next_step
+            # A reconnection before the first batch has no blob, whose check would
+            # refuse another plan: a daemon restarted with another config then served
+            # that plan's steps silently. The first WELCOME's plan is pinned instead.
+            if fingerprint is None and self._welcome is not None:
+                fingerprint = self._welcome["fingerprint"]
         elif self._start_step is not None:
             h["start_step"] = self._start_step
-        if self._want_fingerprint is not None:
-            h["fingerprint"] = self._want_fingerprint
+        if fingerprint is not None:
+            h["fingerprint"] = fingerprint
         if self.slot_layout is not None:
             h["slot_layout"] = self.slot_layout
         return h

@@ -276,6 +276,43 @@ def test_after_a_daemon_error_the_next_call_says_why_the_connection_ended(daemon
     c.close()
 
 
+def test_a_daemon_restarted_with_another_plan_before_the_first_batch_is_refused(daemons,
+                                                                             tmp_path):
+    """A reconnection before the first batch has no cursor blob (whose check refuses a
+    blob of another plan): its HELLO carried start_step alone. A daemon that ended the
+    connection before publishing anything (here an ERROR at step 0, an id past
+    vocab_size) and was restarted with another config (seed 12 for 11) then streamed
+    the new plan's step 0 silently. The reconnection now pins the first WELCOME's
+    fingerprint: REFUSED `fingerprint`, while the same plan is still taken."""
+    dir = tmp_path / "replan"
+    bad = write_corpus(dir)  # ids 3..30000
+    bad.write_text(bad.read_text().replace("eod_token = 2",
+                                           "eod_token = 2\nvocab_size = 1000"))
+    d = daemons(bad).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=30, register_cuda=False)
+    first = c.fingerprint
+    with pytest.raises(mr.DaemonError, match="vocab_size"):
+        c.next_batch(timeout=60)
+    assert c.state_dict() == {"cursor": None, "step": -1}
+    # The same plan again: the reconnection is taken (and meets the same ERROR).
+    d.kill()
+    d.start()
+    with pytest.raises(mr.DaemonError, match="vocab_size"):
+        c.next_batch(timeout=60)
+    assert c.reconnects == 1
+    # Another plan: refused, not streamed.
+    d.kill()
+    write_corpus(dir, plan_seed=12)
+    d.start()
+    other = mr.Client(d.sock, 1, 4, register_cuda=False)
+    assert other.fingerprint != first
+    other.close()
+    with pytest.raises(mr.Refused) as e:
+        c.next_batch(timeout=60)
+    assert e.value.code == "fingerprint" and c.state_dict()["step"] == -1
+    c.close()
+
+
 def test_a_daemon_error_met_by_a_release_frame_is_raised_not_reconnected(daemons, tmp_path):
     """A trainer busy between steps does not read the socket: the daemon's ERROR (here
     `materialize`, an id past vocab_size at a later step) and its close wait there. With
