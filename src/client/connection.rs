@@ -676,12 +676,18 @@ impl Client {
     }
 
     /// Reconnects after the daemon went away, resuming after the last step handed out
-    /// (or where this client started, if none was), retrying until `timeout`.
+    /// (or where this client started, if none was, refused unless the daemon still
+    /// plans what the first WELCOME announced), retrying until `timeout`.
     pub fn reconnect(&mut self, timeout: Duration) -> Result<(), ClientError> {
         let mut hello = self.hello.clone();
         if self.last_step.is_some() {
             hello.cursor = Some(to_hex(&self.last_cursor));
             hello.start_step = None;
+        } else if hello.cursor.is_none() && hello.fingerprint.is_none() {
+            // No blob yet, whose check would refuse another plan: a daemon restarted
+            // with another config would serve that plan's steps silently, so the
+            // plan of the first WELCOME is pinned.
+            hello.fingerprint = Some(self.welcome.fingerprint.clone());
         }
         let deadline = Instant::now() + timeout;
         let mut fresh = loop {

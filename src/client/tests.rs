@@ -707,3 +707,46 @@ fn a_daemon_that_never_reads_the_hello_holds_the_client_for_the_handshake_only()
         "{e:?}"
     );
 }
+
+/// A reconnection before the first batch (no cursor blob) carried the HELLO's
+/// `start_step` alone, so a daemon restarted with another plan served that plan's steps
+/// silently. It now pins the fingerprint of the first WELCOME: the daemon's `fingerprint`
+/// refusal, as the real daemon answers a HELLO whose fingerprint is not its own.
+#[test]
+fn a_reconnect_before_the_first_batch_pins_the_first_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("replan.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // The first daemon: WELCOME (plan "a..a") with nothing published, then gone.
+        let (mut s, _) = listener.accept().unwrap();
+        read_from(&mut s).unwrap();
+        welcome_with(ring(0, 0), 3 * 4096, |w| w.fingerprint = "a".repeat(32))(&mut s);
+        drop(s);
+        // The restarted daemon, with plan "b..b".
+        let (mut s, _) = listener.accept().unwrap();
+        let (_, payload) = read_from(&mut s).unwrap();
+        let hello: Hello = serde_json::from_slice(&payload).unwrap();
+        match hello.fingerprint.as_deref() {
+            Some(f) if f != "b".repeat(32) => s
+                .write_all(&encode(
+                    frame::REFUSED,
+                    br#"{"code":"fingerprint","message":"not this plan"}"#,
+                ))
+                .unwrap(),
+            _ => welcome_with(ring(0, 1), 3 * 4096, |w| w.fingerprint = "b".repeat(32))(&mut s),
+        }
+        tx.send(hello).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    let mut c = Client::connect(&path, &Hello::new(0, 1, 2, 1)).unwrap();
+    let r = c.reconnect(Duration::from_secs(10));
+    let hello = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(hello.fingerprint, Some("a".repeat(32)));
+    assert_eq!(hello.cursor, None);
+    assert!(
+        matches!(&r, Err(ClientError::Refused { code, .. }) if code == "fingerprint"),
+        "{r:?}"
+    );
+}
