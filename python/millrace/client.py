@@ -1008,21 +1008,25 @@ class Client:
     def connect(self) -> "Client":
         """Connects now (normally done lazily). Raises Refused on REFUSED."""
         self._check_usable()
-        self._enter("connect")
-        try:
+        self._refuse_if_busy("connect")
+        with self._busy:  # see _refuse_if_busy
             if self._conn is None:
                 self._open_retrying(initial=self._welcome is None)
-        finally:
-            self._busy.release()
         return self
 
-    def _enter(self, what: str):
-        """Takes the thread guard for ``what`` (release ``_busy`` after), refused while
-        another thread is inside next_batch or connect: the client is not thread safe,
-        and two threads reading one stream took the same slot or raced for the poller,
-        which surfaced as a ProtocolError blaming the daemon (or as a `duplicate`
-        refusal, or duplicated data)."""
-        if not self._busy.acquire(blocking=False):
+    def _refuse_if_busy(self, what: str):
+        """Refuses ``what`` while another thread is inside next_batch or connect: the
+        client is not thread safe, and two threads reading one stream took the same slot
+        or raced for the poller, which surfaced as a ProtocolError blaming the daemon (or
+        as a `duplicate` refusal, or duplicated data).
+
+        The caller then holds ``_busy`` with ``with``: the lock's own (C) __enter__ takes
+        it and the region that lets it go starts at the next instruction, so no signal
+        handler (a Ctrl-C) runs in between. An acquire called before a ``try`` left the
+        guard held for good when a KeyboardInterrupt landed right after it. A thread that
+        slips past this check in the same instant as another waits for it (serialized,
+        never interleaved)."""
+        if self._busy.locked():
             raise MillraceError(
                 f"Client.{what} called while another thread is inside next_batch or "
                 "connect: a Client is not thread safe; call it from one thread")
@@ -1310,11 +1314,9 @@ class Client:
         """The next batch; waits for it (``timeout`` seconds at most: TimeoutError), also
         while reconnecting to a daemon that went away."""
         self._check_usable()
-        self._enter("next_batch")
-        try:
+        self._refuse_if_busy("next_batch")
+        with self._busy:  # see _refuse_if_busy
             return self._next_batch(timeout)
-        finally:
-            self._busy.release()
 
     def _next_batch(self, timeout: float | None) -> Batch:
         while len(self._outstanding) >= self.hold:

@@ -453,6 +453,43 @@ def test_a_second_thread_inside_next_batch_is_refused(daemons, tmp_path):
     fresh.close()
 
 
+def test_a_ctrl_c_just_after_the_thread_guard_is_taken_does_not_leave_it_held(daemons,
+                                                                            tmp_path):
+    """connect and next_batch took the thread guard in a call before their try: a
+    KeyboardInterrupt landing between the acquire and the try (a signal handler runs at
+    the first check after the acquire's call returns) left it held, and every later call
+    was refused as "another thread is inside next_batch" (an interrupted notebook cell
+    could not read again). The interrupt is raised here from a trace function at the
+    first Python-level point after the guard is taken, which is now inside the region
+    that lets it go."""
+    d = daemons(write_corpus(tmp_path / "guard")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+
+    def interrupted_once_held(call):
+        fired = []
+
+        def tracer(frame, event, arg):
+            if not fired and c._busy.locked():
+                fired.append((frame.f_code.co_name, event))
+                raise KeyboardInterrupt
+            return tracer
+
+        old = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                call()
+        finally:
+            sys.settrace(old)
+        return fired
+
+    for call in (c.connect, lambda: c.next_batch(timeout=60)):
+        assert interrupted_once_held(call), "the guard was never taken"
+        assert not c._busy.locked()
+    assert c.next_batch(timeout=60).step == 0
+    c.close()
+
+
 def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemons,
                                                                            tmp_path):
     """After os.fork() (a DataLoader worker started with fork) the child shares the
