@@ -1434,11 +1434,16 @@ class Client:
         batch = Batch(step, plan_step, rows, seq_len, cu_len, max_seqlen, loss_tokens,
                       real_tokens, publish_ns, cursor, st.micro_batch_rows,
                       st.views[slot], self, conn.id, conn.layout, st.fields, plan_state)
-        self._outstanding.append(batch)
+        # The stream moves on before the batch is queued for release, and the queueing
+        # call comes last: a signal handler runs at the check after a call, so one
+        # raising (a Ctrl-C) after it finds the state whole and the batch lost to its
+        # caller only. Queued first, a batch nobody had was released on the next call,
+        # which took the same step from the slot the daemon then refilled.
         self._next_step = step + 1
         self._last_step = step
         self._resume_cursor = cursor
         self._plan_state = plan_state
+        self._outstanding.append(batch)
         return batch
 
     def _retire(self, batch: Batch):

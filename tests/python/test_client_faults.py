@@ -8,6 +8,7 @@ tampered with only in a private copy of its bytes.
 from __future__ import annotations
 
 import gc
+import linecache
 import mmap
 import os
 import pickle
@@ -487,6 +488,49 @@ def test_a_ctrl_c_just_after_the_thread_guard_is_taken_does_not_leave_it_held(da
         assert interrupted_once_held(call), "the guard was never taken"
         assert not c._busy.locked()
     assert c.next_batch(timeout=60).step == 0
+    c.close()
+
+
+def test_a_ctrl_c_as_a_batch_is_taken_never_hands_out_a_released_slot(daemons, tmp_path):
+    """_take queued the batch for release before it moved the stream on: a
+    KeyboardInterrupt at the check after that call (raised here from a trace function
+    at the next line) left a batch queued that no caller had, with the stream still at
+    its step. The next call released it and took the same step from the same slot, which
+    the daemon then refilled under the trainer: "step 1" held step 5's tokens. Now the
+    stream moves on first: the interrupted call's batch is skipped, every batch handed
+    out holds its own step's data, and the slot of the one held is not refilled."""
+    d = daemons(write_corpus(tmp_path / "take")).start()
+    ref = mr.Client(d.sock, 1, 4, register_cuda=False)
+    want = [ref.next_batch(timeout=60).tokens.copy() for _ in range(12)]
+    ref.close()
+    c = mr.Client(d.sock, 1, 4, reconnect_timeout=0, register_cuda=False)
+    assert (c.next_batch(timeout=60).tokens == want[0]).all()
+    take = mr.Client._take.__code__
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is take and event == "line" and not fired:
+            line = linecache.getline(take.co_filename, frame.f_lineno - 1)
+            if "self._outstanding.append(batch)" in line:
+                fired.append(frame.f_lineno)
+                raise KeyboardInterrupt
+        return tracer
+
+    old = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            c.next_batch(timeout=60)
+    finally:
+        sys.settrace(old)
+    assert fired
+    for _ in range(3):
+        b = c.next_batch(timeout=60)
+        conn = c._conn
+        # The daemon fills every slot it was given back; then the batch is compared.
+        wait_until(lambda: conn.published() >= conn.done + conn.slots, 30, "a full ring")
+        assert (b.tokens == want[b.step]).all(), f"step {b.step} holds another step's tokens"
+        assert c.state_dict()["step"] == b.step
     c.close()
 
 
