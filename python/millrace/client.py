@@ -1207,27 +1207,31 @@ class Client:
             sock.close()
             raise
         sock.settimeout(None)
-        self._conn = conn
-        self._pid = os.getpid()
-        self._welcome = welcome
-        if self._next_step is not None and welcome["start_step"] != self._next_step:
-            self._drop_conn(send_bye=True)
-            raise ProtocolError(f"resumed with the blob of step {self._next_step - 1} but the "
-                                f"daemon starts at step {welcome['start_step']}")
-        if self._next_step is None and self._resume_cursor is not None \
-                and self._state_step is not None \
-                and welcome["start_step"] != self._state_step + 1:
-            self._drop_conn(send_bye=True)
-            raise MillraceError(
+        start, pid = int(welcome["start_step"]), os.getpid()
+        problem = None
+        if self._next_step is not None and start != self._next_step:
+            problem = ProtocolError(f"resumed with the blob of step {self._next_step - 1} but "
+                                    f"the daemon starts at step {start}")
+        elif self._next_step is None and self._resume_cursor is not None \
+                and self._state_step is not None and start != self._state_step + 1:
+            problem = MillraceError(
                 f"the state given to load_state_dict says step {self._state_step}, but its "
-                f"cursor blob is the position after step {welcome['start_step'] - 1}: the "
+                f"cursor blob is the position after step {start - 1}: the "
                 "checkpoint's cursor and step come from different points")
-        if self._next_step is None and self._resume_cursor is None \
-                and self._start_step is not None and welcome["start_step"] != self._start_step:
+        elif self._next_step is None and self._resume_cursor is None \
+                and self._start_step is not None and start != self._start_step:
+            problem = ProtocolError(f"asked for start_step {self._start_step} but the daemon "
+                                    f"starts at step {start}")
+        # One statement with no call in it: a signal handler runs only at the check after
+        # a call, so a Ctrl-C finds the connection stored with its start step or not at
+        # all. A connection stored without it (os.getpid() ran in between) failed every
+        # later call with a TypeError.
+        if problem is None:
+            self._conn, self._pid, self._welcome, self._next_step = conn, pid, welcome, start
+        else:
+            self._conn, self._pid, self._welcome = conn, pid, welcome
             self._drop_conn(send_bye=True)
-            raise ProtocolError(f"asked for start_step {self._start_step} but the daemon "
-                                f"starts at step {welcome['start_step']}")
-        self._next_step = int(welcome["start_step"])
+            raise problem
         if self.register_cuda is True:
             from . import torch_adapter
 

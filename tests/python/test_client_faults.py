@@ -491,6 +491,35 @@ def test_a_ctrl_c_just_after_the_thread_guard_is_taken_does_not_leave_it_held(da
     c.close()
 
 
+def test_a_ctrl_c_as_a_connection_is_stored_leaves_the_client_usable(daemons, tmp_path):
+    """_open stored the new connection, then called os.getpid() before it stored the
+    WELCOME and the start step: a KeyboardInterrupt at the check after that call (raised
+    here from a trace function at the first line that sees the connection stored) left
+    a connection with no step, and every later call raised TypeError ("'>' not supported
+    between instances of 'int' and 'NoneType"). The client now reads on from step 0."""
+    d = daemons(write_corpus(tmp_path / "open")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+    code = mr.Client._open.__code__
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code and event == "line" and c._conn is not None and not fired:
+            fired.append(frame.f_lineno)
+            raise KeyboardInterrupt
+        return tracer
+
+    old = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            c.next_batch(timeout=60)
+    finally:
+        sys.settrace(old)
+    assert fired
+    assert [c.next_batch(timeout=60).step for _ in range(3)] == [0, 1, 2]
+    c.close()
+
+
 def test_a_ctrl_c_as_a_batch_is_taken_never_hands_out_a_released_slot(daemons, tmp_path):
     """_take queued the batch for release before it moved the stream on: a
     KeyboardInterrupt at the check after that call (raised here from a trace function
