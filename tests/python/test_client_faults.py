@@ -454,38 +454,41 @@ def test_a_second_thread_inside_next_batch_is_refused(daemons, tmp_path):
     fresh.close()
 
 
+def _interrupt_where(when, call) -> tuple:
+    """Runs ``call`` with a trace function that raises KeyboardInterrupt at the first
+    trace event (frame, event) for which ``when`` holds, as a Ctrl-C whose handler runs
+    at that point would; returns (function, line) where it was raised."""
+    fired = []
+
+    def tracer(frame, event, arg):
+        if not fired and when(frame, event):
+            fired.append((frame.f_code.co_name, frame.f_lineno))
+            raise KeyboardInterrupt
+        return tracer
+
+    old = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call()
+    finally:
+        sys.settrace(old)
+    assert fired, "the point to interrupt was never reached"
+    return fired[0]
+
+
 def test_a_ctrl_c_just_after_the_thread_guard_is_taken_does_not_leave_it_held(daemons,
                                                                             tmp_path):
     """connect and next_batch took the thread guard in a call before their try: a
     KeyboardInterrupt landing between the acquire and the try (a signal handler runs at
     the first check after the acquire's call returns) left it held, and every later call
     was refused as "another thread is inside next_batch" (an interrupted notebook cell
-    could not read again). The interrupt is raised here from a trace function at the
-    first Python-level point after the guard is taken, which is now inside the region
-    that lets it go."""
+    could not read again). The interrupt is raised here at the first Python-level point
+    after the guard is taken, which is now inside the region that lets it go."""
     d = daemons(write_corpus(tmp_path / "guard")).start()
     c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
-
-    def interrupted_once_held(call):
-        fired = []
-
-        def tracer(frame, event, arg):
-            if not fired and c._busy.locked():
-                fired.append((frame.f_code.co_name, event))
-                raise KeyboardInterrupt
-            return tracer
-
-        old = sys.gettrace()
-        sys.settrace(tracer)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                call()
-        finally:
-            sys.settrace(old)
-        return fired
-
     for call in (c.connect, lambda: c.next_batch(timeout=60)):
-        assert interrupted_once_held(call), "the guard was never taken"
+        _interrupt_where(lambda frame, event: c._busy.locked(), call)
         assert not c._busy.locked()
     assert c.next_batch(timeout=60).step == 0
     c.close()
@@ -494,40 +497,26 @@ def test_a_ctrl_c_just_after_the_thread_guard_is_taken_does_not_leave_it_held(da
 def test_a_ctrl_c_as_a_connection_is_stored_leaves_the_client_usable(daemons, tmp_path):
     """_open stored the new connection, then called os.getpid() before it stored the
     WELCOME and the start step: a KeyboardInterrupt at the check after that call (raised
-    here from a trace function at the first line that sees the connection stored) left
-    a connection with no step, and every later call raised TypeError ("'>' not supported
-    between instances of 'int' and 'NoneType"). The client now reads on from step 0."""
+    here at the first line that sees the connection stored) left a connection with no
+    step, and every later call raised TypeError ("'>' not supported between instances
+    of 'int' and 'NoneType"). The client now reads on from step 0."""
     d = daemons(write_corpus(tmp_path / "open")).start()
     c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
     code = mr.Client._open.__code__
-    fired = []
-
-    def tracer(frame, event, arg):
-        if frame.f_code is code and event == "line" and c._conn is not None and not fired:
-            fired.append(frame.f_lineno)
-            raise KeyboardInterrupt
-        return tracer
-
-    old = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            c.next_batch(timeout=60)
-    finally:
-        sys.settrace(old)
-    assert fired
+    _interrupt_where(lambda frame, event: frame.f_code is code and event == "line"
+                     and c._conn is not None, lambda: c.next_batch(timeout=60))
     assert [c.next_batch(timeout=60).step for _ in range(3)] == [0, 1, 2]
     c.close()
 
 
 def test_a_ctrl_c_as_a_batch_is_taken_never_hands_out_a_released_slot(daemons, tmp_path):
     """_take queued the batch for release before it moved the stream on: a
-    KeyboardInterrupt at the check after that call (raised here from a trace function
-    at the next line) left a batch queued that no caller had, with the stream still at
-    its step. The next call released it and took the same step from the same slot, which
-    the daemon then refilled under the trainer: "step 1" held step 5's tokens. Now the
-    stream moves on first: the interrupted call's batch is skipped, every batch handed
-    out holds its own step's data, and the slot of the one held is not refilled."""
+    KeyboardInterrupt at the check after that call (raised here at the next line) left a
+    batch queued that no caller had, with the stream still at its step. The next call
+    released it and took the same step from the same slot, which the daemon then
+    refilled under the trainer: "step 1" held step 5's tokens. Now the stream moves on
+    first: the interrupted call's batch is skipped, every batch handed out holds its own
+    step's data, and the slot of the one held is not refilled."""
     d = daemons(write_corpus(tmp_path / "take")).start()
     ref = mr.Client(d.sock, 1, 4, register_cuda=False)
     want = [ref.next_batch(timeout=60).tokens.copy() for _ in range(12)]
@@ -535,24 +524,12 @@ def test_a_ctrl_c_as_a_batch_is_taken_never_hands_out_a_released_slot(daemons, t
     c = mr.Client(d.sock, 1, 4, reconnect_timeout=0, register_cuda=False)
     assert (c.next_batch(timeout=60).tokens == want[0]).all()
     take = mr.Client._take.__code__
-    fired = []
 
-    def tracer(frame, event, arg):
-        if frame.f_code is take and event == "line" and not fired:
-            line = linecache.getline(take.co_filename, frame.f_lineno - 1)
-            if "self._outstanding.append(batch)" in line:
-                fired.append(frame.f_lineno)
-                raise KeyboardInterrupt
-        return tracer
+    def after_the_append(frame, event):
+        return frame.f_code is take and event == "line" and "self._outstanding.append(" \
+            in linecache.getline(take.co_filename, frame.f_lineno - 1)
 
-    old = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            c.next_batch(timeout=60)
-    finally:
-        sys.settrace(old)
-    assert fired
+    _interrupt_where(after_the_append, lambda: c.next_batch(timeout=60))
     for _ in range(3):
         b = c.next_batch(timeout=60)
         conn = c._conn
