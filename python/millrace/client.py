@@ -1324,7 +1324,7 @@ class Client:
 
     def _next_batch(self, timeout: float | None) -> Batch:
         while len(self._outstanding) >= self.hold:
-            self._retire(self._outstanding.popleft())
+            self._retire_oldest()
         self._flush_release(force=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -1450,6 +1450,14 @@ class Client:
         self._outstanding.append(batch)
         return batch
 
+    def _retire_oldest(self):
+        """Retires the oldest batch handed out, then takes it off the queue: taken off
+        first, a Ctrl-C between the two (a signal handler runs after a call) left it
+        neither queued nor stale, its views reading the step the daemon refilled its slot
+        with. Retiring twice is harmless."""
+        self._retire(self._outstanding[0])
+        self._outstanding.popleft()
+
     def _retire(self, batch: Batch):
         """Retires one handed-out batch: waits for its GPU copy, marks it stale, and notes
         that its slot may go back (sent by :meth:`_flush_release`)."""
@@ -1506,7 +1514,7 @@ class Client:
             return
         self._check_usable()
         while self._outstanding:
-            self._retire(self._outstanding.popleft())
+            self._retire_oldest()
         self._flush_release(force=True)
 
     # -- state --------------------------------------------------------------------------

@@ -540,6 +540,27 @@ def test_a_ctrl_c_as_a_batch_is_taken_never_hands_out_a_released_slot(daemons, t
     c.close()
 
 
+def test_a_ctrl_c_as_a_batch_is_retired_still_makes_it_stale(daemons, tmp_path):
+    """A batch past `hold` is retired (StaleBatch on access, since the daemon refills its
+    slot). next_batch took it off the queue before retiring it: a KeyboardInterrupt
+    between the two (raised here as _retire is called) left it neither queued nor stale,
+    and once the daemon refilled its slot its views read another step's tokens silently.
+    It is now retired before it leaves the queue."""
+    d = daemons(write_corpus(tmp_path / "retire")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+    b0 = c.next_batch(timeout=60)
+    retire = mr.Client._retire.__code__
+    _interrupt_where(lambda frame, event: frame.f_code is retire and event == "call",
+                     lambda: c.next_batch(timeout=60))
+    assert [c.next_batch(timeout=60).step for _ in range(2)] == [1, 2]
+    conn = c._conn
+    wait_until(lambda: conn.published() >= conn.done + conn.slots, 30, "a full ring")
+    assert conn.published() > conn.slots  # step 0's slot holds a later step now
+    with pytest.raises(mr.StaleBatch, match="step 0 was released"):
+        b0.tokens
+    c.close()
+
+
 def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemons,
                                                                            tmp_path):
     """After os.fork() (a DataLoader worker started with fork) the child shares the
