@@ -160,6 +160,27 @@ impl Fixture {
         c
     }
 
+    /// Connects as `job` with the cursor `blob` (`what` it is, for a failure), expecting
+    /// `REFUSED cursor` with the daemon's journal as it was; returns the refusal's text.
+    fn refused_blob(&self, job: &str, blob: &[u8], what: &str) -> String {
+        let before = self.journal();
+        let mut h = self.hello(job);
+        h.cursor = Some(hex(blob));
+        match self.connect_with(&h) {
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(code, "cursor", "{what}: {message}");
+                assert_eq!(
+                    self.journal(),
+                    before,
+                    "{what}: the refusal changed the journal"
+                );
+                message
+            }
+            Err(e) => panic!("{what}: expected REFUSED cursor, got {e}"),
+            Ok(_) => panic!("{what} was admitted; journal {:?}", self.journal()),
+        }
+    }
+
     /// The config as a TOML table.
     fn doc(&self) -> toml::Table {
         toml::from_str(&std::fs::read_to_string(&self.config).unwrap()).unwrap()
@@ -283,6 +304,19 @@ fn assert_rows_follow(got: &[Step], want: &[Vec<u16>], what: &str) {
             &s.domains, w,
             "{what}: step {} delivered domains {:?}, the plan says {:?}",
             s.step, s.domains, w
+        );
+    }
+}
+
+/// `got` delivered the steps of `want`, domains and tokens bit for bit.
+fn assert_same_rows(got: &[Step], want: &[Step], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!((g.step, &g.domains), (w.step, &w.domains), "{what}");
+        assert!(
+            g.tokens == w.tokens,
+            "{what}: step {}: tokens differ",
+            g.step
         );
     }
 }
@@ -680,38 +714,45 @@ fn two_daemons_stay_identical_across_a_change() {
     drop(daemons);
 }
 
+/// Weights of 0.7 for domain `heavy` and 0.1 for the others.
+fn favouring(names: &[String], heavy: usize) -> BTreeMap<String, f64> {
+    let w = |i: usize| if i == heavy { 0.7 } else { 0.1 };
+    (names.iter().enumerate())
+        .map(|(i, n)| (n.clone(), w(i)))
+        .collect()
+}
+
+/// Runs `job` on a fresh daemon on `f` through step `last`, with a `ctl set-weights`
+/// from step `at` sent after its second step (weights favouring domain 1), then stops
+/// the daemon: the steps it delivered (each with its cursor blob) and its journal.
+fn run_with_a_change(f: &Fixture, job: &str, at: u64, last: u64) -> (Vec<Step>, Vec<Value>) {
+    let weights = favouring(&f.domain_names(), 1);
+    let a = f.serve();
+    let mut c = f.connect(job);
+    let mut got = read(&mut c, 2);
+    let r = f.set_weights(&weights, at);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["applied_step"], at, "{r}");
+    got.extend(read(&mut c, last + 1 - 2));
+    let journal = f.journal();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    assert_eq!(journal[0]["source"], "ctl");
+    assert!(got.iter().enumerate().all(|(i, s)| s.step == i as u64));
+    drop(c);
+    drop(a);
+    let _ = std::fs::remove_file(&f.socket);
+    (got, journal)
+}
+
 #[test]
 fn resume_after_a_change_is_exact() {
     const AT: u64 = 10;
     const KEEP: u64 = 15;
     const LAST: u64 = 30;
     let f = fixture("watch_config = false\n");
-    let loaded = f.load();
-    let names = loaded.plan.domain_names();
-    let weights: BTreeMap<String, f64> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.to_string(), if i == 1 { 0.7 } else { 0.1 }))
-        .collect();
     // Daemon A: the change at AT, then steps 0..=LAST; keep the blob of step KEEP.
-    let (a_steps, blob, a_journal) = {
-        let a = f.serve();
-        let mut c = f.connect("resume");
-        let mut got = read(&mut c, 2);
-        let r = f.set_weights(&weights, AT);
-        assert_eq!(r["ok"], true, "{r}");
-        assert_eq!(r["applied_step"], AT, "{r}");
-        got.extend(read(&mut c, LAST + 1 - 2));
-        let journal = f.journal();
-        assert_eq!(journal.len(), 1, "{journal:?}");
-        assert_eq!(journal[0]["source"], "ctl");
-        let blob = got[KEEP as usize].cursor.clone();
-        assert_eq!(got[KEEP as usize].step, KEEP);
-        drop(c);
-        drop(a);
-        (got, blob, journal)
-    };
-    let _ = std::fs::remove_file(&f.socket);
+    let (a_steps, a_journal) = run_with_a_change(&f, "resume", AT, LAST);
+    let blob = a_steps[KEEP as usize].cursor.clone();
     // Daemon B: same config, never told of the change; the blob brings it.
     {
         let b = f.serve();
@@ -753,33 +794,93 @@ fn resume_after_a_change_is_exact() {
     // Daemon C: a different change at AT first; the blob's journal conflicts.
     {
         let c_daemon = f.serve();
-        let other: BTreeMap<String, f64> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.to_string(), if i == 3 { 0.7 } else { 0.1 }))
-            .collect();
+        let other = favouring(&f.domain_names(), 3);
         let r = f.set_weights(&other, AT);
         assert_eq!(r["ok"], true, "{r}");
-        let before = f.journal();
-        let mut h = f.hello("resume");
-        h.cursor = Some(hex(&blob));
-        match f.connect_with(&h) {
-            Err(ClientError::Refused { code, message }) => {
-                assert_eq!(code, "cursor", "{message}");
-                let m = message.to_lowercase();
-                assert!(
-                    m.contains("journal") || m.contains("change"),
-                    "the refusal does not say the journals conflict: {message}"
-                );
-            }
-            Err(e) => panic!("expected REFUSED cursor, got {e}"),
-            Ok(_) => panic!(
-                "a blob whose journal conflicts with the daemon's was accepted:\n{}",
-                c_daemon.log_text()
-            ),
-        }
-        assert_eq!(f.journal(), before, "a refused blob changed the journal");
+        let what = "a blob whose journal conflicts with the daemon's";
+        let message = f.refused_blob("resume", &blob, what);
+        let m = message.to_lowercase();
+        assert!(
+            m.contains("journal") || m.contains("change"),
+            "the refusal does not say the journals conflict: {message}\n{}",
+            c_daemon.log_text()
+        );
     }
+}
+
+/// A restarted daemon (journal: the config's) reached first by a blob-less client of
+/// another job (an eval job) that reads past the step of the training job's live change:
+/// while that job runs, the training job's blob is refused `cursor`, naming the job that
+/// holds the journal; once it has left, the blob's journal is adopted and the training
+/// job resumes bit for bit. The daemon refused it for good before (its highest published
+/// step outlived the job that read it), so the run could not resume without yet another
+/// restart. A blob-less client of another job that comes after the training job's rank
+/// gets the training job's changes (one journal per daemon), and a blob of the run
+/// saved before the change resumes under the adopted journal.
+#[test]
+fn a_blob_is_adopted_once_the_job_served_under_the_configs_journal_has_left() {
+    const AT: u64 = 10;
+    const KEEP: u64 = 15;
+    const LAST: u64 = 30;
+    /// Steps the eval job reads: past AT, and past what the training job publishes.
+    const EVAL: u64 = LAST + 2 * SLOTS + 2;
+    let f = fixture("watch_config = false\n");
+    let (a_steps, a_journal) = run_with_a_change(&f, "train", AT, LAST);
+    let blob = a_steps[KEEP as usize].cursor.clone();
+    let config_rows = domains_of(&f.load().plan, EVAL);
+    let a_rows: Vec<Vec<u16>> = a_steps.iter().map(|s| s.domains.clone()).collect();
+    assert_plans_differ(&config_rows, &a_rows, AT, LAST + 1);
+    let b = f.serve();
+    // The eval job is served past AT under the config's journal.
+    let mut eval = f.connect("eval");
+    let got = read(&mut eval, EVAL);
+    assert_rows_follow(&got, &config_rows, "the eval job before the blob");
+    let eval_blob = got[EVAL as usize - 1].cursor.clone();
+    let message = f.refused_blob("train", &blob, "a blob rewriting steps a running job read");
+    assert!(
+        message.contains("\"eval\"") && message.contains("stop that job"),
+        "the refusal does not name the job running under the daemon's journal: {message}"
+    );
+    drop(eval);
+    let _ = f.wait_no_job("eval");
+    let c = f.resume_exactly(&b, "train", &blob, &a_steps[KEEP as usize + 1..]);
+    let journal = f.journal();
+    assert_eq!(
+        journal.len(),
+        1,
+        "the blob's journal was not adopted: {journal:?}"
+    );
+    assert_eq!(journal[0]["source"], "cursor", "{journal:?}");
+    assert_eq!(journal[0]["points"], a_journal[0]["points"], "{journal:?}");
+    // The steps the eval job read under the replaced journal no longer bound changes.
+    let fc = settled_first_changeable(&f);
+    assert!(
+        fc <= LAST + 1 + SLOTS,
+        "the first changeable step is {fc}, past the training job's ring"
+    );
+    // The eval job's own blob no longer matches the journal in force.
+    f.refused_blob("eval", &eval_blob, "a blob of the replaced journal");
+    // The reverse order: another job arriving after the training job's rank gets its
+    // changes, row for row and byte for byte.
+    let mut eval = f.connect("eval");
+    let got = read(&mut eval, LAST + 1);
+    assert_same_rows(&got, &a_steps, "the eval job after the blob");
+    // A blob of the run saved before the change reached the daemon (an older rank's, or
+    // an older checkpoint's) resumes under the adopted journal, as the run went on.
+    let journal_of = |b: &[u8]| millrace::plan::cursor::decode(b).map(|d| d.journal.len());
+    let old = &a_steps[1].cursor;
+    assert_eq!(
+        (journal_of(old).ok(), journal_of(&blob).ok()),
+        (Some(0), Some(1))
+    );
+    // Its cursors carry the adopted change, which the first daemon's lacked.
+    let mut h = f.hello("train-older");
+    h.cursor = Some(hex(old));
+    let mut older = f.connect_with(&h).expect("the older blob resumes");
+    let got = read(&mut older, LAST + 1 - 2);
+    assert_same_rows(&got, &a_steps[2..], "the older blob's job");
+    assert_eq!(f.journal().len(), 1);
+    drop((c, eval, older));
 }
 
 /// A run of 300 domains. Its cursor blobs are longer than a 64 KiB frame holds as hex,
@@ -1552,26 +1653,11 @@ fn a_blob_bringing_a_change_past_any_live_horizon_is_refused() {
             stage: None,
         }];
         let forged = cursor::encode(&data);
-        let mut h = f.hello("forge");
-        h.cursor = Some(hex(&forged));
-        match f.connect_with(&h) {
-            Err(ClientError::Refused { code, message }) => {
-                assert_eq!(code, "cursor", "{message}");
-                assert!(
-                    message.contains(&at.to_string()),
-                    "the refusal does not name the change's step {at}: {message}"
-                );
-            }
-            Err(e) => panic!("expected REFUSED cursor, got {e}"),
-            Ok(_) => panic!(
-                "a blob carrying a change at plan step {at} was admitted; journal {:?}",
-                f.journal()
-            ),
-        }
-        assert_eq!(
-            f.journal(),
-            Vec::<Value>::new(),
-            "a refused blob changed the journal"
+        let what = format!("a blob carrying a change at plan step {at}");
+        let message = f.refused_blob("forge", &forged, &what);
+        assert!(
+            message.contains(&at.to_string()),
+            "the refusal does not name the change's step {at}: {message}"
         );
     }
     // The daemon still serves.
@@ -1596,20 +1682,12 @@ fn a_blob_claiming_more_superseded_changes_than_any_run_makes_is_refused() {
         stage: None,
     }];
     data.superseded = u64::MAX;
-    let mut h = f.hello("forged");
-    h.cursor = Some(hex(&cursor::encode(&data)));
-    match f.connect_with(&h) {
-        Err(ClientError::Refused { code, message }) => {
-            assert_eq!(code, "cursor", "{message}");
-            assert!(
-                message.contains("superseded") && message.contains(&u64::MAX.to_string()),
-                "the refusal does not name the count: {message}"
-            );
-        }
-        Err(e) => panic!("expected REFUSED cursor, got {e}"),
-        Ok(_) => panic!("a blob claiming u64::MAX superseded changes was admitted"),
-    }
-    assert_eq!(f.journal(), Vec::<Value>::new());
+    let what = "a blob claiming u64::MAX superseded changes";
+    let message = f.refused_blob("forged", &cursor::encode(&data), what);
+    assert!(
+        message.contains("superseded") && message.contains(&u64::MAX.to_string()),
+        "the refusal does not name the count: {message}"
+    );
     // Live changes still apply while the client reads on.
     let _ = read(&mut a, 10);
     let w: BTreeMap<String, f64> = [(names[0].clone(), 3.0)].into();

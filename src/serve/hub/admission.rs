@@ -206,7 +206,7 @@ impl Hub {
         if !Arc::ptr_eq(&st.plan, &seen) {
             return Ok(None);
         }
-        self.check_room(&st, resumed.as_ref())?;
+        let replaces = self.check_room(&st, resumed.as_ref(), &hello.job)?;
         let uid_rings = match share {
             Some(s) => Some((s, self.check_uid_clients(&st, s)?)),
             None => None,
@@ -264,7 +264,7 @@ impl Hub {
             ),
         };
         let outcome = match (outcome, adopt) {
-            (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello) {
+            (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello, replaces) {
                 Ok(()) => Ok(x),
                 Err(r) => {
                     freed.extend(Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, x));
@@ -394,16 +394,31 @@ impl Hub {
     }
 
     /// Whether the daemon takes one more client now: it is not stopping, has room, and
-    /// the blob's changes (if `resumed` adopts any) could not rewrite what other clients
-    /// already received. A blob's changes are adopted only once every other check has
-    /// passed, but one like that is refused before anything else.
-    fn check_room(&self, st: &State, resumed: Option<&Resumed>) -> Result<(), Refusal> {
+    /// the blob's changes (if `resumed` adopts any) could not rewrite what clients
+    /// connected now (of any job) already received. A blob's changes are adopted only
+    /// once every other check has passed, but one like that is refused before anything
+    /// else, naming the jobs that received those steps.
+    ///
+    /// Steps served only to jobs that have left do not bind a blob: a job that reached a
+    /// restarted daemon first (an eval job, any client without a blob) read them under
+    /// the config's journal, and counting them for good made the daemon refuse the
+    /// training job's blobs until yet another restart. `Ok(true)` when the blob's
+    /// changes rewrite such steps: its journal then replaces the one they were served
+    /// under ([`Hub::adopt`]).
+    fn check_room(
+        &self,
+        st: &State,
+        resumed: Option<&Resumed>,
+        job: &str,
+    ) -> Result<bool, Refusal> {
         if st.stopping || st.draining {
             return Err(Refusal::new(Code::Busy, "the daemon is shutting down"));
         }
+        let mut replaces = false;
         if let Some(r) = resumed {
-            r.check_served(st.first_changeable(), &st.plan)
-                .map_err(|e| refuse_cursor(e.to_string()))?;
+            r.check_served(served_live(st), &st.plan)
+                .map_err(|e| served_refusal(st, r, job, e))?;
+            replaces = r.check_served(st.first_changeable(), &st.plan).is_err();
         }
         if st.clients >= self.settings.max_clients {
             return Err(Refusal::new(
@@ -414,7 +429,7 @@ impl Hub {
                 ),
             ));
         }
-        Ok(())
+        Ok(replaces)
     }
 
     /// The ring bytes `share`'s uid holds now; refused `busy` when its clients are at its
@@ -585,13 +600,17 @@ impl Hub {
 
     /// Puts the plan a client's blob brought in force. Its journal extends ours, or
     /// replaced a tail of ours that one of its changes superseded. All or nothing: a
-    /// failed install leaves every ring as it was.
+    /// failed install leaves every ring as it was. `replaces`: its changes rewrite steps
+    /// served only to jobs that have left ([`Hub::check_room`]); what they were served
+    /// under no longer bounds the first changeable step, which drops to the steps of the
+    /// rings connected now.
     fn adopt(
         &self,
         st: &mut State,
         seen: &Plan,
         plan: Arc<Plan>,
         hello: &Hello,
+        replaces: bool,
     ) -> Result<(), Refusal> {
         let kept = journal::common_prefix(seen.journal(), plan.journal());
         let n = plan.journal().len() - kept;
@@ -604,6 +623,11 @@ impl Hub {
             Refusal::new(code, format!("adopting the blob's journal: {e}"))
         })?;
         super::live::warn_hidden(&st.plan, seen);
+        if replaces {
+            let live = served_live(st);
+            let was = std::mem::replace(&mut st.watermark, live);
+            info!(job = %hello.job, was, now = live, "a cursor blob's changes rewrite steps served only to jobs that have left: the first changeable step drops to the connected rings'");
+        }
         st.sources.resize(kept, "cursor");
         st.sources.extend(std::iter::repeat_n("cursor", n));
         *st.reloads.entry("cursor").or_default() += 1;
@@ -828,6 +852,58 @@ impl Hub {
             .map(|_| ())
             .map_err(|r| r.to_string())
     }
+}
+
+/// The first trainer step no client connected now has been served (or waits past): what
+/// a blob's adopted changes may not start before.
+fn served_live(st: &State) -> u64 {
+    (st.jobs.values())
+        .flat_map(|j| j.rings.values())
+        .map(|e| e.published.max(e.ahead_step()))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The `cursor` refusal of a blob whose change `e` ([`crate::plan::CursorError::Served`])
+/// rewrites steps that jobs connected now received, naming those jobs (`job` is the
+/// blob's own) and what lifts it.
+fn served_refusal(st: &State, r: &Resumed, job: &str, e: crate::plan::CursorError) -> Refusal {
+    let crate::plan::CursorError::Served { at, .. } = e else {
+        return refuse_cursor(e.to_string());
+    };
+    let from = r.plan.trainer_step_of(at);
+    let mut holders: Vec<(&String, u64)> = (st.jobs.iter())
+        .filter_map(|(name, j)| {
+            let step = (j.rings.values())
+                .map(|e| e.published.max(e.ahead_step()))
+                .max()?;
+            (step > from && name.as_str() != job).then_some((name, step))
+        })
+        .collect();
+    holders.sort();
+    if holders.is_empty() {
+        return refuse_cursor(e.to_string());
+    }
+    let named: Vec<String> = (holders.iter().take(4))
+        .map(|(n, s)| {
+            format!(
+                "\"{}\" (served steps below {s})",
+                crate::wire::protocol::log_safe(n)
+            )
+        })
+        .collect();
+    let more = match holders.len() {
+        n if n > 4 => format!(" and {} more", n - 4),
+        _ => String::new(),
+    };
+    refuse_cursor(format!(
+        "it carries a live change from plan step {at} that this daemon does not have, but \
+         job {}{more}, connected now, received steps from {from} on without it (a daemon \
+         serves one journal to all its jobs): stop that job or let it finish, then \
+         reconnect this one; its changes are adopted once no connected job has received \
+         the steps they change",
+        named.join(", ")
+    ))
 }
 
 /// A `cursor` refusal.
