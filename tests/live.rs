@@ -883,6 +883,70 @@ fn a_blob_is_adopted_once_the_job_served_under_the_configs_journal_has_left() {
     drop((c, eval, older));
 }
 
+/// Ranks restored from blobs on either side of a live change's arrival, the one lacking
+/// it first: its ring, not yet past the change's step, is regenerated under the journal
+/// the other blob brings, so both follow the run without restart row for row. Past that
+/// step, the blob carrying the change waits until that rank has left.
+#[test]
+fn a_rank_lacking_the_change_follows_the_journal_a_later_rank_brings() {
+    const AT: u64 = 10;
+    const LAST: u64 = 30;
+    let f = fixture("watch_config = false\n");
+    let (a_steps, _) = run_with_a_change(&f, "train", AT, LAST);
+    let journal_of = |b: &[u8]| millrace::plan::cursor::decode(b).map(|d| d.journal.len());
+    let (old, new) = (&a_steps[1].cursor, &a_steps[AT as usize + 2].cursor);
+    assert_eq!(
+        (journal_of(old).ok(), journal_of(new).ok()),
+        (Some(0), Some(1))
+    );
+    let _d = f.serve();
+    let mut h = f.hello("older");
+    h.cursor = Some(hex(old));
+    let mut older = f.connect_with(&h).expect("the older blob resumes");
+    // Its ring fills its slots under the config's journal, short of AT.
+    assert!(settled_first_changeable(&f) < AT);
+    let mut h = f.hello("newer");
+    h.cursor = Some(hex(new));
+    let mut newer = f
+        .connect_with(&h)
+        .expect("the newer blob's journal is adopted");
+    assert_eq!(f.journal().len(), 1);
+    let got = read(&mut older, LAST - 1);
+    assert_same_rows(&got, &a_steps[2..], "the rank that lacked the change");
+    let got = read(&mut newer, LAST - AT - 2);
+    assert_same_rows(
+        &got,
+        &a_steps[AT as usize + 3..],
+        "the rank that brought it",
+    );
+    drop((older, newer, _d));
+    let _ = std::fs::remove_file(&f.socket);
+    // Once the rank lacking it has read past AT, the blob carrying it is refused while
+    // that rank is connected; after it left, the blob is adopted (no daemon restart) and
+    // the older blob resumes under it. The daemon refused the blob for good before.
+    let d = f.serve();
+    let mut h = f.hello("older");
+    h.cursor = Some(hex(old));
+    let mut older = f.connect_with(&h).expect("the older blob resumes");
+    let got = read(&mut older, AT + 2);
+    assert_eq!(got.last().map(|s| s.step), Some(AT + 3));
+    let message = f.refused_blob("newer", new, "a blob rewriting steps a connected rank read");
+    assert!(message.contains("\"older\""), "{message}");
+    drop(older);
+    let _ = f.wait_no_job("older");
+    let newer = f.resume_exactly(&d, "newer", new, &a_steps[AT as usize + 3..]);
+    let mut h = f.hello("older");
+    h.cursor = Some(hex(old));
+    let mut older = f.connect_with(&h).expect("the older blob resumes again");
+    let got = read(&mut older, LAST - 1);
+    assert_same_rows(
+        &got,
+        &a_steps[2..],
+        "the rank that lacked the change, again",
+    );
+    drop((older, newer));
+}
+
 /// A run of 300 domains. Its cursor blobs are longer than a 64 KiB frame holds as hex,
 /// its `status` longer than one such frame, and a journal of a fixed 16 KiB held 5
 /// `set-weights` of 400 domains and no stage: here a dozen weight changes and a stage are
