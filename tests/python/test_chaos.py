@@ -225,6 +225,18 @@ def status(sock) -> dict:
         return c.status()
 
 
+def rank0_joined(sock) -> bool:
+    """Whether both TP peers of job main's rank 0 are joined to its ring: after a kill or
+    a daemon restart they reconnect a while, and a client of job main that arrives first
+    (a wrong dp_size, a third peer) would make the job itself, so that the real ranks
+    are refused instead of it."""
+    for job in status(sock).get("jobs", []):
+        if job.get("job") == "main":
+            return any(r.get("dp_rank") == 0 and len(r.get("peers", [])) == 2
+                       for r in job.get("rings", []))
+    return False
+
+
 def hello(**kw) -> bytes:
     h = {"protocol": 2, "job": "x", "dp_rank": 0, "dp_size": 1, "stages": True}
     h.update(kw)
@@ -527,6 +539,12 @@ def test_chaos_keeps_serving_the_clients_that_behave(tmp_path, short_dir, millra
                 chaos.hup_broken(daemon, config)
             else:
                 getattr(chaos, event)()
+            if event in ("kill", "daemon_restart"):
+                # (or done: a late event may leave them few steps to read)
+                wait_until(lambda: rank0_joined(sock)
+                           or all(w.proc.poll() is not None for w in rank0), 120,
+                           f"rank 0's peers to rejoin after {event}:\n"
+                           f"{rank0[0].stderr()}\n{rank0[1].stderr()}")
         for w in rank0:
             w.wait(180)
         for w in chaos.sides:
