@@ -479,6 +479,37 @@ fn file_watch_reload_applies_at_a_future_step() {
     );
 }
 
+/// The watcher read a config path replaced by a FIFO with a blocking open (waiting for a
+/// writer that never came: no reload, SIGHUP included, ever ran again), and one replaced by
+/// an endless file without bound. Now it is refused once as a reload, named in STATUS,
+/// the running config stays, and a valid file put back is read again.
+#[test]
+fn a_config_replaced_by_a_fifo_is_refused_once_and_the_watch_goes_on() {
+    let f = fixture("watch_config = true\nwatch_interval_ms = 200\n");
+    let mut d = f.serve();
+    let good = std::fs::read_to_string(&f.config).unwrap();
+    std::fs::remove_file(&f.config).unwrap();
+    let c = std::ffi::CString::new(f.config.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let st = wait_reloads(&f, 0, 1);
+    let last = &st["last_reload"];
+    assert_eq!(last["ok"], false, "{st}");
+    let message = last["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("it is a FIFO, not a regular file"),
+        "{message}"
+    );
+    // Refused once, not at every tick.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(count(&f.status(), "failed_reloads"), 1);
+    assert!(d.alive(), "{}", d.log_text());
+    std::fs::remove_file(&f.config).unwrap();
+    f.write_config(&good);
+    let st = wait_reloads(&f, 1, 1);
+    assert_eq!(st["last_reload"]["ok"], true, "{st}");
+}
+
 #[test]
 fn sighup_reload() {
     reload_lands_at_a_future_step("watch_config = false\n", "sighup", |d| {

@@ -264,13 +264,20 @@ impl Daemon {
             {
                 return
             }
-            // A FIFO, a device or a file too large: a reload refuses it, naming why,
-            // once (its contents are never read, so it is seen by what it is).
+            // A FIFO, a device or a file too large: refused once as a reload (logged, and
+            // in STATUS `last_reload`), then seen by what it is, since its contents are
+            // never read (without its sizes: a file that keeps growing is refused once).
             Err(e) => {
-                let h = xxhash_rust::xxh3::xxh3_64(e.to_string().as_bytes());
+                let what: String = e
+                    .to_string()
+                    .chars()
+                    .filter(|c| !c.is_ascii_digit())
+                    .collect();
+                let h = xxhash_rust::xxh3::xxh3_64(what.as_bytes());
                 let seen = self.running.lock().unwrap_or_else(|p| p.into_inner()).seen;
                 if Some(h) != seen {
-                    tracing::warn!("config watcher: {e}; the running config stays");
+                    *pending = None;
+                    let _ = self.reload_file("file");
                     self.running.lock().unwrap_or_else(|p| p.into_inner()).seen = Some(h);
                 }
                 return;
