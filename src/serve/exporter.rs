@@ -196,6 +196,7 @@ impl Exporter {
             gauge!("millrace_open_fds").set(n as f64);
         }
         gauge!("millrace_poisoned_shards").set(status.poisoned_shards_total as f64);
+        gauge!("millrace_stuck_fills").set(status.stuck_fills.len() as f64);
         gauge!("millrace_padding_fraction").set(status.padding_fraction);
         gauge!("millrace_truncation_fraction").set(status.truncation_fraction);
         for d in &status.domains {

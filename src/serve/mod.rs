@@ -194,11 +194,21 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     } else {
         None
     };
+    // Names the fills stuck longer than 30 s (a hung network filesystem), off the
+    // materializer threads, which such a read blocks.
+    let watchdog = {
+        let hub = hub.clone();
+        std::thread::Builder::new()
+            .name("millrace-watch".into())
+            .spawn(move || hub.watch_fills())
+            .context("starting the stuck-fill watchdog")?
+    };
     let result = runtime.block_on(serve_socket(daemon.clone(), unchecked, hup));
     hub.stop();
     for w in workers {
         let _ = w.join();
     }
+    let _ = watchdog.join();
     if let Some(t) = planner {
         let _ = t.join();
     }

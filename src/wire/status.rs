@@ -90,6 +90,9 @@ pub struct Status {
     pub ring_memory: RingMemory,
     /// The socket the daemon listens on.
     pub socket: String,
+    /// Slot fills in flight for longer than 30 s (a read hung on a network filesystem?),
+    /// the longest first, each naming the file and bytes it reads.
+    pub stuck_fills: Vec<StuckFill>,
     /// Fraction of copied documents cut at a row's end.
     pub truncation_fraction: f64,
     /// Seconds since the daemon started.
@@ -269,6 +272,23 @@ pub struct PoisonedShard {
     pub reason: String,
     /// The shard's path.
     pub shard: String,
+}
+
+/// A slot fill that has taken longer than 30 s and goes on: the ring's clients wait for
+/// its step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StuckFill {
+    /// The ring's rank.
+    pub dp_rank: u32,
+    /// The ring's job.
+    pub job: String,
+    /// The shard file and byte range it reads (or that it has not begun to copy).
+    pub reading: String,
+    /// How long it has taken so far.
+    pub seconds: f64,
+    /// The step it fills.
+    pub step: u64,
 }
 
 /// The outcome of one reload or live change, kept for `status`.

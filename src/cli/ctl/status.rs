@@ -98,6 +98,24 @@ pub fn poisoned_lines(st: &Status, max: usize) -> Vec<String> {
     lines
 }
 
+/// Fills stuck past the watchdog's bound (a read hung on a network filesystem?), one
+/// line each, the longest first: the ring waiting, and the file and bytes read.
+pub fn stuck_lines(st: &Status) -> Vec<String> {
+    st.stuck_fills
+        .iter()
+        .map(|f| {
+            format!(
+                "STUCK FILL job {} rank {} step {} for {}: {}",
+                f.job,
+                f.dp_rank,
+                f.step,
+                duration_text(f.seconds),
+                f.reading
+            )
+        })
+        .collect()
+}
+
 /// `millrace status` in words: identity, counters, mixture and rings.
 pub fn render_status(st: &Status) -> String {
     let mut s = String::new();
@@ -133,7 +151,7 @@ pub fn render_status(st: &Status) -> String {
     for line in draining_line(st).into_iter().chain(last_reload_line(st)) {
         let _ = writeln!(s, "{line}");
     }
-    for line in poisoned_lines(st, 16) {
+    for line in poisoned_lines(st, 16).into_iter().chain(stuck_lines(st)) {
         let _ = writeln!(s, "{line}");
     }
     // Daemons before the field do not report the reader.
@@ -464,6 +482,27 @@ pub(super) mod tests {
         );
         st.poisoned_shards_total = 0;
         assert!(render_status(&st).contains("4 more poisoned shards"));
+    }
+
+    /// A fill stuck in a read (STATUS's `stuck_fills`) is named by `status` and `top`:
+    /// the ring waiting for it, and the file and bytes it reads.
+    #[test]
+    fn stuck_fills_show_in_status_and_top() {
+        let mut st = sample_status(1000, 57, 0.25);
+        assert!(!render_status(&st).contains("STUCK"));
+        st.stuck_fills = vec![millrace::wire::status::StuckFill {
+            job: "pretrain".into(),
+            dp_rank: 5,
+            step: 1234,
+            seconds: 95.0,
+            reading: "copying /nfs/web/web-00007.bin bytes 4096..8192 from its mapping".into(),
+        }];
+        let want = "STUCK FILL job pretrain rank 5 step 1234 for 1m35s: copying \
+                    /nfs/web/web-00007.bin bytes 4096..8192 from its mapping";
+        let text = render_status(&st);
+        assert!(text.contains(want), "{text}");
+        let frame = render(&st, None, 200);
+        assert!(frame.contains(want), "{frame}");
     }
 
     /// Long domain and job names widen their columns (in `top` too): every row's figures

@@ -11,7 +11,7 @@ use millrace::wire::status::{RingStatus, Status};
 use super::journal::change_text;
 use super::status::{
     draining_line, duration_text, fetch_status, last_reload_line, or, pct, poisoned_lines,
-    read_status,
+    read_status, stuck_lines,
 };
 use super::TopArgs;
 
@@ -88,6 +88,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
     lines.extend(draining_line(now));
     lines.extend(last_reload_line(now));
     lines.extend(poisoned_lines(now, 1));
+    lines.extend(stuck_lines(now));
     lines.push(String::new());
     // As wide as the longest job name (within reason): a longer one shifted its rows.
     let jw = (now.jobs.iter())

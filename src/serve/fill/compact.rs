@@ -156,6 +156,7 @@ pub(super) fn fill_compact<T: Out>(
     }
     if !queued.is_empty() {
         let spans: Vec<Span> = queued.iter().map(|q| q.span).collect();
+        super::watch::reading_spans(&spans);
         match src
             .readers
             .read(&spans, bytemuck::cast_slice_mut::<T, u8>(rows))
@@ -184,6 +185,7 @@ pub(super) fn fill_compact<T: Out>(
         if let Some(next) = pieces.get(i + PREFETCH_AHEAD) {
             crate::sys::prefetch(next.piece.as_bytes(), PREFETCH_BYTES);
         }
+        super::watch::reading_mapped(pc.piece.as_bytes());
         let dst = &mut rows[pc.at..pc.at + pc.piece.len()];
         let same = match bytemuck::try_cast_slice::<u8, T>(pc.piece.as_bytes()) {
             Ok(ids) if pc.piece.dtype() == layout.token.0 => Some(ids),

@@ -16,10 +16,12 @@ mod compact;
 mod ids;
 mod job;
 mod read;
+mod watch;
 use compact::fill_compact;
 use ids::{convert, first_out_of_range, needs_check, out_of_range, Out};
 pub use job::{RankRows, SlotJob};
 pub use read::Readers;
+pub use watch::{FillWatch, Watched, STUCK_FILL, STUCK_REPEAT};
 
 /// What the materializer reads: the mapped shards per domain, the pad token and the
 /// vocabulary every delivered id must fall in.
@@ -179,6 +181,7 @@ fn fill_typed<T: Out>(
             // the labels' conversion checks the range, and that one token is checked
             // alone, so each token is checked once, not twice.
             let mut bad = false;
+            watch::reading_mapped(piece.as_bytes());
             if end > p {
                 convert::<T, false>(
                     slice_tokens(piece, 0, end - p),

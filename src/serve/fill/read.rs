@@ -752,6 +752,99 @@ mod tests {
         assert!(again.contains("poisoned shard"), "{again}");
     }
 
+    /// A fill whose read hangs (a network filesystem that stopped answering; here a FIFO
+    /// registered in the shard's place, holding no byte until the test writes some) is
+    /// named by the stuck-fill watchdog while it waits: job, rank, step, and the file and
+    /// bytes it reads. Once the bytes come the fill completes, and the watch forgets it.
+    #[test]
+    fn a_fill_hung_in_a_read_is_named_by_the_watchdog_until_it_ends() {
+        use crate::plan::{Row, Segment};
+        use crate::serve::fill::FillWatch;
+        use std::io::Write;
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut src, mut job, layout, ring, _) = copied_slot(dir.path());
+        // Document 0: its bytes are the file's first, which a FIFO reads from anywhere.
+        let seg = Segment {
+            shard: 0,
+            doc: 0,
+            start: 0,
+            len: 65,
+            doc_len: 4096,
+            group: None,
+        };
+        job.rows = vec![Row::new(0, 0, vec![seg], 65)].into();
+        let fifo = dir.path().join("fifo");
+        use rustix::fs::{FileType, Mode};
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            FileType::Fifo,
+            Mode::RUSR | Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        // Read and write: the readers' own open (read only) then does not wait for a writer.
+        let mut writer = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        let paths = vec![fifo.clone()];
+        if let Err(e) = UringReader::open(&paths, UringOptions::default()) {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        src.readers = Readers {
+            reader: Reader::Uring,
+            fallback: None,
+            files: Some(ShardFiles::open(&paths, false).unwrap()),
+            paths,
+            first: vec![0],
+            pool: Mutex::default(),
+            returned: Condvar::new(),
+            failed: OnceLock::new(),
+        };
+        let watch = FillWatch::default();
+        std::thread::scope(|s| {
+            let filler = s.spawn(|| {
+                let _watched = watch.begin("j", 3, 0);
+                let slot = &mut ring.claim(0).map_err(|e| e.to_string())?;
+                fill_slot(slot, &layout, &job, &src).map_err(|e| e.to_string())
+            });
+            let t0 = Instant::now();
+            let stuck = loop {
+                let stuck = watch.stuck(&src, Duration::ZERO);
+                if stuck.iter().any(|f| f.reading.contains("io_uring")) {
+                    break stuck;
+                }
+                assert!(!filler.is_finished(), "the fill did not wait for the FIFO");
+                assert!(t0.elapsed().as_secs() < 30, "the fill never read");
+                std::thread::yield_now();
+            };
+            assert_eq!(stuck.len(), 1, "{stuck:?}");
+            let f = &stuck[0];
+            assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 3, 0), "{f:?}");
+            let want = format!(
+                "reading 1 spans with io_uring from {} bytes 0..130",
+                fifo.display()
+            );
+            assert_eq!(f.reading, want);
+            // Warned once, then not again before the repeat interval.
+            assert_eq!(
+                watch.warn_stuck(&src, Duration::ZERO, Duration::from_secs(3600)),
+                1
+            );
+            assert!(watch.stuck(&src, Duration::from_secs(3600)).is_empty());
+            writer.write_all(&[7u8, 0].repeat(65)).unwrap();
+            assert_eq!(filler.join().unwrap(), Ok(65));
+        });
+        assert!(
+            watch.stuck(&src, Duration::ZERO).is_empty(),
+            "the fill ended"
+        );
+    }
+
     /// Shard files that do not fit the descriptors the open-file limit leaves beyond the
     /// clients' share are not opened: `uring-direct` (two a file) falls back to `uring`
     /// (one), and that to the mmap copy, each saying how many it needed. Judged before

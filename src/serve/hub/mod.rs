@@ -497,6 +497,8 @@ pub struct Hub {
     /// When the shards were last stat'ed for in-place changes ([`SHARD_CHECK`]), and the
     /// shard the next pass starts at.
     shards_checked: Mutex<(Instant, usize)>,
+    /// The fills in flight, for the stuck-fill watchdog ([`Hub::watch_fills`]).
+    fills: crate::serve::fill::FillWatch,
 }
 
 /// How often a worker stats shards for a size or mtime that moved since they were
@@ -551,6 +553,7 @@ impl Hub {
             fill: Mutex::new(FillStats::default()),
             keeper,
             shards_checked: Mutex::new((Instant::now(), 0)),
+            fills: Default::default(),
         }
     }
 

@@ -155,6 +155,7 @@ impl Hub {
     /// Stops the workers; new HELLOs are refused.
     pub fn stop(&self) {
         self.lock().stopping = true;
+        self.fills.stop();
         self.work.notify_all();
         self.plan_wake.notify_all();
     }

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::config::plan::MAX_STEP;
 use crate::plan::{Planner, Row};
-use crate::serve::fill::{fill_slot, will_need, RankRows, SlotJob};
+use crate::serve::fill::{fill_slot, will_need, RankRows, SlotJob, STUCK_FILL, STUCK_REPEAT};
 use crate::sys::EventFd;
 use crate::wire::protocol::Code;
 
@@ -180,9 +180,11 @@ impl Hub {
             // return), and the step is at least `slots` ahead of nothing a peer still
             // holds (next_fill < base + slots); the ring refuses a second writer anyway.
             let t0 = Instant::now();
+            let watched = self.fills.begin(&key.0, key.1, job.step);
             let result = ring
                 .claim(job.step)
                 .and_then(|mut slot| fill_slot(&mut slot, ring.layout(), &job, &self.source));
+            drop(watched);
             let mut per_domain = vec![0u64; self.source.shards.len()];
             for row in job.rows.iter() {
                 if let Some(t) = per_domain.get_mut(row.domain as usize) {
@@ -261,6 +263,23 @@ impl Hub {
             // connections' releases and the other workers' claims do not wait behind it.
             drop(st);
         }
+    }
+
+    /// The stuck-fill watchdog's thread: every second, warns about each fill in flight
+    /// longer than [`STUCK_FILL`] (job, rank, step, and the shard file and bytes it
+    /// reads), again every [`STUCK_REPEAT`] while it stays stuck. Returns at
+    /// [`Hub::stop`].
+    pub fn watch_fills(&self) {
+        while !self.fills.wait(Duration::from_secs(1)) {
+            self.fills
+                .warn_stuck(&self.source, STUCK_FILL, STUCK_REPEAT);
+        }
+    }
+
+    /// The fills in flight longer than `bound`, the longest first (STATUS's
+    /// `stuck_fills` at [`STUCK_FILL`]).
+    pub fn stuck_fills(&self, bound: Duration) -> Vec<crate::wire::status::StuckFill> {
+        self.fills.stuck(&self.source, bound)
     }
 
     /// Adds to `wake` the peers of every ring whose wake is held back: with `due` =

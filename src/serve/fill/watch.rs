@@ -1,0 +1,262 @@
+//! The fills in flight and what each is reading, for the stuck-fill watchdog: a read of
+//! a shard on a network filesystem (NFS, Lustre, a FUSE mount of an object store) can
+//! hang for minutes or for good, and the copy thread with it (in a page fault for the
+//! mmap copy, in the io_uring wait otherwise). [`FillWatch::stuck`] names each fill that
+//! has taken longer than a bound: job, rank, step, and the shard file and byte range it
+//! was reading, so an operator need not attach a debugger to the daemon to learn them.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::Source;
+use crate::serve::uring::Span;
+use crate::wire::status::StuckFill;
+
+/// How long a fill may take before it is reported stuck (a warning, STATUS's
+/// `stuck_fills`, /metrics' `millrace_stuck_fills`): a warm copy takes milliseconds and a
+/// cold one of a slow disk well under a second.
+pub const STUCK_FILL: Duration = Duration::from_secs(30);
+
+/// How often a fill that stays stuck is warned about again.
+pub const STUCK_REPEAT: Duration = Duration::from_secs(60);
+
+/// What a fill reads now, as addresses and file indexes (no allocation on the copy
+/// path); [`FillWatch::stuck`] turns it into a file and a byte range.
+#[derive(Clone, Debug, Default)]
+enum Reading {
+    /// Nothing yet: the fill is checking its rows or reading a shard's index.
+    #[default]
+    Starting,
+    /// The mmap copy of `len` bytes at address `addr` of a shard's mapping.
+    Mapped { addr: usize, len: usize },
+    /// io_uring reads of these spans (files as [`super::Readers::path`] numbers them).
+    Uring(Vec<Span>),
+}
+
+/// One fill in flight.
+struct InFlight {
+    job: String,
+    dp_rank: u32,
+    step: u64,
+    since: Instant,
+    reading: Mutex<Reading>,
+    /// When it was last warned about (None: never).
+    warned: Mutex<Option<Instant>>,
+}
+
+impl InFlight {
+    fn reading(&self) -> MutexGuard<'_, Reading> {
+        self.reading.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+thread_local! {
+    /// The fill this thread runs, if a [`FillWatch`] watches it.
+    static CURRENT: RefCell<Option<Arc<InFlight>>> = const { RefCell::new(None) };
+}
+
+/// Records what this thread's watched fill reads now (nothing when it is not watched).
+fn set(r: Reading) {
+    CURRENT.with(|c| {
+        if let Some(f) = c.borrow().as_ref() {
+            *f.reading() = r;
+        }
+    });
+}
+
+/// This thread's fill is about to copy `bytes` of a shard's mapping.
+pub(super) fn reading_mapped(bytes: &[u8]) {
+    set(Reading::Mapped {
+        addr: bytes.as_ptr() as usize,
+        len: bytes.len(),
+    });
+}
+
+/// This thread's fill is about to read `spans` with io_uring.
+pub(super) fn reading_spans(spans: &[Span]) {
+    // Only a watched fill pays for the copy of the list.
+    CURRENT.with(|c| {
+        if let Some(f) = c.borrow().as_ref() {
+            *f.reading() = Reading::Uring(spans.to_vec());
+        }
+    });
+}
+
+/// The fills in flight, registered by the materializer threads around each fill.
+#[derive(Default)]
+pub struct FillWatch {
+    fills: Mutex<Vec<Arc<InFlight>>>,
+    /// Set by [`FillWatch::stop`]: the watchdog's loop ends.
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// A fill registered with [`FillWatch::begin`]; dropping it ends the watch (and logs the
+/// end of a fill that was reported stuck).
+pub struct Watched<'a> {
+    watch: &'a FillWatch,
+    fill: Arc<InFlight>,
+}
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.borrow_mut().take());
+        self.watch.lock().retain(|f| !Arc::ptr_eq(f, &self.fill));
+        let warned = *self.fill.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.is_some() {
+            tracing::warn!(
+                job = %self.fill.job,
+                dp_rank = self.fill.dp_rank,
+                step = self.fill.step,
+                "the stuck fill ended after {:.1} s",
+                self.fill.since.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+impl FillWatch {
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<InFlight>>> {
+        self.fills.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watches the fill of `step` of ring `dp_rank` of `job` that this thread starts now,
+    /// until the returned guard is dropped.
+    pub fn begin(&self, job: &str, dp_rank: u32, step: u64) -> Watched<'_> {
+        let fill = Arc::new(InFlight {
+            job: job.to_string(),
+            dp_rank,
+            step,
+            since: Instant::now(),
+            reading: Mutex::default(),
+            warned: Mutex::new(None),
+        });
+        CURRENT.with(|c| *c.borrow_mut() = Some(fill.clone()));
+        self.lock().push(fill.clone());
+        Watched { watch: self, fill }
+    }
+
+    /// The fills in flight for longer than `bound`, oldest first, each with the file
+    /// and bytes it reads (resolved against `src`).
+    pub fn stuck(&self, src: &Source, bound: Duration) -> Vec<StuckFill> {
+        self.stuck_fills(src, bound)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect()
+    }
+
+    fn stuck_fills(&self, src: &Source, bound: Duration) -> Vec<(StuckFill, Arc<InFlight>)> {
+        let now = Instant::now();
+        let fills: Vec<Arc<InFlight>> = self.lock().clone();
+        let mut out: Vec<(StuckFill, Arc<InFlight>)> = fills
+            .into_iter()
+            .filter(|f| now.saturating_duration_since(f.since) > bound)
+            .map(|f| {
+                let reading = describe(src, &f.reading());
+                let s = StuckFill {
+                    job: f.job.clone(),
+                    dp_rank: f.dp_rank,
+                    step: f.step,
+                    seconds: now.saturating_duration_since(f.since).as_secs_f64(),
+                    reading,
+                };
+                (s, f)
+            })
+            .collect();
+        out.sort_by(|a, b| b.0.seconds.total_cmp(&a.0.seconds));
+        out
+    }
+
+    /// Warns about each fill in flight longer than `bound` (once, then every `repeat`
+    /// while it stays stuck); returns how many are stuck.
+    pub fn warn_stuck(&self, src: &Source, bound: Duration, repeat: Duration) -> usize {
+        let stuck = self.stuck_fills(src, bound);
+        let now = Instant::now();
+        for (s, f) in &stuck {
+            let mut warned = f.warned.lock().unwrap_or_else(|p| p.into_inner());
+            if warned.is_some_and(|w| now.saturating_duration_since(w) < repeat) {
+                continue;
+            }
+            *warned = Some(now);
+            tracing::warn!(
+                job = %s.job,
+                dp_rank = s.dp_rank,
+                step = s.step,
+                "a fill has taken {:.0} s and goes on: {}; the ring's clients wait for \
+                 this step (a hung network filesystem?)",
+                s.seconds,
+                s.reading
+            );
+        }
+        stuck.len()
+    }
+
+    /// Sleeps up to `d`, or until [`FillWatch::stop`]; returns whether stopped.
+    pub fn wait(&self, d: Duration) -> bool {
+        let stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let (stopped, _) = self
+            .wake
+            .wait_timeout_while(stopped, d, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        *stopped
+    }
+
+    /// Ends the watchdog's [`FillWatch::wait`].
+    pub fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_all();
+    }
+}
+
+/// What a fill reads, in words: the shard file and byte range.
+fn describe(src: &Source, r: &Reading) -> String {
+    match r {
+        Reading::Starting => "not yet copying (checking its rows or reading a shard index)".into(),
+        Reading::Mapped { addr, len } => {
+            let found = src.shards.iter().flatten().find_map(|s| s.file_at(*addr));
+            match found {
+                Some((file, at)) => format!(
+                    "copying {} bytes {at}..{} from its mapping",
+                    file.display(),
+                    at + len
+                ),
+                None => format!("copying {len} bytes from a shard's mapping"),
+            }
+        }
+        Reading::Uring(spans) => {
+            let mut files: Vec<(u32, u64, u64)> = Vec::new();
+            for s in spans {
+                match files.iter_mut().find(|f| f.0 == s.file) {
+                    Some(f) => {
+                        f.1 = f.1.min(s.offset);
+                        f.2 = f.2.max(s.offset + s.len);
+                    }
+                    None => files.push((s.file, s.offset, s.offset + s.len)),
+                }
+            }
+            let named: Vec<String> = files
+                .iter()
+                .take(4)
+                .map(|&(f, a, b)| {
+                    let path = src
+                        .readers
+                        .path(f)
+                        .map_or_else(|| format!("file {f}"), |p| p.display().to_string());
+                    format!("{path} bytes {a}..{b}")
+                })
+                .collect();
+            let more = files.len().saturating_sub(4);
+            format!(
+                "reading {} spans with io_uring from {}{}",
+                spans.len(),
+                named.join(", "),
+                if more > 0 {
+                    format!(" and {more} more files")
+                } else {
+                    String::new()
+                }
+            )
+        }
+    }
+}
