@@ -1715,6 +1715,117 @@ fn sigterm_with_a_stuck_client_exits_at_the_bound() {
     assert!(err.is_transient(), "{err}");
 }
 
+/// A daemon thread held stopped by this test (ptrace), as a read of a hung network
+/// filesystem holds a copy thread: it does not run until released. Dropping it lets the
+/// thread go (or reaps it, if its process exited meanwhile); drop it before the daemon.
+struct Held {
+    tid: libc::pid_t,
+    reaped: bool,
+}
+
+impl Held {
+    /// Stops thread `name` of process `pid` while it waits on a futex (idle, holding no
+    /// lock of the daemon's), retrying until it is caught there; `None` (saying why)
+    /// where this process may not trace its child (a container's seccomp profile).
+    fn thread(pid: libc::pid_t, name: &str) -> Option<Held> {
+        let tasks = format!("/proc/{pid}/task");
+        let tid = std::fs::read_dir(&tasks)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+            .find(|t| {
+                std::fs::read_to_string(format!("{tasks}/{t}/comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .unwrap_or_else(|| panic!("no thread {name} in {pid}"));
+        let t0 = Instant::now();
+        loop {
+            // SAFETY: ptrace on a thread of our own child; the status is a valid int.
+            unsafe {
+                if libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0) != 0 {
+                    let e = std::io::Error::last_os_error();
+                    eprintln!("skipped: PTRACE_SEIZE of the daemon's {name}: {e}");
+                    return None;
+                }
+                assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0);
+                let mut st = 0;
+                assert_eq!(libc::waitpid(tid, &mut st, libc::__WALL), tid);
+            }
+            let call = std::fs::read_to_string(format!("{tasks}/{tid}/syscall")).unwrap();
+            if call.split_whitespace().next() == Some(&libc::SYS_futex.to_string()) {
+                return Some(Held { tid, reaped: false });
+            }
+            // SAFETY: the thread is in a ptrace stop: detaching resumes it.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+            assert!(t0.elapsed() < TIMEOUT, "{name} never waited on a futex");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Reaps the held thread if it was killed (its process exited): until then the
+    /// process cannot be reaped.
+    fn reap(&mut self) {
+        let mut st = 0;
+        // SAFETY: waitpid on a thread this thread traces.
+        let r = unsafe { libc::waitpid(self.tid, &mut st, libc::__WALL | libc::WNOHANG) };
+        if r == self.tid && (libc::WIFEXITED(st) || libc::WIFSIGNALED(st)) {
+            self.reaped = true;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.reaped {
+            // SAFETY: detaching a thread this thread traces (an error if it is gone).
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, 0, 0) };
+        }
+    }
+}
+
+/// SIGTERM while a copy thread is stuck (held stopped, as a read of a hung network
+/// filesystem holds it): the daemon drains, waits a bounded time for its copy threads,
+/// names the one that did not stop, and exits 0. It joined them without a bound and so
+/// never exited: systemd's TimeoutStopSec had to kill it. Meanwhile the other copy
+/// thread alone serves the rings.
+#[test]
+fn sigterm_with_a_copy_thread_stuck_still_exits() {
+    let f = fixture("drain_timeout_ms = 1000\n");
+    let mut d = f.serve();
+    let Some(mut held) = Held::thread(d.pid(), "millrace-copy-0") else {
+        return;
+    };
+    {
+        let mut c = f.connect("one-thread");
+        assert_eq!(
+            read(&mut c, 12).len(),
+            12,
+            "the other copy thread serves the ring"
+        );
+    }
+    d.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    let status = loop {
+        held.reap();
+        if let Some(s) = d.exited() {
+            break Some(s);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} 60 s after SIGTERM with a copy thread stuck:\n{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("1 materializer thread(s) did not stop within 5000 ms; exiting without them"),
+        "{log}"
+    );
+    drop(held);
+}
+
 /// A client of job `job` that read 4 steps, and its last blob decoded, to be forged
 /// (encoding it again gives a valid checksum).
 fn blob_to_forge(f: &Fixture, job: &str) -> (Client, millrace::plan::cursor::CursorData) {

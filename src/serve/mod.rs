@@ -205,9 +205,8 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     };
     let result = runtime.block_on(serve_socket(daemon.clone(), unchecked, hup));
     hub.stop();
-    for w in workers {
-        let _ = w.join();
-    }
+    // A thread stuck in a read that never returns is left behind: the process exits.
+    hub.join_workers(workers, WORKERS_STOP);
     let _ = watchdog.join();
     if let Some(t) = planner {
         let _ = t.join();
@@ -219,6 +218,10 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     }
     result
 }
+
+/// How long the materializer threads have to end after the drain: a copy takes
+/// milliseconds, and one stuck in a read of a hung filesystem never ends.
+const WORKERS_STOP: Duration = Duration::from_secs(5);
 
 /// The most blocking threads the runtime keeps. They never exit (see `run_cli`), so a
 /// burst of requests must not leave hundreds of idle ones counted against the thread

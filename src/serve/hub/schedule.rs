@@ -282,6 +282,41 @@ impl Hub {
         self.fills.stuck(&self.source, bound)
     }
 
+    /// Waits at most `bound` for the materializer threads to end after [`Hub::stop`]:
+    /// one blocked in a read that never returns (a hung network filesystem) must not
+    /// keep the daemon from exiting at SIGTERM. Returns how many did not end, after
+    /// logging the fills they are stuck in.
+    pub fn join_workers(
+        &self,
+        workers: Vec<std::thread::JoinHandle<()>>,
+        bound: Duration,
+    ) -> usize {
+        let left = join_within(workers, bound);
+        if left > 0 {
+            let stuck = self.stuck_fills(Duration::ZERO);
+            let named: Vec<String> = stuck
+                .iter()
+                .map(|s| {
+                    format!(
+                        "job {} rank {} step {} ({:.0} s: {})",
+                        s.job, s.dp_rank, s.step, s.seconds, s.reading
+                    )
+                })
+                .collect();
+            error!(
+                "{left} materializer thread(s) did not stop within {} ms; exiting without \
+                 them. Fills in flight: {}",
+                bound.as_millis(),
+                if named.is_empty() {
+                    "none".into()
+                } else {
+                    named.join("; ")
+                }
+            );
+        }
+        left
+    }
+
     /// Adds to `wake` the peers of every ring whose wake is held back: with `due` =
     /// (bound, now), only those held at least the bound (a worker checks after each
     /// copy it ends); without, all of them (a worker about to sleep). Returns whether
@@ -467,6 +502,24 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+/// Joins the threads of `handles` that end within `bound` (polling: this runs once, at
+/// exit); returns how many had not ended by then, which are left running.
+pub fn join_within(handles: Vec<std::thread::JoinHandle<()>>, bound: Duration) -> usize {
+    let deadline = Instant::now() + bound;
+    let mut left = handles;
+    loop {
+        let (done, running): (Vec<_>, Vec<_>) = left.into_iter().partition(|h| h.is_finished());
+        for h in done {
+            let _ = h.join();
+        }
+        left = running;
+        if left.is_empty() || Instant::now() >= deadline {
+            return left.len();
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
