@@ -462,6 +462,7 @@ mod tests {
     use super::*;
     use crate::config::serve::Reader;
     use crate::plan::Row;
+    use crate::serve::fill::FillWatch;
     use crate::serve::ring::Ring;
 
     /// One uint16 Megatron shard of 4 documents of 4096 tokens (one page of token bytes
@@ -523,6 +524,95 @@ mod tests {
             "{first}"
         );
         assert!(first.contains("document 3"), "{first}");
+    }
+
+    /// A copy from a mapping whose page never arrives (a network filesystem that stopped
+    /// answering; here the page is handed to userfaultfd, which holds the faulting read
+    /// until the test supplies the page) is named by the stuck-fill watchdog: the file
+    /// and the bytes being copied. Once the page comes the fill completes.
+    #[test]
+    fn a_copy_hung_in_a_page_fault_is_named_with_its_file_and_bytes() {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::os::unix::fs::FileExt;
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        let (src, job, layout) = shard_and_job(dir.path(), 7, (0, 7));
+        // SAFETY: userfaultfd(2) with flags only; a negative result is checked.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_userfaultfd,
+                libc::O_CLOEXEC | 1, /* USER_MODE_ONLY */
+            )
+        };
+        if fd < 0 {
+            eprintln!("skipped: userfaultfd: {}", std::io::Error::last_os_error());
+            return;
+        }
+        // SAFETY: a descriptor just returned to us.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&uffd);
+        let ioctl = |req: u64, arg: *mut u64| {
+            // SAFETY: userfaultfd ioctls on their documented structs (arrays of u64).
+            unsafe { libc::ioctl(raw, req as _, arg) }
+        };
+        // UFFDIO_API {api, features, ioctls}; UFFDIO_REGISTER {start, len, mode, ioctls};
+        // UFFDIO_COPY {dst, src, len, mode, copy}.
+        let mut api = [0xAAu64, 0, 0];
+        assert_eq!(ioctl(0xC018_AA3F, api.as_mut_ptr()), 0, "UFFDIO_API");
+        // Document 3's first page of tokens, mapped anew (anonymous, so userfaultfd may
+        // hold its faults) where the shard's mapping had it.
+        let bin = src.shards[0][0].mappings()[1];
+        let page = bin.as_ptr() as usize + 24576;
+        // SAFETY: replaces one page inside the shard's own mapping, which outlives it.
+        let got = unsafe {
+            libc::mmap(
+                page as *mut libc::c_void,
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(got as usize, page);
+        let mut reg = [page as u64, 4096, 1 /* MISSING */, 0];
+        assert_eq!(ioctl(0xC020_AA00, reg.as_mut_ptr()), 0, "UFFDIO_REGISTER");
+        let ring = Ring::create("t", layout.clone(), 0).unwrap();
+        let watch = FillWatch::default();
+        std::thread::scope(|s| {
+            let filler = s.spawn(|| {
+                let _watched = watch.begin("j", 1, 0);
+                let slot = &mut ring.claim(0).map_err(|e| e.to_string())?;
+                fill_slot(slot, &layout, &job, &src).map_err(|e| e.to_string())
+            });
+            let t0 = Instant::now();
+            let stuck = loop {
+                let stuck = watch.stuck(&src, Duration::ZERO);
+                if stuck.iter().any(|f| f.reading.starts_with("copying")) {
+                    break stuck;
+                }
+                assert!(t0.elapsed().as_secs() < 30, "the copy never began");
+                std::thread::yield_now();
+            };
+            assert!(
+                !filler.is_finished(),
+                "the copy went past a page never supplied"
+            );
+            let want = format!(
+                "copying {} bytes 24576..24706 from its mapping",
+                dir.path().join("s.bin").display()
+            );
+            assert_eq!(stuck[0].reading, want);
+            let mut bytes = vec![0u8; 4096];
+            std::fs::File::open(dir.path().join("s.bin"))
+                .unwrap()
+                .read_exact_at(&mut bytes, 24576)
+                .unwrap();
+            let mut copy = [page as u64, bytes.as_ptr() as u64, 4096, 0, 0];
+            assert_eq!(ioctl(0xC028_AA03, copy.as_mut_ptr()), 0, "UFFDIO_COPY");
+            assert_eq!(filler.join().unwrap(), Ok(65));
+        });
+        assert!(watch.stuck(&src, Duration::ZERO).is_empty());
     }
 
     /// Truncates `dir`'s shard to one page under `src` and fills `job` into `slot`
