@@ -534,7 +534,6 @@ mod tests {
     fn a_copy_hung_in_a_page_fault_is_named_with_its_file_and_bytes() {
         use std::os::fd::{FromRawFd, OwnedFd};
         use std::os::unix::fs::FileExt;
-        use std::time::{Duration, Instant};
         let dir = tempfile::tempdir().unwrap();
         let (src, job, layout) = shard_and_job(dir.path(), 7, (0, 7));
         // SAFETY: userfaultfd(2) with flags only; a negative result is checked.
@@ -577,42 +576,73 @@ mod tests {
         assert_eq!(got as usize, page);
         let mut reg = [page as u64, 4096, 1 /* MISSING */, 0];
         assert_eq!(ioctl(0xC020_AA00, reg.as_mut_ptr()), 0, "UFFDIO_REGISTER");
-        let ring = Ring::create("t", layout.clone(), 0).unwrap();
-        let watch = FillWatch::default();
-        std::thread::scope(|s| {
-            let filler = s.spawn(|| {
-                let _watched = watch.begin("j", 1, 0);
-                let slot = &mut ring.claim(0).map_err(|e| e.to_string())?;
-                fill_slot(slot, &layout, &job, &src).map_err(|e| e.to_string())
-            });
-            let t0 = Instant::now();
-            let stuck = loop {
-                let stuck = watch.stuck(&src, Duration::ZERO);
-                if stuck.iter().any(|f| f.reading.starts_with("copying")) {
-                    break stuck;
-                }
-                assert!(t0.elapsed().as_secs() < 30, "the copy never began");
-                std::thread::yield_now();
-            };
-            assert!(
-                !filler.is_finished(),
-                "the copy went past a page never supplied"
-            );
+        let s_bin = dir.path().join("s.bin");
+        let got = fill_stuck_then_release(&src, &job, &layout, "copying", |stuck| {
             let want = format!(
                 "copying {} bytes 24576..24706 from its mapping",
-                dir.path().join("s.bin").display()
+                s_bin.display()
             );
-            assert_eq!(stuck[0].reading, want);
+            assert_eq!(stuck.reading, want);
             let mut bytes = vec![0u8; 4096];
-            std::fs::File::open(dir.path().join("s.bin"))
+            std::fs::File::open(&s_bin)
                 .unwrap()
                 .read_exact_at(&mut bytes, 24576)
                 .unwrap();
             let mut copy = [page as u64, bytes.as_ptr() as u64, 4096, 0, 0];
             assert_eq!(ioctl(0xC028_AA03, copy.as_mut_ptr()), 0, "UFFDIO_COPY");
-            assert_eq!(filler.join().unwrap(), Ok(65));
         });
-        assert!(watch.stuck(&src, Duration::ZERO).is_empty());
+        assert_eq!(got, Ok(65));
+    }
+
+    /// Fills `job` on a thread of its own, watched as step 0 of rank 1 of job "j", until
+    /// the watch reports it stuck reading something that starts with `reading`; then
+    /// hands that report to `release`, which must let the read go on, and returns the
+    /// fill's result (the watch forgets the fill once it ends).
+    pub(super) fn fill_stuck_then_release(
+        src: &Source,
+        job: &SlotJob,
+        layout: &Layout,
+        reading: &str,
+        release: impl FnOnce(&crate::wire::status::StuckFill),
+    ) -> Result<u64, String> {
+        use std::time::{Duration, Instant};
+        let ring = Ring::create("t", layout.clone(), 0).unwrap();
+        let watch = FillWatch::default();
+        let got = std::thread::scope(|s| {
+            let filler = s.spawn(|| {
+                let _watched = watch.begin("j", 1, 0);
+                let slot = &mut ring.claim(0).map_err(|e| e.to_string())?;
+                fill_slot(slot, layout, job, src).map_err(|e| e.to_string())
+            });
+            let t0 = Instant::now();
+            let stuck = loop {
+                let stuck = watch.stuck(src, Duration::ZERO);
+                if stuck.iter().any(|f| f.reading.starts_with(reading)) {
+                    break stuck;
+                }
+                assert!(!filler.is_finished(), "the fill did not wait for its read");
+                assert!(t0.elapsed().as_secs() < 30, "the read never began");
+                std::thread::yield_now();
+            };
+            assert_eq!(stuck.len(), 1, "{stuck:?}");
+            let f = &stuck[0];
+            assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 1, 0), "{f:?}");
+            // Warned once, then not again before the repeat interval.
+            let hour = Duration::from_secs(3600);
+            assert_eq!(watch.warn_stuck(src, Duration::ZERO, hour), 1);
+            assert!(watch.stuck(src, hour).is_empty());
+            assert!(
+                !filler.is_finished(),
+                "the fill went past a read never answered"
+            );
+            release(f);
+            filler.join().unwrap()
+        });
+        assert!(
+            watch.stuck(src, Duration::ZERO).is_empty(),
+            "the fill ended"
+        );
+        got
     }
 
     /// Truncates `dir`'s shard to one page under `src` and fills `job` into `slot`

@@ -387,7 +387,7 @@ mod tests {
     use super::*;
     use crate::serve::fill::{
         fill_slot,
-        tests::{shard_and_job, truncate_and_fill},
+        tests::{fill_stuck_then_release, shard_and_job, truncate_and_fill},
         SlotJob, Source,
     };
     use crate::serve::ring::{Layout, Ring};
@@ -712,18 +712,7 @@ mod tests {
     fn a_read_failing_with_eio_poisons_the_shard() {
         let dir = tempfile::tempdir().unwrap();
         let (mut src, job, layout, ring, _) = copied_slot(dir.path());
-        let mem = std::path::PathBuf::from("/proc/self/mem");
-        let paths = vec![mem.clone()];
-        src.readers = Readers {
-            reader: Reader::Uring,
-            fallback: None,
-            files: Some(ShardFiles::open(&paths, false).unwrap()),
-            paths,
-            first: vec![0],
-            pool: Mutex::default(),
-            returned: Condvar::new(),
-            failed: OnceLock::new(),
-        };
+        src.readers = uring_readers_over(vec!["/proc/self/mem".into()]);
         let slot = &mut ring.claim(0).unwrap();
         let e = match fill_slot(slot, &layout, &job, &src) {
             Err(e) => e.to_string(),
@@ -759,11 +748,9 @@ mod tests {
     #[test]
     fn a_fill_hung_in_a_read_is_named_by_the_watchdog_until_it_ends() {
         use crate::plan::{Row, Segment};
-        use crate::serve::fill::FillWatch;
         use std::io::Write;
-        use std::time::{Duration, Instant};
         let dir = tempfile::tempdir().unwrap();
-        let (mut src, mut job, layout, ring, _) = copied_slot(dir.path());
+        let (mut src, mut job, layout, _, _) = copied_slot(dir.path());
         // Document 0: its bytes are the file's first, which a FIFO reads from anywhere.
         let seg = Segment {
             shard: 0,
@@ -775,15 +762,9 @@ mod tests {
         };
         job.rows = vec![Row::new(0, 0, vec![seg], 65)].into();
         let fifo = dir.path().join("fifo");
-        use rustix::fs::{FileType, Mode};
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            FileType::Fifo,
-            Mode::RUSR | Mode::WUSR,
-            0,
-        )
-        .unwrap();
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         // Read and write: the readers' own open (read only) then does not wait for a writer.
         let mut writer = std::fs::OpenOptions::new()
             .read(true)
@@ -795,7 +776,22 @@ mod tests {
             eprintln!("skipped: {e}");
             return;
         }
-        src.readers = Readers {
+        src.readers = uring_readers_over(paths);
+        let want = format!(
+            "reading 1 spans with io_uring from {} bytes 0..130",
+            fifo.display()
+        );
+        let got = fill_stuck_then_release(&src, &job, &layout, "reading", |stuck| {
+            assert_eq!(stuck.reading, want);
+            writer.write_all(&[7u8, 0].repeat(65)).unwrap();
+        });
+        assert_eq!(got, Ok(65));
+    }
+
+    /// io_uring readers over `paths` in place of a shard's own files (its domain's shard
+    /// 0 reads `paths[0]`).
+    fn uring_readers_over(paths: Vec<std::path::PathBuf>) -> Readers {
+        Readers {
             reader: Reader::Uring,
             fallback: None,
             files: Some(ShardFiles::open(&paths, false).unwrap()),
@@ -804,45 +800,7 @@ mod tests {
             pool: Mutex::default(),
             returned: Condvar::new(),
             failed: OnceLock::new(),
-        };
-        let watch = FillWatch::default();
-        std::thread::scope(|s| {
-            let filler = s.spawn(|| {
-                let _watched = watch.begin("j", 3, 0);
-                let slot = &mut ring.claim(0).map_err(|e| e.to_string())?;
-                fill_slot(slot, &layout, &job, &src).map_err(|e| e.to_string())
-            });
-            let t0 = Instant::now();
-            let stuck = loop {
-                let stuck = watch.stuck(&src, Duration::ZERO);
-                if stuck.iter().any(|f| f.reading.contains("io_uring")) {
-                    break stuck;
-                }
-                assert!(!filler.is_finished(), "the fill did not wait for the FIFO");
-                assert!(t0.elapsed().as_secs() < 30, "the fill never read");
-                std::thread::yield_now();
-            };
-            assert_eq!(stuck.len(), 1, "{stuck:?}");
-            let f = &stuck[0];
-            assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 3, 0), "{f:?}");
-            let want = format!(
-                "reading 1 spans with io_uring from {} bytes 0..130",
-                fifo.display()
-            );
-            assert_eq!(f.reading, want);
-            // Warned once, then not again before the repeat interval.
-            assert_eq!(
-                watch.warn_stuck(&src, Duration::ZERO, Duration::from_secs(3600)),
-                1
-            );
-            assert!(watch.stuck(&src, Duration::from_secs(3600)).is_empty());
-            writer.write_all(&[7u8, 0].repeat(65)).unwrap();
-            assert_eq!(filler.join().unwrap(), Ok(65));
-        });
-        assert!(
-            watch.stuck(&src, Duration::ZERO).is_empty(),
-            "the fill ended"
-        );
+        }
     }
 
     /// Shard files that do not fit the descriptors the open-file limit leaves beyond the
