@@ -169,6 +169,16 @@ pub enum ReadError {
         /// What is wrong with it.
         what: String,
     },
+    /// Every io_uring reader is in use (no more could be opened) and none came back within
+    /// the wait's bound: one may be stuck in a read that hangs (a network filesystem).
+    /// The caller copies this fill from the mappings, and io_uring stays in use.
+    #[error("no io_uring reader came back within {waited_ms} ms (all {readers} in use)")]
+    Busy {
+        /// How long the fill waited.
+        waited_ms: u64,
+        /// The readers that exist, all in use.
+        readers: usize,
+    },
     /// The ring itself failed (registering files, entering the kernel).
     #[error("io_uring: {what}: {source}")]
     Ring {
@@ -193,7 +203,7 @@ impl ReadError {
     /// hold those bytes: a caller copies from them instead of failing the fill.
     pub fn is_io_uring(&self) -> bool {
         match self {
-            ReadError::Unavailable { .. } | ReadError::Ring { .. } => true,
+            ReadError::Unavailable { .. } | ReadError::Ring { .. } | ReadError::Busy { .. } => true,
             ReadError::Read { source, .. } => matches!(
                 source.raw_os_error(),
                 Some(

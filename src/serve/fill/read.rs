@@ -42,7 +42,7 @@ struct Pool {
     /// Readers that exist, idle or in use.
     live: usize,
     /// Opening one more failed (RLIMIT_MEMLOCK before Linux 5.12, fds): fills wait for
-    /// an idle reader instead.
+    /// an idle reader instead, for at most [`READER_WAIT`].
     full: bool,
 }
 
@@ -287,7 +287,9 @@ impl Readers {
             result
         });
         if let Err(e) = &result {
-            if e.is_io_uring() {
+            // A reader that did not come back in time is not io_uring failing: this fill
+            // alone is copied from the mappings.
+            if e.is_io_uring() && !matches!(e, ReadError::Busy { .. }) {
                 self.give_up(e);
             }
         }
@@ -313,8 +315,12 @@ impl Readers {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An idle reader, a new one, or (when no more can be opened) the next one returned.
+    /// An idle reader, a new one, or (when no more can be opened) the next one returned
+    /// within [`READER_WAIT`]: a reader held by a read that hangs (a network filesystem)
+    /// must not stall every other fill, whatever it reads. Past the bound,
+    /// [`ReadError::Busy`]: the fill copies from the mappings.
     fn take(&self) -> Result<UringReader, ReadError> {
+        let since = std::time::Instant::now();
         let mut pool = self.lock();
         loop {
             if let Some(why) = self.failed.get() {
@@ -355,10 +361,24 @@ impl Readers {
                     }
                 }
             }
-            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
+            let left = READER_WAIT.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                return Err(ReadError::Busy {
+                    waited_ms: READER_WAIT.as_millis() as u64,
+                    readers: pool.live,
+                });
+            }
+            pool = (self.returned.wait_timeout(pool, left))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 }
+
+/// How long a fill waits for an io_uring reader when all are in use and no more can be
+/// opened, before it copies from the mappings instead: a read takes milliseconds, and
+/// one that hangs must not hold every other fill.
+const READER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What `reader = "auto"` reads a corpus of `corpus` token bytes with, on a machine
 /// (or unit) of `memory` bytes: the copy from plain mappings when the corpus fits in half
@@ -600,6 +620,56 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// Regression: with every io_uring reader in use and no more to be opened, a fill
+    /// waited for one to come back without a bound, so a reader held by a read that hangs
+    /// (a network filesystem) stalled every other copy thread and every ring, whatever
+    /// they read. The fill now waits a bounded time, then copies from the mappings (and
+    /// io_uring stays in use). Here the one reader is taken and kept, as a hung read keeps
+    /// it, and the filling thread may not open another (a seccomp filter refuses io_uring
+    /// in it, as a locked-memory limit would).
+    #[test]
+    fn a_fill_does_not_wait_for_good_for_a_reader_a_hung_read_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut src, job, layout, ring, copied) = copied_slot(dir.path());
+        src.readers = Readers::open(Reader::Uring, &src.shards);
+        if let Some(why) = src.readers.fallback() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let held = src.readers.take().unwrap();
+        let (src, layout, job) = (&src, &layout, &job);
+        std::thread::scope(|s| {
+            let filler = s.spawn(|| {
+                if !crate::sys::refuse_io_uring_in_this_thread(libc::EPERM) {
+                    return None;
+                }
+                let slot = &mut ring.claim(0).unwrap();
+                let r = fill_slot(slot, layout, job, src).map_err(|e| e.to_string());
+                Some((r, slot.to_vec()))
+            });
+            let t0 = std::time::Instant::now();
+            while !filler.is_finished() && t0.elapsed().as_secs() < 30 {
+                std::thread::yield_now();
+            }
+            let in_time = filler.is_finished();
+            // Let a filler that waits go, so the scope ends.
+            src.readers.give(held, true);
+            let got = filler.join().unwrap();
+            assert!(
+                in_time,
+                "the fill still waited for the held reader after 30 s"
+            );
+            match got {
+                None => eprintln!("skipped: the kernel refused a seccomp filter"),
+                Some((r, slot)) => {
+                    assert_eq!(r, Ok(65));
+                    assert!(slot == copied, "the fill copied from the mappings");
+                }
+            }
+        });
+        assert!(src.readers.uring(), "io_uring is still in use");
     }
 
     /// Regression: once opening a reader had failed (`full`), a reader dropped later (its
