@@ -1781,10 +1781,10 @@ impl Drop for Held {
     }
 }
 
-/// SIGTERM while a copy thread is stuck (held stopped, as a read of a hung network
-/// filesystem holds it): the daemon drains, waits a bounded time for its copy threads,
-/// names the one that did not stop, and exits 0. It joined them without a bound and so
-/// never exited: systemd's TimeoutStopSec had to kill it. Meanwhile the other copy
+/// SIGTERM while a copy thread and the plan thread are stuck (held stopped, as a read of
+/// a hung network filesystem holds them): the daemon drains, waits a bounded time for
+/// them, names those that did not stop, and exits 0. It joined them without a bound and
+/// so never exited: systemd's TimeoutStopSec had to kill it. Meanwhile the other copy
 /// thread alone serves the rings.
 #[test]
 fn sigterm_with_a_copy_thread_stuck_still_exits() {
@@ -1801,10 +1801,15 @@ fn sigterm_with_a_copy_thread_stuck_still_exits() {
             "the other copy thread serves the ring"
         );
     }
+    // The plan thread too (it reads shard indexes, which may hang as well).
+    let Some(mut plan) = Held::thread(d.pid(), "millrace-plan") else {
+        return;
+    };
     d.signal(libc::SIGTERM);
     let t0 = Instant::now();
     let status = loop {
         held.reap();
+        plan.reap();
         if let Some(s) = d.exited() {
             break Some(s);
         }
@@ -1815,15 +1820,18 @@ fn sigterm_with_a_copy_thread_stuck_still_exits() {
     };
     assert!(
         status.is_some_and(|s| s.success()),
-        "{status:?} 60 s after SIGTERM with a copy thread stuck:\n{}",
+        "{status:?} 60 s after SIGTERM with a copy thread and the plan thread stuck:\n{}",
         d.log_text()
     );
     let log = d.log_text();
     assert!(
-        log.contains("1 materializer thread(s) did not stop within 5000 ms; exiting without them"),
+        log.contains(
+            "threads millrace-copy-0, millrace-plan did not stop within 5000 ms; exiting \
+             without them. Fills in flight: none"
+        ),
         "{log}"
     );
-    drop(held);
+    drop((held, plan));
 }
 
 /// A client of job `job` that read 4 steps, and its last blob decoded, to be forged

@@ -205,12 +205,12 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     };
     let result = runtime.block_on(serve_socket(daemon.clone(), unchecked, hup));
     hub.stop();
-    // A thread stuck in a read that never returns is left behind: the process exits.
-    hub.join_workers(workers, WORKERS_STOP);
+    // A thread stuck in a read that never returns (a copy, or the planner in a shard
+    // index) is left behind: the process exits.
+    let mut threads = workers;
+    threads.extend(planner);
+    hub.join_workers(threads, WORKERS_STOP);
     let _ = watchdog.join();
-    if let Some(t) = planner {
-        let _ = t.join();
-    }
     runtime.shutdown_timeout(Duration::from_secs(2));
     if let Some(dir) = made_dir {
         // remove_dir removes only an empty directory: nothing else there is touched.
@@ -219,8 +219,8 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// How long the materializer threads have to end after the drain: a copy takes
-/// milliseconds, and one stuck in a read of a hung filesystem never ends.
+/// How long the materializer and plan threads have to end after the drain: a copy or a
+/// plan takes milliseconds, and one stuck in a read of a hung filesystem never ends.
 const WORKERS_STOP: Duration = Duration::from_secs(5);
 
 /// The most blocking threads the runtime keeps. They never exit (see `run_cli`), so a

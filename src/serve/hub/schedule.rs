@@ -282,17 +282,18 @@ impl Hub {
         self.fills.stuck(&self.source, bound)
     }
 
-    /// Waits at most `bound` for the materializer threads to end after [`Hub::stop`]:
-    /// one blocked in a read that never returns (a hung network filesystem) must not
-    /// keep the daemon from exiting at SIGTERM. Returns how many did not end, after
-    /// logging the fills they are stuck in.
+    /// Waits at most `bound` for the hub's threads (the materializers, the plan thread)
+    /// to end after [`Hub::stop`]: one blocked in a read that never returns (a hung
+    /// network filesystem, in a copy or in a shard index the planner reads) must not keep
+    /// the daemon from exiting at SIGTERM. Returns the names of those that did not end,
+    /// after logging them and the fills in flight.
     pub fn join_workers(
         &self,
-        workers: Vec<std::thread::JoinHandle<()>>,
+        threads: Vec<std::thread::JoinHandle<()>>,
         bound: Duration,
-    ) -> usize {
-        let left = join_within(workers, bound);
-        if left > 0 {
+    ) -> Vec<String> {
+        let left = join_within(threads, bound);
+        if !left.is_empty() {
             let stuck = self.stuck_fills(Duration::ZERO);
             let named: Vec<String> = stuck
                 .iter()
@@ -304,8 +305,9 @@ impl Hub {
                 })
                 .collect();
             error!(
-                "{left} materializer thread(s) did not stop within {} ms; exiting without \
-                 them. Fills in flight: {}",
+                "threads {} did not stop within {} ms; exiting without them. Fills in \
+                 flight: {}",
+                left.join(", "),
                 bound.as_millis(),
                 if named.is_empty() {
                     "none".into()
@@ -506,8 +508,8 @@ impl Hub {
 }
 
 /// Joins the threads of `handles` that end within `bound` (polling: this runs once, at
-/// exit); returns how many had not ended by then, which are left running.
-pub fn join_within(handles: Vec<std::thread::JoinHandle<()>>, bound: Duration) -> usize {
+/// exit); returns the names of those that had not ended by then, which are left running.
+pub fn join_within(handles: Vec<std::thread::JoinHandle<()>>, bound: Duration) -> Vec<String> {
     let deadline = Instant::now() + bound;
     let mut left = handles;
     loop {
@@ -517,7 +519,9 @@ pub fn join_within(handles: Vec<std::thread::JoinHandle<()>>, bound: Duration) -
         }
         left = running;
         if left.is_empty() || Instant::now() >= deadline {
-            return left.len();
+            let name =
+                |h: &std::thread::JoinHandle<()>| h.thread().name().unwrap_or("?").to_string();
+            return left.iter().map(name).collect();
         }
         std::thread::sleep(Duration::from_millis(10));
     }
