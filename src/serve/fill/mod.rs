@@ -341,6 +341,7 @@ fn read_piece<'s>(
             s.doc
         )));
     }
+    watch::reading_index(domain, s.shard, s.doc);
     let doc = shard.doc_tokens(s.doc);
     if let Some(addr) = guard::take_fault() {
         return Err(faulted(shard, r, s.doc, addr, fail));
@@ -532,117 +533,158 @@ mod tests {
     /// and the bytes being copied. Once the page comes the fill completes.
     #[test]
     fn a_copy_hung_in_a_page_fault_is_named_with_its_file_and_bytes() {
-        use std::os::fd::{FromRawFd, OwnedFd};
-        use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
         let (src, job, layout) = shard_and_job(dir.path(), 7, (0, 7));
-        // SAFETY: userfaultfd(2) with flags only; a negative result is checked.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | 1, /* USER_MODE_ONLY */
-            )
-        };
-        if fd < 0 {
-            eprintln!("skipped: userfaultfd: {}", std::io::Error::last_os_error());
+        // Document 3's first page of tokens.
+        let Some(held) = HeldPage::hold(&src, 1, 24576) else {
             return;
-        }
-        // SAFETY: a descriptor just returned to us.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&uffd);
-        let ioctl = |req: u64, arg: *mut u64| {
-            // SAFETY: userfaultfd ioctls on their documented structs (arrays of u64).
-            unsafe { libc::ioctl(raw, req as _, arg) }
         };
-        // UFFDIO_API {api, features, ioctls}; UFFDIO_REGISTER {start, len, mode, ioctls};
-        // UFFDIO_COPY {dst, src, len, mode, copy}.
-        let mut api = [0xAAu64, 0, 0];
-        assert_eq!(ioctl(0xC018_AA3F, api.as_mut_ptr()), 0, "UFFDIO_API");
-        // Document 3's first page of tokens, mapped anew (anonymous, so userfaultfd may
-        // hold its faults) where the shard's mapping had it.
-        let bin = src.shards[0][0].mappings()[1];
-        let page = bin.as_ptr() as usize + 24576;
-        // SAFETY: replaces one page inside the shard's own mapping, which outlives it.
-        let got = unsafe {
-            libc::mmap(
-                page as *mut libc::c_void,
-                4096,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        assert_eq!(got as usize, page);
-        let mut reg = [page as u64, 4096, 1 /* MISSING */, 0];
-        assert_eq!(ioctl(0xC020_AA00, reg.as_mut_ptr()), 0, "UFFDIO_REGISTER");
         let s_bin = dir.path().join("s.bin");
-        let got = fill_stuck_then_release(&src, &job, &layout, "copying", |stuck| {
-            let want = format!(
-                "copying {} bytes 24576..24706 from its mapping",
-                s_bin.display()
-            );
-            assert_eq!(stuck.reading, want);
-            let mut bytes = vec![0u8; 4096];
-            std::fs::File::open(&s_bin)
-                .unwrap()
-                .read_exact_at(&mut bytes, 24576)
-                .unwrap();
-            let mut copy = [page as u64, bytes.as_ptr() as u64, 4096, 0, 0];
-            assert_eq!(ioctl(0xC028_AA03, copy.as_mut_ptr()), 0, "UFFDIO_COPY");
+        let got = fill_stuck_then_release(&src, &job, &layout, "copying", || held.release(&s_bin));
+        let want = format!(
+            "copying {} bytes 24576..24706 from its mapping",
+            s_bin.display()
+        );
+        assert_eq!(got, (want, Ok(65)));
+    }
+
+    /// The same for a read of the shard's index that hangs (the fill looks its
+    /// documents up before it copies): the watch names the index read, not the last
+    /// copy the fill made before it.
+    #[test]
+    fn an_index_read_hung_in_a_page_fault_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, job, layout) = shard_and_job(dir.path(), 7, (0, 7));
+        let Some(held) = HeldPage::hold(&src, 0, 0) else {
+            return;
+        };
+        let want = format!(
+            "reading the index of {} for document 3",
+            dir.path().join("s").display()
+        );
+        let got = fill_stuck_then_release(&src, &job, &layout, "reading the index", || {
+            held.release(&dir.path().join("s.idx"))
         });
-        assert_eq!(got, Ok(65));
+        assert_eq!(got, (want, Ok(65)));
+    }
+
+    /// A page of a shard's mapping handed to userfaultfd: a read of it waits until
+    /// [`HeldPage::release`] supplies the page, as a read of a hung network filesystem
+    /// waits for its server.
+    struct HeldPage {
+        uffd: std::os::fd::OwnedFd,
+        page: usize,
+        at: u64,
+    }
+
+    impl HeldPage {
+        /// Holds the page at byte `at` of mapping `map` of `src`'s shard (0: the index,
+        /// 1: the tokens), mapped anew (anonymous, so that userfaultfd may hold its
+        /// faults) where the shard's mapping had it; `None` (saying why) where
+        /// userfaultfd is refused.
+        fn hold(src: &Source, map: usize, at: u64) -> Option<HeldPage> {
+            use std::os::fd::{FromRawFd, OwnedFd};
+            // SAFETY: userfaultfd(2) with flags only (1: UFFD_USER_MODE_ONLY); checked.
+            let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | 1) };
+            if fd < 0 {
+                eprintln!("skipped: userfaultfd: {}", std::io::Error::last_os_error());
+                return None;
+            }
+            // SAFETY: a descriptor just returned to us.
+            let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            let page = src.shards[0][0].mappings()[map].as_ptr() as usize + at as usize;
+            let held = HeldPage { uffd, page, at };
+            // UFFDIO_API {api, features, ioctls}.
+            assert_eq!(held.ioctl(0xC018_AA3F, &mut [0xAA, 0, 0]), 0, "UFFDIO_API");
+            // SAFETY: replaces one page inside the shard's own mapping, which outlives it.
+            let got = unsafe {
+                libc::mmap(
+                    page as *mut libc::c_void,
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(got as usize, page);
+            // UFFDIO_REGISTER {start, len, mode (1: missing pages), ioctls}.
+            let mut reg = [page as u64, 4096, 1, 0];
+            assert_eq!(held.ioctl(0xC020_AA00, &mut reg), 0, "UFFDIO_REGISTER");
+            Some(held)
+        }
+
+        fn ioctl(&self, req: u64, arg: &mut [u64]) -> i32 {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&self.uffd);
+            // SAFETY: userfaultfd ioctls on their documented structs (arrays of u64).
+            unsafe { libc::ioctl(raw, req as _, arg.as_mut_ptr()) }
+        }
+
+        /// Supplies the page: `file`'s bytes there.
+        fn release(&self, file: &std::path::Path) {
+            use std::os::unix::fs::FileExt;
+            let mut bytes = vec![0u8; 4096];
+            let f = std::fs::File::open(file).unwrap();
+            let n = f.read_at(&mut bytes, self.at).unwrap();
+            assert!(n > 0, "{} has no byte at {}", file.display(), self.at);
+            // UFFDIO_COPY {dst, src, len, mode, copy}.
+            let mut copy = [self.page as u64, bytes.as_ptr() as u64, 4096, 0, 0];
+            assert_eq!(self.ioctl(0xC028_AA03, &mut copy), 0, "UFFDIO_COPY");
+        }
     }
 
     /// Fills `job` on a thread of its own, watched as step 0 of rank 1 of job "j", until
-    /// the watch reports it stuck reading something that starts with `reading`; then
-    /// hands that report to `release`, which must let the read go on, and returns the
-    /// fill's result (the watch forgets the fill once it ends).
+    /// the watch reports it stuck reading something that starts with `reading` (30 s at
+    /// most), then calls `release`, which must let the read go on. Returns what the
+    /// watch reported (after checking its job, rank and step, and that it was warned
+    /// about once) and the fill's result; the watch forgets the fill once it ends.
     pub(super) fn fill_stuck_then_release(
         src: &Source,
         job: &SlotJob,
         layout: &Layout,
         reading: &str,
-        release: impl FnOnce(&crate::wire::status::StuckFill),
-    ) -> Result<u64, String> {
+        release: impl FnOnce(),
+    ) -> (String, Result<u64, String>) {
         use std::time::{Duration, Instant};
         let ring = Ring::create("t", layout.clone(), 0).unwrap();
         let watch = FillWatch::default();
-        let got = std::thread::scope(|s| {
+        let hour = Duration::from_secs(3600);
+        let (seen, got) = std::thread::scope(|s| {
             let filler = s.spawn(|| {
                 let _watched = watch.begin("j", 1, 0);
                 let slot = &mut ring.claim(0).map_err(|e| e.to_string())?;
                 fill_slot(slot, layout, job, src).map_err(|e| e.to_string())
             });
             let t0 = Instant::now();
-            let stuck = loop {
+            let mut seen = None;
+            while !filler.is_finished() && t0.elapsed().as_secs() < 30 {
                 let stuck = watch.stuck(src, Duration::ZERO);
                 if stuck.iter().any(|f| f.reading.starts_with(reading)) {
-                    break stuck;
+                    // Warned once, then not again before the repeat interval.
+                    let warned = watch.warn_stuck(src, Duration::ZERO, hour);
+                    let quiet = watch.stuck(src, hour).is_empty();
+                    seen = Some((stuck, warned, quiet, filler.is_finished()));
+                    break;
                 }
-                assert!(!filler.is_finished(), "the fill did not wait for its read");
-                assert!(t0.elapsed().as_secs() < 30, "the read never began");
                 std::thread::yield_now();
-            };
-            assert_eq!(stuck.len(), 1, "{stuck:?}");
-            let f = &stuck[0];
-            assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 1, 0), "{f:?}");
-            // Warned once, then not again before the repeat interval.
-            let hour = Duration::from_secs(3600);
-            assert_eq!(watch.warn_stuck(src, Duration::ZERO, hour), 1);
-            assert!(watch.stuck(src, hour).is_empty());
-            assert!(
-                !filler.is_finished(),
-                "the fill went past a read never answered"
-            );
-            release(f);
-            filler.join().unwrap()
+            }
+            // Released in any case: the scope ends only once the fill does.
+            release();
+            (seen, filler.join().unwrap())
         });
+        let Some((stuck, warned, quiet, finished)) = seen else {
+            panic!("the fill was never seen reading {reading:?} (it ended: {got:?})");
+        };
+        assert_eq!(stuck.len(), 1, "{stuck:?}");
+        let f = &stuck[0];
+        assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 1, 0), "{f:?}");
+        assert_eq!((warned, quiet), (1, true));
+        assert!(!finished, "the fill went past a read never answered");
         assert!(
             watch.stuck(src, Duration::ZERO).is_empty(),
             "the fill ended"
         );
-        got
+        (f.reading.clone(), got)
     }
 
     /// Truncates `dir`'s shard to one page under `src` and fills `job` into `slot`

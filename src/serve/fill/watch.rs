@@ -28,6 +28,8 @@ enum Reading {
     /// Nothing yet: the fill is checking its rows or reading a shard's index.
     #[default]
     Starting,
+    /// The lookup of document `doc` in the index of `domain`'s shard `shard`.
+    Index { domain: u16, shard: u32, doc: u64 },
     /// The mmap copy of `len` bytes at address `addr` of a shard's mapping.
     Mapped { addr: usize, len: usize },
     /// io_uring reads of these spans (files as [`super::Readers::path`] numbers them).
@@ -63,6 +65,12 @@ fn set(r: Reading) {
             *f.reading() = r;
         }
     });
+}
+
+/// This thread's fill is about to look document `doc` up in the index of `domain`'s
+/// shard `shard`.
+pub(super) fn reading_index(domain: u16, shard: u32, doc: u64) {
+    set(Reading::Index { domain, shard, doc });
 }
 
 /// This thread's fill is about to copy `bytes` of a shard's mapping.
@@ -213,6 +221,19 @@ impl FillWatch {
 fn describe(src: &Source, r: &Reading) -> String {
     match r {
         Reading::Starting => "not yet copying (checking its rows or reading a shard index)".into(),
+        Reading::Index { domain, shard, doc } => {
+            let path = src
+                .shards
+                .get(*domain as usize)
+                .and_then(|d| d.get(*shard as usize));
+            match path {
+                Some(s) => format!(
+                    "reading the index of {} for document {doc}",
+                    s.path().display()
+                ),
+                None => format!("reading the index of domain {domain}'s shard {shard}"),
+            }
+        }
         Reading::Mapped { addr, len } => {
             let found = src.shards.iter().flatten().find_map(|s| s.file_at(*addr));
             match found {
