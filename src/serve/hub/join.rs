@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::admission::Shape;
 use super::phase::MovedBack;
+use super::shape::Shape;
 use super::{Cursor, EventFd, Mark, Peer, ReleasePage, RingEntry, Standing};
 use crate::plan::Planner;
 use crate::serve::ring::Ring;

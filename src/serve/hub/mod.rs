@@ -26,6 +26,7 @@ mod peers;
 mod phase;
 mod schedule;
 mod seeks;
+mod shape;
 mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
