@@ -6,6 +6,7 @@
 //! was reading, so an operator need not attach a debugger to the daemon to learn them.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,12 +22,11 @@ pub const STUCK_FILL: Duration = Duration::from_secs(30);
 /// How often a fill that stays stuck is warned about again.
 pub const STUCK_REPEAT: Duration = Duration::from_secs(60);
 
-/// What a fill reads now, as addresses and file indexes (no allocation on the copy
-/// path); [`FillWatch::stuck`] turns it into a file and a byte range.
-#[derive(Clone, Debug, Default)]
+/// What a fill reads, as addresses and file indexes; [`FillWatch::stuck`] turns it
+/// into a file and a byte range.
+#[derive(Clone, Debug)]
 enum Reading {
     /// Nothing yet: the fill is checking its rows or reading a shard's index.
-    #[default]
     Starting,
     /// The lookup of document `doc` in the index of `domain`'s shard `shard`.
     Index { domain: u16, shard: u32, doc: u64 },
@@ -36,21 +36,68 @@ enum Reading {
     Uring(Vec<Span>),
 }
 
+/// What a fill reads now, kept in atomics: the copy records it once per piece and per
+/// index lookup, millions of times a second, where a mutex's lock and unlock cost 9% of
+/// the delivered tokens (docs/BENCHMARKS.md, "The stuck-fill watchdog's cost"). Read
+/// only for a fill stuck 30 s, whose record no longer moves; a record read while it is
+/// written may mix two pieces, which only a fill that is not stuck meets.
+#[derive(Default)]
+struct Now {
+    /// [`STARTING`], [`INDEX`], [`MAPPED`] or [`URING`], stored after its fields.
+    kind: AtomicU8,
+    a: AtomicU64,
+    b: AtomicU64,
+    c: AtomicU64,
+    /// The spans of [`URING`] (once per fill, not per piece).
+    spans: Mutex<Vec<Span>>,
+}
+
+const STARTING: u8 = 0;
+const INDEX: u8 = 1;
+const MAPPED: u8 = 2;
+const URING: u8 = 3;
+
+impl Now {
+    fn store(&self, kind: u8, a: u64, b: u64, c: u64) {
+        self.a.store(a, Ordering::Relaxed);
+        self.b.store(b, Ordering::Relaxed);
+        self.c.store(c, Ordering::Relaxed);
+        self.kind.store(kind, Ordering::Release);
+    }
+
+    fn load(&self) -> Reading {
+        let kind = self.kind.load(Ordering::Acquire);
+        let (a, b, c) = (
+            self.a.load(Ordering::Relaxed),
+            self.b.load(Ordering::Relaxed),
+            self.c.load(Ordering::Relaxed),
+        );
+        match kind {
+            INDEX => Reading::Index {
+                domain: a as u16,
+                shard: b as u32,
+                doc: c,
+            },
+            MAPPED => Reading::Mapped {
+                addr: a as usize,
+                len: b as usize,
+            },
+            URING => Reading::Uring(self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            STARTING => Reading::Starting,
+            _ => Reading::Starting,
+        }
+    }
+}
+
 /// One fill in flight.
 struct InFlight {
     job: String,
     dp_rank: u32,
     step: u64,
     since: Instant,
-    reading: Mutex<Reading>,
+    reading: Now,
     /// When it was last warned about (None: never).
     warned: Mutex<Option<Instant>>,
-}
-
-impl InFlight {
-    fn reading(&self) -> MutexGuard<'_, Reading> {
-        self.reading.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 thread_local! {
@@ -59,10 +106,10 @@ thread_local! {
 }
 
 /// Records what this thread's watched fill reads now (nothing when it is not watched).
-fn set(r: Reading) {
-    CURRENT.with(|c| {
-        if let Some(f) = c.borrow().as_ref() {
-            *f.reading() = r;
+fn set(kind: u8, a: u64, b: u64, c: u64) {
+    CURRENT.with(|cur| {
+        if let Some(f) = cur.borrow().as_ref() {
+            f.reading.store(kind, a, b, c);
         }
     });
 }
@@ -70,15 +117,12 @@ fn set(r: Reading) {
 /// This thread's fill is about to look document `doc` up in the index of `domain`'s
 /// shard `shard`.
 pub(super) fn reading_index(domain: u16, shard: u32, doc: u64) {
-    set(Reading::Index { domain, shard, doc });
+    set(INDEX, domain.into(), shard.into(), doc);
 }
 
 /// This thread's fill is about to copy `bytes` of a shard's mapping.
 pub(super) fn reading_mapped(bytes: &[u8]) {
-    set(Reading::Mapped {
-        addr: bytes.as_ptr() as usize,
-        len: bytes.len(),
-    });
+    set(MAPPED, bytes.as_ptr() as u64, bytes.len() as u64, 0);
 }
 
 /// This thread's fill is about to read `spans` with io_uring.
@@ -86,7 +130,8 @@ pub(super) fn reading_spans(spans: &[Span]) {
     // Only a watched fill pays for the copy of the list.
     CURRENT.with(|c| {
         if let Some(f) = c.borrow().as_ref() {
-            *f.reading() = Reading::Uring(spans.to_vec());
+            *f.reading.spans.lock().unwrap_or_else(|p| p.into_inner()) = spans.to_vec();
+            f.reading.store(URING, 0, 0, 0);
         }
     });
 }
@@ -137,7 +182,7 @@ impl FillWatch {
             dp_rank,
             step,
             since: Instant::now(),
-            reading: Mutex::default(),
+            reading: Now::default(),
             warned: Mutex::new(None),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(fill.clone()));
@@ -161,7 +206,7 @@ impl FillWatch {
             .into_iter()
             .filter(|f| now.saturating_duration_since(f.since) > bound)
             .map(|f| {
-                let reading = describe(src, &f.reading());
+                let reading = describe(src, &f.reading.load());
                 let s = StuckFill {
                     job: f.job.clone(),
                     dp_rank: f.dp_rank,
