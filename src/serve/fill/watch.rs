@@ -43,7 +43,7 @@ enum Reading {
 /// written may mix two pieces, which only a fill that is not stuck meets.
 #[derive(Default)]
 struct Now {
-    /// [`STARTING`], [`INDEX`], [`MAPPED`] or [`URING`], stored after its fields.
+    /// 0 (nothing yet), [`INDEX`], [`MAPPED`] or [`URING`], stored after its fields.
     kind: AtomicU8,
     a: AtomicU64,
     b: AtomicU64,
@@ -52,7 +52,6 @@ struct Now {
     spans: Mutex<Vec<Span>>,
 }
 
-const STARTING: u8 = 0;
 const INDEX: u8 = 1;
 const MAPPED: u8 = 2;
 const URING: u8 = 3;
@@ -83,7 +82,6 @@ impl Now {
                 len: b as usize,
             },
             URING => Reading::Uring(self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()),
-            STARTING => Reading::Starting,
             _ => Reading::Starting,
         }
     }
