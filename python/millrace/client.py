@@ -37,6 +37,14 @@ for a reconnect's handshake too, whatever ``next_batch``'s timeout: after a node
 daemon restarts, every rank's HELLO waits its turn for admission, and a client that
 hung up and sent another would drop its place and start at the back of the queue.
 
+A Ctrl-C (any exception a signal handler raises) never leaves the connection inside a
+frame. One that lands while the client reads a frame from the daemon (while streaming,
+only an ERROR, after which the daemon closes anyway) ends that connection, and the next
+call reconnects as above. Frames the client writes on a live connection (RELEASE, 13
+bytes; BYE, 5) go out whole or not at all: Linux queues a unix stream write that small
+as one buffer, and a send interrupted while it waits for room has sent nothing. HELLO's
+connection is closed when anything interrupts the handshake.
+
 The client is not thread safe: use it from one thread (a thread that calls
 :meth:`Client.next_batch` while another is inside it is refused with
 :class:`MillraceError`). It is not fork safe either: a
@@ -1381,22 +1389,33 @@ class Client:
                 self._socket_event(conn)
 
     def _socket_event(self, conn: _Conn):
-        """The socket became readable while streaming: an ERROR frame or the daemon left."""
+        """The socket became readable while streaming: an ERROR frame or the daemon left.
+
+        Either ends the connection, so it is marked gone before the read: a read cut
+        short by an exception a signal handler raised (a Ctrl-C while the frame arrives
+        in pieces) leaves the socket inside the frame, and the next call read the rest
+        of it as a frame header ("a frame of length 1701080931"). It now reconnects."""
+        conn.gone = True
+        conn.gone_reason = ("reading a frame from the daemon was interrupted (a Ctrl-C?), "
+                            "so the connection may be inside it")
         conn.sock.settimeout(10.0)
         try:
             kind, payload = read_frame(conn.sock)
+        except ProtocolError as e:
+            conn.gone_reason = str(e)
+            raise
         finally:
             conn.sock.settimeout(None)
         if kind == ERROR:
             code, message = _reason(payload)
-            conn.gone = True
             # The daemon closes after an ERROR: the next call reconnects, and says why.
             conn.gone_reason = f"{code}: {message}"
             if code == "shutdown":
                 # A draining daemon (SIGTERM) says so before it closes: it will be back.
                 raise _Gone(conn.gone_reason)
             raise DaemonError(code, message)
-        raise ProtocolError(f"unexpected {_TYPE_NAMES.get(kind, kind)} frame while streaming")
+        conn.gone_reason = f"unexpected {_TYPE_NAMES.get(kind, kind)} frame while streaming"
+        raise ProtocolError(conn.gone_reason)
 
     def _take(self, conn: _Conn) -> Batch:
         step = self._next_step

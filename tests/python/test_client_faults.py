@@ -561,6 +561,136 @@ def test_a_ctrl_c_as_a_batch_is_retired_still_makes_it_stale(daemons, tmp_path):
     c.close()
 
 
+class SplitProxy:
+    """A unix socket in front of a daemon that forwards every byte both ways (with the
+    fds WELCOME carries), one thread per direction of each connection. ``cut(n)`` makes
+    it pass on only the first ``n`` bytes the daemon sends next and keep the rest, so a
+    client is left inside a frame, until ``let_go()``."""
+
+    def __init__(self, path, upstream):
+        self.path, self.upstream = str(path), str(upstream)
+        self._cut = None
+        self._resume = threading.Event()
+        self.client_side = None  # the socket to the client of the connection cut
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, n: int):
+        self._resume.clear()
+        self._cut = n
+
+    def let_go(self):
+        self._resume.set()
+
+    def unread(self) -> int:
+        """Bytes passed on to the client of the cut connection that it has not read yet
+        (SIOCOUTQ of a unix socket)."""
+        import fcntl
+        import termios
+        out = fcntl.ioctl(self.client_side.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return struct.unpack("i", out)[0]
+
+    def _accept(self):
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                up.connect(self.upstream)
+            except OSError:  # no daemon now: the client sees EOF and retries
+                up.close()
+                down.close()
+                continue
+            threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
+
+    def _pump(self, src, dst, from_daemon):
+        try:
+            while True:
+                data, fds, _flags, _addr = socket.recv_fds(src, 65536, 8)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                if from_daemon and self._cut is not None:
+                    n, self._cut = self._cut, None
+                    self.client_side = dst
+                    dst.sendall(data[:n])
+                    self._resume.wait(60)
+                    data = data[n:]
+                if fds:
+                    socket.send_fds(dst, [data], fds)
+                    for fd in fds:
+                        os.close(fd)
+                elif data:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if from_daemon:  # the connection ends with the daemon's side
+                src.close()
+                dst.close()
+
+    def close(self):
+        self.listener.close()
+        self._resume.set()
+
+
+@pytest.mark.parametrize("cut", [2, 4, 7], ids=["in-the-length", "after-the-length",
+                                                "in-the-body"])
+def test_a_ctrl_c_inside_a_frame_never_misparses_the_rest(daemons, tmp_path, short_dir, cut):
+    """A real SIGINT while the client reads a frame the daemon sends in pieces (a proxy
+    passes on ``cut`` bytes of its ERROR `shutdown` and holds the rest) left the socket
+    inside the frame: the next call read the rest as a frame header and raised
+    ProtocolError ("the daemon sent a frame of length 1701080931") instead of
+    reconnecting to the restarted daemon. Now the interrupted read ends the connection,
+    and the next call reconnects and reads on at the exact step."""
+    d = daemons(write_corpus(tmp_path / "cut", extra_serve="drain_timeout_ms = 100")).start()
+    ref = mr.Client(d.sock, 1, 4, register_cuda=False)
+    want = [ref.next_batch(timeout=60).tokens.copy() for _ in range(12)]
+    ref.close()
+    proxy = SplitProxy(short_dir / "proxy.sock", d.sock)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        c = mr.Client(short_dir / "proxy.sock", 1, 4, reconnect_timeout=30,
+                      register_cuda=False)
+        assert (c.next_batch(timeout=60).tokens == want[0]).all()
+        conn = c._conn
+        proxy.cut(cut)  # the next bytes from the daemon: its ERROR shutdown
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(30)
+        while conn.published() > c._next_step:  # what it published is still read
+            b = c.next_batch(timeout=10)
+            assert (b.tokens == want[b.step]).all()
+        main = threading.main_thread().ident
+        # Once the client has read the bytes passed on, it is inside the frame (the rest
+        # is held back) until the interrupt.
+        ctrl_c = threading.Thread(target=lambda: (
+            wait_until(lambda: proxy.client_side is not None and proxy.unread() == 0, 30,
+                       "the client to read the first part"),
+            signal.pthread_kill(main, signal.SIGINT)))
+        ctrl_c.start()
+        with pytest.raises(KeyboardInterrupt) as e:
+            c.next_batch(timeout=30)
+        ctrl_c.join()
+        assert any(entry.name == "_recv_exact" for entry in e.traceback)
+        proxy.let_go()
+        d.proc = None
+        d.start()
+        step = c._next_step
+        for s in range(step, step + 3):
+            b = c.next_batch(timeout=60)
+            assert b.step == s and (b.tokens == want[s]).all()
+        assert c.reconnects == 1
+        c.close()
+    finally:
+        signal.signal(signal.SIGINT, old)
+        proxy.close()
+
+
 def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemons,
                                                                            tmp_path):
     """After os.fork() (a DataLoader worker started with fork) the child shares the
