@@ -52,9 +52,17 @@ client that has connected belongs to its process. In a child forked after that (
 ``os.fork()``, a DataLoader worker started with ``fork``) its socket, ring and release
 page are the parent's, so using it raises :class:`MillraceError` and closing it (or its
 garbage collection) lets go of the child's copies only, never saying BYE on the parent's
-connection. Create a new client in the child. A batch handed out before the fork raises
-:class:`StaleBatch` there too: the ring is shared with the parent, not copied on write,
-so its slot is refilled once the parent moves on; ``copy()`` it before forking.
+connection. Create a new client in the child.
+
+The ring is shared with a forked child, not copied on write, and the parent's next
+steps refill its slots. So at every ``os.fork()`` (an ``os.register_at_fork`` hook, no
+cost per step) the slots of the batches held then (handed out, not released) are copied
+in the parent and mapped in the child over the ring's pages: there those batches, and
+every array taken out of them before the fork, read the batch as it was, for as long as
+the child likes (the batch is then the child's own, as a :meth:`Batch.copy` would be).
+The copy costs a memcpy of ``hold`` slots per fork. A batch released before the fork is
+stale in the child as in the parent; one whose copy failed raises :class:`StaleBatch`
+there (``copy()`` it before forking to be sure).
 """
 
 from __future__ import annotations
@@ -506,8 +514,8 @@ class Batch:
             raise StaleBatch(
                 f"batch of step {self.step} is a view of the ring of process {self._pid}; "
                 f"process {os.getpid()} is a fork of it, where that memory is shared, not "
-                "copied: the parent releases the slot and the daemon refills it. "
-                "batch.copy() it before the fork")
+                "copied, and copying its slot at the fork failed: the parent releases the "
+                "slot and the daemon refills it. batch.copy() it before the fork")
         return self._views[_INDEX[self.slot_layout][name]]
 
     def _derive(self, name):
@@ -1156,6 +1164,7 @@ class Client:
             time.sleep(0.1 if until is None else max(0.0, min(0.1, until - now)))
 
     def _open(self):
+        _CLIENTS.add(self)  # its held batches are copied for a forked child
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         fds: list = []
         try:
@@ -1631,3 +1640,123 @@ def _as_blob(cursor):
         return bytes.fromhex(cursor)
     return bytes(cursor)
 
+
+
+# ---------------------------------------------------------------------------- fork
+
+
+# Clients that have connected in this process: at a fork, the slots of their batches
+# still held are copied for the child (_before_fork).
+_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
+# Between the hooks of one fork: (start, length, copy address, batches) per page range.
+_FORK_COPIES: list = []
+_LIBC = None
+
+
+def _libc():
+    """libc's mmap, mremap, munmap and memmove through ctypes (loaded at the first fork
+    that has a batch to copy)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        lib = ctypes.CDLL(None, use_errno=True)
+        vp, sz, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+        lib.mmap.restype, lib.mmap.argtypes = vp, [vp, sz, i, i, i, ctypes.c_long]
+        lib.mremap.restype, lib.mremap.argtypes = vp, [vp, sz, sz, i, vp]
+        lib.munmap.restype, lib.munmap.argtypes = i, [vp, sz]
+        lib.mprotect.restype, lib.mprotect.argtypes = i, [vp, sz, i]
+        _LIBC = (lib, ctypes.memmove)
+    return _LIBC
+
+
+def _held_ranges() -> list:
+    """The page ranges ``[start, end)`` of every batch handed out and not released by a
+    client of this process, merged, each with its batches."""
+    spans = []
+    page = mmap.PAGESIZE
+    for client in list(_CLIENTS):
+        if client._forked() or client._closed:
+            continue
+        for b in list(client._outstanding):
+            views = [v for v in b._views if v.nbytes]
+            if b._released or b._pid is None or not views:
+                continue
+            at = [v.__array_interface__["data"][0] for v in views]
+            lo = min(at)
+            hi = max(a + v.nbytes for a, v in zip(at, views))
+            spans.append([lo - lo % page, -(-hi // page) * page, [b]])
+    spans.sort(key=lambda s: s[0])
+    merged = []
+    for s in spans:
+        if merged and s[0] <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], s[1])
+            merged[-1][2].extend(s[2])
+        else:
+            merged.append(s)
+    return merged
+
+
+def _before_fork():
+    """Copies the ring slots of the batches held now into private memory, which the
+    child inherits (the ring itself is shared: the parent's next steps refill them)."""
+    _FORK_COPIES.clear()
+    try:
+        ranges = _held_ranges()
+        if not ranges:
+            return
+        lib, memmove = _libc()
+        for lo, hi, batches in ranges:
+            copy = lib.mmap(None, hi - lo, mmap.PROT_READ | mmap.PROT_WRITE,
+                            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            if copy in (None, 2**64 - 1, -1):
+                continue
+            memmove(copy, lo, hi - lo)
+            lib.mprotect(copy, hi - lo, mmap.PROT_READ)
+            _FORK_COPIES.append((lo, hi - lo, copy, batches))
+    except Exception as e:  # a fork must not fail for this: the child refuses the batches
+        log.debug("millrace: copying held slots before a fork failed: %s", e)
+
+
+def _after_fork_parent():
+    """Lets go of the parent's copies made for the child."""
+    if _FORK_COPIES:
+        lib, _ = _libc()
+        for _lo, length, copy, _batches in _FORK_COPIES:
+            lib.munmap(copy, length)
+    _FORK_COPIES.clear()
+
+
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+
+
+def _after_fork_child():
+    """Moves each copy over the range of the ring it was taken from, so every view of a
+    batch held at the fork (and every array taken out of one) reads the batch as it was,
+    and makes those batches the child's own (as :meth:`Batch.copy` would)."""
+    copies = list(_FORK_COPIES)
+    _FORK_COPIES.clear()
+    if not copies:
+        return
+    lib, _ = _libc()
+    for lo, length, copy, batches in copies:
+        # Moved, not mapped anew and filled: a failed move leaves the ring's pages
+        # mapped (their batches refused), where a failed MAP_FIXED may leave a hole.
+        if lib.mremap(copy, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, lo) != lo:
+            lib.munmap(copy, length)  # its batches stay refused (StaleBatch)
+            continue
+        for b in batches:
+            if b._released:  # released while the copy was made: it may be torn
+                continue
+            client = b._client
+            if client is not None:
+                try:
+                    client._outstanding.remove(b)
+                except ValueError:
+                    pass
+            b._pid = b._client_ref = b._conn_id = b._fence = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                        after_in_child=_after_fork_child)

@@ -728,41 +728,61 @@ def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemo
     c.close()
 
 
-def test_a_batch_read_in_a_forked_child_is_refused_not_the_parents_slot(daemons,
-                                                                        tmp_path):
-    """A batch handed out before os.fork() (a process forked to save a snapshot, an
-    async checkpoint) is a view of the parent's ring, shared, not copied on write: the
-    parent releases its slot when it moves on, the daemon refills it, and the child read
-    another step's tokens, silently. Now reading it in the child raises StaleBatch,
-    naming the fork; a batch.copy() made before the fork stays the child's."""
+def test_a_batch_held_at_a_fork_keeps_its_data_in_the_child(daemons, tmp_path):
+    """A batch handed out before os.fork() (a process forked to write an async
+    checkpoint, a DataLoader worker started with fork) and every array taken out of it
+    are views of the ring, which a fork shares rather than copies: once the parent moved
+    on, the daemon refilled the slot, and an array taken before the fork read another
+    step's tokens in the child, silently; the batch itself was refused (StaleBatch),
+    though the parent still held it at the fork. Now the slots of the batches held at a
+    fork are copied for the child: both read the batch as it was, for as long as the
+    child likes. A batch released before the fork stays stale there."""
     d = daemons(write_corpus(tmp_path / "forkbatch", ring_slots=2)).start()
     c = mr.Client(d.sock, 0, 2, register_cuda=False)
-    b = c.next_batch(timeout=60)
-    want = b.tokens.copy()
-    kept = b.copy()
+    b0 = c.next_batch(timeout=60)
+    b1 = c.next_batch(timeout=60)  # b0 is released (hold=1)
+    tokens, positions = b1.tokens, b1.position_ids  # a view, a derived array
+    want, want_pos = tokens.copy(), positions.copy()
     go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report through the exit status only
         status = 1
         try:
             os.close(go_w)
-            os.read(go_r, 1)  # the parent moved on: the slot of b was refilled
-            try:
-                same = bool((b.tokens == want).all())
-                status = 3 if same else 4  # 4: another step's data, silently
-            except mr.StaleBatch as e:
-                status = 0 if "fork" in str(e) and "copy()" in str(e) else 2
-            if not (kept.tokens == want).all():
-                status = 5
+            os.read(go_r, 1)  # the parent moved on: the slot of b1 was refilled
+            if not (tokens == want).all():
+                status = 4  # another step's data, silently
+            else:
+                try:
+                    ok = (b1.step == 1 and not b1.released and (b1.tokens == want).all()
+                          and (b1.position_ids == want_pos).all()
+                          and (b1.copy().labels == b1.labels).all())
+                    status = 0 if ok else 3
+                except mr.StaleBatch:
+                    status = 2
+                c.close()  # the parent's connection: the child's copy of b1 stays
+                if status == 0 and not (b1.tokens == want).all():
+                    status = 6
+                try:
+                    b0.tokens
+                    status = status or 5
+                except mr.StaleBatch:
+                    pass
         finally:
             os._exit(status)
     os.close(go_r)
-    for step in range(1, 6):  # a 2-slot ring: slot 0 holds step 2, then 4
+    for step in range(2, 7):  # a 2-slot ring: slot 1 holds step 3, then 5
         assert c.next_batch(timeout=60).step == step
+    conn = c._conn
+    wait_until(lambda: conn.published() >= 7, 30, "step 5 in the slot of step 1")
+    assert struct.unpack_from("<Q", conn.mm, conn.slot_base[1])[0] == 5
+    assert not (tokens == want).all()  # the parent's view: the ring as it is now
     os.write(go_w, b"x")
     os.close(go_w)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    with pytest.raises(mr.StaleBatch):  # in the parent, b1 was released long ago
+        b1.tokens
     c.close()
 
 
