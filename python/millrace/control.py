@@ -27,7 +27,10 @@ Errors
 - ``ValueError``: weights that cannot be sent (NaN or infinite: JSON has no such numbers).
 
 Requests are not retried: after an error the connection is dropped and the next call
-opens a new one, so a change is never sent twice behind the caller's back. A connection
+opens a new one, so a change is never sent twice behind the caller's back. So is the
+connection of a request that a Ctrl-C (any exception) interrupted before its whole reply
+was read: that reply may still come, and must not answer the next request. Such a
+change may or may not be in force: check :meth:`Control.journal`. A connection
 the daemon closed while it sat unused (``[serve] control_idle_timeout_ms``, ERROR
 ``idle``) is replaced before a request is sent on it: nothing was sent on it yet.
 
@@ -161,6 +164,10 @@ class Control:
         self.socket_path = default_socket() if socket_path is None else os.fspath(socket_path)
         self.timeout = timeout
         self._sock = None
+        # True from a request's send until its whole reply is read: still set when the
+        # next request comes, an exception (a Ctrl-C) cut that one short, and its reply,
+        # or the rest of it, may still arrive on the connection.
+        self._unanswered = False
 
     # -------------------------------------------------------------------- requests
 
@@ -247,6 +254,7 @@ class Control:
             raise ValueError(f"the request is {len(payload) + 1} bytes; a frame holds "
                              f"at most {MAX_JSON_FRAME}")
         sock = self._connect()
+        self._unanswered = True
         try:
             sock.sendall(encode_frame(CONTROL, payload), _socket.MSG_NOSIGNAL)
         except OSError as e:
@@ -273,6 +281,7 @@ class Control:
         except ProtocolError:
             self.close()
             raise
+        self._unanswered = False
         if kind == REFUSED:
             self.close()
             raise Refused(*_reason(reply))
@@ -302,11 +311,13 @@ class Control:
 
     def _connect(self):
         if self._sock is not None:
-            if not _readable(self._sock):
+            if not self._unanswered and not _readable(self._sock):
                 return self._sock
             # Every reply was read, so anything to read now is the daemon closing the
             # connection (ERROR `idle` after control_idle_timeout_ms unused, or its end):
-            # open a new one. Nothing was sent on this one since its last reply.
+            # open a new one. Nothing was sent on this one since its last reply. A
+            # request an exception cut short may still get its reply, which the next
+            # request would read as its own: a new connection then too.
             self.close()
         # Not to an impostor in another user's /tmp/millrace-UID: a control connection
         # sends changes and trusts the replies (the trainer client refuses it too).
@@ -330,6 +341,7 @@ class Control:
                 self._sock.close()
             finally:
                 self._sock = None
+                self._unanswered = False
 
     def __enter__(self) -> "Control":
         return self

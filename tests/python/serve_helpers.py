@@ -415,6 +415,15 @@ class Worker:
             return ""
 
 
+def stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (SIGSTOP takes effect asynchronously)."""
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return all(s == "T" for s in states)
+
+
 def wait_until(pred, timeout: float, what: str, poll: float = 0.02):
     deadline = time.monotonic() + timeout
     while not pred():

@@ -23,7 +23,8 @@ import weakref
 
 import pytest
 
-from serve_helpers import Daemon, import_path_for_package, wait_until, write_corpus
+from serve_helpers import (Daemon, import_path_for_package, stopped, wait_until,
+                           write_corpus)
 
 try:
     import millrace as mr
@@ -349,15 +350,6 @@ def test_a_daemon_error_met_by_a_release_frame_is_raised_not_reconnected(daemons
 # ---------------------------------------------------------------------------- processes
 
 
-def _stopped(pid: int) -> bool:
-    """Whether every thread of ``pid`` is stopped (SIGSTOP takes effect asynchronously)."""
-    states = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            states.append(f.read().rsplit(")", 1)[1].split()[0])
-    return all(s == "T" for s in states)
-
-
 def test_close_from_a_signal_handler_during_next_batch_says_closed(daemons, tmp_path):
     """A trainer's signal handler (a graceful-shutdown SIGTERM, here SIGALRM) runs inside
     next_batch's poll and may close the client. The wait then went on over the dropped
@@ -375,7 +367,7 @@ def test_close_from_a_signal_handler_during_next_batch_says_closed(daemons, tmp_
 
     old = signal.signal(signal.SIGALRM, handler)
     try:
-        wait_until(lambda: _stopped(d.pid), 30, "the daemon's threads to stop")
+        wait_until(lambda: stopped(d.pid), 30, "the daemon's threads to stop")
         while conn.published() > c._next_step:
             c.next_batch(timeout=10)
         signal.setitimer(signal.ITIMER_REAL, 0.3)
@@ -404,7 +396,7 @@ def test_a_close_interrupted_by_ctrl_c_still_closes_its_fds(daemons, tmp_path):
 
     old = signal.signal(signal.SIGALRM, ctrl_c)
     try:
-        wait_until(lambda: _stopped(d.pid), 30, "the daemon's threads to stop")
+        wait_until(lambda: stopped(d.pid), 30, "the daemon's threads to stop")
         signal.setitimer(signal.ITIMER_REAL, 0.3)
         with pytest.raises(KeyboardInterrupt):
             c.close()
@@ -432,7 +424,7 @@ def test_a_second_thread_inside_next_batch_is_refused(daemons, tmp_path):
     got = []
     waiter = None
     try:
-        wait_until(lambda: _stopped(d.pid), 30, "the daemon's threads to stop")
+        wait_until(lambda: stopped(d.pid), 30, "the daemon's threads to stop")
         while conn.published() > c._next_step:
             c.next_batch(timeout=10)
         step = c._next_step

@@ -8,6 +8,7 @@ refused with the old weights in force, late changes refused or moved).
 from __future__ import annotations
 
 import json
+import linecache
 import os
 import signal
 import socket
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_helpers import Daemon, import_path_for_package, wait_until, write_corpus
+from serve_helpers import (Daemon, import_path_for_package, stopped, wait_until,
+                           write_corpus)
 
 try:
     import millrace as mr
@@ -375,6 +377,47 @@ def test_a_change_without_a_reply_says_it_may_be_in_force(daemon):
         assert "may have applied it" in str(e.value) and "journal()" in str(e.value)
         wait_until(lambda: len(ctl.journal()) == 1, 30, "the stalled change in the journal")
         assert ctl.journal()[0]["at_step"] == 900
+
+
+def test_a_request_interrupted_before_its_reply_never_answers_the_next_one(daemon):
+    """A Ctrl-C while a Control waited for its reply (the daemon slow: SIGSTOPped here)
+    left that reply on its way down the kept connection, and the next request read it as
+    its own: journal() after an interrupted status() raised KeyError 'journal', and every
+    later request got the reply of the one before it (a set_weights "answered" by a
+    status). The connection of an interrupted request is now dropped: the next request
+    opens a new one and gets its own reply."""
+    ctl = Control(daemon.sock)
+    assert ctl.journal() == []
+    code = Control.request.__code__
+    reads = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is code and event == "line" and "read_frame(sock)" in \
+                linecache.getline(code.co_filename, frame.f_lineno):
+            reads.append(frame.f_lineno)
+            if len(reads) == 1:
+                raise KeyboardInterrupt  # the status request is sent, its reply not read
+            if len(reads) == 2:
+                os.kill(daemon.pid, signal.SIGCONT)  # the journal request is sent too
+        return tracer
+
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: stopped(daemon.pid), 30, "the daemon's threads to stop")
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ctl.status()
+            sys.settrace(tracer)  # an exception raised by a trace function unsets it
+            journal = ctl.journal()
+        finally:
+            sys.settrace(None)
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    assert len(reads) == 2 and journal == []
+    assert ctl.status()["pid"] == daemon.pid
+    assert ctl.set_weights({"web": 0.5, "code": 0.5}, at_step=500)["applied_step"] == 500
+    assert [e["at_step"] for e in ctl.journal()] == [500]
 
 
 @pytest.mark.parametrize("weights", [{"nope": 1.0}, {"web": -1.0}, {"web": 0.0, "code": 0.0}],
