@@ -1214,7 +1214,30 @@ class Client:
                     if fd is not None:
                         fds.remove(fd)
                         os.close(fd)  # the mappings keep the memfds alive
-            fds = []  # ready_fd is owned by conn now
+            try:
+                start = int(welcome["start_step"])
+            except (TypeError, ValueError) as e:
+                raise ProtocolError(f"WELCOME start_step is malformed: {e}") from None
+            pid = os.getpid()
+            problem = None
+            if self._next_step is not None and start != self._next_step:
+                problem = ProtocolError(f"resumed with the blob of step {self._next_step - 1} "
+                                        f"but the daemon starts at step {start}")
+            elif self._next_step is None and self._resume_cursor is not None \
+                    and self._state_step is not None and start != self._state_step + 1:
+                problem = MillraceError(
+                    f"the state given to load_state_dict says step {self._state_step}, but "
+                    f"its cursor blob is the position after step {start - 1}: the "
+                    "checkpoint's cursor and step come from different points")
+            elif self._next_step is None and self._resume_cursor is None \
+                    and self._start_step is not None and start != self._start_step:
+                problem = ProtocolError(f"asked for start_step {self._start_step} but the "
+                                        f"daemon starts at step {start}")
+            sock.settimeout(None)
+            # ready_fd is owned by conn now, which is stored next with no call in
+            # between: a Ctrl-C at the check after any call above closes it here (it
+            # was left open for good when these calls came after this line).
+            fds = []
         except BaseException:
             for fd in fds:
                 try:
@@ -1223,22 +1246,6 @@ class Client:
                     pass
             sock.close()
             raise
-        sock.settimeout(None)
-        start, pid = int(welcome["start_step"]), os.getpid()
-        problem = None
-        if self._next_step is not None and start != self._next_step:
-            problem = ProtocolError(f"resumed with the blob of step {self._next_step - 1} but "
-                                    f"the daemon starts at step {start}")
-        elif self._next_step is None and self._resume_cursor is not None \
-                and self._state_step is not None and start != self._state_step + 1:
-            problem = MillraceError(
-                f"the state given to load_state_dict says step {self._state_step}, but its "
-                f"cursor blob is the position after step {start - 1}: the "
-                "checkpoint's cursor and step come from different points")
-        elif self._next_step is None and self._resume_cursor is None \
-                and self._start_step is not None and start != self._start_step:
-            problem = ProtocolError(f"asked for start_step {self._start_step} but the daemon "
-                                    f"starts at step {start}")
         # One statement with no call in it: a signal handler runs only at the check after
         # a call, so a Ctrl-C finds the connection stored with its start step or not at
         # all. A connection stored without it (os.getpid() ran in between) failed every

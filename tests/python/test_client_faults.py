@@ -501,6 +501,29 @@ def test_a_ctrl_c_as_a_connection_is_stored_leaves_the_client_usable(daemons, tm
     c.close()
 
 
+def test_a_ctrl_c_just_before_a_connection_is_stored_leaks_no_fd(daemons, tmp_path):
+    """Between the WELCOME's fds becoming the new connection's and the connection being
+    stored, _open makes several calls (os.getpid(), int(), the start-step checks): a
+    KeyboardInterrupt at one of them dropped the connection unstored, and with it its
+    ready eventfd, open for good (one fd per interrupt; the socket and the mappings close
+    as their objects go). Raised here at the check after os.getpid() (the first line
+    that sees its result); the client then reads on, and closing it leaves no fd
+    behind."""
+    d = daemons(write_corpus(tmp_path / "leak")).start()
+    gc.collect()
+    before = sorted(os.listdir("/proc/self/fd"))
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=5, register_cuda=False)
+    code = mr.Client._open.__code__
+    _interrupt_where(lambda frame, event: frame.f_code is code and event == "line"
+                     and "pid" in frame.f_locals and c._conn is None,
+                     lambda: c.next_batch(timeout=60))
+    assert [c.next_batch(timeout=60).step for _ in range(3)] == [0, 1, 2]
+    c.close()
+    del c
+    gc.collect()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_ctrl_c_as_a_batch_is_taken_never_hands_out_a_released_slot(daemons, tmp_path):
     """_take queued the batch for release before it moved the stream on: a
     KeyboardInterrupt at the check after that call (raised here at the next line) left a
