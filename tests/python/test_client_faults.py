@@ -391,10 +391,7 @@ def test_a_close_interrupted_by_ctrl_c_still_closes_its_fds(daemons, tmp_path):
     assert c.next_batch(timeout=60).step == 0
     os.kill(d.pid, signal.SIGSTOP)  # BYE goes unanswered
 
-    def ctrl_c(*_):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, ctrl_c)
+    old = signal.signal(signal.SIGALRM, _raise_keyboard_interrupt)
     try:
         wait_until(lambda: stopped(d.pid), 30, "the daemon's threads to stop")
         signal.setitimer(signal.ITIMER_REAL, 0.3)
@@ -704,6 +701,47 @@ def test_a_ctrl_c_inside_a_frame_never_misparses_the_rest(daemons, tmp_path, sho
     finally:
         signal.signal(signal.SIGINT, old)
         proxy.close()
+
+
+def test_a_release_frame_interrupted_while_the_socket_is_full_is_not_sent_in_part():
+    """What the client relies on for its writes (module docstring, "Faults"): a RELEASE
+    frame (13 bytes) goes out whole or not at all, so a Ctrl-C never leaves half of one
+    on the connection. A unix stream socket whose buffer is full (the smallest
+    SO_SNDBUF, a peer that does not read) makes _send wait for room; the interrupt
+    (SIGALRM raising KeyboardInterrupt) ends the wait having sent nothing, every time,
+    and the peer reads whole frames only."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = signal.signal(signal.SIGALRM, _raise_keyboard_interrupt)
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum
+        frame = mr.client.encode_frame(mr.client.RELEASE, struct.pack("<Q", 7))
+        assert len(frame) == 13
+        a.setblocking(False)
+        queued = 0
+        with pytest.raises(BlockingIOError):
+            while True:
+                a.send(frame)
+                queued += 1
+        a.setblocking(True)
+        for _ in range(3):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(KeyboardInterrupt):
+                mr.client._send(a, frame)
+        b.setblocking(False)
+        got = b""
+        with pytest.raises(BlockingIOError):
+            while True:
+                got += b.recv(65536)
+        assert queued > 0 and got == frame * queued
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        a.close()
+        b.close()
+
+
+def _raise_keyboard_interrupt(*_):
+    raise KeyboardInterrupt
 
 
 def test_a_forked_child_refuses_the_parents_connection_and_leaves_it_alone(daemons,
