@@ -7,6 +7,7 @@ tampered with only in a private copy of its bytes.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import linecache
 import mmap
@@ -17,6 +18,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 import threading
 import time
 import weakref
@@ -101,7 +103,10 @@ class Silent:
                 c, _ = self.listener.accept()
             except OSError:
                 return
-            self.conns.append(c)
+            self.accepted(c)
+
+    def accepted(self, c):
+        self.conns.append(c)
 
     def close(self):
         self.listener.close()
@@ -573,21 +578,18 @@ def test_a_ctrl_c_as_a_batch_is_retired_still_makes_it_stale(daemons, tmp_path):
     c.close()
 
 
-class SplitProxy:
+class SplitProxy(Silent):
     """A unix socket in front of a daemon that forwards every byte both ways (with the
     fds WELCOME carries), one thread per direction of each connection. ``cut(n)`` makes
     it pass on only the first ``n`` bytes the daemon sends next and keep the rest, so a
     client is left inside a frame, until ``let_go()``."""
 
     def __init__(self, path, upstream):
-        self.path, self.upstream = str(path), str(upstream)
+        self.upstream = str(upstream)
         self._cut = None
         self._resume = threading.Event()
         self.client_side = None  # the socket to the client of the connection cut
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(16)
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(path)
 
     def cut(self, n: int):
         self._resume.clear()
@@ -599,26 +601,19 @@ class SplitProxy:
     def unread(self) -> int:
         """Bytes passed on to the client of the cut connection that it has not read yet
         (SIOCOUTQ of a unix socket)."""
-        import fcntl
-        import termios
         out = fcntl.ioctl(self.client_side.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         return struct.unpack("i", out)[0]
 
-    def _accept(self):
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                up.connect(self.upstream)
-            except OSError:  # no daemon now: the client sees EOF and retries
-                up.close()
-                down.close()
-                continue
-            threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
+    def accepted(self, down):
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            up.connect(self.upstream)
+        except OSError:  # no daemon now: the client sees EOF and retries
+            up.close()
+            down.close()
+            return
+        threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
+        threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
 
     def _pump(self, src, dst, from_daemon):
         try:
@@ -647,7 +642,7 @@ class SplitProxy:
                 dst.close()
 
     def close(self):
-        self.listener.close()
+        super().close()
         self._resume.set()
 
 
