@@ -1256,6 +1256,12 @@ class Client:
             self._conn, self._pid, self._welcome = conn, pid, welcome
             self._drop_conn(send_bye=True)
             raise problem
+        if self._closed:
+            # close() ran while this connected (a signal handler, another thread) and
+            # found no connection to close: stored in the closed client, this one was
+            # left open for good, holding the rank (`duplicate` for its next client).
+            self._drop_conn(send_bye=True)
+            raise MillraceError("the client was closed while it connected")
         if self.register_cuda is True:
             from . import torch_adapter
 

@@ -526,6 +526,37 @@ def test_a_ctrl_c_just_before_a_connection_is_stored_leaks_no_fd(daemons, tmp_pa
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
+def test_a_close_while_connecting_leaves_no_connection_behind(daemons, tmp_path):
+    """close() from a signal handler (a graceful-shutdown SIGTERM) or another thread
+    while next_batch connects found no connection to close yet, and _open then stored
+    the new one in the closed client: next_batch handed out a batch of a closed client,
+    and the connection stayed open with no way to close it (close() again did nothing),
+    holding the rank: a new client of it was refused `duplicate`. The close is run
+    here at the check after a call inside _open; the connection is now dropped with a
+    BYE and next_batch says the client was closed."""
+    d = daemons(write_corpus(tmp_path / "closing")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False)
+    code = mr.Client._open.__code__
+    closed = []
+
+    def closer(frame, event, arg):
+        if frame.f_code is code and event == "line" and "pid" in frame.f_locals \
+                and not closed:
+            closed.append(frame.f_lineno)
+            c.close()
+        return closer
+
+    sys.settrace(closer)
+    try:
+        with pytest.raises(mr.MillraceError, match="closed"):
+            c.next_batch(timeout=60)
+    finally:
+        sys.settrace(None)
+    assert closed and c._closed and c._conn is None
+    with mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False) as again:
+        assert again.next_batch(timeout=60).step == 0
+
+
 def test_a_ctrl_c_as_a_batch_is_taken_never_hands_out_a_released_slot(daemons, tmp_path):
     """_take queued the batch for release before it moved the stream on: a
     KeyboardInterrupt at the check after that call (raised here at the next line) left a
