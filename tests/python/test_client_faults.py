@@ -850,11 +850,11 @@ def test_a_batch_held_at_a_fork_keeps_its_data_in_the_child(daemons, tmp_path):
         finally:
             os._exit(status)
     os.close(go_r)
-    for step in range(2, 7):  # a 2-slot ring: slot 1 holds step 3, then 5
+    for step in range(2, 7):  # a 2-slot ring: slot 1 holds step 3, then 5 (or 7)
         assert c.next_batch(timeout=60).step == step
     conn = c._conn
     wait_until(lambda: conn.published() >= 7, 30, "step 5 in the slot of step 1")
-    assert struct.unpack_from("<Q", conn.mm, conn.slot_base[1])[0] == 5
+    assert struct.unpack_from("<Q", conn.mm, conn.slot_base[1])[0] in (5, 7)  # refilled
     assert not (tokens == want).all()  # the parent's view: the ring as it is now
     os.write(go_w, b"x")
     os.close(go_w)
