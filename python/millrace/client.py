@@ -40,10 +40,11 @@ hung up and sent another would drop its place and start at the back of the queue
 A Ctrl-C (any exception a signal handler raises) never leaves the connection inside a
 frame. One that lands while the client reads a frame from the daemon (while streaming,
 only an ERROR, after which the daemon closes anyway) ends that connection, and the next
-call reconnects as above (``reconnect_timeout=0``: raises :class:`DaemonGone`). Frames the client writes on a live connection (RELEASE, 13
-bytes; BYE, 5) go out whole or not at all: Linux queues a unix stream write that small
-as one buffer, and a send interrupted while it waits for room has sent nothing. HELLO's
-connection is closed when anything interrupts the handshake.
+call reconnects as above (``reconnect_timeout=0``: raises :class:`DaemonGone`). Frames
+the client writes on a live connection (RELEASE, 13 bytes; BYE, 5) go out whole or not
+at all: Linux queues a unix stream write that small as one buffer, and a send
+interrupted while it waits for room has sent nothing. HELLO's connection is closed when
+anything interrupts the handshake.
 
 The client is not thread safe: use it from one thread (a thread that calls
 :meth:`Client.next_batch` while another is inside it is refused with
