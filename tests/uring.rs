@@ -648,3 +648,74 @@ fn reads_from_disk_left_in_flight_by_a_refused_wait_land_before_read_returns() {
         );
     }
 }
+
+/// Regression: one shard file on a filesystem that refuses `O_DIRECT` (EINVAL at open:
+/// procfs here, as ramfs, FUSE and some network filesystems answer) failed
+/// `ShardFiles::open` for every file, so the daemon read the whole corpus through the
+/// page cache. That file alone is now read buffered; the others keep `O_DIRECT` (none of
+/// their pages enter the page cache), and every byte is the file's.
+#[test]
+fn a_file_whose_filesystem_refuses_o_direct_alone_is_read_buffered() {
+    let (dir, mut rng, _, _) = setup(23, 0);
+    let disk = dir.path().join("cold.bin");
+    let bytes: Vec<u8> = (0..4 << 20).map(|_| rng.gen()).collect();
+    std::fs::write(&disk, &bytes).unwrap();
+    let procfs = PathBuf::from("/proc/version");
+    let version = std::fs::read(&procfs).unwrap();
+    let paths = vec![disk.clone(), procfs];
+    let files = match ShardFiles::open(&paths, true) {
+        Ok(f) => f,
+        Err(e) => {
+            // The temp filesystem refuses O_DIRECT too: every file does, so the error is
+            // the refusal, as before.
+            assert!(
+                e.to_string().contains("open with O_DIRECT") && e.path() == Some(&disk),
+                "{e}"
+            );
+            eprintln!("skipping: {e}");
+            return;
+        }
+    };
+    assert!(files.reads_direct(0) && !files.reads_direct(1));
+    let opts = UringOptions {
+        direct: true,
+        ..UringOptions::default()
+    };
+    let mut r = match UringReader::open_with(files, opts) {
+        Ok(r) => r,
+        Err(e) => {
+            assert!(e.is_unavailable(), "{e}");
+            eprintln!("skipping: {e}");
+            return;
+        }
+    };
+    let f = std::fs::File::open(&disk).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let mut spans = Vec::new();
+    let mut expect = Vec::new();
+    for i in 0..64 {
+        let (file, src) = if i % 8 == 0 {
+            (1, &version)
+        } else {
+            (0, &bytes)
+        };
+        let len = rng.gen_range(1..src.len().min(20_000)) as u64;
+        let offset = rng.gen_range(0..src.len() as u64 - len);
+        expect.push(0xAB);
+        spans.push(Span {
+            file,
+            offset,
+            len,
+            dst: expect.len() as u64,
+        });
+        expect.extend_from_slice(&src[offset as usize..(offset + len) as usize]);
+    }
+    assert!(fill(|d| r.read(&spans, d), expect.len()) == expect);
+    let map = millrace::sys::map_file(&f, None).unwrap();
+    let (resident, pages) = millrace::sys::resident_pages(&map).unwrap();
+    assert_eq!(
+        resident, 0,
+        "cold.bin was read with O_DIRECT: 0 of its {pages} pages cached"
+    );
+}

@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring, Probe};
@@ -223,6 +224,12 @@ impl ReadError {
         }
     }
 
+    /// Whether this is a filesystem refusing to open a file with `O_DIRECT` (EINVAL).
+    fn direct_refused(&self) -> bool {
+        matches!(self, ReadError::Open { direct: true, source, .. }
+            if source.raw_os_error() == Some(libc::EINVAL))
+    }
+
     /// The file the error is about, when it is about one.
     pub fn path(&self) -> Option<&Path> {
         match self {
@@ -334,12 +341,22 @@ struct SpanFile {
     path: PathBuf,
     file: File,
     direct: Option<File>,
-    /// `O_DIRECT` alignment (direct mode only).
-    align: usize,
+    /// `O_DIRECT` alignment (direct mode only); 0 once the file is read through the page
+    /// cache instead: its filesystem refused `O_DIRECT` at open or on a read
+    /// ([`ShardFiles::refuse_direct`]). Only ever lowered to 0, so a read built with the
+    /// old value is still one the kernel may refuse, never a wrong one.
+    align: AtomicUsize,
 }
 
-fn open_files(paths: &[PathBuf], direct: bool) -> Result<Vec<SpanFile>, ReadError> {
-    paths
+/// Opens `paths`, and with `direct` an `O_DIRECT` descriptor beside each; a file whose
+/// filesystem refuses `O_DIRECT` (EINVAL: procfs, ramfs, some network filesystems and
+/// FUSE mounts) gets none and is read buffered, the refusal returned beside it.
+fn open_files(
+    paths: &[PathBuf],
+    direct: bool,
+) -> Result<(Vec<SpanFile>, Vec<ReadError>), ReadError> {
+    let mut refused = Vec::new();
+    let files = paths
         .iter()
         .map(|p| {
             let open = |flags: i32| {
@@ -358,20 +375,29 @@ fn open_files(paths: &[PathBuf], direct: bool) -> Result<Vec<SpanFile>, ReadErro
             // only read bytes nobody asked for (a cold random read of one page would read
             // four). Advice only; a filesystem that ignores it is still read correctly.
             let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Random);
-            let direct = if direct {
-                Some(open(libc::O_DIRECT)?)
-            } else {
-                None
+            let direct = match direct.then(|| open(libc::O_DIRECT)) {
+                None => None,
+                Some(Ok(f)) => Some(f),
+                Some(Err(e)) if e.direct_refused() => {
+                    refused.push(e);
+                    None
+                }
+                Some(Err(e)) => return Err(e),
             };
             Ok(SpanFile {
                 path: p.clone(),
                 file,
-                align: direct.as_ref().map_or(DIRECT_ALIGN, direct_align),
+                align: AtomicUsize::new(direct.as_ref().map_or(0, direct_align)),
                 direct,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((files, refused))
 }
+
+/// How many shard files refused `O_DIRECT` are named in the log one by one, at start;
+/// past them one line counts the rest (a corpus of thousands on such a filesystem).
+const REFUSALS_LOGGED: usize = 16;
 
 /// The shard files the io_uring readers of one daemon read, opened once: every reader
 /// registers the same descriptors in its own ring, so a corpus of N shards holds N
@@ -386,12 +412,54 @@ pub struct ShardFiles {
 
 impl ShardFiles {
     /// Opens `paths` (span `file` indexes this list), with an `O_DIRECT` descriptor
-    /// beside each buffered one when `direct`.
+    /// beside each buffered one when `direct`. A file whose filesystem refuses `O_DIRECT`
+    /// is read buffered, alone, and named in the log; when every file refuses it, the
+    /// refusal is the error (the caller reads buffered, saying why once).
     pub fn open(paths: &[PathBuf], direct: bool) -> Result<Arc<ShardFiles>, ReadError> {
-        Ok(Arc::new(ShardFiles {
-            files: open_files(paths, direct)?,
-            direct,
-        }))
+        let (files, mut refused) = open_files(paths, direct)?;
+        if !files.is_empty() && refused.len() == files.len() {
+            return Err(refused.swap_remove(0));
+        }
+        for e in refused.iter().take(REFUSALS_LOGGED) {
+            tracing::warn!(
+                "{e}: this shard file is read through the page cache (io_uring without \
+                 O_DIRECT); the others keep O_DIRECT"
+            );
+        }
+        if refused.len() > REFUSALS_LOGGED {
+            tracing::warn!(
+                "{} more shard files refused O_DIRECT and are read through the page cache",
+                refused.len() - REFUSALS_LOGGED
+            );
+        }
+        Ok(Arc::new(ShardFiles { files, direct }))
+    }
+
+    /// Whether file `file` is read with `O_DIRECT` now: false without `direct`, and for
+    /// a file whose filesystem refused it.
+    pub fn reads_direct(&self, file: u32) -> bool {
+        self.files
+            .get(file as usize)
+            .is_some_and(|f| f.align.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Reads file `file` through the page cache from now on, after its filesystem refused
+    /// an `O_DIRECT` read (`error`): the others keep `O_DIRECT`. Logged once, naming the
+    /// file; true the first time.
+    fn refuse_direct(&self, file: u32, error: &io::Error) -> bool {
+        let Some(f) = self.files.get(file as usize) else {
+            return false;
+        };
+        let first = f.align.swap(0, Ordering::Relaxed) != 0;
+        if first {
+            tracing::warn!(
+                "{}: an O_DIRECT read was refused ({error}): this shard file is read through \
+                 the page cache (io_uring without O_DIRECT) until restart; the others keep \
+                 O_DIRECT",
+                f.path.display()
+            );
+        }
+        first
     }
 
     /// Checks that every descriptor (buffered and `O_DIRECT`) is of the file whose device
@@ -434,7 +502,7 @@ impl PreadReader {
     /// Opens `paths` (span `file` indexes this list).
     pub fn open(paths: &[PathBuf]) -> Result<PreadReader, ReadError> {
         Ok(PreadReader {
-            files: open_files(paths, false)?,
+            files: open_files(paths, false)?.0,
         })
     }
 
@@ -493,6 +561,26 @@ struct Op {
     end: u64,
     /// Completions that came back interrupted (EINTR, EAGAIN) and were read again.
     retries: u8,
+    /// The `O_DIRECT` alignment it was built for; 0 for a buffered read.
+    align: u32,
+}
+
+impl Op {
+    /// A buffered read of file bytes `first..end` into the destination at `to`.
+    fn buffered(file: u32, first: u64, end: u64, to: usize) -> Op {
+        Op {
+            fixed: file,
+            file,
+            at: first,
+            left: (end - first) as u32,
+            to,
+            bounce: None,
+            first,
+            end,
+            retries: 0,
+            align: 0,
+        }
+    }
 }
 
 /// Interrupted completions of one read queued again before it fails: NFS and FUSE turn
@@ -596,11 +684,14 @@ impl UringReader {
             .files
             .iter()
             .map(|f| f.file.as_raw_fd())
+            // A file without an `O_DIRECT` descriptor (its filesystem refused one) takes
+            // its place with the buffered one, so file i stays at n + i; no read uses it.
             .chain(
                 files
                     .files
                     .iter()
-                    .filter_map(|f| f.direct.as_ref().map(|d| d.as_raw_fd())),
+                    .filter(|_| files.direct)
+                    .map(|f| f.direct.as_ref().unwrap_or(&f.file).as_raw_fd()),
             )
             .collect();
         if !fds.is_empty() {
@@ -616,9 +707,10 @@ impl UringReader {
             let align = files
                 .files
                 .iter()
-                .map(|f| f.align)
+                .map(|f| f.align.load(Ordering::Relaxed))
                 .max()
-                .unwrap_or(DIRECT_ALIGN);
+                .unwrap_or(DIRECT_ALIGN)
+                .max(DIRECT_ALIGN);
             (opts.max_op_bytes as usize + 2 * align).next_multiple_of(align)
         } else {
             0
@@ -652,21 +744,17 @@ impl UringReader {
                 let (first, to) = (s.offset + done, (s.dst + done) as usize);
                 done += len;
                 let end = first + len;
-                if !self.opts.direct {
-                    out.push(Op {
-                        fixed: s.file,
-                        file: s.file,
-                        at: first,
-                        left: len as u32,
-                        to,
-                        bounce: None,
-                        first,
-                        end,
-                        retries: 0,
-                    });
+                let a = match self.opts.direct {
+                    true => self.files.files[s.file as usize]
+                        .align
+                        .load(Ordering::Relaxed),
+                    false => 0,
+                };
+                if a == 0 {
+                    out.push(Op::buffered(s.file, first, end, to));
                     continue;
                 }
-                let a = self.files.files[s.file as usize].align as u64;
+                let a = a as u64;
                 let aligned = first % a == 0
                     && len % a == 0
                     && (dst.as_ptr() as usize + to) % a as usize == 0;
@@ -682,6 +770,7 @@ impl UringReader {
                     first,
                     end,
                     retries: 0,
+                    align: a as u32,
                 });
             }
         }
@@ -861,6 +950,23 @@ impl UringReader {
             op.retries += 1;
             return Ok(false);
         }
+        if res == -libc::EINVAL && op.align != 0 {
+            // The filesystem refused this file's O_DIRECT read (it accepted the open, or
+            // reports an alignment it does not accept): the file is read buffered from
+            // now on, this piece too; the other files keep O_DIRECT.
+            self.files
+                .refuse_direct(op.file, &io::Error::from_raw_os_error(libc::EINVAL));
+            *op = match op.bounce {
+                Some((to, _, _)) => Op::buffered(op.file, op.first, op.end, to),
+                // Aligned: the bytes read so far are the piece's first, in place.
+                None => Op {
+                    fixed: op.file,
+                    align: 0,
+                    ..*op
+                },
+            };
+            return Ok(false);
+        }
         if res < 0 {
             return Err(ReadError::Read {
                 path: f.path.clone(),
@@ -883,9 +989,7 @@ impl UringReader {
             None if op.left == 0 => Ok(true),
             // Zero bytes: end of file. A direct read that stops off a block boundary
             // also hit the end of the file.
-            None if got == 0 || (self.opts.direct && got as usize % f.align != 0) => {
-                Err(truncated())
-            }
+            None if got == 0 || (op.align != 0 && got % op.align != 0) => Err(truncated()),
             None => Ok(false),
             Some((to, skip, len)) => {
                 // The aligned read may run past the end of the file; only the piece's
@@ -894,7 +998,7 @@ impl UringReader {
                     let b = self.bounce_at + k * self.bounce_len;
                     dst[to..to + len].copy_from_slice(&self.bounce_mem[b + skip..b + skip + len]);
                     Ok(true)
-                } else if got == 0 || got as usize % f.align != 0 || op.left == 0 {
+                } else if got == 0 || got % op.align != 0 || op.left == 0 {
                     Err(truncated())
                 } else {
                     Ok(false)
@@ -965,6 +1069,7 @@ mod tests {
             first: 4096,
             end: 4196,
             retries: 0,
+            align: 0,
         };
         let mut dst = vec![0u8; 100];
         let mut op = fresh;
@@ -982,5 +1087,86 @@ mod tests {
         assert!(!r.complete(0, &mut op, 60, &mut dst).unwrap());
         assert_eq!((op.at, op.left, op.to), (4156, 40, 60));
         assert!(r.complete(0, &mut op, 40, &mut dst).unwrap());
+    }
+
+    /// `len` random bytes written to `dir/name`, and dropped from the page cache.
+    fn cold_file(dir: &Path, name: &str, len: usize, seed: u8) -> (PathBuf, Vec<u8>) {
+        let path = dir.join(name);
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+            .collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let f = File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        (path, bytes)
+    }
+
+    /// Pages of `path` in the page cache (mincore on a mapping never touched).
+    fn resident(path: &Path) -> u64 {
+        let map = crate::sys::map_file(&File::open(path).unwrap(), None).unwrap();
+        crate::sys::resident_pages(&map).unwrap().0
+    }
+
+    /// Regression: an O_DIRECT read that one file's filesystem refused (EINVAL: an
+    /// alignment it does not accept, a filesystem that takes the open but not the read)
+    /// failed the fill as an io_uring error, and the daemon gave io_uring up for every
+    /// file. Here the file reports a smaller alignment than the disk's (2 bytes), so the
+    /// kernel refuses its direct reads (straight into the destination, or into a bounce
+    /// buffer, both aligned to 2 bytes only): the refused pieces are read again
+    /// through the page cache, every byte lands, the file is read buffered from then on,
+    /// and the other file keeps O_DIRECT (none of its pages enter the page cache).
+    #[test]
+    fn a_file_whose_o_direct_reads_are_refused_is_read_buffered_the_others_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, a_bytes) = cold_file(dir.path(), "a.bin", 1 << 20, 1);
+        let (b, b_bytes) = cold_file(dir.path(), "b.bin", 1 << 20, 2);
+        let files = match ShardFiles::open(&[a.clone(), b.clone()], true) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let opts = UringOptions {
+            direct: true,
+            ..UringOptions::default()
+        };
+        let mut r = match UringReader::open_with(files.clone(), opts) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        files.files[0].align.store(2, Ordering::Relaxed);
+        // Pieces at even and odd offsets and lengths, both files, into any place.
+        let mut spans = Vec::new();
+        let mut expect = Vec::new();
+        for i in 0..64u64 {
+            let (file, bytes) = if i % 2 == 0 {
+                (0, &a_bytes)
+            } else {
+                (1, &b_bytes)
+            };
+            let (offset, len) = (i * 15_000 + i % 4, 3_000 + i % 3);
+            expect.push(0xAB);
+            spans.push(Span {
+                file,
+                offset,
+                len,
+                dst: expect.len() as u64,
+            });
+            expect.extend_from_slice(&bytes[offset as usize..(offset + len) as usize]);
+        }
+        for round in 0..2 {
+            let mut dst = vec![0xABu8; expect.len()];
+            r.read(&spans, &mut dst).unwrap();
+            assert!(dst == expect, "round {round}: bytes differ");
+            assert!(!files.reads_direct(0), "a.bin is read buffered");
+            assert!(files.reads_direct(1), "b.bin keeps O_DIRECT");
+        }
+        assert!(resident(&a) > 0, "a.bin was read through the page cache");
+        assert_eq!(resident(&b), 0, "b.bin was read with O_DIRECT");
     }
 }
