@@ -340,6 +340,11 @@ fn a_daemon_refused_any_io_uring_call_falls_back_to_the_copy() {
 /// ring (one NOP) passes, and every fill's batch of reads is refused, as a refusal that
 /// comes only after start and persists. Only async-signal-safe calls.
 fn deny_batched_io_uring_enter() -> std::io::Result<()> {
+    fail_batched_io_uring_enter(libc::EPERM)
+}
+
+/// [`deny_batched_io_uring_enter`], failing with `errno`.
+fn fail_batched_io_uring_enter(errno: i32) -> std::io::Result<()> {
     let (ld, jeq, jgt, ret) = (0x20, 0x15, 0x25, 0x06);
     let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     install_filter(&mut [
@@ -348,7 +353,7 @@ fn deny_batched_io_uring_enter() -> std::io::Result<()> {
         // The low word of the second argument, to_submit (little-endian).
         op(ld, 0, 0, 24),
         op(jgt, 0, 1, 1),
-        op(ret, 0, 0, 0x0005_0000 | libc::EPERM as u32),
+        op(ret, 0, 0, 0x0005_0000 | errno as u32),
         op(ret, 0, 0, 0x7fff_0000),
     ])
 }
@@ -357,8 +362,9 @@ fn deny_batched_io_uring_enter() -> std::io::Result<()> {
 /// every compact fill with `ERROR materialize ... io_uring_enter: Operation not
 /// permitted`: each fill dropped its broken ring, set up a new one whose one-time check
 /// passed, and failed again. The daemon now gives io_uring up for good at the first such
-/// failure, logging it once, and copies that fill and every later one from the mappings:
-/// the rows are what `explain` says.
+/// failure, logging it once, and copies that fill and every later one from the mappings,
+/// with the hints of `mmap-willneed` (plain mappings before, 2-4x slower cold): the rows
+/// are what `explain` says.
 #[test]
 fn an_io_uring_enter_refused_after_start_falls_back_to_the_copy_for_good() {
     use std::os::unix::process::CommandExt;
@@ -395,17 +401,85 @@ fn an_io_uring_enter_refused_after_start_falls_back_to_the_copy_for_good() {
         );
         assert_eq!(log.matches(&gave_up).count(), 1, "{reader}: {log}");
         assert!(
-            log.contains("copied from the mappings (as \"mmap\") until restart"),
+            log.contains("copied from the mappings (as \"mmap-willneed\") until restart"),
             "{reader}: {log}"
         );
         assert!(!log.contains("ERROR"), "{reader}: {log}");
         // The operator sees it in `status` too, not only in the log.
         let st = d.status();
-        assert_eq!(st["reader"], "mmap", "{st}");
+        assert_eq!(st["reader"], "mmap-willneed", "{st}");
+        assert!(st["reader_retry"].is_null(), "{st}");
         let why = st["reader_fallback"].as_str().unwrap_or_default();
         assert!(
             why.contains("io_uring_enter: Operation not permitted"),
             "{st}"
         );
     }
+}
+
+/// Regression: io_uring failing after start for a reason that may pass (here every
+/// fill's batch of reads refused with ENOMEM, as a memory squeeze answers) gave io_uring
+/// up until restart at the first failure. Now the daemon copies that fill from the
+/// mappings (with hints) and tries io_uring again after 1 s, then 2 s: the log and STATUS
+/// (`reader_retry`) say so at each step, the rows are what `explain` says throughout,
+/// and no ring fails.
+#[test]
+fn io_uring_short_of_memory_after_start_is_tried_again_after_a_backoff() {
+    use std::os::unix::process::CommandExt;
+    let corpus = common::corpus(200_000, 1, 5, 50_000);
+    let dir = &corpus.dir;
+    let reader = "uring-direct";
+    let d = Daemon::start_as(dir, "squeezed", reader, |c| {
+        // SAFETY: the hook only makes prctl calls (async-signal-safe).
+        unsafe { c.pre_exec(|| fail_batched_io_uring_enter(libc::ENOMEM)) };
+    });
+    if !d.reads_with_uring(reader) {
+        return;
+    }
+    let mut c = d.connect("c", SlotLayout::Compact, 0);
+    let pad = c.welcome().pad_token as u16;
+    let want = explained(&dir.join("squeezed.toml"), 48, pad);
+    let mut steps = want.iter().enumerate();
+    let mut check = |n: usize| {
+        for (step, rows) in steps.by_ref().take(n) {
+            let b = c
+                .next_batch()
+                .unwrap_or_else(|e| panic!("step {step}: {e}\n{}", d.serve.log_text()));
+            assert!(compact_rows(b, reader).1 == row_bytes(rows), "step {step}");
+        }
+    };
+    check(16);
+    let st = d.status();
+    assert_eq!(st["reader"], "mmap-willneed", "{st}");
+    let retry = &st["reader_retry"];
+    // One failure, or more on a machine slow enough to take 1 s over 16 steps.
+    assert!(retry["failures"].as_u64().is_some_and(|n| n >= 1), "{st}");
+    assert_eq!(retry["give_up_after"], 10, "{st}");
+    assert!(retry["retry_in_ms"].as_u64().is_some(), "{st}");
+    let error = retry["error"].as_str().unwrap_or_default();
+    assert!(error.contains("Cannot allocate memory"), "{st}");
+    let why = st["reader_fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("until io_uring is tried again in"), "{st}");
+    // Past the backoff a fill tries io_uring again, fails, and the backoff doubles.
+    std::thread::sleep(Duration::from_millis(1100));
+    check(32);
+    let st = d.status();
+    let failures = st["reader_retry"]["failures"].as_u64();
+    assert!(failures.is_some_and(|n| n >= 2), "{st}");
+    let log = d.serve.log_text();
+    let first = format!(
+        "[serve] reader = {reader:?} failed (io_uring: io_uring_enter: Cannot allocate memory \
+         (os error 12)); compact slots are copied from the mappings (as \"mmap-willneed\") \
+         until io_uring is tried again in 1000 ms (failure 1 in a row; given up after 10)"
+    );
+    assert_eq!(log.matches(&first).count(), 1, "{log}");
+    assert_eq!(
+        log.matches("in 2000 ms (failure 2 in a row").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        !log.contains("until restart") && !log.contains("ERROR"),
+        "{log}"
+    );
 }

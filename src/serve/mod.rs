@@ -126,8 +126,8 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     let spare_fds = (fd_limit.soft)
         .saturating_sub(limits::open_fds().unwrap_or(0))
         .saturating_sub(clients_fds);
-    let readers = fill::Readers::open_within(serve.reader, &l.shards, Some(spare_fds));
-    let hints = readers.page_hints(serve.page_hints);
+    let readers =
+        fill::Readers::open_within(serve.reader, &l.shards, Some(spare_fds), serve.page_hints);
     let hub = Arc::new(Hub::new(
         l.plan.clone(),
         Source {
@@ -141,7 +141,6 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
             prefetch: serve.prefetch_steps,
             token: l.token,
             max_clients: serve.max_clients,
-            hints,
             ring_budget: serve
                 .ring_memory_bytes
                 .unwrap_or_else(budget::default_ring_budget),

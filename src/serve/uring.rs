@@ -224,6 +224,34 @@ impl ReadError {
         }
     }
 
+    /// Whether io_uring failed for a reason that may pass ([`ReadError::is_io_uring`],
+    /// but for want of memory or of descriptors, a queue that was full, a read
+    /// interrupted or cancelled past its retries): the daemon copies from the mappings
+    /// for a while and tries io_uring again, instead of giving it up for good as it does
+    /// on a refusal that lasts (EPERM, ENOSYS, EOPNOTSUPP: seccomp, an old kernel).
+    pub fn is_transient(&self) -> bool {
+        let errno = match self {
+            ReadError::Unavailable { source, .. }
+            | ReadError::Ring { source, .. }
+            | ReadError::Read { source, .. } => source.raw_os_error(),
+            _ => None,
+        };
+        self.is_io_uring()
+            && matches!(
+                errno,
+                Some(
+                    libc::ENOMEM
+                        | libc::EAGAIN
+                        | libc::EBUSY
+                        | libc::EINTR
+                        | libc::ECANCELED
+                        | libc::EMFILE
+                        | libc::ENFILE
+                        | libc::ENOBUFS
+                )
+            )
+    }
+
     /// Whether this is a filesystem refusing to open a file with `O_DIRECT` (EINVAL).
     fn direct_refused(&self) -> bool {
         matches!(self, ReadError::Open { direct: true, source, .. }

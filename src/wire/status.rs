@@ -80,6 +80,9 @@ pub struct Status {
     pub reader: String,
     /// Why the configured `[serve] reader` is not the one in use; null when it is.
     pub reader_fallback: Option<String>,
+    /// While io_uring waits to be tried again after failures that may pass (memory,
+    /// descriptors), and slots are copied from the mappings meanwhile; null otherwise.
+    pub reader_retry: Option<ReaderRetry>,
     /// Connections refused since start (REFUSED frames), per code.
     pub refused_by_code: BTreeMap<String, u64>,
     /// Reloads and changes applied since start.
@@ -262,6 +265,21 @@ pub struct RingMemory {
     pub budget_bytes: u64,
     /// In use now.
     pub used_bytes: u64,
+}
+
+/// io_uring's retry after failures that may pass (STATUS `reader_retry`): how the
+/// operator tells a node that reads with io_uring again soon from one that gave it up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReaderRetry {
+    /// The last failure.
+    pub error: String,
+    /// Failures in a row so far.
+    pub failures: u32,
+    /// The failure in a row that gives io_uring up until restart.
+    pub give_up_after: u32,
+    /// Milliseconds until a fill tries io_uring again.
+    pub retry_in_ms: u64,
 }
 
 /// A shard the daemon stopped reading, and why.

@@ -169,8 +169,8 @@ pub(super) fn fill_compact<T: Out>(
                     }
                 }
             }
-            // io_uring itself failed, not a file (the readers gave it up for good, saying
-            // why): the same spans are copied from the mappings below.
+            // io_uring itself failed, not a file (the readers back off or give it up,
+            // saying why): the same spans are copied from the mappings below.
             Err(e) if e.is_io_uring() => pieces.extend(queued.drain(..).map(|q| Piece {
                 at: q.span.dst as usize / size,
                 row: q.row,

@@ -3,9 +3,14 @@
 //! reuses a ring whose shard files are already registered. The files are opened once
 //! ([`ShardFiles`]) and every ring registers the same descriptors. The io_uring readers
 //! themselves are src/serve/uring.rs; docs/DESIGN.md ("Page cache") says why each exists.
+//! An error of io_uring itself after start moves it through [`Health`]: a refusal that
+//! lasts gives it up for good, one that may pass (memory, descriptors) copies from the
+//! mappings for a backoff and tries again.
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::Instant;
 
 use tracing::{info, warn};
 
@@ -30,9 +35,125 @@ pub struct Readers {
     pool: Mutex<Pool>,
     /// Signalled when a reader goes back to the pool (or is dropped).
     returned: Condvar,
-    /// Why io_uring failed after start, once it did: from then on slots are copied from
-    /// the mappings (as `mmap`) until restart.
-    failed: OnceLock<String>,
+    /// What io_uring's failures after start made of it; locked only when a read fails,
+    /// or succeeds while `copy_until` is not [`IN_USE`].
+    health: Mutex<Health>,
+    /// `health` as fills read it, one relaxed load a fill: [`IN_USE`], [`GIVEN_UP`], or
+    /// the time (ms on `born`'s clock) from which a fill may try io_uring again.
+    copy_until: AtomicU64,
+    /// The clock `copy_until` counts on.
+    born: Instant,
+    /// How long fills copy after each failure in a row, and how many give up.
+    backoff: Backoff,
+    /// `[serve] page_hints`: whether the mmap copy (configured, or io_uring's fallback)
+    /// gets WILLNEED hints and MADV_RANDOM.
+    page_hints: bool,
+    /// Set once the shard mappings were advised MADV_RANDOM.
+    advised: Once,
+}
+
+/// [`Readers::copy_until`] while io_uring is in use.
+const IN_USE: u64 = 0;
+/// [`Readers::copy_until`] once io_uring was given up for good.
+const GIVEN_UP: u64 = u64::MAX;
+
+/// What errors of io_uring itself after start ([`ReadError::is_io_uring`]) made of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    /// In use.
+    InUse,
+    /// Failed `failures` times in a row for reasons that may pass
+    /// ([`ReadError::is_transient`]), the last with `why`: fills copy from the mappings
+    /// until `retry_at` (ms on the readers' clock), then one tries io_uring again.
+    Retrying {
+        failures: u32,
+        retry_at: u64,
+        why: String,
+    },
+    /// Given up for good (a refusal that lasts, or [`Backoff::tries`] transient failures
+    /// in a row): fills copy from the mappings until restart.
+    GivenUp { why: String },
+}
+
+/// When io_uring is tried again after failures that may pass: `first_ms` after the
+/// first, doubling to `cap_ms`; the `tries`-th failure in a row gives it up for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backoff {
+    first_ms: u64,
+    cap_ms: u64,
+    tries: u32,
+}
+
+/// A node's memory squeeze or descriptor shortage usually passes within seconds to
+/// minutes: tries at 1, 2, 4 ... 64 s, then every 64 s, give io_uring about five
+/// minutes before it is given up.
+const BACKOFF: Backoff = Backoff {
+    first_ms: 1000,
+    cap_ms: 64_000,
+    tries: 10,
+};
+
+impl Backoff {
+    /// How long fills copy after the `failures`-th failure in a row.
+    fn delay_ms(&self, failures: u32) -> u64 {
+        let doubled = self
+            .first_ms
+            .saturating_mul(1u64 << failures.saturating_sub(1).min(32));
+        doubled.min(self.cap_ms)
+    }
+}
+
+impl Health {
+    /// The state after a read failed at `now` with `why` (`transient`:
+    /// [`ReadError::is_transient`]); false when nothing changed: a fill already in
+    /// flight when an earlier failure started the backoff does not count again.
+    fn failed(&mut self, now: u64, transient: bool, why: String, b: &Backoff) -> bool {
+        let before = match self {
+            Health::GivenUp { .. } => return false,
+            Health::Retrying { retry_at, .. } if now < *retry_at => return false,
+            Health::Retrying { failures, .. } => *failures,
+            Health::InUse => 0,
+        };
+        let failures = before + 1;
+        *self = if !transient {
+            Health::GivenUp { why }
+        } else if failures >= b.tries {
+            Health::GivenUp {
+                why: format!("{failures} failures in a row, the last: {why}"),
+            }
+        } else {
+            Health::Retrying {
+                failures,
+                retry_at: now.saturating_add(b.delay_ms(failures)),
+                why,
+            }
+        };
+        true
+    }
+
+    /// The state after a read succeeded at `now`: in use again once the backoff ran out
+    /// (a read begun before it started proves nothing). The failures it ends, if so.
+    fn succeeded(&mut self, now: u64) -> Option<u32> {
+        match self {
+            Health::Retrying {
+                failures, retry_at, ..
+            } if now >= *retry_at => {
+                let failures = *failures;
+                *self = Health::InUse;
+                Some(failures)
+            }
+            _ => None,
+        }
+    }
+
+    /// [`Readers::copy_until`] for this state.
+    fn copy_until(&self) -> u64 {
+        match self {
+            Health::InUse => IN_USE,
+            Health::Retrying { retry_at, .. } => *retry_at,
+            Health::GivenUp { .. } => GIVEN_UP,
+        }
+    }
 }
 
 /// The io_uring readers of a [`Readers`].
@@ -64,15 +185,32 @@ impl Readers {
             Reader::Auto => Reader::Mmap,
             r => r,
         };
+        Readers::new(reader, Vec::new(), None, Vec::new(), true)
+    }
+
+    /// Readers of `reader` over the token files `paths` (domain d's first at `first[d]`),
+    /// opened as `files`; io_uring in use.
+    fn new(
+        reader: Reader,
+        paths: Vec<std::path::PathBuf>,
+        files: Option<Arc<ShardFiles>>,
+        first: Vec<u32>,
+        page_hints: bool,
+    ) -> Readers {
         Readers {
             reader,
             fallback: None,
-            paths: Vec::new(),
-            files: None,
-            first: Vec::new(),
+            paths,
+            files,
+            first,
             pool: Mutex::default(),
             returned: Condvar::new(),
-            failed: OnceLock::new(),
+            health: Mutex::new(Health::InUse),
+            copy_until: AtomicU64::new(IN_USE),
+            born: Instant::now(),
+            backoff: BACKOFF,
+            page_hints,
+            advised: Once::new(),
         }
     }
 
@@ -81,7 +219,7 @@ impl Readers {
     /// that refuses O_DIRECT is found at start and logged once. io_uring unavailable: the
     /// mmap copy with hints; O_DIRECT refused: buffered io_uring.
     pub fn open(reader: Reader, shards: &[Vec<Arc<Shard>>]) -> Readers {
-        Readers::open_within(reader, shards, None)
+        Readers::open_within(reader, shards, None, true)
     }
 
     /// [`Readers::open`] with at most `spare_fds` descriptors for the shard files (what
@@ -90,11 +228,13 @@ impl Readers {
     /// so a corpus of tens of thousands of shards under a low `LimitNOFILE=` would leave
     /// clients failing with EMFILE, or fail the open at the limit itself: a reader whose
     /// files do not fit falls back (`uring-direct` to `uring`, then to the mmap copy),
-    /// saying how many it needed.
+    /// saying how many it needed. `page_hints` is `[serve] page_hints`
+    /// ([`Readers::page_hints`]).
     pub fn open_within(
         reader: Reader,
         shards: &[Vec<Arc<Shard>>],
         spare_fds: Option<u64>,
+        page_hints: bool,
     ) -> Readers {
         let reader = match reader {
             Reader::Auto => {
@@ -112,7 +252,10 @@ impl Readers {
             r => r,
         };
         if !matches!(reader, Reader::Uring | Reader::UringDirect) {
-            return Readers::copy(reader);
+            return Readers {
+                page_hints,
+                ..Readers::copy(reader)
+            };
         }
         let mut first = Vec::with_capacity(shards.len());
         let mut paths = Vec::new();
@@ -123,16 +266,7 @@ impl Readers {
         // The files are opened by path, after the shards were mapped (a start can take
         // minutes): each must still be the one mapped, or the plan describes other bytes.
         let mapped: Vec<(u64, u64)> = shards.iter().flatten().map(|s| s.data_file()).collect();
-        let mut readers = Readers {
-            reader,
-            fallback: None,
-            paths,
-            files: None,
-            first,
-            pool: Mutex::default(),
-            returned: Condvar::new(),
-            failed: OnceLock::new(),
-        };
+        let mut readers = Readers::new(reader, paths, None, first, page_hints);
         let mut tried = reader;
         let files = readers.paths.len() as u64;
         if let Some(spare) = spare_fds {
@@ -201,58 +335,188 @@ impl Readers {
         self.fallback = Some(why);
     }
 
-    /// The reader in use (the configured one, or its fallback; `mmap` once io_uring
-    /// failed after start).
+    /// The reader in use: the configured one, or its fallback; while io_uring is not
+    /// in use after start ([`Health`]) the copy it falls back to, `mmap-willneed` (or
+    /// `mmap` without `page_hints`).
     pub fn reader(&self) -> Reader {
-        match self.failed.get() {
-            Some(_) => Reader::Mmap,
-            None => self.reader,
+        match self.copy_until.load(Ordering::Relaxed) {
+            IN_USE => self.reader,
+            _ => self.copy_reader(),
         }
     }
 
-    /// Why the configured reader is not the one in use, if it is not.
-    pub fn fallback(&self) -> Option<&str> {
-        self.failed
-            .get()
-            .or(self.fallback.as_ref())
-            .map(String::as_str)
+    /// The copy compact slots fall back to while io_uring is not in use after start: a
+    /// cold-path reader's, with the hints that make the copy 2-4x faster cold than plain
+    /// readahead (docs/BENCHMARKS.md, "The cold data path at 10^10 tokens").
+    fn copy_reader(&self) -> Reader {
+        match self.page_hints {
+            true => Reader::MmapWillneed,
+            false => Reader::Mmap,
+        }
     }
 
-    /// Whether the shards get page-cache hints (MADV_RANDOM, MADV_WILLNEED): only for
-    /// the mmap copy with hints, and `page_hints` (`[serve] page_hints`) allows them. A
+    /// Why the configured reader is not the one in use, if it is not: unavailable at
+    /// start, or io_uring retried after failures that may pass, or given up.
+    pub fn fallback(&self) -> Option<String> {
+        let health = self.lock_health().clone();
+        let now = self.now_ms();
+        match health {
+            Health::InUse => self.fallback.clone(),
+            h => Some(self.describe(&h, now)),
+        }
+    }
+
+    /// io_uring's retry after failures that may pass, while it waits for one (STATUS
+    /// `reader_retry`).
+    pub fn retry(&self) -> Option<crate::wire::status::ReaderRetry> {
+        match &*self.lock_health() {
+            Health::Retrying {
+                failures,
+                retry_at,
+                why,
+            } => Some(crate::wire::status::ReaderRetry {
+                failures: *failures,
+                give_up_after: self.backoff.tries,
+                retry_in_ms: retry_at.saturating_sub(self.now_ms()),
+                error: why.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The log line and STATUS `reader_fallback` of a state that is not [`Health::InUse`].
+    fn describe(&self, h: &Health, now: u64) -> String {
+        let (configured, copy) = (self.reader.as_str(), self.copy_reader().as_str());
+        match h {
+            Health::InUse => format!("[serve] reader = {configured:?} in use"),
+            Health::Retrying {
+                failures,
+                retry_at,
+                why,
+            } => format!(
+                "[serve] reader = {configured:?} failed ({why}); compact slots are copied \
+                 from the mappings (as {copy:?}) until io_uring is tried again in {} ms \
+                 (failure {failures} in a row; given up after {})",
+                retry_at.saturating_sub(now),
+                self.backoff.tries
+            ),
+            Health::GivenUp { why } => format!(
+                "[serve] reader = {configured:?} failed after start ({why}); compact slots \
+                 are copied from the mappings (as {copy:?}) until restart"
+            ),
+        }
+    }
+
+    /// Whether the shards get page-cache hints (MADV_RANDOM, MADV_WILLNEED) now: only
+    /// when `[serve] page_hints` allows them and slots are copied from the mappings with
+    /// hints, as `mmap-willneed` is, or as io_uring's fallback while it is not in use. A
     /// reader that does not read through the mappings must not hint: WILLNEED would read
-    /// every span twice under O_DIRECT.
-    pub fn page_hints(&self, page_hints: bool) -> bool {
-        page_hints && self.reader == Reader::MmapWillneed
+    /// every span twice under O_DIRECT. One relaxed load: asked once a planned step.
+    pub fn page_hints(&self) -> bool {
+        self.page_hints
+            && match self.reader {
+                Reader::MmapWillneed => true,
+                Reader::Uring | Reader::UringDirect => {
+                    self.copy_until.load(Ordering::Relaxed) != IN_USE
+                }
+                _ => false,
+            }
     }
 
-    /// Whether compact slots of the shards' dtype are read with io_uring (and io_uring has
-    /// not failed since start).
+    /// Advises every shard mapping MADV_RANDOM, once (at start for `mmap-willneed`, or
+    /// when io_uring's fallback first hints): a fault then reads its page, and WILLNEED
+    /// supplies the lookahead the plan knows.
+    pub fn advise_random(&self, shards: &[Vec<Arc<Shard>>]) {
+        self.advised.call_once(|| {
+            for shard in shards.iter().flatten() {
+                super::random_access(shard.data());
+            }
+        });
+    }
+
+    /// Whether compact slots of the shards' dtype are read with io_uring by this fill:
+    /// while it is in use, and by one fill at a time once a backoff ran out (the others
+    /// copy for [`Backoff::first_ms`] more, or until that fill's read succeeded).
     pub(super) fn uring(&self) -> bool {
-        matches!(self.reader, Reader::Uring | Reader::UringDirect) && self.failed.get().is_none()
+        if !matches!(self.reader, Reader::Uring | Reader::UringDirect) {
+            return false;
+        }
+        match self.copy_until.load(Ordering::Relaxed) {
+            IN_USE => true,
+            GIVEN_UP => false,
+            until => {
+                let now = self.now_ms();
+                now >= until
+                    && self
+                        .copy_until
+                        .compare_exchange(
+                            until,
+                            now + self.backoff.first_ms,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+            }
+        }
     }
 
-    /// Gives io_uring up for good after `e`, an error of io_uring itself
-    /// ([`ReadError::is_io_uring`]) met after start: a refusal that persists (a seccomp
-    /// profile's, a kernel's) would otherwise fail every fill, each new ring passing its
-    /// one-time check and then failing. Logged once; the idle readers are closed, and
-    /// fills copy from the mappings from now on.
-    fn give_up(&self, e: &ReadError) {
-        let why = format!(
-            "[serve] reader = {:?} failed after start ({e}); compact slots are copied from \
-             the mappings (as \"mmap\") until restart",
-            self.reader.as_str()
-        );
-        if self.failed.set(why.clone()).is_ok() {
-            warn!("{why}");
-            let mut pool = self.lock();
-            pool.live -= pool.idle.len();
-            pool.idle.clear();
+    /// Milliseconds on the readers' clock, from 1 ([`IN_USE`] is 0).
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64 + 1
+    }
+
+    fn lock_health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves io_uring's [`Health`] on after `e`, an error of io_uring itself
+    /// ([`ReadError::is_io_uring`]) met after start. A refusal that lasts (a seccomp
+    /// profile's, a kernel's) gives it up for good: it would otherwise fail every fill,
+    /// each new ring passing its one-time check and then failing. One that may pass
+    /// ([`ReadError::is_transient`]: memory, descriptors, a full queue) copies from the
+    /// mappings for a backoff, then lets one fill try again; [`Backoff::tries`] of them
+    /// in a row give it up too. Each change is logged; the idle readers are closed
+    /// (their rings and bounce buffers freed, what a memory squeeze needs).
+    fn failed(&self, e: &ReadError) {
+        let now = self.now_ms();
+        let mut health = self.lock_health();
+        if !health.failed(now, e.is_transient(), e.to_string(), &self.backoff) {
+            return;
         }
-        // Fills waiting for a reader return too ([`Readers::take`] looks at `failed`):
-        // no reader will come back to wake them, and a waiter left asleep held its
-        // materializer thread, and its trainer's step, for good.
+        self.copy_until
+            .store(health.copy_until(), Ordering::Relaxed);
+        warn!("{}", self.describe(&health, now));
+        drop(health);
+        let mut pool = self.lock();
+        pool.live -= pool.idle.len();
+        pool.idle.clear();
+        drop(pool);
+        // Fills waiting for a reader return too ([`Readers::take`] looks at
+        // `copy_until`): once io_uring is given up no reader will come back to wake them,
+        // and a waiter left asleep held its materializer thread, and its trainer's step,
+        // for good.
         self.returned.notify_all();
+    }
+
+    /// A read succeeded while io_uring was not [`IN_USE`]: in use again once the backoff
+    /// ran out, logged.
+    fn succeeded(&self) {
+        let mut health = self.lock_health();
+        if let Some(failures) = health.succeeded(self.now_ms()) {
+            self.copy_until.store(IN_USE, Ordering::Relaxed);
+            info!(
+                reader = self.reader.as_str(),
+                "compact slots read with io_uring again, after {failures} failures in a row"
+            );
+        }
+    }
+
+    /// The error of a fill that finds io_uring given up.
+    fn given_up(&self) -> ReadError {
+        ReadError::Unavailable {
+            what: "io_uring failed after start",
+            source: std::io::Error::other(self.fallback().unwrap_or_default()),
+        }
     }
 
     /// The index in the registered files of `domain`'s shard `shard`.
@@ -269,14 +533,11 @@ impl Readers {
 
     /// Fills `dst` from `spans` with a reader of the pool (a new one when all are in
     /// use by other threads), and puts it back. An error of io_uring itself
-    /// ([`ReadError::is_io_uring`]) gives io_uring up for good ([`Readers::give_up`]): the
+    /// ([`ReadError::is_io_uring`]) moves its [`Health`] on ([`Readers::failed`]): the
     /// caller copies the spans from the mappings instead.
     pub(super) fn read(&self, spans: &[Span], dst: &mut [u8]) -> Result<(), ReadError> {
-        if let Some(why) = self.failed.get() {
-            return Err(ReadError::Unavailable {
-                what: "io_uring failed after start",
-                source: std::io::Error::other(why.clone()),
-            });
+        if self.copy_until.load(Ordering::Relaxed) == GIVEN_UP {
+            return Err(self.given_up());
         }
         let result = self.take().and_then(|mut r| {
             let result = r.read(spans, dst);
@@ -286,12 +547,12 @@ impl Readers {
             self.give(r, keep);
             result
         });
-        if let Err(e) = &result {
+        match &result {
+            Ok(()) if self.copy_until.load(Ordering::Relaxed) != IN_USE => self.succeeded(),
             // A reader that did not come back in time is not io_uring failing: this fill
             // alone is copied from the mappings.
-            if e.is_io_uring() && !matches!(e, ReadError::Busy { .. }) {
-                self.give_up(e);
-            }
+            Err(e) if e.is_io_uring() && !matches!(e, ReadError::Busy { .. }) => self.failed(e),
+            _ => {}
         }
         result
     }
@@ -299,7 +560,7 @@ impl Readers {
     /// Returns a reader taken with [`Readers::take`] (or drops it), waking a waiter.
     fn give(&self, r: UringReader, keep: bool) {
         let mut pool = self.lock();
-        if keep && self.failed.get().is_none() {
+        if keep && self.copy_until.load(Ordering::Relaxed) != GIVEN_UP {
             pool.idle.push(r);
         } else {
             // Its ring and buffers are gone: one more may open now, as one failed to when
@@ -323,11 +584,8 @@ impl Readers {
         let since = std::time::Instant::now();
         let mut pool = self.lock();
         loop {
-            if let Some(why) = self.failed.get() {
-                return Err(ReadError::Unavailable {
-                    what: "io_uring failed after start",
-                    source: std::io::Error::other(why.clone()),
-                });
+            if self.copy_until.load(Ordering::Relaxed) == GIVEN_UP {
+                return Err(self.given_up());
             }
             if let Some(r) = pool.idle.pop() {
                 return Ok(r);
@@ -411,6 +669,7 @@ mod tests {
         SlotJob, Source,
     };
     use crate::serve::ring::{Layout, Ring};
+    use std::time::Duration;
 
     /// [`shard_and_job`]'s shard (ids 7, token 10 is 9) in `dir`, a compact ring of one
     /// slot for its job, and that slot as the mmap copy fills it.
@@ -443,7 +702,7 @@ mod tests {
                 continue;
             }
             assert_eq!(src.readers.reader(), reader);
-            assert!(!src.readers.page_hints(true));
+            assert!(!src.readers.page_hints());
             // Dirty the rows, so only the reader can make them equal again.
             let rows = &layout.fields[0].1;
             slot[rows.offset..rows.offset + rows.bytes].fill(0xee);
@@ -771,6 +1030,191 @@ mod tests {
         assert!(readers.fallback().is_some(), "io_uring was given up");
     }
 
+    /// The transitions of io_uring's [`Health`]: failures that may pass back off
+    /// 1, 2, 4 s ... to the cap; a fill in flight when a backoff started neither counts
+    /// as a failure nor ends it; a read after the backoff puts io_uring back in use; the
+    /// `tries`-th failure in a row, or one refusal that lasts, gives it up for good.
+    #[test]
+    fn health_backs_off_on_failures_that_may_pass_and_gives_up_on_lasting_ones() {
+        let b = Backoff {
+            first_ms: 1000,
+            cap_ms: 4000,
+            tries: 4,
+        };
+        let delays: Vec<u64> = (1..=5).map(|n| b.delay_ms(n)).collect();
+        assert_eq!(delays, [1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(b.delay_ms(u32::MAX), 4000, "no overflow");
+        let mut h = Health::InUse;
+        assert!(h.failed(10, true, "ENOMEM".into(), &b));
+        assert_eq!(h.copy_until(), 1010);
+        // A fill in flight before the backoff: neither a failure nor a recovery.
+        assert!(!h.failed(500, true, "ENOMEM".into(), &b));
+        assert_eq!(h.succeeded(1009), None);
+        // The backoff ran out: the next failure counts and doubles it.
+        assert!(h.failed(1010, true, "EAGAIN".into(), &b));
+        let want = Health::Retrying {
+            failures: 2,
+            retry_at: 3010,
+            why: "EAGAIN".into(),
+        };
+        assert_eq!(h, want);
+        // A read after it: in use again, and the count starts over.
+        assert_eq!(h.succeeded(3010), Some(2));
+        assert_eq!((h.clone(), h.copy_until()), (Health::InUse, IN_USE));
+        assert_eq!(h.succeeded(4000), None);
+        let mut t = 5000;
+        for failures in 1..4 {
+            assert!(h.failed(t, true, "ENOMEM".into(), &b));
+            assert!(matches!(h, Health::Retrying { failures: f, .. } if f == failures));
+            t = h.copy_until();
+        }
+        assert!(h.failed(t, true, "ENOMEM".into(), &b));
+        let why = "4 failures in a row, the last: ENOMEM".to_string();
+        assert_eq!(h, Health::GivenUp { why });
+        assert_eq!(h.copy_until(), GIVEN_UP);
+        assert!(!h.failed(u64::MAX - 1, true, "x".into(), &b), "for good");
+        assert_eq!(h.succeeded(u64::MAX - 1), None);
+        // A refusal that lasts gives up at once.
+        let mut h = Health::InUse;
+        assert!(h.failed(10, false, "EPERM".into(), &b));
+        assert_eq!(
+            h,
+            Health::GivenUp {
+                why: "EPERM".into()
+            }
+        );
+    }
+
+    /// Regression: io_uring failing after start for want of memory (io_uring_setup's
+    /// ENOMEM: here a seccomp filter answers it in the filling thread, as a memory squeeze
+    /// or RLIMIT_MEMLOCK does) gave io_uring up until restart and copied from plain
+    /// mappings (`reader` `mmap`). Now that fill is copied, byte for byte as the mmap copy
+    /// does, from mappings with hints (`mmap-willneed`); fills copy until the backoff runs
+    /// out (they open no ring); then one tries again (failing: the backoff doubles;
+    /// succeeding: io_uring is in use again); `tries` failures in a row give it up for
+    /// good. The readers' clock is moved on instead of sleeping.
+    #[test]
+    fn io_uring_short_of_memory_is_retried_after_a_backoff_then_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut src, job, layout, ring, copied) = copied_slot(dir.path());
+        src.readers = Readers::open(Reader::Uring, &src.shards);
+        if let Some(why) = src.readers.fallback() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        src.readers.backoff = Backoff {
+            first_ms: 10_000,
+            cap_ms: 40_000,
+            tries: 3,
+        };
+        // No reader idle: the next fill sets one up.
+        src.readers.give(src.readers.take().unwrap(), false);
+        let (ring, layout, job) = (&ring, &layout, &job);
+        // A fill (in a thread where io_uring_setup fails with ENOMEM when `squeezed`):
+        // its result and slot; `None` where the kernel refuses the seccomp filter.
+        let fill = |src: &Source, squeezed: bool| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    if squeezed && !crate::sys::refuse_io_uring_in_this_thread(libc::ENOMEM) {
+                        return None;
+                    }
+                    let slot = &mut ring.claim(0).unwrap();
+                    let rows = &layout.fields[0].1;
+                    slot[rows.offset..rows.offset + rows.bytes].fill(0xee);
+                    let r = fill_slot(slot, layout, job, src).map_err(|e| e.to_string());
+                    Some((r, slot.to_vec() == copied))
+                })
+                .join()
+                .unwrap()
+            })
+        };
+        // Moves the readers' clock past the retry.
+        let wait_out = |r: &mut Readers| {
+            let ms = r.retry().map_or(0, |t| t.retry_in_ms) + 1;
+            r.born = r.born.checked_sub(Duration::from_millis(ms)).unwrap();
+        };
+        let Some(got) = fill(&src, true) else {
+            eprintln!("skipped: the kernel refused a seccomp filter");
+            return;
+        };
+        assert_eq!(got, (Ok(65), true));
+        let retry = src.readers.retry().expect("io_uring waits for a retry");
+        assert_eq!((retry.failures, retry.give_up_after), (1, 3));
+        assert!(
+            retry.retry_in_ms > 9_000 && retry.retry_in_ms <= 10_000,
+            "{retry:?}"
+        );
+        assert!(retry.error.contains("Cannot allocate memory"), "{retry:?}");
+        let why = src.readers.fallback().unwrap();
+        assert!(
+            why.contains(
+                "copied from the mappings (as \"mmap-willneed\") until io_uring is tried again in"
+            ) && why.contains("io_uring_setup: Cannot allocate memory"),
+            "{why}"
+        );
+        assert_eq!(src.readers.reader(), Reader::MmapWillneed);
+        assert!(
+            src.readers.page_hints(),
+            "the copy hints while io_uring waits"
+        );
+        // During the backoff a fill copies without trying io_uring: no ring is set up.
+        assert_eq!(fill(&src, false), Some((Ok(65), true)));
+        assert_eq!(
+            (src.readers.lock().live, src.readers.retry()),
+            (0, Some(retry))
+        );
+        // Past it, one fill tries again, fails, and the backoff doubles.
+        wait_out(&mut src.readers);
+        assert_eq!(fill(&src, true), Some((Ok(65), true)));
+        let retry = src.readers.retry().unwrap();
+        assert_eq!(retry.failures, 2);
+        assert!(retry.retry_in_ms > 19_000, "{retry:?}");
+        // Past that, a fill where io_uring can be set up reads with it again.
+        wait_out(&mut src.readers);
+        assert_eq!(fill(&src, false), Some((Ok(65), true)));
+        assert_eq!(src.readers.lock().live, 1, "the fill set a ring up");
+        assert_eq!((src.readers.retry(), src.readers.fallback()), (None, None));
+        assert_eq!(src.readers.reader(), Reader::Uring);
+        assert!(src.readers.uring() && !src.readers.page_hints());
+        // Three failures in a row give io_uring up for good.
+        src.readers.give(src.readers.take().unwrap(), false);
+        for _ in 0..3 {
+            assert_eq!(fill(&src, true), Some((Ok(65), true)));
+            wait_out(&mut src.readers);
+        }
+        let why = src.readers.fallback().unwrap();
+        assert!(
+            why.contains(
+                "failed after start (3 failures in a row, the last: io_uring is unavailable"
+            ) && why.contains("(as \"mmap-willneed\") until restart"),
+            "{why}"
+        );
+        assert_eq!(src.readers.retry(), None);
+        assert_eq!(src.readers.reader(), Reader::MmapWillneed);
+        assert!(!src.readers.uring() && src.readers.page_hints());
+        assert_eq!(fill(&src, false), Some((Ok(65), true)));
+        assert_eq!(src.readers.lock().live, 0, "no ring after giving up");
+    }
+
+    /// Without `[serve] page_hints`, io_uring's fallback copies from plain mappings and
+    /// hints nothing, as `mmap-willneed` then does.
+    #[test]
+    fn without_page_hints_the_fallback_copies_from_plain_mappings() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _, _) = shard_and_job(dir.path(), 7, (0, 7));
+        let readers = Readers::open_within(Reader::UringDirect, &src.shards, None, false);
+        if readers.fallback().is_some() {
+            return;
+        }
+        assert!(!readers.page_hints());
+        readers.failed(&ReadError::Ring {
+            what: "io_uring_enter",
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+        assert_eq!(readers.reader(), Reader::Mmap);
+        assert!(!readers.page_hints() && !readers.uring());
+    }
+
     /// Regression: an io_uring read that failed with an I/O error (EIO: a bad sector, a
     /// filesystem's checksum) failed the fill but did not poison the shard, though the
     /// mmap copy poisons it on the SIGBUS the same error raises there: every later fill
@@ -860,16 +1304,8 @@ mod tests {
     /// io_uring readers over `paths` in place of a shard's own files (its domain's shard
     /// 0 reads `paths[0]`).
     fn uring_readers_over(paths: Vec<std::path::PathBuf>) -> Readers {
-        Readers {
-            reader: Reader::Uring,
-            fallback: None,
-            files: Some(ShardFiles::open(&paths, false).unwrap()),
-            paths,
-            first: vec![0],
-            pool: Mutex::default(),
-            returned: Condvar::new(),
-            failed: OnceLock::new(),
-        }
+        let files = ShardFiles::open(&paths, false).unwrap();
+        Readers::new(Reader::Uring, paths, Some(files), vec![0], true)
     }
 
     /// Shard files that do not fit the descriptors the open-file limit leaves beyond the
@@ -880,7 +1316,7 @@ mod tests {
     fn readers_whose_files_exceed_the_spare_descriptors_fall_back_saying_so() {
         let dir = tempfile::tempdir().unwrap();
         let (src, _, _) = shard_and_job(dir.path(), 7, (10, 9));
-        let r = Readers::open_within(Reader::Uring, &src.shards, Some(0));
+        let r = Readers::open_within(Reader::Uring, &src.shards, Some(0), true);
         assert_eq!(r.reader(), Reader::MmapWillneed);
         let why = r.fallback().unwrap();
         assert!(
@@ -889,7 +1325,7 @@ mod tests {
                 && why.contains("LimitNOFILE="),
             "{why}"
         );
-        let r = Readers::open_within(Reader::UringDirect, &src.shards, Some(1));
+        let r = Readers::open_within(Reader::UringDirect, &src.shards, Some(1), true);
         let why = r.fallback().unwrap();
         assert!(
             why.contains("\"uring\"") && why.contains("need 2 open descriptors"),
@@ -910,15 +1346,17 @@ mod tests {
         assert_eq!(auto(1 << 42, None), Reader::Mmap);
         let r = Readers::open(Reader::Auto, &[]);
         assert_eq!(r.reader(), Reader::Mmap);
-        assert!(!r.page_hints(true));
+        assert!(!r.page_hints());
     }
 
     /// The mmap readers open nothing and hint only as `mmap-willneed`.
     #[test]
     fn mmap_readers_hint_only_when_asked() {
         let r = Readers::open(Reader::Mmap, &[]);
-        assert!(!r.uring() && !r.page_hints(true));
+        assert!(!r.uring() && !r.page_hints());
         let r = Readers::open(Reader::MmapWillneed, &[]);
-        assert!(!r.uring() && r.page_hints(true) && !r.page_hints(false));
+        assert!(!r.uring() && r.page_hints());
+        let r = Readers::open_within(Reader::MmapWillneed, &[], None, false);
+        assert!(!r.uring() && !r.page_hints());
     }
 }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::fill::{random_access, SlotJob, Source};
+use super::fill::{SlotJob, Source};
 use super::ring::{Ring, TokenType};
 use crate::plan::{cursor, Plan, Planner};
 use crate::wire::protocol::Welcome;
@@ -60,8 +60,6 @@ pub struct HubSettings {
     pub token: TokenType,
     /// Most clients connected at once.
     pub max_clients: usize,
-    /// Issue MADV_WILLNEED for planned spans.
-    pub hints: bool,
     /// Most bytes all rings together may take (`[serve] ring_memory_bytes`): a job whose
     /// ring would pass it is refused with `memory`.
     pub ring_budget: u64,
@@ -528,10 +526,8 @@ impl Hub {
         {
             warn!("cannot install the SIGBUS guard ({e}); a shard truncated while served will stop the daemon");
         }
-        if settings.hints {
-            for shard in source.shards.iter().flatten() {
-                random_access(shard.data());
-            }
+        if source.readers.page_hints() {
+            source.readers.advise_random(&source.shards);
         }
         // Room for `[serve] live_changes` one-point changes and a few stages at any number
         // of domains; a change that would not fit is refused (write the mixture into the

@@ -420,7 +420,10 @@ impl Hub {
             return Err(name);
         }
         let hint = |rows: &[Row]| {
-            if self.settings.hints {
+            // Asked per planned step, not once at start: io_uring's fallback copy hints
+            // while io_uring is not in use (fill::Readers::page_hints).
+            if self.source.readers.page_hints() {
+                self.source.readers.advise_random(&self.source.shards);
                 self.hint(rows);
             }
         };

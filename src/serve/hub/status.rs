@@ -299,7 +299,8 @@ impl Hub {
             .collect();
         out.poisoned_shards_total = (out.poisoned_shards.len() + poisoned.count()) as u64;
         out.reader = self.source.readers.reader().as_str().to_string();
-        out.reader_fallback = self.source.readers.fallback().map(str::to_string);
+        out.reader_fallback = self.source.readers.fallback();
+        out.reader_retry = self.source.readers.retry();
         // Fills in flight past the watchdog's bound: the file and bytes each reads.
         out.stuck_fills = self.stuck_fills(crate::serve::fill::STUCK_FILL);
         out
