@@ -515,28 +515,9 @@ fn on_ramfs(file: &Path, ram: &Path) -> impl FnMut() -> std::io::Result<()> + Se
     let (target, mount_at, copy) = (c(file), c(ram), c(&ram.join("shard.bin")));
     let bytes = std::fs::read(file).unwrap();
     move || {
-        let check = |r: libc::c_int| match r {
-            0 => Ok(()),
-            _ => Err(std::io::Error::last_os_error()),
-        };
-        let none = std::ptr::null();
         // SAFETY: system calls on C strings and bytes owned by the closure, in the child.
         unsafe {
-            check(libc::unshare(libc::CLONE_NEWNS))?;
-            check(libc::mount(
-                c"none".as_ptr(),
-                c"/".as_ptr(),
-                none,
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
-            check(libc::mount(
-                c"ramfs".as_ptr(),
-                mount_at.as_ptr(),
-                c"ramfs".as_ptr(),
-                0,
-                std::ptr::null(),
-            ))?;
+            common::mount_in_own_namespace(c"ramfs", &mount_at, None)?;
             let fd = libc::open(copy.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600);
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -550,13 +531,17 @@ fn on_ramfs(file: &Path, ram: &Path) -> impl FnMut() -> std::io::Result<()> + Se
                 done += n as usize;
             }
             libc::close(fd);
-            check(libc::mount(
+            let none = std::ptr::null();
+            match libc::mount(
                 copy.as_ptr(),
                 target.as_ptr(),
                 none,
                 libc::MS_BIND,
-                std::ptr::null(),
-            ))
+                none.cast(),
+            ) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
         }
     }
 }

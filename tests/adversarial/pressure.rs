@@ -121,26 +121,7 @@ fn full_tmpfs_at(cmd: &mut Command, dir: &Path) {
     // SAFETY: only system calls on memory owned by the closure, in the child.
     unsafe {
         cmd.pre_exec(move || {
-            let check = |r: libc::c_int| match r {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            };
-            check(libc::unshare(libc::CLONE_NEWNS))?;
-            let none = std::ptr::null();
-            check(libc::mount(
-                c"none".as_ptr(),
-                c"/".as_ptr(),
-                none,
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
-            check(libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                c"size=4k".as_ptr().cast(),
-            ))?;
+            common::mount_in_own_namespace(c"tmpfs", &target, Some(c"size=4k"))?;
             let fd = libc::open(fill.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600);
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());

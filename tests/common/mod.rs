@@ -468,6 +468,44 @@ pub fn skip_unless_root(test: &str, why: &str) -> bool {
     true
 }
 
+/// In the process about to exec (a `pre_exec` hook): a mount namespace of its own, with
+/// a fresh `fstype` (mount options `options`) mounted at `target`, which exists; the
+/// test's own namespace is left alone. How the tests give the daemon a full disk or a
+/// filesystem without O_DIRECT (needs root).
+///
+/// # Safety
+/// Only between fork and exec: system calls on the C strings passed in.
+pub unsafe fn mount_in_own_namespace(
+    fstype: &std::ffi::CStr,
+    target: &std::ffi::CStr,
+    options: Option<&std::ffi::CStr>,
+) -> std::io::Result<()> {
+    let check = |r: libc::c_int| match r {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    };
+    let data = options.map_or(std::ptr::null(), |o| o.as_ptr().cast());
+    // SAFETY: the caller runs this in a child between fork and exec; every pointer is a
+    // C string that outlives the calls, or null where the call allows it.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data,
+        ))
+    }
+}
+
 /// `millrace explain --json` for steps `start..start + count` of rank `rank.0` of
 /// `rank.1`: per step its number and its rows, each the tokens the explanation's
 /// segments name, read from the shards through `Shard` and padded with `pad` to the
