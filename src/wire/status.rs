@@ -76,7 +76,8 @@ pub struct Status {
     /// Poisoned shards, all of them (`poisoned_shards` may list fewer).
     pub poisoned_shards_total: u64,
     /// The reader that fills compact slots now (`mmap`, `mmap-willneed`, `uring`,
-    /// `uring-direct`): `mmap` after io_uring failed under a running daemon.
+    /// `uring-direct`): `mmap-willneed` (`mmap` without `page_hints`) while io_uring,
+    /// having failed under a running daemon, waits for a retry or was given up.
     pub reader: String,
     /// Why the configured `[serve] reader` is not the one in use; null when it is.
     pub reader_fallback: Option<String>,

@@ -346,8 +346,9 @@ impl Readers {
     }
 
     /// The copy compact slots fall back to while io_uring is not in use after start: a
-    /// cold-path reader's, with the hints that make the copy 2-4x faster cold than plain
-    /// readahead (docs/BENCHMARKS.md, "The cold data path at 10^10 tokens").
+    /// cold-path reader's, with the hints that made the copy 2.2-2.6x faster cold than
+    /// plain readahead over 2% of a 10^10-token corpus (docs/BENCHMARKS.md, "The cold data
+    /// path at 10^10 tokens").
     fn copy_reader(&self) -> Reader {
         match self.page_hints {
             true => Reader::MmapWillneed,
