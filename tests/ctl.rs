@@ -1204,6 +1204,59 @@ fn top_outlasts_the_control_idle_timeout() {
     assert!(!ring.contains(" - "), "{ring}");
 }
 
+/// `top` across a ring freed and made again between its two statuses: a trainer of job
+/// "remade" reads a few steps as dp rank 0 of 2, hangs up, and reconnects as rank 0 of 1
+/// (twice the rows a step) to read more. The new ring is not the old one (its serial
+/// differs), so its line shows no rate; `top` took the new ring's counters less the old
+/// one's as the interval's growth (tokens/s and steps/s of a ring that did not exist at
+/// the first status).
+#[test]
+fn top_shows_no_rate_for_a_ring_remade_between_its_statuses() {
+    let f = fixture();
+    let _d = f.serve();
+    let hello = |dp_size: u32| {
+        let mut h = Hello::new(0, dp_size, ROWS / dp_size, 1);
+        h.job = "remade".into();
+        h
+    };
+    let mut c = Client::connect(&f.socket, &hello(2)).unwrap();
+    c.set_timeout(Some(TIMEOUT));
+    read_steps(&mut c, 3);
+    let serial = |st: &Value| st["jobs"][0]["rings"][0]["serial"].as_u64();
+    let deadline = Instant::now() + TIMEOUT;
+    while f.status()["jobs"][0]["rings"][0]["released_step"].as_u64() < Some(2) {
+        assert!(Instant::now() < deadline, "rank 0 never released 2 steps");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = serial(&f.status());
+    let top = std::thread::spawn({
+        let sock = f.sock().to_string();
+        move || ok(&["top", "--socket", &sock, "--once", "--interval", "4"])
+    });
+    // `top` has taken its first status; the ring goes and comes back within the interval.
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(c);
+    while !f.status()["jobs"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the job never left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = Client::connect(&f.socket, &hello(1)).unwrap();
+    c.set_timeout(Some(TIMEOUT));
+    read_steps(&mut c, 6);
+    let text = top.join().unwrap();
+    let ring = text
+        .lines()
+        .find(|l| l.starts_with("remade"))
+        .unwrap_or_else(|| panic!("no ring line:\n{text}"));
+    let cols: Vec<&str> = ring.split_whitespace().collect();
+    // job, rank, step, tokens/s, steps/s: no rate for a ring new since the first status.
+    assert_eq!(cols[3..5], ["-", "-"], "{ring}");
+    // STATUS tells the two rings apart.
+    let st = f.status();
+    assert!(first.is_some() && serial(&st) != first, "{st}");
+    drop(c);
+}
+
 /// A daemon told to stop, seen on a control connection opened before (as `top` keeps
 /// one; the socket file is gone): STATUS says it drains, and `status` and `top` say so.
 /// It looked like a daemon serving as usual, stalled.

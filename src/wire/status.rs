@@ -227,6 +227,10 @@ pub struct RingStatus {
     pub release_frames: u64,
     /// The lowest step every peer has released.
     pub released_step: u64,
+    /// The ring's own number in this daemon: a ring made again under the same job and
+    /// rank has another, and its figures start from zero, so `top` and the exporter take
+    /// no difference across two rings (0 from a daemon that did not send it).
+    pub serial: u64,
     /// Slots in the ring.
     pub slots: u32,
     /// Tokens delivered (batches x tokens per step).
@@ -237,11 +241,6 @@ pub struct RingStatus {
     /// Publishes whose wake-up was held back and sent with a later one
     /// (`[serve] wake_coalesce_us`).
     pub wakes_deferred: u64,
-    /// For /metrics only (not part of STATUS): the ring's own number in this daemon. A
-    /// ring made again under the same job and rank has another, and its figures start
-    /// from zero.
-    #[serde(skip)]
-    pub serial: u64,
 }
 
 /// One replica reading a ring.

@@ -61,8 +61,9 @@ pub(super) fn bar_with_mark(frac: f64, mark: f64, width: usize) -> String {
 
 /// One frame of `millrace top`, from the latest STATUS (`now`) and, for rates, the
 /// previous one and the seconds between them. Pure, so it is tested on sample statuses;
-/// a counter that went backwards (a new ring, a restarted daemon) shows no rate. Lines
-/// are cut to `width` characters.
+/// a ring made again since (another serial: its counters started over, and may already
+/// be past the old ring's), a restarted daemon or a counter that went backwards shows no
+/// rate. Lines are cut to `width` characters.
 pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> String {
     let width = width.max(40);
     // Rates only between two statuses of one daemon process (pid 0: none reported).
@@ -114,7 +115,7 @@ pub fn render(now: &Status, prev: Option<(&Status, f64)>, width: usize) -> Strin
                     .iter()
                     .filter(|pj| pj.job == j.job)
                     .flat_map(|pj| &pj.rings)
-                    .find(|pr| pr.dp_rank == r.dp_rank)
+                    .find(|pr| pr.dp_rank == r.dp_rank && pr.serial == r.serial)
                     .map(|pr| (pr, dt))
             });
             let rate = |field: fn(&RingStatus) -> f64| -> Option<f64> {
@@ -544,6 +545,14 @@ mod tests {
         let text = render(&later, Some((&now, 1.0)), 100);
         let ring0 = text.lines().find(|l| l.starts_with("default")).unwrap();
         assert!(ring0.contains(" - "), "{ring0}");
+        // Nor does a ring made again whose counters are already past the old one's.
+        let mut remade = sample_status(9_000_000, 90, 0.75);
+        for r in remade.jobs.iter_mut().flat_map(|j| j.rings.iter_mut()) {
+            r.serial += 1;
+        }
+        let text = render(&remade, Some((&now, 1.0)), 100);
+        let ring0 = text.lines().find(|l| l.starts_with("default")).unwrap();
+        assert!(ring0.contains(" - ") && !ring0.contains("M "), "{ring0}");
     }
 
     /// Fields a daemon did not send (read as defaults) and values out of range (a share
