@@ -1413,6 +1413,67 @@ fn status_of_a_long_journal_of_long_names_stays_within_its_frame() {
     assert_eq!(f.journal().len() as u64, CHANGES);
 }
 
+/// The CPU seconds (user and system) process `pid` has used.
+fn cpu_seconds(pid: libc::pid_t) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = (rest.split_whitespace())
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    (f[0] + f[1]) as f64 / hz
+}
+
+/// What a long journal costs an idle daemon with metrics on (24 live changes of 300
+/// domains named at the 4,096-byte limit): each second's export built the journal STATUS
+/// lists (7.4 MB as JSON here, up to 8 MiB) and dropped it unread. The figures of
+/// BENCHMARKS.md ("What the operator's replies cost at their edges") come from this
+/// test (`--nocapture`); its bound only catches a gross cost, /proc's CPU times count in
+/// 10 ms ticks. The exact check is the hub's unit test
+/// `the_exporters_status_counts_the_journal_without_listing_it`.
+#[test]
+fn the_exporter_builds_no_journal() {
+    const DOMAINS: usize = 300;
+    const CHANGES: u64 = 24;
+    const IDLE: Duration = Duration::from_secs(10);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let serve = format!("live_changes = 4096\nmetrics_addr = \"127.0.0.1:{port}\"\n");
+    let f = long_named(DOMAINS, 300_000, &serve);
+    let d = f.serve_slowly();
+    let idle_cpu = || {
+        std::thread::sleep(Duration::from_secs(2));
+        let before = cpu_seconds(d.pid());
+        std::thread::sleep(IDLE);
+        (cpu_seconds(d.pid()) - before) / IDLE.as_secs_f64()
+    };
+    let empty = idle_cpu();
+    f.change_first_weight(CHANGES);
+    let long = idle_cpu();
+    // What each export built and dropped before: the journal STATUS lists.
+    let r = control::request(&f.socket, &control::status_request(), TIMEOUT).unwrap();
+    let listed = r["status"]["journal"].to_string().len();
+    eprintln!(
+        "idle daemon with metrics on: {:.1} ms of CPU a second with no journal, {:.1} ms \
+         with {CHANGES} changes of {DOMAINS} long-named domains (STATUS lists {listed} \
+         bytes of them)",
+        empty * 1e3,
+        long * 1e3
+    );
+    assert!(listed > 1 << 20, "STATUS lists {listed} bytes of journal");
+    assert!(
+        long < empty + 0.02,
+        "the daemon spends {:.1} ms of CPU a second with the long journal, {:.1} ms without",
+        long * 1e3,
+        empty * 1e3
+    );
+}
+
 /// The daemon's peak resident memory (VmHWM), in kB.
 fn peak_kb(pid: libc::pid_t) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -162,16 +162,19 @@ impl Hub {
 
     /// [`Hub::status`] for the exporter: with the last figures of the rings and jobs
     /// gone since its last call (`Status::departed_rings`, `departed_jobs`), taken in
-    /// the same look. The first call starts keeping them.
+    /// the same look (the first call starts keeping them), and without the journal's
+    /// entries, which no metric reads (`journal_changes` still counts them): each
+    /// second's export built up to [`STATUS_JOURNAL_BYTES`] of them and dropped them.
     pub fn status_for_export(&self) -> Status {
         self.status_taking(true)
     }
 
-    fn status_taking(&self, departed: bool) -> Status {
+    /// STATUS; `export`: as [`Hub::status_for_export`] takes it.
+    fn status_taking(&self, export: bool) -> Status {
         let now = Instant::now();
         let ((plan, sources), mut out, best, delivered) = {
             let mut st = self.lock();
-            let gone = match departed {
+            let gone = match export {
                 true => st.departed.replace(Default::default()).unwrap_or_default(),
                 false => Default::default(),
             };
@@ -238,7 +241,9 @@ impl Hub {
             (Self::journal_parts(&st), out, best, delivered)
         };
         out.journal_changes = plan.journal().len() as u64;
-        (out.journal, out.journal_omitted) = Self::status_journal(&plan, &sources);
+        if !export {
+            (out.journal, out.journal_omitted) = Self::status_journal(&plan, &sources);
+        }
         // Realized: the share of real tokens each domain got in every slot published so
         // far. Target: the token shares the schedule asks for at the most advanced
         // ring's step. Rows come from that ring's published cursor; epochs from its
@@ -396,5 +401,67 @@ impl RingEntry {
                 *best = Some((c.step, c.mark.clone(), epochs));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::phase::tests::plan;
+    use super::super::{Hub, HubSettings};
+    use crate::config::serve::Reader;
+    use crate::corpus::DType;
+    use crate::plan::Change;
+    use crate::serve::fill::{Readers, Source};
+    use crate::serve::ring::TokenType;
+
+    /// A hub over the one-domain test plan with `changes` live weight changes.
+    fn hub(changes: u64) -> Hub {
+        let journal = (0..changes)
+            .map(|i| Change {
+                at: 10 + i,
+                points: vec![(10 + i, vec![1.0 + i as f64])],
+                stage: None,
+            })
+            .collect();
+        let plan = plan()
+            .with_journal(journal)
+            .expect("weights of the one domain");
+        let source = Source {
+            shards: vec![Vec::new()],
+            pad_token: 0,
+            vocab_size: None,
+            readers: Readers::copy(Reader::Mmap),
+        };
+        let settings = HubSettings {
+            slots: 4,
+            prefetch: 2,
+            token: TokenType(DType::Int32),
+            max_clients: 4,
+            hints: false,
+            ring_budget: 1 << 30,
+            stage_reserve: 0,
+            checkpoints: None,
+            wake_coalesce: Duration::ZERO,
+            live_changes: 32,
+        };
+        Hub::new(std::sync::Arc::new(plan), source, settings)
+    }
+
+    /// The exporter's STATUS counts the journal but lists none of it: no metric reads
+    /// an entry. It listed every change STATUS does (up to 8 MiB of them, each second).
+    #[test]
+    fn the_exporters_status_counts_the_journal_without_listing_it() {
+        let hub = hub(3);
+        let full = hub.status();
+        assert_eq!((full.journal_changes, full.journal.len()), (3, 3));
+        let export = hub.status_for_export();
+        assert_eq!(export.journal_changes, 3);
+        assert!(
+            export.journal.is_empty() && export.journal_omitted.is_none(),
+            "the exporter's STATUS lists {} changes",
+            export.journal.len()
+        );
     }
 }
