@@ -978,6 +978,178 @@ fn a_rank_lacking_the_change_follows_the_journal_a_later_rank_brings() {
     drop((older, newer));
 }
 
+/// Two dp ranks of one job restored from blobs on either side of a live change's
+/// arrival, the one lacking it first and read past the change's step: the rank whose
+/// blob carries the change is served and the journal adopted; the other rank's ring
+/// stops at the change's step (`ERROR cursor`, saying to reconnect), and reconnected
+/// from its blob it follows the run with the change, as the rank that brought it does.
+/// The rank carrying the change was refused before, with the stale rank connected, and
+/// on every restart in which the stale rank came first.
+#[test]
+fn a_rank_lacking_the_change_stops_when_a_rank_of_its_job_brings_it() {
+    const AT: u64 = 10;
+    const LAST: u64 = 30;
+    const HALF: usize = (ROWS / 2) as usize;
+    let f = fixture("watch_config = false\n");
+    let (a_steps, _) = run_with_a_change(&f, "train", AT, LAST);
+    let (old, new) = (&a_steps[1].cursor, &a_steps[AT as usize + 2].cursor);
+    let config_rows = domains_of(&f.load().plan, LAST + 1);
+    let a_rows: Vec<Vec<u16>> = a_steps.iter().map(|s| s.domains.clone()).collect();
+    let half = |rows: &[u16], rank: usize| rows[rank * HALF..(rank + 1) * HALF].to_vec();
+    assert!(
+        (AT..AT + 3).any(|s| half(&config_rows[s as usize], 0) != half(&a_rows[s as usize], 0)),
+        "test setup: rank 0's rows do not tell the journals apart in steps {AT}..{}",
+        AT + 3
+    );
+    let hello = |rank: u32, blob: &[u8]| {
+        let mut h = Hello::new(rank, 2, ROWS / 2, 1);
+        h.job = "train".into();
+        h.cursor = Some(hex(blob));
+        h
+    };
+    // Each rank's steps are the run's: its half of the rows, and the run's cursor (which
+    // carries the change also where the first daemon's, published before it, did not).
+    let journal_of = |b: &[u8]| millrace::plan::cursor::decode(b).map(|d| d.journal.len());
+    let check = |got: &[Step], rank: usize, want: &[Step], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.step, w.step, "{what}");
+            assert_eq!(g.domains, half(&w.domains, rank), "{what}: step {}", g.step);
+            match journal_of(&w.cursor).ok() {
+                Some(1) => assert!(g.cursor == w.cursor, "{what}: step {}: cursor", g.step),
+                _ => assert_eq!(
+                    journal_of(&g.cursor).ok(),
+                    Some(1),
+                    "{what}: step {}",
+                    g.step
+                ),
+            }
+        }
+    };
+    let d = f.serve();
+    let mut older = f
+        .connect_with(&hello(0, old))
+        .expect("the older blob resumes");
+    let got = read(&mut older, AT + 2);
+    assert_eq!(got.last().map(|s| s.step), Some(AT + 3));
+    for s in &got {
+        assert_eq!(s.domains, half(&config_rows[s.step as usize], 0));
+    }
+    let mut newer = f.connect_with(&hello(1, new)).unwrap_or_else(|e| {
+        panic!(
+            "the rank carrying the change was refused: {e}\n{}",
+            d.log_text()
+        )
+    });
+    let journal = f.journal();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    assert_eq!(journal[0]["source"], "cursor", "{journal:?}");
+    // The stale rank reads no step from AT on: its ring stops, saying why and what to do.
+    let why = loop {
+        match older.next_batch() {
+            Ok(v) => assert!(
+                v.step < AT,
+                "rank 0 read step {} without the change",
+                v.step
+            ),
+            Err(e) => break e,
+        }
+    };
+    match &why {
+        ClientError::Daemon { code, message } => {
+            assert_eq!(code, "cursor", "{message}");
+            assert!(
+                message.contains(&format!("step {AT}")) && message.contains("reconnect"),
+                "{message}"
+            );
+        }
+        e => panic!("rank 0 ended with {e}, not ERROR cursor"),
+    }
+    drop(older);
+    let got = read(&mut newer, LAST - AT - 2);
+    check(
+        &got,
+        1,
+        &a_steps[AT as usize + 3..],
+        "the rank that brought the change",
+    );
+    // Reconnected from its blob (before the change's step), rank 0 follows it.
+    let mut older = wait_for("rank 0 to reconnect", Duration::from_secs(10), || {
+        f.connect_with(&hello(0, old)).map_err(|e| e.to_string())
+    });
+    let got = read(&mut older, LAST - 1);
+    check(
+        &got,
+        0,
+        &a_steps[2..],
+        "the rank that lacked the change, reconnected",
+    );
+    assert_eq!(f.journal().len(), 1);
+    drop((older, newer, d));
+}
+
+/// A TP peer whose blob carries a live change, arriving at its rank's ring that a peer
+/// without a blob started and that was served past the change's step: the change is
+/// adopted and that ring stops (`ERROR cursor`); the peer is refused `busy` meanwhile,
+/// its retry is served, and the other peer rejoins; both read the run's steps.
+#[test]
+fn a_tp_peer_bringing_a_change_stops_its_rings_stale_stream_and_is_served_on_retry() {
+    const AT: u64 = 10;
+    const LAST: u64 = 30;
+    let f = fixture("watch_config = false\n");
+    let (a_steps, _) = run_with_a_change(&f, "train", AT, LAST);
+    let start = AT + 3;
+    let new = &a_steps[start as usize - 1].cursor;
+    let peer = |replica: &str, blob: Option<&[u8]>| {
+        let mut h = f.hello("train");
+        h.replicas = 2;
+        h.replica = replica.into();
+        h.start_step = Some(start);
+        h.cursor = blob.map(hex);
+        h
+    };
+    let d = f.serve();
+    let mut a = f
+        .connect_with(&peer("a", None))
+        .expect("a fresh peer starts");
+    // Its ring streams at once, past AT, under the config's journal.
+    wait_for("the ring to publish", SETTLE, || {
+        let st = f.status();
+        match st["jobs"][0]["rings"][0]["published_step"].as_u64() {
+            Some(p) if p > start => Ok(()),
+            _ => Err(st.to_string()),
+        }
+    });
+    match f.connect_with(&peer("b", Some(new))) {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "busy", "{message}");
+            assert!(message.contains("retry"), "{message}");
+        }
+        Err(e) => panic!("peer b: {e}\n{}", d.log_text()),
+        Ok(_) => panic!("peer b joined a ring serving another journal"),
+    }
+    assert_eq!(f.journal().len(), 1, "the change was not adopted");
+    match a.next_batch().map(|v| v.step) {
+        Err(ClientError::Daemon { code, message }) => assert_eq!(code, "cursor", "{message}"),
+        r => panic!("peer a read on: {r:?}"),
+    }
+    drop(a);
+    let mut b = wait_for("peer b's retry", Duration::from_secs(10), || {
+        f.connect_with(&peer("b", Some(new)))
+            .map_err(|e| e.to_string())
+    });
+    let mut a = f.connect_with(&peer("a", None)).expect("peer a rejoins");
+    // Peers of one ring read in step (a slot is free once both released it).
+    for w in &a_steps[start as usize..] {
+        for (c, what) in [(&mut a, "peer a"), (&mut b, "peer b")] {
+            let g = &read(c, 1)[0];
+            assert_eq!((g.step, &g.domains), (w.step, &w.domains), "{what}");
+            assert!(g.cursor == w.cursor, "{what}: step {}: cursor", g.step);
+        }
+    }
+    drop((a, b, d));
+}
+
 /// A run of 300 domains. Its cursor blobs are longer than a 64 KiB frame holds as hex,
 /// its `status` longer than one such frame, and a journal of a fixed 16 KiB held 5
 /// `set-weights` of 400 domains and no stage: here a dozen weight changes and a stage are

@@ -7,11 +7,11 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::join::{Joined, Joiner};
 use super::seeks::{NotAdmitted, NotSought, SeekFlights, SeekTicket};
-use super::shape::{refuse_cursor, served_live, served_refusal, Shape};
+use super::shape::{refuse_cursor, served_live, stale_ranks, Shape};
 use super::{Admission, EventFd, Freed, Hub, Job, ReleasePage, RingEntry, Standing, State};
 use crate::config::plan::MAX_STEP;
 use crate::plan::journal;
@@ -207,7 +207,7 @@ impl Hub {
         if !Arc::ptr_eq(&st.plan, &seen) {
             return Ok(None);
         }
-        let replaces = self.check_room(&st, resumed.as_ref(), &hello.job)?;
+        let room = self.check_room(&st, resumed.as_ref(), &hello.job)?;
         let uid_rings = match share {
             Some(s) => Some((s, self.check_uid_clients(&st, s)?)),
             None => None,
@@ -251,6 +251,29 @@ impl Hub {
             )
             .into());
         }
+        // A ring of this rank that lacks the blob's change (a peer of this client resumed
+        // from an older blob, or one without a blob) cannot be joined: the change is put
+        // in force and that ring stopped, and this client retries once its peers have
+        // been told (the connection ends at once).
+        if let Some(p) = adopt
+            .clone()
+            .filter(|_| room.stale.contains(&hello.dp_rank))
+        {
+            self.adopt(&mut st, &seen, p, hello, &room)?;
+            return Err(Refusal::new(
+                Code::Busy,
+                format!(
+                    "the ring of job {:?} dp_rank {} was served steps without the live \
+                     change this cursor blob carries (its peers resumed from an older \
+                     blob) and stops; the change is in force now: retry",
+                    hello.job, hello.dp_rank
+                ),
+            )
+            .into());
+        }
+        let Some(job) = st.jobs.get_mut(&hello.job) else {
+            return Err(Refusal::new(Code::Busy, "the job was just torn down; retry").into());
+        };
         // Every refusal below leaves the job as it was; a job this client just created
         // is removed again, so its dp_size does not bind the next client.
         let outcome = match job.rings.get_mut(&hello.dp_rank) {
@@ -265,7 +288,7 @@ impl Hub {
             ),
         };
         let outcome = match (outcome, adopt) {
-            (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello, replaces) {
+            (Ok(x), Some(p)) => match self.adopt(&mut st, &seen, p, hello, &room) {
                 Ok(()) => Ok(x),
                 Err(r) => {
                     freed.extend(Self::unjoin(&mut st, &hello.job, hello.dp_rank, peer_id, x));
@@ -395,31 +418,32 @@ impl Hub {
     }
 
     /// Whether the daemon takes one more client now: it is not stopping, has room, and
-    /// the blob's changes (if `resumed` adopts any) could not rewrite what clients
-    /// connected now (of any job) already received. A blob's changes are adopted only
+    /// the blob's changes (if `resumed` adopts any) could not rewrite what clients of
+    /// other jobs connected now already received. A blob's changes are adopted only
     /// once every other check has passed, but one like that is refused before anything
     /// else, naming the jobs that received those steps.
     ///
     /// Steps served only to jobs that have left do not bind a blob: a job that reached a
     /// restarted daemon first (an eval job, any client without a blob) read them under
     /// the config's journal, and counting them for good made the daemon refuse the
-    /// training job's blobs until yet another restart. `Ok(true)` when the blob's
+    /// training job's blobs until yet another restart. `replaces` when the blob's
     /// changes rewrite such steps: its journal then replaces the one they were served
-    /// under ([`Hub::adopt`]).
+    /// under ([`Hub::adopt`]). Nor do the steps of the blob's own job's ranks that
+    /// resumed from blobs saved before its change (`stale`, [`stale_ranks`]): their
+    /// rings stop when it is adopted.
     fn check_room(
         &self,
         st: &State,
         resumed: Option<&Resumed>,
         job: &str,
-    ) -> Result<bool, Refusal> {
+    ) -> Result<Room, Refusal> {
         if st.stopping || st.draining {
             return Err(Refusal::new(Code::Busy, "the daemon is shutting down"));
         }
-        let mut replaces = false;
+        let mut room = Room::default();
         if let Some(r) = resumed {
-            r.check_served(served_live(st), &st.plan)
-                .map_err(|e| served_refusal(st, r, job, e))?;
-            replaces = r.check_served(st.first_changeable(), &st.plan).is_err();
+            room.stale = stale_ranks(st, r, job)?;
+            room.replaces = r.check_served(st.first_changeable(), &st.plan).is_err();
         }
         if st.clients >= self.settings.max_clients {
             return Err(Refusal::new(
@@ -430,7 +454,7 @@ impl Hub {
                 ),
             ));
         }
-        Ok(replaces)
+        Ok(room)
     }
 
     /// The ring bytes `share`'s uid holds now; refused `busy` when its clients are at its
@@ -601,21 +625,27 @@ impl Hub {
 
     /// Puts the plan a client's blob brought in force. Its journal extends ours, or
     /// replaced a tail of ours that one of its changes superseded. All or nothing: a
-    /// failed install leaves every ring as it was. `replaces`: its changes rewrite steps
-    /// served only to jobs that have left ([`Hub::check_room`]); what they were served
-    /// under no longer bounds the first changeable step, which drops to the steps of the
-    /// rings connected now.
+    /// failed install leaves every ring as it was. `room.replaces`: its changes rewrite
+    /// steps served only to jobs that have left ([`Hub::check_room`]); what they were
+    /// served under no longer bounds the first changeable step, which drops to the steps
+    /// of the rings connected now. `room.stale`: the rings of the client's job that were
+    /// served steps without its changes stop, from the first step they change on.
     fn adopt(
         &self,
         st: &mut State,
         seen: &Plan,
         plan: Arc<Plan>,
         hello: &Hello,
-        replaces: bool,
+        room: &Room,
     ) -> Result<(), Refusal> {
         let kept = journal::common_prefix(seen.journal(), plan.journal());
         let n = plan.journal().len() - kept;
-        self.install(st, plan).map_err(|e| {
+        let first = plan
+            .journal()
+            .get(kept)
+            .map(|c| (c.at, plan.trainer_step_of(c.at)));
+        let stale = (hello.job.as_str(), room.stale.as_slice());
+        self.install_besides(st, plan, stale).map_err(|e| {
             // A stage the rings cannot serve never will: the blob is refused as such.
             let code = match e.code() {
                 Code::Invalid => Code::Cursor,
@@ -624,7 +654,16 @@ impl Hub {
             Refusal::new(code, format!("adopting the blob's journal: {e}"))
         })?;
         super::live::warn_hidden(&st.plan, seen);
-        if replaces {
+        if let (Some((at, from)), Some(job)) = (first, st.jobs.get_mut(&hello.job)) {
+            for &r in &room.stale {
+                let Some(e) = job.rings.get_mut(&r) else {
+                    continue;
+                };
+                warn!(job = %hello.job, dp_rank = r, from, by = hello.dp_rank, "a rank's cursor blob carries a live change this rank's stream lacks past its step: this ring stops");
+                e.fail_from(from, stale_failure(hello, r, at, from));
+            }
+        }
+        if room.replaces {
             let live = served_live(st);
             let was = std::mem::replace(&mut st.watermark, live);
             info!(job = %hello.job, was, now = live, "a cursor blob's changes rewrite steps served only to jobs that have left: the first changeable step drops to the connected rings'");
@@ -722,6 +761,34 @@ impl Hub {
 /// RLIMIT_FSIZE below the memfd's size), which retrying does not change, else `busy`.
 /// All of them were `busy`, so a trainer under such a limit retried for its whole
 /// `reconnect_timeout` before failing with what read like a passing condition.
+/// What [`Hub::check_room`] found a blob's changes may rewrite.
+#[derive(Default)]
+struct Room {
+    /// They rewrite steps served only to jobs that have left.
+    replaces: bool,
+    /// The dp ranks of the client's job whose rings were served steps they change.
+    stale: Vec<u32>,
+}
+
+/// Why the ring of `job`'s `dp_rank` stops when `hello`'s blob brings a change from plan
+/// step `at` (trainer step `from`) that its stream lacks, and what its trainer does now.
+fn stale_failure(hello: &Hello, dp_rank: u32, at: u64, from: u64) -> super::Failure {
+    super::Failure::new(
+        Code::Cursor,
+        format!(
+            "job {:?} dp_rank {} resumed from a cursor blob carrying a live change from plan \
+             step {at} (step {from}) that this rank's blob lacked (it was saved before the \
+             change reached the daemon), and this ring was served steps from {from} on \
+             without it: the job cannot have two streams for one step, so dp_rank \
+             {dp_rank} stops here (steps below {from} were right). The daemon holds the \
+             change now: reconnect from a cursor blob of step {from} or earlier and the \
+             stream continues with it; a trainer that already trained on step {from} or \
+             later must resume from a checkpoint before it",
+            hello.job, hello.dp_rank
+        ),
+    )
+}
+
 fn os_refusal(message: String, e: &std::io::Error) -> Refusal {
     let code = match e.raw_os_error() {
         Some(libc::ENOMEM | libc::ENOSPC | libc::EFBIG) => Code::Memory,

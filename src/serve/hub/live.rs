@@ -213,6 +213,18 @@ impl Hub {
     /// nothing: a cursor that cannot be restored leaves every ring as it was. Runs under
     /// the lock, so no step is published meanwhile.
     pub(super) fn install(&self, st: &mut State, plan: Arc<Plan>) -> Result<(), InstallError> {
+        self.install_besides(st, plan, ("", &[]))
+    }
+
+    /// [`Hub::install`], leaving alone the rings of job `besides.0` at the dp ranks
+    /// `besides.1`, which are about to stop (their stream lacks the new plan's change
+    /// past their published step, so none could be restored under it), and failed rings.
+    pub(super) fn install_besides(
+        &self,
+        st: &mut State,
+        plan: Arc<Plan>,
+        besides: (&str, &[u32]),
+    ) -> Result<(), InstallError> {
         // Restoring reads the shards' indexes: guarded, so a shard truncated under the
         // daemon fails this install instead of killing the process, and nothing restored
         // from the zeros it reads is put in force.
@@ -242,18 +254,21 @@ impl Hub {
                         source,
                     })
             };
+            let left = |r: u32, e: &RingEntry| {
+                e.failure().is_some() || (name == besides.0 && besides.1.contains(&r))
+            };
             // Rings that will be filled again read the job's batches, from the least
             // advanced one's step on, when they are close enough to it.
             let follows = |e: &RingEntry| e.started() && e.failure().is_none();
             let lead = job
                 .rings
                 .iter()
-                .filter(|(_, e)| follows(e))
+                .filter(|(&r, e)| follows(e) && !left(r, e))
                 .min_by_key(|(&r, e)| (e.published, r))
                 .map(|(&r, e)| (r, e.published));
             let job_planner = lead.map(|(r, _)| restore(r)).transpose()?;
             let mut rings = Vec::new();
-            for (&r, e) in &job.rings {
+            for (&r, e) in job.rings.iter().filter(|(&r, e)| !left(r, e)) {
                 let reads_job = lead.is_some_and(|(_, low)| {
                     follows(e) && e.published.saturating_sub(low) <= JOB_LAG
                 });

@@ -331,6 +331,17 @@ impl RingEntry {
         }
     }
 
+    /// Stops the ring for good as [`RingEntry::fail`] does, and takes back the steps
+    /// from `step` on that it published: its stream is wrong from there (it lacks a live
+    /// change another rank of its job brought), so its peers read the steps before
+    /// `step` and then get `failure` instead of more. A copy running now is dropped when
+    /// it ends, never published.
+    pub(super) fn fail_from(&mut self, step: u64, failure: Failure) {
+        self.regenerate_with(None);
+        self.fail(failure);
+        self.ring.publish(self.published.min(step));
+    }
+
     /// Replans everything not yet published with `planner` (already at `published`).
     /// Copies running now become stale: a streaming ring regenerates until they end; a
     /// joining ring has none, and a failed ring stays failed.

@@ -147,37 +147,67 @@ impl Hub {
     }
 }
 
+/// The step each ring that still serves has been served to (or a peer waits past), with
+/// its job and rank. A failed ring's peers are being disconnected: its steps no longer
+/// bind a blob's changes, as a job's that has left do not.
+fn live_rings(st: &State) -> impl Iterator<Item = (&str, u32, u64)> {
+    (st.jobs.iter())
+        .flat_map(|(name, j)| j.rings.iter().map(move |(&r, e)| (name.as_str(), r, e)))
+        .filter(|(_, _, e)| e.failure().is_none())
+        .map(|(name, r, e)| (name, r, e.published.max(e.ahead_step())))
+}
+
 /// The first trainer step no client connected now has been served (or waits past): what
 /// a blob's adopted changes may not start before.
 pub(super) fn served_live(st: &State) -> u64 {
-    (st.jobs.values())
-        .flat_map(|j| j.rings.values())
-        .map(|e| e.published.max(e.ahead_step()))
+    live_rings(st).map(|(_, _, s)| s).max().unwrap_or(0)
+}
+
+/// Whether the blob `r` of job `job` may be adopted, and the ranks of that job whose
+/// rings must stop for it: those that were served steps from its first new change on
+/// without it. They resumed from blobs saved before the change reached their daemon
+/// (their journal is a prefix of `r`'s, so they are the job's past, not another run),
+/// and the job cannot have two streams for one step; no rank can take the served
+/// steps back, so the rank that carries the change is served and those rings stop
+/// ([`Hub::adopt`] stops them). Refused (naming them) when steps of other jobs bind
+/// the change, as before: a daemon serves one journal to all its jobs.
+pub(super) fn stale_ranks(st: &State, r: &Resumed, job: &str) -> Result<Vec<u32>, Refusal> {
+    let Err(e) = r.check_served(served_live(st), &st.plan) else {
+        return Ok(Vec::new());
+    };
+    let crate::plan::CursorError::Served { at, .. } = e else {
+        return Err(refuse_cursor(e.to_string()));
+    };
+    let from = r.plan.trainer_step_of(at);
+    let stale: Vec<u32> = (live_rings(st))
+        .filter(|&(name, _, step)| name == job && step > from)
+        .map(|(_, rank, _)| rank)
+        .collect();
+    let rest = (live_rings(st))
+        .filter(|(name, rank, _)| *name != job || !stale.contains(rank))
+        .map(|(_, _, s)| s)
         .max()
-        .unwrap_or(0)
+        .unwrap_or(0);
+    match r.check_served(rest, &st.plan) {
+        Ok(()) if !stale.is_empty() => Ok(stale),
+        _ => Err(served_refusal(st, from, job, e)),
+    }
 }
 
 /// The `cursor` refusal of a blob whose change `e` ([`crate::plan::CursorError::Served`])
-/// rewrites steps that jobs connected now received, naming those jobs (`job` is the
-/// blob's own) and what lifts it.
-pub(super) fn served_refusal(
-    st: &State,
-    r: &Resumed,
-    job: &str,
-    e: crate::plan::CursorError,
-) -> Refusal {
+/// rewrites steps from trainer step `from` on that jobs connected now received, naming
+/// those jobs (`job` is the blob's own) and what lifts it.
+fn served_refusal(st: &State, from: u64, job: &str, e: crate::plan::CursorError) -> Refusal {
     let crate::plan::CursorError::Served { at, .. } = e else {
         return refuse_cursor(e.to_string());
     };
-    let from = r.plan.trainer_step_of(at);
-    let mut holders: Vec<(&String, u64)> = (st.jobs.iter())
-        .filter_map(|(name, j)| {
-            let step = (j.rings.values())
-                .map(|e| e.published.max(e.ahead_step()))
-                .max()?;
-            (step > from && name.as_str() != job).then_some((name, step))
-        })
-        .collect();
+    let mut holders: Vec<(&str, u64)> = Vec::new();
+    for (name, _, step) in live_rings(st).filter(|&(n, _, s)| s > from && n != job) {
+        match holders.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, most)) => *most = (*most).max(step),
+            None => holders.push((name, step)),
+        }
+    }
     holders.sort();
     if holders.is_empty() {
         return refuse_cursor(e.to_string());
