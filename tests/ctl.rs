@@ -1231,7 +1231,7 @@ fn top_shows_no_rate_for_a_ring_remade_between_its_statuses() {
     let first = serial(&f.status());
     let top = std::thread::spawn({
         let sock = f.sock().to_string();
-        move || ok(&["top", "--socket", &sock, "--once", "--interval", "4"])
+        move || ok(&["top", "--socket", &sock, "--once", "--interval", "6"])
     });
     // `top` has taken its first status; the ring goes and comes back within the interval.
     std::thread::sleep(Duration::from_millis(1000));
