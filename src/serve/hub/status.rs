@@ -439,7 +439,6 @@ mod tests {
             prefetch: 2,
             token: TokenType(DType::Int32),
             max_clients: 4,
-            hints: false,
             ring_budget: 1 << 30,
             stage_reserve: 0,
             checkpoints: None,
