@@ -219,6 +219,7 @@ fn the_example_config_parses_and_its_plan_validates() {
     assert_eq!((serve.ring_slots, serve.materialize_threads), (4, 2));
     assert_eq!(serve.token_dtype, "int32");
     assert_eq!(serve.wake_coalesce_us, 300);
+    assert_eq!(serve.stuck_fill_seconds, 30);
 }
 
 #[test]
@@ -236,6 +237,8 @@ fn serve_mistakes_name_the_field() {
         ("[serve]\nstage_reserve_tokens = -1", "stage_reserve_tokens"),
         ("[serve]\nwake_coalesce_us = 100001", "wake_coalesce_us"),
         ("[serve]\nwake_coalesce_us = -1", "wake_coalesce_us"),
+        ("[serve]\nstuck_fill_seconds = 0", "stuck_fill_seconds"),
+        ("[serve]\nstuck_fill_seconds = 86401", "stuck_fill_seconds"),
         ("[serve]\nlive_changes = 0", "live_changes"),
         ("[serve]\nlive_changes = 4097", "live_changes"),
         ("[serve]\nmax_clients = 0", "max_clients"),

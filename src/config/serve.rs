@@ -110,7 +110,16 @@ pub struct ServeConfig {
     /// hundred steps raises it (docs/OPERATIONS.md, "Limits of live changes").
     #[serde(default = "default_live_changes")]
     pub live_changes: u32,
+    /// Seconds a slot fill, a seek or a read under the hub's lock may take before the
+    /// stuck-fill watchdog names it (log, STATUS `stuck_fills`, `millrace_stuck_fills`):
+    /// a read hung on a network filesystem. A warm copy takes milliseconds; a shard on
+    /// a slow disk, or a seek of a long run, may need a larger bound.
+    #[serde(default = "default_stuck_fill")]
+    pub stuck_fill_seconds: u64,
 }
+
+/// Most `[serve] stuck_fill_seconds`: a day, past which the watchdog would never speak.
+pub const MAX_STUCK_FILL_SECONDS: u64 = 86_400;
 
 /// Most `[serve] wake_coalesce_us`: 100 ms, beyond which a held-back wake would be a
 /// stall rather than a batching of wake-ups.
@@ -169,6 +178,10 @@ impl Reader {
             Reader::UringDirect => "uring-direct",
         }
     }
+}
+
+fn default_stuck_fill() -> u64 {
+    crate::serve::fill::STUCK_FILL.as_secs()
 }
 
 fn default_live_changes() -> u32 {
@@ -468,6 +481,12 @@ impl ServeConfig {
                 &format!(
                     "must be at most {MAX_WAKE_COALESCE_US} (microseconds; 0 turns coalescing off)"
                 ),
+            );
+        }
+        if !(1..=MAX_STUCK_FILL_SECONDS).contains(&s.stuck_fill_seconds) {
+            return bad(
+                "stuck_fill_seconds",
+                &format!("must be 1..={MAX_STUCK_FILL_SECONDS} (seconds; a day at most)"),
             );
         }
         if s.drain_timeout_ms > 3_600_000 {

@@ -24,7 +24,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 thread_local! {
     /// How many guarded regions this thread is inside.
@@ -122,6 +122,117 @@ impl Drop for Guarded {
 pub fn take_fault() -> Option<usize> {
     let a = FAULT.with(|f| f.replace(0));
     (a != 0).then_some(a)
+}
+
+/// What a watched thread looks up in a shard's index now: the record the stuck-fill
+/// watchdog reads for work other than a slot copy (planning under the hub's lock, a
+/// seek), whose reads happen in the planner's length lookups. Set before a lookup and
+/// cleared after it (three relaxed stores while watched, a thread-local load otherwise),
+/// so a set note is a lookup in progress; read only once work has been stuck for the
+/// watchdog's bound.
+#[derive(Debug, Default)]
+pub struct IndexNote {
+    /// The address of the [`super::Shard`] read (0: no lookup in progress).
+    shard: AtomicUsize,
+    doc: std::sync::atomic::AtomicU64,
+}
+
+impl IndexNote {
+    /// The shard (its address) and document of the lookup in progress, if any.
+    pub fn get(&self) -> Option<(usize, u64)> {
+        let shard = self.shard.load(Ordering::Acquire);
+        (shard != 0).then(|| (shard, self.doc.load(Ordering::Relaxed)))
+    }
+}
+
+thread_local! {
+    /// The note this thread's index lookups go to (null: none).
+    static NOTE: Cell<*const IndexNote> = const { Cell::new(std::ptr::null()) };
+    /// Whether this thread looked for a pool note of its own ([`pool_note`]).
+    static POOLED: Cell<bool> = const { Cell::new(false) };
+    /// A rayon pool thread's own note, registered in [`POOL_NOTES`] while it lives.
+    static POOL_NOTE: std::cell::RefCell<Option<PoolNote>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The notes of the rayon pool threads that looked up an index: a seek replays its
+/// domains there, so a seek stuck in a lookup is found among them. One per live pool
+/// thread.
+static POOL_NOTES: Mutex<Vec<Arc<IndexNote>>> = Mutex::new(Vec::new());
+
+/// A pool thread's note; leaves [`POOL_NOTES`] with its thread.
+struct PoolNote(Arc<IndexNote>);
+
+impl Drop for PoolNote {
+    fn drop(&mut self) {
+        let mut all = POOL_NOTES.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|n| !Arc::ptr_eq(n, &self.0));
+    }
+}
+
+/// This thread's index lookups noted in an [`IndexNote`], until dropped.
+#[must_use = "the noting ends when this value is dropped"]
+pub struct Noting {
+    /// Keeps the note alive while [`NOTE`] points at it.
+    _note: Arc<IndexNote>,
+    /// The note before this one (nested watches).
+    prev: *const IndexNote,
+}
+
+/// Notes this thread's index lookups ([`noting_index`]) in `note` until the returned
+/// value is dropped.
+pub fn note_index_reads(note: Arc<IndexNote>) -> Noting {
+    let prev = NOTE.with(|n| n.replace(Arc::as_ptr(&note)));
+    Noting { _note: note, prev }
+}
+
+impl Drop for Noting {
+    fn drop(&mut self) {
+        NOTE.with(|n| n.set(self.prev));
+    }
+}
+
+/// A note of its own for a rayon pool thread that has none (once per thread).
+#[cold]
+fn pool_note() -> *const IndexNote {
+    POOLED.with(|p| p.set(true));
+    if rayon::current_thread_index().is_none() {
+        return std::ptr::null();
+    }
+    let note = Arc::new(IndexNote::default());
+    (POOL_NOTES.lock().unwrap_or_else(|p| p.into_inner())).push(note.clone());
+    let p = Arc::as_ptr(&note);
+    POOL_NOTE.with(|n| *n.borrow_mut() = Some(PoolNote(note)));
+    NOTE.with(|n| n.set(p));
+    p
+}
+
+/// Runs `read`, a lookup of document `doc` in the index of the shard at address
+/// `shard`, noted for the watchdog where this thread is watched ([`note_index_reads`])
+/// or is a rayon pool thread.
+#[inline]
+pub fn noting_index<T>(shard: usize, doc: u64, read: impl FnOnce() -> T) -> T {
+    let mut p = NOTE.with(|n| n.get());
+    if p.is_null() && !POOLED.with(|p| p.get()) {
+        p = pool_note();
+    }
+    if p.is_null() {
+        return read();
+    }
+    // SAFETY: NOTE points only at a note held alive for as long: a live `Noting` of this
+    // thread (it holds the Arc and resets NOTE before it lets go of it) or this pool
+    // thread's `POOL_NOTE` (dropped with the thread, after its last lookup).
+    let note = unsafe { &*p };
+    note.doc.store(doc, Ordering::Relaxed);
+    note.shard.store(shard, Ordering::Release);
+    let r = read();
+    note.shard.store(0, Ordering::Relaxed);
+    r
+}
+
+/// The index lookups the rayon pool threads have in progress: (shard address, document).
+pub fn pool_index_reads() -> Vec<(usize, u64)> {
+    let all = POOL_NOTES.lock().unwrap_or_else(|p| p.into_inner());
+    all.iter().filter_map(|n| n.get()).collect()
 }
 
 /// Whether the handler zeroed more pages than [`zeroed_in`] can list: a copy that finds

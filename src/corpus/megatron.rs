@@ -537,6 +537,18 @@ impl MegatronShard {
         Ok((a as u64, b as u64))
     }
 
+    /// The `.idx` byte ranges a lookup of document `doc` reads: its size and pointer
+    /// entries (those of its first sequence, as laid out for one sequence per document)
+    /// and its two document_indices entries.
+    pub fn entry_bytes(&self, doc: u64) -> [(u64, u64); 3] {
+        let (l, p, d) = (
+            self.lengths_at as u64 + 4 * doc,
+            self.pointers_at as u64 + 8 * doc,
+            self.doc_index_at as u64 + 8 * doc,
+        );
+        [(l, l + 4), (p, p + 8), (d, d + 16)]
+    }
+
     /// Length of document `doc` for the planner's hot loop: one read once
     /// [`Self::validate`] proved every document is one contiguous sequence, else
     /// [`Self::doc_len_checked`] (a shard not validated yet: the daemon validates in the

@@ -301,6 +301,23 @@ impl Shard {
         shrank || guard::zeroed_in(index).is_some() || guard::zeroed_overflowed()
     }
 
+    /// The bytes of the index a lookup of document `doc` reads, in words (the stuck-fill
+    /// watchdog names them): the file, and for a Megatron index its entries' byte ranges.
+    pub fn index_entries(&self, doc: u64) -> String {
+        match &self.body {
+            Body::Megatron(m) => {
+                let ranges: Vec<String> = (m.entry_bytes(doc).iter())
+                    .map(|(a, b)| format!("{a}..{b}"))
+                    .collect();
+                format!("{} bytes {}", m.idx_path().display(), ranges.join(", "))
+            }
+            Body::Raw(r) => format!(
+                "the boundaries of {} (document {doc})",
+                r.cache_path().display()
+            ),
+        }
+    }
+
     /// Whether `addr` is a byte of the mapping planning reads (the `.idx`; a raw shard's
     /// boundary cache): a fault there can be planning's, one elsewhere is a copy's.
     pub fn index_holds(&self, addr: usize) -> bool {
@@ -393,10 +410,10 @@ impl Shard {
     /// ring that reads the shard fails with it instead of serving a corrupt plan.
     #[inline]
     pub fn doc_len_validated(&self, doc: u64) -> u64 {
-        let len = match &self.body {
+        let len = guard::noting_index(self as *const Shard as usize, doc, || match &self.body {
             Body::Megatron(m) => m.doc_len_validated(doc),
             Body::Raw(r) => r.doc_len(doc),
-        };
+        });
         len.unwrap_or_else(|e| {
             let why = format!("{e} (found while planning; the shard is poisoned)");
             if self.poisoned.set(why.clone()).is_ok() {

@@ -173,6 +173,13 @@ impl Exporter {
     /// two never disagree). Every series that should stay is set on every call: one that
     /// is not ages out ([`METRICS_IDLE`]).
     pub(super) fn export(&mut self, status: &Status) {
+        gauge!("millrace_poisoned_shards").set(status.poisoned_shards_total as f64);
+        gauge!("millrace_stuck_fills").set(status.stuck_fills.len() as f64);
+        if status.hub_busy {
+            // Taken without the hub's lock (work under it is stuck): the rest is not
+            // there, and the counters keep their last figures until it is.
+            return;
+        }
         gauge!("millrace_clients").set(status.clients as f64);
         for (m, name) in [
             (&status.reloads_by_source, "millrace_reloads_total"),
@@ -195,8 +202,6 @@ impl Exporter {
         if let Some(n) = status.fd_limit.open {
             gauge!("millrace_open_fds").set(n as f64);
         }
-        gauge!("millrace_poisoned_shards").set(status.poisoned_shards_total as f64);
-        gauge!("millrace_stuck_fills").set(status.stuck_fills.len() as f64);
         gauge!("millrace_padding_fraction").set(status.padding_fraction);
         gauge!("millrace_truncation_fraction").set(status.truncation_fraction);
         for d in &status.domains {

@@ -148,6 +148,7 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
             checkpoints: crate::plan_cache::cache_root(&l.cfg),
             wake_coalesce: Duration::from_micros(serve.wake_coalesce_us),
             live_changes: serve.live_changes as usize,
+            stuck_fill: Duration::from_secs(serve.stuck_fill_seconds),
         },
     ));
     let daemon = Arc::new(Daemon {

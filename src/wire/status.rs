@@ -25,6 +25,11 @@ pub const STATUS_JOURNAL_BYTES: usize = 8 << 20;
 /// the 64 MiB frame and take `status`, `top` and the exporter with them.
 pub const STATUS_POISONED_SHARDS: usize = 1024;
 
+/// How long STATUS waits for the hub's lock before it answers without the figures that
+/// need it ([`Status::hub_busy`]): the lock is held a millisecond at most unless a read
+/// under it hangs.
+pub const STATUS_LOCK_WAIT_MS: u64 = 2000;
+
 /// Everything `millrace status` reports: the hub's figures and the process's own.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -50,6 +55,10 @@ pub struct Status {
     pub fingerprint: String,
     /// The earliest trainer step a live change may still take effect at.
     pub first_changeable_step: u64,
+    /// The hub's lock could not be taken within [`STATUS_LOCK_WAIT_MS`] (work under it
+    /// is stuck: `stuck_fills` names it): only the fields that need no lock are filled
+    /// (the process's own, `poisoned_shards`, `reader`, `stuck_fills`).
+    pub hub_busy: bool,
     /// Each job and its rings.
     pub jobs: Vec<JobStatus>,
     /// The live changes the plan follows, in order: every one when their JSON fits
@@ -94,8 +103,9 @@ pub struct Status {
     pub ring_memory: RingMemory,
     /// The socket the daemon listens on.
     pub socket: String,
-    /// Slot fills in flight for longer than 30 s (a read hung on a network filesystem?),
-    /// the longest first, each naming the file and bytes it reads.
+    /// Slot fills, seeks and reads under the hub's lock in flight for longer than
+    /// `[serve] stuck_fill_seconds` (a read hung on a network filesystem?), the longest
+    /// first, each naming the file and bytes it reads.
     pub stuck_fills: Vec<StuckFill>,
     /// Fraction of copied documents cut at a row's end.
     pub truncation_fraction: f64,
@@ -292,8 +302,8 @@ pub struct PoisonedShard {
     pub shard: String,
 }
 
-/// A slot fill that has taken longer than 30 s and goes on: the ring's clients wait for
-/// its step.
+/// A slot fill (or a seek, or a read under the hub's lock) that has taken longer than
+/// `[serve] stuck_fill_seconds` and goes on: the ring's clients wait for its step.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StuckFill {

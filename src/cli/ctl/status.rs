@@ -98,12 +98,17 @@ pub fn poisoned_lines(st: &Status, max: usize) -> Vec<String> {
     lines
 }
 
-/// Fills stuck past the watchdog's bound (a read hung on a network filesystem?), one
-/// line each, the longest first: the ring waiting, and the file and bytes read.
+/// Fills, seeks and reads under the hub's lock stuck past the watchdog's bound (a read
+/// hung on a network filesystem?), one line each, the longest first: the ring waiting,
+/// and the file and bytes read; first, whether STATUS was taken without the hub's lock.
 pub fn stuck_lines(st: &Status) -> Vec<String> {
-    st.stuck_fills
-        .iter()
-        .map(|f| {
+    let busy = st.hub_busy.then(|| {
+        "HUB BUSY: its lock was not free within 2 s (a read under it hangs, below); the \
+         figures that need it are left out"
+            .to_string()
+    });
+    busy.into_iter()
+        .chain(st.stuck_fills.iter().map(|f| {
             format!(
                 "STUCK FILL job {} rank {} step {} for {}: {}",
                 f.job,
@@ -112,7 +117,7 @@ pub fn stuck_lines(st: &Status) -> Vec<String> {
                 duration_text(f.seconds),
                 f.reading
             )
-        })
+        }))
         .collect()
 }
 
@@ -503,6 +508,10 @@ pub(super) mod tests {
         assert!(text.contains(want), "{text}");
         let frame = render(&st, None, 200);
         assert!(frame.contains(want), "{frame}");
+        // A STATUS taken without the hub's lock (a read under it hangs) says so.
+        assert!(!text.contains("HUB BUSY"), "{text}");
+        st.hub_busy = true;
+        assert!(render_status(&st).contains("HUB BUSY: its lock was not free within 2 s"));
     }
 
     /// Long domain and job names widen their columns (in `top` too): every row's figures

@@ -21,7 +21,7 @@ use compact::fill_compact;
 use ids::{convert, first_out_of_range, needs_check, out_of_range, Out};
 pub use job::{RankRows, SlotJob};
 pub use read::Readers;
-pub use watch::{FillWatch, Watched, STUCK_FILL, STUCK_REPEAT};
+pub use watch::{Doing, FillWatch, Watched, STUCK_FILL, STUCK_REPEAT};
 
 /// What the materializer reads: the mapped shards per domain, the pad token and the
 /// vocabulary every delivered id must fall in.
@@ -459,7 +459,7 @@ pub fn random_access(bytes: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::serve::Reader;
     use crate::plan::Row;
@@ -469,7 +469,7 @@ mod tests {
     /// One uint16 Megatron shard of 4 documents of 4096 tokens (one page of token bytes
     /// every half document), with ids `id` except token `odd.0` (= `odd.1`), and a one-row
     /// job reading the first 65 tokens of document 3.
-    pub(super) fn shard_and_job(
+    pub(crate) fn shard_and_job(
         dir: &std::path::Path,
         id: u16,
         odd: (usize, u16),
@@ -571,7 +571,7 @@ mod tests {
     /// A page of a shard's mapping handed to userfaultfd: a read of it waits until
     /// [`HeldPage::release`] supplies the page, as a read of a hung network filesystem
     /// waits for its server.
-    struct HeldPage {
+    pub(crate) struct HeldPage {
         uffd: std::os::fd::OwnedFd,
         page: usize,
         at: u64,
@@ -582,7 +582,7 @@ mod tests {
         /// 1: the tokens), mapped anew (anonymous, so that userfaultfd may hold its
         /// faults) where the shard's mapping had it; `None` (saying why) where
         /// userfaultfd is refused.
-        fn hold(src: &Source, map: usize, at: u64) -> Option<HeldPage> {
+        pub(crate) fn hold(src: &Source, map: usize, at: u64) -> Option<HeldPage> {
             use std::os::fd::{FromRawFd, OwnedFd};
             // SAFETY: userfaultfd(2) with flags only (1: UFFD_USER_MODE_ONLY); checked.
             let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | 1) };
@@ -621,7 +621,7 @@ mod tests {
         }
 
         /// Supplies the page: `file`'s bytes there.
-        fn release(&self, file: &std::path::Path) {
+        pub(crate) fn release(&self, file: &std::path::Path) {
             use std::os::unix::fs::FileExt;
             let mut bytes = vec![0u8; 4096];
             let f = std::fs::File::open(file).unwrap();

@@ -4,6 +4,9 @@
 //! mmap copy, in the io_uring wait otherwise). [`FillWatch::stuck`] names each fill that
 //! has taken longer than a bound: job, rank, step, and the shard file and byte range it
 //! was reading, so an operator need not attach a debugger to the daemon to learn them.
+//! The same watch covers the reads that are not slot copies: the index lookups a step's
+//! planning and page hints make under the hub's lock (a hang there stops every rank's
+//! publish and every admission) and a client's seek to its start step ([`Doing`]).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -11,13 +14,43 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::Source;
+use crate::corpus::guard::{self, IndexNote};
 use crate::serve::uring::Span;
 use crate::wire::status::StuckFill;
 
 /// How long a fill may take before it is reported stuck (a warning, STATUS's
-/// `stuck_fills`, /metrics' `millrace_stuck_fills`): a warm copy takes milliseconds and a
-/// cold one of a slow disk well under a second.
+/// `stuck_fills`, /metrics' `millrace_stuck_fills`) unless `[serve] stuck_fill_seconds`
+/// says otherwise: a warm copy takes milliseconds and a cold one of a slow disk well
+/// under a second.
 pub const STUCK_FILL: Duration = Duration::from_secs(30);
+
+/// What watched work does: a slot fill, or a read that is not one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Doing {
+    /// Copying a step into a ring's slot.
+    Fill,
+    /// Work under the hub's lock that reads shard indexes (planning a step and its page
+    /// hints, a live change restoring planners): named by what it is.
+    Locked(&'static str),
+    /// Seeking a new client's planner to its start step (replaying the plan, from a
+    /// plan checkpoint where there is one) or restoring it from its cursor, before the
+    /// hub's lock: named by what it is.
+    Seek(&'static str),
+}
+
+impl Doing {
+    /// The watched work in words, and who waits for it.
+    fn words(self) -> (&'static str, &'static str) {
+        match self {
+            Doing::Fill => ("a fill", "the ring's clients wait for this step"),
+            Doing::Locked(_) => (
+                "work under the hub's lock",
+                "every ring's publish and every admission wait for it",
+            ),
+            Doing::Seek(_) => ("a seek", "the client waits to be admitted"),
+        }
+    }
+}
 
 /// How often a fill that stays stuck is warned about again.
 pub const STUCK_REPEAT: Duration = Duration::from_secs(60);
@@ -87,13 +120,16 @@ impl Now {
     }
 }
 
-/// One fill in flight.
+/// One fill (or other watched work, [`Doing`]) in flight.
 struct InFlight {
+    doing: Doing,
     job: String,
     dp_rank: u32,
     step: u64,
     since: Instant,
     reading: Now,
+    /// The index lookups of work other than a copy (the planner's, noted by the shard).
+    index: Arc<IndexNote>,
     /// When it was last warned about (None: never).
     warned: Mutex<Option<Instant>>,
 }
@@ -148,11 +184,14 @@ pub struct FillWatch {
 pub struct Watched<'a> {
     watch: &'a FillWatch,
     fill: Arc<InFlight>,
+    /// This thread's index lookups go to `fill.index` meanwhile.
+    _noting: guard::Noting,
 }
 
 impl Drop for Watched<'_> {
     fn drop(&mut self) {
         CURRENT.with(|c| c.borrow_mut().take());
+        let (what, _) = self.fill.doing.words();
         self.watch.lock().retain(|f| !Arc::ptr_eq(f, &self.fill));
         let warned = *self.fill.warned.lock().unwrap_or_else(|p| p.into_inner());
         if warned.is_some() {
@@ -160,7 +199,8 @@ impl Drop for Watched<'_> {
                 job = %self.fill.job,
                 dp_rank = self.fill.dp_rank,
                 step = self.fill.step,
-                "the stuck fill ended after {:.1} s",
+                "the stuck {} ended after {:.1} s",
+                what.trim_start_matches("a "),
                 self.fill.since.elapsed().as_secs_f64()
             );
         }
@@ -175,7 +215,17 @@ impl FillWatch {
     /// Watches the fill of `step` of ring `dp_rank` of `job` that this thread starts now,
     /// until the returned guard is dropped.
     pub fn begin(&self, job: &str, dp_rank: u32, step: u64) -> Watched<'_> {
+        self.begin_as(Doing::Fill, job, dp_rank, step)
+    }
+
+    /// Watches work of another kind ([`Doing`]) that this thread starts now for `step`
+    /// of ring `dp_rank` of `job` (an empty job: work of no one ring), until the
+    /// returned guard is dropped.
+    pub fn begin_as(&self, doing: Doing, job: &str, dp_rank: u32, step: u64) -> Watched<'_> {
+        let index = Arc::new(IndexNote::default());
         let fill = Arc::new(InFlight {
+            doing,
+            index: index.clone(),
             job: job.to_string(),
             dp_rank,
             step,
@@ -185,7 +235,11 @@ impl FillWatch {
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(fill.clone()));
         self.lock().push(fill.clone());
-        Watched { watch: self, fill }
+        Watched {
+            watch: self,
+            fill,
+            _noting: guard::note_index_reads(index),
+        }
     }
 
     /// The fills in flight for longer than `bound`, oldest first, each with the file
@@ -204,7 +258,10 @@ impl FillWatch {
             .into_iter()
             .filter(|f| now.saturating_duration_since(f.since) > bound)
             .map(|f| {
-                let reading = describe(src, &f.reading.load());
+                let reading = match f.doing {
+                    Doing::Fill => describe(src, &f.reading.load()),
+                    doing => describe_other(src, doing, &f.index),
+                };
                 let s = StuckFill {
                     job: f.job.clone(),
                     dp_rank: f.dp_rank,
@@ -230,12 +287,13 @@ impl FillWatch {
                 continue;
             }
             *warned = Some(now);
+            let (what, waits) = f.doing.words();
             tracing::warn!(
                 job = %s.job,
                 dp_rank = s.dp_rank,
                 step = s.step,
-                "a fill has taken {:.0} s and goes on: {}; the ring's clients wait for \
-                 this step (a hung network filesystem?)",
+                "{what} has taken {:.0} s and goes on: {}; {waits} (a hung network \
+                 filesystem?)",
                 s.seconds,
                 s.reading
             );
@@ -257,6 +315,33 @@ impl FillWatch {
     pub fn stop(&self) {
         *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.wake.notify_all();
+    }
+}
+
+/// What watched work other than a fill reads, in words: what it is, and the index file
+/// and bytes of the lookup it has in progress (its own thread's, else those of the
+/// planning pool's threads, where a seek replays its domains).
+fn describe_other(src: &Source, doing: Doing, note: &IndexNote) -> String {
+    let what = match doing {
+        Doing::Locked(what) => format!("under the hub's lock, {what}"),
+        Doing::Seek(what) => what.to_string(),
+        Doing::Fill => "copying".to_string(),
+    };
+    let name = |(addr, doc): (usize, u64)| {
+        let mut shards = src.shards.iter().flatten();
+        match shards.find(|s| std::sync::Arc::as_ptr(s) as usize == addr) {
+            Some(s) => format!("the index of {} for document {doc}", s.index_entries(doc)),
+            None => format!("a shard index for document {doc}"),
+        }
+    };
+    let reads: Vec<String> = match note.get() {
+        Some(r) => vec![name(r)],
+        None => guard::pool_index_reads().into_iter().map(name).collect(),
+    };
+    match reads.len() {
+        0 => format!("{what}: no shard index lookup in progress"),
+        1 => format!("{what}: reading {}", reads[0]),
+        _ => format!("{what}: its planning threads read {}", reads.join("; ")),
     }
 }
 

@@ -16,6 +16,7 @@ use super::{Admission, EventFd, Freed, Hub, Job, ReleasePage, RingEntry, Standin
 use crate::config::plan::MAX_STEP;
 use crate::plan::journal;
 use crate::plan::{Plan, Planner, Resumed};
+use crate::serve::fill::Doing;
 use crate::serve::limits::UidShare;
 use crate::serve::ring::{Layout, Ring};
 use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, StageSpec, Welcome};
@@ -128,10 +129,18 @@ impl Hub {
         // new shape first, so those are held to the room and shapes the client will get.
         let adopt = |journal: &[crate::plan::Change]| self.check_blob_stages(&seen, journal, hello);
         let resumed = match &blob {
-            Some(b) => Some(
+            Some(b) => Some({
+                // Restoring the blob's planner reads shard indexes: watched like a seek.
+                let at = hello.start_step.unwrap_or(0);
+                let _watched = (self.fills).begin_as(
+                    Doing::Seek("restoring the client's cursor"),
+                    &hello.job,
+                    hello.dp_rank,
+                    at,
+                );
                 seen.resume_with(b, self.journal_cap, &adopt)
-                    .map_err(|e| refuse_cursor(e.to_string()))?,
-            ),
+                    .map_err(|e| refuse_cursor(e.to_string()))?
+            }),
             None => None,
         };
         // An adopted journal takes the room a live change's would, its stages' carry
@@ -349,6 +358,10 @@ impl Hub {
             if step > 0 {
                 info!(job = %hello.job, dp_rank = hello.dp_rank, step, "seeking a client's start step");
             }
+            // A far seek reads shard indexes (and a plan checkpoint) for as long as its
+            // replay runs: watched, so a read that hangs is named.
+            let doing = Doing::Seek("seeking the client's start step");
+            let _watched = self.fills.begin_as(doing, &hello.job, hello.dp_rank, step);
             let mark = crate::corpus::guard::zeroed_pages();
             // From the nearest plan checkpoint when the daemon has a cache directory (the
             // same path as `plan --from`); the result is the plain replay's either way.

@@ -352,6 +352,9 @@ impl Hub {
     /// in force. Counted per source either way.
     pub fn change(&self, req: &ChangeRequest) -> Result<Applied, ChangeError> {
         let mut st = self.lock();
+        // Restoring planners reads shard indexes under the lock: watched.
+        let doing = crate::serve::fill::Doing::Locked("applying a live change");
+        let _watched = self.fills.begin_as(doing, "", 0, 0);
         // A new plan packs stage windows and restores planners from the shards' indexes:
         // guarded like planning (see `install`).
         let guard = crate::corpus::guard::enter();

@@ -77,6 +77,9 @@ pub struct HubSettings {
     /// One-point live changes every blob has room for at any number of domains (`[serve]
     /// live_changes`): sizes the journal's share of the cursor field.
     pub live_changes: usize,
+    /// How long a fill, a seek or a read under the hub's lock may take before the
+    /// watchdog names it (`[serve] stuck_fill_seconds`).
+    pub stuck_fill: Duration,
 }
 
 pub use crate::sys::{EventFd, ReleasePage};

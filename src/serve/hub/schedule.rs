@@ -19,7 +19,7 @@ use super::{
 };
 use crate::config::plan::MAX_STEP;
 use crate::plan::{Planner, Row};
-use crate::serve::fill::{fill_slot, will_need, RankRows, SlotJob, STUCK_FILL, STUCK_REPEAT};
+use crate::serve::fill::{fill_slot, will_need, Doing, RankRows, SlotJob, STUCK_REPEAT};
 use crate::sys::EventFd;
 use crate::wire::protocol::Code;
 
@@ -265,19 +265,20 @@ impl Hub {
         }
     }
 
-    /// The stuck-fill watchdog's thread: every second, warns about each fill in flight
-    /// longer than [`STUCK_FILL`] (job, rank, step, and the shard file and bytes it
-    /// reads), again every [`STUCK_REPEAT`] while it stays stuck. Returns at
+    /// The stuck-fill watchdog's thread: every second, warns about each fill, seek or
+    /// read under the hub's lock in flight longer than `[serve] stuck_fill_seconds` (job,
+    /// rank, step, and the shard file and bytes it reads), again every [`STUCK_REPEAT`]
+    /// while it stays stuck. It takes no lock the stuck work may hold. Returns at
     /// [`Hub::stop`].
     pub fn watch_fills(&self) {
         while !self.fills.wait(Duration::from_secs(1)) {
             self.fills
-                .warn_stuck(&self.source, STUCK_FILL, STUCK_REPEAT);
+                .warn_stuck(&self.source, self.settings.stuck_fill, STUCK_REPEAT);
         }
     }
 
     /// The fills in flight longer than `bound`, the longest first (STATUS's
-    /// `stuck_fills` at [`STUCK_FILL`]).
+    /// `stuck_fills` at `[serve] stuck_fill_seconds`).
     pub fn stuck_fills(&self, bound: Duration) -> Vec<crate::wire::status::StuckFill> {
         self.fills.stuck(&self.source, bound)
     }
@@ -402,6 +403,12 @@ impl Hub {
             return Err(name);
         };
         let dp_size = job.dp_size;
+        // Planning the step and hinting its pages read shard indexes under the hub's
+        // lock: a read that hangs there stops every ring, so the watchdog names it.
+        let step = job.rings.get(&r).map_or(0, |e| e.next_fill);
+        let _watched = self
+            .fills
+            .begin_as(Doing::Locked("planning a step"), &name, r, step);
         if let Some(entry) = job.rings.get_mut(&r).filter(|e| e.next_fill >= MAX_STEP) {
             // A slot of step MAX_STEP would carry a cursor naming the step after it,
             // past what any daemon resumes (a blob's step is at most MAX_STEP): the run
@@ -498,7 +505,10 @@ impl Hub {
                 let Some(shard) = shards.get(s.shard as usize) else {
                     continue;
                 };
-                if let Ok(t) = shard.doc_tokens(s.doc) {
+                let at = Arc::as_ptr(shard) as usize;
+                let tokens =
+                    crate::corpus::guard::noting_index(at, s.doc, || shard.doc_tokens(s.doc));
+                if let Ok(t) = tokens {
                     let b = t.as_bytes();
                     let size = t.dtype().size();
                     let a = (s.start as usize * size).min(b.len());
@@ -762,5 +772,176 @@ mod tests {
         // A worker about to sleep sends every held wake, whatever its age.
         assert!(Hub::send_wakes(&mut st, None, &mut wake));
         assert_eq!(wake.len(), 2);
+    }
+
+    /// A read under the hub's lock that hangs (here the page of the shard's index a
+    /// worker reads while it claims a step, held by userfaultfd as a hung network
+    /// filesystem holds it) stopped every publish and admission with nothing naming it,
+    /// and STATUS waited for the lock with them. Now the watchdog names it (job, rank,
+    /// step, the index file and bytes), and STATUS answers within its wait, marked
+    /// `hub_busy`, with it; once the page comes the worker goes on.
+    #[test]
+    fn a_read_hung_under_the_hub_lock_is_named_and_status_still_answers() {
+        use crate::serve::fill::tests::HeldPage;
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let hub = one_shard_hub(dir.path());
+        let mut hello = crate::wire::protocol::Hello::new(0, 1, 2, 1);
+        hello.job = "j".into();
+        let no = AtomicBool::new(false);
+        let admitted = hub.admit(&hello, (None, None, None), &no, None);
+        assert!(admitted.is_ok(), "{:?}", admitted.err());
+        let Some(held) = HeldPage::hold(&hub.source, 0, 0) else {
+            return;
+        };
+        let idx = dir.path().join("s.idx");
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| hub.worker());
+            let t0 = Instant::now();
+            let stuck = loop {
+                let stuck = hub.stuck_fills(Duration::ZERO);
+                if stuck
+                    .iter()
+                    .any(|f| f.reading.starts_with("under the hub's lock"))
+                {
+                    break Some(stuck);
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let t1 = Instant::now();
+            let status = hub.status();
+            let waited = t1.elapsed();
+            let warned = hub
+                .fills
+                .warn_stuck(&hub.source, Duration::ZERO, STUCK_REPEAT);
+            held.release(&idx);
+            let stuck = stuck.expect("the read under the lock was never named");
+            assert_eq!(stuck.len(), 1, "{stuck:?}");
+            let f = &stuck[0];
+            assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 0, 0), "{f:?}");
+            assert!(
+                f.reading
+                    .contains(&format!("reading the index of {} bytes ", idx.display())),
+                "{}",
+                f.reading
+            );
+            assert!(status.hub_busy, "STATUS took the lock a hung read holds");
+            assert!(waited < Duration::from_secs(10), "STATUS took {waited:?}");
+            assert_eq!(status.stuck_fills.len(), 1, "{:?}", status.stuck_fills);
+            assert_eq!(warned, 1);
+            // The page came: the worker goes on, and STATUS has the lock again.
+            let t0 = Instant::now();
+            while hub.status().hub_busy || !hub.stuck_fills(Duration::ZERO).is_empty() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "the worker never went on"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            hub.stop();
+            worker.join().unwrap();
+        });
+    }
+
+    /// The same for a seek: a client that starts at a far step has its planner replayed
+    /// there (on the planning pool's threads) before the lock, and a read of that replay
+    /// that hung was named nowhere. Now the watchdog names the seek (job, rank, start
+    /// step) and the index bytes its planning thread reads; once the page comes the
+    /// client is admitted.
+    #[test]
+    fn a_seek_hung_in_an_index_read_is_named() {
+        use crate::serve::fill::tests::HeldPage;
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let hub = one_shard_hub(dir.path());
+        let mut hello = crate::wire::protocol::Hello::new(0, 1, 2, 1);
+        hello.job = "j".into();
+        hello.start_step = Some(1000);
+        let flights = Arc::new(super::super::SeekFlights::default());
+        let ticket = hub
+            .seek_ticket(&hello, &flights)
+            .expect("step 1000 needs a seek");
+        let Some(held) = HeldPage::hold(&hub.source, 0, 0) else {
+            return;
+        };
+        let idx = dir.path().join("s.idx");
+        let no = AtomicBool::new(false);
+        let (stuck, admitted) = std::thread::scope(|s| {
+            let admit = s.spawn(|| {
+                let r = hub.admit(&hello, (None, None, None), &no, Some((&ticket, true)));
+                r.map(|a| a.welcome.start_step)
+                    .map_err(|e| format!("{e:?}"))
+            });
+            let t0 = Instant::now();
+            let mut stuck = Vec::new();
+            while t0.elapsed() < Duration::from_secs(30) && !admit.is_finished() {
+                stuck = hub.stuck_fills(Duration::ZERO);
+                if stuck
+                    .iter()
+                    .any(|f| f.reading.contains("reading the index"))
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            held.release(&idx);
+            (stuck, admit.join().unwrap())
+        });
+        assert_eq!(stuck.len(), 1, "{stuck:?} {admitted:?}");
+        let f = &stuck[0];
+        assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 0, 1000), "{f:?}");
+        let want = format!(
+            "seeking the client's start step: reading the index of {} bytes ",
+            idx.display()
+        );
+        assert!(f.reading.starts_with(&want), "{}", f.reading);
+        assert_eq!(admitted, Ok(1000));
+        assert!(hub.stuck_fills(Duration::ZERO).is_empty());
+    }
+
+    /// A hub over [`shard_and_job`]'s one shard (4 documents of 4096 tokens) in `dir`:
+    /// rows of 64 tokens, 2 a step, page hints on, the watchdog's bound zero.
+    fn one_shard_hub(dir: &std::path::Path) -> Hub {
+        use crate::plan::{DocSource, DomainInput, Plan};
+        let (src, _, _) = crate::serve::fill::tests::shard_and_job(dir, 7, (0, 7));
+        let shard: Arc<dyn DocSource> = src.shards[0][0].clone();
+        let input = DomainInput {
+            name: "a".into(),
+            shards: vec![("a/0".into(), shard)],
+            settings: Default::default(),
+        };
+        let cfg = crate::config::plan::PlanConfig {
+            seed: 0,
+            seq_len: 64,
+            global_batch_rows: 2,
+            packing: Default::default(),
+            best_fit_window: 64,
+            eod_token: None,
+            pad_token: 0,
+            vocab_size: None,
+            weights: Some([("a".to_string(), 1.0)].into()),
+            schedule: Vec::new(),
+            skip: Vec::new(),
+            reseed: Vec::new(),
+            stage: Vec::new(),
+        };
+        let plan = Arc::new(Plan::new(&[input], cfg, 1).expect("a one-shard plan"));
+        let settings = crate::serve::hub::HubSettings {
+            slots: 2,
+            prefetch: 0,
+            token: crate::serve::ring::TokenType(crate::corpus::DType::Int32),
+            max_clients: 8,
+            hints: true,
+            ring_budget: 1 << 30,
+            stage_reserve: 0,
+            checkpoints: None,
+            wake_coalesce: Duration::ZERO,
+            live_changes: 4,
+            stuck_fill: Duration::ZERO,
+        };
+        Hub::new(plan, src, settings)
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Hub, JobPlan, Published, RingEntry, State};
 use crate::plan::Plan;
@@ -172,8 +172,17 @@ impl Hub {
     /// STATUS; `export`: as [`Hub::status_for_export`] takes it.
     fn status_taking(&self, export: bool) -> Status {
         let now = Instant::now();
+        let wait = Duration::from_millis(crate::wire::status::STATUS_LOCK_WAIT_MS);
+        let Some(mut st) = self.lock_within(wait) else {
+            // A read under the lock hangs: say what is stuck without the lock.
+            let mut out = Status {
+                hub_busy: true,
+                ..Status::default()
+            };
+            self.lock_free_status(&mut out);
+            return out;
+        };
         let ((plan, sources), mut out, best, delivered) = {
-            let mut st = self.lock();
             let gone = match export {
                 true => st.departed.replace(Default::default()).unwrap_or_default(),
                 false => Default::default(),
@@ -287,6 +296,28 @@ impl Hub {
         } else {
             0.0
         };
+        self.lock_free_status(&mut out);
+        out
+    }
+
+    /// The hub's lock, unless another holds it for longer than `wait` (then `None`).
+    fn lock_within(&self, wait: Duration) -> Option<std::sync::MutexGuard<'_, State>> {
+        let t0 = Instant::now();
+        loop {
+            match self.state.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if t0.elapsed() >= wait => return None,
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+            }
+        }
+    }
+
+    /// The STATUS fields that need no hub lock: poisoned shards, the reader, and the
+    /// work the watchdog finds stuck.
+    fn lock_free_status(&self, out: &mut Status) {
         // Shards that changed under the daemon: no ring reads them until a restart.
         let mut poisoned = self
             .source
@@ -307,8 +338,7 @@ impl Hub {
         out.reader_fallback = self.source.readers.fallback();
         out.reader_retry = self.source.readers.retry();
         // Fills in flight past the watchdog's bound: the file and bytes each reads.
-        out.stuck_fills = self.stuck_fills(crate::serve::fill::STUCK_FILL);
-        out
+        out.stuck_fills = self.stuck_fills(self.settings.stuck_fill);
     }
 }
 
