@@ -431,3 +431,86 @@ fn a_group_sidecar_whose_shape_overflows_is_refused_by_name() {
         "{e}"
     );
 }
+
+/// The SIGBUS guard listed the first 1,024 pages it zeroed in the process's life; past
+/// them it could no longer tell a lost index page from a `.bin`'s, so every poisoned
+/// shard counted as one whose index lost pages (a daemon then refused every new client
+/// over a shard whose `.bin` alone shrank), and a fault of any mapping counted as
+/// planning's. Here 1,100 small shards lose their index under guarded reads, then
+/// another shard its `.bin`: that one's index is still whole, and a fault of its `.bin`
+/// is not planning's, as before the count passed 1,024.
+#[test]
+fn a_shards_lost_pages_are_its_own_past_a_thousand_zeroed_pages() {
+    use millrace::corpus::guard;
+    let dir = tempfile::tempdir().unwrap();
+    let shard = |name: &str, docs: usize, tokens: usize| {
+        let prefix = dir.path().join(name);
+        let mut w = MegatronWriter::create(&prefix, DType::Uint16).unwrap();
+        for _ in 0..docs {
+            w.add_document_bytes(&vec![7u8; 2 * tokens]).unwrap();
+        }
+        w.finish().unwrap();
+        let s = Shard::open(&prefix, None).unwrap();
+        guard::protect(s.mappings()).unwrap();
+        s
+    };
+    let small: Vec<Shard> = (0..1100).map(|k| shard(&format!("i{k}"), 1, 10)).collect();
+    let bin = shard("b", 4, 4096);
+    for (k, s) in small.iter().enumerate() {
+        let idx = dir.path().join(format!("i{k}.idx"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&idx)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let _g = guard::enter();
+        let _ = std::hint::black_box(s.doc_len_validated(0));
+        assert!(
+            guard::take_fault().is_some(),
+            "{} did not fault",
+            idx.display()
+        );
+    }
+    assert!(guard::zeroed_pages() > 1024, "{}", guard::zeroed_pages());
+    let mark = guard::zeroed_pages();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("b.bin"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    {
+        let _g = guard::enter();
+        let tokens = bin.doc_tokens(3).unwrap();
+        let _ = std::hint::black_box(tokens.as_bytes()[0]);
+        assert!(guard::take_fault().is_some(), "b.bin did not fault");
+    }
+    bin.poison("b.bin shrank".into());
+    assert!(!bin.lost_index_pages(), "b lost only .bin pages");
+    assert!(small.iter().all(|s| s.lost_index_pages()));
+    // Planning reads indexes: the `.bin` page zeroed since `mark` is not planning's.
+    assert_eq!(guard::fault_since_in(mark, |a| bin.index_holds(a)), None);
+    // A lost index page since the mark is found, past the table's room too.
+    let last = small.last().unwrap();
+    let before = guard::zeroed_pages();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("b.idx"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let found = std::thread::scope(|s| {
+        s.spawn(|| {
+            let _g = guard::enter();
+            let _ = std::hint::black_box(bin.doc_len_validated(1));
+            guard::take_fault()
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(found.is_some(), "b.idx did not fault");
+    let ours = guard::fault_since_in(before, |a| bin.index_holds(a) || last.index_holds(a));
+    assert!(ours.is_some_and(|a| bin.index_holds(a)), "{ours:?}");
+    assert!(bin.lost_index_pages());
+}

@@ -17,7 +17,10 @@
 //! another thread that reads the page afterwards gets zeros and no signal. So the handler
 //! also records every page it zeroed in a process-wide table, before mapping it, and a
 //! copy checks its source against the table ([`zeroed_in`]) before it hands the bytes
-//! on (one atomic load while the table is empty, as it is unless a shard shrank).
+//! on (one atomic load while the table is empty, as it is unless a shard shrank). The
+//! table lists the first 1,024 pages; each mapping also keeps its own record of the pages
+//! zeroed in it ([`zeroed_within`]), so whether a shard's index lost pages does not
+//! depend on how many other pages were lost before.
 //!
 //! The happy path costs two thread-local writes per guarded region and one thread-local
 //! read per check: no syscall, no copy.
@@ -33,18 +36,38 @@ thread_local! {
     static FAULT: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Registered mapping ranges `[start, end)`. Readers (the handler) load the pointer; a
-/// writer publishes a new vector and leaks the old one, so the handler never reads freed
-/// memory. A daemon registers once, so the leak is one vector.
-static REGIONS: AtomicPtr<Vec<(usize, usize)>> = AtomicPtr::new(std::ptr::null_mut());
+/// Registered mappings, newest last. Readers (the handler) load the pointer; a writer
+/// publishes a new vector and leaks the old one, so the handler never reads freed
+/// memory. A daemon registers once, so the leak is one vector and one [`Region`] per
+/// mapping.
+static REGIONS: AtomicPtr<Vec<&'static Region>> = AtomicPtr::new(std::ptr::null_mut());
+
+/// A registered mapping `[start, end)` and the pages the handler zeroed in it, kept by
+/// the mapping itself: [`ZEROED`] lists only the first [`ZEROED_CAP`] pages of the
+/// process's life, and past it a mapping's own record still says whether (and since
+/// when) it lost pages, so a shard is never judged by another's faults.
+struct Region {
+    start: usize,
+    end: usize,
+    /// 1 + the number ([`ZEROED_N`] order) of the last page zeroed here; 0: none.
+    last: AtomicUsize,
+    /// The last page zeroed here.
+    page: AtomicUsize,
+}
+
+impl Region {
+    fn holds(&self, addr: usize) -> bool {
+        (self.start..self.end).contains(&addr)
+    }
+}
 /// Serializes writers of `REGIONS` and the handler installation.
 static REGISTER: Mutex<()> = Mutex::new(());
 /// The system page size, read once before the handler is installed.
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
 /// The disposition SIGBUS had before ours, restored for faults that are not ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
-/// Pages the handler zeroed that [`ZEROED`] can list; past this many a copy relies on its
-/// shard's poison flag instead ([`zeroed_overflowed`]).
+/// Pages the handler zeroed that [`ZEROED`] can list page by page; past this many each
+/// mapping's [`Region`] record answers instead.
 const ZEROED_CAP: usize = 1024;
 /// The pages the handler zeroed (page addresses; 0: an entry not yet written), in the
 /// order of [`ZEROED_N`].
@@ -72,7 +95,16 @@ pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Resul
             z.store(0, Ordering::Release);
         }
     }
-    next.extend(fresh);
+    // Newest last, found first: a new mapping where an old one was starts with no page
+    // zeroed.
+    next.extend(fresh.into_iter().map(|(start, end)| {
+        &*Box::leak(Box::new(Region {
+            start,
+            end,
+            last: AtomicUsize::new(0),
+            page: AtomicUsize::new(0),
+        }))
+    }));
     REGIONS.store(Box::into_raw(Box::new(next)), Ordering::Release);
     if PREVIOUS.get().is_some() {
         return Ok(());
@@ -241,6 +273,12 @@ pub fn zeroed_overflowed() -> bool {
     ZEROED_N.load(Ordering::Acquire) > ZEROED_CAP
 }
 
+/// Whether the handler zeroed any page of the registered mapping that holds `bytes`
+/// (at any count: the mapping keeps its own record, [`Region`]).
+pub fn zeroed_within(bytes: &[u8]) -> bool {
+    region_of(bytes.as_ptr() as usize).is_some_and(|r| r.last.load(Ordering::Acquire) != 0)
+}
+
 /// How many pages the handler has zeroed so far: a mark for [`fault_since_in`].
 pub fn zeroed_pages() -> usize {
     ZEROED_N.load(Ordering::Acquire)
@@ -253,8 +291,8 @@ pub fn zeroed_pages() -> usize {
 /// faults of unrelated work at the same time: planning reads only shard indexes, so a
 /// page of a `.bin` zeroed meanwhile was a slot copy's (which fails its own ring), and an
 /// admission that counted it refused a client that had read nothing of that shard. Past
-/// the table's room (more pages zeroed than it lists) any unlisted one might be ours, so
-/// one is named.
+/// the table's room each mapping's own record answers (its last page zeroed since
+/// `mark`), so faults of unrelated work are still kept out.
 pub fn fault_since_in(mark: usize, ours: impl Fn(usize) -> bool) -> Option<usize> {
     take_fault().or_else(|| {
         let n = ZEROED_N.load(Ordering::Acquire);
@@ -267,7 +305,16 @@ pub fn fault_since_in(mark: usize, ours: impl Fn(usize) -> bool) -> Option<usize
             // 0: an entry another thread's handler reserved and has not written yet; a
             // page of work this thread handed out and joined is written by now.
             .find(|&p| p != 0 && ours(p))
-            .or_else(|| (n > ZEROED_CAP).then_some(1))
+            .or_else(|| {
+                // `ours` judges a page by its mapping, so one page of each mapping that
+                // lost pages since `mark` answers for all of them.
+                (n > ZEROED_CAP).then_some(())?;
+                regions().iter().find_map(|r| {
+                    let since = r.last.load(Ordering::Acquire) > mark;
+                    let p = r.page.load(Ordering::Relaxed);
+                    (since && p != 0 && ours(p)).then_some(p)
+                })
+            })
     })
 }
 
@@ -311,8 +358,8 @@ pub fn zeroed_in(bytes: &[u8]) -> Option<usize> {
         .map(|p| p.max(lo))
 }
 
-/// The registered ranges. Async-signal-safe: one atomic load.
-fn regions() -> &'static [(usize, usize)] {
+/// The registered mappings. Async-signal-safe: one atomic load.
+fn regions() -> &'static [&'static Region] {
     let p = REGIONS.load(Ordering::Acquire);
     if p.is_null() {
         return &[];
@@ -322,9 +369,9 @@ fn regions() -> &'static [(usize, usize)] {
     unsafe { &*p }
 }
 
-/// Whether `addr` lies in a registered mapping.
-fn registered(addr: usize) -> bool {
-    regions().iter().any(|&(a, b)| (a..b).contains(&addr))
+/// The registered mapping `addr` lies in (the newest, where an old one was mapped over).
+fn region_of(addr: usize) -> Option<&'static Region> {
+    regions().iter().rev().find(|r| r.holds(addr)).copied()
 }
 
 /// The SIGBUS handler (see the module docs). Only async-signal-safe work: thread-local
@@ -339,7 +386,12 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
         let (addr, code) = ((*info).si_addr() as usize, (*info).si_code);
         let guarded = DEPTH.try_with(|d| d.get() > 0).unwrap_or(false);
         // si_code > 0: raised by the kernel for a memory access (not kill or sigqueue).
-        if guarded && code > 0 && registered(addr) {
+        let region = if guarded && code > 0 {
+            region_of(addr)
+        } else {
+            None
+        };
+        if let Some(region) = region {
             let page = PAGE.load(Ordering::Relaxed);
             let base = addr & !(page - 1);
             // Listed before it is mapped: a thread that reads the zeros finds it listed.
@@ -347,6 +399,8 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
             if let Some(slot) = ZEROED.get(i) {
                 slot.store(base, Ordering::Release);
             }
+            region.page.store(base, Ordering::Relaxed);
+            region.last.store(i + 1, Ordering::Release);
             let p = libc::mmap(
                 base as *mut libc::c_void,
                 page,

@@ -297,8 +297,8 @@ impl Shard {
                     (now.dev, now.ino) == (was.dev, was.ino) && now.size < was.size
                 })
         });
-        // Past the guard's table not every zeroed page is listed: count the index as lost.
-        shrank || guard::zeroed_in(index).is_some() || guard::zeroed_overflowed()
+        // The mapping's own record, whatever the count of pages zeroed in the process.
+        shrank || guard::zeroed_within(index)
     }
 
     /// The bytes of the index a lookup of document `doc` reads, in words (the stuck-fill
