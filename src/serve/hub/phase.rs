@@ -457,10 +457,16 @@ pub(super) mod tests {
             shards: vec![("a/0".into(), shard)],
             settings: Default::default(),
         };
+        plan_of(input, SEQ_LEN, ROWS)
+    }
+
+    /// A plan over domain `input` alone ("a", weight 1), of rows of `seq_len` tokens,
+    /// `rows` a step.
+    pub(in crate::serve::hub) fn plan_of(input: DomainInput, seq_len: u32, rows: u32) -> Arc<Plan> {
         let cfg = PlanConfig {
             seed: 0,
-            seq_len: SEQ_LEN,
-            global_batch_rows: ROWS,
+            seq_len,
+            global_batch_rows: rows,
             packing: Default::default(),
             best_fit_window: 64,
             eod_token: None,

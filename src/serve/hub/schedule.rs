@@ -785,9 +785,7 @@ mod tests {
         use crate::serve::fill::tests::HeldPage;
         use std::sync::atomic::AtomicBool;
         let dir = tempfile::tempdir().unwrap();
-        let hub = one_shard_hub(dir.path());
-        let mut hello = crate::wire::protocol::Hello::new(0, 1, 2, 1);
-        hello.job = "j".into();
+        let (hub, hello) = one_shard_hub(dir.path());
         let no = AtomicBool::new(false);
         let admitted = hub.admit(&hello, (None, None, None), &no, None);
         assert!(admitted.is_ok(), "{:?}", admitted.err());
@@ -856,9 +854,7 @@ mod tests {
         use crate::serve::fill::tests::HeldPage;
         use std::sync::atomic::AtomicBool;
         let dir = tempfile::tempdir().unwrap();
-        let hub = one_shard_hub(dir.path());
-        let mut hello = crate::wire::protocol::Hello::new(0, 1, 2, 1);
-        hello.job = "j".into();
+        let (hub, mut hello) = one_shard_hub(dir.path());
         hello.start_step = Some(1000);
         let flights = Arc::new(super::super::SeekFlights::default());
         let ticket = hub
@@ -903,9 +899,10 @@ mod tests {
     }
 
     /// A hub over [`shard_and_job`]'s one shard (4 documents of 4096 tokens) in `dir`:
-    /// rows of 64 tokens, 2 a step, page hints on, the watchdog's bound zero.
-    fn one_shard_hub(dir: &std::path::Path) -> Hub {
-        use crate::plan::{DocSource, DomainInput, Plan};
+    /// rows of 64 tokens, 2 a step (an epoch is 126 steps), page hints on, the watchdog's
+    /// bound zero; and the HELLO of rank 0 of 1 of job "j".
+    fn one_shard_hub(dir: &std::path::Path) -> (Hub, crate::wire::protocol::Hello) {
+        use crate::plan::{DocSource, DomainInput};
         let (src, _, _) = crate::serve::fill::tests::shard_and_job(dir, 7, (0, 7));
         let shard: Arc<dyn DocSource> = src.shards[0][0].clone();
         let input = DomainInput {
@@ -913,22 +910,7 @@ mod tests {
             shards: vec![("a/0".into(), shard)],
             settings: Default::default(),
         };
-        let cfg = crate::config::plan::PlanConfig {
-            seed: 0,
-            seq_len: 64,
-            global_batch_rows: 2,
-            packing: Default::default(),
-            best_fit_window: 64,
-            eod_token: None,
-            pad_token: 0,
-            vocab_size: None,
-            weights: Some([("a".to_string(), 1.0)].into()),
-            schedule: Vec::new(),
-            skip: Vec::new(),
-            reseed: Vec::new(),
-            stage: Vec::new(),
-        };
-        let plan = Arc::new(Plan::new(&[input], cfg, 1).expect("a one-shard plan"));
+        let plan = crate::serve::hub::phase::tests::plan_of(input, 64, 2);
         let settings = crate::serve::hub::HubSettings {
             slots: 2,
             prefetch: 0,
@@ -942,6 +924,8 @@ mod tests {
             live_changes: 4,
             stuck_fill: Duration::ZERO,
         };
-        Hub::new(plan, src, settings)
+        let mut hello = crate::wire::protocol::Hello::new(0, 1, 2, 1);
+        hello.job = "j".into();
+        (Hub::new(plan, src, settings), hello)
     }
 }
