@@ -793,55 +793,54 @@ mod tests {
             return;
         };
         let idx = dir.path().join("s.idx");
-        std::thread::scope(|s| {
+        let (stuck, status, waited, warned, went_on) = std::thread::scope(|s| {
             let worker = s.spawn(|| hub.worker());
             let t0 = Instant::now();
-            let stuck = loop {
-                let stuck = hub.stuck_fills(Duration::ZERO);
+            let mut stuck = Vec::new();
+            while t0.elapsed() < Duration::from_secs(30) {
+                stuck = hub.stuck_fills(Duration::ZERO);
                 if stuck
                     .iter()
                     .any(|f| f.reading.starts_with("under the hub's lock"))
                 {
-                    break Some(stuck);
-                }
-                if t0.elapsed() > Duration::from_secs(30) {
-                    break None;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
-            };
+            }
             let t1 = Instant::now();
             let status = hub.status();
             let waited = t1.elapsed();
-            let warned = hub
-                .fills
-                .warn_stuck(&hub.source, Duration::ZERO, STUCK_REPEAT);
+            let warned = (hub.fills).warn_stuck(&hub.source, Duration::ZERO, STUCK_REPEAT);
+            // Released and stopped in any case: the scope ends only once the worker does.
             held.release(&idx);
-            let stuck = stuck.expect("the read under the lock was never named");
-            assert_eq!(stuck.len(), 1, "{stuck:?}");
-            let f = &stuck[0];
-            assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 0, 0), "{f:?}");
-            assert!(
-                f.reading
-                    .contains(&format!("reading the index of {} bytes ", idx.display())),
-                "{}",
-                f.reading
-            );
-            assert!(status.hub_busy, "STATUS took the lock a hung read holds");
-            assert!(waited < Duration::from_secs(10), "STATUS took {waited:?}");
-            assert_eq!(status.stuck_fills.len(), 1, "{:?}", status.stuck_fills);
-            assert_eq!(warned, 1);
-            // The page came: the worker goes on, and STATUS has the lock again.
             let t0 = Instant::now();
-            while hub.status().hub_busy || !hub.stuck_fills(Duration::ZERO).is_empty() {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(30),
-                    "the worker never went on"
-                );
+            let went_on = loop {
+                if !hub.status().hub_busy && hub.stuck_fills(Duration::ZERO).is_empty() {
+                    break true;
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    break false;
+                }
                 std::thread::sleep(Duration::from_millis(5));
-            }
+            };
             hub.stop();
             worker.join().unwrap();
+            (stuck, status, waited, warned, went_on)
         });
+        assert_eq!(stuck.len(), 1, "{stuck:?}");
+        let f = &stuck[0];
+        assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 0, 0), "{f:?}");
+        let want = format!(
+            "under the hub's lock, planning a step: reading the index of {} bytes ",
+            idx.display()
+        );
+        assert!(f.reading.starts_with(&want), "{}", f.reading);
+        assert!(status.hub_busy, "STATUS took the lock a hung read holds");
+        assert!(waited < Duration::from_secs(10), "STATUS took {waited:?}");
+        assert_eq!(status.stuck_fills.len(), 1, "{:?}", status.stuck_fills);
+        assert_eq!(warned, 1);
+        // The page came: the worker went on, and STATUS had the lock again.
+        assert!(went_on, "the worker never went on");
     }
 
     /// The same for a seek: a client that starts at a far step has its planner replayed
