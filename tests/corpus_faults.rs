@@ -458,12 +458,7 @@ fn a_shards_lost_pages_are_its_own_past_a_thousand_zeroed_pages() {
     let bin = shard("b", 4, 4096);
     for (k, s) in small.iter().enumerate() {
         let idx = dir.path().join(format!("i{k}.idx"));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&idx)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
+        truncate(&idx, 0);
         let _g = guard::enter();
         let _ = std::hint::black_box(s.doc_len_validated(0));
         assert!(
@@ -474,12 +469,7 @@ fn a_shards_lost_pages_are_its_own_past_a_thousand_zeroed_pages() {
     }
     assert!(guard::zeroed_pages() > 1024, "{}", guard::zeroed_pages());
     let mark = guard::zeroed_pages();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("b.bin"))
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
+    truncate(&dir.path().join("b.bin"), 4096);
     {
         let _g = guard::enter();
         let tokens = bin.doc_tokens(3).unwrap();
@@ -494,12 +484,7 @@ fn a_shards_lost_pages_are_its_own_past_a_thousand_zeroed_pages() {
     // A lost index page since the mark is found, past the table's room too.
     let last = small.last().unwrap();
     let before = guard::zeroed_pages();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("b.idx"))
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    truncate(&dir.path().join("b.idx"), 0);
     let found = std::thread::scope(|s| {
         s.spawn(|| {
             let _g = guard::enter();
@@ -513,4 +498,12 @@ fn a_shards_lost_pages_are_its_own_past_a_thousand_zeroed_pages() {
     let ours = guard::fault_since_in(before, |a| bin.index_holds(a) || last.index_holds(a));
     assert!(ours.is_some_and(|a| bin.index_holds(a)), "{ours:?}");
     assert!(bin.lost_index_pages());
+}
+
+/// Cuts `file` to `len` bytes in place (same inode), as a shard is truncated under a
+/// reader.
+fn truncate(file: &Path, len: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(file);
+    f.and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
 }

@@ -795,18 +795,8 @@ mod tests {
         let idx = dir.path().join("s.idx");
         let (stuck, status, waited, warned, went_on) = std::thread::scope(|s| {
             let worker = s.spawn(|| hub.worker());
-            let t0 = Instant::now();
-            let mut stuck = Vec::new();
-            while t0.elapsed() < Duration::from_secs(30) {
-                stuck = hub.stuck_fills(Duration::ZERO);
-                if stuck
-                    .iter()
-                    .any(|f| f.reading.starts_with("under the hub's lock"))
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            let what = "under the hub's lock, planning a step: reading the index";
+            let stuck = stuck_reading(&hub, what, || false);
             let t1 = Instant::now();
             let status = hub.status();
             let waited = t1.elapsed();
@@ -827,14 +817,8 @@ mod tests {
             worker.join().unwrap();
             (stuck, status, waited, warned, went_on)
         });
-        assert_eq!(stuck.len(), 1, "{stuck:?}");
-        let f = &stuck[0];
-        assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 0, 0), "{f:?}");
-        let want = format!(
-            "under the hub's lock, planning a step: reading the index of {} bytes ",
-            idx.display()
-        );
-        assert!(f.reading.starts_with(&want), "{}", f.reading);
+        let what = "under the hub's lock, planning a step";
+        the_one_named(&stuck, 0, what, &idx);
         assert!(status.hub_busy, "STATUS took the lock a hung read holds");
         assert!(waited < Duration::from_secs(10), "STATUS took {waited:?}");
         assert_eq!(status.stuck_fills.len(), 1, "{:?}", status.stuck_fills);
@@ -870,31 +854,48 @@ mod tests {
                 r.map(|a| a.welcome.start_step)
                     .map_err(|e| format!("{e:?}"))
             });
-            let t0 = Instant::now();
-            let mut stuck = Vec::new();
-            while t0.elapsed() < Duration::from_secs(30) && !admit.is_finished() {
-                stuck = hub.stuck_fills(Duration::ZERO);
-                if stuck
-                    .iter()
-                    .any(|f| f.reading.contains("reading the index"))
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            let what = "seeking the client's start step: reading the index";
+            let stuck = stuck_reading(&hub, what, || admit.is_finished());
             held.release(&idx);
             (stuck, admit.join().unwrap())
         });
-        assert_eq!(stuck.len(), 1, "{stuck:?} {admitted:?}");
-        let f = &stuck[0];
-        assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 0, 1000), "{f:?}");
-        let want = format!(
-            "seeking the client's start step: reading the index of {} bytes ",
-            idx.display()
-        );
-        assert!(f.reading.starts_with(&want), "{}", f.reading);
+        the_one_named(&stuck, 1000, "seeking the client's start step", &idx);
         assert_eq!(admitted, Ok(1000));
         assert!(hub.stuck_fills(Duration::ZERO).is_empty());
+    }
+
+    /// What the watchdog finds stuck once an entry reading `what...` appears (30 s at
+    /// most, or until `ended`).
+    fn stuck_reading(
+        hub: &Hub,
+        what: &str,
+        ended: impl Fn() -> bool,
+    ) -> Vec<crate::wire::status::StuckFill> {
+        let t0 = Instant::now();
+        let mut stuck = Vec::new();
+        while t0.elapsed() < Duration::from_secs(30) && !ended() {
+            stuck = hub.stuck_fills(Duration::ZERO);
+            if stuck.iter().any(|f| f.reading.starts_with(what)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stuck
+    }
+
+    /// Checks that `stuck` is one entry, of rank 0 of job "j" at `step`, doing `what` and
+    /// reading the index `idx` (its bytes named).
+    fn the_one_named(
+        stuck: &[crate::wire::status::StuckFill],
+        step: u64,
+        what: &str,
+        idx: &std::path::Path,
+    ) {
+        assert_eq!(stuck.len(), 1, "{stuck:?}");
+        let f = &stuck[0];
+        assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 0, step), "{f:?}");
+        let want = format!("{what}: reading the index of {} bytes ", idx.display());
+        assert!(f.reading.starts_with(&want), "{}", f.reading);
     }
 
     /// A hub over [`shard_and_job`]'s one shard (4 documents of 4096 tokens) in `dir`:
