@@ -1301,6 +1301,8 @@ mod tests {
             "reading 1 spans with io_uring from {} bytes 0..130",
             fifo.display()
         );
+        // Waits for the io_uring read itself: "reading" alone also matched the index
+        // lookup the fill makes just before it (a full run once saw that one).
         let got = fill_stuck_then_release(&src, &job, &layout, "reading 1 spans", || {
             writer.write_all(&[7u8, 0].repeat(65)).unwrap()
         });
