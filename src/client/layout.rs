@@ -379,3 +379,18 @@ pub(super) fn check_ring_header(ring: &RingView, l: &Layout) -> Result<(), Clien
     }
     Ok(())
 }
+
+/// WELCOME's payload checked as [`super::Client::connect`] checks it before it maps
+/// the ring, then a slot header's `shape` checked against it as each step's read does:
+/// the client's decoders of what the daemon sends, with no daemon or memfd needed.
+/// For the fuzzer (tests/fuzz, target `wire`); these checks have no public way in.
+#[doc(hidden)]
+pub fn check_welcome(
+    payload: &[u8],
+    shape: &(u32, u32, [u64; FIELD_SLOTS]),
+) -> Result<(), ClientError> {
+    let welcome: Welcome = serde_json::from_slice(payload)
+        .map_err(|e| ClientError::Protocol(format!("WELCOME is not valid: {e}")))?;
+    Layout::from_welcome(&welcome)?;
+    Layout::of_slot(&welcome, shape).map(|_| ())
+}

@@ -37,6 +37,8 @@ pub use consume::{
     ConsumeSummary, Latency,
 };
 pub use derive::Expanded;
+#[doc(hidden)]
+pub use layout::check_welcome;
 
 // The wire and ring constants are the daemon's own, so the two sides cannot drift.
 pub use crate::sys::monotonic_ns;
