@@ -2149,3 +2149,89 @@ fn identity_follows_content_not_mount_path() {
         "a different index hashes differently"
     );
 }
+
+/// Found by the fuzzer (tests/fuzz, target `megatron`): a shard that opens (its O(1)
+/// checks pass) but whose every document is corrupt, planned before its validation has
+/// run (a daemon plans at start and validates in the background). Each document reads
+/// as 0 tokens and poisons the shard, so the domain's windows are all empty; the stream
+/// searched a million of them for rows at every step, re-reading every length each
+/// time (more than 50 s for one step of a 9-document shard under the fuzzer). It now
+/// gives up after two epochs of empty windows, and the shard's poison names the
+/// document at fault.
+#[test]
+fn an_unvalidated_shard_of_corrupt_documents_plans_without_spinning() {
+    use millrace::config::plan::{DomainSettings, Packing, PlanConfig};
+    use millrace::plan::{DocSource, DomainInput, Plan};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("corrupt");
+    // Minimized from the fuzzer's input: uint8, 2 sequences of 3 and 4 tokens at 0 and
+    // 3, document_indices [0, 7, 2]: both ends right, both documents out of order.
+    let mut idx = b"MMIDIDX\0\0".to_vec();
+    idx.extend(1u64.to_le_bytes()); // version
+    idx.push(1); // dtype code: uint8
+    idx.extend(2u64.to_le_bytes()); // sequences
+    idx.extend(3u64.to_le_bytes()); // document_indices entries
+    for len in [3i32, 4] {
+        idx.extend(len.to_le_bytes());
+    }
+    for ptr in [0i64, 3] {
+        idx.extend(ptr.to_le_bytes());
+    }
+    for d in [0i64, 7, 2] {
+        idx.extend(d.to_le_bytes());
+    }
+    std::fs::write(with(&prefix, "idx"), &idx).unwrap();
+    std::fs::write(with(&prefix, "bin"), [1u8, 2, 3, 4, 5, 6, 7]).unwrap();
+    let shard = Arc::new(Shard::open(&prefix, None).expect("the O(1) checks pass"));
+    assert!(
+        shard.validate().is_err(),
+        "the full pass sees the corruption"
+    );
+
+    let src: Arc<dyn DocSource> = shard.clone();
+    let inputs = [DomainInput {
+        name: "d".into(),
+        shards: vec![("d/corrupt".into(), src)],
+        settings: DomainSettings::default(),
+    }];
+    let cfg = PlanConfig {
+        seed: 1,
+        seq_len: 16,
+        global_batch_rows: 4,
+        packing: Packing::BestFit,
+        best_fit_window: 8,
+        eod_token: None,
+        pad_token: 0,
+        vocab_size: None,
+        weights: Some([("d".to_string(), 1.0)].into()),
+        schedule: Vec::new(),
+        skip: Vec::new(),
+        reseed: Vec::new(),
+        stage: Vec::new(),
+    };
+    let plan = Arc::new(Plan::new(&inputs, cfg, 1).expect("the plan builds"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut p = plan.start();
+        let rows: Vec<usize> = (0..3).map(|_| p.next_batch().rows.len()).collect();
+        let _ = tx.send((rows, p.stream(0).map(|s| s.epoch)));
+    });
+    let (rows, epoch) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("three steps planned within 60 s");
+    // Nothing to give: no rows, and a step searched at most 2 * units + 2 empty windows
+    // (here each window is a whole epoch of the 2 documents): 3,000,000 epochs before.
+    assert_eq!(rows, vec![0, 0, 0]);
+    let epoch = epoch.expect("one stream");
+    assert!(
+        epoch <= 3 * 6,
+        "the stream searched {epoch} epochs of empty windows"
+    );
+    let why = shard
+        .poisoned()
+        .expect("a corrupt document poisons the shard");
+    assert!(why.contains("corrupt.idx: document "), "{why}");
+    assert!(why.contains("document_indices gives sequences"), "{why}");
+}

@@ -638,10 +638,11 @@ impl Stream {
                     // unit or more): nothing to give. A domain with tokens never gets here, as
                     // each epoch has a window with rows; a flat million windows cut
                     // short the batches of one with a million empty documents and
-                    // `window = 1`.
+                    // `window = 1`, and made every step of a small shard whose documents
+                    // all read as 0 (corrupt, not yet validated) search a million.
                     empty_windows += 1;
                     let units = d.virtual_units(self.kind(), self.state.upsample);
-                    if empty_windows > units.saturating_mul(2).saturating_add(2).max(1_000_000) {
+                    if empty_windows > units.saturating_mul(2).saturating_add(2) {
                         return;
                     }
                 } else {
