@@ -2235,3 +2235,33 @@ fn an_unvalidated_shard_of_corrupt_documents_plans_without_spinning() {
     assert!(why.contains("corrupt.idx: document "), "{why}");
     assert!(why.contains("document_indices gives sequences"), "{why}");
 }
+
+/// Found by the fuzzer (tests/fuzz, target `npy`): a group sidecar whose header nests
+/// `{` 53 deep (a 250-byte file) held `Groups::open` past the fuzzer's 5 s limit, and a
+/// daemon's start with it, in npyz's header parser (py_literal, a backtracking PEG
+/// parser). A sidecar's header is a dict holding a shape tuple, so nesting past that
+/// is refused before the parser sees it, naming the byte.
+#[test]
+fn a_groups_sidecar_header_nested_deep_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.groups.npy");
+    // Minimized from the fuzzer's input: a version 1.0 header of 30 nested `{`.
+    let mut text = b"{'descr': '<u8', 'fortran_order': False, 'shape': (3,), 'x': ".to_vec();
+    text.extend([b'{'; 30]);
+    text.push(b'\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend((text.len() as u16).to_le_bytes());
+    npy.extend(&text);
+    npy.extend([0u8; 24]);
+    std::fs::write(&path, &npy).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(Groups::open(&p, 3).map(|_| ()));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the sidecar is judged within 30 s");
+    let e = expect_err(r, "a header nested 31 deep");
+    assert_invalid(&e, &path, &["header", "nests", "byte 73"]);
+}

@@ -22,6 +22,12 @@ use super::{map_file, FileStamp};
 /// What a group runs file ([`Groups::encode`]) starts with; the digit is its version.
 const RUNS_MAGIC: &[u8; 8] = b"MRRUNS01";
 
+/// The deepest a sidecar's `.npy` header text nests brackets: a dict holding a shape
+/// tuple is 2, and 3 leaves room for a list in `descr`. npyz parses the text with a
+/// backtracking parser whose time grows exponentially with the nesting (a 250-byte
+/// header of 53 `{` did not finish in minutes), so deeper text is refused before it.
+const NPY_MAX_NESTING: usize = 3;
+
 /// The fixed start of a numpy `.npy` file: magic, format version and the header's length,
 /// read without trusting that length (npyz allocates it before reading the header).
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +67,30 @@ impl NpyPreamble {
             .text_at
             .checked_add(usize::try_from(self.header_len?).ok()?)?;
         bytes.get(self.text_at..end)
+    }
+
+    /// Where the header text first nests brackets more than [`NPY_MAX_NESTING`] deep
+    /// (outside quoted strings), as a byte of the file; `None` when it never does or the
+    /// text is not whole.
+    pub(crate) fn nested_too_deep(&self, bytes: &[u8]) -> Option<usize> {
+        let mut depth = 0usize;
+        let mut quote = None;
+        for (i, &b) in self.text(bytes)?.iter().enumerate() {
+            match (quote, b) {
+                (Some(q), _) if b == q => quote = None,
+                (Some(_), _) => {}
+                (None, b'\'' | b'"') => quote = Some(b),
+                (None, b'{' | b'[' | b'(') => {
+                    depth += 1;
+                    if depth > NPY_MAX_NESTING {
+                        return Some(self.text_at + i);
+                    }
+                }
+                (None, b'}' | b']' | b')') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        None
     }
 
     /// What the header text's `'shape'` tuple holds between its parentheses, when the
@@ -116,6 +146,12 @@ impl Groups {
                     bytes.len()
                 )));
             }
+        }
+        if let Some(at) = NpyPreamble::of(bytes).and_then(|pre| pre.nested_too_deep(bytes)) {
+            return Err(bad(format!(
+                "groups sidecar is not a valid .npy file: its header nests brackets more \
+                 than {NPY_MAX_NESTING} deep at byte {at}"
+            )));
         }
         // npyz multiplies the dimensions while it parses the header, which overflows (a
         // panic where overflow checks are on) for a shape like (2^32, 2^32): a shape of
