@@ -5,14 +5,17 @@
 //! every document and plan full batches; any that opens must plan without hanging.
 #![no_main]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use millrace::config::plan::{DomainSettings, Packing, PlanConfig};
+use millrace::config::plan::{DomainSettings, PlanConfig};
 use millrace::corpus::{DType, LongUnits, Shard};
 use millrace::plan::{DocSource, DomainInput, Plan};
 use millrace_fuzz::{megatron_files, put, scratch, write_seeds_and_exit_if_asked};
+
+/// The `[plan]` a start would plan the shard with: rows of 16, four a batch.
+const PLAN: &str = "seed = 1\nseq_len = 16\nglobal_batch_rows = 4\npacking = \"best_fit\"\n\
+                    best_fit_window = 8\nweights = { d = 1.0 }\n";
 
 fn seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
@@ -77,21 +80,7 @@ fuzz_target!(
         shards: vec![("d/shard".into(), src)],
         settings: DomainSettings::default(),
     }];
-    let cfg = PlanConfig {
-        seed: 1,
-        seq_len: 16,
-        global_batch_rows: 4,
-        packing: Packing::BestFit,
-        best_fit_window: 8,
-        eod_token: None,
-        pad_token: 0,
-        vocab_size: None,
-        weights: Some(BTreeMap::from([("d".to_string(), 1.0)])),
-        schedule: Vec::new(),
-        skip: Vec::new(),
-        reseed: Vec::new(),
-        stage: Vec::new(),
-    };
+    let cfg: PlanConfig = toml::from_str(PLAN).expect("the plan table parses");
     if let Ok(plan) = Plan::new(&inputs, cfg, 1) {
         let mut p = Arc::new(plan).start();
         for _ in 0..3 {
