@@ -916,7 +916,6 @@ mod tests {
             prefetch: 0,
             token: crate::serve::ring::TokenType(crate::corpus::DType::Int32),
             max_clients: 8,
-            hints: true,
             ring_budget: 1 << 30,
             stage_reserve: 0,
             checkpoints: None,

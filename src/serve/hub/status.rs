@@ -474,6 +474,7 @@ mod tests {
             checkpoints: None,
             wake_coalesce: Duration::ZERO,
             live_changes: 32,
+            stuck_fill: Duration::from_secs(30),
         };
         Hub::new(std::sync::Arc::new(plan), source, settings)
     }
