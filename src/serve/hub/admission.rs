@@ -769,11 +769,6 @@ impl Hub {
     }
 }
 
-/// The refusal for a system call that failed while making a client's shared memory:
-/// `memory` when the OS is out of what it needs (ENOMEM, ENOSPC, or EFBIG from a
-/// RLIMIT_FSIZE below the memfd's size), which retrying does not change, else `busy`.
-/// All of them were `busy`, so a trainer under such a limit retried for its whole
-/// `reconnect_timeout` before failing with what read like a passing condition.
 /// What [`Hub::check_room`] found a blob's changes may rewrite.
 #[derive(Default)]
 struct Room {
@@ -802,6 +797,11 @@ fn stale_failure(hello: &Hello, dp_rank: u32, at: u64, from: u64) -> super::Fail
     )
 }
 
+/// The refusal for a system call that failed while making a client's shared memory:
+/// `memory` when the OS is out of what it needs (ENOMEM, ENOSPC, or EFBIG from a
+/// RLIMIT_FSIZE below the memfd's size), which retrying does not change, else `busy`.
+/// All of them were `busy`, so a trainer under such a limit retried for its whole
+/// `reconnect_timeout` before failing with what read like a passing condition.
 fn os_refusal(message: String, e: &std::io::Error) -> Refusal {
     let code = match e.raw_os_error() {
         Some(libc::ENOMEM | libc::ENOSPC | libc::EFBIG) => Code::Memory,
