@@ -43,7 +43,7 @@ use millrace::plan::permute::{chained, Permutation, Reshuffle};
 use millrace::plan::report::Tally;
 use millrace::plan::{
     CarryLevel, CheckpointKey, Checkpoints, CursorError, DocSource, DomainInput, GlobalBatch,
-    MemCheckpoints, MemShard, Plan, PlanError, Row, StreamState, Tail, MAX_TRIES,
+    MemCheckpoints, MemShard, Plan, PlanError, Row, Segment, StreamState, Tail, MAX_TRIES,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, RngSeed, TestRunner};
@@ -1429,6 +1429,51 @@ fn resume_from_blob_and_seek_continue_bit_for_bit() {
     for sc in scenarios() {
         check_resume(&sc, &mut rng);
     }
+}
+
+/// What the daemon serves (`next_batch_served`) is `next_batch` without the groups of
+/// document units: the same rows, documents, ranges and cursors in every scenario, a
+/// group unit's pieces keeping their group, and nothing else left out.
+#[test]
+fn served_batches_are_the_planned_ones_without_document_groups() {
+    let (mut kept, mut dropped) = (0u64, 0u64);
+    for sc in scenarios() {
+        let plan = build(&sc.domains, sc.cfg.clone());
+        let (mut full, mut served) = (plan.start(), plan.start());
+        for step in 0..130 {
+            let (a, b) = (full.next_batch(), served.next_batch_served());
+            let ctx = format!("{} step {step}", sc.name);
+            assert_eq!((a.step, a.plan_step), (b.step, b.plan_step), "{ctx}");
+            assert_eq!(a.counts, b.counts, "{ctx}");
+            assert_eq!(a.rows.len(), b.rows.len(), "{ctx}");
+            for (ra, rb) in a.rows.iter().zip(&b.rows) {
+                assert_eq!(ra.segments.len(), rb.segments.len(), "{ctx}");
+                for (sa, sb) in ra.segments.iter().zip(&rb.segments) {
+                    match sb.group {
+                        Some(g) => {
+                            assert_eq!(sa.group, Some(g), "{ctx}: a kept group changed");
+                            kept += 1;
+                        }
+                        None => dropped += u64::from(sa.group.is_some()),
+                    }
+                }
+                let strip = |r: &Row| Row {
+                    segments: (r.segments.iter())
+                        .map(|s| Segment { group: None, ..*s })
+                        .collect(),
+                    ..r.clone()
+                };
+                assert_eq!(strip(ra), strip(rb), "{ctx}");
+            }
+            assert_eq!(full.cursor(), served.cursor(), "{ctx}: cursor");
+        }
+    }
+    // The scenarios hold both: grouped domains (group units) and ungrouped ones whose
+    // shards have sidecars (document units whose group serving leaves out).
+    assert!(
+        kept > 100 && dropped > 100,
+        "kept {kept}, dropped {dropped}"
+    );
 }
 
 /// A seek is cancellable between chunks (the daemon cancels the seek of a client that

@@ -511,6 +511,18 @@ impl MegatronShard {
         }
     }
 
+    /// Pulls the length entry [`Self::doc_len_validated`] reads for `doc` into the CPU
+    /// caches: the planner reads a window's lengths at random places of the index, and
+    /// prefetched some units ahead their misses overlap. Only for the one-sequence-per-
+    /// document layout, whose length is exactly that entry.
+    #[inline]
+    pub fn prefetch_len(&self, doc: u64) {
+        if doc < self.sequences {
+            let l = self.lengths_at + 4 * doc as usize;
+            crate::sys::prefetch(self.idx.get(l..l + 4).unwrap_or_default(), 4);
+        }
+    }
+
     /// Entry `i` of document_indices, as stored (`i` up to and including [`Self::documents`]).
     pub fn doc_index(&self, i: u64) -> i64 {
         le_i64(&self.idx, self.doc_index_at + 8 * i as usize)

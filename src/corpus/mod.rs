@@ -443,6 +443,15 @@ impl Shard {
         }
     }
 
+    /// Prefetches the index entry [`Shard::doc_len_validated`] will read for `doc` (a
+    /// CPU cache hint; see [`MegatronShard::prefetch_len`]). Raw shards: nothing.
+    #[inline]
+    pub fn prefetch_len(&self, doc: u64) {
+        if let Body::Megatron(m) = &self.body {
+            m.prefetch_len(doc);
+        }
+    }
+
     /// The group sidecar, if the shard has one.
     pub fn groups(&self) -> Option<&Groups> {
         self.groups.as_ref()

@@ -28,6 +28,10 @@ pub trait DocSource: Send + Sync {
     fn tokens(&self) -> u64;
     /// Tokens of document `doc` (< `documents()`); the shard has been validated.
     fn doc_len(&self, doc: u64) -> u64;
+    /// A hint that [`DocSource::doc_len`] of `doc` comes soon: a source whose lengths
+    /// sit in memory that misses the CPU's caches pulls that entry in, so that a
+    /// window's lookups overlap instead of waiting one by one. Changes nothing but time.
+    fn prefetch_len(&self, _doc: u64) {}
     /// Group runs in document order, when the shard has a sidecar.
     fn groups(&self) -> Option<&[GroupRun]>;
     /// Documents longer than `min_tokens`, ascending, when the source has them listed
@@ -55,6 +59,9 @@ impl<S: DocSource + ?Sized> DocSource for Listed<Arc<S>> {
     }
     fn doc_len(&self, doc: u64) -> u64 {
         self.source.doc_len(doc)
+    }
+    fn prefetch_len(&self, doc: u64) {
+        self.source.prefetch_len(doc)
     }
     fn groups(&self) -> Option<&[GroupRun]> {
         self.source.groups()
@@ -326,8 +333,9 @@ impl DomainData {
 
     /// Shard, first document, document count and group id (from the sidecar, if the
     /// shard is grouped) of a unit: [`DomainData::unit_docs`] and the group with one
-    /// search of the prefix arrays, as expanding a row's pieces needs both.
-    fn unit_place(&self, kind: UnitKind, u: u64) -> (usize, u64, u64, Option<u64>) {
+    /// search of the prefix arrays, as expanding a row's pieces needs both. Without
+    /// `groups` a document unit's group is not looked up (`None`).
+    fn unit_place(&self, kind: UnitKind, u: u64, groups: bool) -> (usize, u64, u64, Option<u64>) {
         match kind {
             UnitKind::Group => {
                 let gp = match &self.group_prefix {
@@ -344,7 +352,7 @@ impl DomainData {
             UnitKind::Doc => {
                 let (s, doc, n) = self.unit_docs(kind, u);
                 let docs = self.doc_prefix[s + 1] - self.doc_prefix[s];
-                let group = self.shards[s].groups().and_then(|runs| {
+                let group = self.shards[s].groups().filter(|_| groups).and_then(|runs| {
                     let i = run_of(runs, doc, docs)?;
                     runs.get(i).map(|r| r.id)
                 });
@@ -492,11 +500,32 @@ pub(crate) fn window_units(
             })
             .collect()
     };
-    for (u, len) in units.iter_mut() {
-        *len = d.unit_len(kind, *u);
+    if kind == UnitKind::Doc {
+        // A document's length is one index entry at a random place of the shards: with
+        // the entry [`LEN_AHEAD`] units on prefetched, that many misses are in flight.
+        let places: Vec<(usize, u64)> = (units.iter())
+            .map(|&(u, _)| {
+                let (s, doc, _) = d.unit_docs(kind, u);
+                (s, doc)
+            })
+            .collect();
+        for (i, (_, len)) in units.iter_mut().enumerate() {
+            if let Some(&(s, doc)) = places.get(i + LEN_AHEAD) {
+                d.shards[s].prefetch_len(doc);
+            }
+            let (s, doc) = places[i];
+            *len = d.doc_len(s, doc);
+        }
+    } else {
+        for (u, len) in units.iter_mut() {
+            *len = d.unit_len(kind, *u);
+        }
     }
     units
 }
+
+/// How many document units ahead [`window_units`] prefetches a length.
+const LEN_AHEAD: usize = 16;
 
 /// Where expanding a group's rows left off: per epoch and group unit (a batch-grouped
 /// group may span batches in two epochs at once), a document of it and that document's
@@ -514,7 +543,9 @@ pub(crate) struct GroupWalks {
 /// as spanning groups may be, [`crate::config::plan::MAX_GROUP_SPANS`], and then some).
 const MAX_WALKS: usize = 8192;
 
-/// Turns a row's unit-level pieces into document segments with provenance.
+/// Turns a row's unit-level pieces into document segments with provenance (a document
+/// unit's group only with `groups`, [`super::stream::RowsOut`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn expand_row(
     d: &DomainData,
     kind: UnitKind,
@@ -523,10 +554,11 @@ pub(crate) fn expand_row(
     pieces: &[Piece],
     tokens: u32,
     walks: &mut GroupWalks,
+    groups: bool,
 ) -> Row {
     let mut segments = Vec::with_capacity(pieces.len());
     for p in pieces {
-        let (shard, first, ndocs, group) = d.unit_place(kind, p.unit);
+        let (shard, first, ndocs, group) = d.unit_place(kind, p.unit, groups);
         if kind == UnitKind::Doc || ndocs <= 1 {
             // A whole one-document unit's length is the piece's: no second read.
             let doc_len = if p.whole && ndocs == 1 {

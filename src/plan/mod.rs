@@ -760,6 +760,9 @@ impl DocSource for crate::corpus::Shard {
         // Validated shards cannot fail here; 0 keeps an impossible error harmless.
         self.doc_len_validated(doc)
     }
+    fn prefetch_len(&self, doc: u64) {
+        crate::corpus::Shard::prefetch_len(self, doc)
+    }
     fn groups(&self) -> Option<&[crate::corpus::GroupRun]> {
         crate::corpus::Shard::groups(self).map(|g| g.runs())
     }

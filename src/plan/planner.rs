@@ -12,7 +12,7 @@ use super::checkpoint::Checkpoints;
 use super::cursor;
 use super::mix::MixState;
 use super::permute::{derive_key, Permutation};
-use super::stream::{self, Stream, StreamState};
+use super::stream::{self, RowsOut, Stream, StreamState};
 use super::{GlobalBatch, Plan, Row, SEEK_CHUNK};
 
 /// Most bytes a seek's chunk of mixer counts takes ([`super::SEEK_CHUNK`] steps unless
@@ -225,7 +225,7 @@ impl Planner {
     }
 
     /// Plans one plan step; returns its per-domain counts.
-    fn advance(&mut self, mut out: Option<&mut Vec<Row>>) -> Vec<u32> {
+    fn advance(&mut self, mut out: Option<&mut RowsOut<'_>>) -> Vec<u32> {
         let plan = self.plan.clone();
         let p = self.plan_step;
         let counts = plan.mixer.counts(&mut self.mix, p);
@@ -251,12 +251,27 @@ impl Planner {
 
     /// The next global batch.
     pub fn next_batch(&mut self) -> GlobalBatch {
+        self.batch(true)
+    }
+
+    /// The next global batch as serving reads it: [`Planner::next_batch`]'s rows, except
+    /// that a piece of a document unit carries no group ([`super::Segment::group`] is
+    /// `None` unless the unit is a group). The daemon's planners use it; the tokens, the
+    /// cursor and the plan's state are the same.
+    pub fn next_batch_served(&mut self) -> GlobalBatch {
+        self.batch(false)
+    }
+
+    fn batch(&mut self, groups: bool) -> GlobalBatch {
         while self.is_skipped(self.plan_step) {
             self.advance(None);
         }
         let p = self.plan_step;
         let mut rows = Vec::with_capacity(self.plan.shape_at(p).1 as usize);
-        let counts = self.advance(Some(&mut rows));
+        let counts = self.advance(Some(&mut RowsOut {
+            rows: &mut rows,
+            groups,
+        }));
         // Interleave domains across positions (and so across ranks).
         let perm = Permutation::new(rows.len() as u64, derive_key(&[self.plan.seed_at(p), p, 5]));
         let mut slots: Vec<Option<Row>> = rows.into_iter().map(Some).collect();

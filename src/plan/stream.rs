@@ -541,7 +541,7 @@ impl Stream {
         seed: u64,
         reseeds: &[(u64, u64)],
         cap: u32,
-        mut out: Option<&mut Vec<Row>>,
+        mut out: Option<&mut RowsOut<'_>>,
     ) {
         if n == 0 {
             return;
@@ -743,7 +743,7 @@ impl Stream {
         b: u32,
         from: u32,
         count: u32,
-        out: &mut Option<&mut Vec<Row>>,
+        out: &mut Option<&mut RowsOut<'_>>,
     ) {
         let block = w.blocks[b as usize];
         for r in from..from + count {
@@ -752,7 +752,7 @@ impl Stream {
             self.state.rows = self.state.rows.saturating_add(1);
             self.state.tokens = self.state.tokens.saturating_add(tokens as u64);
             if let Some(out) = out.as_deref_mut() {
-                out.push(expand_row(
+                out.rows.push(expand_row(
                     d,
                     kind,
                     domain,
@@ -760,10 +760,21 @@ impl Stream {
                     w.row_pieces(row),
                     tokens,
                     &mut self.walks,
+                    out.groups,
                 ));
             }
         }
     }
+}
+
+/// Where [`Stream::take`] puts the rows it builds, and whether a piece of a document unit
+/// looks its group up in the shard's sidecar ([`super::Segment::group`]). Explain, the
+/// report and the property tests read that group; serving a slot never does, and at
+/// 10^10 tokens the lookup took a quarter of the daemon's plan thread
+/// (docs/BENCHMARKS.md, "Huge folios and the served rows").
+pub(crate) struct RowsOut<'a> {
+    pub(crate) rows: &'a mut Vec<Row>,
+    pub(crate) groups: bool,
 }
 
 /// Checks that restored pending blocks name blocks of `w` with rows still to take.

@@ -81,7 +81,7 @@ pub(super) struct Planned {
 impl Planned {
     /// Plans `planner`'s next batch.
     pub(super) fn next(planner: &mut Planner) -> Planned {
-        let batch = Arc::new(planner.next_batch());
+        let batch = Arc::new(planner.next_batch_served());
         // The planner is past the batch now: its cursor, and the mark of that cursor,
         // say where the step after it starts.
         let mark = Mark {
