@@ -36,9 +36,10 @@ pub struct ServeConfig {
     /// Steps planned ahead of the copies, with their page-cache hints issued.
     #[serde(default = "default_prefetch")]
     pub prefetch_steps: u32,
-    /// Hint the kernel (MADV_RANDOM on shards, MADV_WILLNEED on planned spans) when the
-    /// slots are filled by the mmap copy with hints ([`Reader::MmapWillneed`]); `false`
-    /// makes that reader plain `mmap`. The other readers never hint.
+    /// Hint the kernel about the shards' pages: MADV_HUGEPAGE on the token mappings for
+    /// [`Reader::Mmap`]; MADV_RANDOM on shards and MADV_WILLNEED on planned spans for
+    /// [`Reader::MmapWillneed`], which `false` makes plain `mmap`. The io_uring readers
+    /// never hint.
     #[serde(default = "default_true")]
     pub page_hints: bool,
     /// How compact slots read the shards' token bytes (docs/OPERATIONS.md, "Readers").
@@ -155,7 +156,8 @@ pub enum Reader {
     /// cache", has the measurements).
     #[default]
     Auto,
-    /// Copy from plain mappings: the kernel's readahead, no hints.
+    /// Copy from the mappings, advised MADV_HUGEPAGE (with `page_hints`): a fault reads
+    /// a 2 MiB folio that one page-table entry maps.
     Mmap,
     /// Copy from mappings advised MADV_RANDOM, with MADV_WILLNEED over each planned
     /// step's spans `prefetch_steps` ahead.

@@ -59,6 +59,11 @@ pub struct RunFigures {
     pub daemon_rss_anon_bytes: u64,
     /// Daemon file-backed RSS at the end (mapped shard and index pages, reclaimable).
     pub daemon_rss_file_bytes: u64,
+    /// Of those, bytes mapped by 2 MiB entries (smaps_rollup FilePmdMapped): how much of
+    /// the corpus the page cache held in huge folios, which the warm copy costs about a
+    /// fifth less CPU from at 10^10 tokens (docs/BENCHMARKS.md, "Huge folios and the
+    /// served rows").
+    pub daemon_file_pmd_bytes: u64,
     /// Daemon shared-memory RSS at the end (the rings).
     pub daemon_rss_shmem_bytes: u64,
     /// Daemon minor page faults over its life (first touches of mapped shard pages).
@@ -295,10 +300,15 @@ pub fn render(r: &BenchReport) -> String {
     let _ = writeln!(s, "\nmillrace streaming (consumers read every byte):");
     let _ = writeln!(
         s,
-        "| cache | threads | steps | daemon start | first batch | tokens/s (median) | min-max | payload GB/s | / memcpy | source GB/s | / read ref | disk read | wake p50/p99 us | daemon CPU s per 1e9 tok | / memcpy time | consumer CPU s per 1e9 | daemon VmHWM | RssAnon | RssFile | RssShmem | faults minor/major | core round trip ns, before/after |"
+        "| cache | threads | steps | daemon start | first batch | tokens/s (median) | min-max | payload GB/s | / memcpy | source GB/s | / read ref | disk read | wake p50/p99 us | daemon CPU s per 1e9 tok | / memcpy time | consumer CPU s per 1e9 | daemon VmHWM | RssAnon | RssFile (PMD-mapped) | RssShmem | faults minor/major | core round trip ns, before/after |"
     );
     let _ = writeln!(s, "|{}", " --- |".repeat(22));
     for x in r.cold.iter().chain(&r.runs) {
+        let file = format!(
+            "{} ({})",
+            mb(x.daemon_rss_file_bytes),
+            mb(x.daemon_file_pmd_bytes)
+        );
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {:.3e} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.0}/{:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {}/{} | {}/{} |",
@@ -321,7 +331,7 @@ pub fn render(r: &BenchReport) -> String {
             x.consumer_cpu_s_per_1e9_tokens,
             mb(x.daemon_vmhwm_bytes),
             mb(x.daemon_rss_anon_bytes),
-            mb(x.daemon_rss_file_bytes),
+            file,
             mb(x.daemon_rss_shmem_bytes),
             x.daemon_minor_faults,
             x.daemon_major_faults,

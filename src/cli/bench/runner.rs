@@ -14,7 +14,9 @@ use millrace::util::harness::{
     collect_summary, cpu_seconds, socket_path_in, spawn_rust_consumer, write_config, Daemon,
 };
 
-use super::machine::{core_round_trip_ns, io_read_bytes, now_ns, page_faults, status_bytes};
+use super::machine::{
+    core_round_trip_ns, io_read_bytes, now_ns, page_faults, smaps_bytes, status_bytes,
+};
 use super::report::{References, RunFigures};
 use super::{BenchArgs, CHILD_TIMEOUT};
 
@@ -53,6 +55,7 @@ pub(super) struct Streamed {
     pub(super) vmhwm: u64,
     pub(super) rss_anon: u64,
     pub(super) rss_file: u64,
+    pub(super) file_pmd: u64,
     pub(super) rss_shmem: u64,
     pub(super) faults: (u64, u64),
     /// [`core_round_trip_ns`] just before the daemon started and just after it stopped.
@@ -185,6 +188,7 @@ impl Ctx<'_> {
         let st = |f: &str| status_bytes(pid, f).unwrap_or(0);
         let (vmhwm, rss_anon, rss_file, rss_shmem) =
             (st("VmHWM"), st("RssAnon"), st("RssFile"), st("RssShmem"));
+        let file_pmd = smaps_bytes(pid, "FilePmdMapped").unwrap_or(0);
         let read_bytes = io_read_bytes(pid).unwrap_or(0);
         let faults = page_faults(pid).unwrap_or((0, 0));
         pb.finish_and_clear();
@@ -206,6 +210,7 @@ impl Ctx<'_> {
             vmhwm,
             rss_anon,
             rss_file,
+            file_pmd,
             rss_shmem,
             faults,
             core_round_trip_ns: [rtt_before, rtt_after],
@@ -268,6 +273,7 @@ impl Ctx<'_> {
             daemon_vmhwm_bytes: x.vmhwm,
             daemon_rss_anon_bytes: x.rss_anon,
             daemon_rss_file_bytes: x.rss_file,
+            daemon_file_pmd_bytes: x.file_pmd,
             daemon_rss_shmem_bytes: x.rss_shmem,
             daemon_minor_faults: x.faults.0,
             daemon_major_faults: x.faults.1,

@@ -532,6 +532,9 @@ impl Hub {
         if source.readers.page_hints() {
             source.readers.advise_random(&source.shards);
         }
+        if source.readers.huge_pages() {
+            source.readers.advise_huge(&source.shards);
+        }
         // Room for `[serve] live_changes` one-point changes and a few stages at any number
         // of domains; a change that would not fit is refused (write the mixture into the
         // config and restart instead).
