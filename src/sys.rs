@@ -199,22 +199,29 @@ pub fn advise(bytes: &[u8], advice: Advice) {
 /// x86-64.
 #[inline]
 pub fn prefetch(bytes: &[u8], max: usize) {
+    prefetch_items(bytes, max);
+}
+
+/// [`prefetch`] of the memory of `items`, whatever their type (at most `max` bytes): the
+/// planner hints its packed windows' rows with it. Never reads them.
+#[inline]
+pub fn prefetch_items<T>(items: &[T], max: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let len = bytes.len().min(max);
-        let start = bytes.as_ptr() as usize;
+        let len = std::mem::size_of_val(items).min(max);
+        let start = items.as_ptr() as usize;
         // Each line the range touches, the first one included when `start` is unaligned.
         let mut line = start & !63;
         while line < start + len {
             // SAFETY: PREFETCHT0 is part of SSE (baseline on x86-64) and, being a hint,
-            // does not fault whatever the address; `line` is inside `bytes`' lines.
+            // does not fault whatever the address; `line` is inside `items`' lines.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
             line += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (bytes, max);
+    let _ = (items, max);
 }
 
 /// Whether the CPU has AVX2, detected once (std caches the CPUID answer): the fill's

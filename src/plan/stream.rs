@@ -605,6 +605,13 @@ impl Stream {
 
         // 3. New blocks in emission order.
         let (mut w, mut perm) = self.window(d, g);
+        prefetch_blocks(
+            &w,
+            &perm,
+            &self.state.block_chain,
+            self.state.next_block,
+            remaining,
+        );
         let mut empty_windows = 0u64;
         while remaining > 0 {
             if self.state.next_block as usize >= w.blocks.len() {
@@ -652,6 +659,8 @@ impl Stream {
                     return;
                 }
                 (w, perm) = self.window(d, g);
+                let next = self.state.next_block;
+                prefetch_blocks(&w, &perm, &self.state.block_chain, next, remaining);
                 continue;
             }
             let b = chained(&perm, &self.state.block_chain, self.state.next_block as u64) as u32;
@@ -764,6 +773,48 @@ impl Stream {
                 ));
             }
         }
+    }
+}
+
+/// Most blocks [`prefetch_blocks`] looks ahead at.
+const BLOCKS_AHEAD: usize = 64;
+
+/// Pulls into the CPU's caches what taking the `count` blocks of `w` from emission
+/// position `next` on reads: each block, its first row, and that row's pieces, one level
+/// at a time so that each level's misses overlap. The blocks are visited in shuffled
+/// order, so each row's expansion otherwise waited on three misses in a row, a third of
+/// the daemon's plan thread at 10^10 tokens (docs/BENCHMARKS.md, "Huge folios and the
+/// served rows"). A hint only: nothing changes, and the blocks taken may be others.
+fn prefetch_blocks(w: &Window, perm: &Permutation, chain: &[Reshuffle], next: u32, count: u32) {
+    let n = w.blocks.len();
+    let first = next as usize;
+    let end = n.min(first + (count as usize).min(BLOCKS_AHEAD));
+    if end <= first {
+        return;
+    }
+    let mut blocks = [0usize; BLOCKS_AHEAD];
+    let blocks = &mut blocks[..end - first];
+    for (i, b) in blocks.iter_mut().enumerate() {
+        *b = chained(perm, chain, (first + i) as u64) as usize;
+        hint(w.blocks.get(*b..*b + 1));
+    }
+    for &b in blocks.iter() {
+        let row = w.blocks.get(b).map(|blk| blk.first_row as usize);
+        hint(row.and_then(|r| w.rows.get(r..r + 1)));
+    }
+    for &b in blocks.iter() {
+        let row = w
+            .blocks
+            .get(b)
+            .and_then(|blk| w.rows.get(blk.first_row as usize));
+        hint(row.and_then(|r| w.pieces.get(r.first as usize..(r.first + r.count) as usize)));
+    }
+}
+
+/// A CPU cache hint for the memory of `items` (at most 256 bytes); none for `None`.
+fn hint<T>(items: Option<&[T]>) {
+    if let Some(items) = items {
+        crate::sys::prefetch_items(items, 256);
     }
 }
 
