@@ -147,7 +147,8 @@ pub struct Segment {
     pub len: u32,
     /// The whole document's length, so cuts are visible.
     pub doc_len: u64,
-    /// Group id from the sidecar, if any.
+    /// Group id from the sidecar, if any; in the rows the daemon serves
+    /// ([`Planner::next_batch_served`]) only a group unit's pieces carry it.
     pub group: Option<u64>,
 }
 
