@@ -428,7 +428,8 @@ impl Readers {
     /// copy, when `[serve] page_hints` allows it. A fault then reads a 2 MiB folio, which
     /// the kernel maps with one entry: warm at 10^10 tokens, the copy took 6-38% less CPU
     /// per token from PMD-mapped folios than from small ones (docs/BENCHMARKS.md, "Huge
-    /// folios and the served rows"). Never for `mmap-willneed`, whose faults must read only their page.
+    /// folios and the served rows"). Never for `mmap-willneed`, whose faults must read
+    /// only their page.
     pub fn huge_pages(&self) -> bool {
         self.page_hints && self.reader == Reader::Mmap
     }
