@@ -36,6 +36,10 @@ pub enum Doing {
     /// plan checkpoint where there is one) or restoring it from its cursor, before the
     /// hub's lock: named by what it is.
     Seek(&'static str),
+    /// The plan thread planning a job's next steps ahead of its rings, outside the hub's
+    /// lock: a read of it that hangs holds the job's planner, so that each of its rings
+    /// stops once it reaches the steps not yet planned.
+    Ahead,
 }
 
 impl Doing {
@@ -48,6 +52,10 @@ impl Doing {
                 "every ring's publish and every admission wait for it",
             ),
             Doing::Seek(_) => ("a seek", "the client waits to be admitted"),
+            Doing::Ahead => (
+                "planning ahead",
+                "the job's rings wait for it once they reach the steps it plans",
+            ),
         }
     }
 }
@@ -325,6 +333,7 @@ fn describe_other(src: &Source, doing: Doing, note: &IndexNote) -> String {
     let what = match doing {
         Doing::Locked(what) => format!("under the hub's lock, {what}"),
         Doing::Seek(what) => what.to_string(),
+        Doing::Ahead => "the plan thread, planning the job's next steps".to_string(),
         Doing::Fill => "copying".to_string(),
     };
     let name = |(addr, doc): (usize, u64)| {

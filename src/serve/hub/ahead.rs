@@ -10,6 +10,7 @@ use tracing::error;
 use super::jobplan::{keep, plan_chunk, Planned};
 use super::Hub;
 use crate::plan::Planner;
+use crate::serve::fill::Doing;
 
 /// The most batches the plan thread plans per checkout: bounds how long a worker that
 /// needs the job's next step can wait for it.
@@ -81,7 +82,12 @@ impl Hub {
             let _ = crate::corpus::guard::take_fault();
             let mut offer =
                 |p: &Planner, b: &Planned| self.keeper.offer(p.plan(), p.plan_step(), &b.blob);
+            // Watched like a fill: a read that hangs here holds the job's planner, and
+            // its rings stop at the first step not planned yet (dp_rank 0: the planner
+            // is every rank's; the step is the first one it plans).
+            let watched = self.fills.begin_as(Doing::Ahead, &name, 0, planner.step());
             let chunk = plan_chunk(&mut planner, n.min(CHUNK), &mut offer);
+            drop(watched);
             let fault = crate::corpus::guard::take_fault();
             drop(g);
             let why = fault.map(|addr| self.poison_at(addr, "while planning ahead"));

@@ -864,6 +864,68 @@ mod tests {
         assert!(hub.stuck_fills(Duration::ZERO).is_empty());
     }
 
+    /// The same for the plan thread: it plans a job's next steps outside the hub's lock,
+    /// and a read of that planning that hung held the job's planner with nothing naming
+    /// it (each ring then stops at the first step not planned). Now the watchdog names
+    /// it (the job, the first step it plans, the index bytes), and once the page comes
+    /// the thread checks the planner back in with the steps planned.
+    #[test]
+    fn a_plan_thread_hung_in_an_index_read_is_named() {
+        use crate::serve::fill::tests::HeldPage;
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, hello) = one_shard_hub(dir.path());
+        let no = AtomicBool::new(false);
+        let admitted = hub.admit(&hello, (None, None, None), &no, None);
+        assert!(admitted.is_ok(), "{:?}", admitted.err());
+        let planned = |hub: &Hub| hub.lock().jobs.get("j").map_or(0, |j| j.plan.planned);
+        let wait_for = |what: &dyn Fn() -> bool| {
+            let t0 = Instant::now();
+            while !what() && t0.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            what()
+        };
+        let (stuck, warned, before, after) = std::thread::scope(|s| {
+            // A worker fills the ring's two slots first, planning inline: the job's
+            // planner exists, and the ring is full (nothing releases), so the worker sleeps.
+            let worker = s.spawn(|| hub.worker());
+            let filled = wait_for(&|| hub.lock().jobs["j"].rings[&0].published == 2);
+            let before = planned(&hub);
+            let held = HeldPage::hold(&hub.source, 0, 0);
+            let thread = held.as_ref().map(|_| s.spawn(|| hub.plan_ahead()));
+            let what = "the plan thread, planning the job's next steps: reading the index";
+            let stuck = match &thread {
+                Some(t) => stuck_reading(&hub, what, || t.is_finished()),
+                None => Vec::new(),
+            };
+            let warned = (hub.fills).warn_stuck(&hub.source, Duration::ZERO, STUCK_REPEAT);
+            // Released and stopped in any case: the scope ends only once the threads do.
+            if let Some(held) = &held {
+                held.release(&dir.path().join("s.idx"));
+            }
+            let ended = wait_for(&|| hub.stuck_fills(Duration::ZERO).is_empty());
+            let after = wait_for(&|| planned(&hub) > before).then(|| planned(&hub));
+            hub.stop();
+            worker.join().unwrap();
+            if let Some(t) = thread {
+                t.join().unwrap();
+            }
+            assert!(filled && ended, "filled {filled}, the watch ended {ended}");
+            (held.is_some().then_some(stuck), warned, before, after)
+        });
+        let Some(stuck) = stuck else {
+            return; // no userfaultfd here
+        };
+        let what = "the plan thread, planning the job's next steps";
+        the_one_named(&stuck, before, what, &dir.path().join("s.idx"));
+        assert_eq!(warned, 1);
+        assert!(
+            after.is_some(),
+            "the thread planned nothing after {before} steps"
+        );
+    }
+
     /// What the watchdog finds stuck once an entry reading `what...` appears (30 s at
     /// most, or until `ended`).
     fn stuck_reading(
