@@ -1355,14 +1355,14 @@ fn long_named(domains: usize, tokens: u64, serve: &str) -> Fixture {
 
 /// STATUS stays within its frame however long the journal is. 300 domains with names at
 /// the config's limit (4,096 bytes) make each change 1.2 MB of JSON; STATUS listed every
-/// one, so it grew by that per change (31 MB here) and passed the 64 MiB frame at 54
+/// one, so it grew by that per change (15 MB for the 12 here) and passed the 64 MiB frame at 54
 /// changes (of the 4,096 `live_changes` allows: 5 GB): `status`, `top` and the exporter
 /// then got `busy`. It lists the journal's ends within 8 MiB and counts the rest.
 #[test]
 fn status_of_a_long_journal_of_long_names_stays_within_its_frame() {
     use millrace::wire::status::STATUS_JOURNAL_BYTES;
     const DOMAINS: usize = 300;
-    const CHANGES: u64 = 24;
+    const CHANGES: u64 = 12;
     let f = long_named(DOMAINS, 300_000, "live_changes = 4096\n");
     let _serve = f.serve_slowly();
     let first = f.names()[0].clone();
@@ -1437,7 +1437,7 @@ fn cpu_seconds(pid: libc::pid_t) -> f64 {
 #[test]
 fn the_exporter_builds_no_journal() {
     const DOMAINS: usize = 300;
-    const CHANGES: u64 = 24;
+    const CHANGES: u64 = 12;
     const IDLE: Duration = Duration::from_secs(10);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
