@@ -1355,9 +1355,10 @@ fn long_named(domains: usize, tokens: u64, serve: &str) -> Fixture {
 
 /// STATUS stays within its frame however long the journal is. 300 domains with names at
 /// the config's limit (4,096 bytes) make each change 1.2 MB of JSON; STATUS listed every
-/// one, so it grew by that per change (15 MB for the 12 here) and passed the 64 MiB frame at 54
-/// changes (of the 4,096 `live_changes` allows: 5 GB): `status`, `top` and the exporter
-/// then got `busy`. It lists the journal's ends within 8 MiB and counts the rest.
+/// one, so it grew by that per change (15 MB for the 12 here) and passed the 64 MiB
+/// frame at 54 changes (of the 4,096 `live_changes` allows: 5 GB): `status`, `top` and
+/// the exporter then got `busy`. It lists the journal's ends within 8 MiB and counts the
+/// rest.
 #[test]
 fn status_of_a_long_journal_of_long_names_stays_within_its_frame() {
     use millrace::wire::status::STATUS_JOURNAL_BYTES;
