@@ -78,6 +78,28 @@ pub enum AccessError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Something appeared at the socket path while the daemon bound and secured its
+    /// socket under its staging name: another daemon started on the same socket.
+    #[error(
+        "{}: another daemon bound this socket while this one started; stop it or choose \
+         another [serve] socket",
+        path.display()
+    )]
+    Taken {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The socket secured under its staging name could not be linked to its path (a
+    /// filesystem without hard links for sockets, or no /proc).
+    #[error("{}: linking the socket bound as {} there: {source}", path.display(), staged.display())]
+    Link {
+        /// The socket path.
+        path: PathBuf,
+        /// Where it was bound.
+        staged: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Which peers may talk to the daemon once they have opened its socket; built from
@@ -206,6 +228,57 @@ pub fn resolve_group(group: &str) -> Result<u32, AccessError> {
 /// mode and group are set on that inode (`/proc/self/fd`, `AT_EMPTY_PATH`); anything
 /// else there is refused with the path named. Returns the gid the group resolved to.
 pub fn secure_socket(path: &Path, group: Option<&str>) -> Result<Option<u32>, AccessError> {
+    secure(path, group).map(|(_, gid)| gid)
+}
+
+/// [`secure_socket`] of the socket just bound at `staged`, then a link of that very
+/// inode (by its descriptor, never by name) to `path`, and `staged` removed. Clients find
+/// the socket at `path` only once its mode and group are set: bound in place, it stood
+/// for a moment with the umask's mode and the daemon's group, and a client of another
+/// uid that connected then got EACCES. A link never replaces what is at `path`
+/// ([`AccessError::Taken`]). On an error `staged` is left to the caller.
+pub fn place_socket(
+    staged: &Path,
+    path: &Path,
+    group: Option<&str>,
+) -> Result<Option<u32>, AccessError> {
+    use std::os::fd::AsRawFd;
+    let (fd, gid) = secure(staged, group)?;
+    let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let cwd = rustix::fs::CWD;
+    match rustix::fs::linkat(
+        cwd,
+        proc.as_str(),
+        cwd,
+        path,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    ) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => {
+            return Err(AccessError::Taken {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => {
+            return Err(AccessError::Link {
+                path: path.to_path_buf(),
+                staged: staged.to_path_buf(),
+                source: e.into(),
+            })
+        }
+    }
+    // The name `staged` may be removed by name: the inode is at `path` now whatever it
+    // names (a directory writable by others lets them swap names, not our inode).
+    let _ = std::fs::remove_file(staged);
+    Ok(gid)
+}
+
+/// The checks, chmod and chown of [`secure_socket`], returning the socket's `O_PATH`
+/// descriptor with the gid.
+fn secure(
+    path: &Path,
+    group: Option<&str>,
+) -> Result<(rustix::fd::OwnedFd, Option<u32>), AccessError> {
     use rustix::fs::{AtFlags, FileType, Mode, OFlags};
     let gid = group.map(resolve_group).transpose()?;
     let os = |source: rustix::io::Errno| std::io::Error::from(source);
@@ -259,7 +332,7 @@ pub fn secure_socket(path: &Path, group: Option<&str>) -> Result<Option<u32>, Ac
             }
         })?;
     }
-    Ok(gid)
+    Ok((fd, gid))
 }
 
 /// The name of the group with this gid, if the group database has one; for messages.
@@ -364,6 +437,48 @@ mod tests {
             assert!(matches!(e, AccessError::BadName { .. }), "{g:?}: {e}");
             assert!(e.to_string().contains("[serve] socket_group"), "{e}");
         }
+    }
+
+    /// The socket is bound under its staging name and appears at its path already mode
+    /// 0660 and of its group, the very inode bound (a connect reaches the listener), and
+    /// the staging name is gone. Bound in place, it stood at its path with the umask's
+    /// mode until the chmod, and a client of another uid that connected then got EACCES.
+    /// Something already at the path is never replaced.
+    #[test]
+    fn a_socket_appears_at_its_path_already_secured() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (staged, path) = (dir.path().join(".s.sock.1"), dir.path().join("s.sock"));
+        let listener = std::os::unix::net::UnixListener::bind(&staged).unwrap();
+        let mine = crate::sys::egid();
+        let gid = place_socket(&staged, &path, Some(&mine.to_string())).unwrap();
+        assert_eq!(gid, Some(mine));
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(
+            (meta.mode() & 0o777, meta.gid(), meta.nlink()),
+            (0o660, mine, 1)
+        );
+        assert!(!staged.exists(), "the staging name was removed");
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        assert!(
+            listener.accept().is_ok(),
+            "the path leads to the bound socket"
+        );
+
+        // A second daemon's socket, placed where the first one is: refused, named, and
+        // the first one's socket untouched.
+        let other = dir.path().join(".s.sock.2");
+        let _second = std::os::unix::net::UnixListener::bind(&other).unwrap();
+        let e = place_socket(&other, &path, None).unwrap_err();
+        assert!(matches!(e, AccessError::Taken { .. }), "{e}");
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{}: another daemon", path.display())));
+        let _again = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(listener.accept().is_ok(), "the first socket is still there");
+        assert!(other.exists(), "the caller removes its staging name");
     }
 
     #[test]
