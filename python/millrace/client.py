@@ -23,7 +23,10 @@ Faults
 When the daemon goes away (socket EOF/reset, refused or missing socket, or an ERROR
 ``shutdown`` from a daemon draining on SIGTERM) the client reconnects every 0.1 s for up
 to ``reconnect_timeout`` seconds, with the cursor blob of the last batch it handed out,
-and the stream continues at exactly the next step. Batches from the old connection stay
+and the stream continues at exactly the next step. So does an ERROR ``cursor`` that stops
+a ring at a live change another rank of the job brought, while no batch handed out is at
+or past the change's step (the daemon's message says so; once one is, the batch was
+wrong and :class:`DaemonError` is raised). Batches from the old connection stay
 readable (their memfd lives while it is mapped). ``next_batch(timeout)`` gives up at its
 timeout meanwhile (TimeoutError); the next call goes on retrying, within the same
 ``reconnect_timeout`` counted from the loss.
@@ -1436,9 +1439,24 @@ class Client:
             if code == "shutdown":
                 # A draining daemon (SIGTERM) says so before it closes: it will be back.
                 raise _Gone(conn.gone_reason)
+            if self._stale_ring_resumes(conn, code):
+                raise _Gone(conn.gone_reason)
             raise DaemonError(code, message)
         conn.gone_reason = f"unexpected {_TYPE_NAMES.get(kind, kind)} frame while streaming"
         raise ProtocolError(conn.gone_reason)
+
+    def _stale_ring_resumes(self, conn: _Conn, code: str) -> bool:
+        """Whether the daemon's ERROR ``code`` ended a ring that a reconnect resumes.
+
+        ERROR ``cursor``: a rank of this job brought a live change this stream lacked,
+        and the ring went back to the change's step (``published``; it stays lower when
+        the ring had not reached it) and stopped. While no step handed out reached it, a
+        reconnect from the last one's blob goes on with the change (docs/PROTOCOL.md,
+        section 2), as the daemon's message says to. Once one did, the trainer trained
+        on a step without the change: that stays an error, whose message says what to do
+        (resume from a checkpoint before it)."""
+        return (code == "cursor" and self.reconnect_timeout > 0
+                and (self._last_step is None or self._last_step < conn.published()))
 
     def _take(self, conn: _Conn) -> Batch:
         step = self._next_step
@@ -1547,7 +1565,7 @@ class Client:
             if pending is not None and pending[0] == ERROR:
                 code, message = _reason(pending[1])
                 conn.gone_reason = f"{code}: {message}"
-                if code != "shutdown":
+                if code != "shutdown" and not self._stale_ring_resumes(conn, code):
                     raise DaemonError(code, message) from None
 
     def release_all(self):

@@ -458,6 +458,14 @@ impl Client {
     fn socket_event(&mut self) -> ClientError {
         match recv_frame(&self.sock) {
             Ok((frame::ERROR, payload, _)) => match code_message(&payload, "ERROR") {
+                // The ring went back to the change's step (or had not reached it): no
+                // step handed out is at or past it while the last one is before it.
+                Ok((code, message))
+                    if code == wire::Code::Cursor.as_str()
+                        && (self.last_step).is_none_or(|s| s < self.ring.published()) =>
+                {
+                    ClientError::StaleRing { message }
+                }
                 Ok((code, message)) => ClientError::Daemon { code, message },
                 Err(e) => e,
             },

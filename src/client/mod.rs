@@ -96,6 +96,16 @@ pub enum ClientError {
         /// The daemon's message.
         message: String,
     },
+    /// ERROR `cursor` before this client handed out any step it concerns: a rank of
+    /// its job brought a live change this stream lacked, and the ring went back to the
+    /// change's step and stopped. A reconnect from the last step handed out goes on
+    /// with the change ([`ClientError::is_transient`]); once a step at or past it was
+    /// handed out, the error stays [`ClientError::Daemon`].
+    #[error("the ring stopped at a live change this stream lacked, before any step of it was handed out; a reconnect goes on with it: {message}")]
+    StaleRing {
+        /// The daemon's message.
+        message: String,
+    },
     /// The socket closed without an ERROR frame: the daemon went away.
     #[error("the daemon closed the connection")]
     Disconnected,
@@ -121,7 +131,9 @@ impl ClientError {
     /// True when reconnecting later may succeed (the daemon is restarting or busy).
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::Disconnected => true,
+            ClientError::Connect { .. }
+            | ClientError::Disconnected
+            | ClientError::StaleRing { .. } => true,
             ClientError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::BrokenPipe

@@ -25,7 +25,8 @@ import weakref
 
 import pytest
 
-from serve_helpers import (Daemon, import_path_for_package, stopped, wait_until,
+import numpy as np
+from serve_helpers import (Daemon, explain, import_path_for_package, stopped, wait_until,
                            write_corpus)
 
 try:
@@ -350,6 +351,81 @@ def test_a_daemon_error_met_by_a_release_frame_is_raised_not_reconnected(daemons
     assert e.value.code == "materialize" and "vocab_size 29990" in e.value.message
     assert c.reconnects == 0
     c.close()
+
+
+def test_a_stale_ring_that_handed_out_no_step_of_the_change_reconnects_with_it(
+        daemons, millrace, tmp_path):
+    """Two ranks of one job resumed from blobs on either side of a live change's arrival,
+    the one lacking it first: when the other brings it, the daemon adopts it and stops
+    the stale rank's ring at the change's step (ERROR `cursor`), taking back the steps it
+    published from there. The Python client raised that error even when it had handed
+    out no step at or past the change, so the trainer crashed where a reconnect from its
+    last blob goes on with the change. Now it reconnects, and reads the run's own steps
+    (those of a daemon that had the change all along); it still raises once a step
+    without the change was handed out."""
+    at, last = 12, 22
+    config = write_corpus(tmp_path / "stale")
+    d = daemons(config).start()
+    run = {0: {}, 1: {}}  # the run with the change: step -> (domains, tokens), per rank
+    blobs = {}  # step -> rank 0's cursor blob after it
+
+    def take(c, rank):
+        b = c.next_batch(timeout=60)
+        run[rank][b.step] = (np.array(b.domain), np.array(b.tokens))
+        if rank == 0:
+            blobs[b.step] = c.state_dict()["cursor"]
+        return b.step
+
+    first = [mr.Client(d.sock, r, 2, job="train", register_cuda=False) for r in (0, 1)]
+    for _ in range(3):
+        assert [take(c, r) for r, c in enumerate(first)] == [_, _]
+    mr.Control(d.sock).set_weights({"web": 0.02, "code": 0.98}, at_step=at)
+    for s in range(3, last + 1):
+        assert [take(c, r) for r, c in enumerate(first)] == [s, s]
+    for c in first:
+        c.close()
+    old, new = blobs[2], blobs[at + 2]  # before the change reached the daemon; after
+    plain = explain(millrace, config, at, 4, 0, 2)
+    assert any([r["domain"] for r in p["rows"]] != list(run[0][p["step"]][0]) for p in plain), \
+        "test setup: the change moves none of rank 0's rows in steps 12..15"
+
+    # A fresh daemon, which knows the change only from a blob.
+    d.stop()
+    d.start()
+    stale = mr.Client(d.sock, 0, 2, job="train", cursor=old, register_cuda=False)
+    for s in range(3, at - 1):
+        b = stale.next_batch(timeout=60)
+        assert b.step == s and np.array_equal(np.array(b.tokens), run[0][s][1]), s
+    # Its ring holds steps past the change's step, planned without the change.
+    wait_until(lambda: stale._conn.published() > at + 1, 30, "rank 0's ring past the change")
+    bringer = mr.Client(d.sock, 1, 2, job="train", cursor=new, register_cuda=False)
+    b = bringer.next_batch(timeout=60)
+    assert b.step == at + 3 and np.array_equal(np.array(b.tokens), run[1][at + 3][1])
+    for s in range(at - 1, last + 1):
+        b = stale.next_batch(timeout=60)
+        assert b.step == s, (b.step, s)
+        assert np.array_equal(np.array(b.domain), run[0][s][0]), f"step {s}: domains"
+        assert np.array_equal(np.array(b.tokens), run[0][s][1]), f"step {s}: tokens"
+    assert stale.reconnects == 1
+    stale.close()
+    bringer.close()
+
+    # Again, the stale rank having handed out steps past the change's: those were wrong,
+    # so it raises, with the daemon's word on what to do, and does not reconnect.
+    d.stop()
+    d.start()
+    stale = mr.Client(d.sock, 0, 2, job="train", cursor=old, register_cuda=False)
+    while stale.next_batch(timeout=60).step < at + 1:
+        pass
+    bringer = mr.Client(d.sock, 1, 2, job="train", cursor=new, register_cuda=False)
+    assert bringer.next_batch(timeout=60).step == at + 3
+    with pytest.raises(mr.DaemonError) as e:
+        while True:
+            assert stale.next_batch(timeout=60).step < at + 4
+    assert e.value.code == "cursor" and "resume from a checkpoint" in e.value.message
+    assert stale.reconnects == 0
+    stale.close()
+    bringer.close()
 
 
 # ---------------------------------------------------------------------------- processes
