@@ -719,3 +719,40 @@ fn a_file_whose_filesystem_refuses_o_direct_alone_is_read_buffered() {
         "cold.bin was read with O_DIRECT: 0 of its {pages} pages cached"
     );
 }
+
+/// Bounce buffers the system will not give (4,096 reads of 1 GiB each, 4 TiB: more than
+/// memory and swap, which Linux's overcommit check refuses, as an address-space limit
+/// such as systemd's `LimitAS=` refuses far less) give io_uring up with the reason, and
+/// `SpanReader::open` falls back to pread. The allocation aborted the daemon before.
+#[test]
+fn bounce_buffers_that_cannot_be_had_give_io_uring_up() {
+    // Where every allocation succeeds (overcommit mode 1), it would be zeroed: skip.
+    let mode = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").unwrap_or_default();
+    if mode.trim() == "1" {
+        eprintln!("skipping: vm.overcommit_memory = 1 gives any allocation");
+        return;
+    }
+    let (_dir, _rng, _shards, paths) = setup(17, 2);
+    let opts = UringOptions {
+        depth: 4096,
+        max_op_bytes: 1 << 30,
+        direct: true,
+    };
+    let e = match UringReader::open(&paths, opts) {
+        Ok(_) => panic!("4 TiB of bounce buffers were given"),
+        Err(e) => e,
+    };
+    let text = e.to_string();
+    if !text.contains("bounce") {
+        // No io_uring here, or a filesystem without O_DIRECT: nothing to allocate.
+        eprintln!("skipping: {text}");
+        return;
+    }
+    assert!(e.is_unavailable(), "{text}");
+    assert!(
+        text.starts_with("io_uring is unavailable: allocating the O_DIRECT bounce buffers: "),
+        "{text}"
+    );
+    let fallback = SpanReader::open(&paths, opts).unwrap();
+    assert!(matches!(fallback, SpanReader::Pread(_, ref why) if *why == text));
+}

@@ -745,7 +745,18 @@ impl UringReader {
         };
         // The memory starts on a MAX_ALIGN boundary and bounce_len is a multiple of every
         // file's alignment (all powers of two), so each bounce buffer starts aligned.
-        let bounce_mem = vec![0u8; bounce_len * opts.depth as usize + MAX_ALIGN];
+        // Asked for fallibly first: an address-space limit (systemd's LimitAS=) or the
+        // kernel's overcommit check that refuses these MiBs gives io_uring up, where
+        // `vec!` aborted the daemon. Then taken zeroed as `vec!` takes it (calloc: pages
+        // are touched only by the reads that use them, not all by a memset).
+        let bytes = bounce_len * opts.depth as usize + MAX_ALIGN;
+        Vec::<u8>::new()
+            .try_reserve_exact(bytes)
+            .map_err(|_| ReadError::Unavailable {
+                what: "allocating the O_DIRECT bounce buffers",
+                source: io::Error::from_raw_os_error(libc::ENOMEM),
+            })?;
+        let bounce_mem = vec![0u8; bytes];
         let bounce_at = bounce_mem.as_ptr().align_offset(MAX_ALIGN);
         Ok(UringReader {
             ring,
