@@ -1452,7 +1452,7 @@ class Client:
         and the ring went back to the change's step (``published``; it stays lower when
         the ring had not reached it) and stopped. While no step handed out reached it, a
         reconnect from the last one's blob goes on with the change (docs/PROTOCOL.md,
-        section 2), as the daemon's message says to. Once one did, the trainer trained
+        section 1, ERROR), as the daemon's message says to. Once one did, the trainer trained
         on a step without the change: that stays an error, whose message says what to do
         (resume from a checkpoint before it)."""
         return (code == "cursor" and self.reconnect_timeout > 0

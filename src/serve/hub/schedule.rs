@@ -783,12 +783,8 @@ mod tests {
     #[test]
     fn a_read_hung_under_the_hub_lock_is_named_and_status_still_answers() {
         use crate::serve::fill::tests::HeldPage;
-        use std::sync::atomic::AtomicBool;
         let dir = tempfile::tempdir().unwrap();
-        let (hub, hello) = one_shard_hub(dir.path());
-        let no = AtomicBool::new(false);
-        let admitted = hub.admit(&hello, (None, None, None), &no, None);
-        assert!(admitted.is_ok(), "{:?}", admitted.err());
+        let hub = admitted_hub(dir.path());
         let Some(held) = HeldPage::hold(&hub.source, 0, 0) else {
             return;
         };
@@ -872,12 +868,8 @@ mod tests {
     #[test]
     fn a_plan_thread_hung_in_an_index_read_is_named() {
         use crate::serve::fill::tests::HeldPage;
-        use std::sync::atomic::AtomicBool;
         let dir = tempfile::tempdir().unwrap();
-        let (hub, hello) = one_shard_hub(dir.path());
-        let no = AtomicBool::new(false);
-        let admitted = hub.admit(&hello, (None, None, None), &no, None);
-        assert!(admitted.is_ok(), "{:?}", admitted.err());
+        let hub = admitted_hub(dir.path());
         let planned = |hub: &Hub| hub.lock().jobs.get("j").map_or(0, |j| j.plan.planned);
         let wait_for = |what: &dyn Fn() -> bool| {
             let t0 = Instant::now();
@@ -958,6 +950,15 @@ mod tests {
         assert_eq!((f.job.as_str(), f.dp_rank, f.step), ("j", 0, step), "{f:?}");
         let want = format!("{what}: reading the index of {} bytes ", idx.display());
         assert!(f.reading.starts_with(&want), "{}", f.reading);
+    }
+
+    /// [`one_shard_hub`] with its client admitted: the ring made, no worker running.
+    fn admitted_hub(dir: &std::path::Path) -> Hub {
+        let (hub, hello) = one_shard_hub(dir);
+        let no = std::sync::atomic::AtomicBool::new(false);
+        let admitted = hub.admit(&hello, (None, None, None), &no, None);
+        assert!(admitted.is_ok(), "{:?}", admitted.err());
+        hub
     }
 
     /// A hub over [`shard_and_job`]'s one shard (4 documents of 4096 tokens) in `dir`:
