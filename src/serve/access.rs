@@ -89,6 +89,14 @@ pub enum AccessError {
         /// The socket path.
         path: PathBuf,
     },
+    /// The staging name ([`staging_path`]) holds something the daemon may not remove.
+    #[error("{}: the daemon binds its socket here before linking it into place, and it {what}", path.display())]
+    Staging {
+        /// The staging path.
+        path: PathBuf,
+        /// What is wrong with what is there.
+        what: String,
+    },
     /// The socket secured under its staging name could not be linked to its path (a
     /// filesystem without hard links for sockets, or no /proc).
     #[error("{}: linking the socket bound as {} there: {source}", path.display(), staged.display())]
@@ -271,6 +279,47 @@ pub fn place_socket(
     // names (a directory writable by others lets them swap names, not our inode).
     let _ = std::fs::remove_file(staged);
     Ok(gid)
+}
+
+/// Where the socket is bound before [`place_socket`] links it to `path`: a hidden name
+/// of this socket and process in the same directory (a link does not cross
+/// filesystems), so that two daemons started at once on one path bind apart and the
+/// second's link finds the first's socket. `None` when that name would pass the 107
+/// bytes a socket path may have; the socket is then bound in place.
+pub fn staging_path(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name()?);
+    name.push(format!(".{:x}", std::process::id()));
+    let staged = path.with_file_name(name);
+    (staged.as_os_str().as_bytes().len() <= 107).then_some(staged)
+}
+
+/// Clears the staging name before the bind: a socket of this uid there was left by a
+/// start killed between its bind and its link (under the same pid) and is removed;
+/// nothing there is fine; anything else is refused ([`AccessError::Staging`]).
+pub fn remove_own_socket(staged: &Path) -> Result<(), AccessError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let refuse = |what: String| AccessError::Staging {
+        path: staged.to_path_buf(),
+        what,
+    };
+    match std::fs::symlink_metadata(staged) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(refuse(format!("cannot be inspected ({e})"))),
+        Ok(m) if m.file_type().is_socket() && m.uid() == crate::sys::euid() => {
+            std::fs::remove_file(staged).map_err(|e| {
+                refuse(format!(
+                    "is a socket an earlier start left that cannot be removed ({e})"
+                ))
+            })
+        }
+        Ok(m) => Err(refuse(format!(
+            "is {} of uid {}; refusing to remove it",
+            crate::corpus::file_kind(&m.file_type()),
+            m.uid()
+        ))),
+    }
 }
 
 /// The checks, chmod and chown of [`secure_socket`], returning the socket's `O_PATH`
@@ -479,6 +528,37 @@ mod tests {
         let _again = std::os::unix::net::UnixStream::connect(&path).unwrap();
         assert!(listener.accept().is_ok(), "the first socket is still there");
         assert!(other.exists(), "the caller removes its staging name");
+    }
+
+    /// The staging name sits beside the socket (`.NAME.PID`), and a path whose staging
+    /// name would not fit a socket address has none (bound in place). A socket of ours
+    /// left there by a killed start is cleared; anything else is refused, named.
+    #[test]
+    fn the_staging_name_fits_and_only_our_leftover_socket_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let staged = staging_path(&path).unwrap();
+        let want = format!(".s.sock.{:x}", std::process::id());
+        assert_eq!(
+            (staged.parent(), staged.file_name()),
+            (Some(dir.path()), Some(want.as_ref()))
+        );
+        let long = std::path::Path::new("/run").join("x".repeat(100));
+        assert_eq!(staging_path(&long), None);
+
+        remove_own_socket(&staged).unwrap(); // nothing there
+        drop(std::os::unix::net::UnixListener::bind(&staged).unwrap());
+        remove_own_socket(&staged).unwrap();
+        assert!(!staged.exists(), "our leftover socket was removed");
+        std::fs::write(&staged, b"not a socket").unwrap();
+        let e = remove_own_socket(&staged).unwrap_err();
+        assert!(matches!(e, AccessError::Staging { .. }), "{e}");
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{}: the daemon binds", staged.display())));
+        let mine = format!("is a regular file of uid {}; refusing", crate::sys::euid());
+        assert!(e.to_string().contains(&mine), "{e}");
+        assert!(staged.exists(), "a file not ours to remove stays");
     }
 
     #[test]

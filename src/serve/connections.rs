@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,8 +91,8 @@ pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListene
     // set (access::place_socket): a client of another uid that connected to a socket
     // bound in place before its chmod (a trainer retrying while the daemon restarts) got
     // EACCES, which no client retries.
-    if let Some(staged) = staging_path(path) {
-        remove_own_socket(&staged)?;
+    if let Some(staged) = access::staging_path(path) {
+        access::remove_own_socket(&staged).map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener =
             UnixListener::bind(&staged).with_context(|| format!("binding {}", staged.display()))?;
         match access::place_socket(&staged, path, group) {
@@ -120,41 +120,6 @@ pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListene
         return Err(anyhow::anyhow!("{e}"));
     }
     Ok(listener)
-}
-
-/// Where the socket is bound before it is linked to `path`: a hidden name of this
-/// socket and process in the same directory (a link does not cross filesystems), so
-/// that two daemons started at once on one path bind apart and the second's link finds
-/// the first's socket. `None` when that name would pass the 107 bytes a socket path
-/// may have; the socket is then bound in place.
-fn staging_path(path: &Path) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut name = std::ffi::OsString::from(".");
-    name.push(path.file_name()?);
-    name.push(format!(".{:x}", std::process::id()));
-    let staged = path.with_file_name(name);
-    (staged.as_os_str().as_bytes().len() <= 107).then_some(staged)
-}
-
-/// Removes `path` when it is a socket of this uid (left by a start killed between its
-/// bind and link, under the same pid); nothing there is fine, anything else is refused
-/// with the path named.
-fn remove_own_socket(path: &Path) -> Result<()> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => bail!("{}: cannot inspect the path: {e}", path.display()),
-        Ok(m) if m.file_type().is_socket() && m.uid() == crate::sys::euid() => {
-            std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
-        }
-        Ok(m) => bail!(
-            "{}: the daemon binds its socket here before linking it into place, and it is \
-             {} of uid {}; refusing to remove it",
-            path.display(),
-            crate::corpus::file_kind(&m.file_type()),
-            m.uid()
-        ),
-    }
 }
 
 /// Creates the socket's directory and its parents. A `private` one (the default
