@@ -978,6 +978,15 @@ fn a_rank_lacking_the_change_follows_the_journal_a_later_rank_brings() {
     drop((older, newer));
 }
 
+/// The HELLO of rank `rank` of 2 of job "train" (half the rows each), resuming from
+/// `blob`: the ranks of the tests of a change one rank's blob lacks.
+fn train_rank(rank: u32, blob: &[u8]) -> Hello {
+    let mut h = Hello::new(rank, 2, ROWS / 2, 1);
+    h.job = "train".into();
+    h.cursor = Some(hex(blob));
+    h
+}
+
 /// Two dp ranks of one job restored from blobs on either side of a live change's
 /// arrival, the one lacking it first and read past the change's step: the rank whose
 /// blob carries the change is served and the journal adopted; the other rank's ring
@@ -1001,12 +1010,6 @@ fn a_rank_lacking_the_change_stops_when_a_rank_of_its_job_brings_it() {
         "test setup: rank 0's rows do not tell the journals apart in steps {AT}..{}",
         AT + 3
     );
-    let hello = |rank: u32, blob: &[u8]| {
-        let mut h = Hello::new(rank, 2, ROWS / 2, 1);
-        h.job = "train".into();
-        h.cursor = Some(hex(blob));
-        h
-    };
     // Each rank's steps are the run's: its half of the rows, and the run's cursor (which
     // carries the change also where the first daemon's, published before it, did not).
     let journal_of = |b: &[u8]| millrace::plan::cursor::decode(b).map(|d| d.journal.len());
@@ -1028,14 +1031,14 @@ fn a_rank_lacking_the_change_stops_when_a_rank_of_its_job_brings_it() {
     };
     let d = f.serve();
     let mut older = f
-        .connect_with(&hello(0, old))
+        .connect_with(&train_rank(0, old))
         .expect("the older blob resumes");
     let got = read(&mut older, AT + 2);
     assert_eq!(got.last().map(|s| s.step), Some(AT + 3));
     for s in &got {
         assert_eq!(s.domains, half(&config_rows[s.step as usize], 0));
     }
-    let mut newer = f.connect_with(&hello(1, new)).unwrap_or_else(|e| {
+    let mut newer = f.connect_with(&train_rank(1, new)).unwrap_or_else(|e| {
         panic!(
             "the rank carrying the change was refused: {e}\n{}",
             d.log_text()
@@ -1075,7 +1078,8 @@ fn a_rank_lacking_the_change_stops_when_a_rank_of_its_job_brings_it() {
     );
     // Reconnected from its blob (before the change's step), rank 0 follows it.
     let mut older = wait_for("rank 0 to reconnect", Duration::from_secs(10), || {
-        f.connect_with(&hello(0, old)).map_err(|e| e.to_string())
+        f.connect_with(&train_rank(0, old))
+            .map_err(|e| e.to_string())
     });
     let got = read(&mut older, LAST - 1);
     check(
@@ -1102,15 +1106,9 @@ fn a_stale_rank_short_of_the_change_reconnects_and_follows_it() {
     let f = fixture("watch_config = false\n");
     let (a_steps, _) = run_with_a_change(&f, "train", AT, LAST);
     let (old, new) = (&a_steps[1].cursor, &a_steps[AT as usize + 2].cursor);
-    let hello = |rank: u32, blob: &[u8]| {
-        let mut h = Hello::new(rank, 2, ROWS / 2, 1);
-        h.job = "train".into();
-        h.cursor = Some(hex(blob));
-        h
-    };
     let d = f.serve();
     let mut older = f
-        .connect_with(&hello(0, old))
+        .connect_with(&train_rank(0, old))
         .expect("the older blob resumes");
     let got = read(&mut older, AT - 3);
     assert_eq!(got.last().map(|s| s.step), Some(AT - 2));
@@ -1122,7 +1120,7 @@ fn a_stale_rank_short_of_the_change_reconnects_and_follows_it() {
             _ => Err(st.to_string()),
         }
     });
-    let _newer = f.connect_with(&hello(1, new)).unwrap_or_else(|e| {
+    let _newer = f.connect_with(&train_rank(1, new)).unwrap_or_else(|e| {
         panic!(
             "the rank carrying the change was refused: {e}\n{}",
             d.log_text()
