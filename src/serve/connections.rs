@@ -95,19 +95,16 @@ pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListene
         access::remove_own_socket(&staged).map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener =
             UnixListener::bind(&staged).with_context(|| format!("binding {}", staged.display()))?;
-        match access::place_socket(&staged, path, group) {
+        let e = match access::place_socket(&staged, path, group) {
             Ok(_) => return Ok(listener),
+            Err(e) => e,
+        };
+        drop(listener);
+        let _ = std::fs::remove_file(&staged);
+        match e {
             // A filesystem without links for sockets: bound in place, as below.
-            Err(e @ access::AccessError::Link { .. }) => {
-                info!("{e}; binding the socket in place");
-                drop(listener);
-                let _ = std::fs::remove_file(&staged);
-            }
-            Err(e) => {
-                drop(listener);
-                let _ = std::fs::remove_file(&staged);
-                return Err(anyhow::anyhow!("{e}"));
-            }
+            access::AccessError::Link { .. } => info!("{e}; binding the socket in place"),
+            e => return Err(anyhow::anyhow!("{e}")),
         }
     }
     let listener =
