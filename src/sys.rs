@@ -192,11 +192,10 @@ pub fn advise(bytes: &[u8], advice: Advice) {
 }
 
 /// Asks the CPU to pull the cache lines of `bytes` (at most its first `max` bytes) into
-/// its caches ahead of a read: the fill resolves and copies a hundred short spans at
-/// random places of the shards per slot, and each one's first lines otherwise cost a
-/// full miss (and a page walk) before the copy streams. A hint only: it never faults
-/// (not even on a page a truncation removed) and changes nothing but timing. No-op off
-/// x86-64.
+/// its caches ahead of a read: the fill looks up a hundred index entries at random
+/// places of the shards per slot, and each one otherwise costs a full miss (and a page
+/// walk) waiting alone. A hint only: it never faults (not even on a page a truncation
+/// removed) and changes nothing but timing. No-op off x86-64.
 #[inline]
 pub fn prefetch(bytes: &[u8], max: usize) {
     prefetch_items(bytes, max);
@@ -207,21 +206,40 @@ pub fn prefetch(bytes: &[u8], max: usize) {
 #[inline]
 pub fn prefetch_items<T>(items: &[T], max: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let len = std::mem::size_of_val(items).min(max);
-        let start = items.as_ptr() as usize;
-        // Each line the range touches, the first one included when `start` is unaligned.
-        let mut line = start & !63;
-        while line < start + len {
-            // SAFETY: PREFETCHT0 is part of SSE (baseline on x86-64) and, being a hint,
-            // does not fault whatever the address; `line` is inside `items`' lines.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
-            line += 64;
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(items, max);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (items, max);
+}
+
+/// [`prefetch`] into the second-level cache only (PREFETCHT1), for the copy's spans: a
+/// slot's spans are read once, a few pieces after the hint, so they need not sit in the
+/// first level, and a hint into it waits for one of the first level's few miss buffers,
+/// which the copy's own loads need. On this project's AMD EPYC VM the copy thread of a
+/// steady 2 x 8 run at 10^10 tokens took 0.71-0.77 s per 10^9 tokens with it against
+/// 0.78-0.93 s with PREFETCHT0, in alternated pairs (docs/BENCHMARKS.md, "The span
+/// prefetch into L2").
+#[inline]
+pub fn prefetch_to_l2(bytes: &[u8], max: usize) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }, u8>(bytes, max);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, max);
+}
+
+/// Issues a prefetch of hint `HINT` for each cache line of the first `max` bytes of
+/// `items`, the first one included when they start inside a line.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_lines<const HINT: i32, T>(items: &[T], max: usize) {
+    let len = std::mem::size_of_val(items).min(max);
+    let start = items.as_ptr() as usize;
+    let mut line = start & !63;
+    while line < start + len {
+        // SAFETY: PREFETCH is part of SSE (baseline on x86-64) and, being a hint, does
+        // not fault whatever the address; `line` is inside `items`' lines.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(line as *const i8) };
+        line += 64;
+    }
 }
 
 /// Whether the CPU has AVX2, detected once (std caches the CPUID answer): the fill's

@@ -183,7 +183,7 @@ pub(super) fn fill_compact<T: Out>(
     }
     for (i, pc) in pieces.iter().enumerate() {
         if let Some(next) = pieces.get(i + PREFETCH_AHEAD) {
-            crate::sys::prefetch(next.piece.as_bytes(), PREFETCH_BYTES);
+            crate::sys::prefetch_to_l2(next.piece.as_bytes(), PREFETCH_BYTES);
         }
         super::watch::reading_mapped(pc.piece.as_bytes());
         let dst = &mut rows[pc.at..pc.at + pc.piece.len()];
