@@ -324,6 +324,104 @@ fn daemon_uid_is_always_allowed() {
     );
 }
 
+/// `millrace ctl --socket S ARGS` as arguments.
+fn ctl_args<'a>(f: &'a Fixture, args: &[&'a str]) -> Vec<&'a str> {
+    [&["ctl", "--socket", f.sock()], args].concat()
+}
+
+#[test]
+fn control_uids_let_only_the_listed_uids_change_the_plan() {
+    let Some((f, group, nobody)) =
+        as_second_uid("control_uids_let_only_the_listed_uids_change_the_plan")
+    else {
+        return;
+    };
+    let change = ["set-weights", "web=0.7", "--at-step", "100"];
+
+    // 1. Not in control_uids: it reads, but every change is refused and nothing moves.
+    f.configure(&format!(
+        "socket_group = {group:?}\ncontrol_uids = [4242]\n"
+    ));
+    let s = f.serve();
+    assert_status_ok(&millrace_as(&f, nobody, &status_args(&f)), "uid 65534");
+    let o = millrace_as(&f, nobody, &ctl_args(&f, &["journal"]));
+    assert!(o.status.success(), "journal as uid 65534: {}", stderr(&o));
+    let journal_before = stdout(&o);
+    for args in [
+        &change[..],
+        &["reload"],
+        &[
+            "set-stage",
+            "--seq-len",
+            "256",
+            "--global-batch-rows",
+            "2",
+            "--at-step",
+            "100",
+        ],
+    ] {
+        let o = millrace_as(&f, nobody, &ctl_args(&f, args));
+        let err = stderr(&o);
+        assert!(
+            !o.status.success(),
+            "{args:?} as uid 65534 succeeded: {}",
+            stdout(&o)
+        );
+        for part in ["access", &format!("uid {NOBODY}"), "control_uids [4242]"] {
+            assert!(
+                err.contains(part),
+                "{args:?}: the refusal says {part:?}: {err}"
+            );
+        }
+    }
+    let o = millrace_as(&f, nobody, &ctl_args(&f, &["journal"]));
+    assert_eq!(
+        stdout(&o),
+        journal_before,
+        "a refused change changes nothing"
+    );
+    let v = ctl::request(&f.socket, &ctl::status_request(), TIMEOUT).unwrap();
+    assert_eq!(v["status"]["reloads"], 0, "{v}");
+    assert!(
+        log_mentions(
+            &s,
+            &format!("set_weights refused, nothing changed: uid {NOBODY}")
+        ),
+        "the daemon logs the refusal:\n{}",
+        s.log_text()
+    );
+    // The daemon's own uid is not listed either, and may change the plan.
+    let o = millrace_as(&f, None, &ctl_args(&f, &change));
+    assert!(
+        o.status.success(),
+        "set-weights as the daemon's uid: {}",
+        stderr(&o)
+    );
+    assert!(
+        stdout(&o).contains("applied from step 100"),
+        "{}",
+        stdout(&o)
+    );
+    drop(s);
+
+    // 2. Listed: its change is applied.
+    f.configure(&format!(
+        "socket_group = {group:?}\ncontrol_uids = [4242, {NOBODY}]\n"
+    ));
+    let _s = f.serve();
+    let o = millrace_as(&f, nobody, &ctl_args(&f, &change));
+    assert!(
+        o.status.success(),
+        "set-weights as a listed uid: {}",
+        stderr(&o)
+    );
+    assert!(
+        stdout(&o).contains("applied from step 100"),
+        "{}",
+        stdout(&o)
+    );
+}
+
 /// Runs `millrace serve` on the fixture and expects it to exit (non-zero) on its own;
 /// returns its log.
 fn serve_fails(f: &Fixture) -> String {

@@ -134,8 +134,9 @@ class ChangeRefused(DaemonError):
     """A daemon answered a control request with ``ok: false``; that daemon changed nothing
     (from :func:`forward_change`, other nodes may have: the message says).
 
-    ``code`` is ``late``, ``invalid``, ``protocol`` or ``busy``; ``first_changeable_step``
-    is set when ``code == "late"``; ``reply`` is the whole reply.
+    ``code`` is ``late``, ``invalid``, ``protocol``, ``busy`` or ``access`` (this uid is not
+    in ``[serve] control_uids``); ``first_changeable_step`` is set when ``code == "late"``;
+    ``reply`` is the whole reply.
     """
 
     def __init__(self, code: str, message: str, first_changeable_step: int | None = None,

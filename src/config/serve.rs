@@ -79,6 +79,12 @@ pub struct ServeConfig {
     /// Primary gids allowed to connect.
     #[serde(default)]
     pub allowed_gids: Option<Vec<u32>>,
+    /// uids that may change the plan over control connections (`set_weights`,
+    /// `set_stage`, `reload`) besides the daemon's own, so that on a node users share the
+    /// trainers may read `status` and the journal without steering the run; unset (the
+    /// default), every peer that may connect may change it.
+    #[serde(default)]
+    pub control_uids: Option<Vec<u32>>,
     /// Prometheus listen address (`host:port`); no exporter when unset.
     #[serde(default)]
     pub metrics_addr: Option<String>,

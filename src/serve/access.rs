@@ -118,6 +118,9 @@ pub struct Policy {
     pub uids: Option<Vec<u32>>,
     /// `[serve] allowed_gids` (matched against the peer's primary gid); `None` when absent.
     pub gids: Option<Vec<u32>>,
+    /// `[serve] control_uids`: who besides the daemon's uid may change the plan over a
+    /// control connection; `None` (the key absent): every peer that passes.
+    pub control: Option<Vec<u32>>,
     /// The daemon's effective uid: always allowed, so its operator can never lock
     /// themselves out of `millrace ctl`.
     pub daemon_uid: u32,
@@ -130,7 +133,31 @@ impl Policy {
         Policy {
             uids,
             gids,
+            control: None,
             daemon_uid,
+        }
+    }
+
+    /// This policy with `[serve] control_uids`.
+    pub fn with_control(self, control: Option<Vec<u32>>) -> Policy {
+        Policy { control, ..self }
+    }
+
+    /// Whether a peer of this uid (`None`: its credentials could not be read) may change
+    /// the plan (`set_weights`, `set_stage`, `reload`); reading `status` and the journal
+    /// needs only [`Policy::authorized`]. The error is the control reply's message.
+    pub fn may_change(&self, uid: Option<u32>) -> Result<(), Denied> {
+        let Some(list) = &self.control else {
+            return Ok(());
+        };
+        match uid {
+            Some(u) if u == self.daemon_uid || list.contains(&u) => Ok(()),
+            Some(uid) => Err(Denied::NotControl {
+                uid,
+                uids: list.clone(),
+                daemon_uid: self.daemon_uid,
+            }),
+            None => Err(Denied::NoCredentials),
         }
     }
 
@@ -178,6 +205,19 @@ pub enum Denied {
         uids: Vec<u32>,
         /// `[serve] allowed_gids`.
         gids: Vec<u32>,
+        /// The daemon's own uid, always allowed.
+        daemon_uid: u32,
+    },
+    /// It may connect, but its uid is not one that may change the plan.
+    #[error(
+        "uid {uid} may read status and the journal but not change the plan: it is not in \
+         [serve] control_uids {uids:?}; the daemon's own uid {daemon_uid} always may"
+    )]
+    NotControl {
+        /// The peer's uid.
+        uid: u32,
+        /// `[serve] control_uids`.
+        uids: Vec<u32>,
         /// The daemon's own uid, always allowed.
         daemon_uid: u32,
     },
@@ -401,6 +441,7 @@ mod tests {
         Policy {
             uids,
             gids,
+            control: None,
             daemon_uid: 1000,
         }
     }
@@ -447,6 +488,7 @@ mod tests {
         let p = Policy {
             uids: Some(vec![4242]),
             gids: None,
+            control: None,
             daemon_uid: 0,
         };
         let e = p.authorized(65534, 65534).unwrap_err().to_string();
@@ -463,6 +505,31 @@ mod tests {
         assert!(e.contains("allowed_uids []"), "{e}");
         assert!(e.contains("allowed_gids [10, 20]"), "{e}");
         assert!(e.contains("uid 1000 is always allowed"), "{e}");
+    }
+
+    #[test]
+    fn only_listed_uids_and_the_daemons_change_the_plan() {
+        let open = policy(None, None);
+        assert_eq!(
+            open.may_change(Some(65534)),
+            Ok(()),
+            "unset: every peer may"
+        );
+        assert_eq!(open.may_change(None), Ok(()));
+        let p = policy(None, None).with_control(Some(vec![4242]));
+        assert_eq!(p.may_change(Some(4242)), Ok(()));
+        assert_eq!(p.may_change(Some(1000)), Ok(()), "the daemon's own uid");
+        assert_eq!(p.may_change(None), Err(Denied::NoCredentials));
+        assert_eq!(
+            p.may_change(Some(65534)).unwrap_err().to_string(),
+            "uid 65534 may read status and the journal but not change the plan: it is not \
+             in [serve] control_uids [4242]; the daemon's own uid 1000 always may"
+        );
+        // An empty list leaves the daemon's uid alone; connecting is not changed by it.
+        let p = policy(None, None).with_control(Some(vec![]));
+        assert!(p.may_change(Some(4242)).is_err());
+        assert_eq!(p.may_change(Some(1000)), Ok(()));
+        assert_eq!(p.authorized(4242, 4242), Ok(()));
     }
 
     #[test]

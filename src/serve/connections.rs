@@ -444,7 +444,7 @@ async fn connection(
                 }
             };
             drop(share);
-            control_connection(d, stream, buf, p, shutdown).await;
+            control_connection(d, stream, buf, p, uid, shutdown).await;
             drop(slot);
             return;
         }
@@ -678,12 +678,14 @@ async fn connection(
 
 /// A control client: one CONTROL_REPLY per CONTROL, in order, until it closes. A request
 /// that is not valid JSON gets an `ok: false` reply; a frame that breaks the framing
-/// closes the connection with ERROR.
+/// closes the connection with ERROR. Its `uid` (SO_PEERCRED) decides whether it may
+/// change the plan (`[serve] control_uids`).
 async fn control_connection(
     d: Arc<Daemon>,
     mut stream: UnixStream,
     mut buf: Vec<u8>,
     first: Vec<u8>,
+    uid: Option<u32>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut next = Some(first);
@@ -723,7 +725,7 @@ async fn control_connection(
         };
         // Changes restore planners and reloads read files: off the I/O threads.
         let d2 = d.clone();
-        let reply = match tokio::task::spawn_blocking(move || d2.control(&payload)).await {
+        let reply = match tokio::task::spawn_blocking(move || d2.control(&payload, uid)).await {
             Ok(r) => r,
             Err(e) => {
                 serde_json::json!({"ok": false, "op": "", "code": Code::Busy, "message": format!("internal error: {e}")})

@@ -154,7 +154,8 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     let daemon = Arc::new(Daemon {
         hub: hub.clone(),
         config: args.config.clone(),
-        policy: access::Policy::new(serve.allowed_uids.clone(), serve.allowed_gids.clone()),
+        policy: access::Policy::new(serve.allowed_uids.clone(), serve.allowed_gids.clone())
+            .with_control(serve.control_uids.clone()),
         started: Instant::now(),
         notifier: notifier.clone(),
         running: Mutex::new(Running::of(&l.cfg, l.plan.config(), l.hash)),

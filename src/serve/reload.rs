@@ -298,14 +298,27 @@ impl Daemon {
         }
     }
 
-    /// Answers one CONTROL payload.
-    pub(super) fn control(&self, payload: &[u8]) -> serde_json::Value {
+    /// Answers one CONTROL payload from a peer of uid `uid` (`None`: SO_PEERCRED failed),
+    /// which a change needs to be allowed by `[serve] control_uids`.
+    pub(super) fn control(&self, payload: &[u8], uid: Option<u32>) -> serde_json::Value {
         let req = match control::parse_control(payload) {
             Ok(r) => r,
             Err((op, message)) => {
                 return serde_json::json!({"ok": false, "op": op, "code": Code::Protocol, "message": message})
             }
         };
+        let change = match &req {
+            Control::Status | Control::Journal => None,
+            Control::Reload => Some("reload"),
+            Control::SetWeights { .. } => Some("set_weights"),
+            Control::SetStage { .. } => Some("set_stage"),
+        };
+        if let Some(op) = change {
+            if let Err(e) = self.policy.may_change(uid) {
+                warn!(code = "access", "{op} refused, nothing changed: {e}");
+                return serde_json::json!({"ok": false, "op": op, "code": Code::Access, "message": e.to_string()});
+            }
+        }
         let (op, result) = match req {
             Control::Status => {
                 return serde_json::json!({"ok": true, "op": "status", "status": self.status()})
