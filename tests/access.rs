@@ -390,7 +390,7 @@ fn control_uids_let_only_the_listed_uids_change_the_plan() {
         "the daemon logs the refusal:\n{}",
         s.log_text()
     );
-    // The daemon's own uid is not listed either, and may change the plan.
+    // The daemon's own uid (root here) is not listed either, and may change the plan.
     let o = millrace_as(&f, None, &ctl_args(&f, &change));
     assert!(
         o.status.success(),

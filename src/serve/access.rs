@@ -144,14 +144,16 @@ impl Policy {
     }
 
     /// Whether a peer of this uid (`None`: its credentials could not be read) may change
-    /// the plan (`set_weights`, `set_stage`, `reload`); reading `status` and the journal
-    /// needs only [`Policy::authorized`]. The error is the control reply's message.
+    /// the plan (`set_weights`, `set_stage`, `reload`): one in `control_uids`, the
+    /// daemon's own or root; reading `status` and the journal needs only
+    /// [`Policy::authorized`]. The error is the control reply's message.
     pub fn may_change(&self, uid: Option<u32>) -> Result<(), Denied> {
         let Some(list) = &self.control else {
             return Ok(());
         };
         match uid {
-            Some(u) if u == self.daemon_uid || list.contains(&u) => Ok(()),
+            // Root may restart the daemon or edit its config anyway.
+            Some(u) if u == self.daemon_uid || u == 0 || list.contains(&u) => Ok(()),
             Some(uid) => Err(Denied::NotControl {
                 uid,
                 uids: list.clone(),
@@ -211,7 +213,7 @@ pub enum Denied {
     /// It may connect, but its uid is not one that may change the plan.
     #[error(
         "uid {uid} may read status and the journal but not change the plan: it is not in \
-         [serve] control_uids {uids:?}; the daemon's own uid {daemon_uid} always may"
+         [serve] control_uids {uids:?}; the daemon's own uid {daemon_uid} and root always may"
     )]
     NotControl {
         /// The peer's uid.
@@ -523,8 +525,9 @@ mod tests {
         assert_eq!(
             p.may_change(Some(65534)).unwrap_err().to_string(),
             "uid 65534 may read status and the journal but not change the plan: it is not \
-             in [serve] control_uids [4242]; the daemon's own uid 1000 always may"
+             in [serve] control_uids [4242]; the daemon's own uid 1000 and root always may"
         );
+        assert_eq!(p.may_change(Some(0)), Ok(()), "root");
         // An empty list leaves the daemon's uid alone; connecting is not changed by it.
         let p = policy(None, None).with_control(Some(vec![]));
         assert!(p.may_change(Some(4242)).is_err());

@@ -65,6 +65,7 @@ pub(super) async fn accept_loop(
             }
             _ = flush_tick.tick() => {
                 d.warn_conn.flush();
+                d.warn_control.flush();
                 d.warn_accept.flush();
             }
         }

@@ -163,6 +163,11 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         control: limits::ControlSlots::new(serve.max_control_connections),
         fd_limit,
         warn_conn: limits::Throttle::new("refused connections", 20, Duration::from_secs(10)),
+        warn_control: limits::Throttle::new(
+            "refused control requests",
+            20,
+            Duration::from_secs(10),
+        ),
         warn_accept: limits::Throttle::new("failed accepts", 5, Duration::from_secs(10)),
         last_reload: Mutex::new(None),
         admissions: Arc::new(tokio::sync::Semaphore::new(
@@ -302,6 +307,9 @@ struct Daemon {
     /// Warnings about connections refused or dropped before admission: a peer can
     /// repeat those at will.
     warn_conn: limits::Throttle,
+    /// Warnings about changes refused `access` (`[serve] control_uids`): a peer can
+    /// repeat those at will too.
+    warn_control: limits::Throttle,
     /// Warnings about failed accepts (EMFILE, ENFILE).
     warn_accept: limits::Throttle,
     /// The outcome of the last reload (file, SIGHUP or ctl), for `status` and `top`: a

@@ -315,7 +315,11 @@ impl Daemon {
         };
         if let Some(op) = change {
             if let Err(e) = self.policy.may_change(uid) {
-                warn!(code = "access", "{op} refused, nothing changed: {e}");
+                // Rate-limited as refused connections are: a peer may ask in a loop.
+                if let Some(k) = self.warn_control.allow() {
+                    let note = super::limits::suppressed_note(k);
+                    warn!(code = "access", "{op} refused, nothing changed: {e}{note}");
+                }
                 return serde_json::json!({"ok": false, "op": op, "code": Code::Access, "message": e.to_string()});
             }
         }
