@@ -391,16 +391,9 @@ fn control_uids_let_only_the_listed_uids_change_the_plan() {
         s.log_text()
     );
     // The daemon's own uid (root here) is not listed either, and may change the plan.
-    let o = millrace_as(&f, None, &ctl_args(&f, &change));
-    assert!(
-        o.status.success(),
-        "set-weights as the daemon's uid: {}",
-        stderr(&o)
-    );
-    assert!(
-        stdout(&o).contains("applied from step 100"),
-        "{}",
-        stdout(&o)
+    assert_applied(
+        &millrace_as(&f, None, &ctl_args(&f, &change)),
+        "the daemon's uid",
     );
     drop(s);
 
@@ -409,17 +402,17 @@ fn control_uids_let_only_the_listed_uids_change_the_plan() {
         "socket_group = {group:?}\ncontrol_uids = [4242, {NOBODY}]\n"
     ));
     let _s = f.serve();
-    let o = millrace_as(&f, nobody, &ctl_args(&f, &change));
-    assert!(
-        o.status.success(),
-        "set-weights as a listed uid: {}",
-        stderr(&o)
+    assert_applied(
+        &millrace_as(&f, nobody, &ctl_args(&f, &change)),
+        "a listed uid",
     );
-    assert!(
-        stdout(&o).contains("applied from step 100"),
-        "{}",
-        stdout(&o)
-    );
+}
+
+/// `millrace ctl set-weights ... --at-step 100` as `who` succeeded and was applied there.
+fn assert_applied(o: &Output, who: &str) {
+    assert!(o.status.success(), "set-weights as {who}: {}", stderr(o));
+    let out = stdout(o);
+    assert!(out.contains("applied from step 100"), "as {who}: {out}");
 }
 
 /// Runs `millrace serve` on the fixture and expects it to exit (non-zero) on its own;
