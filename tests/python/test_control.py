@@ -514,3 +514,73 @@ def test_a_connection_closed_as_idle_is_replaced_not_reported_as_a_broken_pipe(
     finally:
         d.kill()
     d.assert_no_panic()
+
+
+NOBODY = 65534
+
+
+def as_nobody(work):
+    """Runs `work()` in a forked child that has dropped to uid and gid 65534 (the
+    interpreter and the imported client stay in memory, so nothing needs reading from
+    root's files); returns what it returned, through a pipe, as JSON."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.write(w, json.dumps({"ok": work()}).encode())
+            status = 0
+        except BaseException as e:  # noqa: BLE001 (reported to the parent)
+            os.write(w, json.dumps({"error": repr(e)}).encode())
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = json.loads(f.read() or b"{}")
+    os.waitpid(pid, 0)
+    assert "ok" in got, got
+    return got["ok"]
+
+
+def test_a_uid_not_in_control_uids_reads_but_its_changes_are_refused_access(
+        millrace, tmp_path, short_dir):
+    """`[serve] control_uids`: a client of another uid (65534) reads status and the
+    journal; its `set_weights` raises ChangeRefused with code `access`, naming the uid
+    and the list, and changes nothing. The daemon's uid (root) may."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("this test acts as uid 65534, which needs root, and CI runs as root")
+        pytest.skip("needs root: it connects as uid 65534")
+    cfg = write_corpus(tmp_path / "c", extra_serve=(
+        f'watch_config = false\ncontrol_uids = [4242]\nsocket_group = "{NOBODY}"'))
+    os.chmod(short_dir, 0o755)
+    d = Daemon(millrace.path, cfg, short_dir / "d.sock", tmp_path / "d.log").start()
+    try:
+        def work():
+            ctl = Control(d.sock)
+            out = {"uid": os.getuid(), "pid": ctl.status()["pid"], "journal": ctl.journal()}
+            try:
+                ctl.set_weights({"web": 0.5}, at_step=100)
+                out["refused"] = None
+            except ChangeRefused as e:
+                out["refused"] = [e.code, e.message]
+            return out
+
+        got = as_nobody(work)
+        assert got["uid"] == NOBODY and got["pid"] == d.pid and got["journal"] == [], got
+        assert got["refused"] is not None, "the change was applied"
+        code, message = got["refused"]
+        assert code == "access", got
+        assert f"uid {NOBODY}" in message and "control_uids [4242]" in message, message
+        ctl = Control(d.sock)
+        assert ctl.journal() == [], "a refused change changes nothing"
+        r = ctl.set_weights({"web": 0.5}, at_step=100)
+        assert r["ok"] is True and r["applied_step"] == 100
+        assert len(ctl.journal()) == 1
+    finally:
+        d.kill()
+    d.assert_no_panic()
