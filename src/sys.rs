@@ -193,8 +193,8 @@ pub fn advise(bytes: &[u8], advice: Advice) {
 
 /// Asks the CPU to pull the cache lines of `bytes` (at most its first `max` bytes) into
 /// its caches ahead of a read: the fill looks up a hundred index entries at random
-/// places of the shards per slot, and each one otherwise costs a full miss (and a page
-/// walk) waiting alone. A hint only: it never faults (not even on a page a truncation
+/// places of the shards' indexes per slot, and each one otherwise costs a full miss (and
+/// a page walk) waiting alone. A hint only: it never faults (not even on a page a truncation
 /// removed) and changes nothing but timing. No-op off x86-64.
 #[inline]
 pub fn prefetch(bytes: &[u8], max: usize) {

@@ -80,9 +80,9 @@ pub struct ServeConfig {
     #[serde(default)]
     pub allowed_gids: Option<Vec<u32>>,
     /// uids that may change the plan over control connections (`set_weights`,
-    /// `set_stage`, `reload`) besides the daemon's own and root, so that on a node users share the
-    /// trainers may read `status` and the journal without steering the run; unset (the
-    /// default), every peer that may connect may change it.
+    /// `set_stage`, `reload`) besides the daemon's own and root, so that on a node users
+    /// share the trainers may read `status` and the journal without steering the run;
+    /// unset (the default), every peer that may connect may change it.
     #[serde(default)]
     pub control_uids: Option<Vec<u32>>,
     /// Prometheus listen address (`host:port`); no exporter when unset.

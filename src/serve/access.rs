@@ -118,8 +118,8 @@ pub struct Policy {
     pub uids: Option<Vec<u32>>,
     /// `[serve] allowed_gids` (matched against the peer's primary gid); `None` when absent.
     pub gids: Option<Vec<u32>>,
-    /// `[serve] control_uids`: who besides the daemon's uid may change the plan over a
-    /// control connection; `None` (the key absent): every peer that passes.
+    /// `[serve] control_uids`: who besides the daemon's uid and root may change the plan
+    /// over a control connection; `None` (the key absent): every peer that passes.
     pub control: Option<Vec<u32>>,
     /// The daemon's effective uid: always allowed, so its operator can never lock
     /// themselves out of `millrace ctl`.
