@@ -297,6 +297,9 @@ impl JobPlan {
     }
 }
 
+/// Issues page-cache hints for a rank's rows of a planned batch.
+pub(super) type Hint<'a> = dyn Fn(&[Row]) + 'a;
+
 /// What [`Job::take`] needs from the hub besides the job.
 pub(super) struct Take<'a> {
     /// The plan in force (private planners are restored under it).
@@ -308,8 +311,10 @@ pub(super) struct Take<'a> {
     pub(super) ahead: bool,
     /// [`keep`].
     pub(super) keep: usize,
-    /// Issues page-cache hints for a rank's rows.
-    pub(super) hint: &'a dyn Fn(&[Row]),
+    /// Issues page-cache hints for a rank's rows; `None` when the reader takes none
+    /// (`mmap`, io_uring in use), so that no planned batch is read for them: each is a
+    /// miss to memory on the copy thread, per claim.
+    pub(super) hint: Option<&'a Hint<'a>>,
     /// Told of every batch the job's planner plans, with the planner past it.
     pub(super) planned: &'a mut dyn FnMut(&Planner, &Planned),
 }
@@ -371,7 +376,9 @@ impl Job {
             Some(own) => {
                 while own.planned.len() as u64 <= t.prefetch {
                     let p = Arc::new(Planned::next(&mut own.planner));
-                    (t.hint)(p.batch.rank_rows(r, dp));
+                    if let Some(hint) = t.hint {
+                        hint(p.batch.rank_rows(r, dp));
+                    }
                     own.planned.push_back(p);
                     self.plan.private += 1;
                 }
@@ -380,9 +387,11 @@ impl Job {
             None => {
                 let upto = if t.ahead { step + 1 } else { last + 1 };
                 self.plan.plan_to(upto, t.keep, t.planned);
-                for s in e.hinted.max(step)..=last {
-                    if let Some(p) = self.plan.get(s) {
-                        (t.hint)(p.batch.rank_rows(r, dp));
+                if let Some(hint) = t.hint {
+                    for s in e.hinted.max(step)..=last {
+                        if let Some(p) = self.plan.get(s) {
+                            hint(p.batch.rank_rows(r, dp));
+                        }
                     }
                 }
                 // Steps the plan thread has not planned yet are hinted once it has.
@@ -472,7 +481,7 @@ mod tests {
                     prefetch: 4,
                     ahead: false,
                     keep,
-                    hint: &|_| {},
+                    hint: None,
                     planned: &mut |_, _| {},
                 },
             )

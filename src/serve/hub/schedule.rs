@@ -426,13 +426,12 @@ impl Hub {
             }
             return Err(name);
         }
+        // Asked per claim, not once at start: io_uring's fallback copy hints while
+        // io_uring is not in use (fill::Readers::page_hints).
+        let hints = self.source.readers.page_hints();
         let hint = |rows: &[Row]| {
-            // Asked per planned step, not once at start: io_uring's fallback copy hints
-            // while io_uring is not in use (fill::Readers::page_hints).
-            if self.source.readers.page_hints() {
-                self.source.readers.advise_random(&self.source.shards);
-                self.hint(rows);
-            }
+            self.source.readers.advise_random(&self.source.shards);
+            self.hint(rows);
         };
         // The job's planner passing a checkpoint step offers its state (the blob is the
         // slot's, encoded anyway); the disk write happens on the keeper's thread.
@@ -449,7 +448,7 @@ impl Hub {
                     self.settings.prefetch,
                     plan.config().global_batch_rows,
                 ),
-                hint: &hint,
+                hint: hints.then_some(&hint),
                 planned: &mut offer,
             },
         );
