@@ -35,10 +35,11 @@ const RING_COUNTERS: [&str; 6] = [
 ];
 
 /// The per-job counters, likewise.
-const JOB_COUNTERS: [&str; 3] = [
+const JOB_COUNTERS: [&str; 4] = [
     "millrace_job_batches_planned_total",
     "millrace_private_batches_planned_total",
     "millrace_job_batches_planned_ahead_total",
+    "millrace_job_plan_waits_total",
 ];
 
 /// Starts the HTTP listener on `addr` and creates the series that exist from the start.
@@ -117,7 +118,7 @@ fn ring_figures(r: &RingStatus) -> [u64; RING_COUNTERS.len()] {
 
 /// One job's counters in [`JOB_COUNTERS`] order.
 fn job_figures(p: &JobPlanCounts) -> [u64; JOB_COUNTERS.len()] {
-    [p.planned, p.private, p.ahead]
+    [p.planned, p.private, p.ahead, p.waits]
 }
 
 /// What one export adds to each ring's and job's counters.

@@ -207,6 +207,9 @@ pub struct JobPlanCounts {
     pub private: u64,
     /// Of `planned`, those the plan thread planned outside the hub's lock.
     pub ahead: u64,
+    /// Claims that found the job's next step not yet planned by the plan thread: the
+    /// sign that the copy threads wait for planning.
+    pub waits: u64,
     /// The job's own number in this daemon: a job that returns under its name has
     /// another, and its figures start from zero.
     pub serial: u64,

@@ -16,19 +16,36 @@ use crate::serve::fill::Doing;
 /// needs the job's next step can wait for it.
 const CHUNK: u64 = 32;
 
-/// Steps the plan thread plans beyond what a worker's claim would plan inline (a ring's
-/// slots and prefetch past its peers' release): with the window only that far ahead, the
-/// thread was woken every few steps and the copy thread waited for it or for the wake
-/// (2 x 8 rows, one copy thread: no faster than planning inline); 32 steps more cost a
-/// few hundred KB of plans and let it plan in chunks the copy thread never waits for.
-pub(super) const THREAD_AHEAD: u64 = 32;
+/// Rows the plan thread keeps planned beyond what a worker's claim would plan inline (a
+/// ring's slots and prefetch past its peers' release), as steps by [`thread_ahead`].
+/// With the window only a few steps ahead, the thread was woken every few steps and the
+/// copy thread waited for it or for the wake (2 x 8 rows, one copy thread: no faster than
+/// planning inline). 32 steps more were enough at 2 x 10^8 tokens, but at 10^10 they are
+/// about 1.6 ms of copying: on 2 vCPUs shared with the copy threads and the consumers the
+/// thread, preempted in the middle of a chunk for over 5 ms some 25 times a second, left
+/// the workers waiting for it 6-8% of their time (docs/BENCHMARKS.md, "The plan thread's
+/// reach"). In rows, so that a job of small batches plans far enough ahead in time while
+/// one of 8192-row batches does not hold hundreds of MB of plans.
+pub(super) const AHEAD_ROWS: u64 = 1 << 13;
+
+/// The fewest and the most steps the plan thread plans ahead (see [`AHEAD_ROWS`]): at
+/// least the 32 it planned before the bound was in rows, which jobs of 256 rows a step
+/// and more keep; at most 512, about 3 MB of plans at 16 rows a step, with which the
+/// workers' waits for the thread fell from 1,279 to 120 in a 17 s run.
+const AHEAD_STEPS: (u64, u64) = (32, 512);
+
+/// Steps the plan thread plans beyond a worker's reach for a job of `batch_rows` rows a
+/// global batch: [`AHEAD_ROWS`] rows' worth, within [`AHEAD_STEPS`].
+pub(super) fn thread_ahead(batch_rows: u32) -> u64 {
+    (AHEAD_ROWS / u64::from(batch_rows.max(1))).clamp(AHEAD_STEPS.0, AHEAD_STEPS.1)
+}
 
 /// How many steps short of its reach a job's window is when a worker wakes the plan
-/// thread (and the thread plans it): half of what the thread plans ahead and half the
-/// ring and its prefetch, so that the thread plans many steps per wake-up, and workers
-/// still find their step.
-pub(super) fn wake_at(slots: u32, prefetch: u32) -> u64 {
-    ((u64::from(slots) + u64::from(prefetch)) / 2 + THREAD_AHEAD / 2).clamp(1, CHUNK)
+/// thread (and the thread plans it): half of what the thread plans ahead (`ahead`, from
+/// [`thread_ahead`]) and half the ring and its prefetch, at most a chunk, so that the
+/// thread plans many steps per wake-up, and workers still find their step.
+pub(super) fn wake_at(slots: u32, prefetch: u32, ahead: u64) -> u64 {
+    ((u64::from(slots) + u64::from(prefetch)) / 2 + ahead / 2).clamp(1, CHUNK)
 }
 
 impl Hub {
@@ -38,7 +55,6 @@ impl Hub {
     /// planner. Sleeps while every job is planned far enough; a worker wakes it.
     pub fn plan_ahead(&self) {
         let (slots, prefetch) = (self.settings.slots, self.settings.prefetch);
-        let wake = wake_at(slots, prefetch);
         if let Err(e) = crate::sys::batch_scheduling() {
             tracing::debug!("the plan thread stays under the default scheduling policy: {e}");
         }
@@ -51,11 +67,14 @@ impl Hub {
             }
             // The job furthest short; any job short at all when a worker waits.
             let urgent = st.plan_waiters;
+            // Read each time: a reload may install a plan of another batch size.
+            let ahead = thread_ahead(st.plan.config().global_batch_rows);
+            let wake = wake_at(slots, prefetch, ahead);
             let pick = (!st.draining)
                 .then(|| {
                     st.jobs
                         .iter()
-                        .map(|(name, j)| (j.short(slots, prefetch), name))
+                        .map(|(name, j)| (j.short(slots, prefetch, ahead), name))
                         .filter(|&(n, _)| n >= wake || (urgent && n > 0))
                         .max_by_key(|&(n, _)| n)
                         .map(|(n, name)| (n, name.clone()))

@@ -15,7 +15,7 @@
 //! With `[serve] plan_thread` (the default), the job's planner runs on the daemon's plan
 //! thread ([`super::Hub::plan_ahead`]), outside the hub's lock: the thread checks the planner out
 //! of the [`JobPlan`] under the lock, plans the steps every ring of the job may claim now
-//! (their prefetch, and [`THREAD_AHEAD`] more) without it, and puts the planner and the
+//! (their prefetch, and [`super::ahead::thread_ahead`] more) without it, and puts the planner and the
 //! batches back unless the plan was reset meanwhile. A
 //! worker plans inline only when the planner is in and the window lacks its step; while
 //! it is out, the worker leaves the ring for another or waits for the thread.
@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::ahead::THREAD_AHEAD;
+use super::ahead::thread_ahead;
 use super::{Job, Mark};
 use crate::plan::{GlobalBatch, Plan, Planner, Row};
 
@@ -42,10 +42,21 @@ pub(super) const JOB_LAG: u64 = 64;
 pub(super) const JOB_LAG_ROWS: u64 = 1 << 15;
 
 /// The most batches one job's plan holds (`batch_rows`: rows per global batch): the
-/// bound on what a stalled rank can make the daemon keep.
+/// bound on what a stalled rank can make the daemon keep. What the rings may claim and
+/// prefetch, what the plan thread plans beyond that ([`thread_ahead`]), and the lag a
+/// rank may trail by: without the thread's share a rank could trail by that much less,
+/// and two free-running consumers 1,000-1,300 steps apart (2 x 8 rows at 10^10 tokens)
+/// crossed the bound when the thread planned 512 steps ahead, the laggard planning every
+/// batch again on its own.
 pub(super) fn keep(slots: u32, prefetch: u32, batch_rows: u32) -> usize {
-    let lag = (JOB_LAG_ROWS / u64::from(batch_rows.max(1))).max(JOB_LAG);
-    slots as usize + prefetch as usize + lag as usize
+    slots as usize + prefetch as usize + (thread_ahead(batch_rows) + job_lag(batch_rows)) as usize
+}
+
+/// Steps a rank may trail the job's most advanced ring and still read the job's batches
+/// (beyond its slots, prefetch and the plan thread's reach): [`JOB_LAG_ROWS`] rows'
+/// worth, at least [`JOB_LAG`] steps.
+pub(super) fn job_lag(batch_rows: u32) -> u64 {
+    (JOB_LAG_ROWS / u64::from(batch_rows.max(1))).max(JOB_LAG)
 }
 
 /// Plans `n` batches with `planner`, calling `planned` with each (checkpoints are
@@ -141,6 +152,11 @@ pub(super) struct JobPlan {
     pub(super) private: u64,
     /// Of `planned`, the batches the plan thread planned outside the lock.
     pub(super) ahead: u64,
+    /// Claims that found their step not planned while the plan thread had the planner
+    /// out: each set a ring aside, and a worker with no other ring to fill waited. More
+    /// than a few a minute says the plan thread does not keep up (too little CPU for it,
+    /// or a plan that costs much per step).
+    pub(super) waits: u64,
     /// Batches every rank passed, kept for the plan thread to free (with the thread
     /// on): it allocated them, and a copy thread freeing them under the hub's lock
     /// waited on the allocator's lock behind the thread (glibc frees into the arena
@@ -399,6 +415,7 @@ impl Job {
                 e.hinted = e.hinted.max((last + 1).min(planned_to));
                 let got = self.plan.get(step).cloned();
                 if got.is_none() && self.plan.is_out() {
+                    self.plan.waits += 1;
                     return Ok(None);
                 }
                 got
@@ -423,8 +440,9 @@ impl Job {
     /// Steps the job's planner is short of the plan thread's reach for the rings that
     /// read its window: every step such a ring may claim now (below its peers' release
     /// plus `slots`), `prefetch` beyond, as a worker's claim would plan inline, and
-    /// [`THREAD_AHEAD`] more. 0 while the planner is out or absent.
-    pub(super) fn short(&self, slots: u32, prefetch: u32) -> u64 {
+    /// `ahead` more ([`super::ahead::thread_ahead`]). 0 while the planner is out or
+    /// absent.
+    pub(super) fn short(&self, slots: u32, prefetch: u32, ahead: u64) -> u64 {
         let Some(frontier) = self.plan.planner.as_ref().map(Planner::step) else {
             return 0;
         };
@@ -434,7 +452,7 @@ impl Job {
             .filter(|e| {
                 e.own.is_none() && e.started() && e.failure().is_none() && !e.peers.is_empty()
             })
-            .map(|e| e.base() + u64::from(slots) + u64::from(prefetch) + THREAD_AHEAD)
+            .map(|e| e.base() + u64::from(slots) + u64::from(prefetch) + ahead)
             .max();
         reach.map_or(0, |r| r.saturating_sub(frontier))
     }
@@ -505,22 +523,27 @@ mod tests {
         let plan = plan();
         let mut job = job(2);
         let mut want = plan.start();
-        assert_eq!(job.short(4, 4), 0, "no planner yet");
+        assert_eq!(job.short(4, 4, 32), 0, "no planner yet");
         assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
         // Step 0 and the 4 prefetched; the rings may claim up to step 3 and prefetch 4
-        // beyond it, and the thread plans THREAD_AHEAD more.
-        assert_eq!((job.plan.planned, job.short(4, 4)), (5, 3 + THREAD_AHEAD));
+        // beyond it, and the thread plans `ahead` (here 32) more.
+        assert_eq!((job.plan.planned, job.short(4, 4, 32)), (5, 3 + 32));
         let mut planner = job.plan.check_out(1).expect("the planner is in");
         assert!(job.plan.check_out(2).is_none(), "out once");
-        assert_eq!(job.short(4, 4), 0, "the thread has it");
+        assert_eq!(job.short(4, 4, 32), 0, "the thread has it");
         for _ in 1..5 {
             assert_eq!(*take(&mut job, 0, &plan).batch, want.next_batch());
         }
         // Step 5 is not planned: the worker does not plan it, and the ring stays where it
         // was, reading the job's window.
+        assert_eq!(job.plan.waits, 0);
         assert!(try_take(&mut job, 0, &plan, SMALL).is_none());
         assert!(try_take(&mut job, 0, &plan, SMALL).is_none());
         assert_eq!((job.plan.planned, job.plan.private), (5, 0));
+        assert_eq!(
+            job.plan.waits, 2,
+            "each claim that found its step unplanned counts"
+        );
         assert_eq!(job.rings[&0].next_fill, 5);
         assert!(job.rings[&0].own.is_none());
         // Rank 1 reads the window meanwhile.
@@ -644,12 +667,16 @@ mod tests {
 
     #[test]
     fn the_window_holds_job_lag_rows_and_at_least_job_lag_steps() {
-        assert_eq!(SMALL, keep(4, 4, 1 << 20));
-        assert_eq!(SMALL, keep(4, 4, JOB_LAG_ROWS as u32 / 8));
-        assert_eq!(keep(4, 4, 32), 8 + 1024);
+        // Slots and prefetch, the plan thread's steps ahead, and the lag.
+        assert_eq!(keep(4, 4, 1 << 20), 8 + 32 + JOB_LAG as usize);
+        assert_eq!(
+            keep(4, 4, JOB_LAG_ROWS as u32 / 8),
+            8 + 32 + JOB_LAG as usize
+        );
+        assert_eq!(keep(4, 4, 32), 8 + 256 + 1024);
         assert_eq!(
             keep(4, 4, 0),
-            8 + JOB_LAG_ROWS as usize,
+            8 + 512 + JOB_LAG_ROWS as usize,
             "no division by zero"
         );
     }

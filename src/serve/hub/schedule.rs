@@ -1,16 +1,16 @@
-//! Scheduling: the materializer threads claim the emptiest ring's next step (planned by
-//! the plan thread, `jobplan`, or inline when it has not), hint it, copy it outside the
-//! lock and publish in order, waking the ring's peers (or holding the wake back to
-//! coalesce it with the next publish); shards that change or fault under the daemon are
-//! poisoned here.
+//! Scheduling: the materializer threads claim the emptiest ring's next step (a ring far
+//! behind its job's others first; planned by the plan thread, `jobplan`, or inline when
+//! it has not), hint it, copy it outside the lock and publish in order, waking the ring's
+//! peers (or holding the wake back to coalesce it with the next publish); shards that
+//! change or fault under the daemon are poisoned here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
 
-use super::ahead::wake_at;
-use super::jobplan::{keep, Take};
+use super::ahead::{thread_ahead, wake_at};
+use super::jobplan::{job_lag, keep, Take};
 use super::peers::{Armed, PAGE_BACKSTOP};
 use super::phase::{Copied, Phase};
 use super::{
@@ -367,27 +367,9 @@ impl Hub {
     }
 
     /// The ring a worker should fill next, if any may be filled, other than those in
-    /// `skip`.
+    /// `skip` ([`pick_ring`]).
     fn pick(&self, st: &State, skip: &[(String, u32)]) -> Option<(String, u32)> {
-        let slots = self.settings.slots;
-        // Serve the emptiest ring first (fewest steps filled or in flight ahead of what
-        // its peers hold), and among equally empty rings the one claimed longest ago.
-        // Without that tie-break free-running consumers keep their rings empty, and the
-        // same few rings (first in the map's order) won every claim while the rest
-        // starved: 25 vs 21,296 steps in 40 s over 16 ranks.
-        let mut best: Option<(&String, u32, (u64, u64))> = None;
-        for (name, job) in st.jobs.iter() {
-            for (&r, e) in job.rings.iter() {
-                let key = (e.next_fill - e.base(), e.stats.last_claim);
-                if e.claimable(slots)
-                    && best.is_none_or(|(_, _, k)| key < k)
-                    && !skip.iter().any(|(n, s)| n == name && *s == r)
-                {
-                    best = Some((name, r, key));
-                }
-            }
-        }
-        best.map(|(n, r, _)| (n.clone(), r))
+        pick_ring(st, self.settings.slots, skip)
     }
 
     /// Claims the next step of ring `r` of job `name`; Err gives `name` back when the
@@ -454,10 +436,10 @@ impl Hub {
         );
         let waits = matches!(taken, Ok(None));
         st.plan_waiters |= waits;
+        let ahead = thread_ahead(plan.config().global_batch_rows);
+        let prefetch = self.settings.prefetch;
         if st.plan_idle
-            && (waits
-                || job.short(slots, self.settings.prefetch)
-                    >= wake_at(slots, self.settings.prefetch))
+            && (waits || job.short(slots, prefetch, ahead) >= wake_at(slots, prefetch, ahead))
         {
             st.plan_idle = false;
             st.plan_kick = true;
@@ -537,6 +519,53 @@ pub fn join_within(handles: Vec<std::thread::JoinHandle<()>>, bound: Duration) -
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The ring of `st` a worker should fill next (rings of `slots` slots), if any may be
+/// filled, other than those in `skip`.
+fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, u32)> {
+    let far = trails_far(st.plan.config().global_batch_rows);
+    // Serve the emptiest ring first (fewest steps filled or in flight ahead of what its
+    // peers hold), and among equally empty rings the one claimed longest ago. Without
+    // that tie-break free-running consumers keep their rings empty, and the same few
+    // rings (first in the map's order) won every claim while the rest starved: 25 vs
+    // 21,296 steps in 40 s over 16 ranks. Before both, a ring that trails its job's most
+    // advanced ring by more than `far` steps ([`trails_far`]).
+    let mut best: Option<(&String, u32, (bool, u64, u64))> = None;
+    for (name, job) in st.jobs.iter() {
+        let lead = job
+            .rings
+            .values()
+            .filter(|e| !e.peers.is_empty() && e.failure().is_none())
+            .map(|e| e.next_fill)
+            .max()
+            .unwrap_or(0);
+        for (&r, e) in job.rings.iter() {
+            let near = lead.saturating_sub(e.next_fill) <= far;
+            let key = (near, e.next_fill - e.base(), e.stats.last_claim);
+            if e.claimable(slots)
+                && best.is_none_or(|(_, _, k)| key < k)
+                && !skip.iter().any(|(n, s)| n == name && *s == r)
+            {
+                best = Some((name, r, key));
+            }
+        }
+    }
+    best.map(|(n, r, _)| (n.clone(), r))
+}
+
+/// Steps a ring may trail its job's most advanced ring before the workers serve it
+/// first: a quarter of what the job's window keeps for a laggard ([`job_lag`]), 512 at
+/// 16 rows a step. Ranks of a training job move together (each step ends in a
+/// collective), but free-running consumers drift apart like a random walk, and emptiest
+/// first does not pull them back: two consumers of 2 x 8 rows at 10^10 tokens drifted
+/// 1,000-1,300 steps apart within seconds, and once the plan thread planned 512 steps
+/// ahead one fell out of the job's window in 4 of 10 runs (at 8 x 2 rows, in every run)
+/// and planned every batch again on its own. A trailing ring whose trainer
+/// is slow is full and not claimable, so this never holds the others back; one that can
+/// take a step gets it, and its peers wait for the copy threads meanwhile.
+fn trails_far(batch_rows: u32) -> u64 {
+    job_lag(batch_rows) / 4
 }
 
 /// How many publishes of one ring may wait for a single wake: one less than the ring
@@ -740,6 +769,45 @@ mod tests {
         let w = publish(&mut e, 5, Some((t, 3)));
         assert!(wakes_all(&e, &w), "full: no hold");
         assert_eq!((e.stats.wakes_deferred, e.stats.wakes), (4, 2));
+    }
+
+    /// A ring that trails its job's most advanced ring by more than [`trails_far`] is
+    /// filled first, even when another is emptier; within that, the emptiest first; a
+    /// trailing ring that is full does not hold the others back.
+    #[test]
+    fn a_ring_far_behind_its_job_is_filled_first_when_it_can_take_a_step() {
+        let plan = plan();
+        let far = trails_far(plan.config().global_batch_rows);
+        assert_eq!(far, job_lag(plan.config().global_batch_rows) / 4);
+        // A ring whose peer released `step` and that holds `filled` published steps.
+        let ring = |step: u64, filled: u64| {
+            let mut e = entry(1, false);
+            e.join(1, peer("p"));
+            for p in e.peers.values_mut() {
+                p.released = step;
+            }
+            e.published = step + filled;
+            e.next_fill = step + filled;
+            e
+        };
+        let pick = |lead: RingEntry, other: RingEntry| {
+            let mut st = State::new(plan.clone());
+            let mut job = Job::new(2);
+            job.rings.insert(0, lead);
+            job.rings.insert(1, other);
+            st.jobs.insert("j".into(), job);
+            pick_ring(&st, SLOTS, &[]).map(|(_, r)| r)
+        };
+        let lead = far + 100;
+        // Rank 1 trails by `far` (one step filled): the emptiest, rank 0, first.
+        assert_eq!(pick(ring(lead, 0), ring(99, 1)), Some(0));
+        // By one more: rank 1 first, though rank 0 is emptier.
+        assert_eq!(pick(ring(lead, 0), ring(98, 1)), Some(1));
+        // Rank 1 far behind but full (its trainer is the bottleneck): rank 0.
+        assert_eq!(
+            pick(ring(lead, 0), ring(98 - u64::from(SLOTS), SLOTS.into())),
+            Some(0)
+        );
     }
 
     #[test]

@@ -373,6 +373,7 @@ impl super::Job {
             planned: self.plan.planned,
             private: self.plan.private,
             ahead: self.plan.ahead,
+            waits: self.plan.waits,
             serial: self.serial.0,
         }
     }
