@@ -384,8 +384,8 @@ fn the_plan_thread_plans_each_step_once_and_the_bytes_are_the_plans() {
         v >= K as f64
     });
     // The thread plans 8192 rows, at most 512 steps, beyond a worker's reach
-    // (`thread_ahead`, src/serve/hub/ahead.rs): less than K, so a step planned twice
-    // would pass the bound.
+    // (`thread_ahead`, src/serve/hub/ahead.rs): less than K, so planning the steps twice
+    // would break the bound.
     assert!(
         planned <= (K + SLOTS + PREFETCH + AHEAD + 1) as f64,
         "the job planned {planned} batches for {K} steps of {RANKS} ranks"

@@ -13,12 +13,12 @@
 //! private planner is restored from the ring's own cursor.
 //!
 //! With `[serve] plan_thread` (the default), the job's planner runs on the daemon's plan
-//! thread ([`super::Hub::plan_ahead`]), outside the hub's lock: the thread checks the planner out
-//! of the [`JobPlan`] under the lock, plans the steps every ring of the job may claim now
-//! (their prefetch, and [`super::ahead::thread_ahead`] more) without it, and puts the planner and the
-//! batches back unless the plan was reset meanwhile. A
-//! worker plans inline only when the planner is in and the window lacks its step; while
-//! it is out, the worker leaves the ring for another or waits for the thread.
+//! thread ([`super::Hub::plan_ahead`]), outside the hub's lock: the thread checks the
+//! planner out of the [`JobPlan`] under the lock, plans the steps every ring of the job
+//! may claim now (their prefetch, and [`super::ahead::thread_ahead`] more) without it, and
+//! puts the planner and the batches back unless the plan was reset meanwhile. A worker
+//! plans inline only when the planner is in and the window lacks its step; while it is
+//! out, the worker leaves the ring for another or waits for the thread.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

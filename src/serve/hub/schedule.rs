@@ -536,7 +536,7 @@ fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, 
         let lead = job
             .rings
             .values()
-            .filter(|e| !e.peers.is_empty() && e.failure().is_none())
+            .filter(|e| e.started() && !e.peers.is_empty() && e.failure().is_none())
             .map(|e| e.next_fill)
             .max()
             .unwrap_or(0);
@@ -561,9 +561,10 @@ fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, 
 /// first does not pull them back: two consumers of 2 x 8 rows at 10^10 tokens drifted
 /// 1,000-1,300 steps apart within seconds, and once the plan thread planned 512 steps
 /// ahead one fell out of the job's window in 4 of 10 runs (at 8 x 2 rows, in every run)
-/// and planned every batch again on its own. A trailing ring whose trainer
-/// is slow is full and not claimable, so this never holds the others back; one that can
-/// take a step gets it, and its peers wait for the copy threads meanwhile.
+/// and planned every batch again on its own. A trailing ring whose trainer is slow is
+/// full and not claimable, so this never holds the others back; one that can take a step
+/// gets it, and its peers wait for the copy threads meanwhile. Only started rings lead:
+/// one still joining its peers (resumed from a later blob) does not.
 fn trails_far(batch_rows: u32) -> u64 {
     job_lag(batch_rows) / 4
 }
@@ -778,7 +779,6 @@ mod tests {
     fn a_ring_far_behind_its_job_is_filled_first_when_it_can_take_a_step() {
         let plan = plan();
         let far = trails_far(plan.config().global_batch_rows);
-        assert_eq!(far, job_lag(plan.config().global_batch_rows) / 4);
         // A ring whose peer released `step` and that holds `filled` published steps.
         let ring = |step: u64, filled: u64| {
             let mut e = entry(1, false);
@@ -790,24 +790,32 @@ mod tests {
             e.next_fill = step + filled;
             e
         };
-        let pick = |lead: RingEntry, other: RingEntry| {
+        // The rank `pick_ring` picks among `rings` (rank = index) of one job.
+        let pick = |rings: Vec<RingEntry>| {
             let mut st = State::new(plan.clone());
-            let mut job = Job::new(2);
-            job.rings.insert(0, lead);
-            job.rings.insert(1, other);
+            let mut job = Job::new(rings.len() as u32);
+            for (r, e) in rings.into_iter().enumerate() {
+                job.rings.insert(r as u32, e);
+            }
             st.jobs.insert("j".into(), job);
             pick_ring(&st, SLOTS, &[]).map(|(_, r)| r)
         };
-        let lead = far + 100;
+        let front = far + 100;
         // Rank 1 trails by `far` (one step filled): the emptiest, rank 0, first.
-        assert_eq!(pick(ring(lead, 0), ring(99, 1)), Some(0));
+        assert_eq!(pick(vec![ring(front, 0), ring(99, 1)]), Some(0));
         // By one more: rank 1 first, though rank 0 is emptier.
-        assert_eq!(pick(ring(lead, 0), ring(98, 1)), Some(1));
+        assert_eq!(pick(vec![ring(front, 0), ring(98, 1)]), Some(1));
         // Rank 1 far behind but full (its trainer is the bottleneck): rank 0.
-        assert_eq!(
-            pick(ring(lead, 0), ring(98 - u64::from(SLOTS), SLOTS.into())),
-            Some(0)
-        );
+        let full = ring(98 - u64::from(SLOTS), SLOTS.into());
+        assert_eq!(pick(vec![ring(front, 0), full]), Some(0));
+        // A resumed ring still joining its peers (one of two here) does not lead: led by
+        // rank 2, rank 1 is not far behind, and the emptiest, rank 2, goes first (led by
+        // the joining ring, rank 1 would trail by `far + 1`).
+        let mut joining = entry(2, true);
+        joining.join(1, peer("p"));
+        joining.next_fill = front;
+        assert!(!joining.started());
+        assert_eq!(pick(vec![joining, ring(98, 1), ring(100, 0)]), Some(2));
     }
 
     #[test]
