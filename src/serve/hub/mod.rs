@@ -24,6 +24,7 @@ mod keeper;
 mod live;
 mod peers;
 mod phase;
+mod publish;
 mod schedule;
 mod seeks;
 mod shape;
