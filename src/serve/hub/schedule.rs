@@ -14,7 +14,9 @@ use super::jobplan::{job_lag, keep, Take};
 use super::peers::{Armed, PAGE_BACKSTOP};
 use super::phase::Copied;
 use super::publish::hold_most;
-use super::{Claimed, Failure, Filled, Hub, Planned, State, SHARD_CHECK, SHARD_CHECK_BUDGET};
+use super::{
+    Claimed, Failure, Filled, Hub, Planned, RingEntry, State, SHARD_CHECK, SHARD_CHECK_BUDGET,
+};
 use crate::config::plan::MAX_STEP;
 use crate::plan::{Planner, Row};
 use crate::serve::fill::{fill_slot, will_need, Doing, RankRows, SlotJob, STUCK_REPEAT};
@@ -497,38 +499,43 @@ pub fn join_within(handles: Vec<std::thread::JoinHandle<()>>, bound: Duration) -
 /// The ring of `st` a worker should fill next (rings of `slots` slots), if any may be
 /// filled, other than those in `skip`.
 fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, u32)> {
-    let far = trails_far(st.plan.config().global_batch_rows);
+    let open = |name: &String, r: u32, e: &RingEntry| {
+        e.claimable(slots) && !skip.iter().any(|(n, s)| n == name && *s == r)
+    };
     // Serve the emptiest ring first (fewest steps filled or in flight ahead of what its
     // peers hold), and among equally empty rings the one claimed longest ago. Without
     // that tie-break free-running consumers keep their rings empty, and the same few
     // rings (first in the map's order) won every claim while the rest starved: 25 vs
-    // 21,296 steps in 40 s over 16 ranks. Before both, a ring that trails its job's most
-    // advanced ring by more than `far` steps ([`trails_far`]).
-    let mut best: Option<(&String, u32, (bool, u64, u64))> = None;
-    for (name, job) in st.jobs.iter() {
-        let lead = job
-            .rings
-            .values()
-            .filter(|e| e.started() && !e.peers.is_empty() && e.failure().is_none())
-            .map(|e| e.next_fill)
-            .max()
-            .unwrap_or(0);
-        for (&r, e) in job.rings.iter() {
-            let near = lead.saturating_sub(e.next_fill) <= far;
-            let key = (near, e.next_fill - e.base(), e.stats.last_claim);
-            if e.claimable(slots)
-                && best.is_none_or(|(_, _, k)| key < k)
-                && !skip.iter().any(|(n, s)| n == name && *s == r)
-            {
-                best = Some((name, r, key));
-            }
-        }
-    }
-    best.map(|(n, r, _)| (n.clone(), r))
+    // 21,296 steps in 40 s over 16 ranks.
+    let key = |e: &RingEntry| (e.next_fill - e.base(), e.stats.last_claim);
+    let (name, job, r, _) = st
+        .jobs
+        .iter()
+        .flat_map(|(name, job)| job.rings.iter().map(move |(&r, e)| (name, job, r, e)))
+        .filter(|&(name, _, r, e)| open(name, r, e))
+        .min_by_key(|&(_, _, _, e)| key(e))?;
+    // The job whose turn it is gives it to its ring furthest behind, when that one
+    // trails the job's most advanced ring by more than [`trails_far`] steps: within the
+    // job, so that one job's laggard never takes the other jobs' turns.
+    let far = trails_far(st.plan.config().global_batch_rows);
+    let lead = job
+        .rings
+        .values()
+        .filter(|e| e.started() && !e.peers.is_empty() && e.failure().is_none())
+        .map(|e| e.next_fill)
+        .max()
+        .unwrap_or(0);
+    let behind = job
+        .rings
+        .iter()
+        .filter(|&(&q, e)| open(name, q, e) && lead.saturating_sub(e.next_fill) > far)
+        .min_by_key(|&(_, e)| e.next_fill)
+        .map(|(&q, _)| q);
+    Some((name.clone(), behind.unwrap_or(r)))
 }
 
-/// Steps a ring may trail its job's most advanced ring before the workers serve it
-/// first: a quarter of what the job's window keeps for a laggard ([`job_lag`]), 512 at
+/// Steps a ring may trail its job's most advanced ring before it takes its job's turns
+/// ([`pick_ring`]): a quarter of what the job's window keeps for a laggard ([`job_lag`]), 512 at
 /// 16 rows a step. Ranks of a training job move together (each step ends in a
 /// collective), but free-running consumers drift apart like a random walk, and emptiest
 /// first does not pull them back: two consumers of 2 x 8 rows at 10^10 tokens drifted
@@ -536,8 +543,9 @@ fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, 
 /// ahead one fell out of the job's window in 4 of 10 runs (at 8 x 2 rows, in every run)
 /// and planned every batch again on its own. A trailing ring whose trainer is slow is
 /// full and not claimable, so this never holds the others back; one that can take a step
-/// gets it, and its peers wait for the copy threads meanwhile. Only started rings lead:
-/// one still joining its peers (resumed from a later blob) does not.
+/// gets its job's turn, and its peers wait for the copy threads meanwhile. Other jobs
+/// keep their turns, so a client that resumes far behind cannot starve them. Only
+/// started rings lead: one still joining its peers (resumed from a later blob) does not.
 fn trails_far(batch_rows: u32) -> u64 {
     job_lag(batch_rows) / 4
 }
@@ -546,13 +554,13 @@ fn trails_far(batch_rows: u32) -> u64 {
 mod tests {
     use super::*;
     use crate::serve::hub::phase::tests::{entry, peer, plan};
-    use crate::serve::hub::{Job, RingEntry};
+    use crate::serve::hub::Job;
 
     const SLOTS: u32 = 4;
 
-    /// A ring that trails its job's most advanced ring by more than [`trails_far`] is
-    /// filled first, even when another is emptier; within that, the emptiest first; a
-    /// trailing ring that is full does not hold the others back.
+    /// A ring that trails its job's most advanced ring by more than [`trails_far`] takes
+    /// its job's turn, even when another ring of the job is emptier; a trailing ring that
+    /// is full does not hold the others back; and it never takes another job's turn.
     #[test]
     fn a_ring_far_behind_its_job_is_filled_first_when_it_can_take_a_step() {
         let plan = plan();
@@ -594,6 +602,22 @@ mod tests {
         joining.next_fill = front;
         assert!(!joining.started());
         assert_eq!(pick(vec![joining, ring(98, 1), ring(100, 0)]), Some(2));
+        // Across jobs the emptiest ring still decides whose turn it is: job "a"'s
+        // laggard (two steps filled) waits for job "b"'s emptier ring, and takes job
+        // "a"'s turn once that comes (rank 0 of "a" is then the emptiest).
+        let two = |b_filled: u64| {
+            let mut st = State::new(plan.clone());
+            let mut a = Job::new(2);
+            a.rings.insert(0, ring(front, 1));
+            a.rings.insert(1, ring(97, 2));
+            let mut b = Job::new(1);
+            b.rings.insert(0, ring(7, b_filled));
+            st.jobs.insert("a".into(), a);
+            st.jobs.insert("b".into(), b);
+            pick_ring(&st, SLOTS, &[])
+        };
+        assert_eq!(two(0), Some(("b".into(), 0)));
+        assert_eq!(two(3), Some(("a".into(), 1)));
     }
 
     /// A read under the hub's lock that hangs (here the page of the shard's index a
