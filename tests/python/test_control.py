@@ -370,6 +370,8 @@ def test_a_change_without_a_reply_says_it_may_be_in_force(daemon):
         assert ctl.journal() == []
         os.kill(daemon.pid, signal.SIGSTOP)
         try:
+            # SIGSTOP lands asynchronously: a thread still running could answer in time.
+            wait_until(lambda: stopped(daemon.pid), 30, "the daemon's threads to stop")
             with pytest.raises(mr.DaemonGone, match="no reply") as e:
                 ctl.set_weights({"web": 0.5, "code": 0.5}, at_step=900)
         finally:
