@@ -159,6 +159,8 @@ pub enum Advice {
     WillNeed,
     /// MADV_RANDOM: fault only the pages touched, no read-ahead.
     Random,
+    /// MADV_NORMAL: the kernel's own read-ahead again, undoing `Random`.
+    Normal,
     /// MADV_HUGEPAGE: a fault that reads the file reads a 2 MiB folio, which the kernel
     /// then maps with one page-table entry instead of 512.
     HugePage,
@@ -182,10 +184,11 @@ pub fn advise(bytes: &[u8], advice: Advice) {
     let advice = match advice {
         Advice::WillNeed => rustix::mm::Advice::WillNeed,
         Advice::Random => rustix::mm::Advice::Random,
+        Advice::Normal => rustix::mm::Advice::Normal,
         Advice::HugePage => rustix::mm::Advice::LinuxHugepage,
     };
     // SAFETY: the range is the pages of a live mapping (`bytes` borrows it), rounded
-    // down to its first page; WILLNEED and RANDOM change kernel hints only, never the
+    // down to its first page; WILLNEED, RANDOM and NORMAL change kernel hints only, never the
     // contents or the mapping; HUGEPAGE changes only the size of the folios the page
     // cache reads and of the entries that map them.
     let _ = unsafe { rustix::mm::madvise(start as *mut _, len, advice) };

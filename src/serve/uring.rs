@@ -745,18 +745,11 @@ impl UringReader {
         };
         // The memory starts on a MAX_ALIGN boundary and bounce_len is a multiple of every
         // file's alignment (all powers of two), so each bounce buffer starts aligned.
-        // Asked for fallibly first: an address-space limit (systemd's LimitAS=) or the
-        // kernel's overcommit check that refuses these MiBs gives io_uring up, where
-        // `vec!` aborted the daemon. Then taken zeroed as `vec!` takes it (calloc: pages
-        // are touched only by the reads that use them, not all by a memset).
         let bytes = bounce_len * opts.depth as usize + MAX_ALIGN;
-        Vec::<u8>::new()
-            .try_reserve_exact(bytes)
-            .map_err(|_| ReadError::Unavailable {
-                what: "allocating the O_DIRECT bounce buffers",
-                source: io::Error::from_raw_os_error(libc::ENOMEM),
-            })?;
-        let bounce_mem = vec![0u8; bytes];
+        let bounce_mem = zeroed(bytes).ok_or_else(|| ReadError::Unavailable {
+            what: "allocating the O_DIRECT bounce buffers",
+            source: io::Error::from_raw_os_error(libc::ENOMEM),
+        })?;
         let bounce_at = bounce_mem.as_ptr().align_offset(MAX_ALIGN);
         Ok(UringReader {
             ring,
@@ -1047,6 +1040,27 @@ impl UringReader {
     }
 }
 
+/// `len` zeroed bytes, or `None` when the allocator refuses them. An address-space limit
+/// (systemd's `LimitAS=`) or the kernel's overcommit check that refuses the bounce
+/// buffers' MiBs then gives io_uring up, where `vec!` aborted the daemon; and the memory
+/// is taken zeroed in one call, as `vec!` takes it (calloc: a page is touched only by the
+/// reads that use it, not all by a memset), not asked for once to check and again to use.
+fn zeroed(len: usize) -> Option<Vec<u8>> {
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: the layout's size is not zero (checked above).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` was just allocated by the global allocator with the layout of
+    // `[u8; len]`, which is what a `Vec<u8>` of capacity `len` frees with, and all `len`
+    // bytes are initialized (zeroed).
+    Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
 /// A span reader: io_uring where the kernel allows it, `pread` where it does not.
 #[derive(Debug)]
 pub enum SpanReader {
@@ -1081,6 +1095,18 @@ impl SpanReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bounce buffers' memory: zeroed and of the length asked, and a refusal (more
+    /// than the address space holds) is `None`, which the open turns into "unavailable"
+    /// rather than an abort.
+    #[test]
+    fn bounce_memory_is_zeroed_or_refused_never_an_abort() {
+        assert_eq!(zeroed(0), Some(Vec::new()));
+        let m = zeroed(3 << 20).unwrap();
+        assert!(m.len() == 3 << 20 && m.capacity() == 3 << 20 && m.iter().all(|&b| b == 0));
+        assert_eq!(zeroed(usize::MAX / 2), None, "more than an address space");
+        assert_eq!(zeroed(usize::MAX), None, "more than a layout allows");
+    }
 
     /// A completion interrupted by EINTR or EAGAIN is read again, with nothing counted as
     /// read, up to [`MAX_RETRIES`] times; then, and for any other error at once, the read

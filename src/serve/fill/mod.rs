@@ -452,12 +452,6 @@ pub fn will_need(bytes: &[u8]) {
     advise(bytes, Advice::WillNeed);
 }
 
-/// Marks a whole shard mapping as randomly accessed: page faults then read only the
-/// pages they need, and `will_need` supplies the lookahead the plan actually knows.
-pub fn random_access(bytes: &[u8]) {
-    advise(bytes, Advice::Random);
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -8,8 +8,8 @@
 //! mappings for a backoff and tries again.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tracing::{info, warn};
@@ -48,8 +48,11 @@ pub struct Readers {
     /// `[serve] page_hints`: whether the mmap copy (configured, or io_uring's fallback)
     /// gets WILLNEED hints and MADV_RANDOM.
     page_hints: bool,
-    /// Set once the shard mappings were advised MADV_RANDOM.
-    advised: Once,
+    /// Whether the shard mappings are advised MADV_RANDOM now (else as mapped).
+    random: AtomicBool,
+    /// Held while the mappings' advice changes, so that two claims do not interleave
+    /// their madvise calls and leave the mappings half one way.
+    advising: Mutex<()>,
 }
 
 /// [`Readers::copy_until`] while io_uring is in use.
@@ -210,7 +213,8 @@ impl Readers {
             born: Instant::now(),
             backoff: BACKOFF,
             page_hints,
-            advised: Once::new(),
+            random: AtomicBool::new(false),
+            advising: Mutex::new(()),
         }
     }
 
@@ -442,15 +446,31 @@ impl Readers {
         }
     }
 
-    /// Advises every shard mapping MADV_RANDOM, once (at start for `mmap-willneed`, or
-    /// when io_uring's fallback first hints): a fault then reads its page, and WILLNEED
-    /// supplies the lookahead the plan knows.
-    pub fn advise_random(&self, shards: &[Vec<Arc<Shard>>]) {
-        self.advised.call_once(|| {
-            for shard in shards.iter().flatten() {
-                super::random_access(shard.data());
-            }
-        });
+    /// Keeps the shard mappings' read-ahead advice in line with [`Readers::page_hints`]:
+    /// MADV_RANDOM while the copy hints (from start for `mmap-willneed`, while io_uring
+    /// is not in use for its fallback), so a fault reads its page and WILLNEED supplies
+    /// the lookahead the plan knows; back to MADV_NORMAL once io_uring is in use again.
+    /// Left RANDOM after a recovery, the copies that still read the mappings (other
+    /// layouts, a dtype that widens) faulted one page at a time with no hint: cold, a
+    /// read of the disk per 4 KiB. Asked per claim: two relaxed loads when nothing
+    /// changes.
+    pub fn advise_access(&self, shards: &[Vec<Arc<Shard>>]) {
+        if self.random.load(Ordering::Relaxed) == self.page_hints() {
+            return;
+        }
+        let _advising = self.advising.lock().unwrap_or_else(|p| p.into_inner());
+        let random = self.page_hints();
+        if self.random.load(Ordering::Relaxed) == random {
+            return;
+        }
+        let advice = match random {
+            true => crate::sys::Advice::Random,
+            false => crate::sys::Advice::Normal,
+        };
+        for shard in shards.iter().flatten() {
+            crate::sys::advise(shard.data(), advice);
+        }
+        self.random.store(random, Ordering::Relaxed);
     }
 
     /// Whether compact slots of the shards' dtype are read with io_uring by this fill:
@@ -1182,6 +1202,12 @@ mod tests {
             src.readers.page_hints(),
             "the copy hints while io_uring waits"
         );
+        // The mappings' advice follows: RANDOM while the copy hints, as mapped before.
+        let data = src.shards[0][0].data().as_ptr() as usize;
+        let random = |flags: String| flags.split_whitespace().any(|f| f == "rr");
+        assert!(!random(vm_flags(data)), "nothing advised while io_uring read");
+        src.readers.advise_access(&src.shards);
+        assert!(random(vm_flags(data)), "{}", vm_flags(data));
         // During the backoff a fill copies without trying io_uring: no ring is set up.
         assert_eq!(fill(&src, false), Some((Ok(65), true)));
         assert_eq!(src.readers.lock().live, 0);
@@ -1200,6 +1226,9 @@ mod tests {
         assert_eq!((src.readers.retry(), src.readers.fallback()), (None, None));
         assert_eq!(src.readers.reader(), Reader::Uring);
         assert!(src.readers.uring() && !src.readers.page_hints());
+        // Recovered: the mappings read ahead again for the copies that still use them.
+        src.readers.advise_access(&src.shards);
+        assert!(!random(vm_flags(data)), "{}", vm_flags(data));
         // Three failures in a row give io_uring up for good.
         src.readers.give(src.readers.take().unwrap(), false);
         for _ in 0..3 {
@@ -1216,6 +1245,8 @@ mod tests {
         assert_eq!(src.readers.retry(), None);
         assert_eq!(src.readers.reader(), Reader::MmapWillneed);
         assert!(!src.readers.uring() && src.readers.page_hints());
+        src.readers.advise_access(&src.shards);
+        assert!(random(vm_flags(data)), "{}", vm_flags(data));
         assert_eq!(fill(&src, false), Some((Ok(65), true)));
         assert_eq!(src.readers.lock().live, 0, "no ring after giving up");
     }

@@ -530,9 +530,7 @@ impl Hub {
         {
             warn!("cannot install the SIGBUS guard ({e}); a shard truncated while served will stop the daemon");
         }
-        if source.readers.page_hints() {
-            source.readers.advise_random(&source.shards);
-        }
+        source.readers.advise_access(&source.shards);
         if source.readers.huge_pages() {
             source.readers.advise_huge(&source.shards);
         }

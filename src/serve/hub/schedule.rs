@@ -385,11 +385,9 @@ impl Hub {
         }
         // Asked per claim, not once at start: io_uring's fallback copy hints while
         // io_uring is not in use (fill::Readers::page_hints).
+        self.source.readers.advise_access(&self.source.shards);
         let hints = self.source.readers.page_hints();
-        let hint = |rows: &[Row]| {
-            self.source.readers.advise_random(&self.source.shards);
-            self.hint(rows);
-        };
+        let hint = |rows: &[Row]| self.hint(rows);
         // The job's planner passing a checkpoint step offers its state (the blob is the
         // slot's, encoded anyway); the disk write happens on the keeper's thread.
         let mut offer =
