@@ -40,6 +40,21 @@ pub(super) fn thread_ahead(batch_rows: u32) -> u64 {
     (AHEAD_ROWS / u64::from(batch_rows.max(1))).clamp(AHEAD_STEPS.0, AHEAD_STEPS.1)
 }
 
+/// The most bytes of plans the plan thread holds planned ahead for one job, where
+/// [`thread_ahead`]'s steps would hold more. A batch's cursor blob grows with the
+/// domains (about 125 bytes each: 126 KB a step at 1000 domains, 520 KB at 4096) and with
+/// a long journal of live changes (200 KB at 4000), so 512 steps of them held 64 MB to
+/// 266 MB per job where 4 domains hold 0.4 MB.
+pub(super) const AHEAD_BYTES: u64 = 16 << 20;
+
+/// The plan thread's reach for a job whose batches take `step_bytes` each (0: not
+/// known yet): `ahead` steps, or as many as [`AHEAD_BYTES`] holds when that is fewer,
+/// but never fewer than [`AHEAD_STEPS`]' least, what every job had before.
+pub(super) fn reach(ahead: u64, step_bytes: usize) -> u64 {
+    let by_bytes = AHEAD_BYTES / (step_bytes as u64).max(1);
+    ahead.min(by_bytes.max(AHEAD_STEPS.0))
+}
+
 /// How many steps short of its reach a job's window is when a worker wakes the plan
 /// thread (and the thread plans it): half of what the thread plans ahead (`ahead`, from
 /// [`thread_ahead`]) and half the ring and its prefetch, at most a chunk, so that the
@@ -68,16 +83,19 @@ impl Hub {
             // The job furthest short; any job short at all when a worker waits.
             let urgent = st.plan_waiters;
             // Read each time: a reload may install a plan of another batch size.
-            let ahead = thread_ahead(st.plan.config().global_batch_rows);
-            let wake = wake_at(slots, prefetch, ahead);
+            let rows = st.plan.config().global_batch_rows;
             let pick = (!st.draining)
                 .then(|| {
                     st.jobs
                         .iter()
-                        .map(|(name, j)| (j.short(slots, prefetch, ahead), name))
-                        .filter(|&(n, _)| n >= wake || (urgent && n > 0))
-                        .max_by_key(|&(n, _)| n)
-                        .map(|(n, name)| (n, name.clone()))
+                        .map(|(name, j)| {
+                            let ahead = j.ahead(rows);
+                            let n = j.short(slots, prefetch, ahead);
+                            (n, n >= wake_at(slots, prefetch, ahead), name)
+                        })
+                        .filter(|&(n, woke, _)| woke || (urgent && n > 0))
+                        .max_by_key(|&(n, _, _)| n)
+                        .map(|(n, _, name)| (n, name.clone()))
                 })
                 .flatten();
             let Some((n, name)) = pick else {

@@ -87,6 +87,9 @@ pub(super) struct Planned {
     pub(super) mark: Mark,
     /// `blob`'s plan state digest, which every slot of the step carries.
     pub(super) state: u64,
+    /// About the bytes it holds (the blob, the rows and their documents, the mark):
+    /// what bounds the plan thread's reach by memory ([`super::ahead::reach`]).
+    pub(super) bytes: usize,
 }
 
 impl Planned {
@@ -100,11 +103,18 @@ impl Planned {
             rows: planner.mix_state().rows.clone(),
         };
         let (blob, state) = planner.cursor_with_state();
+        let segments: usize = batch.rows.iter().map(|r| r.segments.len()).sum();
+        let bytes = blob.len()
+            + 8 * mark.rows.len()
+            + 4 * batch.counts.len()
+            + std::mem::size_of::<crate::plan::Row>() * batch.rows.len()
+            + std::mem::size_of::<crate::plan::Segment>() * segments;
         Planned {
             batch,
             blob,
             mark,
             state,
+            bytes,
         }
     }
 }
@@ -152,6 +162,9 @@ pub(super) struct JobPlan {
     pub(super) private: u64,
     /// Of `planned`, the batches the plan thread planned outside the lock.
     pub(super) ahead: u64,
+    /// The bytes of the batch planned last ([`Planned::bytes`]; 0 before the first):
+    /// how many steps the plan thread's reach holds ([`Job::ahead`]).
+    step_bytes: usize,
     /// Claims that found their step not planned while the plan thread had the planner
     /// out: each set a ring aside, and a worker with no other ring to fill waited. More
     /// than a few a minute says the plan thread does not keep up (too little CPU for it,
@@ -264,6 +277,7 @@ impl JobPlan {
 
     /// Adds the batch at the frontier, holding at most `keep`.
     fn push(&mut self, b: Arc<Planned>, keep: usize) {
+        self.step_bytes = b.bytes;
         self.batches.push_back(b);
         self.planned += 1;
         if self.batches.len() > keep {
@@ -437,10 +451,17 @@ impl Job {
         Ok(Some(planned))
     }
 
+    /// Steps the plan thread plans beyond a worker's reach for this job, whose global
+    /// batches have `batch_rows` rows: [`super::ahead::thread_ahead`] steps, fewer where
+    /// its batches are large in bytes ([`super::ahead::reach`]).
+    pub(super) fn ahead(&self, batch_rows: u32) -> u64 {
+        super::ahead::reach(thread_ahead(batch_rows), self.plan.step_bytes)
+    }
+
     /// Steps the job's planner is short of the plan thread's reach for the rings that
     /// read its window: every step such a ring may claim now (below its peers' release
     /// plus `slots`), `prefetch` beyond, as a worker's claim would plan inline, and
-    /// `ahead` more ([`super::ahead::thread_ahead`]). 0 while the planner is out or
+    /// `ahead` more ([`Job::ahead`]). 0 while the planner is out or
     /// absent.
     pub(super) fn short(&self, slots: u32, prefetch: u32, ahead: u64) -> u64 {
         let Some(frontier) = self.plan.planner.as_ref().map(Planner::step) else {
@@ -679,6 +700,34 @@ mod tests {
             8 + 512 + JOB_LAG_ROWS as usize,
             "no division by zero"
         );
+    }
+
+    /// The plan thread's reach is bounded in bytes too: a job whose batches are large
+    /// (cursor blobs of many domains, or of a long journal) is planned fewer steps
+    /// ahead, never fewer than 32, so that 1000 domains do not hold 64 MB of plans.
+    #[test]
+    fn the_plan_threads_reach_holds_at_most_ahead_bytes_of_batches() {
+        use super::super::ahead::{reach, thread_ahead, AHEAD_BYTES};
+        assert_eq!(reach(512, 0), 512, "nothing planned yet");
+        assert_eq!(reach(512, 8 << 10), 512, "4 domains' batches are a few KB");
+        assert_eq!(reach(512, 126_000), AHEAD_BYTES / 126_000);
+        assert_eq!(reach(512, 4 << 20), 32, "at least the 32 steps of before");
+        assert_eq!(reach(32, 100), 32);
+        // A job's reach follows the bytes of the batch it planned last.
+        let plan = plan();
+        let rows = plan.config().global_batch_rows;
+        let mut job = job(2);
+        assert_eq!(job.ahead(rows), thread_ahead(rows));
+        let p = take(&mut job, 0, &plan);
+        let segments: usize = p.batch.rows.iter().map(|r| r.segments.len()).sum();
+        assert!(p.bytes > p.blob.len() + segments * std::mem::size_of::<crate::plan::Segment>());
+        let last = job.plan.batches.back().expect("planned ahead").bytes;
+        assert_eq!(job.plan.step_bytes, last);
+        assert_eq!(job.ahead(rows), reach(thread_ahead(rows), last));
+        job.plan.step_bytes = 1 << 20;
+        assert_eq!(job.ahead(rows), 32);
+        // The thread is short of the rings' claims and prefetch, and of that reach.
+        assert_eq!(job.short(4, 4, job.ahead(rows)), 4 + 4 + 32 - 5);
     }
 
     #[test]

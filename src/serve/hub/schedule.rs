@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::error;
 
-use super::ahead::{thread_ahead, wake_at};
+use super::ahead::wake_at;
 use super::jobplan::{job_lag, keep, Take};
 use super::peers::{Armed, PAGE_BACKSTOP};
 use super::phase::Copied;
@@ -409,7 +409,7 @@ impl Hub {
         );
         let waits = matches!(taken, Ok(None));
         st.plan_waiters |= waits;
-        let ahead = thread_ahead(plan.config().global_batch_rows);
+        let ahead = job.ahead(plan.config().global_batch_rows);
         let prefetch = self.settings.prefetch;
         if st.plan_idle
             && (waits || job.short(slots, prefetch, ahead) >= wake_at(slots, prefetch, ahead))
