@@ -1205,7 +1205,10 @@ mod tests {
         // The mappings' advice follows: RANDOM while the copy hints, as mapped before.
         let data = src.shards[0][0].data().as_ptr() as usize;
         let random = |flags: String| flags.split_whitespace().any(|f| f == "rr");
-        assert!(!random(vm_flags(data)), "nothing advised while io_uring read");
+        assert!(
+            !random(vm_flags(data)),
+            "nothing advised while io_uring read"
+        );
         src.readers.advise_access(&src.shards);
         assert!(random(vm_flags(data)), "{}", vm_flags(data));
         // During the backoff a fill copies without trying io_uring: no ring is set up.
