@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use tracing::error;
 
-use super::jobplan::{keep, plan_chunk, Planned};
+use super::jobplan::{plan_chunk, Planned};
 use super::Hub;
 use crate::plan::Planner;
 use crate::serve::fill::Doing;
@@ -42,10 +42,11 @@ pub(super) fn thread_ahead(batch_rows: u32) -> u64 {
 
 /// The most bytes of plans the plan thread holds planned ahead for one job, where
 /// [`thread_ahead`]'s steps would hold more. A batch's cursor blob grows with the
-/// domains (about 125 bytes each: 126 KB a step at 1000 domains, 520 KB at 4096) and with
-/// a long journal of live changes (200 KB at 4000), so 512 steps of them held 64 MB to
-/// 266 MB per job where 4 domains hold 0.4 MB.
-pub(super) const AHEAD_BYTES: u64 = 16 << 20;
+/// domains (about 110 bytes each: 110 KB a step at 1000 domains) and with the journal of
+/// live changes (about 50 bytes a change), so 512 steps of them held 56 MB per job at
+/// 1000 domains, where the 512 steps of 16 rows of 4 domains take about 2.5 MB (docs/
+/// BENCHMARKS.md, "The plan thread's reach in bytes").
+pub(super) const AHEAD_BYTES: u64 = 4 << 20;
 
 /// The plan thread's reach for a job whose batches take `step_bytes` each (0: not
 /// known yet): `ahead` steps, or as many as [`AHEAD_BYTES`] holds when that is fewer,
@@ -129,8 +130,9 @@ impl Hub {
             drop(g);
             let why = fault.map(|addr| self.poison_at(addr, "while planning ahead"));
             st = self.lock();
-            let keep = keep(slots, prefetch, st.plan.config().global_batch_rows);
+            let rows = st.plan.config().global_batch_rows;
             if let Some(job) = st.jobs.get_mut(&name) {
+                let keep = job.keep(slots, prefetch, rows);
                 match why {
                     // The planner read a shard that shrank: rings plan from their own
                     // cursors again and stop at the poisoned shard.

@@ -38,18 +38,26 @@ pub(super) const JOB_LAG: u64 = 64;
 /// rather than of steps: 8 free-running ranks of 32-row steps on 2 cores drifted
 /// 140-230 steps apart, and each rank beyond 64 planned every batch again privately
 /// (daemon CPU per token 3x the 2-rank figure; BENCHMARKS.md, "Per-rank costs").
-/// 2^15 rows of plans are a few MB (a row is ~50 bytes plus ~56 per document in it).
+/// 2^15 rows of plans are a few MB at a few domains (a row is ~50 bytes plus ~56 per
+/// document in it, a batch its cursor blob besides); [`LAG_BYTES`] bounds them where
+/// the blobs are large.
 pub(super) const JOB_LAG_ROWS: u64 = 1 << 15;
 
-/// The most batches one job's plan holds (`batch_rows`: rows per global batch): the
-/// bound on what a stalled rank can make the daemon keep. What the rings may claim and
-/// prefetch, what the plan thread plans beyond that ([`thread_ahead`]), and the lag a
-/// rank may trail by: without the thread's share a rank could trail by that much less,
-/// and two free-running consumers 1,000-1,300 steps apart (2 x 8 rows at 10^10 tokens)
-/// crossed the bound when the thread planned 512 steps ahead, the laggard planning every
-/// batch again on its own.
-pub(super) fn keep(slots: u32, prefetch: u32, batch_rows: u32) -> usize {
-    slots as usize + prefetch as usize + (thread_ahead(batch_rows) + job_lag(batch_rows)) as usize
+/// The most bytes of batches a job's window keeps for a rank that trails, where
+/// [`JOB_LAG_ROWS`] would keep more: a batch holds its cursor blob, which grows with the
+/// domains (about 110 KB at 1000), so 2048 steps of 16 rows held 225 MB, and 1.1 GB at
+/// 4096 domains, while one rank stalled.
+pub(super) const LAG_BYTES: u64 = 64 << 20;
+
+/// The most batches one job's plan holds: the bound on what a stalled rank can make the
+/// daemon keep. What the rings may claim and prefetch, what the plan thread plans beyond
+/// that (`ahead`, [`Job::ahead`]), and the `lag` a rank may trail by ([`Job::lag`]):
+/// without the thread's share a rank could trail by that much less, and two
+/// free-running consumers 1,000-1,300 steps apart (2 x 8 rows at 10^10 tokens) crossed
+/// the bound when the thread planned 512 steps ahead, the laggard planning every batch
+/// again on its own.
+pub(super) fn keep(slots: u32, prefetch: u32, ahead: u64, lag: u64) -> usize {
+    (u64::from(slots) + u64::from(prefetch) + ahead + lag) as usize
 }
 
 /// Steps a rank may trail the job's most advanced ring and still read the job's batches
@@ -458,6 +466,24 @@ impl Job {
         super::ahead::reach(thread_ahead(batch_rows), self.plan.step_bytes)
     }
 
+    /// Steps a rank of this job may trail its most advanced ring and still read the
+    /// job's batches: [`job_lag`] steps, fewer where its batches are large in bytes (at
+    /// most [`LAG_BYTES`] of them), never fewer than [`JOB_LAG`].
+    pub(super) fn lag(&self, batch_rows: u32) -> u64 {
+        let by_bytes = LAG_BYTES / (self.plan.step_bytes as u64).max(1);
+        job_lag(batch_rows).min(by_bytes.max(JOB_LAG))
+    }
+
+    /// The most batches this job's window holds ([`keep`] with its reach and lag).
+    pub(super) fn keep(&self, slots: u32, prefetch: u32, batch_rows: u32) -> usize {
+        keep(
+            slots,
+            prefetch,
+            self.ahead(batch_rows),
+            self.lag(batch_rows),
+        )
+    }
+
     /// Steps the job's planner is short of the plan thread's reach for the rings that
     /// read its window: every step such a ring may claim now (below its peers' release
     /// plus `slots`), `prefetch` beyond, as a worker's claim would plan inline, and
@@ -689,6 +715,15 @@ mod tests {
     #[test]
     fn the_window_holds_job_lag_rows_and_at_least_job_lag_steps() {
         // Slots and prefetch, the plan thread's steps ahead, and the lag.
+        let keep = |slots, prefetch, rows| {
+            let job = job(1);
+            assert_eq!(
+                (job.ahead(rows), job.lag(rows)),
+                (thread_ahead(rows), job_lag(rows)),
+                "nothing planned: bounded by rows only"
+            );
+            job.keep(slots, prefetch, rows)
+        };
         assert_eq!(keep(4, 4, 1 << 20), 8 + 32 + JOB_LAG as usize);
         assert_eq!(
             keep(4, 4, JOB_LAG_ROWS as u32 / 8),
@@ -704,12 +739,13 @@ mod tests {
 
     /// The plan thread's reach is bounded in bytes too: a job whose batches are large
     /// (cursor blobs of many domains, or of a long journal) is planned fewer steps
-    /// ahead, never fewer than 32, so that 1000 domains do not hold 64 MB of plans.
+    /// ahead, never fewer than 32, so that 1000 domains do not hold 64 MB of plans; and
+    /// the lag a stalled rank holds is bounded at [`LAG_BYTES`].
     #[test]
-    fn the_plan_threads_reach_holds_at_most_ahead_bytes_of_batches() {
+    fn the_plan_threads_reach_and_the_lag_are_bounded_in_bytes() {
         use super::super::ahead::{reach, thread_ahead, AHEAD_BYTES};
         assert_eq!(reach(512, 0), 512, "nothing planned yet");
-        assert_eq!(reach(512, 8 << 10), 512, "4 domains' batches are a few KB");
+        assert_eq!(reach(512, 4 << 10), 512, "4 domains' batches are a few KB");
         assert_eq!(reach(512, 126_000), AHEAD_BYTES / 126_000);
         assert_eq!(reach(512, 4 << 20), 32, "at least the 32 steps of before");
         assert_eq!(reach(32, 100), 32);
@@ -728,6 +764,18 @@ mod tests {
         assert_eq!(job.ahead(rows), 32);
         // The thread is short of the rings' claims and prefetch, and of that reach.
         assert_eq!(job.short(4, 4, job.ahead(rows)), 4 + 4 + 32 - 5);
+        // The lag a rank may trail by is bounded in bytes the same way, at LAG_BYTES,
+        // never below JOB_LAG, and the window's bound follows both.
+        assert_eq!(job.lag(rows), JOB_LAG, "64 MiB of 1 MiB batches");
+        assert_eq!(job.keep(4, 4, rows), 8 + 32 + JOB_LAG as usize);
+        job.plan.step_bytes = 32 << 10;
+        assert_eq!(job.lag(rows), job_lag(rows).min(2048));
+        assert_eq!(job.ahead(rows), thread_ahead(rows).min(128));
+        job.plan.step_bytes = 100;
+        assert_eq!(
+            (job.ahead(rows), job.lag(rows)),
+            (thread_ahead(rows), job_lag(rows))
+        );
     }
 
     #[test]
@@ -736,7 +784,7 @@ mod tests {
         // with a window of 64 steps the laggards planned every batch again.
         let plan = plan();
         let mut job = job(2);
-        let keep = keep(4, 4, 32);
+        let keep = job.keep(4, 4, 32);
         let mut want = plan.start();
         let mut behind = plan.start();
         for i in 0..600 {

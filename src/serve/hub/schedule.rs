@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tracing::error;
 
 use super::ahead::wake_at;
-use super::jobplan::{job_lag, keep, Take};
+use super::jobplan::Take;
 use super::peers::{Armed, PAGE_BACKSTOP};
 use super::phase::Copied;
 use super::publish::hold_most;
@@ -392,17 +392,18 @@ impl Hub {
         // slot's, encoded anyway); the disk write happens on the keeper's thread.
         let mut offer =
             |p: &Planner, b: &Planned| self.keeper.offer(p.plan(), p.plan_step(), &b.blob);
+        let keep = job.keep(
+            slots,
+            self.settings.prefetch,
+            plan.config().global_batch_rows,
+        );
         let taken = job.take(
             r,
             Take {
                 plan: &plan,
                 prefetch: u64::from(self.settings.prefetch),
                 ahead: st.plan_thread,
-                keep: keep(
-                    slots,
-                    self.settings.prefetch,
-                    plan.config().global_batch_rows,
-                ),
+                keep,
                 hint: hints.then_some(&hint),
                 planned: &mut offer,
             },
@@ -515,7 +516,7 @@ fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, 
     // The job whose turn it is gives it to its ring furthest behind, when that one
     // trails the job's most advanced ring by more than [`trails_far`] steps: within the
     // job, so that one job's laggard never takes the other jobs' turns.
-    let far = trails_far(st.plan.config().global_batch_rows);
+    let far = trails_far(job.lag(st.plan.config().global_batch_rows));
     let lead = job
         .rings
         .values()
@@ -533,7 +534,8 @@ fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, 
 }
 
 /// Steps a ring may trail its job's most advanced ring before it takes its job's turns
-/// ([`pick_ring`]): a quarter of what the job's window keeps for a laggard ([`job_lag`]), 512 at
+/// ([`pick_ring`]): a quarter of what the job's window keeps for a laggard (`lag`,
+/// [`super::Job::lag`]), 512 at
 /// 16 rows a step. Ranks of a training job move together (each step ends in a
 /// collective), but free-running consumers drift apart like a random walk, and emptiest
 /// first does not pull them back: two consumers of 2 x 8 rows at 10^10 tokens drifted
@@ -544,8 +546,8 @@ fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, 
 /// gets its job's turn, and its peers wait for the copy threads meanwhile. Other jobs
 /// keep their turns, so a client that resumes far behind cannot starve them. Only
 /// started rings lead: one still joining its peers (resumed from a later blob) does not.
-fn trails_far(batch_rows: u32) -> u64 {
-    job_lag(batch_rows) / 4
+fn trails_far(lag: u64) -> u64 {
+    lag / 4
 }
 
 #[cfg(test)]
@@ -562,7 +564,9 @@ mod tests {
     #[test]
     fn a_ring_far_behind_its_job_is_filled_first_when_it_can_take_a_step() {
         let plan = plan();
-        let far = trails_far(plan.config().global_batch_rows);
+        let far = trails_far(crate::serve::hub::jobplan::job_lag(
+            plan.config().global_batch_rows,
+        ));
         // A ring whose peer released `step` and that holds `filled` published steps.
         let ring = |step: u64, filled: u64| {
             let mut e = entry(1, false);
