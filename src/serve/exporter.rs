@@ -42,8 +42,14 @@ const JOB_COUNTERS: [&str; 4] = [
     "millrace_job_plan_waits_total",
 ];
 
-/// Starts the HTTP listener on `addr` and creates the series that exist from the start.
-pub(super) fn install(addr: &str) -> Result<()> {
+/// Exports between two renders that drop the series idle past [`METRICS_IDLE`]
+/// ([`Exporter::expire`]): one every 10 s.
+const EXPIRE_EVERY: u64 = 10;
+
+/// Starts the HTTP listener on `addr` and creates the series that exist from the start;
+/// returns the recorder's handle, which [`Exporter::expire`] renders. Must run inside the
+/// daemon's tokio runtime, which serves the listener.
+pub(super) fn install(addr: &str) -> Result<metrics_exporter_prometheus::PrometheusHandle> {
     let addr: std::net::SocketAddr = addr
         .parse()
         .with_context(|| format!("[serve] metrics_addr {addr:?}"))?;
@@ -53,7 +59,7 @@ pub(super) fn install(addr: &str) -> Result<()> {
     let buckets = [
         1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
     ];
-    PrometheusBuilder::new()
+    let (recorder, listener) = PrometheusBuilder::new()
         .with_http_listener(addr)
         // Every live counter and gauge is set each second (Exporter::export), so one left
         // alone this long belongs to a job that left: dropping it keeps the exporter from
@@ -68,14 +74,23 @@ pub(super) fn install(addr: &str) -> Result<()> {
             &buckets,
         )
         .with_context(|| "[serve] metrics_addr: histogram buckets")?
-        .install()
+        // What `install` does, keeping the recorder's handle.
+        .build()
         .with_context(|| format!("starting the metrics exporter on {addr}"))?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .with_context(|| format!("starting the metrics exporter on {addr}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = listener.await {
+            tracing::error!("the metrics exporter on {addr} stopped: {e:?}");
+        }
+    });
     // Every series exists from the start, so rate() and alerts see zeros, not gaps.
     for source in RELOAD_SOURCES {
         counter!("millrace_reloads_total", "source" => source).absolute(0);
         counter!("millrace_reload_failures_total", "source" => source).absolute(0);
     }
-    Ok(())
+    Ok(handle)
 }
 
 /// A ring's (job, dp rank).
@@ -88,6 +103,10 @@ type RingKey = (String, u32);
 pub(super) struct Exporter {
     rings: HashMap<RingKey, (u64, [u64; RING_COUNTERS.len()])>,
     jobs: HashMap<String, (u64, [u64; JOB_COUNTERS.len()])>,
+    /// The recorder's handle, once it is installed ([`Exporter::expire`]).
+    pub(super) handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Exports so far.
+    exports: u64,
 }
 
 /// How far each counter of one series moved from `before` (its last export: the serial of
@@ -174,6 +193,10 @@ impl Exporter {
     /// two never disagree). Every series that should stay is set on every call: one that
     /// is not ages out ([`METRICS_IDLE`]).
     pub(super) fn export(&mut self, status: &Status) {
+        self.exports += 1;
+        if self.exports % EXPIRE_EVERY == 0 {
+            self.expire();
+        }
         gauge!("millrace_poisoned_shards").set(status.poisoned_shards_total as f64);
         gauge!("millrace_stuck_fills").set(status.stuck_fills.len() as f64);
         if status.hub_busy {
@@ -240,6 +263,20 @@ impl Exporter {
     }
 }
 
+impl Exporter {
+    /// Drops the series set last more than [`METRICS_IDLE`] ago: the exporter drops them
+    /// only while it renders /metrics, so a daemon nobody scraped (no Prometheus yet, or
+    /// one that is down) kept every departed job's series, about 15 KB a job: its
+    /// anonymous memory grew from 70 to 200 MB over 8,000 short jobs in 15 minutes
+    /// (docs/BENCHMARKS.md, "Series of departed jobs"). A render a series outlives
+    /// marks it; one more after it has idled that long drops it.
+    fn expire(&self) {
+        if let Some(h) = &self.handle {
+            drop(h.render());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +304,50 @@ mod tests {
             departed_rings: gone.into_iter().map(|r| ("j".to_string(), r)).collect(),
             ..Status::default()
         }
+    }
+
+    /// A daemon nobody scrapes drops the series of a departed job: every
+    /// [`EXPIRE_EVERY`] exports it renders, which marks the series it outlives and
+    /// drops those idle past the timeout. Without those renders the first scrape still
+    /// lists job "gone" (the exporter had never looked at it), and every job a daemon
+    /// ever served stayed in its memory.
+    #[test]
+    fn series_of_departed_jobs_are_dropped_without_a_scrape() {
+        use metrics_exporter_prometheus::PrometheusBuilder;
+        use metrics_util::MetricKindMask;
+        let idle = Duration::from_millis(20);
+        let of = |job: &str| Status {
+            jobs: vec![JobStatus {
+                job: job.into(),
+                rings: vec![ring(1, 3)],
+                ..JobStatus::default()
+            }],
+            ..Status::default()
+        };
+        // `with_expiry`: whether the exporter holds the handle, as the daemon's does.
+        let scrape_after = |with_expiry: bool| {
+            let recorder = PrometheusBuilder::new()
+                .idle_timeout(MetricKindMask::COUNTER | MetricKindMask::GAUGE, Some(idle))
+                .build_recorder();
+            let mut e = Exporter::default();
+            if with_expiry {
+                e.handle = Some(recorder.handle());
+            }
+            metrics::with_local_recorder(&recorder, || {
+                // The job comes and goes within the first ten exports; the daemon goes
+                // on with another for ten more, each past the idle timeout.
+                for k in 0..2 * EXPIRE_EVERY {
+                    e.export(&of(if k < 3 { "gone" } else { "stays" }));
+                    std::thread::sleep(idle + Duration::from_millis(5));
+                }
+            });
+            recorder.handle().render()
+        };
+        let kept = scrape_after(false);
+        assert!(kept.contains("job=\"gone\""), "{kept}");
+        let dropped = scrape_after(true);
+        assert!(!dropped.contains("job=\"gone\""), "{dropped}");
+        assert!(dropped.contains("job=\"stays\""), "{dropped}");
     }
 
     /// The batches each export adds to ring ("j", 0).

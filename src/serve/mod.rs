@@ -394,7 +394,8 @@ async fn serve_socket(
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     if let Some(addr) = &serve.metrics_addr {
-        exporter::install(addr)?;
+        let handle = exporter::install(addr)?;
+        d.exporter.lock().unwrap_or_else(|p| p.into_inner()).handle = Some(handle);
         info!(%addr, "metrics at http://{addr}/metrics");
     }
     let listener = connections::bind(&path, serve.socket_group.as_deref()).await?;
