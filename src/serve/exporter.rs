@@ -266,10 +266,11 @@ impl Exporter {
 impl Exporter {
     /// Drops the series set last more than [`METRICS_IDLE`] ago: the exporter drops them
     /// only while it renders /metrics, so a daemon nobody scraped (no Prometheus yet, or
-    /// one that is down) kept every departed job's series, about 15 KB a job: its
-    /// anonymous memory grew from 70 to 200 MB over 8,000 short jobs in 15 minutes
-    /// (docs/BENCHMARKS.md, "Series of departed jobs"). A render a series outlives
-    /// marks it; one more after it has idled that long drops it.
+    /// one that is down) kept every departed job's series: its anonymous memory grew
+    /// from a mean of 105 MB in the first 5 minutes to 188 MB in the last 5 of a
+    /// 15-minute churn of 8,244 short jobs (docs/BENCHMARKS.md, "Series of departed
+    /// jobs"). A render a series outlives marks it; one more after it has idled that
+    /// long drops it.
     fn expire(&self) {
         if let Some(h) = &self.handle {
             drop(h.render());

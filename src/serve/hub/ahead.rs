@@ -44,8 +44,8 @@ pub(super) fn thread_ahead(batch_rows: u32) -> u64 {
 /// [`thread_ahead`]'s steps would hold more. A batch's cursor blob grows with the
 /// domains (about 110 bytes each: 110 KB a step at 1000 domains) and with the journal of
 /// live changes (about 50 bytes a change), so 512 steps of them held 56 MB per job at
-/// 1000 domains, where the 512 steps of 16 rows of 4 domains take about 2.5 MB (docs/
-/// BENCHMARKS.md, "The plan thread's reach in bytes").
+/// 1000 domains, where the 512 steps of 16 rows of 4 domains take about 2.8 MB
+/// (docs/BENCHMARKS.md, "The plan thread's reach and the lag in bytes").
 pub(super) const AHEAD_BYTES: u64 = 4 << 20;
 
 /// The plan thread's reach for a job whose batches take `step_bytes` each (0: not

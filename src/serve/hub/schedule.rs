@@ -535,10 +535,9 @@ fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, 
 
 /// Steps a ring may trail its job's most advanced ring before it takes its job's turns
 /// ([`pick_ring`]): a quarter of what the job's window keeps for a laggard (`lag`,
-/// [`super::Job::lag`]), 512 at
-/// 16 rows a step. Ranks of a training job move together (each step ends in a
-/// collective), but free-running consumers drift apart like a random walk, and emptiest
-/// first does not pull them back: two consumers of 2 x 8 rows at 10^10 tokens drifted
+/// [`super::Job::lag`]), 512 at 16 rows a step. Ranks of a training job move together
+/// (each step ends in a collective), but free-running consumers drift apart like a
+/// random walk, and emptiest first does not pull them back: two consumers of 2 x 8 rows at 10^10 tokens drifted
 /// 1,000-1,300 steps apart within seconds, and once the plan thread planned 512 steps
 /// ahead one fell out of the job's window in 4 of 10 runs (at 8 x 2 rows, in every run)
 /// and planned every batch again on its own. A trailing ring whose trainer is slow is
