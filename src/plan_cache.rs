@@ -22,6 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::thread::ThreadId;
 
 use tracing::{info, warn};
 
@@ -48,6 +49,50 @@ pub const MAX_CHECKPOINTS: u64 = 1 << 16;
 /// job (8192 rows a step, a checkpoint every 8 steps) reached the file cap at 3.6 GB on
 /// every node.
 pub const MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
+
+/// The checkpoint files and directories each thread reads or writes now, innermost
+/// last. A seek blocked in one (a `cache_dir` on a network filesystem that stopped
+/// answering) is named by it in the stuck-work watchdog's warning, which otherwise says
+/// only that the seek goes on. Taken a few times per seek, never per step.
+static IN_PROGRESS: Mutex<Vec<(ThreadId, String)>> = Mutex::new(Vec::new());
+
+/// One entry of [`IN_PROGRESS`], removed when dropped.
+#[must_use = "the entry is removed when this value is dropped"]
+struct Noted(ThreadId);
+
+impl Noted {
+    /// Notes that this thread does `what` (for example "reading the plan checkpoint
+    /// /cache/..."), until the returned value is dropped.
+    fn new(what: String) -> Noted {
+        let me = std::thread::current().id();
+        lock_in_progress().push((me, what));
+        Noted(me)
+    }
+}
+
+impl Drop for Noted {
+    fn drop(&mut self) {
+        let mut all = lock_in_progress();
+        if let Some(i) = all.iter().rposition(|(t, _)| *t == self.0) {
+            all.remove(i);
+        }
+    }
+}
+
+fn lock_in_progress() -> std::sync::MutexGuard<'static, Vec<(ThreadId, String)>> {
+    IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What thread `thread` reads or writes of the plan checkpoints now, in words (its
+/// innermost such access), if anything: the stuck-work watchdog's name for a seek that
+/// hangs there.
+pub fn in_progress(thread: ThreadId) -> Option<String> {
+    let all = lock_in_progress();
+    all.iter()
+        .rev()
+        .find(|(t, _)| *t == thread)
+        .map(|(_, w)| w.clone())
+}
 
 /// Checkpoints of one plan kept in files (see the module comment).
 pub struct CheckpointDir {
@@ -102,6 +147,17 @@ impl CheckpointDir {
         &self.dir
     }
 
+    /// Notes in [`IN_PROGRESS`] that this thread is `doing` ("reading", "writing",
+    /// "listing") `path` of this store, until the returned value is dropped.
+    fn noted(&self, doing: &str, path: &Path) -> Noted {
+        let what = if path == self.dir {
+            "the plan checkpoint directory"
+        } else {
+            "the plan checkpoint"
+        };
+        Noted::new(format!("{doing} {what} {}", path.display()))
+    }
+
     fn path(&self, key: &CheckpointKey) -> PathBuf {
         self.dir.join(format!(
             "{:016x}-{:016x}-{:016x}{SUFFIX}",
@@ -111,6 +167,7 @@ impl CheckpointDir {
 
     /// Every checkpoint held, with its size in bytes.
     fn sizes(&self) -> Vec<(CheckpointKey, u64)> {
+        let _noted = self.noted("listing", &self.dir);
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -140,6 +197,7 @@ impl CheckpointDir {
     /// then be kept that sparse for good, and every seek would replay up to that many
     /// steps.
     fn thinned(&self) -> u64 {
+        let _noted = self.noted("listing", &self.dir);
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return 1;
         };
@@ -170,6 +228,7 @@ impl CheckpointDir {
     /// Doubles the stride until the checkpoints on it fill at most half of both caps,
     /// and removes the others; returns what is left.
     fn thin(&self, was: Held) -> Held {
+        let _noted = self.noted("thinning", &self.dir);
         let held = self.sizes();
         let on = |stride: u64| {
             let kept = held.iter().filter(|h| h.0.plan_step % stride == 0);
@@ -207,8 +266,9 @@ impl CheckpointDir {
     }
 
     fn write(&self, key: &CheckpointKey, blob: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
         let path = self.path(key);
+        let _noted = self.noted("writing", &path);
+        std::fs::create_dir_all(&self.dir)?;
         // Written aside and renamed, so a reader never sees half a blob (and one that
         // did would refuse it by its checksum). Unique per writer (the daemon seeks for
         // several clients at once), created new: never through a link planted there.
@@ -277,6 +337,7 @@ fn parse_name(name: &str) -> Option<CheckpointKey> {
 
 impl Checkpoints for CheckpointDir {
     fn list(&self) -> Vec<CheckpointKey> {
+        let _noted = self.noted("listing", &self.dir);
         // A missing or unreadable directory holds no checkpoints; the seek replays.
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -287,12 +348,18 @@ impl Checkpoints for CheckpointDir {
     }
 
     fn has(&self, key: &CheckpointKey) -> bool {
-        self.path(key).is_file()
+        let path = self.path(key);
+        let _noted = self.noted("looking for", &path);
+        path.is_file()
     }
 
     fn load(&self, key: &CheckpointKey) -> Option<Vec<u8>> {
         let path = self.path(key);
-        match read_blob(&path) {
+        let read = {
+            let _noted = self.noted("reading", &path);
+            read_blob(&path)
+        };
+        match read {
             Ok(blob) => Some(blob),
             // Removed since it was listed (another process dropped it): nothing to say.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -363,8 +430,48 @@ impl Checkpoints for CheckpointDir {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Runs `f` while this thread is noted as reading a checkpoint of a store under
+    /// `root`, as [`CheckpointDir::load`] is for as long as its read takes (a read that
+    /// hangs cannot be made here: the file must be regular, and is opened without
+    /// blocking); returns the file and what `f` returned.
+    pub(crate) fn noting_a_read<T>(root: &Path, f: impl FnOnce() -> T) -> (PathBuf, T) {
+        let d = CheckpointDir::capped(root.join("fp"), 8, 1 << 20);
+        let path = d.path(&key(64));
+        let _noted = d.noted("reading", &path);
+        (path, f())
+    }
+
+    /// A thread's innermost checkpoint access names it; another thread's does not, and
+    /// each goes when it ends.
+    #[test]
+    fn checkpoint_accesses_in_progress_are_noted_by_thread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = CheckpointDir::capped(tmp.path().join("fp"), 8, 1 << 20);
+        let me = std::thread::current().id();
+        assert_eq!(in_progress(me), None);
+        {
+            let _thin = d.noted("thinning", d.dir());
+            let want = format!(
+                "thinning the plan checkpoint directory {}",
+                d.dir().display()
+            );
+            assert_eq!(in_progress(me), Some(want.clone()));
+            let (path, inner) = noting_a_read(tmp.path(), || in_progress(me));
+            let read = format!("reading the plan checkpoint {}", path.display());
+            assert_eq!(inner, Some(read));
+            assert_eq!(in_progress(me), Some(want.clone()));
+            // Read by thread: the watchdog's thread sees this one's note and has none.
+            let other = std::thread::spawn(move || {
+                (in_progress(me), in_progress(std::thread::current().id()))
+            });
+            let (seen, own) = other.join().unwrap();
+            assert_eq!((seen.as_deref(), own), (Some(want.as_str()), None));
+        }
+        assert_eq!(in_progress(me), None);
+    }
 
     fn key(plan_step: u64) -> CheckpointKey {
         CheckpointKey {

@@ -138,6 +138,9 @@ struct InFlight {
     reading: Now,
     /// The index lookups of work other than a copy (the planner's, noted by the shard).
     index: Arc<IndexNote>,
+    /// The thread doing it: a seek's plan-checkpoint reads are noted by thread
+    /// ([`crate::plan_cache::in_progress`]).
+    thread: std::thread::ThreadId,
     /// When it was last warned about (None: never).
     warned: Mutex<Option<Instant>>,
 }
@@ -234,6 +237,7 @@ impl FillWatch {
         let fill = Arc::new(InFlight {
             doing,
             index: index.clone(),
+            thread: std::thread::current().id(),
             job: job.to_string(),
             dp_rank,
             step,
@@ -268,7 +272,7 @@ impl FillWatch {
             .map(|f| {
                 let reading = match f.doing {
                     Doing::Fill => describe(src, &f.reading.load()),
-                    doing => describe_other(src, doing, &f.index),
+                    doing => describe_other(src, doing, &f.index, f.thread),
                 };
                 let s = StuckFill {
                     job: f.job.clone(),
@@ -327,9 +331,15 @@ impl FillWatch {
 }
 
 /// What watched work other than a fill reads, in words: what it is, and the index file
-/// and bytes of the lookup it has in progress (its own thread's, else those of the
-/// planning pool's threads, where a seek replays its domains).
-fn describe_other(src: &Source, doing: Doing, note: &IndexNote) -> String {
+/// and bytes of the lookup it has in progress (its own thread's), else the plan
+/// checkpoint file its thread reads or writes, else the lookups of the planning pool's
+/// threads (where a seek replays its domains).
+fn describe_other(
+    src: &Source,
+    doing: Doing,
+    note: &IndexNote,
+    thread: std::thread::ThreadId,
+) -> String {
     let what = match doing {
         Doing::Locked(what) => format!("under the hub's lock, {what}"),
         Doing::Seek(what) => what.to_string(),
@@ -345,7 +355,10 @@ fn describe_other(src: &Source, doing: Doing, note: &IndexNote) -> String {
     };
     let reads: Vec<String> = match note.get() {
         Some(r) => vec![name(r)],
-        None => guard::pool_index_reads().into_iter().map(name).collect(),
+        None => match crate::plan_cache::in_progress(thread) {
+            Some(file) => return format!("{what}: {file}"),
+            None => guard::pool_index_reads().into_iter().map(name).collect(),
+        },
     };
     match reads.len() {
         0 => format!("{what}: no shard index lookup in progress"),
@@ -416,5 +429,52 @@ fn describe(src: &Source, r: &Reading) -> String {
                 }
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A seek is named by the plan checkpoint its own thread reads while no index
+    /// lookup is in progress (a `cache_dir` on a network filesystem that stopped
+    /// answering), not only as "seeking"; another thread's checkpoint read is not its,
+    /// and once the read ends the seek is named as before.
+    #[test]
+    fn a_seek_in_a_plan_checkpoint_read_is_named_by_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _, _) = crate::serve::fill::tests::shard_and_job(dir.path(), 7, (10, 9));
+        let watch = FillWatch::default();
+        let cache = crate::plan_cache::tests::noting_a_read(dir.path(), || {
+            let _watched =
+                watch.begin_as(Doing::Seek("seeking the client's start step"), "j", 1, 9);
+            // Another thread's read, noted while this seek runs: not this seek's.
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    crate::plan_cache::tests::noting_a_read(&dir.path().join("other"), || {
+                        let stuck = watch.stuck(&src, Duration::ZERO);
+                        assert_eq!(stuck.len(), 1, "{stuck:?}");
+                        stuck[0].reading.clone()
+                    })
+                })
+                .join()
+                .unwrap()
+            })
+        });
+        let (file, (_, reading)) = cache;
+        assert_eq!(
+            reading,
+            format!(
+                "seeking the client's start step: reading the plan checkpoint {}",
+                file.display()
+            )
+        );
+        // Outside the read: named as before.
+        let _watched = watch.begin_as(Doing::Seek("seeking"), "j", 1, 9);
+        let stuck = watch.stuck(&src, Duration::ZERO);
+        assert_eq!(
+            stuck[0].reading,
+            "seeking: no shard index lookup in progress"
+        );
     }
 }
