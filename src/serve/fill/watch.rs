@@ -469,12 +469,14 @@ mod tests {
                 file.display()
             )
         );
-        // Outside the read: named as before.
+        // Outside the read: named as before, by the planning pool's lookups (other
+        // tests may have some in progress) or by none.
         let _watched = watch.begin_as(Doing::Seek("seeking"), "j", 1, 9);
         let stuck = watch.stuck(&src, Duration::ZERO);
-        assert_eq!(
-            stuck[0].reading,
-            "seeking: no shard index lookup in progress"
+        let r = &stuck[0].reading;
+        assert!(
+            r.starts_with("seeking: ") && !r.contains("plan checkpoint"),
+            "{r}"
         );
     }
 }
