@@ -148,7 +148,8 @@ impl CheckpointDir {
     }
 
     /// Notes in [`IN_PROGRESS`] that this thread is `doing` ("reading", "writing",
-    /// "listing") `path` of this store, until the returned value is dropped.
+    /// "listing", "looking for", "thinning") `path` of this store, until the returned
+    /// value is dropped.
     fn noted(&self, doing: &str, path: &Path) -> Noted {
         let what = if path == self.dir {
             "the plan checkpoint directory"
