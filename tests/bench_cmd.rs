@@ -30,6 +30,7 @@ fn bench_reports_every_section() {
         ])
         .args(["--baseline-steps", "4", "--quiet"])
         .args(["--fairness-seconds", "1", "--fairness-ranks", "4"])
+        .args(["--ranks", "4"])
         .arg("--dir")
         .arg(&dir)
         .arg("--json")
@@ -69,6 +70,33 @@ fn bench_reports_every_section() {
     assert_eq!(per_rank.len(), 4, "{fair}");
     assert!(fair["max_steps"].as_u64().unwrap() > 0, "{fair}");
     assert!(table.contains("fairness: 4 free-running ranks"), "{table}");
+    // The ranks run: 4 consumers of 8 rows against 2, the same tokens each (6 steps
+    // against 12); the 2 consumers' are the streaming runs' tokens.
+    let ranks = &r["ranks"];
+    assert_eq!(
+        (&ranks["base"]["consumers"], &ranks["many"]["consumers"]),
+        (&Value::from(2), &Value::from(4)),
+        "{ranks}"
+    );
+    assert_eq!(ranks["base"]["steps"], 12);
+    assert_eq!(ranks["many"]["steps"], 6);
+    assert_eq!(ranks["base"]["tokens"], per_run);
+    assert_eq!(ranks["many"]["tokens"], per_run);
+    assert_eq!(ranks["base"]["digests"], r["runs"][0]["digests"]);
+    assert_eq!(ranks["many"]["digests"].as_array().unwrap().len(), 4);
+    let ratio = ranks["ratio"].as_f64().unwrap();
+    let cpu = |side: &str| ranks[side]["daemon_cpu_s_per_1e9_tokens"].as_f64().unwrap();
+    assert!(
+        (ratio - cpu("many") / cpu("base")).abs() < 1e-9 * ratio,
+        "{ranks}"
+    );
+    assert!(
+        table.contains("ranks: 4 consumers against 2, 8 rows each, 1 materializer threads"),
+        "{table}"
+    );
+    assert!(table.contains(&format!(
+        "daemon CPU per token, 4 consumers / 2: {ratio:.2}"
+    )));
     // The baseline runs where python3 has numpy, and says why not elsewhere.
     match r["baseline_skipped"].as_str() {
         Some(why) => assert!(why.contains("numpy") || why.contains("python"), "{why}"),

@@ -46,7 +46,9 @@ use machine::{
     cpu_model, data_files, drop_caches, evict, memcpy_gb_per_s, references, resident_fraction,
     shard_files, warm,
 };
-use report::{median_by, render, render_fairness, BenchReport, LatencyFigures};
+use report::{
+    median_by, render, render_fairness, BenchReport, LatencyFigures, RanksFigures, RunFigures,
+};
 use runner::{Ctx, Start};
 
 /// How long any one streaming child may run.
@@ -120,6 +122,14 @@ pub struct BenchArgs {
     /// Ranks (dp_size) of the fairness run.
     #[arg(long, default_value_t = 16)]
     pub fairness_ranks: u32,
+    /// Consumers of the ranks run (0 skips it): warm runs of this many consumers, each
+    /// with `--rows` rows as in the streaming runs, alternated with runs of
+    /// `--consumers`, one materializer thread count (the first of `--threads`),
+    /// `--repeat` pairs. Reports the daemon's CPU per token of the one against the other
+    /// from the same run: what one node of 8 GPUs costs against one of 2, the issue's
+    /// "8 consumers" figure (docs/BENCHMARKS.md, "8 consumers at the slot").
+    #[arg(long, default_value_t = 0)]
+    pub ranks: u32,
     /// Run only the fairness figure (no references, streaming, latency or baseline).
     #[arg(long)]
     pub fairness_only: bool,
@@ -145,6 +155,56 @@ pub struct BenchArgs {
     /// No progress display.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The ranks run (`--ranks n`): warm runs of `n` consumers and of `--consumers`, the
+/// same rows each and about the same tokens, alternated `--repeat` times with
+/// `threads` materializer threads; the medians of each and the ratio of their daemon
+/// CPU per token. Alternated, because a ratio of figures taken minutes apart on a
+/// shared machine is mostly the machine's drift.
+fn ranks_run(ctx: &Ctx<'_>, n: u32, steps: u64, threads: u32) -> Result<RanksFigures> {
+    let args = ctx.args;
+    let wide_args = BenchArgs {
+        consumers: n,
+        ..args.clone()
+    };
+    let wide = Ctx {
+        args: &wide_args,
+        dir: ctx.dir,
+        base_cfg: ctx.base_cfg.clone(),
+        exe: ctx.exe.clone(),
+        show: ctx.show,
+        refs: ctx.refs.clone(),
+        source_bytes_per_token: ctx.source_bytes_per_token,
+    };
+    // The same tokens as the streaming runs: a step of n consumers is wider.
+    let wide_steps = (steps * u64::from(args.consumers) / u64::from(n)).max(1);
+    let (mut base, mut many) = (Vec::new(), Vec::new());
+    for i in 0..args.repeat.max(1) {
+        for (c, st, out) in [(ctx, steps, &mut base), (&wide, wide_steps, &mut many)] {
+            let label = format!("ranks {} #{}", c.args.consumers, i + 1);
+            let x = c.stream(threads, st, &Start::Zero, None, &label)?;
+            out.push(c.figures("warm", threads, st, x));
+        }
+    }
+    // Each side's runs deliver the same tokens (the two sides' batches differ).
+    for side in [&base, &many] {
+        if side.windows(2).any(|w| w[0].digests != w[1].digests) {
+            bail!(
+                "ranks: runs of {} consumers delivered different tokens",
+                side[0].consumers
+            );
+        }
+    }
+    let cpu = |r: &RunFigures| r.daemon_cpu_s_per_1e9_tokens;
+    let (Some(base), Some(many)) = (median_by(base, cpu), median_by(many, cpu)) else {
+        bail!("ranks: no run");
+    };
+    Ok(RanksFigures {
+        ratio: cpu(&many) / cpu(&base).max(1e-12),
+        base,
+        many,
+    })
 }
 
 /// The corpus directory: `--dir`, else one per `--tokens` under $TMPDIR.
@@ -339,6 +399,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
+    let ranks = match args.ranks {
+        0 => None,
+        n => {
+            say(&format!(
+                "ranks: {n} consumers against {}, {} rows each, alternated",
+                args.consumers, args.rows
+            ));
+            Some(ranks_run(&ctx, n, steps, threads0)?)
+        }
+    };
+
     // Latency: fresh daemon per try; step 0, the saved cursor, a seek.
     say("latency: step 0, resume from the saved cursor blob, seek");
     let seek = args.seek_step.unwrap_or(steps);
@@ -442,6 +513,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         baseline,
         baseline_skipped,
         fairness: fairness_figures,
+        ranks,
         same_tokens,
         wall_s: wall.elapsed().as_secs_f64(),
     };

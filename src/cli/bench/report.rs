@@ -177,6 +177,19 @@ pub struct FairnessFigures {
     pub ratio: f64,
 }
 
+/// The ranks run (`--ranks`): the same rows per consumer, more consumers, alternated;
+/// the medians by daemon CPU per token of each side.
+#[derive(Debug, Clone, Serialize)]
+pub struct RanksFigures {
+    /// `--consumers` consumers.
+    pub base: RunFigures,
+    /// `--ranks` consumers.
+    pub many: RunFigures,
+    /// `many`'s daemon CPU per token over `base`'s (the issue asks at most 1.2 for 8
+    /// consumers against 2).
+    pub ratio: f64,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -217,6 +230,8 @@ pub struct BenchReport {
     pub baseline_skipped: Option<String>,
     /// The fairness run (absent with `--fairness-seconds 0`).
     pub fairness: Option<FairnessFigures>,
+    /// The ranks run (absent without `--ranks`).
+    pub ranks: Option<RanksFigures>,
     /// Whether every millrace run delivered the same tokens.
     pub same_tokens: bool,
     /// Wall seconds of the whole bench.
@@ -392,6 +407,40 @@ pub fn render(r: &BenchReport) -> String {
                 b.major_faults
             );
         }
+    }
+    if let Some(k) = &r.ranks {
+        let (b, m) = (&k.base, &k.many);
+        let _ = writeln!(
+            s,
+            "\nranks: {} consumers against {}, {} rows each, {} materializer threads, \
+             alternated (medians by daemon CPU):",
+            m.consumers, b.consumers, r.rows, b.materialize_threads
+        );
+        let _ = writeln!(
+            s,
+            "| consumers | steps | tokens/s | daemon CPU s per 1e9 tok | consumer CPU s per 1e9 | wake p50/p99 us | core round trip ns, before/after |"
+        );
+        let _ = writeln!(s, "|{}", " --- |".repeat(7));
+        for x in [b, m] {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3e} | {:.2} | {:.2} | {:.0}/{:.0} | {}/{} |",
+                x.consumers,
+                x.steps,
+                x.tokens_per_s,
+                x.daemon_cpu_s_per_1e9_tokens,
+                x.consumer_cpu_s_per_1e9_tokens,
+                x.wake_latency.p50_us,
+                x.wake_latency.p99_us,
+                rtt(x.core_round_trip_ns[0]),
+                rtt(x.core_round_trip_ns[1]),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "daemon CPU per token, {} consumers / {}: {:.2}",
+            m.consumers, b.consumers, k.ratio
+        );
     }
     if let Some(f) = &r.fairness {
         s.push('\n');
