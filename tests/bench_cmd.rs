@@ -30,7 +30,10 @@ fn bench_reports_every_section() {
         ])
         .args(["--baseline-steps", "4", "--quiet"])
         .args(["--fairness-seconds", "1", "--fairness-ranks", "4"])
-        .args(["--ranks", "4"])
+        .args(["--ranks", "4", "--versus", "2"])
+        // scripts/test's venv, with numpy: the baseline and the versus run then run too.
+        .arg("--python")
+        .arg(std::env::var_os("MILLRACE_TEST_PYTHON").unwrap_or_else(|| "python3".into()))
         .arg("--dir")
         .arg(&dir)
         .arg("--json")
@@ -98,9 +101,12 @@ fn bench_reports_every_section() {
     assert!(table.contains(&format!(
         "daemon CPU per token, 4 consumers / 2: {ratio:.2}"
     )));
-    // The baseline runs where python3 has numpy, and says why not elsewhere.
+    // The baseline runs where the interpreter has numpy, and says why not elsewhere.
     match r["baseline_skipped"].as_str() {
-        Some(why) => assert!(why.contains("numpy") || why.contains("python"), "{why}"),
+        Some(why) => {
+            assert!(why.contains("numpy") || why.contains("python"), "{why}");
+            assert!(r["versus"].is_null(), "a versus run without the baseline");
+        }
         None => {
             let modes: Vec<&str> = r["baseline"]
                 .as_array()
@@ -110,8 +116,48 @@ fn bench_reports_every_section() {
                 .collect();
             assert_eq!(modes, ["best", "best", "nanogpt"]);
             assert_eq!(r["baseline"][1]["tokens"], 4 * 2 * 8 * 4096u64);
+            versus_is_consistent(&r, &table, per_run);
         }
     }
+}
+
+/// The versus run (`--versus 2`): two pairs, each a millrace run of the streaming runs'
+/// tokens and a best-form run, with their ratio; the median of two is their mean.
+fn versus_is_consistent(r: &Value, table: &str, per_run: u64) {
+    let v = &r["versus"];
+    let pairs = v["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 2, "{v}");
+    let f = |x: &Value| x.as_f64().unwrap();
+    let mut ratios = Vec::new();
+    for p in pairs {
+        assert_eq!(p["millrace"]["digests"], r["runs"][0]["digests"], "{p}");
+        assert_eq!(p["millrace"]["tokens"], per_run, "{p}");
+        assert_eq!(p["baseline"]["mode"], "best", "{p}");
+        assert_eq!(p["baseline"]["tokens"], 4 * 2 * 8 * 4096u64, "{p}");
+        let want = f(&p["millrace"]["tokens_per_s"]) / f(&p["baseline"]["tokens_per_s"]);
+        assert!((f(&p["ratio"]) - want).abs() <= 1e-9 * want, "{p}");
+        ratios.push(f(&p["ratio"]));
+    }
+    let (lo, hi) = (ratios[0].min(ratios[1]), ratios[0].max(ratios[1]));
+    let median = (lo + hi) / 2.0;
+    assert!(
+        (f(&v["median_ratio"]) - median).abs() <= 1e-9 * median,
+        "{v}"
+    );
+    assert_eq!((f(&v["min_ratio"]), f(&v["max_ratio"])), (lo, hi), "{v}");
+    let at_2x = ratios.iter().filter(|&&x| x >= 2.0).count();
+    assert_eq!(v["pairs_at_2x"], at_2x, "{v}");
+    assert_eq!(v["materialize_threads"], 1, "{v}");
+    assert!(
+        table.contains("versus: 2 alternated pairs, millrace (1 materializer threads)"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "millrace / best form: median {median:.2} ({lo:.2}-{hi:.2}); {at_2x} of 2 pairs"
+        )),
+        "{table}"
+    );
 }
 
 /// Counts of 0 that a later stage of the bench would trip on are refused at once, naming

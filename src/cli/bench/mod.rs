@@ -44,10 +44,11 @@ use baseline::{python_problem, run_baseline};
 use fairness::fairness;
 use machine::{
     cpu_model, data_files, drop_caches, evict, memcpy_gb_per_s, references, resident_fraction,
-    shard_files, warm,
+    shard_files, warm, DataFile,
 };
 use report::{
     median_by, render, render_fairness, BenchReport, LatencyFigures, RanksFigures, RunFigures,
+    VersusFigures, VersusPair,
 };
 use runner::{Ctx, Start};
 
@@ -130,6 +131,14 @@ pub struct BenchArgs {
     /// "8 consumers" figure (docs/BENCHMARKS.md, "8 consumers at the issue's slot").
     #[arg(long, default_value_t = 0)]
     pub ranks: u32,
+    /// Pairs of the versus run (0 skips it; needs the baseline): a millrace warm run at
+    /// the thread count whose median led the warm runs, then the nanoGPT best form
+    /// warm, back to back, this many times. Reports each pair's ratio of tokens/s and
+    /// their median: the issue's warm "2x the best form" as a figure of one moment,
+    /// where the warm runs and the baseline's otherwise run minutes apart
+    /// (docs/BENCHMARKS.md, "The 2x over the nanoGPT best form").
+    #[arg(long, default_value_t = 0)]
+    pub versus: u32,
     /// Run only the fairness figure (no references, streaming, latency or baseline).
     #[arg(long)]
     pub fairness_only: bool,
@@ -205,6 +214,36 @@ fn ranks_run(ctx: &Ctx<'_>, n: u32, steps: u64, threads: u32) -> Result<RanksFig
         base,
         many,
     })
+}
+
+/// The versus run (`--versus n`): `n` pairs of a millrace warm run with `threads`
+/// materializer threads and the nanoGPT best form's warm run of `bsteps` steps, each
+/// pair back to back, and each pair's ratio of tokens/s. Alternated, as the ranks run
+/// is, so that each ratio compares the two loaders in the same minute.
+fn versus_run(
+    ctx: &Ctx<'_>,
+    files: &[DataFile],
+    n: u32,
+    (steps, bsteps): (u64, u64),
+    threads: u32,
+) -> Result<VersusFigures> {
+    let mut pairs = Vec::new();
+    for i in 0..n {
+        let label = format!("versus #{}: millrace", i + 1);
+        let x = ctx.stream(threads, steps, &Start::Zero, None, &label)?;
+        let millrace = ctx.figures("warm", threads, steps, x);
+        let mut baseline = run_baseline(ctx.args, files, "best", "warm", bsteps, ctx.show)?;
+        baseline.ratio_to_millrace = baseline.tokens_per_s / millrace.tokens_per_s.max(1e-12);
+        pairs.push(VersusPair::of(millrace, baseline));
+    }
+    Ok(VersusFigures::of(threads, pairs))
+}
+
+/// The materializer thread count of the warm run that delivered the most tokens/s.
+fn fastest_threads(runs: &[RunFigures]) -> Option<u32> {
+    runs.iter()
+        .max_by(|a, b| a.tokens_per_s.total_cmp(&b.tokens_per_s))
+        .map(|r| r.materialize_threads)
 }
 
 /// The corpus directory: `--dir`, else one per `--tokens` under $TMPDIR.
@@ -484,6 +523,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         baseline.push(b);
     }
 
+    let versus = match (args.versus, &baseline_skipped) {
+        (0, _) | (_, Some(_)) => None,
+        (n, None) => {
+            let threads = fastest_threads(&runs).unwrap_or(threads0);
+            say(&format!(
+                "versus: {n} alternated pairs, millrace at {threads} materializer threads \
+                 against the nanoGPT best form"
+            ));
+            let bsteps = args.baseline_steps.unwrap_or(steps);
+            let v = versus_run(&ctx, &files, n, (steps, bsteps), threads)?;
+            for p in &v.pairs {
+                check(&p.millrace.digests);
+            }
+            Some(v)
+        }
+    };
+
     let fairness_figures = if args.fairness_seconds > 0.0 {
         say(&format!(
             "fairness: {} free-running ranks for {} s",
@@ -514,6 +570,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         baseline_skipped,
         fairness: fairness_figures,
         ranks,
+        versus,
         same_tokens,
         wall_s: wall.elapsed().as_secs_f64(),
     };

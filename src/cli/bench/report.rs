@@ -190,6 +190,64 @@ pub struct RanksFigures {
     pub ratio: f64,
 }
 
+/// One pair of the versus run: a millrace warm run and the nanoGPT best form's, back to
+/// back.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersusPair {
+    /// The millrace run.
+    pub millrace: RunFigures,
+    /// The best form's run right after it.
+    pub baseline: BaselineFigures,
+    /// millrace's tokens/s over the best form's.
+    pub ratio: f64,
+}
+
+impl VersusPair {
+    /// The pair of these two runs, with its ratio.
+    pub fn of(millrace: RunFigures, baseline: BaselineFigures) -> VersusPair {
+        let ratio = millrace.tokens_per_s / baseline.tokens_per_s.max(1e-12);
+        VersusPair {
+            millrace,
+            baseline,
+            ratio,
+        }
+    }
+}
+
+/// The versus run (`--versus`): millrace warm against the nanoGPT best form warm,
+/// alternated, and the spread of their ratios.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersusFigures {
+    /// `[serve] materialize_threads` of the millrace side.
+    pub materialize_threads: u32,
+    /// The pairs, in the order they ran.
+    pub pairs: Vec<VersusPair>,
+    /// The median of the pairs' ratios (the mean of the middle two for an even count).
+    pub median_ratio: f64,
+    /// The lowest pair ratio.
+    pub min_ratio: f64,
+    /// The highest pair ratio.
+    pub max_ratio: f64,
+    /// Pairs whose ratio is 2 or more (the issue's warm target).
+    pub pairs_at_2x: usize,
+}
+
+impl VersusFigures {
+    /// The figures of these pairs, run with `threads` materializer threads.
+    pub fn of(threads: u32, pairs: Vec<VersusPair>) -> VersusFigures {
+        let mut r: Vec<f64> = pairs.iter().map(|p| p.ratio).collect();
+        r.sort_by(f64::total_cmp);
+        VersusFigures {
+            materialize_threads: threads,
+            median_ratio: median_of(&r),
+            min_ratio: r.first().copied().unwrap_or(0.0),
+            max_ratio: r.last().copied().unwrap_or(0.0),
+            pairs_at_2x: r.iter().filter(|&&x| x >= 2.0).count(),
+            pairs,
+        }
+    }
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -232,6 +290,8 @@ pub struct BenchReport {
     pub fairness: Option<FairnessFigures>,
     /// The ranks run (absent without `--ranks`).
     pub ranks: Option<RanksFigures>,
+    /// The versus run (absent without `--versus` or without the baseline).
+    pub versus: Option<VersusFigures>,
     /// Whether every millrace run delivered the same tokens.
     pub same_tokens: bool,
     /// Wall seconds of the whole bench.
@@ -243,6 +303,18 @@ pub(super) fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> Opt
     v.sort_by(|a, b| key(a).total_cmp(&key(b)));
     let n = v.len();
     (n > 0).then(|| v.swap_remove(n / 2))
+}
+
+/// The median of sorted values, the mean of the middle two for an even count (0 for
+/// none): the versus run's pairs are few, and an even count's upper middle would
+/// report its better half.
+pub(super) fn median_of(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// "min-max" of the repetitions, "-" for one.
@@ -442,10 +514,55 @@ pub fn render(r: &BenchReport) -> String {
             m.consumers, b.consumers, k.ratio
         );
     }
+    if let Some(v) = &r.versus {
+        s.push_str(&render_versus(v));
+    }
     if let Some(f) = &r.fairness {
         s.push('\n');
         s.push_str(&render_fairness(f));
     }
+    s
+}
+
+/// The versus run's table: each pair, then the median and spread of their ratios.
+fn render_versus(v: &VersusFigures) -> String {
+    use std::fmt::Write as _;
+    let mut s = format!(
+        "\nversus: {} alternated pairs, millrace ({} materializer threads) against the \
+         nanoGPT best form, warm:\n",
+        v.pairs.len(),
+        v.materialize_threads
+    );
+    s.push_str(
+        "| pair | millrace tokens/s | daemon CPU s per 1e9 tok | consumer CPU s per 1e9 | \
+         best form tokens/s | best form CPU s per 1e9 tok | millrace / best form |\n",
+    );
+    s.push('|');
+    s.push_str(&" --- |".repeat(7));
+    s.push('\n');
+    for (i, p) in v.pairs.iter().enumerate() {
+        let (m, b) = (&p.millrace, &p.baseline);
+        let _ = writeln!(
+            s,
+            "| {} | {:.3e} | {:.2} | {:.2} | {:.3e} | {:.2} | {:.2} |",
+            i + 1,
+            m.tokens_per_s,
+            m.daemon_cpu_s_per_1e9_tokens,
+            m.consumer_cpu_s_per_1e9_tokens,
+            b.tokens_per_s,
+            b.cpu_s_per_1e9_tokens,
+            p.ratio
+        );
+    }
+    let _ = writeln!(
+        s,
+        "millrace / best form: median {:.2} ({:.2}-{:.2}); {} of {} pairs at 2x or more",
+        v.median_ratio,
+        v.min_ratio,
+        v.max_ratio,
+        v.pairs_at_2x,
+        v.pairs.len()
+    );
     s
 }
 
@@ -479,6 +596,9 @@ mod tests {
         let m = median_by(vec![3.0, 1.0, 2.0], |x| *x);
         assert_eq!(m, Some(2.0));
         assert_eq!(median_by(Vec::<f64>::new(), |x| *x), None);
+        assert_eq!(median_of(&[1.0, 2.0, 4.0]), 2.0);
+        assert_eq!(median_of(&[1.0, 2.0, 4.0, 8.0]), 3.0);
+        assert_eq!(median_of(&[]), 0.0);
         assert_eq!(range(&[1.0]), "-");
         assert_eq!(range(&[2e8, 1e8]), "1.00e8-2.00e8");
     }
