@@ -530,6 +530,20 @@ def test_chaos_keeps_serving_the_clients_that_behave(tmp_path, short_dir, millra
                 # "Limits of live changes"), so the second jobs finish first.
                 for w in chaos.sides:
                     w.wait(60)
+                # The daemon keeps its journal in memory, and a restarted one learns it
+                # from the blobs its clients bring: only a blob of a step past a change's
+                # applied step is sure to carry it (docs/OPERATIONS.md, "Changes,
+                # checkpoints and restarts"). Killed before rank 0 read one, the daemon
+                # comes back without the change, which an operator then re-issues (seed
+                # 206: a set-stage applied at step 28, the daemon killed 30 ms later,
+                # and the new one served step 28 at the old shape, as documented). The
+                # reference holds every accepted change, so the kill waits for the
+                # blobs to carry them.
+                if chaos.changes:
+                    carried = min(max(a for a, _ in chaos.changes) + 2, STEPS)
+                    wait_until(lambda: min(count_flat(w.out) for w in rank0) >= carried,
+                               120, f"rank 0 to read step {carried - 1}, past the last "
+                               "accepted change, before the daemon restart")
                 daemon.kill()
                 write_corpus(d, SEED)  # the operator restores a truncated shard first
                 daemon.start()
