@@ -88,6 +88,20 @@ impl Joiner<'_> {
         planner: Option<Planner>,
     ) -> Result<Joined, Refusal> {
         let hello = self.hello;
+        // A ring stopped by a shard's fault or a bad token stays stopped until its last
+        // peer has left. A peer that joins meanwhile (one restarted while its twin's
+        // connection is still being torn down) is told that, not that its name or step
+        // does not fit the dead ring: it was refused `duplicate` or `peer_position`,
+        // which sent its operator to the checkpoints instead of the shard.
+        if let Some(f) = entry.failure().filter(|f| f.code == Code::Materialize) {
+            return Err(Refusal::new(
+                Code::Materialize,
+                format!(
+                    "job {:?} dp_rank {}'s ring has stopped: {}",
+                    hello.job, hello.dp_rank, f.message
+                ),
+            ));
+        }
         if entry.peers.values().any(|p| p.replica == hello.replica) {
             return Err(Refusal::new(
                 Code::Duplicate,

@@ -281,6 +281,42 @@ fn a_live_change_hung_in_an_index_read_is_named_and_status_still_answers() {
     assert!(!hub.status().hub_busy);
 }
 
+/// A ring that a shard's fault stopped refuses every peer that joins before its last
+/// peer has left, naming the fault. A TP peer restarted while its twin's connection was
+/// still being torn down was refused `duplicate` (its own name, still joined) or
+/// `peer_position` (step 0 against the dead ring's), which named neither the shard nor
+/// the fault (the chaos test met it under load at seed 225).
+#[test]
+fn a_peer_joining_a_ring_a_fault_stopped_is_told_the_fault() {
+    use crate::serve::hub::{Failure, NotAdmitted};
+    use crate::wire::protocol::Code;
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, mut hello) = one_shard_hub(dir.path());
+    (hello.replica, hello.replicas) = ("tp0".into(), 2);
+    let no = std::sync::atomic::AtomicBool::new(false);
+    assert!(hub.admit(&hello, (None, None, None), &no, None).is_ok());
+    let why = "s.bin: read at byte 4096 faulted (SIGBUS)";
+    Hub::find(&mut hub.lock(), "j", 0)
+        .unwrap()
+        .fail(Failure::new(Code::Materialize, why));
+    for (replica, who) in [("tp0", "the same name"), ("tp1", "its twin")] {
+        let mut late = hello.clone();
+        late.replica = replica.into();
+        match hub.admit(&late, (None, None, None), &no, None) {
+            Err(NotAdmitted::Refused(r)) => {
+                assert_eq!(r.code, Code::Materialize, "{who}: {}", r.message);
+                assert_eq!(
+                    r.message,
+                    format!("job \"j\" dp_rank 0's ring has stopped: {why}"),
+                    "{who}"
+                );
+            }
+            Err(NotAdmitted::Wait) => panic!("{who}: told to wait"),
+            Ok(_) => panic!("{who}: admitted to a stopped ring"),
+        }
+    }
+}
+
 /// What the watchdog finds stuck once an entry reading `what...` appears (30 s at
 /// most, or until `ended`).
 fn stuck_reading(
