@@ -416,6 +416,73 @@ fn control_uids_let_only_the_listed_uids_change_the_plan() {
     );
 }
 
+/// A cursor blob's live changes change the plan of every job, and a blob proves nothing
+/// about who made them (a uid could run a daemon of its own, change it there and take a
+/// blob). So a uid that `control_uids` keeps from changing the plan cannot bring changes
+/// in a HELLO either: it is refused `access`, naming the change, and nothing moves. Once
+/// an allowed uid applies the same change, the same blob agrees and is admitted.
+#[test]
+fn a_cursor_blob_brings_no_live_change_past_control_uids() {
+    let Some((f, group, nobody)) =
+        as_second_uid("a_cursor_blob_brings_no_live_change_past_control_uids")
+    else {
+        return;
+    };
+    let change = ["set-weights", "web=0.7", "--at-step", "4"];
+    let blob = f.dir().join("blob.hex");
+    let blob_arg = blob.to_str().unwrap();
+
+    // 1. A daemon any uid may change: a change from step 4, then a blob of step 7.
+    f.configure(&format!("socket_group = {group:?}\n"));
+    let s = f.serve();
+    let o = millrace_as(&f, None, &ctl_args(&f, &change));
+    assert!(o.status.success(), "set-weights: {}", stderr(&o));
+    let o = millrace_as(
+        &f,
+        None,
+        &[&consume_args(&f)[..8], &["8", "--save-cursor", blob_arg]].concat(),
+    );
+    assert!(o.status.success(), "consume: {}", stderr(&o));
+    drop(s);
+
+    // 2. A fresh daemon with control_uids: uid 65534's blob is refused and changes nothing.
+    f.configure(&format!(
+        "socket_group = {group:?}\ncontrol_uids = [4242]\n"
+    ));
+    let _s = f.serve();
+    let resume = [&consume_args(&f)[..], &["--cursor-file", blob_arg]].concat();
+    let o = millrace_as(&f, nobody, &resume);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "resumed as uid 65534: {}", stdout(&o));
+    for part in [
+        "access",
+        "1 live change(s) this daemon lacks (the first: weights from trainer step 4)",
+        &format!("uid {NOBODY} may read status"),
+        "control_uids [4242]",
+        "millrace ctl",
+    ] {
+        assert!(err.contains(part), "the refusal says {part:?}: {err}");
+    }
+    let v = ctl::request(&f.socket, &ctl::status_request(), TIMEOUT).unwrap();
+    assert_eq!(v["status"]["reloads"], serde_json::json!(0), "{v}");
+    let o = millrace_as(&f, None, &ctl_args(&f, &["journal"]));
+    assert!(
+        !stdout(&o).contains("web"),
+        "the journal is still empty: {}",
+        stdout(&o)
+    );
+
+    // 3. The daemon's uid applies the same change: the same blob now resumes.
+    let o = millrace_as(&f, None, &ctl_args(&f, &change));
+    assert!(o.status.success(), "set-weights: {}", stderr(&o));
+    let o = millrace_as(&f, nobody, &resume);
+    assert!(
+        o.status.success(),
+        "resumed as uid 65534 once the change is in force: {}",
+        stderr(&o)
+    );
+}
+
 /// `millrace ctl set-weights ... --at-step 100` as `who` succeeded and was applied there.
 fn assert_applied(o: &Output, who: &str) {
     assert!(o.status.success(), "set-weights as {who}: {}", stderr(o));

@@ -290,37 +290,50 @@ async fn read_frame(
     }
 }
 
+/// Why [`admit_watching`] cancelled an admission.
+enum Cut {
+    /// The client hung up (or its socket failed).
+    Left,
+    /// It sent this many bytes before its WELCOME, more than a frame may hold.
+    TooLong(usize),
+    /// Its bytes took those of all connections before admission past their cap.
+    Full(limits::PendingFull),
+}
+
 /// Awaits the admission `task` while watching the client: when it hangs up (or sends
 /// more than a frame's worth before its WELCOME, or more than the share of connections
 /// before admission allows: `held` bytes of HELLO and `buf`), `cancel` is set, so a seek
-/// for a client that is gone stops at its next chunk. Bytes it sends meanwhile stay in
-/// `buf`.
+/// for a client that is gone stops at its next chunk, and the second value says why.
+/// Bytes it sends meanwhile stay in `buf`.
 async fn admit_watching<T>(
     stream: &mut UnixStream,
     buf: &mut Vec<u8>,
     (share, cap, held): (&mut limits::PendingShare<'_>, usize, usize),
     task: impl std::future::Future<Output = Result<T, tokio::task::JoinError>>,
     cancel: &std::sync::atomic::AtomicBool,
-) -> Result<T, tokio::task::JoinError> {
+) -> (Result<T, tokio::task::JoinError>, Option<Cut>) {
     tokio::pin!(task);
-    let mut watching = true;
+    let mut cut = None;
     loop {
         tokio::select! {
-            r = &mut task => return r,
-            ready = stream.readable(), if watching => {
+            r = &mut task => return (r, cut),
+            ready = stream.readable(), if cut.is_none() => {
                 let mut chunk = [0u8; 4096];
-                let gone = match ready.and_then(|()| stream.try_read(&mut chunk)) {
-                    Ok(0) => true,
+                cut = match ready.and_then(|()| stream.try_read(&mut chunk)) {
+                    Ok(0) => Some(Cut::Left),
                     Ok(n) => {
                         buf.extend_from_slice(&chunk[..n]);
-                        buf.len() > frame::MAX_FRAME + frame::HEADER
-                            || share.set(held + buf.capacity(), cap).is_err()
+                        if buf.len() > frame::MAX_FRAME + frame::HEADER {
+                            Some(Cut::TooLong(buf.len()))
+                        } else {
+                            share.set(held + buf.capacity(), cap).err().map(Cut::Full)
+                        }
                     }
-                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                    Err(_) => Some(Cut::Left),
                 };
-                if gone {
+                if cut.is_some() {
                     cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-                    watching = false;
                 }
             }
         }
@@ -507,6 +520,8 @@ async fn connection(
     let task = {
         let (hub, hello, cancel) = (hub.clone(), hello.clone(), cancel.clone());
         let (slots, seeks, flights) = (d.admissions.clone(), d.seeks.clone(), d.flights.clone());
+        // A blob's live changes change the plan: only a uid that may change it brings them.
+        let no_control = d.policy.may_change(uid).err();
         async move {
             let left = || {
                 Ok(Err(crate::wire::Refusal::new(
@@ -566,14 +581,15 @@ async fn connection(
                 }
                 let (hub, hello, cancel, held) =
                     (hub.clone(), hello.clone(), cancel.clone(), ticket.clone());
+                let peer = hub::PeerCred {
+                    pid,
+                    uid,
+                    share: uid_share,
+                    no_control: no_control.clone(),
+                };
                 let r = tokio::task::spawn_blocking(move || {
                     let _slot = slot;
-                    hub.admit(
-                        &hello,
-                        (pid, uid, uid_share),
-                        &cancel,
-                        held.as_deref().map(|t| (t, may_run)),
-                    )
+                    hub.admit(&hello, peer, &cancel, held.as_deref().map(|t| (t, may_run)))
                 })
                 .await;
                 match r {
@@ -585,7 +601,7 @@ async fn connection(
             }
         }
     };
-    let admitted = admit_watching(
+    let (admitted, cut) = admit_watching(
         &mut stream,
         &mut buf,
         (&mut share, cap, held),
@@ -598,7 +614,24 @@ async fn connection(
         if let Ok(Ok(a)) = &admitted {
             hub.leave(&hello.job, hello.dp_rank, a.peer);
         }
-        info!(pid = %PeerPid(pid), job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
+        // A client that broke a rule while it waited is told which, as it would be
+        // after its WELCOME; one that left is only logged.
+        match cut {
+            Some(Cut::TooLong(n)) => {
+                let m = format!(
+                    "{n} bytes sent before WELCOME, more than one frame holds ({} bytes); \
+                     a client sends nothing until its WELCOME",
+                    frame::MAX_FRAME + frame::HEADER
+                );
+                d.warn_peer(pid, format_args!("protocol error during admission: {m}; its admission and any seek were cancelled"));
+                say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
+                read_away(&stream);
+            }
+            Some(Cut::Full(e)) => refuse_full(&d, &mut stream, pid, e).await,
+            Some(Cut::Left) | None => {
+                info!(pid = %PeerPid(pid), job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
+            }
+        }
         return;
     }
     let adm = match admitted {

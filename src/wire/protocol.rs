@@ -557,7 +557,7 @@ impl Hello {
         decode_hex(hex).map(Some).ok_or_else(|| {
             Refusal::new(
                 Code::Cursor,
-                "HELLO field `cursor` is not an even-length hex string",
+                format!("HELLO field `cursor` {}", hex_fault(hex)),
             )
         })
     }
@@ -583,6 +583,18 @@ pub fn to_hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+/// Why `s` is not hex, for a refusal that names the byte: its first non-hex byte and
+/// offset, else its odd length.
+pub fn hex_fault(s: &str) -> String {
+    match s.bytes().position(|b| !b.is_ascii_hexdigit()) {
+        Some(at) => format!(
+            "has byte 0x{:02x} at offset {at}: not a hex digit",
+            s.as_bytes()[at]
+        ),
+        None => format!("has {} hex digits: an odd count", s.len()),
+    }
 }
 
 /// Bytes of a hex string; `None` for odd length or a non-hex digit.
@@ -690,6 +702,30 @@ mod tests {
         );
         assert_eq!(Reason::decode(br#"{"code":"x"}"#).unwrap().message, "");
         assert!(Reason::decode(b"[1]").is_err());
+    }
+
+    /// A bad `cursor` names its first non-hex byte and offset, or its odd length: it
+    /// used to say "not an even-length hex string" for both, which misled at even length.
+    #[test]
+    fn a_bad_cursor_names_the_byte() {
+        let with = |c: &str| {
+            let h = Hello::parse(
+                format!(r#"{{"protocol":2,"job":"j","dp_rank":0,"dp_size":1,"cursor":"{c}"}}"#)
+                    .as_bytes(),
+            )
+            .unwrap();
+            h.cursor_bytes()
+        };
+        assert_eq!(with("00ff").unwrap(), Some(vec![0, 255]));
+        for (c, says) in [
+            ("00112g33", "has byte 0x67 at offset 5: not a hex digit"),
+            ("00\\u00e90", "has byte 0xc3 at offset 2: not a hex digit"),
+            ("00f", "has 3 hex digits: an odd count"),
+        ] {
+            let e = with(c).unwrap_err();
+            assert_eq!(e.code, Code::Cursor, "{e:?}");
+            assert_eq!(e.message, format!("HELLO field `cursor` {says}"));
+        }
     }
 
     #[test]

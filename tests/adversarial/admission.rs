@@ -175,6 +175,40 @@ fn far_start_steps_are_refused_and_abandoned_seeks_cancelled() {
     );
 }
 
+/// A client that sends more than a frame while its seek runs broke the protocol: it used
+/// to be closed without a word and logged as a client that left. It now gets ERROR
+/// `protocol` naming the bytes and the limit, as it would after its WELCOME, its seek is
+/// cancelled, and the log says why; other clients stream on.
+#[test]
+fn bytes_past_a_frame_during_admission_get_a_protocol_error() {
+    use std::io::Read;
+    let mut f = fixture("");
+    let mut good = connect(&f, &hello("good")).expect("good consumer joins");
+    stream(&mut good, 2);
+    let mut s = raw_seeker(&f, "eager", MAX_STEP);
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = s.write_all(&vec![0u8; 70_000]);
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    let (k, v) = crate::connections::first_frame(&back).expect("an ERROR frame");
+    assert_eq!(k, kind::ERROR, "{v}");
+    assert_eq!(v["code"], "protocol", "{v}");
+    let m = v["message"].as_str().unwrap_or_default();
+    assert!(
+        m.contains("bytes sent before WELCOME") && m.contains("65540"),
+        "{m}"
+    );
+    wait_until("the log to say why", Duration::from_secs(20), || {
+        f.daemon
+            .log_text()
+            .contains("protocol error during admission")
+    });
+    assert!(!f.daemon.log_text().contains("left during admission"));
+    stream(&mut good, 4);
+    assert!(f.daemon.alive());
+}
+
 /// Every HELLO's admission (a blob restore or a seek) used to take a blocking thread of
 /// its own at once: 24 clients asking for far steps and staying connected held 24
 /// threads seeking, each with a seek's memory, and a large job's start sends every

@@ -534,7 +534,7 @@ fn unread(c: &UnixStream) -> i32 {
 }
 
 /// (type, JSON payload) of the first frame in `b`.
-fn first_frame(b: &[u8]) -> Option<(u8, serde_json::Value)> {
+pub(crate) fn first_frame(b: &[u8]) -> Option<(u8, serde_json::Value)> {
     let (kind, payload, _) =
         millrace::wire::frame::split(b, millrace::wire::MAX_JSON_FRAME).ok()??;
     Some((kind, serde_json::from_slice(payload).ok()?))

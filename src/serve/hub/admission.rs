@@ -21,9 +21,20 @@ use crate::serve::limits::UidShare;
 use crate::serve::ring::{Layout, Ring};
 use crate::wire::protocol::{Code, Hello, Refusal, SlotLayout, StageSpec, Welcome};
 
-/// A client as admission sees it: its pid and uid (SO_PEERCRED), and the share of the
-/// daemon's caps its uid is held to, if any.
-pub type PeerCred = (Option<i32>, Option<u32>, Option<UidShare>);
+/// A client as admission sees it: who it is (SO_PEERCRED) and what its uid may do.
+#[derive(Debug, Clone, Default)]
+pub struct PeerCred {
+    /// Its pid, for the logs.
+    pub pid: Option<i32>,
+    /// Its uid: a job belongs to the uid of its first client.
+    pub uid: Option<u32>,
+    /// The share of the daemon's caps its uid is held to, if any.
+    pub share: Option<UidShare>,
+    /// Why its uid may not change the plan (`[serve] control_uids`), if it may not. The
+    /// live changes a cursor blob brings in change the plan every job reads, and a blob
+    /// proves nothing about who made them, so such a client's blob may not bring any.
+    pub no_control: Option<crate::serve::access::Denied>,
+}
 
 impl Hub {
     /// Admits a client (its pid and uid from SO_PEERCRED, and the share of the caps its
@@ -54,7 +65,7 @@ impl Hub {
         let guard = crate::corpus::guard::enter();
         let _ = crate::corpus::guard::take_fault();
         let mark = crate::corpus::guard::zeroed_pages();
-        let r = self.admit_unguarded(hello, peer, cancel, seek);
+        let r = self.admit_unguarded(hello, &peer, cancel, seek);
         let fault = self.planning_fault(mark);
         drop(guard);
         match fault {
@@ -72,7 +83,7 @@ impl Hub {
     fn admit_unguarded(
         &self,
         hello: &Hello,
-        peer: PeerCred,
+        peer: &PeerCred,
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Admission, NotAdmitted> {
@@ -95,10 +106,11 @@ impl Hub {
     fn try_admit(
         &self,
         hello: &Hello,
-        (pid, uid, share): PeerCred,
+        peer: &PeerCred,
         cancel: &AtomicBool,
         seek: Option<(&SeekTicket, bool)>,
     ) -> Result<Option<Admission>, NotAdmitted> {
+        let (pid, uid, share) = (peer.pid, peer.uid, peer.share);
         let seen = self.plan();
         let mut shape = Shape::check(&seen, hello)?;
         let blob = hello.cursor_bytes()?;
@@ -146,6 +158,9 @@ impl Hub {
         // An adopted journal takes the room a live change's would, its stages' carry
         // records included (`Plan::resume` counts only its encoding).
         if let Some(r) = resumed.as_ref().filter(|r| r.adopted) {
+            if let Some(denied) = &peer.no_control {
+                return Err(refuse_uncontrolled(&seen, &r.plan, denied).into());
+            }
             let journal = r.plan.journal();
             if super::journal_room(&r.plan, journal) > self.journal_cap {
                 let e = crate::plan::CursorError::JournalTooLarge {
@@ -793,6 +808,39 @@ fn stale_failure(hello: &Hello, dp_rank: u32, at: u64, from: u64) -> super::Fail
              stream continues with it; a trainer that already trained on step {from} or \
              later must resume from a checkpoint before it",
             hello.job, hello.dp_rank
+        ),
+    )
+}
+
+/// The refusal of a cursor blob whose live changes this daemon lacks, from a client whose
+/// uid may not change the plan: adopting them would change it for every job, which
+/// `[serve] control_uids` reserves to its uids (a blob's checksum is no signature). It
+/// names the first change so that an operator can apply it with `millrace ctl`; the
+/// same blob then agrees with the daemon's journal and is admitted.
+fn refuse_uncontrolled(
+    seen: &Plan,
+    theirs: &Plan,
+    denied: &crate::serve::access::Denied,
+) -> Refusal {
+    let kept = journal::common_prefix(seen.journal(), theirs.journal());
+    let extra = theirs.journal().len().saturating_sub(kept);
+    let first = theirs.journal().get(kept).map_or(String::new(), |c| {
+        let what = if c.stage.is_some() {
+            "a stage"
+        } else {
+            "weights"
+        };
+        format!(
+            " (the first: {what} from trainer step {})",
+            theirs.trainer_step_of(c.at)
+        )
+    });
+    Refusal::new(
+        Code::Access,
+        format!(
+            "this client's cursor blob carries {extra} live change(s) this daemon lacks{first}, \
+             and adopting them would change the plan of every job: {denied}. Apply them \
+             with `millrace ctl` as a uid that may, then connect again"
         ),
     )
 }

@@ -44,6 +44,7 @@ use crate::wire::status::{JobPlanCounts, RingStatus};
 use jobplan::{JobPlan, Own, Planned};
 use keeper::Keeper;
 
+pub use admission::PeerCred;
 pub use live::{Applied, ChangeError, ChangeRequest, Late, Proposal};
 pub use peers::ReleaseError;
 pub use phase::Failure;

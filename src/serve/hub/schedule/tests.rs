@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::serve::hub::phase::tests::{entry, peer, plan};
-use crate::serve::hub::Job;
+use crate::serve::hub::{Job, PeerCred};
 
 const SLOTS: u32 = 4;
 
@@ -144,7 +144,7 @@ fn a_seek_hung_in_an_index_read_is_named() {
     let no = AtomicBool::new(false);
     let (stuck, admitted) = std::thread::scope(|s| {
         let admit = s.spawn(|| {
-            let r = hub.admit(&hello, (None, None, None), &no, Some((&ticket, true)));
+            let r = hub.admit(&hello, PeerCred::default(), &no, Some((&ticket, true)));
             r.map(|a| a.welcome.start_step)
                 .map_err(|e| format!("{e:?}"))
         });
@@ -230,7 +230,7 @@ fn a_live_change_hung_in_an_index_read_is_named_and_status_still_answers() {
     let (hub, mut hello) = one_shard_hub(dir.path());
     hello.stages = true;
     let no = std::sync::atomic::AtomicBool::new(false);
-    let admitted = hub.admit(&hello, (None, None, None), &no, None);
+    let admitted = hub.admit(&hello, PeerCred::default(), &no, None);
     assert!(admitted.is_ok(), "{:?}", admitted.err());
     let Some(held) = HeldPage::hold(&hub.source, 0, 0) else {
         return;
@@ -294,7 +294,7 @@ fn a_peer_joining_a_ring_a_fault_stopped_is_told_the_fault() {
     let (hub, mut hello) = one_shard_hub(dir.path());
     (hello.replica, hello.replicas) = ("tp0".into(), 2);
     let no = std::sync::atomic::AtomicBool::new(false);
-    assert!(hub.admit(&hello, (None, None, None), &no, None).is_ok());
+    assert!(hub.admit(&hello, PeerCred::default(), &no, None).is_ok());
     let why = "s.bin: read at byte 4096 faulted (SIGBUS)";
     Hub::find(&mut hub.lock(), "j", 0)
         .unwrap()
@@ -302,7 +302,7 @@ fn a_peer_joining_a_ring_a_fault_stopped_is_told_the_fault() {
     for (replica, who) in [("tp0", "the same name"), ("tp1", "its twin")] {
         let mut late = hello.clone();
         late.replica = replica.into();
-        match hub.admit(&late, (None, None, None), &no, None) {
+        match hub.admit(&late, PeerCred::default(), &no, None) {
             Err(NotAdmitted::Refused(r)) => {
                 assert_eq!(r.code, Code::Materialize, "{who}: {}", r.message);
                 assert_eq!(
@@ -355,7 +355,7 @@ fn the_one_named(
 fn admitted_hub(dir: &std::path::Path) -> Hub {
     let (hub, hello) = one_shard_hub(dir);
     let no = std::sync::atomic::AtomicBool::new(false);
-    let admitted = hub.admit(&hello, (None, None, None), &no, None);
+    let admitted = hub.admit(&hello, PeerCred::default(), &no, None);
     assert!(admitted.is_ok(), "{:?}", admitted.err());
     hub
 }
