@@ -695,6 +695,12 @@ class _Conn:
         self.welcome = welcome
         self.gone = False
         self.gone_reason = ""
+        # A RELEASE that found the daemon gone marks the connection gone, but the steps
+        # published before it stay this client's to read from the mapping (as `_wait`
+        # leaves them after a socket event), and a daemon ERROR read there is raised once
+        # they are read (`gone_error`).
+        self.gone_readable = False
+        self.gone_error = None
         self.released = 0  # last release published (page) or sent (frame)
         self.done = 0  # every step below this is retired (sent or not yet)
         self.page = None  # the release page's words (numpy u64), if the daemon passed one
@@ -993,7 +999,15 @@ class Client:
 
     def __getstate__(self):
         # A client not yet connected travels to a spawned worker (or a deepcopy) as
-        # before; the thread guard is per object, made anew.
+        # before; the thread guard is per object, made anew. A connected one holds a
+        # socket and a mapping of its process: said plainly, not as pickle's "cannot
+        # pickle 'socket' object" (reading `welcome` or `domains` connects).
+        if self._conn is not None:
+            raise MillraceError(
+                "a connected millrace.Client cannot be pickled or copied: its socket and "
+                "ring belong to this process. Pass an unconnected one (not yet iterated, "
+                "and without reading welcome, domains or fingerprint first), or make "
+                "the client in the worker")
         d = dict(self.__dict__)
         d.pop("_busy", None)
         return d
@@ -1367,6 +1381,16 @@ class Client:
             conn = self._conn
             try:
                 if conn.gone:
+                    # A RELEASE found the daemon gone: first the steps it published
+                    # before (a TP peer that sent no frame at this step reads them too,
+                    # so every peer reconnects at the ring's published step, as the new
+                    # ring needs), then its ERROR, if it sent one, then the reconnect.
+                    if conn.gone_readable and conn.mm is not None \
+                            and conn.published() > self._next_step:
+                        return self._take(conn)
+                    err, conn.gone_error = conn.gone_error, None
+                    if err is not None:
+                        raise err
                     raise _Gone(conn.gone_reason or "the connection failed earlier")
                 self._wait(conn, self._next_step, deadline)
                 return self._take(conn)
@@ -1558,6 +1582,12 @@ class Client:
         except _Gone as e:
             conn.gone = True
             conn.gone_reason = str(e)
+            # The steps published before the daemon went are still this client's to
+            # read (docs/PROTOCOL.md, ERROR): `_next_batch` hands them out first. A
+            # reconnect at once made a TP peer whose batching sent a frame here rejoin
+            # at its own next step while its twins, which sent none, read on: the new
+            # ring waited for them and they for it in the step's collective.
+            conn.gone_readable = True
             # The daemon may have closed after an ERROR this client has not read yet
             # (while it trained): that frame, not the broken pipe, says why. Read it, or
             # a daemon's error would pass for a restart and be reconnected to.
@@ -1566,7 +1596,7 @@ class Client:
                 code, message = _reason(pending[1])
                 conn.gone_reason = f"{code}: {message}"
                 if code != "shutdown" and not self._stale_ring_resumes(conn, code):
-                    raise DaemonError(code, message) from None
+                    conn.gone_error = DaemonError(code, message)
 
     def release_all(self):
         """Releases every batch handed out (their views become stale)."""

@@ -7,6 +7,7 @@ tampered with only in a private copy of its bytes.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import gc
 import linecache
@@ -353,6 +354,66 @@ def test_a_daemon_error_met_by_a_release_frame_is_raised_not_reconnected(daemons
     c.close()
 
 
+def test_tp_peers_with_release_frames_rejoin_together_after_a_daemon_crash(daemons,
+                                                                           tmp_path):
+    """Two TP peers of one dp rank read with RELEASE frames, and one of them sent a frame
+    at another step than its twin (a release_all at step 1). After a SIGKILL and a
+    restart of the daemon, the next frame of one met the dead socket and it reconnected
+    at once, at its own next step, while its twin read on from the old mapping: the new
+    ring waited for the twin, and the twin for it in the step's collective (a barrier
+    here; NCCL's watchdog in a run). A peer whose RELEASE finds the daemon gone now reads
+    the steps published before it first, so both rejoin at the ring's published step."""
+    config = write_corpus(tmp_path / "tp", ring_slots=8)
+    d = daemons(config).start()
+    collective = threading.Barrier(2)
+    both_at_10 = threading.Barrier(3)
+    restarted = threading.Event()
+    out, clients = {}, {}
+
+    def peer(name):
+        c = clients[name] = mr.Client(d.sock, 0, 2, job="tp", replica=name, replicas=2,
+                                      release_page=False, reconnect_timeout=60,
+                                      register_cuda=False)
+        steps = []
+        try:
+            for i in range(20):
+                steps.append(c.next_batch(timeout=30).step)
+                if name == "b" and i == 1:
+                    c.release_all()
+                if i == 10:
+                    both_at_10.wait(60)
+                    restarted.wait(60)
+                collective.wait(30)
+            out[name] = (steps, c.reconnects, None)
+        except Exception as e:  # noqa: BLE001 - reported below
+            out[name] = (steps, c.reconnects, e)
+            collective.abort()
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=peer, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    both_at_10.wait(60)
+    # Steps past the next published: a peer whose frame falls due at step 11 finds the
+    # daemon gone while its twin, whose frame does not, can read step 11 from the ring.
+    wait_until(lambda: all(c._conn.published() > 12 for c in clients.values()), 30,
+               "the ring to publish steps 11 and 12")
+    d.kill()
+    if os.path.exists(d.sock):
+        os.unlink(d.sock)
+    d.start()
+    restarted.set()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    for name in "ab":
+        steps, reconnects, err = out[name]
+        assert err is None, f"peer {name}: {err!r} after steps {steps}\n{d.log_tail()}"
+        assert steps == list(range(20)), f"peer {name}: {steps}"
+        assert reconnects == 1, f"peer {name}"
+
+
 def test_a_stale_ring_that_handed_out_no_step_of_the_change_reconnects_with_it(
         daemons, millrace, tmp_path):
     """Two ranks of one job resumed from blobs on either side of a live change's arrival,
@@ -521,6 +582,12 @@ def test_a_second_thread_inside_next_batch_is_refused(daemons, tmp_path):
     # A client not yet connected still pickles (to a spawned worker), guard and all.
     fresh = pickle.loads(pickle.dumps(mr.Client(d.sock, 1, 4, register_cuda=False)))
     assert fresh.next_batch(timeout=60).step == 0
+    # A connected one (reading `domains` connects) is refused plainly, not as pickle's
+    # "cannot pickle 'socket' object".
+    for dump in (pickle.dumps, copy.deepcopy):
+        with pytest.raises(mr.MillraceError, match="a connected millrace.Client cannot be"):
+            dump(fresh)
+    assert fresh.next_batch(timeout=60).step == 1
     fresh.close()
 
 
