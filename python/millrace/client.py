@@ -1595,6 +1595,11 @@ class Client:
             if pending is not None and pending[0] == ERROR:
                 code, message = _reason(pending[1])
                 conn.gone_reason = f"{code}: {message}"
+                if code == "protocol":
+                    # This client was put off a ring that goes on for its peers: its
+                    # slots may be refilled under it, so nothing more is read.
+                    conn.gone_readable = False
+                    raise DaemonError(code, message) from None
                 if code != "shutdown" and not self._stale_ring_resumes(conn, code):
                     conn.gone_error = DaemonError(code, message)
 
