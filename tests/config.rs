@@ -360,6 +360,78 @@ fn plan_mistakes_name_the_field() {
     );
 }
 
+/// An entry with `ramp = false` is stored as two points (a copy of the previous weights
+/// one step before it), and errors and warnings counted those: with three entries an
+/// error named `plan.schedule[3]`, and a warning named `plan.schedule[1].weights (step
+/// 299)`, a point nobody wrote. Now they name the entry as written, and only those.
+#[test]
+fn ramp_false_entries_are_named_as_written() {
+    let base = r#"
+        [corpus]
+        [[corpus.domain]]
+        name = "web"
+        shards = ["web"]
+        [[corpus.domain]]
+        name = "code"
+        shards = ["code"]
+        [plan]
+        seq_len = 64
+        global_batch_rows = 8
+        [[plan.schedule]]
+        step = 0
+        weights = { web = 1, code = 0 }
+        [[plan.schedule]]
+        step = 300
+        ramp = false
+        weights = { web = 1, code = 1 }
+    "#;
+    let cases = [
+        (
+            "step = 200\nweights = { web = 1, code = 1 }",
+            "plan.schedule[2].step: steps must increase: 200 follows 300",
+        ),
+        (
+            "step = 400\nweights = { web = 1, code = -1 }",
+            "plan.schedule[2].weights.code",
+        ),
+        (
+            "step = 400\nramp = false\nweights = { web = 1, cod = 1 }",
+            "plan.schedule[2].weights.cod",
+        ),
+    ];
+    for (third, want) in cases {
+        let text = format!("{base}\n[[plan.schedule]]\n{third}");
+        let e = parse(&text).unwrap().plan_config().unwrap_err().to_string();
+        assert!(e.contains(want), "{third:?}: {e}");
+        assert!(!e.contains("plan.schedule[3]"), "{third:?}: {e}");
+    }
+    // Warnings: one per written entry that leaves a domain out, none for the held copies.
+    let text = format!(
+        "{}\n[[plan.schedule]]\nstep = 400\nramp = false\nweights = {{ web = 1 }}\n\
+         [[plan.schedule]]\nstep = 500\nweights = {{ web = 2 }}",
+        base.replace("web = 1, code = 0", "web = 1")
+    );
+    let cfg = parse(&text).unwrap().plan_config().unwrap();
+    let warned: Vec<String> = cfg
+        .unweighted_warnings(&["web", "code"])
+        .iter()
+        .map(|w| {
+            w.split(" does not name")
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            "plan.schedule[0].weights (step 0)",
+            "plan.schedule[2].weights (step 400)",
+            "plan.schedule[3].weights (step 500)",
+        ],
+    );
+}
+
 /// Issue 14, item 11: a TOML parse error put its cause on a continuation line under a
 /// drawing of the source line, so a one-line log entry had no cause. Now it is one line
 /// with the file, the position and the cause, for syntax and type errors alike.
@@ -706,6 +778,57 @@ fn a_ring_budget_that_holds_no_ring_is_refused() {
         "{err}"
     );
     assert!(shared(least * 4 / 3 + 1).status.success());
+}
+
+/// `check-config` sized the smallest ring without `[serve] stage_reserve_tokens`, which
+/// the daemon sizes every slot for, and judged only a `ring_memory_bytes` that was set:
+/// a reserve of 2^24 tokens under a 100 MB budget, or of 2^32 under the default budget,
+/// passed, and the daemon refused every trainer `memory`. Refused now, naming the
+/// reserve, the budget and the most reserve that fits.
+#[test]
+fn a_stage_reserve_the_ring_budget_cannot_hold_is_refused() {
+    let c = common::corpus(200_000, 2, 3, 1_000_000);
+    let check = |lines: &[&str]| {
+        let config = common::write_config(&c.dir, "reserve.toml", 16, 4, lines);
+        let out = check_config(&config);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let budget = "ring_memory_bytes = 100000000";
+    let (ok, err) = check(&[budget, "stage_reserve_tokens = 16777216"]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains(
+            "reserve.toml: [serve] stage_reserve_tokens: 16777216 tokens per dp rank per step"
+        ) && err.contains("[serve] ring_memory_bytes: 100000000 bytes hold no ring"),
+        "{err}"
+    );
+    // The most it names fits, and one more does not.
+    let fits: u64 = err
+        .split("at most ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no reserve that fits in {err:?}"));
+    assert!(fits > 1 << 20 && fits < 1 << 24, "{err}");
+    let (ok, err) = check(&[budget, &format!("stage_reserve_tokens = {fits}")]);
+    assert!(ok, "{err}");
+    let (ok, err) = check(&[budget, &format!("stage_reserve_tokens = {}", fits + 1)]);
+    assert!(!ok && err.contains("stage_reserve_tokens"), "{err}");
+    // Without ring_memory_bytes the daemon's default budget is judged: no machine holds
+    // 1024 slots of 2^32 tokens.
+    let (ok, err) = check(&["ring_slots = 1024", "stage_reserve_tokens = 4294967296"]);
+    assert!(!ok, "{err}");
+    let default = millrace::serve::budget::default_ring_budget();
+    assert!(
+        err.contains("[serve] stage_reserve_tokens: 4294967296 tokens")
+            && err.contains(&format!(
+                "[serve] ring_memory_bytes is not set: its default, {default} bytes"
+            )),
+        "{err}"
+    );
 }
 
 /// `check-config` passed socket paths that `serve` then failed to bind: one ending in '/'

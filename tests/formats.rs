@@ -937,6 +937,70 @@ fn error_groups_two_dimensional() {
     );
 }
 
+/// Writes `path` as a version 1.0 `.npy` file whose header text is `dict` (padded as
+/// numpy pads it) followed by `data`.
+fn write_npy_header(path: &Path, dict: &str, data: &[u8]) {
+    let mut header = dict.to_string();
+    header.push_str(&" ".repeat((64 - (10 + dict.len() + 1) % 64) % 64));
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Regression: npyz multiplies a header's dimensions while it parses it, which
+/// overflowed (a panic, exit 101 from `inspect` and `check-config`) for a shape like
+/// (2^32, 2^32). The pre-scan that refuses such a shape first only knew `'shape'`
+/// followed by `(`; npyz takes the key in double quotes or with escapes, and a list.
+/// The pre-scan now reads the header with npyz's own parser (py_literal).
+#[test]
+fn a_groups_sidecar_shape_of_two_huge_dimensions_is_refused_however_it_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.groups.npy");
+    let huge = "4294967296, 4294967296";
+    for dict in [
+        format!(r#"{{"descr": "<u8", "fortran_order": False, "shape": ({huge}), }}"#),
+        format!("{{'descr': '<u8', 'fortran_order': False, 'shape': [{huge}], }}"),
+        format!(r#"{{"descr": "<u8", "fortran_order": False, "shape": [{huge},]}}"#),
+        format!(r"{{'descr': '<u8', 'fortran_order': False, '\x73hape': ({huge})}}"),
+        format!(r"{{'descr': '<u8', 'fortran_order': False, 'sh\u0061pe': ({huge})}}"),
+        format!(r"{{'descr': '<u8', 'fortran_order': False, '\163hape': ({huge})}}"),
+        format!(r"{{'shape' : [ {huge} ] , 'fortran_order': False, 'descr': '<u8'}}"),
+        // npyz keeps the last of two `shape` keys.
+        format!("{{'descr': '<u8', 'fortran_order': False, 'shape': (4,), \"shape\": ({huge})}}"),
+    ] {
+        write_npy_header(&path, &dict, &[0; 32]);
+        let e = expect_err(Groups::open(&path, 4), &dict);
+        assert_invalid(
+            &e,
+            &path,
+            &["groups sidecar has shape [4294967296, 4294967296]; expected one dimension"],
+        );
+    }
+    // No dimension at all.
+    let dict = "{'descr': '<u8', 'fortran_order': False, 'shape': []}";
+    write_npy_header(&path, dict, &[0; 32]);
+    let e = expect_err(Groups::open(&path, 4), dict);
+    assert_invalid(&e, &path, &["groups sidecar has shape [];"]);
+    // A number expression is no Python literal: npyz refuses it (nothing multiplied).
+    let dict = "{'descr': '<u8', 'fortran_order': False, 'shape': (4294967295 + 1, 2**32)}";
+    write_npy_header(&path, dict, &[0; 32]);
+    let e = expect_err(Groups::open(&path, 4), dict);
+    assert_invalid(&e, &path, &["groups sidecar is not a valid .npy file"]);
+    // One dimension, written in any of those ways, is read.
+    for dict in [
+        r#"{"descr": "<u8", "fortran_order": False, "shape": [4], }"#,
+        r"{'descr': '<u8', 'fortran_order': False, '\x73hape': (4,)}",
+        "{'shape': [4,], 'descr': '<u8', 'fortran_order': False}",
+    ] {
+        write_npy_header(&path, dict, &[0; 32]);
+        let g = Groups::open(&path, 4).unwrap_or_else(|e| panic!("{dict}: {e}"));
+        assert_eq!(g.len(), 1, "{dict}");
+    }
+}
+
 #[test]
 fn error_groups_truncated_data() {
     let dir = tempfile::tempdir().unwrap();
@@ -1791,6 +1855,50 @@ fn resolve_glob() {
         "{what}"
     );
     assert!(msg.contains(&none), "{msg}");
+}
+
+/// A real path holding `[`, `?` or `*` (a run directory `run[1]`) was always read as a
+/// glob, which matched nothing (`run[1]` matches `run1`): `inspect 'br/run[1]/web-00000'`
+/// failed with "the glob matches no megatron shard". A path that exists as written is
+/// that path; a glob that matches nothing and holds `[` says how to escape it.
+#[test]
+fn resolve_a_real_path_with_glob_characters_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run[1]");
+    std::fs::create_dir_all(&run).unwrap();
+    write_docs(&run, "web-00000", U16, &[vec![vec![1, 2]]]);
+    let raw = dir.path().join("tokens?*.u16");
+    write_u16(&raw, &[1, 0, 2, 0]);
+    let web = run.join("web-00000");
+    for arg in [
+        web.clone(),
+        with(&web, "idx"),
+        with(&web, "bin"),
+        run.clone(),
+    ] {
+        let got = resolve(&arg, Format::Megatron).unwrap_or_else(|e| panic!("{arg:?}: {e}"));
+        assert_eq!(got, vec![web.clone()], "{}", arg.display());
+    }
+    assert_eq!(resolve(&raw, Format::Raw).unwrap(), vec![raw.clone()]);
+    Shard::open(&web, None).unwrap();
+    // As a glob, `[` needs escaping; unescaped, the error says so.
+    let escaped = format!("{}/run[[]1]/*", dir.path().display());
+    assert_eq!(
+        resolve(Path::new(&escaped), Format::Megatron).unwrap(),
+        vec![web.clone()]
+    );
+    let missing = dir.path().join("run[2]").join("web-00000");
+    let (path, what, _) = not_found(resolve(&missing, Format::Megatron));
+    assert_eq!(path, missing);
+    assert!(
+        what.contains("the glob matches no megatron shard; `[` is a glob character")
+            && what.contains("write it as `[[]`"),
+        "{what}"
+    );
+    // A glob without `[` gets no such note.
+    let none = format!("{}/zz*", dir.path().display());
+    let (_, what, _) = not_found(resolve(Path::new(&none), Format::Megatron));
+    assert!(!what.contains("[[]"), "{what}");
 }
 
 #[test]

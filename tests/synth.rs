@@ -400,3 +400,97 @@ fn sparse_documents_mix_with_written_ones_and_read_as_zeros() {
     assert_eq!(doc(2), [4, 2]);
     assert_eq!(doc(3), [0; 4]);
 }
+
+/// `millrace synth --out tiny --tokens 1` exited 0 with a millrace.toml that
+/// `check-config` refused (`domain web: tiny/web: the directory holds no megatron
+/// shard`): a domain whose share rounded to no token got no shard but a config entry.
+/// Such a total is refused, naming `--tokens` and the least that gives every domain a
+/// document; at that least (and above it) the corpus passes `check-config`.
+#[test]
+fn tokens_too_few_for_every_domain_are_refused_naming_the_least() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = out.to_str().unwrap();
+    let refused = run(&["synth", "--out", o, "--tokens", "1"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--tokens 1 leaves domain web no token")
+            && stderr.contains("at least 5 tokens give every domain a document"),
+        "{stderr}"
+    );
+    assert!(!out.join("millrace.toml").exists(), "a config was written");
+    millrace_ok(&["synth", "--out", o, "--tokens", "5"]);
+    let config = out.join("millrace.toml");
+    millrace_ok(&["check-config", "--config", config.to_str().unwrap()]);
+    // For other domain counts too: the least named is the first total that works, and
+    // every total from there on works.
+    for domains in [1, 2, 3, 5, 12] {
+        let mut o = opts(&dir.path().join(format!("d{domains}")), 1, 1);
+        o.domains = domains;
+        let least = match synth::synth(&o) {
+            Ok(_) => 1,
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("--tokens 1 leaves domain"), "{e}");
+                let least = e
+                    .split("at least ")
+                    .nth(1)
+                    .and_then(|s| s.split(' ').next());
+                least
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("{e}"))
+            }
+        };
+        o.tokens = least - 1;
+        assert!(least == 1 || synth::synth(&o).is_err(), "{domains} domains");
+        for tokens in least..least + 40 {
+            o.tokens = tokens;
+            let s = synth::synth(&o).unwrap_or_else(|e| panic!("{domains} domains: {e}"));
+            assert!(s.domains.iter().all(|d| d.documents > 0), "{tokens}");
+        }
+        let config = Config::load(&o.out.join("millrace.toml")).unwrap();
+        config.open_corpus().unwrap();
+    }
+}
+
+/// `inspect` cut the total row's label to the shard column's width, so shards named in
+/// under 16 characters printed `…ards)` for `total (1 shards)`. The column now fits the
+/// label, and every row keeps its columns aligned.
+#[test]
+fn inspect_prints_the_whole_total_label_beside_short_shard_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), 20_000, 1);
+    o.domains = 1;
+    synth::synth(&o).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .current_dir(dir.path())
+        .args(["inspect", "web/web-00000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().take(3).collect();
+    assert!(lines[1].starts_with("web/web-00000 "), "{stdout}");
+    assert!(lines[2].starts_with("total (1 shards) "), "{stdout}");
+    assert!(!stdout.contains('…'), "{stdout}");
+    let dtype_at: Vec<Option<usize>> = lines
+        .iter()
+        .zip(["dtype", "uint16", "uint16"])
+        .map(|(l, word)| l.find(&format!(" {word}")))
+        .collect();
+    assert!(
+        dtype_at.iter().all(|&a| a.is_some() && a == dtype_at[0]),
+        "columns not aligned: {stdout}"
+    );
+}

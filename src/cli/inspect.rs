@@ -512,13 +512,17 @@ pub fn dump_documents(shards: &[Shard], range: Range<u64>) -> Result<Vec<DocDump
 /// The human-readable report: a table of shards, a total line and a length histogram.
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
+    let t = &report.total;
+    let label = format!("total ({} shards)", t.shards);
+    // Shard paths past 60 characters are shortened; the total's label never is.
     let name_w = report
         .shards
         .iter()
         .map(|s| s.path.chars().count())
         .max()
         .unwrap_or(5)
-        .clamp(5, 60);
+        .clamp(5, 60)
+        .max(label.chars().count());
     let _ = writeln!(
         out,
         "{:<name_w$}  {:<7} {:>12} {:>16} {:>9} {:>8} {:>8} {:>9} {:>9}",
@@ -563,14 +567,12 @@ pub fn render(report: &Report) -> String {
             &s.lengths,
         );
     }
-    let t = &report.total;
     let dtypes: std::collections::BTreeSet<&str> = report.shards.iter().map(|s| s.dtype).collect();
     let dtype = if dtypes.len() == 1 {
         dtypes.iter().next().copied().unwrap_or("-")
     } else {
         "mixed"
     };
-    let label = format!("total ({} shards)", t.shards);
     row(
         &mut out,
         &label,

@@ -284,15 +284,66 @@ fn consume_socket(args: &ConsumeArgs) -> anyhow::Result<PathBuf> {
     Ok(crate::config::serve::default_socket())
 }
 
+/// Why `dp_size` ranks of `micro_batches` micro-batches each cannot split the steps of
+/// `plan`'s stages, in the terms of `consume`'s flags, when they cannot: the check the
+/// daemon makes at HELLO (`Plan::dp_size_problem`, then each rank's rows into equal
+/// micro-batches), made before connecting. `micro_batches` is judged only when
+/// `micro_batch_rows` is derived from the config (`derive`); a given one the daemon
+/// judges by its own name.
+fn split_problem(
+    plan: &crate::config::plan::PlanConfig,
+    dp_size: u32,
+    micro_batches: u32,
+    derive: bool,
+) -> Option<String> {
+    let stages = std::iter::once((0, plan.global_batch_rows))
+        .chain(plan.stage.iter().map(|s| (s.step, s.global_batch_rows)));
+    for (step, rows) in stages {
+        let which = match step {
+            0 => format!("global_batch_rows {rows}"),
+            step => format!("global_batch_rows {rows} of the stage at plan step {step}"),
+        };
+        if dp_size == 0 || rows % dp_size != 0 {
+            return Some(format!("--dp-size {dp_size} does not divide {which}"));
+        }
+        let per_rank = rows / dp_size;
+        if derive && per_rank % micro_batches.max(1) != 0 {
+            let how = if micro_batches > per_rank {
+                "is more than"
+            } else {
+                "does not divide"
+            };
+            return Some(format!(
+                "--micro-batches {micro_batches} {how} the {per_rank} rows per dp rank \
+                 ({which} / --dp-size {dp_size})"
+            ));
+        }
+    }
+    None
+}
+
 /// Streams `args.steps` steps as one trainer rank and summarizes them.
 pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
-    let micro_batch_rows = match (args.micro_batch_rows, &args.config) {
-        (Some(m), _) => Some(m),
-        (None, Some(cfg)) => {
+    if args.micro_batches == 0 {
+        anyhow::bail!("--micro-batches 0: a step needs at least one micro-batch");
+    }
+    // With the run's config, a --dp-size or --micro-batches that cannot split its steps
+    // is refused here, in the flags' terms: the daemon's refusal names HELLO fields
+    // (`micro_batch_rows`) that the user did not set.
+    let plan = match &args.config {
+        Some(cfg) => {
             let plan = crate::config::Config::load(cfg)?.plan_config()?;
-            let per_rank = plan.global_batch_rows / args.dp_size.max(1);
-            Some(per_rank / args.micro_batches.max(1))
+            let derive = args.micro_batch_rows.is_none();
+            if let Some(why) = split_problem(&plan, args.dp_size, args.micro_batches, derive) {
+                anyhow::bail!("{why} (--config {}): the daemon refuses it", cfg.display());
+            }
+            Some(plan)
         }
+        None => None,
+    };
+    let micro_batch_rows = match (args.micro_batch_rows, &plan) {
+        (Some(m), _) => Some(m),
+        (None, Some(plan)) => Some(plan.global_batch_rows / args.dp_size / args.micro_batches),
         (None, None) => None,
     };
     let mut hello = Hello::whole_slice(args.dp_rank, args.dp_size);
@@ -546,5 +597,105 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&new).unwrap(), "07\n");
         let files = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(files, 3, "no temporary file left");
+    }
+
+    /// `consume --config C --dp-size 16` against a daemon of `global_batch_rows = 8` sent
+    /// a HELLO of micro_batch_rows 0 (8 / 16, truncated) and was refused about
+    /// `replicas`, `micro_batches` and `micro_batch_rows`, none of which the user set.
+    /// Now a --dp-size or --micro-batches the config's stages cannot split is refused
+    /// before connecting (nothing reaches the listening socket), naming the flag.
+    #[test]
+    fn flags_that_cannot_split_the_configs_steps_are_refused_before_connecting() {
+        use clap::Parser as _;
+        /// `consume`'s flags as its command line parses them.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ConsumeArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("c");
+        crate::synth::synth(&crate::synth::SynthOptions {
+            out: corpus.clone(),
+            tokens: 100_000,
+            domains: 2,
+            vocab: 50304,
+            dtype: crate::corpus::DType::Uint16,
+            seed: 1,
+            shard_tokens: 1_000_000,
+            threads: 1,
+            progress: false,
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(corpus.join("millrace.toml")).unwrap();
+        let mut doc: toml::Table = toml::from_str(&text).unwrap();
+        let plan = doc.get_mut("plan").and_then(|p| p.as_table_mut()).unwrap();
+        plan.insert("seq_len".into(), 64.into());
+        plan.insert("global_batch_rows".into(), 8.into());
+        let stage: toml::Table =
+            toml::from_str("step = 10\nseq_len = 128\nglobal_batch_rows = 12").unwrap();
+        plan.insert("stage".into(), vec![toml::Value::Table(stage)].into());
+        let config = corpus.join("d.toml");
+        std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+        let socket = dir.path().join("d.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let cases: [(&[&str], &str); 5] = [
+            (
+                &["--dp-size", "16"],
+                "--dp-size 16 does not divide global_batch_rows 8",
+            ),
+            (
+                &["--dp-size", "4", "--micro-batches", "3"],
+                "--micro-batches 3 is more than the 2 rows per dp rank (global_batch_rows 8 / \
+                 --dp-size 4)",
+            ),
+            (
+                &["--dp-size", "2", "--micro-batches", "3"],
+                "--micro-batches 3 does not divide the 4 rows per dp rank",
+            ),
+            (
+                &["--dp-size", "8"],
+                "--dp-size 8 does not divide global_batch_rows 12 of the stage at plan step 10",
+            ),
+            (
+                &["--dp-size", "2", "--micro-batches", "0"],
+                "--micro-batches 0",
+            ),
+        ];
+        for (flags, want) in cases {
+            let mut argv = vec!["consume", "--dp-rank", "0", "--timeout", "2", "--config"];
+            argv.push(config.to_str().unwrap());
+            argv.extend(["--socket", socket.to_str().unwrap()]);
+            argv.extend(flags);
+            let args = Cli::try_parse_from(&argv).unwrap().args;
+            let e = match consume(&args) {
+                Ok(s) => panic!("{flags:?}: consumed {} steps", s.steps),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(e.contains(want), "{flags:?}: {e}");
+            assert!(!e.contains("micro_batch_rows"), "{flags:?}: {e}");
+            let accepted = listener.accept();
+            assert!(
+                matches!(&accepted, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                "{flags:?}: consume connected before refusing"
+            );
+        }
+        // Flags that split every stage pass the check and reach the socket.
+        let argv = [
+            "consume",
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            "4",
+            "--timeout",
+            "0.5",
+        ];
+        let mut argv: Vec<&str> = argv.to_vec();
+        argv.extend(["--config", config.to_str().unwrap()]);
+        argv.extend(["--socket", socket.to_str().unwrap()]);
+        let args = Cli::try_parse_from(&argv).unwrap().args;
+        assert!(consume(&args).is_err(), "no daemon answers");
+        assert!(listener.accept().is_ok(), "consume connected");
     }
 }

@@ -255,6 +255,32 @@ where
     Ok(out)
 }
 
+/// For each of `points`, the index of the `[[plan.schedule]]` entry it was written as;
+/// `None` for the copy of the previous weights that [`schedule_with_steps`] adds one step
+/// before an entry with `ramp = false`, so errors and warnings name what the user wrote
+/// and never a point they did not. A held copy is a point after a lower step with that
+/// point's weights, one step before the next point: a hold written out by hand is the
+/// same schedule and reads the same (its warnings would repeat the previous entry's).
+fn written_indices(points: &[SchedulePoint]) -> Vec<Option<usize>> {
+    let mut written = 0;
+    (0..points.len())
+        .map(|i| {
+            let held = i > 0
+                && points.get(i + 1).is_some_and(|next| {
+                    let (prev, p) = (&points[i - 1], &points[i]);
+                    prev.step < p.step
+                        && p.step.checked_add(1) == Some(next.step)
+                        && p.weights == prev.weights
+                });
+            if held {
+                return None;
+            }
+            written += 1;
+            Some(written - 1)
+        })
+        .collect()
+}
+
 /// Why a schedule edit reaches back to step `at`, when the cause is a ramp: `at` is the
 /// step after a point whose weights now ramp towards a later point, which surprises
 /// whoever added that later point expecting a change there. `None` for other causes.
@@ -378,7 +404,10 @@ impl PlanConfig {
     /// silently; writing `name = 0` says it is meant and silences the warning.
     pub fn unweighted_warnings(&self, domains: &[&str]) -> Vec<String> {
         let mut out = Vec::new();
-        for (i, p) in self.points().iter().enumerate() {
+        let points = self.points();
+        for (p, written) in points.iter().zip(written_indices(&points)) {
+            // A held copy repeats the weights of the entry before it, warned about there.
+            let Some(i) = written else { continue };
             let field = if self.schedule.is_empty() {
                 "plan.weights".to_string()
             } else {
@@ -447,23 +476,23 @@ impl PlanConfig {
             ));
         }
         let names: Vec<&str> = domains.iter().map(|(n, _)| *n).collect();
-        for (i, p) in points.iter().enumerate() {
+        let mut prev: Option<&SchedulePoint> = None;
+        for (p, written) in points.iter().zip(written_indices(&points)) {
+            // A held copy sits between two written points, with the weights of the first.
+            let Some(i) = written else { continue };
             let field = if self.schedule.is_empty() {
                 "plan".to_string()
             } else {
                 format!("plan.schedule[{i}]")
             };
-            if i > 0 && p.step <= points[i - 1].step {
+            if let Some(prev) = prev.filter(|prev| p.step <= prev.step) {
                 return Err(bad(
                     format!("{field}.step"),
-                    format!(
-                        "steps must increase: {} follows {}",
-                        p.step,
-                        points[i - 1].step
-                    ),
+                    format!("steps must increase: {} follows {}", p.step, prev.step),
                 ));
             }
             validate_weights(&p.weights, &names, &field)?;
+            prev = Some(p);
         }
         for (i, s) in self.skip.iter().enumerate() {
             if s.steps[0] > s.steps[1] {

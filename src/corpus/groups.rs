@@ -93,14 +93,27 @@ impl NpyPreamble {
         None
     }
 
-    /// What the header text's `'shape'` tuple holds between its parentheses, when the
-    /// text is whole and has one.
-    pub(crate) fn shape<'a>(&self, bytes: &'a [u8]) -> Option<&'a str> {
-        let text = std::str::from_utf8(self.text(bytes)?).ok()?;
-        let after = &text[text.find("'shape'")? + "'shape'".len()..];
-        let open = after.find('(')?;
-        let close = open + after[open..].find(')')?;
-        Some(&after[open + 1..close])
+    /// The dimensions of every `shape` value in the header's top-level dict, each as its
+    /// text, read by py_literal, the parser npyz itself uses: so the check sees the
+    /// header as npyz will, whatever its quotes, escapes in the key, or tuple or list.
+    /// Empty when the text does not parse (npyz then refuses it, with no product taken).
+    pub(crate) fn shapes(&self, bytes: &[u8]) -> Vec<Vec<String>> {
+        let Some(text) = self.text(bytes).and_then(|t| std::str::from_utf8(t).ok()) else {
+            return Vec::new();
+        };
+        let Ok(py_literal::Value::Dict(items)) = text.trim().parse::<py_literal::Value>() else {
+            return Vec::new();
+        };
+        items
+            .iter()
+            .filter(|(k, _)| matches!(k, py_literal::Value::String(s) if s == "shape"))
+            .filter_map(|(_, v)| match v {
+                py_literal::Value::Tuple(d) | py_literal::Value::List(d) => {
+                    Some(d.iter().map(|x| x.to_string()).collect())
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -155,23 +168,26 @@ impl Groups {
         }
         // npyz multiplies the dimensions while it parses the header, which overflows (a
         // panic where overflow checks are on) for a shape like (2^32, 2^32): a shape of
-        // more than one dimension is refused from the text first.
-        if let Some(shape) = NpyPreamble::of(bytes).and_then(|pre| pre.shape(bytes)) {
-            let dims: Vec<&str> = shape
-                .split(',')
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .collect();
-            if dims.len() != 1 {
-                return Err(bad(format!(
-                    "groups sidecar has shape [{}]; expected one dimension",
-                    dims.join(", ")
-                )));
-            }
+        // more than one dimension is refused from the text first, however the header
+        // writes it (either quote, an escaped key, a tuple or a list).
+        let shapes = NpyPreamble::of(bytes).map_or_else(Vec::new, |pre| pre.shapes(bytes));
+        if let Some(dims) = shapes.iter().find(|dims| dims.len() != 1) {
+            return Err(bad(format!(
+                "groups sidecar has shape [{}]; expected one dimension",
+                dims.join(", ")
+            )));
         }
         let mut cursor = Cursor::new(bytes);
-        let header = npyz::NpyHeader::from_reader(&mut cursor)
-            .map_err(|e| bad(format!("groups sidecar is not a valid .npy file: {e}")))?;
+        let header = npyz::NpyHeader::from_reader(&mut cursor).map_err(|e| {
+            // npyz's parse errors draw a caret diagram over several lines: one line
+            // here, so the message stays one log entry.
+            let e = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            bad(format!("groups sidecar is not a valid .npy file: {e}"))
+        })?;
         let data_at = cursor.position() as usize;
         let npy = npyz::NpyFile::with_header(header, Cursor::new(&bytes[data_at..]));
         let descr = npy.dtype().descr();

@@ -536,12 +536,13 @@ pub struct ShardIdentity {
 ///
 /// For Megatron, an argument may be a prefix, a `.bin`/`.idx` path, a directory (every
 /// prefix in it with both files) or a glob over any of those. For raw files, a file, a
-/// directory (every regular file in it that is not a cache or sidecar) or a glob.
+/// directory (every regular file in it that is not a cache or sidecar) or a glob. A path
+/// that exists as written (a run directory named `run[1]`) is that path, not a glob.
 pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
     let text = arg.to_string_lossy();
     // Sets, not lists: a domain of thousands of shards lists each prefix twice (`.idx`
     // and `.bin`), and a linear `contains` made resolving quadratic in shards.
-    if text.contains(['*', '?', '[']) {
+    if text.contains(['*', '?', '[']) && !exists_as_written(arg, format) {
         let paths = glob::glob(&text).map_err(|e| CorpusError::NotFound {
             path: arg.to_path_buf(),
             what: format!("bad glob pattern: {e}"),
@@ -558,9 +559,16 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
             }
         }
         if out.is_empty() {
+            // A path holding `[` that does not exist reads as a glob too: say so.
+            let bracket = if text.contains('[') {
+                "; `[` is a glob character (`run[1]` matches `run1`, not `run[1]`): to \
+                 name a path that holds `[` in a glob, write it as `[[]`"
+            } else {
+                ""
+            };
             return Err(CorpusError::NotFound {
                 path: arg.to_path_buf(),
-                what: format!("the glob matches no {} shard", format.name()),
+                what: format!("the glob matches no {} shard{bracket}", format.name()),
             });
         }
         return Ok(out.into_iter().collect());
@@ -622,6 +630,19 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
             }),
         },
     }
+}
+
+/// Whether `arg` names something that exists as written, glob characters and all: the
+/// path itself, or for Megatron a shard file of the prefix it names.
+fn exists_as_written(arg: &Path, format: Format) -> bool {
+    if arg.exists() {
+        return true;
+    }
+    let prefix = strip_megatron_ext(arg);
+    format == Format::Megatron
+        && ["idx", "bin"]
+            .iter()
+            .any(|ext| megatron::with_suffix(&prefix, ext).exists())
 }
 
 /// The shard a directory entry or glob match belongs to, if it is not in `found` yet.

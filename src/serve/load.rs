@@ -15,6 +15,7 @@ use super::ring::{Layout, TokenType};
 use crate::config::serve::{socket_problem, ServeConfig};
 use crate::config::Config;
 use crate::corpus::Shard;
+use crate::wire::SlotLayout;
 use tracing::{error, info};
 
 /// Arguments of `millrace check-config`.
@@ -143,35 +144,82 @@ fn largest_id(d: crate::corpus::DType) -> Option<u64> {
 
 /// Why a start would refuse `serve`'s ring budget, given the plan's longest `seq_len`
 /// and the shards' compact token: one below the smallest ring a rank can have (one row
-/// of the longest stage, compact slots, no cursor; such a daemon ran and refused every
-/// trainer with `memory`). `serve`, `check-config` and a reload's file (the next
-/// start's) all judge by it; the socket path they judge with `socket_problem`.
+/// of the longest stage, compact slots, no cursor, slots of at least
+/// `stage_reserve_tokens` tokens as the daemon sizes them; such a daemon ran and refused
+/// every trainer with `memory`). Without `ring_memory_bytes` the budget is the default
+/// the daemon computes on this machine. `serve`, `check-config` and a reload's file (the
+/// next start's) all judge by it; the socket path they judge with `socket_problem`.
 pub(super) fn ring_budget_problem(
     serve: &ServeConfig,
     longest_seq_len: u32,
     compact: TokenType,
 ) -> Option<String> {
-    let budget = serve.ring_memory_bytes?;
-    let least = Layout::compact(1, longest_seq_len, serve.ring_slots, compact, 0).ring_bytes;
-    let smallest = format!(
-        "the smallest a rank can have ({} slots of one row of {longest_seq_len} tokens) takes \
-         {least}",
-        serve.ring_slots
-    );
-    if budget < least {
-        return Some(format!(
-            "[serve] ring_memory_bytes: {budget} bytes hold no ring: {smallest}"
-        ));
-    }
+    let (budget, set) = match serve.ring_memory_bytes {
+        Some(b) => (b, true),
+        None => (super::budget::default_ring_budget(), false),
+    };
+    let named = if set {
+        format!("[serve] ring_memory_bytes: {budget} bytes")
+    } else {
+        format!(
+            "[serve] ring_memory_bytes is not set: its default, {budget} bytes (1/{} of this \
+             machine's memory limit),",
+            super::budget::DEFAULT_SHARE
+        )
+    };
+    let (hold, leave) = if set {
+        ("hold", "leave")
+    } else {
+        ("holds", "leaves")
+    };
+    // The ring of a rank with one row of the longest stage, as the hub's admission sizes
+    // it (`Layout::staged`, slots of at least `reserve` tokens): no ring is smaller.
+    let ring = |reserve: u64| {
+        let shapes = [(1, longest_seq_len)];
+        let kind = SlotLayout::Compact;
+        Layout::staged(kind, &shapes, reserve, serve.ring_slots, compact, 0).ring_bytes
+    };
+    let reserve = serve.stage_reserve_tokens;
+    let (plain, least) = (ring(0), ring(reserve));
     // A trainer user held to a share would be refused every ring the root could have.
     let percent = serve.uid_share_percent;
     let share = super::limits::UidShare { uid: 0, percent }.of(budget);
-    (percent < 100 && share < least).then(|| {
-        format!(
-            "[serve] ring_memory_bytes: {budget} bytes at uid_share_percent {percent} leave each \
-             trainer user {share}, which hold no ring: {smallest}"
+    let (room, held) = if budget < least {
+        (budget, format!("{named} {hold} no ring"))
+    } else if percent < 100 && share < least {
+        (
+            share,
+            format!(
+                "{named} at uid_share_percent {percent} {leave} each trainer user {share}, \
+                 which hold no ring"
+            ),
         )
-    })
+    } else {
+        return None;
+    };
+    let slots = serve.ring_slots;
+    if room < plain {
+        return Some(format!(
+            "{held}: the smallest a rank can have ({slots} slots of one row of \
+             {longest_seq_len} tokens) takes {plain}"
+        ));
+    }
+    // The reserve is the cause: the most that leaves a ring within `room`.
+    let (mut fits, mut over) = (0, reserve);
+    while over - fits > 1 {
+        let mid = fits + (over - fits) / 2;
+        if ring(mid) <= room {
+            fits = mid;
+        } else {
+            over = mid;
+        }
+    }
+    Some(format!(
+        "[serve] stage_reserve_tokens: {reserve} tokens per dp rank per step size every slot \
+         for that many, and {held}: the smallest a rank can have ({slots} slots sized for \
+         {reserve} tokens) takes {least}; at most {fits} tokens of reserve fit ({plain} bytes \
+         without one)"
+    ))
 }
 
 /// `millrace check-config`: everything `serve` checks before it binds (config, shards,

@@ -416,6 +416,24 @@ fn write_shard(
     })
 }
 
+/// The tokens each domain of `specs` gets of `tokens`: its share, rounded down, and the
+/// rest to the last.
+fn domain_budgets(specs: &[DomainSpec], tokens: u64) -> Vec<u64> {
+    let share_sum: f64 = specs.iter().map(|s| s.share).sum();
+    let mut assigned = 0u64;
+    (specs.iter().enumerate())
+        .map(|(d, spec)| {
+            let budget = if d + 1 == specs.len() {
+                tokens - assigned
+            } else {
+                ((tokens as f64 * spec.share / share_sum) as u64).min(tokens - assigned)
+            };
+            assigned += budget;
+            budget
+        })
+        .collect()
+}
+
 /// Writes the corpus and its `millrace.toml`.
 pub fn synth(opts: &SynthOptions) -> Result<SynthSummary> {
     write(opts, Mode::Dense)
@@ -479,16 +497,26 @@ fn write(opts: &SynthOptions, mode: Mode) -> Result<SynthSummary> {
         }
     }
     let specs = domain_specs(opts.domains);
-    let share_sum: f64 = specs.iter().map(|s| s.share).sum();
+    let budgets = domain_budgets(&specs, opts.tokens);
+    if let Some(d) = budgets.iter().position(|&b| b == 0) {
+        // Every domain but the last gets its share rounded down, monotone in the total;
+        // the last gets the rest, at least its share: the first total that gives every
+        // one a token gives every larger total one too.
+        let least = (opts.tokens..)
+            .find(|&t| !domain_budgets(&specs, t).contains(&0))
+            .unwrap_or(u64::MAX);
+        return Err(CorpusError::invalid(
+            &opts.out,
+            format!(
+                "--tokens {} leaves domain {} no token (its share of the {} domains' tokens \
+                 rounds to 0), and the config would list a domain with no shard: at least \
+                 {least} tokens give every domain a document",
+                opts.tokens, specs[d].name, opts.domains
+            ),
+        ));
+    }
     let mut jobs = Vec::new();
-    let mut assigned = 0u64;
-    for (d, spec) in specs.iter().enumerate() {
-        let budget = if d + 1 == specs.len() {
-            opts.tokens - assigned
-        } else {
-            ((opts.tokens as f64 * spec.share / share_sum) as u64).min(opts.tokens - assigned)
-        };
-        assigned += budget;
+    for ((d, spec), &budget) in specs.iter().enumerate().zip(&budgets) {
         let dir = opts.out.join(&spec.name);
         std::fs::create_dir_all(&dir).map_err(|e| CorpusError::io(&dir, "create_dir", e))?;
         let n = budget.div_ceil(opts.shard_tokens).max(1);
