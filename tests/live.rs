@@ -2211,6 +2211,15 @@ fn a_change_that_hides_the_files_later_points_says_so() {
         !r["message"].as_str().unwrap().contains("holds over"),
         "{r}"
     );
+    // The points that reload wrote are the file's now: a change that hides them says
+    // so. (It was silent: the daemon compared with the file it started with.)
+    let r = f.set_weights(&skewed(&old, 0), AT + 10);
+    assert_eq!(r["ok"], true, "{r}");
+    let m = r["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!("plan steps {}, {}", FILE_AT + 9, FILE_AT + 10)),
+        "{r}"
+    );
 }
 
 /// A run resumed 3 steps before 2^32 (`MAX_STEP`, the furthest step a blob may name) is

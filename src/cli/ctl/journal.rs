@@ -97,8 +97,20 @@ pub(super) fn point_text(p: &JournalPoint) -> String {
     format!("step {}: {weights}", p.step)
 }
 
-/// At most four decimals, trailing zeros dropped: `0.5`, `1`, `0.3333`.
+/// At most four decimals, trailing zeros dropped: `0.5`, `1`, `0.3333`; below 0.001,
+/// four significant digits (`3e-5`, `1.235e-4`), since a weight that small is in force
+/// and its domain served, and four decimals printed it as `0`.
 pub(super) fn trim_float(f: f64) -> String {
+    if f != 0.0 && f.abs() < 1e-3 {
+        let s = format!("{f:.3e}");
+        return match s.split_once('e') {
+            Some((m, e)) => {
+                let m = m.trim_end_matches('0').trim_end_matches('.');
+                format!("{m}e{e}")
+            }
+            None => s,
+        };
+    }
     let s = format!("{f:.4}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
     if s.is_empty() || s == "-" {
@@ -112,6 +124,23 @@ pub(super) fn trim_float(f: f64) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A weight below 0.00005 printed as `0` (the journal's JSON had it right).
+    #[test]
+    fn small_weights_keep_their_digits() {
+        for (f, want) in [
+            (0.5, "0.5"),
+            (1.0, "1"),
+            (1.0 / 3.0, "0.3333"),
+            (0.0, "0"),
+            (0.0012, "0.0012"),
+            (3e-5, "3e-5"),
+            (1.23456e-4, "1.235e-4"),
+            (1e-9, "1e-9"),
+        ] {
+            assert_eq!(trim_float(f), want, "{f}");
+        }
+    }
 
     #[test]
     fn a_restated_step_is_said_once() {

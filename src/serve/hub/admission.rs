@@ -681,7 +681,7 @@ impl Hub {
             };
             Refusal::new(code, format!("adopting the blob's journal: {e}"))
         })?;
-        super::live::warn_hidden(&st.plan, seen);
+        super::live::warn_hidden(&st.plan, seen, &st.file_points);
         if let (Some((at, from)), Some(job)) = (first, st.jobs.get_mut(&hello.job)) {
             for &r in &room.stale {
                 let Some(e) = job.rings.get_mut(&r) else {

@@ -168,15 +168,17 @@ impl ChangeError {
 /// restart, which a blob's change then came back over, was silently not served while
 /// `check-config` and `plan` showed it.
 ///
-/// Not for a file reload: the config is the file the daemon started with, and a reload
-/// replaces its later points on purpose.
-fn newly_hidden_points(plan: &Plan, before: &Plan) -> Option<String> {
+/// `points` is the file's schedule as last applied ([`State`]'s `file_points`: the
+/// file the daemon started with, or its last accepted reload; the plan's config is only
+/// the first, so a point a reload added was hidden without a word). Not for a file
+/// reload itself, which replaces its later points on purpose.
+fn newly_hidden_points(plan: &Plan, before: &Plan, points: &[SchedulePoint]) -> Option<String> {
     let names = plan.domain_names();
     let hidden = |p: &Plan, step: u64, want: &[f64]| {
         let got = p.schedule().shares(step);
         got.iter().zip(want).any(|(g, w)| (g - w).abs() > 1e-9)
     };
-    let steps: Vec<String> = (plan.config().points().iter())
+    let steps: Vec<String> = (points.iter())
         .filter(|p| p.step > 0)
         .filter_map(|p| {
             let raw: Vec<f64> = (names.iter())
@@ -193,9 +195,9 @@ fn newly_hidden_points(plan: &Plan, before: &Plan) -> Option<String> {
 
 /// Logs (warn) the config's schedule points that a journal adopted from a blob hides
 /// ([`newly_hidden_points`]): `plan` is the plan in force now, `before` the one it
-/// replaced.
-pub(super) fn warn_hidden(plan: &Plan, before: &Plan) {
-    if let Some(steps) = newly_hidden_points(plan, before) {
+/// replaced, `points` the file's schedule as last applied.
+pub(super) fn warn_hidden(plan: &Plan, before: &Plan, points: &[SchedulePoint]) {
+    if let Some(steps) = newly_hidden_points(plan, before, points) {
         warn!(
             "the live changes adopted from a cursor blob hold over the config's schedule \
              points at plan steps {steps}: those points are not served (a change holds \
@@ -532,7 +534,7 @@ impl Hub {
         }
         let hidden = match req.proposal {
             Proposal::Schedule { .. } => None,
-            _ => newly_hidden_points(&next, &plan),
+            _ => newly_hidden_points(&next, &plan, &st.file_points),
         };
         self.install(st, next.clone()).map_err(|e| ChangeError {
             code: e.code(),
@@ -544,6 +546,9 @@ impl Hub {
         })?;
         st.sources.resize(kept, "cursor");
         st.sources.push(req.source);
+        if let Proposal::Schedule { new, .. } = &req.proposal {
+            st.file_points = new.clone();
+        }
         let applied = next.trainer_step_of(d);
         let message = if moved {
             format!("step {requested} was already published; applied from step {applied}, the first that could still change")

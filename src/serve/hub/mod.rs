@@ -317,6 +317,9 @@ struct State {
     plan: Arc<Plan>,
     /// Where each journal entry came from, in journal order.
     sources: Vec<&'static str>,
+    /// The config file's schedule as last applied (at start, or by an accepted reload):
+    /// the points a live change may hide, which its reply names.
+    file_points: Vec<crate::config::plan::SchedulePoint>,
     jobs: HashMap<String, Job>,
     next_peer: u64,
     clients: usize,
@@ -416,6 +419,7 @@ impl State {
     /// A daemon's state before any client: `plan` in force, no jobs.
     fn new(plan: Arc<Plan>) -> State {
         State {
+            file_points: plan.config().points(),
             plan,
             sources: Vec::new(),
             jobs: HashMap::new(),
