@@ -414,6 +414,11 @@ def forward_change(control: Control, change: dict | None, src: int = 0, group=No
     everyone = [None] * world
     dist.all_gather_object(everyone, mine, group=group)
     sent = [m for m in everyone if m is not None]
+    if not sent:
+        # Every rank was told not to forward (``forward=False`` everywhere, or no rank
+        # with LOCAL_RANK 0): no daemon got the change.
+        raise RuntimeError(f"no rank of the {world} forwarded the change, so no daemon "
+                           "got it: pass forward=True on one rank per node")
     applied = sum(1 for m in sent if "reply" in m)
     for m in sent:
         if "error" in m:

@@ -225,6 +225,10 @@ def test_forward_change_agrees_across_nodes(fake, monkeypatch):
     fake_torch(monkeypatch, 2, change, [ok, ok, None])
     assert forward_change(ctl, None) == {"applied_step": 500}
     assert len(f.seen) == n
+    # No rank forwarding (forward=False everywhere): said so, not "different steps: []".
+    fake_torch(monkeypatch, 0, change, [None, None])
+    with pytest.raises(RuntimeError, match="no rank of the 2 forwarded the change"):
+        forward_change(ctl, None, forward=False)
     # Nodes that disagree are an error on every rank.
     fake_torch(monkeypatch, 2, change, [ok, {"reply": {"applied_step": 501}}, None])
     with pytest.raises(RuntimeError, match="different steps"):
