@@ -132,7 +132,10 @@ _READS = ("status", "journal")
 
 class ChangeRefused(DaemonError):
     """A daemon answered a control request with ``ok: false``; that daemon changed nothing
-    (from :func:`forward_change`, other nodes may have: the message says).
+    (from :func:`forward_change`, other nodes may have: the message says), but for one
+    case: ``busy`` whose message says ``applied; the reply would not fit one frame``
+    (a journal of tens of MB as JSON), where the change was applied and only its reply
+    was cut: read ``journal()`` before sending it again.
 
     ``code`` is ``late``, ``invalid``, ``protocol``, ``busy`` or ``access`` (this uid is not
     in ``[serve] control_uids``); ``first_changeable_step`` is set when ``code == "late"``;
