@@ -1010,10 +1010,15 @@ fn inputs_compressed_in_formats_it_cannot_read_are_refused_by_name() {
     write_jsonl(&good, &[json!({"text": "fine"})]);
     let prefix = dir.path().join("out");
     run_ok(tok_path, &[s(&good), "--out", s(&prefix)]);
+    // `lz4 -l` (the legacy frame) and `xz --format=lzma` of one line of JSON.
+    const LZ4_LEGACY: &[u8] = b"\x02\x21\x4c\x18\x1b\x00\x00\x00\xf0\x0a\x7b\x22\x74\x65\x78\x74\x22\x3a\x20\x22\x6f\x6e\x65\x20\x64\x6f\x63\x75\x6d\x65\x6e\x74\x22\x7d\x0a";
+    const LZMA: &[u8] = b"\x5d\x00\x00\x80\x00\xff\xff\xff\xff\xff\xff\xff\xff\x00\x3d\x88\x8a\x86\x94\x88\x13\xe0\xf3\x87\x24\xb7\x68\x36\x09\x82\x51\x64\xa2\x70\x15\x86\x4b\x3a\x3a\x35\x8f\xe7\x9b\xe4\x7f\xf9\x9e\xdc\x00";
     for (name, body, format) in [
         ("a.jsonl.xz", XZ, "xz"),
         ("a.jsonl.bz2", BZIP2, "bzip2"),
         ("a.jsonl.lz4", LZ4, "lz4"),
+        ("l.jsonl.lz4", LZ4_LEGACY, "lz4 (legacy)"),
+        ("a.jsonl.lzma", LZMA, "lzma"),
     ] {
         let input = dir.path().join(name);
         std::fs::write(&input, body).unwrap();
@@ -1027,6 +1032,92 @@ fn inputs_compressed_in_formats_it_cannot_read_are_refused_by_name() {
         // Refused before anything was touched: the earlier output is still there.
         inspect_ok(&prefix);
     }
+}
+
+/// `pzstd` starts its files with a zstd skippable frame (magic 0x184D2A50): such a file
+/// was read as plain text and all of it dropped as lines of invalid UTF-8. It is zstd,
+/// and reads as the plain file does.
+#[test]
+fn a_zstd_file_that_starts_with_a_skippable_frame_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let tok = load(tok_path);
+    let eos = tok.token_to_id(EOS).unwrap();
+    let plain = dir.path().join("p.jsonl");
+    write_jsonl(
+        &plain,
+        &[
+            json!({"text": "one document"}),
+            json!({"text": "and another"}),
+        ],
+    );
+    let mut bytes = vec![0x50, 0x2A, 0x4D, 0x18, 4, 0, 0, 0, 1, 2, 3, 4];
+    bytes.extend(zstd::encode_all(&std::fs::read(&plain).unwrap()[..], 3).unwrap());
+    let input = dir.path().join("p.zst");
+    std::fs::write(&input, bytes).unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    run_ok(tok_path, &[s(&plain), "--out", s(&a)]);
+    let summary = run_ok(tok_path, &[s(&input), "--out", s(&b)]);
+    assert_eq!(summary["documents"], 2, "{summary}");
+    assert_eq!(
+        decoded(&b, &tok, Some(eos)),
+        vec!["one document".to_string(), "and another".to_string()]
+    );
+    assert_eq!(decoded(&a, &tok, Some(eos)), decoded(&b, &tok, Some(eos)));
+}
+
+/// Each bad line is counted by exactly one run of a job. A line the tokenizer refuses
+/// (or too long for a shard) is found only by the run that owns its document, in a
+/// grouped job its group's run, while the count kept only the lines of the line's own
+/// run: such a line was counted by no run, or by one in N, and a job-wide `--max-bad`
+/// could not trip on them.
+#[test]
+fn lines_the_tokenizer_refuses_are_counted_once_across_a_grouped_jobs_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // A word-level tokenizer whose unknown token is not in its vocabulary: it refuses
+    // every line with a word it does not know.
+    let tok_path = dir.path().join("wl.json");
+    let wl = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 0, "content": EOS, "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {EOS: 0, "hello": 1, "world": 2},
+                  "unk_token": "[UNK]"}
+    });
+    std::fs::write(&tok_path, wl.to_string()).unwrap();
+    let rows: Vec<Value> = (0..40)
+        .map(|i| {
+            let text = if i % 3 == 0 {
+                "hello zzz"
+            } else {
+                "hello world"
+            };
+            json!({"repo": format!("r{}", i % 7), "path": i, "text": text})
+        })
+        .collect();
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &rows);
+    let group = ["--group-field", "repo", "--order-field", "path"];
+    let mut args = vec![s(&input), "--out"];
+    let one = dir.path().join("one");
+    args.push(s(&one));
+    args.extend(group);
+    let want = run_ok(&tok_path, &args)["bad"]["encode_failed"].clone();
+    assert_eq!(want, 14);
+    let summaries = run_job(
+        &tok_path,
+        &[input.clone()],
+        &dir.path().join("job"),
+        4,
+        &group,
+    );
+    let got: u64 = summaries
+        .iter()
+        .map(|r| r["bad"]["encode_failed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(got, 14, "{summaries:?}");
 }
 
 /// Standard base64 with padding, for a SentencePiece charsmap in a tokenizer.json.

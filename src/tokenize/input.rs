@@ -51,12 +51,20 @@ pub(super) fn open_input(path: &Path, count: &Arc<AtomicU64>) -> Result<Box<dyn 
     if head.starts_with(&[0x1f, 0x8b]) {
         let d = flate2::bufread::MultiGzDecoder::new(raw);
         Ok(Box::new(BufReader::with_capacity(1 << 20, d)))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) || zstd_skippable(head) {
+        // A skippable frame first (pzstd writes one) is zstd too; the decoder skips it.
         let d = zstd::stream::read::Decoder::with_buffer(raw).map_err(io_err(path, "zstd init"))?;
         Ok(Box::new(BufReader::with_capacity(1 << 20, d)))
     } else {
         Ok(Box::new(raw))
     }
+}
+
+/// Whether `head` starts with a zstd skippable frame (magic 0x184D2A50-5F), which
+/// `pzstd` puts before its frames: read as plain text, the whole file was dropped as
+/// lines of invalid UTF-8.
+fn zstd_skippable(head: &[u8]) -> bool {
+    head.len() >= 4 && (0x50..=0x5F).contains(&head[0]) && head[1..4] == [0x2A, 0x4D, 0x18]
 }
 
 /// What a [`LineCutter`] hands over for one chunk (see [`Chunk`] for the fields).

@@ -551,6 +551,13 @@ fn unreadable_compression(head: &[u8]) -> Option<&'static str> {
         Some("bzip2")
     } else if head.starts_with(&[0x04, 0x22, 0x4D, 0x18]) {
         Some("lz4")
+    } else if head.starts_with(&[0x02, 0x21, 0x4C, 0x18]) {
+        // `lz4 -l`, the legacy frame.
+        Some("lz4 (legacy)")
+    } else if head.starts_with(&[0x5D, 0x00, 0x00]) {
+        // `xz --format=lzma` (.lzma): the usual properties byte, then a dictionary size
+        // whose low bytes are zero; no line of JSON starts with `]` and two NULs.
+        Some("lzma")
     } else if head.starts_with(b"PK\x03\x04") {
         Some("zip")
     } else if head.starts_with(&[b'7', b'z', 0xBC, 0xAF, 0x27, 0x1C]) {

@@ -80,7 +80,12 @@ impl Sink<'_> {
         let share = self.share;
         let theirs = |line: u64| share.is_some_and(|s| !s.owns_line(d.file, line));
         for (line, kind, detail) in d.bad {
-            if theirs(line) {
+            // A line's run counts what is wrong with the line itself. A document the
+            // tokenizer refuses, or too long for a shard, is found only by the run that
+            // owns the document (its group's, in a grouped job), which need not own the
+            // line: counted there, or by no run at all.
+            let found_by_owner = matches!(kind, BadKind::EncodeFailed | BadKind::TooLong);
+            if theirs(line) && !found_by_owner {
                 continue;
             }
             self.stats.bad.add(kind);
