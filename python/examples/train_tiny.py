@@ -54,7 +54,11 @@ document (the spans ``cu_seqlens`` names): memory grows with the longest documen
 with ``rows * seq_len`` squared, so the synth config's 256 x 4096 batches fit on a CPU.
 A CPU trains on the first ``--positions`` inputs of each batch (default 512, an eighth
 of one synth row: a 20-step run of the synth defaults then takes well under a minute on
-two busy cores); a GPU on all of them.
+two busy cores); a GPU on as many as keep the logits within 2 GiB (10,672 at the synth
+vocabulary: all 256 x 4096 positions would take 211 GB of logits).
+The model's position table covers the longest ``seq_len`` of the stages WELCOME lists;
+a stage added live (``millrace ctl set-stage``) longer than that is not listed, so give
+such a run ``--max-pos``.
 """
 
 from __future__ import annotations
@@ -153,8 +157,11 @@ def main():
     ap.add_argument("--vocab", type=int, default=None,
                     help="embedding rows (default: the daemon's [plan] vocab_size)")
     ap.add_argument("--positions", type=int, default=None,
-                    help="inputs of each batch to train on, rows in order (default: all "
-                         "on CUDA, 512 on a CPU)")
+                    help="inputs of each batch to train on, rows in order (default: as "
+                         "many as keep the logits within 2 GiB on CUDA, 512 on a CPU)")
+    ap.add_argument("--max-pos", type=int, default=None,
+                    help="position table size (default: the longest seq_len of the "
+                         "stages WELCOME lists)")
     ap.add_argument("--save-every", type=int, default=10)
     args = ap.parse_args()
 
@@ -171,7 +178,7 @@ def main():
 
     ckpt = None
     if os.path.exists(args.checkpoint):
-        ckpt = torch.load(args.checkpoint, weights_only=False)
+        ckpt = torch.load(args.checkpoint, weights_only=False, map_location="cpu")
         stream.load_state_dict(ckpt["data"])   # before connecting: resume after its step
         print(f"resuming after step {ckpt['data']['step']}", flush=True)
 
@@ -180,11 +187,16 @@ def main():
     if not vocab:
         raise SystemExit("the daemon's config has no [plan] vocab_size: pass --vocab")
     every = w["rows"] * w["seq_len"]
-    n = min(every, args.positions or (every if device.type == "cuda" else 512))
+    # Logits are positions x vocab floats: bounded, or a GPU runs out of memory.
+    cap = max(512, (2 << 30) // (4 * vocab)) if device.type == "cuda" else 512
+    n = args.positions or cap
     print(f"fingerprint {client.fingerprint}, {w['rows']} rows x {w['seq_len']} tokens "
-          f"(training on the first {n}), vocab {vocab}, domains {w['domains']}", flush=True)
+          f"(training on the first {min(n, every)}), vocab {vocab}, domains {w['domains']}",
+          flush=True)
 
-    model = TinyLM(vocab, max_pos=w["seq_len"]).to(device)
+    # Stages change seq_len: the table covers the longest WELCOME lists.
+    longest = args.max_pos or max(st["seq_len"] for st in w.get("stages") or [w])
+    model = TinyLM(vocab, max_pos=longest).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -200,10 +212,11 @@ def main():
     last = stream.state_dict()["step"]
     while last + 1 < args.steps:
         tb = next(stream)
-        loss = train_step(model, optim, tb, n)
+        m = min(n, tb.tokens.numel())  # per step: stages change the shape
+        loss = train_step(model, optim, tb, m)
         last = tb.step
         print(f"step {tb.step} loss {loss.item():.4f} (ln V = {math.log(vocab):.2f}) "
-              f"loss_tokens {int(tb.loss_mask.reshape(-1)[:n].sum())}", flush=True)
+              f"loss_tokens {int(tb.loss_mask.reshape(-1)[:m].sum())}", flush=True)
         if (tb.step + 1) % args.save_every == 0:
             save()
     save()

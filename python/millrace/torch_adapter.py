@@ -688,6 +688,12 @@ class MillraceIterableDataset(torch.utils.data.IterableDataset):
     @staticmethod
     def state_of(item: dict) -> dict:
         """The resume point after ``item`` (a dict this dataset yielded)."""
+        if isinstance(item.get("cursor"), (list, tuple)):
+            # A DataLoader with its default batch_size=1 collated the item: every tensor
+            # got a leading dimension of 1 and the cursor became a list of one.
+            raise MillraceError("this item was collated by the DataLoader (its cursor is a "
+                                "list): use DataLoader(dataset, batch_size=None); each "
+                                "item is already a whole batch")
         return {"cursor": bytes(item["cursor"]), "step": int(item["step"])}
 
     def _make_client(self):

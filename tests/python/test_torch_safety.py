@@ -279,6 +279,19 @@ def test_a_failed_transfer_is_retried_by_the_dataset(daemon, monkeypatch):
     ds.close()
 
 
+def test_state_of_a_collated_item_says_to_use_batch_size_none(daemon):
+    """A DataLoader left at its default batch_size=1 collates each item: the cursor
+    becomes a list of one, and state_of failed with "'bytes' object cannot be
+    interpreted as an integer". It now says what to do."""
+    ds = dataset(daemon, "collated", "compact", steps=2)
+    loader = torch.utils.data.DataLoader(ds)  # batch_size=1: collated
+    item = next(iter(loader))
+    assert tuple(item["tokens"].shape[:1]) == (1,)
+    with pytest.raises(mr.MillraceError, match=r"batch_size=None"):
+        MillraceIterableDataset.state_of(item)
+    ds.close()
+
+
 def test_a_persistent_workers_pass_ended_by_an_unseen_error_is_refused(daemon, monkeypatch):
     """The worker reads ahead: item 2 went out, then step 3's transfer failed. The
     trainer broke after item 1, so the DataLoader discarded item 2 and the error. The
