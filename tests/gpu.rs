@@ -402,7 +402,8 @@ fn device_bytes_equal_the_slot_bytes() {
     let mut c = Client::connect(&f.socket, &Hello::whole_slice(0, 1)).unwrap();
     // By hand: one copy of a slot, read back.
     let gpu = Gpu::open(0).unwrap();
-    let reg = RingRegistration::register(&gpu, c.ring_bytes());
+    // SAFETY: `reg` is dropped below, before the client's `bye`.
+    let reg = unsafe { RingRegistration::register(&gpu, c.ring_bytes()) };
     assert_eq!(
         reg.pinning(),
         &Pinning::ReadOnly,
@@ -418,7 +419,9 @@ fn device_bytes_equal_the_slot_bytes() {
     drop(reg);
     // Through the sink, two copies in flight, every one read back and compared.
     c.set_hold(1);
-    let mut sink = DeviceSink::new(gpu, &c, 2, true).unwrap();
+    // SAFETY: the sink is dropped before the client's `bye`, and each copy is retired
+    // down to the hold (1) before the next `next_batch`.
+    let mut sink = unsafe { DeviceSink::new(gpu, &c, 2, true) }.unwrap();
     for _ in 0..20 {
         let b = c.next_batch().unwrap();
         sink.submit(&b, millrace::client::monotonic_ns()).unwrap();

@@ -1108,7 +1108,7 @@ fn lines_the_tokenizer_refuses_are_counted_once_across_a_grouped_jobs_runs() {
     assert_eq!(want, 14);
     let summaries = run_job(
         &tok_path,
-        &[input.clone()],
+        std::slice::from_ref(&input),
         &dir.path().join("job"),
         4,
         &group,

@@ -629,8 +629,6 @@ impl Client {
                 .map_err(|e| ClientError::Ring(format!("step {step}: int32 array: {e}")))
         };
         let cursor = &at(&l.cursor)[..cursor_len];
-        self.last_cursor.clear();
-        self.last_cursor.extend_from_slice(cursor);
         let view = BatchView {
             step,
             plan_step,
@@ -678,6 +676,11 @@ impl Client {
             cursor,
             copy_bytes: r.bytes(base + span.0, span.1 - span.0),
         };
+        // Only a step handed out moves the resume point: a slot refused above (a
+        // corrupt `row_bounds`, say) left `last_cursor` at its blob while `last_step`
+        // stayed behind, so a checkpoint of it resumed one step late, losing the step.
+        self.last_cursor.clear();
+        self.last_cursor.extend_from_slice(view.cursor);
         self.last_step = Some(step);
         self.consumed = step + 1;
         Ok(view)

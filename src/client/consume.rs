@@ -386,8 +386,11 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
     // its copy completed.
     let mut keep = client.hold() as usize;
     let mut sink = match gpu {
+        // SAFETY: the sink is unregistered before every reconnect and dropped before the
+        // client (declared after it), and each step is retired down to the hold right
+        // after its submit, before the next `next_batch` releases anything.
         Some(gpu) => Some(
-            DeviceSink::new(gpu, &client, keep + 1, args.verify_device)
+            unsafe { DeviceSink::new(gpu, &client, keep + 1, args.verify_device) }
                 .with_context(|| format!("--device {}", args.device))?,
         ),
         None => None,
@@ -420,7 +423,8 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
                     .reconnect(Duration::from_secs_f64(args.reconnect_timeout))
                     .context("reconnecting")?;
                 if let Some(sink) = &mut sink {
-                    sink.register(&client).context("registering the new ring")?;
+                    // SAFETY: as for `DeviceSink::new` above.
+                    unsafe { sink.register(&client) }.context("registering the new ring")?;
                 }
                 // A ring of fewer slots lowers the hold: no more copies than it may stay
                 // in flight, or a slot would be released under its DMA.

@@ -49,7 +49,11 @@ pub(super) fn from_compact(
     let all = ids(ids_);
     for r in 0..rows {
         let row = all.get(r * w..(r + 1) * w).unwrap_or(&[]);
-        let real = real.get(r).map_or(0, |&v| v.clamp(0, w as i32) as usize);
+        // In i64: `w as i32` is negative past 2^31 - 1 (a shape no daemon sends), and
+        // `clamp` panics when its bounds cross.
+        let real = real
+            .get(r)
+            .map_or(0, |&v| i64::from(v).clamp(0, w as i64) as usize);
         let bit = |j: usize| {
             starts
                 .get(r * sb + j / 8)

@@ -398,7 +398,13 @@ mod imp {
         /// Registers `ring` (the client's whole mapping): read-only flag, then flag 0,
         /// then none, each failure logged with the driver's reason. Never fails: a ring
         /// that cannot be pinned is still copied, from pageable memory.
-        pub fn register(gpu: &Gpu, ring: &[u8]) -> RingRegistration {
+        ///
+        /// # Safety
+        /// `ring`'s pages must stay mapped until the returned value is dropped (drop it
+        /// before the client reconnects or is dropped): the driver keeps them pinned,
+        /// and the drop unregisters by address, which after an unmap may be another
+        /// mapping's.
+        pub unsafe fn register(gpu: &Gpu, ring: &[u8]) -> RingRegistration {
             let t = Instant::now();
             let mut me = RingRegistration {
                 ctx: gpu.ctx.clone(),
@@ -421,8 +427,7 @@ mod imp {
             for (flag, pinning) in tries {
                 // SAFETY: registers the pages of a live mapping of `len` bytes; the driver
                 // only pins and reads them. Dropping this value unregisters them, and the
-                // caller drops it before the mapping goes (DeviceSink owns it; consume
-                // unregisters before reconnecting).
+                // caller drops it before the mapping goes (this function's contract).
                 let rc =
                     unsafe { sys::cuMemHostRegister_v2(ring.as_ptr() as *mut _, ring.len(), flag) };
                 match rc.result() {
@@ -529,7 +534,17 @@ impl DeviceSink {
     /// Registers `client`'s ring with `gpu` and allocates `depth` device buffers of the
     /// client's slot copy size (`depth`: copies that may be in flight, the client's hold
     /// + 1). With `verify`, every copy is read back and compared with the slot.
-    pub fn new(
+    ///
+    /// # Safety
+    /// The sink copies from the client's ring asynchronously and keeps it registered,
+    /// which the types do not tie to the client, so the caller keeps two rules (as
+    /// `millrace consume --device` does):
+    /// - the ring stays mapped while registered: [`DeviceSink::unregister`] (or drop the
+    ///   sink) before the client reconnects or is dropped;
+    /// - no step is released while its copy is in flight: after each
+    ///   [`DeviceSink::submit`], [`DeviceSink::retire`] down to the client's hold before
+    ///   its next `next_batch` (which releases the steps older than the hold).
+    pub unsafe fn new(
         gpu: Gpu,
         client: &Client,
         depth: usize,
@@ -558,7 +573,8 @@ impl DeviceSink {
             copy_s: Vec::new(),
             ready_ns: Vec::new(),
         };
-        sink.register(client)?;
+        // SAFETY: this function's contract is the caller's.
+        unsafe { sink.register(client)? };
         Ok(sink)
     }
 
@@ -571,7 +587,11 @@ impl DeviceSink {
     /// a ring with larger slots (a daemon with a larger `[serve] stage_reserve_tokens`):
     /// buffers too small for its copies are allocated again, every copy into them
     /// having been retired by [`DeviceSink::unregister`].
-    pub fn register(&mut self, client: &Client) -> Result<(), GpuError> {
+    ///
+    /// # Safety
+    /// As [`DeviceSink::new`]: the ring stays mapped until [`DeviceSink::unregister`] or
+    /// the sink's drop.
+    pub unsafe fn register(&mut self, client: &Client) -> Result<(), GpuError> {
         let size = client.copy_len();
         if self.inflight.is_empty() {
             for lane in &mut self.lanes {
@@ -580,7 +600,8 @@ impl DeviceSink {
                 }
             }
         }
-        let reg = RingRegistration::register(&self.gpu, client.ring_bytes());
+        // SAFETY: the caller keeps the ring mapped while it is registered (the contract).
+        let reg = unsafe { RingRegistration::register(&self.gpu, client.ring_bytes()) };
         self.figures.pinning = Some(reg.pinning().clone());
         self.figures.register_s += reg.seconds();
         self.reg = Some(reg);
@@ -697,11 +718,17 @@ pub enum DeviceSink {}
 #[cfg(not(feature = "cuda"))]
 impl DeviceSink {
     /// Unreachable: no [`Gpu`] exists.
-    pub fn new(gpu: Gpu, _: &Client, _: usize, _: bool) -> Result<DeviceSink, GpuError> {
+    ///
+    /// # Safety
+    /// None needed (it cannot be called); `unsafe` as the CUDA build's.
+    pub unsafe fn new(gpu: Gpu, _: &Client, _: usize, _: bool) -> Result<DeviceSink, GpuError> {
         match gpu {}
     }
     /// Unreachable.
-    pub fn register(&mut self, _: &Client) -> Result<(), GpuError> {
+    ///
+    /// # Safety
+    /// None needed (it cannot be called); `unsafe` as the CUDA build's.
+    pub unsafe fn register(&mut self, _: &Client) -> Result<(), GpuError> {
         match *self {}
     }
     /// Unreachable.

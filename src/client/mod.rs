@@ -131,9 +131,23 @@ impl ClientError {
     /// True when reconnecting later may succeed (the daemon is restarting or busy).
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Connect { .. }
-            | ClientError::Disconnected
-            | ClientError::StaleRing { .. } => true,
+            // Only the errors of a daemon that is not there now (restarting: no socket
+            // file yet, or one nobody listens on) and of a full listen backlog: a
+            // permission error or a path that is no socket stays what it is, however
+            // long the caller retries (the Python client's list, with EAGAIN).
+            ClientError::Connect { error, .. } => matches!(
+                error.raw_os_error(),
+                Some(
+                    libc::ENOENT
+                        | libc::ECONNREFUSED
+                        | libc::ECONNRESET
+                        | libc::EPIPE
+                        | libc::ECONNABORTED
+                        | libc::ENOTCONN
+                        | libc::EAGAIN
+                )
+            ),
+            ClientError::Disconnected | ClientError::StaleRing { .. } => true,
             ClientError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::BrokenPipe

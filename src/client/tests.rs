@@ -5,6 +5,30 @@ use super::layout::{self, Layout};
 use super::*;
 use crate::corpus::Tokens;
 
+/// A connect error is transient only when the daemon may come back there (no socket
+/// file yet, nobody listening, a full backlog); a permission error or a path that is no
+/// socket is not, so `reconnect` and `consume --reconnect-timeout` no longer spin on it.
+#[test]
+fn only_a_daemon_not_there_yet_is_a_transient_connect_error() {
+    let connect = |errno| ClientError::Connect {
+        path: "/run/millrace/millrace.sock".into(),
+        error: std::io::Error::from_raw_os_error(errno),
+    };
+    for e in [libc::ENOENT, libc::ECONNREFUSED, libc::EAGAIN] {
+        assert!(connect(e).is_transient(), "errno {e}");
+    }
+    for e in [libc::EACCES, libc::ENOTSOCK, libc::ENAMETOOLONG] {
+        assert!(!connect(e).is_transient(), "errno {e}");
+    }
+    // A real one: no socket file yet, as while the daemon restarts (ENOENT).
+    let dir = tempfile::tempdir().unwrap();
+    let e = match Client::connect(dir.path().join("none.sock"), &Hello::new(0, 1, 2, 1)) {
+        Err(e) => e,
+        Ok(_) => panic!("connected to nothing"),
+    };
+    assert!(e.is_transient(), "{e}");
+}
+
 #[test]
 fn hex_round_trips() {
     let b = [0u8, 1, 0xab, 0xff];
@@ -547,6 +571,88 @@ fn row_bounds_are_checked_against_cu_len_and_seq_len() {
             "{bad:?}: {e}"
         );
     }
+}
+
+/// A compact ring of two slots of 2 rows of 8, cursors `C0` and `C1`; step 1's
+/// `row_bounds` do not rise (a corrupt slot).
+fn compact_ring_with_a_bad_second_slot() -> (Welcome, Vec<u8>) {
+    let f = |offset, dtype: &str, shape: Vec<u64>| FieldSpec {
+        offset,
+        dtype: dtype.into(),
+        shape,
+    };
+    let mut fields: BTreeMap<String, FieldSpec> = BTreeMap::new();
+    fields.insert("rows".into(), f(256, "int32", vec![2, 9]));
+    fields.insert("doc_starts".into(), f(384, "uint8", vec![2, 2]));
+    fields.insert("row_real_tokens".into(), f(448, "int32", vec![2]));
+    fields.insert("domain".into(), f(512, "int32", vec![2]));
+    fields.insert("row_loss_tokens".into(), f(576, "int32", vec![2]));
+    fields.insert("cursor".into(), f(640, "uint8", vec![256]));
+    fields.insert("row_bounds".into(), f(896, "int32", vec![2, 2]));
+    let mut w = welcome();
+    w.slot_layout = SlotLayout::Compact;
+    w.rows = 2;
+    w.seq_len = 8;
+    w.micro_batch_rows = 2;
+    w.fields = fields;
+    let mut r = vec![0u8; 3 * 4096];
+    r[..8].copy_from_slice(RING_MAGIC);
+    put_u32(&mut r, ring_at::VERSION, 1);
+    put_u32(&mut r, ring_at::SLOTS, 2);
+    put_u64(&mut r, ring_at::SLOT_BYTES, 4096);
+    put_u64(&mut r, ring_at::SLOT_OFFSET, 4096);
+    put_u64(&mut r, ring_at::PUBLISHED, 2);
+    for step in 0..2u64 {
+        let s = 4096 * (1 + step as usize);
+        let slot = &mut r[s..s + 4096];
+        put_u64(slot, slot_at::STEP, step);
+        put_u32(slot, slot_at::ROWS, 2);
+        put_u32(slot, slot_at::SEQ_LEN, 8);
+        put_u32(slot, slot_at::CU_LEN, 3);
+        put_u32(slot, slot_at::MAX_SEQLEN, 8);
+        put_u32(slot, slot_at::CURSOR_LEN, 2);
+        for (i, o) in [256u64, 384, 448, 512, 576, 640, 896, 0].iter().enumerate() {
+            put_u64(slot, slot_at::FIELD_OFFSETS + 8 * i, *o);
+        }
+        for row in 0..2 {
+            slot[448 + 4 * row..452 + 4 * row].copy_from_slice(&8i32.to_le_bytes());
+        }
+        slot[640..642].copy_from_slice(if step == 0 { b"C0" } else { b"C1" });
+        // One document a row: cu_seqlens [0, 8, 16], each row's last entry and longest
+        // piece; step 1's do not rise.
+        let bounds: [i32; 4] = if step == 0 {
+            [1, 8, 2, 8]
+        } else {
+            [2, 8, 2, 8]
+        };
+        for (i, v) in bounds.iter().enumerate() {
+            slot[896 + 4 * i..900 + 4 * i].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    (w, r)
+}
+
+/// A slot refused after its cursor was read (its `row_bounds` do not fit) left
+/// `last_cursor` at that slot's blob while `last_step` stayed at the step before: a
+/// trainer that caught the error and saved `last_cursor` resumed one step late, losing
+/// the step. The resume point moves only with a step handed out.
+#[test]
+fn a_refused_slot_does_not_move_the_resume_point() {
+    let (w, ring) = compact_ring_with_a_bad_second_slot();
+    let mut c = connect_fake(move |s: &mut UnixStream| {
+        let fd = memfd(&ring, 3 * 4096);
+        let ev = EventFd::new().unwrap();
+        let bytes = encode(frame::WELCOME, &serde_json::to_vec(&w).unwrap());
+        send_fds(&*s, &bytes, &[fd.as_fd(), ev.as_fd()]).unwrap();
+    })
+    .unwrap();
+    c.set_timeout(Some(Duration::from_millis(200)));
+    let b = c.next_batch().unwrap();
+    assert_eq!((b.step, b.cursor), (0, &b"C0"[..]));
+    let e = c.next_batch().map(|b| b.step).unwrap_err().to_string();
+    assert!(e.contains("step 1") && e.contains("row_bounds"), "{e}");
+    assert_eq!(c.last_step(), Some(0));
+    assert_eq!(c.last_cursor(), Some(&b"C0"[..]));
 }
 
 /// A daemon that takes the HELLO and sends nothing (a long seek) holds the client for

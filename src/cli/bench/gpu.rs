@@ -169,7 +169,8 @@ fn measure(gpu: Gpu, args: &BenchArgs) -> Result<GpuReport> {
     // Let the daemon fill the ring and go idle: its copies would share memory bandwidth.
     std::thread::sleep(Duration::from_millis(500));
     let ring = client.ring_bytes();
-    let reg = RingRegistration::register(&gpu, ring);
+    // SAFETY: `reg` is dropped below, before the client's `bye`; the mapping lives on.
+    let reg = unsafe { RingRegistration::register(&gpu, ring) };
     let (pinning, register_ms) = (reg.pinning().clone(), reg.seconds() * 1e3);
     let largest = ring.len().min(64 << 20);
     let sizes: Vec<usize> = (0..)
@@ -212,7 +213,10 @@ fn measure(gpu: Gpu, args: &BenchArgs) -> Result<GpuReport> {
         .context("connecting for the per-step run")?;
     client.set_timeout(Some(Duration::from_secs(300)));
     let label = gpu.label();
-    let mut sink = DeviceSink::new(gpu, &client, 1, false)?;
+    // SAFETY: the client neither reconnects nor goes before the sink (dropped at this
+    // function's end, declared after it), and `step` retires each copy before the next
+    // `next_batch`.
+    let mut sink = unsafe { DeviceSink::new(gpu, &client, 1, false)? };
     let (mut wait, mut submit, mut ready, mut next) = (vec![], vec![], vec![], vec![]);
     let warmup = 10;
     let mut cpu0 = 0.0;
