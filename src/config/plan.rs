@@ -118,7 +118,8 @@ pub struct DomainSettings {
     /// Bursty exposure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bursty: Option<Bursty>,
-    /// Units per packing window for this domain (default: `plan.best_fit_window`).
+    /// Units per packing window for this domain (default: the window in force,
+    /// `plan.best_fit_window` or a stage's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<u64>,
 }
