@@ -388,13 +388,15 @@ fn read_away(stream: &UnixStream) {
 
 /// Refuses a connection whose bytes would take those of all connections before
 /// admission past their cap (REFUSED `busy`, which clients retry), and closes it.
+/// `when` says at which point, for the log ("before its first frame").
 async fn refuse_full(
     d: &Daemon,
     stream: &mut UnixStream,
     pid: Option<i32>,
     e: limits::PendingFull,
+    when: &str,
 ) {
-    d.warn_peer(pid, format_args!("refused before its first frame: {e}"));
+    d.warn_peer(pid, format_args!("refused {when}: {e}"));
     say(stream, kind::REFUSED, Code::Busy, &e.to_string()).await;
     read_away(stream);
 }
@@ -434,7 +436,7 @@ async fn connection(
     let cap = limits::pending_cap(limit);
     let mut share = limits::PENDING.share(uid_share);
     if let Err(e) = share.set(limits::CONNECTION_BYTES, cap) {
-        refuse_full(&d, &mut stream, pid, e).await;
+        refuse_full(&d, &mut stream, pid, e, "before its first frame").await;
         return;
     }
     let first = read_frame(&mut stream, &mut buf, limit, Some((&mut share, cap)));
@@ -464,7 +466,7 @@ async fn connection(
         }
         Ok(Ok(None)) => return,
         Ok(Err(ReadError::Full(e))) => {
-            refuse_full(&d, &mut stream, pid, e).await;
+            refuse_full(&d, &mut stream, pid, e, "before its first frame").await;
             return;
         }
         Ok(Ok(Some(other))) => {
@@ -627,7 +629,9 @@ async fn connection(
                 say(&mut stream, kind::ERROR, Code::Protocol, &m).await;
                 read_away(&stream);
             }
-            Some(Cut::Full(e)) => refuse_full(&d, &mut stream, pid, e).await,
+            Some(Cut::Full(e)) => {
+                refuse_full(&d, &mut stream, pid, e, "while its admission ran").await
+            }
             Some(Cut::Left) | None => {
                 info!(pid = %PeerPid(pid), job = %hello.job, dp_rank = hello.dp_rank, "client left during admission; its admission and any seek were cancelled");
             }
