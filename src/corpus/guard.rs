@@ -184,6 +184,11 @@ thread_local! {
     static POOLED: Cell<bool> = const { Cell::new(false) };
     /// A rayon pool thread's own note, registered in [`POOL_NOTES`] while it lives.
     static POOL_NOTE: std::cell::RefCell<Option<PoolNote>> = const { std::cell::RefCell::new(None) };
+    /// The notes of this thread's live [`Noting`]s, oldest first: [`NOTE`] is the last,
+    /// or [`BASE`] when there is none.
+    static NOTINGS: std::cell::RefCell<Vec<*const IndexNote>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// What [`NOTE`] is when no [`Noting`] lives: this pool thread's note, or null.
+    static BASE: Cell<*const IndexNote> = const { Cell::new(std::ptr::null()) };
 }
 
 /// The notes of the rayon pool threads that looked up an index: a seek replays its
@@ -204,22 +209,41 @@ impl Drop for PoolNote {
 /// This thread's index lookups noted in an [`IndexNote`], until dropped.
 #[must_use = "the noting ends when this value is dropped"]
 pub struct Noting {
-    /// Keeps the note alive while [`NOTE`] points at it.
-    _note: Arc<IndexNote>,
-    /// The note before this one (nested watches).
-    prev: *const IndexNote,
+    /// Keeps the note alive while [`NOTE`] (or [`NOTINGS`]) points at it.
+    note: Arc<IndexNote>,
+    /// Not `Send`: it names this thread's notes.
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 /// Notes this thread's index lookups ([`noting_index`]) in `note` until the returned
-/// value is dropped.
+/// value is dropped. Nested notings may be dropped in any order: each leaves the
+/// thread's list wherever it is (restoring the one before it, as this once did, pointed
+/// NOTE at a freed note when an outer one was dropped first).
 pub fn note_index_reads(note: Arc<IndexNote>) -> Noting {
-    let prev = NOTE.with(|n| n.replace(Arc::as_ptr(&note)));
-    Noting { _note: note, prev }
+    let p = Arc::as_ptr(&note);
+    NOTINGS.with(|s| s.borrow_mut().push(p));
+    NOTE.with(|n| n.set(p));
+    Noting {
+        note,
+        _thread: std::marker::PhantomData,
+    }
 }
 
 impl Drop for Noting {
     fn drop(&mut self) {
-        NOTE.with(|n| n.set(self.prev));
+        let p = Arc::as_ptr(&self.note);
+        let newest = NOTINGS
+            .try_with(|s| {
+                let mut s = s.borrow_mut();
+                if let Some(i) = s.iter().rposition(|&q| q == p) {
+                    s.remove(i);
+                }
+                s.last().copied()
+            })
+            .ok()
+            .flatten();
+        let base = BASE.with(|b| b.get());
+        NOTE.with(|n| n.set(newest.unwrap_or(base)));
     }
 }
 
@@ -234,6 +258,7 @@ fn pool_note() -> *const IndexNote {
     (POOL_NOTES.lock().unwrap_or_else(|p| p.into_inner())).push(note.clone());
     let p = Arc::as_ptr(&note);
     POOL_NOTE.with(|n| *n.borrow_mut() = Some(PoolNote(note)));
+    BASE.with(|b| b.set(p));
     NOTE.with(|n| n.set(p));
     p
 }
@@ -250,8 +275,9 @@ pub fn noting_index<T>(shard: usize, doc: u64, read: impl FnOnce() -> T) -> T {
     if p.is_null() {
         return read();
     }
-    // SAFETY: NOTE points only at a note held alive for as long: a live `Noting` of this
-    // thread (it holds the Arc and resets NOTE before it lets go of it) or this pool
+    // SAFETY: NOTE points only at a note held alive for as long: the newest live
+    // `Noting` of this thread (each holds its Arc, and its drop takes it out of NOTINGS
+    // and points NOTE at the newest left, whatever the order of drops) or this pool
     // thread's `POOL_NOTE` (dropped with the thread, after its last lookup).
     let note = unsafe { &*p };
     note.doc.store(doc, Ordering::Relaxed);
@@ -381,7 +407,8 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
     // mapping replaces one page of a registered read-only shard mapping with zeros: no
     // Rust reference assumes its contents beyond the guarded read, whose result the
     // reader discards when it sees the recorded fault. sigaction and raise are
-    // async-signal-safe, and `PREVIOUS` was stored before this handler could run.
+    // async-signal-safe. `PREVIOUS` is stored just after the handler is installed, so a
+    // SIGBUS in between finds it empty and falls back to the default disposition.
     unsafe {
         let (addr, code) = ((*info).si_addr() as usize, (*info).si_code);
         let guarded = DEPTH.try_with(|d| d.get() > 0).unwrap_or(false);
@@ -502,5 +529,40 @@ mod tests {
         let page_at = map.as_ptr() as usize + at;
         assert_eq!(fault_since_in(mark, |_| false), None);
         assert_eq!(fault_since_in(mark, |p| p == page_at), Some(page_at));
+    }
+
+    /// Notings dropped out of the order they were made in: restoring the note each one
+    /// replaced pointed NOTE at the first, already freed, and the next lookup wrote two
+    /// words into freed memory. NOTE is now always the newest noting still alive.
+    #[test]
+    fn notings_dropped_in_any_order_leave_no_dangling_note() {
+        // Off the test harness's thread, which rayon or another test may have noted.
+        std::thread::spawn(|| {
+            let note = || NOTE.with(|n| n.get());
+            let (a, b) = (
+                Arc::new(IndexNote::default()),
+                Arc::new(IndexNote::default()),
+            );
+            let (pa, pb) = (Arc::as_ptr(&a), Arc::as_ptr(&b));
+            let na = note_index_reads(a.clone());
+            let nb = note_index_reads(b.clone());
+            assert_eq!(note(), pb);
+            drop(na); // out of order: the newer one is still noted
+            assert_eq!(note(), pb);
+            let seen = noting_index(0x1000, 7, || b.get());
+            assert_eq!(seen, Some((0x1000, 7)), "the lookup went to the live note");
+            assert_eq!(a.get(), None);
+            drop(nb);
+            assert!(note().is_null(), "no noting left: no note");
+            // And in order, nested as watches are.
+            let na = note_index_reads(a.clone());
+            let nb = note_index_reads(b);
+            drop(nb);
+            assert_eq!(note(), pa);
+            drop(na);
+            assert!(note().is_null());
+        })
+        .join()
+        .unwrap();
     }
 }

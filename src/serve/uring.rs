@@ -335,6 +335,28 @@ fn check_spans(spans: &[Span], files: usize, dst_len: usize) -> Result<(), ReadE
             _ => return Err(bad(format!("ends past the {dst_len}-byte destination"))),
         }
     }
+    // No two spans may share destination bytes: their reads are in flight together, and
+    // a bounced one is copied out by this thread while another may write the same bytes
+    // (a fill's spans are distinct row positions; a caller's list might not be).
+    let mut order: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].len > 0).collect();
+    order.sort_unstable_by_key(|&i| spans[i].dst);
+    for w in order.windows(2) {
+        let (a, b) = (&spans[w[0]], &spans[w[1]]);
+        if a.dst + a.len > b.dst {
+            return Err(ReadError::BadSpan {
+                index: w[1],
+                span: *b,
+                what: format!(
+                    "its destination bytes {}..{} overlap those of span {} ({}..{})",
+                    b.dst,
+                    b.dst + b.len,
+                    w[0],
+                    a.dst,
+                    a.dst + a.len
+                ),
+            });
+        }
+    }
     Ok(())
 }
 
@@ -1106,6 +1128,28 @@ mod tests {
         assert!(m.len() == 3 << 20 && m.capacity() == 3 << 20 && m.iter().all(|&b| b == 0));
         assert_eq!(zeroed(usize::MAX / 2), None, "more than an address space");
         assert_eq!(zeroed(usize::MAX), None, "more than a layout allows");
+    }
+
+    /// Spans whose destinations overlap are refused before any read: their reads would
+    /// be in flight together, and a bounced one is copied out by this thread while the
+    /// kernel may write the same bytes (the SAFETY of the submission relies on it).
+    /// Touching ends and empty spans are fine.
+    #[test]
+    fn spans_that_share_destination_bytes_are_refused() {
+        let span = |dst, len| Span {
+            file: 0,
+            offset: 0,
+            len,
+            dst,
+        };
+        assert!(check_spans(&[span(0, 8), span(8, 8), span(4, 0)], 1, 16).is_ok());
+        let e = check_spans(&[span(8, 8), span(0, 9)], 1, 16).unwrap_err();
+        assert!(matches!(e, ReadError::BadSpan { index: 0, .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("8..16 overlap those of span 1 (0..9)"),
+            "{text}"
+        );
     }
 
     /// A completion interrupted by EINTR or EAGAIN is read again, with nothing counted as
