@@ -83,7 +83,7 @@ impl Sink<'_> {
             // A line's run counts what is wrong with the line itself. A document the
             // tokenizer refuses, or too long for a shard, is found only by the run that
             // owns the document (its group's, in a grouped job), which need not own the
-            // line: counted there, or by no run at all.
+            // line: that run counts it (kept to the line's run, no run counted it).
             let found_by_owner = matches!(kind, BadKind::EncodeFailed | BadKind::TooLong);
             if theirs(line) && !found_by_owner {
                 continue;
