@@ -305,9 +305,8 @@ fn serve_mistakes_name_the_field() {
     );
 }
 
-#[test]
-fn plan_mistakes_name_the_field() {
-    let base = r#"
+/// A corpus of two domains, `web` and `code`, for configs whose `[plan]` a test varies.
+const TWO_DOMAINS: &str = r#"
         [corpus]
         [[corpus.domain]]
         name = "web"
@@ -315,7 +314,11 @@ fn plan_mistakes_name_the_field() {
         [[corpus.domain]]
         name = "code"
         shards = ["code"]
-    "#;
+"#;
+
+#[test]
+fn plan_mistakes_name_the_field() {
+    let base = TWO_DOMAINS;
     let cases = [
         ("[plan]\nseq_len = 0\nglobal_batch_rows = 8\nweights = { web = 1.0 }", "plan.seq_len"),
         ("[plan]\nseq_len = 64\nglobal_batch_rows = 8\nweights = { webb = 1.0 }", "plan.weights.webb"),
@@ -366,14 +369,8 @@ fn plan_mistakes_name_the_field() {
 /// 299)`, a point nobody wrote. Now they name the entry as written, and only those.
 #[test]
 fn ramp_false_entries_are_named_as_written() {
-    let base = r#"
-        [corpus]
-        [[corpus.domain]]
-        name = "web"
-        shards = ["web"]
-        [[corpus.domain]]
-        name = "code"
-        shards = ["code"]
+    let base = TWO_DOMAINS.to_string()
+        + r#"
         [plan]
         seq_len = 64
         global_batch_rows = 8

@@ -38,12 +38,16 @@ fn hex_round_trips() {
     assert_eq!(from_hex("zz"), None);
 }
 
-fn welcome() -> Welcome {
-    let f = |offset, dtype: &str, shape: Vec<u64>| FieldSpec {
+/// A WELCOME field: where an array lies in the slot, its dtype and shape.
+fn f(offset: u64, dtype: &str, shape: Vec<u64>) -> FieldSpec {
+    FieldSpec {
         offset,
         dtype: dtype.into(),
         shape,
-    };
+    }
+}
+
+fn welcome() -> Welcome {
     let mut fields = BTreeMap::new();
     fields.insert("tokens".into(), f(256, "int32", vec![2, 8]));
     fields.insert("labels".into(), f(320, "int32", vec![2, 8]));
@@ -576,11 +580,6 @@ fn row_bounds_are_checked_against_cu_len_and_seq_len() {
 /// A compact ring of two slots of 2 rows of 8, cursors `C0` and `C1`; step 1's
 /// `row_bounds` do not rise (a corrupt slot).
 fn compact_ring_with_a_bad_second_slot() -> (Welcome, Vec<u8>) {
-    let f = |offset, dtype: &str, shape: Vec<u64>| FieldSpec {
-        offset,
-        dtype: dtype.into(),
-        shape,
-    };
     let mut fields: BTreeMap<String, FieldSpec> = BTreeMap::new();
     fields.insert("rows".into(), f(256, "int32", vec![2, 9]));
     fields.insert("doc_starts".into(), f(384, "uint8", vec![2, 2]));
