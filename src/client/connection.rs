@@ -172,6 +172,10 @@ pub struct Client {
     handshake: Duration,
     last_step: Option<u64>,
     last_cursor: Vec<u8>,
+    /// Why the connection ended, when a RELEASE found it ended while steps published
+    /// before it were still unread: they are handed out first, and this error comes
+    /// once none is left (as after a socket event, in `wait_published`).
+    gone: Option<ClientError>,
 }
 
 /// How long [`Client::connect`] waits out a `duplicate` refusal: a process restarted
@@ -331,6 +335,7 @@ impl Client {
             handshake,
             last_step: None,
             last_cursor: Vec::new(),
+            gone: None,
         })
     }
 
@@ -484,6 +489,9 @@ impl Client {
             if self.ring.published() > self.consumed {
                 return Ok(waited);
             }
+            if let Some(e) = self.gone.take() {
+                return Err(e);
+            }
             waited = true;
             let wait = match deadline {
                 Some(d) => {
@@ -551,8 +559,23 @@ impl Client {
             Some(_) => 1,
             None => (self.layout.slots.saturating_sub(self.hold) / 2).max(1),
         };
-        if upto >= self.released + batch || self.ring.published() <= self.consumed {
-            self.release(upto)?;
+        if self.gone.is_none()
+            && (upto >= self.released + batch || self.ring.published() <= self.consumed)
+        {
+            if let Err(e) = self.release(upto) {
+                // The daemon went away (or closed after an ERROR) while this client
+                // worked. The steps it published before are still this client's to read
+                // (docs/PROTOCOL.md, section 1), and TP peers must rejoin a restarted
+                // daemon at one step, the ring's published one: a peer whose batched
+                // RELEASE met the closed socket and gave up at once would rejoin at its
+                // own next step while its twins read on. But an ERROR `protocol` put this
+                // peer off a ring that goes on: its slots may be refilled under it.
+                let put_off = matches!(&e, ClientError::Daemon { code, .. } if code == "protocol");
+                if put_off || self.ring.published() <= self.consumed {
+                    return Err(e);
+                }
+                self.gone = Some(e);
+            }
         }
         let waited = self.wait_published()?;
         let wake_ns = monotonic_ns();

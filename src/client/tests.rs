@@ -654,6 +654,34 @@ fn a_refused_slot_does_not_move_the_resume_point() {
     assert_eq!(c.last_cursor(), Some(&b"C0"[..]));
 }
 
+/// Steps published before the daemon went away are read before its end, also when a
+/// RELEASE frame is what meets the closed socket. A client that returned that error at
+/// once rejoined a restarted daemon at its own next step, while a TP twin whose batched
+/// RELEASE did not fall on that step read on from the old mapping: the new ring waited
+/// for the twin, and the twin for it in the step's collective.
+#[test]
+fn a_release_that_meets_the_closed_socket_leaves_the_published_steps_to_read() {
+    let mut r = ring(0, 2);
+    let (head, second) = r.split_at_mut(2 * 4096);
+    second.copy_from_slice(&head[4096..]);
+    put_u64(&mut r[2 * 4096..], slot_at::STEP, 1);
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    let mut c = connect_fake(move |s: &mut UnixStream| {
+        welcome_with(r, 3 * 4096, |_| {})(s);
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+        closed_tx.send(()).unwrap();
+    })
+    .unwrap();
+    c.set_timeout(Some(Duration::from_secs(5)));
+    assert_eq!(c.next_batch().unwrap().step, 0);
+    closed.recv().unwrap();
+    // This call's RELEASE of step 0 meets the closed socket; step 1 was published.
+    assert_eq!(c.next_batch().unwrap().step, 1);
+    assert_eq!(c.last_step(), Some(1));
+    let e = c.next_batch().map(|b| b.step).unwrap_err();
+    assert!(e.is_transient(), "the daemon went: reconnect ({e})");
+}
+
 /// A daemon that takes the HELLO and sends nothing (a long seek) holds the client for
 /// the handshake it was given, not the default 30 s: `consume --timeout` passes its own.
 #[test]
