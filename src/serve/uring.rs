@@ -338,23 +338,42 @@ fn check_spans(spans: &[Span], files: usize, dst_len: usize) -> Result<(), ReadE
     // No two spans may share destination bytes: their reads are in flight together, and
     // a bounced one is copied out by this thread while another may write the same bytes
     // (a fill's spans are distinct row positions; a caller's list might not be).
-    let mut order: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].len > 0).collect();
-    order.sort_unstable_by_key(|&i| spans[i].dst);
-    for w in order.windows(2) {
-        let (a, b) = (&spans[w[0]], &spans[w[1]]);
-        if a.dst + a.len > b.dst {
-            return Err(ReadError::BadSpan {
-                index: w[1],
-                span: *b,
-                what: format!(
-                    "its destination bytes {}..{} overlap those of span {} ({}..{})",
-                    b.dst,
-                    b.dst + b.len,
-                    w[0],
-                    a.dst,
-                    a.dst + a.len
-                ),
-            });
+    // A fill's spans come in row order, their destinations ascending: checked as they
+    // come, with no allocation; any other list is sorted first.
+    let nonempty = || (0..spans.len()).filter(|&i| spans[i].len > 0);
+    let overlap = |i: usize, j: usize| {
+        let (a, b) = (&spans[i], &spans[j]);
+        (a.dst + a.len > b.dst).then(|| ReadError::BadSpan {
+            index: j,
+            span: *b,
+            what: format!(
+                "its destination bytes {}..{} overlap those of span {i} ({}..{})",
+                b.dst,
+                b.dst + b.len,
+                a.dst,
+                a.dst + a.len
+            ),
+        })
+    };
+    let mut prev: Option<usize> = None;
+    let mut sorted = true;
+    for j in nonempty() {
+        if let Some(i) = prev {
+            if spans[i].dst > spans[j].dst {
+                sorted = false;
+                break;
+            }
+            if let Some(e) = overlap(i, j) {
+                return Err(e);
+            }
+        }
+        prev = Some(j);
+    }
+    if !sorted {
+        let mut order: Vec<usize> = nonempty().collect();
+        order.sort_unstable_by_key(|&i| spans[i].dst);
+        if let Some(e) = order.windows(2).find_map(|w| overlap(w[0], w[1])) {
+            return Err(e);
         }
     }
     Ok(())
@@ -1150,6 +1169,12 @@ mod tests {
             text.contains("8..16 overlap those of span 1 (0..9)"),
             "{text}"
         );
+        // In ascending order, as a fill lists them (checked without sorting).
+        let e = check_spans(&[span(0, 9), span(8, 8)], 1, 16).unwrap_err();
+        assert!(matches!(e, ReadError::BadSpan { index: 1, .. }), "{e}");
+        assert!(e
+            .to_string()
+            .contains("8..16 overlap those of span 0 (0..9)"));
     }
 
     /// A completion interrupted by EINTR or EAGAIN is read again, with nothing counted as
