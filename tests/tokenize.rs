@@ -2217,6 +2217,14 @@ fn merge_refuses_unfinished_or_mismatched_runs_and_bad_shares_are_refused() {
         err.contains("dtype is int32") && err.contains("job-00000.manifest.json"),
         "{err}"
     );
+    // Run 1 with another --max-line-bytes: it would keep other lines as documents.
+    assert!(job("1", &["--max-line-bytes", "4096"]).status.success());
+    let (ok, err) = merge("2");
+    assert!(!ok);
+    assert!(
+        err.contains("max_line_bytes is 4096") && err.contains("job-00000.manifest.json"),
+        "{err}"
+    );
     assert!(job("1", &[]).status.success());
     let (ok, err) = merge("2");
     assert!(ok, "{err}");

@@ -36,6 +36,10 @@ pub struct Manifest {
     pub eos: Option<u32>,
     /// `--shard-tokens`, if given.
     pub shard_tokens: Option<u64>,
+    /// `--max-line-bytes`: it decides which lines become documents, so runs of one job
+    /// must agree on it. `None` in manifests written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_line_bytes: Option<u64>,
     /// Input files of the whole job (every run is given the same list).
     pub inputs: u64,
     /// Documents over all shards listed.
@@ -48,7 +52,7 @@ pub struct Manifest {
 
 impl Manifest {
     /// The settings that must agree between the runs of one job, by name.
-    fn settings(&self) -> [(&'static str, String); 9] {
+    fn settings(&self) -> [(&'static str, String); 10] {
         [
             ("runs", self.runs.to_string()),
             ("inputs", self.inputs.to_string()),
@@ -59,6 +63,11 @@ impl Manifest {
             ("dtype", self.dtype.to_string()),
             ("eos", format!("{:?}", self.eos)),
             ("shard_tokens", format!("{:?}", self.shard_tokens)),
+            (
+                "max_line_bytes",
+                self.max_line_bytes
+                    .map_or("unrecorded".into(), |b| b.to_string()),
+            ),
         ]
     }
 }
@@ -81,6 +90,7 @@ pub(super) fn run_manifest(
         dtype: setup.dtype,
         eos: setup.eos,
         shard_tokens: opts.shard_tokens,
+        max_line_bytes: Some(opts.max_line_bytes),
         inputs: opts.inputs.len() as u64,
         documents: shards.iter().map(|s| s.documents).sum(),
         tokens: shards.iter().map(|s| s.tokens).sum(),
