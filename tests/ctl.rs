@@ -812,6 +812,49 @@ fn late_changes_are_refused_or_moved_on_request() {
     assert_eq!(got.first().map(|g| g.0), Some(8));
 }
 
+/// Regression: after a job rolled back (its rings left at step 12 and came back from the
+/// blob of step 2), a change among the replayed steps was refused `late` with "steps
+/// below 13 are published", though `status` showed no ring past step 3. The refusal
+/// stands (the abandoned run's later checkpoints would no longer resume), and now says
+/// why, and what to do.
+#[test]
+fn a_late_refusal_names_steps_served_only_to_rings_that_left() {
+    let f = fixture();
+    let _serve = f.serve();
+    let first = f.names()[0].clone();
+    let weights = json!({ first: 0.9 });
+    let mut c = f.connect("rollback");
+    let (_, early) = read_steps(&mut c, 3);
+    let _ = read_steps(&mut c, 9);
+    c.bye().unwrap();
+    let mut h = Hello::new(0, 1, ROWS, 1);
+    h.job = "rollback".into();
+    h.cursor = Some(early.iter().map(|b| format!("{b:02x}")).collect());
+    let mut c = Client::connect(&f.socket, &h).unwrap_or_else(|e| panic!("resume: {e}"));
+    c.set_timeout(Some(TIMEOUT));
+    assert_eq!(c.welcome().start_step, 3);
+    let _ = read_steps(&mut c, 1);
+    let r = f.set_weights(weights.clone(), Some(11), "refuse");
+    assert_eq!(r["code"], "late", "{r}");
+    let message = r["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("were published only to rings that have since left")
+            && message.contains("restart the daemon"),
+        "{r}"
+    );
+    // A step the connected ring itself has been served is late for that reason alone.
+    let r = f.set_weights(weights, Some(1), "refuse");
+    assert_eq!(r["code"], "late", "{r}");
+    assert!(
+        !r["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("since left"),
+        "{r}"
+    );
+    assert_eq!(f.journal(), Vec::<Value>::new());
+}
+
 #[test]
 fn reload_rereads_the_config() {
     let f = fixture();

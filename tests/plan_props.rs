@@ -3905,6 +3905,43 @@ fn cursor_history_catches_a_reparametrized_ramp() {
     );
 }
 
+/// Regression: a file reload that added a point on the line already in force (step 5,
+/// same weights) with a step change at 30 applied from 30, and a daemon restarted with
+/// that file then refused every blob after step 5. `Plan::restart_knot` finds that
+/// knot (the reload now warns with it), and agrees with what a restart accepts.
+#[test]
+fn restart_knot_names_the_point_that_a_restarted_daemon_refuses_blobs_over() {
+    let mut rng = Pcg64::seed_from_u64(5);
+    let domains = vec![
+        gen_domain(&mut rng, "a", 1, 60, 33, settings(GroupMode::Off)),
+        gen_domain(&mut rng, "b", 1, 60, 33, settings(GroupMode::Off)),
+    ];
+    let point = |step, a, b| SchedulePoint {
+        step,
+        weights: weights_map(&[("a", a), ("b", b)]),
+    };
+    let mut cfg = base_config(32, 4, Packing::BestFit, 16);
+    cfg.schedule = vec![point(0, 1.0, 1.0)];
+    let running = build(&domains, cfg.clone());
+    let step_change = vec![point(0, 1.0, 1.0), point(29, 1.0, 1.0), point(30, 3.0, 1.0)];
+    let on_the_line = [&step_change[..1], &[point(5, 1.0, 1.0)], &step_change[1..]].concat();
+    for (file, knot) in [(step_change, None), (on_the_line, Some(5))] {
+        let change = running.schedule_change(30, &file);
+        let in_force = Arc::new(running.with_journal(vec![change.clone()]).unwrap());
+        assert_eq!(in_force.restart_knot(&file), knot);
+        // The file before the edit restarts well too: blobs bring the change.
+        assert_eq!(in_force.restart_knot(&file[..1]), None);
+        let mut edited = cfg.clone();
+        edited.schedule = file.clone();
+        let restarted = Arc::new(build(&domains, edited).with_journal(vec![change]).unwrap());
+        let r = restarted.restore(&blob_at(&in_force, 40));
+        match knot {
+            None => assert!(r.is_ok(), "{:?}", r.err()),
+            Some(_) => assert!(matches!(r, Err(CursorError::History { .. })), "accepted"),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 8. Config validation
 // ---------------------------------------------------------------------------------------

@@ -588,6 +588,17 @@ mod tests {
         // A difference that is not the step after a point is not a ramp's doing.
         assert_eq!(ramp_note(&new, 150), None);
         assert_eq!(ramp_note(&[point(0, 1.0)], 1), None);
+        // Regression: `ramp = false` entries at 64 and 200 (stored with their held copies
+        // at 63 and 199), late at 64, were told to add the `ramp = false` they had.
+        let steps = [
+            point(0, 1.0),
+            point(63, 1.0),
+            point(64, 2.0),
+            point(199, 2.0),
+        ];
+        let steps = [&steps[..], &[point(200, 3.0)]].concat();
+        assert_eq!(ramp_note(&steps, 64), None);
+        assert_eq!(ramp_note(&steps, 200), None);
     }
 
     #[test]

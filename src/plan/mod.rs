@@ -569,6 +569,31 @@ impl Plan {
         Schedule::new(old, &names).first_difference(&Schedule::new(new, &names))
     }
 
+    /// The first knot (plan step) at which a daemon restarted with `file_points` as its
+    /// config's schedule, and this plan's journal, would pin its curve differently from
+    /// this plan: blobs record the knots (see [`Plan::history`]), so such a daemon
+    /// refuses every blob made after it, though the weights may be equal at every step
+    /// (a file edit that adds a point on the line already drawn). `None` when they agree.
+    pub fn restart_knot(&self, file_points: &[SchedulePoint]) -> Option<u64> {
+        let names = self.domain_names();
+        let mut fresh = Schedule::new(file_points, &names);
+        for c in self.journal.iter().filter(|c| c.stage.is_none()) {
+            fresh.add_layer(c.at, c.points.clone());
+        }
+        let ours = &self.mixer.schedule;
+        let (a, b) = (ours.knots_before(u64::MAX), fresh.knots_before(u64::MAX));
+        let same = |s: u64| {
+            let (x, y) = (ours.weights(s), fresh.weights(s));
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits())
+        };
+        let first_apart = a.iter().zip(&b).find(|(x, y)| x != y || !same(**x));
+        match first_apart {
+            Some((x, y)) => Some(*x.min(y)),
+            None if a.len() != b.len() => a.get(b.len()).or(b.get(a.len())).copied(),
+            None => None,
+        }
+    }
+
     /// Domain names in index order.
     pub fn domain_names(&self) -> Vec<&str> {
         self.domains.iter().map(|d| d.name.as_str()).collect()

@@ -199,6 +199,27 @@ impl Daemon {
             }
             a
         });
+        let r = r.map(|mut a| {
+            // A knot the file adds (or drops) on a line the journal does not redraw keeps
+            // every weight, so the change applies; but a daemon restarted with this file
+            // would record another history and refuse the trainers' blobs after it.
+            let plan = self.hub.plan();
+            if let Some(k) = plan.restart_knot(&points) {
+                let t = plan.trainer_step_of(k);
+                let note = format!(
+                    "warning: {} and the schedule in force pin the weights at different \
+                     steps from trainer step {t} on (a point added or removed there, even \
+                     one on the line already in force); a daemon restarted with this file \
+                     would refuse the trainers' cursor blobs after step {t}. Keep the \
+                     file's points as they were before step {t}, or add points only at \
+                     steps not yet published",
+                    self.config.display()
+                );
+                warn!(source, "{note}");
+                a.message = format!("{}; {note}", a.message);
+            }
+            a
+        });
         match &r {
             Ok(a) => {
                 running.points = points;

@@ -99,7 +99,12 @@ pub(super) fn written_indices(points: &[SchedulePoint]) -> Vec<Option<usize>> {
 pub fn ramp_note(new: &[SchedulePoint], at: u64) -> Option<String> {
     let prev = new.iter().rev().find(|p| p.step < at)?;
     let next = new.iter().find(|p| p.step > at)?;
-    if prev.step.checked_add(1) != Some(at) {
+    // A point at `at` is the difference itself; equal weights at both ends are no ramp
+    // (the copy a `ramp = false` entry holds is such an end).
+    if prev.step.checked_add(1) != Some(at)
+        || new.iter().any(|p| p.step == at)
+        || prev.weights == next.weights
+    {
         return None;
     }
     Some(format!(

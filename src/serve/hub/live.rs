@@ -457,13 +457,14 @@ impl Hub {
                         code: Code::Late,
                         message: format!(
                             "step {requested} may already have been received (steps below \
-                             {fc} are published{}); the first step that can still change is \
+                             {fc} are published{}{}); the first step that can still change is \
                              {first}",
                             if first > fc {
                                 ", and a bursty domain's cycle begun before it runs to this step"
                             } else {
                                 ""
-                            }
+                            },
+                            departed_note(st, requested, fc),
                         ),
                         first_changeable: Some(first),
                     })
@@ -577,4 +578,22 @@ impl Hub {
             message,
         })
     }
+}
+
+/// Why a `late` refusal binds steps no connected ring has reached: they were published to
+/// rings that have since left (a job that rolled back, or trainers that will resume from
+/// later checkpoints). A change among them would make those checkpoints' blobs diverge
+/// from the daemon's journal, so it stays refused; the note says so, since `status`
+/// shows only the connected rings. Empty when the connected rings reach `fc`.
+fn departed_note(st: &State, requested: u64, fc: u64) -> String {
+    let live = super::shape::served_live(st);
+    if live >= fc || requested < live {
+        return String::new();
+    }
+    format!(
+        "; steps {live} to {} were published only to rings that have since left or stopped, and their \
+         trainers' later checkpoints would no longer resume under this change; after a \
+         rollback to before step {requested}, restart the daemon to change the replayed steps",
+        fc - 1
+    )
 }
