@@ -8,19 +8,32 @@ never crosses a file), and builds x = data[i:i+T] and y = data[i+1:i+1+T] as int
 arrays of shape (rows, seq_len), exactly what nanoGPT's train.py feeds the model.
 
     scripts/nanogpt-baseline.py --dtype uint16 --seq-len 4096 --rows 8 --steps 1000 \\
-        --files a.bin b.bin [--offsets 0 0] [--mode best|nanogpt] [--seed 0] [--rank 0]
+        --files a.bin b.bin [--offsets 0 0] [--mode best|rows|nanogpt] [--seed 0] \
+        [--rank 0] [--barrier DIR]
 
 Modes:
   best     memmaps opened once, x and y preallocated and filled in place (one
-           uint16 -> int64 conversion per window and output): the fastest form of the
-           same loader, which is the fair comparison.
+           uint16 -> int64 conversion per window and output): the fastest form of what
+           nanoGPT hands its model (int64 x and y on the host).
+  rows     the same windows delivered as millrace's compact slots deliver them: one
+           preallocated (rows, seq_len + 1) array in the shards' dtype, filled in place,
+           with x = rows[:, :-1] and y = rows[:, 1:] as views (the trainer widens on the
+           GPU, as it does with millrace). The same bytes per token as millrace, so the
+           comparison that charges neither side for a host-side widening.
   nanogpt  nanoGPT's code as written: a new np.memmap per batch (it re-opens the file
            every call to avoid a memmap leak) and np.stack of per-window astype(int64)
            copies for x and for y (torch.stack in nanoGPT; numpy here so no torch is
            needed, same copies).
 
-With --touch (the default) every produced token of x and y is read once more (a sum),
-as the millrace consumers read every byte of every slot. It prints one JSON line:
+With --touch (the default) every produced token of x and y is read once more (a sum;
+in `rows` mode the array once, x and y being views of it), as the millrace consumers
+read every byte of every slot.
+
+With --barrier DIR, each process, once numpy is imported and its memmaps and buffers
+are set up, creates DIR/ready-RANK and waits for DIR/go before its first batch, so the
+processes start their timed loops together (the parent creates DIR/go once every
+process is ready); without it, one process's import time counted as time in which only
+the others delivered. It prints one JSON line:
 timestamps are CLOCK_MONOTONIC nanoseconds (time.monotonic_ns), comparable with the
 parent's clock, plus peak and final RSS from /proc/self/status and process CPU seconds.
 """
@@ -57,7 +70,8 @@ def main():
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rank", type=int, default=0)
-    ap.add_argument("--mode", choices=["best", "nanogpt"], default="best")
+    ap.add_argument("--mode", choices=["best", "rows", "nanogpt"], default="best")
+    ap.add_argument("--barrier", default=None)
     ap.add_argument("--no-touch", action="store_true")
     args = ap.parse_args()
     try:
@@ -100,6 +114,15 @@ def main():
                 x[r] = w[:-1]
                 y[r] = w[1:]
             return x, y
+    elif args.mode == "rows":
+        mms = [np.memmap(p, dtype=dtype, mode="r", offset=o) for p, o in zip(args.files, offsets)]
+        rows = np.empty((B, T + 1), dtype=dtype)
+
+        def get_batch():
+            f, ix = windows()
+            for r in range(B):
+                rows[r] = mms[f[r]][ix[r]:ix[r] + T + 1]
+            return rows, None
     else:
         def get_batch():
             f, ix = windows()
@@ -111,6 +134,15 @@ def main():
             ys = np.stack([opened[k][i + 1:i + 1 + T].astype(np.int64) for k, i in zip(f, ix)])
             return xs, ys
 
+    if args.barrier:
+        open(os.path.join(args.barrier, f"ready-{args.rank}"), "w").close()
+        go = os.path.join(args.barrier, "go")
+        deadline = time.monotonic() + 600
+        while not os.path.exists(go):
+            if time.monotonic() > deadline:
+                print(json.dumps({"error": f"no {go} within 600 s"}))
+                return 4
+            time.sleep(0.0005)
     touch = not args.no_touch
     checksum = 0
     first = last = 0
@@ -118,7 +150,8 @@ def main():
     for s in range(args.steps):
         xb, yb = get_batch()
         if touch:
-            checksum = (checksum + int(xb.sum()) + int(yb.sum())) & 0x7FFFFFFFFFFFFFFF
+            total = int(xb.sum(dtype=np.int64)) + (0 if yb is None else int(yb.sum()))
+            checksum = (checksum + total) & 0x7FFFFFFFFFFFFFFF
         now = time.monotonic_ns()
         if s == 0:
             first = now

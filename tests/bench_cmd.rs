@@ -118,8 +118,9 @@ fn bench_reports_every_section() {
                 .iter()
                 .map(|b| b["mode"].as_str().unwrap())
                 .collect();
-            assert_eq!(modes, ["best", "best", "nanogpt"]);
+            assert_eq!(modes, ["best", "best", "rows", "nanogpt"]);
             assert_eq!(r["baseline"][1]["tokens"], 4 * 2 * 8 * 4096u64);
+            assert_eq!(r["baseline"][2]["tokens"], 4 * 2 * 8 * 4096u64);
             versus_is_consistent(&r, &table, per_run);
         }
     }
@@ -140,6 +141,11 @@ fn versus_is_consistent(r: &Value, table: &str, per_run: u64) {
         assert_eq!(p["baseline"]["tokens"], 4 * 2 * 8 * 4096u64, "{p}");
         let want = f(&p["millrace"]["tokens_per_s"]) / f(&p["baseline"]["tokens_per_s"]);
         assert!((f(&p["ratio"]) - want).abs() <= 1e-9 * want, "{p}");
+        // The rows form: the same windows, delivered as millrace's slots deliver them.
+        assert_eq!(p["rows"]["mode"], "rows", "{p}");
+        assert_eq!(p["rows"]["tokens"], 4 * 2 * 8 * 4096u64, "{p}");
+        let want = f(&p["millrace"]["tokens_per_s"]) / f(&p["rows"]["tokens_per_s"]);
+        assert!((f(&p["rows_ratio"]) - want).abs() <= 1e-9 * want, "{p}");
         ratios.push(f(&p["ratio"]));
     }
     let (lo, hi) = (ratios[0].min(ratios[1]), ratios[0].max(ratios[1]));
@@ -160,6 +166,10 @@ fn versus_is_consistent(r: &Value, table: &str, per_run: u64) {
         table.contains(&format!(
             "millrace / best form: median {median:.2} ({lo:.2}-{hi:.2}); {at_2x} of 2 pairs"
         )),
+        "{table}"
+    );
+    assert!(
+        table.contains("millrace / rows form (the same bytes delivered): median"),
         "{table}"
     );
 }
@@ -185,6 +195,21 @@ fn bench_refuses_zero_counts_before_writing_anything() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
         assert_eq!(err, format!("error: {flag} 0: must be at least 1\n"));
+        assert!(!dir.exists(), "{flag}: a corpus was written");
+    }
+    // One step is no measurement either: a 1-step baseline printed a ratio of 10^20.
+    for flag in ["--steps", "--baseline-steps"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_millrace"))
+            .args(["bench", "--tokens", "1e6", "--quiet", flag, "1", "--dir"])
+            .arg(&dir)
+            .output()
+            .expect("the millrace binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        assert!(
+            err.starts_with(&format!("error: {flag} 1: must be at least 2")),
+            "{err}"
+        );
         assert!(!dir.exists(), "{flag}: a corpus was written");
     }
 }

@@ -85,6 +85,8 @@ pub(super) fn run_baseline(
     } else {
         ProgressBar::hidden()
     };
+    // The processes start their timed loops together (the script's --barrier).
+    let barrier = Barrier::new()?;
     let t_spawn = now_ns();
     let mut children = Vec::new();
     for r in 0..args.consumers {
@@ -97,6 +99,8 @@ pub(super) fn run_baseline(
             .args(["--steps", &steps.to_string()])
             .args(["--rank", &r.to_string()])
             .args(["--mode", mode])
+            .arg("--barrier")
+            .arg(&barrier.dir)
             .arg("--files")
             .args(files.iter().map(|f| f.path.as_os_str()))
             .arg("--offsets")
@@ -109,6 +113,7 @@ pub(super) fn run_baseline(
             .with_context(|| format!("starting {}", args.python))?;
         children.push(ChildGuard::new(child, format!("baseline process {r}")));
     }
+    barrier.release_when_ready(&mut children, args.consumers)?;
     let mut lines = Vec::new();
     for mut g in children {
         let (mut out, mut err) = (String::new(), String::new());
@@ -183,4 +188,48 @@ pub(super) fn run_baseline(
         major_faults: lines.iter().map(|l| l.major_faults).sum(),
         repeats_tokens_per_s: Vec::new(),
     })
+}
+
+/// The directory through which the baseline's processes start together: each creates
+/// `ready-RANK` once set up, and waits for `go`. Removed when dropped.
+struct Barrier {
+    dir: std::path::PathBuf,
+}
+
+impl Barrier {
+    fn new() -> Result<Barrier> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("millrace-bench-barrier-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Barrier { dir })
+    }
+
+    /// Creates `go` once all `n` processes are ready, or at once when one has exited
+    /// (its error is read with its output).
+    fn release_when_ready(&self, children: &mut [ChildGuard], n: u32) -> Result<()> {
+        let deadline = std::time::Instant::now() + CHILD_TIMEOUT;
+        loop {
+            let ready = (0..n)
+                .filter(|r| self.dir.join(format!("ready-{r}")).exists())
+                .count();
+            let exited = children
+                .iter_mut()
+                .any(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if ready == n as usize || exited || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let go = self.dir.join("go");
+        std::fs::write(&go, b"").with_context(|| format!("creating {}", go.display()))
+    }
+}
+
+impl Drop for Barrier {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

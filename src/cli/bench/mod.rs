@@ -47,8 +47,8 @@ use machine::{
     shard_files, warm, DataFile,
 };
 use report::{
-    median_by, render, render_fairness, BenchReport, LatencyFigures, RanksFigures, RunFigures,
-    VersusFigures, VersusPair,
+    median_by, ratio, render, render_fairness, BenchReport, LatencyFigures, RanksFigures,
+    RunFigures, VersusFigures, VersusPair,
 };
 use runner::{Ctx, Start};
 
@@ -83,7 +83,8 @@ pub struct BenchArgs {
     /// Warm runs per thread count (and warm baseline runs); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub repeat: u32,
-    /// Token dtype the daemon delivers.
+    /// `[serve] token_dtype` of the daemons: the dtype of expanded slots only. The
+    /// bench's consumers read compact slots, which carry the shards' own dtype.
     #[arg(long, default_value = "int32")]
     pub token_dtype: String,
     /// `[serve] reader` of the daemons the bench starts (default: the daemon's default).
@@ -233,8 +234,10 @@ fn versus_run(
         let x = ctx.stream(threads, steps, &Start::Zero, None, &label)?;
         let millrace = ctx.figures("warm", threads, steps, x);
         let mut baseline = run_baseline(ctx.args, files, "best", "warm", bsteps, ctx.show)?;
-        baseline.ratio_to_millrace = baseline.tokens_per_s / millrace.tokens_per_s.max(1e-12);
-        pairs.push(VersusPair::of(millrace, baseline));
+        baseline.ratio_to_millrace = ratio(baseline.tokens_per_s, millrace.tokens_per_s);
+        let mut rows = run_baseline(ctx.args, files, "rows", "warm", bsteps, ctx.show)?;
+        rows.ratio_to_millrace = ratio(rows.tokens_per_s, millrace.tokens_per_s);
+        pairs.push(VersusPair::of(millrace, baseline, rows));
     }
     Ok(VersusFigures::of(threads, pairs))
 }
@@ -298,6 +301,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ] {
         if v == Some(0) {
             bail!("{flag} 0: must be at least 1");
+        }
+        // Both loaders are timed from their first batch to their last: one step is no
+        // measurement (a baseline of 1 step once printed a ratio of 10^20).
+        if v == Some(1) && ["--steps", "--baseline-steps"].contains(&flag) {
+            bail!(
+                "{flag} 1: must be at least 2 (each run is timed from its first step to its last)"
+            );
         }
     }
     if args.core_round_trip {
@@ -504,22 +514,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if !args.no_cold {
             cold_evict("baseline cold")?;
             let mut b = run_baseline(&args, &files, "best", "cold", bsteps, show)?;
-            b.ratio_to_millrace = b.tokens_per_s / mill_cold.max(1e-12);
+            b.ratio_to_millrace = ratio(b.tokens_per_s, mill_cold);
             baseline.push(b);
         }
-        let mut reps = Vec::new();
+        // The best form (int64 x and y, as nanoGPT feeds its model), then the rows form
+        // (the bytes millrace's slots carry), alternated repetition by repetition.
+        let mut reps = [Vec::new(), Vec::new()];
         for _ in 0..args.repeat.max(1) {
-            reps.push(run_baseline(&args, &files, "best", "warm", bsteps, show)?);
+            for (i, mode) in ["best", "rows"].into_iter().enumerate() {
+                reps[i].push(run_baseline(&args, &files, mode, "warm", bsteps, show)?);
+            }
         }
-        let all: Vec<f64> = reps.iter().map(|r| r.tokens_per_s).collect();
-        if let Some(mut m) = median_by(reps, |r| r.tokens_per_s) {
-            m.repeats_tokens_per_s = all;
-            m.ratio_to_millrace = m.tokens_per_s / mill_warm.max(1e-12);
-            baseline.push(m);
+        for reps in reps {
+            let all: Vec<f64> = reps.iter().map(|r| r.tokens_per_s).collect();
+            if let Some(mut m) = median_by(reps, |r| r.tokens_per_s) {
+                m.repeats_tokens_per_s = all;
+                m.ratio_to_millrace = ratio(m.tokens_per_s, mill_warm);
+                baseline.push(m);
+            }
         }
         // nanoGPT as written: warm (its windows are the best form's first ones).
         let mut b = run_baseline(&args, &files, "nanogpt", "warm", (bsteps / 2).max(2), show)?;
-        b.ratio_to_millrace = b.tokens_per_s / mill_warm.max(1e-12);
+        b.ratio_to_millrace = ratio(b.tokens_per_s, mill_warm);
         baseline.push(b);
     }
 
@@ -560,7 +576,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         corpus_write_s,
         seq_len: args.seq_len,
         rows: args.rows,
-        token_dtype: args.token_dtype.clone(),
+        // What the consumers received: compact slots in the shards' dtype.
+        token_dtype: format!(
+            "{} (compact slots)",
+            files.first().map_or("?", |f| f.dtype.name())
+        ),
         memcpy_gb_per_s: refs.memcpy_gb_per_s,
         references: refs,
         cold,

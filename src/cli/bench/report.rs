@@ -190,8 +190,8 @@ pub struct RanksFigures {
     pub ratio: f64,
 }
 
-/// One pair of the versus run: a millrace warm run and the nanoGPT best form's, back to
-/// back.
+/// One pair of the versus run: a millrace warm run, then the nanoGPT best form's and
+/// the rows form's (the same bytes per token as millrace's slots), back to back.
 #[derive(Debug, Clone, Serialize)]
 pub struct VersusPair {
     /// The millrace run.
@@ -200,16 +200,35 @@ pub struct VersusPair {
     pub baseline: BaselineFigures,
     /// millrace's tokens/s over the best form's.
     pub ratio: f64,
+    /// The rows form's run after that.
+    pub rows: BaselineFigures,
+    /// millrace's tokens/s over the rows form's.
+    pub rows_ratio: f64,
+}
+
+/// `a` over `b`, 0 where `b` measured nothing (a run too short to time): a ratio over
+/// no measurement is no figure, and the report says so rather than print 10^20.
+pub(super) fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
 }
 
 impl VersusPair {
-    /// The pair of these two runs, with its ratio.
-    pub fn of(millrace: RunFigures, baseline: BaselineFigures) -> VersusPair {
-        let ratio = millrace.tokens_per_s / baseline.tokens_per_s.max(1e-12);
+    /// The triple of these runs, with its ratios.
+    pub fn of(
+        millrace: RunFigures,
+        baseline: BaselineFigures,
+        rows: BaselineFigures,
+    ) -> VersusPair {
         VersusPair {
+            ratio: ratio(millrace.tokens_per_s, baseline.tokens_per_s),
+            rows_ratio: ratio(millrace.tokens_per_s, rows.tokens_per_s),
             millrace,
             baseline,
-            ratio,
+            rows,
         }
     }
 }
@@ -230,6 +249,12 @@ pub struct VersusFigures {
     pub max_ratio: f64,
     /// Pairs whose ratio is 2 or more (the issue's warm target).
     pub pairs_at_2x: usize,
+    /// The median of the pairs' ratios over the rows form.
+    pub rows_median_ratio: f64,
+    /// The lowest ratio over the rows form.
+    pub rows_min_ratio: f64,
+    /// The highest ratio over the rows form.
+    pub rows_max_ratio: f64,
 }
 
 impl VersusFigures {
@@ -237,8 +262,13 @@ impl VersusFigures {
     pub fn of(threads: u32, pairs: Vec<VersusPair>) -> VersusFigures {
         let mut r: Vec<f64> = pairs.iter().map(|p| p.ratio).collect();
         r.sort_by(f64::total_cmp);
+        let mut rows: Vec<f64> = pairs.iter().map(|p| p.rows_ratio).collect();
+        rows.sort_by(f64::total_cmp);
         VersusFigures {
             materialize_threads: threads,
+            rows_median_ratio: median_of(&rows),
+            rows_min_ratio: rows.first().copied().unwrap_or(0.0),
+            rows_max_ratio: rows.last().copied().unwrap_or(0.0),
             median_ratio: median_of(&r),
             min_ratio: r.first().copied().unwrap_or(0.0),
             max_ratio: r.last().copied().unwrap_or(0.0),
@@ -269,7 +299,7 @@ pub struct BenchReport {
     pub seq_len: u32,
     /// Rows per consumer per step.
     pub rows: u32,
-    /// Token dtype delivered.
+    /// Token dtype delivered, and the slot layout (compact: the shards' dtype).
     pub token_dtype: String,
     /// Single-thread memcpy GB/s (also in `references`; kept at the top level for
     /// readers of the issue-4 report).
@@ -298,11 +328,13 @@ pub struct BenchReport {
     pub wall_s: f64,
 }
 
-/// The median element of `v` by `key` (the upper one of an even count).
+/// The median element of `v` by `key`, the lower one of an even count: with `--repeat
+/// 2` the upper one was the better run, and the wider a side's spread the more that
+/// flattered it.
 pub(super) fn median_by<T: Clone>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
     v.sort_by(|a, b| key(a).total_cmp(&key(b)));
     let n = v.len();
-    (n > 0).then(|| v.swap_remove(n / 2))
+    (n > 0).then(|| v.swap_remove((n - 1) / 2))
 }
 
 /// The median of sorted values, the mean of the middle two for an even count (0 for
@@ -529,29 +561,35 @@ fn render_versus(v: &VersusFigures) -> String {
     use std::fmt::Write as _;
     let mut s = format!(
         "\nversus: {} alternated pairs, millrace ({} materializer threads) against the \
-         nanoGPT best form, warm:\n",
+         nanoGPT best form (int64 x and y) and the rows form (one array of the shards' \
+         dtype, as millrace's slots), warm; baseline CPU is steady (after the first \
+         batch):\n",
         v.pairs.len(),
         v.materialize_threads
     );
     s.push_str(
         "| pair | millrace tokens/s | daemon CPU s per 1e9 tok | consumer CPU s per 1e9 | \
-         best form tokens/s | best form CPU s per 1e9 tok | millrace / best form |\n",
+         best form tokens/s | best form CPU s per 1e9 tok | millrace / best form | \
+         rows form tokens/s | rows form CPU s per 1e9 tok | millrace / rows form |\n",
     );
     s.push('|');
-    s.push_str(&" --- |".repeat(7));
+    s.push_str(&" --- |".repeat(10));
     s.push('\n');
     for (i, p) in v.pairs.iter().enumerate() {
         let (m, b) = (&p.millrace, &p.baseline);
         let _ = writeln!(
             s,
-            "| {} | {:.3e} | {:.2} | {:.2} | {:.3e} | {:.2} | {:.2} |",
+            "| {} | {:.3e} | {:.2} | {:.2} | {:.3e} | {:.2} | {} | {:.3e} | {:.2} | {} |",
             i + 1,
             m.tokens_per_s,
             m.daemon_cpu_s_per_1e9_tokens,
             m.consumer_cpu_s_per_1e9_tokens,
             b.tokens_per_s,
-            b.cpu_s_per_1e9_tokens,
-            p.ratio
+            b.steady_cpu_s_per_1e9_tokens,
+            shown(p.ratio),
+            p.rows.tokens_per_s,
+            p.rows.steady_cpu_s_per_1e9_tokens,
+            shown(p.rows_ratio),
         );
     }
     let _ = writeln!(
@@ -563,7 +601,31 @@ fn render_versus(v: &VersusFigures) -> String {
         v.pairs_at_2x,
         v.pairs.len()
     );
+    let _ = writeln!(
+        s,
+        "millrace / rows form (the same bytes delivered): median {:.2} ({:.2}-{:.2})",
+        v.rows_median_ratio, v.rows_min_ratio, v.rows_max_ratio,
+    );
+    if v.pairs
+        .iter()
+        .any(|p| p.ratio == 0.0 || p.rows_ratio == 0.0)
+    {
+        let _ = writeln!(
+            s,
+            "(a ratio of 0 is no figure: that baseline run measured nothing; give more \
+             --baseline-steps)"
+        );
+    }
     s
+}
+
+/// A ratio for the tables: two decimals, `-` where it is no figure ([`ratio`]).
+fn shown(r: f64) -> String {
+    if r > 0.0 {
+        format!("{r:.2}")
+    } else {
+        "-".into()
+    }
 }
 
 /// The fairness figure as a line of text.
@@ -595,6 +657,9 @@ mod tests {
     fn median_and_range() {
         let m = median_by(vec![3.0, 1.0, 2.0], |x| *x);
         assert_eq!(m, Some(2.0));
+        assert_eq!(median_by(vec![5.0, 9.0], |x| *x), Some(5.0));
+        assert_eq!(ratio(3.0, 0.0), 0.0);
+        assert_eq!(ratio(3.0, 1.5), 2.0);
         assert_eq!(median_by(Vec::<f64>::new(), |x| *x), None);
         assert_eq!(median_of(&[1.0, 2.0, 4.0]), 2.0);
         assert_eq!(median_of(&[1.0, 2.0, 4.0, 8.0]), 3.0);
