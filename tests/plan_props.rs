@@ -3942,6 +3942,34 @@ fn restart_knot_names_the_point_that_a_restarted_daemon_refuses_blobs_over() {
     }
 }
 
+/// Regression: a domain of one large group (a book of 20,000 short documents) read
+/// 1.0 epochs after its first row in `plan`, `explain` and `status`: progress counted
+/// the window's blocks handed out, and the group is one block of hundreds of rows. It
+/// now counts rows, so it follows the tokens delivered.
+#[test]
+fn epoch_progress_of_one_large_group_follows_its_rows() {
+    let grouped = DomSpec {
+        name: "book".into(),
+        shards: vec![ShardSpec::new(vec![3; 20_000], &[20_000])],
+        settings: settings(GroupMode::Sequence),
+    };
+    let total = grouped.tokens() as f64;
+    let mut cfg = base_config(32, 4, Packing::BestFit, 16);
+    cfg.weights = Some(weights_map(&[("book", 1.0)]));
+    let plan = build(&[grouped], cfg);
+    let mut p = plan.start();
+    let mut delivered = 0u64;
+    for step in 1..=40 {
+        let b = p.next_batch();
+        delivered += b.rows.iter().map(|r| u64::from(r.tokens)).sum::<u64>();
+        let (reported, real) = (p.epochs()[0], delivered as f64 / total);
+        assert!(
+            (reported - real).abs() < 0.01,
+            "step {step}: {reported} epochs reported, {real} delivered"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 8. Config validation
 // ---------------------------------------------------------------------------------------

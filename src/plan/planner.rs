@@ -215,7 +215,7 @@ impl Planner {
             .iter()
             .zip(self.plan.domains.iter())
             .map(|(s, d)| {
-                stream::epoch_progress(d, &s.state, s.cached_blocks(), &self.plan.geometries)
+                stream::epoch_progress(d, &s.state, s.window_taken(), &self.plan.geometries)
             })
             .collect()
     }

@@ -362,12 +362,32 @@ impl Stream {
             .retain(|(k, _)| tails.iter().any(|t| (t.epoch, t.window_start) == *k));
     }
 
-    /// Blocks in the cached current window, if packed.
-    pub(crate) fn cached_blocks(&self) -> Option<usize> {
-        match &self.cache {
-            Some((k, w, _)) if *k == self.cache_key() => Some(w.blocks.len()),
-            _ => None,
+    /// The share of the cached current window's rows already taken, if it is packed:
+    /// the rows of the blocks handed out, less what their pending blocks still owe. By
+    /// rows, not blocks: a group that spans thousands of rows counted as taken at its
+    /// first, so a domain of one large group read 100% of an epoch after one row.
+    pub(crate) fn window_taken(&self) -> Option<f64> {
+        let Some((k, w, _)) = &self.cache else {
+            return None;
+        };
+        if *k != self.cache_key() {
+            return None;
         }
+        let next = (self.state.next_block as usize).min(w.blocks.len());
+        let handed: u64 = w.blocks[..next].iter().map(|b| u64::from(b.rows)).sum();
+        let owed: u64 = (self.state.pending.iter())
+            .filter_map(|&(b, done)| {
+                w.blocks
+                    .get(b as usize)
+                    .map(|blk| blk.rows.saturating_sub(done))
+            })
+            .map(u64::from)
+            .sum();
+        let total: u64 = w.blocks.iter().map(|b| u64::from(b.rows)).sum();
+        Some(match total {
+            0 => 0.0,
+            t => (handed.saturating_sub(owed) as f64 / t as f64).min(1.0),
+        })
     }
 
     fn kind(&self) -> UnitKind {
@@ -840,11 +860,12 @@ pub(super) fn check_pending(pending: &[(u32, u32)], w: &Window) -> Result<(), St
 }
 
 /// Epoch progress of a stream: completed epochs plus the fraction of the current one
-/// (window start plus the share of the window's blocks already handed out).
+/// (window start plus the share of the window's rows already taken,
+/// [`Stream::window_taken`]; units are counted as equal within an epoch).
 pub(crate) fn epoch_progress(
     d: &DomainData,
     s: &StreamState,
-    blocks: Option<usize>,
+    taken: Option<f64>,
     g: &[Geometry],
 ) -> f64 {
     if !s.started {
@@ -857,9 +878,6 @@ pub(crate) fn epoch_progress(
     };
     let n = d.virtual_units(kind, s.upsample).max(1);
     let end = (s.window_start + d.window_len(geometry(g, stage::origin(s)))).min(n);
-    let within = match blocks {
-        Some(b) if b > 0 => (s.next_block as f64 / b as f64).min(1.0),
-        _ => 0.0,
-    };
+    let within = taken.unwrap_or(0.0);
     s.epoch as f64 + (s.window_start as f64 + within * (end - s.window_start) as f64) / n as f64
 }
