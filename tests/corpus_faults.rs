@@ -345,12 +345,54 @@ fn a_raw_file_with_a_numpy_header_is_refused_not_read_as_tokens() {
             && e.contains("claims 1000 bytes from byte 12, past the end of the 30-byte file"),
         "{e}"
     );
+    // Regression: a header of the file's own bytes was echoed whole and raw (a hostile
+    // one held megabytes of terminal escapes and forged log lines). Quoted and cut.
+    let mut hostile = b"\x93NUMPY\x02\x00".to_vec();
+    let text = format!("fake\n\x1b[31mRED\0{}", "A".repeat(100_000));
+    hostile.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    hostile.extend_from_slice(text.as_bytes());
+    std::fs::write(&path, &hostile).unwrap();
+    let e = Shard::open(&path, Some(&raw_opts(0)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.len() < 1000, "{} bytes", e.len());
+    assert!(
+        !e.contains('\n') && !e.contains('\x1b') && !e.contains('\0'),
+        "{e}"
+    );
+    assert!(e.contains("fake\\n\\u{1b}[31mRED"), "{e}");
     // The magic's ids without a version numpy defines: tokens.
     let mut ids = b"\x93NUMPY\x07\x00".to_vec();
     ids.extend_from_slice(&tokens);
     std::fs::write(&path, &ids).unwrap();
     let r = RawShard::open(&path, &raw_opts(0)).unwrap();
     assert_eq!(raw_docs(&r).concat().len(), 4 + 7);
+}
+
+/// Regression: a shard behind a symlink loop, or in a directory its reader may not
+/// search, was "no such ... file", which sends a user looking for a typo. The OS's
+/// reason is named.
+#[test]
+fn a_shard_that_cannot_be_reached_names_the_reason_not_absence() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("loop");
+    std::os::unix::fs::symlink("loop.idx", prefix.with_extension("idx")).unwrap();
+    std::os::unix::fs::symlink("loop.bin", prefix.with_extension("bin")).unwrap();
+    let raw = dir.path().join("raw-loop");
+    std::os::unix::fs::symlink("raw-loop", &raw).unwrap();
+    for args in [
+        vec!["inspect"],
+        vec!["inspect", "--format", "raw", "--eos-id", "0"],
+    ] {
+        let path = if args.len() == 1 { &prefix } else { &raw };
+        let out = common::bin().args(&args).arg(path).output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{e}");
+        assert!(
+            e.contains("cannot be read:") && e.contains("symbolic links") && !e.contains("no such"),
+            "{e}"
+        );
+    }
 }
 
 /// A Megatron shard `g` of one document in `dir`, and where its group sidecar goes.

@@ -238,6 +238,27 @@ fn a_truncated_shard_fails_only_its_ring_with_every_reader() {
     }
 }
 
+/// Regression: a sent SIGBUS (`kill -BUS`) was handed to std's stack-overflow handler,
+/// which returned without a fault to recur on: the daemon lived on with SIGBUS at its
+/// default action and no guard, and the next truncated shard killed it. A sent SIGBUS
+/// now ends the daemon as the signal's default action does, as documented.
+#[test]
+fn a_sent_sigbus_ends_the_daemon_as_its_default_action() {
+    use std::os::unix::process::ExitStatusExt;
+    let corpus = common::corpus(50_000, 1, 1, 50_000);
+    let mut d = Daemon::start(&corpus.dir, "mmap");
+    let mut c = d.connect("one", SlotLayout::Compact, 0);
+    c.next_batch().unwrap();
+    d.serve.signal(libc::SIGBUS);
+    let status = d.serve.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|s| s.signal()),
+        Some(libc::SIGBUS),
+        "{status:?}: {}",
+        d.serve.log_text()
+    );
+}
+
 /// A reader the daemon does not know is refused at `check-config` (and so at `serve`),
 /// naming `[serve]`, the value and the readers there are.
 #[test]

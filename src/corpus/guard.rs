@@ -447,10 +447,13 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
         }
         // Not ours: put back what was there and let the signal take its course. A memory
         // fault recurs when the instruction retries; a sent signal is raised again and
-        // delivered once this handler returns.
+        // delivered once this handler returns, under the default action (terminate):
+        // the previous handler (std's stack-overflow one) returns without recurring on
+        // a sent signal, which left the daemon alive with no guard at all, so that the
+        // next truncated shard killed it.
         match PREVIOUS.get() {
-            Some(prev) => libc::sigaction(sig, prev, std::ptr::null_mut()),
-            None => {
+            Some(prev) if code > 0 => libc::sigaction(sig, prev, std::ptr::null_mut()),
+            _ => {
                 let mut dfl: libc::sigaction = std::mem::zeroed();
                 dfl.sa_sigaction = libc::SIG_DFL;
                 libc::sigaction(sig, &dfl, std::ptr::null_mut())

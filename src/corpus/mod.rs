@@ -607,26 +607,38 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
             let prefix = strip_megatron_ext(arg);
             let idx = megatron::with_suffix(&prefix, "idx");
             let bin = megatron::with_suffix(&prefix, "bin");
+            // The OS's reason when it is not plain absence (a symlink loop, a directory
+            // the user may not search): "no such file" sent them looking for a typo.
+            let absent = |p: &Path, what: &str| match std::fs::metadata(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    format!("cannot be read: {e}")
+                }
+                _ => what.to_string(),
+            };
             match (idx.exists(), bin.exists()) {
                 (true, true) => Ok(vec![prefix]),
                 (false, _) => Err(CorpusError::NotFound {
+                    what: absent(
+                        &idx,
+                        "no such index file (a Megatron shard needs <prefix>.idx and <prefix>.bin)",
+                    ),
                     path: idx,
-                    what:
-                        "no such index file (a Megatron shard needs <prefix>.idx and <prefix>.bin)"
-                            .into(),
                 }),
                 (true, false) => Err(CorpusError::NotFound {
+                    what: absent(&bin, "no such data file (the .idx has no .bin beside it)"),
                     path: bin,
-                    what: "no such data file (the .idx has no .bin beside it)".into(),
                 }),
             }
         }
         Format::Raw => match std::fs::metadata(arg) {
             Ok(m) if m.is_file() => Ok(vec![arg.to_path_buf()]),
             Ok(m) => Err(not_regular(arg, &m)),
-            Err(_) => Err(CorpusError::NotFound {
+            Err(e) => Err(CorpusError::NotFound {
                 path: arg.to_path_buf(),
-                what: "no such token file".into(),
+                what: match e.kind() {
+                    std::io::ErrorKind::NotFound => "no such token file".into(),
+                    _ => format!("cannot be read: {e}"),
+                },
             }),
         },
     }

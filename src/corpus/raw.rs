@@ -439,7 +439,19 @@ fn npy_header(data: &[u8]) -> Option<String> {
     let pre = super::groups::NpyPreamble::of(data)?;
     let (major, minor, text_at) = (pre.major, pre.minor, pre.text_at);
     let described = match (pre.text(data), pre.header_len) {
-        (Some(d), _) => format!("its header {}", String::from_utf8_lossy(d).trim()),
+        (Some(d), _) => {
+            // Escaped, and cut: the header is the file's bytes (a hostile one held 5 MB of
+            // terminal escapes and newlines, echoed whole into the error and the log).
+            let text = String::from_utf8_lossy(&d[..d.len().min(200)]);
+            let cut = if d.len() > 200 { "..." } else { "" };
+            let shown: String = (text.trim().chars())
+                .map(|c| match c.is_control() {
+                    true => c.escape_debug().to_string(),
+                    false => c.to_string(),
+                })
+                .collect();
+            format!("its header {shown}{cut}")
+        }
         (None, Some(n)) => format!(
             "its header claims {n} bytes from byte {text_at}, past the end of the {}-byte file",
             data.len()
