@@ -26,7 +26,7 @@
 //! read per check: no syscall, no copy.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 thread_local! {
@@ -125,6 +125,27 @@ pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Resul
         let _ = PREVIOUS.set(prev);
     }
     Ok(())
+}
+
+/// Whether [`protect_if_asked`] registers every shard mapping as it is made.
+static PROTECT_AT_MAP: AtomicBool = AtomicBool::new(false);
+
+/// Registers every shard mapping made from now on as guarded, the moment it is mapped:
+/// what a daemon asks before it opens its corpus, since a shard truncated while the
+/// corpus opens (an `rsync --inplace` during a restart) faulted in the index reads of the
+/// open itself, before any mapping was registered, and killed it without a word. Only
+/// processes that map each shard once should ask: registrations last for the process.
+pub fn protect_every_mapping() {
+    PROTECT_AT_MAP.store(true, Ordering::Release);
+}
+
+/// Registers `bytes` (a mapping just made) when [`protect_every_mapping`] was asked.
+pub(crate) fn protect_if_asked(bytes: &[u8]) {
+    if PROTECT_AT_MAP.load(Ordering::Acquire) {
+        if let Err(e) = protect([bytes]) {
+            tracing::warn!("cannot install the SIGBUS guard ({e}); a shard truncated while read will stop the daemon");
+        }
+    }
 }
 
 /// Marks the calling thread as reading guarded mappings until the value is dropped.
@@ -469,6 +490,33 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Regression: a shard truncated while the daemon opened its corpus faulted in the
+    /// open's own index reads, before `Hub::new` registered any mapping, and SIGBUS
+    /// killed the daemon with nothing in its log. Asked first, every shard mapping is
+    /// guarded from the moment it is made (without it this read kills the test binary).
+    #[test]
+    fn mappings_made_after_protect_every_mapping_are_guarded_from_their_first_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("early.idx");
+        std::fs::write(&path, vec![9u8; 64 * 1024]).unwrap();
+        protect_every_mapping();
+        let mapped = crate::corpus::map_file(&path).unwrap();
+        let bytes = mapped.map.as_ref().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let mark = zeroed_pages();
+        let _g = enter();
+        assert_eq!(std::hint::black_box(&bytes[..])[50000], 0);
+        assert_eq!(
+            fault_since_in(mark, |_| true),
+            Some(bytes.as_ptr() as usize + 50000)
+        );
+    }
 
     #[test]
     fn a_truncated_mapping_faults_into_an_error_not_a_crash() {

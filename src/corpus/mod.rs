@@ -787,6 +787,7 @@ pub(crate) fn map_file(path: &Path) -> Result<Mapped> {
     // Shards are immutable while served (see the module docs); every access is
     // bounds-checked against the mapping's length.
     let map = crate::sys::map_file(&file, None).map_err(|e| CorpusError::io(path, "mmap", e))?;
+    guard::protect_if_asked(&map);
     let stamp = FileStamp::of_file(&file, path)?;
     let len = map.len() as u64;
     if stamp.size != len {

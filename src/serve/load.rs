@@ -46,6 +46,40 @@ pub(super) struct Loaded {
 /// pass over every index (`check-config`); `serve` leaves it to the background check
 /// after READY, so that its start grows with shards, not documents.
 pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
+    use crate::corpus::guard;
+    // Guarded from the first mapping on: a shard truncated while the corpus opens (a
+    // copy over it with `rsync --inplace` during a restart) faults into zeros here, and
+    // the start fails naming it, instead of dying of SIGBUS with nothing in the log.
+    guard::protect_every_mapping();
+    let mark = guard::zeroed_pages();
+    let entered = guard::enter();
+    let loaded = load_unguarded(config, validate);
+    drop(entered);
+    let Some(addr) = guard::fault_since_in(mark, |_| true) else {
+        return loaded;
+    };
+    // The zeros read may have passed for data (an identity hash, lengths): nothing of
+    // this load is used.
+    let file = loaded.ok().and_then(|l| {
+        let shards = l.shards.iter().flatten();
+        shards.into_iter().find_map(|s| {
+            let hit = s.mappings().into_iter().any(|m| {
+                let start = m.as_ptr() as usize;
+                (start..start + m.len()).contains(&addr)
+            });
+            hit.then(|| s.path().display().to_string())
+        })
+    });
+    bail!(
+        "{}: {} shrank while the daemon opened the corpus (a read faulted on it); a shard \
+         must not be modified in place while it is in use. Start again once it is whole",
+        config.display(),
+        file.map_or("a shard file".to_string(), |f| format!("shard {f}"))
+    )
+}
+
+/// [`load`] without its guard.
+fn load_unguarded(config: &Path, validate: bool) -> Result<Loaded> {
     let (cfg, hash) = Config::load_hashed(config)?;
     let serve = ServeConfig::from_config(&cfg)?;
     let loaded = if validate {
