@@ -238,6 +238,35 @@ fn a_truncated_shard_fails_only_its_ring_with_every_reader() {
     }
 }
 
+/// Regression: a shard rewritten in place (same size) while the daemon had no client
+/// was served to the next client: the workers stat the shards at the top of their loop,
+/// before sleeping in the claim, so the first fill after a long idle copied the new
+/// bytes. The stat now runs after the claim too; that fill fails naming the file.
+#[test]
+fn a_shard_rewritten_while_the_daemon_is_idle_is_not_served() {
+    let corpus = common::corpus(50_000, 1, 1, 50_000);
+    let d = Daemon::start(&corpus.dir, "mmap");
+    std::thread::sleep(Duration::from_millis(300));
+    for e in std::fs::read_dir(corpus.dir.join("web")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "bin") {
+            let len = std::fs::metadata(&p).unwrap().len() as usize;
+            std::fs::write(&p, vec![7u8; len]).unwrap();
+        }
+    }
+    // Past the daemon's once-a-second stat, idle all along.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut c = d.connect("late", SlotLayout::Compact, 0);
+    match c.next_batch() {
+        Err(ClientError::Daemon { code, message }) => {
+            assert_eq!(code, "materialize", "{message}");
+            assert!(message.contains("modified in place"), "{message}");
+        }
+        Ok(b) => panic!("step {} served from a shard rewritten in place", b.step),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Regression: a sent SIGBUS (`kill -BUS`) was handed to std's stack-overflow handler,
 /// which returned without a fault to recur on: the daemon lived on with SIGBUS at its
 /// default action and no guard, and the next truncated shard killed it. A sent SIGBUS

@@ -176,6 +176,11 @@ impl Hub {
                 }
                 claimed
             };
+            // A worker that slept in the claim (an idle daemon) stats the shards before it
+            // copies: the check at the loop's top ran before the sleep, and a shard
+            // rewritten in place meanwhile was served to the first client after it, with
+            // no time bound. Rate-limited inside (once a `SHARD_CHECK`), so free here.
+            self.check_shards();
             // `claim` handed this step to this worker alone (it is in `in_flight` until we
             // return), and the step is at least `slots` ahead of nothing a peer still
             // holds (next_fill < base + slots); the ring refuses a second writer anyway.
