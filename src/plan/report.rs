@@ -87,11 +87,50 @@ pub struct WindowFigures {
     pub capped_groups: u64,
 }
 
+/// A window's figures as its batches are added: the batches themselves are not kept (a
+/// window of 5,000 steps of 256 rows held gigabytes, `plan --steps 50000` 8.5 GB).
+#[derive(Default)]
+struct WindowSums {
+    batches: u64,
+    first_step: Option<u64>,
+    last_step: u64,
+    last_plan_step: u64,
+    capacity: u64,
+    by_length: [(u64, u64); LENGTH_BUCKETS.len()],
+    grouped_rows: u64,
+    single: u64,
+    rows: Vec<u64>,
+    tokens: Vec<u64>,
+    target: Vec<f64>,
+    trunc: u64,
+    started: u64,
+    /// Documents per row, one entry a row (for its percentiles).
+    per_row: Vec<u32>,
+    /// Distinct groups per batch.
+    groups: Vec<usize>,
+}
+
+/// How often each piece (shard, document, start) of one domain epoch was seen.
+type PiecesSeen = HashMap<(u32, u64, u64), u32>;
+
+/// Batches without a row of an epoch after which, its domain having a later one, it is
+/// taken to be over (and its pieces forgotten): far more than a tail of spanning groups
+/// or pending blocks takes to drain.
+const EPOCH_OVER: u64 = 256;
+
 /// Accumulates batches into windows.
 pub struct Tally<'p> {
     plan: &'p Plan,
-    window: Vec<GlobalBatch>,
-    seen: HashMap<(u16, u32, u32, u64, u64), u32>,
+    window: WindowSums,
+    /// Pieces seen, per (domain, epoch): an epoch's map is dropped once its domain has
+    /// a later epoch and no row of it came for [`EPOCH_OVER`] batches (its tail has
+    /// drained), so memory follows the epochs in flight, not the run (one flat map grew
+    /// by 100 KB a step: `plan --steps 50000` took 8.5 GB).
+    seen: HashMap<(u16, u32), PiecesSeen>,
+    /// Per (domain, epoch), the ordinal of the last batch with a row of it.
+    epoch_last: HashMap<(u16, u32), u64>,
+    /// Batches of the windows already closed.
+    batches_before: u64,
     duplicates: u64,
     /// Per domain, the batches so far in which it had rows.
     domain_batches: Vec<u64>,
@@ -136,8 +175,10 @@ impl<'p> Tally<'p> {
     pub fn new(plan: &'p Plan) -> Tally<'p> {
         Tally {
             plan,
-            window: Vec::new(),
+            window: WindowSums::default(),
             seen: HashMap::new(),
+            epoch_last: HashMap::new(),
+            batches_before: 0,
             duplicates: 0,
             domain_batches: vec![0; plan.domains.len()],
             last_batch: HashMap::new(),
@@ -275,18 +316,91 @@ impl<'p> Tally<'p> {
                 } else {
                     s.start
                 };
-                let c = self
-                    .seen
-                    .entry((row.domain, row.epoch, s.shard, s.doc, start))
-                    .or_insert(0);
+                let epoch = self.seen.entry((row.domain, row.epoch)).or_default();
+                let c = epoch.entry((s.shard, s.doc, start)).or_insert(0);
                 *c += 1;
                 if *c > allowed {
                     self.duplicates += 1;
                 }
             }
         }
+        // Epochs whose domain has moved on and that gave no row for EPOCH_OVER batches
+        // are over: a tail of spanning groups or pending blocks drains within a few.
+        let now = self.window.batches + self.batches_before;
+        for r in &batch.rows {
+            self.epoch_last.insert((r.domain, r.epoch), now);
+        }
+        if now % EPOCH_OVER == 0 {
+            let mut newest: HashMap<u16, u32> = HashMap::new();
+            for &(d, e) in self.epoch_last.keys() {
+                let n = newest.entry(d).or_insert(e);
+                *n = (*n).max(e);
+            }
+            let last = &self.epoch_last;
+            let over = |d: u16, e: u32| {
+                newest.get(&d).is_some_and(|&n| n > e)
+                    && last.get(&(d, e)).is_some_and(|&at| at + EPOCH_OVER < now)
+            };
+            self.seen.retain(|&(d, e), _| !over(d, e));
+            self.last_batch.retain(|&(d, e, _, _), _| !over(d, e));
+            let stale: Vec<(u16, u32)> = (last.keys().copied())
+                .filter(|&(d, e)| over(d, e))
+                .collect();
+            for k in stale {
+                self.epoch_last.remove(&k);
+            }
+        }
         self.check_grouping(&batch);
-        self.window.push(batch);
+        self.count(&batch);
+    }
+
+    /// Adds `b` to the window's sums.
+    fn count(&mut self, b: &GlobalBatch) {
+        let plan = self.plan;
+        let n = plan.domains.len();
+        let w = &mut self.window;
+        if w.rows.is_empty() {
+            (w.rows, w.tokens, w.target) = (vec![0; n], vec![0; n], vec![0.0; n]);
+        }
+        w.batches += 1;
+        w.first_step.get_or_insert(b.step);
+        (w.last_step, w.last_plan_step) = (b.step, b.plan_step);
+        for (d, s) in plan.mixer.schedule.shares(b.plan_step).iter().enumerate() {
+            w.target[d] += s;
+        }
+        let mut distinct = BTreeSet::new();
+        let cap = plan.capacity_at(b.plan_step);
+        for r in &b.rows {
+            w.rows[r.domain as usize] += 1;
+            w.tokens[r.domain as usize] += r.tokens as u64;
+            w.capacity += cap as u64;
+            w.trunc += r.truncated(cap) as u64;
+            w.started += r.docs_started() as u64;
+            w.per_row.push(r.segments.len() as u32);
+            for s in &r.segments {
+                if let Some(g) = s.group {
+                    distinct.insert((r.domain, s.shard, g));
+                }
+                let i = LENGTH_BUCKETS.partition_point(|&m| m < s.doc_len);
+                let bucket = &mut w.by_length[i.min(LENGTH_BUCKETS.len() - 1)];
+                bucket.0 += 1;
+                bucket.1 += s.len as u64;
+            }
+            let grouping = plan.domains[r.domain as usize].settings.grouping.mode;
+            if grouping != crate::config::plan::GroupMode::Off {
+                w.grouped_rows += 1;
+                let groups: BTreeSet<(u32, Option<u64>)> =
+                    r.segments.iter().map(|s| (s.shard, s.group)).collect();
+                w.single += u64::from(groups.len() == 1);
+            }
+        }
+        w.groups.push(distinct.len());
+    }
+
+    /// How many pieces the duplicate check holds: what its memory follows, bounded by
+    /// the epochs in flight (tests check that a long run does not grow it).
+    pub fn pieces_tracked(&self) -> usize {
+        self.seen.values().map(HashMap::len).sum()
     }
 
     /// Closes the window at `planner` (the planner that produced its batches): its
@@ -304,49 +418,28 @@ impl<'p> Tally<'p> {
 
     /// Closes the window: its figures, with epochs as of `epochs`.
     pub fn finish(&mut self, epochs: &[f64]) -> WindowFigures {
-        let batches = std::mem::take(&mut self.window);
         let plan = self.plan;
         let n = plan.domains.len();
-        let mut capacity = 0u64;
-        let mut by_length = [(0u64, 0u64); LENGTH_BUCKETS.len()];
-        let (mut grouped_rows, mut single) = (0u64, 0u64);
-        let mut rows = vec![0u64; n];
-        let mut tokens = vec![0u64; n];
-        let mut target = vec![0f64; n];
-        let (mut trunc, mut started) = (0u64, 0u64);
-        let mut per_row: Vec<u32> = Vec::new();
-        let mut groups: Vec<usize> = Vec::new();
-        for b in &batches {
-            for (d, s) in plan.mixer.schedule.shares(b.plan_step).iter().enumerate() {
-                target[d] += s;
-            }
-            let mut distinct = BTreeSet::new();
-            let cap = plan.capacity_at(b.plan_step);
-            for r in &b.rows {
-                rows[r.domain as usize] += 1;
-                tokens[r.domain as usize] += r.tokens as u64;
-                capacity += cap as u64;
-                trunc += r.truncated(cap) as u64;
-                started += r.docs_started() as u64;
-                per_row.push(r.segments.len() as u32);
-                for s in &r.segments {
-                    if let Some(g) = s.group {
-                        distinct.insert((r.domain, s.shard, g));
-                    }
-                    let i = LENGTH_BUCKETS.partition_point(|&m| m < s.doc_len);
-                    let bucket = &mut by_length[i.min(LENGTH_BUCKETS.len() - 1)];
-                    bucket.0 += 1;
-                    bucket.1 += s.len as u64;
-                }
-                let grouping = plan.domains[r.domain as usize].settings.grouping.mode;
-                if grouping != crate::config::plan::GroupMode::Off {
-                    grouped_rows += 1;
-                    let groups: BTreeSet<(u32, Option<u64>)> =
-                        r.segments.iter().map(|s| (s.shard, s.group)).collect();
-                    single += u64::from(groups.len() == 1);
-                }
-            }
-            groups.push(distinct.len());
+        let WindowSums {
+            batches,
+            first_step,
+            last_step,
+            last_plan_step,
+            capacity,
+            by_length,
+            grouped_rows,
+            single,
+            mut rows,
+            mut tokens,
+            mut target,
+            trunc,
+            started,
+            mut per_row,
+            groups,
+        } = std::mem::take(&mut self.window);
+        self.batches_before += batches;
+        if rows.is_empty() {
+            (rows, tokens, target) = (vec![0; n], vec![0; n], vec![0.0; n]);
         }
         let all_rows: u64 = rows.iter().sum();
         let all_tokens: u64 = tokens.iter().sum();
@@ -358,14 +451,13 @@ impl<'p> Tally<'p> {
             let i = ((q * per_row.len() as f64).ceil() as usize).clamp(1, per_row.len()) - 1;
             per_row[i] as f64
         };
-        let nb = batches.len().max(1) as f64;
-        let last_plan_step = batches.last().map_or(0, |b| b.plan_step);
+        let nb = batches.max(1) as f64;
         let stage = plan.stage_at(last_plan_step);
         let shape = plan.shape(stage);
         let per = all_rows.max(1) as f64;
         WindowFigures {
-            first_step: batches.first().map_or(0, |b| b.step),
-            last_step: batches.last().map_or(0, |b| b.step),
+            first_step: first_step.unwrap_or(0),
+            last_step,
             stage,
             seq_len: shape.seq_len,
             rows_per_batch: shape.rows,
