@@ -614,7 +614,7 @@ fn a_passed_validation_is_recorded_and_trusted_by_the_next_start() {
 
 /// Shard paths are told apart by file, not spelling, with each directory canonicalized
 /// once: a shard reached through a linked directory, a `..` or a linked index is the
-/// same shard, refused when listed twice; a copy is another shard.
+/// same shard, refused when listed twice, and so is a hard link; a copy is another shard.
 #[test]
 fn a_shard_listed_twice_under_another_spelling_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -625,6 +625,7 @@ fn a_shard_listed_twice_under_another_spelling_is_refused() {
     for ext in ["idx", "bin"] {
         std::os::unix::fs::symlink(common::with(&x, ext), d.join(format!("y.{ext}"))).unwrap();
         std::fs::copy(common::with(&x, ext), d.join(format!("z.{ext}"))).unwrap();
+        std::fs::hard_link(common::with(&x, ext), d.join(format!("h.{ext}"))).unwrap();
     }
     let listing = |other: &str| {
         let text = format!(
@@ -639,5 +640,11 @@ fn a_shard_listed_twice_under_another_spelling_is_refused() {
         let e = listing(twice).unwrap_err().to_string();
         assert!(e.contains("listed twice"), "{twice}: {e}");
     }
+    // Regression: a hard link (a `cp -al` snapshot beside its source) was another shard.
+    let e = listing("d/h").unwrap_err().to_string();
+    assert!(
+        e.contains("is the same file as shard") && e.contains("hard link"),
+        "{e}"
+    );
     listing("d/z").unwrap();
 }

@@ -473,6 +473,8 @@ impl Config {
         let mut out = Vec::new();
         let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
         let mut dirs = std::collections::HashMap::new();
+        let mut inodes: std::collections::HashMap<(u64, u64), (PathBuf, String)> =
+            std::collections::HashMap::new();
         for (i, d) in self.corpus.domains.iter().enumerate() {
             let wrap = |source| ConfigError::Corpus {
                 domain: d.name.clone(),
@@ -495,6 +497,28 @@ impl Config {
                                  it would be read twice as often as its weight says",
                                 path.display(),
                                 d.name
+                            ),
+                        });
+                    }
+                    // And files, not names: a hard link (a `cp -al` snapshot listed
+                    // beside its source) is the same shard under another path.
+                    let inode = std::fs::metadata(&file).ok().map(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        (m.dev(), m.ino())
+                    });
+                    if let Some((first_path, first)) =
+                        inode.and_then(|k| inodes.insert(k, (path.clone(), d.name.clone())))
+                    {
+                        return Err(ConfigError::Invalid {
+                            path: self.source.clone(),
+                            field: "corpus.domain.shards".into(),
+                            what: format!(
+                                "shard {} (domain {}) is the same file as shard {} (domain \
+                                 {first}), a hard link; it would be read twice as often as its \
+                                 weight says",
+                                path.display(),
+                                d.name,
+                                first_path.display()
                             ),
                         });
                     }
