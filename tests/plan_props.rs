@@ -3868,19 +3868,28 @@ fn cursor_history_future_stage_switch() {
     );
 }
 
+/// Two ungrouped domains `a` and `b` of 60 random documents each, from `seed`.
+fn ab_domains(seed: u64) -> Vec<DomSpec> {
+    let mut rng = Pcg64::seed_from_u64(seed);
+    vec![
+        gen_domain(&mut rng, "a", 1, 60, 33, settings(GroupMode::Off)),
+        gen_domain(&mut rng, "b", 1, 60, 33, settings(GroupMode::Off)),
+    ]
+}
+
+/// A schedule point of [`ab_domains`]: weights `a` and `b` at `step`.
+fn ab_point(step: u64, a: f64, b: f64) -> SchedulePoint {
+    SchedulePoint {
+        step,
+        weights: weights_map(&[("a", a), ("b", b)]),
+    }
+}
+
 /// Editing a ramp's far end point can leave the share at the blob's last step
 /// unchanged and still change every step before it; such an edit must be refused.
 #[test]
 fn cursor_history_catches_a_reparametrized_ramp() {
-    let mut rng = Pcg64::seed_from_u64(4);
-    let domains = vec![
-        gen_domain(&mut rng, "a", 1, 60, 33, settings(GroupMode::Off)),
-        gen_domain(&mut rng, "b", 1, 60, 33, settings(GroupMode::Off)),
-    ];
-    let point = |step, a, b| SchedulePoint {
-        step,
-        weights: weights_map(&[("a", a), ("b", b)]),
-    };
+    let (domains, point) = (ab_domains(4), ab_point);
     let mut cfg = base_config(32, 4, Packing::BestFit, 16);
     cfg.schedule = vec![point(0, 1.0, 0.0), point(98, 0.0, 1.0)];
     // Same shares at step 49 (0.5, 0.5) and at 0, different shares at every other step
@@ -3911,15 +3920,7 @@ fn cursor_history_catches_a_reparametrized_ramp() {
 /// knot (the reload now warns with it), and agrees with what a restart accepts.
 #[test]
 fn restart_knot_names_the_point_that_a_restarted_daemon_refuses_blobs_over() {
-    let mut rng = Pcg64::seed_from_u64(5);
-    let domains = vec![
-        gen_domain(&mut rng, "a", 1, 60, 33, settings(GroupMode::Off)),
-        gen_domain(&mut rng, "b", 1, 60, 33, settings(GroupMode::Off)),
-    ];
-    let point = |step, a, b| SchedulePoint {
-        step,
-        weights: weights_map(&[("a", a), ("b", b)]),
-    };
+    let (domains, point) = (ab_domains(5), ab_point);
     let mut cfg = base_config(32, 4, Packing::BestFit, 16);
     cfg.schedule = vec![point(0, 1.0, 1.0)];
     let running = build(&domains, cfg.clone());

@@ -491,6 +491,12 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// Truncates the file at `path` to `len` bytes, under its mappings.
+    fn shrink(path: &std::path::Path, len: u64) {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(len).unwrap();
+    }
+
     /// Regression: a shard truncated while the daemon opened its corpus faulted in the
     /// open's own index reads, before `Hub::new` registered any mapping, and SIGBUS
     /// killed the daemon with nothing in its log. Asked first, every shard mapping is
@@ -503,12 +509,7 @@ mod tests {
         protect_every_mapping();
         let mapped = crate::corpus::map_file(&path).unwrap();
         let bytes = mapped.map.as_ref().unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(4096)
-            .unwrap();
+        shrink(&path, 4096);
         let mark = zeroed_pages();
         let _g = enter();
         assert_eq!(std::hint::black_box(&bytes[..])[50000], 0);
@@ -533,12 +534,7 @@ mod tests {
             assert_eq!(map[40000], 7);
             assert_eq!(take_fault(), None);
         }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(4096)
-            .unwrap();
+        shrink(&path, 4096);
         let _g = enter();
         let v = std::hint::black_box(&map[..])[40000];
         let fault = take_fault().expect("the read past the new end faulted");

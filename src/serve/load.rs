@@ -60,7 +60,11 @@ pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
     };
     // The zeros read may have passed for data (an identity hash, lengths): nothing of
     // this load is used.
-    let file = loaded.ok().and_then(|l| {
+    let (loaded, failed) = match loaded {
+        Ok(l) => (Some(l), String::new()),
+        Err(e) => (None, format!(" (the open then failed: {e:#})")),
+    };
+    let file = loaded.and_then(|l| {
         let shards = l.shards.iter().flatten();
         shards.into_iter().find_map(|s| {
             let hit = s.mappings().into_iter().any(|m| {
@@ -72,7 +76,7 @@ pub(super) fn load(config: &Path, validate: bool) -> Result<Loaded> {
     });
     bail!(
         "{}: {} shrank while the daemon opened the corpus (a read faulted on it); a shard \
-         must not be modified in place while it is in use. Start again once it is whole",
+         must not be modified in place while it is in use. Start again once it is whole{failed}",
         config.display(),
         file.map_or("a shard file".to_string(), |f| format!("shard {f}"))
     )
