@@ -897,13 +897,40 @@ fn reload_rereads_the_config() {
         .collect();
     // Target shares are token shares of the new weights 3:1:1:1.
     assert!((shares[0] - 0.5).abs() < 1e-6, "{shares:?}");
+    // A seed or a stage is refused naming the key (the refusal used to say only "[plan]
+    // settings other than weights and schedule changed"), and a stage names set-stage.
+    let good = toml::to_string(&doc).unwrap();
+    let mut seeded = doc.clone();
+    let plan = seeded.get_mut("plan").unwrap().as_table_mut().unwrap();
+    plan.insert("seed".into(), toml::Value::Integer(77));
+    std::fs::write(&f.config, toml::to_string(&seeded).unwrap()).unwrap();
+    let r = f.req(control::reload_request());
+    let message = r["message"].as_str().unwrap_or_default();
+    assert_eq!(r["code"], "invalid", "{r}");
+    assert!(
+        message.contains("[plan] `plan.seed` (") && message.contains("-> 77)"),
+        "{r}"
+    );
+    let staged = format!(
+        "{good}\n[[plan.stage]]\nstep = 500\nseq_len = {}\nglobal_batch_rows = {ROWS}\n",
+        2 * SEQ_LEN
+    );
+    std::fs::write(&f.config, staged).unwrap();
+    let r = f.req(control::reload_request());
+    let message = r["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`plan.stage`") && message.contains("ctl set-stage"),
+        "{r}"
+    );
+    assert_eq!(f.journal(), journal);
+    assert_eq!(f.status()["failed_reloads"], 2);
     // A broken file is refused as a whole, counted, and changes nothing.
     std::fs::write(&f.config, "[plan\n").unwrap();
     let r = f.req(control::reload_request());
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(r["code"], "invalid", "{r}");
     assert_eq!(f.journal(), journal);
-    assert_eq!(f.status()["failed_reloads"], 1);
+    assert_eq!(f.status()["failed_reloads"], 3);
 }
 
 /// `ctl --config B reload` against a daemon started with A (B names A's socket: a copy

@@ -719,6 +719,37 @@ fn demo_with_the_rust_consumer_exits_zero() {
     assert!(UnixStream::connect(dir.join("millrace.sock")).is_err());
 }
 
+/// Regression: a rank announced with two replicas whose second never connected (a
+/// launcher that started too few TP peers) showed in `status` as a full ring whose
+/// producer waited: "the trainer is the bottleneck". It now says which replicas are
+/// missing, and counts no producer wait while they are.
+#[test]
+fn a_ring_waiting_for_a_replica_says_so_and_counts_no_producer_wait() {
+    let f = fixture("int32");
+    let _serve = f.serve();
+    let _a = tp_peer(&f, "a");
+    std::thread::sleep(Duration::from_millis(800));
+    let st = f.status();
+    let ring = &st["jobs"][0]["rings"][0];
+    assert_eq!(
+        (&ring["joined"], &ring["replicas"]),
+        (&1.into(), &2.into()),
+        "{ring}"
+    );
+    assert_eq!(ring["producer_wait_s"].as_f64(), Some(0.0), "{ring}");
+    let out = common::bin()
+        .args(["status", "--socket"])
+        .arg(&f.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("a(pid"), "{text}");
+    assert!(
+        text.contains("waiting for 1 of 2 replicas to join"),
+        "{text}"
+    );
+}
+
 #[test]
 fn replicas_of_a_rank_share_its_ring_and_bad_releases_are_errors() {
     let f = fixture("int32");

@@ -266,6 +266,8 @@ fn an_upsampling_start_reads_no_length_outside_its_first_windows() {
         .unwrap();
     let mut json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&entry).unwrap()).unwrap();
+    // Forged below: without its checksum, as an entry from before checksums is read.
+    json.as_object_mut().unwrap().remove("checksum");
     let sampled: Vec<u64> = json["sample"]["offsets"]
         .as_array()
         .unwrap()

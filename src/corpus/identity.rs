@@ -109,6 +109,27 @@ struct Entry {
     /// the entry turns the index's fast paths on at once instead of after its own pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     one_seq_per_doc: Option<bool>,
+    /// xxh3-64 (hex) of the entry's JSON without this key ([`encode_entry`]): an entry
+    /// edited or corrupted in a way that still parses (a digit of `index_hash`) changed
+    /// the plan fingerprint silently, and a valid blob was then refused as "changed
+    /// content". Entries written before it have none, and are taken as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checksum: Option<String>,
+}
+
+/// The checksum `entry` should carry: the xxh3-64 (hex) of its JSON without `checksum`.
+fn entry_sum(entry: &Entry) -> serde_json::Result<String> {
+    let mut e = entry.clone();
+    e.checksum = None;
+    let body = serde_json::to_vec(&e)?;
+    Ok(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body)))
+}
+
+/// An entry's bytes: its JSON, with its checksum ([`entry_sum`]).
+fn encode_entry(entry: &Entry) -> serde_json::Result<Vec<u8>> {
+    let mut e = entry.clone();
+    e.checksum = Some(entry_sum(entry)?);
+    serde_json::to_vec(&e)
 }
 
 /// Which sidecar state an entry's runs file was read from.
@@ -335,8 +356,9 @@ impl IdentityCache {
             identity: id.clone(),
             groups,
             one_seq_per_doc: shard.validated_layout(),
+            checksum: None,
         };
-        let written = serde_json::to_vec(&entry)
+        let written = encode_entry(&entry)
             .map_err(std::io::Error::other)
             .and_then(|bytes| write_atomically(path, &bytes));
         if let Err(e) = written {
@@ -441,6 +463,14 @@ fn read_entry(path: &Path) -> std::result::Result<Entry, Miss> {
             entry.format,
             entry.version
         )));
+    }
+    if let Some(sum) = &entry.checksum {
+        if entry_sum(&entry).ok().as_ref() != Some(sum) {
+            return Err(Miss::Unreadable(format!(
+                "{}: its checksum does not match its contents (edited or corrupt)",
+                path.display()
+            )));
+        }
     }
     Ok(entry)
 }
@@ -715,11 +745,40 @@ mod tests {
         let mut entry: Entry =
             serde_json::from_slice(&std::fs::read(&entry_path).unwrap()).unwrap();
         entry.files = keys(&s);
-        std::fs::write(&entry_path, serde_json::to_vec(&entry).unwrap()).unwrap();
+        std::fs::write(&entry_path, encode_entry(&entry).unwrap()).unwrap();
         assert_eq!(cache.lookup(&s), Err(Miss::SampleChanged));
         let fresh = cache.identity(&s).unwrap();
         assert_eq!(fresh, s.identity().unwrap());
         assert_ne!(fresh.index_hash, id.index_hash);
+    }
+
+    /// Regression: an entry edited in a way that still parses (one digit of its
+    /// `index_hash`) was trusted: the plan fingerprint moved silently, and a valid blob
+    /// was refused as "changed content". Its checksum now fails it, and it is rewritten;
+    /// an entry written before checksums (none) is still read.
+    #[test]
+    fn an_entry_edited_in_place_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = shard(dir.path(), 300);
+        let cache = IdentityCache::new(Some(&dir.path().join("cache")));
+        let s = Shard::open(&prefix, None).unwrap();
+        let id = cache.identity(&s).unwrap();
+        let entry_path = cache.entry_path(&s).unwrap();
+        let text = std::fs::read_to_string(&entry_path).unwrap();
+        let at = text.find(&id.index_hash).unwrap();
+        let digit = if &text[at..at + 1] == "0" { "1" } else { "0" };
+        let edited = format!("{}{digit}{}", &text[..at], &text[at + 1..]);
+        std::fs::write(&entry_path, &edited).unwrap();
+        match cache.lookup(&s) {
+            Err(Miss::Unreadable(why)) => assert!(why.contains("checksum"), "{why}"),
+            other => panic!("an edited entry was {other:?}"),
+        }
+        assert_eq!(cache.identity(&s).unwrap(), id, "recomputed");
+        let mut old: Entry = serde_json::from_slice(&std::fs::read(&entry_path).unwrap()).unwrap();
+        assert!(old.checksum.is_some(), "rewritten with a checksum");
+        old.checksum = None;
+        std::fs::write(&entry_path, serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(cache.lookup(&s), Ok(id));
     }
 
     /// The sidecar is sampled with `pread`, the index through its mapping: the same

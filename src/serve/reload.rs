@@ -74,13 +74,19 @@ enum Refused {
         .0.display()
     )]
     Corpus(PathBuf),
-    /// `[plan]` changed beyond weights and schedule.
+    /// `[plan]` changed beyond weights and schedule: the file, and the keys that did.
     #[error(
-        "{}: [plan] settings other than weights and schedule changed; restart the daemon \
-         to apply them",
-        .0.display()
+        "{}: [plan] {} changed; a reload only changes [plan] weights and schedule (restart \
+         the daemon to apply them{})",
+        .0.display(),
+        .1,
+        if .1.contains("`plan.stage`") {
+            "; a stage can be added live with `millrace ctl set-stage`"
+        } else {
+            ""
+        }
     )]
-    Fixed(PathBuf),
+    Fixed(PathBuf, String),
     /// `[serve]` holds what the next start would refuse (a ring budget that holds no
     /// ring, a socket path `serve` cannot bind): refused while its author is at hand.
     #[error("{}: {why}; the next start would refuse it", .0.display(), why = .1)]
@@ -107,6 +113,30 @@ fn fixed_part(p: &PlanConfig) -> PlanConfig {
     p.weights = None;
     p.schedule.clear();
     p
+}
+
+/// The `[plan]` keys that differ between `old` and `new`, as "`plan.seed` (7 -> 8)" for
+/// a value and "`plan.stage`" for a table or list: a refused reload names what to undo.
+fn plan_changes(old: &PlanConfig, new: &PlanConfig) -> String {
+    let table = |p: &PlanConfig| match toml::Value::try_from(p) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    let (old, new) = (table(old), table(new));
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let changed: Vec<String> = (keys.into_iter())
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| match (old.get(k), new.get(k)) {
+            (Some(a), Some(b)) if !a.is_table() && !a.is_array() => {
+                format!("`plan.{k}` ({a} -> {b})")
+            }
+            _ => format!("`plan.{k}`"),
+        })
+        .collect();
+    match changed.is_empty() {
+        true => "settings other than weights and schedule".into(),
+        false => changed.join(", "),
+    }
 }
 
 impl Daemon {
@@ -251,7 +281,8 @@ impl Daemon {
             return Err(Refused::Corpus(self.config.clone()));
         }
         if fixed_part(&plan) != running.fixed {
-            return Err(Refused::Fixed(self.config.clone()));
+            let what = plan_changes(&running.fixed, &fixed_part(&plan));
+            return Err(Refused::Fixed(self.config.clone(), what));
         }
         // Judged as the next start would judge them. Stages are part of what a reload may
         // not change: the plan in force has them. The socket only when the file moves it

@@ -225,6 +225,9 @@ pub struct RingStatus {
     pub consumer_wait_s: f64,
     /// The dp rank.
     pub dp_rank: u32,
+    /// Replicas that have joined: below `replicas`, the ring waits for the rest and
+    /// fills no more than its first slots (a launcher that starts too few TP peers).
+    pub joined: u32,
     /// Published slots not yet released by every peer.
     pub occupancy: u64,
     /// Releases the daemon read from its peers' release pages (no frame sent).
@@ -240,6 +243,8 @@ pub struct RingStatus {
     pub release_frames: u64,
     /// The lowest step every peer has released.
     pub released_step: u64,
+    /// Replicas the ring's first HELLO announced (0 from a daemon that did not send it).
+    pub replicas: u32,
     /// The ring's own number in this daemon: a ring made again under the same job and
     /// rank has another, and its figures start from zero, so `top` and the exporter take
     /// no difference across two rings (0 from a daemon that did not send it).

@@ -244,6 +244,15 @@ pub fn render_status(st: &Status) -> String {
                     )
                 })
                 .collect();
+            let mut peers = peers.join(", ");
+            if r.joined < r.replicas {
+                let _ = write!(
+                    peers,
+                    "; waiting for {} of {} replicas to join",
+                    r.replicas - r.joined,
+                    r.replicas
+                );
+            }
             let _ = writeln!(
                 s,
                 "{:<jw$} {:>4} {:>9} {:>9} {:>5} {:>15} {:>8.2}s {:>8.2}s  {}",
@@ -255,7 +264,7 @@ pub fn render_status(st: &Status) -> String {
                 thousands(r.tokens_delivered),
                 r.consumer_wait_s,
                 r.producer_wait_s,
-                peers.join(", ")
+                peers
             );
         }
     }

@@ -427,7 +427,12 @@ impl RingEntry {
     /// Updates the stall clocks after `published` or a peer's release moved.
     pub(super) fn clocks(&mut self, slots: u32, now: Instant) {
         let starved = self.started() && self.peers.values().any(|p| p.released >= self.published);
-        let full = !self.peers.is_empty() && self.published >= self.base() + slots as u64;
+        // A ring still waiting for announced replicas is held at its first slots by the
+        // missing peer, not by its trainers: that is no producer wait (it read as "the
+        // trainer is the bottleneck" while a TP peer had never started).
+        let full = !self.peers.is_empty()
+            && self.all_joined()
+            && self.published >= self.base() + slots as u64;
         let s = &mut self.stats;
         RingStats::track(starved, &mut s.starved_since, &mut s.consumer_wait, now);
         RingStats::track(full, &mut s.full_since, &mut s.producer_wait, now);

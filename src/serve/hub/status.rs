@@ -407,6 +407,8 @@ impl RingEntry {
             slots,
             occupancy: self.published.saturating_sub(released).min(slots as u64),
             peers,
+            replicas: self.replicas,
+            joined: self.joined.len() as u32,
             tokens_delivered: self.stats.tokens_delivered,
             batches_delivered: self.stats.batches_delivered,
             consumer_wait_s: consumer,
