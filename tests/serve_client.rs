@@ -737,12 +737,7 @@ fn a_ring_waiting_for_a_replica_says_so_and_counts_no_producer_wait() {
         "{ring}"
     );
     assert_eq!(ring["producer_wait_s"].as_f64(), Some(0.0), "{ring}");
-    let out = common::bin()
-        .args(["status", "--socket"])
-        .arg(&f.socket)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::status_text(&f.socket);
     assert!(text.contains("a(pid"), "{text}");
     assert!(
         text.contains("waiting for 1 of 2 replicas to join"),

@@ -300,12 +300,7 @@ fn running_out_of_fds_backs_off_and_recovers() {
     stream(&mut t, 10, &s);
     let st = f.status();
     assert_eq!(st["fd_limit"]["soft"], LIMIT, "{}", st["fd_limit"]);
-    let out = common::bin()
-        .args(["status", "--socket"])
-        .arg(&f.socket)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::status_text(&f.socket);
     assert!(
         text.contains(&format!(" open of {LIMIT} (hard {LIMIT})")),
         "{text}"

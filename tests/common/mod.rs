@@ -185,6 +185,16 @@ pub fn bin() -> std::process::Command {
     }
 }
 
+/// What `millrace status --socket SOCKET` prints (stdout).
+pub fn status_text(socket: &Path) -> String {
+    let out = bin()
+        .args(["status", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs `millrace check-config --config config`, which must fail, and returns its stderr.
 pub fn check_config_refusal(config: &Path) -> String {
     let out = bin()
