@@ -36,11 +36,38 @@ thread_local! {
     static FAULT: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Registered mappings, newest last. Readers (the handler) load the pointer; a writer
-/// publishes a new vector and leaks the old one, so the handler never reads freed
-/// memory. A daemon registers once, so the leak is one vector and one [`Region`] per
-/// mapping.
-static REGIONS: AtomicPtr<Vec<&'static Region>> = AtomicPtr::new(std::ptr::null_mut());
+/// Registered mappings, newest last. Readers (the handler) load the table and its
+/// length; a writer (under [`REGISTER`]) appends in place while the table has room, and
+/// when full publishes a table twice the size and leaks the old one, so the handler never
+/// reads freed memory and registering costs O(1) amortized: the daemon registers each
+/// shard mapping as it is made, and a copied list per registration was quadratic in
+/// shards, in time and in leaked copies.
+static REGIONS: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+
+/// An append-only table of registered mappings: `slots[..len]` are set, never changed.
+struct Table {
+    slots: Box<[AtomicPtr<Region>]>,
+    len: AtomicUsize,
+}
+
+impl Table {
+    /// An empty table of `cap` slots, holding the first `len` of `from` (the regions
+    /// of the table it replaces).
+    fn with(cap: usize, from: &[&'static Region]) -> Table {
+        let slots: Box<[AtomicPtr<Region>]> = (0..cap)
+            .map(|i| {
+                let r = from
+                    .get(i)
+                    .map_or(std::ptr::null_mut(), |r| *r as *const Region as *mut Region);
+                AtomicPtr::new(r)
+            })
+            .collect();
+        Table {
+            slots,
+            len: AtomicUsize::new(from.len()),
+        }
+    }
+}
 
 /// A registered mapping `[start, end)` and the pages the handler zeroed in it, kept by
 /// the mapping itself: [`ZEROED`] lists only the first [`ZEROED_CAP`] pages of the
@@ -81,7 +108,6 @@ static ZEROED_N: AtomicUsize = AtomicUsize::new(0);
 /// that live as long: the daemon's shards.
 pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Result<()> {
     let _lock = REGISTER.lock().unwrap_or_else(|p| p.into_inner());
-    let mut next = regions().to_vec();
     let fresh: Vec<(usize, usize)> = ranges
         .into_iter()
         .filter(|r| !r.is_empty())
@@ -89,7 +115,8 @@ pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Resul
         .collect();
     // A new mapping where an old one lost pages has none zeroed (no fault can be taken
     // on it before it is registered).
-    for z in &ZEROED {
+    let zeroed = ZEROED_N.load(Ordering::Acquire).min(ZEROED_CAP);
+    for z in &ZEROED[..zeroed] {
         let p = z.load(Ordering::Acquire);
         if p != 0 && fresh.iter().any(|&(a, b)| (a..b).contains(&p)) {
             z.store(0, Ordering::Release);
@@ -97,15 +124,31 @@ pub fn protect<'a>(ranges: impl IntoIterator<Item = &'a [u8]>) -> std::io::Resul
     }
     // Newest last, found first: a new mapping where an old one was starts with no page
     // zeroed.
-    next.extend(fresh.into_iter().map(|(start, end)| {
-        &*Box::leak(Box::new(Region {
+    for (start, end) in fresh {
+        let region: &'static Region = Box::leak(Box::new(Region {
             start,
             end,
             last: AtomicUsize::new(0),
             page: AtomicUsize::new(0),
-        }))
-    }));
-    REGIONS.store(Box::into_raw(Box::new(next)), Ordering::Release);
+        }));
+        // SAFETY: published tables are never freed (see REGIONS).
+        let current: Option<&'static Table> = unsafe { REGIONS.load(Ordering::Acquire).as_ref() };
+        let table: &'static Table = match current {
+            Some(t) if t.len.load(Ordering::Relaxed) < t.slots.len() => t,
+            _ => {
+                let held: Vec<&'static Region> = regions().collect();
+                let next: &'static Table =
+                    Box::leak(Box::new(Table::with((held.len() * 2).max(64), &held)));
+                REGIONS.store(next as *const Table as *mut Table, Ordering::Release);
+                next
+            }
+        };
+        // Only this writer (holding REGISTER) appends, to a slot past `len` that no
+        // reader looks at until `len` moves past it.
+        let n = table.len.load(Ordering::Relaxed);
+        table.slots[n].store(region as *const Region as *mut Region, Ordering::Release);
+        table.len.store(n + 1, Ordering::Release);
+    }
     if PREVIOUS.get().is_some() {
         return Ok(());
     }
@@ -356,7 +399,7 @@ pub fn fault_since_in(mark: usize, ours: impl Fn(usize) -> bool) -> Option<usize
                 // `ours` judges a page by its mapping, so one page of each mapping that
                 // lost pages since `mark` answers for all of them.
                 (n > ZEROED_CAP).then_some(())?;
-                regions().iter().find_map(|r| {
+                regions().find_map(|r| {
                     let since = r.last.load(Ordering::Acquire) > mark;
                     let p = r.page.load(Ordering::Relaxed);
                     (since && p != 0 && ours(p)).then_some(p)
@@ -406,19 +449,23 @@ pub fn zeroed_in(bytes: &[u8]) -> Option<usize> {
 }
 
 /// The registered mappings. Async-signal-safe: one atomic load.
-fn regions() -> &'static [&'static Region] {
+fn regions() -> impl DoubleEndedIterator<Item = &'static Region> {
     let p = REGIONS.load(Ordering::Acquire);
-    if p.is_null() {
-        return &[];
-    }
-    // SAFETY: `p` came from `Box::into_raw` in `protect` and published vectors are never
-    // freed or mutated (see REGIONS), so it is valid for the life of the process.
-    unsafe { &*p }
+    // SAFETY: `p` came from `Box::into_raw` in `protect` and published tables are never
+    // freed (see REGIONS), so it is valid for the life of the process; the slots below
+    // `len` were set before `len` was raised past them (Release/Acquire), and never change.
+    let table: Option<&'static Table> = unsafe { p.as_ref() };
+    let len = table.map_or(0, |t| t.len.load(Ordering::Acquire));
+    (0..len).filter_map(move |i| {
+        let r = table?.slots[i].load(Ordering::Acquire);
+        // SAFETY: a set slot holds a leaked, never-freed Region.
+        unsafe { r.as_ref() }
+    })
 }
 
 /// The registered mapping `addr` lies in (the newest, where an old one was mapped over).
 fn region_of(addr: usize) -> Option<&'static Region> {
-    regions().iter().rev().find(|r| r.holds(addr)).copied()
+    regions().rev().find(|r| r.holds(addr))
 }
 
 /// The SIGBUS handler (see the module docs). Only async-signal-safe work: thread-local
@@ -490,6 +537,29 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Registering grows the table in place (O(1) amortized, where each registration
+    /// once copied and leaked the whole list): thousands of registrations, one at a
+    /// time as the daemon's corpus open makes them, are all found, the newest first.
+    #[test]
+    fn thousands_of_registrations_are_each_found() {
+        let buffer: &'static [u8] = Box::leak(vec![0u8; 5000].into_boxed_slice());
+        for i in 0..5000 {
+            protect([&buffer[i..i + 1]]).unwrap();
+        }
+        for i in [0, 63, 64, 65, 2047, 4999] {
+            let at = buffer.as_ptr() as usize + i;
+            let r = region_of(at).expect("registered");
+            assert_eq!((r.start, r.end), (at, at + 1));
+        }
+        protect([buffer]).unwrap();
+        let whole = region_of(buffer.as_ptr() as usize + 10).unwrap();
+        assert_eq!(
+            whole.end - whole.start,
+            5000,
+            "the newest registration is found first"
+        );
+    }
 
     /// Truncates the file at `path` to `len` bytes, under its mappings.
     fn shrink(path: &std::path::Path, len: u64) {
