@@ -3971,6 +3971,36 @@ fn epoch_progress_of_one_large_group_follows_its_rows() {
     }
 }
 
+/// Regression: progress within a window summed the first blocks in packing order, but
+/// blocks go out in a shuffled order. With one large group packed first and many
+/// one-row blocks after it, the first steps read most of the epoch as taken. It now
+/// sums the blocks actually handed out.
+#[test]
+fn epoch_progress_counts_the_blocks_handed_out_not_the_first_packed() {
+    // One group of 6,000 documents (750 rows) and 1,999 one-document groups (one row
+    // each), all in one window, so within-window progress is the epoch's.
+    let grouped = DomSpec {
+        name: "mixed".into(),
+        shards: vec![ShardSpec::new(vec![4; 7_999], &[6_000])],
+        settings: settings(GroupMode::Sequence),
+    };
+    let total = grouped.tokens() as f64;
+    let mut cfg = base_config(32, 4, Packing::BestFit, 4096);
+    cfg.weights = Some(weights_map(&[("mixed", 1.0)]));
+    let plan = build(&[grouped], cfg);
+    let mut p = plan.start();
+    let mut delivered = 0u64;
+    for step in 1..=300 {
+        let b = p.next_batch();
+        delivered += b.rows.iter().map(|r| u64::from(r.tokens)).sum::<u64>();
+        let (reported, real) = (p.epochs()[0], delivered as f64 / total);
+        assert!(
+            (reported - real).abs() < 0.02,
+            "step {step}: {reported} epochs reported, {real} delivered"
+        );
+    }
+}
+
 /// Regression: `plan --steps N` kept every piece it had seen and every batch of its
 /// window (8.5 GB at 50,000 steps of 256 rows). Over 400 epochs of a small domain the
 /// duplicate check now holds the pieces of the epochs in flight only, and still finds

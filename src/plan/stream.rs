@@ -216,6 +216,23 @@ pub(crate) struct Stream {
     pub(super) tail_cache: Vec<((u32, u64), Arc<Window>)>,
     /// Where expanding rows of long groups left off ([`GroupWalks`]).
     walks: GroupWalks,
+    /// The rows of the current window's blocks handed out so far ([`Handed`]), kept up
+    /// as blocks are drawn so progress costs no walk of the window.
+    handed: Option<Handed>,
+}
+
+/// A running count of the rows handed out of one packed window, in emission order.
+struct Handed {
+    /// The window counted (held, so its address names it while it is counted).
+    window: Arc<Window>,
+    /// The epoch it was counted in (a window is reused across epochs).
+    epoch: u32,
+    /// Blocks counted: emission positions `0..blocks`.
+    blocks: u32,
+    /// Their rows.
+    rows: u64,
+    /// All rows of the window.
+    total: u64,
 }
 
 impl Stream {
@@ -225,6 +242,7 @@ impl Stream {
             cache: None,
             tail_cache: Vec::new(),
             walks: GroupWalks::default(),
+            handed: None,
         }
     }
 
@@ -365,16 +383,26 @@ impl Stream {
     /// The share of the cached current window's rows already taken, if it is packed:
     /// the rows of the blocks handed out, less what their pending blocks still owe. By
     /// rows, not blocks: a group that spans thousands of rows counted as taken at its
-    /// first, so a domain of one large group read 100% of an epoch after one row.
+    /// first, so a domain of one large group read 100% of an epoch after one row. The
+    /// blocks handed out are the first `next_block` in *emission* order; summing the
+    /// first in packing order read 75% of an epoch after one step of a domain whose
+    /// large group packs first.
     pub(crate) fn window_taken(&self) -> Option<f64> {
-        let Some((k, w, _)) = &self.cache else {
+        let Some((k, w, perm)) = &self.cache else {
             return None;
         };
         if *k != self.cache_key() {
             return None;
         }
-        let next = (self.state.next_block as usize).min(w.blocks.len());
-        let handed: u64 = w.blocks[..next].iter().map(|b| u64::from(b.rows)).sum();
+        let next = self.state.next_block.min(w.blocks.len() as u32);
+        let (handed, total) = match &self.handed {
+            Some(h) if self.counts(h, w) && h.blocks == next => (h.rows, h.total),
+            // Not yet counted (a restored stream before its first step): count now.
+            _ => (
+                self.rows_handed(w, perm, 0..next),
+                w.blocks.iter().map(|b| u64::from(b.rows)).sum(),
+            ),
+        };
         let owed: u64 = (self.state.pending.iter())
             .filter_map(|&(b, done)| {
                 w.blocks
@@ -383,11 +411,58 @@ impl Stream {
             })
             .map(u64::from)
             .sum();
-        let total: u64 = w.blocks.iter().map(|b| u64::from(b.rows)).sum();
         Some(match total {
             0 => 0.0,
             t => (handed.saturating_sub(owed) as f64 / t as f64).min(1.0),
         })
+    }
+
+    /// Whether `h` counts window `w` of the current epoch.
+    fn counts(&self, h: &Handed, w: &Arc<Window>) -> bool {
+        Arc::ptr_eq(&h.window, w) && h.epoch == self.state.epoch
+    }
+
+    /// Rows of the blocks at emission positions `at` of window `w`.
+    fn rows_handed(&self, w: &Window, perm: &Permutation, at: std::ops::Range<u32>) -> u64 {
+        at.map(|i| chained(perm, &self.state.block_chain, u64::from(i)))
+            .filter_map(|b| w.blocks.get(b as usize))
+            .map(|b| u64::from(b.rows))
+            .sum()
+    }
+
+    /// Counts block `next_block - 1` of `w`, of `rows` rows, as handed out.
+    fn hand(&mut self, w: &Arc<Window>, rows: u32) {
+        let (next, epoch) = (self.state.next_block, self.state.epoch);
+        match &mut self.handed {
+            Some(h) if Arc::ptr_eq(&h.window, w) && h.epoch == epoch && h.blocks + 1 == next => {
+                h.blocks = next;
+                h.rows += u64::from(rows);
+            }
+            _ => self.count_handed(),
+        }
+    }
+
+    /// Brings the count of rows handed out up to the blocks drawn, after a step, so
+    /// [`Stream::window_taken`] is a lookup: counts the blocks drawn since the last
+    /// count, or all of them when the window or the epoch changed.
+    fn count_handed(&mut self) {
+        let Some((_, w, perm)) = &self.cache else {
+            self.handed = None;
+            return;
+        };
+        let next = self.state.next_block.min(w.blocks.len() as u32);
+        let (from, rows, total) = match &self.handed {
+            Some(h) if self.counts(h, w) && h.blocks <= next => (h.blocks, h.rows, h.total),
+            _ => (0, 0, w.blocks.iter().map(|b| u64::from(b.rows)).sum()),
+        };
+        let rows = rows + self.rows_handed(w, perm, from..next);
+        self.handed = Some(Handed {
+            window: w.clone(),
+            epoch: self.state.epoch,
+            blocks: next,
+            rows,
+            total,
+        });
     }
 
     fn kind(&self) -> UnitKind {
@@ -686,6 +761,7 @@ impl Stream {
             let b = chained(&perm, &self.state.block_chain, self.state.next_block as u64) as u32;
             self.state.next_block += 1;
             let rows = w.blocks[b as usize].rows;
+            self.hand(&w, rows);
             let take = if !batch_mode || (rows <= remaining && rows <= limit) {
                 rows.min(remaining)
             } else {
@@ -703,6 +779,7 @@ impl Stream {
                 self.state.pending.push((b, take));
             }
         }
+        self.count_handed();
     }
 
     /// Window, epoch and unit kind of pending source `t`: a tail, or (at
