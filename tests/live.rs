@@ -2059,11 +2059,16 @@ fn sigterm_with_a_copy_thread_stuck_still_exits() {
         d.log_text()
     );
     let log = d.log_text();
+    let named = "threads millrace-copy-0, millrace-plan did not stop within 5000 ms; exiting \
+                 without them. Fills in flight: ";
+    let Some(at) = log.find(named) else {
+        panic!("{log}")
+    };
+    // No fill was under way; the plan thread may have been stopped while it planned
+    // ahead (on a loaded machine it is still catching up), and is then named as such.
+    let fills = log[at + named.len()..].lines().next().unwrap_or_default();
     assert!(
-        log.contains(
-            "threads millrace-copy-0, millrace-plan did not stop within 5000 ms; exiting \
-             without them. Fills in flight: none"
-        ),
+        fills == "none" || fills.contains("(the plan thread, planning the job's next steps"),
         "{log}"
     );
     drop((held, plan));
