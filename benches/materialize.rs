@@ -170,5 +170,34 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The wake-up a publish sends each peer ([`millrace::sys::EventFd::signal`]): its
+/// cost per call against a plain eventfd write, drained every 1000 calls as a consumer
+/// would (docs/DESIGN.md, "Notification").
+fn wake(c: &mut Criterion) {
+    use millrace::sys::EventFd;
+    let ev = EventFd::new().expect("eventfd");
+    let drain = |ev: &EventFd, i: &mut u32| {
+        *i += 1;
+        if *i % 1000 == 0 {
+            let _ = ev.drain();
+        }
+    };
+    let mut g = c.benchmark_group("wake");
+    let mut i = 0;
+    g.bench_function("signal", |b| {
+        b.iter(|| {
+            black_box(ev.signal());
+            drain(&ev, &mut i);
+        })
+    });
+    g.bench_function("plain write", |b| {
+        b.iter(|| {
+            black_box(rustix::io::write(ev.fd(), &1u64.to_ne_bytes()).ok());
+            drain(&ev, &mut i);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, wake);
 criterion_main!(benches);

@@ -369,7 +369,11 @@ fn group(key: GroupKey<'_>) -> io::Result<Option<Group>> {
 
 /// An eventfd: the daemon signals a peer's when a slot is published, the client polls
 /// and drains it (docs/PROTOCOL.md, section 3).
-pub struct EventFd(OwnedFd, std::sync::atomic::AtomicBool);
+pub struct EventFd(
+    OwnedFd,
+    std::sync::atomic::AtomicBool,
+    std::sync::OnceLock<String>,
+);
 
 impl EventFd {
     /// A fresh non-blocking, close-on-exec eventfd with counter 0.
@@ -378,12 +382,24 @@ impl EventFd {
         Ok(EventFd(
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
             Default::default(),
+            Default::default(),
         ))
     }
 
     /// Wraps an eventfd received from the daemon.
     pub fn from_fd(fd: OwnedFd) -> EventFd {
-        EventFd(fd, Default::default())
+        EventFd(fd, Default::default(), Default::default())
+    }
+
+    /// Names whose eventfd this is (the first name set stays), for the warning when
+    /// [`EventFd::signal`] finds it jammed.
+    pub fn name_as(&self, name: String) {
+        let _ = self.2.set(name);
+    }
+
+    /// The name set by [`EventFd::name_as`] ("an eventfd" without one).
+    pub fn name(&self) -> &str {
+        self.2.get().map_or("an eventfd", String::as_str)
     }
 
     /// Adds one to the counter. EAGAIN (the counter saturated) means a wake-up is already
@@ -392,17 +408,32 @@ impl EventFd {
     /// The client holds the same open file description (SCM_RIGHTS shares it), so it can
     /// clear O_NONBLOCK and fill the counter to its maximum: a plain write then blocked
     /// the daemon's materializer thread until the client read, which it need never do,
-    /// and every ring stopped. The write is bounded instead ([`interruptible_write`]);
-    /// an eventfd whose write had to be interrupted is jammed (the client filled it: a
-    /// wake-up is pending forever) and gets no further writes.
-    pub fn signal(&self) {
+    /// and every ring stopped. So a counter that cannot take one more (poll says not
+    /// writable) is jammed at once, without a write; one filled between that poll and
+    /// the write is cut by [`interruptible_write`] and jammed too. A jammed eventfd (the
+    /// client filled it: a wake-up is pending forever) gets no further writes. Returns
+    /// true when this call jammed it, for the caller to say so once.
+    pub fn signal(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
         use std::sync::atomic::Ordering::Relaxed;
         if self.1.load(Relaxed) {
-            return;
+            return false;
         }
-        if interruptible_write(&self.0, &1u64.to_ne_bytes()) == Err(rustix::io::Errno::INTR) {
+        // Without the poll, a client that jammed each of many connections held a
+        // worker 20 ms per connection, and every ring waited meanwhile.
+        let mut fds = [PollFd::new(&self.0, PollFlags::OUT)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let full =
+            poll(&mut fds, Some(&zero)).is_ok() && !fds[0].revents().contains(PollFlags::OUT);
+        if full || interruptible_write(&self.0, &1u64.to_ne_bytes()) == Err(rustix::io::Errno::INTR)
+        {
             self.1.store(true, Relaxed);
+            return true;
         }
+        false
     }
 
     /// Whether a write had to be interrupted (see [`EventFd::signal`]).
@@ -895,6 +926,24 @@ mod tests {
         let ok = EventFd::new().unwrap();
         ok.signal();
         assert!(!ok.jammed());
+    }
+
+    /// A full counter is seen without a write, whether the client made the eventfd
+    /// blocking or not, and only the call that jams it says so.
+    #[test]
+    fn a_full_eventfd_is_jammed_by_the_first_signal_that_finds_it_full() {
+        for blocking in [false, true] {
+            let ev = EventFd::new().unwrap();
+            if blocking {
+                rustix::fs::fcntl_setfl(ev.fd(), rustix::fs::OFlags::empty()).unwrap();
+            }
+            rustix::io::write(ev.fd(), &(u64::MAX - 1).to_ne_bytes()).unwrap();
+            assert!(ev.signal(), "blocking {blocking}");
+            assert!(ev.jammed());
+            assert!(!ev.signal(), "said once");
+        }
+        let ok = EventFd::new().unwrap();
+        assert!(!ok.signal());
     }
 
     /// The thread's timer is armed once for many writes: a write that blocks while it

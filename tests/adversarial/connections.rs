@@ -741,4 +741,9 @@ fn a_client_that_blocks_its_eventfd_stops_no_other_ring() {
     stream(&mut good, 50, &s);
     let mut other = f.trainer("other", 0, 1);
     stream(&mut other, 5, &s);
+    // The full counter is seen before a write (no 20 ms of a worker spent per jammed
+    // connection), and the warning names the client once.
+    let log = s.log_text();
+    assert_eq!(log.matches("its ready eventfd is full").count(), 1, "{log}");
+    assert!(log.contains("job jam dp_rank 0 replica"), "{log}");
 }

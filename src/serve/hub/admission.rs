@@ -203,6 +203,13 @@ impl Hub {
             blob,
             page: None,
         };
+        joiner.ready.name_as(format!(
+            "job {} dp_rank {} replica {:?} (pid {})",
+            hello.job,
+            hello.dp_rank,
+            hello.replica,
+            pid.map_or("unknown".into(), |p| p.to_string())
+        ));
         let mut page_fd = None;
         if hello.release_page {
             let (page, fd) = ReleasePage::create(&format!("{}:{}", hello.job, hello.dp_rank))

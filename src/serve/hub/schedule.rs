@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::error;
+use tracing::{error, warn};
 
 use super::ahead::wake_at;
 use super::jobplan::Take;
@@ -99,7 +99,7 @@ impl Hub {
         let coalesce = self.settings.wake_coalesce;
         loop {
             for w in wake.drain(..) {
-                w.signal();
+                wake_peer(&w);
             }
             self.check_shards();
             let Claimed {
@@ -150,7 +150,7 @@ impl Hub {
                     if Self::send_wakes(&mut st, None, &mut wake) {
                         drop(st);
                         for w in wake.drain(..) {
-                            w.signal();
+                            wake_peer(&w);
                         }
                         st = self.lock();
                         continue;
@@ -502,6 +502,19 @@ pub fn join_within(handles: Vec<std::thread::JoinHandle<()>>, bound: Duration) -
 
 /// The ring of `st` a worker should fill next (rings of `slots` slots), if any may be
 /// filled, other than those in `skip`.
+/// Signals a peer's ready eventfd, warning once, by name, when it turns out jammed: its
+/// client filled the counter (and may have made it blocking), so it gets no further
+/// wake-ups and reads steps only as it polls by itself.
+fn wake_peer(w: &EventFd) {
+    if w.signal() {
+        warn!(
+            "{}: its ready eventfd is full (the client wrote to it); it gets no further \
+             wake-ups while it stays connected (docs/PROTOCOL.md, section 3)",
+            w.name()
+        );
+    }
+}
+
 fn pick_ring(st: &State, slots: u32, skip: &[(String, u32)]) -> Option<(String, u32)> {
     let open = |name: &String, r: u32, e: &RingEntry| {
         e.claimable(slots) && !skip.iter().any(|(n, s)| n == name && *s == r)
