@@ -547,17 +547,55 @@ fn error_sequence_pointer_out_of_range_in_the_middle() {
             &format!("pointer at byte {}", FIX_POINTERS_AT + 8 * 3),
         ],
     );
-    // ...and so does reading the document, without validate.
+    // ...and so does reading the document, without validate: its pointer is not where
+    // the sequence before it ends.
     let s = Shard::open(&p, None).unwrap();
     assert_invalid(
         &expect_err(s.doc_tokens(2), "doc_tokens(2)"),
         &with(&p, "idx"),
-        &["document 2: bytes 1000..1004 fall outside the 22-byte bin"],
+        &["document 2: sequence 3 pointer is 1000, expected 16 (where sequence 2 ends"],
     );
-    // The documents that do not touch the bad pointer still read.
+    // Its neighbours disagree with it, and which entry is wrong cannot be told from
+    // theirs: they are refused too, never read from where the bad entry says.
+    assert_invalid(
+        &expect_err(s.doc_tokens(1), "doc_tokens(1)"),
+        &with(&p, "idx"),
+        &["document 1: its sequences end at byte 16, but sequence 3 after it starts at 1000"],
+    );
+    assert_invalid(
+        &expect_err(s.doc_tokens(3), "doc_tokens(3)"),
+        &with(&p, "idx"),
+        &["document 3: sequence 4 pointer is 20, expected 1004"],
+    );
+    // A document that does not touch the bad pointer still reads.
     assert_eq!(values(&s.doc_tokens(0).unwrap()), vec![1, 2, 3]);
-    assert_eq!(values(&s.doc_tokens(1).unwrap()), vec![4, 5, 6, 7, 8]);
-    assert_eq!(values(&s.doc_tokens(3).unwrap()), vec![11]);
+}
+
+/// A pointer aimed at another document's bytes, every other field consistent (lengths,
+/// `.bin` size, document_indices): reading the document refuses it before the
+/// background validation would, where it once served the other document's tokens.
+#[test]
+fn a_pointer_aimed_at_another_document_is_refused_at_the_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut index, bin) = fixture();
+    // Document 2 (two tokens at byte 16) pointed at document 0's first two (the open
+    // checks the last sequence against the `.bin`'s size, so not the last document).
+    index.pointers[3] = 0;
+    let p = put(dir.path(), "s", &index, &bin);
+    let s = Shard::open(&p, None).unwrap();
+    assert_invalid(
+        &expect_err(s.doc_tokens(2), "doc_tokens(2)"),
+        &with(&p, "idx"),
+        &["document 2: sequence 3 pointer is 0, expected 16"],
+    );
+    // The planner's read of its length refuses it too, poisoning the shard by name.
+    let s = Shard::open(&p, None).unwrap();
+    assert_eq!(s.doc_len_validated(2), 0);
+    let why = s.poisoned().expect("poisoned").to_string();
+    assert!(
+        why.contains("document 2: sequence 3 pointer is 0, expected 16"),
+        "{why}"
+    );
 }
 
 #[test]
@@ -597,7 +635,7 @@ fn error_sequence_pointer_misaligned() {
     assert_invalid(
         &expect_err(s.doc_tokens(2), "doc_tokens(2)"),
         &with(&p, "idx"),
-        &["document 2: bytes 17..21", "2-byte item size"],
+        &["document 2: sequence 3 pointer is 17, expected 16"],
     );
 }
 
@@ -616,10 +654,7 @@ fn error_sequence_pointer_negative() {
     assert_invalid(
         &expect_err(s.doc_tokens(2), "doc_tokens(2)"),
         &with(&p, "idx"),
-        &[&format!(
-            "sequence 3 pointer -16 is negative (byte {})",
-            FIX_POINTERS_AT + 8 * 3
-        )],
+        &["document 2: sequence 3 pointer is -16, expected 16"],
     );
     // The first pointer is checked at open.
     let (mut index, bin) = fixture();

@@ -19,8 +19,9 @@
 //! `from_le_bytes` rather than cast. Opening checks only what is O(1) (header, sizes and
 //! the two ends of every array) so that a multi-TB shard opens in microseconds;
 //! [`MegatronShard::validate`] makes the single linear pass over the index that proves
-//! every pointer, and every per-document accessor re-checks the few sequences it touches,
-//! so nothing ever reads outside the mapping even for a shard that was never validated.
+//! every pointer, and every per-document accessor re-checks the few sequences it touches
+//! and their neighbours' ends, so nothing ever reads outside the mapping, or another
+//! document's bytes through one bad pointer, even for a shard that was never validated.
 
 use std::path::{Path, PathBuf};
 
@@ -635,8 +636,13 @@ impl MegatronShard {
     }
 
     /// The byte range `[start, end)` of document `doc` in the `.bin`, checked: its
-    /// sequences are contiguous, inside the `.bin` and aligned to the item size. Touches
-    /// only the document's own index entries, never the `.bin`.
+    /// sequences are contiguous, inside the `.bin` and aligned to the item size, and they
+    /// sit where their neighbours put them: the first starts where the sequence before it
+    /// ends (at 0 for the first), and the last ends where the one after it starts. So a
+    /// pointer aimed at another document's bytes, with lengths, `.bin` size and
+    /// document_indices all consistent, is refused at the read, not served until the
+    /// background validation finds it. Touches only the document's own index entries and
+    /// their neighbours (the same cache lines, mostly), never the `.bin`.
     fn doc_bytes(&self, doc: u64) -> Result<(i128, i128)> {
         let (a, b) = self.doc_sequences(doc)?;
         if a == b {
@@ -645,6 +651,17 @@ impl MegatronShard {
         }
         let size = self.dtype.size() as i128;
         let start = self.pointer(a);
+        let before = match a {
+            0 => 0,
+            _ => self.sequence_end(a - 1).map_err(|e| in_doc(doc, e))?,
+        };
+        if i128::from(start) != before {
+            return Err(self.bad_idx(format!(
+                "document {doc}: sequence {a} pointer is {start}, expected {before} \
+                 (where sequence {} ends: sequences must be contiguous in the bin)",
+                a.wrapping_sub(1)
+            )));
+        }
         let mut end = i128::from(start);
         for i in a..b {
             if i128::from(self.pointer(i)) != end {
@@ -654,14 +671,14 @@ impl MegatronShard {
                     self.pointer(i)
                 )));
             }
-            // Its message names the sequence; the reader of a document wants the document.
-            end = self.sequence_end(i).map_err(|e| match e {
-                CorpusError::Invalid { path, what } => CorpusError::Invalid {
-                    path,
-                    what: format!("document {doc}: {what}"),
-                },
-                e => e,
-            })?;
+            end = self.sequence_end(i).map_err(|e| in_doc(doc, e))?;
+        }
+        if b < self.sequences && i128::from(self.pointer(b)) != end {
+            return Err(self.bad_idx(format!(
+                "document {doc}: its sequences end at byte {end}, but sequence {b} after \
+                 it starts at {} (sequences must be contiguous in the bin)",
+                self.pointer(b)
+            )));
         }
         let start = i128::from(start);
         if start < 0 || end > i128::from(self.bin_len) || start % size != 0 {
@@ -718,4 +735,16 @@ pub fn with_suffix(prefix: &Path, ext: &str) -> PathBuf {
     s.push(".");
     s.push(ext);
     PathBuf::from(s)
+}
+
+/// An index error about a sequence, named as one of document `doc`: its reader wants
+/// the document.
+fn in_doc(doc: u64, e: CorpusError) -> CorpusError {
+    match e {
+        CorpusError::Invalid { path, what } => CorpusError::Invalid {
+            path,
+            what: format!("document {doc}: {what}"),
+        },
+        e => e,
+    }
 }
