@@ -1136,6 +1136,10 @@ class Client:
         deadline = t0 + wait
         attempt = 0
         while True:
+            if self._closed:
+                # close() ran meanwhile (another thread, a signal handler): a new HELLO
+                # now would make the daemon build a ring for a client nobody reads.
+                raise MillraceError("the client was closed while it connected")
             attempt += 1
             try:
                 self._open()
@@ -1395,6 +1399,12 @@ class Client:
                 self._wait(conn, self._next_step, deadline)
                 return self._take(conn)
             except _Gone as e:
+                if self._closed:
+                    # close() from another thread: its BYE ends the connection, and the
+                    # EOF it waits for woke this wait too. That is no lost daemon to
+                    # reconnect to (a new HELLO, a new ring, for a closed client).
+                    raise MillraceError(f"the client was closed while next_batch waited "
+                                        f"for step {self._next_step}") from None
                 if self.reconnect_timeout <= 0:
                     self._drop_conn(send_bye=False)
                     raise DaemonGone(f"millrace daemon at {self.socket_path} went away: {e}") \
@@ -1406,9 +1416,11 @@ class Client:
 
     def _wait(self, conn: _Conn, step: int, deadline):
         while True:
-            if conn.mm is None:
+            if self._closed or conn.mm is None:
                 # close() ran while we waited: from a signal handler (it runs inside the
-                # poll below) or another thread. Its fds are closed, its ring let go.
+                # poll below) or another thread. A thread's close() lets go of the fds
+                # and ring only once the daemon answered its BYE, whose EOF wakes the
+                # poll below first: `_closed` is set before the BYE is sent.
                 raise MillraceError(f"the client was closed while next_batch waited for "
                                     f"step {step}")
             if conn.published() > step:
@@ -1421,8 +1433,8 @@ class Client:
                     raise TimeoutError(f"no batch for step {step} within the timeout")
                 wait_ms = max(1, min(1000, int(left * 1000)))
             events = conn.poller.poll(wait_ms)
-            if conn.mm is None:
-                continue  # closed meanwhile: said above
+            if self._closed or conn.mm is None:
+                continue  # closed meanwhile: said above (the socket's EOF is close()'s)
             socket_event = False
             for fd, ev in events:
                 if fd == conn.ready_fd:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import gc
+import inspect
 import linecache
 import mmap
 import os
@@ -698,6 +699,99 @@ def test_a_close_while_connecting_leaves_no_connection_behind(daemons, tmp_path)
     assert closed and c._closed and c._conn is None
     with mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False) as again:
         assert again.next_batch(timeout=60).step == 0
+
+
+def test_a_close_from_another_thread_while_next_batch_waits_does_not_reconnect(daemons,
+                                                                             tmp_path,
+                                                                             caplog):
+    """close() from another thread sets the client closed, says BYE and waits for the
+    daemon's EOF before it lets go of the ring. That EOF woke the thread waiting in
+    next_batch first, which took it for a lost daemon and reconnected: a whole new HELLO
+    with the cursor, a new ring built by the daemon, before it noticed the close ("the
+    client was closed while it connected"). The closing thread is held here after the
+    EOF, before it lets go of the ring, until the waiter is done: the waiter now says
+    the client was closed while it waited, and nothing more reaches the daemon."""
+    d = daemons(write_corpus(tmp_path / "thread-close")).start()
+    # The second replica never joins: the ring stops once its 4 slots hold steps 0-3
+    # (a slot is refilled when both replicas released it), so the 5th call waits.
+    c = mr.Client(d.sock, 0, 1, job="closing", replicas=2, reconnect_timeout=60,
+                  register_cuda=False)
+    assert [c.next_batch(timeout=60).step for _ in range(4)] == [0, 1, 2, 3]
+    got = []
+
+    def wait():
+        try:
+            got.append(c.next_batch(timeout=60))
+        except Exception as e:  # noqa: BLE001 - what the waiter met is the result
+            got.append(e)
+
+    waiter = threading.Thread(target=wait)
+    drop = mr.Client._drop_conn.__code__
+    lines, first = inspect.getsourcelines(mr.Client._drop_conn)
+    let_go = first + next(i for i, line in enumerate(lines) if "conn.close_fds()" in line)
+    held = []
+
+    def hold_after_the_eof(frame, event, arg):
+        if frame.f_code is drop and event == "line" and frame.f_lineno == let_go:
+            held.append(frame.f_lineno)
+            waiter.join(60)
+        return hold_after_the_eof
+
+    def close():
+        sys.settrace(hold_after_the_eof)
+        try:
+            c.close()
+        finally:
+            sys.settrace(None)
+
+    waiter.start()
+    wait_until(c._busy.locked, 30, "the waiter inside next_batch")
+    time.sleep(0.2)  # into its poll
+    closer = threading.Thread(target=close)
+    closer.start()
+    closer.join(60)
+    waiter.join(60)
+    assert held and not closer.is_alive() and not waiter.is_alive()
+    assert len(got) == 1 and isinstance(got[0], mr.MillraceError), got
+    assert "closed while next_batch waited for step 4" in str(got[0])
+    assert not [r for r in caplog.records if "reconnect" in r.getMessage()]
+    assert c._closed and c._conn is None
+    d.stop()
+    joined = [line for line in d.log.read_text().splitlines()
+              if "client joined" in line and "job=closing" in line]
+    assert len(joined) == 1, joined
+
+
+def test_a_close_from_another_thread_ends_a_reconnect_at_once(daemons, tmp_path):
+    """A next_batch retrying the connection to a daemon that went away went on retrying
+    after another thread closed the client, until reconnect_timeout (and a daemon back
+    meanwhile got a HELLO from the closed client). It now stops at its next pass."""
+    d = daemons(write_corpus(tmp_path / "retry-close")).start()
+    c = mr.Client(d.sock, 0, 4, reconnect_timeout=20, register_cuda=False)
+    assert c.next_batch(timeout=60).step == 0
+    d.kill()
+    conn = c._conn
+    while conn.published() > c._next_step:  # what the ring holds is read first
+        c.next_batch(timeout=10)
+    got = []
+
+    def wait():
+        try:
+            got.append(c.next_batch(timeout=60))
+        except Exception as e:  # noqa: BLE001 - what the waiter met is the result
+            got.append(e)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    wait_until(lambda: c._retry_since is not None, 30, "the waiter retrying")
+    time.sleep(0.3)  # a few passes
+    t0 = time.monotonic()
+    c.close()
+    waiter.join(20)
+    assert not waiter.is_alive()
+    assert time.monotonic() - t0 < 2
+    assert len(got) == 1 and isinstance(got[0], mr.MillraceError), got
+    assert "closed" in str(got[0])
 
 
 def test_a_ctrl_c_as_a_batch_is_taken_never_hands_out_a_released_slot(daemons, tmp_path):
