@@ -168,6 +168,9 @@ _GONE_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE,
 # errnos of connect() that mean nobody serves this path: before a first connection has
 # worked they fail at once (a wrong path), unless connect_timeout says to wait.
 _NO_DAEMON_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED}
+# sun_path holds 108 bytes, one of them the terminating NUL: the daemon binds no longer
+# path (socket_problem in src/config/serve.rs).
+_SOCKET_PATH_MAX = 107
 # Refusals that a restarting or settling daemon may answer for a short while.
 _RETRY_REFUSALS = {"busy", "duplicate", "peer_position"}
 # A process restarted right after its predecessor died can reach the daemon before the
@@ -325,6 +328,20 @@ def _reason(payload: bytes) -> tuple[str, str]:
         return str(obj.get("code", "?")), str(obj.get("message", ""))
     except (ValueError, AttributeError):
         return "?", payload.decode("utf-8", "replace")
+
+
+def _connect_unix(sock, path: str) -> None:
+    """``sock.connect(path)``; a path longer than a unix socket allows raises DaemonGone
+    naming it and the limit (Python's own error, a bare "AF_UNIX path too long", named
+    neither: a trainer's log did not say which setting to fix)."""
+    try:
+        sock.connect(path)
+    except OSError as e:
+        n = len(os.fsencode(path))
+        if e.errno is None and n > _SOCKET_PATH_MAX:  # Python's check, before any syscall
+            raise DaemonGone(f"cannot connect to {path}: the path is {n} bytes; a unix "
+                             f"socket path may have at most {_SOCKET_PATH_MAX}") from None
+        raise
 
 
 def _pending_frame(sock):
@@ -1159,6 +1176,8 @@ class Client:
                         and time.monotonic() - t0 >= min(_DUPLICATE_GRACE, self.reconnect_timeout):
                     raise
                 last = e
+            except DaemonGone:
+                raise  # a socket path no daemon can bind (too long): no retry helps
             except (_Gone, OSError) as e:
                 if isinstance(e, OSError) and not isinstance(e, TimeoutError) \
                         and e.errno not in _GONE_ERRNOS:
@@ -1192,7 +1211,7 @@ class Client:
         try:
             sock.settimeout(self.handshake_timeout)
             _check_fallback_dir(self.socket_path)
-            sock.connect(self.socket_path)
+            _connect_unix(sock, self.socket_path)
             try:
                 _send(sock, encode_frame(HELLO, json.dumps(self._hello()).encode()))
             except _Gone:

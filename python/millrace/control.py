@@ -109,6 +109,7 @@ from .client import (
     _NO_DAEMON_ERRNOS,
     _Gone,
     _check_fallback_dir,
+    _connect_unix,
     _no_daemon,
     _pending_frame,
     _reason,
@@ -329,7 +330,10 @@ class Control:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(self.socket_path)
+            _connect_unix(sock, self.socket_path)
+        except DaemonGone:
+            sock.close()
+            raise
         except OSError as e:
             sock.close()
             if e.errno in _NO_DAEMON_ERRNOS:

@@ -90,6 +90,30 @@ def test_connect_timeout_is_not_cut_short_by_reconnect_timeout(daemons, tmp_path
     assert time.monotonic() - t0 < 2
 
 
+def test_a_socket_path_too_long_for_unix_sockets_is_named_with_the_limit(daemons,
+                                                                       tmp_path):
+    """A socket path over the 107 bytes a unix socket takes failed with Python's bare
+    `OSError: AF_UNIX path too long`, naming neither the path nor the limit (and not a
+    MillraceError). Here the long path even leads to a live daemon (through `x/..`
+    pieces): it is refused at once, for its length, by the client and by Control."""
+    d = daemons(write_corpus(tmp_path / "long")).start()
+    (d.sock.parent / "x").mkdir()
+    long = str(d.sock.parent) + "/x/.." * 20 + "/" + d.sock.name
+    assert len(long) > 107 and os.path.samefile(long, d.sock)
+    for connect in (lambda: mr.Client(long, 0, 4, connect_timeout=30, reconnect_timeout=30,
+                                      register_cuda=False).connect(),
+                    lambda: mr.Control(long, timeout=30).status()):
+        t0 = time.monotonic()
+        with pytest.raises(mr.DaemonGone) as e:
+            connect()
+        assert time.monotonic() - t0 < 2
+        assert str(e.value) == (f"cannot connect to {long}: the path is {len(long)} bytes; "
+                                "a unix socket path may have at most 107")
+    (d.sock.parent / "x").rmdir()
+    with mr.Client(d.sock, 0, 4, register_cuda=False) as c:  # the short path serves
+        assert c.next_batch(timeout=60).step == 0
+
+
 class Silent:
     """A unix socket that accepts connections and never answers (a daemon busy seeking)."""
 
