@@ -34,6 +34,9 @@ timeout meanwhile (TimeoutError); the next call goes on retrying, within the sam
 Before the first connection has worked, a missing socket (or one nobody listens on) is
 an error at once, not after ``reconnect_timeout``: it is far more often a wrong path than
 a daemon about to appear. Pass ``connect_timeout`` to wait for a daemon that is starting.
+A full listen backlog (connect() fails with EAGAIN: the daemon is there, taking
+connections slower than they come) is retried like a ``busy`` refusal, for up to
+``reconnect_timeout`` (on a first connection, ``connect_timeout`` if that is longer).
 A daemon that accepted but sends no WELCOME within ``handshake_timeout`` is not gone
 (it is busy with this HELLO): :class:`HandshakeTimeout`, never a reconnect. That holds
 for a reconnect's handshake too, whatever ``next_batch``'s timeout: after a node's
@@ -270,6 +273,12 @@ class _Gone(Exception):
     """Internal: the current connection is dead; reconnect."""
 
 
+class _BacklogFull(_Gone):
+    """Internal: connect() found the daemon's listen backlog full (EAGAIN). The daemon is
+    there but takes connections slower than they come (or something floods it with
+    them): retried like a `busy` refusal, never taken for a wrong path."""
+
+
 class _ReadTimeout(_Gone):
     """Internal: a read from the daemon timed out (a _Gone wherever that means dead; the
     handshake tells it apart: a daemon that accepted and is slow to WELCOME is there)."""
@@ -333,9 +342,19 @@ def _reason(payload: bytes) -> tuple[str, str]:
 def _connect_unix(sock, path: str) -> None:
     """``sock.connect(path)``; a path longer than a unix socket allows raises DaemonGone
     naming it and the limit (Python's own error, a bare "AF_UNIX path too long", named
-    neither: a trainer's log did not say which setting to fix)."""
+    neither: a trainer's log did not say which setting to fix).
+
+    A full listen backlog raises _BacklogFull: on a socket with a timeout (as ours have)
+    connect() to a unix socket does not wait for room, it fails at once with EAGAIN
+    (BlockingIOError), which ended a client that would have waited. Only from connect()
+    does EAGAIN mean that, so it is told apart here, not in _GONE_ERRNOS."""
     try:
         sock.connect(path)
+    except BlockingIOError as e:
+        if e.errno != errno.EAGAIN:
+            raise
+        raise _BacklogFull(f"its listen backlog is full ({e.strerror}): the daemon takes "
+                           "connections slower than they come") from None
     except OSError as e:
         n = len(os.fsencode(path))
         if e.errno is None and n > _SOCKET_PATH_MAX:  # Python's check, before any syscall
@@ -1189,6 +1208,9 @@ class Client:
             if time.monotonic() >= deadline:
                 if isinstance(last, Refused):
                     raise last
+                if isinstance(last, _BacklogFull):
+                    raise DaemonGone(f"the millrace daemon at {self.socket_path} took no "
+                                     f"new connection within {wait:g} s: {last}") from None
                 raise DaemonGone(f"no millrace daemon at {self.socket_path} within "
                                  f"{wait:g} s: {last}") from None
             if attempt == 1 and fresh:

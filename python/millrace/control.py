@@ -21,7 +21,8 @@ Errors
   and closed the connection, or closed it as idle (``code == "idle"``) just as the
   request was being sent (it was not delivered: send it again).
 - :class:`~millrace.client.DaemonGone`: no daemon at the socket, or it closed the
-  connection or did not reply within ``timeout``. For a change sent without a reply the
+  connection or did not reply within ``timeout`` (or its listen backlog stayed full
+  that long: connecting is retried until then). For a change sent without a reply the
   message says so: the daemon may have applied it (a stalled daemon applies it once it
   runs again), so check :meth:`Control.journal` before sending it again.
 - ``ValueError``: weights that cannot be sent (NaN or infinite: JSON has no such numbers).
@@ -97,6 +98,7 @@ import math
 import os
 import select
 import socket as _socket
+import time
 
 from .client import (
     ERROR,
@@ -107,6 +109,7 @@ from .client import (
     ProtocolError,
     Refused,
     _NO_DAEMON_ERRNOS,
+    _BacklogFull,
     _Gone,
     _check_fallback_dir,
     _connect_unix,
@@ -327,18 +330,31 @@ class Control:
         # Not to an impostor in another user's /tmp/millrace-UID: a control connection
         # sends changes and trusts the replies (the trainer client refuses it too).
         _check_fallback_dir(self.socket_path)
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            _connect_unix(sock, self.socket_path)
-        except DaemonGone:
-            sock.close()
-            raise
-        except OSError as e:
-            sock.close()
-            if e.errno in _NO_DAEMON_ERRNOS:
-                raise DaemonGone(_no_daemon(self.socket_path, e)) from e
-            raise DaemonGone(f"cannot connect to {self.socket_path}: {e}") from e
+        deadline = time.monotonic() + self.timeout
+        while True:
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                _connect_unix(sock, self.socket_path)
+                break
+            except _BacklogFull as e:
+                # `timeout` bounds connecting: a blocking connect would have waited that
+                # long for room in the backlog, where ours fails at once. Nothing was
+                # sent, so this retries no request.
+                sock.close()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DaemonGone(f"cannot connect to {self.socket_path} within "
+                                     f"{self.timeout:g} s: {e}") from None
+                time.sleep(min(0.1, left))
+            except DaemonGone:
+                sock.close()
+                raise
+            except OSError as e:
+                sock.close()
+                if e.errno in _NO_DAEMON_ERRNOS:
+                    raise DaemonGone(_no_daemon(self.socket_path, e)) from e
+                raise DaemonGone(f"cannot connect to {self.socket_path}: {e}") from e
         self._sock = sock
         return sock
 

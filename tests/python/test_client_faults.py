@@ -114,6 +114,87 @@ def test_a_socket_path_too_long_for_unix_sockets_is_named_with_the_limit(daemons
         assert c.next_batch(timeout=60).step == 0
 
 
+class FullBacklog:
+    """A unix socket that listens with a backlog of 0 and never accepts, its one place
+    in the queue taken: every further connect() fails with EAGAIN, as on a daemon whose
+    backlog something floods (a real flood of a daemon races its accept loop)."""
+
+    def __init__(self, path):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(0)
+        self.queued = []
+        for _ in range(16):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(path))
+            except BlockingIOError:
+                s.close()
+                break
+            self.queued.append(s)
+        assert self.queued, "the backlog took no connection"
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(5)  # as the clients' sockets have
+        with pytest.raises(BlockingIOError):
+            probe.connect(str(path))
+        probe.close()
+
+    def close(self):
+        self.listener.close()
+        for s in self.queued:
+            s.close()
+
+
+def test_a_full_listen_backlog_is_retried_not_a_blocking_io_error(daemons, tmp_path,
+                                                                   caplog):
+    """connect() on a unix socket with a timeout fails at once with EAGAIN when the
+    daemon's listen backlog is full. The client did not retry it: a trainer with
+    connect_timeout (or reconnecting after a restart, every rank at once) died with
+    `BlockingIOError: [Errno 11] Resource temporarily unavailable` while the daemon was
+    there. It is now retried like `busy`: a client given connect_timeout=30 waits
+    through it and reads its batch once a daemon takes connections; past its limit it
+    raises DaemonGone naming the full backlog. Control retries it within its timeout."""
+    d = daemons(write_corpus(tmp_path / "backlog"))
+    full = FullBacklog(d.sock)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(mr.DaemonGone) as e:
+            mr.Client(d.sock, 0, 4, connect_timeout=0.3, reconnect_timeout=0,
+                      register_cuda=False).connect()
+        assert time.monotonic() - t0 >= 0.3
+        assert str(e.value).startswith(f"the millrace daemon at {d.sock} took no new "
+                                       "connection within 0.3 s: its listen backlog is full")
+        t0 = time.monotonic()
+        with pytest.raises(mr.DaemonGone, match="listen backlog is full"):
+            mr.Control(d.sock, timeout=0.3).status()
+        assert time.monotonic() - t0 >= 0.3
+
+        got = []
+        c = mr.Client(d.sock, 0, 4, connect_timeout=30, reconnect_timeout=0,
+                      register_cuda=False)
+
+        def read():
+            try:
+                got.append(c.next_batch(timeout=60).step)
+            except Exception as e:  # noqa: BLE001 - what the reader met is the result
+                got.append(e)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_until(lambda: any("listen backlog is full" in r.getMessage()
+                               for r in caplog.records), 30, "the client to meet the backlog")
+        time.sleep(0.3)  # a few retries
+        assert not got
+    finally:
+        full.close()
+    d.sock.unlink()
+    d.start()
+    reader.join(60)
+    assert got == [0]
+    c.close()
+
+
 class Silent:
     """A unix socket that accepts connections and never answers (a daemon busy seeking)."""
 
