@@ -1214,8 +1214,13 @@ class Client:
                 raise DaemonGone(f"no millrace daemon at {self.socket_path} within "
                                  f"{wait:g} s: {last}") from None
             if attempt == 1 and fresh:
+                # A first connect refused `duplicate` gives up sooner than `wait` (see
+                # above): the log says the limit that applies.
+                limit = min(_DUPLICATE_GRACE, self.reconnect_timeout) \
+                    if initial and isinstance(last, Refused) and last.code == "duplicate" \
+                    else wait
                 log.warning("millrace: daemon at %s unavailable (%s); retrying for %g s",
-                            self.socket_path, last, wait)
+                            self.socket_path, last, limit)
             now = time.monotonic()
             if until is not None and now >= until:
                 at = "" if self._next_step is None else f" for step {self._next_step}"

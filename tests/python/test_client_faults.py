@@ -114,6 +114,25 @@ def test_a_socket_path_too_long_for_unix_sockets_is_named_with_the_limit(daemons
         assert c.next_batch(timeout=60).step == 0
 
 
+def test_a_first_connect_refused_duplicate_logs_the_limit_that_applies(daemons, tmp_path,
+                                                                      caplog):
+    """A first connect refused `duplicate` (a restarted trainer that reached the daemon
+    before it noticed its predecessor's death) is retried for min(3 s, reconnect_timeout)
+    only, but the log said "retrying for 60 s" (max(reconnect_timeout, connect_timeout)),
+    and the Refused came long before that. The log now says the limit that applies."""
+    d = daemons(write_corpus(tmp_path / "dup")).start()
+    with mr.Client(d.sock, 0, 4, job="dup", register_cuda=False) as holder:
+        assert holder.next_batch(timeout=60).step == 0
+        t0 = time.monotonic()
+        with pytest.raises(mr.Refused) as e:
+            mr.Client(d.sock, 0, 4, job="dup", connect_timeout=60, reconnect_timeout=0.5,
+                      register_cuda=False).connect()
+        took = time.monotonic() - t0
+    assert e.value.code == "duplicate" and 0.5 <= took < 5, took
+    said = [r.getMessage() for r in caplog.records if "retrying for" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("retrying for 0.5 s"), said
+
+
 class FullBacklog:
     """A unix socket that listens with a backlog of 0 and never accepts, its one place
     in the queue taken: every further connect() fails with EAGAIN, as on a daemon whose
