@@ -995,6 +995,50 @@ fn an_out_that_names_a_directory_is_refused() {
     assert_eq!(outputs(dir.path(), ""), ["data", "in.jsonl"]);
 }
 
+/// Regression: an `--out` spelt as a file name but naming an existing directory
+/// (`data/web` with `data/web/` there) was taken as a prefix: the shard went to
+/// `data/web.bin` beside the directory, which a config naming `data/web` never reads.
+/// It is refused like `data/web/`, in a single run, a sharded run and `--merge`.
+#[test]
+fn an_out_that_is_an_existing_directory_without_a_slash_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &[json!({"text": "one document"})]);
+    let data = dir.path().join("data");
+    let web = data.join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    for extra in [&[][..], &["--shard-tokens", "10"][..]] {
+        let mut args = vec![s(&input), "--out", s(&web)];
+        args.extend(extra);
+        let r = run(tok_path, &args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            !r.status.success(),
+            "--out {} {extra:?} was accepted",
+            s(&web)
+        );
+        assert!(
+            err.contains("names a directory, not an output prefix")
+                && err.contains(&format!("--out {}/NAME", s(&web))),
+            "{err}"
+        );
+    }
+    let merge = bin()
+        .args(["tokenize", "--merge", "--out"])
+        .arg(&web)
+        .output()
+        .unwrap();
+    assert!(!merge.status.success());
+    let err = String::from_utf8_lossy(&merge.stderr);
+    assert!(
+        err.contains("names a directory, not an output prefix"),
+        "{err}"
+    );
+    assert_eq!(outputs(&data, ""), ["web"], "nothing written beside it");
+    assert_eq!(std::fs::read_dir(&web).unwrap().count(), 0, "nor in it");
+}
+
 /// An input in a compression format tokenize does not decode (xz, bzip2, lz4) is refused
 /// by name before anything is touched. (It used to be read as text: the whole file
 /// became "invalid UTF-8" bad lines and the run succeeded without it.) The fixtures are

@@ -214,15 +214,20 @@ fn out_dir(out: &Path) -> PathBuf {
 /// The file name of `--out`, which every output's name starts with. An `--out` that
 /// names a directory (`data/`, `data/.`, `.`) is refused: its outputs would be hidden
 /// files (`data/.bin`, `data/-00000-00000.idx`) that `--merge`, a rerun's clean-up and
-/// the scratch files would all look for in the directory above.
+/// the scratch files would all look for in the directory above. So is one spelt as a
+/// file name that is an existing directory (`data/web` with `data/web/` there): its
+/// outputs would land beside the directory (`data/web.bin`), and a config naming
+/// `data/web` would read the directory instead.
 fn out_stem(out: &Path) -> Result<String> {
     let written = out.as_os_str().as_encoded_bytes();
     let last = written.rsplit(|&b| b == b'/').next().unwrap_or_default();
     match out.file_name() {
-        Some(name) if name.as_encoded_bytes() == last => Ok(name.to_string_lossy().into_owned()),
+        Some(name) if name.as_encoded_bytes() == last && !out.is_dir() => {
+            Ok(name.to_string_lossy().into_owned())
+        }
         _ => Err(TokenizeError::Options(format!(
-            "--out {} names a directory, not an output prefix; give a file name in it, \
-             e.g. --out {}",
+            "--out {} names a directory, not an output prefix (--out PREFIX writes the \
+             files PREFIX.bin, PREFIX.idx, ...); give a file name in it, e.g. --out {}",
             out.display(),
             out.components().collect::<PathBuf>().join("NAME").display()
         ))),
