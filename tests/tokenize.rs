@@ -1039,6 +1039,53 @@ fn an_out_that_is_an_existing_directory_without_a_slash_is_refused() {
     assert_eq!(std::fs::read_dir(&web).unwrap().count(), 0, "nor in it");
 }
 
+/// Regression: the same input file given twice (`in.jsonl ./in.jsonl`) was tokenized
+/// twice, silently. It is refused by file, not spelling (a hard link too), naming both,
+/// before anything is written.
+#[test]
+fn an_input_given_twice_is_refused_naming_both_spellings() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(
+        &input,
+        &[json!({"text": "a b c"}), json!({"text": "d e f"})],
+    );
+    let other = dir.path().join("other.jsonl");
+    write_jsonl(&other, &[json!({"text": "g h i"})]);
+    let link = dir.path().join("link.jsonl");
+    std::fs::hard_link(&input, &link).unwrap();
+    let dotted = format!("{}/./in.jsonl", s(dir.path()));
+    let out = dir.path().join("out").join("x");
+    for (second, extra) in [
+        (dotted.as_str(), &[][..]),
+        (s(&link), &["--num-shards", "2", "--shard-index", "1"][..]),
+    ] {
+        let mut args = vec![s(&input), s(&other), second, "--out", s(&out)];
+        args.extend(extra);
+        let r = run(tok_path, &args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            !r.status.success(),
+            "{second} after {} was accepted",
+            s(&input)
+        );
+        assert!(
+            err.contains(&format!(
+                "{second}: input 3 is the same file as input 1 ({})",
+                s(&input)
+            )) && err.contains("tokenized twice"),
+            "{err}"
+        );
+    }
+    assert!(!dir.path().join("out").exists(), "nothing written");
+    // Two files of the same content are two inputs.
+    std::fs::copy(&input, dir.path().join("copy.jsonl")).unwrap();
+    let copy = dir.path().join("copy.jsonl");
+    let v = run_ok(tok_path, &[s(&input), s(&copy), "--out", s(&out)]);
+    assert_eq!(v["documents"], 4);
+}
+
 /// An input in a compression format tokenize does not decode (xz, bzip2, lz4) is refused
 /// by name before anything is touched. (It used to be read as text: the whole file
 /// became "invalid UTF-8" bad lines and the run succeeded without it.) The fixtures are

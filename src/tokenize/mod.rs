@@ -509,12 +509,13 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     })
 }
 
-/// Fails before anything is touched if an input is missing.
+/// Fails before anything is touched if an input is missing, or is given twice.
 fn check_inputs(inputs: &[PathBuf]) -> Result<()> {
     if inputs.is_empty() {
         return Err(TokenizeError::Options("no input files".into()));
     }
     check_inputs_size(inputs)?;
+    refuse_repeated_inputs(inputs)?;
     for p in inputs {
         let mut head = [0u8; 10];
         let mut file = File::open(p).map_err(io_err(p, "open"))?;
@@ -533,6 +534,30 @@ fn check_inputs(inputs: &[PathBuf]) -> Result<()> {
                 what: format!(
                     "is {format}-compressed, which tokenize does not read (plain, gzip or \
                      zstd only); decompress it, or recompress it with zstd"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an input file given twice, by file and not by spelling (`in.jsonl ./in.jsonl`,
+/// a symlink or a hard link to it): its documents would be tokenized twice, silently.
+fn refuse_repeated_inputs(inputs: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: std::collections::HashMap<(u64, u64), (usize, &Path)> =
+        std::collections::HashMap::with_capacity(inputs.len());
+    for (i, p) in inputs.iter().enumerate() {
+        let meta = std::fs::metadata(p).map_err(io_err(p, "stat"))?;
+        if let Some((j, first)) = seen.insert((meta.dev(), meta.ino()), (i, p)) {
+            return Err(TokenizeError::Input {
+                path: p.clone(),
+                what: format!(
+                    "input {} is the same file as input {} ({}), given twice (or a link to \
+                     it); its documents would be tokenized twice: give each file once",
+                    i + 1,
+                    j + 1,
+                    first.display()
                 ),
             });
         }
