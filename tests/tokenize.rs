@@ -2369,6 +2369,98 @@ fn merge_refuses_unfinished_or_mismatched_runs_and_bad_shares_are_refused() {
     assert_eq!(outputs(dir.path(), "job-00000"), Vec::<String>::new());
 }
 
+/// Regression: `--merge` compared only the number of inputs, so runs given the same
+/// files in another order (a glob expanded otherwise on another node) merged, though
+/// file j belongs to run j mod N: one file was tokenized twice and the other never.
+/// Each manifest now records a digest of the ordered list (paths as given, sizes), and
+/// a manifest without one (from an older millrace) is refused, not trusted.
+#[test]
+fn merge_refuses_runs_given_other_input_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let p: Vec<PathBuf> = (1..=2)
+        .map(|n| {
+            let path = dir.path().join(format!("p{n}.jsonl"));
+            let rows: Vec<Value> = (0..10)
+                .map(|i| json!({"text": format!("file {n} doc {i}")}))
+                .collect();
+            write_jsonl(&path, &rows);
+            path
+        })
+        .collect();
+    let out = dir.path().join("a");
+    let job = |i: &str, inputs: [&Path; 2]| {
+        let args = [
+            s(inputs[0]),
+            s(inputs[1]),
+            "--out",
+            s(&out),
+            "--num-shards",
+            "2",
+            "--shard-index",
+            i,
+        ];
+        run_ok(tok_path, &args)
+    };
+    let merge = || {
+        let o = bin()
+            .args(["tokenize", "--merge", "--num-shards", "2", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    job("0", [&p[0], &p[1]]);
+    job("1", [&p[1], &p[0]]);
+    let (ok, err) = merge();
+    assert!(!ok, "runs given p1 p2 and p2 p1 merged");
+    assert!(
+        err.contains("a-00001.manifest.json: run 1's inputs_xxh3 is")
+            && err.contains("but run 0's (")
+            && err.contains("a-00000.manifest.json")
+            && err.contains("other input lists"),
+        "{err}"
+    );
+    assert!(!dir.path().join("a.manifest.json").exists());
+    // The same list: merges.
+    job("1", [&p[0], &p[1]]);
+    let (ok, err) = merge();
+    assert!(ok, "{err}");
+    let merged = tokenize::read_manifest(&dir.path().join("a.manifest.json")).unwrap();
+    assert_eq!(merged.documents, 20);
+    let digest = merged.inputs_xxh3.clone().unwrap();
+    assert_eq!(digest.len(), 16);
+    // A file that changed size between the runs is another list too.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&p[1])
+        .unwrap()
+        .write_all(b"{\"text\": \"late\"}\n")
+        .unwrap();
+    job("1", [&p[0], &p[1]]);
+    let (ok, err) = merge();
+    assert!(!ok && err.contains("inputs_xxh3"), "{err}");
+    job("0", [&p[0], &p[1]]);
+    let (ok, err) = merge();
+    assert!(ok, "{err}");
+
+    // A manifest without the digest (an older millrace's) is refused, naming it.
+    let manifest = dir.path().join("a-00001.manifest.json");
+    let mut old: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    old.as_object_mut().unwrap().remove("inputs_xxh3");
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+    let (ok, err) = merge();
+    assert!(!ok, "a manifest without inputs_xxh3 merged");
+    assert!(
+        err.contains("a-00001.manifest.json: run 1 records no digest of its input list")
+            && err.contains("refused"),
+        "{err}"
+    );
+}
+
 /// Regression: an unsharded grouped run renames its sidecar into place before the shard's
 /// `.idx` is written; when that failed, `<out>.groups.npy` was left behind (and a shard
 /// that failed the re-check after its renames stayed whole), though a failed run must

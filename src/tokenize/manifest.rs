@@ -42,6 +42,12 @@ pub struct Manifest {
     pub max_line_bytes: Option<u64>,
     /// Input files of the whole job (every run is given the same list).
     pub inputs: u64,
+    /// xxh3-64 of the ordered input list, hex ([`inputs_digest`]): file `j` belongs to
+    /// run `j mod N`, so runs given the same number of files in another order (a glob
+    /// expanded otherwise on another node) would tokenize one file twice and another
+    /// never. `None` in manifests written before it was recorded, which `--merge` refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs_xxh3: Option<String>,
     /// Documents over all shards listed.
     pub documents: u64,
     /// Tokens over all shards listed.
@@ -52,10 +58,16 @@ pub struct Manifest {
 
 impl Manifest {
     /// The settings that must agree between the runs of one job, by name.
-    fn settings(&self) -> [(&'static str, String); 10] {
+    fn settings(&self) -> [(&'static str, String); 11] {
         [
             ("runs", self.runs.to_string()),
             ("inputs", self.inputs.to_string()),
+            (
+                "inputs_xxh3",
+                self.inputs_xxh3
+                    .clone()
+                    .unwrap_or_else(|| "unrecorded".into()),
+            ),
             ("tokenizer_xxh3", self.tokenizer_xxh3.clone()),
             ("text_field", self.text_field.clone()),
             ("group_field", format!("{:?}", self.group_field)),
@@ -72,10 +84,27 @@ impl Manifest {
     }
 }
 
-/// The manifest of a finished run: its settings and its shards, named relative to it.
+/// xxh3-64 of the ordered input list: for each input in order, its path as given (the
+/// length of its bytes as a u64 LE, then the bytes) and its size in bytes (u64 LE). What
+/// the runs of one job must agree on besides the count (see [`Manifest::inputs_xxh3`]).
+pub(super) fn inputs_digest(inputs: &[PathBuf]) -> Result<u64> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in inputs {
+        let size = std::fs::metadata(p).map_err(io_err(p, "stat"))?.len();
+        let name = p.as_os_str().as_encoded_bytes();
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name);
+        h.update(&size.to_le_bytes());
+    }
+    Ok(h.digest())
+}
+
+/// The manifest of a finished run: its settings and its shards, named relative to it;
+/// `inputs_xxh3` is [`inputs_digest`] of the whole job's input list.
 pub(super) fn run_manifest(
     opts: &TokenizeOptions,
     setup: &Setup,
+    inputs_xxh3: u64,
     shards: &[OutputShard],
 ) -> Manifest {
     Manifest {
@@ -92,6 +121,7 @@ pub(super) fn run_manifest(
         shard_tokens: opts.shard_tokens,
         max_line_bytes: Some(opts.max_line_bytes),
         inputs: opts.inputs.len() as u64,
+        inputs_xxh3: Some(format!("{inputs_xxh3:016x}")),
         documents: shards.iter().map(|s| s.documents).sum(),
         tokens: shards.iter().map(|s| s.tokens).sum(),
         shards: shards
@@ -170,16 +200,40 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
                 },
             });
         }
+        if m.inputs_xxh3.is_none() {
+            return Err(TokenizeError::Input {
+                path,
+                what: format!(
+                    "run {run} records no digest of its input list (inputs_xxh3: written by \
+                     a millrace before it was recorded), so --merge cannot check that every \
+                     run was given the same files in the same order (file j belongs to run j \
+                     mod N; a list in another order tokenizes a file twice and another \
+                     never); refused: rerun the job's runs with this millrace, each given the \
+                     same input list, then merge again"
+                ),
+            });
+        }
         check_listed_shards(&path, &dir, &m)?;
         match &mut merged {
             None => merged = Some((path, m)),
             Some((first, all)) => {
                 for ((name, a), (_, b)) in all.settings().iter().zip(m.settings()) {
                     if *a != b {
+                        let hint = match *name {
+                            "inputs" | "inputs_xxh3" => {
+                                "; they were given other input lists (paths as given, their \
+                                 order or their sizes differ: a glob expanded otherwise, or \
+                                 files changed between runs?), and file j belongs to run j mod \
+                                 N, so a file would be tokenized twice and another never: rerun \
+                                 the runs with one list"
+                            }
+                            _ => "",
+                        };
                         return Err(TokenizeError::Input {
                             path,
                             what: format!(
-                                "{name} is {b}, but {} says {a}: runs of one job must share their settings",
+                                "run {run}'s {name} is {b}, but run 0's ({}) is {a}: runs of \
+                                 one job must share their settings{hint}",
                                 first.display()
                             ),
                         });

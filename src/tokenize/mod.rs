@@ -71,8 +71,8 @@ mod sink;
 mod sort;
 
 use input::*;
+use manifest::{inputs_digest, run_manifest, write_manifest};
 pub use manifest::{merge, read_manifest, render_merge, Manifest, MANIFEST_FORMAT};
-use manifest::{run_manifest, write_manifest};
 pub use pipeline::encode_ids;
 use pipeline::*;
 pub use report::*;
@@ -279,6 +279,8 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
     let setup = Setup::new(opts)?;
     let threads = opts.threads.max(1);
     check_inputs(&opts.inputs)?;
+    // Taken as the run starts: what `--merge` holds against the other runs' lists.
+    let inputs_xxh3 = inputs_digest(&opts.inputs)?;
     if opts.shard_index >= opts.num_shards {
         return Err(TokenizeError::Options(format!(
             "--shard-index {} is not one of the --num-shards {} runs (0..{})",
@@ -472,7 +474,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         Layout::Single(_) => None,
         Layout::Sharded { run, .. } => {
             let path = run_manifest_path(&opts.out, *run);
-            write_manifest(&path, &run_manifest(opts, &setup, &shards))?;
+            write_manifest(&path, &run_manifest(opts, &setup, inputs_xxh3, &shards))?;
             Some(path)
         }
     };
