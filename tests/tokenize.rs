@@ -2350,7 +2350,11 @@ fn merge_refuses_unfinished_or_mismatched_runs_and_bad_shares_are_refused() {
     assert!(String::from_utf8_lossy(&zero.stderr).contains("--shard-tokens 0"));
 
     // A run that fails after finishing some shards leaves none of them, and no manifest:
-    // 20 good rows cut into 50-token shards, then a bad line past --max-bad 0.
+    // 20 good rows cut into 50-token shards, then a bad line past --max-bad 0. (A job of
+    // one run: run 1 of the job of two is removed first, which it would refuse.)
+    for name in outputs(dir.path(), "job-00001") {
+        std::fs::remove_file(dir.path().join(name)).unwrap();
+    }
     let tail = dir.path().join("tail.jsonl");
     std::fs::write(&tail, b"{not json\n").unwrap();
     assert!(!outputs(dir.path(), "job-00000").is_empty());
@@ -2459,6 +2463,131 @@ fn merge_refuses_runs_given_other_input_lists() {
             && err.contains("refused"),
         "{err}"
     );
+}
+
+/// Regression: a prefix re-tokenized by a job of fewer runs into the same `--out` merged
+/// as "5 runs, 5 shards" while runs 5 and 6 of the earlier 7-run job stayed, and a config
+/// naming the directory served their documents too (duplicates). `--merge` now refuses
+/// any file of the prefix that is not of the job (runs outside it, shards no manifest
+/// lists, a single-shard output), naming them; a run of a job refuses to start beside
+/// runs at or past its --num-shards, or a single shard, removing nothing of them.
+#[test]
+fn merge_and_runs_refuse_outputs_of_an_earlier_job_of_more_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = tokenizer();
+    let inputs: Vec<PathBuf> = (0..7)
+        .map(|f| {
+            let p = dir.path().join(format!("f{f}.jsonl"));
+            let rows: Vec<Value> = (0..3)
+                .map(|i| json!({"text": format!("file {f} doc {i}")}))
+                .collect();
+            write_jsonl(&p, &rows);
+            p
+        })
+        .collect();
+    let out_dir = dir.path().join("out");
+    let out = out_dir.join("m");
+    run_job(tok_path, &inputs, &out, 7, &[]);
+    let merge = |runs: &str| {
+        let o = bin()
+            .args(["tokenize", "--merge", "--num-shards", runs, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = merge("7");
+    assert!(ok, "{err}");
+    let old = outputs(&out_dir, "m-00006");
+    assert_eq!(
+        old,
+        [
+            "m-00006-00000.bin",
+            "m-00006-00000.idx",
+            "m-00006.manifest.json"
+        ]
+    );
+
+    // Runs of a 5-run job refuse to start beside runs 5 and 6 of the 7-run one.
+    let mut args: Vec<&str> = inputs.iter().map(|p| s(p)).collect();
+    args.extend(["--out", s(&out), "--num-shards", "5", "--shard-index", "0"]);
+    let r = run(tok_path, &args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success(),
+        "a run of 5 started beside runs 5 and 6 of 7"
+    );
+    assert!(
+        err.contains("holds 6 files of this --out that are not of this job of 5 runs")
+            && err.contains("m-00005.manifest.json (run 5 of 7)")
+            && err.contains("m-00006-00000.idx")
+            && err.contains("remove them, then start the run again"),
+        "{err}"
+    );
+    assert_eq!(outputs(&out_dir, "m-00006"), old, "it removed nothing");
+    assert!(out_dir.join("m-00000-00000.idx").exists());
+
+    // The reviewer's sequence: the 5 runs written anyway (the leftovers hidden from
+    // them, then put back), and --merge with 5 refuses, naming runs 5 and 6.
+    let aside = dir.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    let leftovers: Vec<String> = ["m-00005", "m-00006"]
+        .iter()
+        .flat_map(|r| outputs(&out_dir, r))
+        .collect();
+    for n in &leftovers {
+        std::fs::rename(out_dir.join(n), aside.join(n)).unwrap();
+    }
+    run_job(tok_path, &inputs, &out, 5, &[]);
+    for n in &leftovers {
+        std::fs::rename(aside.join(n), out_dir.join(n)).unwrap();
+    }
+    let (ok, err) = merge("5");
+    assert!(!ok, "merged 5 runs beside runs 5 and 6 of 7");
+    assert!(
+        err.contains("holds 6 files of this --out that are not of this job of 5 runs")
+            && err.contains("m-00005-00000.bin")
+            && err.contains("m-00006.manifest.json (run 6 of 7)")
+            && err.contains("remove them, then merge again"),
+        "{err}"
+    );
+    // Removed: it merges, 5 runs of the 7 files.
+    for n in &leftovers {
+        std::fs::remove_file(out_dir.join(n)).unwrap();
+    }
+    let (ok, err) = merge("5");
+    assert!(ok, "{err}");
+    let merged = tokenize::read_manifest(&out_dir.join("m.manifest.json")).unwrap();
+    assert_eq!((merged.runs, merged.documents), (5, 21));
+
+    // A shard of a run inside the job that its manifest does not list, and a
+    // single-shard output of the prefix: refused by --merge, named.
+    let stray = out_dir.join("m-00002-00007.idx");
+    std::fs::copy(out_dir.join("m-00002-00000.idx"), &stray).unwrap();
+    let (ok, err) = merge("5");
+    assert!(
+        !ok && err.contains("holds 1 file of this --out that is not of this job")
+            && err.contains("m-00002-00007.idx"),
+        "{err}"
+    );
+    std::fs::remove_file(&stray).unwrap();
+    run_ok(tok_path, &[s(&inputs[0]), "--out", s(&out)]);
+    let (ok, err) = merge("5");
+    assert!(
+        !ok && err.contains("m.bin (a single-shard output)") && err.contains("m.idx"),
+        "{err}"
+    );
+    // Other prefixes in the directory are not this job's business.
+    for n in ["m.bin", "m.idx"] {
+        std::fs::remove_file(out_dir.join(n)).unwrap();
+    }
+    std::fs::write(out_dir.join("m-x-00009-00000.idx"), b"x").unwrap();
+    std::fs::write(out_dir.join("mm-00009-00000.idx"), b"x").unwrap();
+    let (ok, err) = merge("5");
+    assert!(ok, "{err}");
 }
 
 /// Regression: an unsharded grouped run renames its sidecar into place before the shard's

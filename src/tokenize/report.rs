@@ -84,9 +84,47 @@ pub enum TokenizeError {
         /// The lock file the other run holds.
         lock: PathBuf,
     },
+    /// Outputs of the same prefix that are not of this job (runs outside it, shards no
+    /// manifest lists, a single-shard output): a config naming the directory would serve
+    /// them beside the job's shards, so the operator must remove them first.
+    #[error(
+        "{dir} holds {} of this --out that {} not of this job of {runs} runs: {}; \
+         a config naming the directory would serve them beside the job's shards (stale or \
+         duplicate documents). They are left by an earlier job into the same --out: \
+         remove them, then {then}",
+        if files.len() == 1 { "1 file".to_string() } else { format!("{} files", files.len()) },
+        if files.len() == 1 { "is" } else { "are" },
+        name_some(files)
+    )]
+    ForeignOutputs {
+        /// The output directory.
+        dir: PathBuf,
+        /// Runs in this job (`--num-shards`).
+        runs: u64,
+        /// The files, by name, each manifest with the job it says it is of.
+        files: Vec<String>,
+        /// What to do once they are removed.
+        then: &'static str,
+    },
     /// Writing or re-checking the shard failed.
     #[error(transparent)]
     Corpus(#[from] CorpusError),
+}
+
+/// The first 12 of `names`, comma-separated, then how many more there are: an error
+/// naming a million leftover shards stays readable.
+fn name_some(names: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut out = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        let _ = write!(out, " and {} more", names.len() - SHOWN);
+    }
+    out
 }
 
 /// The first bad lines, for an error that gave up on them: ". First bad lines:" and one

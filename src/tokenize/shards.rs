@@ -409,37 +409,149 @@ fn remove_run_outputs(out: &Path, run: u64) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&manifest, "remove")(e)),
     }
-    let dir = out_dir(out);
-    let Some(stem) = out.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-        return Ok(());
-    };
-    let start = format!("{stem}-{run:05}-");
-    let mut ours = Vec::new();
-    for e in std::fs::read_dir(&dir).map_err(io_err(&dir, "read_dir"))? {
-        let e = e.map_err(io_err(&dir, "read_dir"))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(&start) else {
-            continue;
-        };
-        let (num, ext) = rest.split_at(rest.find('.').unwrap_or(rest.len()));
-        let known = [
-            ".bin",
-            ".idx",
-            ".groups.npy",
-            ".bin.tmp",
-            ".idx.tmp",
-            ".groups.npy.tmp",
-        ];
-        // `{k:05}` is five digits up to shard 99999 and more after it.
-        if num.len() >= 5 && num.bytes().all(|b| b.is_ascii_digit()) && known.contains(&ext) {
-            ours.push((ext != ".idx", e.path()));
-        }
-    }
+    let mut ours: Vec<(bool, PathBuf)> = prefix_outputs(out)?
+        .into_iter()
+        .filter_map(|(path, name)| match name {
+            OutputName::Shard { run: r, ext, .. } if r == run => Some((ext != ".idx", path)),
+            _ => None,
+        })
+        .collect();
     ours.sort();
     for (_, p) in ours {
         std::fs::remove_file(&p).map_err(io_err(&p, "remove"))?;
     }
     Ok(())
+}
+
+/// The extensions of a shard's files, finished and temporary.
+const SHARD_EXTS: [&str; 6] = [
+    ".bin",
+    ".idx",
+    ".groups.npy",
+    ".bin.tmp",
+    ".idx.tmp",
+    ".groups.npy.tmp",
+];
+
+/// What a file beside an output prefix is to that prefix: the kinds of files tokenize
+/// writes there, told apart by name, so that a rerun clears its own and a job can see
+/// another's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum OutputName {
+    /// `<stem>.idx`, `.bin`, `.groups.npy` (or their `.tmp`): a single-shard output.
+    Single,
+    /// `<stem>-<run>.manifest.json`.
+    Manifest {
+        /// The run that wrote it.
+        run: u64,
+    },
+    /// `<stem>-<run>-<k><ext>`: a file of shard `k` of run `run`.
+    Shard {
+        /// The run that wrote it.
+        run: u64,
+        /// The shard's prefix, `<stem>-<run>-<k>` (as named in a manifest).
+        prefix: String,
+        /// One of [`SHARD_EXTS`].
+        ext: &'static str,
+    },
+}
+
+/// What the file `name` is to the output prefix whose file name is `stem`, if anything.
+/// Run and shard numbers are `{:05}` (five digits up to 99999, more past it); a name
+/// whose numbers are not digits, or fewer than five, is another prefix's.
+pub(super) fn output_name(stem: &str, name: &str) -> Option<OutputName> {
+    let number = |s: &str| {
+        (s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    let rest = name.strip_prefix(stem)?;
+    if SHARD_EXTS.contains(&rest) {
+        return Some(OutputName::Single);
+    }
+    let rest = rest.strip_prefix('-')?;
+    let (run, rest) = rest.split_at(rest.find(['-', '.']).unwrap_or(rest.len()));
+    let run = number(run)?;
+    if rest == ".manifest.json" {
+        return Some(OutputName::Manifest { run });
+    }
+    let shard = rest.strip_prefix('-')?;
+    let (k, ext) = shard.split_at(shard.find('.').unwrap_or(shard.len()));
+    number(k)?;
+    let ext = SHARD_EXTS.into_iter().find(|e| *e == ext)?;
+    Some(OutputName::Shard {
+        run,
+        prefix: name[..name.len() - ext.len()].to_string(),
+        ext,
+    })
+}
+
+/// Every file in the directory of `out` that tokenize wrote (or would write) for the
+/// prefix `out`, with what it is, sorted by name.
+pub(super) fn prefix_outputs(out: &Path) -> Result<Vec<(PathBuf, OutputName)>> {
+    let dir = out_dir(out);
+    let Some(stem) = out.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(io_err(&dir, "read_dir"))? {
+        let e = e.map_err(io_err(&dir, "read_dir"))?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if let Some(kind) = output_name(&stem, name) {
+            found.push((e.path(), kind));
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found)
+}
+
+/// Refuses outputs of the prefix `out` that are not of this job of `runs` runs: a
+/// single-shard output, and the manifests and shards of runs `runs` and above (an
+/// earlier job of more runs into the same `--out`). A config naming the directory would
+/// serve their documents beside the job's (stale or duplicate), and nothing of this
+/// job would ever remove them. `then` says what to do once they are removed.
+pub(super) fn refuse_foreign_outputs(out: &Path, runs: u64, then: &'static str) -> Result<()> {
+    let foreign: Vec<(PathBuf, OutputName)> = prefix_outputs(out)?
+        .into_iter()
+        .filter(|(_, kind)| match kind {
+            OutputName::Single => true,
+            OutputName::Manifest { run } | OutputName::Shard { run, .. } => *run >= runs,
+        })
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    Err(TokenizeError::ForeignOutputs {
+        dir: out_dir(out),
+        runs,
+        files: describe_foreign(&foreign),
+        then,
+    })
+}
+
+/// The names of foreign outputs for [`TokenizeError::ForeignOutputs`], each manifest
+/// with the job it says it is of, where it can be read.
+pub(super) fn describe_foreign(foreign: &[(PathBuf, OutputName)]) -> Vec<String> {
+    foreign
+        .iter()
+        .map(|(path, kind)| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            match kind {
+                OutputName::Manifest { .. } => match super::read_manifest(path) {
+                    Ok(m) => match m.run {
+                        Some(r) => format!("{name} (run {r} of {})", m.runs),
+                        None => format!("{name} (a merged manifest)"),
+                    },
+                    Err(_) => format!("{name} (unreadable)"),
+                },
+                OutputName::Single => format!("{name} (a single-shard output)"),
+                OutputName::Shard { .. } => name.into_owned(),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -510,6 +622,48 @@ mod tests {
         assert!(!run_manifest_path(&out, 3).exists());
         for p in &theirs {
             assert!(p.exists(), "removed {}", p.display());
+        }
+    }
+
+    #[test]
+    fn output_names_are_told_apart_from_other_prefixes() {
+        let shard = |run, prefix: &str, ext| {
+            Some(OutputName::Shard {
+                run,
+                prefix: prefix.into(),
+                ext,
+            })
+        };
+        assert_eq!(output_name("m", "m.idx"), Some(OutputName::Single));
+        assert_eq!(
+            output_name("m", "m.groups.npy.tmp"),
+            Some(OutputName::Single)
+        );
+        assert_eq!(
+            output_name("m", "m-00006.manifest.json"),
+            Some(OutputName::Manifest { run: 6 })
+        );
+        assert_eq!(
+            output_name("m", "m-00006-00001.bin"),
+            shard(6, "m-00006-00001", ".bin")
+        );
+        assert_eq!(
+            output_name("m", "m-123456-100000.idx.tmp"),
+            shard(123_456, "m-123456-100000", ".idx.tmp")
+        );
+        for other in [
+            "m.manifest.json",
+            "m.lock",
+            "m-00006.lock",
+            "m-0006-00001.idx",
+            "m-00006-0001.idx",
+            "m-00006-00001-00000.idx",
+            "m-x-00006-00001.idx",
+            "mm-00006-00001.idx",
+            "m-00006-00001.npy",
+            "m-00006",
+        ] {
+            assert_eq!(output_name("m", other), None, "{other}");
         }
     }
 
