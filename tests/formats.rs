@@ -2055,6 +2055,54 @@ fn resolve_raw_directory_skips_caches_and_sidecars() {
     );
 }
 
+/// A README, a config or a manifest in a raw domain's directory was read as tokens (its
+/// bytes are valid uint16 ids): a file whose extension is not a token file's is an
+/// error naming it, and a glob still picks what it names.
+#[test]
+fn resolve_raw_directory_refuses_a_file_that_is_no_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write_u16(&root.join("a.npy"), &[2, 0]);
+    write_u16(&root.join("train"), &[3, 0]);
+    assert_eq!(
+        resolve(root, Format::Raw).unwrap(),
+        vec![root.join("a.npy"), root.join("train")]
+    );
+    std::fs::write(root.join("README.md"), b"# the corpus\n").unwrap();
+    let err = resolve(root, Format::Raw).unwrap_err().to_string();
+    assert!(err.contains("README.md"), "{err}");
+    assert!(err.contains("extension .md is not a token file's"), "{err}");
+    assert_eq!(
+        resolve(&root.join("*.npy"), Format::Raw).unwrap(),
+        vec![root.join("a.npy")]
+    );
+}
+
+/// A dangling symbolic link among a directory's shards or a glob's matches (a link farm
+/// whose target file system went away) was left out silently, moving the mixture,
+/// while naming it was an error: it is an error naming the link.
+#[test]
+fn resolve_refuses_a_dangling_link_among_shards() {
+    let (dir, root) = resolve_dir();
+    let gone = dir.path().join("gone");
+    std::os::unix::fs::symlink(gone.join("z.idx"), root.join("z.idx")).unwrap();
+    std::os::unix::fs::symlink(gone.join("z.bin"), root.join("z.bin")).unwrap();
+    for arg in [root.clone(), root.join("*.idx")] {
+        let err = resolve(&arg, Format::Megatron).unwrap_err().to_string();
+        assert!(err.contains("z."), "{}: {err}", arg.display());
+        assert!(err.contains("a dangling link?"), "{}: {err}", arg.display());
+    }
+    // A raw directory too, and a link to a device is named as one.
+    let raw = tempfile::tempdir().unwrap();
+    write_u16(&raw.path().join("a.u16"), &[2, 0]);
+    std::os::unix::fs::symlink("/dev/zero", raw.path().join("b.u16")).unwrap();
+    let err = resolve(raw.path(), Format::Raw).unwrap_err().to_string();
+    assert!(
+        err.contains("b.u16") && err.contains("a character device"),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The command line
 // ---------------------------------------------------------------------------------------

@@ -553,6 +553,9 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
                 let path = e.path().to_path_buf();
                 CorpusError::io(path, "glob", e.into())
             })?;
+            if !p.is_file() && p.is_symlink() {
+                check_link(&p, format)?;
+            }
             let is_file = |q: &Path| q.is_file();
             if let Some(s) = shard_of(&p, format, &out, is_file)? {
                 out.insert(s);
@@ -586,6 +589,13 @@ pub fn resolve(arg: &Path, format: Format) -> Result<Vec<PathBuf>> {
             let path = entry.path();
             if kind.is_file() || (kind.is_symlink() && path.is_file()) {
                 files.insert(path);
+            } else if kind.is_symlink() {
+                check_link(&path, format)?;
+            }
+        }
+        if format == Format::Raw {
+            for p in &files {
+                check_raw_name(p, arg)?;
             }
         }
         let mut out = std::collections::BTreeSet::new();
@@ -696,12 +706,82 @@ fn shard_of(
             }
         }
         Format::Raw => {
-            let skip = name.ends_with(".groups.npy")
-                || name.ends_with(&format!(".{}", raw::CACHE_EXT))
-                || name.contains(".tmp")
-                || name.starts_with('.');
+            let skip = raw_skipped(&name);
             Ok((!skip && !found.contains(p) && is_file(p)).then(|| p.to_path_buf()))
         }
+    }
+}
+
+/// Whether a raw domain's directory or glob passes over a file of this name: a group
+/// sidecar, a boundary cache, a temporary or hidden file.
+fn raw_skipped(name: &str) -> bool {
+    name.ends_with(".groups.npy")
+        || name.ends_with(&format!(".{}", raw::CACHE_EXT))
+        || name.contains(".tmp")
+        || name.starts_with('.')
+}
+
+/// Whether a file of this name would be a shard of `format` in a directory or glob (a
+/// regular file of that name would be read).
+fn shard_named(name: &str, format: Format) -> bool {
+    match format {
+        Format::Megatron => name.ends_with(".idx") || name.ends_with(".bin"),
+        Format::Raw => !raw_skipped(name),
+    }
+}
+
+/// A symbolic link in a directory or among a glob's matches that is not a regular file
+/// when followed: an error naming it when its name makes it a shard, where it was left
+/// out silently (a dangling link of a link farm whose target file system went away
+/// took its shard out of the domain and moved the mixture, while naming the shard
+/// itself was an error).
+fn check_link(link: &Path, format: Format) -> Result<()> {
+    let name = link.file_name().map(|n| n.to_string_lossy().into_owned());
+    if !name.is_some_and(|n| shard_named(&n, format)) {
+        return Ok(());
+    }
+    match std::fs::metadata(link) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) => Err(not_regular(link, &m)),
+        Err(e) => Err(CorpusError::NotFound {
+            path: link.to_path_buf(),
+            what: format!("a symbolic link whose target cannot be read ({e}): a dangling link?"),
+        }),
+    }
+}
+
+/// The extensions a raw token file in a directory may have (none is one of them): what
+/// `tofile`, OLMo's memmaps and nanoGPT's `train.bin` write.
+const RAW_EXTENSIONS: &[&str] = &[
+    "npy", "bin", "u16", "u32", "uint16", "uint32", "tok", "tokens", "dat", "raw",
+];
+
+/// A raw domain's directory is read as token files whole: a README, a config or a
+/// manifest beside them was read as tokens (its bytes are valid uint16 ids) and trained
+/// on. So a file there must have a token file's extension ([`RAW_EXTENSIONS`], or none)
+/// or be one the directory passes over; anything else is an error naming it, and a
+/// glob picks token files of another name.
+fn check_raw_name(p: &Path, dir: &Path) -> Result<()> {
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let Some(name) = name.filter(|n| !raw_skipped(n)) else {
+        return Ok(());
+    };
+    let ext = Path::new(&name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase());
+    match ext {
+        None => Ok(()),
+        Some(e) if RAW_EXTENSIONS.contains(&e.as_str()) => Ok(()),
+        Some(e) => Err(CorpusError::Invalid {
+            path: p.to_path_buf(),
+            what: format!(
+                "is in raw directory {} but its extension .{e} is not a token file's (.{}, \
+                 or none): move it out, or name the token files with a glob (e.g. {}/*.npy)",
+                dir.display(),
+                RAW_EXTENSIONS.join(", ."),
+                dir.display()
+            ),
+        }),
     }
 }
 
