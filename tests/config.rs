@@ -144,6 +144,17 @@ fn mistakes_name_the_file_and_the_field() {
         "{e}"
     );
 
+    // The example config once paired eos 100257 with vocab_size 50304: check-config
+    // passed it, and every ring stopped at its first row.
+    let e = err(&format!(
+        "{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nformat = \"raw\"\nraw = {{ dtype = \"uint32\", eos = 100257 }}\n[plan]\nvocab_size = 50304\n"
+    ));
+    assert!(
+        e.contains("corpus.domain[0].raw.eos")
+            && e.contains("100257 is not below plan.vocab_size = 50304"),
+        "{e}"
+    );
+
     let e = err(&format!(
         "{head}[[corpus.domain]]\nname = \"w\"\nshards = [\"a\"]\nformat = \"raw\"\nraw = {{ dtype = \"int64\", eos = 1 }}\n"
     ));

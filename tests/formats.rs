@@ -2137,6 +2137,33 @@ fn cli_corpus() -> (tempfile::TempDir, PathBuf) {
     (dir, root)
 }
 
+/// `inspect` "exits 0 only if every shard is valid", and operators are sent to it to
+/// check a shard: one whose dtype code turned from int32 (4) into float32 (7) passed it,
+/// while `check-config` and the daemon refused it.
+#[test]
+fn cli_inspect_refuses_float_tokens_as_check_config_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // An int32 shard (code 4) whose code byte became 7: the same item size, so every
+    // size check and the linear validation pass.
+    let f = write_docs(
+        dir.path(),
+        "f",
+        CODES[3],
+        &[vec![vec![1, 2]], vec![vec![3]]],
+    );
+    let idx = with(&f, "idx");
+    let mut bytes = std::fs::read(&idx).unwrap();
+    assert_eq!(bytes[17], 4);
+    bytes[17] = 7;
+    std::fs::write(&idx, &bytes).unwrap();
+    let (ok, out, err) = run_cli(&["inspect".as_ref(), f.as_os_str()]);
+    assert!(!ok, "inspect passed a float32 shard: {out}");
+    assert!(
+        err.contains("f.idx") && err.contains("dtype code 7 (float32) at byte 17"),
+        "{err}"
+    );
+}
+
 #[test]
 fn cli_inspect_valid_directory() {
     let (_dir, root) = cli_corpus();

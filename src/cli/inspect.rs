@@ -310,6 +310,9 @@ pub fn inspect(shards: &[Shard]) -> Result<Report> {
     let mut reports = Vec::with_capacity(shards.len());
     for shard in shards {
         shard.validate()?;
+        if let Some(e) = shard.float_tokens() {
+            return Err(e);
+        }
         buf.clear();
         shard.doc_lengths_into(&mut buf)?;
         let mut mine = LengthCounts::default();

@@ -428,6 +428,24 @@ impl Config {
                             format!("{} does not fit in {}", r.eos, r.dtype),
                         ));
                     }
+                    // Every document of a raw domain but perhaps its file's last ends
+                    // with `eos`: one outside the vocabulary stops every ring that reads
+                    // the domain at its first row, which `check-config` can say now.
+                    let vocab = (self.plan.as_ref())
+                        .and_then(|p| p.get("vocab_size"))
+                        .and_then(|v| v.as_integer())
+                        .and_then(|v| u64::try_from(v).ok());
+                    if let Some(v) = vocab.filter(|&v| r.eos >= v) {
+                        return Err(self.invalid(
+                            f("raw.eos"),
+                            format!(
+                                "{} is not below plan.vocab_size = {v}: the domain's documents \
+                                 end with it, so every ring reading them would stop with \
+                                 ERROR materialize",
+                                r.eos
+                            ),
+                        ));
+                    }
                 }
                 (Format::Megatron, None) => {}
             }

@@ -465,6 +465,29 @@ impl Shard {
         Ok(())
     }
 
+    /// The error for a shard whose index says it stores float tokens: no `token_dtype`
+    /// holds them, and an index whose dtype code turned from int32 (4) into float32 (7),
+    /// or int64 into float64, passes every size check and the linear validation. Names
+    /// the byte. The daemon's start, `check-config` and `inspect` all refuse it.
+    pub fn float_tokens(&self) -> Option<CorpusError> {
+        let dtype = self.dtype();
+        if !matches!(dtype, DType::Float32 | DType::Float64) {
+            return None;
+        }
+        let (file, code) = match self.as_megatron() {
+            Some(m) => (m.idx_path(), dtype.megatron_code().unwrap_or_default()),
+            None => (self.path(), 0),
+        };
+        Some(CorpusError::Invalid {
+            path: file.to_path_buf(),
+            what: format!(
+                "dtype code {code} ({dtype}) at byte 17: token ids are integers, so no \
+                 token_dtype can serve this shard; its dtype code is wrong (int32 is 4, \
+                 int64 5, uint16 8) or it holds no token ids"
+            ),
+        })
+    }
+
     /// What a passed [`Shard::validate`] proved (for the identity cache, and to show that
     /// a start took the fast paths from it): `Some(true)` when every document is one
     /// sequence (the fast paths), `None` before it passed.

@@ -91,7 +91,12 @@ fn load_unguarded(config: &Path, validate: bool) -> Result<Loaded> {
     } else {
         cfg.load_plan()?
     };
-    if let Some(why) = loaded.shards.iter().flatten().find_map(|s| float_tokens(s)) {
+    if let Some(why) = loaded
+        .shards
+        .iter()
+        .flatten()
+        .find_map(|s| s.float_tokens().map(|e| e.to_string()))
+    {
         bail!("{}: {why}", cfg.source.display());
     }
     let dtypes: Vec<(String, crate::corpus::DType)> = loaded
@@ -142,27 +147,6 @@ fn load_unguarded(config: &Path, validate: bool) -> Result<Loaded> {
         shards: loaded.shards,
         token,
     })
-}
-
-/// Why `shard` cannot be served, when its index says it stores float tokens: no
-/// `token_dtype` holds them, and an index whose dtype code turned from int32 (4) into
-/// float32 (7), or int64 into float64, passes every size check. Names the byte.
-fn float_tokens(shard: &Shard) -> Option<String> {
-    use crate::corpus::DType;
-    let dtype = shard.dtype();
-    if !matches!(dtype, DType::Float32 | DType::Float64) {
-        return None;
-    }
-    let (file, code) = match shard.as_megatron() {
-        Some(m) => (m.idx_path(), dtype.megatron_code().unwrap_or_default()),
-        None => (shard.path(), 0),
-    };
-    Some(format!(
-        "{}: dtype code {code} ({dtype}) at byte 17: token ids are integers, so no \
-         token_dtype can serve this shard; its dtype code is wrong (int32 is 4, int64 5, \
-         uint16 8) or it holds no token ids",
-        file.display()
-    ))
 }
 
 /// The largest token id `d` holds; `None` for float dtypes, which hold no ids.

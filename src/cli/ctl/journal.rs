@@ -39,7 +39,14 @@ pub fn describe_change(reply: &Value) -> String {
             .and_then(Value::as_u64)
             .map(|a| format!("applied from step {a}"));
         let rest = match step.and_then(|p| m.find(&p).map(|i| &m[i + p.len()..])) {
-            Some(rest) => rest.trim_start_matches(';').trim_start(),
+            // ", the first that could still change" qualifies the step the line above
+            // gave ("instead"): it printed alone as "  , the first ...".
+            Some(rest) => match rest.strip_prefix(',') {
+                Some(clause) => clause.split_once(';').map_or("", |(_, after)| after),
+                None => rest,
+            }
+            .trim_start_matches(';')
+            .trim_start(),
             None => m,
         };
         if !rest.is_empty() {
@@ -150,6 +157,29 @@ mod tests {
         assert_eq!(
             describe_change(&reply),
             "set_weights: applied from step 51\n"
+        );
+    }
+
+    /// A late change's reply: its qualifier printed alone, as "  , the first that could
+    /// still change".
+    #[test]
+    fn a_late_change_says_its_step_once_without_a_dangling_clause() {
+        let reply = json!({"ok": true, "op": "set_weights", "applied_step": 11,
+                           "requested_step": 5, "moved": true,
+                           "message": "step 5 was already published; applied from step 11, \
+                                       the first that could still change; note: reload kept [serve]"});
+        assert_eq!(
+            describe_change(&reply),
+            "set_weights: step 5 was already handed out; applied from step 11 instead\n  \
+             note: reload kept [serve]\n"
+        );
+        let reply = json!({"ok": true, "op": "set_weights", "applied_step": 11,
+                           "requested_step": 5, "moved": true,
+                           "message": "step 5 was already published; applied from step 11, \
+                                       the first that could still change"});
+        assert_eq!(
+            describe_change(&reply),
+            "set_weights: step 5 was already handed out; applied from step 11 instead\n"
         );
     }
 
