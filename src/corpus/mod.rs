@@ -753,18 +753,19 @@ fn shard_named(name: &str, format: Format) -> bool {
     }
 }
 
-/// A symbolic link in a directory or among a glob's matches that is not a regular file
-/// when followed: an error naming it when its name makes it a shard, where it was left
-/// out silently (a dangling link of a link farm whose target file system went away
-/// took its shard out of the domain and moved the mixture, while naming the shard
-/// itself was an error).
+/// A symbolic link in a directory or among a glob's matches that is neither a regular
+/// file nor a directory when followed (dangling, or a device): an error naming it when
+/// its name makes it a shard, where it was left out silently (a dangling link of a link
+/// farm whose target file system went away took its shard out of the domain and moved
+/// the mixture, while naming the shard itself was an error).
 fn check_link(link: &Path, format: Format) -> Result<()> {
     let name = link.file_name().map(|n| n.to_string_lossy().into_owned());
     if !name.is_some_and(|n| shard_named(&n, format)) {
         return Ok(());
     }
     match std::fs::metadata(link) {
-        Ok(m) if m.is_file() => Ok(()),
+        // A link to a directory is passed over as a directory is.
+        Ok(m) if m.is_file() || m.is_dir() => Ok(()),
         Ok(m) => Err(not_regular(link, &m)),
         Err(e) => Err(CorpusError::NotFound {
             path: link.to_path_buf(),
