@@ -557,9 +557,9 @@ impl ThreadTimer {
 
 /// Writes `bytes` to `fd`, waiting at most [`WRITE_WAIT_LIMIT_NS`] (at least
 /// [`WRITE_WAIT_LEAST`]) should the file description have been made blocking by another
-/// process sharing it: the write is interrupted then and returns EINTR. The interrupting signal is unblocked only around
-/// the write, so one that fires late is taken before the next write starts, never by
-/// another call of the thread.
+/// process sharing it: the write is interrupted then and returns EINTR. The interrupting
+/// signal is unblocked only around the write, so one that fires late is taken before
+/// the next write starts, never by another call of the thread.
 fn interruptible_write(fd: &OwnedFd, bytes: &[u8]) -> Result<usize, rustix::io::Errno> {
     thread_local! {
         static TIMER: Option<ThreadTimer> = ThreadTimer::new();

@@ -2137,9 +2137,9 @@ fn cli_corpus() -> (tempfile::TempDir, PathBuf) {
     (dir, root)
 }
 
-/// `inspect` "exits 0 only if every shard is valid", and operators are sent to it to
-/// check a shard: one whose dtype code turned from int32 (4) into float32 (7) passed it,
-/// while `check-config` and the daemon refused it.
+/// `inspect --config` "exits 0 only if every shard is valid", and operators are sent to
+/// it to check a shard: one whose dtype code turned from int32 (4) into float32 (7)
+/// passed it, while `check-config` and the daemon refused it.
 #[test]
 fn cli_inspect_refuses_float_tokens_as_check_config_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -2156,10 +2156,24 @@ fn cli_inspect_refuses_float_tokens_as_check_config_does() {
     assert_eq!(bytes[17], 4);
     bytes[17] = 7;
     std::fs::write(&idx, &bytes).unwrap();
-    let (ok, out, err) = run_cli(&["inspect".as_ref(), f.as_os_str()]);
-    assert!(!ok, "inspect passed a float32 shard: {out}");
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "[corpus]\n[[corpus.domain]]\nname = \"f\"\nshards = [\"f\"]\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run_cli(&["inspect".as_ref(), "--config".as_ref(), config.as_os_str()]);
+    assert!(!ok, "inspect --config passed a float32 shard: {out}");
     assert!(
         err.contains("f.idx") && err.contains("dtype code 7 (float32) at byte 17"),
+        "{err}"
+    );
+    // Named alone, it is a valid Megatron file, shown with a warning.
+    let (ok, out, err) = run_cli(&["inspect".as_ref(), f.as_os_str()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("float32"), "{out}");
+    assert!(
+        err.contains("warning:") && err.contains("check-config and the daemon refuse it"),
         "{err}"
     );
 }
