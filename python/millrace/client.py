@@ -179,6 +179,11 @@ _RETRY_REFUSALS = {"busy", "duplicate", "peer_position"}
 # A process restarted right after its predecessor died can reach the daemon before the
 # daemon noticed the death: `duplicate` is retried this long on a first connect.
 _DUPLICATE_GRACE = 3.0
+# How long next_batch waits for one step before it warns (then again at twice as long,
+# and so on): a rank whose ring waits for a TP replica that never joins, for a peer that
+# does not release, or for a stuck read, otherwise hung with no word on the trainer's
+# side (`millrace status` says which).
+_SLOW_WAIT_WARN = 60.0
 # How long close() waits for the daemon to acknowledge BYE by closing its side.
 _BYE_WAIT = 5.0
 
@@ -1461,6 +1466,8 @@ class Client:
                 self._drop_conn(send_bye=False)
 
     def _wait(self, conn: _Conn, step: int, deadline):
+        since = time.monotonic()
+        warn_at = since + _SLOW_WAIT_WARN
         while True:
             if self._closed or conn.mm is None:
                 # close() ran while we waited: from a signal handler (it runs inside the
@@ -1471,6 +1478,14 @@ class Client:
                                     f"step {step}")
             if conn.published() > step:
                 return
+            now = time.monotonic()
+            if now >= warn_at:
+                log.warning("millrace: job %r dp_rank %d replica %r has waited %.1f s for step "
+                            "%d, which the daemon at %s has not published; `millrace status` "
+                            "says what its ring waits for (a replica not joined, a peer not "
+                            "releasing, a read that hangs)", self.job, self.dp_rank,
+                            self.replica, now - since, step, self.socket_path)
+                warn_at = since + 2 * (warn_at - since)
             if deadline is None:
                 wait_ms = 1000
             else:
@@ -1478,6 +1493,8 @@ class Client:
                 if left <= 0:
                     raise TimeoutError(f"no batch for step {step} within the timeout")
                 wait_ms = max(1, min(1000, int(left * 1000)))
+            # Wakes for the warning on time, not at the next whole second.
+            wait_ms = max(1, min(wait_ms, int((warn_at - now) * 1000) + 1))
             events = conn.poller.poll(wait_ms)
             if self._closed or conn.mm is None:
                 continue  # closed meanwhile: said above (the socket's EOF is close()'s)

@@ -12,6 +12,7 @@ import fcntl
 import gc
 import inspect
 import linecache
+import logging
 import mmap
 import os
 import pickle
@@ -823,6 +824,29 @@ def test_a_close_while_connecting_leaves_no_connection_behind(daemons, tmp_path)
     assert closed and c._closed and c._conn is None
     with mr.Client(d.sock, 0, 4, reconnect_timeout=0, register_cuda=False) as again:
         assert again.next_batch(timeout=60).step == 0
+
+
+def test_a_long_wait_for_a_step_is_said_on_the_trainer_side(daemons, tmp_path, caplog,
+                                                           monkeypatch):
+    """A rank announced with two replicas whose second never joins stops once its ring
+    is full, and next_batch waited with no word: the trainer hung silently while `millrace
+    status` knew why. It now warns after a while, and again at twice as long, naming the
+    job, the rank and the step, and pointing at `millrace status`."""
+    monkeypatch.setattr(mr.client, "_SLOW_WAIT_WARN", 0.3)
+    d = daemons(write_corpus(tmp_path / "slow-wait")).start()
+    c = mr.Client(d.sock, 0, 1, job="lonely", replicas=2, register_cuda=False)
+    assert [c.next_batch(timeout=60).step for _ in range(4)] == [0, 1, 2, 3]
+    caplog.set_level(logging.WARNING, logger="millrace")
+    with pytest.raises(TimeoutError):
+        c.next_batch(timeout=1.0)
+    said = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+    # At 0.3 s and 0.6 s of the 1 s wait (1.2 s is past it, unless the machine stalled).
+    assert 2 <= len(said) <= 3, said
+    waited = [float(m.split("has waited ")[1].split(" s")[0]) for m in said]
+    assert 0.3 <= waited[0] < waited[1] and waited[1] >= 0.6, said
+    assert "job 'lonely' dp_rank 0" in said[0] and "for step 4" in said[0], said
+    assert "millrace status" in said[0], said
+    c.close()
 
 
 def test_a_close_from_another_thread_while_next_batch_waits_does_not_reconnect(daemons,
