@@ -1017,7 +1017,8 @@ fn a_reload_says_which_serve_keys_wait_for_a_restart() {
     edit(1, 7.0);
     let err = fails(&["ctl", "--socket", f.sock(), "reload"]);
     assert!(
-        err.contains("refused reload (invalid)") && err.contains("[serve] ring_slots"),
+        err.contains("refused reload (invalid)")
+            && err.contains("[serve] ring_slots: must be 2..=1024; the next start would refuse it"),
         "{err}"
     );
     assert_eq!(f.journal(), journal);

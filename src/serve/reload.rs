@@ -276,7 +276,13 @@ impl Daemon {
         let plan = cfg.plan_config()?;
         // Not applied, but a file whose [serve] the next start would refuse is refused
         // now, while its author is at hand, not at the next restart.
-        let serve = crate::config::serve::ServeConfig::from_config(&cfg)?;
+        let serve = crate::config::serve::ServeConfig::from_config(&cfg).map_err(|e| match e {
+            // Said as the other [serve] refusals are: the next start would refuse it.
+            ConfigError::Invalid { field, what, .. } => {
+                Refused::Serve(self.config.clone(), format!("{field}: {what}"))
+            }
+            e => Refused::Config(e),
+        })?;
         if toml::Value::try_from(&cfg.corpus).ok() != running.corpus {
             return Err(Refused::Corpus(self.config.clone()));
         }
