@@ -493,3 +493,25 @@ fn under_the_unit_umask_the_cache_is_not_group_writable() {
     let mode = std::fs::metadata(&f.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660, "socket mode {mode:o}");
 }
+
+/// A socket directory `serve` had to create is removed when it stops, and so is every
+/// parent it had to create (`new1/new2/d.sock` left `new1` behind); a directory that
+/// existed before stays.
+#[test]
+fn the_socket_directories_serve_made_are_removed_when_it_stops() {
+    let corpus = common::corpus(200_000, 2, 7, 50_000);
+    let socket = corpus.dir.join("new1/new2/d.sock");
+    let config = common::write_config(
+        &corpus.dir,
+        "nested.toml",
+        64,
+        4,
+        &[&common::serve_toml(&socket, 4, 2)],
+    );
+    let mut d = common::Serve::start(&config, &socket, &corpus.dir.join("nested.log"));
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{}", d.log_text());
+    assert!(!corpus.dir.join("new1").exists(), "{}", d.log_text());
+    assert!(corpus.dir.join("nested.toml").exists());
+}

@@ -93,15 +93,14 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
         }
         bail!("{}: [serve] socket: {why}", args.config.display());
     }
-    // A socket directory this run creates goes when it stops (as root, `/run/millrace`
-    // would otherwise stay behind); one that existed, like systemd's RuntimeDirectory,
-    // stays.
-    let made_dir = l
-        .serve
-        .socket
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-        .map(Path::to_path_buf);
+    // The socket directories this run creates go when it stops (as root, `/run/millrace`
+    // would otherwise stay behind), deepest first: every missing ancestor, not only the
+    // socket's own directory (`a/new1/new2/s.sock` left `new1` behind). One that
+    // existed, like systemd's RuntimeDirectory, stays.
+    let made_dirs: Vec<PathBuf> = (l.serve.socket.ancestors().skip(1))
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
     for w in l.plan.warnings() {
         warn!("{}: {w}", args.config.display());
     }
@@ -218,9 +217,12 @@ pub fn run_cli(args: ServeArgs) -> Result<()> {
     hub.join_workers(threads, WORKERS_STOP);
     let _ = watchdog.join();
     runtime.shutdown_timeout(Duration::from_secs(2));
-    if let Some(dir) = made_dir {
-        // remove_dir removes only an empty directory: nothing else there is touched.
-        let _ = std::fs::remove_dir(dir);
+    for dir in made_dirs {
+        // remove_dir removes only an empty directory: nothing else there is touched, and
+        // a directory something else now holds keeps its ancestors too.
+        if std::fs::remove_dir(dir).is_err() {
+            break;
+        }
     }
     result
 }
