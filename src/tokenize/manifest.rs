@@ -267,39 +267,14 @@ pub fn merge(out: &Path, runs: u64) -> Result<Manifest> {
             out.display()
         )));
     }
-    refuse_unlisted_outputs(out, runs, &all)?;
+    // Every file of the prefix that is not the job's, including shards of its own runs
+    // that no manifest lists.
+    let listed: std::collections::HashSet<&std::ffi::OsStr> =
+        all.shards.iter().map(|s| s.prefix.as_os_str()).collect();
+    refuse_foreign_outputs(out, runs, Some(&listed), "merge again")?;
     all.run = None;
     write_manifest(&with_suffix(out, "manifest.json"), &all)?;
     Ok(all)
-}
-
-/// Refuses files of the prefix `out` that are not this job's: besides those
-/// [`refuse_foreign_outputs`] refuses (a single-shard output, runs `runs` and above),
-/// the shard files of its own runs that no manifest lists (`merged` holds every shard
-/// listed). A job re-tokenized into the same `--out` with fewer runs left the old
-/// job's last runs in place, and a config naming the directory served them too.
-fn refuse_unlisted_outputs(out: &Path, runs: u64, merged: &Manifest) -> Result<()> {
-    let listed: std::collections::HashSet<&std::ffi::OsStr> =
-        merged.shards.iter().map(|s| s.prefix.as_os_str()).collect();
-    let foreign: Vec<(PathBuf, OutputName)> = prefix_outputs(out)?
-        .into_iter()
-        .filter(|(_, kind)| match kind {
-            OutputName::Single => true,
-            OutputName::Manifest { run } => *run >= runs,
-            OutputName::Shard { run, prefix, .. } => {
-                *run >= runs || !listed.contains(std::ffi::OsStr::new(prefix))
-            }
-        })
-        .collect();
-    if foreign.is_empty() {
-        return Ok(());
-    }
-    Err(TokenizeError::ForeignOutputs {
-        dir: out_dir(out),
-        runs,
-        files: describe_foreign(&foreign),
-        then: "merge again",
-    })
 }
 
 /// Checks the shards a run's manifest (at `path`) lists: each one's `.idx` is in place,

@@ -315,7 +315,7 @@ pub fn tokenize(opts: &TokenizeOptions) -> Result<TokenizeSummary> {
         // of this job removes them, and a config naming the directory would serve them.
         // (Runs below --num-shards are not looked at: this job's runs replace those,
         // perhaps at this very moment; `--merge` checks them once all have finished.)
-        refuse_foreign_outputs(&opts.out, opts.num_shards, "start the run again")?;
+        refuse_foreign_outputs(&opts.out, opts.num_shards, None, "start the run again")?;
     }
     let tmp_dir = opts.tmp_dir.clone().unwrap_or_else(|| out_dir.clone());
     std::fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir, "create_dir"))?;

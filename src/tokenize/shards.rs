@@ -510,15 +510,25 @@ pub(super) fn prefix_outputs(out: &Path) -> Result<Vec<(PathBuf, OutputName)>> {
 
 /// Refuses outputs of the prefix `out` that are not of this job of `runs` runs: a
 /// single-shard output, and the manifests and shards of runs `runs` and above (an
-/// earlier job of more runs into the same `--out`). A config naming the directory would
-/// serve their documents beside the job's (stale or duplicate), and nothing of this
-/// job would ever remove them. `then` says what to do once they are removed.
-pub(super) fn refuse_foreign_outputs(out: &Path, runs: u64, then: &'static str) -> Result<()> {
+/// earlier job of more runs into the same `--out`); with `listed` (at a merge, every
+/// shard the job's manifests list), also the shards of its own runs that none lists. A
+/// config naming the directory would serve their documents beside the job's (stale or
+/// duplicate), and nothing of this job would ever remove them. `then` says what to do
+/// once they are removed.
+pub(super) fn refuse_foreign_outputs(
+    out: &Path,
+    runs: u64,
+    listed: Option<&std::collections::HashSet<&std::ffi::OsStr>>,
+    then: &'static str,
+) -> Result<()> {
     let foreign: Vec<(PathBuf, OutputName)> = prefix_outputs(out)?
         .into_iter()
         .filter(|(_, kind)| match kind {
             OutputName::Single => true,
-            OutputName::Manifest { run } | OutputName::Shard { run, .. } => *run >= runs,
+            OutputName::Manifest { run } => *run >= runs,
+            OutputName::Shard { run, prefix, .. } => {
+                *run >= runs || listed.is_some_and(|l| !l.contains(std::ffi::OsStr::new(prefix)))
+            }
         })
         .collect();
     if foreign.is_empty() {
