@@ -537,6 +537,35 @@ fn socket_is_0660_and_its_group_is_checked() {
     }
 }
 
+/// A socket path whose hidden staging name (`.NAME.PID` beside it) would pass the 107
+/// bytes of a socket address is bound in place, with mode 0660 all the same, and the log
+/// says why at info (docs/OPERATIONS.md, "the log says why at info").
+#[test]
+fn a_socket_path_too_long_to_stage_is_bound_in_place_and_the_log_says_so() {
+    let f = fixture();
+    let base = f.dir().as_os_str().len() + 1;
+    // The path itself is 107 bytes, the most a socket path may have; ".NAME.PID" beside
+    // it cannot fit.
+    assert!(
+        base < 90,
+        "the temp dir {} leaves no room",
+        f.dir().display()
+    );
+    let name = "s".repeat(105 - base);
+    let socket = f.dir().join(format!("{name}.k"));
+    let serve = common::serve_toml(&socket, 2, 1);
+    common::write_config(f.dir(), "test.toml", 128, 4, &[&serve]);
+    let s = Serve::start(&f.config, &socket, &f.log);
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode {:o}", meta.mode());
+    assert!(
+        log_mentions(&s, "binding the socket in place"),
+        "{}",
+        s.log_text()
+    );
+    assert!(s.log_text().contains(&name), "{}", s.log_text());
+}
+
 /// check-config fails where serve would: a `socket_group` that exists but that the
 /// daemon's user cannot give the socket to (not root, not a member) is named, and serve
 /// refuses it before binding, leaving no socket behind.

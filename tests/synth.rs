@@ -338,7 +338,14 @@ fn a_sparse_corpus_has_real_indexes_over_unallocated_bins_and_plans() {
         serde_json::from_str(&millrace_ok(&["inspect", "--json", "--config", c])).unwrap();
     assert_eq!(report["total"]["tokens"], 2_000_000_000u64);
     assert_eq!(report["total"]["documents"], docs);
-    assert!(millrace_ok(&["check-config", "--config", c]).contains(": ok:"));
+    // synth's uint16 shards travel as uint16 in the default compact slots; the config's
+    // token_dtype (int32) is the expanded layout's alone, and the line says which is which.
+    let ok = millrace_ok(&["check-config", "--config", c]);
+    assert!(
+        ok.contains(": ok:")
+            && ok.contains("tokens as uint16 in compact slots, int32 in expanded ones"),
+        "{ok}"
+    );
     let plan: serde_json::Value = serde_json::from_str(&millrace_ok(&[
         "plan", "--config", c, "--steps", "4", "--json",
     ]))

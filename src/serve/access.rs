@@ -323,6 +323,9 @@ pub fn place_socket(
     Ok(gid)
 }
 
+/// The longest socket path `bind` takes: `sun_path` is 108 bytes with its NUL.
+pub const SOCKET_PATH_MAX: usize = 107;
+
 /// Where the socket is bound before [`place_socket`] links it to `path`: a hidden name
 /// of this socket and process in the same directory (a link does not cross
 /// filesystems), so that two daemons started at once on one path bind apart and the
@@ -334,7 +337,7 @@ pub fn staging_path(path: &Path) -> Option<PathBuf> {
     name.push(path.file_name()?);
     name.push(format!(".{:x}", std::process::id()));
     let staged = path.with_file_name(name);
-    (staged.as_os_str().as_bytes().len() <= 107).then_some(staged)
+    (staged.as_os_str().as_bytes().len() <= SOCKET_PATH_MAX).then_some(staged)
 }
 
 /// Clears the staging name before the bind: a socket of this uid there was left by a

@@ -107,6 +107,13 @@ pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListene
             access::AccessError::Link { .. } => info!("{e}; binding the socket in place"),
             e => return Err(anyhow::anyhow!("{e}")),
         }
+    } else {
+        info!(
+            "{}: a hidden staging name beside it would pass the {} bytes of a socket \
+             address; binding the socket in place",
+            path.display(),
+            access::SOCKET_PATH_MAX
+        );
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;

@@ -285,13 +285,18 @@ pub fn check_config(args: CheckArgs) -> Result<()> {
         }
     }
     let shards: usize = l.shards.iter().map(Vec::len).sum();
+    // Compact slots (the default) carry the shards' own dtype; `token_dtype` is the
+    // expanded layout's alone, so naming only it misled (uint16 shards "as int32").
+    let compact = TokenType::compact(l.shards.iter().flatten().map(|s| s.dtype()));
     println!(
-        "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {}",
+        "{}: ok: {} domains, {} shards, plan fingerprint {:032x}, socket {}, tokens as {} \
+         in compact slots, {} in expanded ones",
         args.config.display(),
         l.plan.domain_names().len(),
         shards,
         l.plan.fingerprint(),
         l.serve.socket.display(),
+        compact.0.name(),
         l.token.0.name()
     );
     Ok(())
