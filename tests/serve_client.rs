@@ -329,6 +329,9 @@ fn compact_slots_derive_exactly_the_expanded_arrays_and_old_clients_are_refused(
         let e = expanded.next_batch().unwrap();
         assert_eq!(c.step, step);
         assert_eq!(c.expanded(), e.expanded(), "step {step}");
+        // The same tokens, other bytes: what a digest hashed says which.
+        assert_eq!(c.token_bytes_kind(), "compact uint16 rows");
+        assert_eq!(e.token_bytes_kind(), "expanded int32 inputs");
         let head = |v: &BatchView<'_>| {
             (
                 v.step,
@@ -504,6 +507,8 @@ fn consume_reports_the_steps_and_resumes_from_its_cursor_file() {
     assert_eq!(v["last_step"], 49);
     assert_eq!(v["tokens"], 50 * 4 * u64::from(SEQ_LEN));
     assert_eq!(v["digest"].as_str().unwrap().len(), 16);
+    // The corpus is uint16 and the slots compact (the default): the digest says so.
+    assert_eq!(v["digest_of"], "compact uint16 rows");
     let shares: u64 = v["domain_tokens"]
         .as_object()
         .unwrap()

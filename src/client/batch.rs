@@ -165,6 +165,18 @@ impl BatchView<'_> {
         }
     }
 
+    /// What [`BatchView::token_bytes`] holds, for a digest's reader: the layout, the dtype
+    /// and which tokens ("compact uint16 rows", "expanded int32 inputs"). Digests of two
+    /// runs compare only when this is equal (the bytes differ with it, not the tokens).
+    pub fn token_bytes_kind(&self) -> String {
+        match self.arrays {
+            SlotArrays::Expanded { tokens, .. } => {
+                format!("expanded {} inputs", tokens.dtype().name())
+            }
+            SlotArrays::Compact { rows, .. } => format!("compact {} rows", rows.dtype().name()),
+        }
+    }
+
     /// The wrapping sum of the inputs' ids (`rows * seq_len` tokens).
     pub fn inputs_sum(&self) -> i64 {
         match self.arrays {

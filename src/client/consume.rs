@@ -210,6 +210,10 @@ pub struct ConsumeSummary {
     pub checksum: i64,
     /// xxh3-64 of all token bytes, in step order.
     pub digest: String,
+    /// What the digest hashed ([`super::BatchView::token_bytes_kind`]): two digests
+    /// compare only when this is equal too (the same tokens in the other layout, or in a
+    /// wider dtype, hash differently).
+    pub digest_of: String,
     /// Real tokens per domain name (for the realized mixture).
     pub domain_tokens: BTreeMap<String, u64>,
     /// Reconnects after the daemon went away.
@@ -459,6 +463,9 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
         s.loss_tokens += b.loss_tokens;
         s.payload_bytes += b.payload_bytes();
         std::hash::Hasher::write(&mut digest, b.token_bytes());
+        if received == 0 {
+            s.digest_of = b.token_bytes_kind();
+        }
         s.checksum = s.checksum.wrapping_add(b.inputs_sum());
         if args.touch {
             // Every byte the slot stores, read in place: what a trainer's one copy reads.
@@ -518,7 +525,7 @@ pub fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
         writeln!(
             out,
             "dp rank {}: steps {}..={} ({} steps), {} tokens in {:.3} s = {:.3e} tokens/s; \
-             wake latency p50 {:.1} us p99 {:.1} us ({} waits); digest {}; checksum {}",
+             wake latency p50 {:.1} us p99 {:.1} us ({} waits); digest {} of {}; checksum {}",
             s.dp_rank,
             s.first_step,
             s.last_step,
@@ -530,6 +537,7 @@ pub fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
             s.wake_latency.p99_us,
             s.wake_latency.samples,
             s.digest,
+            s.digest_of,
             s.checksum
         )?;
         if let Some(d) = &s.device {

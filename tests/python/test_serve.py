@@ -702,7 +702,12 @@ def test_refusals_name_the_problem(corpus, daemons, short_dir, tmp_path):
     assert e.code == "dp_size" and "3" in e.message and "8" in e.message, e
 
     e = _refused(client(d, 0, 4, micro_batch_rows=3))
-    assert e.code == "layout" and "micro_batch_rows" in e.message, e
+    assert e.code == "layout" and "micro_batch_rows 3" in e.message, e
+    # micro_batches alone: the refusal names it, not a micro_batch_rows never sent
+    # (it read "micro_batch_rows 0 x micro_batches 3").
+    e = _refused(client(d, 0, 4, micro_batches=3))
+    assert e.code == "layout" and "micro_batches 3 does not divide" in e.message, e
+    assert "micro_batch_rows" not in e.message, e
 
     a = client(d, 0, 4, job="j", replica="tp0", replicas=2, micro_batch_rows=2).connect()
     e = _refused(client(d, 0, 4, job="j", replica="tp1", replicas=2, micro_batch_rows=1,

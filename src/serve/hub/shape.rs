@@ -72,17 +72,28 @@ impl Shape {
             let rows = g / hello.dp_size;
             // The HELLO's micro_batch_rows is the first stage's; later stages keep the
             // number of micro-batches, so each must split evenly.
-            let mbr = match (i, hello.micro_batch_rows) {
-                (0, Some(m)) => m,
-                _ => rows / hello.micro_batches,
+            let (mbr, sent) = match (i, hello.micro_batch_rows) {
+                (0, Some(m)) => (m, true),
+                _ => (rows / hello.micro_batches, false),
             };
             if (mbr as u64) * (hello.micro_batches as u64) != rows as u64 {
+                // Name only what the client sent: a micro_batch_rows it left out is the
+                // quotient the daemon would have used (0 for 2 micro-batches of 1 row).
+                let asked = match sent {
+                    true => format!(
+                        "micro_batch_rows {mbr} x micro_batches {}",
+                        hello.micro_batches
+                    ),
+                    false => format!(
+                        "micro_batches {} does not divide them evenly",
+                        hello.micro_batches
+                    ),
+                };
                 return Err(Refusal::new(
                     Code::Layout,
                     format!(
-                        "micro_batch_rows {mbr} x micro_batches {} != {rows} rows per dp rank \
-                         ({which} {g} / dp_size {})",
-                        hello.micro_batches, hello.dp_size
+                        "{asked}: {rows} rows per dp rank ({which} {g} / dp_size {})",
+                        hello.dp_size
                     ),
                 ));
             }
