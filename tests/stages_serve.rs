@@ -423,6 +423,27 @@ fn a_stage_added_live_is_served_at_its_step_and_resumes_in_a_fresh_daemon() {
             "step {step} differs from explain"
         );
     }
+    // `explain` of the daemon's own config reads the config alone, so from S on it
+    // shows rows the daemon did not serve: it says so, naming the change's step and the
+    // way out; before S it has nothing to say.
+    let explain = |step: u64| {
+        let out = common::bin()
+            .args(["explain", "--config"])
+            .arg(&f.config)
+            .args(["--step", &step.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let text = explain(S);
+    assert!(
+        text.contains(&format!("1 live change(s), the first at step {S}"))
+            && text.contains("--resume-blob"),
+        "{text}"
+    );
+    let text = explain(S - 2);
+    assert!(!text.contains("live change"), "{text}");
     serve.kill();
 
     // A fresh daemon on the stage-less config without a reserve. While another job's

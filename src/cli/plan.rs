@@ -99,6 +99,9 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
     )?;
     let from = planner.step();
     within_reach("--steps", from, args.steps)?;
+    if args.resume_blob.is_none() {
+        warn_of_live_changes(&config, &plan, from + args.steps.saturating_sub(1));
+    }
     let seek_ms = t1.elapsed().as_secs_f64() * 1e3;
     let at_start = positions(&planner);
     let window = args.window.unwrap_or((args.steps / 10).max(1)).max(1);
@@ -236,6 +239,9 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
     )?;
     let (plan, mut planner) = (start.plan, start.planner);
     divides(&plan)?;
+    if args.resume_blob.is_none() {
+        warn_of_live_changes(&config, &plan, args.step + args.count.saturating_sub(1));
+    }
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count {
         let domains = positions(&planner);
@@ -250,6 +256,51 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Warns when the daemon on the config's socket serves this plan with live changes that
+/// reach `last`: without a blob, `plan` and `explain` read the config alone, so from the
+/// first change on they show rows the daemon did not serve (a review's `explain` after a
+/// `set-stage` printed 4 rows of 8 tokens for a step served as 8 rows of 2). Nothing is
+/// said when no daemon answers within 2 s, or one serves another plan.
+fn warn_of_live_changes(config: &Config, plan: &Plan, last: u64) {
+    use millrace::config::serve::ServeConfig;
+    use serde::Deserialize;
+    let Ok(serve) = ServeConfig::from_config(config) else {
+        return;
+    };
+    if !serve.socket.exists() {
+        return;
+    }
+    let request = millrace::control::status_request();
+    let timeout = std::time::Duration::from_secs(2);
+    let Ok(reply) = millrace::control::request(&serve.socket, &request, timeout) else {
+        return;
+    };
+    let Some(status) = reply
+        .get("status")
+        .and_then(|s| millrace::wire::status::Status::deserialize(s).ok())
+    else {
+        return;
+    };
+    if status.fingerprint != format!("{:032x}", plan.fingerprint()) {
+        return;
+    }
+    // The journal's first entries are always listed (only a middle gap is left out).
+    let Some(first) = status.journal.iter().map(|e| e.at_step).min() else {
+        return;
+    };
+    if first > last {
+        return;
+    }
+    eprintln!(
+        "warning: the daemon on {} serves this config with {} live change(s), the first at \
+         step {first}; this reads the config alone, so from step {first} on it shows rows \
+         the daemon did not serve: pass --resume-blob with a cursor blob saved after the \
+         last change (a trainer checkpoint's, or `millrace consume --save-cursor`)",
+        serve.socket.display(),
+        status.journal_changes
+    );
 }
 
 /// Refuses `count` steps from `first` when they reach past [`MAX_STEP`], as the daemon
