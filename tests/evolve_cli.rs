@@ -250,7 +250,8 @@ fn an_old_runs_blob_starts_a_new_config_with_a_replay_share() {
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("step 29 is before the blob's step 30"),
+        err.contains("step 29 is before step 30, where the blob")
+            && err.contains("saved at the end of step 29"),
         "{err}"
     );
 

@@ -290,8 +290,9 @@ fn a_changed_domain_is_refused_naming_it() {
     let e = refusal(&plan_with(&doms, 3, 4, &w, &other), &blob);
     assert_eq!(
         e.to_string(),
-        "domain a: shard a/1 (#1) changed content since the blob was written; the blob's \
-         position in it would name other documents (a changed shard needs a new domain name \
+        "domain a: shard a/1 (#1) changed content since the blob was written, or the \
+         domain's grouping was turned on or off (a grouped domain's shards count their \
+         .groups.npy sidecars as content); the blob's position in it would name other documents (a changed shard needs a new domain name \
          or a fresh run)"
     );
     // Lengths of b/0 changed.

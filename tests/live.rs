@@ -2189,6 +2189,18 @@ fn a_change_that_hides_the_files_later_points_says_so() {
             && log.contains("not served"),
         "the daemon did not say the file's points are hidden:\n{log}"
     );
+    // A reload of that file changes nothing (it is as last applied) and says why the
+    // points stay unserved; it said "the schedule in force already matches".
+    let r = f.req(millrace::control::reload_request());
+    assert_eq!(r["ok"], true, "{r}");
+    let m = r["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!(
+            "plan steps {}, {FILE_AT}, which are not served",
+            FILE_AT - 1
+        )) && m.contains("set-weights"),
+        "{r}"
+    );
     // A change that hides them again is not news; one on a daemon whose file still
     // shows them, sent by ctl, says so in its reply.
     let _ = std::fs::remove_file(&f.socket);

@@ -245,7 +245,9 @@ fn a_dp_size_that_does_not_divide_a_later_stage_is_refused() {
         Err(ClientError::Refused { code, message }) => {
             assert_eq!(code, "dp_size", "{message}");
             assert!(
-                message.contains(&format!("stage at plan step {S} 4")),
+                message.contains(&format!(
+                    "dp_size 8 does not divide global_batch_rows 4 of the stage at plan step {S}"
+                )),
                 "{message}"
             );
         }

@@ -25,7 +25,7 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 1000)]
     steps: u64,
     /// First step (reached by recomputation, from the nearest stored plan checkpoint;
-    /// with --resume-blob, by planning on from the blob) [default: 0, or the blob's step].
+    /// with --resume-blob, by planning on from the blob) [default: 0, or the step the blob resumes at].
     #[arg(long)]
     from: Option<u64>,
     /// Start from this cursor blob (hex, as `consume --save-cursor` writes it, or raw
@@ -54,7 +54,7 @@ pub struct ExplainArgs {
     #[arg(long)]
     step: u64,
     /// Start from this cursor blob (hex or raw bytes) instead of step 0: --step must be
-    /// at or after the blob's step.
+    /// at or after the step the blob resumes at (one past the step it was saved at).
     #[arg(long)]
     resume_blob: Option<PathBuf>,
     /// Replay from step 0, neither reading nor writing plan checkpoints.
@@ -407,8 +407,10 @@ fn start_at(
     let to = step.unwrap_or(at);
     if to < at {
         bail!(
-            "step {to} is before the blob's step {at} ({}): a resumed run starts at its blob",
-            path.display()
+            "step {to} is before step {at}, where the blob {} resumes (it was saved at the end \
+             of step {}): a resumed run starts there",
+            path.display(),
+            at.saturating_sub(1)
         );
     }
     let domains = positions(&planner)

@@ -87,9 +87,9 @@ pub enum CursorError {
         ours: u128,
     },
     /// The schedule, stages, skips or reseeds before the blob's step differ from the config's.
-    #[error("cursor at step {step} was made under a different history: the schedule, stages, skips or reseeds before step {step} (or inside a bursty cycle begun before it) changed (blob {blob:016x}, config {ours:016x}); only entries at or after step {step} (past that cycle) may be edited")]
+    #[error("cursor resuming at step {step} (saved at the end of the step before) was made under a different history: the schedule, stages, skips or reseeds before step {step} (or inside a bursty cycle begun before it) changed (blob {blob:016x}, config {ours:016x}); only entries at or after step {step} (past that cycle) may be edited")]
     History {
-        /// The blob's step.
+        /// The step the blob resumes at (its step, one past the last step it saw).
         step: u64,
         /// From the blob.
         blob: u64,

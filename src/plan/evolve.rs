@@ -159,8 +159,13 @@ impl Plan {
         }
         let shard = id.first_changed(known, &rec.tags);
         Err(changed(match shard {
+            // A grouped domain's shard identity includes its .groups.npy sidecar, so a
+            // grouping mode turned on or off reads as every shard changing: say so, or
+            // an operator goes checking data that is fine.
             Some(k) => format!(
-                "shard {} (#{k}) changed content since the blob was written",
+                "shard {} (#{k}) changed content since the blob was written, or the \
+                 domain's grouping was turned on or off (a grouped domain's shards count \
+                 their .groups.npy sidecars as content)",
                 names.get(k).map_or("?", |n| n.as_str())
             ),
             None if rec.tags.len() == known => {

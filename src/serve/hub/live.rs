@@ -173,21 +173,32 @@ impl ChangeError {
 /// the first, so a point a reload added was hidden without a word). Not for a file
 /// reload itself, which replaces its later points on purpose.
 fn newly_hidden_points(plan: &Plan, before: &Plan, points: &[SchedulePoint]) -> Option<String> {
+    hidden_points(plan, points, 1, Some(before))
+}
+
+/// The plan steps, from `from` on, of the file's `points` whose weights `plan` does not
+/// serve (and, with `before`, that plan did), as a list for a message; `None` if none.
+fn hidden_points(
+    plan: &Plan,
+    points: &[SchedulePoint],
+    from: u64,
+    before: Option<&Plan>,
+) -> Option<String> {
     let names = plan.domain_names();
     let hidden = |p: &Plan, step: u64, want: &[f64]| {
         let got = p.schedule().shares(step);
         got.iter().zip(want).any(|(g, w)| (g - w).abs() > 1e-9)
     };
     let steps: Vec<String> = (points.iter())
-        .filter(|p| p.step > 0)
+        .filter(|p| p.step >= from.max(1))
         .filter_map(|p| {
             let raw: Vec<f64> = (names.iter())
                 .map(|n| p.weights.get(*n).copied().unwrap_or(0.0))
                 .collect();
             let total: f64 = raw.iter().sum();
             let want: Vec<f64> = raw.iter().map(|w| w / total).collect();
-            (hidden(plan, p.step, &want) && !hidden(before, p.step, &want))
-                .then(|| p.step.to_string())
+            let news = before.is_none_or(|b| !hidden(b, p.step, &want));
+            (hidden(plan, p.step, &want) && news).then(|| p.step.to_string())
         })
         .collect();
     (!steps.is_empty()).then(|| steps.join(", "))
@@ -437,12 +448,26 @@ impl Hub {
             Proposal::Schedule { old, new } => match plan.points_difference(old, new) {
                 Some(p) => (plan.trainer_step_of(p), p),
                 None => {
+                    // The file is as last applied, but live changes (one a blob brought
+                    // back after a restart included) may hold over its later points:
+                    // "already matches" then sent the operator away with them unserved.
+                    let from = plan.first_safe_change(fc_p);
+                    let message = match hidden_points(&plan, new, from, None) {
+                        None => "the schedule in force already matches; nothing changed".into(),
+                        Some(steps) => format!(
+                            "the file is as last applied, so nothing changed; live changes \
+                             (a reload of the file is one, and a restarted daemon adopts \
+                             them from cursor blobs) hold over its points at plan steps \
+                             {steps}, which are not served: send their weights as live \
+                             changes (`millrace ctl set-weights ... --at-step S`) to apply them"
+                        ),
+                    };
                     return Ok(Applied {
                         requested_step: None,
                         applied_step: None,
                         moved: false,
-                        message: "the schedule in force already matches; nothing changed".into(),
-                    })
+                        message,
+                    });
                 }
             },
         };

@@ -59,14 +59,19 @@ impl Shape {
         let mut per_stage = Vec::with_capacity(stages.len());
         for (i, st) in stages.iter().enumerate() {
             let g = st.rows;
+            // "global_batch_rows 4 of the stage at plan step 30": the value beside its
+            // name (it read "... plan step 30 4").
             let which = match i {
-                0 => "global_batch_rows".to_string(),
-                _ => format!("global_batch_rows of the stage at plan step {}", st.step),
+                0 => format!("global_batch_rows {g}"),
+                _ => format!(
+                    "global_batch_rows {g} of the stage at plan step {}",
+                    st.step
+                ),
             };
             if g % hello.dp_size != 0 {
                 return Err(Refusal::new(
                     Code::DpSize,
-                    format!("dp_size {} does not divide {which} {g}", hello.dp_size),
+                    format!("dp_size {} does not divide {which}", hello.dp_size),
                 ));
             }
             let rows = g / hello.dp_size;
@@ -92,7 +97,7 @@ impl Shape {
                 return Err(Refusal::new(
                     Code::Layout,
                     format!(
-                        "{asked}: {rows} rows per dp rank ({which} {g} / dp_size {})",
+                        "{asked}: {rows} rows per dp rank ({which} / dp_size {})",
                         hello.dp_size
                     ),
                 ));
