@@ -981,7 +981,9 @@ fn a_reload_says_which_serve_keys_wait_for_a_restart() {
         let mut doc: toml::Table = toml::from_str(&text).unwrap();
         let serve = doc.get_mut("serve").unwrap().as_table_mut().unwrap();
         serve.insert("ring_slots".into(), toml::Value::Integer(ring_slots));
-        serve.remove("ring_memory_bytes");
+        for key in ["ring_memory_bytes", "socket_group", "metrics_addr"] {
+            serve.remove(key);
+        }
         serve.insert("socket".into(), socket.clone());
         for (k, v) in extra {
             serve.insert(k.to_string(), v.clone());
@@ -1023,11 +1025,18 @@ fn a_reload_says_which_serve_keys_wait_for_a_restart() {
     );
     assert_eq!(f.journal(), journal);
     // So does any [serve] the start refuses past its parsing (the same check): a budget
-    // that holds no ring, a socket path that is a directory.
+    // that holds no ring, a socket path that is a directory, a group that does not
+    // exist, a metrics address another process listens on (these two were accepted,
+    // and the next start failed).
     let dir = f.corpus.tmp.path().to_str().unwrap().to_string();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let group = toml::Value::String("millrace-no-such-group".into());
     for (key, value, says) in [
         ("ring_memory_bytes", toml::Value::Integer(1), "hold no ring"),
         ("socket", toml::Value::String(dir), "not a socket"),
+        ("socket_group", group, "no such group"),
+        ("metrics_addr", toml::Value::String(taken), "cannot listen"),
     ] {
         edit_serve(4, 9.0, &[(key, value)]);
         let err = fails(&["ctl", "--socket", f.sock(), "reload"]);

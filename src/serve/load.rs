@@ -106,39 +106,8 @@ fn load_unguarded(config: &Path, validate: bool) -> Result<Loaded> {
         .zip(&loaded.shards)
         .flat_map(|(n, shards)| shards.iter().map(move |s| (n.to_string(), s.dtype())))
         .collect();
-    let token = TokenType::choose(&serve.token_dtype, &dtypes, loaded.plan.config().vocab_size)
-        .map_err(|e| anyhow::anyhow!("{}: [serve] token_dtype: {e}", cfg.source.display()))?;
-    // Padding is written as a token of the slot's dtype: an id it cannot hold was cut to
-    // its low bits (pad_token = 70000 in uint16 slots padded with 4464, a real token).
-    let pad = loaded.plan.config().pad_token;
-    let compact = TokenType::compact(dtypes.iter().map(|(_, d)| *d));
-    for (out, which) in [
-        (token.0, "expanded slots ([serve] token_dtype)"),
-        (compact.0, "compact slots (the shards' dtype)"),
-    ] {
-        if largest_id(out).is_some_and(|max| pad > max) {
-            bail!(
-                "{}: plan.pad_token: {pad} does not fit {out}, the token dtype of {which}; \
-                 choose an id the slots can hold (at most {})",
-                cfg.source.display(),
-                largest_id(out).unwrap_or_default()
-            );
-        }
-    }
-    let longest = (loaded.plan.stages().iter().map(|s| s.seq_len).max()).unwrap_or(1);
-    if let Some(why) = ring_budget_problem(&serve, longest, compact) {
-        bail!("{}: {why}", cfg.source.display());
-    }
-    if let Some(g) = &serve.socket_group {
-        let gid = access::resolve_group(g)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.source.display()))?;
-        if let Some(why) = cannot_chown_to(gid) {
-            anyhow::bail!(
-                "{}: [serve] socket_group {g:?} (gid {gid}): {why}",
-                cfg.source.display()
-            );
-        }
-    }
+    let token = start_problem(&serve, &dtypes, &loaded.plan)
+        .map_err(|why| anyhow::anyhow!("{}: {why}", cfg.source.display()))?;
     Ok(Loaded {
         cfg,
         hash,
@@ -147,6 +116,47 @@ fn load_unguarded(config: &Path, validate: bool) -> Result<Loaded> {
         shards: loaded.shards,
         token,
     })
+}
+
+/// What a start refuses in `[serve]` over shards of `dtypes` (domain, dtype) and `plan`:
+/// a `token_dtype` that does not hold the ids, a `pad_token` that a slot's dtype cannot
+/// hold, a ring budget that holds no ring, a `socket_group` the daemon cannot give the
+/// socket to. `serve`, `check-config` and a reload (for the next start) ask it alike, so
+/// a reload cannot accept a file the next start refuses. The token type of expanded
+/// slots when there is nothing to refuse.
+pub(super) fn start_problem(
+    serve: &ServeConfig,
+    dtypes: &[(String, crate::corpus::DType)],
+    plan: &crate::plan::Plan,
+) -> Result<TokenType, String> {
+    let token = TokenType::choose(&serve.token_dtype, dtypes, plan.config().vocab_size)
+        .map_err(|e| format!("[serve] token_dtype: {e}"))?;
+    // Padding is written as a token of the slot's dtype: an id it cannot hold was cut to
+    // its low bits (pad_token = 70000 in uint16 slots padded with 4464, a real token).
+    let pad = plan.config().pad_token;
+    let compact = TokenType::compact(dtypes.iter().map(|(_, d)| *d));
+    for (out, which) in [
+        (token.0, "expanded slots ([serve] token_dtype)"),
+        (compact.0, "compact slots (the shards' dtype)"),
+    ] {
+        if let Some(max) = largest_id(out).filter(|&max| pad > max) {
+            return Err(format!(
+                "plan.pad_token: {pad} does not fit {out}, the token dtype of {which}; \
+                 choose an id the slots can hold (at most {max})"
+            ));
+        }
+    }
+    let longest = (plan.stages().iter().map(|s| s.seq_len).max()).unwrap_or(1);
+    if let Some(why) = ring_budget_problem(serve, longest, compact) {
+        return Err(why);
+    }
+    if let Some(g) = &serve.socket_group {
+        let gid = access::resolve_group(g).map_err(|e| e.to_string())?;
+        if let Some(why) = cannot_chown_to(gid) {
+            return Err(format!("[serve] socket_group {g:?} (gid {gid}): {why}"));
+        }
+    }
+    Ok(token)
 }
 
 /// The largest token id `d` holds; `None` for float dtypes, which hold no ids.

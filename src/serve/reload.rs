@@ -290,18 +290,30 @@ impl Daemon {
             let what = plan_changes(&running.fixed, &fixed_part(&plan));
             return Err(Refused::Fixed(self.config.clone(), what));
         }
-        // Judged as the next start would judge them. Stages are part of what a reload may
-        // not change: the plan in force has them. The socket only when the file moves it
-        // and `--socket` did not choose it (then the next start does not use the file's).
-        let longest = (self.hub.plan().stages().iter().map(|s| s.seq_len).max()).unwrap_or(1);
-        let compact = self.hub.compact_token();
-        let why = super::load::ring_budget_problem(&serve, longest, compact).or_else(|| {
-            let moved = !self.socket_flag && serve.socket != self.serve.socket;
-            let why = moved.then(|| crate::config::serve::socket_problem(&serve.socket));
-            why.flatten().map(|why| format!("[serve] socket: {why}"))
-        });
-        if let Some(why) = why {
-            return Err(Refused::Serve(self.config.clone(), why));
+        // Judged as the next start would judge them (token dtype, pad token, ring budget,
+        // socket group: a reload accepted `socket_group = "nosuchgrp"` and the restart
+        // failed). Stages are part of what a reload may not change: the plan in force
+        // has them. The socket only when the file moves it and `--socket` did not choose
+        // it (then the next start does not use the file's); the metrics address only when
+        // the file moves it (this daemon holds the one it has).
+        let refuse = |why: String| Refused::Serve(self.config.clone(), why);
+        super::load::start_problem(&serve, &self.hub.shard_dtypes(), &self.hub.plan())
+            .map_err(refuse)?;
+        let moved = !self.socket_flag && serve.socket != self.serve.socket;
+        if let Some(why) = moved
+            .then(|| crate::config::serve::socket_problem(&serve.socket))
+            .flatten()
+        {
+            return Err(refuse(format!("[serve] socket: {why}")));
+        }
+        if let Some(addr) = serve.metrics_addr.as_deref() {
+            if serve.metrics_addr != self.serve.metrics_addr {
+                if let Err(e) = std::net::TcpListener::bind(addr) {
+                    return Err(refuse(format!(
+                        "[serve] metrics_addr {addr:?}: cannot listen: {e}"
+                    )));
+                }
+            }
         }
         Ok((cfg, plan))
     }

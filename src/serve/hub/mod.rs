@@ -564,10 +564,13 @@ impl Hub {
         }
     }
 
-    /// The token type of compact slots over these shards: what a reload's `[serve]` is
-    /// judged with, as the start judged its own.
-    pub fn compact_token(&self) -> TokenType {
-        self.source.compact_token()
+    /// Each shard's domain name and dtype, in plan order: what a reload's `[serve]` is
+    /// judged with (`token_dtype`, the ring budget), as the start judged its own.
+    pub fn shard_dtypes(&self) -> Vec<(String, crate::corpus::DType)> {
+        let plan = self.plan();
+        (plan.domain_names().iter().zip(&self.source.shards))
+            .flat_map(|(n, shards)| shards.iter().map(move |s| (n.to_string(), s.dtype())))
+            .collect()
     }
 
     /// The plan in force now.
