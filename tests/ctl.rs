@@ -543,6 +543,23 @@ fn status_json_has_the_documented_shape() {
         ok(&["status", "--config", f.config.to_str().unwrap(), "--json"]).trim(),
     )
     .unwrap();
+    // A typo elsewhere in the file (the mistake a refused reload names) does not keep
+    // `status --config` from the daemon: it warns and uses the file's socket.
+    let typo = f.config.with_file_name("typo.toml");
+    let text = std::fs::read_to_string(&f.config)
+        .unwrap()
+        .replace("[serve]\n", "[serve]\nring_slot = 8\n");
+    assert!(text.contains("ring_slot = 8"), "{text}");
+    std::fs::write(&typo, text).unwrap();
+    let o = run(&["status", "--config", typo.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning") && stderr(&o).contains("ring_slot"),
+        "{}",
+        stderr(&o)
+    );
+    let via_typo: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(via_typo["pid"], via_cli["pid"]);
     for st in [&via_cli, &via_config] {
         assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
         assert!(is_u64(&st["pid"]) && is_num(&st["uptime_s"]), "{st}");

@@ -224,6 +224,27 @@ pub fn default_socket_for(xdg_runtime_dir: Option<&std::ffi::OsStr>, uid: u32) -
     }
 }
 
+/// The `[serve] socket` of the config file at `path`, read from it alone (the default
+/// when it names none), resolved as [`ServeConfig::from_config`] resolves it: what
+/// `status`, `top` and `ctl` need to reach a daemon, so that a mistake elsewhere in the
+/// file (the one a refused reload names) does not keep the operator from it. `None` when
+/// the file does not read as TOML or its socket is not a usable path.
+pub fn socket_of_file(path: &Path) -> Option<PathBuf> {
+    let bytes = super::Config::read_bytes(path).ok()?;
+    let table: toml::Table = toml::from_str(std::str::from_utf8(&bytes).ok()?).ok()?;
+    let socket = match table.get("serve").and_then(|s| s.get("socket")) {
+        None => return Some(default_socket()),
+        Some(v) => PathBuf::from(v.as_str()?),
+    };
+    if super::path_problem(&socket).is_some() {
+        return None;
+    }
+    let base = (path.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Some(base.join(socket))
+}
+
 /// Refuses to trust `socket` when it is `uid`'s fallback path
 /// (`/tmp/millrace-UID/millrace.sock`) and its directory is not that user's own (or is a
 /// symlink): `/tmp` is world-writable, so another user could make `millrace-UID` before

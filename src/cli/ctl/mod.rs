@@ -91,7 +91,8 @@ pub struct Target {
     /// $XDG_RUNTIME_DIR/millrace.sock, else /tmp/millrace-UID/millrace.sock].
     #[arg(long, global = true, conflicts_with = "config")]
     pub socket: Option<PathBuf>,
-    /// Take the socket from this config file's `[serve] socket`.
+    /// Take the socket from this config file's `[serve] socket` (a mistake elsewhere in
+    /// the file is warned of, not refused: the daemon's status says what a reload refused).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     /// Seconds to wait for each reply (every millrace timeout flag is in seconds).
@@ -109,9 +110,23 @@ impl Target {
             return Ok(s.clone());
         }
         if let Some(path) = &self.config {
-            let cfg = millrace::config::Config::load(path)?;
-            let serve = millrace::config::serve::ServeConfig::from_config(&cfg)?;
-            return Ok(serve.socket);
+            use millrace::config::serve::{socket_of_file, ServeConfig};
+            let full = millrace::config::Config::load(path)
+                .and_then(|cfg| ServeConfig::from_config(&cfg))
+                .map(|serve| serve.socket);
+            return match (full, socket_of_file(path)) {
+                (Ok(socket), _) => Ok(socket),
+                // A mistake elsewhere in the file (one a refused reload names) must not
+                // keep the operator from the daemon's status: the socket alone will do.
+                (Err(e), Some(socket)) => {
+                    eprintln!(
+                        "warning: {e}; reaching the daemon at the file's [serve] socket {}",
+                        socket.display()
+                    );
+                    Ok(socket)
+                }
+                (Err(e), None) => Err(e.into()),
+            };
         }
         Ok(millrace::config::serve::default_socket())
     }
