@@ -624,6 +624,14 @@ fn a_socket_path_that_is_not_a_socket_fails_check_config() {
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
     assert_eq!(socket_problem(&stale), None);
+    // A writable directory on a filesystem that takes no sockets (sysfs: bind fails
+    // EPERM even for root) is refused too, as serve would fail; it passed. The probe
+    // socket that found out leaves nothing behind in a directory that does take them.
+    let why = socket_problem(Path::new("/sys/s.sock")).expect("/sys/s.sock passed");
+    assert!(why.contains("/sys"), "{why}");
+    let before: Vec<_> = std::fs::read_dir(&c.dir).unwrap().collect();
+    assert_eq!(socket_problem(&c.dir.join("ok.sock")), None);
+    assert_eq!(std::fs::read_dir(&c.dir).unwrap().count(), before.len());
 }
 
 /// A path that is empty or starts with `~` named the config's own directory, or a

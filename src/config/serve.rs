@@ -273,7 +273,29 @@ pub fn check_fallback_socket_dir(socket: &Path, uid: u32) -> Result<(), String> 
     }
 }
 
-/// Why `serve` could not bind `socket` as this user, found without binding it, so that
+/// Why a socket cannot be bound in `dir` though the directory is writable (a
+/// filesystem that takes no sockets, such as sysfs: `bind` fails with EPERM), found by
+/// binding a probe socket there and removing it. `None` when it binds, or when the
+/// probe's name would not fit a socket address (nothing is known then).
+fn bind_problem(dir: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let probe = dir.join(format!(".millrace-probe.{:x}", std::process::id()));
+    if probe.as_os_str().as_bytes().len() > 107 {
+        return None;
+    }
+    let _ = std::fs::remove_file(&probe);
+    match std::os::unix::net::UnixListener::bind(&probe) {
+        Ok(listener) => {
+            drop(listener);
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) => Some(format!("cannot bind a socket in {}: {e}", dir.display())),
+    }
+}
+
+/// Why `serve` could not bind `socket` as this user, found without binding it (but for a
+/// probe socket beside it, removed at once: [`bind_problem`]), so that
 /// `check-config` fails exactly where `serve` would: the path is too long for a unix
 /// socket, something other than a socket is there already, or its directory cannot be
 /// created or written.
@@ -353,7 +375,7 @@ pub fn socket_problem(socket: &Path) -> Option<String> {
     }
     let writable = crate::sys::can_write_dir(existing);
     if writable {
-        return None;
+        return (existing == dir).then(|| bind_problem(dir)).flatten();
     }
     let what = if existing == dir {
         format!(
