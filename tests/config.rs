@@ -180,7 +180,20 @@ fn a_shard_listed_twice_is_refused_and_missing_shards_are_named() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("listed twice") && e.contains("domain a") && e.contains("domain b"),
+        e.contains("corpus.domain[1].shards")
+            && e.contains("listed twice (in domain a and in domain b)"),
+        "{e}"
+    );
+    // Twice in one domain says so once (it read "in domain a and in domain a").
+    let text = "[corpus]\n[[corpus.domain]]\nname = \"a\"\nshards = [\"x\", \"x.bin\"]\n";
+    std::fs::write(&path, text).unwrap();
+    let e = Config::load(&path)
+        .unwrap()
+        .open_corpus()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("corpus.domain[0].shards") && e.contains("is listed twice in domain a;"),
         "{e}"
     );
 

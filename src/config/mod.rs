@@ -507,14 +507,17 @@ impl Config {
                     };
                     let key = canonical_file(&file, &mut dirs).unwrap_or_else(|| path.clone());
                     if let Some(first) = seen.insert(key, d.name.clone()) {
+                        let place = match first == d.name {
+                            true => format!("in domain {first}"),
+                            false => format!("(in domain {first} and in domain {})", d.name),
+                        };
                         return Err(ConfigError::Invalid {
                             path: self.source.clone(),
-                            field: "corpus.domain.shards".into(),
+                            field: format!("corpus.domain[{i}].shards"),
                             what: format!(
-                                "shard {} is listed twice (in domain {first} and in domain {}); \
-                                 it would be read twice as often as its weight says",
+                                "shard {} is listed twice {place}; it would be read twice as often \
+                                 as its weight says",
                                 path.display(),
-                                d.name
                             ),
                         });
                     }
@@ -529,7 +532,7 @@ impl Config {
                     {
                         return Err(ConfigError::Invalid {
                             path: self.source.clone(),
-                            field: "corpus.domain.shards".into(),
+                            field: format!("corpus.domain[{i}].shards"),
                             what: format!(
                                 "shard {} (domain {}) is the same file as shard {} (domain \
                                  {first}), a hard link; it would be read twice as often as its \
