@@ -557,3 +557,40 @@ fn steps_beyond_the_reach_of_a_run_are_refused_at_once() {
         );
     }
 }
+
+/// Counts of zero are usage errors, refused by name (exit 2), not runs that print
+/// nothing: `plan --steps 0`, `explain --count 0`, `consume --steps 0` and `consume
+/// --dp-size 0` (which said "--dp-size 0 does not divide global_batch_rows").
+#[test]
+fn zero_steps_counts_and_sizes_are_usage_errors() {
+    let c = config();
+    for args in [
+        vec!["plan", "--config", &c, "--steps", "0"],
+        vec!["explain", "--config", &c, "--step", "3", "--count", "0"],
+        vec![
+            "consume",
+            "--config",
+            &c,
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            "1",
+            "--steps",
+            "0",
+        ],
+        vec![
+            "consume",
+            "--config",
+            &c,
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            "0",
+        ],
+    ] {
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("invalid value '0'"), "{args:?}: {err}");
+    }
+}

@@ -21,8 +21,8 @@ pub struct PlanArgs {
     /// The run's config.
     #[arg(long)]
     config: PathBuf,
-    /// Steps to plan.
-    #[arg(long, default_value_t = 1000)]
+    /// Steps to plan (at least 1).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
     /// First step (reached by recomputation, from the nearest stored plan checkpoint;
     /// with --resume-blob, by planning on from the blob) [default: 0, or the step the blob resumes at].
@@ -67,8 +67,9 @@ pub struct ExplainArgs {
     /// Data-parallel size.
     #[arg(long, default_value_t = 1)]
     dp_size: u32,
-    /// Explain this many consecutive steps (with --json: one JSON object per line).
-    #[arg(long, default_value_t = 1)]
+    /// Explain this many consecutive steps, at least 1 (with --json: one JSON object
+    /// per line).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
     /// Print JSON (stable, for comparing runs).
     #[arg(long)]

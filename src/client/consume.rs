@@ -23,8 +23,8 @@ pub struct ConsumeArgs {
     /// Data-parallel rank.
     #[arg(long)]
     pub dp_rank: u32,
-    /// Data-parallel size.
-    #[arg(long)]
+    /// Data-parallel size (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub dp_size: u32,
     /// Job name.
     #[arg(long, default_value = "default")]
@@ -45,8 +45,8 @@ pub struct ConsumeArgs {
     /// The run's config: its `[serve] socket` (without --socket) and --micro-batch-rows.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Steps to read.
-    #[arg(long, default_value_t = 100)]
+    /// Steps to read (at least 1).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: u64,
     /// Resume from the cursor in this file (hex text, or the raw blob).
     #[arg(long)]
