@@ -245,16 +245,20 @@ impl BatchView<'_> {
         }
     }
 
-    /// Real (non-padding) tokens of row `r`, out of `seq_len + 1`. A compact slot says;
-    /// in an expanded one the trailing run of padding is found from the end (padding
-    /// holds `pad_token` and no loss flows into it), so only a one-token document piece
-    /// equal to `pad_token` would be miscounted.
+    /// Real (non-padding) tokens of row `r`, out of `seq_len + 1`. A compact slot says.
+    /// In an expanded one padding is the row's last piece (PROTOCOL.md section 4): its
+    /// positions count from 0, it holds `pad_token` throughout, and no loss flows into
+    /// or inside it, while a document piece of two or more tokens has loss inside. So the
+    /// last piece among the inputs is padding when all of it and the row's last token are
+    /// `pad_token` with no loss; one-token documents equal to `pad_token` before it are not
+    /// (a scan back over such tokens counted them as padding: `pad_token = eod_token` with
+    /// runs of EOS). Only a last piece of one token stays ambiguous, taken as padding.
     pub fn row_real_tokens(&self, r: usize) -> u32 {
         let n = self.seq_len as usize;
-        if r >= self.rows as usize {
+        if r >= self.rows as usize || n == 0 {
             return 0;
         }
-        let (tokens, labels, loss_mask) = match self.arrays {
+        let (tokens, labels, loss_mask, positions) = match self.arrays {
             SlotArrays::Compact {
                 row_real_tokens, ..
             } => return row_real_tokens.get(r).map_or(0, |&v| v.max(0) as u32),
@@ -262,35 +266,91 @@ impl BatchView<'_> {
                 tokens,
                 labels,
                 loss_mask,
+                position_ids,
                 ..
-            } => (tokens, labels, loss_mask),
+            } => (tokens, labels, loss_mask, position_ids),
         };
         let base = r * n;
-        // t[j] for j in 0..=n: tokens[base + j] for j < n, labels[base + n - 1] for j == n.
-        let t = |j: usize| {
-            if j < n {
-                tokens.get_i64(base + j)
-            } else {
-                labels.get_i64(base + n - 1)
-            }
-        };
-        let mut real = n + 1;
-        while real > 0 {
-            let j = real - 1;
-            let is_pad = t(j) == Some(self.pad_token)
-                && (j == 0 || loss_mask.get(base + j - 1).copied() == Some(0));
-            if !is_pad {
-                break;
-            }
-            real -= 1;
+        let pad = Some(self.pad_token);
+        let mask = |j: usize| loss_mask.get(base + j).copied().unwrap_or(1);
+        // The row's last token (label only) is real when it continues the last piece or
+        // is not padding's id.
+        if labels.get_i64(base + n - 1) != pad || mask(n - 1) != 0 {
+            return n as u32 + 1;
         }
-        real as u32
+        // The last piece among the inputs starts where its position is 0.
+        let last = positions.get_i64(base + n - 1).unwrap_or(0);
+        let Some(start) = usize::try_from(last)
+            .ok()
+            .and_then(|p| (n - 1).checked_sub(p))
+        else {
+            return n as u32;
+        };
+        let padding = (start..n).all(|j| tokens.get_i64(base + j) == pad && mask(j) == 0);
+        match padding {
+            true => start as u32,
+            false => n as u32,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row of one 3-token document ending in EOS, two one-token documents that are
+    /// EOS alone (runs of EOS in a raw file), then padding, with `pad_token` = EOS (2):
+    /// 5 real tokens, read from an expanded slot exactly as a compact one says. The scan
+    /// back over `pad_token`s counted the one-token documents as padding (3).
+    #[test]
+    fn an_expanded_rows_real_tokens_stop_at_padding_not_at_eos_documents() {
+        let n = 8;
+        let row: [u16; 9] = [5, 6, 2, 2, 2, 2, 2, 2, 2];
+        let starts = [0b0001_1001u8, 0];
+        let real = [5i32];
+        let x = super::super::derive::from_compact(Tokens::Uint16(&row), &starts, &real, 1, n);
+        let positions: Vec<i32> = x.position_ids.clone();
+        let view = |arrays| BatchView {
+            step: 0,
+            plan_step: 0,
+            rows: 1,
+            seq_len: n as u32,
+            cu_len: 0,
+            max_seqlen: 0,
+            loss_tokens: 0,
+            real_tokens: 5,
+            publish_ns: 0,
+            wake_latency_ns: None,
+            pad_token: 2,
+            arrays,
+            domain: &[0],
+            row_loss_tokens: &[2],
+            cursor: &[],
+            plan_state: 0,
+            copy_bytes: &[],
+        };
+        let expanded = view(SlotArrays::Expanded {
+            tokens: Tokens::Int64(&x.tokens),
+            labels: Tokens::Int64(&x.labels),
+            loss_mask: &x.loss_mask,
+            position_ids: Tokens::Int32(&positions),
+            cu_seqlens: &x.cu_seqlens,
+        });
+        assert_eq!(expanded.row_real_tokens(0), 5);
+        // A last piece of two or more pad-valued tokens with loss inside is a document:
+        // all 9 are real.
+        let doc = [5u16, 2, 2, 2, 2, 2, 2, 2, 2];
+        let x = super::super::derive::from_compact(Tokens::Uint16(&doc), &[1, 0], &[9], 1, n);
+        let positions: Vec<i32> = x.position_ids.clone();
+        let expanded = view(SlotArrays::Expanded {
+            tokens: Tokens::Int64(&x.tokens),
+            labels: Tokens::Int64(&x.labels),
+            loss_mask: &x.loss_mask,
+            position_ids: Tokens::Int32(&positions),
+            cu_seqlens: &x.cu_seqlens,
+        });
+        assert_eq!(expanded.row_real_tokens(0), 9);
+    }
 
     /// The naive fold [`sum_tokens`] must equal: every id widened to i64, wrapping.
     fn naive(t: &Tokens<'_>) -> i64 {
