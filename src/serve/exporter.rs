@@ -46,21 +46,45 @@ const JOB_COUNTERS: [&str; 4] = [
 /// ([`Exporter::expire`]): one every 10 s.
 const EXPIRE_EVERY: u64 = 10;
 
-/// Starts the HTTP listener on `addr` and creates the series that exist from the start;
-/// returns the recorder's handle, which [`Exporter::expire`] renders. Must run inside the
-/// daemon's tokio runtime, which serves the listener.
-pub(super) fn install(addr: &str) -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+/// Connections to `metrics_addr` served at once; one more is closed as it is accepted.
+/// A scraper needs one. The crate's listener had no cap: 2 x 10,500 idle connections
+/// from one host held every fd of a daemon, and new trainers then hung.
+const HTTP_CONNECTIONS: usize = 16;
+/// How long a connection has to send its request and take the reply. A scraper sends
+/// ~100 bytes at once; the crate's listener kept an idle connection for ever.
+const HTTP_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest request head read (a GET is 100-300 bytes); past it the request is
+/// answered 431 and closed.
+const HTTP_HEAD_MAX: usize = 8192;
+/// The first pause after a failed accept (EMFILE), doubling to [`ACCEPT_BACKOFF_MAX`]:
+/// the crate's listener retried at once, a core spinning and 466 MB of warnings in 5 s.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest pause between accepts while they keep failing.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Binds `addr` and creates the series that exist from the start; returns the listener,
+/// which [`serve_http`] serves, and the recorder's handle, which renders /metrics and
+/// which [`Exporter::expire`] keeps up. Must run inside the daemon's tokio runtime.
+pub(super) fn install(
+    addr: &str,
+) -> Result<(
+    tokio::net::TcpListener,
+    metrics_exporter_prometheus::PrometheusHandle,
+)> {
     let addr: std::net::SocketAddr = addr
         .parse()
         .with_context(|| format!("[serve] metrics_addr {addr:?}"))?;
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     use metrics_util::MetricKindMask;
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .with_context(|| format!("starting the metrics exporter on {addr}"))?;
     // Buckets make the latency a real histogram (quantiles across nodes in PromQL).
     let buckets = [
         1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
     ];
-    let (recorder, listener) = PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let recorder = PrometheusBuilder::new()
         // Every live counter and gauge is set each second (Exporter::export), so one left
         // alone this long belongs to a job that left: dropping it keeps the exporter from
         // growing with every job ever seen (2,000 short jobs left 2,064 series). The
@@ -74,23 +98,123 @@ pub(super) fn install(addr: &str) -> Result<metrics_exporter_prometheus::Prometh
             &buckets,
         )
         .with_context(|| "[serve] metrics_addr: histogram buckets")?
-        // What `install` does, keeping the recorder's handle.
-        .build()
-        .with_context(|| format!("starting the metrics exporter on {addr}"))?;
+        .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .with_context(|| format!("starting the metrics exporter on {addr}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = listener.await {
-            tracing::error!("the metrics exporter on {addr} stopped: {e:?}");
-        }
-    });
     // Every series exists from the start, so rate() and alerts see zeros, not gaps.
     for source in RELOAD_SOURCES {
         counter!("millrace_reloads_total", "source" => source).absolute(0);
         counter!("millrace_reload_failures_total", "source" => source).absolute(0);
     }
-    Ok(handle)
+    Ok((listener, handle))
+}
+
+/// Serves GET /metrics on `listener` for as long as the daemon runs: one request per
+/// connection (`Connection: close`), at most [`HTTP_CONNECTIONS`] at once, each within
+/// [`HTTP_DEADLINE`]; failed accepts pause as the trainer socket's do, their warnings
+/// throttled. Its own small server rather than the crate's HTTP listener, which spun on
+/// EMFILE and held idle connections for ever (docs/DESIGN.md, "The metrics endpoint").
+pub(super) async fn serve_http(
+    listener: tokio::net::TcpListener,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+) -> std::convert::Infallible {
+    use super::limits::{suppressed_note, Throttle};
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS));
+    let failed = Throttle::new("failed metrics accepts", 5, Duration::from_secs(10));
+    let full = Throttle::new(
+        "metrics connections over the cap",
+        5,
+        Duration::from_secs(10),
+    );
+    let mut flush = tokio::time::interval(Duration::from_secs(10));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused: Option<tokio::time::Instant> = None;
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            accepted = listener.accept(), if paused.is_none() => match accepted {
+                Ok((stream, peer)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        if let Some(k) = full.allow() {
+                            tracing::warn!(%peer, "{HTTP_CONNECTIONS} metrics connections are \
+                                open; closing this one{}", suppressed_note(k));
+                        }
+                        continue;
+                    };
+                    let handle = handle.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(HTTP_DEADLINE, answer(stream, &handle)).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    if let Some(k) = failed.allow() {
+                        tracing::warn!(
+                            "metrics accept failed: {e}; pausing its accepts for {} ms{}",
+                            backoff.as_millis(),
+                            suppressed_note(k)
+                        );
+                    }
+                    paused = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            },
+            _ = async { match paused { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending::<()>().await } } => {
+                paused = None;
+            }
+            _ = flush.tick() => {
+                failed.flush();
+                full.flush();
+            }
+        }
+    }
+}
+
+/// Reads one request head from `stream` and answers it: the metrics for GET (or HEAD)
+/// of `/metrics` or `/`, else 404 or 405, 431 for a head past [`HTTP_HEAD_MAX`].
+async fn answer(
+    mut stream: tokio::net::TcpStream,
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let complete = loop {
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+            break true;
+        }
+        if head.len() > HTTP_HEAD_MAX {
+            break false;
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    };
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, body) = match (complete, method, path) {
+        (false, ..) => ("431 Request Header Fields Too Large", String::new()),
+        (_, "GET" | "HEAD", "/metrics" | "/") => ("200 OK", handle.render()),
+        (_, "GET" | "HEAD", _) => ("404 Not Found", "try /metrics\n".to_string()),
+        _ => ("405 Method Not Allowed", String::new()),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    if method != "HEAD" {
+        stream.write_all(body.as_bytes()).await?;
+    }
+    stream.shutdown().await
 }
 
 /// A ring's (job, dp rank).
@@ -271,8 +395,11 @@ impl Exporter {
     /// 15-minute churn of 8,244 short jobs (docs/BENCHMARKS.md, "Series of departed
     /// jobs"). A render a series outlives marks it; one more after it has idled that
     /// long drops it.
+    /// It also runs the recorder's upkeep (histogram buckets drained), which the crate's
+    /// listener ran every 5 s.
     fn expire(&self) {
         if let Some(h) = &self.handle {
+            h.run_upkeep();
             drop(h.render());
         }
     }

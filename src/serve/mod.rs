@@ -396,7 +396,8 @@ async fn serve_socket(
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     if let Some(addr) = &serve.metrics_addr {
-        let handle = exporter::install(addr)?;
+        let (listener, handle) = exporter::install(addr)?;
+        tokio::spawn(exporter::serve_http(listener, handle.clone()));
         d.exporter.lock().unwrap_or_else(|p| p.into_inner()).handle = Some(handle);
         info!(%addr, "metrics at http://{addr}/metrics");
     }

@@ -3,7 +3,7 @@
 //! a `--socket` path that is not a stale socket, a socket replaced while serving,
 //! free-running ranks that must all be filled, and short jobs whose Prometheus series must go when they leave.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -493,6 +493,92 @@ fn metrics_of_departed_jobs_disappear() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(gone, "departed jobs' series stay:\n{}", scrape(&addr));
+}
+
+/// CPU time (user + system) of the process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: libc::pid_t) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and
+    // 13th of them.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// The metrics endpoint is the daemon's own (review of 2026-12-07): the crate's listener
+/// retried a failed accept at once, so at the fd limit one scrape spun a core and wrote
+/// 466 MB of warnings in 5 s; and it kept idle connections for ever, uncapped, so 21,000
+/// of them held every fd and new trainers hung. Now a failed accept pauses (10 ms
+/// doubling to 1 s, warnings throttled), at most 16 connections are served at once (more
+/// are closed as accepted), and each has 10 s for its request and reply.
+#[test]
+fn the_metrics_endpoint_backs_off_at_the_fd_limit_and_drops_idle_connections() {
+    const LIMIT: u64 = 64;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let extra = format!("metrics_addr = {addr:?}\nhandshake_timeout_ms = 30000\n");
+    let f = fixture(4, 2, 1, &extra);
+    let s = f.serve_with_fd_limit(LIMIT);
+    assert!(scrape(&addr).contains("millrace_reloads_total"));
+    // Idle scrapers: 16 are held, the rest closed at once.
+    let idle: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // Silent trainer connections then take every fd left (held for the 30 s handshake).
+    let base = fds_of(s.pid()) as u64;
+    let flood: Vec<UnixStream> = (0..(LIMIT + 40).saturating_sub(base))
+        .map(|_| UnixStream::connect(&f.socket).unwrap())
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || s
+            .log_text()
+            .contains("accept failed")),
+        "the daemon never hit its fd limit:\n{}",
+        s.log_text()
+    );
+    // One scrape at the limit: its accept fails, and keeps failing, for 3 s.
+    let pending = std::net::TcpStream::connect(&addr).unwrap();
+    let (cpu, t0) = (cpu_ticks(s.pid()), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu_ticks(s.pid()) - cpu;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let busy = ticks as f64 / hz / t0.elapsed().as_secs_f64();
+    assert!(
+        busy < 0.5,
+        "the daemon was {busy:.2} of a core busy at its fd limit"
+    );
+    let lines = log_lines(&s, "metrics accept failed");
+    assert!(
+        (1..=12).contains(&lines),
+        "{lines} metrics accept warnings:\n{}",
+        s.log_text()
+    );
+    drop(pending);
+    drop(flood);
+    // Every idle scraper is closed by the daemon within its 10 s (EOF, or a reset).
+    for (i, mut c) in idle.into_iter().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("idle metrics connection {i} got {n} bytes"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("idle metrics connection {i} still open after 20 s")
+            }
+            Err(_) => {} // reset: closed with unread data, as good as EOF here
+        }
+    }
+    let body = scrape(&addr);
+    assert!(body.contains("millrace_reloads_total"), "{body}");
+    let mut t = f.trainer("after", 0, 1);
+    stream(&mut t, 5, &s);
 }
 
 #[test]
