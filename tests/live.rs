@@ -1948,6 +1948,30 @@ fn sigterm_with_a_stuck_client_exits_at_the_bound() {
     // The held slots stay readable (the memfd lives while mapped); then the stream ends.
     let (_, err) = read_to_end(&mut c);
     assert!(err.is_transient(), "{err}");
+
+    // A second SIGTERM (or Ctrl-C twice) ends the drain at once, though its bound is a
+    // minute: it was swallowed, and the operator waited the whole bound.
+    let f = fixture("drain_timeout_ms = 60000\n");
+    let mut d = f.serve();
+    let mut c = f.connect("stuck");
+    let _ = read(&mut c, 2);
+    d.signal(libc::SIGTERM);
+    wait_for("the drain", Duration::from_secs(10), || {
+        let log = d.log_text();
+        match log.contains("SIGTERM: draining") {
+            true => Ok(()),
+            false => Err(log),
+        }
+    });
+    let t0 = Instant::now();
+    d.signal(libc::SIGINT);
+    let took = exits_cleanly(&mut d, t0);
+    assert!(took < Duration::from_secs(10), "exited after {took:?}");
+    assert!(
+        d.log_text().contains("a second SIGINT: closing"),
+        "{}",
+        d.log_text()
+    );
 }
 
 /// A daemon thread held stopped by this test (ptrace), as a read of a hung network

@@ -466,6 +466,9 @@ async fn serve_socket(
     // One look decides and reports: a copy claimed before the drain may still publish
     // after it, so a second look could say "slots still held" of a drain that ended
     // (CI saw that line 77 us after SIGTERM).
+    // A second SIGTERM or SIGINT (Ctrl-C twice) ends the wait at once: it was swallowed,
+    // and the operator waited the whole bound.
+    let mut again = None;
     let drained = loop {
         if d.hub.drained() {
             break true;
@@ -473,15 +476,19 @@ async fn serve_socket(
         if Instant::now() >= deadline {
             break false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = term.recv() => { again = Some("SIGTERM"); break false; }
+            _ = int.recv() => { again = Some("SIGINT"); break false; }
+        }
     };
-    if drained {
-        info!("drained: every client released what was published");
-    } else {
-        warn!(
+    match (drained, again) {
+        (true, _) => info!("drained: every client released what was published"),
+        (false, Some(sig)) => warn!("a second {sig}: closing with slots still held"),
+        (false, None) => warn!(
             "drain bound of {} ms reached with slots still held; closing",
             serve.drain_timeout_ms
-        );
+        ),
     }
     let _ = shutdown_tx.send(true);
     // Let connections say why they close.
