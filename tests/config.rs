@@ -171,39 +171,28 @@ fn a_shard_listed_twice_is_refused_and_missing_shards_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let code = common::CODES[7];
     common::write_docs(dir.path(), "x", code, &common::simple_docs(&[3, 4], 60000));
-    let text = "[corpus]\n[[corpus.domain]]\nname = \"a\"\nshards = [\"x\"]\n[[corpus.domain]]\nname = \"b\"\nshards = [\"./x.idx\"]\n";
     let path = dir.path().join("m.toml");
-    std::fs::write(&path, text).unwrap();
-    let e = Config::load(&path)
-        .unwrap()
-        .open_corpus()
-        .unwrap_err()
-        .to_string();
+    // The corpus of a config of these domain lines fails to open: the error.
+    let refusal = |text: &str| {
+        std::fs::write(&path, format!("[corpus]\n{text}")).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        cfg.open_corpus().unwrap_err().to_string()
+    };
+    let e = refusal(
+        "[[corpus.domain]]\nname = \"a\"\nshards = [\"x\"]\n[[corpus.domain]]\nname = \"b\"\nshards = [\"./x.idx\"]\n",
+    );
     assert!(
         e.contains("corpus.domain[1].shards")
             && e.contains("listed twice (in domain a and in domain b)"),
         "{e}"
     );
     // Twice in one domain says so once (it read "in domain a and in domain a").
-    let text = "[corpus]\n[[corpus.domain]]\nname = \"a\"\nshards = [\"x\", \"x.bin\"]\n";
-    std::fs::write(&path, text).unwrap();
-    let e = Config::load(&path)
-        .unwrap()
-        .open_corpus()
-        .unwrap_err()
-        .to_string();
+    let e = refusal("[[corpus.domain]]\nname = \"a\"\nshards = [\"x\", \"x.bin\"]\n");
     assert!(
         e.contains("corpus.domain[0].shards") && e.contains("is listed twice in domain a;"),
         "{e}"
     );
-
-    let text = "[corpus]\n[[corpus.domain]]\nname = \"a\"\nshards = [\"missing\"]\n";
-    std::fs::write(&path, text).unwrap();
-    let e = Config::load(&path)
-        .unwrap()
-        .open_corpus()
-        .unwrap_err()
-        .to_string();
+    let e = refusal("[[corpus.domain]]\nname = \"a\"\nshards = [\"missing\"]\n");
     assert!(e.contains("domain a") && e.contains("missing.idx"), "{e}");
 
     let e = Config::load(&dir.path().join("nope.toml"))

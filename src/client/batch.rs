@@ -305,51 +305,43 @@ mod tests {
     #[test]
     fn an_expanded_rows_real_tokens_stop_at_padding_not_at_eos_documents() {
         let n = 8;
-        let row: [u16; 9] = [5, 6, 2, 2, 2, 2, 2, 2, 2];
-        let starts = [0b0001_1001u8, 0];
-        let real = [5i32];
-        let x = super::super::derive::from_compact(Tokens::Uint16(&row), &starts, &real, 1, n);
-        let positions: Vec<i32> = x.position_ids.clone();
-        let view = |arrays| BatchView {
-            step: 0,
-            plan_step: 0,
-            rows: 1,
-            seq_len: n as u32,
-            cu_len: 0,
-            max_seqlen: 0,
-            loss_tokens: 0,
-            real_tokens: 5,
-            publish_ns: 0,
-            wake_latency_ns: None,
-            pad_token: 2,
-            arrays,
-            domain: &[0],
-            row_loss_tokens: &[2],
-            cursor: &[],
-            plan_state: 0,
-            copy_bytes: &[],
+        // `row_real_tokens` of the expanded arrays derived from one compact row.
+        let real_of = |row: &[u16], starts: &[u8], real: i32| {
+            let x = super::super::derive::from_compact(Tokens::Uint16(row), starts, &[real], 1, n);
+            let view = BatchView {
+                step: 0,
+                plan_step: 0,
+                rows: 1,
+                seq_len: n as u32,
+                cu_len: 0,
+                max_seqlen: 0,
+                loss_tokens: 0,
+                real_tokens: real as u64,
+                publish_ns: 0,
+                wake_latency_ns: None,
+                pad_token: 2,
+                arrays: SlotArrays::Expanded {
+                    tokens: Tokens::Int64(&x.tokens),
+                    labels: Tokens::Int64(&x.labels),
+                    loss_mask: &x.loss_mask,
+                    position_ids: Tokens::Int32(&x.position_ids),
+                    cu_seqlens: &x.cu_seqlens,
+                },
+                domain: &[0],
+                row_loss_tokens: &[2],
+                cursor: &[],
+                plan_state: 0,
+                copy_bytes: &[],
+            };
+            view.row_real_tokens(0)
         };
-        let expanded = view(SlotArrays::Expanded {
-            tokens: Tokens::Int64(&x.tokens),
-            labels: Tokens::Int64(&x.labels),
-            loss_mask: &x.loss_mask,
-            position_ids: Tokens::Int32(&positions),
-            cu_seqlens: &x.cu_seqlens,
-        });
-        assert_eq!(expanded.row_real_tokens(0), 5);
+        assert_eq!(
+            real_of(&[5, 6, 2, 2, 2, 2, 2, 2, 2], &[0b0001_1001, 0], 5),
+            5
+        );
         // A last piece of two or more pad-valued tokens with loss inside is a document:
         // all 9 are real.
-        let doc = [5u16, 2, 2, 2, 2, 2, 2, 2, 2];
-        let x = super::super::derive::from_compact(Tokens::Uint16(&doc), &[1, 0], &[9], 1, n);
-        let positions: Vec<i32> = x.position_ids.clone();
-        let expanded = view(SlotArrays::Expanded {
-            tokens: Tokens::Int64(&x.tokens),
-            labels: Tokens::Int64(&x.labels),
-            loss_mask: &x.loss_mask,
-            position_ids: Tokens::Int32(&positions),
-            cu_seqlens: &x.cu_seqlens,
-        });
-        assert_eq!(expanded.row_real_tokens(0), 9);
+        assert_eq!(real_of(&[5, 2, 2, 2, 2, 2, 2, 2, 2], &[1, 0], 9), 9);
     }
 
     /// The naive fold [`sum_tokens`] must equal: every id widened to i64, wrapping.

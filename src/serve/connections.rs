@@ -32,37 +32,31 @@ pub(super) async fn accept_loop(
 ) -> std::convert::Infallible {
     let mut flush_tick = tokio::time::interval(Duration::from_secs(10));
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // After a failed accept: no accepting until then (the pending connection keeps the
-    // listener readable, so retrying at once would spin), and the next pause is longer.
-    let mut paused: Option<tokio::time::Instant> = None;
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut pause = limits::AcceptPause::default();
     loop {
         tokio::select! {
-            accepted = listener.accept(), if paused.is_none() => match accepted {
+            accepted = listener.accept(), if pause.accepting() => match accepted {
                 Ok((stream, _)) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
+                    pause.accepted();
                     let (d, shutdown) = (d.clone(), shutdown.clone());
                     tokio::spawn(async move { connection(d, stream, timeout, shutdown).await });
                 }
                 Err(e) => {
                     // EMFILE, ENFILE, ENOBUFS: keep serving the clients we have; accept
                     // again once connections closed (or the pause ran out).
+                    let paused = pause.failed();
                     if let Some(k) = d.warn_accept.allow() {
                         warn!(
                             fd_limit = d.fd_limit.soft,
                             open_fds = ?limits::open_fds(),
                             "accept failed: {e}; pausing accepts for {} ms{}",
-                            backoff.as_millis(),
+                            paused.as_millis(),
                             limits::suppressed_note(k)
                         );
                     }
-                    paused = Some(tokio::time::Instant::now() + backoff);
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             },
-            _ = async { match paused { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending::<()>().await } } => {
-                paused = None;
-            }
+            _ = pause.over() => pause.resume(),
             _ = flush_tick.tick() => {
                 d.warn_conn.flush();
                 d.warn_control.flush();
@@ -71,11 +65,6 @@ pub(super) async fn accept_loop(
         }
     }
 }
-
-/// The first pause after a failed accept; each further failure in a row doubles it.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-/// The longest pause between accepts while they keep failing.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 pub(super) async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {

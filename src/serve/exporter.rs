@@ -56,11 +56,6 @@ const HTTP_DEADLINE: Duration = Duration::from_secs(10);
 /// The longest request head read (a GET is 100-300 bytes); past it the request is
 /// answered 431 and closed.
 const HTTP_HEAD_MAX: usize = 8192;
-/// The first pause after a failed accept (EMFILE), doubling to [`ACCEPT_BACKOFF_MAX`]:
-/// the crate's listener retried at once, a core spinning and 466 MB of warnings in 5 s.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-/// The longest pause between accepts while they keep failing.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Binds `addr` and creates the series that exist from the start; returns the listener,
 /// which [`serve_http`] serves, and the recorder's handle, which renders /metrics and
@@ -112,7 +107,8 @@ pub(super) fn install(
 
 /// Serves GET /metrics on `listener` for as long as the daemon runs: one request per
 /// connection (`Connection: close`), at most [`HTTP_CONNECTIONS`] at once, each within
-/// [`HTTP_DEADLINE`]; failed accepts pause as the trainer socket's do, their warnings
+/// [`HTTP_DEADLINE`]; failed accepts pause as the trainer socket's do
+/// ([`super::limits::AcceptPause`]), their warnings
 /// throttled. Its own small server rather than the crate's HTTP listener, which spun on
 /// EMFILE and held idle connections for ever (docs/DESIGN.md, "The metrics endpoint").
 pub(super) async fn serve_http(
@@ -129,13 +125,12 @@ pub(super) async fn serve_http(
     );
     let mut flush = tokio::time::interval(Duration::from_secs(10));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut paused: Option<tokio::time::Instant> = None;
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut pause = super::limits::AcceptPause::default();
     loop {
         tokio::select! {
-            accepted = listener.accept(), if paused.is_none() => match accepted {
+            accepted = listener.accept(), if pause.accepting() => match accepted {
                 Ok((stream, peer)) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
+                    pause.accepted();
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
                         if let Some(k) = full.allow() {
                             tracing::warn!(%peer, "{HTTP_CONNECTIONS} metrics connections are \
@@ -150,20 +145,17 @@ pub(super) async fn serve_http(
                     });
                 }
                 Err(e) => {
+                    let paused = pause.failed();
                     if let Some(k) = failed.allow() {
                         tracing::warn!(
                             "metrics accept failed: {e}; pausing its accepts for {} ms{}",
-                            backoff.as_millis(),
+                            paused.as_millis(),
                             suppressed_note(k)
                         );
                     }
-                    paused = Some(tokio::time::Instant::now() + backoff);
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             },
-            _ = async { match paused { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending::<()>().await } } => {
-                paused = None;
-            }
+            _ = pause.over() => pause.resume(),
             _ = flush.tick() => {
                 failed.flush();
                 full.flush();
