@@ -274,16 +274,12 @@ fn a_denied_peer_is_closed_at_once_and_logged_sparingly() {
     stream(&mut t, 5, &s);
 }
 
-#[test]
-fn running_out_of_fds_backs_off_and_recovers() {
-    let f = fixture(4, 2, 1, "");
-    const LIMIT: u64 = 64;
-    let s = f.serve_with_fd_limit(LIMIT);
+/// Silent connections to the trainer socket, 40 more than the daemon `s` (started with
+/// fd limit `limit`) has fds left, held until the daemon logs a failed accept.
+fn flood_to_the_fd_limit(f: &Fixture, s: &Serve, limit: u64) -> Vec<UnixStream> {
     let base = fds_of(s.pid()) as u64;
-    assert!(base < LIMIT, "the daemon starts with {base} fds");
-    // Silent connections: each holds one of the daemon's fds until its handshake
-    // timeout (2 s); this many cannot all be accepted.
-    let flood: Vec<UnixStream> = (0..LIMIT - base + 40)
+    assert!(base < limit, "the daemon starts with {base} fds");
+    let flood = (0..limit - base + 40)
         .map(|_| UnixStream::connect(&f.socket).unwrap())
         .collect();
     assert!(
@@ -293,6 +289,17 @@ fn running_out_of_fds_backs_off_and_recovers() {
         "the daemon never hit its fd limit:\n{}",
         s.log_text()
     );
+    flood
+}
+
+#[test]
+fn running_out_of_fds_backs_off_and_recovers() {
+    let f = fixture(4, 2, 1, "");
+    const LIMIT: u64 = 64;
+    let s = f.serve_with_fd_limit(LIMIT);
+    // Silent connections: each holds one of the daemon's fds until its handshake
+    // timeout (2 s); this many cannot all be accepted.
+    let flood = flood_to_the_fd_limit(&f, &s, LIMIT);
     // Hold the flood through a few back-off rounds.
     std::thread::sleep(Duration::from_secs(3));
     drop(flood);
@@ -532,17 +539,7 @@ fn the_metrics_endpoint_backs_off_at_the_fd_limit_and_drops_idle_connections() {
         .map(|_| std::net::TcpStream::connect(&addr).unwrap())
         .collect();
     // Silent trainer connections then take every fd left (held for the 30 s handshake).
-    let base = fds_of(s.pid()) as u64;
-    let flood: Vec<UnixStream> = (0..(LIMIT + 40).saturating_sub(base))
-        .map(|_| UnixStream::connect(&f.socket).unwrap())
-        .collect();
-    assert!(
-        eventually(Duration::from_secs(10), || s
-            .log_text()
-            .contains("accept failed")),
-        "the daemon never hit its fd limit:\n{}",
-        s.log_text()
-    );
+    let flood = flood_to_the_fd_limit(&f, &s, LIMIT);
     // One scrape at the limit: its accept fails, and keeps failing, for 3 s.
     let pending = std::net::TcpStream::connect(&addr).unwrap();
     let (cpu, t0) = (cpu_ticks(s.pid()), Instant::now());
