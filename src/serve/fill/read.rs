@@ -183,12 +183,23 @@ impl std::fmt::Debug for Readers {
 impl Readers {
     /// The mmap copy, nothing opened: for fills that never read with io_uring.
     pub fn copy(reader: Reader) -> Readers {
+        Readers::copy_hinted(reader, true)
+    }
+
+    /// [`Readers::copy`] under `[serve] page_hints`: without them the hinted copy is
+    /// plain `mmap`, and is named so (a start that fell back from io_uring said
+    /// `mmap-willneed` while it gave no hints).
+    fn copy_hinted(reader: Reader, page_hints: bool) -> Readers {
         let reader = match reader {
-            Reader::Uring | Reader::UringDirect => Reader::MmapWillneed,
-            Reader::Auto => Reader::Mmap,
+            Reader::Uring | Reader::UringDirect | Reader::MmapWillneed if page_hints => {
+                Reader::MmapWillneed
+            }
+            Reader::Uring | Reader::UringDirect | Reader::MmapWillneed | Reader::Auto => {
+                Reader::Mmap
+            }
             r => r,
         };
-        Readers::new(reader, Vec::new(), None, Vec::new(), true)
+        Readers::new(reader, Vec::new(), None, Vec::new(), page_hints)
     }
 
     /// Readers of `reader` over the token files `paths` (domain d's first at `first[d]`),
@@ -256,10 +267,7 @@ impl Readers {
             r => r,
         };
         if !matches!(reader, Reader::Uring | Reader::UringDirect) {
-            return Readers {
-                page_hints,
-                ..Readers::copy(reader)
-            };
+            return Readers::copy_hinted(reader, page_hints);
         }
         let mut first = Vec::with_capacity(shards.len());
         let mut paths = Vec::new();
@@ -288,8 +296,9 @@ impl Readers {
                 tried = Reader::Uring;
             }
             if fds(tried) > spare {
-                readers.fell_back(reader, Reader::MmapWillneed, &too_many(tried));
-                readers.reader = Reader::MmapWillneed;
+                let copy = readers.copy_reader();
+                readers.fell_back(reader, copy, &too_many(tried));
+                readers.reader = copy;
                 return readers;
             }
         }
@@ -317,8 +326,9 @@ impl Readers {
                     tried = Reader::Uring;
                 }
                 Err(e) => {
-                    readers.fell_back(reader, Reader::MmapWillneed, &e);
-                    readers.reader = Reader::MmapWillneed;
+                    let copy = readers.copy_reader();
+                    readers.fell_back(reader, copy, &e);
+                    readers.reader = copy;
                     break;
                 }
             }

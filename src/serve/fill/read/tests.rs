@@ -618,6 +618,29 @@ fn without_page_hints_the_fallback_copies_from_plain_mappings() {
     assert!(!readers.page_hints() && !readers.uring());
 }
 
+/// A start that cannot use io_uring (here: no descriptors to spare for its files) falls
+/// back to the copy `page_hints` makes, and names it: without hints, plain `mmap`. It
+/// said `mmap-willneed` and gave no hints (a review's seccomp-refused io_uring);
+/// `reader = "mmap-willneed"` without hints is plain `mmap` too, as documented.
+#[test]
+fn a_start_falls_back_to_the_copy_page_hints_make_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, _, _) = shard_and_job(dir.path(), 7, (0, 7));
+    for (hints, copy) in [(true, Reader::MmapWillneed), (false, Reader::Mmap)] {
+        for reader in [Reader::Uring, Reader::UringDirect] {
+            let r = Readers::open_within(reader, &src.shards, Some(0), hints);
+            assert_eq!(r.reader(), copy, "{reader:?}, page_hints {hints}");
+            let why = r.fallback().unwrap_or_default();
+            assert!(
+                why.ends_with(&format!("using {:?}", copy.as_str())),
+                "{why}"
+            );
+        }
+        let r = Readers::open_within(Reader::MmapWillneed, &src.shards, None, hints);
+        assert_eq!(r.reader(), copy, "page_hints {hints}");
+    }
+}
+
 /// Regression: an io_uring read that failed with an I/O error (EIO: a bad sector, a
 /// filesystem's checksum) failed the fill but did not poison the shard, though the
 /// mmap copy poisons it on the SIGBUS the same error raises there: every later fill
