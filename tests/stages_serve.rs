@@ -428,23 +428,34 @@ fn a_stage_added_live_is_served_at_its_step_and_resumes_in_a_fresh_daemon() {
     // `explain` of the daemon's own config reads the config alone, so from S on it
     // shows rows the daemon did not serve: it says so, naming the change's step and the
     // way out; before S it has nothing to say.
-    let explain = |step: u64| {
-        let out = common::bin()
-            .args(["explain", "--config"])
+    // A blob made before the change (step 0's, read before it was sent) is as stale as
+    // none; one made after it is not.
+    let explain = |step: u64, blob: Option<u64>| {
+        let mut cmd = common::bin();
+        cmd.args(["explain", "--config"])
             .arg(&f.config)
-            .args(["--step", &step.to_string()])
-            .output()
-            .unwrap();
+            .args(["--step", &step.to_string()]);
+        if let Some(b) = blob {
+            let path = f.corpus.dir.join(format!("blob{b}.hex"));
+            std::fs::write(&path, millrace::client::to_hex(&steps[b as usize].cursor)).unwrap();
+            cmd.arg("--resume-blob").arg(path);
+        }
+        let out = cmd.output().unwrap();
         assert!(out.status.success(), "{out:?}");
         String::from_utf8_lossy(&out.stderr).to_string()
     };
-    let text = explain(S);
-    assert!(
-        text.contains(&format!("1 live change(s), the first at step {S}"))
-            && text.contains("--resume-blob"),
-        "{text}"
-    );
-    let text = explain(S - 2);
+    for blob in [None, Some(0)] {
+        let text = explain(S, blob);
+        assert!(
+            text.contains(&format!(
+                "1 live change(s), of which this plan lacks the one at step {S}"
+            )) && text.contains("--resume-blob"),
+            "blob {blob:?}: {text}"
+        );
+    }
+    let text = explain(S - 2, None);
+    assert!(!text.contains("live change"), "{text}");
+    let text = explain(S + 2, Some(S + 1));
     assert!(!text.contains("live change"), "{text}");
     serve.kill();
 

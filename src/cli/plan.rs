@@ -100,9 +100,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
     )?;
     let from = planner.step();
     within_reach("--steps", from, args.steps)?;
-    if args.resume_blob.is_none() {
-        warn_of_live_changes(&config, &plan, from + args.steps.saturating_sub(1));
-    }
+    warn_of_live_changes(&config, &plan, from + args.steps.saturating_sub(1));
     let seek_ms = t1.elapsed().as_secs_f64() * 1e3;
     let at_start = positions(&planner);
     let window = args.window.unwrap_or((args.steps / 10).max(1)).max(1);
@@ -240,9 +238,7 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
     )?;
     let (plan, mut planner) = (start.plan, start.planner);
     divides(&plan)?;
-    if args.resume_blob.is_none() {
-        warn_of_live_changes(&config, &plan, args.step + args.count.saturating_sub(1));
-    }
+    warn_of_live_changes(&config, &plan, args.step + args.count.saturating_sub(1));
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count {
         let domains = positions(&planner);
@@ -260,10 +256,11 @@ pub fn run_explain(args: ExplainArgs) -> Result<()> {
 }
 
 /// Warns when the daemon on the config's socket serves this plan with live changes that
-/// reach `last`: without a blob, `plan` and `explain` read the config alone, so from the
-/// first change on they show rows the daemon did not serve (a review's `explain` after a
-/// `set-stage` printed 4 rows of 8 tokens for a step served as 8 rows of 2). Nothing is
-/// said when no daemon answers within 2 s, or one serves another plan.
+/// reach `last` and that `plan` (the config's, or a blob's journal adopted) lacks:
+/// `plan` and `explain` then show, from the first such change on, rows the daemon did
+/// not serve (a review's `explain` after a `set-stage` printed 4 rows of 8 tokens for a
+/// step served as 8 rows of 2; with a blob saved before the change, the same). Nothing
+/// is said when no daemon answers within 2 s, or one serves another plan.
 fn warn_of_live_changes(config: &Config, plan: &Plan, last: u64) {
     use millrace::config::serve::ServeConfig;
     use serde::Deserialize;
@@ -287,18 +284,26 @@ fn warn_of_live_changes(config: &Config, plan: &Plan, last: u64) {
     if status.fingerprint != format!("{:032x}", plan.fingerprint()) {
         return;
     }
-    // The journal's first entries are always listed (only a middle gap is left out).
-    let Some(first) = status.journal.iter().map(|e| e.at_step).min() else {
+    // Changes are told apart by their first plan step (a later one at the same step
+    // supersedes). The journal's first entries are always listed (only a middle gap is
+    // left out), so the first change missing here is among them.
+    let known: Vec<u64> = plan.journal().iter().map(|c| c.at).collect();
+    let missing = (status.journal.iter())
+        .filter(|e| !known.contains(&e.plan_step))
+        .map(|e| e.at_step)
+        .min();
+    let Some(first) = missing.filter(|&first| first <= last) else {
         return;
     };
-    if first > last {
-        return;
-    }
+    let whose = match known.is_empty() {
+        true => "the config alone",
+        false => "the config and the blob's journal",
+    };
     eprintln!(
-        "warning: the daemon on {} serves this config with {} live change(s), the first at \
-         step {first}; this reads the config alone, so from step {first} on it shows rows \
-         the daemon did not serve: pass --resume-blob with a cursor blob saved after the \
-         last change (a trainer checkpoint's, or `millrace consume --save-cursor`)",
+        "warning: the daemon on {} serves this config with {} live change(s), of which this \
+         plan lacks the one at step {first}; this reads {whose}, so from step {first} on it \
+         shows rows the daemon did not serve: pass --resume-blob with a cursor blob saved \
+         after the last change (a trainer checkpoint's, or `millrace consume --save-cursor`)",
         serve.socket.display(),
         status.journal_changes
     );
