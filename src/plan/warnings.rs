@@ -18,7 +18,32 @@ impl Plan {
         out.extend(self.bursty_shortfall());
         out.extend(self.group_repeats());
         out.extend(self.bursty_beside_batch_groups());
+        out.extend(self.bursty_beside_a_changing_schedule());
         out
+    }
+
+    /// Bursty domains in a schedule whose weights change: the other domains carry their
+    /// error against their share of the rows the bursts leave, so a change inside a
+    /// cycle leaves them off their targets for good (a review: 85 rows over a 400-step
+    /// ramp at 1024 rows, period 10). docs/DESIGN.md, "Mixture".
+    fn bursty_beside_a_changing_schedule(&self) -> Option<String> {
+        let bursty: Vec<&str> = (self.domains.iter())
+            .filter(|d| d.settings.bursty.is_some())
+            .map(|d| d.name.as_str())
+            .collect();
+        let points = self.cfg.points();
+        let changes = points.windows(2).any(|w| w[0].weights != w[1].weights);
+        if bursty.is_empty() || !changes {
+            return None;
+        }
+        Some(format!(
+            "bursty domain(s) {} beside a schedule whose weights change: while weights \
+             change inside a bursty cycle the other domains drift from their token targets \
+             (about rows-a-burst x change-of-share x (period - 1) / 2 rows) and the drift is \
+             not paid back (docs/DESIGN.md, \"Mixture\"); keep the weights constant, or \
+             use no bursty domain where the mixture must stay exact",
+            bursty.join(", ")
+        ))
     }
 
     /// Batch-grouped domains mixed with a bursty one: at each of its cycles the bursty
