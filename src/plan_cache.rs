@@ -297,28 +297,7 @@ pub fn cache_root(config: &Config) -> Option<PathBuf> {
 /// checkpoint's name (or a file swapped for one after it was listed) is an error at
 /// once, not a read that never returns or never ends.
 fn read_blob(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let m = file.metadata()?;
-    if !m.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    if m.len() > MAX_BLOB {
-        return Err(std::io::Error::other(format!(
-            "{} bytes, more than any checkpoint",
-            m.len()
-        )));
-    }
-    let mut blob = Vec::with_capacity(m.len() as usize);
-    file.take(MAX_BLOB + 1).read_to_end(&mut blob)?;
-    if blob.len() as u64 > MAX_BLOB {
-        return Err(std::io::Error::other("grew past any checkpoint while read"));
-    }
-    Ok(blob)
+    crate::util::read_regular(path, Some(MAX_BLOB))
 }
 
 /// Parses a checkpoint file name back into its key.

@@ -1,12 +1,53 @@
 //! Small helpers that several commands (and the tests) share: number formatting for
-//! tables people read, the count parser every size flag uses (`1e9`, `10G`), the default token dtype, and the child-process harness. They
+//! tables people read, the count parser every size flag uses (`1e9`, `10G`), the default token dtype, the bounded read of a regular file, and the child-process harness. They
 //! used to live in whichever module first needed them (inspect, ctl, synth, demo), so
 //! every other user reached into an unrelated command for them; here they have one home
 //! that depends on nothing but the corpus types.
 
 pub mod harness;
 
+use std::path::Path;
+
 use crate::corpus::DType;
+
+/// The bytes of `path`, which must be a regular file (of at most `max` bytes, when
+/// given). Opened without blocking and judged by the open file, so that a FIFO (whose
+/// open waits for a writer) or a device (`/dev/zero`: endless) under the name of a
+/// config, a cache entry or a checkpoint is an error at once, not a read that never
+/// returns or never ends: each of those once hung a reload, a seek or a start. Errors
+/// of the file's kind or size are `InvalidData` ("it is a FIFO, not a regular file").
+pub fn read_regular(path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    // Non-blocking, so that opening a FIFO does not wait for a writer; it changes
+    // nothing for a regular file's reads.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        let what = crate::corpus::file_kind(&meta.file_type());
+        return Err(invalid(format!("it is {what}, not a regular file")));
+    }
+    let max = max.unwrap_or(u64::MAX);
+    if meta.len() > max {
+        return Err(invalid(format!(
+            "it is {} bytes, more than it may be ({max})",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Bounded again: the file may grow between the stat and the read.
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(invalid(format!(
+            "it grew past {max} bytes while being read"
+        )));
+    }
+    Ok(bytes)
+}
 
 /// `12345678` -> `12,345,678`, for tables people read.
 pub fn thousands(n: u64) -> String {

@@ -1295,6 +1295,68 @@ fn raw_missing_file_is_an_io_error_naming_it() {
 // Raw boundary cache
 // ---------------------------------------------------------------------------------------
 
+/// A leftover temporary name of the boundary cache (a write killed between its create
+/// and its rename) is stepped over, not an error: in a container the daemon is pid 1 at
+/// every start, so the same name came back, every start warned "File exists", scanned
+/// the file again and never wrote the cache. The shell that execs millrace leaves the
+/// name under its own pid, which millrace keeps, with the counter's first value.
+#[test]
+fn a_leftover_cache_temporary_name_is_stepped_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.u16");
+    write_u16(&path, &[1, 2, 0, 3, 0, 4]);
+    let cache = with(&path, "uint16-eos0.mrdocs");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("touch \"$C.tmp$$-0\" && exec \"$M\" \"$@\"")
+        .arg("sh")
+        .args(["inspect", "--format", "raw", "--eos-id", "0"])
+        .arg(&path)
+        .env("C", &cache)
+        .env("M", common::bin().get_program())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("File exists"),
+        "{err}"
+    );
+    assert!(cache.is_file(), "the cache was not written: {err}");
+    let again = RawShard::open(&path, &raw_opts(DType::Uint16, 0, None)).unwrap();
+    assert!(!again.cache_rebuilt());
+}
+
+/// Under a file-size limit (`ulimit -f`, a batch scheduler's) a cache write fails with
+/// EFBIG and is warned about; the command goes on. `check-config`, `plan` and `inspect`
+/// died of SIGXFSZ without a word (only `serve` ignored it), and left a partial file.
+#[test]
+fn a_file_size_limit_fails_the_cache_write_not_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.u16");
+    // 400 documents: a boundary cache of 3.3 KB, past a limit of one 512-byte block.
+    let tokens: Vec<u16> = (0..400).flat_map(|i| [i as u16 + 1, 0]).collect();
+    write_u16(&path, &tokens);
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 1 && exec \"$M\" \"$@\"")
+        .arg("sh")
+        .args(["inspect", "--format", "raw", "--eos-id", "0"])
+        .arg(&path)
+        .env("M", common::bin().get_program())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(err.contains("File too large"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn raw_cache_is_reused_on_the_second_open() {
     let dir = tempfile::tempdir().unwrap();

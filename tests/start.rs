@@ -165,6 +165,25 @@ fn a_corrupt_or_foreign_cache_file_is_ignored_and_rewritten() {
         assert_eq!(cfg.load_plan().unwrap().plan.fingerprint(), cold);
         assert_eq!(cache.lookup(&s), Ok(good.clone()), "rewritten");
     }
+    // Not a file at all: a FIFO (its read waited for a writer, and the start hung before
+    // READY) and a link to /dev/zero (read until memory ran out) are refused at once,
+    // named, and replaced by an entry.
+    for what in ["fifo", "/dev/zero"] {
+        std::fs::remove_file(&entry).unwrap();
+        if what == "fifo" {
+            let c = std::ffi::CString::new(entry.to_str().unwrap()).unwrap();
+            // SAFETY: mkfifo with a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        } else {
+            std::os::unix::fs::symlink(what, &entry).unwrap();
+        }
+        match cache.lookup(&s) {
+            Err(Miss::Unreadable(why)) => assert!(why.contains("not a regular file"), "{why}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        assert_eq!(cfg.load_plan().unwrap().plan.fingerprint(), cold);
+        assert_eq!(cache.lookup(&s), Ok(good.clone()), "{what}: rewritten");
+    }
 }
 
 #[test]
@@ -562,8 +581,13 @@ fn a_damaged_runs_file_is_ignored_and_rewritten() {
         ("cut short", Some(good[..good.len() - 3].to_vec())),
         ("a flipped bit", Some(flipped)),
         ("missing", None),
+        ("a link to /dev/zero", Some(Vec::new())),
     ] {
         match bytes {
+            Some(_) if what.contains("/dev/zero") => {
+                std::fs::remove_file(&runs).unwrap();
+                std::os::unix::fs::symlink("/dev/zero", &runs).unwrap();
+            }
             Some(b) => std::fs::write(&runs, b).unwrap(),
             None => std::fs::remove_file(&runs).unwrap(),
         }

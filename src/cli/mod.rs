@@ -63,6 +63,10 @@ enum Command {
 
 /// Parses the command line, sets up logging and runs the command: the whole binary.
 pub fn main() -> ExitCode {
+    // Past a file-size limit (`ulimit -f`, a batch scheduler's) a write fails with EFBIG,
+    // which every command reports naming the file, instead of SIGXFSZ killing it without
+    // a word: `check-config` as a unit's ExecStartPre, and `plan`, died so mid-cache.
+    millrace::sys::ignore_file_size_signal();
     let cli = Cli::parse();
     // The daemon reports its life at info level (journald keeps it); tools stay quiet.
     let default_level = match cli.command {

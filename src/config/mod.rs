@@ -280,43 +280,12 @@ impl Config {
     /// tick, and a path replaced by a FIFO (whose open waits for a writer) or by
     /// `/dev/zero` (endless) hung the reload, or grew the daemon without bound.
     pub fn read_bytes(path: &Path) -> Result<Vec<u8>, ConfigError> {
-        use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
-        let err = |source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        };
-        let invalid =
-            |what: String| err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
-        // Non-blocking, so that opening a FIFO does not wait for a writer; it changes
-        // nothing for a regular file's reads.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(err)?;
-        let meta = file.metadata().map_err(err)?;
-        if !meta.is_file() {
-            let what = crate::corpus::file_kind(&meta.file_type());
-            return Err(invalid(format!("it is {what}, not a regular file")));
-        }
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(invalid(format!(
-                "it is {} bytes, more than a config may be ({MAX_CONFIG_BYTES})",
-                meta.len()
-            )));
-        }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
-        // Bounded again: the file may grow between the stat and the read.
-        file.take(MAX_CONFIG_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(err)?;
-        if bytes.len() as u64 > MAX_CONFIG_BYTES {
-            return Err(invalid(format!(
-                "it grew past {MAX_CONFIG_BYTES} bytes while being read"
-            )));
-        }
-        Ok(bytes)
+        crate::util::read_regular(path, Some(MAX_CONFIG_BYTES)).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
     }
 
     /// Parses the bytes read from the config file `path` (the hash of

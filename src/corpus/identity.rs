@@ -445,7 +445,9 @@ fn warn_unreadable(miss: &Miss) {
 
 /// The entry at `path`, if it is one of ours, of this version.
 fn read_entry(path: &Path) -> std::result::Result<Entry, Miss> {
-    let text = match std::fs::read(path) {
+    // Bounded, and never a FIFO or a device: one under an entry's name hung the start
+    // before READY (and `plan` for ever), and a link to /dev/zero read until memory ran out.
+    let text = match crate::util::read_regular(path, None) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Miss::Absent),
         Err(e) => return Err(Miss::Unreadable(format!("{}: {e}", path.display()))),
@@ -517,7 +519,7 @@ fn cached_groups(entry: &Entry, at: &Path, shard: &Shard) -> std::result::Result
         _ => return Err(Miss::SampleChanged),
     }
     let runs = runs_path(at);
-    let bytes = std::fs::read(&runs).map_err(|e| match e.kind() {
+    let bytes = crate::util::read_regular(&runs, None).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Miss::Absent,
         _ => Miss::Unreadable(format!("{}: {e}", runs.display())),
     })?;

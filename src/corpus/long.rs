@@ -173,7 +173,7 @@ pub(super) fn lookup(
     min_tokens: u64,
 ) -> Result<LongUnits, Miss> {
     let path = list_path(entry, min_tokens);
-    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+    let bytes = crate::util::read_regular(&path, None).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Miss::Absent,
         _ => Miss::Unreadable(format!("{}: {e}", path.display())),
     })?;

@@ -11,13 +11,11 @@
 //! a final document without one. So the documents, concatenated, are exactly the file.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
 
 use super::error::{CorpusError, Result};
 use super::tokens::{DType, Tokens};
-use super::writer::TempPath;
 use super::{le_u64, map_file, FileStamp};
 
 /// Magic of the boundary cache file.
@@ -517,10 +515,6 @@ fn read_cache(path: &Path, key: &CacheKey) -> Option<DocEnds> {
     Some(DocEnds::Mapped(map, count))
 }
 
-/// Tells apart the temporary cache files of one process: shards open in parallel, and
-/// two of them may write the same cache at once.
-static CACHE_TMP_SEQ: AtomicU64 = AtomicU64::new(0);
-
 /// Writes the cache through a temporary name unique to this process and call, removed
 /// on any failure, so a crash never leaves half a cache and a failure leaves nothing.
 fn write_cache(path: &Path, key: &CacheKey, ends: &[u64]) -> Result<()> {
@@ -552,17 +546,13 @@ fn write_cache(path: &Path, key: &CacheKey, ends: &[u64]) -> Result<()> {
             std::fs::create_dir_all(dir).map_err(|e| CorpusError::io(dir, "create_dir", e))?;
         }
     }
-    let seq = CACHE_TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp = super::megatron::with_suffix(path, &format!("tmp{}-{seq}", std::process::id()));
-    let mut file = std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| CorpusError::io(&tmp, "create", e))?;
-    let tmp = TempPath::new(tmp);
-    std::io::Write::write_all(&mut file, &body)
-        .map_err(|e| CorpusError::io(tmp.path(), "write", e))?;
-    drop(file);
-    // A cache needs no fsync: a torn one fails its checksum and is rebuilt.
-    tmp.rename_to(path)
+    // A taken temporary name is skipped, not an error: a write killed between create and
+    // rename leaves one, and in a container the daemon is pid 1 at every start, so the
+    // same name came back and the cache was never written again. A cache needs no
+    // fsync: a torn one fails its checksum and is rebuilt.
+    let pid = std::process::id();
+    super::identity::write_through_new(path, &body, |n| {
+        super::megatron::with_suffix(path, &format!("tmp{pid}-{n}"))
+    })
+    .map_err(|e| CorpusError::io(path, "write", e))
 }
