@@ -571,6 +571,26 @@ fn consume_reports_the_steps_and_resumes_from_its_cursor_file() {
         v2["digest"].as_str().unwrap(),
         format!("{:016x}", d.digest())
     );
+    // A --hold past the ring's slots is lowered, and said (it was lowered in silence).
+    let out3 = bin()
+        .args([
+            "consume",
+            "--socket",
+            sock,
+            "--dp-rank",
+            "0",
+            "--dp-size",
+            "2",
+        ])
+        .args(["--steps", "5", "--hold", "100", "--job", "cli3"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out3.stderr);
+    assert!(out3.status.success(), "{err}");
+    assert!(
+        err.contains("warning: --hold 100: the ring has") && err.contains("batches are held"),
+        "{err}"
+    );
 }
 
 /// Sends raw bytes on a fresh connection and reads until the daemon closes it;

@@ -72,7 +72,8 @@ pub struct ConsumeArgs {
     /// host-to-device copy would.
     #[arg(long)]
     pub touch: bool,
-    /// Batches kept unreleased while the next is read.
+    /// Batches kept unreleased while the next is read (at most the ring's slots less
+    /// one; more is warned of and lowered).
     #[arg(long, default_value_t = 0)]
     pub hold: u64,
     /// Give up when one batch, or the daemon's WELCOME (a seek), takes longer than SECS.
@@ -386,6 +387,17 @@ pub fn consume(args: &ConsumeArgs) -> anyhow::Result<ConsumeSummary> {
         }
     })?;
     client.set_hold(args.hold);
+    if client.hold() < args.hold {
+        // Said, not silently less: the ring cannot hold more (the Python client refuses).
+        eprintln!(
+            "warning: --hold {}: the ring has {} slots, so at most {} batches are held; \
+             holding {}",
+            args.hold,
+            client.welcome().slots,
+            client.hold(),
+            client.hold()
+        );
+    }
     // Copies in flight: the held steps and the newest; each slot stays unreleased until
     // its copy completed.
     let mut keep = client.hold() as usize;

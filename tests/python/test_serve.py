@@ -508,6 +508,13 @@ def test_peers_share_a_ring_and_a_slow_rank_stalls_only_itself(corpus, expected,
         far = probe.next_batch(timeout=60).cursor
     e = _refused(client(d, 0, 4, job="p", replica="tp2", replicas=2, cursor=far))
     assert e.code == "peer_position" and "further ahead" in e.message, e
+    # The same two checkpoints in the other order: a peer far behind the one waiting is
+    # refused too. It was taken (the answer hung on who came first), and the waiting peer
+    # then held every job's first changeable step at its own while it got no batch.
+    waiting = client(d, 0, 4, job="q", replica="tp1", replicas=2, cursor=far).connect()
+    e = _refused(client(d, 0, 4, job="q", replica="tp0", replicas=2))
+    assert e.code == "peer_position" and "further behind" in e.message, e
+    waiting.close()
     tp0.close()
     tp1.close()
 

@@ -232,15 +232,25 @@ pub fn render_status(st: &Status) -> String {
     }
     for j in &st.jobs {
         for r in &j.rings {
+            // A full ring whose peers released different steps waits for the one furthest
+            // behind (a stopped or slow TP twin): named, since its faster twins only wait.
+            let (least, most) = (r.peers.iter().map(|p| p.released_step))
+                .fold((u64::MAX, 0), |(a, b), x| (a.min(x), b.max(x)));
+            let held = r.occupancy >= u64::from(r.slots) && least < most;
             let peers: Vec<String> = r
                 .peers
                 .iter()
                 .map(|p| {
                     format!(
-                        "{}(pid {}, released {})",
+                        "{}(pid {}, released {}){}",
                         or(&p.replica, "-"),
                         p.pid.map_or("-".into(), |n| n.to_string()),
-                        p.released_step
+                        p.released_step,
+                        if held && p.released_step == least {
+                            " HOLDS THE RING"
+                        } else {
+                            ""
+                        }
                     )
                 })
                 .collect();
@@ -348,7 +358,9 @@ pub(super) fn duration_text(s: f64) -> String {
 pub(super) mod tests {
     use super::super::top::render;
     use super::*;
-    use millrace::wire::status::{FdLimitStatus, JournalGap, PoisonedShard, ReloadOutcome};
+    use millrace::wire::status::{
+        FdLimitStatus, JournalGap, PeerStatus, PoisonedShard, ReloadOutcome,
+    };
     use serde_json::json;
 
     /// A STATUS as a daemon with two rings and two domains writes it, read as `status`
@@ -408,6 +420,23 @@ pub(super) mod tests {
         assert!(text.contains("changes in force"), "{text}");
         // A daemon that reports no fd figures gets no fd line (not a line of zeros).
         assert!(!text.contains("fds "), "{text}");
+        assert!(!text.contains("HOLDS"), "{text}");
+        // A full ring of two TP peers, one stopped 4 steps behind: it is named.
+        let mut st = sample_status(1234567, 57, 0.25);
+        let ring = &mut st.jobs[0].rings[0];
+        ring.occupancy = u64::from(ring.slots);
+        let twin = |name: &str, released| PeerStatus {
+            pid: Some(7),
+            release_page: false,
+            released_step: released,
+            replica: name.into(),
+        };
+        ring.peers = vec![twin("tp0", 61), twin("tp1", 57)];
+        let text = render_status(&st);
+        assert!(
+            text.contains("tp0(pid 7, released 61), tp1(pid 7, released 57) HOLDS THE RING"),
+            "{text}"
+        );
     }
 
     /// `status` and `top` print, character for character, what they printed when they

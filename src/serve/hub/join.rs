@@ -158,7 +158,26 @@ impl Joiner<'_> {
         if !entry.started() && step < entry.start {
             // Nothing is produced until every peer has joined: the ring moves back to
             // this peer's step (once every check below passed); peers already waiting
-            // further on are checked when the ring reaches them.
+            // further on are checked when the ring reaches them. Not further back than
+            // peers of one rank are ever apart: those waiting would then be as far ahead
+            // as a peer refused below, and the same two checkpoints were refused or
+            // taken by the order the peers came in (taken, they held every job's first
+            // changeable step at theirs, and their lockstep twin never got a batch).
+            let most = step.saturating_add(u64::from(entry.ring.layout().slots).max(PEER_AHEAD));
+            if entry.start > most {
+                return Err(Refusal::new(
+                    Code::PeerPosition,
+                    format!(
+                        "peers of job {:?} dp_rank {} wait at step {}; this client resumes at \
+                         step {step}, further behind them than peers of one rank ever are (at \
+                         most {}); peers of one dp rank must resume from the same checkpoint",
+                        hello.job,
+                        hello.dp_rank,
+                        entry.start,
+                        most - step
+                    ),
+                ));
+            }
             let Some(planner) = planner else {
                 return Err(Refusal::new(
                     Code::Busy,

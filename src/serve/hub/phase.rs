@@ -426,13 +426,17 @@ impl RingEntry {
 
     /// Updates the stall clocks after `published` or a peer's release moved.
     pub(super) fn clocks(&mut self, slots: u32, now: Instant) {
-        let starved = self.started() && self.peers.values().any(|p| p.released >= self.published);
+        let every_slot = self.published >= self.base() + slots as u64;
+        // A peer that read everything waits on a full ring for a slower peer of its rank
+        // (a TP twin), not for data: that is no consumer wait. It read as "the trainer
+        // stalled on data" while a stopped peer held every slot (`status` names it).
+        let starved = self.started()
+            && !every_slot
+            && self.peers.values().any(|p| p.released >= self.published);
         // A ring still waiting for announced replicas is held at its first slots by the
         // missing peer, not by its trainers: that is no producer wait (it read as "the
         // trainer is the bottleneck" while a TP peer had never started).
-        let full = !self.peers.is_empty()
-            && self.all_joined()
-            && self.published >= self.base() + slots as u64;
+        let full = !self.peers.is_empty() && self.all_joined() && every_slot;
         let s = &mut self.stats;
         RingStats::track(starved, &mut s.starved_since, &mut s.consumer_wait, now);
         RingStats::track(full, &mut s.full_since, &mut s.producer_wait, now);
@@ -511,6 +515,31 @@ pub(super) mod tests {
             stages: true,
             page: None,
         }
+    }
+
+    /// A peer that read every published step of a full ring waits for its slower twin,
+    /// not for data: producer wait, not consumer wait (a review saw 2 s of "consumer
+    /// wait" for a 2 s SIGSTOP of one TP peer). Once a slot is free and a peer has read
+    /// everything, it is consumer wait again.
+    #[test]
+    fn a_full_ring_held_by_a_slow_peer_is_no_consumer_wait() {
+        use std::time::Duration;
+        let slots = 4;
+        let mut e = entry(2, false);
+        e.join(1, peer("tp0"));
+        e.join(2, peer("tp1"));
+        e.published = 4;
+        e.peers.get_mut(&1).unwrap().released = 4;
+        let t0 = Instant::now();
+        e.clocks(slots, t0);
+        e.clocks(slots, t0 + Duration::from_secs(2));
+        let (consumer, producer) = e.stats.waits(t0 + Duration::from_secs(2));
+        assert_eq!((consumer, producer), (0.0, 2.0));
+        // tp1 releases two steps: slots are free, tp0 has read everything.
+        e.peers.get_mut(&2).unwrap().released = 2;
+        e.clocks(slots, t0 + Duration::from_secs(2));
+        let (consumer, producer) = e.stats.waits(t0 + Duration::from_secs(3));
+        assert_eq!((consumer, producer), (1.0, 2.0));
     }
 
     #[test]
