@@ -25,7 +25,8 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
     /// First step (reached by recomputation, from the nearest stored plan checkpoint;
-    /// with --resume-blob, by planning on from the blob) [default: 0, or the step the blob resumes at].
+    /// with --resume-blob, by planning on from the blob) [default: 0, or the step the
+    /// blob resumes at].
     #[arg(long)]
     from: Option<u64>,
     /// Start from this cursor blob (hex, as `consume --save-cursor` writes it, or raw
