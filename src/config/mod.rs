@@ -455,8 +455,27 @@ impl Config {
     }
 
     /// Every shard path with its domain index, resolved and sorted, refusing a shard
-    /// listed twice.
+    /// listed twice, or a corpus whose mappings would pass the kernel's limit
+    /// ([`corpus::maps`]: past it a start aborted without a word).
     fn shard_paths(&self) -> Result<Vec<(usize, PathBuf)>, ConfigError> {
+        let paths = self.shard_paths_unchecked()?;
+        // Two mappings a shard (`.bin` and `.idx`; a raw file and its boundary cache),
+        // three with a group sidecar.
+        let needed: u64 = (paths.iter())
+            .map(|(d, _)| {
+                let grouped =
+                    self.corpus.domains[*d].settings.grouping.mode != plan::GroupMode::Off;
+                2 + u64::from(grouped)
+            })
+            .sum();
+        if let Some(what) = corpus::maps::mapping_problem(paths.len(), needed) {
+            return Err(self.invalid("corpus".into(), what));
+        }
+        Ok(paths)
+    }
+
+    /// [`Config::shard_paths`] without the mapping check.
+    fn shard_paths_unchecked(&self) -> Result<Vec<(usize, PathBuf)>, ConfigError> {
         let mut out = Vec::new();
         let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
         let mut dirs = std::collections::HashMap::new();

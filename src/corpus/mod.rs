@@ -18,6 +18,7 @@ pub mod groups;
 pub mod guard;
 pub mod identity;
 pub mod long;
+pub mod maps;
 pub mod megatron;
 pub mod raw;
 mod resolve;
@@ -597,7 +598,8 @@ pub(crate) fn map_file(path: &Path) -> Result<Mapped> {
     }
     // Shards are immutable while served (see the module docs); every access is
     // bounds-checked against the mapping's length.
-    let map = crate::sys::map_file(&file, None).map_err(|e| CorpusError::io(path, "mmap", e))?;
+    let map = crate::sys::map_file(&file, None)
+        .map_err(|e| CorpusError::io(path, "mmap", maps::explain_enomem(e)))?;
     guard::protect_if_asked(&map);
     let stamp = FileStamp::of_file(&file, path)?;
     let len = map.len() as u64;

@@ -862,7 +862,15 @@ fn os_refusal(message: String, e: &std::io::Error) -> Refusal {
         Some(libc::ENOMEM | libc::ENOSPC | libc::EFBIG) => Code::Memory,
         _ => Code::Busy,
     };
-    Refusal::new(code, message)
+    // ENOMEM at the mapping limit is no lack of memory: named, or it sent operators to
+    // `ring_memory_bytes` while rings were far below it (a 32,000-shard corpus).
+    let note = (e.raw_os_error() == Some(libc::ENOMEM))
+        .then(crate::corpus::maps::limit_note)
+        .flatten();
+    match note {
+        Some(note) => Refusal::new(code, format!("{message}: {note}")),
+        None => Refusal::new(code, message),
+    }
 }
 
 /// [`os_refusal`] for a ring that could not be created.
