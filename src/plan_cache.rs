@@ -297,7 +297,7 @@ pub fn cache_root(config: &Config) -> Option<PathBuf> {
 /// checkpoint's name (or a file swapped for one after it was listed) is an error at
 /// once, not a read that never returns or never ends.
 fn read_blob(path: &Path) -> std::io::Result<Vec<u8>> {
-    crate::util::read_regular(path, Some(MAX_BLOB))
+    crate::util::read_regular(path, Some((MAX_BLOB, "a checkpoint")))
 }
 
 /// Parses a checkpoint file name back into its key.

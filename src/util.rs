@@ -11,12 +11,12 @@ use std::path::Path;
 use crate::corpus::DType;
 
 /// The bytes of `path`, which must be a regular file (of at most `max` bytes, when
-/// given). Opened without blocking and judged by the open file, so that a FIFO (whose
+/// given: the size of the largest `what` there can be, named in the refusal). Opened without blocking and judged by the open file, so that a FIFO (whose
 /// open waits for a writer) or a device (`/dev/zero`: endless) under the name of a
 /// config, a cache entry or a checkpoint is an error at once, not a read that never
 /// returns or never ends: each of those once hung a reload, a seek or a start. Errors
 /// of the file's kind or size are `InvalidData` ("it is a FIFO, not a regular file").
-pub fn read_regular(path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
+pub fn read_regular(path: &Path, max: Option<(u64, &str)>) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
@@ -31,10 +31,10 @@ pub fn read_regular(path: &Path, max: Option<u64>) -> std::io::Result<Vec<u8>> {
         let what = crate::corpus::file_kind(&meta.file_type());
         return Err(invalid(format!("it is {what}, not a regular file")));
     }
-    let max = max.unwrap_or(u64::MAX);
+    let (max, what) = max.unwrap_or((u64::MAX, "a file"));
     if meta.len() > max {
         return Err(invalid(format!(
-            "it is {} bytes, more than it may be ({max})",
+            "it is {} bytes, more than {what} may be ({max})",
             meta.len()
         )));
     }

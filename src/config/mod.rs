@@ -280,7 +280,7 @@ impl Config {
     /// tick, and a path replaced by a FIFO (whose open waits for a writer) or by
     /// `/dev/zero` (endless) hung the reload, or grew the daemon without bound.
     pub fn read_bytes(path: &Path) -> Result<Vec<u8>, ConfigError> {
-        crate::util::read_regular(path, Some(MAX_CONFIG_BYTES)).map_err(|source| {
+        crate::util::read_regular(path, Some((MAX_CONFIG_BYTES, "a config"))).map_err(|source| {
             ConfigError::Read {
                 path: path.to_path_buf(),
                 source,
