@@ -505,9 +505,12 @@ pub fn validate_weights(
     domains: &[&str],
     field: &str,
 ) -> Result<(), SettingError> {
+    // A set, not a scan of `domains` per weight: 4096 domains weighted at 300 schedule
+    // points took 16 s to check (domains^2 x points string compares).
+    let known: std::collections::HashSet<&str> = domains.iter().copied().collect();
     let mut total = 0.0;
     for (name, &w) in weights {
-        if !domains.contains(&name.as_str()) {
+        if !known.contains(name.as_str()) {
             return Err(bad(
                 format!("{field}.weights.{name}"),
                 format!("no such domain (domains: {})", domains.join(", ")),

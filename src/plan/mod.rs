@@ -500,9 +500,11 @@ impl Plan {
         weights: &std::collections::BTreeMap<String, f64>,
     ) -> Result<Change, SettingError> {
         let names = self.domain_names();
+        let index: std::collections::HashMap<&str, usize> =
+            names.iter().enumerate().map(|(d, n)| (*n, d)).collect();
         let mut w = self.mixer.schedule.weights(at);
         for (name, &x) in weights {
-            let Some(d) = names.iter().position(|n| n == name) else {
+            let Some(&d) = index.get(name.as_str()) else {
                 return Err(SettingError {
                     field: format!("weights.{name}"),
                     what: format!("no such domain (domains: {})", names.join(", ")),
