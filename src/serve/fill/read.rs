@@ -339,12 +339,21 @@ impl Readers {
         readers
     }
 
+    /// Records a step down the chain (`uring-direct`, `uring`, the mmap copy) to `to`,
+    /// and warns; a second step extends the first's line instead of contradicting it
+    /// (a start logged "using uring", then at once "using mmap-willneed").
     fn fell_back(&mut self, configured: Reader, to: Reader, e: &dyn std::fmt::Display) {
-        let why = format!(
-            "[serve] reader = {:?} cannot be used ({e}); using {:?}",
-            configured.as_str(),
-            to.as_str()
-        );
+        let why = match self.fallback.take() {
+            None => format!(
+                "[serve] reader = {:?} cannot be used ({e}); using {:?}",
+                configured.as_str(),
+                to.as_str()
+            ),
+            Some(before) => format!(
+                "{before}, which cannot be used either ({e}); using {:?}",
+                to.as_str()
+            ),
+        };
         warn!("{why}");
         self.fallback = Some(why);
     }

@@ -635,6 +635,13 @@ fn a_start_falls_back_to_the_copy_page_hints_make_and_names_it() {
                 why.ends_with(&format!("using {:?}", copy.as_str())),
                 "{why}"
             );
+            // uring-direct steps down twice: one line says both steps, in order.
+            if reader == Reader::UringDirect {
+                assert!(
+                    why.contains("using \"uring\", which cannot be used either"),
+                    "{why}"
+                );
+            }
         }
         let r = Readers::open_within(Reader::MmapWillneed, &src.shards, None, hints);
         assert_eq!(r.reader(), copy, "page_hints {hints}");
