@@ -545,6 +545,7 @@ fn the_metrics_endpoint_backs_off_at_the_fd_limit_and_drops_idle_connections() {
     let (cpu, t0) = (cpu_ticks(s.pid()), Instant::now());
     std::thread::sleep(Duration::from_secs(3));
     let ticks = cpu_ticks(s.pid()) - cpu;
+    // SAFETY: sysconf takes no pointers.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let busy = ticks as f64 / hz / t0.elapsed().as_secs_f64();
     assert!(
