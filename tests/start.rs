@@ -415,10 +415,15 @@ fn a_raw_file_read_with_another_eos_is_recomputed() {
     let id1 = cache.identity(&one).unwrap();
     assert_eq!(cache.lookup(&one), Ok(id1.clone()));
     let two = open(2);
-    assert_eq!(cache.lookup(&two), Err(Miss::Stale));
+    assert_eq!(cache.lookup(&two), Err(Miss::Absent));
     let id2 = cache.identity(&two).unwrap();
     assert_eq!(id2, two.identity().unwrap());
     assert_ne!(id2.index_hash, id1.index_hash);
+    // Each reading keeps its own entry: the first's was not rewritten by the second (two
+    // configs reading one file each rewrote the one entry at every start).
+    assert_ne!(cache.entry_path(&one), cache.entry_path(&two));
+    assert_eq!(cache.lookup(&one), Ok(id1));
+    assert_eq!(cache.lookup(&two), Ok(id2));
 }
 
 // ------------------------------------------------------------ cached group runs

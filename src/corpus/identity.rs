@@ -367,12 +367,16 @@ impl IdentityCache {
     }
 
     /// `<dir>/<name>-<xxh3 of the absolute index path>.json`: two shards of one name
-    /// never share an entry.
+    /// never share an entry. A raw file's reading (dtype, EOS) joins the hash, so two
+    /// configs that read one file differently keep an entry each (they rewrote one
+    /// entry at every start); a Megatron shard's name is what it was.
     pub fn entry_path(&self, shard: &Shard) -> Option<PathBuf> {
         let dir = self.dir.as_ref()?;
         let (first, _) = shard.stamps.first()?;
         let abs = self.absolute(first)?;
-        let hash = xxhash_rust::xxh3::xxh3_64(abs.as_os_str().as_encoded_bytes());
+        let mut key = abs.as_os_str().as_encoded_bytes().to_vec();
+        key.extend_from_slice(reader(shard).as_bytes());
+        let hash = xxhash_rust::xxh3::xxh3_64(&key);
         Some(dir.join(format!("{}-{hash:016x}.json", shard_name(shard))))
     }
 
