@@ -1072,6 +1072,30 @@ fn a_reload_says_which_serve_keys_wait_for_a_restart() {
     assert!(!text.contains("[serve]"), "{text}");
 }
 
+/// A reload that only narrows the metrics address to another interface of the same port
+/// ("0.0.0.0:P" to "127.0.0.1:P") is accepted: the port is this daemon's, free once it
+/// stops. It was refused as "the next start would refuse it" (a test bind of a port the
+/// daemon itself holds).
+#[test]
+fn a_reload_narrowing_the_metrics_address_is_accepted() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = fixture_with(&format!("metrics_addr = \"0.0.0.0:{port}\"\n"));
+    let _serve = f.serve();
+    let text = std::fs::read_to_string(&f.config).unwrap();
+    let narrowed = text.replace(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{port}"));
+    assert_ne!(text, narrowed);
+    std::fs::write(&f.config, narrowed).unwrap();
+    let text = ok(&["ctl", "--socket", f.sock(), "reload"]);
+    assert!(
+        text.contains("metrics_addr") && text.contains("next restart"),
+        "{text}"
+    );
+}
+
 /// The watcher reads a file it refused once, not every two intervals: a syntax error is
 /// counted one failed reload however long it stays, and the fixed file then applies.
 #[test]

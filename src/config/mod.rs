@@ -459,15 +459,10 @@ impl Config {
     /// ([`corpus::maps`]: past it a start aborted without a word).
     fn shard_paths(&self) -> Result<Vec<(usize, PathBuf)>, ConfigError> {
         let paths = self.shard_paths_unchecked()?;
-        // Two mappings a shard (`.bin` and `.idx`; a raw file and its boundary cache),
-        // three with a group sidecar.
-        let needed: u64 = (paths.iter())
-            .map(|(d, _)| {
-                let grouped =
-                    self.corpus.domains[*d].settings.grouping.mode != plan::GroupMode::Off;
-                2 + u64::from(grouped)
-            })
-            .sum();
+        // Two mappings a shard, kept: `.bin` and `.idx`, or a raw file and its boundary
+        // cache. A group sidecar is mapped only while its runs are read (a review found
+        // grouped corpora refused when it was counted as a third).
+        let needed = 2 * paths.len() as u64;
         if let Some(what) = corpus::maps::mapping_problem(paths.len(), needed) {
             return Err(self.invalid("corpus".into(), what));
         }

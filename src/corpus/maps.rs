@@ -1,6 +1,6 @@
 //! Memory mappings against the kernel's per-process limit (`vm.max_map_count`, 65530 by
-//! default). Every shard is mapped (a Megatron shard twice, `.bin` and `.idx`, three
-//! times with a group sidecar; a raw file and its boundary cache twice), so a corpus of
+//! default). Every shard is mapped twice (a Megatron shard's `.bin` and `.idx`; a raw
+//! file and its boundary cache; a group sidecar only while it is read), so a corpus of
 //! about 32,000 shards used the whole limit: the next mmap failed with a bare "Cannot
 //! allocate memory", or an allocation of another thread failed and the process aborted
 //! with no word about the cause (a review's 33,000-shard corpus, every command). A start

@@ -306,8 +306,12 @@ impl Daemon {
         {
             return Err(refuse(format!("[serve] socket: {why}")));
         }
+        // The port this daemon holds is no test: it is free once the daemon stops (a
+        // reload that only narrowed "0.0.0.0:9464" to "127.0.0.1:9464" was refused).
+        let port = |a: Option<&str>| a.and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        let held = port(self.serve.metrics_addr.as_deref()).map(|a| a.port());
         if let Some(addr) = serve.metrics_addr.as_deref() {
-            if serve.metrics_addr != self.serve.metrics_addr {
+            if held != port(Some(addr)).map(|a| a.port()) {
                 if let Err(e) = std::net::TcpListener::bind(addr) {
                     return Err(refuse(format!(
                         "[serve] metrics_addr {addr:?}: cannot listen: {e}"
