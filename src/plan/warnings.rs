@@ -31,8 +31,22 @@ impl Plan {
             .filter(|d| d.settings.bursty.is_some())
             .map(|d| d.name.as_str())
             .collect();
+        // Shares, not raw weights: a point that only rescales them ({a=0.2,b=0.8} then
+        // {a=1,b=4}) changes nothing and was warned about.
         let points = self.cfg.points();
-        let changes = points.windows(2).any(|w| w[0].weights != w[1].weights);
+        let names = self.domain_names();
+        let shares = |w: &std::collections::BTreeMap<String, f64>| {
+            let raw: Vec<f64> = names
+                .iter()
+                .map(|n| w.get(*n).copied().unwrap_or(0.0))
+                .collect();
+            let total: f64 = raw.iter().sum();
+            raw.into_iter().map(|x| x / total).collect::<Vec<f64>>()
+        };
+        let changes = points.windows(2).any(|w| {
+            let (a, b) = (shares(&w[0].weights), shares(&w[1].weights));
+            a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-12)
+        });
         if bursty.is_empty() || !changes {
             return None;
         }

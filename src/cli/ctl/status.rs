@@ -236,7 +236,11 @@ pub fn render_status(st: &Status) -> String {
             // behind (a stopped or slow TP twin): named, since its faster twins only wait.
             let (least, most) = (r.peers.iter().map(|p| p.released_step))
                 .fold((u64::MAX, 0), |(a, b), x| (a.min(x), b.max(x)));
-            let held = r.occupancy >= u64::from(r.slots) && least < most;
+            // Only while a faster twin has read every published step: in lock-step
+            // training twins a release apart with steps unread are no sign (a false
+            // alarm the review saw at one step apart).
+            let held =
+                r.occupancy >= u64::from(r.slots) && least < most && most >= r.published_step;
             let peers: Vec<String> = r
                 .peers
                 .iter()
@@ -432,11 +436,17 @@ pub(super) mod tests {
             replica: name.into(),
         };
         ring.peers = vec![twin("tp0", 61), twin("tp1", 57)];
+        ring.published_step = 61;
         let text = render_status(&st);
         assert!(
             text.contains("tp0(pid 7, released 61), tp1(pid 7, released 57) HOLDS THE RING"),
             "{text}"
         );
+        // A twin a release behind while the other still has steps to read holds nothing.
+        let ring = &mut st.jobs[0].rings[0];
+        ring.published_step = 62;
+        ring.peers = vec![twin("tp0", 59), twin("tp1", 58)];
+        assert!(!render_status(&st).contains("HOLDS"));
     }
 
     /// `status` and `top` print, character for character, what they printed when they
