@@ -564,30 +564,14 @@ fn steps_beyond_the_reach_of_a_run_are_refused_at_once() {
 #[test]
 fn zero_steps_counts_and_sizes_are_usage_errors() {
     let c = config();
-    for args in [
-        vec!["plan", "--config", &c, "--steps", "0"],
-        vec!["explain", "--config", &c, "--step", "3", "--count", "0"],
-        vec![
-            "consume",
-            "--config",
-            &c,
-            "--dp-rank",
-            "0",
-            "--dp-size",
-            "1",
-            "--steps",
-            "0",
-        ],
-        vec![
-            "consume",
-            "--config",
-            &c,
-            "--dp-rank",
-            "0",
-            "--dp-size",
-            "0",
-        ],
+    for line in [
+        "plan --steps 0",
+        "explain --step 3 --count 0",
+        "consume --dp-rank 0 --dp-size 1 --steps 0",
+        "consume --dp-rank 0 --dp-size 0",
     ] {
+        let mut args: Vec<&str> = line.split_whitespace().collect();
+        args.splice(1..1, ["--config", c.as_str()]);
         let o = run(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
