@@ -1,5 +1,6 @@
 //! Small helpers that several commands (and the tests) share: number formatting for
-//! tables people read, the count parser every size flag uses (`1e9`, `10G`), the default token dtype, the bounded read of a regular file, and the child-process harness. They
+//! tables people read, the count parser every size flag uses (`1e9`, `10G`), the default
+//! token dtype, the bounded read of a regular file, and the child-process harness. They
 //! used to live in whichever module first needed them (inspect, ctl, synth, demo), so
 //! every other user reached into an unrelated command for them; here they have one home
 //! that depends on nothing but the corpus types.
@@ -11,11 +12,12 @@ use std::path::Path;
 use crate::corpus::DType;
 
 /// The bytes of `path`, which must be a regular file (of at most `max` bytes, when
-/// given: the size of the largest `what` there can be, named in the refusal). Opened without blocking and judged by the open file, so that a FIFO (whose
-/// open waits for a writer) or a device (`/dev/zero`: endless) under the name of a
-/// config, a cache entry or a checkpoint is an error at once, not a read that never
-/// returns or never ends: each of those once hung a reload, a seek or a start. Errors
-/// of the file's kind or size are `InvalidData` ("it is a FIFO, not a regular file").
+/// given: the size of the largest `what` there can be, named in the refusal). Opened
+/// without blocking and judged by the open file, so that a FIFO (whose open waits for a
+/// writer) or a device (`/dev/zero`: endless) under the name of a config, a cache entry
+/// or a checkpoint is an error at once, not a read that never returns or never ends:
+/// each of those once hung a reload, a seek or a start. Errors of the file's kind or
+/// size are `InvalidData` ("it is a FIFO, not a regular file").
 pub fn read_regular(path: &Path, max: Option<(u64, &str)>) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
